@@ -1,0 +1,1 @@
+"""pytest-sandbox: prove a Linux sandbox blocks what it claims to block."""
