@@ -1,0 +1,566 @@
+"""Strict HTTP/1.1 message framing, as pure functions over raw bytes.
+
+A policy proxy is only as good as its agreement with the origin about where one request ends and the
+next begins. Every check here exists because a real parser disagreed with another one (request
+smuggling); the ones h11 0.16 does *not* do itself are marked "h11 accepts" (network.md §5).
+
+Nothing in this module touches a socket: ``check_request_head`` / ``check_response_head`` judge a
+complete head, ``ChunkedBodyParser`` judges a chunked body fed incrementally. The async reader in
+``http_stream`` drives them. Section numbers are RFC 9112 (HTTP/1.1) unless another RFC is named.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = [
+    "FORBIDDEN_TRAILERS",
+    "MAX_HEAD_BYTES",
+    "BodyFraming",
+    "ChunkedBody",
+    "ChunkedBodyParser",
+    "FramedPipeline",
+    "FramingViolation",
+    "RequestHead",
+    "ResponseHead",
+    "check_request_head",
+    "check_response_head",
+    "first_bare_line_ending",
+    "frame_pipeline",
+]
+
+# OpenShell reads at most 8 KiB of request head and answers 431 beyond that (network.md §4).
+MAX_HEAD_BYTES = 8192
+# A chunk-size line longer than this is an attack, not a size: 16 hex digits already exceed 2**63.
+_MAX_CHUNK_SIZE_DIGITS = 16
+# Content-Length > 2**63 overflows most parsers (network.md §5, "malformed CL").
+_MAX_CONTENT_LENGTH_DIGITS = 18
+
+
+class FramingViolation(Exception):
+    """A message whose framing is ambiguous or malformed; the connection must be closed.
+
+    ``case`` is a stable identifier (used in decision logs and the smuggling catalogue), ``status``
+    the HTTP status to answer with (400, 501 for an unknown transfer coding, 431 for an oversized
+    head, 413 for an oversized body), ``detail`` a sentence for humans.
+    """
+
+    def __init__(self, case: str, detail: str, status: int = 400) -> None:
+        super().__init__(f"{case}: {detail}")
+        self.case = case
+        self.status = status
+        self.detail = detail
+
+
+# --- grammar (RFC 9110 §5.6.2, §5.5; RFC 9112 §3, §7.1) as byte tables ------------------------------
+
+# tchar = "!" / "#" / "$" / "%" / "&" / "'" / "*" / "+" / "-" / "." / "^" / "_" / "`" / "|" / "~"
+#         / DIGIT / ALPHA                                               (RFC 9110 §5.6.2)
+_TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+# field-vchar = VCHAR / obs-text; field-content allows SP and HTAB inside  (RFC 9110 §5.5)
+_FIELD_VALUE_CHARS = bytes(range(0x21, 0x7F)) + bytes(range(0x80, 0x100)) + b" \t"
+# request-target characters: RFC 3986 URI characters as printable ASCII, minus the fragment
+# delimiter "#" (never sent, §3.2) and "\" (parsers disagree whether it is "/", network.md §3).
+# CTL, SP and non-ASCII are absent, so they are rejected.
+_TARGET_CHARS = bytes(c for c in range(0x21, 0x7F) if c not in b"#\\")
+_HEXDIG = b"0123456789ABCDEFabcdef"
+_DIGIT = b"0123456789"
+_OWS = b" \t"
+
+
+def _only(value: bytes, allowed: bytes) -> bool:
+    """True when every byte of ``value`` is in ``allowed`` (bytes.translate deletes the allowed set)."""
+    return not value.translate(None, allowed)
+
+
+# Hop-by-hop framing/routing fields a client must never ask a proxy to drop (RFC 9110 §7.6.1: the
+# Connection option list names fields to remove *before* forwarding; naming these re-frames the
+# message on the next hop).
+_CONNECTION_FORBIDDEN_OPTIONS = frozenset({b"content-length", b"transfer-encoding", b"host"})
+
+# Trailer fields that must never be merged into the header section (RFC 9110 §6.5.1: framing,
+# routing, authentication and request modifiers are not allowed in trailers).
+FORBIDDEN_TRAILERS = frozenset(
+    {
+        b"host",
+        b"content-length",
+        b"transfer-encoding",
+        b"authorization",
+        b"proxy-authorization",
+        b"connection",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"cookie",
+        b"expect",
+    }
+)
+
+# Upgrade tokens for cleartext HTTP/2 (RFC 7540 §3.2; removed in RFC 9113 §3.1). An h2c upgrade
+# through a policy proxy turns a judged HTTP/1.1 request into an unjudged HTTP/2 connection.
+_H2C_UPGRADE_TOKENS = frozenset({b"h2c", b"h2", b"http/2", b"http/2.0"})
+
+
+BodyFraming = tuple[Literal["none", "length", "chunked"], int]
+
+
+@dataclass(frozen=True)
+class RequestHead:
+    """A request head that passed every framing check."""
+
+    method: str
+    target: str
+    http_version: str  # "1.1" or "1.0"
+    headers: tuple[tuple[bytes, bytes], ...]  # (lowercase name, OWS-trimmed value), in order
+    body_framing: BodyFraming
+    keep_alive: bool  # False for HTTP/1.0 (App. C.2.2: close after the response) or Connection: close
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of ``name`` (lowercase), or None."""
+        for field_name, value in self.headers:
+            if field_name == name:
+                return value
+        return None
+
+
+@dataclass(frozen=True)
+class ResponseHead:
+    """A response status line and header section that passed every framing check."""
+
+    http_version: str
+    status: int
+    reason: str
+    headers: tuple[tuple[bytes, bytes], ...]
+    content_length: int | None  # the single valid Content-Length, if present
+    chunked: bool  # Transfer-Encoding: chunked
+    keep_alive: bool
+
+
+def first_bare_line_ending(data: bytes) -> str | None:
+    """``"bare-lf"`` / ``"bare-cr"`` if ``data`` holds an LF or CR that is not part of a CRLF.
+
+    §2.2: a recipient MAY accept bare LF, but parsers that do and parsers that don't see different
+    header sections (h11 accepts bare LF). A bare CR MUST be rejected or replaced. A trailing CR is
+    not judged: its LF may still be in flight.
+    """
+    crlf = data.count(b"\r\n")
+    if data.count(b"\n") != crlf:
+        return "bare-lf"
+    cr = data.count(b"\r")
+    if cr != crlf and not (cr == crlf + 1 and data.endswith(b"\r")):
+        return "bare-cr"
+    return None
+
+
+def _split_field_lines(section: bytes, *, case_prefix: str = "") -> list[tuple[bytes, bytes]]:
+    """Parse CRLF-separated field lines (no terminating empty line) into (lowercase name, value)."""
+    fields: list[tuple[bytes, bytes]] = []
+    if not section:
+        return fields
+    for line in section.split(b"\r\n"):
+        if not line:
+            raise FramingViolation(case_prefix + "field-syntax", "empty line inside the field section")
+        if line[0] in _OWS:
+            # §5.2: obs-fold. h11 accepts and unfolds it; a proxy that unfolds while the origin
+            # does not (or vice versa) sees a different Transfer-Encoding.
+            raise FramingViolation(case_prefix + "obs-fold", "obsolete line folding (§5.2)")
+        colon = line.find(b":")
+        if colon <= 0:
+            raise FramingViolation(case_prefix + "field-syntax", f"field line without a name: {line[:40]!r}")
+        name = line[:colon]
+        if name[-1] in _OWS:
+            # §5.1: "No whitespace is allowed between the field name and colon ... MUST reject".
+            raise FramingViolation(case_prefix + "ws-before-colon", f"whitespace before colon in {name!r}")
+        if not _only(name, _TCHAR):
+            raise FramingViolation(case_prefix + "field-syntax", f"field name is not a token: {name[:40]!r}")
+        value = line[colon + 1 :].strip(_OWS)
+        if not _only(value, _FIELD_VALUE_CHARS):
+            # RFC 9110 §5.5: NUL and other CTLs are invalid in field values.
+            raise FramingViolation(
+                case_prefix + "field-value", f"control character in the value of {name.decode()!r}"
+            )
+        fields.append((name.lower(), value))
+    return fields
+
+
+def _comma_list(value: bytes) -> list[bytes]:
+    """RFC 9110 §5.6.1 list elements, OWS-trimmed and lowercased; empty elements kept as b""."""
+    return [element.strip(_OWS).lower() for element in value.split(b",")]
+
+
+def _content_length(values: list[bytes]) -> int:
+    """The single Content-Length value; anything but one ``0|[1-9][0-9]*`` is rejected.
+
+    §6.3 allows collapsing identical duplicates; a policy proxy rejects them (simplest, and h11
+    silently accepts ``5, 5`` and leading zeros).
+    """
+    if len(values) > 1:
+        raise FramingViolation("cl-duplicate", "more than one Content-Length field (§6.3)")
+    value = values[0]
+    if b"," in value:
+        raise FramingViolation("cl-duplicate", f"Content-Length is a list: {value[:40]!r} (§6.3)")
+    if (
+        not value
+        or not _only(value, _DIGIT)
+        or (len(value) > 1 and value[0:1] == b"0")
+        or len(value) > _MAX_CONTENT_LENGTH_DIGITS
+    ):
+        raise FramingViolation("cl-malformed", f"Content-Length must be 0|[1-9][0-9]*: {value[:40]!r}")
+    return int(value)
+
+
+def _require_chunked(values: list[bytes]) -> None:
+    """Accept exactly one ASCII ``chunked`` (case-insensitive, OWS-trimmed), nothing else.
+
+    §6.1: chunked must be the final coding; this proxy supports no other coding, so any other
+    well-formed coding list is 501 (RFC 9112 §6.1 "SHOULD respond with 501") and anything malformed
+    is 400. Non-ASCII bytes are rejected before case-folding so that the Kelvin sign (U+212A,
+    which ``str.lower()`` folds to "k") can never turn ``chunKed`` into ``chunked``.
+    """
+    if len(values) > 1:
+        raise FramingViolation("te-not-chunked", "more than one Transfer-Encoding field")
+    value = values[0]
+    if not value.isascii():
+        raise FramingViolation("te-not-chunked", f"non-ASCII Transfer-Encoding: {value[:40]!r}")
+    if value.lower() == b"chunked":
+        return
+    codings = _comma_list(value)
+    if all(coding and _only(coding, _TCHAR) for coding in codings) and any(
+        coding != b"chunked" for coding in codings
+    ):
+        raise FramingViolation("te-not-chunked", f"unsupported transfer coding {value[:40]!r}", 501)
+    raise FramingViolation("te-not-chunked", f"Transfer-Encoding must be exactly chunked: {value[:40]!r}")
+
+
+def _check_target(target: bytes) -> None:
+    if not target or not _only(target, _TARGET_CHARS):
+        raise FramingViolation(
+            "target-chars", f"request-target holds CTL, space, '#', '\\' or non-ASCII: {target[:60]!r}"
+        )
+    scheme_end = target.find(b"://")
+    if scheme_end > 0:
+        rest = target[scheme_end + 3 :]
+        authority_end = len(rest)
+        for delimiter in b"/?":
+            position = rest.find(bytes([delimiter]))
+            if position != -1:
+                authority_end = min(authority_end, position)
+        if b"@" in rest[:authority_end]:
+            # RFC 9110 §4.2.4: userinfo is deprecated in http(s) URIs; parsers disagree on which "@"
+            # ends it (network.md §3), so the authority a proxy judges may not be the one dialled.
+            raise FramingViolation("target-userinfo", f"userinfo in absolute-form target: {target[:60]!r}")
+
+
+def check_request_head(head: bytes, *, max_head: int = MAX_HEAD_BYTES) -> RequestHead:
+    """Validate a raw request head (request-line through the terminating CRLFCRLF).
+
+    Raises ``FramingViolation`` for anything ambiguous; returns the parsed head otherwise. Pure: the
+    same bytes always give the same verdict.
+    """
+    if len(head) > max_head:
+        raise FramingViolation("head-too-large", f"request head exceeds {max_head} bytes", 431)
+    if not head.endswith(b"\r\n\r\n"):
+        raise FramingViolation("head-unterminated", "request head does not end with CRLFCRLF")
+    bare = first_bare_line_ending(head)
+    if bare is not None:
+        raise FramingViolation(bare, "line endings must be CRLF (§2.2)")
+
+    request_line, _, section = head[:-4].partition(b"\r\n")
+    parts = request_line.split(b" ")
+    if len(parts) != 3 or not parts[0] or not _only(parts[0], _TCHAR):
+        raise FramingViolation("request-line", f"malformed request-line: {request_line[:80]!r}")
+    method, target, version = parts
+    if version == b"HTTP/1.1":
+        http_version = "1.1"
+    elif version == b"HTTP/1.0":
+        http_version = "1.0"
+    elif version.startswith(b"HTTP/"):
+        raise FramingViolation("http-version", f"unsupported version {version[:20]!r}", 505)
+    else:
+        raise FramingViolation("request-line", f"malformed request-line: {request_line[:80]!r}")
+    _check_target(target)
+
+    headers = _split_field_lines(section)
+    content_lengths: list[bytes] = []
+    transfer_encodings: list[bytes] = []
+    connection_options: list[bytes] = []
+    host_count = 0
+    for name, value in headers:
+        if name == b"content-length":
+            content_lengths.append(value)
+        elif name == b"transfer-encoding":
+            transfer_encodings.append(value)
+        elif name == b"host":
+            host_count += 1
+        elif name == b"connection":
+            connection_options.extend(_comma_list(value))
+        elif name == b"upgrade":
+            if any(token in _H2C_UPGRADE_TOKENS for token in _comma_list(value)):
+                raise FramingViolation("upgrade-h2c", "cleartext HTTP/2 upgrade is refused")
+        elif name == b"http2-settings":
+            raise FramingViolation("upgrade-h2c", "HTTP2-Settings only accompanies an h2c upgrade")
+
+    if host_count > 1 or (host_count == 0 and http_version == "1.1"):
+        # §3.2: a server MUST respond 400 to an HTTP/1.1 request without Host or with more than one.
+        raise FramingViolation("host-missing-or-duplicate", f"{host_count} Host fields (§3.2)")
+    forbidden_options = _CONNECTION_FORBIDDEN_OPTIONS.intersection(connection_options)
+    if forbidden_options:
+        raise FramingViolation(
+            "connection-lists-framing-header",
+            f"Connection lists {b', '.join(sorted(forbidden_options)).decode()}",
+        )
+
+    framing: BodyFraming = ("none", 0)
+    if transfer_encodings:
+        if content_lengths:
+            # §6.1: such a message "ought to be handled as an error"; the server MUST close after
+            # responding. h11 accepts it and lets TE win.
+            raise FramingViolation("cl-te-both", "both Content-Length and Transfer-Encoding (§6.1)")
+        if http_version == "1.0":
+            # §6.1: TE in an HTTP/1.0 message means faulty framing; h11 accepts it as chunked,
+            # Go net/http ignores it: a classic differential.
+            raise FramingViolation("te-http10", "Transfer-Encoding in an HTTP/1.0 request (§6.1)")
+        _require_chunked(transfer_encodings)
+        framing = ("chunked", 0)
+    elif content_lengths:
+        framing = ("length", _content_length(content_lengths))
+
+    keep_alive = http_version == "1.1" and b"close" not in connection_options
+    return RequestHead(
+        method=method.decode("ascii"),
+        target=target.decode("ascii"),
+        http_version=http_version,
+        headers=tuple(headers),
+        body_framing=framing,
+        keep_alive=keep_alive,
+    )
+
+
+def check_response_head(head: bytes, *, max_head: int = 65536) -> ResponseHead:
+    """Validate an upstream response head; bad framing means 502 and never reusing that upstream."""
+    if len(head) > max_head:
+        raise FramingViolation("head-too-large", f"response head exceeds {max_head} bytes", 502)
+    if not head.endswith(b"\r\n\r\n"):
+        raise FramingViolation("head-unterminated", "response head does not end with CRLFCRLF")
+    bare = first_bare_line_ending(head)
+    if bare is not None:
+        raise FramingViolation(bare, "response line endings must be CRLF (§2.2)")
+    status_line, _, section = head[:-4].partition(b"\r\n")
+    version, _, rest = status_line.partition(b" ")
+    status_code, _, reason = rest.partition(b" ")
+    if version not in (b"HTTP/1.1", b"HTTP/1.0") or len(status_code) != 3 or not _only(status_code, _DIGIT):
+        raise FramingViolation("status-line", f"malformed status-line: {status_line[:80]!r}")
+    if not _only(reason, _FIELD_VALUE_CHARS):
+        raise FramingViolation("status-line", "control character in the reason phrase")
+    headers = _split_field_lines(section)
+    content_lengths = [value for name, value in headers if name == b"content-length"]
+    transfer_encodings = [value for name, value in headers if name == b"transfer-encoding"]
+    connection_options = [
+        option for name, value in headers if name == b"connection" for option in _comma_list(value)
+    ]
+    if transfer_encodings and content_lengths:
+        raise FramingViolation("cl-te-both", "upstream sent both Content-Length and Transfer-Encoding")
+    content_length = _content_length(content_lengths) if content_lengths else None
+    if transfer_encodings:
+        _require_chunked(transfer_encodings)
+    http_version = version[5:].decode("ascii")
+    return ResponseHead(
+        http_version=http_version,
+        status=int(status_code),
+        reason=reason.decode("latin-1"),
+        headers=tuple(headers),
+        content_length=content_length,
+        chunked=bool(transfer_encodings),
+        keep_alive=http_version == "1.1" and b"close" not in connection_options,
+    )
+
+
+# --- chunked transfer coding (§7.1) ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChunkedBody:
+    """A complete chunked body: decoded bytes, encoded length consumed, and what came after it."""
+
+    body: bytes
+    consumed: int  # bytes of chunked encoding, counted from the first byte fed
+    leftover: bytes  # bytes fed after the end of the body: the start of the next message
+    trailers: tuple[tuple[bytes, bytes], ...]
+
+
+class ChunkedBodyParser:
+    """Incremental strict decoder for ``Transfer-Encoding: chunked`` bodies.
+
+    Sizes are ``1*HEXDIG`` exactly (no sign, ``0x``, ``_``, whitespace or OWS; aiohttp
+    CVE-2023-47627 came from ``int()`` accepting such forms). Chunk extensions are rejected
+    outright: no client this proxy serves needs them, h11 accepts any bytes after ``;`` (bare CR and
+    NUL included), and Kestrel CVE-2025-55315, Netty CVE-2025-58056 and Go CVE-2023-39326 were all
+    extension parsing bugs, so the only safe extension is none. The two bytes after each chunk's data
+    must be CRLF (the h11 0.16.0 fix for CVE-2025-43859). Trailers that carry framing, routing or
+    credentials are rejected (RFC 9110 §6.5.1); the others are returned and never merged.
+    """
+
+    def __init__(self, *, max_body: int = 10 * 2**20, max_trailer: int = MAX_HEAD_BYTES) -> None:
+        self._max_body = max_body
+        self._max_trailer = max_trailer
+        self._buffer = bytearray()
+        self._position = 0  # parse position inside _buffer
+        self._discarded = 0  # bytes already dropped from the front of _buffer
+        self._chunks: list[bytes] = []
+        self._body_size = 0
+        self._pending_data = -1  # bytes of chunk data still expected; -1 while reading a size line
+        self._in_trailer = False
+        self._result: ChunkedBody | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._result is not None
+
+    def feed(self, data: bytes) -> ChunkedBody | None:
+        """Feed more bytes; returns the complete body once its last chunk and trailers arrived."""
+        if self._result is not None:
+            raise RuntimeError("chunked body already complete")
+        self._buffer += data
+        while True:
+            if self._in_trailer:
+                return self._parse_trailer()
+            if self._pending_data >= 0:
+                if not self._take_data():
+                    return None
+            elif not self._take_size_line():
+                return None
+
+    def _compact(self) -> None:
+        if self._position > 65536:
+            del self._buffer[: self._position]
+            self._discarded += self._position
+            self._position = 0
+
+    def _take_size_line(self) -> bool:
+        end = self._buffer.find(b"\r\n", self._position)
+        line = bytes(self._buffer[self._position : end if end != -1 else len(self._buffer)])
+        if b";" in line:
+            raise FramingViolation("chunk-ext", f"chunk extensions are refused: {line[:40]!r}")
+        if end == -1:
+            partial = line[:-1] if line.endswith(b"\r") else line
+            if len(partial) > _MAX_CHUNK_SIZE_DIGITS or not _only(partial, _HEXDIG):
+                raise FramingViolation("chunk-size", f"chunk-size line is not 1*HEXDIG CRLF: {line[:40]!r}")
+            return False
+        if not line or len(line) > _MAX_CHUNK_SIZE_DIGITS or not _only(line, _HEXDIG):
+            raise FramingViolation("chunk-size", f"chunk-size is not 1*HEXDIG: {line[:40]!r}")
+        size = int(line, 16)
+        self._position = end + 2
+        if size == 0:
+            self._in_trailer = True
+            return True
+        if self._body_size + size > self._max_body:
+            raise FramingViolation("body-too-large", f"chunked body exceeds {self._max_body} bytes", 413)
+        self._pending_data = size
+        return True
+
+    def _take_data(self) -> bool:
+        available = len(self._buffer) - self._position
+        size = self._pending_data
+        if available < size + 2:
+            # Judge the first terminator byte as soon as it is here.
+            if available == size + 1 and self._buffer[self._position + size] != 0x0D:
+                raise FramingViolation("chunk-terminator", "chunk data not followed by CRLF")
+            return False
+        end = self._position + size
+        if self._buffer[end : end + 2] != b"\r\n":
+            raise FramingViolation("chunk-terminator", "chunk data not followed by CRLF")
+        self._chunks.append(bytes(self._buffer[self._position : end]))
+        self._body_size += size
+        self._position = end + 2
+        self._pending_data = -1
+        self._compact()
+        return True
+
+    def _parse_trailer(self) -> ChunkedBody | None:
+        start = self._position
+        if self._buffer[start : start + 2] == b"\r\n":
+            return self._finish(start + 2, ())
+        end = self._buffer.find(b"\r\n\r\n", start)
+        pending = bytes(self._buffer[start : end + 4 if end != -1 else len(self._buffer)])
+        if len(pending) > self._max_trailer:
+            raise FramingViolation("trailer-too-large", f"trailer section exceeds {self._max_trailer} bytes")
+        bare = first_bare_line_ending(pending)
+        if bare is not None:
+            raise FramingViolation(bare, "trailer line endings must be CRLF (§2.2)")
+        if end == -1:
+            return None
+        trailers = _split_field_lines(pending[:-4])
+        for name, _ in trailers:
+            if name in FORBIDDEN_TRAILERS:
+                raise FramingViolation(
+                    "trailer-forbidden", f"{name.decode()} is not allowed in trailers (RFC 9110 §6.5.1)"
+                )
+        return self._finish(end + 4, tuple(trailers))
+
+    def _finish(self, end: int, trailers: tuple[tuple[bytes, bytes], ...]) -> ChunkedBody:
+        self._result = ChunkedBody(
+            body=b"".join(self._chunks),
+            consumed=self._discarded + end,
+            leftover=bytes(self._buffer[end:]),
+            trailers=trailers,
+        )
+        self._buffer = bytearray()
+        return self._result
+
+
+# --- a whole pipeline, for catalogues and tests --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FramedPipeline:
+    """How strict framing splits a byte string that a client wrote in one go."""
+
+    requests: tuple[tuple[RequestHead, bytes], ...]  # (head, decoded body) in order
+    violation: FramingViolation | None  # what stopped parsing, if anything
+    unparsed: bytes  # bytes never parsed: after a violation, after a CONNECT, or an incomplete tail
+
+
+def frame_pipeline(
+    data: bytes, *, max_head: int = MAX_HEAD_BYTES, max_body: int = 10 * 2**20
+) -> FramedPipeline:
+    """Split ``data`` into requests exactly as the proxy's reader does, stopping at the first problem.
+
+    Parsing also stops after a CONNECT head: whatever follows is tunnel payload, or must never be
+    parsed at all if the CONNECT is refused (RFC 9931).
+    """
+    requests: list[tuple[RequestHead, bytes]] = []
+    rest = data
+    while rest:
+        end = rest.find(b"\r\n\r\n")
+        if end == -1 or end + 4 > max_head:
+            probe = rest[: max_head + 1] if end == -1 else rest[: end + 4]
+            if len(probe) > max_head:
+                violation = FramingViolation("head-too-large", f"request head exceeds {max_head} bytes", 431)
+                return FramedPipeline(tuple(requests), violation, rest)
+            bare = first_bare_line_ending(rest)
+            if bare is not None:
+                violation = FramingViolation(bare, "line endings must be CRLF (§2.2)")
+                return FramedPipeline(tuple(requests), violation, rest)
+            return FramedPipeline(tuple(requests), None, rest)
+        try:
+            head = check_request_head(rest[: end + 4], max_head=max_head)
+            kind, length = head.body_framing
+            after_head = rest[end + 4 :]
+            if kind == "chunked":
+                result = ChunkedBodyParser(max_body=max_body).feed(after_head)
+                if result is None:
+                    return FramedPipeline(tuple(requests), None, rest)
+                body, rest = result.body, result.leftover
+            else:
+                if length > max_body:
+                    raise FramingViolation("body-too-large", f"body exceeds {max_body} bytes", 413)
+                if len(after_head) < length:
+                    return FramedPipeline(tuple(requests), None, rest)
+                body, rest = after_head[:length], after_head[length:]
+        except FramingViolation as violation:
+            return FramedPipeline(tuple(requests), violation, rest)
+        requests.append((head, body))
+        if head.method == "CONNECT":
+            return FramedPipeline(tuple(requests), None, rest)
+    return FramedPipeline(tuple(requests), None, b"")
