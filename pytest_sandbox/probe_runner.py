@@ -1,0 +1,208 @@
+"""The syscall probe runner: a stdlib-only script that attempts each probe in a fresh child.
+
+This file is sent as source text to ``python3 -S -`` inside whatever sandbox is under test (the
+reference launcher, or a third party's launcher via ``--sandbox-exec``), so it must not import
+anything outside the standard library and must not need a writable file. The plan (a JSON list of
+probes) is appended to the source as a literal; results come back as JSON lines on stdout.
+
+Why one fresh forked child per probe (syscalls.md §4 "Isolation"): a filter's KILL_THREAD action
+kills only the calling thread, a successful call may change process state (personality, setsid),
+and an i386 call under a native-only filter kills the whole process. A child per probe keeps each
+verdict independent and keeps the runner itself alive.
+
+Every call goes through raw ``syscall(2)`` with an explicit number (libc wrappers may issue another
+syscall, and vDSO calls never enter the kernel), with every argument passed as ``c_long`` so that
+ctypes never truncates a high-bit argument to 32 bits (syscalls.md §2.1).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import mmap
+import os
+import signal
+import sys
+
+X32_SYSCALL_BIT = 0x40000000
+PROBE_TIMEOUT_SECONDS = 5
+
+# x86_64 machine code: long int80(nr, a1, a2, a3, a4, a5, a6) — issue an i386 system call through
+# `int 0x80` from 64-bit code (syscalls.md §3 "i386 via int 0x80"). Registers are moved from the
+# SysV x86_64 calling convention to the i386 syscall convention (eax, ebx, ecx, edx, esi, edi,
+# ebp) and the 32-bit result is sign-extended so that -errno comes back negative.
+INT80_STUB = bytes.fromhex(
+    "53"  # push rbx
+    "55"  # push rbp
+    "4889f8"  # mov rax, rdi      nr
+    "4889f3"  # mov rbx, rsi      a1
+    "4989ca"  # mov r10, rcx      save a3
+    "4889d1"  # mov rcx, rdx      a2
+    "4c89d2"  # mov rdx, r10      a3
+    "4c89c6"  # mov rsi, r8       a4
+    "4c89cf"  # mov rdi, r9       a5
+    "488b6c2418"  # mov rbp, [rsp+0x18]  a6 (7th argument, on the stack)
+    "cd80"  # int 0x80
+    "4863c0"  # movsxd rax, eax
+    "5d"  # pop rbp
+    "5b"  # pop rbx
+    "c3"  # ret
+)
+
+
+class _Machine:
+    """The ways a probe can enter the kernel on this host, built once before any fork."""
+
+    def __init__(self) -> None:
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.libc.syscall.restype = ctypes.c_long
+        self.int80 = None
+        self.int80_error = ""
+        try:
+            self._code = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+            self._code.write(INT80_STUB)
+            address = ctypes.addressof(ctypes.c_char.from_buffer(self._code))
+            prototype = ctypes.CFUNCTYPE(ctypes.c_long, *([ctypes.c_long] * 7))
+            self.int80 = prototype(address)
+        except (OSError, ValueError, TypeError) as exc:  # W^X policies refuse executable mappings
+            self.int80_error = f"cannot map the int 0x80 stub: {exc}"
+
+    def call(self, abi: str, nr: int, args: list[int]) -> tuple[int, int]:
+        """Return (raw return value, errno) for one system call."""
+        padded = [ctypes.c_long(_as_signed(a)) for a in ([*args, 0, 0, 0, 0, 0, 0])[:6]]
+        if abi == "i386":
+            assert self.int80 is not None
+            result = self.int80(ctypes.c_long(nr), *padded)
+            if -4095 <= result < 0:
+                return -1, -result
+            return result, 0
+        number = nr | X32_SYSCALL_BIT if abi == "x32" else nr
+        ctypes.set_errno(0)
+        result = self.libc.syscall(ctypes.c_long(number), *padded)
+        return result, (ctypes.get_errno() if result == -1 else 0)
+
+
+def _as_signed(value: int) -> int:
+    value &= 0xFFFFFFFFFFFFFFFF
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _attempt_syscall(machine: _Machine, probe: dict) -> dict:
+    for step in probe.get("setup", ()):
+        if step == "setsid":
+            os.setsid()
+    result, err = machine.call(probe["abi"], probe["nr"], probe["args"])
+    if result == -1 and err:
+        return {"type": "errno", "value": err}
+    return {"type": "return", "value": result}
+
+
+def _attempt_thread_start() -> dict:
+    import threading
+
+    started = []
+    thread = threading.Thread(target=lambda: started.append(os.getpid()))
+    thread.start()
+    thread.join(PROBE_TIMEOUT_SECONDS)
+    return {"type": "ok"} if started else {"type": "failed", "detail": "thread never ran"}
+
+
+def _attempt_process_start() -> dict:
+    # posix_spawn goes through glibc's __clone_internal, which tries clone3 first and must fall back
+    # to clone(2) when the filter answers ENOSYS (syscalls.md §1.4).
+    program = "/bin/true" if os.path.exists("/bin/true") else sys.executable
+    argv = [program] if program == "/bin/true" else [program, "-S", "-c", ""]
+    pid = os.posix_spawn(program, argv, {})
+    _, status = os.waitpid(pid, 0)
+    if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+        forked = os.fork()
+        if forked == 0:
+            os._exit(0)
+        _, status = os.waitpid(forked, 0)
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+            return {"type": "ok"}
+        return {"type": "failed", "detail": f"fork child status {status}"}
+    return {"type": "failed", "detail": f"posix_spawn child status {status}"}
+
+
+def _attempt_proc_status() -> dict:
+    fields = {}
+    with open("/proc/self/status") as status:
+        for line in status:
+            key, _, value = line.partition(":")
+            if key in ("Seccomp", "Seccomp_filters", "NoNewPrivs"):
+                fields[key] = value.strip()
+    return {"type": "status", "value": fields}
+
+
+def _attempt_socket_open(probe: dict) -> dict:
+    import socket
+
+    try:
+        sock = socket.socket(probe["family"], socket.SOCK_STREAM)
+    except OSError as exc:
+        return {"type": "errno", "value": exc.errno or 0}
+    sock.close()
+    return {"type": "ok"}
+
+
+def _attempt(machine: _Machine, probe: dict) -> dict:
+    kind = probe.get("kind", "syscall")
+    if kind == "syscall":
+        return _attempt_syscall(machine, probe)
+    if kind == "thread_start":
+        return _attempt_thread_start()
+    if kind == "process_start":
+        return _attempt_process_start()
+    if kind == "proc_status":
+        return _attempt_proc_status()
+    if kind == "socket_open":
+        return _attempt_socket_open(probe)
+    return {"type": "unavailable", "reason": f"unknown probe kind {kind!r}"}
+
+
+def run_one(machine: _Machine, probe: dict) -> dict:
+    """Attempt one probe in a fresh single-threaded child and describe how it ended."""
+    if probe.get("abi") == "i386" and machine.int80 is None:
+        return {"type": "unavailable", "reason": machine.int80_error}
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the probe child: report through the pipe, never return into the runner
+        try:
+            os.close(read_end)
+            signal.signal(signal.SIGSYS, signal.SIG_DFL)  # a TRAP must end as death by SIGSYS
+            signal.alarm(PROBE_TIMEOUT_SECONDS)
+            outcome = _attempt(machine, probe)
+            os.write(write_end, json.dumps(outcome).encode())
+        except BaseException as exc:  # noqa: BLE001 - any failure is reported, never raised
+            try:
+                os.write(write_end, json.dumps({"type": "error", "detail": repr(exc)}).encode())
+            except OSError:
+                pass
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    chunks = []
+    while True:
+        chunk = os.read(read_end, 65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(read_end)
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        if os.WTERMSIG(status) == signal.SIGALRM:
+            return {"type": "timeout"}
+        return {"type": "signal", "value": os.WTERMSIG(status)}
+    if chunks:
+        return json.loads(b"".join(chunks))
+    return {"type": "error", "detail": f"child exited with status {status} and no report"}
+
+
+def main(plan: list) -> None:
+    machine = _Machine()
+    out = sys.stdout
+    for probe in plan:
+        outcome = run_one(machine, probe)
+        out.write(json.dumps({"id": probe["id"], "outcome": outcome}) + "\n")
+    out.flush()
