@@ -1,0 +1,733 @@
+"""The network lab: a private namespace with canaries, lab-only public origins and a DNS stub.
+
+Network probes must never send a packet off the host (network.md §7). A :class:`NetworkLab` owns one
+:class:`~pytest_sandbox.netns.NetnsHolder` whose namespace has nothing but ``lo``, and puts on that
+``lo``:
+
+* **canaries**: one address per special-use range (169.254.169.254, 10.0.0.1, fd00:ec2::254, ...),
+  each with a listener per port that counts accepted connections, keeps the first 4 KiB received
+  and answers a minimal ``HTTP 200`` naming itself. A denial only counts if its canary saw nothing.
+* **lab-only public origins**: addresses outside every special-use range (:data:`LAB_PUBLIC_ORIGINS`)
+  serving HTTP/1.1 with keep-alive and recording each request. They exist only on the lab's ``lo``;
+  on the host they are ordinary Internet addresses that nothing here ever dials. They are the
+  positive controls: an allowed request must reach them.
+* a **DNS stub** on 127.0.0.53:53 (see :mod:`pytest_sandbox.dns_stub`) for names, mixed answers and
+  rebinding.
+
+All listeners share one asyncio event loop in a background thread of the pytest process; their
+sockets come from the holder by fd passing. Every query method first *settles* the lab: on the loop
+thread it accepts every connection already in a kernel accept queue and reads every byte already
+delivered, so a count never misses a connection that completed before the query. (On loopback the
+TCP handshake completes inside the client's connect(2), so "connected" implies "queued here".)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import errno
+import ipaddress
+import secrets
+import socket
+import threading
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, TypeVar
+
+import h11
+
+from pytest_sandbox.dns_stub import (
+    DnsFormatError,
+    DnsResponse,
+    DnsStubProtocol,
+    DnsZone,
+    QueryType,
+    ResponseCode,
+    encode_query,
+    parse_response,
+)
+from pytest_sandbox.netns import NetnsHolder, NetnsId, ensure_lab_socket
+
+__all__ = [
+    "LAB_DNS_ADDRESS",
+    "LAB_DNS_PORT",
+    "LAB_PUBLIC_ORIGINS",
+    "NetworkLab",
+    "OriginRequest",
+]
+
+# Lab-only "public" origins. 11.0.0.0/8 and 2600:9000::/28 are ordinary global unicast space, outside
+# every special-use range, so an SSRF-safe proxy must allow them. They are bound only on the lab's
+# lo; nothing in this package ever dials them from the host namespace.
+LAB_PUBLIC_ORIGINS: tuple[str, ...] = ("11.0.0.10", "11.0.0.11", "2600:9000::10")
+DEFAULT_PORTS: tuple[int, ...] = (80, 443)
+
+# 127.0.0.53 is inside 127.0.0.0/8, which lo answers for in full, so it needs no address of its own.
+LAB_DNS_ADDRESS = "127.0.0.53"
+LAB_DNS_PORT = 53
+
+CANARY_RECORD_LIMIT = 4096
+ORIGIN_RECORD_LIMIT = 64 * 1024
+ORIGIN_BODY_LIMIT = 1024 * 1024
+READ_SIZE = 65536
+LISTEN_BACKLOG = 128
+DEFAULT_IDLE_TIMEOUT_SECONDS = 5.0
+LOOP_CALL_TIMEOUT_SECONDS = 10.0
+DNS_TIMEOUT_SECONDS = 2.0
+HTTP_HEAD_END = b"\r\n\r\n"
+
+Socket = socket.socket  # NetworkLab.socket() shadows the module name inside the class body
+ListenerKey = tuple[str, int]  # (canonical address, port)
+Resolver = Callable[[str], Coroutine[Any, Any, list[str]]]  # async resolve(name) -> addresses
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class OriginRequest:
+    """One complete HTTP request an origin received (after h11 framing)."""
+
+    origin: str
+    port: int
+    connection: int  # 1-based index of the connection on that listener: tells keep-alive reuse apart
+    method: str
+    target: str
+    http_version: str
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        """The first value of header ``name`` (case-insensitive), or None."""
+        wanted = name.lower()
+        return next((value for key, value in self.headers if key.lower() == wanted), None)
+
+
+def _canonical(addr: str) -> str:
+    return str(ipaddress.ip_address(addr))
+
+
+def _family_of(addr: str) -> socket.AddressFamily:
+    return socket.AF_INET if ipaddress.ip_address(addr).version == 4 else socket.AF_INET6
+
+
+def _refuse_unusable_listen_address(addr: str, role: str) -> str:
+    """Return the canonical form of ``addr``, or raise ValueError if a listener there proves nothing."""
+    try:
+        address = ipaddress.ip_address(addr)
+    except ValueError as exc:
+        raise ValueError(f"{role} {addr!r} is not an IP address") from exc
+    if address.is_unspecified:
+        raise ValueError(
+            f"{role} {address} is the wildcard address: a listener there would catch every "
+            "connection on its port. Linux delivers a connect to 0.0.0.0/:: to a local listener, "
+            "so use a 127.0.0.1 or ::1 canary to observe that case"
+        )
+    if address.is_multicast or address == ipaddress.IPv4Address("255.255.255.255"):
+        raise ValueError(
+            f"{role} {address} is multicast/broadcast: TCP cannot connect there (the kernel refuses "
+            "before sending), so a canary would prove nothing"
+        )
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        raise ValueError(
+            f"{role} {address} is IPv4-mapped: connecting to it reaches the IPv4 address "
+            f"{address.ipv4_mapped}; use that as the canary"
+        )
+    if isinstance(address, ipaddress.IPv6Address) and address.is_link_local:
+        raise ValueError(f"{role} {address} is IPv6 link-local: it needs a scope id; pick another")
+    return str(address)
+
+
+# --------------------------------------------------------------------------------------------------
+# Connections (all methods run on the lab's loop thread)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Listener:
+    key: ListenerKey
+    role: str  # "canary" or "origin"
+    sock: socket.socket
+    accepted: int = 0
+    records: list[bytearray] = field(default_factory=list)
+
+
+class _Connection:
+    """A non-blocking accepted socket read by hand (not a Transport) so that a settle can read it."""
+
+    record_limit = CANARY_RECORD_LIMIT
+
+    def __init__(self, lab: NetworkLab, listener: _Listener, sock: socket.socket, index: int) -> None:
+        self.lab = lab
+        self.listener = listener
+        self.sock = sock
+        self.index = index
+        self.record = bytearray()
+        listener.records.append(self.record)
+        self.closed = False
+        self._outgoing = bytearray()
+        self._close_after_flush = False
+        self._writer_registered = False
+        self._idle_timer: asyncio.TimerHandle | None = None
+        sock.setblocking(False)
+        lab._loop.add_reader(sock.fileno(), self.on_readable)
+        self._touch()
+
+    def _touch(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        self._idle_timer = self.lab._loop.call_later(self.lab.idle_timeout, self.close)
+
+    def read_available(self) -> tuple[list[bytes], bool]:
+        """Read everything the kernel has delivered; return (chunks, eof)."""
+        chunks: list[bytes] = []
+        while True:
+            try:
+                data = self.sock.recv(READ_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return chunks, False
+            except OSError:
+                return chunks, True
+            if not data:
+                return chunks, True
+            room = self.record_limit - len(self.record)
+            if room > 0:
+                self.record += data[:room]
+            chunks.append(data)
+
+    def on_readable(self) -> None:
+        raise NotImplementedError
+
+    def send(self, data: bytes, *, then_close: bool = False) -> None:
+        self._outgoing += data
+        self._close_after_flush = self._close_after_flush or then_close
+        self._flush()
+
+    def _flush(self) -> None:
+        if self.closed:
+            return
+        while self._outgoing:
+            try:
+                sent = self.sock.send(self._outgoing)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self._outgoing.clear()
+                break
+            del self._outgoing[:sent]
+        if self._outgoing and not self._writer_registered:
+            self.lab._loop.add_writer(self.sock.fileno(), self._flush)
+            self._writer_registered = True
+        elif not self._outgoing:
+            if self._writer_registered:
+                self.lab._loop.remove_writer(self.sock.fileno())
+                self._writer_registered = False
+            if self._close_after_flush:
+                self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        loop = self.lab._loop
+        loop.remove_reader(self.sock.fileno())
+        if self._writer_registered:
+            loop.remove_writer(self.sock.fileno())
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_WR)
+        # Read what is left so that close() sends FIN rather than RST where possible: an RST can
+        # make the peer drop our response before it reads it (RFC 9293 §3.6.1, "abort").
+        self.read_available()
+        self.sock.close()
+        self.lab._connections.discard(self)
+
+
+class _CanaryConnection(_Connection):
+    """Record up to 4 KiB, then answer a minimal HTTP 200 that names the canary, and close."""
+
+    def on_readable(self) -> None:
+        if self.closed:
+            return
+        chunks, eof = self.read_available()
+        if chunks:
+            self._touch()
+        head_complete = HTTP_HEAD_END in self.record
+        if head_complete or eof or len(self.record) >= self.record_limit:
+            address, port = self.listener.key
+            body = f"canary {address} port {port}\n".encode()
+            self.send(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+                + f"X-Lab-Canary: {address}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                + body,
+                then_close=True,
+            )
+
+
+class _OriginConnection(_Connection):
+    """HTTP/1.1 with keep-alive (h11): record each request, answer 200 naming the origin."""
+
+    record_limit = ORIGIN_RECORD_LIMIT
+
+    def __init__(self, lab: NetworkLab, listener: _Listener, sock: socket.socket, index: int) -> None:
+        self.http = h11.Connection(h11.SERVER)
+        self._request: h11.Request | None = None
+        self._body = bytearray()
+        super().__init__(lab, listener, sock, index)
+
+    def on_readable(self) -> None:
+        if self.closed:
+            return
+        chunks, eof = self.read_available()
+        if chunks:
+            self._touch()
+        for chunk in chunks:
+            self.http.receive_data(chunk)
+        if eof:
+            with contextlib.suppress(RuntimeError):
+                self.http.receive_data(b"")
+        self._process_events()
+        if eof and not self.closed and not self._outgoing:
+            self.close()
+
+    def _process_events(self) -> None:
+        while not self.closed:
+            try:
+                event = self.http.next_event()
+            except h11.RemoteProtocolError as exc:
+                self._reject(exc.error_status_hint)
+                return
+            if event is h11.NEED_DATA:
+                return
+            if event is h11.PAUSED:
+                if self.http.our_state is h11.DONE and self.http.their_state is h11.DONE:
+                    self.http.start_next_cycle()
+                    continue
+                return
+            if isinstance(event, h11.Request):
+                self._request = event
+                self._body.clear()
+            elif isinstance(event, h11.Data):
+                room = ORIGIN_BODY_LIMIT - len(self._body)
+                self._body += event.data[:max(room, 0)]
+            elif isinstance(event, h11.EndOfMessage):
+                self._answer()
+            elif isinstance(event, h11.ConnectionClosed):
+                self.close()
+                return
+
+    def _answer(self) -> None:
+        request = self._request
+        assert request is not None
+        address, port = self.listener.key
+        recorded = OriginRequest(
+            origin=address,
+            port=port,
+            connection=self.index,
+            method=request.method.decode("latin-1"),
+            target=request.target.decode("latin-1"),
+            http_version=request.http_version.decode("latin-1"),
+            headers=tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers),
+            body=bytes(self._body),
+        )
+        self.lab._origin_requests.append(recorded)
+        # An origin is not a proxy: refuse CONNECT (RFC 9110 §9.3.6) rather than start a tunnel.
+        status, reason = (405, b"Method Not Allowed") if recorded.method == "CONNECT" else (200, b"OK")
+        body = f"origin {address} port {port}: {recorded.method} {recorded.target}\n".encode()
+        headers = [("Content-Type", "text/plain"), ("Content-Length", str(len(body))),
+                   ("X-Lab-Origin", address)]
+        if status == 405:
+            headers.append(("Connection", "close"))
+        payload = self.http.send(h11.Response(status_code=status, headers=headers, reason=reason)) or b""
+        payload += self.http.send(h11.Data(data=body)) or b""
+        payload += self.http.send(h11.EndOfMessage()) or b""
+        self.send(payload, then_close=self.http.our_state is h11.MUST_CLOSE)
+
+    def _reject(self, status: int) -> None:
+        payload = b""
+        if self.http.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            with contextlib.suppress(h11.LocalProtocolError):
+                payload = self.http.send(h11.Response(
+                    status_code=status,
+                    headers=[("Content-Length", "0"), ("Connection", "close")],
+                )) or b""
+                payload += self.http.send(h11.EndOfMessage()) or b""
+        self.send(payload, then_close=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# The lab
+# --------------------------------------------------------------------------------------------------
+
+
+class NetworkLab:
+    """Canaries, lab-only public origins and a DNS stub inside one private network namespace.
+
+    Use :meth:`start`. Two labs (e.g. two xdist workers) share nothing: each has its own namespace,
+    helper, loop thread and zone, so the same canary address can exist in both.
+    """
+
+    def __init__(self, *, holder: NetnsHolder, canaries: tuple[str, ...], public_origins: tuple[str, ...],
+                 ports: tuple[int, ...], origin_ports: tuple[int, ...], idle_timeout: float) -> None:
+        self.holder = holder
+        self.canaries = canaries
+        self.public_origins = public_origins
+        self.ports = ports
+        self.origin_ports = origin_ports
+        self.idle_timeout = idle_timeout
+        self.zone = DnsZone()
+        self._listeners: dict[ListenerKey, _Listener] = {}
+        self._connections: set[_Connection] = set()
+        self._origin_requests: list[OriginRequest] = []
+        self._dns_transport: asyncio.BaseTransport | None = None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=f"{holder.name}-loop",
+                                        daemon=True)
+        self._closed = False
+
+    @classmethod
+    def start(
+        cls,
+        canaries: Iterable[str],
+        *,
+        ports: Iterable[int] = DEFAULT_PORTS,
+        public_origins: Iterable[str] = LAB_PUBLIC_ORIGINS,
+        origin_ports: Iterable[int] | None = None,
+        names: Mapping[str, Iterable[str]] | None = None,
+        name: str = "lab",
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT_SECONDS,
+    ) -> NetworkLab:
+        """Create the namespace, add every address to its lo and start all listeners and the stub.
+
+        ``origin_ports`` defaults to ``ports``. ``names`` seeds the DNS zone. Raises ValueError for an
+        address where a listener would prove nothing, HostUnsupportedError when the host cannot
+        create the namespace.
+        """
+        canary_list = tuple(dict.fromkeys(_refuse_unusable_listen_address(a, "canary") for a in canaries))
+        origin_list = tuple(dict.fromkeys(
+            _refuse_unusable_listen_address(a, "public origin") for a in public_origins))
+        overlap = set(canary_list) & set(origin_list)
+        if overlap:
+            raise ValueError(f"addresses {sorted(overlap)} are both canaries and public origins")
+        port_list = tuple(dict.fromkeys(_checked_port(p) for p in ports))
+        origin_port_list = port_list if origin_ports is None else tuple(
+            dict.fromkeys(_checked_port(p) for p in origin_ports))
+
+        holder = NetnsHolder.start(name=name)
+        lab = cls(holder=holder, canaries=canary_list, public_origins=origin_list, ports=port_list,
+                  origin_ports=origin_port_list, idle_timeout=idle_timeout)
+        try:
+            lab._start(names)
+        except BaseException:
+            lab.close()
+            raise
+        return lab
+
+    def _start(self, names: Mapping[str, Iterable[str]] | None) -> None:
+        if names:
+            self.zone.set_names(names)
+        self.holder.add_addresses([*self.canaries, *self.public_origins])
+        self._thread.start()
+        listeners = [
+            *((address, port, "canary") for address in self.canaries for port in self.ports),
+            *((address, port, "origin") for address in self.public_origins for port in self.origin_ports),
+        ]
+        for address, port, role in listeners:
+            sock = self.listen(address, port)
+            sock.setblocking(False)
+            listener = _Listener(key=(address, port), role=role, sock=sock)
+            self._listeners[listener.key] = listener
+            self._call(self._watcher_for(listener))
+        dns_socket = self.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        dns_socket.bind((LAB_DNS_ADDRESS, LAB_DNS_PORT))
+        dns_socket.setblocking(False)
+        endpoint = asyncio.run_coroutine_threadsafe(
+            self._loop.create_datagram_endpoint(lambda: DnsStubProtocol(self.zone), sock=dns_socket),
+            self._loop,
+        )
+        self._dns_transport, _protocol = endpoint.result(timeout=LOOP_CALL_TIMEOUT_SECONDS)
+
+    def _watcher_for(self, listener: _Listener) -> Callable[[], None]:
+        def watch() -> None:
+            self._loop.add_reader(listener.sock.fileno(), self._accept_all, listener)
+        return watch
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the loop thread, close every socket and kill the helper by PID. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._thread.is_alive():
+                with contextlib.suppress(concurrent.futures.TimeoutError, RuntimeError):
+                    self._call(self._shutdown_in_loop)
+                self._loop.call_soon_threadsafe(self._loop.stop)
+                self._thread.join(timeout=LOOP_CALL_TIMEOUT_SECONDS)
+            else:
+                for listener in self._listeners.values():
+                    listener.sock.close()
+            if not self._thread.is_alive():
+                self._loop.close()
+        finally:
+            self.holder.close()
+
+    def _shutdown_in_loop(self) -> None:
+        for connection in list(self._connections):
+            connection.close()
+        for listener in self._listeners.values():
+            self._loop.remove_reader(listener.sock.fileno())
+            listener.sock.close()
+        if self._dns_transport is not None:
+            self._dns_transport.close()
+
+    def __enter__(self) -> NetworkLab:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"<NetworkLab {self.holder.name!r} canaries={len(self.canaries)} "
+                f"origins={len(self.public_origins)} closed={self._closed}>")
+
+    # -- identity and sockets --------------------------------------------------------------------
+
+    @property
+    def netns_path(self) -> str:
+        return self.holder.netns_path
+
+    @property
+    def netns_id(self) -> NetnsId:
+        return self.holder.netns_id
+
+    @property
+    def dns_server(self) -> tuple[str, int]:
+        return (LAB_DNS_ADDRESS, LAB_DNS_PORT)
+
+    def socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM,
+               proto: int = 0) -> socket.socket:
+        """A new socket inside this lab (guarded: refuses anything that is not in this lab)."""
+        sock = self.holder.socket(family, type, proto)
+        try:
+            ensure_lab_socket(sock, self.netns_id)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def listen(self, addr: str, port: int, *, backlog: int = LISTEN_BACKLOG) -> Socket:
+        """A listening TCP socket on ``addr:port`` inside the lab (the address is added to lo)."""
+        address = _canonical(addr)
+        self.holder.add_address(address)
+        sock = self.socket(_family_of(address), socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((address, port))
+            sock.listen(backlog)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def connect(self, addr: str, port: int, timeout: float = 5.0) -> Socket:
+        """A TCP connection from inside the lab to ``addr:port`` (socket has ``timeout`` set)."""
+        address = _canonical(addr)
+        sock = self.socket(_family_of(address), socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect((address, port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def popen(self, argv: Sequence[str], **kwargs: Any) -> Any:
+        """Start a command inside the lab namespace (see NetnsHolder.popen)."""
+        return self.holder.popen(argv, **kwargs)
+
+    def run(self, argv: Sequence[str], **kwargs: Any) -> Any:
+        """Run a command inside the lab namespace to completion (see NetnsHolder.run)."""
+        return self.holder.run(argv, **kwargs)
+
+    # -- evidence ----------------------------------------------------------------------------------
+
+    def canary_hits(self, addr: str, port: int | None = None) -> int:
+        """Connections accepted by canary ``addr`` (on ``port``, or on all its ports).
+
+        An address that is not a canary raises ValueError: a typo must not read as "zero hits".
+        """
+        keys = self._keys_for(addr, port, role="canary")
+        return self._call(lambda: self._settled(lambda: sum(self._listeners[k].accepted for k in keys)))
+
+    def all_hits(self) -> dict[tuple[str, int], int]:
+        """Accepted connections for every (canary, port), zeros included."""
+        return self._call(lambda: self._settled(lambda: {
+            key: listener.accepted for key, listener in self._listeners.items()
+            if listener.role == "canary"}))
+
+    def origin_connections(self, addr: str, port: int | None = None) -> int:
+        """Connections accepted by public origin ``addr`` (on ``port``, or on all its ports)."""
+        keys = self._keys_for(addr, port, role="origin")
+        return self._call(lambda: self._settled(lambda: sum(self._listeners[k].accepted for k in keys)))
+
+    def received(self, addr: str, port: int | None = None) -> list[bytes]:
+        """Bytes received per connection by the listener(s) on ``addr``, oldest connection first.
+
+        Bounded to the first 4 KiB per connection for canaries and 64 KiB for origins.
+        """
+        keys = self._keys_for(addr, port, role=None)
+        return self._call(lambda: self._settled(lambda: [
+            bytes(record) for key in keys for record in self._listeners[key].records]))
+
+    def origin_requests(self, addr: str | None = None, port: int | None = None) -> list[OriginRequest]:
+        """Complete requests the public origins answered (optionally one origin/port), in order."""
+        keys = set(self._keys_for(addr, port, role="origin")) if addr is not None else None
+        return self._call(lambda: self._settled(lambda: [
+            request for request in self._origin_requests
+            if (keys is None or (request.origin, request.port) in keys)
+            and (port is None or request.port == port)]))
+
+    def reset_hits(self) -> None:
+        """Forget all evidence: hit counts, received bytes, origin requests and the DNS query log."""
+        def reset() -> None:
+            for listener in self._listeners.values():
+                listener.accepted = 0
+                listener.records.clear()
+            self._origin_requests.clear()
+        self._call(lambda: self._settled(reset))
+        self.zone.clear_queries()
+
+    def _keys_for(self, addr: str, port: int | None, role: str | None) -> list[ListenerKey]:
+        address = _canonical(addr)
+        keys = [key for key, listener in self._listeners.items()
+                if key[0] == address and (role is None or listener.role == role)
+                and (port is None or key[1] == port)]
+        if not keys:
+            what = role or "listener"
+            known = self.canaries if role == "canary" else self.public_origins if role == "origin" else (
+                *self.canaries, *self.public_origins)
+            raise ValueError(f"{address}{'' if port is None else f' port {port}'} is not a {what} "
+                             f"of this lab (known: {', '.join(known)})")
+        return keys
+
+    # -- DNS ---------------------------------------------------------------------------------------
+
+    def set_zone(self, names: Mapping[str, Iterable[str]]) -> None:
+        """Replace every name the stub knows."""
+        self.zone.set_names(names)
+
+    def add_name(self, name: str, addresses: Iterable[str]) -> None:
+        """Make ``name`` resolve to ``addresses`` (several addresses give several answers)."""
+        self.zone.add_name(name, addresses)
+
+    def add_rebinding_name(self, name: str, first: Sequence[str] | str,
+                           then: Sequence[str] | str = "127.0.0.1") -> None:
+        """Make ``name`` answer ``first`` and ``then`` alternately, per query type, with TTL 0."""
+        def as_set(value: Sequence[str] | str) -> Sequence[str]:
+            return (value,) if isinstance(value, str) else value
+
+        self.zone.add_rebinding_name(name, [as_set(first), as_set(then)])
+
+    def dns_queries(self) -> list[tuple[str, int]]:
+        """Every (name, qtype) the stub answered since the last reset, oldest first."""
+        return self.zone.queries()
+
+    def resolver(self, *, timeout: float = DNS_TIMEOUT_SECONDS) -> Resolver:
+        """An async ``resolve(name) -> [addresses]`` that asks this lab's stub from a lab socket.
+
+        Asks A, then AAAA; returns IPv4 answers first. NXDOMAIN, NODATA and names that cannot be
+        encoded give ``[]``; no answer within ``timeout`` raises TimeoutError. An IP literal is
+        returned as is (as getaddrinfo(3) does). Usable from any event loop.
+        """
+        async def resolve(name: str) -> list[str]:
+            with contextlib.suppress(ValueError):
+                return [_canonical(name)]
+            try:
+                queries = [(qtype, encode_query(name, qtype, secrets.randbits(16)))
+                           for qtype in (QueryType.A, QueryType.AAAA)]
+            except DnsFormatError:
+                return []
+            sock = await asyncio.to_thread(self.socket, socket.AF_INET, socket.SOCK_DGRAM)
+            with sock:
+                sock.setblocking(False)
+                loop = asyncio.get_running_loop()
+                await loop.sock_connect(sock, self.dns_server)
+                addresses: list[str] = []
+                for _qtype, query in queries:
+                    await loop.sock_sendall(sock, query)
+                    response = await asyncio.wait_for(_await_reply(loop, sock, query[:2]), timeout)
+                    if response.rcode == ResponseCode.NXDOMAIN:
+                        return []
+                    if response.rcode == ResponseCode.NOERROR:
+                        addresses += response.addresses
+                return addresses
+        return resolve
+
+    def lookup(self, name: str) -> list[str]:
+        """Synchronous :meth:`resolver` for tests (do not call from a running event loop)."""
+        return asyncio.run(self.resolver()(name))
+
+    # -- loop-thread plumbing ------------------------------------------------------------------------
+
+    def _call(self, function: Callable[[], T]) -> T:
+        """Run ``function`` on the loop thread and return its result."""
+        if self._closed:
+            raise RuntimeError(f"{self!r} is closed")
+        if threading.get_ident() == self._thread.ident:
+            return function()
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                future.set_result(function())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+        self._loop.call_soon_threadsafe(run)
+        return future.result(timeout=LOOP_CALL_TIMEOUT_SECONDS)
+
+    def _settled(self, snapshot: Callable[[], T]) -> T:
+        for listener in self._listeners.values():
+            self._accept_all(listener)
+        for connection in list(self._connections):
+            connection.on_readable()
+        return snapshot()
+
+    def _accept_all(self, listener: _Listener) -> None:
+        while True:
+            try:
+                sock, _peer = listener.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                # accept(2): a connection reset while queued may surface as ECONNABORTED; the kernel
+                # already dropped it, so it is not counted, and the next one may still be queued.
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue
+                return
+            listener.accepted += 1
+            connection_type = _CanaryConnection if listener.role == "canary" else _OriginConnection
+            connection = connection_type(self, listener, sock, listener.accepted)
+            self._connections.add(connection)
+            connection.on_readable()
+
+
+async def _await_reply(loop: asyncio.AbstractEventLoop, sock: socket.socket, query_id: bytes
+                       ) -> DnsResponse:
+    """The first datagram that parses as a response with our id (RFC 5452 §4.3: match the id)."""
+    while True:
+        data = await loop.sock_recv(sock, READ_SIZE)
+        if data[:2] != query_id:
+            continue
+        with contextlib.suppress(DnsFormatError):
+            return parse_response(data)
+
+
+def _checked_port(port: int) -> int:
+    if not isinstance(port, int) or not 0 < port < 65536:
+        raise ValueError(f"port {port!r} is not in 1..65535")
+    return port
