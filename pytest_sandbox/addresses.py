@@ -407,7 +407,8 @@ def _split_host_port(authority: str) -> tuple[str, str | None]:
         # "::1:443" could be ::1 port 443 or ::1:443 with no port: RFC 3986 section 3.2.2 requires
         # brackets around IPv6 literals.
         raise MalformedTarget(
-            "bad_authority", f"authority {authority!r} looks like an unbracketed IPv6 literal"
+            "bad_authority",
+            f"authority {authority!r} has more than one ':'; an IPv6 literal needs brackets",
         )
     if colons == 1:
         host_text, port_text = authority.split(":")

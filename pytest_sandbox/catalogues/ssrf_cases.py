@@ -1,0 +1,527 @@
+"""The SSRF conformance catalogue: every destination the egress proxy must refuse, as data.
+
+Three parts, in this order in ``SSRF_CASES``:
+
+* **Range cases**, generated from ``data/special_use.csv`` so the catalogue never drifts from the
+  table: the first, last and one inner address of every row (the one address of a /32 or /128),
+  plus well-known cloud-metadata addresses.  Expected ``denied``.
+* **Positive controls**: public addresses just outside a row's edges (IPv4, and IPv6 rows inside
+  2000::/3).  Expected ``allowed``, so a proxy that refuses everything cannot score 100 %.
+* **Encodings** (network.md section 3): other spellings of loopback and the metadata address,
+  IPv6 wrappers, zone ids, userinfo, backslashes and bad ports.  Expected ``denied`` (canonicalises
+  to a special address) or ``malformed`` (400 before any lookup); ``name`` cases need the lab's
+  stub resolver and are ``denied`` after resolution.
+
+Each case sends ``authority`` as a CONNECT target or ``absolute_url`` as an absolute-form request.
+``canary`` is the address a careless proxy would really reach (the lab binds one listener per
+``canary_addresses()`` entry, on ``CASE_PORT``); ``None`` where no TCP peer can exist.
+Link-local canaries (fe80::/10) must be bound with the loopback interface's scope id.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+
+from pytest_sandbox.addresses import SpecialUseRange, classify_address, load_special_use_table
+
+__all__ = ["CASE_PORT", "SSRF_CASES", "SsrfCase", "canary_addresses", "sample_addresses", "ssrf_cases"]
+
+# Port every case targets and every canary listens on (metadata services answer on 80).
+CASE_PORT = 80
+
+
+@dataclass(frozen=True)
+class SsrfCase:
+    """One destination to attempt through the proxy.
+
+    ``target_host`` is the host exactly as written in the authority (IPv6 literals bracketed);
+    ``raw_authority`` replaces ``host:port`` when the case is about the authority's syntax itself
+    (bad ports, userinfo, backslashes).
+    """
+
+    case_id: str
+    target_host: str
+    port: int
+    kind: str  # literal | encoding | ipv6_form | authority_syntax | name
+    expected: str  # denied | malformed | allowed
+    canary: str | None
+    note: str
+    raw_authority: str | None = None
+
+    @property
+    def authority(self) -> str:
+        """The CONNECT authority-form text for this case."""
+        if self.raw_authority is not None:
+            return self.raw_authority
+        return f"{self.target_host}:{self.port}"
+
+    @property
+    def absolute_url(self) -> str:
+        """The same destination as an absolute-form ``http://`` request-target."""
+        return f"http://{self.authority}/"
+
+
+# --------------------------------------------------------------------------------------------
+# Readable slugs for case ids, keyed by table CIDR (rows added later fall back to their name)
+# --------------------------------------------------------------------------------------------
+
+_RANGE_SLUGS = {
+    "0.0.0.0/8": "this-network",
+    "0.0.0.0/32": "this-host",
+    "10.0.0.0/8": "private-10",
+    "100.64.0.0/10": "cgnat",
+    "127.0.0.0/8": "loopback",
+    "169.254.0.0/16": "link-local",
+    "172.16.0.0/12": "private-172",
+    "192.0.0.0/24": "ietf-assignments",
+    "192.0.0.0/29": "service-continuity",
+    "192.0.0.8/32": "dummy",
+    "192.0.0.9/32": "pcp-anycast",
+    "192.0.0.10/32": "turn-anycast",
+    "192.0.0.170/32": "nat64-discovery",
+    "192.0.0.171/32": "nat64-discovery",
+    "192.0.2.0/24": "test-net-1",
+    "192.31.196.0/24": "as112",
+    "192.52.193.0/24": "amt",
+    "192.88.99.0/24": "6to4-relay-anycast",
+    "192.88.99.2/32": "6a44-relay",
+    "192.168.0.0/16": "private-192",
+    "192.175.48.0/24": "as112-direct",
+    "198.18.0.0/15": "benchmarking",
+    "198.51.100.0/24": "test-net-2",
+    "203.0.113.0/24": "test-net-3",
+    "240.0.0.0/4": "reserved",
+    "255.255.255.255/32": "limited-broadcast",
+    "224.0.0.0/4": "multicast",
+    "::1/128": "loopback",
+    "::/128": "unspecified",
+    "::ffff:0:0/96": "ipv4-mapped",
+    "64:ff9b::/96": "nat64",
+    "64:ff9b:1::/48": "nat64-local",
+    "100::/64": "discard",
+    "100:0:0:1::/64": "dummy",
+    "2001::/23": "ietf-assignments",
+    "2001::/32": "teredo",
+    "2001:1::1/128": "pcp-anycast",
+    "2001:1::2/128": "turn-anycast",
+    "2001:1::3/128": "dnssd-srp-anycast",
+    "2001:2::/48": "benchmarking",
+    "2001:3::/32": "amt",
+    "2001:4:112::/48": "as112",
+    "2001:10::/28": "orchid",
+    "2001:20::/28": "orchidv2",
+    "2001:30::/28": "drone-det",
+    "2001:db8::/32": "documentation",
+    "2002::/16": "6to4",
+    "2620:4f:8000::/48": "as112-direct",
+    "3fff::/20": "documentation-3fff",
+    "5f00::/16": "srv6",
+    "fc00::/7": "unique-local",
+    "fe80::/10": "link-local",
+    "ff00::/8": "multicast",
+    "fec0::/10": "site-local",
+    "::/96": "ipv4-compatible",
+    "::ffff:0:0:0/96": "siit",
+    "::/3": "non-global-unicast",
+    "4000::/2": "non-global-unicast",
+    "8000::/1": "non-global-unicast",
+}
+
+
+def _slug(row: SpecialUseRange) -> str:
+    known = _RANGE_SLUGS.get(row.cidr)
+    if known is not None:
+        return known
+    return re.sub(r"[^a-z0-9]+", "-", row.name.lower()).strip("-")
+
+
+def _family(address: IPv4Address | IPv6Address) -> str:
+    return f"v{address.version}"
+
+
+# --------------------------------------------------------------------------------------------
+# Canaries: the address a TCP connect() to a destination really reaches, on Linux
+# --------------------------------------------------------------------------------------------
+
+_IPV4_MAPPED = IPv6Network("::ffff:0:0/96")
+# connect() to multicast or the limited broadcast address fails with EINVAL, and such addresses
+# cannot be assigned to an interface for a listener (IPv6 needs IFA_F_MCAUTOJOIN).  lo carries
+# 127.0.0.1/8, so 127.255.255.255 is a broadcast route and connect() fails with ENETUNREACH.
+# No canary for these; the proxy must still refuse them.
+_NO_TCP_PEER: tuple[IPv4Network | IPv6Network, ...] = (
+    IPv4Network("224.0.0.0/4"),
+    IPv4Network("255.255.255.255/32"),
+    IPv4Network("127.255.255.255/32"),
+    IPv6Network("ff00::/8"),
+)
+# Linux routes connect() to INADDR_ANY to 127.0.0.1 (ip_route_output_key_hash_rcu) and to
+# in6addr_any to ::1 (tcp_v6_connect): the canary is the loopback listener.
+_UNSPECIFIED_REACHES = {IPv4Address("0.0.0.0"): "127.0.0.1", IPv6Address("::"): "::1"}
+
+
+def _canary_for(address: IPv4Address | IPv6Address) -> str | None:
+    if isinstance(address, IPv6Address) and address in _IPV4_MAPPED:
+        # A dual-stack socket dials the embedded IPv4 itself (RFC 4291 section 2.5.5.2).
+        address = IPv4Address(int(address) & 0xFFFF_FFFF)
+    if any(address.version == network.version and address in network for network in _NO_TCP_PEER):
+        return None
+    return _UNSPECIFIED_REACHES.get(address, str(address))
+
+
+def _host_text(address: IPv4Address | IPv6Address) -> str:
+    return f"[{address}]" if isinstance(address, IPv6Address) else str(address)
+
+
+# --------------------------------------------------------------------------------------------
+# Range cases and positive controls, generated from the table
+# --------------------------------------------------------------------------------------------
+
+
+def _more_specific_rows(row: SpecialUseRange, table: tuple[SpecialUseRange, ...]) -> list[SpecialUseRange]:
+    return [
+        other
+        for other in table
+        if other.network.version == row.network.version
+        and other.network.prefixlen > row.network.prefixlen
+        and other.network.subnet_of(row.network)  # type: ignore[arg-type]
+    ]
+
+
+def sample_addresses(
+    row: SpecialUseRange, table: tuple[SpecialUseRange, ...]
+) -> tuple[tuple[str, IPv4Address | IPv6Address], ...]:
+    """The (position, address) pairs to attempt for one row: ``only`` for a single address,
+    otherwise ``first``, ``inner`` and ``last``.  The inner address avoids any more specific row
+    nested in this one, so at least one attempt is judged by this row itself."""
+    network = row.network
+    first, last = network.network_address, network.broadcast_address
+    if first == last:
+        return (("only", first),)
+    nested = _more_specific_rows(row, table)
+    candidates = (first + 1, first + (network.num_addresses // 2))
+    inner = next(
+        (candidate for candidate in candidates if not any(candidate in other.network for other in nested)),
+        candidates[-1],
+    )
+    return (("first", first), ("inner", inner), ("last", last))
+
+
+# Cloud metadata services live inside denied ranges; name them so a report says what was reached.
+_METADATA_ADDRESSES = (
+    ("meta-imds", "169.254.169.254", "AWS/GCP/Azure/OCI instance metadata service"),
+    ("meta-aws-ecs", "169.254.170.2", "AWS ECS task metadata endpoint"),
+    ("meta-aws-imds-ipv6", "fd00:ec2::254", "AWS IMDS over IPv6 (unique-local)"),
+    ("meta-alibaba", "100.100.100.200", "Alibaba Cloud metadata service (in CGN space)"),
+    ("meta-oracle", "192.0.0.192", "Oracle Cloud metadata service (IETF protocol assignments block)"),
+)
+
+
+def _range_cases(table: tuple[SpecialUseRange, ...]) -> list[SsrfCase]:
+    # Most specific rows claim an address first, so 0.0.0.0 is attributed to 0.0.0.0/32 and ::1 to
+    # ::1/128; each address is attempted once, then cases are listed in table order.
+    order = {row: index for index, row in enumerate(table)}
+    claimed: dict[IPv4Address | IPv6Address, tuple[int, int, SsrfCase]] = {}
+    for row in sorted(table, key=lambda row: -row.network.prefixlen):
+        for position_index, (position, address) in enumerate(sample_addresses(row, table)):
+            if address in claimed:
+                continue
+            position_part = "" if position == "only" else f"{position}-"
+            case = SsrfCase(
+                case_id=f"{_family(address)}-{_slug(row)}-{position_part}{address}",
+                target_host=_host_text(address),
+                port=CASE_PORT,
+                kind="literal",
+                expected="denied",
+                canary=_canary_for(address),
+                note=f"{position} address of {row.label}",
+            )
+            claimed[address] = (order[row], position_index, case)
+    cases = [case for _, _, case in sorted(claimed.values(), key=lambda entry: entry[:2])]
+    for case_id, text, note in _METADATA_ADDRESSES:
+        address = IPv4Address(text) if ":" not in text else IPv6Address(text)
+        if address not in claimed:
+            cases.append(
+                SsrfCase(
+                    case_id=f"{case_id}-{address}",
+                    target_host=_host_text(address),
+                    port=CASE_PORT,
+                    kind="literal",
+                    expected="denied",
+                    canary=_canary_for(address),
+                    note=note,
+                )
+            )
+    return cases
+
+
+_GLOBAL_UNICAST = IPv6Network("2000::/3")
+
+
+def _neighbour(row: SpecialUseRange, side: str) -> IPv4Address | IPv6Address | None:
+    network = row.network
+    try:
+        if side == "below":
+            return network.network_address - 1
+        return network.broadcast_address + 1
+    except ValueError:  # 0.0.0.0/8 has nothing below it, 240.0.0.0/4 nothing above.
+        return None
+
+
+def _control_cases(table: tuple[SpecialUseRange, ...]) -> list[SsrfCase]:
+    cases: list[SsrfCase] = []
+    seen: set[IPv4Address | IPv6Address] = set()
+    for row in table:
+        if isinstance(row.network, IPv6Network) and not row.network.subnet_of(_GLOBAL_UNICAST):
+            continue
+        for side in ("below", "above"):
+            address = _neighbour(row, side)
+            if address is None or address in seen or classify_address(address).denied:
+                continue
+            if isinstance(address, IPv6Address) and address not in _GLOBAL_UNICAST:
+                continue
+            seen.add(address)
+            cases.append(
+                SsrfCase(
+                    case_id=f"ctl-{_family(address)}-{_slug(row)}-{side}-{address}",
+                    target_host=_host_text(address),
+                    port=CASE_PORT,
+                    kind="literal",
+                    expected="allowed",
+                    canary=str(address),
+                    note=f"public address just {side} {row.label}: must still be reachable",
+                )
+            )
+    return cases
+
+
+# --------------------------------------------------------------------------------------------
+# Encodings of loopback and the metadata address (network.md section 3), written out by hand
+# --------------------------------------------------------------------------------------------
+
+_LOOPBACK = "127.0.0.1"
+_METADATA = "169.254.169.254"
+
+
+def _case(
+    case_id: str,
+    target_host: str,
+    kind: str,
+    expected: str,
+    canary: str | None,
+    note: str,
+    raw_authority: str | None = None,
+) -> SsrfCase:
+    return SsrfCase(case_id, target_host, CASE_PORT, kind, expected, canary, note, raw_authority)
+
+
+# fmt: off
+_ENCODING_CASES = (
+    # inet_aton number forms: glibc resolves them, a strict parser must not call them names.
+    _case("enc-loopback-decimal-2130706433", "2130706433", "encoding", "malformed", _LOOPBACK,
+          "32-bit decimal, inet_aton -> 127.0.0.1"),
+    _case("enc-loopback-hex-0x7f000001", "0x7f000001", "encoding", "malformed", _LOOPBACK,
+          "32-bit hex, inet_aton -> 127.0.0.1"),
+    _case("enc-loopback-hex-upper-0X7F000001", "0X7F000001", "encoding", "malformed", _LOOPBACK,
+          "upper-case hex prefix, inet_aton -> 127.0.0.1"),
+    _case("enc-loopback-octal-017700000001", "017700000001", "encoding", "malformed", _LOOPBACK,
+          "32-bit octal, inet_aton -> 127.0.0.1"),
+    _case("enc-loopback-dotted-octal-0177.0.0.1", "0177.0.0.1", "encoding", "malformed", _LOOPBACK,
+          "octal first octet, inet_aton -> 127.0.0.1"),
+    _case("enc-loopback-leading-zeros-127.000.000.001", "127.000.000.001", "encoding", "malformed",
+          _LOOPBACK, "zero-padded octets (octal to inet_aton), -> 127.0.0.1"),
+    _case("enc-loopback-dotted-hex-0x7f.0x0.0x0.0x1", "0x7f.0x0.0x0.0x1", "encoding", "malformed",
+          _LOOPBACK, "hex octets, inet_aton -> 127.0.0.1"),
+    _case("enc-loopback-hex-short-0x7f.1", "0x7f.1", "encoding", "malformed", _LOOPBACK,
+          "a.b form with hex, inet_aton -> 127.0.0.1"),
+    _case("enc-loopback-short-127.1", "127.1", "encoding", "malformed", _LOOPBACK,
+          "a.b form, inet_aton -> 127.0.0.1"),
+    _case("enc-loopback-short-127.0.1", "127.0.1", "encoding", "malformed", _LOOPBACK,
+          "a.b.c form, inet_aton -> 127.0.0.1"),
+    _case("enc-this-host-zero-0", "0", "encoding", "malformed", _LOOPBACK,
+          "inet_aton -> 0.0.0.0, and connect() to 0.0.0.0 reaches the loopback listener"),
+    # Non-ASCII: Python's idna codec applies NFKC before glibc sees the name.
+    _case("enc-loopback-fullwidth-digits", "１２７.０.０.１", "encoding", "malformed", _LOOPBACK,
+          "fullwidth digits, NFKC -> 127.0.0.1"),
+    _case("enc-loopback-fullwidth-full-stop", "127．0．0．1", "encoding", "malformed", _LOOPBACK,
+          "fullwidth full stops, NFKC/UTS 46 -> 127.0.0.1"),
+    _case("enc-loopback-ideographic-full-stop", "127。0。0。1", "encoding", "malformed", _LOOPBACK,
+          "ideographic full stops, UTS 46 label separator -> 127.0.0.1"),
+    _case("enc-loopback-halfwidth-ideographic-full-stop", "127｡0｡0｡1", "encoding", "malformed",
+          _LOOPBACK, "halfwidth ideographic full stops, UTS 46 label separator -> 127.0.0.1"),
+    _case("enc-loopback-circled-digits", "①②⑦.⓪.⓪.①", "encoding", "malformed", _LOOPBACK,
+          "circled digits, NFKC -> 127.0.0.1"),
+    _case("enc-loopback-mathematical-digits", "𝟏𝟐𝟕.0.0.1", "encoding", "malformed", _LOOPBACK,
+          "mathematical bold digits, NFKC -> 127.0.0.1"),
+    _case("enc-localhost-circled-letters", "ⓛⓞⓒⓐⓛⓗⓞⓢⓣ", "encoding", "malformed", _LOOPBACK,
+          "circled letters, NFKC -> localhost -> 127.0.0.1"),
+    _case("enc-localhost-fullwidth-letters", "ｌｏｃａｌｈｏｓｔ", "encoding", "malformed", _LOOPBACK,
+          "fullwidth letters, NFKC -> localhost -> 127.0.0.1"),
+    # C-string truncation and whitespace.
+    _case("enc-loopback-nul-truncation", "127.0.0.1\x00.allowed.example", "encoding", "malformed",
+          _LOOPBACK, "glibc stops at the NUL and resolves 127.0.0.1; an allowlist sees allowed.example"),
+    _case("enc-loopback-space-suffix", "127.0.0.1 .allowed.example", "encoding", "malformed", _LOOPBACK,
+          "space inside the authority"),
+    _case("enc-loopback-tab-suffix", "127.0.0.1\t", "encoding", "malformed", _LOOPBACK,
+          "control character inside the authority"),
+    _case("enc-loopback-percent-encoded", "%31%32%37.0.0.1", "encoding", "malformed", _LOOPBACK,
+          "percent-encoded digits decode to 127.0.0.1"),
+    # Trailing dots: exactly one is the DNS root and is stripped, then the address is judged.
+    _case("enc-loopback-trailing-dot-127.0.0.1.", "127.0.0.1.", "encoding", "denied", _LOOPBACK,
+          "one trailing dot is stripped -> 127.0.0.1 -> 127.0.0.0/8"),
+    _case("enc-loopback-double-trailing-dot-127.0.0.1..", "127.0.0.1..", "encoding", "malformed",
+          _LOOPBACK, "two trailing dots leave an empty label"),
+    # Metadata address, same families of spelling.
+    _case("enc-metadata-decimal-2852039166", "2852039166", "encoding", "malformed", _METADATA,
+          "32-bit decimal, inet_aton -> 169.254.169.254"),
+    _case("enc-metadata-hex-0xa9fea9fe", "0xa9fea9fe", "encoding", "malformed", _METADATA,
+          "32-bit hex, inet_aton -> 169.254.169.254"),
+    _case("enc-metadata-octal-025177524776", "025177524776", "encoding", "malformed", _METADATA,
+          "32-bit octal, inet_aton -> 169.254.169.254"),
+    _case("enc-metadata-dotted-octal-0251.0376.0251.0376", "0251.0376.0251.0376", "encoding",
+          "malformed", _METADATA, "octal octets, inet_aton -> 169.254.169.254"),
+    _case("enc-metadata-dotted-hex-0xa9.0xfe.0xa9.0xfe", "0xa9.0xfe.0xa9.0xfe", "encoding",
+          "malformed", _METADATA, "hex octets, inet_aton -> 169.254.169.254"),
+    _case("enc-metadata-mixed-0xa9.254.0251.0xfe", "0xa9.254.0251.0xfe", "encoding", "malformed",
+          _METADATA, "mixed hex/decimal/octal octets, inet_aton -> 169.254.169.254"),
+    _case("enc-metadata-short-169.16689662", "169.16689662", "encoding", "malformed", _METADATA,
+          "a.b form, inet_aton -> 169.254.169.254"),
+    _case("enc-metadata-short-169.254.43518", "169.254.43518", "encoding", "malformed", _METADATA,
+          "a.b.c form, inet_aton -> 169.254.169.254"),
+    _case("enc-metadata-fullwidth-digits", "１６９.２５４.１６９.２５４", "encoding", "malformed",
+          _METADATA, "fullwidth digits, NFKC -> 169.254.169.254"),
+    _case("enc-metadata-ideographic-full-stop", "169。254。169。254", "encoding", "malformed",
+          _METADATA, "ideographic full stops -> 169.254.169.254"),
+    _case("enc-metadata-circled-digits", "①⑥⑨.②⑤④.①⑥⑨.②⑤④", "encoding", "malformed", _METADATA,
+          "circled digits, NFKC -> 169.254.169.254"),
+    _case("enc-metadata-nul-truncation", "169.254.169.254\x00.allowed.example", "encoding",
+          "malformed", _METADATA, "glibc stops at the NUL and resolves 169.254.169.254"),
+    _case("enc-metadata-trailing-dot-169.254.169.254.", "169.254.169.254.", "encoding", "denied",
+          _METADATA, "one trailing dot is stripped -> 169.254.0.0/16"),
+    # IPv6 spellings and IPv4-carrying wrappers.  Without a translator in the lab a careless proxy
+    # dials the IPv6 literal itself, so that literal is the canary (IPv4-mapped reaches the IPv4).
+    _case("enc6-loopback-uncompressed", "[0000:0000:0000:0000:0000:0000:0000:0001]", "ipv6_form",
+          "denied", "::1", "uncompressed ::1"),
+    _case("enc6-unspecified-uncompressed", "[0:0:0:0:0:0:0:0]", "ipv6_form", "denied", "::1",
+          "uncompressed ::; connect() to in6addr_any reaches ::1"),
+    _case("enc6-loopback-ipv4-mapped-dotted", "[::ffff:127.0.0.1]", "ipv6_form", "denied", _LOOPBACK,
+          "IPv4-mapped: a dual-stack socket reaches 127.0.0.1"),
+    _case("enc6-loopback-ipv4-mapped-hex", "[::ffff:7f00:1]", "ipv6_form", "denied", _LOOPBACK,
+          "IPv4-mapped in hex"),
+    _case("enc6-loopback-ipv4-mapped-uncompressed", "[0:0:0:0:0:FFFF:7F00:0001]", "ipv6_form", "denied",
+          _LOOPBACK, "IPv4-mapped, uncompressed, upper case"),
+    _case("enc6-loopback-ipv4-compatible", "[::127.0.0.1]", "ipv6_form", "denied", "::7f00:1",
+          "IPv4-compatible ::/96 (deprecated)"),
+    _case("enc6-loopback-siit", "[::ffff:0:7f00:1]", "ipv6_form", "denied", "::ffff:0:7f00:1",
+          "SIIT IPv4-translated ::ffff:0:0:0/96"),
+    _case("enc6-loopback-nat64", "[64:ff9b::7f00:1]", "ipv6_form", "denied", "64:ff9b::7f00:1",
+          "well-known NAT64 prefix; a gateway would reach 127.0.0.1"),
+    _case("enc6-loopback-nat64-dotted", "[64:ff9b::127.0.0.1]", "ipv6_form", "denied", "64:ff9b::7f00:1",
+          "well-known NAT64 prefix, dotted tail"),
+    _case("enc6-loopback-6to4", "[2002:7f00:1::]", "ipv6_form", "denied", "2002:7f00:1::",
+          "6to4 carrying 127.0.0.1"),
+    _case("enc6-loopback-teredo-client", "[2001:0:4136:e378:8000:63bf:80ff:fffe]", "ipv6_form", "denied",
+          "2001:0:4136:e378:8000:63bf:80ff:fffe", "Teredo: client = NOT low 32 bits = 127.0.0.1"),
+    _case("enc6-metadata-ipv4-mapped-dotted", "[::ffff:169.254.169.254]", "ipv6_form", "denied",
+          _METADATA, "IPv4-mapped metadata"),
+    _case("enc6-metadata-ipv4-mapped-hex", "[::ffff:a9fe:a9fe]", "ipv6_form", "denied", _METADATA,
+          "IPv4-mapped metadata in hex"),
+    _case("enc6-metadata-ipv4-compatible", "[::169.254.169.254]", "ipv6_form", "denied", "::a9fe:a9fe",
+          "IPv4-compatible metadata"),
+    _case("enc6-metadata-siit", "[::ffff:0:a9fe:a9fe]", "ipv6_form", "denied", "::ffff:0:a9fe:a9fe",
+          "SIIT IPv4-translated metadata"),
+    _case("enc6-metadata-nat64", "[64:ff9b::a9fe:a9fe]", "ipv6_form", "denied", "64:ff9b::a9fe:a9fe",
+          "well-known NAT64 prefix; a gateway would reach 169.254.169.254"),
+    _case("enc6-metadata-nat64-dotted", "[64:ff9b::169.254.169.254]", "ipv6_form", "denied",
+          "64:ff9b::a9fe:a9fe", "well-known NAT64 prefix, dotted tail"),
+    _case("enc6-metadata-nat64-local-use", "[64:ff9b:1::a9fe:a9fe]", "ipv6_form", "denied",
+          "64:ff9b:1::a9fe:a9fe", "local-use NAT64 /48, denied outright (prefix length varies)"),
+    _case("enc6-metadata-6to4", "[2002:a9fe:a9fe::]", "ipv6_form", "denied", "2002:a9fe:a9fe::",
+          "6to4 carrying 169.254.169.254"),
+    _case("enc6-metadata-teredo-server", "[2001:0:a9fe:a9fe::f7f7:f7f7]", "ipv6_form", "denied",
+          "2001:0:a9fe:a9fe::f7f7:f7f7", "Teredo: server bits 32-63 = 169.254.169.254"),
+    _case("enc6-metadata-teredo-client", "[2001:0:4136:e378:8000:63bf:5601:5601]", "ipv6_form", "denied",
+          "2001:0:4136:e378:8000:63bf:5601:5601", "Teredo: client = NOT low 32 bits = 169.254.169.254"),
+    # Zone ids and bracket syntax (RFC 9112 section 3.2.3, RFC 3986 section 3.2.2, RFC 6874).
+    _case("enc6-link-local-zone-id", "[fe80::1%lo]", "ipv6_form", "malformed", "fe80::1",
+          "zone id selects an interface"),
+    _case("enc6-link-local-zone-id-percent-encoded", "[fe80::1%25lo]", "ipv6_form", "malformed",
+          "fe80::1", "RFC 6874 percent-encoded zone id"),
+    _case("enc6-link-local-zone-id-unbracketed", "fe80::1%lo", "ipv6_form", "malformed", "fe80::1",
+          "unbracketed scoped literal"),
+    _case("enc6-metadata-zone-id", "[fd00:ec2::254%eth0]", "ipv6_form", "malformed", "fd00:ec2::254",
+          "zone id on the AWS IPv6 metadata address"),
+    _case("enc6-loopback-unbracketed", "::1", "ipv6_form", "malformed", "::1",
+          "'::1:80' is ambiguous without brackets"),
+    _case("enc6-loopback-unbalanced-open", "[::1", "ipv6_form", "malformed", "::1", "missing ']'"),
+    _case("enc6-loopback-unbalanced-close", "::1]", "ipv6_form", "malformed", "::1", "missing '['"),
+    _case("enc-loopback-bracketed-ipv4", "[127.0.0.1]", "encoding", "malformed", _LOOPBACK,
+          "brackets are for IPv6 literals only"),
+    # Userinfo and backslashes: parsers disagree about which host is meant (RFC 9110 section 4.2.4).
+    _case("auth-userinfo-loopback", "allowed.example@127.0.0.1", "authority_syntax", "malformed",
+          _LOOPBACK, "userinfo: an allowlist may read allowed.example, the dialer 127.0.0.1"),
+    _case("auth-userinfo-password-loopback", "user:pass@127.0.0.1", "authority_syntax", "malformed",
+          _LOOPBACK, "userinfo with a password"),
+    _case("auth-double-at-loopback", "a@b@127.0.0.1", "authority_syntax", "malformed", _LOOPBACK,
+          "second '@': parsers split at the first or the last"),
+    _case("auth-userinfo-metadata", "allowed.example@169.254.169.254", "authority_syntax", "malformed",
+          _METADATA, "userinfo in front of the metadata address"),
+    _case("auth-backslash-at-loopback", "127.1.1.1", "authority_syntax", "malformed", "127.2.2.2",
+          "urllib dials 127.2.2.2, WHATWG 127.1.1.1", raw_authority="127.1.1.1:80\\@127.2.2.2"),
+    _case("auth-backslash-metadata", "allowed.example\\@169.254.169.254", "authority_syntax",
+          "malformed", _METADATA, "backslash before '@'"),
+    # Ports (RFC 9110 section 4.2 and 9.3.6): only [1-9][0-9]{0,4} up to 65535.
+    _case("port-plus-sign", _LOOPBACK, "authority_syntax", "malformed", _LOOPBACK, "signed port",
+          raw_authority="127.0.0.1:+80"),
+    _case("port-minus-sign", _LOOPBACK, "authority_syntax", "malformed", _LOOPBACK, "negative port",
+          raw_authority="127.0.0.1:-80"),
+    _case("port-leading-zeros", _LOOPBACK, "authority_syntax", "malformed", _LOOPBACK,
+          "leading zeros (octal to some parsers)", raw_authority="127.0.0.1:00080"),
+    _case("port-65536", _LOOPBACK, "authority_syntax", "malformed", _LOOPBACK,
+          "out of range; 16-bit truncation gives 0", raw_authority="127.0.0.1:65536"),
+    _case("port-65616-wraps-to-80", _LOOPBACK, "authority_syntax", "malformed", _LOOPBACK,
+          "out of range; 16-bit truncation gives 80", raw_authority="127.0.0.1:65616"),
+    _case("port-zero", _LOOPBACK, "authority_syntax", "malformed", _LOOPBACK, "port 0",
+          raw_authority="127.0.0.1:0"),
+    _case("port-empty", _LOOPBACK, "authority_syntax", "malformed", _LOOPBACK, "empty port",
+          raw_authority="127.0.0.1:"),
+    _case("port-hex", _LOOPBACK, "authority_syntax", "malformed", _LOOPBACK, "hex port",
+          raw_authority="127.0.0.1:0x50"),
+    _case("port-fullwidth-digits", _LOOPBACK, "authority_syntax", "malformed", _LOOPBACK,
+          "fullwidth digits in the port", raw_authority="127.0.0.1:８０"),
+    _case("port-trailing-space", _LOOPBACK, "authority_syntax", "malformed", _LOOPBACK,
+          "space after the port", raw_authority="127.0.0.1:80 "),
+    _case("port-twice", _LOOPBACK, "authority_syntax", "malformed", _LOOPBACK, "two ports",
+          raw_authority="127.0.0.1:80:80"),
+    # Names that resolve internally: parse_authority accepts them; the proxy's resolver (the lab's
+    # stub resolver) answers with the canary, and the answer must be denied.
+    _case("name-localhost", "localhost", "name", "denied", _LOOPBACK, "resolves to 127.0.0.1"),
+    _case("name-localhost-trailing-dot", "localhost.", "name", "denied", _LOOPBACK,
+          "one trailing dot is stripped -> localhost -> 127.0.0.1"),
+    _case("name-localhost-upper-case", "LOCALHOST", "name", "denied", _LOOPBACK,
+          "names are case-insensitive -> localhost"),
+    _case("name-localtest.me", "localtest.me", "name", "denied", _LOOPBACK,
+          "public DNS name whose A record is 127.0.0.1 (lab stub resolver)"),
+    _case("name-nip.io-loopback", "127.0.0.1.nip.io", "name", "denied", _LOOPBACK,
+          "wildcard DNS echoing the address (lab stub resolver)"),
+    _case("name-metadata-google-internal", "metadata.google.internal", "name", "denied", _METADATA,
+          "GCP metadata name (lab stub resolver)"),
+)
+# fmt: on
+
+
+@functools.cache
+def ssrf_cases() -> tuple[SsrfCase, ...]:
+    """Every case: range cases, then positive controls, then encodings."""
+    table = load_special_use_table()
+    return (*_range_cases(table), *_control_cases(table), *_ENCODING_CASES)
+
+
+SSRF_CASES: tuple[SsrfCase, ...] = ssrf_cases()
+
+
+def canary_addresses() -> tuple[str, ...]:
+    """Every distinct canary the catalogue needs, in first-use order (one listener each)."""
+    return tuple(dict.fromkeys(case.canary for case in SSRF_CASES if case.canary is not None))
