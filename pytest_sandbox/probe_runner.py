@@ -91,7 +91,8 @@ def _attempt_syscall(machine: _Machine, probe: dict) -> dict:
     for step in probe.get("setup", ()):
         if step == "setsid":
             os.setsid()
-    result, err = machine.call(probe["abi"], probe["nr"], probe["args"])
+    args = [os.getpid() if a == "pid" else a for a in probe["args"]]
+    result, err = machine.call(probe["abi"], probe["nr"], args)
     if result == -1 and err:
         return {"type": "errno", "value": err}
     return {"type": "return", "value": result}

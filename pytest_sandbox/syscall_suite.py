@@ -1,0 +1,359 @@
+"""The syscall conformance category: requirements → probe cases → runs → judgements.
+
+Data flow (one way): a policy and a requirement become :class:`Requirement` items; each item becomes
+:class:`ProbeCase`\\ s (native, x32, i386, high-bit variants, argument controls) from the catalogue;
+a :class:`ProbeTarget` runs a whole plan in one runner process; :func:`judge` compares the filtered
+result with the unfiltered baseline taken on the same host, uid, namespace and ABI.
+"""
+
+from __future__ import annotations
+
+import errno as errno_module
+import json
+import os
+import shlex
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+from typing import Any, Protocol
+
+from pytest_sandbox.catalogues.syscalls import PROBES_BY_NAME, SyscallProbe
+from pytest_sandbox.compiler import CompiledFilter, arg_key, compile_policy, deny_key, enosys_key
+from pytest_sandbox.errors import HostUnsupportedError, LaunchError
+from pytest_sandbox.launcher import Identity, NetworkPlacement, Sandbox, SandboxSpec
+from pytest_sandbox.policy import SOCKET_FAMILIES, SOCKET_FAMILY_NAMES, ArgRule, Policy
+from pytest_sandbox.verdicts import Judgement, Outcome, Verdict, judge_denial, judge_reaches_kernel, judge_works
+
+ABIS = ("native", "x32", "i386")
+HIGH_BIT_VARIANTS = (("hi32", 1 << 32), ("hi-ones", 0xFFFFFFFF << 32))
+_RUNNER_SOURCE = (resources.files("pytest_sandbox") / "probe_runner.py").read_text()
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """One thing that must be proven refused: a syscall, an argument rule, or an ENOSYS rule."""
+
+    kind: str  # "deny" | "arg" | "enosys"
+    syscall: str
+    rule: ArgRule | None = None
+
+    @property
+    def key(self) -> str:
+        if self.kind == "arg":
+            assert self.rule is not None
+            return arg_key(self.rule)
+        return enosys_key(self.syscall) if self.kind == "enosys" else deny_key(self.syscall)
+
+    @property
+    def label(self) -> str:
+        """Short, test-id friendly: ``pidfd_getfd``, ``clone[arg0&0x10000000]``, ``socket[AF_INET]``."""
+        if self.rule is None:
+            return self.syscall
+        if self.syscall == "socket" and self.rule.arg == 0 and self.rule.op == "eq":
+            return f"socket[{SOCKET_FAMILY_NAMES.get(self.rule.value, self.rule.value)}]"
+        mask = f"&{self.rule.mask:#x}" if self.rule.op == "masked_eq" else ""
+        operator = "" if self.rule.op in ("eq", "masked_eq") else f" {self.rule.op} "
+        return f"{self.syscall}[arg{self.rule.arg}{mask}{operator or '='}{self.rule.value:#x}]"
+
+    @property
+    def refusal(self) -> frozenset[Outcome]:
+        """What counts as refused when nothing more precise is known (third-party sandboxes)."""
+        if self.kind == "enosys":
+            return frozenset({Outcome.errno(errno_module.ENOSYS)})
+        return frozenset({Outcome.errno(errno_module.EPERM), Outcome.killed_by(signal.SIGSYS)})
+
+
+def requirements_of(policy: Policy, mode: str) -> tuple[Requirement, ...]:
+    items = [Requirement("deny", name) for name in policy.seccomp.deny]
+    items += [Requirement("arg", rule.syscall, rule) for rule in policy.rules_for_mode(mode)]
+    items += [Requirement("enosys", name) for name in policy.seccomp.enosys]
+    return tuple(items)
+
+
+def merge_requirements(*groups: Iterable[Requirement]) -> tuple[Requirement, ...]:
+    return tuple(dict.fromkeys(item for group in groups for item in group))
+
+
+@dataclass(frozen=True)
+class ProbeCase:
+    """One attempt. ``kind``: ``denial`` (must be refused), ``reaches_kernel`` (must behave as unfiltered),
+    ``works`` (ordinary work must succeed) or ``status`` (the filter and no_new_privs are present)."""
+
+    case_id: str
+    kind: str
+    title: str
+    requirement: Requirement | None = None
+    abi: str = "native"
+    nr: int | None = None
+    args: tuple[int | str, ...] = ()
+    setup: tuple[str, ...] = ()
+    extra: tuple[tuple[str, Any], ...] = ()
+
+    def runner_probe(self) -> dict[str, Any]:
+        if self.kind in ("denial", "reaches_kernel"):
+            return {"id": self.case_id, "kind": "syscall", "abi": self.abi, "nr": self.nr,
+                    "args": list(self.args), "setup": list(self.setup)}
+        return {"id": self.case_id, **dict(self.extra)}
+
+    @property
+    def category(self) -> str:
+        return "syscall" if self.kind == "denial" else "syscall-controls"
+
+
+def _abi_number(probe: SyscallProbe, abi: str) -> int | None:
+    return {"native": probe.nr, "x32": probe.x32_nr, "i386": probe.i386_nr}[abi]
+
+
+def _matching_args(probe: SyscallProbe, rule: ArgRule) -> tuple[int | str, ...]:
+    """The catalogue's harmless call with the ruled argument set so the rule fires."""
+    args = list(probe.args) + [0] * (rule.arg + 1 - len(probe.args))
+    current = args[rule.arg]
+    base = 0 if isinstance(current, str) else current & 0xFFFFFFFF
+    if rule.op == "masked_eq":
+        args[rule.arg] = (base & ~rule.mask) | rule.value
+    elif rule.op in ("eq", "ge", "le"):
+        args[rule.arg] = rule.value
+    elif rule.op == "gt":
+        args[rule.arg] = rule.value + 1
+    elif rule.op == "lt":
+        args[rule.arg] = max(rule.value - 1, 0)
+    elif rule.op == "ne":
+        args[rule.arg] = base if base != rule.value else rule.value ^ 1
+    return tuple(args)
+
+
+def _with_high_bits(args: tuple[int | str, ...], index: int, bits: int) -> tuple[int | str, ...]:
+    value = args[index]
+    assert isinstance(value, int)
+    return tuple((a & 0xFFFFFFFF) | bits if i == index and isinstance(a, int) else a for i, a in enumerate(args))
+
+
+def denial_cases(requirements: Sequence[Requirement]) -> tuple[ProbeCase, ...]:
+    """Every path for every requirement: each ABI, and high bits in every argument a rule looks at."""
+    cases: list[ProbeCase] = []
+    for item in requirements:
+        probe = PROBES_BY_NAME.get(item.syscall)
+        if probe is None:
+            cases.append(ProbeCase(f"{item.label}-native", "denial",
+                                   f"{item.label}: no harmless probe in the catalogue", item, nr=None))
+            continue
+        args = _matching_args(probe, item.rule) if item.rule else probe.args
+        for abi in ABIS:
+            number = _abi_number(probe, abi)
+            if number is None:
+                continue
+            cases.append(ProbeCase(f"{item.label}-{abi}", "denial", f"syscall {item.label} via {abi} ABI",
+                                   item, abi, number, args, probe.setup))
+        if item.rule is not None and item.rule.op in ("eq", "masked_eq"):
+            for variant, bits in HIGH_BIT_VARIANTS:
+                cases.append(ProbeCase(
+                    f"{item.label}-native-{variant}", "denial",
+                    f"syscall {item.label} with high bits ({variant}) in arg{item.rule.arg}",
+                    item, "native", probe.nr, _with_high_bits(args, item.rule.arg, bits), probe.setup))
+    return tuple(cases)
+
+
+def control_cases(requirements: Sequence[Requirement], mode: str) -> tuple[ProbeCase, ...]:
+    """Positive controls: proof that ordinary work still functions under the same filter."""
+    cases = [
+        ProbeCase("thread-starts", "works", "a thread starts (clone3 -> ENOSYS -> clone fallback)",
+                  extra=(("kind", "thread_start"),)),
+        ProbeCase("process-starts", "works", "posix_spawn and fork start processes",
+                  extra=(("kind", "process_start"),)),
+        ProbeCase("af_unix-socket-opens", "works", "an AF_UNIX socket opens",
+                  extra=(("kind", "socket_open"), ("family", SOCKET_FAMILIES["AF_UNIX"]))),
+        ProbeCase("filter-present", "status", "/proc/self/status shows the filters and NoNewPrivs",
+                  extra=(("kind", "proc_status"),)),
+    ]
+    if mode in ("proxy", "allow"):
+        for family in ("AF_INET", "AF_INET6"):
+            cases.append(ProbeCase(f"{family.lower()}-socket-opens", "works",
+                                   f"an {family} socket opens in {mode} mode",
+                                   extra=(("kind", "socket_open"), ("family", SOCKET_FAMILIES[family]))))
+    getppid = PROBES_BY_NAME["getppid"]
+    cases.append(ProbeCase("getppid-reaches-kernel", "reaches_kernel", "getppid() still works",
+                           nr=getppid.nr, args=()))
+    seen: set[str] = set()
+    for item in requirements:
+        probe = PROBES_BY_NAME.get(item.syscall)
+        if item.rule is None or probe is None or probe.control_args is None or probe.name in seen:
+            continue
+        seen.add(probe.name)
+        cases.append(ProbeCase(f"{probe.name}-without-ruled-flag-reaches-kernel", "reaches_kernel",
+                               f"{probe.name} without the ruled argument reaches the kernel",
+                               item, "native", probe.nr, probe.control_args, probe.setup))
+    return tuple(cases)
+
+
+# --------------------------------------------------------------------------------------------
+# Expectations
+
+
+def bad_arch_outcome(action: str, policy_errno: int) -> Outcome:
+    if action == "errno":
+        return Outcome.errno(policy_errno)
+    return Outcome.killed_by(signal.SIGSYS)  # kill_process, kill_thread and trap all end in SIGSYS
+
+
+def expected_refusal(case: ProbeCase, compiled: CompiledFilter | None, policy: Policy | None) -> frozenset[Outcome]:
+    """E for one denial case: exact when we compiled the filter ourselves, generic otherwise."""
+    item = case.requirement
+    assert item is not None
+    if compiled is None or policy is None:
+        return item.refusal
+    if not compiled.programs:  # the policy skips seccomp in this mode: nothing can refuse
+        return item.refusal
+    arch = {"x32": "x32", "i386": "x86"}.get(case.abi)
+    if arch is not None and arch not in compiled.extra_arches:
+        return frozenset({bad_arch_outcome(compiled.bad_arch_action, policy.seccomp.errno)})
+    fired = _rule_that_fires(policy, compiled.network_mode, item.syscall, case.args)
+    number = compiled.errno_for(fired) if fired else None
+    return frozenset({Outcome.errno(number)}) if number is not None else item.refusal
+
+
+def _rule_that_fires(policy: Policy, mode: str, syscall: str, args: tuple[int | str, ...]) -> str | None:
+    if syscall in policy.seccomp.enosys:
+        return enosys_key(syscall)
+    if syscall in policy.seccomp.deny:
+        return deny_key(syscall)
+    numeric = tuple(a if isinstance(a, int) else 0 for a in args)
+    for rule in policy.rules_for_mode(mode):
+        if rule.syscall == syscall and rule.matches(numeric):
+            return arg_key(rule)
+    return None
+
+
+def judge(case: ProbeCase, baseline: Outcome, observed: Outcome, *, compiled: CompiledFilter | None,
+          policy: Policy | None) -> Judgement:
+    if case.kind == "denial":
+        if case.nr is None:
+            return Judgement(Verdict.INDETERMINATE, "no harmless probe for this syscall in the catalogue; "
+                             "add a row to pytest_sandbox/catalogues/syscalls.py", "refusal", "-", "-")
+        return judge_denial(expected_refusal(case, compiled, policy), baseline, observed, abi=case.abi)
+    if case.kind == "reaches_kernel":
+        return judge_reaches_kernel(baseline, observed)
+    if case.kind == "status":
+        return judge_filter_present(observed, compiled)
+    return judge_works(observed, what=case.title)
+
+
+def judge_filter_present(observed: Outcome, compiled: CompiledFilter | None) -> Judgement:
+    fields = dict(part.split(": ", 1) for part in observed.detail.split(", ") if ": " in part)
+    shown = observed.detail or observed.describe()
+    if compiled is None:  # third party: informational only; gVisor shows Seccomp: 0 whatever it enforces
+        return Judgement(Verdict.WORKS, f"third-party sandbox reports {shown}", "-", "-", shown)
+    wanted = {"Seccomp": "2"} if compiled.programs else {}
+    problems = [f"{k} is {fields.get(k)!r}, expected {v!r}" for k, v in wanted.items() if fields.get(k) != v]
+    if compiled.programs and int(fields.get("Seccomp_filters", "0") or 0) < len(compiled.programs):
+        problems.append(f"Seccomp_filters is {fields.get('Seccomp_filters')}, expected >= {len(compiled.programs)}")
+    if compiled.no_new_privs and fields.get("NoNewPrivs") != "1":
+        problems.append(f"NoNewPrivs is {fields.get('NoNewPrivs')!r}, expected '1'")
+    if not compiled.programs:
+        problems.append(f"the policy installs NO seccomp filter in {compiled.network_mode} mode")
+    if problems:
+        return Judgement(Verdict.BROKEN, "; ".join(problems), "filters present", "-", shown)
+    return Judgement(Verdict.WORKS, f"filters present: {shown}", "filters present", "-", shown)
+
+
+# --------------------------------------------------------------------------------------------
+# Running plans
+
+
+def runner_script(probes: Sequence[Mapping[str, Any]]) -> bytes:
+    """The probe runner's source with the plan appended: everything a bare ``python3 -`` needs."""
+    plan = json.dumps(list(probes))
+    return (_RUNNER_SOURCE + f"\nmain(json.loads({plan!r}))\n").encode()
+
+
+def parse_runner_output(stdout: bytes) -> dict[str, Outcome]:
+    results: dict[str, Outcome] = {}
+    for line in stdout.decode(errors="replace").splitlines():
+        if line.startswith("{"):
+            record = json.loads(line)
+            results[record["id"]] = Outcome.from_report(record["outcome"])
+    return results
+
+
+def _world_executable(path: str) -> bool:
+    current = Path(path).resolve()
+    for part in [current, *current.parents]:
+        mode = part.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            return False
+    return True
+
+
+def runner_interpreter(identity: Identity) -> str:
+    """A python3 the probe runner's identity can execute (a root-only pyenv is not one)."""
+    if identity.uid is None or _world_executable(sys.executable):
+        return sys.executable
+    for candidate in ("/usr/bin/python3", "/usr/local/bin/python3", "/bin/python3"):
+        if os.path.exists(candidate) and _world_executable(candidate):
+            return candidate
+    raise HostUnsupportedError(f"no python3 executable by {identity.name}; install python3 system-wide")
+
+
+class ProbeTarget(Protocol):
+    name: str
+
+    def run(self, probes: Sequence[Mapping[str, Any]]) -> dict[str, Outcome]: ...
+
+
+def _outcomes_or_error(probes: Sequence[Mapping[str, Any]], returncode: int, stdout: bytes, stderr: bytes,
+                       where: str) -> dict[str, Outcome]:
+    results = parse_runner_output(stdout)
+    missing = [p["id"] for p in probes if p["id"] not in results]
+    if missing:
+        detail = f"the probe runner in {where} exited with {returncode} and reported {len(results)} of " \
+                 f"{len(probes)} probes: {stderr.decode(errors='replace').strip()[-400:]}"
+        for probe_id in missing:
+            results[probe_id] = Outcome("error", None, detail)
+    return results
+
+
+@dataclass
+class SandboxTarget:
+    """The reference sandbox (or the unfiltered baseline when ``compiled`` is None) via the launcher."""
+
+    name: str
+    compiled: CompiledFilter | None
+    placement: NetworkPlacement
+    identity: Identity
+
+    def run(self, probes: Sequence[Mapping[str, Any]]) -> dict[str, Outcome]:
+        spec = SandboxSpec(self.compiled, self.placement, self.identity)
+        with Sandbox(spec) as sandbox:
+            result = sandbox.run([runner_interpreter(self.identity), "-S", "-"], input=runner_script(probes),
+                                 timeout=300, env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"})
+        return _outcomes_or_error(probes, result.returncode, result.stdout, result.stderr, self.name)
+
+
+@dataclass
+class ExecTarget:
+    """A third party's launcher: ``PREFIX python3 -S -`` with the runner on stdin (``--sandbox-exec``)."""
+
+    prefix: str
+    name: str = "exec"
+    interpreter: str = "python3"
+
+    @cached_property
+    def argv(self) -> list[str]:
+        words = shlex.split(self.prefix)
+        if not words:
+            raise LaunchError("--sandbox-exec is empty: give the launcher prefix, e.g. 'bwrap --dev-bind / / --'")
+        if shutil.which(words[0]) is None:
+            raise LaunchError(f"--sandbox-exec: launcher {words[0]!r} not found on PATH")
+        return [*words, self.interpreter, "-S", "-"]
+
+    def run(self, probes: Sequence[Mapping[str, Any]]) -> dict[str, Outcome]:
+        completed = subprocess.run(self.argv, input=runner_script(probes), capture_output=True, timeout=300)
+        return _outcomes_or_error(probes, completed.returncode, completed.stdout, completed.stderr,
+                                  f"'{self.prefix}'")
+
