@@ -27,6 +27,7 @@ import ipaddress
 import json
 import os
 import select
+import shutil
 import socket
 import struct
 import subprocess
@@ -303,6 +304,23 @@ _UNSUPPORTED_HINT = (
 )
 
 
+def _helper_interpreter() -> str:
+    """The Python that runs the helper: ours, or the first ``python3`` on PATH we may execute.
+
+    The helper needs only the standard library, and the running interpreter may not be executable
+    by an unprivileged uid (e.g. a pyenv build under a 0700 /root, run through setpriv).
+    """
+    if sys.executable and os.access(sys.executable, os.X_OK):
+        return sys.executable
+    fallback = shutil.which("python3")
+    if fallback is None:
+        raise HostUnsupportedError(
+            f"cannot start the namespace helper: {sys.executable!r} is not executable by uid "
+            f"{os.getuid()} and no python3 is on PATH"
+        )
+    return fallback
+
+
 class NetnsHolder:
     """A helper process holding a private network namespace (only ``lo``, up) for the lab.
 
@@ -331,7 +349,7 @@ class NetnsHolder:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             process = subprocess.Popen(
-                [sys.executable, "-I", "-c", _HELPER_BOOTSTRAP, _PACKAGE_PARENT,
+                [_helper_interpreter(), "-I", "-c", _HELPER_BOOTSTRAP, _PACKAGE_PARENT,
                  str(child_end.fileno())],
                 pass_fds=(child_end.fileno(),),
                 stdin=subprocess.DEVNULL,
@@ -357,8 +375,7 @@ class NetnsHolder:
         readable, _, _ = select.select([channel], [], [], HELPER_START_TIMEOUT_SECONDS)
         raw = channel.recv(MAX_MESSAGE_BYTES) if readable else b""
         if not raw:
-            _stop_process(process)
-            stderr = process.stderr.read().decode(errors="replace").strip() if process.stderr else ""
+            stderr = _stop_process(process)
             raise HostUnsupportedError(
                 f"the network namespace helper for {name!r} exited before it was ready"
                 + (f": {stderr.splitlines()[-1]}" if stderr else "")
@@ -495,15 +512,20 @@ class NetnsHolder:
         return subprocess.run([*self.nsenter_prefix(), *argv], **kwargs)
 
 
-def _stop_process(process: subprocess.Popen[bytes]) -> None:
+def _stop_process(process: subprocess.Popen[bytes]) -> str:
+    """Kill by PID (if still running), reap, and return the tail of its stderr."""
     if process.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             process.kill()
     try:
         process.wait(timeout=HELPER_EXIT_TIMEOUT_SECONDS)
     finally:
-        if process.stderr is not None:
+        stderr = b""
+        if process.stderr is not None and not process.stderr.closed:
+            with contextlib.suppress(OSError):
+                stderr = process.stderr.read(MAX_MESSAGE_BYTES)
             process.stderr.close()
+    return stderr.decode(errors="replace").strip()
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,0 +1,675 @@
+"""The network lab: namespace holder, guard, canaries, lab-only origins and the DNS stub.
+
+Safety: no test here sends a packet from the host namespace to anything but loopback. Every socket
+that connects to a canary or origin comes from a lab namespace; the guard tests never connect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import h11
+import pytest
+
+from pytest_sandbox.addresses import classify_address
+from pytest_sandbox.dns_stub import (
+    DnsFormatError,
+    DnsQuery,
+    DnsZone,
+    QueryType,
+    ResponseCode,
+    answer_query,
+    decode_name,
+    encode_name,
+    encode_query,
+    encode_response,
+    parse_query,
+    parse_response,
+)
+from pytest_sandbox.errors import HostUnsupportedError
+from pytest_sandbox.lab import LAB_PUBLIC_ORIGINS, NetworkLab
+from pytest_sandbox.netns import (
+    NetnsHolder,
+    assert_not_host_netns,
+    ensure_lab_socket,
+    host_can_create_netns,
+    socket_netns_inode,
+)
+
+CANARIES = ("10.0.0.1", "169.254.169.254", "100.64.0.1", "fd00:ec2::254", "127.0.0.1")
+HOST_NETNS_PATH = "/proc/self/ns/net"
+NOBODY = 65534
+
+
+def _host_netns_id() -> tuple[int, int]:
+    info = os.stat(HOST_NETNS_PATH)
+    return (info.st_dev, info.st_ino)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+NETNS_OK, NETNS_REASON = host_can_create_netns()
+needs_netns = pytest.mark.skipif(not NETNS_OK, reason=f"cannot create network namespaces: {NETNS_REASON}")
+
+
+@pytest.fixture(scope="module")
+def shared_lab() -> Iterator[NetworkLab]:
+    if not NETNS_OK:
+        pytest.skip(f"cannot create network namespaces: {NETNS_REASON}")
+    lab = NetworkLab.start(CANARIES, name="test-lab", idle_timeout=2.0)
+    yield lab
+    lab.close()
+
+
+@pytest.fixture
+def lab(shared_lab: NetworkLab) -> NetworkLab:
+    shared_lab.reset_hits()
+    shared_lab.set_zone({})
+    return shared_lab
+
+
+@pytest.fixture
+def holder() -> Iterator[NetnsHolder]:
+    if not NETNS_OK:
+        pytest.skip(f"cannot create network namespaces: {NETNS_REASON}")
+    with NetnsHolder.start(name="test-holder") as started:
+        yield started
+
+
+def _http_get(sock: socket.socket, target: str = "/", host: str = "lab.test") -> bytes:
+    sock.sendall(f"GET {target} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    return _read_until_closed(sock)
+
+
+def _read_until_closed(sock: socket.socket, limit: int = 65536) -> bytes:
+    received = b""
+    while len(received) < limit:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        received += chunk
+    return received
+
+
+# --------------------------------------------------------------------------------------------------
+# DNS wire format (pure)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_query_encoding_round_trips_through_parse_query() -> None:
+    wire = encode_query("Metadata.Lab.Test", QueryType.AAAA, 0xBEEF)
+    query = parse_query(wire)
+    assert query == DnsQuery(query_id=0xBEEF, name="Metadata.Lab.Test", qtype=QueryType.AAAA)
+    assert wire[12:] == b"\x08Metadata\x03Lab\x04Test\x00\x00\x1c\x00\x01"
+
+
+def test_response_answers_point_at_the_question_name_and_parse_back() -> None:
+    query = DnsQuery(query_id=7, name="mixed.lab.test", qtype=QueryType.A)
+    wire = encode_response(query, ["11.0.0.10", "10.0.0.1"])
+    assert wire.count(b"\xc0\x0c") == 2  # RFC 1035 §4.1.4 pointer to offset 12
+    response = parse_response(wire)
+    assert response.query_id == 7
+    assert response.rcode == ResponseCode.NOERROR
+    assert response.question_name == "mixed.lab.test"
+    assert response.addresses == ["11.0.0.10", "10.0.0.1"]
+    assert [answer.name for answer in response.answers] == ["mixed.lab.test"] * 2
+    assert {answer.ttl for answer in response.answers} == {0}
+
+
+def test_decode_name_follows_a_pointer_into_the_middle_of_an_earlier_name() -> None:
+    message = b"\x00" * 12 + b"\x03www\x07example\x04test\x00" + b"\x03api\xc0\x10"
+    first, after_first = decode_name(message, 12)
+    second, after_second = decode_name(message, after_first)
+    assert first == "www.example.test"
+    assert second == "api.example.test"
+    assert after_second == len(message)
+
+
+@pytest.mark.parametrize(
+    ("message", "offset", "problem"),
+    [
+        (b"\x00" * 12 + b"\xc0\x0c", 12, "points at itself (a loop)"),
+        (b"\x00" * 12 + b"\xc0\x0e\x00", 12, "points forwards"),
+        (b"\x00" * 12 + b"\x05ab", 12, "label runs past the end"),
+        (b"\x00" * 12 + b"\x03abc", 12, "no terminating root label"),
+        (b"\x00" * 12 + b"\x40abc\x00", 12, "reserved 01 label type"),
+        (b"\x00" * 12 + b"\xc0", 12, "truncated pointer"),
+        (b"\x00" * 12 + (b"\x3f" + b"a" * 63) * 4 + b"\x00", 12, "name over 255 octets"),
+    ],
+)
+def test_decode_name_rejects_malformed_names(message: bytes, offset: int, problem: str) -> None:
+    with pytest.raises(DnsFormatError):
+        decode_name(message, offset)
+
+
+@pytest.mark.parametrize(
+    "name", ["a..test", "x" * 64 + ".test", "münchen.test", ".".join(["abcdefghi"] * 26)]
+)
+def test_encode_name_rejects_names_rfc_1035_cannot_carry(name: str) -> None:
+    with pytest.raises(DnsFormatError):
+        encode_name(name)
+
+
+def test_parse_query_refuses_a_response_and_multiple_questions() -> None:
+    response = encode_response(DnsQuery(1, "a.test", QueryType.A), ["11.0.0.10"])
+    with pytest.raises(DnsFormatError):
+        parse_query(response)
+    two_questions = bytearray(encode_query("a.test", QueryType.A, 1))
+    two_questions[4:6] = b"\x00\x02"
+    with pytest.raises(DnsFormatError):
+        parse_query(bytes(two_questions))
+
+
+def test_parse_response_rejects_an_a_record_with_the_wrong_length() -> None:
+    wire = bytearray(encode_response(DnsQuery(1, "a.test", QueryType.A), ["11.0.0.10"]))
+    wire[-6:-4] = b"\x00\x03"  # RDLENGTH 3 for an A record
+    with pytest.raises(DnsFormatError):
+        parse_response(bytes(wire[:-1]))
+
+
+# --------------------------------------------------------------------------------------------------
+# The zone and answering (pure)
+# --------------------------------------------------------------------------------------------------
+
+
+def _ask(zone: DnsZone, name: str, qtype: int = QueryType.A, query_id: int = 0x1234) -> tuple[int, list[str]]:
+    reply = answer_query(zone, encode_query(name, qtype, query_id))
+    assert reply is not None
+    response = parse_response(reply)
+    assert response.query_id == query_id
+    return response.rcode, response.addresses
+
+
+def test_multi_answer_name_returns_every_address_of_the_asked_family() -> None:
+    zone = DnsZone({"mixed.test": ["11.0.0.10", "10.0.0.1", "2600:9000::10", "fd00:ec2::254"]})
+    assert _ask(zone, "mixed.test", QueryType.A) == (ResponseCode.NOERROR, ["11.0.0.10", "10.0.0.1"])
+    assert _ask(zone, "mixed.test", QueryType.AAAA) == (
+        ResponseCode.NOERROR, ["2600:9000::10", "fd00:ec2::254"])
+
+
+def test_names_match_case_insensitively_and_ignore_the_root_dot() -> None:
+    zone = DnsZone({"Meta.Test.": ["169.254.169.254"]})
+    assert _ask(zone, "mEtA.tEsT") == (ResponseCode.NOERROR, ["169.254.169.254"])
+
+
+def test_unknown_name_is_nxdomain() -> None:
+    assert _ask(DnsZone({"known.test": ["11.0.0.10"]}), "unknown.test") == (ResponseCode.NXDOMAIN, [])
+
+
+def test_known_name_without_records_of_the_asked_type_is_nodata_not_nxdomain() -> None:
+    assert _ask(DnsZone({"v4only.test": ["11.0.0.10"]}), "v4only.test", QueryType.AAAA) == (
+        ResponseCode.NOERROR, [])
+
+
+def test_rebinding_name_alternates_public_then_loopback_for_each_query_type() -> None:
+    zone = DnsZone()
+    zone.add_rebinding_name("rbnd.test", [["11.0.0.10", "2600:9000::10"], ["127.0.0.1", "::1"]])
+    answers = []
+    for _ in range(2):
+        # getaddrinfo asks A and AAAA together; neither may consume the other's step.
+        answers.append((_ask(zone, "rbnd.test", QueryType.A)[1], _ask(zone, "rbnd.test", QueryType.AAAA)[1]))
+    answers.append((_ask(zone, "rbnd.test", QueryType.A)[1], _ask(zone, "rbnd.test", QueryType.AAAA)[1]))
+    assert answers == [
+        (["11.0.0.10"], ["2600:9000::10"]),
+        (["127.0.0.1"], ["::1"]),
+        (["11.0.0.10"], ["2600:9000::10"]),
+    ]
+
+
+def test_stub_never_answers_a_response() -> None:
+    response = encode_response(DnsQuery(1, "a.test", QueryType.A), ["11.0.0.10"])
+    assert answer_query(DnsZone({"a.test": ["11.0.0.10"]}), response) is None
+    assert answer_query(DnsZone(), b"\x00\x01") is None
+
+
+def test_malformed_question_gets_formerr_and_other_opcodes_get_notimp() -> None:
+    malformed = encode_query("a.test", QueryType.A, 9)[:-3]
+    assert parse_response(answer_query(DnsZone(), malformed) or b"").rcode == ResponseCode.FORMERR
+    status_opcode = bytearray(encode_query("a.test", QueryType.A, 9))
+    status_opcode[2] |= 2 << 3  # opcode 2 (STATUS)
+    assert parse_response(answer_query(DnsZone(), bytes(status_opcode)) or b"").rcode == ResponseCode.NOTIMP
+
+
+def test_answers_that_overflow_512_octets_are_cut_and_marked_truncated() -> None:
+    many = [f"11.0.{i // 250}.{i % 250 + 1}" for i in range(60)]
+    reply = answer_query(DnsZone({"big.test": many}), encode_query("big.test", QueryType.A, 1))
+    assert reply is not None and len(reply) <= 512
+    response = parse_response(reply)
+    assert response.truncated
+    assert 0 < len(response.addresses) < 60
+    assert response.addresses == many[: len(response.addresses)]
+
+
+def test_zone_logs_every_question() -> None:
+    zone = DnsZone({"a.test": ["11.0.0.10"]})
+    _ask(zone, "A.test", QueryType.A)
+    _ask(zone, "missing.test", QueryType.AAAA)
+    assert zone.queries() == [("a.test", QueryType.A), ("missing.test", QueryType.AAAA)]
+
+
+# --------------------------------------------------------------------------------------------------
+# The namespace holder and the guard
+# --------------------------------------------------------------------------------------------------
+
+
+@needs_netns
+def test_holder_process_is_gone_after_close_and_close_is_idempotent() -> None:
+    holder = NetnsHolder.start(name="lifecycle")
+    pid = holder.pid
+    assert _process_exists(pid)
+    holder.close()
+    holder.close()
+    assert not _process_exists(pid)
+    with pytest.raises(RuntimeError, match="closed"):
+        holder.socket()
+
+
+def test_holder_sockets_live_in_the_holders_namespace_not_the_hosts(holder: NetnsHolder) -> None:
+    with holder.socket() as stream, holder.socket(socket.AF_INET6, socket.SOCK_DGRAM) as datagram:
+        assert socket_netns_inode(stream) == holder.netns_id
+        assert socket_netns_inode(datagram) == holder.netns_id
+    assert holder.netns_id != _host_netns_id()
+    assert os.stat(holder.netns_path).st_ino == holder.netns_id[1]
+
+
+def test_fresh_holder_has_loopback_up_so_127_0_0_1_binds_and_connects(holder: NetnsHolder) -> None:
+    with holder.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        with holder.socket() as client:
+            client.settimeout(5)
+            client.connect(listener.getsockname())
+            accepted, _peer = listener.accept()
+            with accepted:
+                client.sendall(b"ping")
+                assert accepted.recv(4) == b"ping"
+
+
+def test_added_ipv4_and_ipv6_addresses_are_bindable_only_inside_the_namespace(holder: NetnsHolder) -> None:
+    holder.add_address("10.0.0.1")
+    holder.add_address("fd00:ec2::254")
+    holder.add_address("127.0.0.7")  # already local through 127.0.0.0/8: a no-op, not an error
+    with holder.socket() as v4, holder.socket(socket.AF_INET6) as v6:
+        v4.bind(("10.0.0.1", 0))
+        v6.bind(("fd00:ec2::254", 0))
+
+
+def test_run_executes_commands_inside_the_namespace(holder: NetnsHolder) -> None:
+    result = holder.run(["readlink", "/proc/self/ns/net"], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == f"net:[{holder.netns_id[1]}]"
+
+
+def test_popen_starts_a_stoppable_process_inside_the_namespace(holder: NetnsHolder) -> None:
+    process = holder.popen(["sh", "-c", "readlink /proc/self/ns/net && exec sleep 30"],
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().strip() == f"net:[{holder.netns_id[1]}]"
+        # nsenter and sh exec in place: the PID we hold is the command inside the namespace.
+        assert os.stat(f"/proc/{process.pid}/ns/net").st_ino == holder.netns_id[1]
+    finally:
+        process.kill()
+        process.wait(timeout=5)
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+def test_guard_refuses_a_host_socket_before_anything_is_sent() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as host_socket:
+        with pytest.raises(RuntimeError, match="refusing to run a network probe outside a lab namespace"):
+            ensure_lab_socket(host_socket)
+        with pytest.raises(OSError):  # ENOTCONN: the check itself never connected or sent anything
+            host_socket.getpeername()
+
+
+def test_guard_refuses_the_host_namespace_path() -> None:
+    with pytest.raises(RuntimeError, match="outside a lab namespace"):
+        assert_not_host_netns(HOST_NETNS_PATH)
+
+
+def test_guard_accepts_a_holder_namespace(holder: NetnsHolder) -> None:
+    assert_not_host_netns(holder.netns_path)
+    with holder.socket() as sock:
+        ensure_lab_socket(sock, holder.netns_id)
+
+
+class _NeverConnects(socket.socket):
+    """A host socket that fails the test instead of sending a SYN, should the guard ever let it by."""
+
+    def connect(self, address: object) -> None:
+        raise AssertionError(f"the guard let a host socket connect to {address!r}")
+
+
+def test_lab_connect_refuses_a_host_socket_aimed_at_a_canary(
+        lab: NetworkLab, monkeypatch: pytest.MonkeyPatch) -> None:
+    def host_socket(*_args: int) -> socket.socket:
+        return _NeverConnects(socket.AF_INET, socket.SOCK_STREAM)
+
+    monkeypatch.setattr(lab.holder, "socket", host_socket)
+    with pytest.raises(RuntimeError, match="host network namespace"):
+        lab.connect("10.0.0.1", 80)
+    monkeypatch.undo()
+    assert lab.canary_hits("10.0.0.1") == 0
+
+
+def test_guard_refuses_a_socket_from_another_lab(lab: NetworkLab, holder: NetnsHolder) -> None:
+    with holder.socket() as foreign, pytest.raises(RuntimeError, match="not in the expected lab"):
+        ensure_lab_socket(foreign, lab.netns_id)
+
+
+# --------------------------------------------------------------------------------------------------
+# Canaries
+# --------------------------------------------------------------------------------------------------
+
+
+def test_connection_to_a_canary_increments_exactly_that_canary(lab: NetworkLab) -> None:
+    with lab.connect("169.254.169.254", 80) as sock:
+        response = _http_get(sock, "/latest/meta-data/")
+    assert response.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert response.endswith(b"canary 169.254.169.254 port 80\n")
+    hits = {key: count for key, count in lab.all_hits().items() if count}
+    assert hits == {("169.254.169.254", 80): 1}
+    assert lab.canary_hits("169.254.169.254") == 1
+    assert lab.canary_hits("169.254.169.254", 443) == 0
+    assert lab.received("169.254.169.254") == [b"GET /latest/meta-data/ HTTP/1.1\r\nHost: lab.test\r\n\r\n"]
+
+
+def test_ipv6_canary_counts_its_own_connections(lab: NetworkLab) -> None:
+    with lab.connect("fd00:ec2::254", 443) as sock:
+        sock.sendall(b"\x16\x03\x01")  # a TLS record header: not HTTP, still recorded
+        sock.shutdown(socket.SHUT_WR)
+        _read_until_closed(sock)
+    assert lab.canary_hits("FD00:EC2:0::254", 443) == 1
+    assert lab.received("fd00:ec2::254", 443) == [b"\x16\x03\x01"]
+    assert sum(lab.all_hits().values()) == 1
+
+
+def test_connection_reset_before_the_lab_accepts_it_is_still_counted(lab: NetworkLab) -> None:
+    sock = lab.connect("10.0.0.1", 443)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()  # RST: a proxy that dials and aborts must still leave a trace
+    assert lab.canary_hits("10.0.0.1", 443) == 1
+
+
+def test_canary_keeps_only_the_first_4_kib(lab: NetworkLab) -> None:
+    with lab.connect("100.64.0.1", 80) as sock:
+        sock.sendall(b"X" * 10000)
+        sock.shutdown(socket.SHUT_WR)
+        _read_until_closed(sock)
+    assert lab.received("100.64.0.1") == [b"X" * 4096]
+
+
+def test_connect_without_sending_is_counted_immediately(lab: NetworkLab) -> None:
+    with lab.connect("127.0.0.1", 80):
+        assert lab.canary_hits("127.0.0.1", 80) == 1
+
+
+def test_reset_hits_forgets_counts_and_recorded_bytes(lab: NetworkLab) -> None:
+    with lab.connect("10.0.0.1", 80) as sock:
+        _http_get(sock)
+    lab.reset_hits()
+    assert set(lab.all_hits().values()) == {0}
+    assert lab.received("10.0.0.1") == []
+
+
+def test_asking_for_hits_of_an_address_that_is_not_a_canary_is_an_error(lab: NetworkLab) -> None:
+    with pytest.raises(ValueError, match="is not a canary"):
+        lab.canary_hits("10.0.0.2")
+    with pytest.raises(ValueError, match="is not a canary"):
+        lab.canary_hits("10.0.0.1", 8080)
+
+
+@pytest.mark.parametrize(
+    "address", ["0.0.0.0", "::", "224.0.0.1", "255.255.255.255", "ff02::1", "::ffff:10.0.0.1", "fe80::1",
+                "not-an-ip"],
+)
+def test_addresses_where_a_canary_would_prove_nothing_are_refused(address: str) -> None:
+    with pytest.raises(ValueError, match="canary"):
+        NetworkLab.start([address])
+
+
+def test_a_canary_cannot_also_be_a_public_origin() -> None:
+    with pytest.raises(ValueError, match="both canaries and public origins"):
+        NetworkLab.start(["11.0.0.10"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Lab-only public origins
+# --------------------------------------------------------------------------------------------------
+
+
+def test_lab_public_origins_are_outside_every_special_use_range() -> None:
+    for origin in LAB_PUBLIC_ORIGINS:
+        verdict = classify_address(origin)
+        assert not verdict.denied, verdict.reason
+
+
+def test_public_origin_answers_200_and_records_each_keep_alive_request(lab: NetworkLab) -> None:
+    origin = LAB_PUBLIC_ORIGINS[0]
+    client = h11.Connection(h11.CLIENT)
+    bodies = []
+    with lab.connect(origin, 80) as sock:
+        for path in ("/first", "/second"):
+            sock.sendall(client.send(h11.Request(method="POST", target=path,
+                                                 headers=[("Host", "origin.test"), ("Content-Length", "2")])))
+            sock.sendall(client.send(h11.Data(data=b"hi")) + client.send(h11.EndOfMessage()))
+            body = b""
+            while True:
+                event = client.next_event()
+                if event is h11.NEED_DATA:
+                    client.receive_data(sock.recv(4096))
+                elif isinstance(event, h11.Response):
+                    assert event.status_code == 200
+                elif isinstance(event, h11.Data):
+                    body += event.data
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+            bodies.append(body)
+            client.start_next_cycle()
+    assert bodies == [f"origin {origin} port 80: POST /first\n".encode(),
+                      f"origin {origin} port 80: POST /second\n".encode()]
+    requests = lab.origin_requests(origin)
+    assert [(r.method, r.target, r.body, r.connection) for r in requests] == [
+        ("POST", "/first", b"hi", 1), ("POST", "/second", b"hi", 1)]
+    assert requests[0].header("HOST") == "origin.test"
+    assert lab.origin_connections(origin, 80) == 1
+    assert set(lab.all_hits().values()) == {0}
+
+
+def test_pipelined_requests_are_each_recorded(lab: NetworkLab) -> None:
+    origin = LAB_PUBLIC_ORIGINS[2]
+    with lab.connect(origin, 443) as sock:
+        sock.sendall(b"GET /a HTTP/1.1\r\nHost: o\r\n\r\n"
+                     b"GET /b HTTP/1.1\r\nHost: o\r\nConnection: close\r\n\r\n")
+        response = _read_until_closed(sock)
+    assert response.count(b"HTTP/1.1 200 OK") == 2
+    assert [r.target for r in lab.origin_requests(origin, 443)] == ["/a", "/b"]
+
+
+def test_origin_rejects_an_unparseable_request_with_400_and_closes(lab: NetworkLab) -> None:
+    origin = LAB_PUBLIC_ORIGINS[1]
+    with lab.connect(origin, 80) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
+        response = _read_until_closed(sock)
+    assert response.startswith(b"HTTP/1.1 400 ")
+    assert lab.origin_requests(origin) == []
+    assert lab.received(origin) == [b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"]
+
+
+# --------------------------------------------------------------------------------------------------
+# The DNS stub inside the lab
+# --------------------------------------------------------------------------------------------------
+
+
+def test_stub_answers_a_raw_udp_query_on_its_lab_address(lab: NetworkLab) -> None:
+    lab.add_name("meta.lab.test", ["169.254.169.254"])
+    with lab.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(5)
+        sock.sendto(encode_query("meta.lab.test", QueryType.A, 0x4242), lab.dns_server)
+        response = parse_response(sock.recv(512))
+    assert response.query_id == 0x4242
+    assert response.addresses == ["169.254.169.254"]
+    assert lab.dns_server == ("127.0.0.53", 53)
+
+
+def test_lab_resolver_returns_mixed_answers_and_empty_for_nxdomain(lab: NetworkLab) -> None:
+    lab.set_zone({"mixed.lab.test": ["11.0.0.10", "10.0.0.1", "fd00:ec2::254"]})
+    resolve = lab.resolver()
+
+    async def both() -> tuple[list[str], list[str], list[str]]:
+        return (await resolve("mixed.lab.test"), await resolve("absent.lab.test"), await resolve("10.0.0.1"))
+
+    mixed, absent, literal = asyncio.run(both())
+    assert mixed == ["11.0.0.10", "10.0.0.1", "fd00:ec2::254"]
+    assert absent == []
+    assert literal == ["10.0.0.1"]
+    assert ("absent.lab.test", QueryType.A) in lab.dns_queries()
+    assert ("10.0.0.1", QueryType.A) not in lab.dns_queries()  # literals never reach the stub
+
+
+def test_lab_rebinding_name_answers_public_origin_then_loopback(lab: NetworkLab) -> None:
+    lab.add_rebinding_name("rbnd.lab.test", LAB_PUBLIC_ORIGINS[0])
+    assert [lab.lookup("rbnd.lab.test") for _ in range(3)] == [
+        [LAB_PUBLIC_ORIGINS[0]], ["127.0.0.1"], [LAB_PUBLIC_ORIGINS[0]]]
+
+
+# --------------------------------------------------------------------------------------------------
+# Independence, lifecycle, privilege
+# --------------------------------------------------------------------------------------------------
+
+
+@needs_netns
+def test_two_labs_with_the_same_canary_are_independent() -> None:
+    with NetworkLab.start(["10.0.0.1"], public_origins=(), name="a") as first, \
+            NetworkLab.start(["10.0.0.1"], public_origins=(), name="b") as second:
+        assert first.netns_id != second.netns_id
+        first.add_name("only-in-a.test", ["10.0.0.1"])
+        with first.connect("10.0.0.1", 80) as sock:
+            _http_get(sock)
+        assert first.canary_hits("10.0.0.1") == 1
+        assert second.canary_hits("10.0.0.1") == 0
+        assert first.lookup("only-in-a.test") == ["10.0.0.1"]
+        assert second.lookup("only-in-a.test") == []
+
+
+@needs_netns
+def test_closing_a_lab_stops_its_helper_and_loop_thread() -> None:
+    lab = NetworkLab.start(["10.0.0.1"], public_origins=())
+    pid, thread = lab.holder.pid, lab._thread
+    lab.close()
+    lab.close()
+    assert not _process_exists(pid)
+    assert not thread.is_alive()
+    with pytest.raises(RuntimeError, match="closed"):
+        lab.canary_hits("10.0.0.1")
+
+
+def test_host_can_create_netns_reports_a_reason() -> None:
+    ok, reason = host_can_create_netns()
+    assert isinstance(ok, bool) and reason
+    if ok:
+        assert reason.startswith("network namespaces available")
+
+
+_UNPRIVILEGED_SCRIPT = textwrap.dedent("""
+    import json, os, socket, sys
+    sys.path[:0] = sys.argv[1:3]
+    from pytest_sandbox.errors import HostUnsupportedError
+    from pytest_sandbox.lab import NetworkLab
+    from pytest_sandbox.netns import ensure_lab_socket
+    try:
+        lab = NetworkLab.start(["10.0.0.1", "fd00:ec2::254"], names={"meta.test": ["10.0.0.1"]})
+    except HostUnsupportedError as exc:
+        print(json.dumps({"unsupported": str(exc)}))
+        sys.exit(0)
+    with lab:
+        with lab.connect("10.0.0.1", 80) as sock:
+            sock.sendall(b"GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
+            first_line = sock.recv(4096).split(b"\\r\\n")[0].decode()
+        with lab.connect("11.0.0.10", 443) as sock:
+            sock.sendall(b"GET /up HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n")
+            origin_line = sock.recv(4096).split(b"\\r\\n")[0].decode()
+        with socket.socket() as host_socket:
+            try:
+                ensure_lab_socket(host_socket)
+                guard = "allowed"
+            except RuntimeError as exc:
+                guard = str(exc)
+        result = {
+            "uid": os.getuid(), "mode": lab.holder.mode, "userns": lab.holder.userns_path,
+            "hits": lab.canary_hits("10.0.0.1", 80), "other_hits": lab.canary_hits("fd00:ec2::254"),
+            "first_line": first_line, "origin_line": origin_line,
+            "origin_targets": [r.target for r in lab.origin_requests()],
+            "lookup": lab.lookup("meta.test"), "guard": guard,
+            "run": lab.run(["readlink", "/proc/self/ns/net"], capture_output=True, text=True).stdout.strip(),
+            "netns_inode": lab.netns_id[1], "pid": lab.holder.pid,
+        }
+    try:
+        os.kill(result["pid"], 0)
+        result["helper_alive_after_close"] = True
+    except ProcessLookupError:
+        result["helper_alive_after_close"] = False
+    print(json.dumps(result))
+""")
+
+
+def test_lab_works_for_an_unprivileged_user_through_a_user_namespace() -> None:
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("setpriv (util-linux) is needed to drop to uid 65534")
+        prefix = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+    else:
+        prefix = []  # already unprivileged: run the scenario as ourselves
+    package_parent = str(Path(__file__).resolve().parent.parent)
+    with tempfile.TemporaryDirectory(prefix="lab-unprivileged-") as scratch:
+        # h11 may live under a directory uid 65534 cannot read (e.g. a pyenv in /root): copy it out.
+        shutil.copytree(Path(h11.__file__).parent, Path(scratch) / "h11")
+        for directory, _dirs, files in os.walk(scratch):
+            os.chmod(directory, 0o755)
+            for name in files:
+                os.chmod(os.path.join(directory, name), 0o644)
+        completed = subprocess.run(
+            [*prefix, sys.executable, "-I", "-c", _UNPRIVILEGED_SCRIPT, package_parent, scratch],
+            capture_output=True, text=True, timeout=60, cwd="/", check=False,
+        )
+    if completed.returncode != 0 and "Permission denied" in completed.stderr and "pytest_sandbox" not in (
+            completed.stderr):
+        pytest.skip(f"uid {NOBODY} cannot run this interpreter: {completed.stderr.strip()[-200:]}")
+    assert completed.returncode == 0, completed.stderr
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    if "unsupported" in result:
+        pytest.skip(f"this host forbids unprivileged user namespaces: {result['unsupported']}")
+    assert result["uid"] != 0
+    assert result["mode"] == "user" and result["userns"]
+    assert (result["hits"], result["other_hits"]) == (1, 0)
+    assert result["first_line"] == "HTTP/1.1 200 OK"
+    assert result["origin_line"] == "HTTP/1.1 200 OK"
+    assert result["origin_targets"] == ["/up"]
+    assert result["lookup"] == ["10.0.0.1"]
+    assert "refusing to run a network probe outside a lab namespace" in result["guard"]
+    assert result["run"] == f"net:[{result['netns_inode']}]"
+    assert result["helper_alive_after_close"] is False
+
+
+@needs_netns
+def test_start_failure_is_a_host_unsupported_error_naming_the_lab(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("pytest_sandbox.netns._HELPER_BOOTSTRAP", "import sys; sys.exit(3)")
+    with pytest.raises(HostUnsupportedError, match="'doomed'"):
+        NetnsHolder.start(name="doomed")
