@@ -78,7 +78,12 @@ def requirements_of(policy: Policy, mode: str) -> tuple[Requirement, ...]:
 
 
 def merge_requirements(*groups: Iterable[Requirement]) -> tuple[Requirement, ...]:
-    return tuple(dict.fromkeys(item for group in groups for item in group))
+    """Union by meaning (the rule's key), keeping the first occurrence; ``why`` texts may differ."""
+    merged: dict[str, Requirement] = {}
+    for group in groups:
+        for item in group:
+            merged.setdefault(item.key, item)
+    return tuple(merged.values())
 
 
 @dataclass(frozen=True)

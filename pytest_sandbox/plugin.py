@@ -1,0 +1,116 @@
+"""pytest entry point: options, fixtures and report hooks only. Everything else lives in the package.
+
+Inert unless ``--sandbox`` is given (the plugin is registered for every pytest run via the
+``pytest11`` entry point, so it must cost nothing when unused).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from pytest_sandbox.errors import SandboxError
+from pytest_sandbox.scorecard import PROPERTY, Scorecard
+from pytest_sandbox.session import SandboxOptions, SandboxSession, SyscallParam, outcome_for_test
+
+SESSION_KEY = pytest.StashKey[SandboxSession]()
+SCORECARD_KEY = pytest.StashKey[Scorecard]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("sandbox", "pytest-sandbox: prove a sandbox blocks what it claims")
+    group.addoption("--sandbox", action="store_true", help="enable the sandbox plugin and conformance suite")
+    group.addoption("--sandbox-policy", default="baseline", metavar="FILE|NAME",
+                    help="policy the reference sandbox enforces (bundled: baseline, strict, openshell-pre-819)")
+    group.addoption("--sandbox-require", default=None, metavar="FILE|NAME",
+                    help="minimum set that must be proven blocked (default: the policy's own denies + baseline)")
+    group.addoption("--sandbox-exec", default=None, metavar="PREFIX",
+                    help="run syscall probes inside a third-party launcher: PREFIX python3 -S -")
+    group.addoption("--sandbox-modes", default="block,proxy,allow", metavar="MODES",
+                    help="network modes to run the syscall category under (comma-separated)")
+    group.addoption("--sandbox-identities", default="current,nobody", metavar="IDS",
+                    help="who probes run as: current and/or nobody (uid 65534; needs root)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "sandbox_policy(name_or_path): run this test's sandbox under another policy")
+    config.stash[SCORECARD_KEY] = Scorecard()
+    if not config.getoption("sandbox"):
+        return
+    options = SandboxOptions(
+        enabled=True,
+        policy=config.getoption("sandbox_policy"),
+        require=config.getoption("sandbox_require"),
+        exec_prefix=config.getoption("sandbox_exec"),
+        modes=tuple(m.strip() for m in config.getoption("sandbox_modes").split(",") if m.strip()),
+        identities=tuple(i.strip() for i in config.getoption("sandbox_identities").split(",") if i.strip()),
+    )
+    try:
+        config.stash[SESSION_KEY] = SandboxSession(options)
+    except SandboxError as exc:
+        raise pytest.UsageError(f"pytest-sandbox: {exc}") from None
+    config.pluginmanager.register(_ScorecardReporter(config.stash[SCORECARD_KEY]), "sandbox-scorecard")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    for fixture, kind in (("syscall_denial", "denial"), ("syscall_control", "control")):
+        if fixture not in metafunc.fixturenames:
+            continue
+        session = metafunc.config.stash.get(SESSION_KEY, None)
+        if session is None:
+            metafunc.parametrize(fixture, [pytest.param(None, marks=pytest.mark.skip(
+                reason="the conformance suite runs only with --sandbox"))], ids=["disabled"])
+            continue
+        params = session.syscall_params(kind)
+        metafunc.parametrize(fixture, params, ids=[p.test_id for p in params])
+
+
+@pytest.fixture(scope="session")
+def sandbox_session(pytestconfig: pytest.Config) -> SandboxSession:
+    session = pytestconfig.stash.get(SESSION_KEY, None)
+    if session is None:
+        pytest.skip("pytest-sandbox is not enabled: pass --sandbox")
+    return session
+
+
+@pytest.fixture
+def check_syscall_param(request: pytest.FixtureRequest, sandbox_session: SandboxSession) -> Any:
+    """Judge one syscall probe, attach its evidence to the report, then pass, fail or skip."""
+
+    def check(param: SyscallParam) -> None:
+        judgement = sandbox_session.judge(param)
+        request.node.user_properties.append((PROPERTY, {
+            "category": param.case.category, "test": param.test_id, "mode": param.mode,
+            "identity": param.identity.name, "verdict": judgement.verdict.value, "reason": judgement.reason,
+            "expected": judgement.expected, "baseline": judgement.baseline, "observed": judgement.observed,
+            "required": param.required, "attempted": param.case.title,
+        }))
+        status, message = outcome_for_test(param, judgement)
+        if status == "skip":
+            pytest.skip(message)
+        if status == "fail":
+            pytest.fail(message, pytrace=False)
+
+    return check
+
+
+from pytest_sandbox.fixtures import _sandbox_pool, sandbox, sandbox_policy  # noqa: E402,F401  (fixtures)
+
+
+class _ScorecardReporter:
+    """Counts verdicts from every report (worker reports included) and prints the scorecard."""
+
+    def __init__(self, scorecard: Scorecard) -> None:
+        self.scorecard = scorecard
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when == "call" or (report.when == "setup" and report.skipped):
+            self.scorecard.add_from_properties(report.user_properties)
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        lines = self.scorecard.lines()
+        if lines:
+            terminalreporter.write_sep("=", "pytest-sandbox scorecard")
+            for line in lines:
+                terminalreporter.write_line(line)

@@ -1,0 +1,179 @@
+"""One pytest run's sandbox state: the policy, the requirement, the targets and cached probe results.
+
+Created in ``pytest_configure`` (once per process, so each xdist worker owns its own) and consulted by
+the conformance tests. Probe plans run lazily, once per (network mode, identity, build), and every
+test then looks up its own case: hundreds of test ids for the cost of a few runner processes.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pytest_sandbox.compiler import CompiledFilter, compile_policy
+from pytest_sandbox.launcher import Identity, NetworkPlacement, check_host_support
+from pytest_sandbox.policy import NETWORK_MODES, Policy, load_policy
+from pytest_sandbox.syscall_suite import (
+    ExecTarget,
+    ProbeCase,
+    ProbeTarget,
+    Requirement,
+    SandboxTarget,
+    control_cases,
+    denial_cases,
+    judge,
+    merge_requirements,
+    requirements_of,
+)
+from pytest_sandbox.verdicts import Judgement, Outcome, Verdict
+
+
+@dataclass(frozen=True)
+class SyscallParam:
+    """One parametrized conformance test: a probe case under one network mode and identity."""
+
+    mode: str
+    identity: Identity
+    case: ProbeCase
+    required: bool
+
+    @property
+    def test_id(self) -> str:
+        return f"{self.mode}-{self.identity.name}-{self.case.case_id}"
+
+
+@dataclass
+class SandboxOptions:
+    enabled: bool = False
+    policy: str = "baseline"
+    require: str | None = None
+    exec_prefix: str | None = None
+    modes: tuple[str, ...] = NETWORK_MODES
+    identities: tuple[str, ...] = ("current", "nobody")
+
+
+@dataclass
+class SandboxSession:
+    options: SandboxOptions
+    policy: Policy = field(init=False)
+    requirement: Policy = field(init=False)
+    _results: dict[tuple[str, str, str], dict[str, Outcome]] = field(default_factory=dict, init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+
+    def __post_init__(self) -> None:
+        self.policy = load_policy(self.options.policy)
+        self.requirement = load_policy(self.options.require or "baseline")
+        for mode in self.options.modes:
+            if mode not in NETWORK_MODES:
+                from pytest_sandbox.errors import PolicyError
+
+                raise PolicyError(f"--sandbox-modes: unknown network mode {mode!r}; use {', '.join(NETWORK_MODES)}")
+
+    # -- what is probed ----------------------------------------------------------------------
+
+    @property
+    def third_party(self) -> bool:
+        return self.options.exec_prefix is not None
+
+    def modes(self) -> tuple[str, ...]:
+        # A third party's launcher decides its own network placement; the requirement's mode names
+        # which socket-domain rules it must honour.
+        return (self.requirement.network.mode,) if self.third_party else self.options.modes
+
+    def identities(self) -> tuple[Identity, ...]:
+        found = [Identity.current()]
+        if "nobody" in self.options.identities and os.geteuid() == 0 and not self.third_party:
+            found.append(Identity.nobody())
+        return tuple(found)
+
+    def required(self, mode: str) -> tuple[Requirement, ...]:
+        if self.options.require is None and not self.third_party:
+            return merge_requirements(requirements_of(self.policy, mode), requirements_of(self.requirement, mode))
+        return requirements_of(self.requirement, mode)
+
+    def probed(self, mode: str) -> tuple[Requirement, ...]:
+        if self.third_party:
+            return self.required(mode)
+        return merge_requirements(self.required(mode), requirements_of(self.policy, mode))
+
+    def syscall_params(self, kind: str) -> list[SyscallParam]:
+        params = []
+        for mode in self.modes():
+            required = {item.key for item in self.required(mode)}
+            probed = self.probed(mode)
+            cases = denial_cases(probed) if kind == "denial" else control_cases(probed, mode)
+            for identity in self.identities():
+                for case in cases:
+                    is_required = case.requirement is not None and case.requirement.key in required
+                    params.append(SyscallParam(mode, identity, case, is_required))
+        return params
+
+    # -- running ------------------------------------------------------------------------------
+
+    def compiled(self, mode: str, *, sentinel: bool) -> CompiledFilter | None:
+        if self.third_party:
+            return None
+        return compile_policy(self.policy, mode, sentinel=sentinel)
+
+    def _target(self, mode: str, identity: Identity, build: str) -> ProbeTarget:
+        if build == "baseline":
+            placement = NetworkPlacement(mode) if not self.third_party else NetworkPlacement("allow")
+            return SandboxTarget("the unfiltered baseline", None, placement, identity)
+        if self.third_party:
+            assert self.options.exec_prefix is not None
+            return ExecTarget(self.options.exec_prefix)
+        compiled = self.compiled(mode, sentinel=build == "sentinel")
+        return SandboxTarget(f"the reference sandbox ({build} build)", compiled, NetworkPlacement(mode), identity)
+
+    def _plan(self, mode: str, identity: Identity, build: str) -> list[dict[str, Any]]:
+        probed = self.probed(mode)
+        denials, controls = denial_cases(probed), control_cases(probed, mode)
+        # Denials run on the sentinel build (unambiguous errnos); controls on the real build, which is
+        # what a sandboxed program meets (glibc needs the real ENOSYS, the real EPERM is reported).
+        chosen: Sequence[ProbeCase] = {
+            "baseline": (*denials, *controls),
+            "sentinel": denials,
+            "real": controls if not self.third_party else (*denials, *controls),
+        }[build]
+        return [case.runner_probe() for case in chosen if case.kind != "denial" or case.nr is not None]
+
+    def outcomes(self, mode: str, identity: Identity, build: str) -> dict[str, Outcome]:
+        key = (mode, identity.name, build)
+        with self._lock:
+            if key not in self._results:
+                if not self.third_party:
+                    check_host_support(mode, identity)
+                self._results[key] = self._target(mode, identity, build).run(self._plan(mode, identity, build))
+            return self._results[key]
+
+    def judge(self, param: SyscallParam) -> Judgement:
+        case = param.case
+        if case.kind == "denial" and not self.third_party:
+            build, compiled = "sentinel", self.compiled(param.mode, sentinel=True)
+        else:
+            build, compiled = "real", self.compiled(param.mode, sentinel=False)
+        missing = Outcome("error", None, "not run")
+        baseline = self.outcomes(param.mode, param.identity, "baseline").get(case.case_id, missing)
+        observed = self.outcomes(param.mode, param.identity, build).get(case.case_id, missing)
+        return judge(case, baseline, observed, compiled=compiled, policy=None if self.third_party else self.policy)
+
+
+def failure_message(param: SyscallParam, judgement: Judgement) -> str:
+    """The one line a red test shows: ``syscall pidfd_getfd via x32 ABI: ALLOWED, expected ...``."""
+    return (f"{param.case.title} [{param.mode} mode, as {param.identity.name}]: {judgement.verdict.value}, "
+            f"expected {judgement.expected} (baseline {judgement.baseline}, observed {judgement.observed}) "
+            f"- {judgement.reason}")
+
+
+def outcome_for_test(param: SyscallParam, judgement: Judgement) -> tuple[str, str]:
+    """("pass" | "fail" | "skip", message). INDETERMINATE never passes; required ones fail."""
+    if judgement.verdict in (Verdict.BLOCKED, Verdict.WORKS):
+        return "pass", judgement.reason
+    if judgement.verdict is Verdict.INDETERMINATE:
+        if param.required or param.case.kind != "denial":
+            return "fail", "not proven: " + failure_message(param, judgement)
+        return "skip", "INDETERMINATE (not required): " + failure_message(param, judgement)
+    return "fail", failure_message(param, judgement)
