@@ -247,14 +247,19 @@ class _Connection:
 class _CanaryConnection(_Connection):
     """Record up to 4 KiB, then answer a minimal HTTP 200 that names the canary, and close."""
 
+    responded = False
+
     def on_readable(self) -> None:
         if self.closed:
             return
         chunks, eof = self.read_available()
         if chunks:
             self._touch()
+        if self.responded:
+            return
         head_complete = HTTP_HEAD_END in self.record
         if head_complete or eof or len(self.record) >= self.record_limit:
+            self.responded = True
             address, port = self.listener.key
             body = f"canary {address} port {port}\n".encode()
             self.send(
@@ -463,7 +468,7 @@ class NetworkLab:
         try:
             if self._thread.is_alive():
                 with contextlib.suppress(concurrent.futures.TimeoutError, RuntimeError):
-                    self._call(self._shutdown_in_loop)
+                    self._run_on_loop(self._shutdown_in_loop)
                 self._loop.call_soon_threadsafe(self._loop.stop)
                 self._thread.join(timeout=LOOP_CALL_TIMEOUT_SECONDS)
             else:
@@ -677,6 +682,9 @@ class NetworkLab:
         """Run ``function`` on the loop thread and return its result."""
         if self._closed:
             raise RuntimeError(f"{self!r} is closed")
+        return self._run_on_loop(function)
+
+    def _run_on_loop(self, function: Callable[[], T]) -> T:
         if threading.get_ident() == self._thread.ident:
             return function()
         future: concurrent.futures.Future[T] = concurrent.futures.Future()

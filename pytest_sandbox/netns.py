@@ -355,6 +355,9 @@ class NetnsHolder:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
+                # Its own session: a terminal Ctrl-C interrupts pytest, which then tears the lab down
+                # in order, instead of killing the helper under it. EOF on the channel still ends it.
+                start_new_session=True,
             )
         except OSError as exc:
             parent_end.close()
@@ -375,9 +378,11 @@ class NetnsHolder:
         readable, _, _ = select.select([channel], [], [], HELPER_START_TIMEOUT_SECONDS)
         raw = channel.recv(MAX_MESSAGE_BYTES) if readable else b""
         if not raw:
+            what = "exited before it was ready" if readable else (
+                f"was not ready within {HELPER_START_TIMEOUT_SECONDS:g} s")
             stderr = _stop_process(process)
             raise HostUnsupportedError(
-                f"the network namespace helper for {name!r} exited before it was ready"
+                f"the network namespace helper for {name!r} {what}"
                 + (f": {stderr.splitlines()[-1]}" if stderr else "")
             )
         message: dict[str, Any] = json.loads(raw)

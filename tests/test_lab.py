@@ -573,10 +573,12 @@ def test_two_labs_with_the_same_canary_are_independent() -> None:
 def test_closing_a_lab_stops_its_helper_and_loop_thread() -> None:
     lab = NetworkLab.start(["10.0.0.1"], public_origins=())
     pid, thread = lab.holder.pid, lab._thread
+    listening = [listener.sock for listener in lab._listeners.values()]
     lab.close()
     lab.close()
     assert not _process_exists(pid)
     assert not thread.is_alive()
+    assert listening and all(sock.fileno() == -1 for sock in listening)
     with pytest.raises(RuntimeError, match="closed"):
         lab.canary_hits("10.0.0.1")
 
