@@ -7,6 +7,7 @@ that connects to a canary or origin comes from a lab namespace; the guard tests 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import shutil
@@ -675,3 +676,16 @@ def test_start_failure_is_a_host_unsupported_error_naming_the_lab(monkeypatch: p
     monkeypatch.setattr("pytest_sandbox.netns._HELPER_BOOTSTRAP", "import sys; sys.exit(3)")
     with pytest.raises(HostUnsupportedError, match="'doomed'"):
         NetnsHolder.start(name="doomed")
+
+
+def test_helper_exits_by_itself_when_its_owner_goes_away(holder: NetnsHolder) -> None:
+    holder._channel.close()  # what the kernel does to the parent's end when pytest dies
+    assert holder._process.wait(timeout=10) == 0
+
+
+def test_a_failed_request_is_reported_and_the_helper_keeps_serving(holder: NetnsHolder) -> None:
+    with pytest.raises(OSError) as failure:
+        holder.socket(family=12345)
+    assert failure.value.errno == errno.EAFNOSUPPORT
+    with holder.socket() as sock:
+        assert socket_netns_inode(sock) == holder.netns_id
