@@ -188,6 +188,10 @@ class FakeInferenceBackend:
             handlers.add(task)
             try:
                 await self._handle_connection(reader, writer)
+            except asyncio.CancelledError:
+                # stop() cancels open connections. Ending normally keeps asyncio's start_server
+                # callback (which calls task.exception()) from logging the cancellation as an error.
+                pass
             finally:
                 handlers.discard(task)
 
