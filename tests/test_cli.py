@@ -1,0 +1,288 @@
+"""The ``pytest-sandbox`` console script, driven through ``main([...])``.
+
+``run`` passes the command's stdio through at the file-descriptor level, so those tests use ``capfd``;
+the other subcommands write through ``sys.stdout`` and use ``capsys``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from pytest_sandbox.cli import bpf_output_paths, diff_policies, main
+from pytest_sandbox.compiler import compile_policy
+from pytest_sandbox.policy import ArgRule, InferenceRoute, Policy, load_policy
+
+ADDED_BY_PR_819 = (
+    "process_vm_writev", "pidfd_open", "pidfd_getfd", "pidfd_send_signal", "fsopen", "fsconfig", "fsmount",
+    "fspick", "move_mount", "open_tree", "setns", "umount2", "pivot_root", "userfaultfd", "perf_event_open",
+)  # fmt: skip
+
+# ptrace(PTRACE_PEEKDATA, -1, 0, 0): the catalogue's harmless ptrace call (never request 0, TRACEME).
+PTRACE_ERRNO_SCRIPT = (
+    "import ctypes; libc = ctypes.CDLL(None, use_errno=True); "
+    "result = libc.syscall(101, 2, -1, 0, 0); print('ptrace', result, ctypes.get_errno())"
+)
+
+
+def single_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+# -- run ----------------------------------------------------------------------------------------
+
+
+def test_run_exits_with_the_commands_exit_status(capfd: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "--mode", "block", "--", "/bin/sh", "-c", "exit 3"]) == 3
+
+
+def test_run_passes_the_commands_stdout_through(capfd: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "--mode", "block", "--", "/bin/sh", "-c", "echo through"]) == 0
+    assert capfd.readouterr().out == "through\n"
+
+
+def test_run_under_baseline_refuses_ptrace_with_eperm(capfd: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "--policy", "baseline", "--mode", "block", "--", sys.executable, "-S", "-c",
+                 PTRACE_ERRNO_SCRIPT]) == 0
+    assert capfd.readouterr().out.strip() == "ptrace -1 1"
+
+
+def test_run_in_proxy_mode_has_no_route_off_the_private_namespace(capfd: pytest.CaptureFixture[str]) -> None:
+    # A fresh network namespace has only a (down) loopback: any connect fails before a packet leaves.
+    script = ("import socket\ntry:\n    socket.create_connection(('127.0.0.1', 9), timeout=2)\n"
+              "except OSError as e:\n    print('refused', e.errno)\nelse:\n    print('connected')")
+    assert main(["run", "--mode", "proxy", "--", sys.executable, "-S", "-c", script]) == 0
+    assert capfd.readouterr().out.startswith("refused")
+
+
+def test_run_reports_a_killing_signal_as_128_plus_its_number(capfd: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "--mode", "block", "--", "/bin/sh", "-c", "kill -SYS $$"]) == 128 + 31
+    assert "killed by SIGSYS" in capfd.readouterr().err
+
+
+def test_run_kills_a_command_that_outlives_its_timeout(capfd: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "--mode", "block", "--timeout", "0.2", "--", "/bin/sh", "-c", "exec sleep 30"]) == 124
+    assert "timed out" in capfd.readouterr().err
+
+
+def test_run_with_an_unknown_policy_exits_2_with_one_line(capfd: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "--policy", "no-such-policy", "--", "/bin/true"]) == 2
+    captured = capfd.readouterr()
+    assert single_line(captured.err).startswith("pytest-sandbox: policy 'no-such-policy' not found")
+    assert "Traceback" not in captured.err
+
+
+def test_run_of_a_missing_program_exits_2_with_one_line(capfd: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "--mode", "block", "--", "/nonexistent/program"]) == 2
+    assert "cannot launch '/nonexistent/program'" in single_line(capfd.readouterr().err)
+
+
+def test_run_without_a_command_exits_2(capfd: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "--mode", "block"]) == 2
+    assert single_line(capfd.readouterr().err).startswith("pytest-sandbox: run needs a command")
+
+
+def test_a_malformed_policy_file_exits_2_naming_the_field(tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    policy = tmp_path / "bad.toml"
+    policy.write_text('[seccomp]\ndeny = ["ptrace", "not_a_syscall"]\n')
+    assert main(["explain", str(policy)]) == 2
+    line = single_line(capsys.readouterr().err)
+    assert "seccomp.deny[1]" in line and "not_a_syscall" in line
+
+
+@pytest.mark.parametrize("argv", [
+    ["run", "--mode", "sideways", "--", "/bin/true"],
+    ["run", "--timeout", "-1", "--", "/bin/true"],
+    ["export", "baseline", "--format", "elf"],
+    ["frobnicate"],
+    [],
+])  # fmt: skip
+def test_bad_flags_exit_2_without_a_traceback(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "Traceback" not in err
+
+
+# -- diff ---------------------------------------------------------------------------------------
+
+
+def test_diff_baseline_to_pre_819_names_every_weakening_and_exits_1(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["diff", "baseline", "openshell-pre-819"]) == 1
+    out = capsys.readouterr().out
+    weaker_section = out.split("WEAKER", 1)[1].split("STRONGER", 1)[0]
+    for name in ADDED_BY_PR_819:
+        assert f"syscall {name} no longer denied" in weaker_section
+    assert "argument rule removed: clone(arg0&0x10000000 masked_eq 0x10000000)" in weaker_section
+    assert "syscall clone3 no longer returns ENOSYS" in weaker_section
+    assert "allow mode: seccomp filter skipped" in weaker_section
+
+
+def test_diff_pre_819_to_baseline_reports_the_same_changes_as_stronger() -> None:
+    forward = diff_policies(load_policy("baseline"), load_policy("openshell-pre-819"))
+    backward = diff_policies(load_policy("openshell-pre-819"), load_policy("baseline"))
+    assert len(backward.stronger) == len(forward.weaker)
+    assert len(backward.weaker) == len(forward.stronger)
+
+
+def test_diff_baseline_to_strict_exits_0_and_lists_what_got_stronger(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["diff", "baseline", "strict"]) == 0
+    out = capsys.readouterr().out
+    assert "WEAKER" not in out
+    assert "syscall open_by_handle_at now denied" in out
+    assert "argument rule added: ioctl(arg1 eq 0x5412)" in out
+    assert "proxy mode: socket domain AF_ALG now refused" in out
+
+
+def test_diff_as_json_lists_weaker_and_stronger(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["diff", "strict", "baseline", "--format", "json"]) == 1
+    document = json.loads(capsys.readouterr().out)
+    assert document["old"] == "strict" and document["new"] == "baseline"
+    assert "syscall kcmp no longer denied" in document["weaker"]
+    assert document["stronger"] == []
+
+
+def test_diff_of_a_policy_with_itself_finds_nothing(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["diff", "baseline", "baseline"]) == 0
+    assert "no enforcement differences" in capsys.readouterr().out
+
+
+def test_diff_limited_to_one_mode_ignores_other_modes_filter_skips() -> None:
+    old, new = load_policy("baseline"), load_policy("openshell-pre-819")
+    assert not any("allow mode" in line for line in diff_policies(old, new, modes=("proxy",)).weaker)
+
+
+def test_diff_with_an_unknown_policy_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["diff", "baseline", "/nonexistent.toml"]) == 2
+    assert single_line(capsys.readouterr().err).startswith("pytest-sandbox: policy '/nonexistent.toml'")
+
+
+def test_changing_an_argument_rules_mask_counts_as_a_removed_and_an_added_rule() -> None:
+    old = load_policy("baseline")
+    narrowed = tuple(replace(r, mask=0x10000000 | 0x1, value=0x10000000) if r.syscall == "clone" else r
+                     for r in old.seccomp.arg_rules)
+    new = replace(old, seccomp=replace(old.seccomp, arg_rules=narrowed))
+    diff = diff_policies(old, new)
+    assert [line for line in diff.weaker if line.startswith("argument rule removed: clone(")]
+    assert [line for line in diff.stronger if line.startswith("argument rule added: clone(arg0&0x10000001")]
+
+
+def test_a_changed_why_text_is_not_a_change_in_enforcement() -> None:
+    old = load_policy("baseline")
+    reworded = tuple(replace(r, why="reworded") for r in old.seccomp.arg_rules)
+    assert diff_policies(old, replace(old, seccomp=replace(old.seccomp, arg_rules=reworded))).weaker == ()
+
+
+@pytest.mark.parametrize(("change", "expected_weaker"), [
+    (lambda p: replace(p, network=replace(p.network, mode="allow")), "network mode: proxy -> allow"),
+    (lambda p: replace(p, seccomp=replace(p.seccomp, no_new_privs=False)), "no_new_privs disabled"),
+    (lambda p: replace(p, seccomp=replace(p.seccomp, extra_arches=("x32",))), "x32 ABI now admitted"),
+    (lambda p: replace(p, seccomp=replace(p.seccomp, bad_arch_action="errno")),
+     "bad-arch action: kill_process -> errno"),
+    (lambda p: replace(p, seccomp=replace(p.seccomp, bad_arch_action="trap")),
+     "bad-arch action: kill_process -> trap"),
+    (lambda p: replace(p, network=replace(p.network, allowed_ports=(80, 443, 22))),
+     "egress port 22 now allowed"),
+    (lambda p: replace(p, network=replace(p.network, allowed_hosts=("*", "10.0.0.1"))),
+     "egress host '10.0.0.1' now allowed"),
+    (lambda p: replace(p, inference_routes=(*p.inference_routes, InferenceRoute("POST", "/v1/files"))),
+     "inference route POST /v1/files now routed"),
+    (lambda p: replace(p, network=replace(p.network, socket_domains=())),
+     "block mode: socket domain AF_INET no longer refused"),
+    (lambda p: replace(p, seccomp=replace(p.seccomp, arg_rules=p.seccomp.arg_rules[1:])),
+     "argument rule removed: execveat(arg4&0x1000 masked_eq 0x1000)"),
+])  # fmt: skip
+def test_each_kind_of_weakening_is_reported_as_weaker(change: Callable[[Policy], Policy],
+                                                      expected_weaker: str) -> None:
+    old = load_policy("baseline")
+    diff = diff_policies(old, change(old))
+    assert any(line.startswith(expected_weaker) for line in diff.weaker), diff.weaker
+    assert diff.stronger == ()
+
+
+def test_a_stricter_network_mode_and_a_new_rule_are_stronger() -> None:
+    old = load_policy("baseline")
+    rule = ArgRule("personality", 0, "eq", 0xFFFFFFFF, why="query only")
+    new = replace(old, network=replace(old.network, mode="block"),
+                  seccomp=replace(old.seccomp, arg_rules=(*old.seccomp.arg_rules, rule),
+                                  default_action="errno"))
+    diff = diff_policies(old, new)
+    assert diff.weaker == ()
+    assert "network mode: proxy -> block" in diff.stronger
+    assert "default action: allow -> errno" in diff.stronger
+    assert "argument rule added: personality(arg0 eq 0xffffffff) (query only)" in diff.stronger
+
+
+# -- export -------------------------------------------------------------------------------------
+
+
+def test_export_pfc_shows_the_kill_process_bad_arch_action(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["export", "baseline", "--format", "pfc"]) == 0
+    out = capsys.readouterr().out
+    assert "KILL_PROCESS" in out
+    assert 'syscall "ptrace"' in out
+
+
+def test_export_bpf_writes_each_program_as_whole_instructions_in_load_order(tmp_path: Path) -> None:
+    target = tmp_path / "baseline.bpf"
+    assert main(["export", "baseline", "--mode", "proxy", "--format", "bpf", "-o", str(target)]) == 0
+    enosys_program, main_program = bpf_output_paths(str(target), 2)
+    assert enosys_program.name == "baseline.0.bpf" and main_program.name == "baseline.1.bpf"
+    for path in (enosys_program, main_program):
+        size = len(path.read_bytes())
+        assert size > 0 and size % 8 == 0  # struct sock_filter is 8 bytes
+    # The clone3 ENOSYS filter is loaded first and is the smaller one.
+    assert len(enosys_program.read_bytes()) < len(main_program.read_bytes())
+
+
+def test_export_of_a_single_program_goes_to_the_named_file(tmp_path: Path) -> None:
+    target = tmp_path / "pre819.bpf"
+    assert main(["export", "openshell-pre-819", "--mode", "proxy", "--format", "bpf", "-o", str(target)]) == 0
+    assert len(target.read_bytes()) % 8 == 0 and len(target.read_bytes()) > 0
+
+
+def test_export_bpf_of_two_programs_without_output_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["export", "baseline", "--format", "bpf"]) == 2
+    assert "give -o FILE" in single_line(capsys.readouterr().err)
+
+
+def test_export_of_a_mode_without_a_filter_exits_2(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["export", "openshell-pre-819", "--mode", "allow", "--format", "bpf",
+                 "-o", str(tmp_path / "f.bpf")]) == 2
+    assert "installs no seccomp filter in allow mode" in single_line(capsys.readouterr().err)
+
+
+def test_export_into_a_missing_directory_exits_2_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["export", "baseline", "-o", "/nonexistent-dir/x.pfc"]) == 2
+    assert single_line(capsys.readouterr().err).startswith("pytest-sandbox: No such file or directory")
+
+
+# -- explain ------------------------------------------------------------------------------------
+
+
+def test_explain_baseline_covers_rules_domains_routes_and_size(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["explain", "baseline"]) == 0
+    out = capsys.readouterr().out
+    assert "clone3 -> ENOSYS" in out
+    assert "CLONE_NEWUSER through clone(2), PR #819" in out
+    assert "block: AF_PACKET, AF_BLUETOOTH, AF_VSOCK, AF_INET, AF_INET6, AF_NETLINK" in out
+    assert "POST /v1/chat/completions" in out
+    assert "kill_process" in out
+    count = compile_policy(load_policy("baseline"), "proxy").instruction_count
+    assert count > 0 and f"BPF: {count} instructions" in out
+
+
+def test_explain_says_when_a_mode_runs_without_any_filter(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["explain", "openshell-pre-819", "--mode", "allow"]) == 0
+    out = capsys.readouterr().out
+    assert "NO FILTER" in out and "BPF: 0 instructions" in out
