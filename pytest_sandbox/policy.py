@@ -167,14 +167,22 @@ def load_policy(name_or_path: str | Path) -> Policy:
     return _load_file(path.resolve())
 
 
-@lru_cache(maxsize=64)
 def _load_file(path: Path) -> Policy:
     try:
-        document = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise PolicyError(f"{path}: not valid TOML ({exc}); fix the syntax at that position") from None
+        text = path.read_text()
     except OSError as exc:
         raise PolicyError(f"{path}: cannot read the policy file ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise PolicyError(f"{path}: not UTF-8 text; a policy is a TOML file") from None
+    return _parse_policy(path, text)
+
+
+@lru_cache(maxsize=64)  # keyed by content too: a policy edited during a run is parsed again
+def _parse_policy(path: Path, text: str) -> Policy:
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise PolicyError(f"{path}: not valid TOML ({exc}); fix the syntax at that position") from None
     return _PolicyParser(path).parse(document)
 
 

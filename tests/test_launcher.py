@@ -1,0 +1,96 @@
+"""The launcher: commands run under the filter, report exit codes and killing signals, never unsandboxed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import pytest
+
+from pytest_sandbox.compiler import compile_policy
+from pytest_sandbox.errors import LaunchError
+from pytest_sandbox.launcher import Identity, NetworkPlacement, Sandbox, SandboxSpec
+from pytest_sandbox.policy import load_policy
+
+PTRACE_PEEK = "import ctypes,sys; c=ctypes.CDLL(None,use_errno=True); r=c.syscall(101,2,-1,0,0); print(ctypes.get_errno())"
+INET_SOCKET = "import socket\ntry:\n socket.socket(socket.AF_INET)\n print('opened')\nexcept OSError as e:\n print(e.errno)"
+
+
+@pytest.fixture(scope="module")
+def baseline_block():
+    with Sandbox(SandboxSpec(compile_policy(load_policy("baseline"), "block"), NetworkPlacement("block"))) as sb:
+        yield sb
+
+
+def test_exit_code_stdout_and_stderr_are_reported(baseline_block):
+    result = baseline_block.run(["/bin/sh", "-c", "echo out; echo err >&2; exit 3"])
+    assert (result.returncode, result.stdout, result.stderr) == (3, b"out\n", b"err\n")
+    assert result.signal is None
+
+
+def test_denied_syscall_gets_eperm_inside_the_sandbox(baseline_block):
+    assert baseline_block.run([sys.executable, "-c", PTRACE_PEEK]).stdout.strip() == b"1"
+
+
+def test_block_mode_refuses_inet_sockets(baseline_block):
+    assert baseline_block.run([sys.executable, "-c", INET_SOCKET]).stdout.strip() == b"1"
+
+
+def test_the_killing_signal_is_reported(baseline_block):
+    result = baseline_block.run(["/bin/sh", "-c", "kill -SEGV $$"])
+    assert result.signal == signal.SIGSEGV and result.signal_name == "SIGSEGV"
+
+
+def test_timeout_kills_the_process_group(baseline_block):
+    result = baseline_block.run(["/bin/sleep", "30"], timeout=0.3)
+    assert result.timed_out and result.signal == signal.SIGKILL
+
+
+def test_input_is_delivered_and_large_output_collected(baseline_block):
+    payload = os.urandom(300_000)
+    assert baseline_block.run(["/bin/cat"], input=payload).stdout == payload
+
+
+def test_children_show_the_filters_and_no_new_privs(baseline_block):
+    status = baseline_block.run(["/bin/cat", "/proc/self/status"]).stdout.decode()
+    assert "Seccomp:\t2" in status and "Seccomp_filters:\t2" in status and "NoNewPrivs:\t1" in status
+
+
+def test_popen_can_be_killed_by_pid(baseline_block):
+    process = baseline_block.popen(["/bin/sleep", "30"])
+    process.kill()
+    assert process.wait(5) == -signal.SIGKILL
+
+
+def test_missing_program_is_a_launch_error_not_a_silent_pass(baseline_block):
+    with pytest.raises(LaunchError, match="cannot launch"):
+        baseline_block.run(["/nonexistent/program"])
+
+
+def test_proxy_mode_gets_a_private_network_namespace():
+    with Sandbox(SandboxSpec(compile_policy(load_policy("baseline"), "proxy"), NetworkPlacement("proxy"))) as sb:
+        inside = sb.run(["/bin/readlink", "/proc/self/ns/net"]).stdout.strip()
+    assert inside and inside != os.readlink("/proc/self/ns/net").encode()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping to uid 65534 needs root")
+def test_nobody_identity_drops_privileges():
+    spec = SandboxSpec(compile_policy(load_policy("baseline"), "block"), NetworkPlacement("block"), Identity.nobody())
+    with Sandbox(spec) as sb:
+        assert sb.run(["/usr/bin/id", "-u"]).stdout.strip() == b"65534"
+
+
+def test_unloadable_filter_fails_closed_and_runs_nothing():
+    compiled = compile_policy(load_policy("baseline"), "block")
+    broken = type(compiled)(**{**compiled.__dict__, "programs": (b"\x00" * 7,)})
+    with pytest.raises(LaunchError, match="nothing was run"):
+        Sandbox(SandboxSpec(broken, NetworkPlacement("block")))
+
+
+def test_spawner_stops_with_the_sandbox():
+    sandbox = Sandbox(SandboxSpec(compile_policy(load_policy("baseline"), "allow"), NetworkPlacement("allow")))
+    pid = sandbox.pid
+    sandbox.close()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)

@@ -1,0 +1,75 @@
+"""The plugin: inert without --sandbox, one readable error for bad input, fixtures work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_plugin_is_inert_without_the_flag(pytester):
+    pytester.makepyfile("def test_plain():\n    assert True\n")
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    assert "scorecard" not in result.stdout.str()
+
+
+def test_conformance_tests_skip_with_a_reason_without_the_flag(pytester):
+    pytester.makepyfile(test_conf=(ROOT / "conformance/test_syscalls.py").read_text())
+    result = pytester.runpytest("-rs")
+    result.assert_outcomes(skipped=2)
+    result.stdout.fnmatch_lines(["*runs only with --sandbox*"])
+
+
+def test_unknown_syscall_in_policy_stops_the_run_with_one_error(pytester, tmp_path):
+    policy = tmp_path / "bad.toml"
+    policy.write_text('[seccomp]\ndeny = ["ptrace", "pidfd_getfdd"]\n')
+    pytester.makepyfile(test_conf=(ROOT / "conformance/test_syscalls.py").read_text())
+    result = pytester.runpytest_subprocess("--sandbox", f"--sandbox-policy={policy}")
+    assert result.ret == 4  # pytest's usage error: nothing was collected or run
+    errors = [line for line in result.stderr.lines if "pytest-sandbox" in line]
+    assert len(errors) == 1
+    assert "seccomp.deny[1]" in errors[0] and "unknown syscall 'pidfd_getfdd'" in errors[0]
+    assert "did you mean 'pidfd_getfd'" in errors[0]
+    assert "Traceback" not in result.stderr.str()
+
+
+def test_bad_network_mode_flag_is_a_usage_error(pytester):
+    result = pytester.runpytest_subprocess("--sandbox", "--sandbox-modes=block,open")
+    assert result.ret == 4
+    assert "unknown network mode 'open'" in result.stderr.str()
+
+
+def test_sandbox_fixture_runs_application_code_under_the_policy(pytester):
+    pytester.makepyfile("""
+        import sys, pytest
+
+        def test_runs(sandbox):
+            result = sandbox.run([sys.executable, "-c", "print('hello from inside')"])
+            assert result.returncode == 0 and result.stdout == b"hello from inside\\n"
+            status = sandbox.run(["/bin/cat", "/proc/self/status"]).stdout.decode()
+            assert "Seccomp:\\t2" in status
+
+        @pytest.mark.sandbox_policy("strict")
+        def test_marker_selects_policy(sandbox, sandbox_policy):
+            assert sandbox_policy.name == "strict"
+            code = "import ctypes; c=ctypes.CDLL(None,use_errno=True); c.syscall(250,0xffff,0,0,0,0); print(ctypes.get_errno())"
+            assert sandbox.run([sys.executable, "-c", code]).stdout.strip() == b"1"  # keyctl denied by strict
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+
+
+def test_scorecard_is_printed_and_merged_under_xdist(pytester):
+    pytester.makepyfile(test_conf=(ROOT / "conformance/test_syscalls.py").read_text())
+    serial = pytester.runpytest_subprocess("--sandbox", "--sandbox-modes=block", "-p", "no:cacheprovider")
+    parallel = pytester.runpytest_subprocess("--sandbox", "--sandbox-modes=block", "-n", "2", "-p", "no:cacheprovider")
+    assert serial.ret == 0 and parallel.ret == 0
+
+    def scorecard(result):
+        lines = result.stdout.lines
+        start = next(i for i, line in enumerate(lines) if "pytest-sandbox scorecard" in line)
+        return [line.split() for line in lines[start + 1:start + 4]]
+
+    assert scorecard(serial) == scorecard(parallel)
+    assert scorecard(serial)[1][0] == "syscall" and int(scorecard(serial)[1][1]) > 100

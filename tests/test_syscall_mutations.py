@@ -1,0 +1,148 @@
+"""Detection proof: the syscall conformance suite FAILS against weakened policies, broken filters and a
+launcher that skips the filter, and names the hole. A suite that passed these would be worthless."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import pyseccomp
+import pytest
+
+from pytest_sandbox.compiler import CompiledFilter, compile_policy
+from pytest_sandbox.launcher import Identity, NetworkPlacement
+from pytest_sandbox.policy import Policy, load_policy
+from pytest_sandbox.syscall_suite import (
+    SandboxTarget,
+    control_cases,
+    denial_cases,
+    judge,
+    requirements_of,
+)
+from pytest_sandbox.verdicts import Verdict
+
+ROOT = Path(__file__).resolve().parents[1]
+ADDED_BY_819 = (
+    "process_vm_writev", "pidfd_open", "pidfd_getfd", "pidfd_send_signal", "fsopen", "fsconfig", "fsmount",
+    "fspick", "move_mount", "open_tree", "setns", "umount2", "pivot_root", "userfaultfd", "perf_event_open",
+)  # fmt: skip
+
+
+def verdicts_against(policy: Policy, mode: str, filter_under_test: CompiledFilter | None,
+                     *, intended: CompiledFilter) -> dict[str, Verdict]:
+    """Run the suite for ``policy`` against ``filter_under_test``, judged by what ``intended`` promises."""
+    requirements = requirements_of(policy, mode)
+    cases = denial_cases(requirements) + control_cases(requirements, mode)
+    placement, identity = NetworkPlacement(mode), Identity.current()
+    probes = [c.runner_probe() for c in cases]
+    baseline = SandboxTarget("baseline", None, placement, identity).run(probes)
+    observed = SandboxTarget("under test", filter_under_test, placement, identity).run(probes)
+    return {c.case_id: judge(c, baseline[c.case_id], observed[c.case_id], compiled=intended, policy=policy).verdict
+            for c in cases}
+
+
+def failing(verdicts: dict[str, Verdict]) -> set[str]:
+    return {case for case, v in verdicts.items() if v not in (Verdict.BLOCKED, Verdict.WORKS)}
+
+
+def export(flt: pyseccomp.SyscallFilter) -> bytes:
+    with tempfile.TemporaryFile() as handle:
+        flt.export_bpf(handle)
+        handle.seek(0)
+        return handle.read()
+
+
+def hand_built(policy: Policy, mode: str, *, arch_after_rules: bool = False, drop: str | None = None,
+               full_64bit_eq: bool = False) -> CompiledFilter:
+    """The same policy compiled by hand with one classic mistake (syscalls.md §3, §5)."""
+    real = compile_policy(policy, mode)
+    main = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
+    main.set_attr(pyseccomp.Attr.ACT_BADARCH, pyseccomp.KILL_PROCESS)
+    if policy.seccomp.extra_arches and not arch_after_rules:
+        main.add_arch(pyseccomp.Arch.X86)
+    for name in policy.seccomp.deny:
+        if name != drop:
+            main.add_rule(pyseccomp.ERRNO(errno.EPERM), name)
+    for rule in policy.rules_for_mode(mode):
+        if rule.op == "eq" and full_64bit_eq:
+            arg = pyseccomp.Arg(rule.arg, pyseccomp.EQ, rule.value)  # compares all 64 bits
+        elif rule.op == "eq":
+            arg = pyseccomp.Arg(rule.arg, pyseccomp.MASKED_EQ, 0xFFFFFFFF, rule.value)
+        else:
+            arg = pyseccomp.Arg(rule.arg, pyseccomp.MASKED_EQ, rule.mask, rule.value)
+        main.add_rule(pyseccomp.ERRNO(errno.EPERM), rule.syscall, arg)
+    if policy.seccomp.extra_arches and arch_after_rules:
+        main.add_arch(pyseccomp.Arch.X86)  # too late: the x86 branch gets no rules
+    return replace(real, programs=(real.programs[0], export(main)))
+
+
+@pytest.fixture(scope="module")
+def baseline() -> Policy:
+    return load_policy("baseline")
+
+
+def test_reference_build_passes_everything_it_is_checked_against(baseline):
+    intended = compile_policy(baseline, "block")
+    assert failing(verdicts_against(baseline, "block", intended, intended=intended)) == set()
+
+
+def test_a_dropped_rule_is_caught_and_named(baseline):
+    intended = compile_policy(baseline, "proxy")
+    holes = failing(verdicts_against(baseline, "proxy", hand_built(baseline, "proxy", drop="pidfd_getfd"),
+                                     intended=intended))
+    assert holes == {"pidfd_getfd-native"}
+
+
+def test_a_64bit_equality_rule_is_caught_by_the_high_bit_variants(baseline):
+    intended = compile_policy(baseline, "block")
+    holes = failing(verdicts_against(baseline, "block", hand_built(baseline, "block", full_64bit_eq=True),
+                                     intended=intended))
+    assert holes
+    assert all(re.search(r"-native-hi(32|-ones)$", case) for case in holes), holes
+    assert "socket[AF_INET]-native-hi32" in holes and "seccomp[arg0=0x1]-native-hi32" in holes
+
+
+def test_an_arch_added_after_the_rules_lets_i386_calls_through(baseline, tmp_path):
+    text = (ROOT / "fixtures/policies/baseline.toml").read_text().replace(
+        'bad_arch_action = "kill_process"', 'bad_arch_action = "kill_process"\nextra_arches = ["x86"]')
+    (tmp_path / "policy.toml").write_text(text)
+    with_i386 = load_policy(tmp_path / "policy.toml")
+    intended = compile_policy(with_i386, "proxy")
+    assert failing(verdicts_against(with_i386, "proxy", intended, intended=intended)) == set()
+    holes = failing(verdicts_against(with_i386, "proxy", hand_built(with_i386, "proxy", arch_after_rules=True),
+                                     intended=intended))
+    assert holes and all(case.endswith("-i386") for case in holes), holes
+    assert {f"{name}-i386" for name in ("ptrace", "setns", "pidfd_getfd")} <= holes
+
+
+def test_a_launcher_that_skips_the_filter_in_one_mode_is_caught(baseline):
+    intended = compile_policy(baseline, "proxy")
+    verdicts = verdicts_against(baseline, "proxy", None, intended=intended)
+    assert verdicts["filter-present"] is Verdict.BROKEN
+    denials = [c for c in verdicts if not c.endswith(("-starts", "-opens", "-present", "-reaches-kernel"))]
+    assert all(verdicts[c] is Verdict.ALLOWED for c in denials if not c.endswith(("-x32", "-i386")))
+
+
+def test_pre_819_policy_fails_the_suite_naming_each_hole():
+    completed = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--sandbox",
+         "--sandbox-policy", "fixtures/policies/openshell-pre-819.toml", "--sandbox-require", "baseline",
+         "conformance/"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "1000"},
+    )
+    assert completed.returncode == 1, completed.stdout[-2000:]
+    failed = set(re.findall(r"^FAILED [^[]+\[(\S+)\]", completed.stdout, re.MULTILINE))
+    for name in ADDED_BY_819:
+        assert f"proxy-root-{name}-native" in failed or f"proxy-user-{name}-native" in failed, name
+    assert any("clone[arg0&0x10000000=0x10000000]-native" in t for t in failed)
+    assert any(t.endswith("clone3-native") for t in failed)
+    assert any(t.startswith("allow-") and t.endswith("filter-present") for t in failed)
+    assert "ALLOWED, expected" in completed.stdout
+    # the reference's own six denies still pass under the weakened policy
+    assert not any(t.endswith("-memfd_create-native") for t in failed if t.startswith(("block", "proxy")))
