@@ -22,6 +22,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 from pytest_sandbox.errors import HostUnsupportedError, PolicyError
 from pytest_sandbox.policy import ArgRule, Policy
@@ -129,7 +130,7 @@ def _build_filters(pyseccomp, policy: Policy, mode: str, errno_of: Callable[[str
     return tuple(filters)
 
 
-def _pyseccomp():  # type: ignore[no-untyped-def]
+def _pyseccomp() -> Any:
     try:
         import pyseccomp
     except (ImportError, RuntimeError) as exc:  # RuntimeError: "Unable to find libseccomp"

@@ -21,7 +21,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import IO
+from typing import IO, Any
 
 from pytest_sandbox.compiler import CompiledFilter
 from pytest_sandbox.errors import HostUnsupportedError, LaunchError
@@ -124,7 +124,7 @@ class SandboxedProcess:
             self._reply.settimeout(timeout)
             try:
                 message = self._reply.recv(65536)
-            except (TimeoutError, BlockingIOError, socket.timeout):
+            except (TimeoutError, BlockingIOError):
                 return
             self._reply.close()
             if not message:  # the spawner died: its children were killed with it
@@ -154,38 +154,38 @@ class SandboxedProcess:
         err_fd = self.stderr.fileno() if self.stderr and not self.stderr.closed else -2
         with selectors.DefaultSelector() as selector:
             pending_input = memoryview(input or b"")
+            stdin_fd = self.stdin.fileno() if self.stdin is not None and not self.stdin.closed else -3
             if self.stdin is not None and not self.stdin.closed:
                 if pending_input:
                     os.set_blocking(self.stdin.fileno(), False)
                     selector.register(self.stdin, selectors.EVENT_WRITE)
                 else:
                     self.stdin.close()
-            for stream in (self.stdout, self.stderr):
-                if stream is not None and not stream.closed:
-                    output[stream.fileno()] = []
-                    selector.register(stream, selectors.EVENT_READ)
+            readers = {s.fileno(): s for s in (self.stdout, self.stderr) if s is not None and not s.closed}
+            for fd in readers:
+                output[fd] = []
+                selector.register(fd, selectors.EVENT_READ)
             while selector.get_map():
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise subprocess.TimeoutExpired(list(self.args), timeout or 0)
                 for key, _ in selector.select(remaining):
-                    stream = key.fileobj
-                    if stream is self.stdin:
+                    if self.stdin is not None and key.fd == stdin_fd:
                         try:
                             written = os.write(key.fd, pending_input[:65536])
                         except BrokenPipeError:
                             written = len(pending_input)
                         pending_input = pending_input[written:]
                         if not pending_input:
-                            selector.unregister(stream)
+                            selector.unregister(key.fd)
                             self.stdin.close()
                         continue
                     chunk = os.read(key.fd, 65536)
                     if chunk:
                         output[key.fd].append(chunk)
                     else:
-                        selector.unregister(stream)
-                        stream.close()  # type: ignore[union-attr]
+                        selector.unregister(key.fd)
+                        readers[key.fd].close()
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         self.wait(remaining)
         out = b"".join(output.get(out_fd, []))
@@ -227,11 +227,11 @@ class Sandbox:
             message = self._control.recv(65536)
         except TimeoutError:
             message = b""
-        reply = json.loads(message) if message else {"error": "the spawner exited without reporting"}
+        reply: dict[str, Any] = json.loads(message) if message else {"error": "the spawner exited without reporting"}
         if not reply.get("ready"):
             self.close()
             raise LaunchError(f"cannot start a sandbox ({spec.describe}): {reply.get('error')}; nothing was run")
-        self.status: Mapping[str, str] = reply["status"]
+        self.status: Mapping[str, str] = {str(k): str(v) for k, v in dict(reply["status"]).items()}
         self._control.settimeout(None)
 
     @staticmethod
@@ -302,7 +302,7 @@ class Sandbox:
             _communicate_fds(ours)
             reply.close()
             raise LaunchError(f"cannot launch {argv[0]!r} in the sandbox: {answer.get('error')}")
-        return SandboxedProcess(argv, answer["pid"], reply, *ours)
+        return SandboxedProcess(argv, int(answer["pid"]), reply, *ours)
 
     def run(self, argv: Sequence[str], *, input: bytes | None = None, timeout: float | None = None,
             env: Mapping[str, str] | None = None, cwd: str | None = None) -> SandboxResult:

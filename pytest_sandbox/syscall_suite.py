@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pytest_sandbox.catalogues.syscalls import PROBES_BY_NAME, SyscallProbe
-from pytest_sandbox.compiler import CompiledFilter, arg_key, compile_policy, deny_key, enosys_key
+from pytest_sandbox.compiler import CompiledFilter, arg_key, deny_key, enosys_key
 from pytest_sandbox.errors import HostUnsupportedError, LaunchError
 from pytest_sandbox.launcher import Identity, NetworkPlacement, Sandbox, SandboxSpec
 from pytest_sandbox.policy import SOCKET_FAMILIES, SOCKET_FAMILY_NAMES, ArgRule, Policy

@@ -13,7 +13,9 @@ from pytest_sandbox.errors import LaunchError
 from pytest_sandbox.launcher import Identity, NetworkPlacement, Sandbox, SandboxSpec
 from pytest_sandbox.policy import load_policy
 
-PTRACE_PEEK = "import ctypes,sys; c=ctypes.CDLL(None,use_errno=True); r=c.syscall(101,2,-1,0,0); print(ctypes.get_errno())"
+PTRACE_PEEK = (
+    "import ctypes; c = ctypes.CDLL(None, use_errno=True); c.syscall(101, 2, -1, 0, 0); print(ctypes.get_errno())"
+)
 INET_SOCKET = "import socket\ntry:\n socket.socket(socket.AF_INET)\n print('opened')\nexcept OSError as e:\n print(e.errno)"
 
 

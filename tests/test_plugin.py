@@ -53,7 +53,8 @@ def test_sandbox_fixture_runs_application_code_under_the_policy(pytester):
         @pytest.mark.sandbox_policy("strict")
         def test_marker_selects_policy(sandbox, sandbox_policy):
             assert sandbox_policy.name == "strict"
-            code = "import ctypes; c=ctypes.CDLL(None,use_errno=True); c.syscall(250,0xffff,0,0,0,0); print(ctypes.get_errno())"
+            code = ("import ctypes; c=ctypes.CDLL(None,use_errno=True); "
+                    "c.syscall(250,0xffff,0,0,0,0); print(ctypes.get_errno())")
             assert sandbox.run([sys.executable, "-c", code]).stdout.strip() == b"1"  # keyctl denied by strict
     """)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
