@@ -676,6 +676,10 @@ async def _close(tls: TlsStream) -> None:
     if raw.is_closing() or not isinstance(raw, asyncio.Transport):
         raw.close()
         return
+    # Pausing the TLS layer's reading first stops it from processing records it already holds (a
+    # close_notify among them would make it write an answer after our FIN, which asyncio refuses).
+    with contextlib.suppress(OSError, RuntimeError):
+        tls.writer.transport.pause_reading()  # type: ignore[attr-defined]
     lingering = _DiscardUntilClosed(raw.get_protocol(), LINGER_MAX_BYTES)
     raw.set_protocol(lingering)
     with contextlib.suppress(OSError, RuntimeError):
