@@ -240,7 +240,7 @@ def main(argv: list[str]) -> None:
         _drop_privileges(config)
         _load_filters(config)
         status = _confirm(config)
-    except Exception as exc:  # noqa: BLE001 - reported to the launcher, then we exit: fail closed
+    except Exception as exc:  # reported to the launcher, then exit: fail closed
         control.send(json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode())
         os._exit(70)
     control.send(json.dumps({"ready": True, "pid": os.getpid(), "status": status}).encode())

@@ -175,7 +175,7 @@ def run_one(machine: _Machine, probe: dict) -> dict:
             signal.alarm(PROBE_TIMEOUT_SECONDS)
             outcome = _attempt(machine, probe)
             os.write(write_end, json.dumps(outcome).encode())
-        except BaseException as exc:  # noqa: BLE001 - any failure is reported, never raised
+        except BaseException as exc:  # any failure is reported, never raised into the runner
             try:
                 os.write(write_end, json.dumps({"type": "error", "detail": repr(exc)}).encode())
             except OSError:
