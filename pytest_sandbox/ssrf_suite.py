@@ -1,0 +1,416 @@
+"""The SSRF conformance category: attempts built from the catalogue, sent raw, judged with canaries.
+
+Each :class:`~pytest_sandbox.catalogues.ssrf_cases.SsrfCase` is attempted twice through the proxy
+(network.md §3): as a ``CONNECT`` authority and as an absolute-form ``GET``. Attempts are written as
+raw bytes on a raw socket, so nothing on our side canonicalises, re-encodes or refuses the odd
+spellings before the proxy sees them.
+
+Judging is pure (:func:`judge_attempt`) and follows network.md §7: a denied case is BLOCKED only if
+the proxy refused it (400/403 and closed the connection) **and** no canary saw a new connection; a
+canary hit is ALLOWED whatever the proxy answered; a 502/504 means the proxy tried to dial, which is
+ALLOWED too (unroutability is not blocking); a silent timeout is INDETERMINATE, never a pass. A
+positive control WORKS only if the lab's canary answered 200 through the proxy and counted the
+connection, so a proxy that refuses everything cannot score 100 %.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import socket
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pytest_sandbox.catalogues.ssrf_cases import SSRF_CASES, SsrfCase, canary_addresses
+from pytest_sandbox.verdicts import Verdict
+
+__all__ = [
+    "ATTEMPT_FORMS",
+    "ATTEMPT_TIMEOUT_SECONDS",
+    "EXTRA_CANARIES",
+    "EXTRA_NAMES",
+    "Attempt",
+    "HttpReply",
+    "ProxyReply",
+    "SsrfJudgement",
+    "build_attempts",
+    "canary_is_observable",
+    "judge_attempt",
+    "lab_canaries",
+    "lab_names",
+    "new_hits",
+    "parse_reply",
+    "read_one_response",
+    "run_attempt",
+    "send_attempt",
+    "verdict_record",
+]
+
+ATTEMPT_FORMS: tuple[str, ...] = ("connect", "absolute")
+ATTEMPT_TIMEOUT_SECONDS = 3.0
+READ_SIZE = 65536
+MAX_REPLY_BYTES = 256 * 1024
+HEAD_END = b"\r\n\r\n"
+# A refusal is an answer the proxy gives itself before any dial: 403 (policy, SSRF) or 400
+# (authority that cannot be canonicalised, network.md §3). 502/504 mean it tried to dial.
+REFUSAL_STATUSES = frozenset({400, 403})
+DIALLED_STATUSES = frozenset({502, 504})
+# Host header value used when the case's authority is not valid field text (RFC 9110 §5.5): the
+# request target must be what the proxy judges, not a header the framing checks reject first.
+FALLBACK_HOST = "lab.invalid"
+
+# Names the conformance controls need in the lab DNS, besides the catalogue's own name cases.
+# 11.0.0.10 / 2600:9000::10 are lab public origins; the rest are canaries (network.md §7: mixed
+# answers, one public and one private, must be denied if any answer is special).
+EXTRA_NAMES: Mapping[str, tuple[str, ...]] = {
+    "public-origin.lab.test": ("11.0.0.10",),
+    "mixed-public-first.lab.test": ("11.0.0.10", "10.0.0.1"),
+    "mixed-private-first.lab.test": ("10.0.0.1", "11.0.0.10"),
+    "mixed-v6-public-first.lab.test": ("2600:9000::10", "fd00:ec2::254"),
+    "mixed-metadata.lab.test": ("11.0.0.11", "169.254.169.254"),
+}
+EXTRA_CANARIES: tuple[str, ...] = ("10.0.0.1", "127.0.0.1", "169.254.169.254", "fd00:ec2::254")
+
+
+# --------------------------------------------------------------------------------------------------
+# What the lab must hold
+# --------------------------------------------------------------------------------------------------
+
+
+def canary_is_observable(address: str) -> bool:
+    """Whether the lab can put a listener on ``address``.
+
+    IPv6 link-local (fe80::/10) needs a scope id to bind or dial (RFC 4007 §6), which the lab does
+    not give canaries; cases aimed there are judged on the proxy's refusal alone.
+    """
+    parsed = ipaddress.ip_address(address)
+    return not (isinstance(parsed, ipaddress.IPv6Address) and parsed.is_link_local)
+
+
+def lab_canaries() -> tuple[str, ...]:
+    """Every canary of the catalogue the lab can observe, plus those the controls need."""
+    wanted = (*canary_addresses(), *EXTRA_CANARIES)
+    return tuple(dict.fromkeys(a for a in wanted if canary_is_observable(a)))
+
+
+def _zone_name(host: str) -> str:
+    # DNS names are case-insensitive (RFC 4343) and one trailing dot is the root (RFC 1034 §3.1).
+    return host.lower().removesuffix(".")
+
+
+def lab_names() -> dict[str, tuple[str, ...]]:
+    """The lab DNS zone: each catalogue ``name`` case resolves to its canary, plus EXTRA_NAMES."""
+    names: dict[str, tuple[str, ...]] = {
+        _zone_name(case.target_host): (case.canary,) for case in SSRF_CASES
+             if case.kind == "name" and case.canary is not None}
+    names.update(EXTRA_NAMES)
+    return names
+
+
+# --------------------------------------------------------------------------------------------------
+# Attempts (pure)
+# --------------------------------------------------------------------------------------------------
+
+
+def _is_field_text(text: str) -> bool:
+    return text.isascii() and text.isprintable() and " " not in text and bool(text)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One case sent in one form: ``connect`` (authority-form) or ``absolute`` (absolute-form GET)."""
+
+    case: SsrfCase
+    form: str
+
+    @property
+    def test_id(self) -> str:
+        return f"{self.form}-{self.case.case_id}"
+
+    @property
+    def target(self) -> str:
+        return self.case.authority if self.form == "connect" else self.case.absolute_url
+
+    def describe(self) -> str:
+        method = "CONNECT" if self.form == "connect" else "GET"
+        return f"{method} {self.target!r} ({self.case.note})"
+
+    def request_bytes(self) -> bytes:
+        """The request head exactly as sent; odd characters go out as UTF-8, unescaped."""
+        authority = self.case.authority
+        host = authority if _is_field_text(authority) else FALLBACK_HOST
+        method = "CONNECT" if self.form == "connect" else "GET"
+        lines = [f"{method} {self.target} HTTP/1.1", f"Host: {host}"]
+        if self.form == "absolute":
+            lines.append("Connection: close")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
+
+    def tunnel_request_bytes(self) -> bytes:
+        """What goes through an established tunnel: a plain GET that a canary answers."""
+        authority = self.case.authority
+        host = authority if _is_field_text(authority) else FALLBACK_HOST
+        return f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+
+
+def build_attempts(cases: Iterable[SsrfCase] = SSRF_CASES) -> tuple[Attempt, ...]:
+    """Every case in every form, in catalogue order (connect first)."""
+    return tuple(Attempt(case, form) for case in cases for form in ATTEMPT_FORMS)
+
+
+@dataclass(frozen=True)
+class HttpReply:
+    """One parsed response head (and whatever body followed it)."""
+
+    status: int | None
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        wanted = name.lower()
+        return next((value for key, value in self.headers if key == wanted), None)
+
+    @property
+    def proxy_reason(self) -> str | None:
+        """The reference proxy's JSON ``error`` code, if the body carries one."""
+        try:
+            decoded = json.loads(self.body)
+        except ValueError:
+            return None
+        reason = decoded.get("error") if isinstance(decoded, dict) else None
+        return reason if isinstance(reason, str) else None
+
+
+def parse_reply(data: bytes) -> HttpReply:
+    """Parse ``data`` as one HTTP/1.x response head plus body; status None if it is not one."""
+    head, found, body = data.partition(HEAD_END)
+    if not found:
+        return HttpReply(None, (), data)
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ", 2)
+    status: int | None = None
+    if len(parts) >= 2 and parts[0].startswith("HTTP/1.") and parts[1].isdigit() and len(parts[1]) == 3:
+        status = int(parts[1])
+    headers = tuple((name.strip().lower(), value.strip()) for name, sep, value in
+                    (line.partition(":") for line in lines[1:]) if sep)
+    return HttpReply(status, headers, body)
+
+
+@dataclass(frozen=True)
+class ProxyReply:
+    """What came back for one attempt.
+
+    ``proxy`` is the proxy's own answer; ``tunnelled`` the answer through a CONNECT tunnel (None
+    unless the proxy said 2xx to CONNECT). ``closed`` means the proxy ended the connection (EOF or
+    reset) within the timeout; ``timed_out`` that the deadline passed first.
+    """
+
+    proxy: HttpReply
+    tunnelled: HttpReply | None
+    closed: bool
+    timed_out: bool
+    error: str = ""
+
+    @property
+    def final(self) -> HttpReply:
+        return self.tunnelled if self.tunnelled is not None else self.proxy
+
+    def describe(self) -> str:
+        if self.proxy.status is None:
+            what = "no HTTP answer"
+        else:
+            reason = self.proxy.proxy_reason
+            what = f"{self.proxy.status}" + (f" {reason}" if reason else "")
+        if self.tunnelled is not None:
+            what += f", tunnel answered {self.tunnelled.status}"
+        ending = "timed out" if self.timed_out else "closed" if self.closed else "left open"
+        return f"{what}, connection {ending}" + (f" ({self.error})" if self.error else "")
+
+
+@dataclass(frozen=True)
+class SsrfJudgement:
+    verdict: Verdict
+    reason: str
+    expected: str
+    observed: str
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict in (Verdict.BLOCKED, Verdict.WORKS)
+
+
+HitCounts = Mapping[tuple[str, int], int]
+
+
+def new_hits(before: HitCounts, after: HitCounts) -> dict[tuple[str, int], int]:
+    """Canary (address, port) pairs that accepted connections between two snapshots."""
+    return {key: count - before.get(key, 0) for key, count in after.items() if count > before.get(key, 0)}
+
+
+def _hits_text(hits: HitCounts) -> str:
+    return ", ".join(f"{address} port {port} x{count}" for (address, port), count in sorted(hits.items()))
+
+
+def judge_attempt(attempt: Attempt, reply: ProxyReply, hits: HitCounts,
+                  observable: Callable[[str], bool] = canary_is_observable) -> SsrfJudgement:
+    """Judge one attempt from the proxy's reply and the canary connections it caused. Pure."""
+    case = attempt.case
+    observed = reply.describe() + (f"; canary hits: {_hits_text(hits)}" if hits else "; no canary hit")
+    if case.expected == "allowed":
+        return _judge_control(attempt, reply, hits, observed)
+    expected = "refused (400 or 403, connection closed), no canary connection"
+    if hits:
+        return SsrfJudgement(Verdict.ALLOWED, f"a canary was reached: {_hits_text(hits)}", expected, observed)
+    status = reply.proxy.status
+    if status in REFUSAL_STATUSES:
+        if not reply.closed:
+            return SsrfJudgement(Verdict.INDETERMINATE, f"refused with {status} but the connection was left "
+                                 "open (network.md §5: answer and close)", expected, observed)
+        unobserved = case.canary is not None and not observable(case.canary)
+        note = f"; canary {case.canary} cannot be observed in the lab" if unobserved else ""
+        wanted = 400 if case.expected == "malformed" else 403
+        if status != wanted:
+            note += f"; catalogue expects {wanted} ({case.expected}) but any refusal blocks"
+        reason = reply.proxy.proxy_reason or f"status {status}"
+        return SsrfJudgement(Verdict.BLOCKED, f"proxy refused: {reason}{note}", expected, observed)
+    if status is not None and 200 <= status < 300:
+        return SsrfJudgement(Verdict.ALLOWED, f"proxy answered {status}: it let the request through",
+                             expected, observed)
+    if status in DIALLED_STATUSES:
+        return SsrfJudgement(Verdict.ALLOWED, f"proxy answered {status}: it tried to dial, and only the "
+                             "network stopped it (network.md §7: unroutable is not blocked)", expected, observed)
+    if reply.timed_out and status is None:
+        return SsrfJudgement(Verdict.INDETERMINATE, "silent timeout: the proxy neither refused nor answered",
+                             expected, observed)
+    if status is None:
+        return SsrfJudgement(Verdict.INDETERMINATE, "the proxy closed without an HTTP answer", expected,
+                             observed)
+    return SsrfJudgement(Verdict.INDETERMINATE, f"unexpected status {status}", expected, observed)
+
+
+def _judge_control(attempt: Attempt, reply: ProxyReply, hits: HitCounts, observed: str) -> SsrfJudgement:
+    canary = attempt.case.canary
+    expected = f"200 from the lab canary {canary}, and that canary counted the connection"
+    own = {key: count for key, count in hits.items() if key[0] == canary}
+    stray = {key: count for key, count in hits.items() if key[0] != canary}
+    final = reply.final
+    if attempt.form == "connect" and (reply.proxy.status is None or not 200 <= reply.proxy.status < 300):
+        return SsrfJudgement(Verdict.BROKEN, f"CONNECT to a public address was not established "
+                             f"({reply.proxy.status})", expected, observed)
+    if final.status != 200:
+        return SsrfJudgement(Verdict.BROKEN, f"a public address did not answer 200 through the proxy "
+                             f"({final.status})", expected, observed)
+    if final.header("x-lab-canary") != canary:
+        return SsrfJudgement(Verdict.BROKEN, f"the 200 did not come from canary {canary} "
+                             f"(X-Lab-Canary: {final.header('x-lab-canary')})", expected, observed)
+    if not own:
+        return SsrfJudgement(Verdict.BROKEN, f"canary {canary} counted no connection", expected, observed)
+    if stray:
+        return SsrfJudgement(Verdict.BROKEN, f"other canaries were reached too: {_hits_text(stray)}",
+                             expected, observed)
+    return SsrfJudgement(Verdict.WORKS, f"reached {canary} through the proxy", expected, observed)
+
+
+def verdict_record(category: str, test_id: str, judgement: SsrfJudgement, attempted: str) -> dict[str, Any]:
+    """The ``sandbox_verdict`` user property the scorecard counts (same shape as syscall tests)."""
+    return {
+        "category": category, "test": test_id, "verdict": judgement.verdict.value,
+        "reason": judgement.reason, "expected": judgement.expected, "baseline": "-",
+        "observed": judgement.observed, "required": True, "attempted": attempted,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Sending (sockets come from the caller: lab sockets only)
+# --------------------------------------------------------------------------------------------------
+
+
+def _read(sock: socket.socket, buffer: bytearray, deadline: float,
+          until: Callable[[bytearray], bool]) -> tuple[bool, bool, str]:
+    """Read into ``buffer`` until ``until(buffer)``, EOF or the deadline: (eof, timed_out, error)."""
+    while not until(buffer) and len(buffer) < MAX_REPLY_BYTES:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False, True, ""
+        sock.settimeout(remaining)
+        try:
+            data = sock.recv(READ_SIZE)
+        except TimeoutError:
+            return False, True, ""
+        except ConnectionResetError as exc:
+            return True, False, f"reset: {exc}"
+        except OSError as exc:
+            return True, False, str(exc)
+        if not data:
+            return True, False, ""
+        buffer += data
+    return False, False, ""
+
+
+def _never(_buffer: bytearray) -> bool:
+    return False
+
+
+def _head_complete(buffer: bytearray) -> bool:
+    return HEAD_END in buffer
+
+
+def send_attempt(sock: socket.socket, attempt: Attempt,
+                 timeout: float = ATTEMPT_TIMEOUT_SECONDS) -> ProxyReply:
+    """Send ``attempt`` on a fresh connection to the proxy and read until the proxy closes it."""
+    deadline = time.monotonic() + timeout
+    try:
+        sock.sendall(attempt.request_bytes())
+    except OSError as exc:
+        return ProxyReply(HttpReply(None, (), b""), None, closed=True, timed_out=False, error=str(exc))
+    buffer = bytearray()
+    if attempt.form == "connect":
+        eof, timed_out, error = _read(sock, buffer, deadline, _head_complete)
+        proxy = parse_reply(bytes(buffer))
+        if not eof and not timed_out and proxy.status is not None and 200 <= proxy.status < 300:
+            # Whatever followed the proxy's head already belongs to the tunnel.
+            tunnel = bytearray(proxy.body)
+            proxy = HttpReply(proxy.status, proxy.headers, b"")
+            try:
+                sock.sendall(attempt.tunnel_request_bytes())
+            except OSError as exc:
+                return ProxyReply(proxy, parse_reply(bytes(tunnel)), closed=True, timed_out=False, error=str(exc))
+            eof, timed_out, error = _read(sock, tunnel, deadline, _never)
+            return ProxyReply(proxy, parse_reply(bytes(tunnel)), closed=eof, timed_out=timed_out, error=error)
+        if not eof and not timed_out:
+            eof, timed_out, error = _read(sock, buffer, deadline, _never)
+        return ProxyReply(parse_reply(bytes(buffer)), None, closed=eof, timed_out=timed_out, error=error)
+    eof, timed_out, error = _read(sock, buffer, deadline, _never)
+    return ProxyReply(parse_reply(bytes(buffer)), None, closed=eof, timed_out=timed_out, error=error)
+
+
+def run_attempt(attempt: Attempt, connect_to_proxy: Callable[[], socket.socket],
+                hit_snapshot: Callable[[], HitCounts],
+                timeout: float = ATTEMPT_TIMEOUT_SECONDS) -> SsrfJudgement:
+    """Snapshot canaries, send ``attempt`` on a new proxy connection, snapshot again, judge."""
+    before = hit_snapshot()
+    with connect_to_proxy() as sock:
+        reply = send_attempt(sock, attempt, timeout)
+    return judge_attempt(attempt, reply, new_hits(before, hit_snapshot()))
+
+
+def read_one_response(sock: socket.socket, deadline: float) -> tuple[HttpReply, bool]:
+    """Read exactly one response framed by Content-Length (or by EOF): (reply, connection_closed).
+
+    For keep-alive checks, where the connection must stay usable after the first response.
+    """
+    buffer = bytearray()
+    eof, timed_out, _error = _read(sock, buffer, deadline, _head_complete)
+    reply = parse_reply(bytes(buffer))
+    if eof or timed_out or reply.status is None:
+        return reply, eof
+    length_text = reply.header("content-length")
+    if length_text is None or not length_text.isdigit():
+        eof, _timed_out, _error = _read(sock, buffer, deadline, _never)
+        return parse_reply(bytes(buffer)), eof
+    head_length = bytes(buffer).index(HEAD_END) + len(HEAD_END)
+    wanted = head_length + int(length_text)
+    eof, _timed_out, _error = _read(sock, buffer, deadline, lambda b: len(b) >= wanted)
+    return parse_reply(bytes(buffer[:wanted])), eof
+
