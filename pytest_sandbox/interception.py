@@ -206,7 +206,8 @@ def is_inference_authority(authority: str | bytes | None) -> bool:
     if authority is None:
         return False
     text = authority.decode("latin-1") if isinstance(authority, bytes) else authority
-    return text.lower() in (INFERENCE_HOST, f"{INFERENCE_HOST}:{INFERENCE_PORT}")
+    # ASCII first: str.lower() folds some non-ASCII letters to ASCII ones (U+212A Kelvin -> "k").
+    return text.isascii() and text.lower() in (INFERENCE_HOST, f"{INFERENCE_HOST}:{INFERENCE_PORT}")
 
 
 def forwardable_request_headers(

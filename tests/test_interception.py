@@ -963,6 +963,7 @@ def test_response_headers_lose_hop_by_hop_fields_and_upstream_framing() -> None:
         ("inference.local:", False),
         ("user@inference.local", False),
         ("inference.local.evil.example", False),
+        ("inference.\u212alocal", False),
         ("127.0.0.1", False),
         ("", False),
         (None, False),
