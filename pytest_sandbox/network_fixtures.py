@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -20,19 +20,23 @@ import pytest
 from pytest_sandbox.lab import NetworkLab
 from pytest_sandbox.netns import host_can_create_netns
 from pytest_sandbox.proxy import Decision, EgressProxy, ProxyConfig
+from pytest_sandbox.scorecard import PROPERTY
 from pytest_sandbox.session import SandboxSession
-from pytest_sandbox.ssrf_suite import lab_canaries, lab_names
+from pytest_sandbox.ssrf_suite import SsrfJudgement, lab_canaries, lab_names, verdict_record
 
 __all__ = [
     "PROXY_LISTEN_ADDRESS",
     "PROXY_LISTEN_PORT",
     "RunningProxy",
     "_network_lab",
+    "network_verdict",
     "sandbox_lab",
     "sandbox_proxy",
     "start_lab",
     "start_proxy",
 ]
+
+VerdictCheck = Callable[[str, str, SsrfJudgement, str], None]
 
 LAB_PORTS = (80, 443)
 PROXY_LISTEN_ADDRESS = "127.0.0.1"
@@ -122,3 +126,20 @@ def sandbox_proxy(sandbox_lab: NetworkLab) -> Iterator[RunningProxy]:
     finally:
         with contextlib.suppress(Exception):
             running.stop()
+
+
+@pytest.fixture
+def network_verdict(request: pytest.FixtureRequest) -> VerdictCheck:
+    """Attach a network verdict to the report (the scorecard counts it), then pass or fail.
+
+    Call as ``network_verdict(category, test_id, judgement, attempted)``; BLOCKED and WORKS pass,
+    everything else (INDETERMINATE included) fails with the judgement's reason.
+    """
+
+    def check(category: str, test_id: str, judgement: SsrfJudgement, attempted: str) -> None:
+        request.node.user_properties.append((PROPERTY, verdict_record(category, test_id, judgement, attempted)))
+        if not judgement.passed:
+            pytest.fail(f"{attempted}: {judgement.verdict.value}, expected {judgement.expected} "
+                        f"(observed {judgement.observed}) - {judgement.reason}", pytrace=False)
+
+    return check

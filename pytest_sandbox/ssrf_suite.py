@@ -103,8 +103,9 @@ def _zone_name(host: str) -> str:
 def lab_names() -> dict[str, tuple[str, ...]]:
     """The lab DNS zone: each catalogue ``name`` case resolves to its canary, plus EXTRA_NAMES."""
     names: dict[str, tuple[str, ...]] = {
-        _zone_name(case.target_host): (case.canary,) for case in SSRF_CASES
-             if case.kind == "name" and case.canary is not None}
+        _zone_name(case.target_host): (case.canary,)
+        for case in SSRF_CASES if case.kind == "name" and case.canary is not None
+    }
     names.update(EXTRA_NAMES)
     return names
 
