@@ -653,11 +653,6 @@ def test_ambiguous_framing_is_refused_with_its_status_and_closed(make_lab: Calla
     assert lab.reasons() == ["framing:cl-te-both"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="http_stream's h11-only reader feeds b'' (EOF to h11) when its buffer is empty, so it "
-    "returns None before reading anything; reported to the http_stream owner",
-)
 def test_weakened_h11_only_framing_forwards_what_strict_framing_refuses(make_lab: Callable[..., Lab]) -> None:
     cl_and_te = (
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: inference.local\r\nContent-Length: 4\r\n"
