@@ -1,0 +1,474 @@
+"""Strict HTTP/1.1 framing: the pure checks, the async readers, and the smuggling catalogue."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import pytest
+
+from pytest_sandbox.catalogues.smuggling import H11_ONLY, SMUGGLING_CASES, SmugglingCase, case_by_id, render
+from pytest_sandbox.framing import (
+    ChunkedBodyParser,
+    FramingViolation,
+    check_request_head,
+    check_response_head,
+    first_bare_line_ending,
+    frame_pipeline,
+)
+from pytest_sandbox.http_stream import (
+    Request,
+    RequestReader,
+    ResponseReader,
+    write_json_refusal,
+    write_response,
+)
+
+T = TypeVar("T")
+HOST, DENIED = "allowed.test", "metadata.test"
+
+
+def head(*lines: str, request_line: str = "POST http://a.test/ HTTP/1.1") -> bytes:
+    return ("\r\n".join([request_line, *lines]) + "\r\n\r\n").encode("latin-1")
+
+
+def violation_of(data: bytes) -> FramingViolation:
+    with pytest.raises(FramingViolation) as caught:
+        check_request_head(data)
+    return caught.value
+
+
+# --- the catalogue, judged by the pure layer ------------------------------------------------------
+
+
+def test_catalogue_ids_are_unique_and_every_case_has_an_rfc() -> None:
+    ids = [case.case_id for case in SMUGGLING_CASES]
+    assert len(ids) == len(set(ids))
+    assert all(case.rfc.startswith("RFC") for case in SMUGGLING_CASES)
+
+
+def test_catalogue_has_positive_controls_that_must_succeed() -> None:
+    controls = [case for case in SMUGGLING_CASES if case.is_positive_control]
+    assert case_by_id("pipeline-safe") in controls
+    assert all(case.violation is None for case in controls)
+    assert any(not case.must_close and case.reaches_backend >= 2 for case in controls)
+
+
+@pytest.mark.parametrize("case", SMUGGLING_CASES, ids=lambda case: case.case_id)
+def test_catalogue_case_is_framed_as_catalogued(case: SmugglingCase) -> None:
+    pipeline = frame_pipeline(render(case, host=HOST, denied=DENIED))
+    if case.violation is None:
+        assert pipeline.violation is None
+        assert len(pipeline.requests) >= case.reaches_backend
+    else:
+        assert pipeline.violation is not None, "strict framing must refuse this payload"
+        assert pipeline.violation.case == case.violation
+        assert case.accepts_status(pipeline.violation.status)
+        assert len(pipeline.requests) == case.reaches_backend, "requests before the bad one still frame"
+
+
+def _first_chunked_body(case: SmugglingCase) -> bytes | None:
+    data = render(case, host=HOST, denied=DENIED)
+    end = data.find(b"\r\n\r\n")
+    try:
+        parsed = check_request_head(data[: end + 4])
+    except FramingViolation:
+        return None
+    return data[end + 4 :] if parsed.body_framing[0] == "chunked" else None
+
+
+CHUNKED_CASES = [case for case in SMUGGLING_CASES if _first_chunked_body(case) is not None]
+
+
+def _parse_all_at_once(body: bytes) -> object:
+    try:
+        return ChunkedBodyParser().feed(body)
+    except FramingViolation as violation:
+        return violation.case
+
+
+def _parse_byte_by_byte(body: bytes) -> object:
+    parser = ChunkedBodyParser()
+    try:
+        for index in range(len(body)):
+            result = parser.feed(body[index : index + 1])
+            if result is not None:
+                # Same leftover as the one-shot parse: the bytes not yet fed are the next message.
+                return type(result)(result.body, result.consumed, result.leftover + body[index + 1 :],
+                                    result.trailers)
+    except FramingViolation as violation:
+        return violation.case
+    return None
+
+
+@pytest.mark.parametrize("case", CHUNKED_CASES, ids=lambda case: case.case_id)
+def test_chunked_verdict_does_not_depend_on_how_bytes_arrive(case: SmugglingCase) -> None:
+    body = _first_chunked_body(case)
+    assert body is not None
+    assert _parse_byte_by_byte(body) == _parse_all_at_once(body)
+
+
+# --- request heads ---------------------------------------------------------------------------------
+
+
+def test_valid_absolute_form_request_head_is_parsed() -> None:
+    parsed = check_request_head(head("Host: a.test", "Content-Length: 5", "X-Obs: caf\xe9"))
+    assert (parsed.method, parsed.target, parsed.http_version) == ("POST", "http://a.test/", "1.1")
+    assert parsed.body_framing == ("length", 5)
+    assert parsed.header(b"x-obs") == "caf\xe9".encode("latin-1")
+    assert parsed.keep_alive
+
+
+@pytest.mark.parametrize("value", ["chunked", "Chunked", "CHUNKED", " chunked\t"])
+def test_exactly_one_ascii_chunked_in_any_case_is_accepted(value: str) -> None:
+    assert check_request_head(head("Host: a", f"Transfer-Encoding:{value}")).body_framing == ("chunked", 0)
+
+
+def test_kelvin_sign_chunked_is_refused_although_lower_folds_it_to_chunked() -> None:
+    kelvin = "chun\u212aed"
+    assert kelvin.lower() == "chunked"
+    data = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: " + kelvin.encode() + b"\r\n\r\n"
+    assert violation_of(data).case == "te-not-chunked"
+
+
+@pytest.mark.parametrize(("value", "status"), [("gzip", 501), ("identity", 501), ("gzip, chunked", 501),
+                                               ('"chunked"', 400), (",chunked", 400), ("chunked, chunked", 400)])
+def test_unknown_coding_is_501_and_malformed_coding_is_400(value: str, status: int) -> None:
+    violation = violation_of(head("Host: a", f"Transfer-Encoding: {value}"))
+    assert (violation.case, violation.status) == ("te-not-chunked", status)
+
+
+@pytest.mark.parametrize("value", ["0", "7", "10", "123456789012345678"])
+def test_canonical_content_length_is_accepted(value: str) -> None:
+    assert check_request_head(head("Host: a", f"Content-Length: {value}")).body_framing == ("length", int(value))
+
+
+@pytest.mark.parametrize("value", ["00", "07", "1234567890123456789", "5 5", "5,", "\u0665"])
+def test_non_canonical_content_length_is_refused(value: str) -> None:
+    data = head("Host: a", "Content-Length: ").replace(b": \r\n\r\n", b": " + value.encode() + b"\r\n\r\n")
+    assert violation_of(data).case in {"cl-malformed", "cl-duplicate"}
+
+
+def test_request_without_content_length_or_transfer_encoding_has_no_body() -> None:
+    assert check_request_head(head("Host: a", request_line="GET http://a/ HTTP/1.1")).body_framing == ("none", 0)
+
+
+def test_http10_request_never_keeps_the_connection_alive() -> None:
+    parsed = check_request_head(head("Connection: keep-alive", request_line="GET http://a/ HTTP/1.0"))
+    assert not parsed.keep_alive
+
+
+def test_http10_request_without_host_is_accepted_but_http11_is_not() -> None:
+    check_request_head(head(request_line="GET http://a/ HTTP/1.0"))
+    assert violation_of(head(request_line="GET http://a/ HTTP/1.1")).case == "host-missing-or-duplicate"
+
+
+@pytest.mark.parametrize(
+    ("data", "case", "status"),
+    [
+        (head("Host: a", "X: " + "a" * 9000), "head-too-large", 431),
+        (b"GET http://a/ HTTP/1.1\r\nHost: a\r\n", "head-unterminated", 400),
+        (head("Host: a", request_line="GET http://a/ HTTP/2.0"), "http-version", 505),
+        (head("Host: a", request_line="GET  http://a/ HTTP/1.1"), "request-line", 400),
+        (head("Host: a", request_line="G(T http://a/ HTTP/1.1"), "request-line", 400),
+        (head("Host: a", request_line="GET http://a/\xe9 HTTP/1.1"), "target-chars", 400),
+        (head("Host: a", request_line="GET http://a/\x7f HTTP/1.1"), "target-chars", 400),
+        (head("Host: a", request_line="GET http://u:p@a/ HTTP/1.1"), "target-userinfo", 400),
+        (head("Host: a", "Bad Name: x"), "field-syntax", 400),
+        (head("Host: a", ": no name"), "field-syntax", 400),
+        (head("Host: a", "X: a\x00b"), "field-value", 400),
+        (head(" Host: a"), "obs-fold", 400),
+        (head("Host: a", "Connection: close, Transfer-Encoding"), "connection-lists-framing-header", 400),
+        (head("Host: a", "Upgrade: websocket, H2C"), "upgrade-h2c", 400),
+        (head("Host: a", "HTTP2-Settings: AAMAAABkAAQAAP__"), "upgrade-h2c", 400),
+        (head("Host: a", "Transfer-Encoding: chunked", request_line="POST http://a/ HTTP/1.0"), "te-http10", 400),
+    ],
+)
+def test_request_head_violation_names_its_case_and_status(data: bytes, case: str, status: int) -> None:
+    violation = violation_of(data)
+    assert (violation.case, violation.status) == (case, status)
+
+
+def test_query_and_at_sign_after_the_authority_are_not_userinfo() -> None:
+    check_request_head(head("Host: a", request_line="GET http://a.test/p@th?x=@y HTTP/1.1"))
+
+
+def test_upgrade_to_websocket_is_not_refused_by_framing() -> None:
+    check_request_head(head("Host: a", "Connection: Upgrade", "Upgrade: websocket"))
+
+
+@pytest.mark.parametrize(
+    ("data", "verdict"),
+    [(b"a\r\nb\r\n", None), (b"a\nb", "bare-lf"), (b"a\rb", "bare-cr"), (b"a\r\r\n", "bare-cr"), (b"abc\r", None)],
+)
+def test_bare_line_endings_are_found_but_a_trailing_cr_waits_for_its_lf(data: bytes, verdict: str | None) -> None:
+    assert first_bare_line_ending(data) == verdict
+
+
+# --- chunked bodies ---------------------------------------------------------------------------------
+
+
+def test_chunked_body_is_decoded_and_leftover_is_the_next_request() -> None:
+    result = ChunkedBodyParser().feed(b"5\r\nhello\r\nA\r\n0123456789\r\n0\r\n\r\nGET / HTTP/1.1")
+    assert result is not None
+    assert result.body == b"hello0123456789"
+    assert result.consumed == len(b"5\r\nhello\r\nA\r\n0123456789\r\n0\r\n\r\n")
+    assert result.leftover == b"GET / HTTP/1.1"
+
+
+def test_harmless_trailers_are_returned_not_merged() -> None:
+    result = ChunkedBodyParser().feed(b"0\r\nX-Checksum: abc\r\n\r\n")
+    assert result is not None and result.trailers == ((b"x-checksum", b"abc"),)
+
+
+def test_chunked_body_over_the_limit_is_413() -> None:
+    with pytest.raises(FramingViolation) as caught:
+        ChunkedBodyParser(max_body=4).feed(b"5\r\nhello\r\n0\r\n\r\n")
+    assert (caught.value.case, caught.value.status) == ("body-too-large", 413)
+
+
+def test_chunk_size_with_leading_zeros_is_still_1_hexdig() -> None:
+    result = ChunkedBodyParser().feed(b"0005\r\nhello\r\n0\r\n\r\n")
+    assert result is not None and result.body == b"hello"
+
+
+def test_bad_chunk_size_is_refused_before_its_line_ends() -> None:
+    with pytest.raises(FramingViolation) as caught:
+        ChunkedBodyParser().feed(b"zz")
+    assert caught.value.case == "chunk-size"
+
+
+def test_feeding_a_finished_parser_is_an_error() -> None:
+    parser = ChunkedBodyParser()
+    assert parser.feed(b"0\r\n\r\n") is not None and parser.done
+    with pytest.raises(RuntimeError):
+        parser.feed(b"x")
+
+
+# --- responses -----------------------------------------------------------------------------------
+
+
+def test_response_head_with_both_framings_is_refused() -> None:
+    with pytest.raises(FramingViolation) as caught:
+        check_response_head(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n")
+    assert caught.value.case == "cl-te-both"
+
+
+@pytest.mark.parametrize("status_line", [b"HTTP/1.1 20 OK", b"HTTP/2 200 OK", b"ICY 200 OK", b"HTTP/1.1 200 O\x00K"])
+def test_malformed_status_line_is_refused(status_line: bytes) -> None:
+    with pytest.raises(FramingViolation):
+        check_response_head(status_line + b"\r\nContent-Length: 0\r\n\r\n")
+
+
+# --- async readers ----------------------------------------------------------------------------------
+
+
+def run(coroutine_factory: Callable[[], Awaitable[T]]) -> T:
+    async def bounded() -> T:
+        # A reader that waits for bytes that never come fails here instead of hanging the suite.
+        return await asyncio.wait_for(coroutine_factory(), timeout=5)
+
+    return asyncio.run(bounded())
+
+
+def stream_of(data: bytes, *, eof: bool = True) -> asyncio.StreamReader:
+    reader = asyncio.StreamReader()
+    reader.feed_data(data)
+    if eof:
+        reader.feed_eof()
+    return reader
+
+
+def first_request(data: bytes, *, eof: bool = True, strict: bool = True) -> Request | None:
+    """The first request a fresh reader returns for ``data`` (created inside the running loop)."""
+    return run(lambda: RequestReader(stream_of(data, eof=eof), strict=strict).next_request())
+
+
+async def read_all(reader: RequestReader) -> list[Request]:
+    requests = []
+    while (request := await reader.next_request()) is not None:
+        requests.append(request)
+    return requests
+
+
+def test_pipelined_requests_are_returned_one_by_one_with_their_exact_bytes() -> None:
+    first = b"POST http://a/ HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    second = b"GET http://b/ HTTP/1.1\r\nHost: b\r\nContent-Length: 0\r\n\r\n"
+    third = b"PUT http://c/ HTTP/1.1\r\nHost: c\r\nContent-Length: 3\r\n\r\nabc"
+    requests = run(lambda: read_all(RequestReader(stream_of(first + second + third))))
+    assert [r.raw for r in requests] == [first, second, third]
+    assert [r.body for r in requests] == [b"hello", b"", b"abc"]
+    assert requests[0].header("Transfer-Encoding") == "chunked"
+    assert requests[1].header("host") == "b" and requests[1].header("x-missing") is None
+
+
+def test_requests_arriving_one_byte_at_a_time_frame_the_same() -> None:
+    data = render(case_by_id("pipeline-safe-chunked-then-get"), host=HOST, denied=DENIED)
+
+    async def scenario() -> list[Request]:
+        stream = asyncio.StreamReader()
+        reader = RequestReader(stream)
+
+        async def trickle() -> None:
+            for index in range(len(data)):
+                stream.feed_data(data[index : index + 1])
+                await asyncio.sleep(0)
+            stream.feed_eof()
+
+        feeder = asyncio.ensure_future(trickle())
+        requests = await read_all(reader)
+        await feeder
+        return requests
+
+    requests = run(scenario)
+    assert b"".join(r.raw for r in requests) == data
+    assert [r.method for r in requests] == ["POST", "GET"]
+
+
+def test_bytes_after_a_connect_stay_unconsumed() -> None:
+    data = b"CONNECT a.test:443 HTTP/1.1\r\nHost: a.test:443\r\n\r\n\x16\x03\x01 tls bytes"
+
+    async def scenario() -> tuple[Request | None, bytes]:
+        reader = RequestReader(stream_of(data, eof=False))
+        request = await reader.next_request()
+        return request, reader.leftover()
+
+    request, leftover = run(scenario)
+    assert request is not None and request.method == "CONNECT"
+    assert leftover == b"\x16\x03\x01 tls bytes"
+
+
+def test_clean_eof_between_requests_is_none_and_mid_request_eof_is_incomplete() -> None:
+    assert run(lambda: RequestReader(stream_of(b"")).next_request()) is None
+    partials = (
+        b"GET http://a/ HTTP/1.1\r\nHost:",
+        b"POST http://a/ HTTP/1.1\r\nHost: a\r\nContent-Length: 9\r\n\r\nab",
+        b"POST http://a/ HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel",
+    )
+    for partial in partials:
+        with pytest.raises(asyncio.IncompleteReadError):
+            first_request(partial)
+
+
+@pytest.mark.parametrize(
+    ("data", "case"),
+    [
+        (b"GET http://a/ HTTP/1.1\nHost: a\n\n", "bare-lf"),
+        (b"GET http://a/ HTTP/1.1\r\nX: " + b"a" * 9000, "head-too-large"),
+        (b"POST http://a/ HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5;ext", "chunk-ext"),
+    ],
+)
+def test_reader_refuses_without_waiting_for_bytes_that_may_never_come(data: bytes, case: str) -> None:
+    with pytest.raises(FramingViolation) as caught:
+        run(lambda: RequestReader(stream_of(data, eof=False)).next_request())
+    assert caught.value.case == case
+
+
+def test_body_over_the_limit_is_413_before_it_is_read() -> None:
+    data = b"POST http://a/ HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n"
+    with pytest.raises(FramingViolation) as caught:
+        run(lambda: RequestReader(stream_of(data, eof=False), max_body=10).next_request())
+    assert caught.value.status == 413
+
+
+@pytest.mark.parametrize("case", [c for c in SMUGGLING_CASES if H11_ONLY in c.holes], ids=lambda c: c.case_id)
+def test_h11_only_reader_accepts_what_strict_framing_refuses(case: SmugglingCase) -> None:
+    data = render(case, host=HOST, denied=DENIED)
+    accepted = run(lambda: RequestReader(stream_of(data), strict=False).next_request())
+    assert accepted is not None
+    with pytest.raises(FramingViolation):
+        run(lambda: RequestReader(stream_of(data)).next_request())
+
+
+def test_http10_request_does_not_keep_alive_even_when_asked() -> None:
+    request = run(lambda: RequestReader(stream_of(
+        b"GET http://a/ HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")).next_request())
+    assert request is not None and not request.keep_alive
+
+
+async def responses(data: bytes, method: str = "GET") -> list[tuple[int, bytes, bool]]:
+    reader = ResponseReader(stream_of(data))
+    result: list[tuple[int, bytes, bool]] = []
+    while True:
+        try:
+            response = await reader.next_response(method)
+        except asyncio.IncompleteReadError:
+            return result
+        result.append((response.status, response.body, response.keep_alive))
+        if not response.keep_alive:
+            return result
+
+
+def test_response_reader_skips_interim_responses_and_decodes_chunked() -> None:
+    data = (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n")
+    assert run(lambda: responses(data)) == [(200, b"ok", True)]
+
+
+def test_no_content_response_has_no_body() -> None:
+    assert run(lambda: responses(b"HTTP/1.1 204 No Content\r\n\r\n")) == [(204, b"", True)]
+
+
+def test_response_without_length_is_read_to_eof_and_never_reused() -> None:
+    assert run(lambda: responses(b"HTTP/1.1 200 OK\r\n\r\nall of it")) == [(200, b"all of it", False)]
+
+
+def test_response_to_head_has_no_body_whatever_it_declares() -> None:
+    data = b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n"
+    assert run(lambda: responses(data, "HEAD")) == [(200, b"", True)]
+
+
+def test_unsolicited_bytes_after_a_response_make_the_upstream_unusable() -> None:
+    data = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n"
+    assert run(lambda: responses(data)) == [(200, b"ok", False)]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nokXX0\r\n\r\n",
+     b"HTTP/1.1 200 OK\nContent-Length: 0\n\n"],
+)
+def test_bad_upstream_framing_raises(data: bytes) -> None:
+    with pytest.raises(FramingViolation):
+        run(lambda: responses(data))
+
+
+# --- writers ------------------------------------------------------------------------------------
+
+
+async def _written(action: Callable[[asyncio.StreamWriter], Awaitable[None]]) -> bytes:
+    ours, theirs = socket.socketpair()
+    try:
+        _, writer = await asyncio.open_connection(sock=ours)
+        await action(writer)
+        writer.close()
+        await writer.wait_closed()
+        theirs.settimeout(5)
+        data = b""
+        while chunk := theirs.recv(65536):
+            data += chunk
+        return data
+    finally:
+        theirs.close()
+
+
+def test_write_response_adds_content_length() -> None:
+    data = run(lambda: _written(lambda w: write_response(w, 200, "OK", [("x-a", "1")], b"body")))
+    assert data == b"HTTP/1.1 200 OK\r\nx-a: 1\r\ncontent-length: 4\r\n\r\nbody"
+
+
+def test_write_response_refuses_header_injection() -> None:
+    with pytest.raises(ValueError):
+        run(lambda: _written(lambda w: write_response(w, 200, "OK", [("x-a", "1\r\nSet-Cookie: x")], b"")))
+
+
+def test_json_refusal_says_connection_close_and_closes() -> None:
+    data = run(lambda: _written(lambda w: write_json_refusal(w, 403, {"error": "ssrf_denied"})))
+    head_bytes, _, body = data.partition(b"\r\n\r\n")
+    assert head_bytes.startswith(b"HTTP/1.1 403 Forbidden\r\n")
+    assert b"connection: close" in head_bytes
+    assert json.loads(body) == {"error": "ssrf_denied"}
