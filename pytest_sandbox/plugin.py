@@ -96,6 +96,7 @@ def check_syscall_param(request: pytest.FixtureRequest, sandbox_session: Sandbox
 
 
 from pytest_sandbox.fixtures import _sandbox_pool, sandbox, sandbox_policy  # noqa: E402,F401  (fixtures)
+from pytest_sandbox.network_fixtures import _network_lab, network_verdict, sandbox_lab, sandbox_proxy  # noqa: E402, F401
 
 
 class _ScorecardReporter:
