@@ -16,7 +16,9 @@ from pytest_sandbox.policy import load_policy
 PTRACE_PEEK = (
     "import ctypes; c = ctypes.CDLL(None, use_errno=True); c.syscall(101, 2, -1, 0, 0); print(ctypes.get_errno())"
 )
-INET_SOCKET = "import socket\ntry:\n socket.socket(socket.AF_INET)\n print('opened')\nexcept OSError as e:\n print(e.errno)"
+INET_SOCKET = (
+    "import socket\ntry:\n socket.socket(socket.AF_INET)\n print('opened')\nexcept OSError as e:\n print(e.errno)"
+)
 
 
 @pytest.fixture(scope="module")
