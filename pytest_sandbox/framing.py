@@ -64,6 +64,9 @@ _FIELD_VALUE_CHARS = bytes(range(0x21, 0x7F)) + bytes(range(0x80, 0x100)) + b" \
 # delimiter "#" (never sent, §3.2) and "\" (parsers disagree whether it is "/", network.md §3).
 # CTL, SP and non-ASCII are absent, so they are rejected.
 _TARGET_CHARS = bytes(c for c in range(0x21, 0x7F) if c not in b"#\\")
+# A field section holds field-value characters plus the CRLFs between lines (bare CR/LF are
+# rejected before this is used).
+_SECTION_CHARS = _FIELD_VALUE_CHARS + b"\r\n"
 _HEXDIG = b"0123456789ABCDEFabcdef"
 _DIGIT = b"0123456789"
 _OWS = b" \t"
@@ -153,35 +156,46 @@ def first_bare_line_ending(data: bytes) -> str | None:
     return None
 
 
-def _split_field_lines(section: bytes, *, case_prefix: str = "") -> list[tuple[bytes, bytes]]:
-    """Parse CRLF-separated field lines (no terminating empty line) into (lowercase name, value)."""
-    fields: list[tuple[bytes, bytes]] = []
+def _split_field_lines(section: bytes) -> list[tuple[bytes, bytes]]:
+    """Parse CRLF-separated field lines (no terminating empty line) into (lowercase name, value).
+
+    The fast path checks every value byte of the section at once; any line that does not look like
+    ``token ":" value`` goes to ``_diagnose_field_line``, which names the exact problem.
+    """
     if not section:
-        return fields
+        return []
+    if section.translate(None, _SECTION_CHARS):
+        for line in section.split(b"\r\n"):
+            _diagnose_field_line(line)
+    fields: list[tuple[bytes, bytes]] = []
     for line in section.split(b"\r\n"):
-        if not line:
-            raise FramingViolation(case_prefix + "field-syntax", "empty line inside the field section")
-        if line[0] in _OWS:
-            # §5.2: obs-fold. h11 accepts and unfolds it; a proxy that unfolds while the origin
-            # does not (or vice versa) sees a different Transfer-Encoding.
-            raise FramingViolation(case_prefix + "obs-fold", "obsolete line folding (§5.2)")
-        colon = line.find(b":")
-        if colon <= 0:
-            raise FramingViolation(case_prefix + "field-syntax", f"field line without a name: {line[:40]!r}")
-        name = line[:colon]
-        if name[-1] in _OWS:
-            # §5.1: "No whitespace is allowed between the field name and colon ... MUST reject".
-            raise FramingViolation(case_prefix + "ws-before-colon", f"whitespace before colon in {name!r}")
-        if not _only(name, _TCHAR):
-            raise FramingViolation(case_prefix + "field-syntax", f"field name is not a token: {name[:40]!r}")
-        value = line[colon + 1 :].strip(_OWS)
-        if not _only(value, _FIELD_VALUE_CHARS):
-            # RFC 9110 §5.5: NUL and other CTLs are invalid in field values.
-            raise FramingViolation(
-                case_prefix + "field-value", f"control character in the value of {name.decode()!r}"
-            )
-        fields.append((name.lower(), value))
+        name, colon, value = line.partition(b":")
+        if not colon or not name or not _only(name, _TCHAR):
+            _diagnose_field_line(line)
+        fields.append((name.lower(), value.strip(_OWS)))
     return fields
+
+
+def _diagnose_field_line(line: bytes) -> None:
+    """Raise the specific violation for a malformed field line (returns for a valid one)."""
+    if not line:
+        raise FramingViolation("field-syntax", "empty line inside the field section")
+    if line[0] in _OWS:
+        # §5.2: obs-fold. h11 accepts and unfolds it; a proxy that unfolds while the origin
+        # does not (or vice versa) sees a different Transfer-Encoding.
+        raise FramingViolation("obs-fold", "obsolete line folding (§5.2)")
+    colon = line.find(b":")
+    if colon <= 0:
+        raise FramingViolation("field-syntax", f"field line without a name: {line[:40]!r}")
+    name = line[:colon]
+    if name[-1] in _OWS:
+        # §5.1: "No whitespace is allowed between the field name and colon ... MUST reject".
+        raise FramingViolation("ws-before-colon", f"whitespace before colon in {name!r}")
+    if not _only(name, _TCHAR):
+        raise FramingViolation("field-syntax", f"field name is not a token: {name[:40]!r}")
+    if not _only(line[colon + 1 :], _FIELD_VALUE_CHARS):
+        # RFC 9110 §5.5: NUL and other CTLs are invalid in field values.
+        raise FramingViolation("field-value", f"control character in the value of {name.decode()!r}")
 
 
 def _comma_list(value: bytes) -> list[bytes]:
@@ -354,11 +368,16 @@ def check_response_head(head: bytes, *, max_head: int = 65536) -> ResponseHead:
     if not _only(reason, _FIELD_VALUE_CHARS):
         raise FramingViolation("status-line", "control character in the reason phrase")
     headers = _split_field_lines(section)
-    content_lengths = [value for name, value in headers if name == b"content-length"]
-    transfer_encodings = [value for name, value in headers if name == b"transfer-encoding"]
-    connection_options = [
-        option for name, value in headers if name == b"connection" for option in _comma_list(value)
-    ]
+    content_lengths: list[bytes] = []
+    transfer_encodings: list[bytes] = []
+    connection_options: list[bytes] = []
+    for name, value in headers:
+        if name == b"content-length":
+            content_lengths.append(value)
+        elif name == b"transfer-encoding":
+            transfer_encodings.append(value)
+        elif name == b"connection":
+            connection_options.extend(_comma_list(value))
     if transfer_encodings and content_lengths:
         raise FramingViolation("cl-te-both", "upstream sent both Content-Length and Transfer-Encoding")
     content_length = _content_length(content_lengths) if content_lengths else None

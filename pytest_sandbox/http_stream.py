@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
@@ -57,6 +57,8 @@ class Request:
     headers: tuple[tuple[str, str], ...]  # names lowercased, values latin-1 decoded, in order
     body: bytes  # decoded (chunked coding removed)
     raw: bytes
+    # The same fields as bytes (lowercase names), so a forwarder need not re-encode them.
+    raw_headers: tuple[tuple[bytes, bytes], ...] = field(default=(), repr=False, compare=False)
 
     def header(self, name: str) -> str | None:
         """The first value of field ``name`` (case-insensitive), or None."""
@@ -91,6 +93,7 @@ class Response:
     headers: tuple[tuple[str, str], ...]  # names lowercased
     body: bytes
     keep_alive: bool  # False: the upstream connection must not carry another request
+    raw_headers: tuple[tuple[bytes, bytes], ...] = field(default=(), repr=False, compare=False)
 
     def header(self, name: str) -> str | None:
         name = name.lower()
@@ -222,6 +225,7 @@ class RequestReader:
             headers=_decode_headers(head.headers),
             body=body,
             raw=head_bytes + encoded,
+            raw_headers=head.headers,
         )
 
     async def _next_request_h11_only(self) -> Request | None:
@@ -253,6 +257,7 @@ class RequestReader:
                     raise FramingViolation("body-too-large", f"body exceeds {self._max_body} bytes", 413)
                 body.append(bytes(event.data))
             elif isinstance(event, h11.EndOfMessage) and start is not None:
+                raw_headers = tuple((bytes(name), bytes(value)) for name, value in start.headers)
                 leftover = connection.trailing_data[0]
                 everything = b"".join(fed)
                 self._stream.buffer = bytearray(leftover)
@@ -260,10 +265,10 @@ class RequestReader:
                     method=start.method.decode("ascii"),
                     target=start.target.decode("latin-1"),
                     http_version=start.http_version.decode("ascii"),
-                    headers=tuple((bytes(n).decode("ascii"), bytes(v).decode("latin-1"))
-                                  for n, v in start.headers),
+                    headers=_decode_headers(raw_headers),
                     body=b"".join(body),
                     raw=everything[: len(everything) - len(leftover)],
+                    raw_headers=raw_headers,
                 )
             elif isinstance(event, h11.ConnectionClosed):
                 if start is None and not b"".join(fed):
@@ -323,6 +328,7 @@ class ResponseReader:
                 headers=_decode_headers(head.headers),
                 body=body,
                 keep_alive=keep_alive and not self._stream.buffer,
+                raw_headers=head.headers,
             )
 
 

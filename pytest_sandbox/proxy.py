@@ -21,15 +21,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import fnmatch
+import functools
 import ipaddress
 import itertools
 import json
+import os
 import socket
+import sys
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from pytest_sandbox.addresses import (
     AddressVerdict,
@@ -46,7 +50,6 @@ from pytest_sandbox.http_stream import (
     RequestReader,
     Response,
     ResponseReader,
-    response_bytes,
     write_response,
 )
 
@@ -104,22 +107,24 @@ class Decision:
 # RFC 9112 §3.2.2; Content-Length from the decoded body) and Expect (the body is already read).
 _REQUEST_FIELDS_NOT_FORWARDED = frozenset(
     {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-        "content-length",
-        "expect",
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"host",
+        b"content-length",
+        b"expect",
     }
 )
 _RESPONSE_FIELDS_NOT_FORWARDED = frozenset(
-    {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
-     "content-length"}
+    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade",
+     b"content-length"}
 )
+# RFC 9110 §8.6: a user agent SHOULD send Content-Length for these even when the body is empty.
+_METHODS_WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
 # RFC 9110 §9.2.2: safe to retry once on a stale keep-alive upstream connection.
 _IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
@@ -128,6 +133,24 @@ _STREAM_LIMIT = 1024 * 1024
 _LINGER_SECONDS = 2.0
 _LINGER_MAX_BYTES = 1 << 20
 _CLASSIFY_CACHE_SIZE = 4096
+
+_T = TypeVar("_T")
+
+if sys.version_info >= (3, 11):
+
+    async def _bounded(awaitable: Awaitable[_T], seconds: float) -> _T:
+        """Await with a deadline; ``asyncio.timeout`` costs one timer, not a task per call."""
+        async with asyncio.timeout(seconds):
+            return await awaitable
+
+else:  # pragma: no cover - Python 3.10
+
+    async def _bounded(awaitable: Awaitable[_T], seconds: float) -> _T:
+        return await asyncio.wait_for(awaitable, seconds)
+
+
+# parse_absolute_form is pure; keep-alive clients repeat the same targets, so cache its answers.
+_parse_absolute_form = functools.lru_cache(maxsize=1024)(parse_absolute_form)
 
 
 class _Refusal(Exception):
@@ -160,12 +183,13 @@ def _host_header(authority: Authority, default_port: int) -> str:
     return host if authority.port == default_port else f"{host}:{authority.port}"
 
 
-def _connection_options(headers: tuple[tuple[str, str], ...]) -> set[str]:
+def _connection_options(fields: tuple[tuple[bytes, bytes], ...]) -> set[bytes]:
+    """Field names a Connection header lists: hop-by-hop, removed before forwarding (RFC 9110 §7.6.1)."""
     return {
-        token.strip().lower()
-        for name, value in headers
-        if name == "connection"
-        for token in value.split(",")
+        token.strip(b" \t").lower()
+        for name, value in fields
+        if name == b"connection"
+        for token in value.split(b",")
     }
 
 
@@ -204,10 +228,11 @@ class _Upstream:
     key: tuple[str, int]  # the checked (address, port) this connection was dialled to
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
+    max_body: int = 32 * 2**20
     responses: ResponseReader = field(init=False)
 
     def __post_init__(self) -> None:
-        self.responses = ResponseReader(self.reader)
+        self.responses = ResponseReader(self.reader, max_body=self.max_body)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -375,36 +400,40 @@ class EgressProxy:
 
     async def _serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
-        client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        requests = RequestReader(
-            reader, max_head=self.config.max_head, max_body=self.config.max_body,
-            strict=self.config.strict_framing,
+        conn = _Client(
+            name=f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer),
+            reader=reader,
+            writer=writer,
+            requests=RequestReader(reader, max_head=self.config.max_head, max_body=self.config.max_body,
+                                   strict=self.config.strict_framing),
+            watchdog=_Watchdog(asyncio.get_running_loop()),
         )
-        upstreams: dict[tuple[str, int], _Upstream] = {}
-        first_upstream: list[_Upstream] = []  # weakened mode: the connection later requests ride
+        idle_timeout, abort_client = self.config.idle_timeout, writer.transport.abort
         try:
             while True:
+                conn.watchdog.arm(idle_timeout, abort_client)
                 try:
-                    request = await asyncio.wait_for(requests.next_request(), self.config.idle_timeout)
+                    request = await conn.requests.next_request()
                 except FramingViolation as violation:
                     refusal = _framing_refusal(violation)
-                    self._record_refusal(client, None, None, refusal)
-                    await self._refuse(reader, writer, refusal)
+                    self._record_refusal(conn.name, None, None, refusal)
+                    await self._refuse(conn, refusal)
                     return
+                finally:
+                    conn.watchdog.disarm()
                 if request is None:
                     return
                 if request.method == "CONNECT":
-                    await self._handle_connect(client, request, requests, reader, writer)
+                    await self._handle_connect(conn, request)
                     return
-                if not await self._handle_forward(client, request, upstreams, first_upstream, reader, writer):
+                if not await self._handle_forward(conn, request):
                     return
         finally:
-            for upstream in upstreams.values():
+            conn.watchdog.close()
+            for upstream in conn.upstreams.values():
                 upstream.close()
 
-    async def _refuse(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, refusal: _Refusal
-    ) -> None:
+    async def _refuse(self, conn: _Client, refusal: _Refusal) -> None:
         """Answer with ``{"error": reason, "detail": ...}``, ``Connection: close``, and close.
 
         The connection is half-closed after the answer and the rest of the client's input is read
@@ -413,80 +442,55 @@ class EgressProxy:
         (RFC 9112 §9.6).
         """
         body = json.dumps({"error": refusal.reason, "detail": refusal.detail}, separators=(",", ":")).encode()
-        reason_phrase = {400: "Bad Request", 403: "Forbidden", 413: "Content Too Large",
-                         431: "Request Header Fields Too Large", 501: "Not Implemented",
-                         502: "Bad Gateway", 505: "HTTP Version Not Supported"}.get(refusal.status, "Error")
         with contextlib.suppress(ConnectionError):
             await write_response(
-                writer, refusal.status, reason_phrase,
+                conn.writer, refusal.status, _REASON_PHRASES.get(refusal.status, "Error"),
                 [("content-type", "application/json"), ("connection", "close")], body,
             )
-        await self._linger_close(reader, writer)
-
-    async def _linger_close(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError, RuntimeError):
-            if writer.can_write_eof():
-                writer.write_eof()
-        discarded = 0
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + _LINGER_SECONDS
-        with contextlib.suppress(OSError, ConnectionError, TimeoutError):
-            while discarded < _LINGER_MAX_BYTES and loop.time() < deadline:
-                data = await asyncio.wait_for(reader.read(65536), deadline - loop.time())
-                if not data:
-                    break
-                discarded += len(data)
-        writer.close()
+        await _linger_close(conn.reader, conn.writer)
 
     # --- absolute-form requests ---------------------------------------------------------------
 
-    async def _handle_forward(
-        self, client: str, request: Request, upstreams: dict[tuple[str, int], _Upstream],
-        first_upstream: list[_Upstream], reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-    ) -> bool:
+    async def _handle_forward(self, conn: _Client, request: Request) -> bool:
         """Judge and forward one request; True when the client connection may carry another."""
-        if first_upstream and not self.config.judge_every_request:
-            return await self._forward_unjudged(client, request, first_upstream[0], reader, writer)
+        if conn.first_upstream is not None and not self.config.judge_every_request:
+            return await self._forward_unjudged(conn, request, conn.first_upstream)
         authority: Authority | None = None
         addresses: tuple[str, ...] = ()
         try:
             try:
-                _, authority, path = parse_absolute_form(request.target)
+                _, authority, path = _parse_absolute_form(request.target)
             except MalformedTarget as error:
                 raise _target_refusal(error) from None
             self._check_policy(authority)
             addresses = await self._checked_addresses(authority)
-            upstream, response = await self._exchange(request, authority, path, addresses, upstreams)
+            upstream, response = await self._exchange(conn, request, authority, path, addresses)
         except _Refusal as refusal:
-            self._record_refusal(client, request, authority, refusal, addresses)
-            await self._refuse(reader, writer, refusal)
+            self._record_refusal(conn.name, request, authority, refusal, addresses)
+            await self._refuse(conn, refusal)
             return False
-        if not first_upstream:
-            first_upstream.append(upstream)
-        self._record(client, request, authority=authority, action="allow", status=response.status,
+        if conn.first_upstream is None:
+            conn.first_upstream = upstream
+        self._record(conn.name, request, authority=authority, action="allow", status=response.status,
                      reason="routed", detail=f"forwarded to {upstream.key[0]} port {upstream.key[1]}",
                      addresses=addresses)
-        return await self._answer(request, response, reader, writer)
+        return await self._answer(conn, request, response)
 
-    async def _forward_unjudged(
-        self, client: str, request: Request, upstream: _Upstream,
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-    ) -> bool:
+    async def _forward_unjudged(self, conn: _Client, request: Request, upstream: _Upstream) -> bool:
         """Weakened mode: the request rides the first request's upstream, unjudged (the hole)."""
         path = request.target
         with contextlib.suppress(MalformedTarget):
-            path = parse_absolute_form(request.target)[2]
-        upstream.writer.write(self._upstream_request(request, request.header("host") or "", path))
+            path = _parse_absolute_form(request.target)[2]
+        upstream.writer.write(_upstream_request(request, (request.header("host") or "").encode("latin-1"), path))
         try:
             response = await upstream.responses.next_response(request.method)
         except (FramingViolation, OSError, asyncio.IncompleteReadError) as error:
-            refusal = _Refusal(502, "upstream_protocol_error", str(error))
-            await self._refuse(reader, writer, refusal)
+            await self._refuse(conn, _Refusal(502, "upstream_protocol_error", str(error)))
             return False
-        self._record(client, request, authority=None, action="allow", status=response.status,
+        self._record(conn.name, request, authority=None, action="allow", status=response.status,
                      reason="unjudged", detail="judge_every_request=False: rode the first upstream",
                      addresses=(upstream.key[0],))
-        return await self._answer(request, response, reader, writer)
+        return await self._answer(conn, request, response)
 
     def _check_policy(self, authority: Authority) -> None:
         if authority.port not in self._allowed_ports:
@@ -515,8 +519,7 @@ class EgressProxy:
             answers: list[str] = [str(authority.ip)]
         else:
             try:
-                answers = list(await asyncio.wait_for(self._resolver(authority.host),
-                                                      self.config.resolve_timeout))
+                answers = list(await _bounded(self._resolver(authority.host), self.config.resolve_timeout))
             except Exception as error:
                 raise _Refusal(502, "resolution_failed",
                                f"{where}: resolving failed: {type(error).__name__}: {error}") from None
@@ -538,8 +541,8 @@ class EgressProxy:
             checked.append(verdict.address)
         return tuple(checked)
 
-    async def _dial(self, addresses: tuple[str, ...], port: int) -> _Upstream:
-        """Connect to the first reachable checked address, with a socket from the factory."""
+    async def _dial_socket(self, addresses: tuple[str, ...], port: int) -> tuple[socket.socket, str]:
+        """A socket from the factory, connected to the first reachable checked address."""
         failures: list[str] = []
         for address in addresses:
             ip = ipaddress.ip_address(address)
@@ -547,100 +550,94 @@ class EgressProxy:
             sockaddr: tuple[Any, ...] = (address, port, 0, 0) if ip.version == 6 else (address, port)
             sock = self._socket_factory(family)
             try:
-                await asyncio.wait_for(_connect_socket(sock, sockaddr), self.config.connect_timeout)
-                reader, writer = await asyncio.open_connection(sock=sock, limit=_STREAM_LIMIT)
-            except (OSError, TimeoutError) as error:
+                await _bounded(_connect_socket(sock, sockaddr), self.config.connect_timeout)
+            except (OSError, TimeoutError, asyncio.TimeoutError) as error:
                 sock.close()
                 failures.append(f"{address}: {error or type(error).__name__}")
                 continue
-            return _Upstream((address, port), reader, writer)
+            return sock, address
         raise _Refusal(502, "upstream_unreachable", f"port {port}: " + "; ".join(failures),
                        addresses=addresses)
 
-    def _upstream_request(self, request: Request, host: str, path: str) -> bytes:
-        listed = _connection_options(request.headers)
-        parts = [b"%s %s HTTP/1.1\r\nhost: %s\r\n" % (request.method.encode(), path.encode("latin-1"),
-                                                       host.encode("latin-1"))]
-        for name, value in request.headers:
-            if name in _REQUEST_FIELDS_NOT_FORWARDED or name in listed or name.startswith("proxy-"):
-                continue
-            parts.append(b"%s: %s\r\n" % (name.encode("ascii"), value.encode("latin-1")))
-        if request.body or request.header("content-length") is not None or request.method in ("POST", "PUT"):
-            parts.append(b"content-length: %d\r\n" % len(request.body))
-        parts.append(b"\r\n")
-        parts.append(request.body)
-        return b"".join(parts)
+    async def _dial(self, addresses: tuple[str, ...], port: int) -> _Upstream:
+        sock, address = await self._dial_socket(addresses, port)
+        try:
+            reader, writer = await asyncio.open_connection(sock=sock, limit=_STREAM_LIMIT)
+        except OSError as error:
+            sock.close()
+            raise _Refusal(502, "upstream_unreachable", f"{address} port {port}: {error}",
+                           addresses=addresses) from None
+        return _Upstream((address, port), reader, writer, max_body=self.config.max_response_body)
 
     async def _exchange(
-        self, request: Request, authority: Authority, path: str, addresses: tuple[str, ...],
-        upstreams: dict[tuple[str, int], _Upstream],
+        self, conn: _Client, request: Request, authority: Authority, path: str, addresses: tuple[str, ...],
     ) -> tuple[_Upstream, Response]:
-        """Send the request to an upstream for one of ``addresses`` and read its response."""
-        data = self._upstream_request(request, _host_header(authority, 80), path)
+        """Send the request to an upstream for one of ``addresses`` and read its response.
+
+        An upstream connection is reused only for the same checked (address, port).
+        """
+        data = _upstream_request(request, _host_header(authority, 80).encode("ascii"), path)
+        port = authority.port
         for attempt in range(2):
-            upstream = next((upstreams.pop((a, authority.port)) for a in addresses
-                             if (a, authority.port) in upstreams), None)
+            upstream = next((conn.upstreams.pop((a, port)) for a in addresses if (a, port) in conn.upstreams), None)
             reused = upstream is not None
             if upstream is None:
-                upstream = await self._dial(addresses, authority.port)
+                upstream = await self._dial(addresses, port)
+            conn.watchdog.arm(self.config.upstream_timeout, upstream.writer.transport.abort)
             try:
                 upstream.writer.write(data)
-                response = await asyncio.wait_for(upstream.responses.next_response(request.method),
-                                                  self.config.upstream_timeout)
+                response = await upstream.responses.next_response(request.method)
             except FramingViolation as violation:
                 upstream.close()
                 raise _Refusal(502, "upstream_protocol_error",
                                f"upstream {upstream.key[0]} sent bad framing: {violation}") from None
-            except (TimeoutError, asyncio.TimeoutError):
-                upstream.close()
-                raise _Refusal(504, "upstream_timeout",
-                               f"no complete response from {upstream.key[0]}") from None
             except (OSError, asyncio.IncompleteReadError) as error:
                 upstream.close()
+                if conn.watchdog.expired:
+                    raise _Refusal(504, "upstream_timeout", f"no complete response from {upstream.key[0]} "
+                                   f"within {self.config.upstream_timeout} s") from None
                 if reused and attempt == 0 and request.method in _IDEMPOTENT_METHODS:
                     continue  # a stale keep-alive connection: dial afresh once
                 failure = f"{type(error).__name__}: {error}"
                 raise _Refusal(502, "upstream_unreachable",
                                f"upstream {upstream.key[0]} failed: {failure}") from None
+            finally:
+                conn.watchdog.disarm()
             if response.keep_alive:
-                upstreams[upstream.key] = upstream
+                conn.upstreams[upstream.key] = upstream
             else:
                 upstream.close()
             return upstream, response
         raise AssertionError("unreachable")
 
-    async def _answer(
-        self, request: Request, response: Response, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> bool:
+    async def _answer(self, conn: _Client, request: Request, response: Response) -> bool:
         keep_alive = request.keep_alive
-        listed = _connection_options(response.headers)
-        headers = [
-            (name, value) for name, value in response.headers
-            if name not in _RESPONSE_FIELDS_NOT_FORWARDED and name not in listed
-        ]
-        bodiless = request.method == "HEAD" or response.status in (204, 304)
-        if bodiless:
+        fields = response.raw_headers or _encode_fields(response.headers)
+        listed = _connection_options(fields)
+        parts = [b"HTTP/1.1 %d %s\r\n" % (response.status, response.reason.encode("latin-1"))]
+        for name, value in fields:
+            if name not in _RESPONSE_FIELDS_NOT_FORWARDED and name not in listed:
+                parts += (name, b": ", value, b"\r\n")
+        if request.method == "HEAD" or response.status in (204, 304):
             # RFC 9110 §8.6: a HEAD/304 response's Content-Length describes the body it omits.
-            length = response.header("content-length")
-            if length is not None:
-                headers.append(("content-length", length))
+            parts += (b"content-length: %s\r\n" % value for name, value in fields if name == b"content-length")
         else:
-            headers.append(("content-length", str(len(response.body))))
+            parts.append(b"content-length: %d\r\n" % len(response.body))
         if not keep_alive:
-            headers.append(("connection", "close"))
-        with contextlib.suppress(ConnectionError):
-            writer.write(response_bytes(response.status, response.reason, headers, response.body))
-            await writer.drain()
+            parts.append(b"connection: close\r\n")
+        parts += (b"\r\n", response.body)
+        writer = conn.writer
+        writer.write(b"".join(parts))
+        if writer.transport.get_write_buffer_size() > _RELAY_CHUNK:
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
         if not keep_alive:
-            await self._linger_close(reader, writer)
+            await _linger_close(conn.reader, writer)
         return keep_alive
 
     # --- CONNECT --------------------------------------------------------------------------------
 
-    async def _handle_connect(
-        self, client: str, request: Request, requests: RequestReader,
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-    ) -> None:
+    async def _handle_connect(self, conn: _Client, request: Request) -> None:
         authority: Authority | None = None
         addresses: tuple[str, ...] = ()
         try:
@@ -651,34 +648,295 @@ class EgressProxy:
             handler = self._connect_interceptor(authority.host, authority.port) \
                 if self._connect_interceptor is not None else None
             if handler is not None:
-                if requests.leftover():
+                if conn.requests.leftover():
                     # The interceptor speaks TLS from its first byte; bytes sent before our 200
                     # (RFC 9931 optimistic data) could never be replayed into that handshake.
                     raise _Refusal(400, "framing:connect-early-data",
                                    "bytes sent before 200 Connection Established on an intercepted CONNECT")
-                self._record(client, request, authority=authority, action="intercept", status=200,
+                self._record(conn.name, request, authority=authority, action="intercept", status=200,
                              reason="intercepted", detail="handed to the connect interceptor")
-                writer.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
-                await writer.drain()
-                await handler(reader, writer)
+                conn.writer.write(_CONNECTION_ESTABLISHED)
+                await conn.writer.drain()
+                await handler(conn.reader, conn.writer)
                 return
             self._check_policy(authority)
             addresses = await self._checked_addresses(authority)
-            upstream = await self._dial(addresses, authority.port)
+            upstream_sock, address = await self._dial_socket(addresses, authority.port)
         except _Refusal as refusal:
-            self._record_refusal(client, request, authority, refusal, addresses)
-            await self._refuse(reader, writer, refusal)
+            self._record_refusal(conn.name, request, authority, refusal, addresses)
+            await self._refuse(conn, refusal)
             return
-        self._record(client, request, authority=authority, action="allow", status=200, reason="routed",
-                     detail=f"tunnel to {upstream.key[0]} port {upstream.key[1]}", addresses=addresses)
+        self._record(conn.name, request, authority=authority, action="allow", status=200, reason="routed",
+                     detail=f"tunnel to {address} port {authority.port}", addresses=addresses)
+        with upstream_sock:
+            await self._tunnel(conn, upstream_sock)
+
+    async def _tunnel(self, conn: _Client, upstream_sock: socket.socket) -> None:
+        """Answer 200 and relay bytes both ways until both sides are done.
+
+        Bytes the client sent after its CONNECT head are tunnel payload and go upstream first;
+        they are never parsed as HTTP. The relay does no per-chunk work beyond moving bytes:
+        zero-copy ``splice(2)`` through a pipe when the platform has it, stream copies otherwise.
+        """
+        transport = conn.writer.transport
+        conn.writer.write(_CONNECTION_ESTABLISHED)
+        await conn.writer.drain()
+        early = conn.requests.leftover()
+        loop = asyncio.get_running_loop()
+        if early:
+            await loop.sock_sendall(upstream_sock, early)
+        if _SPLICE_AVAILABLE and isinstance(transport, asyncio.ReadTransport):
+            transport.pause_reading()
+            if not _stream_buffered(conn.reader):
+                client_sock = transport.get_extra_info("socket")
+                await _splice_relay(loop, client_sock.fileno(), upstream_sock)
+                return
+            transport.resume_reading()
+        reader, writer = await asyncio.open_connection(sock=upstream_sock.dup(), limit=_STREAM_LIMIT)
         try:
-            writer.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
-            early = requests.leftover()
-            if early:
-                upstream.writer.write(early)  # tunnel payload, never parsed as HTTP
-            await _relay(reader, writer, upstream.reader, upstream.writer)
+            await _relay(conn.reader, conn.writer, reader, writer)
         finally:
-            upstream.close()
+            writer.close()
+
+
+_CONNECTION_ESTABLISHED = b"HTTP/1.1 200 Connection Established\r\n\r\n"
+_REASON_PHRASES = {
+    400: "Bad Request", 403: "Forbidden", 413: "Content Too Large", 431: "Request Header Fields Too Large",
+    501: "Not Implemented", 502: "Bad Gateway", 504: "Gateway Timeout", 505: "HTTP Version Not Supported",
+}
+
+
+class _Watchdog:
+    """One lazily rescheduled timer per client connection, so arming it costs two attribute writes
+    instead of a timer (or a task) per await. When the armed deadline passes, ``action`` runs
+    (it aborts a transport, which wakes the awaiting reader with EOF) and ``expired`` is set."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._deadline: float | None = None
+        self._action: Callable[[], object] | None = None
+        self._handle: asyncio.TimerHandle | None = None
+        self._scheduled_for = 0.0
+        self.expired = False
+
+    def arm(self, seconds: float, action: Callable[[], object]) -> None:
+        self._deadline = deadline = self._loop.time() + seconds
+        self._action = action
+        self.expired = False
+        if self._handle is None or deadline < self._scheduled_for:
+            if self._handle is not None:
+                self._handle.cancel()
+            self._schedule(deadline)
+
+    def disarm(self) -> None:
+        self._deadline = None
+
+    def close(self) -> None:
+        self._deadline = None
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _schedule(self, when: float) -> None:
+        self._scheduled_for = when
+        self._handle = self._loop.call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        self._handle = None
+        deadline, action = self._deadline, self._action
+        if deadline is None or action is None:
+            return
+        if self._loop.time() >= deadline:
+            self._deadline = None
+            self.expired = True
+            action()
+        else:
+            self._schedule(deadline)
+
+
+@dataclass
+class _Client:
+    """One client connection and what the proxy keeps for it."""
+
+    name: str
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    requests: RequestReader
+    watchdog: _Watchdog
+    upstreams: dict[tuple[str, int], _Upstream] = field(default_factory=dict)  # idle, by checked key
+    first_upstream: _Upstream | None = None  # weakened mode: where later requests ride
+
+
+def _encode_fields(headers: tuple[tuple[str, str], ...]) -> tuple[tuple[bytes, bytes], ...]:
+    return tuple((name.encode("ascii"), value.encode("latin-1")) for name, value in headers)
+
+
+def _upstream_request(request: Request, host: bytes, path: str) -> bytes:
+    """The request in origin-form for the next hop: Host from the target (RFC 9112 §3.2.2),
+    hop-by-hop and Proxy-* fields removed (RFC 9110 §7.6.1), the body framed by Content-Length."""
+    fields = request.raw_headers or _encode_fields(request.headers)
+    listed = _connection_options(fields)
+    parts = [b"%s %s HTTP/1.1\r\nhost: %s\r\n" % (request.method.encode("ascii"), path.encode("latin-1"), host)]
+    for name, value in fields:
+        if name not in _REQUEST_FIELDS_NOT_FORWARDED and name not in listed and not name.startswith(b"proxy-"):
+            parts += (name, b": ", value, b"\r\n")
+    body = request.body
+    if body or request.method in _METHODS_WITH_BODY or any(name == b"content-length" for name, _ in fields):
+        parts.append(b"content-length: %d\r\n" % len(body))
+    parts += (b"\r\n", body)
+    return b"".join(parts)
+
+
+async def _linger_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Half-close, discard (never parse) what the client still sends for a moment, then close."""
+    with contextlib.suppress(OSError, RuntimeError):
+        if writer.can_write_eof():
+            writer.write_eof()
+    discarded = 0
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + _LINGER_SECONDS
+    with contextlib.suppress(OSError, ConnectionError, TimeoutError, asyncio.TimeoutError):
+        while discarded < _LINGER_MAX_BYTES and loop.time() < deadline:
+            data = await _bounded(reader.read(65536), deadline - loop.time())
+            if not data:
+                break
+            discarded += len(data)
+    writer.close()
+
+
+# --- tunnel relays ---------------------------------------------------------------------------------
+
+_SPLICE_AVAILABLE = hasattr(os, "splice") and hasattr(os, "SPLICE_F_NONBLOCK")
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+_PIPE_SIZE = 1 << 20
+
+
+def _stream_buffered(reader: asyncio.StreamReader) -> bool:
+    """Whether ``reader`` still holds bytes the client sent; unknown counts as yes.
+
+    StreamReader has no public way to ask; its ``_buffer`` has been a bytearray since Python 3.4.
+    Only then may the socket underneath be read directly.
+    """
+    buffer = getattr(reader, "_buffer", None)
+    return not isinstance(buffer, bytearray) or bool(buffer)
+
+
+class _SpliceDirection:
+    """Moves bytes from one socket to another through a pipe with ``splice(2)``, on the event loop.
+
+    Reads only while the pipe is empty, so a slow receiver pauses the sender (TCP backpressure);
+    at EOF it half-closes the receiving side (``shutdown(SHUT_WR)``) so the tunnel stays half open
+    like a real TCP connection.
+    """
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, source: int, sink: int,
+        half_close: Callable[[], None], finished: Callable[[BaseException | None], None],
+    ) -> None:
+        self._loop, self._source, self._sink = loop, source, sink
+        self._half_close, self._finished = half_close, finished
+        self._pipe_out, self._pipe_in = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        with contextlib.suppress(OSError, AttributeError):
+            fcntl.fcntl(self._pipe_in, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+        self._in_pipe = 0
+        self._eof = False
+        self._reading = self._writing = False
+        self._done = False
+        self._start_reading()
+
+    def _start_reading(self) -> None:
+        self._loop.add_reader(self._source, self._on_readable)
+        self._reading = True
+
+    def _stop_reading(self) -> None:
+        if self._reading:
+            self._loop.remove_reader(self._source)
+            self._reading = False
+
+    def _on_readable(self) -> None:
+        try:
+            moved = os.splice(self._source, self._pipe_in, _PIPE_SIZE, flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            return
+        except OSError as error:
+            self._finish(error)
+            return
+        if moved == 0:
+            self._eof = True
+            self._stop_reading()
+        self._in_pipe += moved
+        self._flush()
+
+    def _on_writable(self) -> None:
+        self._flush()
+
+    def _flush(self) -> None:
+        while self._in_pipe:
+            try:
+                moved = os.splice(self._pipe_out, self._sink, self._in_pipe, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                if not self._writing:
+                    self._stop_reading()
+                    self._loop.add_writer(self._sink, self._on_writable)
+                    self._writing = True
+                return
+            except OSError as error:
+                self._finish(error)
+                return
+            self._in_pipe -= moved
+        if self._writing:
+            self._loop.remove_writer(self._sink)
+            self._writing = False
+            if not self._eof:
+                self._start_reading()
+        if self._eof:
+            with contextlib.suppress(OSError):
+                self._half_close()
+            self._finish(None)
+
+    def _finish(self, error: BaseException | None) -> None:
+        if not self._done:
+            self._done = True
+            self.close()
+            self._finished(error)
+
+    def close(self) -> None:
+        self._stop_reading()
+        if self._writing:
+            self._loop.remove_writer(self._sink)
+            self._writing = False
+        for fd in (self._pipe_out, self._pipe_in):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._pipe_out = self._pipe_in = -1
+
+
+async def _splice_relay(loop: asyncio.AbstractEventLoop, client_fd: int, upstream: socket.socket) -> None:
+    """Relay between the client (a socket owned by an asyncio transport, reading paused) and the
+    upstream socket until both directions reach EOF or either fails."""
+    # The event loop refuses add_reader on a transport's own descriptor; a duplicate refers to the
+    # same connection and is ours to register and close.
+    client = socket.socket(fileno=os.dup(client_fd))
+    done: asyncio.Future[None] = loop.create_future()
+    open_directions = [2]
+
+    def finished(error: BaseException | None) -> None:
+        open_directions[0] -= 1
+        if not done.done() and (error is not None or open_directions[0] == 0):
+            done.set_result(None)
+
+    directions: list[_SpliceDirection] = []
+    try:
+        upstream.setblocking(False)
+        directions.append(_SpliceDirection(loop, client.fileno(), upstream.fileno(),
+                                           lambda: upstream.shutdown(socket.SHUT_WR), finished))
+        directions.append(_SpliceDirection(loop, upstream.fileno(), client.fileno(),
+                                           lambda: client.shutdown(socket.SHUT_WR), finished))
+        await done
+    finally:
+        for direction in directions:
+            direction.close()
+        client.close()
 
 
 async def _pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:

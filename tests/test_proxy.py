@@ -23,6 +23,7 @@ from typing import Any
 import h11
 import pytest
 
+from pytest_sandbox import proxy as proxy_module
 from pytest_sandbox.addresses import AddressVerdict, classify_address
 from pytest_sandbox.catalogues.smuggling import (
     FIRST_REQUEST_ONLY,
@@ -614,7 +615,11 @@ def _connect(client: RawClient, authority: str, extra: bytes = b"") -> bytes:
     return client.read_raw(len(expected))
 
 
-def test_allowed_connect_is_established_and_relays_bytes_both_ways(lab: Lab) -> None:
+@pytest.mark.parametrize("zero_copy", [True, False], ids=["splice", "stream-copy"])
+def test_allowed_connect_is_established_and_relays_bytes_both_ways(
+    lab: Lab, monkeypatch: pytest.MonkeyPatch, zero_copy: bool
+) -> None:
+    monkeypatch.setattr(proxy_module, "_SPLICE_AVAILABLE", zero_copy and proxy_module._SPLICE_AVAILABLE)
     proxy = lab.start_proxy()
     client = RawClient(proxy)
     assert _connect(client, "echo.test:443") == b"HTTP/1.1 200 Connection Established\r\n\r\n"
