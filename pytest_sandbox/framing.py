@@ -272,13 +272,7 @@ def check_request_head(head: bytes, *, max_head: int = MAX_HEAD_BYTES) -> Reques
     Raises ``FramingViolation`` for anything ambiguous; returns the parsed head otherwise. Pure: the
     same bytes always give the same verdict.
     """
-    if len(head) > max_head:
-        raise FramingViolation("head-too-large", f"request head exceeds {max_head} bytes", 431)
-    if not head.endswith(b"\r\n\r\n"):
-        raise FramingViolation("head-unterminated", "request head does not end with CRLFCRLF")
-    bare = first_bare_line_ending(head)
-    if bare is not None:
-        raise FramingViolation(bare, "line endings must be CRLF (§2.2)")
+    _check_head_envelope(head, max_head, what="request", too_large_status=431)
 
     request_line, _, section = head[:-4].partition(b"\r\n")
     parts = request_line.split(b" ")
@@ -351,15 +345,20 @@ def check_request_head(head: bytes, *, max_head: int = MAX_HEAD_BYTES) -> Reques
     )
 
 
-def check_response_head(head: bytes, *, max_head: int = 65536) -> ResponseHead:
-    """Validate an upstream response head; bad framing means 502 and never reusing that upstream."""
+def _check_head_envelope(head: bytes, max_head: int, *, what: str, too_large_status: int) -> None:
+    """Size, terminator and line endings of a request or response head (RFC 9112 §2.2)."""
     if len(head) > max_head:
-        raise FramingViolation("head-too-large", f"response head exceeds {max_head} bytes", 502)
+        raise FramingViolation("head-too-large", f"{what} head exceeds {max_head} bytes", too_large_status)
     if not head.endswith(b"\r\n\r\n"):
-        raise FramingViolation("head-unterminated", "response head does not end with CRLFCRLF")
+        raise FramingViolation("head-unterminated", f"{what} head does not end with CRLFCRLF")
     bare = first_bare_line_ending(head)
     if bare is not None:
-        raise FramingViolation(bare, "response line endings must be CRLF (§2.2)")
+        raise FramingViolation(bare, f"{what} line endings must be CRLF (§2.2)")
+
+
+def check_response_head(head: bytes, *, max_head: int = 65536) -> ResponseHead:
+    """Validate an upstream response head; bad framing means 502 and never reusing that upstream."""
+    _check_head_envelope(head, max_head, what="response", too_large_status=502)
     status_line, _, section = head[:-4].partition(b"\r\n")
     version, _, rest = status_line.partition(b" ")
     status_code, _, reason = rest.partition(b" ")

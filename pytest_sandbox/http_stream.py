@@ -62,11 +62,7 @@ class Request:
 
     def header(self, name: str) -> str | None:
         """The first value of field ``name`` (case-insensitive), or None."""
-        name = name.lower()
-        for field_name, value in self.headers:
-            if field_name == name:
-                return value
-        return None
+        return _first_value(self.headers, name)
 
     @property
     def keep_alive(self) -> bool:
@@ -96,11 +92,16 @@ class Response:
     raw_headers: tuple[tuple[bytes, bytes], ...] = field(default=(), repr=False, compare=False)
 
     def header(self, name: str) -> str | None:
-        name = name.lower()
-        for field_name, value in self.headers:
-            if field_name == name:
-                return value
-        return None
+        return _first_value(self.headers, name)
+
+
+def _first_value(headers: tuple[tuple[str, str], ...], name: str) -> str | None:
+    """The first value of field ``name`` (case-insensitive) in lowercased ``headers``, or None."""
+    name = name.lower()
+    for field_name, value in headers:
+        if field_name == name:
+            return value
+    return None
 
 
 def _decode_headers(headers: tuple[tuple[bytes, bytes], ...]) -> tuple[tuple[str, str], ...]:

@@ -222,18 +222,7 @@ def forwardable_request_headers(
     fresh Content-Length, and ``connection: close`` (one upstream connection per request, so no
     request can ride another's upstream connection).
     """
-    pairs = [(name.lower(), value) for name, value in headers]
-    named_by_connection = {
-        token.strip().lower() for name, value in pairs if name == "connection" for token in value.split(",")
-    }
-    kept = [
-        (name, value)
-        for name, value in pairs
-        if name not in _HOP_BY_HOP
-        and name not in _REWRITTEN_REQUEST_FIELDS
-        and name not in named_by_connection
-        and not name.startswith("proxy-")
-    ]
+    kept = _end_to_end_fields(headers, _REWRITTEN_REQUEST_FIELDS)
     # RFC 9110 §8.6: no Content-Length on a bodiless request whose method defines no body.
     has_content = body_length > 0 or method in ("POST", "PUT", "PATCH")
     framing = [("content-length", str(body_length))] if has_content else []
@@ -248,6 +237,12 @@ def forwardable_request_headers(
 
 def forwardable_response_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     """The backend's response headers minus hop-by-hop fields and its own framing. Pure."""
+    return _end_to_end_fields(headers, _REWRITTEN_RESPONSE_FIELDS)
+
+
+def _end_to_end_fields(headers: Iterable[tuple[str, str]], rewritten: frozenset[str]) -> list[tuple[str, str]]:
+    """Lowercased fields minus hop-by-hop ones, every field ``Connection`` names (RFC 9110 §7.6.1),
+    the proxy-* family, and the fields this hop writes itself (``rewritten``)."""
     pairs = [(name.lower(), value) for name, value in headers]
     named_by_connection = {
         token.strip().lower() for name, value in pairs if name == "connection" for token in value.split(",")
@@ -256,7 +251,7 @@ def forwardable_response_headers(headers: Iterable[tuple[str, str]]) -> list[tup
         (name, value)
         for name, value in pairs
         if name not in _HOP_BY_HOP
-        and name not in _REWRITTEN_RESPONSE_FIELDS
+        and name not in rewritten
         and name not in named_by_connection
         and not name.startswith("proxy-")
     ]

@@ -201,7 +201,7 @@ class SandboxedProcess:
             self.wait()
 
 
-def _communicate_fds(streams: list[IO[bytes] | None]) -> None:
+def _close_streams(streams: list[IO[bytes] | None]) -> None:
     for stream in streams:
         if stream is not None and not stream.closed:
             stream.close()
@@ -289,7 +289,7 @@ class Sandbox:
                     raise LaunchError("this sandbox is closed")
                 socket.send_fds(self._control, [json.dumps(request).encode()], [reply_child.fileno(), *theirs])
         except OSError as exc:
-            _communicate_fds(ours)
+            _close_streams(ours)
             reply.close()
             raise LaunchError(f"the sandbox spawner is gone ({exc}); nothing was run") from None
         finally:
@@ -299,7 +299,7 @@ class Sandbox:
         message = reply.recv(65536)
         answer = json.loads(message) if message else {"error": "the spawner exited"}
         if "pid" not in answer:
-            _communicate_fds(ours)
+            _close_streams(ours)
             reply.close()
             raise LaunchError(f"cannot launch {argv[0]!r} in the sandbox: {answer.get('error')}")
         return SandboxedProcess(argv, int(answer["pid"]), reply, *ours)

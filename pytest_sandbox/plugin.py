@@ -39,7 +39,6 @@ def pytest_configure(config: pytest.Config) -> None:
     if not config.getoption("sandbox"):
         return
     options = SandboxOptions(
-        enabled=True,
         policy=config.getoption("sandbox_policy"),
         require=config.getoption("sandbox_require"),
         exec_prefix=config.getoption("sandbox_exec"),

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pytest_sandbox.compiler import CompiledFilter, compile_policy
+from pytest_sandbox.errors import PolicyError
 from pytest_sandbox.launcher import Identity, NetworkPlacement, check_host_support
 from pytest_sandbox.policy import NETWORK_MODES, Policy, load_policy
 from pytest_sandbox.syscall_suite import (
@@ -47,7 +48,6 @@ class SyscallParam:
 
 @dataclass
 class SandboxOptions:
-    enabled: bool = False
     policy: str = "baseline"
     require: str | None = None
     exec_prefix: str | None = None
@@ -68,8 +68,6 @@ class SandboxSession:
         self.requirement = load_policy(self.options.require or "baseline")
         for mode in self.options.modes:
             if mode not in NETWORK_MODES:
-                from pytest_sandbox.errors import PolicyError
-
                 raise PolicyError(f"--sandbox-modes: unknown network mode {mode!r}; use {', '.join(NETWORK_MODES)}")
 
     # -- what is probed ----------------------------------------------------------------------
