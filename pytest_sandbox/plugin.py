@@ -27,6 +27,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="minimum set that must be proven blocked (default: the policy's own denies + baseline)")
     group.addoption("--sandbox-exec", default=None, metavar="PREFIX",
                     help="run syscall probes inside a third-party launcher: PREFIX python3 -S -")
+    group.addoption("--sandbox-proxy-cmd", default=None, metavar="'CMD {port}'",
+                    help="run the network categories against a third-party proxy started inside the lab "
+                         "namespace by this command; {port} is replaced by the port it must listen on")
+    group.addoption("--sandbox-proxy", default=None, metavar="URL",
+                    help="run the network categories against a proxy already listening at URL inside the lab")
     group.addoption("--sandbox-modes", default="block,proxy,allow", metavar="MODES",
                     help="network modes to run the syscall category under (comma-separated)")
     group.addoption("--sandbox-identities", default="current,nobody", metavar="IDS",
@@ -42,6 +47,8 @@ def pytest_configure(config: pytest.Config) -> None:
         policy=config.getoption("sandbox_policy"),
         require=config.getoption("sandbox_require"),
         exec_prefix=config.getoption("sandbox_exec"),
+        proxy_cmd=config.getoption("sandbox_proxy_cmd"),
+        proxy_url=config.getoption("sandbox_proxy"),
         modes=tuple(m.strip() for m in config.getoption("sandbox_modes").split(",") if m.strip()),
         identities=tuple(i.strip() for i in config.getoption("sandbox_identities").split(",") if i.strip()),
     )

@@ -51,6 +51,8 @@ class SandboxOptions:
     policy: str = "baseline"
     require: str | None = None
     exec_prefix: str | None = None
+    proxy_cmd: str | None = None  # a third-party proxy started inside the lab: "CMD {port}"
+    proxy_url: str | None = None  # a third-party proxy already reachable from inside the lab
     modes: tuple[str, ...] = NETWORK_MODES
     identities: tuple[str, ...] = ("current", "nobody")
 
@@ -66,6 +68,10 @@ class SandboxSession:
     def __post_init__(self) -> None:
         self.policy = load_policy(self.options.policy)
         self.requirement = load_policy(self.options.require or "baseline")
+        if self.options.proxy_cmd is not None and "{port}" not in self.options.proxy_cmd:
+            raise PolicyError("--sandbox-proxy-cmd must contain {port}: the lab chooses the port the proxy listens on")
+        if self.options.proxy_cmd is not None and self.options.proxy_url is not None:
+            raise PolicyError("give either --sandbox-proxy or --sandbox-proxy-cmd, not both")
         for mode in self.options.modes:
             if mode not in NETWORK_MODES:
                 raise PolicyError(f"--sandbox-modes: unknown network mode {mode!r}; use {', '.join(NETWORK_MODES)}")
