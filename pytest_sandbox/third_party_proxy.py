@@ -1,0 +1,286 @@
+"""Third-party proxies under test: started inside the lab from a command line, reached like the reference one.
+
+``--sandbox-proxy-cmd "CMD {port}"`` runs the network suite against another proxy (tinyproxy,
+squid, smokescreen, ...). The command runs **inside the lab namespace** (network.md §7): a proxy
+with no SSRF protection really dials 10.0.0.1 or 169.254.169.254, and only inside the lab do those
+addresses belong to canaries on ``lo`` rather than to real hosts on the machine's network.
+
+:func:`start_proxy_command` substitutes ``{port}`` and ``{address}``, starts the command with
+``NetworkLab.popen`` (nsenter; the Popen PID is the proxy's own, since nsenter execs it), waits a
+bounded time until the port accepts a lab connection and returns a :class:`ThirdPartyProxy`, which
+has the surface of ``network_fixtures.RunningProxy``. A third party's decisions are unknown, so
+``decisions`` is always empty; the verdicts rest on its replies and the canaries alone.
+
+:func:`tinyproxy_command` and :func:`squid_command` build ready-made ``{port}`` commands for the two
+proxies Debian packages. Neither proxy takes its port on the command line, so the command runs this
+module (``python -m pytest_sandbox.third_party_proxy tinyproxy|squid CONF_DIR PORT``), which writes
+the configuration for that port and execs the proxy in place (same PID, so stop-by-PID still works).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+__all__ = [
+    "ProxyStartError",
+    "ThirdPartyProxy",
+    "find_free_lab_port",
+    "squid_command",
+    "squid_conf_text",
+    "start_proxy_command",
+    "tinyproxy_command",
+    "tinyproxy_conf_text",
+]
+
+DEFAULT_LISTEN_ADDRESS = "127.0.0.1"
+PREFERRED_PORT = 3200
+START_TIMEOUT_SECONDS = 10.0
+READY_POLL_INTERVAL_SECONDS = 0.05
+PROXY_CONNECT_TIMEOUT_SECONDS = 3.0
+STOP_TIMEOUT_SECONDS = 5.0
+STDERR_TAIL_BYTES = 4096
+# The lab's DNS stub (pytest_sandbox.lab.LAB_DNS_ADDRESS); squid is pointed at it so that a name it
+# resolves never depends on the host's resolver (which is unreachable from inside the lab anyway).
+LAB_DNS_ADDRESS = "127.0.0.53"
+
+
+class LabLike(Protocol):
+    """What this module needs from a :class:`~pytest_sandbox.lab.NetworkLab`."""
+
+    def popen(self, argv: list[str], **kwargs: Any) -> Any: ...
+
+    def connect(self, addr: str, port: int, timeout: float = ...) -> socket.socket: ...
+
+    def socket(self, family: int = ..., type: int = ..., proto: int = ...) -> socket.socket: ...
+
+
+class ProxyStartError(RuntimeError):
+    """The proxy command exited, or never accepted a connection, within the start timeout."""
+
+
+@dataclass
+class ThirdPartyProxy:
+    """A proxy started from a command inside a lab; same surface as ``RunningProxy``."""
+
+    lab: LabLike
+    address: str
+    port: int
+    command: str
+    process: subprocess.Popen[bytes]
+    _output: IO[bytes] = field(repr=False)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"http://{host}:{self.port}"
+
+    @property
+    def decisions(self) -> list[Any]:
+        """Unknown for a third-party proxy: the suite judges by its replies and the canaries."""
+        return []
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def connect(self, timeout: float = PROXY_CONNECT_TIMEOUT_SECONDS) -> socket.socket:
+        """A new client connection to the proxy, from a socket inside the lab."""
+        return self.lab.connect(self.address, self.port, timeout=timeout)
+
+    def output(self) -> str:
+        """The tail of what the proxy wrote to stdout and stderr so far."""
+        return _tail(self._output)
+
+    def stop(self) -> None:
+        """Kill the proxy by PID and reap it (idempotent)."""
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=STOP_TIMEOUT_SECONDS)
+        self._output.close()
+
+
+def _tail(output: IO[bytes]) -> str:
+    if output.closed:
+        return ""
+    output.seek(0, os.SEEK_END)
+    size = output.tell()
+    output.seek(max(0, size - STDERR_TAIL_BYTES))
+    return output.read().decode("utf-8", "replace").strip()
+
+
+def find_free_lab_port(lab: LabLike, address: str = DEFAULT_LISTEN_ADDRESS,
+                       preferred: int = PREFERRED_PORT) -> int:
+    """``preferred`` if nothing in the lab listens there yet, else a port the lab's kernel picks."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    for candidate in (preferred, 0):
+        probe = lab.socket(family, socket.SOCK_STREAM)
+        try:
+            probe.bind((address, candidate))
+            return int(probe.getsockname()[1])
+        except OSError:
+            continue
+        finally:
+            probe.close()
+    raise ProxyStartError(f"no free port on {address} inside the lab")
+
+
+def start_proxy_command(lab: LabLike, command: str, *, address: str = DEFAULT_LISTEN_ADDRESS,
+                        port: int | None = None,
+                        start_timeout: float = START_TIMEOUT_SECONDS) -> ThirdPartyProxy:
+    """Start ``command`` (``{port}``/``{address}`` substituted) inside ``lab``; wait until it listens.
+
+    Raises ProxyStartError, with the command's output, if it exits or does not accept a lab
+    connection on ``address:port`` within ``start_timeout`` seconds; the process is stopped first.
+    The caller stops the returned proxy (``.stop()``: kill by PID, then wait).
+    """
+    if "{port}" not in command:
+        raise ValueError(f"the proxy command must contain {{port}}: the lab chooses the port ({command!r})")
+    chosen = find_free_lab_port(lab, address) if port is None else port
+    # str.replace, not str.format: a command may contain other braces (shell, JSON arguments).
+    expanded = command.replace("{port}", str(chosen)).replace("{address}", address)
+    argv = shlex.split(expanded)
+    if not argv:
+        raise ValueError("the proxy command is empty")
+    output = tempfile.TemporaryFile()
+    try:
+        process = lab.popen(argv, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT)
+    except OSError as exc:
+        output.close()
+        raise ProxyStartError(f"could not start {expanded!r} inside the lab: {exc}") from exc
+    running = ThirdPartyProxy(lab, address, chosen, expanded, process, output)
+    try:
+        _wait_until_listening(running, start_timeout)
+    except BaseException:
+        running.stop()
+        raise
+    return running
+
+
+def _wait_until_listening(running: ThirdPartyProxy, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    last_error = "no attempt"
+    while time.monotonic() < deadline:
+        if running.process.poll() is not None:
+            raise ProxyStartError(
+                f"proxy command {running.command!r} exited with status {running.process.returncode} "
+                f"before listening on {running.address}:{running.port}; its output:\n{running.output()}")
+        try:
+            with running.connect(timeout=max(0.1, deadline - time.monotonic())):
+                return
+        except OSError as exc:
+            last_error = str(exc)
+        time.sleep(READY_POLL_INTERVAL_SECONDS)
+    raise ProxyStartError(
+        f"proxy command {running.command!r} did not accept a connection on {running.address}:{running.port} "
+        f"inside the lab within {timeout:g} s (last error: {last_error}); its output:\n{running.output()}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Ready-made commands for Debian's proxies
+# --------------------------------------------------------------------------------------------------
+
+
+def tinyproxy_conf_text(port: int, pid_file: Path, *, address: str = DEFAULT_LISTEN_ADDRESS) -> str:
+    """A minimal tinyproxy.conf: listen on ``address:port``, only local clients, no upstream.
+
+    Nothing restricts destinations: that is tinyproxy's stock behaviour (network.md §6, it has no
+    destination-address classification), which is what the suite is meant to expose.
+    """
+    return "\n".join([
+        f"Port {port}",
+        f"Listen {address}",
+        f"Allow {address}",
+        "Timeout 10",
+        "MaxClients 100",
+        "LogLevel Critical",
+        f"PidFile \"{pid_file}\"",
+        "DisableViaHeader Yes",
+        "",
+    ])
+
+
+def squid_conf_text(port: int, state_dir: Path, *, address: str = DEFAULT_LISTEN_ADDRESS) -> str:
+    """A minimal squid.conf for measurement: forward everything, cache nothing, state in ``state_dir``."""
+    return "\n".join([
+        f"http_port {address}:{port}",
+        "http_access allow all",
+        "cache deny all",
+        "cache_mem 8 MB",
+        "workers 1",
+        f"pid_filename {state_dir / 'squid.pid'}",
+        "access_log none",
+        f"cache_log {state_dir / 'cache.log'}",
+        "cache_store_log none",
+        f"coredump_dir {state_dir}",
+        f"dns_nameservers {LAB_DNS_ADDRESS}",
+        "shutdown_lifetime 0 seconds",
+        "via off",
+        "forwarded_for delete",
+        "",
+    ])
+
+
+def _launcher_command(proxy: str, conf_dir: str | os.PathLike[str]) -> str:
+    directory = Path(conf_dir).resolve()
+    return shlex.join([sys.executable, "-m", "pytest_sandbox.third_party_proxy", proxy, str(directory)]) + " {port}"
+
+
+def tinyproxy_command(conf_dir: str | os.PathLike[str]) -> str:
+    """A ``--sandbox-proxy-cmd`` for tinyproxy: writes ``CONF_DIR/tinyproxy-PORT.conf``, execs ``tinyproxy -d``."""
+    return _launcher_command("tinyproxy", conf_dir)
+
+
+def squid_command(conf_dir: str | os.PathLike[str]) -> str:
+    """A ``--sandbox-proxy-cmd`` for squid: writes ``CONF_DIR/squid-PORT/squid.conf``, execs ``squid -N``."""
+    return _launcher_command("squid", conf_dir)
+
+
+def _exec_tinyproxy(conf_dir: Path, port: int) -> None:
+    conf = conf_dir / f"tinyproxy-{port}.conf"
+    conf.write_text(tinyproxy_conf_text(port, conf_dir / f"tinyproxy-{port}.pid"))
+    binary = shutil.which("tinyproxy") or "/usr/bin/tinyproxy"
+    os.execv(binary, [binary, "-d", "-c", str(conf)])
+
+
+def _exec_squid(conf_dir: Path, port: int) -> None:
+    state_dir = conf_dir / f"squid-{port}"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    # Started as root, squid drops to its effective user (Debian: "proxy") and must still write its
+    # log and pid file there.
+    with contextlib.suppress(OSError):
+        os.chmod(state_dir, 0o777)
+    conf = state_dir / "squid.conf"
+    conf.write_text(squid_conf_text(port, state_dir))
+    binary = shutil.which("squid") or "/usr/sbin/squid"
+    # -N: no daemon, so the PID we hold is squid's; -d 1: fatal messages on stderr.
+    os.execv(binary, [binary, "-N", "-d", "1", "-f", str(conf)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pytest_sandbox.third_party_proxy tinyproxy|squid CONF_DIR PORT``."""
+    args = sys.argv[1:] if argv is None else argv
+    launchers = {"tinyproxy": _exec_tinyproxy, "squid": _exec_squid}
+    if len(args) != 3 or args[0] not in launchers or not args[2].isdigit():
+        print("usage: python -m pytest_sandbox.third_party_proxy tinyproxy|squid CONF_DIR PORT", file=sys.stderr)
+        return 2
+    conf_dir = Path(args[1])
+    conf_dir.mkdir(parents=True, exist_ok=True)
+    launchers[args[0]](conf_dir, int(args[2]))
+    return 1  # not reached: the launcher execs the proxy
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
