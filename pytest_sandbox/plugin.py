@@ -6,11 +6,14 @@ Inert unless ``--sandbox`` is given (the plugin is registered for every pytest r
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from pytest_sandbox.environment import host_facts
 from pytest_sandbox.errors import SandboxError
+from pytest_sandbox.report import build_report, write_report
 from pytest_sandbox.scorecard import PROPERTY, Scorecard
 from pytest_sandbox.session import SandboxOptions, SandboxSession, SyscallParam, outcome_for_test
 
@@ -32,6 +35,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "namespace by this command; {port} is replaced by the port it must listen on")
     group.addoption("--sandbox-proxy", default=None, metavar="URL",
                     help="run the network categories against a proxy already listening at URL inside the lab")
+    group.addoption("--sandbox-report", default=None, metavar="PATH",
+                    help="write the scorecard and every probe's evidence to PATH (.json or .md)")
     group.addoption("--sandbox-modes", default="block,proxy,allow", metavar="MODES",
                     help="network modes to run the syscall category under (comma-separated)")
     group.addoption("--sandbox-identities", default="current,nobody", metavar="IDS",
@@ -52,11 +57,15 @@ def pytest_configure(config: pytest.Config) -> None:
         modes=tuple(m.strip() for m in config.getoption("sandbox_modes").split(",") if m.strip()),
         identities=tuple(i.strip() for i in config.getoption("sandbox_identities").split(",") if i.strip()),
     )
+    report_path = config.getoption("sandbox_report")
+    if report_path is not None and Path(report_path).suffix not in (".json", ".md", ".markdown"):
+        raise pytest.UsageError(f"pytest-sandbox: --sandbox-report {report_path}: use a .json or .md path")
     try:
         config.stash[SESSION_KEY] = SandboxSession(options)
     except SandboxError as exc:
         raise pytest.UsageError(f"pytest-sandbox: {exc}") from None
-    config.pluginmanager.register(_ScorecardReporter(config.stash[SCORECARD_KEY]), "sandbox-scorecard")
+    reporter = _ScorecardReporter(config.stash[SCORECARD_KEY], options, Path(report_path) if report_path else None)
+    config.pluginmanager.register(reporter, "sandbox-scorecard")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -108,12 +117,21 @@ from pytest_sandbox.network_fixtures import _network_lab, network_verdict, sandb
 class _ScorecardReporter:
     """Counts verdicts from every report (worker reports included) and prints the scorecard."""
 
-    def __init__(self, scorecard: Scorecard) -> None:
+    def __init__(self, scorecard: Scorecard, options: SandboxOptions, report_path: Path | None) -> None:
         self.scorecard = scorecard
+        self.options = options
+        self.report_path = report_path
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if report.when == "call" or (report.when == "setup" and report.skipped):
             self.scorecard.add_from_properties(report.user_properties)
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if self.report_path is None or hasattr(session.config, "workerinput"):
+            return  # xdist workers send their records to the controller, which writes the one report
+        run = {key: value for key, value in vars(self.options).items() if value is not None}
+        report = build_report(self.scorecard, environment=host_facts(), run=run)
+        write_report(self.report_path, report)
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         lines = self.scorecard.lines()

@@ -1,0 +1,63 @@
+"""--sandbox-report: JSON and Markdown, every probe's evidence, the environment block, xdist-merged."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from pytest_sandbox.report import verdict_map
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_suite(pytester, *args):
+    pytester.makepyfile(test_conf=(ROOT / "conformance/test_syscalls.py").read_text())
+    return pytester.runpytest_subprocess("--sandbox", "--sandbox-modes=block", "-p", "no:cacheprovider", *args)
+
+
+def test_json_report_has_scorecard_evidence_and_environment(pytester, tmp_path):
+    path = tmp_path / "report.json"
+    assert run_suite(pytester, f"--sandbox-report={path}").ret == 0
+    report = json.loads(path.read_text())
+    assert report["run"]["policy"] == "baseline"
+    env = report["environment"]
+    for key in ("kernel", "arch", "libseccomp", "python", "euid", "compat_abis", "sysctls"):
+        assert key in env
+    assert report["scorecard"]["syscall"]["BLOCKED"] > 100
+    assert report["scorecard"]["syscall"]["ALLOWED"] == 0
+    probe = next(p for p in report["probes"] if p["test"].endswith("pidfd_getfd-x32"))
+    for field in ("attempted", "baseline", "observed", "expected", "verdict", "reason"):
+        assert probe[field]
+    assert probe["verdict"] == "BLOCKED" and probe["baseline"] == "ENOSYS"
+
+
+def test_report_under_xdist_matches_the_serial_verdicts(pytester, tmp_path):
+    serial, parallel = tmp_path / "serial.json", tmp_path / "parallel.json"
+    assert run_suite(pytester, f"--sandbox-report={serial}").ret == 0
+    assert run_suite(pytester, f"--sandbox-report={parallel}", "-n", "2").ret == 0
+    serial_map = verdict_map(json.loads(serial.read_text()))
+    assert serial_map and serial_map == verdict_map(json.loads(parallel.read_text()))
+
+
+def test_markdown_report_and_a_failing_run_name_the_hole(pytester, tmp_path):
+    path = tmp_path / "report.md"
+    result = run_suite(pytester, f"--sandbox-report={path}", "--sandbox-policy=openshell-pre-819",
+                       "--sandbox-require=baseline")
+    assert result.ret == 1
+    text = path.read_text()
+    assert "| syscall |" in text and "## Environment" in text
+    assert "block-root-pidfd_getfd-native | syscall pidfd_getfd via native ABI | EBADF | EBADF" in text
+    assert "ALLOWED" in text
+
+
+def test_junit_xml_carries_the_evidence_as_properties(pytester, tmp_path):
+    xml = tmp_path / "junit.xml"
+    assert run_suite(pytester, f"--junitxml={xml}").ret == 0
+    properties = [p.get("value") for p in ET.parse(xml).iter("property") if p.get("name") == "sandbox_verdict"]
+    assert properties and any("BLOCKED" in value and "baseline" in value for value in properties)
+
+
+def test_report_path_needs_a_known_extension(pytester):
+    result = pytester.runpytest_subprocess("--sandbox", "--sandbox-report=out.txt")
+    assert result.ret == 4 and "use a .json or .md path" in result.stderr.str()
