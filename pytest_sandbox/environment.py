@@ -7,9 +7,12 @@ import ctypes
 import ctypes.util
 import os
 import platform
+import subprocess
 import sys
 from functools import lru_cache
 from typing import Any
+
+from pytest_sandbox.syscall_suite import parse_runner_output, runner_script
 
 SYSCTLS = (
     "kernel/io_uring_disabled", "kernel/unprivileged_bpf_disabled", "vm/unprivileged_userfaultfd",
@@ -59,8 +62,6 @@ def compat_abis() -> dict[str, bool]:
               {"id": "x32", "kind": "syscall", "abi": "x32", "nr": 39, "args": []}]
     completed = subprocess.run([sys.executable, "-S", "-"], input=runner_script(probes), capture_output=True,
                                timeout=60)
-    from pytest_sandbox.syscall_suite import parse_runner_output
-
     results = parse_runner_output(completed.stdout)
     return {abi: bool(results.get(abi) and results[abi].succeeded) for abi in ("i386", "x32")}
 
