@@ -54,9 +54,7 @@ def _status_field(field: str) -> str | None:
 @lru_cache(maxsize=1)
 def compat_abis() -> dict[str, bool]:
     """Whether i386 (int 0x80) and x32 calls reach the kernel here, probed in throw-away children."""
-    import subprocess
 
-    from pytest_sandbox.syscall_suite import runner_script
 
     probes = [{"id": "i386", "kind": "syscall", "abi": "i386", "nr": 20, "args": []},
               {"id": "x32", "kind": "syscall", "abi": "x32", "nr": 39, "args": []}]
