@@ -11,6 +11,12 @@ bounded time until the port accepts a lab connection and returns a :class:`Third
 has the surface of ``network_fixtures.RunningProxy``. A third party's decisions are unknown, so
 ``decisions`` is always empty; the verdicts rest on its replies and the canaries alone.
 
+Names: a third-party proxy resolves with the C library, which reads ``/etc/resolv.conf`` and
+``/etc/hosts``. The host's resolver is unreachable from the lab (its only interface is ``lo``), so by
+default the command runs in a private mount namespace where both files are bind-mounted over with the
+lab's: the DNS stub on 127.0.0.53 and a loopback-only hosts file (network.md §7: "no lookup ever
+leaves the namespace", and the name cases must really resolve to their canaries).
+
 :func:`tinyproxy_command` and :func:`squid_command` build ready-made ``{port}`` commands for the two
 proxies Debian packages. Neither proxy takes its port on the command line, so the command runs this
 module (``python -m pytest_sandbox.third_party_proxy tinyproxy|squid CONF_DIR PORT``), which writes
@@ -36,6 +42,7 @@ __all__ = [
     "ProxyStartError",
     "ThirdPartyProxy",
     "find_free_lab_port",
+    "lab_dns_available",
     "squid_command",
     "squid_conf_text",
     "start_proxy_command",
@@ -53,6 +60,11 @@ STDERR_TAIL_BYTES = 4096
 # The lab's DNS stub (pytest_sandbox.lab.LAB_DNS_ADDRESS); squid is pointed at it so that a name it
 # resolves never depends on the host's resolver (which is unreachable from inside the lab anyway).
 LAB_DNS_ADDRESS = "127.0.0.53"
+LAB_RESOLV_CONF = f"nameserver {LAB_DNS_ADDRESS}\noptions timeout:1 attempts:1\n"
+LAB_HOSTS = "127.0.0.1 localhost\n::1 localhost\n"
+# Runs between nsenter and the proxy: a private mount namespace (unshare(1) execs, no fork), the lab's
+# resolver files bound over the host's, then exec, so the Popen PID stays the proxy's own.
+_LAB_DNS_SCRIPT = 'mount --bind "$1" /etc/resolv.conf && mount --bind "$2" /etc/hosts && shift 2 && exec "$@"'
 
 
 class LabLike(Protocol):
@@ -79,6 +91,8 @@ class ThirdPartyProxy:
     command: str
     process: subprocess.Popen[bytes]
     _output: IO[bytes] = field(repr=False)
+    uses_lab_dns: bool = False
+    _state: tempfile.TemporaryDirectory[str] | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
@@ -110,6 +124,9 @@ class ThirdPartyProxy:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=STOP_TIMEOUT_SECONDS)
         self._output.close()
+        if self._state is not None:
+            self._state.cleanup()
+            self._state = None
 
 
 def _tail(output: IO[bytes]) -> str:
@@ -137,11 +154,38 @@ def find_free_lab_port(lab: LabLike, address: str = DEFAULT_LISTEN_ADDRESS,
     raise ProxyStartError(f"no free port on {address} inside the lab")
 
 
+def lab_dns_available(lab: LabLike) -> bool:
+    """Whether a command in ``lab`` can get a private mount namespace to bind the lab's resolver files."""
+    try:
+        probe = lab.popen(["unshare", "--mount", "--propagation", "private", "--", "true"],
+                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except OSError:
+        return False
+    try:
+        return int(probe.wait(timeout=STOP_TIMEOUT_SECONDS)) == 0
+    except subprocess.TimeoutExpired:
+        probe.kill()
+        probe.wait()
+        return False
+
+
+def _with_lab_dns(argv: list[str], state_dir: Path) -> list[str]:
+    resolv_conf = state_dir / "resolv.conf"
+    resolv_conf.write_text(LAB_RESOLV_CONF)
+    hosts = state_dir / "hosts"
+    hosts.write_text(LAB_HOSTS)
+    return ["unshare", "--mount", "--propagation", "private", "--",
+            "sh", "-c", _LAB_DNS_SCRIPT, "lab-dns", str(resolv_conf), str(hosts), *argv]
+
+
 def start_proxy_command(lab: LabLike, command: str, *, address: str = DEFAULT_LISTEN_ADDRESS,
-                        port: int | None = None,
+                        port: int | None = None, lab_dns: bool = True,
                         start_timeout: float = START_TIMEOUT_SECONDS) -> ThirdPartyProxy:
     """Start ``command`` (``{port}``/``{address}`` substituted) inside ``lab``; wait until it listens.
 
+    With ``lab_dns`` (the default) the command resolves names with the lab's DNS stub and a
+    loopback-only hosts file, if the lab allows a private mount namespace (``uses_lab_dns`` says
+    whether it did); otherwise it keeps the host's files and only literal addresses resolve.
     Raises ProxyStartError, with the command's output, if it exits or does not accept a lab
     connection on ``address:port`` within ``start_timeout`` seconds; the process is stopped first.
     The caller stops the returned proxy (``.stop()``: kill by PID, then wait).
@@ -154,13 +198,19 @@ def start_proxy_command(lab: LabLike, command: str, *, address: str = DEFAULT_LI
     argv = shlex.split(expanded)
     if not argv:
         raise ValueError("the proxy command is empty")
+    state: tempfile.TemporaryDirectory[str] | None = None
+    if lab_dns and lab_dns_available(lab):
+        state = tempfile.TemporaryDirectory(prefix="sandbox-proxy-")
+        argv = _with_lab_dns(argv, Path(state.name))
     output = tempfile.TemporaryFile()
     try:
         process = lab.popen(argv, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT)
     except OSError as exc:
         output.close()
+        if state is not None:
+            state.cleanup()
         raise ProxyStartError(f"could not start {expanded!r} inside the lab: {exc}") from exc
-    running = ThirdPartyProxy(lab, address, chosen, expanded, process, output)
+    running = ThirdPartyProxy(lab, address, chosen, expanded, process, output, state is not None, state)
     try:
         _wait_until_listening(running, start_timeout)
     except BaseException:
