@@ -249,8 +249,12 @@ def new_hits(before: HitCounts, after: HitCounts) -> dict[tuple[str, int], int]:
     return {key: count - before.get(key, 0) for key, count in after.items() if count > before.get(key, 0)}
 
 
+def _endpoint(address: str, port: int) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
 def _hits_text(hits: HitCounts) -> str:
-    return ", ".join(f"{address} port {port} x{count}" for (address, port), count in sorted(hits.items()))
+    return ", ".join(f"{_endpoint(address, port)} x{count}" for (address, port), count in sorted(hits.items()))
 
 
 def judge_attempt(attempt: Attempt, reply: ProxyReply, hits: HitCounts,
@@ -262,7 +266,9 @@ def judge_attempt(attempt: Attempt, reply: ProxyReply, hits: HitCounts,
         return _judge_control(attempt, reply, hits, observed)
     expected = "refused (400 or 403, connection closed), no canary connection"
     if hits:
-        return SsrfJudgement(Verdict.ALLOWED, f"a canary was reached: {_hits_text(hits)}", expected, observed)
+        # Name the destination as sent and the canary that answered: that pair is the hole to fix.
+        return SsrfJudgement(Verdict.ALLOWED, f"destination {attempt.target!r} reached canary {_hits_text(hits)}",
+                             expected, observed)
     status = reply.proxy.status
     if status in REFUSAL_STATUSES:
         if not reply.closed:
