@@ -106,11 +106,13 @@ def judge_denial(expected: frozenset[Outcome], baseline: Outcome, observed: Outc
             return verdict(Verdict.INDETERMINATE, f"path unavailable in the {side}: {outcome.describe()}")
     if baseline.kind == "timeout":
         return verdict(Verdict.INDETERMINATE, "the unfiltered baseline timed out")
+    # An expected refusal that differs from the unfiltered answer is unambiguous, even when the kernel's
+    # own answer is also in the expected set (x32 clone3: ENOSYS unfiltered, SIGSYS from a filter).
+    if any(observed.same_as(x) for x in expected) and not observed.same_as(baseline):
+        return verdict(Verdict.BLOCKED, f"refused with {r}; unfiltered the kernel answers {b}")
     if any(baseline.same_as(x) for x in expected):
         return verdict(Verdict.INDETERMINATE,
                        f"ambiguous: the unfiltered kernel already answers {b}, the same as the expected refusal")
-    if any(observed.same_as(x) for x in expected):
-        return verdict(Verdict.BLOCKED, f"refused with {r}; unfiltered the kernel answers {b}")
     if observed.succeeded:
         return verdict(Verdict.ALLOWED, f"the call succeeded ({r}) where the policy requires a refusal")
     if observed.same_as(baseline):

@@ -33,6 +33,12 @@ def test_baseline_equal_to_expected_refusal_is_indeterminate_never_blocked():
     assert "ambiguous" in judgement.reason
 
 
+def test_refusal_that_differs_from_an_ambiguous_baseline_is_still_blocked():
+    # x32 clone3: the kernel answers ENOSYS (no x32), a bad-arch action kills with SIGSYS
+    assert judge_denial(frozenset({ENOSYS, SIGSYS}), ENOSYS, SIGSYS, abi="x32").verdict is Verdict.BLOCKED
+    assert judge_denial(frozenset({ENOSYS, SIGSYS}), ENOSYS, ENOSYS, abi="x32").verdict is Verdict.INDETERMINATE
+
+
 def test_unexpected_result_is_indeterminate():
     assert judge_denial(frozenset({EPERM}), EINVAL, Outcome.errno(errno.EACCES)).verdict is Verdict.INDETERMINATE
     assert judge_denial(frozenset({EPERM}), EINVAL, Outcome("timeout")).verdict is Verdict.INDETERMINATE

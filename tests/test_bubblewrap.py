@@ -1,0 +1,85 @@
+"""A real third-party sandbox: bubblewrap loading filters compiled from ``baseline`` passes the syscall
+suite through ``--sandbox-exec``; the same with one syscall dropped, with the i386 arch added after the
+rules, and with no filter at all each fail and name the hole (issue #5)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from broken_filters import hand_built
+
+from pytest_sandbox.compiler import CompiledFilter, compile_policy
+from pytest_sandbox.policy import load_policy
+
+ROOT = Path(__file__).resolve().parents[1]
+BWRAP = shutil.which("bwrap")
+pytestmark = pytest.mark.skipif(BWRAP is None, reason="bubblewrap is not installed (Debian: bubblewrap)")
+
+
+def bwrap_launcher(tmp_path: Path, compiled: CompiledFilter | None) -> str:
+    """A wrapper script: open each BPF program on an fd, then exec bwrap with --add-seccomp-fd per program."""
+    lines = ["#!/bin/sh", "set -e"]
+    flags = []
+    for index, program in enumerate(compiled.programs if compiled else ()):
+        path = tmp_path / f"filter{index}.bpf"
+        path.write_bytes(program)
+        fd = 3 + index  # single digits: POSIX sh redirects only fds 0-9
+        lines.append(f"exec {fd}<{path}")
+        flags.append(f"--add-seccomp-fd {fd}")
+    lines.append(f'exec {BWRAP} --dev-bind / / --die-with-parent {" ".join(flags)} -- "$@"')
+    script = tmp_path / "bwrap-launcher.sh"
+    script.write_text("\n".join(lines) + "\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+def run_suite(launcher: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--sandbox", f"--sandbox-exec={launcher}",
+         "--sandbox-require=baseline", "conformance/test_syscalls.py"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "1000"},
+    )
+
+
+def failed_ids(completed: subprocess.CompletedProcess[str]) -> set[str]:
+    return set(re.findall(r"^FAILED [^[]+\[(\S+)\]", completed.stdout, re.MULTILINE))
+
+
+def test_bwrap_with_the_baseline_filter_passes(tmp_path):
+    completed = run_suite(bwrap_launcher(tmp_path, compile_policy(load_policy("baseline"), "proxy")))
+    assert completed.returncode == 0, completed.stdout[-3000:]
+    assert re.search(r"\d+ passed", completed.stdout)
+
+
+def test_bwrap_with_one_syscall_dropped_fails_naming_it(tmp_path):
+    baseline = load_policy("baseline")
+    completed = run_suite(bwrap_launcher(tmp_path, hand_built(baseline, "proxy", drop="setns")))
+    assert completed.returncode == 1
+    assert failed_ids(completed) == {f"proxy-{'root' if os.geteuid() == 0 else 'user'}-setns-native"}
+    assert "syscall setns via native ABI" in completed.stdout and "ALLOWED" in completed.stdout
+
+
+def test_bwrap_with_the_arch_added_after_the_rules_fails_on_i386(tmp_path):
+    text = (ROOT / "fixtures/policies/baseline.toml").read_text().replace(
+        'bad_arch_action = "kill_process"', 'bad_arch_action = "kill_process"\nextra_arches = ["x86"]')
+    (tmp_path / "policy.toml").write_text(text)
+    with_i386 = load_policy(tmp_path / "policy.toml")
+    completed = run_suite(bwrap_launcher(tmp_path, hand_built(with_i386, "proxy", arch_after_rules=True)))
+    assert completed.returncode == 1
+    holes = failed_ids(completed)
+    assert holes and all(hole.endswith("-i386") for hole in holes), holes
+    assert any(hole.endswith("-ptrace-i386") for hole in holes)
+
+
+def test_bwrap_without_a_filter_fails_everywhere(tmp_path):
+    completed = run_suite(bwrap_launcher(tmp_path, None))
+    assert completed.returncode == 1
+    holes = failed_ids(completed)
+    for name in ("ptrace", "pidfd_getfd", "mount", "clone3"):
+        assert any(hole.endswith(f"-{name}-native") for hole in holes), name
