@@ -26,6 +26,7 @@ the configuration for that port and execs the proxy in place (same PID, so stop-
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import shlex
 import shutil
@@ -37,10 +38,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
+from urllib.parse import urlsplit
 
 __all__ = [
+    "AttachedProxy",
     "ProxyStartError",
     "ThirdPartyProxy",
+    "attach_proxy_url",
     "find_free_lab_port",
     "lab_dns_available",
     "squid_command",
@@ -236,6 +240,68 @@ def _wait_until_listening(running: ThirdPartyProxy, timeout: float) -> None:
     raise ProxyStartError(
         f"proxy command {running.command!r} did not accept a connection on {running.address}:{running.port} "
         f"inside the lab within {timeout:g} s (last error: {last_error}); its output:\n{running.output()}")
+
+
+@dataclass
+class AttachedProxy:
+    """A proxy the user started inside the lab (``--sandbox-proxy URL``); we neither own nor stop it."""
+
+    lab: LabLike
+    address: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"http://{host}:{self.port}"
+
+    @property
+    def decisions(self) -> list[Any]:
+        """Unknown for a third-party proxy: the suite judges by its replies and the canaries."""
+        return []
+
+    def connect(self, timeout: float = PROXY_CONNECT_TIMEOUT_SECONDS) -> socket.socket:
+        """A new client connection to the proxy, from a socket inside the lab."""
+        return self.lab.connect(self.address, self.port, timeout=timeout)
+
+    def stop(self) -> None:
+        """Nothing to do: the proxy's owner stops it."""
+
+
+def attach_proxy_url(lab: LabLike, url: str,
+                     timeout: float = PROXY_CONNECT_TIMEOUT_SECONDS) -> AttachedProxy:
+    """Check that ``url`` names a proxy listening **inside** ``lab`` and return a handle to it.
+
+    Refused with ValueError: anything but ``http://IP:PORT`` (a host name would be resolved by the
+    host's resolver, outside the lab), and a proxy the lab cannot reach. The lab's only interface is
+    ``lo``, so a connection from a lab socket succeeds only if the proxy listens in the lab's own
+    namespace. A proxy outside it would dial the real 10.0.0.1 or 169.254.169.254 on the host's
+    network when a case gets through (network.md §7), so it is never used.
+    """
+    fix = ("start the proxy inside the lab with --sandbox-proxy-cmd 'CMD {port}' instead, so that what "
+           "it dials are the lab's canaries and not real hosts")
+    parts = urlsplit(url)
+    if parts.scheme != "http" or parts.username or parts.password or parts.path not in ("", "/") \
+            or parts.query or parts.fragment:
+        raise ValueError(f"--sandbox-proxy {url!r}: expected http://ADDRESS:PORT (plain HTTP proxy, no path)")
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"--sandbox-proxy {url!r}: bad port ({exc})") from exc
+    if port is None:
+        raise ValueError(f"--sandbox-proxy {url!r}: give the port explicitly")
+    try:
+        address = str(ipaddress.ip_address(parts.hostname or ""))
+    except ValueError as exc:
+        raise ValueError(f"--sandbox-proxy {url!r}: the host must be an IP address inside the lab; a name "
+                         f"would be resolved outside it; {fix}") from exc
+    try:
+        lab.connect(address, port, timeout=timeout).close()
+    except OSError as exc:
+        raise ValueError(f"--sandbox-proxy {url!r}: no proxy listens on {address}:{port} inside the lab "
+                         f"network namespace ({exc}); a proxy outside the lab is refused because it would "
+                         f"send the suite's special-use destinations to the host's network; {fix}") from exc
+    return AttachedProxy(lab, address, port)
 
 
 # --------------------------------------------------------------------------------------------------
