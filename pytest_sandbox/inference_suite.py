@@ -1,0 +1,448 @@
+"""The inference and smuggling categories: payloads adapted per path, raw exchanges, pure judging.
+
+Every :class:`~pytest_sandbox.catalogues.smuggling.SmugglingCase` is attempted on two paths
+(network.md §4, §5):
+
+* ``absolute``: the catalogue's bytes on a plain connection to the proxy, ``{host}`` a lab public
+  origin and ``{denied}`` a special-use canary. Evidence: the origin's request log and the canaries.
+* ``tunnel``: inside ``CONNECT inference.local:443`` + TLS with the interception CA. The payload is
+  adapted (:func:`tunnel_payload`): requests become origin-form inference routes with
+  ``Host: inference.local``, the "denied" request becomes a non-inference path on the same host
+  (exactly the #819 bug), and 5-byte bodies become a 5-byte JSON object so that a routed POST is a
+  valid chat completion. Evidence: the fake backend's request log.
+
+Judging (:func:`judge_exchange`) is pure and strict: the status sequence, the close (EOF before the
+deadline), a follow-up request that must get nothing after a close (or 200 on a connection that
+must stay open), and the exact number of requests the origin or backend recorded. More requests
+than catalogued, a canary connection, or an answered follow-up after a refusal is ALLOWED (something
+was smuggled or the connection kept being read); a wrong refusal status with nothing leaked is
+INDETERMINATE, never a pass.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from pytest_sandbox.catalogues.smuggling import FIRST_REQUEST_ONLY, H11_ONLY, SMUGGLING_CASES, SmugglingCase, render
+from pytest_sandbox.interception import DENIED_BODY, DENIED_STATUS, INFERENCE_HOST, INFERENCE_PORT
+from pytest_sandbox.ssrf_suite import SsrfJudgement
+from pytest_sandbox.verdicts import Verdict
+
+__all__ = [
+    "ABSOLUTE",
+    "ATTEMPT_TIMEOUT_SECONDS",
+    "FOLLOW_UP_MARKER",
+    "PATHS",
+    "TUNNEL",
+    "Exchange",
+    "ParsedResponse",
+    "SmugglingAttempt",
+    "absolute_follow_up",
+    "build_attempts",
+    "cases_failed_by",
+    "exchange",
+    "inference_request",
+    "is_policy_denial",
+    "judge_exchange",
+    "open_inference_tunnel",
+    "parse_responses",
+    "tunnel_follow_up",
+    "tunnel_payload",
+]
+
+ABSOLUTE = "absolute"
+TUNNEL = "tunnel"
+PATHS: tuple[str, ...] = (ABSOLUTE, TUNNEL)
+ATTEMPT_TIMEOUT_SECONDS = 3.0
+READ_SIZE = 65536
+MAX_EXCHANGE_BYTES = 1024 * 1024
+HEAD_END = b"\r\n\r\n"
+# Follow-up requests carry this in their target so the origin/backend logs can leave them out.
+FOLLOW_UP_MARKER = "follow-up"
+
+# How the catalogue's absolute-form requests become requests inside the intercepted tunnel. Order
+# matters: targets first (they still contain the placeholders), then the placeholders, then bodies.
+TUNNEL_TARGETS: tuple[tuple[bytes, bytes], ...] = (
+    (b"http://{host}/upload ", b"/v1/chat/completions "),  # POST route (RFC 9112 §3.2.1 origin-form)
+    (b"http://{host}/ws ", b"/v1/models "),
+    (b"http://{host}/ ", b"/v1/models "),  # GET route
+    (b"http://{denied}/secret ", b"/secret "),  # a non-inference path: the #819 refusal
+)
+# Every inner authority is inference.local: the inner-Host mismatch has its own test.
+TUNNEL_HOSTS: tuple[tuple[bytes, bytes], ...] = (
+    (b"{host}", INFERENCE_HOST.encode()),
+    (b"{denied}", INFERENCE_HOST.encode()),
+)
+# The catalogue's bodies are b"hello" (5 bytes, inside exact Content-Length and chunk sizes); the
+# backend answers 400 to a non-JSON chat completion, so swap in a 5-byte JSON object.
+TUNNEL_BODIES: tuple[tuple[bytes, bytes], ...] = ((b"hello", b"{   }"),)
+
+
+def tunnel_payload(case: SmugglingCase) -> bytes:
+    """The case's bytes adapted for the inside of ``CONNECT inference.local:443``. Pure."""
+    payload = case.payload
+    for old, new in (*TUNNEL_TARGETS, *TUNNEL_HOSTS, *TUNNEL_BODIES):
+        payload = payload.replace(old, new)
+    return payload
+
+
+def inference_request(method: str, target: str, *, body: bytes = b"", host: str = INFERENCE_HOST,
+                      headers: Iterable[tuple[str, str]] = ()) -> bytes:
+    """One raw HTTP/1.1 request (Content-Length framed when it has a body or is a POST). Pure."""
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}", *(f"{name}: {value}" for name, value in headers)]
+    if body or method == "POST":
+        lines += [f"Content-Length: {len(body)}", "Content-Type: application/json"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def absolute_follow_up(origin: str) -> bytes:
+    """A plain GET to an allowed origin, marked so the origin log can leave it out."""
+    return inference_request("GET", f"http://{origin}/{FOLLOW_UP_MARKER}", host=origin)
+
+
+def tunnel_follow_up() -> bytes:
+    """A routed GET /v1/models (the query is ignored by routing), marked for the backend log."""
+    return inference_request("GET", f"/v1/models?{FOLLOW_UP_MARKER}")
+
+
+@dataclass(frozen=True)
+class SmugglingAttempt:
+    """One catalogue case on one path; ``test_id`` is stable (``absolute-cl-te-both``)."""
+
+    case: SmugglingCase
+    path: str
+
+    @property
+    def test_id(self) -> str:
+        return f"{self.path}-{self.case.case_id}"
+
+    def payload(self, *, origin: str, denied: str) -> bytes:
+        if self.path == TUNNEL:
+            return tunnel_payload(self.case)
+        return render(self.case, host=origin, denied=denied)
+
+    def describe(self) -> str:
+        where = "inside CONNECT inference.local:443 (TLS)" if self.path == TUNNEL else "absolute-form to the proxy"
+        return f"{self.case.case_id} {where}: {self.case.description} ({self.case.rfc})"
+
+
+def build_attempts(cases: Iterable[SmugglingCase] = SMUGGLING_CASES,
+                   paths: Iterable[str] = PATHS) -> tuple[SmugglingAttempt, ...]:
+    wanted = tuple(paths)
+    return tuple(SmugglingAttempt(case, path) for path in wanted for case in cases)
+
+
+def is_policy_denial(case: SmugglingCase) -> bool:
+    """A case refused by a policy decision on a cleanly framed request (not by the framing checks)."""
+    return case.violation is None and not case.is_positive_control
+
+
+def cases_failed_by(weakening: str, path: str, cases: Iterable[SmugglingCase] = SMUGGLING_CASES) -> set[str]:
+    """The case ids a weakened proxy must fail on ``path``; the catalogue's ``holes`` decide. Pure.
+
+    * ``h11-only`` (``strict_framing=False``): the cases whose hole is ``h11-only``, on both paths.
+    * ``first-request-only`` (``judge_every_request=False``, absolute path): the cases whose hole is
+      ``first-request-only``.
+    * ``keep-reading-after-denial`` (``close_on_denied=False``, the pre-#819 interceptor, tunnel
+      path): the ``first-request-only`` cases plus every other policy refusal, because inside the
+      tunnel every such refusal must also close the connection (network.md §4) and the weakened
+      interceptor keeps it open.
+    """
+    case_list = tuple(cases)
+    if weakening == H11_ONLY:
+        return {case.case_id for case in case_list if H11_ONLY in case.holes}
+    if weakening == FIRST_REQUEST_ONLY and path == ABSOLUTE:
+        return {case.case_id for case in case_list if FIRST_REQUEST_ONLY in case.holes}
+    if weakening == "keep-reading-after-denial" and path == TUNNEL:
+        return {case.case_id for case in case_list
+                if FIRST_REQUEST_ONLY in case.holes or is_policy_denial(case)}
+    raise ValueError(f"no weakening {weakening!r} on the {path} path")
+
+
+# --------------------------------------------------------------------------------------------------
+# Parsing what came back (pure)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParsedResponse:
+    status: int
+    headers: tuple[tuple[str, str], ...]  # names lowercased
+    body: bytes  # chunked coding removed
+
+    def header(self, name: str) -> str | None:
+        wanted = name.lower()
+        return next((value for key, value in self.headers if key == wanted), None)
+
+
+def _parse_one(data: bytes, offset: int, eof: bool) -> tuple[ParsedResponse, int] | None:
+    """One response starting at ``offset``: (response, end offset), or None if incomplete."""
+    head_end = data.find(HEAD_END, offset)
+    if head_end == -1:
+        return None
+    lines = data[offset:head_end].decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+        raise ValueError(f"not an HTTP/1.x status line: {lines[0]!r}")
+    status = int(parts[1])
+    headers = tuple((name.strip().lower(), value.strip()) for name, sep, value in
+                    (line.partition(":") for line in lines[1:]) if sep)
+    response = ParsedResponse(status, headers, b"")
+    position = head_end + len(HEAD_END)
+    if 100 <= status < 200 or status in (204, 304):
+        return response, position
+    if (response.header("transfer-encoding") or "").lower() == "chunked":
+        body = bytearray()
+        while True:
+            line_end = data.find(b"\r\n", position)
+            if line_end == -1:
+                return None
+            size = int(data[position:line_end].split(b";")[0], 16)
+            position = line_end + 2
+            if size == 0:
+                trailer_end = data.find(b"\r\n", position)  # no trailers: the empty line
+                if trailer_end == -1:
+                    return None
+                return ParsedResponse(status, headers, bytes(body)), trailer_end + 2
+            if len(data) < position + size + 2:
+                return None
+            body += data[position:position + size]
+            position += size + 2
+    length = response.header("content-length")
+    if length is not None:
+        end = position + int(length)
+        if len(data) < end:
+            return None
+        return ParsedResponse(status, headers, data[position:end]), end
+    if not eof:
+        return None  # close-delimited body (RFC 9112 §6.3 rule 8)
+    return ParsedResponse(status, headers, data[position:]), len(data)
+
+
+def parse_responses(data: bytes, *, eof: bool = False) -> tuple[list[ParsedResponse], int]:
+    """Every complete final response in ``data`` (1xx skipped), and the bytes they used. Pure.
+
+    Raises ValueError for bytes that are not HTTP/1.x responses.
+    """
+    responses: list[ParsedResponse] = []
+    offset = 0
+    while offset < len(data):
+        parsed = _parse_one(data, offset, eof)
+        if parsed is None:
+            break
+        response, offset = parsed
+        if not 100 <= response.status < 200:
+            responses.append(response)
+    return responses, offset
+
+
+# --------------------------------------------------------------------------------------------------
+# Judging (pure)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """What one attempt observed.
+
+    ``statuses`` are the final responses to the payload; ``closed`` means EOF or reset before the
+    deadline; ``follow_up`` is the status a later request on the same connection got (None: no
+    answer). ``reached`` counts the requests the origin/backend recorded (follow-ups excluded) and
+    ``stray`` names anything else that was reached (canary connections, the denied host).
+    """
+
+    statuses: tuple[int, ...]
+    closed: bool
+    timed_out: bool
+    follow_up: int | None
+    reached: int
+    stray: str = ""
+    error: str = ""
+    last_body: bytes = b""
+
+    def describe(self) -> str:
+        ending = "closed" if self.closed else "timed out open" if self.timed_out else "left open"
+        follow = "no answer" if self.follow_up is None else str(self.follow_up)
+        text = (f"statuses {list(self.statuses)}, connection {ending}, follow-up request: {follow}, "
+                f"origin saw {self.reached}")
+        if self.stray:
+            text += f", also reached: {self.stray}"
+        return text + (f" ({self.error})" if self.error else "")
+
+
+def expected_text(case: SmugglingCase) -> str:
+    ordinary = case.reaches_backend
+    if case.is_positive_control:
+        ending = "then closed" if case.must_close else "connection kept (a follow-up gets 200)"
+        return f"{ordinary} x 200, {ending}; origin saw exactly {ordinary}"
+    return (f"{ordinary} x 200 then {case.expected_status}, connection closed, follow-up gets nothing; "
+            f"origin saw exactly {ordinary}, nothing else reached")
+
+
+def judge_exchange(case: SmugglingCase, seen: Exchange) -> SsrfJudgement:
+    """Judge one attempt of ``case`` from what the client and the origin observed. Pure."""
+    expected = expected_text(case)
+    observed = seen.describe()
+    wanted = case.reaches_backend
+    if seen.stray:
+        return SsrfJudgement(Verdict.ALLOWED, f"{case.case_id}: reached what it must not: {seen.stray}",
+                             expected, observed)
+    if seen.reached > wanted:
+        return SsrfJudgement(Verdict.ALLOWED, f"{case.case_id}: {seen.reached - wanted} smuggled request(s) "
+                             f"reached the origin (saw {seen.reached}, catalogue allows {wanted})",
+                             expected, observed)
+    if case.is_positive_control:
+        return _judge_control(case, seen, expected, observed)
+    if seen.follow_up is not None:
+        return SsrfJudgement(Verdict.ALLOWED, f"{case.case_id}: after the refusal the connection was still "
+                             f"read: a follow-up request got {seen.follow_up} (the pre-#819 keep-alive bug)",
+                             expected, observed)
+    if not seen.closed:
+        return SsrfJudgement(Verdict.INDETERMINATE, f"{case.case_id}: the connection was not closed "
+                             "(network.md §5: answer and close)", expected, observed)
+    if not seen.statuses:
+        return SsrfJudgement(Verdict.INDETERMINATE, f"{case.case_id}: closed without any answer",
+                             expected, observed)
+    ordinary, last = list(seen.statuses[:-1]), seen.statuses[-1]
+    if ordinary != [200] * wanted or not case.accepts_status(last):
+        return SsrfJudgement(Verdict.INDETERMINATE, f"{case.case_id}: status sequence {list(seen.statuses)}, "
+                             f"expected {[200] * wanted} then {case.expected_status}", expected, observed)
+    if seen.reached != wanted:
+        return SsrfJudgement(Verdict.INDETERMINATE, f"{case.case_id}: origin saw {seen.reached} of the "
+                             f"{wanted} allowed request(s)", expected, observed)
+    return SsrfJudgement(Verdict.BLOCKED, f"{case.case_id}: refused with {last} and closed; "
+                         f"{wanted} allowed request(s) reached the origin, nothing smuggled", expected, observed)
+
+
+def _judge_control(case: SmugglingCase, seen: Exchange, expected: str, observed: str) -> SsrfJudgement:
+    wanted = case.reaches_backend
+    if list(seen.statuses) != [200] * wanted or seen.reached != wanted:
+        return SsrfJudgement(Verdict.BROKEN, f"{case.case_id}: a valid exchange was not served: statuses "
+                             f"{list(seen.statuses)}, origin saw {seen.reached}", expected, observed)
+    if case.must_close and not seen.closed:
+        return SsrfJudgement(Verdict.BROKEN, f"{case.case_id}: the connection must close after the "
+                             "response (RFC 9112 App. C.2.2)", expected, observed)
+    if not case.must_close and seen.follow_up != 200:
+        return SsrfJudgement(Verdict.BROKEN, f"{case.case_id}: the keep-alive connection could not carry a "
+                             f"follow-up request ({seen.follow_up})", expected, observed)
+    return SsrfJudgement(Verdict.WORKS, f"{case.case_id}: served as catalogued", expected, observed)
+
+
+def is_inference_refusal(response: ParsedResponse) -> bool:
+    """Exactly #819's answer to a non-inference request (network.md §4)."""
+    return (response.status == DENIED_STATUS and response.body == DENIED_BODY
+            and response.header("content-type") == "application/json")
+
+
+# --------------------------------------------------------------------------------------------------
+# Sending (sockets come from the caller: lab sockets only)
+# --------------------------------------------------------------------------------------------------
+
+
+def open_inference_tunnel(sock: socket.socket, ca_pem: bytes, *, timeout: float = ATTEMPT_TIMEOUT_SECONDS,
+                          authority: str = f"{INFERENCE_HOST}:{INFERENCE_PORT}") -> ssl.SSLSocket:
+    """``CONNECT inference.local:443`` on ``sock``, then TLS trusting only ``ca_pem``.
+
+    Raises ConnectionError when the proxy does not answer 200.
+    """
+    sock.settimeout(timeout)
+    sock.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode("ascii"))
+    reply = b""
+    while HEAD_END not in reply:
+        data = sock.recv(4096)
+        if not data:
+            raise ConnectionError(f"the proxy closed before answering CONNECT: {reply!r}")
+        reply += data
+    if not reply.startswith(b"HTTP/1.1 200"):
+        status_line = reply.partition(b"\r\n")[0]
+        raise ConnectionError(f"CONNECT {authority} was answered {status_line!r}")
+    context = ssl.create_default_context(cadata=ca_pem.decode("ascii"))
+    context.set_alpn_protocols(["http/1.1"])
+    tls = context.wrap_socket(sock, server_hostname=INFERENCE_HOST)
+    tls.settimeout(timeout)
+    return tls
+
+
+@dataclass
+class _Reader:
+    sock: socket.socket
+    deadline: float
+    buffer: bytearray
+    eof: bool = False
+    timed_out: bool = False
+    error: str = ""
+
+    def fill(self, until: Callable[[], bool]) -> None:
+        """Read until ``until()``, EOF, error or the deadline."""
+        while not until() and not self.eof and len(self.buffer) < MAX_EXCHANGE_BYTES:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                self.timed_out = True
+                return
+            self.sock.settimeout(remaining)
+            try:
+                data = self.sock.recv(READ_SIZE)
+            except TimeoutError:
+                self.timed_out = True
+                return
+            except (OSError, ssl.SSLError) as error:  # reset, or TLS torn down: the peer is gone
+                self.eof, self.error = True, f"{type(error).__name__}: {error}"
+                return
+            if not data:
+                self.eof = True
+                return
+            self.buffer += data
+
+    def responses(self) -> list[ParsedResponse]:
+        try:
+            return parse_responses(bytes(self.buffer), eof=self.eof)[0]
+        except ValueError as error:
+            self.error = str(error)
+            return []
+
+
+def exchange(sock: socket.socket, payload: bytes, case: SmugglingCase, follow_up: bytes,
+             count_reached: Callable[[], int], *, timeout: float = ATTEMPT_TIMEOUT_SECONDS,
+             stray: Callable[[], str] = lambda: "") -> Exchange:
+    """Send ``payload`` in one write, read the answers, then try ``follow_up`` on the same socket.
+
+    A connection the case says must close is read until EOF or the deadline; one that must stay open
+    is read until its ``reaches_backend`` answers arrived. ``count_reached`` and ``stray`` are
+    evaluated at the end (the caller diffs its own snapshots).
+    """
+    reader = _Reader(sock, time.monotonic() + timeout, bytearray())
+    try:
+        sock.sendall(payload)
+    except (OSError, ssl.SSLError) as send_error:
+        reader.eof, reader.error = True, f"send failed: {send_error}"
+    if case.must_close:
+        reader.fill(lambda: False)
+    else:
+        reader.fill(lambda: len(reader.responses()) >= case.reaches_backend)
+    responses = reader.responses()
+    closed, timed_out, error = reader.eof, reader.timed_out, reader.error
+    follow_status = _follow_up(sock, follow_up, closed, len(responses), timeout)
+    return Exchange(
+        statuses=tuple(r.status for r in responses), closed=closed, timed_out=timed_out and not closed,
+        follow_up=follow_status, reached=count_reached(), stray=stray(), error=error,
+        last_body=responses[-1].body if responses else b"",
+    )
+
+
+def _follow_up(sock: socket.socket, request: bytes, closed: bool, answered: int, timeout: float) -> int | None:
+    """The status a further request on this connection gets, or None (closed: it must get nothing)."""
+    if closed:
+        return None  # EOF already read: nothing more can arrive on this connection
+    reader = _Reader(sock, time.monotonic() + timeout, bytearray())
+    try:
+        sock.sendall(request)
+    except (OSError, ssl.SSLError):
+        return None
+    # Answers to the payload that arrived late come first; the follow-up's is the one after them.
+    reader.fill(lambda: len(reader.responses()) >= 1)
+    responses = reader.responses()
+    return responses[-1].status if responses else None
