@@ -414,14 +414,36 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("policy", metavar="POLICY")
     explain.add_argument("--mode", **modes)  # type: ignore[arg-type]
     explain.set_defaults(handler=_command_explain)
+
+    conformance = commands.add_parser(
+        "conformance", help="run the installed conformance suite (pytest options and --sandbox-* pass through)",
+        description="Runs `pytest --sandbox --pyargs pytest_sandbox.conformance ARGS`: the whole suite from the "
+                    "installed package, no source checkout needed. Example: pytest-sandbox conformance "
+                    "--sandbox-exec 'bwrap --dev-bind / / --' --sandbox-report report.md")
+    conformance.add_argument("pytest_args", nargs=argparse.REMAINDER, help="passed to pytest")
+    conformance.set_defaults(handler=_command_conformance)
     return parser
+
+
+def _command_conformance(args: argparse.Namespace) -> int:
+    return run_conformance(args.pytest_args)
+
+
+def run_conformance(pytest_args: list[str]) -> int:
+    """``pytest --sandbox --pyargs pytest_sandbox.conformance ARGS``; pytest reports its own bad flags."""
+    import pytest
+
+    return int(pytest.main(["--sandbox", "--pyargs", "pytest_sandbox.conformance", *pytest_args]))
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the exit status (``sys.exit(main())``)."""
+    arguments = sys.argv[1:] if argv is None else argv
+    if arguments[:1] == ["conformance"] and arguments[1:2] not in (["-h"], ["--help"]):
+        return run_conformance(arguments[1:])  # everything after the word belongs to pytest
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(arguments)
     except SystemExit as exc:  # argparse reports bad flags itself and exits 2; --help exits 0
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
