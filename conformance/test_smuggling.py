@@ -23,12 +23,13 @@ from pytest_sandbox.inference_suite import (
     absolute_follow_up,
     build_attempts,
     exchange,
+    judge_backend_record,
     judge_exchange,
     open_inference_tunnel,
     tunnel_follow_up,
 )
 from pytest_sandbox.lab import NetworkLab
-from pytest_sandbox.network_fixtures import InterceptionTrust, RunningProxy
+from pytest_sandbox.network_fixtures import INFERENCE_ROUTE_KEY, InterceptionTrust, RunningProxy
 from pytest_sandbox.ssrf_suite import new_hits
 
 # Fixtures, until plugin.py imports them from pytest_sandbox.network_fixtures itself.
@@ -86,3 +87,10 @@ def test_smuggling_case_is_refused_and_closed_and_reaches_nothing(
         attempt, sandbox_lab, sandbox_proxy, inference_backend, interception_ca, network_verdict):
     judgement = run_smuggling_attempt(attempt, sandbox_lab, sandbox_proxy, inference_backend, interception_ca)
     network_verdict("smuggling", attempt.test_id, judgement, attempt.describe())
+
+
+def test_backend_record_shows_no_smuggled_request_ever_reached_it(
+        sandbox_proxy, inference_backend, network_verdict):
+    """Runs after every tunnel case of this module: the fake backend's whole log, judged at once."""
+    judgement = judge_backend_record(inference_backend.requests, INFERENCE_ROUTE_KEY)
+    network_verdict("smuggling", "tunnel-backend-record", judgement, "the fake backend's whole request log")

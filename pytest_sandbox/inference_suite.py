@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from pytest_sandbox.catalogues.smuggling import FIRST_REQUEST_ONLY, H11_ONLY, SMUGGLING_CASES, SmugglingCase, render
+from pytest_sandbox.fake_backend import RecordedRequest
+from pytest_sandbox.inference_routes import DEFAULT_ROUTES, InferenceRoute, match_route
 from pytest_sandbox.interception import DENIED_BODY, DENIED_STATUS, INFERENCE_HOST, INFERENCE_PORT
 from pytest_sandbox.ssrf_suite import SsrfJudgement
 from pytest_sandbox.verdicts import Verdict
@@ -42,14 +44,20 @@ __all__ = [
     "ParsedResponse",
     "SmugglingAttempt",
     "absolute_follow_up",
+    "answer_to",
     "build_attempts",
     "cases_failed_by",
+    "closes_without_more_bytes",
     "exchange",
     "inference_request",
+    "is_inference_refusal",
     "is_policy_denial",
+    "judge_backend_record",
     "judge_exchange",
     "open_inference_tunnel",
     "parse_responses",
+    "send_and_read",
+    "stray_backend_requests",
     "tunnel_follow_up",
     "tunnel_payload",
 ]
@@ -332,6 +340,34 @@ def _judge_control(case: SmugglingCase, seen: Exchange, expected: str, observed:
     return SsrfJudgement(Verdict.WORKS, f"{case.case_id}: served as catalogued", expected, observed)
 
 
+def stray_backend_requests(recorded: Iterable[RecordedRequest], route_key: str,
+                           routes: tuple[InferenceRoute, ...] = DEFAULT_ROUTES,
+                           forbidden_values: Iterable[str] = ()) -> list[str]:
+    """Requests in a backend log that should never have reached it: off-route, not carrying exactly
+    the route key, or carrying any of ``forbidden_values`` (the sandbox's own credentials). Pure."""
+    forbidden = tuple(forbidden_values)
+    return [f"{r.method} {r.path}" for r in recorded
+            if match_route(routes, r.method, r.path) is None
+            or r.header_values("authorization") != [f"Bearer {route_key}"]
+            or any(value in text for _name, text in r.headers for value in forbidden)]
+
+
+def judge_backend_record(recorded: list[RecordedRequest], route_key: str,
+                         forbidden_values: Iterable[str] = ()) -> SsrfJudgement:
+    """BLOCKED when the backend saw only routed inference requests with the route key. Pure."""
+    strays = stray_backend_requests(recorded, route_key, forbidden_values=forbidden_values)
+    expected = "only inference routes, each with exactly the route key"
+    observed = f"{len(recorded)} recorded, strays {strays[:5]}"
+    if strays:
+        return SsrfJudgement(Verdict.ALLOWED, f"requests that must never reach the backend did: {strays[:5]}",
+                             expected, observed)
+    if not recorded:
+        return SsrfJudgement(Verdict.INDETERMINATE, "the backend recorded nothing, so nothing was proven",
+                             expected, observed)
+    return SsrfJudgement(Verdict.BLOCKED, "every request the backend saw was a routed inference request "
+                         "carrying the route key", expected, observed)
+
+
 def is_inference_refusal(response: ParsedResponse) -> bool:
     """Exactly #819's answer to a non-inference request (network.md §4)."""
     return (response.status == DENIED_STATUS and response.body == DENIED_BODY
@@ -437,12 +473,34 @@ def _follow_up(sock: socket.socket, request: bytes, closed: bool, answered: int,
     """The status a further request on this connection gets, or None (closed: it must get nothing)."""
     if closed:
         return None  # EOF already read: nothing more can arrive on this connection
+    answer = answer_to(sock, request, timeout=timeout)
+    return None if answer is None else answer.status
+
+
+def send_and_read(sock: socket.socket, request: bytes, *, count: int = 1,
+                  timeout: float = ATTEMPT_TIMEOUT_SECONDS) -> tuple[list[ParsedResponse], bool]:
+    """Send ``request`` and read until ``count`` responses arrived, EOF or the deadline.
+
+    Returns (responses, closed): ``closed`` is True only if EOF or a reset was already seen.
+    """
     reader = _Reader(sock, time.monotonic() + timeout, bytearray())
     try:
         sock.sendall(request)
     except (OSError, ssl.SSLError):
-        return None
-    # Answers to the payload that arrived late come first; the follow-up's is the one after them.
-    reader.fill(lambda: len(reader.responses()) >= 1)
-    responses = reader.responses()
-    return responses[-1].status if responses else None
+        return [], True
+    reader.fill(lambda: len(reader.responses()) >= count)
+    return reader.responses(), reader.eof
+
+
+def answer_to(sock: socket.socket, request: bytes, *,
+              timeout: float = ATTEMPT_TIMEOUT_SECONDS) -> ParsedResponse | None:
+    """The first response ``request`` gets on this connection, or None (closed, reset, nothing)."""
+    responses, _closed = send_and_read(sock, request, timeout=timeout)
+    return responses[0] if responses else None
+
+
+def closes_without_more_bytes(sock: socket.socket, *, timeout: float = ATTEMPT_TIMEOUT_SECONDS) -> bool:
+    """True if the peer closes (EOF or reset) before the deadline without sending anything more."""
+    reader = _Reader(sock, time.monotonic() + timeout, bytearray())
+    reader.fill(lambda: bool(reader.buffer))
+    return reader.eof and not reader.buffer

@@ -1,0 +1,177 @@
+"""Inference conformance: on the intercepted ``inference.local`` connection only inference requests pass.
+
+Through the session's reference proxy, over raw sockets and TLS trusting only the interception CA
+(network.md §4): a routed chat completion reaches the fake backend with the route's key and without
+the sandbox's; a streamed completion passes through; a non-inference request after a routed one on
+the same keep-alive connection gets #819's exact 403, the connection closes, the backend saw only
+the routed request and a further request gets nothing; an inner Host other than inference.local is
+refused; ``CONNECT inference.local`` on other ports follows the ordinary policy. The backend's
+record is checked last: nothing but inference routes carrying the route key ever reached it.
+Runs only with ``--sandbox``.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+
+from pytest_sandbox import network_fixtures
+from pytest_sandbox.fake_backend import FakeInferenceBackend
+from pytest_sandbox.inference_suite import (
+    answer_to,
+    closes_without_more_bytes,
+    inference_request,
+    is_inference_refusal,
+    judge_backend_record,
+    open_inference_tunnel,
+    send_and_read,
+)
+from pytest_sandbox.network_fixtures import INFERENCE_ROUTE_KEY, InterceptionTrust, RunningProxy
+from pytest_sandbox.ssrf_suite import SsrfJudgement, parse_reply
+from pytest_sandbox.verdicts import Verdict
+
+# Fixtures, until plugin.py imports them from pytest_sandbox.network_fixtures itself.
+_network_lab = network_fixtures._network_lab
+sandbox_lab = network_fixtures.sandbox_lab
+sandbox_proxy = network_fixtures.sandbox_proxy
+inference_backend = network_fixtures.inference_backend
+interception_ca = network_fixtures.interception_ca
+network_verdict = network_fixtures.network_verdict
+
+SANDBOX_KEY = "sk-sandbox-held-placeholder"
+CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
+CLIENT_CREDENTIALS = (("Authorization", f"Bearer {SANDBOX_KEY}"), ("X-Api-Key", SANDBOX_KEY))
+CHAT_REQUEST = inference_request("POST", "/v1/chat/completions", body=json.dumps(CHAT).encode(),
+                                 headers=CLIENT_CREDENTIALS)
+STREAM_REQUEST = inference_request("POST", "/v1/chat/completions",
+                                   body=json.dumps({**CHAT, "stream": True}).encode(), headers=CLIENT_CREDENTIALS)
+ADMIN_REQUEST = inference_request("GET", "/admin")
+MODELS_REQUEST = inference_request("GET", "/v1/models")
+CATEGORY = "inference"
+
+
+def judged(ok: bool, passing: Verdict, failing: Verdict, reason: str, expected: str, observed: str) -> SsrfJudgement:
+    return SsrfJudgement(passing if ok else failing, reason, expected, observed)
+
+
+def tunnel(proxy: RunningProxy, trust: InterceptionTrust) -> socket.socket:
+    return open_inference_tunnel(proxy.connect(), trust.cert_pem)
+
+
+def test_routed_chat_completion_reaches_backend_with_route_key_and_without_client_key(
+        sandbox_proxy, inference_backend: FakeInferenceBackend, interception_ca, network_verdict):
+    before = len(inference_backend.requests)
+    with tunnel(sandbox_proxy, interception_ca) as tls:
+        responses, _closed = send_and_read(tls, CHAT_REQUEST)
+    arrived = inference_backend.requests[before:]
+    answer = responses[0] if responses else None
+    content = json.loads(answer.body)["choices"][0]["message"]["content"] if answer and answer.status == 200 else None
+    headers = arrived[0].headers if len(arrived) == 1 else ()
+    leaked = [name for name, value in headers if SANDBOX_KEY in value]
+    ok = (answer is not None and answer.status == 200 and content is not None and len(arrived) == 1
+          and arrived[0].header_values("authorization") == [f"Bearer {INFERENCE_ROUTE_KEY}"] and not leaked
+          and INFERENCE_ROUTE_KEY.encode() not in answer.body)
+    observed = (f"answer {answer.status if answer else None} content {content!r}; backend saw {len(arrived)} "
+                f"request(s), authorization {arrived[0].header_values('authorization') if arrived else None}, "
+                f"sandbox key in {leaked or 'no header'}")
+    network_verdict(CATEGORY, "routed-chat-completion", judged(
+        ok, Verdict.WORKS, Verdict.BROKEN, "a chat completion is routed with the route's key" if ok else
+        "the routed request did not arrive as it should", "200 from the backend; backend saw one request "
+        "with the route key and no sandbox credential", observed), "POST /v1/chat/completions via inference.local")
+
+
+def test_streamed_completion_passes_through_as_server_sent_events(
+        sandbox_proxy, inference_backend: FakeInferenceBackend, interception_ca, network_verdict):
+    with tunnel(sandbox_proxy, interception_ca) as tls:
+        responses, _closed = send_and_read(tls, STREAM_REQUEST)
+    answer = responses[0] if responses else None
+    events = [line[len(b"data: "):] for line in (answer.body.split(b"\n") if answer else [])
+              if line.startswith(b"data: ")]
+    pieces = [json.loads(event)["choices"][0]["delta"]["content"] for event in events[:-1]]
+    ok = (answer is not None and answer.status == 200 and answer.header("content-type") == "text/event-stream"
+          and answer.header("transfer-encoding") == "chunked" and events[-1:] == [b"[DONE]"]
+          and tuple(pieces) == inference_backend.stream_pieces)
+    observed = f"status {answer.status if answer else None}, {len(events)} events, pieces {pieces}"
+    network_verdict(CATEGORY, "streamed-completion", judged(
+        ok, Verdict.WORKS, Verdict.BROKEN, "SSE events relayed chunked, in order, to [DONE]" if ok else
+        "the stream was not relayed intact", "200 text/event-stream, chunked, every piece then [DONE]",
+        observed), "POST /v1/chat/completions stream=true via inference.local")
+
+
+def test_non_inference_request_after_a_routed_one_is_refused_closed_and_never_forwarded(
+        sandbox_proxy, inference_backend: FakeInferenceBackend, interception_ca, network_verdict):
+    """OpenShell #819: after a routed request the loop kept reading; now 403 and close, always."""
+    before = len(inference_backend.requests)
+    with tunnel(sandbox_proxy, interception_ca) as tls:
+        routed, _ = send_and_read(tls, CHAT_REQUEST)
+        refused, _ = send_and_read(tls, ADMIN_REQUEST)
+        closed = closes_without_more_bytes(tls)
+        follow_up = answer_to(tls, MODELS_REQUEST)
+    arrived = inference_backend.requests[before:]
+    refusal = refused[0] if refused else None
+    ok = (len(routed) == 1 and routed[0].status == 200 and refusal is not None and is_inference_refusal(refusal)
+          and closed and follow_up is None and [r.path for r in arrived] == ["/v1/chat/completions"])
+    observed = (f"routed {[r.status for r in routed]}, then {refusal.status if refusal else None} "
+                f"{refusal.body if refusal else b''!r}, closed {closed}, follow-up "
+                f"{follow_up.status if follow_up else 'no answer'}; backend saw {[r.path for r in arrived]}")
+    network_verdict(CATEGORY, "routed-then-non-inference", judged(
+        ok, Verdict.BLOCKED, Verdict.ALLOWED if follow_up is not None or len(arrived) > 1 else Verdict.INDETERMINATE,
+        "refused with #819's 403 JSON and closed; only the routed request reached the backend" if ok else
+        "the non-inference request was not refused and closed as #819 requires",
+        '200, then 403 application/json {"error":"connection not allowed by policy"}, EOF, follow-up gets '
+        "nothing; backend saw only the chat completion", observed),
+        "POST /v1/chat/completions then GET /admin on one keep-alive TLS connection")
+
+
+@pytest.mark.parametrize("inner_host", ["10.0.0.1", "api.inference.test", "inference.local:8443",
+                                        "inference.local.", "11.0.0.20"])
+def test_inner_host_other_than_inference_local_is_refused(
+        inner_host, sandbox_lab, sandbox_proxy, inference_backend: FakeInferenceBackend, interception_ca,
+        network_verdict):
+    before, hits_before = len(inference_backend.requests), sum(sandbox_lab.all_hits().values())
+    request = inference_request("POST", "/v1/chat/completions", body=json.dumps(CHAT).encode(), host=inner_host)
+    with tunnel(sandbox_proxy, interception_ca) as tls:
+        responses, _ = send_and_read(tls, request)
+        closed = closes_without_more_bytes(tls)
+    reached = len(inference_backend.requests) - before
+    hits = sum(sandbox_lab.all_hits().values()) - hits_before
+    answer = responses[0] if responses else None
+    ok = answer is not None and answer.status == 403 and closed and reached == 0 and hits == 0
+    observed = f"status {answer.status if answer else None}, closed {closed}, backend saw {reached}, canary hits {hits}"
+    network_verdict(CATEGORY, f"inner-host-{inner_host}", judged(
+        ok, Verdict.BLOCKED, Verdict.ALLOWED if reached or hits else Verdict.INDETERMINATE,
+        "an inner Host other than the CONNECT authority is refused" if ok else "inner Host mismatch not refused",
+        "403, closed, nothing reached", observed), f"CONNECT inference.local:443 then Host: {inner_host}")
+
+
+@pytest.mark.parametrize("port", [80, 8443])
+def test_connect_to_inference_local_on_another_port_follows_the_ordinary_policy(
+        port, sandbox_proxy, inference_backend: FakeInferenceBackend, network_verdict):
+    """Only 443 is intercepted (OpenShell since #869); inference.local does not resolve in the lab."""
+    before = len(inference_backend.requests)
+    decisions_before = len(sandbox_proxy.decisions)
+    with sandbox_proxy.connect() as sock:
+        sock.sendall(f"CONNECT inference.local:{port} HTTP/1.1\r\nHost: inference.local:{port}\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    reply = parse_reply(data)
+    decisions = sandbox_proxy.decisions[decisions_before:]
+    reasons = [decision.reason for decision in decisions]
+    ok = (reply.status is not None and reply.status >= 400 and "intercepted" not in reasons
+          and len(inference_backend.requests) == before)
+    observed = f"status {reply.status} {reply.proxy_reason}, proxy decisions {reasons}"
+    network_verdict(CATEGORY, f"connect-other-port-{port}", judged(
+        ok, Verdict.BLOCKED, Verdict.ALLOWED if "intercepted" in reasons else Verdict.INDETERMINATE,
+        "judged by the ordinary policy, not intercepted" if ok else "another port was intercepted or let through",
+        "not intercepted: a policy refusal (8443) or a resolution failure (80), nothing reached", observed),
+        f"CONNECT inference.local:{port}")
+
+
+def test_backend_record_holds_only_inference_routes_with_the_route_key(
+        inference_backend: FakeInferenceBackend, sandbox_proxy, network_verdict):
+    """Runs after the rest of this module (and whatever else this session sent through the proxy)."""
+    judgement = judge_backend_record(inference_backend.requests, INFERENCE_ROUTE_KEY, forbidden_values=[SANDBOX_KEY])
+    network_verdict(CATEGORY, "backend-record", judgement, "the fake backend's whole request log")
