@@ -1,0 +1,377 @@
+"""Benchmark: the reference egress proxy vs squid and tinyproxy vs direct, inside one lab namespace.
+
+Everything runs on the loopback of a private network namespace (pytest_sandbox.lab.NetworkLab), so
+no packet leaves it (network.md §7). Every server is its own process started in the lab:
+
+* an **origin** on the lab public address 11.0.0.10: port 80 answers every request with a fixed
+  1 KiB body and keeps the connection alive; port 443 is a **sink** that reads ``N\\n`` and then N
+  bytes and answers ``ok\\n``;
+* the proxy under test on 127.0.0.1: the reference EgressProxy (this script, ``--role reference``),
+  squid and tinyproxy (``pytest_sandbox.third_party_proxy`` commands), each skipped if absent.
+
+The client is this process, with lab sockets, one connection at a time, no pipelining:
+
+* ``get``: keep-alive absolute-form ``GET http://11.0.0.10/`` (origin-form for direct), a fixed
+  number of requests; a proxy that closes after a response is reconnected to (and that is counted);
+* ``connect``: ``CONNECT 11.0.0.10:443`` then a bulk upload through the tunnel until the sink says ok.
+
+Rounds are interleaved across targets; the best round per target is reported with ratios against
+direct and against squid. Targets (issue #3): reference >= squid's req/s; CONNECT >= 0.7x direct.
+
+    python benchmarks/bench_proxy.py [--requests 3000] [--bulk-mib 64] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+ORIGIN_ADDRESS = "11.0.0.10"  # lab public origin (global unicast, bound only on the lab's lo)
+HTTP_PORT = 80
+SINK_PORT = 443
+PROXY_ADDRESS = "127.0.0.1"
+BODY = b"x" * 1024
+RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: 1024\r\n\r\n" + BODY)
+HEAD_END = b"\r\n\r\n"
+CHUNK = 256 * 1024
+IO_TIMEOUT_SECONDS = 20.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Server roles (run inside the lab by lab.popen)
+# --------------------------------------------------------------------------------------------------
+
+
+class _OriginProtocol(asyncio.Protocol):
+    """Answer each complete request head with the fixed 1 KiB response (GETs carry no body)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.buffer = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        count = self.buffer.count(HEAD_END)
+        if count:
+            self.buffer = self.buffer[self.buffer.rindex(HEAD_END) + len(HEAD_END):]
+            self.transport.write(RESPONSE * count)
+
+
+def _sink_connection(conn: socket.socket) -> None:
+    with conn:
+        buffer = bytearray()
+        while b"\n" not in buffer:
+            data = conn.recv(64)
+            if not data:
+                return
+            buffer += data
+        line, _, rest = bytes(buffer).partition(b"\n")
+        remaining = int(line) - len(rest)
+        scratch = bytearray(CHUNK)
+        while remaining > 0:
+            received = conn.recv_into(scratch)
+            if not received:
+                return
+            remaining -= received
+        conn.sendall(b"ok\n")
+
+
+def _serve_sink(listener: socket.socket) -> None:
+    while True:
+        conn, _ = listener.accept()
+        threading.Thread(target=_sink_connection, args=(conn,), daemon=True).start()
+
+
+def run_origin(http_fd: int, sink_fd: int) -> None:
+    sink = socket.socket(fileno=sink_fd)
+    threading.Thread(target=_serve_sink, args=(sink,), daemon=True).start()
+
+    async def main() -> None:
+        http = socket.socket(fileno=http_fd)
+        server = await asyncio.get_running_loop().create_server(_OriginProtocol, sock=http)
+        await server.serve_forever()
+
+    asyncio.run(main())
+
+
+def run_reference(port: int) -> None:
+    from pytest_sandbox.proxy import EgressProxy, ProxyConfig
+
+    async def resolve(name: str) -> list[str]:
+        infos = await asyncio.get_running_loop().getaddrinfo(name, None, type=socket.SOCK_STREAM)
+        return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((PROXY_ADDRESS, port))
+    listener.listen(128)
+    # This process lives in the lab namespace (lab.popen), so plain sockets are lab sockets.
+    proxy = EgressProxy(ProxyConfig(), resolver=resolve, socket_factory=socket.socket)
+    asyncio.run(proxy.serve(listener))
+
+
+# --------------------------------------------------------------------------------------------------
+# Client (this process, lab sockets)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    address: str
+    port: int
+    via_proxy: bool
+
+
+@dataclass(frozen=True)
+class GetResult:
+    requests_per_second: float
+    connections: int
+
+
+def _read_response(sock: socket.socket, buffer: bytearray) -> bool:
+    """Read one response into/through ``buffer``; return whether the server will close the connection."""
+    while HEAD_END not in buffer:
+        data = sock.recv(65536)
+        if not data:
+            raise ConnectionError("closed before a response head")
+        buffer += data
+    head_length = buffer.index(HEAD_END) + len(HEAD_END)
+    head = bytes(buffer[:head_length]).lower()
+    if not head.startswith(b"http/1.1 200") and not head.startswith(b"http/1.0 200"):
+        raise ConnectionError(f"unexpected response: {head[:80]!r}")
+    start = head.index(b"content-length:") + len(b"content-length:")
+    length = int(head[start:head.index(b"\r\n", start)])
+    while len(buffer) < head_length + length:
+        data = sock.recv(65536)
+        if not data:
+            raise ConnectionError("closed inside a response body")
+        buffer += data
+    del buffer[:head_length + length]
+    return b"connection: close" in head or head.startswith(b"http/1.0")
+
+
+def measure_gets(connect: Callable[[], socket.socket], target: Target, count: int) -> GetResult:
+    if target.via_proxy:
+        request = f"GET http://{ORIGIN_ADDRESS}/ HTTP/1.1\r\nHost: {ORIGIN_ADDRESS}\r\n\r\n".encode()
+    else:
+        request = f"GET / HTTP/1.1\r\nHost: {ORIGIN_ADDRESS}\r\n\r\n".encode()
+    connections = 0
+    served_on_connection = 0
+    sock: socket.socket | None = None
+    buffer = bytearray()
+    started = time.perf_counter()
+    try:
+        for _ in range(count):
+            if sock is None:
+                sock = connect()
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                connections += 1
+                served_on_connection = 0
+                buffer.clear()
+            try:
+                sock.sendall(request)
+                closing = _read_response(sock, buffer)
+            except (ConnectionError, BrokenPipeError) as exc:
+                if served_on_connection == 0:
+                    raise ConnectionError(f"{target.name}: {exc}") from exc
+                # tinyproxy 1.11 closes after each response without saying so (network.md §6):
+                # reconnect and send the request again, as a client library would.
+                sock.close()
+                sock = connect()
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                connections += 1
+                served_on_connection = 0
+                buffer.clear()
+                sock.sendall(request)
+                closing = _read_response(sock, buffer)
+            served_on_connection += 1
+            if closing:
+                sock.close()
+                sock = None
+    finally:
+        if sock is not None:
+            sock.close()
+    elapsed = time.perf_counter() - started
+    return GetResult(count / elapsed, connections)
+
+
+def measure_bulk(connect: Callable[[], socket.socket], target: Target, total: int) -> float:
+    """MiB/s of ``total`` bytes uploaded to the sink (through a CONNECT tunnel unless direct)."""
+    payload = memoryview(b"\0" * CHUNK)
+    started = time.perf_counter()
+    with connect() as sock:
+        if target.via_proxy:
+            sock.sendall(f"CONNECT {ORIGIN_ADDRESS}:{SINK_PORT} HTTP/1.1\r\nHost: {ORIGIN_ADDRESS}:{SINK_PORT}"
+                         "\r\n\r\n".encode())
+            head = bytearray()
+            while HEAD_END not in head:
+                data = sock.recv(4096)
+                if not data:
+                    raise ConnectionError("proxy closed the CONNECT")
+                head += data
+            if not head.startswith((b"HTTP/1.1 200", b"HTTP/1.0 200")):
+                raise ConnectionError(f"CONNECT refused: {bytes(head[:80])!r}")
+        sock.sendall(f"{total}\n".encode())
+        sent = 0
+        while sent < total:
+            piece = payload[:min(CHUNK, total - sent)]
+            sock.sendall(piece)
+            sent += len(piece)
+        reply = b""
+        while b"\n" not in reply:
+            data = sock.recv(64)
+            if not data:
+                raise ConnectionError("sink closed before acknowledging")
+            reply += data
+    elapsed = time.perf_counter() - started
+    return total / elapsed / 2**20
+
+
+# --------------------------------------------------------------------------------------------------
+# Orchestration
+# --------------------------------------------------------------------------------------------------
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+    process.wait(timeout=10)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=3000, help="1 KiB GETs per target per round")
+    parser.add_argument("--bulk-mib", type=int, default=64, help="MiB uploaded through CONNECT per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--role", choices=["origin", "reference"], help=argparse.SUPPRESS)
+    parser.add_argument("--fds", type=int, nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.role == "origin":
+        run_origin(*args.fds)
+        return 0
+    if args.role == "reference":
+        run_reference(args.port)
+        return 0
+
+    from pytest_sandbox.lab import NetworkLab
+    from pytest_sandbox.third_party_proxy import (
+        ProxyStartError,
+        squid_command,
+        start_proxy_command,
+        tinyproxy_command,
+    )
+
+    lab = NetworkLab.start((), ports=(), public_origins=(), name="bench-proxy")
+    processes: list[subprocess.Popen[bytes]] = []
+    stoppers: list[Callable[[], None]] = []
+    state = tempfile.mkdtemp(prefix="bench-proxy-")
+    try:
+        http = lab.listen(ORIGIN_ADDRESS, HTTP_PORT)
+        sink = lab.listen(ORIGIN_ADDRESS, SINK_PORT)
+        origin = lab.popen([sys.executable, __file__, "--role", "origin", "--fds", str(http.fileno()),
+                            str(sink.fileno())], pass_fds=(http.fileno(), sink.fileno()))
+        processes.append(origin)
+        http.close()
+        sink.close()
+
+        targets = [Target("direct", ORIGIN_ADDRESS, HTTP_PORT, via_proxy=False)]
+        notes: list[str] = []
+        commands = {"reference": f"{sys.executable} {__file__} --role reference --port {{port}}"}
+        for name, build in (("squid", squid_command), ("tinyproxy", tinyproxy_command)):
+            if shutil.which(name) or os.path.exists(f"/usr/sbin/{name}") or os.path.exists(f"/usr/bin/{name}"):
+                commands[name] = build(Path(state) / name)
+            else:
+                notes.append(f"{name}: not installed, skipped")
+        for name, command in commands.items():
+            try:
+                running = start_proxy_command(lab, command, lab_dns=False)
+            except ProxyStartError as exc:
+                notes.append(f"{name}: did not start, skipped ({exc})")
+                continue
+            stoppers.append(running.stop)
+            targets.append(Target(name, running.address, running.port, via_proxy=True))
+
+        def connector(target: Target, port: int | None = None) -> Callable[[], socket.socket]:
+            return lambda: lab.connect(target.address, port or target.port, timeout=IO_TIMEOUT_SECONDS)
+
+        gets: dict[str, list[GetResult]] = {t.name: [] for t in targets}
+        bulk: dict[str, list[float]] = {t.name: [] for t in targets}
+        total = args.bulk_mib * 2**20
+        if origin.poll() is not None:
+            raise RuntimeError(f"the origin exited with status {origin.returncode}")
+        for target in targets:  # warm-up: connections, proxy caches of parsed targets, page cache
+            measure_gets(connector(target), target, 200)
+            sink_connect = connector(target, None if target.via_proxy else SINK_PORT)
+            measure_bulk(sink_connect, target, 4 * 2**20)
+        for round_index in range(args.rounds):
+            order = targets[round_index % len(targets):] + targets[:round_index % len(targets)]
+            for target in order:
+                gets[target.name].append(measure_gets(connector(target), target, args.requests))
+                sink_connect = connector(target, None if target.via_proxy else SINK_PORT)
+                bulk[target.name].append(measure_bulk(sink_connect, target, total))
+
+        best_get = {name: max(r.requests_per_second for r in results) for name, results in gets.items()}
+        median_get = {name: statistics.median(r.requests_per_second for r in results)
+                      for name, results in gets.items()}
+        best_bulk = {name: max(results) for name, results in bulk.items()}
+        median_bulk = {name: statistics.median(results) for name, results in bulk.items()}
+        squid_get = best_get.get("squid")
+        squid_bulk = best_bulk.get("squid")
+
+        print(f"bench_proxy: {args.rounds} rounds, {args.requests} keep-alive 1 KiB GETs and "
+              f"{args.bulk_mib} MiB CONNECT upload per target per round; best round (median in brackets)")
+        print()
+        print("| target | GET req/s | vs direct | vs squid | conns | CONNECT MiB/s | vs direct | vs squid |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for target in targets:
+            name = target.name
+            connections = gets[name][-1].connections
+            vs_squid_get = f"{best_get[name] / squid_get:.2f}x" if squid_get else "-"
+            vs_squid_bulk = f"{best_bulk[name] / squid_bulk:.2f}x" if squid_bulk else "-"
+            print(f"| {name} | {best_get[name]:,.0f} ({median_get[name]:,.0f}) | "
+                  f"{best_get[name] / best_get['direct']:.2f}x | {vs_squid_get} | {connections} | "
+                  f"{best_bulk[name]:,.0f} ({median_bulk[name]:,.0f}) | "
+                  f"{best_bulk[name] / best_bulk['direct']:.2f}x | {vs_squid_bulk} |")
+        print()
+        if "reference" in best_get:
+            if squid_get:
+                verdict = "met" if best_get["reference"] >= squid_get else "NOT met"
+                print(f"target GET: reference >= squid req/s: {verdict} "
+                      f"({best_get['reference'] / squid_get:.2f}x squid)")
+            verdict = "met" if best_bulk["reference"] >= 0.7 * best_bulk["direct"] else "NOT met"
+            print(f"target CONNECT: reference >= 0.7x direct: {verdict} "
+                  f"({best_bulk['reference'] / best_bulk['direct']:.2f}x direct)")
+        for note in notes:
+            print(f"note: {note}")
+        return 0
+    finally:
+        for stop in stoppers:
+            with contextlib.suppress(Exception):
+                stop()
+        for process in processes:
+            _stop(process)
+        lab.close()
+        shutil.rmtree(state, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
