@@ -27,7 +27,7 @@ from typing import TextIO
 
 from pytest_sandbox.catalogues.syscalls import PROBES_BY_NAME
 from pytest_sandbox.errors import SandboxError
-from pytest_sandbox.policy import NETWORK_MODES, SOCKET_FAMILY_NAMES, ArgRule, Policy, load_policy
+from pytest_sandbox.policy import NETWORK_MODES, SOCKET_FAMILY_NAMES, ArgRule, Policy, is_domain_rule, load_policy
 
 PROG = "pytest-sandbox"
 EXIT_USAGE = 2  # argparse's own status for bad flags; used for every bad input
@@ -97,8 +97,12 @@ def diff_policies(old: Policy, new: Policy, *, modes: Sequence[str] = NETWORK_MO
     weaker: list[str] = []
     stronger: list[str] = []
     o, n = old.seccomp, new.seccomp
+    if (old.origin == "oci") != (new.origin == "oci"):
+        # A profile has no network modes: compare it with the policy in that policy's own mode.
+        modes = ((new if old.origin == "oci" else old).network.mode,)
 
-    removed, added = _set_changes(o.deny, n.deny)
+    # Allowlists (OCI/Docker profiles) are compared by what they refuse, like denylists.
+    removed, added = _set_changes(o.effective_denies(), n.effective_denies())
     weaker += [f"syscall {name} no longer denied" for name in removed]
     stronger += [f"syscall {name} now denied" for name in added]
 
@@ -108,12 +112,19 @@ def diff_policies(old: Policy, new: Policy, *, modes: Sequence[str] = NETWORK_MO
     weaker += [f"syscall {name} no longer returns ENOSYS (reaches the kernel)" for name in removed]
     stronger += [f"syscall {name} now returns ENOSYS" for name in added]
 
-    old_rules = {_rule_identity(r): r for r in o.arg_rules}
-    new_rules = {_rule_identity(r): r for r in n.arg_rules}
+    old_rules = {_rule_identity(r): r for r in o.arg_rules if not is_domain_rule(r)}
+    new_rules = {_rule_identity(r): r for r in n.arg_rules if not is_domain_rule(r)}
     weaker += [f"argument rule removed: {_describe_rule(r)}"
                for k, r in old_rules.items() if k not in new_rules]
     stronger += [f"argument rule added: {_describe_rule(r)}"
                  for k, r in new_rules.items() if k not in old_rules]
+    # Conditional allows only mean something in an allowlist; between two allowlists more is weaker.
+    both_allowlists = o.is_allowlist and n.is_allowlist
+    old_allows = {_rule_identity(r): r for r in o.allow_rules if both_allowlists}
+    new_allows = {_rule_identity(r): r for r in n.allow_rules if both_allowlists}
+    weaker += [f"conditional allow added: {_describe_rule(r)}" for k, r in new_allows.items() if k not in old_allows]
+    stronger += [f"conditional allow removed: {_describe_rule(r)}"
+                 for k, r in old_allows.items() if k not in new_allows]
 
     for mode in modes:
         old_applies, new_applies = old.filter_applies(mode), new.filter_applies(mode)
@@ -122,12 +133,15 @@ def diff_policies(old: Policy, new: Policy, *, modes: Sequence[str] = NETWORK_MO
         elif new_applies and not old_applies:
             stronger.append(f"{mode} mode: seccomp filter now applied")
         removed_domains, added_domains = _set_changes(
-            map(_family, old.network.blocked_domains(mode)), map(_family, new.network.blocked_domains(mode)))
+            map(_family, old.refused_domains(mode)), map(_family, new.refused_domains(mode)))
         weaker += [f"{mode} mode: socket domain {name} no longer refused" for name in removed_domains]
         stronger += [f"{mode} mode: socket domain {name} now refused" for name in added_domains]
 
-    _compare_strength("network mode", old.network.mode, new.network.mode, NETWORK_MODE_STRENGTH,
-                      weaker, stronger)
+    # An OCI profile says nothing about the network: compare network settings only between two policies.
+    networked = old.origin != "oci" and new.origin != "oci"
+    if networked:
+        _compare_strength("network mode", old.network.mode, new.network.mode, NETWORK_MODE_STRENGTH,
+                          weaker, stronger)
     _compare_strength("default action", o.default_action, n.default_action, ACTION_STRENGTH, weaker, stronger)
     _compare_strength("bad-arch action", o.bad_arch_action, n.bad_arch_action, ACTION_STRENGTH,
                       weaker, stronger)
@@ -143,19 +157,20 @@ def diff_policies(old: Policy, new: Policy, *, modes: Sequence[str] = NETWORK_MO
     elif n.no_new_privs and not o.no_new_privs:
         stronger.append("no_new_privs enabled")
 
-    removed, added = _set_changes(old.network.allowed_hosts, new.network.allowed_hosts)
-    weaker += [f"egress host {host!r} now allowed" for host in added]
-    stronger += [f"egress host {host!r} no longer allowed" for host in removed]
-    removed_ports, added_ports = _set_changes(map(str, old.network.allowed_ports),
-                                              map(str, new.network.allowed_ports))
-    weaker += [f"egress port {port} now allowed" for port in added_ports]
-    stronger += [f"egress port {port} no longer allowed" for port in removed_ports]
+    if networked:
+        removed, added = _set_changes(old.network.allowed_hosts, new.network.allowed_hosts)
+        weaker += [f"egress host {host!r} now allowed" for host in added]
+        stronger += [f"egress host {host!r} no longer allowed" for host in removed]
+        removed_ports, added_ports = _set_changes(map(str, old.network.allowed_ports),
+                                                  map(str, new.network.allowed_ports))
+        weaker += [f"egress port {port} now allowed" for port in added_ports]
+        stronger += [f"egress port {port} no longer allowed" for port in removed_ports]
 
-    # More inference routes means more requests the proxy forwards to the model backend.
-    removed, added = _set_changes((f"{r.method} {r.path}" for r in old.inference_routes),
-                                  (f"{r.method} {r.path}" for r in new.inference_routes))
-    weaker += [f"inference route {route} now routed" for route in added]
-    stronger += [f"inference route {route} no longer routed" for route in removed]
+        # More inference routes means more requests the proxy forwards to the model backend.
+        removed, added = _set_changes((f"{r.method} {r.path}" for r in old.inference_routes),
+                                      (f"{r.method} {r.path}" for r in new.inference_routes))
+        weaker += [f"inference route {route} now routed" for route in added]
+        stronger += [f"inference route {route} no longer routed" for route in removed]
 
     return PolicyDiff(old.name, new.name, tuple(weaker), tuple(stronger))
 

@@ -28,6 +28,7 @@ from pytest_sandbox.errors import HostUnsupportedError, PolicyError
 from pytest_sandbox.policy import ArgRule, Policy
 
 SENTINEL_ERRNO_BASE = 1000
+DEFAULT_KEY = "default"  # the rule key of an allowlist's default action
 
 _OPERATORS = {"eq": "MASKED_EQ", "masked_eq": "MASKED_EQ", "ne": "NE", "lt": "LT", "le": "LE", "gt": "GT", "ge": "GE"}
 
@@ -119,13 +120,26 @@ def _build_filters(pyseccomp, policy: Policy, mode: str, errno_of: Callable[[str
         for name in seccomp.enosys:
             enosys_filter.add_rule(pyseccomp.ERRNO(errno_of(enosys_key(name), errno_module.ENOSYS)), name)
         filters.append(enosys_filter)
-    main = _new_filter(pyseccomp, policy,
-                       default_action=_action(pyseccomp, seccomp.default_action, seccomp.default_errno))
+    default_errno = errno_of(DEFAULT_KEY, seccomp.default_errno) if seccomp.default_action == "errno" else None
+    default = _action(pyseccomp, seccomp.default_action, default_errno or seccomp.default_errno)
+    main = _new_filter(pyseccomp, policy, default_action=default)
+
+    def deny(number: int, syscall: str, *args: Any) -> None:
+        # libseccomp refuses a rule whose action equals the default action; such a rule is redundant.
+        if number != default_errno:
+            main.add_rule(pyseccomp.ERRNO(number), syscall, *args)
+
+    if seccomp.is_allowlist:
+        # The main filter is loaded last, so among equal-precedence ERRNO results its errno wins
+        # (seccomp(2)); it must let the ENOSYS calls through or glibc never sees ENOSYS.
+        for name in dict.fromkeys(seccomp.allow + seccomp.enosys):
+            main.add_rule(pyseccomp.ALLOW, name)
+        for rule in seccomp.allow_rules:
+            main.add_rule(pyseccomp.ALLOW, rule.syscall, _argument(pyseccomp, rule))
     for name in seccomp.deny:
-        main.add_rule(pyseccomp.ERRNO(errno_of(deny_key(name), seccomp.errno)), name)
+        deny(errno_of(deny_key(name), seccomp.errno), name)
     for rule in policy.rules_for_mode(mode):
-        number = errno_of(arg_key(rule), rule.errno or seccomp.errno)
-        main.add_rule(pyseccomp.ERRNO(number), rule.syscall, _argument(pyseccomp, rule))
+        deny(errno_of(arg_key(rule), rule.errno or seccomp.errno), rule.syscall, _argument(pyseccomp, rule))
     filters.append(main)
     return tuple(filters)
 

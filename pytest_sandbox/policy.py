@@ -94,6 +94,28 @@ class SeccompPolicy:
     enosys: tuple[str, ...] = ()
     arg_rules: tuple[ArgRule, ...] = ()
     skip_in_network_modes: tuple[str, ...] = ()
+    # Allowlist policies (default_action other than "allow", e.g. Docker/OCI profiles): calls allowed
+    # unconditionally, and calls allowed when one argument satisfies a rule (rules for one syscall are ORed).
+    allow: tuple[str, ...] = ()
+    allow_rules: tuple[ArgRule, ...] = ()
+
+    @property
+    def is_allowlist(self) -> bool:
+        return self.default_action != "allow"
+
+    def allows(self, syscall: str, args: tuple[int, ...]) -> bool:
+        """Whether an allowlist lets this call through to the deny rules (pure BPF semantics)."""
+        if not self.is_allowlist or syscall in self.allow:
+            return True
+        return any(rule.syscall == syscall and rule.matches(args) for rule in self.allow_rules)
+
+    def effective_denies(self) -> tuple[str, ...]:
+        """Every syscall refused whatever its arguments: the deny list, or for an allowlist every known
+        syscall it neither allows nor allows conditionally."""
+        if not self.is_allowlist:
+            return self.deny
+        open_ = set(self.allow) | {rule.syscall for rule in self.allow_rules} | set(self.enosys)
+        return tuple(sorted(set(self.deny) | {n for n in known_syscall_names() if n not in open_}))
 
 
 @dataclass(frozen=True)
@@ -126,6 +148,7 @@ class Policy:
     seccomp: SeccompPolicy = field(default_factory=SeccompPolicy)
     network: NetworkPolicy = field(default_factory=NetworkPolicy)
     inference_routes: tuple[InferenceRoute, ...] = ()
+    origin: str = "policy"  # "oci" for an OCI/Docker seccomp profile, which says nothing about the network
 
     def filter_applies(self, mode: str) -> bool:
         """False only for a (deliberately weakened) policy that skips seccomp in ``mode``."""
@@ -139,10 +162,21 @@ class Policy:
         )
         return self.seccomp.arg_rules + domain_rules
 
+    def refused_domains(self, mode: str) -> tuple[int, ...]:
+        """socket() families refused in ``mode``: the per-mode table plus plain ``socket(arg0 == F)`` rules."""
+        ruled = tuple(r.value for r in self.seccomp.arg_rules if is_domain_rule(r))
+        unlisted = tuple(f for f in SOCKET_FAMILY_NAMES if not self.seccomp.allows("socket", (f,)))
+        return tuple(dict.fromkeys(self.network.blocked_domains(mode) + ruled + unlisted))
+
     def with_network_mode(self, mode: str) -> Policy:
         if mode not in NETWORK_MODES:
             raise PolicyError(f"unknown network mode {mode!r}: use one of {', '.join(NETWORK_MODES)}")
         return replace(self, network=replace(self.network, mode=mode))
+
+
+def is_domain_rule(rule: ArgRule) -> bool:
+    """A ``socket(arg0 == family)`` rule: the same thing as a socket-domain entry, however it is written."""
+    return rule.syscall == "socket" and rule.arg == 0 and rule.op == "eq"
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,6 +193,10 @@ def load_policy(name_or_path: str | Path) -> Policy:
     if text in BUNDLED_POLICIES:
         return _load_file(bundled_policy_path(text).resolve())
     path = Path(text)
+    if path.suffix == ".json" and path.exists():
+        from pytest_sandbox.oci_profile import load_oci_profile
+
+        return load_oci_profile(path.resolve())
     if not path.exists():
         raise PolicyError(
             f"policy {text!r} not found: give a path to a TOML policy file or one of the bundled "
@@ -190,7 +228,7 @@ class _PolicyParser:
     TOP_KEYS = ("name", "description", "extends", "seccomp", "network", "inference")
     SECCOMP_KEYS = (
         "default_action", "default_errno", "errno", "bad_arch_action", "extra_arches", "no_new_privs",
-        "deny", "enosys", "arg_rules", "skip_in_network_modes",
+        "deny", "enosys", "arg_rules", "skip_in_network_modes", "allow", "allow_rules",
     )  # fmt: skip
     RULE_KEYS = ("syscall", "arg", "op", "value", "mask", "errno", "why")
     NETWORK_KEYS = ("mode", "allowed_hosts", "allowed_ports", "socket_domains")
@@ -315,12 +353,18 @@ class _PolicyParser:
             for i, mode in enumerate(modes):
                 self.choice(mode, NETWORK_MODES, f"seccomp.skip_in_network_modes[{i}]")
             values["skip_in_network_modes"] = modes
-        if "arg_rules" in table:
-            if not isinstance(table["arg_rules"], list):
-                raise self.fail("seccomp.arg_rules", "must be an array of tables ([[seccomp.arg_rules]])")
-            rules = tuple(self.parse_rule(r, f"seccomp.arg_rules[{i}]") for i, r in enumerate(table["arg_rules"]))
-            values["arg_rules"] = base.arg_rules + tuple(r for r in rules if r not in base.arg_rules)
+        for key in ("arg_rules", "allow_rules"):
+            if key in table:
+                if not isinstance(table[key], list):
+                    raise self.fail(f"seccomp.{key}", f"must be an array of tables ([[seccomp.{key}]])")
+                rules = tuple(self.parse_rule(r, f"seccomp.{key}[{i}]") for i, r in enumerate(table[key]))
+                values[key] = getattr(base, key) + tuple(r for r in rules if r not in getattr(base, key))
+        if "allow" in table:
+            values["allow"] = _merge(base.allow, self.syscall_list(table["allow"], "seccomp.allow"))
         merged = replace(base, **values)
+        if (merged.allow or merged.allow_rules) and not merged.is_allowlist:
+            raise self.fail("seccomp.allow", "allow rules only mean something when default_action refuses; "
+                                             "set default_action = \"errno\" (an allowlist) or drop them")
         overlap = set(merged.deny) & set(merged.enosys)
         if overlap:
             raise self.fail("seccomp.enosys", f"{sorted(overlap)} also listed in seccomp.deny; keep each in one list")

@@ -24,8 +24,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
 
-from pytest_sandbox.catalogues.syscalls import PROBES_BY_NAME, SyscallProbe
-from pytest_sandbox.compiler import CompiledFilter, arg_key, deny_key, enosys_key
+from pytest_sandbox.catalogues.syscalls import PROBES_BY_NAME, SYSCALL_PROBES, SyscallProbe
+from pytest_sandbox.compiler import DEFAULT_KEY, CompiledFilter, arg_key, deny_key, enosys_key
 from pytest_sandbox.errors import HostUnsupportedError, LaunchError
 from pytest_sandbox.launcher import Identity, NetworkPlacement, Sandbox, SandboxSpec
 from pytest_sandbox.policy import SOCKET_FAMILIES, SOCKET_FAMILY_NAMES, ArgRule, Policy
@@ -74,7 +74,36 @@ def requirements_of(policy: Policy, mode: str) -> tuple[Requirement, ...]:
     items = [Requirement("deny", name) for name in policy.seccomp.deny]
     items += [Requirement("arg", rule.syscall, rule) for rule in policy.rules_for_mode(mode)]
     items += [Requirement("enosys", name) for name in policy.seccomp.enosys]
-    return tuple(items)
+    if policy.seccomp.is_allowlist:
+        items += _allowlist_refusals(policy)
+    return merge_requirements(items)
+
+
+def _allowlist_refusals(policy: Policy) -> list[Requirement]:
+    """What an allowlist refuses, in probe-able terms: every catalogue syscall it does not allow, and
+    for conditionally allowed calls the argument values no allow rule accepts (each socket family;
+    each flag bit of a ``(arg & mask) == 0`` rule, the Docker clone pattern)."""
+    seccomp = policy.seccomp
+    items: list[Requirement] = []
+    for probe in SYSCALL_PROBES:
+        name = probe.name
+        if name in seccomp.allow or name in seccomp.enosys or name == "getppid":
+            continue
+        rules = [r for r in seccomp.allow_rules if r.syscall == name]
+        if not rules:
+            items.append(Requirement("deny", name))
+        elif name == "socket":
+            items += [Requirement("arg", "socket", ArgRule("socket", 0, "eq", family,
+                                                           why=f"not allowed: {SOCKET_FAMILY_NAMES[family]}"))
+                      for family in sorted(SOCKET_FAMILY_NAMES) if not seccomp.allows("socket", (family,))]
+        elif all(r.op == "masked_eq" and r.value == 0 and r.arg == rules[0].arg for r in rules):
+            mask = rules[0].mask
+            items += [Requirement("arg", name, ArgRule(name, rules[0].arg, "masked_eq", bit, mask=bit,
+                                                       why="flag outside the allowed mask"))
+                      for bit in (1 << b for b in range(32)) if mask & bit]
+        elif not seccomp.allows(name, tuple(a if isinstance(a, int) else 0 for a in probe.args)):
+            items.append(Requirement("deny", name))  # the catalogue's harmless call is not an allowed form
+    return items
 
 
 def merge_requirements(*groups: Iterable[Requirement]) -> tuple[Requirement, ...]:
@@ -234,6 +263,8 @@ def _rule_that_fires(policy: Policy, mode: str, syscall: str, args: tuple[int | 
     for rule in policy.rules_for_mode(mode):
         if rule.syscall == syscall and rule.matches(numeric):
             return arg_key(rule)
+    if not policy.seccomp.allows(syscall, numeric):
+        return DEFAULT_KEY
     return None
 
 

@@ -64,8 +64,9 @@ SYSCALL_PROBES: tuple[SyscallProbe, ...] = (
                  note="M includes AT_EMPTY_PATH; flags 0 must reach the kernel (EFAULT)"),
     SyscallProbe("unshare", 272, 310, 272, (0x10002000,), control_args=(0x2000,),
                  note="CLONE_NEWUSER|CLONE_PTRACE: CLONE_PTRACE is invalid for unshare; never 0x80"),
-    SyscallProbe("clone", 56, 120, 56, (0x10020211, 0, 0, 0, 0), control_args=(0x20211, 0, 0, 0, 0),
-                 note="NEWUSER|NEWNS|FS|SIGCHLD: copy_process rejects NEWNS+FS, so nothing is created"),
+    SyscallProbe("clone", 56, 120, 56, (0x10020211, 0, 0, 0, 0), control_args=(0x811, 0, 0, 0, 0),
+                 note="NEWUSER|NEWNS|FS|SIGCHLD: copy_process rejects NEWNS+FS, so nothing is created; the "
+                      "control SIGHAND|SIGCHLD without CLONE_VM is rejected too and sets no namespace flag"),
     SyscallProbe("clone3", 435, 435, 435, (BAD_PTR, 88), note="(NULL, 0) would give EINVAL"),
     SyscallProbe("seccomp", 317, 354, 317, (1, 0, 0), control_args=(0xFFFF, 0, 0),
                  note="SECCOMP_SET_MODE_FILTER with a NULL program: EFAULT; op 0xffff must give EINVAL"),
