@@ -1,0 +1,38 @@
+"""firejail, exercised like bubblewrap (issue #5): its ``--seccomp.drop`` list refuses the baseline's
+unconditional denies natively and via x32, but the suite finds that the list does not reach the i386
+ABI (``int 0x80``): every dropped call is still ALLOWED there (compare firejail#86/#87)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pytest_sandbox.policy import load_policy
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(shutil.which("firejail") is None, reason="firejail is not installed (Debian: firejail)")
+
+
+def test_firejail_seccomp_drop_misses_the_i386_abi(tmp_path):
+    deny = load_policy("baseline").seccomp.deny
+    requirement = tmp_path / "unconditional.toml"
+    requirement.write_text("[seccomp]\ndeny = [" + ", ".join(f'"{name}"' for name in deny) + "]\n")
+    launcher = f"firejail --noprofile --quiet --seccomp.drop={','.join(deny)} --"
+    probe = subprocess.run([*launcher.split(), "/bin/true"], capture_output=True, timeout=60)
+    if probe.returncode != 0:
+        pytest.skip(f"firejail cannot start here: {probe.stderr.decode(errors='replace').strip()[:200]}")
+    completed = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--sandbox", f"--sandbox-exec={launcher}",
+         f"--sandbox-require={requirement}", "conformance/test_syscalls.py"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "1000"},
+    )
+    failed = {re.sub(r"^\w+-\w+-", "", f) for f in re.findall(r"^FAILED [^[]+\[(\S+)\]", completed.stdout, re.M)}
+    assert completed.returncode == 1
+    assert failed == {f"{name}-i386" for name in deny}
+    assert "via i386 ABI" in completed.stdout and "ALLOWED" in completed.stdout
