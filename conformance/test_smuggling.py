@@ -10,27 +10,11 @@ number of requests (network.md §5). Runs only with ``--sandbox``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import pytest
 
 from pytest_sandbox import network_fixtures
-from pytest_sandbox.fake_backend import FakeInferenceBackend
-from pytest_sandbox.inference_suite import (
-    ABSOLUTE,
-    FOLLOW_UP_MARKER,
-    SmugglingAttempt,
-    absolute_follow_up,
-    build_attempts,
-    exchange,
-    judge_backend_record,
-    judge_exchange,
-    open_inference_tunnel,
-    tunnel_follow_up,
-)
-from pytest_sandbox.lab import NetworkLab
-from pytest_sandbox.network_fixtures import INFERENCE_ROUTE_KEY, InterceptionTrust, RunningProxy
-from pytest_sandbox.ssrf_suite import new_hits
+from pytest_sandbox.inference_suite import build_attempts, judge_backend_record, run_smuggling_attempt
+from pytest_sandbox.network_fixtures import INFERENCE_ROUTE_KEY
 
 # Fixtures, until plugin.py imports them from pytest_sandbox.network_fixtures itself.
 _network_lab = network_fixtures._network_lab
@@ -45,47 +29,11 @@ PUBLIC_ORIGIN = "11.0.0.10"
 DENIED_CANARY = "10.0.0.1"
 
 
-def origin_requests(lab: NetworkLab) -> int:
-    return sum(FOLLOW_UP_MARKER not in request.target for request in lab.origin_requests())
-
-
-def backend_requests(backend: FakeInferenceBackend) -> int:
-    return sum(FOLLOW_UP_MARKER not in request.path for request in backend.requests)
-
-
-def run_smuggling_attempt(attempt: SmugglingAttempt, lab: NetworkLab, proxy: RunningProxy,
-                          backend: FakeInferenceBackend, trust: InterceptionTrust):
-    """Attempt one case on its path and judge it; every counter is diffed around the attempt."""
-    hits_before = lab.all_hits()
-    origin_before = origin_requests(lab)
-    backend_before = backend_requests(backend)
-    payload = attempt.payload(origin=PUBLIC_ORIGIN, denied=DENIED_CANARY)
-
-    def stray() -> str:
-        hits = new_hits(hits_before, lab.all_hits())
-        reached = [f"canary {address} port {port} x{count}" for (address, port), count in sorted(hits.items())]
-        if attempt.path != ABSOLUTE and origin_requests(lab) != origin_before:
-            reached.append("a lab origin (the tunnel must only reach the backend)")
-        if attempt.path == ABSOLUTE and backend_requests(backend) != backend_before:
-            reached.append("the inference backend")
-        return ", ".join(reached)
-
-    count: Callable[[], int]
-    with proxy.connect() as sock:
-        if attempt.path == ABSOLUTE:
-            count = lambda: origin_requests(lab) - origin_before  # noqa: E731
-            seen = exchange(sock, payload, attempt.case, absolute_follow_up(PUBLIC_ORIGIN), count, stray=stray)
-        else:
-            count = lambda: backend_requests(backend) - backend_before  # noqa: E731
-            with open_inference_tunnel(sock, trust.cert_pem) as tls:
-                seen = exchange(tls, payload, attempt.case, tunnel_follow_up(), count, stray=stray)
-    return judge_exchange(attempt.case, seen)
-
-
 @pytest.mark.parametrize("attempt", ATTEMPTS, ids=[attempt.test_id for attempt in ATTEMPTS])
 def test_smuggling_case_is_refused_and_closed_and_reaches_nothing(
         attempt, sandbox_lab, sandbox_proxy, inference_backend, interception_ca, network_verdict):
-    judgement = run_smuggling_attempt(attempt, sandbox_lab, sandbox_proxy, inference_backend, interception_ca)
+    judgement, _seen = run_smuggling_attempt(attempt, sandbox_proxy.connect, sandbox_lab, inference_backend,
+                                             interception_ca.cert_pem, origin=PUBLIC_ORIGIN, denied=DENIED_CANARY)
     network_verdict("smuggling", attempt.test_id, judgement, attempt.describe())
 
 

@@ -28,10 +28,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from pytest_sandbox.catalogues.smuggling import FIRST_REQUEST_ONLY, H11_ONLY, SMUGGLING_CASES, SmugglingCase, render
-from pytest_sandbox.fake_backend import RecordedRequest
+from pytest_sandbox.fake_backend import FakeInferenceBackend, RecordedRequest
 from pytest_sandbox.inference_routes import DEFAULT_ROUTES, InferenceRoute, match_route
 from pytest_sandbox.interception import DENIED_BODY, DENIED_STATUS, INFERENCE_HOST, INFERENCE_PORT
-from pytest_sandbox.ssrf_suite import SsrfJudgement
+from pytest_sandbox.lab import NetworkLab
+from pytest_sandbox.ssrf_suite import SsrfJudgement, new_hits
 from pytest_sandbox.verdicts import Verdict
 
 __all__ = [
@@ -56,6 +57,7 @@ __all__ = [
     "judge_exchange",
     "open_inference_tunnel",
     "parse_responses",
+    "run_smuggling_attempt",
     "send_and_read",
     "stray_backend_requests",
     "tunnel_follow_up",
@@ -456,12 +458,14 @@ def exchange(sock: socket.socket, payload: bytes, case: SmugglingCase, follow_up
     except (OSError, ssl.SSLError) as send_error:
         reader.eof, reader.error = True, f"send failed: {send_error}"
     if case.must_close:
-        reader.fill(lambda: False)
+        # Read to EOF, but stop as soon as the verdict is already a leak (no need to wait out the
+        # deadline on a proxy that forwarded the smuggled request and keeps the connection open).
+        reader.fill(lambda: _already_leaked(case, reader.responses(), count_reached))
     else:
         reader.fill(lambda: len(reader.responses()) >= case.reaches_backend)
     responses = reader.responses()
     closed, timed_out, error = reader.eof, reader.timed_out, reader.error
-    follow_status = _follow_up(sock, follow_up, closed, len(responses), timeout)
+    follow_status = None if closed else _follow_up(reader, follow_up, len(responses), timeout)
     return Exchange(
         statuses=tuple(r.status for r in responses), closed=closed, timed_out=timed_out and not closed,
         follow_up=follow_status, reached=count_reached(), stray=stray(), error=error,
@@ -469,12 +473,72 @@ def exchange(sock: socket.socket, payload: bytes, case: SmugglingCase, follow_up
     )
 
 
-def _follow_up(sock: socket.socket, request: bytes, closed: bool, answered: int, timeout: float) -> int | None:
-    """The status a further request on this connection gets, or None (closed: it must get nothing)."""
-    if closed:
-        return None  # EOF already read: nothing more can arrive on this connection
-    answer = answer_to(sock, request, timeout=timeout)
-    return None if answer is None else answer.status
+def run_smuggling_attempt(
+    attempt: SmugglingAttempt, connect: Callable[[], socket.socket], lab: NetworkLab,
+    backend: FakeInferenceBackend, ca_pem: bytes, *, origin: str, denied: str,
+    timeout: float = ATTEMPT_TIMEOUT_SECONDS,
+) -> tuple[SsrfJudgement, Exchange]:
+    """Attempt one case through the proxy ``connect`` reaches (a lab socket) and judge it.
+
+    Every counter is diffed around the attempt: requests at ``lab``'s public origins (absolute
+    path) or at ``backend`` (tunnel path), follow-ups excluded; any canary connection, a tunnel
+    request at an origin or an absolute request at the backend is reported as stray.
+    """
+    hits_before = lab.all_hits()
+    origin_before = _origin_count(lab)
+    backend_before = _backend_count(backend)
+    payload = attempt.payload(origin=origin, denied=denied)
+
+    def stray() -> str:
+        hits = new_hits(hits_before, lab.all_hits())
+        reached = [f"canary {address} port {port} x{count}" for (address, port), count in sorted(hits.items())]
+        if attempt.path == TUNNEL and _origin_count(lab) != origin_before:
+            reached.append("a lab origin (the tunnel must only reach the backend)")
+        if attempt.path == ABSOLUTE and _backend_count(backend) != backend_before:
+            reached.append("the inference backend")
+        return ", ".join(reached)
+
+    with connect() as sock:
+        if attempt.path == ABSOLUTE:
+            seen = exchange(sock, payload, attempt.case, absolute_follow_up(origin),
+                            lambda: _origin_count(lab) - origin_before, stray=stray, timeout=timeout)
+        else:
+            with open_inference_tunnel(sock, ca_pem, timeout=timeout) as tls:
+                seen = exchange(tls, payload, attempt.case, tunnel_follow_up(),
+                                lambda: _backend_count(backend) - backend_before, stray=stray, timeout=timeout)
+    return judge_exchange(attempt.case, seen), seen
+
+
+def _origin_count(lab: NetworkLab) -> int:
+    return sum(FOLLOW_UP_MARKER not in request.target for request in lab.origin_requests())
+
+
+def _backend_count(backend: FakeInferenceBackend) -> int:
+    return sum(FOLLOW_UP_MARKER not in request.path for request in backend.requests)
+
+
+def _already_leaked(case: SmugglingCase, responses: list[ParsedResponse], count_reached: Callable[[], int]) -> bool:
+    """More successful answers than the case allows, or more requests at the origin: ALLOWED already."""
+    if case.is_positive_control:
+        return False
+    extra = responses[case.reaches_backend:]
+    return any(200 <= response.status < 300 for response in extra) or count_reached() > case.reaches_backend
+
+
+def _follow_up(reader: _Reader, request: bytes, answered: int, timeout: float) -> int | None:
+    """The status a further request on a still-open connection gets, or None.
+
+    The same reader (and buffer) goes on: bytes of a late answer to the payload must not be lost.
+    """
+    reader.deadline = time.monotonic() + timeout
+    reader.timed_out = False
+    try:
+        reader.sock.sendall(request)
+    except (OSError, ssl.SSLError):
+        return None
+    reader.fill(lambda: len(reader.responses()) > answered)
+    responses = reader.responses()
+    return responses[-1].status if len(responses) > answered else None
 
 
 def send_and_read(sock: socket.socket, request: bytes, *, count: int = 1,
