@@ -9,7 +9,10 @@ results recorded, not asserted: they are third parties, and what they do is the 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import shutil
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -26,6 +29,7 @@ from pytest_sandbox.inference_suite import (
 from pytest_sandbox.lab import NetworkLab
 from pytest_sandbox.network_fixtures import RunningProxy, interception_of, lab_proxy_config, start_proxy
 from pytest_sandbox.ssrf_suite import SsrfJudgement
+from pytest_sandbox.third_party_proxy import squid_command, start_proxy_command, tinyproxy_command
 
 _network_lab = network_fixtures._network_lab
 
@@ -151,3 +155,37 @@ def test_proxy_and_interceptor_with_h11_framing_only_fail_exactly_the_h11_only_c
         assert judgements[case_id].reason.startswith(f"{case_id}:"), judgements[case_id].reason
     # A framing weakening never breaks a positive control or a policy refusal.
     assert all(SMUGGLING_CASES_BY_ID[case_id].violation is not None for case_id in expected)
+
+
+# --- third-party proxies: recorded, not asserted ---------------------------------------------------
+
+THIRD_PARTY_COMMANDS = {"tinyproxy": tinyproxy_command, "squid": squid_command}
+
+
+def verdict_table(name: str, judgements: dict[str, SsrfJudgement]) -> str:
+    width = max(len(case_id) for case_id in judgements)
+    lines = [f"{name}: plain absolute-form smuggling cases", f"{'case':<{width}}  verdict        observed"]
+    lines += [f"{case_id:<{width}}  {judgement.verdict.value:<13}  {judgement.observed}"
+              for case_id, judgement in judgements.items()]
+    counts = Counter(judgement.verdict.value for judgement in judgements.values())
+    lines.append(f"{name} totals: " + ", ".join(f"{verdict} {count}" for verdict, count in sorted(counts.items())))
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize("name", sorted(THIRD_PARTY_COMMANDS))
+def test_third_party_proxy_is_run_through_every_absolute_form_case_and_its_verdicts_recorded(
+        name: str, _network_lab: NetworkLab, tmp_path: Path, record_property: Callable[[str, object], None],
+        capsys: pytest.CaptureFixture[str]) -> None:
+    if shutil.which(name) is None:
+        pytest.skip(f"{name} is not installed here (CI installs tinyproxy only); nothing to record")
+    tmp_path.chmod(0o755)  # squid drops to its own user and must reach its state directory
+    running = start_proxy_command(_network_lab, THIRD_PARTY_COMMANDS[name](tmp_path))
+    try:
+        judgements = judge_all(running, ABSOLUTE, THIRD_PARTY_TIMEOUT_SECONDS)  # type: ignore[arg-type]
+    finally:
+        running.stop()
+    assert list(judgements) == [case.case_id for case in SMUGGLING_CASES]
+    table = verdict_table(name, judgements)
+    record_property(f"{name}_smuggling_verdicts", {k: j.verdict.value for k, j in judgements.items()})
+    with capsys.disabled():
+        print("\n" + table)
