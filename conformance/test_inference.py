@@ -32,13 +32,10 @@ from pytest_sandbox.network_fixtures import INFERENCE_ROUTE_KEY, InterceptionTru
 from pytest_sandbox.ssrf_suite import SsrfJudgement, parse_reply
 from pytest_sandbox.verdicts import Verdict
 
-# Fixtures, until plugin.py imports them from pytest_sandbox.network_fixtures itself.
-_network_lab = network_fixtures._network_lab
-sandbox_lab = network_fixtures.sandbox_lab
-sandbox_proxy = network_fixtures.sandbox_proxy
+# The lab, proxy and verdict fixtures come from the plugin (rebinding them here would start a second
+# session lab for this module); these are the ones plugin.py does not import yet.
 inference_backend = network_fixtures.inference_backend
 interception_ca = network_fixtures.interception_ca
-network_verdict = network_fixtures.network_verdict
 
 SANDBOX_KEY = "sk-sandbox-held-placeholder"
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}

@@ -16,13 +16,10 @@ from pytest_sandbox import network_fixtures
 from pytest_sandbox.inference_suite import build_attempts, judge_backend_record, run_smuggling_attempt
 from pytest_sandbox.network_fixtures import INFERENCE_ROUTE_KEY
 
-# Fixtures, until plugin.py imports them from pytest_sandbox.network_fixtures itself.
-_network_lab = network_fixtures._network_lab
-sandbox_lab = network_fixtures.sandbox_lab
-sandbox_proxy = network_fixtures.sandbox_proxy
+# The lab, proxy and verdict fixtures come from the plugin (rebinding them here would start a second
+# session lab for this module); these are the ones plugin.py does not import yet.
 inference_backend = network_fixtures.inference_backend
 interception_ca = network_fixtures.interception_ca
-network_verdict = network_fixtures.network_verdict
 
 ATTEMPTS = build_attempts()
 PUBLIC_ORIGIN = "11.0.0.10"

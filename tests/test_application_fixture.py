@@ -19,7 +19,6 @@ from pytest_sandbox.fake_backend import FakeInferenceBackend
 from pytest_sandbox.lab import NetworkLab
 from pytest_sandbox.network_fixtures import INFERENCE_ROUTE_KEY, ProxiedSandbox
 
-_network_lab = network_fixtures._network_lab
 sandbox_proxied = network_fixtures.sandbox_proxied
 inference_backend = network_fixtures.inference_backend
 

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from pytest_sandbox import network_fixtures
 from pytest_sandbox.catalogues.smuggling import FIRST_REQUEST_ONLY, H11_ONLY, SMUGGLING_CASES
 from pytest_sandbox.inference_suite import (
     ABSOLUTE,
@@ -30,8 +29,6 @@ from pytest_sandbox.lab import NetworkLab
 from pytest_sandbox.network_fixtures import RunningProxy, interception_of, lab_proxy_config, start_proxy
 from pytest_sandbox.ssrf_suite import SsrfJudgement
 from pytest_sandbox.third_party_proxy import squid_command, start_proxy_command, tinyproxy_command
-
-_network_lab = network_fixtures._network_lab
 
 PUBLIC_ORIGIN = "11.0.0.10"
 DENIED_CANARY = "10.0.0.1"
