@@ -854,18 +854,21 @@ class _SpliceDirection:
             self._reading = False
 
     def _on_readable(self) -> None:
-        try:
-            moved = os.splice(self._source, self._pipe_in, _PIPE_SIZE, flags=_SPLICE_FLAGS)
-        except BlockingIOError:
-            return
-        except OSError as error:
-            self._finish(error)
-            return
-        if moved == 0:
-            self._eof = True
-            self._stop_reading()
-        self._in_pipe += moved
-        self._flush()
+        # Drain the socket until it would block (or the receiver pushes back): one event-loop wakeup
+        # then moves everything queued, instead of one splice pair per wakeup.
+        while self._reading and not self._done:
+            try:
+                moved = os.splice(self._source, self._pipe_in, _PIPE_SIZE, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                return
+            except OSError as error:
+                self._finish(error)
+                return
+            if moved == 0:
+                self._eof = True
+                self._stop_reading()
+            self._in_pipe += moved
+            self._flush()
 
     def _on_writable(self) -> None:
         self._flush()
