@@ -28,7 +28,8 @@ from pytest_sandbox.inference_suite import (
     open_inference_tunnel,
     send_and_read,
 )
-from pytest_sandbox.network_fixtures import INFERENCE_ROUTE_KEY, InterceptionTrust, RunningProxy
+from pytest_sandbox.lab import NetworkLab
+from pytest_sandbox.network_fixtures import INFERENCE_ROUTE_KEY, InterceptionTrust, RunningProxy, VerdictCheck
 from pytest_sandbox.ssrf_suite import SsrfJudgement, parse_reply
 from pytest_sandbox.verdicts import Verdict
 
@@ -58,7 +59,8 @@ def tunnel(proxy: RunningProxy, trust: InterceptionTrust) -> socket.socket:
 
 
 def test_routed_chat_completion_reaches_backend_with_route_key_and_without_client_key(
-        sandbox_proxy, inference_backend: FakeInferenceBackend, interception_ca, network_verdict):
+        sandbox_proxy: RunningProxy, inference_backend: FakeInferenceBackend, interception_ca: InterceptionTrust,
+        network_verdict: VerdictCheck) -> None:
     before = len(inference_backend.requests)
     with tunnel(sandbox_proxy, interception_ca) as tls:
         responses, _closed = send_and_read(tls, CHAT_REQUEST)
@@ -80,7 +82,8 @@ def test_routed_chat_completion_reaches_backend_with_route_key_and_without_clien
 
 
 def test_streamed_completion_passes_through_as_server_sent_events(
-        sandbox_proxy, inference_backend: FakeInferenceBackend, interception_ca, network_verdict):
+        sandbox_proxy: RunningProxy, inference_backend: FakeInferenceBackend, interception_ca: InterceptionTrust,
+        network_verdict: VerdictCheck) -> None:
     with tunnel(sandbox_proxy, interception_ca) as tls:
         responses, _closed = send_and_read(tls, STREAM_REQUEST)
     answer = responses[0] if responses else None
@@ -98,7 +101,8 @@ def test_streamed_completion_passes_through_as_server_sent_events(
 
 
 def test_non_inference_request_after_a_routed_one_is_refused_closed_and_never_forwarded(
-        sandbox_proxy, inference_backend: FakeInferenceBackend, interception_ca, network_verdict):
+        sandbox_proxy: RunningProxy, inference_backend: FakeInferenceBackend, interception_ca: InterceptionTrust,
+        network_verdict: VerdictCheck) -> None:
     """OpenShell #819: after a routed request the loop kept reading; now 403 and close, always."""
     before = len(inference_backend.requests)
     with tunnel(sandbox_proxy, interception_ca) as tls:
@@ -125,8 +129,8 @@ def test_non_inference_request_after_a_routed_one_is_refused_closed_and_never_fo
 @pytest.mark.parametrize("inner_host", ["10.0.0.1", "api.inference.test", "inference.local:8443",
                                         "inference.local.", "11.0.0.20"])
 def test_inner_host_other_than_inference_local_is_refused(
-        inner_host, sandbox_lab, sandbox_proxy, inference_backend: FakeInferenceBackend, interception_ca,
-        network_verdict):
+        inner_host: str, sandbox_lab: NetworkLab, sandbox_proxy: RunningProxy, inference_backend: FakeInferenceBackend,
+        interception_ca: InterceptionTrust, network_verdict: VerdictCheck) -> None:
     before, hits_before = len(inference_backend.requests), sum(sandbox_lab.all_hits().values())
     request = inference_request("POST", "/v1/chat/completions", body=json.dumps(CHAT).encode(), host=inner_host)
     with tunnel(sandbox_proxy, interception_ca) as tls:
@@ -145,7 +149,8 @@ def test_inner_host_other_than_inference_local_is_refused(
 
 @pytest.mark.parametrize("port", [80, 8443])
 def test_connect_to_inference_local_on_another_port_follows_the_ordinary_policy(
-        port, sandbox_proxy, inference_backend: FakeInferenceBackend, network_verdict):
+        port: int, sandbox_proxy: RunningProxy, inference_backend: FakeInferenceBackend,
+        network_verdict: VerdictCheck) -> None:
     """Only 443 is intercepted (OpenShell since #869); inference.local does not resolve in the lab."""
     before = len(inference_backend.requests)
     decisions_before = len(sandbox_proxy.decisions)
@@ -168,7 +173,7 @@ def test_connect_to_inference_local_on_another_port_follows_the_ordinary_policy(
 
 
 def test_backend_record_holds_only_inference_routes_with_the_route_key(
-        inference_backend: FakeInferenceBackend, sandbox_proxy, network_verdict):
+        inference_backend: FakeInferenceBackend, sandbox_proxy: RunningProxy, network_verdict: VerdictCheck) -> None:
     """Runs after the rest of this module (and whatever else this session sent through the proxy)."""
     judgement = judge_backend_record(inference_backend.requests, INFERENCE_ROUTE_KEY, forbidden_values=[SANDBOX_KEY])
     network_verdict(CATEGORY, "backend-record", judgement, "the fake backend's whole request log")

@@ -13,8 +13,10 @@ from __future__ import annotations
 import pytest
 
 from pytest_sandbox import network_fixtures
-from pytest_sandbox.inference_suite import build_attempts, judge_backend_record, run_smuggling_attempt
-from pytest_sandbox.network_fixtures import INFERENCE_ROUTE_KEY
+from pytest_sandbox.fake_backend import FakeInferenceBackend
+from pytest_sandbox.inference_suite import SmugglingAttempt, build_attempts, judge_backend_record, run_smuggling_attempt
+from pytest_sandbox.lab import NetworkLab
+from pytest_sandbox.network_fixtures import INFERENCE_ROUTE_KEY, InterceptionTrust, RunningProxy, VerdictCheck
 
 # The lab, proxy and verdict fixtures come from the plugin (rebinding them here would start a second
 # session lab for this module); these are the ones plugin.py does not import yet.
@@ -28,14 +30,16 @@ DENIED_CANARY = "10.0.0.1"
 
 @pytest.mark.parametrize("attempt", ATTEMPTS, ids=[attempt.test_id for attempt in ATTEMPTS])
 def test_smuggling_case_is_refused_and_closed_and_reaches_nothing(
-        attempt, sandbox_lab, sandbox_proxy, inference_backend, interception_ca, network_verdict):
+        attempt: SmugglingAttempt, sandbox_lab: NetworkLab, sandbox_proxy: RunningProxy,
+        inference_backend: FakeInferenceBackend, interception_ca: InterceptionTrust,
+        network_verdict: VerdictCheck) -> None:
     judgement, _seen = run_smuggling_attempt(attempt, sandbox_proxy.connect, sandbox_lab, inference_backend,
                                              interception_ca.cert_pem, origin=PUBLIC_ORIGIN, denied=DENIED_CANARY)
     network_verdict("smuggling", attempt.test_id, judgement, attempt.describe())
 
 
 def test_backend_record_shows_no_smuggled_request_ever_reached_it(
-        sandbox_proxy, inference_backend, network_verdict):
+        sandbox_proxy: RunningProxy, inference_backend: FakeInferenceBackend, network_verdict: VerdictCheck) -> None:
     """Runs after every tunnel case of this module: the fake backend's whole log, judged at once."""
     judgement = judge_backend_record(inference_backend.requests, INFERENCE_ROUTE_KEY)
     network_verdict("smuggling", "tunnel-backend-record", judgement, "the fake backend's whole request log")

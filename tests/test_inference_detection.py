@@ -16,25 +16,30 @@ from pathlib import Path
 
 import pytest
 
-from pytest_sandbox.catalogues.smuggling import FIRST_REQUEST_ONLY, H11_ONLY, SMUGGLING_CASES
+from pytest_sandbox.catalogues.smuggling import FIRST_REQUEST_ONLY, H11_ONLY, SMUGGLING_CASES, case_by_id
 from pytest_sandbox.inference_suite import (
     ABSOLUTE,
     PATHS,
     TUNNEL,
+    Exchange,
     build_attempts,
     cases_failed_by,
+    judge_exchange,
+    parse_responses,
     run_smuggling_attempt,
+    tunnel_payload,
 )
 from pytest_sandbox.lab import NetworkLab
 from pytest_sandbox.network_fixtures import RunningProxy, interception_of, lab_proxy_config, start_proxy
 from pytest_sandbox.ssrf_suite import SsrfJudgement
 from pytest_sandbox.third_party_proxy import squid_command, start_proxy_command, tinyproxy_command
+from pytest_sandbox.verdicts import Verdict
 
 PUBLIC_ORIGIN = "11.0.0.10"
 DENIED_CANARY = "10.0.0.1"
 # A weakened proxy answers in milliseconds; the deadline only bounds the cases it leaves open.
 DETECTION_TIMEOUT_SECONDS = 1.0
-THIRD_PARTY_TIMEOUT_SECONDS = 1.0
+THIRD_PARTY_TIMEOUT_SECONDS = 0.75
 THIRD_PARTY_START_SECONDS = 10.0
 KEEP_READING_AFTER_DENIAL = "keep-reading-after-denial"
 SMUGGLING_CASES_BY_ID = {case.case_id: case for case in SMUGGLING_CASES}
@@ -186,3 +191,51 @@ def test_third_party_proxy_is_run_through_every_absolute_form_case_and_its_verdi
     record_property(f"{name}_smuggling_verdicts", {k: j.verdict.value for k, j in judgements.items()})
     with capsys.disabled():
         print("\n" + table)
+
+
+# --- the pure pieces the verdicts rest on ------------------------------------------------------------
+
+
+def test_tunnel_payload_turns_the_denied_request_into_a_non_inference_path_on_inference_local() -> None:
+    assert tunnel_payload(case_by_id("routed-then-denied")) == (
+        b"GET /v1/models HTTP/1.1\r\nHost: inference.local\r\n\r\n"
+        b"GET /secret HTTP/1.1\r\nHost: inference.local\r\n\r\n")
+
+
+def test_tunnel_payload_keeps_body_lengths_exact_with_a_json_object() -> None:
+    payload = tunnel_payload(case_by_id("pipeline-safe-chunked-then-get"))
+    assert b"POST /v1/chat/completions HTTP/1.1\r\n" in payload
+    assert b"5\r\n{   }\r\n0\r\n\r\n" in payload
+    assert b"{host}" not in payload and b"{denied}" not in payload
+
+
+def test_parse_responses_reads_chunked_and_sized_bodies_and_skips_interim_responses() -> None:
+    data = (b"HTTP/1.1 100 Continue\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+            b"HTTP/1.1 403 Forbidden\r\ncontent-length: 2\r\n\r\nno"
+            b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\npart")
+    responses, used = parse_responses(data)
+    assert [(r.status, r.body) for r in responses] == [(200, b"abc"), (403, b"no")]
+    assert data[used:].startswith(b"HTTP/1.1 200 OK\r\ncontent-length: 9")
+
+
+def test_refusal_left_open_is_never_a_pass_and_an_answered_follow_up_is_a_leak() -> None:
+    case = case_by_id("routed-then-denied")
+    left_open = Exchange(statuses=(200, 403), closed=False, timed_out=True, follow_up=None, reached=1)
+    still_read = Exchange(statuses=(200, 403), closed=False, timed_out=True, follow_up=200, reached=1)
+    refused = Exchange(statuses=(200, 403), closed=True, timed_out=False, follow_up=None, reached=1)
+    assert judge_exchange(case, left_open).verdict is Verdict.INDETERMINATE
+    assert judge_exchange(case, still_read).verdict is Verdict.ALLOWED
+    assert judge_exchange(case, refused).verdict is Verdict.BLOCKED
+
+
+def test_more_requests_at_the_origin_than_catalogued_is_allowed_whatever_the_statuses() -> None:
+    case = case_by_id("cl-te-both")
+    smuggled = Exchange(statuses=(400,), closed=True, timed_out=False, follow_up=None, reached=1)
+    judgement = judge_exchange(case, smuggled)
+    assert judgement.verdict is Verdict.ALLOWED and judgement.reason.startswith("cl-te-both:")
+
+
+def test_wrong_refusal_status_with_nothing_leaked_is_indeterminate() -> None:
+    judgement = judge_exchange(case_by_id("cl-te-both"), Exchange((403,), True, False, None, 0))
+    assert judgement.verdict is Verdict.INDETERMINATE
