@@ -173,7 +173,14 @@ def test_connect_to_inference_local_on_another_port_follows_the_ordinary_policy(
 
 
 def test_backend_record_holds_only_inference_routes_with_the_route_key(
-        inference_backend: FakeInferenceBackend, sandbox_proxy: RunningProxy, network_verdict: VerdictCheck) -> None:
-    """Runs after the rest of this module (and whatever else this session sent through the proxy)."""
+        inference_backend: FakeInferenceBackend, sandbox_proxy: RunningProxy, interception_ca: InterceptionTrust,
+        network_verdict: VerdictCheck) -> None:
+    """Runs after the rest of this module (and whatever else this worker sent through the proxy).
+
+    One routed request first, so the log is never empty (under xdist this may be the worker's first
+    inference test); then the whole log is judged.
+    """
+    with tunnel(sandbox_proxy, interception_ca) as tls:
+        send_and_read(tls, MODELS_REQUEST)
     judgement = judge_backend_record(inference_backend.requests, INFERENCE_ROUTE_KEY, forbidden_values=[SANDBOX_KEY])
     network_verdict(CATEGORY, "backend-record", judgement, "the fake backend's whole request log")

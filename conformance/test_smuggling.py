@@ -14,7 +14,15 @@ import pytest
 
 from pytest_sandbox import network_fixtures
 from pytest_sandbox.fake_backend import FakeInferenceBackend
-from pytest_sandbox.inference_suite import SmugglingAttempt, build_attempts, judge_backend_record, run_smuggling_attempt
+from pytest_sandbox.inference_suite import (
+    SmugglingAttempt,
+    build_attempts,
+    inference_request,
+    judge_backend_record,
+    open_inference_tunnel,
+    run_smuggling_attempt,
+    send_and_read,
+)
 from pytest_sandbox.lab import NetworkLab
 from pytest_sandbox.network_fixtures import INFERENCE_ROUTE_KEY, InterceptionTrust, RunningProxy, VerdictCheck
 
@@ -39,7 +47,11 @@ def test_smuggling_case_is_refused_and_closed_and_reaches_nothing(
 
 
 def test_backend_record_shows_no_smuggled_request_ever_reached_it(
-        sandbox_proxy: RunningProxy, inference_backend: FakeInferenceBackend, network_verdict: VerdictCheck) -> None:
-    """Runs after every tunnel case of this module: the fake backend's whole log, judged at once."""
+        sandbox_proxy: RunningProxy, inference_backend: FakeInferenceBackend, interception_ca: InterceptionTrust,
+        network_verdict: VerdictCheck) -> None:
+    """Runs after the tunnel cases of this module (those this worker ran, under xdist): the fake
+    backend's whole log, judged at once. A routed request first, so the log is never empty."""
+    with open_inference_tunnel(sandbox_proxy.connect(), interception_ca.cert_pem) as tls:
+        send_and_read(tls, inference_request("GET", "/v1/models"))
     judgement = judge_backend_record(inference_backend.requests, INFERENCE_ROUTE_KEY)
     network_verdict("smuggling", "tunnel-backend-record", judgement, "the fake backend's whole request log")
