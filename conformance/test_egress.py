@@ -14,7 +14,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from pytest_sandbox import network_fixtures
 from pytest_sandbox.compiler import compile_policy
 from pytest_sandbox.launcher import Identity, NetworkPlacement, Sandbox, SandboxSpec
 from pytest_sandbox.netns import NetnsHolder
@@ -22,9 +21,6 @@ from pytest_sandbox.ssrf_suite import SsrfJudgement
 from pytest_sandbox.verdicts import Verdict
 
 # Fixtures, until plugin.py imports pytest_sandbox.network_fixtures itself.
-_network_lab = network_fixtures._network_lab
-sandbox_lab = network_fixtures.sandbox_lab
-network_verdict = network_fixtures.network_verdict
 
 CONNECT_TIMEOUT_SECONDS = 2
 RUN_TIMEOUT_SECONDS = 10

@@ -17,7 +17,6 @@ import socket
 
 import pytest
 
-from pytest_sandbox import network_fixtures
 from pytest_sandbox.fake_backend import FakeInferenceBackend
 from pytest_sandbox.inference_suite import (
     answer_to,
@@ -35,8 +34,6 @@ from pytest_sandbox.verdicts import Verdict
 
 # The lab, proxy and verdict fixtures come from the plugin (rebinding them here would start a second
 # session lab for this module); these are the ones plugin.py does not import yet.
-inference_backend = network_fixtures.inference_backend
-interception_ca = network_fixtures.interception_ca
 
 SANDBOX_KEY = "sk-sandbox-held-placeholder"
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_sandbox import network_fixtures
 from pytest_sandbox.fake_backend import FakeInferenceBackend
 from pytest_sandbox.inference_suite import (
     SmugglingAttempt,
@@ -28,8 +27,6 @@ from pytest_sandbox.network_fixtures import INFERENCE_ROUTE_KEY, InterceptionTru
 
 # The lab, proxy and verdict fixtures come from the plugin (rebinding them here would start a second
 # session lab for this module); these are the ones plugin.py does not import yet.
-inference_backend = network_fixtures.inference_backend
-interception_ca = network_fixtures.interception_ca
 
 ATTEMPTS = build_attempts()
 PUBLIC_ORIGIN = "11.0.0.10"

@@ -32,10 +32,6 @@ from pytest_sandbox.ssrf_suite import (
 from pytest_sandbox.verdicts import Verdict
 
 # Fixtures, until plugin.py imports pytest_sandbox.network_fixtures itself.
-_network_lab = network_fixtures._network_lab
-sandbox_lab = network_fixtures.sandbox_lab
-sandbox_proxy = network_fixtures.sandbox_proxy
-network_verdict = network_fixtures.network_verdict
 
 ATTEMPTS = build_attempts()
 PUBLIC_ORIGIN = "11.0.0.10"

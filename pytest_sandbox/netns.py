@@ -375,7 +375,10 @@ class NetnsHolder:
     @staticmethod
     def _await_ready(channel: socket.socket, process: subprocess.Popen[bytes], name: str
                      ) -> dict[str, Any]:
-        readable, _, _ = select.select([channel], [], [], HELPER_START_TIMEOUT_SECONDS)
+        # poll, not select: select() cannot watch a descriptor numbered 1024 or above.
+        poller = select.poll()
+        poller.register(channel, select.POLLIN)
+        readable = poller.poll(HELPER_START_TIMEOUT_SECONDS * 1000)
         raw = channel.recv(MAX_MESSAGE_BYTES) if readable else b""
         if not raw:
             what = "exited before it was ready" if readable else (

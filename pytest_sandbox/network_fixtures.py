@@ -55,6 +55,13 @@ from pytest_sandbox.proxy import Decision, EgressProxy, InterceptHandler, ProxyC
 from pytest_sandbox.scorecard import PROPERTY
 from pytest_sandbox.session import SandboxSession
 from pytest_sandbox.ssrf_suite import SsrfJudgement, lab_canaries, lab_names, verdict_record
+from pytest_sandbox.third_party_proxy import (
+    AttachedProxy,
+    ProxyStartError,
+    ThirdPartyProxy,
+    attach_proxy_url,
+    start_proxy_command,
+)
 
 __all__ = [
     "INFERENCE_BACKEND_ADDRESS",
@@ -402,10 +409,29 @@ def interception_ca(_network_lab: NetworkLab) -> InterceptionTrust:
 
 
 @pytest.fixture(scope="session")
-def sandbox_proxy(sandbox_lab: NetworkLab) -> Iterator[RunningProxy]:
-    """The reference egress proxy on 127.0.0.1:3128 inside the lab: ``.url``, ``.decisions``,
-    ``.inference_decisions``; it intercepts ``CONNECT inference.local:443``."""
-    running = start_proxy(sandbox_lab, interception=interception_of(sandbox_lab))
+def sandbox_proxy(sandbox_session: SandboxSession,
+                  sandbox_lab: NetworkLab) -> Iterator[RunningProxy | ThirdPartyProxy | AttachedProxy]:
+    """The proxy under test inside the lab: ``.url``, ``.connect()``, ``.decisions``, ``.stop()``.
+
+    The reference egress proxy on 127.0.0.1:3128 (it intercepts ``CONNECT inference.local:443``),
+    unless ``--sandbox-proxy-cmd`` starts a third-party proxy inside the lab or ``--sandbox-proxy``
+    names one already listening there (refused if the lab cannot reach it: a proxy outside the lab
+    would dial real special-use addresses).
+    """
+    options = sandbox_session.options
+    running: RunningProxy | ThirdPartyProxy | AttachedProxy
+    if options.proxy_cmd is not None:
+        try:
+            running = start_proxy_command(sandbox_lab, options.proxy_cmd)
+        except ProxyStartError as exc:
+            pytest.exit(f"pytest-sandbox: --sandbox-proxy-cmd: {exc}", returncode=4)
+    elif options.proxy_url is not None:
+        try:
+            running = attach_proxy_url(sandbox_lab, options.proxy_url)
+        except ValueError as exc:
+            pytest.exit(f"pytest-sandbox: --sandbox-proxy: {exc}", returncode=4)
+    else:
+        running = start_proxy(sandbox_lab, interception=interception_of(sandbox_lab))
     try:
         yield running
     finally:

@@ -111,7 +111,15 @@ def check_syscall_param(request: pytest.FixtureRequest, sandbox_session: Sandbox
 
 
 from pytest_sandbox.fixtures import _sandbox_pool, sandbox, sandbox_policy  # noqa: E402,F401  (fixtures)
-from pytest_sandbox.network_fixtures import _network_lab, network_verdict, sandbox_lab, sandbox_proxy  # noqa: E402, F401
+from pytest_sandbox.network_fixtures import (  # noqa: E402, F401  (fixtures)
+    _network_lab,
+    inference_backend,
+    interception_ca,
+    network_verdict,
+    sandbox_lab,
+    sandbox_proxied,
+    sandbox_proxy,
+)
 
 
 class _ScorecardReporter:

@@ -14,13 +14,9 @@ from __future__ import annotations
 import json
 import sys
 
-from pytest_sandbox import network_fixtures
 from pytest_sandbox.fake_backend import FakeInferenceBackend
 from pytest_sandbox.lab import NetworkLab
 from pytest_sandbox.network_fixtures import INFERENCE_ROUTE_KEY, ProxiedSandbox
-
-sandbox_proxied = network_fixtures.sandbox_proxied
-inference_backend = network_fixtures.inference_backend
 
 RUN_TIMEOUT_SECONDS = 30
 CHAT_URL = "https://inference.local/v1/chat/completions"

@@ -12,7 +12,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from pytest_sandbox import network_fixtures
 from pytest_sandbox.addresses import AddressVerdict, classify_address, parse_authority
 from pytest_sandbox.catalogues.ssrf_cases import SSRF_CASES, SsrfCase
 from pytest_sandbox.network_fixtures import RunningProxy, lab_proxy_config, start_proxy
@@ -24,8 +23,6 @@ from pytest_sandbox.ssrf_suite import (
     run_attempt,
 )
 from pytest_sandbox.verdicts import Verdict
-
-_network_lab = network_fixtures._network_lab
 
 ATTEMPTS = build_attempts()
 CGNAT = ipaddress.ip_network("100.64.0.0/10")

@@ -35,8 +35,6 @@ from pytest_sandbox.third_party_proxy import (
 )
 from pytest_sandbox.verdicts import Verdict
 
-_network_lab = network_fixtures._network_lab
-
 ROOT = Path(__file__).resolve().parent.parent
 ATTEMPTS = build_attempts()
 TINYPROXY = shutil.which("tinyproxy") or ("/usr/bin/tinyproxy" if os.path.exists("/usr/bin/tinyproxy") else None)
