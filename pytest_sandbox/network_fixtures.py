@@ -60,6 +60,7 @@ from pytest_sandbox.third_party_proxy import (
     ProxyStartError,
     ThirdPartyProxy,
     attach_proxy_url,
+    proxy_url,
     start_proxy_command,
 )
 
@@ -178,8 +179,7 @@ class RunningProxy:
 
     @property
     def url(self) -> str:
-        host = f"[{self.address}]" if ":" in self.address else self.address
-        return f"http://{host}:{self.port}"
+        return proxy_url(self.address, self.port)
 
     @property
     def decisions(self) -> list[Decision]:

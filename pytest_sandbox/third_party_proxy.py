@@ -85,6 +85,11 @@ class ProxyStartError(RuntimeError):
     """The proxy command exited, or never accepted a connection, within the start timeout."""
 
 
+def proxy_url(address: str, port: int) -> str:
+    """``http://address:port``, with IPv6 literals bracketed (RFC 3986 §3.2.2)."""
+    host = f"[{address}]" if ":" in address else address
+    return f"http://{host}:{port}"
+
 @dataclass
 class ThirdPartyProxy:
     """A proxy started from a command inside a lab; same surface as ``RunningProxy``."""
@@ -100,8 +105,7 @@ class ThirdPartyProxy:
 
     @property
     def url(self) -> str:
-        host = f"[{self.address}]" if ":" in self.address else self.address
-        return f"http://{host}:{self.port}"
+        return proxy_url(self.address, self.port)
 
     @property
     def decisions(self) -> list[Any]:
@@ -252,8 +256,7 @@ class AttachedProxy:
 
     @property
     def url(self) -> str:
-        host = f"[{self.address}]" if ":" in self.address else self.address
-        return f"http://{host}:{self.port}"
+        return proxy_url(self.address, self.port)
 
     @property
     def decisions(self) -> list[Any]:
