@@ -10,22 +10,29 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pytest_sandbox.compiler import CompiledFilter, compile_policy
-from pytest_sandbox.errors import PolicyError
+from pytest_sandbox.errors import PolicyError, SandboxError
 from pytest_sandbox.launcher import Identity, NetworkPlacement, check_host_support
+from pytest_sandbox.observed_identity import BaselineRequest, ObservedIdentity, baseline_request, identity_mismatches
 from pytest_sandbox.policy import NETWORK_MODES, Policy, load_policy
 from pytest_sandbox.syscall_suite import (
     ExecTarget,
     ProbeCase,
     ProbeTarget,
     Requirement,
+    RunnerReport,
     SandboxTarget,
+    all_capabilities,
     control_cases,
     denial_cases,
+    filter_requirement,
+    harness_identity,
     judge,
+    judge_exec,
+    matched_baseline_target,
     merge_requirements,
     requirements_of,
 )
@@ -40,10 +47,13 @@ class SyscallParam:
     identity: Identity
     case: ProbeCase
     required: bool
+    third_party: bool = False  # run through --sandbox-exec; the identity is what the target showed
 
     @property
     def test_id(self) -> str:
-        return f"{self.mode}-{self.identity.name}-{self.case.case_id}"
+        """``proxy-nobody-setns-x32`` for the reference; ``exec-uid65534-nocaps-setns-x32`` for a third party,
+        named after the caller its own runner reported (the target picks its network placement)."""
+        return f"{'exec' if self.third_party else self.mode}-{self.identity.name}-{self.case.case_id}"
 
 
 @dataclass
@@ -63,7 +73,13 @@ class SandboxSession:
     policy: Policy = field(init=False)
     requirement: Policy = field(init=False)
     _results: dict[tuple[str, str, str], dict[str, Outcome]] = field(default_factory=dict, init=False)
+    _reports: dict[tuple[str, str, str], RunnerReport] = field(default_factory=dict, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+    # third party (--sandbox-exec) only: who the runner is in there, and the baseline taken as that caller
+    harness: ObservedIdentity | None = field(default=None, init=False)
+    exec_identity: ObservedIdentity | None = field(default=None, init=False)
+    _baseline_request: BaselineRequest | None = field(default=None, init=False)
+    _baseline_problems: dict[tuple[str, str], tuple[str, ...]] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         self.policy = load_policy(self.options.policy)
@@ -75,6 +91,8 @@ class SandboxSession:
         for mode in self.options.modes:
             if mode not in NETWORK_MODES:
                 raise PolicyError(f"--sandbox-modes: unknown network mode {mode!r}; use {', '.join(NETWORK_MODES)}")
+        if self.third_party:
+            self._exec_preflight()
 
     # -- what is probed ----------------------------------------------------------------------
 
@@ -88,6 +106,10 @@ class SandboxSession:
         return (self.requirement.network.mode,) if self.third_party else self.options.modes
 
     def identities(self) -> tuple[Identity, ...]:
+        if self._baseline_request is not None:  # third party: the caller the target showed
+            request = self._baseline_request
+            return (Identity(request.name, request.uid, request.gid, request.groups, request.capabilities,
+                             request.bounding, request.no_new_privs),)
         found = [Identity.current()]
         if "nobody" in self.options.identities and os.geteuid() == 0 and not self.third_party:
             found.append(Identity.nobody())
@@ -112,7 +134,7 @@ class SandboxSession:
             for identity in self.identities():
                 for case in cases:
                     is_required = case.requirement is not None and case.requirement.key in required
-                    params.append(SyscallParam(mode, identity, case, is_required))
+                    params.append(SyscallParam(mode, identity, case, is_required, self.third_party))
         return params
 
     # -- running ------------------------------------------------------------------------------
@@ -150,10 +172,18 @@ class SandboxSession:
             if key not in self._results:
                 if not self.third_party:
                     check_host_support(mode, identity)
-                self._results[key] = self._target(mode, identity, build).run(self._plan(mode, identity, build))
+                plan = self._plan(mode, identity, build)
+                if self.third_party and build == "baseline":
+                    report = self._exec_baseline(mode, identity, plan)
+                else:
+                    report = self._target(mode, identity, build).run_report(plan)
+                self._reports[key] = report
+                self._results[key] = report.outcomes
             return self._results[key]
 
     def judge(self, param: SyscallParam) -> Judgement:
+        if self.third_party:
+            return self._judge_exec(param)
         case = param.case
         if case.kind == "denial" and not self.third_party:
             build, compiled = "sentinel", self.compiled(param.mode, sentinel=True)
@@ -164,10 +194,66 @@ class SandboxSession:
         observed = self.outcomes(param.mode, param.identity, build).get(case.case_id, missing)
         return judge(case, baseline, observed, compiled=compiled, policy=None if self.third_party else self.policy)
 
+    # -- a third party's sandbox (--sandbox-exec): the baseline is taken as the caller it showed ----------
+
+    def _exec_preflight(self) -> None:
+        """Ask the target who the runner is in there, once per session (each xdist worker asks once):
+        the test ids are made from the answer, and the baseline is taken as that caller."""
+        assert self.options.exec_prefix is not None
+        self.harness = harness_identity()
+        self.exec_identity = ExecTarget(self.options.exec_prefix).preflight()
+        self._baseline_request = baseline_request(self.exec_identity, self.harness, all_capabilities())
+
+    def _exec_baseline(self, mode: str, identity: Identity, plan: list[dict[str, Any]]) -> RunnerReport:
+        request = self._baseline_request
+        assert request is not None
+        problems = list(request.problems)
+        try:
+            report = matched_baseline_target(request).run_report(plan)
+        except SandboxError as exc:  # e.g. the harness is not root and the target's caller is someone else
+            problems.append(f"the launcher cannot run as {request.name} here: {exc}")
+            report = SandboxTarget("the unfiltered baseline as the harness", None, NetworkPlacement("allow"),
+                                   Identity.current()).run_report(plan)
+        self._baseline_problems[(mode, identity.name)] = tuple(problems)
+        return report
+
+    def identity_problems(self, mode: str, identity: Identity) -> tuple[str, ...]:
+        """Why the baseline is not the same caller as the target's probe run (empty: it is)."""
+        self.outcomes(mode, identity, "baseline")
+        self.outcomes(mode, identity, "real")
+        assert self.harness is not None and self.exec_identity is not None
+        baseline = self._reports[(mode, identity.name, "baseline")]
+        target = self._reports[(mode, identity.name, "real")]
+        problems = list(self._baseline_problems.get((mode, identity.name), ()))
+        if target.identity is None:
+            return (*problems, f"the sandbox's runner did not say who it ran as ({target.identity_error})")
+        if baseline.identity is None:
+            return (*problems, f"the baseline's runner did not say who it ran as ({baseline.identity_error})")
+        changed = identity_mismatches(self.exec_identity, target.identity, self.harness, ("pre-flight", "probe run"))
+        if changed and not self.exec_identity.unreadable and not target.identity.unreadable:
+            problems.append(f"the sandbox ran the probes as another caller than in the pre-flight "
+                            f"({'; '.join(changed)})")
+        problems += identity_mismatches(target.identity, baseline.identity, self.harness)
+        return tuple(dict.fromkeys(problems))
+
+    def _judge_exec(self, param: SyscallParam) -> Judgement:
+        missing = Outcome("error", None, "not run")
+        baseline = self.outcomes(param.mode, param.identity, "baseline").get(param.case.case_id, missing)
+        observed = self.outcomes(param.mode, param.identity, "real").get(param.case.case_id, missing)
+        judgement = judge_exec(param.case, baseline, observed,
+                               identity_problems=self.identity_problems(param.mode, param.identity),
+                               required=filter_requirement(self.requirement, param.mode))
+        target = self._reports[(param.mode, param.identity.name, "real")].identity
+        if param.case.kind == "status" and target is not None and self.harness is not None:
+            return replace(judgement, reason=f"{judgement.reason}; the runner in the sandbox reports "
+                                             f"{target.describe(self.harness)}")
+        return judgement
+
 
 def failure_message(param: SyscallParam, judgement: Judgement) -> str:
     """The one line a red test shows: ``syscall pidfd_getfd via x32 ABI: ALLOWED, expected ...``."""
-    return (f"{param.case.title} [{param.mode} mode, as {param.identity.name}]: {judgement.verdict.value}, "
+    where = f"--sandbox-exec target, {param.mode}-mode rules" if param.third_party else f"{param.mode} mode"
+    return (f"{param.case.title} [{where}, as {param.identity.name}]: {judgement.verdict.value}, "
             f"expected {judgement.expected} (baseline {judgement.baseline}, observed {judgement.observed}) "
             f"- {judgement.reason}")
 
