@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from pytest_sandbox.syscall_suite import ExecTarget, all_capabilities, harness_identity
 
@@ -24,6 +26,14 @@ def run_syscall_suite(launcher: str, *extra: str) -> subprocess.CompletedProcess
          *extra, "conformance/test_syscalls.py"],
         cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "1000"},
     )
+
+
+def run_with_report(launcher: str, report: Path, *extra: str) -> tuple[subprocess.CompletedProcess[str],
+                                                                        dict[str, dict[str, Any]]]:
+    """Run the syscall suite against ``launcher``; return the run and each test's evidence record."""
+    completed = run_syscall_suite(launcher, f"--sandbox-report={report}", *extra)
+    assert report.exists(), completed.stdout[-3000:] + completed.stderr[-2000:]
+    return completed, {record["test"]: record for record in json.loads(report.read_text())["probes"]}
 
 
 def failed_lines(completed: subprocess.CompletedProcess[str]) -> dict[str, str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from broken_filters import hand_built
-from exec_targets import id_prefix
+from exec_targets import failed_lines, id_prefix
 
 from pytest_sandbox.compiler import CompiledFilter, compile_policy
 from pytest_sandbox.policy import load_policy
@@ -80,8 +80,12 @@ def test_bwrap_with_the_arch_added_after_the_rules_fails_on_i386(tmp_path):
 
 
 def test_bwrap_without_a_filter_fails_everywhere(tmp_path):
-    completed = run_suite(bwrap_launcher(tmp_path, None))
+    launcher = bwrap_launcher(tmp_path, None)
+    completed = run_suite(launcher)
     assert completed.returncode == 1
     holes = failed_ids(completed)
     for name in ("ptrace", "pidfd_getfd", "mount", "clone3"):
         assert any(hole.endswith(f"-{name}-native") for hole in holes), name
+    # /proc/self/status inside says Seccomp: 0, and the requirement installs a filter (issue #8, item 3)
+    hole = failed_lines(completed)[f"{id_prefix(launcher)}filter-present"]
+    assert "BROKEN" in hole and "Seccomp is '0', expected '2': NO seccomp filter is loaded" in hole
