@@ -34,6 +34,7 @@ from pytest_sandbox.syscall_suite import (
     judge_exec,
     matched_baseline_target,
     merge_requirements,
+    requested_identity,
     requirements_of,
 )
 from pytest_sandbox.verdicts import Judgement, Outcome, Verdict
@@ -107,9 +108,7 @@ class SandboxSession:
 
     def identities(self) -> tuple[Identity, ...]:
         if self._baseline_request is not None:  # third party: the caller the target showed
-            request = self._baseline_request
-            return (Identity(request.name, request.uid, request.gid, request.groups, request.capabilities,
-                             request.bounding, request.no_new_privs),)
+            return (requested_identity(self._baseline_request),)
         found = [Identity.current()]
         if "nobody" in self.options.identities and os.geteuid() == 0 and not self.third_party:
             found.append(Identity.nobody())
@@ -145,9 +144,10 @@ class SandboxSession:
         return compile_policy(self.policy, mode, sentinel=sentinel)
 
     def _target(self, mode: str, identity: Identity, build: str) -> ProbeTarget:
+        if build == "baseline" and self._baseline_request is not None:  # third party: as the caller it showed
+            return matched_baseline_target(self._baseline_request)
         if build == "baseline":
-            placement = NetworkPlacement(mode) if not self.third_party else NetworkPlacement("allow")
-            return SandboxTarget("the unfiltered baseline", None, placement, identity)
+            return SandboxTarget("the unfiltered baseline", None, NetworkPlacement(mode), identity)
         if self.third_party:
             assert self.options.exec_prefix is not None
             return ExecTarget(self.options.exec_prefix)
@@ -209,7 +209,7 @@ class SandboxSession:
         assert request is not None
         problems = list(request.problems)
         try:
-            report = matched_baseline_target(request).run_report(plan)
+            report = self._target(mode, identity, "baseline").run_report(plan)
         except SandboxError as exc:  # e.g. the harness is not root and the target's caller is someone else
             problems.append(f"the launcher cannot run as {request.name} here: {exc}")
             report = SandboxTarget("the unfiltered baseline as the harness", None, NetworkPlacement("allow"),

@@ -463,10 +463,14 @@ def all_capabilities() -> int:
         return (1 << 41) - 1  # CAP_CHECKPOINT_RESTORE (40) is the last one as of Linux 6.x
 
 
+def requested_identity(request: BaselineRequest) -> Identity:
+    return Identity(request.name, request.uid, request.gid, request.groups, request.capabilities,
+                    request.bounding, request.no_new_privs)
+
+
 def matched_baseline_target(request: BaselineRequest) -> SandboxTarget:
     """The unfiltered baseline run as the caller a third party's runner reported (:mod:`observed_identity`)."""
-    identity = Identity(request.name, request.uid, request.gid, request.groups, request.capabilities,
-                        request.bounding, request.no_new_privs)
+    identity = requested_identity(request)
     fresh = FreshNamespaces(request.fresh_namespaces, request.uid_map, request.gid_map, request.setgroups)
     return SandboxTarget(f"the unfiltered baseline as {request.name}", None, NetworkPlacement("allow"), identity,
                          fresh)
