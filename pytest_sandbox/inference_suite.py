@@ -500,11 +500,13 @@ class _Reader:
     timed_out: bool = False
     error: str = ""
 
-    def fill(self, until: Callable[[], bool], *, poll: float | None = None) -> None:
+    def fill(self, until: Callable[[], bool], *, poll: float | None = None,
+             idle: Callable[[], bool] = lambda: False) -> None:
         """Read until ``until()``, EOF, error or the deadline.
 
-        With ``poll``, ``until()`` is also asked every ``poll`` seconds while nothing arrives (it
-        may watch something other than this socket, e.g. the bytes upstream).
+        With ``poll``, ``idle()`` is asked every ``poll`` seconds while nothing arrives, and reading
+        stops when it says so (it may watch something other than this socket, e.g. the bytes
+        upstream; asking only while the peer is silent keeps a prompt peer cheap).
         """
         while not until() and not self.eof and len(self.buffer) < MAX_EXCHANGE_BYTES:
             remaining = self.deadline - time.monotonic()
@@ -516,6 +518,8 @@ class _Reader:
                 data = self.sock.recv(READ_SIZE)
             except TimeoutError:
                 if poll is not None and time.monotonic() < self.deadline:
+                    if idle():
+                        return
                     continue
                 self.timed_out = True
                 return
@@ -549,20 +553,23 @@ def exchange(sock: socket.socket, payload: bytes, case: SmugglingCase, follow_up
     """
     reader = _Reader(sock, time.monotonic() + timeout, bytearray())
 
+    def relayed() -> bool:
+        """A marked answer beyond the allowed ones: the origin answered what the proxy forwarded."""
+        return not case.is_positive_control and any(
+            response.carries(mark) for response in reader.responses()[case.reaches_backend:])
+
     def leaked() -> bool:
         if case.is_positive_control:
             return False
-        if any(response.carries(mark) for response in reader.responses()[case.reaches_backend:]):
-            return True
         reading = read_upstream(upstream())
-        return bool(assess(reading.requests, reading.leftovers, allowed).leak)
+        return relayed() or bool(assess(reading.requests, reading.leftovers, allowed).leak)
 
     try:
         sock.sendall(payload)
     except (OSError, ssl.SSLError) as send_error:
         reader.eof, reader.error = True, f"send failed: {send_error}"
     if case.must_close:
-        reader.fill(leaked, poll=LEAK_POLL_SECONDS)
+        reader.fill(relayed, poll=LEAK_POLL_SECONDS, idle=leaked)
     else:
         reader.fill(lambda: len(reader.responses()) >= case.reaches_backend)
     responses = reader.responses()
