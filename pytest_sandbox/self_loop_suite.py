@@ -47,6 +47,7 @@ from pytest_sandbox.ssrf_suite import (
     read_one_response,
     send_attempt,
 )
+from pytest_sandbox.third_party_proxy import find_free_lab_port
 from pytest_sandbox.verdicts import Verdict
 
 __all__ = [
@@ -418,6 +419,8 @@ class ProxyInstance(Protocol):
 
 
 class TargetLab(SelfLoopLab, Protocol):
+    def popen(self, argv: list[str], **kwargs: Any) -> Any: ...
+
     def connect(self, addr: str, port: int, timeout: float = ...) -> socket.socket: ...
 
     def socket(self, family: int = ..., type: int = ..., proto: int = ...) -> socket.socket: ...
@@ -494,7 +497,8 @@ def start_self_targets(lab: TargetLab, proxy: ProxyInstance, start_instance: Sta
         for kind, address, port in (("public", SELF_PUBLIC_ADDRESS, SELF_PUBLIC_PORT),
                                     ("wildcard", "0.0.0.0", SELF_WILDCARD_PORT)):
             try:
-                instance = start_instance(address, port)
+                # The preferred port unless something (or a TIME-WAIT socket of an earlier run) holds it.
+                instance = start_instance(address, find_free_lab_port(lab, address, preferred=port))
             except (OSError, RuntimeError, ValueError) as exc:
                 result.unavailable[kind] = f"could not start the proxy under test on {address}:{port}: {exc}"
                 continue
