@@ -3,8 +3,9 @@
 One test per catalogue case x {CONNECT, absolute-form}, ids like ``connect-v4-cgnat-first-100.64.0.0``.
 A denial counts only if the proxy refused it **and** no lab canary saw a connection (network.md §7);
 the ``ctl-`` cases are positive controls that must reach their canary. The remaining tests attack
-what a per-request table check misses: keep-alive reuse, Host vs request-target, the proxy's own
-address, mixed DNS answers and DNS rebinding (network.md §3). Runs only with ``--sandbox``.
+what a per-request table check misses: keep-alive reuse, Host vs request-target, mixed DNS answers
+and DNS rebinding (network.md §3); the proxy's own address is in ``test_ssrf_self.py``. Runs only
+with ``--sandbox``.
 """
 
 from __future__ import annotations
@@ -14,9 +15,7 @@ import time
 
 import pytest
 
-from pytest_sandbox import network_fixtures
 from pytest_sandbox.catalogues.ssrf_cases import SsrfCase
-from pytest_sandbox.network_fixtures import lab_proxy_config, start_proxy
 from pytest_sandbox.ssrf_suite import (
     ATTEMPT_TIMEOUT_SECONDS,
     Attempt,
@@ -142,45 +141,6 @@ def test_private_target_with_public_host_header_is_denied(attempt, sandbox_lab, 
     judgement = judge_attempt(attempt, ProxyReply(reply, None, closed=closed, timed_out=reply.status is None),
                               new_hits(before, sandbox_lab.all_hits()))
     network_verdict("ssrf", attempt.case.case_id, judgement, f"{method} {attempt.target} with Host: {PUBLIC_ORIGIN}")
-
-
-# --- the proxy's own address: no request may loop through the proxy ----------------------------
-
-
-@pytest.mark.parametrize("form", ["connect", "absolute"])
-def test_proxy_own_address_is_denied(form, sandbox_lab, sandbox_proxy, network_verdict):
-    case = _case("proxy-self", sandbox_proxy.address, None, "the proxy's own listening address",
-                 kind="literal", port=sandbox_proxy.port)
-    attempt = Attempt(case, form)
-    decisions_before = len(sandbox_proxy.decisions)
-    judgement = run_attempt(attempt, sandbox_proxy.connect, sandbox_lab.all_hits)
-    looped = len(sandbox_proxy.decisions) - decisions_before - 1
-    if looped > 0:
-        judgement = SsrfJudgement(Verdict.ALLOWED, f"the proxy received {looped} request(s) from itself",
-                                  judgement.expected, judgement.observed)
-    network_verdict("ssrf", f"{form}-proxy-self", judgement, attempt.describe())
-
-
-@pytest.mark.parametrize("form", ["connect", "absolute"])
-def test_proxy_listening_on_public_address_refuses_itself_even_on_allowed_port(
-        form, sandbox_lab, sandbox_proxy, network_verdict):
-    if not isinstance(sandbox_proxy, network_fixtures.RunningProxy):
-        pytest.skip("needs a second instance of the proxy under test on 11.0.0.20:8080, which only the "
-                    "reference proxy provides; a third-party proxy is checked by test_proxy_own_address_is_denied")
-    # 11.0.0.20 is outside every special-use range, so only the self-connection rule can deny it.
-    address, port = "11.0.0.20", 8080
-    running = start_proxy(sandbox_lab, lab_proxy_config(allowed_ports=(80, 443, port)),
-                          address=address, port=port)
-    try:
-        attempt = Attempt(_case("proxy-self-public", address, None, "the proxy's own public address",
-                                kind="literal", port=port), form)
-        judgement = run_attempt(attempt, running.connect, sandbox_lab.all_hits)
-        if len(running.decisions) != 1:
-            judgement = SsrfJudgement(Verdict.ALLOWED, f"{len(running.decisions)} decisions: the request "
-                                      "looped through the proxy", judgement.expected, judgement.observed)
-    finally:
-        running.stop()
-    network_verdict("ssrf", f"{form}-proxy-self-public", judgement, attempt.describe())
 
 
 # --- DNS: any special answer denies; every resolution is judged again ------------------------

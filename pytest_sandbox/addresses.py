@@ -32,6 +32,7 @@ __all__ = [
     "MalformedTarget",
     "SpecialUseRange",
     "classify_address",
+    "embedded_ipv4",
     "load_special_use_table",
     "parse_absolute_form",
     "parse_authority",
@@ -158,6 +159,27 @@ _EMBEDDINGS = (
     # length each deployment picks (RFC 6052 section 2.2), so it is denied outright as a plain row.
 )
 _EMBEDDING_BY_CIDR = {str(embedding.network): embedding for embedding in _EMBEDDINGS}
+
+
+def embedded_ipv4(addr: str | IPv4Address | IPv6Address) -> tuple[IPv4Address, ...]:
+    """Every IPv4 address an IPv6 form carries, unwrapped by the same table ``classify_address``
+    uses (network.md section 1.4): IPv4-mapped, IPv4-compatible, SIIT, NAT64, 6to4, and both Teredo
+    addresses.  ``()`` for an IPv4 address or an IPv6 address that embeds none.
+
+    ``::`` and ``::1`` sit in the IPv4-compatible ::/96 and so yield 0.0.0.0 and 0.0.0.1: harmless
+    for a caller asking "could this reach X?", which is the question this answers.
+    """
+    address = _strict_address(addr)
+    if isinstance(address, IPv4Address):
+        return ()
+    unscoped = IPv6Address(int(address))
+    found = [
+        ipv4
+        for embedding in _EMBEDDINGS
+        if unscoped in embedding.network
+        for _role, ipv4 in embedding.extract(int(unscoped))
+    ]
+    return tuple(dict.fromkeys(found))
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,7 +32,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="run syscall probes inside a third-party launcher: PREFIX python3 -S -")
     group.addoption("--sandbox-proxy-cmd", default=None, metavar="'CMD {port}'",
                     help="run the network categories against a third-party proxy started inside the lab "
-                         "namespace by this command; {port} is replaced by the port it must listen on")
+                         "namespace by this command; {port} is replaced by the port it must listen on and "
+                         "{address} by the address (127.0.0.1; the self-connection cases also start it on a "
+                         "lab public address and on 0.0.0.0)")
     group.addoption("--sandbox-proxy", default=None, metavar="URL",
                     help="run the network categories against a proxy already listening at URL inside the lab")
     group.addoption("--sandbox-report", default=None, metavar="PATH",

@@ -52,6 +52,7 @@ from pytest_sandbox.http_stream import (
     ResponseReader,
     write_response,
 )
+from pytest_sandbox.self_connection import self_connection
 
 __all__ = [
     "Decision",
@@ -258,7 +259,8 @@ class EgressProxy:
         self._lock = threading.Lock()
         self._decisions: list[Decision] = []
         self._seq = itertools.count(1)
-        self._listening: set[tuple[str, int]] = set()
+        self._listening: set[tuple[str, int]] = set()  # as bound: a wildcard stays 0.0.0.0 / ::
+        self._listening_ports: frozenset[int] = frozenset()
         self._classified: dict[str, AddressVerdict] = {}
         self._host_allowed: dict[str, bool] = {}
         self._allowed_ports = frozenset(config.allowed_ports)
@@ -277,7 +279,11 @@ class EgressProxy:
             return list(self._decisions)
 
     def self_addresses(self) -> set[tuple[str, int]]:
-        """The (address, port) pairs this proxy listens on; dialling one is a self-connection."""
+        """The (address, port) pairs this proxy listens on, as bound; dialling one is a self-connection.
+
+        A wildcard pair (``0.0.0.0`` or ``::``) stands for every address local to the namespace,
+        judged when a request is checked (:mod:`pytest_sandbox.self_connection`).
+        """
         with self._lock:
             return set(self._listening)
 
@@ -342,9 +348,7 @@ class EgressProxy:
         host, port = str(address[0]), int(address[1])
         with self._lock:
             self._listening.add((str(ipaddress.ip_address(host.split("%")[0])), port))
-            if ipaddress.ip_address(host.split("%")[0]).is_unspecified:
-                # A wildcard listener is reachable through loopback too.
-                self._listening.update({("127.0.0.1", port), ("::1", port)})
+            self._listening_ports = frozenset(listen_port for _address, listen_port in self._listening)
         return await asyncio.start_server(self._on_client, sock=listen_sock, limit=_STREAM_LIMIT)
 
     async def _shutdown(self, server: asyncio.Server) -> None:
@@ -535,11 +539,43 @@ class EgressProxy:
             if verdict.denied:
                 raise _Refusal(403, "ssrf_denied", f"{where} blocked: {answer} is {verdict.reason}",
                                addresses=tuple(answers))
-            if (verdict.address, authority.port) in self._listening:
-                raise _Refusal(403, "ssrf_denied", f"{where} blocked: {answer} port {authority.port} is this "
-                               "proxy (self connection)", addresses=tuple(answers))
+            looped = self._self_connection(verdict.address, authority.port)
+            if looped is not None:
+                raise _Refusal(403, "ssrf_denied", f"{where} blocked: self connection: {looped}",
+                               addresses=tuple(answers))
             checked.append(verdict.address)
         return tuple(checked)
+
+    def _self_connection(self, address: str, port: int) -> str | None:
+        """Why dialling ``address`` port ``port`` would reach this proxy, or None.
+
+        Unwrapped and wildcard-aware (:func:`pytest_sandbox.self_connection.self_connection`); costs
+        one set lookup unless ``port`` is one this proxy listens on.
+        """
+        if port not in self._listening_ports:
+            return None
+        return self_connection(address, port, self.self_addresses(), self._is_local_address)
+
+    def _is_local_address(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        """Whether ``address`` is local where this proxy dials: a socket from the factory can bind it.
+
+        Asked at check time, so addresses added after the proxy started count. bind(2) fails with
+        EADDRNOTAVAIL for an address that is not local; anything else that stops the question from
+        being answered counts as local (deny: fail closed).
+        """
+        family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+        try:
+            probe = self._socket_factory(family)
+        except OSError:
+            return True
+        with probe:
+            if probe.family != family:
+                return True
+            try:
+                probe.bind((str(address), 0))
+            except OSError as error:
+                return error.errno != errno.EADDRNOTAVAIL
+        return True
 
     async def _dial_socket(self, addresses: tuple[str, ...], port: int) -> tuple[socket.socket, str]:
         """A socket from the factory, connected to the first reachable checked address."""

@@ -17,14 +17,23 @@ default the command runs in a private mount namespace where both files are bind-
 lab's: the DNS stub on 127.0.0.53 and a loopback-only hosts file (network.md §7: "no lookup ever
 leaves the namespace", and the name cases must really resolve to their canaries).
 
-:func:`tinyproxy_command` and :func:`squid_command` build ready-made ``{port}`` commands for the two
-proxies Debian packages. Neither proxy takes its port on the command line, so the command runs this
-module (``python -m pytest_sandbox.third_party_proxy tinyproxy|squid CONF_DIR PORT``), which writes
-the configuration for that port and execs the proxy in place (same PID, so stop-by-PID still works).
+:func:`tinyproxy_command` and :func:`squid_command` build ready-made ``{port}``/``{address}`` commands
+for the two proxies Debian packages. Neither proxy takes its address on the command line, so the
+command runs this module (``python -m pytest_sandbox.third_party_proxy tinyproxy|squid CONF_DIR PORT
+[ADDRESS]``), which writes the configuration and execs the proxy in place (same PID, so stop-by-PID
+still works). :func:`reference_command` runs the reference proxy the same way, as a third party
+(``... reference --host {address} --port {port}``): what a third party's results are compared with.
+
+``{address}`` is 127.0.0.1 for the proxy under test. The self-connection cases
+(:mod:`pytest_sandbox.self_loop_suite`) start further instances on a lab public address and on
+0.0.0.0, where a proxy's own address is no longer refused as loopback and only its self check can
+refuse it; a command without ``{address}`` cannot be moved there, and those cases say so.
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import contextlib
 import ipaddress
 import os
@@ -37,16 +46,22 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from pytest_sandbox.proxy import EgressProxy
 
 __all__ = [
     "AttachedProxy",
     "ProxyStartError",
     "ThirdPartyProxy",
     "attach_proxy_url",
+    "ensure_lab_address",
     "find_free_lab_port",
     "lab_dns_available",
+    "reference_command",
+    "serve_reference_proxy",
     "squid_command",
     "squid_conf_text",
     "start_proxy_command",
@@ -162,6 +177,19 @@ def find_free_lab_port(lab: LabLike, address: str = DEFAULT_LISTEN_ADDRESS,
     raise ProxyStartError(f"no free port on {address} inside the lab")
 
 
+def ensure_lab_address(lab: LabLike, address: str) -> None:
+    """Put ``address`` on the lab's ``lo`` unless it is a wildcard or already local there.
+
+    A proxy can only listen on an address of its namespace; the lab's public addresses other than its
+    origins are added on demand.
+    """
+    parsed = ipaddress.ip_address(address)
+    holder = getattr(lab, "holder", None)
+    if parsed.is_unspecified or parsed.is_loopback or holder is None:
+        return
+    holder.add_address(str(parsed))
+
+
 def lab_dns_available(lab: LabLike) -> bool:
     """Whether a command in ``lab`` can get a private mount namespace to bind the lab's resolver files."""
     try:
@@ -200,6 +228,7 @@ def start_proxy_command(lab: LabLike, command: str, *, address: str = DEFAULT_LI
     """
     if "{port}" not in command:
         raise ValueError(f"the proxy command must contain {{port}}: the lab chooses the port ({command!r})")
+    ensure_lab_address(lab, address)
     chosen = find_free_lab_port(lab, address) if port is None else port
     # str.replace, not str.format: a command may contain other braces (shell, JSON arguments).
     expanded = command.replace("{port}", str(chosen)).replace("{address}", address)
@@ -318,10 +347,12 @@ def tinyproxy_conf_text(port: int, pid_file: Path, *, address: str = DEFAULT_LIS
     Nothing restricts destinations: that is tinyproxy's stock behaviour (network.md §6, it has no
     destination-address classification), which is what the suite is meant to expose.
     """
+    # Allow lists client addresses; a client of a wildcard listener may come from any lab address.
+    allow = [] if ipaddress.ip_address(address).is_unspecified else [f"Allow {address}"]
     return "\n".join([
         f"Port {port}",
         f"Listen {address}",
-        f"Allow {address}",
+        *allow,
         "Timeout 10",
         "MaxClients 100",
         "LogLevel Critical",
@@ -354,7 +385,8 @@ def squid_conf_text(port: int, state_dir: Path, *, address: str = DEFAULT_LISTEN
 
 def _launcher_command(proxy: str, conf_dir: str | os.PathLike[str]) -> str:
     directory = Path(conf_dir).resolve()
-    return shlex.join([sys.executable, "-m", "pytest_sandbox.third_party_proxy", proxy, str(directory)]) + " {port}"
+    return (shlex.join([sys.executable, "-m", "pytest_sandbox.third_party_proxy", proxy, str(directory)])
+            + " {port} {address}")
 
 
 def tinyproxy_command(conf_dir: str | os.PathLike[str]) -> str:
@@ -367,14 +399,27 @@ def squid_command(conf_dir: str | os.PathLike[str]) -> str:
     return _launcher_command("squid", conf_dir)
 
 
-def _exec_tinyproxy(conf_dir: Path, port: int) -> None:
+def reference_command(*launcher: str) -> str:
+    """A ``--sandbox-proxy-cmd`` that runs the reference proxy as a third party, in its own process.
+
+    It listens on ``{address}:{port}`` and allows ports 80, 443 and its own (so that only its self
+    check can refuse its own address), resolves with the C library (the lab's DNS, see
+    :func:`start_proxy_command`) and dials with ordinary sockets: inside the lab, they are lab sockets.
+    ``launcher`` replaces ``python -m pytest_sandbox.third_party_proxy reference`` (a script that
+    calls :func:`serve_reference_proxy` with a weakened proxy class, for instance).
+    """
+    prefix = list(launcher) or [sys.executable, "-m", "pytest_sandbox.third_party_proxy", "reference"]
+    return shlex.join(prefix) + " --host {address} --port {port} --allow-port 80 --allow-port 443 --allow-port {port}"
+
+
+def _exec_tinyproxy(conf_dir: Path, port: int, address: str) -> None:
     conf = conf_dir / f"tinyproxy-{port}.conf"
-    conf.write_text(tinyproxy_conf_text(port, conf_dir / f"tinyproxy-{port}.pid"))
+    conf.write_text(tinyproxy_conf_text(port, conf_dir / f"tinyproxy-{port}.pid", address=address))
     binary = shutil.which("tinyproxy") or "/usr/bin/tinyproxy"
     os.execv(binary, [binary, "-d", "-c", str(conf)])
 
 
-def _exec_squid(conf_dir: Path, port: int) -> None:
+def _exec_squid(conf_dir: Path, port: int, address: str) -> None:
     state_dir = conf_dir / f"squid-{port}"
     state_dir.mkdir(parents=True, exist_ok=True)
     # Started as root, squid drops to its effective user (Debian: "proxy") and must still write its
@@ -382,22 +427,81 @@ def _exec_squid(conf_dir: Path, port: int) -> None:
     with contextlib.suppress(OSError):
         os.chmod(state_dir, 0o777)
     conf = state_dir / "squid.conf"
-    conf.write_text(squid_conf_text(port, state_dir))
+    conf.write_text(squid_conf_text(port, state_dir, address=address))
     binary = shutil.which("squid") or "/usr/sbin/squid"
     # -N: no daemon, so the PID we hold is squid's; -d 1: fatal messages on stderr.
     os.execv(binary, [binary, "-N", "-d", "1", "-f", str(conf)])
 
 
+async def _system_resolver(name: str) -> list[str]:
+    """Resolve with the C library (``/etc/hosts``, ``/etc/resolv.conf``), as a third-party proxy does."""
+    infos = await asyncio.get_running_loop().getaddrinfo(name, None, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def _plain_socket(family: int) -> socket.socket:
+    return socket.socket(family, socket.SOCK_STREAM)
+
+
+def serve_reference_proxy(host: str, port: int, allowed_ports: tuple[int, ...],
+                          proxy_class: type[EgressProxy] | None = None) -> None:
+    """Serve the reference proxy (or ``proxy_class``) on ``host:port`` in this process until killed.
+
+    It lives in whatever namespace this process is in: started by :func:`start_proxy_command`,
+    that is the lab, so its sockets and its resolver's queries stay there.
+    """
+    from pytest_sandbox.proxy import EgressProxy, ProxyConfig
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((host, port))
+    listener.listen(128)
+    config = ProxyConfig(allowed_ports=allowed_ports, connect_timeout=2.0, upstream_timeout=2.0,
+                         resolve_timeout=2.0, idle_timeout=5.0)
+    proxy = (proxy_class or EgressProxy)(config, resolver=_system_resolver, socket_factory=_plain_socket)
+    asyncio.run(proxy.serve(listener))
+
+
+def _reference_arguments(args: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m pytest_sandbox.third_party_proxy reference",
+                                     description="Serve the reference egress proxy in this process.")
+    parser.add_argument("--host", required=True, help="address to listen on")
+    parser.add_argument("--port", required=True, type=int, help="port to listen on")
+    parser.add_argument("--allow-port", type=int, action="append", default=[], dest="allowed_ports",
+                        help="a destination port to allow (repeatable; default 80 and 443)")
+    return parser.parse_args(args)
+
+
+def main_reference(args: list[str], proxy_class: type[EgressProxy] | None = None) -> int:
+    """``reference --host H --port P [--allow-port N]...``: serve until killed."""
+    options = _reference_arguments(args)
+    serve_reference_proxy(options.host, options.port, tuple(options.allowed_ports) or (80, 443), proxy_class)
+    return 0
+
+
+USAGE = ("usage: python -m pytest_sandbox.third_party_proxy tinyproxy|squid CONF_DIR PORT [ADDRESS]\n"
+         "       python -m pytest_sandbox.third_party_proxy reference --host ADDRESS --port PORT [--allow-port N]...")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pytest_sandbox.third_party_proxy tinyproxy|squid CONF_DIR PORT``."""
+    """``python -m pytest_sandbox.third_party_proxy tinyproxy|squid CONF_DIR PORT [ADDRESS]`` or ``reference ...``."""
     args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["reference"]:
+        return main_reference(args[1:])
     launchers = {"tinyproxy": _exec_tinyproxy, "squid": _exec_squid}
-    if len(args) != 3 or args[0] not in launchers or not args[2].isdigit():
-        print("usage: python -m pytest_sandbox.third_party_proxy tinyproxy|squid CONF_DIR PORT", file=sys.stderr)
+    if len(args) not in (3, 4) or args[0] not in launchers or not args[2].isdigit():
+        print(USAGE, file=sys.stderr)
+        return 2
+    address = args[3] if len(args) == 4 else DEFAULT_LISTEN_ADDRESS
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        print(f"{address!r} is not an IP address\n{USAGE}", file=sys.stderr)
         return 2
     conf_dir = Path(args[1])
     conf_dir.mkdir(parents=True, exist_ok=True)
-    launchers[args[0]](conf_dir, int(args[2]))
+    launchers[args[0]](conf_dir, int(args[2]), address)
     return 1  # not reached: the launcher execs the proxy
 
 

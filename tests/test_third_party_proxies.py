@@ -15,20 +15,33 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from broken_self_check_proxy import COMMAND as BROKEN_SELF_CHECK
+from late_self_dialer_proxy import COMMAND as LATE_SELF_DIALER
 
 from pytest_sandbox import network_fixtures
 from pytest_sandbox.lab import NetworkLab
 from pytest_sandbox.network_fixtures import start_proxy
+from pytest_sandbox.self_loop_suite import (
+    SELF_CASES,
+    SelfTarget,
+    describe_late_loops,
+    run_instance_control,
+    run_self_attempt,
+    self_attempt,
+    start_self_targets,
+)
 from pytest_sandbox.ssrf_suite import Attempt, SsrfJudgement, build_attempts, run_attempt
 from pytest_sandbox.third_party_proxy import (
     ProxyStartError,
     ThirdPartyProxy,
     attach_proxy_url,
     main,
+    reference_command,
     start_proxy_command,
     tinyproxy_command,
     tinyproxy_conf_text,
@@ -264,3 +277,145 @@ def test_proxy_url_inside_the_lab_is_attached(_network_lab):
 def test_proxy_url_that_is_not_a_lab_proxy_is_refused(_network_lab, url, message):
     with pytest.raises(ValueError, match=message):
         attach_proxy_url(_network_lab, url, timeout=1.0)
+
+
+# --- {address}: the self-connection cases against third parties ----------------------------------
+#
+# The harness starts further instances of a --sandbox-proxy-cmd on a lab public address and on 0.0.0.0
+# (pytest_sandbox.self_loop_suite), where only a self check can refuse the proxy's own address. Loops
+# are seen in the lab's socket table and by a nonce sent through the tunnel, never in a proxy's log.
+
+def run_self_cases(lab: NetworkLab, command: str, cases=SELF_CASES) -> tuple[dict[str, SsrfJudgement],
+                                                                            dict, dict[str, SsrfJudgement]]:
+    """Every self case through ``command`` started as the conformance suite starts it: (judgements by
+    test id, late loops found by the sweep, the two instance controls)."""
+    main = start_proxy_command(lab, command)
+    try:
+        targets = start_self_targets(
+            lab, main, lambda address, port: start_proxy_command(lab, command, address=address, port=port),
+            no_instance_reason="unused")
+        try:
+            judgements = {}
+            for case in cases:
+                target = targets.target(case)
+                assert isinstance(target, SelfTarget), target
+                attempt = self_attempt(case, target.endpoint, target.instance)
+                judgements[case.test_id] = run_self_attempt(attempt, target, lab, targets.ledger)[0]
+            controls = {kind: run_instance_control(targets.target(next(c for c in SELF_CASES if c.kind == kind)),
+                                                   lab, targets.ledger) for kind in ("public", "wildcard")}
+            time.sleep(0.3)
+            late = targets.ledger.sweep()
+        finally:
+            targets.stop()
+    finally:
+        main.stop()
+    return judgements, late, controls
+
+
+# What the pre-fix check (tests/broken_self_check_proxy.py) lets loop: the IPv4-mapped spellings of a
+# specific listening address, and every local address of a wildcard listener but 127.0.0.1 / ::1.
+PRE_FIX_LOOPS = {
+    f"{form}-proxy-self-{target}"
+    for form in ("connect", "absolute")
+    for target in ("public-mapped", "public-mapped-hex", "public-mapped-expanded", "public-name-aaaa-mapped",
+                   "wildcard-local-dotted", "wildcard-local-mapped", "wildcard-local-name-a",
+                   "wildcard-added-later-dotted", "wildcard-added-later-mapped", "wildcard-added-later-name-a")
+}
+
+
+def test_address_placeholder_puts_a_lab_public_address_on_lo_first(_network_lab):
+    running = start_proxy_command(_network_lab, LISTENER, address="11.0.0.31", port=3143)
+    try:
+        assert running.url == "http://11.0.0.31:3143"
+        with running.connect():
+            pass
+    finally:
+        running.stop()
+
+
+def test_reference_proxy_started_as_a_third_party_passes_every_self_case(_network_lab):
+    judgements, late, controls = run_self_cases(_network_lab, reference_command())
+    failing = {test_id: j.reason for test_id, j in judgements.items() if j.verdict is not Verdict.BLOCKED}
+    assert failing == {}
+    assert late == {}
+    assert {kind: j.verdict for kind, j in controls.items()} == {"public": Verdict.WORKS, "wildcard": Verdict.WORKS}
+
+
+def test_pre_fix_self_check_fails_exactly_the_mapped_and_wildcard_self_cases_with_loop_evidence(_network_lab):
+    judgements, _late, controls = run_self_cases(_network_lab, BROKEN_SELF_CHECK)
+    allowed = {test_id for test_id, j in judgements.items() if j.verdict is Verdict.ALLOWED}
+    assert allowed == PRE_FIX_LOOPS
+    assert all(j.verdict is Verdict.BLOCKED for t, j in judgements.items() if t not in PRE_FIX_LOOPS)
+    for test_id in PRE_FIX_LOOPS:
+        reason = judgements[test_id].reason
+        assert "looped to the proxy itself" in reason and "socket table shows" in reason, (test_id, reason)
+        if test_id.startswith("connect-"):
+            assert "received 'GET /proxy-self-loop-" in reason, (test_id, reason)
+    mapped = judgements["absolute-proxy-self-public-mapped-hex"]
+    assert re.search(r"'http://\[::ffff:b00:14\]:(\d+)/' looped .* to 11\.0\.0\.20:\1 ", mapped.reason), mapped.reason
+    assert "400" in mapped.observed  # the inner instance's answer; only the loop evidence reveals it
+    assert {kind: j.verdict for kind, j in controls.items()} == {"public": Verdict.WORKS, "wildcard": Verdict.WORKS}
+
+
+def test_a_proxy_that_refuses_then_dials_itself_is_caught_by_the_sweep_not_the_case(_network_lab):
+    cases = [c for c in SELF_CASES if c.kind == "public" and c.spelling.spelling_id == "dotted"]
+    judgements, late, controls = run_self_cases(_network_lab, LATE_SELF_DIALER, cases)
+    assert {j.verdict for j in judgements.values()} == {Verdict.BLOCKED}  # it did answer 403 first
+    ((endpoint, (peers, tests)),) = late.items()
+    assert endpoint[0] == "11.0.0.20" and len(peers) == 2
+    assert tests == ["connect-proxy-self-public-dotted", "absolute-proxy-self-public-dotted"]
+    assert f"late connection(s) to the proxy's own 11.0.0.20:{endpoint[1]}" in describe_late_loops(late)
+    assert controls["public"].verdict is Verdict.BROKEN  # and refusing everything is not a working proxy
+
+
+def test_command_without_address_placeholder_has_no_public_or_wildcard_target(_network_lab):
+    main = start_proxy_command(_network_lab, reference_command().replace("{address}", "127.0.0.1"))
+    try:
+        targets = start_self_targets(_network_lab, main, None, no_instance_reason="put {address} in it")
+        try:
+            by_kind = {case.kind: targets.target(case) for case in SELF_CASES}
+        finally:
+            targets.stop()
+    finally:
+        main.stop()
+    assert isinstance(by_kind["own"], SelfTarget) and by_kind["own"].endpoint == ("127.0.0.1", main.port)
+    assert by_kind["public"] == by_kind["wildcard"] == "put {address} in it"
+
+
+@needs_tinyproxy
+def test_tinyproxy_on_a_lab_public_address_dials_itself(_network_lab, tmp_path):
+    cases = [c for c in SELF_CASES if c.kind == "public" and c.spelling.spelling_id == "dotted"]
+    judgements, _late, _controls = run_self_cases(_network_lab, tinyproxy_command(tmp_path), cases)
+    for test_id in ("connect-proxy-self-public-dotted", "absolute-proxy-self-public-dotted"):
+        judgement = judgements[test_id]
+        assert judgement.verdict is Verdict.ALLOWED, judgement
+        assert "socket table shows 1 connection(s) to 11.0.0.20:" in judgement.reason, judgement
+    # tinyproxy 1.11 can only notice a loop once it has been made ("Prevented endless loop"), and then
+    # not always: the inner hop sometimes refuses the nonce request with 400, sometimes forwards it.
+    # Either way the kernel saw the dial, which is what the verdict rests on.
+
+
+def _conformance_self_run(command: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "--sandbox", "--sandbox-proxy-cmd", command,
+         str(ROOT / "conformance" / "test_ssrf_self.py"), "-p", "no:cacheprovider", "-q", "-rfE"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180, check=False)
+
+
+def test_conformance_self_cases_fail_the_pre_fix_proxy_exactly_where_it_loops():
+    result = _conformance_self_run(BROKEN_SELF_CHECK)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    failed = set(re.findall(r"FAILED \S+::test_proxy_never_connects_to_its_own_address\[([^\]]+)\]", output))
+    assert failed == PRE_FIX_LOOPS, output
+    assert f"{len(PRE_FIX_LOOPS)} failed" in output and "ERROR" not in output, output
+    assert "looped to the proxy itself: the lab's socket table shows 1 connection(s) to 11.0.0.20:8080" in output
+
+
+def test_conformance_self_cases_fail_a_late_self_dialer_at_module_teardown():
+    result = _conformance_self_run(LATE_SELF_DIALER)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "ERROR at teardown" in output or "ERROR conformance/test_ssrf_self.py" in output, output
+    assert "the proxy connected to itself after answering" in output, output
+    assert "late connection(s) to the proxy's own 11.0.0.20:8080" in output, output

@@ -1,0 +1,175 @@
+"""The reference proxy's self check, in the lab: every spelling of its own address, and every local
+address of a wildcard listener (including one added after it started), is refused before any dial.
+
+Each test also runs the pre-fix check (tests/broken_self_check_proxy.py) on the same input and shows
+it loops, so these tests can fail.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import socket
+from collections.abc import Callable, Iterator
+
+import pytest
+from broken_self_check_proxy import TextSelfCheckProxy
+
+from pytest_sandbox.addresses import AddressVerdict, classify_address
+from pytest_sandbox.catalogues.self_cases import spellings_for
+from pytest_sandbox.lab import NetworkLab
+from pytest_sandbox.network_fixtures import lab_proxy_config
+from pytest_sandbox.proxy import EgressProxy
+from pytest_sandbox.socket_table import peers_of, read_tcp_table
+from pytest_sandbox.ssrf_suite import HttpReply, parse_reply
+
+IO_TIMEOUT = 3.0
+_ports = itertools.count(8170)
+
+
+def allow_every_address(address: str) -> AddressVerdict:
+    """A classifier that lets every wrapper through: only the self check is left to refuse."""
+    return AddressVerdict(address, False, "public", None)
+
+
+def serve(lab: NetworkLab, address: str, proxy_class: type[EgressProxy] = EgressProxy,
+          classify: Callable[[str], AddressVerdict] = classify_address) -> tuple[EgressProxy, int]:
+    port = next(_ports)
+    listener = lab.listen(address, port)
+    proxy = proxy_class(lab_proxy_config(allowed_ports=(80, 443, port), classify=classify), resolver=lab.resolver(),
+                        socket_factory=lab.socket)
+    proxy.start_in_thread(listener)
+    return proxy, port
+
+
+@pytest.fixture
+def proxies() -> Iterator[list[EgressProxy]]:
+    started: list[EgressProxy] = []
+    yield started
+    for proxy in started:
+        proxy.stop()
+
+
+def connect_through(lab: NetworkLab, proxy_port: int, authority: str, via: str = "127.0.0.1") -> tuple[int | None, str]:
+    """CONNECT ``authority`` through the proxy at ``via``:``proxy_port``: (status, JSON detail or '')."""
+    with lab.connect(via, proxy_port, timeout=IO_TIMEOUT) as sock:
+        sock.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+        reply = read_connect_answer(sock)
+    try:
+        detail = json.loads(reply.body)["detail"]
+    except (ValueError, KeyError, TypeError):
+        detail = ""
+    return reply.status, detail
+
+
+def read_connect_answer(sock: socket.socket) -> HttpReply:
+    """The proxy's answer to a CONNECT: the head (a 2xx opens a tunnel that stays open), or the
+    whole refusal."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    reply = parse_reply(data)
+    if reply.status is not None and 200 <= reply.status < 300:
+        return reply
+    while chunk := sock.recv(65536):
+        data += chunk
+    return parse_reply(data)
+
+
+def loops_at(lab: NetworkLab, endpoint: tuple[str, int], harness: set[tuple[str, int]]) -> set[tuple[str, int]]:
+    return set(peers_of(read_tcp_table(lab.holder.pid, port=endpoint[1]), endpoint)) - harness
+
+
+def fresh_address(lab: NetworkLab) -> str:
+    for host in range(200, 250):
+        address = f"11.0.0.{host}"
+        with lab.socket(socket.AF_INET) as probe:
+            try:
+                probe.bind((address, 0))
+            except OSError:
+                return address
+    raise AssertionError("no unused 11.0.0.x address left in the lab")
+
+
+SPELLINGS = spellings_for(4)
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS, ids=[s.spelling_id for s in SPELLINGS])
+def test_every_spelling_of_the_public_listening_address_is_refused_as_a_self_connection(
+        _network_lab, proxies, spelling):
+    lab = _network_lab
+    # Every wrapper is let through by the classifier, so the self check alone must unwrap it.
+    proxy, port = serve(lab, "11.0.0.22", classify=allow_every_address)
+    proxies.append(proxy)
+    name = f"self-{spelling.spelling_id}-{port}.lab.test"
+    host, records = spelling.render("11.0.0.22", name)
+    if records:
+        lab.add_name(name, records)
+    status, detail = connect_through(lab, port, f"{host}:{port}", via="11.0.0.22")
+    assert status == 403
+    assert "self connection" in detail and "11.0.0.22:" in detail, detail
+    assert len(proxy.decisions) == 1  # nothing came back in through the proxy
+
+
+MAPPED = [s for s in SPELLINGS if s.spelling_id in ("mapped", "mapped-hex", "mapped-expanded", "name-aaaa-mapped")]
+
+
+@pytest.mark.parametrize("spelling", MAPPED, ids=[s.spelling_id for s in MAPPED])
+def test_the_pre_fix_text_comparison_loops_on_the_mapped_spellings(_network_lab, proxies, spelling):
+    lab = _network_lab
+    proxy, port = serve(lab, "11.0.0.22", TextSelfCheckProxy)
+    proxies.append(proxy)
+    name = f"old-self-{spelling.spelling_id}-{port}.lab.test"
+    host, records = spelling.render("11.0.0.22", name)
+    if records:
+        lab.add_name(name, records)
+    status, _detail = connect_through(lab, port, f"{host}:{port}", via="11.0.0.22")
+    assert status == 200  # the tunnel was opened to the proxy itself
+    assert len(proxy.decisions) >= 1 and proxy.decisions[0].reason == "routed"
+
+
+def test_wildcard_listener_refuses_every_local_address_even_one_added_after_it_started(_network_lab, proxies):
+    lab = _network_lab
+    proxy, port = serve(lab, "0.0.0.0")
+    proxies.append(proxy)
+    later = fresh_address(lab)
+    lab.holder.add_address(later)  # the proxy never saw this address at start
+    for target in ("11.0.0.10", "127.0.0.1", "127.0.0.9", later, f"[::ffff:{later}]"):
+        status, detail = connect_through(lab, port, f"{target}:{port}")
+        assert status == 403, target
+        if not target.startswith("127."):
+            assert "every local address" in detail, detail
+    assert all(decision.action == "deny" for decision in proxy.decisions)
+    # Positive control: the same proxy still tunnels to another port of a local address.
+    status, _ = connect_through(lab, port, "11.0.0.10:80")
+    assert status == 200
+
+
+def test_pre_fix_wildcard_check_loops_through_a_local_address(_network_lab, proxies):
+    lab = _network_lab
+    proxy, port = serve(lab, "0.0.0.0", TextSelfCheckProxy)
+    proxies.append(proxy)
+    with lab.connect("127.0.0.1", port, timeout=IO_TIMEOUT) as sock:
+        harness = {sock.getsockname()[:2]}
+        sock.sendall(f"CONNECT 11.0.0.10:{port} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert read_connect_answer(sock).status == 200
+        assert loops_at(lab, ("11.0.0.10", port), harness)  # the kernel saw the proxy dial itself
+
+
+def test_a_proxy_that_cannot_tell_what_is_local_refuses_rather_than_loops(_network_lab, proxies):
+    lab = _network_lab
+
+    def no_sockets_for_probes(family: int) -> socket.socket:
+        raise OSError("no socket")
+
+    port = next(_ports)
+    listener = lab.listen("0.0.0.0", port)
+    proxy = EgressProxy(lab_proxy_config(allowed_ports=(port,)), resolver=lab.resolver(),
+                        socket_factory=no_sockets_for_probes)
+    proxy.start_in_thread(listener)
+    proxies.append(proxy)
+    status, detail = connect_through(lab, port, f"11.0.0.10:{port}")
+    assert status == 403 and "self connection" in detail

@@ -1,0 +1,198 @@
+"""The self-connection catalogue, its judge and the loop ledger, without a lab (pure, or fakes)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from ipaddress import ip_address
+
+import pytest
+
+from pytest_sandbox.addresses import parse_absolute_form, parse_authority
+from pytest_sandbox.catalogues.self_cases import SELF_SPELLINGS, spellings_for
+from pytest_sandbox.self_connection import reached_addresses
+from pytest_sandbox.self_loop_suite import (
+    LOOP_ORIGIN,
+    SELF_CASES,
+    LoopEvidence,
+    LoopLedger,
+    SelfCase,
+    SelfTarget,
+    judge_self_attempt,
+    self_attempt,
+    self_case_names,
+)
+from pytest_sandbox.socket_table import TcpSocket
+from pytest_sandbox.ssrf_suite import HttpReply, ProxyReply
+from pytest_sandbox.verdicts import Verdict
+
+ENDPOINT = ("11.0.0.20", 8080)
+
+# --- the catalogue --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spelling", spellings_for(4), ids=[s.spelling_id for s in spellings_for(4)])
+def test_every_ipv4_spelling_reaches_the_proxy_address_and_is_a_valid_authority(spelling):
+    host, records = spelling.render("11.0.0.20", "proxy-self-x.lab.test")
+    authority = parse_authority(f"{host}:8080")
+    assert parse_absolute_form(f"http://{host}:8080/")[1] == authority
+    answers = records if spelling.is_name else (str(authority.ip),)
+    assert answers, spelling
+    for answer in answers:
+        assert ip_address("11.0.0.20") in reached_addresses(answer), (spelling.spelling_id, answer)
+
+
+def test_catalogue_has_the_spellings_the_issue_names():
+    ids = {s.spelling_id for s in SELF_SPELLINGS}
+    assert {"dotted", "mapped", "mapped-hex", "compatible", "nat64", "6to4", "teredo-client", "name-a",
+            "name-aaaa-mapped"} <= ids
+    assert spellings_for(4, ("mapped-hex",))[0].render("11.0.0.20")[0] == "[::ffff:b00:14]"
+
+
+def test_case_ids_are_unique_and_cover_both_forms_and_all_targets():
+    ids = [case.test_id for case in SELF_CASES]
+    assert len(ids) == len(set(ids))
+    assert Counter(case.form for case in SELF_CASES) == {"connect": len(ids) // 2, "absolute": len(ids) // 2}
+    assert {(case.kind, case.role) for case in SELF_CASES} == {
+        ("own", ""), ("public", ""), ("wildcard", "local"), ("wildcard", "added-later")}
+    assert "connect-proxy-self-public-mapped-hex" in ids
+
+
+def test_name_cases_get_one_lab_name_per_target_with_the_target_address():
+    names = self_case_names(SELF_CASES, lambda case: "11.0.0.20" if case.kind == "public" else None)
+    assert names == {"proxy-self-public-name-a.lab.test": ("11.0.0.20",),
+                     "proxy-self-public-name-aaaa-mapped.lab.test": ("::ffff:11.0.0.20",)}
+
+
+def test_an_ipv6_proxy_address_uses_the_ipv6_spelling_or_none():
+    dotted = next(c for c in SELF_CASES if c.spelling.spelling_id == "dotted" and c.form == "connect")
+    mapped = next(c for c in SELF_CASES if c.spelling.spelling_id == "mapped" and c.form == "connect")
+    attempt = self_attempt(dotted, ("2600:9000::20", 3128))
+    assert attempt is not None and attempt.target == "[2600:9000::20]:3128"
+    assert self_attempt(mapped, ("2600:9000::20", 3128)) is None
+
+
+def test_connect_attempt_sends_a_proxy_request_with_a_nonce_inside_the_tunnel():
+    case = SelfCase("public", "", spellings_for(4, ("mapped",))[0], "connect")
+    attempt = self_attempt(case, ENDPOINT, nonce="feedface")
+    assert attempt is not None
+    assert attempt.request_bytes().startswith(b"CONNECT [::ffff:11.0.0.20]:8080 HTTP/1.1\r\n")
+    # Absolute-form: an origin at the far end would answer it itself; only a proxy forwards it.
+    assert attempt.tunnel_request_bytes().startswith(
+        f"GET http://{LOOP_ORIGIN}/proxy-self-loop-feedface HTTP/1.1\r\n".encode())
+
+
+# --- judging ----------------------------------------------------------------------------------------
+
+MAPPED_CONNECT = self_attempt(SelfCase("public", "", spellings_for(4, ("mapped",))[0], "connect"), ENDPOINT)
+MAPPED_ABSOLUTE = self_attempt(SelfCase("public", "", spellings_for(4, ("mapped",))[0], "absolute"), ENDPOINT)
+
+
+def reply(status: int | None, *, body: bytes = b"", tunnel: int | None = None, closed: bool = True,
+          timed_out: bool = False) -> ProxyReply:
+    tunnelled = None if tunnel is None else HttpReply(tunnel, (), b"")
+    return ProxyReply(HttpReply(status, (), body), tunnelled, closed=closed, timed_out=timed_out)
+
+
+REFUSED = reply(403, body=b'{"error":"ssrf_denied"}')
+LOOPS = LoopEvidence(ENDPOINT, loops=(("11.0.0.20", 50000),))
+NONE = LoopEvidence(ENDPOINT)
+JUDGEMENTS = [
+    ("refused-no-loop", MAPPED_CONNECT, REFUSED, NONE, Verdict.BLOCKED, "proxy refused: ssrf_denied"),
+    # The inner instance answers 400 to the origin-form request the outer one forwarded: not a refusal.
+    ("inner-400-with-loop", MAPPED_ABSOLUTE, reply(400), LOOPS, Verdict.ALLOWED,
+     "looped to the proxy itself: the lab's socket table shows 1 connection(s) to 11.0.0.20:8080"),
+    ("tunnel-nonce", MAPPED_CONNECT, reply(200, tunnel=200),
+     LoopEvidence(ENDPOINT, nonce_request="GET /proxy-self-loop-x"), Verdict.ALLOWED,
+     "origin 11.0.0.10 received 'GET /proxy-self-loop-x'"),
+    ("tunnel-without-evidence", MAPPED_CONNECT, reply(200, tunnel=502), NONE, Verdict.ALLOWED, "answered 200"),
+    ("refused-table-unreadable", MAPPED_CONNECT, REFUSED, LoopEvidence(ENDPOINT, table_error="EACCES"),
+     Verdict.INDETERMINATE, "whether it looped cannot be told: EACCES"),
+    ("silent", MAPPED_ABSOLUTE, reply(None, closed=False, timed_out=True), NONE, Verdict.INDETERMINATE,
+     "silent timeout"),
+]
+
+
+@pytest.mark.parametrize(("attempt", "proxy_reply", "evidence", "verdict", "phrase"),
+                         [row[1:] for row in JUDGEMENTS], ids=[row[0] for row in JUDGEMENTS])
+def test_judge_self_attempt(attempt, proxy_reply, evidence, verdict, phrase):
+    judgement = judge_self_attempt(attempt, proxy_reply, {}, evidence)
+    assert judgement.verdict is verdict, judgement
+    assert phrase in judgement.reason, judgement.reason
+    assert "loop evidence:" in judgement.observed
+
+
+# --- the ledger -------------------------------------------------------------------------------------
+
+
+class FakeLab:
+    """A socket table and an ActiveOpens counter the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.rows: list[TcpSocket] = [TcpSocket(ENDPOINT, ("0.0.0.0", 0), 0x0A)]
+        self.active_opens = 100
+        self.reads = 0
+
+    def table(self, port: int) -> list[TcpSocket]:
+        self.reads += 1
+        return [row for row in self.rows if port in (row.local[1], row.remote[1])]
+
+    def connection(self, peer: tuple[str, int]) -> None:
+        """A connection from ``peer`` to ENDPOINT, both ends listed, one active open."""
+        self.rows += [TcpSocket(peer, ENDPOINT, 1), TcpSocket(ENDPOINT, peer, 1)]
+        self.active_opens += 1
+
+
+class FakeSocket:
+    def __init__(self, local: tuple[str, int]) -> None:
+        self.local = local
+
+    def getsockname(self) -> tuple[str, int]:
+        return self.local
+
+
+def harness_connect(lab: FakeLab, ledger: LoopLedger, peer: tuple[str, int]) -> None:
+    def connect() -> FakeSocket:
+        lab.connection(peer)
+        return FakeSocket(peer)
+
+    ledger.connect(SelfTarget("public", "", ENDPOINT, connect, "fake"))  # type: ignore[arg-type]
+
+
+def test_ledger_reads_the_table_only_when_someone_besides_the_harness_connected():
+    lab = FakeLab()
+    ledger = LoopLedger(lab.table, lambda: lab.active_opens)
+    ledger.begin(ENDPOINT)
+    assert lab.reads == 1  # the first window reads the baseline
+    harness_connect(lab, ledger, ("11.0.0.20", 40001))
+    assert ledger.end(ENDPOINT, "refused") == ()
+    assert lab.reads == 1  # only the harness's own connect: nothing to read
+    ledger.begin(ENDPOINT)
+    harness_connect(lab, ledger, ("11.0.0.20", 40002))
+    lab.connection(("11.0.0.20", 40003))  # the proxy dials itself during the attempt
+    assert ledger.end(ENDPOINT, "looped") == (("11.0.0.20", 40003),)
+    assert lab.reads == 2
+    assert ledger.sweep() == {}
+
+
+def test_a_loop_between_attempts_is_late_not_charged_to_the_next_attempt():
+    lab = FakeLab()
+    ledger = LoopLedger(lab.table, lambda: lab.active_opens)
+    ledger.begin(ENDPOINT)
+    harness_connect(lab, ledger, ("11.0.0.20", 40001))
+    assert ledger.end(ENDPOINT, "first") == ()
+    lab.connection(("11.0.0.20", 40009))  # after "first" was judged: a late dial
+    ledger.begin(ENDPOINT)
+    harness_connect(lab, ledger, ("11.0.0.20", 40002))
+    assert ledger.end(ENDPOINT, "second") == ()
+    assert ledger.sweep() == {ENDPOINT: (frozenset({("11.0.0.20", 40009)}), ["first", "second"])}
+
+
+def test_sweep_finds_a_loop_after_the_last_attempt():
+    lab = FakeLab()
+    ledger = LoopLedger(lab.table, lambda: lab.active_opens)
+    ledger.begin(ENDPOINT)
+    harness_connect(lab, ledger, ("11.0.0.20", 40001))
+    ledger.end(ENDPOINT, "last")
+    lab.connection(("11.0.0.20", 40010))
+    late = ledger.sweep()
+    assert late[ENDPOINT][0] == {("11.0.0.20", 40010)}
