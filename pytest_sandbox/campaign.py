@@ -9,11 +9,13 @@ whichever test runs next, and a denied case is judged only after its grace perio
 Sending the batch back to back keeps the category fast (hundreds of attempts in about a second),
 but then a hit without a nonce (a late CONNECT dial sends no bytes) can be explained by several
 attempts on the same destination. Such a hit is never dropped: every attempt that could have caused
-it is blamed (sound). To be exact as well, the campaign then *isolates*: it runs each candidate
-again, alone on its destinations (attempts on other destinations share a round), waits the grace
-period and sees which ones reproduce a hit there; the first hit is then blamed on those that did,
-or on all candidates if none did (a target that leaks only sometimes). A reference proxy never
-leaks, so it never pays for isolation.
+it is blamed (sound). To be exact as well, the campaign then *isolates*: it reruns every attempt
+blamed for such a hit, alone on its destinations (attempts on other destinations share a round),
+waits the grace period and records what each one's rerun reached and how long after it ended. A
+rerun that reproduced n hits at an address explains at most n of the first hits there, those whose
+delay after that attempt matches; a hit no rerun explains stays blamed on every attempt that could
+have caused it (a target that leaks only sometimes). A reference proxy never leaks, so it never
+pays for isolation.
 
 :func:`audit_lab` is the session-end check: after one more grace period, every hit no verdict
 accounted for fails the run, with its destination and the attempts that could have caused it.
@@ -127,8 +129,8 @@ class _Run:
 @dataclass
 class _Isolation:
     rerun: set[str] = field(default_factory=set)
-    # own key -> {address: how long after its rerun ended a hit without the nonce came there}
-    lateness: dict[str, dict[str, float]] = field(default_factory=dict)
+    # own key -> {address: how long after its rerun ended each hit without the nonce came there}
+    lateness: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     hits: dict[str, list[tuple[CatchAllHit, float]]] = field(default_factory=dict)  # (hit, delay after the rerun)
 
 
@@ -228,15 +230,17 @@ class Campaign:
 
     def _isolate(self, attribution: Attribution, hits: Sequence[CatchAllHit],
                  by_key: dict[str, _Run]) -> tuple[Attribution, _Isolation]:
-        ambiguous = [hit for hit in attribution.ambiguous(hits)
-                     if attribution.owners[hit.index] & by_key.keys()]
+        """Rerun every exchange blamed for a hit without a nonce alone, then let each explain the
+        phase-one hits its rerun reproduced (same address, same delay after it ended), one each."""
+        blind = [hit for hit in hits if hit.index not in attribution.exact
+                 and attribution.owners.get(hit.index, frozenset()) & by_key.keys()]
         isolation = _Isolation()
-        if not ambiguous:
+        if not blind:
             return attribution, isolation
-        candidates = list(dict.fromkeys(owner for hit in ambiguous
-                                        for owner in sorted(attribution.owners[hit.index]) if owner in by_key))
-        destinations = {key: by_key[key].window.destinations for key in candidates}
-        for number, members in enumerate(isolation_rounds(candidates, destinations), start=1):
+        suspects = list(dict.fromkeys(owner for hit in blind
+                                      for owner in sorted(attribution.owners[hit.index]) if owner in by_key))
+        destinations = {key: by_key[key].window.destinations for key in suspects}
+        for number, members in enumerate(isolation_rounds(suspects, destinations), start=1):
             mark = self.lab.hit_mark()
             reruns = self._perform_all([(by_key[key].exchange, f"{key}#alone{number}") for key in members])
             ended = {run.window.key: run.window.end for run in reruns}
@@ -246,32 +250,33 @@ class Campaign:
             for hit in round_hits:
                 for owner in local.owners.get(hit.index, frozenset()):
                     original = owner.split("#alone", 1)[0]
-                    isolation.hits.setdefault(original, []).append((hit, hit.at - ended[owner]))
-                    if hit.index not in local.exact:
-                        # A hit without the nonce, like the ones being explained: remember how late.
-                        isolation.lateness.setdefault(original, {}).setdefault(hit.address, hit.at - ended[owner])
+                    delay = hit.at - ended[owner]
+                    isolation.hits.setdefault(original, []).append((hit, delay))
+                    if hit.index not in local.exact:  # a hit without the nonce, like the ones to explain
+                        isolation.lateness.setdefault(original, {}).setdefault(hit.address, []).append(delay)
             isolation.rerun.update(members)
         owners = dict(attribution.owners)
         pairs: list[tuple[float, int, str]] = []
-        for hit in ambiguous:
-            confirmed = frozenset(key for key in owners[hit.index]
-                                  if hit.address in isolation.lateness.get(key, {}))
-            if not confirmed:
-                continue  # no candidate did it again alone: all of them stay blamed
-            owners[hit.index] = confirmed
-            pairs += [(abs(hit.at - by_key[key].window.end - isolation.lateness[key][hit.address]), hit.index, key)
-                      for key in confirmed]
-        # Each confirmed candidate is a proven leaker either way; where one's lateness alone matches a
-        # hit's lateness after it, that hit is its own (one hit per candidate, best matches first).
-        matched_hits: set[int] = set()
-        matched_keys: set[str] = set()
+        for hit in blind:
+            for key in owners[hit.index] & isolation.rerun:
+                delays = isolation.lateness.get(key, {}).get(hit.address, [])
+                if delays:
+                    after = hit.at - by_key[key].window.end
+                    pairs.append((min(abs(after - delay) for delay in delays), hit.index, key))
+        # A rerun that reproduced n hits at an address explains at most n of them, best matches
+        # first; a hit nobody explains stays blamed on every attempt that could have caused it.
+        capacity = {(key, address): len(delays) for key, by_address in isolation.lateness.items()
+                    for address, delays in by_address.items()}
+        address_of = {hit.index: hit.address for hit in blind}
+        explained: set[int] = set()
         for gap, index, key in sorted(pairs):
             if gap > LATENESS_TOLERANCE_SECONDS:
                 break
-            if index not in matched_hits and key not in matched_keys:
+            slot = (key, address_of[index])
+            if index not in explained and capacity.get(slot, 0) > 0:
                 owners[index] = frozenset({key})
-                matched_hits.add(index)
-                matched_keys.add(key)
+                explained.add(index)
+                capacity[slot] -= 1
         return Attribution(owners, attribution.exact), isolation
 
 

@@ -146,22 +146,40 @@ def _reached(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
     return str(address)
 
 
-def plausible_destinations(case: SsrfCase) -> frozenset[str]:
-    """Every address a proxy could dial for ``case``: its canary and any IP literal in its authority.
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """IPv4 addresses a "helpful" proxy could unwrap from an IPv6 one: 6to4 (RFC 3056), Teredo server
+    and client (RFC 4380), and the low 32 bits of NAT64 (RFC 6052), SIIT and IPv4-compatible forms."""
+    found = [ipaddress.IPv4Address(int(address) & 0xFFFF_FFFF)]
+    if address.sixtofour is not None:
+        found.append(address.sixtofour)
+    if address.teredo is not None:
+        found += list(address.teredo)
+    return found
 
-    Used to blame a catch-all hit that carries no nonce; a reading the catalogue did not foresee is
-    still caught (see :func:`pytest_sandbox.evidence.candidates_for`), only less exactly.
+
+def plausible_destinations(case: SsrfCase) -> frozenset[str]:
+    """Every address a proxy could dial for ``case``: its canary, any IP literal in its authority
+    (and the IPv4 inside an IPv6 one), and for loopback names both loopback addresses (a hosts file
+    lists ``localhost`` as 127.0.0.1 and ::1).
+
+    Used to blame a catch-all hit that carries no nonce; a reading not foreseen here is still caught
+    (see :func:`pytest_sandbox.evidence.candidates_for`), only less exactly.
     """
     found: set[str] = set()
     if case.canary is not None:
         found.add(_reached(ipaddress.ip_address(case.canary)))
+        if case.kind in ("name", "encoding") and ipaddress.ip_address(case.canary).is_loopback:
+            found.update(("127.0.0.1", "::1"))
     for piece in _AUTHORITY_SEPARATORS.split(case.authority):
         # The piece itself, else with a port cut off after the last or the first colon ("a:80:80").
         for text in (piece, piece.rsplit(":", 1)[0], piece.split(":", 1)[0]):
             try:
-                found.add(_reached(ipaddress.ip_address(text)))
+                address = ipaddress.ip_address(text)
             except ValueError:
                 continue
+            found.add(_reached(address))
+            if isinstance(address, ipaddress.IPv6Address):
+                found.update(_reached(embedded) for embedded in _embedded_ipv4(address))
             break
     return frozenset(found)
 

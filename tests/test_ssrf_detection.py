@@ -11,9 +11,12 @@ verdict waited for must fail the session audit.
 from __future__ import annotations
 
 import ipaddress
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from late_dial_proxy import LateDialer
@@ -261,3 +264,48 @@ def test_the_reference_proxy_leaves_nothing_for_the_audit(late_lab):
     assert all(v.judgement.passed for v in verdicts.values())
     assert time.monotonic() - started < 5 * GRACE_SECONDS  # no isolation reruns for a proxy that never leaks
     assert audit_lab(late_lab) is None
+
+
+# --- end to end: the session audit and a late dialer behind --sandbox-proxy-cmd ---------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+LEAKING_TEST = '''
+import pytest
+
+@pytest.mark.parametrize("address", ["169.254.169.254", "10.0.0.1"])
+def test_dials_behind_every_verdicts_back(_network_lab, address):
+    with _network_lab.dial(address, 80) as sock:
+        sock.sendall(b"GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
+        assert sock.recv(100).startswith(b"HTTP/1.1 200")
+'''
+
+
+def _pytest(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@pytest.mark.skipif(not NETNS_OK, reason=f"cannot create network namespaces: {NETNS_REASON}")
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["one-process", "xdist"])
+def test_a_hit_no_verdict_accounted_for_fails_the_session_and_names_its_destination(tmp_path, workers):
+    leaking = tmp_path / "test_leaking.py"
+    leaking.write_text(LEAKING_TEST)
+    result = _pytest(*workers, str(leaking))
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "2 passed" in output and "error" in output, output
+    assert "no verdict accounted for them" in output, output
+    assert "169.254.169.254:80" in output and "10.0.0.1:80" in output, output
+
+
+@pytest.mark.skipif(not NETNS_OK, reason=f"cannot create network namespaces: {NETNS_REASON}")
+def test_conformance_run_against_the_late_dialer_fails_exactly_its_leaks_and_no_control():
+    command = f"{sys.executable} {ROOT / 'tests' / 'late_dial_proxy.py'} {{port}}"
+    result = _pytest("--sandbox", "--sandbox-proxy-cmd", command, "-p", "no:randomly", "-rf",
+                     str(ROOT / "conformance" / "test_ssrf.py"), "-k", "meta-imds-169 or ctl-v4-private-10-above")
+    output = result.stdout + result.stderr
+    assert "2 failed, 2 passed" in output, output
+    failed = {line.split("[", 1)[1].split("]", 1)[0] for line in output.splitlines() if line.startswith("FAILED")}
+    assert failed == {"connect-meta-imds-169.254.169.254", "absolute-meta-imds-169.254.169.254"}, output
+    assert "reached canary 169.254.169.254:80" in output and "s after it ended, no bytes" in output, output
+    assert "no verdict accounted for them" not in output, output  # every late hit was judged, none left over
