@@ -259,8 +259,9 @@ def catch_all_ruleset(port4: int, port6: int, harness_mark: int = HARNESS_MARK) 
     Only the first segment of a connection (SYN without ACK) is looked at. It passes unchanged when
     it is the harness's own (``harness_mark``), when a socket is bound to exactly its destination
     (``socket wildcard 0``: a listener such as an origin or the proxy, or an existing connection),
-    or when a wildcard listener (0.0.0.0 / ::) owns it on an address that really is local to the lab.
-    Everything else is diverted by TPROXY (nft ``tproxy``, which needs no NAT and no conntrack) to
+    when a wildcard listener (0.0.0.0 / ::) owns it on an address that really is local to the lab,
+    or when it reuses the 4-tuple of an ordinary TIME_WAIT socket (the kernel gives it back to that
+    socket's listener). Everything else is diverted by TPROXY (nft ``tproxy``, which needs no NAT and no conntrack) to
     the transparent catch-all listeners on 127.0.0.1:``port4`` and [::1]:``port6``; the accepted
     socket's own address is the original destination.
     """
@@ -271,6 +272,10 @@ def catch_all_ruleset(port4: int, port6: int, harness_mark: int = HARNESS_MARK) 
         f"table inet {CATCH_ALL_TABLE} {{",
         f"    set local4 {{ type ipv4_addr; flags interval; elements = {{ {_ALWAYS_LOCAL[4]} }} }}",
         f"    set local6 {{ type ipv6_addr; flags interval; elements = {{ {_ALWAYS_LOCAL[6]} }} }}",
+        "    chain divert {",
+        f"        meta nfproto ipv4 meta l4proto tcp tproxy ip to 127.0.0.1:{port4} accept",
+        f"        meta nfproto ipv6 meta l4proto tcp tproxy ip6 to [::1]:{port6} accept",
+        "    }",
         "    chain catch_all {",
         "        type filter hook prerouting priority mangle; policy accept;",
         "        meta l4proto != tcp accept",
@@ -279,8 +284,13 @@ def catch_all_ruleset(port4: int, port6: int, harness_mark: int = HARNESS_MARK) 
         "        socket wildcard 0 accept",
         "        meta nfproto ipv4 ip daddr @local4 socket wildcard 1 accept",
         "        meta nfproto ipv6 ip6 daddr @local6 socket wildcard 1 accept",
-        f"        meta nfproto ipv4 meta l4proto tcp tproxy ip to 127.0.0.1:{port4} accept",
-        f"        meta nfproto ipv6 meta l4proto tcp tproxy ip6 to [::1]:{port6} accept",
+        "        socket wildcard 1 goto divert",
+        # What is left is either no socket at all or one that is not a full socket: a TIME_WAIT
+        # or pending-request socket whose 4-tuple the SYN reuses (the server closed first). An
+        # ordinary one belongs to a real listener (tcp_timewait_state_process() hands the SYN
+        # back to it), so it passes; the catch-all's own are transparent and are diverted again.
+        "        socket transparent 0 accept",
+        "        goto divert",
         "    }",
         "}",
         "",

@@ -391,7 +391,9 @@ def test_ruleset_diverts_only_first_segments_nobody_owns_and_lets_the_harness_th
     assert f"meta mark {HARNESS_MARK:#x} accept" in rules
     assert "socket wildcard 0 accept" in rules
     assert "tproxy ip to 127.0.0.1:40001" in rules and "tproxy ip6 to [::1]:40002" in rules
-    assert rules.index("socket wildcard 0") < rules.index("tproxy ip to")
+    catch_all = rules[rules.index("chain catch_all"):]
+    assert catch_all.index("socket wildcard 0 accept") < catch_all.index("socket transparent 0 accept") \
+        < catch_all.index("goto divert\n    }")
     with pytest.raises(ValueError, match=r"not in 1\.\.65535"):
         catch_all_ruleset(0, 40002)
 
@@ -513,6 +515,36 @@ def test_a_wildcard_listener_owns_only_addresses_really_local_to_the_lab(lab: Ne
         with lab.dial("10.0.0.1", 9100) as sock:
             _http_get(sock)
     assert lab.all_hits() == {("10.0.0.1", 9100): 1}
+
+
+def _dial_from(lab: NetworkLab, source_port: int, address: str, port: int) -> socket.socket:
+    sock = lab.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", source_port))
+    sock.settimeout(5)
+    sock.connect((address, port))
+    return sock
+
+
+def test_a_connection_reusing_the_4_tuple_of_a_listener_time_wait_still_reaches_the_listener(
+        lab: NetworkLab) -> None:
+    # The listener's side closes first, so its end of each connection stays in TIME_WAIT; the next
+    # SYN from the same source port finds that socket, not the listener, when the lab looks.
+    with lab.listen("127.0.0.1", 9200) as listener:
+        listener.settimeout(5)
+        for _ in range(3):
+            with _dial_from(lab, 45201, "127.0.0.1", 9200):
+                accepted, _peer = listener.accept()
+                accepted.close()
+                time.sleep(0.05)
+    assert lab.all_hits() == {}
+
+
+def test_a_dial_reusing_the_4_tuple_of_a_catch_all_time_wait_is_caught_again(lab: NetworkLab) -> None:
+    for _ in range(3):
+        with _dial_from(lab, 45202, "10.0.0.1", 80) as sock:
+            _http_get(sock)  # the catch-all answers and closes first
+    assert lab.all_hits() == {("10.0.0.1", 80): 3}
 
 
 def test_hits_carry_the_time_the_lab_accepted_them_in_order(lab: NetworkLab) -> None:
