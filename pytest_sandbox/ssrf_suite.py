@@ -146,10 +146,17 @@ def _reached(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
     return str(address)
 
 
+# Prefixes whose low 32 bits carry an IPv4 address: NAT64 well-known and local-use (RFC 6052,
+# RFC 8215), IPv4-compatible (RFC 4291 §2.5.5.1) and SIIT IPv4-translated (RFC 2765).
+_LOW_32_BITS_IPV4 = tuple(ipaddress.IPv6Network(prefix) for prefix in
+                          ("64:ff9b::/96", "64:ff9b:1::/48", "::/96", "::ffff:0:0:0/96"))
+
+
 def _embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
     """IPv4 addresses a "helpful" proxy could unwrap from an IPv6 one: 6to4 (RFC 3056), Teredo server
-    and client (RFC 4380), and the low 32 bits of NAT64 (RFC 6052), SIIT and IPv4-compatible forms."""
-    found = [ipaddress.IPv4Address(int(address) & 0xFFFF_FFFF)]
+    and client (RFC 4380), and the low 32 bits of NAT64, SIIT and IPv4-compatible forms."""
+    found = [ipaddress.IPv4Address(int(address) & 0xFFFF_FFFF)] if any(
+        address in prefix for prefix in _LOW_32_BITS_IPV4) else []
     if address.sixtofour is not None:
         found.append(address.sixtofour)
     if address.teredo is not None:
