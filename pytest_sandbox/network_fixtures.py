@@ -351,10 +351,13 @@ def _network_lab() -> Iterator[NetworkLab]:
     available, why = host_can_create_netns()
     if not available:
         pytest.skip(f"the network lab needs a private network namespace: {why}")
+    unsupported = None
     try:
         lab = start_lab()
     except HostUnsupportedError as error:
-        pytest.fail(f"pytest-sandbox: {error}", pytrace=False)
+        unsupported = f"pytest-sandbox: {error}"
+    if unsupported is not None:  # outside the except block: one line, no exception chain
+        pytest.fail(unsupported, pytrace=False)
     problem = None
     try:
         yield lab
