@@ -1,12 +1,15 @@
-"""The network lab: a private namespace with canaries, lab-only public origins and a DNS stub.
+"""The network lab: a private namespace with a catch-all canary, lab-only public origins and a DNS stub.
 
 Network probes must never send a packet off the host (network.md §7). A :class:`NetworkLab` owns one
-:class:`~pytest_sandbox.netns.NetnsHolder` whose namespace has nothing but ``lo``, and puts on that
-``lo``:
+:class:`~pytest_sandbox.netns.NetnsHolder` whose namespace has nothing but ``lo``, and puts there:
 
-* **canaries**: one address per special-use range (169.254.169.254, 10.0.0.1, fd00:ec2::254, ...),
-  each with a listener per port that counts accepted connections, keeps the first 4 KiB received
-  and answers a minimal ``HTTP 200`` naming itself. A denial only counts if its canary saw nothing.
+* a **catch-all canary**: every address is local to the lab, and every TCP connection that no lab
+  socket owns (no listener bound to its exact address and port) is diverted to one transparent
+  listener per family (see :func:`~pytest_sandbox.netns.catch_all_ruleset`). It records each such
+  connection as a :class:`~pytest_sandbox.evidence.CatchAllHit` (when, the original destination, the
+  first 4 KiB) and answers a minimal ``HTTP 200`` naming that destination. So a proxy that dials
+  169.254.169.254:80, 10.0.0.1:8443, [fe80::1%lo]:80 or 127.255.255.255:80 is seen, whatever the
+  port, however late. A denial only counts if the catch-all saw nothing it can be blamed for.
 * **lab-only public origins**: addresses outside every special-use range (:data:`LAB_PUBLIC_ORIGINS`)
   serving HTTP/1.1 with keep-alive. They keep **every byte** each connection delivers
   (:meth:`NetworkLab.origin_streams`, up to 1 MiB per connection, truncation recorded), frame
@@ -18,6 +21,12 @@ Network probes must never send a packet off the host (network.md §7). A :class:
   dials. They are the positive controls: an allowed request must reach them.
 * a **DNS stub** on 127.0.0.53:53 (see :mod:`pytest_sandbox.dns_stub`) for names, mixed answers and
   rebinding.
+
+The harness's own connections (:meth:`NetworkLab.connect`, e.g. to the proxy under test) carry a
+mark the catch-all lets through, so they reach a real listener or are refused; a proxy's dials
+(:meth:`NetworkLab.socket`, or any process in the lab) carry none. The lab also keeps the ledger the
+verdicts use: attempt windows (:meth:`NetworkLab.register_attempts`) and which hits a verdict has
+accounted for (:meth:`NetworkLab.account`); the session-end audit reports every other hit.
 
 All listeners share one asyncio event loop in a background thread of the pytest process; their
 sockets come from the holder by fd passing. Every query method first *settles* the lab: on the loop
@@ -36,6 +45,7 @@ import ipaddress
 import secrets
 import socket
 import threading
+import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -53,13 +63,16 @@ from pytest_sandbox.dns_stub import (
     encode_query,
     parse_response,
 )
-from pytest_sandbox.netns import NetnsHolder, NetnsId, ensure_lab_socket
+from pytest_sandbox.evidence import AttemptWindow, CatchAllHit
+from pytest_sandbox.netns import HARNESS_MARK, NetnsHolder, NetnsId, ensure_lab_socket
 from pytest_sandbox.upstream import MARK_HEADER, STREAM_RECORD_LIMIT, ReceivedStream, new_mark
 
 __all__ = [
+    "CATCH_ALL_LISTEN",
     "LAB_DNS_ADDRESS",
     "LAB_DNS_PORT",
     "LAB_PUBLIC_ORIGINS",
+    "HitSnapshot",
     "NetworkLab",
     "OriginRequest",
 ]
@@ -69,6 +82,9 @@ __all__ = [
 # lo; nothing in this package ever dials them from the host namespace.
 LAB_PUBLIC_ORIGINS: tuple[str, ...] = ("11.0.0.10", "11.0.0.11", "2600:9000::10")
 DEFAULT_PORTS: tuple[int, ...] = (80, 443)
+
+# Where the catch-all's transparent listeners sit (nft tproxy "to" addresses); ports are the kernel's.
+CATCH_ALL_LISTEN: dict[socket.AddressFamily, str] = {socket.AF_INET: "127.0.0.1", socket.AF_INET6: "::1"}
 
 # 127.0.0.53 is inside 127.0.0.0/8, which lo answers for in full, so it needs no address of its own.
 LAB_DNS_ADDRESS = "127.0.0.53"
@@ -124,30 +140,71 @@ def _family_of(addr: str) -> socket.AddressFamily:
 
 
 def _refuse_unusable_listen_address(addr: str, role: str) -> str:
-    """Return the canonical form of ``addr``, or raise ValueError if a listener there proves nothing."""
+    """Return the canonical form of ``addr``, or raise ValueError if it cannot be that ``role``.
+
+    A canary is an address the catch-all must be able to observe: TCP must be able to reach it. A
+    public origin is also bound by a listener, so it must not need a scope id either.
+    """
     try:
         address = ipaddress.ip_address(addr)
     except ValueError as exc:
         raise ValueError(f"{role} {addr!r} is not an IP address") from exc
     if address.is_unspecified:
         raise ValueError(
-            f"{role} {address} is the wildcard address: a listener there would catch every "
-            "connection on its port. Linux delivers a connect to 0.0.0.0/:: to a local listener, "
-            "so use a 127.0.0.1 or ::1 canary to observe that case"
+            f"{role} {address} is the wildcard address: Linux delivers a connect to 0.0.0.0/:: to "
+            "127.0.0.1/::1 (ip_route_output_key_hash_rcu, tcp_v6_connect), so observe that case as a "
+            "127.0.0.1 or ::1 canary"
         )
     if address.is_multicast or address == ipaddress.IPv4Address("255.255.255.255"):
         raise ValueError(
-            f"{role} {address} is multicast/broadcast: TCP cannot connect there (the kernel refuses "
-            "before sending), so a canary would prove nothing"
+            f"{role} {address} is multicast/broadcast: TCP cannot connect there (tcp_v4_connect and "
+            "tcp_v6_connect refuse before sending), so a canary would prove nothing"
         )
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         raise ValueError(
             f"{role} {address} is IPv4-mapped: connecting to it reaches the IPv4 address "
             f"{address.ipv4_mapped}; use that as the canary"
         )
-    if isinstance(address, ipaddress.IPv6Address) and address.is_link_local:
+    if role != "canary" and isinstance(address, ipaddress.IPv6Address) and address.is_link_local:
         raise ValueError(f"{role} {address} is IPv6 link-local: it needs a scope id; pick another")
     return str(address)
+
+
+def _original_destination(sock: socket.socket) -> tuple[str, int]:
+    """The address a transparent (TPROXY) socket was connected to: its own local address."""
+    local = sock.getsockname()
+    text = str(local[0]).split("%", 1)[0]  # a link-local address may come back with its scope
+    address = ipaddress.ip_address(text)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return str(address), int(local[1])
+
+
+class HitSnapshot(dict[tuple[str, int], int]):
+    """Catch-all hits per (address, port) at one moment, and how far the hit log reached then.
+
+    ``through`` is the number of hits recorded when it was taken: the hits between two snapshots
+    are exactly the indices ``before.through`` to ``after.through - 1``.
+    """
+
+    def __init__(self, counts: Mapping[tuple[str, int], int], through: int, lab: NetworkLab | None) -> None:
+        super().__init__(counts)
+        self.through = through
+        self.lab = lab
+
+
+@dataclass
+class _HitRecord:
+    """A catch-all hit while it is still open (its bytes keep arriving)."""
+
+    index: int
+    at: float
+    address: str
+    port: int
+    received: bytearray
+
+    def frozen(self) -> CatchAllHit:
+        return CatchAllHit(self.index, self.at, self.address, self.port, bytes(self.received))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -158,7 +215,7 @@ def _refuse_unusable_listen_address(addr: str, role: str) -> str:
 @dataclass
 class _Listener:
     key: ListenerKey
-    role: str  # "canary" or "origin"
+    role: str  # "catch-all" or "origin"
     sock: socket.socket
     accepted: int = 0
     records: list[bytearray] = field(default_factory=list)
@@ -256,10 +313,16 @@ class _Connection:
         self.lab._connections.discard(self)
 
 
-class _CanaryConnection(_Connection):
-    """Record up to 4 KiB, then answer a minimal HTTP 200 that names the canary, and close."""
+class _CatchAllConnection(_Connection):
+    """Record up to 4 KiB, then answer a minimal HTTP 200 that names the original destination, and close."""
 
     responded = False
+
+    def __init__(self, lab: NetworkLab, listener: _Listener, sock: socket.socket, index: int,
+                 hit: _HitRecord) -> None:
+        super().__init__(lab, listener, sock, index)
+        self.hit = hit
+        hit.received = self.record
 
     def on_readable(self) -> None:
         if self.closed:
@@ -272,7 +335,7 @@ class _CanaryConnection(_Connection):
         head_complete = HTTP_HEAD_END in self.record
         if head_complete or eof or len(self.record) >= self.record_limit:
             self.responded = True
-            address, port = self.listener.key
+            address, port = self.hit.address, self.hit.port
             body = f"canary {address} port {port}\n".encode()
             self.send(
                 b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n"
@@ -411,10 +474,12 @@ class _OriginConnection(_Connection):
 
 
 class NetworkLab:
-    """Canaries, lab-only public origins and a DNS stub inside one private network namespace.
+    """A catch-all canary, lab-only public origins and a DNS stub inside one private network namespace.
 
     Use :meth:`start`. Two labs (e.g. two xdist workers) share nothing: each has its own namespace,
-    helper, loop thread and zone, so the same canary address can exist in both.
+    helper, loop thread, zone and hit log, so the same destination can be observed in both.
+    ``canaries`` names the destinations a caller means to observe (checked to be observable at all);
+    the catch-all observes every other address too.
     """
 
     def __init__(self, *, holder: NetnsHolder, canaries: tuple[str, ...], public_origins: tuple[str, ...],
@@ -432,6 +497,9 @@ class NetworkLab:
         self._origin_streams: list[_OriginConnection] = []
         # The token in X-Lab-Mark on every origin response; a proxy cannot know it in advance.
         self.origin_mark = new_mark()
+        self._hits: list[_HitRecord] = []
+        self._accounted: dict[int, str] = {}  # hit index -> the verdict that accounted for it
+        self._windows: list[AttemptWindow] = []
         self._dns_transport: asyncio.BaseTransport | None = None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"{holder.name}-loop",
@@ -441,7 +509,7 @@ class NetworkLab:
     @classmethod
     def start(
         cls,
-        canaries: Iterable[str],
+        canaries: Iterable[str] = (),
         *,
         ports: Iterable[int] = DEFAULT_PORTS,
         public_origins: Iterable[str] = LAB_PUBLIC_ORIGINS,
@@ -450,11 +518,11 @@ class NetworkLab:
         name: str = "lab",
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT_SECONDS,
     ) -> NetworkLab:
-        """Create the namespace, add every address to its lo and start all listeners and the stub.
+        """Create the namespace, install the catch-all, add the origins to lo, start listeners and the stub.
 
-        ``origin_ports`` defaults to ``ports``. ``names`` seeds the DNS zone. Raises ValueError for an
-        address where a listener would prove nothing, HostUnsupportedError when the host cannot
-        create the namespace.
+        ``origin_ports`` defaults to ``ports``. ``names`` seeds the DNS zone. Raises ValueError for a
+        canary TCP cannot reach or an unusable origin, HostUnsupportedError when the host cannot
+        create the namespace or lacks nft.
         """
         canary_list = tuple(dict.fromkeys(_refuse_unusable_listen_address(a, "canary") for a in canaries))
         origin_list = tuple(dict.fromkeys(
@@ -479,18 +547,28 @@ class NetworkLab:
     def _start(self, names: Mapping[str, Iterable[str]] | None) -> None:
         if names:
             self.zone.set_names(names)
-        self.holder.add_addresses([*self.canaries, *self.public_origins])
         self._thread.start()
-        listeners = [
-            *((address, port, "canary") for address in self.canaries for port in self.ports),
-            *((address, port, "origin") for address in self.public_origins for port in self.origin_ports),
-        ]
-        for address, port, role in listeners:
-            sock = self.listen(address, port)
-            sock.setblocking(False)
-            listener = _Listener(key=(address, port), role=role, sock=sock)
-            self._listeners[listener.key] = listener
-            self._call(self._watcher_for(listener))
+        ports: dict[socket.AddressFamily, int] = {}
+        for family, address in CATCH_ALL_LISTEN.items():
+            # Transparent (IP_TRANSPARENT): TPROXY only hands connections to such a socket, and the
+            # sockets it accepts carry the original destination as their own address.
+            sock = self.holder.socket(family, socket.SOCK_STREAM, transparent=True)
+            try:
+                ensure_lab_socket(sock, self.netns_id)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind((address, 0))
+                sock.listen(LISTEN_BACKLOG)
+            except BaseException:
+                sock.close()
+                raise
+            ports[family] = int(sock.getsockname()[1])
+            self._add_listener(_Listener(key=(address, ports[family]), role="catch-all", sock=sock))
+        self.holder.install_catch_all(ports[socket.AF_INET], ports[socket.AF_INET6], HARNESS_MARK)
+        self.holder.add_addresses(list(self.public_origins))
+        for address in self.public_origins:
+            for port in self.origin_ports:
+                self._add_listener(_Listener(key=(address, port), role="origin", sock=self.listen(address, port)))
         dns_socket = self.socket(socket.AF_INET, socket.SOCK_DGRAM)
         dns_socket.bind((LAB_DNS_ADDRESS, LAB_DNS_PORT))
         dns_socket.setblocking(False)
@@ -499,6 +577,11 @@ class NetworkLab:
             self._loop,
         )
         self._dns_transport, _protocol = endpoint.result(timeout=LOOP_CALL_TIMEOUT_SECONDS)
+
+    def _add_listener(self, listener: _Listener) -> None:
+        listener.sock.setblocking(False)
+        self._listeners[listener.key] = listener
+        self._call(self._watcher_for(listener))
 
     def _watcher_for(self, listener: _Listener) -> Callable[[], None]:
         def watch() -> None:
@@ -543,7 +626,7 @@ class NetworkLab:
         self.close()
 
     def __repr__(self) -> str:
-        return (f"<NetworkLab {self.holder.name!r} canaries={len(self.canaries)} "
+        return (f"<NetworkLab {self.holder.name!r} canaries={len(self.canaries)} hits={len(self._hits)} "
                 f"origins={len(self.public_origins)} closed={self._closed}>")
 
     # -- identity and sockets --------------------------------------------------------------------
@@ -586,12 +669,29 @@ class NetworkLab:
         return sock
 
     def connect(self, addr: str, port: int, timeout: float = 5.0) -> Socket:
-        """A TCP connection from inside the lab to ``addr:port`` (socket has ``timeout`` set)."""
+        """The harness's own TCP connection from inside the lab to the listener on ``addr:port``.
+
+        It carries the harness mark, so the catch-all never takes it: it reaches the listener bound
+        there or fails (ECONNREFUSED), and it is never a hit. Use :meth:`dial` to connect as a
+        proxy would. The socket has ``timeout`` set.
+        """
+        return self._connect(addr, port, timeout, mark=HARNESS_MARK, scope_id=0)
+
+    def dial(self, addr: str, port: int, timeout: float = 5.0, *, scope_id: int = 0) -> Socket:
+        """A TCP connection from inside the lab as a proxy's dial: reaches a listener, else the catch-all.
+
+        ``scope_id`` is the interface index an IPv6 link-local destination needs (1 is the lab's lo).
+        """
+        return self._connect(addr, port, timeout, mark=None, scope_id=scope_id)
+
+    def _connect(self, addr: str, port: int, timeout: float, *, mark: int | None, scope_id: int) -> Socket:
         address = _canonical(addr)
-        sock = self.socket(_family_of(address), socket.SOCK_STREAM)
+        family = _family_of(address)
+        sock = self.holder.socket(family, socket.SOCK_STREAM, mark=mark)
         try:
+            ensure_lab_socket(sock, self.netns_id)
             sock.settimeout(timeout)
-            sock.connect((address, port))
+            sock.connect((address, port) if family == socket.AF_INET else (address, port, 0, scope_id))
         except BaseException:
             sock.close()
             raise
@@ -607,19 +707,65 @@ class NetworkLab:
 
     # -- evidence ----------------------------------------------------------------------------------
 
+    def hits(self, since: int = 0) -> list[CatchAllHit]:
+        """Every catch-all hit from index ``since`` on, oldest first (settled: none missed)."""
+        return self._call(lambda: self._settled(lambda: [hit.frozen() for hit in self._hits[since:]]))
+
+    def hit_mark(self) -> int:
+        """How many hits the catch-all has recorded so far (settled): a ``since`` for :meth:`hits`."""
+        return self._call(lambda: self._settled(lambda: len(self._hits)))
+
     def canary_hits(self, addr: str, port: int | None = None) -> int:
-        """Connections accepted by canary ``addr`` (on ``port``, or on all its ports).
+        """Catch-all hits on destination ``addr`` (on ``port``, or on any port).
 
-        An address that is not a canary raises ValueError: a typo must not read as "zero hits".
+        Any address can be asked (the catch-all observes them all); text that is not an IP address
+        raises ValueError, so a typo never reads as "zero hits".
         """
-        keys = self._keys_for(addr, port, role="canary")
-        return self._call(lambda: self._settled(lambda: sum(self._listeners[k].accepted for k in keys)))
+        address = _canonical_or_error(addr)
+        return self._call(lambda: self._settled(lambda: sum(
+            1 for hit in self._hits if hit.address == address and (port is None or hit.port == port))))
 
-    def all_hits(self) -> dict[tuple[str, int], int]:
-        """Accepted connections for every (canary, port), zeros included."""
-        return self._call(lambda: self._settled(lambda: {
-            key: listener.accepted for key, listener in self._listeners.items()
-            if listener.role == "canary"}))
+    def all_hits(self) -> HitSnapshot:
+        """Catch-all hits per (destination address, port) so far, and the log position (``through``).
+
+        Diff two snapshots with :func:`pytest_sandbox.ssrf_suite.new_hits`.
+        """
+        def snapshot() -> HitSnapshot:
+            counts: dict[tuple[str, int], int] = {}
+            for hit in self._hits:
+                counts[(hit.address, hit.port)] = counts.get((hit.address, hit.port), 0) + 1
+            return HitSnapshot(counts, len(self._hits), self)
+        return self._call(lambda: self._settled(snapshot))
+
+    # -- the ledger: attempt windows and accounted hits ---------------------------------------------
+
+    def register_attempts(self, windows: Iterable[AttemptWindow]) -> None:
+        """Record attempts sent through a proxy in this lab, so that every later hit can be attributed."""
+        added = list(windows)
+        self._call(lambda: self._windows.extend(added))
+
+    def attempt_windows(self) -> list[AttemptWindow]:
+        """Every attempt registered since the last reset, in registration order."""
+        return self._call(lambda: list(self._windows))
+
+    def account(self, indices: Iterable[int], by: str) -> None:
+        """Record that a verdict (``by``) counted these hits; the first verdict to count one keeps it."""
+        chosen = list(indices)
+
+        def mark() -> None:
+            for index in chosen:
+                if 0 <= index < len(self._hits):
+                    self._accounted.setdefault(index, by)
+        self._call(mark)
+
+    def accounted_by(self, index: int) -> str | None:
+        """The verdict that counted hit ``index``, or None."""
+        return self._call(lambda: self._accounted.get(index))
+
+    def unaccounted_hits(self) -> list[CatchAllHit]:
+        """Settled hits no verdict has counted: what the session-end audit reports."""
+        return self._call(lambda: self._settled(lambda: [
+            hit.frozen() for hit in self._hits if hit.index not in self._accounted]))
 
     def origin_connections(self, addr: str, port: int | None = None) -> int:
         """Connections accepted by public origin ``addr`` (on ``port``, or on all its ports)."""
@@ -627,14 +773,18 @@ class NetworkLab:
         return self._call(lambda: self._settled(lambda: sum(self._listeners[k].accepted for k in keys)))
 
     def received(self, addr: str, port: int | None = None) -> list[bytes]:
-        """Bytes received per connection by the listener(s) on ``addr``, oldest connection first.
+        """Bytes received per connection on destination ``addr``, oldest connection first.
 
-        Bounded to the first 4 KiB per connection for canaries and 1 MiB for origins
-        (:meth:`origin_streams` also says how many bytes arrived in all).
+        A public origin's connections are recorded in full up to 1 MiB (:meth:`origin_streams` also
+        says how many bytes arrived in all); any other destination is a catch-all hit (first 4 KiB).
         """
-        keys = self._keys_for(addr, port, role=None)
+        address = _canonical_or_error(addr)
+        keys = [key for key, listener in self._listeners.items()
+                if listener.role == "origin" and key[0] == address and (port is None or key[1] == port)]
         return self._call(lambda: self._settled(lambda: [
-            bytes(record) for key in keys for record in self._listeners[key].records]))
+            *(bytes(record) for key in keys for record in self._listeners[key].records),
+            *(bytes(hit.received) for hit in self._hits
+              if hit.address == address and (port is None or hit.port == port))]))
 
     def origin_requests(self, addr: str | None = None, port: int | None = None) -> list[OriginRequest]:
         """Complete requests the public origins framed (h11) and answered, in arrival order.
@@ -661,13 +811,17 @@ class NetworkLab:
             and (port is None or connection.listener.key[1] == port)]))
 
     def reset_hits(self) -> None:
-        """Forget all evidence: hit counts, received bytes, origin requests and the DNS query log."""
+        """Forget all evidence: hits, attempt windows, accounting, received bytes, origin requests and
+        the DNS query log."""
         def reset() -> None:
             for listener in self._listeners.values():
                 listener.accepted = 0
                 listener.records.clear()
             self._origin_requests.clear()
             self._origin_streams.clear()
+            self._hits.clear()
+            self._accounted.clear()
+            self._windows.clear()
         self._call(lambda: self._settled(reset))
         self.zone.clear_queries()
 
@@ -678,8 +832,7 @@ class NetworkLab:
                 and (port is None or key[1] == port)]
         if not keys:
             what = role or "listener"
-            known = self.canaries if role == "canary" else self.public_origins if role == "origin" else (
-                *self.canaries, *self.public_origins)
+            known = self.public_origins
             raise ValueError(f"{address}{'' if port is None else f' port {port}'} is not a {what} "
                              f"of this lab (known: {', '.join(known)})")
         return keys
@@ -783,8 +936,14 @@ class NetworkLab:
                     continue
                 return
             listener.accepted += 1
-            connection_type = _CanaryConnection if listener.role == "canary" else _OriginConnection
-            connection = connection_type(self, listener, sock, listener.accepted)
+            connection: _Connection
+            if listener.role == "catch-all":
+                address, port = _original_destination(sock)
+                hit = _HitRecord(len(self._hits), time.monotonic(), address, port, bytearray())
+                self._hits.append(hit)
+                connection = _CatchAllConnection(self, listener, sock, listener.accepted, hit)
+            else:
+                connection = _OriginConnection(self, listener, sock, listener.accepted)
             self._connections.add(connection)
             connection.on_readable()
 
@@ -798,6 +957,13 @@ async def _await_reply(loop: asyncio.AbstractEventLoop, sock: socket.socket, que
             continue
         with contextlib.suppress(DnsFormatError):
             return parse_response(data)
+
+
+def _canonical_or_error(addr: str) -> str:
+    try:
+        return _canonical(addr)
+    except ValueError as exc:
+        raise ValueError(f"{addr!r} is not an IP address: ask for hits on a destination address") from exc
 
 
 def _checked_port(port: int) -> int:

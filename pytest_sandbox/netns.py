@@ -41,8 +41,10 @@ from typing import Any
 from pytest_sandbox.errors import HostUnsupportedError
 
 __all__ = [
+    "HARNESS_MARK",
     "NetnsHolder",
     "assert_not_host_netns",
+    "catch_all_ruleset",
     "ensure_lab_socket",
     "host_can_create_netns",
     "socket_netns_inode",
@@ -65,6 +67,17 @@ HELPER_START_TIMEOUT_SECONDS = 10.0
 HELPER_REQUEST_TIMEOUT_SECONDS = 10.0
 HELPER_EXIT_TIMEOUT_SECONDS = 5.0
 MAX_MESSAGE_BYTES = 65536
+
+# <linux/in.h>, <linux/in6.h>: a transparent listener may accept connections to addresses that are
+# not its own, which is how the catch-all sees the original destination (ip-sysctl.rst, TPROXY).
+IP_TRANSPARENT = 19
+IPV6_TRANSPARENT = 75
+# skb->mark on the harness's own lab connections (NetworkLab.connect): the catch-all lets them reach
+# the kernel's ordinary answer (a listener, or RST), so "is anything listening there" stays answerable.
+HARNESS_MARK = 0x5A4E
+CATCH_ALL_TABLE = "pytest_sandbox_lab"
+# Addresses a wildcard listener (0.0.0.0 / ::) really owns inside the lab, besides those added to lo.
+_ALWAYS_LOCAL = {4: "127.0.0.0/8", 6: "::1"}
 
 HOST_NETNS_PATH = "/proc/self/ns/net"
 GUARD_REFUSAL = "refusing to run a network probe outside a lab namespace"
@@ -206,6 +219,10 @@ def _address_is_local(address: ipaddress.IPv4Address | ipaddress.IPv6Address) ->
 
 def _add_addresses_to_loopback(addresses: Sequence[str]) -> None:
     parsed = [ipaddress.ip_address(text) for text in addresses]
+    if _catch_all_installed:
+        # Once every address routes locally, IPv4 ones bind without being on lo; the set still
+        # has to learn that a wildcard listener owns them.
+        _mark_local_for_wildcard_listeners(parsed)
     missing = [address for address in parsed if not _address_is_local(address)]
     if not missing:
         return
@@ -236,6 +253,94 @@ def _add_addresses_to_loopback(addresses: Sequence[str]) -> None:
         raise OSError(errno.EADDRNOTAVAIL, f"addresses not usable after adding: {still_missing}")
 
 
+def catch_all_ruleset(port4: int, port6: int, harness_mark: int = HARNESS_MARK) -> str:
+    """The nftables ruleset that sends every TCP connection no lab socket owns to the catch-all.
+
+    Only the first segment of a connection (SYN without ACK) is looked at. It passes unchanged when
+    it is the harness's own (``harness_mark``), when a socket is bound to exactly its destination
+    (``socket wildcard 0``: a listener such as an origin or the proxy, or an existing connection),
+    when a wildcard listener (0.0.0.0 / ::) owns it on an address that really is local to the lab,
+    or when it reuses the 4-tuple of an ordinary TIME_WAIT socket (the kernel gives it back to that
+    socket's listener). Everything else is diverted by TPROXY (nft ``tproxy``, which needs no NAT and no conntrack) to
+    the transparent catch-all listeners on 127.0.0.1:``port4`` and [::1]:``port6``; the accepted
+    socket's own address is the original destination.
+    """
+    for port in (port4, port6):
+        if not 0 < port < 65536:
+            raise ValueError(f"catch-all port {port!r} is not in 1..65535")
+    return "\n".join([
+        f"table inet {CATCH_ALL_TABLE} {{",
+        f"    set local4 {{ type ipv4_addr; flags interval; elements = {{ {_ALWAYS_LOCAL[4]} }} }}",
+        f"    set local6 {{ type ipv6_addr; flags interval; elements = {{ {_ALWAYS_LOCAL[6]} }} }}",
+        "    chain divert {",
+        f"        meta nfproto ipv4 meta l4proto tcp tproxy ip to 127.0.0.1:{port4} accept",
+        f"        meta nfproto ipv6 meta l4proto tcp tproxy ip6 to [::1]:{port6} accept",
+        "    }",
+        "    chain catch_all {",
+        "        type filter hook prerouting priority mangle; policy accept;",
+        "        meta l4proto != tcp accept",
+        "        tcp flags & (fin | syn | rst | ack) != syn accept",
+        f"        meta mark {harness_mark:#x} accept",
+        "        socket wildcard 0 accept",
+        "        meta nfproto ipv4 ip daddr @local4 socket wildcard 1 accept",
+        "        meta nfproto ipv6 ip6 daddr @local6 socket wildcard 1 accept",
+        "        socket wildcard 1 goto divert",
+        # What is left is either no socket at all or one that is not a full socket: a TIME_WAIT
+        # or pending-request socket whose 4-tuple the SYN reuses (the server closed first). An
+        # ordinary one belongs to a real listener (tcp_timewait_state_process() hands the SYN
+        # back to it), so it passes; the catch-all's own are transparent and are diverted again.
+        "        socket transparent 0 accept",
+        "        goto divert",
+        "    }",
+        "}",
+        "",
+    ])
+
+
+# Routes that make every address local to the lab (so a dial anywhere completes on lo instead of
+# failing with ENETUNREACH), and the one broadcast route lo gets for 127.0.0.0/8 removed, so
+# 127.255.255.255 is an ordinary local address a careless proxy can really reach. TCP to multicast
+# and 255.255.255.255 stays impossible: tcp_v4_connect() refuses RTCF_MULTICAST|RTCF_BROADCAST
+# routes and tcp_v6_connect() multicast destinations, before any packet exists.
+_CATCH_ALL_ROUTES = (
+    "route add local 0.0.0.0/0 dev lo",
+    "route add local ::/0 dev lo",
+    "route del broadcast 127.255.255.255 dev lo table local",
+)
+_NFT_MISSING = ("the `nft` command (package nftables) is not installed; the lab's catch-all canary needs "
+                "it (apt-get install nftables)")
+_catch_all_installed = False  # helper-process state: set once the ruleset is loaded
+
+
+def _run_tool(argv: list[str], stdin: str, missing: str) -> None:
+    try:
+        result = subprocess.run(argv, input=stdin, capture_output=True, text=True, check=False,
+                                timeout=HELPER_REQUEST_TIMEOUT_SECONDS)
+    except FileNotFoundError as exc:
+        raise OSError(errno.ENOENT, missing) from exc
+    if result.returncode != 0:
+        raise OSError(errno.EINVAL, f"{argv[0]} failed: {result.stderr.strip()}")
+
+
+def _install_catch_all(port4: int, port6: int, harness_mark: int) -> None:
+    global _catch_all_installed
+    ruleset = catch_all_ruleset(port4, port6, harness_mark)
+    if shutil.which("nft") is None:
+        raise OSError(errno.ENOENT, _NFT_MISSING)
+    _run_tool(["ip", "-batch", "-"], "\n".join(_CATCH_ALL_ROUTES) + "\n",
+              "the `ip` command (iproute2) is not installed")
+    _run_tool(["nft", "-f", "-"], ruleset, _NFT_MISSING)
+    _catch_all_installed = True
+
+
+def _mark_local_for_wildcard_listeners(addresses: Sequence[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> None:
+    always = {4: ipaddress.ip_network(_ALWAYS_LOCAL[4]), 6: ipaddress.ip_network(_ALWAYS_LOCAL[6])}
+    lines = [f"add element inet {CATCH_ALL_TABLE} local{address.version} {{ {address} }}"
+             for address in addresses if address not in always[address.version]]
+    if lines:
+        _run_tool(["nft", "-f", "-"], "\n".join(lines) + "\n", _NFT_MISSING)
+
+
 def _send_message(channel: socket.socket, message: dict[str, Any], fds: Sequence[int] = ()) -> None:
     payload = json.dumps(message).encode()
     if fds:
@@ -249,11 +354,23 @@ def _handle_request(channel: socket.socket, request: dict[str, Any]) -> None:
     if operation == "socket":
         created = socket.socket(int(request["family"]), int(request["type"]), int(request["proto"]))
         try:
+            # Set here, where the helper holds CAP_NET_ADMIN over the namespace (also through a
+            # user namespace): IP_TRANSPARENT and SO_MARK both need it (ip(7), socket(7)).
+            if request.get("transparent"):
+                if created.family == socket.AF_INET6:
+                    created.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+                else:
+                    created.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            if request.get("mark") is not None:
+                created.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, int(request["mark"]))
             _send_message(channel, {"ok": True}, [created.fileno()])
         finally:
             created.close()
     elif operation == "add_addresses":
         _add_addresses_to_loopback([str(text) for text in request["addresses"]])
+        _send_message(channel, {"ok": True})
+    elif operation == "catch_all":
+        _install_catch_all(int(request["port4"]), int(request["port6"]), int(request["mark"]))
         _send_message(channel, {"ok": True})
     elif operation == "ping":
         _send_message(channel, {"ok": True})
@@ -470,10 +587,13 @@ class NetnsHolder:
         return None
 
     def socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM,
-               proto: int = 0) -> socket.socket:
-        """Return a new socket created inside this namespace (blocking, close-on-exec)."""
+               proto: int = 0, *, transparent: bool = False, mark: int | None = None) -> socket.socket:
+        """Return a new socket created inside this namespace (blocking, close-on-exec).
+
+        ``transparent`` sets IP_TRANSPARENT / IPV6_TRANSPARENT, ``mark`` SO_MARK, both by the helper.
+        """
         fd = self._request({"op": "socket", "family": int(family), "type": int(type),
-                            "proto": int(proto)}, expect_fd=True)
+                            "proto": int(proto), "transparent": transparent, "mark": mark}, expect_fd=True)
         assert fd is not None
         return socket.socket(fileno=fd)
 
@@ -490,6 +610,19 @@ class NetnsHolder:
             raise HostUnsupportedError(
                 f"cannot add {', '.join(normalized)} to the lab's lo: {exc.strerror or exc}"
             ) from exc
+
+    def install_catch_all(self, port4: int, port6: int, harness_mark: int = HARNESS_MARK) -> None:
+        """Make every address local and divert every unowned TCP connection to the catch-all ports.
+
+        See :func:`catch_all_ruleset`. Raises HostUnsupportedError naming the missing tool (nft,
+        ip) or the kernel's refusal.
+        """
+        try:
+            self._request({"op": "catch_all", "port4": int(port4), "port6": int(port6),
+                           "mark": int(harness_mark)})
+        except OSError as exc:
+            raise HostUnsupportedError(
+                f"cannot install the catch-all canary in lab {self.name!r}: {exc.strerror or exc}") from exc
 
     # -- running commands inside the namespace ---------------------------------------------------
 

@@ -1,7 +1,8 @@
 """Fixtures for the network categories: one lab and one reference proxy per session (per xdist worker).
 
-``sandbox_lab`` is a :class:`~pytest_sandbox.lab.NetworkLab` holding every canary the SSRF catalogue
-needs (ports 80 and 443), the lab public origins and the catalogue's names in its DNS stub.
+``sandbox_lab`` is a :class:`~pytest_sandbox.lab.NetworkLab` whose catch-all canary observes every
+destination the SSRF catalogue needs (any address, any port), with the lab public origins and the
+catalogue's names in its DNS stub; it is audited when the session ends.
 ``sandbox_proxy`` is the reference :class:`~pytest_sandbox.proxy.EgressProxy` serving on
 127.0.0.1:3128 *inside* that lab, resolving with the lab's stub and dialling with lab sockets, so no
 packet it sends can leave the lab namespace (network.md §7). Both need ``--sandbox``; the
@@ -30,8 +31,9 @@ from typing import Any
 
 import pytest
 
+from pytest_sandbox.campaign import audit_lab
 from pytest_sandbox.compiler import compile_policy
-from pytest_sandbox.errors import SandboxError
+from pytest_sandbox.errors import HostUnsupportedError, SandboxError
 from pytest_sandbox.fake_backend import DEFAULT_BACKEND_NAME, FakeInferenceBackend
 from pytest_sandbox.interception import (
     INFERENCE_HOST,
@@ -200,7 +202,7 @@ def lab_proxy_config(**overrides: object) -> ProxyConfig:
 
 
 def start_lab(name: str = "ssrf-lab") -> NetworkLab:
-    """A lab with every observable canary of the catalogue on ports 80 and 443 and its DNS names."""
+    """A lab whose catch-all observes every canary of the catalogue (any port), with its DNS names."""
     return NetworkLab.start(lab_canaries(), ports=LAB_PORTS, names=lab_names(), name=name)
 
 
@@ -341,23 +343,38 @@ def start_proxied_sandbox(lab: NetworkLab, policy: Policy, interception: Inferen
 
 @pytest.fixture(scope="session")
 def _network_lab() -> Iterator[NetworkLab]:
-    """The session's lab, without the ``--sandbox`` gate (for the project's own tests)."""
+    """The session's lab, without the ``--sandbox`` gate (for the project's own tests).
+
+    When the session ends it audits the lab's catch-all canary: a connection no verdict accounted
+    for (a dial after its case was judged, or one nobody watched) fails the run, naming it.
+    """
     available, why = host_can_create_netns()
     if not available:
         pytest.skip(f"the network lab needs a private network namespace: {why}")
-    lab = start_lab()
+    unsupported = None
+    try:
+        lab = start_lab()
+    except HostUnsupportedError as error:
+        unsupported = f"pytest-sandbox: {error}"
+    if unsupported is not None:  # outside the except block: one line, no exception chain
+        pytest.fail(unsupported, pytrace=False)
+    problem = None
     try:
         yield lab
+        problem = audit_lab(lab)
     finally:
         try:
             _stop_interception(lab)
         finally:
             lab.close()
+    if problem is not None:
+        pytest.fail(problem, pytrace=False)
 
 
 @pytest.fixture(scope="session")
 def sandbox_lab(sandbox_session: SandboxSession, _network_lab: NetworkLab) -> NetworkLab:
-    """The network lab: canaries (``canary_hits``), public origins, the DNS stub. Needs --sandbox."""
+    """The network lab: the catch-all canary (``hits``, ``canary_hits``), public origins, the DNS stub.
+    Needs --sandbox."""
     return _network_lab
 
 

@@ -169,7 +169,8 @@ class SelfAttempt(Attempt):
     def nonce_path(self) -> str:
         return f"{NONCE_PATH_PREFIX}{self.nonce}"
 
-    def tunnel_request_bytes(self) -> bytes:
+    def tunnel_request_bytes(self, nonce: str | None = None) -> bytes:
+        # The loop evidence is this attempt's own nonce path; a campaign nonce, if given, is not used.
         return (f"GET http://{LOOP_ORIGIN}{self.nonce_path} HTTP/1.1\r\nHost: {LOOP_ORIGIN}\r\n"
                 "Connection: close\r\n\r\n").encode()
 

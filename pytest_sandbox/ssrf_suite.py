@@ -1,29 +1,38 @@
-"""The SSRF conformance category: attempts built from the catalogue, sent raw, judged with canaries.
+"""The SSRF conformance category: attempts built from the catalogue, sent raw, judged with the catch-all.
 
 Each :class:`~pytest_sandbox.catalogues.ssrf_cases.SsrfCase` is attempted twice through the proxy
 (network.md §3): as a ``CONNECT`` authority and as an absolute-form ``GET``. Attempts are written as
 raw bytes on a raw socket, so nothing on our side canonicalises, re-encodes or refuses the odd
-spellings before the proxy sees them.
+spellings before the proxy sees them. Every request carries the attempt's nonce (path and header of
+an absolute-form request, and of the request sent through an established tunnel), so a catch-all
+hit that carries bytes names its attempt exactly (:mod:`pytest_sandbox.evidence`).
 
-Judging is pure (:func:`judge_attempt`) and follows network.md §7: a denied case is BLOCKED only if
-the proxy refused it (400/403 and closed the connection) **and** no canary saw a new connection; a
-canary hit is ALLOWED whatever the proxy answered; a 502/504 means the proxy tried to dial, which is
-ALLOWED too (unroutability is not blocking); a silent timeout is INDETERMINATE, never a pass. A
-positive control WORKS only if the lab's canary answered 200 through the proxy and counted the
-connection, so a proxy that refuses everything cannot score 100 %.
+The category runs as one :class:`~pytest_sandbox.campaign.Campaign` (:func:`run_ssrf_campaign`):
+all attempts back to back, then the grace period, then attribution, so a late dial is blamed on the
+case that caused it. Judging is pure (:func:`judge_attempt`) and follows network.md §7: a denied case
+is BLOCKED only if the proxy refused it (400/403 and closed the connection) **and** no catch-all hit
+is attributed to it; a hit is ALLOWED whatever the proxy answered; a 502/504 means the proxy tried
+to dial, which is ALLOWED too (unroutability is not blocking); a silent timeout is INDETERMINATE,
+never a pass. A positive control WORKS only if the catch-all answered 200 for its destination
+through the proxy and recorded the connection, so a proxy that refuses everything cannot score 100 %.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
+import re
 import socket
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
+from pytest_sandbox.campaign import GRACE_SECONDS, Campaign, ExchangeContext, ExchangeResult
 from pytest_sandbox.catalogues.ssrf_cases import SSRF_CASES, SsrfCase, canary_addresses
+from pytest_sandbox.evidence import NONCE_HEADER, NONCE_PATH_PREFIX, CatchAllHit
+from pytest_sandbox.lab import HitSnapshot, NetworkLab
 from pytest_sandbox.verdicts import Verdict
 
 __all__ = [
@@ -31,21 +40,29 @@ __all__ = [
     "ATTEMPT_TIMEOUT_SECONDS",
     "EXTRA_CANARIES",
     "EXTRA_NAMES",
+    "GRACE_SECONDS",
     "Attempt",
+    "AttemptExchange",
     "HttpReply",
     "ProxyReply",
+    "SsrfExchange",
     "SsrfJudgement",
+    "SsrfVerdict",
     "build_attempts",
     "canary_is_observable",
+    "hit_counts",
     "judge_attempt",
     "lab_canaries",
     "lab_names",
     "new_hits",
     "parse_reply",
+    "plausible_destinations",
     "read_one_response",
     "run_attempt",
+    "run_ssrf_campaign",
     "send_attempt",
     "verdict_record",
+    "with_hit_notes",
 ]
 
 ATTEMPT_FORMS: tuple[str, ...] = ("connect", "absolute")
@@ -80,17 +97,19 @@ EXTRA_CANARIES: tuple[str, ...] = ("10.0.0.1", "127.0.0.1", "169.254.169.254", "
 
 
 def canary_is_observable(address: str) -> bool:
-    """Whether the lab can put a listener on ``address``.
+    """Whether a TCP peer can exist at ``address`` in the lab, so the catch-all can see a dial there.
 
-    IPv6 link-local (fe80::/10) needs a scope id to bind or dial (RFC 4007 §6), which the lab does
-    not give canaries; cases aimed there are judged on the proxy's refusal alone.
+    Every unicast address can, IPv6 link-local included (a proxy dials fe80::/10 only with a scope
+    id, RFC 4007 §6, and the lab's lo then routes it locally). Multicast and the limited broadcast
+    cannot: tcp_v4_connect() refuses multicast/broadcast routes and tcp_v6_connect() multicast
+    destinations before any packet exists, so nothing there can ever be reached.
     """
     parsed = ipaddress.ip_address(address)
-    return not (isinstance(parsed, ipaddress.IPv6Address) and parsed.is_link_local)
+    return not (parsed.is_multicast or parsed == ipaddress.IPv4Address("255.255.255.255"))
 
 
 def lab_canaries() -> tuple[str, ...]:
-    """Every canary of the catalogue the lab can observe, plus those the controls need."""
+    """Every canary of the catalogue, plus those the controls need (all observable by the catch-all)."""
     wanted = (*canary_addresses(), *EXTRA_CANARIES)
     return tuple(dict.fromkeys(a for a in wanted if canary_is_observable(a)))
 
@@ -108,6 +127,68 @@ def lab_names() -> dict[str, tuple[str, ...]]:
     }
     names.update(EXTRA_NAMES)
     return names
+
+
+# Where an authority can be cut into host-like pieces by one parser or another: userinfo, backslash,
+# brackets, zone ids, whitespace, path (RFC 3986 §3.2, and the WHATWG URL parser's backslash).
+_AUTHORITY_SEPARATORS = re.compile(r"[@\\\[\]\s%/]+")
+_LIMITED_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+
+
+def _reached(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """Where Linux delivers a TCP connect to ``address``: the IPv4 inside an IPv4-mapped address
+    (RFC 4291 §2.5.5.2), and 127.0.0.1 / ::1 for the unspecified address (ip_route_output_key_hash_rcu,
+    tcp_v6_connect)."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if address.is_unspecified:
+        return "127.0.0.1" if address.version == 4 else "::1"
+    return str(address)
+
+
+# Prefixes whose low 32 bits carry an IPv4 address: NAT64 well-known and local-use (RFC 6052,
+# RFC 8215), IPv4-compatible (RFC 4291 §2.5.5.1) and SIIT IPv4-translated (RFC 2765).
+_LOW_32_BITS_IPV4 = tuple(ipaddress.IPv6Network(prefix) for prefix in
+                          ("64:ff9b::/96", "64:ff9b:1::/48", "::/96", "::ffff:0:0:0/96"))
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """IPv4 addresses a "helpful" proxy could unwrap from an IPv6 one: 6to4 (RFC 3056), Teredo server
+    and client (RFC 4380), and the low 32 bits of NAT64, SIIT and IPv4-compatible forms."""
+    found = [ipaddress.IPv4Address(int(address) & 0xFFFF_FFFF)] if any(
+        address in prefix for prefix in _LOW_32_BITS_IPV4) else []
+    if address.sixtofour is not None:
+        found.append(address.sixtofour)
+    if address.teredo is not None:
+        found += list(address.teredo)
+    return found
+
+
+def plausible_destinations(case: SsrfCase) -> frozenset[str]:
+    """Every address a proxy could dial for ``case``: its canary, any IP literal in its authority
+    (and the IPv4 inside an IPv6 one), and for loopback names both loopback addresses (a hosts file
+    lists ``localhost`` as 127.0.0.1 and ::1).
+
+    Used to blame a catch-all hit that carries no nonce; a reading not foreseen here is still caught
+    (see :func:`pytest_sandbox.evidence.candidates_for`), only less exactly.
+    """
+    found: set[str] = set()
+    if case.canary is not None:
+        found.add(_reached(ipaddress.ip_address(case.canary)))
+        if case.kind in ("name", "encoding") and ipaddress.ip_address(case.canary).is_loopback:
+            found.update(("127.0.0.1", "::1"))
+    for piece in _AUTHORITY_SEPARATORS.split(case.authority):
+        # The piece itself, else with a port cut off after the last or the first colon ("a:80:80").
+        for text in (piece, piece.rsplit(":", 1)[0], piece.split(":", 1)[0]):
+            try:
+                address = ipaddress.ip_address(text)
+            except ValueError:
+                continue
+            found.add(_reached(address))
+            if isinstance(address, ipaddress.IPv6Address):
+                found.update(_reached(embedded) for embedded in _embedded_ipv4(address))
+            break
+    return frozenset(found)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -138,21 +219,32 @@ class Attempt:
         method = "CONNECT" if self.form == "connect" else "GET"
         return f"{method} {self.target!r} ({self.case.note})"
 
-    def request_bytes(self) -> bytes:
+    def request_target(self, nonce: str | None = None) -> str:
+        """The request-target as sent: the authority for CONNECT, else the URL with the nonce's path."""
+        if self.form == "connect" or nonce is None:
+            return self.target
+        return f"http://{self.case.authority}{NONCE_PATH_PREFIX}{nonce}"
+
+    def request_bytes(self, nonce: str | None = None) -> bytes:
         """The request head exactly as sent; odd characters go out as UTF-8, unescaped."""
         authority = self.case.authority
         host = authority if _is_field_text(authority) else FALLBACK_HOST
         method = "CONNECT" if self.form == "connect" else "GET"
-        lines = [f"{method} {self.target} HTTP/1.1", f"Host: {host}"]
+        lines = [f"{method} {self.request_target(nonce)} HTTP/1.1", f"Host: {host}"]
+        if nonce is not None:
+            lines.append(f"{NONCE_HEADER}: {nonce}")
         if self.form == "absolute":
             lines.append("Connection: close")
         return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
 
-    def tunnel_request_bytes(self) -> bytes:
-        """What goes through an established tunnel: a plain GET that a canary answers."""
+    def tunnel_request_bytes(self, nonce: str | None = None) -> bytes:
+        """What goes through an established tunnel: a plain GET the catch-all answers, with the nonce."""
         authority = self.case.authority
         host = authority if _is_field_text(authority) else FALLBACK_HOST
-        return f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+        if nonce is None:
+            return f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+        return (f"GET {NONCE_PATH_PREFIX}{nonce} HTTP/1.1\r\nHost: {host}\r\n{NONCE_HEADER}: {nonce}\r\n"
+                "Connection: close\r\n\r\n").encode()
 
 
 def build_attempts(cases: Iterable[SsrfCase] = SSRF_CASES) -> tuple[Attempt, ...]:
@@ -241,11 +333,37 @@ class SsrfJudgement:
         return self.verdict in (Verdict.BLOCKED, Verdict.WORKS)
 
 
+@dataclass(frozen=True)
+class SsrfVerdict:
+    """What one SSRF test reports: its scorecard category, id, judgement and what was attempted."""
+
+    category: str
+    test_id: str
+    judgement: SsrfJudgement
+    attempted: str
+
+
 HitCounts = Mapping[tuple[str, int], int]
 
 
+def hit_counts(hits: Iterable[CatchAllHit]) -> dict[tuple[str, int], int]:
+    """Catch-all hits per (address, port)."""
+    counts: dict[tuple[str, int], int] = {}
+    for hit in hits:
+        counts[(hit.address, hit.port)] = counts.get((hit.address, hit.port), 0) + 1
+    return counts
+
+
 def new_hits(before: HitCounts, after: HitCounts) -> dict[tuple[str, int], int]:
-    """Canary (address, port) pairs that accepted connections between two snapshots."""
+    """Destinations (address, port) the catch-all saw new connections to between two snapshots.
+
+    When both are :class:`~pytest_sandbox.lab.HitSnapshot` of one lab, the hits in between are
+    recorded in its ledger as counted by the caller's verdict (the caller judges them), so the
+    session-end audit does not report them a second time.
+    """
+    if isinstance(before, HitSnapshot) and isinstance(after, HitSnapshot) and after.lab is not None \
+            and after.lab is before.lab and after.through >= before.through:
+        after.lab.account(range(before.through, after.through), by="a before/after hit window")
     return {key: count - before.get(key, 0) for key, count in after.items() if count > before.get(key, 0)}
 
 
@@ -274,8 +392,13 @@ def judge_attempt(attempt: Attempt, reply: ProxyReply, hits: HitCounts,
         if not reply.closed:
             return SsrfJudgement(Verdict.INDETERMINATE, f"refused with {status} but the connection was left "
                                  "open (network.md §5: answer and close)", expected, observed)
-        unobserved = case.canary is not None and not observable(case.canary)
-        note = f"; canary {case.canary} cannot be observed in the lab" if unobserved else ""
+        if case.canary is None:
+            note = ("; no TCP peer can exist at this multicast/broadcast destination (the kernel refuses "
+                    "connect(2) before any packet), so nothing can have been reached")
+        elif not observable(case.canary):
+            note = f"; canary {case.canary} cannot be observed in the lab"
+        else:
+            note = ""
         wanted = 400 if case.expected == "malformed" else 403
         if status != wanted:
             note += f"; catalogue expects {wanted} ({case.expected}) but any refusal blocks"
@@ -364,11 +487,11 @@ def _head_complete(buffer: bytearray) -> bool:
 
 
 def send_attempt(sock: socket.socket, attempt: Attempt,
-                 timeout: float = ATTEMPT_TIMEOUT_SECONDS) -> ProxyReply:
+                 timeout: float = ATTEMPT_TIMEOUT_SECONDS, *, nonce: str | None = None) -> ProxyReply:
     """Send ``attempt`` on a fresh connection to the proxy and read until the proxy closes it."""
     deadline = time.monotonic() + timeout
     try:
-        sock.sendall(attempt.request_bytes())
+        sock.sendall(attempt.request_bytes(nonce))
     except OSError as exc:
         return ProxyReply(HttpReply(None, (), b""), None, closed=True, timed_out=False, error=str(exc))
     buffer = bytearray()
@@ -380,7 +503,7 @@ def send_attempt(sock: socket.socket, attempt: Attempt,
             tunnel = bytearray(proxy.body)
             proxy = HttpReply(proxy.status, proxy.headers, b"")
             try:
-                sock.sendall(attempt.tunnel_request_bytes())
+                sock.sendall(attempt.tunnel_request_bytes(nonce))
             except OSError as exc:
                 return ProxyReply(proxy, parse_reply(bytes(tunnel)), closed=True, timed_out=False, error=str(exc))
             eof, timed_out, error = _read(sock, tunnel, deadline, _never)
@@ -393,13 +516,98 @@ def send_attempt(sock: socket.socket, attempt: Attempt,
 
 
 def run_attempt(attempt: Attempt, connect_to_proxy: Callable[[], socket.socket],
-                hit_snapshot: Callable[[], HitCounts],
-                timeout: float = ATTEMPT_TIMEOUT_SECONDS) -> SsrfJudgement:
-    """Snapshot canaries, send ``attempt`` on a new proxy connection, snapshot again, judge."""
-    before = hit_snapshot()
-    with connect_to_proxy() as sock:
-        reply = send_attempt(sock, attempt, timeout)
-    return judge_attempt(attempt, reply, new_hits(before, hit_snapshot()))
+                lab: NetworkLab | Callable[[], HitCounts], timeout: float = ATTEMPT_TIMEOUT_SECONDS, *,
+                grace: float = 0.0) -> SsrfJudgement:
+    """Send ``attempt`` on a new proxy connection and judge it with the catch-all hits it caused.
+
+    ``lab`` is the lab (or its bound ``all_hits``, as older callers pass it): the attempt is
+    registered in the lab's ledger and hits are attributed as the campaign does, so a late hit of an
+    earlier attempt is not blamed on this one. ``grace=0`` judges at once; a dial after that is left
+    to the session-end audit. Pass :data:`GRACE_SECONDS` to wait like the conformance suite, or use
+    :func:`run_ssrf_campaign` for many attempts.
+    """
+    source = lab if isinstance(lab, NetworkLab) else getattr(lab, "__self__", None)
+    if not isinstance(source, NetworkLab):
+        snapshot: Callable[[], HitCounts] = lab  # type: ignore[assignment]
+        before = snapshot()
+        with connect_to_proxy() as sock:
+            reply = send_attempt(sock, attempt, timeout)
+        return judge_attempt(attempt, reply, new_hits(before, snapshot()))
+    exchange = AttemptExchange(attempt, timeout)
+    results = Campaign(ExchangeContext(source, connect_to_proxy), grace=grace, isolate=grace > 0).run([exchange])
+    return exchange.judge(results[exchange.key]).judgement
+
+
+# --------------------------------------------------------------------------------------------------
+# Exchanges: one test's traffic, run in a campaign
+# --------------------------------------------------------------------------------------------------
+
+
+class SsrfExchange(Protocol):
+    """A :class:`~pytest_sandbox.campaign.Exchange` that can also judge what it observed."""
+
+    @property
+    def key(self) -> str: ...
+
+    def destinations(self) -> frozenset[str]: ...
+
+    def control(self) -> str | None: ...
+
+    def perform(self, context: ExchangeContext, nonce: str) -> Any: ...
+
+    def judge(self, result: ExchangeResult) -> SsrfVerdict: ...
+
+
+def with_hit_notes(judgement: SsrfJudgement, result: ExchangeResult) -> SsrfJudgement:
+    """Add how each attributed hit relates to its attempt (timing, bytes, shared blame) to ``observed``."""
+    if not result.blamed:
+        return judgement
+    return dataclasses.replace(judgement, observed=f"{judgement.observed} [{result.describe_hits()}]")
+
+
+def _failed_reply(error: OSError) -> ProxyReply:
+    return ProxyReply(HttpReply(None, (), b""), None, closed=True, timed_out=False,
+                      error=f"could not reach the proxy: {error}")
+
+
+@dataclass(frozen=True)
+class AttemptExchange:
+    """A catalogue attempt as a campaign exchange."""
+
+    attempt: Attempt
+    timeout: float = ATTEMPT_TIMEOUT_SECONDS
+
+    @property
+    def key(self) -> str:
+        return self.attempt.test_id
+
+    @property
+    def category(self) -> str:
+        return "ssrf-controls" if self.attempt.case.expected == "allowed" else "ssrf"
+
+    def destinations(self) -> frozenset[str]:
+        return plausible_destinations(self.attempt.case)
+
+    def control(self) -> str | None:
+        return self.attempt.case.canary if self.attempt.case.expected == "allowed" else None
+
+    def perform(self, context: ExchangeContext, nonce: str) -> ProxyReply:
+        try:
+            with context.connect() as sock:
+                return send_attempt(sock, self.attempt, self.timeout, nonce=nonce)
+        except OSError as exc:
+            return _failed_reply(exc)
+
+    def judge(self, result: ExchangeResult) -> SsrfVerdict:
+        judgement = judge_attempt(self.attempt, result.observation, hit_counts(result.blamed))
+        return SsrfVerdict(self.category, self.key, with_hit_notes(judgement, result), self.attempt.describe())
+
+
+def run_ssrf_campaign(lab: NetworkLab, connect_to_proxy: Callable[[], socket.socket],
+                      exchanges: Sequence[SsrfExchange], *, grace: float = GRACE_SECONDS) -> dict[str, SsrfVerdict]:
+    """Run ``exchanges`` through the proxy as one campaign and judge each: test id -> verdict."""
+    results = Campaign(ExchangeContext(lab, connect_to_proxy), grace=grace).run(exchanges)
+    return {exchange.key: exchange.judge(results[exchange.key]) for exchange in exchanges}
 
 
 def read_one_response(sock: socket.socket, deadline: float) -> tuple[HttpReply, bool]:

@@ -1,4 +1,4 @@
-"""The network lab: namespace holder, guard, canaries, lab-only origins and the DNS stub.
+"""The network lab: namespace holder, guard, the catch-all canary, lab-only origins and the DNS stub.
 
 Safety: no test here sends a packet from the host namespace to anything but loopback. Every socket
 that connects to a canary or origin comes from a lab namespace; the guard tests never connect.
@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,8 +42,10 @@ from pytest_sandbox.dns_stub import (
 from pytest_sandbox.errors import HostUnsupportedError
 from pytest_sandbox.lab import LAB_PUBLIC_ORIGINS, ORIGIN_RECORD_LIMIT, NetworkLab
 from pytest_sandbox.netns import (
+    HARNESS_MARK,
     NetnsHolder,
     assert_not_host_netns,
+    catch_all_ruleset,
     ensure_lab_socket,
     host_can_create_netns,
     socket_netns_inode,
@@ -360,12 +363,14 @@ class _NeverConnects(socket.socket):
 
 def test_lab_connect_refuses_a_host_socket_aimed_at_a_canary(
         lab: NetworkLab, monkeypatch: pytest.MonkeyPatch) -> None:
-    def host_socket(*_args: int) -> socket.socket:
+    def host_socket(*_args: int, **_options: object) -> socket.socket:
         return _NeverConnects(socket.AF_INET, socket.SOCK_STREAM)
 
     monkeypatch.setattr(lab.holder, "socket", host_socket)
     with pytest.raises(RuntimeError, match="host network namespace"):
         lab.connect("10.0.0.1", 80)
+    with pytest.raises(RuntimeError, match="host network namespace"):
+        lab.dial("10.0.0.1", 80)
     monkeypatch.undo()
     assert lab.canary_hits("10.0.0.1") == 0
 
@@ -376,24 +381,45 @@ def test_guard_refuses_a_socket_from_another_lab(lab: NetworkLab, holder: NetnsH
 
 
 # --------------------------------------------------------------------------------------------------
-# Canaries
+# The catch-all canary
 # --------------------------------------------------------------------------------------------------
 
 
+def test_ruleset_diverts_only_first_segments_nobody_owns_and_lets_the_harness_through() -> None:
+    rules = catch_all_ruleset(40001, 40002)
+    assert "tcp flags & (fin | syn | rst | ack) != syn accept" in rules
+    assert f"meta mark {HARNESS_MARK:#x} accept" in rules
+    assert "socket wildcard 0 accept" in rules
+    assert "tproxy ip to 127.0.0.1:40001" in rules and "tproxy ip6 to [::1]:40002" in rules
+    catch_all = rules[rules.index("chain catch_all"):]
+    assert catch_all.index("socket wildcard 0 accept") < catch_all.index("socket transparent 0 accept") \
+        < catch_all.index("goto divert\n    }")
+    with pytest.raises(ValueError, match=r"not in 1\.\.65535"):
+        catch_all_ruleset(0, 40002)
+
+
 def test_connection_to_a_canary_increments_exactly_that_canary(lab: NetworkLab) -> None:
-    with lab.connect("169.254.169.254", 80) as sock:
+    with lab.dial("169.254.169.254", 80) as sock:
         response = _http_get(sock, "/latest/meta-data/")
     assert response.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"X-Lab-Canary: 169.254.169.254\r\n" in response
     assert response.endswith(b"canary 169.254.169.254 port 80\n")
-    hits = {key: count for key, count in lab.all_hits().items() if count}
-    assert hits == {("169.254.169.254", 80): 1}
+    assert lab.all_hits() == {("169.254.169.254", 80): 1}
     assert lab.canary_hits("169.254.169.254") == 1
     assert lab.canary_hits("169.254.169.254", 443) == 0
     assert lab.received("169.254.169.254") == [b"GET /latest/meta-data/ HTTP/1.1\r\nHost: lab.test\r\n\r\n"]
 
 
+@pytest.mark.parametrize(("address", "port"), [("169.254.169.254", 8443), ("10.0.0.1", 1), ("192.0.2.77", 65535),
+                                               ("11.0.0.10", 8080), ("127.0.0.1", 9)])
+def test_catch_all_sees_any_address_on_any_port_nothing_listens_on(lab: NetworkLab, address: str, port: int) -> None:
+    with lab.dial(address, port) as sock:
+        assert _http_get(sock).endswith(f"canary {address} port {port}\n".encode())
+    assert lab.all_hits() == {(address, port): 1}
+
+
 def test_ipv6_canary_counts_its_own_connections(lab: NetworkLab) -> None:
-    with lab.connect("fd00:ec2::254", 443) as sock:
+    with lab.dial("fd00:ec2::254", 443) as sock:
         sock.sendall(b"\x16\x03\x01")  # a TLS record header: not HTTP, still recorded
         sock.shutdown(socket.SHUT_WR)
         _read_until_closed(sock)
@@ -402,15 +428,46 @@ def test_ipv6_canary_counts_its_own_connections(lab: NetworkLab) -> None:
     assert sum(lab.all_hits().values()) == 1
 
 
+def test_link_local_destination_dialled_with_a_scope_id_is_seen(lab: NetworkLab) -> None:
+    with lab.dial("fe80::1", 80, scope_id=socket.if_nametoindex("lo")) as sock:
+        _http_get(sock)
+    assert lab.all_hits() == {("fe80::1", 80): 1}
+
+
+def test_ipv4_mapped_destination_is_recorded_as_the_ipv4_address_it_reaches(lab: NetworkLab) -> None:
+    with lab.socket(socket.AF_INET6) as sock:
+        sock.settimeout(5)
+        sock.connect(("::ffff:10.0.0.7", 80))
+        _http_get(sock)
+    assert lab.all_hits() == {("10.0.0.7", 80): 1}
+
+
+def test_loopback_broadcast_address_is_an_ordinary_destination_in_the_lab(lab: NetworkLab) -> None:
+    # On a host, lo's 127.0.0.0/8 makes 127.255.255.255 a broadcast route (ENETUNREACH); the lab
+    # removes that route, so a proxy that dials it really reaches the catch-all.
+    with lab.dial("127.255.255.255", 80) as sock:
+        _http_get(sock)
+    assert lab.canary_hits("127.255.255.255", 80) == 1
+
+
+@pytest.mark.parametrize("address", ["224.0.0.1", "239.255.255.255", "255.255.255.255", "ff02::1"])
+def test_multicast_and_limited_broadcast_cannot_be_dialled_over_tcp_at_all(lab: NetworkLab, address: str) -> None:
+    scope = socket.if_nametoindex("lo") if ":" in address else 0
+    with pytest.raises(OSError) as refused:
+        lab.dial(address, 80, scope_id=scope)
+    assert refused.value.errno in (errno.EINVAL, errno.ENETUNREACH)
+    assert lab.all_hits() == {}
+
+
 def test_connection_reset_before_the_lab_accepts_it_is_still_counted(lab: NetworkLab) -> None:
-    sock = lab.connect("10.0.0.1", 443)
+    sock = lab.dial("10.0.0.1", 443)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()  # RST: a proxy that dials and aborts must still leave a trace
     assert lab.canary_hits("10.0.0.1", 443) == 1
 
 
 def test_canary_keeps_only_the_first_4_kib(lab: NetworkLab) -> None:
-    with lab.connect("100.64.0.1", 80) as sock:
+    with lab.dial("100.64.0.1", 80) as sock:
         sock.sendall(b"X" * 10000)
         sock.shutdown(socket.SHUT_WR)
         _read_until_closed(sock)
@@ -418,28 +475,119 @@ def test_canary_keeps_only_the_first_4_kib(lab: NetworkLab) -> None:
 
 
 def test_connect_without_sending_is_counted_immediately(lab: NetworkLab) -> None:
-    with lab.connect("127.0.0.1", 80):
+    with lab.dial("127.0.0.1", 80):
         assert lab.canary_hits("127.0.0.1", 80) == 1
+        (hit,) = lab.hits()
+        assert (hit.address, hit.port, hit.received) == ("127.0.0.1", 80, b"")
+
+
+def test_the_harness_own_connections_are_never_caught(lab: NetworkLab) -> None:
+    with pytest.raises(ConnectionRefusedError):
+        lab.connect("10.0.0.1", 80)
+    with pytest.raises(ConnectionRefusedError):
+        lab.connect("127.0.0.1", 9)
+    assert lab.all_hits() == {}
+
+
+def test_a_listener_bound_to_its_exact_address_gets_its_connections_and_nothing_else(lab: NetworkLab) -> None:
+    with lab.listen("11.0.0.30", 9000) as listener:
+        listener.settimeout(5)
+        with lab.dial("11.0.0.30", 9000):
+            accepted, _peer = listener.accept()
+            accepted.close()
+        with lab.dial("11.0.0.30", 9001) as sock:
+            _http_get(sock)
+    assert lab.all_hits() == {("11.0.0.30", 9001): 1}
+
+
+def test_a_wildcard_listener_owns_only_addresses_really_local_to_the_lab(lab: NetworkLab) -> None:
+    # With every address routed locally, 0.0.0.0:9100 would otherwise take a dial to any address.
+    with lab.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("0.0.0.0", 9100))
+        listener.listen()
+        listener.settimeout(5)
+        for local in ("127.0.0.1", LAB_PUBLIC_ORIGINS[0]):
+            with lab.dial(local, 9100):
+                accepted, _peer = listener.accept()
+                assert accepted.getsockname()[0] == local
+                accepted.close()
+        with lab.dial("10.0.0.1", 9100) as sock:
+            _http_get(sock)
+    assert lab.all_hits() == {("10.0.0.1", 9100): 1}
+
+
+def _dial_from(lab: NetworkLab, source_port: int, address: str, port: int) -> socket.socket:
+    sock = lab.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", source_port))
+    sock.settimeout(5)
+    sock.connect((address, port))
+    return sock
+
+
+def test_a_connection_reusing_the_4_tuple_of_a_listener_time_wait_still_reaches_the_listener(
+        lab: NetworkLab) -> None:
+    # The listener's side closes first, so its end of each connection stays in TIME_WAIT; the next
+    # SYN from the same source port finds that socket, not the listener, when the lab looks.
+    with lab.listen("127.0.0.1", 9200) as listener:
+        listener.settimeout(5)
+        for _ in range(3):
+            with _dial_from(lab, 45201, "127.0.0.1", 9200):
+                accepted, _peer = listener.accept()
+                accepted.close()
+                time.sleep(0.05)
+    assert lab.all_hits() == {}
+
+
+def test_a_dial_reusing_the_4_tuple_of_a_catch_all_time_wait_is_caught_again(lab: NetworkLab) -> None:
+    for _ in range(3):
+        with _dial_from(lab, 45202, "10.0.0.1", 80) as sock:
+            _http_get(sock)  # the catch-all answers and closes first
+    assert lab.all_hits() == {("10.0.0.1", 80): 3}
+
+
+def test_hits_carry_the_time_the_lab_accepted_them_in_order(lab: NetworkLab) -> None:
+    before = time.monotonic()
+    for address in ("10.0.0.1", "10.0.0.2"):
+        with lab.dial(address, 80) as sock:
+            _http_get(sock)
+    first, second = lab.hits()
+    assert before <= first.at <= second.at <= time.monotonic()
+    assert (first.index, second.index) == (0, 1)
+    assert lab.hits(since=1) == [second]
+    assert lab.hit_mark() == 2
+
+
+def test_hits_stay_unaccounted_until_a_verdict_counts_them(lab: NetworkLab) -> None:
+    for address in ("10.0.0.1", "10.0.0.2"):
+        with lab.dial(address, 80) as sock:
+            _http_get(sock)
+    assert [hit.address for hit in lab.unaccounted_hits()] == ["10.0.0.1", "10.0.0.2"]
+    lab.account([0], by="test-a")
+    lab.account([0, 1], by="test-b")
+    assert (lab.accounted_by(0), lab.accounted_by(1)) == ("test-a", "test-b")
+    assert lab.unaccounted_hits() == []
 
 
 def test_reset_hits_forgets_counts_and_recorded_bytes(lab: NetworkLab) -> None:
-    with lab.connect("10.0.0.1", 80) as sock:
+    with lab.dial("10.0.0.1", 80) as sock:
         _http_get(sock)
     lab.reset_hits()
-    assert set(lab.all_hits().values()) == {0}
+    assert lab.all_hits() == {}
     assert lab.received("10.0.0.1") == []
+    assert lab.unaccounted_hits() == [] and lab.attempt_windows() == []
 
 
-def test_asking_for_hits_of_an_address_that_is_not_a_canary_is_an_error(lab: NetworkLab) -> None:
-    with pytest.raises(ValueError, match="is not a canary"):
-        lab.canary_hits("10.0.0.2")
-    with pytest.raises(ValueError, match="is not a canary"):
-        lab.canary_hits("10.0.0.1", 8080)
+def test_asking_for_hits_of_something_that_is_not_an_ip_address_is_an_error(lab: NetworkLab) -> None:
+    with pytest.raises(ValueError, match="is not an IP address"):
+        lab.canary_hits("10.0.0.256")
+    with pytest.raises(ValueError, match="is not an IP address"):
+        lab.received("metadata.google.internal")
 
 
 @pytest.mark.parametrize(
-    "address", ["0.0.0.0", "::", "224.0.0.1", "255.255.255.255", "ff02::1", "::ffff:10.0.0.1", "fe80::1",
-                "not-an-ip"],
+    "address", ["0.0.0.0", "::", "224.0.0.1", "255.255.255.255", "ff02::1", "::ffff:10.0.0.1", "not-an-ip"],
 )
 def test_addresses_where_a_canary_would_prove_nothing_are_refused(address: str) -> None:
     with pytest.raises(ValueError, match="canary"):
@@ -449,6 +597,26 @@ def test_addresses_where_a_canary_would_prove_nothing_are_refused(address: str) 
 def test_a_canary_cannot_also_be_a_public_origin() -> None:
     with pytest.raises(ValueError, match="both canaries and public origins"):
         NetworkLab.start(["11.0.0.10"])
+
+
+def test_a_public_origin_cannot_be_link_local() -> None:
+    with pytest.raises(ValueError, match="needs a scope id"):
+        NetworkLab.start(public_origins=["fe80::10"])
+
+
+@needs_netns
+def test_a_lab_without_nft_fails_with_one_line_naming_the_package(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for tool in ("ip", "nsenter"):
+        found = shutil.which(tool)
+        assert found is not None
+        (tools / tool).symlink_to(found)
+    monkeypatch.setenv("PATH", str(tools))
+    with pytest.raises(HostUnsupportedError, match=r"package nftables\) is not installed") as failure:
+        NetworkLab.start(name="no-nft")
+    assert "\n" not in str(failure.value)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -491,7 +659,7 @@ def test_public_origin_answers_200_and_records_each_keep_alive_request(lab: Netw
         ("POST", "/first", b"hi", 1), ("POST", "/second", b"hi", 1)]
     assert requests[0].header("HOST") == "origin.test"
     assert lab.origin_connections(origin, 80) == 1
-    assert set(lab.all_hits().values()) == {0}
+    assert lab.all_hits() == {}
 
 
 def test_pipelined_requests_are_each_recorded(lab: NetworkLab) -> None:
@@ -618,7 +786,7 @@ def test_two_labs_with_the_same_canary_are_independent() -> None:
             NetworkLab.start(["10.0.0.1"], public_origins=(), name="b") as second:
         assert first.netns_id != second.netns_id
         first.add_name("only-in-a.test", ["10.0.0.1"])
-        with first.connect("10.0.0.1", 80) as sock:
+        with first.dial("10.0.0.1", 80) as sock:
             _http_get(sock)
         assert first.canary_hits("10.0.0.1") == 1
         assert second.canary_hits("10.0.0.1") == 0
@@ -659,7 +827,7 @@ _UNPRIVILEGED_SCRIPT = textwrap.dedent("""
         print(json.dumps({"unsupported": str(exc)}))
         sys.exit(0)
     with lab:
-        with lab.connect("10.0.0.1", 80) as sock:
+        with lab.dial("10.0.0.1", 80) as sock:
             sock.sendall(b"GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
             first_line = sock.recv(4096).split(b"\\r\\n")[0].decode()
         with lab.connect("11.0.0.10", 443) as sock:

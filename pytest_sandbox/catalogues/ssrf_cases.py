@@ -13,9 +13,9 @@ Three parts, in this order in ``SSRF_CASES``:
   stub resolver and are ``denied`` after resolution.
 
 Each case sends ``authority`` as a CONNECT target or ``absolute_url`` as an absolute-form request.
-``canary`` is the address a careless proxy would really reach (the lab binds one listener per
-``canary_addresses()`` entry, on ``CASE_PORT``); ``None`` where no TCP peer can exist.
-Link-local canaries (fe80::/10) must be bound with the loopback interface's scope id.
+``canary`` is the address a careless proxy would really reach (the lab's catch-all canary observes
+every address and port; a proxy reaches fe80::/10 only with a scope id, which the lab's lo routes
+locally); ``None`` where no TCP peer can exist.
 """
 
 from __future__ import annotations
@@ -147,14 +147,14 @@ def _family(address: IPv4Address | IPv6Address) -> str:
 # --------------------------------------------------------------------------------------------
 
 _IPV4_MAPPED = IPv6Network("::ffff:0:0/96")
-# connect() to multicast or the limited broadcast address fails with EINVAL, and such addresses
-# cannot be assigned to an interface for a listener (IPv6 needs IFA_F_MCAUTOJOIN).  lo carries
-# 127.0.0.1/8, so 127.255.255.255 is a broadcast route and connect() fails with ENETUNREACH.
-# No canary for these; the proxy must still refuse them.
+# TCP connect() to multicast or the limited broadcast address fails before any packet exists
+# (tcp_v4_connect refuses RTCF_MULTICAST|RTCF_BROADCAST routes, tcp_v6_connect multicast
+# destinations), so no TCP peer can exist there.  No canary for these; the proxy must still refuse
+# them.  (127.255.255.255 is a broadcast route only because lo carries 127.0.0.1/8; the lab removes
+# that route, so a careless proxy really reaches it there.)
 _NO_TCP_PEER: tuple[IPv4Network | IPv6Network, ...] = (
     IPv4Network("224.0.0.0/4"),
     IPv4Network("255.255.255.255/32"),
-    IPv4Network("127.255.255.255/32"),
     IPv6Network("ff00::/8"),
 )
 # Linux routes connect() to INADDR_ANY to 127.0.0.1 (ip_route_output_key_hash_rcu) and to

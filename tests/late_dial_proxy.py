@@ -1,0 +1,210 @@
+"""A deliberately broken proxy: the reference proxy's answers, then a dial 200 ms after every 403.
+
+It relays each client connection to an inner reference :class:`~pytest_sandbox.proxy.EgressProxy`
+and passes its answers back unchanged, so every refusal the client sees is genuine. But whenever
+the inner proxy refused a request with 403 for a destination it had already resolved, this relay
+dials that destination itself ``delay`` seconds after the client connection closed: it sends the
+request head for an absolute-form request (so the nonce reaches the canary) and nothing for a
+CONNECT (a late dial with no bytes). A suite that reads the canaries at once, or blames a hit on
+whatever test runs next, credits it with BLOCKED; the lab's campaign must fail exactly the cases it
+leaked and blame no positive control.
+
+In-process: :func:`start_late_dialer` (lab sockets, the lab's resolver). As a command inside a lab
+(``--sandbox-proxy-cmd``): ``python3 tests/late_dial_proxy.py PORT``, where plain sockets are lab
+sockets and names resolve through the lab's DNS (the command form binds the lab's resolv.conf).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a command: the tree under test
+
+from pytest_sandbox.evidence import NONCE_HEADER
+from pytest_sandbox.proxy import Decision, EgressProxy, ProxyConfig
+
+DELAY_SECONDS = 0.2
+HEAD_LIMIT = 64 * 1024
+RELAY_CHUNK = 65536
+
+
+@dataclass(frozen=True)
+class LateDial:
+    """One destination dialled after its 403: what the relay leaked, by the request's nonce."""
+
+    nonce: str | None
+    target: str
+    address: str
+    port: int
+
+
+def _nonce_of(head: bytes) -> str | None:
+    wanted = NONCE_HEADER.lower().encode() + b":"
+    for line in head.split(b"\r\n")[1:]:
+        if line.lower().startswith(wanted):
+            return line.split(b":", 1)[1].strip().decode("latin-1")
+    return None
+
+
+@dataclass
+class LateDialer:
+    """The relay. ``connect_inner`` opens a connection to the inner proxy; ``socket_factory(family)``
+    makes the sockets the late dials use; ``decisions`` is the inner proxy's decision log."""
+
+    connect_inner: Callable[[], socket.socket]
+    socket_factory: Callable[[int], socket.socket]
+    decisions: Callable[[], list[Decision]]
+    delay: float = DELAY_SECONDS
+    dialled: list[LateDial] = field(default_factory=list)
+    _loop: asyncio.AbstractEventLoop | None = None
+    _thread: threading.Thread | None = None
+    _pending: set[asyncio.Task[None]] = field(default_factory=set)
+
+    async def serve(self, listen_sock: socket.socket) -> None:
+        listen_sock.setblocking(False)
+        server = await asyncio.start_server(self._client, sock=listen_sock, limit=HEAD_LIMIT)
+        async with server:
+            await server.serve_forever()
+
+    def start_in_thread(self, listen_sock: socket.socket) -> None:
+        self._loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        def main() -> None:
+            assert self._loop is not None
+            asyncio.set_event_loop(self._loop)
+            task = self._loop.create_task(self.serve(listen_sock))
+            self._loop.call_soon(ready.set)
+            with contextlib.suppress(asyncio.CancelledError):
+                self._loop.run_until_complete(task)
+
+        self._thread = threading.Thread(target=main, name="late-dialer", daemon=True)
+        self._thread.start()
+        ready.wait(5)
+
+    def stop(self) -> None:
+        """Stop serving and cancel dials not made yet."""
+        if self._loop is None or self._thread is None:
+            return
+
+        def cancel_all() -> None:
+            for task in asyncio.all_tasks(self._loop):
+                task.cancel()
+
+        self._loop.call_soon_threadsafe(cancel_all)
+        self._thread.join(timeout=5)
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            writer.close()
+            return
+        request_line = head.split(b"\r\n", 1)[0].decode("utf-8", "surrogateescape")
+        method, _, rest = request_line.partition(" ")
+        target = rest.rsplit(" ", 1)[0]
+        inner = await loop.run_in_executor(None, self.connect_inner)
+        inner.setblocking(False)
+        inner_reader, inner_writer = await asyncio.open_connection(sock=inner, limit=HEAD_LIMIT)
+        inner_writer.write(head)
+        status: list[bytes] = []
+
+        async def downstream() -> None:
+            while data := await inner_reader.read(RELAY_CHUNK):
+                if not status:
+                    status.append(data.split(b" ", 2)[1] if data.count(b" ") >= 1 else b"")
+                writer.write(data)
+                await writer.drain()
+
+        async def upstream() -> None:
+            while data := await reader.read(RELAY_CHUNK):
+                inner_writer.write(data)
+                await inner_writer.drain()
+            with contextlib.suppress(OSError):
+                inner_writer.write_eof()
+
+        pump = asyncio.create_task(upstream())
+        try:
+            with contextlib.suppress(ConnectionError):
+                await downstream()
+        finally:
+            pump.cancel()
+            inner_writer.close()
+            writer.close()
+        if status and status[0] == b"403":
+            decision = self._decision_for(target)
+            if decision is not None and decision.addresses and decision.port is not None:
+                payload = b"" if method == "CONNECT" else head
+                for address in decision.addresses:
+                    dial = LateDial(_nonce_of(head), target, address, decision.port)
+                    loop.call_later(self.delay, self._start_dial, dial, payload)
+
+    def _decision_for(self, target: str) -> Decision | None:
+        return next((d for d in reversed(self.decisions()) if d.target == target and d.status == 403), None)
+
+    def _start_dial(self, dial: LateDial, payload: bytes) -> None:
+        task = asyncio.get_running_loop().create_task(self._dial(dial, payload))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _dial(self, dial: LateDial, payload: bytes) -> None:
+        family = socket.AF_INET6 if ":" in dial.address else socket.AF_INET
+        loop = asyncio.get_running_loop()
+        with self.socket_factory(family) as sock:
+            sock.setblocking(False)
+            try:
+                await loop.sock_connect(sock, (dial.address, dial.port))
+                self.dialled.append(dial)
+                if payload:
+                    await loop.sock_sendall(sock, payload)
+                    with contextlib.suppress(OSError):
+                        await asyncio.wait_for(loop.sock_recv(sock, RELAY_CHUNK), 1.0)
+            except (OSError, asyncio.TimeoutError):
+                return
+
+
+# --------------------------------------------------------------------------------------------------
+# As a command inside a lab: python3 tests/late_dial_proxy.py PORT
+# --------------------------------------------------------------------------------------------------
+
+
+async def _resolve(name: str) -> list[str]:
+    """The C library's resolver: inside a lab command it asks the lab's DNS stub."""
+    try:
+        answers = await asyncio.get_running_loop().getaddrinfo(name, None, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return []
+    return list(dict.fromkeys(str(info[4][0]) for info in answers))
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1 or not argv[0].isdigit():
+        print("usage: late_dial_proxy.py PORT", file=sys.stderr)
+        return 2
+    inner_listener = socket.socket()
+    inner_listener.bind(("127.0.0.1", 0))
+    inner_listener.listen(128)
+    inner_address = inner_listener.getsockname()
+    config = ProxyConfig(connect_timeout=2.0, upstream_timeout=2.0, resolve_timeout=2.0, idle_timeout=5.0)
+    inner = EgressProxy(config, resolver=_resolve, socket_factory=lambda family: socket.socket(family))
+    inner.start_in_thread(inner_listener)
+    relay = LateDialer(lambda: socket.create_connection(inner_address, timeout=5),
+                       lambda family: socket.socket(family), lambda: inner.decisions)
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", int(argv[0])))
+    listener.listen(128)
+    asyncio.run(relay.serve(listener))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,166 @@
+"""Detection proof for the egress category: launchers that do not isolate the network earn no BLOCKED.
+
+The category (``pytest_sandbox.egress_suite``) runs one probe under a launcher and judges where the
+process ran and what it reached. Two deliberately broken launchers are kept here: one that runs the
+command in the harness's own (host) network namespace, as a launcher that isolates nothing would, and
+one that runs it in the lab namespace, next to every destination the proxy guards. Both must earn 0
+BLOCKED, with verdicts that name the hole; the reference launcher in proxy mode must earn BLOCKED
+everywhere and pass its proxy control. The judges are also checked without sockets.
+
+Safety: the probe attempts non-loopback destinations only from a namespace the harness made (its
+own check, inside the process); from the host namespace it tries the harness's loopback listeners only.
+"""
+
+from __future__ import annotations
+
+import errno
+import subprocess
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from pytest_sandbox.egress_suite import (
+    DIRECT_TARGETS,
+    EgressEvidence,
+    EgressTarget,
+    Namespaces,
+    ProbeReport,
+    TargetOutcome,
+    host_netns,
+    judge_direct,
+    judge_namespace,
+    judge_proxy_control,
+    parse_report,
+    run_egress_probe,
+)
+from pytest_sandbox.lab import NetworkLab
+from pytest_sandbox.netns import NetnsHolder
+from pytest_sandbox.network_fixtures import ProxiedSandbox
+from pytest_sandbox.verdicts import Verdict
+
+
+@dataclass
+class HostNetworkLauncher:
+    """A broken launcher: it runs the command as is, in the caller's (the host's) network namespace."""
+
+    def run(self, argv: Sequence[str], *, timeout: float | None = None) -> Any:
+        return subprocess.run(list(argv), capture_output=True, timeout=timeout, check=False)
+
+
+@dataclass
+class LabNetworkLauncher:
+    """A broken launcher: it puts the command into the lab's namespace instead of a private one."""
+
+    lab: NetworkLab
+
+    def run(self, argv: Sequence[str], *, timeout: float | None = None) -> Any:
+        return self.lab.run(list(argv), capture_output=True, timeout=timeout, check=False)
+
+
+def _verdicts(evidence: EgressEvidence) -> dict[str, Verdict]:
+    found = {"netns-own": evidence.namespace.verdict, "proxy-control": evidence.proxy_control.verdict}
+    found.update({target_id: judgement.verdict for target_id, (_t, judgement) in evidence.direct.items()})
+    return found
+
+
+@pytest.fixture
+def scratch_namespace() -> Iterator[NetnsHolder]:
+    """A namespace the harness made for the process, for launchers that ignore it."""
+    with NetnsHolder.start(name="egress-unused") as holder:
+        yield holder
+
+
+def test_launcher_that_isolates_nothing_earns_no_blocked_and_is_named(_network_lab, scratch_namespace):
+    evidence = run_egress_probe(HostNetworkLauncher(), _network_lab, scratch_namespace.netns_id)
+    verdicts = _verdicts(evidence)
+    assert Verdict.BLOCKED not in verdicts.values(), verdicts
+    assert evidence.namespace.verdict is Verdict.ALLOWED
+    assert "shares the host's network namespace" in evidence.namespace.reason
+    _target, loopback = evidence.direct["direct-host-loopback-v4"]
+    assert loopback.verdict is Verdict.ALLOWED and "host's loopback listener" in loopback.reason
+    _target, metadata = evidence.direct["direct-169.254.169.254"]
+    assert metadata.verdict is Verdict.ALLOWED
+    assert "not attempted" in metadata.observed  # the probe never dials off the host from the host
+    assert evidence.proxy_control.verdict is Verdict.BROKEN
+
+
+def test_launcher_that_joins_the_lab_earns_no_blocked_and_is_named(_network_lab, scratch_namespace):
+    evidence = run_egress_probe(LabNetworkLauncher(_network_lab), _network_lab, scratch_namespace.netns_id)
+    verdicts = _verdicts(evidence)
+    assert Verdict.BLOCKED not in verdicts.values(), verdicts
+    assert "lab's namespace" in evidence.namespace.reason
+    _target, metadata = evidence.direct["direct-169.254.169.254"]
+    assert metadata.verdict is Verdict.ALLOWED and "lab's catch-all (169.254.169.254:80)" in metadata.reason
+    assert _network_lab.unaccounted_hits() == []  # the category counted every hit it caused
+
+
+def test_reference_launcher_in_proxy_mode_is_blocked_everywhere_and_reaches_its_proxy(
+        _network_lab, sandbox_proxied: ProxiedSandbox):
+    evidence = run_egress_probe(sandbox_proxied, _network_lab, sandbox_proxied.holder.netns_id)
+    verdicts = _verdicts(evidence)
+    assert verdicts.pop("proxy-control") is Verdict.WORKS, evidence.proxy_control
+    assert set(verdicts.values()) == {Verdict.BLOCKED}, {k: evidence.direct[k][1] for k in evidence.direct}
+    assert {"direct-host-loopback-v4", *(t.target_id for t in DIRECT_TARGETS)} <= set(verdicts)
+
+
+# --- the judges, without sockets ------------------------------------------------------------------
+
+SPACES = Namespaces(host=(1, 100), lab=(1, 200), own=(1, 300))
+TARGET = EgressTarget("direct-10.0.0.1", "10.0.0.1", 80, "private 10/8 address")
+
+
+def _report(netns: tuple[int, int] | None, outcome: TargetOutcome) -> ProbeReport:
+    return ProbeReport(netns, {TARGET.target_id: outcome}, None)
+
+
+def test_refusal_in_the_namespace_made_for_the_process_is_blocked():
+    judgement = judge_direct(TARGET, _report(SPACES.own, TargetOutcome("errno", errno.ENETUNREACH)), SPACES, "")
+    assert judgement.verdict is Verdict.BLOCKED and "ENETUNREACH" in judgement.reason
+
+
+def test_a_timeout_is_indeterminate_never_blocked():
+    judgement = judge_direct(TARGET, _report(SPACES.own, TargetOutcome("timeout")), SPACES, "")
+    assert judgement.verdict is Verdict.INDETERMINATE and "timed out" in judgement.reason
+
+
+def test_a_refusal_in_an_unknown_namespace_proves_nothing():
+    judgement = judge_direct(TARGET, _report((1, 999), TargetOutcome("errno", errno.ECONNREFUSED)), SPACES, "")
+    assert judgement.verdict is Verdict.INDETERMINATE
+
+
+def test_a_refusal_in_the_host_namespace_is_still_allowed():
+    judgement = judge_direct(TARGET, _report(SPACES.host, TargetOutcome("errno", errno.ECONNREFUSED)), SPACES, "")
+    assert judgement.verdict is Verdict.ALLOWED and "host's network namespace" in judgement.reason
+
+
+def test_anything_a_listener_saw_is_allowed_whatever_the_probe_says():
+    judgement = judge_direct(TARGET, _report(SPACES.own, TargetOutcome("errno", errno.ECONNREFUSED)), SPACES,
+                             "the lab's catch-all (10.0.0.1:80)")
+    assert judgement.verdict is Verdict.ALLOWED
+
+
+def test_namespace_verdicts_name_where_the_process_ran():
+    assert judge_namespace(ProbeReport(SPACES.own, {}, None), SPACES).verdict is Verdict.BLOCKED
+    assert judge_namespace(ProbeReport(SPACES.host, {}, None), SPACES).verdict is Verdict.ALLOWED
+    assert judge_namespace(ProbeReport(SPACES.lab, {}, None), SPACES).verdict is Verdict.ALLOWED
+    assert judge_namespace(ProbeReport((1, 7), {}, None), SPACES).verdict is Verdict.INDETERMINATE
+    assert judge_namespace(ProbeReport(None, {}, None, "no report"), SPACES).verdict is Verdict.INDETERMINATE
+
+
+def test_a_probe_that_did_not_report_is_indeterminate_not_blocked():
+    report = parse_report(1, b"", b"Traceback: boom")
+    assert report.netns is None and "boom" in report.error
+    assert judge_direct(TARGET, report, SPACES, "").verdict is Verdict.INDETERMINATE
+
+
+def test_proxy_control_needs_the_origin_to_have_recorded_the_request():
+    answered = ProbeReport(SPACES.own, {}, {"status_line": "HTTP/1.1 200 OK", "origin": "11.0.0.10"})
+    assert judge_proxy_control(answered, 1).verdict is Verdict.WORKS
+    assert judge_proxy_control(answered, 0).verdict is Verdict.BROKEN
+    assert judge_proxy_control(ProbeReport(SPACES.host, {}, None), 0).verdict is Verdict.BROKEN
+
+
+def test_host_netns_is_this_process_namespace():
+    assert host_netns()[1] > 0
