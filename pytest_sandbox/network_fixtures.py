@@ -30,8 +30,9 @@ from typing import Any
 
 import pytest
 
+from pytest_sandbox.categories import CategoryNotRun
 from pytest_sandbox.compiler import compile_policy
-from pytest_sandbox.errors import SandboxError
+from pytest_sandbox.errors import HostUnsupportedError, SandboxError
 from pytest_sandbox.fake_backend import DEFAULT_BACKEND_NAME, FakeInferenceBackend
 from pytest_sandbox.interception import (
     INFERENCE_HOST,
@@ -340,12 +341,24 @@ def start_proxied_sandbox(lab: NetworkLab, policy: Policy, interception: Inferen
 
 
 @pytest.fixture(scope="session")
-def _network_lab() -> Iterator[NetworkLab]:
-    """The session's lab, without the ``--sandbox`` gate (for the project's own tests)."""
+def _network_lab(pytestconfig: pytest.Config) -> Iterator[NetworkLab]:
+    """The session's lab, without the ``--sandbox`` gate (for the project's own tests).
+
+    On a host that cannot create a network namespace, every test that needs the lab fails with the
+    reason under ``--sandbox`` (SPEC "Fail closed": the network categories did not run, and the
+    scorecard says so); without ``--sandbox`` such tests are skipped.
+    """
     available, why = host_can_create_netns()
+    if available:
+        try:
+            lab = start_lab()
+        except HostUnsupportedError as error:
+            available, why = False, str(error)
     if not available:
-        pytest.skip(f"the network lab needs a private network namespace: {why}")
-    lab = start_lab()
+        reason = f"the network lab needs a private network namespace, and this host cannot create one: {why}"
+        if pytestconfig.getoption("sandbox", False):
+            raise CategoryNotRun(reason)
+        pytest.skip(reason)
     try:
         yield lab
     finally:
