@@ -48,14 +48,15 @@ MEMBERSHIP: tuple[Membership, ...] = (
     Membership("test_ssrf.py", "test_absolute_request_with_private_host_header_is_judged_by_its_public_target",
                "*", "ssrf-controls"),
     Membership("test_ssrf.py", "*", "*", "ssrf"),
+    Membership("test_allowlist.py", "*", "*", "allowlist"),
     Membership("test_egress.py", "*", "*", "egress"),
     Membership("test_inference.py", "*", "*", "inference"),
     Membership("test_smuggling.py", "*", "*", "smuggling"),
 )
 
 # Every category, in scorecard order (each control category after what it controls).
-CATEGORIES: tuple[str, ...] = ("syscall", "syscall-controls", "ssrf", "ssrf-controls", "egress", "inference",
-                               "smuggling")
+CATEGORIES: tuple[str, ...] = ("syscall", "syscall-controls", "ssrf", "ssrf-controls", "allowlist", "egress",
+                               "inference", "smuggling")
 
 SUITE_DIRECTORY = "conformance"
 

@@ -355,9 +355,11 @@ def stray_backend_requests(recorded: Iterable[RecordedRequest], route_key: str,
 
 
 def judge_backend_record(recorded: list[RecordedRequest], route_key: str,
-                         forbidden_values: Iterable[str] = ()) -> SsrfJudgement:
-    """BLOCKED when the backend saw only routed inference requests with the route key. Pure."""
-    strays = stray_backend_requests(recorded, route_key, forbidden_values=forbidden_values)
+                         forbidden_values: Iterable[str] = (),
+                         routes: tuple[InferenceRoute, ...] = DEFAULT_ROUTES) -> SsrfJudgement:
+    """BLOCKED when the backend saw only requests matching ``routes`` (the enforced policy's), each
+    with the route key. Pure."""
+    strays = stray_backend_requests(recorded, route_key, routes, forbidden_values=forbidden_values)
     expected = "only inference routes, each with exactly the route key"
     observed = f"{len(recorded)} recorded, strays {strays[:5]}"
     if strays:

@@ -149,6 +149,7 @@ def check_syscall_param(request: pytest.FixtureRequest, sandbox_session: Sandbox
 from pytest_sandbox.fixtures import _sandbox_pool, sandbox, sandbox_policy  # noqa: E402,F401  (fixtures)
 from pytest_sandbox.network_fixtures import (  # noqa: E402, F401  (fixtures)
     _network_lab,
+    _proxied_pool,
     inference_backend,
     interception_ca,
     network_verdict,

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
+
+import pytest
 
 from pytest_sandbox.report import verdict_map
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def pytester_imports_this_checkout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pytester's subprocesses run elsewhere, where an editable install may point at another checkout."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
 
 
 def run_suite(pytester, *args):
