@@ -2,9 +2,10 @@
 
 One ``CONNECT`` per probe of :func:`~pytest_sandbox.allowlist_suite.allowlist_probes`, ids like
 ``connect-11.0.0.10-8080``: a lab public origin (outside every special-use range) on every port the
-policy allows plus ports it commonly leaves out, and every lab origin by address and by name. Each
-destination has a lab listener, so a dial is seen whatever the proxy answers: what the policy admits
-must be reached, anything else refused before any dial. Runs only with ``--sandbox``.
+enforced policy (``--sandbox-policy``) allows, every port the baseline allows (one the policy dropped
+must now be refused) and ports policies commonly leave out; and every lab origin by address and by
+name. Each destination has a lab listener, so a dial is seen whatever the proxy answers: what the
+policy admits must be reached, anything else refused before any dial. Runs only with ``--sandbox``.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ commands in their own network namespace whose only listener is a reference proxy
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import os
 import shutil
 import socket
@@ -37,7 +38,7 @@ from pytest_sandbox.categories import CategoryNotRun, category_of
 from pytest_sandbox.compiler import compile_policy
 from pytest_sandbox.errors import HostUnsupportedError
 from pytest_sandbox.fake_backend import DEFAULT_BACKEND_NAME, FakeInferenceBackend
-from pytest_sandbox.inference_routes import InferenceRoute
+from pytest_sandbox.inference_routes import InferenceRoute, match_route
 from pytest_sandbox.interception import (
     INFERENCE_HOST,
     INFERENCE_PORT,
@@ -520,10 +521,28 @@ def _case_destinations(item: pytest.Item) -> list[tuple[str, int]]:
     return wanted
 
 
-def require_allowlist_admits(item: pytest.Item, policy: Policy) -> None:
-    """Raise CategoryNotRun when the policy's allowlist refuses what ``item`` must send: its refusals
-    would then prove the allowlist, not the check under test, and its controls could not pass."""
+# Inference routes the smuggling suite's tunnel payloads are built on (inference_suite.TUNNEL_TARGETS,
+# and the GET that primes its backend record): (category, node-id pattern, (method, path) pairs).
+SUITE_ROUTES: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
+    ("smuggling", "*[[]tunnel-*", (("POST", "/v1/chat/completions"), ("GET", "/v1/models"))),
+    ("smuggling", "*::test_backend_record_*", (("GET", "/v1/models"),)),
+)
+
+
+def require_policy_admits(item: pytest.Item, policy: Policy) -> None:
+    """Raise CategoryNotRun when the policy refuses what ``item`` must get through: a destination its
+    allowlist refuses (the refusals would prove the allowlist, not the check under test, and the
+    controls could not pass), or an inference request its tunnel payloads need routed."""
     category = category_of(item.nodeid)
+    for wanted, pattern, needed in SUITE_ROUTES:
+        missing = [f"{method} {path}" for method, path in needed
+                   if category == wanted and fnmatch.fnmatchcase(item.nodeid, pattern)
+                   and match_route(policy.inference_routes, method, path) is None]
+        if missing:
+            raise CategoryNotRun(
+                f"policy {policy.name} does not route {', '.join(missing)}, which the smuggling tunnel cases send "
+                "as their allowed requests (every case would read as a refusal); route them, or deselect the tunnel "
+                "cases (-k 'not tunnel')")
     destinations = suite_destinations(category, item.nodeid)
     if destinations is None:
         return
@@ -544,10 +563,10 @@ def network_verdict(request: pytest.FixtureRequest) -> VerdictCheck:
 
     Call as ``network_verdict(category, test_id, judgement, attempted)``; BLOCKED and WORKS pass,
     everything else (INDETERMINATE included) fails with the judgement's reason. A test whose
-    destinations the enforced policy's allowlist refuses does not run (:func:`require_allowlist_admits`).
+    destinations or routes the enforced policy refuses does not run (:func:`require_policy_admits`).
     """
     session: SandboxSession = request.getfixturevalue("sandbox_session")
-    require_allowlist_admits(request.node, session.policy)
+    require_policy_admits(request.node, session.policy)
 
     def check(category: str, test_id: str, judgement: SsrfJudgement, attempted: str) -> None:
         request.node.user_properties.append((PROPERTY, verdict_record(category, test_id, judgement, attempted)))

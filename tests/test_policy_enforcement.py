@@ -166,14 +166,16 @@ def test_what_the_suites_send_must_be_admitted(tmp_path: Path) -> None:
 # --- the suite against the reference and against the stale proxy ---------------------------------
 
 
-def run_suite(pytester: pytest.Pytester, module: str, policy: Path, *args: str,
+def run_suite(pytester: pytest.Pytester, modules: str, policy: Path, *args: str,
               stale: bool = False) -> pytest.RunResult:
+    """Copy the conformance ``modules`` (space-separated) into a fresh ``conformance/`` and run them."""
     (pytester.path / "conformance").mkdir(exist_ok=True)
-    (pytester.path / "conformance" / module).write_text((ROOT / "conformance" / module).read_text())
+    for module in modules.split():
+        (pytester.path / "conformance" / module).write_text((ROOT / "conformance" / module).read_text())
     if stale:
         pytester.makeconftest(STALE_PROXY_CONFTEST.format(tests=str(ROOT / "tests")))
     return pytester.runpytest_subprocess("--sandbox", f"--sandbox-policy={policy}", "-p", "no:cacheprovider",
-                                         "-p", "no:benchmark", f"conformance/{module}", *args)
+                                         "-p", "no:benchmark", *(f"conformance/{m}" for m in modules.split()), *args)
 
 
 def failed_ids(result: pytest.RunResult) -> set[str]:
@@ -207,6 +209,33 @@ def test_a_proxy_keeping_the_default_routes_fails_the_suite_on_exactly_the_chang
     assert "GET /v1/models is no route of the policy, yet it reached the backend" in output
     assert "POST /v1/files is a route of the policy but was not forwarded as routed" in output
     assert "requests that must never reach the backend did: ['POST /v1/completions'" in output
+
+
+def test_an_added_route_is_forwarded_and_every_backend_record_is_judged_by_the_policys_routes(
+        pytester: pytest.Pytester, tmp_path: Path) -> None:
+    routes = [*((r.method, r.path) for r in DEFAULT_ROUTES), ("POST", "/v1/files")]
+    policy = write_policy(tmp_path, 'name = "add-files"\nextends = "baseline"\n[inference]\nroutes = [\n' + "".join(
+        f'  {{ method = "{method}", path = "{path}" }},\n' for method, path in routes) + "]\n")
+    report = tmp_path / "report.json"
+    result = run_suite(pytester, "test_inference.py test_smuggling.py", policy, "-k",
+                       "route_table or backend_record or pipeline-safe", f"--sandbox-report={report}")
+    assert result.ret == 0, result.stdout.str()[-3000:]
+    verdicts = {p["test"]: p["verdict"] for p in json.loads(report.read_text())["probes"]}
+    assert verdicts["route-POST-/v1/files"] == "WORKS"  # and it is in the backend's log when these are judged:
+    assert verdicts["backend-record"] == verdicts["tunnel-backend-record"] == "BLOCKED"
+
+
+def test_tunnel_smuggling_under_a_policy_that_does_not_route_its_requests_does_not_run_and_says_why(
+        pytester: pytest.Pytester, tmp_path: Path) -> None:
+    policy = write_policy(tmp_path, DROP_MODELS)
+    report = tmp_path / "report.json"
+    result = run_suite(pytester, "test_smuggling.py", policy, "-k", "pipeline-safe or backend_record",
+                       f"--sandbox-report={report}")
+    assert result.ret == 1
+    smuggling = json.loads(report.read_text())["scorecard"]["smuggling"]
+    assert (smuggling["status"], smuggling["selected"], smuggling["not_run"]) == ("ran", 5, 3)
+    assert smuggling["reason"].startswith("policy drop-models does not route GET /v1/models, which the smuggling "
+                                          "tunnel cases send")
 
 
 def test_the_stale_proxy_is_indistinguishable_under_the_baseline(pytester: pytest.Pytester) -> None:
