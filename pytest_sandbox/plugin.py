@@ -202,8 +202,8 @@ class _ScorecardReporter:
             terminalreporter.write_line(line)
         unproven = self.scorecard.unproven()
         if unproven:
-            names = ", ".join(status.name for status in unproven)
+            names = ", ".join(f"{status.name} ({status.unrun} of {status.selected} tests)" for status in unproven)
             terminalreporter.write_line(
-                f"pytest-sandbox: FAILED: selected categories did not run: {names}. A category that cannot "
-                "run fails the session; to leave one out, deselect it (by file, or -m \"not sandbox_<category>\").",
+                f"pytest-sandbox: FAILED: selected tests could not run: {names}. A category that cannot run "
+                "fails the session; to leave one out, deselect it (by file, or -m \"not sandbox_<category>\").",
                 red=True)

@@ -9,6 +9,7 @@ separate pytest process started from the checkout, so it imports this worktree's
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -36,9 +37,13 @@ def scorecard_rows(output: str) -> dict[str, str]:
     """category -> the rest of its scorecard line, from a run's terminal output."""
     lines = output.splitlines()
     start = next(i for i, line in enumerate(lines) if "pytest-sandbox scorecard" in line) + 2
-    rows = {}
+    rows: dict[str, str] = {}
     for line in lines[start:]:
         name, _, rest = line.partition(" ")
+        if not name and rows:  # a category's second line: what part of it did not run
+            last = list(rows)[-1]
+            rows[last] += " | " + rest.strip()
+            continue
         if name not in CATEGORIES:
             break
         rows[name] = rest.strip()
@@ -148,7 +153,8 @@ def test_network_categories_on_a_host_without_namespaces_fail_the_session_and_sa
         assert rows[category].startswith(f"not run: {NO_NAMESPACE}"), rows
     for category in ("syscall", "syscall-controls", "egress", "inference"):
         assert rows[category] == "not selected", rows
-    assert "FAILED: selected categories did not run: ssrf, ssrf-controls, smuggling" in result.stdout
+    assert re.search(r"FAILED: selected tests could not run: ssrf \((\d+) of \1 tests\), ssrf-controls \((\d+) of "
+                     r"\2 tests\), smuggling \((\d+) of \3 tests\)", result.stdout)
     written = json.loads(report.read_text())
     assert written["passed"] is False
     assert written["scorecard"]["ssrf"]["status"] == "not run"
@@ -174,6 +180,22 @@ def test_syscall_category_on_a_host_that_cannot_load_a_filter_fails_with_the_rea
     assert "| ssrf | 0 | 0 | 0 | 0 | 0 | not selected |" in text
 
 
+def test_a_network_mode_the_host_cannot_create_fails_its_syscall_tests_while_the_others_run() -> None:
+    result = run_pytest("--sandbox", "conformance/test_syscalls.py", "--sandbox-modes=block,proxy",
+                        "--sandbox-identities=current", "-q", restriction="no-netns")
+    assert result.returncode == 1
+    rows = scorecard_rows(result.stdout)
+    for category in ("syscall", "syscall-controls"):
+        counts, _, unrun = rows[category].partition(" | ")
+        assert int(counts.split()[0 if category == "syscall" else 3]) > 0, rows  # block mode ran
+        assert unrun.split(" of ")[1].endswith("selected tests not run: proxy mode, as root: cannot start a sandbox "
+                                               "(NO FILTER (baseline), network proxy, as root): PermissionError: "
+                                               "[Errno 1] unshare(CLONE_NEWNET) failed: Operation not permitted; "
+                                               "nothing was run"), rows
+    assert re.search(r"FAILED: selected tests could not run: syscall \(\d+ of \d+ tests\), syscall-controls "
+                     r"\(\d+ of \d+ tests\)", result.stdout)
+
+
 def test_a_category_left_with_nothing_to_prove_fails_instead_of_skipping(tmp_path: Path) -> None:
     """A requirement with no denies leaves the syscall denial test an empty parameter set, which pytest
     skips: before, a green run that proved nothing about the launcher."""
@@ -184,7 +206,7 @@ def test_a_category_left_with_nothing_to_prove_fails_instead_of_skipping(tmp_pat
     assert result.returncode == 1, result.stdout[-3000:]
     rows = scorecard_rows(result.stdout)
     assert rows["syscall"].startswith("not run: 1 of its 1 selected tests were skipped: got empty parameter set")
-    assert "FAILED: selected categories did not run: syscall" in result.stdout
+    assert "FAILED: selected tests could not run: syscall (1 of 1 tests)" in result.stdout
 
 
 def test_a_category_deselected_with_its_marker_is_not_selected_and_the_run_passes(tmp_path: Path) -> None:
