@@ -31,7 +31,7 @@ def build_report(scorecard: Scorecard, *, environment: Mapping[str, Any], run: M
                                     "not_run": status.unrun, "reason": status.reason,
                                     "summary": status.describe()}
                       for status in scorecard.statuses()},
-        "passed": not scorecard.unproven(),  # False when a selected category (or part of one) did not run
+        "all_selected_ran": not scorecard.unproven(),  # False when a selected category (or part of one) did not run
         "probes": records,
     }
 
