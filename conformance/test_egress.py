@@ -22,9 +22,10 @@ TARGET_IDS = (*HOST_LOOPBACK, *(target.target_id for target in DIRECT_TARGETS))
 
 
 @pytest.fixture(scope="module")
-def egress_evidence(sandbox_session, sandbox_lab, sandbox_proxied) -> EgressEvidence:
-    """One probe run under the reference launcher in proxy mode, judged."""
-    return run_egress_probe(sandbox_proxied, sandbox_lab, sandbox_proxied.holder.netns_id)
+def egress_evidence(sandbox_session, sandbox_lab, _proxied_pool) -> EgressEvidence:
+    """One probe run under the reference launcher in proxy mode (the session's policy), judged."""
+    proxied = _proxied_pool.get(sandbox_session.policy)
+    return run_egress_probe(proxied, sandbox_lab, proxied.holder.netns_id)
 
 
 def test_sandboxed_process_runs_in_the_namespace_made_for_it(egress_evidence, network_verdict):

@@ -5,9 +5,11 @@ Through the session's reference proxy, over raw sockets and TLS trusting only th
 the sandbox's; a streamed completion passes through; a non-inference request after a routed one on
 the same keep-alive connection gets #819's exact 403, the connection closes, the backend saw only
 the routed request and a further request gets nothing; an inner Host other than inference.local is
-refused; ``CONNECT inference.local`` on other ports follows the ordinary policy. The backend's
-record is checked last: nothing but inference routes carrying the route key ever reached it.
-Runs only with ``--sandbox``.
+refused; ``CONNECT inference.local`` on other ports follows the ordinary policy. The route table is
+the enforced policy's ``[[inference.routes]]`` (``--sandbox-policy``): each of its routes is
+forwarded, and every other request (the baseline's routes the policy dropped included) is refused.
+The backend's record is checked last: nothing but the policy's routes carrying the route key ever
+reached it. Runs only with ``--sandbox``.
 """
 
 from __future__ import annotations
@@ -17,8 +19,11 @@ import socket
 
 import pytest
 
+from pytest_sandbox.categories import CategoryNotRun
 from pytest_sandbox.fake_backend import FakeInferenceBackend
+from pytest_sandbox.inference_routes import InferenceRoute, RouteProbe, match_route, route_probes
 from pytest_sandbox.inference_suite import (
+    ParsedResponse,
     answer_to,
     closes_without_more_bytes,
     inference_request,
@@ -29,6 +34,9 @@ from pytest_sandbox.inference_suite import (
 )
 from pytest_sandbox.lab import NetworkLab
 from pytest_sandbox.network_fixtures import INFERENCE_ROUTE_KEY, InterceptionTrust, RunningProxy, VerdictCheck
+from pytest_sandbox.plugin import SESSION_KEY
+from pytest_sandbox.policy import Policy, baseline_policy
+from pytest_sandbox.session import SandboxSession
 from pytest_sandbox.ssrf_suite import SsrfJudgement, parse_reply
 from pytest_sandbox.verdicts import Verdict
 
@@ -55,9 +63,32 @@ def tunnel(proxy: RunningProxy, trust: InterceptionTrust) -> socket.socket:
     return open_inference_tunnel(proxy.connect(), trust.cert_pem)
 
 
+def enforced_policy(config: pytest.Config) -> Policy:
+    """The policy the session enforces (``--sandbox-policy``); the baseline when the plugin is off."""
+    session = config.stash.get(SESSION_KEY, None)
+    return session.policy if session is not None else baseline_policy()
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "route_probe" in metafunc.fixturenames:
+        probes = route_probes(enforced_policy(metafunc.config).inference_routes, baseline_policy().inference_routes)
+        metafunc.parametrize("route_probe", probes, ids=[probe.test_id for probe in probes])
+
+
+@pytest.fixture
+def chat_is_routed(sandbox_session: SandboxSession) -> None:
+    """These tests send chat completions, the request the fake backend serves: under a policy that does
+    not route them, a refusal could not be told from a blanket one, so they cannot run."""
+    policy = sandbox_session.policy
+    if match_route(policy.inference_routes, "POST", "/v1/chat/completions") is None:
+        raise CategoryNotRun(f"policy {policy.name} does not route POST /v1/chat/completions, the request the "
+                             "inference category's controls and refusals are built on, so no refusal could be told "
+                             "from a blanket one; route it, or deselect the category (-m 'not sandbox_inference')")
+
+
 def test_routed_chat_completion_reaches_backend_with_route_key_and_without_client_key(
         sandbox_proxy: RunningProxy, inference_backend: FakeInferenceBackend, interception_ca: InterceptionTrust,
-        network_verdict: VerdictCheck) -> None:
+        network_verdict: VerdictCheck, chat_is_routed: None) -> None:
     before = len(inference_backend.requests)
     with tunnel(sandbox_proxy, interception_ca) as tls:
         responses, _closed = send_and_read(tls, CHAT_REQUEST)
@@ -80,7 +111,7 @@ def test_routed_chat_completion_reaches_backend_with_route_key_and_without_clien
 
 def test_streamed_completion_passes_through_as_server_sent_events(
         sandbox_proxy: RunningProxy, inference_backend: FakeInferenceBackend, interception_ca: InterceptionTrust,
-        network_verdict: VerdictCheck) -> None:
+        network_verdict: VerdictCheck, chat_is_routed: None) -> None:
     with tunnel(sandbox_proxy, interception_ca) as tls:
         responses, _closed = send_and_read(tls, STREAM_REQUEST)
     answer = responses[0] if responses else None
@@ -99,8 +130,11 @@ def test_streamed_completion_passes_through_as_server_sent_events(
 
 def test_non_inference_request_after_a_routed_one_is_refused_closed_and_never_forwarded(
         sandbox_proxy: RunningProxy, inference_backend: FakeInferenceBackend, interception_ca: InterceptionTrust,
-        network_verdict: VerdictCheck) -> None:
+        network_verdict: VerdictCheck, chat_is_routed: None, sandbox_session: SandboxSession) -> None:
     """OpenShell #819: after a routed request the loop kept reading; now 403 and close, always."""
+    if match_route(sandbox_session.policy.inference_routes, "GET", "/admin") is not None:
+        raise CategoryNotRun(f"policy {sandbox_session.policy.name} routes GET /admin, this test's non-inference "
+                             "request (the route table test judges it instead)")
     before = len(inference_backend.requests)
     with tunnel(sandbox_proxy, interception_ca) as tls:
         routed, _ = send_and_read(tls, CHAT_REQUEST)
@@ -127,7 +161,7 @@ def test_non_inference_request_after_a_routed_one_is_refused_closed_and_never_fo
                                         "inference.local.", "11.0.0.20"])
 def test_inner_host_other_than_inference_local_is_refused(
         inner_host: str, sandbox_lab: NetworkLab, sandbox_proxy: RunningProxy, inference_backend: FakeInferenceBackend,
-        interception_ca: InterceptionTrust, network_verdict: VerdictCheck) -> None:
+        interception_ca: InterceptionTrust, network_verdict: VerdictCheck, chat_is_routed: None) -> None:
     before, hits_before = len(inference_backend.requests), sum(sandbox_lab.all_hits().values())
     request = inference_request("POST", "/v1/chat/completions", body=json.dumps(CHAT).encode(), host=inner_host)
     with tunnel(sandbox_proxy, interception_ca) as tls:
@@ -169,16 +203,68 @@ def test_connect_to_inference_local_on_another_port_follows_the_ordinary_policy(
         f"CONNECT inference.local:{port}")
 
 
+def probe_request(method: str, path: str) -> bytes:
+    """The request a route probe sends: a POST carries a chat body, both carry the sandbox's key."""
+    body = json.dumps(CHAT).encode() if method == "POST" else b""
+    return inference_request(method, path, body=body, headers=CLIENT_CREDENTIALS)
+
+
+def judge_route_probe(probe: RouteProbe, answer: ParsedResponse | None, closed: bool,
+                      arrived: list[tuple[str, str, list[str]]]) -> SsrfJudgement:
+    """Judge one route probe from the answer, the close and what reached the backend
+    (method, path, authorization values). Pure."""
+    request = f"{probe.method} {probe.path}"
+    refusal = " (#819 refusal)" if answer is not None and is_inference_refusal(answer) else ""
+    observed = (f"answer {answer.status if answer else None}{refusal}, closed {closed}; "
+                f"backend saw {[f'{m} {p}' for m, p, _ in arrived]}")
+    reached = [(m, p, key) for m, p, key in arrived if (m, p) == (probe.method, probe.path)]
+    if probe.routed:
+        expected = f"forwarded: the backend saw {request} once, with the route key; the answer is the backend's"
+        ok = (len(arrived) == 1 and len(reached) == 1 and reached[0][2] == [f"Bearer {INFERENCE_ROUTE_KEY}"]
+              and answer is not None and not is_inference_refusal(answer))
+        return judged(ok, Verdict.WORKS, Verdict.BROKEN, f"{request} is a route of the policy and was forwarded"
+                      if ok else f"{request} is a route of the policy but was not forwarded as routed",
+                      expected, observed)
+    expected = "refused with #819's 403 and closed; nothing reached the backend"
+    if arrived:
+        return SsrfJudgement(Verdict.ALLOWED, f"{request} is no route of the policy, yet it reached the backend",
+                             expected, observed)
+    ok = answer is not None and is_inference_refusal(answer) and closed
+    return judged(ok, Verdict.BLOCKED, Verdict.INDETERMINATE, f"{request} is no route of the policy and was refused"
+                  if ok else f"{request} was not refused as #819 requires", expected, observed)
+
+
+def test_route_table_is_the_enforced_policys(
+        route_probe: RouteProbe, sandbox_proxy: RunningProxy, inference_backend: FakeInferenceBackend,
+        interception_ca: InterceptionTrust, network_verdict: VerdictCheck) -> None:
+    """Each route of ``--sandbox-policy`` is forwarded; anything else is refused, including a baseline
+    route the policy dropped (a proxy that kept the built-in table forwards it: ALLOWED)."""
+    before = len(inference_backend.requests)
+    with tunnel(sandbox_proxy, interception_ca) as tls:
+        responses, closed = send_and_read(tls, probe_request(route_probe.method, route_probe.path))
+        if not closed and not route_probe.routed and len(inference_backend.requests) == before:
+            closed = closes_without_more_bytes(tls)  # a refusal must close (#819); forwarded is ALLOWED already
+    arrived = [(r.method, r.path, r.header_values("authorization")) for r in inference_backend.requests[before:]]
+    judgement = judge_route_probe(route_probe, responses[0] if responses else None, closed, arrived)
+    network_verdict(CATEGORY, route_probe.test_id, judgement,
+                    f"{route_probe.method} {route_probe.path} via inference.local "
+                    f"({'a route' if route_probe.routed else 'not a route'} of the policy)")
+
+
 def test_backend_record_holds_only_inference_routes_with_the_route_key(
         inference_backend: FakeInferenceBackend, sandbox_proxy: RunningProxy, interception_ca: InterceptionTrust,
-        network_verdict: VerdictCheck) -> None:
+        network_verdict: VerdictCheck, sandbox_session: SandboxSession) -> None:
     """Runs after the rest of this module (and whatever else this worker sent through the proxy).
 
     One routed request first, so the log is never empty (under xdist this may be the worker's first
-    inference test); then the whole log is judged.
+    inference test); then the whole log is judged against the policy's routes.
     """
+    routes: tuple[InferenceRoute, ...] = sandbox_session.policy.inference_routes
+    if not routes:
+        raise CategoryNotRun(f"policy {sandbox_session.policy.name} lists no inference routes: nothing can be routed, "
+                             "so no refusal can be told from a blanket one")
     with tunnel(sandbox_proxy, interception_ca) as tls:
-        send_and_read(tls, MODELS_REQUEST)
+        send_and_read(tls, probe_request(routes[0].method, routes[0].example()))
     judgement = judge_backend_record(inference_backend.requests, INFERENCE_ROUTE_KEY, forbidden_values=[SANDBOX_KEY],
-                                     streams=inference_backend.received_streams())
+                                     routes=routes, streams=inference_backend.received_streams())
     network_verdict(CATEGORY, "backend-record", judgement, "the fake backend's whole request log")

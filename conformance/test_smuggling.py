@@ -27,6 +27,7 @@ from pytest_sandbox.inference_suite import (
 )
 from pytest_sandbox.lab import NetworkLab
 from pytest_sandbox.network_fixtures import INFERENCE_ROUTE_KEY, InterceptionTrust, RunningProxy, VerdictCheck
+from pytest_sandbox.session import SandboxSession
 
 # The lab, proxy and verdict fixtures come from the plugin (rebinding them here would start a second
 # session lab for this module); these are the ones plugin.py does not import yet.
@@ -48,7 +49,7 @@ def test_smuggling_case_is_refused_and_closed_and_reaches_nothing(
 
 def test_backend_record_shows_no_smuggled_request_ever_reached_it(
         sandbox_proxy: RunningProxy, inference_backend: FakeInferenceBackend, interception_ca: InterceptionTrust,
-        network_verdict: VerdictCheck) -> None:
+        network_verdict: VerdictCheck, sandbox_session: SandboxSession) -> None:
     """Runs after the tunnel cases of this module (those this worker ran, under xdist): the fake
     backend's whole log and every byte it received, judged at once. A routed request first, so the
     log is never empty (a proxy that cannot open the tunnel leaves it empty: INDETERMINATE)."""
@@ -56,6 +57,7 @@ def test_backend_record_shows_no_smuggled_request_ever_reached_it(
             open_inference_tunnel(sandbox_proxy.connect(), interception_ca.cert_pem) as tls:
         send_and_read(tls, inference_request("GET", "/v1/models"))
     judgement = judge_backend_record(inference_backend.requests, INFERENCE_ROUTE_KEY,
+                                     routes=sandbox_session.policy.inference_routes,
                                      streams=inference_backend.received_streams())
     network_verdict("smuggling", "tunnel-backend-record", judgement,
                     "the fake backend's whole request log and raw record")

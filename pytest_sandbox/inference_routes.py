@@ -40,27 +40,31 @@ class InferenceRoute:
     """One allowed ``method path`` pair; ``*`` in the path stands for exactly one segment."""
 
     method: str
-    path_pattern: str
+    path: str  # the pattern: literal segments, ``*`` for exactly one
 
     def __post_init__(self) -> None:
         if not _METHOD.fullmatch(self.method):
             raise ValueError(f"route method must be an upper-case token, got {self.method!r}")
-        if not self.path_pattern.startswith("/"):
-            raise ValueError(f"route path must start with '/', got {self.path_pattern!r}")
-        for segment in self.path_pattern.split("/")[1:]:
+        if not self.path.startswith("/"):
+            raise ValueError(f"route path must start with '/', got {self.path!r}")
+        for segment in self.path.split("/")[1:]:
             if segment == WILDCARD_SEGMENT:
                 continue
             if not segment or segment in (".", "..") or not _PCHAR_SEGMENT.fullmatch(segment):
-                raise ValueError(f"route path has an unmatchable segment {segment!r}: {self.path_pattern!r}")
+                raise ValueError(f"route path has an unmatchable segment {segment!r}: {self.path!r}")
 
     def __str__(self) -> str:
-        return f"{self.method} {self.path_pattern}"
+        return f"{self.method} {self.path}"
+
+    def example(self, wildcard: str = "fake-model") -> str:
+        """A concrete path this route matches: each ``*`` replaced by ``wildcard``."""
+        return "/".join(wildcard if segment == WILDCARD_SEGMENT else segment for segment in self.path.split("/"))
 
     def matches(self, method: str, path: str) -> bool:
         """Whether ``method`` and an already-canonical ``path`` (see :func:`request_path`) match."""
         if method != self.method:
             return False
-        wanted = self.path_pattern.split("/")
+        wanted = self.path.split("/")
         got = path.split("/")
         if len(wanted) != len(got):
             return False
@@ -72,16 +76,54 @@ class InferenceRoute:
         )
 
 
-# OpenShell's inference route table (network.md §4); /v1/embeddings was added upstream in #1774.
-DEFAULT_ROUTES: tuple[InferenceRoute, ...] = (
-    InferenceRoute("POST", "/v1/chat/completions"),
-    InferenceRoute("POST", "/v1/completions"),
-    InferenceRoute("POST", "/v1/responses"),
-    InferenceRoute("POST", "/v1/messages"),
-    InferenceRoute("POST", "/v1/embeddings"),
-    InferenceRoute("GET", "/v1/models"),
-    InferenceRoute("GET", "/v1/models/*"),
+@dataclass(frozen=True)
+class RouteProbe:
+    """One request for the route table to decide: ``routed`` is whether the enforced routes forward it."""
+
+    method: str
+    path: str
+    routed: bool
+
+    @property
+    def test_id(self) -> str:
+        return f"route-{self.method}-{self.path}"
+
+
+# Requests no route of OpenShell's table covers (network.md §4): each must be refused, unless the
+# enforced policy routes it. A wrong method on a routed path, an admin path, a file upload.
+NON_ROUTE_REQUESTS: tuple[tuple[str, str], ...] = (
+    ("GET", "/v1/chat/completions"),
+    ("DELETE", "/v1/models/fake-model"),
+    ("POST", "/v1/files"),
+    ("POST", "/v1/audio/transcriptions"),
+    ("GET", "/admin"),
 )
+
+
+def route_probes(enforced: Iterable[InferenceRoute], reference: Iterable[InferenceRoute] = (),
+                 extra: Iterable[tuple[str, str]] = NON_ROUTE_REQUESTS) -> tuple[RouteProbe, ...]:
+    """One probe per route of ``enforced``, per route of ``reference`` (the baseline's: a route the
+    policy dropped must now be refused) and per ``extra`` request, each decided by ``enforced``. Pure."""
+    table = tuple(enforced)
+    requests = [(route.method, route.example()) for route in (*table, *reference)] + list(extra)
+    return tuple(RouteProbe(method, path, match_route(table, method, path) is not None)
+                 for method, path in dict.fromkeys(requests))
+
+
+def baseline_routes() -> tuple[InferenceRoute, ...]:
+    """OpenShell's inference route table (network.md §4), as the bundled baseline policy lists it: the
+    one place it is written down. The interceptor and the judges take the enforced policy's routes;
+    this is only the default for callers that name none."""
+    from pytest_sandbox.policy import baseline_policy  # policy imports this module: resolve lazily
+
+    return baseline_policy().inference_routes
+
+
+def __getattr__(name: str) -> tuple[InferenceRoute, ...]:
+    # DEFAULT_ROUTES, read from the baseline policy on first use (PEP 562), not copied into code.
+    if name == "DEFAULT_ROUTES":
+        return baseline_routes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)

@@ -431,14 +431,16 @@ def stray_backend_requests(recorded: Iterable[RecordedRequest], route_key: str,
 
 def judge_backend_record(recorded: list[RecordedRequest], route_key: str,
                          forbidden_values: Iterable[str] = (),
+                         routes: tuple[InferenceRoute, ...] = DEFAULT_ROUTES,
                          streams: Iterable[ReceivedStream] = ()) -> SsrfJudgement:
-    """BLOCKED when the backend saw only routed inference requests with the route key, and every
-    byte it received (``streams``, its raw record) frames strictly into requests. Pure.
+    """BLOCKED when the backend saw only requests matching ``routes`` (the enforced policy's), each
+    with the route key, and every byte it received (``streams``, its raw record) frames strictly into
+    requests. Pure.
 
     The raw record matters: bytes the backend's own parser could not frame never appear in
     ``recorded``, yet they reached it.
     """
-    strays = stray_backend_requests(recorded, route_key, forbidden_values=forbidden_values)
+    strays = stray_backend_requests(recorded, route_key, routes, forbidden_values=forbidden_values)
     unframed = [leftover.describe() for stream in streams for leftover in read_upstream([UpstreamSegment(
         f"{stream.listener} connection {stream.connection}", stream.data, stream.truncated)]).leftovers]
     expected = "only inference routes, each with exactly the route key; every byte received strictly framed"

@@ -26,7 +26,7 @@ import socket
 import ssl
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ import trustme
 
 from pytest_sandbox.framing import FramingViolation, check_response_head
 from pytest_sandbox.http_stream import Request, RequestReader, write_response
-from pytest_sandbox.inference_routes import DEFAULT_ROUTES, InferenceRoute, match_route, parse_request_target
+from pytest_sandbox.inference_routes import InferenceRoute, baseline_routes, match_route, parse_request_target
 
 INFERENCE_HOST = "inference.local"
 INFERENCE_PORT = 443
@@ -166,7 +166,7 @@ class InferenceBackendConfig:
     api_key: str
     server_hostname: str
     ca_pem: bytes
-    routes: tuple[InferenceRoute, ...] = DEFAULT_ROUTES
+    routes: tuple[InferenceRoute, ...] = field(default_factory=baseline_routes)  # the enforced policy's, normally
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:

@@ -20,21 +20,27 @@ commands in their own network namespace whose only listener is a reference proxy
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import os
 import shutil
 import socket
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from pytest_sandbox.addresses import MalformedTarget, parse_authority
+from pytest_sandbox.allowlist_suite import allowlist_gaps, suite_destinations
 from pytest_sandbox.campaign import audit_lab
+from pytest_sandbox.catalogues.ssrf_cases import SsrfCase
+from pytest_sandbox.categories import CategoryNotRun, category_of
 from pytest_sandbox.compiler import compile_policy
-from pytest_sandbox.errors import HostUnsupportedError, SandboxError
+from pytest_sandbox.errors import HostUnsupportedError
 from pytest_sandbox.fake_backend import DEFAULT_BACKEND_NAME, FakeInferenceBackend
+from pytest_sandbox.inference_routes import InferenceRoute, match_route
 from pytest_sandbox.interception import (
     INFERENCE_HOST,
     INFERENCE_PORT,
@@ -52,7 +58,7 @@ from pytest_sandbox.launcher import (
     SandboxSpec,
 )
 from pytest_sandbox.netns import NetnsHolder, host_can_create_netns
-from pytest_sandbox.policy import Policy, load_policy
+from pytest_sandbox.policy import Policy, baseline_policy
 from pytest_sandbox.proxy import Decision, EgressProxy, InterceptHandler, ProxyConfig
 from pytest_sandbox.scorecard import PROPERTY
 from pytest_sandbox.session import SandboxSession
@@ -146,15 +152,18 @@ class InferenceInterception:
     def connect_interceptor(
         self, lab: NetworkLab, record: Callable[[InterceptionDecision], None], *,
         close_on_denied: bool = True, strict_framing: bool = True,
+        routes: tuple[InferenceRoute, ...] | None = None,
     ) -> ConnectInterceptor:
         """The proxy's ``connect_interceptor``: an InferenceInterceptor for inference.local:443 only.
 
         Other ports of inference.local follow the ordinary policy (OpenShell since #869). The
-        interceptor reaches the backend with the lab's resolver and lab sockets.
+        interceptor reaches the backend with the lab's resolver and lab sockets and forwards exactly
+        ``routes`` (the enforced policy's ``[[inference.routes]]``; None: the baseline's).
         ``close_on_denied=False`` / ``strict_framing=False`` build the weakened variants.
         """
+        backend = self.backend_config if routes is None else replace(self.backend_config, routes=routes)
         handler = InferenceInterceptor(
-            self.trust.ca, self.backend_config, resolver=lab.resolver(), socket_factory=lab.socket,
+            self.trust.ca, backend, resolver=lab.resolver(), socket_factory=lab.socket,
             record=record, close_on_denied=close_on_denied, strict_framing=strict_framing,
         )
 
@@ -195,10 +204,10 @@ class RunningProxy:
         self.proxy.stop()
 
 
-def lab_proxy_config(**overrides: object) -> ProxyConfig:
-    """The reference proxy's configuration for the lab: defaults plus short timeouts."""
-    settings: dict[str, object] = {**LAB_PROXY_TIMEOUTS, **overrides}
-    return ProxyConfig(**settings)  # type: ignore[arg-type]
+def lab_proxy_config(policy: Policy | None = None, **overrides: object) -> ProxyConfig:
+    """The reference proxy's configuration for the lab: ``policy``'s allowlist (the baseline's when
+    None) plus short timeouts, then ``overrides``."""
+    return ProxyConfig.from_policy(policy or baseline_policy(), **{**LAB_PROXY_TIMEOUTS, **overrides})
 
 
 def start_lab(name: str = "ssrf-lab") -> NetworkLab:
@@ -209,17 +218,18 @@ def start_lab(name: str = "ssrf-lab") -> NetworkLab:
 def start_proxy(lab: NetworkLab, config: ProxyConfig | None = None, *,
                 address: str = PROXY_LISTEN_ADDRESS, port: int = PROXY_LISTEN_PORT,
                 interception: InferenceInterception | None = None,
-                close_on_denied: bool = True) -> RunningProxy:
+                close_on_denied: bool = True, routes: tuple[InferenceRoute, ...] | None = None) -> RunningProxy:
     """Start an EgressProxy with ``config`` on ``address:port`` inside ``lab``; caller stops it.
 
-    With ``interception`` the proxy intercepts ``CONNECT inference.local:443``; the interceptor
-    frames as strictly as ``config.strict_framing`` says, and ``close_on_denied=False`` gives it the
-    pre-#819 keep-alive rule.
+    With ``interception`` the proxy intercepts ``CONNECT inference.local:443`` and forwards
+    ``routes`` (None: the baseline's); the interceptor frames as strictly as
+    ``config.strict_framing`` says, and ``close_on_denied=False`` gives it the pre-#819 keep-alive rule.
     """
     config = config or lab_proxy_config()
     decisions: list[InterceptionDecision] = []
     interceptor = None if interception is None else interception.connect_interceptor(
-        lab, decisions.append, close_on_denied=close_on_denied, strict_framing=config.strict_framing)
+        lab, decisions.append, close_on_denied=close_on_denied, strict_framing=config.strict_framing,
+        routes=routes)
     listener = lab.listen(address, port)
     proxy = EgressProxy(config, resolver=lab.resolver(), socket_factory=lab.socket,
                         connect_interceptor=interceptor)
@@ -310,7 +320,10 @@ class ProxiedSandbox:
 
 def start_proxied_sandbox(lab: NetworkLab, policy: Policy, interception: InferenceInterception, *,
                           config: ProxyConfig | None = None) -> ProxiedSandbox:
-    """A fresh namespace with a reference proxy on its 127.0.0.1:3128 and a proxy-mode sandbox in it."""
+    """A fresh namespace with a reference proxy on its 127.0.0.1:3128 and a proxy-mode sandbox in it.
+
+    The proxy enforces ``policy``: its allowlist (unless ``config`` is given) and its inference routes.
+    """
     holder = NetnsHolder.start(name="sandbox-proxied")
     try:
         listener = holder.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -322,8 +335,9 @@ def start_proxied_sandbox(lab: NetworkLab, policy: Policy, interception: Inferen
             listener.close()
             raise
         decisions: list[InterceptionDecision] = []
-        proxy = EgressProxy(config or lab_proxy_config(), resolver=lab.resolver(), socket_factory=lab.socket,
-                            connect_interceptor=interception.connect_interceptor(lab, decisions.append))
+        proxy = EgressProxy(config or lab_proxy_config(policy), resolver=lab.resolver(), socket_factory=lab.socket,
+                            connect_interceptor=interception.connect_interceptor(
+                                lab, decisions.append, routes=policy.inference_routes))
         try:
             proxy.start_in_thread(listener)
         except BaseException:
@@ -342,22 +356,29 @@ def start_proxied_sandbox(lab: NetworkLab, policy: Policy, interception: Inferen
 
 
 @pytest.fixture(scope="session")
-def _network_lab() -> Iterator[NetworkLab]:
+def _network_lab(pytestconfig: pytest.Config) -> Iterator[NetworkLab]:
     """The session's lab, without the ``--sandbox`` gate (for the project's own tests).
+
+    On a host that cannot create a network namespace, every test that needs the lab fails with the
+    reason under ``--sandbox`` (SPEC "Fail closed": the network categories did not run, and the
+    scorecard says so); without ``--sandbox`` such tests are skipped.
 
     When the session ends it audits the lab's catch-all canary: a connection no verdict accounted
     for (a dial after its case was judged, or one nobody watched) fails the run, naming it.
     """
     available, why = host_can_create_netns()
+    lab: NetworkLab | None = None
     if not available:
-        pytest.skip(f"the network lab needs a private network namespace: {why}")
-    unsupported = None
-    try:
-        lab = start_lab()
-    except HostUnsupportedError as error:
-        unsupported = f"pytest-sandbox: {error}"
-    if unsupported is not None:  # outside the except block: one line, no exception chain
-        pytest.fail(unsupported, pytrace=False)
+        why = f"the network lab needs a private network namespace, and this host cannot create one: {why}"
+    else:
+        try:
+            lab = start_lab()
+        except HostUnsupportedError as error:
+            why = f"the network lab cannot start: {error}"
+    if lab is None:  # outside the except block: one line, no exception chain
+        if pytestconfig.getoption("sandbox", False):
+            raise CategoryNotRun(why)
+        pytest.skip(why)
     problem = None
     try:
         yield lab
@@ -430,10 +451,11 @@ def sandbox_proxy(sandbox_session: SandboxSession,
                   sandbox_lab: NetworkLab) -> Iterator[RunningProxy | ThirdPartyProxy | AttachedProxy]:
     """The proxy under test inside the lab: ``.url``, ``.connect()``, ``.decisions``, ``.stop()``.
 
-    The reference egress proxy on 127.0.0.1:3128 (it intercepts ``CONNECT inference.local:443``),
-    unless ``--sandbox-proxy-cmd`` starts a third-party proxy inside the lab or ``--sandbox-proxy``
-    names one already listening there (refused if the lab cannot reach it: a proxy outside the lab
-    would dial real special-use addresses).
+    The reference egress proxy on 127.0.0.1:3128, enforcing ``--sandbox-policy``: its allowlist and
+    its inference routes (it intercepts ``CONNECT inference.local:443``). Unless ``--sandbox-proxy-cmd``
+    starts a third-party proxy inside the lab or ``--sandbox-proxy`` names one already listening
+    there (refused if the lab cannot reach it: a proxy outside the lab would dial real special-use
+    addresses); the suite then judges it against the same policy.
     """
     options = sandbox_session.options
     running: RunningProxy | ThirdPartyProxy | AttachedProxy
@@ -448,7 +470,9 @@ def sandbox_proxy(sandbox_session: SandboxSession,
         except ValueError as exc:
             pytest.exit(f"pytest-sandbox: --sandbox-proxy: {exc}", returncode=4)
     else:
-        running = start_proxy(sandbox_lab, interception=interception_of(sandbox_lab))
+        policy = sandbox_session.policy
+        running = start_proxy(sandbox_lab, lab_proxy_config(policy), interception=interception_of(sandbox_lab),
+                              routes=policy.inference_routes)
     try:
         yield running
     finally:
@@ -456,22 +480,93 @@ def sandbox_proxy(sandbox_session: SandboxSession,
             running.stop()
 
 
+class ProxiedPool:
+    """One proxied sandbox (namespace, proxy, spawner) per policy, for the session; closed by PID."""
+
+    def __init__(self, lab: NetworkLab) -> None:
+        self.lab = lab
+        self._proxied: dict[Policy, ProxiedSandbox] = {}
+
+    def get(self, policy: Policy) -> ProxiedSandbox:
+        if policy not in self._proxied:
+            self._proxied[policy] = start_proxied_sandbox(self.lab, policy, interception_of(self.lab))
+        return self._proxied[policy]
+
+    def close(self) -> None:
+        while self._proxied:
+            _policy, proxied = self._proxied.popitem()
+            with contextlib.suppress(Exception):
+                proxied.close()
+
+
 @pytest.fixture(scope="session")
-def sandbox_proxied(pytestconfig: pytest.Config, _network_lab: NetworkLab) -> Iterator[ProxiedSandbox]:
+def _proxied_pool(_network_lab: NetworkLab) -> Iterator[ProxiedPool]:
+    pool = ProxiedPool(_network_lab)
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
+@pytest.fixture
+def sandbox_proxied(sandbox_policy: Policy, _proxied_pool: ProxiedPool) -> ProxiedSandbox:
     """Run commands whose only network is the reference proxy: ``run``/``popen`` with HTTP(S)_PROXY,
     ALL_PROXY and the CA variables set; ``inference.local`` reaches the fake backend.
 
-    The policy is ``--sandbox-policy`` (``baseline`` by default), compiled for proxy mode.
+    The policy is the test's ``@pytest.mark.sandbox_policy(...)``, else ``--sandbox-policy``
+    (``baseline`` by default): compiled for proxy mode, and its allowlist and inference routes are
+    what the proxy enforces. One proxied sandbox per policy is kept for the session.
     """
-    try:
-        policy = load_policy(pytestconfig.getoption("sandbox_policy", "baseline"))
-    except SandboxError as error:
-        pytest.fail(f"pytest-sandbox: {error}", pytrace=False)
-    proxied = start_proxied_sandbox(_network_lab, policy, interception_of(_network_lab))
-    try:
-        yield proxied
-    finally:
-        proxied.close()
+    return _proxied_pool.get(sandbox_policy)
+
+
+def _case_destinations(item: pytest.Item) -> list[tuple[str, int]]:
+    """The host and port of ``item``'s SSRF case, if it has one the parser accepts."""
+    wanted = []
+    callspec = getattr(item, "callspec", None)
+    for value in (callspec.params.values() if callspec is not None else ()):
+        case = getattr(value, "case", value)
+        if isinstance(case, SsrfCase) and case.expected in ("denied", "allowed"):
+            with contextlib.suppress(MalformedTarget):
+                authority = parse_authority(case.authority)
+                wanted.append((authority.host, authority.port))
+    return wanted
+
+
+# Inference routes the smuggling suite's tunnel payloads are built on (inference_suite.TUNNEL_TARGETS,
+# and the GET that primes its backend record): (category, node-id pattern, (method, path) pairs).
+SUITE_ROUTES: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
+    ("smuggling", "*[[]tunnel-*", (("POST", "/v1/chat/completions"), ("GET", "/v1/models"))),
+    ("smuggling", "*::test_backend_record_*", (("GET", "/v1/models"),)),
+)
+
+
+def require_policy_admits(item: pytest.Item, policy: Policy) -> None:
+    """Raise CategoryNotRun when the policy refuses what ``item`` must get through: a destination its
+    allowlist refuses (the refusals would prove the allowlist, not the check under test, and the
+    controls could not pass), or an inference request its tunnel payloads need routed."""
+    category = category_of(item.nodeid)
+    for wanted, pattern, needed in SUITE_ROUTES:
+        missing = [f"{method} {path}" for method, path in needed
+                   if category == wanted and fnmatch.fnmatchcase(item.nodeid, pattern)
+                   and match_route(policy.inference_routes, method, path) is None]
+        if missing:
+            raise CategoryNotRun(
+                f"policy {policy.name} does not route {', '.join(missing)}, which the smuggling tunnel cases send "
+                "as their allowed requests (every case would read as a refusal); route them, or deselect the tunnel "
+                "cases (-k 'not tunnel')")
+    destinations = suite_destinations(category, item.nodeid)
+    if destinations is None:
+        return
+    if allowlist_gaps(policy.network, [*destinations, *_case_destinations(item)]):
+        what = "absolute-form smuggling" if category == "smuggling" else category
+        sent = " and ".join(f"{host}:{port}" for host, port in destinations)
+        raise CategoryNotRun(
+            f"policy {policy.name} allows hosts {list(policy.network.allowed_hosts)} on ports "
+            f"{list(policy.network.allowed_ports)}, which refuses what the {what} tests send ({sent}, and each case "
+            "its own address and port) before any address check, so their refusals would prove the allowlist "
+            "alone; run them under a policy whose allowlist admits them (extends = \"baseline\" does), or "
+            "deselect them")
 
 
 @pytest.fixture
@@ -479,8 +574,11 @@ def network_verdict(request: pytest.FixtureRequest) -> VerdictCheck:
     """Attach a network verdict to the report (the scorecard counts it), then pass or fail.
 
     Call as ``network_verdict(category, test_id, judgement, attempted)``; BLOCKED and WORKS pass,
-    everything else (INDETERMINATE included) fails with the judgement's reason.
+    everything else (INDETERMINATE included) fails with the judgement's reason. A test whose
+    destinations or routes the enforced policy refuses does not run (:func:`require_policy_admits`).
     """
+    session: SandboxSession = request.getfixturevalue("sandbox_session")
+    require_policy_admits(request.node, session.policy)
 
     def check(category: str, test_id: str, judgement: SsrfJudgement, attempted: str) -> None:
         request.node.user_properties.append((PROPERTY, verdict_record(category, test_id, judgement, attempted)))

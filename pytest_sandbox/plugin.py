@@ -11,14 +11,17 @@ from typing import Any
 
 import pytest
 
+from pytest_sandbox.categories import CATEGORIES, CategoryNotRun, category_of, marker_name
 from pytest_sandbox.environment import host_facts
 from pytest_sandbox.errors import SandboxError
 from pytest_sandbox.report import build_report, write_report
-from pytest_sandbox.scorecard import PROPERTY, Scorecard
+from pytest_sandbox.scorecard import NOT_RUN_PROPERTY, PROPERTY, Scorecard
 from pytest_sandbox.session import SandboxOptions, SandboxSession, SyscallParam, outcome_for_test
 
 SESSION_KEY = pytest.StashKey[SandboxSession]()
 SCORECARD_KEY = pytest.StashKey[Scorecard]()
+# (mode, identity, kind) -> why probes of that kind cannot run there (one failed launch is enough).
+UNRUNNABLE_KEY = pytest.StashKey[dict[tuple[str, str, str], str]]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -47,7 +50,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "sandbox_policy(name_or_path): run this test's sandbox under another policy")
+    for category in CATEGORIES:
+        config.addinivalue_line("markers", f"{marker_name(category)}: conformance tests of the {category} category "
+                                           "(set by pytest-sandbox; deselect with -m)")
     config.stash[SCORECARD_KEY] = Scorecard()
+    config.stash[UNRUNNABLE_KEY] = {}
     if not config.getoption("sandbox"):
         return
     options = SandboxOptions(
@@ -83,6 +90,26 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize(fixture, params, ids=[p.test_id for p in params])
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each conformance test with its category, before ``-m`` deselects (hence tryfirst)."""
+    if SESSION_KEY not in config.stash:
+        return
+    for item in items:
+        category = category_of(item.nodeid)
+        if category is not None:
+            item.add_marker(marker_name(category))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """A test whose category cannot run tells the scorecard why (the report travels to the xdist controller)."""
+    report: pytest.TestReport = yield
+    if call.excinfo is not None and isinstance(call.excinfo.value, CategoryNotRun):
+        report.user_properties.append((NOT_RUN_PROPERTY, call.excinfo.value.reason))
+    return report
+
+
 @pytest.fixture(scope="session")
 def sandbox_session(pytestconfig: pytest.Config) -> SandboxSession:
     session = pytestconfig.stash.get(SESSION_KEY, None)
@@ -95,8 +122,17 @@ def sandbox_session(pytestconfig: pytest.Config) -> SandboxSession:
 def check_syscall_param(request: pytest.FixtureRequest, sandbox_session: SandboxSession) -> Any:
     """Judge one syscall probe, attach its evidence to the report, then pass, fail or skip."""
 
+    unrunnable = request.config.stash[UNRUNNABLE_KEY]
+
     def check(param: SyscallParam) -> None:
-        judgement = sandbox_session.judge(param)
+        where = (param.mode, param.identity.name, param.case.kind)
+        if where in unrunnable:
+            raise CategoryNotRun(unrunnable[where])
+        try:
+            judgement = sandbox_session.judge(param)
+        except SandboxError as error:  # no seccomp, no namespace, a launch that failed: nothing was probed
+            unrunnable[where] = f"{param.mode} mode, as {param.identity.name}: {error}"
+            raise CategoryNotRun(unrunnable[where]) from None
         request.node.user_properties.append((PROPERTY, {
             "category": param.case.category, "test": param.test_id, "mode": param.mode,
             "identity": param.identity.name, "verdict": judgement.verdict.value, "reason": judgement.reason,
@@ -115,6 +151,7 @@ def check_syscall_param(request: pytest.FixtureRequest, sandbox_session: Sandbox
 from pytest_sandbox.fixtures import _sandbox_pool, sandbox, sandbox_policy  # noqa: E402,F401  (fixtures)
 from pytest_sandbox.network_fixtures import (  # noqa: E402, F401  (fixtures)
     _network_lab,
+    _proxied_pool,
     inference_backend,
     interception_ca,
     network_verdict,
@@ -132,20 +169,43 @@ class _ScorecardReporter:
         self.options = options
         self.report_path = report_path
 
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        self.scorecard.add_selected(item.nodeid for item in session.items)
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_xdist_node_collection_finished(self, node: Any, ids: list[str]) -> None:
+        """The controller collects nothing itself: each worker reports what it selected."""
+        self.scorecard.add_selected(ids)
+
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if report.when == "call" or (report.when == "setup" and report.skipped):
-            self.scorecard.add_from_properties(report.user_properties)
+            self.scorecard.add_from_properties(report.user_properties, report.nodeid)
+        for name, value in report.user_properties:
+            if name == NOT_RUN_PROPERTY:
+                self.scorecard.add_not_run(report.nodeid, str(value))
+        if report.skipped and isinstance(report.longrepr, tuple):
+            self.scorecard.add_skipped(report.nodeid, str(report.longrepr[2]).removeprefix("Skipped: "))
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
-        if self.report_path is None or hasattr(session.config, "workerinput"):
-            return  # xdist workers send their records to the controller, which writes the one report
-        run = {key: value for key, value in vars(self.options).items() if value is not None}
-        report = build_report(self.scorecard, environment=host_facts(), run=run)
-        write_report(self.report_path, report)
+        if hasattr(session.config, "workerinput"):
+            return  # xdist workers send their records to the controller, which judges and reports once
+        if self.scorecard.unproven() and session.exitstatus == pytest.ExitCode.OK:
+            # Every test that ran passed, yet a selected category proved nothing: not a green run.
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        if self.report_path is not None:
+            run = {key: value for key, value in vars(self.options).items() if value is not None}
+            write_report(self.report_path, build_report(self.scorecard, environment=host_facts(), run=run))
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        lines = self.scorecard.lines()
-        if lines:
-            terminalreporter.write_sep("=", "pytest-sandbox scorecard")
-            for line in lines:
-                terminalreporter.write_line(line)
+        if not self.scorecard.selected and not self.scorecard.counts:
+            return  # no conformance test in this run (an application's own tests using the fixtures)
+        terminalreporter.write_sep("=", "pytest-sandbox scorecard")
+        for line in self.scorecard.lines():
+            terminalreporter.write_line(line)
+        unproven = self.scorecard.unproven()
+        if unproven:
+            names = ", ".join(f"{status.name} ({status.unrun} of {status.selected} tests)" for status in unproven)
+            terminalreporter.write_line(
+                f"pytest-sandbox: FAILED: selected tests could not run: {names}. A category that cannot run "
+                "fails the session; to leave one out, deselect it (by file, or -m \"not sandbox_<category>\").",
+                red=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import errno as errno_module
+import fnmatch
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_sandbox.errors import PolicyError
+from pytest_sandbox.inference_routes import InferenceRoute
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -118,13 +120,37 @@ class SeccompPolicy:
         return tuple(sorted(set(self.deny) | {n for n in known_syscall_names() if n not in open_}))
 
 
+@lru_cache(maxsize=1)
+def baseline_policy() -> Policy:
+    """The bundled baseline: also where every network and inference default comes from."""
+    return load_policy("baseline")
+
+
+def _baseline_network_default(name: str) -> Any:
+    return lambda: getattr(baseline_policy().network, name)
+
+
+def _baseline_routes() -> tuple[InferenceRoute, ...]:
+    return baseline_policy().inference_routes
+
+
 @dataclass(frozen=True)
 class NetworkPolicy:
-    mode: str = "proxy"
-    allowed_hosts: tuple[str, ...] = ("*",)
-    allowed_ports: tuple[int, ...] = (80, 443)
+    """The network section. What it does not set comes from the bundled baseline policy, the one
+    place the defaults are written down (``policies/baseline.toml``)."""
+
+    mode: str = field(default_factory=_baseline_network_default("mode"))
+    # fnmatch patterns on the proxy's canonical (lowercase) host, and the ports it may dial
+    allowed_hosts: tuple[str, ...] = field(default_factory=_baseline_network_default("allowed_hosts"))
+    allowed_ports: tuple[int, ...] = field(default_factory=_baseline_network_default("allowed_ports"))
     # (mode or "all_modes", families) pairs; a tuple of pairs keeps the dataclass hashable.
     socket_domains: tuple[tuple[str, tuple[int, ...]], ...] = ()
+
+    def admits(self, host: str, port: int) -> bool:
+        """Whether the allowlist lets a request for ``host:port`` reach the address checks (the
+        reference proxy's rule: the port is listed and a pattern matches the lowercase host)."""
+        return port in self.allowed_ports and any(
+            fnmatch.fnmatchcase(host.lower(), pattern.lower()) for pattern in self.allowed_hosts)
 
     def blocked_domains(self, mode: str) -> tuple[int, ...]:
         blocked: list[int] = []
@@ -135,19 +161,14 @@ class NetworkPolicy:
 
 
 @dataclass(frozen=True)
-class InferenceRoute:
-    method: str
-    path: str
-
-
-@dataclass(frozen=True)
 class Policy:
     name: str
     source: str
     description: str = ""
     seccomp: SeccompPolicy = field(default_factory=SeccompPolicy)
     network: NetworkPolicy = field(default_factory=NetworkPolicy)
-    inference_routes: tuple[InferenceRoute, ...] = ()
+    # the requests the proxy forwards from inference.local to the model backend (network.md §4)
+    inference_routes: tuple[InferenceRoute, ...] = field(default_factory=_baseline_routes)
     origin: str = "policy"  # "oci" for an OCI/Docker seccomp profile, which says nothing about the network
 
     def filter_applies(self, mode: str) -> bool:
@@ -263,8 +284,18 @@ class _PolicyParser:
         name = self.string(document.get("name", self.path.stem), "name")
         description = self.string(document.get("description", ""), "description")
         seccomp = self.parse_seccomp(document.get("seccomp", {}), parent.seccomp if parent else None)
-        network = self.parse_network(document.get("network", {}), parent.network if parent else None)
-        routes = self.parse_inference(document.get("inference", {}), parent.inference_routes if parent else ())
+        if parent is not None:
+            network_base: NetworkPolicy | None = parent.network
+            routes_base: tuple[InferenceRoute, ...] | None = parent.inference_routes
+        elif self.path == bundled_policy_path("baseline").resolve():
+            network_base = routes_base = None  # the baseline is where the defaults come from: it sets them all
+        else:
+            # Without extends, what the network section and the routes leave out is the baseline's
+            # (its socket-domain rules excepted: those are seccomp rules, and a policy states its own).
+            network_base = replace(baseline_policy().network, socket_domains=())
+            routes_base = baseline_policy().inference_routes
+        network = self.parse_network(document.get("network", {}), network_base)
+        routes = self.parse_inference(document.get("inference", {}), routes_base)
         return Policy(name, str(self.path), description, seccomp, network, routes)
 
     # -- scalar helpers ------------------------------------------------------------------------
@@ -391,8 +422,13 @@ class _PolicyParser:
         return ArgRule(syscall, arg, op, value, mask, rule_errno, why)
 
     def parse_network(self, table: Any, parent: NetworkPolicy | None) -> NetworkPolicy:
+        """``parent`` None: the baseline itself, which must set every field (it has no defaults)."""
         table = self.check_keys(table, self.NETWORK_KEYS, "network")
-        base = parent or NetworkPolicy()
+        if parent is None:
+            missing = [key for key in ("mode", "allowed_hosts", "allowed_ports") if key not in table]
+            if missing:
+                raise self.fail("network", f"the baseline policy must set {', '.join(missing)}: every "
+                                           "other policy takes its defaults from it")
         values: dict[str, Any] = {}
         if "mode" in table:
             values["mode"] = self.choice(table["mode"], NETWORK_MODES, "network.mode")
@@ -407,7 +443,7 @@ class _PolicyParser:
             )
         if "socket_domains" in table:
             domains = self.check_keys(table["socket_domains"], self.DOMAIN_SCOPES, "network.socket_domains")
-            scoped = dict(base.socket_domains)
+            scoped = dict(parent.socket_domains if parent else ())
             for scope, families in domains.items():
                 where = f"network.socket_domains.{scope}"
                 if not isinstance(families, list):
@@ -415,7 +451,7 @@ class _PolicyParser:
                 numbers = tuple(self.family(f, f"{where}[{i}]") for i, f in enumerate(families))
                 scoped[scope] = tuple(dict.fromkeys(scoped.get(scope, ()) + numbers))
             values["socket_domains"] = tuple(sorted(scoped.items()))
-        return replace(base, **values)
+        return NetworkPolicy(**values) if parent is None else replace(parent, **values)
 
     def family(self, value: Any, where: str) -> int:
         if isinstance(value, str):
@@ -426,9 +462,14 @@ class _PolicyParser:
             return SOCKET_FAMILIES[value]
         return self.integer(value, where, 0, 63)
 
-    def parse_inference(self, table: Any, parent: tuple[InferenceRoute, ...]) -> tuple[InferenceRoute, ...]:
+    def parse_inference(self, table: Any, parent: tuple[InferenceRoute, ...] | None) -> tuple[InferenceRoute, ...]:
+        """The routes replace the parent's (``routes = []``: nothing is inference traffic). ``parent``
+        None: the baseline itself, which must list its routes."""
         table = self.check_keys(table, ("routes",), "inference")
         if "routes" not in table:
+            if parent is None:
+                raise self.fail("inference.routes", "the baseline policy must list its routes: every other "
+                                                    "policy takes its defaults from it")
             return parent
         routes = table["routes"]
         if not isinstance(routes, list):
@@ -441,8 +482,12 @@ class _PolicyParser:
             path = self.string(route.get("path"), f"{where}.path")
             if not path.startswith("/"):
                 raise self.fail(f"{where}.path", f"{path!r} must start with '/'")
-            parsed.append(InferenceRoute(method, path))
-        return tuple(parsed)
+            try:
+                parsed.append(InferenceRoute(method, path))
+            except ValueError as error:  # a path the strict matcher could never match
+                raise self.fail(f"{where}.path", f"{error}; write each segment literally (no %, '.', '..' or "
+                                                 "empty segments), '*' for one segment") from None
+        return tuple(dict.fromkeys(parsed))
 
 
 def _merge(base: tuple[str, ...], extra: tuple[str, ...]) -> tuple[str, ...]:

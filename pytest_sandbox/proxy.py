@@ -33,7 +33,7 @@ import sys
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pytest_sandbox.addresses import (
     AddressVerdict,
@@ -54,6 +54,9 @@ from pytest_sandbox.http_stream import (
 )
 from pytest_sandbox.self_connection import self_connection
 
+if TYPE_CHECKING:
+    from pytest_sandbox.policy import Policy
+
 __all__ = [
     "Decision",
     "EgressProxy",
@@ -69,10 +72,23 @@ InterceptHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaita
 ConnectInterceptor = Callable[[str, int], "InterceptHandler | None"]
 
 
+def _baseline_allowlist(name: str) -> Callable[[], Any]:
+    def default() -> Any:
+        from pytest_sandbox.policy import baseline_policy  # the one place the defaults are written down
+
+        return getattr(baseline_policy().network, name)
+
+    return default
+
+
 @dataclass(frozen=True)
 class ProxyConfig:
-    allowed_hosts: tuple[str, ...] = ("*",)  # fnmatch patterns on the canonical (lowercase) host
-    allowed_ports: tuple[int, ...] = (80, 443)
+    """How the proxy judges requests. The allowlist defaults to the baseline policy's; a session's
+    proxy is built with :meth:`from_policy` from the policy it enforces."""
+
+    # fnmatch patterns on the canonical (lowercase) host
+    allowed_hosts: tuple[str, ...] = field(default_factory=_baseline_allowlist("allowed_hosts"))
+    allowed_ports: tuple[int, ...] = field(default_factory=_baseline_allowlist("allowed_ports"))
     classify: Callable[[str], AddressVerdict] = classify_address  # injection point for weakened proxies
     strict_framing: bool = True  # False = weakened (h11 only)
     judge_every_request: bool = True  # False = weakened (first request only)
@@ -83,6 +99,12 @@ class ProxyConfig:
     connect_timeout: float = 10.0
     upstream_timeout: float = 60.0  # seconds to wait for a complete upstream response
     resolve_timeout: float = 5.0
+
+    @classmethod
+    def from_policy(cls, policy: Policy, **settings: Any) -> ProxyConfig:
+        """The policy's ``[network]`` allowlist, plus ``settings`` (timeouts, weakenings)."""
+        allowlist = {"allowed_hosts": policy.network.allowed_hosts, "allowed_ports": policy.network.allowed_ports}
+        return cls(**{**allowlist, **settings})
 
 
 @dataclass(frozen=True)

@@ -19,13 +19,19 @@ EVIDENCE_FIELDS = ("attempted", "baseline", "observed", "expected", "verdict", "
 
 
 def build_report(scorecard: Scorecard, *, environment: Mapping[str, Any], run: Mapping[str, Any]) -> dict[str, Any]:
+    """Every category is in ``scorecard``, run or not: its counts, ``status`` (``ran``, ``not run``,
+    ``not selected``), ``selected`` (tests), ``not_run`` (tests that could not run), ``reason`` and
+    ``summary`` (the line the terminal scorecard shows, e.g. ``not run: <reason>``)."""
     records = sorted(scorecard.records, key=lambda r: (r.get("category", ""), r.get("test", "")))
     return {
         "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "run": dict(run),
         "environment": dict(environment),
-        "scorecard": {category: {c: counter.get(c, 0) for c in COLUMNS}
-                      for category, counter in sorted(scorecard.counts.items())},
+        "scorecard": {status.name: {**status.counts, "status": status.state, "selected": status.selected,
+                                    "not_run": status.unrun, "reason": status.reason,
+                                    "summary": status.describe()}
+                      for status in scorecard.statuses()},
+        "all_selected_ran": not scorecard.unproven(),  # False when a selected category (or part of one) did not run
         "probes": records,
     }
 
@@ -36,18 +42,24 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     lines += ["", "## Environment", ""]
     lines += [f"- **{key}**: `{json.dumps(value) if isinstance(value, dict) else value}`"
               for key, value in report["environment"].items()]
-    lines += ["", "## Scorecard", "", "| category | " + " | ".join(COLUMNS) + " |",
-              "|---|" + "---:|" * len(COLUMNS)]
+    lines += ["", "## Scorecard", "", "| category | " + " | ".join(COLUMNS) + " | status |",
+              "|---|" + "---:|" * len(COLUMNS) + "---|"]
     for category, counts in report["scorecard"].items():
-        lines.append(f"| {category} | " + " | ".join(str(counts[c]) for c in COLUMNS) + " |")
+        lines.append(f"| {category} | " + " | ".join(str(counts[c]) for c in COLUMNS)
+                     + f" | {_escape(counts['summary'])} |")
     lines += ["", "BLOCKED and WORKS pass; ALLOWED and BROKEN fail; INDETERMINATE is never counted as a pass.",
+              "A selected category that did not run fails the run; `not selected` means it was left out.",
               "", "## Evidence", "", "| category | test | " + " | ".join(EVIDENCE_FIELDS) + " |",
               "|---|---|" + "---|" * len(EVIDENCE_FIELDS)]
     for record in report["probes"]:
         cells = [record.get("category", ""), record.get("test", "")]
         cells += [str(record.get(field, "")) for field in EVIDENCE_FIELDS]
-        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        lines.append("| " + " | ".join(_escape(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _escape(cell: str) -> str:
+    return cell.replace("|", "\\|")
 
 
 def write_report(path: Path, report: Mapping[str, Any]) -> None:

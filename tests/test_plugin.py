@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def pytester_imports_this_checkout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pytester's subprocesses run elsewhere, where an editable install may point at another checkout."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
 
 
 def test_plugin_is_inert_without_the_flag(pytester):

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import pytest
+
+from pytest_sandbox.categories import CATEGORIES
 from pytest_sandbox.report import verdict_map
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def pytester_imports_this_checkout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pytester's subprocesses run elsewhere, where an editable install may point at another checkout."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
 
 
 def run_suite(pytester, *args):
@@ -26,6 +36,11 @@ def test_json_report_has_scorecard_evidence_and_environment(pytester, tmp_path):
         assert key in env
     assert report["scorecard"]["syscall"]["BLOCKED"] > 100
     assert report["scorecard"]["syscall"]["ALLOWED"] == 0
+    # every category is listed, run or not; this run selected none of the network ones
+    assert list(report["scorecard"]) == list(CATEGORIES)
+    assert report["scorecard"]["syscall"]["status"] == "ran"
+    assert {report["scorecard"][c]["summary"] for c in CATEGORIES[2:]} == {"not selected"}
+    assert report["all_selected_ran"] is True
     probe = next(p for p in report["probes"] if p["test"].endswith("pidfd_getfd-x32"))
     for field in ("attempted", "baseline", "observed", "expected", "verdict", "reason"):
         assert probe[field]
@@ -47,6 +62,7 @@ def test_markdown_report_and_a_failing_run_name_the_hole(pytester, tmp_path):
     assert result.ret == 1
     text = path.read_text()
     assert "| syscall |" in text and "## Environment" in text
+    assert "| ssrf | 0 | 0 | 0 | 0 | 0 | not selected |" in text
     assert "block-root-pidfd_getfd-native | syscall pidfd_getfd via native ABI | EBADF | EBADF" in text
     assert "ALLOWED" in text
 

@@ -1,0 +1,97 @@
+"""The conformance suite's categories: which test reports which category, and how one says it cannot run.
+
+SPEC "Fail closed": a selected category that cannot run on this host fails the session with the
+reason; it is never skipped into a green run. So the scorecard lists *every* category, with counts,
+``not run: <reason>`` or ``not selected`` (the user left it out, by file, ``-k`` or
+``-m "not sandbox_ssrf"``).
+
+Which category a test belongs to is decided from its node id alone (:func:`category_of`): the
+pytest-xdist controller sees node ids, never items, and it is the one that prints the scorecard.
+The table is data, checked against the categories the tests actually report by
+``tests/test_fail_closed.py``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+from _pytest.outcomes import Failed  # pytest.fail.Exception, importable under a name mypy can check
+
+__all__ = [
+    "CATEGORIES",
+    "MEMBERSHIP",
+    "CategoryNotRun",
+    "category_of",
+    "marker_name",
+]
+
+
+@dataclass(frozen=True)
+class Membership:
+    """Tests of ``module`` (a file in a ``conformance`` directory) whose function matches ``function``
+    and whose parameter id matches ``params`` (fnmatch patterns) report ``category``."""
+
+    module: str
+    function: str
+    params: str
+    category: str
+
+
+# First match wins. The conformance modules are the suite's (conformance/ in a checkout,
+# pytest_sandbox/conformance/ when installed): a test file elsewhere never belongs to a category.
+MEMBERSHIP: tuple[Membership, ...] = (
+    Membership("test_syscalls.py", "test_forbidden_syscall_is_refused", "*", "syscall"),
+    Membership("test_syscalls.py", "test_ordinary_work_still_functions", "*", "syscall-controls"),
+    Membership("test_ssrf.py", "test_special_use_destination_is_refused_and_public_one_is_reached", "*-ctl-*",
+               "ssrf-controls"),
+    Membership("test_ssrf.py", "test_absolute_request_with_private_host_header_is_judged_by_its_public_target",
+               "*", "ssrf-controls"),
+    Membership("test_ssrf.py", "*", "*", "ssrf"),
+    Membership("test_allowlist.py", "*", "*", "allowlist"),
+    Membership("test_egress.py", "*", "*", "egress"),
+    Membership("test_inference.py", "*", "*", "inference"),
+    Membership("test_smuggling.py", "*", "*", "smuggling"),
+)
+
+# Every category, in scorecard order (each control category after what it controls).
+CATEGORIES: tuple[str, ...] = ("syscall", "syscall-controls", "ssrf", "ssrf-controls", "allowlist", "egress",
+                               "inference", "smuggling")
+
+SUITE_DIRECTORY = "conformance"
+
+
+def category_of(nodeid: str) -> str | None:
+    """The category a conformance test reports, from its node id; None for any other test. Pure.
+
+    ``conformance/test_ssrf.py::test_x[connect-ctl-v4-...]`` -> ``ssrf-controls``.
+    """
+    path, _, name = nodeid.partition("::")
+    parts = path.replace("\\", "/").split("/")
+    if len(parts) < 2 or parts[-2] != SUITE_DIRECTORY:
+        return None
+    function, _, params = name.partition("[")
+    params = params[:-1] if params.endswith("]") else params
+    for member in MEMBERSHIP:
+        if (parts[-1] == member.module and fnmatch.fnmatchcase(function, member.function)
+                and fnmatch.fnmatchcase(params, member.params)):
+            return member.category
+    return None
+
+
+def marker_name(category: str) -> str:
+    """The marker the plugin puts on a category's tests: ``-m "not sandbox_ssrf_controls"``."""
+    return "sandbox_" + category.replace("-", "_")
+
+
+class CategoryNotRun(Failed):
+    """Raised by a fixture or test whose category cannot run here (no network namespace, no seccomp,
+    a policy that leaves nothing for the test to prove): the test fails showing ``reason`` alone
+    (``pytest.fail(..., pytrace=False)``), and the scorecard shows ``not run: <reason>``."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"pytest-sandbox: not run: {reason}", pytrace=False)
+        self.reason = reason
+
+
+assert set(CATEGORIES) == {m.category for m in MEMBERSHIP}, "every category has members and a scorecard place"
