@@ -7,6 +7,13 @@ asserts the status sequence, that the refusal was written by the proxy (no origi
 (EOF before the deadline), that a follow-up request gets nothing after a close, and that the bytes
 the origin or the fake backend received frame strictly into exactly the catalogue's allowed
 requests and nothing else (network.md §5). Runs only with ``--sandbox``.
+
+Evidence: the attempts of every selected test in this module run as one campaign on first use
+(:func:`pytest_sandbox.inference_suite.run_smuggling_campaign`): back to back, each carrying its own
+nonce upstream, then the grace period, then every byte the origins and the backend received (and
+every catch-all hit) is attributed to the attempt that caused it, so a proxy that refuses, closes
+and forwards the bytes afterwards fails the case it leaked. Bytes that arrive even later fail the
+session when the lab closes (the upstream audit).
 """
 
 from __future__ import annotations
@@ -22,12 +29,13 @@ from pytest_sandbox.inference_suite import (
     inference_request,
     judge_backend_record,
     open_inference_tunnel,
-    run_smuggling_attempt,
+    run_smuggling_campaign,
     send_and_read,
 )
 from pytest_sandbox.lab import NetworkLab
 from pytest_sandbox.network_fixtures import INFERENCE_ROUTE_KEY, InterceptionTrust, RunningProxy, VerdictCheck
 from pytest_sandbox.session import SandboxSession
+from pytest_sandbox.ssrf_suite import SsrfJudgement
 
 # The lab, proxy and verdict fixtures come from the plugin (rebinding them here would start a second
 # session lab for this module); these are the ones plugin.py does not import yet.
@@ -37,13 +45,31 @@ PUBLIC_ORIGIN = "11.0.0.10"
 DENIED_CANARY = "10.0.0.1"
 
 
+@pytest.fixture(scope="module")
+def smuggling_verdicts(request: pytest.FixtureRequest, sandbox_lab: NetworkLab, sandbox_proxy: RunningProxy,
+                       inference_backend: FakeInferenceBackend, interception_ca: InterceptionTrust
+                       ) -> dict[str, SsrfJudgement]:
+    """Every selected attempt of this module, run as one campaign: test id -> judgement."""
+    attempts: dict[str, SmugglingAttempt] = {}
+    for item in request.session.items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if getattr(item, "module", None) is request.module and "attempt" in params:
+            attempts[params["attempt"].test_id] = params["attempt"]
+    results = run_smuggling_campaign(list(attempts.values()), sandbox_proxy.connect, sandbox_lab, inference_backend,
+                                     interception_ca.cert_pem, origin=PUBLIC_ORIGIN, denied=DENIED_CANARY)
+    return {test_id: judgement for test_id, (judgement, _seen) in results.items()}
+
+
 @pytest.mark.parametrize("attempt", ATTEMPTS, ids=[attempt.test_id for attempt in ATTEMPTS])
 def test_smuggling_case_is_refused_and_closed_and_reaches_nothing(
-        attempt: SmugglingAttempt, sandbox_lab: NetworkLab, sandbox_proxy: RunningProxy,
-        inference_backend: FakeInferenceBackend, interception_ca: InterceptionTrust,
+        attempt: SmugglingAttempt, smuggling_verdicts: dict[str, SsrfJudgement], sandbox_lab: NetworkLab,
+        sandbox_proxy: RunningProxy, inference_backend: FakeInferenceBackend, interception_ca: InterceptionTrust,
         network_verdict: VerdictCheck) -> None:
-    judgement, _seen = run_smuggling_attempt(attempt, sandbox_proxy.connect, sandbox_lab, inference_backend,
-                                             interception_ca.cert_pem, origin=PUBLIC_ORIGIN, denied=DENIED_CANARY)
+    judgement = smuggling_verdicts.get(attempt.test_id)
+    if judgement is None:  # not in the campaign (selected after it ran): alone, with the grace period
+        judgement = run_smuggling_campaign([attempt], sandbox_proxy.connect, sandbox_lab, inference_backend,
+                                           interception_ca.cert_pem, origin=PUBLIC_ORIGIN,
+                                           denied=DENIED_CANARY)[attempt.test_id][0]
     network_verdict("smuggling", attempt.test_id, judgement, attempt.describe())
 
 

@@ -19,6 +19,11 @@ pays for isolation.
 
 :func:`audit_lab` is the session-end check: after one more grace period, every hit no verdict
 accounted for fails the run, with its destination and the attempts that could have caused it.
+:func:`audit_upstream` does the same for the bytes the lab's origins and inference backends received
+(the smuggling and inference evidence): every byte no verdict judged that an upstream attempt
+accounts for (it carries the attempt's nonce, continues a connection the attempt used, or arrived
+within an attempt's window plus the grace period) fails the run, naming where it arrived, its
+first bytes and the attempt(s).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from typing import Any, Protocol
 
 from pytest_sandbox.evidence import AttemptWindow, Attribution, CatchAllHit, attribute, describe_hit, new_nonce
 from pytest_sandbox.lab import NetworkLab
+from pytest_sandbox.upstream import ReceivedStream, UpstreamLedger, attribute_pieces, shown, split_pieces
 
 __all__ = [
     "GRACE_SECONDS",
@@ -40,6 +46,7 @@ __all__ = [
     "ExchangeContext",
     "ExchangeResult",
     "audit_lab",
+    "audit_upstream",
     "isolation_rounds",
 ]
 
@@ -302,3 +309,33 @@ def audit_lab(lab: NetworkLab, *, grace: float = GRACE_SECONDS) -> str | None:
     return (f"pytest-sandbox: {len(unaccounted)} connection(s) reached the lab's catch-all canary and no "
             "verdict accounted for them (a dial after its case was judged, or one no test watched); each "
             "is a destination the proxy must not reach: " + "; ".join(parts))
+
+
+def audit_upstream(ledger: UpstreamLedger, streams: Sequence[ReceivedStream], *,
+                   grace: float = GRACE_SECONDS) -> str | None:
+    """None, or one message naming every upstream byte run an attempt accounts for and no verdict judged.
+
+    Does not wait (call it after :func:`audit_lab`, which waits the grace period). Bytes without a
+    nonce that arrived outside every upstream attempt's window plus grace, on a connection no
+    attempt used, belong to another test (an inference request, an SSRF control) and are not
+    reported here.
+    """
+    known = {window.nonce: window.key for window in ledger.windows}
+    found: list[str] = []
+    for stream in streams:
+        for begin, end in ledger.gaps(stream):
+            pieces = split_pieces(stream, begin, end, known)
+            owners = attribute_pieces(pieces, ledger.windows, grace, graced_only=True,
+                                      before={stream.key: ledger.owners_before(stream, begin)})
+            for piece, keys in zip(pieces, owners, strict=True):
+                if keys:
+                    names = sorted(keys)
+                    blamed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+                    how = "carries its nonce" if piece.nonces else "no nonce; can have come from"
+                    found.append(f"{piece.where}, bytes {piece.start}-{piece.end} ({how} {blamed}): "
+                                 f"{shown(piece.data)}")
+    if not found:
+        return None
+    return (f"pytest-sandbox: {len(found)} run(s) of bytes reached a lab origin or inference backend after the "
+            "verdict of the attempt that sent them was given (the proxy forwarded them late, after refusing), "
+            "so those verdicts did not see them: " + "; ".join(found))

@@ -34,10 +34,12 @@ __all__ = [
     "Attribution",
     "CatchAllHit",
     "attribute",
+    "candidates_at",
     "candidates_for",
     "describe_hit",
     "find_nonce",
     "new_nonce",
+    "nonce_positions",
 ]
 
 # The nonce rides in the request-target path and in a header: a proxy that forwards the request
@@ -60,6 +62,12 @@ def find_nonce(received: bytes, known: Iterable[str] | None = None) -> str | Non
         if wanted is None or text in wanted:
             return text
     return None
+
+
+def nonce_positions(received: bytes, start: int = 0, end: int | None = None) -> list[tuple[int, str]]:
+    """Every nonce-shaped token in ``received[start:end]``: (offset in ``received``, nonce), in order."""
+    stop = len(received) if end is None else min(end, len(received))
+    return [(match.start(), match.group(0).decode("ascii")) for match in _NONCE_PATTERN.finditer(received, start, stop)]
 
 
 @dataclass(frozen=True)
@@ -115,13 +123,22 @@ class Attribution:
 
 def candidates_for(hit: CatchAllHit, windows: Sequence[AttemptWindow], grace: float) -> frozenset[str]:
     """The attempts a hit without a known nonce can have come from (see the module docstring)."""
-    began = [window for window in windows if window.begin <= hit.at]
-    plausible = [window for window in began if hit.address in window.destinations]
-    for tier in (
-        [window for window in plausible if window.contains(hit.at, grace)],
-        plausible,
-        [window for window in began if window.contains(hit.at, grace)],
-    ):
+    return candidates_at(hit.at, hit.address, windows, grace)
+
+
+def candidates_at(at: float, address: str, windows: Sequence[AttemptWindow], grace: float, *,
+                  graced_only: bool = False) -> frozenset[str]:
+    """The attempts bytes without a known nonce that reached ``address`` at ``at`` can have come from.
+
+    The tiers of the module docstring; ``graced_only`` stops after the first (only attempts whose
+    window, extended by the grace period, contains ``at``).
+    """
+    began = [window for window in windows if window.begin <= at]
+    plausible = [window for window in began if address in window.destinations]
+    tiers = [[window for window in plausible if window.contains(at, grace)]]
+    if not graced_only:
+        tiers += [plausible, [window for window in began if window.contains(at, grace)]]
+    for tier in tiers:
         if tier:
             return frozenset(window.key for window in tier)
     return frozenset()

@@ -27,6 +27,7 @@ import json
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -81,12 +82,16 @@ class _Stream:
         self.index = index
         self.data = bytearray()
         self.received = 0
+        self.arrivals: list[tuple[float, int]] = []  # (when, bytes received in all by then)
 
     def add(self, chunk: bytes) -> None:
+        if not chunk:
+            return
         room = STREAM_RECORD_LIMIT - len(self.data)
         if room > 0:
             self.data += chunk[:room]
         self.received += len(chunk)
+        self.arrivals.append((time.monotonic(), self.received))
 
 
 class FakeInferenceBackend:
@@ -149,7 +154,7 @@ class FakeInferenceBackend:
         """Every byte each connection delivered after TLS (up to 1 MiB each), oldest connection first."""
         listener = f"backend {self.name}"
         with self._lock:
-            return [ReceivedStream(listener, stream.index, bytes(stream.data), stream.received)
+            return [ReceivedStream(listener, stream.index, bytes(stream.data), stream.received, tuple(stream.arrivals))
                     for stream in self._streams]
 
     def reset(self) -> None:

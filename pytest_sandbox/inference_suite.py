@@ -24,31 +24,39 @@ names what reached; a wrong refusal status with nothing leaked is INDETERMINATE,
 
 from __future__ import annotations
 
+import itertools
 import socket
 import ssl
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from pytest_sandbox.campaign import GRACE_SECONDS
 from pytest_sandbox.catalogues.smuggling import FIRST_REQUEST_ONLY, H11_ONLY, SMUGGLING_CASES, SmugglingCase, render
+from pytest_sandbox.evidence import NONCE_HEADER, AttemptWindow, attribute, describe_hit, new_nonce
 from pytest_sandbox.fake_backend import FakeInferenceBackend, RecordedRequest
 from pytest_sandbox.inference_routes import DEFAULT_ROUTES, InferenceRoute, match_route
 from pytest_sandbox.interception import DENIED_BODY, DENIED_STATUS, INFERENCE_HOST, INFERENCE_PORT
 from pytest_sandbox.lab import NetworkLab
-from pytest_sandbox.ssrf_suite import SsrfJudgement, new_hits
+from pytest_sandbox.ssrf_suite import SsrfJudgement
 from pytest_sandbox.upstream import (
     MARK_HEADER,
     Assessment,
     ReceivedStream,
+    UpstreamPiece,
     UpstreamReading,
     UpstreamRequest,
     UpstreamSegment,
     allowed_prefix,
     assess,
+    attribute_pieces,
     new_segments,
     read_upstream,
     received_counts,
+    segments_of,
     shown,
+    split_pieces,
+    with_nonce,
 )
 from pytest_sandbox.verdicts import Verdict
 
@@ -77,6 +85,7 @@ __all__ = [
     "open_inference_tunnel",
     "parse_responses",
     "run_smuggling_attempt",
+    "run_smuggling_campaign",
     "send_and_read",
     "stray_backend_requests",
     "tunnel_follow_up",
@@ -93,6 +102,7 @@ MAX_EXCHANGE_BYTES = 1024 * 1024
 # proxy that forwarded the payload and stays silent is caught without waiting out the deadline.
 LEAK_POLL_SECONDS = 0.05
 HEAD_END = b"\r\n\r\n"
+_campaign_ids = itertools.count(1)
 # Follow-up requests carry this in their target so the origin/backend logs can leave them out.
 FOLLOW_UP_MARKER = "follow-up"
 
@@ -131,14 +141,17 @@ def inference_request(method: str, target: str, *, body: bytes = b"", host: str 
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
-def absolute_follow_up(origin: str) -> bytes:
-    """A plain GET to an allowed origin, marked so the origin log can leave it out."""
-    return inference_request("GET", f"http://{origin}/{FOLLOW_UP_MARKER}", host=origin)
+def absolute_follow_up(origin: str, nonce: str | None = None) -> bytes:
+    """A plain GET to an allowed origin, marked so the origin log can leave it out (and carrying the
+    attempt's nonce, when given, so the bytes it puts upstream are attributed to the attempt)."""
+    headers = [(NONCE_HEADER, nonce)] if nonce else []
+    return inference_request("GET", f"http://{origin}/{FOLLOW_UP_MARKER}", host=origin, headers=headers)
 
 
-def tunnel_follow_up() -> bytes:
+def tunnel_follow_up(nonce: str | None = None) -> bytes:
     """A routed GET /v1/models (the query is ignored by routing), marked for the backend log."""
-    return inference_request("GET", f"/v1/models?{FOLLOW_UP_MARKER}")
+    headers = [(NONCE_HEADER, nonce)] if nonce else []
+    return inference_request("GET", f"/v1/models?{FOLLOW_UP_MARKER}", headers=headers)
 
 
 @dataclass(frozen=True)
@@ -152,10 +165,11 @@ class SmugglingAttempt:
     def test_id(self) -> str:
         return f"{self.path}-{self.case.case_id}"
 
-    def payload(self, *, origin: str, denied: str) -> bytes:
-        if self.path == TUNNEL:
-            return tunnel_payload(self.case)
-        return render(self.case, host=origin, denied=denied)
+    def payload(self, *, origin: str, denied: str, nonce: str | None = None) -> bytes:
+        """The bytes sent; with ``nonce``, carried by the allowed requests (or the first head) as
+        :data:`~pytest_sandbox.evidence.NONCE_HEADER` (:func:`~pytest_sandbox.upstream.with_nonce`)."""
+        payload = tunnel_payload(self.case) if self.path == TUNNEL else render(self.case, host=origin, denied=denied)
+        return payload if nonce is None else with_nonce(payload, nonce, self.case.reaches_backend)
 
     def allowed(self, *, origin: str, denied: str) -> tuple[UpstreamRequest, ...]:
         """The requests of this payload that may reach upstream: its first ``reaches_backend``."""
@@ -587,53 +601,136 @@ def exchange(sock: socket.socket, payload: bytes, case: SmugglingCase, follow_up
 def run_smuggling_attempt(
     attempt: SmugglingAttempt, connect: Callable[[], socket.socket], lab: NetworkLab,
     backend: FakeInferenceBackend, ca_pem: bytes, *, origin: str, denied: str,
-    timeout: float = ATTEMPT_TIMEOUT_SECONDS,
+    timeout: float = ATTEMPT_TIMEOUT_SECONDS, grace: float = 0.0,
 ) -> tuple[SsrfJudgement, Exchange]:
-    """Attempt one case through the proxy ``connect`` reaches (a lab socket) and judge it.
+    """Attempt one case through the proxy ``connect`` reaches and judge it: a campaign of one.
 
-    Every record is diffed around the attempt: the bytes ``lab``'s public origins received
-    (absolute path) or ``backend`` received (tunnel path) are the upstream evidence; any canary
-    connection, a byte at an origin during a tunnel attempt or at the backend during an absolute
-    one is reported as stray. A tunnel that cannot be opened is an attempt without an answer.
+    ``grace=0`` judges at once (what arrives later is left to the session-end audit, which names
+    it: the attempt's nonce travels with its bytes); pass :data:`~pytest_sandbox.campaign.GRACE_SECONDS`
+    to wait like the conformance suite, or use :func:`run_smuggling_campaign` for many attempts.
     """
-    hits_before = lab.all_hits()
-    origin_before = received_counts(lab.origin_streams())
-    backend_before = received_counts(backend.received_streams())
-    payload = attempt.payload(origin=origin, denied=denied)
-    allowed = allowed_prefix(payload, attempt.case.reaches_backend)
+    return run_smuggling_campaign([attempt], connect, lab, backend, ca_pem, origin=origin, denied=denied,
+                                  timeout=timeout, grace=grace)[attempt.test_id]
 
-    def at_origins() -> tuple[UpstreamSegment, ...]:
-        return new_segments(origin_before, lab.origin_streams())
 
-    def at_backend() -> tuple[UpstreamSegment, ...]:
-        return new_segments(backend_before, backend.received_streams())
+@dataclass(frozen=True)
+class _Sent:
+    attempt: SmugglingAttempt
+    window: AttemptWindow
+    seen: Exchange
+    allowed: tuple[UpstreamRequest, ...]
 
-    upstream, elsewhere = (at_backend, at_origins) if attempt.path == TUNNEL else (at_origins, at_backend)
 
-    def stray() -> str:
-        hits = new_hits(hits_before, lab.all_hits())
-        reached = [f"canary {address} port {port} x{count}" for (address, port), count in sorted(hits.items())]
-        other = "a lab origin (the tunnel must only reach the backend)" if attempt.path == TUNNEL \
+def run_smuggling_campaign(
+    attempts: Sequence[SmugglingAttempt], connect: Callable[[], socket.socket], lab: NetworkLab,
+    backend: FakeInferenceBackend, ca_pem: bytes, *, origin: str, denied: str,
+    timeout: float = ATTEMPT_TIMEOUT_SECONDS, grace: float = GRACE_SECONDS,
+) -> dict[str, tuple[SsrfJudgement, Exchange]]:
+    """Send every attempt through the proxy back to back, wait ``grace``, then attribute and judge.
+
+    Each attempt carries a fresh nonce (:meth:`SmugglingAttempt.payload`, and in its follow-up
+    request) and is registered as a window in the lab's ledgers. Only after the last attempt and
+    the grace period is every byte the lab origins and ``backend`` received since the first one
+    attributed (:func:`~pytest_sandbox.upstream.split_pieces`,
+    :func:`~pytest_sandbox.upstream.attribute_pieces`): by nonce where its bytes carry one, else to
+    every attempt that can have caused it (the same connection's, and every one whose window plus
+    grace holds its arrival). So bytes a proxy forwards after it refused and closed count against
+    the case that sent them, not the next one. Catch-all hits are attributed the same way
+    (:func:`~pytest_sandbox.evidence.attribute`). Every byte and hit attributed here is marked
+    judged; the session-end audit reports any that arrive later. Returns test id -> (judgement,
+    what it saw, with the upstream bytes attributed to it).
+    """
+    tests = [attempt.test_id for attempt in attempts]
+    if len(set(tests)) != len(tests):
+        raise ValueError(f"attempts repeat: {sorted(t for t in set(tests) if tests.count(t) > 1)}")
+    if not attempts:
+        return {}
+    prefix = f"smuggling{next(_campaign_ids)}/"
+    backend_name = f"backend {backend.name}"
+    start = {**received_counts(lab.origin_streams()), **received_counts(backend.received_streams())}
+    hit_mark = lab.hit_mark()
+    sent: list[_Sent] = []
+    try:
+        for attempt in attempts:
+            nonce = new_nonce()
+            payload = attempt.payload(origin=origin, denied=denied, nonce=nonce)
+            allowed = allowed_prefix(payload, attempt.case.reaches_backend)
+            destinations = frozenset({backend_name}) if attempt.path == TUNNEL else frozenset(
+                {origin} | ({denied} if denied.encode() in payload else set()))
+            begin = time.monotonic()
+            seen = _attempt(attempt, payload, allowed, nonce, connect, lab, backend, ca_pem, origin=origin,
+                            timeout=timeout)
+            sent.append(_Sent(attempt, AttemptWindow(prefix + attempt.test_id, nonce, destinations, begin,
+                                                     time.monotonic()), seen, allowed))
+    finally:
+        # Registered even if an attempt raised: what it sent must stay attributable.
+        lab.register_attempts(item.window for item in sent)
+        lab.upstream_ledger.register(item.window for item in sent)
+    if grace > 0:
+        time.sleep(min(grace, max(0.0, sent[-1].window.end + grace - time.monotonic())))
+    ledger = lab.upstream_ledger
+    known = {window.nonce: window.key for window in ledger.windows}
+    pieces: list[UpstreamPiece] = []
+    before: dict[tuple[str, int], frozenset[str]] = {}
+    for stream in (*lab.origin_streams(), *backend.received_streams()):
+        offset = start.get(stream.key, 0)
+        pieces += split_pieces(stream, offset, stream.received, known)
+        if offset:
+            before[stream.key] = ledger.owners_before(stream, offset)
+    owners = attribute_pieces(pieces, ledger.windows, grace, before=before)
+    attributed = list(zip(pieces, owners, strict=True))
+    ours = {item.window.key for item in sent}
+    for piece, keys in attributed:
+        if keys & ours:
+            ledger.account(piece, keys)
+    hits = lab.hits(since=hit_mark)
+    hit_owners = attribute(hits, lab.attempt_windows(), grace).owners
+
+    def name(key: str) -> str:
+        return key.partition("/")[2] or key
+
+    results: dict[str, tuple[SsrfJudgement, Exchange]] = {}
+    for item in sent:
+        key = item.window.key
+        at_backend = [(piece, keys) for piece, keys in attributed if piece.listener == backend_name]
+        at_origins = [(piece, keys) for piece, keys in attributed if piece.listener != backend_name]
+        upstream, elsewhere = (at_backend, at_origins) if item.attempt.path == TUNNEL else (at_origins, at_backend)
+        blamed = [hit for hit in hits if key in hit_owners.get(hit.index, frozenset())]
+        lab.account([hit.index for hit in blamed], by=key)
+        reached = [f"canary {describe_hit(hit)}" for hit in blamed]
+        other = "a lab origin (the tunnel must only reach the backend)" if item.attempt.path == TUNNEL \
             else "the inference backend"
-        reached += [f"{other}, {segment.where}: {shown(segment.data)}" for segment in elsewhere()]
-        return ", ".join(reached)
+        reached += [f"{other}, {segment.where}: {shown(segment.data)}"
+                    for segment in segments_of(elsewhere, key, name, ended=item.window.end)]
+        seen = replace(item.seen, upstream=segments_of(upstream, key, name, ended=item.window.end),
+                       stray=", ".join(reached))
+        results[item.attempt.test_id] = (judge_exchange(item.attempt.case, seen, item.allowed), seen)
+    return results
+
+
+def _attempt(attempt: SmugglingAttempt, payload: bytes, allowed: Sequence[UpstreamRequest], nonce: str,
+             connect: Callable[[], socket.socket], lab: NetworkLab, backend: FakeInferenceBackend, ca_pem: bytes,
+             *, origin: str, timeout: float) -> Exchange:
+    """One attempt's exchange with the proxy. While it runs, the bytes upstream since it began are
+    watched (to stop waiting as soon as it has leaked); the campaign attributes them afterwards."""
+    before = received_counts(backend.received_streams() if attempt.path == TUNNEL else lab.origin_streams())
+
+    def upstream() -> tuple[UpstreamSegment, ...]:
+        streams = backend.received_streams() if attempt.path == TUNNEL else lab.origin_streams()
+        return new_segments(before, streams)
 
     mark = backend.mark if attempt.path == TUNNEL else lab.origin_mark
     with connect() as sock:
         if attempt.path == ABSOLUTE:
-            seen = exchange(sock, payload, attempt.case, absolute_follow_up(origin), upstream, allowed,
-                            mark=mark, stray=stray, timeout=timeout)
-        else:
-            try:
-                tls = open_inference_tunnel(sock, ca_pem, timeout=timeout)
-            except OSError as error:  # ConnectionError, ssl.SSLError, a timeout: no tunnel, no answer
-                seen = Exchange((), True, False, None, upstream=upstream(), stray=stray(),
-                                error=f"the tunnel could not be opened: {error}")
-            else:
-                with tls:
-                    seen = exchange(tls, payload, attempt.case, tunnel_follow_up(), upstream, allowed,
-                                    mark=mark, stray=stray, timeout=timeout)
-    return judge_exchange(attempt.case, seen, allowed), seen
+            return exchange(sock, payload, attempt.case, absolute_follow_up(origin, nonce), upstream, allowed,
+                            mark=mark, timeout=timeout)
+        try:
+            tls = open_inference_tunnel(sock, ca_pem, timeout=timeout)
+        except OSError as error:  # ConnectionError, ssl.SSLError, a timeout: no tunnel, no answer
+            return Exchange((), True, False, None, error=f"the tunnel could not be opened: {error}")
+        with tls:
+            return exchange(tls, payload, attempt.case, tunnel_follow_up(nonce), upstream, allowed,
+                            mark=mark, timeout=timeout)
 
 
 def _follow_up(reader: _Reader, request: bytes, answered: int, timeout: float) -> int | None:

@@ -65,7 +65,7 @@ from pytest_sandbox.dns_stub import (
 )
 from pytest_sandbox.evidence import AttemptWindow, CatchAllHit
 from pytest_sandbox.netns import HARNESS_MARK, NetnsHolder, NetnsId, ensure_lab_socket
-from pytest_sandbox.upstream import MARK_HEADER, STREAM_RECORD_LIMIT, ReceivedStream, new_mark
+from pytest_sandbox.upstream import MARK_HEADER, STREAM_RECORD_LIMIT, ReceivedStream, UpstreamLedger, new_mark
 
 __all__ = [
     "CATCH_ALL_LISTEN",
@@ -363,18 +363,21 @@ class _OriginConnection(_Connection):
         self.received = 0  # every byte delivered, also past record_limit
         self._fed = 0  # bytes given to h11
         self._unframed = False  # h11 gave up: the rest is only recorded
+        self.arrivals: list[tuple[float, int]] = []  # (when, bytes received in all by then)
         super().__init__(lab, listener, sock, index)
         lab._origin_streams.append(self)
 
     def read_available(self) -> tuple[list[bytes], bool]:
         chunks, eof = super().read_available()
-        self.received += sum(len(chunk) for chunk in chunks)
+        if chunks:
+            self.received += sum(len(chunk) for chunk in chunks)
+            self.arrivals.append((time.monotonic(), self.received))
         return chunks, eof
 
     def stream(self) -> ReceivedStream:
         address, port = self.listener.key
         host = f"[{address}]" if ":" in address else address
-        return ReceivedStream(f"{host}:{port}", self.index, bytes(self.record), self.received)
+        return ReceivedStream(f"{host}:{port}", self.index, bytes(self.record), self.received, tuple(self.arrivals))
 
     def on_readable(self) -> None:
         if self.closed:
@@ -500,6 +503,9 @@ class NetworkLab:
         self._hits: list[_HitRecord] = []
         self._accounted: dict[int, str] = {}  # hit index -> the verdict that accounted for it
         self._windows: list[AttemptWindow] = []
+        # Which upstream bytes (origins here, and the inference backends of this lab) a verdict
+        # judged, and the upstream attempts sent: read and written by the main thread only.
+        self.upstream_ledger = UpstreamLedger()
         self._dns_transport: asyncio.BaseTransport | None = None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"{holder.name}-loop",
@@ -823,6 +829,7 @@ class NetworkLab:
             self._accounted.clear()
             self._windows.clear()
         self._call(lambda: self._settled(reset))
+        self.upstream_ledger.clear()
         self.zone.clear_queries()
 
     def _keys_for(self, addr: str, port: int | None, role: str | None) -> list[ListenerKey]:

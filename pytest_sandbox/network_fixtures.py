@@ -34,7 +34,7 @@ import pytest
 
 from pytest_sandbox.addresses import MalformedTarget, parse_authority
 from pytest_sandbox.allowlist_suite import allowlist_gaps, suite_destinations
-from pytest_sandbox.campaign import audit_lab
+from pytest_sandbox.campaign import audit_lab, audit_upstream
 from pytest_sandbox.catalogues.ssrf_cases import SsrfCase
 from pytest_sandbox.categories import CategoryNotRun, category_of
 from pytest_sandbox.compiler import compile_policy
@@ -364,7 +364,9 @@ def _network_lab(pytestconfig: pytest.Config) -> Iterator[NetworkLab]:
     scorecard says so); without ``--sandbox`` such tests are skipped.
 
     When the session ends it audits the lab's catch-all canary: a connection no verdict accounted
-    for (a dial after its case was judged, or one nobody watched) fails the run, naming it.
+    for (a dial after its case was judged, or one nobody watched) fails the run, naming it; and the
+    bytes its origins and inference backend received: bytes an upstream attempt accounts for that
+    arrived after its verdict (a late forward) fail the run, naming where and what.
     """
     available, why = host_can_create_netns()
     lab: NetworkLab | None = None
@@ -383,6 +385,10 @@ def _network_lab(pytestconfig: pytest.Config) -> Iterator[NetworkLab]:
     try:
         yield lab
         problem = audit_lab(lab)
+        streams = [*lab.origin_streams(), *(stream for interception in _interceptions_of(lab)
+                                            for stream in interception.backend.received_streams())]
+        late = audit_upstream(lab.upstream_ledger, streams)
+        problem = "\n".join(part for part in (problem, late) if part) or None
     finally:
         try:
             _stop_interception(lab)
@@ -416,6 +422,11 @@ def interception_of(lab: NetworkLab) -> InferenceInterception:
             raise
         _INTERCEPTIONS[id(lab)] = found
     return found[0]
+
+
+def _interceptions_of(lab: NetworkLab) -> list[InferenceInterception]:
+    found = _INTERCEPTIONS.get(id(lab))
+    return [found[0]] if found is not None else []
 
 
 def _stop_interception(lab: NetworkLab) -> None:

@@ -16,13 +16,21 @@ what the origin's parser made of them. Everything here is pure.
 
 from __future__ import annotations
 
+import bisect
 import secrets
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from pytest_sandbox.framing import MAX_HEAD_BYTES, frame_pipeline
+from pytest_sandbox.evidence import NONCE_HEADER, AttemptWindow, candidates_at, nonce_positions
+from pytest_sandbox.framing import (
+    MAX_HEAD_BYTES,
+    ChunkedBodyParser,
+    FramingViolation,
+    check_request_head,
+    frame_pipeline,
+)
 
 __all__ = [
     "MARK_HEADER",
@@ -31,18 +39,25 @@ __all__ = [
     "Assessment",
     "Leftover",
     "ReceivedStream",
+    "UpstreamLedger",
+    "UpstreamPiece",
     "UpstreamReading",
     "UpstreamRequest",
     "UpstreamSegment",
     "allowed_prefix",
     "assess",
+    "attribute_pieces",
     "compare_requests",
     "new_mark",
     "new_segments",
     "origin_form",
     "read_upstream",
     "received_counts",
+    "segments_of",
     "shown",
+    "split_pieces",
+    "stream_address",
+    "with_nonce",
 ]
 
 # The header every response of an upstream lab server carries: "X-Lab-Mark: <token>".
@@ -84,6 +99,9 @@ class ReceivedStream:
     connection: int
     data: bytes
     received: int
+    # (time.monotonic() when bytes arrived, bytes received in all after them), oldest first: which
+    # bytes came when, so that every byte can be attributed to the attempt that caused it.
+    arrivals: tuple[tuple[float, int], ...] = ()
 
     @property
     def key(self) -> StreamKey:
@@ -263,3 +281,249 @@ def compare_requests(arrived: Sequence[UpstreamRequest], allowed: Sequence[Upstr
     extra = list((arrived_count - allowed_count).elements())
     missing = list((allowed_count - arrived_count).elements())
     return extra, missing
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-attempt nonces in what reaches upstream, and attributing every upstream byte to its attempt
+# --------------------------------------------------------------------------------------------------
+
+
+def _clean_request_length(data: bytes) -> int:
+    """The length of the strictly framed request at the start of ``data`` (ValueError if it is not one)."""
+    end = data.find(b"\r\n\r\n")
+    if end == -1:
+        raise ValueError("no complete request head")
+    try:
+        kind, length = check_request_head(data[:end + 4]).body_framing
+    except FramingViolation as violation:
+        raise ValueError(f"not a clean request ({violation.case})") from None
+    after = data[end + 4:]
+    if kind == "chunked":
+        result = ChunkedBodyParser().feed(after)
+        if result is None:
+            raise ValueError("incomplete chunked body")
+        return len(data) - len(result.leftover)
+    if len(after) < length:
+        raise ValueError("incomplete body")
+    return end + 4 + length
+
+
+def _head_end_insertion(data: bytes) -> tuple[int, bytes] | None:
+    """Where a header line goes at the end of the first head, and its line ending (the head's own)."""
+    ends = [(index, ending) for index, ending in ((data.find(b"\r\n\r\n"), b"\r\n"), (data.find(b"\n\n"), b"\n"))
+            if index != -1]
+    if not ends:
+        return None
+    index, ending = min(ends)
+    return index + len(ending), ending  # after the last field line, before the empty line
+
+
+def with_nonce(payload: bytes, nonce: str, clean: int) -> bytes:
+    """``payload`` with ``X-Sandbox-Probe: <nonce>`` added as the last field of request heads. Pure.
+
+    The field goes into each of the first ``clean`` requests (strictly framed, so their heads are
+    known; a proxy forwards end-to-end fields, RFC 9110 §7.6), and when ``clean`` is 0 into the
+    first head (before its empty line, with that head's own line ending). Nothing a case tests
+    moves: the request line, every field the payload had and their order, the bodies and whatever
+    follows are byte for byte the same (tests/test_upstream.py checks the framing verdict of
+    every catalogue row is unchanged).
+    """
+    out, rest = bytearray(), payload
+    for _ in range(clean):
+        length = _clean_request_length(rest)
+        request, rest = rest[:length], rest[length:]
+        where = _head_end_insertion(request)
+        assert where is not None  # a clean request has a head
+        index, ending = where
+        out += request[:index] + f"{NONCE_HEADER}: {nonce}".encode("ascii") + ending + request[index:]
+    if clean == 0:
+        where = _head_end_insertion(rest)
+        if where is not None:
+            index, ending = where
+            return rest[:index] + f"{NONCE_HEADER}: {nonce}".encode("ascii") + ending + rest[index:]
+    return bytes(out + rest)
+
+
+def stream_address(listener: str) -> str:
+    """The address part of a listener name: ``11.0.0.10:80`` -> ``11.0.0.10``; others unchanged."""
+    if listener.startswith("["):
+        return listener[1:].partition("]")[0]
+    host, sep, port = listener.rpartition(":")
+    return host if sep and port.isdigit() and ":" not in host else listener
+
+
+@dataclass(frozen=True)
+class UpstreamPiece:
+    """A run of bytes one upstream connection received: from a chunk that carried a known nonce
+    (or the first byte looked at) up to the next chunk carrying another attempt's nonce.
+
+    ``nonces`` are the known nonces that start it (empty: bytes without a nonce, e.g. a request a
+    proxy forwarded on a connection of its own); ``at`` is when its first byte arrived.
+    """
+
+    listener: str
+    connection: int
+    start: int
+    end: int
+    data: bytes
+    at: float
+    nonces: frozenset[str] = frozenset()
+
+    @property
+    def key(self) -> StreamKey:
+        return (self.listener, self.connection)
+
+    @property
+    def where(self) -> str:
+        return f"{self.listener} connection {self.connection}"
+
+    @property
+    def truncated(self) -> bool:
+        return len(self.data) < self.end - self.start
+
+
+def _chunk_starts(stream: ReceivedStream) -> list[tuple[int, float]]:
+    """(offset where a chunk of arrivals begins, when it arrived), oldest first."""
+    starts, previous = [], 0
+    for at, total in stream.arrivals:
+        if total > previous:
+            starts.append((previous, at))
+            previous = total
+    if previous < stream.received:  # bytes without an arrival record (never for the lab's servers)
+        starts.append((previous, stream.arrivals[-1][0] if stream.arrivals else 0.0))
+    return starts
+
+
+def split_pieces(stream: ReceivedStream, start: int, end: int, known: Mapping[str, str]) -> list[UpstreamPiece]:
+    """Cut bytes ``start``..``end`` of ``stream`` into pieces at the chunks that carry a new attempt's
+    nonce (``known``: nonce -> attempt key). Pure.
+
+    A chunk is what one read of the server delivered; a proxy writes each forwarded request in one
+    go, so a chunk carrying an attempt's nonce begins that attempt's bytes. Bytes after it on the
+    same connection stay with it (connection identity) until another attempt's nonce arrives.
+    """
+    if end <= start:
+        return []
+    chunks = [(offset, at) for offset, at in _chunk_starts(stream) if start <= offset < end]
+    if not chunks or chunks[0][0] != start:
+        earlier = [at for offset, at in _chunk_starts(stream) if offset <= start]
+        chunks.insert(0, (start, earlier[-1] if earlier else 0.0))
+    found: dict[int, set[str]] = {}
+    offsets = [offset for offset, _ in chunks]
+    for position, nonce in nonce_positions(stream.data, start, end):
+        if nonce in known:
+            found.setdefault(bisect.bisect_right(offsets, position) - 1, set()).add(known[nonce])
+    nonce_of = {key: nonce for nonce, key in known.items()}
+    pieces: list[UpstreamPiece] = []
+    owners: set[str] = set()
+    cut, cut_at = start, chunks[0][1]
+    for index, (offset, at) in enumerate(chunks):
+        keys = found.get(index, set())
+        if index == 0:
+            owners = set(keys)
+            continue
+        if keys and keys != owners:
+            pieces.append(_piece(stream, cut, offset, cut_at, owners, nonce_of))
+            cut, cut_at, owners = offset, at, set(keys)
+    pieces.append(_piece(stream, cut, end, cut_at, owners, nonce_of))
+    return pieces
+
+
+def _piece(stream: ReceivedStream, start: int, end: int, at: float, owners: set[str],
+           nonce_of: Mapping[str, str]) -> UpstreamPiece:
+    return UpstreamPiece(stream.listener, stream.connection, start, end, stream.data[start:end], at,
+                         frozenset(nonce_of[key] for key in owners))
+
+
+def attribute_pieces(pieces: Sequence[UpstreamPiece], windows: Sequence[AttemptWindow], grace: float, *,
+                     before: Mapping[StreamKey, frozenset[str]] | None = None,
+                     graced_only: bool = False) -> list[frozenset[str]]:
+    """The attempt keys each piece is attributed to (parallel to ``pieces``). Pure.
+
+    A piece that carries nonces belongs to their attempts. One without (the start of a connection
+    whose first bytes carry none) belongs to every attempt that can have caused it
+    (:func:`pytest_sandbox.evidence.candidates_at`: sound, never dropped), and, when the same
+    connection already carried bytes of an attempt (``before``, or an earlier piece), to that one
+    too. ``pieces`` must be in order per connection.
+    """
+    by_nonce = {window.nonce: window.key for window in windows}
+    last: dict[StreamKey, frozenset[str]] = dict(before or {})
+    owners: list[frozenset[str]] = []
+    for piece in pieces:
+        keys = frozenset(by_nonce[nonce] for nonce in piece.nonces if nonce in by_nonce)
+        if not keys:
+            keys = candidates_at(piece.at, stream_address(piece.listener), windows, grace,
+                                 graced_only=graced_only) | last.get(piece.key, frozenset())
+        owners.append(keys)
+        last[piece.key] = keys
+    return owners
+
+
+def segments_of(pieces: Iterable[tuple[UpstreamPiece, frozenset[str]]], key: str,
+                name: Callable[[str], str] = str, *, ended: float | None = None) -> tuple[UpstreamSegment, ...]:
+    """The bytes attributed to attempt ``key``, one segment per connection (pieces joined in order).
+
+    A segment whose bytes are also blamed on other attempts says so in its ``where`` (sound: bytes
+    without a nonce are blamed on every attempt that can have caused them); ``name`` turns an
+    attempt key into what a report shows; with ``ended`` (when the attempt ended) a connection
+    whose bytes began arriving after it says how long after.
+    """
+    joined: dict[StreamKey, list[UpstreamPiece]] = {}
+    shared: dict[StreamKey, set[str]] = {}
+    for piece, owners in pieces:
+        if key in owners:
+            joined.setdefault(piece.key, []).append(piece)
+            shared.setdefault(piece.key, set()).update(owners - {key})
+    segments = []
+    for stream_key, parts in joined.items():
+        others = sorted(name(other) for other in shared[stream_key])
+        where = parts[0].where
+        if ended is not None and parts[0].at > ended:
+            where += f" (arrived {parts[0].at - ended:.3f} s after the attempt ended)"
+        if others:
+            where += (f" (bytes without a nonce, also blamed on {', '.join(others[:3])}"
+                      + (f" and {len(others) - 3} more" if len(others) > 3 else "") + ")")
+        segments.append(UpstreamSegment(where, b"".join(part.data for part in parts),
+                                        any(part.truncated for part in parts)))
+    return tuple(segments)
+
+
+@dataclass
+class UpstreamLedger:
+    """Which upstream bytes a verdict already judged, and the attempts whose nonces travel upstream.
+
+    State, owned by one lab (one per xdist worker): ``judged`` maps a connection to the byte ranges
+    some verdict counted, with the attempts they were attributed to; ``windows`` are every upstream
+    attempt sent (its nonce, its window). The session-end audit (:func:`pytest_sandbox.campaign.
+    audit_upstream`) reports every byte outside ``judged`` that an attempt accounts for.
+    """
+
+    windows: list[AttemptWindow] = field(default_factory=list)
+    judged: dict[StreamKey, list[tuple[int, int, frozenset[str]]]] = field(default_factory=dict)
+
+    def register(self, windows: Iterable[AttemptWindow]) -> None:
+        self.windows.extend(windows)
+
+    def account(self, piece: UpstreamPiece, owners: frozenset[str]) -> None:
+        self.judged.setdefault(piece.key, []).append((piece.start, piece.end, owners))
+
+    def gaps(self, stream: ReceivedStream, start: int = 0) -> list[tuple[int, int]]:
+        """The byte ranges of ``stream`` from ``start`` that no verdict judged."""
+        ranges = sorted((begin, end) for begin, end, _ in self.judged.get(stream.key, []))
+        gaps, position = [], start
+        for begin, end in ranges:
+            if begin > position:
+                gaps.append((position, min(begin, stream.received)))
+            position = max(position, end)
+        if position < stream.received:
+            gaps.append((position, stream.received))
+        return [(begin, end) for begin, end in gaps if end > begin]
+
+    def owners_before(self, stream: ReceivedStream, offset: int) -> frozenset[str]:
+        """Who the judged bytes just before ``offset`` on ``stream`` were attributed to."""
+        return next((owners for begin, end, owners in self.judged.get(stream.key, []) if begin < offset <= end),
+                    frozenset())
+
+    def clear(self) -> None:
+        self.windows.clear()
+        self.judged.clear()
