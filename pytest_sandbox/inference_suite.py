@@ -389,7 +389,7 @@ def judge_exchange(case: SmugglingCase, seen: Exchange, allowed: Sequence[Upstre
             answer = "no answer" if seen.follow_up is None else str(seen.follow_up)
             return verdict(Verdict.ALLOWED, "after the refusal the connection was still read: the follow-up "
                            f"request was forwarded upstream (answer: {answer}; the pre-#819 keep-alive bug)")
-        return verdict(Verdict.ALLOWED, found.leak)
+        return verdict(Verdict.ALLOWED, found.leak + _where_extra(seen.upstream, found))
     if control:
         return _judge_control(case, seen, found, verdict)
     relayed = [status for index, status in enumerate(seen.statuses) if index >= wanted and seen.is_marked(index)]
@@ -413,6 +413,17 @@ def judge_exchange(case: SmugglingCase, seen: Exchange, allowed: Sequence[Upstre
                        + "".join(f", {leftover.describe()}" for leftover in found.pending))
     return verdict(Verdict.BLOCKED, f"refused with {last} by the proxy itself (no origin mark) and closed; exactly "
                    f"the {wanted} allowed request(s) reached upstream, not one byte more")
+
+
+def _where_extra(segments: Sequence[UpstreamSegment], found: Assessment) -> str:
+    """Where complete requests beyond the allowed ones arrived, and their bytes (the leak message
+    of a final leftover already names both)."""
+    if found.unframed or not found.extra:
+        return ""
+    extra = set(found.extra)
+    places = [f"{segment.where}: {shown(segment.data)}" for segment in segments
+              if extra & set(read_upstream([segment]).requests)]
+    return f", at {'; '.join(places)}" if places else ""
 
 
 def _judge_control(case: SmugglingCase, seen: Exchange, found: Assessment,

@@ -323,7 +323,8 @@ def with_nonce(payload: bytes, nonce: str, clean: int) -> bytes:
 
     The field goes into each of the first ``clean`` requests (strictly framed, so their heads are
     known; a proxy forwards end-to-end fields, RFC 9110 §7.6), and when ``clean`` is 0 into the
-    first head (before its empty line, with that head's own line ending). Nothing a case tests
+    first head (before its empty line, with that head's own line ending; after a CONNECT head, also
+    into the first head of the bytes that follow it). Nothing a case tests
     moves: the request line, every field the payload had and their order, the bodies and whatever
     follows are byte for byte the same (tests/test_upstream.py checks the framing verdict of
     every catalogue row is unchanged).
@@ -337,11 +338,22 @@ def with_nonce(payload: bytes, nonce: str, clean: int) -> bytes:
         index, ending = where
         out += request[:index] + f"{NONCE_HEADER}: {nonce}".encode("ascii") + ending + request[index:]
     if clean == 0:
-        where = _head_end_insertion(rest)
-        if where is not None:
-            index, ending = where
-            return rest[:index] + f"{NONCE_HEADER}: {nonce}".encode("ascii") + ending + rest[index:]
+        rest = _nonce_in_first_head(rest, nonce)
+        if rest.startswith(b"CONNECT "):
+            # What follows a CONNECT head is tunnel payload a proxy must never parse or forward
+            # (RFC 9110 §9.3.6); it carries the nonce too, so a late dial that sends it is named.
+            head_end = rest.find(b"\r\n\r\n")
+            if head_end != -1:
+                rest = rest[:head_end + 4] + _nonce_in_first_head(rest[head_end + 4:], nonce)
     return bytes(out + rest)
+
+
+def _nonce_in_first_head(data: bytes, nonce: str) -> bytes:
+    where = _head_end_insertion(data)
+    if where is None:
+        return data
+    index, ending = where
+    return data[:index] + f"{NONCE_HEADER}: {nonce}".encode("ascii") + ending + data[index:]
 
 
 def stream_address(listener: str) -> str:
