@@ -166,10 +166,10 @@ class SmugglingAttempt:
         return f"{self.path}-{self.case.case_id}"
 
     def payload(self, *, origin: str, denied: str, nonce: str | None = None) -> bytes:
-        """The bytes sent; with ``nonce``, carried by the allowed requests (or the first head) as
-        :data:`~pytest_sandbox.evidence.NONCE_HEADER` (:func:`~pytest_sandbox.upstream.with_nonce`)."""
+        """The bytes sent; with ``nonce``, carried by every strictly framed request (or the first
+        head) as :data:`~pytest_sandbox.evidence.NONCE_HEADER` (:func:`~pytest_sandbox.upstream.with_nonce`)."""
         payload = tunnel_payload(self.case) if self.path == TUNNEL else render(self.case, host=origin, denied=denied)
-        return payload if nonce is None else with_nonce(payload, nonce, self.case.reaches_backend)
+        return payload if nonce is None else with_nonce(payload, nonce)
 
     def allowed(self, *, origin: str, denied: str) -> tuple[UpstreamRequest, ...]:
         """The requests of this payload that may reach upstream: its first ``reaches_backend``."""

@@ -318,17 +318,20 @@ def _head_end_insertion(data: bytes) -> tuple[int, bytes] | None:
     return index + len(ending), ending  # after the last field line, before the empty line
 
 
-def with_nonce(payload: bytes, nonce: str, clean: int) -> bytes:
+def with_nonce(payload: bytes, nonce: str, clean: int | None = None) -> bytes:
     """``payload`` with ``X-Sandbox-Probe: <nonce>`` added as the last field of request heads. Pure.
 
-    The field goes into each of the first ``clean`` requests (strictly framed, so their heads are
-    known; a proxy forwards end-to-end fields, RFC 9110 §7.6), and when ``clean`` is 0 into the
-    first head (before its empty line, with that head's own line ending; after a CONNECT head, also
-    into the first head of the bytes that follow it). Nothing a case tests
+    The field goes into each of the first ``clean`` requests (default: every request up to the
+    first that strict framing stops at; strictly framed, so their heads are known; a proxy forwards
+    end-to-end fields, RFC 9110 §7.6), then into the head of the request after them, where strict
+    framing stopped (before its empty line, with that head's own line ending; after a CONNECT head,
+    also into the first head of the bytes that follow it). Nothing a case tests
     moves: the request line, every field the payload had and their order, the bodies and whatever
     follows are byte for byte the same (tests/test_upstream.py checks the framing verdict of
     every catalogue row is unchanged).
     """
+    if clean is None:
+        clean = _clean_prefix_count(payload)
     out, rest = bytearray(), payload
     for _ in range(clean):
         length = _clean_request_length(rest)
@@ -337,7 +340,9 @@ def with_nonce(payload: bytes, nonce: str, clean: int) -> bytes:
         assert where is not None  # a clean request has a head
         index, ending = where
         out += request[:index] + f"{NONCE_HEADER}: {nonce}".encode("ascii") + ending + request[index:]
-    if clean == 0:
+    if rest:
+        # The request strict framing stopped at (or the first, when none is clean): a proxy with
+        # looser framing may forward it on a connection of its own.
         rest = _nonce_in_first_head(rest, nonce)
         if rest.startswith(b"CONNECT "):
             # What follows a CONNECT head is tunnel payload a proxy must never parse or forward
@@ -346,6 +351,18 @@ def with_nonce(payload: bytes, nonce: str, clean: int) -> bytes:
             if head_end != -1:
                 rest = rest[:head_end + 4] + _nonce_in_first_head(rest[head_end + 4:], nonce)
     return bytes(out + rest)
+
+
+def _clean_prefix_count(payload: bytes) -> int:
+    """How many requests at the start of ``payload`` are strictly framed (a CONNECT ends the count:
+    what follows it is tunnel payload)."""
+    framed = frame_pipeline(payload)
+    count = 0
+    for head, _body in framed.requests:
+        if head.method == "CONNECT":
+            break
+        count += 1
+    return count
 
 
 def _nonce_in_first_head(data: bytes, nonce: str) -> bytes:

@@ -27,7 +27,7 @@ from pytest_sandbox.inference_suite import (
     cases_failed_by,
     judge_exchange,
     parse_responses,
-    run_smuggling_attempt,
+    run_smuggling_campaign,
     tunnel_payload,
 )
 from pytest_sandbox.lab import NetworkLab
@@ -51,12 +51,10 @@ def judge_all(running: RunningProxy, path: str, timeout: float = DETECTION_TIMEO
               ) -> dict[str, SsrfJudgement]:
     lab = running.lab
     interception = interception_of(lab)
-    return {
-        attempt.case.case_id: run_smuggling_attempt(
-            attempt, running.connect, lab, interception.backend, interception.trust.cert_pem,
-            origin=PUBLIC_ORIGIN, denied=DENIED_CANARY, timeout=timeout)[0]
-        for attempt in build_attempts(paths=[path])
-    }
+    attempts = build_attempts(paths=[path])
+    results = run_smuggling_campaign(attempts, running.connect, lab, interception.backend, interception.trust.cert_pem,
+                                     origin=PUBLIC_ORIGIN, denied=DENIED_CANARY, timeout=timeout)
+    return {attempt.case.case_id: results[attempt.test_id][0] for attempt in attempts}
 
 
 def failing(judgements: dict[str, SsrfJudgement]) -> set[str]:

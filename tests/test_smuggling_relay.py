@@ -31,7 +31,7 @@ from pytest_sandbox.inference_suite import (
     ABSOLUTE,
     TUNNEL,
     build_attempts,
-    run_smuggling_attempt,
+    run_smuggling_campaign,
     tunnel_payload,
 )
 from pytest_sandbox.interception import INFERENCE_HOST, INFERENCE_PORT, InferenceBackendConfig
@@ -70,12 +70,10 @@ RELAY_PROXY_PORT = 3160
 
 def judge_all(running: RunningProxy | ThirdPartyProxy, lab: NetworkLab, backend: FakeInferenceBackend,
               ca_pem: bytes, path: str) -> dict[str, SsrfJudgement]:
-    return {
-        attempt.case.case_id: run_smuggling_attempt(
-            attempt, running.connect, lab, backend, ca_pem, origin=PUBLIC_ORIGIN, denied=DENIED_CANARY,
-            timeout=TIMEOUT_SECONDS)[0]
-        for attempt in build_attempts(paths=[path])
-    }
+    attempts = build_attempts(paths=[path])
+    results = run_smuggling_campaign(attempts, running.connect, lab, backend, ca_pem, origin=PUBLIC_ORIGIN,
+                                     denied=DENIED_CANARY, timeout=TIMEOUT_SECONDS)
+    return {attempt.case.case_id: results[attempt.test_id][0] for attempt in attempts}
 
 
 def quoted_prefix(payload: bytes, length: int = 40) -> str:
