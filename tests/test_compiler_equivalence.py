@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
@@ -198,3 +199,20 @@ def test_baseline_with_extra_arches_compiles_to_one_program_modulo_errno(arches:
                     assert mapping.get(on_sentinel.data, on_sentinel.data) == on_real.data
         if x86:  # every i386 socketcall(SYS_SOCKET) meets the one socket rule libseccomp makes of them
             assert run_stack(real.programs, 102, ARCH_TOKENS["x86"], (1, 0x1000)).data == errno.EPERM
+
+
+def test_the_equivalence_check_catches_the_old_real_build_of_an_allowlist(tmp_path: Path) -> None:
+    # The broken target: the real build the old compile path made (tests/broken_filters.py), which
+    # dropped socket(AF_PACKET) -> EPERM because its errno equals the allowlist's default errno.
+    from broken_filters import docker_like_profile_with_af_packet_rule, legacy_real_build
+
+    from pytest_sandbox.policy import load_policy
+
+    policy = load_policy(docker_like_profile_with_af_packet_rule(tmp_path))
+    plan = plan_policy(policy, "allow")
+    sentinel = compile_plan(plan, sentinel=True)
+    assert differences(policy, plan, compile_plan(plan), sentinel) == []
+    found = differences(policy, plan, legacy_real_build(policy, "allow"), sentinel)
+    assert any(line.startswith("socket on native (arch 0xc000003e) with args (17,): real build "
+                               "Result(action='allow'") for line in found), found[:5]
+    assert any(line.startswith("socket on x86") and "(17,)" in line for line in found), found[:5]
