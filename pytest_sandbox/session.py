@@ -26,6 +26,7 @@ from pytest_sandbox.syscall_suite import (
     control_cases,
     denial_cases,
     judge,
+    judge_both_builds,
     merge_requirements,
     requirements_of,
 )
@@ -75,6 +76,9 @@ class SandboxSession:
         for mode in self.options.modes:
             if mode not in NETWORK_MODES:
                 raise PolicyError(f"--sandbox-modes: unknown network mode {mode!r}; use {', '.join(NETWORK_MODES)}")
+        for mode in () if self.third_party else self.modes():
+            for sentinel in (False, True):  # a policy that cannot compile is a usage error, before any test
+                self.compiled(mode, sentinel=sentinel)
 
     # -- what is probed ----------------------------------------------------------------------
 
@@ -135,12 +139,13 @@ class SandboxSession:
     def _plan(self, mode: str, identity: Identity, build: str) -> list[dict[str, Any]]:
         probed = self.probed(mode)
         denials, controls = denial_cases(probed), control_cases(probed, mode)
-        # Denials run on the sentinel build (unambiguous errnos); controls on the real build, which is
-        # what a sandboxed program meets (glibc needs the real ENOSYS, the real EPERM is reported).
+        # Denials run on both builds: the sentinel build (unambiguous errnos) shows which rule refused,
+        # the real build is the filter a sandboxed program meets. Controls run on the real build only
+        # (glibc needs the real ENOSYS, the real EPERM is reported).
         chosen: Sequence[ProbeCase] = {
             "baseline": (*denials, *controls),
             "sentinel": denials,
-            "real": controls if not self.third_party else (*denials, *controls),
+            "real": (*denials, *controls),
         }[build]
         return [case.runner_probe() for case in chosen if case.kind != "denial" or case.nr is not None]
 
@@ -155,14 +160,21 @@ class SandboxSession:
 
     def judge(self, param: SyscallParam) -> Judgement:
         case = param.case
-        if case.kind == "denial" and not self.third_party:
-            build, compiled = "sentinel", self.compiled(param.mode, sentinel=True)
-        else:
-            build, compiled = "real", self.compiled(param.mode, sentinel=False)
         missing = Outcome("error", None, "not run")
-        baseline = self.outcomes(param.mode, param.identity, "baseline").get(case.case_id, missing)
-        observed = self.outcomes(param.mode, param.identity, build).get(case.case_id, missing)
-        return judge(case, baseline, observed, compiled=compiled, policy=None if self.third_party else self.policy)
+
+        def observed(build: str) -> Outcome:
+            return self.outcomes(param.mode, param.identity, build).get(case.case_id, missing)
+
+        baseline = observed("baseline")
+        if self.third_party:
+            return judge(case, baseline, observed("real"), compiled=None, policy=None)
+        real = self.compiled(param.mode, sentinel=False)
+        if case.kind != "denial" or case.nr is None:
+            return judge(case, baseline, observed("real"), compiled=real, policy=self.policy)
+        sentinel = self.compiled(param.mode, sentinel=True)
+        assert real is not None and sentinel is not None
+        return judge_both_builds(case, baseline, observed("sentinel"), observed("real"), sentinel=sentinel,
+                                 real=real, policy=self.policy)
 
 
 def failure_message(param: SyscallParam, judgement: Judgement) -> str:
