@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,13 +150,24 @@ class SandboxSession:
         }[build]
         return [case.runner_probe() for case in chosen if case.kind != "denial" or case.nr is not None]
 
+    def builds(self) -> tuple[str, ...]:
+        """The targets every (mode, identity) runs: the unfiltered baseline, then the filter(s) judged."""
+        return ("baseline", "real") if self.third_party else ("baseline", "sentinel", "real")
+
     def outcomes(self, mode: str, identity: Identity, build: str) -> dict[str, Outcome]:
         key = (mode, identity.name, build)
         with self._lock:
             if key not in self._results:
                 if not self.third_party:
                     check_host_support(mode, identity)
-                self._results[key] = self._target(mode, identity, build).run(self._plan(mode, identity, build))
+                # Every judgement needs all builds of its (mode, identity): run them side by side, each
+                # is its own runner process.
+                wanted = [b for b in self.builds() if (mode, identity.name, b) not in self._results]
+                with ThreadPoolExecutor(max_workers=len(wanted)) as pool:
+                    runs = {b: pool.submit(self._target(mode, identity, b).run, self._plan(mode, identity, b))
+                            for b in wanted}
+                for each, run in runs.items():
+                    self._results[(mode, identity.name, each)] = run.result()
             return self._results[key]
 
     def judge(self, param: SyscallParam) -> Judgement:
