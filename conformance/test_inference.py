@@ -179,5 +179,6 @@ def test_backend_record_holds_only_inference_routes_with_the_route_key(
     """
     with tunnel(sandbox_proxy, interception_ca) as tls:
         send_and_read(tls, MODELS_REQUEST)
-    judgement = judge_backend_record(inference_backend.requests, INFERENCE_ROUTE_KEY, forbidden_values=[SANDBOX_KEY])
+    judgement = judge_backend_record(inference_backend.requests, INFERENCE_ROUTE_KEY, forbidden_values=[SANDBOX_KEY],
+                                     streams=inference_backend.received_streams())
     network_verdict(CATEGORY, "backend-record", judgement, "the fake backend's whole request log")

@@ -3,12 +3,15 @@
 Ids are ``absolute-<case>`` (the catalogue's bytes to the proxy, ``{host}`` a lab public origin,
 ``{denied}`` the 10.0.0.1 canary) and ``tunnel-<case>`` (the same trick inside the intercepted
 ``CONNECT inference.local:443`` TLS tunnel, adapted by ``inference_suite.tunnel_payload``). Each
-asserts the status sequence, the close (EOF before the deadline), that a follow-up request gets
-nothing after a close, and that the origin or the fake backend recorded exactly the catalogued
-number of requests (network.md §5). Runs only with ``--sandbox``.
+asserts the status sequence, that the refusal was written by the proxy (no origin mark), the close
+(EOF before the deadline), that a follow-up request gets nothing after a close, and that the bytes
+the origin or the fake backend received frame strictly into exactly the catalogue's allowed
+requests and nothing else (network.md §5). Runs only with ``--sandbox``.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 
@@ -47,8 +50,12 @@ def test_backend_record_shows_no_smuggled_request_ever_reached_it(
         sandbox_proxy: RunningProxy, inference_backend: FakeInferenceBackend, interception_ca: InterceptionTrust,
         network_verdict: VerdictCheck) -> None:
     """Runs after the tunnel cases of this module (those this worker ran, under xdist): the fake
-    backend's whole log, judged at once. A routed request first, so the log is never empty."""
-    with open_inference_tunnel(sandbox_proxy.connect(), interception_ca.cert_pem) as tls:
+    backend's whole log and every byte it received, judged at once. A routed request first, so the
+    log is never empty (a proxy that cannot open the tunnel leaves it empty: INDETERMINATE)."""
+    with contextlib.suppress(OSError), \
+            open_inference_tunnel(sandbox_proxy.connect(), interception_ca.cert_pem) as tls:
         send_and_read(tls, inference_request("GET", "/v1/models"))
-    judgement = judge_backend_record(inference_backend.requests, INFERENCE_ROUTE_KEY)
-    network_verdict("smuggling", "tunnel-backend-record", judgement, "the fake backend's whole request log")
+    judgement = judge_backend_record(inference_backend.requests, INFERENCE_ROUTE_KEY,
+                                     streams=inference_backend.received_streams())
+    network_verdict("smuggling", "tunnel-backend-record", judgement,
+                    "the fake backend's whole request log and raw record")

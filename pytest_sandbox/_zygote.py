@@ -3,9 +3,11 @@
 It is started by :mod:`pytest_sandbox.launcher` as ``python -S -c <this source> <fd> <config>``.
 Start-up, in this order (the order is the security argument, mirrored from OpenShell #819):
 
-1. join or create the network namespace (``setns`` into a holder's namespaces, or ``unshare``);
+1. join or create the network namespace (``setns`` into a holder's namespaces, or ``unshare``), then
+   unshare any further fresh namespaces asked for (a baseline taken as a third-party target's caller);
 2. drop privileges (supplementary groups, gid, uid; or, as mapped root in a user namespace, lock
-   the securebits and clear every capability so an ``execve`` cannot regain them);
+   the securebits and clear every capability so an ``execve`` cannot regain them; or set exactly the
+   capability set asked for, carried across ``execve`` as ambient capabilities);
 3. ``prctl(PR_SET_NO_NEW_PRIVS, 1)`` — a failure is fatal;
 4. load each precompiled BPF program (the clone3 → ENOSYS filter first, the main filter last,
    because the main filter blocks ``seccomp(SECCOMP_SET_MODE_FILTER)``);
@@ -37,6 +39,12 @@ PR_SET_SECUREBITS = 28
 # SECBIT_NOROOT | NOROOT_LOCKED | NO_SETUID_FIXUP | NO_SETUID_FIXUP_LOCKED | KEEP_CAPS_LOCKED |
 # NO_CAP_AMBIENT_RAISE | NO_CAP_AMBIENT_RAISE_LOCKED (include/uapi/linux/securebits.h)
 LOCKED_SECUREBITS = 0x01 | 0x02 | 0x04 | 0x08 | 0x20 | 0x40 | 0x80
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_RAISE = 2
+# SECBIT_NOROOT: uid 0 gains no capabilities at execve; SECBIT_KEEP_CAPS: setresuid keeps the permitted
+# set (capabilities(7), "The securebits flags").
+SECBIT_NOROOT = 0x01
+SECBIT_KEEP_CAPS = 0x10
 CLONE_NEWNET = 0x40000000
 CLONE_NEWUSER = 0x10000000
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
@@ -95,10 +103,100 @@ def _enter_network(config: dict) -> None:
             _write_id_maps(uid, gid)
 
 
+def _write_maps_for(pid: int, maps: dict) -> None:
+    """Write a child user namespace's id maps from the parent namespace (setgroups first: gid_map
+    cannot be written while setgroups is allowed for an unprivileged writer, and "deny" cannot be
+    written after gid_map; user_namespaces(7))."""
+    for name in ("setgroups", "uid_map", "gid_map"):
+        text = maps.get(name)
+        if text is None:
+            continue
+        if name != "setgroups":
+            numbers = text.split()
+            text = "\n".join(" ".join(numbers[i:i + 3]) for i in range(0, len(numbers), 3))
+        with open(f"/proc/{pid}/{name}", "w") as handle:
+            handle.write(text + "\n")
+
+
+def _unshare_fresh(config: dict) -> None:
+    flags = 0
+    for flag in config.get("unshare", ()):
+        flags |= flag
+    if not flags:
+        return
+    if not config.get("unshare_user"):
+        _check(_libc.unshare(flags), f"unshare({flags:#x})")
+        return
+    if config.get("groups") is not None:  # ids outside: once inside, setgroups may be denied
+        os.setgroups(config["groups"])
+    go_read, go_write = os.pipe()
+    err_read, err_write = os.pipe()
+    helper = os.fork()
+    if helper == 0:  # stays in the parent user namespace, where mapping the ids is allowed
+        try:
+            os.close(go_write)
+            os.close(err_read)
+            if os.read(go_read, 1) == b"1":
+                _write_maps_for(os.getppid(), config.get("id_maps") or {})
+            os._exit(0)
+        except BaseException as exc:  # reported through the pipe, never raised past the fork
+            os.write(err_write, f"{type(exc).__name__}: {exc}".encode()[:1000])
+            os._exit(1)
+    os.close(go_read)
+    os.close(err_write)
+    try:
+        _check(_libc.unshare(flags), f"unshare({flags:#x})")
+        os.write(go_write, b"1")
+    finally:
+        os.close(go_write)
+        _, status = os.waitpid(helper, 0)
+        detail = os.read(err_read, 1000).decode(errors="replace")
+        os.close(err_read)
+    if status != 0:
+        raise OSError(f"writing the user namespace's id maps failed: {detail or status}")
+
+
+def _assume_capabilities(config: dict) -> None:
+    """Become uid/gid with exactly ``caps`` as effective and permitted set, also after execve.
+
+    Order matters: the bounding set and securebits need CAP_SETPCAP, so they come before the uid
+    change; KEEP_CAPS keeps the permitted set across setresuid; ambient capabilities are what a
+    non-root (or NOROOT) process keeps across an execve of a file without file capabilities
+    (capabilities(7), "Transformation of capabilities during execve()")."""
+    caps, bounding = int(config["caps"]), config.get("bounding")
+    if bounding is not None:
+        for cap in range(64):
+            if not bounding >> cap & 1 and _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 \
+                    and ctypes.get_errno() != 22:  # EINVAL: past the last capability
+                _check(-1, f"prctl(PR_CAPBSET_DROP, {cap})")
+    _check(_libc.prctl(PR_SET_SECUREBITS, SECBIT_NOROOT | SECBIT_KEEP_CAPS, 0, 0, 0), "prctl(PR_SET_SECUREBITS)")
+    if config.get("groups") is not None and not config.get("unshare_user"):
+        os.setgroups(config["groups"])
+    if config.get("gid") is not None:
+        os.setresgid(config["gid"], config["gid"], config["gid"])
+    if config.get("uid") is not None:
+        os.setresuid(config["uid"], config["uid"], config["uid"])
+    header = _CapHeader(LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    for index in range(2):
+        word = caps >> (32 * index) & 0xFFFFFFFF
+        data[index].effective = data[index].permitted = data[index].inheritable = word
+    _check(_libc.capset(ctypes.byref(header), data), f"capset({caps:#x})")
+    for cap in range(64):
+        if caps >> cap & 1:
+            _check(_libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap, 0, 0), f"raising ambient capability {cap}")
+
+
 def _drop_privileges(config: dict) -> None:
+    if config.get("caps") is not None:
+        _assume_capabilities(config)
+        return
     uid, gid = config.get("uid"), config.get("gid")
-    if gid is not None:
+    if config.get("groups") is not None and not config.get("unshare_user"):
+        os.setgroups(config["groups"])
+    elif gid is not None:
         os.setgroups([])
+    if gid is not None:
         os.setresgid(gid, gid, gid)
     if uid is not None:
         os.setresuid(uid, uid, uid)
@@ -237,6 +335,7 @@ def main(argv: list[str]) -> None:
     try:
         os.setsid()
         _enter_network(config)
+        _unshare_fresh(config)
         _drop_privileges(config)
         _load_filters(config)
         status = _confirm(config)

@@ -5,9 +5,14 @@ backend is this server: HTTPS with its **own** trustme CA (network.md §8, "upst
 proxy's upstream client can be made to trust only it, and so certificate failures (another name,
 expired, untrusted CA, IP-only SAN) can be staged by issuing a different leaf.
 
-It records every request it receives, so a test can prove what did -- and did not -- reach the
-origin, and it insists on ``Authorization: Bearer <api_key>`` so a test can prove the proxy swapped
-in the route's key (the sandbox never sees it).
+It keeps **every byte** each connection delivers after TLS (:meth:`FakeInferenceBackend.received_streams`,
+up to 1 MiB per connection, truncation recorded) and frames requests from those bytes
+(:attr:`FakeInferenceBackend.requests`), so a test can prove what did -- and did not -- reach the
+origin. It never refuses what it cannot frame (its parser is not the one under test): such bytes
+are recorded and answered once. Every response carries ``X-Lab-Mark: <FakeInferenceBackend.mark>``,
+a random token per backend, so a judge can tell the backend's answers from the proxy's (see
+:mod:`pytest_sandbox.upstream`). It insists on ``Authorization: Bearer <api_key>`` so a test can
+prove the proxy swapped in the route's key (the sandbox never sees it).
 
 It serves on a listening socket it is *given*: the lab creates that socket inside its network
 namespace; unit tests pass a 127.0.0.1 socket. The server runs its own event loop in a thread.
@@ -28,6 +33,8 @@ from dataclasses import dataclass
 import h11
 import trustme
 
+from pytest_sandbox.upstream import MARK_HEADER, STREAM_RECORD_LIMIT, ReceivedStream, new_mark
+
 DEFAULT_BACKEND_NAME = "api.inference.test"
 DEFAULT_MODEL = "fake-model"
 DEFAULT_STREAM_PIECES: tuple[str, ...] = ("Hello", " from", " the", " fake", " backend")
@@ -37,6 +44,10 @@ _READ_SIZE = 65536
 # Bounds every wait, so a wedged client or test can never hang the backend thread forever.
 _GATE_TIMEOUT_SECONDS = 30.0
 _STOP_TIMEOUT_SECONDS = 10.0
+# After bytes h11 cannot frame, the connection is kept and recorded until it idles this long.
+_RECORD_IDLE_SECONDS = 5.0
+# After a response that ends the connection, bytes already on their way are still recorded.
+_CLOSE_GRACE_SECONDS = 0.1
 
 
 @dataclass(frozen=True)
@@ -61,6 +72,21 @@ class RecordedRequest:
         """Every value of header ``name`` (case-insensitive), in order."""
         wanted = name.lower()
         return [value for key, value in self.headers if key == wanted]
+
+
+class _Stream:
+    """The raw record of one connection (mutated on the backend's loop, read under the lock)."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.data = bytearray()
+        self.received = 0
+
+    def add(self, chunk: bytes) -> None:
+        room = STREAM_RECORD_LIMIT - len(self.data)
+        if room > 0:
+            self.data += chunk[:room]
+        self.received += len(chunk)
 
 
 class FakeInferenceBackend:
@@ -97,6 +123,9 @@ class FakeInferenceBackend:
         self.stream_gate = stream_gate
         self._lock = threading.Lock()
         self._requests: list[RecordedRequest] = []
+        self._streams: list[_Stream] = []
+        # The token in X-Lab-Mark on every response; a proxy cannot know it in advance.
+        self.mark = new_mark()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
@@ -116,10 +145,18 @@ class FakeInferenceBackend:
         with self._lock:
             return list(self._requests)
 
+    def received_streams(self) -> list[ReceivedStream]:
+        """Every byte each connection delivered after TLS (up to 1 MiB each), oldest connection first."""
+        listener = f"backend {self.name}"
+        with self._lock:
+            return [ReceivedStream(listener, stream.index, bytes(stream.data), stream.received)
+                    for stream in self._streams]
+
     def reset(self) -> None:
-        """Forget the recorded requests."""
+        """Forget the recorded requests and bytes."""
         with self._lock:
             self._requests.clear()
+            self._streams.clear()
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -209,19 +246,26 @@ class FakeInferenceBackend:
 
     async def _handle_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         connection = h11.Connection(h11.SERVER)
+        with self._lock:
+            stream = _Stream(len(self._streams) + 1)
+            self._streams.append(stream)
         try:
             while True:
-                request = await self._read_request(connection, reader)
+                try:
+                    request = await self._read_request(connection, reader, stream)
+                except h11.RemoteProtocolError as error:
+                    await self._unframeable(connection, writer, reader, stream, error)
+                    return
                 if request is None:
                     return
                 self._record(request)
                 await self._respond(connection, writer, request)
                 if connection.our_state is not h11.DONE or connection.their_state is not h11.DONE:
+                    # The response ends the connection (Connection: close, HTTP/1.0): record what
+                    # is already on its way, then close (a close-delimited body needs the close).
+                    await self._drain_to_record(reader, stream, _CLOSE_GRACE_SECONDS)
                     return
                 connection.start_next_cycle()
-        except h11.RemoteProtocolError:
-            with contextlib.suppress(h11.LocalProtocolError, ConnectionError, ssl.SSLError):
-                await self._send_json(connection, writer, 400, {"error": {"message": "bad request"}})
         except (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError):
             return
         finally:
@@ -229,15 +273,42 @@ class FakeInferenceBackend:
             with contextlib.suppress(ConnectionError, ssl.SSLError, asyncio.TimeoutError):
                 await asyncio.wait_for(writer.wait_closed(), 1.0)
 
+    async def _read_chunk(self, reader: asyncio.StreamReader, stream: _Stream) -> bytes:
+        data = await reader.read(_READ_SIZE)
+        with self._lock:
+            stream.add(data)
+        return data
+
+    async def _drain_to_record(self, reader: asyncio.StreamReader, stream: _Stream, idle: float) -> None:
+        """Keep recording until the peer closes or sends nothing for ``idle`` seconds."""
+        with contextlib.suppress(ConnectionError, ssl.SSLError, asyncio.TimeoutError):
+            while await asyncio.wait_for(self._read_chunk(reader, stream), idle):
+                pass
+
+    async def _unframeable(self, connection: h11.Connection, writer: asyncio.StreamWriter,
+                           reader: asyncio.StreamReader, stream: _Stream, error: h11.RemoteProtocolError) -> None:
+        """Bytes h11 cannot frame: answer once (marked) if no response is under way, keep recording.
+
+        Never a refusal: the judges read the raw record, not this answer.
+        """
+        if connection.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            body = json.dumps({"lab": f"could not frame the request ({error}); every byte is recorded"}).encode()
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                         + f"content-length: {len(body)}\r\n{MARK_HEADER}: {self.mark}\r\n".encode()
+                         + b"x-lab-unframed: 1\r\n\r\n" + body)
+            with contextlib.suppress(ConnectionError, ssl.SSLError):
+                await writer.drain()
+        await self._drain_to_record(reader, stream, _RECORD_IDLE_SECONDS)
+
     async def _read_request(
-        self, connection: h11.Connection, reader: asyncio.StreamReader
+        self, connection: h11.Connection, reader: asyncio.StreamReader, stream: _Stream
     ) -> RecordedRequest | None:
         head: h11.Request | None = None
         body = bytearray()
         while True:
             event = connection.next_event()
             if event is h11.NEED_DATA:
-                data = await reader.read(_READ_SIZE)
+                data = await self._read_chunk(reader, stream)
                 connection.receive_data(data)
                 continue
             if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
@@ -328,7 +399,8 @@ class FakeInferenceBackend:
             writer,
             h11.Response(
                 status_code=200,
-                headers=[("content-type", "text/event-stream"), ("cache-control", "no-cache")],
+                headers=[("content-type", "text/event-stream"), ("cache-control", "no-cache"),
+                         (MARK_HEADER, self.mark)],
             ),
         )
         for index, piece in enumerate(self.stream_pieces):
@@ -351,7 +423,7 @@ class FakeInferenceBackend:
         self, connection: h11.Connection, writer: asyncio.StreamWriter, status: int, payload: object
     ) -> None:
         body = json.dumps(payload).encode()
-        headers = [("content-type", "application/json"), ("content-length", str(len(body)))]
+        headers = [("content-type", "application/json"), ("content-length", str(len(body))), (MARK_HEADER, self.mark)]
         await _send(connection, writer, h11.Response(status_code=status, headers=headers))
         await _send(connection, writer, h11.Data(data=body))
         await _send(connection, writer, h11.EndOfMessage())

@@ -11,12 +11,15 @@ Every :class:`~pytest_sandbox.catalogues.smuggling.SmugglingCase` is attempted o
   (exactly the #819 bug), and 5-byte bodies become a 5-byte JSON object so that a routed POST is a
   valid chat completion. Evidence: the fake backend's request log.
 
-Judging (:func:`judge_exchange`) is pure and strict: the status sequence, the close (EOF before the
-deadline), a follow-up request that must get nothing after a close (or 200 on a connection that
-must stay open), and the exact number of requests the origin or backend recorded. More requests
-than catalogued, a canary connection, or an answered follow-up after a refusal is ALLOWED (something
-was smuggled or the connection kept being read); a wrong refusal status with nothing leaked is
-INDETERMINATE, never a pass.
+Judging (:func:`judge_exchange`) is pure and strict, and rests on what reached upstream, not on
+what an upstream parser made of it. The lab origins and the fake backend keep every byte each
+connection delivered and mark every answer they write (:mod:`pytest_sandbox.upstream`). A denied
+case is BLOCKED only if the bytes that arrived upstream during the attempt frame strictly into
+exactly the catalogued allowed requests (``reaches_backend`` of them, or nothing) with no byte
+left over, the refusal carries no origin mark (the proxy wrote it), the connection closed before
+the deadline and a follow-up request got nothing. Any other byte upstream, a marked refusal (the
+proxy relayed the origin's answer), a canary connection or an answered follow-up is ALLOWED and
+names what reached; a wrong refusal status with nothing leaked is INDETERMINATE, never a pass.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from __future__ import annotations
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from pytest_sandbox.catalogues.smuggling import FIRST_REQUEST_ONLY, H11_ONLY, SMUGGLING_CASES, SmugglingCase, render
@@ -33,6 +36,20 @@ from pytest_sandbox.inference_routes import DEFAULT_ROUTES, InferenceRoute, matc
 from pytest_sandbox.interception import DENIED_BODY, DENIED_STATUS, INFERENCE_HOST, INFERENCE_PORT
 from pytest_sandbox.lab import NetworkLab
 from pytest_sandbox.ssrf_suite import SsrfJudgement, new_hits
+from pytest_sandbox.upstream import (
+    MARK_HEADER,
+    Assessment,
+    ReceivedStream,
+    UpstreamReading,
+    UpstreamRequest,
+    UpstreamSegment,
+    allowed_prefix,
+    assess,
+    new_segments,
+    read_upstream,
+    received_counts,
+    shown,
+)
 from pytest_sandbox.verdicts import Verdict
 
 __all__ = [
@@ -50,7 +67,9 @@ __all__ = [
     "cases_failed_by",
     "closes_without_more_bytes",
     "exchange",
+    "expected_text",
     "inference_request",
+    "is_follow_up",
     "is_inference_refusal",
     "is_policy_denial",
     "judge_backend_record",
@@ -70,6 +89,9 @@ PATHS: tuple[str, ...] = (ABSOLUTE, TUNNEL)
 ATTEMPT_TIMEOUT_SECONDS = 3.0
 READ_SIZE = 65536
 MAX_EXCHANGE_BYTES = 1024 * 1024
+# While a must-close attempt waits for the proxy, the upstream record is looked at this often: a
+# proxy that forwarded the payload and stays silent is caught without waiting out the deadline.
+LEAK_POLL_SECONDS = 0.05
 HEAD_END = b"\r\n\r\n"
 # Follow-up requests carry this in their target so the origin/backend logs can leave them out.
 FOLLOW_UP_MARKER = "follow-up"
@@ -135,6 +157,10 @@ class SmugglingAttempt:
             return tunnel_payload(self.case)
         return render(self.case, host=origin, denied=denied)
 
+    def allowed(self, *, origin: str, denied: str) -> tuple[UpstreamRequest, ...]:
+        """The requests of this payload that may reach upstream: its first ``reaches_backend``."""
+        return allowed_prefix(self.payload(origin=origin, denied=denied), self.case.reaches_backend)
+
     def describe(self) -> str:
         where = "inside CONNECT inference.local:443 (TLS)" if self.path == TUNNEL else "absolute-form to the proxy"
         return f"{self.case.case_id} {where}: {self.case.description} ({self.case.rfc})"
@@ -187,6 +213,14 @@ class ParsedResponse:
     def header(self, name: str) -> str | None:
         wanted = name.lower()
         return next((value for key, value in self.headers if key == wanted), None)
+
+    def header_values(self, name: str) -> list[str]:
+        wanted = name.lower()
+        return [value for key, value in self.headers if key == wanted]
+
+    def carries(self, mark: str) -> bool:
+        """Whether the upstream server wrote this response (its X-Lab-Mark token is present)."""
+        return mark in self.header_values(MARK_HEADER)
 
 
 def _parse_one(data: bytes, offset: int, eof: bool) -> tuple[ParsedResponse, int] | None:
@@ -259,87 +293,128 @@ def parse_responses(data: bytes, *, eof: bool = False) -> tuple[list[ParsedRespo
 class Exchange:
     """What one attempt observed.
 
-    ``statuses`` are the final responses to the payload; ``closed`` means EOF or reset before the
-    deadline; ``follow_up`` is the status a later request on the same connection got (None: no
-    answer). ``reached`` counts the requests the origin/backend recorded (follow-ups excluded) and
-    ``stray`` names anything else that was reached (canary connections, the denied host).
+    ``statuses`` are the final responses to the payload; ``marked`` says per response whether it
+    carried the upstream server's mark (the origin or backend wrote it, the proxy only relayed it).
+    ``closed`` means EOF or reset before the deadline; ``follow_up`` is the status a later request
+    on the same connection got (None: no answer, or not sent because the verdict was already a
+    leak). ``upstream`` holds the bytes each upstream connection (lab origins on the absolute path,
+    the fake backend in the tunnel) received during the attempt; ``stray`` names anything else that
+    was reached (canary connections, the other upstream).
     """
 
     statuses: tuple[int, ...]
     closed: bool
     timed_out: bool
     follow_up: int | None
-    reached: int
+    upstream: tuple[UpstreamSegment, ...] = ()
+    marked: tuple[bool, ...] = ()
     stray: str = ""
     error: str = ""
     last_body: bytes = b""
 
-    def describe(self) -> str:
+    def is_marked(self, index: int) -> bool:
+        return index < len(self.marked) and self.marked[index]
+
+    def describe(self, reading: UpstreamReading | None = None) -> str:
+        reading = read_upstream(self.upstream) if reading is None else reading
         ending = "closed" if self.closed else "timed out open" if self.timed_out else "left open"
         follow = "no answer" if self.follow_up is None else str(self.follow_up)
-        text = (f"statuses {list(self.statuses)}, connection {ending}, follow-up request: {follow}, "
-                f"origin saw {self.reached}")
+        statuses = ", ".join(f"{status} (origin)" if self.is_marked(index) else str(status)
+                             for index, status in enumerate(self.statuses))
+        text = (f"statuses [{statuses}], connection {ending}, follow-up request: {follow}, "
+                f"{reading.describe()}")
         if self.stray:
             text += f", also reached: {self.stray}"
         return text + (f" ({self.error})" if self.error else "")
 
 
-def expected_text(case: SmugglingCase) -> str:
+def is_follow_up(request: UpstreamRequest) -> bool:
+    return FOLLOW_UP_MARKER in request.target
+
+
+def expected_text(case: SmugglingCase, allowed: Sequence[UpstreamRequest] = ()) -> str:
     ordinary = case.reaches_backend
+    upstream = (f"upstream received exactly {[r.describe() for r in allowed]}, strictly framed, nothing else"
+                if allowed else "nothing reached upstream")
     if case.is_positive_control:
         ending = "then closed" if case.must_close else "connection kept (a follow-up gets 200)"
-        return f"{ordinary} x 200, {ending}; origin saw exactly {ordinary}"
-    return (f"{ordinary} x 200 then {case.expected_status}, connection closed, follow-up gets nothing; "
-            f"origin saw exactly {ordinary}, nothing else reached")
+        return f"{ordinary} x 200, {ending}; {upstream} (and the follow-up)"
+    return (f"{ordinary} x 200 then {case.expected_status} written by the proxy (no origin mark), connection "
+            f"closed, follow-up gets nothing; {upstream}")
 
 
-def judge_exchange(case: SmugglingCase, seen: Exchange) -> SsrfJudgement:
-    """Judge one attempt of ``case`` from what the client and the origin observed. Pure."""
-    expected = expected_text(case)
-    observed = seen.describe()
+def judge_exchange(case: SmugglingCase, seen: Exchange, allowed: Sequence[UpstreamRequest] = ()) -> SsrfJudgement:
+    """Judge one attempt of ``case`` from what the client saw and the bytes that reached upstream. Pure.
+
+    ``allowed`` are the catalogue's allowed requests (:meth:`SmugglingAttempt.allowed`), exactly
+    ``case.reaches_backend`` of them.
+    """
     wanted = case.reaches_backend
+    if len(allowed) != wanted:
+        raise ValueError(f"{case.case_id}: {len(allowed)} allowed request(s) given, the catalogue says {wanted}")
+    reading = read_upstream(seen.upstream)
+    expected = expected_text(case, allowed)
+    observed = seen.describe(reading)
+    control = case.is_positive_control
+    arrived = list(reading.requests)
+    if control:  # the judge's own follow-up request may reach the origin
+        follow_ups = [request for request in arrived if is_follow_up(request)]
+        if follow_ups:
+            arrived.remove(follow_ups[-1])
+    # An incomplete request is a leak for a denied case (once the allowed ones are complete); for a
+    # control it is a request that was not delivered.
+    found = assess(arrived, reading.leftovers, allowed, leak_incomplete=not control)
+
+    def verdict(value: Verdict, reason: str) -> SsrfJudgement:
+        return SsrfJudgement(value, f"{case.case_id}: {reason}", expected, observed)
+
     if seen.stray:
-        return SsrfJudgement(Verdict.ALLOWED, f"{case.case_id}: reached what it must not: {seen.stray}",
-                             expected, observed)
-    if seen.reached > wanted:
-        return SsrfJudgement(Verdict.ALLOWED, f"{case.case_id}: {seen.reached - wanted} smuggled request(s) "
-                             f"reached the origin (saw {seen.reached}, catalogue allows {wanted})",
-                             expected, observed)
-    if case.is_positive_control:
-        return _judge_control(case, seen, expected, observed)
+        return verdict(Verdict.ALLOWED, f"reached what it must not: {seen.stray}")
+    if found.leak:
+        if not control and not found.unframed and found.extra and all(is_follow_up(r) for r in found.extra):
+            answer = "no answer" if seen.follow_up is None else str(seen.follow_up)
+            return verdict(Verdict.ALLOWED, "after the refusal the connection was still read: the follow-up "
+                           f"request was forwarded upstream (answer: {answer}; the pre-#819 keep-alive bug)")
+        return verdict(Verdict.ALLOWED, found.leak)
+    if control:
+        return _judge_control(case, seen, found, verdict)
+    relayed = [status for index, status in enumerate(seen.statuses) if index >= wanted and seen.is_marked(index)]
+    if relayed:
+        return verdict(Verdict.ALLOWED, f"the answer {relayed[0]} carries the origin's mark: the proxy forwarded "
+                       "the request and relayed the origin's answer instead of refusing")
     if seen.follow_up is not None:
-        return SsrfJudgement(Verdict.ALLOWED, f"{case.case_id}: after the refusal the connection was still "
-                             f"read: a follow-up request got {seen.follow_up} (the pre-#819 keep-alive bug)",
-                             expected, observed)
+        return verdict(Verdict.ALLOWED, "after the refusal the connection was still read: a follow-up request "
+                       f"got {seen.follow_up} (the pre-#819 keep-alive bug)")
     if not seen.closed:
-        return SsrfJudgement(Verdict.INDETERMINATE, f"{case.case_id}: the connection was not closed "
-                             "(network.md §5: answer and close)", expected, observed)
+        return verdict(Verdict.INDETERMINATE, "the connection was not closed (network.md §5: answer and close)")
     if not seen.statuses:
-        return SsrfJudgement(Verdict.INDETERMINATE, f"{case.case_id}: closed without any answer",
-                             expected, observed)
+        return verdict(Verdict.INDETERMINATE, "closed without any answer" + (f" ({seen.error})" if seen.error else ""))
     ordinary, last = list(seen.statuses[:-1]), seen.statuses[-1]
     if ordinary != [200] * wanted or not case.accepts_status(last):
-        return SsrfJudgement(Verdict.INDETERMINATE, f"{case.case_id}: status sequence {list(seen.statuses)}, "
-                             f"expected {[200] * wanted} then {case.expected_status}", expected, observed)
-    if seen.reached != wanted:
-        return SsrfJudgement(Verdict.INDETERMINATE, f"{case.case_id}: origin saw {seen.reached} of the "
-                             f"{wanted} allowed request(s)", expected, observed)
-    return SsrfJudgement(Verdict.BLOCKED, f"{case.case_id}: refused with {last} and closed; "
-                         f"{wanted} allowed request(s) reached the origin, nothing smuggled", expected, observed)
+        return verdict(Verdict.INDETERMINATE, f"status sequence {list(seen.statuses)}, expected {[200] * wanted} "
+                       f"then {case.expected_status}")
+    if found.missing or found.pending:
+        return verdict(Verdict.INDETERMINATE, f"upstream saw {wanted - len(found.missing)} of the {wanted} allowed "
+                       f"request(s) complete; missing {[r.describe() for r in found.missing]}"
+                       + "".join(f", {leftover.describe()}" for leftover in found.pending))
+    return verdict(Verdict.BLOCKED, f"refused with {last} by the proxy itself (no origin mark) and closed; exactly "
+                   f"the {wanted} allowed request(s) reached upstream, not one byte more")
 
 
-def _judge_control(case: SmugglingCase, seen: Exchange, expected: str, observed: str) -> SsrfJudgement:
+def _judge_control(case: SmugglingCase, seen: Exchange, found: Assessment,
+                   verdict: Callable[[Verdict, str], SsrfJudgement]) -> SsrfJudgement:
     wanted = case.reaches_backend
-    if list(seen.statuses) != [200] * wanted or seen.reached != wanted:
-        return SsrfJudgement(Verdict.BROKEN, f"{case.case_id}: a valid exchange was not served: statuses "
-                             f"{list(seen.statuses)}, origin saw {seen.reached}", expected, observed)
+    if list(seen.statuses) != [200] * wanted or found.missing or found.pending:
+        lost = f", missing upstream {[request.describe() for request in found.missing]}" if found.missing else ""
+        lost += "".join(f", {leftover.describe()}" for leftover in found.pending)
+        error = f" ({seen.error})" if seen.error else ""
+        return verdict(Verdict.BROKEN, f"a valid exchange was not served: statuses {list(seen.statuses)}{lost}{error}")
     if case.must_close and not seen.closed:
-        return SsrfJudgement(Verdict.BROKEN, f"{case.case_id}: the connection must close after the "
-                             "response (RFC 9112 App. C.2.2)", expected, observed)
+        return verdict(Verdict.BROKEN, "the connection must close after the response (RFC 9112 App. C.2.2)")
     if not case.must_close and seen.follow_up != 200:
-        return SsrfJudgement(Verdict.BROKEN, f"{case.case_id}: the keep-alive connection could not carry a "
-                             f"follow-up request ({seen.follow_up})", expected, observed)
-    return SsrfJudgement(Verdict.WORKS, f"{case.case_id}: served as catalogued", expected, observed)
+        return verdict(Verdict.BROKEN, f"the keep-alive connection could not carry a follow-up request "
+                       f"({seen.follow_up})")
+    return verdict(Verdict.WORKS, "served as catalogued; exactly the allowed request(s) reached upstream")
 
 
 def stray_backend_requests(recorded: Iterable[RecordedRequest], route_key: str,
@@ -355,19 +430,30 @@ def stray_backend_requests(recorded: Iterable[RecordedRequest], route_key: str,
 
 
 def judge_backend_record(recorded: list[RecordedRequest], route_key: str,
-                         forbidden_values: Iterable[str] = ()) -> SsrfJudgement:
-    """BLOCKED when the backend saw only routed inference requests with the route key. Pure."""
+                         forbidden_values: Iterable[str] = (),
+                         streams: Iterable[ReceivedStream] = ()) -> SsrfJudgement:
+    """BLOCKED when the backend saw only routed inference requests with the route key, and every
+    byte it received (``streams``, its raw record) frames strictly into requests. Pure.
+
+    The raw record matters: bytes the backend's own parser could not frame never appear in
+    ``recorded``, yet they reached it.
+    """
     strays = stray_backend_requests(recorded, route_key, forbidden_values=forbidden_values)
-    expected = "only inference routes, each with exactly the route key"
-    observed = f"{len(recorded)} recorded, strays {strays[:5]}"
+    unframed = [leftover.describe() for stream in streams for leftover in read_upstream([UpstreamSegment(
+        f"{stream.listener} connection {stream.connection}", stream.data, stream.truncated)]).leftovers]
+    expected = "only inference routes, each with exactly the route key; every byte received strictly framed"
+    observed = f"{len(recorded)} recorded, strays {strays[:5]}, unframed bytes {unframed[:3]}"
     if strays:
         return SsrfJudgement(Verdict.ALLOWED, f"requests that must never reach the backend did: {strays[:5]}",
+                             expected, observed)
+    if unframed:
+        return SsrfJudgement(Verdict.ALLOWED, f"bytes that are not a clean request reached the backend: {unframed[0]}",
                              expected, observed)
     if not recorded:
         return SsrfJudgement(Verdict.INDETERMINATE, "the backend recorded nothing, so nothing was proven",
                              expected, observed)
     return SsrfJudgement(Verdict.BLOCKED, "every request the backend saw was a routed inference request "
-                         "carrying the route key", expected, observed)
+                         "carrying the route key, and every byte it received was one of them", expected, observed)
 
 
 def is_inference_refusal(response: ParsedResponse) -> bool:
@@ -414,17 +500,27 @@ class _Reader:
     timed_out: bool = False
     error: str = ""
 
-    def fill(self, until: Callable[[], bool]) -> None:
-        """Read until ``until()``, EOF, error or the deadline."""
+    def fill(self, until: Callable[[], bool], *, poll: float | None = None,
+             idle: Callable[[], bool] = lambda: False) -> None:
+        """Read until ``until()``, EOF, error or the deadline.
+
+        With ``poll``, ``idle()`` is asked every ``poll`` seconds while nothing arrives, and reading
+        stops when it says so (it may watch something other than this socket, e.g. the bytes
+        upstream; asking only while the peer is silent keeps a prompt peer cheap).
+        """
         while not until() and not self.eof and len(self.buffer) < MAX_EXCHANGE_BYTES:
             remaining = self.deadline - time.monotonic()
             if remaining <= 0:
                 self.timed_out = True
                 return
-            self.sock.settimeout(remaining)
+            self.sock.settimeout(remaining if poll is None else min(remaining, poll))
             try:
                 data = self.sock.recv(READ_SIZE)
             except TimeoutError:
+                if poll is not None and time.monotonic() < self.deadline:
+                    if idle():
+                        return
+                    continue
                 self.timed_out = True
                 return
             except (OSError, ssl.SSLError) as error:  # reset, or TLS torn down: the peer is gone
@@ -444,32 +540,45 @@ class _Reader:
 
 
 def exchange(sock: socket.socket, payload: bytes, case: SmugglingCase, follow_up: bytes,
-             count_reached: Callable[[], int], *, timeout: float = ATTEMPT_TIMEOUT_SECONDS,
-             stray: Callable[[], str] = lambda: "") -> Exchange:
+             upstream: Callable[[], tuple[UpstreamSegment, ...]], allowed: Sequence[UpstreamRequest], *,
+             mark: str, timeout: float = ATTEMPT_TIMEOUT_SECONDS, stray: Callable[[], str] = lambda: "") -> Exchange:
     """Send ``payload`` in one write, read the answers, then try ``follow_up`` on the same socket.
 
-    A connection the case says must close is read until EOF or the deadline; one that must stay open
-    is read until its ``reaches_backend`` answers arrived. ``count_reached`` and ``stray`` are
-    evaluated at the end (the caller diffs its own snapshots).
+    A connection the case says must close is read until EOF or the deadline, but only as long as
+    the verdict is open: as soon as a marked answer or a byte beyond ``allowed`` is seen upstream
+    (``upstream()`` gives the bytes so far; it is polled while the proxy is silent) the attempt has
+    leaked, and neither the deadline nor a follow-up can change that. One that must stay open is
+    read until its ``reaches_backend`` answers arrived. ``upstream`` and ``stray`` are evaluated
+    again at the end (the caller diffs its own snapshots).
     """
     reader = _Reader(sock, time.monotonic() + timeout, bytearray())
+
+    def relayed() -> bool:
+        """A marked answer beyond the allowed ones: the origin answered what the proxy forwarded."""
+        return not case.is_positive_control and any(
+            response.carries(mark) for response in reader.responses()[case.reaches_backend:])
+
+    def leaked() -> bool:
+        if case.is_positive_control:
+            return False
+        reading = read_upstream(upstream())
+        return relayed() or bool(assess(reading.requests, reading.leftovers, allowed).leak)
+
     try:
         sock.sendall(payload)
     except (OSError, ssl.SSLError) as send_error:
         reader.eof, reader.error = True, f"send failed: {send_error}"
     if case.must_close:
-        # Read to EOF, but stop as soon as the verdict is already a leak (no need to wait out the
-        # deadline on a proxy that forwarded the smuggled request and keeps the connection open).
-        reader.fill(lambda: _already_leaked(case, reader.responses(), count_reached))
+        reader.fill(relayed, poll=LEAK_POLL_SECONDS, idle=leaked)
     else:
         reader.fill(lambda: len(reader.responses()) >= case.reaches_backend)
     responses = reader.responses()
     closed, timed_out, error = reader.eof, reader.timed_out, reader.error
-    follow_status = None if closed else _follow_up(reader, follow_up, len(responses), timeout)
+    follow_status = None if closed or leaked() else _follow_up(reader, follow_up, len(responses), timeout)
     return Exchange(
         statuses=tuple(r.status for r in responses), closed=closed, timed_out=timed_out and not closed,
-        follow_up=follow_status, reached=count_reached(), stray=stray(), error=error,
-        last_body=responses[-1].body if responses else b"",
+        follow_up=follow_status, upstream=upstream(), marked=tuple(r.carries(mark) for r in responses),
+        stray=stray(), error=error, last_body=responses[-1].body if responses else b"",
     )
 
 
@@ -480,49 +589,49 @@ def run_smuggling_attempt(
 ) -> tuple[SsrfJudgement, Exchange]:
     """Attempt one case through the proxy ``connect`` reaches (a lab socket) and judge it.
 
-    Every counter is diffed around the attempt: requests at ``lab``'s public origins (absolute
-    path) or at ``backend`` (tunnel path), follow-ups excluded; any canary connection, a tunnel
-    request at an origin or an absolute request at the backend is reported as stray.
+    Every record is diffed around the attempt: the bytes ``lab``'s public origins received
+    (absolute path) or ``backend`` received (tunnel path) are the upstream evidence; any canary
+    connection, a byte at an origin during a tunnel attempt or at the backend during an absolute
+    one is reported as stray. A tunnel that cannot be opened is an attempt without an answer.
     """
     hits_before = lab.all_hits()
-    origin_before = _origin_count(lab)
-    backend_before = _backend_count(backend)
+    origin_before = received_counts(lab.origin_streams())
+    backend_before = received_counts(backend.received_streams())
     payload = attempt.payload(origin=origin, denied=denied)
+    allowed = allowed_prefix(payload, attempt.case.reaches_backend)
+
+    def at_origins() -> tuple[UpstreamSegment, ...]:
+        return new_segments(origin_before, lab.origin_streams())
+
+    def at_backend() -> tuple[UpstreamSegment, ...]:
+        return new_segments(backend_before, backend.received_streams())
+
+    upstream, elsewhere = (at_backend, at_origins) if attempt.path == TUNNEL else (at_origins, at_backend)
 
     def stray() -> str:
         hits = new_hits(hits_before, lab.all_hits())
         reached = [f"canary {address} port {port} x{count}" for (address, port), count in sorted(hits.items())]
-        if attempt.path == TUNNEL and _origin_count(lab) != origin_before:
-            reached.append("a lab origin (the tunnel must only reach the backend)")
-        if attempt.path == ABSOLUTE and _backend_count(backend) != backend_before:
-            reached.append("the inference backend")
+        other = "a lab origin (the tunnel must only reach the backend)" if attempt.path == TUNNEL \
+            else "the inference backend"
+        reached += [f"{other}, {segment.where}: {shown(segment.data)}" for segment in elsewhere()]
         return ", ".join(reached)
 
+    mark = backend.mark if attempt.path == TUNNEL else lab.origin_mark
     with connect() as sock:
         if attempt.path == ABSOLUTE:
-            seen = exchange(sock, payload, attempt.case, absolute_follow_up(origin),
-                            lambda: _origin_count(lab) - origin_before, stray=stray, timeout=timeout)
+            seen = exchange(sock, payload, attempt.case, absolute_follow_up(origin), upstream, allowed,
+                            mark=mark, stray=stray, timeout=timeout)
         else:
-            with open_inference_tunnel(sock, ca_pem, timeout=timeout) as tls:
-                seen = exchange(tls, payload, attempt.case, tunnel_follow_up(),
-                                lambda: _backend_count(backend) - backend_before, stray=stray, timeout=timeout)
-    return judge_exchange(attempt.case, seen), seen
-
-
-def _origin_count(lab: NetworkLab) -> int:
-    return sum(FOLLOW_UP_MARKER not in request.target for request in lab.origin_requests())
-
-
-def _backend_count(backend: FakeInferenceBackend) -> int:
-    return sum(FOLLOW_UP_MARKER not in request.path for request in backend.requests)
-
-
-def _already_leaked(case: SmugglingCase, responses: list[ParsedResponse], count_reached: Callable[[], int]) -> bool:
-    """More successful answers than the case allows, or more requests at the origin: ALLOWED already."""
-    if case.is_positive_control:
-        return False
-    extra = responses[case.reaches_backend:]
-    return any(200 <= response.status < 300 for response in extra) or count_reached() > case.reaches_backend
+            try:
+                tls = open_inference_tunnel(sock, ca_pem, timeout=timeout)
+            except OSError as error:  # ConnectionError, ssl.SSLError, a timeout: no tunnel, no answer
+                seen = Exchange((), True, False, None, upstream=upstream(), stray=stray(),
+                                error=f"the tunnel could not be opened: {error}")
+            else:
+                with tls:
+                    seen = exchange(tls, payload, attempt.case, tunnel_follow_up(), upstream, allowed,
+                                    mark=mark, stray=stray, timeout=timeout)
+    return judge_exchange(attempt.case, seen, allowed), seen
 
 
 def _follow_up(reader: _Reader, request: bytes, answered: int, timeout: float) -> int | None:

@@ -8,9 +8,14 @@ Network probes must never send a packet off the host (network.md §7). A :class:
   each with a listener per port that counts accepted connections, keeps the first 4 KiB received
   and answers a minimal ``HTTP 200`` naming itself. A denial only counts if its canary saw nothing.
 * **lab-only public origins**: addresses outside every special-use range (:data:`LAB_PUBLIC_ORIGINS`)
-  serving HTTP/1.1 with keep-alive and recording each request. They exist only on the lab's ``lo``;
-  on the host they are ordinary Internet addresses that nothing here ever dials. They are the
-  positive controls: an allowed request must reach them.
+  serving HTTP/1.1 with keep-alive. They keep **every byte** each connection delivers
+  (:meth:`NetworkLab.origin_streams`, up to 1 MiB per connection, truncation recorded), frame
+  requests from those bytes for :meth:`NetworkLab.origin_requests`, never refuse what they cannot
+  frame (their parser is not the one under test), and mark every response with
+  ``X-Lab-Mark: <NetworkLab.origin_mark>``, a per-lab random token, so a judge can tell an answer
+  the origin wrote from one the proxy wrote (see :mod:`pytest_sandbox.upstream`). They exist only
+  on the lab's ``lo``; on the host they are ordinary Internet addresses that nothing here ever
+  dials. They are the positive controls: an allowed request must reach them.
 * a **DNS stub** on 127.0.0.53:53 (see :mod:`pytest_sandbox.dns_stub`) for names, mixed answers and
   rebinding.
 
@@ -49,6 +54,7 @@ from pytest_sandbox.dns_stub import (
     parse_response,
 )
 from pytest_sandbox.netns import NetnsHolder, NetnsId, ensure_lab_socket
+from pytest_sandbox.upstream import MARK_HEADER, STREAM_RECORD_LIMIT, ReceivedStream, new_mark
 
 __all__ = [
     "LAB_DNS_ADDRESS",
@@ -69,7 +75,7 @@ LAB_DNS_ADDRESS = "127.0.0.53"
 LAB_DNS_PORT = 53
 
 CANARY_RECORD_LIMIT = 4096
-ORIGIN_RECORD_LIMIT = 64 * 1024
+ORIGIN_RECORD_LIMIT = STREAM_RECORD_LIMIT
 ORIGIN_BODY_LIMIT = 1024 * 1024
 READ_SIZE = 65536
 LISTEN_BACKLOG = 128
@@ -86,7 +92,11 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class OriginRequest:
-    """One complete HTTP request an origin received (after h11 framing)."""
+    """One complete HTTP request an origin received, framed (by h11) from its connection's raw bytes.
+
+    ``start``/``end`` locate the request in that connection's :class:`ReceivedStream` (the bytes
+    ``stream.data[start:end]``, when the record was not truncated before ``end``).
+    """
 
     origin: str
     port: int
@@ -96,6 +106,8 @@ class OriginRequest:
     http_version: str
     headers: tuple[tuple[str, str], ...]
     body: bytes
+    start: int = 0
+    end: int = 0
 
     def header(self, name: str) -> str | None:
         """The first value of header ``name`` (case-insensitive), or None."""
@@ -271,15 +283,35 @@ class _CanaryConnection(_Connection):
 
 
 class _OriginConnection(_Connection):
-    """HTTP/1.1 with keep-alive (h11): record each request, answer 200 naming the origin."""
+    """HTTP/1.1 with keep-alive (h11): keep every byte, answer each request 200, mark every answer.
+
+    The origin is not the parser under test, so it never refuses: bytes h11 cannot frame are kept
+    (the raw record is the evidence), answered once with a marked 200 that says so, and the
+    connection stays open and recorded until the peer closes or it idles out.
+    """
 
     record_limit = ORIGIN_RECORD_LIMIT
 
     def __init__(self, lab: NetworkLab, listener: _Listener, sock: socket.socket, index: int) -> None:
         self.http = h11.Connection(h11.SERVER)
         self._request: h11.Request | None = None
+        self._request_start = 0
         self._body = bytearray()
+        self.received = 0  # every byte delivered, also past record_limit
+        self._fed = 0  # bytes given to h11
+        self._unframed = False  # h11 gave up: the rest is only recorded
         super().__init__(lab, listener, sock, index)
+        lab._origin_streams.append(self)
+
+    def read_available(self) -> tuple[list[bytes], bool]:
+        chunks, eof = super().read_available()
+        self.received += sum(len(chunk) for chunk in chunks)
+        return chunks, eof
+
+    def stream(self) -> ReceivedStream:
+        address, port = self.listener.key
+        host = f"[{address}]" if ":" in address else address
+        return ReceivedStream(f"{host}:{port}", self.index, bytes(self.record), self.received)
 
     def on_readable(self) -> None:
         if self.closed:
@@ -287,21 +319,27 @@ class _OriginConnection(_Connection):
         chunks, eof = self.read_available()
         if chunks:
             self._touch()
-        for chunk in chunks:
-            self.http.receive_data(chunk)
-        if eof:
-            with contextlib.suppress(RuntimeError):
-                self.http.receive_data(b"")
-        self._process_events()
+        if not self._unframed:
+            for chunk in chunks:
+                self.http.receive_data(chunk)
+                self._fed += len(chunk)
+            if eof:
+                with contextlib.suppress(RuntimeError):
+                    self.http.receive_data(b"")
+            self._process_events()
         if eof and not self.closed and not self._outgoing:
             self.close()
+
+    def _offset(self) -> int:
+        """Bytes of this connection h11 has consumed so far."""
+        return self._fed - len(self.http.trailing_data[0])
 
     def _process_events(self) -> None:
         while not self.closed:
             try:
                 event = self.http.next_event()
             except h11.RemoteProtocolError as exc:
-                self._reject(exc.error_status_hint)
+                self._unframeable(exc)
                 return
             if event is h11.NEED_DATA:
                 return
@@ -326,6 +364,7 @@ class _OriginConnection(_Connection):
         request = self._request
         assert request is not None
         address, port = self.listener.key
+        end = self._offset()
         recorded = OriginRequest(
             origin=address,
             port=port,
@@ -335,13 +374,16 @@ class _OriginConnection(_Connection):
             http_version=request.http_version.decode("latin-1"),
             headers=tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers),
             body=bytes(self._body),
+            start=self._request_start,
+            end=end,
         )
+        self._request_start = end
         self.lab._origin_requests.append(recorded)
         # An origin is not a proxy: refuse CONNECT (RFC 9110 §9.3.6) rather than start a tunnel.
         status, reason = (405, b"Method Not Allowed") if recorded.method == "CONNECT" else (200, b"OK")
         body = f"origin {address} port {port}: {recorded.method} {recorded.target}\n".encode()
         headers = [("Content-Type", "text/plain"), ("Content-Length", str(len(body))),
-                   ("X-Lab-Origin", address)]
+                   ("X-Lab-Origin", address), (MARK_HEADER, self.lab.origin_mark)]
         if status == 405:
             headers.append(("Connection", "close"))
         payload = self.http.send(h11.Response(status_code=status, headers=headers, reason=reason)) or b""
@@ -349,16 +391,18 @@ class _OriginConnection(_Connection):
         payload += self.http.send(h11.EndOfMessage()) or b""
         self.send(payload, then_close=self.http.our_state is h11.MUST_CLOSE)
 
-    def _reject(self, status: int) -> None:
-        payload = b""
-        if self.http.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-            with contextlib.suppress(h11.LocalProtocolError):
-                payload = self.http.send(h11.Response(
-                    status_code=status,
-                    headers=[("Content-Length", "0"), ("Connection", "close")],
-                )) or b""
-                payload += self.http.send(h11.EndOfMessage()) or b""
-        self.send(payload, then_close=True)
+    def _unframeable(self, error: h11.RemoteProtocolError) -> None:
+        """Keep recording; answer once (marked) if no response is under way, so the peer is not left
+        waiting on the origin. Never a refusal: the judges read the raw record, not this answer."""
+        self._unframed = True
+        if self.http.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        address, port = self.listener.key
+        body = (f"origin {address} port {port}: could not frame the bytes from offset "
+                f"{self._request_start} ({error}); every byte is recorded\n").encode()
+        self.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                  + f"Content-Length: {len(body)}\r\nX-Lab-Origin: {address}\r\n".encode()
+                  + f"{MARK_HEADER}: {self.lab.origin_mark}\r\nX-Lab-Unframed: 1\r\n\r\n".encode() + body)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -385,6 +429,9 @@ class NetworkLab:
         self._listeners: dict[ListenerKey, _Listener] = {}
         self._connections: set[_Connection] = set()
         self._origin_requests: list[OriginRequest] = []
+        self._origin_streams: list[_OriginConnection] = []
+        # The token in X-Lab-Mark on every origin response; a proxy cannot know it in advance.
+        self.origin_mark = new_mark()
         self._dns_transport: asyncio.BaseTransport | None = None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"{holder.name}-loop",
@@ -582,19 +629,36 @@ class NetworkLab:
     def received(self, addr: str, port: int | None = None) -> list[bytes]:
         """Bytes received per connection by the listener(s) on ``addr``, oldest connection first.
 
-        Bounded to the first 4 KiB per connection for canaries and 64 KiB for origins.
+        Bounded to the first 4 KiB per connection for canaries and 1 MiB for origins
+        (:meth:`origin_streams` also says how many bytes arrived in all).
         """
         keys = self._keys_for(addr, port, role=None)
         return self._call(lambda: self._settled(lambda: [
             bytes(record) for key in keys for record in self._listeners[key].records]))
 
     def origin_requests(self, addr: str | None = None, port: int | None = None) -> list[OriginRequest]:
-        """Complete requests the public origins answered (optionally one origin/port), in order."""
+        """Complete requests the public origins framed (h11) and answered, in arrival order.
+
+        A parsed view of :meth:`origin_streams`: bytes h11 could not frame are absent here but
+        present there.
+        """
         keys = set(self._keys_for(addr, port, role="origin")) if addr is not None else None
         return self._call(lambda: self._settled(lambda: [
             request for request in self._origin_requests
             if (keys is None or (request.origin, request.port) in keys)
             and (port is None or request.port == port)]))
+
+    def origin_streams(self, addr: str | None = None, port: int | None = None) -> list[ReceivedStream]:
+        """Every byte each public-origin connection received (up to 1 MiB each), oldest first.
+
+        The evidence the smuggling judge reads: what reached the origin, whether or not the
+        origin's own parser could frame it.
+        """
+        keys = set(self._keys_for(addr, port, role="origin")) if addr is not None else None
+        return self._call(lambda: self._settled(lambda: [
+            connection.stream() for connection in self._origin_streams
+            if (keys is None or connection.listener.key in keys)
+            and (port is None or connection.listener.key[1] == port)]))
 
     def reset_hits(self) -> None:
         """Forget all evidence: hit counts, received bytes, origin requests and the DNS query log."""
@@ -603,6 +667,7 @@ class NetworkLab:
                 listener.accepted = 0
                 listener.records.clear()
             self._origin_requests.clear()
+            self._origin_streams.clear()
         self._call(lambda: self._settled(reset))
         self.zone.clear_queries()
 

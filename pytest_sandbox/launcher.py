@@ -34,11 +34,22 @@ _ZYGOTE_SOURCE = (resources.files("pytest_sandbox") / "_zygote.py").read_text()
 
 @dataclass(frozen=True)
 class Identity:
-    """Who the sandboxed process runs as: the caller (``None`` ids) or a dropped uid/gid."""
+    """Who the sandboxed process runs as: the caller (``None`` ids) or a dropped uid/gid.
+
+    By default a dropped uid keeps the kernel's default capabilities for it (uid 0 all, any other uid
+    none) and no supplementary groups. ``capabilities`` asks for exactly that effective (and permitted)
+    set in the launched command, whatever its uid, ``bounding`` for that bounding set, ``groups`` for
+    those supplementary groups, and ``no_new_privs`` sets the flag even without a filter: together they
+    let an unfiltered baseline run as the same caller a third-party sandbox showed.
+    """
 
     name: str
     uid: int | None = None
     gid: int | None = None
+    groups: tuple[int, ...] | None = None
+    capabilities: int | None = None
+    bounding: int | None = None
+    no_new_privs: bool = False
 
     @classmethod
     def current(cls) -> Identity:
@@ -63,11 +74,41 @@ class NetworkPlacement:
     userns_path: str | None = None
 
 
+# unshare(2) flags per namespace type (include/uapi/linux/sched.h).
+NAMESPACE_FLAGS = {
+    "cgroup": 0x02000000, "ipc": 0x08000000, "mnt": 0x00020000, "net": 0x40000000,
+    "pid": 0x20000000, "time": 0x00000080, "user": 0x10000000, "uts": 0x04000000,
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class FreshNamespaces:
+    """Namespaces the spawner unshares before dropping privileges (pid and time ones hold its children).
+
+    With ``user`` among them the others are owned by the new user namespace (unshare(2) creates it
+    first), and a helper left in the parent namespace writes ``setgroups``, ``uid_map`` and ``gid_map``
+    for it (a process cannot map arbitrary ids into its own new namespace; user_namespaces(7)).
+    """
+
+    kinds: tuple[str, ...] = ()
+    uid_map: str | None = None
+    gid_map: str | None = None
+    setgroups: str | None = None
+
+    def __post_init__(self) -> None:
+        unknown = [kind for kind in self.kinds if kind not in NAMESPACE_FLAGS]
+        if unknown:
+            raise LaunchError(f"unknown namespace type(s) {unknown}; use {', '.join(NAMESPACE_FLAGS)}")
+        if "user" in self.kinds and (self.uid_map is None or self.gid_map is None):
+            raise LaunchError("a fresh user namespace needs a uid_map and a gid_map")
+
+
 @dataclass(frozen=True)
 class SandboxSpec:
     filter: CompiledFilter | None  # None only for the unfiltered baseline
     network: NetworkPlacement
     identity: Identity = field(default_factory=Identity.current)
+    namespaces: FreshNamespaces = field(default_factory=FreshNamespaces)
 
     @property
     def describe(self) -> str:
@@ -240,14 +281,22 @@ class Sandbox:
         flt = spec.filter
         drop_caps = net.userns_path is not None or (net.mode == "proxy" and net.netns_path is None
                                                     and os.geteuid() != 0)
+        who = spec.identity
+        fresh = spec.namespaces
         return {
             "netns": net.netns_path if net.mode == "proxy" else None,
             "userns": net.userns_path if net.mode == "proxy" else None,
             "unshare_net": net.mode == "proxy" and net.netns_path is None,
-            "uid": spec.identity.uid,
-            "gid": spec.identity.gid,
+            "unshare": [NAMESPACE_FLAGS[kind] for kind in fresh.kinds],
+            "unshare_user": "user" in fresh.kinds,
+            "id_maps": {"setgroups": fresh.setgroups, "uid_map": fresh.uid_map, "gid_map": fresh.gid_map},
+            "uid": who.uid,
+            "gid": who.gid,
+            "groups": list(who.groups) if who.groups is not None else None,
+            "caps": who.capabilities,
+            "bounding": who.bounding,
             "drop_caps": drop_caps,
-            "no_new_privs": bool(flt and flt.no_new_privs),
+            "no_new_privs": bool(flt and flt.no_new_privs) or who.no_new_privs,
             "filters": [base64.b64encode(p).decode() for p in (flt.programs if flt else ())],
         }
 

@@ -3,7 +3,9 @@
 This file is sent as source text to ``python3 -S -`` inside whatever sandbox is under test (the
 reference launcher, or a third party's launcher via ``--sandbox-exec``), so it must not import
 anything outside the standard library and must not need a writable file. The plan (a JSON list of
-probes) is appended to the source as a literal; results come back as JSON lines on stdout.
+probes) is appended to the source as a literal; results come back as JSON lines on stdout. The first
+line says who the runner is (:func:`whoami`): a verdict compares a run with a baseline only when
+both ran as the same uid, with the same capabilities and the same kind of namespaces.
 
 Why one fresh forked child per probe (syscalls.md §4 "Isolation"): a filter's KILL_THREAD action
 kills only the calling thread, a successful call may change process state (personality, setsid),
@@ -200,9 +202,57 @@ def run_one(machine: _Machine, probe: dict) -> dict:
     return {"type": "error", "detail": f"child exited with status {status} and no report"}
 
 
+# The /proc/self/status lines that say who a process is (proc(5)): ids, capability sets, no_new_privs
+# and the seccomp state. Read once per run, from inside the target, before any probe.
+IDENTITY_STATUS_FIELDS = ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb",
+                          "NoNewPrivs", "Seccomp", "Seccomp_filters")
+# Files that describe a user namespace's id mappings (user_namespaces(7)); they matter only when the
+# process is in a user namespace of its own.
+IDENTITY_FILES = ("uid_map", "gid_map", "setgroups")
+
+
+def whoami() -> dict:
+    """Who this process is, as the kernel sees it: every probe child inherits exactly this."""
+    status: dict = {}
+    namespaces: dict = {}
+    files: dict = {}
+    unreadable: list = []
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                if key in IDENTITY_STATUS_FIELDS:
+                    status[key] = " ".join(value.split())
+    except OSError as exc:
+        unreadable.append(f"/proc/self/status: {exc.strerror}")
+    try:
+        names = sorted(os.listdir("/proc/self/ns"))
+    except OSError as exc:
+        names = []
+        unreadable.append(f"/proc/self/ns: {exc.strerror}")
+    for name in names:
+        try:
+            namespaces[name] = os.readlink(f"/proc/self/ns/{name}")
+        except OSError as exc:
+            unreadable.append(f"/proc/self/ns/{name}: {exc.strerror}")
+    for name in IDENTITY_FILES:
+        try:
+            with open(f"/proc/self/{name}") as handle:
+                files[name] = " ".join(handle.read().split())
+        except OSError as exc:
+            unreadable.append(f"/proc/self/{name}: {exc.strerror}")
+    return {"resuid": list(os.getresuid()), "resgid": list(os.getresgid()), "groups": sorted(os.getgroups()),
+            "status": status, "namespaces": namespaces, "files": files, "unreadable": unreadable}
+
+
 def main(plan: list) -> None:
-    machine = _Machine()
     out = sys.stdout
+    try:
+        out.write(json.dumps({"identity": whoami()}) + "\n")
+    except Exception as exc:  # reported, never raised: the probes still run
+        out.write(json.dumps({"identity_error": repr(exc)}) + "\n")
+    out.flush()
+    machine = _Machine()
     for probe in plan:
         outcome = run_one(machine, probe)
         out.write(json.dumps({"id": probe["id"], "outcome": outcome}) + "\n")

@@ -11,24 +11,32 @@ import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pytest_sandbox.compiler import CompiledFilter, compile_policy
-from pytest_sandbox.errors import PolicyError
+from pytest_sandbox.errors import PolicyError, SandboxError
 from pytest_sandbox.launcher import Identity, NetworkPlacement, check_host_support
+from pytest_sandbox.observed_identity import BaselineRequest, ObservedIdentity, baseline_request, identity_mismatches
 from pytest_sandbox.policy import NETWORK_MODES, Policy, load_policy
 from pytest_sandbox.syscall_suite import (
     ExecTarget,
     ProbeCase,
     ProbeTarget,
     Requirement,
+    RunnerReport,
     SandboxTarget,
+    all_capabilities,
     control_cases,
     denial_cases,
+    filter_requirement,
+    harness_identity,
     judge,
     judge_both_builds,
+    judge_exec,
+    matched_baseline_target,
     merge_requirements,
+    requested_identity,
     requirements_of,
 )
 from pytest_sandbox.verdicts import Judgement, Outcome, Verdict
@@ -42,10 +50,13 @@ class SyscallParam:
     identity: Identity
     case: ProbeCase
     required: bool
+    third_party: bool = False  # run through --sandbox-exec; the identity is what the target showed
 
     @property
     def test_id(self) -> str:
-        return f"{self.mode}-{self.identity.name}-{self.case.case_id}"
+        """``proxy-nobody-setns-x32`` for the reference; ``exec-uid65534-nocaps-setns-x32`` for a third party,
+        named after the caller its own runner reported (the target picks its network placement)."""
+        return f"{'exec' if self.third_party else self.mode}-{self.identity.name}-{self.case.case_id}"
 
 
 @dataclass
@@ -65,7 +76,13 @@ class SandboxSession:
     policy: Policy = field(init=False)
     requirement: Policy = field(init=False)
     _results: dict[tuple[str, str, str], dict[str, Outcome]] = field(default_factory=dict, init=False)
+    _reports: dict[tuple[str, str, str], RunnerReport] = field(default_factory=dict, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+    # third party (--sandbox-exec) only: who the runner is in there, and the baseline taken as that caller
+    harness: ObservedIdentity | None = field(default=None, init=False)
+    exec_identity: ObservedIdentity | None = field(default=None, init=False)
+    _baseline_request: BaselineRequest | None = field(default=None, init=False)
+    _baseline_problems: dict[tuple[str, str], tuple[str, ...]] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         self.policy = load_policy(self.options.policy)
@@ -80,6 +97,8 @@ class SandboxSession:
         for mode in () if self.third_party else self.modes():
             for sentinel in (False, True):  # a policy that cannot compile is a usage error, before any test
                 self.compiled(mode, sentinel=sentinel)
+        if self.third_party:
+            self._exec_preflight()
 
     # -- what is probed ----------------------------------------------------------------------
 
@@ -93,6 +112,8 @@ class SandboxSession:
         return (self.requirement.network.mode,) if self.third_party else self.options.modes
 
     def identities(self) -> tuple[Identity, ...]:
+        if self._baseline_request is not None:  # third party: the caller the target showed
+            return (requested_identity(self._baseline_request),)
         found = [Identity.current()]
         if "nobody" in self.options.identities and os.geteuid() == 0 and not self.third_party:
             found.append(Identity.nobody())
@@ -117,7 +138,7 @@ class SandboxSession:
             for identity in self.identities():
                 for case in cases:
                     is_required = case.requirement is not None and case.requirement.key in required
-                    params.append(SyscallParam(mode, identity, case, is_required))
+                    params.append(SyscallParam(mode, identity, case, is_required, self.third_party))
         return params
 
     # -- running ------------------------------------------------------------------------------
@@ -128,9 +149,10 @@ class SandboxSession:
         return compile_policy(self.policy, mode, sentinel=sentinel)
 
     def _target(self, mode: str, identity: Identity, build: str) -> ProbeTarget:
+        if build == "baseline" and self._baseline_request is not None:  # third party: as the caller it showed
+            return matched_baseline_target(self._baseline_request)
         if build == "baseline":
-            placement = NetworkPlacement(mode) if not self.third_party else NetworkPlacement("allow")
-            return SandboxTarget("the unfiltered baseline", None, placement, identity)
+            return SandboxTarget("the unfiltered baseline", None, NetworkPlacement(mode), identity)
         if self.third_party:
             assert self.options.exec_prefix is not None
             return ExecTarget(self.options.exec_prefix)
@@ -164,13 +186,21 @@ class SandboxSession:
                 # is its own runner process.
                 wanted = [b for b in self.builds() if (mode, identity.name, b) not in self._results]
                 with ThreadPoolExecutor(max_workers=len(wanted)) as pool:
-                    runs = {b: pool.submit(self._target(mode, identity, b).run, self._plan(mode, identity, b))
-                            for b in wanted}
+                    runs = {b: pool.submit(self._run, mode, identity, b) for b in wanted}
                 for each, run in runs.items():
-                    self._results[(mode, identity.name, each)] = run.result()
+                    self._reports[(mode, identity.name, each)] = report = run.result()
+                    self._results[(mode, identity.name, each)] = report.outcomes
             return self._results[key]
 
+    def _run(self, mode: str, identity: Identity, build: str) -> RunnerReport:
+        plan = self._plan(mode, identity, build)
+        if self.third_party and build == "baseline":
+            return self._exec_baseline(mode, identity, plan)
+        return self._target(mode, identity, build).run_report(plan)
+
     def judge(self, param: SyscallParam) -> Judgement:
+        if self.third_party:
+            return self._judge_exec(param)
         case = param.case
         missing = Outcome("error", None, "not run")
 
@@ -178,8 +208,6 @@ class SandboxSession:
             return self.outcomes(param.mode, param.identity, build).get(case.case_id, missing)
 
         baseline = observed("baseline")
-        if self.third_party:
-            return judge(case, baseline, observed("real"), compiled=None, policy=None)
         real = self.compiled(param.mode, sentinel=False)
         if case.kind != "denial" or case.nr is None:
             return judge(case, baseline, observed("real"), compiled=real, policy=self.policy)
@@ -188,10 +216,66 @@ class SandboxSession:
         return judge_both_builds(case, baseline, observed("sentinel"), observed("real"), sentinel=sentinel,
                                  real=real, policy=self.policy)
 
+    # -- a third party's sandbox (--sandbox-exec): the baseline is taken as the caller it showed ----------
+
+    def _exec_preflight(self) -> None:
+        """Ask the target who the runner is in there, once per session (each xdist worker asks once):
+        the test ids are made from the answer, and the baseline is taken as that caller."""
+        assert self.options.exec_prefix is not None
+        self.harness = harness_identity()
+        self.exec_identity = ExecTarget(self.options.exec_prefix).preflight()
+        self._baseline_request = baseline_request(self.exec_identity, self.harness, all_capabilities())
+
+    def _exec_baseline(self, mode: str, identity: Identity, plan: list[dict[str, Any]]) -> RunnerReport:
+        request = self._baseline_request
+        assert request is not None
+        problems = list(request.problems)
+        try:
+            report = self._target(mode, identity, "baseline").run_report(plan)
+        except SandboxError as exc:  # e.g. the harness is not root and the target's caller is someone else
+            problems.append(f"the launcher cannot run as {request.name} here: {exc}")
+            report = SandboxTarget("the unfiltered baseline as the harness", None, NetworkPlacement("allow"),
+                                   Identity.current()).run_report(plan)
+        self._baseline_problems[(mode, identity.name)] = tuple(problems)
+        return report
+
+    def identity_problems(self, mode: str, identity: Identity) -> tuple[str, ...]:
+        """Why the baseline is not the same caller as the target's probe run (empty: it is)."""
+        self.outcomes(mode, identity, "baseline")
+        self.outcomes(mode, identity, "real")
+        assert self.harness is not None and self.exec_identity is not None
+        baseline = self._reports[(mode, identity.name, "baseline")]
+        target = self._reports[(mode, identity.name, "real")]
+        problems = list(self._baseline_problems.get((mode, identity.name), ()))
+        if target.identity is None:
+            return (*problems, f"the sandbox's runner did not say who it ran as ({target.identity_error})")
+        if baseline.identity is None:
+            return (*problems, f"the baseline's runner did not say who it ran as ({baseline.identity_error})")
+        changed = identity_mismatches(self.exec_identity, target.identity, self.harness, ("pre-flight", "probe run"))
+        if changed and not self.exec_identity.unreadable and not target.identity.unreadable:
+            problems.append(f"the sandbox ran the probes as another caller than in the pre-flight "
+                            f"({'; '.join(changed)})")
+        problems += identity_mismatches(target.identity, baseline.identity, self.harness)
+        return tuple(dict.fromkeys(problems))
+
+    def _judge_exec(self, param: SyscallParam) -> Judgement:
+        missing = Outcome("error", None, "not run")
+        baseline = self.outcomes(param.mode, param.identity, "baseline").get(param.case.case_id, missing)
+        observed = self.outcomes(param.mode, param.identity, "real").get(param.case.case_id, missing)
+        judgement = judge_exec(param.case, baseline, observed,
+                               identity_problems=self.identity_problems(param.mode, param.identity),
+                               required=filter_requirement(self.requirement, param.mode))
+        target = self._reports[(param.mode, param.identity.name, "real")].identity
+        if param.case.kind == "status" and target is not None and self.harness is not None:
+            return replace(judgement, reason=f"{judgement.reason}; the runner in the sandbox reports "
+                                             f"{target.describe(self.harness)}")
+        return judgement
+
 
 def failure_message(param: SyscallParam, judgement: Judgement) -> str:
     """The one line a red test shows: ``syscall pidfd_getfd via x32 ABI: ALLOWED, expected ...``."""
-    return (f"{param.case.title} [{param.mode} mode, as {param.identity.name}]: {judgement.verdict.value}, "
+    where = f"--sandbox-exec target, {param.mode}-mode rules" if param.third_party else f"{param.mode} mode"
+    return (f"{param.case.title} [{where}, as {param.identity.name}]: {judgement.verdict.value}, "
             f"expected {judgement.expected} (baseline {judgement.baseline}, observed {judgement.observed}) "
             f"- {judgement.reason}")
 

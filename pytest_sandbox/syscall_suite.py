@@ -3,7 +3,9 @@
 Data flow (one way): a policy and a requirement become :class:`Requirement` items; each item becomes
 :class:`ProbeCase`\\ s (native, x32, i386, high-bit variants, argument controls) from the catalogue;
 a :class:`ProbeTarget` runs a whole plan in one runner process; :func:`judge` compares the filtered
-result with the unfiltered baseline taken on the same host, uid, namespace and ABI.
+result with the unfiltered baseline taken on the same host, uid, namespace and ABI. For a third party's
+launcher (:class:`ExecTarget`) the runner's own report says who it ran as, the baseline is taken as
+that caller, and :func:`judge_exec` refuses to credit a refusal the kernel gives that caller anyway.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import stat
 import subprocess
 import sys
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
@@ -28,12 +30,15 @@ from pytest_sandbox.catalogues.syscalls import PROBES_BY_NAME, SYSCALL_PROBES, S
 from pytest_sandbox.compiler import CompiledFilter, arg_key, deny_key, enosys_key
 from pytest_sandbox.errors import HostUnsupportedError, LaunchError
 from pytest_sandbox.filter_plan import Action, plan_policy
-from pytest_sandbox.launcher import Identity, NetworkPlacement, Sandbox, SandboxSpec
+from pytest_sandbox.launcher import FreshNamespaces, Identity, NetworkPlacement, Sandbox, SandboxSpec
+from pytest_sandbox.observed_identity import BaselineRequest, ObservedIdentity
 from pytest_sandbox.policy import SOCKET_FAMILIES, SOCKET_FAMILY_NAMES, ArgRule, Policy
+from pytest_sandbox.probe_runner import whoami
 from pytest_sandbox.verdicts import Judgement, Outcome, Verdict, judge_denial, judge_reaches_kernel, judge_works
 
 ABIS = ("native", "x32", "i386")
 HIGH_BIT_VARIANTS = (("hi32", 1 << 32), ("hi-ones", 0xFFFFFFFF << 32))
+PREFLIGHT_TIMEOUT_SECONDS = 60
 _RUNNER_SOURCE = (resources.files("pytest_sandbox") / "probe_runner.py").read_text()
 
 
@@ -308,10 +313,31 @@ def judge_both_builds(case: ProbeCase, baseline: Outcome, sentinel_observed: Out
     return verdict(on_real.verdict, f"real build: {on_real.reason} (the sentinel build refused with {s})")
 
 
-def judge_filter_present(observed: Outcome, compiled: CompiledFilter | None) -> Judgement:
+@dataclass(frozen=True)
+class FilterRequirement:
+    """What ``/proc/self/status`` must show inside a third party's sandbox for a requirement.
+
+    A third party may merge the requirement's programs into one, so one loaded filter is enough;
+    ``filters`` is 0 when the requirement installs none in this mode (nothing to check)."""
+
+    source: str  # "the requirement baseline (proxy mode)"
+    filters: int
+    no_new_privs: bool
+
+
+def filter_requirement(requirement: Policy, mode: str) -> FilterRequirement:
+    installs = requirement.filter_applies(mode) and bool(requirements_of(requirement, mode))
+    return FilterRequirement(f"the requirement {requirement.name} ({mode} mode)", int(installs),
+                             installs and requirement.seccomp.no_new_privs)
+
+
+def judge_filter_present(observed: Outcome, compiled: CompiledFilter | None,
+                         required: FilterRequirement | None = None) -> Judgement:
     fields = dict(part.split(": ", 1) for part in observed.detail.split(", ") if ": " in part)
     shown = observed.detail or observed.describe()
-    if compiled is None:  # third party: informational only; gVisor shows Seccomp: 0 whatever it enforces
+    if compiled is None and required is not None:
+        return _judge_third_party_filter(fields, shown, required)
+    if compiled is None:  # nothing is required: informational only
         return Judgement(Verdict.WORKS, f"third-party sandbox reports {shown}", "-", "-", shown)
     wanted = {"Seccomp": "2"} if compiled.programs else {}
     problems = [f"{k} is {fields.get(k)!r}, expected {v!r}" for k, v in wanted.items() if fields.get(k) != v]
@@ -326,6 +352,58 @@ def judge_filter_present(observed: Outcome, compiled: CompiledFilter | None) -> 
     return Judgement(Verdict.WORKS, f"filters present: {shown}", "filters present", "-", shown)
 
 
+def _judge_third_party_filter(fields: Mapping[str, str], shown: str, required: FilterRequirement) -> Judgement:
+    if not required.filters:
+        return Judgement(Verdict.WORKS, f"{required.source} installs no filter; the sandbox reports {shown}",
+                         "-", "-", shown)
+    expected = f"Seccomp 2, Seccomp_filters >= {required.filters}" + (", NoNewPrivs 1" if required.no_new_privs
+                                                                       else "")
+    if not fields:
+        return Judgement(Verdict.BROKEN, f"no /proc/self/status fields read inside the sandbox: {shown}",
+                         expected, "-", shown)
+    problems = []
+    if fields.get("Seccomp") != "2":
+        # gVisor also shows Seccomp: 0 whatever it enforces (syscalls.md §4); it then fails this row, and
+        # its denial rows still show what it refuses.
+        problems.append(f"Seccomp is {fields.get('Seccomp')!r}, expected '2': NO seccomp filter is loaded, "
+                        f"but {required.source} needs one")
+    count = fields.get("Seccomp_filters", "")
+    if not count.isdigit() or int(count) < required.filters:
+        problems.append(f"Seccomp_filters is {count or 'missing'}, expected >= {required.filters}")
+    if required.no_new_privs and fields.get("NoNewPrivs") != "1":
+        problems.append(f"NoNewPrivs is {fields.get('NoNewPrivs')!r}, expected '1' ({required.source} "
+                        "sets no_new_privs)")
+    if problems:
+        return Judgement(Verdict.BROKEN, "; ".join(problems), expected, "-", shown)
+    return Judgement(Verdict.WORKS, f"filter present: {shown}", expected, "-", shown)
+
+
+def judge_exec(case: ProbeCase, baseline: Outcome, observed: Outcome, *, identity_problems: Sequence[str],
+               required: FilterRequirement) -> Judgement:
+    """Judge one case run inside a third party's sandbox against a baseline taken as the same caller.
+
+    When the baseline could not be taken as the target's caller (``identity_problems``), a refusal by
+    errno proves nothing: the kernel refuses an unprivileged caller with EPERM before any filter
+    matters, so such a row is INDETERMINATE with the reason, never BLOCKED. Death by SIGSYS is still a
+    filter's doing (only seccomp kills with it), and ALLOWED does not depend on who the baseline was:
+    the call was not refused.
+    """
+    if case.kind == "status":
+        return judge_filter_present(observed, None, required)
+    judgement = judge(case, baseline, observed, compiled=None, policy=None)
+    if not identity_problems:
+        return judgement
+    unmatched = ("the baseline could not be taken as the sandbox's caller (" + "; ".join(identity_problems) +
+                 ")")
+    if judgement.verdict is Verdict.BLOCKED and not observed.same_as(Outcome.killed_by(signal.SIGSYS)):
+        return Judgement(Verdict.INDETERMINATE, f"{unmatched}: {judgement.observed} may be the kernel refusing "
+                         "this caller, not a filter", judgement.expected, judgement.baseline, judgement.observed)
+    if case.kind == "reaches_kernel" and judgement.verdict is Verdict.BROKEN:
+        return Judgement(Verdict.INDETERMINATE, f"{unmatched}: cannot tell over-blocking from the kernel's "
+                         "answer to this caller", judgement.expected, judgement.baseline, judgement.observed)
+    return judgement
+
+
 # --------------------------------------------------------------------------------------------
 # Running plans
 
@@ -336,13 +414,46 @@ def runner_script(probes: Sequence[Mapping[str, Any]]) -> bytes:
     return (_RUNNER_SOURCE + f"\nmain(json.loads({plan!r}))\n").encode()
 
 
-def parse_runner_output(stdout: bytes) -> dict[str, Outcome]:
-    results: dict[str, Outcome] = {}
+@dataclass(frozen=True)
+class RunnerReport:
+    """What one runner process said: an outcome per probe id, and who it ran as."""
+
+    outcomes: dict[str, Outcome]
+    identity: ObservedIdentity | None
+    identity_error: str = ""
+
+
+def _runner_records(stdout: bytes) -> list[dict[str, Any]]:
+    """The runner's JSON lines; anything else a launcher printed on stdout is ignored, never raised."""
+    records = []
     for line in stdout.decode(errors="replace").splitlines():
         if line.startswith("{"):
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+    return records
+
+
+def parse_runner_output(stdout: bytes) -> dict[str, Outcome]:
+    return parse_runner_report(stdout).outcomes
+
+
+def parse_runner_report(stdout: bytes) -> RunnerReport:
+    results: dict[str, Outcome] = {}
+    identity: ObservedIdentity | None = None
+    error = "the runner printed no identity record"
+    for record in _runner_records(stdout):
+        if isinstance(record.get("identity"), dict) and identity is None:
+            identity = ObservedIdentity.from_report(record["identity"])
+            error = ""
+        elif "identity_error" in record:
+            error = f"the runner could not say who it is: {record['identity_error']}"
+        elif isinstance(record.get("id"), str) and isinstance(record.get("outcome"), dict):
             results[record["id"]] = Outcome.from_report(record["outcome"])
-    return results
+    return RunnerReport(results, identity, error)
 
 
 def _world_executable(path: str) -> bool:
@@ -364,22 +475,52 @@ def runner_interpreter(identity: Identity) -> str:
     raise HostUnsupportedError(f"no python3 executable by {identity.name}; install python3 system-wide")
 
 
+def harness_identity() -> ObservedIdentity:
+    """Who the harness itself is (the same report the runner gives from inside a target)."""
+    return ObservedIdentity.from_report(whoami())
+
+
+def all_capabilities() -> int:
+    """Every capability this kernel knows (capabilities(7): /proc/sys/kernel/cap_last_cap)."""
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as handle:
+            return (1 << (int(handle.read()) + 1)) - 1
+    except (OSError, ValueError):
+        return (1 << 41) - 1  # CAP_CHECKPOINT_RESTORE (40) is the last one as of Linux 6.x
+
+
+def requested_identity(request: BaselineRequest) -> Identity:
+    return Identity(request.name, request.uid, request.gid, request.groups, request.capabilities,
+                    request.bounding, request.no_new_privs)
+
+
+def matched_baseline_target(request: BaselineRequest) -> SandboxTarget:
+    """The unfiltered baseline run as the caller a third party's runner reported (:mod:`observed_identity`)."""
+    identity = requested_identity(request)
+    fresh = FreshNamespaces(request.fresh_namespaces, request.uid_map, request.gid_map, request.setgroups)
+    return SandboxTarget(f"the unfiltered baseline as {request.name}", None, NetworkPlacement("allow"), identity,
+                         fresh)
+
+
 class ProbeTarget(Protocol):
     name: str
 
     def run(self, probes: Sequence[Mapping[str, Any]]) -> dict[str, Outcome]: ...
 
+    def run_report(self, probes: Sequence[Mapping[str, Any]]) -> RunnerReport: ...
 
-def _outcomes_or_error(probes: Sequence[Mapping[str, Any]], returncode: int, stdout: bytes, stderr: bytes,
-                       where: str) -> dict[str, Outcome]:
-    results = parse_runner_output(stdout)
+
+def _report_or_error(probes: Sequence[Mapping[str, Any]], returncode: int, stdout: bytes, stderr: bytes,
+                     where: str) -> RunnerReport:
+    report = parse_runner_report(stdout)
+    results = report.outcomes
     missing = [p["id"] for p in probes if p["id"] not in results]
     if missing:
         detail = f"the probe runner in {where} exited with {returncode} and reported {len(results)} of " \
                  f"{len(probes)} probes: {stderr.decode(errors='replace').strip()[-400:]}"
         for probe_id in missing:
             results[probe_id] = Outcome("error", None, detail)
-    return results
+    return report
 
 
 @dataclass
@@ -390,13 +531,17 @@ class SandboxTarget:
     compiled: CompiledFilter | None
     placement: NetworkPlacement
     identity: Identity
+    namespaces: FreshNamespaces = field(default_factory=FreshNamespaces)
 
     def run(self, probes: Sequence[Mapping[str, Any]]) -> dict[str, Outcome]:
-        spec = SandboxSpec(self.compiled, self.placement, self.identity)
+        return self.run_report(probes).outcomes
+
+    def run_report(self, probes: Sequence[Mapping[str, Any]]) -> RunnerReport:
+        spec = SandboxSpec(self.compiled, self.placement, self.identity, self.namespaces)
         with Sandbox(spec) as sandbox:
             result = sandbox.run([runner_interpreter(self.identity), "-S", "-"], input=runner_script(probes),
                                  timeout=300, env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"})
-        return _outcomes_or_error(probes, result.returncode, result.stdout, result.stderr, self.name)
+        return _report_or_error(probes, result.returncode, result.stdout, result.stderr, self.name)
 
 
 @dataclass
@@ -417,7 +562,29 @@ class ExecTarget:
         return [*words, self.interpreter, "-S", "-"]
 
     def run(self, probes: Sequence[Mapping[str, Any]]) -> dict[str, Outcome]:
+        return self.run_report(probes).outcomes
+
+    def run_report(self, probes: Sequence[Mapping[str, Any]]) -> RunnerReport:
         completed = subprocess.run(self.argv, input=runner_script(probes), capture_output=True, timeout=300)
-        return _outcomes_or_error(probes, completed.returncode, completed.stdout, completed.stderr,
-                                  f"'{self.prefix}'")
+        return _report_or_error(probes, completed.returncode, completed.stdout, completed.stderr,
+                                f"'{self.prefix}'")
+
+    def preflight(self, timeout: float = PREFLIGHT_TIMEOUT_SECONDS) -> ObservedIdentity:
+        """Start the runner once with no probes: who does it run as in there? Raises LaunchError with the
+        reason when the launcher is missing, fails, hangs or the runner says nothing."""
+        where = f"--sandbox-exec '{self.prefix}'"
+        try:
+            completed = subprocess.run(self.argv, input=runner_script([]), capture_output=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise LaunchError(f"{where}: the identity pre-flight (the probe runner with no probes) did not "
+                              f"finish in {timeout:g} s; nothing was probed") from None
+        except OSError as exc:
+            raise LaunchError(f"{where}: cannot start the launcher: {exc.strerror}") from None
+        report = parse_runner_report(completed.stdout)
+        if report.identity is None:
+            said = completed.stderr.decode(errors="replace").strip()[-400:] or "nothing on stderr"
+            raise LaunchError(f"{where}: the identity pre-flight exited with {completed.returncode} and the probe "
+                              f"runner did not report who it runs as ({report.identity_error}); the launcher "
+                              f"said: {said}")
+        return report.identity
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from broken_filters import hand_built
+from exec_targets import failed_lines, id_prefix
 
 from pytest_sandbox.compiler import CompiledFilter, compile_policy
 from pytest_sandbox.policy import load_policy
@@ -59,9 +60,10 @@ def test_bwrap_with_the_baseline_filter_passes(tmp_path):
 
 def test_bwrap_with_one_syscall_dropped_fails_naming_it(tmp_path):
     baseline = load_policy("baseline")
-    completed = run_suite(bwrap_launcher(tmp_path, hand_built(baseline, "proxy", drop="setns")))
+    launcher = bwrap_launcher(tmp_path, hand_built(baseline, "proxy", drop="setns"))
+    completed = run_suite(launcher)
     assert completed.returncode == 1
-    assert failed_ids(completed) == {f"proxy-{'root' if os.geteuid() == 0 else 'user'}-setns-native"}
+    assert failed_ids(completed) == {f"{id_prefix(launcher)}setns-native"}
     assert "syscall setns via native ABI" in completed.stdout and "ALLOWED" in completed.stdout
 
 
@@ -78,8 +80,12 @@ def test_bwrap_with_the_arch_added_after_the_rules_fails_on_i386(tmp_path):
 
 
 def test_bwrap_without_a_filter_fails_everywhere(tmp_path):
-    completed = run_suite(bwrap_launcher(tmp_path, None))
+    launcher = bwrap_launcher(tmp_path, None)
+    completed = run_suite(launcher)
     assert completed.returncode == 1
     holes = failed_ids(completed)
     for name in ("ptrace", "pidfd_getfd", "mount", "clone3"):
         assert any(hole.endswith(f"-{name}-native") for hole in holes), name
+    # /proc/self/status inside says Seccomp: 0, and the requirement installs a filter (issue #8, item 3)
+    hole = failed_lines(completed)[f"{id_prefix(launcher)}filter-present"]
+    assert "BROKEN" in hole and "Seccomp is '0', expected '2': NO seccomp filter is loaded" in hole

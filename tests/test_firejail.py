@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from exec_targets import id_prefix
 
 from pytest_sandbox.policy import load_policy
 
@@ -32,7 +33,10 @@ def test_firejail_seccomp_drop_misses_the_i386_abi(tmp_path):
          f"--sandbox-require={requirement}", "conformance/test_syscalls.py"],
         cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "1000"},
     )
-    failed = {re.sub(r"^\w+-\w+-", "", f) for f in re.findall(r"^FAILED [^[]+\[(\S+)\]", completed.stdout, re.M)}
+    prefix = id_prefix(launcher)
+    failed_ids = re.findall(r"^FAILED [^[]+\[(\S+)\]", completed.stdout, re.M)
+    assert all(f.startswith(prefix) for f in failed_ids), (prefix, failed_ids)
+    failed = {f.removeprefix(prefix) for f in failed_ids}
     assert completed.returncode == 1
     assert failed == {f"{name}-i386" for name in deny}
     assert "via i386 ABI" in completed.stdout and "ALLOWED" in completed.stdout

@@ -22,6 +22,7 @@ from pytest_sandbox.inference_suite import (
     PATHS,
     TUNNEL,
     Exchange,
+    SmugglingAttempt,
     build_attempts,
     cases_failed_by,
     judge_exchange,
@@ -33,6 +34,7 @@ from pytest_sandbox.lab import NetworkLab
 from pytest_sandbox.network_fixtures import RunningProxy, interception_of, lab_proxy_config, start_proxy
 from pytest_sandbox.ssrf_suite import SsrfJudgement
 from pytest_sandbox.third_party_proxy import squid_command, start_proxy_command, tinyproxy_command
+from pytest_sandbox.upstream import UpstreamRequest, UpstreamSegment
 from pytest_sandbox.verdicts import Verdict
 
 PUBLIC_ORIGIN = "11.0.0.10"
@@ -219,23 +221,34 @@ def test_parse_responses_reads_chunked_and_sized_bodies_and_skips_interim_respon
     assert data[used:].startswith(b"HTTP/1.1 200 OK\r\ncontent-length: 9")
 
 
+ALLOWED_GET = b"GET / HTTP/1.1\r\nHost: 11.0.0.10\r\n\r\n"
+
+
+def absolute_allowed(case_id: str) -> tuple[UpstreamRequest, ...]:
+    return SmugglingAttempt(case_by_id(case_id), ABSOLUTE).allowed(origin=PUBLIC_ORIGIN, denied=DENIED_CANARY)
+
+
 def test_refusal_left_open_is_never_a_pass_and_an_answered_follow_up_is_a_leak() -> None:
     case = case_by_id("routed-then-denied")
-    left_open = Exchange(statuses=(200, 403), closed=False, timed_out=True, follow_up=None, reached=1)
-    still_read = Exchange(statuses=(200, 403), closed=False, timed_out=True, follow_up=200, reached=1)
-    refused = Exchange(statuses=(200, 403), closed=True, timed_out=False, follow_up=None, reached=1)
-    assert judge_exchange(case, left_open).verdict is Verdict.INDETERMINATE
-    assert judge_exchange(case, still_read).verdict is Verdict.ALLOWED
-    assert judge_exchange(case, refused).verdict is Verdict.BLOCKED
+    allowed = absolute_allowed("routed-then-denied")
+    upstream = (UpstreamSegment("11.0.0.10:80 connection 1", ALLOWED_GET),)
+    left_open = Exchange((200, 403), False, True, None, upstream, marked=(True, False))
+    still_read = Exchange((200, 403), False, True, 200, upstream, marked=(True, False))
+    refused = Exchange((200, 403), True, False, None, upstream, marked=(True, False))
+    assert judge_exchange(case, left_open, allowed).verdict is Verdict.INDETERMINATE
+    assert judge_exchange(case, still_read, allowed).verdict is Verdict.ALLOWED
+    assert judge_exchange(case, refused, allowed).verdict is Verdict.BLOCKED
 
 
 def test_more_requests_at_the_origin_than_catalogued_is_allowed_whatever_the_statuses() -> None:
     case = case_by_id("cl-te-both")
-    smuggled = Exchange(statuses=(400,), closed=True, timed_out=False, follow_up=None, reached=1)
+    smuggled = Exchange(statuses=(400,), closed=True, timed_out=False, follow_up=None,
+                        upstream=(UpstreamSegment("11.0.0.10:80 connection 1", ALLOWED_GET),))
     judgement = judge_exchange(case, smuggled)
     assert judgement.verdict is Verdict.ALLOWED and judgement.reason.startswith("cl-te-both:")
+    assert "GET /" in judgement.reason
 
 
 def test_wrong_refusal_status_with_nothing_leaked_is_indeterminate() -> None:
-    judgement = judge_exchange(case_by_id("cl-te-both"), Exchange((403,), True, False, None, 0))
+    judgement = judge_exchange(case_by_id("cl-te-both"), Exchange((403,), True, False, None))
     assert judgement.verdict is Verdict.INDETERMINATE

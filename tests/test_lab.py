@@ -39,7 +39,7 @@ from pytest_sandbox.dns_stub import (
     parse_response,
 )
 from pytest_sandbox.errors import HostUnsupportedError
-from pytest_sandbox.lab import LAB_PUBLIC_ORIGINS, NetworkLab
+from pytest_sandbox.lab import LAB_PUBLIC_ORIGINS, ORIGIN_RECORD_LIMIT, NetworkLab
 from pytest_sandbox.netns import (
     NetnsHolder,
     assert_not_host_netns,
@@ -504,14 +504,70 @@ def test_pipelined_requests_are_each_recorded(lab: NetworkLab) -> None:
     assert [r.target for r in lab.origin_requests(origin, 443)] == ["/a", "/b"]
 
 
-def test_origin_rejects_an_unparseable_request_with_400_and_closes(lab: NetworkLab) -> None:
+def test_origin_never_refuses_bytes_it_cannot_frame_and_keeps_every_byte(lab: NetworkLab) -> None:
+    """The origin's parser is not the one under test: two Host fields (h11 says 400) are recorded,
+    answered once with a marked 200, and what follows on the connection is recorded too."""
     origin = LAB_PUBLIC_ORIGINS[1]
+    unframeable = b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"
     with lab.connect(origin, 80) as sock:
-        sock.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
-        response = _read_until_closed(sock)
-    assert response.startswith(b"HTTP/1.1 400 ")
+        sock.sendall(unframeable)
+        answer = sock.recv(4096)
+        sock.sendall(b"GET /after HTTP/1.1\r\nHost: a\r\n\r\n")
+        sock.shutdown(socket.SHUT_WR)
+        rest = _read_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and b"X-Lab-Unframed: 1" in answer
+    assert f"X-Lab-Mark: {lab.origin_mark}".encode() in answer
+    assert rest == b""  # answered once; the rest is only recorded
     assert lab.origin_requests(origin) == []
-    assert lab.received(origin) == [b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"]
+    whole = unframeable + b"GET /after HTTP/1.1\r\nHost: a\r\n\r\n"
+    assert lab.received(origin) == [whole]
+    [stream] = lab.origin_streams(origin)
+    assert (stream.listener, stream.connection, stream.data, stream.received) == (f"{origin}:80", 1, whole, len(whole))
+
+
+def test_every_origin_answer_carries_the_labs_secret_mark(lab: NetworkLab) -> None:
+    origin = LAB_PUBLIC_ORIGINS[0]
+    with lab.connect(origin, 80) as sock:
+        sock.sendall(b"GET /a HTTP/1.1\r\nHost: o\r\n\r\nCONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n\r\n")
+        response = _read_until_closed(sock)
+    assert response.count(f"\r\nX-Lab-Mark: {lab.origin_mark}\r\n".encode()) == 2
+    assert b"HTTP/1.1 405 " in response  # CONNECT is answered (an origin is no proxy), marked too
+    assert len(lab.origin_mark) == 32
+
+
+@needs_netns
+def test_two_labs_have_different_marks() -> None:
+    with NetworkLab.start([], name="mark-a") as first, NetworkLab.start([], name="mark-b") as second:
+        assert first.origin_mark != second.origin_mark
+
+
+def test_origin_requests_point_into_the_raw_record(lab: NetworkLab) -> None:
+    origin = LAB_PUBLIC_ORIGINS[2]
+    pipelined = (b"POST /a HTTP/1.1\r\nHost: o\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+                 b"GET /b HTTP/1.1\r\nHost: o\r\nConnection: close\r\n\r\n")
+    with lab.connect(origin, 80) as sock:
+        sock.sendall(pipelined)
+        _read_until_closed(sock)
+    [stream] = lab.origin_streams(origin, 80)
+    requests = lab.origin_requests(origin, 80)
+    second = pipelined.index(b"GET /b")
+    assert [stream.data[r.start:r.end] for r in requests] == [pipelined[:second], pipelined[second:]]
+    assert [(r.target, r.body) for r in requests] == [("/a", b"hello"), ("/b", b"")]
+
+
+def test_origin_record_is_capped_and_says_it_was_truncated(lab: NetworkLab) -> None:
+    origin = LAB_PUBLIC_ORIGINS[0]
+    head = b"POST /big HTTP/1.1\r\nHost: o\r\nContent-Length: %d\r\n\r\n"
+    size = ORIGIN_RECORD_LIMIT + 100_000
+    with lab.connect(origin, 443) as sock:
+        sock.sendall(head % size + b"x" * size)
+        answer = sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 200 OK")
+    [stream] = lab.origin_streams(origin, 443)
+    assert len(stream.data) == ORIGIN_RECORD_LIMIT and stream.truncated
+    assert stream.received == len(head % size) + size
+    [request] = lab.origin_requests(origin, 443)
+    assert request.target == "/big"  # framed from every byte, not only the recorded ones
 
 
 # --------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 
 from pytest_sandbox.compiler import compile_policy
 from pytest_sandbox.errors import LaunchError
-from pytest_sandbox.launcher import Identity, NetworkPlacement, Sandbox, SandboxSpec
+from pytest_sandbox.launcher import FreshNamespaces, Identity, NetworkPlacement, Sandbox, SandboxSpec
 from pytest_sandbox.policy import load_policy
 
 PTRACE_PEEK = (
@@ -98,3 +98,46 @@ def test_spawner_stops_with_the_sandbox():
     sandbox.close()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def status_of(spec: SandboxSpec) -> dict[str, str]:
+    with Sandbox(spec) as sb:
+        text = sb.run(["/bin/cat", "/proc/self/status"]).stdout.decode()
+    return {key: " ".join(value.split()) for key, _, value in (line.partition(":") for line in text.splitlines())}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="taking another uid needs root")
+@pytest.mark.parametrize(("uid", "caps"), [(65534, 1 << 13), (0, 0), (1000, (1 << 13) | (1 << 21))])
+def test_an_identity_gets_exactly_its_capabilities_after_execve(uid, caps):
+    """uid 65534 keeping CAP_NET_RAW, uid 0 with none (it must not regain them at execve), and two caps:
+    what a baseline needs to run as the caller a third-party sandbox showed."""
+    identity = Identity("asked", uid, uid, (uid,), caps, caps)
+    fields = status_of(SandboxSpec(None, NetworkPlacement("allow"), identity))
+    assert fields["Uid"] == f"{uid} {uid} {uid} {uid}" and fields["Groups"] == str(uid)
+    assert int(fields["CapEff"], 16) == caps and int(fields["CapPrm"], 16) == caps
+    assert int(fields["CapBnd"], 16) == caps and fields["NoNewPrivs"] == "0"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="taking another uid needs root")
+def test_an_identity_that_cannot_be_taken_fails_closed():
+    impossible = Identity("impossible", 65534, 65534, (), 1 << 13, 0)  # a capability outside the bounding set
+    with pytest.raises(LaunchError, match="nothing was run"):
+        Sandbox(SandboxSpec(None, NetworkPlacement("allow"), impossible))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="writing arbitrary id maps needs root")
+def test_fresh_namespaces_rebuild_a_user_namespace_with_its_maps():
+    fresh = FreshNamespaces(("mnt", "pid", "user"), "0 0 1", "0 0 1", "deny")
+    spec = SandboxSpec(None, NetworkPlacement("allow"), Identity("mapped-root", 0, 0, (), 0, 0, True), fresh)
+    with Sandbox(spec) as sb:
+        out = sb.run(["/bin/sh", "-c", "readlink /proc/self/ns/user /proc/self/ns/mnt /proc/self/ns/net; "
+                                       "cat /proc/self/uid_map /proc/self/setgroups"]).stdout.decode().split()
+    user, mnt, net, *maps = out
+    assert user != os.readlink("/proc/self/ns/user") and mnt != os.readlink("/proc/self/ns/mnt")
+    assert net == os.readlink("/proc/self/ns/net")
+    assert maps == ["0", "0", "1", "deny"]
+
+
+def test_an_unknown_namespace_type_is_a_clear_error():
+    with pytest.raises(LaunchError, match="unknown namespace type"):
+        FreshNamespaces(("nett",))

@@ -5,9 +5,12 @@ the attack away). ``{host}`` is replaced by the allowed origin's host (``name`` 
 ``{denied}`` by a host the proxy must refuse. A suite asserts, per row:
 
 * the client receives ``reaches_backend`` ordinary origin responses, then (unless the row is a
-  positive control) one refusal whose status is ``expected_status`` (or one of them);
+  positive control) one refusal whose status is ``expected_status`` (or one of them), written by
+  the proxy itself (it does not carry the origin's ``X-Lab-Mark``);
 * the proxy closed the connection when ``must_close`` (``recv`` returns ``b""`` before a timeout);
-* the origin recorded at most ``reaches_backend`` requests, and nothing for ``{denied}``.
+* the bytes that reached the origin frame strictly into exactly the payload's first
+  ``reaches_backend`` requests, not one byte more, and nothing reached ``{denied}``. Those first
+  requests must therefore themselves be clean (``upstream.allowed_prefix`` checks it).
 
 ``violation`` is the ``FramingViolation.case`` the pure framing layer must raise for the payload
 (None: the bytes frame cleanly and the refusal is a policy decision). ``holes`` names the

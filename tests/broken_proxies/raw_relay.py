@@ -1,0 +1,130 @@
+"""A deliberately broken forward proxy: it relays every byte and checks nothing.
+
+``python raw_relay.py --port PORT [--address ADDR] [--upstream HOST:PORT]``
+
+Per client connection it reads the first request head only to choose where to dial:
+
+* ``CONNECT host:port``: dial it, answer ``200 Connection established``, then pipe the bytes that
+  followed the CONNECT head and everything after;
+* an absolute-form target ``http://host[:port]/...``: dial that authority and send it **every byte
+  as received** (the absolute-form request line included: RFC 9112 §3.2.2 says an origin must accept
+  it);
+* anything else: dial ``--upstream`` (a lab public origin by default) and send every byte.
+
+Then it pipes both directions until either side closes. It never parses a Content-Length, a
+Transfer-Encoding or a second request, so every smuggling payload reaches whatever it dialled. It
+is only ever started inside the test lab's network namespace (``--sandbox-proxy-cmd``), where every
+address it can dial is a lab listener. Standard library only: it runs under any interpreter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import re
+import selectors
+import socket
+import threading
+
+HEAD_LIMIT = 65536
+IDLE_SECONDS = 10.0
+READ_SIZE = 65536
+DIAL_SECONDS = 3.0
+# userinfo is skipped, as urllib would: http://a@b/ dials b.
+_ABSOLUTE = re.compile(rb"^[A-Za-z]+ http://(?:[^/@\s]*@)?(\[[^\]]+\]|[^/:@\s?#]+)(?::(\d+))?[/?\s]")
+_CONNECT = re.compile(rb"^CONNECT (\[[^\]]+\]|[^:\s]+):(\d+) ")
+
+
+def destination(head: bytes, default: tuple[str, int]) -> tuple[str, int, bool]:
+    """(host, port, is_connect) for the first request in ``head``."""
+    match = _CONNECT.match(head)
+    if match:
+        return match.group(1).decode("latin-1").strip("[]"), int(match.group(2)), True
+    match = _ABSOLUTE.match(head)
+    if match:
+        port = int(match.group(2)) if match.group(2) else 80
+        return match.group(1).decode("latin-1").strip("[]"), port, False
+    return default[0], default[1], False
+
+
+def pipe(client: socket.socket, upstream: socket.socket) -> None:
+    """Copy bytes both ways until both directions ended or nothing moved for IDLE_SECONDS."""
+    peers = {client: upstream, upstream: client}
+    open_reads = {client, upstream}
+    with selectors.DefaultSelector() as selector:
+        for sock in open_reads:
+            selector.register(sock, selectors.EVENT_READ)
+        while open_reads:
+            ready = selector.select(IDLE_SECONDS)
+            if not ready:
+                return
+            for key, _events in ready:
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                try:
+                    data = sock.recv(READ_SIZE)
+                except OSError:
+                    data = b""
+                if data:
+                    with contextlib.suppress(OSError):
+                        peers[sock].sendall(data)
+                    continue
+                selector.unregister(sock)
+                open_reads.discard(sock)
+                with contextlib.suppress(OSError):
+                    peers[sock].shutdown(socket.SHUT_WR)
+
+
+def serve_one(client: socket.socket, default: tuple[str, int]) -> None:
+    with client:
+        client.settimeout(IDLE_SECONDS)
+        buffered = b""
+        try:
+            while b"\n" not in buffered and len(buffered) < HEAD_LIMIT:
+                data = client.recv(READ_SIZE)
+                if not data:
+                    return
+                buffered += data
+            host, port, is_connect = destination(buffered, default)
+            if is_connect:
+                while b"\r\n\r\n" not in buffered and len(buffered) < HEAD_LIMIT:
+                    data = client.recv(READ_SIZE)
+                    if not data:
+                        return
+                    buffered += data
+                buffered = buffered.partition(b"\r\n\r\n")[2]
+            upstream = socket.create_connection((host, port), timeout=DIAL_SECONDS)
+        except OSError:
+            with contextlib.suppress(OSError):
+                client.sendall(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            return
+        with upstream:
+            upstream.settimeout(None)
+            client.settimeout(None)
+            if is_connect:
+                client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            if buffered:
+                upstream.sendall(buffered)
+            pipe(client, upstream)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--address", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--upstream", default="11.0.0.10:80", help="where non-absolute requests go")
+    args = parser.parse_args()
+    up_host, _, up_port = args.upstream.rpartition(":")
+    default = (up_host.strip("[]"), int(up_port))
+    family = socket.AF_INET6 if ":" in args.address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((args.address, args.port))
+        listener.listen(128)
+        while True:
+            client, _peer = listener.accept()
+            threading.Thread(target=serve_one, args=(client, default), daemon=True).start()
+
+
+if __name__ == "__main__":
+    main()
