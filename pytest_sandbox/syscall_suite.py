@@ -302,9 +302,12 @@ def judge_both_builds(case: ProbeCase, baseline: Outcome, sentinel_observed: Out
 
     if on_sentinel.verdict is not Verdict.BLOCKED:
         return verdict(on_sentinel.verdict, f"sentinel build: {on_sentinel.reason}")
+    if real_observed.succeeded:  # whatever the baseline: the filter users get let the call through
+        return verdict(Verdict.ALLOWED, f"real build: the call succeeded ({r}) where the policy requires a refusal "
+                                        f"(the sentinel build refused with {s})")
     if on_real.verdict is Verdict.BLOCKED:
-        return verdict(Verdict.BLOCKED, f"refused on both builds ({s} sentinel, {r} real); unfiltered the kernel "
-                                        f"answers {b}")
+        return verdict(Verdict.BLOCKED, f"refused by both builds: {s} by the sentinel build, {r} by the real "
+                                        f"build; unfiltered the kernel answers {b}")
     real_refusals = expected_refusal(case, real, policy)
     if any(real_observed.same_as(x) for x in real_refusals) and any(baseline.same_as(x) for x in real_refusals):
         return verdict(Verdict.BLOCKED, f"the sentinel build refused with {s} (the rule fired); the real build "

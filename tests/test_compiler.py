@@ -225,3 +225,43 @@ def test_the_cli_reports_a_policy_that_cannot_compile_in_one_line_with_status_2(
     assert "\n" not in line and "Traceback" not in line
     assert line.startswith(f"pytest-sandbox: {path}: network.socket_domains AF_PACKET (proxy mode): returns EPERM "
                            "but seccomp.arg_rules socket(arg0 eq 0x26) returns EACCES")
+
+
+# -- judging both builds (pure) -------------------------------------------------------------------
+
+
+def pidfd_getfd_case():
+    from pytest_sandbox.syscall_suite import denial_cases, requirements_of
+
+    policy = load_policy("baseline")
+    case = next(c for c in denial_cases(requirements_of(policy, "proxy")) if c.case_id == "pidfd_getfd-native")
+    return policy, case, compile_policy(policy, "proxy", sentinel=True), compile_policy(policy, "proxy")
+
+
+@pytest.mark.parametrize(("baseline", "on_sentinel", "on_real", "verdict", "reason"), [
+    ("EBADF", "sentinel", "EPERM", "BLOCKED", "refused by both builds"),
+    ("EBADF", "sentinel", "return", "ALLOWED", "real build: the call succeeded"),
+    ("EBADF", "sentinel", "EBADF", "ALLOWED", "real build: reached the kernel"),
+    ("EBADF", "sentinel", "EACCES", "INDETERMINATE", "real build: observed EACCES matches neither"),
+    ("EPERM", "sentinel", "EPERM", "BLOCKED", "the real build alone is ambiguous here"),
+    ("EPERM", "sentinel", "return", "ALLOWED", "real build: the call succeeded"),
+    ("EBADF", "EPERM", "EPERM", "INDETERMINATE", "sentinel build: observed EPERM matches neither"),
+    ("EBADF", "EBADF", "EPERM", "ALLOWED", "sentinel build: reached the kernel"),
+])
+def test_a_denial_passes_only_when_both_builds_refuse(baseline, on_sentinel, on_real, verdict, reason):
+    from pytest_sandbox.syscall_suite import judge_both_builds
+    from pytest_sandbox.verdicts import Outcome
+
+    policy, case, sentinel, real = pidfd_getfd_case()
+
+    def outcome(text: str) -> Outcome:
+        if text == "sentinel":
+            number = sentinel.errno_for("deny:pidfd_getfd")
+            assert number is not None and number >= 1000
+            return Outcome.errno(number)
+        return Outcome("return", 3) if text == "return" else Outcome.errno(getattr(errno, text))
+
+    judgement = judge_both_builds(case, outcome(baseline), outcome(on_sentinel), outcome(on_real),
+                                  sentinel=sentinel, real=real, policy=policy)
+    assert judgement.verdict.value == verdict
+    assert reason in judgement.reason
