@@ -48,6 +48,8 @@ MEMBERSHIP: tuple[Membership, ...] = (
     Membership("test_ssrf.py", "test_absolute_request_with_private_host_header_is_judged_by_its_public_target",
                "*", "ssrf-controls"),
     Membership("test_ssrf.py", "*", "*", "ssrf"),
+    Membership("test_ssrf_self.py", "test_instance_for_self_cases_is_a_working_proxy", "*", "ssrf-controls"),
+    Membership("test_ssrf_self.py", "*", "*", "ssrf"),
     Membership("test_allowlist.py", "*", "*", "allowlist"),
     Membership("test_egress.py", "*", "*", "egress"),
     Membership("test_inference.py", "*", "*", "inference"),

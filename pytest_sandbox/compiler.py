@@ -1,17 +1,19 @@
-"""Policy → seccomp BPF, with pyseccomp (libseccomp), compiled once per policy and cached.
+"""Policy → seccomp BPF, with pyseccomp (libseccomp): one compile path, two errno mappings.
 
-Two programs per policy and network mode, loaded in this order like OpenShell #819
-(syscalls.md §1.1): first the ENOSYS filter (clone3), then the main filter, which blocks
-``seccomp(SECCOMP_SET_MODE_FILTER)`` and so must come last.
+:func:`~pytest_sandbox.filter_plan.plan_policy` decides every filter, rule, action and the load order;
+this module only emits that plan through libseccomp, with either the policy's errnos (the *real* build,
+what a sandboxed program meets) or one sentinel errno per slot (the *sentinel* build, syscalls.md §4).
+So the two builds differ in errno numbers and nothing else. Load order: the ENOSYS filter (clone3)
+first, the main filter last (OpenShell #819, syscalls.md §1.1); an allowlist with refusals has a deny
+filter between them (filter_plan.py explains why).
 
 Traps handled here (syscalls.md §5):
-- every extra arch is added *before* any rule; rules are not copied to arches added later;
+- every arch gets its own context, set up *before* any rule (rules are not copied to arches added
+  later), then the contexts are merged;
 - the bad-arch action is set to KILL_PROCESS (libseccomp's default KILL only kills the thread);
 - eq/masked_eq argument rules compare the low 32 bits (MASKED_EQ with 0xffffffff), so setting high
   bits in an int argument cannot slip past the rule;
-- a *sentinel* build gives every ERRNO rule its own errno (1000 + n) so a probe can tell the filter's
-  refusal from the kernel's (syscalls.md §4 "Sentinel builds"). ENOSYS rules keep ENOSYS even there:
-  glibc falls back from clone3 to clone only on exactly ENOSYS.
+- every libseccomp error becomes a PolicyError naming the rule (never a raw OSError traceback).
 """
 
 from __future__ import annotations
@@ -19,25 +21,52 @@ from __future__ import annotations
 import errno as errno_module
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Any
+from functools import lru_cache, partial
+from typing import Any, TypeVar
 
 from pytest_sandbox.errors import HostUnsupportedError, PolicyError
-from pytest_sandbox.policy import ArgRule, Policy
+from pytest_sandbox.filter_plan import (
+    BAD_ARCH_KEY,
+    DEFAULT_KEY,
+    SENTINEL_ERRNO_BASE,
+    Action,
+    Condition,
+    FilterPlan,
+    PlannedFilter,
+    arg_key,
+    deny_key,
+    enosys_key,
+    errno_on,
+    plan_policy,
+)
+from pytest_sandbox.policy import Policy
 
-SENTINEL_ERRNO_BASE = 1000
-DEFAULT_KEY = "default"  # the rule key of an allowlist's default action
+__all__ = [
+    "BAD_ARCH_KEY", "DEFAULT_KEY", "SENTINEL_ERRNO_BASE", "CompiledFilter", "RuleAction", "arg_key",
+    "compile_plan", "compile_policy", "deny_key", "enosys_key", "export_pfc",
+]  # fmt: skip
 
-_OPERATORS = {"eq": "MASKED_EQ", "masked_eq": "MASKED_EQ", "ne": "NE", "lt": "LT", "le": "LE", "gt": "GT", "ge": "GE"}
+_OPERATORS = {"masked_eq": "MASKED_EQ", "ne": "NE", "lt": "LT", "le": "LE", "gt": "GT", "ge": "GE"}
+_ARCHES = {"x86": "X86", "x32": "X32"}
+# What libseccomp's documented error codes mean for one call (seccomp_rule_add(3), seccomp_arch_add(3)).
+_LIBSECCOMP_ERRORS = {
+    errno_module.EACCES: "its action is the filter's default action",
+    errno_module.EEXIST: "another rule on the same syscall and arguments has a different action",
+    errno_module.EDOM: "the syscall or architecture is not available here",
+    errno_module.EINVAL: "invalid for this syscall or architecture",
+    errno_module.EOPNOTSUPP: "not supported by this libseccomp",
+    errno_module.ENOMEM: "out of memory",
+}
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class RuleAction:
-    """What the compiled filter does when one rule fires: an errno, or a signal death."""
+    """What the compiled filter returns when one rule fires: its errno in this build."""
 
-    rule: str  # "deny:ptrace", "enosys:clone3", "arg:clone(arg0&0x10000000 masked_eq 0x10000000)"
+    rule: str  # "deny:ptrace", "enosys:clone3", "arg:clone(arg0&0x10000000 masked_eq 0x10000000)", "default"
     errno: int
 
 
@@ -52,96 +81,41 @@ class CompiledFilter:
     extra_arches: tuple[str, ...]
     no_new_privs: bool
 
-    def errno_for(self, rule: str) -> int | None:
-        for action in self.actions:
-            if action.rule == rule:
-                return action.errno
-        return None
+    def errno_for(self, rule: str, arch: str = "native") -> int | None:
+        """The errno ``rule`` returns in this build on ``arch`` ("native", "x86", "x32")."""
+        return errno_on({a.rule: a.errno for a in self.actions}, rule, arch)
+
+    @property
+    def build(self) -> str:
+        return "sentinel" if self.sentinel else "real"
 
     @property
     def instruction_count(self) -> int:
         return sum(len(p) // 8 for p in self.programs)
 
 
-def deny_key(syscall: str) -> str:
-    return f"deny:{syscall}"
-
-
-def enosys_key(syscall: str) -> str:
-    return f"enosys:{syscall}"
-
-
-def arg_key(rule: ArgRule) -> str:
-    return f"arg:{rule.key}"
-
-
 def compile_policy(policy: Policy, mode: str | None = None, *, sentinel: bool = False) -> CompiledFilter:
-    """Compile ``policy`` for a network mode (default: the policy's own); cached per input."""
-    return _compile(policy, mode or policy.network.mode, sentinel)
+    """Compile ``policy`` for a network mode (default: the policy's own); cached per input.
+
+    Raises PolicyError (one line, naming the rule) for anything the plan or libseccomp refuses."""
+    return compile_plan(plan_policy(policy, mode or policy.network.mode), sentinel=sentinel)
 
 
 @lru_cache(maxsize=64)
-def _compile(policy: Policy, mode: str, sentinel: bool) -> CompiledFilter:
-    seccomp = policy.seccomp
-    actions: list[RuleAction] = []
-    next_sentinel = iter(range(SENTINEL_ERRNO_BASE, 4096))
-
-    def errno_of(rule: str, configured: int) -> int:
-        # ENOSYS stays ENOSYS: glibc's clone3 -> clone fallback needs exactly that errno.
-        number = next(next_sentinel) if sentinel and configured != errno_module.ENOSYS else configured
-        actions.append(RuleAction(rule, number))
-        return number
-
-    filters = _build_filters(_pyseccomp(), policy, mode, errno_of)
-    programs = tuple(_export_bpf(f) for f in filters)
-    return CompiledFilter(policy.name, mode, sentinel, programs, tuple(actions), seccomp.bad_arch_action,
-                          seccomp.extra_arches, seccomp.no_new_privs and bool(programs))
+def compile_plan(plan: FilterPlan, *, sentinel: bool = False) -> CompiledFilter:
+    """The one compile path: emit ``plan`` through libseccomp with the real or the sentinel errnos."""
+    numbers = plan.errnos(sentinel=sentinel)
+    programs = tuple(_export(plan, role, flt, "bpf") for role, flt in _emit(_pyseccomp(), plan, numbers))
+    actions = tuple(RuleAction(key, number) for key, number in numbers.items())
+    return CompiledFilter(plan.policy_name, plan.mode, sentinel, programs, actions, plan.bad_arch.kind,
+                          plan.extra_arches, plan.no_new_privs)
 
 
-def export_pfc(policy: Policy, mode: str | None = None) -> str:
+def export_pfc(policy: Policy, mode: str | None = None, *, sentinel: bool = False) -> str:
     """Human-readable pseudo filter code of the programs, in load order (libseccomp's PFC)."""
-    parts = []
-    for flt in _build_filters(_pyseccomp(), policy, mode or policy.network.mode, lambda _rule, n: n):
-        with tempfile.TemporaryFile() as handle:
-            flt.export_pfc(handle)
-            handle.seek(0)
-            parts.append(handle.read().decode())
-    return "\n".join(parts)
-
-
-def _build_filters(pyseccomp, policy: Policy, mode: str, errno_of: Callable[[str, int], int]):  # type: ignore[no-untyped-def]
-    """The libseccomp filters for ``mode`` in load order; none when the policy skips seccomp there."""
-    if not policy.filter_applies(mode):
-        return ()
-    seccomp = policy.seccomp
-    filters = []
-    if seccomp.enosys:
-        enosys_filter = _new_filter(pyseccomp, policy, default_action=pyseccomp.ALLOW)
-        for name in seccomp.enosys:
-            enosys_filter.add_rule(pyseccomp.ERRNO(errno_of(enosys_key(name), errno_module.ENOSYS)), name)
-        filters.append(enosys_filter)
-    default_errno = errno_of(DEFAULT_KEY, seccomp.default_errno) if seccomp.default_action == "errno" else None
-    default = _action(pyseccomp, seccomp.default_action, default_errno or seccomp.default_errno)
-    main = _new_filter(pyseccomp, policy, default_action=default)
-
-    def deny(number: int, syscall: str, *args: Any) -> None:
-        # libseccomp refuses a rule whose action equals the default action; such a rule is redundant.
-        if number != default_errno:
-            main.add_rule(pyseccomp.ERRNO(number), syscall, *args)
-
-    if seccomp.is_allowlist:
-        # The main filter is loaded last, so among equal-precedence ERRNO results its errno wins
-        # (seccomp(2)); it must let the ENOSYS calls through or glibc never sees ENOSYS.
-        for name in dict.fromkeys(seccomp.allow + seccomp.enosys):
-            main.add_rule(pyseccomp.ALLOW, name)
-        for rule in seccomp.allow_rules:
-            main.add_rule(pyseccomp.ALLOW, rule.syscall, _argument(pyseccomp, rule))
-    for name in seccomp.deny:
-        deny(errno_of(deny_key(name), seccomp.errno), name)
-    for rule in policy.rules_for_mode(mode):
-        deny(errno_of(arg_key(rule), rule.errno or seccomp.errno), rule.syscall, _argument(pyseccomp, rule))
-    filters.append(main)
-    return tuple(filters)
+    plan = plan_policy(policy, mode or policy.network.mode)
+    filters = _emit(_pyseccomp(), plan, plan.errnos(sentinel=sentinel))
+    return "\n".join(_export(plan, role, flt, "pfc").decode() for role, flt in filters)
 
 
 def _pyseccomp() -> Any:
@@ -154,43 +128,72 @@ def _pyseccomp() -> Any:
     return pyseccomp
 
 
-def _action(pyseccomp, name: str, errno: int):  # type: ignore[no-untyped-def]
-    return {
-        "allow": lambda: pyseccomp.ALLOW,
-        "errno": lambda: pyseccomp.ERRNO(errno),
-        "kill_process": lambda: pyseccomp.KILL_PROCESS,
-        "kill_thread": lambda: pyseccomp.KILL_THREAD,
-        "trap": lambda: pyseccomp.TRAP,
-        "log": lambda: pyseccomp.LOG,
-    }[name]()
+def _libseccomp(plan: FilterPlan, what: str, call: Callable[[], T]) -> T:
+    """Run one libseccomp call; its error becomes a PolicyError naming ``what`` (a rule or a field)."""
+    try:
+        return call()
+    except OSError as exc:
+        number = exc.errno or 0
+        meaning = _LIBSECCOMP_ERRORS.get(number, os.strerror(number))
+        name = errno_module.errorcode.get(number, str(number))
+        raise PolicyError(f"{plan.source}: {what}: libseccomp refused it ({name}: {meaning})") from None
 
 
-def _new_filter(pyseccomp, policy: Policy, *, default_action):  # type: ignore[no-untyped-def]
-    flt = pyseccomp.SyscallFilter(default_action)
-    flt.set_attr(pyseccomp.Attr.ACT_BADARCH, _action(pyseccomp, policy.seccomp.bad_arch_action,
-                                                     policy.seccomp.errno))
-    # Arches first: rules added before add_arch are not copied to the new arch (syscalls.md §5 trap 4).
-    for arch in policy.seccomp.extra_arches:
-        flt.add_arch({"x86": pyseccomp.Arch.X86, "x32": pyseccomp.Arch.X32}[arch])
+def _emit(pyseccomp: Any, plan: FilterPlan, numbers: Mapping[str, int]) -> list[tuple[str, Any]]:
+    """The libseccomp filters of ``plan`` in load order, with ``numbers`` as the errno of each slot.
+
+    Each filter is built once per arch and merged (``seccomp_merge``): the same BPF as adding the arches
+    to one context, but a rule's errno may differ per arch (ENOSYS rules in a sentinel build)."""
+
+    def action(planned: Action, arch: str) -> Any:
+        if planned.kind == "errno":
+            number = errno_on(numbers, planned.slot or "", arch)
+            assert number is not None
+            return pyseccomp.ERRNO(number)
+        return {"allow": pyseccomp.ALLOW, "kill_process": pyseccomp.KILL_PROCESS,
+                "kill_thread": pyseccomp.KILL_THREAD, "trap": pyseccomp.TRAP, "log": pyseccomp.LOG}[planned.kind]
+
+    filters = []
+    for planned in plan.filters:
+        merged = None
+        for arch in ("native", *plan.extra_arches):
+            flt = _new_filter(pyseccomp, plan, planned, arch, action)
+            for rule in planned.rules:
+                args = () if rule.condition is None else (_argument(pyseccomp, rule.condition),)
+                _libseccomp(plan, f"{', '.join(rule.sources)}: rule {rule.describe()} in the {planned.role} filter",
+                            partial(flt.add_rule, action(rule.action, arch), rule.syscall, *args))
+            if merged is None:
+                merged = flt
+            else:
+                _libseccomp(plan, f"seccomp.extra_arches {arch}", partial(merged.merge, flt))
+        filters.append((planned.role, merged))
+    return filters
+
+
+def _new_filter(pyseccomp: Any, plan: FilterPlan, planned: PlannedFilter, arch: str,
+                action: Callable[[Action, str], Any]) -> Any:
+    flt = _libseccomp(plan, "seccomp.default_action",
+                      partial(pyseccomp.SyscallFilter, action(planned.default, "native")))
+    _libseccomp(plan, "seccomp.bad_arch_action",
+                partial(flt.set_attr, pyseccomp.Attr.ACT_BADARCH, action(plan.bad_arch, "native")))
+    if arch != "native":
+        # One arch per context, set before any rule: rules are not copied to arches added later
+        # (syscalls.md §5 trap 4).
+        _libseccomp(plan, f"seccomp.extra_arches {arch}", partial(flt.remove_arch, pyseccomp.Arch.NATIVE))
+        _libseccomp(plan, f"seccomp.extra_arches {arch}", partial(flt.add_arch, getattr(pyseccomp.Arch, _ARCHES[arch])))
     return flt
 
 
-def _argument(pyseccomp, rule: ArgRule):  # type: ignore[no-untyped-def]
-    operator = getattr(pyseccomp, _OPERATORS[rule.op])
-    if rule.op == "eq":
-        return pyseccomp.Arg(rule.arg, operator, 0xFFFFFFFF, rule.value)
-    if rule.op == "masked_eq":
-        return pyseccomp.Arg(rule.arg, operator, rule.mask & 0xFFFFFFFF, rule.value)
-    return pyseccomp.Arg(rule.arg, operator, rule.value)
+def _argument(pyseccomp: Any, condition: Condition) -> Any:
+    operator = getattr(pyseccomp, _OPERATORS[condition.op])
+    if condition.op == "masked_eq":
+        return pyseccomp.Arg(condition.arg, operator, condition.mask, condition.value)
+    return pyseccomp.Arg(condition.arg, operator, condition.value)
 
 
-def _export_bpf(flt) -> bytes:  # type: ignore[no-untyped-def]
+def _export(plan: FilterPlan, role: str, flt: Any, form: str) -> bytes:
     # export_bpf needs an object with a real file descriptor (syscalls.md §5 trap 2).
     with tempfile.TemporaryFile() as handle:
-        try:
-            flt.export_bpf(handle)
-        except OSError as exc:
-            raise PolicyError(f"libseccomp could not compile the filter: {os.strerror(exc.errno or 0)}") from None
+        _libseccomp(plan, f"the {role} filter", lambda: (flt.export_bpf if form == "bpf" else flt.export_pfc)(handle))
         handle.seek(0)
         return handle.read()
-

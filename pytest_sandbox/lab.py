@@ -660,6 +660,15 @@ class NetworkLab:
             raise
         return sock
 
+    def route_socket(self) -> Socket:
+        """An rtnetlink socket (NETLINK_ROUTE) inside this lab: asks the lab's routing table."""
+        return self.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+
+    def owned_addresses(self) -> frozenset[str]:
+        """The addresses this lab gave itself: with 127.0.0.0/8 and ::1, exactly those a wildcard
+        listener in the lab receives connections on (see NetnsHolder.owned_addresses)."""
+        return self.holder.owned_addresses()
+
     def listen(self, addr: str, port: int, *, backlog: int = LISTEN_BACKLOG) -> Socket:
         """A listening TCP socket on ``addr:port`` inside the lab (the address is added to lo)."""
         address = _canonical(addr)

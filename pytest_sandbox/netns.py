@@ -217,23 +217,34 @@ def _address_is_local(address: ipaddress.IPv4Address | ipaddress.IPv6Address) ->
     return True
 
 
+def _always_local(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    return address in ipaddress.ip_network(_ALWAYS_LOCAL[address.version])
+
+
 def _add_addresses_to_loopback(addresses: Sequence[str]) -> None:
+    """Give ``addresses`` to the lab: on ``lo``, in the catch-all's sets, and in :data:`_owned`.
+
+    What a wildcard listener (0.0.0.0 / ::) really receives in the lab is decided here, once: every
+    address in :data:`_owned` (and 127.0.0.0/8, ::1). Once the catch-all's AnyIP routes exist a
+    bind(2) probe cannot tell (every IPv4 address binds), so neither this function nor anyone
+    else asks one: the record is the answer, and lo and the nft sets are kept equal to it.
+    """
     parsed = [ipaddress.ip_address(text) for text in addresses]
-    if _catch_all_installed:
-        # Once every address routes locally, IPv4 ones bind without being on lo; the set still
-        # has to learn that a wildcard listener owns them.
-        _mark_local_for_wildcard_listeners(parsed)
-    missing = [address for address in parsed if not _address_is_local(address)]
-    if not missing:
+    new = [address for address in dict.fromkeys(parsed) if address not in _owned and not _always_local(address)]
+    if not new:
         return
+    if _catch_all_installed:
+        _mark_local_for_wildcard_listeners(new)
     # One `ip -batch` for all addresses: one exec instead of one per canary. Each line is built from
-    # a parsed address, so nothing from the request reaches iproute2 verbatim. `nodad`: a /128 on lo
-    # must be usable at once, never "tentative" (RFC 4862 §5.4 duplicate address detection).
+    # a parsed address, so nothing from the request reaches iproute2 verbatim. `replace`, not `add`:
+    # an address something else already put on lo is no error. `nodad`: a /128 on lo must be
+    # usable at once, never "tentative" (RFC 4862 §5.4 duplicate address detection). IPv4 ones go
+    # on lo too, although AnyIP already makes them bindable: `ip addr` in the lab lists what it owns.
     lines = [
-        f"address add {address}/32 dev lo"
+        f"address replace {address}/32 dev lo"
         if address.version == 4
-        else f"address add {address}/128 dev lo nodad"
-        for address in missing
+        else f"address replace {address}/128 dev lo nodad"
+        for address in new
     ]
     try:
         result = subprocess.run(
@@ -248,12 +259,14 @@ def _add_addresses_to_loopback(addresses: Sequence[str]) -> None:
         raise OSError(errno.ENOENT, "the `ip` command (iproute2) is not installed") from exc
     if result.returncode != 0:
         raise OSError(errno.EINVAL, f"ip address add failed: {result.stderr.strip()}")
-    still_missing = [str(address) for address in missing if not _address_is_local(address)]
+    still_missing = [str(address) for address in new if not _address_is_local(address)]
     if still_missing:
         raise OSError(errno.EADDRNOTAVAIL, f"addresses not usable after adding: {still_missing}")
+    _owned.update(new)
 
 
-def catch_all_ruleset(port4: int, port6: int, harness_mark: int = HARNESS_MARK) -> str:
+def catch_all_ruleset(port4: int, port6: int, harness_mark: int = HARNESS_MARK,
+                      owned: Sequence[ipaddress.IPv4Address | ipaddress.IPv6Address] = ()) -> str:
     """The nftables ruleset that sends every TCP connection no lab socket owns to the catch-all.
 
     Only the first segment of a connection (SYN without ACK) is looked at. It passes unchanged when
@@ -264,14 +277,20 @@ def catch_all_ruleset(port4: int, port6: int, harness_mark: int = HARNESS_MARK) 
     socket's listener). Everything else is diverted by TPROXY (nft ``tproxy``, which needs no NAT and no conntrack) to
     the transparent catch-all listeners on 127.0.0.1:``port4`` and [::1]:``port6``; the accepted
     socket's own address is the original destination.
+
+    The sets ``local4`` / ``local6`` start with 127.0.0.0/8, ::1 and ``owned`` (addresses the lab
+    already gave itself); :func:`_add_addresses_to_loopback` adds the later ones.
     """
     for port in (port4, port6):
         if not 0 < port < 65536:
             raise ValueError(f"catch-all port {port!r} is not in 1..65535")
+    elements = {version: ", ".join([_ALWAYS_LOCAL[version], *sorted(
+        {str(address) for address in owned if address.version == version and not _always_local(address)})])
+        for version in (4, 6)}
     return "\n".join([
         f"table inet {CATCH_ALL_TABLE} {{",
-        f"    set local4 {{ type ipv4_addr; flags interval; elements = {{ {_ALWAYS_LOCAL[4]} }} }}",
-        f"    set local6 {{ type ipv6_addr; flags interval; elements = {{ {_ALWAYS_LOCAL[6]} }} }}",
+        f"    set local4 {{ type ipv4_addr; flags interval; elements = {{ {elements[4]} }} }}",
+        f"    set local6 {{ type ipv6_addr; flags interval; elements = {{ {elements[6]} }} }}",
         "    chain divert {",
         f"        meta nfproto ipv4 meta l4proto tcp tproxy ip to 127.0.0.1:{port4} accept",
         f"        meta nfproto ipv6 meta l4proto tcp tproxy ip6 to [::1]:{port6} accept",
@@ -310,6 +329,9 @@ _CATCH_ALL_ROUTES = (
 _NFT_MISSING = ("the `nft` command (package nftables) is not installed; the lab's catch-all canary needs "
                 "it (apt-get install nftables)")
 _catch_all_installed = False  # helper-process state: set once the ruleset is loaded
+# Helper-process state: every address the lab gave itself (besides 127.0.0.0/8 and ::1). The one
+# record of what a wildcard listener in the lab really owns (see owned_addresses()).
+_owned: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
 
 
 def _run_tool(argv: list[str], stdin: str, missing: str) -> None:
@@ -324,7 +346,7 @@ def _run_tool(argv: list[str], stdin: str, missing: str) -> None:
 
 def _install_catch_all(port4: int, port6: int, harness_mark: int) -> None:
     global _catch_all_installed
-    ruleset = catch_all_ruleset(port4, port6, harness_mark)
+    ruleset = catch_all_ruleset(port4, port6, harness_mark, sorted(_owned, key=str))
     if shutil.which("nft") is None:
         raise OSError(errno.ENOENT, _NFT_MISSING)
     _run_tool(["ip", "-batch", "-"], "\n".join(_CATCH_ALL_ROUTES) + "\n",
@@ -334,9 +356,8 @@ def _install_catch_all(port4: int, port6: int, harness_mark: int) -> None:
 
 
 def _mark_local_for_wildcard_listeners(addresses: Sequence[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> None:
-    always = {4: ipaddress.ip_network(_ALWAYS_LOCAL[4]), 6: ipaddress.ip_network(_ALWAYS_LOCAL[6])}
     lines = [f"add element inet {CATCH_ALL_TABLE} local{address.version} {{ {address} }}"
-             for address in addresses if address not in always[address.version]]
+             for address in addresses if not _always_local(address)]
     if lines:
         _run_tool(["nft", "-f", "-"], "\n".join(lines) + "\n", _NFT_MISSING)
 
@@ -369,6 +390,8 @@ def _handle_request(channel: socket.socket, request: dict[str, Any]) -> None:
     elif operation == "add_addresses":
         _add_addresses_to_loopback([str(text) for text in request["addresses"]])
         _send_message(channel, {"ok": True})
+    elif operation == "owned":
+        _send_message(channel, {"ok": True, "addresses": sorted(str(address) for address in _owned)})
     elif operation == "catch_all":
         _install_catch_all(int(request["port4"]), int(request["port6"]), int(request["mark"]))
         _send_message(channel, {"ok": True})
@@ -558,6 +581,18 @@ class NetnsHolder:
     # -- requests --------------------------------------------------------------------------------
 
     def _request(self, message: dict[str, Any], *, expect_fd: bool = False) -> int | None:
+        _reply, fds = self._exchange(message)
+        if expect_fd:
+            if len(fds) != 1:
+                raise RuntimeError(f"namespace holder {self.name!r} sent {len(fds)} descriptors, not 1")
+            return fds[0]
+        for fd in fds:
+            os.close(fd)
+        return None
+
+    def _exchange(self, message: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
+        """Send one request; return the helper's reply and the descriptors it passed. Raises OSError
+        (closing any descriptor) when the helper refused."""
         with self._lock:
             if self._closed:
                 raise RuntimeError(f"namespace holder {self.name!r} is closed")
@@ -578,13 +613,7 @@ class NetnsHolder:
             for fd in fds:
                 os.close(fd)
             raise OSError(reply.get("errno") or errno.EIO, str(reply.get("error")))
-        if expect_fd:
-            if len(fds) != 1:
-                raise RuntimeError(f"namespace holder {self.name!r} sent {len(fds)} descriptors, not 1")
-            return fds[0]
-        for fd in fds:
-            os.close(fd)
-        return None
+        return reply, list(fds)
 
     def socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM,
                proto: int = 0, *, transparent: bool = False, mark: int | None = None) -> socket.socket:
@@ -598,7 +627,8 @@ class NetnsHolder:
         return socket.socket(fileno=fd)
 
     def add_address(self, addr: str) -> None:
-        """Add ``addr`` to this namespace's ``lo`` (IPv4 /32 or IPv6 /128); no-op if already local."""
+        """Add ``addr`` to this namespace's ``lo`` (IPv4 /32 or IPv6 /128) and to what the lab owns
+        (:meth:`owned_addresses`); a no-op for an address it already owns and for 127.0.0.0/8, ::1."""
         self.add_addresses([addr])
 
     def add_addresses(self, addresses: Sequence[str]) -> None:
@@ -610,6 +640,28 @@ class NetnsHolder:
             raise HostUnsupportedError(
                 f"cannot add {', '.join(normalized)} to the lab's lo: {exc.strerror or exc}"
             ) from exc
+
+    def owned_addresses(self) -> frozenset[str]:
+        """Every address this lab gave itself with :meth:`add_address` (canonical text).
+
+        Together with 127.0.0.0/8 and ::1 (:meth:`owns`) these are the addresses a wildcard
+        listener (0.0.0.0 / ::) in the lab really receives connections on: the catch-all's AnyIP
+        routes make *every* address local to a bind(2) probe, but its nft sets let a connection
+        reach a wildcard listener only on these, and divert the rest to the catch-all. Read from
+        the helper, which keeps lo and the sets equal to this record.
+        """
+        reply, fds = self._exchange({"op": "owned"})
+        for fd in fds:
+            os.close(fd)
+        return frozenset(str(text) for text in reply["addresses"])
+
+    def owns(self, addr: str) -> bool:
+        """Whether a wildcard listener in this lab receives connections to ``addr`` (see
+        :meth:`owned_addresses`); an IPv4-mapped address is its IPv4 address."""
+        address = ipaddress.ip_address(addr.split("%", 1)[0])
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return _always_local(address) or str(address) in self.owned_addresses()
 
     def install_catch_all(self, port4: int, port6: int, harness_mark: int = HARNESS_MARK) -> None:
         """Make every address local and divert every unowned TCP connection to the catch-all ports.

@@ -232,7 +232,7 @@ def start_proxy(lab: NetworkLab, config: ProxyConfig | None = None, *,
         routes=routes)
     listener = lab.listen(address, port)
     proxy = EgressProxy(config, resolver=lab.resolver(), socket_factory=lab.socket,
-                        connect_interceptor=interceptor)
+                        connect_interceptor=interceptor, route_socket_factory=lab.route_socket)
     try:
         proxy.start_in_thread(listener)
     except BaseException:
@@ -337,7 +337,8 @@ def start_proxied_sandbox(lab: NetworkLab, policy: Policy, interception: Inferen
         decisions: list[InterceptionDecision] = []
         proxy = EgressProxy(config or lab_proxy_config(policy), resolver=lab.resolver(), socket_factory=lab.socket,
                             connect_interceptor=interception.connect_interceptor(
-                                lab, decisions.append, routes=policy.inference_routes))
+                                lab, decisions.append, routes=policy.inference_routes),
+                            route_socket_factory=lab.route_socket)
         try:
             proxy.start_in_thread(listener)
         except BaseException:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_sandbox.errors import PolicyError
-from pytest_sandbox.policy import ArgRule, NetworkPolicy, Policy, SeccompPolicy, resolve_native_syscall
+from pytest_sandbox.policy import MAX_ERRNO, ArgRule, NetworkPolicy, Policy, SeccompPolicy, resolve_native_syscall
 
 OPERATORS = {"SCMP_CMP_NE": "ne", "SCMP_CMP_LT": "lt", "SCMP_CMP_LE": "le", "SCMP_CMP_EQ": "eq",
              "SCMP_CMP_GE": "ge", "SCMP_CMP_GT": "gt", "SCMP_CMP_MASKED_EQ": "masked_eq"}
@@ -124,8 +124,9 @@ class _ProfileConverter:
         raise self.fail(where, f"unknown action {value!r}")
 
     def errno(self, value: Any, where: str) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 4095:
-            raise self.fail(where, f"{value!r} is not an errno in 1..4095 (0 makes a refusal look like success)")
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_ERRNO:
+            raise self.fail(where, f"{value!r} is not an errno in 1..{MAX_ERRNO} (0 makes a refusal look like success; "
+                                   "libseccomp refuses 4095)")
         return value
 
     def applies_here(self, rule: dict[str, Any], where: str) -> bool:

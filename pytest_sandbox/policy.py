@@ -32,7 +32,9 @@ ACTIONS = ("allow", "errno", "kill_process", "kill_thread", "trap", "log")
 OPERATORS = ("eq", "ne", "lt", "le", "gt", "ge", "masked_eq")
 EXTRA_ARCHES = ("x86", "x32")
 BUNDLED_POLICIES = ("baseline", "openshell-pre-819", "strict")
-MAX_ERRNO = 4095  # kernel caps SECCOMP_RET_ERRNO data at MAX_ERRNO (selftest ERRNO_capped)
+# The kernel caps SECCOMP_RET_ERRNO data at MAX_ERRNO, 4095 (selftest ERRNO_capped); libseccomp's
+# SCMP_ACT_ERRNO refuses 4095 itself (EINVAL from sys_chk_seccomp_action: data must be below 4095).
+MAX_ERRNO = 4094
 ARG_MAX = (1 << 64) - 1
 
 # Address families by name (include/linux/socket.h); the numbers are ABI and never change.
@@ -329,6 +331,9 @@ class _PolicyParser:
             if not isinstance(number, int) or not value.startswith("E"):
                 raise self.fail(where, f"unknown errno name {value!r}; use a name such as EPERM or a number")
             return number
+        if value == MAX_ERRNO + 1 and not isinstance(value, bool):
+            raise self.fail(where, f"libseccomp refuses errno {value} (SCMP_ACT_ERRNO takes 1..{MAX_ERRNO}); "
+                                   "use a smaller errno")
         number = self.integer(value, where, 0, MAX_ERRNO)
         if number == 0:
             # SECCOMP_RET_ERRNO with data 0 makes a denied call look successful (selftest ERRNO_zero).

@@ -52,6 +52,7 @@ from pytest_sandbox.http_stream import (
     ResponseReader,
     write_response,
 )
+from pytest_sandbox.route_lookup import is_delivered_locally
 from pytest_sandbox.self_connection import self_connection
 
 if TYPE_CHECKING:
@@ -63,11 +64,14 @@ __all__ = [
     "InterceptHandler",
     "ProxyConfig",
     "Resolver",
+    "RouteSocketFactory",
     "SocketFactory",
 ]
 
 Resolver = Callable[[str], Awaitable[list[str]]]
 SocketFactory = Callable[[int], socket.socket]
+# Makes an AF_NETLINK / NETLINK_ROUTE socket in the namespace the proxy dials from (its route table).
+RouteSocketFactory = Callable[[], socket.socket]
 InterceptHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 ConnectInterceptor = Callable[[str, int], "InterceptHandler | None"]
 
@@ -273,10 +277,12 @@ class EgressProxy:
         resolver: Resolver,
         socket_factory: SocketFactory,
         connect_interceptor: ConnectInterceptor | None = None,
+        route_socket_factory: RouteSocketFactory | None = None,
     ) -> None:
         self.config = config
         self._resolver = resolver
         self._socket_factory = socket_factory
+        self._route_socket_factory = route_socket_factory
         self._connect_interceptor = connect_interceptor
         self._lock = threading.Lock()
         self._decisions: list[Decision] = []
@@ -579,11 +585,15 @@ class EgressProxy:
         return self_connection(address, port, self.self_addresses(), self._is_local_address)
 
     def _is_local_address(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-        """Whether ``address`` is local where this proxy dials: a socket from the factory can bind it.
+        """Whether a connection to ``address`` from where this proxy dials is received there.
 
-        Asked at check time, so addresses added after the proxy started count. bind(2) fails with
-        EADDRNOTAVAIL for an address that is not local; anything else that stops the question from
-        being answered counts as local (deny: fail closed).
+        Asked at check time, so addresses added after the proxy started count. First a bind(2)
+        probe with a socket from the factory (EADDRNOTAVAIL = not an address of the namespace);
+        then, for an address that does not bind, the routing table (RTM_GETROUTE, see
+        :mod:`pytest_sandbox.route_lookup`): an AnyIP route (``local ::/0 dev lo``) delivers IPv6
+        addresses that no interface has to a wildcard listener, and bind(2) does not see those.
+        Without a route socket factory only the probe is asked (that misses IPv6 AnyIP routes).
+        Anything that stops either question from being answered counts as local (deny: fail closed).
         """
         family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
         try:
@@ -596,8 +606,17 @@ class EgressProxy:
             try:
                 probe.bind((str(address), 0))
             except OSError as error:
-                return error.errno != errno.EADDRNOTAVAIL
-        return True
+                if error.errno != errno.EADDRNOTAVAIL:
+                    return True
+            else:
+                return True
+        if self._route_socket_factory is None:
+            return False
+        try:
+            with self._route_socket_factory() as routes:
+                return is_delivered_locally(routes, address)
+        except OSError:
+            return True
 
     async def _dial_socket(self, addresses: tuple[str, ...], port: int) -> tuple[socket.socket, str]:
         """A socket from the factory, connected to the first reachable checked address."""

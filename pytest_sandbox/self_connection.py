@@ -16,8 +16,12 @@ spelling of the same socket address, so the check here works on what a ``connect
 * **Wildcard listeners.**  A listener on 0.0.0.0 accepts a connection to *every* local IPv4
   address of its namespace (a listener on ``::`` every local address, IPv4 too unless
   IPV6_V6ONLY), including addresses added after it started.  So the question is asked of the
-  namespace at check time: ``is_local(address)``, which the proxy answers by trying to bind a socket
-  from its dialling namespace to the address (EADDRNOTAVAIL = not local), never from a snapshot.
+  namespace at check time: ``is_local(address)``, never from a snapshot. The proxy answers it from
+  its dialling namespace: a bind(2) probe, then the routing table (``RTM_GETROUTE``: is the route
+  ``local``?), because AnyIP routes (``local ::/0 dev lo``) deliver addresses no interface has
+  and an IPv6 bind does not see them (:mod:`pytest_sandbox.route_lookup`). Where such routes make
+  every address local, every address on the proxy's own port is refused: more than loops in a lab
+  whose catch-all diverts unowned addresses, never less.
 
 Only the port the proxy listens on matters: another port of a local address is another service,
 which the classifier (loopback, private...) judges on its own.

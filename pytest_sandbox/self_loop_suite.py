@@ -452,16 +452,6 @@ class SelfTargets:
         self.instances.clear()
 
 
-def _is_local(lab: TargetLab, address: str) -> bool:
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    with lab.socket(family, socket.SOCK_STREAM) as probe:
-        try:
-            probe.bind((address, 0))
-        except OSError:
-            return False
-    return True
-
-
 def _reachable(lab: TargetLab, address: str, port: int) -> bool:
     try:
         lab.connect(address, port, timeout=1.0).close()
@@ -519,9 +509,16 @@ def start_self_targets(lab: TargetLab, proxy: ProxyInstance, start_instance: Sta
                                            _describe_instance(public, how))
     if wildcard is not None:
         how = "the proxy under test" if wildcard is proxy else "an instance of the proxy under test"
-        later = next((a for a in ADDED_LATER_POOL if not _is_local(lab, a)), None)
+        # "In the lab" means what a wildcard listener really receives on: the lab's own record
+        # (NetnsHolder.owned_addresses), never a bind(2) probe, which the catch-all's AnyIP routes
+        # answer "local" for every IPv4 address.
+        owned = lab.holder.owned_addresses()
+        later = next((a for a in ADDED_LATER_POOL if a not in owned), None)
         if later is None:
             result.unavailable["wildcard"] = "every address of the added-later pool is already in the lab"
+        elif SELF_WILDCARD_LOCAL_ADDRESS not in owned:
+            result.unavailable["wildcard"] = (f"{SELF_WILDCARD_LOCAL_ADDRESS} is not an address of the lab, so a "
+                                              "wildcard listener would not receive connections to it")
         else:
             lab.holder.add_address(later)  # after the instance started: a snapshot taken at start misses it
             for role, address in (("local", SELF_WILDCARD_LOCAL_ADDRESS), ("added-later", later)):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -31,6 +32,7 @@ from pytest_sandbox.syscall_suite import (
     filter_requirement,
     harness_identity,
     judge,
+    judge_both_builds,
     judge_exec,
     matched_baseline_target,
     merge_requirements,
@@ -92,6 +94,9 @@ class SandboxSession:
         for mode in self.options.modes:
             if mode not in NETWORK_MODES:
                 raise PolicyError(f"--sandbox-modes: unknown network mode {mode!r}; use {', '.join(NETWORK_MODES)}")
+        for mode in () if self.third_party else self.modes():
+            for sentinel in (False, True):  # a policy that cannot compile is a usage error, before any test
+                self.compiled(mode, sentinel=sentinel)
         if self.third_party:
             self._exec_preflight()
 
@@ -157,14 +162,19 @@ class SandboxSession:
     def _plan(self, mode: str, identity: Identity, build: str) -> list[dict[str, Any]]:
         probed = self.probed(mode)
         denials, controls = denial_cases(probed), control_cases(probed, mode)
-        # Denials run on the sentinel build (unambiguous errnos); controls on the real build, which is
-        # what a sandboxed program meets (glibc needs the real ENOSYS, the real EPERM is reported).
+        # Denials run on both builds: the sentinel build (unambiguous errnos) shows which rule refused,
+        # the real build is the filter a sandboxed program meets. Controls run on the real build only
+        # (glibc needs the real ENOSYS, the real EPERM is reported).
         chosen: Sequence[ProbeCase] = {
             "baseline": (*denials, *controls),
             "sentinel": denials,
-            "real": controls if not self.third_party else (*denials, *controls),
+            "real": (*denials, *controls),
         }[build]
         return [case.runner_probe() for case in chosen if case.kind != "denial" or case.nr is not None]
+
+    def builds(self) -> tuple[str, ...]:
+        """The targets every (mode, identity) runs: the unfiltered baseline, then the filter(s) judged."""
+        return ("baseline", "real") if self.third_party else ("baseline", "sentinel", "real")
 
     def outcomes(self, mode: str, identity: Identity, build: str) -> dict[str, Outcome]:
         key = (mode, identity.name, build)
@@ -172,27 +182,39 @@ class SandboxSession:
             if key not in self._results:
                 if not self.third_party:
                     check_host_support(mode, identity)
-                plan = self._plan(mode, identity, build)
-                if self.third_party and build == "baseline":
-                    report = self._exec_baseline(mode, identity, plan)
-                else:
-                    report = self._target(mode, identity, build).run_report(plan)
-                self._reports[key] = report
-                self._results[key] = report.outcomes
+                # Every judgement needs all builds of its (mode, identity): run them side by side, each
+                # is its own runner process.
+                wanted = [b for b in self.builds() if (mode, identity.name, b) not in self._results]
+                with ThreadPoolExecutor(max_workers=len(wanted)) as pool:
+                    runs = {b: pool.submit(self._run, mode, identity, b) for b in wanted}
+                for each, run in runs.items():
+                    self._reports[(mode, identity.name, each)] = report = run.result()
+                    self._results[(mode, identity.name, each)] = report.outcomes
             return self._results[key]
+
+    def _run(self, mode: str, identity: Identity, build: str) -> RunnerReport:
+        plan = self._plan(mode, identity, build)
+        if self.third_party and build == "baseline":
+            return self._exec_baseline(mode, identity, plan)
+        return self._target(mode, identity, build).run_report(plan)
 
     def judge(self, param: SyscallParam) -> Judgement:
         if self.third_party:
             return self._judge_exec(param)
         case = param.case
-        if case.kind == "denial" and not self.third_party:
-            build, compiled = "sentinel", self.compiled(param.mode, sentinel=True)
-        else:
-            build, compiled = "real", self.compiled(param.mode, sentinel=False)
         missing = Outcome("error", None, "not run")
-        baseline = self.outcomes(param.mode, param.identity, "baseline").get(case.case_id, missing)
-        observed = self.outcomes(param.mode, param.identity, build).get(case.case_id, missing)
-        return judge(case, baseline, observed, compiled=compiled, policy=None if self.third_party else self.policy)
+
+        def observed(build: str) -> Outcome:
+            return self.outcomes(param.mode, param.identity, build).get(case.case_id, missing)
+
+        baseline = observed("baseline")
+        real = self.compiled(param.mode, sentinel=False)
+        if case.kind != "denial" or case.nr is None:
+            return judge(case, baseline, observed("real"), compiled=real, policy=self.policy)
+        sentinel = self.compiled(param.mode, sentinel=True)
+        assert real is not None and sentinel is not None
+        return judge_both_builds(case, baseline, observed("sentinel"), observed("real"), sentinel=sentinel,
+                                 real=real, policy=self.policy)
 
     # -- a third party's sandbox (--sandbox-exec): the baseline is taken as the caller it showed ----------
 

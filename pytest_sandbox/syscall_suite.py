@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pytest_sandbox.catalogues.syscalls import PROBES_BY_NAME, SYSCALL_PROBES, SyscallProbe
-from pytest_sandbox.compiler import DEFAULT_KEY, CompiledFilter, arg_key, deny_key, enosys_key
+from pytest_sandbox.compiler import CompiledFilter, arg_key, deny_key, enosys_key
 from pytest_sandbox.errors import HostUnsupportedError, LaunchError
+from pytest_sandbox.filter_plan import Action, plan_policy
 from pytest_sandbox.launcher import FreshNamespaces, Identity, NetworkPlacement, Sandbox, SandboxSpec
 from pytest_sandbox.observed_identity import BaselineRequest, ObservedIdentity
 from pytest_sandbox.policy import SOCKET_FAMILIES, SOCKET_FAMILY_NAMES, ArgRule, Policy
@@ -235,14 +236,22 @@ def control_cases(requirements: Sequence[Requirement], mode: str) -> tuple[Probe
 # Expectations
 
 
-def bad_arch_outcome(action: str, policy_errno: int) -> Outcome:
-    if action == "errno":
-        return Outcome.errno(policy_errno)
-    return Outcome.killed_by(signal.SIGSYS)  # kill_process, kill_thread and trap all end in SIGSYS
+_PLAN_ARCH = {"native": "native", "x32": "x32", "i386": "x86"}
+
+
+def outcome_of(action: Action, compiled: CompiledFilter, arch: str = "native") -> Outcome | None:
+    """What a probe observes when the filter returns ``action`` (None: the call goes through)."""
+    if action.kind == "errno":
+        number = compiled.errno_for(action.slot or "", arch)
+        return Outcome.errno(number) if number is not None else None
+    if action.kind in ("kill_process", "kill_thread", "trap"):
+        return Outcome.killed_by(signal.SIGSYS)  # kill_process, kill_thread and trap all end in SIGSYS
+    return None  # allow, log
 
 
 def expected_refusal(case: ProbeCase, compiled: CompiledFilter | None, policy: Policy | None) -> frozenset[Outcome]:
-    """E for one denial case: exact when we compiled the filter ourselves, generic otherwise."""
+    """E for one denial case: exact when we compiled the filter ourselves (from the same plan that built
+    it, with this build's errnos), generic otherwise."""
     item = case.requirement
     assert item is not None
     if compiled is None or policy is None:
@@ -251,26 +260,13 @@ def expected_refusal(case: ProbeCase, compiled: CompiledFilter | None, policy: P
         return item.refusal
     if not compiled.programs:  # the policy skips seccomp in this mode: nothing can refuse
         return item.refusal
-    arch = {"x32": "x32", "i386": "x86"}.get(case.abi)
-    if arch is not None and arch not in compiled.extra_arches:
-        return frozenset({bad_arch_outcome(compiled.bad_arch_action, policy.seccomp.errno)})
-    fired = _rule_that_fires(policy, compiled.network_mode, item.syscall, case.args)
-    number = compiled.errno_for(fired) if fired else None
-    return frozenset({Outcome.errno(number)}) if number is not None else item.refusal
-
-
-def _rule_that_fires(policy: Policy, mode: str, syscall: str, args: tuple[int | str, ...]) -> str | None:
-    if syscall in policy.seccomp.enosys:
-        return enosys_key(syscall)
-    if syscall in policy.seccomp.deny:
-        return deny_key(syscall)
-    numeric = tuple(a if isinstance(a, int) else 0 for a in args)
-    for rule in policy.rules_for_mode(mode):
-        if rule.syscall == syscall and rule.matches(numeric):
-            return arg_key(rule)
-    if not policy.seccomp.allows(syscall, numeric):
-        return DEFAULT_KEY
-    return None
+    numeric = tuple(a if isinstance(a, int) else 0 for a in case.args)
+    arch = _PLAN_ARCH[case.abi]
+    actions = plan_policy(policy, compiled.network_mode).results(item.syscall, numeric, arch)
+    outcomes = {outcome_of(action, compiled, arch) for action in actions}
+    if None in outcomes:  # the filter lets this form through: any refusal would have to come from elsewhere
+        return item.refusal
+    return frozenset(o for o in outcomes if o is not None)
 
 
 def judge(case: ProbeCase, baseline: Outcome, observed: Outcome, *, compiled: CompiledFilter | None,
@@ -285,6 +281,39 @@ def judge(case: ProbeCase, baseline: Outcome, observed: Outcome, *, compiled: Co
     if case.kind == "status":
         return judge_filter_present(observed, compiled)
     return judge_works(observed, what=case.title)
+
+
+def judge_both_builds(case: ProbeCase, baseline: Outcome, sentinel_observed: Outcome, real_observed: Outcome, *,
+                      sentinel: CompiledFilter, real: CompiledFilter, policy: Policy) -> Judgement:
+    """A denial of the reference sandbox, proven on both builds of one plan.
+
+    The sentinel build says *which rule* refused (its errnos exist nowhere else); the real build is the
+    filter users get. BLOCKED needs both: the sentinel run shows the rule fired, and the real run is
+    refused exactly as the policy says. Where the real refusal equals the unfiltered kernel's answer
+    (EPERM for an unprivileged pivot_root) the real run cannot tell filter from kernel, so the sentinel
+    evidence stands alone, and the reason says so."""
+    on_sentinel = judge(case, baseline, sentinel_observed, compiled=sentinel, policy=policy)
+    on_real = judge(case, baseline, real_observed, compiled=real, policy=policy)
+    s, r, b = sentinel_observed.describe(), real_observed.describe(), baseline.describe()
+
+    def verdict(v: Verdict, reason: str) -> Judgement:
+        return Judgement(v, reason, f"sentinel build: {on_sentinel.expected}; real build: {on_real.expected}", b,
+                         f"sentinel build: {s}; real build: {r}")
+
+    if on_sentinel.verdict is not Verdict.BLOCKED:
+        return verdict(on_sentinel.verdict, f"sentinel build: {on_sentinel.reason}")
+    if real_observed.succeeded:  # whatever the baseline: the filter users get let the call through
+        return verdict(Verdict.ALLOWED, f"real build: the call succeeded ({r}) where the policy requires a refusal "
+                                        f"(the sentinel build refused with {s})")
+    if on_real.verdict is Verdict.BLOCKED:
+        return verdict(Verdict.BLOCKED, f"refused by both builds: {s} by the sentinel build, {r} by the real "
+                                        f"build; unfiltered the kernel answers {b}")
+    real_refusals = expected_refusal(case, real, policy)
+    if any(real_observed.same_as(x) for x in real_refusals) and any(baseline.same_as(x) for x in real_refusals):
+        return verdict(Verdict.BLOCKED, f"the sentinel build refused with {s} (the rule fired); the real build "
+                                        f"refused with {r} as the policy says, but unfiltered the kernel answers {b} "
+                                        "too, so the real build alone is ambiguous here")
+    return verdict(on_real.verdict, f"real build: {on_real.reason} (the sentinel build refused with {s})")
 
 
 @dataclass(frozen=True)

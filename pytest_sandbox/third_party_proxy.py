@@ -443,6 +443,10 @@ def _plain_socket(family: int) -> socket.socket:
     return socket.socket(family, socket.SOCK_STREAM)
 
 
+def _route_socket() -> socket.socket:
+    return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+
+
 def serve_reference_proxy(host: str, port: int, allowed_ports: tuple[int, ...],
                           proxy_class: type[EgressProxy] | None = None) -> None:
     """Serve the reference proxy (or ``proxy_class``) on ``host:port`` in this process until killed.
@@ -459,7 +463,8 @@ def serve_reference_proxy(host: str, port: int, allowed_ports: tuple[int, ...],
     listener.listen(128)
     config = ProxyConfig(allowed_ports=allowed_ports, connect_timeout=2.0, upstream_timeout=2.0,
                          resolve_timeout=2.0, idle_timeout=5.0)
-    proxy = (proxy_class or EgressProxy)(config, resolver=_system_resolver, socket_factory=_plain_socket)
+    proxy = (proxy_class or EgressProxy)(config, resolver=_system_resolver, socket_factory=_plain_socket,
+                                             route_socket_factory=_route_socket)
     asyncio.run(proxy.serve(listener))
 
 

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import errno
+import json
 import tempfile
 from dataclasses import replace
+from pathlib import Path
 
 import pyseccomp
 
 from pytest_sandbox.compiler import CompiledFilter, compile_policy
-from pytest_sandbox.policy import Policy
+from pytest_sandbox.filter_plan import plan_policy
+from pytest_sandbox.policy import ArgRule, Policy
+
+DOCKER_LIKE = Path(__file__).resolve().parents[1] / "fixtures/oci/docker-like-default.json"
 
 
 def export(flt: pyseccomp.SyscallFilter) -> bytes:
@@ -41,3 +46,51 @@ def hand_built(policy: Policy, mode: str, *, arch_after_rules: bool = False, dro
     if policy.seccomp.extra_arches and arch_after_rules:
         main.add_arch(pyseccomp.Arch.X86)  # too late: the x86 branch gets no rules
     return replace(real, programs=(real.programs[0], export(main)))
+
+
+def docker_like_profile_with_af_packet_rule(directory: Path) -> Path:
+    """The Docker-like allowlist (fixtures/oci) plus ``socket(AF_PACKET) -> EPERM``, the default's errno."""
+    profile = json.loads(DOCKER_LIKE.read_text())
+    profile["syscalls"].append({"names": ["socket"], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.EPERM,
+                                "args": [{"index": 0, "value": 17, "valueTwo": 0, "op": "SCMP_CMP_EQ"}]})
+    path = directory / "docker-af-packet.json"
+    path.write_text(json.dumps(profile))
+    return path
+
+
+def legacy_real_build(policy: Policy, mode: str) -> CompiledFilter:
+    """The real build as the old compile path made it (issue #8 item 4): in an allowlist, the deny rules
+    share the allowlist's filter, and a deny whose errno equals the default errno is dropped (libseccomp
+    refuses a rule whose action is the default). ``socket(AF_PACKET) -> EPERM`` next to the conditional
+    allow ``socket(arg0 < 38)`` then lets AF_PACKET through. The sentinel build never had this hole, so a
+    suite that probes only the sentinel build passes this filter."""
+    real = compile_policy(policy, mode)
+    seccomp = policy.seccomp
+    main = pyseccomp.SyscallFilter(pyseccomp.ERRNO(seccomp.default_errno) if seccomp.is_allowlist
+                                   else pyseccomp.ALLOW)
+    main.set_attr(pyseccomp.Attr.ACT_BADARCH, pyseccomp.KILL_PROCESS)
+    for arch in seccomp.extra_arches:
+        main.add_arch({"x86": pyseccomp.Arch.X86, "x32": pyseccomp.Arch.X32}[arch])
+    if seccomp.is_allowlist:
+        for name in dict.fromkeys(seccomp.allow + seccomp.enosys):
+            main.add_rule(pyseccomp.ALLOW, name)
+        for rule in seccomp.allow_rules:
+            main.add_rule(pyseccomp.ALLOW, rule.syscall, _argument(rule))
+    default_errno = seccomp.default_errno if seccomp.is_allowlist else None
+    for name in seccomp.deny:
+        if seccomp.errno != default_errno:
+            main.add_rule(pyseccomp.ERRNO(seccomp.errno), name)
+    for rule in policy.rules_for_mode(mode):
+        number = rule.errno or seccomp.errno
+        if number != default_errno:  # the hole: "redundant", yet an allow rule above also matches
+            main.add_rule(pyseccomp.ERRNO(number), rule.syscall, _argument(rule))
+    roles = [planned.role for planned in plan_policy(policy, mode).filters]
+    enosys = tuple(p for p, role in zip(real.programs, roles, strict=True) if role == "enosys")
+    return replace(real, programs=(*enosys, export(main)))
+
+
+def _argument(rule: ArgRule) -> pyseccomp.Arg:
+    if rule.op in ("eq", "masked_eq"):
+        mask = rule.mask if rule.op == "masked_eq" else 0xFFFFFFFF
+        return pyseccomp.Arg(rule.arg, pyseccomp.MASKED_EQ, mask, rule.value)
+    return pyseccomp.Arg(rule.arg, getattr(pyseccomp, rule.op.upper()), rule.value)

@@ -63,6 +63,9 @@ def scorecard_rows(output: str) -> dict[str, str]:
     ("conformance/test_ssrf.py::test_absolute_request_with_private_host_header_is_judged_by_its_public_target",
      "ssrf-controls"),
     ("conformance/test_ssrf.py::test_proxy_own_address_is_denied[connect]", "ssrf"),
+    ("conformance/test_ssrf_self.py::test_proxy_never_connects_to_its_own_address"
+     "[connect-proxy-self-wildcard-added-later-mapped]", "ssrf"),
+    ("conformance/test_ssrf_self.py::test_instance_for_self_cases_is_a_working_proxy[wildcard]", "ssrf-controls"),
     ("conformance/test_egress.py::test_sandboxed_process_cannot_connect_directly[direct-10.0.0.1]", "egress"),
     ("pytest_sandbox/conformance/test_inference.py::test_backend_record_holds_only_inference_routes_with_the_route_key",
      "inference"),

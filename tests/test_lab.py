@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import json
 import os
 import shutil
@@ -515,6 +516,46 @@ def test_a_wildcard_listener_owns_only_addresses_really_local_to_the_lab(lab: Ne
         with lab.dial("10.0.0.1", 9100) as sock:
             _http_get(sock)
     assert lab.all_hits() == {("10.0.0.1", 9100): 1}
+
+
+def test_what_the_lab_says_it_owns_is_what_a_wildcard_listener_receives(lab: NetworkLab) -> None:
+    # One record (NetnsHolder.owned_addresses) for "a wildcard listener really receives on it":
+    # lo and the catch-all's sets follow it, so a dial agrees with it before and after an address
+    # is added. A bind probe cannot say: AnyIP makes every IPv4 address bindable.
+    fresh = next(f"11.0.0.{host}" for host in range(150, 200) if f"11.0.0.{host}" not in lab.owned_addresses())
+    assert LAB_PUBLIC_ORIGINS[0] in lab.owned_addresses() and lab.holder.owns("127.0.0.9")
+    assert not lab.holder.owns(fresh) and not lab.holder.owns(f"::ffff:{fresh}")
+    with lab.socket() as listener, lab.socket(socket.AF_INET6) as listener6:
+        for sock, address in ((listener, "0.0.0.0"), (listener6, "::")):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if sock.family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((address, 9110))
+            sock.listen()
+            sock.settimeout(5)
+        with lab.dial(fresh, 9110) as sock:
+            _http_get(sock)
+        with lab.dial("2600:9000::7f", 9110) as sock:
+            _http_get(sock)
+        assert lab.all_hits() == {(fresh, 9110): 1, ("2600:9000::7f", 9110): 1}
+        lab.holder.add_addresses([fresh, "2600:9000::7f"])
+        assert {fresh, "2600:9000::7f"} <= lab.owned_addresses() and lab.holder.owns(f"::ffff:{fresh}")
+        for sock, address in ((listener, fresh), (listener6, "2600:9000::7f")):
+            with lab.dial(address, 9110):
+                accepted, _peer = sock.accept()
+                assert accepted.getsockname()[0] == address
+                accepted.close()
+    assert lab.all_hits() == {(fresh, 9110): 1, ("2600:9000::7f", 9110): 1}  # nothing new
+    shown = lab.run(["ip", "-o", "address", "show", "dev", "lo"], capture_output=True, text=True, check=True).stdout
+    assert f"inet {fresh}/32" in shown and "inet6 2600:9000::7f/128" in shown  # `ip addr` lists what it owns
+
+
+def test_ruleset_starts_its_sets_with_the_addresses_the_lab_already_owns() -> None:
+    rules = catch_all_ruleset(40001, 40002, owned=[ipaddress.ip_address("11.0.0.10"),
+                                                   ipaddress.ip_address("2600:9000::10"),
+                                                   ipaddress.ip_address("127.0.0.9")])
+    assert "elements = { 127.0.0.0/8, 11.0.0.10 }" in rules
+    assert "elements = { ::1, 2600:9000::10 }" in rules
 
 
 def _dial_from(lab: NetworkLab, source_port: int, address: str, port: int) -> socket.socket:

@@ -69,6 +69,7 @@ def test_bundled_policies_load_by_name_and_by_fixture_path():
         ('[seccomp]\nerrno = 0', ["seccomp.errno", "errno 0 makes a denied call look successful"]),
         ('[seccomp]\nerrno = "EWHAT"', ["seccomp.errno", "unknown errno name"]),
         ('[seccomp]\nerrno = 5000', ["seccomp.errno", "out of range"]),
+        ('[seccomp]\ndefault_errno = 4095', ["seccomp.default_errno", "libseccomp refuses errno 4095", "1..4094"]),
         ('[seccomp]\nbad_arch_action = "allow"', ["seccomp.bad_arch_action", "kill_process"]),
         ('[seccomp]\ndefault_action = "maybe"', ["seccomp.default_action", "not one of"]),
         ('[[seccomp.arg_rules]]\nsyscall = "clone"\narg = 6\nop = "eq"\nvalue = 1',

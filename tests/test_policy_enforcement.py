@@ -2,7 +2,7 @@
 
 A policy that keeps only ``POST /v1/chat/completions`` of the baseline's routes (so drops
 ``GET /v1/models`` and five more) and adds ``POST /v1/files`` or narrows the allowlist is
-enforced by the reference proxy and judged by the suite; the stale proxy of ``tests/broken_proxies.py``
+enforced by the reference proxy and judged by the suite; the stale proxy of ``tests/broken_proxies/stale_defaults.py``
 (built-in defaults, whatever the policy says) fails exactly the changed routes and ports. Where the
 allowlist leaves a category nothing to prove (the SSRF controls' public origin refused), the
 category does not run and says why. The bundled baseline is the one source of every default.
@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from broken_proxies import STALE_PROXY_CONFTEST
+from broken_proxies.stale_defaults import STALE_PROXY_CONFTEST
 
 from pytest_sandbox.allowlist_suite import (
     AllowlistProbe,

@@ -18,6 +18,7 @@ from broken_self_check_proxy import TextSelfCheckProxy
 from pytest_sandbox.addresses import AddressVerdict, classify_address
 from pytest_sandbox.catalogues.self_cases import spellings_for
 from pytest_sandbox.lab import NetworkLab
+from pytest_sandbox.netns import NetnsHolder, host_can_create_netns
 from pytest_sandbox.network_fixtures import lab_proxy_config
 from pytest_sandbox.proxy import EgressProxy
 from pytest_sandbox.socket_table import peers_of, read_tcp_table
@@ -37,7 +38,7 @@ def serve(lab: NetworkLab, address: str, proxy_class: type[EgressProxy] = Egress
     port = next(_ports)
     listener = lab.listen(address, port)
     proxy = proxy_class(lab_proxy_config(allowed_ports=(80, 443, port), classify=classify), resolver=lab.resolver(),
-                        socket_factory=lab.socket)
+                        socket_factory=lab.socket, route_socket_factory=lab.route_socket)
     proxy.start_in_thread(listener)
     return proxy, port
 
@@ -84,13 +85,12 @@ def loops_at(lab: NetworkLab, endpoint: tuple[str, int], harness: set[tuple[str,
 
 
 def fresh_address(lab: NetworkLab) -> str:
+    # Not a bind(2) probe: the catch-all's AnyIP routes make every IPv4 address bindable in the lab.
+    owned = lab.owned_addresses()
     for host in range(200, 250):
         address = f"11.0.0.{host}"
-        with lab.socket(socket.AF_INET) as probe:
-            try:
-                probe.bind((address, 0))
-            except OSError:
-                return address
+        if address not in owned:
+            return address
     raise AssertionError("no unused 11.0.0.x address left in the lab")
 
 
@@ -173,3 +173,73 @@ def test_a_proxy_that_cannot_tell_what_is_local_refuses_rather_than_loops(_netwo
     proxies.append(proxy)
     status, detail = connect_through(lab, port, f"11.0.0.10:{port}")
     assert status == 403 and "self connection" in detail
+
+
+# --------------------------------------------------------------------------------------------------
+# Outside the lab: a namespace with AnyIP routes and no catch-all, where the kernel alone decides
+# --------------------------------------------------------------------------------------------------
+
+NETNS_OK, NETNS_REASON = host_can_create_netns()
+ANYIP_DESTINATION = "2600:9000::77"  # on no interface; `local ::/0 dev lo` delivers it to a :: listener
+
+
+@pytest.fixture
+def anyip_holder() -> Iterator[NetnsHolder]:
+    if not NETNS_OK:
+        pytest.skip(f"cannot create network namespaces: {NETNS_REASON}")
+    with NetnsHolder.start(name="test-anyip") as holder:
+        for family in ("-4", "-6"):
+            holder.run(["ip", family, "route", "add", "local", "0.0.0.0/0" if family == "-4" else "::/0",
+                        "dev", "lo"], check=True, capture_output=True)
+        yield holder
+
+
+def _connect_in(holder: NetnsHolder, proxy_port: int, authority: str) -> tuple[int | None, str, set[tuple[str, int]]]:
+    with holder.socket(socket.AF_INET6) as sock:
+        sock.settimeout(IO_TIMEOUT)
+        sock.connect(("::1", proxy_port))
+        harness = {(str(sock.getsockname()[0]), int(sock.getsockname()[1]))}
+        sock.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+        reply = read_connect_answer(sock)
+        loops = set(peers_of(read_tcp_table(holder.pid, port=proxy_port), (ANYIP_DESTINATION, proxy_port))) - harness
+    try:
+        detail = json.loads(reply.body)["detail"]
+    except (ValueError, KeyError, TypeError):
+        detail = ""
+    return reply.status, detail, loops
+
+
+def _serve_in(holder: NetnsHolder, with_routes: bool) -> tuple[EgressProxy, int]:
+    async def no_names(name: str) -> list[str]:
+        return []
+
+    port = next(_ports)
+    listener = holder.socket(socket.AF_INET6)
+    listener.bind(("::", port))
+    listener.listen(16)
+    routes = (lambda: holder.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)) if with_routes else None
+    proxy = EgressProxy(lab_proxy_config(allowed_ports=(port, port + 1000), classify=allow_every_address),
+                        resolver=no_names,
+                        socket_factory=lambda family: holder.socket(family), route_socket_factory=routes)
+    proxy.start_in_thread(listener)
+    return proxy, port
+
+
+def test_wildcard_listener_refuses_an_anyip_routed_ipv6_address_that_does_not_bind(anyip_holder, proxies):
+    proxy, port = _serve_in(anyip_holder, with_routes=True)
+    proxies.append(proxy)
+    status, detail, loops = _connect_in(anyip_holder, port, f"[{ANYIP_DESTINATION}]:{port}")
+    assert status == 403 and "self connection" in detail and "every local address" in detail, detail
+    assert not loops
+    # Positive control: another port of the same address is another service, and it is dialled.
+    status, _detail, _loops = _connect_in(anyip_holder, port, f"[{ANYIP_DESTINATION}]:{port + 1000}")
+    assert status == 502  # nothing listens there: the proxy tried, and said so
+
+
+def test_a_bind_probe_alone_misses_anyip_routes_and_loops(anyip_holder, proxies):
+    # The check before the route lookup (no route socket): bind(2) refuses an IPv6 address on no
+    # interface, so the proxy dialled it, and the kernel delivered that to its own :: listener.
+    proxy, port = _serve_in(anyip_holder, with_routes=False)
+    proxies.append(proxy)
+    status, _detail, loops = _connect_in(anyip_holder, port, f"[{ANYIP_DESTINATION}]:{port}")
+    assert status == 200 and loops, (status, loops)

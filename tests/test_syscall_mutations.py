@@ -10,11 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from broken_filters import hand_built
+from broken_filters import docker_like_profile_with_af_packet_rule, hand_built, legacy_real_build
 
 from pytest_sandbox.compiler import CompiledFilter, compile_policy
 from pytest_sandbox.launcher import Identity, NetworkPlacement
 from pytest_sandbox.policy import Policy, load_policy
+from pytest_sandbox.session import SandboxOptions, SandboxSession
 from pytest_sandbox.syscall_suite import (
     SandboxTarget,
     control_cases,
@@ -22,7 +23,7 @@ from pytest_sandbox.syscall_suite import (
     judge,
     requirements_of,
 )
-from pytest_sandbox.verdicts import Verdict
+from pytest_sandbox.verdicts import Judgement, Verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 ADDED_BY_819 = (
@@ -112,3 +113,63 @@ def test_pre_819_policy_fails_the_suite_naming_each_hole():
     assert "ALLOWED, expected" in completed.stdout
     # the reference's own six denies still pass under the weakened policy
     assert not any(t.endswith("-memfd_create-native") for t in failed if t.startswith(("block", "proxy")))
+
+
+# -- the filter users get: mutations of the real build only ----------------------------------------
+
+
+def session_judgements(monkeypatch: pytest.MonkeyPatch, policy: str, mode: str, *,
+                       real_build: CompiledFilter | None = None) -> dict[str, Judgement]:
+    """The conformance suite's own judging (both builds), with the real build optionally replaced."""
+    session = SandboxSession(SandboxOptions(policy=policy, require=policy, modes=(mode,), identities=("current",)))
+    if real_build is not None:
+        intended = session.compiled
+
+        def compiled(each_mode: str, *, sentinel: bool) -> CompiledFilter | None:
+            return intended(each_mode, sentinel=sentinel) if sentinel else real_build
+
+        monkeypatch.setattr(session, "compiled", compiled)
+    params = session.syscall_params("denial") + session.syscall_params("control")
+    return {p.case.case_id: session.judge(p) for p in params}
+
+
+def not_passed(judgements: dict[str, Judgement]) -> set[str]:
+    return {case for case, j in judgements.items() if not j.passed}
+
+
+def test_a_rule_dropped_from_the_real_build_only_is_caught_and_named(monkeypatch, baseline):
+    broken = hand_built(baseline, "proxy", drop="pidfd_getfd")  # the sentinel build keeps the rule
+    judgements = session_judgements(monkeypatch, "baseline", "proxy", real_build=broken)
+    assert not_passed(judgements) == {"pidfd_getfd-native"}
+    hole = judgements["pidfd_getfd-native"]
+    assert hole.verdict is Verdict.ALLOWED
+    assert hole.reason.startswith("real build: ") and "sentinel build refused with errno" in hole.reason
+
+
+def test_the_old_real_build_of_an_allowlist_with_an_af_packet_rule_is_caught(monkeypatch, tmp_path):
+    """Issue #8 item 4: the old compile path dropped ``socket(AF_PACKET) -> EPERM`` from the real build of
+    an allowlist (its errno equals the default's) while the sentinel build kept it."""
+    profile = str(docker_like_profile_with_af_packet_rule(tmp_path))
+    fixed = session_judgements(monkeypatch, profile, "allow")
+    legacy = session_judgements(monkeypatch, profile, "allow",
+                                real_build=legacy_real_build(load_policy(profile), "allow"))
+    new_holes = not_passed(legacy) - not_passed(fixed)
+    assert new_holes and all(case.startswith("socket[AF_PACKET]-") for case in new_holes), new_holes
+    assert {"socket[AF_PACKET]-native", "socket[AF_PACKET]-i386"} <= new_holes
+    for case in new_holes:
+        assert legacy[case].verdict is Verdict.ALLOWED and legacy[case].reason.startswith("real build: "), case
+        assert fixed[case].verdict is Verdict.BLOCKED, case
+    # the fixed real build refuses AF_PACKET with EPERM itself, not only in the sentinel build
+    assert "real build: EPERM" in fixed["socket[AF_PACKET]-native"].observed
+
+
+def test_real_results_equal_to_the_baseline_rest_on_the_sentinel_evidence_and_say_so(monkeypatch):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to probe as nobody, whose unfiltered pivot_root answers EPERM")
+    session = SandboxSession(SandboxOptions(policy="baseline", modes=("proxy",), identities=("current", "nobody")))
+    params = [p for p in session.syscall_params("denial") if p.identity.name == "nobody"
+              and p.case.case_id == "pivot_root-native"]
+    assert len(params) == 1
+    judgement = session.judge(params[0])
+    assert judgement.verdict is Verdict.BLOCKED
+    assert "the real build alone is ambiguous here" in judgement.reason

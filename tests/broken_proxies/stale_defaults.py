@@ -27,7 +27,7 @@ import sys
 import pytest
 
 sys.path.insert(0, {tests!r})
-from broken_proxies import start_stale_proxy
+from broken_proxies.stale_defaults import start_stale_proxy
 
 
 @pytest.fixture(scope="session")
