@@ -112,6 +112,7 @@ def run_origin(http_fd: int, sink_fd: int) -> None:
 
 def run_reference(port: int) -> None:
     from pytest_sandbox.proxy import EgressProxy, ProxyConfig
+    from pytest_sandbox.route_lookup import local_route_socket
 
     async def resolve(name: str) -> list[str]:
         infos = await asyncio.get_running_loop().getaddrinfo(name, None, type=socket.SOCK_STREAM)
@@ -122,7 +123,8 @@ def run_reference(port: int) -> None:
     listener.bind((PROXY_ADDRESS, port))
     listener.listen(128)
     # This process lives in the lab namespace (lab.popen), so plain sockets are lab sockets.
-    proxy = EgressProxy(ProxyConfig(), resolver=resolve, socket_factory=socket.socket)
+    proxy = EgressProxy(ProxyConfig(), resolver=resolve, socket_factory=socket.socket,
+                        route_socket_factory=local_route_socket)
     asyncio.run(proxy.serve(listener))
 
 

@@ -277,7 +277,7 @@ class EgressProxy:
         resolver: Resolver,
         socket_factory: SocketFactory,
         connect_interceptor: ConnectInterceptor | None = None,
-        route_socket_factory: RouteSocketFactory | None = None,
+        route_socket_factory: RouteSocketFactory | None,
     ) -> None:
         self.config = config
         self._resolver = resolver
@@ -592,7 +592,8 @@ class EgressProxy:
         then, for an address that does not bind, the routing table (RTM_GETROUTE, see
         :mod:`pytest_sandbox.route_lookup`): an AnyIP route (``local ::/0 dev lo``) delivers IPv6
         addresses that no interface has to a wildcard listener, and bind(2) does not see those.
-        Without a route socket factory only the probe is asked (that misses IPv6 AnyIP routes).
+        ``route_socket_factory=None`` asks only the probe (that misses IPv6 AnyIP routes): it exists to
+        build the weakened proxy the tests must catch, so every caller has to pass it explicitly.
         Anything that stops either question from being answered counts as local (deny: fail closed).
         """
         family = socket.AF_INET6 if address.version == 6 else socket.AF_INET

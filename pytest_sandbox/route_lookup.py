@@ -115,6 +115,11 @@ def route_type(sock: socket.socket, address: IPAddress, seq: int = 1) -> int | N
     raise RouteLookupError(errno.EPROTO, "the kernel did not answer the route request")
 
 
+def local_route_socket() -> socket.socket:
+    """A NETLINK_ROUTE socket in the calling process's own network namespace."""
+    return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+
+
 def is_delivered_locally(sock: socket.socket, address: IPAddress) -> bool:
     """Whether a connection to ``address`` from the namespace of ``sock`` is received there."""
     return route_type(sock, address) in LOCALLY_DELIVERED

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a comm
 
 from pytest_sandbox.evidence import NONCE_HEADER
 from pytest_sandbox.proxy import Decision, EgressProxy, ProxyConfig
+from pytest_sandbox.route_lookup import local_route_socket
 
 DELAY_SECONDS = 0.2
 HEAD_LIMIT = 64 * 1024
@@ -194,7 +195,8 @@ def main(argv: list[str]) -> int:
     inner_listener.listen(128)
     inner_address = inner_listener.getsockname()
     config = ProxyConfig(connect_timeout=2.0, upstream_timeout=2.0, resolve_timeout=2.0, idle_timeout=5.0)
-    inner = EgressProxy(config, resolver=_resolve, socket_factory=lambda family: socket.socket(family))
+    inner = EgressProxy(config, resolver=_resolve, socket_factory=lambda family: socket.socket(family),
+                        route_socket_factory=local_route_socket)
     inner.start_in_thread(inner_listener)
     relay = LateDialer(lambda: socket.create_connection(inner_address, timeout=5),
                        lambda family: socket.socket(family), lambda: inner.decisions)

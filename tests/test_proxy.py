@@ -33,6 +33,7 @@ from pytest_sandbox.catalogues.smuggling import (
     render,
 )
 from pytest_sandbox.proxy import EgressProxy, ProxyConfig
+from pytest_sandbox.route_lookup import local_route_socket
 
 ALLOWED_HOST = "allowed.test"
 ALLOWED_ADDRESS = "93.184.215.14"  # public-looking; only ever reached through the table below
@@ -216,7 +217,8 @@ class Lab:
         listener.bind(("127.0.0.1", 0))
         listener.listen(64)
         proxy = EgressProxy(
-            config or ProxyConfig(), resolver=self.resolver, socket_factory=self.network.socket_factory, **kwargs
+            config or ProxyConfig(), resolver=self.resolver, socket_factory=self.network.socket_factory,
+            **{"route_socket_factory": local_route_socket, **kwargs}
         )
         proxy.start_in_thread(listener)
         self.proxies.append(proxy)

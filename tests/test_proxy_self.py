@@ -168,7 +168,7 @@ def test_a_proxy_that_cannot_tell_what_is_local_refuses_rather_than_loops(_netwo
     port = next(_ports)
     listener = lab.listen("0.0.0.0", port)
     proxy = EgressProxy(lab_proxy_config(allowed_ports=(port,)), resolver=lab.resolver(),
-                        socket_factory=no_sockets_for_probes)
+                        socket_factory=no_sockets_for_probes, route_socket_factory=lab.route_socket)
     proxy.start_in_thread(listener)
     proxies.append(proxy)
     status, detail = connect_through(lab, port, f"11.0.0.10:{port}")

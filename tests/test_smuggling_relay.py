@@ -120,7 +120,7 @@ def relay_tunnel(_network_lab: NetworkLab, relay_backend: FakeInferenceBackend) 
 
     listener = _network_lab.listen("127.0.0.1", RELAY_PROXY_PORT)
     proxy = EgressProxy(lab_proxy_config(), resolver=_network_lab.resolver(), socket_factory=_network_lab.socket,
-                        connect_interceptor=intercept)
+                        route_socket_factory=_network_lab.route_socket, connect_interceptor=intercept)
     try:
         proxy.start_in_thread(listener)
     except BaseException:
