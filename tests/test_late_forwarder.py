@@ -123,7 +123,7 @@ def late_tunnel_proxy(_network_lab: NetworkLab, late_backend: FakeInferenceBacke
 
     listener = _network_lab.listen("127.0.0.1", LATE_PROXY_PORT)
     proxy = EgressProxy(lab_proxy_config(), resolver=_network_lab.resolver(), socket_factory=_network_lab.socket,
-                        connect_interceptor=intercept)
+                        route_socket_factory=_network_lab.route_socket, connect_interceptor=intercept)
     try:
         proxy.start_in_thread(listener)
     except BaseException:

@@ -39,6 +39,7 @@ from raw_relay import destination
 
 from pytest_sandbox.interception import InferenceInterceptor, TlsStream, UpstreamError
 from pytest_sandbox.proxy import EgressProxy, ProxyConfig
+from pytest_sandbox.route_lookup import local_route_socket
 
 DELAY_SECONDS = 0.2
 READ_SIZE = 65536
@@ -192,7 +193,8 @@ def main() -> None:
     inner_listener.bind(("127.0.0.1", 0))
     inner_listener.listen(128)
     config = ProxyConfig(connect_timeout=2.0, upstream_timeout=2.0, resolve_timeout=2.0, idle_timeout=5.0)
-    inner = EgressProxy(config, resolver=_resolve, socket_factory=lambda family: socket.socket(family))
+    inner = EgressProxy(config, resolver=_resolve, socket_factory=lambda family: socket.socket(family),
+                        route_socket_factory=local_route_socket)
     inner.start_in_thread(inner_listener)
     relay = LateForwarder(inner_listener.getsockname(), delay=args.delay)
     family = socket.AF_INET6 if ":" in args.address else socket.AF_INET
