@@ -15,8 +15,10 @@ import contextlib
 
 import pytest
 
-from pytest_sandbox.fake_backend import FakeInferenceBackend
-from pytest_sandbox.inference_suite import (
+from pytest_sandbox.fixtures.network import INFERENCE_ROUTE_KEY, InterceptionTrust, RunningProxy, VerdictCheck
+from pytest_sandbox.inference.fake_backend import FakeInferenceBackend
+from pytest_sandbox.network.lab.lab import NetworkLab
+from pytest_sandbox.probes.smuggling import (
     SmugglingAttempt,
     build_attempts,
     inference_request,
@@ -25,8 +27,6 @@ from pytest_sandbox.inference_suite import (
     run_smuggling_attempt,
     send_and_read,
 )
-from pytest_sandbox.lab import NetworkLab
-from pytest_sandbox.network_fixtures import INFERENCE_ROUTE_KEY, InterceptionTrust, RunningProxy, VerdictCheck
 from pytest_sandbox.session import SandboxSession
 
 # The lab, proxy and verdict fixtures come from the plugin (rebinding them here would start a second

@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from pytest_sandbox.categories import CATEGORIES, CategoryNotRun, category_of, marker_name
-from pytest_sandbox.environment import host_facts
 from pytest_sandbox.errors import SandboxError
-from pytest_sandbox.report import build_report, write_report
-from pytest_sandbox.scorecard import NOT_RUN_PROPERTY, PROPERTY, Scorecard
+from pytest_sandbox.report.categories import CATEGORIES, CategoryNotRun, category_of, marker_name
+from pytest_sandbox.report.environment import host_facts
+from pytest_sandbox.report.scorecard import NOT_RUN_PROPERTY, PROPERTY, Scorecard
+from pytest_sandbox.report.writers import build_report, write_report
 from pytest_sandbox.session import SandboxOptions, SandboxSession, SyscallParam, outcome_for_test
 
 SESSION_KEY = pytest.StashKey[SandboxSession]()
@@ -148,8 +148,7 @@ def check_syscall_param(request: pytest.FixtureRequest, sandbox_session: Sandbox
     return check
 
 
-from pytest_sandbox.fixtures import _sandbox_pool, sandbox, sandbox_policy  # noqa: E402,F401  (fixtures)
-from pytest_sandbox.network_fixtures import (  # noqa: E402, F401  (fixtures)
+from pytest_sandbox.fixtures.network import (  # noqa: E402, F401  (fixtures)
     _network_lab,
     _proxied_pool,
     inference_backend,
@@ -159,6 +158,7 @@ from pytest_sandbox.network_fixtures import (  # noqa: E402, F401  (fixtures)
     sandbox_proxied,
     sandbox_proxy,
 )
+from pytest_sandbox.fixtures.sandbox import _sandbox_pool, sandbox, sandbox_policy  # noqa: E402,F401  (fixtures)
 
 
 class _ScorecardReporter:
