@@ -17,8 +17,8 @@ from collections.abc import Iterator
 import pytest
 
 from pytest_sandbox.fixtures.network import LAB_PORTS, RunningProxy, VerdictCheck
+from pytest_sandbox.fixtures.syscall import SESSION_KEY
 from pytest_sandbox.network.lab.lab import LAB_PUBLIC_ORIGINS, NetworkLab
-from pytest_sandbox.plugin import SESSION_KEY
 from pytest_sandbox.policy.model import Policy, baseline_policy
 from pytest_sandbox.probes.allowlist import AllowlistProbe, allowlist_probes, judge_allowlist_probe
 from pytest_sandbox.probes.ssrf import ATTEMPT_TIMEOUT_SECONDS, parse_reply

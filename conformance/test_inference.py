@@ -20,10 +20,10 @@ import socket
 import pytest
 
 from pytest_sandbox.fixtures.network import INFERENCE_ROUTE_KEY, InterceptionTrust, RunningProxy, VerdictCheck
+from pytest_sandbox.fixtures.syscall import SESSION_KEY
 from pytest_sandbox.inference.fake_backend import FakeInferenceBackend
 from pytest_sandbox.inference.routes import InferenceRoute, RouteProbe, match_route, route_probes
 from pytest_sandbox.network.lab.lab import NetworkLab
-from pytest_sandbox.plugin import SESSION_KEY
 from pytest_sandbox.policy.model import Policy, baseline_policy
 from pytest_sandbox.probes.smuggling import (
     ParsedResponse,
@@ -41,7 +41,7 @@ from pytest_sandbox.session import SandboxSession
 from pytest_sandbox.verdicts.judgement import Verdict
 
 # The lab, proxy and verdict fixtures come from the plugin (rebinding them here would start a second
-# session lab for this module); these are the ones plugin.py does not import yet.
+# session lab for this module).
 
 SANDBOX_KEY = "sk-sandbox-held-placeholder"
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}

@@ -30,7 +30,7 @@ from pytest_sandbox.probes.smuggling import (
 from pytest_sandbox.session import SandboxSession
 
 # The lab, proxy and verdict fixtures come from the plugin (rebinding them here would start a second
-# session lab for this module); these are the ones plugin.py does not import yet.
+# session lab for this module).
 
 ATTEMPTS = build_attempts()
 PUBLIC_ORIGIN = "11.0.0.10"
