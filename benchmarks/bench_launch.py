@@ -23,9 +23,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pytest_sandbox.compiler import compile_policy
-from pytest_sandbox.launcher import DEVNULL, Identity, NetworkPlacement, Sandbox, SandboxSpec
-from pytest_sandbox.policy import load_policy
+from pytest_sandbox.policy.model import load_policy
+from pytest_sandbox.seccomp.compiler import compile_policy
+from pytest_sandbox.seccomp.launcher import DEVNULL, Identity, NetworkPlacement, Sandbox, SandboxSpec
 
 TRUE = "/bin/true"
 TARGET_RATIO = 1.5

@@ -21,10 +21,10 @@ import sys
 import time
 from typing import Any
 
-from pytest_sandbox.compiler import compile_policy
-from pytest_sandbox.launcher import Identity, NetworkPlacement, check_host_support
-from pytest_sandbox.policy import load_policy
-from pytest_sandbox.syscall_suite import SandboxTarget, denial_cases, requirements_of
+from pytest_sandbox.policy.model import load_policy
+from pytest_sandbox.probes.syscall import SandboxTarget, denial_cases, requirements_of
+from pytest_sandbox.seccomp.compiler import compile_policy
+from pytest_sandbox.seccomp.launcher import Identity, NetworkPlacement, check_host_support
 
 MODE = "proxy"
 TARGET_PROBES_PER_SECOND = 500

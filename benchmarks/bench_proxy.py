@@ -1,13 +1,13 @@
 """Benchmark: the reference egress proxy vs squid and tinyproxy vs direct, inside one lab namespace.
 
-Everything runs on the loopback of a private network namespace (pytest_sandbox.lab.NetworkLab), so
+Everything runs on the loopback of a private network namespace (pytest_sandbox.network.lab.lab.NetworkLab), so
 no packet leaves it (network.md §7). Every server is its own process started in the lab:
 
 * an **origin** on the lab public address 11.0.0.10: port 80 answers every request with a fixed
   1 KiB body and keeps the connection alive; port 443 is a **sink** that reads ``N\\n`` and then N
   bytes and answers ``ok\\n``;
 * the proxy under test on 127.0.0.1: the reference EgressProxy (this script, ``--role reference``),
-  squid and tinyproxy (``pytest_sandbox.third_party_proxy`` commands), each skipped if absent.
+  squid and tinyproxy (``pytest_sandbox.network.third_party`` commands), each skipped if absent.
 
 The client is this process, with lab sockets, one connection at a time, no pipelining:
 
@@ -111,8 +111,8 @@ def run_origin(http_fd: int, sink_fd: int) -> None:
 
 
 def run_reference(port: int) -> None:
-    from pytest_sandbox.proxy import EgressProxy, ProxyConfig
-    from pytest_sandbox.route_lookup import local_route_socket
+    from pytest_sandbox.network.proxy.server import EgressProxy, ProxyConfig
+    from pytest_sandbox.network.route_lookup import local_route_socket
 
     async def resolve(name: str) -> list[str]:
         infos = await asyncio.get_running_loop().getaddrinfo(name, None, type=socket.SOCK_STREAM)
@@ -274,8 +274,8 @@ def main() -> int:
         run_reference(args.port)
         return 0
 
-    from pytest_sandbox.lab import NetworkLab
-    from pytest_sandbox.third_party_proxy import (
+    from pytest_sandbox.network.lab.lab import NetworkLab
+    from pytest_sandbox.network.third_party import (
         ProxyStartError,
         squid_command,
         start_proxy_command,

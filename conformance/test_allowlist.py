@@ -1,6 +1,6 @@
 """Allowlist conformance: the proxy enforces the policy's ``allowed_hosts`` and ``allowed_ports``.
 
-One ``CONNECT`` per probe of :func:`~pytest_sandbox.allowlist_suite.allowlist_probes`, ids like
+One ``CONNECT`` per probe of :func:`~pytest_sandbox.probes.allowlist.allowlist_probes`, ids like
 ``connect-11.0.0.10-8080``: a lab public origin (outside every special-use range) on every port the
 enforced policy (``--sandbox-policy``) allows, every port the baseline allows (one the policy dropped
 must now be refused) and ports policies commonly leave out; and every lab origin by address and by
@@ -16,14 +16,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from pytest_sandbox.allowlist_suite import AllowlistProbe, allowlist_probes, judge_allowlist_probe
-from pytest_sandbox.categories import CategoryNotRun
-from pytest_sandbox.lab import LAB_PUBLIC_ORIGINS, NetworkLab
-from pytest_sandbox.network_fixtures import LAB_PORTS, RunningProxy, VerdictCheck
-from pytest_sandbox.plugin import SESSION_KEY
-from pytest_sandbox.policy import Policy, baseline_policy
+from pytest_sandbox.fixtures.network import LAB_PORTS, RunningProxy, VerdictCheck
+from pytest_sandbox.fixtures.syscall import SESSION_KEY
+from pytest_sandbox.network.lab.lab import LAB_PUBLIC_ORIGINS, NetworkLab
+from pytest_sandbox.policy.model import Policy, baseline_policy
+from pytest_sandbox.probes.allowlist import AllowlistProbe, allowlist_probes, judge_allowlist_probe
+from pytest_sandbox.probes.ssrf import ATTEMPT_TIMEOUT_SECONDS, parse_reply
+from pytest_sandbox.report.categories import CategoryNotRun
 from pytest_sandbox.session import SandboxSession
-from pytest_sandbox.ssrf_suite import ATTEMPT_TIMEOUT_SECONDS, parse_reply
 
 CATEGORY = "allowlist"
 # A proxy that refuses and then dials anyway (issue #8 item 2) is caught if it dials within this.

@@ -4,7 +4,7 @@ The process runs under the reference launcher in proxy mode (``sandbox_proxied``
 namespace, the proxy on 127.0.0.1:3128 there). One probe run reports where it runs and tries every
 target; the harness listens where a launcher that isolates nothing would let it arrive (the host's
 loopback, the lab's catch-all), so a broken launcher cannot earn BLOCKED (see
-:mod:`pytest_sandbox.egress_suite`). A direct attempt is BLOCKED only if it failed with an errno in
+:mod:`pytest_sandbox.probes.egress`). A direct attempt is BLOCKED only if it failed with an errno in
 the namespace made for the process and nothing saw it; a timeout is INDETERMINATE. The positive
 control: a request through the proxy's address reaches a lab origin. Runs only with ``--sandbox``.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_sandbox.egress_suite import DIRECT_TARGETS, EgressEvidence, run_egress_probe
+from pytest_sandbox.probes.egress import DIRECT_TARGETS, EgressEvidence, run_egress_probe
 
 # The lab, proxied-sandbox and verdict fixtures come from the plugin.
 

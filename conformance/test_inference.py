@@ -19,10 +19,13 @@ import socket
 
 import pytest
 
-from pytest_sandbox.categories import CategoryNotRun
-from pytest_sandbox.fake_backend import FakeInferenceBackend
-from pytest_sandbox.inference_routes import InferenceRoute, RouteProbe, match_route, route_probes
-from pytest_sandbox.inference_suite import (
+from pytest_sandbox.fixtures.network import INFERENCE_ROUTE_KEY, InterceptionTrust, RunningProxy, VerdictCheck
+from pytest_sandbox.fixtures.syscall import SESSION_KEY
+from pytest_sandbox.inference.fake_backend import FakeInferenceBackend
+from pytest_sandbox.inference.routes import InferenceRoute, RouteProbe, match_route, route_probes
+from pytest_sandbox.network.lab.lab import NetworkLab
+from pytest_sandbox.policy.model import Policy, baseline_policy
+from pytest_sandbox.probes.smuggling import (
     ParsedResponse,
     answer_to,
     closes_without_more_bytes,
@@ -32,16 +35,13 @@ from pytest_sandbox.inference_suite import (
     open_inference_tunnel,
     send_and_read,
 )
-from pytest_sandbox.lab import NetworkLab
-from pytest_sandbox.network_fixtures import INFERENCE_ROUTE_KEY, InterceptionTrust, RunningProxy, VerdictCheck
-from pytest_sandbox.plugin import SESSION_KEY
-from pytest_sandbox.policy import Policy, baseline_policy
+from pytest_sandbox.probes.ssrf import SsrfJudgement, parse_reply
+from pytest_sandbox.report.categories import CategoryNotRun
 from pytest_sandbox.session import SandboxSession
-from pytest_sandbox.ssrf_suite import SsrfJudgement, parse_reply
-from pytest_sandbox.verdicts import Verdict
+from pytest_sandbox.verdicts.judgement import Verdict
 
 # The lab, proxy and verdict fixtures come from the plugin (rebinding them here would start a second
-# session lab for this module); these are the ones plugin.py does not import yet.
+# session lab for this module).
 
 SANDBOX_KEY = "sk-sandbox-held-placeholder"
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}

@@ -9,7 +9,7 @@ the origin or the fake backend received frame strictly into exactly the catalogu
 requests and nothing else (network.md §5). Runs only with ``--sandbox``.
 
 Evidence: the attempts of every selected test in this module run as one campaign on first use
-(:func:`pytest_sandbox.inference_suite.run_smuggling_campaign`): back to back, each carrying its own
+(:func:`pytest_sandbox.probes.smuggling.run_smuggling_campaign`): back to back, each carrying its own
 nonce upstream, then the grace period, then every byte the origins and the backend received (and
 every catch-all hit) is attributed to the attempt that caused it, so a proxy that refuses, closes
 and forwards the bytes afterwards fails the case it leaked. Bytes that arrive even later fail the
@@ -22,8 +22,10 @@ import contextlib
 
 import pytest
 
-from pytest_sandbox.fake_backend import FakeInferenceBackend
-from pytest_sandbox.inference_suite import (
+from pytest_sandbox.fixtures.network import INFERENCE_ROUTE_KEY, InterceptionTrust, RunningProxy, VerdictCheck
+from pytest_sandbox.inference.fake_backend import FakeInferenceBackend
+from pytest_sandbox.network.lab.lab import NetworkLab
+from pytest_sandbox.probes.smuggling import (
     SmugglingAttempt,
     build_attempts,
     inference_request,
@@ -32,13 +34,11 @@ from pytest_sandbox.inference_suite import (
     run_smuggling_campaign,
     send_and_read,
 )
-from pytest_sandbox.lab import NetworkLab
-from pytest_sandbox.network_fixtures import INFERENCE_ROUTE_KEY, InterceptionTrust, RunningProxy, VerdictCheck
+from pytest_sandbox.probes.ssrf import SsrfJudgement
 from pytest_sandbox.session import SandboxSession
-from pytest_sandbox.ssrf_suite import SsrfJudgement
 
 # The lab, proxy and verdict fixtures come from the plugin (rebinding them here would start a second
-# session lab for this module); these are the ones plugin.py does not import yet.
+# session lab for this module).
 
 ATTEMPTS = build_attempts()
 PUBLIC_ORIGIN = "11.0.0.10"

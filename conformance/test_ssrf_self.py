@@ -13,7 +13,7 @@ CONNECT and as absolute-form against three targets:
   harness adds only after the instance started.
 
 A loop is seen in the lab's kernel socket table and, for CONNECT, by a nonce request sent inside the
-tunnel reaching a lab origin: evidence no proxy log can hide (:mod:`pytest_sandbox.self_loop_suite`).
+tunnel reaching a lab origin: evidence no proxy log can hide (:mod:`pytest_sandbox.probes.self_loop`).
 Late loops (after a case was judged) fail the module at teardown.
 """
 
@@ -24,8 +24,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from pytest_sandbox.network_fixtures import RunningProxy, lab_proxy_config, start_proxy
-from pytest_sandbox.self_loop_suite import (
+from pytest_sandbox.fixtures.network import RunningProxy, lab_proxy_config, start_proxy
+from pytest_sandbox.network.third_party import start_proxy_command
+from pytest_sandbox.probes.self_loop import (
     SELF_CASES,
     SelfCase,
     SelfTarget,
@@ -36,9 +37,8 @@ from pytest_sandbox.self_loop_suite import (
     self_attempt,
     start_self_targets,
 )
-from pytest_sandbox.ssrf_suite import SsrfJudgement
-from pytest_sandbox.third_party_proxy import start_proxy_command
-from pytest_sandbox.verdicts import Verdict
+from pytest_sandbox.probes.ssrf import SsrfJudgement
+from pytest_sandbox.verdicts.judgement import Verdict
 
 # A proxy that answers first and dials itself later still leaves a socket behind for 60 s; one
 # bounded wait at the end of the module catches it.

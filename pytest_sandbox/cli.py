@@ -27,7 +27,7 @@ from typing import TextIO
 
 from pytest_sandbox.catalogues.syscalls import PROBES_BY_NAME
 from pytest_sandbox.errors import SandboxError
-from pytest_sandbox.policy import NETWORK_MODES, SOCKET_FAMILY_NAMES, ArgRule, Policy, is_domain_rule, load_policy
+from pytest_sandbox.policy.model import NETWORK_MODES, SOCKET_FAMILY_NAMES, ArgRule, Policy, is_domain_rule, load_policy
 
 PROG = "pytest-sandbox"
 EXIT_USAGE = 2  # argparse's own status for bad flags; used for every bad input
@@ -278,7 +278,7 @@ def _command_diff(args: argparse.Namespace) -> int:
 
 
 def _command_explain(args: argparse.Namespace) -> int:
-    from pytest_sandbox.compiler import compile_policy
+    from pytest_sandbox.seccomp.compiler import compile_policy
 
     policy = load_policy(args.policy)
     mode = _mode_of(policy, args.mode)
@@ -287,7 +287,7 @@ def _command_explain(args: argparse.Namespace) -> int:
 
 
 def _command_export(args: argparse.Namespace) -> int:
-    from pytest_sandbox.compiler import compile_policy, export_pfc
+    from pytest_sandbox.seccomp.compiler import compile_policy, export_pfc
 
     policy = load_policy(args.policy)
     mode = _mode_of(policy, args.mode)
@@ -327,8 +327,8 @@ def _exit_status(returncode: int, argv0: str) -> int:
 
 
 def _command_run(args: argparse.Namespace) -> int:
-    from pytest_sandbox.compiler import compile_policy
-    from pytest_sandbox.launcher import Identity, NetworkPlacement, Sandbox, SandboxSpec, check_host_support
+    from pytest_sandbox.seccomp.compiler import compile_policy
+    from pytest_sandbox.seccomp.launcher import Identity, NetworkPlacement, Sandbox, SandboxSpec, check_host_support
 
     command = list(args.command)
     if command and command[0] == "--":

@@ -11,17 +11,31 @@ from typing import Any
 
 import pytest
 
-from pytest_sandbox.categories import CATEGORIES, CategoryNotRun, category_of, marker_name
-from pytest_sandbox.environment import host_facts
 from pytest_sandbox.errors import SandboxError
-from pytest_sandbox.report import build_report, write_report
-from pytest_sandbox.scorecard import NOT_RUN_PROPERTY, PROPERTY, Scorecard
-from pytest_sandbox.session import SandboxOptions, SandboxSession, SyscallParam, outcome_for_test
+from pytest_sandbox.fixtures.network import (  # noqa: F401  (fixtures the plugin registers)
+    _network_lab,
+    _proxied_pool,
+    inference_backend,
+    interception_ca,
+    network_verdict,
+    sandbox_lab,
+    sandbox_proxied,
+    sandbox_proxy,
+)
+from pytest_sandbox.fixtures.sandbox import _sandbox_pool, sandbox, sandbox_policy  # noqa: F401  (fixtures)
+from pytest_sandbox.fixtures.syscall import (  # noqa: F401  (fixtures)
+    SESSION_KEY,
+    UNRUNNABLE_KEY,
+    check_syscall_param,
+    sandbox_session,
+)
+from pytest_sandbox.report.categories import CATEGORIES, CategoryNotRun, category_of, marker_name
+from pytest_sandbox.report.environment import host_facts
+from pytest_sandbox.report.scorecard import NOT_RUN_PROPERTY, Scorecard
+from pytest_sandbox.report.writers import build_report, write_report
+from pytest_sandbox.session import SandboxOptions, SandboxSession
 
-SESSION_KEY = pytest.StashKey[SandboxSession]()
 SCORECARD_KEY = pytest.StashKey[Scorecard]()
-# (mode, identity, kind) -> why probes of that kind cannot run there (one failed launch is enough).
-UNRUNNABLE_KEY = pytest.StashKey[dict[tuple[str, str, str], str]]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -108,57 +122,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if call.excinfo is not None and isinstance(call.excinfo.value, CategoryNotRun):
         report.user_properties.append((NOT_RUN_PROPERTY, call.excinfo.value.reason))
     return report
-
-
-@pytest.fixture(scope="session")
-def sandbox_session(pytestconfig: pytest.Config) -> SandboxSession:
-    session = pytestconfig.stash.get(SESSION_KEY, None)
-    if session is None:
-        pytest.skip("pytest-sandbox is not enabled: pass --sandbox")
-    return session
-
-
-@pytest.fixture
-def check_syscall_param(request: pytest.FixtureRequest, sandbox_session: SandboxSession) -> Any:
-    """Judge one syscall probe, attach its evidence to the report, then pass, fail or skip."""
-
-    unrunnable = request.config.stash[UNRUNNABLE_KEY]
-
-    def check(param: SyscallParam) -> None:
-        where = (param.mode, param.identity.name, param.case.kind)
-        if where in unrunnable:
-            raise CategoryNotRun(unrunnable[where])
-        try:
-            judgement = sandbox_session.judge(param)
-        except SandboxError as error:  # no seccomp, no namespace, a launch that failed: nothing was probed
-            unrunnable[where] = f"{param.mode} mode, as {param.identity.name}: {error}"
-            raise CategoryNotRun(unrunnable[where]) from None
-        request.node.user_properties.append((PROPERTY, {
-            "category": param.case.category, "test": param.test_id, "mode": param.mode,
-            "identity": param.identity.name, "verdict": judgement.verdict.value, "reason": judgement.reason,
-            "expected": judgement.expected, "baseline": judgement.baseline, "observed": judgement.observed,
-            "required": param.required, "attempted": param.case.title,
-        }))
-        status, message = outcome_for_test(param, judgement)
-        if status == "skip":
-            pytest.skip(message)
-        if status == "fail":
-            pytest.fail(message, pytrace=False)
-
-    return check
-
-
-from pytest_sandbox.fixtures import _sandbox_pool, sandbox, sandbox_policy  # noqa: E402,F401  (fixtures)
-from pytest_sandbox.network_fixtures import (  # noqa: E402, F401  (fixtures)
-    _network_lab,
-    _proxied_pool,
-    inference_backend,
-    interception_ca,
-    network_verdict,
-    sandbox_lab,
-    sandbox_proxied,
-    sandbox_proxy,
-)
 
 
 class _ScorecardReporter:

@@ -14,12 +14,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from pytest_sandbox.compiler import CompiledFilter, compile_policy
 from pytest_sandbox.errors import PolicyError, SandboxError
-from pytest_sandbox.launcher import Identity, NetworkPlacement, check_host_support
-from pytest_sandbox.observed_identity import BaselineRequest, ObservedIdentity, baseline_request, identity_mismatches
-from pytest_sandbox.policy import NETWORK_MODES, Policy, load_policy
-from pytest_sandbox.syscall_suite import (
+from pytest_sandbox.policy.model import NETWORK_MODES, Policy, load_policy
+from pytest_sandbox.probes.observed_identity import (
+    BaselineRequest,
+    ObservedIdentity,
+    baseline_request,
+    identity_mismatches,
+)
+from pytest_sandbox.probes.syscall import (
     ExecTarget,
     ProbeCase,
     ProbeTarget,
@@ -39,7 +42,9 @@ from pytest_sandbox.syscall_suite import (
     requested_identity,
     requirements_of,
 )
-from pytest_sandbox.verdicts import Judgement, Outcome, Verdict
+from pytest_sandbox.seccomp.compiler import CompiledFilter, compile_policy
+from pytest_sandbox.seccomp.launcher import Identity, NetworkPlacement, check_host_support
+from pytest_sandbox.verdicts.judgement import Judgement, Outcome, Verdict
 
 
 @dataclass(frozen=True)

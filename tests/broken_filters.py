@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pyseccomp
 
-from pytest_sandbox.compiler import CompiledFilter, compile_policy
-from pytest_sandbox.filter_plan import plan_policy
-from pytest_sandbox.policy import ArgRule, Policy
+from pytest_sandbox.policy.model import ArgRule, Policy
+from pytest_sandbox.seccomp.compiler import CompiledFilter, compile_policy
+from pytest_sandbox.seccomp.filter_plan import plan_policy
 
 DOCKER_LIKE = Path(__file__).resolve().parents[1] / "fixtures/oci/docker-like-default.json"
 

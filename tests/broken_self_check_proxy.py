@@ -18,8 +18,8 @@ from pathlib import Path
 if __name__ == "__main__":  # run as a script: use this checkout's package, not an installed copy
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pytest_sandbox.proxy import EgressProxy
-from pytest_sandbox.third_party_proxy import main_reference, reference_command
+from pytest_sandbox.network.proxy.server import EgressProxy
+from pytest_sandbox.network.third_party import main_reference, reference_command
 
 COMMAND = reference_command(sys.executable, str(Path(__file__).resolve()))
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pytest_sandbox.syscall_suite import ExecTarget, all_capabilities, harness_identity
+from pytest_sandbox.probes.syscall import ExecTarget, all_capabilities, harness_identity
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,6 +1,6 @@
 """A deliberately broken proxy: the reference proxy's answers, then a dial 200 ms after every 403.
 
-It relays each client connection to an inner reference :class:`~pytest_sandbox.proxy.EgressProxy`
+It relays each client connection to an inner reference :class:`~pytest_sandbox.network.proxy.server.EgressProxy`
 and passes its answers back unchanged, so every refusal the client sees is genuine. But whenever
 the inner proxy refused a request with 403 for a destination it had already resolved, this relay
 dials that destination itself ``delay`` seconds after the client connection closed: it sends the
@@ -27,9 +27,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a command: the tree under test
 
-from pytest_sandbox.evidence import NONCE_HEADER
-from pytest_sandbox.proxy import Decision, EgressProxy, ProxyConfig
-from pytest_sandbox.route_lookup import local_route_socket
+from pytest_sandbox.network.lab.attribution import NONCE_HEADER
+from pytest_sandbox.network.proxy.server import Decision, EgressProxy, ProxyConfig
+from pytest_sandbox.network.route_lookup import local_route_socket
 
 DELAY_SECONDS = 0.2
 HEAD_LIMIT = 64 * 1024

@@ -19,7 +19,7 @@ from pathlib import Path
 if __name__ == "__main__":  # run as a script: use this checkout's package, not an installed copy
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pytest_sandbox.addresses import MalformedTarget, parse_absolute_form, parse_authority
+from pytest_sandbox.network.addresses import MalformedTarget, parse_absolute_form, parse_authority
 
 DIAL_DELAY_SECONDS = 0.15
 COMMAND = shlex.join([sys.executable, str(Path(__file__).resolve())]) + " --host {address} --port {port}"

@@ -14,8 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from pytest_sandbox import addresses
-from pytest_sandbox.addresses import (
+from pytest_sandbox.catalogues.ssrf_cases import (
+    CASE_PORT,
+    SSRF_CASES,
+    SsrfCase,
+    canary_addresses,
+    sample_addresses,
+)
+from pytest_sandbox.network import addresses
+from pytest_sandbox.network.addresses import (
     Authority,
     MalformedTarget,
     SpecialUseRange,
@@ -23,13 +30,6 @@ from pytest_sandbox.addresses import (
     load_special_use_table,
     parse_absolute_form,
     parse_authority,
-)
-from pytest_sandbox.catalogues.ssrf_cases import (
-    CASE_PORT,
-    SSRF_CASES,
-    SsrfCase,
-    canary_addresses,
-    sample_addresses,
 )
 
 TABLE = load_special_use_table()
@@ -56,7 +56,7 @@ SANDBOX_EXTRA_RANGES = {
 
 
 def _raw_table_lines() -> list[str]:
-    return resources.files("pytest_sandbox").joinpath("data/special_use.csv").read_text("utf-8").splitlines()
+    return resources.files("pytest_sandbox.network").joinpath("special_use.csv").read_text("utf-8").splitlines()
 
 
 def _rows_containing(address: IPv4Address | IPv6Address) -> list[SpecialUseRange]:

@@ -14,9 +14,9 @@ from __future__ import annotations
 import json
 import sys
 
-from pytest_sandbox.fake_backend import FakeInferenceBackend
-from pytest_sandbox.lab import NetworkLab
-from pytest_sandbox.network_fixtures import INFERENCE_ROUTE_KEY, ProxiedSandbox
+from pytest_sandbox.fixtures.network import INFERENCE_ROUTE_KEY, ProxiedSandbox
+from pytest_sandbox.inference.fake_backend import FakeInferenceBackend
+from pytest_sandbox.network.lab.lab import NetworkLab
 
 RUN_TIMEOUT_SECONDS = 30
 CHAT_URL = "https://inference.local/v1/chat/completions"

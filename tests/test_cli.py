@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from pytest_sandbox.cli import bpf_output_paths, diff_policies, main
-from pytest_sandbox.compiler import compile_policy
-from pytest_sandbox.policy import ArgRule, InferenceRoute, Policy, load_policy
+from pytest_sandbox.policy.model import ArgRule, InferenceRoute, Policy, load_policy
+from pytest_sandbox.seccomp.compiler import compile_policy
 
 ADDED_BY_PR_819 = (
     "process_vm_writev", "pidfd_open", "pidfd_getfd", "pidfd_send_signal", "fsopen", "fsconfig", "fsmount",

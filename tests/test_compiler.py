@@ -15,9 +15,10 @@ from broken_filters import DOCKER_LIKE, docker_like_profile_with_af_packet_rule
 from seccomp_bpf import ARCH_TOKENS, run_stack
 
 from pytest_sandbox.cli import main
-from pytest_sandbox.compiler import compile_plan, compile_policy
 from pytest_sandbox.errors import PolicyError
-from pytest_sandbox.filter_plan import (
+from pytest_sandbox.policy.model import SOCKET_FAMILIES, load_policy
+from pytest_sandbox.seccomp.compiler import compile_plan, compile_policy
+from pytest_sandbox.seccomp.filter_plan import (
     ALLOW,
     Action,
     Condition,
@@ -27,7 +28,6 @@ from pytest_sandbox.filter_plan import (
     PlannedRule,
     plan_policy,
 )
-from pytest_sandbox.policy import SOCKET_FAMILIES, load_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 AF_PACKET = SOCKET_FAMILIES["AF_PACKET"]
@@ -231,7 +231,7 @@ def test_the_cli_reports_a_policy_that_cannot_compile_in_one_line_with_status_2(
 
 
 def pidfd_getfd_case():
-    from pytest_sandbox.syscall_suite import denial_cases, requirements_of
+    from pytest_sandbox.probes.syscall import denial_cases, requirements_of
 
     policy = load_policy("baseline")
     case = next(c for c in denial_cases(requirements_of(policy, "proxy")) if c.case_id == "pidfd_getfd-native")
@@ -249,8 +249,8 @@ def pidfd_getfd_case():
     ("EBADF", "EBADF", "EPERM", "ALLOWED", "sentinel build: reached the kernel"),
 ])
 def test_a_denial_passes_only_when_both_builds_refuse(baseline, on_sentinel, on_real, verdict, reason):
-    from pytest_sandbox.syscall_suite import judge_both_builds
-    from pytest_sandbox.verdicts import Outcome
+    from pytest_sandbox.probes.syscall import judge_both_builds
+    from pytest_sandbox.verdicts.judgement import Outcome
 
     policy, case, sentinel, real = pidfd_getfd_case()
 

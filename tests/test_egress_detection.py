@@ -1,6 +1,6 @@
 """Detection proof for the egress category: launchers that do not isolate the network earn no BLOCKED.
 
-The category (``pytest_sandbox.egress_suite``) runs one probe under a launcher and judges where the
+The category (``pytest_sandbox.probes.egress``) runs one probe under a launcher and judges where the
 process ran and what it reached. Two deliberately broken launchers are kept here: one that runs the
 command in the harness's own (host) network namespace, as a launcher that isolates nothing would, and
 one that runs it in the lab namespace, next to every destination the proxy guards. Both must earn 0
@@ -21,7 +21,10 @@ from typing import Any
 
 import pytest
 
-from pytest_sandbox.egress_suite import (
+from pytest_sandbox.fixtures.network import ProxiedSandbox
+from pytest_sandbox.network.lab.lab import NetworkLab
+from pytest_sandbox.network.netns import NetnsHolder
+from pytest_sandbox.probes.egress import (
     DIRECT_TARGETS,
     EgressEvidence,
     EgressTarget,
@@ -35,10 +38,7 @@ from pytest_sandbox.egress_suite import (
     parse_report,
     run_egress_probe,
 )
-from pytest_sandbox.lab import NetworkLab
-from pytest_sandbox.netns import NetnsHolder
-from pytest_sandbox.network_fixtures import ProxiedSandbox
-from pytest_sandbox.verdicts import Verdict
+from pytest_sandbox.verdicts.judgement import Verdict
 
 
 @dataclass

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from pytest_sandbox.campaign import isolation_rounds
 from pytest_sandbox.catalogues.ssrf_cases import SSRF_CASES, SsrfCase
-from pytest_sandbox.evidence import (
+from pytest_sandbox.network.lab.attribution import (
     NONCE_HEADER,
     AttemptWindow,
     CatchAllHit,
@@ -14,7 +13,8 @@ from pytest_sandbox.evidence import (
     find_nonce,
     new_nonce,
 )
-from pytest_sandbox.ssrf_suite import Attempt, plausible_destinations
+from pytest_sandbox.probes.campaign import isolation_rounds
+from pytest_sandbox.probes.ssrf import Attempt, plausible_destinations
 
 GRACE = 0.5
 NONCE_A, NONCE_B, NONCE_C = "sbx-" + "a" * 16, "sbx-" + "b" * 16, "sbx-" + "c" * 16

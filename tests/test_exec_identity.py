@@ -22,18 +22,15 @@ from typing import Any
 import pytest
 from exec_targets import ROOT, failed_lines, id_prefix, run_syscall_suite, run_with_report, scorecard_row
 
-from pytest_sandbox.compiler import compile_policy
-from pytest_sandbox.launcher import Identity
-from pytest_sandbox.observed_identity import (
+from pytest_sandbox.policy.model import load_policy
+from pytest_sandbox.probes.observed_identity import (
     NAMESPACE_TYPES,
     ObservedIdentity,
     baseline_request,
     identity_mismatches,
     map_to_outside,
 )
-from pytest_sandbox.policy import load_policy
-from pytest_sandbox.probe_runner import whoami
-from pytest_sandbox.syscall_suite import (
+from pytest_sandbox.probes.syscall import (
     FilterRequirement,
     control_cases,
     denial_cases,
@@ -43,7 +40,10 @@ from pytest_sandbox.syscall_suite import (
     requirements_of,
     runner_script,
 )
-from pytest_sandbox.verdicts import Outcome, Verdict
+from pytest_sandbox.probes.syscall_runner import whoami
+from pytest_sandbox.seccomp.compiler import compile_policy
+from pytest_sandbox.seccomp.launcher import Identity
+from pytest_sandbox.verdicts.judgement import Outcome, Verdict
 
 NOBODY_WITHOUT_FILTER = ROOT / "tests/broken_targets/nobody_without_filter.sh"
 BWRAP = shutil.which("bwrap")

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_sandbox.categories import CATEGORIES, CategoryNotRun, category_of, marker_name
-from pytest_sandbox.scorecard import NOT_RUN, NOT_SELECTED, PROPERTY, RAN, Scorecard
+from pytest_sandbox.report.categories import CATEGORIES, CategoryNotRun, category_of, marker_name
+from pytest_sandbox.report.scorecard import NOT_RUN, NOT_SELECTED, PROPERTY, RAN, Scorecard
 
 ROOT = Path(__file__).resolve().parents[1]
 RESTRICTED_HOST = ROOT / "tests" / "restricted_host.py"

@@ -11,7 +11,7 @@ from typing import TypeVar
 import pytest
 
 from pytest_sandbox.catalogues.smuggling import H11_ONLY, SMUGGLING_CASES, SmugglingCase, case_by_id, render
-from pytest_sandbox.framing import (
+from pytest_sandbox.http.framing import (
     ChunkedBodyParser,
     FramingViolation,
     check_request_head,
@@ -19,7 +19,7 @@ from pytest_sandbox.framing import (
     first_bare_line_ending,
     frame_pipeline,
 )
-from pytest_sandbox.http_stream import (
+from pytest_sandbox.http.streams import (
     Request,
     RequestReader,
     ResponseReader,

@@ -17,7 +17,11 @@ from pathlib import Path
 import pytest
 
 from pytest_sandbox.catalogues.smuggling import FIRST_REQUEST_ONLY, H11_ONLY, SMUGGLING_CASES, case_by_id
-from pytest_sandbox.inference_suite import (
+from pytest_sandbox.fixtures.network import RunningProxy, interception_of, lab_proxy_config, start_proxy
+from pytest_sandbox.http.upstream import UpstreamRequest, UpstreamSegment
+from pytest_sandbox.network.lab.lab import NetworkLab
+from pytest_sandbox.network.third_party import squid_command, start_proxy_command, tinyproxy_command
+from pytest_sandbox.probes.smuggling import (
     ABSOLUTE,
     PATHS,
     TUNNEL,
@@ -30,12 +34,8 @@ from pytest_sandbox.inference_suite import (
     run_smuggling_campaign,
     tunnel_payload,
 )
-from pytest_sandbox.lab import NetworkLab
-from pytest_sandbox.network_fixtures import RunningProxy, interception_of, lab_proxy_config, start_proxy
-from pytest_sandbox.ssrf_suite import SsrfJudgement
-from pytest_sandbox.third_party_proxy import squid_command, start_proxy_command, tinyproxy_command
-from pytest_sandbox.upstream import UpstreamRequest, UpstreamSegment
-from pytest_sandbox.verdicts import Verdict
+from pytest_sandbox.probes.ssrf import SsrfJudgement
+from pytest_sandbox.verdicts.judgement import Verdict
 
 PUBLIC_ORIGIN = "11.0.0.10"
 DENIED_CANARY = "10.0.0.1"

@@ -20,20 +20,20 @@ import httpx
 import pytest
 import trustme
 
-from pytest_sandbox.fake_backend import FakeInferenceBackend
-from pytest_sandbox.inference_routes import (
-    DEFAULT_ROUTES,
-    InferenceRoute,
-    match_route,
-    parse_request_target,
-)
-from pytest_sandbox.interception import (
+from pytest_sandbox.inference.fake_backend import FakeInferenceBackend
+from pytest_sandbox.inference.interceptor import (
     InferenceBackendConfig,
     InferenceInterceptor,
     InterceptionCA,
     forwardable_request_headers,
     forwardable_response_headers,
     is_inference_authority,
+)
+from pytest_sandbox.inference.routes import (
+    DEFAULT_ROUTES,
+    InferenceRoute,
+    match_route,
+    parse_request_target,
 )
 
 # --------------------------------------------------------------------------------------------------

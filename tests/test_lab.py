@@ -25,8 +25,9 @@ from pathlib import Path
 import h11
 import pytest
 
-from pytest_sandbox.addresses import classify_address
-from pytest_sandbox.dns_stub import (
+from pytest_sandbox.errors import HostUnsupportedError
+from pytest_sandbox.network.addresses import classify_address
+from pytest_sandbox.network.dns_stub import (
     DnsFormatError,
     DnsQuery,
     DnsZone,
@@ -40,9 +41,8 @@ from pytest_sandbox.dns_stub import (
     parse_query,
     parse_response,
 )
-from pytest_sandbox.errors import HostUnsupportedError
-from pytest_sandbox.lab import LAB_PUBLIC_ORIGINS, ORIGIN_RECORD_LIMIT, NetworkLab
-from pytest_sandbox.netns import (
+from pytest_sandbox.network.lab.lab import LAB_PUBLIC_ORIGINS, ORIGIN_RECORD_LIMIT, NetworkLab
+from pytest_sandbox.network.netns import (
     HARNESS_MARK,
     NetnsHolder,
     assert_not_host_netns,
@@ -860,8 +860,8 @@ _UNPRIVILEGED_SCRIPT = textwrap.dedent("""
     import json, os, socket, sys
     sys.path[:0] = sys.argv[1:3]
     from pytest_sandbox.errors import HostUnsupportedError
-    from pytest_sandbox.lab import NetworkLab
-    from pytest_sandbox.netns import ensure_lab_socket
+    from pytest_sandbox.network.lab.lab import NetworkLab
+    from pytest_sandbox.network.netns import ensure_lab_socket
     try:
         lab = NetworkLab.start(["10.0.0.1", "fd00:ec2::254"], names={"meta.test": ["10.0.0.1"]})
     except HostUnsupportedError as exc:
@@ -938,7 +938,7 @@ def test_lab_works_for_an_unprivileged_user_through_a_user_namespace() -> None:
 
 @needs_netns
 def test_start_failure_is_a_host_unsupported_error_naming_the_lab(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("pytest_sandbox.netns._HELPER_BOOTSTRAP", "import sys; sys.exit(3)")
+    monkeypatch.setattr("pytest_sandbox.network.netns._HELPER_BOOTSTRAP", "import sys; sys.exit(3)")
     with pytest.raises(HostUnsupportedError, match="'doomed'"):
         NetnsHolder.start(name="doomed")
 

@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-from pytest_sandbox.compiler import compile_policy
 from pytest_sandbox.errors import LaunchError
-from pytest_sandbox.launcher import FreshNamespaces, Identity, NetworkPlacement, Sandbox, SandboxSpec
-from pytest_sandbox.policy import load_policy
+from pytest_sandbox.policy.model import load_policy
+from pytest_sandbox.seccomp.compiler import compile_policy
+from pytest_sandbox.seccomp.launcher import FreshNamespaces, Identity, NetworkPlacement, Sandbox, SandboxSpec
 
 PTRACE_PEEK = (
     "import ctypes; c = ctypes.CDLL(None, use_errno=True); c.syscall(101, 2, -1, 0, 0); print(ctypes.get_errno())"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pytest_sandbox.errors import PolicyError
-from pytest_sandbox.policy import SOCKET_FAMILIES, ArgRule, load_policy
+from pytest_sandbox.policy.model import SOCKET_FAMILIES, ArgRule, load_policy
 
 ADDED_BY_819 = {
     "process_vm_writev", "pidfd_open", "pidfd_getfd", "pidfd_send_signal", "fsopen", "fsconfig", "fsmount",

@@ -18,20 +18,20 @@ from pathlib import Path
 import pytest
 from broken_proxies.stale_defaults import STALE_PROXY_CONFTEST
 
-from pytest_sandbox.allowlist_suite import (
+from pytest_sandbox.errors import PolicyError
+from pytest_sandbox.fixtures.network import lab_proxy_config
+from pytest_sandbox.inference.interceptor import InferenceBackendConfig
+from pytest_sandbox.inference.routes import DEFAULT_ROUTES, InferenceRoute, RouteProbe, route_probes
+from pytest_sandbox.network.proxy.server import ProxyConfig
+from pytest_sandbox.policy.model import NetworkPolicy, Policy, baseline_policy, load_policy
+from pytest_sandbox.probes.allowlist import (
     AllowlistProbe,
     allowlist_gaps,
     allowlist_probes,
     judge_allowlist_probe,
     suite_destinations,
 )
-from pytest_sandbox.errors import PolicyError
-from pytest_sandbox.inference_routes import DEFAULT_ROUTES, InferenceRoute, RouteProbe, route_probes
-from pytest_sandbox.interception import InferenceBackendConfig
-from pytest_sandbox.network_fixtures import lab_proxy_config
-from pytest_sandbox.policy import NetworkPolicy, Policy, baseline_policy, load_policy
-from pytest_sandbox.proxy import ProxyConfig
-from pytest_sandbox.verdicts import Verdict
+from pytest_sandbox.verdicts.judgement import Verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -240,7 +240,7 @@ def test_tunnel_smuggling_under_a_policy_that_does_not_route_its_requests_does_n
 
 def test_the_stale_proxy_is_indistinguishable_under_the_baseline(pytester: pytest.Pytester) -> None:
     """The difference is the policy alone: with the defaults in force the stale proxy passes."""
-    result = run_suite(pytester, "test_inference.py", ROOT / "pytest_sandbox/policies/baseline.toml", stale=True)
+    result = run_suite(pytester, "test_inference.py", ROOT / "pytest_sandbox/policy/bundled/baseline.toml", stale=True)
     assert result.ret == 0, result.stdout.str()[-3000:]
 
 

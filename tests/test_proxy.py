@@ -23,8 +23,6 @@ from typing import Any
 import h11
 import pytest
 
-from pytest_sandbox import proxy as proxy_module
-from pytest_sandbox.addresses import AddressVerdict, classify_address
 from pytest_sandbox.catalogues.smuggling import (
     FIRST_REQUEST_ONLY,
     H11_ONLY,
@@ -32,8 +30,10 @@ from pytest_sandbox.catalogues.smuggling import (
     SmugglingCase,
     render,
 )
-from pytest_sandbox.proxy import EgressProxy, ProxyConfig
-from pytest_sandbox.route_lookup import local_route_socket
+from pytest_sandbox.network.addresses import AddressVerdict, classify_address
+from pytest_sandbox.network.proxy import server as proxy_module
+from pytest_sandbox.network.proxy.server import EgressProxy, ProxyConfig
+from pytest_sandbox.network.route_lookup import local_route_socket
 
 ALLOWED_HOST = "allowed.test"
 ALLOWED_ADDRESS = "93.184.215.14"  # public-looking; only ever reached through the table below

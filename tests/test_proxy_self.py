@@ -15,14 +15,14 @@ from collections.abc import Callable, Iterator
 import pytest
 from broken_self_check_proxy import TextSelfCheckProxy
 
-from pytest_sandbox.addresses import AddressVerdict, classify_address
 from pytest_sandbox.catalogues.self_cases import spellings_for
-from pytest_sandbox.lab import NetworkLab
-from pytest_sandbox.netns import NetnsHolder, host_can_create_netns
-from pytest_sandbox.network_fixtures import lab_proxy_config
-from pytest_sandbox.proxy import EgressProxy
-from pytest_sandbox.socket_table import peers_of, read_tcp_table
-from pytest_sandbox.ssrf_suite import HttpReply, parse_reply
+from pytest_sandbox.fixtures.network import lab_proxy_config
+from pytest_sandbox.network.addresses import AddressVerdict, classify_address
+from pytest_sandbox.network.lab.lab import NetworkLab
+from pytest_sandbox.network.netns import NetnsHolder, host_can_create_netns
+from pytest_sandbox.network.proxy.server import EgressProxy
+from pytest_sandbox.network.socket_table import peers_of, read_tcp_table
+from pytest_sandbox.probes.ssrf import HttpReply, parse_reply
 
 IO_TIMEOUT = 3.0
 _ports = itertools.count(8170)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_sandbox.categories import CATEGORIES
-from pytest_sandbox.report import verdict_map
+from pytest_sandbox.report.categories import CATEGORIES
+from pytest_sandbox.report.writers import verdict_map
 
 ROOT = Path(__file__).resolve().parents[1]
 

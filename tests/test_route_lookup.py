@@ -1,4 +1,4 @@
-"""rtnetlink route lookups (pytest_sandbox.route_lookup): the encoding, and the kernel's answers in a
+"""rtnetlink route lookups (pytest_sandbox.network.route_lookup): the encoding, and the kernel's answers in a
 namespace the test makes (plain, then with AnyIP routes, where bind(2) and the route disagree for IPv6)."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 
 import pytest
 
-from pytest_sandbox.netns import NetnsHolder, host_can_create_netns
-from pytest_sandbox.route_lookup import (
+from pytest_sandbox.network.netns import NetnsHolder, host_can_create_netns
+from pytest_sandbox.network.route_lookup import (
     RTM_GETROUTE,
     RTM_NEWROUTE,
     RTN_LOCAL,

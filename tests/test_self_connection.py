@@ -1,4 +1,4 @@
-"""The self-connection decision (pytest_sandbox.self_connection) and the unwrapping it shares with the
+"""The self-connection decision (pytest_sandbox.network.proxy.self_connection) and the unwrapping it shares with the
 classifier (addresses.embedded_ipv4): pure table tests, no sockets."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 
 import pytest
 
-from pytest_sandbox.addresses import embedded_ipv4
-from pytest_sandbox.self_connection import reached_addresses, self_connection
+from pytest_sandbox.network.addresses import embedded_ipv4
+from pytest_sandbox.network.proxy.self_connection import reached_addresses, self_connection
 
 V4 = IPv4Address("11.0.0.20")
 

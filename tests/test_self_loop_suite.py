@@ -7,10 +7,11 @@ from ipaddress import ip_address
 
 import pytest
 
-from pytest_sandbox.addresses import parse_absolute_form, parse_authority
 from pytest_sandbox.catalogues.self_cases import SELF_SPELLINGS, spellings_for
-from pytest_sandbox.self_connection import reached_addresses
-from pytest_sandbox.self_loop_suite import (
+from pytest_sandbox.network.addresses import parse_absolute_form, parse_authority
+from pytest_sandbox.network.proxy.self_connection import reached_addresses
+from pytest_sandbox.network.socket_table import TcpSocket
+from pytest_sandbox.probes.self_loop import (
     LOOP_ORIGIN,
     SELF_CASES,
     LoopEvidence,
@@ -21,9 +22,8 @@ from pytest_sandbox.self_loop_suite import (
     self_attempt,
     self_case_names,
 )
-from pytest_sandbox.socket_table import TcpSocket
-from pytest_sandbox.ssrf_suite import HttpReply, ProxyReply
-from pytest_sandbox.verdicts import Verdict
+from pytest_sandbox.probes.ssrf import HttpReply, ProxyReply
+from pytest_sandbox.verdicts.judgement import Verdict
 
 ENDPOINT = ("11.0.0.20", 8080)
 

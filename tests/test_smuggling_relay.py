@@ -26,21 +26,21 @@ from broken_proxies.raw_interceptor import RawRelayInterceptor
 from broken_proxies.raw_relay import destination
 
 from pytest_sandbox.catalogues.smuggling import SMUGGLING_CASES, case_by_id, render
-from pytest_sandbox.fake_backend import FakeInferenceBackend
-from pytest_sandbox.inference_suite import (
+from pytest_sandbox.fixtures.network import RunningProxy, interception_of, lab_proxy_config
+from pytest_sandbox.inference.fake_backend import FakeInferenceBackend
+from pytest_sandbox.inference.interceptor import INFERENCE_HOST, INFERENCE_PORT, InferenceBackendConfig
+from pytest_sandbox.network.lab.lab import NetworkLab
+from pytest_sandbox.network.proxy.server import EgressProxy, InterceptHandler
+from pytest_sandbox.network.third_party import ThirdPartyProxy, start_proxy_command
+from pytest_sandbox.probes.smuggling import (
     ABSOLUTE,
     TUNNEL,
     build_attempts,
     run_smuggling_campaign,
     tunnel_payload,
 )
-from pytest_sandbox.interception import INFERENCE_HOST, INFERENCE_PORT, InferenceBackendConfig
-from pytest_sandbox.lab import NetworkLab
-from pytest_sandbox.network_fixtures import RunningProxy, interception_of, lab_proxy_config
-from pytest_sandbox.proxy import EgressProxy, InterceptHandler
-from pytest_sandbox.ssrf_suite import SsrfJudgement
-from pytest_sandbox.third_party_proxy import ThirdPartyProxy, start_proxy_command
-from pytest_sandbox.verdicts import Verdict
+from pytest_sandbox.probes.ssrf import SsrfJudgement
+from pytest_sandbox.verdicts.judgement import Verdict
 
 ROOT = Path(__file__).resolve().parent.parent
 RELAY = Path(__file__).resolve().parent / "broken_proxies" / "raw_relay.py"

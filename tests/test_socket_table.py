@@ -1,4 +1,4 @@
-"""The kernel socket table and TCP counters as loop evidence (pytest_sandbox.socket_table).
+"""The kernel socket table and TCP counters as loop evidence (pytest_sandbox.network.socket_table).
 
 Parsing is table-tested on lines in the kernel's own format; one lab test checks that the lab's real
 table, read from outside the namespace, shows both ends of a connection made inside it.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_sandbox.socket_table import (
+from pytest_sandbox.network.socket_table import (
     TCP_LISTEN,
     TcpSocket,
     parse_tcp_counters,

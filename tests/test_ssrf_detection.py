@@ -21,13 +21,13 @@ from pathlib import Path
 import pytest
 from late_dial_proxy import LateDialer
 
-from pytest_sandbox.addresses import AddressVerdict, classify_address, parse_authority
-from pytest_sandbox.campaign import GRACE_SECONDS, audit_lab
 from pytest_sandbox.catalogues.ssrf_cases import SSRF_CASES, SsrfCase
-from pytest_sandbox.lab import NetworkLab
-from pytest_sandbox.netns import host_can_create_netns
-from pytest_sandbox.network_fixtures import RunningProxy, lab_proxy_config, start_lab, start_proxy
-from pytest_sandbox.ssrf_suite import (
+from pytest_sandbox.fixtures.network import RunningProxy, lab_proxy_config, start_lab, start_proxy
+from pytest_sandbox.network.addresses import AddressVerdict, classify_address, parse_authority
+from pytest_sandbox.network.lab.lab import NetworkLab
+from pytest_sandbox.network.netns import host_can_create_netns
+from pytest_sandbox.probes.campaign import GRACE_SECONDS, audit_lab
+from pytest_sandbox.probes.ssrf import (
     AttemptExchange,
     ProxyReply,
     build_attempts,
@@ -36,7 +36,7 @@ from pytest_sandbox.ssrf_suite import (
     run_attempt,
     run_ssrf_campaign,
 )
-from pytest_sandbox.verdicts import Verdict
+from pytest_sandbox.verdicts.judgement import Verdict
 
 ATTEMPTS = build_attempts()
 CGNAT = ipaddress.ip_network("100.64.0.0/10")

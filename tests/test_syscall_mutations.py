@@ -12,18 +12,18 @@ from pathlib import Path
 import pytest
 from broken_filters import docker_like_profile_with_af_packet_rule, hand_built, legacy_real_build
 
-from pytest_sandbox.compiler import CompiledFilter, compile_policy
-from pytest_sandbox.launcher import Identity, NetworkPlacement
-from pytest_sandbox.policy import Policy, load_policy
-from pytest_sandbox.session import SandboxOptions, SandboxSession
-from pytest_sandbox.syscall_suite import (
+from pytest_sandbox.policy.model import Policy, load_policy
+from pytest_sandbox.probes.syscall import (
     SandboxTarget,
     control_cases,
     denial_cases,
     judge,
     requirements_of,
 )
-from pytest_sandbox.verdicts import Judgement, Verdict
+from pytest_sandbox.seccomp.compiler import CompiledFilter, compile_policy
+from pytest_sandbox.seccomp.launcher import Identity, NetworkPlacement
+from pytest_sandbox.session import SandboxOptions, SandboxSession
+from pytest_sandbox.verdicts.judgement import Judgement, Verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 ADDED_BY_819 = (

@@ -4,7 +4,7 @@ tinyproxy has no destination-address classification (network.md §6), so run thr
 attempts as the conformance suite, inside the same lab, it must let a large part of the denied cases
 reach their canaries, and each such failure must name the destination and the canary. It is a
 working proxy, so it must pass every positive control. Starting commands inside the lab
-(:mod:`pytest_sandbox.third_party_proxy`) is tested with small stand-in commands.
+(:mod:`pytest_sandbox.network.third_party`) is tested with small stand-in commands.
 """
 
 from __future__ import annotations
@@ -23,20 +23,10 @@ import pytest
 from broken_self_check_proxy import COMMAND as BROKEN_SELF_CHECK
 from late_self_dialer_proxy import COMMAND as LATE_SELF_DIALER
 
-from pytest_sandbox import network_fixtures
-from pytest_sandbox.lab import NetworkLab
-from pytest_sandbox.network_fixtures import start_proxy
-from pytest_sandbox.self_loop_suite import (
-    SELF_CASES,
-    SelfTarget,
-    describe_late_loops,
-    run_instance_control,
-    run_self_attempt,
-    self_attempt,
-    start_self_targets,
-)
-from pytest_sandbox.ssrf_suite import Attempt, SsrfJudgement, build_attempts, run_attempt
-from pytest_sandbox.third_party_proxy import (
+from pytest_sandbox.fixtures import network as network_fixtures
+from pytest_sandbox.fixtures.network import start_proxy
+from pytest_sandbox.network.lab.lab import NetworkLab
+from pytest_sandbox.network.third_party import (
     ProxyStartError,
     ThirdPartyProxy,
     attach_proxy_url,
@@ -46,7 +36,17 @@ from pytest_sandbox.third_party_proxy import (
     tinyproxy_command,
     tinyproxy_conf_text,
 )
-from pytest_sandbox.verdicts import Verdict
+from pytest_sandbox.probes.self_loop import (
+    SELF_CASES,
+    SelfTarget,
+    describe_late_loops,
+    run_instance_control,
+    run_self_attempt,
+    self_attempt,
+    start_self_targets,
+)
+from pytest_sandbox.probes.ssrf import Attempt, SsrfJudgement, build_attempts, run_attempt
+from pytest_sandbox.verdicts.judgement import Verdict
 
 ROOT = Path(__file__).resolve().parent.parent
 ATTEMPTS = build_attempts()
@@ -153,12 +153,12 @@ def test_reference_proxy_passes_every_case_tinyproxy_fails_in_the_same_lab(_netw
 
 # --- end to end: pytest --sandbox --sandbox-proxy-cmd ---------------------------------------------
 
-FIXTURE_USES_PROXY_CMD = "third_party_proxy" in inspect.getsource(network_fixtures)
+FIXTURE_USES_PROXY_CMD = "network.third_party" in inspect.getsource(network_fixtures)
 
 
 @needs_tinyproxy
 @pytest.mark.skipif(not FIXTURE_USES_PROXY_CMD, reason="PENDING: needs the sandbox_proxy fixture change in "
-                    "network_fixtures.py (start --sandbox-proxy-cmd via pytest_sandbox.third_party_proxy); "
+                    "network_fixtures.py (start --sandbox-proxy-cmd via pytest_sandbox.network.third_party); "
                     "until then the suite would test the reference proxy")
 def test_conformance_run_with_tinyproxy_command_fails_and_names_destination_and_canary(tmp_path):
     command = tinyproxy_command(tmp_path / "conf")
@@ -282,7 +282,7 @@ def test_proxy_url_that_is_not_a_lab_proxy_is_refused(_network_lab, url, message
 # --- {address}: the self-connection cases against third parties ----------------------------------
 #
 # The harness starts further instances of a --sandbox-proxy-cmd on a lab public address and on 0.0.0.0
-# (pytest_sandbox.self_loop_suite), where only a self check can refuse the proxy's own address. Loops
+# (pytest_sandbox.probes.self_loop), where only a self check can refuse the proxy's own address. Loops
 # are seen in the lab's socket table and by a nonce sent through the tunnel, never in a proxy's log.
 
 def run_self_cases(lab: NetworkLab, command: str, cases=SELF_CASES) -> tuple[dict[str, SsrfJudgement],

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_sandbox.compiler import compile_policy
-from pytest_sandbox.policy import load_policy
+from pytest_sandbox.policy.model import load_policy
+from pytest_sandbox.seccomp.compiler import compile_policy
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pytest_sandbox"
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -21,10 +21,10 @@ SYSTEM_PYTHON = "/usr/bin/python3"
 # Runs as uid 65534 with only the stdlib and the package: the filter was compiled by the caller.
 UNPRIVILEGED_RUN = r"""
 import base64, json, sys
-from pytest_sandbox.compiler import CompiledFilter, RuleAction
-from pytest_sandbox.launcher import Identity, NetworkPlacement
-from pytest_sandbox.policy import load_policy
-from pytest_sandbox.syscall_suite import SandboxTarget, control_cases, denial_cases, judge, requirements_of
+from pytest_sandbox.seccomp.compiler import CompiledFilter, RuleAction
+from pytest_sandbox.seccomp.launcher import Identity, NetworkPlacement
+from pytest_sandbox.policy.model import load_policy
+from pytest_sandbox.probes.syscall import SandboxTarget, control_cases, denial_cases, judge, requirements_of
 data = json.loads(sys.stdin.read())
 policy = load_policy(data["policy"])
 compiled = CompiledFilter(data["name"], "proxy", True, tuple(base64.b64decode(p) for p in data["programs"]),
@@ -64,7 +64,8 @@ def test_unprivileged_caller_proves_every_baseline_deny_in_proxy_mode(world_read
     import base64
 
     payload = json.dumps({
-        "policy": str(world_readable_package / "pytest_sandbox/policies/baseline.toml"), "name": compiled.policy_name,
+        "policy": str(world_readable_package / "pytest_sandbox/policy/bundled/baseline.toml"),
+        "name": compiled.policy_name,
         "programs": [base64.b64encode(p).decode() for p in compiled.programs],
         "actions": [[a.rule, a.errno] for a in compiled.actions],
     })

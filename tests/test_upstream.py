@@ -17,19 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from pytest_sandbox.catalogues.smuggling import case_by_id, render
-from pytest_sandbox.fake_backend import FakeInferenceBackend, RecordedRequest
-from pytest_sandbox.inference_suite import (
-    ABSOLUTE,
-    TUNNEL,
-    Exchange,
-    ParsedResponse,
-    SmugglingAttempt,
-    build_attempts,
-    judge_backend_record,
-    judge_exchange,
-    parse_responses,
-)
-from pytest_sandbox.upstream import (
+from pytest_sandbox.http.upstream import (
     MARK_HEADER,
     STREAM_RECORD_LIMIT,
     ReceivedStream,
@@ -43,7 +31,19 @@ from pytest_sandbox.upstream import (
     received_counts,
     shown,
 )
-from pytest_sandbox.verdicts import Verdict
+from pytest_sandbox.inference.fake_backend import FakeInferenceBackend, RecordedRequest
+from pytest_sandbox.probes.smuggling import (
+    ABSOLUTE,
+    TUNNEL,
+    Exchange,
+    ParsedResponse,
+    SmugglingAttempt,
+    build_attempts,
+    judge_backend_record,
+    judge_exchange,
+    parse_responses,
+)
+from pytest_sandbox.verdicts.judgement import Verdict
 
 ORIGIN = "11.0.0.10"
 DENIED = "10.0.0.1"

@@ -12,12 +12,9 @@ from __future__ import annotations
 import h11
 import pytest
 
-from pytest_sandbox.campaign import audit_upstream
 from pytest_sandbox.catalogues.smuggling import SMUGGLING_CASES, render
-from pytest_sandbox.evidence import NONCE_HEADER, AttemptWindow
-from pytest_sandbox.framing import frame_pipeline
-from pytest_sandbox.inference_suite import tunnel_payload
-from pytest_sandbox.upstream import (
+from pytest_sandbox.http.framing import frame_pipeline
+from pytest_sandbox.http.upstream import (
     ReceivedStream,
     UpstreamLedger,
     attribute_pieces,
@@ -26,6 +23,9 @@ from pytest_sandbox.upstream import (
     stream_address,
     with_nonce,
 )
+from pytest_sandbox.network.lab.attribution import NONCE_HEADER, AttemptWindow
+from pytest_sandbox.probes.campaign import audit_upstream
+from pytest_sandbox.probes.smuggling import tunnel_payload
 
 NONCE = "sbx-0123456789abcdef"
 A, B = "sbx-aaaaaaaaaaaaaaaa", "sbx-bbbbbbbbbbbbbbbb"

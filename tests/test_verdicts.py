@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import signal
 
-from pytest_sandbox.verdicts import Outcome, Verdict, judge_denial, judge_reaches_kernel, judge_works
+from pytest_sandbox.verdicts.judgement import Outcome, Verdict, judge_denial, judge_reaches_kernel, judge_works
 
 EPERM, EINVAL, ENOSYS = Outcome.errno(errno.EPERM), Outcome.errno(errno.EINVAL), Outcome.errno(errno.ENOSYS)
 SIGSYS = Outcome.killed_by(signal.SIGSYS)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_sandbox.compiler import compile_policy
-from pytest_sandbox.policy import load_policy
+from pytest_sandbox.policy.model import load_policy
+from pytest_sandbox.seccomp.compiler import compile_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,8 +30,8 @@ def wheel(tmp_path_factory) -> Path:
 def test_wheel_carries_the_suite_the_policies_and_the_data(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     for required in ("pytest_sandbox/conformance/test_syscalls.py", "pytest_sandbox/conformance/test_ssrf.py",
-                     "pytest_sandbox/policies/baseline.toml", "pytest_sandbox/data/special_use.csv",
-                     "pytest_sandbox/probe_runner.py", "pytest_sandbox/_zygote.py"):
+                     "pytest_sandbox/policy/bundled/baseline.toml", "pytest_sandbox/network/special_use.csv",
+                     "pytest_sandbox/probes/syscall_runner.py", "pytest_sandbox/seccomp/spawner.py"):
         assert required in names, required
 
 

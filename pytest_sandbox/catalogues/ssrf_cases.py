@@ -2,7 +2,7 @@
 
 Three parts, in this order in ``SSRF_CASES``:
 
-* **Range cases**, generated from ``data/special_use.csv`` so the catalogue never drifts from the
+* **Range cases**, generated from ``network/special_use.csv`` so the catalogue never drifts from the
   table: the first, last and one inner address of every row (the one address of a /32 or /128),
   plus well-known cloud-metadata addresses.  Expected ``denied``.
 * **Positive controls**: public addresses just outside a row's edges (IPv4, and IPv6 rows inside
@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
-from pytest_sandbox.addresses import SpecialUseRange, classify_address, load_special_use_table
+from pytest_sandbox.network.addresses import SpecialUseRange, classify_address, load_special_use_table
 
 __all__ = ["CASE_PORT", "SSRF_CASES", "SsrfCase", "canary_addresses", "sample_addresses", "ssrf_cases"]
 

@@ -3,7 +3,7 @@
 ``python late_forwarder.py --port PORT [--address ADDR] [--delay SECONDS]``
 
 Per client connection it relays every byte to an inner reference
-:class:`~pytest_sandbox.proxy.EgressProxy` and passes its answers back unchanged, so the client sees
+:class:`~pytest_sandbox.network.proxy.server.EgressProxy` and passes its answers back unchanged, so the client sees
 genuine answers: positive controls work and every smuggling case gets the reference's refusal
 (400/403/431/501) and a close. But it keeps every byte the client sent, and when an answer was a
 refusal it closes the client connection and ``delay`` seconds later (200 ms) dials the first
@@ -37,9 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from raw_relay import destination
 
-from pytest_sandbox.interception import InferenceInterceptor, TlsStream, UpstreamError
-from pytest_sandbox.proxy import EgressProxy, ProxyConfig
-from pytest_sandbox.route_lookup import local_route_socket
+from pytest_sandbox.inference.interceptor import InferenceInterceptor, TlsStream, UpstreamError
+from pytest_sandbox.network.proxy.server import EgressProxy, ProxyConfig
+from pytest_sandbox.network.route_lookup import local_route_socket
 
 DELAY_SECONDS = 0.2
 READ_SIZE = 65536

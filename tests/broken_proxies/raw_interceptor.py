@@ -1,7 +1,7 @@
 """A deliberately broken ``inference.local`` interceptor: TLS in, every decrypted byte out, nothing checked.
 
 It terminates the client's TLS with the interception CA and dials the backend exactly like the
-reference :class:`~pytest_sandbox.interception.InferenceInterceptor` (lab resolver, lab sockets,
+reference :class:`~pytest_sandbox.inference.interceptor.InferenceInterceptor` (lab resolver, lab sockets,
 verified upstream TLS), and adds the route's key after the first request line so that a lone
 routed request works. Then it pipes bytes both ways: no framing, no routing, no second look at a
 pipelined request. The tunnel-path twin of ``raw_relay.py``; detection tests run the smuggling
@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from pytest_sandbox.interception import InferenceInterceptor, TlsStream, UpstreamError
+from pytest_sandbox.inference.interceptor import InferenceInterceptor, TlsStream, UpstreamError
 
 READ_SIZE = 65536
 IDLE_SECONDS = 5.0

@@ -10,9 +10,9 @@ policy that changes a route or a port the conformance suite must fail it, naming
 
 from __future__ import annotations
 
-from pytest_sandbox.lab import NetworkLab
-from pytest_sandbox.network_fixtures import LAB_PROXY_TIMEOUTS, RunningProxy, interception_of, start_proxy
-from pytest_sandbox.proxy import ProxyConfig
+from pytest_sandbox.fixtures.network import LAB_PROXY_TIMEOUTS, RunningProxy, interception_of, start_proxy
+from pytest_sandbox.network.lab.lab import NetworkLab
+from pytest_sandbox.network.proxy.server import ProxyConfig
 
 
 def start_stale_proxy(lab: NetworkLab, port: int = 3128) -> RunningProxy:

@@ -1,0 +1,227 @@
+"""Which requests on an intercepted ``inference.local`` connection count as inference traffic.
+
+Pure: no sockets, no I/O. The interceptor asks :func:`match_route` about every request it reads from
+the decrypted stream; anything that does not match is denied and the connection closed (the
+behaviour OpenShell adopted in PR #819).
+
+The matcher is deliberately *strict*. A proxy that normalises a path before matching (decoding
+``%2F``, resolving ``..``, collapsing ``//``, dropping a trailing ``/``, folding case) and then
+forwards the *original* bytes lets the backend see a different path from the one that was judged:
+the classic path-confusion bypass. Rather than normalise, every spelling other than the canonical
+one simply does not match. Each refusal rule below names the trick it closes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+WILDCARD_SEGMENT = "*"
+
+# RFC 9110 §9.1: a method is a case-sensitive token; the registered methods are upper case.
+_METHOD = re.compile(r"[A-Z]+")
+
+# RFC 3986 §3.3 pchar without pct-encoded: unreserved / sub-delims / ":" / "@". Anything else in a
+# path (space, CTL, "\\", non-ASCII, "%", "#", "[" ...) means the request is not in canonical form.
+_PCHAR_SEGMENT = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@]*")
+
+# What one ``*`` may stand for: a model id such as ``gpt-4o-mini`` or ``llama3:8b``. Narrower than
+# pchar on purpose: ``;`` is a path-parameter separator for Tomcat/Spring-style servers
+# (``..;/admin``), and the remaining sub-delims have no business in a model id.
+_WILDCARD_VALUE = re.compile(r"[A-Za-z0-9\-._~:@+]+")
+
+# RFC 3986 §3.1: scheme names are case-insensitive; only the two web schemes reach this proxy.
+_ABSOLUTE_FORM = re.compile(r"(?i:https?)://(?P<authority>[^/?#]*)(?P<rest>.*)", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class InferenceRoute:
+    """One allowed ``method path`` pair; ``*`` in the path stands for exactly one segment."""
+
+    method: str
+    path: str  # the pattern: literal segments, ``*`` for exactly one
+
+    def __post_init__(self) -> None:
+        if not _METHOD.fullmatch(self.method):
+            raise ValueError(f"route method must be an upper-case token, got {self.method!r}")
+        if not self.path.startswith("/"):
+            raise ValueError(f"route path must start with '/', got {self.path!r}")
+        for segment in self.path.split("/")[1:]:
+            if segment == WILDCARD_SEGMENT:
+                continue
+            if not segment or segment in (".", "..") or not _PCHAR_SEGMENT.fullmatch(segment):
+                raise ValueError(f"route path has an unmatchable segment {segment!r}: {self.path!r}")
+
+    def __str__(self) -> str:
+        return f"{self.method} {self.path}"
+
+    def example(self, wildcard: str = "fake-model") -> str:
+        """A concrete path this route matches: each ``*`` replaced by ``wildcard``."""
+        return "/".join(wildcard if segment == WILDCARD_SEGMENT else segment for segment in self.path.split("/"))
+
+    def matches(self, method: str, path: str) -> bool:
+        """Whether ``method`` and an already-canonical ``path`` (see :func:`request_path`) match."""
+        if method != self.method:
+            return False
+        wanted = self.path.split("/")
+        got = path.split("/")
+        if len(wanted) != len(got):
+            return False
+        return all(
+            _WILDCARD_VALUE.fullmatch(have) is not None and not _only_dots(have)
+            if want == WILDCARD_SEGMENT
+            else have == want
+            for want, have in zip(wanted, got, strict=True)
+        )
+
+
+@dataclass(frozen=True)
+class RouteProbe:
+    """One request for the route table to decide: ``routed`` is whether the enforced routes forward it."""
+
+    method: str
+    path: str
+    routed: bool
+
+    @property
+    def test_id(self) -> str:
+        return f"route-{self.method}-{self.path}"
+
+
+# Requests no route of OpenShell's table covers (network.md §4): each must be refused, unless the
+# enforced policy routes it. A wrong method on a routed path, an admin path, a file upload.
+NON_ROUTE_REQUESTS: tuple[tuple[str, str], ...] = (
+    ("GET", "/v1/chat/completions"),
+    ("DELETE", "/v1/models/fake-model"),
+    ("POST", "/v1/files"),
+    ("POST", "/v1/audio/transcriptions"),
+    ("GET", "/admin"),
+)
+
+
+def route_probes(enforced: Iterable[InferenceRoute], reference: Iterable[InferenceRoute] = (),
+                 extra: Iterable[tuple[str, str]] = NON_ROUTE_REQUESTS) -> tuple[RouteProbe, ...]:
+    """One probe per route of ``enforced``, per route of ``reference`` (the baseline's: a route the
+    policy dropped must now be refused) and per ``extra`` request, each decided by ``enforced``. Pure."""
+    table = tuple(enforced)
+    requests = [(route.method, route.example()) for route in (*table, *reference)] + list(extra)
+    return tuple(RouteProbe(method, path, match_route(table, method, path) is not None)
+                 for method, path in dict.fromkeys(requests))
+
+
+def baseline_routes() -> tuple[InferenceRoute, ...]:
+    """OpenShell's inference route table (network.md §4), as the bundled baseline policy lists it: the
+    one place it is written down. The interceptor and the judges take the enforced policy's routes;
+    this is only the default for callers that name none."""
+    from pytest_sandbox.policy.model import baseline_policy  # policy imports this module: resolve lazily
+
+    return baseline_policy().inference_routes
+
+
+def __getattr__(name: str) -> tuple[InferenceRoute, ...]:
+    # DEFAULT_ROUTES, read from the baseline policy on first use (PEP 562), not copied into code.
+    if name == "DEFAULT_ROUTES":
+        return baseline_routes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@dataclass(frozen=True)
+class RequestTarget:
+    """A request-target split into what routing needs.
+
+    ``authority`` is set only for absolute-form (``https://inference.local/v1/models``), so the
+    interceptor can hold it to the same ``inference.local`` rule as the Host header.
+    ``path`` is the canonical path, ``query`` the raw query without its ``?`` (``None`` if absent).
+    """
+
+    authority: str | None
+    path: str
+    query: str | None
+
+    @property
+    def origin_form(self) -> str:
+        """The target as it is sent upstream (RFC 9112 §3.2.1), with the query kept verbatim."""
+        return self.path if self.query is None else f"{self.path}?{self.query}"
+
+
+def parse_request_target(target: str | bytes) -> RequestTarget | None:
+    """Split ``target`` into authority, path and query, or ``None`` if it is not canonical.
+
+    Refused (``None``), each for the bypass it closes:
+
+    - non-ASCII bytes, CTLs, space, ``\\``: parsers disagree on them (some treat ``\\`` as ``/``);
+    - ``#``: a fragment is never part of a request-target (RFC 9112 §3.2); a backend that keeps it
+      sees a different path;
+    - asterisk-form ``*`` and authority-form ``host:port``: not used for inference requests;
+    - absolute-form with userinfo (``https://u@inference.local/...``): RFC 9110 §4.2.4 forbids it and
+      it is a classic host-confusion trick;
+    - ``%`` anywhere in the path: ``/v1/chat%2Fcompletions`` or ``/v1/%63hat/completions`` might be
+      decoded by the backend into a route this matcher did not see, or the reverse;
+    - ``.`` or ``..`` segments (RFC 3986 §5.2.4 dot-segment removal happens in some backends only);
+    - empty segments (``//``), including a trailing ``/``: many frameworks collapse them, some don't;
+    - characters outside RFC 3986 pchar.
+
+    Case is kept as sent: RFC 3986 §6.2.2.1 makes paths case-sensitive, so ``/V1/Models`` is a
+    different resource and matches no route.
+    """
+    text = _ascii(target)
+    if text is None or not text or any(ch <= " " or ch in "\x7f\\#" for ch in text):
+        return None
+    authority: str | None = None
+    if not text.startswith("/"):
+        absolute = _ABSOLUTE_FORM.fullmatch(text)
+        if absolute is None:
+            return None
+        authority = absolute.group("authority")
+        if not authority or "@" in authority:
+            return None
+        text = absolute.group("rest")
+        if not text.startswith("/"):
+            # "https://inference.local" or "https://inference.local?x": the path is empty, which
+            # RFC 9112 §3.2.2 turns into "/" -- and "/" is no route.
+            return None
+    path, separator, query = text.partition("?")
+    segments = path.split("/")[1:]
+    for segment in segments:
+        if not segment or segment in (".", "..") or not _PCHAR_SEGMENT.fullmatch(segment):
+            return None
+    return RequestTarget(authority=authority, path=path, query=query if separator else None)
+
+
+def request_path(target: str | bytes) -> str | None:
+    """The canonical path of ``target`` (query removed, absolute-form reduced), or ``None``."""
+    parsed = parse_request_target(target)
+    return None if parsed is None else parsed.path
+
+
+def match_route(
+    routes: Iterable[InferenceRoute], method: str | bytes, target: str | bytes
+) -> InferenceRoute | None:
+    """The first route that allows ``method target``, or ``None`` (the request must be denied).
+
+    The method is compared exactly: RFC 9110 §9.1 makes it case-sensitive, so ``post`` is not
+    ``POST`` (a backend that folds it would otherwise run a request nobody matched).
+    """
+    method_text = _ascii(method)
+    parsed = parse_request_target(target)
+    if method_text is None or parsed is None:
+        return None
+    for route in routes:
+        if route.matches(method_text, parsed.path):
+            return route
+    return None
+
+
+def _ascii(value: str | bytes) -> str | None:
+    if isinstance(value, bytes):
+        try:
+            return value.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+    return value if value.isascii() else None
+
+
+def _only_dots(segment: str) -> bool:
+    # "..." is harmless on POSIX but Windows-hosted backends strip trailing dots, turning it into "".
+    return segment.strip(".") == ""

@@ -1,0 +1,1055 @@
+"""The reference egress proxy: CONNECT and absolute-form HTTP/1.1, SSRF-safe, every request judged.
+
+The rule (network.md §3): canonicalise the authority (anything odd is 400) -> check the host and
+port policy -> resolve **once** with the injected resolver (IP literals are not resolved) ->
+classify **every** answer -> deny if any answer is special -> dial **exactly** a checked address
+with a socket from the injected factory (no hostname ever reaches a function that could resolve it
+again) -> repeat for every request on a keep-alive connection and every new upstream connection.
+
+Requests are framed strictly (:mod:`pytest_sandbox.http.framing`); a framing violation is answered and
+the connection closed without parsing another byte (network.md §5). Every request and CONNECT gets
+one :class:`Decision` with a reason code.
+
+Two switches weaken the proxy on purpose, so a conformance suite can prove it detects the holes
+they open: ``strict_framing=False`` (h11 0.16 framing only) and ``judge_every_request=False``
+(only the first request of a connection is judged; later ones ride its upstream connection, as
+OpenShell's absolute-form path did at PR #819).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import fnmatch
+import functools
+import ipaddress
+import itertools
+import json
+import os
+import socket
+import sys
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from pytest_sandbox.http.framing import FramingViolation
+from pytest_sandbox.http.streams import (
+    DEFAULT_MAX_BODY,
+    Request,
+    RequestReader,
+    Response,
+    ResponseReader,
+    write_response,
+)
+from pytest_sandbox.network.addresses import (
+    AddressVerdict,
+    Authority,
+    MalformedTarget,
+    classify_address,
+    parse_absolute_form,
+    parse_authority,
+)
+from pytest_sandbox.network.proxy.self_connection import self_connection
+from pytest_sandbox.network.route_lookup import is_delivered_locally
+
+if TYPE_CHECKING:
+    from pytest_sandbox.policy.model import Policy
+
+__all__ = [
+    "Decision",
+    "EgressProxy",
+    "InterceptHandler",
+    "ProxyConfig",
+    "Resolver",
+    "RouteSocketFactory",
+    "SocketFactory",
+]
+
+Resolver = Callable[[str], Awaitable[list[str]]]
+SocketFactory = Callable[[int], socket.socket]
+# Makes an AF_NETLINK / NETLINK_ROUTE socket in the namespace the proxy dials from (its route table).
+RouteSocketFactory = Callable[[], socket.socket]
+InterceptHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+ConnectInterceptor = Callable[[str, int], "InterceptHandler | None"]
+
+
+def _baseline_allowlist(name: str) -> Callable[[], Any]:
+    def default() -> Any:
+        from pytest_sandbox.policy.model import baseline_policy  # the one place the defaults are written down
+
+        return getattr(baseline_policy().network, name)
+
+    return default
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """How the proxy judges requests. The allowlist defaults to the baseline policy's; a session's
+    proxy is built with :meth:`from_policy` from the policy it enforces."""
+
+    # fnmatch patterns on the canonical (lowercase) host
+    allowed_hosts: tuple[str, ...] = field(default_factory=_baseline_allowlist("allowed_hosts"))
+    allowed_ports: tuple[int, ...] = field(default_factory=_baseline_allowlist("allowed_ports"))
+    classify: Callable[[str], AddressVerdict] = classify_address  # injection point for weakened proxies
+    strict_framing: bool = True  # False = weakened (h11 only)
+    judge_every_request: bool = True  # False = weakened (first request only)
+    max_head: int = 8192  # OpenShell answers 431 beyond 8 KiB (network.md §4)
+    max_body: int = DEFAULT_MAX_BODY
+    max_response_body: int = 32 * 2**20
+    idle_timeout: float = 60.0  # seconds a client connection may sit between requests
+    connect_timeout: float = 10.0
+    upstream_timeout: float = 60.0  # seconds to wait for a complete upstream response
+    resolve_timeout: float = 5.0
+
+    @classmethod
+    def from_policy(cls, policy: Policy, **settings: Any) -> ProxyConfig:
+        """The policy's ``[network]`` allowlist, plus ``settings`` (timeouts, weakenings)."""
+        allowlist = {"allowed_hosts": policy.network.allowed_hosts, "allowed_ports": policy.network.allowed_ports}
+        return cls(**{**allowlist, **settings})
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One judged request or CONNECT. ``reason`` is a stable code a human can act on."""
+
+    seq: int
+    client: str
+    method: str
+    target: str
+    host: str | None
+    port: int | None
+    action: str  # "allow" | "deny" | "error" | "intercept"
+    status: int
+    reason: str  # routed, intercepted, unjudged, ssrf_denied, policy_denied, malformed_target,
+    # https_absolute_form, header_too_large, upstream_unreachable, upstream_protocol_error,
+    # resolution_failed, framing:<case>
+    detail: str
+    addresses: tuple[str, ...]
+
+
+# RFC 9110 §7.6.1 hop-by-hop fields, plus what this proxy re-creates itself (Host from the target,
+# RFC 9112 §3.2.2; Content-Length from the decoded body) and Expect (the body is already read).
+_REQUEST_FIELDS_NOT_FORWARDED = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"host",
+        b"content-length",
+        b"expect",
+    }
+)
+_RESPONSE_FIELDS_NOT_FORWARDED = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade",
+     b"content-length"}
+)
+# RFC 9110 §8.6: a user agent SHOULD send Content-Length for these even when the body is empty.
+_METHODS_WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
+# RFC 9110 §9.2.2: safe to retry once on a stale keep-alive upstream connection.
+_IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
+_RELAY_CHUNK = 256 * 1024
+_STREAM_LIMIT = 1024 * 1024
+_LINGER_SECONDS = 2.0
+_LINGER_MAX_BYTES = 1 << 20
+_CLASSIFY_CACHE_SIZE = 4096
+
+_T = TypeVar("_T")
+
+if sys.version_info >= (3, 11):
+
+    async def _bounded(awaitable: Awaitable[_T], seconds: float) -> _T:
+        """Await with a deadline; ``asyncio.timeout`` costs one timer, not a task per call."""
+        async with asyncio.timeout(seconds):
+            return await awaitable
+
+else:  # pragma: no cover - Python 3.10
+
+    async def _bounded(awaitable: Awaitable[_T], seconds: float) -> _T:
+        return await asyncio.wait_for(awaitable, seconds)
+
+
+# parse_absolute_form is pure; keep-alive clients repeat the same targets, so cache its answers.
+_parse_absolute_form = functools.lru_cache(maxsize=1024)(parse_absolute_form)
+
+
+class _Refusal(Exception):
+    """A request the proxy answers itself, with a JSON body and a closed connection."""
+
+    def __init__(
+        self, status: int, reason: str, detail: str, *, addresses: tuple[str, ...] = (),
+        action: str | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.reason = reason
+        self.detail = detail
+        self.addresses = addresses
+        self.action = action or ("error" if status >= 500 and status != 501 else "deny")
+
+
+def _framing_refusal(violation: FramingViolation) -> _Refusal:
+    reason = "header_too_large" if violation.case == "head-too-large" else f"framing:{violation.case}"
+    return _Refusal(violation.status, reason, violation.detail)
+
+
+def _target_refusal(error: MalformedTarget) -> _Refusal:
+    reason = "https_absolute_form" if error.reason == "https_absolute_form" else "malformed_target"
+    return _Refusal(400, reason, f"{error} ({error.reason})")
+
+
+def _host_header(authority: Authority, default_port: int) -> str:
+    host = f"[{authority.host}]" if ":" in authority.host else authority.host
+    return host if authority.port == default_port else f"{host}:{authority.port}"
+
+
+def _connection_options(fields: tuple[tuple[bytes, bytes], ...]) -> set[bytes]:
+    """Field names a Connection header lists: hop-by-hop, removed before forwarding (RFC 9110 §7.6.1)."""
+    return {
+        token.strip(b" \t").lower()
+        for name, value in fields
+        if name == b"connection"
+        for token in value.split(b",")
+    }
+
+
+async def _connect_socket(sock: socket.socket, address: tuple[Any, ...]) -> None:
+    """Non-blocking connect to a numeric socket address; no name resolution can happen here.
+
+    ``loop.sock_connect`` would call getaddrinfo for an address whose family does not match the
+    socket's, which for a hostname-shaped string would be a second resolution.
+    """
+    loop = asyncio.get_running_loop()
+    sock.setblocking(False)
+    try:
+        sock.connect(address)
+        return
+    except (BlockingIOError, InterruptedError):
+        pass
+    writable = loop.create_future()
+    fd = sock.fileno()
+    def wake() -> None:
+        if not writable.done():
+            writable.set_result(None)
+
+    loop.add_writer(fd, wake)
+    try:
+        await writable
+    finally:
+        loop.remove_writer(fd)
+    error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if error:
+        name = errno.errorcode.get(error, str(error))
+        raise OSError(error, f"connect to {address[0]} port {address[1]}: {name}")
+
+
+@dataclass
+class _Upstream:
+    key: tuple[str, int]  # the checked (address, port) this connection was dialled to
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    max_body: int = 32 * 2**20
+    responses: ResponseReader = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.responses = ResponseReader(self.reader, max_body=self.max_body)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.close()
+
+
+class EgressProxy:
+    """The reference egress proxy. Serve it on a listening socket the caller made (in the lab's
+    network namespace); the proxy takes ownership of that socket."""
+
+    def __init__(
+        self,
+        config: ProxyConfig,
+        *,
+        resolver: Resolver,
+        socket_factory: SocketFactory,
+        connect_interceptor: ConnectInterceptor | None = None,
+        route_socket_factory: RouteSocketFactory | None,
+    ) -> None:
+        self.config = config
+        self._resolver = resolver
+        self._socket_factory = socket_factory
+        self._route_socket_factory = route_socket_factory
+        self._connect_interceptor = connect_interceptor
+        self._lock = threading.Lock()
+        self._decisions: list[Decision] = []
+        self._seq = itertools.count(1)
+        self._listening: set[tuple[str, int]] = set()  # as bound: a wildcard stays 0.0.0.0 / ::
+        self._listening_ports: frozenset[int] = frozenset()
+        self._classified: dict[str, AddressVerdict] = {}
+        self._host_allowed: dict[str, bool] = {}
+        self._allowed_ports = frozenset(config.allowed_ports)
+        self._host_patterns = tuple(pattern.lower() for pattern in config.allowed_hosts)
+        self._client_tasks: set[asyncio.Task[None]] = set()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Future[None] | None = None
+
+    # --- public surface -----------------------------------------------------------------------
+
+    @property
+    def decisions(self) -> list[Decision]:
+        """A copy of every decision so far, in order (safe to call from any thread)."""
+        with self._lock:
+            return list(self._decisions)
+
+    def self_addresses(self) -> set[tuple[str, int]]:
+        """The (address, port) pairs this proxy listens on, as bound; dialling one is a self-connection.
+
+        A wildcard pair (``0.0.0.0`` or ``::``) stands for every address local to the namespace,
+        judged when a request is checked (:mod:`pytest_sandbox.network.proxy.self_connection`).
+        """
+        with self._lock:
+            return set(self._listening)
+
+    async def serve(self, listen_sock: socket.socket) -> None:
+        """Accept clients on ``listen_sock`` until cancelled."""
+        server = await self._start_server(listen_sock)
+        try:
+            await server.serve_forever()
+        finally:
+            await self._shutdown(server)
+
+    def start_in_thread(self, listen_sock: socket.socket) -> None:
+        """Run the proxy on its own event loop in a daemon thread; returns once it accepts."""
+        if self._thread is not None:
+            raise RuntimeError("proxy already started")
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        async def run() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._stopping = self._loop.create_future()
+            try:
+                server = await self._start_server(listen_sock)
+            except BaseException as error:
+                failure.append(error)
+                ready.set()
+                raise
+            ready.set()
+            try:
+                await self._stopping
+            finally:
+                await self._shutdown(server)
+
+        def main() -> None:
+            with contextlib.suppress(BaseException):
+                asyncio.run(run())
+
+        self._thread = threading.Thread(target=main, name="egress-proxy", daemon=True)
+        self._thread.start()
+        ready.wait(timeout=30)
+        if failure:
+            raise failure[0]
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop a proxy started with ``start_in_thread``: close the listener and every connection."""
+        loop, stopping, thread = self._loop, self._stopping, self._thread
+        if loop is None or stopping is None or thread is None:
+            return
+        def wake() -> None:
+            if not stopping.done():
+                stopping.set_result(None)
+
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(wake)
+        thread.join(timeout)
+        self._thread = None
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def _start_server(self, listen_sock: socket.socket) -> asyncio.Server:
+        address = listen_sock.getsockname()
+        host, port = str(address[0]), int(address[1])
+        with self._lock:
+            self._listening.add((str(ipaddress.ip_address(host.split("%")[0])), port))
+            self._listening_ports = frozenset(listen_port for _address, listen_port in self._listening)
+        return await asyncio.start_server(self._on_client, sock=listen_sock, limit=_STREAM_LIMIT)
+
+    async def _shutdown(self, server: asyncio.Server) -> None:
+        server.close()
+        tasks = list(self._client_tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._client_tasks.add(task)
+        try:
+            await self._serve_client(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError, asyncio.TimeoutError):
+            pass
+        finally:
+            self._client_tasks.discard(task)
+            writer.close()
+
+    # --- decisions ----------------------------------------------------------------------------
+
+    def _record(
+        self, client: str, request: Request | None, *, authority: Authority | None, action: str,
+        status: int, reason: str, detail: str, addresses: tuple[str, ...] = (),
+    ) -> None:
+        with self._lock:
+            self._decisions.append(
+                Decision(
+                    seq=next(self._seq),
+                    client=client,
+                    method=request.method if request else "",
+                    target=request.target if request else "",
+                    host=authority.host if authority else None,
+                    port=authority.port if authority else None,
+                    action=action,
+                    status=status,
+                    reason=reason,
+                    detail=detail,
+                    addresses=addresses,
+                )
+            )
+
+    def _record_refusal(
+        self, client: str, request: Request | None, authority: Authority | None, refusal: _Refusal,
+        addresses: tuple[str, ...] = (),
+    ) -> None:
+        self._record(client, request, authority=authority, action=refusal.action, status=refusal.status,
+                     reason=refusal.reason, detail=refusal.detail, addresses=refusal.addresses or addresses)
+
+    # --- one client connection ----------------------------------------------------------------
+
+    async def _serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        conn = _Client(
+            name=f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer),
+            reader=reader,
+            writer=writer,
+            requests=RequestReader(reader, max_head=self.config.max_head, max_body=self.config.max_body,
+                                   strict=self.config.strict_framing),
+            watchdog=_Watchdog(asyncio.get_running_loop()),
+        )
+        idle_timeout, abort_client = self.config.idle_timeout, writer.transport.abort
+        try:
+            while True:
+                conn.watchdog.arm(idle_timeout, abort_client)
+                try:
+                    request = await conn.requests.next_request()
+                except FramingViolation as violation:
+                    refusal = _framing_refusal(violation)
+                    self._record_refusal(conn.name, None, None, refusal)
+                    await self._refuse(conn, refusal)
+                    return
+                finally:
+                    conn.watchdog.disarm()
+                if request is None:
+                    return
+                if request.method == "CONNECT":
+                    await self._handle_connect(conn, request)
+                    return
+                if not await self._handle_forward(conn, request):
+                    return
+        finally:
+            conn.watchdog.close()
+            for upstream in conn.upstreams.values():
+                upstream.close()
+
+    async def _refuse(self, conn: _Client, refusal: _Refusal) -> None:
+        """Answer with ``{"error": reason, "detail": ...}``, ``Connection: close``, and close.
+
+        The connection is half-closed after the answer and the rest of the client's input is read
+        and discarded, never parsed (RFC 9931: a refused CONNECT's trailing bytes are not a
+        request). Discarding avoids a TCP reset that could destroy the answer in flight
+        (RFC 9112 §9.6).
+        """
+        body = json.dumps({"error": refusal.reason, "detail": refusal.detail}, separators=(",", ":")).encode()
+        with contextlib.suppress(ConnectionError):
+            await write_response(
+                conn.writer, refusal.status, _REASON_PHRASES.get(refusal.status, "Error"),
+                [("content-type", "application/json"), ("connection", "close")], body,
+            )
+        await _linger_close(conn.reader, conn.writer)
+
+    # --- absolute-form requests ---------------------------------------------------------------
+
+    async def _handle_forward(self, conn: _Client, request: Request) -> bool:
+        """Judge and forward one request; True when the client connection may carry another."""
+        if conn.first_upstream is not None and not self.config.judge_every_request:
+            return await self._forward_unjudged(conn, request, conn.first_upstream)
+        authority: Authority | None = None
+        addresses: tuple[str, ...] = ()
+        try:
+            try:
+                _, authority, path = _parse_absolute_form(request.target)
+            except MalformedTarget as error:
+                raise _target_refusal(error) from None
+            self._check_policy(authority)
+            addresses = await self._checked_addresses(authority)
+            upstream, response = await self._exchange(conn, request, authority, path, addresses)
+        except _Refusal as refusal:
+            self._record_refusal(conn.name, request, authority, refusal, addresses)
+            await self._refuse(conn, refusal)
+            return False
+        if conn.first_upstream is None:
+            conn.first_upstream = upstream
+        self._record(conn.name, request, authority=authority, action="allow", status=response.status,
+                     reason="routed", detail=f"forwarded to {upstream.key[0]} port {upstream.key[1]}",
+                     addresses=addresses)
+        return await self._answer(conn, request, response)
+
+    async def _forward_unjudged(self, conn: _Client, request: Request, upstream: _Upstream) -> bool:
+        """Weakened mode: the request rides the first request's upstream, unjudged (the hole)."""
+        path = request.target
+        with contextlib.suppress(MalformedTarget):
+            path = _parse_absolute_form(request.target)[2]
+        upstream.writer.write(_upstream_request(request, (request.header("host") or "").encode("latin-1"), path))
+        try:
+            response = await upstream.responses.next_response(request.method)
+        except (FramingViolation, OSError, asyncio.IncompleteReadError) as error:
+            await self._refuse(conn, _Refusal(502, "upstream_protocol_error", str(error)))
+            return False
+        self._record(conn.name, request, authority=None, action="allow", status=response.status,
+                     reason="unjudged", detail="judge_every_request=False: rode the first upstream",
+                     addresses=(upstream.key[0],))
+        return await self._answer(conn, request, response)
+
+    def _check_policy(self, authority: Authority) -> None:
+        if authority.port not in self._allowed_ports:
+            raise _Refusal(403, "policy_denied",
+                           f"port {authority.port} of {authority.host} not permitted by policy")
+        allowed = self._host_allowed.get(authority.host)
+        if allowed is None:
+            allowed = any(fnmatch.fnmatchcase(authority.host, pattern) for pattern in self._host_patterns)
+            if len(self._host_allowed) < _CLASSIFY_CACHE_SIZE:
+                self._host_allowed[authority.host] = allowed
+        if not allowed:
+            raise _Refusal(403, "policy_denied", f"host {authority.host} not permitted by policy")
+
+    def _classify(self, address: str) -> AddressVerdict:
+        verdict = self._classified.get(address)
+        if verdict is None:
+            verdict = self.config.classify(address)
+            if len(self._classified) < _CLASSIFY_CACHE_SIZE:
+                self._classified[address] = verdict
+        return verdict
+
+    async def _checked_addresses(self, authority: Authority) -> tuple[str, ...]:
+        """Resolve once (never for an IP literal), classify every answer, deny if any is special."""
+        where = f"{authority.host}:{authority.port}"
+        if authority.ip is not None:
+            answers: list[str] = [str(authority.ip)]
+        else:
+            try:
+                answers = list(await _bounded(self._resolver(authority.host), self.config.resolve_timeout))
+            except Exception as error:
+                raise _Refusal(502, "resolution_failed",
+                               f"{where}: resolving failed: {type(error).__name__}: {error}") from None
+            if not answers:
+                raise _Refusal(502, "resolution_failed", f"{where}: the resolver returned no address")
+        checked: list[str] = []
+        for answer in answers:
+            try:
+                verdict = self._classify(answer)
+            except ValueError:
+                raise _Refusal(403, "ssrf_denied", f"{where} blocked: resolver answer {answer!r} is not an "
+                               "address literal", addresses=tuple(answers)) from None
+            if verdict.denied:
+                raise _Refusal(403, "ssrf_denied", f"{where} blocked: {answer} is {verdict.reason}",
+                               addresses=tuple(answers))
+            looped = self._self_connection(verdict.address, authority.port)
+            if looped is not None:
+                raise _Refusal(403, "ssrf_denied", f"{where} blocked: self connection: {looped}",
+                               addresses=tuple(answers))
+            checked.append(verdict.address)
+        return tuple(checked)
+
+    def _self_connection(self, address: str, port: int) -> str | None:
+        """Why dialling ``address`` port ``port`` would reach this proxy, or None.
+
+        Unwrapped and wildcard-aware (:func:`pytest_sandbox.network.proxy.self_connection.self_connection`); costs
+        one set lookup unless ``port`` is one this proxy listens on.
+        """
+        if port not in self._listening_ports:
+            return None
+        return self_connection(address, port, self.self_addresses(), self._is_local_address)
+
+    def _is_local_address(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        """Whether a connection to ``address`` from where this proxy dials is received there.
+
+        Asked at check time, so addresses added after the proxy started count. First a bind(2)
+        probe with a socket from the factory (EADDRNOTAVAIL = not an address of the namespace);
+        then, for an address that does not bind, the routing table (RTM_GETROUTE, see
+        :mod:`pytest_sandbox.network.route_lookup`): an AnyIP route (``local ::/0 dev lo``) delivers IPv6
+        addresses that no interface has to a wildcard listener, and bind(2) does not see those.
+        ``route_socket_factory=None`` asks only the probe (that misses IPv6 AnyIP routes): it exists to
+        build the weakened proxy the tests must catch, so every caller has to pass it explicitly.
+        Anything that stops either question from being answered counts as local (deny: fail closed).
+        """
+        family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+        try:
+            probe = self._socket_factory(family)
+        except OSError:
+            return True
+        with probe:
+            if probe.family != family:
+                return True
+            try:
+                probe.bind((str(address), 0))
+            except OSError as error:
+                if error.errno != errno.EADDRNOTAVAIL:
+                    return True
+            else:
+                return True
+        if self._route_socket_factory is None:
+            return False
+        try:
+            with self._route_socket_factory() as routes:
+                return is_delivered_locally(routes, address)
+        except OSError:
+            return True
+
+    async def _dial_socket(self, addresses: tuple[str, ...], port: int) -> tuple[socket.socket, str]:
+        """A socket from the factory, connected to the first reachable checked address."""
+        failures: list[str] = []
+        for address in addresses:
+            ip = ipaddress.ip_address(address)
+            family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+            sockaddr: tuple[Any, ...] = (address, port, 0, 0) if ip.version == 6 else (address, port)
+            sock = self._socket_factory(family)
+            try:
+                await _bounded(_connect_socket(sock, sockaddr), self.config.connect_timeout)
+            except (OSError, TimeoutError, asyncio.TimeoutError) as error:
+                sock.close()
+                failures.append(f"{address}: {error or type(error).__name__}")
+                continue
+            return sock, address
+        raise _Refusal(502, "upstream_unreachable", f"port {port}: " + "; ".join(failures),
+                       addresses=addresses)
+
+    async def _dial(self, addresses: tuple[str, ...], port: int) -> _Upstream:
+        sock, address = await self._dial_socket(addresses, port)
+        try:
+            reader, writer = await asyncio.open_connection(sock=sock, limit=_STREAM_LIMIT)
+        except OSError as error:
+            sock.close()
+            raise _Refusal(502, "upstream_unreachable", f"{address} port {port}: {error}",
+                           addresses=addresses) from None
+        return _Upstream((address, port), reader, writer, max_body=self.config.max_response_body)
+
+    async def _exchange(
+        self, conn: _Client, request: Request, authority: Authority, path: str, addresses: tuple[str, ...],
+    ) -> tuple[_Upstream, Response]:
+        """Send the request to an upstream for one of ``addresses`` and read its response.
+
+        An upstream connection is reused only for the same checked (address, port).
+        """
+        data = _upstream_request(request, _host_header(authority, 80).encode("ascii"), path)
+        port = authority.port
+        for attempt in range(2):
+            upstream = next((conn.upstreams.pop((a, port)) for a in addresses if (a, port) in conn.upstreams), None)
+            reused = upstream is not None
+            if upstream is None:
+                upstream = await self._dial(addresses, port)
+            conn.watchdog.arm(self.config.upstream_timeout, upstream.writer.transport.abort)
+            try:
+                upstream.writer.write(data)
+                response = await upstream.responses.next_response(request.method)
+            except FramingViolation as violation:
+                upstream.close()
+                raise _Refusal(502, "upstream_protocol_error",
+                               f"upstream {upstream.key[0]} sent bad framing: {violation}") from None
+            except (OSError, asyncio.IncompleteReadError) as error:
+                upstream.close()
+                if conn.watchdog.expired:
+                    raise _Refusal(504, "upstream_timeout", f"no complete response from {upstream.key[0]} "
+                                   f"within {self.config.upstream_timeout} s") from None
+                if reused and attempt == 0 and request.method in _IDEMPOTENT_METHODS:
+                    continue  # a stale keep-alive connection: dial afresh once
+                failure = f"{type(error).__name__}: {error}"
+                raise _Refusal(502, "upstream_unreachable",
+                               f"upstream {upstream.key[0]} failed: {failure}") from None
+            finally:
+                conn.watchdog.disarm()
+            if response.keep_alive:
+                conn.upstreams[upstream.key] = upstream
+            else:
+                upstream.close()
+            return upstream, response
+        raise AssertionError("unreachable")
+
+    async def _answer(self, conn: _Client, request: Request, response: Response) -> bool:
+        keep_alive = request.keep_alive
+        fields = response.raw_headers or _encode_fields(response.headers)
+        listed = _connection_options(fields)
+        parts = [b"HTTP/1.1 %d %s\r\n" % (response.status, response.reason.encode("latin-1"))]
+        for name, value in fields:
+            if name not in _RESPONSE_FIELDS_NOT_FORWARDED and name not in listed:
+                parts += (name, b": ", value, b"\r\n")
+        if request.method == "HEAD" or response.status in (204, 304):
+            # RFC 9110 §8.6: a HEAD/304 response's Content-Length describes the body it omits.
+            parts += (b"content-length: %s\r\n" % value for name, value in fields if name == b"content-length")
+        else:
+            parts.append(b"content-length: %d\r\n" % len(response.body))
+        if not keep_alive:
+            parts.append(b"connection: close\r\n")
+        parts += (b"\r\n", response.body)
+        writer = conn.writer
+        writer.write(b"".join(parts))
+        if writer.transport.get_write_buffer_size() > _RELAY_CHUNK:
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+        if not keep_alive:
+            await _linger_close(conn.reader, writer)
+        return keep_alive
+
+    # --- CONNECT --------------------------------------------------------------------------------
+
+    async def _handle_connect(self, conn: _Client, request: Request) -> None:
+        authority: Authority | None = None
+        addresses: tuple[str, ...] = ()
+        try:
+            try:
+                authority = parse_authority(request.target)
+            except MalformedTarget as error:
+                raise _target_refusal(error) from None
+            handler = self._connect_interceptor(authority.host, authority.port) \
+                if self._connect_interceptor is not None else None
+            if handler is not None:
+                if conn.requests.leftover():
+                    # The interceptor speaks TLS from its first byte; bytes sent before our 200
+                    # (RFC 9931 optimistic data) could never be replayed into that handshake.
+                    raise _Refusal(400, "framing:connect-early-data",
+                                   "bytes sent before 200 Connection Established on an intercepted CONNECT")
+                self._record(conn.name, request, authority=authority, action="intercept", status=200,
+                             reason="intercepted", detail="handed to the connect interceptor")
+                conn.writer.write(_CONNECTION_ESTABLISHED)
+                await conn.writer.drain()
+                await handler(conn.reader, conn.writer)
+                return
+            self._check_policy(authority)
+            addresses = await self._checked_addresses(authority)
+            upstream_sock, address = await self._dial_socket(addresses, authority.port)
+        except _Refusal as refusal:
+            self._record_refusal(conn.name, request, authority, refusal, addresses)
+            await self._refuse(conn, refusal)
+            return
+        self._record(conn.name, request, authority=authority, action="allow", status=200, reason="routed",
+                     detail=f"tunnel to {address} port {authority.port}", addresses=addresses)
+        with upstream_sock:
+            await self._tunnel(conn, upstream_sock)
+
+    async def _tunnel(self, conn: _Client, upstream_sock: socket.socket) -> None:
+        """Answer 200 and relay bytes both ways until both sides are done.
+
+        Bytes the client sent after its CONNECT head are tunnel payload and go upstream first;
+        they are never parsed as HTTP. The relay does no per-chunk work beyond moving bytes:
+        zero-copy ``splice(2)`` through a pipe when the platform has it, stream copies otherwise.
+        """
+        transport = conn.writer.transport
+        conn.writer.write(_CONNECTION_ESTABLISHED)
+        await conn.writer.drain()
+        early = conn.requests.leftover()
+        loop = asyncio.get_running_loop()
+        if early:
+            await loop.sock_sendall(upstream_sock, early)
+        if _SPLICE_AVAILABLE and isinstance(transport, asyncio.ReadTransport):
+            transport.pause_reading()
+            if not _stream_buffered(conn.reader):
+                client_sock = transport.get_extra_info("socket")
+                await _splice_relay(loop, client_sock.fileno(), upstream_sock)
+                return
+            transport.resume_reading()
+        reader, writer = await asyncio.open_connection(sock=upstream_sock.dup(), limit=_STREAM_LIMIT)
+        try:
+            await _relay(conn.reader, conn.writer, reader, writer)
+        finally:
+            writer.close()
+
+
+_CONNECTION_ESTABLISHED = b"HTTP/1.1 200 Connection Established\r\n\r\n"
+_REASON_PHRASES = {
+    400: "Bad Request", 403: "Forbidden", 413: "Content Too Large", 431: "Request Header Fields Too Large",
+    501: "Not Implemented", 502: "Bad Gateway", 504: "Gateway Timeout", 505: "HTTP Version Not Supported",
+}
+
+
+class _Watchdog:
+    """One lazily rescheduled timer per client connection, so arming it costs two attribute writes
+    instead of a timer (or a task) per await. When the armed deadline passes, ``action`` runs
+    (it aborts a transport, which wakes the awaiting reader with EOF) and ``expired`` is set."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._deadline: float | None = None
+        self._action: Callable[[], object] | None = None
+        self._handle: asyncio.TimerHandle | None = None
+        self._scheduled_for = 0.0
+        self.expired = False
+
+    def arm(self, seconds: float, action: Callable[[], object]) -> None:
+        self._deadline = deadline = self._loop.time() + seconds
+        self._action = action
+        self.expired = False
+        if self._handle is None or deadline < self._scheduled_for:
+            if self._handle is not None:
+                self._handle.cancel()
+            self._schedule(deadline)
+
+    def disarm(self) -> None:
+        self._deadline = None
+
+    def close(self) -> None:
+        self._deadline = None
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _schedule(self, when: float) -> None:
+        self._scheduled_for = when
+        self._handle = self._loop.call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        self._handle = None
+        deadline, action = self._deadline, self._action
+        if deadline is None or action is None:
+            return
+        if self._loop.time() >= deadline:
+            self._deadline = None
+            self.expired = True
+            action()
+        else:
+            self._schedule(deadline)
+
+
+@dataclass
+class _Client:
+    """One client connection and what the proxy keeps for it."""
+
+    name: str
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    requests: RequestReader
+    watchdog: _Watchdog
+    upstreams: dict[tuple[str, int], _Upstream] = field(default_factory=dict)  # idle, by checked key
+    first_upstream: _Upstream | None = None  # weakened mode: where later requests ride
+
+
+def _encode_fields(headers: tuple[tuple[str, str], ...]) -> tuple[tuple[bytes, bytes], ...]:
+    return tuple((name.encode("ascii"), value.encode("latin-1")) for name, value in headers)
+
+
+def _upstream_request(request: Request, host: bytes, path: str) -> bytes:
+    """The request in origin-form for the next hop: Host from the target (RFC 9112 §3.2.2),
+    hop-by-hop and Proxy-* fields removed (RFC 9110 §7.6.1), the body framed by Content-Length."""
+    fields = request.raw_headers or _encode_fields(request.headers)
+    listed = _connection_options(fields)
+    parts = [b"%s %s HTTP/1.1\r\nhost: %s\r\n" % (request.method.encode("ascii"), path.encode("latin-1"), host)]
+    for name, value in fields:
+        if name not in _REQUEST_FIELDS_NOT_FORWARDED and name not in listed and not name.startswith(b"proxy-"):
+            parts += (name, b": ", value, b"\r\n")
+    body = request.body
+    if body or request.method in _METHODS_WITH_BODY or any(name == b"content-length" for name, _ in fields):
+        parts.append(b"content-length: %d\r\n" % len(body))
+    parts += (b"\r\n", body)
+    return b"".join(parts)
+
+
+async def _linger_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Half-close, discard (never parse) what the client still sends for a moment, then close."""
+    with contextlib.suppress(OSError, RuntimeError):
+        if writer.can_write_eof():
+            writer.write_eof()
+    discarded = 0
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + _LINGER_SECONDS
+    with contextlib.suppress(OSError, ConnectionError, TimeoutError, asyncio.TimeoutError):
+        while discarded < _LINGER_MAX_BYTES and loop.time() < deadline:
+            data = await _bounded(reader.read(65536), deadline - loop.time())
+            if not data:
+                break
+            discarded += len(data)
+    writer.close()
+
+
+# --- tunnel relays ---------------------------------------------------------------------------------
+
+_SPLICE_AVAILABLE = hasattr(os, "splice") and hasattr(os, "SPLICE_F_NONBLOCK")
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+_PIPE_SIZE = 1 << 20
+
+
+def _stream_buffered(reader: asyncio.StreamReader) -> bool:
+    """Whether ``reader`` still holds bytes the client sent; unknown counts as yes.
+
+    StreamReader has no public way to ask; its ``_buffer`` has been a bytearray since Python 3.4.
+    Only then may the socket underneath be read directly.
+    """
+    buffer = getattr(reader, "_buffer", None)
+    return not isinstance(buffer, bytearray) or bool(buffer)
+
+
+class _SpliceDirection:
+    """Moves bytes from one socket to another through a pipe with ``splice(2)``, on the event loop.
+
+    Reads only while the pipe is empty, so a slow receiver pauses the sender (TCP backpressure);
+    at EOF it half-closes the receiving side (``shutdown(SHUT_WR)``) so the tunnel stays half open
+    like a real TCP connection.
+    """
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, source: int, sink: int,
+        half_close: Callable[[], None], finished: Callable[[BaseException | None], None],
+    ) -> None:
+        self._loop, self._source, self._sink = loop, source, sink
+        self._half_close, self._finished = half_close, finished
+        self._pipe_out, self._pipe_in = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        with contextlib.suppress(OSError, AttributeError):
+            fcntl.fcntl(self._pipe_in, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+        self._in_pipe = 0
+        self._eof = False
+        self._reading = self._writing = False
+        self._done = False
+        self._start_reading()
+
+    def _start_reading(self) -> None:
+        self._loop.add_reader(self._source, self._on_readable)
+        self._reading = True
+
+    def _stop_reading(self) -> None:
+        if self._reading:
+            self._loop.remove_reader(self._source)
+            self._reading = False
+
+    def _on_readable(self) -> None:
+        # Drain the socket until it would block (or the receiver pushes back): one event-loop wakeup
+        # then moves everything queued, instead of one splice pair per wakeup.
+        while self._reading and not self._done:
+            try:
+                moved = os.splice(self._source, self._pipe_in, _PIPE_SIZE, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                return
+            except OSError as error:
+                self._finish(error)
+                return
+            if moved == 0:
+                self._eof = True
+                self._stop_reading()
+            self._in_pipe += moved
+            self._flush()
+
+    def _on_writable(self) -> None:
+        self._flush()
+
+    def _flush(self) -> None:
+        while self._in_pipe:
+            try:
+                moved = os.splice(self._pipe_out, self._sink, self._in_pipe, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                if not self._writing:
+                    self._stop_reading()
+                    self._loop.add_writer(self._sink, self._on_writable)
+                    self._writing = True
+                return
+            except OSError as error:
+                self._finish(error)
+                return
+            self._in_pipe -= moved
+        if self._writing:
+            self._loop.remove_writer(self._sink)
+            self._writing = False
+            if not self._eof:
+                self._start_reading()
+        if self._eof:
+            with contextlib.suppress(OSError):
+                self._half_close()
+            self._finish(None)
+
+    def _finish(self, error: BaseException | None) -> None:
+        if not self._done:
+            self._done = True
+            self.close()
+            self._finished(error)
+
+    def close(self) -> None:
+        self._stop_reading()
+        if self._writing:
+            self._loop.remove_writer(self._sink)
+            self._writing = False
+        for fd in (self._pipe_out, self._pipe_in):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._pipe_out = self._pipe_in = -1
+
+
+async def _splice_relay(loop: asyncio.AbstractEventLoop, client_fd: int, upstream: socket.socket) -> None:
+    """Relay between the client (a socket owned by an asyncio transport, reading paused) and the
+    upstream socket until both directions reach EOF or either fails."""
+    # The event loop refuses add_reader on a transport's own descriptor; a duplicate refers to the
+    # same connection and is ours to register and close.
+    client = socket.socket(fileno=os.dup(client_fd))
+    done: asyncio.Future[None] = loop.create_future()
+    open_directions = [2]
+
+    def finished(error: BaseException | None) -> None:
+        open_directions[0] -= 1
+        if not done.done() and (error is not None or open_directions[0] == 0):
+            done.set_result(None)
+
+    directions: list[_SpliceDirection] = []
+    try:
+        upstream.setblocking(False)
+        directions.append(_SpliceDirection(loop, client.fileno(), upstream.fileno(),
+                                           lambda: upstream.shutdown(socket.SHUT_WR), finished))
+        directions.append(_SpliceDirection(loop, upstream.fileno(), client.fileno(),
+                                           lambda: client.shutdown(socket.SHUT_WR), finished))
+        await done
+    finally:
+        for direction in directions:
+            direction.close()
+        client.close()
+
+
+async def _pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    """Copy bytes until EOF, then half-close the sink; no per-chunk policy work on this path."""
+    transport = sink.transport
+    read = source.read
+    write = transport.write
+    while True:
+        data = await read(_RELAY_CHUNK)
+        if not data:
+            break
+        write(data)
+        if transport.get_write_buffer_size() > _RELAY_CHUNK:
+            await sink.drain()
+    with contextlib.suppress(OSError, RuntimeError):
+        if sink.can_write_eof():
+            sink.write_eof()
+
+
+async def _relay(
+    client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter,
+    upstream_reader: asyncio.StreamReader, upstream_writer: asyncio.StreamWriter,
+) -> None:
+    outbound = asyncio.ensure_future(_pump(client_reader, upstream_writer))
+    inbound = asyncio.ensure_future(_pump(upstream_reader, client_writer))
+    try:
+        done, pending = await asyncio.wait({outbound, inbound}, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            if task.exception() is not None:
+                for other in pending:
+                    other.cancel()
+    finally:
+        for task in (outbound, inbound):
+            task.cancel()
+        await asyncio.gather(outbound, inbound, return_exceptions=True)

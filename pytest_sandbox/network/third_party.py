@@ -1,0 +1,514 @@
+"""Third-party proxies under test: started inside the lab from a command line, reached like the reference one.
+
+``--sandbox-proxy-cmd "CMD {port}"`` runs the network suite against another proxy (tinyproxy,
+squid, smokescreen, ...). The command runs **inside the lab namespace** (network.md §7): a proxy
+with no SSRF protection really dials 10.0.0.1 or 169.254.169.254, and only inside the lab do those
+addresses belong to canaries on ``lo`` rather than to real hosts on the machine's network.
+
+:func:`start_proxy_command` substitutes ``{port}`` and ``{address}``, starts the command with
+``NetworkLab.popen`` (nsenter; the Popen PID is the proxy's own, since nsenter execs it), waits a
+bounded time until the port accepts a lab connection and returns a :class:`ThirdPartyProxy`, which
+has the surface of ``network_fixtures.RunningProxy``. A third party's decisions are unknown, so
+``decisions`` is always empty; the verdicts rest on its replies and the canaries alone.
+
+Names: a third-party proxy resolves with the C library, which reads ``/etc/resolv.conf`` and
+``/etc/hosts``. The host's resolver is unreachable from the lab (its only interface is ``lo``), so by
+default the command runs in a private mount namespace where both files are bind-mounted over with the
+lab's: the DNS stub on 127.0.0.53 and a loopback-only hosts file (network.md §7: "no lookup ever
+leaves the namespace", and the name cases must really resolve to their canaries).
+
+:func:`tinyproxy_command` and :func:`squid_command` build ready-made ``{port}``/``{address}`` commands
+for the two proxies Debian packages. Neither proxy takes its address on the command line, so the
+command runs this module (``python -m pytest_sandbox.network.third_party tinyproxy|squid CONF_DIR PORT
+[ADDRESS]``), which writes the configuration and execs the proxy in place (same PID, so stop-by-PID
+still works). :func:`reference_command` runs the reference proxy the same way, as a third party
+(``... reference --host {address} --port {port}``): what a third party's results are compared with.
+
+``{address}`` is 127.0.0.1 for the proxy under test. The self-connection cases
+(:mod:`pytest_sandbox.probes.self_loop`) start further instances on a lab public address and on
+0.0.0.0, where a proxy's own address is no longer refused as loopback and only its self check can
+refuse it; a command without ``{address}`` cannot be moved there, and those cases say so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, Protocol
+from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from pytest_sandbox.network.proxy.server import EgressProxy
+
+__all__ = [
+    "AttachedProxy",
+    "ProxyStartError",
+    "ThirdPartyProxy",
+    "attach_proxy_url",
+    "ensure_lab_address",
+    "find_free_lab_port",
+    "lab_dns_available",
+    "reference_command",
+    "serve_reference_proxy",
+    "squid_command",
+    "squid_conf_text",
+    "start_proxy_command",
+    "tinyproxy_command",
+    "tinyproxy_conf_text",
+]
+
+DEFAULT_LISTEN_ADDRESS = "127.0.0.1"
+PREFERRED_PORT = 3200
+START_TIMEOUT_SECONDS = 10.0
+READY_POLL_INTERVAL_SECONDS = 0.05
+PROXY_CONNECT_TIMEOUT_SECONDS = 3.0
+STOP_TIMEOUT_SECONDS = 5.0
+STDERR_TAIL_BYTES = 4096
+# The lab's DNS stub (pytest_sandbox.network.lab.lab.LAB_DNS_ADDRESS); squid is pointed at it so that a name it
+# resolves never depends on the host's resolver (which is unreachable from inside the lab anyway).
+LAB_DNS_ADDRESS = "127.0.0.53"
+LAB_RESOLV_CONF = f"nameserver {LAB_DNS_ADDRESS}\noptions timeout:1 attempts:1\n"
+LAB_HOSTS = "127.0.0.1 localhost\n::1 localhost\n"
+# Runs between nsenter and the proxy: a private mount namespace (unshare(1) execs, no fork), the lab's
+# resolver files bound over the host's, then exec, so the Popen PID stays the proxy's own.
+_LAB_DNS_SCRIPT = 'mount --bind "$1" /etc/resolv.conf && mount --bind "$2" /etc/hosts && shift 2 && exec "$@"'
+
+
+class LabLike(Protocol):
+    """What this module needs from a :class:`~pytest_sandbox.network.lab.lab.NetworkLab`."""
+
+    def popen(self, argv: list[str], **kwargs: Any) -> Any: ...
+
+    def connect(self, addr: str, port: int, timeout: float = ...) -> socket.socket: ...
+
+    def socket(self, family: int = ..., type: int = ..., proto: int = ...) -> socket.socket: ...
+
+
+class ProxyStartError(RuntimeError):
+    """The proxy command exited, or never accepted a connection, within the start timeout."""
+
+
+def proxy_url(address: str, port: int) -> str:
+    """``http://address:port``, with IPv6 literals bracketed (RFC 3986 §3.2.2)."""
+    host = f"[{address}]" if ":" in address else address
+    return f"http://{host}:{port}"
+
+@dataclass
+class ThirdPartyProxy:
+    """A proxy started from a command inside a lab; same surface as ``RunningProxy``."""
+
+    lab: LabLike
+    address: str
+    port: int
+    command: str
+    process: subprocess.Popen[bytes]
+    _output: IO[bytes] = field(repr=False)
+    uses_lab_dns: bool = False
+    _state: tempfile.TemporaryDirectory[str] | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return proxy_url(self.address, self.port)
+
+    @property
+    def decisions(self) -> list[Any]:
+        """Unknown for a third-party proxy: the suite judges by its replies and the canaries."""
+        return []
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def connect(self, timeout: float = PROXY_CONNECT_TIMEOUT_SECONDS) -> socket.socket:
+        """A new client connection to the proxy, from a socket inside the lab."""
+        return self.lab.connect(self.address, self.port, timeout=timeout)
+
+    def output(self) -> str:
+        """The tail of what the proxy wrote to stdout and stderr so far."""
+        return _tail(self._output)
+
+    def stop(self) -> None:
+        """Kill the proxy by PID and reap it (idempotent)."""
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=STOP_TIMEOUT_SECONDS)
+        self._output.close()
+        if self._state is not None:
+            self._state.cleanup()
+            self._state = None
+
+
+def _tail(output: IO[bytes]) -> str:
+    if output.closed:
+        return ""
+    output.seek(0, os.SEEK_END)
+    size = output.tell()
+    output.seek(max(0, size - STDERR_TAIL_BYTES))
+    return output.read().decode("utf-8", "replace").strip()
+
+
+def find_free_lab_port(lab: LabLike, address: str = DEFAULT_LISTEN_ADDRESS,
+                       preferred: int = PREFERRED_PORT) -> int:
+    """``preferred`` if nothing in the lab listens there yet, else a port the lab's kernel picks."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    for candidate in (preferred, 0):
+        probe = lab.socket(family, socket.SOCK_STREAM)
+        try:
+            probe.bind((address, candidate))
+            return int(probe.getsockname()[1])
+        except OSError:
+            continue
+        finally:
+            probe.close()
+    raise ProxyStartError(f"no free port on {address} inside the lab")
+
+
+def ensure_lab_address(lab: LabLike, address: str) -> None:
+    """Put ``address`` on the lab's ``lo`` unless it is a wildcard or already local there.
+
+    A proxy can only listen on an address of its namespace; the lab's public addresses other than its
+    origins are added on demand.
+    """
+    parsed = ipaddress.ip_address(address)
+    holder = getattr(lab, "holder", None)
+    if parsed.is_unspecified or parsed.is_loopback or holder is None:
+        return
+    holder.add_address(str(parsed))
+
+
+def lab_dns_available(lab: LabLike) -> bool:
+    """Whether a command in ``lab`` can get a private mount namespace to bind the lab's resolver files."""
+    try:
+        probe = lab.popen(["unshare", "--mount", "--propagation", "private", "--", "true"],
+                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except OSError:
+        return False
+    try:
+        return int(probe.wait(timeout=STOP_TIMEOUT_SECONDS)) == 0
+    except subprocess.TimeoutExpired:
+        probe.kill()
+        probe.wait()
+        return False
+
+
+def _with_lab_dns(argv: list[str], state_dir: Path) -> list[str]:
+    resolv_conf = state_dir / "resolv.conf"
+    resolv_conf.write_text(LAB_RESOLV_CONF)
+    hosts = state_dir / "hosts"
+    hosts.write_text(LAB_HOSTS)
+    return ["unshare", "--mount", "--propagation", "private", "--",
+            "sh", "-c", _LAB_DNS_SCRIPT, "lab-dns", str(resolv_conf), str(hosts), *argv]
+
+
+def start_proxy_command(lab: LabLike, command: str, *, address: str = DEFAULT_LISTEN_ADDRESS,
+                        port: int | None = None, lab_dns: bool = True,
+                        start_timeout: float = START_TIMEOUT_SECONDS) -> ThirdPartyProxy:
+    """Start ``command`` (``{port}``/``{address}`` substituted) inside ``lab``; wait until it listens.
+
+    With ``lab_dns`` (the default) the command resolves names with the lab's DNS stub and a
+    loopback-only hosts file, if the lab allows a private mount namespace (``uses_lab_dns`` says
+    whether it did); otherwise it keeps the host's files and only literal addresses resolve.
+    Raises ProxyStartError, with the command's output, if it exits or does not accept a lab
+    connection on ``address:port`` within ``start_timeout`` seconds; the process is stopped first.
+    The caller stops the returned proxy (``.stop()``: kill by PID, then wait).
+    """
+    if "{port}" not in command:
+        raise ValueError(f"the proxy command must contain {{port}}: the lab chooses the port ({command!r})")
+    ensure_lab_address(lab, address)
+    chosen = find_free_lab_port(lab, address) if port is None else port
+    # str.replace, not str.format: a command may contain other braces (shell, JSON arguments).
+    expanded = command.replace("{port}", str(chosen)).replace("{address}", address)
+    argv = shlex.split(expanded)
+    if not argv:
+        raise ValueError("the proxy command is empty")
+    state: tempfile.TemporaryDirectory[str] | None = None
+    if lab_dns and lab_dns_available(lab):
+        state = tempfile.TemporaryDirectory(prefix="sandbox-proxy-")
+        argv = _with_lab_dns(argv, Path(state.name))
+    output = tempfile.TemporaryFile()
+    try:
+        process = lab.popen(argv, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT)
+    except OSError as exc:
+        output.close()
+        if state is not None:
+            state.cleanup()
+        raise ProxyStartError(f"could not start {expanded!r} inside the lab: {exc}") from exc
+    running = ThirdPartyProxy(lab, address, chosen, expanded, process, output, state is not None, state)
+    try:
+        _wait_until_listening(running, start_timeout)
+    except BaseException:
+        running.stop()
+        raise
+    return running
+
+
+def _wait_until_listening(running: ThirdPartyProxy, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    last_error = "no attempt"
+    while time.monotonic() < deadline:
+        if running.process.poll() is not None:
+            raise ProxyStartError(
+                f"proxy command {running.command!r} exited with status {running.process.returncode} "
+                f"before listening on {running.address}:{running.port}; its output:\n{running.output()}")
+        try:
+            with running.connect(timeout=max(0.1, deadline - time.monotonic())):
+                return
+        except OSError as exc:
+            last_error = str(exc)
+        time.sleep(READY_POLL_INTERVAL_SECONDS)
+    raise ProxyStartError(
+        f"proxy command {running.command!r} did not accept a connection on {running.address}:{running.port} "
+        f"inside the lab within {timeout:g} s (last error: {last_error}); its output:\n{running.output()}")
+
+
+@dataclass
+class AttachedProxy:
+    """A proxy the user started inside the lab (``--sandbox-proxy URL``); we neither own nor stop it."""
+
+    lab: LabLike
+    address: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return proxy_url(self.address, self.port)
+
+    @property
+    def decisions(self) -> list[Any]:
+        """Unknown for a third-party proxy: the suite judges by its replies and the canaries."""
+        return []
+
+    def connect(self, timeout: float = PROXY_CONNECT_TIMEOUT_SECONDS) -> socket.socket:
+        """A new client connection to the proxy, from a socket inside the lab."""
+        return self.lab.connect(self.address, self.port, timeout=timeout)
+
+    def stop(self) -> None:
+        """Nothing to do: the proxy's owner stops it."""
+
+
+def attach_proxy_url(lab: LabLike, url: str,
+                     timeout: float = PROXY_CONNECT_TIMEOUT_SECONDS) -> AttachedProxy:
+    """Check that ``url`` names a proxy listening **inside** ``lab`` and return a handle to it.
+
+    Refused with ValueError: anything but ``http://IP:PORT`` (a host name would be resolved by the
+    host's resolver, outside the lab), and a proxy the lab cannot reach. The lab's only interface is
+    ``lo``, so a connection from a lab socket succeeds only if the proxy listens in the lab's own
+    namespace. A proxy outside it would dial the real 10.0.0.1 or 169.254.169.254 on the host's
+    network when a case gets through (network.md §7), so it is never used.
+    """
+    fix = ("start the proxy inside the lab with --sandbox-proxy-cmd 'CMD {port}' instead, so that what "
+           "it dials are the lab's canaries and not real hosts")
+    parts = urlsplit(url)
+    if parts.scheme != "http" or parts.username or parts.password or parts.path not in ("", "/") \
+            or parts.query or parts.fragment:
+        raise ValueError(f"--sandbox-proxy {url!r}: expected http://ADDRESS:PORT (plain HTTP proxy, no path)")
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"--sandbox-proxy {url!r}: bad port ({exc})") from exc
+    if port is None:
+        raise ValueError(f"--sandbox-proxy {url!r}: give the port explicitly")
+    try:
+        address = str(ipaddress.ip_address(parts.hostname or ""))
+    except ValueError as exc:
+        raise ValueError(f"--sandbox-proxy {url!r}: the host must be an IP address inside the lab; a name "
+                         f"would be resolved outside it; {fix}") from exc
+    try:
+        lab.connect(address, port, timeout=timeout).close()
+    except OSError as exc:
+        raise ValueError(f"--sandbox-proxy {url!r}: no proxy listens on {address}:{port} inside the lab "
+                         f"network namespace ({exc}); a proxy outside the lab is refused because it would "
+                         f"send the suite's special-use destinations to the host's network; {fix}") from exc
+    return AttachedProxy(lab, address, port)
+
+
+# --------------------------------------------------------------------------------------------------
+# Ready-made commands for Debian's proxies
+# --------------------------------------------------------------------------------------------------
+
+
+def tinyproxy_conf_text(port: int, pid_file: Path, *, address: str = DEFAULT_LISTEN_ADDRESS) -> str:
+    """A minimal tinyproxy.conf: listen on ``address:port``, only local clients, no upstream.
+
+    Nothing restricts destinations: that is tinyproxy's stock behaviour (network.md §6, it has no
+    destination-address classification), which is what the suite is meant to expose.
+    """
+    # Allow lists client addresses; a client of a wildcard listener may come from any lab address.
+    allow = [] if ipaddress.ip_address(address).is_unspecified else [f"Allow {address}"]
+    return "\n".join([
+        f"Port {port}",
+        f"Listen {address}",
+        *allow,
+        "Timeout 10",
+        "MaxClients 100",
+        "LogLevel Critical",
+        f"PidFile \"{pid_file}\"",
+        "DisableViaHeader Yes",
+        "",
+    ])
+
+
+def squid_conf_text(port: int, state_dir: Path, *, address: str = DEFAULT_LISTEN_ADDRESS) -> str:
+    """A minimal squid.conf for measurement: forward everything, cache nothing, state in ``state_dir``."""
+    return "\n".join([
+        f"http_port {address}:{port}",
+        "http_access allow all",
+        "cache deny all",
+        "cache_mem 8 MB",
+        "workers 1",
+        f"pid_filename {state_dir / 'squid.pid'}",
+        "access_log none",
+        f"cache_log {state_dir / 'cache.log'}",
+        "cache_store_log none",
+        f"coredump_dir {state_dir}",
+        f"dns_nameservers {LAB_DNS_ADDRESS}",
+        "shutdown_lifetime 0 seconds",
+        "via off",
+        "forwarded_for delete",
+        "",
+    ])
+
+
+def _launcher_command(proxy: str, conf_dir: str | os.PathLike[str]) -> str:
+    directory = Path(conf_dir).resolve()
+    return (shlex.join([sys.executable, "-m", "pytest_sandbox.network.third_party", proxy, str(directory)])
+            + " {port} {address}")
+
+
+def tinyproxy_command(conf_dir: str | os.PathLike[str]) -> str:
+    """A ``--sandbox-proxy-cmd`` for tinyproxy: writes ``CONF_DIR/tinyproxy-PORT.conf``, execs ``tinyproxy -d``."""
+    return _launcher_command("tinyproxy", conf_dir)
+
+
+def squid_command(conf_dir: str | os.PathLike[str]) -> str:
+    """A ``--sandbox-proxy-cmd`` for squid: writes ``CONF_DIR/squid-PORT/squid.conf``, execs ``squid -N``."""
+    return _launcher_command("squid", conf_dir)
+
+
+def reference_command(*launcher: str) -> str:
+    """A ``--sandbox-proxy-cmd`` that runs the reference proxy as a third party, in its own process.
+
+    It listens on ``{address}:{port}`` and allows ports 80, 443 and its own (so that only its self
+    check can refuse its own address), resolves with the C library (the lab's DNS, see
+    :func:`start_proxy_command`) and dials with ordinary sockets: inside the lab, they are lab sockets.
+    ``launcher`` replaces ``python -m pytest_sandbox.network.third_party reference`` (a script that
+    calls :func:`serve_reference_proxy` with a weakened proxy class, for instance).
+    """
+    prefix = list(launcher) or [sys.executable, "-m", "pytest_sandbox.network.third_party", "reference"]
+    return shlex.join(prefix) + " --host {address} --port {port} --allow-port 80 --allow-port 443 --allow-port {port}"
+
+
+def _exec_tinyproxy(conf_dir: Path, port: int, address: str) -> None:
+    conf = conf_dir / f"tinyproxy-{port}.conf"
+    conf.write_text(tinyproxy_conf_text(port, conf_dir / f"tinyproxy-{port}.pid", address=address))
+    binary = shutil.which("tinyproxy") or "/usr/bin/tinyproxy"
+    os.execv(binary, [binary, "-d", "-c", str(conf)])
+
+
+def _exec_squid(conf_dir: Path, port: int, address: str) -> None:
+    state_dir = conf_dir / f"squid-{port}"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    # Started as root, squid drops to its effective user (Debian: "proxy") and must still write its
+    # log and pid file there.
+    with contextlib.suppress(OSError):
+        os.chmod(state_dir, 0o777)
+    conf = state_dir / "squid.conf"
+    conf.write_text(squid_conf_text(port, state_dir, address=address))
+    binary = shutil.which("squid") or "/usr/sbin/squid"
+    # -N: no daemon, so the PID we hold is squid's; -d 1: fatal messages on stderr.
+    os.execv(binary, [binary, "-N", "-d", "1", "-f", str(conf)])
+
+
+async def _system_resolver(name: str) -> list[str]:
+    """Resolve with the C library (``/etc/hosts``, ``/etc/resolv.conf``), as a third-party proxy does."""
+    infos = await asyncio.get_running_loop().getaddrinfo(name, None, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def _plain_socket(family: int) -> socket.socket:
+    return socket.socket(family, socket.SOCK_STREAM)
+
+
+def _route_socket() -> socket.socket:
+    return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+
+
+def serve_reference_proxy(host: str, port: int, allowed_ports: tuple[int, ...],
+                          proxy_class: type[EgressProxy] | None = None) -> None:
+    """Serve the reference proxy (or ``proxy_class``) on ``host:port`` in this process until killed.
+
+    It lives in whatever namespace this process is in: started by :func:`start_proxy_command`,
+    that is the lab, so its sockets and its resolver's queries stay there.
+    """
+    from pytest_sandbox.network.proxy.server import EgressProxy, ProxyConfig
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((host, port))
+    listener.listen(128)
+    config = ProxyConfig(allowed_ports=allowed_ports, connect_timeout=2.0, upstream_timeout=2.0,
+                         resolve_timeout=2.0, idle_timeout=5.0)
+    proxy = (proxy_class or EgressProxy)(config, resolver=_system_resolver, socket_factory=_plain_socket,
+                                             route_socket_factory=_route_socket)
+    asyncio.run(proxy.serve(listener))
+
+
+def _reference_arguments(args: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m pytest_sandbox.network.third_party reference",
+                                     description="Serve the reference egress proxy in this process.")
+    parser.add_argument("--host", required=True, help="address to listen on")
+    parser.add_argument("--port", required=True, type=int, help="port to listen on")
+    parser.add_argument("--allow-port", type=int, action="append", default=[], dest="allowed_ports",
+                        help="a destination port to allow (repeatable; default 80 and 443)")
+    return parser.parse_args(args)
+
+
+def main_reference(args: list[str], proxy_class: type[EgressProxy] | None = None) -> int:
+    """``reference --host H --port P [--allow-port N]...``: serve until killed."""
+    options = _reference_arguments(args)
+    serve_reference_proxy(options.host, options.port, tuple(options.allowed_ports) or (80, 443), proxy_class)
+    return 0
+
+
+USAGE = ("usage: python -m pytest_sandbox.network.third_party tinyproxy|squid CONF_DIR PORT [ADDRESS]\n"
+         "       python -m pytest_sandbox.network.third_party reference --host ADDRESS --port PORT [--allow-port N]...")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pytest_sandbox.network.third_party tinyproxy|squid CONF_DIR PORT [ADDRESS]`` or ``reference ...``."""
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["reference"]:
+        return main_reference(args[1:])
+    launchers = {"tinyproxy": _exec_tinyproxy, "squid": _exec_squid}
+    if len(args) not in (3, 4) or args[0] not in launchers or not args[2].isdigit():
+        print(USAGE, file=sys.stderr)
+        return 2
+    address = args[3] if len(args) == 4 else DEFAULT_LISTEN_ADDRESS
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        print(f"{address!r} is not an IP address\n{USAGE}", file=sys.stderr)
+        return 2
+    conf_dir = Path(args[1])
+    conf_dir.mkdir(parents=True, exist_ok=True)
+    launchers[args[0]](conf_dir, int(args[2]), address)
+    return 1  # not reached: the launcher execs the proxy
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

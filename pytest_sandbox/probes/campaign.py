@@ -1,0 +1,348 @@
+"""Run attempts through a proxy in a lab and collect the catch-all hits each one caused, late ones included.
+
+A :class:`Campaign` sends a batch of exchanges (each one test's traffic) one after another, each
+with a fresh nonce, registers their windows in the lab's ledger, waits the grace period after the
+last one and only then attributes the catch-all hits (:func:`pytest_sandbox.network.lab.attribution.attribute`).
+So a proxy that answers 403, closes and dials 200 ms later is caught on the case it leaked, not on
+whichever test runs next, and a denied case is judged only after its grace period.
+
+Sending the batch back to back keeps the category fast (hundreds of attempts in about a second),
+but then a hit without a nonce (a late CONNECT dial sends no bytes) can be explained by several
+attempts on the same destination. Such a hit is never dropped: every attempt that could have caused
+it is blamed (sound). To be exact as well, the campaign then *isolates*: it reruns every attempt
+blamed for such a hit, alone on its destinations (attempts on other destinations share a round),
+waits the grace period and records what each one's rerun reached and how long after it ended. A
+rerun that reproduced n hits at an address explains at most n of the first hits there, those whose
+delay after that attempt matches; a hit no rerun explains stays blamed on every attempt that could
+have caused it (a target that leaks only sometimes). A reference proxy never leaks, so it never
+pays for isolation.
+
+:func:`audit_lab` is the session-end check: after one more grace period, every hit no verdict
+accounted for fails the run, with its destination and the attempts that could have caused it.
+:func:`audit_upstream` does the same for the bytes the lab's origins and inference backends received
+(the smuggling and inference evidence): every byte no verdict judged that an upstream attempt
+accounts for (it carries the attempt's nonce, continues a connection the attempt used, or arrived
+within an attempt's window plus the grace period) fails the run, naming where it arrived, its
+first bytes and the attempt(s).
+"""
+
+from __future__ import annotations
+
+import itertools
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pytest_sandbox.http.upstream import ReceivedStream, UpstreamLedger, attribute_pieces, shown, split_pieces
+from pytest_sandbox.network.lab.attribution import (
+    AttemptWindow,
+    Attribution,
+    CatchAllHit,
+    attribute,
+    describe_hit,
+    new_nonce,
+)
+from pytest_sandbox.network.lab.lab import NetworkLab
+
+__all__ = [
+    "GRACE_SECONDS",
+    "Campaign",
+    "Exchange",
+    "ExchangeContext",
+    "ExchangeResult",
+    "audit_lab",
+    "audit_upstream",
+    "isolation_rounds",
+]
+
+# How long after an attempt's end a dial is still blamed on it before judging. A proxy that dials
+# later than this is still caught (by the batch if the batch is still running, else by the audit),
+# but then the run fails rather than the one test.
+GRACE_SECONDS = 0.5
+# How closely a hit's delay after a candidate must match that candidate's delay when rerun alone for
+# the hit to be its alone (the others confirmed by isolation leak anyway).
+LATENESS_TOLERANCE_SECONDS = 0.05
+_campaign_ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class ExchangeContext:
+    """What an exchange may use: the lab (origins, DNS, sockets) and a way to reach the proxy under test."""
+
+    lab: NetworkLab
+    connect: Callable[[], socket.socket]
+
+
+class Exchange(Protocol):
+    """One test's traffic through the proxy. ``perform`` must be repeatable (isolation reruns it)."""
+
+    @property
+    def key(self) -> str: ...
+
+    def destinations(self) -> frozenset[str]:
+        """Every address a proxy could dial for it (any reading of its target): blame for byte-less hits."""
+        ...
+
+    def control(self) -> str | None:
+        """The address a positive control must reach, or None for a denial."""
+        ...
+
+    def perform(self, context: ExchangeContext, nonce: str) -> Any:
+        """Send it, carrying ``nonce`` in every request; return what came back (the observation)."""
+        ...
+
+
+@dataclass(frozen=True)
+class ExchangeResult:
+    """An exchange's observation and the catch-all hits attributed to it.
+
+    ``hits`` are its own: carrying its nonce, explained by it alone, or caused by its rerun alone.
+    ``shared`` are hits without a nonce it is blamed for together with ``shared_with`` (sound, not
+    exact); ``isolated`` says it was rerun alone to settle such a hit.
+    """
+
+    key: str
+    observation: Any
+    window: AttemptWindow
+    hits: tuple[CatchAllHit, ...]
+    delays: tuple[float, ...] = ()  # per hit: seconds after the (re)run that caused it ended
+    shared: tuple[CatchAllHit, ...] = ()
+    shared_with: tuple[str, ...] = ()
+    isolated: bool = False
+
+    @property
+    def blamed(self) -> tuple[CatchAllHit, ...]:
+        """What a verdict must count: its own hits, or failing those, the shared ones."""
+        return self.hits or self.shared
+
+    def describe_hits(self) -> str:
+        """How each hit relates to the attempt: ``10.0.0.1:80 0.203 s after it ended, no bytes`` etc."""
+        notes = []
+        for hit, delay in zip(self.hits, self.delays or [hit.at - self.window.end for hit in self.hits],
+                              strict=True):
+            when = f"{delay:.3f} s after it ended" if delay > 0 else "during it"
+            notes.append(f"{hit.endpoint} {when}, " + (f"{len(hit.received)} bytes" if hit.received else "no bytes"))
+        if self.isolated:
+            notes.append("rerun alone to attribute hits without a nonce")
+        if self.shared:
+            where = ", ".join(sorted({hit.endpoint for hit in self.shared}))
+            notes.append(f"{len(self.shared)} hit(s) without a nonce at {where} blamed on it together with "
+                         f"{', '.join(self.shared_with)}")
+        return "; ".join(notes)
+
+
+@dataclass
+class _Run:
+    exchange: Exchange
+    window: AttemptWindow
+    observation: Any
+
+
+@dataclass
+class _Isolation:
+    rerun: set[str] = field(default_factory=set)
+    # own key -> {address: how long after its rerun ended each hit without the nonce came there}
+    lateness: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    hits: dict[str, list[tuple[CatchAllHit, float]]] = field(default_factory=dict)  # (hit, delay after the rerun)
+
+
+def isolation_rounds(keys: Sequence[str], destinations: dict[str, frozenset[str]]) -> list[list[str]]:
+    """Pack candidates into rounds whose destination sets are pairwise disjoint (order kept).
+
+    A candidate with no predicted destination gets a round of its own: any hit then is its own.
+    """
+    rounds: list[list[str]] = []
+    used: list[set[str]] = []
+    for key in keys:
+        wanted = destinations[key]
+        for members, taken in zip(rounds, used, strict=True):
+            if wanted and taken and not (wanted & taken):
+                members.append(key)
+                taken.update(wanted)
+                break
+        else:
+            rounds.append([key])
+            used.append(set(wanted))
+    return rounds
+
+
+class Campaign:
+    """Run exchanges through one proxy in ``context.lab`` and attribute every hit (see the module doc).
+
+    ``grace=0`` and ``isolate=False`` give an immediate judgement: no wait, no reruns; a later dial
+    is then left to :func:`audit_lab`.
+    """
+
+    def __init__(self, context: ExchangeContext, *, grace: float = GRACE_SECONDS, isolate: bool = True) -> None:
+        self.context = context
+        self.grace = grace
+        self.isolate = isolate
+        self._prefix = f"c{next(_campaign_ids)}/"
+
+    @property
+    def lab(self) -> NetworkLab:
+        return self.context.lab
+
+    def run(self, exchanges: Sequence[Exchange]) -> dict[str, ExchangeResult]:
+        keys = [exchange.key for exchange in exchanges]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"exchange keys repeat: {sorted(k for k in set(keys) if keys.count(k) > 1)}")
+        if not exchanges:
+            return {}
+        mark = self.lab.hit_mark()
+        runs = self._perform_all([(exchange, self._prefix + exchange.key) for exchange in exchanges])
+        by_key = {run.window.key: run for run in runs}
+        hits = self._settled_hits(mark, max(run.window.end for run in runs))
+        attribution = attribute(hits, self.lab.attempt_windows(), self.grace)
+        isolation = _Isolation()
+        if self.isolate and self.grace > 0:
+            attribution, isolation = self._isolate(attribution, hits, by_key)
+        results: dict[str, ExchangeResult] = {}
+        for run in runs:
+            key = run.window.key
+            blamed = [hit for hit in hits if key in attribution.owners.get(hit.index, frozenset())]
+            own = [hit for hit in blamed if attribution.owners[hit.index] == {key}]
+            shared = [hit for hit in blamed if attribution.owners[hit.index] != {key}]
+            others = sorted({owner.removeprefix(self._prefix) for hit in shared
+                             for owner in attribution.owners[hit.index] if owner != key})
+            alone = isolation.hits.get(key, [])
+            results[run.exchange.key] = ExchangeResult(
+                run.exchange.key, run.observation, run.window, (*own, *(hit for hit, _ in alone)),
+                (*(hit.at - run.window.end for hit in own), *(delay for _, delay in alone)),
+                tuple(shared), tuple(others), key in isolation.rerun)
+            self.lab.account([hit.index for hit in blamed] + [hit.index for hit, _ in alone], by=key)
+        return results
+
+    # -- sending -----------------------------------------------------------------------------------
+
+    def _perform_all(self, planned: Sequence[tuple[Exchange, str]]) -> list[_Run]:
+        runs: list[_Run] = []
+        try:
+            for exchange, key in planned:
+                nonce = new_nonce()
+                begin = time.monotonic()
+                try:
+                    observation = exchange.perform(self.context, nonce)
+                finally:
+                    runs.append(_Run(exchange, AttemptWindow(
+                        key, nonce, exchange.destinations(), begin, time.monotonic(), exchange.control()), None))
+                runs[-1].observation = observation
+        finally:
+            # Registered even if an exchange raised: whatever it dialled must stay attributable.
+            self.lab.register_attempts(run.window for run in runs)
+        return runs
+
+    def _settled_hits(self, mark: int, last_end: float) -> list[CatchAllHit]:
+        remaining = last_end + self.grace - time.monotonic()
+        if remaining > 0:
+            time.sleep(min(remaining, self.grace))
+        return self.lab.hits(since=mark)
+
+    # -- isolation ---------------------------------------------------------------------------------
+
+    def _isolate(self, attribution: Attribution, hits: Sequence[CatchAllHit],
+                 by_key: dict[str, _Run]) -> tuple[Attribution, _Isolation]:
+        """Rerun every exchange blamed for a hit without a nonce alone, then let each explain the
+        phase-one hits its rerun reproduced (same address, same delay after it ended), one each."""
+        blind = [hit for hit in hits if hit.index not in attribution.exact
+                 and attribution.owners.get(hit.index, frozenset()) & by_key.keys()]
+        isolation = _Isolation()
+        if not blind:
+            return attribution, isolation
+        suspects = list(dict.fromkeys(owner for hit in blind
+                                      for owner in sorted(attribution.owners[hit.index]) if owner in by_key))
+        destinations = {key: by_key[key].window.destinations for key in suspects}
+        for number, members in enumerate(isolation_rounds(suspects, destinations), start=1):
+            mark = self.lab.hit_mark()
+            reruns = self._perform_all([(by_key[key].exchange, f"{key}#alone{number}") for key in members])
+            ended = {run.window.key: run.window.end for run in reruns}
+            round_hits = self._settled_hits(mark, max(ended.values()))
+            # Only this round's windows: nothing else is running, so every hit now is one of them.
+            local = attribute(round_hits, [run.window for run in reruns], self.grace)
+            for hit in round_hits:
+                for owner in local.owners.get(hit.index, frozenset()):
+                    original = owner.split("#alone", 1)[0]
+                    delay = hit.at - ended[owner]
+                    isolation.hits.setdefault(original, []).append((hit, delay))
+                    if hit.index not in local.exact:  # a hit without the nonce, like the ones to explain
+                        isolation.lateness.setdefault(original, {}).setdefault(hit.address, []).append(delay)
+            isolation.rerun.update(members)
+        owners = dict(attribution.owners)
+        pairs: list[tuple[float, int, str]] = []
+        for hit in blind:
+            for key in owners[hit.index] & isolation.rerun:
+                delays = isolation.lateness.get(key, {}).get(hit.address, [])
+                if delays:
+                    after = hit.at - by_key[key].window.end
+                    pairs.append((min(abs(after - delay) for delay in delays), hit.index, key))
+        # A rerun that reproduced n hits at an address explains at most n of them, best matches
+        # first; a hit nobody explains stays blamed on every attempt that could have caused it.
+        capacity = {(key, address): len(delays) for key, by_address in isolation.lateness.items()
+                    for address, delays in by_address.items()}
+        address_of = {hit.index: hit.address for hit in blind}
+        explained: set[int] = set()
+        for gap, index, key in sorted(pairs):
+            if gap > LATENESS_TOLERANCE_SECONDS:
+                break
+            slot = (key, address_of[index])
+            if index not in explained and capacity.get(slot, 0) > 0:
+                owners[index] = frozenset({key})
+                explained.add(index)
+                capacity[slot] -= 1
+        return Attribution(owners, attribution.exact), isolation
+
+
+def audit_lab(lab: NetworkLab, *, grace: float = GRACE_SECONDS) -> str | None:
+    """The session-end check: None, or one message naming every hit no verdict accounted for.
+
+    Waits one grace period first, so a dial made just after the last test is seen too.
+    """
+    if grace > 0:
+        time.sleep(grace)
+    unaccounted = lab.unaccounted_hits()
+    if not unaccounted:
+        return None
+    windows = lab.attempt_windows()
+    attribution = attribute(unaccounted, windows, grace)
+    origin = min((window.begin for window in windows), default=unaccounted[0].at)
+    parts = []
+    for hit in unaccounted:
+        owners = sorted(attribution.owners.get(hit.index, frozenset()))
+        blamed = (f"can have come from {', '.join(owners[:5])}" + (f" and {len(owners) - 5} more" if len(owners) > 5
+                                                                  else "")) if owners else "no attempt explains it"
+        parts.append(f"{describe_hit(hit, origin)}: {blamed}")
+    return (f"pytest-sandbox: {len(unaccounted)} connection(s) reached the lab's catch-all canary and no "
+            "verdict accounted for them (a dial after its case was judged, or one no test watched); each "
+            "is a destination the proxy must not reach: " + "; ".join(parts))
+
+
+def audit_upstream(ledger: UpstreamLedger, streams: Sequence[ReceivedStream], *,
+                   grace: float = GRACE_SECONDS) -> str | None:
+    """None, or one message naming every upstream byte run an attempt accounts for and no verdict judged.
+
+    Does not wait (call it after :func:`audit_lab`, which waits the grace period). Bytes without a
+    nonce that arrived outside every upstream attempt's window plus grace, on a connection no
+    attempt used, belong to another test (an inference request, an SSRF control) and are not
+    reported here.
+    """
+    known = {window.nonce: window.key for window in ledger.windows}
+    found: list[str] = []
+    for stream in streams:
+        for begin, end in ledger.gaps(stream):
+            pieces = split_pieces(stream, begin, end, known)
+            owners = attribute_pieces(pieces, ledger.windows, grace, graced_only=True,
+                                      before={stream.key: ledger.owners_before(stream, begin)})
+            for piece, keys in zip(pieces, owners, strict=True):
+                if keys:
+                    names = sorted(keys)
+                    blamed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+                    how = "carries its nonce" if piece.nonces else "no nonce; can have come from"
+                    found.append(f"{piece.where}, bytes {piece.start}-{piece.end} ({how} {blamed}): "
+                                 f"{shown(piece.data)}")
+    if not found:
+        return None
+    return (f"pytest-sandbox: {len(found)} run(s) of bytes reached a lab origin or inference backend after the "
+            "verdict of the attempt that sent them was given (the proxy forwarded them late, after refusing), "
+            "so those verdicts did not see them: " + "; ".join(found))

@@ -1,0 +1,392 @@
+"""The egress category: a process sandboxed in proxy mode reaches nothing directly, only its proxy.
+
+Probing "can it connect to 169.254.169.254?" from where the process runs proves nothing by
+itself: in the private namespace the launcher is meant to create there is no route, so a refusal is
+guaranteed, and in a namespace the harness did not make (the host's, if the launcher isolates
+nothing) the attempt would send a real packet off the machine. So the category checks what a
+process *can* reach wherever it ends up, and knows where it ended up:
+
+* **where it runs**: the probe reports its own network namespace (``/proc/self/ns/net``), which the
+  harness compares with the host's, the lab's and the one it made for the process;
+* **the host's loopback**: the harness listens on 127.0.0.1 and ::1 in its own (host) namespace; a
+  process that shares the host's namespace reaches them. Loopback never leaves the machine, so
+  these are attempted from anywhere;
+* **the lab**: a process placed in the lab namespace reaches the lab's catch-all canary (which sees
+  every address and port there), and so would its dials to the loopback port above;
+* **special-use and public lab destinations** (169.254.169.254, 10.0.0.1, fd00:ec2::254, 11.0.0.10,
+  2600:9000::10): attempted only when the probe itself finds that it runs in a namespace the harness
+  made (its own or the lab); elsewhere they are not attempted and judged on where it runs;
+* **the positive control**: the proxy's address in the process's namespace (127.0.0.1:3128 of
+  :class:`~pytest_sandbox.fixtures.network.ProxiedSandbox`), through which a request must reach a
+  lab origin, so a launcher that breaks all networking does not score 100 %.
+
+A direct attempt is BLOCKED only if connect(2) failed with an errno, no listener (host or lab) saw
+it, and the probe ran in the namespace the harness made for it. Reaching anything, or running in
+the host's or the lab's namespace, is ALLOWED; a timeout, a probe that did not run, or a namespace
+nobody can vouch for is INDETERMINATE (a timeout is neither a refusal nor proof of isolation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno as errno_module
+import json
+import os
+import secrets
+import socket
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pytest_sandbox.network.lab.lab import NetworkLab
+from pytest_sandbox.network.netns import NetnsId
+from pytest_sandbox.probes.ssrf import SsrfJudgement
+from pytest_sandbox.verdicts.judgement import Verdict
+
+__all__ = [
+    "CONNECT_TIMEOUT_SECONDS",
+    "DIRECT_TARGETS",
+    "EGRESS_PROBE",
+    "EgressEvidence",
+    "EgressPlan",
+    "EgressTarget",
+    "HostListeners",
+    "Launcher",
+    "Namespaces",
+    "ProbeReport",
+    "TargetOutcome",
+    "judge_direct",
+    "judge_namespace",
+    "judge_proxy_control",
+    "parse_report",
+    "run_egress_probe",
+]
+
+CONNECT_TIMEOUT_SECONDS = 2.0
+RUN_TIMEOUT_SECONDS = 20.0
+PROXY_ADDRESS = ("127.0.0.1", 3128)
+PUBLIC_ORIGIN = "11.0.0.10"
+HOST_NETNS_PATH = "/proc/self/ns/net"
+
+
+@dataclass(frozen=True)
+class EgressTarget:
+    """One direct connection the sandboxed process attempts. ``loopback`` targets never leave the
+    machine, so they are attempted from any namespace; the others only from one the harness made."""
+
+    target_id: str
+    address: str
+    port: int
+    what: str
+    loopback: bool = False
+
+
+# Special-use and public lab destinations (port 80: the lab's catch-all sees any port anyway).
+DIRECT_TARGETS: tuple[EgressTarget, ...] = (
+    EgressTarget("direct-169.254.169.254", "169.254.169.254", 80, "metadata address"),
+    EgressTarget("direct-10.0.0.1", "10.0.0.1", 80, "private 10/8 address"),
+    EgressTarget("direct-fd00:ec2::254", "fd00:ec2::254", 80, "IPv6 metadata address"),
+    EgressTarget("direct-11.0.0.10", "11.0.0.10", 80, "public lab origin"),
+    EgressTarget("direct-2600:9000::10", "2600:9000::10", 80, "public IPv6 lab origin"),
+)
+
+# Runs inside the sandbox (python3 -S, stdlib only). Argument: a JSON plan. Prints one JSON line.
+# The safety gate is here, in the process itself: a non-loopback destination (and the proxy, which
+# would dial on its behalf) is attempted only if this process's own network namespace is one of
+# those the harness made.
+EGRESS_PROBE = r"""
+import errno, json, os, socket, sys
+plan = json.loads(sys.argv[1])
+info = os.stat("/proc/self/ns/net")
+netns = [info.st_dev, info.st_ino]
+inside = netns in plan["harness_namespaces"]
+report = {"netns": netns, "results": {}, "proxy": None}
+for target in plan["targets"]:
+    if not (target["loopback"] or inside):
+        report["results"][target["id"]] = {"kind": "skipped"}
+        continue
+    family = socket.AF_INET6 if ":" in target["address"] else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.settimeout(plan["timeout"])
+    try:
+        sock.connect((target["address"], target["port"]))
+        sock.sendall(("EGRESS %s %s\r\n\r\n" % (plan["nonce"], target["id"])).encode())
+        report["results"][target["id"]] = {"kind": "connected"}
+    except socket.timeout:
+        report["results"][target["id"]] = {"kind": "timeout"}
+    except OSError as e:
+        report["results"][target["id"]] = {"kind": "errno", "errno": e.errno}
+    finally:
+        sock.close()
+if plan["proxy"] and inside:
+    address, port = plan["proxy"]
+    try:
+        with socket.create_connection((address, port), timeout=plan["timeout"]) as sock:
+            sock.sendall(plan["proxy_request"].encode())
+            data = b""
+            while len(data) < 65536:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+        fields = dict((k.strip().lower(), v.strip()) for k, _, v in (l.partition(":") for l in head[1:]))
+        report["proxy"] = {"status_line": head[0], "origin": fields.get("x-lab-origin")}
+    except OSError as e:
+        report["proxy"] = {"error": "%s: %s" % (type(e).__name__, e)}
+print(json.dumps(report))
+"""
+
+
+class Launcher(Protocol):
+    """What runs the probe: the reference sandbox (or a deliberately broken stand-in in tests)."""
+
+    def run(self, argv: Sequence[str], *, timeout: float | None = None) -> Any:
+        """Run ``argv``; the result has ``returncode``, ``stdout`` and ``stderr`` (bytes)."""
+        ...
+
+
+@dataclass(frozen=True)
+class Namespaces:
+    """The namespaces the harness can name: the host's (its own), the lab's, the one made for the process."""
+
+    host: NetnsId
+    lab: NetnsId
+    own: NetnsId
+
+    def name(self, netns: NetnsId | None) -> str:
+        if netns is None:
+            return "unknown"
+        return {self.own: "its own (made by the harness)", self.host: "the host's",
+                self.lab: "the lab's"}.get(netns, f"an unknown one (inode {netns[1]})")
+
+
+@dataclass(frozen=True)
+class TargetOutcome:
+    kind: str  # connected | errno | timeout | skipped | missing
+    errno: int | None = None
+
+    def describe(self) -> str:
+        if self.kind == "errno" and self.errno is not None:
+            return f"connect failed with {errno_module.errorcode.get(self.errno, str(self.errno))}"
+        return {"connected": "connected", "timeout": "connect timed out", "missing": "no result",
+                "skipped": "not attempted (not in a namespace the harness made)"}.get(self.kind, self.kind)
+
+
+@dataclass(frozen=True)
+class ProbeReport:
+    netns: NetnsId | None
+    outcomes: dict[str, TargetOutcome]
+    proxy: dict[str, Any] | None
+    error: str = ""  # why the probe did not report (non-zero exit, no JSON)
+
+    def outcome(self, target_id: str) -> TargetOutcome:
+        return self.outcomes.get(target_id, TargetOutcome("missing"))
+
+
+def parse_report(returncode: int, stdout: bytes, stderr: bytes) -> ProbeReport:
+    """The probe's JSON line, or a report saying why there is none."""
+    lines = stdout.decode(errors="replace").strip().splitlines()
+    try:
+        raw = json.loads(lines[-1]) if returncode == 0 and lines else None
+    except ValueError:
+        raw = None
+    if not isinstance(raw, dict):
+        tail = stderr.decode(errors="replace").strip()[-300:]
+        return ProbeReport(None, {}, None, f"the probe exited {returncode} without a report: {tail}")
+    netns = raw.get("netns")
+    outcomes = {str(key): TargetOutcome(str(value.get("kind")), value.get("errno"))
+                for key, value in dict(raw.get("results") or {}).items()}
+    return ProbeReport((int(netns[0]), int(netns[1])) if netns else None, outcomes, raw.get("proxy"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Judging (pure)
+# --------------------------------------------------------------------------------------------------
+
+NAMESPACE_EXPECTED = "the process runs in the network namespace the harness made for it (not the host's or the lab's)"
+DIRECT_EXPECTED = ("connect fails with an errno in the namespace made for the process, and no listener (host "
+                   "loopback, lab) sees it")
+PROXY_EXPECTED = "a GET through the proxy's address reaches the lab origin (200 from it, request recorded)"
+
+
+def judge_namespace(report: ProbeReport, namespaces: Namespaces) -> SsrfJudgement:
+    observed = f"runs in {namespaces.name(report.netns)} network namespace" + (
+        f" ({report.error})" if report.error else "")
+    if report.netns is None:
+        return SsrfJudgement(Verdict.INDETERMINATE, "the probe did not report its namespace", NAMESPACE_EXPECTED,
+                             observed)
+    if report.netns == namespaces.host:
+        return SsrfJudgement(Verdict.ALLOWED, "the process shares the host's network namespace: the launcher "
+                             "isolated nothing", NAMESPACE_EXPECTED, observed)
+    if report.netns == namespaces.lab:
+        return SsrfJudgement(Verdict.ALLOWED, "the process runs in the lab's namespace, next to every destination "
+                             "the proxy is meant to guard", NAMESPACE_EXPECTED, observed)
+    if report.netns == namespaces.own:
+        return SsrfJudgement(Verdict.BLOCKED, "the process runs in the namespace made for it", NAMESPACE_EXPECTED,
+                             observed)
+    return SsrfJudgement(Verdict.INDETERMINATE, "the process runs in a namespace the harness did not make, so "
+                         "nothing here can say what it reaches", NAMESPACE_EXPECTED, observed)
+
+
+def judge_direct(target: EgressTarget, report: ProbeReport, namespaces: Namespaces, seen: str) -> SsrfJudgement:
+    """``seen`` names the harness listeners that saw this attempt ("" if none)."""
+    outcome = report.outcome(target.target_id)
+    where = namespaces.name(report.netns)
+    observed = f"{outcome.describe()}; runs in {where} namespace; " + (f"seen by {seen}" if seen else "no listener "
+                                                                        "saw it") + (f" ({report.error})"
+                                                                                    if report.error else "")
+    if seen:
+        return SsrfJudgement(Verdict.ALLOWED, f"direct connection to the {target.what} reached {seen}",
+                             DIRECT_EXPECTED, observed)
+    if outcome.kind == "connected":
+        return SsrfJudgement(Verdict.ALLOWED, f"direct connection to the {target.what} succeeded", DIRECT_EXPECTED,
+                             observed)
+    if report.netns == namespaces.host:
+        return SsrfJudgement(Verdict.ALLOWED, f"the process shares the host's network namespace: nothing stands "
+                             f"between it and the {target.what}", DIRECT_EXPECTED, observed)
+    if report.netns == namespaces.lab:
+        return SsrfJudgement(Verdict.ALLOWED, f"the process runs in the lab's namespace, where the {target.what} "
+                             "is reachable", DIRECT_EXPECTED, observed)
+    if outcome.kind == "timeout":
+        return SsrfJudgement(Verdict.INDETERMINATE, "the connect timed out: neither refused nor shown isolated",
+                             DIRECT_EXPECTED, observed)
+    if outcome.kind != "errno":
+        return SsrfJudgement(Verdict.INDETERMINATE, f"no refusal to judge ({outcome.describe()})", DIRECT_EXPECTED,
+                             observed)
+    if report.netns != namespaces.own:
+        return SsrfJudgement(Verdict.INDETERMINATE, f"refused, but in {where} namespace, which the harness did not "
+                             "make for the process", DIRECT_EXPECTED, observed)
+    return SsrfJudgement(Verdict.BLOCKED, f"direct connect refused ({outcome.describe()}) in the process's own "
+                         "namespace", DIRECT_EXPECTED, observed)
+
+
+def judge_proxy_control(report: ProbeReport, reached_origin: int) -> SsrfJudgement:
+    proxy = report.proxy or {}
+    observed = (f"proxy answered {proxy.get('status_line')!r} from origin {proxy.get('origin')!r}" if "status_line"
+                in proxy else str(proxy.get("error") or "not attempted (not in a namespace the harness made)"))
+    observed += f"; origin recorded {reached_origin} request(s) with the probe's nonce"
+    status = str(proxy.get("status_line", "")).split(" ")
+    if len(status) >= 2 and status[1] == "200" and proxy.get("origin") == PUBLIC_ORIGIN and reached_origin == 1:
+        return SsrfJudgement(Verdict.WORKS, "the proxy's address is reachable and routes to the lab origin",
+                             PROXY_EXPECTED, observed)
+    return SsrfJudgement(Verdict.BROKEN, "the sandboxed process could not use its proxy", PROXY_EXPECTED, observed)
+
+
+# --------------------------------------------------------------------------------------------------
+# Running (sockets: loopback listeners in the harness's own namespace, and the lab)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class HostListeners:
+    """Listeners on the host's loopback (127.0.0.1 and, if it exists, ::1), in the harness's namespace.
+
+    Loopback never leaves the machine, so listening and being dialled here is safe; only a process
+    that shares the host's network namespace can reach them.
+    """
+
+    sockets: dict[str, socket.socket] = field(default_factory=dict)
+
+    @classmethod
+    @contextlib.contextmanager
+    def open(cls) -> Iterator[HostListeners]:
+        listeners = cls()
+        try:
+            for address, family in (("127.0.0.1", socket.AF_INET), ("::1", socket.AF_INET6)):
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                try:
+                    sock.bind((address, 0))
+                except OSError:  # no ::1 on this host: that target is left out
+                    sock.close()
+                    continue
+                sock.listen(16)
+                sock.setblocking(False)
+                listeners.sockets[address] = sock
+            yield listeners
+        finally:
+            for sock in listeners.sockets.values():
+                sock.close()
+
+    def targets(self) -> tuple[EgressTarget, ...]:
+        return tuple(EgressTarget(f"direct-host-loopback-{'v6' if ':' in address else 'v4'}", address,
+                                  int(sock.getsockname()[1]), f"host's loopback listener {address}", loopback=True)
+                     for address, sock in self.sockets.items())
+
+    def accepted(self, address: str) -> int:
+        """Connections that reached the listener on ``address`` (accepted now, so none is missed)."""
+        count = 0
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            while True:
+                peer, _ = self.sockets[address].accept()
+                peer.close()
+                count += 1
+        return count
+
+
+@dataclass(frozen=True)
+class EgressPlan:
+    targets: tuple[EgressTarget, ...]
+    namespaces: Namespaces
+    proxy: tuple[str, int] | None = PROXY_ADDRESS
+    timeout: float = CONNECT_TIMEOUT_SECONDS
+    nonce: str = field(default_factory=lambda: f"egress-{secrets.token_hex(8)}")
+
+    def argv(self) -> list[str]:
+        plan = {
+            "targets": [{"id": t.target_id, "address": t.address, "port": t.port, "loopback": t.loopback}
+                        for t in self.targets],
+            "harness_namespaces": [list(self.namespaces.own), list(self.namespaces.lab)],
+            "timeout": self.timeout, "nonce": self.nonce, "proxy": list(self.proxy) if self.proxy else None,
+            "proxy_request": (f"GET http://{PUBLIC_ORIGIN}/egress-probe/{self.nonce} HTTP/1.1\r\n"
+                              f"Host: {PUBLIC_ORIGIN}\r\nConnection: close\r\n\r\n"),
+        }
+        return ["python3", "-S", "-c", EGRESS_PROBE, json.dumps(plan)]
+
+
+@dataclass(frozen=True)
+class EgressEvidence:
+    """One probe run and what the harness's listeners saw: every verdict of the category."""
+
+    report: ProbeReport
+    namespace: SsrfJudgement
+    direct: dict[str, tuple[EgressTarget, SsrfJudgement]]
+    proxy_control: SsrfJudgement
+
+
+def host_netns() -> NetnsId:
+    info = os.stat(HOST_NETNS_PATH)
+    return (info.st_dev, info.st_ino)
+
+
+def run_egress_probe(launcher: Launcher, lab: NetworkLab, own_netns: NetnsId, *,
+                     direct: Sequence[EgressTarget] = DIRECT_TARGETS,
+                     proxy: tuple[str, int] | None = PROXY_ADDRESS) -> EgressEvidence:
+    """Run the probe once under ``launcher`` and judge every target, the namespace and the proxy control."""
+    namespaces = Namespaces(host_netns(), lab.netns_id, own_netns)
+    with HostListeners.open() as listeners:
+        plan = EgressPlan((*listeners.targets(), *direct), namespaces, proxy)
+        mark = lab.hit_mark()
+        result = launcher.run(plan.argv(), timeout=RUN_TIMEOUT_SECONDS)
+        report = parse_report(result.returncode, result.stdout, result.stderr)
+        host_seen = {address: listeners.accepted(address) for address in listeners.sockets}
+    hits = lab.hits(since=mark)
+    judged: dict[str, tuple[EgressTarget, SsrfJudgement]] = {}
+    used: list[int] = []
+    for target in plan.targets:
+        mine = [hit for hit in hits if (hit.address, hit.port) == (target.address, target.port)
+                or f"{plan.nonce} {target.target_id}\r\n".encode() in hit.received]
+        used += [hit.index for hit in mine]
+        seen = []
+        if target.loopback and host_seen.get(target.address):
+            seen.append(f"the host's loopback listener ({host_seen[target.address]} connection(s))")
+        if mine:
+            seen.append(f"the lab's catch-all ({', '.join(hit.endpoint for hit in mine)})")
+        judged[target.target_id] = (target, judge_direct(target, report, namespaces, " and ".join(seen)))
+    # Its request to the proxy's address lands on the catch-all too when no proxy listens there.
+    used += [hit.index for hit in hits if plan.nonce.encode() in hit.received]
+    lab.account(used, by=f"egress probe {plan.nonce}")
+    reached = [request for request in lab.origin_requests(PUBLIC_ORIGIN) if plan.nonce in request.target]
+    control = judge_proxy_control(report, len(reached)) if proxy is not None else SsrfJudgement(
+        Verdict.INDETERMINATE, "no proxy in the process's namespace", PROXY_EXPECTED, "")
+    return EgressEvidence(report, judge_namespace(report, namespaces), judged, control)

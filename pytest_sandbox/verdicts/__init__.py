@@ -1,0 +1,1 @@
+"""Stage 4: one Judgement type and the pure judges (BLOCKED / ALLOWED / INDETERMINATE)."""
