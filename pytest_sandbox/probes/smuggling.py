@@ -167,7 +167,8 @@ class SmugglingAttempt:
 
     def payload(self, *, origin: str, denied: str, nonce: str | None = None) -> bytes:
         """The bytes sent; with ``nonce``, carried by every strictly framed request (or the first
-        head) as :data:`~pytest_sandbox.network.lab.attribution.NONCE_HEADER` (:func:`~pytest_sandbox.http.upstream.with_nonce`)."""
+        head) as :data:`~pytest_sandbox.network.lab.attribution.NONCE_HEADER`
+        (:func:`~pytest_sandbox.http.upstream.with_nonce`)."""
         payload = tunnel_payload(self.case) if self.path == TUNNEL else render(self.case, host=origin, denied=denied)
         return payload if nonce is None else with_nonce(payload, nonce)
 
