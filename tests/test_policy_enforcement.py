@@ -179,8 +179,11 @@ def run_suite(pytester: pytest.Pytester, modules: str, policy: Path, *args: str,
 
 
 def failed_ids(result: pytest.RunResult) -> set[str]:
-    return {line.split("[", 1)[1].split("]", 1)[0] if "[" in line else line.split("::")[-1].split(" ")[0]
-            for line in result.stdout.lines if line.startswith("FAILED ")}
+    """The parameter id (or the function name) of every FAILED line, read from the node id alone: the
+    message after it may hold brackets too, and is cut or not depending on the terminal's width."""
+    node_ids = [line.split()[1] for line in result.stdout.lines if line.startswith("FAILED ")]
+    return {node_id.split("[", 1)[1].rsplit("]", 1)[0] if "[" in node_id else node_id.split("::")[-1]
+            for node_id in node_ids}
 
 
 def test_a_dropped_route_is_refused_by_the_proxy_and_judged_by_the_suite(pytester: pytest.Pytester,
