@@ -24,14 +24,22 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from broken_proxies.harness import (
+    DENIED_CANARY,
+    PUBLIC_ORIGIN,
+    TIMEOUT_SECONDS,
+    backend_config,
+    judge_catalogue,
+    private_backend,
+    proxy_with_interceptor,
+    quoted_prefix,
+)
 from broken_proxies.late_forwarder import LateForwardingInterceptor
 
 from pytest_sandbox.catalogues.smuggling import SMUGGLING_CASES, case_by_id, render
-from pytest_sandbox.fixtures.network import RunningProxy, interception_of, lab_proxy_config
+from pytest_sandbox.fixtures.network import RunningProxy, interception_of
 from pytest_sandbox.inference.fake_backend import FakeInferenceBackend
-from pytest_sandbox.inference.interceptor import INFERENCE_HOST, INFERENCE_PORT, InferenceBackendConfig
 from pytest_sandbox.network.lab.lab import NetworkLab
-from pytest_sandbox.network.proxy.server import EgressProxy, InterceptHandler
 from pytest_sandbox.network.third_party import start_proxy_command
 from pytest_sandbox.probes.campaign import GRACE_SECONDS, audit_upstream
 from pytest_sandbox.probes.smuggling import (
@@ -48,9 +56,6 @@ from pytest_sandbox.verdicts.judgement import Verdict
 ROOT = Path(__file__).resolve().parent.parent
 FORWARDER = Path(__file__).resolve().parent / "broken_proxies" / "late_forwarder.py"
 FORWARDER_COMMAND = f"{sys.executable} {FORWARDER} --port {{port}} --address {{address}}"
-PUBLIC_ORIGIN = "11.0.0.10"
-DENIED_CANARY = "10.0.0.1"
-TIMEOUT_SECONDS = 1.0
 # Its own backend, so what it forwards never lands in the session backend's log.
 LATE_BACKEND_NAME = "late-backend.inference.test"
 LATE_BACKEND_ADDRESS = "11.0.0.22"
@@ -64,11 +69,6 @@ ABSOLUTE_NOT_FORWARDED = CONTROLS
 DIALS_THE_CANARY = {"target-userinfo": 80, "target-backslash": 80, "denied-connect-with-trailing-bytes": 443}
 
 
-def quoted_prefix(payload: bytes, length: int = 40) -> str:
-    """How the first bytes of ``payload`` appear inside a verdict that quotes the bytes (repr)."""
-    return repr(payload[:length])[:-1]
-
-
 def quoted_first_line(payload: bytes) -> str:
     """The payload's first request line as a verdict quotes it; for a CONNECT, the line after its
     head (the bytes a proxy must never forward, which is what the verdict quotes)."""
@@ -77,69 +77,36 @@ def quoted_first_line(payload: bytes) -> str:
     return quoted_prefix(payload, payload.index(b"\n"))
 
 
-def judge(running: RunningProxy, lab: NetworkLab, backend: FakeInferenceBackend, ca_pem: bytes,
-          path: str) -> dict[str, SsrfJudgement]:
-    results = run_smuggling_campaign(build_attempts(paths=[path]), running.connect, lab, backend, ca_pem,
-                                     origin=PUBLIC_ORIGIN, denied=DENIED_CANARY, timeout=TIMEOUT_SECONDS)
-    return {test_id.partition("-")[2]: judgement for test_id, (judgement, _seen) in results.items()}
-
-
 @pytest.fixture(scope="module")
 def late_absolute(_network_lab: NetworkLab) -> dict[str, SsrfJudgement]:
     running = start_proxy_command(_network_lab, FORWARDER_COMMAND)
     interception = interception_of(_network_lab)
     try:
-        return judge(running, _network_lab, interception.backend, interception.trust.cert_pem, ABSOLUTE)
+        return judge_catalogue(running, _network_lab, interception.backend, interception.trust.cert_pem, ABSOLUTE)
     finally:
         running.stop()
 
 
 @pytest.fixture(scope="module")
 def late_backend(_network_lab: NetworkLab) -> Iterator[FakeInferenceBackend]:
-    _network_lab.add_name(LATE_BACKEND_NAME, [LATE_BACKEND_ADDRESS])
-    backend = FakeInferenceBackend(LATE_BACKEND_NAME, LATE_BACKEND_KEY)
-    listener = _network_lab.listen(LATE_BACKEND_ADDRESS, 443)
-    try:
-        backend.start_in_thread(listener)
-    except BaseException:
-        listener.close()
-        raise
-    try:
+    with private_backend(_network_lab, LATE_BACKEND_NAME, LATE_BACKEND_ADDRESS, LATE_BACKEND_KEY) as backend:
         yield backend
-    finally:
-        backend.stop()
 
 
 @pytest.fixture(scope="module")
 def late_tunnel_proxy(_network_lab: NetworkLab, late_backend: FakeInferenceBackend) -> Iterator[RunningProxy]:
     trust = interception_of(_network_lab).trust
-    config = InferenceBackendConfig(host=LATE_BACKEND_NAME, port=443, api_key=LATE_BACKEND_KEY,
-                                    server_hostname=LATE_BACKEND_NAME, ca_pem=late_backend.ca_pem)
-    handler = LateForwardingInterceptor(trust.ca, config, resolver=_network_lab.resolver(),
+    handler = LateForwardingInterceptor(trust.ca, backend_config(late_backend), resolver=_network_lab.resolver(),
                                         socket_factory=_network_lab.socket, record=lambda decision: None)
-
-    def intercept(host: str, port: int) -> InterceptHandler | None:
-        return handler if (host, port) == (INFERENCE_HOST, INFERENCE_PORT) else None
-
-    listener = _network_lab.listen("127.0.0.1", LATE_PROXY_PORT)
-    proxy = EgressProxy(lab_proxy_config(), resolver=_network_lab.resolver(), socket_factory=_network_lab.socket,
-                        route_socket_factory=_network_lab.route_socket, connect_interceptor=intercept)
-    try:
-        proxy.start_in_thread(listener)
-    except BaseException:
-        listener.close()
-        raise
-    running = RunningProxy(proxy, _network_lab, "127.0.0.1", LATE_PROXY_PORT)
-    try:
+    with proxy_with_interceptor(_network_lab, handler, LATE_PROXY_PORT) as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture(scope="module")
 def late_tunnel(_network_lab: NetworkLab, late_backend: FakeInferenceBackend,
                 late_tunnel_proxy: RunningProxy) -> dict[str, SsrfJudgement]:
-    return judge(late_tunnel_proxy, _network_lab, late_backend, interception_of(_network_lab).trust.cert_pem, TUNNEL)
+    return judge_catalogue(late_tunnel_proxy, _network_lab, late_backend,
+                           interception_of(_network_lab).trust.cert_pem, TUNNEL)
 
 
 def _summary(judgements: dict[str, SsrfJudgement]) -> dict[str, str]:

@@ -22,21 +22,26 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from broken_proxies.harness import (
+    DENIED_CANARY,
+    PUBLIC_ORIGIN,
+    backend_config,
+    judge_catalogue,
+    private_backend,
+    proxy_with_interceptor,
+    quoted_prefix,
+)
 from broken_proxies.raw_interceptor import RawRelayInterceptor
 from broken_proxies.raw_relay import destination
 
 from pytest_sandbox.catalogues.smuggling import SMUGGLING_CASES, case_by_id, render
-from pytest_sandbox.fixtures.network import RunningProxy, interception_of, lab_proxy_config
+from pytest_sandbox.fixtures.network import interception_of
 from pytest_sandbox.inference.fake_backend import FakeInferenceBackend
-from pytest_sandbox.inference.interceptor import INFERENCE_HOST, INFERENCE_PORT, InferenceBackendConfig
 from pytest_sandbox.network.lab.lab import NetworkLab
-from pytest_sandbox.network.proxy.server import EgressProxy, InterceptHandler
-from pytest_sandbox.network.third_party import ThirdPartyProxy, start_proxy_command
+from pytest_sandbox.network.third_party import start_proxy_command
 from pytest_sandbox.probes.smuggling import (
     ABSOLUTE,
     TUNNEL,
-    build_attempts,
-    run_smuggling_campaign,
     tunnel_payload,
 )
 from pytest_sandbox.probes.ssrf import SsrfJudgement
@@ -45,9 +50,6 @@ from pytest_sandbox.verdicts.judgement import Verdict
 ROOT = Path(__file__).resolve().parent.parent
 RELAY = Path(__file__).resolve().parent / "broken_proxies" / "raw_relay.py"
 RELAY_COMMAND = f"{sys.executable} {RELAY} --port {{port}} --address {{address}}"
-PUBLIC_ORIGIN = "11.0.0.10"
-DENIED_CANARY = "10.0.0.1"
-TIMEOUT_SECONDS = 1.0
 # The cases the raw relay earned BLOCKED with before the judge read the raw upstream bytes (the
 # absolute path of ``pytest --sandbox --sandbox-proxy-cmd RELAY conformance/test_smuggling.py``).
 FORMERLY_BLOCKED: tuple[str, ...] = (
@@ -60,25 +62,11 @@ FORMERLY_BLOCKED: tuple[str, ...] = (
     "chunk-size-empty", "chunk-ext-bare-lf", "chunk-size-line-bare-lf", "chunk-size-line-bare-cr",
     "chunk-data-bad-terminator", "chunk-data-longer-than-size",
 )
-# A second backend for the broken interceptor, so that what it lets through never lands in the
-# session backend's log (the conformance suite judges that log as a whole).
+# The broken interceptor's own backend (see broken_proxies.harness).
 RELAY_BACKEND_NAME = "relay-backend.inference.test"
 RELAY_BACKEND_ADDRESS = "11.0.0.21"
 RELAY_BACKEND_KEY = "route-key-relay-backend"
 RELAY_PROXY_PORT = 3160
-
-
-def judge_all(running: RunningProxy | ThirdPartyProxy, lab: NetworkLab, backend: FakeInferenceBackend,
-              ca_pem: bytes, path: str) -> dict[str, SsrfJudgement]:
-    attempts = build_attempts(paths=[path])
-    results = run_smuggling_campaign(attempts, running.connect, lab, backend, ca_pem, origin=PUBLIC_ORIGIN,
-                                     denied=DENIED_CANARY, timeout=TIMEOUT_SECONDS)
-    return {attempt.case.case_id: results[attempt.test_id][0] for attempt in attempts}
-
-
-def quoted_prefix(payload: bytes, length: int = 40) -> str:
-    """How the first bytes of ``payload`` appear inside a verdict that quotes the bytes (repr)."""
-    return repr(payload[:length])[:-1]
 
 
 @pytest.fixture(scope="module")
@@ -86,51 +74,24 @@ def relay_absolute(_network_lab: NetworkLab) -> dict[str, SsrfJudgement]:
     running = start_proxy_command(_network_lab, RELAY_COMMAND)
     interception = interception_of(_network_lab)
     try:
-        return judge_all(running, _network_lab, interception.backend, interception.trust.cert_pem, ABSOLUTE)
+        return judge_catalogue(running, _network_lab, interception.backend, interception.trust.cert_pem, ABSOLUTE)
     finally:
         running.stop()
 
 
 @pytest.fixture(scope="module")
 def relay_backend(_network_lab: NetworkLab) -> Iterator[FakeInferenceBackend]:
-    _network_lab.add_name(RELAY_BACKEND_NAME, [RELAY_BACKEND_ADDRESS])
-    backend = FakeInferenceBackend(RELAY_BACKEND_NAME, RELAY_BACKEND_KEY)
-    listener = _network_lab.listen(RELAY_BACKEND_ADDRESS, 443)
-    try:
-        backend.start_in_thread(listener)
-    except BaseException:
-        listener.close()
-        raise
-    try:
+    with private_backend(_network_lab, RELAY_BACKEND_NAME, RELAY_BACKEND_ADDRESS, RELAY_BACKEND_KEY) as backend:
         yield backend
-    finally:
-        backend.stop()
 
 
 @pytest.fixture(scope="module")
 def relay_tunnel(_network_lab: NetworkLab, relay_backend: FakeInferenceBackend) -> dict[str, SsrfJudgement]:
     trust = interception_of(_network_lab).trust
-    config = InferenceBackendConfig(host=RELAY_BACKEND_NAME, port=443, api_key=RELAY_BACKEND_KEY,
-                                    server_hostname=RELAY_BACKEND_NAME, ca_pem=relay_backend.ca_pem)
-    handler = RawRelayInterceptor(trust.ca, config, resolver=_network_lab.resolver(),
+    handler = RawRelayInterceptor(trust.ca, backend_config(relay_backend), resolver=_network_lab.resolver(),
                                   socket_factory=_network_lab.socket, record=lambda decision: None)
-
-    def intercept(host: str, port: int) -> InterceptHandler | None:
-        return handler if (host, port) == (INFERENCE_HOST, INFERENCE_PORT) else None
-
-    listener = _network_lab.listen("127.0.0.1", RELAY_PROXY_PORT)
-    proxy = EgressProxy(lab_proxy_config(), resolver=_network_lab.resolver(), socket_factory=_network_lab.socket,
-                        route_socket_factory=_network_lab.route_socket, connect_interceptor=intercept)
-    try:
-        proxy.start_in_thread(listener)
-    except BaseException:
-        listener.close()
-        raise
-    running = RunningProxy(proxy, _network_lab, "127.0.0.1", RELAY_PROXY_PORT)
-    try:
-        return judge_all(running, _network_lab, relay_backend, trust.cert_pem, TUNNEL)
-    finally:
-        running.stop()
+    with proxy_with_interceptor(_network_lab, handler, RELAY_PROXY_PORT) as running:
+        return judge_catalogue(running, _network_lab, relay_backend, trust.cert_pem, TUNNEL)
 
 
 def _denied(judgements: dict[str, SsrfJudgement]) -> dict[str, SsrfJudgement]:
