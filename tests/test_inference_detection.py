@@ -34,8 +34,7 @@ from pytest_sandbox.probes.smuggling import (
     run_smuggling_campaign,
     tunnel_payload,
 )
-from pytest_sandbox.probes.ssrf import SsrfJudgement
-from pytest_sandbox.verdicts.judgement import Verdict
+from pytest_sandbox.verdicts.judgement import Judgement, Verdict
 
 PUBLIC_ORIGIN = "11.0.0.10"
 DENIED_CANARY = "10.0.0.1"
@@ -48,7 +47,7 @@ SMUGGLING_CASES_BY_ID = {case.case_id: case for case in SMUGGLING_CASES}
 
 
 def judge_all(running: RunningProxy, path: str, timeout: float = DETECTION_TIMEOUT_SECONDS
-              ) -> dict[str, SsrfJudgement]:
+              ) -> dict[str, Judgement]:
     lab = running.lab
     interception = interception_of(lab)
     attempts = build_attempts(paths=[path])
@@ -57,7 +56,7 @@ def judge_all(running: RunningProxy, path: str, timeout: float = DETECTION_TIMEO
     return {attempt.case.case_id: results[attempt.test_id][0] for attempt in attempts}
 
 
-def failing(judgements: dict[str, SsrfJudgement]) -> set[str]:
+def failing(judgements: dict[str, Judgement]) -> set[str]:
     return {case_id for case_id, judgement in judgements.items() if not judgement.passed}
 
 
@@ -164,7 +163,7 @@ def test_proxy_and_interceptor_with_h11_framing_only_fail_exactly_the_h11_only_c
 THIRD_PARTY_COMMANDS = {"tinyproxy": tinyproxy_command, "squid": squid_command}
 
 
-def verdict_table(name: str, judgements: dict[str, SsrfJudgement]) -> str:
+def verdict_table(name: str, judgements: dict[str, Judgement]) -> str:
     width = max(len(case_id) for case_id in judgements)
     lines = [f"{name}: plain absolute-form smuggling cases", f"{'case':<{width}}  verdict        observed"]
     lines += [f"{case_id:<{width}}  {judgement.verdict.value:<13}  {judgement.observed}"

@@ -50,8 +50,7 @@ from pytest_sandbox.probes.smuggling import (
     run_smuggling_campaign,
     tunnel_payload,
 )
-from pytest_sandbox.probes.ssrf import SsrfJudgement
-from pytest_sandbox.verdicts.judgement import Verdict
+from pytest_sandbox.verdicts.judgement import Judgement, Verdict
 
 ROOT = Path(__file__).resolve().parent.parent
 FORWARDER = Path(__file__).resolve().parent / "broken_proxies" / "late_forwarder.py"
@@ -78,7 +77,7 @@ def quoted_first_line(payload: bytes) -> str:
 
 
 @pytest.fixture(scope="module")
-def late_absolute(_network_lab: NetworkLab) -> dict[str, SsrfJudgement]:
+def late_absolute(_network_lab: NetworkLab) -> dict[str, Judgement]:
     running = start_proxy_command(_network_lab, FORWARDER_COMMAND)
     interception = interception_of(_network_lab)
     try:
@@ -104,12 +103,12 @@ def late_tunnel_proxy(_network_lab: NetworkLab, late_backend: FakeInferenceBacke
 
 @pytest.fixture(scope="module")
 def late_tunnel(_network_lab: NetworkLab, late_backend: FakeInferenceBackend,
-                late_tunnel_proxy: RunningProxy) -> dict[str, SsrfJudgement]:
+                late_tunnel_proxy: RunningProxy) -> dict[str, Judgement]:
     return judge_catalogue(late_tunnel_proxy, _network_lab, late_backend,
                            interception_of(_network_lab).trust.cert_pem, TUNNEL)
 
 
-def _summary(judgements: dict[str, SsrfJudgement]) -> dict[str, str]:
+def _summary(judgements: dict[str, Judgement]) -> dict[str, str]:
     return {case_id: f"{j.verdict.value}: {j.reason}" for case_id, j in judgements.items()}
 
 

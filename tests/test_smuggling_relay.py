@@ -44,8 +44,7 @@ from pytest_sandbox.probes.smuggling import (
     TUNNEL,
     tunnel_payload,
 )
-from pytest_sandbox.probes.ssrf import SsrfJudgement
-from pytest_sandbox.verdicts.judgement import Verdict
+from pytest_sandbox.verdicts.judgement import Judgement, Verdict
 
 ROOT = Path(__file__).resolve().parent.parent
 RELAY = Path(__file__).resolve().parent / "broken_proxies" / "raw_relay.py"
@@ -70,7 +69,7 @@ RELAY_PROXY_PORT = 3160
 
 
 @pytest.fixture(scope="module")
-def relay_absolute(_network_lab: NetworkLab) -> dict[str, SsrfJudgement]:
+def relay_absolute(_network_lab: NetworkLab) -> dict[str, Judgement]:
     running = start_proxy_command(_network_lab, RELAY_COMMAND)
     interception = interception_of(_network_lab)
     try:
@@ -86,7 +85,7 @@ def relay_backend(_network_lab: NetworkLab) -> Iterator[FakeInferenceBackend]:
 
 
 @pytest.fixture(scope="module")
-def relay_tunnel(_network_lab: NetworkLab, relay_backend: FakeInferenceBackend) -> dict[str, SsrfJudgement]:
+def relay_tunnel(_network_lab: NetworkLab, relay_backend: FakeInferenceBackend) -> dict[str, Judgement]:
     trust = interception_of(_network_lab).trust
     handler = RawRelayInterceptor(trust.ca, backend_config(relay_backend), resolver=_network_lab.resolver(),
                                   socket_factory=_network_lab.socket, record=lambda decision: None)
@@ -94,7 +93,7 @@ def relay_tunnel(_network_lab: NetworkLab, relay_backend: FakeInferenceBackend) 
         return judge_catalogue(running, _network_lab, relay_backend, trust.cert_pem, TUNNEL)
 
 
-def _denied(judgements: dict[str, SsrfJudgement]) -> dict[str, SsrfJudgement]:
+def _denied(judgements: dict[str, Judgement]) -> dict[str, Judgement]:
     return {case_id: j for case_id, j in judgements.items() if not case_by_id(case_id).is_positive_control}
 
 

@@ -45,8 +45,8 @@ from pytest_sandbox.probes.self_loop import (
     self_attempt,
     start_self_targets,
 )
-from pytest_sandbox.probes.ssrf import Attempt, SsrfJudgement, build_attempts, run_attempt
-from pytest_sandbox.verdicts.judgement import Verdict
+from pytest_sandbox.probes.ssrf import Attempt, build_attempts, run_attempt
+from pytest_sandbox.verdicts.judgement import Judgement, Verdict
 
 ROOT = Path(__file__).resolve().parent.parent
 ATTEMPTS = build_attempts()
@@ -76,14 +76,14 @@ def tinyproxy(_network_lab: NetworkLab, tmp_path_factory: pytest.TempPathFactory
 
 
 @pytest.fixture(scope="module")
-def tinyproxy_judgements(tinyproxy: ThirdPartyProxy) -> dict[Attempt, SsrfJudgement]:
+def tinyproxy_judgements(tinyproxy: ThirdPartyProxy) -> dict[Attempt, Judgement]:
     """Every catalogue attempt through tinyproxy, judged exactly as the conformance suite judges it."""
     lab = tinyproxy.lab
     assert isinstance(lab, NetworkLab)
     return {attempt: run_attempt(attempt, tinyproxy.connect, lab.all_hits) for attempt in ATTEMPTS}
 
 
-def _denied(judgements: dict[Attempt, SsrfJudgement]) -> dict[Attempt, SsrfJudgement]:
+def _denied(judgements: dict[Attempt, Judgement]) -> dict[Attempt, Judgement]:
     return {a: j for a, j in judgements.items() if a.case.expected != "allowed"}
 
 
@@ -285,8 +285,8 @@ def test_proxy_url_that_is_not_a_lab_proxy_is_refused(_network_lab, url, message
 # (pytest_sandbox.probes.self_loop), where only a self check can refuse the proxy's own address. Loops
 # are seen in the lab's socket table and by a nonce sent through the tunnel, never in a proxy's log.
 
-def run_self_cases(lab: NetworkLab, command: str, cases=SELF_CASES) -> tuple[dict[str, SsrfJudgement],
-                                                                            dict, dict[str, SsrfJudgement]]:
+def run_self_cases(lab: NetworkLab, command: str, cases=SELF_CASES) -> tuple[dict[str, Judgement],
+                                                                            dict, dict[str, Judgement]]:
     """Every self case through ``command`` started as the conformance suite starts it: (judgements by
     test id, late loops found by the sweep, the two instance controls)."""
     main = start_proxy_command(lab, command)

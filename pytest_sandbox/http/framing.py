@@ -16,7 +16,9 @@ from typing import Literal
 
 __all__ = [
     "FORBIDDEN_TRAILERS",
+    "HEAD_END",
     "MAX_HEAD_BYTES",
+    "READ_SIZE",
     "BodyFraming",
     "ChunkedBody",
     "ChunkedBodyParser",
@@ -32,6 +34,10 @@ __all__ = [
 
 # OpenShell reads at most 8 KiB of request head and answers 431 beyond that (network.md §4).
 MAX_HEAD_BYTES = 8192
+# The end of an HTTP/1.1 message head (RFC 9112 §2.1: the empty line after the field lines).
+HEAD_END = b"\r\n\r\n"
+# One recv()/read() of a socket or stream: every HTTP reader in the package uses this size.
+READ_SIZE = 65536
 # A chunk-size line longer than this is an attack, not a size: 16 hex digits already exceed 2**63.
 _MAX_CHUNK_SIZE_DIGITS = 16
 # Content-Length > 2**63 overflows most parsers (network.md §5, "malformed CL").

@@ -21,8 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from pytest_sandbox.policy.model import NetworkPolicy
-from pytest_sandbox.probes.ssrf import SsrfJudgement
-from pytest_sandbox.verdicts.judgement import Verdict
+from pytest_sandbox.verdicts.judgement import Judgement, Verdict
 
 __all__ = [
     "CONTROL_DESTINATION",
@@ -85,24 +84,24 @@ def allowlist_probes(network: NetworkPolicy, origins: Sequence[str],
     return tuple(AllowlistProbe(host, port, network.admits(host, port)) for host, port in dict.fromkeys(wanted))
 
 
-def judge_allowlist_probe(probe: AllowlistProbe, status: int | None, dialled: int) -> SsrfJudgement:
+def judge_allowlist_probe(probe: AllowlistProbe, status: int | None, dialled: int) -> Judgement:
     """From the proxy's answer to the CONNECT (None: none) and the connections the listener saw. Pure."""
     observed = f"answer {status}, connections at {probe.authority}: {dialled}"
     if probe.admitted:
         expected = "200 Connection Established and a connection at the listener"
         if status == 200 and dialled:
-            return SsrfJudgement(Verdict.WORKS, f"{probe.authority} is admitted by the policy and was reached",
+            return Judgement(Verdict.WORKS, f"{probe.authority} is admitted by the policy and was reached",
                                  expected, observed)
-        return SsrfJudgement(Verdict.BROKEN, f"{probe.authority} is admitted by the policy but was not reached",
+        return Judgement(Verdict.BROKEN, f"{probe.authority} is admitted by the policy but was not reached",
                              expected, observed)
     expected = "refused (4xx) with no connection at the listener"
     if dialled or status == 200:
-        return SsrfJudgement(Verdict.ALLOWED, f"{probe.authority} is outside the policy's allowlist, yet the proxy "
+        return Judgement(Verdict.ALLOWED, f"{probe.authority} is outside the policy's allowlist, yet the proxy "
                              f"{'dialled it' if dialled else 'answered 200'}", expected, observed)
     if status is not None and 400 <= status < 500:
-        return SsrfJudgement(Verdict.BLOCKED, f"{probe.authority} is outside the policy's allowlist and was refused "
+        return Judgement(Verdict.BLOCKED, f"{probe.authority} is outside the policy's allowlist and was refused "
                              "before any dial", expected, observed)
-    return SsrfJudgement(Verdict.INDETERMINATE, f"{probe.authority}: no refusal seen (answer {status})",
+    return Judgement(Verdict.INDETERMINATE, f"{probe.authority}: no refusal seen (answer {status})",
                          expected, observed)
 
 

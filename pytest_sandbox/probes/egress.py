@@ -40,8 +40,7 @@ from typing import Any, Protocol
 
 from pytest_sandbox.network.lab.lab import NetworkLab
 from pytest_sandbox.network.netns import NetnsId
-from pytest_sandbox.probes.ssrf import SsrfJudgement
-from pytest_sandbox.verdicts.judgement import Verdict
+from pytest_sandbox.verdicts.judgement import Judgement, Verdict
 
 __all__ = [
     "CONNECT_TIMEOUT_SECONDS",
@@ -210,26 +209,26 @@ DIRECT_EXPECTED = ("connect fails with an errno in the namespace made for the pr
 PROXY_EXPECTED = "a GET through the proxy's address reaches the lab origin (200 from it, request recorded)"
 
 
-def judge_namespace(report: ProbeReport, namespaces: Namespaces) -> SsrfJudgement:
+def judge_namespace(report: ProbeReport, namespaces: Namespaces) -> Judgement:
     observed = f"runs in {namespaces.name(report.netns)} network namespace" + (
         f" ({report.error})" if report.error else "")
     if report.netns is None:
-        return SsrfJudgement(Verdict.INDETERMINATE, "the probe did not report its namespace", NAMESPACE_EXPECTED,
+        return Judgement(Verdict.INDETERMINATE, "the probe did not report its namespace", NAMESPACE_EXPECTED,
                              observed)
     if report.netns == namespaces.host:
-        return SsrfJudgement(Verdict.ALLOWED, "the process shares the host's network namespace: the launcher "
+        return Judgement(Verdict.ALLOWED, "the process shares the host's network namespace: the launcher "
                              "isolated nothing", NAMESPACE_EXPECTED, observed)
     if report.netns == namespaces.lab:
-        return SsrfJudgement(Verdict.ALLOWED, "the process runs in the lab's namespace, next to every destination "
+        return Judgement(Verdict.ALLOWED, "the process runs in the lab's namespace, next to every destination "
                              "the proxy is meant to guard", NAMESPACE_EXPECTED, observed)
     if report.netns == namespaces.own:
-        return SsrfJudgement(Verdict.BLOCKED, "the process runs in the namespace made for it", NAMESPACE_EXPECTED,
+        return Judgement(Verdict.BLOCKED, "the process runs in the namespace made for it", NAMESPACE_EXPECTED,
                              observed)
-    return SsrfJudgement(Verdict.INDETERMINATE, "the process runs in a namespace the harness did not make, so "
+    return Judgement(Verdict.INDETERMINATE, "the process runs in a namespace the harness did not make, so "
                          "nothing here can say what it reaches", NAMESPACE_EXPECTED, observed)
 
 
-def judge_direct(target: EgressTarget, report: ProbeReport, namespaces: Namespaces, seen: str) -> SsrfJudgement:
+def judge_direct(target: EgressTarget, report: ProbeReport, namespaces: Namespaces, seen: str) -> Judgement:
     """``seen`` names the harness listeners that saw this attempt ("" if none)."""
     outcome = report.outcome(target.target_id)
     where = namespaces.name(report.netns)
@@ -237,40 +236,40 @@ def judge_direct(target: EgressTarget, report: ProbeReport, namespaces: Namespac
                                                                         "saw it") + (f" ({report.error})"
                                                                                     if report.error else "")
     if seen:
-        return SsrfJudgement(Verdict.ALLOWED, f"direct connection to the {target.what} reached {seen}",
+        return Judgement(Verdict.ALLOWED, f"direct connection to the {target.what} reached {seen}",
                              DIRECT_EXPECTED, observed)
     if outcome.kind == "connected":
-        return SsrfJudgement(Verdict.ALLOWED, f"direct connection to the {target.what} succeeded", DIRECT_EXPECTED,
+        return Judgement(Verdict.ALLOWED, f"direct connection to the {target.what} succeeded", DIRECT_EXPECTED,
                              observed)
     if report.netns == namespaces.host:
-        return SsrfJudgement(Verdict.ALLOWED, f"the process shares the host's network namespace: nothing stands "
+        return Judgement(Verdict.ALLOWED, f"the process shares the host's network namespace: nothing stands "
                              f"between it and the {target.what}", DIRECT_EXPECTED, observed)
     if report.netns == namespaces.lab:
-        return SsrfJudgement(Verdict.ALLOWED, f"the process runs in the lab's namespace, where the {target.what} "
+        return Judgement(Verdict.ALLOWED, f"the process runs in the lab's namespace, where the {target.what} "
                              "is reachable", DIRECT_EXPECTED, observed)
     if outcome.kind == "timeout":
-        return SsrfJudgement(Verdict.INDETERMINATE, "the connect timed out: neither refused nor shown isolated",
+        return Judgement(Verdict.INDETERMINATE, "the connect timed out: neither refused nor shown isolated",
                              DIRECT_EXPECTED, observed)
     if outcome.kind != "errno":
-        return SsrfJudgement(Verdict.INDETERMINATE, f"no refusal to judge ({outcome.describe()})", DIRECT_EXPECTED,
+        return Judgement(Verdict.INDETERMINATE, f"no refusal to judge ({outcome.describe()})", DIRECT_EXPECTED,
                              observed)
     if report.netns != namespaces.own:
-        return SsrfJudgement(Verdict.INDETERMINATE, f"refused, but in {where} namespace, which the harness did not "
+        return Judgement(Verdict.INDETERMINATE, f"refused, but in {where} namespace, which the harness did not "
                              "make for the process", DIRECT_EXPECTED, observed)
-    return SsrfJudgement(Verdict.BLOCKED, f"direct connect refused ({outcome.describe()}) in the process's own "
+    return Judgement(Verdict.BLOCKED, f"direct connect refused ({outcome.describe()}) in the process's own "
                          "namespace", DIRECT_EXPECTED, observed)
 
 
-def judge_proxy_control(report: ProbeReport, reached_origin: int) -> SsrfJudgement:
+def judge_proxy_control(report: ProbeReport, reached_origin: int) -> Judgement:
     proxy = report.proxy or {}
     observed = (f"proxy answered {proxy.get('status_line')!r} from origin {proxy.get('origin')!r}" if "status_line"
                 in proxy else str(proxy.get("error") or "not attempted (not in a namespace the harness made)"))
     observed += f"; origin recorded {reached_origin} request(s) with the probe's nonce"
     status = str(proxy.get("status_line", "")).split(" ")
     if len(status) >= 2 and status[1] == "200" and proxy.get("origin") == PUBLIC_ORIGIN and reached_origin == 1:
-        return SsrfJudgement(Verdict.WORKS, "the proxy's address is reachable and routes to the lab origin",
+        return Judgement(Verdict.WORKS, "the proxy's address is reachable and routes to the lab origin",
                              PROXY_EXPECTED, observed)
-    return SsrfJudgement(Verdict.BROKEN, "the sandboxed process could not use its proxy", PROXY_EXPECTED, observed)
+    return Judgement(Verdict.BROKEN, "the sandboxed process could not use its proxy", PROXY_EXPECTED, observed)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -349,9 +348,9 @@ class EgressEvidence:
     """One probe run and what the harness's listeners saw: every verdict of the category."""
 
     report: ProbeReport
-    namespace: SsrfJudgement
-    direct: dict[str, tuple[EgressTarget, SsrfJudgement]]
-    proxy_control: SsrfJudgement
+    namespace: Judgement
+    direct: dict[str, tuple[EgressTarget, Judgement]]
+    proxy_control: Judgement
 
 
 def host_netns() -> NetnsId:
@@ -371,7 +370,7 @@ def run_egress_probe(launcher: Launcher, lab: NetworkLab, own_netns: NetnsId, *,
         report = parse_report(result.returncode, result.stdout, result.stderr)
         host_seen = {address: listeners.accepted(address) for address in listeners.sockets}
     hits = lab.hits(since=mark)
-    judged: dict[str, tuple[EgressTarget, SsrfJudgement]] = {}
+    judged: dict[str, tuple[EgressTarget, Judgement]] = {}
     used: list[int] = []
     for target in plan.targets:
         mine = [hit for hit in hits if (hit.address, hit.port) == (target.address, target.port)
@@ -387,6 +386,6 @@ def run_egress_probe(launcher: Launcher, lab: NetworkLab, own_netns: NetnsId, *,
     used += [hit.index for hit in hits if plan.nonce.encode() in hit.received]
     lab.account(used, by=f"egress probe {plan.nonce}")
     reached = [request for request in lab.origin_requests(PUBLIC_ORIGIN) if plan.nonce in request.target]
-    control = judge_proxy_control(report, len(reached)) if proxy is not None else SsrfJudgement(
+    control = judge_proxy_control(report, len(reached)) if proxy is not None else Judgement(
         Verdict.INDETERMINATE, "no proxy in the process's namespace", PROXY_EXPECTED, "")
     return EgressEvidence(report, judge_namespace(report, namespaces), judged, control)

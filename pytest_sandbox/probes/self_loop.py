@@ -42,13 +42,12 @@ from pytest_sandbox.probes.ssrf import (
     Attempt,
     HitCounts,
     ProxyReply,
-    SsrfJudgement,
     judge_attempt,
     new_hits,
     read_one_response,
     send_attempt,
 )
-from pytest_sandbox.verdicts.judgement import Verdict
+from pytest_sandbox.verdicts.judgement import Judgement, Verdict
 
 __all__ = [
     "ADDED_LATER_POOL",
@@ -237,15 +236,15 @@ EXPECTED = "refused (400 or 403, connection closed); no connection to the proxy'
 
 
 def judge_self_attempt(attempt: Attempt, reply: ProxyReply, hits: HitCounts, evidence: LoopEvidence
-                       ) -> SsrfJudgement:
+                       ) -> Judgement:
     """Judge one self-connection attempt. Loop evidence decides first; then the SSRF judgement."""
     base = judge_attempt(attempt, reply, hits)
     observed = f"{base.observed}; loop evidence: {evidence.describe()}"
     if evidence.looped:
-        return SsrfJudgement(Verdict.ALLOWED, f"{attempt.target!r} looped to the proxy itself: "
+        return Judgement(Verdict.ALLOWED, f"{attempt.target!r} looped to the proxy itself: "
                              f"{evidence.describe()}", EXPECTED, observed)
     if base.verdict is Verdict.BLOCKED and evidence.table_error:
-        return SsrfJudgement(Verdict.INDETERMINATE, f"refused, but whether it looped cannot be told: "
+        return Judgement(Verdict.INDETERMINATE, f"refused, but whether it looped cannot be told: "
                              f"{evidence.table_error}", EXPECTED, observed)
     return replace(base, expected=EXPECTED, observed=observed)
 
@@ -371,7 +370,7 @@ def _nonce_request(lab: SelfLoopLab, attempt: SelfAttempt, already: int) -> str 
 
 
 def run_self_attempt(attempt: SelfAttempt, target: SelfTarget, lab: SelfLoopLab, ledger: LoopLedger
-                     ) -> tuple[SsrfJudgement, LoopEvidence]:
+                     ) -> tuple[Judgement, LoopEvidence]:
     """Send ``attempt`` to ``target``'s instance; judge it with the canaries and the loop evidence."""
     endpoint = target.endpoint
     error = ""
@@ -534,7 +533,7 @@ def _address_of(targets: SelfTargets, case: SelfCase) -> str | None:
     return found.endpoint[0] if isinstance(found, SelfTarget) else None
 
 
-def run_instance_control(target: SelfTarget, lab: SelfLoopLab, ledger: LoopLedger) -> SsrfJudgement:
+def run_instance_control(target: SelfTarget, lab: SelfLoopLab, ledger: LoopLedger) -> Judgement:
     """Positive control: the instance behind ``target`` forwards an ordinary request to the origin.
 
     Without it, an instance that refuses everything (or is not a proxy at all) would pass every
@@ -550,6 +549,6 @@ def run_instance_control(target: SelfTarget, lab: SelfLoopLab, ledger: LoopLedge
     reached = [r for r in lab.origin_requests(LOOP_ORIGIN)[already:] if r.target.endswith(path)]
     observed = f"{reply.status}, origin requests with the path: {len(reached)}"
     if reply.status == 200 and reached:
-        return SsrfJudgement(Verdict.WORKS, f"{target.instance} and forwards to {LOOP_ORIGIN}", expected, observed)
-    return SsrfJudgement(Verdict.BROKEN, f"{target.instance} but did not forward an allowed request to "
+        return Judgement(Verdict.WORKS, f"{target.instance} and forwards to {LOOP_ORIGIN}", expected, observed)
+    return Judgement(Verdict.BROKEN, f"{target.instance} but did not forward an allowed request to "
                          f"{LOOP_ORIGIN}: its refusals of its own address prove nothing", expected, observed)

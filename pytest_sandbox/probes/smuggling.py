@@ -57,8 +57,7 @@ from pytest_sandbox.inference.routes import DEFAULT_ROUTES, InferenceRoute, matc
 from pytest_sandbox.network.lab.attribution import NONCE_HEADER, AttemptWindow, attribute, describe_hit, new_nonce
 from pytest_sandbox.network.lab.lab import NetworkLab
 from pytest_sandbox.probes.campaign import GRACE_SECONDS
-from pytest_sandbox.probes.ssrf import SsrfJudgement
-from pytest_sandbox.verdicts.judgement import Verdict
+from pytest_sandbox.verdicts.judgement import Judgement, Verdict
 
 __all__ = [
     "ABSOLUTE",
@@ -358,7 +357,7 @@ def expected_text(case: SmugglingCase, allowed: Sequence[UpstreamRequest] = ()) 
             f"closed, follow-up gets nothing; {upstream}")
 
 
-def judge_exchange(case: SmugglingCase, seen: Exchange, allowed: Sequence[UpstreamRequest] = ()) -> SsrfJudgement:
+def judge_exchange(case: SmugglingCase, seen: Exchange, allowed: Sequence[UpstreamRequest] = ()) -> Judgement:
     """Judge one attempt of ``case`` from what the client saw and the bytes that reached upstream. Pure.
 
     ``allowed`` are the catalogue's allowed requests (:meth:`SmugglingAttempt.allowed`), exactly
@@ -380,8 +379,8 @@ def judge_exchange(case: SmugglingCase, seen: Exchange, allowed: Sequence[Upstre
     # control it is a request that was not delivered.
     found = assess(arrived, reading.leftovers, allowed, leak_incomplete=not control)
 
-    def verdict(value: Verdict, reason: str) -> SsrfJudgement:
-        return SsrfJudgement(value, f"{case.case_id}: {reason}", expected, observed)
+    def verdict(value: Verdict, reason: str) -> Judgement:
+        return Judgement(value, f"{case.case_id}: {reason}", expected, observed)
 
     if seen.stray:
         return verdict(Verdict.ALLOWED, f"reached what it must not: {seen.stray}")
@@ -428,7 +427,7 @@ def _where_extra(segments: Sequence[UpstreamSegment], found: Assessment) -> str:
 
 
 def _judge_control(case: SmugglingCase, seen: Exchange, found: Assessment,
-                   verdict: Callable[[Verdict, str], SsrfJudgement]) -> SsrfJudgement:
+                   verdict: Callable[[Verdict, str], Judgement]) -> Judgement:
     wanted = case.reaches_backend
     if list(seen.statuses) != [200] * wanted or found.missing or found.pending:
         lost = f", missing upstream {[request.describe() for request in found.missing]}" if found.missing else ""
@@ -458,7 +457,7 @@ def stray_backend_requests(recorded: Iterable[RecordedRequest], route_key: str,
 def judge_backend_record(recorded: list[RecordedRequest], route_key: str,
                          forbidden_values: Iterable[str] = (),
                          routes: tuple[InferenceRoute, ...] = DEFAULT_ROUTES,
-                         streams: Iterable[ReceivedStream] = ()) -> SsrfJudgement:
+                         streams: Iterable[ReceivedStream] = ()) -> Judgement:
     """BLOCKED when the backend saw only requests matching ``routes`` (the enforced policy's), each
     with the route key, and every byte it received (``streams``, its raw record) frames strictly into
     requests. Pure.
@@ -472,15 +471,15 @@ def judge_backend_record(recorded: list[RecordedRequest], route_key: str,
     expected = "only inference routes, each with exactly the route key; every byte received strictly framed"
     observed = f"{len(recorded)} recorded, strays {strays[:5]}, unframed bytes {unframed[:3]}"
     if strays:
-        return SsrfJudgement(Verdict.ALLOWED, f"requests that must never reach the backend did: {strays[:5]}",
+        return Judgement(Verdict.ALLOWED, f"requests that must never reach the backend did: {strays[:5]}",
                              expected, observed)
     if unframed:
-        return SsrfJudgement(Verdict.ALLOWED, f"bytes that are not a clean request reached the backend: {unframed[0]}",
+        return Judgement(Verdict.ALLOWED, f"bytes that are not a clean request reached the backend: {unframed[0]}",
                              expected, observed)
     if not recorded:
-        return SsrfJudgement(Verdict.INDETERMINATE, "the backend recorded nothing, so nothing was proven",
+        return Judgement(Verdict.INDETERMINATE, "the backend recorded nothing, so nothing was proven",
                              expected, observed)
-    return SsrfJudgement(Verdict.BLOCKED, "every request the backend saw was a routed inference request "
+    return Judgement(Verdict.BLOCKED, "every request the backend saw was a routed inference request "
                          "carrying the route key, and every byte it received was one of them", expected, observed)
 
 
@@ -614,7 +613,7 @@ def run_smuggling_attempt(
     attempt: SmugglingAttempt, connect: Callable[[], socket.socket], lab: NetworkLab,
     backend: FakeInferenceBackend, ca_pem: bytes, *, origin: str, denied: str,
     timeout: float = ATTEMPT_TIMEOUT_SECONDS, grace: float = 0.0,
-) -> tuple[SsrfJudgement, Exchange]:
+) -> tuple[Judgement, Exchange]:
     """Attempt one case through the proxy ``connect`` reaches and judge it: a campaign of one.
 
     ``grace=0`` judges at once (what arrives later is left to the session-end audit, which names
@@ -637,7 +636,7 @@ def run_smuggling_campaign(
     attempts: Sequence[SmugglingAttempt], connect: Callable[[], socket.socket], lab: NetworkLab,
     backend: FakeInferenceBackend, ca_pem: bytes, *, origin: str, denied: str,
     timeout: float = ATTEMPT_TIMEOUT_SECONDS, grace: float = GRACE_SECONDS,
-) -> dict[str, tuple[SsrfJudgement, Exchange]]:
+) -> dict[str, tuple[Judgement, Exchange]]:
     """Send every attempt through the proxy back to back, wait ``grace``, then attribute and judge.
 
     Each attempt carries a fresh nonce (:meth:`SmugglingAttempt.payload`, and in its follow-up
@@ -701,7 +700,7 @@ def run_smuggling_campaign(
     def name(key: str) -> str:
         return key.partition("/")[2] or key
 
-    results: dict[str, tuple[SsrfJudgement, Exchange]] = {}
+    results: dict[str, tuple[Judgement, Exchange]] = {}
     for item in sent:
         key = item.window.key
         at_backend = [(piece, keys) for piece, keys in attributed if piece.listener == backend_name]

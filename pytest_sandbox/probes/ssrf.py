@@ -33,7 +33,7 @@ from pytest_sandbox.catalogues.ssrf_cases import SSRF_CASES, SsrfCase, canary_ad
 from pytest_sandbox.network.lab.attribution import NONCE_HEADER, NONCE_PATH_PREFIX, CatchAllHit
 from pytest_sandbox.network.lab.lab import HitSnapshot, NetworkLab
 from pytest_sandbox.probes.campaign import GRACE_SECONDS, Campaign, ExchangeContext, ExchangeResult
-from pytest_sandbox.verdicts.judgement import Verdict
+from pytest_sandbox.verdicts.judgement import Judgement, Verdict
 
 __all__ = [
     "ATTEMPT_FORMS",
@@ -46,7 +46,6 @@ __all__ = [
     "HttpReply",
     "ProxyReply",
     "SsrfExchange",
-    "SsrfJudgement",
     "SsrfVerdict",
     "build_attempts",
     "canary_is_observable",
@@ -61,7 +60,6 @@ __all__ = [
     "run_attempt",
     "run_ssrf_campaign",
     "send_attempt",
-    "verdict_record",
     "with_hit_notes",
 ]
 
@@ -322,24 +320,12 @@ class ProxyReply:
 
 
 @dataclass(frozen=True)
-class SsrfJudgement:
-    verdict: Verdict
-    reason: str
-    expected: str
-    observed: str
-
-    @property
-    def passed(self) -> bool:
-        return self.verdict in (Verdict.BLOCKED, Verdict.WORKS)
-
-
-@dataclass(frozen=True)
 class SsrfVerdict:
     """What one SSRF test reports: its scorecard category, id, judgement and what was attempted."""
 
     category: str
     test_id: str
-    judgement: SsrfJudgement
+    judgement: Judgement
     attempted: str
 
 
@@ -376,7 +362,7 @@ def _hits_text(hits: HitCounts) -> str:
 
 
 def judge_attempt(attempt: Attempt, reply: ProxyReply, hits: HitCounts,
-                  observable: Callable[[str], bool] = canary_is_observable) -> SsrfJudgement:
+                  observable: Callable[[str], bool] = canary_is_observable) -> Judgement:
     """Judge one attempt from the proxy's reply and the canary connections it caused. Pure."""
     case = attempt.case
     observed = reply.describe() + (f"; canary hits: {_hits_text(hits)}" if hits else "; no canary hit")
@@ -385,12 +371,12 @@ def judge_attempt(attempt: Attempt, reply: ProxyReply, hits: HitCounts,
     expected = "refused (400 or 403, connection closed), no canary connection"
     if hits:
         # Name the destination as sent and the canary that answered: that pair is the hole to fix.
-        return SsrfJudgement(Verdict.ALLOWED, f"destination {attempt.target!r} reached canary {_hits_text(hits)}",
+        return Judgement(Verdict.ALLOWED, f"destination {attempt.target!r} reached canary {_hits_text(hits)}",
                              expected, observed)
     status = reply.proxy.status
     if status in REFUSAL_STATUSES:
         if not reply.closed:
-            return SsrfJudgement(Verdict.INDETERMINATE, f"refused with {status} but the connection was left "
+            return Judgement(Verdict.INDETERMINATE, f"refused with {status} but the connection was left "
                                  "open (network.md §5: answer and close)", expected, observed)
         if case.canary is None:
             note = ("; no TCP peer can exist at this multicast/broadcast destination (the kernel refuses "
@@ -403,52 +389,43 @@ def judge_attempt(attempt: Attempt, reply: ProxyReply, hits: HitCounts,
         if status != wanted:
             note += f"; catalogue expects {wanted} ({case.expected}) but any refusal blocks"
         reason = reply.proxy.proxy_reason or f"status {status}"
-        return SsrfJudgement(Verdict.BLOCKED, f"proxy refused: {reason}{note}", expected, observed)
+        return Judgement(Verdict.BLOCKED, f"proxy refused: {reason}{note}", expected, observed)
     if status is not None and 200 <= status < 300:
-        return SsrfJudgement(Verdict.ALLOWED, f"proxy answered {status}: it let the request through",
+        return Judgement(Verdict.ALLOWED, f"proxy answered {status}: it let the request through",
                              expected, observed)
     if status in DIALLED_STATUSES:
-        return SsrfJudgement(Verdict.ALLOWED, f"proxy answered {status}: it tried to dial, and only the "
+        return Judgement(Verdict.ALLOWED, f"proxy answered {status}: it tried to dial, and only the "
                              "network stopped it (network.md §7: unroutable is not blocked)", expected, observed)
     if reply.timed_out and status is None:
-        return SsrfJudgement(Verdict.INDETERMINATE, "silent timeout: the proxy neither refused nor answered",
+        return Judgement(Verdict.INDETERMINATE, "silent timeout: the proxy neither refused nor answered",
                              expected, observed)
     if status is None:
-        return SsrfJudgement(Verdict.INDETERMINATE, "the proxy closed without an HTTP answer", expected,
+        return Judgement(Verdict.INDETERMINATE, "the proxy closed without an HTTP answer", expected,
                              observed)
-    return SsrfJudgement(Verdict.INDETERMINATE, f"unexpected status {status}", expected, observed)
+    return Judgement(Verdict.INDETERMINATE, f"unexpected status {status}", expected, observed)
 
 
-def _judge_control(attempt: Attempt, reply: ProxyReply, hits: HitCounts, observed: str) -> SsrfJudgement:
+def _judge_control(attempt: Attempt, reply: ProxyReply, hits: HitCounts, observed: str) -> Judgement:
     canary = attempt.case.canary
     expected = f"200 from the lab canary {canary}, and that canary counted the connection"
     own = {key: count for key, count in hits.items() if key[0] == canary}
     stray = {key: count for key, count in hits.items() if key[0] != canary}
     final = reply.final
     if attempt.form == "connect" and (reply.proxy.status is None or not 200 <= reply.proxy.status < 300):
-        return SsrfJudgement(Verdict.BROKEN, f"CONNECT to a public address was not established "
+        return Judgement(Verdict.BROKEN, f"CONNECT to a public address was not established "
                              f"({reply.proxy.status})", expected, observed)
     if final.status != 200:
-        return SsrfJudgement(Verdict.BROKEN, f"a public address did not answer 200 through the proxy "
+        return Judgement(Verdict.BROKEN, f"a public address did not answer 200 through the proxy "
                              f"({final.status})", expected, observed)
     if final.header("x-lab-canary") != canary:
-        return SsrfJudgement(Verdict.BROKEN, f"the 200 did not come from canary {canary} "
+        return Judgement(Verdict.BROKEN, f"the 200 did not come from canary {canary} "
                              f"(X-Lab-Canary: {final.header('x-lab-canary')})", expected, observed)
     if not own:
-        return SsrfJudgement(Verdict.BROKEN, f"canary {canary} counted no connection", expected, observed)
+        return Judgement(Verdict.BROKEN, f"canary {canary} counted no connection", expected, observed)
     if stray:
-        return SsrfJudgement(Verdict.BROKEN, f"other canaries were reached too: {_hits_text(stray)}",
+        return Judgement(Verdict.BROKEN, f"other canaries were reached too: {_hits_text(stray)}",
                              expected, observed)
-    return SsrfJudgement(Verdict.WORKS, f"reached {canary} through the proxy", expected, observed)
-
-
-def verdict_record(category: str, test_id: str, judgement: SsrfJudgement, attempted: str) -> dict[str, Any]:
-    """The ``sandbox_verdict`` user property the scorecard counts (same shape as syscall tests)."""
-    return {
-        "category": category, "test": test_id, "verdict": judgement.verdict.value,
-        "reason": judgement.reason, "expected": judgement.expected, "baseline": "-",
-        "observed": judgement.observed, "required": True, "attempted": attempted,
-    }
+    return Judgement(Verdict.WORKS, f"reached {canary} through the proxy", expected, observed)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -517,7 +494,7 @@ def send_attempt(sock: socket.socket, attempt: Attempt,
 
 def run_attempt(attempt: Attempt, connect_to_proxy: Callable[[], socket.socket],
                 lab: NetworkLab | Callable[[], HitCounts], timeout: float = ATTEMPT_TIMEOUT_SECONDS, *,
-                grace: float = 0.0) -> SsrfJudgement:
+                grace: float = 0.0) -> Judgement:
     """Send ``attempt`` on a new proxy connection and judge it with the catch-all hits it caused.
 
     ``lab`` is the lab (or its bound ``all_hits``, as older callers pass it): the attempt is
@@ -558,7 +535,7 @@ class SsrfExchange(Protocol):
     def judge(self, result: ExchangeResult) -> SsrfVerdict: ...
 
 
-def with_hit_notes(judgement: SsrfJudgement, result: ExchangeResult) -> SsrfJudgement:
+def with_hit_notes(judgement: Judgement, result: ExchangeResult) -> Judgement:
     """Add how each attributed hit relates to its attempt (timing, bytes, shared blame) to ``observed``."""
     if not result.blamed:
         return judgement

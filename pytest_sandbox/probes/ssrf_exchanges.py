@@ -22,7 +22,6 @@ from pytest_sandbox.probes.ssrf import (
     ATTEMPT_TIMEOUT_SECONDS,
     Attempt,
     ProxyReply,
-    SsrfJudgement,
     SsrfVerdict,
     hit_counts,
     judge_attempt,
@@ -31,7 +30,7 @@ from pytest_sandbox.probes.ssrf import (
     send_attempt,
     with_hit_notes,
 )
-from pytest_sandbox.verdicts.judgement import Verdict
+from pytest_sandbox.verdicts.judgement import Judgement, Verdict
 
 __all__ = [
     "PUBLIC_ORIGIN",
@@ -112,7 +111,7 @@ class KeepAliveFollowUp:
     def judge(self, result: ExchangeResult) -> SsrfVerdict:
         seen: _KeepAliveObservation = result.observation
         if seen.reply is None or seen.reached != 1:
-            judgement = SsrfJudgement(
+            judgement = Judgement(
                 Verdict.BROKEN, "the allowed first request did not leave a usable keep-alive connection "
                 "that reached the public origin exactly once", "200, the connection kept open, one origin request",
                 f"{seen.first_status}, closed={seen.first_closed}, origin requests {seen.reached}")
@@ -157,14 +156,14 @@ class HostMismatchControl:
         expected = "routed to the target 11.0.0.10 with Host rewritten (or 400 on mismatch); no catch-all hit"
         observed = f"{seen.status}, origin requests {list(seen.reached)}, hits {hits}"
         if hits:
-            judgement = SsrfJudgement(Verdict.ALLOWED, "the Host header steered the proxy to a canary", expected,
+            judgement = Judgement(Verdict.ALLOWED, "the Host header steered the proxy to a canary", expected,
                                       observed)
         elif seen.status == 400 and not seen.reached:
-            judgement = SsrfJudgement(Verdict.WORKS, "strict proxy: 400 on Host/target mismatch", expected, observed)
+            judgement = Judgement(Verdict.WORKS, "strict proxy: 400 on Host/target mismatch", expected, observed)
         elif seen.status == 200 and len(seen.reached) == 1 and seen.reached[0][1] == PUBLIC_ORIGIN:
-            judgement = SsrfJudgement(Verdict.WORKS, "routed by the target; Host replaced", expected, observed)
+            judgement = Judgement(Verdict.WORKS, "routed by the target; Host replaced", expected, observed)
         else:
-            judgement = SsrfJudgement(Verdict.BROKEN, "not routed by the request target", expected, observed)
+            judgement = Judgement(Verdict.BROKEN, "not routed by the request target", expected, observed)
         return SsrfVerdict("ssrf-controls", self.key, with_hit_notes(judgement, result),
                            f"GET http://{PUBLIC_ORIGIN}/ with Host: 127.0.0.1")
 
@@ -244,7 +243,7 @@ class MixedAnswers:
         judgement = with_hit_notes(judge_attempt(self.attempt, seen.reply, hit_counts(result.blamed)), result)
         dialled = {origin: count for origin, count in seen.dialled if count}
         if dialled and judgement.verdict is Verdict.BLOCKED:
-            judgement = SsrfJudgement(Verdict.ALLOWED, f"the public answer was dialled anyway: {dialled}",
+            judgement = Judgement(Verdict.ALLOWED, f"the public answer was dialled anyway: {dialled}",
                                       judgement.expected, judgement.observed)
         return SsrfVerdict("ssrf", self.key, judgement, self.attempt.describe())
 
@@ -311,7 +310,7 @@ class Rebinding:
         judgement = with_hit_notes(
             judge_attempt(Attempt(self._case(seen.name), form), seen.reply, hit_counts(result.blamed)), result)
         if judgement.passed and (seen.first_status != 200 or seen.reached != 1):
-            judgement = SsrfJudgement(
+            judgement = Judgement(
                 Verdict.INDETERMINATE, f"the first, public resolution was not served (status "
                 f"{seen.first_status}, origin requests {seen.reached}): rebinding not shown",
                 judgement.expected, judgement.observed)

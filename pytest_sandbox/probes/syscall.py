@@ -281,7 +281,7 @@ def judge(case: ProbeCase, baseline: Outcome, observed: Outcome, *, compiled: Co
     if case.kind == "denial":
         if case.nr is None:
             return Judgement(Verdict.INDETERMINATE, "no harmless probe for this syscall in the catalogue; "
-                             "add a row to pytest_sandbox/catalogues/syscalls.py", "refusal", "-", "-")
+                             "add a row to pytest_sandbox/catalogues/syscalls.py", "refusal", "-")
         return judge_denial(expected_refusal(case, compiled, policy), baseline, observed, abi=case.abi)
     if case.kind == "reaches_kernel":
         return judge_reaches_kernel(baseline, observed)
@@ -304,8 +304,8 @@ def judge_both_builds(case: ProbeCase, baseline: Outcome, sentinel_observed: Out
     s, r, b = sentinel_observed.describe(), real_observed.describe(), baseline.describe()
 
     def verdict(v: Verdict, reason: str) -> Judgement:
-        return Judgement(v, reason, f"sentinel build: {on_sentinel.expected}; real build: {on_real.expected}", b,
-                         f"sentinel build: {s}; real build: {r}")
+        return Judgement(v, reason, f"sentinel build: {on_sentinel.expected}; real build: {on_real.expected}",
+                         f"sentinel build: {s}; real build: {r}", baseline=b)
 
     if on_sentinel.verdict is not Verdict.BLOCKED:
         return verdict(on_sentinel.verdict, f"sentinel build: {on_sentinel.reason}")
@@ -348,7 +348,7 @@ def judge_filter_present(observed: Outcome, compiled: CompiledFilter | None,
     if compiled is None and required is not None:
         return _judge_third_party_filter(fields, shown, required)
     if compiled is None:  # nothing is required: informational only
-        return Judgement(Verdict.WORKS, f"third-party sandbox reports {shown}", "-", "-", shown)
+        return Judgement(Verdict.WORKS, f"third-party sandbox reports {shown}", "-", shown)
     wanted = {"Seccomp": "2"} if compiled.programs else {}
     problems = [f"{k} is {fields.get(k)!r}, expected {v!r}" for k, v in wanted.items() if fields.get(k) != v]
     if compiled.programs and int(fields.get("Seccomp_filters", "0") or 0) < len(compiled.programs):
@@ -358,19 +358,19 @@ def judge_filter_present(observed: Outcome, compiled: CompiledFilter | None,
     if not compiled.programs:
         problems.append(f"the policy installs NO seccomp filter in {compiled.network_mode} mode")
     if problems:
-        return Judgement(Verdict.BROKEN, "; ".join(problems), "filters present", "-", shown)
-    return Judgement(Verdict.WORKS, f"filters present: {shown}", "filters present", "-", shown)
+        return Judgement(Verdict.BROKEN, "; ".join(problems), "filters present", shown)
+    return Judgement(Verdict.WORKS, f"filters present: {shown}", "filters present", shown)
 
 
 def _judge_third_party_filter(fields: Mapping[str, str], shown: str, required: FilterRequirement) -> Judgement:
     if not required.filters:
         return Judgement(Verdict.WORKS, f"{required.source} installs no filter; the sandbox reports {shown}",
-                         "-", "-", shown)
+                         "-", shown)
     expected = f"Seccomp 2, Seccomp_filters >= {required.filters}" + (", NoNewPrivs 1" if required.no_new_privs
                                                                        else "")
     if not fields:
         return Judgement(Verdict.BROKEN, f"no /proc/self/status fields read inside the sandbox: {shown}",
-                         expected, "-", shown)
+                         expected, shown)
     problems = []
     if fields.get("Seccomp") != "2":
         # gVisor also shows Seccomp: 0 whatever it enforces (syscalls.md §4); it then fails this row, and
@@ -384,8 +384,8 @@ def _judge_third_party_filter(fields: Mapping[str, str], shown: str, required: F
         problems.append(f"NoNewPrivs is {fields.get('NoNewPrivs')!r}, expected '1' ({required.source} "
                         "sets no_new_privs)")
     if problems:
-        return Judgement(Verdict.BROKEN, "; ".join(problems), expected, "-", shown)
-    return Judgement(Verdict.WORKS, f"filter present: {shown}", expected, "-", shown)
+        return Judgement(Verdict.BROKEN, "; ".join(problems), expected, shown)
+    return Judgement(Verdict.WORKS, f"filter present: {shown}", expected, shown)
 
 
 def judge_exec(case: ProbeCase, baseline: Outcome, observed: Outcome, *, identity_problems: Sequence[str],
@@ -407,10 +407,12 @@ def judge_exec(case: ProbeCase, baseline: Outcome, observed: Outcome, *, identit
                  ")")
     if judgement.verdict is Verdict.BLOCKED and not observed.same_as(Outcome.killed_by(signal.SIGSYS)):
         return Judgement(Verdict.INDETERMINATE, f"{unmatched}: {judgement.observed} may be the kernel refusing "
-                         "this caller, not a filter", judgement.expected, judgement.baseline, judgement.observed)
+                         "this caller, not a filter", judgement.expected, judgement.observed,
+                         baseline=judgement.baseline)
     if case.kind == "reaches_kernel" and judgement.verdict is Verdict.BROKEN:
         return Judgement(Verdict.INDETERMINATE, f"{unmatched}: cannot tell over-blocking from the kernel's "
-                         "answer to this caller", judgement.expected, judgement.baseline, judgement.observed)
+                         "answer to this caller", judgement.expected, judgement.observed,
+                         baseline=judgement.baseline)
     return judgement
 
 

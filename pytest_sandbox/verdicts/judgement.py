@@ -78,11 +78,14 @@ class Outcome:
 
 @dataclass(frozen=True)
 class Judgement:
+    """One verdict with its reason and evidence: what was expected, what was observed and, where an
+    unfiltered run was the reference (syscalls), what that baseline answered (``-`` where there is none)."""
+
     verdict: Verdict
     reason: str
     expected: str
-    baseline: str
     observed: str
+    baseline: str = "-"
 
     @property
     def passed(self) -> bool:
@@ -99,7 +102,7 @@ def judge_denial(expected: frozenset[Outcome], baseline: Outcome, observed: Outc
     e, b, r = describe_set(expected), baseline.describe(), observed.describe()
 
     def verdict(v: Verdict, reason: str) -> Judgement:
-        return Judgement(v, reason, e, b, r)
+        return Judgement(v, reason, e, r, baseline=b)
 
     for side, outcome in (("baseline", baseline), ("filtered run", observed)):
         if outcome.kind in ("unavailable", "error"):
@@ -127,16 +130,17 @@ def judge_reaches_kernel(baseline: Outcome, observed: Outcome) -> Judgement:
     """Judge a positive control: the call must behave exactly as it does unfiltered."""
     b, r = baseline.describe(), observed.describe()
     if baseline.kind in ("unavailable", "error", "timeout"):
-        return Judgement(Verdict.INDETERMINATE, f"baseline unusable: {b}", "same as baseline", b, r)
+        return Judgement(Verdict.INDETERMINATE, f"baseline unusable: {b}", "same as baseline", r, baseline=b)
     if observed.same_as(baseline) or (observed.succeeded and baseline.succeeded):  # pids differ per run
-        return Judgement(Verdict.WORKS, f"reaches the kernel ({r}) as unfiltered ({b})", "same as baseline", b, r)
+        return Judgement(Verdict.WORKS, f"reaches the kernel ({r}) as unfiltered ({b})", "same as baseline", r,
+                         baseline=b)
     return Judgement(Verdict.BROKEN, f"over-blocked: {r} where the unfiltered kernel answers {b}",
-                     "same as baseline", b, r)
+                     "same as baseline", r, baseline=b)
 
 
 def judge_works(observed: Outcome, *, what: str) -> Judgement:
     """Judge a functional control (a thread starts, a socket opens)."""
     r = observed.describe()
     if observed.kind == "ok":
-        return Judgement(Verdict.WORKS, f"{what} works", "ok", "ok", r)
-    return Judgement(Verdict.BROKEN, f"{what} failed: {r}", "ok", "ok", r)
+        return Judgement(Verdict.WORKS, f"{what} works", "ok", r, baseline="ok")
+    return Judgement(Verdict.BROKEN, f"{what} failed: {r}", "ok", r, baseline="ok")

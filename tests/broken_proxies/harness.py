@@ -17,7 +17,7 @@ from pytest_sandbox.network.lab.lab import NetworkLab
 from pytest_sandbox.network.proxy.server import EgressProxy, InterceptHandler
 from pytest_sandbox.network.third_party import ThirdPartyProxy
 from pytest_sandbox.probes.smuggling import build_attempts, run_smuggling_campaign
-from pytest_sandbox.probes.ssrf import SsrfJudgement
+from pytest_sandbox.verdicts.judgement import Judgement
 
 PUBLIC_ORIGIN = "11.0.0.10"
 DENIED_CANARY = "10.0.0.1"
@@ -30,7 +30,7 @@ def quoted_prefix(payload: bytes, length: int = 40) -> str:
 
 
 def judge_catalogue(running: RunningProxy | ThirdPartyProxy, lab: NetworkLab, backend: FakeInferenceBackend,
-                    ca_pem: bytes, path: str) -> dict[str, SsrfJudgement]:
+                    ca_pem: bytes, path: str) -> dict[str, Judgement]:
     """Every smuggling case on ``path`` against ``running``, as one campaign: case id -> judgement."""
     attempts = build_attempts(paths=[path])
     results = run_smuggling_campaign(attempts, running.connect, lab, backend, ca_pem, origin=PUBLIC_ORIGIN,
