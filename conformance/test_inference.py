@@ -35,10 +35,10 @@ from pytest_sandbox.probes.smuggling import (
     open_inference_tunnel,
     send_and_read,
 )
-from pytest_sandbox.probes.ssrf import SsrfJudgement, parse_reply
+from pytest_sandbox.probes.ssrf import parse_reply
 from pytest_sandbox.report.categories import CategoryNotRun
 from pytest_sandbox.session import SandboxSession
-from pytest_sandbox.verdicts.judgement import Verdict
+from pytest_sandbox.verdicts.judgement import Judgement, Verdict
 
 # The lab, proxy and verdict fixtures come from the plugin (rebinding them here would start a second
 # session lab for this module).
@@ -55,8 +55,8 @@ MODELS_REQUEST = inference_request("GET", "/v1/models")
 CATEGORY = "inference"
 
 
-def judged(ok: bool, passing: Verdict, failing: Verdict, reason: str, expected: str, observed: str) -> SsrfJudgement:
-    return SsrfJudgement(passing if ok else failing, reason, expected, observed)
+def judged(ok: bool, passing: Verdict, failing: Verdict, reason: str, expected: str, observed: str) -> Judgement:
+    return Judgement(passing if ok else failing, reason, expected, observed)
 
 
 def tunnel(proxy: RunningProxy, trust: InterceptionTrust) -> socket.socket:
@@ -210,7 +210,7 @@ def probe_request(method: str, path: str) -> bytes:
 
 
 def judge_route_probe(probe: RouteProbe, answer: ParsedResponse | None, closed: bool,
-                      arrived: list[tuple[str, str, list[str]]]) -> SsrfJudgement:
+                      arrived: list[tuple[str, str, list[str]]]) -> Judgement:
     """Judge one route probe from the answer, the close and what reached the backend
     (method, path, authorization values). Pure."""
     request = f"{probe.method} {probe.path}"
@@ -227,7 +227,7 @@ def judge_route_probe(probe: RouteProbe, answer: ParsedResponse | None, closed: 
                       expected, observed)
     expected = "refused with #819's 403 and closed; nothing reached the backend"
     if arrived:
-        return SsrfJudgement(Verdict.ALLOWED, f"{request} is no route of the policy, yet it reached the backend",
+        return Judgement(Verdict.ALLOWED, f"{request} is no route of the policy, yet it reached the backend",
                              expected, observed)
     ok = answer is not None and is_inference_refusal(answer) and closed
     return judged(ok, Verdict.BLOCKED, Verdict.INDETERMINATE, f"{request} is no route of the policy and was refused"

@@ -34,8 +34,8 @@ from pytest_sandbox.probes.smuggling import (
     run_smuggling_campaign,
     send_and_read,
 )
-from pytest_sandbox.probes.ssrf import SsrfJudgement
 from pytest_sandbox.session import SandboxSession
+from pytest_sandbox.verdicts.judgement import Judgement
 
 # The lab, proxy and verdict fixtures come from the plugin (rebinding them here would start a second
 # session lab for this module).
@@ -48,7 +48,7 @@ DENIED_CANARY = "10.0.0.1"
 @pytest.fixture(scope="module")
 def smuggling_verdicts(request: pytest.FixtureRequest, sandbox_lab: NetworkLab, sandbox_proxy: RunningProxy,
                        inference_backend: FakeInferenceBackend, interception_ca: InterceptionTrust
-                       ) -> dict[str, SsrfJudgement]:
+                       ) -> dict[str, Judgement]:
     """Every selected attempt of this module, run as one campaign: test id -> judgement."""
     attempts: dict[str, SmugglingAttempt] = {}
     for item in request.session.items:
@@ -62,7 +62,7 @@ def smuggling_verdicts(request: pytest.FixtureRequest, sandbox_lab: NetworkLab, 
 
 @pytest.mark.parametrize("attempt", ATTEMPTS, ids=[attempt.test_id for attempt in ATTEMPTS])
 def test_smuggling_case_is_refused_and_closed_and_reaches_nothing(
-        attempt: SmugglingAttempt, smuggling_verdicts: dict[str, SsrfJudgement], sandbox_lab: NetworkLab,
+        attempt: SmugglingAttempt, smuggling_verdicts: dict[str, Judgement], sandbox_lab: NetworkLab,
         sandbox_proxy: RunningProxy, inference_backend: FakeInferenceBackend, interception_ca: InterceptionTrust,
         network_verdict: VerdictCheck) -> None:
     judgement = smuggling_verdicts.get(attempt.test_id)

@@ -37,8 +37,7 @@ from pytest_sandbox.probes.self_loop import (
     self_attempt,
     start_self_targets,
 )
-from pytest_sandbox.probes.ssrf import SsrfJudgement
-from pytest_sandbox.verdicts.judgement import Verdict
+from pytest_sandbox.verdicts.judgement import Judgement, Verdict
 
 # A proxy that answers first and dials itself later still leaves a socket behind for 60 s; one
 # bounded wait at the end of the module catches it.
@@ -77,8 +76,8 @@ def self_targets(sandbox_session, sandbox_lab, sandbox_proxy) -> Iterator[SelfTa
                     pytrace=False)
 
 
-def _unavailable(reason: str) -> SsrfJudgement:
-    return SsrfJudgement(Verdict.INDETERMINATE, reason, "the case attempted against the proxy under test",
+def _unavailable(reason: str) -> Judgement:
+    return Judgement(Verdict.INDETERMINATE, reason, "the case attempted against the proxy under test",
                          "not attempted")
 
 
