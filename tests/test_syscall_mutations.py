@@ -27,6 +27,7 @@ from pytest_sandbox.session import SandboxOptions, SandboxSession
 from pytest_sandbox.verdicts.judgement import Judgement, Verdict
 
 ROOT = Path(__file__).resolve().parents[1]
+DOCKER_LIKE = "fixtures/oci/docker-like-default.json"
 ADDED_BY_819 = (
     "process_vm_writev", "pidfd_open", "pidfd_getfd", "pidfd_send_signal", "fsopen", "fsconfig", "fsmount",
     "fspick", "move_mount", "open_tree", "setns", "umount2", "pivot_root", "userfaultfd", "perf_event_open",
@@ -154,6 +155,19 @@ def test_the_bundled_policies_kill_the_i386_abi_multiplexers_included(baseline):
         assert judgements[case].verdict is Verdict.BLOCKED and judgements[case].observed == "killed by SIGSYS"
     control = judgements["socket-without-ruled-flag-i386-socketcall-reaches-kernel"]
     assert control.verdict is Verdict.WORKS and "refuses the whole i386 ABI" in control.reason
+    from pytest_sandbox.cli import explain_policy
+
+    assert "i386 socketcall(102)/ipc(117): refused with the whole i386 ABI" in explain_policy(baseline, "proxy", 0)
+
+
+def test_unprobed_refusals_are_covered_by_the_default_action_or_reported(tmp_path):
+    from pytest_sandbox.probes.syscall_cases import unprobed_refusals
+
+    allowlist = {u.syscall: u.covered_by for u in unprobed_refusals(load_policy(str(ROOT / DOCKER_LIKE)))}
+    for name in ("lookup_dcookie", "uselib", "clock_settime"):
+        assert allowlist.get(name) == "the default action", name
+    denylist = policy_file(tmp_path, '[seccomp]\ndeny = ["chmod", "ptrace"]\n')
+    assert [(u.syscall, u.covered_by) for u in unprobed_refusals(denylist)] == [("chmod", "")]
 
 
 def test_a_filter_refusing_with_enosys_is_a_refusal_where_the_requirement_names_eperm(baseline):
