@@ -209,6 +209,9 @@ def explain_policy(policy: Policy, mode: str, instruction_count: int) -> str:
     arches = ", ".join((f"{platform.machine()} (native)", *seccomp.extra_arches))
     out.append(f"  architectures admitted: {arches}; any other ABI (x32, i386 int 0x80): "
                f"{seccomp.bad_arch_action}")
+    out.append("  i386 socketcall(102)/ipc(117): " + ("refused with the whole i386 ABI (bad_arch_action "
+               f"{seccomp.bad_arch_action})" if "x86" not in seccomp.extra_arches else "each socket/SysV IPC rule "
+               "refuses its call through the multiplexer whatever the arguments (libseccomp: mux(call == N))"))
     out.append(f"  no_new_privs: {'yes' if seccomp.no_new_privs and policy.filter_applies(mode) else 'no'}")
     out.append(f"  BPF: {instruction_count} instructions")
     unenforced = "" if policy.filter_applies(mode) else f", NOT ENFORCED in {mode} mode"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import struct
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -25,7 +26,7 @@ def export(flt: pyseccomp.SyscallFilter) -> bytes:
 
 
 def hand_built(policy: Policy, mode: str, *, arch_after_rules: bool = False, drop: str | None = None,
-               full_64bit_eq: bool = False) -> CompiledFilter:
+               full_64bit_eq: bool = False, errno_number: int = errno.EPERM) -> CompiledFilter:
     """The same policy compiled by hand with one classic mistake (syscalls.md §3, §5)."""
     real = compile_policy(policy, mode)
     main = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
@@ -34,7 +35,7 @@ def hand_built(policy: Policy, mode: str, *, arch_after_rules: bool = False, dro
         main.add_arch(pyseccomp.Arch.X86)
     for name in policy.seccomp.deny:
         if name != drop:
-            main.add_rule(pyseccomp.ERRNO(errno.EPERM), name)
+            main.add_rule(pyseccomp.ERRNO(errno_number), name)
     for rule in policy.rules_for_mode(mode):
         if rule.op == "eq" and full_64bit_eq:
             arg = pyseccomp.Arg(rule.arg, pyseccomp.EQ, rule.value)  # compares all 64 bits
@@ -42,7 +43,7 @@ def hand_built(policy: Policy, mode: str, *, arch_after_rules: bool = False, dro
             arg = pyseccomp.Arg(rule.arg, pyseccomp.MASKED_EQ, 0xFFFFFFFF, rule.value)
         else:
             arg = pyseccomp.Arg(rule.arg, pyseccomp.MASKED_EQ, rule.mask, rule.value)
-        main.add_rule(pyseccomp.ERRNO(errno.EPERM), rule.syscall, arg)
+        main.add_rule(pyseccomp.ERRNO(errno_number), rule.syscall, arg)
     if policy.seccomp.extra_arches and arch_after_rules:
         main.add_arch(pyseccomp.Arch.X86)  # too late: the x86 branch gets no rules
     return replace(real, programs=(real.programs[0], export(main)))
@@ -94,3 +95,36 @@ def _argument(rule: ArgRule) -> pyseccomp.Arg:
         mask = rule.mask if rule.op == "masked_eq" else 0xFFFFFFFF
         return pyseccomp.Arg(rule.arg, pyseccomp.MASKED_EQ, mask, rule.value)
     return pyseccomp.Arg(rule.arg, getattr(pyseccomp, rule.op.upper()), rule.value)
+
+
+# -- the runc + Docker hole: direct i386 calls refused, the i386 multiplexers let through ------------------
+
+_AUDIT_ARCH_X86_64, _AUDIT_ARCH_I386 = 0xC000003E, 0x40000003
+_RET_KILL_PROCESS, _RET_ALLOW, _RET_ERRNO = 0x80000000, 0x7FFF0000, 0x00050000
+
+
+def _insn(code: int, k: int = 0, jt: int = 0, jf: int = 0) -> bytes:
+    return struct.pack("<HBBI", code, jt, jf, k)  # struct sock_filter
+
+
+def _refuse_on(nr: int, arg0: int | None) -> list[bytes]:
+    """``if nr == NR [and low 32 bits of arg0 == arg0]: return ERRNO(EPERM)`` (A holds nr on entry and exit)."""
+    if arg0 is None:
+        return [_insn(0x15, nr, 0, 1), _insn(0x06, _RET_ERRNO | errno.EPERM)]
+    return [_insn(0x15, nr, 0, 4), _insn(0x20, 16), _insn(0x15, arg0, 0, 1),  # ld args[0] (low word)
+            _insn(0x06, _RET_ERRNO | errno.EPERM), _insn(0x20, 0)]  # ld nr again
+
+
+def direct_calls_only(policy: Policy, mode: str, refusals: list[tuple[int, int, int | None]]) -> CompiledFilter:
+    """A filter as runc builds from a profile that names only the direct calls: each ``(x86_64 nr, i386
+    nr, arg0 or None)`` is refused with EPERM natively and through the direct i386 call (socket is 359,
+    shmctl 396), while i386 ``socketcall(102)`` and ``ipc(117)`` are allowed whatever they carry. Under
+    runc, Docker's default profile leaves ``socketcall(SYS_SOCKET, [AF_VSOCK, ...])`` open this way."""
+    native = [i for nr, _, arg0 in refusals for i in _refuse_on(nr, arg0)]
+    i386 = [i for _, nr, arg0 in refusals for i in _refuse_on(nr, arg0)]
+    allow, kill = _insn(0x06, _RET_ALLOW), _insn(0x06, _RET_KILL_PROCESS)
+    native_block = [_insn(0x20, 0), _insn(0x35, 0x40000000, 0, 1), kill, *native, allow]  # x32 numbers: kill
+    i386_block = [_insn(0x20, 0), *i386, allow]
+    head = [_insn(0x20, 4), _insn(0x15, _AUDIT_ARCH_X86_64, 0, len(native_block)), *native_block,
+            _insn(0x20, 4), _insn(0x15, _AUDIT_ARCH_I386, 1, 0), kill, *i386_block]
+    return replace(compile_policy(policy, mode), programs=(b"".join(head),))

@@ -3,6 +3,7 @@ launcher that skips the filter, and names the hole. A suite that passed these wo
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import subprocess
@@ -10,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from broken_filters import docker_like_profile_with_af_packet_rule, hand_built, legacy_real_build
+from broken_filters import direct_calls_only, docker_like_profile_with_af_packet_rule, hand_built, legacy_real_build
 
 from pytest_sandbox.policy.model import Policy, load_policy
 from pytest_sandbox.probes.syscall import (
@@ -26,23 +27,32 @@ from pytest_sandbox.session import SandboxOptions, SandboxSession
 from pytest_sandbox.verdicts.judgement import Judgement, Verdict
 
 ROOT = Path(__file__).resolve().parents[1]
+DOCKER_LIKE = "fixtures/oci/docker-like-default.json"
 ADDED_BY_819 = (
     "process_vm_writev", "pidfd_open", "pidfd_getfd", "pidfd_send_signal", "fsopen", "fsconfig", "fsmount",
     "fspick", "move_mount", "open_tree", "setns", "umount2", "pivot_root", "userfaultfd", "perf_event_open",
 )  # fmt: skip
 
 
-def verdicts_against(policy: Policy, mode: str, filter_under_test: CompiledFilter | None,
-                     *, intended: CompiledFilter) -> dict[str, Verdict]:
-    """Run the suite for ``policy`` against ``filter_under_test``, judged by what ``intended`` promises."""
+def judgements_against(policy: Policy, mode: str, filter_under_test: CompiledFilter | None,
+                       *, intended: CompiledFilter | None) -> dict[str, Judgement]:
+    """Run the suite for ``policy`` against ``filter_under_test``, judged by what ``intended`` promises
+    (``None``: as a third party's sandbox is judged, from the requirement alone)."""
     requirements = requirements_of(policy, mode)
     cases = denial_cases(requirements) + control_cases(requirements, mode)
     placement, identity = NetworkPlacement(mode), Identity.current()
     probes = [c.runner_probe() for c in cases]
     baseline = SandboxTarget("baseline", None, placement, identity).run(probes)
     observed = SandboxTarget("under test", filter_under_test, placement, identity).run(probes)
-    return {c.case_id: judge(c, baseline[c.case_id], observed[c.case_id], compiled=intended, policy=policy).verdict
+    judged_by = policy if intended is not None else None
+    return {c.case_id: judge(c, baseline[c.case_id], observed[c.case_id], compiled=intended, policy=judged_by)
             for c in cases}
+
+
+def verdicts_against(policy: Policy, mode: str, filter_under_test: CompiledFilter | None,
+                     *, intended: CompiledFilter | None) -> dict[str, Verdict]:
+    return {case: j.verdict for case, j in judgements_against(policy, mode, filter_under_test,
+                                                              intended=intended).items()}
 
 
 def failing(verdicts: dict[str, Verdict]) -> set[str]:
@@ -84,8 +94,115 @@ def test_an_arch_added_after_the_rules_lets_i386_calls_through(baseline, tmp_pat
     assert failing(verdicts_against(with_i386, "proxy", intended, intended=intended)) == set()
     holes = failing(verdicts_against(with_i386, "proxy", hand_built(with_i386, "proxy", arch_after_rules=True),
                                      intended=intended))
-    assert holes and all(case.endswith("-i386") for case in holes), holes
+    # every hole is on the i386 ABI: the direct calls, and the socketcall path (its control included:
+    # the intended build refuses every socketcall(SYS_SOCKET) there, this one lets it through)
+    assert holes and all(case.endswith(("-i386", "-i386-socketcall", "-i386-socketcall-reaches-kernel"))
+                         for case in holes), holes
     assert {f"{name}-i386" for name in ("ptrace", "setns", "pidfd_getfd")} <= holes
+    assert "socket[AF_VSOCK]-i386-socketcall" in holes
+
+
+def policy_file(tmp_path: Path, text: str) -> Policy:
+    (tmp_path / "policy.toml").write_text(text)
+    return load_policy(tmp_path / "policy.toml")
+
+
+VSOCK_OVER_I386 = """
+[seccomp]
+extra_arches = ["x86"]
+[network.socket_domains]
+all_modes = ["AF_VSOCK"]
+"""
+
+
+def test_the_runc_docker_socketcall_hole_is_caught_on_the_multiplexed_path_only(tmp_path):
+    """A filter refusing socket(AF_VSOCK) natively and through the direct i386 call 359, but letting i386
+    socketcall(2) through (what runc builds from Docker's default profile): the socketcall row is
+    ALLOWED, every other path stays BLOCKED."""
+    policy = policy_file(tmp_path, VSOCK_OVER_I386)
+    intended = compile_policy(policy, "proxy")
+    assert failing(verdicts_against(policy, "proxy", intended, intended=intended)) == set()
+    broken = direct_calls_only(policy, "proxy", [(41, 359, 40)])
+    for judged_by in (intended, None):  # our own build's plan, and a third party's requirement alone
+        judgements = judgements_against(policy, "proxy", broken, intended=judged_by)
+        holes = failing({case: j.verdict for case, j in judgements.items()})
+        hole = judgements["socket[AF_VSOCK]-i386-socketcall"]
+        assert hole.verdict is Verdict.ALLOWED and "reached the kernel" in hole.reason, hole
+        assert judgements["socket[AF_VSOCK]-i386"].verdict is Verdict.BLOCKED
+        assert judgements["socket[AF_VSOCK]-native"].verdict is Verdict.BLOCKED
+        if judged_by is None:  # the unruled socketcall reaches the kernel under a third party's filter: fine
+            assert holes == {"socket[AF_VSOCK]-i386-socketcall"}, holes
+        else:  # libseccomp refuses every socketcall(SYS_SOCKET) once x86 is admitted: this one did not
+            assert holes == {"socket[AF_VSOCK]-i386-socketcall",
+                             "socket-without-ruled-flag-i386-socketcall-reaches-kernel"}, holes
+
+
+def test_the_sysv_ipc_multiplexer_is_probed_and_its_hole_caught(tmp_path):
+    policy = policy_file(tmp_path, '[seccomp]\nextra_arches = ["x86"]\ndeny = ["shmctl", "msgctl", "semctl"]\n')
+    intended = compile_policy(policy, "proxy")
+    verdicts = verdicts_against(policy, "proxy", intended, intended=intended)
+    assert {f"{name}-i386-ipc" for name in ("shmctl", "msgctl", "semctl")} <= set(verdicts)
+    assert failing(verdicts) == set()
+    broken = direct_calls_only(policy, "proxy", [(31, 396, None), (71, 402, None), (66, 394, None)])
+    assert failing(verdicts_against(policy, "proxy", broken, intended=None)) == {
+        "shmctl-i386-ipc", "msgctl-i386-ipc", "semctl-i386-ipc"}
+
+
+def test_the_bundled_policies_kill_the_i386_abi_multiplexers_included(baseline):
+    intended = compile_policy(baseline, "proxy")
+    judgements = judgements_against(baseline, "proxy", intended, intended=intended)
+    for case in ("socket[AF_VSOCK]-i386-socketcall", "socket[AF_PACKET]-i386-socketcall"):
+        assert judgements[case].verdict is Verdict.BLOCKED and judgements[case].observed == "killed by SIGSYS"
+    control = judgements["socket-without-ruled-flag-i386-socketcall-reaches-kernel"]
+    assert control.verdict is Verdict.WORKS and "refuses the whole i386 ABI" in control.reason
+    from pytest_sandbox.cli import explain_policy
+
+    assert "i386 socketcall(102)/ipc(117): refused with the whole i386 ABI" in explain_policy(baseline, "proxy", 0)
+
+
+def test_unprobed_refusals_are_covered_by_the_default_action_or_reported(tmp_path):
+    from pytest_sandbox.probes.syscall_cases import unprobed_refusals
+
+    allowlist = {u.syscall: u.covered_by for u in unprobed_refusals(load_policy(str(ROOT / DOCKER_LIKE)))}
+    for name in ("lookup_dcookie", "uselib", "clock_settime"):
+        assert allowlist.get(name) == "the default action", name
+    denylist = policy_file(tmp_path, '[seccomp]\ndeny = ["chmod", "ptrace"]\n')
+    assert [(u.syscall, u.covered_by) for u in unprobed_refusals(denylist)] == [("chmod", "")]
+
+
+def test_a_filter_refusing_with_enosys_is_a_refusal_where_the_requirement_names_eperm(baseline):
+    """Podman's defaultErrnoRet (38) and bubblewrap's ENOSYS: BLOCKED, with the errno difference said."""
+    enosys = hand_built(baseline, "proxy", errno_number=errno.ENOSYS)
+    judgements = judgements_against(baseline, "proxy", enosys, intended=None)
+    assert not failing({case: j.verdict for case, j in judgements.items()})
+    ptrace = judgements["ptrace-native"]
+    assert ptrace.verdict is Verdict.BLOCKED and ptrace.observed == "ENOSYS"
+    assert "the requirement names EPERM" in ptrace.reason
+    clone3 = judgements["clone3-native"]  # the requirement itself names ENOSYS there: nothing to add
+    assert clone3.verdict is Verdict.BLOCKED and "requirement names" not in clone3.reason
+
+
+def test_a_refusal_the_kernel_gives_anyway_is_never_credited_even_when_the_requirement_names_it(tmp_path):
+    from pytest_sandbox.probes.syscall_cases import Requirement
+    from pytest_sandbox.verdicts.judgement import Outcome
+
+    case = next(c for c in denial_cases([Requirement("deny", "kexec_load", refused_with=errno.ENOSYS)])
+                if c.abi == "native")
+    enosys = Outcome.errno(errno.ENOSYS)
+    assert judge(case, enosys, enosys, compiled=None, policy=None).verdict is Verdict.INDETERMINATE
+    assert judge(case, Outcome.errno(errno.EINVAL), enosys, compiled=None, policy=None).verdict is Verdict.BLOCKED
+    assert judge(case, Outcome.errno(errno.EINVAL), Outcome.errno(errno.EINVAL), compiled=None,
+                 policy=None).verdict is Verdict.ALLOWED
+
+
+def test_high_bit_variants_follow_the_kernel_type_of_the_ruled_argument(baseline):
+    ids = {c.case_id for c in denial_cases(requirements_of(load_policy("strict"), "proxy"))}
+    # 32-bit arguments: seccomp's unsigned int op, clone's low 32 bits, prctl's int option, ioctl's cmd
+    for label in ("seccomp[arg0=0x1]", "clone[arg0&0x10000000=0x10000000]", "prctl[arg0=0x16]",
+                  "ioctl[arg1=0x5412]", "socket[AF_VSOCK]", "execveat[arg4&0x1000=0x1000]"):
+        assert {f"{label}-native-hi32", f"{label}-native-hi-ones"} <= ids, label
+    # unshare(unsigned long): high bits make another value, which the kernel refuses (EINVAL)
+    assert not any(i.startswith("unshare[") and "-hi" in i for i in ids)
 
 
 def test_a_launcher_that_skips_the_filter_in_one_mode_is_caught(baseline):
@@ -154,9 +271,17 @@ def test_the_old_real_build_of_an_allowlist_with_an_af_packet_rule_is_caught(mon
     legacy = session_judgements(monkeypatch, profile, "allow",
                                 real_build=legacy_real_build(load_policy(profile), "allow"))
     new_holes = not_passed(legacy) - not_passed(fixed)
-    assert new_holes and all(case.startswith("socket[AF_PACKET]-") for case in new_holes), new_holes
-    assert {"socket[AF_PACKET]-native", "socket[AF_PACKET]-i386"} <= new_holes
-    for case in new_holes:
+    # Through i386 socketcall(2) the legacy build shows a second hole: libseccomp turns the allow rule
+    # socket(arg0 < 38) into socketcall(call == SYS_SOCKET) -> ALLOW, and with the deny rule gone nothing
+    # refuses any family there (AF_ALG, refused natively by the default action, included). The fixed build's
+    # deny filter refuses every socketcall(SYS_SOCKET); the socketcall control says so.
+    multiplexed = {case for case in new_holes if case.endswith("-i386-socketcall")}
+    control = "socket-without-ruled-flag-i386-socketcall-reaches-kernel"
+    assert new_holes and all(case.startswith("socket[AF_PACKET]-") for case in new_holes - multiplexed - {control})
+    assert {"socket[AF_PACKET]-native", "socket[AF_PACKET]-i386", "socket[AF_PACKET]-i386-socketcall",
+            "socket[AF_ALG]-i386-socketcall"} <= new_holes
+    assert legacy[control].verdict is Verdict.BROKEN and fixed[control].verdict is Verdict.WORKS
+    for case in new_holes - {control}:
         assert legacy[case].verdict is Verdict.ALLOWED and legacy[case].reason.startswith("real build: "), case
         assert fixed[case].verdict is Verdict.BLOCKED, case
     # the fixed real build refuses AF_PACKET with EPERM itself, not only in the sentinel build

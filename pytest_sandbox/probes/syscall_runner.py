@@ -27,6 +27,7 @@ import signal
 import sys
 
 X32_SYSCALL_BIT = 0x40000000
+MAP_32BIT = getattr(mmap, "MAP_32BIT", 0x40)  # x86_64 mman.h; Python's mmap module has it from 3.13
 PROBE_TIMEOUT_SECONDS = 5
 
 # x86_64 machine code: long int80(nr, a1, a2, a3, a4, a5, a6) — issue an i386 system call through
@@ -68,6 +69,19 @@ class _Machine:
             self.int80 = prototype(address)
         except (OSError, ValueError, TypeError) as exc:  # W^X policies refuse executable mappings
             self.int80_error = f"cannot map the int 0x80 stub: {exc}"
+        # The argument block of an i386 multiplexer: `int 0x80` passes 32-bit registers, so the pointer
+        # to socketcall's argument array (and ipc's "*n" words) must be below 4 GiB (MAP_32BIT).
+        self.block = None
+        self.block_address = 0
+        self.block_error = ""
+        try:
+            self.block = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_32BIT,
+                                   prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            self.block_address = ctypes.addressof(ctypes.c_char.from_buffer(self.block))
+            if self.block_address + mmap.PAGESIZE > 1 << 32:
+                self.block_error = f"MAP_32BIT gave {self.block_address:#x}, above 4 GiB"
+        except (OSError, ValueError, TypeError) as exc:
+            self.block_error = f"cannot map a 32-bit addressable argument block: {exc}"
 
     def call(self, abi: str, nr: int, args: list[int]) -> tuple[int, int]:
         """Return (raw return value, errno) for one system call."""
@@ -89,11 +103,37 @@ def _as_signed(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
+def _multiplexed_args(machine: _Machine, probe: dict, args: list) -> list:
+    """The multiplexer's own arguments: socketcall(call, &args[0]) with the arguments as 32-bit words
+    (net/compat.c COMPAT_SYSCALL_DEFINE2(socketcall)); ipc(call, first, second, third, ptr, fifth) with
+    the call's arguments placed by ``layout`` (ipc/syscall.c compat_ksys_ipc)."""
+    words = [a & 0xFFFFFFFF for a in args]
+    block = machine.block
+    assert block is not None
+    if probe["mux"] == "socketcall":
+        block[:4 * len(words)] = b"".join(w.to_bytes(4, "little") for w in words)
+        return [probe["call"], machine.block_address]
+    out = [probe["call"]]
+    slot = 0
+    for place in probe["layout"]:
+        if place is None:
+            out.append(0)
+        elif isinstance(place, str):  # "*n": a pointer to a 32-bit word holding argument n
+            block[4 * slot:4 * slot + 4] = words[int(place[1:])].to_bytes(4, "little")
+            out.append(machine.block_address + 4 * slot)
+            slot += 1
+        else:
+            out.append(words[place])
+    return out
+
+
 def _attempt_syscall(machine: _Machine, probe: dict) -> dict:
     for step in probe.get("setup", ()):
         if step == "setsid":
             os.setsid()
     args = [os.getpid() if a == "pid" else a for a in probe["args"]]
+    if probe.get("mux"):
+        args = _multiplexed_args(machine, probe, args)
     result, err = machine.call(probe["abi"], probe["nr"], args)
     if result == -1 and err:
         return {"type": "errno", "value": err}
@@ -168,6 +208,8 @@ def run_one(machine: _Machine, probe: dict) -> dict:
     """Attempt one probe in a fresh single-threaded child and describe how it ended."""
     if probe.get("abi") == "i386" and machine.int80 is None:
         return {"type": "unavailable", "reason": machine.int80_error}
+    if probe.get("mux") and machine.block_error:
+        return {"type": "unavailable", "reason": machine.block_error}
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the probe child: report through the pipe, never return into the runner

@@ -193,12 +193,14 @@ class FilterPlan:
                     assign(slot, f"@{arch}", False)
         return numbers
 
-    def results(self, syscall: str, args: tuple[int, ...], arch: str = "native") -> frozenset[Action]:
+    def results(self, syscall: str, args: tuple[int, ...], arch: str = "native", *,
+                multiplexed: bool = False) -> frozenset[Action]:
         """What the loaded filters may return for this call: one action, or several where rules with
         different errnos overlap in one filter (libseccomp's evaluation order between them is unspecified).
 
-        ``arch`` is "native", "x86" (i386) or "x32". Calls are named, so a multiplexed socketcall(2) is
-        not modelled here; the probes use the direct calls."""
+        ``arch`` is "native", "x86" (i386) or "x32". ``multiplexed``: the call enters through i386
+        socketcall(2)/ipc(2), where libseccomp's rule is ``mux(call == N)``, so every rule on it fires
+        whatever the arguments (the module docstring)."""
         if not self.filters:
             return frozenset({ALLOW})
         if arch != "native" and arch not in self.extra_arches:
@@ -206,7 +208,8 @@ class FilterPlan:
         width = 32 if arch in ("x86", "x32") else 64  # libseccomp: ARCH_SIZE_32 for both
         per_filter = []
         for planned in self.filters:
-            fired = {rule.action for rule in planned.rules if rule.fires(syscall, args, width)}
+            fired = {rule.action for rule in planned.rules
+                     if rule.fires(syscall, args, width) or (multiplexed and rule.syscall == syscall)}
             per_filter.append(fired or {planned.default})
         return frozenset(strongest(combination) for combination in product(*per_filter))
 

@@ -1,0 +1,308 @@
+"""The syscall category's case plan: requirements → probe cases. Pure (stdlib, the policy model, the catalogue).
+
+A :class:`Requirement` is one thing that must be proven refused (a syscall, an argument rule, an ENOSYS
+rule) together with the refusal the requirement itself names (an errno, ENOSYS included, or a kill).
+Each requirement becomes :class:`ProbeCase`\\ s: every ABI path (native, x32, i386 direct, and the i386
+multiplexers socketcall(2) / ipc(2) for the socket-family and SysV IPC calls), and high-bit variants
+for every ruled argument the kernel reads as 32 bits.
+"""
+
+from __future__ import annotations
+
+import errno as errno_module
+import signal
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pytest_sandbox.catalogues.syscalls import PROBES_BY_NAME, SYSCALL_PROBES, SyscallProbe
+from pytest_sandbox.policy.model import SOCKET_FAMILIES, SOCKET_FAMILY_NAMES, ArgRule, Policy
+from pytest_sandbox.seccomp.filter_plan import arg_key, deny_key, enosys_key
+from pytest_sandbox.verdicts.judgement import Outcome
+
+ABIS = ("native", "x32", "i386")
+# High bits in a 32-bit argument (syscalls.md §2.1): garbage above bit 31, and the sign extension of a
+# negative int. Only for arguments the kernel reads as 32 bits (catalogues/syscalls.py ARG_TYPE_BITS):
+# for a long or a pointer the high bits make another value, which the kernel itself refuses.
+HIGH_BIT_VARIANTS = (("hi32", 1 << 32), ("hi-ones", 0xFFFFFFFF << 32))
+KILL = "kill"  # a requirement whose refusal is death by SIGSYS (kill_process, kill_thread, trap)
+_KILLING = ("kill_process", "kill_thread", "trap")
+SIGSYS = Outcome.killed_by(signal.SIGSYS)
+# What counts as a refusal of a call by a filter whatever the requirement names: EPERM (the usual
+# SECCOMP_RET_ERRNO), ENOSYS (Podman's defaultErrnoRet, bubblewrap's and glibc-friendly filters: a
+# caller sees the call fail as if the kernel lacked it), death by SIGSYS (a kill or trap). Each is a
+# refusal of the call only where the unfiltered kernel answers something else (verdicts.judgement).
+GENERIC_REFUSALS = frozenset({Outcome.errno(errno_module.EPERM), Outcome.errno(errno_module.ENOSYS), SIGSYS})
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """One thing that must be proven refused: a syscall, an argument rule, or an ENOSYS rule.
+
+    ``refused_with`` is the refusal the requirement names: an errno number, or :data:`KILL`."""
+
+    kind: str  # "deny" | "arg" | "enosys"
+    syscall: str
+    rule: ArgRule | None = None
+    refused_with: int | str = errno_module.EPERM
+
+    @property
+    def key(self) -> str:
+        if self.kind == "arg":
+            assert self.rule is not None
+            return arg_key(self.rule)
+        return enosys_key(self.syscall) if self.kind == "enosys" else deny_key(self.syscall)
+
+    @property
+    def label(self) -> str:
+        """Short, test-id friendly: ``pidfd_getfd``, ``clone[arg0&0x10000000]``, ``socket[AF_INET]``."""
+        if self.rule is None:
+            return self.syscall
+        if self.syscall == "socket" and self.rule.arg == 0 and self.rule.op == "eq":
+            return f"socket[{SOCKET_FAMILY_NAMES.get(self.rule.value, self.rule.value)}]"
+        mask = f"&{self.rule.mask:#x}" if self.rule.op == "masked_eq" else ""
+        operator = "" if self.rule.op in ("eq", "masked_eq") else f" {self.rule.op} "
+        return f"{self.syscall}[arg{self.rule.arg}{mask}{operator or '='}{self.rule.value:#x}]"
+
+    @property
+    def own_refusal(self) -> Outcome:
+        """The refusal the requirement names for this rule."""
+        if self.kind == "enosys":
+            return Outcome.errno(errno_module.ENOSYS)
+        return SIGSYS if self.refused_with == KILL else Outcome.errno(int(self.refused_with))
+
+    @property
+    def refusal(self) -> frozenset[Outcome]:
+        """What counts as refused when nothing more precise is known (third-party sandboxes): the
+        requirement's own refusal, and any other refusal of the call by a filter (GENERIC_REFUSALS)."""
+        return GENERIC_REFUSALS | {self.own_refusal}
+
+
+def _action_refusal(action: str, number: int) -> int | str:
+    return KILL if action in _KILLING else number
+
+
+def requirements_of(policy: Policy, mode: str) -> tuple[Requirement, ...]:
+    seccomp = policy.seccomp
+    items = [Requirement("deny", name, refused_with=seccomp.errno) for name in seccomp.deny]
+    items += [Requirement("arg", rule.syscall, rule, rule.errno or seccomp.errno)
+              for rule in policy.rules_for_mode(mode)]
+    items += [Requirement("enosys", name, refused_with=errno_module.ENOSYS) for name in seccomp.enosys]
+    if seccomp.is_allowlist:
+        items += _allowlist_refusals(policy)
+    return merge_requirements(items)
+
+
+def _allowlist_refusals(policy: Policy) -> list[Requirement]:
+    """What an allowlist refuses, in probe-able terms: every catalogue syscall it does not allow, and
+    for conditionally allowed calls the argument values no allow rule accepts (each socket family;
+    each flag bit of a ``(arg & mask) == 0`` rule, the Docker clone pattern). They are refused by the
+    default action, so that is the refusal they carry."""
+    seccomp = policy.seccomp
+    by_default = _action_refusal(seccomp.default_action, seccomp.default_errno)
+    items: list[Requirement] = []
+    for probe in SYSCALL_PROBES:
+        name = probe.name
+        if name in seccomp.allow or name in seccomp.enosys or name == "getppid":
+            continue
+        rules = [r for r in seccomp.allow_rules if r.syscall == name]
+        if not rules:
+            items.append(Requirement("deny", name, refused_with=by_default))
+        elif name == "socket":
+            items += [Requirement("arg", "socket", ArgRule("socket", 0, "eq", family,
+                                                           why=f"not allowed: {SOCKET_FAMILY_NAMES[family]}"),
+                                  by_default)
+                      for family in sorted(SOCKET_FAMILY_NAMES) if not seccomp.allows("socket", (family,))]
+        elif all(r.op == "masked_eq" and r.value == 0 and r.arg == rules[0].arg for r in rules):
+            mask = rules[0].mask
+            items += [Requirement("arg", name, ArgRule(name, rules[0].arg, "masked_eq", bit, mask=bit,
+                                                       why="flag outside the allowed mask"), by_default)
+                      for bit in (1 << b for b in range(32)) if mask & bit]
+        elif not seccomp.allows(name, tuple(a if isinstance(a, int) else 0 for a in probe.args)):
+            # the catalogue's harmless call is not an allowed form
+            items.append(Requirement("deny", name, refused_with=by_default))
+    return items
+
+
+def merge_requirements(*groups: Iterable[Requirement]) -> tuple[Requirement, ...]:
+    """Union by meaning (the rule's key), keeping the first occurrence; ``why`` texts may differ."""
+    merged: dict[str, Requirement] = {}
+    for group in groups:
+        for item in group:
+            merged.setdefault(item.key, item)
+    return tuple(merged.values())
+
+
+@dataclass(frozen=True)
+class Unprobed:
+    """A syscall a requirement refuses that has no harmless live probe in the catalogue."""
+
+    syscall: str
+    covered_by: str  # "the default action" (an allowlist that does not allow it) or "" (not covered)
+
+
+def unprobed_refusals(policy: Policy) -> tuple[Unprobed, ...]:
+    """Every syscall ``policy`` refuses whatever its arguments that no catalogue row can attempt.
+
+    An allowlist refuses every syscall it does not allow by its default action: those are covered by
+    that one action, with no live probe of their own; a denylist names calls one by one, so one without
+    a probe is reported as not live-probed (never silently dropped, never failed)."""
+    seccomp = policy.seccomp
+    named = set(seccomp.deny) | set(seccomp.enosys)
+    found = []
+    for name in seccomp.effective_denies() if seccomp.is_allowlist else sorted(named):
+        if name in PROBES_BY_NAME:
+            continue
+        by_default = seccomp.is_allowlist and name not in named
+        found.append(Unprobed(name, "the default action" if by_default else ""))
+    return tuple(found)
+
+
+@dataclass(frozen=True)
+class ProbeCase:
+    """One attempt. ``kind``: ``denial`` (must be refused), ``reaches_kernel`` (must behave as unfiltered),
+    ``works`` (ordinary work must succeed) or ``status`` (the filter and no_new_privs are present).
+    ``via`` names the i386 multiplexer the call goes through (``socketcall``, ``ipc``), else ``""``."""
+
+    case_id: str
+    kind: str
+    title: str
+    requirement: Requirement | None = None
+    abi: str = "native"
+    nr: int | None = None
+    args: tuple[int | str, ...] = ()
+    setup: tuple[str, ...] = ()
+    extra: tuple[tuple[str, Any], ...] = ()
+    via: str = ""
+    mux_call: int = 0
+    mux_layout: tuple[int | str | None, ...] = ()
+
+    def runner_probe(self) -> dict[str, Any]:
+        if self.kind in ("denial", "reaches_kernel"):
+            probe: dict[str, Any] = {"id": self.case_id, "kind": "syscall", "abi": self.abi, "nr": self.nr,
+                                     "args": list(self.args), "setup": list(self.setup)}
+            if self.via:
+                probe.update(mux=self.via, call=self.mux_call, layout=list(self.mux_layout))
+            return probe
+        return {"id": self.case_id, **dict(self.extra)}
+
+    @property
+    def category(self) -> str:
+        return "syscall" if self.kind == "denial" else "syscall-controls"
+
+    @property
+    def syscall(self) -> str:
+        """The call attempted (the requirement's, or the control's catalogue row)."""
+        return self.requirement.syscall if self.requirement is not None else ""
+
+
+def _abi_number(probe: SyscallProbe, abi: str) -> int | None:
+    return {"native": probe.nr, "x32": probe.x32_nr, "i386": probe.i386_nr}[abi]
+
+
+def _matching_args(probe: SyscallProbe, rule: ArgRule) -> tuple[int | str, ...]:
+    """The catalogue's harmless call with the ruled argument set so the rule fires."""
+    args = list(probe.args) + [0] * (rule.arg + 1 - len(probe.args))
+    current = args[rule.arg]
+    base = 0 if isinstance(current, str) else current & 0xFFFFFFFF
+    if rule.op == "masked_eq":
+        args[rule.arg] = (base & ~rule.mask) | rule.value
+    elif rule.op in ("eq", "ge", "le"):
+        args[rule.arg] = rule.value
+    elif rule.op == "gt":
+        args[rule.arg] = rule.value + 1
+    elif rule.op == "lt":
+        args[rule.arg] = max(rule.value - 1, 0)
+    elif rule.op == "ne":
+        args[rule.arg] = base if base != rule.value else rule.value ^ 1
+    return tuple(args)
+
+
+def _with_high_bits(args: tuple[int | str, ...], index: int, bits: int) -> tuple[int | str, ...]:
+    value = args[index]
+    assert isinstance(value, int)
+    return tuple((a & 0xFFFFFFFF) | bits if i == index and isinstance(a, int) else a for i, a in enumerate(args))
+
+
+def high_bit_variants(probe: SyscallProbe, rule: ArgRule) -> tuple[tuple[str, int], ...]:
+    """The high-bit variants a rule gets: all of them where the kernel reads the ruled argument as 32
+    bits (``int``, ``unsigned int``; a 64-bit compare there lets ``value | 1 << 32`` through), none where
+    it reads 64 (there the high bits make a different value, which is not the ruled call). A value the
+    32 bits cannot hold is left alone: only the low 32 bits of the matching form are kept."""
+    if probe.arg_bits(rule.arg) != 32 or rule.value > 0xFFFFFFFF:
+        return ()
+    return HIGH_BIT_VARIANTS
+
+
+def multiplexed_case(item: Requirement, probe: SyscallProbe, args: tuple[int | str, ...], kind: str,
+                     case_id: str, title: str) -> ProbeCase:
+    assert probe.mux is not None
+    return ProbeCase(case_id, kind, title, item, "i386", probe.mux.nr, args, probe.setup, via=probe.mux.name,
+                     mux_call=probe.mux.call, mux_layout=probe.mux.layout)
+
+
+def denial_cases(requirements: Sequence[Requirement]) -> tuple[ProbeCase, ...]:
+    """Every path for every requirement: each ABI, the i386 multiplexer where the call has one, and
+    high bits in every ruled argument the kernel reads as 32 bits."""
+    cases: list[ProbeCase] = []
+    for item in requirements:
+        probe = PROBES_BY_NAME.get(item.syscall)
+        if probe is None:
+            cases.append(ProbeCase(f"{item.label}-native", "denial",
+                                   f"{item.label}: no harmless probe in the catalogue", item, nr=None))
+            continue
+        args = _matching_args(probe, item.rule) if item.rule else probe.args
+        for abi in ABIS:
+            number = _abi_number(probe, abi)
+            if number is None:
+                continue
+            cases.append(ProbeCase(f"{item.label}-{abi}", "denial", f"syscall {item.label} via {abi} ABI",
+                                   item, abi, number, args, probe.setup))
+        if probe.mux is not None:
+            cases.append(multiplexed_case(item, probe, args, "denial", f"{item.label}-i386-{probe.mux.name}",
+                                          f"syscall {item.label} via i386 {probe.mux.name}({probe.mux.call})"))
+        if item.rule is not None:
+            for variant, bits in high_bit_variants(probe, item.rule):
+                cases.append(ProbeCase(
+                    f"{item.label}-native-{variant}", "denial",
+                    f"syscall {item.label} with high bits ({variant}) in arg{item.rule.arg}",
+                    item, "native", probe.nr, _with_high_bits(args, item.rule.arg, bits), probe.setup))
+    return tuple(cases)
+
+
+def control_cases(requirements: Sequence[Requirement], mode: str) -> tuple[ProbeCase, ...]:
+    """Positive controls: proof that ordinary work still functions under the same filter."""
+    cases = [
+        ProbeCase("thread-starts", "works", "a thread starts (clone3 -> ENOSYS -> clone fallback)",
+                  extra=(("kind", "thread_start"),)),
+        ProbeCase("process-starts", "works", "posix_spawn and fork start processes",
+                  extra=(("kind", "process_start"),)),
+        ProbeCase("af_unix-socket-opens", "works", "an AF_UNIX socket opens",
+                  extra=(("kind", "socket_open"), ("family", SOCKET_FAMILIES["AF_UNIX"]))),
+        ProbeCase("filter-present", "status", "/proc/self/status shows the filters and NoNewPrivs",
+                  extra=(("kind", "proc_status"),)),
+    ]
+    if mode in ("proxy", "allow"):
+        for family in ("AF_INET", "AF_INET6"):
+            cases.append(ProbeCase(f"{family.lower()}-socket-opens", "works",
+                                   f"an {family} socket opens in {mode} mode",
+                                   extra=(("kind", "socket_open"), ("family", SOCKET_FAMILIES[family]))))
+    getppid = PROBES_BY_NAME["getppid"]
+    cases.append(ProbeCase("getppid-reaches-kernel", "reaches_kernel", "getppid() still works",
+                           nr=getppid.nr, args=()))
+    seen: set[str] = set()
+    for item in requirements:
+        probe = PROBES_BY_NAME.get(item.syscall)
+        if item.rule is None or probe is None or probe.control_args is None or probe.name in seen:
+            continue
+        seen.add(probe.name)
+        cases.append(ProbeCase(f"{probe.name}-without-ruled-flag-reaches-kernel", "reaches_kernel",
+                               f"{probe.name} without the ruled argument reaches the kernel",
+                               item, "native", probe.nr, probe.control_args, probe.setup))
+        if probe.mux is not None:
+            cases.append(multiplexed_case(
+                item, probe, probe.control_args, "reaches_kernel",
+                f"{probe.name}-without-ruled-flag-i386-{probe.mux.name}-reaches-kernel",
+                f"{probe.name} without the ruled argument via i386 {probe.mux.name}({probe.mux.call}) reaches "
+                "the kernel (or the policy refuses that path outright)"))
+    return tuple(cases)
