@@ -31,7 +31,14 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
-from pytest_sandbox.catalogues.smuggling import FIRST_REQUEST_ONLY, H11_ONLY, SMUGGLING_CASES, SmugglingCase, render
+from pytest_sandbox.catalogues.smuggling import (
+    FIRST_REQUEST_ONLY,
+    H11_ONLY,
+    SMUGGLING_CASES,
+    TUNNEL_FORM,
+    SmugglingCase,
+    render,
+)
 from pytest_sandbox.http.upstream import (
     MARK_HEADER,
     Assessment,
@@ -105,30 +112,10 @@ _campaign_ids = itertools.count(1)
 # Follow-up requests carry this in their target so the origin/backend logs can leave them out.
 FOLLOW_UP_MARKER = "follow-up"
 
-# How the catalogue's absolute-form requests become requests inside the intercepted tunnel. Order
-# matters: targets first (they still contain the placeholders), then the placeholders, then bodies.
-TUNNEL_TARGETS: tuple[tuple[bytes, bytes], ...] = (
-    (b"http://{host}/upload ", b"/v1/chat/completions "),  # POST route (RFC 9112 §3.2.1 origin-form)
-    (b"http://{host}/ws ", b"/v1/models "),
-    (b"http://{host}/ ", b"/v1/models "),  # GET route
-    (b"http://{denied}/secret ", b"/secret "),  # a non-inference path: the #819 refusal
-)
-# Every inner authority is inference.local: the inner-Host mismatch has its own test.
-TUNNEL_HOSTS: tuple[tuple[bytes, bytes], ...] = (
-    (b"{host}", INFERENCE_HOST.encode()),
-    (b"{denied}", INFERENCE_HOST.encode()),
-)
-# The catalogue's bodies are b"hello" (5 bytes, inside exact Content-Length and chunk sizes); the
-# backend answers 400 to a non-JSON chat completion, so swap in a 5-byte JSON object.
-TUNNEL_BODIES: tuple[tuple[bytes, bytes], ...] = ((b"hello", b"{   }"),)
-
-
 def tunnel_payload(case: SmugglingCase) -> bytes:
-    """The case's bytes adapted for the inside of ``CONNECT inference.local:443``. Pure."""
-    payload = case.payload
-    for old, new in (*TUNNEL_TARGETS, *TUNNEL_HOSTS, *TUNNEL_BODIES):
-        payload = payload.replace(old, new)
-    return payload
+    """The case's bytes for the inside of ``CONNECT inference.local:443``: every authority is
+    inference.local (the inner-Host mismatch has its own test). Pure."""
+    return render(case, TUNNEL_FORM, host=INFERENCE_HOST, denied=INFERENCE_HOST)
 
 
 def inference_request(method: str, target: str, *, body: bytes = b"", host: str = INFERENCE_HOST,
