@@ -120,6 +120,16 @@ class _Connection:
             chunks.append(data)
 
     def on_readable(self) -> None:
+        """Read what arrived (it resets the idle timer) and hand it to :meth:`handle`."""
+        if self.closed:
+            return
+        chunks, eof = self.read_available()
+        if chunks:
+            self._touch()
+        self.handle(chunks, eof)
+
+    def handle(self, chunks: list[bytes], eof: bool) -> None:
+        """React to newly read ``chunks`` (already recorded) and to EOF."""
         raise NotImplementedError
 
     def send(self, data: bytes, *, then_close: bool = False) -> None:
@@ -179,12 +189,7 @@ class _CatchAllConnection(_Connection):
         self.hit = hit
         hit.received = self.record
 
-    def on_readable(self) -> None:
-        if self.closed:
-            return
-        chunks, eof = self.read_available()
-        if chunks:
-            self._touch()
+    def handle(self, chunks: list[bytes], eof: bool) -> None:
         if self.responded:
             return
         head_complete = HEAD_END in self.record

@@ -92,12 +92,7 @@ class _OriginConnection(_Connection):
         host = f"[{address}]" if ":" in address else address
         return ReceivedStream(f"{host}:{port}", self.index, bytes(self.record), self.received, tuple(self.arrivals))
 
-    def on_readable(self) -> None:
-        if self.closed:
-            return
-        chunks, eof = self.read_available()
-        if chunks:
-            self._touch()
+    def handle(self, chunks: list[bytes], eof: bool) -> None:
         if not self._unframed:
             for chunk in chunks:
                 self.http.receive_data(chunk)
