@@ -454,7 +454,8 @@ def serve_reference_proxy(host: str, port: int, allowed_ports: tuple[int, ...],
     It lives in whatever namespace this process is in: started by :func:`start_proxy_command`,
     that is the lab, so its sockets and its resolver's queries stay there.
     """
-    from pytest_sandbox.network.proxy.server import EgressProxy, ProxyConfig
+    from pytest_sandbox.network.proxy.config import ProxyConfig
+    from pytest_sandbox.network.proxy.server import EgressProxy
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     listener = socket.socket(family, socket.SOCK_STREAM)
