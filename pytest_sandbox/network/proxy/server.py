@@ -5,6 +5,8 @@ port policy -> resolve **once** with the injected resolver (IP literals are not 
 classify **every** answer -> deny if any answer is special -> dial **exactly** a checked address
 with a socket from the injected factory (no hostname ever reaches a function that could resolve it
 again) -> repeat for every request on a keep-alive connection and every new upstream connection.
+The decision itself is pure (:mod:`pytest_sandbox.network.proxy.decision`); this module is the I/O
+around it: reading, resolving when asked, dialling, forwarding, answering and recording.
 
 Requests are framed strictly (:mod:`pytest_sandbox.http.framing`); a framing violation is answered and
 the connection closed without parsing another byte (network.md §5). Every request and CONNECT gets
