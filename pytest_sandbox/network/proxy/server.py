@@ -89,6 +89,14 @@ class _Refused(Exception):
         self.refusal = refusal
 
 
+def _split(request: Request) -> tuple[Authority, str]:
+    """The request's authority and upstream path (:func:`split_target`); a malformed target is refused."""
+    split = split_target(request.method, request.target)
+    if isinstance(split, Refusal):
+        raise _Refused(split)
+    return split
+
+
 def _host_header(authority: Authority, default_port: int) -> str:
     host = f"[{authority.host}]" if ":" in authority.host else authority.host
     return host if authority.port == default_port else f"{host}:{authority.port}"
@@ -365,10 +373,7 @@ class EgressProxy:
         authority: Authority | None = None
         addresses: tuple[str, ...] = ()
         try:
-            split = split_target(request.method, request.target)
-            if isinstance(split, Refusal):
-                raise _Refused(split)
-            authority, path = split
+            authority, path = _split(request)
             addresses = await self._destination(authority)
             upstream, response = await self._exchange(conn, request, authority, path, addresses)
         except _Refused as refused:
@@ -575,10 +580,7 @@ class EgressProxy:
         authority: Authority | None = None
         addresses: tuple[str, ...] = ()
         try:
-            split = split_target(request.method, request.target)
-            if isinstance(split, Refusal):
-                raise _Refused(split)
-            authority = split[0]
+            authority, _ = _split(request)
             handler = self._connect_interceptor(authority.host, authority.port) \
                 if self._connect_interceptor is not None else None
             if handler is not None:
