@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from pytest_sandbox.errors import PolicyError
-from pytest_sandbox.policy.model import SOCKET_FAMILIES, ArgRule, load_policy
+from pytest_sandbox.policy.load import load_policy
+from pytest_sandbox.policy.model import SOCKET_FAMILIES, ArgRule
 
 ADDED_BY_819 = {
     "process_vm_writev", "pidfd_open", "pidfd_getfd", "pidfd_send_signal", "fsopen", "fsconfig", "fsmount",
