@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pytest_sandbox.policy.model import load_policy
+from pytest_sandbox.policy.load import load_policy
 from pytest_sandbox.seccomp.compiler import compile_policy
 from pytest_sandbox.seccomp.launcher import DEVNULL, Identity, NetworkPlacement, Sandbox, SandboxSpec
 

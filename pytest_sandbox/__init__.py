@@ -43,16 +43,16 @@ _HOME: dict[str, str] = {
     "SandboxedProcess": "pytest_sandbox.seccomp.launcher",
     "SandboxResult": "pytest_sandbox.seccomp.launcher",
     "SandboxSpec": "pytest_sandbox.seccomp.launcher",
-    "InterceptionTrust": "pytest_sandbox.fixtures.network",
-    "ProxiedSandbox": "pytest_sandbox.fixtures.network",
-    "RunningProxy": "pytest_sandbox.fixtures.network",
+    "InterceptionTrust": "pytest_sandbox.network.harness",
+    "ProxiedSandbox": "pytest_sandbox.network.harness",
+    "RunningProxy": "pytest_sandbox.network.harness",
     "SandboxLauncher": "pytest_sandbox.fixtures.sandbox",
     "Judgement": "pytest_sandbox.verdicts.judgement",
     "Outcome": "pytest_sandbox.verdicts.judgement",
     "Verdict": "pytest_sandbox.verdicts.judgement",
     "NetworkLab": "pytest_sandbox.network.lab.lab",
     "Policy": "pytest_sandbox.policy.model",
-    "load_policy": "pytest_sandbox.policy.model",
+    "load_policy": "pytest_sandbox.policy.load",
 }
 
 __all__ = ["CompiledFilter", "Decision", "EgressProxy", "FakeInferenceBackend", "HostUnsupportedError",
@@ -78,12 +78,13 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
     from pytest_sandbox.errors import HostUnsupportedError, LaunchError, PolicyError, SandboxError
-    from pytest_sandbox.fixtures.network import InterceptionTrust, ProxiedSandbox, RunningProxy
     from pytest_sandbox.fixtures.sandbox import SandboxLauncher
     from pytest_sandbox.inference.fake_backend import FakeInferenceBackend
+    from pytest_sandbox.network.harness import InterceptionTrust, ProxiedSandbox, RunningProxy
     from pytest_sandbox.network.lab.lab import NetworkLab
     from pytest_sandbox.network.proxy.server import Decision, EgressProxy, ProxyConfig
-    from pytest_sandbox.policy.model import Policy, load_policy
+    from pytest_sandbox.policy.load import load_policy
+    from pytest_sandbox.policy.model import Policy
     from pytest_sandbox.seccomp.compiler import CompiledFilter, compile_policy
     from pytest_sandbox.seccomp.launcher import (
         Identity,

@@ -7,27 +7,27 @@
 
 Every :class:`~pytest_sandbox.errors.SandboxError` becomes one line ``pytest-sandbox: <message>`` on
 stderr and exit status 2 (argparse uses 2 for bad flags as well); never a traceback.
-The policy comparison (:func:`diff_policies`) is pure, so it is tested without launching anything.
+This module parses arguments and runs commands; the policy comparison (``policy/diff.py``) and the
+summary (``policy/explain.py``) are pure and live with the policy.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import TextIO
 
-from pytest_sandbox.catalogues.syscalls import PROBES_BY_NAME
 from pytest_sandbox.errors import SandboxError
-from pytest_sandbox.policy.model import NETWORK_MODES, SOCKET_FAMILY_NAMES, ArgRule, Policy, is_domain_rule, load_policy
+from pytest_sandbox.policy.diff import diff_policies, format_diff_json, format_diff_text
+from pytest_sandbox.policy.explain import explain_policy
+from pytest_sandbox.policy.load import load_policy
+from pytest_sandbox.policy.model import NETWORK_MODES, Policy
 
 PROG = "pytest-sandbox"
 EXIT_USAGE = 2  # argparse's own status for bad flags; used for every bad input
@@ -36,209 +36,9 @@ EXIT_TIMEOUT = 124  # timeout(1)'s convention for "the command ran out of time"
 # in its own process group and session, so the terminal's Ctrl-C never reaches it directly.
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
-# How much a setting refuses, weakest first. Network modes: ``allow`` reaches everything, ``proxy``
-# only the egress proxy, ``block`` nothing. Filter actions: every kill/trap ends in a signal death
-# (kill_thread leaves the rest of the process running, trap can be caught by a SIGSYS handler).
-NETWORK_MODE_STRENGTH = {"allow": 0, "proxy": 1, "block": 2}
-ACTION_STRENGTH = {"allow": 0, "log": 1, "errno": 2, "trap": 3, "kill_thread": 4, "kill_process": 5}
-
 
 class CliError(SandboxError):
     """Bad command-line input found after argument parsing (e.g. binary output to a terminal)."""
-
-
-# --------------------------------------------------------------------------------------------
-# diff: a pure comparison of two policies
-
-
-@dataclass(frozen=True)
-class PolicyDiff:
-    """What changed from ``old`` to ``new``: each line names the rule and the direction."""
-
-    old: str
-    new: str
-    weaker: tuple[str, ...]
-    stronger: tuple[str, ...]
-
-    @property
-    def is_weaker(self) -> bool:
-        return bool(self.weaker)
-
-
-def _family(number: int) -> str:
-    return SOCKET_FAMILY_NAMES.get(number, str(number))
-
-
-def _rule_identity(rule: ArgRule) -> tuple[str, int, str, int, int]:
-    # The mask only means something for masked_eq; eq always compares the low 32 bits (policy.py).
-    return (rule.syscall, rule.arg, rule.op, rule.mask if rule.op == "masked_eq" else 0xFFFFFFFF, rule.value)
-
-
-def _describe_rule(rule: ArgRule) -> str:
-    return f"{rule.key}" + (f" ({rule.why})" if rule.why else "")
-
-
-def _set_changes(old: Iterable[str], new: Iterable[str]) -> tuple[list[str], list[str]]:
-    """(removed, added), each in the order the policies list them."""
-    old_list, new_list = list(dict.fromkeys(old)), list(dict.fromkeys(new))
-    return [x for x in old_list if x not in new_list], [x for x in new_list if x not in old_list]
-
-
-def _compare_strength(what: str, old: str, new: str, ranking: dict[str, int],
-                      weaker: list[str], stronger: list[str]) -> None:
-    if old == new:
-        return
-    line = f"{what}: {old} -> {new}"
-    (weaker if ranking[new] < ranking[old] else stronger).append(line)
-
-
-def diff_policies(old: Policy, new: Policy, *, modes: Sequence[str] = NETWORK_MODES) -> PolicyDiff:
-    """Compare two policies rule by rule; ``modes`` limits the per-network-mode comparisons."""
-    weaker: list[str] = []
-    stronger: list[str] = []
-    o, n = old.seccomp, new.seccomp
-    if (old.origin == "oci") != (new.origin == "oci"):
-        # A profile has no network modes: compare it with the policy in that policy's own mode.
-        modes = ((new if old.origin == "oci" else old).network.mode,)
-
-    # Allowlists (OCI/Docker profiles) are compared by what they refuse, like denylists.
-    removed, added = _set_changes(o.effective_denies(), n.effective_denies())
-    weaker += [f"syscall {name} no longer denied" for name in removed]
-    stronger += [f"syscall {name} now denied" for name in added]
-
-    # An ENOSYS rule exists so that glibc falls back to a call the filter can inspect (clone3 ->
-    # clone); losing it lets the uninspectable call reach the kernel.
-    removed, added = _set_changes(o.enosys, n.enosys)
-    weaker += [f"syscall {name} no longer returns ENOSYS (reaches the kernel)" for name in removed]
-    stronger += [f"syscall {name} now returns ENOSYS" for name in added]
-
-    old_rules = {_rule_identity(r): r for r in o.arg_rules if not is_domain_rule(r)}
-    new_rules = {_rule_identity(r): r for r in n.arg_rules if not is_domain_rule(r)}
-    weaker += [f"argument rule removed: {_describe_rule(r)}"
-               for k, r in old_rules.items() if k not in new_rules]
-    stronger += [f"argument rule added: {_describe_rule(r)}"
-                 for k, r in new_rules.items() if k not in old_rules]
-    # Conditional allows only mean something in an allowlist; between two allowlists more is weaker.
-    both_allowlists = o.is_allowlist and n.is_allowlist
-    old_allows = {_rule_identity(r): r for r in o.allow_rules if both_allowlists}
-    new_allows = {_rule_identity(r): r for r in n.allow_rules if both_allowlists}
-    weaker += [f"conditional allow added: {_describe_rule(r)}" for k, r in new_allows.items() if k not in old_allows]
-    stronger += [f"conditional allow removed: {_describe_rule(r)}"
-                 for k, r in old_allows.items() if k not in new_allows]
-
-    for mode in modes:
-        old_applies, new_applies = old.filter_applies(mode), new.filter_applies(mode)
-        if old_applies and not new_applies:
-            weaker.append(f"{mode} mode: seccomp filter skipped (no filter, no no_new_privs)")
-        elif new_applies and not old_applies:
-            stronger.append(f"{mode} mode: seccomp filter now applied")
-        removed_domains, added_domains = _set_changes(
-            map(_family, old.refused_domains(mode)), map(_family, new.refused_domains(mode)))
-        weaker += [f"{mode} mode: socket domain {name} no longer refused" for name in removed_domains]
-        stronger += [f"{mode} mode: socket domain {name} now refused" for name in added_domains]
-
-    # An OCI profile says nothing about the network: compare network settings only between two policies.
-    networked = old.origin != "oci" and new.origin != "oci"
-    if networked:
-        _compare_strength("network mode", old.network.mode, new.network.mode, NETWORK_MODE_STRENGTH,
-                          weaker, stronger)
-    _compare_strength("default action", o.default_action, n.default_action, ACTION_STRENGTH, weaker, stronger)
-    _compare_strength("bad-arch action", o.bad_arch_action, n.bad_arch_action, ACTION_STRENGTH,
-                      weaker, stronger)
-
-    # A foreign ABI (x32, i386 via int 0x80) not listed in the filter meets the bad-arch action;
-    # listing it admits its calls and leaves only the rules between them and the kernel.
-    removed, added = _set_changes(o.extra_arches, n.extra_arches)
-    weaker += [f"{arch} ABI now admitted by the filter (was the bad-arch action)" for arch in added]
-    stronger += [f"{arch} ABI no longer admitted (now the bad-arch action)" for arch in removed]
-
-    if o.no_new_privs and not n.no_new_privs:
-        weaker.append("no_new_privs disabled: setuid binaries regain privileges across execve")
-    elif n.no_new_privs and not o.no_new_privs:
-        stronger.append("no_new_privs enabled")
-
-    if networked:
-        removed, added = _set_changes(old.network.allowed_hosts, new.network.allowed_hosts)
-        weaker += [f"egress host {host!r} now allowed" for host in added]
-        stronger += [f"egress host {host!r} no longer allowed" for host in removed]
-        removed_ports, added_ports = _set_changes(map(str, old.network.allowed_ports),
-                                                  map(str, new.network.allowed_ports))
-        weaker += [f"egress port {port} now allowed" for port in added_ports]
-        stronger += [f"egress port {port} no longer allowed" for port in removed_ports]
-
-        # More inference routes means more requests the proxy forwards to the model backend.
-        removed, added = _set_changes((f"{r.method} {r.path}" for r in old.inference_routes),
-                                      (f"{r.method} {r.path}" for r in new.inference_routes))
-        weaker += [f"inference route {route} now routed" for route in added]
-        stronger += [f"inference route {route} no longer routed" for route in removed]
-
-    return PolicyDiff(old.name, new.name, tuple(weaker), tuple(stronger))
-
-
-def format_diff_text(diff: PolicyDiff) -> str:
-    lines = [f"policy diff {diff.old} -> {diff.new}"]
-    if not diff.weaker and not diff.stronger:
-        lines.append("no enforcement differences")
-    for title, entries in (("WEAKER", diff.weaker), ("STRONGER", diff.stronger)):
-        if entries:
-            lines.append(f"{title} ({len(entries)}):")
-            lines += [f"  - {entry}" for entry in entries]
-    return "\n".join(lines) + "\n"
-
-
-def format_diff_json(diff: PolicyDiff) -> str:
-    return json.dumps({"old": diff.old, "new": diff.new, "weaker": list(diff.weaker),
-                       "stronger": list(diff.stronger)}, indent=2) + "\n"
-
-
-# --------------------------------------------------------------------------------------------
-# explain
-
-
-def explain_policy(policy: Policy, mode: str, instruction_count: int) -> str:
-    """A readable summary of what ``policy`` enforces in network mode ``mode``."""
-    seccomp, network = policy.seccomp, policy.network
-    out = [f"policy {policy.name} ({policy.source})"]
-    if policy.description:
-        out.append(f"  {policy.description}")
-    out.append("")
-    out.append(f"seccomp in {mode} mode:")
-    if not policy.filter_applies(mode):
-        out.append(f"  NO FILTER: this policy skips seccomp in {mode} mode (and sets no no_new_privs)")
-    out.append(f"  default action: {seccomp.default_action}; a denied call fails with errno {seccomp.errno}")
-    arches = ", ".join((f"{platform.machine()} (native)", *seccomp.extra_arches))
-    out.append(f"  architectures admitted: {arches}; any other ABI (x32, i386 int 0x80): "
-               f"{seccomp.bad_arch_action}")
-    out.append("  i386 socketcall(102)/ipc(117): " + ("refused with the whole i386 ABI (bad_arch_action "
-               f"{seccomp.bad_arch_action})" if "x86" not in seccomp.extra_arches else "each socket/SysV IPC rule "
-               "refuses its call through the multiplexer whatever the arguments (libseccomp: mux(call == N))"))
-    out.append(f"  no_new_privs: {'yes' if seccomp.no_new_privs and policy.filter_applies(mode) else 'no'}")
-    out.append(f"  BPF: {instruction_count} instructions")
-    unenforced = "" if policy.filter_applies(mode) else f", NOT ENFORCED in {mode} mode"
-    out.append(f"denied syscalls ({len(seccomp.deny)}{unenforced}):")
-    for name in seccomp.deny:
-        probe = PROBES_BY_NAME.get(name)
-        note = f"  -- {probe.note}" if probe and probe.note else ""
-        out.append(f"  {name}{note}")
-    out.append(f"ENOSYS rules ({len(seccomp.enosys)}{unenforced}):")
-    for name in seccomp.enosys:
-        out.append(f"  {name} -> ENOSYS (so glibc falls back to a call the filter can inspect)")
-    out.append(f"argument rules ({len(seccomp.arg_rules)}{unenforced}):")
-    for rule in seccomp.arg_rules:
-        out.append(f"  {_describe_rule(rule)}")
-    out.append("socket domains refused per network mode:")
-    for each in NETWORK_MODES:
-        families = ", ".join(_family(f) for f in policy.network.blocked_domains(each)) or "none"
-        skipped = "" if policy.filter_applies(each) else "  (NOT ENFORCED: filter skipped in this mode)"
-        out.append(f"  {each}: {families}{skipped}")
-    out.append("")
-    out.append(f"network: mode {network.mode} (explained for {mode})")
-    out.append(f"  allowed hosts: {', '.join(network.allowed_hosts) or 'none'}")
-    out.append(f"  allowed ports: {', '.join(map(str, network.allowed_ports)) or 'none'}")
-    out.append(f"inference routes ({len(policy.inference_routes)}):")
-    for route in policy.inference_routes:
-        out.append(f"  {route.method} {route.path}")
-    return "\n".join(out) + "\n"
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,8 @@
-"""pytest entry point: options, fixtures and report hooks only. Everything else lives in the package.
+"""pytest entry point: options, fixtures and hooks only; everything else lives in the package.
+
+The fixtures are imported here so pytest registers them (``fixtures/``); the run's state is in
+``config.stash`` under the keys of ``fixtures/stash.py``; the scorecard's counting, printing and
+report writing is ``report/terminal.py``.
 
 Inert unless ``--sandbox`` is given (the plugin is registered for every pytest run via the
 ``pytest11`` entry point, so it must cost nothing when unused).
@@ -12,6 +16,7 @@ from typing import Any
 import pytest
 
 from pytest_sandbox.errors import SandboxError
+from pytest_sandbox.fixtures.conformance import check_syscall_param, sandbox_session  # noqa: F401  (fixtures)
 from pytest_sandbox.fixtures.network import (  # noqa: F401  (fixtures the plugin registers)
     _network_lab,
     _proxied_pool,
@@ -23,19 +28,11 @@ from pytest_sandbox.fixtures.network import (  # noqa: F401  (fixtures the plugi
     sandbox_proxy,
 )
 from pytest_sandbox.fixtures.sandbox import _sandbox_pool, sandbox, sandbox_policy  # noqa: F401  (fixtures)
-from pytest_sandbox.fixtures.syscall import (  # noqa: F401  (fixtures)
-    SESSION_KEY,
-    UNRUNNABLE_KEY,
-    check_syscall_param,
-    sandbox_session,
-)
+from pytest_sandbox.fixtures.stash import SCORECARD_KEY, SESSION_KEY, UNRUNNABLE_KEY
 from pytest_sandbox.report.categories import CATEGORIES, CategoryNotRun, category_of, marker_name
-from pytest_sandbox.report.environment import host_facts
 from pytest_sandbox.report.scorecard import NOT_RUN_PROPERTY, Scorecard
-from pytest_sandbox.report.writers import build_report, write_report
+from pytest_sandbox.report.terminal import ScorecardReporter
 from pytest_sandbox.session import SandboxOptions, SandboxSession
-
-SCORECARD_KEY = pytest.StashKey[Scorecard]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -87,7 +84,7 @@ def pytest_configure(config: pytest.Config) -> None:
         config.stash[SESSION_KEY] = SandboxSession(options)
     except SandboxError as exc:
         raise pytest.UsageError(f"pytest-sandbox: {exc}") from None
-    reporter = _ScorecardReporter(config.stash[SCORECARD_KEY], options, Path(report_path) if report_path else None)
+    reporter = ScorecardReporter(config.stash[SCORECARD_KEY], options, Path(report_path) if report_path else None)
     config.pluginmanager.register(reporter, "sandbox-scorecard")
 
 
@@ -122,53 +119,3 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if call.excinfo is not None and isinstance(call.excinfo.value, CategoryNotRun):
         report.user_properties.append((NOT_RUN_PROPERTY, call.excinfo.value.reason))
     return report
-
-
-class _ScorecardReporter:
-    """Counts verdicts from every report (worker reports included) and prints the scorecard."""
-
-    def __init__(self, scorecard: Scorecard, options: SandboxOptions, report_path: Path | None) -> None:
-        self.scorecard = scorecard
-        self.options = options
-        self.report_path = report_path
-
-    def pytest_collection_finish(self, session: pytest.Session) -> None:
-        self.scorecard.add_selected(item.nodeid for item in session.items)
-
-    @pytest.hookimpl(optionalhook=True)
-    def pytest_xdist_node_collection_finished(self, node: Any, ids: list[str]) -> None:
-        """The controller collects nothing itself: each worker reports what it selected."""
-        self.scorecard.add_selected(ids)
-
-    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        if report.when == "call" or (report.when == "setup" and report.skipped):
-            self.scorecard.add_from_properties(report.user_properties, report.nodeid)
-        for name, value in report.user_properties:
-            if name == NOT_RUN_PROPERTY:
-                self.scorecard.add_not_run(report.nodeid, str(value))
-        if report.skipped and isinstance(report.longrepr, tuple):
-            self.scorecard.add_skipped(report.nodeid, str(report.longrepr[2]).removeprefix("Skipped: "))
-
-    def pytest_sessionfinish(self, session: pytest.Session) -> None:
-        if hasattr(session.config, "workerinput"):
-            return  # xdist workers send their records to the controller, which judges and reports once
-        if self.scorecard.unproven() and session.exitstatus == pytest.ExitCode.OK:
-            # Every test that ran passed, yet a selected category proved nothing: not a green run.
-            session.exitstatus = pytest.ExitCode.TESTS_FAILED
-        if self.report_path is not None:
-            run = {key: value for key, value in vars(self.options).items() if value is not None}
-            write_report(self.report_path, build_report(self.scorecard, environment=host_facts(), run=run))
-
-    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        if not self.scorecard.selected and not self.scorecard.counts:
-            return  # no conformance test in this run (an application's own tests using the fixtures)
-        terminalreporter.write_sep("=", "pytest-sandbox scorecard")
-        for line in self.scorecard.lines():
-            terminalreporter.write_line(line)
-        unproven = self.scorecard.unproven()
-        if unproven:
-            names = ", ".join(f"{status.name} ({status.unrun} of {status.selected} tests)" for status in unproven)
-            terminalreporter.write_line(
-                f"pytest-sandbox: FAILED: selected tests could not run: {names}. A category that cannot run "
-                "fails the session; to leave one out, deselect it (by file, or -m \"not sandbox_<category>\").",
-                red=True)

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pytest_sandbox.errors import PolicyError, SandboxError
-from pytest_sandbox.policy.model import NETWORK_MODES, Policy, load_policy
+from pytest_sandbox.policy.load import load_policy
+from pytest_sandbox.policy.model import NETWORK_MODES, Policy
 from pytest_sandbox.probes.observed_identity import (
     BaselineRequest,
     ObservedIdentity,

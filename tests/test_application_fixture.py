@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 import sys
 
-from pytest_sandbox.fixtures.network import INFERENCE_ROUTE_KEY, ProxiedSandbox
 from pytest_sandbox.inference.fake_backend import FakeInferenceBackend
+from pytest_sandbox.network.harness import INFERENCE_ROUTE_KEY, ProxiedSandbox
 from pytest_sandbox.network.lab.lab import NetworkLab
 
 RUN_TIMEOUT_SECONDS = 30

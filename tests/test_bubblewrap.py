@@ -15,7 +15,7 @@ import pytest
 from broken_filters import hand_built
 from exec_targets import failed_lines, id_prefix
 
-from pytest_sandbox.policy.model import load_policy
+from pytest_sandbox.policy.load import load_policy
 from pytest_sandbox.seccomp.compiler import CompiledFilter, compile_policy
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from pytest_sandbox.cli import bpf_output_paths, diff_policies, main
-from pytest_sandbox.policy.model import ArgRule, InferenceRoute, Policy, load_policy
+from pytest_sandbox.cli import bpf_output_paths, main
+from pytest_sandbox.policy.diff import diff_policies
+from pytest_sandbox.policy.load import load_policy
+from pytest_sandbox.policy.model import ArgRule, InferenceRoute, Policy
 from pytest_sandbox.seccomp.compiler import compile_policy
 
 ADDED_BY_PR_819 = (

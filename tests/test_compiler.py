@@ -16,7 +16,8 @@ from seccomp_bpf import ARCH_TOKENS, run_stack
 
 from pytest_sandbox.cli import main
 from pytest_sandbox.errors import PolicyError
-from pytest_sandbox.policy.model import SOCKET_FAMILIES, load_policy
+from pytest_sandbox.policy.load import load_policy
+from pytest_sandbox.policy.model import SOCKET_FAMILIES
 from pytest_sandbox.seccomp.compiler import compile_plan, compile_policy
 from pytest_sandbox.seccomp.filter_plan import (
     ALLOW,

@@ -177,7 +177,7 @@ def test_sentinel_and_real_builds_are_one_program_modulo_errno(policy: Policy) -
 def test_baseline_with_extra_arches_compiles_to_one_program_modulo_errno(arches: tuple[str, ...]) -> None:
     from dataclasses import replace
 
-    from pytest_sandbox.policy.model import load_policy
+    from pytest_sandbox.policy.load import load_policy
 
     base = load_policy("baseline")
     policy = replace(base, seccomp=replace(base.seccomp, extra_arches=arches))
@@ -206,7 +206,7 @@ def test_the_equivalence_check_catches_the_old_real_build_of_an_allowlist(tmp_pa
     # dropped socket(AF_PACKET) -> EPERM because its errno equals the allowlist's default errno.
     from broken_filters import docker_like_profile_with_af_packet_rule, legacy_real_build
 
-    from pytest_sandbox.policy.model import load_policy
+    from pytest_sandbox.policy.load import load_policy
 
     policy = load_policy(docker_like_profile_with_af_packet_rule(tmp_path))
     plan = plan_policy(policy, "allow")

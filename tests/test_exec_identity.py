@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from exec_targets import ROOT, failed_lines, id_prefix, run_syscall_suite, run_with_report, scorecard_row
 
-from pytest_sandbox.policy.model import load_policy
+from pytest_sandbox.policy.load import load_policy
 from pytest_sandbox.probes.observed_identity import (
     NAMESPACE_TYPES,
     ObservedIdentity,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from exec_targets import id_prefix
 
-from pytest_sandbox.policy.model import load_policy
+from pytest_sandbox.policy.load import load_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(shutil.which("firejail") is None, reason="firejail is not installed (Debian: firejail)")

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from pytest_sandbox.cli import diff_policies
 from pytest_sandbox.errors import PolicyError
-from pytest_sandbox.policy.model import load_policy
+from pytest_sandbox.policy.diff import diff_policies
+from pytest_sandbox.policy.load import load_policy
 from pytest_sandbox.seccomp.compiler import compile_policy
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from pytest_sandbox.errors import PolicyError
-from pytest_sandbox.policy.model import SOCKET_FAMILIES, ArgRule, load_policy
+from pytest_sandbox.policy.load import BUNDLED_POLICIES, baseline_routes, bundled_policy_path, load_policy
+from pytest_sandbox.policy.model import SOCKET_FAMILIES, ArgRule, NetworkPolicy, host_admitted
 
 ADDED_BY_819 = {
     "process_vm_writev", "pidfd_open", "pidfd_getfd", "pidfd_send_signal", "fsopen", "fsconfig", "fsmount",
@@ -54,8 +55,43 @@ def test_strict_extends_baseline():
     assert set(baseline.seccomp.arg_rules) <= set(strict.seccomp.arg_rules)
 
 
-def test_bundled_policies_load_by_name_and_by_fixture_path():
-    assert load_policy("fixtures/policies/baseline.toml") == load_policy("baseline")
+FIXTURE_POLICIES = Path(__file__).resolve().parents[1] / "fixtures" / "policies"
+
+
+@pytest.mark.parametrize("name", BUNDLED_POLICIES)
+def test_each_fixture_policy_is_a_link_to_the_one_bundled_copy(name):
+    """One copy of each bundled policy (in the package); ``fixtures/policies/`` only links to it."""
+    path = FIXTURE_POLICIES / f"{name}.toml"
+    assert path.is_symlink(), f"{path} must be a symlink to the bundled policy, not a second copy"
+    assert path.resolve() == bundled_policy_path(name).resolve()
+    assert load_policy(path) == load_policy(name)
+
+
+def test_fixture_policies_hold_no_toml_file_of_their_own():
+    copies = [p.name for p in FIXTURE_POLICIES.glob("*.toml") if not p.is_symlink()]
+    assert not copies, f"copies of policies in {FIXTURE_POLICIES} (link to pytest_sandbox/policy/bundled/): {copies}"
+    assert sorted(p.stem for p in FIXTURE_POLICIES.glob("*.toml")) == sorted(BUNDLED_POLICIES)
+
+
+@pytest.mark.parametrize(("host", "patterns", "admitted"), [
+    ("api.example.com", ("*.example.com",), True),
+    ("API.Example.COM", ("*.example.com",), True),  # the proxy's canonical host is lowercase; so is the check
+    ("api.example.com", ("*.EXAMPLE.com",), True),
+    ("example.com", ("*.example.com",), False),
+    ("evil.com", ("*.example.com", "good.org"), False),
+    ("good.org", ("*.example.com", "good.org"), True),
+    ("anything", (), False),
+    ("anything", ("*",), True),
+])  # fmt: skip
+def test_host_admitted_is_fnmatch_on_lowercase_host_and_pattern(host, patterns, admitted):
+    assert host_admitted(host, patterns) is admitted
+    policy = NetworkPolicy(allowed_hosts=patterns, allowed_ports=(443,))
+    assert policy.admits(host, 443) is admitted
+    assert not policy.admits(host, 80)
+
+
+def test_baseline_routes_are_the_bundled_baselines():
+    assert baseline_routes() == load_policy("baseline").inference_routes and len(baseline_routes()) == 7
 
 
 @pytest.mark.parametrize(

@@ -19,11 +19,12 @@ import pytest
 from broken_proxies.stale_defaults import STALE_PROXY_CONFTEST
 
 from pytest_sandbox.errors import PolicyError
-from pytest_sandbox.fixtures.network import lab_proxy_config
 from pytest_sandbox.inference.interceptor import InferenceBackendConfig
 from pytest_sandbox.inference.routes import DEFAULT_ROUTES, InferenceRoute, RouteProbe, route_probes
+from pytest_sandbox.network.harness import lab_proxy_config
 from pytest_sandbox.network.proxy.server import ProxyConfig
-from pytest_sandbox.policy.model import NetworkPolicy, Policy, baseline_policy, load_policy
+from pytest_sandbox.policy.load import baseline_policy, load_policy
+from pytest_sandbox.policy.model import NetworkPolicy, Policy
 from pytest_sandbox.probes.allowlist import (
     AllowlistProbe,
     allowlist_gaps,

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from broken_filters import direct_calls_only, docker_like_profile_with_af_packet_rule, hand_built, legacy_real_build
 
-from pytest_sandbox.policy.model import Policy, load_policy
+from pytest_sandbox.policy.load import load_policy
+from pytest_sandbox.policy.model import Policy
 from pytest_sandbox.probes.syscall import (
     SandboxTarget,
     control_cases,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_sandbox.policy.model import load_policy
+from pytest_sandbox.policy.load import load_policy
 from pytest_sandbox.seccomp.compiler import compile_policy
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pytest_sandbox"
@@ -23,7 +23,7 @@ UNPRIVILEGED_RUN = r"""
 import base64, json, sys
 from pytest_sandbox.seccomp.compiler import CompiledFilter, RuleAction
 from pytest_sandbox.seccomp.launcher import Identity, NetworkPlacement
-from pytest_sandbox.policy.model import load_policy
+from pytest_sandbox.policy.load import load_policy
 from pytest_sandbox.probes.syscall import SandboxTarget, control_cases, denial_cases, judge, requirements_of
 data = json.loads(sys.stdin.read())
 policy = load_policy(data["policy"])

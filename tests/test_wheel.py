@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_sandbox.policy.model import load_policy
+from pytest_sandbox.policy.load import load_policy
 from pytest_sandbox.seccomp.compiler import compile_policy
 
 ROOT = Path(__file__).resolve().parents[1]
