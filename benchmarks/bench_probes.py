@@ -22,7 +22,8 @@ import time
 from typing import Any
 
 from pytest_sandbox.policy.load import load_policy
-from pytest_sandbox.probes.syscall import SandboxTarget, denial_cases, requirements_of
+from pytest_sandbox.probes.syscall import SandboxTarget
+from pytest_sandbox.probes.syscall_cases import denial_cases, requirements_of
 from pytest_sandbox.seccomp.compiler import compile_policy
 from pytest_sandbox.seccomp.launcher import Identity, NetworkPlacement, check_host_support
 

@@ -16,11 +16,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from pytest_sandbox.fixtures.network import LAB_PORTS, RunningProxy, VerdictCheck
-from pytest_sandbox.fixtures.syscall import SESSION_KEY
+from pytest_sandbox.fixtures.network import LAB_PORTS, VerdictCheck
+from pytest_sandbox.fixtures.stash import SESSION_KEY
 from pytest_sandbox.http.responses import parse_head
+from pytest_sandbox.network.harness import RunningProxy
 from pytest_sandbox.network.lab.lab import LAB_PUBLIC_ORIGINS, NetworkLab
-from pytest_sandbox.policy.model import Policy, baseline_policy
+from pytest_sandbox.policy.load import baseline_policy
+from pytest_sandbox.policy.model import Policy
 from pytest_sandbox.probes.allowlist import allowlist_probes
 from pytest_sandbox.probes.ssrf import ATTEMPT_TIMEOUT_SECONDS
 from pytest_sandbox.report.categories import CategoryNotRun

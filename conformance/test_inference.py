@@ -19,13 +19,15 @@ import socket
 
 import pytest
 
-from pytest_sandbox.fixtures.network import INFERENCE_ROUTE_KEY, InterceptionTrust, RunningProxy, VerdictCheck
-from pytest_sandbox.fixtures.syscall import SESSION_KEY
+from pytest_sandbox.fixtures.network import VerdictCheck
+from pytest_sandbox.fixtures.stash import SESSION_KEY
 from pytest_sandbox.http.responses import ParsedResponse, parse_head
 from pytest_sandbox.inference.fake_backend import FakeInferenceBackend
 from pytest_sandbox.inference.routes import InferenceRoute, RouteProbe, match_route, route_probes
+from pytest_sandbox.network.harness import INFERENCE_ROUTE_KEY, InterceptionTrust, RunningProxy
 from pytest_sandbox.network.lab.lab import NetworkLab
-from pytest_sandbox.policy.model import Policy, baseline_policy
+from pytest_sandbox.policy.load import baseline_policy
+from pytest_sandbox.policy.model import Policy
 from pytest_sandbox.probes.inference import (
     answer_to,
     closes_without_more_bytes,

@@ -22,8 +22,9 @@ import contextlib
 
 import pytest
 
-from pytest_sandbox.fixtures.network import INFERENCE_ROUTE_KEY, InterceptionTrust, RunningProxy, VerdictCheck
+from pytest_sandbox.fixtures.network import VerdictCheck
 from pytest_sandbox.inference.fake_backend import FakeInferenceBackend
+from pytest_sandbox.network.harness import INFERENCE_ROUTE_KEY, InterceptionTrust, RunningProxy
 from pytest_sandbox.network.lab.lab import NetworkLab
 from pytest_sandbox.probes.inference import inference_request, open_inference_tunnel, send_and_read
 from pytest_sandbox.probes.smuggling import SmugglingAttempt, build_attempts, run_smuggling_campaign

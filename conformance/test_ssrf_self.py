@@ -24,7 +24,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pytest_sandbox.fixtures.network import RunningProxy, lab_proxy_config, start_proxy
+from pytest_sandbox.network.harness import RunningProxy, lab_proxy_config, start_proxy
 from pytest_sandbox.network.third_party import start_proxy_command
 from pytest_sandbox.probes.self_loop import (
     SELF_CASES,

@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING, Any
 _HOME: dict[str, str] = {
     "CompiledFilter": "pytest_sandbox.seccomp.compiler",
     "compile_policy": "pytest_sandbox.seccomp.compiler",
-    "Decision": "pytest_sandbox.network.proxy.server",
+    "Decision": "pytest_sandbox.network.proxy.config",
     "EgressProxy": "pytest_sandbox.network.proxy.server",
-    "ProxyConfig": "pytest_sandbox.network.proxy.server",
+    "ProxyConfig": "pytest_sandbox.network.proxy.config",
     "FakeInferenceBackend": "pytest_sandbox.inference.fake_backend",
     "HostUnsupportedError": "pytest_sandbox.errors",
     "LaunchError": "pytest_sandbox.errors",
@@ -82,7 +82,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from pytest_sandbox.inference.fake_backend import FakeInferenceBackend
     from pytest_sandbox.network.harness import InterceptionTrust, ProxiedSandbox, RunningProxy
     from pytest_sandbox.network.lab.lab import NetworkLab
-    from pytest_sandbox.network.proxy.server import Decision, EgressProxy, ProxyConfig
+    from pytest_sandbox.network.proxy.config import Decision, ProxyConfig
+    from pytest_sandbox.network.proxy.server import EgressProxy
     from pytest_sandbox.policy.load import load_policy
     from pytest_sandbox.policy.model import Policy
     from pytest_sandbox.seccomp.compiler import CompiledFilter, compile_policy

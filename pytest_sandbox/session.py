@@ -25,27 +25,26 @@ from pytest_sandbox.probes.observed_identity import (
 )
 from pytest_sandbox.probes.syscall import (
     ExecTarget,
-    ProbeCase,
     ProbeTarget,
-    Requirement,
     RunnerReport,
     SandboxTarget,
     all_capabilities,
+    harness_identity,
+    matched_baseline_target,
+    requested_identity,
+)
+from pytest_sandbox.probes.syscall_cases import (
+    ProbeCase,
+    Requirement,
     control_cases,
     denial_cases,
-    filter_requirement,
-    harness_identity,
-    judge,
-    judge_both_builds,
-    judge_exec,
-    matched_baseline_target,
     merge_requirements,
-    requested_identity,
     requirements_of,
 )
 from pytest_sandbox.seccomp.compiler import CompiledFilter, compile_policy
 from pytest_sandbox.seccomp.launcher import Identity, NetworkPlacement, check_host_support
 from pytest_sandbox.verdicts.judgement import Judgement, Outcome, Verdict
+from pytest_sandbox.verdicts.syscall import filter_requirement, judge, judge_both_builds, judge_exec
 
 
 @dataclass(frozen=True)

@@ -232,7 +232,7 @@ def test_the_cli_reports_a_policy_that_cannot_compile_in_one_line_with_status_2(
 
 
 def pidfd_getfd_case():
-    from pytest_sandbox.probes.syscall import denial_cases, requirements_of
+    from pytest_sandbox.probes.syscall_cases import denial_cases, requirements_of
 
     policy = load_policy("baseline")
     case = next(c for c in denial_cases(requirements_of(policy, "proxy")) if c.case_id == "pidfd_getfd-native")
@@ -250,8 +250,8 @@ def pidfd_getfd_case():
     ("EBADF", "EBADF", "EPERM", "ALLOWED", "sentinel build: reached the kernel"),
 ])
 def test_a_denial_passes_only_when_both_builds_refuse(baseline, on_sentinel, on_real, verdict, reason):
-    from pytest_sandbox.probes.syscall import judge_both_builds
     from pytest_sandbox.verdicts.judgement import Outcome
+    from pytest_sandbox.verdicts.syscall import judge_both_builds
 
     policy, case, sentinel, real = pidfd_getfd_case()
 

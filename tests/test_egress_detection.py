@@ -21,22 +21,18 @@ from typing import Any
 
 import pytest
 
-from pytest_sandbox.fixtures.network import ProxiedSandbox
+from pytest_sandbox.network.harness import ProxiedSandbox
 from pytest_sandbox.network.lab.lab import NetworkLab
 from pytest_sandbox.network.netns import NetnsHolder
-from pytest_sandbox.probes.egress import (
-    DIRECT_TARGETS,
-    EgressEvidence,
+from pytest_sandbox.probes.egress import DIRECT_TARGETS, EgressEvidence, host_netns, parse_report, run_egress_probe
+from pytest_sandbox.verdicts.egress import (
     EgressTarget,
     Namespaces,
     ProbeReport,
     TargetOutcome,
-    host_netns,
     judge_direct,
     judge_namespace,
     judge_proxy_control,
-    parse_report,
-    run_egress_probe,
 )
 from pytest_sandbox.verdicts.judgement import Verdict
 

@@ -30,20 +30,13 @@ from pytest_sandbox.probes.observed_identity import (
     identity_mismatches,
     map_to_outside,
 )
-from pytest_sandbox.probes.syscall import (
-    FilterRequirement,
-    control_cases,
-    denial_cases,
-    filter_requirement,
-    judge_exec,
-    parse_runner_report,
-    requirements_of,
-    runner_script,
-)
+from pytest_sandbox.probes.syscall import parse_runner_report, runner_script
+from pytest_sandbox.probes.syscall_cases import control_cases, denial_cases, requirements_of
 from pytest_sandbox.probes.syscall_runner import whoami
 from pytest_sandbox.seccomp.compiler import compile_policy
 from pytest_sandbox.seccomp.launcher import Identity
 from pytest_sandbox.verdicts.judgement import Outcome, Verdict
+from pytest_sandbox.verdicts.syscall import FilterRequirement, filter_requirement, judge_exec
 
 NOBODY_WITHOUT_FILTER = ROOT / "tests/broken_targets/nobody_without_filter.sh"
 BWRAP = shutil.which("bwrap")

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from pytest_sandbox.catalogues.smuggling import FIRST_REQUEST_ONLY, H11_ONLY, SMUGGLING_CASES, case_by_id
-from pytest_sandbox.fixtures.network import RunningProxy, interception_of, lab_proxy_config, start_proxy
 from pytest_sandbox.http.responses import parse_responses
 from pytest_sandbox.http.upstream import UpstreamRequest, UpstreamSegment
+from pytest_sandbox.network.harness import RunningProxy, interception_of, lab_proxy_config, start_proxy
 from pytest_sandbox.network.lab.lab import NetworkLab
 from pytest_sandbox.network.third_party import squid_command, start_proxy_command, tinyproxy_command
 from pytest_sandbox.probes.smuggling import (

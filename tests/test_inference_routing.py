@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_sandbox.inference.routes import DEFAULT_ROUTES, InferenceRoute
+from pytest_sandbox.inference.routes import InferenceRoute
 from pytest_sandbox.inference.routing import REASONS, Deny, Forward, route_request
+from pytest_sandbox.policy.load import baseline_routes
 
 HOST = [("host", "inference.local")]
 CHAT = InferenceRoute("POST", "/v1/chat/completions")
@@ -57,8 +58,9 @@ DENIED = [
 
 
 def decide(method: str, target: str, headers: list[tuple[str, str]], *, close_on_denied: bool = True,
-           routes: tuple[InferenceRoute, ...] = DEFAULT_ROUTES, body_length: int = 0) -> Forward | Deny:
-    return route_request(method, target, headers, body_length, routes=routes, api_key="route-key",
+           routes: tuple[InferenceRoute, ...] | None = None, body_length: int = 0) -> Forward | Deny:
+    table = baseline_routes() if routes is None else routes
+    return route_request(method, target, headers, body_length, routes=table, api_key="route-key",
                          host_header="api.inference.test:8443", close_on_denied=close_on_denied)
 
 

@@ -37,8 +37,8 @@ from broken_proxies.harness import (
 from broken_proxies.late_forwarder import LateForwardingInterceptor
 
 from pytest_sandbox.catalogues.smuggling import SMUGGLING_CASES, case_by_id, render
-from pytest_sandbox.fixtures.network import RunningProxy, interception_of
 from pytest_sandbox.inference.fake_backend import FakeInferenceBackend
+from pytest_sandbox.network.harness import RunningProxy, interception_of
 from pytest_sandbox.network.lab.lab import NetworkLab
 from pytest_sandbox.network.third_party import start_proxy_command
 from pytest_sandbox.probes.campaign import GRACE_SECONDS, audit_upstream

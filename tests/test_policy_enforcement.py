@@ -20,18 +20,13 @@ from broken_proxies.stale_defaults import STALE_PROXY_CONFTEST
 
 from pytest_sandbox.errors import PolicyError
 from pytest_sandbox.inference.interceptor import InferenceBackendConfig
-from pytest_sandbox.inference.routes import DEFAULT_ROUTES, InferenceRoute, RouteProbe, route_probes
+from pytest_sandbox.inference.routes import InferenceRoute, RouteProbe, route_probes
 from pytest_sandbox.network.harness import lab_proxy_config
-from pytest_sandbox.network.proxy.server import ProxyConfig
-from pytest_sandbox.policy.load import baseline_policy, load_policy
+from pytest_sandbox.network.proxy.config import ProxyConfig
+from pytest_sandbox.policy.load import baseline_policy, baseline_routes, load_policy
 from pytest_sandbox.policy.model import NetworkPolicy, Policy
-from pytest_sandbox.probes.allowlist import (
-    AllowlistProbe,
-    allowlist_gaps,
-    allowlist_probes,
-    judge_allowlist_probe,
-    suite_destinations,
-)
+from pytest_sandbox.probes.allowlist import allowlist_gaps, allowlist_probes, suite_destinations
+from pytest_sandbox.verdicts.allowlist import AllowlistProbe, judge_allowlist_probe
 from pytest_sandbox.verdicts.judgement import Verdict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +69,7 @@ def write_policy(directory: Path, text: str) -> Path:
 
 def test_every_network_and_inference_default_is_the_bundled_baselines() -> None:
     baseline = baseline_policy()
-    assert DEFAULT_ROUTES == baseline.inference_routes and len(DEFAULT_ROUTES) == 7
+    assert baseline_routes() == baseline.inference_routes and len(baseline_routes()) == 7
     assert replace(NetworkPolicy(), socket_domains=baseline.network.socket_domains) == baseline.network
     defaults = ProxyConfig()
     assert (defaults.allowed_hosts, defaults.allowed_ports) == (baseline.network.allowed_hosts,
@@ -122,7 +117,7 @@ def test_the_proxy_config_is_the_policys_allowlist(tmp_path: Path) -> None:
 
 def test_route_probes_cover_the_policys_routes_the_dropped_baseline_routes_and_non_routes(tmp_path: Path) -> None:
     dropped = load_policy(write_policy(tmp_path, DROP_MODELS))
-    probes = {(p.method, p.path): p.routed for p in route_probes(dropped.inference_routes, DEFAULT_ROUTES)}
+    probes = {(p.method, p.path): p.routed for p in route_probes(dropped.inference_routes, baseline_routes())}
     assert probes[("POST", "/v1/chat/completions")] and probes[("POST", "/v1/files")]
     assert probes[("GET", "/v1/models")] is False and probes[("GET", "/v1/models/fake-model")] is False
     assert probes[("GET", "/admin")] is False
@@ -205,7 +200,7 @@ def test_a_proxy_keeping_the_default_routes_fails_the_suite_on_exactly_the_chang
     policy = write_policy(tmp_path, DROP_MODELS)
     result = run_suite(pytester, "test_inference.py", policy, "-rf", stale=True)
     assert result.ret == 1
-    dropped = {f"route-{r.method}-{r.example()}" for r in DEFAULT_ROUTES} - {"route-POST-/v1/chat/completions"}
+    dropped = {f"route-{r.method}-{r.example()}" for r in baseline_routes()} - {"route-POST-/v1/chat/completions"}
     assert len(dropped) == 6
     assert failed_ids(result) == {*dropped, "route-POST-/v1/files",
                                   "test_backend_record_holds_only_inference_routes_with_the_route_key"}
@@ -217,7 +212,7 @@ def test_a_proxy_keeping_the_default_routes_fails_the_suite_on_exactly_the_chang
 
 def test_an_added_route_is_forwarded_and_every_backend_record_is_judged_by_the_policys_routes(
         pytester: pytest.Pytester, tmp_path: Path) -> None:
-    routes = [*((r.method, r.path) for r in DEFAULT_ROUTES), ("POST", "/v1/files")]
+    routes = [*((r.method, r.path) for r in baseline_routes()), ("POST", "/v1/files")]
     policy = write_policy(tmp_path, 'name = "add-files"\nextends = "baseline"\n[inference]\nroutes = [\n' + "".join(
         f'  {{ method = "{method}", path = "{path}" }},\n' for method, path in routes) + "]\n")
     report = tmp_path / "report.json"

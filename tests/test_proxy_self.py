@@ -16,13 +16,13 @@ import pytest
 from broken_self_check_proxy import TextSelfCheckProxy
 
 from pytest_sandbox.catalogues.self_cases import spellings_for
-from pytest_sandbox.fixtures.network import lab_proxy_config
+from pytest_sandbox.http.responses import ParsedResponse, parse_head
 from pytest_sandbox.network.addresses import AddressVerdict, classify_address
+from pytest_sandbox.network.harness import lab_proxy_config
 from pytest_sandbox.network.lab.lab import NetworkLab
 from pytest_sandbox.network.netns import NetnsHolder, host_can_create_netns
 from pytest_sandbox.network.proxy.server import EgressProxy
 from pytest_sandbox.network.socket_table import peers_of, read_tcp_table
-from pytest_sandbox.probes.ssrf import HttpReply, parse_reply
 
 IO_TIMEOUT = 3.0
 _ports = itertools.count(8170)
@@ -63,7 +63,7 @@ def connect_through(lab: NetworkLab, proxy_port: int, authority: str, via: str =
     return reply.status, detail
 
 
-def read_connect_answer(sock: socket.socket) -> HttpReply:
+def read_connect_answer(sock: socket.socket) -> ParsedResponse:
     """The proxy's answer to a CONNECT: the head (a 2xx opens a tunnel that stays open), or the
     whole refusal."""
     data = b""
@@ -72,12 +72,12 @@ def read_connect_answer(sock: socket.socket) -> HttpReply:
         if not chunk:
             break
         data += chunk
-    reply = parse_reply(data)
+    reply = parse_head(data)
     if reply.status is not None and 200 <= reply.status < 300:
         return reply
     while chunk := sock.recv(65536):
         data += chunk
-    return parse_reply(data)
+    return parse_head(data)
 
 
 def loops_at(lab: NetworkLab, endpoint: tuple[str, int], harness: set[tuple[str, int]]) -> set[tuple[str, int]]:

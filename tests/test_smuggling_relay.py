@@ -35,8 +35,8 @@ from broken_proxies.raw_interceptor import RawRelayInterceptor
 from broken_proxies.raw_relay import destination
 
 from pytest_sandbox.catalogues.smuggling import SMUGGLING_CASES, case_by_id, render
-from pytest_sandbox.fixtures.network import interception_of
 from pytest_sandbox.inference.fake_backend import FakeInferenceBackend
+from pytest_sandbox.network.harness import interception_of
 from pytest_sandbox.network.lab.lab import NetworkLab
 from pytest_sandbox.network.third_party import start_proxy_command
 from pytest_sandbox.probes.smuggling import (

@@ -22,9 +22,10 @@ import pytest
 from late_dial_proxy import LateDialer
 
 from pytest_sandbox.catalogues.ssrf_cases import SSRF_CASES, SsrfCase
-from pytest_sandbox.fixtures.network import RunningProxy, lab_proxy_config, start_lab, start_proxy
+from pytest_sandbox.fixtures.network import start_lab
 from pytest_sandbox.http.responses import parse_head
 from pytest_sandbox.network.addresses import AddressVerdict, classify_address, parse_authority
+from pytest_sandbox.network.harness import RunningProxy, lab_proxy_config, start_proxy
 from pytest_sandbox.network.lab.lab import NetworkLab
 from pytest_sandbox.network.netns import host_can_create_netns
 from pytest_sandbox.probes.campaign import GRACE_SECONDS, audit_lab

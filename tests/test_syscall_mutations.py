@@ -15,17 +15,13 @@ from broken_filters import direct_calls_only, docker_like_profile_with_af_packet
 
 from pytest_sandbox.policy.load import load_policy
 from pytest_sandbox.policy.model import Policy
-from pytest_sandbox.probes.syscall import (
-    SandboxTarget,
-    control_cases,
-    denial_cases,
-    judge,
-    requirements_of,
-)
+from pytest_sandbox.probes.syscall import SandboxTarget
+from pytest_sandbox.probes.syscall_cases import control_cases, denial_cases, requirements_of
 from pytest_sandbox.seccomp.compiler import CompiledFilter, compile_policy
 from pytest_sandbox.seccomp.launcher import Identity, NetworkPlacement
 from pytest_sandbox.session import SandboxOptions, SandboxSession
 from pytest_sandbox.verdicts.judgement import Judgement, Verdict
+from pytest_sandbox.verdicts.syscall import judge
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER_LIKE = "fixtures/oci/docker-like-default.json"
@@ -156,7 +152,7 @@ def test_the_bundled_policies_kill_the_i386_abi_multiplexers_included(baseline):
         assert judgements[case].verdict is Verdict.BLOCKED and judgements[case].observed == "killed by SIGSYS"
     control = judgements["socket-without-ruled-flag-i386-socketcall-reaches-kernel"]
     assert control.verdict is Verdict.WORKS and "refuses the whole i386 ABI" in control.reason
-    from pytest_sandbox.cli import explain_policy
+    from pytest_sandbox.policy.explain import explain_policy
 
     assert "i386 socketcall(102)/ipc(117): refused with the whole i386 ABI" in explain_policy(baseline, "proxy", 0)
 

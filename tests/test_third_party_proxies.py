@@ -22,7 +22,7 @@ import pytest
 from broken_self_check_proxy import COMMAND as BROKEN_SELF_CHECK
 from late_self_dialer_proxy import COMMAND as LATE_SELF_DIALER
 
-from pytest_sandbox.fixtures.network import start_proxy
+from pytest_sandbox.network.harness import start_proxy
 from pytest_sandbox.network.lab.lab import NetworkLab
 from pytest_sandbox.network.third_party import (
     THIRD_PARTY_PROXIES,
@@ -45,7 +45,8 @@ from pytest_sandbox.probes.self_loop import (
     self_attempt,
     start_self_targets,
 )
-from pytest_sandbox.probes.ssrf import Attempt, build_attempts, run_attempt
+from pytest_sandbox.probes.ssrf import Attempt, build_attempts
+from pytest_sandbox.probes.ssrf_exchanges import run_attempt
 from pytest_sandbox.verdicts.judgement import Judgement, Verdict
 
 ROOT = Path(__file__).resolve().parent.parent

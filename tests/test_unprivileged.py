@@ -24,7 +24,9 @@ import base64, json, sys
 from pytest_sandbox.seccomp.compiler import CompiledFilter, RuleAction
 from pytest_sandbox.seccomp.launcher import Identity, NetworkPlacement
 from pytest_sandbox.policy.load import load_policy
-from pytest_sandbox.probes.syscall import SandboxTarget, control_cases, denial_cases, judge, requirements_of
+from pytest_sandbox.probes.syscall import SandboxTarget
+from pytest_sandbox.probes.syscall_cases import control_cases, denial_cases, requirements_of
+from pytest_sandbox.verdicts.syscall import judge
 data = json.loads(sys.stdin.read())
 policy = load_policy(data["policy"])
 compiled = CompiledFilter(data["name"], "proxy", True, tuple(base64.b64decode(p) for p in data["programs"]),

@@ -30,7 +30,7 @@ import h11
 from pytest_sandbox.http.framing import HEAD_END, READ_SIZE, FramingViolation, check_response_head
 from pytest_sandbox.http.streams import Request, RequestReader, write_response
 from pytest_sandbox.inference.ca import InterceptionCA
-from pytest_sandbox.inference.routes import InferenceRoute, baseline_routes
+from pytest_sandbox.inference.routes import InferenceRoute
 from pytest_sandbox.inference.routing import (
     DENIED_BODY,
     DENIED_STATUS,
@@ -42,17 +42,12 @@ from pytest_sandbox.inference.routing import (
     route_request,
 )
 from pytest_sandbox.inference.tls import TLS_HANDSHAKE_TIMEOUT_SECONDS, TlsStream, close_tls, drain, start_tls_server
+from pytest_sandbox.policy.load import baseline_routes
 
-# The names tagged layout-reexport moved to inference.routing / ca / tls; exported from here only until
-# step 3 rewrites their importers.
 __all__ = [
-    "INFERENCE_HOST",  # layout-reexport
-    "INFERENCE_PORT",  # layout-reexport
     "DecisionRecorder",
     "InferenceBackendConfig",
     "InferenceInterceptor",
-    "InterceptionCA",  # layout-reexport
-    "TlsStream",  # layout-reexport
     "UpstreamError",
 ]
 
@@ -71,7 +66,7 @@ RESOLVE_TIMEOUT_SECONDS = 10.0
 # ``factory(family) -> new unconnected stream socket`` (in the lab: created inside its netns).
 Resolver = Callable[[str], Awaitable[Sequence[str]]]
 SocketFactory = Callable[[int], socket.socket]
-# One decision per request, keyed like pytest_sandbox.network.proxy.server.Decision minus ``seq`` and ``client``:
+# One decision per request, keyed like pytest_sandbox.network.proxy.config.Decision minus ``seq`` and ``client``:
 # method, target, host, port, action ("allow" / "deny" / "error"), status, reason, detail, addresses.
 Decision = dict[str, Any]
 DecisionRecorder = Callable[[Decision], None]

@@ -110,22 +110,6 @@ def route_probes(enforced: Iterable[InferenceRoute], reference: Iterable[Inferen
                  for method, path in dict.fromkeys(requests))
 
 
-def baseline_routes() -> tuple[InferenceRoute, ...]:
-    """OpenShell's inference route table (network.md §4), as the bundled baseline policy lists it: the
-    one place it is written down. The interceptor and the judges take the enforced policy's routes;
-    this is only the default for callers that name none."""
-    from pytest_sandbox.policy.model import baseline_policy  # policy imports this module: resolve lazily
-
-    return baseline_policy().inference_routes
-
-
-def __getattr__(name: str) -> tuple[InferenceRoute, ...]:
-    # DEFAULT_ROUTES, read from the baseline policy on first use (PEP 562), not copied into code.
-    if name == "DEFAULT_ROUTES":
-        return baseline_routes()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 @dataclass(frozen=True)
 class RequestTarget:
     """A request-target split into what routing needs.

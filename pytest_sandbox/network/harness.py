@@ -16,18 +16,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from pytest_sandbox.inference.ca import InterceptionCA
 from pytest_sandbox.inference.fake_backend import DEFAULT_BACKEND_NAME, FakeInferenceBackend
-from pytest_sandbox.inference.interceptor import (
-    INFERENCE_HOST,
-    INFERENCE_PORT,
-    InferenceBackendConfig,
-    InferenceInterceptor,
-    InterceptionCA,
-)
+from pytest_sandbox.inference.interceptor import InferenceBackendConfig, InferenceInterceptor
 from pytest_sandbox.inference.routes import InferenceRoute
+from pytest_sandbox.inference.routing import INFERENCE_HOST, INFERENCE_PORT
 from pytest_sandbox.network.lab.lab import NetworkLab
 from pytest_sandbox.network.netns import NetnsHolder
-from pytest_sandbox.network.proxy.server import Decision, EgressProxy, InterceptHandler, ProxyConfig
+from pytest_sandbox.network.proxy.config import Decision, InterceptHandler, ProxyConfig
+from pytest_sandbox.network.proxy.server import EgressProxy
 from pytest_sandbox.network.third_party import proxy_url
 from pytest_sandbox.policy.load import baseline_policy
 from pytest_sandbox.policy.model import Policy

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import errno as errno_module
 import fnmatch
-import importlib  # layout-reexport
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pytest_sandbox.errors import PolicyError
 from pytest_sandbox.inference.routes import InferenceRoute
@@ -240,14 +239,5 @@ def known_syscall_names() -> tuple[str, ...]:
     return tuple(names)
 
 
-if TYPE_CHECKING:  # layout-reexport
-    from pytest_sandbox.policy.load import BUNDLED_POLICIES as BUNDLED_POLICIES  # layout-reexport
-    from pytest_sandbox.policy.load import baseline_policy as baseline_policy  # layout-reexport
-    from pytest_sandbox.policy.load import bundled_policy_path as bundled_policy_path  # layout-reexport
-    from pytest_sandbox.policy.load import load_policy as load_policy  # layout-reexport
 
 
-def __getattr__(name: str) -> Any:  # layout-reexport: the loader's names moved to policy/load.py
-    if name in ("BUNDLED_POLICIES", "baseline_policy", "bundled_policy_path", "load_policy"):  # layout-reexport
-        return getattr(importlib.import_module("pytest_sandbox.policy.load"), name)  # layout-reexport
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")  # layout-reexport

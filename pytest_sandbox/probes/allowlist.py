@@ -22,7 +22,6 @@ from collections.abc import Iterable, Sequence
 
 from pytest_sandbox.policy.model import NetworkPolicy
 from pytest_sandbox.verdicts.allowlist import AllowlistProbe
-from pytest_sandbox.verdicts.allowlist import judge_allowlist_probe as judge_allowlist_probe  # layout-reexport
 
 __all__ = [
     "CONTROL_DESTINATION",

@@ -17,7 +17,7 @@ process *can* reach wherever it ends up, and knows where it ended up:
   2600:9000::10): attempted only when the probe itself finds that it runs in a namespace the harness
   made (its own or the lab); elsewhere they are not attempted and judged on where it runs;
 * **the positive control**: the proxy's address in the process's namespace (127.0.0.1:3128 of
-  :class:`~pytest_sandbox.fixtures.network.ProxiedSandbox`), through which a request must reach a
+  :class:`~pytest_sandbox.network.harness.ProxiedSandbox`), through which a request must reach a
   lab origin, so a launcher that breaks all networking does not score 100 %.
 
 A direct attempt is BLOCKED only if connect(2) failed with an errno, no listener (host or lab) saw

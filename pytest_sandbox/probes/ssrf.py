@@ -20,7 +20,6 @@ import socket
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from pytest_sandbox.catalogues.ssrf_cases import SSRF_CASES, SsrfCase, canary_addresses
 from pytest_sandbox.http.framing import HEAD_END
@@ -305,12 +304,3 @@ def read_one_response(sock: socket.socket, deadline: float) -> tuple[ParsedRespo
 
 
 # Names that left this module in the layout change; step 3 rewrites their importers and drops these lines.
-def __getattr__(name: str) -> Any:  # layout-reexport
-    if name == "HttpReply":  # -> http.responses.ParsedResponse  # layout-reexport
-        return ParsedResponse  # layout-reexport
-    if name == "parse_reply":  # -> http.responses.parse_head  # layout-reexport
-        return parse_head  # layout-reexport
-    if name == "run_attempt":  # -> probes.ssrf_exchanges, which imports this module  # layout-reexport
-        from pytest_sandbox.probes.ssrf_exchanges import run_attempt  # layout-reexport
-        return run_attempt  # layout-reexport
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")  # layout-reexport

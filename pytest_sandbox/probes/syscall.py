@@ -26,25 +26,10 @@ from typing import Any, Protocol
 
 from pytest_sandbox.errors import HostUnsupportedError, LaunchError
 from pytest_sandbox.probes.observed_identity import BaselineRequest, ObservedIdentity
-from pytest_sandbox.probes.syscall_cases import ABIS as ABIS  # layout-reexport
-from pytest_sandbox.probes.syscall_cases import HIGH_BIT_VARIANTS as HIGH_BIT_VARIANTS  # layout-reexport
-from pytest_sandbox.probes.syscall_cases import ProbeCase as ProbeCase  # layout-reexport
-from pytest_sandbox.probes.syscall_cases import Requirement as Requirement  # layout-reexport
-from pytest_sandbox.probes.syscall_cases import control_cases as control_cases  # layout-reexport
-from pytest_sandbox.probes.syscall_cases import denial_cases as denial_cases  # layout-reexport
-from pytest_sandbox.probes.syscall_cases import merge_requirements as merge_requirements  # layout-reexport
-from pytest_sandbox.probes.syscall_cases import requirements_of as requirements_of  # layout-reexport
 from pytest_sandbox.probes.syscall_runner import whoami
 from pytest_sandbox.seccomp.compiler import CompiledFilter
 from pytest_sandbox.seccomp.launcher import FreshNamespaces, Identity, NetworkPlacement, Sandbox, SandboxSpec
 from pytest_sandbox.verdicts.judgement import Outcome
-from pytest_sandbox.verdicts.syscall import FilterRequirement as FilterRequirement  # layout-reexport
-from pytest_sandbox.verdicts.syscall import expected_refusal as expected_refusal  # layout-reexport
-from pytest_sandbox.verdicts.syscall import filter_requirement as filter_requirement  # layout-reexport
-from pytest_sandbox.verdicts.syscall import judge as judge  # layout-reexport
-from pytest_sandbox.verdicts.syscall import judge_both_builds as judge_both_builds  # layout-reexport
-from pytest_sandbox.verdicts.syscall import judge_exec as judge_exec  # layout-reexport
-from pytest_sandbox.verdicts.syscall import judge_filter_present as judge_filter_present  # layout-reexport
 
 PREFLIGHT_TIMEOUT_SECONDS = 60
 _RUNNER_SOURCE = (resources.files("pytest_sandbox.probes") / "syscall_runner.py").read_text()

@@ -12,8 +12,9 @@ from typing import Protocol
 
 from pytest_sandbox.http.responses import ParsedResponse
 from pytest_sandbox.http.upstream import ReceivedStream, UpstreamSegment, read_upstream
-from pytest_sandbox.inference.routes import DEFAULT_ROUTES, InferenceRoute, match_route
+from pytest_sandbox.inference.routes import InferenceRoute, match_route
 from pytest_sandbox.inference.routing import DENIED_BODY, DENIED_STATUS
+from pytest_sandbox.policy.load import baseline_routes
 from pytest_sandbox.verdicts.judgement import Judgement, Verdict
 
 __all__ = ["BackendRequest", "is_inference_refusal", "judge_backend_record", "stray_backend_requests"]
@@ -32,20 +33,21 @@ class BackendRequest(Protocol):
 
 
 def stray_backend_requests(recorded: Iterable[BackendRequest], route_key: str,
-                           routes: tuple[InferenceRoute, ...] = DEFAULT_ROUTES,
+                           routes: tuple[InferenceRoute, ...] | None = None,
                            forbidden_values: Iterable[str] = ()) -> list[str]:
     """Requests in a backend log that should never have reached it: off-route, not carrying exactly
     the route key, or carrying any of ``forbidden_values`` (the sandbox's own credentials). Pure."""
     forbidden = tuple(forbidden_values)
+    table = baseline_routes() if routes is None else routes  # None: the baseline policy's route table
     return [f"{r.method} {r.path}" for r in recorded
-            if match_route(routes, r.method, r.path) is None
+            if match_route(table, r.method, r.path) is None
             or r.header_values("authorization") != [f"Bearer {route_key}"]
             or any(value in text for _name, text in r.headers for value in forbidden)]
 
 
 def judge_backend_record(recorded: Sequence[BackendRequest], route_key: str,
                          forbidden_values: Iterable[str] = (),
-                         routes: tuple[InferenceRoute, ...] = DEFAULT_ROUTES,
+                         routes: tuple[InferenceRoute, ...] | None = None,
                          streams: Iterable[ReceivedStream] = ()) -> Judgement:
     """BLOCKED when the backend saw only requests matching ``routes`` (the enforced policy's), each
     with the route key, and every byte it received (``streams``, its raw record) frames strictly into

@@ -10,11 +10,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from pytest_sandbox.fixtures.network import RunningProxy, lab_proxy_config
 from pytest_sandbox.inference.fake_backend import FakeInferenceBackend
-from pytest_sandbox.inference.interceptor import INFERENCE_HOST, INFERENCE_PORT, InferenceBackendConfig
+from pytest_sandbox.inference.interceptor import InferenceBackendConfig
+from pytest_sandbox.inference.routing import INFERENCE_HOST, INFERENCE_PORT
+from pytest_sandbox.network.harness import RunningProxy, lab_proxy_config
 from pytest_sandbox.network.lab.lab import NetworkLab
-from pytest_sandbox.network.proxy.server import EgressProxy, InterceptHandler
+from pytest_sandbox.network.proxy.config import InterceptHandler
+from pytest_sandbox.network.proxy.server import EgressProxy
 from pytest_sandbox.network.third_party import ThirdPartyProxy
 from pytest_sandbox.probes.smuggling import build_attempts, run_smuggling_campaign
 from pytest_sandbox.verdicts.judgement import Judgement

@@ -37,8 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from raw_relay import destination
 
-from pytest_sandbox.inference.interceptor import InferenceInterceptor, TlsStream, UpstreamError
-from pytest_sandbox.network.proxy.server import EgressProxy, ProxyConfig
+from pytest_sandbox.inference.interceptor import InferenceInterceptor, UpstreamError
+from pytest_sandbox.inference.tls import TlsStream
+from pytest_sandbox.network.proxy.config import ProxyConfig
+from pytest_sandbox.network.proxy.server import EgressProxy
 from pytest_sandbox.network.route_lookup import local_route_socket
 
 DELAY_SECONDS = 0.2

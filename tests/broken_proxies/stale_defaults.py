@@ -10,7 +10,7 @@ policy that changes a route or a port the conformance suite must fail it, naming
 
 from __future__ import annotations
 
-from pytest_sandbox.fixtures.network import LAB_PROXY_TIMEOUTS, RunningProxy, interception_of, start_proxy
+from pytest_sandbox.network.harness import LAB_PROXY_TIMEOUTS, RunningProxy, interception_of, start_proxy
 from pytest_sandbox.network.lab.lab import NetworkLab
 from pytest_sandbox.network.proxy.config import ProxyConfig
 

@@ -15,7 +15,8 @@ from typing import Any
 
 from pytest_sandbox.http.streams import DEFAULT_MAX_BODY
 from pytest_sandbox.network.addresses import AddressVerdict, classify_address
-from pytest_sandbox.policy.model import Policy, baseline_policy
+from pytest_sandbox.policy.load import baseline_policy
+from pytest_sandbox.policy.model import Policy
 
 __all__ = [
     "ConnectInterceptor",

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import fnmatch
 import ipaddress
 import itertools
 import json
@@ -45,13 +44,12 @@ from pytest_sandbox.network.addresses import AddressVerdict, Authority
 from pytest_sandbox.network.proxy import relay
 from pytest_sandbox.network.proxy.config import (
     ConnectInterceptor,
+    Decision,
+    ProxyConfig,
     Resolver,
     RouteSocketFactory,
     SocketFactory,
 )
-from pytest_sandbox.network.proxy.config import Decision as Decision  # layout-reexport
-from pytest_sandbox.network.proxy.config import InterceptHandler as InterceptHandler  # layout-reexport
-from pytest_sandbox.network.proxy.config import ProxyConfig as ProxyConfig  # layout-reexport
 from pytest_sandbox.network.proxy.decision import (
     NeedsResolution,
     Refusal,
@@ -65,6 +63,7 @@ from pytest_sandbox.network.proxy.decision import (
 from pytest_sandbox.network.proxy.self_connection import self_connection
 from pytest_sandbox.network.proxy.watchdog import Watchdog, bounded
 from pytest_sandbox.network.route_lookup import is_delivered_locally
+from pytest_sandbox.policy.model import host_admitted
 
 __all__ = ["EgressProxy"]
 
@@ -406,7 +405,7 @@ class EgressProxy:
         """Whether the canonical ``host`` matches an allowlist pattern, cached per host."""
         allowed = self._host_allowed.get(host)
         if allowed is None:
-            allowed = any(fnmatch.fnmatchcase(host, pattern) for pattern in self._host_patterns)
+            allowed = host_admitted(host, self._host_patterns)
             if len(self._host_allowed) < _CLASSIFY_CACHE_SIZE:
                 self._host_allowed[host] = allowed
         return allowed
