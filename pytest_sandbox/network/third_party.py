@@ -49,6 +49,9 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
+from pytest_sandbox import guardian
+from pytest_sandbox.guardian import session_temp_dir
+
 if TYPE_CHECKING:
     from pytest_sandbox.network.proxy.server import EgressProxy
 
@@ -116,7 +119,7 @@ class ThirdPartyProxy:
     process: subprocess.Popen[bytes]
     _output: IO[bytes] = field(repr=False)
     uses_lab_dns: bool = False
-    _state: tempfile.TemporaryDirectory[str] | None = field(default=None, repr=False)
+    _state: Path | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
@@ -140,15 +143,12 @@ class ThirdPartyProxy:
         return _tail(self._output)
 
     def stop(self) -> None:
-        """Kill the proxy by PID and reap it (idempotent)."""
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(timeout=STOP_TIMEOUT_SECONDS)
+        """Stop the proxy's guardian by PID, which kills everything the command started, daemons
+        included, and reap it (idempotent)."""
+        guardian.stop(self.process, STOP_TIMEOUT_SECONDS)
         self._output.close()
         if self._state is not None:
-            self._state.cleanup()
+            shutil.rmtree(self._state, ignore_errors=True)
             self._state = None
 
 
@@ -235,17 +235,21 @@ def start_proxy_command(lab: LabLike, command: str, *, address: str = DEFAULT_LI
     argv = shlex.split(expanded)
     if not argv:
         raise ValueError("the proxy command is empty")
-    state: tempfile.TemporaryDirectory[str] | None = None
+    state: Path | None = None
     if lab_dns and lab_dns_available(lab):
-        state = tempfile.TemporaryDirectory(prefix="sandbox-proxy-")
-        argv = _with_lab_dns(argv, Path(state.name))
+        state = session_temp_dir("pytest-sandbox-proxy-")
+        argv = _with_lab_dns(argv, state)
     output = tempfile.TemporaryFile()
     try:
-        process = lab.popen(argv, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT)
+        # Under a guardian in its own PID namespace, lingering after the command exits: a command
+        # that daemonises stays running (and is stopped) with its server, and nothing it forks
+        # outlives the session, however the session ends.
+        process = lab.popen(guardian.guarded(argv, pid_namespace=True, linger=True), stdin=subprocess.DEVNULL,
+                            stdout=output, stderr=subprocess.STDOUT)
     except OSError as exc:
         output.close()
         if state is not None:
-            state.cleanup()
+            shutil.rmtree(state, ignore_errors=True)
         raise ProxyStartError(f"could not start {expanded!r} inside the lab: {exc}") from exc
     running = ThirdPartyProxy(lab, address, chosen, expanded, process, output, state is not None, state)
     try:

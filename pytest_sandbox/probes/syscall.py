@@ -26,6 +26,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
 
+from pytest_sandbox import guardian
 from pytest_sandbox.catalogues.syscalls import PROBES_BY_NAME, SYSCALL_PROBES, SyscallProbe
 from pytest_sandbox.errors import HostUnsupportedError, LaunchError
 from pytest_sandbox.policy.model import SOCKET_FAMILIES, SOCKET_FAMILY_NAMES, ArgRule, Policy
@@ -575,7 +576,7 @@ class ExecTarget:
         return self.run_report(probes).outcomes
 
     def run_report(self, probes: Sequence[Mapping[str, Any]]) -> RunnerReport:
-        completed = subprocess.run(self.argv, input=runner_script(probes), capture_output=True, timeout=300)
+        completed = guardian.run(self.argv, input=runner_script(probes), timeout=300)
         return _report_or_error(probes, completed.returncode, completed.stdout, completed.stderr,
                                 f"'{self.prefix}'")
 
@@ -584,7 +585,7 @@ class ExecTarget:
         reason when the launcher is missing, fails, hangs or the runner says nothing."""
         where = f"--sandbox-exec '{self.prefix}'"
         try:
-            completed = subprocess.run(self.argv, input=runner_script([]), capture_output=True, timeout=timeout)
+            completed = guardian.run(self.argv, input=runner_script([]), timeout=timeout)
         except subprocess.TimeoutExpired:
             raise LaunchError(f"{where}: the identity pre-flight (the probe runner with no probes) did not "
                               f"finish in {timeout:g} s; nothing was probed") from None

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import IO, Any
 
+from pytest_sandbox import guardian
 from pytest_sandbox.errors import HostUnsupportedError, LaunchError
 from pytest_sandbox.seccomp.compiler import CompiledFilter
 
@@ -257,7 +258,9 @@ class Sandbox:
         self._control, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         config = self._spawner_config(spec)
         try:
-            self._process = subprocess.Popen(
+            # Under a guardian (subreaper mode: a PID namespace would change what the probes observe):
+            # the spawner, and whatever its commands fork and orphan, die with the session.
+            self._process: subprocess.Popen[bytes] = guardian.GuardedPopen(
                 [sys.executable, "-S", "-c", _ZYGOTE_SOURCE, str(child_end.fileno()), json.dumps(config)],
                 pass_fds=(child_end.fileno(),), stdin=subprocess.DEVNULL, close_fds=True,
             )
@@ -377,8 +380,7 @@ class Sandbox:
                 try:
                     process.wait(timeout=5)
                 except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+                    guardian.stop(process)
 
     def __enter__(self) -> Sandbox:
         return self
