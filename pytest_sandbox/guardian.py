@@ -91,7 +91,8 @@ def helper_interpreter() -> str:
 
 
 def _helper_argv(*args: str) -> list[str]:
-    return [helper_interpreter(), "-I", "-c", _BOOTSTRAP, _PACKAGE_PARENT, *args]
+    # -I -S: no site-packages, no PYTHON* variables, no cwd on sys.path; the guardian is stdlib only.
+    return [helper_interpreter(), "-I", "-S", "-c", _BOOTSTRAP, _PACKAGE_PARENT, *args]
 
 
 # --------------------------------------------------------------------------------------------------

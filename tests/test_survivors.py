@@ -37,7 +37,8 @@ TESTS = Path(__file__).resolve().parent
 DAEMONISING = f"{sys.executable} {TESTS / 'daemonising_proxy.py'}"
 TINYPROXY = shutil.which("tinyproxy")
 SUBSET = ["conformance/test_ssrf.py", "conformance/test_egress.py", "conformance/test_syscalls.py",
-          "-k", "connect-ctl-v4-private-10-below or reaches_a_lab_origin or proxy-root-bpf-native or proxy-user-bpf-native"]
+          "-k", "connect-ctl-v4-private-10-below or reaches_a_lab_origin "
+                "or proxy-root-bpf-native or proxy-user-bpf-native"]
 READY_TIMEOUT_SECONDS = 90.0  # a loaded shared CI host; the subset itself takes a few seconds
 EXIT_TIMEOUT_SECONDS = 60.0
 GONE_TIMEOUT_SECONDS = 10.0
