@@ -6,7 +6,9 @@ session) execs the reference proxy on ADDRESS:PORT. Nothing that stops "the comm
 it: only something that follows what the command forked (the guardian) can.
 
 ``python daemonising_proxy.py --tinyproxy CONF_DIR ADDRESS PORT`` writes a tinyproxy configuration and
-execs ``tinyproxy -c CONF`` without ``-d``: the real proxy daemonises itself.
+execs ``tinyproxy -c CONF`` without ``-d``: the real proxy daemonises itself. ``--squid CONF_DIR
+ADDRESS PORT`` does the same with ``squid -f CONF`` without ``-N`` (a master and a worker in the
+background).
 """
 
 from __future__ import annotations
@@ -38,6 +40,16 @@ def main(argv: list[str]) -> int:
         conf.write_text(tinyproxy_conf_text(port, conf_dir / f"tinyproxy-{port}.pid", address=address))
         binary = shutil.which("tinyproxy") or "/usr/bin/tinyproxy"
         os.execv(binary, [binary, "-c", str(conf)])
+    if argv[:1] == ["--squid"]:
+        from pytest_sandbox.network.third_party import squid_conf_text
+
+        state_dir, address, port = Path(argv[1]) / f"squid-{argv[3]}", argv[2], int(argv[3])
+        state_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(state_dir, 0o777)  # squid started as root writes its pid and log as its own user
+        conf = state_dir / "squid.conf"
+        conf.write_text(squid_conf_text(port, state_dir, address=address))
+        binary = shutil.which("squid") or "/usr/sbin/squid"
+        os.execv(binary, [binary, "-f", str(conf)])
     address, port = argv[0], argv[1]
     _daemonise()
     os.execv(sys.executable, [sys.executable, "-m", "pytest_sandbox.network.third_party", "reference",

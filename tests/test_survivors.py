@@ -35,7 +35,6 @@ from pytest_sandbox.network.third_party import start_proxy_command
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
 DAEMONISING = f"{sys.executable} {TESTS / 'daemonising_proxy.py'}"
-TINYPROXY = shutil.which("tinyproxy")
 SUBSET = ["conformance/test_ssrf.py", "conformance/test_egress.py", "conformance/test_syscalls.py",
           "-k", "connect-ctl-v4-private-10-below or reaches_a_lab_origin "
                 "or proxy-root-bpf-native or proxy-user-bpf-native"]
@@ -46,10 +45,11 @@ PAUSE_SECONDS = 120.0
 
 
 def _proxy_command(kind: str, conf_dir: Path) -> str:
-    if kind == "tinyproxy":
-        if TINYPROXY is None:
-            pytest.skip("tinyproxy is not installed (.ci/run installs it: apt-get install tinyproxy)")
-        return f"{DAEMONISING} --tinyproxy {conf_dir} {{address}} {{port}}"
+    """The fake daemon, or a Debian proxy started so that it daemonises (skipped when not installed)."""
+    if kind in ("tinyproxy", "squid"):
+        if shutil.which(kind) is None:
+            pytest.skip(f"{kind} is not installed (.ci/run installs it: apt-get install {kind})")
+        return f"{DAEMONISING} --{kind} {conf_dir} {{address}} {{port}}"
     return f"{DAEMONISING} {{address}} {{port}}"
 
 
@@ -183,12 +183,15 @@ def test_survivor_check_finds_an_unguarded_daemon(tmp_path: Path) -> None:
         _kill_marked(marker)
 
 
-def test_a_daemonising_proxy_command_is_stopped(_network_lab: NetworkLab) -> None:
-    """The normal path: ``stop()`` ends the daemon the command left behind, and its PID namespace."""
+@pytest.mark.parametrize("kind", ["daemon", "tinyproxy", "squid"])
+def test_a_daemonising_proxy_command_is_stopped(_network_lab: NetworkLab, tmp_path: Path, kind: str) -> None:
+    """The normal path: ``stop()`` ends what the command left in the background (the fake daemon,
+    tinyproxy without ``-d``, squid's master and worker without ``-N``), and its PID namespace."""
+    command = _proxy_command(kind, tmp_path)
     marker = f"survivor-{uuid.uuid4().hex}"
     os.environ[MARKER_VARIABLE] = marker
     try:
-        running = start_proxy_command(_network_lab, f"{DAEMONISING} {{address}} {{port}}")
+        running = start_proxy_command(_network_lab, command)
     finally:
         del os.environ[MARKER_VARIABLE]
     # This process's janitor (started for the command's resolver files) carries the marker too, and

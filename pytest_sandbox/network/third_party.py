@@ -6,9 +6,12 @@ with no SSRF protection really dials 10.0.0.1 or 169.254.169.254, and only insid
 addresses belong to canaries on ``lo`` rather than to real hosts on the machine's network.
 
 :func:`start_proxy_command` substitutes ``{port}`` and ``{address}``, starts the command with
-``NetworkLab.popen`` (nsenter; the Popen PID is the proxy's own, since nsenter execs it), waits a
-bounded time until the port accepts a lab connection and returns a :class:`ThirdPartyProxy`, which
-has the surface of ``network_fixtures.RunningProxy``. A third party's decisions are unknown, so
+``NetworkLab.popen`` (nsenter, which execs) under a :mod:`pytest_sandbox.guardian` in a PID namespace
+of its own, waits a bounded time until the port accepts a lab connection and returns a
+:class:`ThirdPartyProxy`, which has the surface of ``network_fixtures.RunningProxy``. The PID it holds
+is the guardian's (inside the lab's network namespace): stopping it kills everything the command
+started, a server it daemonised included (tinyproxy without ``-d``, squid without ``-N``), and
+nothing the command forks outlives the session, however the session ends. A third party's decisions are unknown, so
 ``decisions`` is always empty; the verdicts rest on its replies and the canaries alone.
 
 Names: a third-party proxy resolves with the C library, which reads ``/etc/resolv.conf`` and
@@ -20,8 +23,8 @@ leaves the namespace", and the name cases must really resolve to their canaries)
 :func:`tinyproxy_command` and :func:`squid_command` build ready-made ``{port}``/``{address}`` commands
 for the two proxies Debian packages. Neither proxy takes its address on the command line, so the
 command runs this module (``python -m pytest_sandbox.network.third_party tinyproxy|squid CONF_DIR PORT
-[ADDRESS]``), which writes the configuration and execs the proxy in place (same PID, so stop-by-PID
-still works). :func:`reference_command` runs the reference proxy the same way, as a third party
+[ADDRESS]``), which writes the configuration and execs the proxy in place, in the foreground.
+:func:`reference_command` runs the reference proxy the same way, as a third party
 (``... reference --host {address} --port {port}``): what a third party's results are compared with.
 
 ``{address}`` is 127.0.0.1 for the proxy under test. The self-connection cases
@@ -85,7 +88,7 @@ LAB_DNS_ADDRESS = "127.0.0.53"
 LAB_RESOLV_CONF = f"nameserver {LAB_DNS_ADDRESS}\noptions timeout:1 attempts:1\n"
 LAB_HOSTS = "127.0.0.1 localhost\n::1 localhost\n"
 # Runs between nsenter and the proxy: a private mount namespace (unshare(1) execs, no fork), the lab's
-# resolver files bound over the host's, then exec, so the Popen PID stays the proxy's own.
+# resolver files bound over the host's, then exec, so the guardian's child is the proxy itself.
 _LAB_DNS_SCRIPT = 'mount --bind "$1" /etc/resolv.conf && mount --bind "$2" /etc/hosts && shift 2 && exec "$@"'
 
 
@@ -224,7 +227,8 @@ def start_proxy_command(lab: LabLike, command: str, *, address: str = DEFAULT_LI
     whether it did); otherwise it keeps the host's files and only literal addresses resolve.
     Raises ProxyStartError, with the command's output, if it exits or does not accept a lab
     connection on ``address:port`` within ``start_timeout`` seconds; the process is stopped first.
-    The caller stops the returned proxy (``.stop()``: kill by PID, then wait).
+    The caller stops the returned proxy (``.stop()``: its guardian by PID, then wait); a command that
+    daemonises keeps the guardian (so ``process.poll()``) running for as long as its server runs.
     """
     if "{port}" not in command:
         raise ValueError(f"the proxy command must contain {{port}}: the lab chooses the port ({command!r})")
@@ -433,7 +437,7 @@ def _exec_squid(conf_dir: Path, port: int, address: str) -> None:
     conf = state_dir / "squid.conf"
     conf.write_text(squid_conf_text(port, state_dir, address=address))
     binary = shutil.which("squid") or "/usr/sbin/squid"
-    # -N: no daemon, so the PID we hold is squid's; -d 1: fatal messages on stderr.
+    # -N: no daemon, so its output and exit status are the command's; -d 1: fatal messages on stderr.
     os.execv(binary, [binary, "-N", "-d", "1", "-f", str(conf)])
 
 
