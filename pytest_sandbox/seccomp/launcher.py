@@ -305,6 +305,7 @@ class Sandbox:
 
     @property
     def pid(self) -> int:
+        """The PID of the spawner's guardian (:mod:`pytest_sandbox.guardian`); it exits with the spawner."""
         return self._process.pid
 
     def popen(self, argv: Sequence[str], *, stdin: int | None = DEVNULL, stdout: int | None = PIPE,
@@ -371,7 +372,8 @@ class Sandbox:
         return SandboxResult(tuple(argv), process.returncode, out, err, timed_out)
 
     def close(self) -> None:
-        """Stop the spawner by its PID; it kills any command still running in the sandbox."""
+        """Stop the spawner (closing its control socket); it kills any command still running in the
+        sandbox, and its guardian whatever those commands forked and orphaned."""
         try:
             self._control.close()
         finally:
