@@ -222,11 +222,16 @@ def _unshare(flags: int) -> None:
 
 
 def _watch_parent(parent: int) -> int | None:
-    """A pidfd on ``parent``, or None if it is no longer our parent (it already exited)."""
+    """A pidfd on ``parent`` (-1 where the kernel has none), or None if it is no longer our parent."""
     try:
         pidfd = os.pidfd_open(parent)
     except ProcessLookupError:
         return None
+    except OSError:
+        # Before Linux 5.3: SIGTERM when the parent dies, handled like a stop. It follows the thread
+        # that forked us rather than the process (prctl(2)), hence only the fallback.
+        _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        return -1 if os.getppid() == parent else None
     # Opened first, checked second: if the parent is still our parent now, the pidfd names it (a PID
     # is not reused while its process has children that have not been re-parented).
     if os.getppid() != parent:
@@ -373,7 +378,8 @@ def _guard(parent: int, argv: list[str], pid_namespace: bool, linger: bool) -> i
                 os.close(fd)
     code: int | None = None
     poller = select.poll()
-    poller.register(pidfd, select.POLLIN)
+    if pidfd >= 0:
+        poller.register(pidfd, select.POLLIN)
     poller.register(wake_read, select.POLLIN)
     while True:
         events = dict(poller.poll())
@@ -425,7 +431,7 @@ def _janitor(parent: int) -> int:
     pending = b""
     poller = select.poll()
     poller.register(0, select.POLLIN)
-    if pidfd is not None:
+    if pidfd is not None and pidfd >= 0:
         poller.register(pidfd, select.POLLIN)
     while pidfd is not None:
         events = dict(poller.poll())
