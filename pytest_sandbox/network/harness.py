@@ -10,12 +10,12 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from pytest_sandbox.guardian import session_temp_dir
 from pytest_sandbox.inference.ca import InterceptionCA
 from pytest_sandbox.inference.fake_backend import DEFAULT_BACKEND_NAME, FakeInferenceBackend
 from pytest_sandbox.inference.interceptor import InferenceBackendConfig, InferenceInterceptor
@@ -299,7 +299,7 @@ def interception_of(lab: NetworkLab) -> InferenceInterception:
     """The inference interception (fake backend, CA bundle) of ``lab``, started on first use."""
     found = _INTERCEPTIONS.get(id(lab))
     if found is None:
-        directory = Path(tempfile.mkdtemp(prefix="pytest-sandbox-ca-"))
+        directory = session_temp_dir("pytest-sandbox-ca-")  # removed by the janitor however the session ends
         try:
             found = (start_inference_interception(lab, directory), directory)
         except BaseException:

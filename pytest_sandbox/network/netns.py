@@ -31,7 +31,6 @@ import shutil
 import socket
 import struct
 import subprocess
-import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +38,7 @@ from types import TracebackType
 from typing import Any
 
 from pytest_sandbox.errors import HostUnsupportedError
+from pytest_sandbox.guardian import helper_interpreter
 
 __all__ = [
     "HARNESS_MARK",
@@ -444,23 +444,6 @@ _UNSUPPORTED_HINT = (
 )
 
 
-def _helper_interpreter() -> str:
-    """The Python that runs the helper: ours, or the first ``python3`` on PATH we may execute.
-
-    The helper needs only the standard library, and the running interpreter may not be executable
-    by an unprivileged uid (e.g. a pyenv build under a 0700 /root, run through setpriv).
-    """
-    if sys.executable and os.access(sys.executable, os.X_OK):
-        return sys.executable
-    fallback = shutil.which("python3")
-    if fallback is None:
-        raise HostUnsupportedError(
-            f"cannot start the namespace helper: {sys.executable!r} is not executable by uid "
-            f"{os.getuid()} and no python3 is on PATH"
-        )
-    return fallback
-
-
 class NetnsHolder:
     """A helper process holding a private network namespace (only ``lo``, up) for the lab.
 
@@ -489,7 +472,7 @@ class NetnsHolder:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             process = subprocess.Popen(
-                [_helper_interpreter(), "-I", "-c", _HELPER_BOOTSTRAP, _PACKAGE_PARENT,
+                [helper_interpreter(), "-I", "-c", _HELPER_BOOTSTRAP, _PACKAGE_PARENT,
                  str(child_end.fileno())],
                 pass_fds=(child_end.fileno(),),
                 stdin=subprocess.DEVNULL,

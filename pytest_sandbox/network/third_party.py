@@ -6,9 +6,12 @@ with no SSRF protection really dials 10.0.0.1 or 169.254.169.254, and only insid
 addresses belong to canaries on ``lo`` rather than to real hosts on the machine's network.
 
 :func:`start_proxy_command` substitutes ``{port}`` and ``{address}``, starts the command with
-``NetworkLab.popen`` (nsenter; the Popen PID is the proxy's own, since nsenter execs it), waits a
-bounded time until the port accepts a lab connection and returns a :class:`ThirdPartyProxy`, which
-has the surface of ``network_fixtures.RunningProxy``. A third party's decisions are unknown, so
+``NetworkLab.popen`` (nsenter, which execs) under a :mod:`pytest_sandbox.guardian` in a PID namespace
+of its own, waits a bounded time until the port accepts a lab connection and returns a
+:class:`ThirdPartyProxy`, which has the surface of ``network_fixtures.RunningProxy``. The PID it holds
+is the guardian's (inside the lab's network namespace): stopping it kills everything the command
+started, a server it daemonised included (tinyproxy without ``-d``, squid without ``-N``), and
+nothing the command forks outlives the session, however the session ends. A third party's decisions are unknown, so
 ``decisions`` is always empty; the verdicts rest on its replies and the canaries alone.
 
 Names: a third-party proxy resolves with the C library, which reads ``/etc/resolv.conf`` and
@@ -21,8 +24,9 @@ leaves the namespace", and the name cases must really resolve to their canaries)
 squid, the two Debian packages); :func:`third_party_command` (or :func:`tinyproxy_command`,
 :func:`squid_command`) builds its ``{port}``/``{address}`` command. Neither proxy takes its address on
 the command line, so the command runs this module (``python -m pytest_sandbox.network.third_party
-tinyproxy|squid CONF_DIR PORT [ADDRESS]``), which writes the configuration and execs the proxy in place
-(same PID, so stop-by-PID still works). :func:`reference_command` runs the reference proxy the same
+tinyproxy|squid CONF_DIR PORT [ADDRESS]``), which writes the configuration and execs the proxy in place,
+in the foreground (under the session's guardian, see :mod:`pytest_sandbox.guardian`).
+:func:`reference_command` runs the reference proxy the same
 way, as a third party (``... reference --host {address} --port {port}``): what a third party's results
 are compared with.
 
@@ -51,6 +55,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
+
+from pytest_sandbox import guardian
+from pytest_sandbox.guardian import session_temp_dir
 
 if TYPE_CHECKING:
     from pytest_sandbox.network.proxy.server import EgressProxy
@@ -88,7 +95,7 @@ LAB_DNS_ADDRESS = "127.0.0.53"
 LAB_RESOLV_CONF = f"nameserver {LAB_DNS_ADDRESS}\noptions timeout:1 attempts:1\n"
 LAB_HOSTS = "127.0.0.1 localhost\n::1 localhost\n"
 # Runs between nsenter and the proxy: a private mount namespace (unshare(1) execs, no fork), the lab's
-# resolver files bound over the host's, then exec, so the Popen PID stays the proxy's own.
+# resolver files bound over the host's, then exec, so the guardian's child is the proxy itself.
 _LAB_DNS_SCRIPT = 'mount --bind "$1" /etc/resolv.conf && mount --bind "$2" /etc/hosts && shift 2 && exec "$@"'
 
 
@@ -122,7 +129,7 @@ class ThirdPartyProxy:
     process: subprocess.Popen[bytes]
     _output: IO[bytes] = field(repr=False)
     uses_lab_dns: bool = False
-    _state: tempfile.TemporaryDirectory[str] | None = field(default=None, repr=False)
+    _state: Path | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
@@ -146,15 +153,12 @@ class ThirdPartyProxy:
         return _tail(self._output)
 
     def stop(self) -> None:
-        """Kill the proxy by PID and reap it (idempotent)."""
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(timeout=STOP_TIMEOUT_SECONDS)
+        """Stop the proxy's guardian by PID, which kills everything the command started, daemons
+        included, and reap it (idempotent)."""
+        guardian.stop(self.process, STOP_TIMEOUT_SECONDS)
         self._output.close()
         if self._state is not None:
-            self._state.cleanup()
+            shutil.rmtree(self._state, ignore_errors=True)
             self._state = None
 
 
@@ -230,7 +234,8 @@ def start_proxy_command(lab: LabLike, command: str, *, address: str = DEFAULT_LI
     whether it did); otherwise it keeps the host's files and only literal addresses resolve.
     Raises ProxyStartError, with the command's output, if it exits or does not accept a lab
     connection on ``address:port`` within ``start_timeout`` seconds; the process is stopped first.
-    The caller stops the returned proxy (``.stop()``: kill by PID, then wait).
+    The caller stops the returned proxy (``.stop()``: its guardian by PID, then wait); a command that
+    daemonises keeps the guardian (so ``process.poll()``) running for as long as its server runs.
     """
     if "{port}" not in command:
         raise ValueError(f"the proxy command must contain {{port}}: the lab chooses the port ({command!r})")
@@ -241,17 +246,21 @@ def start_proxy_command(lab: LabLike, command: str, *, address: str = DEFAULT_LI
     argv = shlex.split(expanded)
     if not argv:
         raise ValueError("the proxy command is empty")
-    state: tempfile.TemporaryDirectory[str] | None = None
+    state: Path | None = None
     if lab_dns and lab_dns_available(lab):
-        state = tempfile.TemporaryDirectory(prefix="sandbox-proxy-")
-        argv = _with_lab_dns(argv, Path(state.name))
+        state = session_temp_dir("pytest-sandbox-proxy-")
+        argv = _with_lab_dns(argv, state)
     output = tempfile.TemporaryFile()
     try:
-        process = lab.popen(argv, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT)
+        # Under a guardian in its own PID namespace, lingering after the command exits: a command
+        # that daemonises stays running (and is stopped) with its server, and nothing it forks
+        # outlives the session, however the session ends.
+        process = lab.popen(guardian.guarded(argv, pid_namespace=True, linger=True), stdin=subprocess.DEVNULL,
+                            stdout=output, stderr=subprocess.STDOUT)
     except OSError as exc:
         output.close()
         if state is not None:
-            state.cleanup()
+            shutil.rmtree(state, ignore_errors=True)
         raise ProxyStartError(f"could not start {expanded!r} inside the lab: {exc}") from exc
     running = ThirdPartyProxy(lab, address, chosen, expanded, process, output, state is not None, state)
     try:
@@ -422,7 +431,7 @@ THIRD_PARTY_PROXIES: dict[str, ThirdPartyProxySpec] = {spec.name: spec for spec 
     ThirdPartyProxySpec(
         "squid", "/usr/sbin/squid",
         lambda port, state, address: squid_conf_text(port, state, address=address),
-        # -N: no daemon, so the PID we hold is squid's; -d 1: fatal messages on stderr.
+        # -N: no daemon, so its output and exit status are the command's; -d 1: fatal messages on stderr.
         conf_file="squid.conf", argv=("-N", "-d", "1", "-f", "{conf}"), state_dir="squid-{port}",
         state_writable_by_all=True),
 )}

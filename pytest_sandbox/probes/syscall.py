@@ -24,6 +24,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
 
+from pytest_sandbox import guardian
 from pytest_sandbox.errors import HostUnsupportedError, LaunchError
 from pytest_sandbox.probes.observed_identity import BaselineRequest, ObservedIdentity
 from pytest_sandbox.probes.syscall_runner import whoami
@@ -196,7 +197,7 @@ class ExecTarget:
         return self.run_report(probes).outcomes
 
     def run_report(self, probes: Sequence[Mapping[str, Any]]) -> RunnerReport:
-        completed = subprocess.run(self.argv, input=runner_script(probes), capture_output=True, timeout=300)
+        completed = guardian.run(self.argv, input=runner_script(probes), timeout=300)
         return _report_or_error(probes, completed.returncode, completed.stdout, completed.stderr,
                                 f"'{self.prefix}'")
 
@@ -205,7 +206,7 @@ class ExecTarget:
         reason when the launcher is missing, fails, hangs or the runner says nothing."""
         where = f"--sandbox-exec '{self.prefix}'"
         try:
-            completed = subprocess.run(self.argv, input=runner_script([]), capture_output=True, timeout=timeout)
+            completed = guardian.run(self.argv, input=runner_script([]), timeout=timeout)
         except subprocess.TimeoutExpired:
             raise LaunchError(f"{where}: the identity pre-flight (the probe runner with no probes) did not "
                               f"finish in {timeout:g} s; nothing was probed") from None

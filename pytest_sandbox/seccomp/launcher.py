@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import IO, Any
 
+from pytest_sandbox import guardian
 from pytest_sandbox.errors import HostUnsupportedError, LaunchError
 from pytest_sandbox.seccomp.compiler import CompiledFilter
 
@@ -257,7 +258,9 @@ class Sandbox:
         self._control, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         config = self._spawner_config(spec)
         try:
-            self._process = subprocess.Popen(
+            # Under a guardian (subreaper mode: a PID namespace would change what the probes observe):
+            # the spawner, and whatever its commands fork and orphan, die with the session.
+            self._process: subprocess.Popen[bytes] = guardian.GuardedPopen(
                 [sys.executable, "-S", "-c", _ZYGOTE_SOURCE, str(child_end.fileno()), json.dumps(config)],
                 pass_fds=(child_end.fileno(),), stdin=subprocess.DEVNULL, close_fds=True,
             )
@@ -302,6 +305,7 @@ class Sandbox:
 
     @property
     def pid(self) -> int:
+        """The PID of the spawner's guardian (:mod:`pytest_sandbox.guardian`); it exits with the spawner."""
         return self._process.pid
 
     def popen(self, argv: Sequence[str], *, stdin: int | None = DEVNULL, stdout: int | None = PIPE,
@@ -368,7 +372,8 @@ class Sandbox:
         return SandboxResult(tuple(argv), process.returncode, out, err, timed_out)
 
     def close(self) -> None:
-        """Stop the spawner by its PID; it kills any command still running in the sandbox."""
+        """Stop the spawner (closing its control socket); it kills any command still running in the
+        sandbox, and its guardian whatever those commands forked and orphaned."""
         try:
             self._control.close()
         finally:
@@ -377,8 +382,7 @@ class Sandbox:
                 try:
                     process.wait(timeout=5)
                 except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+                    guardian.stop(process)
 
     def __enter__(self) -> Sandbox:
         return self
