@@ -244,9 +244,9 @@ class FilterPlan:
                 number = real.get(action.slot or "", 0)
                 name = errno_module.errorcode.get(number, str(number))
                 rule = "the default action" if action.slot in (DEFAULT_KEY, None) else f"rule {action.slot}"
-                return (f"{self.source}: clone3 refused with {name} by {rule}: glibc's posix_spawn and "
-                        "pthread_create need ENOSYS there to fall back to clone, so no process can start "
-                        "under this policy (Docker <= 20.10.9 had this bug); refuse clone3 with ENOSYS "
+                return (f"{self.source}: clone3 refused with {name}: glibc's posix_spawn and pthread_create "
+                        f"need ENOSYS there to fall back to clone, so no process can start under this policy "
+                        f"({rule} refuses it; Docker <= 20.10.9 had this bug); refuse clone3 with ENOSYS "
                         '(OCI: {"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": 38}; TOML: '
                         'seccomp.enosys = ["clone3"])')
             if action.kind in ("kill_process", "kill_thread", "trap", "trace"):
