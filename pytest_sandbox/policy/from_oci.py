@@ -19,7 +19,7 @@ libseccomp), holes included, so that the suite shows what a runtime really runs:
   _llseek, fcntl64 exist only on i386) is compiled where it exists and skipped elsewhere; a name libseccomp
   does not know at all is skipped as runc skips it, except in a rule that refuses something the default
   action would let through (there, skipping would silently open a hole: a PolicyError says so);
-- actions: ALLOW, ERRNO (``errnoRet``, else ``defaultErrnoRet``, else EPERM), KILL (= KILL_THREAD, as
+- actions: ALLOW, ERRNO (``errnoRet``, else EPERM: ``defaultErrnoRet`` is the default action's), KILL (= KILL_THREAD, as
   runc maps it), KILL_THREAD, KILL_PROCESS, TRAP, TRACE (no tracer attached: the kernel answers ENOSYS),
   LOG (the call goes through and is logged: compiled as ALLOW in rules, LOG as the default action).
   NOTIFY is refused: it hands the decision to a user-space agent (not a security boundary: TOCTOU), and
@@ -187,7 +187,8 @@ class _ProfileConverter:
             action = self.action(rule.get("action"), f"{where}.action")
             if action == "log":
                 action = "allow"  # SECCOMP_RET_LOG: the call goes through (and is logged)
-            number = self.errno(rule.get("errnoRet", default_errno), f"{where}.errnoRet") if action == "errno" else 0
+            # runc getAction: a rule without errnoRet returns EPERM (defaultErrnoRet is the default's only)
+            number = self.errno(rule.get("errnoRet", errno_module.EPERM), f"{where}.errnoRet") if action == "errno" else 0
             groups = self.conditions(rule, where, action, number)
             opens_hole = action != "allow" and default in ("allow", "log")
             for name in self.names(rule, where, arches, refusing_over_allow=opens_hole):
