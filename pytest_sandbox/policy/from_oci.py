@@ -188,7 +188,9 @@ class _ProfileConverter:
             if action == "log":
                 action = "allow"  # SECCOMP_RET_LOG: the call goes through (and is logged)
             # runc getAction: a rule without errnoRet returns EPERM (defaultErrnoRet is the default's only)
-            number = self.errno(rule.get("errnoRet", errno_module.EPERM), f"{where}.errnoRet") if action == "errno" else 0
+            number = 0
+            if action == "errno":
+                number = self.errno(rule.get("errnoRet", errno_module.EPERM), f"{where}.errnoRet")
             groups = self.conditions(rule, where, action, number)
             opens_hole = action != "allow" and default in ("allow", "log")
             for name in self.names(rule, where, arches, refusing_over_allow=opens_hole):
