@@ -55,6 +55,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="write the scorecard and every probe's evidence to PATH (.json or .md)")
     group.addoption("--sandbox-modes", default="block,proxy,allow", metavar="MODES",
                     help="network modes to run the syscall category under (comma-separated)")
+    group.addoption("--sandbox-caps", default="docker-default", metavar="SET|CAPS",
+                    help="capability set resolving an OCI profile's includes/excludes.caps: docker-default "
+                         "(default), none, all, or a comma list of CAP_* names")
     group.addoption("--sandbox-identities", default="current,nobody", metavar="IDS",
                     help="who probes run as: current and/or nobody (uid 65534; needs root)")
 
@@ -76,6 +79,7 @@ def pytest_configure(config: pytest.Config) -> None:
         proxy_url=config.getoption("sandbox_proxy"),
         modes=tuple(m.strip() for m in config.getoption("sandbox_modes").split(",") if m.strip()),
         identities=tuple(i.strip() for i in config.getoption("sandbox_identities").split(",") if i.strip()),
+        caps=config.getoption("sandbox_caps"),
     )
     report_path = config.getoption("sandbox_report")
     if report_path is not None and Path(report_path).suffix not in (".json", ".md", ".markdown"):

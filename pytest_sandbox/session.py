@@ -73,6 +73,7 @@ class SandboxOptions:
     proxy_url: str | None = None  # a third-party proxy already reachable from inside the lab
     modes: tuple[str, ...] = NETWORK_MODES
     identities: tuple[str, ...] = ("current", "nobody")
+    caps: str | None = None  # --sandbox-caps: resolves an OCI profile's includes/excludes.caps
 
 
 @dataclass
@@ -90,8 +91,8 @@ class SandboxSession:
     _baseline_problems: dict[tuple[str, str], tuple[str, ...]] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
-        self.policy = load_policy(self.options.policy)
-        self.requirement = load_policy(self.options.require or "baseline")
+        self.policy = load_policy(self.options.policy, self.options.caps)
+        self.requirement = load_policy(self.options.require or "baseline", self.options.caps)
         if self.options.proxy_cmd is not None and "{port}" not in self.options.proxy_cmd:
             raise PolicyError("--sandbox-proxy-cmd must contain {port}: the lab chooses the port the proxy listens on")
         if self.options.proxy_cmd is not None and self.options.proxy_url is not None:
@@ -101,7 +102,9 @@ class SandboxSession:
                 raise PolicyError(f"--sandbox-modes: unknown network mode {mode!r}; use {', '.join(NETWORK_MODES)}")
         for mode in () if self.third_party else self.modes():
             for sentinel in (False, True):  # a policy that cannot compile is a usage error, before any test
-                self.compiled(mode, sentinel=sentinel)
+                compiled = self.compiled(mode, sentinel=sentinel)
+                if compiled is not None and compiled.start_problem:  # one clear line, not a LaunchError per test
+                    raise PolicyError(compiled.start_problem)
         if self.third_party:
             self._exec_preflight()
 

@@ -50,12 +50,24 @@ def hand_built(policy: Policy, mode: str, *, arch_after_rules: bool = False, dro
 
 
 def docker_like_profile_with_af_packet_rule(directory: Path) -> Path:
-    """The Docker-like allowlist (fixtures/oci) plus ``socket(AF_PACKET) -> EPERM``, the default's errno."""
-    profile = json.loads(DOCKER_LIKE.read_text())
-    profile["syscalls"].append({"names": ["socket"], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.EPERM,
-                                "args": [{"index": 0, "value": 17, "valueTwo": 0, "op": "SCMP_CMP_EQ"}]})
-    path = directory / "docker-af-packet.json"
-    path.write_text(json.dumps(profile))
+    """The Docker-like allowlist (fixtures/oci) as a TOML policy, plus ``socket(AF_PACKET) -> EPERM``, the
+    default's errno. TOML, not OCI: runc silently drops a profile rule whose action equals the default
+    (seccomp_linux.go matchCall), and so does an OCI profile here, so there the refusal would not exist."""
+    from pytest_sandbox.policy.load import load_policy
+    from pytest_sandbox.policy.model import resolve_native_syscall
+
+    seccomp = load_policy(DOCKER_LIKE).seccomp
+    lines = ["[seccomp]", 'default_action = "errno"', f"default_errno = {seccomp.default_errno}",
+             f"extra_arches = {json.dumps(list(seccomp.extra_arches))}",
+             f"allow = {json.dumps([n for n in seccomp.allow if resolve_native_syscall(n) is not None])}",
+             f"enosys = {json.dumps(list(seccomp.enosys))}"]
+    for rule in seccomp.allow_rules:
+        lines += ["[[seccomp.allow_rules]]", f'syscall = "{rule.syscall}"', f"arg = {rule.arg}", f'op = "{rule.op}"',
+                  f"value = {rule.value}"] + ([f"mask = {rule.mask}"] if rule.op == "masked_eq" else [])
+    lines += ["[[seccomp.arg_rules]]", 'syscall = "socket"', "arg = 0", 'op = "eq"', "value = 17",
+              f"errno = {errno.EPERM}"]
+    path = directory / "docker-af-packet.toml"
+    path.write_text("\n".join(lines) + "\n")
     return path
 
 

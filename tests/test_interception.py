@@ -24,7 +24,6 @@ from pytest_sandbox.inference.ca import InterceptionCA
 from pytest_sandbox.inference.fake_backend import FakeInferenceBackend
 from pytest_sandbox.inference.interceptor import InferenceBackendConfig, InferenceInterceptor
 from pytest_sandbox.inference.routes import (
-    DEFAULT_ROUTES,
     InferenceRoute,
     match_route,
     parse_request_target,
@@ -34,6 +33,7 @@ from pytest_sandbox.inference.routing import (
     forwardable_response_headers,
     is_inference_authority,
 )
+from pytest_sandbox.policy.load import baseline_routes
 
 # --------------------------------------------------------------------------------------------------
 # Route matching (pure)
@@ -63,7 +63,7 @@ ALLOWED_REQUESTS = [
     ("method", "target", "route"), ALLOWED_REQUESTS, ids=[str(r[1]) for r in ALLOWED_REQUESTS]
 )
 def test_inference_request_matches_its_route(method: str | bytes, target: str | bytes, route: str) -> None:
-    matched = match_route(DEFAULT_ROUTES, method, target)
+    matched = match_route(baseline_routes(), method, target)
     assert matched is not None
     assert str(matched) == route
 
@@ -137,7 +137,7 @@ DENIED_REQUESTS = [
 
 @pytest.mark.parametrize(("method", "target"), DENIED_REQUESTS, ids=[repr(r) for r in DENIED_REQUESTS])
 def test_non_canonical_or_unrouted_request_matches_no_route(method: str | bytes, target: str | bytes) -> None:
-    assert match_route(DEFAULT_ROUTES, method, target) is None
+    assert match_route(baseline_routes(), method, target) is None
 
 
 def test_absolute_form_target_keeps_its_authority_for_the_host_check() -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pytest_sandbox.errors import PolicyError
 from pytest_sandbox.inference.routes import InferenceRoute
-from pytest_sandbox.policy.from_oci import load_oci_profile
+from pytest_sandbox.policy.from_oci import load_oci_profile, looks_like_oci_profile
 from pytest_sandbox.policy.from_toml import load_toml_policy
 from pytest_sandbox.policy.model import Policy
 
@@ -24,19 +24,22 @@ def bundled_policy_path(name: str) -> Path:
     return Path(str(resources.files("pytest_sandbox.policy") / "bundled" / f"{name}.toml"))
 
 
-def load_policy(name_or_path: str | Path) -> Policy:
-    """Load a bundled policy by name (``baseline``) or a TOML file by path; validate it fully."""
+def load_policy(name_or_path: str | Path, caps: str | None = None) -> Policy:
+    """Load a bundled policy by name (``baseline``), or a file by path: a TOML policy, or an OCI seccomp
+    profile (JSON, or a Security Profiles Operator ``SeccompProfile`` YAML resource) told apart by content,
+    not suffix. ``caps`` (``--sandbox-caps``) names the capability set that resolves a profile's
+    ``includes.caps``/``excludes.caps`` (default: Docker's default set); validate it fully."""
     text = str(name_or_path)
     if text in BUNDLED_POLICIES:
         return load_toml_policy(bundled_policy_path(text).resolve(), _BUNDLED)
     path = Path(text)
-    if path.suffix == ".json" and path.exists():
-        return load_oci_profile(path.resolve())
     if not path.exists():
         raise PolicyError(
             f"policy {text!r} not found: give a path to a TOML policy file or one of the bundled "
             f"names {', '.join(BUNDLED_POLICIES)}"
         )
+    if looks_like_oci_profile(path):
+        return load_oci_profile(path.resolve(), caps)
     return load_toml_policy(path.resolve(), _BUNDLED)
 
 

@@ -45,9 +45,15 @@ SOCKET_FAMILY_NAMES: Mapping[int, str] = {number: name for name, number in SOCKE
 class ArgRule:
     """Deny ``syscall`` when argument ``arg`` satisfies ``op`` (EPERM unless ``errno`` is set).
 
-    ``eq`` and ``masked_eq`` compare only the low 32 bits: the kernel reads int-typed arguments
-    (flags, domains, operations) as 32-bit values after the filter ran, so a 64-bit comparison
-    lets ``value | 1 << 32`` through (syscalls.md §3 "32/64-bit argument high bits").
+    ``eq`` and ``masked_eq`` compare only the low 32 bits (``bits = 32``, every TOML rule): the kernel
+    reads int-typed arguments (flags, domains, operations) as 32-bit values after the filter ran, so a
+    64-bit comparison lets ``value | 1 << 32`` through (syscalls.md §3 "32/64-bit argument high bits").
+    An OCI profile's rules are compiled as runc and crun compile them (``bits = 64``: libseccomp compares
+    all 64 bits), holes included, so that the suite shows what a runtime really enforces.
+    ``also``: further conditions on the same call that must hold too (an OCI rule with several ``args``
+    on different indexes: libseccomp ANDs them); only their arg/op/value/mask/bits are read.
+    ``action``: what the rule returns, ``errno`` (with ``errno``) or kill_process, kill_thread, trap, trace
+    (OCI profiles only).
     """
 
     syscall: str
@@ -57,19 +63,32 @@ class ArgRule:
     mask: int = 0xFFFFFFFF
     errno: int | None = None
     why: str = ""
+    bits: int = 32
+    also: tuple[ArgRule, ...] = ()
+    action: str = "errno"
 
     @property
     def key(self) -> str:
+        text = self.syscall + "(" + " && ".join(c.condition_text for c in (self, *self.also)) + ")"
+        return text if self.action == "errno" else f"{text}->{self.action}"
+
+    @property
+    def condition_text(self) -> str:
         mask = f"&{self.mask:#x}" if self.op == "masked_eq" else ""
-        return f"{self.syscall}(arg{self.arg}{mask} {self.op} {self.value:#x})"
+        width = "/64" if self.bits == 64 and self.op in ("eq", "masked_eq") else ""
+        return f"arg{self.arg}{mask} {self.op}{width} {self.value:#x}"
 
     def matches(self, args: tuple[int, ...]) -> bool:
         """Whether the compiled comparison fires for these arguments (pure BPF semantics)."""
+        return all(rule.matches_one(args) for rule in (self, *self.also))
+
+    def matches_one(self, args: tuple[int, ...]) -> bool:
         raw = args[self.arg] & ARG_MAX if self.arg < len(args) else 0
+        compared = raw if self.bits == 64 else raw & 0xFFFFFFFF
         if self.op == "masked_eq":
-            return (raw & 0xFFFFFFFF & self.mask) == self.value
+            return (compared & self.mask) == self.value
         if self.op == "eq":
-            return (raw & 0xFFFFFFFF) == self.value
+            return compared == self.value
         return {
             "ne": raw != self.value, "lt": raw < self.value, "le": raw <= self.value,
             "gt": raw > self.value, "ge": raw >= self.value,
@@ -92,10 +111,14 @@ class SeccompPolicy:
     # unconditionally, and calls allowed when one argument satisfies a rule (rules for one syscall are ORed).
     allow: tuple[str, ...] = ()
     allow_rules: tuple[ArgRule, ...] = ()
+    # OCI profiles only: (syscall, action, errno) for names in ``deny`` that do not return ``errno``
+    # (a rule's own errnoRet, or kill_process, kill_thread, trap, trace).
+    deny_actions: tuple[tuple[str, str, int], ...] = ()
 
     @property
     def is_allowlist(self) -> bool:
-        return self.default_action != "allow"
+        # SECCOMP_RET_LOG lets the call through after logging it: a LOG default refuses nothing.
+        return self.default_action not in ("allow", "log")
 
     def allows(self, syscall: str, args: tuple[int, ...]) -> bool:
         """Whether an allowlist lets this call through to the deny rules (pure BPF semantics)."""
@@ -170,6 +193,9 @@ class Policy:
     # the requests the proxy forwards from inference.local to the model backend (network.md §4)
     inference_routes: tuple[InferenceRoute, ...] = field(default_factory=_baseline_routes)
     origin: str = "policy"  # "oci" for an OCI/Docker seccomp profile, which says nothing about the network
+    # OCI profiles: the capability set that resolved includes.caps/excludes.caps (--sandbox-caps), and its name
+    capabilities: tuple[str, ...] = ()
+    capability_set: str = ""
 
     def filter_applies(self, mode: str) -> bool:
         """False only for a (deliberately weakened) policy that skips seccomp in ``mode``."""

@@ -11,8 +11,9 @@ Traps handled here (syscalls.md §5):
 - every arch gets its own context, set up *before* any rule (rules are not copied to arches added
   later), then the contexts are merged;
 - the bad-arch action is set to KILL_PROCESS (libseccomp's default KILL only kills the thread);
-- eq/masked_eq argument rules compare the low 32 bits (MASKED_EQ with 0xffffffff), so setting high
-  bits in an int argument cannot slip past the rule;
+- a TOML policy's eq/masked_eq argument rules compare the low 32 bits (MASKED_EQ with 0xffffffff), so
+  setting high bits in an int argument cannot slip past the rule; an OCI profile's compare all 64 bits,
+  as runc compiles them (its ANDed conditions become one rule with several comparisons);
 - every libseccomp error becomes a PolicyError naming the rule (never a raw OSError traceback).
 """
 
@@ -48,7 +49,7 @@ __all__ = [
     "compile_plan", "compile_policy", "deny_key", "enosys_key", "export_pfc",
 ]  # fmt: skip
 
-_OPERATORS = {"masked_eq": "MASKED_EQ", "ne": "NE", "lt": "LT", "le": "LE", "gt": "GT", "ge": "GE"}
+_OPERATORS = {"eq": "EQ", "masked_eq": "MASKED_EQ", "ne": "NE", "lt": "LT", "le": "LE", "gt": "GT", "ge": "GE"}
 _ARCHES = {"x86": "X86", "x32": "X32"}
 # What libseccomp's documented error codes mean for one call (seccomp_rule_add(3), seccomp_arch_add(3)).
 _LIBSECCOMP_ERRORS = {
@@ -80,6 +81,8 @@ class CompiledFilter:
     bad_arch_action: str
     extra_arches: tuple[str, ...]
     no_new_privs: bool
+    # why no process can start under these filters (clone3 refused otherwise than ENOSYS), or None
+    start_problem: str | None = None
 
     def errno_for(self, rule: str, arch: str = "native") -> int | None:
         """The errno ``rule`` returns in this build on ``arch`` ("native", "x86", "x32")."""
@@ -108,7 +111,7 @@ def compile_plan(plan: FilterPlan, *, sentinel: bool = False) -> CompiledFilter:
     programs = tuple(_export(plan, role, flt, "bpf") for role, flt in _emit(_pyseccomp(), plan, numbers))
     actions = tuple(RuleAction(key, number) for key, number in numbers.items())
     return CompiledFilter(plan.policy_name, plan.mode, sentinel, programs, actions, plan.bad_arch.kind,
-                          plan.extra_arches, plan.no_new_privs)
+                          plan.extra_arches, plan.no_new_privs, plan.start_problem())
 
 
 def export_pfc(policy: Policy, mode: str | None = None, *, sentinel: bool = False) -> str:
@@ -150,6 +153,8 @@ def _emit(pyseccomp: Any, plan: FilterPlan, numbers: Mapping[str, int]) -> list[
             number = errno_on(numbers, planned.slot or "", arch)
             assert number is not None
             return pyseccomp.ERRNO(number)
+        if planned.kind == "trace":
+            return pyseccomp.TRACE(0)  # no tracer attached: the kernel answers ENOSYS (seccomp(2))
         return {"allow": pyseccomp.ALLOW, "kill_process": pyseccomp.KILL_PROCESS,
                 "kill_thread": pyseccomp.KILL_THREAD, "trap": pyseccomp.TRAP, "log": pyseccomp.LOG}[planned.kind]
 
@@ -159,7 +164,7 @@ def _emit(pyseccomp: Any, plan: FilterPlan, numbers: Mapping[str, int]) -> list[
         for arch in ("native", *plan.extra_arches):
             flt = _new_filter(pyseccomp, plan, planned, arch, action)
             for rule in planned.rules:
-                args = () if rule.condition is None else (_argument(pyseccomp, rule.condition),)
+                args = () if rule.condition is None else _arguments(pyseccomp, rule.condition)
                 _libseccomp(plan, f"{', '.join(rule.sources)}: rule {rule.describe()} in the {planned.role} filter",
                             partial(flt.add_rule, action(rule.action, arch), rule.syscall, *args))
             if merged is None:
@@ -184,11 +189,16 @@ def _new_filter(pyseccomp: Any, plan: FilterPlan, planned: PlannedFilter, arch: 
     return flt
 
 
-def _argument(pyseccomp: Any, condition: Condition) -> Any:
-    operator = getattr(pyseccomp, _OPERATORS[condition.op])
-    if condition.op == "masked_eq":
-        return pyseccomp.Arg(condition.arg, operator, condition.mask, condition.value)
-    return pyseccomp.Arg(condition.arg, operator, condition.value)
+def _arguments(pyseccomp: Any, condition: Condition) -> tuple[Any, ...]:
+    """The comparisons of one rule (libseccomp ANDs the comparisons given to one seccomp_rule_add)."""
+    found = []
+    for part in condition.parts:
+        operator = getattr(pyseccomp, _OPERATORS[part.op])
+        if part.op == "masked_eq":
+            found.append(pyseccomp.Arg(part.arg, operator, part.mask, part.value))
+        else:
+            found.append(pyseccomp.Arg(part.arg, operator, part.value))
+    return tuple(found)
 
 
 def _export(plan: FilterPlan, role: str, flt: Any, form: str) -> bytes:

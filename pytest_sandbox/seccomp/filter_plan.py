@@ -47,8 +47,10 @@ BAD_ARCH_KEY = "bad_arch"  # the errno slot of bad_arch_action = "errno"
 LOW32 = 0xFFFFFFFF
 
 # seccomp(2) "return value precedence": the kernel runs every installed filter, newest first, and keeps
-# the first-seen action of the highest precedence. (USER_NOTIF and TRACE are never compiled here.)
-PRECEDENCE: Mapping[str, int] = {"kill_process": 6, "kill_thread": 5, "trap": 4, "errno": 3, "log": 1, "allow": 0}
+# the first-seen action of the highest precedence. (USER_NOTIF is never compiled here; TRACE only from an
+# OCI profile: with no tracer attached the kernel fails the call with ENOSYS.)
+PRECEDENCE: Mapping[str, int] = {"kill_process": 6, "kill_thread": 5, "trap": 4, "errno": 3, "trace": 2, "log": 1,
+                                 "allow": 0}
 
 # libseccomp src/syscalls.c (_abi_syscall_mux): on x86 these calls also enter through socketcall(2) or
 # ipc(2) with the call number in argument 0; a rule on one of them becomes a rule on the multiplexer.
@@ -77,36 +79,55 @@ def arg_key(rule: ArgRule) -> str:
 
 @dataclass(frozen=True)
 class Condition:
-    """One argument comparison as libseccomp compiles it. ``eq`` is ``masked_eq`` with the low-32-bit mask:
-    int arguments are read as 32 bits by the kernel, so high bits must not let a call past (policy.py)."""
+    """One argument comparison as libseccomp compiles it, and ``also`` the conditions ANDed with it.
+
+    A TOML rule's ``eq`` is ``masked_eq`` with the low-32-bit mask: int arguments are read as 32 bits by
+    the kernel, so high bits must not let a call past (model.py ``ArgRule``). An OCI profile's rule keeps
+    libseccomp's 64-bit ``eq``/``masked_eq``, as runc compiles it (``ArgRule.bits == 64``)."""
 
     arg: int
-    op: str  # masked_eq | ne | lt | le | gt | ge
+    op: str  # eq (64-bit, OCI only) | masked_eq | ne | lt | le | gt | ge
     value: int
     mask: int = LOW32
+    also: tuple[Condition, ...] = ()
 
     @classmethod
     def of(cls, rule: ArgRule) -> Condition:
+        also = tuple(cls.of(other) for other in rule.also)
+        if rule.bits == 64:
+            mask = rule.mask if rule.op == "masked_eq" else 0
+            return cls(rule.arg, rule.op, rule.value, mask, also)
         if rule.op in ("eq", "masked_eq"):
-            return cls(rule.arg, "masked_eq", rule.value, (rule.mask if rule.op == "masked_eq" else LOW32) & LOW32)
-        return cls(rule.arg, rule.op, rule.value, 0)
+            mask = (rule.mask if rule.op == "masked_eq" else LOW32) & LOW32
+            return cls(rule.arg, "masked_eq", rule.value, mask, also)
+        return cls(rule.arg, rule.op, rule.value, 0, also)
+
+    @property
+    def parts(self) -> tuple[Condition, ...]:
+        """Every comparison of the rule (this one first), each without ``also``."""
+        return (Condition(self.arg, self.op, self.value, self.mask), *(p for c in self.also for p in c.parts))
 
     def matches(self, args: tuple[int, ...], *, width: int = 64) -> bool:
         """BPF semantics; ``width`` 32 for a 32-bit ABI, whose arguments (and libseccomp's datum) are 32 bits."""
         full = (1 << width) - 1
         raw = (args[self.arg] if self.arg < len(args) else 0) & full
-        if self.op == "masked_eq":
-            return (raw & self.mask) == self.value
         value = self.value & full
-        return {"ne": raw != value, "lt": raw < value, "le": raw <= value,
-                "gt": raw > value, "ge": raw >= value}[self.op]  # fmt: skip
+        if self.op == "masked_eq":
+            hit = (raw & self.mask & full) == value
+        else:
+            hit = {"eq": raw == value, "ne": raw != value, "lt": raw < value, "le": raw <= value,
+                   "gt": raw > value, "ge": raw >= value}[self.op]  # fmt: skip
+        return hit and all(other.matches(args, width=width) for other in self.also)
 
     def describe(self) -> str:
+        return " && ".join(part.describe_one() for part in self.parts)
+
+    def describe_one(self) -> str:
         if self.op == "masked_eq":
             mask = "" if self.mask == LOW32 else f" & {self.mask:#x}"
             return f"arg{self.arg}{mask} == {self.value:#x}"
-        symbol = {"ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}[self.op]
-        return f"arg{self.arg} {symbol} {self.value:#x}"
+        symbol = {"eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}[self.op]
+        return f"arg{self.arg} {symbol} {self.value:#x}" + (" (64-bit)" if self.op == "eq" else "")
 
 
 @dataclass(frozen=True)
@@ -214,6 +235,30 @@ class FilterPlan:
         return frozenset(strongest(combination) for combination in product(*per_filter))
 
 
+    def start_problem(self) -> str | None:
+        """Why no process can be started under these filters, or None. glibc (2.34+) creates processes and
+        threads with clone3 and falls back to clone only when clone3 fails with exactly ENOSYS
+        (sysdeps/unix/sysv/linux/clone-internal.c): any other refusal of clone3 makes posix_spawn and
+        pthread_create fail. Docker up to 20.10.9 refused clone3 with EPERM (moby fixed it in 20.10.10 with
+        a clone3 -> ENOSYS rule)."""
+        real = self.errnos(sentinel=False)
+        for action in sorted(self.results("clone3", (0,) * 6), key=lambda a: (a.kind, a.slot or "")):
+            if action.kind == "errno" and real.get(action.slot or "") != errno_module.ENOSYS:
+                number = real.get(action.slot or "", 0)
+                name = errno_module.errorcode.get(number, str(number))
+                rule = "the default action" if action.slot in (DEFAULT_KEY, None) else f"rule {action.slot}"
+                return (f"{self.source}: clone3 refused with {name}: glibc's posix_spawn and pthread_create "
+                        f"need ENOSYS there to fall back to clone, so no process can start under this policy "
+                        f"({rule} refuses it; Docker <= 20.10.9 had this bug); refuse clone3 with ENOSYS "
+                        '(OCI: {"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": 38}; TOML: '
+                        'seccomp.enosys = ["clone3"])')
+            if action.kind in ("kill_process", "kill_thread", "trap", "trace"):
+                return (f"{self.source}: clone3 answered with {action.kind.upper()}: glibc's posix_spawn needs "
+                        "ENOSYS there to fall back to clone, so no process can start under this policy; refuse "
+                        "clone3 with ENOSYS instead")
+        return None
+
+
 def errno_on(numbers: Mapping[str, int], key: str, arch: str) -> int | None:
     """The errno ``key`` returns on ``arch`` ("native", "x86", "x32") in a build's :meth:`FilterPlan.errnos`."""
     return numbers.get(f"{key}@{arch}", numbers.get(key))
@@ -240,6 +285,7 @@ class _Refusal:
     condition: Condition | None
     errno: int
     source: str
+    kind: str = "errno"  # or kill_process, kill_thread, trap, trace (OCI profiles)
 
 
 class _Planner:
@@ -273,7 +319,9 @@ class _Planner:
 
     def check_width(self, condition: Condition | None, source: str) -> None:
         # libseccomp compares only the low 32 bits of the value on x86 and x32 (see the module docstring).
-        if self.arch32 and condition is not None and condition.op != "masked_eq" and condition.value > LOW32:
+        # An OCI profile is compiled as runc compiles it, holes included: no check there.
+        if (self.policy.origin != "oci" and self.arch32 and condition is not None
+                and condition.op != "masked_eq" and condition.value > LOW32):
             arches = " and ".join(self.arch32)
             raise self.fail(source, f"value {condition.value:#x} exceeds 32 bits, and with extra_arches {arches} "
                                     f"libseccomp compares only its low 32 bits on those 32-bit ABIs, so there the "
@@ -292,8 +340,9 @@ class _Planner:
         bad_arch = self.filter_action(seccomp.bad_arch_action, BAD_ARCH_KEY, seccomp.errno)
         if applies:
             refusals = self.refusal_rules()
-            if not seccomp.is_allowlist:
-                filters.append(PlannedFilter("main", ALLOW, refusals))
+            if not seccomp.is_allowlist:  # default allow, or log (allow and write an audit line)
+                filters.append(PlannedFilter("main", default if seccomp.default_action == "log" else ALLOW,
+                                             refusals))
             else:
                 if refusals:
                     self.check_loadable(refusals)
@@ -329,13 +378,19 @@ class _Planner:
 
     def refusals(self) -> list[_Refusal]:
         seccomp = self.policy.seccomp
-        found = [_Refusal(deny_key(name), name, None, seccomp.errno, f"seccomp.deny {name}") for name in seccomp.deny]
+        own = {name: (kind, number) for name, kind, number in seccomp.deny_actions}
+        found = [_Refusal(deny_key(name), name, None, own.get(name, ("errno", seccomp.errno))[1],
+                          f"seccomp.deny {name}" if self.policy.origin != "oci" else f"profile rule {name}",
+                          own.get(name, ("errno", 0))[0]) for name in seccomp.deny]
         for rule in self.policy.rules_for_mode(self.mode):
             found.append(_Refusal(arg_key(rule), rule.syscall, Condition.of(rule), rule.errno or seccomp.errno,
-                                  self.rule_source(rule, "arg_rules")))
+                                  self.rule_source(rule, "arg_rules"), rule.action))
         for refusal in found:
             self.check_width(refusal.condition, refusal.source)
-            if self.x86 and refusal.syscall in X86_MULTIPLEXED and refusal.condition and refusal.condition.arg:
+            # runc compiles such a rule as it is, and libseccomp applies it to socketcall/ipc on i386:
+            # the hole is the profile's, and the suite must show it (no refusal here for OCI profiles).
+            multiplexed = self.x86 and refusal.syscall in X86_MULTIPLEXED
+            if self.policy.origin != "oci" and multiplexed and refusal.condition and refusal.condition.arg:
                 raise self.fail(refusal.source, f"with extra_arches x86, libseccomp also applies this rule to "
                                                 f"{X86_MULTIPLEXED[refusal.syscall]}(2), where argument "
                                                 f"{refusal.condition.arg} is a pointer to the real arguments, so "
@@ -370,7 +425,8 @@ class _Planner:
             if condition is not None and syscall in unconditional:
                 continue
             root = found[groups.root(same[0])]
-            action = self.slot(root.key, root.errno, groups.member_keys(same[0]))
+            action = (self.slot(root.key, root.errno, groups.member_keys(same[0])) if root.kind == "errno"
+                      else Action(root.kind))
             sources = tuple(dict.fromkeys(found[i].source for i in same))
             rules.append(PlannedRule(syscall, action, condition, sources))
         return tuple(rules)
@@ -402,9 +458,9 @@ class _Groups:
         if a == b:
             return
         one, other = self.refusals[first], self.refusals[second]
-        if self.refusals[a].errno != self.refusals[b].errno:
-            raise self.fail(other.source, f"returns {_errno_name(other.errno)} but {one.source} returns "
-                                          f"{_errno_name(one.errno)}, and the two {why}; give them one errno")
+        if (self.refusals[a].kind, self.refusals[a].errno) != (self.refusals[b].kind, self.refusals[b].errno):
+            raise self.fail(other.source, f"returns {_answer(other)} but {one.source} returns "
+                                          f"{_answer(one)}, and the two {why}; give them one errno")
         self.parent[b] = a
 
     def member_keys(self, index: int) -> tuple[str, ...]:
@@ -414,6 +470,10 @@ class _Groups:
 
 def _errno_name(number: int) -> str:
     return errno_module.errorcode.get(number, str(number))
+
+
+def _answer(refusal: _Refusal) -> str:
+    return _errno_name(refusal.errno) if refusal.kind == "errno" else refusal.kind.upper()
 
 
 @lru_cache(maxsize=128)

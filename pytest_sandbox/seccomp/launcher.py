@@ -253,6 +253,9 @@ class Sandbox:
     """One sandbox configuration with its spawner. Use as a context manager or call :meth:`close`."""
 
     def __init__(self, spec: SandboxSpec, *, start_timeout: float = 10.0) -> None:
+        if spec.filter is not None and spec.filter.start_problem:
+            # One clear line naming the call, instead of posix_spawn's sentinel errno from the spawner.
+            raise LaunchError(f"cannot start a sandbox ({spec.describe}): {spec.filter.start_problem}; nothing was run")
         self.spec = spec
         self._lock = threading.Lock()
         self._control, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
