@@ -162,17 +162,17 @@ def _as_args(words: Sequence[int]) -> tuple[int, tuple[int, ...]]:
 
 @dataclass(frozen=True)
 class Stack:
-    """Programs in load order. ``native_rules_only``: on the other ABIs this stack answers what its x86_64
-    rules answer for the call of the same name (a requirement that fences those ABIs off with its bad-arch
-    action still names which calls it refuses there); a name with no x86_64 number meets the rules of an
-    unknown number (an allowlist's default action, a denylist's allow)."""
+    """Programs in load order. ``native_rules_on``: ABIs ("x32", "i386") on which this stack answers what its
+    x86_64 rules answer for the call of the same name (a requirement that fences an ABI off with its
+    bad-arch action still names which calls it refuses there); a name with no x86_64 number meets the
+    rules of an unknown number (an allowlist's default action, a denylist's allow)."""
 
     programs: tuple[bytes, ...]
-    native_rules_only: bool = False
+    native_rules_on: frozenset[str] = frozenset()
 
     def call(self, abi: Abi, nr: int) -> tuple[int, int]:
         """(audit arch, nr) this stack is evaluated at for the call ``nr`` on ``abi``."""
-        if not self.native_rules_only or abi.name == "x86_64":
+        if abi.name not in self.native_rules_on:
             return abi.audit_arch, nr
         native = number_of(ABIS[0], syscall_name(abi, nr))
         return AUDIT_ARCH_X86_64, UNKNOWN_NR if native is None else native
