@@ -9,7 +9,7 @@ identity, e.g. ``proxy-nobody``.
 
 import pytest
 
-from pytest_sandbox.fixtures.loaded_filter import check_loaded_filter, loaded_filter_params  # noqa: F401
+from pytest_sandbox.fixtures.loaded_filter import loaded_filter_params
 from pytest_sandbox.fixtures.syscall import SESSION_KEY
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from pytest_sandbox.errors import SandboxError
+from pytest_sandbox.fixtures.loaded_filter import check_loaded_filter  # noqa: F401  (fixture)
 from pytest_sandbox.fixtures.network import (  # noqa: F401  (fixtures the plugin registers)
     _network_lab,
     _proxied_pool,

@@ -58,8 +58,8 @@ MEMBERSHIP: tuple[Membership, ...] = (
 )
 
 # Every category, in scorecard order (each control category after what it controls).
-CATEGORIES: tuple[str, ...] = ("syscall", "syscall-controls", "syscall-evaluation", "ssrf", "ssrf-controls", "allowlist", "egress",
-                               "inference", "smuggling")
+CATEGORIES: tuple[str, ...] = ("syscall", "syscall-controls", "syscall-evaluation", "ssrf", "ssrf-controls",
+                               "allowlist", "egress", "inference", "smuggling")
 
 SUITE_DIRECTORY = "conformance"
 

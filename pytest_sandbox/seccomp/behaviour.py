@@ -37,8 +37,8 @@ from pytest_sandbox.seccomp.bpf_eval import (
     run_stack,
 )
 
-__all__ = ["ABIS", "Abi", "ArgClass", "BehaviourDiff", "Change", "Stack", "classes", "compare", "number_of", "summarise",
-           "syscall_name", "syscall_numbers"]
+__all__ = ["ABIS", "Abi", "ArgClass", "BehaviourDiff", "Change", "Stack", "classes", "compare", "number_of",
+           "summarise", "syscall_name", "syscall_numbers"]
 
 FIRST_ARG_WORD = 2  # seccomp_data words: 0 nr, 1 arch, 2-3 instruction_pointer, 4.. args[i] low, high
 MAX_PATHS_PER_CALL = 64  # distinct argument classes explored per syscall number (the bound)
@@ -188,7 +188,7 @@ def _stack(programs: Stack | Sequence[bytes]) -> Stack:
 def classes(stacks: Sequence[Stack | Sequence[bytes]], abi: Abi, nr: int) -> tuple[ArgClass, ...]:
     """The argument classes of one call, explored over every stack at once (see the module docstring)."""
     calls = [(stack, *stack.call(abi, nr)) for stack in map(_stack, stacks)]
-    start = (0,) * 14  # ip lo/hi, args lo/hi: seccomp_data words 2..15
+    start: tuple[int, ...] = (0,) * 14  # ip lo/hi, args lo/hi: seccomp_data words 2..15
     queue = [start]
     seen = {start}
     found: dict[tuple[tuple[object, ...], ...], ArgClass] = {}
@@ -212,7 +212,7 @@ def classes(stacks: Sequence[Stack | Sequence[bytes]], abi: Abi, nr: int) -> tup
             if abi.width == 32 and c.word >= 4 and c.word % 2:
                 continue  # args.hi on i386/x32: never anything but 0 (the kernel zero-extends 32-bit registers)
             for value in _flips(c, words[index]):
-                candidate = words[:index] + (value,) + words[index + 1:]
+                candidate = (*words[:index], value, *words[index + 1:])
                 if candidate not in seen:
                     seen.add(candidate)
                     queue.append(candidate)

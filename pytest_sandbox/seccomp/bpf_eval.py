@@ -3,9 +3,10 @@
 A classic-BPF interpreter over ``struct seccomp_data`` (include/uapi/linux/seccomp.h: ``int nr; __u32 arch;
 __u64 instruction_pointer; __u64 args[6]``, 64 bytes, read as 32-bit words in host byte order), accepting
 exactly the instructions the kernel's ``seccomp_check_filter`` (kernel/seccomp.c) lets a filter hold:
-``ld`` of a seccomp_data word, ``ld``/``ldx`` of the length, of an immediate or of scratch memory, ``st``/``stx``,
-the ALU operations (add sub mul div and or xor lsh rsh with a constant or X, neg; no mod), ``ja`` and the conditional jumps ``jeq``/``jgt``/``jge``/``jset``
-with a constant or X, ``ret`` of a constant or A, ``tax``/``txa``. Anything else is refused as the kernel
+``ld`` of a seccomp_data word, ``ld``/``ldx`` of the length, of an immediate or of scratch memory,
+``st``/``stx``, the ALU operations (add sub mul div and or xor lsh rsh with a constant or X, neg; no mod),
+``ja`` and the conditional jumps ``jeq``/``jgt``/``jge``/``jset`` with a constant or X, ``ret`` of a
+constant or A, ``tax``/``txa``. Anything else is refused as the kernel
 refuses it (:class:`BpfError`), so a program this module evaluates is one the kernel would have loaded.
 
 Several filters: the kernel runs every installed filter, newest first, and keeps the return value whose
@@ -24,8 +25,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 __all__ = [
-    "ACTION_NAMES", "AUDIT_ARCH_I386", "AUDIT_ARCH_X86_64", "BpfError", "FilterResult", "Instruction", "Trace",
-    "X32_SYSCALL_BIT", "decode", "run_program", "run_stack", "seccomp_data",
+    "ACTION_NAMES", "AUDIT_ARCH_I386", "AUDIT_ARCH_X86_64", "X32_SYSCALL_BIT",
+    "BpfError", "FilterResult", "Instruction", "Trace", "decode", "run_program", "run_stack", "seccomp_data",
 ]  # fmt: skip
 
 AUDIT_ARCH_X86_64 = 0xC000003E  # include/uapi/linux/audit.h: EM_X86_64 | __AUDIT_ARCH_64BIT | LE

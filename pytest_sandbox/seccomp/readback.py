@@ -1,12 +1,13 @@
 """Read back the seccomp filters a running process actually has: ``PTRACE_SECCOMP_GET_FILTER``.
 
 ptrace(2): with ``PTRACE_SECCOMP_GET_FILTER`` (0x420c) a tracer reads the classic-BPF program of filter
-``addr`` of a stopped tracee. Index 0 is the filter installed *first* (kernel/seccomp.c ``get_nth_filter``
-counts back from the newest to the oldest; ptrace(2) words it the other way round, and tests/test_readback.py
-pins the order against a two-filter stack), and an index past the newest fails with ENOENT. The kernel (kernel/seccomp.c ``seccomp_get_filter``) demands CAP_SYS_ADMIN of the tracer and
-that the tracer itself runs without seccomp (else EACCES), and the kernel must be built with
-CONFIG_CHECKPOINT_RESTORE (else the request is unknown: EIO). The tracee is seized (``PTRACE_SEIZE``),
-stopped with ``PTRACE_INTERRUPT``, read, and detached; nothing in it runs while it is stopped.
+``addr`` of a stopped tracee. Index 0 is the filter installed *first* (kernel/seccomp.c
+``get_nth_filter`` counts back from the newest; ptrace(2) words it the other way round, and
+tests/test_readback.py pins the order against a two-filter stack), and an index past the newest fails
+with ENOENT. ``seccomp_get_filter`` demands CAP_SYS_ADMIN of the tracer and that the tracer itself runs
+without seccomp (else EACCES), and the kernel must be built with CONFIG_CHECKPOINT_RESTORE (else the
+request is unknown: EIO). The tracee is seized (``PTRACE_SEIZE``), stopped with ``PTRACE_INTERRUPT``,
+read, and detached; nothing in it runs while it is stopped.
 
 Which process: the probe runner started the way the probes are started (the same launcher, the same
 ``python3 -S -`` command and identity), told by :func:`hold_script` to name itself with a random token
@@ -26,7 +27,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Protocol
+from typing import IO, Any, Protocol
 
 from pytest_sandbox.errors import HostUnsupportedError, LaunchError
 
@@ -212,12 +213,12 @@ def read_back(launch: Callable[[], _Process], script: bytes, token: str, *,
                 pass
         try:
             process.wait(timeout=10)
-        except Exception:  # noqa: BLE001 - whatever the launcher does, it is stopped by its PID
+        except Exception:  # whatever the launcher does, it is stopped by its PID
             process.kill()
             process.wait(timeout=10)
 
 
-def _await_ready(stdout: IO[bytes], token: str, deadline: float) -> tuple[dict[str, object], str]:
+def _await_ready(stdout: IO[bytes], token: str, deadline: float) -> tuple[dict[str, Any], str]:
     buffered = b""
     identity = ""
     with selectors.DefaultSelector() as selector:
