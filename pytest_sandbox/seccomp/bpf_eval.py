@@ -137,7 +137,27 @@ def decode(program: bytes) -> tuple[Instruction, ...]:
             raise BpfError(f"instruction {pc}: jump out of the program")
     if instructions[-1].code not in (_RET_K, _RET_A):
         raise BpfError("the last instruction is not a return")
+    _check_loads_after_stores(instructions)
     return instructions
+
+
+def _check_loads_after_stores(instructions: tuple[Instruction, ...]) -> None:
+    """net/core/filter.c ``check_load_and_stores``: scratch memory is read only where every path stored it."""
+    masks = [0xFFFF] * len(instructions)
+    valid = 0
+    for pc, ins in enumerate(instructions):
+        valid &= masks[pc]
+        if ins.code in (_ST, _STX):
+            valid |= 1 << ins.k
+        elif ins.code in (_LD_MEM, _LDX_MEM) and not valid & (1 << ins.k):
+            raise BpfError(f"instruction {pc}: reads scratch memory slot {ins.k} before any store on some path")
+        elif ins.code == _JA:
+            masks[pc + 1 + ins.k] &= valid
+            valid = 0xFFFF
+        elif ins.code & 0x07 == 0x05:
+            masks[pc + 1 + ins.jt] &= valid
+            masks[pc + 1 + ins.jf] &= valid
+            valid = 0xFFFF
 
 
 def run_program(program: bytes, data: bytes, trace: Trace | None = None) -> int:
