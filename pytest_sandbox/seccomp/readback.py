@@ -100,7 +100,10 @@ def read_filters(pid: int) -> tuple[bytes, ...]:
             ctypes.set_errno(0)
             count = int(libc.ptrace(PTRACE_SECCOMP_GET_FILTER, pid, ctypes.c_void_p(index), None))
             if count < 0 and ctypes.get_errno() == errno_module.ENOENT:
-                break  # past the newest filter (or no filter at all)
+                break  # past the newest filter
+            if count < 0 and index == 0 and ctypes.get_errno() == errno_module.EINVAL and \
+                    _status_field(pid, "Seccomp") == [0]:
+                break  # seccomp_get_filter: EINVAL when the process is not in filter mode; it has no filter
             if count < 0:
                 raise ReadBackError(_explain(ctypes.get_errno(), f"PTRACE_SECCOMP_GET_FILTER {index} of pid {pid}"))
             buffer = ctypes.create_string_buffer(count * 8)
