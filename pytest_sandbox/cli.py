@@ -137,11 +137,6 @@ def diff_policies(old: Policy, new: Policy, *, modes: Sequence[str] = NETWORK_MO
         weaker += [f"{mode} mode: socket domain {name} no longer refused" for name in removed_domains]
         stronger += [f"{mode} mode: socket domain {name} now refused" for name in added_domains]
 
-    # An OCI profile says nothing about the network: compare network settings only between two policies.
-    networked = old.origin != "oci" and new.origin != "oci"
-    if networked:
-        _compare_strength("network mode", old.network.mode, new.network.mode, NETWORK_MODE_STRENGTH,
-                          weaker, stronger)
     _compare_strength("default action", o.default_action, n.default_action, ACTION_STRENGTH, weaker, stronger)
     _compare_strength("bad-arch action", o.bad_arch_action, n.bad_arch_action, ACTION_STRENGTH,
                       weaker, stronger)
@@ -152,9 +147,22 @@ def diff_policies(old: Policy, new: Policy, *, modes: Sequence[str] = NETWORK_MO
     weaker += [f"{arch} ABI now admitted by the filter (was the bad-arch action)" for arch in added]
     stronger += [f"{arch} ABI no longer admitted (now the bad-arch action)" for arch in removed]
 
-    if o.no_new_privs and not n.no_new_privs:
+    outside_weaker, outside_stronger = diff_outside_the_filter(old, new)
+    return PolicyDiff(old.name, new.name, tuple(weaker + outside_weaker), tuple(stronger + outside_stronger))
+
+
+def diff_outside_the_filter(old: Policy, new: Policy) -> tuple[list[str], list[str]]:
+    """(weaker, stronger) for what no seccomp filter expresses: no_new_privs and the network settings."""
+    weaker: list[str] = []
+    stronger: list[str] = []
+    # An OCI profile says nothing about the network: compare network settings only between two policies.
+    networked = old.origin != "oci" and new.origin != "oci"
+    if networked:
+        _compare_strength("network mode", old.network.mode, new.network.mode, NETWORK_MODE_STRENGTH,
+                          weaker, stronger)
+    if old.seccomp.no_new_privs and not new.seccomp.no_new_privs:
         weaker.append("no_new_privs disabled: setuid binaries regain privileges across execve")
-    elif n.no_new_privs and not o.no_new_privs:
+    elif new.seccomp.no_new_privs and not old.seccomp.no_new_privs:
         stronger.append("no_new_privs enabled")
 
     if networked:
@@ -171,8 +179,7 @@ def diff_policies(old: Policy, new: Policy, *, modes: Sequence[str] = NETWORK_MO
                                       (f"{r.method} {r.path}" for r in new.inference_routes))
         weaker += [f"inference route {route} now routed" for route in added]
         stronger += [f"inference route {route} no longer routed" for route in removed]
-
-    return PolicyDiff(old.name, new.name, tuple(weaker), tuple(stronger))
+    return weaker, stronger
 
 
 def format_diff_text(diff: PolicyDiff) -> str:
@@ -271,9 +278,12 @@ def _write_text(text: str, output: str | None, stdout: TextIO) -> None:
 
 
 def _command_diff(args: argparse.Namespace) -> int:
+    from pytest_sandbox.seccomp.semantic_diff import format_semantic_json, format_semantic_text, semantic_diff
+
     old, new = load_policy(args.old), load_policy(args.new)
-    diff = diff_policies(old, new, modes=(args.mode,) if args.mode else NETWORK_MODES)
-    sys.stdout.write(format_diff_json(diff) if args.format == "json" else format_diff_text(diff))
+    diff = semantic_diff(old, new, modes=(args.mode,) if args.mode else NETWORK_MODES,
+                         outside_filter=diff_outside_the_filter(old, new))
+    sys.stdout.write(format_semantic_json(diff) if args.format == "json" else format_semantic_text(diff))
     return 1 if diff.is_weaker else 0
 
 
@@ -406,7 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=_command_run)
 
     diff = commands.add_parser("diff", help="what became weaker or stronger between two policies",
-                               description="Compare two policies; exit 1 if anything became weaker, else 0.")
+                               description="Compare two policies by behaviour: both compiled filters are "
+                                           "evaluated on every syscall number (x86_64, x32, i386) and argument "
+                                           "class; network settings and no_new_privs are compared as settings. "
+                                           "Exit 1 if anything became weaker, else 0.")
     diff.add_argument("old", metavar="OLD")
     diff.add_argument("new", metavar="NEW")
     diff.add_argument("--mode", choices=NETWORK_MODES, default=None,

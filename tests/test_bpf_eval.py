@@ -27,7 +27,6 @@ from pytest_sandbox.seccomp.behaviour import ABIS, classes, syscall_numbers
 from pytest_sandbox.seccomp.bpf_eval import (
     AUDIT_ARCH_I386,
     AUDIT_ARCH_X86_64,
-    X32_SYSCALL_BIT,
     BpfError,
     FilterResult,
     decode,
@@ -103,7 +102,8 @@ def test_the_kernel_combines_filters_by_precedence_newest_first_on_a_tie():
     (b"", "non-empty"), (ins(0x06)[:5], "multiple of 8"), (ins(0x28, 0) + ins(0x06), "not allowed"),
     (ins(0x20, 64) + ins(0x06), "outside"), (ins(0x20, 2) + ins(0x06), "unaligned"), (ins(0x00), "not a return"),
     (ins(0x15, 0, 5, 0) + ins(0x06), "jump out"), (ins(0x05, 3) + ins(0x06), "jump out"),
-    (ins(0x02, 16) + ins(0x06), "scratch"), (ins(0x34, 0) + ins(0x06), "division"), (ins(0x64, 32) + ins(0x06), "shift"),
+    (ins(0x02, 16) + ins(0x06), "scratch"), (ins(0x34, 0) + ins(0x06), "division"),
+    (ins(0x64, 32) + ins(0x06), "shift"),
     (ins(0x94, 3) + ins(0x06), "not allowed"), (ins(0x21, 0) + ins(0x06), "not allowed"),
     (ins(0x15, 0, 0, 1) + ins(0x02, 1) + ins(0x60, 1) + ins(0x06), "before any store"),
 ])  # fmt: skip
@@ -231,5 +231,6 @@ def test_evaluator_agrees_with_libseccomps_simulator(label: str, program: bytes,
         ours = run_program(program, seccomp_data(nr, tokens[arch], args))
         theirs = _simulate(scmp_bpf_sim, program_file, arch, nr, args)
         if ours != theirs:
-            disagreements.append(f"{arch} nr {nr} args {[hex(a) for a in args]}: ours {ours:#x}, libseccomp {theirs:#x}")
+            shown = [hex(a) for a in args]
+            disagreements.append(f"{arch} nr {nr} args {shown}: ours {ours:#x}, libseccomp {theirs:#x}")
     assert not disagreements, disagreements[:5]

@@ -285,7 +285,7 @@ def compare(old: Stack | Sequence[bytes], new: Stack | Sequence[bytes], abis: It
     return BehaviourDiff(tuple(changes), points, calls)
 
 
-def summarise(changes: Sequence[Change], *, names_shown: int = 12) -> list[str]:
+def summarise(changes: Sequence[Change], *, names_shown: int | None = None) -> list[str]:
     """Readable lines: unconditional changes with the same ABI and results are listed as one line of names;
     conditional ones get one line per syscall and class."""
     lines: list[str] = []
@@ -299,7 +299,7 @@ def summarise(changes: Sequence[Change], *, names_shown: int = 12) -> list[str]:
         if len(names) == 1:
             lines.append(f"{names[0]} ({abi}): {old} -> {new}")
             continue
-        shown = ", ".join(names[:names_shown]) + (f", ... ({len(names) - names_shown} more)"
-                                                  if len(names) > names_shown else "")
+        limit = len(names) if names_shown is None else names_shown
+        shown = ", ".join(names[:limit]) + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
         lines.append(f"{len(names)} syscalls ({abi}): {old} -> {new}: {shown}")
     return lines

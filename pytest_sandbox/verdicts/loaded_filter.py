@@ -26,14 +26,13 @@ from pytest_sandbox.verdicts.judgement import Judgement, Outcome, Verdict
 
 __all__ = ["Prediction", "judge_agreement", "judge_coverage", "predicted_outcome"]
 
-MAX_NAMES = 2000  # every name: a failure message must name each hole
 EVALUATION_NOTE = "evaluation of the read-back filter (the live probes remain the proof)"
 
 
 def judge_coverage(diffs: Sequence[tuple[str, BehaviourDiff]], loaded: str) -> Judgement:
     """(a) ``diffs``: (what is required, requirement -> loaded filter) per requirement; ``loaded`` says
     what was read back. Every point the requirement refuses and the loaded filter lets run is named."""
-    holes = [f"{label}: {line}" for label, diff in diffs for line in summarise(diff.weaker, names_shown=MAX_NAMES)]
+    holes = [f"{label}: {line}" for label, diff in diffs for line in summarise(diff.weaker)]
     points = sum(diff.points for _, diff in diffs)
     calls = max((diff.calls for _, diff in diffs), default=0)
     required = " and ".join(label for label, _ in diffs) or "nothing"
