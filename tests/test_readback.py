@@ -138,3 +138,20 @@ def test_the_reference_enforcing_the_requirement_passes_the_evaluation():
     completed = run_evaluation(f"--sandbox-policy={requirement}", f"--sandbox-require={requirement}")
     assert completed.returncode == 0, completed.stdout[-3000:]
     assert evaluation_row(completed) == [1, 0, 0, 1, 0]
+
+
+@needs_root
+def test_a_target_that_shows_the_read_back_another_filter_than_the_probes_fails_the_agreement():
+    launcher = BROKEN / "two_faced.sh"
+    completed = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--sandbox", f"--sandbox-exec={launcher}",
+         f"--sandbox-require={BROKEN / 'requires_uselib.toml'}", "conformance/test_loaded_filter.py"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "COLUMNS": "1000", "PYTHON": sys.executable})
+    failed = failures(completed)
+    # the read-back filter itself refuses what is required: only the agreement check can see the lie
+    assert set(failed) == {"test_evaluation_agrees_with_the_live_probes"}, completed.stdout[-3000:]
+    message = failed["test_evaluation_agrees_with_the_live_probes"]
+    assert "BROKEN" in message
+    assert "ptrace-native: evaluation ERRNO(1) predicts EPERM, live probe observed" in message
+    assert evaluation_row(completed) == [1, 0, 0, 0, 1]
