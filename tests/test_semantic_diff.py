@@ -131,3 +131,25 @@ def test_a_requirement_that_fences_off_an_abi_is_judged_there_by_its_own_rules()
     assert any(c.abi == "i386" and c.syscall == "getpid" for c in as_is.weaker)  # the bad-arch kill
     assert not any(c.syscall == "getpid" for c in by_rules.weaker)  # baseline's rules do not refuse getpid
     assert any(c.abi == "i386" and c.syscall == "ptrace" for c in by_rules.weaker)
+
+
+def test_a_call_with_more_argument_classes_than_the_bound_is_reported_not_silently_cut():
+    import struct
+
+    from pytest_sandbox.seccomp.behaviour import MAX_PATHS_PER_CALL, explore
+    from pytest_sandbox.verdicts.judgement import Verdict
+    from pytest_sandbox.verdicts.loaded_filter import judge_coverage
+
+    values = range(MAX_PATHS_PER_CALL + 10)
+    body = [(0x20, 0, 0, 0), (0x15, 1, 0, 0), (0x06, 0, 0, 0x7FFF0000),  # only nr 0 (read) is ruled
+            (0x20, 0, 0, 16)]  # ld arg0 (low word)
+    for index, value in enumerate(values):  # jeq #value -> ret ERRNO(index + 1); else the next comparison
+        body += [(0x15, 0, 1, value), (0x06, 0, 0, 0x00050000 | (index + 1))]
+    body.append((0x06, 0, 0, 0x7FFF0000))
+    program = b"".join(struct.pack("<HBBI", *i) for i in body)
+    found, complete = explore(((program,),), ABIS[0], 0)
+    assert not complete and len(found) == MAX_PATHS_PER_CALL
+    diff = compare((program,), (program,))
+    assert "read (x86_64)" in diff.incomplete
+    judgement = judge_coverage([("the requirement", diff)], "loaded")
+    assert judgement.verdict is Verdict.INDETERMINATE and "read (x86_64)" in judgement.reason

@@ -37,7 +37,7 @@ from pytest_sandbox.seccomp.bpf_eval import (
     run_stack,
 )
 
-__all__ = ["ABIS", "Abi", "ArgClass", "BehaviourDiff", "Change", "Stack", "classes", "compare", "number_of",
+__all__ = ["ABIS", "Abi", "ArgClass", "BehaviourDiff", "Change", "Stack", "classes", "compare", "explore", "number_of",
            "summarise", "syscall_name", "syscall_numbers"]
 
 FIRST_ARG_WORD = 2  # seccomp_data words: 0 nr, 1 arch, 2-3 instruction_pointer, 4.. args[i] low, high
@@ -187,6 +187,11 @@ def _stack(programs: Stack | Sequence[bytes]) -> Stack:
 
 def classes(stacks: Sequence[Stack | Sequence[bytes]], abi: Abi, nr: int) -> tuple[ArgClass, ...]:
     """The argument classes of one call, explored over every stack at once (see the module docstring)."""
+    return explore(stacks, abi, nr)[0]
+
+
+def explore(stacks: Sequence[Stack | Sequence[bytes]], abi: Abi, nr: int) -> tuple[tuple[ArgClass, ...], bool]:
+    """(the classes, whether the exploration finished within its bounds: False means some may be missing)."""
     calls = [(stack, *stack.call(abi, nr)) for stack in map(_stack, stacks)]
     start: tuple[int, ...] = (0,) * 14  # ip lo/hi, args lo/hi: seccomp_data words 2..15
     queue = [start]
@@ -216,7 +221,7 @@ def classes(stacks: Sequence[Stack | Sequence[bytes]], abi: Abi, nr: int) -> tup
                 if candidate not in seen:
                     seen.add(candidate)
                     queue.append(candidate)
-    return tuple(found.values())
+    return tuple(found.values()), not queue
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,6 +260,7 @@ class BehaviourDiff:
     changes: tuple[Change, ...]
     points: int  # (syscall, ABI, class) points evaluated
     calls: int  # syscall numbers evaluated
+    incomplete: tuple[str, ...] = ()  # "name (abi)" whose argument classes hit the exploration bound
 
     def of(self, direction: str) -> tuple[Change, ...]:
         return tuple(c for c in self.changes if c.direction == direction)
@@ -271,18 +277,21 @@ class BehaviourDiff:
 def compare(old: Stack | Sequence[bytes], new: Stack | Sequence[bytes], abis: Iterable[Abi] = ABIS) -> BehaviourDiff:
     """Evaluate both stacks (programs in load order) on every syscall number and argument class."""
     changes: list[Change] = []
+    incomplete: list[str] = []
     points = calls = 0
     for abi in abis:
         for nr in syscall_numbers(abi):
             calls += 1
-            found = classes((old, new), abi, nr)
+            found, complete = explore((old, new), abi, nr)
+            if not complete:
+                incomplete.append(f"{syscall_name(abi, nr)} ({abi.name})")
             points += len(found)
             for arg_class in found:
                 before, after = arg_class.results
                 if before != after:
                     changes.append(Change(abi.name, nr, syscall_name(abi, nr), arg_class, before, after,
                                           len(found) == 1))
-    return BehaviourDiff(tuple(changes), points, calls)
+    return BehaviourDiff(tuple(changes), points, calls, tuple(incomplete))
 
 
 def summarise(changes: Sequence[Change], *, names_shown: int | None = None) -> list[str]:

@@ -39,6 +39,7 @@ class SemanticDiff:
     changed: tuple[str, ...]  # still refused, another way (errno number, errno vs kill): neither direction
     calls: int  # syscall numbers evaluated per mode (all ABIs)
     points: int  # (syscall, ABI, argument class) points evaluated, all modes
+    incomplete: tuple[str, ...] = ()  # calls whose argument classes hit the exploration bound
 
     @property
     def is_weaker(self) -> bool:
@@ -61,6 +62,7 @@ def semantic_diff(old: Policy, new: Policy, *, modes: Sequence[str] = NETWORK_MO
     found: dict[tuple[str, str], list[str]] = {}  # (direction, line) -> modes
     diffs: dict[tuple[tuple[bytes, ...], tuple[bytes, ...]], BehaviourDiff] = {}
     points = calls = 0
+    incomplete: dict[str, None] = {}
     for mode in chosen:
         pair = (compile_policy(old, mode).programs, compile_policy(new, mode).programs)
         if pair not in diffs:
@@ -68,6 +70,7 @@ def semantic_diff(old: Policy, new: Policy, *, modes: Sequence[str] = NETWORK_MO
         diff = diffs[pair]
         points += diff.points
         calls = diff.calls
+        incomplete.update(dict.fromkeys(diff.incomplete))
         for direction in DIRECTIONS:
             for line in summarise(diff.of(direction)):
                 found.setdefault((direction, line), []).append(mode)
@@ -82,7 +85,7 @@ def semantic_diff(old: Policy, new: Policy, *, modes: Sequence[str] = NETWORK_MO
 
     weaker_outside, stronger_outside = outside_filter
     return SemanticDiff(old.name, new.name, chosen, (*lines("weaker"), *weaker_outside),
-                        (*lines("stronger"), *stronger_outside), lines("changed"), calls, points)
+                        (*lines("stronger"), *stronger_outside), lines("changed"), calls, points, tuple(incomplete))
 
 
 def format_semantic_text(diff: SemanticDiff) -> str:
@@ -90,6 +93,9 @@ def format_semantic_text(diff: SemanticDiff) -> str:
     out = [f"policy diff {diff.old} -> {diff.new}",
            f"by behaviour: {diff.calls} syscall numbers on x86_64, x32 and i386 and {diff.points} argument classes "
            f"evaluated ({modes}); lines without [modes] hold in every mode compared"]
+    if diff.incomplete:
+        out.append(f"NOT FULLY EXPLORED (too many argument classes; a difference there may be missing): "
+                   f"{', '.join(diff.incomplete)}")
     if not (diff.weaker or diff.stronger or diff.changed):
         out.append("no enforcement differences")
     for title, entries in (("WEAKER", diff.weaker), ("STRONGER", diff.stronger),
@@ -103,5 +109,6 @@ def format_semantic_text(diff: SemanticDiff) -> str:
 def format_semantic_json(diff: SemanticDiff) -> str:
     return json.dumps({"old": diff.old, "new": diff.new, "modes": list(diff.modes), "weaker": list(diff.weaker),
                        "stronger": list(diff.stronger), "changed": list(diff.changed),
-                       "evaluated": {"syscall_numbers": diff.calls, "argument_classes": diff.points}},
+                       "evaluated": {"syscall_numbers": diff.calls, "argument_classes": diff.points,
+                                     "not_fully_explored": list(diff.incomplete)}},
                       indent=2) + "\n"

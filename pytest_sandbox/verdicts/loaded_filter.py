@@ -37,10 +37,15 @@ def judge_coverage(diffs: Sequence[tuple[str, BehaviourDiff]], loaded: str) -> J
     calls = max((diff.calls for _, diff in diffs), default=0)
     required = " and ".join(label for label, _ in diffs) or "nothing"
     expected = f"every call {required} refuses is refused"
+    incomplete = sorted({call for _, diff in diffs for call in diff.incomplete})
     if holes:
         count = sum(len(diff.weaker) for _, diff in diffs)
         return Judgement(Verdict.ALLOWED, f"{EVALUATION_NOTE}: the loaded filter lets {count} point(s) run that "
                          f"the requirement refuses: " + "; ".join(holes), expected, "-", loaded)
+    if incomplete:
+        return Judgement(Verdict.INDETERMINATE, f"{EVALUATION_NOTE}: no hole found, but the argument classes of "
+                         f"{', '.join(incomplete)} exceeded the exploration bound, so some may be unexamined",
+                         expected, "-", loaded)
     return Judgement(Verdict.BLOCKED, f"{EVALUATION_NOTE}: the loaded filter refuses everything {required} refuses, "
                      f"over {calls} syscall numbers on x86_64, x32 and i386 and {points} argument classes",
                      expected, "-", loaded)
