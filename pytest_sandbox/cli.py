@@ -24,7 +24,7 @@ from types import FrameType
 from typing import TextIO
 
 from pytest_sandbox.errors import SandboxError
-from pytest_sandbox.policy.diff import diff_policies, format_diff_json, format_diff_text
+from pytest_sandbox.policy.diff import diff_outside_the_filter
 from pytest_sandbox.policy.explain import explain_policy
 from pytest_sandbox.policy.load import load_policy
 from pytest_sandbox.policy.model import NETWORK_MODES, Policy
@@ -74,9 +74,12 @@ def _write_text(text: str, output: str | None, stdout: TextIO) -> None:
 
 
 def _command_diff(args: argparse.Namespace) -> int:
+    from pytest_sandbox.seccomp.semantic_diff import format_semantic_json, format_semantic_text, semantic_diff
+
     old, new = load_policy(args.old), load_policy(args.new)
-    diff = diff_policies(old, new, modes=(args.mode,) if args.mode else NETWORK_MODES)
-    sys.stdout.write(format_diff_json(diff) if args.format == "json" else format_diff_text(diff))
+    diff = semantic_diff(old, new, modes=(args.mode,) if args.mode else NETWORK_MODES,
+                         outside_filter=diff_outside_the_filter(old, new))
+    sys.stdout.write(format_semantic_json(diff) if args.format == "json" else format_semantic_text(diff))
     return 1 if diff.is_weaker else 0
 
 
@@ -209,7 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=_command_run)
 
     diff = commands.add_parser("diff", help="what became weaker or stronger between two policies",
-                               description="Compare two policies; exit 1 if anything became weaker, else 0.")
+                               description="Compare two policies by behaviour: both compiled filters are "
+                                           "evaluated on every syscall number (x86_64, x32, i386) and argument "
+                                           "class; network settings and no_new_privs are compared as settings. "
+                                           "Exit 1 if anything became weaker, else 0.")
     diff.add_argument("old", metavar="OLD")
     diff.add_argument("new", metavar="NEW")
     diff.add_argument("--mode", choices=NETWORK_MODES, default=None,

@@ -17,6 +17,7 @@ import pytest
 
 from pytest_sandbox.errors import SandboxError
 from pytest_sandbox.fixtures.conformance import check_syscall_param, sandbox_session  # noqa: F401  (fixtures)
+from pytest_sandbox.fixtures.loaded_filter import check_loaded_filter  # noqa: F401  (fixture)
 from pytest_sandbox.fixtures.network import (  # noqa: F401  (fixtures the plugin registers)
     _network_lab,
     _proxied_pool,

@@ -6,7 +6,6 @@ text and JSON renderings; the console script only loads the two policies and pri
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -97,11 +96,6 @@ def diff_policies(old: Policy, new: Policy, *, modes: Sequence[str] = NETWORK_MO
         weaker += [f"{mode} mode: socket domain {name} no longer refused" for name in removed_domains]
         stronger += [f"{mode} mode: socket domain {name} now refused" for name in added_domains]
 
-    # An OCI profile says nothing about the network: compare network settings only between two policies.
-    networked = old.origin != "oci" and new.origin != "oci"
-    if networked:
-        _compare_strength("network mode", old.network.mode, new.network.mode, NETWORK_MODE_STRENGTH,
-                          weaker, stronger)
     _compare_strength("default action", o.default_action, n.default_action, ACTION_STRENGTH, weaker, stronger)
     _compare_strength("bad-arch action", o.bad_arch_action, n.bad_arch_action, ACTION_STRENGTH,
                       weaker, stronger)
@@ -112,9 +106,25 @@ def diff_policies(old: Policy, new: Policy, *, modes: Sequence[str] = NETWORK_MO
     weaker += [f"{arch} ABI now admitted by the filter (was the bad-arch action)" for arch in added]
     stronger += [f"{arch} ABI no longer admitted (now the bad-arch action)" for arch in removed]
 
-    if o.no_new_privs and not n.no_new_privs:
+    outside_weaker, outside_stronger = diff_outside_the_filter(old, new)
+    return PolicyDiff(old.name, new.name, tuple(weaker + outside_weaker), tuple(stronger + outside_stronger))
+
+
+def diff_outside_the_filter(old: Policy, new: Policy) -> tuple[list[str], list[str]]:
+    """(weaker, stronger) for what no seccomp filter expresses: no_new_privs and the network settings.
+
+    ``pytest-sandbox diff`` compares the filters by behaviour (seccomp/semantic_diff.py) and these as settings.
+    """
+    weaker: list[str] = []
+    stronger: list[str] = []
+    # An OCI profile says nothing about the network: compare network settings only between two policies.
+    networked = old.origin != "oci" and new.origin != "oci"
+    if networked:
+        _compare_strength("network mode", old.network.mode, new.network.mode, NETWORK_MODE_STRENGTH,
+                          weaker, stronger)
+    if old.seccomp.no_new_privs and not new.seccomp.no_new_privs:
         weaker.append("no_new_privs disabled: setuid binaries regain privileges across execve")
-    elif n.no_new_privs and not o.no_new_privs:
+    elif new.seccomp.no_new_privs and not old.seccomp.no_new_privs:
         stronger.append("no_new_privs enabled")
 
     if networked:
@@ -131,21 +141,4 @@ def diff_policies(old: Policy, new: Policy, *, modes: Sequence[str] = NETWORK_MO
                                       (f"{r.method} {r.path}" for r in new.inference_routes))
         weaker += [f"inference route {route} now routed" for route in added]
         stronger += [f"inference route {route} no longer routed" for route in removed]
-
-    return PolicyDiff(old.name, new.name, tuple(weaker), tuple(stronger))
-
-
-def format_diff_text(diff: PolicyDiff) -> str:
-    lines = [f"policy diff {diff.old} -> {diff.new}"]
-    if not diff.weaker and not diff.stronger:
-        lines.append("no enforcement differences")
-    for title, entries in (("WEAKER", diff.weaker), ("STRONGER", diff.stronger)):
-        if entries:
-            lines.append(f"{title} ({len(entries)}):")
-            lines += [f"  - {entry}" for entry in entries]
-    return "\n".join(lines) + "\n"
-
-
-def format_diff_json(diff: PolicyDiff) -> str:
-    return json.dumps({"old": diff.old, "new": diff.new, "weaker": list(diff.weaker),
-                       "stronger": list(diff.stronger)}, indent=2) + "\n"
+    return weaker, stronger

@@ -43,6 +43,7 @@ class Membership:
 MEMBERSHIP: tuple[Membership, ...] = (
     Membership("test_syscalls.py", "test_forbidden_syscall_is_refused", "*", "syscall"),
     Membership("test_syscalls.py", "test_ordinary_work_still_functions", "*", "syscall-controls"),
+    Membership("test_loaded_filter.py", "*", "*", "syscall-evaluation"),
     Membership("test_ssrf.py", "test_special_use_destination_is_refused_and_public_one_is_reached", "*-ctl-*",
                "ssrf-controls"),
     Membership("test_ssrf.py", "test_absolute_request_with_private_host_header_is_judged_by_its_public_target",
@@ -57,8 +58,8 @@ MEMBERSHIP: tuple[Membership, ...] = (
 )
 
 # Every category, in scorecard order (each control category after what it controls).
-CATEGORIES: tuple[str, ...] = ("syscall", "syscall-controls", "ssrf", "ssrf-controls", "allowlist", "egress",
-                               "inference", "smuggling")
+CATEGORIES: tuple[str, ...] = ("syscall", "syscall-controls", "syscall-evaluation", "ssrf", "ssrf-controls",
+                               "allowlist", "egress", "inference", "smuggling")
 
 SUITE_DIRECTORY = "conformance"
 
