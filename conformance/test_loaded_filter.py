@@ -8,9 +8,9 @@ identity, e.g. ``proxy-nobody``.
 """
 
 import pytest
-from pytest_sandbox.fixtures.syscall import SESSION_KEY
 
 from pytest_sandbox.fixtures.loaded_filter import loaded_filter_params
+from pytest_sandbox.fixtures.stash import SESSION_KEY
 
 
 def pytest_generate_tests(metafunc):

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_sandbox.policy.model import NETWORK_MODES, load_policy
+from pytest_sandbox.policy.load import load_policy
+from pytest_sandbox.policy.model import NETWORK_MODES
 from pytest_sandbox.seccomp.behaviour import ABIS, classes, syscall_numbers
 from pytest_sandbox.seccomp.bpf_eval import (
     AUDIT_ARCH_I386,
