@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
@@ -46,6 +47,8 @@ __all__ = [
 ]
 
 DEFAULT_MAX_BODY = 10 * 2**20
+# ``reserve(n)`` is called before ``n`` more bytes are buffered; it raises to refuse them (a memory budget).
+Reserve = Callable[[int], None]
 
 
 @dataclass(frozen=True)
@@ -96,15 +99,18 @@ def _decode_headers(headers: tuple[tuple[bytes, bytes], ...]) -> tuple[tuple[str
 class _BufferedStream:
     """A byte buffer in front of a StreamReader; framing decisions never look at unread bytes."""
 
-    def __init__(self, reader: asyncio.StreamReader) -> None:
+    def __init__(self, reader: asyncio.StreamReader, reserve: Reserve | None = None) -> None:
         self.source = reader
         self.buffer = bytearray()
+        self.reserve = reserve
 
     async def fill(self) -> bool:
-        """Read more bytes; False on EOF."""
+        """Read more bytes; False on EOF. ``reserve`` (a memory budget) is charged before they are kept."""
         data = await self.source.read(READ_SIZE)
         if not data:
             return False
+        if self.reserve is not None:
+            self.reserve(len(data))
         self.buffer += data
         return True
 
@@ -178,8 +184,9 @@ class RequestReader:
         max_head: int = MAX_HEAD_BYTES,
         max_body: int = DEFAULT_MAX_BODY,
         strict: bool = True,
+        reserve: Reserve | None = None,
     ) -> None:
-        self._stream = _BufferedStream(reader)
+        self._stream = _BufferedStream(reader, reserve)
         self._max_head = max_head
         self._max_body = max_body
         self._strict = strict
@@ -275,8 +282,9 @@ class ResponseReader:
         *,
         max_head: int = MAX_RESPONSE_HEAD_BYTES,
         max_body: int = 32 * 2**20,
+        reserve: Reserve | None = None,
     ) -> None:
-        self._stream = _BufferedStream(reader)
+        self._stream = _BufferedStream(reader, reserve)
         self._max_head = max_head
         self._max_body = max_body
 

@@ -42,6 +42,7 @@ from pytest_sandbox.inference.routing import (
     route_request,
 )
 from pytest_sandbox.inference.tls import TLS_HANDSHAKE_TIMEOUT_SECONDS, TlsStream, close_tls, drain, start_tls_server
+from pytest_sandbox.network.proxy.watchdog import bounded
 from pytest_sandbox.policy.load import baseline_routes
 
 __all__ = [
@@ -61,6 +62,10 @@ MAX_RESPONSE_HEAD = 65536
 UPSTREAM_IDLE_TIMEOUT_SECONDS = 30.0
 UPSTREAM_CONNECT_TIMEOUT_SECONDS = 10.0
 RESOLVE_TIMEOUT_SECONDS = 10.0
+# After the TLS handshake, the same deadline as the egress proxy's ``idle_timeout``: a client has this
+# long to deliver each complete request (waiting, head and body), so an idle or 1-byte-per-second
+# client cannot hold an intercepted connection (slowloris).
+CLIENT_IDLE_TIMEOUT_SECONDS = 60.0
 
 # The same shapes as pytest_sandbox.network.proxy.server's: ``async resolve(name) -> address literals``, and
 # ``factory(family) -> new unconnected stream socket`` (in the lab: created inside its netns).
@@ -121,6 +126,10 @@ class UpstreamError(Exception):
         self.detail = detail
 
 
+class _ClientGone(Exception):
+    """The client stopped taking the response (hung up, reset, or stalled past the drain deadline)."""
+
+
 class InferenceInterceptor:
     """The handler for an intercepted ``CONNECT inference.local:443`` connection.
 
@@ -143,8 +152,10 @@ class InferenceInterceptor:
         record: DecisionRecorder,
         close_on_denied: bool = True,
         strict_framing: bool = True,
+        idle_timeout: float = CLIENT_IDLE_TIMEOUT_SECONDS,
     ) -> None:
         self.ca = ca
+        self.idle_timeout = idle_timeout
         self.backend = backend
         self.close_on_denied = close_on_denied
         self.strict_framing = strict_framing
@@ -174,7 +185,12 @@ class InferenceInterceptor:
         )
         while True:
             try:
-                request = await requests.next_request()
+                request = await bounded(requests.next_request(), self.idle_timeout)
+            except (TimeoutError, asyncio.TimeoutError):
+                if requests.leftover():  # part of a request arrived, the rest did not: slowloris
+                    self._decide("client_timeout", "error", 0,
+                                 detail=f"no complete request within {self.idle_timeout} s")
+                return
             except FramingViolation as violation:
                 # RFC 9112 §6.1/§11.2: after a framing error the stream cannot be trusted; answer
                 # and close, never parse another byte of it.
@@ -227,6 +243,11 @@ class InferenceInterceptor:
             return await self._exchange(
                 upstream_request, request, upstream_reader, upstream_writer, client, facts
             )
+        except _ClientGone as gone:
+            # The client's side ended the exchange: not the backend's fault (never upstream_protocol_error).
+            facts["detail"] += f": {gone}"
+            self._decide("client_closed_mid_response", "error", 0, **facts)
+            return False
         finally:
             upstream_writer.transport.abort()
 
@@ -266,8 +287,7 @@ class InferenceInterceptor:
             keep_open = False
         if not keep_open:
             headers.append(("connection", "close"))
-        client.write(_response_head(response.status_code, response.reason, headers))
-        await drain(client)
+        await _to_client(client, _response_head(response.status_code, response.reason, headers))
         if not has_body:
             return keep_open
         try:
@@ -287,7 +307,11 @@ class InferenceInterceptor:
         for address in addresses:
             family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
             sockaddr = (str(address), self.backend.port)
-            sock = self._socket_factory(family)
+            try:
+                sock = self._socket_factory(family)
+            except Exception as error:  # EMFILE, a closed lab helper: answered 502 and recorded, not raised
+                failures.append(f"{address}: no socket to dial from: {type(error).__name__}: {error}")
+                continue
             sock.setblocking(False)
             try:
                 await asyncio.wait_for(loop.sock_connect(sock, sockaddr), UPSTREAM_CONNECT_TIMEOUT_SECONDS)
@@ -393,15 +417,22 @@ async def _relay_body(
                 raise EOFError(f"response larger than {MAX_RESPONSE_BODY} bytes")
             if event.data:
                 # Written at once: an SSE token must not wait for the rest of the stream.
-                client.write(b"%x\r\n%b\r\n" % (len(event.data), event.data) if chunked else event.data)
-                await drain(client)
+                await _to_client(client, b"%x\r\n%b\r\n" % (len(event.data), event.data) if chunked else event.data)
         elif isinstance(event, h11.EndOfMessage):
             if chunked:
-                client.write(b"0\r\n\r\n")  # upstream trailers are dropped, never merged
-                await drain(client)
+                await _to_client(client, b"0\r\n\r\n")  # upstream trailers are dropped, never merged
             return
         else:
             raise EOFError(f"unexpected upstream event {type(event).__name__}")
+
+
+async def _to_client(client: asyncio.StreamWriter, data: bytes) -> None:
+    """Write to the client, bounded; its failure is the client's (:class:`_ClientGone`), not the backend's."""
+    try:
+        client.write(data)
+        await drain(client)
+    except (OSError, RuntimeError, asyncio.TimeoutError) as error:
+        raise _ClientGone(f"client stopped reading mid-response: {type(error).__name__}: {error}") from None
 
 
 def _response_head(status: int, reason: bytes, headers: Iterable[tuple[str, str]]) -> bytes:

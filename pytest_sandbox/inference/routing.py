@@ -50,6 +50,8 @@ REASONS: dict[str, str] = {
     "upstream_protocol_error": "the backend sent a malformed or oversized response, or went idle",
     "request_not_forwardable": "the request could not be re-serialised for the backend",
     "client_closed_mid_request": "the client closed the connection in the middle of a request",
+    "client_timeout": "the client did not deliver a complete request within the idle deadline (slowloris)",
+    "client_closed_mid_response": "the client hung up or stopped reading while the response was relayed",
 }
 
 # The fields the interceptor always writes itself (plus the hop-by-hop ones http.fields drops).

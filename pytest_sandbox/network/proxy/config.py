@@ -65,6 +65,19 @@ class ProxyConfig:
     connect_timeout: float = 10.0
     upstream_timeout: float = 60.0  # seconds to wait for a complete upstream response
     resolve_timeout: float = 5.0
+    # Bytes of request and response bodies (and heads) the proxy may hold buffered at once, across every
+    # connection. A request that would go over it is answered 503 ``memory_budget`` and closed; one
+    # connection alone is still bounded by max_head + max_body (request) or max_response_body (response).
+    memory_budget: int = 256 * 2**20
+    # Decisions kept; older ones are dropped oldest first and counted per reason (``decision_summary``).
+    max_decisions: int = 100_000
+
+    def __post_init__(self) -> None:
+        if self.memory_budget < self.max_head:
+            raise ValueError(f"memory_budget ({self.memory_budget}) must hold at least one head (max_head "
+                             f"{self.max_head}); raise memory_budget")
+        if self.max_decisions < 1:
+            raise ValueError(f"max_decisions must be at least 1, got {self.max_decisions}")
 
     @classmethod
     def from_policy(cls, policy: Policy, **settings: Any) -> ProxyConfig:
@@ -87,6 +100,6 @@ class Decision:
     status: int
     reason: str  # routed, intercepted, unjudged, ssrf_denied, policy_denied, malformed_target,
     # https_absolute_form, header_too_large, upstream_unreachable, upstream_protocol_error,
-    # resolution_failed, framing:<case>
+    # resolution_failed, memory_budget, client_closed, framing:<case>
     detail: str
     addresses: tuple[str, ...]

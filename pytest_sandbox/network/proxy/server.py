@@ -21,6 +21,7 @@ OpenShell's absolute-form path did at PR #819).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import ipaddress
@@ -36,6 +37,7 @@ from pytest_sandbox.http.framing import FramingViolation
 from pytest_sandbox.http.streams import (
     Request,
     RequestReader,
+    Reserve,
     Response,
     ResponseReader,
     write_response,
@@ -137,10 +139,11 @@ class _Upstream:
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
     max_body: int = 32 * 2**20
+    reserve: Reserve | None = None  # the proxy's memory budget, charged per byte buffered
     responses: ResponseReader = field(init=False)
 
     def __post_init__(self) -> None:
-        self.responses = ResponseReader(self.reader, max_body=self.max_body)
+        self.responses = ResponseReader(self.reader, max_body=self.max_body, reserve=self.reserve)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -166,8 +169,16 @@ class EgressProxy:
         self._route_socket_factory = route_socket_factory
         self._connect_interceptor = connect_interceptor
         self._lock = threading.Lock()
-        self._decisions: list[Decision] = []
+        # Bounded (config.max_decisions): the oldest are dropped first and counted per reason, so the
+        # evidence is summarised, never silently lost (``decision_summary``, ``decisions_since``).
+        self._decisions: collections.deque[Decision] = collections.deque()
+        self._dropped: collections.Counter[str] = collections.Counter()
+        self._dropped_through = 0  # the highest seq no longer held (0: none dropped)
         self._seq = itertools.count(1)
+        # Bytes buffered for requests and responses across every connection (config.memory_budget).
+        # Touched only on the proxy's event loop; read from other threads as a plain int.
+        self.buffered_bytes = 0
+        self.peak_buffered_bytes = 0
         self._listening: set[tuple[str, int]] = set()  # as bound: a wildcard stays 0.0.0.0 / ::
         self._listening_ports: frozenset[int] = frozenset()
         self._classified: dict[str, AddressVerdict] = {}
@@ -184,9 +195,33 @@ class EgressProxy:
 
     @property
     def decisions(self) -> list[Decision]:
-        """A copy of every decision so far, in order (safe to call from any thread)."""
+        """A copy of every decision still held, in order (safe to call from any thread). At most
+        ``config.max_decisions``; what was dropped is in :attr:`decision_summary`."""
         with self._lock:
             return list(self._decisions)
+
+    @property
+    def decision_summary(self) -> dict[str, int]:
+        """How many decisions were dropped from the bounded log, per reason code."""
+        with self._lock:
+            return dict(self._dropped)
+
+    @property
+    def last_seq(self) -> int:
+        """The seq of the latest decision (0 before any): a mark for :meth:`decisions_since`."""
+        with self._lock:
+            return self._decisions[-1].seq if self._decisions else self._dropped_through
+
+    def decisions_since(self, mark: int) -> list[Decision]:
+        """Every decision with ``seq > mark``; raises LookupError if any of them was already dropped,
+        so a judge can never mistake evicted evidence for an absent decision."""
+        with self._lock:
+            if mark < self._dropped_through:
+                raise LookupError(
+                    f"decisions {mark + 1}..{self._dropped_through} were dropped from the bounded log "
+                    f"(max_decisions={self.config.max_decisions}; dropped per reason: {dict(self._dropped)})"
+                )
+            return [decision for decision in self._decisions if decision.seq > mark]
 
     def self_addresses(self) -> set[tuple[str, int]]:
         """The (address, port) pairs this proxy listens on, as bound; dialling one is a self-connection.
@@ -276,6 +311,9 @@ class EgressProxy:
             await self._serve_client(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError, asyncio.TimeoutError):
             pass
+        except OSError as error:  # e.g. EMFILE while answering: recorded, never an unhandled task error
+            self._record(self._peer_name(writer), None, authority=None, action="error", status=0,
+                         reason="client_io_failed", detail=f"{type(error).__name__}: {error}")
         finally:
             self._client_tasks.discard(task)
             writer.close()
@@ -287,7 +325,12 @@ class EgressProxy:
         status: int, reason: str, detail: str, addresses: tuple[str, ...] = (),
     ) -> None:
         with self._lock:
-            self._decisions.append(
+            decisions = self._decisions
+            if len(decisions) >= self.config.max_decisions:
+                dropped = decisions.popleft()
+                self._dropped[dropped.reason] += 1
+                self._dropped_through = dropped.seq
+            decisions.append(
                 Decision(
                     seq=next(self._seq),
                     client=client,
@@ -312,16 +355,39 @@ class EgressProxy:
 
     # --- one client connection ----------------------------------------------------------------
 
-    async def _serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    @staticmethod
+    def _peer_name(writer: asyncio.StreamWriter) -> str:
         peer = writer.get_extra_info("peername")
-        conn = _Client(
-            name=f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer),
-            reader=reader,
-            writer=writer,
-            requests=RequestReader(reader, max_head=self.config.max_head, max_body=self.config.max_body,
-                                   strict=self.config.strict_framing),
-            watchdog=Watchdog(asyncio.get_running_loop()),
-        )
+        return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+
+    def _budget(self, conn: _Client) -> Reserve:
+        """The memory budget as ``reserve(n)`` for ``conn``'s readers: charged before bytes are kept,
+        refused (503, the connection closed) when every connection together would exceed it."""
+        budget = self.config.memory_budget
+
+        def reserve(size: int) -> None:
+            held = self.buffered_bytes + size
+            if held > budget:
+                raise _Refused(Refusal(503, "memory_budget", f"the proxy holds {self.buffered_bytes} buffered "
+                                       f"bytes; {size} more would exceed memory_budget={budget}"))
+            self.buffered_bytes = held
+            conn.held += size
+            if held > self.peak_buffered_bytes:
+                self.peak_buffered_bytes = held
+
+        return reserve
+
+    def _release(self, conn: _Client) -> None:
+        """Give back what ``conn`` was charged: its request has been answered (or it is gone)."""
+        self.buffered_bytes -= conn.held
+        conn.held = 0
+
+    async def _serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = _Client(name=self._peer_name(writer), reader=reader, writer=writer,
+                       watchdog=Watchdog(asyncio.get_running_loop()))
+        conn.budget = budget = self._budget(conn)
+        conn.requests = RequestReader(reader, max_head=self.config.max_head, max_body=self.config.max_body,
+                                      strict=self.config.strict_framing, reserve=budget)
         idle_timeout, abort_client = self.config.idle_timeout, writer.transport.abort
         try:
             while True:
@@ -333,16 +399,23 @@ class EgressProxy:
                     self._record_refusal(conn.name, None, None, refusal)
                     await self._refuse(conn, refusal)
                     return
+                except _Refused as refused:  # the memory budget, while reading the request
+                    self._record_refusal(conn.name, None, None, refused.refusal)
+                    await self._refuse(conn, refused.refusal)
+                    return
                 finally:
                     conn.watchdog.disarm()
                 if request is None:
                     return
                 if request.method == "CONNECT":
+                    self._release(conn)  # a tunnel relays without buffering
                     await self._handle_connect(conn, request)
                     return
                 if not await self._handle_forward(conn, request):
                     return
+                self._release(conn)
         finally:
+            self._release(conn)
             conn.watchdog.close()
             for upstream in conn.upstreams.values():
                 upstream.close()
@@ -488,7 +561,11 @@ class EgressProxy:
             ip = ipaddress.ip_address(address)
             family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
             sockaddr: tuple[Any, ...] = (address, port, 0, 0) if ip.version == 6 else (address, port)
-            sock = self._socket_factory(family)
+            try:
+                sock = self._socket_factory(family)
+            except Exception as error:  # EMFILE, a closed lab helper: answered 502 and recorded, not raised
+                failures.append(f"{address}: no socket to dial from: {type(error).__name__}: {error}")
+                continue
             try:
                 await bounded(_connect_socket(sock, sockaddr), self.config.connect_timeout)
             except (OSError, TimeoutError, asyncio.TimeoutError) as error:
@@ -498,7 +575,7 @@ class EgressProxy:
             return sock, address
         raise _Refused(Refusal(502, "upstream_unreachable", f"port {port}: " + "; ".join(failures), addresses))
 
-    async def _dial(self, addresses: tuple[str, ...], port: int) -> _Upstream:
+    async def _dial(self, conn: _Client, addresses: tuple[str, ...], port: int) -> _Upstream:
         sock, address = await self._dial_socket(addresses, port)
         try:
             reader, writer = await asyncio.open_connection(sock=sock, limit=_STREAM_LIMIT)
@@ -506,7 +583,8 @@ class EgressProxy:
             sock.close()
             raise _Refused(Refusal(502, "upstream_unreachable", f"{address} port {port}: {error}",
                                    addresses)) from None
-        return _Upstream((address, port), reader, writer, max_body=self.config.max_response_body)
+        return _Upstream((address, port), reader, writer, max_body=self.config.max_response_body,
+                         reserve=conn.budget)
 
     async def _exchange(
         self, conn: _Client, request: Request, authority: Authority, path: str, addresses: tuple[str, ...],
@@ -521,7 +599,7 @@ class EgressProxy:
             upstream = next((conn.upstreams.pop((a, port)) for a in addresses if (a, port) in conn.upstreams), None)
             reused = upstream is not None
             if upstream is None:
-                upstream = await self._dial(addresses, port)
+                upstream = await self._dial(conn, addresses, port)
             conn.watchdog.arm(self.config.upstream_timeout, upstream.writer.transport.abort)
             try:
                 upstream.writer.write(data)
@@ -530,6 +608,9 @@ class EgressProxy:
                 upstream.close()
                 raise _Refused(Refusal(502, "upstream_protocol_error",
                                        f"upstream {upstream.key[0]} sent bad framing: {violation}")) from None
+            except _Refused:  # the memory budget, mid-response: this upstream's framing is lost
+                upstream.close()
+                raise
             except (OSError, asyncio.IncompleteReadError) as error:
                 upstream.close()
                 if conn.watchdog.expired:
@@ -647,10 +728,12 @@ class _Client:
     name: str
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
-    requests: RequestReader
     watchdog: Watchdog
+    requests: RequestReader = field(init=False)
     upstreams: dict[tuple[str, int], _Upstream] = field(default_factory=dict)  # idle, by checked key
     first_upstream: _Upstream | None = None  # weakened mode: where later requests ride
+    held: int = 0  # bytes charged to the proxy's memory budget for the request in progress
+    budget: Reserve | None = None  # the proxy's memory budget as charged to this connection
 
 
 def _encode_fields(headers: tuple[tuple[str, str], ...]) -> tuple[tuple[bytes, bytes], ...]:
