@@ -111,7 +111,8 @@ def run_origin(http_fd: int, sink_fd: int) -> None:
 
 
 def run_reference(port: int) -> None:
-    from pytest_sandbox.network.proxy.server import EgressProxy, ProxyConfig
+    from pytest_sandbox.network.proxy.config import ProxyConfig
+    from pytest_sandbox.network.proxy.server import EgressProxy
     from pytest_sandbox.network.route_lookup import local_route_socket
 
     async def resolve(name: str) -> list[str]:

@@ -18,12 +18,14 @@ import pytest
 
 from pytest_sandbox.fixtures.network import LAB_PORTS, RunningProxy, VerdictCheck
 from pytest_sandbox.fixtures.syscall import SESSION_KEY
+from pytest_sandbox.http.responses import parse_head
 from pytest_sandbox.network.lab.lab import LAB_PUBLIC_ORIGINS, NetworkLab
 from pytest_sandbox.policy.model import Policy, baseline_policy
-from pytest_sandbox.probes.allowlist import AllowlistProbe, allowlist_probes, judge_allowlist_probe
-from pytest_sandbox.probes.ssrf import ATTEMPT_TIMEOUT_SECONDS, parse_reply
+from pytest_sandbox.probes.allowlist import allowlist_probes
+from pytest_sandbox.probes.ssrf import ATTEMPT_TIMEOUT_SECONDS
 from pytest_sandbox.report.categories import CategoryNotRun
 from pytest_sandbox.session import SandboxSession
+from pytest_sandbox.verdicts.allowlist import AllowlistProbe, judge_allowlist_probe
 
 CATEGORY = "allowlist"
 # A proxy that refuses and then dials anyway (issue #8 item 2) is caught if it dials within this.
@@ -114,7 +116,7 @@ def test_proxy_reaches_what_the_policy_allows_and_refuses_the_rest_before_dialli
                 data += chunk
         except OSError:
             pass
-    status = parse_reply(data).status
+    status = parse_head(data).status
     if status != 200:
         time.sleep(LATE_DIAL_GRACE_SECONDS)
     dialled = sum(probe_listeners.connections(address, allowlist_probe.port) for address in addresses) - before

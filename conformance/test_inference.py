@@ -21,23 +21,21 @@ import pytest
 
 from pytest_sandbox.fixtures.network import INFERENCE_ROUTE_KEY, InterceptionTrust, RunningProxy, VerdictCheck
 from pytest_sandbox.fixtures.syscall import SESSION_KEY
+from pytest_sandbox.http.responses import ParsedResponse, parse_head
 from pytest_sandbox.inference.fake_backend import FakeInferenceBackend
 from pytest_sandbox.inference.routes import InferenceRoute, RouteProbe, match_route, route_probes
 from pytest_sandbox.network.lab.lab import NetworkLab
 from pytest_sandbox.policy.model import Policy, baseline_policy
-from pytest_sandbox.probes.smuggling import (
-    ParsedResponse,
+from pytest_sandbox.probes.inference import (
     answer_to,
     closes_without_more_bytes,
     inference_request,
-    is_inference_refusal,
-    judge_backend_record,
     open_inference_tunnel,
     send_and_read,
 )
-from pytest_sandbox.probes.ssrf import parse_reply
 from pytest_sandbox.report.categories import CategoryNotRun
 from pytest_sandbox.session import SandboxSession
+from pytest_sandbox.verdicts.inference import is_inference_refusal, judge_backend_record
 from pytest_sandbox.verdicts.judgement import Judgement, Verdict
 
 # The lab, proxy and verdict fixtures come from the plugin (rebinding them here would start a second
@@ -190,7 +188,7 @@ def test_connect_to_inference_local_on_another_port_follows_the_ordinary_policy(
         data = b""
         while chunk := sock.recv(65536):
             data += chunk
-    reply = parse_reply(data)
+    reply = parse_head(data)
     decisions = sandbox_proxy.decisions[decisions_before:]
     reasons = [decision.reason for decision in decisions]
     ok = (reply.status is not None and reply.status >= 400 and "intercepted" not in reasons

@@ -2,7 +2,7 @@
 
 Ids are ``absolute-<case>`` (the catalogue's bytes to the proxy, ``{host}`` a lab public origin,
 ``{denied}`` the 10.0.0.1 canary) and ``tunnel-<case>`` (the same trick inside the intercepted
-``CONNECT inference.local:443`` TLS tunnel, adapted by ``inference_suite.tunnel_payload``). Each
+``CONNECT inference.local:443`` TLS tunnel, its targets and body filled by the catalogue's ``TUNNEL_FORM``). Each
 asserts the status sequence, that the refusal was written by the proxy (no origin mark), the close
 (EOF before the deadline), that a follow-up request gets nothing after a close, and that the bytes
 the origin or the fake backend received frame strictly into exactly the catalogue's allowed
@@ -25,16 +25,10 @@ import pytest
 from pytest_sandbox.fixtures.network import INFERENCE_ROUTE_KEY, InterceptionTrust, RunningProxy, VerdictCheck
 from pytest_sandbox.inference.fake_backend import FakeInferenceBackend
 from pytest_sandbox.network.lab.lab import NetworkLab
-from pytest_sandbox.probes.smuggling import (
-    SmugglingAttempt,
-    build_attempts,
-    inference_request,
-    judge_backend_record,
-    open_inference_tunnel,
-    run_smuggling_campaign,
-    send_and_read,
-)
+from pytest_sandbox.probes.inference import inference_request, open_inference_tunnel, send_and_read
+from pytest_sandbox.probes.smuggling import SmugglingAttempt, build_attempts, run_smuggling_campaign
 from pytest_sandbox.session import SandboxSession
+from pytest_sandbox.verdicts.inference import judge_backend_record
 from pytest_sandbox.verdicts.judgement import Judgement
 
 # The lab, proxy and verdict fixtures come from the plugin (rebinding them here would start a second

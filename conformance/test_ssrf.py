@@ -8,7 +8,7 @@ keep-alive reuse, Host vs request-target, mixed DNS answers and DNS rebinding (n
 proxy's own address is in ``test_ssrf_self.py``. Runs only with ``--sandbox``.
 
 Evidence: the exchanges of every selected test in this module run as one campaign on first use
-(:func:`pytest_sandbox.probes.ssrf.run_ssrf_campaign`): back to back, each with its own nonce, then
+(:func:`pytest_sandbox.probes.ssrf_exchanges.run_ssrf_campaign`): back to back, each with its own nonce, then
 the grace period, then every catch-all hit is attributed to the exchange that caused it (late dials
 included); each test then reports its own verdict. Hits no verdict accounted for fail the session
 when the lab closes.
@@ -18,21 +18,18 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_sandbox.probes.ssrf import (
-    Attempt,
-    AttemptExchange,
-    SsrfExchange,
-    SsrfVerdict,
-    build_attempts,
-    run_ssrf_campaign,
-)
+from pytest_sandbox.probes.ssrf import Attempt, build_attempts
 from pytest_sandbox.probes.ssrf_exchanges import (
+    AttemptExchange,
     HostMismatchControl,
     HostMismatchDenial,
     KeepAliveFollowUp,
     MixedAnswers,
     Rebinding,
+    SsrfExchange,
+    SsrfVerdict,
     custom_case,
+    run_ssrf_campaign,
 )
 
 _case = custom_case

@@ -28,7 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a command: the tree under test
 
 from pytest_sandbox.network.lab.attribution import NONCE_HEADER
-from pytest_sandbox.network.proxy.server import Decision, EgressProxy, ProxyConfig
+from pytest_sandbox.network.proxy.config import Decision, ProxyConfig
+from pytest_sandbox.network.proxy.server import EgressProxy
 from pytest_sandbox.network.route_lookup import local_route_socket
 
 DELAY_SECONDS = 0.2

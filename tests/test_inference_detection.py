@@ -1,8 +1,8 @@
 """Detection proof for the smuggling and inference suites: weakened proxies fail exactly their cases.
 
 Each weakened reference proxy runs in the same lab as the conformance one, with the same
-interception and fake backend; the suite must flag precisely the cases its hole opens (as the
-catalogue's ``holes`` say) and keep passing every other case, and each failure names its case.
+interception and fake backend; the suite must flag precisely the cases the catalogue says it fails
+(its ``holes`` and ``also_failed_by``) and keep passing every other case, and each failure names its case.
 squid and tinyproxy are then run through the plain absolute-form cases inside the lab and their
 results recorded, not asserted: they are third parties, and what they do is the finding.
 """
@@ -18,6 +18,7 @@ import pytest
 
 from pytest_sandbox.catalogues.smuggling import FIRST_REQUEST_ONLY, H11_ONLY, SMUGGLING_CASES, case_by_id
 from pytest_sandbox.fixtures.network import RunningProxy, interception_of, lab_proxy_config, start_proxy
+from pytest_sandbox.http.responses import parse_responses
 from pytest_sandbox.http.upstream import UpstreamRequest, UpstreamSegment
 from pytest_sandbox.network.lab.lab import NetworkLab
 from pytest_sandbox.network.third_party import squid_command, start_proxy_command, tinyproxy_command
@@ -25,16 +26,13 @@ from pytest_sandbox.probes.smuggling import (
     ABSOLUTE,
     PATHS,
     TUNNEL,
-    Exchange,
     SmugglingAttempt,
     build_attempts,
-    cases_failed_by,
-    judge_exchange,
-    parse_responses,
     run_smuggling_campaign,
     tunnel_payload,
 )
 from pytest_sandbox.verdicts.judgement import Judgement, Verdict
+from pytest_sandbox.verdicts.smuggling import KEEP_READING_AFTER_DENIAL, Exchange, cases_failed_by, judge_exchange
 
 PUBLIC_ORIGIN = "11.0.0.10"
 DENIED_CANARY = "10.0.0.1"
@@ -42,7 +40,6 @@ DENIED_CANARY = "10.0.0.1"
 DETECTION_TIMEOUT_SECONDS = 1.0
 THIRD_PARTY_TIMEOUT_SECONDS = 0.75
 THIRD_PARTY_START_SECONDS = 10.0
-KEEP_READING_AFTER_DENIAL = "keep-reading-after-denial"
 SMUGGLING_CASES_BY_ID = {case.case_id: case for case in SMUGGLING_CASES}
 
 
@@ -106,50 +103,12 @@ def test_proxy_judging_only_the_first_request_fails_exactly_the_first_request_on
         assert judgements[case_id].reason.startswith(f"{case_id}:"), judgements[case_id].reason
 
 
-# Cases the h11-only weakening also fails although the catalogue does not (yet) mark them
-# ``h11-only``: the weakened proxy really lets them through or answers them differently, so the
-# detection is right and the catalogue's ``holes`` field is incomplete. Each row says why.
-H11_ONLY_BEYOND_THE_CATALOGUE: dict[str, str] = {
-    "cl-duplicate-same": "h11 0.16 accepts identical duplicate Content-Length fields (network.md §5): forwarded",
-    "connection-lists-content-length": "refusing framing fields in Connection (RFC 9110 §7.6.1) is the strict "
-                                       "reader's own check: forwarded",
-    "connection-lists-host": "as above, for Host: forwarded",
-    "head-too-large-after-good-request": "the 8 KiB head limit is the strict reader's; h11 allows 16 KiB: forwarded",
-    "upgrade-h2c": "refusing h2c is the strict reader's check; h11 passes the Upgrade header: forwarded",
-    "cl-malformed-overflow": "h11 rejects the value, but the h11-only path neither answers nor closes",
-    "te-duplicate-header": "h11 refuses two Transfer-Encoding fields with 501, not the catalogued 400",
-    "chunk-size-overflow": "h11 takes a 17-hex-digit chunk size and waits for 2**64 bytes: no answer, no close",
-}
-# Inside the tunnel h11 accepts '#', '\\' and userinfo in the target; the interceptor's route
-# matcher then refuses them with 403 instead of the framing check's 400 (nothing is forwarded).
-H11_ONLY_BEYOND_THE_CATALOGUE_IN_TUNNEL: dict[str, str] = {
-    "target-fragment": "refused 403 by routing, not 400 by framing",
-    "target-backslash": "refused 403 by routing, not 400 by framing",
-    "target-userinfo": "refused 403 by routing, not 400 by framing",
-}
-
-
-def h11_only_failures(path: str) -> set[str]:
-    extra = set(H11_ONLY_BEYOND_THE_CATALOGUE)
-    if path == TUNNEL:
-        extra |= set(H11_ONLY_BEYOND_THE_CATALOGUE_IN_TUNNEL)
-    return cases_failed_by(H11_ONLY, path) | extra
-
-
-def test_cases_listed_beyond_the_catalogue_are_not_already_marked_h11_only() -> None:
-    """When the catalogue gains these holes, the local lists above must shrink (no stale entries)."""
-    marked = {case.case_id for case in SMUGGLING_CASES if H11_ONLY in case.holes}
-    listed = set(H11_ONLY_BEYOND_THE_CATALOGUE) | set(H11_ONLY_BEYOND_THE_CATALOGUE_IN_TUNNEL)
-    assert listed <= {case.case_id for case in SMUGGLING_CASES}
-    assert not listed & marked
-
-
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("weakened_proxy", [({"strict_framing": False}, True, 3153)], indirect=True)
 def test_proxy_and_interceptor_with_h11_framing_only_fail_exactly_the_h11_only_cases(
         weakened_proxy: RunningProxy, path: str) -> None:
-    expected = h11_only_failures(path)
-    assert len(cases_failed_by(H11_ONLY, path)) >= 15
+    expected = cases_failed_by(H11_ONLY, path)  # the catalogue's holes and also_failed_by rows
+    assert len({case.case_id for case in SMUGGLING_CASES if H11_ONLY in case.holes}) >= 15
     judgements = judge_all(weakened_proxy, path)
     assert failing(judgements) == expected, {k: judgements[k].reason for k in failing(judgements) ^ expected}
     for case_id in expected:

@@ -20,20 +20,19 @@ import httpx
 import pytest
 import trustme
 
+from pytest_sandbox.inference.ca import InterceptionCA
 from pytest_sandbox.inference.fake_backend import FakeInferenceBackend
-from pytest_sandbox.inference.interceptor import (
-    InferenceBackendConfig,
-    InferenceInterceptor,
-    InterceptionCA,
-    forwardable_request_headers,
-    forwardable_response_headers,
-    is_inference_authority,
-)
+from pytest_sandbox.inference.interceptor import InferenceBackendConfig, InferenceInterceptor
 from pytest_sandbox.inference.routes import (
     DEFAULT_ROUTES,
     InferenceRoute,
     match_route,
     parse_request_target,
+)
+from pytest_sandbox.inference.routing import (
+    forwardable_request_headers,
+    forwardable_response_headers,
+    is_inference_authority,
 )
 
 # --------------------------------------------------------------------------------------------------

@@ -41,7 +41,8 @@ from pytest_sandbox.network.dns_stub import (
     parse_query,
     parse_response,
 )
-from pytest_sandbox.network.lab.lab import LAB_PUBLIC_ORIGINS, ORIGIN_RECORD_LIMIT, NetworkLab
+from pytest_sandbox.network.lab.lab import LAB_PUBLIC_ORIGINS, NetworkLab
+from pytest_sandbox.network.lab.origin import ORIGIN_RECORD_LIMIT
 from pytest_sandbox.network.netns import (
     HARNESS_MARK,
     NetnsHolder,
@@ -838,7 +839,7 @@ def test_two_labs_with_the_same_canary_are_independent() -> None:
 @needs_netns
 def test_closing_a_lab_stops_its_helper_and_loop_thread() -> None:
     lab = NetworkLab.start(["10.0.0.1"], public_origins=())
-    pid, thread = lab.holder.pid, lab._thread
+    pid, thread = lab.holder.pid, lab._loop_thread.thread
     listening = [listener.sock for listener in lab._listeners.values()]
     lab.close()
     lab.close()

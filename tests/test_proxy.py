@@ -31,8 +31,9 @@ from pytest_sandbox.catalogues.smuggling import (
     render,
 )
 from pytest_sandbox.network.addresses import AddressVerdict, classify_address
-from pytest_sandbox.network.proxy import server as proxy_module
-from pytest_sandbox.network.proxy.server import EgressProxy, ProxyConfig
+from pytest_sandbox.network.proxy import relay
+from pytest_sandbox.network.proxy.config import ProxyConfig
+from pytest_sandbox.network.proxy.server import EgressProxy
 from pytest_sandbox.network.route_lookup import local_route_socket
 
 ALLOWED_HOST = "allowed.test"
@@ -621,7 +622,7 @@ def _connect(client: RawClient, authority: str, extra: bytes = b"") -> bytes:
 def test_allowed_connect_is_established_and_relays_bytes_both_ways(
     lab: Lab, monkeypatch: pytest.MonkeyPatch, zero_copy: bool
 ) -> None:
-    monkeypatch.setattr(proxy_module, "_SPLICE_AVAILABLE", zero_copy and proxy_module._SPLICE_AVAILABLE)
+    monkeypatch.setattr(relay, "SPLICE_AVAILABLE", zero_copy and relay.SPLICE_AVAILABLE)
     proxy = lab.start_proxy()
     client = RawClient(proxy)
     assert _connect(client, "echo.test:443") == b"HTTP/1.1 200 Connection Established\r\n\r\n"

@@ -8,22 +8,14 @@ from ipaddress import ip_address
 import pytest
 
 from pytest_sandbox.catalogues.self_cases import SELF_SPELLINGS, spellings_for
+from pytest_sandbox.http.responses import ParsedResponse
 from pytest_sandbox.network.addresses import parse_absolute_form, parse_authority
 from pytest_sandbox.network.proxy.self_connection import reached_addresses
 from pytest_sandbox.network.socket_table import TcpSocket
-from pytest_sandbox.probes.self_loop import (
-    LOOP_ORIGIN,
-    SELF_CASES,
-    LoopEvidence,
-    LoopLedger,
-    SelfCase,
-    SelfTarget,
-    judge_self_attempt,
-    self_attempt,
-    self_case_names,
-)
-from pytest_sandbox.probes.ssrf import HttpReply, ProxyReply
+from pytest_sandbox.probes.self_loop import SELF_CASES, LoopLedger, SelfCase, SelfTarget, self_attempt, self_case_names
 from pytest_sandbox.verdicts.judgement import Verdict
+from pytest_sandbox.verdicts.self_loop import LOOP_ORIGIN, LoopEvidence, judge_self_attempt
+from pytest_sandbox.verdicts.ssrf import ProxyReply
 
 ENDPOINT = ("11.0.0.20", 8080)
 
@@ -89,8 +81,8 @@ MAPPED_ABSOLUTE = self_attempt(SelfCase("public", "", spellings_for(4, ("mapped"
 
 def reply(status: int | None, *, body: bytes = b"", tunnel: int | None = None, closed: bool = True,
           timed_out: bool = False) -> ProxyReply:
-    tunnelled = None if tunnel is None else HttpReply(tunnel, (), b"")
-    return ProxyReply(HttpReply(status, (), body), tunnelled, closed=closed, timed_out=timed_out)
+    tunnelled = None if tunnel is None else ParsedResponse(tunnel, (), b"")
+    return ProxyReply(ParsedResponse(status, (), body), tunnelled, closed=closed, timed_out=timed_out)
 
 
 REFUSED = reply(403, body=b'{"error":"ssrf_denied"}')

@@ -23,20 +23,15 @@ from late_dial_proxy import LateDialer
 
 from pytest_sandbox.catalogues.ssrf_cases import SSRF_CASES, SsrfCase
 from pytest_sandbox.fixtures.network import RunningProxy, lab_proxy_config, start_lab, start_proxy
+from pytest_sandbox.http.responses import parse_head
 from pytest_sandbox.network.addresses import AddressVerdict, classify_address, parse_authority
 from pytest_sandbox.network.lab.lab import NetworkLab
 from pytest_sandbox.network.netns import host_can_create_netns
 from pytest_sandbox.probes.campaign import GRACE_SECONDS, audit_lab
-from pytest_sandbox.probes.ssrf import (
-    AttemptExchange,
-    ProxyReply,
-    build_attempts,
-    judge_attempt,
-    parse_reply,
-    run_attempt,
-    run_ssrf_campaign,
-)
+from pytest_sandbox.probes.ssrf import build_attempts
+from pytest_sandbox.probes.ssrf_exchanges import AttemptExchange, run_attempt, run_ssrf_campaign
 from pytest_sandbox.verdicts.judgement import Verdict
+from pytest_sandbox.verdicts.ssrf import ProxyReply, judge_attempt
 
 ATTEMPTS = build_attempts()
 CGNAT = ipaddress.ip_network("100.64.0.0/10")
@@ -107,7 +102,7 @@ def test_reference_proxy_passes_every_case_in_the_same_lab(_network_lab):
 
 METADATA = next(a for a in ATTEMPTS if a.test_id == "connect-meta-imds-169.254.169.254")
 CONTROL = next(a for a in ATTEMPTS if a.case.expected == "allowed" and a.form == "absolute")
-REFUSAL = parse_reply(b'HTTP/1.1 403 Forbidden\r\nconnection: close\r\n\r\n{"error":"ssrf_denied"}')
+REFUSAL = parse_head(b'HTTP/1.1 403 Forbidden\r\nconnection: close\r\n\r\n{"error":"ssrf_denied"}')
 
 
 def test_refusal_with_closed_connection_and_no_canary_hit_is_blocked():
@@ -123,12 +118,12 @@ def test_refusal_with_a_canary_hit_is_allowed():
 
 
 def test_silent_timeout_is_never_a_pass():
-    silent = ProxyReply(parse_reply(b""), None, closed=False, timed_out=True)
+    silent = ProxyReply(parse_head(b""), None, closed=False, timed_out=True)
     assert judge_attempt(METADATA, silent, {}).verdict is Verdict.INDETERMINATE
 
 
 def test_bad_gateway_means_the_proxy_tried_to_dial_and_is_allowed():
-    dialled = ProxyReply(parse_reply(b"HTTP/1.1 502 Bad Gateway\r\n\r\n"), None, closed=True, timed_out=False)
+    dialled = ProxyReply(parse_head(b"HTTP/1.1 502 Bad Gateway\r\n\r\n"), None, closed=True, timed_out=False)
     assert judge_attempt(METADATA, dialled, {}).verdict is Verdict.ALLOWED
 
 
@@ -145,14 +140,14 @@ def test_control_refused_by_the_proxy_is_broken():
 def test_control_answered_by_its_canary_works():
     canary = CONTROL.case.canary
     assert canary is not None
-    answer = parse_reply(f"HTTP/1.1 200 OK\r\nX-Lab-Canary: {canary}\r\n\r\nok".encode())
+    answer = parse_head(f"HTTP/1.1 200 OK\r\nX-Lab-Canary: {canary}\r\n\r\nok".encode())
     judgement = judge_attempt(CONTROL, ProxyReply(answer, None, closed=True, timed_out=False), {(canary, 80): 1})
     assert judgement.verdict is Verdict.WORKS
 
 
 def test_control_answered_200_without_its_canary_counting_it_is_broken():
     canary = CONTROL.case.canary
-    answer = parse_reply(f"HTTP/1.1 200 OK\r\nX-Lab-Canary: {canary}\r\n\r\nok".encode())
+    answer = parse_head(f"HTTP/1.1 200 OK\r\nX-Lab-Canary: {canary}\r\n\r\nok".encode())
     judgement = judge_attempt(CONTROL, ProxyReply(answer, None, closed=True, timed_out=False), {})
     assert judgement.verdict is Verdict.BROKEN
 

@@ -9,7 +9,6 @@ working proxy, so it must pass every positive control. Starting commands inside 
 
 from __future__ import annotations
 
-import inspect
 import os
 import re
 import shutil
@@ -23,16 +22,17 @@ import pytest
 from broken_self_check_proxy import COMMAND as BROKEN_SELF_CHECK
 from late_self_dialer_proxy import COMMAND as LATE_SELF_DIALER
 
-from pytest_sandbox.fixtures import network as network_fixtures
 from pytest_sandbox.fixtures.network import start_proxy
 from pytest_sandbox.network.lab.lab import NetworkLab
 from pytest_sandbox.network.third_party import (
+    THIRD_PARTY_PROXIES,
     ProxyStartError,
     ThirdPartyProxy,
     attach_proxy_url,
     main,
     reference_command,
     start_proxy_command,
+    third_party_command,
     tinyproxy_command,
     tinyproxy_conf_text,
 )
@@ -153,13 +153,7 @@ def test_reference_proxy_passes_every_case_tinyproxy_fails_in_the_same_lab(_netw
 
 # --- end to end: pytest --sandbox --sandbox-proxy-cmd ---------------------------------------------
 
-FIXTURE_USES_PROXY_CMD = "network.third_party" in inspect.getsource(network_fixtures)
-
-
 @needs_tinyproxy
-@pytest.mark.skipif(not FIXTURE_USES_PROXY_CMD, reason="PENDING: needs the sandbox_proxy fixture change in "
-                    "network_fixtures.py (start --sandbox-proxy-cmd via pytest_sandbox.network.third_party); "
-                    "until then the suite would test the reference proxy")
 def test_conformance_run_with_tinyproxy_command_fails_and_names_destination_and_canary(tmp_path):
     command = tinyproxy_command(tmp_path / "conf")
     selection = "meta-imds-169 or ctl-v4-private-10-above"
@@ -249,6 +243,32 @@ def test_tinyproxy_configuration_listens_locally_and_names_no_upstream(tmp_path)
 
 def test_launcher_with_wrong_arguments_prints_usage():
     assert main(["haproxy", "/tmp", "80"]) == 2
+
+
+def test_every_table_row_has_a_command_with_port_and_address(tmp_path):
+    assert set(THIRD_PARTY_PROXIES) >= {"tinyproxy", "squid"}
+    for name, spec in THIRD_PARTY_PROXIES.items():
+        command = third_party_command(name, tmp_path)
+        assert "{port}" in command and "{address}" in command and f" {name} " in command
+        conf = spec.conf_path(tmp_path, 3200)
+        assert conf.is_relative_to(tmp_path) and str(conf) in spec.exec_argv("/bin/proxy", conf)
+        assert "3200" in spec.conf_text(3200, conf.parent, "127.0.0.1")
+    with pytest.raises(ValueError, match="unknown third-party proxy 'haproxy'"):
+        third_party_command("haproxy", tmp_path)
+
+
+@pytest.mark.parametrize("name", sorted(THIRD_PARTY_PROXIES))
+def test_every_table_row_starts_inside_the_lab_and_stops_by_pid(_network_lab, tmp_path, name):
+    if shutil.which(name) is None and not Path(THIRD_PARTY_PROXIES[name].fallback_binary).exists():
+        pytest.skip(f"{name} is not installed (.ci/run installs it)")
+    running = start_proxy_command(_network_lab, third_party_command(name, tmp_path))
+    try:
+        with running.connect():
+            pass
+        assert THIRD_PARTY_PROXIES[name].conf_path(tmp_path, running.port).is_file()
+    finally:
+        running.stop()
+    assert running.process.poll() is not None
 
 
 # --- --sandbox-proxy URL: only a proxy inside the lab -------------------------------------------

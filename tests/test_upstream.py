@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from pytest_sandbox.catalogues.smuggling import case_by_id, render
+from pytest_sandbox.http.responses import ParsedResponse, parse_responses
 from pytest_sandbox.http.upstream import (
     MARK_HEADER,
     STREAM_RECORD_LIMIT,
@@ -32,18 +33,10 @@ from pytest_sandbox.http.upstream import (
     shown,
 )
 from pytest_sandbox.inference.fake_backend import FakeInferenceBackend, RecordedRequest
-from pytest_sandbox.probes.smuggling import (
-    ABSOLUTE,
-    TUNNEL,
-    Exchange,
-    ParsedResponse,
-    SmugglingAttempt,
-    build_attempts,
-    judge_backend_record,
-    judge_exchange,
-    parse_responses,
-)
+from pytest_sandbox.probes.smuggling import ABSOLUTE, TUNNEL, SmugglingAttempt, build_attempts
+from pytest_sandbox.verdicts.inference import judge_backend_record
 from pytest_sandbox.verdicts.judgement import Verdict
+from pytest_sandbox.verdicts.smuggling import Exchange, judge_exchange
 
 ORIGIN = "11.0.0.10"
 DENIED = "10.0.0.1"

@@ -18,6 +18,7 @@ __all__ = [
     "FORBIDDEN_TRAILERS",
     "HEAD_END",
     "MAX_HEAD_BYTES",
+    "MAX_RESPONSE_HEAD_BYTES",
     "READ_SIZE",
     "BodyFraming",
     "ChunkedBody",
@@ -38,6 +39,8 @@ MAX_HEAD_BYTES = 8192
 HEAD_END = b"\r\n\r\n"
 # One recv()/read() of a socket or stream: every HTTP reader in the package uses this size.
 READ_SIZE = 65536
+# Upstream response heads may be larger than what we accept from clients (long Set-Cookie lists).
+MAX_RESPONSE_HEAD_BYTES = 65536
 # A chunk-size line longer than this is an attack, not a size: 16 hex digits already exceed 2**63.
 _MAX_CHUNK_SIZE_DIGITS = 16
 # Content-Length > 2**63 overflows most parsers (network.md §5, "malformed CL").
@@ -355,14 +358,14 @@ def _check_head_envelope(head: bytes, max_head: int, *, what: str, too_large_sta
     """Size, terminator and line endings of a request or response head (RFC 9112 §2.2)."""
     if len(head) > max_head:
         raise FramingViolation("head-too-large", f"{what} head exceeds {max_head} bytes", too_large_status)
-    if not head.endswith(b"\r\n\r\n"):
+    if not head.endswith(HEAD_END):
         raise FramingViolation("head-unterminated", f"{what} head does not end with CRLFCRLF")
     bare = first_bare_line_ending(head)
     if bare is not None:
         raise FramingViolation(bare, f"{what} line endings must be CRLF (§2.2)")
 
 
-def check_response_head(head: bytes, *, max_head: int = 65536) -> ResponseHead:
+def check_response_head(head: bytes, *, max_head: int = MAX_RESPONSE_HEAD_BYTES) -> ResponseHead:
     """Validate an upstream response head; bad framing means 502 and never reusing that upstream."""
     _check_head_envelope(head, max_head, what="response", too_large_status=502)
     status_line, _, section = head[:-4].partition(b"\r\n")
@@ -505,8 +508,8 @@ class ChunkedBodyParser:
         start = self._position
         if self._buffer[start : start + 2] == b"\r\n":
             return self._finish(start + 2, ())
-        end = self._buffer.find(b"\r\n\r\n", start)
-        pending = bytes(self._buffer[start : end + 4 if end != -1 else len(self._buffer)])
+        end = self._buffer.find(HEAD_END, start)
+        pending = bytes(self._buffer[start : end + len(HEAD_END) if end != -1 else len(self._buffer)])
         if len(pending) > self._max_trailer:
             raise FramingViolation("trailer-too-large", f"trailer section exceeds {self._max_trailer} bytes")
         bare = first_bare_line_ending(pending)
@@ -520,7 +523,7 @@ class ChunkedBodyParser:
                 raise FramingViolation(
                     "trailer-forbidden", f"{name.decode()} is not allowed in trailers (RFC 9110 §6.5.1)"
                 )
-        return self._finish(end + 4, tuple(trailers))
+        return self._finish(end + len(HEAD_END), tuple(trailers))
 
     def _finish(self, end: int, trailers: tuple[tuple[bytes, bytes], ...]) -> ChunkedBody:
         self._result = ChunkedBody(
@@ -556,9 +559,9 @@ def frame_pipeline(
     requests: list[tuple[RequestHead, bytes]] = []
     rest = data
     while rest:
-        end = rest.find(b"\r\n\r\n")
-        if end == -1 or end + 4 > max_head:
-            probe = rest[: max_head + 1] if end == -1 else rest[: end + 4]
+        end = rest.find(HEAD_END)
+        if end == -1 or end + len(HEAD_END) > max_head:
+            probe = rest[: max_head + 1] if end == -1 else rest[: end + len(HEAD_END)]
             if len(probe) > max_head:
                 violation = FramingViolation("head-too-large", f"request head exceeds {max_head} bytes", 431)
                 return FramedPipeline(tuple(requests), violation, rest)
@@ -568,9 +571,9 @@ def frame_pipeline(
                 return FramedPipeline(tuple(requests), violation, rest)
             return FramedPipeline(tuple(requests), None, rest)
         try:
-            head = check_request_head(rest[: end + 4], max_head=max_head)
+            head = check_request_head(rest[: end + len(HEAD_END)], max_head=max_head)
             kind, length = head.body_framing
-            after_head = rest[end + 4 :]
+            after_head = rest[end + len(HEAD_END) :]
             if kind == "chunked":
                 result = ChunkedBodyParser(max_body=max_body).feed(after_head)
                 if result is None:

@@ -21,8 +21,12 @@ from typing import Any
 
 import h11
 
+from pytest_sandbox.http.fields import HeaderLookup
 from pytest_sandbox.http.framing import (
+    HEAD_END,
     MAX_HEAD_BYTES,
+    MAX_RESPONSE_HEAD_BYTES,
+    READ_SIZE,
     ChunkedBodyParser,
     FramingViolation,
     check_request_head,
@@ -42,13 +46,10 @@ __all__ = [
 ]
 
 DEFAULT_MAX_BODY = 10 * 2**20
-_READ_SIZE = 65536
-# Upstream response heads may be larger than what we accept from clients (long Set-Cookie lists).
-_MAX_RESPONSE_HEAD = 65536
 
 
 @dataclass(frozen=True)
-class Request:
+class Request(HeaderLookup):
     """One framed request. ``raw`` is exactly the bytes consumed for it (head and encoded body)."""
 
     method: str
@@ -59,10 +60,6 @@ class Request:
     raw: bytes
     # The same fields as bytes (lowercase names), so a forwarder need not re-encode them.
     raw_headers: tuple[tuple[bytes, bytes], ...] = field(default=(), repr=False, compare=False)
-
-    def header(self, name: str) -> str | None:
-        """The first value of field ``name`` (case-insensitive), or None."""
-        return _first_value(self.headers, name)
 
     @property
     def keep_alive(self) -> bool:
@@ -80,7 +77,7 @@ class Request:
 
 
 @dataclass(frozen=True)
-class Response:
+class Response(HeaderLookup):
     """One framed upstream response, body decoded."""
 
     http_version: str
@@ -90,18 +87,6 @@ class Response:
     body: bytes
     keep_alive: bool  # False: the upstream connection must not carry another request
     raw_headers: tuple[tuple[bytes, bytes], ...] = field(default=(), repr=False, compare=False)
-
-    def header(self, name: str) -> str | None:
-        return _first_value(self.headers, name)
-
-
-def _first_value(headers: tuple[tuple[str, str], ...], name: str) -> str | None:
-    """The first value of field ``name`` (case-insensitive) in lowercased ``headers``, or None."""
-    name = name.lower()
-    for field_name, value in headers:
-        if field_name == name:
-            return value
-    return None
 
 
 def _decode_headers(headers: tuple[tuple[bytes, bytes], ...]) -> tuple[tuple[str, str], ...]:
@@ -117,7 +102,7 @@ class _BufferedStream:
 
     async def fill(self) -> bool:
         """Read more bytes; False on EOF."""
-        data = await self.source.read(_READ_SIZE)
+        data = await self.source.read(READ_SIZE)
         if not data:
             return False
         self.buffer += data
@@ -127,10 +112,10 @@ class _BufferedStream:
         """The next head up to and including CRLFCRLF; None on EOF before any byte of it."""
         searched = 0
         while True:
-            end = self.buffer.find(b"\r\n\r\n", searched)
+            end = self.buffer.find(HEAD_END, searched)
             if end != -1:
-                head = bytes(self.buffer[: end + 4])
-                del self.buffer[: end + 4]
+                head = bytes(self.buffer[: end + len(HEAD_END)])
+                del self.buffer[: end + len(HEAD_END)]
                 return head
             if len(self.buffer) > max_head:
                 raise FramingViolation("head-too-large", f"{what} head exceeds {max_head} bytes", 431)
@@ -245,7 +230,7 @@ class RequestReader:
             except h11.RemoteProtocolError as error:
                 raise FramingViolation("h11", str(error), error.error_status_hint) from None
             if event is h11.NEED_DATA:
-                data = await self._stream.source.read(_READ_SIZE)
+                data = await self._stream.source.read(READ_SIZE)
                 if not data and start is None and not b"".join(fed):
                     return None
                 fed.append(data)
@@ -288,7 +273,7 @@ class ResponseReader:
         self,
         reader: asyncio.StreamReader,
         *,
-        max_head: int = _MAX_RESPONSE_HEAD,
+        max_head: int = MAX_RESPONSE_HEAD_BYTES,
         max_body: int = 32 * 2**20,
     ) -> None:
         self._stream = _BufferedStream(reader)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from pytest_sandbox.http.framing import (
+    HEAD_END,
     MAX_HEAD_BYTES,
     ChunkedBodyParser,
     FramingViolation,
@@ -290,14 +291,15 @@ def compare_requests(arrived: Sequence[UpstreamRequest], allowed: Sequence[Upstr
 
 def _clean_request_length(data: bytes) -> int:
     """The length of the strictly framed request at the start of ``data`` (ValueError if it is not one)."""
-    end = data.find(b"\r\n\r\n")
-    if end == -1:
+    found = data.find(HEAD_END)
+    if found == -1:
         raise ValueError("no complete request head")
+    end = found + len(HEAD_END)
     try:
-        kind, length = check_request_head(data[:end + 4]).body_framing
+        kind, length = check_request_head(data[:end]).body_framing
     except FramingViolation as violation:
         raise ValueError(f"not a clean request ({violation.case})") from None
-    after = data[end + 4:]
+    after = data[end:]
     if kind == "chunked":
         result = ChunkedBodyParser().feed(after)
         if result is None:
@@ -305,7 +307,7 @@ def _clean_request_length(data: bytes) -> int:
         return len(data) - len(result.leftover)
     if len(after) < length:
         raise ValueError("incomplete body")
-    return end + 4 + length
+    return end + length
 
 
 def _head_end_insertion(data: bytes) -> tuple[int, bytes] | None:
@@ -347,9 +349,10 @@ def with_nonce(payload: bytes, nonce: str, clean: int | None = None) -> bytes:
         if rest.startswith(b"CONNECT "):
             # What follows a CONNECT head is tunnel payload a proxy must never parse or forward
             # (RFC 9110 §9.3.6); it carries the nonce too, so a late dial that sends it is named.
-            head_end = rest.find(b"\r\n\r\n")
+            head_end = rest.find(HEAD_END)
             if head_end != -1:
-                rest = rest[:head_end + 4] + _nonce_in_first_head(rest[head_end + 4:], nonce)
+                cut = head_end + len(HEAD_END)
+                rest = rest[:cut] + _nonce_in_first_head(rest[cut:], nonce)
     return bytes(out + rest)
 
 

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 import h11
 import trustme
 
+from pytest_sandbox.http.fields import HeaderLookup
+from pytest_sandbox.http.framing import READ_SIZE
 from pytest_sandbox.http.upstream import MARK_HEADER, STREAM_RECORD_LIMIT, ReceivedStream, new_mark
 
 DEFAULT_BACKEND_NAME = "api.inference.test"
@@ -41,7 +43,6 @@ DEFAULT_MODEL = "fake-model"
 DEFAULT_STREAM_PIECES: tuple[str, ...] = ("Hello", " from", " the", " fake", " backend")
 
 _MAX_REQUEST_BODY = 1024 * 1024
-_READ_SIZE = 65536
 # Bounds every wait, so a wedged client or test can never hang the backend thread forever.
 _GATE_TIMEOUT_SECONDS = 30.0
 _STOP_TIMEOUT_SECONDS = 10.0
@@ -52,27 +53,17 @@ _CLOSE_GRACE_SECONDS = 0.1
 
 
 @dataclass(frozen=True)
-class RecordedRequest:
+class RecordedRequest(HeaderLookup):
     """One request exactly as the backend received it.
 
     ``path`` is the raw request-target (query included); header names are lower-cased, values
-    kept verbatim and in order.
+    kept verbatim and in order (``header``/``header_values`` compare case-insensitively).
     """
 
     method: str
     path: str
     headers: tuple[tuple[str, str], ...]
     body: bytes
-
-    def header(self, name: str) -> str | None:
-        """The first value of header ``name`` (case-insensitive), or ``None``."""
-        wanted = name.lower()
-        return next((value for key, value in self.headers if key == wanted), None)
-
-    def header_values(self, name: str) -> list[str]:
-        """Every value of header ``name`` (case-insensitive), in order."""
-        wanted = name.lower()
-        return [value for key, value in self.headers if key == wanted]
 
 
 class _Stream:
@@ -279,7 +270,7 @@ class FakeInferenceBackend:
                 await asyncio.wait_for(writer.wait_closed(), 1.0)
 
     async def _read_chunk(self, reader: asyncio.StreamReader, stream: _Stream) -> bytes:
-        data = await reader.read(_READ_SIZE)
+        data = await reader.read(READ_SIZE)
         with self._lock:
             stream.add(data)
         return data

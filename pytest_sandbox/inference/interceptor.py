@@ -1,19 +1,15 @@
-"""``inference.local`` interception: terminate TLS, route inference requests, deny everything else.
+"""``inference.local`` interception: the routed requests' trip to the backend, and the answers back.
 
 The egress proxy answers ``200 Connection Established`` to ``CONNECT inference.local:443`` and hands
-the client connection to :class:`InferenceInterceptor` (network.md §4). The interceptor
+the client connection to :class:`InferenceInterceptor` (network.md §4). The interceptor upgrades it to
+TLS with a leaf from the per-session :class:`~pytest_sandbox.inference.ca.InterceptionCA`
+(``inference/tls.py``), reads requests one by one with the strict framing reader, and asks the pure
+:func:`~pytest_sandbox.inference.routing.route_request` about each: a routed request goes to the
+configured backend over *verified* TLS with the route's own key, its response streamed back as it
+arrives; anything else gets ``403 {"error":"connection not allowed by policy"}`` and the connection
+**closes** (``close_on_denied=False`` reproduces the pre-#819 bug so a suite can prove it detects it).
 
-1. upgrades the connection to TLS with a leaf for ``inference.local`` minted by the per-session
-   :class:`InterceptionCA` (the sandboxed child trusts it through ``SSL_CERT_FILE`` & co.);
-2. reads requests one by one from the decrypted stream with the strict framing reader;
-3. forwards a request that matches an inference route to the configured backend over *verified*
-   TLS, with the sandbox's credentials stripped and the route's own key added, streaming the
-   response back as it arrives;
-4. answers anything else ``403 {"error":"connection not allowed by policy"}`` and **closes the
-   connection**, whatever was routed before on it. Before OpenShell PR #819 the loop kept reading
-   after such a 403; ``close_on_denied=False`` reproduces that bug so a suite can prove it detects it.
-
-Every decision is handed to ``record`` as a dict with a ``reason`` code (see :data:`REASONS`).
+Every decision is handed to ``record`` as a dict with a ``reason`` code (see ``routing.REASONS``).
 """
 
 from __future__ import annotations
@@ -24,27 +20,41 @@ import ipaddress
 import json
 import socket
 import ssl
-import threading
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from pathlib import Path
 from typing import Any
 
 import h11
-import trustme
 
-from pytest_sandbox.http.framing import FramingViolation, check_response_head
+from pytest_sandbox.http.framing import HEAD_END, READ_SIZE, FramingViolation, check_response_head
 from pytest_sandbox.http.streams import Request, RequestReader, write_response
-from pytest_sandbox.inference.routes import InferenceRoute, baseline_routes, match_route, parse_request_target
+from pytest_sandbox.inference.ca import InterceptionCA
+from pytest_sandbox.inference.routes import InferenceRoute, baseline_routes
+from pytest_sandbox.inference.routing import (
+    DENIED_BODY,
+    DENIED_STATUS,
+    INFERENCE_HOST,
+    INFERENCE_PORT,
+    UPSTREAM_FAILED_STATUS,
+    Deny,
+    forwardable_response_headers,
+    route_request,
+)
+from pytest_sandbox.inference.tls import TLS_HANDSHAKE_TIMEOUT_SECONDS, TlsStream, close_tls, drain, start_tls_server
 
-INFERENCE_HOST = "inference.local"
-INFERENCE_PORT = 443
-
-# The exact refusal OpenShell sends since #819 for a non-inference request (network.md §4).
-DENIED_STATUS = 403
-DENIED_BODY = b'{"error":"connection not allowed by policy"}'
-UPSTREAM_FAILED_STATUS = 502
+# The names tagged layout-reexport moved to inference.routing / ca / tls; exported from here only until
+# step 3 rewrites their importers.
+__all__ = [
+    "INFERENCE_HOST",  # layout-reexport
+    "INFERENCE_PORT",  # layout-reexport
+    "DecisionRecorder",
+    "InferenceBackendConfig",
+    "InferenceInterceptor",
+    "InterceptionCA",  # layout-reexport
+    "TlsStream",  # layout-reexport
+    "UpstreamError",
+]
 
 # The request head is read up to 8 KiB, as OpenShell does (network.md §4; beyond it, 431).
 MAX_REQUEST_HEAD = 8192
@@ -55,37 +65,7 @@ MAX_RESPONSE_BODY = 32 * 1024 * 1024
 MAX_RESPONSE_HEAD = 65536
 UPSTREAM_IDLE_TIMEOUT_SECONDS = 30.0
 UPSTREAM_CONNECT_TIMEOUT_SECONDS = 10.0
-TLS_HANDSHAKE_TIMEOUT_SECONDS = 10.0
 RESOLVE_TIMEOUT_SECONDS = 10.0
-DRAIN_TIMEOUT_SECONDS = 5.0
-# Closing: after the last response, FIN first and keep reading (discarding) for a moment, so bytes
-# the client already pipelined do not turn the close into a RST that destroys the response
-# in flight (RFC 9112 §9.6, "tear-down").
-LINGER_SECONDS = 2.0
-LINGER_MAX_BYTES = 256 * 1024
-
-# Reason codes recorded for each decision.
-REASONS: dict[str, str] = {
-    "routed": "matched an inference route and was forwarded to the backend",
-    "inference_denied": "matched no inference route; 403 and (unless weakened) the connection closed",
-    "host_mismatch": "inner Host or absolute-form authority is not inference.local[:443]",
-    "framing:<case>": "the request framing was ambiguous or malformed (see pytest_sandbox.http.framing)",
-    "client_tls_failed": "the client did not complete the TLS handshake with the interception leaf",
-    "upstream_resolve_failed": "the backend host did not resolve",
-    "upstream_unreachable": "no resolved backend address accepted the connection",
-    "upstream_tls_failed": "the backend certificate failed verification; never retried without it",
-    "upstream_protocol_error": "the backend sent a malformed or oversized response, or went idle",
-    "request_not_forwardable": "the request could not be re-serialised for the backend",
-    "client_closed_mid_request": "the client closed the connection in the middle of a request",
-}
-
-# RFC 9110 §7.6.1 hop-by-hop fields, plus the proxy-* family (credentials for *this* proxy, never
-# for the origin), plus the ones the interceptor always rewrites itself.
-_HOP_BY_HOP = frozenset(
-    {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"}
-)
-_REWRITTEN_REQUEST_FIELDS = frozenset({"host", "content-length", "authorization", "x-api-key"})
-_REWRITTEN_RESPONSE_FIELDS = frozenset({"content-length"})
 
 # The same shapes as pytest_sandbox.network.proxy.server's: ``async resolve(name) -> address literals``, and
 # ``factory(family) -> new unconnected stream socket`` (in the lab: created inside its netns).
@@ -95,66 +75,6 @@ SocketFactory = Callable[[int], socket.socket]
 # method, target, host, port, action ("allow" / "deny" / "error"), status, reason, detail, addresses.
 Decision = dict[str, Any]
 DecisionRecorder = Callable[[Decision], None]
-
-
-class InterceptionCA:
-    """The per-session CA whose leaves the interceptor presents for ``inference.local``.
-
-    A fresh trustme CA per session (like OpenShell's ephemeral "OpenShell Sandbox CA"): nothing the
-    sandboxed child trusts outlives the session, and no test needs the system trust store.
-    """
-
-    def __init__(self, ca: trustme.CA) -> None:
-        self.ca = ca
-        self._contexts: dict[str, ssl.SSLContext] = {}
-        self._lock = threading.Lock()
-
-    @classmethod
-    def create(cls) -> InterceptionCA:
-        """A new CA with a fresh key."""
-        return cls(trustme.CA(organization_name="pytest-sandbox", organization_unit_name="interception CA"))
-
-    @property
-    def cert_pem(self) -> bytes:
-        """The CA certificate, PEM."""
-        return self.ca.cert_pem.bytes()
-
-    def write_bundle(self, directory: Path) -> Path:
-        """Write the CA certificate to ``directory`` and return the path (for ``SSL_CERT_FILE`` etc.).
-
-        The bundle holds *only* this CA: the lab has no route to public origins, so trusting the
-        system roots as well would only widen what a child could be fooled by.
-        """
-        path = Path(directory) / "pytest-sandbox-interception-ca.pem"
-        self.ca.cert_pem.write_to_path(str(path))
-        return path
-
-    def env(self, bundle_path: Path | str) -> dict[str, str]:
-        """Environment variables that make common TLS clients trust ``bundle_path``.
-
-        The four variables OpenShell sets for its child (network.md §4): OpenSSL-based clients and
-        Python ``ssl``, requests, curl, and Node.js (which *adds* to its built-in roots).
-        """
-        value = str(bundle_path)
-        return {
-            "SSL_CERT_FILE": value,
-            "REQUESTS_CA_BUNDLE": value,
-            "CURL_CA_BUNDLE": value,
-            "NODE_EXTRA_CA_CERTS": value,
-        }
-
-    def server_context(self, hostname: str) -> ssl.SSLContext:
-        """A server-side TLS context presenting a leaf for ``hostname``; one per name, cached."""
-        with self._lock:
-            context = self._contexts.get(hostname)
-            if context is None:
-                context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-                context.minimum_version = ssl.TLSVersion.TLSv1_2
-                # OpenShell terminates with ALPN http/1.1; h2 is never offered.
-                context.set_alpn_protocols(["http/1.1"])
-                self.ca.issue_cert(hostname).configure_cert(context)
-                self._contexts[hostname] = context
-            return context
 
 
 @dataclass(frozen=True)
@@ -197,66 +117,6 @@ class InferenceBackendConfig:
         return context
 
 
-def is_inference_authority(authority: str | bytes | None) -> bool:
-    """Whether a Host value or absolute-form authority names ``inference.local`` (port 443 only).
-
-    Host names compare case-insensitively (RFC 3986 §3.2.2); nothing else is normalised: a trailing
-    dot, userinfo, another port or an IP literal is a mismatch.
-    """
-    if authority is None:
-        return False
-    text = authority.decode("latin-1") if isinstance(authority, bytes) else authority
-    # ASCII first: str.lower() folds some non-ASCII letters to ASCII ones (U+212A Kelvin -> "k").
-    return text.isascii() and text.lower() in (INFERENCE_HOST, f"{INFERENCE_HOST}:{INFERENCE_PORT}")
-
-
-def forwardable_request_headers(
-    headers: Iterable[tuple[str, str]], *, api_key: str, host_header: str, body_length: int, method: str
-) -> list[tuple[str, str]]:
-    """The header list sent upstream for a routed request. Pure.
-
-    Dropped: hop-by-hop fields and every field the client's ``Connection`` names (RFC 9110
-    §7.6.1), ``proxy-*``, the client's credentials (``authorization``, ``x-api-key``: the sandbox
-    never holds the real key), ``host`` and ``content-length`` (re-derived here; the body has
-    already been de-chunked by the framing reader). Added: the backend's Host, the route key, a
-    fresh Content-Length, and ``connection: close`` (one upstream connection per request, so no
-    request can ride another's upstream connection).
-    """
-    kept = _end_to_end_fields(headers, _REWRITTEN_REQUEST_FIELDS)
-    # RFC 9110 §8.6: no Content-Length on a bodiless request whose method defines no body.
-    has_content = body_length > 0 or method in ("POST", "PUT", "PATCH")
-    framing = [("content-length", str(body_length))] if has_content else []
-    return [
-        ("host", host_header),
-        *kept,
-        ("authorization", f"Bearer {api_key}"),
-        *framing,
-        ("connection", "close"),
-    ]
-
-
-def forwardable_response_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    """The backend's response headers minus hop-by-hop fields and its own framing. Pure."""
-    return _end_to_end_fields(headers, _REWRITTEN_RESPONSE_FIELDS)
-
-
-def _end_to_end_fields(headers: Iterable[tuple[str, str]], rewritten: frozenset[str]) -> list[tuple[str, str]]:
-    """Lowercased fields minus hop-by-hop ones, every field ``Connection`` names (RFC 9110 §7.6.1),
-    the proxy-* family, and the fields this hop writes itself (``rewritten``)."""
-    pairs = [(name.lower(), value) for name, value in headers]
-    named_by_connection = {
-        token.strip().lower() for name, value in pairs if name == "connection" for token in value.split(",")
-    }
-    return [
-        (name, value)
-        for name, value in pairs
-        if name not in _HOP_BY_HOP
-        and name not in rewritten
-        and name not in named_by_connection
-        and not name.startswith("proxy-")
-    ]
-
-
 class UpstreamError(Exception):
     """The backend could not be used for this request; ``reason`` is the recorded reason code."""
 
@@ -264,66 +124,6 @@ class UpstreamError(Exception):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
-
-
-@dataclass(frozen=True)
-class TlsStream:
-    """A server-side TLS layer over a client connection, and the TCP transport underneath it."""
-
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-    raw_transport: asyncio.BaseTransport
-
-
-class _TlsStreamProtocol(asyncio.StreamReaderProtocol):
-    """Stream protocol for the TLS layer; passes connection loss down to the plaintext protocol.
-
-    After ``loop.start_tls`` the TCP transport delivers to the TLS layer only, so the protocol the
-    proxy's plaintext streams were built on would never learn the connection ended, and a proxy
-    awaiting ``wait_closed()`` on its original writer would hang.
-    """
-
-    def __init__(self, reader: asyncio.StreamReader, plaintext_protocol: asyncio.BaseProtocol) -> None:
-        super().__init__(reader)
-        self._plaintext_protocol = plaintext_protocol
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        super().connection_lost(exc)
-        # Passed down as a clean close: TLS-layer errors are the interceptor's to record, and
-        # asyncio would otherwise re-raise them from the proxy's wait_closed().
-        with contextlib.suppress(Exception):
-            self._plaintext_protocol.connection_lost(None)
-
-
-async def start_tls_server(
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
-    context: ssl.SSLContext,
-    *,
-    handshake_timeout: float = TLS_HANDSHAKE_TIMEOUT_SECONDS,
-) -> TlsStream:
-    """Upgrade an accepted plaintext stream to server-side TLS; works on Python 3.10 to 3.13.
-
-    Uses ``loop.start_tls`` (3.7+) for every version rather than ``StreamWriter.start_tls`` (3.11+),
-    because the latter decides client or server side from how the stream was created
-    (``_client_connected_cb``), which the proxy may not have done through ``start_server``.
-    Bytes the client sent before the handshake and that already sit in ``reader``'s buffer are
-    not replayed into TLS (a client must wait for the ``200`` before its ClientHello).
-    """
-    del reader  # the plaintext reader is retired; TLS records arrive through the new protocol
-    loop = asyncio.get_running_loop()
-    raw_transport = writer.transport
-    await writer.drain()
-    tls_reader = asyncio.StreamReader(limit=MAX_REQUEST_HEAD * 2, loop=loop)
-    protocol = _TlsStreamProtocol(tls_reader, raw_transport.get_protocol())
-    tls_transport = await loop.start_tls(
-        raw_transport, protocol, context, server_side=True, ssl_handshake_timeout=handshake_timeout
-    )
-    if tls_transport is None:  # typeshed allows None; it only happens on a closing transport
-        raise ConnectionError("transport closed during the TLS handshake")
-    protocol.connection_made(tls_transport)
-    tls_writer = asyncio.StreamWriter(tls_transport, protocol, tls_reader, loop)
-    return TlsStream(reader=tls_reader, writer=tls_writer, raw_transport=raw_transport)
 
 
 class InferenceInterceptor:
@@ -362,7 +162,8 @@ class InferenceInterceptor:
         self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter
     ) -> None:
         try:
-            tls = await start_tls_server(client_reader, client_writer, self.ca.server_context(INFERENCE_HOST))
+            tls = await start_tls_server(client_reader, client_writer, self.ca.server_context(INFERENCE_HOST),
+                                         limit=MAX_REQUEST_HEAD * 2)
         except (OSError, asyncio.TimeoutError) as error:  # ssl.SSLError is an OSError
             self._decide("client_tls_failed", "error", 0, detail=f"{type(error).__name__}: {error}")
             client_writer.transport.abort()
@@ -370,7 +171,7 @@ class InferenceInterceptor:
         try:
             await self._serve(tls)
         finally:
-            await _close(tls)
+            await close_tls(tls)
 
     async def _serve(self, tls: TlsStream) -> None:
         requests = RequestReader(
@@ -399,35 +200,21 @@ class InferenceInterceptor:
 
     async def _handle(self, request: Request, client: asyncio.StreamWriter) -> bool:
         """Answer one request; return whether the connection may carry another."""
-        host = request.header("host")
-        facts: dict[str, Any] = {"method": request.method, "target": request.target, "host": host}
-        parsed = parse_request_target(request.target)
-        absolute_authority = parsed.authority if parsed is not None else None
-        if not is_inference_authority(host) or (
-            absolute_authority is not None and not is_inference_authority(absolute_authority)
-        ):
-            self._decide("host_mismatch", "deny", DENIED_STATUS, detail=REASONS["host_mismatch"], **facts)
+        facts: dict[str, Any] = {"method": request.method, "target": request.target, "host": request.header("host")}
+        decision = route_request(
+            request.method, request.target, request.headers, len(request.body),
+            routes=self.backend.routes, api_key=self.backend.api_key, host_header=self.backend.host_header,
+            close_on_denied=self.close_on_denied,
+        )
+        if isinstance(decision, Deny):
+            self._decide(decision.reason, "deny", DENIED_STATUS, detail=decision.detail, **facts)
             await _send_denial(client)
-            return False
-        route = match_route(self.backend.routes, request.method, request.target)
-        if route is None or parsed is None:
-            facts["detail"] = "no inference route matches"
-            self._decide("inference_denied", "deny", DENIED_STATUS, **facts)
-            await _send_denial(client)
-            return not self.close_on_denied
-        facts["detail"] = f"route {route}"
+            return not decision.close
+        facts["detail"] = f"route {decision.route}"
         try:
-            upstream_request = h11.Request(
-                method=request.method,
-                target=parsed.origin_form,
-                headers=forwardable_request_headers(
-                    request.headers,
-                    api_key=self.backend.api_key,
-                    host_header=self.backend.host_header,
-                    body_length=len(request.body),
-                    method=request.method,
-                ),
-            )
+            # Serialisation, not routing: h11 refuses what it cannot write (e.g. a value it finds invalid).
+            upstream_request = h11.Request(method=request.method, target=decision.target,
+                                           headers=list(decision.headers))
         except h11.LocalProtocolError as error:
             facts["detail"] += f": {error}"
             self._decide("request_not_forwardable", "error", UPSTREAM_FAILED_STATUS, **facts)
@@ -463,7 +250,7 @@ class InferenceInterceptor:
             if request.body:
                 upstream_writer.write(connection.send(h11.Data(data=request.body)) or b"")
             upstream_writer.write(connection.send(h11.EndOfMessage()) or b"")
-            await _drain(upstream_writer)
+            await drain(upstream_writer)
             response = await _read_response_head(connection, upstream_reader)
         except (h11.ProtocolError, FramingViolation, OSError, asyncio.TimeoutError, EOFError) as error:
             facts["detail"] += f": {type(error).__name__}: {error}"
@@ -485,7 +272,7 @@ class InferenceInterceptor:
         if not keep_open:
             headers.append(("connection", "close"))
         client.write(_response_head(response.status_code, response.reason, headers))
-        await _drain(client)
+        await drain(client)
         if not has_body:
             return keep_open
         try:
@@ -569,17 +356,17 @@ async def _read_response_head(connection: h11.Connection, reader: asyncio.Stream
     buffer = b""
     offset = 0
     while True:
-        end = buffer.find(b"\r\n\r\n", offset)
+        end = buffer.find(HEAD_END, offset)
         if end == -1:
             if len(buffer) - offset > MAX_RESPONSE_HEAD:
                 raise EOFError(f"response head larger than {MAX_RESPONSE_HEAD} bytes")
-            data = await asyncio.wait_for(reader.read(65536), UPSTREAM_IDLE_TIMEOUT_SECONDS)
+            data = await asyncio.wait_for(reader.read(READ_SIZE), UPSTREAM_IDLE_TIMEOUT_SECONDS)
             if not data:
                 raise EOFError("backend closed before a complete response head")
             buffer += data
             continue
-        head = check_response_head(buffer[offset : end + 4], max_head=MAX_RESPONSE_HEAD)
-        offset = end + 4
+        head = check_response_head(buffer[offset : end + len(HEAD_END)], max_head=MAX_RESPONSE_HEAD)
+        offset = end + len(HEAD_END)
         if head.status >= 200:
             break
     connection.receive_data(buffer)
@@ -603,7 +390,7 @@ async def _relay_body(
     while True:
         event = connection.next_event()
         if event is h11.NEED_DATA:
-            data = await asyncio.wait_for(upstream_reader.read(65536), UPSTREAM_IDLE_TIMEOUT_SECONDS)
+            data = await asyncio.wait_for(upstream_reader.read(READ_SIZE), UPSTREAM_IDLE_TIMEOUT_SECONDS)
             connection.receive_data(data)
         elif isinstance(event, h11.Data):
             relayed += len(event.data)
@@ -612,11 +399,11 @@ async def _relay_body(
             if event.data:
                 # Written at once: an SSE token must not wait for the rest of the stream.
                 client.write(b"%x\r\n%b\r\n" % (len(event.data), event.data) if chunked else event.data)
-                await _drain(client)
+                await drain(client)
         elif isinstance(event, h11.EndOfMessage):
             if chunked:
                 client.write(b"0\r\n\r\n")  # upstream trailers are dropped, never merged
-                await _drain(client)
+                await drain(client)
             return
         else:
             raise EOFError(f"unexpected upstream event {type(event).__name__}")
@@ -650,65 +437,3 @@ def _reason_phrase(status: int) -> str:
         return HTTPStatus(status).phrase
     except ValueError:
         return "Error"
-
-
-async def _drain(writer: asyncio.StreamWriter) -> None:
-    await asyncio.wait_for(writer.drain(), DRAIN_TIMEOUT_SECONDS)
-
-
-async def _close(tls: TlsStream) -> None:
-    """Close like #819 -- the TLS stream is dropped without close_notify -- but FIN first and linger.
-
-    ``StreamWriter.close()`` on a TLS stream would send close_notify and then wait up to
-    ``ssl_shutdown_timeout`` (30 s) for the client's, holding the TCP connection open meanwhile.
-    Instead the TCP transport is taken away from the TLS layer (so a late close_notify or record
-    from the client is never processed or answered), half-closed, and whatever the client still
-    sends is discarded until it closes or ``LINGER_SECONDS`` pass (RFC 9112 §9.6: closing with
-    unread bytes would send a RST that can destroy the response still in flight).
-    """
-    raw = tls.raw_transport
-    with contextlib.suppress(OSError, asyncio.TimeoutError, RuntimeError):
-        await _drain(tls.writer)  # the TLS layer has handed every record to ``raw`` by now
-    if raw.is_closing() or not isinstance(raw, asyncio.Transport):
-        raw.close()
-        return
-    # Pausing the TLS layer's reading first stops it from processing records it already holds (a
-    # close_notify among them would make it write an answer after our FIN, which asyncio refuses).
-    with contextlib.suppress(OSError, RuntimeError):
-        tls.writer.transport.pause_reading()  # type: ignore[attr-defined]
-    lingering = _DiscardUntilClosed(raw.get_protocol(), LINGER_MAX_BYTES)
-    raw.set_protocol(lingering)
-    with contextlib.suppress(OSError, RuntimeError):
-        raw.resume_reading()  # the TLS layer may have paused it for flow control
-        if raw.can_write_eof():
-            raw.write_eof()
-    with contextlib.suppress(asyncio.TimeoutError):
-        await asyncio.wait_for(asyncio.shield(lingering.closed), LINGER_SECONDS)
-    raw.close()
-
-
-class _DiscardUntilClosed(asyncio.Protocol):
-    """Takes over a TCP transport for the linger: drops bytes, notices the close, passes it on."""
-
-    def __init__(self, tls_protocol: asyncio.BaseProtocol, max_bytes: int) -> None:
-        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._tls_protocol = tls_protocol
-        self._max_bytes = max_bytes
-        self._discarded = 0
-
-    def data_received(self, data: bytes) -> None:
-        self._discarded += len(data)
-        if self._discarded > self._max_bytes and not self.closed.done():
-            self.closed.set_result(None)  # enough: stop lingering
-
-    def eof_received(self) -> bool:
-        return False  # the client closed its side: let the transport close
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.closed.done():
-            self.closed.set_result(None)
-        # The TLS layer (and through it the proxy's plaintext protocol) must still learn of it.
-        with contextlib.suppress(Exception):
-            self._tls_protocol.connection_lost(None)
-
-

@@ -17,12 +17,14 @@ default the command runs in a private mount namespace where both files are bind-
 lab's: the DNS stub on 127.0.0.53 and a loopback-only hosts file (network.md §7: "no lookup ever
 leaves the namespace", and the name cases must really resolve to their canaries).
 
-:func:`tinyproxy_command` and :func:`squid_command` build ready-made ``{port}``/``{address}`` commands
-for the two proxies Debian packages. Neither proxy takes its address on the command line, so the
-command runs this module (``python -m pytest_sandbox.network.third_party tinyproxy|squid CONF_DIR PORT
-[ADDRESS]``), which writes the configuration and execs the proxy in place (same PID, so stop-by-PID
-still works). :func:`reference_command` runs the reference proxy the same way, as a third party
-(``... reference --host {address} --port {port}``): what a third party's results are compared with.
+:data:`THIRD_PARTY_PROXIES` has a row per ready-made proxy (name, configuration text, argv: tinyproxy and
+squid, the two Debian packages); :func:`third_party_command` (or :func:`tinyproxy_command`,
+:func:`squid_command`) builds its ``{port}``/``{address}`` command. Neither proxy takes its address on
+the command line, so the command runs this module (``python -m pytest_sandbox.network.third_party
+tinyproxy|squid CONF_DIR PORT [ADDRESS]``), which writes the configuration and execs the proxy in place
+(same PID, so stop-by-PID still works). :func:`reference_command` runs the reference proxy the same
+way, as a third party (``... reference --host {address} --port {port}``): what a third party's results
+are compared with.
 
 ``{address}`` is 127.0.0.1 for the proxy under test. The self-connection cases
 (:mod:`pytest_sandbox.probes.self_loop`) start further instances on a lab public address and on
@@ -44,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol
@@ -53,9 +56,11 @@ if TYPE_CHECKING:
     from pytest_sandbox.network.proxy.server import EgressProxy
 
 __all__ = [
+    "THIRD_PARTY_PROXIES",
     "AttachedProxy",
     "ProxyStartError",
     "ThirdPartyProxy",
+    "ThirdPartyProxySpec",
     "attach_proxy_url",
     "ensure_lab_address",
     "find_free_lab_port",
@@ -65,6 +70,7 @@ __all__ = [
     "squid_command",
     "squid_conf_text",
     "start_proxy_command",
+    "third_party_command",
     "tinyproxy_command",
     "tinyproxy_conf_text",
 ]
@@ -383,10 +389,57 @@ def squid_conf_text(port: int, state_dir: Path, *, address: str = DEFAULT_LISTEN
     ])
 
 
+@dataclass(frozen=True)
+class ThirdPartyProxySpec:
+    """One proxy the launcher can start: where its configuration goes, what it says, how it is executed.
+
+    ``state_dir`` and ``conf_file`` are templates (``{port}``); ``state_dir`` is relative to the
+    launcher's CONF_DIR (``.`` = CONF_DIR itself). ``argv`` follows the binary; ``{conf}`` becomes the
+    configuration file. A new third-party proxy is a new row in :data:`THIRD_PARTY_PROXIES`.
+    """
+
+    name: str
+    fallback_binary: str  # used when the binary is not on PATH
+    conf_text: Callable[[int, Path, str], str]  # (port, state dir, listen address) -> configuration
+    conf_file: str
+    argv: tuple[str, ...]
+    state_dir: str = "."
+    # Started as root, the proxy drops to its own user (Debian squid: "proxy") and must still write there.
+    state_writable_by_all: bool = False
+
+    def conf_path(self, conf_dir: Path, port: int) -> Path:
+        return conf_dir / self.state_dir.format(port=port) / self.conf_file.format(port=port)
+
+    def exec_argv(self, binary: str, conf: Path) -> list[str]:
+        return [binary, *(str(conf) if part == "{conf}" else part for part in self.argv)]
+
+
+THIRD_PARTY_PROXIES: dict[str, ThirdPartyProxySpec] = {spec.name: spec for spec in (
+    ThirdPartyProxySpec(
+        "tinyproxy", "/usr/bin/tinyproxy",
+        lambda port, state, address: tinyproxy_conf_text(port, state / f"tinyproxy-{port}.pid", address=address),
+        conf_file="tinyproxy-{port}.conf", argv=("-d", "-c", "{conf}")),  # -d: stay in the foreground
+    ThirdPartyProxySpec(
+        "squid", "/usr/sbin/squid",
+        lambda port, state, address: squid_conf_text(port, state, address=address),
+        # -N: no daemon, so the PID we hold is squid's; -d 1: fatal messages on stderr.
+        conf_file="squid.conf", argv=("-N", "-d", "1", "-f", "{conf}"), state_dir="squid-{port}",
+        state_writable_by_all=True),
+)}
+
+
 def _launcher_command(proxy: str, conf_dir: str | os.PathLike[str]) -> str:
     directory = Path(conf_dir).resolve()
     return (shlex.join([sys.executable, "-m", "pytest_sandbox.network.third_party", proxy, str(directory)])
             + " {port} {address}")
+
+
+def third_party_command(name: str, conf_dir: str | os.PathLike[str]) -> str:
+    """A ``--sandbox-proxy-cmd`` for the :data:`THIRD_PARTY_PROXIES` row ``name``: the launcher writes its
+    configuration under ``conf_dir`` and execs it in place."""
+    if name not in THIRD_PARTY_PROXIES:
+        raise ValueError(f"unknown third-party proxy {name!r}; known: {', '.join(sorted(THIRD_PARTY_PROXIES))}")
+    return _launcher_command(name, conf_dir)
 
 
 def tinyproxy_command(conf_dir: str | os.PathLike[str]) -> str:
@@ -412,25 +465,17 @@ def reference_command(*launcher: str) -> str:
     return shlex.join(prefix) + " --host {address} --port {port} --allow-port 80 --allow-port 443 --allow-port {port}"
 
 
-def _exec_tinyproxy(conf_dir: Path, port: int, address: str) -> None:
-    conf = conf_dir / f"tinyproxy-{port}.conf"
-    conf.write_text(tinyproxy_conf_text(port, conf_dir / f"tinyproxy-{port}.pid", address=address))
-    binary = shutil.which("tinyproxy") or "/usr/bin/tinyproxy"
-    os.execv(binary, [binary, "-d", "-c", str(conf)])
-
-
-def _exec_squid(conf_dir: Path, port: int, address: str) -> None:
-    state_dir = conf_dir / f"squid-{port}"
+def _exec_third_party(spec: ThirdPartyProxySpec, conf_dir: Path, port: int, address: str) -> None:
+    """Write ``spec``'s configuration for ``address:port`` and exec the proxy (same PID: stop-by-PID works)."""
+    conf = spec.conf_path(conf_dir, port)
+    state_dir = conf.parent
     state_dir.mkdir(parents=True, exist_ok=True)
-    # Started as root, squid drops to its effective user (Debian: "proxy") and must still write its
-    # log and pid file there.
-    with contextlib.suppress(OSError):
-        os.chmod(state_dir, 0o777)
-    conf = state_dir / "squid.conf"
-    conf.write_text(squid_conf_text(port, state_dir, address=address))
-    binary = shutil.which("squid") or "/usr/sbin/squid"
-    # -N: no daemon, so the PID we hold is squid's; -d 1: fatal messages on stderr.
-    os.execv(binary, [binary, "-N", "-d", "1", "-f", str(conf)])
+    if spec.state_writable_by_all:
+        with contextlib.suppress(OSError):
+            os.chmod(state_dir, 0o777)
+    conf.write_text(spec.conf_text(port, state_dir, address))
+    binary = shutil.which(spec.name) or spec.fallback_binary
+    os.execv(binary, spec.exec_argv(binary, conf))
 
 
 async def _system_resolver(name: str) -> list[str]:
@@ -454,7 +499,8 @@ def serve_reference_proxy(host: str, port: int, allowed_ports: tuple[int, ...],
     It lives in whatever namespace this process is in: started by :func:`start_proxy_command`,
     that is the lab, so its sockets and its resolver's queries stay there.
     """
-    from pytest_sandbox.network.proxy.server import EgressProxy, ProxyConfig
+    from pytest_sandbox.network.proxy.config import ProxyConfig
+    from pytest_sandbox.network.proxy.server import EgressProxy
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     listener = socket.socket(family, socket.SOCK_STREAM)
@@ -485,7 +531,8 @@ def main_reference(args: list[str], proxy_class: type[EgressProxy] | None = None
     return 0
 
 
-USAGE = ("usage: python -m pytest_sandbox.network.third_party tinyproxy|squid CONF_DIR PORT [ADDRESS]\n"
+USAGE = (f"usage: python -m pytest_sandbox.network.third_party {'|'.join(THIRD_PARTY_PROXIES)} CONF_DIR PORT "
+         "[ADDRESS]\n"
          "       python -m pytest_sandbox.network.third_party reference --host ADDRESS --port PORT [--allow-port N]...")
 
 
@@ -494,8 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["reference"]:
         return main_reference(args[1:])
-    launchers = {"tinyproxy": _exec_tinyproxy, "squid": _exec_squid}
-    if len(args) not in (3, 4) or args[0] not in launchers or not args[2].isdigit():
+    if len(args) not in (3, 4) or args[0] not in THIRD_PARTY_PROXIES or not args[2].isdigit():
         print(USAGE, file=sys.stderr)
         return 2
     address = args[3] if len(args) == 4 else DEFAULT_LISTEN_ADDRESS
@@ -506,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     conf_dir = Path(args[1])
     conf_dir.mkdir(parents=True, exist_ok=True)
-    launchers[args[0]](conf_dir, int(args[2]), address)
+    _exec_third_party(THIRD_PARTY_PROXIES[args[0]], conf_dir, int(args[2]), address)
     return 1  # not reached: the launcher execs the proxy
 
 

@@ -11,17 +11,18 @@ The other network categories need the allowlist too: their refusals are meant to
 address checks, and their positive controls must be admitted. :func:`allowlist_gaps` names what a
 test would send that the policy refuses before any address check; such a test cannot run.
 
-Pure: no sockets. ``conformance/test_allowlist.py`` does the I/O.
+Pure: no sockets. ``conformance/test_allowlist.py`` does the I/O; the judge is
+:mod:`pytest_sandbox.verdicts.allowlist`.
 """
 
 from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 from pytest_sandbox.policy.model import NetworkPolicy
-from pytest_sandbox.verdicts.judgement import Judgement, Verdict
+from pytest_sandbox.verdicts.allowlist import AllowlistProbe
+from pytest_sandbox.verdicts.allowlist import judge_allowlist_probe as judge_allowlist_probe  # layout-reexport
 
 __all__ = [
     "CONTROL_DESTINATION",
@@ -29,10 +30,8 @@ __all__ = [
     "PROBE_ORIGIN",
     "PROBE_PORTS",
     "SUITE_DESTINATIONS",
-    "AllowlistProbe",
     "allowlist_gaps",
     "allowlist_probes",
-    "judge_allowlist_probe",
     "suite_destinations",
 ]
 
@@ -55,23 +54,6 @@ SUITE_DESTINATIONS: tuple[tuple[str, str, tuple[tuple[str, int], ...]], ...] = (
 )
 
 
-@dataclass(frozen=True)
-class AllowlistProbe:
-    """``CONNECT host:port``; ``admitted`` is what the enforced policy says."""
-
-    host: str
-    port: int
-    admitted: bool
-
-    @property
-    def authority(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-    @property
-    def test_id(self) -> str:
-        return f"connect-{self.host}-{self.port}"
-
-
 def allowlist_probes(network: NetworkPolicy, origins: Sequence[str],
                      reference_ports: Iterable[int] = ()) -> tuple[AllowlistProbe, ...]:
     """Port probes (the origin on every port the policy allows, on every ``reference_ports`` port -- the
@@ -82,27 +64,6 @@ def allowlist_probes(network: NetworkPolicy, origins: Sequence[str],
     wanted = [(PROBE_ORIGIN, port) for port in ports]
     wanted += [(host, host_port) for host in (*origins, NAME_PROBE)]
     return tuple(AllowlistProbe(host, port, network.admits(host, port)) for host, port in dict.fromkeys(wanted))
-
-
-def judge_allowlist_probe(probe: AllowlistProbe, status: int | None, dialled: int) -> Judgement:
-    """From the proxy's answer to the CONNECT (None: none) and the connections the listener saw. Pure."""
-    observed = f"answer {status}, connections at {probe.authority}: {dialled}"
-    if probe.admitted:
-        expected = "200 Connection Established and a connection at the listener"
-        if status == 200 and dialled:
-            return Judgement(Verdict.WORKS, f"{probe.authority} is admitted by the policy and was reached",
-                                 expected, observed)
-        return Judgement(Verdict.BROKEN, f"{probe.authority} is admitted by the policy but was not reached",
-                             expected, observed)
-    expected = "refused (4xx) with no connection at the listener"
-    if dialled or status == 200:
-        return Judgement(Verdict.ALLOWED, f"{probe.authority} is outside the policy's allowlist, yet the proxy "
-                             f"{'dialled it' if dialled else 'answered 200'}", expected, observed)
-    if status is not None and 400 <= status < 500:
-        return Judgement(Verdict.BLOCKED, f"{probe.authority} is outside the policy's allowlist and was refused "
-                             "before any dial", expected, observed)
-    return Judgement(Verdict.INDETERMINATE, f"{probe.authority}: no refusal seen (answer {status})",
-                         expected, observed)
 
 
 def suite_destinations(category: str | None, nodeid: str) -> tuple[tuple[str, int], ...] | None:

@@ -16,10 +16,11 @@ A loop is judged from two kinds of evidence, neither of which comes from the pro
   proxy at the far end of the tunnel forwards that; if the origin records the nonce, the tunnel
   reached the proxy itself.
 
-Judging (:func:`judge_self_attempt`, pure): any loop evidence is ALLOWED, whatever the proxy answered
-(the inner instance's 400 for an origin-form request is not a refusal of the outer one); otherwise
-the ordinary SSRF judgement applies (refused and closed = BLOCKED, 2xx = ALLOWED, silence =
-INDETERMINATE); a refusal whose loop evidence could not be read is INDETERMINATE.
+Judging (:func:`pytest_sandbox.verdicts.self_loop.judge_self_attempt`, pure): any loop evidence is
+ALLOWED, whatever the proxy answered (the inner instance's 400 for an origin-form request is not a
+refusal of the outer one); otherwise the ordinary SSRF judgement applies (refused and closed =
+BLOCKED, 2xx = ALLOWED, silence = INDETERMINATE); a refusal whose loop evidence could not be read is
+INDETERMINATE.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from pytest_sandbox.catalogues.self_cases import SELF_SPELLINGS, WILDCARD_SPELLINGS, SelfSpelling
@@ -40,14 +41,13 @@ from pytest_sandbox.probes.ssrf import (
     ATTEMPT_FORMS,
     ATTEMPT_TIMEOUT_SECONDS,
     Attempt,
-    HitCounts,
-    ProxyReply,
-    judge_attempt,
     new_hits,
     read_one_response,
     send_attempt,
 )
 from pytest_sandbox.verdicts.judgement import Judgement, Verdict
+from pytest_sandbox.verdicts.self_loop import LOOP_ORIGIN, LoopEvidence, judge_self_attempt
+from pytest_sandbox.verdicts.ssrf import endpoint_text
 
 __all__ = [
     "ADDED_LATER_POOL",
@@ -57,14 +57,12 @@ __all__ = [
     "SELF_PUBLIC_PORT",
     "SELF_WILDCARD_LOCAL_ADDRESS",
     "SELF_WILDCARD_PORT",
-    "LoopEvidence",
     "LoopLedger",
     "SelfAttempt",
     "SelfCase",
     "SelfTarget",
     "SelfTargets",
     "describe_late_loops",
-    "judge_self_attempt",
     "lab_ledger",
     "run_instance_control",
     "run_self_attempt",
@@ -84,8 +82,6 @@ SELF_WILDCARD_PORT = 8081
 # the first of ADDED_LATER_POOL not yet in the lab.
 SELF_WILDCARD_LOCAL_ADDRESS = "11.0.0.10"
 ADDED_LATER_POOL = tuple(f"11.0.0.{host}" for host in range(21, 64))
-# The lab public origin the nonce request names (pytest_sandbox.network.lab.lab.LAB_PUBLIC_ORIGINS).
-LOOP_ORIGIN = "11.0.0.10"
 NONCE_PATH_PREFIX = "/proxy-self-loop-"
 
 # --------------------------------------------------------------------------------------------------
@@ -185,68 +181,9 @@ def self_attempt(case: SelfCase, endpoint: Endpoint, listening: str = "",
     if spelling is None:
         return None
     host, _records = spelling.render(address, case.dns_name)
-    note = f"{spelling.note}; {listening or 'the proxy listens on ' + _endpoint_text(endpoint)}"
+    note = f"{spelling.note}; {listening or 'the proxy listens on ' + endpoint_text(*endpoint)}"
     ssrf_case = SsrfCase(case.case_id, host, port, "name" if spelling.is_name else "literal", "denied", None, note)
     return SelfAttempt(ssrf_case, case.form, nonce or secrets.token_hex(8))
-
-
-# --------------------------------------------------------------------------------------------------
-# Evidence and judging (pure)
-# --------------------------------------------------------------------------------------------------
-
-
-def _endpoint_text(endpoint: Endpoint) -> str:
-    address, port = endpoint
-    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
-
-
-@dataclass(frozen=True)
-class LoopEvidence:
-    """What the lab saw of one attempt, independent of the proxy.
-
-    ``loops``: connections to ``endpoint`` (the proxy's own socket address as attempted) that the
-    harness did not make, by their far end. ``nonce_request``: the request line at the origin that
-    carried the tunnel's nonce. ``table_error``: why the socket table could not be read.
-    """
-
-    endpoint: Endpoint
-    loops: tuple[Endpoint, ...] = ()
-    nonce_request: str | None = None
-    table_error: str = ""
-
-    def describe(self) -> str:
-        parts = []
-        if self.loops:
-            peers = ", ".join(_endpoint_text(peer) for peer in self.loops)
-            parts.append(f"the lab's socket table shows {len(self.loops)} connection(s) to "
-                         f"{_endpoint_text(self.endpoint)} the harness did not make (from {peers})")
-        if self.nonce_request is not None:
-            parts.append(f"origin {LOOP_ORIGIN} received {self.nonce_request!r}, which was sent only "
-                         "inside the tunnel as a proxy request")
-        if self.table_error:
-            parts.append(f"socket table unreadable: {self.table_error}")
-        return "; ".join(parts) or f"no connection to {_endpoint_text(self.endpoint)} but the harness's own"
-
-    @property
-    def looped(self) -> bool:
-        return bool(self.loops) or self.nonce_request is not None
-
-
-EXPECTED = "refused (400 or 403, connection closed); no connection to the proxy's own socket, no canary hit"
-
-
-def judge_self_attempt(attempt: Attempt, reply: ProxyReply, hits: HitCounts, evidence: LoopEvidence
-                       ) -> Judgement:
-    """Judge one self-connection attempt. Loop evidence decides first; then the SSRF judgement."""
-    base = judge_attempt(attempt, reply, hits)
-    observed = f"{base.observed}; loop evidence: {evidence.describe()}"
-    if evidence.looped:
-        return Judgement(Verdict.ALLOWED, f"{attempt.target!r} looped to the proxy itself: "
-                             f"{evidence.describe()}", EXPECTED, observed)
-    if base.verdict is Verdict.BLOCKED and evidence.table_error:
-        return Judgement(Verdict.INDETERMINATE, f"refused, but whether it looped cannot be told: "
-                             f"{evidence.table_error}", EXPECTED, observed)
-    return replace(base, expected=EXPECTED, observed=observed)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -397,8 +334,8 @@ def run_self_attempt(attempt: SelfAttempt, target: SelfTarget, lab: SelfLoopLab,
 def describe_late_loops(late: Mapping[Endpoint, tuple[frozenset[Endpoint], list[str]]]) -> str:
     """One line per endpoint that was dialled after its attempts were judged."""
     return "; ".join(
-        f"{len(peers)} late connection(s) to the proxy's own {_endpoint_text(endpoint)} (from "
-        f"{', '.join(_endpoint_text(p) for p in sorted(peers))}) after the attempts {', '.join(tests)}"
+        f"{len(peers)} late connection(s) to the proxy's own {endpoint_text(*endpoint)} (from "
+        f"{', '.join(endpoint_text(*p) for p in sorted(peers))}) after the attempts {', '.join(tests)}"
         for endpoint, (peers, tests) in late.items())
 
 
@@ -460,7 +397,7 @@ def _reachable(lab: TargetLab, address: str, port: int) -> bool:
 
 
 def _describe_instance(instance: ProxyInstance, how: str) -> str:
-    return f"{how} listens on {_endpoint_text((instance.address, instance.port))}"
+    return f"{how} listens on {endpoint_text(instance.address, instance.port)}"
 
 
 def start_self_targets(lab: TargetLab, proxy: ProxyInstance, start_instance: StartInstance | None, *,

@@ -1,48 +1,168 @@
-"""The SSRF tests beyond the catalogue, as campaign exchanges: keep-alive, Host header, DNS answers.
+"""SSRF exchanges: one test's traffic, run in a campaign and judged -- the catalogue attempts and the rest.
 
-Each attacks what a per-request table check misses (network.md §3): a private follow-up on a
-keep-alive connection, a Host header that disagrees with the request target, a name with one private
-answer among public ones, and a name that rebinds to loopback. They run in the same
-:class:`~pytest_sandbox.probes.campaign.Campaign` as the catalogue attempts, so they get the same evidence:
-every request carries the exchange's nonce, catch-all hits are attributed (late ones included) and
-the origin requests that count as "reached" are only those carrying the nonce.
+:class:`AttemptExchange` sends one catalogue attempt. The others attack what a per-request table check
+misses (network.md §3): a private follow-up on a keep-alive connection, a Host header that disagrees
+with the request target, a name with one private answer among public ones, and a name that rebinds to
+loopback. All run in one :class:`~pytest_sandbox.probes.campaign.Campaign` (:func:`run_ssrf_campaign`):
+back to back, then the grace period, then attribution, so every request carries the exchange's
+nonce, catch-all hits are attributed (late ones included) and the origin requests that count as
+"reached" are only those carrying the nonce. Judging is :mod:`pytest_sandbox.verdicts.ssrf`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
+import socket
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from pytest_sandbox.catalogues.ssrf_cases import SsrfCase
+from pytest_sandbox.http.responses import ParsedResponse
 from pytest_sandbox.network.lab.attribution import NONCE_HEADER, NONCE_PATH_PREFIX
-from pytest_sandbox.probes.campaign import ExchangeContext, ExchangeResult
+from pytest_sandbox.network.lab.lab import NetworkLab
+from pytest_sandbox.probes.campaign import GRACE_SECONDS, Campaign, ExchangeContext, ExchangeResult
 from pytest_sandbox.probes.ssrf import (
     ATTEMPT_TIMEOUT_SECONDS,
     Attempt,
-    ProxyReply,
-    SsrfVerdict,
     hit_counts,
-    judge_attempt,
+    new_hits,
     plausible_destinations,
     read_one_response,
     send_attempt,
-    with_hit_notes,
 )
 from pytest_sandbox.verdicts.judgement import Judgement, Verdict
+from pytest_sandbox.verdicts.ssrf import HitCounts, ProxyReply, judge_attempt
 
 __all__ = [
     "PUBLIC_ORIGIN",
+    "AttemptBound",
+    "AttemptExchange",
     "HostMismatchControl",
     "HostMismatchDenial",
     "KeepAliveFollowUp",
     "MixedAnswers",
     "Rebinding",
+    "SsrfExchange",
+    "SsrfVerdict",
     "custom_case",
+    "run_attempt",
+    "run_ssrf_campaign",
+    "with_hit_notes",
 ]
 
 PUBLIC_ORIGIN = "11.0.0.10"
+
+
+@dataclass(frozen=True)
+class SsrfVerdict:
+    """What one SSRF test reports: its scorecard category, id, judgement and what was attempted."""
+
+    category: str
+    test_id: str
+    judgement: Judgement
+    attempted: str
+
+
+class SsrfExchange(Protocol):
+    """A :class:`~pytest_sandbox.probes.campaign.Exchange` that can also judge what it observed."""
+
+    @property
+    def key(self) -> str: ...
+
+    def destinations(self) -> frozenset[str]: ...
+
+    def control(self) -> str | None: ...
+
+    def perform(self, context: ExchangeContext, nonce: str) -> Any: ...
+
+    def judge(self, result: ExchangeResult) -> SsrfVerdict: ...
+
+
+def with_hit_notes(judgement: Judgement, result: ExchangeResult) -> Judgement:
+    """Add how each attributed hit relates to its attempt (timing, bytes, shared blame) to ``observed``."""
+    if not result.blamed:
+        return judgement
+    return dataclasses.replace(judgement, observed=f"{judgement.observed} [{result.describe_hits()}]")
+
+
+def _failed_reply(error: OSError) -> ProxyReply:
+    return ProxyReply(ParsedResponse(None, (), b""), None, closed=True, timed_out=False,
+                      error=f"could not reach the proxy: {error}")
+
+
+@dataclass(frozen=True)
+class AttemptBound:
+    """An exchange about one :class:`~pytest_sandbox.probes.ssrf.Attempt`: keyed by its test id, blamed
+    for the destinations its case could reach, never a positive control unless a subclass says so."""
+
+    attempt: Attempt
+    timeout: float = ATTEMPT_TIMEOUT_SECONDS
+
+    @property
+    def key(self) -> str:
+        return self.attempt.test_id
+
+    def destinations(self) -> frozenset[str]:
+        return plausible_destinations(self.attempt.case)
+
+    def control(self) -> str | None:
+        return None
+
+
+@dataclass(frozen=True)
+class AttemptExchange(AttemptBound):
+    """A catalogue attempt as a campaign exchange."""
+
+    @property
+    def category(self) -> str:
+        return "ssrf-controls" if self.attempt.case.expected == "allowed" else "ssrf"
+
+    def control(self) -> str | None:
+        return self.attempt.case.canary if self.attempt.case.expected == "allowed" else None
+
+    def perform(self, context: ExchangeContext, nonce: str) -> ProxyReply:
+        try:
+            with context.connect() as sock:
+                return send_attempt(sock, self.attempt, self.timeout, nonce=nonce)
+        except OSError as exc:
+            return _failed_reply(exc)
+
+    def judge(self, result: ExchangeResult) -> SsrfVerdict:
+        judgement = judge_attempt(self.attempt, result.observation, hit_counts(result.blamed))
+        return SsrfVerdict(self.category, self.key, with_hit_notes(judgement, result), self.attempt.describe())
+
+
+def run_ssrf_campaign(lab: NetworkLab, connect_to_proxy: Callable[[], socket.socket],
+                      exchanges: Sequence[SsrfExchange], *, grace: float = GRACE_SECONDS) -> dict[str, SsrfVerdict]:
+    """Run ``exchanges`` through the proxy as one campaign and judge each: test id -> verdict."""
+    results = Campaign(ExchangeContext(lab, connect_to_proxy), grace=grace).run(exchanges)
+    return {exchange.key: exchange.judge(results[exchange.key]) for exchange in exchanges}
+
+
+def run_attempt(attempt: Attempt, connect_to_proxy: Callable[[], socket.socket],
+                lab: NetworkLab | Callable[[], HitCounts], timeout: float = ATTEMPT_TIMEOUT_SECONDS, *,
+                grace: float = 0.0) -> Judgement:
+    """Send ``attempt`` on a new proxy connection and judge it with the catch-all hits it caused.
+
+    ``lab`` is the lab (or its bound ``all_hits``, as older callers pass it): the attempt is
+    registered in the lab's ledger and hits are attributed as the campaign does, so a late hit of an
+    earlier attempt is not blamed on this one. ``grace=0`` judges at once; a dial after that is left
+    to the session-end audit. Pass :data:`~pytest_sandbox.probes.campaign.GRACE_SECONDS` to wait like
+    the conformance suite, or use :func:`run_ssrf_campaign` for many attempts.
+    """
+    source = lab if isinstance(lab, NetworkLab) else getattr(lab, "__self__", None)
+    if not isinstance(source, NetworkLab):
+        snapshot: Callable[[], HitCounts] = lab  # type: ignore[assignment]
+        before = snapshot()
+        with connect_to_proxy() as sock:
+            reply = send_attempt(sock, attempt, timeout)
+        return judge_attempt(attempt, reply, new_hits(before, snapshot()))
+    exchange = AttemptExchange(attempt, timeout)
+    results = Campaign(ExchangeContext(source, connect_to_proxy), grace=grace, isolate=grace > 0).run([exchange])
+    return exchange.judge(results[exchange.key]).judgement
 
 
 def custom_case(case_id: str, host: str, canary: str | None, note: str, *, expected: str = "denied",
@@ -169,11 +289,8 @@ class HostMismatchControl:
 
 
 @dataclass(frozen=True)
-class HostMismatchDenial:
+class HostMismatchDenial(AttemptBound):
     """A private target with a public ``Host`` header: still denied."""
-
-    attempt: Attempt
-    timeout: float = ATTEMPT_TIMEOUT_SECONDS
 
     @property
     def key(self) -> str:
@@ -182,12 +299,6 @@ class HostMismatchDenial:
     @property
     def method(self) -> str:
         return "CONNECT" if self.attempt.form == "connect" else "GET"
-
-    def destinations(self) -> frozenset[str]:
-        return plausible_destinations(self.attempt.case)
-
-    def control(self) -> str | None:
-        return None
 
     def perform(self, context: ExchangeContext, nonce: str) -> ProxyReply:
         raw = (f"{self.method} {self.attempt.request_target(nonce)} HTTP/1.1\r\nHost: {PUBLIC_ORIGIN}\r\n"
@@ -212,21 +323,8 @@ class _MixedObservation:
 
 
 @dataclass(frozen=True)
-class MixedAnswers:
+class MixedAnswers(AttemptBound):
     """A name with one special answer among public ones: denied, and the public answer never dialled."""
-
-    attempt: Attempt
-    timeout: float = ATTEMPT_TIMEOUT_SECONDS
-
-    @property
-    def key(self) -> str:
-        return self.attempt.test_id
-
-    def destinations(self) -> frozenset[str]:
-        return plausible_destinations(self.attempt.case)
-
-    def control(self) -> str | None:
-        return None
 
     def perform(self, context: ExchangeContext, nonce: str) -> _MixedObservation:
         lab = context.lab

@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from pytest_sandbox.inference.interceptor import InferenceInterceptor, TlsStream, UpstreamError
+from pytest_sandbox.inference.interceptor import InferenceInterceptor, UpstreamError
+from pytest_sandbox.inference.tls import TlsStream
 
 READ_SIZE = 65536
 IDLE_SECONDS = 5.0

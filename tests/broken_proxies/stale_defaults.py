@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pytest_sandbox.fixtures.network import LAB_PROXY_TIMEOUTS, RunningProxy, interception_of, start_proxy
 from pytest_sandbox.network.lab.lab import NetworkLab
-from pytest_sandbox.network.proxy.server import ProxyConfig
+from pytest_sandbox.network.proxy.config import ProxyConfig
 
 
 def start_stale_proxy(lab: NetworkLab, port: int = 3128) -> RunningProxy:

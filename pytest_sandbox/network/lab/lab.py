@@ -28,8 +28,10 @@ mark the catch-all lets through, so they reach a real listener or are refused; a
 verdicts use: attempt windows (:meth:`NetworkLab.register_attempts`) and which hits a verdict has
 accounted for (:meth:`NetworkLab.account`); the session-end audit reports every other hit.
 
-All listeners share one asyncio event loop in a background thread of the pytest process; their
-sockets come from the holder by fd passing. Every query method first *settles* the lab: on the loop
+All listeners share one asyncio event loop in a background thread of the pytest process
+(``loop.py``); their sockets come from the holder by fd passing. The connections they accept are in
+``connections.py`` (catch-all) and ``origin.py`` (public origins); the stub's client is
+``dns_client.py``. This module is the facade that owns them. Every query method first *settles* the lab: on the loop
 thread it accepts every connection already in a kernel accept queue and reads every byte already
 delivered, so a count never misses a connection that completed before the query. (On loopback the
 TCP handshake completes inside the client's connect(2), so "connected" implies "queued here".)
@@ -38,33 +40,28 @@ TCP handshake completes inside the client's connect(2), so "connected" implies "
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import contextlib
 import errno
 import ipaddress
-import secrets
 import socket
-import threading
 import time
-from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
-import h11
-
-from pytest_sandbox.http.upstream import MARK_HEADER, STREAM_RECORD_LIMIT, ReceivedStream, UpstreamLedger, new_mark
-from pytest_sandbox.network.dns_stub import (
-    DnsFormatError,
-    DnsResponse,
-    DnsStubProtocol,
-    DnsZone,
-    QueryType,
-    ResponseCode,
-    encode_query,
-    parse_response,
-)
+from pytest_sandbox.http.upstream import ReceivedStream, UpstreamLedger, new_mark
+from pytest_sandbox.network.dns_stub import DnsStubProtocol, DnsZone
 from pytest_sandbox.network.lab.attribution import AttemptWindow, CatchAllHit
+from pytest_sandbox.network.lab.connections import (
+    ListenerKey,
+    _CatchAllConnection,
+    _Connection,
+    _HitRecord,
+    _Listener,
+    _original_destination,
+)
+from pytest_sandbox.network.lab.dns_client import DNS_TIMEOUT_SECONDS, Resolver, make_resolver
+from pytest_sandbox.network.lab.loop import LOOP_CALL_TIMEOUT_SECONDS, LoopThread
+from pytest_sandbox.network.lab.origin import OriginRequest, _OriginConnection
 from pytest_sandbox.network.netns import HARNESS_MARK, NetnsHolder, NetnsId, ensure_lab_socket
 
 __all__ = [
@@ -90,45 +87,11 @@ CATCH_ALL_LISTEN: dict[socket.AddressFamily, str] = {socket.AF_INET: "127.0.0.1"
 LAB_DNS_ADDRESS = "127.0.0.53"
 LAB_DNS_PORT = 53
 
-CANARY_RECORD_LIMIT = 4096
-ORIGIN_RECORD_LIMIT = STREAM_RECORD_LIMIT
-ORIGIN_BODY_LIMIT = 1024 * 1024
-READ_SIZE = 65536
 LISTEN_BACKLOG = 128
 DEFAULT_IDLE_TIMEOUT_SECONDS = 5.0
-LOOP_CALL_TIMEOUT_SECONDS = 10.0
-DNS_TIMEOUT_SECONDS = 2.0
-HTTP_HEAD_END = b"\r\n\r\n"
 
 Socket = socket.socket  # NetworkLab.socket() shadows the module name inside the class body
-ListenerKey = tuple[str, int]  # (canonical address, port)
-Resolver = Callable[[str], Coroutine[Any, Any, list[str]]]  # async resolve(name) -> addresses
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class OriginRequest:
-    """One complete HTTP request an origin received, framed (by h11) from its connection's raw bytes.
-
-    ``start``/``end`` locate the request in that connection's :class:`ReceivedStream` (the bytes
-    ``stream.data[start:end]``, when the record was not truncated before ``end``).
-    """
-
-    origin: str
-    port: int
-    connection: int  # 1-based index of the connection on that listener: tells keep-alive reuse apart
-    method: str
-    target: str
-    http_version: str
-    headers: tuple[tuple[str, str], ...]
-    body: bytes
-    start: int = 0
-    end: int = 0
-
-    def header(self, name: str) -> str | None:
-        """The first value of header ``name`` (case-insensitive), or None."""
-        wanted = name.lower()
-        return next((value for key, value in self.headers if key.lower() == wanted), None)
 
 
 def _canonical(addr: str) -> str:
@@ -170,16 +133,6 @@ def _refuse_unusable_listen_address(addr: str, role: str) -> str:
     return str(address)
 
 
-def _original_destination(sock: socket.socket) -> tuple[str, int]:
-    """The address a transparent (TPROXY) socket was connected to: its own local address."""
-    local = sock.getsockname()
-    text = str(local[0]).split("%", 1)[0]  # a link-local address may come back with its scope
-    address = ipaddress.ip_address(text)
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return str(address), int(local[1])
-
-
 class HitSnapshot(dict[tuple[str, int], int]):
     """Catch-all hits per (address, port) at one moment, and how far the hit log reached then.
 
@@ -191,284 +144,6 @@ class HitSnapshot(dict[tuple[str, int], int]):
         super().__init__(counts)
         self.through = through
         self.lab = lab
-
-
-@dataclass
-class _HitRecord:
-    """A catch-all hit while it is still open (its bytes keep arriving)."""
-
-    index: int
-    at: float
-    address: str
-    port: int
-    received: bytearray
-
-    def frozen(self) -> CatchAllHit:
-        return CatchAllHit(self.index, self.at, self.address, self.port, bytes(self.received))
-
-
-# --------------------------------------------------------------------------------------------------
-# Connections (all methods run on the lab's loop thread)
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Listener:
-    key: ListenerKey
-    role: str  # "catch-all" or "origin"
-    sock: socket.socket
-    accepted: int = 0
-    records: list[bytearray] = field(default_factory=list)
-
-
-class _Connection:
-    """A non-blocking accepted socket read by hand (not a Transport) so that a settle can read it."""
-
-    record_limit = CANARY_RECORD_LIMIT
-
-    def __init__(self, lab: NetworkLab, listener: _Listener, sock: socket.socket, index: int) -> None:
-        self.lab = lab
-        self.listener = listener
-        self.sock = sock
-        self.index = index
-        self.record = bytearray()
-        listener.records.append(self.record)
-        self.closed = False
-        self._outgoing = bytearray()
-        self._close_after_flush = False
-        self._writer_registered = False
-        self._idle_timer: asyncio.TimerHandle | None = None
-        sock.setblocking(False)
-        lab._loop.add_reader(sock.fileno(), self.on_readable)
-        self._touch()
-
-    def _touch(self) -> None:
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-        self._idle_timer = self.lab._loop.call_later(self.lab.idle_timeout, self.close)
-
-    def read_available(self) -> tuple[list[bytes], bool]:
-        """Read everything the kernel has delivered; return (chunks, eof)."""
-        chunks: list[bytes] = []
-        while True:
-            try:
-                data = self.sock.recv(READ_SIZE)
-            except (BlockingIOError, InterruptedError):
-                return chunks, False
-            except OSError:
-                return chunks, True
-            if not data:
-                return chunks, True
-            room = self.record_limit - len(self.record)
-            if room > 0:
-                self.record += data[:room]
-            chunks.append(data)
-
-    def on_readable(self) -> None:
-        raise NotImplementedError
-
-    def send(self, data: bytes, *, then_close: bool = False) -> None:
-        self._outgoing += data
-        self._close_after_flush = self._close_after_flush or then_close
-        self._flush()
-
-    def _flush(self) -> None:
-        if self.closed:
-            return
-        while self._outgoing:
-            try:
-                sent = self.sock.send(self._outgoing)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
-                self._outgoing.clear()
-                break
-            del self._outgoing[:sent]
-        if self._outgoing and not self._writer_registered:
-            self.lab._loop.add_writer(self.sock.fileno(), self._flush)
-            self._writer_registered = True
-        elif not self._outgoing:
-            if self._writer_registered:
-                self.lab._loop.remove_writer(self.sock.fileno())
-                self._writer_registered = False
-            if self._close_after_flush:
-                self.close()
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-        loop = self.lab._loop
-        loop.remove_reader(self.sock.fileno())
-        if self._writer_registered:
-            loop.remove_writer(self.sock.fileno())
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_WR)
-        # Read what is left so that close() sends FIN rather than RST where possible: an RST can
-        # make the peer drop our response before it reads it (RFC 9293 §3.6.1, "abort").
-        self.read_available()
-        self.sock.close()
-        self.lab._connections.discard(self)
-
-
-class _CatchAllConnection(_Connection):
-    """Record up to 4 KiB, then answer a minimal HTTP 200 that names the original destination, and close."""
-
-    responded = False
-
-    def __init__(self, lab: NetworkLab, listener: _Listener, sock: socket.socket, index: int,
-                 hit: _HitRecord) -> None:
-        super().__init__(lab, listener, sock, index)
-        self.hit = hit
-        hit.received = self.record
-
-    def on_readable(self) -> None:
-        if self.closed:
-            return
-        chunks, eof = self.read_available()
-        if chunks:
-            self._touch()
-        if self.responded:
-            return
-        head_complete = HTTP_HEAD_END in self.record
-        if head_complete or eof or len(self.record) >= self.record_limit:
-            self.responded = True
-            address, port = self.hit.address, self.hit.port
-            body = f"canary {address} port {port}\n".encode()
-            self.send(
-                b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n"
-                + f"X-Lab-Canary: {address}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-                + body,
-                then_close=True,
-            )
-
-
-class _OriginConnection(_Connection):
-    """HTTP/1.1 with keep-alive (h11): keep every byte, answer each request 200, mark every answer.
-
-    The origin is not the parser under test, so it never refuses: bytes h11 cannot frame are kept
-    (the raw record is the evidence), answered once with a marked 200 that says so, and the
-    connection stays open and recorded until the peer closes or it idles out.
-    """
-
-    record_limit = ORIGIN_RECORD_LIMIT
-
-    def __init__(self, lab: NetworkLab, listener: _Listener, sock: socket.socket, index: int) -> None:
-        self.http = h11.Connection(h11.SERVER)
-        self._request: h11.Request | None = None
-        self._request_start = 0
-        self._body = bytearray()
-        self.received = 0  # every byte delivered, also past record_limit
-        self._fed = 0  # bytes given to h11
-        self._unframed = False  # h11 gave up: the rest is only recorded
-        self.arrivals: list[tuple[float, int]] = []  # (when, bytes received in all by then)
-        super().__init__(lab, listener, sock, index)
-        lab._origin_streams.append(self)
-
-    def read_available(self) -> tuple[list[bytes], bool]:
-        chunks, eof = super().read_available()
-        if chunks:
-            self.received += sum(len(chunk) for chunk in chunks)
-            self.arrivals.append((time.monotonic(), self.received))
-        return chunks, eof
-
-    def stream(self) -> ReceivedStream:
-        address, port = self.listener.key
-        host = f"[{address}]" if ":" in address else address
-        return ReceivedStream(f"{host}:{port}", self.index, bytes(self.record), self.received, tuple(self.arrivals))
-
-    def on_readable(self) -> None:
-        if self.closed:
-            return
-        chunks, eof = self.read_available()
-        if chunks:
-            self._touch()
-        if not self._unframed:
-            for chunk in chunks:
-                self.http.receive_data(chunk)
-                self._fed += len(chunk)
-            if eof:
-                with contextlib.suppress(RuntimeError):
-                    self.http.receive_data(b"")
-            self._process_events()
-        if eof and not self.closed and not self._outgoing:
-            self.close()
-
-    def _offset(self) -> int:
-        """Bytes of this connection h11 has consumed so far."""
-        return self._fed - len(self.http.trailing_data[0])
-
-    def _process_events(self) -> None:
-        while not self.closed:
-            try:
-                event = self.http.next_event()
-            except h11.RemoteProtocolError as exc:
-                self._unframeable(exc)
-                return
-            if event is h11.NEED_DATA:
-                return
-            if event is h11.PAUSED:
-                if self.http.our_state is h11.DONE and self.http.their_state is h11.DONE:
-                    self.http.start_next_cycle()
-                    continue
-                return
-            if isinstance(event, h11.Request):
-                self._request = event
-                self._body.clear()
-            elif isinstance(event, h11.Data):
-                room = ORIGIN_BODY_LIMIT - len(self._body)
-                self._body += event.data[:max(room, 0)]
-            elif isinstance(event, h11.EndOfMessage):
-                self._answer()
-            elif isinstance(event, h11.ConnectionClosed):
-                self.close()
-                return
-
-    def _answer(self) -> None:
-        request = self._request
-        assert request is not None
-        address, port = self.listener.key
-        end = self._offset()
-        recorded = OriginRequest(
-            origin=address,
-            port=port,
-            connection=self.index,
-            method=request.method.decode("latin-1"),
-            target=request.target.decode("latin-1"),
-            http_version=request.http_version.decode("latin-1"),
-            headers=tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers),
-            body=bytes(self._body),
-            start=self._request_start,
-            end=end,
-        )
-        self._request_start = end
-        self.lab._origin_requests.append(recorded)
-        # An origin is not a proxy: refuse CONNECT (RFC 9110 §9.3.6) rather than start a tunnel.
-        status, reason = (405, b"Method Not Allowed") if recorded.method == "CONNECT" else (200, b"OK")
-        body = f"origin {address} port {port}: {recorded.method} {recorded.target}\n".encode()
-        headers = [("Content-Type", "text/plain"), ("Content-Length", str(len(body))),
-                   ("X-Lab-Origin", address), (MARK_HEADER, self.lab.origin_mark)]
-        if status == 405:
-            headers.append(("Connection", "close"))
-        payload = self.http.send(h11.Response(status_code=status, headers=headers, reason=reason)) or b""
-        payload += self.http.send(h11.Data(data=body)) or b""
-        payload += self.http.send(h11.EndOfMessage()) or b""
-        self.send(payload, then_close=self.http.our_state is h11.MUST_CLOSE)
-
-    def _unframeable(self, error: h11.RemoteProtocolError) -> None:
-        """Keep recording; answer once (marked) if no response is under way, so the peer is not left
-        waiting on the origin. Never a refusal: the judges read the raw record, not this answer."""
-        self._unframed = True
-        if self.http.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-            return
-        address, port = self.listener.key
-        body = (f"origin {address} port {port}: could not frame the bytes from offset "
-                f"{self._request_start} ({error}); every byte is recorded\n").encode()
-        self.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
-                  + f"Content-Length: {len(body)}\r\nX-Lab-Origin: {address}\r\n".encode()
-                  + f"{MARK_HEADER}: {self.lab.origin_mark}\r\nX-Lab-Unframed: 1\r\n\r\n".encode() + body)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -507,9 +182,7 @@ class NetworkLab:
         # judged, and the upstream attempts sent: read and written by the main thread only.
         self.upstream_ledger = UpstreamLedger()
         self._dns_transport: asyncio.BaseTransport | None = None
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name=f"{holder.name}-loop",
-                                        daemon=True)
+        self._loop_thread = LoopThread(f"{holder.name}-loop")
         self._closed = False
 
     @classmethod
@@ -553,7 +226,7 @@ class NetworkLab:
     def _start(self, names: Mapping[str, Iterable[str]] | None) -> None:
         if names:
             self.zone.set_names(names)
-        self._thread.start()
+        self._loop_thread.start()
         ports: dict[socket.AddressFamily, int] = {}
         for family, address in CATCH_ALL_LISTEN.items():
             # Transparent (IP_TRANSPARENT): TPROXY only hands connections to such a socket, and the
@@ -579,8 +252,8 @@ class NetworkLab:
         dns_socket.bind((LAB_DNS_ADDRESS, LAB_DNS_PORT))
         dns_socket.setblocking(False)
         endpoint = asyncio.run_coroutine_threadsafe(
-            self._loop.create_datagram_endpoint(lambda: DnsStubProtocol(self.zone), sock=dns_socket),
-            self._loop,
+            self.loop.create_datagram_endpoint(lambda: DnsStubProtocol(self.zone), sock=dns_socket),
+            self.loop,
         )
         self._dns_transport, _protocol = endpoint.result(timeout=LOOP_CALL_TIMEOUT_SECONDS)
 
@@ -591,7 +264,7 @@ class NetworkLab:
 
     def _watcher_for(self, listener: _Listener) -> Callable[[], None]:
         def watch() -> None:
-            self._loop.add_reader(listener.sock.fileno(), self._accept_all, listener)
+            self.loop.add_reader(listener.sock.fileno(), self._accept_all, listener)
         return watch
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -602,16 +275,9 @@ class NetworkLab:
             return
         self._closed = True
         try:
-            if self._thread.is_alive():
-                with contextlib.suppress(concurrent.futures.TimeoutError, RuntimeError):
-                    self._run_on_loop(self._shutdown_in_loop)
-                self._loop.call_soon_threadsafe(self._loop.stop)
-                self._thread.join(timeout=LOOP_CALL_TIMEOUT_SECONDS)
-            else:
+            if not self._loop_thread.stop(self._shutdown_in_loop):
                 for listener in self._listeners.values():
                     listener.sock.close()
-            if not self._thread.is_alive():
-                self._loop.close()
         finally:
             self.holder.close()
 
@@ -619,7 +285,7 @@ class NetworkLab:
         for connection in list(self._connections):
             connection.close()
         for listener in self._listeners.values():
-            self._loop.remove_reader(listener.sock.fileno())
+            self.loop.remove_reader(listener.sock.fileno())
             listener.sock.close()
         if self._dns_transport is not None:
             self._dns_transport.close()
@@ -878,33 +544,9 @@ class NetworkLab:
     def resolver(self, *, timeout: float = DNS_TIMEOUT_SECONDS) -> Resolver:
         """An async ``resolve(name) -> [addresses]`` that asks this lab's stub from a lab socket.
 
-        Asks A, then AAAA; returns IPv4 answers first. NXDOMAIN, NODATA and names that cannot be
-        encoded give ``[]``; no answer within ``timeout`` raises TimeoutError. An IP literal is
-        returned as is (as getaddrinfo(3) does). Usable from any event loop.
+        See :func:`~pytest_sandbox.network.lab.dns_client.make_resolver`. Usable from any event loop.
         """
-        async def resolve(name: str) -> list[str]:
-            with contextlib.suppress(ValueError):
-                return [_canonical(name)]
-            try:
-                queries = [(qtype, encode_query(name, qtype, secrets.randbits(16)))
-                           for qtype in (QueryType.A, QueryType.AAAA)]
-            except DnsFormatError:
-                return []
-            sock = await asyncio.to_thread(self.socket, socket.AF_INET, socket.SOCK_DGRAM)
-            with sock:
-                sock.setblocking(False)
-                loop = asyncio.get_running_loop()
-                await loop.sock_connect(sock, self.dns_server)
-                addresses: list[str] = []
-                for _qtype, query in queries:
-                    await loop.sock_sendall(sock, query)
-                    response = await asyncio.wait_for(_await_reply(loop, sock, query[:2]), timeout)
-                    if response.rcode == ResponseCode.NXDOMAIN:
-                        return []
-                    if response.rcode == ResponseCode.NOERROR:
-                        addresses += response.addresses
-                return addresses
-        return resolve
+        return make_resolver(self.socket, self.dns_server, timeout=timeout)
 
     def lookup(self, name: str) -> list[str]:
         """Synchronous :meth:`resolver` for tests (do not call from a running event loop)."""
@@ -916,21 +558,23 @@ class NetworkLab:
         """Run ``function`` on the loop thread and return its result."""
         if self._closed:
             raise RuntimeError(f"{self!r} is closed")
-        return self._run_on_loop(function)
+        return self._loop_thread.call(function)
 
-    def _run_on_loop(self, function: Callable[[], T]) -> T:
-        if threading.get_ident() == self._thread.ident:
-            return function()
-        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+    # -- what the connections report to (connections.LabLoop, origin.OriginLab; loop thread only) --
 
-        def run() -> None:
-            try:
-                future.set_result(function())
-            except BaseException as exc:
-                future.set_exception(exc)
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The lab's event loop (it runs in the lab's own thread; every lab socket is served there)."""
+        return self._loop_thread.loop
 
-        self._loop.call_soon_threadsafe(run)
-        return future.result(timeout=LOOP_CALL_TIMEOUT_SECONDS)
+    def forget(self, connection: _Connection) -> None:
+        self._connections.discard(connection)
+
+    def record_request(self, request: OriginRequest) -> None:
+        self._origin_requests.append(request)
+
+    def add_stream(self, connection: _OriginConnection) -> None:
+        self._origin_streams.append(connection)
 
     def _settled(self, snapshot: Callable[[], T]) -> T:
         for listener in self._listeners.values():
@@ -962,17 +606,6 @@ class NetworkLab:
                 connection = _OriginConnection(self, listener, sock, listener.accepted)
             self._connections.add(connection)
             connection.on_readable()
-
-
-async def _await_reply(loop: asyncio.AbstractEventLoop, sock: socket.socket, query_id: bytes
-                       ) -> DnsResponse:
-    """The first datagram that parses as a response with our id (RFC 5452 §4.3: match the id)."""
-    while True:
-        data = await loop.sock_recv(sock, READ_SIZE)
-        if data[:2] != query_id:
-            continue
-        with contextlib.suppress(DnsFormatError):
-            return parse_response(data)
 
 
 def _canonical_or_error(addr: str) -> str:

@@ -5,6 +5,8 @@ port policy -> resolve **once** with the injected resolver (IP literals are not 
 classify **every** answer -> deny if any answer is special -> dial **exactly** a checked address
 with a socket from the injected factory (no hostname ever reaches a function that could resolve it
 again) -> repeat for every request on a keep-alive connection and every new upstream connection.
+The decision itself is pure (:mod:`pytest_sandbox.network.proxy.decision`); this module is the I/O
+around it: reading, resolving when asked, dialling, forwarding, answering and recording.
 
 Requests are framed strictly (:mod:`pytest_sandbox.http.framing`); a framing violation is answered and
 the connection closed without parsing another byte (network.md §5). Every request and CONNECT gets
@@ -21,203 +23,83 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import fcntl
 import fnmatch
-import functools
 import ipaddress
 import itertools
 import json
-import os
 import socket
-import sys
 import threading
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any
 
+from pytest_sandbox.http.fields import end_to_end
 from pytest_sandbox.http.framing import FramingViolation
 from pytest_sandbox.http.streams import (
-    DEFAULT_MAX_BODY,
     Request,
     RequestReader,
     Response,
     ResponseReader,
     write_response,
 )
-from pytest_sandbox.network.addresses import (
-    AddressVerdict,
-    Authority,
-    MalformedTarget,
-    classify_address,
-    parse_absolute_form,
-    parse_authority,
+from pytest_sandbox.network.addresses import AddressVerdict, Authority
+from pytest_sandbox.network.proxy import relay
+from pytest_sandbox.network.proxy.config import (
+    ConnectInterceptor,
+    Resolver,
+    RouteSocketFactory,
+    SocketFactory,
+)
+from pytest_sandbox.network.proxy.config import Decision as Decision  # layout-reexport
+from pytest_sandbox.network.proxy.config import InterceptHandler as InterceptHandler  # layout-reexport
+from pytest_sandbox.network.proxy.config import ProxyConfig as ProxyConfig  # layout-reexport
+from pytest_sandbox.network.proxy.decision import (
+    NeedsResolution,
+    Refusal,
+    ResolutionFailed,
+    Route,
+    Rules,
+    decide_destination,
+    refusal_for_framing,
+    split_target,
 )
 from pytest_sandbox.network.proxy.self_connection import self_connection
+from pytest_sandbox.network.proxy.watchdog import Watchdog, bounded
 from pytest_sandbox.network.route_lookup import is_delivered_locally
 
-if TYPE_CHECKING:
-    from pytest_sandbox.policy.model import Policy
+__all__ = ["EgressProxy"]
 
-__all__ = [
-    "Decision",
-    "EgressProxy",
-    "InterceptHandler",
-    "ProxyConfig",
-    "Resolver",
-    "RouteSocketFactory",
-    "SocketFactory",
-]
-
-Resolver = Callable[[str], Awaitable[list[str]]]
-SocketFactory = Callable[[int], socket.socket]
-# Makes an AF_NETLINK / NETLINK_ROUTE socket in the namespace the proxy dials from (its route table).
-RouteSocketFactory = Callable[[], socket.socket]
-InterceptHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-ConnectInterceptor = Callable[[str, int], "InterceptHandler | None"]
-
-
-def _baseline_allowlist(name: str) -> Callable[[], Any]:
-    def default() -> Any:
-        from pytest_sandbox.policy.model import baseline_policy  # the one place the defaults are written down
-
-        return getattr(baseline_policy().network, name)
-
-    return default
-
-
-@dataclass(frozen=True)
-class ProxyConfig:
-    """How the proxy judges requests. The allowlist defaults to the baseline policy's; a session's
-    proxy is built with :meth:`from_policy` from the policy it enforces."""
-
-    # fnmatch patterns on the canonical (lowercase) host
-    allowed_hosts: tuple[str, ...] = field(default_factory=_baseline_allowlist("allowed_hosts"))
-    allowed_ports: tuple[int, ...] = field(default_factory=_baseline_allowlist("allowed_ports"))
-    classify: Callable[[str], AddressVerdict] = classify_address  # injection point for weakened proxies
-    strict_framing: bool = True  # False = weakened (h11 only)
-    judge_every_request: bool = True  # False = weakened (first request only)
-    max_head: int = 8192  # OpenShell answers 431 beyond 8 KiB (network.md §4)
-    max_body: int = DEFAULT_MAX_BODY
-    max_response_body: int = 32 * 2**20
-    idle_timeout: float = 60.0  # seconds a client connection may sit between requests
-    connect_timeout: float = 10.0
-    upstream_timeout: float = 60.0  # seconds to wait for a complete upstream response
-    resolve_timeout: float = 5.0
-
-    @classmethod
-    def from_policy(cls, policy: Policy, **settings: Any) -> ProxyConfig:
-        """The policy's ``[network]`` allowlist, plus ``settings`` (timeouts, weakenings)."""
-        allowlist = {"allowed_hosts": policy.network.allowed_hosts, "allowed_ports": policy.network.allowed_ports}
-        return cls(**{**allowlist, **settings})
-
-
-@dataclass(frozen=True)
-class Decision:
-    """One judged request or CONNECT. ``reason`` is a stable code a human can act on."""
-
-    seq: int
-    client: str
-    method: str
-    target: str
-    host: str | None
-    port: int | None
-    action: str  # "allow" | "deny" | "error" | "intercept"
-    status: int
-    reason: str  # routed, intercepted, unjudged, ssrf_denied, policy_denied, malformed_target,
-    # https_absolute_form, header_too_large, upstream_unreachable, upstream_protocol_error,
-    # resolution_failed, framing:<case>
-    detail: str
-    addresses: tuple[str, ...]
-
-
-# RFC 9110 §7.6.1 hop-by-hop fields, plus what this proxy re-creates itself (Host from the target,
-# RFC 9112 §3.2.2; Content-Length from the decoded body) and Expect (the body is already read).
-_REQUEST_FIELDS_NOT_FORWARDED = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"host",
-        b"content-length",
-        b"expect",
-    }
-)
-_RESPONSE_FIELDS_NOT_FORWARDED = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade",
-     b"content-length"}
-)
 # RFC 9110 §8.6: a user agent SHOULD send Content-Length for these even when the body is empty.
 _METHODS_WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
 # RFC 9110 §9.2.2: safe to retry once on a stale keep-alive upstream connection.
 _IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
-_RELAY_CHUNK = 256 * 1024
 _STREAM_LIMIT = 1024 * 1024
-_LINGER_SECONDS = 2.0
-_LINGER_MAX_BYTES = 1 << 20
 _CLASSIFY_CACHE_SIZE = 4096
-
-_T = TypeVar("_T")
-
-if sys.version_info >= (3, 11):
-
-    async def _bounded(awaitable: Awaitable[_T], seconds: float) -> _T:
-        """Await with a deadline; ``asyncio.timeout`` costs one timer, not a task per call."""
-        async with asyncio.timeout(seconds):
-            return await awaitable
-
-else:  # pragma: no cover - Python 3.10
-
-    async def _bounded(awaitable: Awaitable[_T], seconds: float) -> _T:
-        return await asyncio.wait_for(awaitable, seconds)
+# Fields this proxy writes itself: Host from the target (RFC 9112 §3.2.2), Content-Length from the decoded
+# body, and Expect (the body is already read). Hop-by-hop fields go too (http.fields.end_to_end).
+_REQUEST_FIELDS_REWRITTEN = frozenset({b"host", b"content-length", b"expect"})
+_RESPONSE_FIELDS_REWRITTEN = frozenset({b"content-length"})
 
 
-# parse_absolute_form is pure; keep-alive clients repeat the same targets, so cache its answers.
-_parse_absolute_form = functools.lru_cache(maxsize=1024)(parse_absolute_form)
+class _Refused(Exception):
+    """Carries a :class:`Refusal` out of the I/O that found it, to the one place that answers it."""
+
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(refusal.detail)
+        self.refusal = refusal
 
 
-class _Refusal(Exception):
-    """A request the proxy answers itself, with a JSON body and a closed connection."""
-
-    def __init__(
-        self, status: int, reason: str, detail: str, *, addresses: tuple[str, ...] = (),
-        action: str | None = None,
-    ) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.reason = reason
-        self.detail = detail
-        self.addresses = addresses
-        self.action = action or ("error" if status >= 500 and status != 501 else "deny")
-
-
-def _framing_refusal(violation: FramingViolation) -> _Refusal:
-    reason = "header_too_large" if violation.case == "head-too-large" else f"framing:{violation.case}"
-    return _Refusal(violation.status, reason, violation.detail)
-
-
-def _target_refusal(error: MalformedTarget) -> _Refusal:
-    reason = "https_absolute_form" if error.reason == "https_absolute_form" else "malformed_target"
-    return _Refusal(400, reason, f"{error} ({error.reason})")
+def _split(request: Request) -> tuple[Authority, str]:
+    """The request's authority and upstream path (:func:`split_target`); a malformed target is refused."""
+    split = split_target(request.method, request.target)
+    if isinstance(split, Refusal):
+        raise _Refused(split)
+    return split
 
 
 def _host_header(authority: Authority, default_port: int) -> str:
     host = f"[{authority.host}]" if ":" in authority.host else authority.host
     return host if authority.port == default_port else f"{host}:{authority.port}"
-
-
-def _connection_options(fields: tuple[tuple[bytes, bytes], ...]) -> set[bytes]:
-    """Field names a Connection header lists: hop-by-hop, removed before forwarding (RFC 9110 §7.6.1)."""
-    return {
-        token.strip(b" \t").lower()
-        for name, value in fields
-        if name == b"connection"
-        for token in value.split(b",")
-    }
 
 
 async def _connect_socket(sock: socket.socket, address: tuple[Any, ...]) -> None:
@@ -293,6 +175,7 @@ class EgressProxy:
         self._host_allowed: dict[str, bool] = {}
         self._allowed_ports = frozenset(config.allowed_ports)
         self._host_patterns = tuple(pattern.lower() for pattern in config.allowed_hosts)
+        self._rules = Rules(self._allowed_ports, self._host_allowed_cached, self._classify, self._self_connection)
         self._client_tasks: set[asyncio.Task[None]] = set()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -422,7 +305,7 @@ class EgressProxy:
             )
 
     def _record_refusal(
-        self, client: str, request: Request | None, authority: Authority | None, refusal: _Refusal,
+        self, client: str, request: Request | None, authority: Authority | None, refusal: Refusal,
         addresses: tuple[str, ...] = (),
     ) -> None:
         self._record(client, request, authority=authority, action=refusal.action, status=refusal.status,
@@ -438,7 +321,7 @@ class EgressProxy:
             writer=writer,
             requests=RequestReader(reader, max_head=self.config.max_head, max_body=self.config.max_body,
                                    strict=self.config.strict_framing),
-            watchdog=_Watchdog(asyncio.get_running_loop()),
+            watchdog=Watchdog(asyncio.get_running_loop()),
         )
         idle_timeout, abort_client = self.config.idle_timeout, writer.transport.abort
         try:
@@ -447,7 +330,7 @@ class EgressProxy:
                 try:
                     request = await conn.requests.next_request()
                 except FramingViolation as violation:
-                    refusal = _framing_refusal(violation)
+                    refusal = refusal_for_framing(violation)
                     self._record_refusal(conn.name, None, None, refusal)
                     await self._refuse(conn, refusal)
                     return
@@ -465,7 +348,7 @@ class EgressProxy:
             for upstream in conn.upstreams.values():
                 upstream.close()
 
-    async def _refuse(self, conn: _Client, refusal: _Refusal) -> None:
+    async def _refuse(self, conn: _Client, refusal: Refusal) -> None:
         """Answer with ``{"error": reason, "detail": ...}``, ``Connection: close``, and close.
 
         The connection is half-closed after the answer and the rest of the client's input is read
@@ -479,7 +362,7 @@ class EgressProxy:
                 conn.writer, refusal.status, _REASON_PHRASES.get(refusal.status, "Error"),
                 [("content-type", "application/json"), ("connection", "close")], body,
             )
-        await _linger_close(conn.reader, conn.writer)
+        await relay.linger_close(conn.reader, conn.writer)
 
     # --- absolute-form requests ---------------------------------------------------------------
 
@@ -490,16 +373,12 @@ class EgressProxy:
         authority: Authority | None = None
         addresses: tuple[str, ...] = ()
         try:
-            try:
-                _, authority, path = _parse_absolute_form(request.target)
-            except MalformedTarget as error:
-                raise _target_refusal(error) from None
-            self._check_policy(authority)
-            addresses = await self._checked_addresses(authority)
+            authority, path = _split(request)
+            addresses = await self._destination(authority)
             upstream, response = await self._exchange(conn, request, authority, path, addresses)
-        except _Refusal as refusal:
-            self._record_refusal(conn.name, request, authority, refusal, addresses)
-            await self._refuse(conn, refusal)
+        except _Refused as refused:
+            self._record_refusal(conn.name, request, authority, refused.refusal, addresses)
+            await self._refuse(conn, refused.refusal)
             return False
         if conn.first_upstream is None:
             conn.first_upstream = upstream
@@ -510,31 +389,27 @@ class EgressProxy:
 
     async def _forward_unjudged(self, conn: _Client, request: Request, upstream: _Upstream) -> bool:
         """Weakened mode: the request rides the first request's upstream, unjudged (the hole)."""
-        path = request.target
-        with contextlib.suppress(MalformedTarget):
-            path = _parse_absolute_form(request.target)[2]
+        split = split_target(request.method, request.target)
+        path = request.target if isinstance(split, Refusal) else split[1]
         upstream.writer.write(_upstream_request(request, (request.header("host") or "").encode("latin-1"), path))
         try:
             response = await upstream.responses.next_response(request.method)
         except (FramingViolation, OSError, asyncio.IncompleteReadError) as error:
-            await self._refuse(conn, _Refusal(502, "upstream_protocol_error", str(error)))
+            await self._refuse(conn, Refusal(502, "upstream_protocol_error", str(error)))
             return False
         self._record(conn.name, request, authority=None, action="allow", status=response.status,
                      reason="unjudged", detail="judge_every_request=False: rode the first upstream",
                      addresses=(upstream.key[0],))
         return await self._answer(conn, request, response)
 
-    def _check_policy(self, authority: Authority) -> None:
-        if authority.port not in self._allowed_ports:
-            raise _Refusal(403, "policy_denied",
-                           f"port {authority.port} of {authority.host} not permitted by policy")
-        allowed = self._host_allowed.get(authority.host)
+    def _host_allowed_cached(self, host: str) -> bool:
+        """Whether the canonical ``host`` matches an allowlist pattern, cached per host."""
+        allowed = self._host_allowed.get(host)
         if allowed is None:
-            allowed = any(fnmatch.fnmatchcase(authority.host, pattern) for pattern in self._host_patterns)
+            allowed = any(fnmatch.fnmatchcase(host, pattern) for pattern in self._host_patterns)
             if len(self._host_allowed) < _CLASSIFY_CACHE_SIZE:
-                self._host_allowed[authority.host] = allowed
-        if not allowed:
-            raise _Refusal(403, "policy_denied", f"host {authority.host} not permitted by policy")
+                self._host_allowed[host] = allowed
+        return allowed
 
     def _classify(self, address: str) -> AddressVerdict:
         verdict = self._classified.get(address)
@@ -544,35 +419,23 @@ class EgressProxy:
                 self._classified[address] = verdict
         return verdict
 
-    async def _checked_addresses(self, authority: Authority) -> tuple[str, ...]:
-        """Resolve once (never for an IP literal), classify every answer, deny if any is special."""
-        where = f"{authority.host}:{authority.port}"
-        if authority.ip is not None:
-            answers: list[str] = [str(authority.ip)]
-        else:
+    async def _destination(self, authority: Authority) -> tuple[str, ...]:
+        """The checked addresses to dial for ``authority`` (:func:`decide_destination`); a name is
+        resolved once, with the injected resolver, only after the policy admitted it."""
+        decided = decide_destination(authority, None, self._rules)
+        if type(decided) is NeedsResolution:
             try:
-                answers = list(await _bounded(self._resolver(authority.host), self.config.resolve_timeout))
+                answers = list(await bounded(self._resolver(decided.host), self.config.resolve_timeout))
             except Exception as error:
-                raise _Refusal(502, "resolution_failed",
-                               f"{where}: resolving failed: {type(error).__name__}: {error}") from None
-            if not answers:
-                raise _Refusal(502, "resolution_failed", f"{where}: the resolver returned no address")
-        checked: list[str] = []
-        for answer in answers:
-            try:
-                verdict = self._classify(answer)
-            except ValueError:
-                raise _Refusal(403, "ssrf_denied", f"{where} blocked: resolver answer {answer!r} is not an "
-                               "address literal", addresses=tuple(answers)) from None
-            if verdict.denied:
-                raise _Refusal(403, "ssrf_denied", f"{where} blocked: {answer} is {verdict.reason}",
-                               addresses=tuple(answers))
-            looped = self._self_connection(verdict.address, authority.port)
-            if looped is not None:
-                raise _Refusal(403, "ssrf_denied", f"{where} blocked: self connection: {looped}",
-                               addresses=tuple(answers))
-            checked.append(verdict.address)
-        return tuple(checked)
+                decided = decide_destination(authority, ResolutionFailed(f"{type(error).__name__}: {error}"),
+                                             self._rules)
+            else:
+                decided = decide_destination(authority, answers, self._rules)
+        if type(decided) is Route:
+            return decided.addresses
+        if isinstance(decided, Refusal):
+            raise _Refused(decided)
+        raise AssertionError(f"decide_destination asked to resolve twice: {decided}")
 
     def _self_connection(self, address: str, port: int) -> str | None:
         """Why dialling ``address`` port ``port`` would reach this proxy, or None.
@@ -628,14 +491,13 @@ class EgressProxy:
             sockaddr: tuple[Any, ...] = (address, port, 0, 0) if ip.version == 6 else (address, port)
             sock = self._socket_factory(family)
             try:
-                await _bounded(_connect_socket(sock, sockaddr), self.config.connect_timeout)
+                await bounded(_connect_socket(sock, sockaddr), self.config.connect_timeout)
             except (OSError, TimeoutError, asyncio.TimeoutError) as error:
                 sock.close()
                 failures.append(f"{address}: {error or type(error).__name__}")
                 continue
             return sock, address
-        raise _Refusal(502, "upstream_unreachable", f"port {port}: " + "; ".join(failures),
-                       addresses=addresses)
+        raise _Refused(Refusal(502, "upstream_unreachable", f"port {port}: " + "; ".join(failures), addresses))
 
     async def _dial(self, addresses: tuple[str, ...], port: int) -> _Upstream:
         sock, address = await self._dial_socket(addresses, port)
@@ -643,8 +505,8 @@ class EgressProxy:
             reader, writer = await asyncio.open_connection(sock=sock, limit=_STREAM_LIMIT)
         except OSError as error:
             sock.close()
-            raise _Refusal(502, "upstream_unreachable", f"{address} port {port}: {error}",
-                           addresses=addresses) from None
+            raise _Refused(Refusal(502, "upstream_unreachable", f"{address} port {port}: {error}",
+                                   addresses)) from None
         return _Upstream((address, port), reader, writer, max_body=self.config.max_response_body)
 
     async def _exchange(
@@ -667,18 +529,18 @@ class EgressProxy:
                 response = await upstream.responses.next_response(request.method)
             except FramingViolation as violation:
                 upstream.close()
-                raise _Refusal(502, "upstream_protocol_error",
-                               f"upstream {upstream.key[0]} sent bad framing: {violation}") from None
+                raise _Refused(Refusal(502, "upstream_protocol_error",
+                                       f"upstream {upstream.key[0]} sent bad framing: {violation}")) from None
             except (OSError, asyncio.IncompleteReadError) as error:
                 upstream.close()
                 if conn.watchdog.expired:
-                    raise _Refusal(504, "upstream_timeout", f"no complete response from {upstream.key[0]} "
-                                   f"within {self.config.upstream_timeout} s") from None
+                    raise _Refused(Refusal(504, "upstream_timeout", f"no complete response from "
+                                           f"{upstream.key[0]} within {self.config.upstream_timeout} s")) from None
                 if reused and attempt == 0 and request.method in _IDEMPOTENT_METHODS:
                     continue  # a stale keep-alive connection: dial afresh once
                 failure = f"{type(error).__name__}: {error}"
-                raise _Refusal(502, "upstream_unreachable",
-                               f"upstream {upstream.key[0]} failed: {failure}") from None
+                raise _Refused(Refusal(502, "upstream_unreachable",
+                                       f"upstream {upstream.key[0]} failed: {failure}")) from None
             finally:
                 conn.watchdog.disarm()
             if response.keep_alive:
@@ -691,11 +553,10 @@ class EgressProxy:
     async def _answer(self, conn: _Client, request: Request, response: Response) -> bool:
         keep_alive = request.keep_alive
         fields = response.raw_headers or _encode_fields(response.headers)
-        listed = _connection_options(fields)
         parts = [b"HTTP/1.1 %d %s\r\n" % (response.status, response.reason.encode("latin-1"))]
-        for name, value in fields:
-            if name not in _RESPONSE_FIELDS_NOT_FORWARDED and name not in listed:
-                parts += (name, b": ", value, b"\r\n")
+        # Proxy-* response fields are passed on, as they always were (only the request drops them).
+        for name, value in end_to_end(fields, rewritten=_RESPONSE_FIELDS_REWRITTEN, drop_proxy_fields=False):
+            parts += (name, b": ", value, b"\r\n")
         if request.method == "HEAD" or response.status in (204, 304):
             # RFC 9110 §8.6: a HEAD/304 response's Content-Length describes the body it omits.
             parts += (b"content-length: %s\r\n" % value for name, value in fields if name == b"content-length")
@@ -706,11 +567,11 @@ class EgressProxy:
         parts += (b"\r\n", response.body)
         writer = conn.writer
         writer.write(b"".join(parts))
-        if writer.transport.get_write_buffer_size() > _RELAY_CHUNK:
+        if writer.transport.get_write_buffer_size() > relay.RELAY_CHUNK:
             with contextlib.suppress(ConnectionError):
                 await writer.drain()
         if not keep_alive:
-            await _linger_close(conn.reader, writer)
+            await relay.linger_close(conn.reader, writer)
         return keep_alive
 
     # --- CONNECT --------------------------------------------------------------------------------
@@ -719,30 +580,26 @@ class EgressProxy:
         authority: Authority | None = None
         addresses: tuple[str, ...] = ()
         try:
-            try:
-                authority = parse_authority(request.target)
-            except MalformedTarget as error:
-                raise _target_refusal(error) from None
+            authority, _ = _split(request)
             handler = self._connect_interceptor(authority.host, authority.port) \
                 if self._connect_interceptor is not None else None
             if handler is not None:
                 if conn.requests.leftover():
                     # The interceptor speaks TLS from its first byte; bytes sent before our 200
                     # (RFC 9931 optimistic data) could never be replayed into that handshake.
-                    raise _Refusal(400, "framing:connect-early-data",
-                                   "bytes sent before 200 Connection Established on an intercepted CONNECT")
+                    raise _Refused(Refusal(400, "framing:connect-early-data",
+                                           "bytes sent before 200 Connection Established on an intercepted CONNECT"))
                 self._record(conn.name, request, authority=authority, action="intercept", status=200,
                              reason="intercepted", detail="handed to the connect interceptor")
                 conn.writer.write(_CONNECTION_ESTABLISHED)
                 await conn.writer.drain()
                 await handler(conn.reader, conn.writer)
                 return
-            self._check_policy(authority)
-            addresses = await self._checked_addresses(authority)
+            addresses = await self._destination(authority)
             upstream_sock, address = await self._dial_socket(addresses, authority.port)
-        except _Refusal as refusal:
-            self._record_refusal(conn.name, request, authority, refusal, addresses)
-            await self._refuse(conn, refusal)
+        except _Refused as refused:
+            self._record_refusal(conn.name, request, authority, refused.refusal, addresses)
+            await self._refuse(conn, refused.refusal)
             return
         self._record(conn.name, request, authority=authority, action="allow", status=200, reason="routed",
                      detail=f"tunnel to {address} port {authority.port}", addresses=addresses)
@@ -763,16 +620,16 @@ class EgressProxy:
         loop = asyncio.get_running_loop()
         if early:
             await loop.sock_sendall(upstream_sock, early)
-        if _SPLICE_AVAILABLE and isinstance(transport, asyncio.ReadTransport):
+        if relay.SPLICE_AVAILABLE and isinstance(transport, asyncio.ReadTransport):
             transport.pause_reading()
-            if not _stream_buffered(conn.reader):
+            if not relay.stream_buffered(conn.reader):
                 client_sock = transport.get_extra_info("socket")
-                await _splice_relay(loop, client_sock.fileno(), upstream_sock)
+                await relay.splice_relay(loop, client_sock.fileno(), upstream_sock)
                 return
             transport.resume_reading()
         reader, writer = await asyncio.open_connection(sock=upstream_sock.dup(), limit=_STREAM_LIMIT)
         try:
-            await _relay(conn.reader, conn.writer, reader, writer)
+            await relay.pump_both_ways(conn.reader, conn.writer, reader, writer)
         finally:
             writer.close()
 
@@ -784,54 +641,6 @@ _REASON_PHRASES = {
 }
 
 
-class _Watchdog:
-    """One lazily rescheduled timer per client connection, so arming it costs two attribute writes
-    instead of a timer (or a task) per await. When the armed deadline passes, ``action`` runs
-    (it aborts a transport, which wakes the awaiting reader with EOF) and ``expired`` is set."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._deadline: float | None = None
-        self._action: Callable[[], object] | None = None
-        self._handle: asyncio.TimerHandle | None = None
-        self._scheduled_for = 0.0
-        self.expired = False
-
-    def arm(self, seconds: float, action: Callable[[], object]) -> None:
-        self._deadline = deadline = self._loop.time() + seconds
-        self._action = action
-        self.expired = False
-        if self._handle is None or deadline < self._scheduled_for:
-            if self._handle is not None:
-                self._handle.cancel()
-            self._schedule(deadline)
-
-    def disarm(self) -> None:
-        self._deadline = None
-
-    def close(self) -> None:
-        self._deadline = None
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
-
-    def _schedule(self, when: float) -> None:
-        self._scheduled_for = when
-        self._handle = self._loop.call_at(when, self._fire)
-
-    def _fire(self) -> None:
-        self._handle = None
-        deadline, action = self._deadline, self._action
-        if deadline is None or action is None:
-            return
-        if self._loop.time() >= deadline:
-            self._deadline = None
-            self.expired = True
-            action()
-        else:
-            self._schedule(deadline)
-
-
 @dataclass
 class _Client:
     """One client connection and what the proxy keeps for it."""
@@ -840,7 +649,7 @@ class _Client:
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
     requests: RequestReader
-    watchdog: _Watchdog
+    watchdog: Watchdog
     upstreams: dict[tuple[str, int], _Upstream] = field(default_factory=dict)  # idle, by checked key
     first_upstream: _Upstream | None = None  # weakened mode: where later requests ride
 
@@ -853,203 +662,11 @@ def _upstream_request(request: Request, host: bytes, path: str) -> bytes:
     """The request in origin-form for the next hop: Host from the target (RFC 9112 §3.2.2),
     hop-by-hop and Proxy-* fields removed (RFC 9110 §7.6.1), the body framed by Content-Length."""
     fields = request.raw_headers or _encode_fields(request.headers)
-    listed = _connection_options(fields)
     parts = [b"%s %s HTTP/1.1\r\nhost: %s\r\n" % (request.method.encode("ascii"), path.encode("latin-1"), host)]
-    for name, value in fields:
-        if name not in _REQUEST_FIELDS_NOT_FORWARDED and name not in listed and not name.startswith(b"proxy-"):
-            parts += (name, b": ", value, b"\r\n")
+    for name, value in end_to_end(fields, rewritten=_REQUEST_FIELDS_REWRITTEN, drop_proxy_fields=True):
+        parts += (name, b": ", value, b"\r\n")
     body = request.body
     if body or request.method in _METHODS_WITH_BODY or any(name == b"content-length" for name, _ in fields):
         parts.append(b"content-length: %d\r\n" % len(body))
     parts += (b"\r\n", body)
     return b"".join(parts)
-
-
-async def _linger_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Half-close, discard (never parse) what the client still sends for a moment, then close."""
-    with contextlib.suppress(OSError, RuntimeError):
-        if writer.can_write_eof():
-            writer.write_eof()
-    discarded = 0
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + _LINGER_SECONDS
-    with contextlib.suppress(OSError, ConnectionError, TimeoutError, asyncio.TimeoutError):
-        while discarded < _LINGER_MAX_BYTES and loop.time() < deadline:
-            data = await _bounded(reader.read(65536), deadline - loop.time())
-            if not data:
-                break
-            discarded += len(data)
-    writer.close()
-
-
-# --- tunnel relays ---------------------------------------------------------------------------------
-
-_SPLICE_AVAILABLE = hasattr(os, "splice") and hasattr(os, "SPLICE_F_NONBLOCK")
-_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
-_PIPE_SIZE = 1 << 20
-
-
-def _stream_buffered(reader: asyncio.StreamReader) -> bool:
-    """Whether ``reader`` still holds bytes the client sent; unknown counts as yes.
-
-    StreamReader has no public way to ask; its ``_buffer`` has been a bytearray since Python 3.4.
-    Only then may the socket underneath be read directly.
-    """
-    buffer = getattr(reader, "_buffer", None)
-    return not isinstance(buffer, bytearray) or bool(buffer)
-
-
-class _SpliceDirection:
-    """Moves bytes from one socket to another through a pipe with ``splice(2)``, on the event loop.
-
-    Reads only while the pipe is empty, so a slow receiver pauses the sender (TCP backpressure);
-    at EOF it half-closes the receiving side (``shutdown(SHUT_WR)``) so the tunnel stays half open
-    like a real TCP connection.
-    """
-
-    def __init__(
-        self, loop: asyncio.AbstractEventLoop, source: int, sink: int,
-        half_close: Callable[[], None], finished: Callable[[BaseException | None], None],
-    ) -> None:
-        self._loop, self._source, self._sink = loop, source, sink
-        self._half_close, self._finished = half_close, finished
-        self._pipe_out, self._pipe_in = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        with contextlib.suppress(OSError, AttributeError):
-            fcntl.fcntl(self._pipe_in, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
-        self._in_pipe = 0
-        self._eof = False
-        self._reading = self._writing = False
-        self._done = False
-        self._start_reading()
-
-    def _start_reading(self) -> None:
-        self._loop.add_reader(self._source, self._on_readable)
-        self._reading = True
-
-    def _stop_reading(self) -> None:
-        if self._reading:
-            self._loop.remove_reader(self._source)
-            self._reading = False
-
-    def _on_readable(self) -> None:
-        # Drain the socket until it would block (or the receiver pushes back): one event-loop wakeup
-        # then moves everything queued, instead of one splice pair per wakeup.
-        while self._reading and not self._done:
-            try:
-                moved = os.splice(self._source, self._pipe_in, _PIPE_SIZE, flags=_SPLICE_FLAGS)
-            except BlockingIOError:
-                return
-            except OSError as error:
-                self._finish(error)
-                return
-            if moved == 0:
-                self._eof = True
-                self._stop_reading()
-            self._in_pipe += moved
-            self._flush()
-
-    def _on_writable(self) -> None:
-        self._flush()
-
-    def _flush(self) -> None:
-        while self._in_pipe:
-            try:
-                moved = os.splice(self._pipe_out, self._sink, self._in_pipe, flags=_SPLICE_FLAGS)
-            except BlockingIOError:
-                if not self._writing:
-                    self._stop_reading()
-                    self._loop.add_writer(self._sink, self._on_writable)
-                    self._writing = True
-                return
-            except OSError as error:
-                self._finish(error)
-                return
-            self._in_pipe -= moved
-        if self._writing:
-            self._loop.remove_writer(self._sink)
-            self._writing = False
-            if not self._eof:
-                self._start_reading()
-        if self._eof:
-            with contextlib.suppress(OSError):
-                self._half_close()
-            self._finish(None)
-
-    def _finish(self, error: BaseException | None) -> None:
-        if not self._done:
-            self._done = True
-            self.close()
-            self._finished(error)
-
-    def close(self) -> None:
-        self._stop_reading()
-        if self._writing:
-            self._loop.remove_writer(self._sink)
-            self._writing = False
-        for fd in (self._pipe_out, self._pipe_in):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._pipe_out = self._pipe_in = -1
-
-
-async def _splice_relay(loop: asyncio.AbstractEventLoop, client_fd: int, upstream: socket.socket) -> None:
-    """Relay between the client (a socket owned by an asyncio transport, reading paused) and the
-    upstream socket until both directions reach EOF or either fails."""
-    # The event loop refuses add_reader on a transport's own descriptor; a duplicate refers to the
-    # same connection and is ours to register and close.
-    client = socket.socket(fileno=os.dup(client_fd))
-    done: asyncio.Future[None] = loop.create_future()
-    open_directions = [2]
-
-    def finished(error: BaseException | None) -> None:
-        open_directions[0] -= 1
-        if not done.done() and (error is not None or open_directions[0] == 0):
-            done.set_result(None)
-
-    directions: list[_SpliceDirection] = []
-    try:
-        upstream.setblocking(False)
-        directions.append(_SpliceDirection(loop, client.fileno(), upstream.fileno(),
-                                           lambda: upstream.shutdown(socket.SHUT_WR), finished))
-        directions.append(_SpliceDirection(loop, upstream.fileno(), client.fileno(),
-                                           lambda: client.shutdown(socket.SHUT_WR), finished))
-        await done
-    finally:
-        for direction in directions:
-            direction.close()
-        client.close()
-
-
-async def _pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-    """Copy bytes until EOF, then half-close the sink; no per-chunk policy work on this path."""
-    transport = sink.transport
-    read = source.read
-    write = transport.write
-    while True:
-        data = await read(_RELAY_CHUNK)
-        if not data:
-            break
-        write(data)
-        if transport.get_write_buffer_size() > _RELAY_CHUNK:
-            await sink.drain()
-    with contextlib.suppress(OSError, RuntimeError):
-        if sink.can_write_eof():
-            sink.write_eof()
-
-
-async def _relay(
-    client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter,
-    upstream_reader: asyncio.StreamReader, upstream_writer: asyncio.StreamWriter,
-) -> None:
-    outbound = asyncio.ensure_future(_pump(client_reader, upstream_writer))
-    inbound = asyncio.ensure_future(_pump(upstream_reader, client_writer))
-    try:
-        done, pending = await asyncio.wait({outbound, inbound}, return_when=asyncio.FIRST_EXCEPTION)
-        for task in done:
-            if task.exception() is not None:
-                for other in pending:
-                    other.cancel()
-    finally:
-        for task in (outbound, inbound):
-            task.cancel()
-        await asyncio.gather(outbound, inbound, return_exceptions=True)

@@ -1,0 +1,65 @@
+"""The self-connection judge: loop evidence the proxy cannot shape decides first, then the SSRF rule. Pure.
+
+The evidence (:class:`LoopEvidence`: the lab's socket table, a nonce through the tunnel) is gathered by
+``probes/self_loop.py``; it is defined here, next to the judge that reads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from pytest_sandbox.network.socket_table import Endpoint
+from pytest_sandbox.verdicts.judgement import Judgement, Verdict
+from pytest_sandbox.verdicts.ssrf import HitCounts, JudgedAttempt, ProxyReply, endpoint_text, judge_attempt
+
+__all__ = ["EXPECTED", "LOOP_ORIGIN", "LoopEvidence", "judge_self_attempt"]
+
+# The lab public origin the nonce request names (pytest_sandbox.network.lab.lab.LAB_PUBLIC_ORIGINS).
+LOOP_ORIGIN = "11.0.0.10"
+EXPECTED = "refused (400 or 403, connection closed); no connection to the proxy's own socket, no canary hit"
+
+
+@dataclass(frozen=True)
+class LoopEvidence:
+    """What the lab saw of one attempt, independent of the proxy.
+
+    ``loops``: connections to ``endpoint`` (the proxy's own socket address as attempted) that the
+    harness did not make, by their far end. ``nonce_request``: the request line at the origin that
+    carried the tunnel's nonce. ``table_error``: why the socket table could not be read.
+    """
+
+    endpoint: Endpoint
+    loops: tuple[Endpoint, ...] = ()
+    nonce_request: str | None = None
+    table_error: str = ""
+
+    def describe(self) -> str:
+        parts = []
+        if self.loops:
+            peers = ", ".join(endpoint_text(*peer) for peer in self.loops)
+            parts.append(f"the lab's socket table shows {len(self.loops)} connection(s) to "
+                         f"{endpoint_text(*self.endpoint)} the harness did not make (from {peers})")
+        if self.nonce_request is not None:
+            parts.append(f"origin {LOOP_ORIGIN} received {self.nonce_request!r}, which was sent only "
+                         "inside the tunnel as a proxy request")
+        if self.table_error:
+            parts.append(f"socket table unreadable: {self.table_error}")
+        return "; ".join(parts) or f"no connection to {endpoint_text(*self.endpoint)} but the harness's own"
+
+    @property
+    def looped(self) -> bool:
+        return bool(self.loops) or self.nonce_request is not None
+
+
+def judge_self_attempt(attempt: JudgedAttempt, reply: ProxyReply, hits: HitCounts, evidence: LoopEvidence
+                       ) -> Judgement:
+    """Judge one self-connection attempt. Loop evidence decides first; then the SSRF judgement."""
+    base = judge_attempt(attempt, reply, hits)
+    observed = f"{base.observed}; loop evidence: {evidence.describe()}"
+    if evidence.looped:
+        return Judgement(Verdict.ALLOWED, f"{attempt.target!r} looped to the proxy itself: "
+                         f"{evidence.describe()}", EXPECTED, observed)
+    if base.verdict is Verdict.BLOCKED and evidence.table_error:
+        return Judgement(Verdict.INDETERMINATE, f"refused, but whether it looped cannot be told: "
+                         f"{evidence.table_error}", EXPECTED, observed)
+    return replace(base, expected=EXPECTED, observed=observed)
