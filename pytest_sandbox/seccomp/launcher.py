@@ -8,8 +8,7 @@ exits, and :class:`~pytest_sandbox.errors.LaunchError` is raised: nothing is eve
 
 from __future__ import annotations
 
-import base64
-import json
+import marshal
 import os
 import selectors
 import signal
@@ -171,7 +170,7 @@ class SandboxedProcess:
             if not message:  # the spawner died: its children were killed with it
                 self.returncode = -signal.SIGKILL
                 return
-            status = json.loads(message)["status"]
+            status = marshal.loads(message)["status"]
             self.returncode = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
     def send_signal(self, sig: int) -> None:
@@ -258,7 +257,7 @@ class Sandbox:
         config = self._spawner_config(spec)
         try:
             self._process = subprocess.Popen(
-                [sys.executable, "-S", "-c", _ZYGOTE_SOURCE, str(child_end.fileno()), json.dumps(config)],
+                [sys.executable, "-S", "-c", _ZYGOTE_SOURCE, str(child_end.fileno()), marshal.dumps(config).hex()],
                 pass_fds=(child_end.fileno(),), stdin=subprocess.DEVNULL, close_fds=True,
             )
         finally:
@@ -268,7 +267,7 @@ class Sandbox:
             message = self._control.recv(65536)
         except TimeoutError:
             message = b""
-        reply: dict[str, Any] = json.loads(message) if message else {"error": "the spawner exited without reporting"}
+        reply: dict[str, Any] = marshal.loads(message) if message else {"error": "the spawner exited without reporting"}
         if not reply.get("ready"):
             self.close()
             raise LaunchError(f"cannot start a sandbox ({spec.describe}): {reply.get('error')}; nothing was run")
@@ -297,7 +296,7 @@ class Sandbox:
             "bounding": who.bounding,
             "drop_caps": drop_caps,
             "no_new_privs": bool(flt and flt.no_new_privs) or who.no_new_privs,
-            "filters": [base64.b64encode(p).decode() for p in (flt.programs if flt else ())],
+            "filters": [bytes(p) for p in (flt.programs if flt else ())],
         }
 
     @property
@@ -336,7 +335,7 @@ class Sandbox:
             with self._lock:
                 if self._control.fileno() < 0:
                     raise LaunchError("this sandbox is closed")
-                socket.send_fds(self._control, [json.dumps(request).encode()], [reply_child.fileno(), *theirs])
+                socket.send_fds(self._control, [marshal.dumps(request)], [reply_child.fileno(), *theirs])
         except OSError as exc:
             _close_streams(ours)
             reply.close()
@@ -346,7 +345,7 @@ class Sandbox:
             for fd in to_close:
                 os.close(fd)
         message = reply.recv(65536)
-        answer = json.loads(message) if message else {"error": "the spawner exited"}
+        answer = marshal.loads(message) if message else {"error": "the spawner exited"}
         if "pid" not in answer:
             _close_streams(ours)
             reply.close()
