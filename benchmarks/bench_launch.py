@@ -4,11 +4,15 @@ SPEC.md "Performance targets": a sandboxed launch must cost <= 1.5x a plain ``su
 same command, measured in the same run. Anchors (2-core Linux 6.x): static C seccomp launcher ~1.8x,
 ``bwrap --unshare-all`` ~6x, firejail ~28x.
 
-Variants are measured in interleaved rounds (each round runs every variant a few times, in rotating
-order), so CPU frequency drift and background noise hit all of them alike. Iteration counts are fixed;
-the whole script stays well under 60 s. Usage::
+Variants are measured in interleaved rounds (each round launches every variant in turn, a few times,
+the order rotating from round to round), so CPU frequency drift and background noise hit all of them
+alike. Iteration counts are fixed; the whole script stays well under 60 s. Usage::
 
-    python benchmarks/bench_launch.py [--rounds N] [--per-round K]
+    python benchmarks/bench_launch.py [--rounds N] [--per-round K] [--load L]
+
+``--load L`` (default 2, one per core here) starts L busy-looping processes for the duration of the
+measurement (stopped by PID at the end), so every run sees at least a CI runner's worth of
+competition for the CPUs and runs on different days stay comparable; ``--load 0`` measures without it.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from pytest_sandbox.policy.load import load_policy
@@ -89,8 +94,9 @@ def measure(variants: list[Variant], rounds: int, per_round: int, warmup: int) -
     clock = time.perf_counter
     for round_index in range(rounds):
         shift = round_index % len(variants)
-        for variant in variants[shift:] + variants[:shift]:
-            for _ in range(per_round):
+        order = variants[shift:] + variants[:shift]
+        for _ in range(per_round):  # one launch per variant in turn: bursts of load hit all alike
+            for variant in order:
                 start = clock()
                 returncode = variant.launch()
                 samples[variant.name].append(clock() - start)
@@ -115,21 +121,47 @@ def report(variants: list[Variant], samples: dict[str, list[float]]) -> None:
     print(f"ratios are medians over the median of the baseline named per row; {ANCHORS}")
 
 
+SPIN = "import os, time\nend = time.monotonic() + float(os.environ['SPIN_SECONDS'])\nwhile time.monotonic() < end: pass"
+
+
+@contextmanager
+def background_load(processes: int, seconds: float = 600.0) -> Iterator[None]:
+    """``processes`` busy loops (each bounded to ``seconds`` on its own, stopped by PID when done)."""
+    env = {**os.environ, "SPIN_SECONDS": str(seconds)}
+    spinners = [subprocess.Popen([sys.executable, "-S", "-c", SPIN], env=env) for _ in range(processes)]
+    try:
+        yield
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+        for spinner in spinners:
+            spinner.wait()
+
+
+def loadavg() -> str:
+    with open("/proc/loadavg") as handle:
+        return " ".join(handle.read().split()[:3])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--per-round", type=int, default=25)
     parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--load", type=int, default=2, help="busy-looping background processes (default 2)")
     args = parser.parse_args()
     policy = load_policy("baseline")
     spec = SandboxSpec(compile_policy(policy, "block"), NetworkPlacement("block"), Identity.current())
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, policy baseline, network block, "
-          f"{args.rounds} rounds x {args.per_round} launches per variant")
+          f"{args.rounds} rounds x {args.per_round} launches per variant, background load {args.load} "
+          f"busy processes; loadavg before: {loadavg()}")
     started = time.perf_counter()
-    with Sandbox(spec) as sandbox:
+    with background_load(args.load), Sandbox(spec) as sandbox:
         variants = build_variants(sandbox)
         samples = measure(variants, args.rounds, args.per_round, args.warmup)
+        during = loadavg()
     report(variants, samples)
+    print(f"loadavg at the end of the measurement: {during}")
     print(f"total {time.perf_counter() - started:.1f} s")
     return 0
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import os
 import shutil
 import socket
@@ -110,9 +111,10 @@ def run_origin(http_fd: int, sink_fd: int) -> None:
     asyncio.run(main())
 
 
-def run_reference(port: int) -> None:
+def run_reference(port: int, loop_name: str, profile_path: str | None) -> None:
     from pytest_sandbox.network.proxy.config import ProxyConfig
     from pytest_sandbox.network.proxy.server import EgressProxy
+    from pytest_sandbox.network.proxy.server import run_on_loop as run_loop
     from pytest_sandbox.network.route_lookup import local_route_socket
 
     async def resolve(name: str) -> list[str]:
@@ -126,7 +128,27 @@ def run_reference(port: int) -> None:
     # This process lives in the lab namespace (lab.popen), so plain sockets are lab sockets.
     proxy = EgressProxy(ProxyConfig(), resolver=resolve, socket_factory=socket.socket,
                         route_socket_factory=local_route_socket)
-    asyncio.run(proxy.serve(listener))
+    if profile_path is None:
+        run_loop(proxy.serve(listener), loop_name)
+        return
+    import cProfile
+
+    profiler = cProfile.Profile()
+
+    async def profiled() -> None:
+        # The process is killed by PID at the end, so the profile is written every second.
+        loop = asyncio.get_running_loop()
+
+        def dump() -> None:
+            profiler.dump_stats(profile_path)
+            profiler.enable()
+            loop.call_later(1.0, dump)
+
+        loop.call_later(1.0, dump)
+        profiler.enable()
+        await proxy.serve(listener)
+
+    run_loop(profiled(), loop_name)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -264,7 +286,15 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=3000, help="1 KiB GETs per target per round")
     parser.add_argument("--bulk-mib", type=int, default=64, help="MiB uploaded through CONNECT per round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--loops", default="asyncio,uvloop",
+                        help="event loops to run the reference proxy on, comma-separated (asyncio, uvloop); "
+                             "uvloop is skipped with a note when it is not installed")
+    parser.add_argument("--profile", metavar="PATH",
+                        help="cProfile the reference proxy (first loop only) and write the stats to PATH")
+    parser.add_argument("--only", default="",
+                        help="comma-separated targets to run besides direct (default: all)")
     parser.add_argument("--role", choices=["origin", "reference"], help=argparse.SUPPRESS)
+    parser.add_argument("--loop", default="asyncio", help=argparse.SUPPRESS)
     parser.add_argument("--fds", type=int, nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -272,7 +302,7 @@ def main() -> int:
         run_origin(*args.fds)
         return 0
     if args.role == "reference":
-        run_reference(args.port)
+        run_reference(args.port, args.loop, args.profile)
         return 0
 
     from pytest_sandbox.network.lab.lab import NetworkLab
@@ -298,13 +328,24 @@ def main() -> int:
 
         targets = [Target("direct", ORIGIN_ADDRESS, HTTP_PORT, via_proxy=False)]
         notes: list[str] = []
-        commands = {"reference": f"{sys.executable} {__file__} --role reference --port {{port}}"}
+        commands: dict[str, str] = {}
+        for index, loop_name in enumerate(name for name in args.loops.split(",") if name):
+            if loop_name == "uvloop" and importlib.util.find_spec("uvloop") is None:
+                notes.append("reference on uvloop: uvloop not installed (pip install 'pytest-sandbox[fast]'), skipped")
+                continue
+            profile = f" --profile {args.profile}" if args.profile and index == 0 else ""
+            label = "reference" if loop_name == "asyncio" else f"reference+{loop_name}"
+            commands[label] = (f"{sys.executable} {__file__} --role reference --loop {loop_name}{profile} "
+                               "--port {port}")
         for name, build in (("squid", squid_command), ("tinyproxy", tinyproxy_command)):
             if shutil.which(name) or os.path.exists(f"/usr/sbin/{name}") or os.path.exists(f"/usr/bin/{name}"):
                 commands[name] = build(Path(state) / name)
             else:
                 notes.append(f"{name}: not installed, skipped")
+        only = {name for name in args.only.split(",") if name}
         for name, command in commands.items():
+            if only and name not in only:
+                continue
             try:
                 running = start_proxy_command(lab, command, lab_dns=False)
             except ProxyStartError as exc:
@@ -355,14 +396,16 @@ def main() -> int:
                   f"{best_bulk[name]:,.0f} ({median_bulk[name]:,.0f}) | "
                   f"{best_bulk[name] / best_bulk['direct']:.2f}x | {vs_squid_bulk} |")
         print()
-        if "reference" in best_get:
+        for label in (name for name in best_get if name.startswith("reference")):
             if squid_get:
-                verdict = "met" if best_get["reference"] >= squid_get else "NOT met"
-                print(f"target GET: reference >= squid req/s: {verdict} "
-                      f"({best_get['reference'] / squid_get:.2f}x squid)")
-            verdict = "met" if best_bulk["reference"] >= 0.7 * best_bulk["direct"] else "NOT met"
-            print(f"target CONNECT: reference >= 0.7x direct: {verdict} "
-                  f"({best_bulk['reference'] / best_bulk['direct']:.2f}x direct)")
+                verdict = "met" if best_get[label] >= squid_get else "NOT met"
+                print(f"target GET: {label} >= squid req/s: {verdict} ({best_get[label] / squid_get:.2f}x squid; "
+                      f"median {median_get[label] / median_get['squid']:.2f}x)")
+            verdict = "met" if best_bulk[label] >= 0.7 * best_bulk["direct"] else "NOT met"
+            print(f"target CONNECT: {label} >= 0.7x direct: {verdict} "
+                  f"({best_bulk[label] / best_bulk['direct']:.2f}x direct; "
+                  f"median {median_bulk[label] / median_bulk['direct']:.2f}x)")
+        print(f"load average at the end: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
         for note in notes:
             print(f"note: {note}")
         return 0

@@ -141,3 +141,11 @@ def test_fresh_namespaces_rebuild_a_user_namespace_with_its_maps():
 def test_an_unknown_namespace_type_is_a_clear_error():
     with pytest.raises(LaunchError, match="unknown namespace type"):
         FreshNamespaces(("nett",))
+
+
+def test_a_sandboxed_command_holds_no_descriptor_but_its_stdio(baseline_block):
+    """Not the spawner's control socket (it could take the next launch's request and its stdio)."""
+    result = baseline_block.run(["python3", "-S", "-c", "import os; print(sorted(os.listdir('/proc/self/fd')))"])
+    assert result.returncode == 0, result.stderr
+    fds = sorted(int(fd) for fd in result.stdout.decode().strip().strip("[]").replace("'", "").split(", "))
+    assert fds[:3] == [0, 1, 2] and len(fds) == 4, f"descriptors beyond stdio (+ the listing's own): {fds}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import http.client
+import importlib.util
 import io
 import json
 import socket
@@ -637,6 +638,31 @@ def test_allowed_connect_is_established_and_relays_bytes_both_ways(
     client.close()
     (decision,) = proxy.decisions
     assert (decision.method, decision.action, decision.reason, decision.port) == ("CONNECT", "allow", "routed", 443)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("uvloop") is None, reason="uvloop (the fast extra) is not installed")
+def test_connect_on_uvloop_relays_with_splice(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+    """uvloop's transports are not asyncio.ReadTransport subclasses; the tunnel must still splice."""
+    monkeypatch.setenv("PYTEST_SANDBOX_PROXY_LOOP", "uvloop")
+    loops: list[str] = []
+    real_relay = relay.splice_relay
+
+    async def spy(*args: Any) -> None:
+        loops.append(type(asyncio.get_running_loop()).__module__)
+        await real_relay(*args)
+
+    monkeypatch.setattr(relay, "splice_relay", spy)
+    proxy = lab.start_proxy()
+    client = RawClient(proxy)
+    assert _connect(client, "echo.test:443") == b"HTTP/1.1 200 Connection Established\r\n\r\n"
+    blob = bytes(range(256)) * 1024
+    sender = threading.Thread(target=client.send, args=(blob,))
+    sender.start()
+    echoed = client.read_raw(len(blob))
+    sender.join(IO_TIMEOUT)
+    client.close()
+    assert echoed == blob
+    assert loops and loops[0].startswith("uvloop"), f"the tunnel did not splice on uvloop: {loops}"
 
 
 def test_bytes_sent_with_an_allowed_connect_are_tunnel_payload(lab: Lab) -> None:

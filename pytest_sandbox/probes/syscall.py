@@ -42,8 +42,9 @@ _RUNNER_SOURCE = (resources.files("pytest_sandbox.probes") / "syscall_runner.py"
 
 def runner_script(probes: Sequence[Mapping[str, Any]]) -> bytes:
     """The probe runner's source with the plan appended: everything a bare ``python3 -`` needs."""
-    plan = json.dumps(list(probes))
-    return (_RUNNER_SOURCE + f"\nmain(json.loads({plan!r}))\n").encode()
+    # A Python literal (plan values are str/int/bool/None/list/dict), so the runner needs no json import.
+    plan = [dict(probe) for probe in probes]
+    return (_RUNNER_SOURCE + f"\nmain({plan!r})\n").encode()
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,8 @@
 
 This file is sent as source text to ``python3 -S -`` inside whatever sandbox is under test (the
 reference launcher, or a third party's launcher via ``--sandbox-exec``), so it must not import
-anything outside the standard library and must not need a writable file. The plan (a JSON list of
-probes) is appended to the source as a literal; results come back as JSON lines on stdout. The first
+anything outside the standard library and must not need a writable file. The plan (a list of
+probe dicts) is appended to the source as a Python literal; results come back as JSON lines on stdout. The first
 line says who the runner is (:func:`whoami`): a verdict compares a run with a baseline only when
 both ran as the same uid, with the same capabilities and the same kind of namespaces.
 
@@ -20,7 +20,7 @@ ctypes never truncates a high-bit argument to 32 bits (syscalls.md §2.1).
 from __future__ import annotations
 
 import ctypes
-import json
+import marshal
 import mmap
 import os
 import signal
@@ -204,6 +204,35 @@ def _attempt(machine: _Machine, probe: dict) -> dict:
     return {"type": "unavailable", "reason": f"unknown probe kind {kind!r}"}
 
 
+def _json_line(value: object) -> str:
+    """``value`` (str/int/bool/None/list/dict) as one JSON line of text, without importing ``json``:
+    it would import ``re`` at every runner start, a fifth of a busy machine's interpreter start-up.
+    Strings are escaped by CPython's own C encoder (``_json``); elsewhere ``json`` is used."""
+    try:
+        from _json import encode_basestring_ascii as quote
+    except ImportError:  # not CPython
+        import json
+
+        return json.dumps(value)
+
+    def encode(item: object) -> str:
+        if isinstance(item, str):
+            return quote(item)
+        if item is None:
+            return "null"
+        if isinstance(item, bool):
+            return "true" if item else "false"
+        if isinstance(item, int):
+            return str(item)
+        if isinstance(item, dict):
+            return "{" + ",".join(quote(str(key)) + ":" + encode(val) for key, val in item.items()) + "}"
+        if isinstance(item, (list, tuple)):
+            return "[" + ",".join(encode(val) for val in item) + "]"
+        raise TypeError(f"cannot report a {type(item).__name__} as JSON")
+
+    return encode(value)
+
+
 def run_one(machine: _Machine, probe: dict) -> dict:
     """Attempt one probe in a fresh single-threaded child and describe how it ended."""
     if probe.get("abi") == "i386" and machine.int80 is None:
@@ -218,10 +247,10 @@ def run_one(machine: _Machine, probe: dict) -> dict:
             signal.signal(signal.SIGSYS, signal.SIG_DFL)  # a TRAP must end as death by SIGSYS
             signal.alarm(PROBE_TIMEOUT_SECONDS)
             outcome = _attempt(machine, probe)
-            os.write(write_end, json.dumps(outcome).encode())
+            os.write(write_end, marshal.dumps(outcome))
         except BaseException as exc:  # any failure is reported, never raised into the runner
             try:
-                os.write(write_end, json.dumps({"type": "error", "detail": repr(exc)}).encode())
+                os.write(write_end, marshal.dumps({"type": "error", "detail": repr(exc)}))
             except OSError:
                 pass
         finally:
@@ -240,7 +269,7 @@ def run_one(machine: _Machine, probe: dict) -> dict:
             return {"type": "timeout"}
         return {"type": "signal", "value": os.WTERMSIG(status)}
     if chunks:
-        return json.loads(b"".join(chunks))
+        return marshal.loads(b"".join(chunks))
     return {"type": "error", "detail": f"child exited with status {status} and no report"}
 
 
@@ -290,12 +319,12 @@ def whoami() -> dict:
 def main(plan: list) -> None:
     out = sys.stdout
     try:
-        out.write(json.dumps({"identity": whoami()}) + "\n")
+        out.write(_json_line({"identity": whoami()}) + "\n")
     except Exception as exc:  # reported, never raised: the probes still run
-        out.write(json.dumps({"identity_error": repr(exc)}) + "\n")
+        out.write(_json_line({"identity_error": repr(exc)}) + "\n")
     out.flush()
     machine = _Machine()
     for probe in plan:
         outcome = run_one(machine, probe)
-        out.write(json.dumps({"id": probe["id"], "outcome": outcome}) + "\n")
+        out.write(_json_line({"id": probe["id"], "outcome": outcome}) + "\n")
     out.flush()

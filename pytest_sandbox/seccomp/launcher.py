@@ -8,8 +8,7 @@ exits, and :class:`~pytest_sandbox.errors.LaunchError` is raised: nothing is eve
 
 from __future__ import annotations
 
-import base64
-import json
+import marshal
 import os
 import selectors
 import signal
@@ -172,7 +171,7 @@ class SandboxedProcess:
             if not message:  # the spawner died: its children were killed with it
                 self.returncode = -signal.SIGKILL
                 return
-            status = json.loads(message)["status"]
+            status = marshal.loads(message)["status"]
             self.returncode = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
     def send_signal(self, sig: int) -> None:
@@ -264,7 +263,7 @@ class Sandbox:
             # Under a guardian (subreaper mode: a PID namespace would change what the probes observe):
             # the spawner, and whatever its commands fork and orphan, die with the session.
             self._process: subprocess.Popen[bytes] = guardian.GuardedPopen(
-                [sys.executable, "-S", "-c", _ZYGOTE_SOURCE, str(child_end.fileno()), json.dumps(config)],
+                [sys.executable, "-S", "-c", _ZYGOTE_SOURCE, str(child_end.fileno()), marshal.dumps(config).hex()],
                 pass_fds=(child_end.fileno(),), stdin=subprocess.DEVNULL, close_fds=True,
             )
         finally:
@@ -274,7 +273,7 @@ class Sandbox:
             message = self._control.recv(65536)
         except TimeoutError:
             message = b""
-        reply: dict[str, Any] = json.loads(message) if message else {"error": "the spawner exited without reporting"}
+        reply: dict[str, Any] = marshal.loads(message) if message else {"error": "the spawner exited without reporting"}
         if not reply.get("ready"):
             self.close()
             raise LaunchError(f"cannot start a sandbox ({spec.describe}): {reply.get('error')}; nothing was run")
@@ -303,7 +302,7 @@ class Sandbox:
             "bounding": who.bounding,
             "drop_caps": drop_caps,
             "no_new_privs": bool(flt and flt.no_new_privs) or who.no_new_privs,
-            "filters": [base64.b64encode(p).decode() for p in (flt.programs if flt else ())],
+            "filters": [bytes(p) for p in (flt.programs if flt else ())],
         }
 
     @property
@@ -343,7 +342,7 @@ class Sandbox:
             with self._lock:
                 if self._control.fileno() < 0:
                     raise LaunchError("this sandbox is closed")
-                socket.send_fds(self._control, [json.dumps(request).encode()], [reply_child.fileno(), *theirs])
+                socket.send_fds(self._control, [marshal.dumps(request)], [reply_child.fileno(), *theirs])
         except OSError as exc:
             _close_streams(ours)
             reply.close()
@@ -353,7 +352,7 @@ class Sandbox:
             for fd in to_close:
                 os.close(fd)
         message = reply.recv(65536)
-        answer = json.loads(message) if message else {"error": "the spawner exited"}
+        answer = marshal.loads(message) if message else {"error": "the spawner exited"}
         if "pid" not in answer:
             _close_streams(ours)
             reply.close()
