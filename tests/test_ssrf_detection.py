@@ -19,6 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from broken_proxies.last_at_judge import LastAtJudgeProxy
+from broken_proxies.names_unchecked import NamesUncheckedProxy
+from broken_proxies.origin_form_unchecked import OriginFormUncheckedProxy
+from broken_proxies.scheme_case import SchemeCaseProxy
+from broken_proxies.weak_ssrf import WeakProxy, start_weak_proxy
 from late_dial_proxy import LateDialer
 
 from pytest_sandbox.catalogues.ssrf_cases import SSRF_CASES, SsrfCase
@@ -29,12 +34,13 @@ from pytest_sandbox.network.harness import RunningProxy, lab_proxy_config, start
 from pytest_sandbox.network.lab.lab import NetworkLab
 from pytest_sandbox.network.netns import host_can_create_netns
 from pytest_sandbox.probes.campaign import GRACE_SECONDS, audit_lab
-from pytest_sandbox.probes.ssrf import build_attempts
+from pytest_sandbox.probes.ssrf import ATTEMPT_FORMS, Attempt, build_attempts
 from pytest_sandbox.probes.ssrf_exchanges import AttemptExchange, run_attempt, run_ssrf_campaign
 from pytest_sandbox.verdicts.judgement import Verdict
-from pytest_sandbox.verdicts.ssrf import ProxyReply, judge_attempt
+from pytest_sandbox.verdicts.ssrf import ProxyReply, endpoint_text, judge_attempt
 
 ATTEMPTS = build_attempts()
+EVERY_FORM = build_attempts(forms=ATTEMPT_FORMS)
 CGNAT = ipaddress.ip_network("100.64.0.0/10")
 
 
@@ -60,8 +66,8 @@ def _literal_of(case: SsrfCase) -> ipaddress.IPv4Address | ipaddress.IPv6Address
         return None
 
 
-def _failing_ids(running: RunningProxy) -> set[str]:
-    verdicts = run_ssrf_campaign(running.lab, running.connect, [AttemptExchange(a) for a in ATTEMPTS])
+def _failing_ids(running: RunningProxy, attempts: tuple[Attempt, ...] = ATTEMPTS) -> set[str]:
+    verdicts = run_ssrf_campaign(running.lab, running.connect, [AttemptExchange(a) for a in attempts])
     return {test_id for test_id, verdict in verdicts.items() if not verdict.judgement.passed}
 
 
@@ -91,12 +97,53 @@ def test_proxy_that_does_not_unwrap_ipv4_mapped_fails_exactly_the_mapped_cases(w
     assert _failing_ids(weakened_proxy) == expected
 
 
-def test_reference_proxy_passes_every_case_in_the_same_lab(_network_lab):
+def test_reference_proxy_passes_every_case_in_every_form_in_the_same_lab(_network_lab):
     running = start_proxy(_network_lab, port=3131)
     try:
-        assert _failing_ids(running) == set()
+        assert _failing_ids(running, EVERY_FORM) == set()
     finally:
         running.stop()
+
+
+# --- one weak proxy per corpus family: exactly that family's cases fail, each naming its hole -------
+
+FORWARD_FORMS = ("connect", "absolute")
+WEAK_PROXIES = [
+    # (the mistake, its port, which attempts it must fail, the family those attempts come from)
+    pytest.param(LastAtJudgeProxy, 3132, lambda a: a.case.family == "url-confusion", "url-confusion",
+                 id="last-at-judge"),
+    pytest.param(SchemeCaseProxy, 3133, lambda a: a.case.family == "scheme-case", "scheme-case", id="scheme-case"),
+    # Every destination the reference denies (403) leaks through the unchecked transparent path; the
+    # ones it refuses as malformed are refused by the Host canonicaliser first, as in the reference.
+    pytest.param(OriginFormUncheckedProxy, 3134, lambda a: a.form == "origin" and a.case.expected == "denied",
+                 "origin-form", id="origin-form-unchecked"),
+    # Names reach the resolver only in the forward forms: the others are refused before any lookup.
+    pytest.param(NamesUncheckedProxy, 3135, lambda a: a.case.family == "dns-name" and a.form in FORWARD_FORMS,
+                 "dns-name", id="names-unchecked"),
+]
+
+
+@pytest.mark.parametrize(("proxy_class", "port", "opened", "family"), WEAK_PROXIES)
+def test_weak_proxy_fails_exactly_its_familys_cases_and_each_failure_names_the_hole(
+        _network_lab, proxy_class: type[WeakProxy], port: int, opened, family: str):
+    expected = {a.test_id for a in EVERY_FORM if opened(a)}
+    assert len(expected) >= 4, family
+    running = start_weak_proxy(_network_lab, proxy_class, port)
+    try:
+        verdicts = run_ssrf_campaign(running.lab, running.connect, [AttemptExchange(a) for a in EVERY_FORM])
+    finally:
+        running.stop()
+    failing = {test_id: v.judgement for test_id, v in verdicts.items() if not v.judgement.passed}
+    assert set(failing) == expected
+    by_id = {a.test_id: a for a in EVERY_FORM}
+    for test_id, judgement in failing.items():
+        attempt = by_id[test_id]
+        assert judgement.verdict is Verdict.ALLOWED, (test_id, judgement)
+        # The message names what was sent, in which form, and the canary it reached (or the dial).
+        assert repr(attempt.target) in judgement.reason or "tried to dial" in judgement.reason, judgement
+        if attempt.case.canary is not None:
+            reached = f"canary {endpoint_text(attempt.case.canary, 80)}"
+            assert reached in judgement.reason or "tried to dial" in judgement.reason, judgement
 
 
 # --- the judge itself, without sockets ------------------------------------------------------

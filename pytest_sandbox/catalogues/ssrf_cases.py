@@ -47,6 +47,10 @@ CASE_PORT = 80
 ALL_FORMS: tuple[str, ...] = ("connect", "absolute", "origin", "authority", "asterisk")
 # Positive controls are sent only where a forward proxy must route them.
 CONTROL_FORMS: tuple[str, ...] = ("connect", "absolute")
+# The rows of the special-use table test the address check, which a proxy applies whatever the form;
+# they go in the two forward forms and origin-form (a transparent path may use a table of its own).
+# The bare-authority and asterisk forms test request-target handling: the hand-written cases carry them.
+RANGE_FORMS: tuple[str, ...] = ("connect", "absolute", "origin")
 
 _LOOPBACK = "127.0.0.1"
 _METADATA = "169.254.169.254"
@@ -298,6 +302,7 @@ def _range_cases(table: tuple[SpecialUseRange, ...]) -> list[SsrfCase]:
                 note=f"{position} address of {row.label}",
                 family="special-use-range",
                 source=f"{row.label} ({row.cidr})",
+                forms=RANGE_FORMS,
             )
             claimed[address] = (order[row], position_index, case)
     cases = [case for _, _, case in sorted(claimed.values(), key=lambda entry: entry[:2])]
@@ -558,8 +563,10 @@ _ENCODING_CASES = (
           raw_authority="127.0.0.1:0x50"),
     _case("port-fullwidth-digits", _LOOPBACK, "authority_syntax", "malformed", _LOOPBACK,
           "fullwidth digits in the port", raw_authority="127.0.0.1:８０"),
-    _case("port-trailing-space", _LOOPBACK, "authority_syntax", "malformed", _LOOPBACK,
-          "space after the port", raw_authority="127.0.0.1:80 "),
+    # Not in Host: a field value's trailing whitespace is OWS, not part of it (RFC 9110 §5.5).
+    dataclasses.replace(_case("port-trailing-space", _LOOPBACK, "authority_syntax", "malformed", _LOOPBACK,
+                              "space after the port", raw_authority="127.0.0.1:80 "),
+                        forms=("connect", "absolute", "authority")),
     _case("port-twice", _LOOPBACK, "authority_syntax", "malformed", _LOOPBACK, "two ports",
           raw_authority="127.0.0.1:80:80"),
     # Names that resolve internally: parse_authority accepts them; the proxy's resolver (the lab's
