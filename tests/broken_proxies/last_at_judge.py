@@ -14,7 +14,6 @@ import dataclasses
 import urllib.parse
 
 from broken_proxies.weak_ssrf import WeakProxy, unchecked_authority
-
 from pytest_sandbox.http.streams import Request
 from pytest_sandbox.network.addresses import Authority
 

@@ -8,7 +8,6 @@ answer (network.md §3 says every answer is classified). Literals are judged as 
 from __future__ import annotations
 
 from broken_proxies.weak_ssrf import WeakProxy
-
 from pytest_sandbox.network.addresses import Authority
 from pytest_sandbox.network.proxy.decision import Refusal, decide_destination
 

@@ -9,7 +9,6 @@ reference's. The issue saw 161 corpus payloads reach canaries through exactly th
 from __future__ import annotations
 
 from broken_proxies.weak_ssrf import WeakProxy
-
 from pytest_sandbox.http.streams import Request
 from pytest_sandbox.network.addresses import Authority, MalformedTarget, parse_authority
 

@@ -8,7 +8,6 @@ spelling of the scheme straight to its host. Everything else is the reference pr
 from __future__ import annotations
 
 from broken_proxies.weak_ssrf import WeakProxy
-
 from pytest_sandbox.http.streams import Request
 from pytest_sandbox.network.addresses import Authority
 from pytest_sandbox.network.proxy.decision import Refusal, split_target

@@ -45,7 +45,8 @@ def unchecked_authority(host: str, port: int | None) -> Authority:
 def start_weak_proxy(lab: NetworkLab, proxy_class: type[WeakProxy], port: int) -> RunningProxy:
     """``proxy_class`` on 127.0.0.1:``port`` in ``lab`` with the lab's configuration; the caller stops it."""
     listener = lab.listen("127.0.0.1", port)
-    proxy = proxy_class(lab_proxy_config(strict_framing=proxy_class.strict_framing), resolver=lab.resolver(), socket_factory=lab.socket,
+    config = lab_proxy_config(strict_framing=proxy_class.strict_framing)
+    proxy = proxy_class(config, resolver=lab.resolver(), socket_factory=lab.socket,
                         route_socket_factory=lab.route_socket)
     try:
         proxy.start_in_thread(listener)
