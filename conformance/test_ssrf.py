@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_sandbox.probes.ssrf import ATTEMPT_FORMS, Attempt, build_attempts
+from pytest_sandbox.probes.ssrf import ALL_FORMS, Attempt, build_attempts
 from pytest_sandbox.probes.ssrf_exchanges import (
     AttemptExchange,
     HostMismatchControl,
@@ -55,7 +55,7 @@ def _report(exchange: SsrfExchange, ssrf_verdicts, sandbox_lab, sandbox_proxy, n
     network_verdict(verdict.category, verdict.test_id, verdict.judgement, verdict.attempted)
 
 
-ATTEMPTS = tuple(AttemptExchange(attempt) for attempt in build_attempts(forms=ATTEMPT_FORMS))
+ATTEMPTS = tuple(AttemptExchange(attempt) for attempt in build_attempts(forms=ALL_FORMS))
 
 
 @pytest.mark.parametrize("exchange", ATTEMPTS, ids=[a.key for a in ATTEMPTS])

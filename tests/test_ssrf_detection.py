@@ -35,13 +35,13 @@ from pytest_sandbox.network.lab.lab import NetworkLab
 from pytest_sandbox.network.netns import host_can_create_netns
 from pytest_sandbox.network.proxy.decision import Refusal, split_target
 from pytest_sandbox.probes.campaign import GRACE_SECONDS, audit_lab
-from pytest_sandbox.probes.ssrf import ATTEMPT_FORMS, Attempt, build_attempts
+from pytest_sandbox.probes.ssrf import ALL_FORMS, Attempt, build_attempts
 from pytest_sandbox.probes.ssrf_exchanges import AttemptExchange, run_attempt, run_ssrf_campaign
 from pytest_sandbox.verdicts.judgement import Verdict
 from pytest_sandbox.verdicts.ssrf import ProxyReply, endpoint_text, judge_attempt
 
 ATTEMPTS = build_attempts()
-EVERY_FORM = build_attempts(forms=ATTEMPT_FORMS)
+EVERY_FORM = build_attempts(forms=ALL_FORMS)
 CGNAT = ipaddress.ip_network("100.64.0.0/10")
 
 
@@ -363,7 +363,7 @@ def test_every_case_names_a_known_family_and_a_source_and_ids_are_unique():
     assert all(case.family in FAMILIES and case.source for case in SSRF_CASES)
     assert len({case.case_id for case in SSRF_CASES}) == len(SSRF_CASES)
     assert {case.family for case in SSRF_CASES} == set(FAMILIES)
-    assert {a.form for a in EVERY_FORM} == set(ATTEMPT_FORMS)
+    assert {a.form for a in EVERY_FORM} == set(ALL_FORMS)
 
 
 # --- the reference's request-target and Host checks (RFC 9112 §3.2), pure --------------------------

@@ -261,8 +261,8 @@ def sample_addresses(
 # Cloud metadata services live inside denied ranges; name them so a report says what was reached.
 # (id, address, note, path the corpus requests, source)
 _METADATA_ADDRESSES = (
-    ("meta-imds", "169.254.169.254", "AWS/GCP/Azure/OCI instance metadata service",
-     "/latest/meta-data/iam/security-credentials/", f"{_CUJANOVIC} cloud-metadata.txt (AWS)"),
+    ("meta-imds", "169.254.169.254", "AWS/GCP/Azure/OCI instance metadata service", "/",
+     f"{_CUJANOVIC} cloud-metadata.txt (AWS - Dirs: http://169.254.169.254/)"),
     ("meta-aws-ecs", "169.254.170.2", "AWS ECS task metadata endpoint", "/v2/credentials/",
      f"{_PATT} (SSRF URL for AWS ECS)"),
     ("meta-aws-imds-ipv6", "fd00:ec2::254", "AWS IMDS over IPv6 (unique-local)", "/latest/meta-data/",
@@ -275,6 +275,7 @@ _METADATA_ADDRESSES = (
 # More corpus paths on the metadata address itself: each provider's path is a case of its own, so a
 # proxy that filters by path (not by destination) is caught.
 _METADATA_PATHS = (
+    ("meta-aws-path", "/latest/meta-data/iam/security-credentials/", f"{_CUJANOVIC} cloud-metadata.txt (AWS)"),
     ("meta-gcp-path", "/computeMetadata/v1/", f"{_CUJANOVIC} cloud-metadata.txt (Google Cloud)"),
     ("meta-digitalocean-path", "/metadata/v1.json", f"{_CUJANOVIC} cloud-metadata.txt (Digital Ocean)"),
     ("meta-azure-path", "/metadata/instance?api-version=2017-04-02", f"{_CUJANOVIC} cloud-metadata.txt (Azure)"),
@@ -317,7 +318,7 @@ def _range_cases(table: tuple[SpecialUseRange, ...]) -> list[SsrfCase]:
                     kind="literal",
                     expected="denied",
                     canary=_canary_for(address),
-                    note=f"{note}, GET {path}",
+                    note=note if path == "/" else f"{note}, GET {path}",
                     family="special-use-range",
                     source=source,
                     suffix=path,
@@ -608,7 +609,7 @@ def _family_of(case: SsrfCase) -> str:
 # Corpus cases beyond network.md section 3 (each with its own source).
 _CORPUS_CASES = (
     # PayloadsAllTheThings "Bypass localhost with [::]" / "with CIDR" / "rare address".
-    SsrfCase("enc6-unspecified-bracketed-[::]", "[::]", CASE_PORT, "ipv6_form", "denied", "::1",
+    SsrfCase("enc6-unspecified-bracketed-::", "[::]", CASE_PORT, "ipv6_form", "denied", "::1",
              "http://[::]:80/: connect() to in6addr_any reaches ::1", family="ipv6-form",
              source=f"{_PATT} (Bypass localhost with [::])"),
     SsrfCase("enc-loopback-cidr-127.127.127.127", "127.127.127.127", CASE_PORT, "encoding", "denied",
@@ -626,7 +627,7 @@ _CORPUS_CASES = (
     SsrfCase("enc-loopback-crlf-percent-encoded", "127.0.0.1%0d%0a.public-origin.lab.test", CASE_PORT,
              "encoding", "malformed", _LOOPBACK, "percent-encoded CRLF inside the host",
              family="ip-encoding", source=f"{_ORANGE} (CRLF injection); {_PATT} (Bypass using URL encoding)"),
-    SsrfCase("enc-loopback-tab-name-127.0.0.1%09foo", "127.0.0.1%09foo.public-origin.lab.test", CASE_PORT,
+    SsrfCase("enc-loopback-tab-name-127.0.0.1-pct09-foo", "127.0.0.1%09foo.public-origin.lab.test", CASE_PORT,
              "encoding", "malformed", _LOOPBACK, "percent-encoded TAB: glibc stops at the whitespace",
              family="ip-encoding", source=f"{_ORANGE} (http://127.0.0.1%2509foo.google.com)"),
     SsrfCase("port-plus-sign-trailing-letters", _LOOPBACK, CASE_PORT, "authority_syntax", "malformed", _LOOPBACK,
@@ -672,17 +673,17 @@ _CORPUS_CASES = (
              family="url-confusion", source=f"{_ORANGE}; issue #9", forms=("absolute",),
              suffix=f"?@{_PUBLIC_NAME}/"),
     SsrfCase("url-confusion-path-query-at-loopback", _LOOPBACK, CASE_PORT, "authority_syntax", "denied", _LOOPBACK,
-             "'/?@public' after the authority", raw_authority="127.0.0.1", family="url-confusion",
+             "'/?@public' after the authority", raw_authority="127.0.0.1:80", family="url-confusion",
              source=_ORANGE, forms=("absolute",), suffix=f"/?@{_PUBLIC_NAME}/"),
     SsrfCase("url-confusion-path-at-private", "10.0.0.1", CASE_PORT, "authority_syntax", "denied", "10.0.0.1",
-             "'/@public' in the path", raw_authority="10.0.0.1", family="url-confusion", source=_ORANGE,
+             "'/@public' in the path", raw_authority="10.0.0.1:80", family="url-confusion", source=_ORANGE,
              forms=("absolute",), suffix=f"/@{_PUBLIC_NAME}/"),
     SsrfCase("url-confusion-mapped-query-at", "[::ffff:169.254.169.254]", CASE_PORT, "authority_syntax", "denied",
-             _METADATA, "'?@public' after an IPv4-mapped metadata literal", raw_authority="[::ffff:169.254.169.254]",
+             _METADATA, "'?@public' after an IPv4-mapped metadata literal", raw_authority="[::ffff:169.254.169.254]:80",
              family="url-confusion", source=_ORANGE, forms=("absolute",), suffix=f"?@{_PUBLIC_NAME}/"),
     SsrfCase("url-confusion-fragment-at-metadata", _METADATA, CASE_PORT, "authority_syntax", "malformed", _METADATA,
              "'#@public': a fragment never belongs in a request-target (RFC 9112 §3.2)",
-             raw_authority="169.254.169.254", family="url-confusion", source=f"{_ORANGE} (http://google.com#@evil.com/)",
+             raw_authority="169.254.169.254:80", family="url-confusion", source=f"{_ORANGE} (http://google.com#@evil.com/)",
              forms=("absolute",), suffix=f"#@{_PUBLIC_NAME}/"),
     SsrfCase("url-confusion-fragment-backslash-at-loopback", _LOOPBACK, CASE_PORT, "authority_syntax", "malformed",
              _LOOPBACK, "'#\\@public' after the port", raw_authority="127.0.0.1:80", family="url-confusion",
@@ -708,7 +709,8 @@ def _hand_written() -> list[SsrfCase]:
     for case in _ENCODING_CASES:
         family = _family_of(case)
         cases.append(dataclasses.replace(case, family=family, source=FAMILIES[family]))
-    return [*cases, *_CORPUS_CASES]
+    # Names last (the catalogue ends with the cases that need the lab's stub resolver).
+    return sorted([*cases, *_CORPUS_CASES], key=lambda case: case.kind == "name")
 
 
 @functools.cache

@@ -35,6 +35,7 @@ from pytest_sandbox.probes.exchange import SocketReader
 from pytest_sandbox.verdicts.ssrf import HitCounts, ProxyReply, canary_is_observable
 
 __all__ = [
+    "ALL_FORMS",
     "ATTEMPT_FORMS",
     "ATTEMPT_TIMEOUT_SECONDS",
     "EXTRA_CANARIES",
@@ -52,7 +53,9 @@ __all__ = [
     "send_attempt",
 ]
 
-ATTEMPT_FORMS: tuple[str, ...] = ALL_FORMS
+# The two forms a forward proxy serves (the default of build_attempts and of the self-connection cases);
+# ALL_FORMS adds origin-form with Host, the bare authority with GET, and OPTIONS *.
+ATTEMPT_FORMS: tuple[str, ...] = ("connect", "absolute")
 # form -> (method, what the request-target is); the Host-carried forms name the destination in Host.
 _METHODS = {"connect": "CONNECT", "absolute": "GET", "origin": "GET", "authority": "GET", "asterisk": "OPTIONS"}
 _HOST_CARRIED = frozenset({"origin", "asterisk"})
@@ -165,7 +168,7 @@ def _is_field_text(text: str) -> bool:
 
 @dataclass(frozen=True)
 class Attempt:
-    """One case sent in one form of :data:`ATTEMPT_FORMS`: ``connect`` (authority-form CONNECT),
+    """One case sent in one form of :data:`ALL_FORMS`: ``connect`` (authority-form CONNECT),
     ``absolute`` (absolute-form GET), ``origin`` (``GET /`` with the authority in Host), ``authority``
     (the authority as a GET's request-target) or ``asterisk`` (``OPTIONS *`` with the authority in Host)."""
 
@@ -230,10 +233,10 @@ class Attempt:
 
 
 def build_attempts(cases: Iterable[SsrfCase] = SSRF_CASES,
-                   forms: Iterable[str] = ("connect", "absolute")) -> tuple[Attempt, ...]:
+                   forms: Iterable[str] = ATTEMPT_FORMS) -> tuple[Attempt, ...]:
     """Every case in each of ``forms`` it lists, in catalogue order (connect first).
 
-    The default is the two forms a forward proxy serves; pass :data:`ATTEMPT_FORMS` for every form.
+    The default is the two forms a forward proxy serves; pass :data:`ALL_FORMS` for every form.
     """
     wanted = tuple(forms)
     return tuple(Attempt(case, form) for case in cases for form in wanted if form in case.forms)
