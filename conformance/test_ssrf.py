@@ -1,6 +1,8 @@
 """SSRF conformance: every special-use destination is attempted through the proxy and must be refused.
 
-One test per catalogue case x {CONNECT, absolute-form}, ids like ``connect-v4-cgnat-first-100.64.0.0``.
+One test per catalogue case x request form it lists (CONNECT, absolute-form, origin-form with Host,
+authority-form GET, ``OPTIONS *``), ids like ``connect-v4-cgnat-first-100.64.0.0`` or
+``origin-name-nip.io-metadata``.
 A denial counts only if the proxy refused it **and** the lab's catch-all canary saw no connection
 attributed to it (network.md §7); the ``ctl-`` cases are positive controls that must reach the
 catch-all at their destination. The remaining tests attack what a per-request table check misses:
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_sandbox.probes.ssrf import Attempt, build_attempts
+from pytest_sandbox.probes.ssrf import ALL_FORMS, Attempt, build_attempts
 from pytest_sandbox.probes.ssrf_exchanges import (
     AttemptExchange,
     HostMismatchControl,
@@ -53,7 +55,7 @@ def _report(exchange: SsrfExchange, ssrf_verdicts, sandbox_lab, sandbox_proxy, n
     network_verdict(verdict.category, verdict.test_id, verdict.judgement, verdict.attempted)
 
 
-ATTEMPTS = tuple(AttemptExchange(attempt) for attempt in build_attempts())
+ATTEMPTS = tuple(AttemptExchange(attempt) for attempt in build_attempts(forms=ALL_FORMS))
 
 
 @pytest.mark.parametrize("exchange", ATTEMPTS, ids=[a.key for a in ATTEMPTS])

@@ -19,22 +19,29 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from broken_proxies.last_at_judge import LastAtJudgeProxy
+from broken_proxies.names_unchecked import NamesUncheckedProxy
+from broken_proxies.origin_form_unchecked import OriginFormUncheckedProxy
+from broken_proxies.scheme_case import SchemeCaseProxy
+from broken_proxies.weak_ssrf import WeakProxy, start_weak_proxy
 from late_dial_proxy import LateDialer
 
-from pytest_sandbox.catalogues.ssrf_cases import SSRF_CASES, SsrfCase
+from pytest_sandbox.catalogues.ssrf_cases import FAMILIES, SSRF_CASES, SsrfCase
 from pytest_sandbox.fixtures.network import start_lab
 from pytest_sandbox.http.responses import parse_head
 from pytest_sandbox.network.addresses import AddressVerdict, classify_address, parse_authority
 from pytest_sandbox.network.harness import RunningProxy, lab_proxy_config, start_proxy
 from pytest_sandbox.network.lab.lab import NetworkLab
 from pytest_sandbox.network.netns import host_can_create_netns
+from pytest_sandbox.network.proxy.decision import Refusal, split_target
 from pytest_sandbox.probes.campaign import GRACE_SECONDS, audit_lab
-from pytest_sandbox.probes.ssrf import build_attempts
+from pytest_sandbox.probes.ssrf import ALL_FORMS, Attempt, build_attempts
 from pytest_sandbox.probes.ssrf_exchanges import AttemptExchange, run_attempt, run_ssrf_campaign
 from pytest_sandbox.verdicts.judgement import Verdict
-from pytest_sandbox.verdicts.ssrf import ProxyReply, judge_attempt
+from pytest_sandbox.verdicts.ssrf import ProxyReply, endpoint_text, judge_attempt
 
 ATTEMPTS = build_attempts()
+EVERY_FORM = build_attempts(forms=ALL_FORMS)
 CGNAT = ipaddress.ip_network("100.64.0.0/10")
 
 
@@ -55,13 +62,13 @@ def classify_without_unwrapping_mapped(address: str) -> AddressVerdict:
 
 def _literal_of(case: SsrfCase) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
-        return parse_authority(case.authority).ip
+        return parse_authority(case.authority, default_port=80).ip  # url-confusion cases carry no port
     except ValueError:
         return None
 
 
-def _failing_ids(running: RunningProxy) -> set[str]:
-    verdicts = run_ssrf_campaign(running.lab, running.connect, [AttemptExchange(a) for a in ATTEMPTS])
+def _failing_ids(running: RunningProxy, attempts: tuple[Attempt, ...] = ATTEMPTS) -> set[str]:
+    verdicts = run_ssrf_campaign(running.lab, running.connect, [AttemptExchange(a) for a in attempts])
     return {test_id for test_id, verdict in verdicts.items() if not verdict.judgement.passed}
 
 
@@ -78,7 +85,7 @@ def weakened_proxy(request: pytest.FixtureRequest, _network_lab) -> Iterator[Run
 @pytest.mark.parametrize("weakened_proxy", [(classify_without_cgnat, 3129)], indirect=True)
 def test_proxy_missing_the_cgnat_range_fails_exactly_the_cgnat_cases(weakened_proxy):
     expected = {f"{form}-{case.case_id}" for case in SSRF_CASES for form in ("connect", "absolute")
-                if (ip := _literal_of(case)) is not None and ip in CGNAT}
+                if form in case.forms and (ip := _literal_of(case)) is not None and ip in CGNAT}
     assert len(expected) >= 8  # first, inner, last of 100.64.0.0/10 and the Alibaba metadata address
     assert _failing_ids(weakened_proxy) == expected
 
@@ -86,17 +93,59 @@ def test_proxy_missing_the_cgnat_range_fails_exactly_the_cgnat_cases(weakened_pr
 @pytest.mark.parametrize("weakened_proxy", [(classify_without_unwrapping_mapped, 3130)], indirect=True)
 def test_proxy_that_does_not_unwrap_ipv4_mapped_fails_exactly_the_mapped_cases(weakened_proxy):
     expected = {f"{form}-{case.case_id}" for case in SSRF_CASES for form in ("connect", "absolute")
-                if isinstance(ip := _literal_of(case), ipaddress.IPv6Address) and ip.ipv4_mapped is not None}
+                if form in case.forms
+                and isinstance(ip := _literal_of(case), ipaddress.IPv6Address) and ip.ipv4_mapped is not None}
     assert {"connect-enc6-metadata-ipv4-mapped-hex", "absolute-enc6-loopback-ipv4-mapped-dotted"} <= expected
     assert _failing_ids(weakened_proxy) == expected
 
 
-def test_reference_proxy_passes_every_case_in_the_same_lab(_network_lab):
+def test_reference_proxy_passes_every_case_in_every_form_in_the_same_lab(_network_lab):
     running = start_proxy(_network_lab, port=3131)
     try:
-        assert _failing_ids(running) == set()
+        assert _failing_ids(running, EVERY_FORM) == set()
     finally:
         running.stop()
+
+
+# --- one weak proxy per corpus family: exactly that family's cases fail, each naming its hole -------
+
+FORWARD_FORMS = ("connect", "absolute")
+WEAK_PROXIES = [
+    # (the mistake, its port, which attempts it must fail, the family those attempts come from)
+    pytest.param(LastAtJudgeProxy, 3132, lambda a: a.case.family == "url-confusion", "url-confusion",
+                 id="last-at-judge"),
+    pytest.param(SchemeCaseProxy, 3133, lambda a: a.case.family == "scheme-case", "scheme-case", id="scheme-case"),
+    # Every destination the reference denies (403) leaks through the unchecked transparent path; the
+    # ones it refuses as malformed are refused by the Host canonicaliser first, as in the reference.
+    pytest.param(OriginFormUncheckedProxy, 3134, lambda a: a.form == "origin" and a.case.expected == "denied",
+                 "origin-form", id="origin-form-unchecked"),
+    # Names reach the resolver only in the forward forms: the others are refused before any lookup.
+    pytest.param(NamesUncheckedProxy, 3135, lambda a: a.case.family == "dns-name" and a.form in FORWARD_FORMS,
+                 "dns-name", id="names-unchecked"),
+]
+
+
+@pytest.mark.parametrize(("proxy_class", "port", "opened", "family"), WEAK_PROXIES)
+def test_weak_proxy_fails_exactly_its_familys_cases_and_each_failure_names_the_hole(
+        _network_lab, proxy_class: type[WeakProxy], port: int, opened, family: str):
+    expected = {a.test_id for a in EVERY_FORM if opened(a)}
+    assert len(expected) >= 4, family
+    running = start_weak_proxy(_network_lab, proxy_class, port)
+    try:
+        verdicts = run_ssrf_campaign(running.lab, running.connect, [AttemptExchange(a) for a in EVERY_FORM])
+    finally:
+        running.stop()
+    failing = {test_id: v.judgement for test_id, v in verdicts.items() if not v.judgement.passed}
+    assert set(failing) == expected
+    by_id = {a.test_id: a for a in EVERY_FORM}
+    for test_id, judgement in failing.items():
+        attempt = by_id[test_id]
+        assert judgement.verdict is Verdict.ALLOWED, (test_id, judgement)
+        # The message names what was sent, in which form, and the canary it reached (or the dial).
+        assert repr(attempt.target) in judgement.reason or "tried to dial" in judgement.reason, judgement
+        if attempt.case.canary is not None:
+            reached = f"canary {endpoint_text(attempt.case.canary, 80)}"
+            assert reached in judgement.reason or "tried to dial" in judgement.reason, judgement
 
 
 # --- the judge itself, without sockets ------------------------------------------------------
@@ -300,8 +349,68 @@ def test_conformance_run_against_the_late_dialer_fails_exactly_its_leaks_and_no_
     result = _pytest("--sandbox", "--sandbox-proxy-cmd", command, "-p", "no:randomly", "-rf",
                      str(ROOT / "conformance" / "test_ssrf.py"), "-k", "meta-imds-169 or ctl-v4-private-10-above")
     output = result.stdout + result.stderr
-    assert "2 failed, 2 passed" in output, output
+    # meta-imds in origin, authority and asterisk form: refused (400) before any dial, like the reference
+    assert "2 failed, 5 passed" in output, output
     failed = {line.split("[", 1)[1].split("]", 1)[0] for line in output.splitlines() if line.startswith("FAILED")}
     assert failed == {"connect-meta-imds-169.254.169.254", "absolute-meta-imds-169.254.169.254"}, output
     assert "reached canary 169.254.169.254:80" in output and "s after it ended, no bytes" in output, output
     assert "no verdict accounted for them" not in output, output  # every late hit was judged, none left over
+
+
+# --- the catalogue: every case carries its family and source ----------------------------------------
+
+def test_every_case_names_a_known_family_and_a_source_and_ids_are_unique():
+    assert all(case.family in FAMILIES and case.source for case in SSRF_CASES)
+    assert len({case.case_id for case in SSRF_CASES}) == len(SSRF_CASES)
+    assert {case.family for case in SSRF_CASES} == set(FAMILIES)
+    assert {a.form for a in EVERY_FORM} == set(ALL_FORMS)
+
+
+# --- the reference's request-target and Host checks (RFC 9112 §3.2), pure --------------------------
+
+@pytest.mark.parametrize(("method", "target", "hosts", "reason"), [
+    ("GET", "http://api.test/?x=%zz", (), "malformed_target"),
+    ("GET", "http://api.test/a|b{c}^", (), "malformed_target"),
+    ("GET", "http://api.test/a b", (), "malformed_target"),
+    ("GET", "http://api.test/", ("a, b",), "malformed_host"),
+    ("GET", "http://api.test/", ("user@h",), "malformed_host"),
+    ("GET", "http://api.test/", ("h/path",), "malformed_host"),
+    ("GET", "http://api.test/", ("api.test", "api.test"), "malformed_host"),
+    ("GET", "/", ("api.test",), "malformed_target"),  # origin-form: for origin servers, never routed
+    ("OPTIONS", "*", ("api.test",), "malformed_target"),
+    ("GET", "api.test:80", ("api.test",), "malformed_target"),  # authority-form is CONNECT's alone
+    ("GET", "HTTP://127.0.0.1/", (), None),  # scheme case is not malformed: judged as http (then denied)
+    ("GET", "http://api.test/a/b;c=d?x=%41&y=/?@z", ("other.test:8080",), None),
+])
+def test_split_target_refuses_what_rfc_9112_section_3_2_refuses(method, target, hosts, reason):
+    split = split_target(method, target, hosts)
+    if reason is None:
+        assert not isinstance(split, Refusal), split
+    else:
+        assert isinstance(split, Refusal) and (split.status, split.reason) == (400, reason), split
+
+
+# --- HEAD: the lab origin answers it, and the reference's refusals to it carry no body ---------------
+
+def _head(running: RunningProxy, target: str) -> bytes:
+    with running.connect() as sock:
+        sock.sendall(f"HEAD {target} HTTP/1.1\r\nHost: x.test\r\nConnection: close\r\n\r\n".encode())
+        sock.settimeout(5)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received
+
+
+def test_head_is_answered_by_the_origin_and_refused_without_a_body(_network_lab):
+    running = start_proxy(_network_lab, port=3136)
+    try:
+        allowed = _head(running, "http://11.0.0.10/head")
+        refused = _head(running, "http://169.254.169.254/head")
+    finally:
+        running.stop()
+    head, _, body = allowed.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"content-length: " in head.lower() and body == b"", allowed
+    head, _, body = refused.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 403") and b"x-proxy-error: ssrf_denied" in head.lower(), refused
+    assert body == b"", refused

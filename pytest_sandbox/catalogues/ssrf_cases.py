@@ -12,7 +12,14 @@ Three parts, in this order in ``SSRF_CASES``:
   to a special address) or ``malformed`` (400 before any lookup); ``name`` cases need the lab's
   stub resolver and are ``denied`` after resolution.
 
-Each case sends ``authority`` as a CONNECT target or ``absolute_url`` as an absolute-form request.
+* **Corpus families** (PayloadsAllTheThings' SSRF page, cujanovic/SSRF-Testing, Orange Tsai's "A New
+  Era of SSRF"): URL-parser confusion (the text after the last ``@`` is public, the RFC 3986 host
+  is not), scheme case, DNS services that answer a special-use address, cloud metadata names and paths.
+
+Every case carries its ``family`` and ``source`` (:data:`FAMILIES`), and the request ``forms`` it is
+sent in (:data:`ALL_FORMS`): a CONNECT authority, an absolute-form GET (``absolute_url``), an
+origin-form GET with the authority in Host (transparent-proxy style), the authority as a GET's
+request-target, and ``OPTIONS *`` with the authority in Host.
 ``canary`` is the address a careless proxy would really reach (the lab's catch-all canary observes
 every address and port; a proxy reaches fe80::/10 only with a scope id, which the lab's lo routes
 locally); ``None`` where no TCP peer can exist.
@@ -20,6 +27,7 @@ locally); ``None`` where no TCP peer can exist.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from dataclasses import dataclass
@@ -27,10 +35,46 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from pytest_sandbox.network.addresses import SpecialUseRange, classify_address, load_special_use_table
 
-__all__ = ["CASE_PORT", "SSRF_CASES", "SsrfCase", "canary_addresses", "sample_addresses", "ssrf_cases"]
+__all__ = ["ALL_FORMS", "CASE_PORT", "FAMILIES", "SSRF_CASES", "SsrfCase", "canary_addresses", "sample_addresses",
+           "ssrf_cases"]
 
 # Port every case targets and every canary listens on (metadata services answer on 80).
 CASE_PORT = 80
+
+# Every request form a forward proxy can receive (RFC 9112 §3.2): authority-form with CONNECT,
+# absolute-form, origin-form with Host (what a transparent proxy receives), authority-form with a
+# method other than CONNECT, and asterisk-form (OPTIONS *), the last two with the authority in Host.
+ALL_FORMS: tuple[str, ...] = ("connect", "absolute", "origin", "authority", "asterisk")
+# Positive controls are sent only where a forward proxy must route them.
+CONTROL_FORMS: tuple[str, ...] = ("connect", "absolute")
+# The rows of the special-use table test the address check, which a proxy applies whatever the form;
+# they go in the two forward forms and origin-form (a transparent path may use a table of its own).
+# The bare-authority and asterisk forms test request-target handling: the hand-written cases carry them.
+RANGE_FORMS: tuple[str, ...] = ("connect", "absolute", "origin")
+
+_LOOPBACK = "127.0.0.1"
+_METADATA = "169.254.169.254"
+_PATT = "PayloadsAllTheThings, Server Side Request Forgery/README.md"
+_CUJANOVIC = "cujanovic/SSRF-Testing"
+_ORANGE = "Orange Tsai, A New Era of SSRF (Black Hat USA 2017)"
+
+# family -> where its cases come from (the README table is this mapping and the counts per family).
+FAMILIES: dict[str, str] = {
+    "special-use-range": "IANA special-purpose registries, RFC 6890 (network/special_use.csv); cloud metadata "
+                         f"addresses and paths from {_CUJANOVIC} cloud-metadata.txt and {_PATT} (Cloud Instances)",
+    "control": "public neighbours of every special-use row (positive controls)",
+    "ip-encoding": f"{_PATT} (decimal, octal, hex, rare address, CIDR); {_CUJANOVIC} ip.py; inet_aton(3)",
+    "unicode": f"{_PATT} (enclosed alphanumerics, unicode); {_ORANGE} (NFKC/IDNA); UTS 46",
+    "ipv6-form": f"{_PATT} ([::], IPv6/IPv4 embedding); RFC 4291, RFC 6052, RFC 3056, RFC 4380, RFC 6874",
+    "userinfo-backslash": f"{_PATT} (weak parser: '\\@'); {_ORANGE}; RFC 3986 §3.2.1",
+    "port": f"{_PATT} (malformed urls: localhost:+11211aaa, :00011211aaaa); RFC 9110 §4.2",
+    "dns-name": f"{_PATT} (domain redirection: localtest.me, nip.io, spoofed.burpcollaborator.net, "
+                "mail.ebc.apple.com, bugbounty.dod.network, 1u.ms); "
+                f"{_CUJANOVIC} cloud-metadata.txt (metadata, metadata.google.internal); sslip.io",
+    "url-confusion": f"{_ORANGE} ('?@', '#@', '/@' after the RFC 3986 host); {_PATT} (weak parser, "
+                     "'#\\@'); RFC 3986 §3.2",
+    "scheme-case": "RFC 3986 §3.1 (schemes are case-insensitive); issue #9 (HTTP://127.0.0.1/)",
+}
 
 
 @dataclass(frozen=True)
@@ -50,6 +94,11 @@ class SsrfCase:
     canary: str | None
     note: str
     raw_authority: str | None = None
+    family: str = ""
+    source: str = ""
+    forms: tuple[str, ...] = ALL_FORMS
+    scheme: str = "http"  # as written in the absolute-form target
+    suffix: str = "/"  # what follows the authority in the absolute-form target (path, query, '#...')
 
     @property
     def authority(self) -> str:
@@ -60,8 +109,8 @@ class SsrfCase:
 
     @property
     def absolute_url(self) -> str:
-        """The same destination as an absolute-form ``http://`` request-target."""
-        return f"http://{self.authority}/"
+        """The same destination as an absolute-form request-target."""
+        return f"{self.scheme}://{self.authority}{self.suffix}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,12 +259,27 @@ def sample_addresses(
 
 
 # Cloud metadata services live inside denied ranges; name them so a report says what was reached.
+# (id, address, note, path the corpus requests, source)
 _METADATA_ADDRESSES = (
-    ("meta-imds", "169.254.169.254", "AWS/GCP/Azure/OCI instance metadata service"),
-    ("meta-aws-ecs", "169.254.170.2", "AWS ECS task metadata endpoint"),
-    ("meta-aws-imds-ipv6", "fd00:ec2::254", "AWS IMDS over IPv6 (unique-local)"),
-    ("meta-alibaba", "100.100.100.200", "Alibaba Cloud metadata service (in CGN space)"),
-    ("meta-oracle", "192.0.0.192", "Oracle Cloud metadata service (IETF protocol assignments block)"),
+    ("meta-imds", "169.254.169.254", "AWS/GCP/Azure/OCI instance metadata service", "/",
+     f"{_CUJANOVIC} cloud-metadata.txt (AWS - Dirs: http://169.254.169.254/)"),
+    ("meta-aws-ecs", "169.254.170.2", "AWS ECS task metadata endpoint", "/v2/credentials/",
+     f"{_PATT} (SSRF URL for AWS ECS)"),
+    ("meta-aws-imds-ipv6", "fd00:ec2::254", "AWS IMDS over IPv6 (unique-local)", "/latest/meta-data/",
+     "AWS EC2 user guide (IMDS IPv6 endpoint)"),
+    ("meta-alibaba", "100.100.100.200", "Alibaba Cloud metadata service (in CGN space)", "/latest/meta-data/",
+     f"{_PATT} (SSRF URL for Alibaba)"),
+    ("meta-oracle", "192.0.0.192", "Oracle Cloud metadata service (IETF protocol assignments block)",
+     "/latest/meta-data/", f"{_PATT} (SSRF URL for Oracle Cloud)"),
+)
+# More corpus paths on the metadata address itself: each provider's path is a case of its own, so a
+# proxy that filters by path (not by destination) is caught.
+_METADATA_PATHS = (
+    ("meta-aws-path", "/latest/meta-data/iam/security-credentials/", f"{_CUJANOVIC} cloud-metadata.txt (AWS)"),
+    ("meta-gcp-path", "/computeMetadata/v1/", f"{_CUJANOVIC} cloud-metadata.txt (Google Cloud)"),
+    ("meta-digitalocean-path", "/metadata/v1.json", f"{_CUJANOVIC} cloud-metadata.txt (Digital Ocean)"),
+    ("meta-azure-path", "/metadata/instance?api-version=2017-04-02", f"{_CUJANOVIC} cloud-metadata.txt (Azure)"),
+    ("meta-openstack-path", "/openstack", f"{_PATT} (SSRF URL for OpenStack/RackSpace)"),
 )
 
 
@@ -237,10 +301,13 @@ def _range_cases(table: tuple[SpecialUseRange, ...]) -> list[SsrfCase]:
                 expected="denied",
                 canary=_canary_for(address),
                 note=f"{position} address of {row.label}",
+                family="special-use-range",
+                source=f"{row.label} ({row.cidr})",
+                forms=RANGE_FORMS,
             )
             claimed[address] = (order[row], position_index, case)
     cases = [case for _, _, case in sorted(claimed.values(), key=lambda entry: entry[:2])]
-    for case_id, text, note in _METADATA_ADDRESSES:
+    for case_id, text, note, path, source in _METADATA_ADDRESSES:
         address = IPv4Address(text) if ":" not in text else IPv6Address(text)
         if address not in claimed:
             cases.append(
@@ -251,9 +318,16 @@ def _range_cases(table: tuple[SpecialUseRange, ...]) -> list[SsrfCase]:
                     kind="literal",
                     expected="denied",
                     canary=_canary_for(address),
-                    note=note,
+                    note=note if path == "/" else f"{note}, GET {path}",
+                    family="special-use-range",
+                    source=source,
+                    suffix=path,
                 )
             )
+    for case_id, path, source in _METADATA_PATHS:
+        cases.append(SsrfCase(f"{case_id}-169.254.169.254", _METADATA, CASE_PORT, "literal", "denied", _METADATA,
+                              f"metadata service, GET {path}", family="special-use-range", source=source,
+                              suffix=path))
     return cases
 
 
@@ -292,6 +366,9 @@ def _control_cases(table: tuple[SpecialUseRange, ...]) -> list[SsrfCase]:
                     expected="allowed",
                     canary=str(address),
                     note=f"public address just {side} {row.label}: must still be reachable",
+                    family="control",
+                    source=f"the public neighbour of {row.cidr}",
+                    forms=CONTROL_FORMS,
                 )
             )
     return cases
@@ -300,10 +377,6 @@ def _control_cases(table: tuple[SpecialUseRange, ...]) -> list[SsrfCase]:
 # --------------------------------------------------------------------------------------------
 # Encodings of loopback and the metadata address (network.md section 3), written out by hand
 # --------------------------------------------------------------------------------------------
-
-_LOOPBACK = "127.0.0.1"
-_METADATA = "169.254.169.254"
-
 
 def _case(
     case_id: str,
@@ -491,8 +564,10 @@ _ENCODING_CASES = (
           raw_authority="127.0.0.1:0x50"),
     _case("port-fullwidth-digits", _LOOPBACK, "authority_syntax", "malformed", _LOOPBACK,
           "fullwidth digits in the port", raw_authority="127.0.0.1:８０"),
-    _case("port-trailing-space", _LOOPBACK, "authority_syntax", "malformed", _LOOPBACK,
-          "space after the port", raw_authority="127.0.0.1:80 "),
+    # Not in Host: a field value's trailing whitespace is OWS, not part of it (RFC 9110 §5.5).
+    dataclasses.replace(_case("port-trailing-space", _LOOPBACK, "authority_syntax", "malformed", _LOOPBACK,
+                              "space after the port", raw_authority="127.0.0.1:80 "),
+                        forms=("connect", "absolute", "authority")),
     _case("port-twice", _LOOPBACK, "authority_syntax", "malformed", _LOOPBACK, "two ports",
           raw_authority="127.0.0.1:80:80"),
     # Names that resolve internally: parse_authority accepts them; the proxy's resolver (the lab's
@@ -512,11 +587,137 @@ _ENCODING_CASES = (
 # fmt: on
 
 
+_PUBLIC_NAME = "public-origin.lab.test"  # a lab name whose only answer is a public origin (11.0.0.10)
+
+
+def _family_of(case: SsrfCase) -> str:
+    """The corpus family of a hand-written case, from its id and kind."""
+    if case.kind == "name":
+        return "dns-name"
+    if case.kind == "ipv6_form":
+        return "ipv6-form"
+    if case.case_id.startswith("port-"):
+        return "port"
+    if case.case_id.startswith("auth-"):
+        return "userinfo-backslash"
+    if any(ord(char) > 0x7F for char in case.target_host):
+        return "unicode"
+    return "ip-encoding"
+
+
+# fmt: off
+# Corpus cases beyond network.md section 3 (each with its own source).
+_CORPUS_CASES = (
+    # PayloadsAllTheThings "Bypass localhost with [::]" / "with CIDR" / "rare address".
+    SsrfCase("enc6-unspecified-bracketed-::", "[::]", CASE_PORT, "ipv6_form", "denied", "::1",
+             "http://[::]:80/: connect() to in6addr_any reaches ::1", family="ipv6-form",
+             source=f"{_PATT} (Bypass localhost with [::])"),
+    SsrfCase("enc-loopback-cidr-127.127.127.127", "127.127.127.127", CASE_PORT, "encoding", "denied",
+             "127.127.127.127", "any address of 127.0.0.0/8 is loopback", family="ip-encoding",
+             source=f"{_PATT} (Bypass localhost with CIDR)"),
+    SsrfCase("enc-private-decimal-3232235521", "3232235521", CASE_PORT, "encoding", "malformed", "192.168.0.1",
+             "32-bit decimal, inet_aton -> 192.168.0.1", family="ip-encoding",
+             source=f"{_PATT} (Bypass using a decimal IP location)"),
+    SsrfCase("enc-loopback-octal-o-prefix-o177.0.0.1", "o177.0.0.1", CASE_PORT, "encoding", "malformed",
+             _LOOPBACK, "'o' octal prefix some parsers read as 0177", family="ip-encoding",
+             source=f"{_PATT} (Bypass using octal IP)"),
+    SsrfCase("enc-loopback-octal-0o-prefix-0o177.0.0.1", "0o177.0.0.1", CASE_PORT, "encoding", "malformed",
+             _LOOPBACK, "'0o' octal prefix some parsers read as 0177", family="ip-encoding",
+             source=f"{_PATT} (Bypass using octal IP)"),
+    SsrfCase("enc-loopback-crlf-percent-encoded", "127.0.0.1%0d%0a.public-origin.lab.test", CASE_PORT,
+             "encoding", "malformed", _LOOPBACK, "percent-encoded CRLF inside the host",
+             family="ip-encoding", source=f"{_ORANGE} (CRLF injection); {_PATT} (Bypass using URL encoding)"),
+    SsrfCase("enc-loopback-tab-name-127.0.0.1-pct09-foo", "127.0.0.1%09foo.public-origin.lab.test", CASE_PORT,
+             "encoding", "malformed", _LOOPBACK, "percent-encoded TAB: glibc stops at the whitespace",
+             family="ip-encoding", source=f"{_ORANGE} (http://127.0.0.1%2509foo.google.com)"),
+    SsrfCase("port-plus-sign-trailing-letters", _LOOPBACK, CASE_PORT, "authority_syntax", "malformed", _LOOPBACK,
+             "localhost:+11211aaa style port", raw_authority="127.0.0.1:+80aaa", family="port",
+             source=f"{_PATT} (Bypass using malformed urls)"),
+    SsrfCase("port-leading-zeros-trailing-letters", _LOOPBACK, CASE_PORT, "authority_syntax", "malformed",
+             _LOOPBACK, "localhost:00011211aaaa style port", raw_authority="127.0.0.1:00080aaaa", family="port",
+             source=f"{_PATT} (Bypass using malformed urls)"),
+    SsrfCase("port-two-ports-orange", _LOOPBACK, CASE_PORT, "authority_syntax", "malformed", _LOOPBACK,
+             "http://127.0.0.1:11211:80/: parsers take the first or the last port",
+             raw_authority="127.0.0.1:80:8080", family="port", source=f"{_ORANGE} (port confusion)"),
+    # DNS names that answer a special-use address (the lab stub answers what the real service does).
+    SsrfCase("name-spoofed.burpcollaborator.net", "spoofed.burpcollaborator.net", CASE_PORT, "name", "denied",
+             _LOOPBACK, "public name whose A record is 127.0.0.1", family="dns-name",
+             source=f"{_PATT} (Bypass localhost with a domain redirection)"),
+    SsrfCase("name-nip.io-embedded-label", "customer1.app.localhost.my.company.127.0.0.1.nip.io", CASE_PORT,
+             "name", "denied", _LOOPBACK, "nip.io answers the dotted address before .nip.io", family="dns-name",
+             source=f"{_PATT} (Bypass localhost with a domain redirection)"),
+    SsrfCase("name-nip.io-metadata", "169.254.169.254.nip.io", CASE_PORT, "name", "denied", _METADATA,
+             "nip.io echoing the metadata address", family="dns-name", source="nip.io (dotted form)"),
+    SsrfCase("name-nip.io-hex", "magic.7f000001.nip.io", CASE_PORT, "name", "denied", _LOOPBACK,
+             "nip.io hex form: 7f000001 -> 127.0.0.1", family="dns-name", source="nip.io (hex form)"),
+    SsrfCase("name-sslip.io-dashed-metadata", "169-254-169-254.sslip.io", CASE_PORT, "name", "denied", _METADATA,
+             "sslip.io dashed form -> 169.254.169.254", family="dns-name", source="sslip.io (dashed form)"),
+    SsrfCase("name-sslip.io-private", "10.0.0.1.sslip.io", CASE_PORT, "name", "denied", "10.0.0.1",
+             "sslip.io dotted form -> 10.0.0.1", family="dns-name", source="sslip.io (dotted form)"),
+    SsrfCase("name-mail.ebc.apple.com", "mail.ebc.apple.com", CASE_PORT, "name", "denied", "127.0.0.6",
+             "public name whose A record is 127.0.0.6", family="dns-name",
+             source=f"{_PATT} (Bypass localhost with a domain redirection)"),
+    SsrfCase("name-bugbounty.dod.network", "bugbounty.dod.network", CASE_PORT, "name", "denied", "127.0.0.2",
+             "public name whose A record is 127.0.0.2", family="dns-name",
+             source=f"{_PATT} (Bypass localhost with a domain redirection)"),
+    SsrfCase("name-1u.ms-metadata", "make-169.254.169.254-rr.1u.ms", CASE_PORT, "name", "denied", _METADATA,
+             "1u.ms answers the address in the name", family="dns-name",
+             source=f"{_PATT} (Bypassing using DNS Rebinding: 1u.ms)"),
+    SsrfCase("name-metadata-gcp-short", "metadata", CASE_PORT, "name", "denied", _METADATA,
+             "GCP's short metadata name, GET /computeMetadata/v1/", family="dns-name",
+             source=f"{_CUJANOVIC} cloud-metadata.txt (Google Cloud)", suffix="/computeMetadata/v1/"),
+    # URL-parser confusion: the text after the last '@' names a public host, the RFC 3986 authority
+    # (ended by the first '/', '?' or '#') a special one. Only an absolute-form URL has these parts.
+    SsrfCase("url-confusion-query-at-metadata", _METADATA, CASE_PORT, "authority_syntax", "denied", _METADATA,
+             "'?@public' after the authority: the host is 169.254.169.254", raw_authority="169.254.169.254:80",
+             family="url-confusion", source=f"{_ORANGE}; issue #9", forms=("absolute",),
+             suffix=f"?@{_PUBLIC_NAME}/"),
+    SsrfCase("url-confusion-path-query-at-loopback", _LOOPBACK, CASE_PORT, "authority_syntax", "denied", _LOOPBACK,
+             "'/?@public' after the authority", raw_authority="127.0.0.1:80", family="url-confusion",
+             source=_ORANGE, forms=("absolute",), suffix=f"/?@{_PUBLIC_NAME}/"),
+    SsrfCase("url-confusion-path-at-private", "10.0.0.1", CASE_PORT, "authority_syntax", "denied", "10.0.0.1",
+             "'/@public' in the path", raw_authority="10.0.0.1:80", family="url-confusion", source=_ORANGE,
+             forms=("absolute",), suffix=f"/@{_PUBLIC_NAME}/"),
+    SsrfCase("url-confusion-mapped-query-at", "[::ffff:169.254.169.254]", CASE_PORT, "authority_syntax", "denied",
+             _METADATA, "'?@public' after an IPv4-mapped metadata literal", raw_authority="[::ffff:169.254.169.254]:80",
+             family="url-confusion", source=_ORANGE, forms=("absolute",), suffix=f"?@{_PUBLIC_NAME}/"),
+    SsrfCase("url-confusion-fragment-at-metadata", _METADATA, CASE_PORT, "authority_syntax", "malformed", _METADATA,
+             "'#@public': a fragment never belongs in a request-target (RFC 9112 §3.2)",
+             raw_authority="169.254.169.254:80", family="url-confusion", source=f"{_ORANGE} (http://google.com#@evil.com/)",
+             forms=("absolute",), suffix=f"#@{_PUBLIC_NAME}/"),
+    SsrfCase("url-confusion-fragment-backslash-at-loopback", _LOOPBACK, CASE_PORT, "authority_syntax", "malformed",
+             _LOOPBACK, "'#\\@public' after the port", raw_authority="127.0.0.1:80", family="url-confusion",
+             source=f"{_PATT} (weak parser: http://127.1.1.1:80#\\@127.2.2.2:80/)", forms=("absolute",),
+             suffix=f"#\\@{_PUBLIC_NAME}/"),
+    # Scheme case: RFC 3986 §3.1 says schemes compare case-insensitively, so HTTP:// is http://.
+    SsrfCase("scheme-case-upper-loopback", _LOOPBACK, CASE_PORT, "authority_syntax", "denied", _LOOPBACK,
+             "HTTP:// in capitals", family="scheme-case", source=FAMILIES["scheme-case"], forms=("absolute",),
+             scheme="HTTP"),
+    SsrfCase("scheme-case-mixed-metadata", _METADATA, CASE_PORT, "authority_syntax", "denied", _METADATA,
+             "Http:// mixed case", family="scheme-case", source="RFC 3986 §3.1", forms=("absolute",), scheme="Http"),
+    SsrfCase("scheme-case-mixed-private", "10.0.0.1", CASE_PORT, "authority_syntax", "denied", "10.0.0.1",
+             "hTTp:// mixed case", family="scheme-case", source="RFC 3986 §3.1", forms=("absolute",), scheme="hTTp"),
+    SsrfCase("scheme-case-upper-ipv6-loopback", "[::1]", CASE_PORT, "authority_syntax", "denied", "::1",
+             "HTTP:// with an IPv6 literal", family="scheme-case", source="RFC 3986 §3.1", forms=("absolute",),
+             scheme="HTTP"),
+)
+# fmt: on
+
+
+def _hand_written() -> list[SsrfCase]:
+    cases = []
+    for case in _ENCODING_CASES:
+        family = _family_of(case)
+        cases.append(dataclasses.replace(case, family=family, source=FAMILIES[family]))
+    # Names last (the catalogue ends with the cases that need the lab's stub resolver).
+    return sorted([*cases, *_CORPUS_CASES], key=lambda case: case.kind == "name")
+
+
 @functools.cache
 def ssrf_cases() -> tuple[SsrfCase, ...]:
-    """Every case: range cases, then positive controls, then encodings."""
+    """Every case: range cases, then positive controls, then encodings, then the corpus families."""
     table = load_special_use_table()
-    return (*_range_cases(table), *_control_cases(table), *_ENCODING_CASES)
+    return (*_range_cases(table), *_control_cases(table), *_hand_written())
 
 
 SSRF_CASES: tuple[SsrfCase, ...] = ssrf_cases()

@@ -1,7 +1,10 @@
 """The SSRF category's attempts: built from the catalogue, sent raw on lab sockets, read back.
 
-Each :class:`~pytest_sandbox.catalogues.ssrf_cases.SsrfCase` is attempted twice through the proxy
-(network.md §3): as a ``CONNECT`` authority and as an absolute-form ``GET``. Attempts are written as
+Each :class:`~pytest_sandbox.catalogues.ssrf_cases.SsrfCase` is attempted through the proxy in every
+request form it lists (network.md §3, RFC 9112 §3.2): as a ``CONNECT`` authority, as an absolute-form
+``GET``, as an origin-form ``GET`` whose Host names the destination (what a transparent proxy
+receives), as a ``GET`` whose request-target is the bare authority, and as ``OPTIONS *`` with the
+destination in Host. Attempts are written as
 raw bytes on a raw socket, so nothing on our side canonicalises, re-encodes or refuses the odd
 spellings before the proxy sees them. Every request carries the attempt's nonce (path and header of
 an absolute-form request, and of the request sent through an established tunnel), so a catch-all
@@ -21,7 +24,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from pytest_sandbox.catalogues.ssrf_cases import SSRF_CASES, SsrfCase, canary_addresses
+from pytest_sandbox.catalogues.ssrf_cases import ALL_FORMS, SSRF_CASES, SsrfCase, canary_addresses
 from pytest_sandbox.http.framing import HEAD_END
 from pytest_sandbox.http.responses import ParsedResponse, parse_head
 from pytest_sandbox.network.addresses import embedded_ipv4
@@ -32,6 +35,7 @@ from pytest_sandbox.probes.exchange import SocketReader
 from pytest_sandbox.verdicts.ssrf import HitCounts, ProxyReply, canary_is_observable
 
 __all__ = [
+    "ALL_FORMS",
     "ATTEMPT_FORMS",
     "ATTEMPT_TIMEOUT_SECONDS",
     "EXTRA_CANARIES",
@@ -49,7 +53,12 @@ __all__ = [
     "send_attempt",
 ]
 
+# The two forms a forward proxy serves (the default of build_attempts and of the self-connection cases);
+# ALL_FORMS adds origin-form with Host, the bare authority with GET, and OPTIONS *.
 ATTEMPT_FORMS: tuple[str, ...] = ("connect", "absolute")
+# form -> (method, what the request-target is); the Host-carried forms name the destination in Host.
+_METHODS = {"connect": "CONNECT", "absolute": "GET", "origin": "GET", "authority": "GET", "asterisk": "OPTIONS"}
+_HOST_CARRIED = frozenset({"origin", "asterisk"})
 ATTEMPT_TIMEOUT_SECONDS = 3.0
 MAX_REPLY_BYTES = 256 * 1024
 # Host header value used when the case's authority is not valid field text (RFC 9110 §5.5): the
@@ -159,7 +168,9 @@ def _is_field_text(text: str) -> bool:
 
 @dataclass(frozen=True)
 class Attempt:
-    """One case sent in one form: ``connect`` (authority-form) or ``absolute`` (absolute-form GET)."""
+    """One case sent in one form of :data:`ALL_FORMS`: ``connect`` (authority-form CONNECT),
+    ``absolute`` (absolute-form GET), ``origin`` (``GET /`` with the authority in Host), ``authority``
+    (the authority as a GET's request-target) or ``asterisk`` (``OPTIONS *`` with the authority in Host)."""
 
     case: SsrfCase
     form: str
@@ -169,28 +180,45 @@ class Attempt:
         return f"{self.form}-{self.case.case_id}"
 
     @property
+    def method(self) -> str:
+        return _METHODS[self.form]
+
+    @property
     def target(self) -> str:
-        return self.case.authority if self.form == "connect" else self.case.absolute_url
+        """The destination as sent: the request-target, or for the Host-carried forms the Host."""
+        if self.form in ("connect", "authority"):
+            return self.case.authority
+        if self.form == "absolute":
+            return self.case.absolute_url
+        return f"{'*' if self.form == 'asterisk' else '/'} with Host: {self.case.authority}"
 
     def describe(self) -> str:
-        method = "CONNECT" if self.form == "connect" else "GET"
-        return f"{method} {self.target!r} ({self.case.note})"
+        return f"{self.method} {self.target!r} ({self.form}-form; {self.case.note})"
 
     def request_target(self, nonce: str | None = None) -> str:
-        """The request-target as sent: the authority for CONNECT, else the URL with the nonce's path."""
-        if self.form == "connect" or nonce is None:
-            return self.target
-        return f"http://{self.case.authority}{NONCE_PATH_PREFIX}{nonce}"
+        """The request-target as sent; the nonce goes into an absolute or origin-form path when the
+        case's own suffix is a plain path (a '?@' or '#@' suffix is sent exactly, nonce in the header)."""
+        case = self.case
+        if self.form in ("connect", "authority"):
+            return case.authority
+        if self.form == "asterisk":
+            return "*"
+        path = case.suffix
+        if nonce is not None and path.startswith("/"):
+            path = f"{NONCE_PATH_PREFIX}{nonce}{'' if path == '/' else path}"
+        if self.form == "origin":
+            return path if path.startswith("/") else "/"
+        return f"{case.scheme}://{case.authority}{path}"
 
     def request_bytes(self, nonce: str | None = None) -> bytes:
-        """The request head exactly as sent; odd characters go out as UTF-8, unescaped."""
+        """The request head exactly as sent; odd characters go out as UTF-8, unescaped. In the
+        Host-carried forms the Host is the case's authority whatever it holds (it is the destination)."""
         authority = self.case.authority
-        host = authority if _is_field_text(authority) else FALLBACK_HOST
-        method = "CONNECT" if self.form == "connect" else "GET"
-        lines = [f"{method} {self.request_target(nonce)} HTTP/1.1", f"Host: {host}"]
+        host = authority if self.form in _HOST_CARRIED or _is_field_text(authority) else FALLBACK_HOST
+        lines = [f"{self.method} {self.request_target(nonce)} HTTP/1.1", f"Host: {host}"]
         if nonce is not None:
             lines.append(f"{NONCE_HEADER}: {nonce}")
-        if self.form == "absolute":
+        if self.form != "connect":
             lines.append("Connection: close")
         return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
 
@@ -204,9 +232,14 @@ class Attempt:
                 "Connection: close\r\n\r\n").encode()
 
 
-def build_attempts(cases: Iterable[SsrfCase] = SSRF_CASES) -> tuple[Attempt, ...]:
-    """Every case in every form, in catalogue order (connect first)."""
-    return tuple(Attempt(case, form) for case in cases for form in ATTEMPT_FORMS)
+def build_attempts(cases: Iterable[SsrfCase] = SSRF_CASES,
+                   forms: Iterable[str] = ATTEMPT_FORMS) -> tuple[Attempt, ...]:
+    """Every case in each of ``forms`` it lists, in catalogue order (connect first).
+
+    The default is the two forms a forward proxy serves; pass :data:`ALL_FORMS` for every form.
+    """
+    wanted = tuple(forms)
+    return tuple(Attempt(case, form) for case in cases for form in wanted if form in case.forms)
 
 
 def hit_counts(hits: Iterable[CatchAllHit]) -> dict[tuple[str, int], int]:

@@ -54,7 +54,7 @@ class JudgedAttempt(Protocol):
     def case(self) -> SsrfCase: ...
 
     @property
-    def form(self) -> str: ...  # "connect" | "absolute"
+    def form(self) -> str: ...  # "connect" | "absolute" | "origin" | "authority" | "asterisk"
 
     @property
     def target(self) -> str: ...  # the destination as sent
@@ -127,8 +127,11 @@ def judge_attempt(attempt: JudgedAttempt, reply: ProxyReply, hits: HitCounts,
         wanted = 400 if case.expected == "malformed" else 403
         if status != wanted:
             note += f"; catalogue expects {wanted} ({case.expected}) but any refusal blocks"
-        reason = reply.proxy.proxy_reason or f"status {status}"
-        return Judgement(Verdict.BLOCKED, f"proxy refused: {reason}{note}", expected, observed)
+        reason = reply.proxy.proxy_reason or reply.proxy.header("x-proxy-error") or f"status {status}"
+        # Ambiguous input no client sends, refused before any lookup, is kept apart from a policy
+        # refusal of a destination the proxy understood ("refused as malformed" vs "proxy refused").
+        kind = "refused as malformed" if case.expected == "malformed" and status == 400 else "proxy refused"
+        return Judgement(Verdict.BLOCKED, f"{kind}: {reason}{note}", expected, observed)
     if status is not None and 200 <= status < 300:
         return Judgement(Verdict.ALLOWED, f"proxy answered {status}: it let the request through",
                          expected, observed)

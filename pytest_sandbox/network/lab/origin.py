@@ -161,7 +161,10 @@ class _OriginConnection(_Connection):
         if status == 405:
             headers.append(("Connection", "close"))
         payload = self.http.send(h11.Response(status_code=status, headers=headers, reason=reason)) or b""
-        payload += self.http.send(h11.Data(data=body)) or b""
+        if recorded.method != "HEAD":
+            # RFC 9110 §9.3.2: the answer to HEAD is the GET answer's head alone (Content-Length
+            # included, §8.6); h11 refuses body data for it.
+            payload += self.http.send(h11.Data(data=body)) or b""
         payload += self.http.send(h11.EndOfMessage()) or b""
         self.send(payload, then_close=self.http.our_state is h11.MUST_CLOSE)
 

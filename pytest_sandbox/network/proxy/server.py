@@ -90,11 +90,13 @@ _RESPONSE_FIELDS_REWRITTEN = frozenset({b"content-length"})
 
 
 class _Refused(Exception):
-    """Carries a :class:`Refusal` out of the I/O that found it, to the one place that answers it."""
+    """Carries a :class:`Refusal` out of the I/O that found it, to the one place that answers it
+    (with the authority it was about, when one was parsed)."""
 
-    def __init__(self, refusal: Refusal) -> None:
+    def __init__(self, refusal: Refusal, authority: Authority | None = None) -> None:
         super().__init__(refusal.detail)
         self.refusal = refusal
+        self.authority = authority
 
 
 def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
@@ -133,8 +135,10 @@ def run_on_loop(main: Coroutine[Any, Any, None], loop: str | None = None) -> Non
 
 
 def _split(request: Request) -> tuple[Authority, str]:
-    """The request's authority and upstream path (:func:`split_target`); a malformed target is refused."""
-    split = split_target(request.method, request.target)
+    """The request's authority and upstream path (:func:`split_target`, every Host field line of an
+    absolute-form request checked too); a malformed target or Host is refused."""
+    hosts = () if request.method == "CONNECT" else tuple(request.header_values("host"))
+    split = split_target(request.method, request.target, hosts)
     if isinstance(split, Refusal):
         raise _Refused(split)
     return split
@@ -462,8 +466,11 @@ class EgressProxy:
             for upstream in conn.upstreams.values():
                 upstream.close()
 
-    async def _refuse(self, conn: _Client, refusal: Refusal) -> None:
+    async def _refuse(self, conn: _Client, refusal: Refusal, method: str = "") -> None:
         """Answer with ``{"error": reason, "detail": ...}``, ``Connection: close``, and close.
+
+        To ``HEAD`` the answer carries no body (RFC 9110 §9.3.2): the same fields, Content-Length
+        the length the body would have had (§8.6), and the reason code in ``X-Proxy-Error``.
 
         The connection is half-closed after the answer and the rest of the client's input is read
         and discarded, never parsed (RFC 9931: a refused CONNECT's trailing bytes are not a
@@ -471,11 +478,13 @@ class EgressProxy:
         (RFC 9112 §9.6).
         """
         body = json.dumps({"error": refusal.reason, "detail": refusal.detail}, separators=(",", ":")).encode()
+        headers = [("content-type", "application/json"), ("connection", "close")]
+        if method == "HEAD":
+            headers += [("x-proxy-error", refusal.reason), ("content-length", str(len(body)))]
+            body = b""
         with contextlib.suppress(ConnectionError):
-            await write_response(
-                conn.writer, refusal.status, _REASON_PHRASES.get(refusal.status, "Error"),
-                [("content-type", "application/json"), ("connection", "close")], body,
-            )
+            await write_response(conn.writer, refusal.status, _REASON_PHRASES.get(refusal.status, "Error"),
+                                 headers, body)
         await relay.linger_close(conn.reader, conn.writer)
 
     # --- absolute-form requests ---------------------------------------------------------------
@@ -487,12 +496,11 @@ class EgressProxy:
         authority: Authority | None = None
         addresses: tuple[str, ...] = ()
         try:
-            authority, path = _split(request)
-            addresses = await self._destination(authority)
+            authority, path, addresses = await self._admit(request)
             upstream, response = await self._exchange(conn, request, authority, path, addresses)
         except _Refused as refused:
-            self._record_refusal(conn.name, request, authority, refused.refusal, addresses)
-            await self._refuse(conn, refused.refusal)
+            self._record_refusal(conn.name, request, authority or refused.authority, refused.refusal, addresses)
+            await self._refuse(conn, refused.refusal, request.method)
             return False
         if conn.first_upstream is None:
             conn.first_upstream = upstream
@@ -509,12 +517,21 @@ class EgressProxy:
         try:
             response = await upstream.responses.next_response(request.method)
         except (FramingViolation, OSError, asyncio.IncompleteReadError) as error:
-            await self._refuse(conn, Refusal(502, "upstream_protocol_error", str(error)))
+            await self._refuse(conn, Refusal(502, "upstream_protocol_error", str(error)), request.method)
             return False
         self._record(conn.name, request, authority=None, action="allow", status=response.status,
                      reason="unjudged", detail="judge_every_request=False: rode the first upstream",
                      addresses=(upstream.key[0],))
         return await self._answer(conn, request, response)
+
+    async def _admit(self, request: Request) -> tuple[Authority, str, tuple[str, ...]]:
+        """A non-CONNECT request's authority, upstream path and checked addresses to dial; raises
+        :class:`_Refused` (carrying the authority once parsed) for anything refused."""
+        authority, path = _split(request)
+        try:
+            return authority, path, await self._destination(authority)
+        except _Refused as refused:
+            raise _Refused(refused.refusal, authority) from None
 
     def _host_allowed_cached(self, host: str) -> bool:
         """Whether the canonical ``host`` matches an allowlist pattern, cached per host."""
