@@ -84,6 +84,7 @@ class SandboxSession:
     _results: dict[tuple[str, str, str], dict[str, Outcome]] = field(default_factory=dict, init=False)
     _reports: dict[tuple[str, str, str], RunnerReport] = field(default_factory=dict, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+    _failures: dict[tuple[str, str], SandboxError] = field(default_factory=dict, init=False)
     # third party (--sandbox-exec) only: who the runner is in there, and the baseline taken as that caller
     harness: ObservedIdentity | None = field(default=None, init=False)
     exec_identity: ObservedIdentity | None = field(default=None, init=False)
@@ -185,20 +186,33 @@ class SandboxSession:
         return ("baseline", "real") if self.third_party else ("baseline", "sentinel", "real")
 
     def outcomes(self, mode: str, identity: Identity, build: str) -> dict[str, Outcome]:
+        """The outcomes of one build's run, made once. A run that cannot be made (no host support, a
+        launcher that fails, hangs or runs nothing) raises a SandboxError that is cached too: every
+        later test of that (mode, identity) gets the same error at once, never a second launch or wait."""
         key = (mode, identity.name, build)
         with self._lock:
+            failed = self._failures.get((mode, identity.name))
+            if failed is not None:
+                raise failed
             if key not in self._results:
-                if not self.third_party:
-                    check_host_support(mode, identity)
-                # Every judgement needs all builds of its (mode, identity): run them side by side, each
-                # is its own runner process.
-                wanted = [b for b in self.builds() if (mode, identity.name, b) not in self._results]
-                with ThreadPoolExecutor(max_workers=len(wanted)) as pool:
-                    runs = {b: pool.submit(self._run, mode, identity, b) for b in wanted}
-                for each, run in runs.items():
-                    self._reports[(mode, identity.name, each)] = report = run.result()
-                    self._results[(mode, identity.name, each)] = report.outcomes
+                try:
+                    self._run_builds(mode, identity)
+                except SandboxError as exc:
+                    self._failures[(mode, identity.name)] = exc
+                    raise
             return self._results[key]
+
+    def _run_builds(self, mode: str, identity: Identity) -> None:
+        if not self.third_party:
+            check_host_support(mode, identity)
+        # Every judgement needs all builds of its (mode, identity): run them side by side, each is its own
+        # runner process; each run's wait is bounded (ExecTarget, SandboxTarget).
+        wanted = [b for b in self.builds() if (mode, identity.name, b) not in self._results]
+        with ThreadPoolExecutor(max_workers=len(wanted)) as pool:
+            runs = {b: pool.submit(self._run, mode, identity, b) for b in wanted}
+        for each, run in runs.items():
+            self._reports[(mode, identity.name, each)] = report = run.result()
+            self._results[(mode, identity.name, each)] = report.outcomes
 
     def _run(self, mode: str, identity: Identity, build: str) -> RunnerReport:
         plan = self._plan(mode, identity, build)
