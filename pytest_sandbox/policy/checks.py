@@ -15,7 +15,10 @@ Run by the loader (``load.py``) and the compiler before any test: each problem i
   is one line at once, not minutes of planning. :func:`program_size_problem` checks the compiled
   programs exactly.
 
-Pure except :func:`read_policy_text` (which reads the file, bounded).
+- **pyseccomp**: every policy's syscall names are resolved through libseccomp, so a pyseccomp that
+  cannot be imported (no libseccomp2) is one line before any policy is read (:func:`require_pyseccomp`).
+
+Pure except :func:`read_policy_text` (which reads the file, bounded) and :func:`require_pyseccomp`.
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Sequence
+from functools import lru_cache
 from pathlib import Path
 
-from pytest_sandbox.errors import PolicyError
+from pytest_sandbox.errors import HostUnsupportedError, PolicyError
 from pytest_sandbox.policy.model import Policy
 
 MAX_POLICY_BYTES = 4 * 1024 * 1024  # Docker's default profile is ~20 KB; a 10,000-rule TOML policy ~0.6 MB
@@ -35,6 +39,17 @@ MAX_INSNS_PER_PATH = 32768  # kernel/seccomp.c: (1 << 18) / sizeof(struct sock_f
 FILTER_OVERHEAD_INSNS = 4  # kernel/seccomp.c counts each attached filter's length + 4 against the path limit
 _FEWER_RULES = ("refuse whole syscalls in seccomp.deny instead of many argument values, merge values into "
                 "one masked_eq or lt/ge range, or split the policy")
+
+
+@lru_cache(maxsize=1)
+def require_pyseccomp() -> None:
+    """Raise HostUnsupportedError (one line, with the fix) when pyseccomp / libseccomp cannot be loaded."""
+    try:
+        import pyseccomp  # noqa: F401
+    except (ImportError, RuntimeError, OSError) as exc:  # RuntimeError: pyseccomp's "Unable to find libseccomp"
+        raise HostUnsupportedError(f"pyseccomp cannot be loaded ({exc}); policies name syscalls through libseccomp: "
+                                   "install libseccomp2 (Debian: apt-get install libseccomp2) and pyseccomp "
+                                   "(pip install pyseccomp)") from None
 
 
 def read_policy_text(path: Path, what: str = "policy") -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pytest_sandbox.errors import PolicyError
 from pytest_sandbox.inference.routes import InferenceRoute
-from pytest_sandbox.policy.checks import extends_problem, read_policy_text, rule_floor_problem
+from pytest_sandbox.policy.checks import extends_problem, read_policy_text, require_pyseccomp, rule_floor_problem
 from pytest_sandbox.policy.from_oci import load_oci_profile, looks_like_oci_profile
 from pytest_sandbox.policy.from_toml import load_toml_policy
 from pytest_sandbox.policy.model import Policy
@@ -31,6 +31,7 @@ def load_policy(name_or_path: str | Path, caps: str | None = None) -> Policy:
     profile (JSON, or a Security Profiles Operator ``SeccompProfile`` YAML resource) told apart by content,
     not suffix. ``caps`` (``--sandbox-caps``) names the capability set that resolves a profile's
     ``includes.caps``/``excludes.caps`` (default: Docker's default set); validate it fully."""
+    require_pyseccomp()
     text = str(name_or_path)
     path = bundled_policy_path(text) if text in BUNDLED_POLICIES else Path(text)
     if not path.exists():

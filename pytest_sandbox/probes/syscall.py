@@ -194,7 +194,11 @@ class ExecTarget:
 
     @cached_property
     def argv(self) -> list[str]:
-        words = shlex.split(self.prefix)
+        try:
+            words = shlex.split(self.prefix)
+        except ValueError as exc:  # e.g. "No closing quotation"
+            raise LaunchError(f"--sandbox-exec {self.prefix!r}: cannot split it into words ({exc}); quote it "
+                              "as a shell would") from None
         if not words:
             raise LaunchError("--sandbox-exec is empty: give the launcher prefix, e.g. 'bwrap --dev-bind / / --'")
         if shutil.which(words[0]) is None:
