@@ -3,6 +3,7 @@
 # probes, with a grandchild of its own that would outlive it (issue #10 item 3). The harness must end the
 # category in bounded time with one failure that says so, and leave no process behind.
 script=$(cat)
+[ -n "${LAUNCH_LOG:-}" ] && echo "$$" >> "$LAUNCH_LOG"  # how often the harness started it
 case "$script" in
     *"main(json.loads('[]'))"*) printf '%s\n' "$script" | "$@"; exit $? ;;
 esac

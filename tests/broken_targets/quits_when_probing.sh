@@ -3,6 +3,7 @@
 # and then exits at once, running nothing, whenever it is given probes. Nothing was probed, so the
 # syscall category must earn no pass at all (issue #10 item 4: "reported 0 of 113 probes" was WORKS).
 script=$(cat)
+[ -n "${LAUNCH_LOG:-}" ] && echo "$$" >> "$LAUNCH_LOG"  # how often the harness started it
 case "$script" in
     *"main(json.loads('[]'))"*) printf '%s\n' "$script" | "$@"; exit $? ;;
 esac
