@@ -10,6 +10,7 @@ Inert unless ``--sandbox`` is given (the plugin is registered for every pytest r
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,11 @@ def pytest_configure(config: pytest.Config) -> None:
     report_path = config.getoption("sandbox_report")
     if report_path is not None and Path(report_path).suffix not in (".json", ".md", ".markdown"):
         raise pytest.UsageError(f"pytest-sandbox: --sandbox-report {report_path}: use a .json or .md path")
+    if report_path is not None and not os.access(Path(report_path).absolute().parent, os.W_OK | os.X_OK):
+        # checked now, not after the whole run: the directory must exist and be writable
+        raise pytest.UsageError(f"pytest-sandbox: --sandbox-report {report_path}: directory "
+                                f"{Path(report_path).absolute().parent} does not exist or is not writable; "
+                                "create it first or give another path")
     try:
         config.stash[SESSION_KEY] = SandboxSession(options)
     except SandboxError as exc:

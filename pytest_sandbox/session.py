@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pytest_sandbox.errors import PolicyError, SandboxError
+from pytest_sandbox.policy.from_oci import resolve_capabilities
 from pytest_sandbox.policy.load import load_policy
 from pytest_sandbox.policy.model import NETWORK_MODES, Policy
 from pytest_sandbox.probes.observed_identity import (
@@ -84,6 +85,7 @@ class SandboxSession:
     _results: dict[tuple[str, str, str], dict[str, Outcome]] = field(default_factory=dict, init=False)
     _reports: dict[tuple[str, str, str], RunnerReport] = field(default_factory=dict, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+    _failures: dict[tuple[str, str], SandboxError] = field(default_factory=dict, init=False)
     # third party (--sandbox-exec) only: who the runner is in there, and the baseline taken as that caller
     harness: ObservedIdentity | None = field(default=None, init=False)
     exec_identity: ObservedIdentity | None = field(default=None, init=False)
@@ -91,15 +93,9 @@ class SandboxSession:
     _baseline_problems: dict[tuple[str, str], tuple[str, ...]] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
+        check_options(self.options)  # the cheap checks first: one line before any policy is read
         self.policy = load_policy(self.options.policy, self.options.caps)
         self.requirement = load_policy(self.options.require or "baseline", self.options.caps)
-        if self.options.proxy_cmd is not None and "{port}" not in self.options.proxy_cmd:
-            raise PolicyError("--sandbox-proxy-cmd must contain {port}: the lab chooses the port the proxy listens on")
-        if self.options.proxy_cmd is not None and self.options.proxy_url is not None:
-            raise PolicyError("give either --sandbox-proxy or --sandbox-proxy-cmd, not both")
-        for mode in self.options.modes:
-            if mode not in NETWORK_MODES:
-                raise PolicyError(f"--sandbox-modes: unknown network mode {mode!r}; use {', '.join(NETWORK_MODES)}")
         for mode in () if self.third_party else self.modes():
             for sentinel in (False, True):  # a policy that cannot compile is a usage error, before any test
                 compiled = self.compiled(mode, sentinel=sentinel)
@@ -185,20 +181,33 @@ class SandboxSession:
         return ("baseline", "real") if self.third_party else ("baseline", "sentinel", "real")
 
     def outcomes(self, mode: str, identity: Identity, build: str) -> dict[str, Outcome]:
+        """The outcomes of one build's run, made once. A run that cannot be made (no host support, a
+        launcher that fails, hangs or runs nothing) raises a SandboxError that is cached too: every
+        later test of that (mode, identity) gets the same error at once, never a second launch or wait."""
         key = (mode, identity.name, build)
         with self._lock:
+            failed = self._failures.get((mode, identity.name))
+            if failed is not None:
+                raise failed
             if key not in self._results:
-                if not self.third_party:
-                    check_host_support(mode, identity)
-                # Every judgement needs all builds of its (mode, identity): run them side by side, each
-                # is its own runner process.
-                wanted = [b for b in self.builds() if (mode, identity.name, b) not in self._results]
-                with ThreadPoolExecutor(max_workers=len(wanted)) as pool:
-                    runs = {b: pool.submit(self._run, mode, identity, b) for b in wanted}
-                for each, run in runs.items():
-                    self._reports[(mode, identity.name, each)] = report = run.result()
-                    self._results[(mode, identity.name, each)] = report.outcomes
+                try:
+                    self._run_builds(mode, identity)
+                except SandboxError as exc:
+                    self._failures[(mode, identity.name)] = exc
+                    raise
             return self._results[key]
+
+    def _run_builds(self, mode: str, identity: Identity) -> None:
+        if not self.third_party:
+            check_host_support(mode, identity)
+        # Every judgement needs all builds of its (mode, identity): run them side by side, each is its own
+        # runner process; each run's wait is bounded (ExecTarget, SandboxTarget).
+        wanted = [b for b in self.builds() if (mode, identity.name, b) not in self._results]
+        with ThreadPoolExecutor(max_workers=len(wanted)) as pool:
+            runs = {b: pool.submit(self._run, mode, identity, b) for b in wanted}
+        for each, run in runs.items():
+            self._reports[(mode, identity.name, each)] = report = run.result()
+            self._results[(mode, identity.name, each)] = report.outcomes
 
     def _run(self, mode: str, identity: Identity, build: str) -> RunnerReport:
         plan = self._plan(mode, identity, build)
@@ -278,6 +287,32 @@ class SandboxSession:
             return replace(judgement, reason=f"{judgement.reason}; the runner in the sandbox reports "
                                              f"{target.describe(self.harness)}")
         return judgement
+
+
+IDENTITIES = ("current", "nobody")
+
+
+def check_options(options: SandboxOptions) -> None:
+    """Every option that names something, checked at startup: PolicyError (one line naming the option
+    and the fix), never a surprise after the run or an option silently ignored."""
+    if options.proxy_cmd is not None and "{port}" not in options.proxy_cmd:
+        raise PolicyError("--sandbox-proxy-cmd must contain {port}: the lab chooses the port the proxy listens on")
+    if options.proxy_cmd is not None and options.proxy_url is not None:
+        raise PolicyError("give either --sandbox-proxy or --sandbox-proxy-cmd, not both")
+    if not options.modes:
+        raise PolicyError(f"--sandbox-modes is empty; give one or more of {', '.join(NETWORK_MODES)}")
+    for mode in options.modes:
+        if mode not in NETWORK_MODES:
+            raise PolicyError(f"--sandbox-modes: unknown network mode {mode!r}; use {', '.join(NETWORK_MODES)}")
+    if not options.identities:
+        raise PolicyError(f"--sandbox-identities is empty; give one or more of {', '.join(IDENTITIES)}")
+    for identity in options.identities:
+        if identity not in IDENTITIES:
+            raise PolicyError(f"--sandbox-identities: unknown identity {identity!r}; use current and/or nobody "
+                              "(uid 65534), comma-separated")
+    resolve_capabilities(options.caps)  # --sandbox-caps: a set name or CAP_* names, even for a TOML policy
+    if options.exec_prefix is not None:
+        ExecTarget(options.exec_prefix).argv  # noqa: B018  (a missing launcher or bad quoting: one line now)
 
 
 def failure_message(param: SyscallParam, judgement: Judgement) -> str:

@@ -318,11 +318,21 @@ class _ProfileConverter:
                            action=kind)
         return ArgRule("", index, op, value, errno=rule_errno, why="from OCI profile", bits=64, action=kind)
 
+    def arch_names(self, value: Any, where: str) -> list[str]:
+        if not isinstance(value, list) or not all(isinstance(name, str) for name in value):
+            raise self.fail(where, f"must be a list of architecture names such as [\"SCMP_ARCH_X86\"], not {value!r}")
+        return value
+
     def arches(self, document: dict[str, Any]) -> tuple[str, ...]:
-        found: list[str] = list(document.get("architectures") or [])
-        for entry in document.get("archMap") or []:
+        found = list(self.arch_names(document.get("architectures") or [], "architectures"))
+        arch_map = document.get("archMap") or []
+        if not isinstance(arch_map, list) or not all(isinstance(entry, dict) for entry in arch_map):
+            raise self.fail("archMap", "must be a list of objects such as {\"architecture\": \"SCMP_ARCH_X86_64\", "
+                                       "\"subArchitectures\": [\"SCMP_ARCH_X86\"]}, not " + type(arch_map).__name__)
+        for index, entry in enumerate(arch_map):
+            subarches = self.arch_names(entry.get("subArchitectures") or [], f"archMap[{index}].subArchitectures")
             if entry.get("architecture") in NATIVE_ARCHES:
-                found += entry.get("subArchitectures") or []
+                found += subarches
         return tuple(dict.fromkeys(EXTRA_ARCHES[a] for a in found if a in EXTRA_ARCHES))
 
 

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from pytest_sandbox.errors import PolicyError
 from pytest_sandbox.inference.routes import InferenceRoute
+from pytest_sandbox.policy.checks import read_policy_text
 from pytest_sandbox.policy.model import (
     ACTIONS,
     ARG_MAX,
@@ -64,13 +65,7 @@ class PolicyLibrary(Protocol):
 
 def load_toml_policy(path: Path, library: PolicyLibrary) -> Policy:
     """Read and validate the TOML policy at ``path`` (resolved); ``library`` supplies what it extends."""
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise PolicyError(f"{path}: cannot read the policy file ({exc.strerror})") from None
-    except UnicodeDecodeError:
-        raise PolicyError(f"{path}: not UTF-8 text; a policy is a TOML file") from None
-    return _parse_policy(path, text, library)
+    return _parse_policy(path, read_policy_text(path), library)
 
 
 @lru_cache(maxsize=64)  # keyed by content too: a policy edited during a run is parsed again

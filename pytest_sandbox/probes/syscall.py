@@ -32,7 +32,12 @@ from pytest_sandbox.seccomp.compiler import CompiledFilter
 from pytest_sandbox.seccomp.launcher import FreshNamespaces, Identity, NetworkPlacement, Sandbox, SandboxSpec
 from pytest_sandbox.verdicts.judgement import Outcome
 
-PREFLIGHT_TIMEOUT_SECONDS = 60
+# A third party's launcher is waited for with a bound, once per target: the pre-flight (an empty plan) and
+# one probe run (the whole plan in one runner process, ~1 s on the reference). A launcher that hangs costs
+# at most their sum for the whole category, never a wait per test (issue #10 item 3).
+PREFLIGHT_TIMEOUT_SECONDS = 15.0
+EXEC_RUN_TIMEOUT_SECONDS = 30.0
+REFERENCE_RUN_TIMEOUT_SECONDS = 120.0  # the reference's own spawner: ~1 s idle, far more on a loaded CI box
 _RUNNER_SOURCE = (resources.files("pytest_sandbox.probes") / "syscall_runner.py").read_text()
 
 
@@ -173,7 +178,10 @@ class SandboxTarget:
         spec = SandboxSpec(self.compiled, self.placement, self.identity, self.namespaces)
         with Sandbox(spec) as sandbox:
             result = sandbox.run([runner_interpreter(self.identity), "-S", "-"], input=runner_script(probes),
-                                 timeout=300, env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"})
+                                 timeout=REFERENCE_RUN_TIMEOUT_SECONDS, env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"})
+        if result.timed_out:  # its process group was killed; a partial report would judge half a run
+            raise LaunchError(f"{self.name}: the probe run ({len(probes)} probes in one runner) did not finish in "
+                              f"{REFERENCE_RUN_TIMEOUT_SECONDS:g} s and was killed; nothing was judged")
         return _report_or_error(probes, result.returncode, result.stdout, result.stderr, self.name)
 
 
@@ -187,7 +195,11 @@ class ExecTarget:
 
     @cached_property
     def argv(self) -> list[str]:
-        words = shlex.split(self.prefix)
+        try:
+            words = shlex.split(self.prefix)
+        except ValueError as exc:  # e.g. "No closing quotation"
+            raise LaunchError(f"--sandbox-exec {self.prefix!r}: cannot split it into words ({exc}); quote it "
+                              "as a shell would") from None
         if not words:
             raise LaunchError("--sandbox-exec is empty: give the launcher prefix, e.g. 'bwrap --dev-bind / / --'")
         if shutil.which(words[0]) is None:
@@ -197,10 +209,30 @@ class ExecTarget:
     def run(self, probes: Sequence[Mapping[str, Any]]) -> dict[str, Outcome]:
         return self.run_report(probes).outcomes
 
-    def run_report(self, probes: Sequence[Mapping[str, Any]]) -> RunnerReport:
-        completed = guardian.run(self.argv, input=runner_script(probes), timeout=300)
-        return _report_or_error(probes, completed.returncode, completed.stdout, completed.stderr,
-                                f"'{self.prefix}'")
+    def run_report(self, probes: Sequence[Mapping[str, Any]], timeout: float = EXEC_RUN_TIMEOUT_SECONDS
+                   ) -> RunnerReport:
+        """Run the whole plan in one runner process inside the launcher. Raises LaunchError (nothing was
+        probed) when the launcher cannot start, hangs past ``timeout`` (the guardian kills it and everything
+        it forked) or exits without the runner saying anything at all."""
+        where = f"--sandbox-exec '{self.prefix}'"
+        try:
+            completed = guardian.run(self.argv, input=runner_script(probes), timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise LaunchError(f"{where}: the probe run ({len(probes)} probes in one runner) did not finish in "
+                              f"{timeout:g} s; the launcher and everything it started were killed and nothing "
+                              "was judged") from None
+        except OSError as exc:
+            raise LaunchError(f"{where}: cannot start the launcher: {exc.strerror}") from None
+        if probes and not parse_runner_report(completed.stdout).outcomes \
+                and parse_runner_report(completed.stdout).identity is None:
+            # The runner never started in there (it reports who it is before any probe): an exit at once
+            # is a target that ran nothing, never a row of results (issue #10 item 4).
+            said = completed.stderr.decode(errors="replace").strip()[-400:] or "nothing on stderr"
+            raise LaunchError(f"{where}: the launcher exited with {completed.returncode} and reported 0 of "
+                              f"{len(probes)} probes; nothing was probed; the launcher said: {said}")
+        report = _report_or_error(probes, completed.returncode, completed.stdout, completed.stderr,
+                                  f"'{self.prefix}'")
+        return report
 
     def preflight(self, timeout: float = PREFLIGHT_TIMEOUT_SECONDS) -> ObservedIdentity:
         """Start the runner once with no probes: who does it run as in there? Raises LaunchError with the

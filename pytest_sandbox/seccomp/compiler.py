@@ -28,6 +28,7 @@ from functools import lru_cache, partial
 from typing import Any, TypeVar
 
 from pytest_sandbox.errors import HostUnsupportedError, PolicyError
+from pytest_sandbox.policy.checks import program_size_problem
 from pytest_sandbox.policy.model import Policy
 from pytest_sandbox.seccomp.filter_plan import (
     BAD_ARCH_KEY,
@@ -109,6 +110,9 @@ def compile_plan(plan: FilterPlan, *, sentinel: bool = False) -> CompiledFilter:
     """The one compile path: emit ``plan`` through libseccomp with the real or the sentinel errnos."""
     numbers = plan.errnos(sentinel=sentinel)
     programs = tuple(_export(plan, role, flt, "bpf") for role, flt in _emit(_pyseccomp(), plan, numbers))
+    too_long = program_size_problem(plan.source, plan.mode, programs)
+    if too_long is not None:  # the kernel would refuse it at load time with a bare EINVAL / ENOMEM
+        raise PolicyError(too_long)
     actions = tuple(RuleAction(key, number) for key, number in numbers.items())
     return CompiledFilter(plan.policy_name, plan.mode, sentinel, programs, actions, plan.bad_arch.kind,
                           plan.extra_arches, plan.no_new_privs, plan.start_problem())

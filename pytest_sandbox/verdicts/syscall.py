@@ -188,8 +188,10 @@ def filter_requirement(requirement: Policy, mode: str) -> FilterRequirement:
 
 def judge_filter_present(observed: Outcome, compiled: CompiledFilter | None,
                          required: FilterRequirement | None = None) -> Judgement:
-    fields = dict(part.split(": ", 1) for part in observed.detail.split(", ") if ": " in part)
     shown = observed.detail or observed.describe()
+    if observed.kind != "status":  # the runner never read /proc/self/status: nothing was shown, nothing passes
+        return Judgement(Verdict.INDETERMINATE, f"not run: {shown}", "filters present", shown)
+    fields = dict(part.split(": ", 1) for part in observed.detail.split(", ") if ": " in part)
     if compiled is None and required is not None:
         return _judge_third_party_filter(fields, shown, required)
     if compiled is None:  # nothing is required: informational only
