@@ -5,7 +5,7 @@
 script=$(cat)
 [ -n "${LAUNCH_LOG:-}" ] && echo "$$" >> "$LAUNCH_LOG"  # how often the harness started it
 case "$script" in
-    *"main(json.loads('[]'))"*) printf '%s\n' "$script" | "$@"; exit $? ;;
+    *"main([])"*) printf '%s\n' "$script" | "$@"; exit $? ;;
 esac
 sleep 3600 &
 exec sleep 3600

@@ -5,6 +5,6 @@
 script=$(cat)
 [ -n "${LAUNCH_LOG:-}" ] && echo "$$" >> "$LAUNCH_LOG"  # how often the harness started it
 case "$script" in
-    *"main(json.loads('[]'))"*) printf '%s\n' "$script" | "$@"; exit $? ;;
+    *"main([])"*) printf '%s\n' "$script" | "$@"; exit $? ;;
 esac
 exit 0
