@@ -27,7 +27,9 @@ def export(flt: pyseccomp.SyscallFilter) -> bytes:
 
 def hand_built(policy: Policy, mode: str, *, arch_after_rules: bool = False, drop: str | None = None,
                full_64bit_eq: bool = False, errno_number: int = errno.EPERM) -> CompiledFilter:
-    """The same policy compiled by hand with one classic mistake (syscalls.md §3, §5)."""
+    """The same policy compiled by hand with one classic mistake (syscalls.md §3, §5). Its ne/lt/le/gt/ge
+    rules always compare all 64 bits (libseccomp's plain LT, ..., on x86_64): the mistake our TOML compile
+    no longer makes (filter_plan.low32_blocks), which the high-bit variants and controls must catch."""
     real = compile_policy(policy, mode)
     main = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
     main.set_attr(pyseccomp.Attr.ACT_BADARCH, pyseccomp.KILL_PROCESS)
@@ -41,6 +43,8 @@ def hand_built(policy: Policy, mode: str, *, arch_after_rules: bool = False, dro
             arg = pyseccomp.Arg(rule.arg, pyseccomp.EQ, rule.value)  # compares all 64 bits
         elif rule.op == "eq":
             arg = pyseccomp.Arg(rule.arg, pyseccomp.MASKED_EQ, 0xFFFFFFFF, rule.value)
+        elif rule.op != "masked_eq":
+            arg = _argument(rule)  # a 64-bit compare, where the kernel reads an int as 32 bits
         else:
             arg = pyseccomp.Arg(rule.arg, pyseccomp.MASKED_EQ, rule.mask, rule.value)
         main.add_rule(pyseccomp.ERRNO(errno_number), rule.syscall, arg)

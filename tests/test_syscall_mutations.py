@@ -82,6 +82,34 @@ def test_a_64bit_equality_rule_is_caught_by_the_high_bit_variants(baseline):
     assert "socket[AF_INET]-native-hi32" in holes and "seccomp[arg0=0x1]-native-hi32" in holes
 
 
+RANGE_POLICY = ROOT / "tests/range_operators.toml"
+
+
+def test_every_operator_compiles_to_a_32bit_comparison_and_a_64bit_one_is_caught():
+    """tests/range_operators.toml has one rule per operator, each on an argument the kernel reads as 32 bits.
+    The reference build passes every high-bit variant (denials and controls); a filter comparing all 64
+    bits (libseccomp's plain LT/LE/GT/GE/NE) lets ``(1 << 32) | v`` through for lt/le and refuses the
+    kernel's not-matched ``v`` for ne/gt/ge, on the high-bit rows and nowhere else."""
+    policy = load_policy(RANGE_POLICY)
+    assert {rule.op for rule in policy.seccomp.arg_rules} == {"eq", "masked_eq", "ne", "lt", "le", "gt", "ge"}
+    intended = compile_policy(policy, "block")
+    judged = judgements_against(policy, "block", intended, intended=intended)
+    assert failing({case: j.verdict for case, j in judged.items()}) == set()
+    for op in ("ne", "lt", "le", "gt", "ge"):  # every range rule has its high-bit rows, denials and controls
+        assert sum(re.search(rf"\[arg\d {op} .*-native-hi(32|-ones)(-reaches-kernel)?$", c) is not None
+                   for c in judged) == 4, op
+    broken = judgements_against(policy, "block", hand_built(policy, "block"), intended=intended)
+    holes = failing({case: j.verdict for case, j in broken.items()})
+    expected = {f"{label}-native-{variant}" for label in ("seccomp[arg0 le 0x1]", "ioctl[arg1 lt 0x5413]")
+                for variant in ("hi32", "hi-ones")}
+    expected |= {f"{label}-not-matching-native-{variant}-reaches-kernel"
+                 for label in ("execveat[arg4 gt 0x0]", "socket[arg0 ge 0x2]", "personality[arg0 ne 0xffffffff]")
+                 for variant in ("hi32", "hi-ones")}
+    assert holes == expected, holes ^ expected
+    assert broken["seccomp[arg0 le 0x1]-native-hi32"].verdict is Verdict.ALLOWED
+    assert broken["socket[arg0 ge 0x2]-not-matching-native-hi32-reaches-kernel"].verdict is Verdict.BROKEN
+
+
 def test_an_arch_added_after_the_rules_lets_i386_calls_through(baseline, tmp_path):
     text = (ROOT / "fixtures/policies/baseline.toml").read_text().replace(
         'bad_arch_action = "kill_process"', 'bad_arch_action = "kill_process"\nextra_arches = ["x86"]')

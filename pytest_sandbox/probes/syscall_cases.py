@@ -17,7 +17,7 @@ from typing import Any
 
 from pytest_sandbox.catalogues.syscalls import PROBES_BY_NAME, SYSCALL_PROBES, SyscallProbe
 from pytest_sandbox.policy.model import SOCKET_FAMILIES, SOCKET_FAMILY_NAMES, ArgRule, Policy
-from pytest_sandbox.seccomp.filter_plan import arg_key, deny_key, enosys_key
+from pytest_sandbox.seccomp.filter_plan import RANGE_OPERATORS, Condition, arg_key, deny_key, enosys_key
 from pytest_sandbox.verdicts.judgement import Outcome
 
 ABIS = ("native", "x32", "i386")
@@ -270,6 +270,54 @@ def denial_cases(requirements: Sequence[Requirement]) -> tuple[ProbeCase, ...]:
     return tuple(cases)
 
 
+def _fires(rule: ArgRule, args: tuple[int | str, ...]) -> bool:
+    """Whether ``rule`` as the TOML compile plans it (32-bit where the kernel reads 32) fires for ``args``."""
+    return Condition.of(rule).matches(tuple(a if isinstance(a, int) else 0 for a in args))
+
+
+def _refused_by_any(requirements: Sequence[Requirement], syscall: str, args: tuple[int | str, ...]) -> bool:
+    return any(item.syscall == syscall and (item.rule is None or _fires(item.rule, args)) for item in requirements)
+
+
+def complement_args(probe: SyscallProbe, rule: ArgRule) -> tuple[int | str, ...] | None:
+    """A harmless form of the call whose ruled argument the rule does NOT match, from the catalogue (its
+    control form first, then its harmless form): never a value made up here, so a control stays a call the
+    catalogue reviewed (never PTRACE_TRACEME and the like). None when the catalogue has no such form."""
+    for args in (probe.control_args, probe.args):
+        if args is not None and rule.arg < len(args) and isinstance(args[rule.arg], int) and not _fires(rule, args):
+            return args
+    return None
+
+
+def range_controls(requirements: Sequence[Requirement]) -> list[ProbeCase]:
+    """For every ``ne``/``lt``/``le``/``gt``/``ge`` rule of our TOML (``bits`` 32) on an argument the kernel reads
+    as 32 bits: the call with a value the rule does not match must reach the kernel, also with high bits
+    set in that argument. The kernel reads the low 32 bits, so a filter comparing all 64 refuses
+    ``(1 << 32) | v`` for ``ne``/``gt``/``ge`` though the kernel sees ``v``, which the rule allows (an
+    over-refusal the denial rows cannot show; for ``lt``/``le`` the denial rows' high-bit variants show
+    the hole)."""
+    cases: list[ProbeCase] = []
+    for item in requirements:
+        rule = item.rule
+        probe = PROBES_BY_NAME.get(item.syscall)
+        if rule is None or probe is None or rule.bits != 32 or rule.op not in RANGE_OPERATORS:
+            continue
+        args = complement_args(probe, rule)
+        if args is None or probe.arg_bits(rule.arg) != 32 or _refused_by_any(requirements, item.syscall, args):
+            continue
+        if args != probe.control_args:  # (else the catalogue's own control above is this attempt)
+            cases.append(ProbeCase(f"{item.label}-not-matching-reaches-kernel", "reaches_kernel",
+                                   f"{item.syscall} with arg{rule.arg} = {args[rule.arg]:#x} (not matched by "
+                                   f"{item.label}) reaches the kernel", item, "native", probe.nr, args, probe.setup))
+        for variant, bits in HIGH_BIT_VARIANTS:
+            cases.append(ProbeCase(f"{item.label}-not-matching-native-{variant}-reaches-kernel", "reaches_kernel",
+                                   f"{item.syscall} with arg{rule.arg} = {args[rule.arg]:#x} and high bits ({variant}) "
+                                   f"reaches the kernel: the kernel reads the low 32 bits, which {item.label} does "
+                                   "not match", item, "native", probe.nr, _with_high_bits(args, rule.arg, bits),
+                                   probe.setup))
+    return cases
+
+
 def control_cases(requirements: Sequence[Requirement], mode: str) -> tuple[ProbeCase, ...]:
     """Positive controls: proof that ordinary work still functions under the same filter."""
     cases = [
@@ -296,6 +344,8 @@ def control_cases(requirements: Sequence[Requirement], mode: str) -> tuple[Probe
         if item.rule is None or probe is None or probe.control_args is None or probe.name in seen:
             continue
         seen.add(probe.name)
+        if _refused_by_any(requirements, probe.name, probe.control_args):
+            continue  # a rule of this requirement refuses the catalogue's control form too (e.g. arg0 ge 1)
         cases.append(ProbeCase(f"{probe.name}-without-ruled-flag-reaches-kernel", "reaches_kernel",
                                f"{probe.name} without the ruled argument reaches the kernel",
                                item, "native", probe.nr, probe.control_args, probe.setup))
@@ -305,4 +355,5 @@ def control_cases(requirements: Sequence[Requirement], mode: str) -> tuple[Probe
                 f"{probe.name}-without-ruled-flag-i386-{probe.mux.name}-reaches-kernel",
                 f"{probe.name} without the ruled argument via i386 {probe.mux.name}({probe.mux.call}) reaches "
                 "the kernel (or the policy refuses that path outright)"))
+    cases += range_controls(requirements)
     return tuple(cases)
