@@ -144,3 +144,20 @@ def direct_calls_only(policy: Policy, mode: str, refusals: list[tuple[int, int, 
     head = [_insn(0x20, 4), _insn(0x15, _AUDIT_ARCH_X86_64, 0, len(native_block)), *native_block,
             _insn(0x20, 4), _insn(0x15, _AUDIT_ARCH_I386, 1, 0), kill, *i386_block]
     return replace(compile_policy(policy, mode), programs=(b"".join(head),))
+
+
+# -- a rule of several ANDed conditions with one condition dropped -----------------------------------------
+
+def one_condition_kept(policy: Policy, mode: str, keep: int) -> CompiledFilter:
+    """The policy's filters with every multi-condition argument rule reduced to its condition ``keep``
+    (0: the first, 1: the second): a runtime that drops the other conditions refuses calls the rule does
+    not match. clone3 keeps its ENOSYS so that processes start; everything else is allowed."""
+    main = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
+    main.set_attr(pyseccomp.Attr.ACT_BADARCH, pyseccomp.KILL_PROCESS)
+    main.add_rule(pyseccomp.ERRNO(errno.ENOSYS), "clone3")
+    for rule in policy.rules_for_mode(mode):
+        kept = (rule, *rule.also)[keep] if rule.also else rule
+        arg = (pyseccomp.Arg(kept.arg, pyseccomp.MASKED_EQ, kept.mask, kept.value) if kept.op == "masked_eq"
+               else pyseccomp.Arg(kept.arg, getattr(pyseccomp, kept.op.upper()), kept.value))
+        main.add_rule(pyseccomp.ERRNO(rule.errno or errno.EPERM), rule.syscall, arg)
+    return replace(compile_policy(policy, mode), programs=(export(main),))

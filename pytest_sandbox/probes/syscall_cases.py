@@ -58,11 +58,7 @@ class Requirement:
         """Short, test-id friendly: ``pidfd_getfd``, ``clone[arg0&0x10000000]``, ``socket[AF_INET]``."""
         if self.rule is None:
             return self.syscall
-        if self.syscall == "socket" and self.rule.arg == 0 and self.rule.op == "eq":
-            return f"socket[{SOCKET_FAMILY_NAMES.get(self.rule.value, self.rule.value)}]"
-        mask = f"&{self.rule.mask:#x}" if self.rule.op == "masked_eq" else ""
-        operator = "" if self.rule.op in ("eq", "masked_eq") else f" {self.rule.op} "
-        return f"{self.syscall}[arg{self.rule.arg}{mask}{operator or '='}{self.rule.value:#x}]"
+        return f"{self.syscall}[{' && '.join(_condition_label(self.syscall, c) for c in (self.rule, *self.rule.also))}]"
 
     @property
     def own_refusal(self) -> Outcome:
@@ -78,14 +74,28 @@ class Requirement:
         return GENERIC_REFUSALS | {self.own_refusal}
 
 
+def _condition_label(syscall: str, rule: ArgRule) -> str:
+    if syscall == "socket" and rule.arg == 0 and rule.op == "eq":
+        return SOCKET_FAMILY_NAMES.get(rule.value, str(rule.value))
+    mask = f"&{rule.mask:#x}" if rule.op == "masked_eq" else ""
+    operator = "" if rule.op in ("eq", "masked_eq") else f" {rule.op} "
+    return f"arg{rule.arg}{mask}{operator or '='}{rule.value:#x}"
+
+
 def _action_refusal(action: str, number: int) -> int | str:
+    """The refusal a rule's action names: death by SIGSYS, ENOSYS for TRACE (seccomp(2): with no tracer
+    attached the call is not executed and fails with ENOSYS; a probe runner is never traced), else its errno."""
+    if action == "trace":
+        return errno_module.ENOSYS
     return KILL if action in _KILLING else number
 
 
 def requirements_of(policy: Policy, mode: str) -> tuple[Requirement, ...]:
     seccomp = policy.seccomp
-    items = [Requirement("deny", name, refused_with=seccomp.errno) for name in seccomp.deny]
-    items += [Requirement("arg", rule.syscall, rule, rule.errno or seccomp.errno)
+    own = {name: (kind, number) for name, kind, number in seccomp.deny_actions}
+    items = [Requirement("deny", name, refused_with=_action_refusal(*own.get(name, ("errno", seccomp.errno))))
+             for name in seccomp.deny]
+    items += [Requirement("arg", rule.syscall, rule, _action_refusal(rule.action, rule.errno or seccomp.errno))
               for rule in policy.rules_for_mode(mode)]
     items += [Requirement("enosys", name, refused_with=errno_module.ENOSYS) for name in seccomp.enosys]
     if seccomp.is_allowlist:
@@ -201,21 +211,44 @@ def _abi_number(probe: SyscallProbe, abi: str) -> int | None:
 
 
 def _matching_args(probe: SyscallProbe, rule: ArgRule) -> tuple[int | str, ...]:
-    """The catalogue's harmless call with the ruled argument set so the rule fires."""
-    args = list(probe.args) + [0] * (rule.arg + 1 - len(probe.args))
-    current = args[rule.arg]
-    base = 0 if isinstance(current, str) else current & 0xFFFFFFFF
-    if rule.op == "masked_eq":
-        args[rule.arg] = (base & ~rule.mask) | rule.value
-    elif rule.op in ("eq", "ge", "le"):
-        args[rule.arg] = rule.value
-    elif rule.op == "gt":
-        args[rule.arg] = rule.value + 1
-    elif rule.op == "lt":
-        args[rule.arg] = max(rule.value - 1, 0)
-    elif rule.op == "ne":
-        args[rule.arg] = base if base != rule.value else rule.value ^ 1
+    """The catalogue's harmless call with every ruled argument set so the rule fires: the rule's own
+    condition and each condition ANDed with it (an OCI rule with several ``args``), so the attempt really
+    is the call the rule refuses."""
+    args = list(probe.args) + [0] * (max(c.arg for c in (rule, *rule.also)) + 1 - len(probe.args))
+    for condition in (rule, *rule.also):
+        args[condition.arg] = _matching_value(args[condition.arg], condition)
     return tuple(args)
+
+
+def _matching_value(current: int | str, condition: ArgRule) -> int:
+    base = 0 if isinstance(current, str) else current & 0xFFFFFFFF
+    if condition.op == "masked_eq":
+        return (base & ~condition.mask) | condition.value
+    if condition.op in ("eq", "ge", "le"):
+        return condition.value
+    if condition.op == "gt":
+        return condition.value + 1
+    if condition.op == "lt":
+        return max(condition.value - 1, 0)
+    return base if base != condition.value else condition.value ^ 1  # ne
+
+
+def one_condition_unmet(probe: SyscallProbe, rule: ArgRule) -> list[tuple[ArgRule, tuple[int | str, ...]]]:
+    """For a rule of several ANDed conditions: for each condition, the matching call with exactly that
+    condition unmet, its argument taken from the catalogue's control or harmless form (never a value made
+    up here), so a filter that drops a condition (refusing when the others hold) is caught. A condition
+    the catalogue offers no unmatched value for gets no such call."""
+    matching = _matching_args(probe, rule)
+    found = []
+    for condition in (rule, *rule.also):
+        for source in (probe.control_args, probe.args):
+            if source is None or condition.arg >= len(source) or not isinstance(source[condition.arg], int):
+                continue
+            args = tuple(source[i] if i == condition.arg else a for i, a in enumerate(matching))
+            if not _fires(condition, args):
+                found.append((condition, args))
+                break
+    return found
 
 
 def _with_high_bits(args: tuple[int | str, ...], index: int, bits: int) -> tuple[int | str, ...]:
@@ -261,12 +294,13 @@ def denial_cases(requirements: Sequence[Requirement]) -> tuple[ProbeCase, ...]:
         if probe.mux is not None:
             cases.append(multiplexed_case(item, probe, args, "denial", f"{item.label}-i386-{probe.mux.name}",
                                           f"syscall {item.label} via i386 {probe.mux.name}({probe.mux.call})"))
-        if item.rule is not None:
-            for variant, bits in high_bit_variants(probe, item.rule):
+        for index, condition in enumerate((item.rule, *item.rule.also) if item.rule is not None else ()):
+            where = "" if index == 0 else f"-arg{condition.arg}"  # every ANDed condition's argument too
+            for variant, bits in high_bit_variants(probe, condition):
                 cases.append(ProbeCase(
-                    f"{item.label}-native-{variant}", "denial",
-                    f"syscall {item.label} with high bits ({variant}) in arg{item.rule.arg}",
-                    item, "native", probe.nr, _with_high_bits(args, item.rule.arg, bits), probe.setup))
+                    f"{item.label}-native{where}-{variant}", "denial",
+                    f"syscall {item.label} with high bits ({variant}) in arg{condition.arg}",
+                    item, "native", probe.nr, _with_high_bits(args, condition.arg, bits), probe.setup))
     return tuple(cases)
 
 
@@ -356,4 +390,15 @@ def control_cases(requirements: Sequence[Requirement], mode: str) -> tuple[Probe
                 f"{probe.name} without the ruled argument via i386 {probe.mux.name}({probe.mux.call}) reaches "
                 "the kernel (or the policy refuses that path outright)"))
     cases += range_controls(requirements)
+    for item in requirements:
+        probe = PROBES_BY_NAME.get(item.syscall)
+        if probe is None or item.rule is None or not item.rule.also:
+            continue
+        for condition, args in one_condition_unmet(probe, item.rule):
+            if _refused_by_any(requirements, item.syscall, args):
+                continue
+            cases.append(ProbeCase(f"{item.label}-only-arg{condition.arg}-unmet-reaches-kernel", "reaches_kernel",
+                                   f"{item.syscall} matching every condition of {item.label} but arg{condition.arg} "
+                                   "reaches the kernel (the conditions are ANDed)", item, "native", probe.nr, args,
+                                   probe.setup))
     return tuple(cases)

@@ -43,6 +43,10 @@ def outcome_of(action: Action, compiled: CompiledFilter, arch: str = "native") -
         return Outcome.errno(number) if number is not None else None
     if action.kind in ("kill_process", "kill_thread", "trap"):
         return Outcome.killed_by(signal.SIGSYS)  # kill_process, kill_thread and trap all end in SIGSYS
+    if action.kind == "trace":
+        # seccomp(2) SECCOMP_RET_TRACE: "If there is no tracer present, the system call is not executed
+        # and returns a failure status with errno set to ENOSYS." No probe runner is ever traced.
+        return _ENOSYS
     return None  # allow, log
 
 
