@@ -164,8 +164,8 @@ def test_a_trace_rule_without_a_tracer_is_a_refusal_with_enosys():
     judged = judgements_against(policy, "block", intended, intended=intended)
     assert judged["pidfd_getfd-native"].verdict is Verdict.BLOCKED, judged["pidfd_getfd-native"]
     assert "ENOSYS" in judged["pidfd_getfd-native"].observed
-    unfiltered = judgements_against(policy, "block", compile_policy(load_policy(ROOT / "tests/two_conditions.json"), "block"),
-                                    intended=intended)
+    without_rule = compile_policy(load_policy(ROOT / "tests/two_conditions.json"), "block")
+    unfiltered = judgements_against(policy, "block", without_rule, intended=intended)
     assert unfiltered["pidfd_getfd-native"].verdict is Verdict.ALLOWED
 
 
