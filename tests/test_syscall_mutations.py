@@ -267,11 +267,39 @@ def test_the_bundled_policies_kill_the_i386_abi_multiplexers_included(baseline):
 def test_unprobed_refusals_are_covered_by_the_default_action_or_reported(tmp_path):
     from pytest_sandbox.probes.syscall_cases import unprobed_refusals
 
+    from pytest_sandbox.probes.syscall_cases import BY_DEFAULT_ACTION, BY_EVALUATION
+
     allowlist = {u.syscall: u.covered_by for u in unprobed_refusals(load_policy(str(ROOT / DOCKER_LIKE)))}
     for name in ("lookup_dcookie", "uselib", "clock_settime"):
-        assert allowlist.get(name) == "the default action", name
+        assert allowlist.get(name) == BY_DEFAULT_ACTION, name
+    assert "syscall-evaluation" in BY_DEFAULT_ACTION and "no live probe" in BY_DEFAULT_ACTION
     denylist = policy_file(tmp_path, '[seccomp]\ndeny = ["chmod", "ptrace"]\n')
-    assert [(u.syscall, u.covered_by) for u in unprobed_refusals(denylist)] == [("chmod", "")]
+    assert [(u.syscall, u.covered_by) for u in unprobed_refusals(denylist)] == [("chmod", BY_EVALUATION)]
+
+
+def test_a_denied_call_without_a_probe_is_judged_from_the_read_back_evaluation_never_from_nothing(tmp_path):
+    """chmod has no harmless probe. Its denial row is formed from the evaluation of the loaded filter:
+    BLOCKED when the loaded filter refuses chmod wherever the requirement does, ALLOWED naming the hole
+    for a filter without the rule, and a failure with the reason when no evaluation could be made."""
+    from pytest_sandbox.fixtures.loaded_filter import requirement_stack
+    from pytest_sandbox.seccomp.behaviour import refusal_holes
+    from pytest_sandbox.verdicts.syscall import UnprobedEvaluation, judge_unprobed
+
+    policy = policy_file(tmp_path, '[seccomp]\ndeny = ["chmod", "ptrace"]\nenosys = ["clone3"]\n')
+    case = next(c for c in denial_cases(requirements_of(policy, "proxy")) if c.syscall == "chmod")
+    assert case.nr is None and "syscall-evaluation" in case.title
+    required = requirement_stack(policy, "proxy")
+
+    def judged(programs: tuple[bytes, ...]) -> Judgement:
+        holes, refused, complete = refusal_holes(required, programs, "chmod")
+        return judge_unprobed(case, UnprobedEvaluation(holes, refused, complete, "read back"))
+
+    ok = judged(compile_policy(policy, "proxy").programs)
+    assert ok.verdict is Verdict.BLOCKED and "no live probe" in ok.reason and "syscall-evaluation" in ok.reason
+    hole = judged(hand_built(policy, "proxy", drop="chmod").programs)
+    assert hole.verdict is Verdict.ALLOWED and "chmod (x86_64)" in hole.reason, hole.reason
+    none = judge_unprobed(case, None, "proxy mode, as root: the loaded filter cannot be read back: EPERM")
+    assert none.verdict is Verdict.INDETERMINATE and not none.passed and "cannot be read back" in none.reason
 
 
 def test_a_filter_refusing_with_enosys_is_a_refusal_where_the_requirement_names_eperm(baseline):

@@ -143,20 +143,29 @@ def merge_requirements(*groups: Iterable[Requirement]) -> tuple[Requirement, ...
     return tuple(merged.values())
 
 
+BY_EVALUATION = "the read-back evaluation (syscall-evaluation), no live probe"
+BY_DEFAULT_ACTION = "the default action / the read-back evaluation (syscall-evaluation), no live probe"
+
+
 @dataclass(frozen=True)
 class Unprobed:
-    """A syscall a requirement refuses that has no harmless live probe in the catalogue."""
+    """A syscall a requirement refuses that has no harmless live probe in the catalogue, and what covers it."""
 
     syscall: str
-    covered_by: str  # "the default action" (an allowlist that does not allow it) or "" (not covered)
+    covered_by: str  # BY_DEFAULT_ACTION (an allowlist that does not allow it) or BY_EVALUATION (named)
+
+    def describe(self) -> str:
+        return f"{self.syscall}: covered by {self.covered_by}"
 
 
 def unprobed_refusals(policy: Policy) -> tuple[Unprobed, ...]:
     """Every syscall ``policy`` refuses whatever its arguments that no catalogue row can attempt.
 
-    An allowlist refuses every syscall it does not allow by its default action: those are covered by
-    that one action, with no live probe of their own; a denylist names calls one by one, so one without
-    a probe is reported as not live-probed (never silently dropped, never failed)."""
+    Never silent, never a pass from nothing. An allowlist refuses every syscall it does not allow by its
+    default action: those are covered by that one action (proven live on every probed call it refuses)
+    and by the read-back evaluation of the loaded filter, which checks each of them. A denylist names
+    calls one by one: one without a probe (chmod) gets a denial row judged from the read-back
+    evaluation (verdicts.syscall.judge_unprobed), which fails with the reason when no evaluation ran."""
     seccomp = policy.seccomp
     named = set(seccomp.deny) | set(seccomp.enosys)
     found = []
@@ -164,7 +173,7 @@ def unprobed_refusals(policy: Policy) -> tuple[Unprobed, ...]:
         if name in PROBES_BY_NAME:
             continue
         by_default = seccomp.is_allowlist and name not in named
-        found.append(Unprobed(name, "the default action" if by_default else ""))
+        found.append(Unprobed(name, BY_DEFAULT_ACTION if by_default else BY_EVALUATION))
     return tuple(found)
 
 
@@ -282,7 +291,8 @@ def denial_cases(requirements: Sequence[Requirement]) -> tuple[ProbeCase, ...]:
         probe = PROBES_BY_NAME.get(item.syscall)
         if probe is None:
             cases.append(ProbeCase(f"{item.label}-native", "denial",
-                                   f"{item.label}: no harmless probe in the catalogue", item, nr=None))
+                                   f"{item.label}: no harmless probe in the catalogue; covered by {BY_EVALUATION}",
+                                   item, nr=None))
             continue
         args = _matching_args(probe, item.rule) if item.rule else probe.args
         for abi in ABIS:

@@ -351,3 +351,25 @@ def summarise(changes: Sequence[Change], *, names_shown: int | None = None) -> l
         shown = ", ".join(names[:limit]) + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
         lines.append(f"{len(names)} syscalls ({abi}): {old} -> {new}: {shown}")
     return lines
+
+
+def refusal_holes(required: Stack | Sequence[bytes], loaded: Stack | Sequence[bytes],
+                  name: str) -> tuple[tuple[str, ...], int, bool]:
+    """One named call on every ABI whose table has it: (each point where ``required`` refuses it and
+    ``loaded`` lets it run, described; how many points ``required`` refuses; whether every exploration
+    finished within its bound). For a call with no harmless live probe (verdicts.syscall.judge_unprobed)."""
+    holes: list[str] = []
+    refused, complete = 0, True
+    for abi in ABIS:
+        nr = number_of(abi, name)
+        if nr is None:
+            continue
+        found, finished = explore((required, loaded), abi, nr)
+        complete = complete and finished
+        for arg_class in found:
+            before, after = arg_class.results
+            if before.refuses:
+                refused += 1
+                if not after.refuses:
+                    holes.append(Change(abi.name, nr, name, arg_class, before, after, len(found) == 1).describe())
+    return tuple(holes), refused, complete
