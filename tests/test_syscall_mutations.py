@@ -265,9 +265,7 @@ def test_the_bundled_policies_kill_the_i386_abi_multiplexers_included(baseline):
 
 
 def test_unprobed_refusals_are_covered_by_the_default_action_or_reported(tmp_path):
-    from pytest_sandbox.probes.syscall_cases import unprobed_refusals
-
-    from pytest_sandbox.probes.syscall_cases import BY_DEFAULT_ACTION, BY_EVALUATION
+    from pytest_sandbox.probes.syscall_cases import BY_DEFAULT_ACTION, BY_EVALUATION, unprobed_refusals
 
     allowlist = {u.syscall: u.covered_by for u in unprobed_refusals(load_policy(str(ROOT / DOCKER_LIKE)))}
     for name in ("lookup_dcookie", "uselib", "clock_settime"):
