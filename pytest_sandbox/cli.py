@@ -88,7 +88,10 @@ def _command_explain(args: argparse.Namespace) -> int:
 
     policy = load_policy(args.policy)
     mode = _mode_of(policy, args.mode)
-    sys.stdout.write(explain_policy(policy, mode, compile_policy(policy, mode).instruction_count))
+    from pytest_sandbox.probes.syscall_cases import unprobed_refusals
+
+    unprobed = [u.describe() for u in unprobed_refusals(policy)]
+    sys.stdout.write(explain_policy(policy, mode, compile_policy(policy, mode).instruction_count, unprobed))
     return 0
 
 

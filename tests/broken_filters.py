@@ -27,7 +27,9 @@ def export(flt: pyseccomp.SyscallFilter) -> bytes:
 
 def hand_built(policy: Policy, mode: str, *, arch_after_rules: bool = False, drop: str | None = None,
                full_64bit_eq: bool = False, errno_number: int = errno.EPERM) -> CompiledFilter:
-    """The same policy compiled by hand with one classic mistake (syscalls.md §3, §5)."""
+    """The same policy compiled by hand with one classic mistake (syscalls.md §3, §5). Its ne/lt/le/gt/ge
+    rules always compare all 64 bits (libseccomp's plain LT, ..., on x86_64): the mistake our TOML compile
+    no longer makes (filter_plan.low32_blocks), which the high-bit variants and controls must catch."""
     real = compile_policy(policy, mode)
     main = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
     main.set_attr(pyseccomp.Attr.ACT_BADARCH, pyseccomp.KILL_PROCESS)
@@ -41,6 +43,8 @@ def hand_built(policy: Policy, mode: str, *, arch_after_rules: bool = False, dro
             arg = pyseccomp.Arg(rule.arg, pyseccomp.EQ, rule.value)  # compares all 64 bits
         elif rule.op == "eq":
             arg = pyseccomp.Arg(rule.arg, pyseccomp.MASKED_EQ, 0xFFFFFFFF, rule.value)
+        elif rule.op != "masked_eq":
+            arg = _argument(rule)  # a 64-bit compare, where the kernel reads an int as 32 bits
         else:
             arg = pyseccomp.Arg(rule.arg, pyseccomp.MASKED_EQ, rule.mask, rule.value)
         main.add_rule(pyseccomp.ERRNO(errno_number), rule.syscall, arg)
@@ -140,3 +144,20 @@ def direct_calls_only(policy: Policy, mode: str, refusals: list[tuple[int, int, 
     head = [_insn(0x20, 4), _insn(0x15, _AUDIT_ARCH_X86_64, 0, len(native_block)), *native_block,
             _insn(0x20, 4), _insn(0x15, _AUDIT_ARCH_I386, 1, 0), kill, *i386_block]
     return replace(compile_policy(policy, mode), programs=(b"".join(head),))
+
+
+# -- a rule of several ANDed conditions with one condition dropped -----------------------------------------
+
+def one_condition_kept(policy: Policy, mode: str, keep: int) -> CompiledFilter:
+    """The policy's filters with every multi-condition argument rule reduced to its condition ``keep``
+    (0: the first, 1: the second): a runtime that drops the other conditions refuses calls the rule does
+    not match. clone3 keeps its ENOSYS so that processes start; everything else is allowed."""
+    main = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
+    main.set_attr(pyseccomp.Attr.ACT_BADARCH, pyseccomp.KILL_PROCESS)
+    main.add_rule(pyseccomp.ERRNO(errno.ENOSYS), "clone3")
+    for rule in policy.rules_for_mode(mode):
+        kept = (rule, *rule.also)[keep] if rule.also else rule
+        arg = (pyseccomp.Arg(kept.arg, pyseccomp.MASKED_EQ, kept.mask, kept.value) if kept.op == "masked_eq"
+               else pyseccomp.Arg(kept.arg, getattr(pyseccomp, kept.op.upper()), kept.value))
+        main.add_rule(pyseccomp.ERRNO(rule.errno or errno.EPERM), rule.syscall, arg)
+    return replace(compile_policy(policy, mode), programs=(export(main),))

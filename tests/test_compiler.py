@@ -266,3 +266,50 @@ def test_a_denial_passes_only_when_both_builds_refuse(baseline, on_sentinel, on_
                                   sentinel=sentinel, real=real, policy=policy)
     assert judgement.verdict.value == verdict
     assert reason in judgement.reason
+
+
+# -- every operator 32-bit faithful in our TOML compile (issue #13 follow-up) ---------------------------------
+
+X86_64 = ARCH_TOKENS["native"]
+
+
+@pytest.mark.parametrize("op", ["ne", "lt", "le", "gt", "ge"])
+@pytest.mark.parametrize("value", [0, 1, 5, 0x5413, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFE, 0xFFFFFFFF])
+def test_low32_blocks_are_exactly_the_32bit_comparison(op, value):
+    from pytest_sandbox.seccomp.filter_plan import low32_blocks
+
+    blocks = low32_blocks(op, value)
+    assert len(blocks) <= 62
+    compare = {"ne": lambda x: x != value, "lt": lambda x: x < value, "le": lambda x: x <= value,
+               "gt": lambda x: x > value, "ge": lambda x: x >= value}[op]
+    probes = {0, 1, value, (value - 1) & 0xFFFFFFFF, (value + 1) & 0xFFFFFFFF, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF}
+    probes |= {(value ^ (1 << bit)) & 0xFFFFFFFF for bit in range(32)}
+    for x in probes:
+        assert any(x & mask == v for mask, v in blocks) == compare(x), (op, value, hex(x))
+
+
+def test_toml_range_rules_compare_the_low_32_bits_and_oci_rules_all_64(tmp_path):
+    """The compiled BPF itself (run by the test evaluator): a TOML ``arg0 le 1`` on seccomp's ``unsigned int``
+    op refuses ``(1 << 32) | 1`` (the kernel reads 1) and lets ``(1 << 32) | 7`` through; the same rule from
+    an OCI profile compares 64 bits as runc does, so there ``(1 << 32) | 1`` gets through."""
+    (tmp_path / "p.toml").write_text('[seccomp]\nenosys = ["clone3"]\n[[seccomp.arg_rules]]\nsyscall = "seccomp"\n'
+                                     'arg = 0\nop = "le"\nvalue = 1\n')
+    toml = compile_policy(load_policy(tmp_path / "p.toml"), "block")
+    assert re.search(r"arg0 <= 0x1 \(low 32 bits\)", "\n".join(
+        r.describe() for f in plan_policy(load_policy(tmp_path / "p.toml"), "block").filters for r in f.rules))
+    refused = {a: run_stack(toml.programs, 317, X86_64, (a, 0, 0)).action for a in (1, (1 << 32) | 1, (1 << 32) | 7, 7)}
+    assert [k for k, v in refused.items() if v != "allow"] == [1, (1 << 32) | 1], refused
+    (tmp_path / "p.json").write_text('{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["clone3"], '
+                                     '"action": "SCMP_ACT_ERRNO", "errnoRet": 38}, {"names": ["seccomp"], "action": '
+                                     '"SCMP_ACT_ERRNO", "args": [{"index": 0, "value": 1, "op": "SCMP_CMP_LE"}]}]}')
+    oci = compile_policy(load_policy(tmp_path / "p.json"), "block")
+    assert run_stack(oci.programs, 317, X86_64, (1, 0, 0)).action != "allow"
+    assert run_stack(oci.programs, 317, X86_64, ((1 << 32) | 1, 0, 0)).action == "allow"
+
+
+def test_a_32bit_range_rule_that_cannot_fire_or_names_a_64bit_value_is_one_clear_error(tmp_path):
+    for op, value, message in (("lt", 0, "matches no 32-bit value"), ("gt", 0x100000000, "exceeds 32 bits")):
+        (tmp_path / "p.toml").write_text(f'[seccomp]\n[[seccomp.arg_rules]]\nsyscall = "seccomp"\narg = 0\n'
+                                         f'op = "{op}"\nvalue = {value}\n')
+        with pytest.raises(PolicyError, match=message):
+            compile_policy(load_policy(tmp_path / "p.toml"), "block")

@@ -78,3 +78,26 @@ def test_junit_xml_carries_the_evidence_as_properties(pytester, tmp_path):
 def test_report_path_needs_a_known_extension(pytester):
     result = pytester.runpytest_subprocess("--sandbox", "--sandbox-report=out.txt")
     assert result.ret == 4 and "use a .json or .md path" in result.stderr.str()
+
+
+def test_refusals_without_a_live_probe_are_shown_in_the_report_and_in_explain(tmp_path, capsys):
+    """Issue #13 item 6: an allowlist's refusals with no probe (lookup_dcookie, uselib, clock_settime) are
+    listed with what covers them, in the JSON and Markdown report and in ``pytest-sandbox explain``."""
+    from pytest_sandbox.cli import main
+    from pytest_sandbox.report.coverage import unprobed_coverage
+    from pytest_sandbox.report.scorecard import Scorecard
+    from pytest_sandbox.report.writers import build_report, render_markdown
+
+    docker_like = str(Path(__file__).resolve().parents[1] / "fixtures/oci/docker-like-default.json")
+    coverage = unprobed_coverage(docker_like, None, None, third_party=False)
+    covered = {entry["syscall"]: entry["covered_by"] for entry in coverage if entry["role"] == "policy"}
+    for name in ("lookup_dcookie", "uselib", "clock_settime"):
+        assert covered[name] == "the default action / the read-back evaluation (syscall-evaluation), no live probe"
+    report = build_report(Scorecard(), environment={}, run={}, coverage=coverage)
+    assert json.loads(json.dumps(report))["unprobed_refusals"] == coverage
+    markdown = render_markdown(report)
+    assert "## Refusals with no live probe" in markdown
+    assert "- uselib (policy docker-like-default): covered by the default action" in markdown
+    assert main(["explain", docker_like]) == 0
+    shown = capsys.readouterr().out
+    assert "refused with no live probe (" in shown and "  uselib: covered by the default action" in shown

@@ -11,7 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from broken_filters import direct_calls_only, docker_like_profile_with_af_packet_rule, hand_built, legacy_real_build
+from broken_filters import (
+    direct_calls_only,
+    docker_like_profile_with_af_packet_rule,
+    hand_built,
+    legacy_real_build,
+    one_condition_kept,
+)
 
 from pytest_sandbox.policy.load import load_policy
 from pytest_sandbox.policy.model import Policy
@@ -82,6 +88,87 @@ def test_a_64bit_equality_rule_is_caught_by_the_high_bit_variants(baseline):
     assert "socket[AF_INET]-native-hi32" in holes and "seccomp[arg0=0x1]-native-hi32" in holes
 
 
+RANGE_POLICY = ROOT / "tests/range_operators.toml"
+
+
+def test_every_operator_compiles_to_a_32bit_comparison_and_a_64bit_one_is_caught():
+    """tests/range_operators.toml has one rule per operator, each on an argument the kernel reads as 32 bits.
+    The reference build passes every high-bit variant (denials and controls); a filter comparing all 64
+    bits (libseccomp's plain LT/LE/GT/GE/NE) lets ``(1 << 32) | v`` through for lt/le and refuses the
+    kernel's not-matched ``v`` for ne/gt/ge, on the high-bit rows and nowhere else."""
+    policy = load_policy(RANGE_POLICY)
+    assert {rule.op for rule in policy.seccomp.arg_rules} == {"eq", "masked_eq", "ne", "lt", "le", "gt", "ge"}
+    intended = compile_policy(policy, "block")
+    judged = judgements_against(policy, "block", intended, intended=intended)
+    assert failing({case: j.verdict for case, j in judged.items()}) == set()
+    for op in ("ne", "lt", "le", "gt", "ge"):  # every range rule has its high-bit rows, denials and controls
+        assert sum(re.search(rf"\[arg\d {op} .*-native-hi(32|-ones)(-reaches-kernel)?$", c) is not None
+                   for c in judged) == 4, op
+    broken = judgements_against(policy, "block", hand_built(policy, "block"), intended=intended)
+    holes = failing({case: j.verdict for case, j in broken.items()})
+    expected = {f"{label}-native-{variant}" for label in ("seccomp[arg0 le 0x1]", "ioctl[arg1 lt 0x5413]")
+                for variant in ("hi32", "hi-ones")}
+    expected |= {f"{label}-not-matching-native-{variant}-reaches-kernel"
+                 for label in ("execveat[arg4 gt 0x0]", "socket[arg0 ge 0x2]", "personality[arg0 ne 0xffffffff]")
+                 for variant in ("hi32", "hi-ones")}
+    assert holes == expected, holes ^ expected
+    assert broken["seccomp[arg0 le 0x1]-native-hi32"].verdict is Verdict.ALLOWED
+    assert broken["socket[arg0 ge 0x2]-not-matching-native-hi32-reaches-kernel"].verdict is Verdict.BROKEN
+
+
+def test_a_rule_of_two_anded_conditions_is_attempted_with_both_and_each_control_misses_one():
+    """An OCI rule ``socket(arg0 == AF_PACKET && arg2 == 0x300)``: the attempt sets both arguments (the old
+    plan set arg0 only, an attempt the rule does not match), and each control leaves exactly one condition
+    unmet. A runtime that keeps one condition only refuses the control missing the other."""
+    policy = load_policy(ROOT / "tests/two_conditions.json")
+    label = "socket[AF_PACKET && arg2=0x300]"
+    requirements = requirements_of(policy, "block")
+    cases = {c.case_id: c for c in denial_cases(requirements) + control_cases(requirements, "block")}
+    assert cases[f"{label}-native"].args == (17, 0xFFFF, 0x300)
+    controls = {f"{label}-only-arg0-unmet-reaches-kernel": (1, 0xFFFF, 0x300),
+                f"{label}-only-arg2-unmet-reaches-kernel": (17, 0xFFFF, 0)}
+    assert {case: cases[case].args for case in controls} == controls
+    intended = compile_policy(policy, "block")
+    judged = verdicts_against(policy, "block", intended, intended=intended)
+    assert judged[f"{label}-native"] is Verdict.BLOCKED and judged[f"{label}-x32"] is Verdict.BLOCKED
+    # runc compares 64 bits (an OCI profile is enforced as runc enforces it): the high-bit rows show that hole
+    assert failing(judged) == {f"{label}-native{where}-{variant}" for where in ("", "-arg2")
+                               for variant in ("hi32", "hi-ones")}
+    for keep, missed in ((0, "arg2"), (1, "arg0")):
+        verdicts = verdicts_against(policy, "block", one_condition_kept(policy, "block", keep), intended=intended)
+        assert verdicts[f"{label}-only-{missed}-unmet-reaches-kernel"] is Verdict.BROKEN, keep
+        assert verdicts[f"{label}-native"] is Verdict.BLOCKED
+
+
+def test_a_trace_rule_without_a_tracer_is_a_refusal_with_enosys():
+    """seccomp(2): SECCOMP_RET_TRACE with no tracer attached fails the call with ENOSYS. The requirement,
+    the plan's expected refusal, the live probe and the evaluator's prediction all say ENOSYS; an
+    unfiltered run (a filter without the rule) is ALLOWED."""
+    import errno as errno_module
+
+    from pytest_sandbox.seccomp.bpf_eval import FilterResult
+    from pytest_sandbox.seccomp.filter_plan import Action
+    from pytest_sandbox.verdicts.judgement import Outcome
+    from pytest_sandbox.verdicts.loaded_filter import predicted_outcome
+    from pytest_sandbox.verdicts.syscall import expected_refusal, outcome_of
+
+    enosys = Outcome.errno(errno_module.ENOSYS)
+    policy = load_policy(ROOT / "tests/trace_rule.json")
+    intended = compile_policy(policy, "block")
+    assert outcome_of(Action("trace"), intended) == enosys
+    assert predicted_outcome(FilterResult(0x7FF00000), Outcome.errno(errno_module.EBADF)) == enosys
+    item = next(r for r in requirements_of(policy, "block") if r.syscall == "pidfd_getfd")
+    assert item.own_refusal == enosys
+    case = next(c for c in denial_cases((item,)) if c.abi == "native")
+    assert expected_refusal(case, intended, policy) == frozenset({enosys})
+    judged = judgements_against(policy, "block", intended, intended=intended)
+    assert judged["pidfd_getfd-native"].verdict is Verdict.BLOCKED, judged["pidfd_getfd-native"]
+    assert "ENOSYS" in judged["pidfd_getfd-native"].observed
+    without_rule = compile_policy(load_policy(ROOT / "tests/two_conditions.json"), "block")
+    unfiltered = judgements_against(policy, "block", without_rule, intended=intended)
+    assert unfiltered["pidfd_getfd-native"].verdict is Verdict.ALLOWED
+
+
 def test_an_arch_added_after_the_rules_lets_i386_calls_through(baseline, tmp_path):
     text = (ROOT / "fixtures/policies/baseline.toml").read_text().replace(
         'bad_arch_action = "kill_process"', 'bad_arch_action = "kill_process"\nextra_arches = ["x86"]')
@@ -134,6 +221,26 @@ def test_the_runc_docker_socketcall_hole_is_caught_on_the_multiplexed_path_only(
                              "socket-without-ruled-flag-i386-socketcall-reaches-kernel"}, holes
 
 
+def test_the_evaluation_maps_a_denylist_requirement_onto_the_i386_multiplexers(tmp_path):
+    """A requirement that refuses socket(AF_VSOCK) and shmctl and fences the i386 ABI off (no extra_arches)
+    still names what a sandbox admitting i386 must refuse there: socketcall(SYS_SOCKET) and ipc(SHMCTL), whose
+    arguments a filter cannot read. The read-back evaluation of the direct-calls-only filter (what runc builds
+    from Docker's profile) names both holes; the reference build (i386 killed) has none."""
+    from pytest_sandbox.fixtures.loaded_filter import requirement_stack
+    from pytest_sandbox.seccomp.behaviour import compare, summarise
+
+    policy = policy_file(tmp_path, '[seccomp]\ndeny = ["shmctl"]\n[network.socket_domains]\nall_modes = ["AF_VSOCK"]\n')
+    required = requirement_stack(policy, "proxy")
+    broken = direct_calls_only(policy, "proxy", [(41, 359, 40), (31, 396, None)])
+    weaker = compare(required, broken.programs).weaker
+    holes = {(c.abi, c.syscall) for c in weaker}
+    assert {("i386", "socketcall"), ("i386", "ipc")} <= holes, summarise(weaker)
+    assert not {h for h in holes if h[1] in ("socket", "shmctl")}, holes  # the direct calls are refused
+    lines = " ".join(summarise(weaker))
+    assert "socketcall (i386) when arg0 == 0x1" in lines and "ipc (i386) when arg0 & 0xffff == 0x18" in lines, lines
+    assert not compare(required, compile_policy(policy, "proxy").programs).weaker
+
+
 def test_the_sysv_ipc_multiplexer_is_probed_and_its_hole_caught(tmp_path):
     policy = policy_file(tmp_path, '[seccomp]\nextra_arches = ["x86"]\ndeny = ["shmctl", "msgctl", "semctl"]\n')
     intended = compile_policy(policy, "proxy")
@@ -158,13 +265,39 @@ def test_the_bundled_policies_kill_the_i386_abi_multiplexers_included(baseline):
 
 
 def test_unprobed_refusals_are_covered_by_the_default_action_or_reported(tmp_path):
-    from pytest_sandbox.probes.syscall_cases import unprobed_refusals
+    from pytest_sandbox.probes.syscall_cases import BY_DEFAULT_ACTION, BY_EVALUATION, unprobed_refusals
 
     allowlist = {u.syscall: u.covered_by for u in unprobed_refusals(load_policy(str(ROOT / DOCKER_LIKE)))}
     for name in ("lookup_dcookie", "uselib", "clock_settime"):
-        assert allowlist.get(name) == "the default action", name
+        assert allowlist.get(name) == BY_DEFAULT_ACTION, name
+    assert "syscall-evaluation" in BY_DEFAULT_ACTION and "no live probe" in BY_DEFAULT_ACTION
     denylist = policy_file(tmp_path, '[seccomp]\ndeny = ["chmod", "ptrace"]\n')
-    assert [(u.syscall, u.covered_by) for u in unprobed_refusals(denylist)] == [("chmod", "")]
+    assert [(u.syscall, u.covered_by) for u in unprobed_refusals(denylist)] == [("chmod", BY_EVALUATION)]
+
+
+def test_a_denied_call_without_a_probe_is_judged_from_the_read_back_evaluation_never_from_nothing(tmp_path):
+    """chmod has no harmless probe. Its denial row is formed from the evaluation of the loaded filter:
+    BLOCKED when the loaded filter refuses chmod wherever the requirement does, ALLOWED naming the hole
+    for a filter without the rule, and a failure with the reason when no evaluation could be made."""
+    from pytest_sandbox.fixtures.loaded_filter import requirement_stack
+    from pytest_sandbox.seccomp.behaviour import refusal_holes
+    from pytest_sandbox.verdicts.syscall import UnprobedEvaluation, judge_unprobed
+
+    policy = policy_file(tmp_path, '[seccomp]\ndeny = ["chmod", "ptrace"]\nenosys = ["clone3"]\n')
+    case = next(c for c in denial_cases(requirements_of(policy, "proxy")) if c.syscall == "chmod")
+    assert case.nr is None and "syscall-evaluation" in case.title
+    required = requirement_stack(policy, "proxy")
+
+    def judged(programs: tuple[bytes, ...]) -> Judgement:
+        holes, refused, complete = refusal_holes(required, programs, "chmod")
+        return judge_unprobed(case, UnprobedEvaluation(holes, refused, complete, "read back"))
+
+    ok = judged(compile_policy(policy, "proxy").programs)
+    assert ok.verdict is Verdict.BLOCKED and "no live probe" in ok.reason and "syscall-evaluation" in ok.reason
+    hole = judged(hand_built(policy, "proxy", drop="chmod").programs)
+    assert hole.verdict is Verdict.ALLOWED and "chmod (x86_64)" in hole.reason, hole.reason
+    none = judge_unprobed(case, None, "proxy mode, as root: the loaded filter cannot be read back: EPERM")
+    assert none.verdict is Verdict.INDETERMINATE and not none.passed and "cannot be read back" in none.reason
 
 
 def test_a_filter_refusing_with_enosys_is_a_refusal_where_the_requirement_names_eperm(baseline):
@@ -274,7 +407,14 @@ def test_the_old_real_build_of_an_allowlist_with_an_af_packet_rule_is_caught(mon
     # deny filter refuses every socketcall(SYS_SOCKET); the socketcall control says so.
     multiplexed = {case for case in new_holes if case.endswith("-i386-socketcall")}
     control = "socket-without-ruled-flag-i386-socketcall-reaches-kernel"
-    assert new_holes and all(case.startswith("socket[AF_PACKET]-") for case in new_holes - multiplexed - {control})
+    # The legacy build's allow rules compare 64 bits (socket(arg0 > 40), ...): socket(AF_ALG | 1 << 32) is
+    # allowed there though the kernel reads AF_ALG. Our TOML compile compares the low 32 bits for every
+    # operator on an int argument (filter_plan.low32_blocks), so the fixed build refuses those rows.
+    high_bits = {case for case in new_holes if re.search(r"-native-hi(32|-ones)$", case)}
+    assert {"socket[AF_ALG]-native-hi32", "socket[AF_ALG]-native-hi-ones"} <= high_bits
+    assert all(fixed[case].verdict is Verdict.BLOCKED for case in high_bits)
+    assert new_holes and all(case.startswith("socket[AF_PACKET]-")
+                             for case in new_holes - multiplexed - high_bits - {control})
     assert {"socket[AF_PACKET]-native", "socket[AF_PACKET]-i386", "socket[AF_PACKET]-i386-socketcall",
             "socket[AF_ALG]-i386-socketcall"} <= new_holes
     assert legacy[control].verdict is Verdict.BROKEN and fixed[control].verdict is Verdict.WORKS

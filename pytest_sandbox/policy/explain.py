@@ -7,13 +7,15 @@ syscall and the compiled filter's size (the caller compiles; this module launche
 from __future__ import annotations
 
 import platform
+from collections.abc import Sequence
 
 from pytest_sandbox.catalogues.syscalls import PROBES_BY_NAME
 from pytest_sandbox.policy.model import NETWORK_MODES, Policy, describe_rule, family_name
 
 
-def explain_policy(policy: Policy, mode: str, instruction_count: int) -> str:
-    """A readable summary of what ``policy`` enforces in network mode ``mode``."""
+def explain_policy(policy: Policy, mode: str, instruction_count: int, unprobed: Sequence[str] = ()) -> str:
+    """A readable summary of what ``policy`` enforces in network mode ``mode``. ``unprobed``: one line per
+    refused syscall with no harmless live probe, saying what covers it (probes.syscall_cases.unprobed_refusals)."""
     seccomp, network = policy.seccomp, policy.network
     out = [f"policy {policy.name} ({policy.source})"]
     if policy.description:
@@ -45,6 +47,9 @@ def explain_policy(policy: Policy, mode: str, instruction_count: int) -> str:
     out.append(f"argument rules ({len(seccomp.arg_rules)}{unenforced}):")
     for rule in seccomp.arg_rules:
         out.append(f"  {describe_rule(rule)}")
+    out.append(f"refused with no live probe ({len(unprobed)}): never silent; the live probes cannot attempt "
+               "these harmlessly")
+    out += [f"  {line}" for line in unprobed]
     out.append("socket domains refused per network mode:")
     for each in NETWORK_MODES:
         families = ", ".join(family_name(f) for f in policy.network.blocked_domains(each)) or "none"

@@ -17,7 +17,7 @@ from typing import Any
 
 from pytest_sandbox.catalogues.syscalls import PROBES_BY_NAME, SYSCALL_PROBES, SyscallProbe
 from pytest_sandbox.policy.model import SOCKET_FAMILIES, SOCKET_FAMILY_NAMES, ArgRule, Policy
-from pytest_sandbox.seccomp.filter_plan import arg_key, deny_key, enosys_key
+from pytest_sandbox.seccomp.filter_plan import RANGE_OPERATORS, Condition, arg_key, deny_key, enosys_key
 from pytest_sandbox.verdicts.judgement import Outcome
 
 ABIS = ("native", "x32", "i386")
@@ -58,11 +58,7 @@ class Requirement:
         """Short, test-id friendly: ``pidfd_getfd``, ``clone[arg0&0x10000000]``, ``socket[AF_INET]``."""
         if self.rule is None:
             return self.syscall
-        if self.syscall == "socket" and self.rule.arg == 0 and self.rule.op == "eq":
-            return f"socket[{SOCKET_FAMILY_NAMES.get(self.rule.value, self.rule.value)}]"
-        mask = f"&{self.rule.mask:#x}" if self.rule.op == "masked_eq" else ""
-        operator = "" if self.rule.op in ("eq", "masked_eq") else f" {self.rule.op} "
-        return f"{self.syscall}[arg{self.rule.arg}{mask}{operator or '='}{self.rule.value:#x}]"
+        return f"{self.syscall}[{' && '.join(_condition_label(self.syscall, c) for c in (self.rule, *self.rule.also))}]"
 
     @property
     def own_refusal(self) -> Outcome:
@@ -78,14 +74,28 @@ class Requirement:
         return GENERIC_REFUSALS | {self.own_refusal}
 
 
+def _condition_label(syscall: str, rule: ArgRule) -> str:
+    if syscall == "socket" and rule.arg == 0 and rule.op == "eq":
+        return SOCKET_FAMILY_NAMES.get(rule.value, str(rule.value))
+    mask = f"&{rule.mask:#x}" if rule.op == "masked_eq" else ""
+    operator = "" if rule.op in ("eq", "masked_eq") else f" {rule.op} "
+    return f"arg{rule.arg}{mask}{operator or '='}{rule.value:#x}"
+
+
 def _action_refusal(action: str, number: int) -> int | str:
+    """The refusal a rule's action names: death by SIGSYS, ENOSYS for TRACE (seccomp(2): with no tracer
+    attached the call is not executed and fails with ENOSYS; a probe runner is never traced), else its errno."""
+    if action == "trace":
+        return errno_module.ENOSYS
     return KILL if action in _KILLING else number
 
 
 def requirements_of(policy: Policy, mode: str) -> tuple[Requirement, ...]:
     seccomp = policy.seccomp
-    items = [Requirement("deny", name, refused_with=seccomp.errno) for name in seccomp.deny]
-    items += [Requirement("arg", rule.syscall, rule, rule.errno or seccomp.errno)
+    own = {name: (kind, number) for name, kind, number in seccomp.deny_actions}
+    items = [Requirement("deny", name, refused_with=_action_refusal(*own.get(name, ("errno", seccomp.errno))))
+             for name in seccomp.deny]
+    items += [Requirement("arg", rule.syscall, rule, _action_refusal(rule.action, rule.errno or seccomp.errno))
               for rule in policy.rules_for_mode(mode)]
     items += [Requirement("enosys", name, refused_with=errno_module.ENOSYS) for name in seccomp.enosys]
     if seccomp.is_allowlist:
@@ -133,20 +143,29 @@ def merge_requirements(*groups: Iterable[Requirement]) -> tuple[Requirement, ...
     return tuple(merged.values())
 
 
+BY_EVALUATION = "the read-back evaluation (syscall-evaluation), no live probe"
+BY_DEFAULT_ACTION = "the default action / the read-back evaluation (syscall-evaluation), no live probe"
+
+
 @dataclass(frozen=True)
 class Unprobed:
-    """A syscall a requirement refuses that has no harmless live probe in the catalogue."""
+    """A syscall a requirement refuses that has no harmless live probe in the catalogue, and what covers it."""
 
     syscall: str
-    covered_by: str  # "the default action" (an allowlist that does not allow it) or "" (not covered)
+    covered_by: str  # BY_DEFAULT_ACTION (an allowlist that does not allow it) or BY_EVALUATION (named)
+
+    def describe(self) -> str:
+        return f"{self.syscall}: covered by {self.covered_by}"
 
 
 def unprobed_refusals(policy: Policy) -> tuple[Unprobed, ...]:
     """Every syscall ``policy`` refuses whatever its arguments that no catalogue row can attempt.
 
-    An allowlist refuses every syscall it does not allow by its default action: those are covered by
-    that one action, with no live probe of their own; a denylist names calls one by one, so one without
-    a probe is reported as not live-probed (never silently dropped, never failed)."""
+    Never silent, never a pass from nothing. An allowlist refuses every syscall it does not allow by its
+    default action: those are covered by that one action (proven live on every probed call it refuses)
+    and by the read-back evaluation of the loaded filter, which checks each of them. A denylist names
+    calls one by one: one without a probe (chmod) gets a denial row judged from the read-back
+    evaluation (verdicts.syscall.judge_unprobed), which fails with the reason when no evaluation ran."""
     seccomp = policy.seccomp
     named = set(seccomp.deny) | set(seccomp.enosys)
     found = []
@@ -154,7 +173,7 @@ def unprobed_refusals(policy: Policy) -> tuple[Unprobed, ...]:
         if name in PROBES_BY_NAME:
             continue
         by_default = seccomp.is_allowlist and name not in named
-        found.append(Unprobed(name, "the default action" if by_default else ""))
+        found.append(Unprobed(name, BY_DEFAULT_ACTION if by_default else BY_EVALUATION))
     return tuple(found)
 
 
@@ -201,21 +220,44 @@ def _abi_number(probe: SyscallProbe, abi: str) -> int | None:
 
 
 def _matching_args(probe: SyscallProbe, rule: ArgRule) -> tuple[int | str, ...]:
-    """The catalogue's harmless call with the ruled argument set so the rule fires."""
-    args = list(probe.args) + [0] * (rule.arg + 1 - len(probe.args))
-    current = args[rule.arg]
-    base = 0 if isinstance(current, str) else current & 0xFFFFFFFF
-    if rule.op == "masked_eq":
-        args[rule.arg] = (base & ~rule.mask) | rule.value
-    elif rule.op in ("eq", "ge", "le"):
-        args[rule.arg] = rule.value
-    elif rule.op == "gt":
-        args[rule.arg] = rule.value + 1
-    elif rule.op == "lt":
-        args[rule.arg] = max(rule.value - 1, 0)
-    elif rule.op == "ne":
-        args[rule.arg] = base if base != rule.value else rule.value ^ 1
+    """The catalogue's harmless call with every ruled argument set so the rule fires: the rule's own
+    condition and each condition ANDed with it (an OCI rule with several ``args``), so the attempt really
+    is the call the rule refuses."""
+    args = list(probe.args) + [0] * (max(c.arg for c in (rule, *rule.also)) + 1 - len(probe.args))
+    for condition in (rule, *rule.also):
+        args[condition.arg] = _matching_value(args[condition.arg], condition)
     return tuple(args)
+
+
+def _matching_value(current: int | str, condition: ArgRule) -> int:
+    base = 0 if isinstance(current, str) else current & 0xFFFFFFFF
+    if condition.op == "masked_eq":
+        return (base & ~condition.mask) | condition.value
+    if condition.op in ("eq", "ge", "le"):
+        return condition.value
+    if condition.op == "gt":
+        return condition.value + 1
+    if condition.op == "lt":
+        return max(condition.value - 1, 0)
+    return base if base != condition.value else condition.value ^ 1  # ne
+
+
+def one_condition_unmet(probe: SyscallProbe, rule: ArgRule) -> list[tuple[ArgRule, tuple[int | str, ...]]]:
+    """For a rule of several ANDed conditions: for each condition, the matching call with exactly that
+    condition unmet, its argument taken from the catalogue's control or harmless form (never a value made
+    up here), so a filter that drops a condition (refusing when the others hold) is caught. A condition
+    the catalogue offers no unmatched value for gets no such call."""
+    matching = _matching_args(probe, rule)
+    found = []
+    for condition in (rule, *rule.also):
+        for source in (probe.control_args, probe.args):
+            if source is None or condition.arg >= len(source) or not isinstance(source[condition.arg], int):
+                continue
+            args = tuple(source[i] if i == condition.arg else a for i, a in enumerate(matching))
+            if not _fires(condition, args):
+                found.append((condition, args))
+                break
+    return found
 
 
 def _with_high_bits(args: tuple[int | str, ...], index: int, bits: int) -> tuple[int | str, ...]:
@@ -249,7 +291,8 @@ def denial_cases(requirements: Sequence[Requirement]) -> tuple[ProbeCase, ...]:
         probe = PROBES_BY_NAME.get(item.syscall)
         if probe is None:
             cases.append(ProbeCase(f"{item.label}-native", "denial",
-                                   f"{item.label}: no harmless probe in the catalogue", item, nr=None))
+                                   f"{item.label}: no harmless probe in the catalogue; covered by {BY_EVALUATION}",
+                                   item, nr=None))
             continue
         args = _matching_args(probe, item.rule) if item.rule else probe.args
         for abi in ABIS:
@@ -261,13 +304,62 @@ def denial_cases(requirements: Sequence[Requirement]) -> tuple[ProbeCase, ...]:
         if probe.mux is not None:
             cases.append(multiplexed_case(item, probe, args, "denial", f"{item.label}-i386-{probe.mux.name}",
                                           f"syscall {item.label} via i386 {probe.mux.name}({probe.mux.call})"))
-        if item.rule is not None:
-            for variant, bits in high_bit_variants(probe, item.rule):
+        for index, condition in enumerate((item.rule, *item.rule.also) if item.rule is not None else ()):
+            where = "" if index == 0 else f"-arg{condition.arg}"  # every ANDed condition's argument too
+            for variant, bits in high_bit_variants(probe, condition):
                 cases.append(ProbeCase(
-                    f"{item.label}-native-{variant}", "denial",
-                    f"syscall {item.label} with high bits ({variant}) in arg{item.rule.arg}",
-                    item, "native", probe.nr, _with_high_bits(args, item.rule.arg, bits), probe.setup))
+                    f"{item.label}-native{where}-{variant}", "denial",
+                    f"syscall {item.label} with high bits ({variant}) in arg{condition.arg}",
+                    item, "native", probe.nr, _with_high_bits(args, condition.arg, bits), probe.setup))
     return tuple(cases)
+
+
+def _fires(rule: ArgRule, args: tuple[int | str, ...]) -> bool:
+    """Whether ``rule`` as the TOML compile plans it (32-bit where the kernel reads 32) fires for ``args``."""
+    return Condition.of(rule).matches(tuple(a if isinstance(a, int) else 0 for a in args))
+
+
+def _refused_by_any(requirements: Sequence[Requirement], syscall: str, args: tuple[int | str, ...]) -> bool:
+    return any(item.syscall == syscall and (item.rule is None or _fires(item.rule, args)) for item in requirements)
+
+
+def complement_args(probe: SyscallProbe, rule: ArgRule) -> tuple[int | str, ...] | None:
+    """A harmless form of the call whose ruled argument the rule does NOT match, from the catalogue (its
+    control form first, then its harmless form): never a value made up here, so a control stays a call the
+    catalogue reviewed (never PTRACE_TRACEME and the like). None when the catalogue has no such form."""
+    for args in (probe.control_args, probe.args):
+        if args is not None and rule.arg < len(args) and isinstance(args[rule.arg], int) and not _fires(rule, args):
+            return args
+    return None
+
+
+def range_controls(requirements: Sequence[Requirement]) -> list[ProbeCase]:
+    """For every ``ne``/``lt``/``le``/``gt``/``ge`` rule of our TOML (``bits`` 32) on an argument the kernel reads
+    as 32 bits: the call with a value the rule does not match must reach the kernel, also with high bits
+    set in that argument. The kernel reads the low 32 bits, so a filter comparing all 64 refuses
+    ``(1 << 32) | v`` for ``ne``/``gt``/``ge`` though the kernel sees ``v``, which the rule allows (an
+    over-refusal the denial rows cannot show; for ``lt``/``le`` the denial rows' high-bit variants show
+    the hole)."""
+    cases: list[ProbeCase] = []
+    for item in requirements:
+        rule = item.rule
+        probe = PROBES_BY_NAME.get(item.syscall)
+        if rule is None or probe is None or rule.bits != 32 or rule.op not in RANGE_OPERATORS:
+            continue
+        args = complement_args(probe, rule)
+        if args is None or probe.arg_bits(rule.arg) != 32 or _refused_by_any(requirements, item.syscall, args):
+            continue
+        if args != probe.control_args:  # (else the catalogue's own control above is this attempt)
+            cases.append(ProbeCase(f"{item.label}-not-matching-reaches-kernel", "reaches_kernel",
+                                   f"{item.syscall} with arg{rule.arg} = {args[rule.arg]:#x} (not matched by "
+                                   f"{item.label}) reaches the kernel", item, "native", probe.nr, args, probe.setup))
+        for variant, bits in HIGH_BIT_VARIANTS:
+            cases.append(ProbeCase(f"{item.label}-not-matching-native-{variant}-reaches-kernel", "reaches_kernel",
+                                   f"{item.syscall} with arg{rule.arg} = {args[rule.arg]:#x} and high bits ({variant}) "
+                                   f"reaches the kernel: the kernel reads the low 32 bits, which {item.label} does "
+                                   "not match", item, "native", probe.nr, _with_high_bits(args, rule.arg, bits),
+                                   probe.setup))
+    return cases
 
 
 def control_cases(requirements: Sequence[Requirement], mode: str) -> tuple[ProbeCase, ...]:
@@ -296,6 +388,8 @@ def control_cases(requirements: Sequence[Requirement], mode: str) -> tuple[Probe
         if item.rule is None or probe is None or probe.control_args is None or probe.name in seen:
             continue
         seen.add(probe.name)
+        if _refused_by_any(requirements, probe.name, probe.control_args):
+            continue  # a rule of this requirement refuses the catalogue's control form too (e.g. arg0 ge 1)
         cases.append(ProbeCase(f"{probe.name}-without-ruled-flag-reaches-kernel", "reaches_kernel",
                                f"{probe.name} without the ruled argument reaches the kernel",
                                item, "native", probe.nr, probe.control_args, probe.setup))
@@ -305,4 +399,16 @@ def control_cases(requirements: Sequence[Requirement], mode: str) -> tuple[Probe
                 f"{probe.name}-without-ruled-flag-i386-{probe.mux.name}-reaches-kernel",
                 f"{probe.name} without the ruled argument via i386 {probe.mux.name}({probe.mux.call}) reaches "
                 "the kernel (or the policy refuses that path outright)"))
+    cases += range_controls(requirements)
+    for item in requirements:
+        probe = PROBES_BY_NAME.get(item.syscall)
+        if probe is None or item.rule is None or not item.rule.also:
+            continue
+        for condition, args in one_condition_unmet(probe, item.rule):
+            if _refused_by_any(requirements, item.syscall, args):
+                continue
+            cases.append(ProbeCase(f"{item.label}-only-arg{condition.arg}-unmet-reaches-kernel", "reaches_kernel",
+                                   f"{item.syscall} matching every condition of {item.label} but arg{condition.arg} "
+                                   "reaches the kernel (the conditions are ANDed)", item, "native", probe.nr, args,
+                                   probe.setup))
     return tuple(cases)

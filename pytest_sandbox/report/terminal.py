@@ -51,7 +51,12 @@ class ScorecardReporter:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
         if self.report_path is not None:
             run = {key: value for key, value in vars(self.options).items() if value is not None}
-            write_report(self.report_path, build_report(self.scorecard, environment=host_facts(), run=run))
+            from pytest_sandbox.report.coverage import unprobed_coverage
+
+            coverage = unprobed_coverage(self.options.policy, self.options.require, self.options.caps,
+                                         third_party=self.options.exec_prefix is not None)
+            write_report(self.report_path, build_report(self.scorecard, environment=host_facts(), run=run,
+                                                        coverage=coverage))
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if not self.scorecard.selected and not self.scorecard.counts:

@@ -18,10 +18,12 @@ from pytest_sandbox.report.scorecard import COLUMNS, Scorecard
 EVIDENCE_FIELDS = ("attempted", "baseline", "observed", "expected", "verdict", "reason")
 
 
-def build_report(scorecard: Scorecard, *, environment: Mapping[str, Any], run: Mapping[str, Any]) -> dict[str, Any]:
+def build_report(scorecard: Scorecard, *, environment: Mapping[str, Any], run: Mapping[str, Any],
+                 coverage: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
     """Every category is in ``scorecard``, run or not: its counts, ``status`` (``ran``, ``not run``,
     ``not selected``), ``selected`` (tests), ``not_run`` (tests that could not run), ``reason`` and
-    ``summary`` (the line the terminal scorecard shows, e.g. ``not run: <reason>``)."""
+    ``summary`` (the line the terminal scorecard shows, e.g. ``not run: <reason>``). ``coverage``: each
+    refused syscall with no live probe and what covers it (report.coverage)."""
     records = sorted(scorecard.records, key=lambda r: (r.get("category", ""), r.get("test", "")))
     return {
         "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -33,6 +35,7 @@ def build_report(scorecard: Scorecard, *, environment: Mapping[str, Any], run: M
                       for status in scorecard.statuses()},
         "all_selected_ran": not scorecard.unproven(),  # False when a selected category (or part of one) did not run
         "probes": records,
+        "unprobed_refusals": [dict(entry) for entry in coverage],
     }
 
 
@@ -49,7 +52,12 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                      + f" | {_escape(counts['summary'])} |")
     lines += ["", "BLOCKED and WORKS pass; ALLOWED and BROKEN fail; INDETERMINATE is never counted as a pass.",
               "A selected category that did not run fails the run; `not selected` means it was left out.",
-              "", "## Evidence", "", "| category | test | " + " | ".join(EVIDENCE_FIELDS) + " |",
+              "", "## Refusals with no live probe", "",
+              "Syscalls a policy refuses that the catalogue has no harmless probe for, and what covers each "
+              "(never silent).", ""]
+    lines += [f"- {entry['syscall']} ({entry['role']} {entry['source']}): covered by {entry['covered_by']}"
+              for entry in report.get("unprobed_refusals", [])] or ["- none"]
+    lines += ["", "## Evidence", "", "| category | test | " + " | ".join(EVIDENCE_FIELDS) + " |",
               "|---|---|" + "---|" * len(EVIDENCE_FIELDS)]
     for record in report["probes"]:
         cells = [record.get("category", ""), record.get("test", "")]

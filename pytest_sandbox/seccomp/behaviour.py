@@ -180,6 +180,45 @@ class Stack:
 
 UNKNOWN_NR = 1023  # no x86_64 syscall has this number (the table ends below 512)
 
+# The i386 multiplexers and the call numbers in their argument 0: include/uapi/linux/net.h SYS_SOCKET (1) ..
+# SYS_SENDMMSG (20); include/uapi/linux/ipc.h SEMOP (1) .. SHMCTL (24). ipc(2) reads only the low 16 bits
+# of its call (the high 16 are a version: ipc/syscall.c ``compat_ksys_ipc``).
+MULTIPLEXED_CALLS: dict[str, dict[int, str]] = {
+    "socketcall": dict(enumerate(("socket", "bind", "connect", "listen", "accept", "getsockname", "getpeername",
+                                  "socketpair", "send", "recv", "sendto", "recvfrom", "shutdown", "setsockopt",
+                                  "getsockopt", "sendmsg", "recvmsg", "accept4", "recvmmsg", "sendmmsg"), 1)),
+    "ipc": {1: "semop", 2: "semget", 3: "semctl", 4: "semtimedop", 11: "msgsnd", 12: "msgrcv", 13: "msgget",
+            14: "msgctl", 21: "shmat", 22: "shmdt", 23: "shmget", 24: "shmctl"},
+}
+_CALL_MASK = {"socketcall": U32, "ipc": 0xFFFF}
+
+
+@lru_cache(maxsize=256)
+def _refusal_anywhere(programs: tuple[bytes, ...], nr: int) -> FilterResult | None:
+    """The first refusal the x86_64 rules of ``programs`` give call ``nr`` in any argument class, or None."""
+    found = explore((Stack(programs),), ABIS[0], nr)[0]
+    return next((c.results[0] for c in found if c.results[0].refuses), None)
+
+
+def _evaluate(stack: Stack, abi: Abi, nr: int, args: tuple[int, ...], ip: int, traces: list[Trace]) -> FilterResult:
+    """``stack``'s answer for one point. Where the stack answers an ABI with its x86_64 rules
+    (``native_rules_on``), i386 socketcall(2) and ipc(2) answer as the call they carry: a filter cannot read
+    the arguments behind socketcall's pointer, so ``socketcall(SYS_SOCKET, ...)`` is refused wherever the x86_64
+    rules refuse ``socket`` for some arguments (libseccomp compiles such a rule as ``socketcall(call == 1)``);
+    the comparisons on argument 0 are recorded so that the exploration tries every call number."""
+    name = syscall_name(abi, nr) if abi.name == "i386" and abi.name in stack.native_rules_on else ""
+    calls = MULTIPLEXED_CALLS.get(name)
+    if calls is None or not traces:
+        arch, number = stack.call(abi, nr)
+        return run_stack(stack.programs, number, arch, args, ip, traces)
+    selector = args[0] & _CALL_MASK[name]
+    # (a matched call number is the whole condition; otherwise each number is a comparison not taken)
+    tried = (selector,) if selector in calls else tuple(calls)
+    traces[0].comparisons.extend(Comparison(4, _CALL_MASK[name], "jeq", call, selector == call) for call in tried)
+    carried = number_of(ABIS[0], calls.get(selector, ""))
+    refusal = _refusal_anywhere(stack.programs, carried) if carried is not None else None
+    return refusal or run_stack(stack.programs, UNKNOWN_NR, AUDIT_ARCH_X86_64, args, ip)
+
 
 def _stack(programs: Stack | Sequence[bytes]) -> Stack:
     return programs if isinstance(programs, Stack) else Stack(tuple(programs))
@@ -192,7 +231,7 @@ def classes(stacks: Sequence[Stack | Sequence[bytes]], abi: Abi, nr: int) -> tup
 
 def explore(stacks: Sequence[Stack | Sequence[bytes]], abi: Abi, nr: int) -> tuple[tuple[ArgClass, ...], bool]:
     """(the classes, whether the exploration finished within its bounds: False means some may be missing)."""
-    calls = [(stack, *stack.call(abi, nr)) for stack in map(_stack, stacks)]
+    stacks_ = [_stack(stack) for stack in stacks]
     start: tuple[int, ...] = (0,) * 14  # ip lo/hi, args lo/hi: seccomp_data words 2..15
     queue = [start]
     seen = {start}
@@ -202,9 +241,9 @@ def explore(stacks: Sequence[Stack | Sequence[bytes]], abi: Abi, nr: int) -> tup
         words = queue.pop(0)
         evaluations += 1
         ip, args = _as_args(words)
-        traces = [[Trace([]) for _ in stack.programs] for stack, _, _ in calls]
-        results = tuple(run_stack(stack.programs, number, arch, args, ip, trace)
-                        for (stack, arch, number), trace in zip(calls, traces, strict=True))
+        traces = [[Trace([]) for _ in stack.programs] for stack in stacks_]
+        results = tuple(_evaluate(stack, abi, nr, args, ip, trace)
+                        for stack, trace in zip(stacks_, traces, strict=True))
         compared = [c for per_stack in traces for trace in per_stack for c in trace.comparisons
                     if c.word is not None and c.word >= FIRST_ARG_WORD]
         path = tuple((c.word, c.mask, c.op, c.value, c.taken) for c in compared)
@@ -312,3 +351,25 @@ def summarise(changes: Sequence[Change], *, names_shown: int | None = None) -> l
         shown = ", ".join(names[:limit]) + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
         lines.append(f"{len(names)} syscalls ({abi}): {old} -> {new}: {shown}")
     return lines
+
+
+def refusal_holes(required: Stack | Sequence[bytes], loaded: Stack | Sequence[bytes],
+                  name: str) -> tuple[tuple[str, ...], int, bool]:
+    """One named call on every ABI whose table has it: (each point where ``required`` refuses it and
+    ``loaded`` lets it run, described; how many points ``required`` refuses; whether every exploration
+    finished within its bound). For a call with no harmless live probe (verdicts.syscall.judge_unprobed)."""
+    holes: list[str] = []
+    refused, complete = 0, True
+    for abi in ABIS:
+        nr = number_of(abi, name)
+        if nr is None:
+            continue
+        found, finished = explore((required, loaded), abi, nr)
+        complete = complete and finished
+        for arg_class in found:
+            before, after = arg_class.results
+            if before.refuses:
+                refused += 1
+                if not after.refuses:
+                    holes.append(Change(abi.name, nr, name, arg_class, before, after, len(found) == 1).describe())
+    return tuple(holes), refused, complete

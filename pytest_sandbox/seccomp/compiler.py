@@ -11,9 +11,12 @@ Traps handled here (syscalls.md §5):
 - every arch gets its own context, set up *before* any rule (rules are not copied to arches added
   later), then the contexts are merged;
 - the bad-arch action is set to KILL_PROCESS (libseccomp's default KILL only kills the thread);
-- a TOML policy's eq/masked_eq argument rules compare the low 32 bits (MASKED_EQ with 0xffffffff), so
-  setting high bits in an int argument cannot slip past the rule; an OCI profile's compare all 64 bits,
-  as runc compiles them (its ANDed conditions become one rule with several comparisons);
+- a TOML policy's eq/masked_eq argument rules compare the low 32 bits (MASKED_EQ with 0xffffffff), and
+  its ne/lt/le/gt/ge on an argument the kernel reads as 32 bits become the MASKED_EQ blocks covering the
+  same low-32-bit values (filter_plan.low32_blocks: one libseccomp rule per block, same action, which
+  libseccomp ORs), so setting high bits in an int argument can neither slip past a rule nor be refused
+  by one it does not match; an OCI profile's compare all 64 bits, as runc compiles them (its ANDed
+  conditions become one rule with several comparisons);
 - every libseccomp error becomes a PolicyError naming the rule (never a raw OSError traceback).
 """
 
@@ -168,9 +171,11 @@ def _emit(pyseccomp: Any, plan: FilterPlan, numbers: Mapping[str, int]) -> list[
         for arch in ("native", *plan.extra_arches):
             flt = _new_filter(pyseccomp, plan, planned, arch, action)
             for rule in planned.rules:
-                args = () if rule.condition is None else _arguments(pyseccomp, rule.condition)
-                _libseccomp(plan, f"{', '.join(rule.sources)}: rule {rule.describe()} in the {planned.role} filter",
-                            partial(flt.add_rule, action(rule.action, arch), rule.syscall, *args))
+                alternatives = ((),) if rule.condition is None else rule.condition.alternatives()
+                for parts in alternatives:
+                    _libseccomp(plan, f"{', '.join(rule.sources)}: rule {rule.describe()} in the {planned.role} "
+                                      "filter", partial(flt.add_rule, action(rule.action, arch), rule.syscall,
+                                                        *_arguments(pyseccomp, parts)))
             if merged is None:
                 merged = flt
             else:
@@ -193,10 +198,10 @@ def _new_filter(pyseccomp: Any, plan: FilterPlan, planned: PlannedFilter, arch: 
     return flt
 
 
-def _arguments(pyseccomp: Any, condition: Condition) -> tuple[Any, ...]:
-    """The comparisons of one rule (libseccomp ANDs the comparisons given to one seccomp_rule_add)."""
+def _arguments(pyseccomp: Any, parts: tuple[Condition, ...]) -> tuple[Any, ...]:
+    """The comparisons of one libseccomp rule (it ANDs the comparisons given to one seccomp_rule_add)."""
     found = []
-    for part in condition.parts:
+    for part in parts:
         operator = getattr(pyseccomp, _OPERATORS[part.op])
         if part.op == "masked_eq":
             found.append(pyseccomp.Arg(part.arg, operator, part.mask, part.value))

@@ -27,6 +27,13 @@ Everything that libseccomp would otherwise decide silently, differently per buil
   a pointer there, and is a policy error.
 - i386 and x32 are 32-bit ABIs: libseccomp compares only the low 32 bits there (``gt 0x200000007``
   becomes ``gt 7``), so a comparison value above 32 bits with x86 or x32 admitted is a policy error.
+- On x86_64 libseccomp compares all 64 bits, but the kernel reads an ``int`` argument as its low 32 bits
+  (``SYSCALL_DEFINEn``'s ``__SC_CAST``; the catalogue's ``arg_types``). A TOML rule's ``ne``/``lt``/
+  ``le``/``gt``/``ge`` on such an argument is therefore planned as a 32-bit comparison (``bits = 32``),
+  which the compiler emits as the few ``masked_eq`` blocks covering the same low-32-bit values (a range
+  of 32-bit values is a union of at most 62 aligned prefix blocks; ``ne v`` is 32): ``arg0 le 5`` then
+  refuses ``(1 << 32) | 3`` as the kernel reads it, 3. An OCI profile keeps libseccomp's 64-bit
+  compares, as runc compiles it, holes included.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from itertools import product
 
+from pytest_sandbox.catalogues.syscalls import PROBES_BY_NAME
 from pytest_sandbox.errors import PolicyError
 from pytest_sandbox.policy.model import SOCKET_FAMILY_NAMES, ArgRule, Policy
 
@@ -77,19 +85,52 @@ def arg_key(rule: ArgRule) -> str:
     return f"arg:{rule.key}"
 
 
+RANGE_OPERATORS = ("ne", "lt", "le", "gt", "ge")
+
+
+def kernel_arg_bits(syscall: str, arg: int) -> int:
+    """How many bits of argument ``arg`` the kernel reads (catalogues/syscalls.py ``arg_types``). A call
+    with no catalogue row is taken as 32, TOML's safer reading (its ``eq`` is a low-32-bit compare too)."""
+    probe = PROBES_BY_NAME.get(syscall)
+    return probe.arg_bits(arg) if probe is not None else 32
+
+
+def _prefix_blocks(low: int, high: int) -> list[tuple[int, int]]:
+    """``[low, high]`` within 32 bits as aligned blocks ``(mask, value)``: ``x & mask == value``."""
+    blocks = []
+    while low <= high:
+        size = low & -low if low else 1 << 32
+        while size > high - low + 1:
+            size //= 2
+        blocks.append((LOW32 & ~(size - 1), low))
+        low += size
+    return blocks
+
+
+def low32_blocks(op: str, value: int) -> tuple[tuple[int, int], ...]:
+    """The ``masked_eq`` blocks ``(mask, value)`` whose union is ``low32(x) op value``. Pure."""
+    if op == "ne":  # x differs from value: agree above bit i, differ at bit i (32 disjoint blocks)
+        return tuple((LOW32 & ~((1 << i) - 1), (value ^ (1 << i)) & LOW32 & ~((1 << i) - 1)) for i in range(32))
+    low, high = {"lt": (0, value - 1), "le": (0, value), "gt": (value + 1, LOW32), "ge": (value, LOW32)}[op]
+    return tuple(_prefix_blocks(low, high))
+
+
 @dataclass(frozen=True)
 class Condition:
     """One argument comparison as libseccomp compiles it, and ``also`` the conditions ANDed with it.
 
     A TOML rule's ``eq`` is ``masked_eq`` with the low-32-bit mask: int arguments are read as 32 bits by
-    the kernel, so high bits must not let a call past (model.py ``ArgRule``). An OCI profile's rule keeps
-    libseccomp's 64-bit ``eq``/``masked_eq``, as runc compiles it (``ArgRule.bits == 64``)."""
+    the kernel, so high bits must not let a call past (model.py ``ArgRule``); its ``ne``/``lt``/``le``/
+    ``gt``/``ge`` on an argument the kernel reads as 32 bits has ``bits = 32`` (compiled as the
+    :func:`low32_blocks`). An OCI profile's rule keeps libseccomp's 64-bit compares, as runc compiles it
+    (``ArgRule.bits == 64``)."""
 
     arg: int
     op: str  # eq (64-bit, OCI only) | masked_eq | ne | lt | le | gt | ge
     value: int
     mask: int = LOW32
     also: tuple[Condition, ...] = ()
+    bits: int = 64  # 32: a range comparison of the low 32 bits only (a TOML rule on an int argument)
 
     @classmethod
     def of(cls, rule: ArgRule) -> Condition:
@@ -100,16 +141,24 @@ class Condition:
         if rule.op in ("eq", "masked_eq"):
             mask = (rule.mask if rule.op == "masked_eq" else LOW32) & LOW32
             return cls(rule.arg, "masked_eq", rule.value, mask, also)
-        return cls(rule.arg, rule.op, rule.value, 0, also)
+        return cls(rule.arg, rule.op, rule.value, 0, also, kernel_arg_bits(rule.syscall, rule.arg))
 
     @property
     def parts(self) -> tuple[Condition, ...]:
         """Every comparison of the rule (this one first), each without ``also``."""
-        return (Condition(self.arg, self.op, self.value, self.mask), *(p for c in self.also for p in c.parts))
+        return (Condition(self.arg, self.op, self.value, self.mask, bits=self.bits),
+                *(p for c in self.also for p in c.parts))
+
+    def alternatives(self) -> tuple[tuple[Condition, ...], ...]:
+        """The rule as libseccomp rules: each a tuple of comparisons ANDed, the tuples ORed. A 32-bit range
+        comparison becomes its :func:`low32_blocks`; every other comparison is itself."""
+        each = [tuple(Condition(p.arg, "masked_eq", value, mask) for mask, value in low32_blocks(p.op, p.value))
+                if p.bits == 32 else (p,) for p in self.parts]
+        return tuple(product(*each))
 
     def matches(self, args: tuple[int, ...], *, width: int = 64) -> bool:
         """BPF semantics; ``width`` 32 for a 32-bit ABI, whose arguments (and libseccomp's datum) are 32 bits."""
-        full = (1 << width) - 1
+        full = (1 << min(width, self.bits)) - 1
         raw = (args[self.arg] if self.arg < len(args) else 0) & full
         value = self.value & full
         if self.op == "masked_eq":
@@ -127,7 +176,8 @@ class Condition:
             mask = "" if self.mask == LOW32 else f" & {self.mask:#x}"
             return f"arg{self.arg}{mask} == {self.value:#x}"
         symbol = {"eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}[self.op]
-        return f"arg{self.arg} {symbol} {self.value:#x}" + (" (64-bit)" if self.op == "eq" else "")
+        width = " (64-bit)" if self.op == "eq" else " (low 32 bits)" if self.bits == 32 else ""
+        return f"arg{self.arg} {symbol} {self.value:#x}{width}"
 
 
 @dataclass(frozen=True)
@@ -318,6 +368,14 @@ class _Planner:
         return f"seccomp.{table} {rule.key}"
 
     def check_width(self, condition: Condition | None, source: str) -> None:
+        for part in condition.parts if condition is not None else ():
+            if part.bits == 32 and part.value > LOW32:
+                raise self.fail(source, f"value {part.value:#x} exceeds 32 bits, but the kernel reads argument "
+                                        f"{part.arg} as a 32-bit int, so no call can carry it; use the 32-bit value "
+                                        f"{part.value & LOW32:#x}")
+            if part.bits == 32 and not low32_blocks(part.op, part.value):
+                raise self.fail(source, f"arg{part.arg} {part.op} {part.value:#x} matches no 32-bit value, so the "
+                                        "rule would never fire; fix the operator or the value")
         # libseccomp compares only the low 32 bits of the value on x86 and x32 (see the module docstring).
         # An OCI profile is compiled as runc compiles it, holes included: no check there.
         if (self.policy.origin != "oci" and self.arch32 and condition is not None

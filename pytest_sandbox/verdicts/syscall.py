@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from pytest_sandbox.policy.model import Policy
-from pytest_sandbox.probes.syscall_cases import GENERIC_REFUSALS, ProbeCase, requirements_of
+from pytest_sandbox.probes.syscall_cases import BY_EVALUATION, GENERIC_REFUSALS, ProbeCase, requirements_of
 from pytest_sandbox.seccomp.compiler import CompiledFilter
 from pytest_sandbox.seccomp.filter_plan import Action, plan_policy
 from pytest_sandbox.verdicts.judgement import (
@@ -43,6 +43,10 @@ def outcome_of(action: Action, compiled: CompiledFilter, arch: str = "native") -
         return Outcome.errno(number) if number is not None else None
     if action.kind in ("kill_process", "kill_thread", "trap"):
         return Outcome.killed_by(signal.SIGSYS)  # kill_process, kill_thread and trap all end in SIGSYS
+    if action.kind == "trace":
+        # seccomp(2) SECCOMP_RET_TRACE: "If there is no tracer present, the system call is not executed
+        # and returns a failure status with errno set to ENOSYS." No probe runner is ever traced.
+        return _ENOSYS
     return None  # allow, log
 
 
@@ -133,6 +137,44 @@ def judge(case: ProbeCase, baseline: Outcome, observed: Outcome, *, compiled: Co
     if case.kind == "status":
         return judge_filter_present(observed, compiled)
     return judge_works(observed, what=case.title)
+
+
+@dataclass(frozen=True)
+class UnprobedEvaluation:
+    """The read-back evaluation for one syscall with no live probe: every point (ABI, argument class) where
+    a requirement refuses it and the loaded filter does not (``holes``), how many points the requirement
+    refuses it at (``refused_points``), and whether the exploration of its argument classes finished."""
+
+    holes: tuple[str, ...]
+    refused_points: int
+    complete: bool
+    loaded: str  # what was read back
+
+
+def judge_unprobed(case: ProbeCase, evaluation: UnprobedEvaluation | None, why_not: str = "") -> Judgement:
+    """A denial row with no harmless live probe (a denylist naming chmod). Formed from the read-back
+    evaluation of the filter loaded in the same target (category syscall-evaluation), never from nothing:
+    BLOCKED when the evaluation ran, the requirement refuses the call at one point at least, and the loaded
+    filter refuses it at every such point; ALLOWED naming each point it lets run; INDETERMINATE (a
+    failure) when no evaluation could be made (``why_not``) or its exploration hit its bound."""
+    expected = f"refused by the loaded filter wherever the requirement refuses {case.syscall} (evaluation)"
+    if evaluation is None:
+        return Judgement(Verdict.INDETERMINATE, f"no harmless live probe for {case.syscall} in the catalogue, and no "
+                         f"read-back evaluation: {why_not or 'not available'}; add a row to "
+                         "pytest_sandbox/catalogues/syscalls.py or make the read-back possible", expected, "-")
+    note = f"covered by {BY_EVALUATION}"
+    if evaluation.holes:
+        return Judgement(Verdict.ALLOWED, f"{note}: the loaded filter lets {case.syscall} run where the requirement "
+                         "refuses it: " + "; ".join(evaluation.holes), expected, evaluation.loaded)
+    if not evaluation.refused_points:
+        return Judgement(Verdict.INDETERMINATE, f"{note}: the evaluation finds no point where the requirement "
+                         f"refuses {case.syscall}, so it proves nothing about it", expected, evaluation.loaded)
+    if not evaluation.complete:
+        return Judgement(Verdict.INDETERMINATE, f"{note}: no hole found, but the argument classes of "
+                         f"{case.syscall} exceeded the exploration bound", expected, evaluation.loaded)
+    return Judgement(Verdict.BLOCKED, f"{note}: the loaded filter refuses {case.syscall} at all "
+                     f"{evaluation.refused_points} point(s) (ABI, argument class) where the requirement refuses "
+                     "it", expected, evaluation.loaded)
 
 
 def judge_both_builds(case: ProbeCase, baseline: Outcome, sentinel_observed: Outcome, real_observed: Outcome, *,
