@@ -310,15 +310,17 @@ def send_attempt(sock: socket.socket, attempt: Attempt,
     return ProxyReply(parse_head(bytes(buffer)), None, closed=eof, timed_out=timed_out, error=error)
 
 
-def read_one_response(sock: socket.socket, deadline: float) -> tuple[ParsedResponse, bool]:
+def read_one_response(sock: socket.socket, deadline: float, *, to_connect: bool = False) -> tuple[ParsedResponse, bool]:
     """Read exactly one response framed by Content-Length (or by EOF): (reply, connection_closed).
 
     For keep-alive checks, where the connection must stay usable after the first response.
+    ``to_connect``: the request was a CONNECT, whose 2xx answer ends at its head (RFC 9110 §9.3.6:
+    the connection is a tunnel from there on, and waiting for its close would wait for nothing).
     """
     buffer = bytearray()
     eof, timed_out, _error = _read(sock, buffer, deadline, lambda: HEAD_END in buffer)
     reply = parse_head(bytes(buffer))
-    if eof or timed_out or reply.status is None:
+    if eof or timed_out or reply.status is None or (to_connect and 200 <= reply.status < 300):
         return reply, eof
     length_text = reply.header("content-length")
     if length_text is None or not length_text.isdigit():

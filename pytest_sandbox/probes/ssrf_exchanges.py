@@ -11,6 +11,7 @@ nonce, catch-all hits are attributed (late ones included) and the origin request
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import secrets
 import socket
@@ -298,6 +299,10 @@ class HostMismatchControl:
 class HostMismatchDenial(AttemptBound):
     """A private target with a public ``Host`` header: still denied."""
 
+    # Run alone: a dial its CONNECT causes before any tunnel exists carries no nonce, and overlapping
+    # windows on the same canary would make every such exchange a suspect.
+    sequential = True
+
     @property
     def key(self) -> str:
         return self.attempt.case.case_id
@@ -311,8 +316,14 @@ class HostMismatchDenial(AttemptBound):
                f"{NONCE_HEADER}: {nonce}\r\nConnection: close\r\n\r\n").encode()
         with context.connect() as sock:
             sock.sendall(raw)
-            reply, closed = read_one_response(sock, time.monotonic() + self.timeout)
-            if not closed and reply.status is not None:
+            connect = self.method == "CONNECT"
+            reply, closed = read_one_response(sock, time.monotonic() + self.timeout, to_connect=connect)
+            if connect and not closed and reply.status is not None and 200 <= reply.status < 300:
+                # A tunnel: the nonce goes through it, so whatever it reached names this exchange.
+                with contextlib.suppress(OSError):
+                    sock.sendall(self.attempt.tunnel_request_bytes(nonce))
+                    read_one_response(sock, time.monotonic() + self.timeout)
+            elif not closed and reply.status is not None:
                 _rest, closed = read_one_response(sock, time.monotonic() + self.timeout)
         return ProxyReply(reply, None, closed=closed, timed_out=reply.status is None)
 
