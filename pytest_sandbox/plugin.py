@@ -24,6 +24,7 @@ from pytest_sandbox.fixtures.network import (  # noqa: F401  (fixtures the plugi
     _proxied_pool,
     inference_backend,
     interception_ca,
+    interception_missing,
     network_verdict,
     sandbox_lab,
     sandbox_proxied,
@@ -53,6 +54,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "lab public address and on 0.0.0.0)")
     group.addoption("--sandbox-proxy", default=None, metavar="URL",
                     help="run the network categories against a proxy already listening at URL inside the lab")
+    group.addoption("--sandbox-proxy-ca", default=None, metavar="FILE",
+                    help="PEM of the CA the third-party proxy intercepts inference.local with (read once it "
+                         "listens); its command gets the fake inference backend as {backend} (HOST:PORT), "
+                         "{backend_name}, {backend_ca}, {backend_key} and the PYTEST_SANDBOX_BACKEND* variables. "
+                         "Without it the inference and tunnel-smuggling tests of a third party do not run")
     group.addoption("--sandbox-report", default=None, metavar="PATH",
                     help="write the scorecard and every probe's evidence to PATH (.json or .md)")
     group.addoption("--sandbox-modes", default="block,proxy,allow", metavar="MODES",
@@ -79,6 +85,7 @@ def pytest_configure(config: pytest.Config) -> None:
         exec_prefix=config.getoption("sandbox_exec"),
         proxy_cmd=config.getoption("sandbox_proxy_cmd"),
         proxy_url=config.getoption("sandbox_proxy"),
+        proxy_ca=config.getoption("sandbox_proxy_ca"),
         modes=tuple(m.strip() for m in config.getoption("sandbox_modes").split(",") if m.strip()),
         identities=tuple(i.strip() for i in config.getoption("sandbox_identities").split(",") if i.strip()),
         caps=config.getoption("sandbox_caps"),
@@ -121,6 +128,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         category = category_of(item.nodeid)
         if category is not None:
             item.add_marker(marker_name(category))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A third party's tunnel tests need its interception CA (``--sandbox-proxy-ca``): not run without it."""
+    missing = interception_missing(item)
+    if missing is not None:
+        raise CategoryNotRun(missing)
 
 
 @pytest.hookimpl(wrapper=True)

@@ -72,6 +72,7 @@ class SandboxOptions:
     exec_prefix: str | None = None
     proxy_cmd: str | None = None  # a third-party proxy started inside the lab: "CMD {port}"
     proxy_url: str | None = None  # a third-party proxy already reachable from inside the lab
+    proxy_ca: str | None = None  # PEM of the CA that third party intercepts inference.local with
     modes: tuple[str, ...] = NETWORK_MODES
     identities: tuple[str, ...] = ("current", "nobody")
     caps: str | None = None  # --sandbox-caps: resolves an OCI profile's includes/excludes.caps
@@ -297,6 +298,9 @@ def check_options(options: SandboxOptions) -> None:
     and the fix), never a surprise after the run or an option silently ignored."""
     if options.proxy_cmd is not None and "{port}" not in options.proxy_cmd:
         raise PolicyError("--sandbox-proxy-cmd must contain {port}: the lab chooses the port the proxy listens on")
+    if options.proxy_ca is not None and options.proxy_cmd is None and options.proxy_url is None:
+        raise PolicyError("--sandbox-proxy-ca is the CA of a third-party proxy: give --sandbox-proxy-cmd or "
+                          "--sandbox-proxy too (the reference proxy intercepts with the session's own CA)")
     if options.proxy_cmd is not None and options.proxy_url is not None:
         raise PolicyError("give either --sandbox-proxy or --sandbox-proxy-cmd, not both")
     if not options.modes:

@@ -47,7 +47,8 @@ class InterceptionCA:
         self.ca.cert_pem.write_to_path(str(path))
         return path
 
-    def env(self, bundle_path: Path | str) -> dict[str, str]:
+    @staticmethod
+    def env(bundle_path: Path | str) -> dict[str, str]:
         """Environment variables that make common TLS clients trust ``bundle_path``.
 
         The four variables OpenShell sets for its child (network.md §4): OpenSSL-based clients and

@@ -8,8 +8,10 @@ caller stops (by PID or thread). The fixtures add the session lifetime and the `
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
+import ssl
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,7 +27,7 @@ from pytest_sandbox.network.lab.lab import NetworkLab
 from pytest_sandbox.network.netns import NetnsHolder
 from pytest_sandbox.network.proxy.config import Decision, InterceptHandler, ProxyConfig
 from pytest_sandbox.network.proxy.server import EgressProxy
-from pytest_sandbox.network.third_party import proxy_url
+from pytest_sandbox.network.third_party import BACKEND_VARIABLES, proxy_url
 from pytest_sandbox.policy.load import baseline_policy
 from pytest_sandbox.policy.model import Policy
 from pytest_sandbox.seccomp.compiler import compile_policy
@@ -65,19 +67,21 @@ ConnectInterceptor = Callable[[str, int], "InterceptHandler | None"]
 
 @dataclass(frozen=True)
 class InterceptionTrust:
-    """The per-session interception CA and the world-readable bundle file sandboxed clients trust."""
+    """The interception CA and the world-readable bundle file sandboxed clients trust.
 
-    ca: InterceptionCA
+    ``ca`` is the per-session :class:`InterceptionCA` (its key signs the interceptor's leaves) when the
+    reference proxy intercepts; a third-party interceptor's CA (``--sandbox-proxy-ca``) is known by its
+    certificate alone, and ``ca`` is then None.
+    """
+
+    ca: InterceptionCA | None
     bundle_path: Path
+    cert_pem: bytes
 
     @property
     def env(self) -> dict[str, str]:
         """SSL_CERT_FILE, REQUESTS_CA_BUNDLE, CURL_CA_BUNDLE and NODE_EXTRA_CA_CERTS -> the bundle."""
-        return self.ca.env(self.bundle_path)
-
-    @property
-    def cert_pem(self) -> bytes:
-        return self.ca.cert_pem
+        return InterceptionCA.env(self.bundle_path)
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,8 @@ class InferenceInterception:
         ``close_on_denied=False`` / ``strict_framing=False`` build the weakened variants.
         """
         backend = self.backend_config if routes is None else replace(self.backend_config, routes=routes)
+        if self.trust.ca is None:
+            raise ValueError("a third party's interception CA has no key here: only that proxy can intercept with it")
         handler = InferenceInterceptor(
             self.trust.ca, backend, resolver=lab.resolver(), socket_factory=lab.socket,
             record=record, close_on_denied=close_on_denied, strict_framing=strict_framing,
@@ -180,7 +186,80 @@ def write_interception_bundle(ca: InterceptionCA, directory: Path) -> Intercepti
     directory.chmod(0o755)
     path = ca.write_bundle(directory)
     path.chmod(0o644)
-    return InterceptionTrust(ca, path)
+    return InterceptionTrust(ca, path, ca.cert_pem)
+
+
+class ProxyCaError(ValueError):
+    """``--sandbox-proxy-ca`` names no readable PEM certificate."""
+
+
+def external_trust(pem_file: Path, directory: Path) -> InterceptionTrust:
+    """The CA a third-party proxy intercepts ``inference.local`` with (``--sandbox-proxy-ca FILE``).
+
+    Only ``CERTIFICATE`` blocks are kept (a private key in the file is never copied); the bundle the
+    sandboxed clients trust is written world-readable into ``directory``. Raises ProxyCaError naming
+    the file and what is wrong with it.
+    """
+    try:
+        text = pem_file.read_bytes()
+    except OSError as exc:
+        raise ProxyCaError(f"--sandbox-proxy-ca {pem_file}: cannot read it ({exc.strerror or exc}); give the PEM "
+                           "file the proxy under test intercepts inference.local with (the proxy command may "
+                           "write it before it listens)") from None
+    blocks = _PEM_CERTIFICATE.findall(text)
+    if not blocks:
+        raise ProxyCaError(f"--sandbox-proxy-ca {pem_file}: no PEM certificate (-----BEGIN CERTIFICATE-----) in it")
+    pem = b"".join(block + b"\n" for block in blocks)
+    try:
+        ssl.create_default_context(cadata=pem.decode("ascii"))
+    except (ssl.SSLError, ValueError) as exc:
+        raise ProxyCaError(f"--sandbox-proxy-ca {pem_file}: the certificate does not load ({exc})") from None
+    directory.chmod(0o755)
+    path = directory / "pytest-sandbox-proxy-ca.pem"
+    path.write_bytes(pem)
+    path.chmod(0o644)
+    return InterceptionTrust(None, path, pem)
+
+
+_PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----\r?\n[A-Za-z0-9+/=\r\n]+?-----END CERTIFICATE-----")
+
+
+@dataclass(frozen=True)
+class BackendHandoff:
+    """What a third-party interceptor needs to forward to the lab's fake inference backend.
+
+    Handed to the proxy command as placeholders (``{backend}`` beside ``{port}``, and
+    ``{backend_name}``, ``{backend_ca}``, ``{backend_key}``) and as environment variables
+    (:data:`BACKEND_ENV`): the backend's lab address, the name its certificate is for, the PEM file of
+    the CA that signed it and the route key the backend accepts.
+    """
+
+    address: str  # "11.0.0.20:443"
+    name: str
+    ca_file: Path
+    key: str
+
+    def placeholders(self) -> dict[str, str]:
+        return {"{backend}": self.address, "{backend_name}": self.name, "{backend_ca}": str(self.ca_file),
+                "{backend_key}": self.key}
+
+    def env(self) -> dict[str, str]:
+        values = (self.address, self.name, str(self.ca_file), self.key)
+        return dict(zip(BACKEND_ENV, values, strict=True))
+
+
+# The variables a third-party proxy command reads the fake backend from (same order as the fields).
+BACKEND_ENV = BACKEND_VARIABLES
+
+
+def backend_handoff(interception: InferenceInterception, directory: Path) -> BackendHandoff:
+    """Write the fake backend's CA into ``directory`` (world-readable) and describe the backend."""
+    directory.chmod(0o755)
+    ca_file = directory / "pytest-sandbox-backend-ca.pem"
+    ca_file.write_bytes(interception.backend_config.ca_pem)
+    ca_file.chmod(0o644)
+    return BackendHandoff(f"{INFERENCE_BACKEND_ADDRESS}:{INFERENCE_BACKEND_PORT}", INFERENCE_BACKEND_NAME, ca_file,
+                          INFERENCE_ROUTE_KEY)
 
 
 def start_inference_interception(lab: NetworkLab, bundle_directory: Path) -> InferenceInterception:
@@ -307,6 +386,18 @@ def interception_of(lab: NetworkLab) -> InferenceInterception:
             raise
         _INTERCEPTIONS[id(lab)] = found
     return found[0]
+
+
+def handoff_of(lab: NetworkLab) -> BackendHandoff:
+    """``lab``'s fake backend described for a third-party proxy command (starts the interception)."""
+    interception_of(lab)
+    return backend_handoff(interception_of(lab), _INTERCEPTIONS[id(lab)][1])
+
+
+def external_trust_of(lab: NetworkLab, pem_file: Path) -> InterceptionTrust:
+    """The third-party CA in ``pem_file``, its bundle written beside ``lab``'s (removed with it)."""
+    interception_of(lab)
+    return external_trust(pem_file, _INTERCEPTIONS[id(lab)][1])
 
 
 def interceptions_of(lab: NetworkLab) -> list[InferenceInterception]:

@@ -224,10 +224,41 @@ def _with_lab_dns(argv: list[str], state_dir: Path) -> list[str]:
             "sh", "-c", _LAB_DNS_SCRIPT, "lab-dns", str(resolv_conf), str(hosts), *argv]
 
 
+# What every command started in a lab is handed besides {port} and {address}: the fake inference
+# backend (harness.BackendHandoff), as placeholders and environment variables; set once per lab by the
+# fixture that starts the backend, so every instance (the self-connection ones too) gets the same.
+_HANDED: dict[int, tuple[dict[str, str], dict[str, str]]] = {}
+
+
+def hand_to_commands(lab: LabLike, placeholders: dict[str, str], env: dict[str, str]) -> None:
+    """Every later :func:`start_proxy_command` in ``lab`` substitutes ``placeholders`` and sets ``env``."""
+    _HANDED[id(lab)] = (dict(placeholders), dict(env))
+
+
+def forget_commands(lab: LabLike) -> None:
+    """Drop what :func:`hand_to_commands` registered for ``lab`` (the lab is closing)."""
+    _HANDED.pop(id(lab), None)
+
+
+def expand_command(command: str, port: int, address: str, placeholders: dict[str, str]) -> str:
+    """``command`` with ``{port}``, ``{address}`` and ``placeholders`` substituted. Pure.
+
+    ``str.replace``, not ``str.format``: a command may contain other braces (shell, JSON arguments).
+    A placeholder no value was handed for stays as written (the command then says what it misses).
+    """
+    expanded = command.replace("{port}", str(port)).replace("{address}", address)
+    for name, value in placeholders.items():
+        expanded = expanded.replace(name, shlex.quote(value))
+    return expanded
+
+
 def start_proxy_command(lab: LabLike, command: str, *, address: str = DEFAULT_LISTEN_ADDRESS,
                         port: int | None = None, lab_dns: bool = True,
                         start_timeout: float = START_TIMEOUT_SECONDS) -> ThirdPartyProxy:
     """Start ``command`` (``{port}``/``{address}`` substituted) inside ``lab``; wait until it listens.
+
+    What :func:`hand_to_commands` registered for ``lab`` (the fake backend: ``{backend}`` and the
+    ``PYTEST_SANDBOX_BACKEND*`` variables) is substituted and set as well.
 
     With ``lab_dns`` (the default) the command resolves names with the lab's DNS stub and a
     loopback-only hosts file, if the lab allows a private mount namespace (``uses_lab_dns`` says
@@ -241,8 +272,8 @@ def start_proxy_command(lab: LabLike, command: str, *, address: str = DEFAULT_LI
         raise ValueError(f"the proxy command must contain {{port}}: the lab chooses the port ({command!r})")
     ensure_lab_address(lab, address)
     chosen = find_free_lab_port(lab, address) if port is None else port
-    # str.replace, not str.format: a command may contain other braces (shell, JSON arguments).
-    expanded = command.replace("{port}", str(chosen)).replace("{address}", address)
+    placeholders, handed_env = _HANDED.get(id(lab), ({}, {}))
+    expanded = expand_command(command, chosen, address, placeholders)
     argv = shlex.split(expanded)
     if not argv:
         raise ValueError("the proxy command is empty")
@@ -256,7 +287,7 @@ def start_proxy_command(lab: LabLike, command: str, *, address: str = DEFAULT_LI
         # that daemonises stays running (and is stopped) with its server, and nothing it forks
         # outlives the session, however the session ends.
         process = lab.popen(guardian.guarded(argv, pid_namespace=True, linger=True), stdin=subprocess.DEVNULL,
-                            stdout=output, stderr=subprocess.STDOUT)
+                            stdout=output, stderr=subprocess.STDOUT, env={**os.environ, **handed_env})
     except OSError as exc:
         output.close()
         if state is not None:
@@ -461,17 +492,25 @@ def squid_command(conf_dir: str | os.PathLike[str]) -> str:
     return _launcher_command("squid", conf_dir)
 
 
-def reference_command(*launcher: str) -> str:
+def reference_command(*launcher: str, intercept_ca_out: str | os.PathLike[str] | None = None) -> str:
     """A ``--sandbox-proxy-cmd`` that runs the reference proxy as a third party, in its own process.
 
     It listens on ``{address}:{port}`` and allows ports 80, 443 and its own (so that only its self
     check can refuse its own address), resolves with the C library (the lab's DNS, see
     :func:`start_proxy_command`) and dials with ordinary sockets: inside the lab, they are lab sockets.
     ``launcher`` replaces ``python -m pytest_sandbox.network.third_party reference`` (a script that
-    calls :func:`serve_reference_proxy` with a weakened proxy class, for instance).
+    calls :func:`serve_reference_proxy` with a weakened proxy class, for instance). With
+    ``intercept_ca_out`` it also intercepts ``inference.local:443`` with a CA of its own, written to
+    that file (give the same file as ``--sandbox-proxy-ca``), and forwards to the backend pytest-sandbox
+    hands it (``{backend}`` and the ``PYTEST_SANDBOX_BACKEND*`` variables).
     """
     prefix = list(launcher) or [sys.executable, "-m", "pytest_sandbox.network.third_party", "reference"]
-    return shlex.join(prefix) + " --host {address} --port {port} --allow-port 80 --allow-port 443 --allow-port {port}"
+    command = (shlex.join(prefix)
+               + " --host {address} --port {port} --allow-port 80 --allow-port 443 --allow-port {port}")
+    if intercept_ca_out is not None:
+        out = shlex.join(["--intercept-ca-out", str(Path(intercept_ca_out).resolve())])
+        command += f" {out} --backend {{backend}}"
+    return command
 
 
 def _exec_third_party(spec: ThirdPartyProxySpec, conf_dir: Path, port: int, address: str) -> None:
@@ -501,15 +540,64 @@ def _route_socket() -> socket.socket:
     return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
 
 
+@dataclass(frozen=True)
+class InterceptionSetup:
+    """How a reference proxy run as a third party intercepts ``CONNECT inference.local:443``.
+
+    It makes a CA of its own (its key never leaves the process) and writes the certificate to
+    ``ca_out`` before it listens: that file is what ``--sandbox-proxy-ca`` names. Routed requests go
+    to ``backend`` (``HOST:PORT``), verified as ``backend_name`` against ``backend_ca`` (a PEM file),
+    with ``backend_key``; the routes are ``policy``'s (a bundled name or a file).
+    """
+
+    ca_out: Path
+    backend: str
+    backend_name: str
+    backend_ca: Path
+    backend_key: str
+    policy: str = "baseline"
+
+
+def _interceptor_for(setup: InterceptionSetup) -> Callable[[str, int], Any]:
+    """The ``connect_interceptor`` of a reference run as a third party (see :class:`InterceptionSetup`)."""
+    from pytest_sandbox.inference.ca import InterceptionCA
+    from pytest_sandbox.inference.interceptor import InferenceBackendConfig, InferenceInterceptor
+    from pytest_sandbox.inference.routing import INFERENCE_HOST, INFERENCE_PORT
+    from pytest_sandbox.network.addresses import parse_authority
+    from pytest_sandbox.policy.load import load_policy
+
+    ca = InterceptionCA.create()
+    setup.ca_out.parent.mkdir(parents=True, exist_ok=True)
+    partial = setup.ca_out.with_name(setup.ca_out.name + ".partial")
+    partial.write_bytes(ca.cert_pem)
+    partial.chmod(0o644)
+    partial.replace(setup.ca_out)  # whole or absent: a reader never sees half a certificate
+    authority = parse_authority(setup.backend)
+    backend = InferenceBackendConfig(
+        host=authority.host, port=authority.port, api_key=setup.backend_key, server_hostname=setup.backend_name,
+        ca_pem=setup.backend_ca.read_bytes(), routes=load_policy(setup.policy).inference_routes)
+    handler = InferenceInterceptor(ca, backend, resolver=_system_resolver, socket_factory=_plain_socket,
+                                   record=lambda _decision: None)
+
+    def intercept(host: str, port: int) -> Any:
+        return handler if (host, port) == (INFERENCE_HOST, INFERENCE_PORT) else None
+
+    return intercept
+
+
 def serve_reference_proxy(host: str, port: int, allowed_ports: tuple[int, ...],
-                          proxy_class: type[EgressProxy] | None = None) -> None:
+                          proxy_class: type[EgressProxy] | None = None,
+                          interception: InterceptionSetup | None = None) -> None:
     """Serve the reference proxy (or ``proxy_class``) on ``host:port`` in this process until killed.
 
     It lives in whatever namespace this process is in: started by :func:`start_proxy_command`,
-    that is the lab, so its sockets and its resolver's queries stay there.
+    that is the lab, so its sockets and its resolver's queries stay there. With ``interception`` it
+    intercepts ``inference.local:443`` with a CA of its own, as an external interceptor would.
     """
     from pytest_sandbox.network.proxy.config import ProxyConfig
     from pytest_sandbox.network.proxy.server import EgressProxy
+
+    intercept = None if interception is None else _interceptor_for(interception)
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     listener = socket.socket(family, socket.SOCK_STREAM)
@@ -519,7 +607,7 @@ def serve_reference_proxy(host: str, port: int, allowed_ports: tuple[int, ...],
     config = ProxyConfig(allowed_ports=allowed_ports, connect_timeout=2.0, upstream_timeout=2.0,
                          resolve_timeout=2.0, idle_timeout=5.0)
     proxy = (proxy_class or EgressProxy)(config, resolver=_system_resolver, socket_factory=_plain_socket,
-                                             route_socket_factory=_route_socket)
+                                             route_socket_factory=_route_socket, connect_interceptor=intercept)
     asyncio.run(proxy.serve(listener))
 
 
@@ -530,13 +618,39 @@ def _reference_arguments(args: list[str]) -> argparse.Namespace:
     parser.add_argument("--port", required=True, type=int, help="port to listen on")
     parser.add_argument("--allow-port", type=int, action="append", default=[], dest="allowed_ports",
                         help="a destination port to allow (repeatable; default 80 and 443)")
-    return parser.parse_args(args)
+    parser.add_argument("--intercept-ca-out", type=Path, default=None, metavar="FILE",
+                        help="intercept CONNECT inference.local:443 with a CA of this process's own and write its "
+                             "certificate (PEM) to FILE before listening")
+    for option, variable, what in (
+            ("--backend", BACKEND_VARIABLES[0], "the inference backend, HOST:PORT"),
+            ("--backend-name", BACKEND_VARIABLES[1], "the name the backend's certificate is for"),
+            ("--backend-ca", BACKEND_VARIABLES[2], "PEM file of the CA that signed the backend's certificate"),
+            ("--backend-key", BACKEND_VARIABLES[3], "the route key the backend accepts")):
+        parser.add_argument(option, default=os.environ.get(variable), help=f"{what} (default: ${variable})")
+    parser.add_argument("--policy", default="baseline", help="policy whose inference routes are forwarded")
+    options = parser.parse_args(args)
+    if options.intercept_ca_out is not None:
+        missing = [f"--{name.replace('_', '-')}" for name in ("backend", "backend_name", "backend_ca", "backend_key")
+                   if not getattr(options, name)]
+        if missing:
+            parser.error(f"--intercept-ca-out needs {', '.join(missing)} (or the {BACKEND_VARIABLES[0]}* variables "
+                         "pytest-sandbox sets for the proxy command)")
+    return options
+
+
+# The variables pytest-sandbox hands a proxy command (pytest_sandbox.network.harness.BACKEND_ENV).
+BACKEND_VARIABLES = ("PYTEST_SANDBOX_BACKEND", "PYTEST_SANDBOX_BACKEND_NAME", "PYTEST_SANDBOX_BACKEND_CA",
+                     "PYTEST_SANDBOX_BACKEND_KEY")
 
 
 def main_reference(args: list[str], proxy_class: type[EgressProxy] | None = None) -> int:
-    """``reference --host H --port P [--allow-port N]...``: serve until killed."""
+    """``reference --host H --port P [--allow-port N]... [--intercept-ca-out FILE ...]``: serve until killed."""
     options = _reference_arguments(args)
-    serve_reference_proxy(options.host, options.port, tuple(options.allowed_ports) or (80, 443), proxy_class)
+    interception = None if options.intercept_ca_out is None else InterceptionSetup(
+        options.intercept_ca_out, options.backend, options.backend_name, Path(options.backend_ca),
+        options.backend_key, options.policy)
+    serve_reference_proxy(options.host, options.port, tuple(options.allowed_ports) or (80, 443), proxy_class,
+                          interception)
     return 0
 
 

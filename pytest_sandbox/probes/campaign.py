@@ -32,6 +32,7 @@ import itertools
 import socket
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -175,10 +176,12 @@ class Campaign:
     is then left to :func:`audit_lab`.
     """
 
-    def __init__(self, context: ExchangeContext, *, grace: float = GRACE_SECONDS, isolate: bool = True) -> None:
+    def __init__(self, context: ExchangeContext, *, grace: float = GRACE_SECONDS, isolate: bool = True,
+                 concurrency: int = 1) -> None:
         self.context = context
         self.grace = grace
         self.isolate = isolate
+        self.concurrency = max(1, concurrency)
         self._prefix = f"c{next(_campaign_ids)}/"
 
     @property
@@ -217,21 +220,47 @@ class Campaign:
 
     # -- sending -----------------------------------------------------------------------------------
 
-    def _perform_all(self, planned: Sequence[tuple[Exchange, str]]) -> list[_Run]:
-        runs: list[_Run] = []
+    def _perform_one(self, exchange: Exchange, key: str, runs: list[_Run]) -> None:
+        nonce = new_nonce()
+        begin = time.monotonic()
+        run = _Run(exchange, AttemptWindow(key, nonce, exchange.destinations(), begin, begin, exchange.control()), None)
         try:
-            for exchange, key in planned:
-                nonce = new_nonce()
-                begin = time.monotonic()
-                try:
-                    observation = exchange.perform(self.context, nonce)
-                finally:
-                    runs.append(_Run(exchange, AttemptWindow(
-                        key, nonce, exchange.destinations(), begin, time.monotonic(), exchange.control()), None))
-                runs[-1].observation = observation
+            run.observation = exchange.perform(self.context, nonce)
+        finally:
+            run.window = AttemptWindow(key, nonce, run.window.destinations, begin, time.monotonic(),
+                                       run.window.control)
+            runs.append(run)  # list.append is atomic: worker threads share ``runs``
+
+    def _perform_all(self, planned: Sequence[tuple[Exchange, str]]) -> list[_Run]:
+        """Perform ``planned``: up to ``concurrency`` at a time, except exchanges that say ``sequential``
+        (their evidence is not keyed by their nonce), which run alone, after the others.
+
+        Concurrency cannot mix evidence that carries a nonce; a hit without one is blamed on every
+        exchange whose window (plus the grace period) holds it and whose destinations include it,
+        then isolated (see the module doc), so overlapping windows cost a leaking proxy reruns,
+        never a missed hit. Returned in the planned order.
+        """
+        runs: list[_Run] = []
+        order = {key: index for index, (_exchange, key) in enumerate(planned)}
+        together = self.concurrency > 1
+        parallel = [(e, k) for e, k in planned if together and not getattr(e, "sequential", False)]
+        alone = [(e, k) for e, k in planned if not together or getattr(e, "sequential", False)]
+        try:
+            if parallel:
+                with ThreadPoolExecutor(max_workers=min(self.concurrency, len(parallel)),
+                                        thread_name_prefix="campaign") as pool:
+                    for future in [pool.submit(self._perform_one, e, k, runs) for e, k in parallel]:
+                        future.result()
+            if parallel and alone and self.grace > 0:
+                # Past the batch's grace period first: a byte-less hit of an exchange run alone is
+                # then never blamed on the batch (whose windows all overlap) as well.
+                time.sleep(self.grace)
+            for exchange, key in alone:
+                self._perform_one(exchange, key, runs)
         finally:
             # Registered even if an exchange raised: whatever it dialled must stay attributable.
             self.lab.register_attempts(run.window for run in runs)
+        runs.sort(key=lambda run: order[run.window.key])
         return runs
 
     def _settled_hits(self, mark: int, last_end: float) -> list[CatchAllHit]:

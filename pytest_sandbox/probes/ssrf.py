@@ -26,13 +26,13 @@ from dataclasses import dataclass
 
 from pytest_sandbox.catalogues.ssrf_cases import ALL_FORMS, SSRF_CASES, SsrfCase, canary_addresses
 from pytest_sandbox.http.framing import HEAD_END
-from pytest_sandbox.http.responses import ParsedResponse, parse_head
+from pytest_sandbox.http.responses import ParsedResponse, parse_head, parse_responses
 from pytest_sandbox.network.addresses import embedded_ipv4
 from pytest_sandbox.network.lab.attribution import NONCE_HEADER, NONCE_PATH_PREFIX, CatchAllHit
 from pytest_sandbox.network.lab.lab import HitSnapshot
 from pytest_sandbox.probes.campaign import GRACE_SECONDS
 from pytest_sandbox.probes.exchange import SocketReader
-from pytest_sandbox.verdicts.ssrf import HitCounts, ProxyReply, canary_is_observable
+from pytest_sandbox.verdicts.ssrf import REFUSAL_STATUSES, HitCounts, ProxyReply, canary_is_observable
 
 __all__ = [
     "ALL_FORMS",
@@ -286,9 +286,37 @@ def _read(sock: socket.socket, buffer: bytearray, deadline: float,
     return reader.eof, reader.timed_out, f"reset: {error}" if isinstance(error, ConnectionResetError) else str(error)
 
 
+# After an answer whose judgement does not rest on the close, how long a close that is already on its
+# way may take to arrive (so the evidence says "closed" for a proxy that closes, without waiting for
+# one that keeps the connection, which RFC 9112 §9.3 lets it do).
+CLOSE_SETTLE_SECONDS = 0.05
+
+
+def _answer_without_close(buffer: bytearray) -> bool:
+    """Whether ``buffer`` holds a complete final response (framed as RFC 9112 §6.3 says) whose verdict
+    does not need the close: anything but a refusal. A refusal (400/403) must close (network.md §5,
+    RFC 9112 §9.6 for the ``Connection: close`` every attempt sends), so it is read to EOF. Pure."""
+    try:
+        responses, _used = parse_responses(bytes(buffer))
+    except ValueError:
+        return False  # not HTTP: read to EOF or the deadline
+    return bool(responses) and responses[0].status not in REFUSAL_STATUSES
+
+
+def _read_answer(sock: socket.socket, buffer: bytearray, deadline: float) -> tuple[bool, bool, str]:
+    """Read one answer: to EOF where its verdict needs the close, else to its framed end (then a
+    moment for a close already sent)."""
+    eof, timed_out, error = _read(sock, buffer, deadline, lambda: _answer_without_close(buffer))
+    if eof or timed_out or error:
+        return eof, timed_out, error
+    eof, _timed_out, error = _read(sock, buffer, min(deadline, time.monotonic() + CLOSE_SETTLE_SECONDS))
+    return eof, False, error
+
+
 def send_attempt(sock: socket.socket, attempt: Attempt,
                  timeout: float = ATTEMPT_TIMEOUT_SECONDS, *, nonce: str | None = None) -> ProxyReply:
-    """Send ``attempt`` on a fresh connection to the proxy and read until the proxy closes it."""
+    """Send ``attempt`` on a fresh connection to the proxy and read its answer: until the proxy closes
+    the connection where the verdict rests on the close (a refusal), else until the answer is complete."""
     deadline = time.monotonic() + timeout
     try:
         sock.sendall(attempt.request_bytes(nonce))
@@ -306,24 +334,26 @@ def send_attempt(sock: socket.socket, attempt: Attempt,
                 sock.sendall(attempt.tunnel_request_bytes(nonce))
             except OSError as exc:
                 return ProxyReply(proxy, parse_head(bytes(tunnel)), closed=True, timed_out=False, error=str(exc))
-            eof, timed_out, error = _read(sock, tunnel, deadline)
+            eof, timed_out, error = _read_answer(sock, tunnel, deadline)
             return ProxyReply(proxy, parse_head(bytes(tunnel)), closed=eof, timed_out=timed_out, error=error)
         if not eof and not timed_out:
-            eof, timed_out, error = _read(sock, buffer, deadline)
+            eof, timed_out, error = _read_answer(sock, buffer, deadline)
         return ProxyReply(parse_head(bytes(buffer)), None, closed=eof, timed_out=timed_out, error=error)
-    eof, timed_out, error = _read(sock, buffer, deadline)
+    eof, timed_out, error = _read_answer(sock, buffer, deadline)
     return ProxyReply(parse_head(bytes(buffer)), None, closed=eof, timed_out=timed_out, error=error)
 
 
-def read_one_response(sock: socket.socket, deadline: float) -> tuple[ParsedResponse, bool]:
+def read_one_response(sock: socket.socket, deadline: float, *, to_connect: bool = False) -> tuple[ParsedResponse, bool]:
     """Read exactly one response framed by Content-Length (or by EOF): (reply, connection_closed).
 
     For keep-alive checks, where the connection must stay usable after the first response.
+    ``to_connect``: the request was a CONNECT, whose 2xx answer ends at its head (RFC 9110 §9.3.6:
+    the connection is a tunnel from there on, and waiting for its close would wait for nothing).
     """
     buffer = bytearray()
     eof, timed_out, _error = _read(sock, buffer, deadline, lambda: HEAD_END in buffer)
     reply = parse_head(bytes(buffer))
-    if eof or timed_out or reply.status is None:
+    if eof or timed_out or reply.status is None or (to_connect and 200 <= reply.status < 300):
         return reply, eof
     length_text = reply.header("content-length")
     if length_text is None or not length_text.isdigit():

@@ -11,6 +11,7 @@ nonce, catch-all hits are attributed (late ones included) and the origin request
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import secrets
 import socket
@@ -135,10 +136,16 @@ class AttemptExchange(AttemptBound):
         return SsrfVerdict(self.category, self.key, with_hit_notes(judgement, result), self.attempt.describe())
 
 
+# How many SSRF exchanges are in flight at once: each waits on the proxy (a refusal's close, a dial),
+# so overlapping them bounds the category's time by the slowest ones, not by their sum.
+SSRF_CONCURRENCY = 16
+
+
 def run_ssrf_campaign(lab: NetworkLab, connect_to_proxy: Callable[[], socket.socket],
-                      exchanges: Sequence[SsrfExchange], *, grace: float = GRACE_SECONDS) -> dict[str, SsrfVerdict]:
+                      exchanges: Sequence[SsrfExchange], *, grace: float = GRACE_SECONDS,
+                      concurrency: int = SSRF_CONCURRENCY) -> dict[str, SsrfVerdict]:
     """Run ``exchanges`` through the proxy as one campaign and judge each: test id -> verdict."""
-    results = Campaign(ExchangeContext(lab, connect_to_proxy), grace=grace).run(exchanges)
+    results = Campaign(ExchangeContext(lab, connect_to_proxy), grace=grace, concurrency=concurrency).run(exchanges)
     return {exchange.key: exchange.judge(results[exchange.key]) for exchange in exchanges}
 
 
@@ -292,6 +299,10 @@ class HostMismatchControl:
 class HostMismatchDenial(AttemptBound):
     """A private target with a public ``Host`` header: still denied."""
 
+    # Run alone: a dial its CONNECT causes before any tunnel exists carries no nonce, and overlapping
+    # windows on the same canary would make every such exchange a suspect.
+    sequential = True
+
     @property
     def key(self) -> str:
         return self.attempt.case.case_id
@@ -305,8 +316,14 @@ class HostMismatchDenial(AttemptBound):
                f"{NONCE_HEADER}: {nonce}\r\nConnection: close\r\n\r\n").encode()
         with context.connect() as sock:
             sock.sendall(raw)
-            reply, closed = read_one_response(sock, time.monotonic() + self.timeout)
-            if not closed and reply.status is not None:
+            connect = self.method == "CONNECT"
+            reply, closed = read_one_response(sock, time.monotonic() + self.timeout, to_connect=connect)
+            if connect and not closed and reply.status is not None and 200 <= reply.status < 300:
+                # A tunnel: the nonce goes through it, so whatever it reached names this exchange.
+                with contextlib.suppress(OSError):
+                    sock.sendall(self.attempt.tunnel_request_bytes(nonce))
+                    read_one_response(sock, time.monotonic() + self.timeout)
+            elif not closed and reply.status is not None:
                 _rest, closed = read_one_response(sock, time.monotonic() + self.timeout)
         return ProxyReply(reply, None, closed=closed, timed_out=reply.status is None)
 
@@ -325,6 +342,9 @@ class _MixedObservation:
 @dataclass(frozen=True)
 class MixedAnswers(AttemptBound):
     """A name with one special answer among public ones: denied, and the public answer never dialled."""
+
+    # Its evidence is the public origins' connection counts, which carry no nonce: run it alone.
+    sequential = True
 
     def perform(self, context: ExchangeContext, nonce: str) -> _MixedObservation:
         lab = context.lab
