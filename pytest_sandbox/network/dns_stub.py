@@ -459,20 +459,18 @@ class DnsZone:
             self._names.pop(key, None)
             self._rebinding.pop(key, None)
 
+    def _service_rule(self, key: str) -> tuple[tuple[str, ...], ...] | None:
+        return service_answers(key) if self._services else None
+
     def lookup(self, name: str, qtype: int) -> ZoneLookup:
         """Answer one question (advancing a rebinding name's step) and log it."""
         key = normalize_name(name)
         with self._lock:
             self._queries.append((key, qtype))
-            if key in self._rebinding:
-                answer_sets = self._rebinding[key]
-                step = self._rebinding_steps.get((key, qtype), 0)
-                self._rebinding_steps[(key, qtype)] = step + 1
-                candidates = answer_sets[step % len(answer_sets)]
-            elif key in self._names:
+            if key in self._names and key not in self._rebinding:
                 candidates = self._names[key]
-            elif self._services and (answer_sets := service_answers(key)) is not None:
-                # A wildcard service's rule, stepped per query type like a rebinding name.
+            elif (answer_sets := self._rebinding.get(key) or self._service_rule(key)) is not None:
+                # A rebinding name, or a wildcard service's rule: one answer set per query, per type.
                 step = self._rebinding_steps.get((key, qtype), 0)
                 self._rebinding_steps[(key, qtype)] = step + 1
                 candidates = answer_sets[step % len(answer_sets)]

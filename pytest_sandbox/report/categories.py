@@ -16,9 +16,9 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass
 
-from pytest_sandbox.catalogues.ssrf_cases import SSRF_CASES
-
 from _pytest.outcomes import Failed  # pytest.fail.Exception, importable under a name mypy can check
+
+from pytest_sandbox.catalogues.ssrf_cases import SSRF_CASES
 
 __all__ = [
     "CATEGORIES",
