@@ -60,6 +60,13 @@ def scorecard_rows(output: str) -> dict[str, str]:
      "[connect-ctl-v4-cgnat-below-100.63.255.255]", "ssrf-controls"),
     ("conformance/test_ssrf.py::test_special_use_destination_is_refused_and_public_one_is_reached"
      "[absolute-v4-private-10-first-10.0.0.0]", "ssrf"),
+    # Ambiguous input refused as malformed has a row of its own, apart from the semantic refusals.
+    ("conformance/test_ssrf.py::test_special_use_destination_is_refused_and_public_one_is_reached"
+     "[origin-enc-loopback-decimal-2130706433]", "ssrf-malformed"),
+    ("conformance/test_ssrf.py::test_special_use_destination_is_refused_and_public_one_is_reached"
+     "[absolute-auth-backslash-at-public-metadata]", "ssrf-malformed"),
+    ("conformance/test_ssrf.py::test_special_use_destination_is_refused_and_public_one_is_reached"
+     "[absolute-enc-loopback-trailing-dot-127.0.0.1.]", "ssrf"),  # one trailing dot: a real destination
     ("conformance/test_ssrf.py::test_absolute_request_with_private_host_header_is_judged_by_its_public_target",
      "ssrf-controls"),
     ("conformance/test_ssrf.py::test_proxy_own_address_is_denied[connect]", "ssrf"),
@@ -152,12 +159,13 @@ def test_network_categories_on_a_host_without_namespaces_fail_the_session_and_sa
     assert f"pytest-sandbox: not run: {NO_NAMESPACE}" in output
     rows = scorecard_rows(result.stdout)
     assert list(rows) == list(CATEGORIES)
-    for category in ("ssrf", "ssrf-controls", "smuggling"):
+    for category in ("ssrf", "ssrf-malformed", "ssrf-controls", "smuggling"):
         assert rows[category].startswith(f"not run: {NO_NAMESPACE}"), rows
     for category in ("syscall", "syscall-controls", "egress", "inference"):
         assert rows[category] == "not selected", rows
-    assert re.search(r"FAILED: selected tests could not run: ssrf \((\d+) of \1 tests\), ssrf-controls \((\d+) of "
-                     r"\2 tests\), smuggling \((\d+) of \3 tests\)", result.stdout)
+    assert re.search(r"FAILED: selected tests could not run: ssrf \((\d+) of \1 tests\), ssrf-malformed \((\d+) of "
+                     r"\2 tests\), ssrf-controls \((\d+) of \3 tests\), smuggling \((\d+) of \4 tests\)",
+                     result.stdout)
     written = json.loads(report.read_text())
     assert written["all_selected_ran"] is False
     assert written["scorecard"]["ssrf"]["status"] == "not run"

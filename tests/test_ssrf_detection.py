@@ -19,10 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from broken_proxies.backslash_whatwg import BackslashWhatwgProxy
+from broken_proxies.embedding_missed import MISSED_EMBEDDING, classify_missing_nat64
+from broken_proxies.ip_encoding_inet_aton import InetAtonProxy
 from broken_proxies.last_at_judge import LastAtJudgeProxy
+from broken_proxies.lenient_port import LenientPortProxy
 from broken_proxies.names_unchecked import NamesUncheckedProxy
 from broken_proxies.origin_form_unchecked import OriginFormUncheckedProxy
+from broken_proxies.row_missing import MISSING_ROW, classify_without_unique_local
 from broken_proxies.scheme_case import SchemeCaseProxy
+from broken_proxies.unicode_late_normalised import LateNormalisingProxy
 from broken_proxies.weak_ssrf import WeakProxy, start_weak_proxy
 from late_dial_proxy import LateDialer
 
@@ -146,6 +152,84 @@ def test_weak_proxy_fails_exactly_its_familys_cases_and_each_failure_names_the_h
         if attempt.case.canary is not None:
             reached = f"canary {endpoint_text(attempt.case.canary, 80)}"
             assert reached in judgement.reason or "tried to dial" in judgement.reason, judgement
+
+
+# --- the remaining families: one mistake each, the exact set it fails ------------------------------
+# Where a family's cases cannot all be failed by one mistake, the predicate says which of them it opens,
+# and the comment says why the others stay refused (they overlap another family's check, or no reader
+# lets them reach a decision).
+
+
+def _in_network(case: SsrfCase, network) -> bool:
+    ip = _literal_of(case)
+    return ip is not None and ip.version == network.version and ip in network
+
+
+def _classifier_proxy(classify):
+    def start(lab: NetworkLab, port: int) -> RunningProxy:
+        return start_proxy(lab, lab_proxy_config(classify=classify), port=port)
+    return start
+
+
+def _weak(proxy_class: type[WeakProxy]):
+    return lambda lab, port: start_weak_proxy(lab, proxy_class, port)
+
+
+FAMILY_PROXIES = [
+    # The classifier knows dotted-decimal only; getaddrinfo dials every inet_aton form. The family's
+    # other cases (NUL, space, TAB, '%', '..', 'o177', and the denied 127.127.127.127 and trailing dot)
+    # are refused for reasons inet_aton shares or are canonical: exactly the inet_aton forms fail.
+    pytest.param(_weak(InetAtonProxy), 3137, "ip-encoding",
+                 lambda a: a.case.family == "ip-encoding" and "inet_aton" in a.case.note, id="ip-encoding-inet-aton"),
+    # Classified before NFKC/IDNA, dialled after: every unicode case, in the two forward forms.
+    pytest.param(_weak(LateNormalisingProxy), 3138, "unicode", lambda a: a.case.family == "unicode",
+                 id="unicode-late-normalised"),
+    # A strtoul-style port: every mangled port reaches its host, except the two no request-line reader
+    # lets through to a decision (fullwidth digits are non-ASCII, a trailing space splits the line).
+    pytest.param(_weak(LenientPortProxy), 3139, "port",
+                 lambda a: a.case.family == "port"
+                 and a.case.case_id not in ("port-fullwidth-digits", "port-trailing-space"), id="port-strtoul"),
+    # urllib's host judged, WHATWG's dialled: only where the two differ and the judged one is public
+    # (the auth-backslash-at-public-* cases); every other userinfo/backslash case names a special host
+    # to urllib too, so the check itself refuses it. Only absolute-form has a URL to read two ways.
+    pytest.param(_weak(BackslashWhatwgProxy), 3140, "userinfo-backslash",
+                 lambda a: a.case.case_id.startswith("auth-backslash-at-public-") and a.form == "absolute",
+                 id="backslash-whatwg"),
+    # NAT64 not unwrapped (64:ff9b::/96 judged global): the family's NAT64 cases and, necessarily, the
+    # special-use-range cases of the 64:ff9b::/96 row itself (first, inner, last): the same mistake.
+    pytest.param(_classifier_proxy(classify_missing_nat64), 3141, "ipv6-form",
+                 lambda a: _in_network(a.case, MISSED_EMBEDDING), id="ipv6-form-nat64-missed"),
+    # One row missing (fc00::/7): its range cases and the AWS IPv6 metadata address inside it.
+    pytest.param(_classifier_proxy(classify_without_unique_local), 3142, "special-use-range",
+                 lambda a: _in_network(a.case, MISSING_ROW), id="special-use-range-fc00-missing"),
+]
+
+
+@pytest.mark.parametrize(("start", "port", "family", "opened"), FAMILY_PROXIES)
+def test_each_family_has_a_weak_proxy_that_fails_exactly_the_cases_its_mistake_opens(
+        _network_lab, start, port: int, family: str, opened):
+    expected = {a.test_id for a in EVERY_FORM if a.form in FORWARD_FORMS and opened(a)}
+    by_id = {a.test_id: a for a in EVERY_FORM}
+    assert len(expected) >= 3 and any(by_id[i].case.family == family for i in expected), family
+    running = start(_network_lab, port)
+    try:
+        verdicts = run_ssrf_campaign(running.lab, running.connect, [AttemptExchange(a) for a in EVERY_FORM])
+    finally:
+        running.stop()
+    failing = {test_id: v.judgement for test_id, v in verdicts.items() if not v.judgement.passed}
+    assert set(failing) == expected
+    for test_id, judgement in failing.items():
+        attempt = by_id[test_id]
+        assert judgement.verdict is Verdict.ALLOWED, (test_id, judgement)
+        # The destination as sent, and the canary reached (any port: a mangled port is dialled as read).
+        assert f"destination {attempt.target!r} reached canary " in judgement.reason, judgement
+        assert attempt.case.canary is not None
+        assert f"reached canary {endpoint_text(attempt.case.canary, 0)[:-1]}" in judgement.reason, judgement
+
+
+def test_every_family_has_a_weak_proxy():
+    covered = {"url-confusion", "scheme-case", "dns-name"} | {p.values[2] for p in FAMILY_PROXIES}
+    assert covered == set(FAMILIES) - {"control"}
 
 
 # --- the judge itself, without sockets ------------------------------------------------------

@@ -53,6 +53,7 @@ CONTROL_FORMS: tuple[str, ...] = ("connect", "absolute")
 RANGE_FORMS: tuple[str, ...] = ("connect", "absolute", "origin")
 
 _LOOPBACK = "127.0.0.1"
+_PUBLIC_NAME = "public-origin.lab.test"  # a lab name whose only answer is a public origin (11.0.0.10)
 _METADATA = "169.254.169.254"
 _PATT = "PayloadsAllTheThings, Server Side Request Forgery/README.md"
 _CUJANOVIC = "cujanovic/SSRF-Testing"
@@ -545,6 +546,16 @@ _ENCODING_CASES = (
           "urllib dials 127.2.2.2, WHATWG 127.1.1.1", raw_authority="127.1.1.1:80\\@127.2.2.2"),
     _case("auth-backslash-metadata", "allowed.example\\@169.254.169.254", "authority_syntax",
           "malformed", _METADATA, "backslash before '@'"),
+    # The same payload with the public host after the '@': urllib reads public-origin.lab.test, the WHATWG
+    # parser ends the authority at the backslash and dials the special host (a check that reads one and a
+    # dialler that reads the other leaks; where both readings are special, the check refuses anyway).
+    _case("auth-backslash-at-public-metadata", _METADATA, "authority_syntax", "malformed", _METADATA,
+          "urllib: public-origin.lab.test, WHATWG: 169.254.169.254",
+          raw_authority=f"169.254.169.254:80\\@{_PUBLIC_NAME}"),
+    _case("auth-backslash-at-public-loopback", _LOOPBACK, "authority_syntax", "malformed", _LOOPBACK,
+          "urllib: public-origin.lab.test, WHATWG: 127.0.0.1", raw_authority=f"127.0.0.1\\@{_PUBLIC_NAME}"),
+    _case("auth-backslash-at-public-private", "10.0.0.1", "authority_syntax", "malformed", "10.0.0.1",
+          "urllib: public-origin.lab.test, WHATWG: 10.0.0.1", raw_authority=f"10.0.0.1:80\\@{_PUBLIC_NAME}"),
     # Ports (RFC 9110 section 4.2 and 9.3.6): only [1-9][0-9]{0,4} up to 65535.
     _case("port-plus-sign", _LOOPBACK, "authority_syntax", "malformed", _LOOPBACK, "signed port",
           raw_authority="127.0.0.1:+80"),
@@ -585,9 +596,6 @@ _ENCODING_CASES = (
           "GCP metadata name (lab stub resolver)"),
 )
 # fmt: on
-
-
-_PUBLIC_NAME = "public-origin.lab.test"  # a lab name whose only answer is a public origin (11.0.0.10)
 
 
 def _family_of(case: SsrfCase) -> str:

@@ -3,8 +3,11 @@
 The stub answers A and AAAA questions from a :class:`DnsZone` with TTL 0, so a proxy under test can
 never use a cached answer to hide a rebinding bug. Names can have several answers ("mixed": one public,
 one private) or answers that alternate per query ("rebinding", as safeurl's ``*-rbnd`` names do).
-Everything else is NXDOMAIN. Only the server touches sockets; encoding, decoding and answering are
-pure functions over bytes, tested without a network.
+Names under the public "echo the address" services the SSRF corpora use are answered by rule, as the
+real service would answer (:func:`service_answers`: nip.io, sslip.io, xip.io, localtest.me, 1u.ms
+including its rebinding form), so any spelling of them resolves in the lab without a zone row and
+nothing leaves the lab. Everything else is NXDOMAIN. Only the server touches sockets; encoding,
+decoding and answering are pure functions over bytes, tested without a network.
 
 References: RFC 1035 §4.1 (message format), §4.1.4 (compression), RFC 3596 (AAAA), RFC 4343 (names
 compare case-insensitively, ASCII only), RFC 2308 (NXDOMAIN vs NODATA).
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import struct
 import threading
 from collections.abc import Iterable, Mapping, Sequence
@@ -37,6 +41,7 @@ __all__ = [
     "encode_response",
     "parse_query",
     "parse_response",
+    "service_answers",
 ]
 
 
@@ -303,6 +308,88 @@ def parse_response(message: bytes) -> DnsResponse:
 
 
 # --------------------------------------------------------------------------------------------------
+# Wildcard services: what the real DNS services answer for any name under them (pure)
+# --------------------------------------------------------------------------------------------------
+
+_DOTTED = re.compile(r"(?:^|.*[.-])((?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(?:\.(?:25[0-5]|2[0-4][0-9]|"
+                     r"1[0-9][0-9]|[1-9]?[0-9])){3})$")
+_DASHED = re.compile(r"(?:^|.*[.-])((?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(?:-(?:25[0-5]|2[0-4][0-9]|"
+                     r"1[0-9][0-9]|[1-9]?[0-9])){3})$")
+_HEX = re.compile(r"(?:^|.*[.-])([0-9a-f]{8})$")
+_SSLIP_V6 = re.compile(r"(?:^|.*\.)([0-9a-f-]*--[0-9a-f-]*|(?:[0-9a-f]{1,4}-){7}[0-9a-f]{1,4})$")
+_ONE_U_MS = re.compile(r"make-(?P<first>.+?)-(?:rebind|rbnd)-(?P<then>.+)-rr|make-(?P<only>.+)-rr")
+
+
+def _echoed_address(prefix: str, *, dashes: bool, hex_form: bool, ipv6: bool) -> str | None:
+    """The address a nip.io-style service reads from the labels in front of its domain: the last
+    dotted quad (``app.10.0.0.1``), dashed quad (``app-10-0-0-1``), 8 hex digits (``app.7f000001``),
+    or sslip.io's dashed IPv6 (``--1``, ``fe80--1``)."""
+    for pattern, enabled in ((_DOTTED, True), (_DASHED, dashes), (_HEX, hex_form)):
+        match = pattern.match(prefix) if enabled else None
+        if match is not None:
+            text = match.group(1)
+            if pattern is _HEX:
+                return str(ipaddress.IPv4Address(int(text, 16)))
+            return str(ipaddress.IPv4Address(text.replace("-", ".")))
+    match = _SSLIP_V6.match(prefix) if ipv6 else None
+    if match is not None:
+        try:
+            return str(ipaddress.IPv6Address(match.group(1).replace("-", ":")))
+        except ValueError:
+            return None
+    return None
+
+
+def _one_u_ms_address(text: str) -> str | None:
+    for candidate in (text, text.replace("-", ".")):
+        try:
+            return str(ipaddress.ip_address(candidate))
+        except ValueError:
+            continue
+    return None
+
+
+# domain -> (dashed quads, 8 hex digits, dashed IPv6): nip.io and sslip.io document all their forms
+# (https://nip.io, https://sslip.io); xip.io (Basecamp, retired) read dotted quads only.
+_ECHO_SERVICES: dict[str, tuple[bool, bool, bool]] = {
+    "nip.io": (True, True, False),
+    "sslip.io": (True, True, True),
+    "xip.io": (False, False, False),
+}
+LOCALTEST_ME = "localtest.me"  # it and every name under it: 127.0.0.1 (A only)
+
+
+def service_answers(name: str) -> tuple[tuple[str, ...], ...] | None:
+    """What the real service answers for ``name``, as answer sets (more than one: a rebinding name,
+    one set per successive query), or None when no service rule covers the name. Pure.
+
+    * ``<anything>.<a.b.c.d>.nip.io``, ``<anything>-<a-b-c-d>.nip.io``, ``<anything>.<8 hex>.nip.io``:
+      the embedded address; the same for sslip.io, which also reads dashed IPv6 (``--1.sslip.io``);
+      xip.io reads dotted quads. The base domain alone (and a name with no address) has no rule.
+    * ``localtest.me`` and ``*.localtest.me``: 127.0.0.1.
+    * 1u.ms: ``make-<ip>-rr.1u.ms`` answers ``<ip>``; ``make-<ip1>-rebind-<ip2>-rr.1u.ms`` answers
+      ``<ip1>`` then ``<ip2>`` (its DNS-rebinding form); addresses dotted or dashed.
+    """
+    key = normalize_name(name)
+    if key == LOCALTEST_ME or key.endswith("." + LOCALTEST_ME):
+        return (("127.0.0.1",),)
+    if key.endswith(".1u.ms"):
+        match = _ONE_U_MS.fullmatch(key.removesuffix(".1u.ms"))
+        if match is None:
+            return None
+        texts = (match["first"], match["then"]) if match["only"] is None else (match["only"],)
+        addresses = [_one_u_ms_address(text) for text in texts]
+        if any(address is None for address in addresses):
+            return None
+        return tuple((address,) for address in addresses if address is not None)
+    for domain, (dashes, hex_form, ipv6) in _ECHO_SERVICES.items():
+        if key.endswith("." + domain):
+            address = _echoed_address(key.removesuffix("." + domain), dashes=dashes, hex_form=hex_form, ipv6=ipv6)
+            return None if address is None else ((address,),)
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
 # The zone and answering
 # --------------------------------------------------------------------------------------------------
 
@@ -322,13 +409,15 @@ class DnsZone:
     """Names the stub knows. Thread-safe: tests edit it while the lab's loop thread answers.
 
     * plain names: ``{name: [addresses]}``; several addresses give several answers;
+    * names under a wildcard service (:func:`service_answers`) without a row of their own, by rule;
     * rebinding names: a cycle of answer sets, one step per query. The step counter is kept per
       (name, query type): getaddrinfo(3) asks A and AAAA together, and a shared counter would let the
       AAAA query consume the "private" step so that A always saw the "public" one.
     """
 
-    def __init__(self, names: Mapping[str, Iterable[str]] | None = None) -> None:
+    def __init__(self, names: Mapping[str, Iterable[str]] | None = None, *, services: bool = True) -> None:
         self._lock = threading.Lock()
+        self._services = services  # answer wildcard-service names by rule (:func:`service_answers`)
         self._names: dict[str, tuple[str, ...]] = {}
         self._rebinding: dict[str, tuple[tuple[str, ...], ...]] = {}
         self._rebinding_steps: dict[tuple[str, int], int] = {}
@@ -370,18 +459,21 @@ class DnsZone:
             self._names.pop(key, None)
             self._rebinding.pop(key, None)
 
+    def _service_rule(self, key: str) -> tuple[tuple[str, ...], ...] | None:
+        return service_answers(key) if self._services else None
+
     def lookup(self, name: str, qtype: int) -> ZoneLookup:
         """Answer one question (advancing a rebinding name's step) and log it."""
         key = normalize_name(name)
         with self._lock:
             self._queries.append((key, qtype))
-            if key in self._rebinding:
-                answer_sets = self._rebinding[key]
+            if key in self._names and key not in self._rebinding:
+                candidates = self._names[key]
+            elif (answer_sets := self._rebinding.get(key) or self._service_rule(key)) is not None:
+                # A rebinding name, or a wildcard service's rule: one answer set per query, per type.
                 step = self._rebinding_steps.get((key, qtype), 0)
                 self._rebinding_steps[(key, qtype)] = step + 1
                 candidates = answer_sets[step % len(answer_sets)]
-            elif key in self._names:
-                candidates = self._names[key]
             else:
                 return ZoneLookup(exists=False, addresses=())
         return ZoneLookup(

@@ -48,6 +48,7 @@ CONTROL_DESTINATION = (PROBE_ORIGIN, 80)
 # form smuggling payloads also carry a request for the 10.0.0.1 canary that the SSRF check must refuse.
 SUITE_DESTINATIONS: tuple[tuple[str, str, tuple[tuple[str, int], ...]], ...] = (
     ("ssrf", "*", (CONTROL_DESTINATION,)),
+    ("ssrf-malformed", "*", (CONTROL_DESTINATION,)),
     ("ssrf-controls", "*", (CONTROL_DESTINATION,)),
     ("smuggling", "*[[]absolute-*", (CONTROL_DESTINATION, ("10.0.0.1", 80))),
 )

@@ -35,7 +35,7 @@ from pytest_sandbox.probes.ssrf import (
     send_attempt,
 )
 from pytest_sandbox.verdicts.judgement import Judgement, Verdict
-from pytest_sandbox.verdicts.ssrf import HitCounts, ProxyReply, judge_attempt
+from pytest_sandbox.verdicts.ssrf import HitCounts, ProxyReply, case_category, judge_attempt
 
 __all__ = [
     "PUBLIC_ORIGIN",
@@ -119,7 +119,7 @@ class AttemptExchange(AttemptBound):
 
     @property
     def category(self) -> str:
-        return "ssrf-controls" if self.attempt.case.expected == "allowed" else "ssrf"
+        return case_category(self.attempt.case)
 
     def control(self) -> str | None:
         return self.attempt.case.canary if self.attempt.case.expected == "allowed" else None

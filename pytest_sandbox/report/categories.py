@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 from _pytest.outcomes import Failed  # pytest.fail.Exception, importable under a name mypy can check
 
+from pytest_sandbox.catalogues.ssrf_cases import SSRF_CASES
+
 __all__ = [
     "CATEGORIES",
     "MEMBERSHIP",
@@ -30,12 +32,28 @@ __all__ = [
 @dataclass(frozen=True)
 class Membership:
     """Tests of ``module`` (a file in a ``conformance`` directory) whose function matches ``function``
-    and whose parameter id matches ``params`` (fnmatch patterns) report ``category``."""
+    and whose parameter id matches ``params`` (fnmatch patterns; a frozenset is a set of exact ids) report
+    ``category``."""
 
     module: str
     function: str
-    params: str
+    params: str | frozenset[str]
     category: str
+
+    def matches(self, module: str, function: str, params: str) -> bool:
+        if module != self.module or not fnmatch.fnmatchcase(function, self.function):
+            return False
+        if isinstance(self.params, frozenset):
+            return params in self.params
+        return fnmatch.fnmatchcase(params, self.params)
+
+
+_SSRF_CASE_TEST = "test_special_use_destination_is_refused_and_public_one_is_reached"
+# Ambiguous corpus inputs no client sends (the catalogue's ``malformed`` cases: inet_aton forms, userinfo,
+# bad ports, zone ids, non-ASCII), in every form they are sent in (test ids ``<form>-<case id>``): refused
+# as malformed before any lookup, counted apart from the policy's semantic refusals of real destinations.
+SSRF_MALFORMED_IDS: frozenset[str] = frozenset(
+    f"{form}-{case.case_id}" for case in SSRF_CASES if case.expected == "malformed" for form in case.forms)
 
 
 # First match wins. The conformance modules are the suite's (conformance/ in a checkout,
@@ -44,8 +62,8 @@ MEMBERSHIP: tuple[Membership, ...] = (
     Membership("test_syscalls.py", "test_forbidden_syscall_is_refused", "*", "syscall"),
     Membership("test_syscalls.py", "test_ordinary_work_still_functions", "*", "syscall-controls"),
     Membership("test_loaded_filter.py", "*", "*", "syscall-evaluation"),
-    Membership("test_ssrf.py", "test_special_use_destination_is_refused_and_public_one_is_reached", "*-ctl-*",
-               "ssrf-controls"),
+    Membership("test_ssrf.py", _SSRF_CASE_TEST, "*-ctl-*", "ssrf-controls"),
+    Membership("test_ssrf.py", _SSRF_CASE_TEST, SSRF_MALFORMED_IDS, "ssrf-malformed"),
     Membership("test_ssrf.py", "test_absolute_request_with_private_host_header_is_judged_by_its_public_target",
                "*", "ssrf-controls"),
     Membership("test_ssrf.py", "*", "*", "ssrf"),
@@ -58,7 +76,8 @@ MEMBERSHIP: tuple[Membership, ...] = (
 )
 
 # Every category, in scorecard order (each control category after what it controls).
-CATEGORIES: tuple[str, ...] = ("syscall", "syscall-controls", "syscall-evaluation", "ssrf", "ssrf-controls",
+CATEGORIES: tuple[str, ...] = ("syscall", "syscall-controls", "syscall-evaluation", "ssrf", "ssrf-malformed",
+                               "ssrf-controls",
                                "allowlist", "egress", "inference", "smuggling")
 
 SUITE_DIRECTORY = "conformance"
@@ -76,8 +95,7 @@ def category_of(nodeid: str) -> str | None:
     function, _, params = name.partition("[")
     params = params[:-1] if params.endswith("]") else params
     for member in MEMBERSHIP:
-        if (parts[-1] == member.module and fnmatch.fnmatchcase(function, member.function)
-                and fnmatch.fnmatchcase(params, member.params)):
+        if member.matches(parts[-1], function, params):
             return member.category
     return None
 

@@ -23,6 +23,7 @@ __all__ = [
     "JudgedAttempt",
     "ProxyReply",
     "canary_is_observable",
+    "case_category",
     "endpoint_text",
     "judge_attempt",
 ]
@@ -33,6 +34,16 @@ REFUSAL_STATUSES = frozenset({400, 403})
 DIALLED_STATUSES = frozenset({502, 504})
 
 HitCounts = Mapping[tuple[str, int], int]  # catch-all hits per (address, port)
+
+
+def case_category(case: SsrfCase) -> str:
+    """The scorecard row a catalogue case reports: ``ssrf-controls`` for a positive control,
+    ``ssrf-malformed`` for ambiguous input no client sends (refused as malformed, before any lookup),
+    ``ssrf`` for a destination the proxy must refuse by policy. ``report/categories.py`` names the same
+    rows from test ids."""
+    if case.expected == "allowed":
+        return "ssrf-controls"
+    return "ssrf-malformed" if case.expected == "malformed" else "ssrf"
 
 
 def canary_is_observable(address: str) -> bool:
