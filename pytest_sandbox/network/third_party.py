@@ -119,17 +119,12 @@ def proxy_url(address: str, port: int) -> str:
     return f"http://{host}:{port}"
 
 @dataclass
-class ThirdPartyProxy:
-    """A proxy started from a command inside a lab; same surface as ``RunningProxy``."""
+class _ThirdPartyEndpoint:
+    """What the suite knows of any proxy it did not write: where it listens, and no decision log."""
 
     lab: LabLike
     address: str
     port: int
-    command: str
-    process: subprocess.Popen[bytes]
-    _output: IO[bytes] = field(repr=False)
-    uses_lab_dns: bool = False
-    _state: Path | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
@@ -139,6 +134,17 @@ class ThirdPartyProxy:
     def decisions(self) -> list[Any]:
         """Unknown for a third-party proxy: the suite judges by its replies and the canaries."""
         return []
+
+
+@dataclass
+class ThirdPartyProxy(_ThirdPartyEndpoint):
+    """A proxy started from a command inside a lab; same surface as ``RunningProxy``."""
+
+    command: str
+    process: subprocess.Popen[bytes]
+    _output: IO[bytes] = field(repr=False)
+    uses_lab_dns: bool = False
+    _state: Path | None = field(default=None, repr=False)
 
     @property
     def pid(self) -> int:
@@ -322,21 +328,8 @@ def _wait_until_listening(running: ThirdPartyProxy, timeout: float) -> None:
 
 
 @dataclass
-class AttachedProxy:
+class AttachedProxy(_ThirdPartyEndpoint):
     """A proxy the user started inside the lab (``--sandbox-proxy URL``); we neither own nor stop it."""
-
-    lab: LabLike
-    address: str
-    port: int
-
-    @property
-    def url(self) -> str:
-        return proxy_url(self.address, self.port)
-
-    @property
-    def decisions(self) -> list[Any]:
-        """Unknown for a third-party proxy: the suite judges by its replies and the canaries."""
-        return []
 
     def connect(self, timeout: float = PROXY_CONNECT_TIMEOUT_SECONDS) -> socket.socket:
         """A new client connection to the proxy, from a socket inside the lab."""
