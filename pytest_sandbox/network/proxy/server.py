@@ -319,7 +319,7 @@ class EgressProxy:
             reader=reader,
             writer=writer,
             requests=RequestReader(reader, max_head=self.config.max_head, max_body=self.config.max_body,
-                                   strict=self.config.strict_framing),
+                                   strict=self.config.strict_framing, lax=self.config.lax_framing),
             watchdog=Watchdog(asyncio.get_running_loop()),
         )
         idle_timeout, abort_client = self.config.idle_timeout, writer.transport.abort
