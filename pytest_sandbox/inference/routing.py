@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from pytest_sandbox.http.fields import end_to_end
+from pytest_sandbox.http.framing import ROUTING_OVERRIDE_FIELDS
 from pytest_sandbox.inference.routes import InferenceRoute, match_route, parse_request_target
 
 __all__ = [
@@ -53,7 +54,11 @@ REASONS: dict[str, str] = {
 }
 
 # The fields the interceptor always writes itself (plus the hop-by-hop ones http.fields drops).
-_REWRITTEN_REQUEST_FIELDS = frozenset({b"host", b"content-length", b"authorization", b"x-api-key"})
+# Routing-override fields (X-HTTP-Method-Override, X-Original-URL, Forwarded, ...: http.framing) are
+# refused by the strict reader before routing; they are dropped here too, so that no reader that lets one
+# through can make the backend run another method or path than the route that was matched (RFC 9110 §9.1).
+_REWRITTEN_REQUEST_FIELDS = frozenset({b"host", b"content-length", b"authorization", b"x-api-key"}) \
+    | ROUTING_OVERRIDE_FIELDS
 _REWRITTEN_RESPONSE_FIELDS = frozenset({b"content-length"})
 
 
@@ -122,7 +127,7 @@ def forwardable_request_headers(
     """The header list sent upstream for a routed request. Pure.
 
     Dropped: hop-by-hop fields and every field the client's ``Connection`` names (RFC 9110
-    §7.6.1), ``proxy-*``, the client's credentials (``authorization``, ``x-api-key``: the sandbox
+    §7.6.1), ``proxy-*``, routing overrides (``http.framing.ROUTING_OVERRIDE_FIELDS``), the client's credentials (``authorization``, ``x-api-key``: the sandbox
     never holds the real key), ``host`` and ``content-length`` (re-derived here; the body has
     already been de-chunked by the framing reader). Added: the backend's Host, the route key, a
     fresh Content-Length, and ``connection: close`` (one upstream connection per request, so no
