@@ -51,7 +51,8 @@ def test_the_target_check_catches_a_row_that_writes_its_target_out() -> None:
 
 def test_literal_target_rows_do_write_their_target_out() -> None:
     literal = [case.case_id for case in SMUGGLING_CASES if case.literal_target]
-    assert literal == ["target-fragment", "target-backslash", "target-userinfo", "target-control-character"]
+    assert literal == ["target-fragment", "target-backslash", "target-userinfo", "target-control-character",
+                       "tf-connect-absolute-form"]
     assert all(b"http://{host}" in case_by_id(case_id).payload for case_id in literal)
 
 

@@ -127,7 +127,8 @@ def forwardable_request_headers(
     """The header list sent upstream for a routed request. Pure.
 
     Dropped: hop-by-hop fields and every field the client's ``Connection`` names (RFC 9110
-    §7.6.1), ``proxy-*``, routing overrides (``http.framing.ROUTING_OVERRIDE_FIELDS``), the client's credentials (``authorization``, ``x-api-key``: the sandbox
+    §7.6.1), ``proxy-*``, routing overrides (``http.framing.ROUTING_OVERRIDE_FIELDS``), the client's
+    credentials (``authorization``, ``x-api-key``: the sandbox
     never holds the real key), ``host`` and ``content-length`` (re-derived here; the body has
     already been de-chunked by the framing reader). Added: the backend's Host, the route key, a
     fresh Content-Length, and ``connection: close`` (one upstream connection per request, so no
