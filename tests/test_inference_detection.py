@@ -15,8 +15,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from broken_proxies.lenient_families import LENIENT_PROXY_PORTS, start_lenient_proxy
 
 from pytest_sandbox.catalogues.smuggling import FIRST_REQUEST_ONLY, H11_ONLY, SMUGGLING_CASES, case_by_id
+from pytest_sandbox.http.framing import FRAMING_FAMILIES
 from pytest_sandbox.http.responses import parse_responses
 from pytest_sandbox.http.upstream import UpstreamRequest, UpstreamSegment
 from pytest_sandbox.network.harness import RunningProxy, interception_of, lab_proxy_config, start_proxy
@@ -32,7 +34,13 @@ from pytest_sandbox.probes.smuggling import (
     tunnel_payload,
 )
 from pytest_sandbox.verdicts.judgement import Judgement, Verdict
-from pytest_sandbox.verdicts.smuggling import KEEP_READING_AFTER_DENIAL, Exchange, cases_failed_by, judge_exchange
+from pytest_sandbox.verdicts.smuggling import (
+    KEEP_READING_AFTER_DENIAL,
+    LENIENT_PREFIX,
+    Exchange,
+    cases_failed_by,
+    judge_exchange,
+)
 
 PUBLIC_ORIGIN = "11.0.0.10"
 DENIED_CANARY = "10.0.0.1"
@@ -208,3 +216,103 @@ def test_more_requests_at_the_origin_than_catalogued_is_allowed_whatever_the_sta
 def test_wrong_refusal_status_with_nothing_leaked_is_indeterminate() -> None:
     judgement = judge_exchange(case_by_id("cl-te-both"), Exchange((403,), True, False, None))
     assert judgement.verdict is Verdict.INDETERMINATE
+
+
+# --- one lenient framing family per proxy (issue #9): exactly that family's rows fail -----------------
+
+
+@pytest.mark.parametrize("family", sorted(LENIENT_PROXY_PORTS))
+def test_proxy_reading_one_family_leniently_fails_exactly_that_familys_cases(
+        family: str, _network_lab: NetworkLab) -> None:
+    expected = cases_failed_by(LENIENT_PREFIX + family, ABSOLUTE)
+    assert expected == {case.case_id for case in SMUGGLING_CASES if case.family == family}
+    assert len(expected) >= 3, f"the {family} family has too few rows to mean anything"
+    running = start_lenient_proxy(_network_lab, family)
+    try:
+        judgements = judge_all(running, ABSOLUTE)
+    finally:
+        running.stop()
+    failed = failing(judgements)
+    assert failed == expected, {k: judgements[k].reason for k in failed ^ expected}
+    for case_id in expected:
+        assert judgements[case_id].reason.startswith(f"{case_id}:"), judgements[case_id].reason
+    # Most rows of a family are caught by what reached the origin, not only by a different status.
+    leaked = {case_id for case_id in expected if judgements[case_id].verdict is Verdict.ALLOWED}
+    assert len(leaked) * 2 >= len(expected), {k: judgements[k].reason for k in expected - leaked}
+
+
+def test_every_framing_family_has_a_lenient_proxy() -> None:
+    assert set(LENIENT_PROXY_PORTS) == set(FRAMING_FAMILIES)
+
+
+# --- CONNECT with a body, and obs-text values in the tunnel (issue #9) ---------------------------------
+
+CONNECT_INFERENCE_WITH_BODY = (b"CONNECT inference.local:443 HTTP/1.1\r\nHost: inference.local:443\r\n"
+                               b"Content-Length: 5\r\n\r\nhello")
+
+
+def first_answer(running: RunningProxy, payload: bytes) -> bytes:
+    """The first bytes the proxy answers ``payload`` with (a status line), read until the head ends."""
+    with running.connect() as sock:
+        sock.settimeout(DETECTION_TIMEOUT_SECONDS)
+        sock.sendall(payload)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            data = sock.recv(4096)
+            if not data:
+                break
+            answer += data
+    return answer
+
+
+def test_connect_to_inference_local_with_a_body_is_refused_before_the_tunnel_opens(
+        _network_lab: NetworkLab) -> None:
+    """The body would otherwise be dropped and the interception tunnel opened, getting round the
+    early-data refusal (RFC 9110 §9.3.6); the lenient connect-body proxy shows the test can fail."""
+    reference = start_proxy(_network_lab, port=3180, interception=interception_of(_network_lab))
+    try:
+        answer = first_answer(reference, CONNECT_INFERENCE_WITH_BODY)
+        decisions = reference.proxy.decisions
+    finally:
+        reference.stop()
+    assert answer.startswith(b"HTTP/1.1 400 "), answer
+    assert b"connect-body" in answer
+    assert [decision.reason for decision in decisions] == ["framing:connect-body"]
+    assert reference.inference_decisions == [], "the interceptor must never see the connection"
+    lenient = start_lenient_proxy(_network_lab, "connect-body")
+    try:
+        assert first_answer(lenient, CONNECT_INFERENCE_WITH_BODY).startswith(b"HTTP/1.1 200 ")
+    finally:
+        lenient.stop()
+
+
+def test_interceptor_that_cannot_forward_obs_text_fails_the_obs_text_control(
+        _network_lab: NetworkLab, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pre-fix interceptor handed h11 text headers (ASCII only): a value with a non-ASCII byte was
+    never forwarded. Rebuilt here by giving the interceptor such an h11; the control must turn BROKEN,
+    and the reference (the test above it, in the conformance run) serves it."""
+    import h11
+
+    from pytest_sandbox.inference import interceptor
+
+    class AsciiOnlyH11:
+        def __getattr__(self, name: str) -> object:
+            return getattr(h11, name)
+
+        @staticmethod
+        def Request(*, method: str, target: str, headers: list[tuple[bytes, bytes]]) -> h11.Request:  # noqa: N802
+            return h11.Request(method=method, target=target,
+                               headers=[(name.decode("latin-1"), value.decode("latin-1")) for name, value in headers])
+
+    monkeypatch.setattr(interceptor, "h11", AsciiOnlyH11())
+    running = start_proxy(_network_lab, port=3181, interception=interception_of(_network_lab))
+    try:
+        attempt = SmugglingAttempt(case_by_id("obs-text-header-value"), TUNNEL)
+        interception = interception_of(_network_lab)
+        judgement, _seen = run_smuggling_campaign(
+            [attempt], running.connect, _network_lab, interception.backend, interception.trust.cert_pem,
+            origin=PUBLIC_ORIGIN, denied=DENIED_CANARY, timeout=DETECTION_TIMEOUT_SECONDS)[attempt.test_id]
+    finally:
+        running.stop()
+    assert judgement.verdict is Verdict.BROKEN, judgement.reason
+    assert judgement.reason.startswith("obs-text-header-value: a valid exchange was not served"), judgement.reason

@@ -383,9 +383,9 @@ def _check_target(method: bytes, target: bytes, lax: frozenset[str]) -> None:
         return
     form = _target_form(method, target)
     if method == b"CONNECT":
-        _, colon, port = target.rpartition(b":")
-        if form != "authority" or not colon or not port or not _only(port, _DIGIT):
-            # §3.2.3: authority-form (uri-host ":" port) is only and always for CONNECT.
+        if form != "authority":
+            # §3.2.3: authority-form is only and always for CONNECT (whether it is a valid host:port is the
+            # proxy's own authority parser's to say: network.proxy.decision.split_target).
             raise FramingViolation("target-form", f"CONNECT needs authority-form host:port: {target[:60]!r}")
     elif form == "authority":
         raise FramingViolation("target-form", f"authority-form is only for CONNECT (§3.2.3): {target[:60]!r}")
@@ -402,6 +402,22 @@ def _check_target(method: bytes, target: bytes, lax: frozenset[str]) -> None:
             # RFC 9110 §4.2.4: userinfo is deprecated in http(s) URIs; parsers disagree on which "@"
             # ends it (network.md §3), so the authority a proxy judges may not be the one dialled.
             raise FramingViolation("target-userinfo", f"userinfo in absolute-form target: {target[:60]!r}")
+
+
+def _lenient_target(method: bytes, target: bytes, host: bytes) -> bytes:
+    """The lenient reading of a target in the wrong form (``"target-form"`` in ``lax``): what a proxy
+    that "helps" does. A CONNECT takes its authority from an absolute URL or from Host; any other method
+    with an authority-form or asterisk-form target gets an absolute URL on that authority (or Host)."""
+    form = _target_form(method, target)
+    if method == b"CONNECT":
+        if form == "absolute":
+            return target.partition(b"://")[2].partition(b"/")[0]
+        return target if form == "authority" else host
+    if form == "authority":
+        return b"http://" + target + b"/"
+    if form == "asterisk" and method != b"OPTIONS":
+        return b"http://" + host + b"/"
+    return target
 
 
 def _check_host(value: bytes) -> None:
@@ -501,6 +517,8 @@ def check_request_head(
         # after its head would be read as a body by one party and as tunnel bytes by another.
         raise FramingViolation("connect-body", "CONNECT with Content-Length or Transfer-Encoding (RFC 9110 §9.3.6)")
 
+    if "target-form" in lax:
+        target = _lenient_target(method, target, hosts[0] if hosts else b"")
     framing = _body_framing(content_lengths, transfer_encodings, http_version, lax)
     keep_alive = http_version == "1.1" and b"close" not in connection_options
     return RequestHead(
