@@ -21,6 +21,7 @@ from pytest_sandbox.catalogues.smuggling import FIRST_REQUEST_ONLY, H11_ONLY, SM
 from pytest_sandbox.http.framing import FRAMING_FAMILIES
 from pytest_sandbox.http.responses import parse_responses
 from pytest_sandbox.http.upstream import UpstreamRequest, UpstreamSegment
+from pytest_sandbox.inference.routing import forwardable_request_headers
 from pytest_sandbox.network.harness import RunningProxy, interception_of, lab_proxy_config, start_proxy
 from pytest_sandbox.network.lab.lab import NetworkLab
 from pytest_sandbox.network.third_party import squid_command, start_proxy_command, tinyproxy_command
@@ -300,7 +301,7 @@ def test_interceptor_that_cannot_forward_obs_text_fails_the_obs_text_control(
             return getattr(h11, name)
 
         @staticmethod
-        def Request(*, method: str, target: str, headers: list[tuple[bytes, bytes]]) -> h11.Request:  # noqa: N802
+        def Request(*, method: str, target: str, headers: list[tuple[bytes, bytes]]) -> h11.Request:
             return h11.Request(method=method, target=target,
                                headers=[(name.decode("latin-1"), value.decode("latin-1")) for name, value in headers])
 
@@ -316,3 +317,14 @@ def test_interceptor_that_cannot_forward_obs_text_fails_the_obs_text_control(
         running.stop()
     assert judgement.verdict is Verdict.BROKEN, judgement.reason
     assert judgement.reason.startswith("obs-text-header-value: a valid exchange was not served"), judgement.reason
+
+
+def test_routing_override_fields_are_never_forwarded_to_the_backend() -> None:
+    """Behind the strict reader's refusal, routing drops them too (a reader that lets one through)."""
+    headers = [("Host", "inference.local"), ("X-HTTP-Method-Override", "DELETE"), ("X-Original-URL", "/admin"),
+               ("Forwarded", "host=evil"), ("X-Forwarded-Host", "evil"), ("Accept", "*/*")]
+    forwarded = forwardable_request_headers(headers, api_key="k", host_header="backend.test", body_length=0,
+                                            method="GET")
+    names = {name.lower() for name, _ in forwarded}
+    assert "accept" in names
+    assert not names & {"x-http-method-override", "x-original-url", "forwarded", "x-forwarded-host"}
