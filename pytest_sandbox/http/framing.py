@@ -11,7 +11,9 @@ complete head, ``ChunkedBodyParser`` judges a chunked body fed incrementally. Th
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Literal
 
 __all__ = [
@@ -34,6 +36,7 @@ __all__ = [
     "check_response_head",
     "first_bare_line_ending",
     "frame_pipeline",
+    "is_aliased_field",
 ]
 
 # OpenShell reads at most 8 KiB of request head and answers 431 beyond that (network.md §4).
@@ -134,6 +137,13 @@ ROUTING_OVERRIDE_FIELDS = frozenset(
 _ALIASED_FIELDS = frozenset({b"content-length", b"transfer-encoding", b"host", b"connection", b"upgrade",
                              b"te", b"trailer", b"expect"}) | ROUTING_OVERRIDE_FIELDS
 
+
+
+def is_aliased_field(name: bytes) -> bool:
+    """Whether ``name`` (lowercase) holds a ``_`` and reads as a framing or routing field with it taken for ``-``."""
+    return b"_" in name and name.replace(b"_", b"-") in _ALIASED_FIELDS
+
+
 # Trailer fields that must never be merged into the header section (RFC 9110 §6.5.1: framing,
 # routing, authentication and request modifiers are not allowed in trailers).
 FORBIDDEN_TRAILERS = frozenset(
@@ -168,7 +178,7 @@ _H2C_UPGRADE_TOKENS = frozenset({b"h2c", b"h2", b"http/2", b"http/2.0"})
 # ChunkedBodyParser) names families whose checks are *not* enforced and are replaced by the lenient
 # reading a real weak parser does (each noted where it happens). It exists only so that the test suite
 # can build a proxy with exactly one family's mistake and prove the catalogue catches it.
-FRAMING_FAMILIES: dict[str, frozenset[str]] = {
+FRAMING_FAMILIES: Mapping[str, frozenset[str]] = MappingProxyType({
     "request-line": frozenset({"request-line", "http-version", "target-chars"}),
     "target-form": frozenset({"target-form", "target-userinfo"}),
     "host-value": frozenset({"host-missing-or-duplicate", "host-value"}),
@@ -179,10 +189,10 @@ FRAMING_FAMILIES: dict[str, frozenset[str]] = {
     "h2c": frozenset({"upgrade-h2c"}),
     "routing-override": frozenset({"routing-override"}),
     "connect-body": frozenset({"connect-body"}),
-}
-FAMILY_OF_VIOLATION: dict[str, str] = {
+})
+FAMILY_OF_VIOLATION: Mapping[str, str] = MappingProxyType({
     violation: family for family, violations in FRAMING_FAMILIES.items() for violation in violations
-}
+})
 # A C-style strtoul into 32 bits: what the lenient Content-Length reading wraps to (2**32 + 5 -> 5).
 _LENIENT_LENGTH_MODULUS = 2**32
 
@@ -262,7 +272,7 @@ def _split_field_lines(section: bytes, lax: frozenset[str] = frozenset()) -> lis
         elif not colon or not name or not _only(name, _TCHAR):
             _diagnose_field_line(line)
         lowered = name.lower()
-        if not lenient_names and b"_" in lowered and lowered.replace(b"_", b"-") in _ALIASED_FIELDS:
+        if not lenient_names and is_aliased_field(lowered):
             raise FramingViolation("header-name-alias", f"{name.decode()!r} reads as a framing or routing field "
                                    "where '_' is taken for '-'")
         fields.append((lowered, value.strip(_OWS)))
