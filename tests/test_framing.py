@@ -12,6 +12,8 @@ import pytest
 
 from pytest_sandbox.catalogues.smuggling import H11_ONLY, SMUGGLING_CASES, SmugglingCase, case_by_id, render
 from pytest_sandbox.http.framing import (
+    FAMILY_OF_VIOLATION,
+    FRAMING_FAMILIES,
     ChunkedBodyParser,
     FramingViolation,
     check_request_head,
@@ -472,3 +474,104 @@ def test_json_refusal_says_connection_close_and_closes() -> None:
     assert head_bytes.startswith(b"HTTP/1.1 403 Forbidden\r\n")
     assert b"connection: close" in head_bytes
     assert json.loads(body) == {"error": "ssrf_denied"}
+
+
+# --- issue #9: target characters and forms, Host values, routing overrides, CONNECT bodies -----------
+
+
+@pytest.mark.parametrize(
+    ("data", "case"),
+    [
+        (head("Host: a", request_line="GET http://a/?x=%zz HTTP/1.1"), "target-chars"),
+        (head("Host: a", request_line="GET http://a/a|b{c}^ HTTP/1.1"), "target-chars"),
+        (head("Host: a", request_line="GET http://a/%4 HTTP/1.1"), "target-chars"),
+        (head("Host: a", request_line="GET a:80 HTTP/1.1"), "target-form"),
+        (head("Host: a", request_line="GET * HTTP/1.1"), "target-form"),
+        (head("Host: a:80", request_line="CONNECT / HTTP/1.1"), "target-form"),
+        (head("Host: a:80", request_line="CONNECT http://a:80/ HTTP/1.1"), "target-form"),
+        (head("Host: a, b", request_line="GET http://a/ HTTP/1.1"), "host-value"),
+        (head("Host: u@a", request_line="GET http://a/ HTTP/1.1"), "host-value"),
+        (head("Host: a/p", request_line="GET http://a/ HTTP/1.1"), "host-value"),
+        (head("Host: ", request_line="GET http://a/ HTTP/1.1"), "host-value"),
+        (head("Host: a:", request_line="GET http://a/ HTTP/1.1"), "host-value"),
+        (head("Host: [::1", request_line="GET http://a/ HTTP/1.1"), "host-value"),
+        (head("Host: a", "X-HTTP-Method-Override: DELETE", request_line="GET http://a/ HTTP/1.1"), "routing-override"),
+        (head("Host: a", "Forwarded: host=b", request_line="GET http://a/ HTTP/1.1"), "routing-override"),
+        (head("Host: a", "Transfer_Encoding: chunked"), "header-name-alias"),
+        (head("Host: a", "x_forwarded_host: b"), "header-name-alias"),
+        (head("Host: a:80", "Content-Length: 0", request_line="CONNECT a:80 HTTP/1.1"), "connect-body"),
+        (head("Host: a:80", "Transfer-Encoding: chunked", request_line="CONNECT a:80 HTTP/1.1"), "connect-body"),
+    ],
+)
+def test_issue_9_request_heads_are_refused_naming_the_check(data: bytes, case: str) -> None:
+    violation = violation_of(data)
+    assert (violation.case, violation.status) == (case, 400)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        head("Host: a", request_line="GET http://a/p%20q?x=%41&y=~!$'()*+,;= HTTP/1.1"),
+        head("Host: a", request_line="OPTIONS * HTTP/1.1"),
+        head("Host: a:80", request_line="CONNECT a:80 HTTP/1.1"),
+        head("Host: [2001:db8::1]:8080", request_line="GET http://a/ HTTP/1.1"),
+        head("Host: inference.local", "X-Forwarded-For: 10.0.0.1", "X_Custom: y",
+             request_line="GET /v1/models HTTP/1.1"),
+    ],
+)
+def test_valid_targets_hosts_and_fields_are_not_refused(data: bytes) -> None:
+    check_request_head(data)
+
+
+def test_every_violation_belongs_to_at_most_one_family() -> None:
+    seen = [violation for violations in FRAMING_FAMILIES.values() for violation in violations]
+    assert len(seen) == len(set(seen))
+    assert set(FAMILY_OF_VIOLATION) == set(seen)
+
+
+@pytest.mark.parametrize(
+    ("value", "length"),
+    [(b"5x", 5), (b"1 0", 1), (b"+5", 5), (b"0x5", 0), (b"", 0), (str(2**32 + 5).encode(), 5),
+     (str(2**64 + 5).encode(), 5), (b"5, 6", 5)],
+)
+def test_lenient_content_length_reads_like_a_32_bit_strtoul(value: bytes, length: int) -> None:
+    data = head("Host: a", "Content-Length: " + value.decode("latin-1"))
+    if value == str(2**32 + 5).encode():  # a valid number: strictly it is what it says (413 at the reader)
+        assert check_request_head(data).body_framing == ("length", 2**32 + 5)
+    else:
+        with pytest.raises(FramingViolation):
+            check_request_head(data)
+    assert check_request_head(data, lax=frozenset({"content-length"})).body_framing == ("length", length)
+
+
+@pytest.mark.parametrize(
+    ("value", "chunked"),
+    [("chunked, cow", True), ("cow chunked bar", True), ("\xa0chunked", True), ("chun\u212aed", True),
+     ("chunk", False), ("identity", False)],
+)
+def test_lenient_transfer_encoding_is_a_substring_match(value: str, chunked: bool) -> None:
+    data = b"POST http://a/ HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: %s\r\n\r\n" % value.encode()
+    framing = check_request_head(data, lax=frozenset({"transfer-encoding"})).body_framing
+    assert framing == (("chunked", 0) if chunked else ("length", 5))
+
+
+@pytest.mark.parametrize(
+    ("request_line", "host", "target"),
+    [("GET a:80 HTTP/1.1", "a", "http://a:80/"), ("GET * HTTP/1.1", "a", "http://a/"),
+     ("CONNECT / HTTP/1.1", "a:80", "a:80"), ("CONNECT http://a:80/ HTTP/1.1", "x", "a:80"),
+     ("GET http://a/ HTTP/1.1", "a", "http://a/")],
+)
+def test_lenient_target_form_builds_the_target_a_helpful_proxy_would(request_line: str, host: str,
+                                                                      target: str) -> None:
+    parsed = check_request_head(head(f"Host: {host}", request_line=request_line), lax=frozenset({"target-form"}))
+    assert parsed.target == target
+
+
+def test_lax_families_change_nothing_else() -> None:
+    """A lenient family never relaxes another family's check."""
+    for family in FRAMING_FAMILIES:
+        others = [case for case in SMUGGLING_CASES if case.violation is not None and case.family != family
+                  and case.family in FRAMING_FAMILIES]
+        for case in others:
+            pipeline = frame_pipeline(render(case, host=HOST, denied=DENIED), lax=frozenset({family}))
+            assert pipeline.violation is not None, (family, case.case_id)

@@ -35,8 +35,10 @@ from broken_proxies.harness import (
     quoted_prefix,
 )
 from broken_proxies.late_forwarder import LateForwardingInterceptor
+from broken_proxies.raw_relay import destination
 
 from pytest_sandbox.catalogues.smuggling import SMUGGLING_CASES, case_by_id, render
+from pytest_sandbox.http.framing import frame_pipeline
 from pytest_sandbox.inference.fake_backend import FakeInferenceBackend
 from pytest_sandbox.network.harness import RunningProxy, interception_of
 from pytest_sandbox.network.lab.lab import NetworkLab
@@ -68,10 +70,15 @@ ABSOLUTE_NOT_FORWARDED = CONTROLS
 DIALS_THE_CANARY = {"target-userinfo": 80, "target-backslash": 80, "denied-connect-with-trailing-bytes": 443}
 
 
-def quoted_first_line(payload: bytes) -> str:
-    """The payload's first request line as a verdict quotes it; for a CONNECT, the line after its
-    head (the bytes a proxy must never forward, which is what the verdict quotes)."""
-    if payload.startswith(b"CONNECT "):
+def quoted_first_line(payload: bytes, path: str = ABSOLUTE) -> str:
+    """The payload's first request line as a verdict quotes it; for a CONNECT the forwarder tunnels,
+    the line after its head (the bytes a proxy must never forward, which is what the verdict quotes).
+    On the absolute path the forwarder tunnels a CONNECT to host:port (raw_relay.destination); in the
+    tunnel the late interceptor forwards what follows a CONNECT strict framing accepted. Any other
+    CONNECT is forwarded whole."""
+    tunnelled = destination(payload, (PUBLIC_ORIGIN, 80))[2] if path == ABSOLUTE \
+        else frame_pipeline(payload).violation is None
+    if payload.startswith(b"CONNECT ") and tunnelled:
         payload = payload.partition(b"\r\n\r\n")[2]
     return quoted_prefix(payload, payload.index(b"\n"))
 
@@ -175,7 +182,7 @@ def test_late_forward_failures_name_the_bytes_at_the_backend(late_tunnel) -> Non
         assert judgement.reason.startswith(f"{case_id}:"), judgement.reason
         assert f"backend {LATE_BACKEND_NAME} connection" in judgement.reason, (case_id, judgement.reason)
         assert "s after the attempt ended)" in judgement.reason, (case_id, judgement.reason)
-        assert quoted_first_line(payload) in judgement.reason, (case_id, judgement.reason)
+        assert quoted_first_line(payload, TUNNEL) in judgement.reason, (case_id, judgement.reason)
 
 
 # --- after the last attempt: the session-end audit ----------------------------------------------------

@@ -51,7 +51,8 @@ def test_the_target_check_catches_a_row_that_writes_its_target_out() -> None:
 
 def test_literal_target_rows_do_write_their_target_out() -> None:
     literal = [case.case_id for case in SMUGGLING_CASES if case.literal_target]
-    assert literal == ["target-fragment", "target-backslash", "target-userinfo", "target-control-character"]
+    assert literal == ["target-fragment", "target-backslash", "target-userinfo", "target-control-character",
+                       "tf-connect-absolute-form"]
     assert all(b"http://{host}" in case_by_id(case_id).payload for case_id in literal)
 
 
@@ -97,6 +98,8 @@ def test_cases_failed_by_adds_the_also_failed_by_rows_on_their_path_only() -> No
     tunnel = cases_failed_by(H11_ONLY, TUNNEL_FORM.name)
     assert holes < absolute < tunnel
     assert "te-duplicate-header" in absolute  # "both"
-    assert tunnel - absolute == {"target-fragment", "target-backslash", "target-userinfo"}  # "tunnel" only
+    assert tunnel - absolute == {"target-fragment", "target-backslash", "target-userinfo",  # "tunnel" only
+                                 "tf-authority-form-get", "tf-asterisk-form-get", "tf-connect-origin-form",
+                                 "tf-connect-absolute-form"}
     with pytest.raises(ValueError, match="no weakening"):
         cases_failed_by(FIRST_REQUEST_ONLY, TUNNEL_FORM.name)

@@ -31,13 +31,22 @@ weakened proxy configurations this row detects because the weakened reader *forw
 request of a connection judged, OpenShell #819's absolute-form path and HAProxy's old tunnel mode).
 ``also_failed_by`` lists the weakenings that make the row fail for another reason (answered
 differently, or never answered), per path, with why.
+
+Every row has a ``family`` (the catalogue's table of contents, and the README's) and a ``source``: the
+public corpus entry it reproduces (defparam/smuggler's ``configs/exhaustive.py`` mutation names, which
+follow PortSwigger's http-request-smuggler permutations; MDA2AV/Http11Probe test ids; RFC 9110/9112
+edge cases). A row whose violation belongs to one of ``http.framing.FRAMING_FAMILIES`` is in that
+family, and a proxy that reads exactly that family leniently (``ProxyConfig.lax_framing``) must fail
+exactly that family's rows (tests/broken_proxies/lenient_families.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
+
+from pytest_sandbox.http.framing import FAMILY_OF_VIOLATION
 
 __all__ = ["ABSOLUTE_FORM", "SMUGGLING_CASES", "TUNNEL_FORM", "PathForm", "SmugglingCase", "case_by_id", "render"]
 
@@ -62,6 +71,19 @@ class SmugglingCase:
     literal_target: bool = False
     # (weakening, path "absolute" | "tunnel" | "both", why): failed for a reason other than a hole.
     also_failed_by: tuple[tuple[str, str, str], ...] = ()
+    # The public corpus entry this row reproduces; "" = an RFC edge case (``rfc`` names it).
+    source: str = ""
+    # "" = derived: the framing family of ``violation``, else the group of the row (see _family()).
+    family: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.family:
+            object.__setattr__(self, "family", _family(self))
+
+    @property
+    def provenance(self) -> str:
+        """Where the row comes from: its corpus source, or the RFC edge case it is."""
+        return self.source or f"{self.rfc} edge case"
 
     @property
     def is_positive_control(self) -> bool:
@@ -73,6 +95,26 @@ class SmugglingCase:
         if isinstance(self.expected_status, int):
             return status == self.expected_status
         return status in self.expected_status
+
+
+# Families of the rows whose violation is no framing family's (FAMILY_OF_VIOLATION covers the rest).
+POSITIVE_CONTROLS = "positive-controls"
+PIPELINING = "pipelining"  # clean requests refused by policy on a shared connection
+LINE_SYNTAX = "line-and-field-syntax"  # line endings, folding, CTLs in values, head size, Connection options
+CHUNKED_BODY = "chunked-body"
+TARGET_AUTHORITY = "target-authority"  # targets the proxy's own URL parser refuses as well (network.md §3)
+
+
+def _family(case: SmugglingCase) -> str:
+    if case.is_positive_control:
+        return POSITIVE_CONTROLS
+    if case.violation is None:
+        return PIPELINING
+    if case.violation in FAMILY_OF_VIOLATION:
+        return FAMILY_OF_VIOLATION[case.violation]
+    if case.violation.startswith("chunk"):
+        return CHUNKED_BODY
+    return LINE_SYNTAX
 
 
 @dataclass(frozen=True)
@@ -196,7 +238,23 @@ _FORBIDDEN_TRAILER_CASES = {
     b"Content-Length: 50": "content-length",
     b"Transfer-Encoding: chunked": "transfer-encoding",
     b"Authorization: Bearer stolen": "authorization",
+    # Http11Probe SMUG-TRAILER-* and the rest of RFC 9110 §6.5.1's list
+    b"Connection: close": "connection",
+    b"TE: trailers": "te",
+    b"Trailer: Host": "trailer",
+    b"Upgrade: h2c": "upgrade",
+    b"Cookie: session=stolen": "cookie",
+    b"Expect: 100-continue": "expect",
+    b"Proxy-Authorization: Basic c3RvbGVu": "proxy-authorization",
+    b"Content-Type: text/html": "content-type",
+    b"Content-Encoding: gzip": "content-encoding",
+    b"Max-Forwards: 0": "max-forwards",
+    b"X-HTTP-Method-Override: DELETE": "x-http-method-override",
+    b"X-Forwarded-Host: {denied}": "x-forwarded-host",
 }
+
+_HTTP11PROBE_TRAILERS = frozenset({"host", "content-length", "transfer-encoding", "authorization", "te",
+                                   "content-type"})
 
 _MALFORMED_CONTENT_LENGTHS = {
     b"+5": "plus-sign",
@@ -207,6 +265,265 @@ _MALFORMED_CONTENT_LENGTHS = {
     b"05": "leading-zero",  # h11 accepts leading zeros
     b"99999999999999999999": "overflow",
 }
+
+
+# --- rows from the public corpora (issue #9): each names its source ------------------------------------
+
+SMUGGLER = "defparam/smuggler configs/exhaustive.py"  # its mutation names follow PortSwigger's permutations
+HTTP11PROBE = "MDA2AV/Http11Probe"
+
+
+def _refused(case_id: str, description: str, payload: bytes, violation: str, source: str, rfc: str, *,
+             status: int | tuple[int, ...] = 400, **extra: object) -> SmugglingCase:
+    """A row strict framing refuses outright: nothing reaches upstream, the answer is ``status``, then close."""
+    return SmugglingCase(case_id, description, payload, status, must_close=True, reaches_backend=0, rfc=rfc,
+                         violation=violation, source=source, **extra)  # type: ignore[arg-type]
+
+
+def _control(case_id: str, description: str, payload: bytes, source: str, rfc: str) -> SmugglingCase:
+    """A row that must be served: one request, 200, the connection kept."""
+    return SmugglingCase(case_id, description, payload, 200, must_close=False, reaches_backend=1, rfc=rfc,
+                         source=source)
+
+
+def _chunked_te(field: bytes) -> bytes:
+    """A POST whose only framing is ``field`` (a mutated Transfer-Encoding line), then a denied request."""
+    return _post(field, body=_CHUNKED_HELLO + _GET_DENIED)
+
+
+_HEADER_NAME_ROWS = (
+    # (id, field line, violation, source)
+    ("hn-space-joined", b"Transfer Encoding: chunked", "field-syntax", f"{SMUGGLER} spacejoin1"),
+    ("hn-underscore-joined", b"Transfer_Encoding: chunked", "header-name-alias",
+     f"{SMUGGLER} underjoin1; {HTTP11PROBE} SMUG-TRANSFER_ENCODING"),
+    ("hn-smashed", b"Transfer Encoding:chunked", "field-syntax", f"{SMUGGLER} smashed"),
+    ("hn-tab-before-colon", b"Transfer-Encoding\t:\tchunked", "ws-before-colon", f"{SMUGGLER} tabprefix2"),
+    ("hn-accented-name", b"Transf\x82r-Encoding: chunked", "field-syntax", f"{SMUGGLER} accentTE"),
+    ("hn-vertical-tab-before-colon", b"Transfer-Encoding\x0b: chunked", "field-syntax", f"{SMUGGLER} postspace-0b"),
+    ("hn-nul-before-colon", b"Transfer-Encoding\x00: chunked", "field-syntax", f"{SMUGGLER} postspace-00"),
+    ("hn-ff-before-colon", b"Transfer-Encoding\xff: chunked", "field-syntax", f"{SMUGGLER} postspace-ff"),
+)
+
+_CL_NAME_ROWS = (
+    ("hn-content-length-underscore", b"Content_Length: 5", "header-name-alias", f"{HTTP11PROBE} SMUG-CL-UNDERSCORE"),
+    ("hn-content-length-space-before-colon", b"Content-Length : 5", "ws-before-colon", f"{HTTP11PROBE} RFC9112-5.1"),
+    ("hn-empty-name", b": 5", "field-syntax", f"{HTTP11PROBE} empty-header-name"),
+    ("hn-no-colon", b"Content-Length 5", "field-syntax", f"{HTTP11PROBE} header-no-colon"),
+    ("hn-forwarded-host-underscore", b"X_Forwarded_Host: {denied}", "header-name-alias",
+     "RFC 9110 §5.1 + CGI HTTP_* mapping (Http11Probe SMUG-TRANSFER_ENCODING's reasoning)"),
+)
+
+# Transfer-Encoding values (the TE permutations): anything but one ASCII "chunked" is refused.
+_TE_CORPUS = {
+    b"chunked, cow": ("comma-cow", f"{SMUGGLER} commaCow"),
+    b"cow, chunked": ("cow-comma", f"{SMUGGLER} cowComma"),
+    b"cow chunked bar": ("nested", f"{SMUGGLER} nested"),
+    b"'chunked'": ("apostrophes", f"{SMUGGLER} aposed"),
+    b"ch\x96nked": ("accented-value", f"{SMUGGLER} accentCH"),
+    b"\xffchunked": ("ff-prefix", f"{SMUGGLER} spaceFF"),
+    b"": ("empty", f"{HTTP11PROBE} SMUG-TE-EMPTY-VALUE"),
+    b"chunked,": ("trailing-comma", f"{HTTP11PROBE} SMUG-TE-TRAILING-COMMA"),
+    b"chunked, gzip": ("not-final-chunked", f"{HTTP11PROBE} SMUG-TE-NOT-FINAL-CHUNKED"),
+}
+
+# Valid spellings from the same permutation lists: served, so strictness costs nothing real clients send.
+_TE_VALID = (
+    ("tabprefix1", b"Transfer-Encoding:\tchunked"),
+    ("valueprefix1", b"Transfer-Encoding:  chunked"),
+    ("sarcasm", b"TrAnSFer-EnCODinG: cHuNkeD"),
+    ("tabsuffix", b"Transfer-Encoding: chunked\t"),
+)
+
+# Content-Length values: one 0|[1-9][0-9]* only; wraparound values frame as 5 in a 32/64-bit strtoul.
+_CL_CORPUS = {
+    b"5x": ("trailing-garbage", f"{HTTP11PROBE} RFC9110-8.6-CL-NON-NUMERIC"),
+    b"1 0": ("internal-space", f"{HTTP11PROBE} SMUG-CL-INTERNAL-SPACE"),
+    b"-0": ("negative-zero", f"{HTTP11PROBE} SMUG-CL-NEGATIVE-ZERO"),
+    b"00": ("double-zero", f"{HTTP11PROBE} SMUG-CL-DOUBLE-ZERO"),
+    b"5.0": ("decimal", "RFC 9110 §8.6 (1*DIGIT)"),
+    b"5, 6": ("comma-different", f"{HTTP11PROBE} SMUG-CL-COMMA-DIFFERENT"),
+    str(2**64 + 5).encode(): ("wrap-2-64-plus-5", "issue #9 (2^64+5 wraparound); Http11Probe MAL-CL-OVERFLOW"),
+}
+
+_H2C_ROWS = (
+    ("h2c-without-settings", b"Connection: Upgrade\r\nUpgrade: h2c",
+     "RFC 7540 §3.2 (a proxy must not forward the upgrade); BishopFox h2csmuggler"),
+    ("h2c-uppercase-token", b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: H2C\r\nHTTP2-Settings: AAMAAABkAAQAAP__",
+     "RFC 9110 §7.8 (protocol names are case-insensitive); h2csmuggler"),
+    ("h2c-in-a-list", b"Connection: Upgrade\r\nUpgrade: websocket, h2c", "RFC 9110 §7.8 (Upgrade is a list)"),
+    ("h2c-settings-alone", b"HTTP2-Settings: AAMAAABkAAQAAP__", "RFC 7540 §3.2.1"),
+    ("h2c-without-connection", b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__",
+     "h2csmuggler (proxies that forward Upgrade not named in Connection)"),
+)
+
+_ROUTING_OVERRIDES = {
+    b"X-Original-URL: /admin": "x-original-url",
+    b"X-Rewrite-URL: /admin": "x-rewrite-url",
+    b"X-HTTP-Method-Override: DELETE": "x-http-method-override",
+    b"X-HTTP-Method: DELETE": "x-http-method",
+    b"X-Method-Override: DELETE": "x-method-override",
+    b"X-Forwarded-Host: {denied}": "x-forwarded-host",
+    b"X-Host: {denied}": "x-host",
+    b"X-Forwarded-Server: {denied}": "x-forwarded-server",
+    b"X-Original-Host: {denied}": "x-original-host",
+    b"Forwarded: host={denied};proto=http": "forwarded",
+}
+
+_CONNECT_ALLOWED = b"CONNECT {host}:80 HTTP/1.1\r\nHost: {host}:80\r\n"
+
+_CORPUS_ROWS_UNMARKED: tuple[SmugglingCase, ...] = (
+    # --- header-name mutations ----------------------------------------------------------------------
+    *(_refused(case_id, f"{field!r}: not a Transfer-Encoding field to us, maybe one to the next hop",
+               _chunked_te(field), violation, source, "RFC 9110 §5.1")
+      for case_id, field, violation, source in _HEADER_NAME_ROWS),
+    *(_refused(case_id, f"{field!r} next to a body the next hop may frame by it",
+               _post(field, body=b"{body}") + _GET_DENIED, violation, source, "RFC 9112 §5.1")
+      for case_id, field, violation, source in _CL_NAME_ROWS),
+    # --- Transfer-Encoding permutations -------------------------------------------------------------
+    *(SmugglingCase(f"te-{name}", f"Transfer-Encoding: {value!r} must not be read as chunked",
+                    _chunked_te(b"Transfer-Encoding: " + value), (400, 501), must_close=True, reaches_backend=0,
+                    rfc="RFC 9112 §6.1", violation="te-not-chunked", source=source)
+      for value, (name, source) in _TE_CORPUS.items()),
+    SmugglingCase("te-cow-then-chunked-fields", "Transfer-Encoding: cow, then Transfer-Encoding: chunked",
+                  _post(b"Transfer-Encoding: cow", b"Transfer-Encoding: chunked", body=_CHUNKED_HELLO + _GET_DENIED),
+                  (400, 501), must_close=True, reaches_backend=0, rfc="RFC 9112 §6.1", violation="te-not-chunked",
+                  source=f"{SMUGGLER} revdualchunk"),
+    *(_control(f"te-valid-{name}", f"{field!r} is the chunked coding: served",
+               _post(field, body=_CHUNKED_HELLO), f"{SMUGGLER} {name}", "RFC 9110 §5.5")
+      for name, field in _TE_VALID),
+    # --- Content-Length values ------------------------------------------------------------------------
+    *(_refused(f"cl-{name}", f"Content-Length: {value!r} is not 0|[1-9][0-9]*",
+               _post(b"Content-Length: " + value, body=b"{body}") + _GET_DENIED,
+               "cl-duplicate" if b"," in value else "cl-malformed", source, "RFC 9110 §8.6")
+      for value, (name, source) in _CL_CORPUS.items()),
+    _refused("cl-wrap-2-32-plus-5", "Content-Length: 2^32+5 is a valid number beyond the body limit (413); a "
+             "32-bit parser reads 5", _post(b"Content-Length: %d" % (2**32 + 5), body=b"{body}") + _GET_DENIED,
+             "body-too-large", "issue #9 (2^32+5 wraparound)", "RFC 9110 §8.6", status=413,
+             family="content-length"),
+    # --- request-line oddities ----------------------------------------------------------------------
+    *(_refused(case_id, description, line + b"\r\nHost: {host}\r\n\r\n", violation, source, "RFC 9112 §3",
+               status=status)
+      for case_id, description, line, violation, source, status in (
+          ("rl-double-space", "two spaces after the method", b"GET  {get} HTTP/1.1", "request-line",
+           f"{HTTP11PROBE} RFC9112-3-MULTI-SP-REQUEST-LINE", 400),
+          ("rl-tab-separators", "tabs instead of spaces", b"GET\t{get}\tHTTP/1.1", "request-line",
+           "RFC 9112 §3 (SP only)", 400),
+          ("rl-trailing-space", "a space after the version", b"GET {get} HTTP/1.1 ", "request-line",
+           "RFC 9112 §3", 400),
+          ("rl-leading-space", "a space before the method", b" GET {get} HTTP/1.1", "request-line",
+           f"{HTTP11PROBE} whitespace-before-request-line", 400),
+          ("rl-lowercase-version", "http/1.1: the version is case-sensitive", b"GET {get} http/1.1", "request-line",
+           f"{HTTP11PROBE} RFC9112-2.3-INVALID-VERSION", 400),
+          ("rl-version-2", "HTTP/2.0 in an HTTP/1 request-line", b"GET {get} HTTP/2.0", "http-version",
+           f"{HTTP11PROBE} RFC9112-2.3-HTTP2-VERSION", 505),
+          ("rl-target-bad-percent", "'%zz' is no pct-encoding (issue #9)", b"GET {get}?x=%zz HTTP/1.1",
+           "target-chars", "issue #9; RFC 3986 §2.1", 400),
+          ("rl-target-unsafe-characters", "'|', '{', '}', '^' are no URI characters (issue #9)",
+           b"GET {get}a|b{}^ HTTP/1.1", "target-chars", "issue #9; RFC 3986 §2", 400),
+          ("rl-target-quote-and-angle", "'\"' '<' '>' are no URI characters", b'GET {get}"<x>" HTTP/1.1',
+           "target-chars", "RFC 3986 §2 (WHATWG encodes them; raw ones are an attack)", 400),
+          ("rl-target-truncated-percent", "a '%' at the end of the target", b"GET {get}?x=% HTTP/1.1",
+           "target-chars", "RFC 3986 §2.1", 400),
+      )),
+    _refused("rl-h2-preface", "the HTTP/2 connection preface sent to an HTTP/1.1 proxy",
+             b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "http-version", f"{HTTP11PROBE} MAL-H2-PREFACE", "RFC 9113 §3.4",
+             status=505),
+    # --- target forms ---------------------------------------------------------------------------------
+    _refused("tf-authority-form-get", "authority-form on a GET (only CONNECT may use it)",
+             b"GET {host}:80 HTTP/1.1\r\nHost: {host}\r\n\r\n", "target-form", "issue #9 request forms",
+             "RFC 9112 §3.2.3"),
+    _refused("tf-asterisk-form-get", "asterisk-form on a GET (only OPTIONS may use it)",
+             b"GET * HTTP/1.1\r\nHost: {host}\r\n\r\n", "target-form", "issue #9 request forms", "RFC 9112 §3.2.4"),
+    _refused("tf-connect-origin-form", "CONNECT with an origin-form target, the authority only in Host",
+             b"CONNECT / HTTP/1.1\r\nHost: {host}:80\r\n\r\n" + _GET_DENIED, "target-form", "issue #9 request forms",
+             "RFC 9112 §3.2.3"),
+    _refused("tf-connect-absolute-form", "CONNECT with an absolute-form target",
+             b"CONNECT http://{host}:80/ HTTP/1.1\r\nHost: {host}:80\r\n\r\n" + _GET_DENIED, "target-form",
+             "issue #9 request forms", "RFC 9112 §3.2.3", literal_target=True),
+    # --- Host values ----------------------------------------------------------------------------------
+    *(_refused(f"host-{name}", f"Host: {value!r} is not uri-host[:port]",
+               b"GET {get} HTTP/1.1\r\nHost: " + value + b"\r\n\r\n", "host-value", source, "RFC 9112 §3.2")
+      for value, (name, source) in {
+          b"{host}, {denied}": ("comma-list", f"issue #9; {HTTP11PROBE} SMUG-MULTIPLE-HOST-COMMA"),
+          b"user@{host}": ("userinfo", f"issue #9; {HTTP11PROBE} host-with-userinfo"),
+          b"{host}/path": ("path", f"issue #9; {HTTP11PROBE} host-with-path"),
+          b"": ("empty", f"{HTTP11PROBE} host-empty-value"),
+          b"{host} {denied}": ("space-inside", "RFC 9110 §7.2"),
+          b"{host}:8o": ("bad-port", "RFC 3986 §3.2.3 (port = *DIGIT)"),
+          b"{host}:": ("empty-port", "RFC 9110 §7.2"),
+      }.items()),
+    _refused("host-duplicate-same", "Host twice with the same value", b"GET {get} HTTP/1.1\r\nHost: {host}\r\n"
+             b"Host: {host}\r\n\r\n", "host-missing-or-duplicate", f"{HTTP11PROBE} duplicate-host-same",
+             "RFC 9112 §3.2"),
+    # --- trailers: see _FORBIDDEN_TRAILER_CASES (rows built with the RFC rows above) -----------------
+    # --- h2c upgrade ----------------------------------------------------------------------------------
+    *(_refused(case_id, f"an h2c upgrade ({fields.splitlines()[-1]!r})",
+               b"GET {get} HTTP/1.1\r\nHost: {host}\r\n" + fields + b"\r\n\r\n", "upgrade-h2c", source,
+               "RFC 7540 §3.2")
+      for case_id, fields, source in _H2C_ROWS),
+    _refused("h2c-post-with-body", "an h2c upgrade on a POST whose body the origin would read as HTTP/2",
+             _post(b"Connection: Upgrade, HTTP2-Settings", b"Upgrade: h2c", b"HTTP2-Settings: AAMAAABkAAQAAP__",
+                   b"Content-Length: 5", body=b"{body}"), "upgrade-h2c", "h2csmuggler (upgrade on a request with "
+             "a body)", "RFC 7540 §3.2"),
+    # --- routing-override headers -------------------------------------------------------------------
+    *(_refused(f"override-{name}", f"{field!r}: the origin would route or run what the proxy did not judge",
+               b"GET {get} HTTP/1.1\r\nHost: {host}\r\n" + field + b"\r\n\r\n", "routing-override",
+               "issue #9 routing-override family", "RFC 9110 §9.1 / RFC 7239 §4")
+      for field, name in _ROUTING_OVERRIDES.items()),
+    # --- CONNECT with a body --------------------------------------------------------------------------
+    _refused("connect-content-length-body", "CONNECT with Content-Length: a body for one party, tunnel bytes for "
+             "another", _CONNECT_ALLOWED + b"Content-Length: 5\r\n\r\n{body}" + _GET_DENIED, "connect-body",
+             "issue #9 CONNECT with a body", "RFC 9110 §9.3.6"),
+    # Nothing after the chunked body: the attribution nonce goes into the first CRLFCRLF after a CONNECT head
+    # (http.upstream.with_nonce), here the body's end, so a request behind it would reach the origin unnamed.
+    _refused("connect-chunked-body", "CONNECT with a chunked body",
+             _CONNECT_ALLOWED + b"Transfer-Encoding: chunked\r\n\r\n" + _CHUNKED_HELLO, "connect-body",
+             "issue #9 CONNECT with a body", "RFC 9110 §9.3.6"),
+    _refused("connect-content-length-zero", "CONNECT with Content-Length: 0 (content has no meaning: refused)",
+             _CONNECT_ALLOWED + b"Content-Length: 0\r\n\r\n" + _GET_DENIED, "connect-body",
+             "issue #9 CONNECT with a body", "RFC 9110 §9.3.6"),
+    # --- field values ---------------------------------------------------------------------------------
+    _control("obs-text-header-value", "a field value with a non-ASCII byte (obs-text) is legal and served",
+             b"GET {get} HTTP/1.1\r\nHost: {host}\r\nX-Note: caf\xe9\r\n\r\n",
+             "issue #9 (the interceptor dropped the connection)", "RFC 9110 §5.5"),
+)
+
+# What the h11-only weakening does with the corpus rows (measured; tests/test_inference_detection.py
+# asserts the whole set): the rows it forwards on the absolute path (its holes; in the tunnel they are
+# forwarded too or refused 403 by routing instead of 400) ...
+_H11_FORWARDS = frozenset({
+    "hn-underscore-joined", "hn-content-length-underscore", "hn-forwarded-host-underscore",
+    "rl-version-2", "rl-target-bad-percent", "rl-target-unsafe-characters", "rl-target-quote-and-angle",
+    "rl-target-truncated-percent",
+    *(f"host-{name}" for name in ("comma-list", "userinfo", "path", "empty", "space-inside", "bad-port", "empty-port")),
+    *(case_id for case_id, _fields, _source in _H2C_ROWS), "h2c-post-with-body",
+    *(f"override-{name}" for name in _ROUTING_OVERRIDES.values()),
+    "connect-content-length-body", "connect-content-length-zero",
+    "cl-double-zero",  # h11 accepts leading zeros (as cl-malformed-leading-zero)
+})
+# ... and the rows it fails for another reason, per path.
+_H11_OTHERWISE: dict[str, tuple[str, str]] = {
+    "cl-wrap-2-32-plus-5": (BOTH_PATHS, "h11 waits for 2^32+5 bytes: no answer, no close"),
+    "cl-wrap-2-64-plus-5": (BOTH_PATHS, "h11 refuses the value but neither answers nor closes"),
+    "connect-chunked-body": (BOTH_PATHS, "h11 reads the CONNECT body: the tunnel opens (absolute), routing answers "
+                                         "403 (tunnel)"),
+    "rl-h2-preface": (BOTH_PATHS, "h11 answers 400 (absolute) / routing 403 (tunnel), not 505"),
+    **{case_id: ("tunnel", "h11 takes the target; routing refuses it 403, not framing 400")
+       for case_id in ("tf-authority-form-get", "tf-asterisk-form-get", "tf-connect-origin-form",
+                       "tf-connect-absolute-form")},
+}
+
+
+def _h11_marked(case: SmugglingCase) -> SmugglingCase:
+    if case.case_id in _H11_FORWARDS:
+        return replace(case, holes=case.holes | {H11_ONLY})
+    if case.case_id in _H11_OTHERWISE:
+        path, why = _H11_OTHERWISE[case.case_id]
+        return replace(case, also_failed_by=(*case.also_failed_by, (H11_ONLY, path, why)))
+    return case
+
+
+_CORPUS_ROWS = tuple(_h11_marked(case) for case in _CORPUS_ROWS_UNMARKED)
 
 
 SMUGGLING_CASES: tuple[SmugglingCase, ...] = (
@@ -430,7 +747,7 @@ SMUGGLING_CASES: tuple[SmugglingCase, ...] = (
         "a '#' in the request-target",
         b"GET http://{host}/a#@{denied}/ HTTP/1.1\r\nHost: {host}\r\n\r\n",
         400, must_close=True, reaches_backend=0, rfc="RFC 9112 §3.2",
-        violation="target-chars", literal_target=True,
+        violation="target-chars", literal_target=True, family=TARGET_AUTHORITY,
         also_failed_by=(_ROUTED_NOT_FRAMED,),
     ),
     SmugglingCase(
@@ -438,7 +755,7 @@ SMUGGLING_CASES: tuple[SmugglingCase, ...] = (
         "a backslash in the authority: urllib and WHATWG pick different hosts",
         b"GET http://{host}:80\\@{denied}/ HTTP/1.1\r\nHost: {host}\r\n\r\n",
         400, must_close=True, reaches_backend=0, rfc="RFC 3986 §3.2",
-        violation="target-chars", literal_target=True,
+        violation="target-chars", literal_target=True, family=TARGET_AUTHORITY,
         also_failed_by=(_ROUTED_NOT_FRAMED,),
     ),
     SmugglingCase(
@@ -446,7 +763,7 @@ SMUGGLING_CASES: tuple[SmugglingCase, ...] = (
         "userinfo in the absolute-form target",
         b"GET http://{host}@{denied}/ HTTP/1.1\r\nHost: {host}\r\n\r\n",
         400, must_close=True, reaches_backend=0, rfc="RFC 9110 §4.2.4",
-        violation="target-userinfo", literal_target=True,
+        violation="target-userinfo", literal_target=True, family=TARGET_AUTHORITY,
         also_failed_by=(_ROUTED_NOT_FRAMED,),
     ),
     SmugglingCase(
@@ -454,7 +771,7 @@ SMUGGLING_CASES: tuple[SmugglingCase, ...] = (
         "a TAB inside the request-target",
         b"GET http://{host}/a\tb HTTP/1.1\r\nHost: {host}\r\n\r\n",
         400, must_close=True, reaches_backend=0, rfc="RFC 9112 §3.2",
-        violation="target-chars", literal_target=True,
+        violation="target-chars", literal_target=True, family=TARGET_AUTHORITY,
     ),
     SmugglingCase(
         "upgrade-h2c",
@@ -549,7 +866,9 @@ SMUGGLING_CASES: tuple[SmugglingCase, ...] = (
             _post(b"Transfer-Encoding: chunked", body=b"5\r\n{body}\r\n0\r\n" + field + b"\r\n\r\n"),
             400, must_close=True, reaches_backend=0, rfc="RFC 9110 §6.5.1",
             violation="trailer-forbidden", holes=frozenset({H11_ONLY}),
+            source=f"{HTTP11PROBE} SMUG-TRAILER-{name.upper()}" if name in _HTTP11PROBE_TRAILERS else "",
         )
         for field, name in _FORBIDDEN_TRAILER_CASES.items()
     ),
+    *_CORPUS_ROWS,
 )

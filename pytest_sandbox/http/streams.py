@@ -144,9 +144,9 @@ class _BufferedStream:
         del self.buffer[:length]
         return data
 
-    async def read_chunked(self, max_body: int) -> tuple[bytes, bytes]:
+    async def read_chunked(self, max_body: int, lax: frozenset[str] = frozenset()) -> tuple[bytes, bytes]:
         """(decoded body, encoded bytes consumed); the bytes after it stay buffered."""
-        parser = ChunkedBodyParser(max_body=max_body)
+        parser = ChunkedBodyParser(max_body=max_body, lax=lax)
         fed: list[bytes] = []
         data = bytes(self.buffer)
         while True:
@@ -185,11 +185,13 @@ class RequestReader:
         max_body: int = DEFAULT_MAX_BODY,
         strict: bool = True,
         reserve: Reserve | None = None,
+        lax: frozenset[str] = frozenset(),
     ) -> None:
         self._stream = _BufferedStream(reader, reserve)
         self._max_head = max_head
         self._max_body = max_body
         self._strict = strict
+        self._lax = lax  # framing families read leniently (framing.FRAMING_FAMILIES; weakened proxies only)
 
     def leftover(self) -> bytes:
         """Bytes read from the socket but not consumed by any returned request."""
@@ -201,10 +203,10 @@ class RequestReader:
         head_bytes = await self._stream.read_head(self._max_head, what="request")
         if head_bytes is None:
             return None
-        head = check_request_head(head_bytes, max_head=self._max_head)
+        head = check_request_head(head_bytes, max_head=self._max_head, lax=self._lax)
         kind, length = head.body_framing
         if kind == "chunked":
-            body, encoded = await self._stream.read_chunked(self._max_body)
+            body, encoded = await self._stream.read_chunked(self._max_body, self._lax)
         elif length:
             if length > self._max_body:
                 raise FramingViolation("body-too-large", f"body exceeds {self._max_body} bytes", 413)

@@ -224,9 +224,12 @@ class InferenceInterceptor:
         facts["detail"] = f"route {decision.route}"
         try:
             # Serialisation, not routing: h11 refuses what it cannot write (e.g. a value it finds invalid).
+            # Values go as the bytes that arrived (latin-1 round-trips them): obs-text (RFC 9110 §5.5) is a
+            # legal field value, and h11 would ASCII-encode a str and raise UnicodeEncodeError on it.
             upstream_request = h11.Request(method=request.method, target=decision.target,
-                                           headers=list(decision.headers))
-        except h11.LocalProtocolError as error:
+                                           headers=[(name.encode("latin-1"), value.encode("latin-1"))
+                                                    for name, value in decision.headers])
+        except (h11.LocalProtocolError, UnicodeError) as error:
             facts["detail"] += f": {error}"
             self._decide("request_not_forwardable", "error", UPSTREAM_FAILED_STATUS, **facts)
             await _send_refusal(client, UPSTREAM_FAILED_STATUS, {"error": "request_not_forwardable"})

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from pytest_sandbox.http.fields import end_to_end
+from pytest_sandbox.http.framing import ROUTING_OVERRIDE_FIELDS, is_aliased_field
 from pytest_sandbox.inference.routes import InferenceRoute, match_route, parse_request_target
 
 __all__ = [
@@ -55,7 +56,11 @@ REASONS: dict[str, str] = {
 }
 
 # The fields the interceptor always writes itself (plus the hop-by-hop ones http.fields drops).
-_REWRITTEN_REQUEST_FIELDS = frozenset({b"host", b"content-length", b"authorization", b"x-api-key"})
+# Routing-override fields (X-HTTP-Method-Override, X-Original-URL, Forwarded, ...: http.framing) are
+# refused by the strict reader before routing; they are dropped here too, so that no reader that lets one
+# through can make the backend run another method or path than the route that was matched (RFC 9110 §9.1).
+_REWRITTEN_REQUEST_FIELDS = frozenset({b"host", b"content-length", b"authorization", b"x-api-key"}) \
+    | ROUTING_OVERRIDE_FIELDS
 _REWRITTEN_RESPONSE_FIELDS = frozenset({b"content-length"})
 
 
@@ -124,13 +129,17 @@ def forwardable_request_headers(
     """The header list sent upstream for a routed request. Pure.
 
     Dropped: hop-by-hop fields and every field the client's ``Connection`` names (RFC 9110
-    §7.6.1), ``proxy-*``, the client's credentials (``authorization``, ``x-api-key``: the sandbox
-    never holds the real key), ``host`` and ``content-length`` (re-derived here; the body has
-    already been de-chunked by the framing reader). Added: the backend's Host, the route key, a
+    §7.6.1), ``proxy-*``, routing overrides (``http.framing.ROUTING_OVERRIDE_FIELDS``) and ``_``
+    aliases of framing and routing fields, the client's credentials (``authorization``, ``x-api-key``:
+    the sandbox never holds the real key), ``host`` and ``content-length`` (re-derived here; the body
+    has already been de-chunked by the framing reader). Added: the backend's Host, the route key, a
     fresh Content-Length, and ``connection: close`` (one upstream connection per request, so no
     request can ride another's upstream connection).
     """
-    kept = _end_to_end_text(headers, _REWRITTEN_REQUEST_FIELDS)
+    # "_" aliases of framing and routing fields (Transfer_Encoding, X_Forwarded_Host) go too: a backend that
+    # maps "_" to "-" would frame or route by them (the strict reader refuses them before this).
+    kept = [(name, value) for name, value in _end_to_end_text(headers, _REWRITTEN_REQUEST_FIELDS)
+            if not is_aliased_field(name.lower().encode("latin-1"))]
     # RFC 9110 §8.6: no Content-Length on a bodiless request whose method defines no body.
     has_content = body_length > 0 or method in ("POST", "PUT", "PATCH")
     framing = [("content-length", str(body_length))] if has_content else []

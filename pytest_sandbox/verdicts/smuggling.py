@@ -24,6 +24,7 @@ from pytest_sandbox.catalogues.smuggling import (
     TUNNEL_FORM,
     SmugglingCase,
 )
+from pytest_sandbox.http.framing import FRAMING_FAMILIES
 from pytest_sandbox.http.upstream import (
     Assessment,
     UpstreamReading,
@@ -38,6 +39,7 @@ from pytest_sandbox.verdicts.judgement import Judgement, Verdict
 __all__ = [
     "FOLLOW_UP_MARKER",
     "KEEP_READING_AFTER_DENIAL",
+    "LENIENT_PREFIX",
     "Exchange",
     "cases_failed_by",
     "expected_text",
@@ -50,6 +52,8 @@ __all__ = [
 FOLLOW_UP_MARKER = "follow-up"
 # The pre-#819 interceptor's weakening (``close_on_denied=False``): a refusal leaves the tunnel open.
 KEEP_READING_AFTER_DENIAL = "keep-reading-after-denial"
+# ``lenient-<family>``: the proxy reads one of http.framing.FRAMING_FAMILIES leniently (``lax_framing``).
+LENIENT_PREFIX = "lenient-"
 
 
 def is_policy_denial(case: SmugglingCase) -> bool:
@@ -68,6 +72,7 @@ def cases_failed_by(weakening: str, path: str, cases: Iterable[SmugglingCase] = 
       path): the ``first-request-only`` cases plus every other policy refusal, because inside the
       tunnel every such refusal must also close the connection (network.md §4) and the weakened
       interceptor keeps it open.
+    * ``lenient-<family>`` (``lax_framing={family}``, absolute path): exactly the rows of that family.
 
     Plus, for each, the cases whose ``also_failed_by`` names the weakening on ``path`` (or on both).
     """
@@ -79,6 +84,9 @@ def cases_failed_by(weakening: str, path: str, cases: Iterable[SmugglingCase] = 
     elif weakening == KEEP_READING_AFTER_DENIAL and path == TUNNEL_FORM.name:
         failed = {case.case_id for case in case_list
                   if FIRST_REQUEST_ONLY in case.holes or is_policy_denial(case)}
+    elif weakening.startswith(LENIENT_PREFIX) and weakening[len(LENIENT_PREFIX):] in FRAMING_FAMILIES \
+            and path == ABSOLUTE_FORM.name:
+        failed = {case.case_id for case in case_list if case.family == weakening[len(LENIENT_PREFIX):]}
     else:
         raise ValueError(f"no weakening {weakening!r} on the {path} path")
     return failed | {case.case_id for case in case_list for failing, where, _why in case.also_failed_by

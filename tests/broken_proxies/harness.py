@@ -27,8 +27,12 @@ TIMEOUT_SECONDS = 1.0
 
 
 def quoted_prefix(payload: bytes, length: int = 40) -> str:
-    """How the first bytes of ``payload`` appear inside a verdict that quotes the bytes (repr)."""
-    return repr(payload[:length])[:-1]
+    """How the first bytes of ``payload`` appear inside a verdict that quotes the bytes (repr of bytes
+    holding the whole payload: Python quotes with ``"`` when they hold a ``'`` and no ``"``)."""
+    quoted = repr(payload[:length])[:-1]
+    if b"'" in payload and b'"' not in payload and b"'" not in payload[:length]:
+        return 'b"' + quoted[2:]
+    return quoted
 
 
 def judge_catalogue(running: RunningProxy | ThirdPartyProxy, lab: NetworkLab, backend: FakeInferenceBackend,

@@ -48,8 +48,8 @@ READ_SIZE = 65536
 IDLE_SECONDS = 5.0
 DEFAULT_UPSTREAM = ("11.0.0.10", 80)
 # Statuses of the reference proxy's refusals (RFC 9110 §15.5; 431 RFC 6585 §5; 501 for an unknown
-# transfer coding, RFC 9112 §6.1).
-REFUSALS = (b"400", b"403", b"413", b"431", b"501")
+# transfer coding, RFC 9112 §6.1; 505 for an HTTP version it does not speak, RFC 9110 §15.6.6).
+REFUSALS = (b"400", b"403", b"413", b"431", b"501", b"505")
 
 
 _STATUS_LINE = re.compile(rb"HTTP/1\.[01] (\d{3}) ")

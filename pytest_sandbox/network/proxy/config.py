@@ -58,6 +58,7 @@ class ProxyConfig:
     classify: Callable[[str], AddressVerdict] = classify_address  # injection point for weakened proxies
     strict_framing: bool = True  # False = weakened (h11 only)
     judge_every_request: bool = True  # False = weakened (first request only)
+    lax_framing: frozenset[str] = frozenset()  # weakened: http.framing.FRAMING_FAMILIES read leniently
     max_head: int = 8192  # OpenShell answers 431 beyond 8 KiB (network.md §4)
     max_body: int = DEFAULT_MAX_BODY
     max_response_body: int = 32 * 2**20

@@ -433,7 +433,8 @@ class EgressProxy:
                        watchdog=Watchdog(asyncio.get_running_loop()))
         conn.budget = budget = self._budget(conn)
         conn.requests = RequestReader(reader, max_head=self.config.max_head, max_body=self.config.max_body,
-                                      strict=self.config.strict_framing, reserve=budget)
+                                      strict=self.config.strict_framing, reserve=budget,
+                                      lax=self.config.lax_framing)
         idle_timeout, abort_client = self.config.idle_timeout, writer.transport.abort
         try:
             while True:
