@@ -8,7 +8,6 @@ addresses. Kept apart so that every branch of the rule (network.md §3) has a ta
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -29,8 +28,6 @@ __all__ = [
     "Rules",
     "decide_destination",
     "refusal_for_framing",
-    "refusal_for_host_fields",
-    "refusal_for_path",
     "refusal_for_target",
     "split_target",
 ]
@@ -95,46 +92,16 @@ def refusal_for_target(error: MalformedTarget) -> Refusal:
     return Refusal(400, reason, f"{error} ({error.reason})")
 
 
-# RFC 3986 §3.3 / §3.4: path-abempty [ "?" query ], each character a pchar (unreserved, pct-encoded,
-# sub-delims, ":" or "@") or, in the query, "/" and "?". RFC 9112 §3.2: a server that receives a
-# request-target outside this grammar answers 400; forwarding it lets the next hop read it its own way.
-_PCHAR = r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@]|%[0-9A-Fa-f]{2})"
-_PATH_AND_QUERY = re.compile(rf"(?:/{_PCHAR}*)*(?:\?(?:{_PCHAR}|[/?])*)?")
-
-
-def refusal_for_path(path: str) -> Refusal | None:
-    """The 400 for a path or query outside RFC 3986 (``/a|b{c}^``, ``?x=%zz``), or None. Pure."""
-    if _PATH_AND_QUERY.fullmatch(path) is not None:
-        return None
-    return Refusal(400, "malformed_target", f"path {path!r} is not RFC 3986 path-abempty [?query] "
-                   "(RFC 9112 section 3.2) (bad_path)")
-
-
-def refusal_for_host_fields(hosts: tuple[str, ...]) -> Refusal | None:
-    """The 400 for Host field lines RFC 9112 §3.2 refuses: more than one, or a value that is not
-    ``uri-host [":" port]`` (``a, b``, ``user@h``, ``h/path``), judged by the same canonicaliser as
-    the target so nothing a resolver or the next hop could read differently passes. None if fine. Pure.
-    """
-    if len(hosts) > 1:
-        return Refusal(400, "malformed_host", f"{len(hosts)} Host field lines (RFC 9112 section 3.2)")
-    for host in hosts:
-        try:
-            parse_authority(host, default_port=80)
-        except MalformedTarget as error:
-            return Refusal(400, "malformed_host", f"Host {host!r}: {error} ({error.reason})")
-    return None
-
-
 # Pure, and keep-alive clients repeat the same targets: cache the answers (Authority is frozen).
 @functools.lru_cache(maxsize=1024)
-def split_target(method: str, target: str, hosts: tuple[str, ...] = ()) -> tuple[Authority, str] | Refusal:
+def split_target(method: str, target: str) -> tuple[Authority, str] | Refusal:
     """The canonical authority and the origin-form path to send upstream ("" for CONNECT's
     authority-form, RFC 9112 §3.2.3; absolute-form otherwise, §3.2.2), or the 400 refusal.
 
     Every other form is refused: origin-form (``GET /`` with a Host, §3.2.1) and asterisk-form
-    (``OPTIONS *``, §3.2.4) are for an origin server, authority-form is for CONNECT only. The path
-    and query must be RFC 3986 (:func:`refusal_for_path`); ``hosts`` (every Host field line of an
-    absolute-form request) must be one valid authority (:func:`refusal_for_host_fields`), though the
+    (``OPTIONS *``, §3.2.4) are for an origin server, authority-form is for CONNECT only. The target's
+    characters and the Host field lines are checked before this, by the framing layer
+    (``http/framing.py``: RFC 3986 §2, RFC 9110 §7.2), where a weakened proxy's lax family lives; the
     target alone decides where the request goes.
     """
     try:
@@ -143,9 +110,6 @@ def split_target(method: str, target: str, hosts: tuple[str, ...] = ()) -> tuple
         _, authority, path = parse_absolute_form(target)
     except MalformedTarget as error:
         return refusal_for_target(error)
-    refused = refusal_for_path(path) or refusal_for_host_fields(hosts)
-    if refused is not None:
-        return refused
     return authority, path
 
 

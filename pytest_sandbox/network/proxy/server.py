@@ -135,10 +135,8 @@ def run_on_loop(main: Coroutine[Any, Any, None], loop: str | None = None) -> Non
 
 
 def _split(request: Request) -> tuple[Authority, str]:
-    """The request's authority and upstream path (:func:`split_target`, every Host field line of an
-    absolute-form request checked too); a malformed target or Host is refused."""
-    hosts = () if request.method == "CONNECT" else tuple(request.header_values("host"))
-    split = split_target(request.method, request.target, hosts)
+    """The request's authority and upstream path (:func:`split_target`); a malformed target is refused."""
+    split = split_target(request.method, request.target)
     if isinstance(split, Refusal):
         raise _Refused(split)
     return split
