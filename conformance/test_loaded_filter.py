@@ -7,23 +7,14 @@ against the live probes of the same target. Test ids name the mode (``exec`` for
 identity, e.g. ``proxy-nobody``.
 """
 
-import pytest
 
+from pytest_sandbox.fixtures.conformance import parametrize_from_session
 from pytest_sandbox.fixtures.loaded_filter import loaded_filter_params
-from pytest_sandbox.fixtures.stash import SESSION_KEY
 
 
 def pytest_generate_tests(metafunc):
-    for fixture, check in (("loaded_filter_coverage", "coverage"), ("loaded_filter_agreement", "agreement")):
-        if fixture not in metafunc.fixturenames:
-            continue
-        session = metafunc.config.stash.get(SESSION_KEY, None)
-        if session is None:
-            metafunc.parametrize(fixture, [pytest.param(None, marks=pytest.mark.skip(
-                reason="the conformance suite runs only with --sandbox"))], ids=["disabled"])
-            continue
-        params = loaded_filter_params(session, check)
-        metafunc.parametrize(fixture, params, ids=[p.test_id for p in params])
+    parametrize_from_session(metafunc, (("loaded_filter_coverage", "coverage"),
+                                        ("loaded_filter_agreement", "agreement")), loaded_filter_params)
 
 
 def test_loaded_filter_refuses_what_the_requirement_refuses(loaded_filter_coverage, check_loaded_filter):

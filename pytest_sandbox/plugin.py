@@ -17,7 +17,11 @@ from typing import Any
 import pytest
 
 from pytest_sandbox.errors import SandboxError
-from pytest_sandbox.fixtures.conformance import check_syscall_param, sandbox_session  # noqa: F401  (fixtures)
+from pytest_sandbox.fixtures.conformance import (  # noqa: F401  (fixtures)
+    check_syscall_param,
+    parametrize_from_session,
+    sandbox_session,
+)
 from pytest_sandbox.fixtures.loaded_filter import check_loaded_filter  # noqa: F401  (fixture)
 from pytest_sandbox.fixtures.network import (  # noqa: F401  (fixtures the plugin registers)
     _network_lab,
@@ -107,16 +111,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    for fixture, kind in (("syscall_denial", "denial"), ("syscall_control", "control")):
-        if fixture not in metafunc.fixturenames:
-            continue
-        session = metafunc.config.stash.get(SESSION_KEY, None)
-        if session is None:
-            metafunc.parametrize(fixture, [pytest.param(None, marks=pytest.mark.skip(
-                reason="the conformance suite runs only with --sandbox"))], ids=["disabled"])
-            continue
-        params = session.syscall_params(kind)
-        metafunc.parametrize(fixture, params, ids=[p.test_id for p in params])
+    parametrize_from_session(metafunc, (("syscall_denial", "denial"), ("syscall_control", "control")),
+                             lambda session, kind: session.syscall_params(kind))
 
 
 @pytest.hookimpl(tryfirst=True)
