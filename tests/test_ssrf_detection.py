@@ -22,6 +22,19 @@ import pytest
 from broken_proxies.backslash_whatwg import BackslashWhatwgProxy
 from broken_proxies.embedding_missed import MISSED_EMBEDDING, classify_missing_nat64
 from broken_proxies.ip_encoding_inet_aton import InetAtonProxy
+from broken_proxies.ipv6_embeddings import (
+    IPV4_COMPATIBLE,
+    IPV4_MAPPED,
+    NAT64_LOCAL_USE,
+    SHORT_LIST,
+    SIIT,
+    SIXTOFOUR,
+    TEREDO,
+    classify_mapped_short_list,
+    classify_teredo_without_xor,
+    classify_unknown_wrapper,
+    classify_wrappers_by_content,
+)
 from broken_proxies.last_at_judge import LastAtJudgeProxy
 from broken_proxies.lenient_port import LenientPortProxy
 from broken_proxies.names_unchecked import NamesUncheckedProxy
@@ -36,7 +49,7 @@ from pytest_sandbox.catalogues.ssrf_cases import FAMILIES, SSRF_CASES, SsrfCase
 from pytest_sandbox.fixtures.network import start_lab
 from pytest_sandbox.http.framing import FramingViolation, check_request_head
 from pytest_sandbox.http.responses import parse_head
-from pytest_sandbox.network.addresses import AddressVerdict, classify_address, parse_authority
+from pytest_sandbox.network.addresses import AddressVerdict, classify_address, embedded_ipv4, parse_authority
 from pytest_sandbox.network.harness import RunningProxy, lab_proxy_config, start_proxy
 from pytest_sandbox.network.lab.lab import NetworkLab
 from pytest_sandbox.network.netns import host_can_create_netns
@@ -237,6 +250,141 @@ def test_each_family_has_a_weak_proxy_that_fails_exactly_the_cases_its_mistake_o
         assert f"destination {attempt.target!r} reached canary " in judgement.reason, judgement
         assert attempt.case.canary is not None
         assert f"reached canary {endpoint_text(attempt.case.canary, 0)[:-1]}" in judgement.reason, judgement
+
+
+# --- ipv6-form: one weak proxy per IPv4-carrying IPv6 form (network.md section 1.4) -------------------
+# Each names the exact cases its mistake opens, computed from the mistake's definition, never from a run.
+
+def _unknown_wrapper_opens(network: ipaddress.IPv6Network, *kept: str):
+    # ``kept``: rows nested in the prefix that keep their own check (:: and ::1 inside ::/96).
+    kept_rows = [ipaddress.ip_network(row) for row in kept]
+    return lambda case: _in_network(case, network) and not any(_in_network(case, row) for row in kept_rows)
+
+
+def _teredo_xor_opens(case: SsrfCase) -> bool:
+    # ipaddress's ``teredo`` de-obfuscates the client (RFC 4380 §4); the weak proxy reads the raw bits.
+    ip = _literal_of(case)
+    if not (isinstance(ip, ipaddress.IPv6Address) and ip in TEREDO and ip.teredo is not None):
+        return False
+    server, client = ip.teredo
+    raw_client = ipaddress.IPv4Address(~int(client) & 0xFFFF_FFFF)
+    return not classify_address(server).denied and not classify_address(raw_client).denied
+
+
+def _short_list_opens(case: SsrfCase) -> bool:
+    ip = _literal_of(case)
+    return (isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None
+            and not any(ip.ipv4_mapped in network for network in SHORT_LIST))
+
+
+def _content_opens(case: SsrfCase) -> bool:
+    # A wrapper the reference denies as a range although everything it carries is public (64:ff9b:1::/48
+    # is denied outright, as a plain row: nothing is unwrapped there).
+    ip = _literal_of(case)
+    if not isinstance(ip, ipaddress.IPv6Address) or ip in IPV4_MAPPED or ip in NAT64_LOCAL_USE:
+        return False
+    carried = embedded_ipv4(ip)
+    return (bool(carried) and classify_address(ip).denied and not any(classify_address(v4).denied for v4 in carried)
+            and not _in_network(case, ipaddress.ip_network("::/127")))
+
+
+EMBEDDING_PROXIES = [
+    pytest.param(classify_unknown_wrapper(SIXTOFOUR), 3170, _unknown_wrapper_opens(SIXTOFOUR),
+                 {"enc6-loopback-6to4", "enc6-metadata-6to4", "enc6-6to4-of-public-11.0.0.10"}, id="6to4-unknown"),
+    pytest.param(classify_unknown_wrapper(IPV4_COMPATIBLE), 3171,
+                 _unknown_wrapper_opens(IPV4_COMPATIBLE, "::/128", "::1/128"),
+                 {"enc6-loopback-ipv4-compatible", "enc6-metadata-ipv4-compatible",
+                  "enc6-ipv4-compatible-of-public-11.0.0.10"}, id="ipv4-compatible-unknown"),
+    pytest.param(classify_unknown_wrapper(SIIT), 3172, _unknown_wrapper_opens(SIIT),
+                 {"enc6-loopback-siit", "enc6-metadata-siit", "enc6-siit-of-public-11.0.0.10"}, id="siit-unknown"),
+    pytest.param(classify_unknown_wrapper(NAT64_LOCAL_USE), 3173, _unknown_wrapper_opens(NAT64_LOCAL_USE),
+                 {"enc6-metadata-nat64-local-use", "enc6-nat64-local-use-of-public-11.0.0.10"},
+                 id="nat64-local-use-unknown"),
+    # Only cases whose server is public and whose raw low 32 bits look public: the special clients (the
+    # range rows' first, inner and last addresses carry server 0.0.0.0 or 255.255.255.255, and the public
+    # client 11.0.0.10 reads raw as 244.255.255.245, inside 240.0.0.0/4, so the weak proxy denies it).
+    pytest.param(classify_teredo_without_xor, 3174, _teredo_xor_opens,
+                 {"enc6-loopback-teredo-client", "enc6-metadata-teredo-client"}, id="teredo-client-without-xor"),
+    # Only the new per-row IPv4-mapped cases (and the mapped row's own inner and last) can see this one:
+    # the hand-written mapped cases carry 127.0.0.1 and 169.254.169.254, which are on every short list.
+    pytest.param(classify_mapped_short_list, 3175, _short_list_opens,
+                 {"enc6-ipv4-mapped-test-net-1-192.0.2.1", "enc6-ipv4-mapped-reserved-240.0.0.1",
+                  "enc6-ipv4-mapped-as112-192.31.196.1"}, id="ipv4-mapped-short-list"),
+    pytest.param(classify_wrappers_by_content, 3176, _content_opens,
+                 {"enc6-6to4-of-public-11.0.0.10", "enc6-nat64-of-public-11.0.0.10", "enc6-siit-of-public-11.0.0.10",
+                  "enc6-ipv4-compatible-of-public-11.0.0.10", "enc6-teredo-client-of-public-11.0.0.10"},
+                 id="wrappers-judged-by-content"),
+]
+
+
+@pytest.mark.parametrize(("classify", "port", "opens", "must_include"), EMBEDDING_PROXIES)
+def test_each_ipv6_embedding_has_a_weak_proxy_that_fails_exactly_that_embeddings_cases(
+        _network_lab, classify, port: int, opens, must_include: set[str]):
+    by_id = {a.test_id: a for a in EVERY_FORM}
+    # Only the forward forms reach the address check: the reference's request-target check refuses the
+    # others (400) before any lookup, and these proxies keep it.
+    expected = {a.test_id for a in EVERY_FORM if a.form in FORWARD_FORMS and opens(a.case)}
+    assert {f"{form}-{case_id}" for case_id in must_include for form in FORWARD_FORMS} <= expected
+    families = {by_id[test_id].case.family for test_id in expected}
+    assert families <= {"ipv6-form", "special-use-range", "url-confusion"}, families
+    running = _classifier_proxy(classify)(_network_lab, port)
+    try:
+        verdicts = run_ssrf_campaign(running.lab, running.connect, [AttemptExchange(a) for a in EVERY_FORM])
+    finally:
+        running.stop()
+    failing = {test_id: v.judgement for test_id, v in verdicts.items() if not v.judgement.passed}
+    assert set(failing) == expected
+    for test_id, judgement in failing.items():
+        attempt = by_id[test_id]
+        assert judgement.verdict is Verdict.ALLOWED, (test_id, judgement)
+        if attempt.case.canary is None:  # multicast or broadcast: no TCP peer, the dial itself is the leak
+            assert "tried to dial" in judgement.reason, judgement
+            continue
+        assert f"destination {attempt.target!r} reached canary {endpoint_text(attempt.case.canary, 80)}" \
+            in judgement.reason, judgement
+
+
+def test_the_catalogue_has_every_ipv4_row_as_ipv4_mapped_and_every_wrapper_carrying_a_public_ipv4():
+    from pytest_sandbox.network.addresses import load_special_use_table
+
+    mapped = {ip.ipv4_mapped for case in SSRF_CASES
+              if isinstance(ip := _literal_of(case), ipaddress.IPv6Address) and ip.ipv4_mapped is not None}
+    for row in load_special_use_table():
+        if isinstance(row.network, ipaddress.IPv4Network):
+            assert any(ip in row.network for ip in mapped), row
+    wrappers = (IPV4_COMPATIBLE, SIIT, MISSED_EMBEDDING, NAT64_LOCAL_USE, SIXTOFOUR, TEREDO)
+    for wrapper in wrappers:
+        assert any(_in_network(case, wrapper) and case.case_id.endswith("-of-public-11.0.0.10")
+                   for case in SSRF_CASES), wrapper
+
+
+@pytest.mark.parametrize("wrapper", ["ipv4-mapped", "ipv4-compatible", "siit", "nat64", "6to4", "teredo-server",
+                                     "teredo-client"])
+def test_the_reference_classifier_denies_every_embedding_of_every_special_ipv4_row_and_names_it(wrapper):
+    # The whole product (every wrapper x every IPv4 row) is judged here, without sockets; the conformance
+    # catalogue carries the mapped product and a public IPv4 in each wrapper (its case budget is ~400).
+    from pytest_sandbox.network.addresses import load_special_use_table
+
+    for row in load_special_use_table():
+        if not isinstance(row.network, ipaddress.IPv4Network):
+            continue
+        v4 = int(row.network.network_address) + (row.network.num_addresses > 1)
+        address = {
+            "ipv4-mapped": ipaddress.IPv6Address(0xFFFF << 32 | v4),
+            "ipv4-compatible": ipaddress.IPv6Address(v4),
+            "siit": ipaddress.IPv6Address(0xFFFF << 48 | v4),
+            "nat64": ipaddress.IPv6Address(0x64FF9B << 96 | v4),
+            "6to4": ipaddress.IPv6Address(0x2002 << 112 | v4 << 80),
+            "teredo-server": ipaddress.IPv6Address(0x2001 << 112 | v4 << 64 | 0xF7F7F7F7),  # client 8.8.8.8
+            "teredo-client": ipaddress.IPv6Address(0x2001 << 112 | 0x4136E378 << 64 | (~v4 & 0xFFFF_FFFF)),
+        }[wrapper]
+        verdict = classify_address(address)
+        assert verdict.denied, (row, address)
+        if int(address) > 1:  # :: and ::1 are rows of their own
+            # The reason names the embedded IPv4 and the denial is attributed to the row it falls in.
+            ipv4 = ipaddress.IPv4Address(v4)
+            assert str(ipv4) in verdict.reason, (row, address, verdict)
+            assert verdict.range is not None and ipv4 in ipaddress.ip_network(verdict.range), (row, address, verdict)
 
 
 def test_every_family_has_a_weak_proxy():

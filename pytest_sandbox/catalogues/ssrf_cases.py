@@ -30,8 +30,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 
 from pytest_sandbox.network.addresses import SpecialUseRange, classify_address, load_special_use_table
 
@@ -721,11 +722,95 @@ def _hand_written() -> list[SsrfCase]:
     return sorted([*cases, *_CORPUS_CASES], key=lambda case: case.kind == "name")
 
 
+# --------------------------------------------------------------------------------------------
+# IPv4-carrying IPv6 forms, generated (network.md section 1.4)
+# --------------------------------------------------------------------------------------------
+
+# A public IPv4 (the lab's public origin) for the wrapper cases: each wrapper but IPv4-mapped is denied
+# even when what it carries is public, because it reaches IPv4 through a translator or relay the sandbox
+# does not control.  (wrapper slug, prefix, how the IPv4 is placed, source)
+_PUBLIC_IPV4 = IPv4Address("11.0.0.10")
+_TEREDO_SERVER = IPv4Address("65.54.227.120")  # the server in RFC 4380 section 4's example, 4136:e378
+
+
+def _in_low_32(prefix: str) -> Callable[[IPv4Address], IPv6Address]:
+    return lambda ipv4: IPv6Address(int(IPv6Address(prefix)) | int(ipv4))
+
+
+def _nat64_local_48(ipv4: IPv4Address) -> IPv6Address:
+    # RFC 6052 section 2.2, /48 prefix: IPv4 bits 0-15 in bits 48-63, bits 64-71 (u) zero, bits 16-31 in 72-87.
+    value = int(ipv4)
+    return IPv6Address(int(IPv6Address("64:ff9b:1::")) | (value >> 16) << 64 | (value & 0xFFFF) << 40)
+
+
+def _sixtofour(ipv4: IPv4Address) -> IPv6Address:
+    return IPv6Address(0x2002 << 112 | int(ipv4) << 80)  # RFC 3056 section 2: 2002:V4ADDR::/48
+
+
+def _teredo_client(ipv4: IPv4Address) -> IPv6Address:
+    # RFC 4380 section 4: 2001:0:SERVER:FLAGS:PORT:CLIENT, port and client obfuscated (bitwise NOT).
+    return IPv6Address(0x2001_0000 << 96 | int(_TEREDO_SERVER) << 64 | 0x8000_63BF << 32 | (~int(ipv4) & 0xFFFF_FFFF))
+
+
+_WRAPPERS: tuple[tuple[str, Callable[[IPv4Address], IPv6Address], str], ...] = (
+    ("ipv4-compatible", _in_low_32("::"), "RFC 4291 §2.5.5.1 (deprecated IPv4-compatible ::/96)"),
+    ("siit", _in_low_32("::ffff:0:0:0"), "RFC 2765 / RFC 6145 (SIIT IPv4-translated ::ffff:0:0:0/96)"),
+    ("nat64", _in_low_32("64:ff9b::"), "RFC 6052 §2.1 (well-known NAT64 prefix 64:ff9b::/96)"),
+    ("nat64-local-use", _nat64_local_48, "RFC 8215 and RFC 6052 §2.2 (local-use NAT64 64:ff9b:1::/48, /48 layout)"),
+    ("6to4", _sixtofour, "RFC 3056 §2 (6to4 2002:V4ADDR::/48)"),
+    ("teredo-client", _teredo_client, "RFC 4380 §4 (Teredo 2001::/32, client obfuscated)"),
+)
+
+
+def _embedding_cases(table: tuple[SpecialUseRange, ...], taken: set[IPv4Address | IPv6Address]) -> list[SsrfCase]:
+    """IPv4-mapped forms of one address of every special-use IPv4 row (a dual-stack socket dials the
+    IPv4 itself, so the unwrapped address must be judged by the whole IPv4 table, not a short list), and
+    every other wrapper carrying a public IPv4 (denied anyway).  Addresses in ``taken`` are skipped."""
+    cases: list[SsrfCase] = []
+    for row in table:
+        if not isinstance(row.network, IPv4Network):
+            continue
+        positions = dict(sample_addresses(row, table))
+        ipv4 = positions.get("inner", positions.get("only"))
+        assert isinstance(ipv4, IPv4Address)
+        mapped = IPv6Address(int(_IPV4_MAPPED.network_address) | int(ipv4))
+        if mapped in taken:
+            continue
+        taken.add(mapped)
+        cases.append(SsrfCase(
+            f"enc6-ipv4-mapped-{_slug(row)}-{ipv4}", _host_text(mapped), CASE_PORT, "ipv6_form", "denied",
+            _canary_for(mapped), f"IPv4-mapped {ipv4} ({row.label}): unwrapped, judged by the IPv4 table",
+            family="ipv6-form", source=f"RFC 4291 §2.5.5.2; network.md §1.4; {row.label} ({row.cidr})",
+            forms=RANGE_FORMS))
+    for slug, wrap, source in _WRAPPERS:
+        address = wrap(_PUBLIC_IPV4)
+        if address in taken:
+            continue
+        taken.add(address)
+        # No translator in the lab: a careless proxy dials the IPv6 literal itself, the canary.
+        cases.append(SsrfCase(
+            f"enc6-{slug}-of-public-{_PUBLIC_IPV4}", _host_text(address), CASE_PORT, "ipv6_form", "denied",
+            str(address), f"{slug} carrying the public {_PUBLIC_IPV4}: the wrapper range is denied anyway",
+            family="ipv6-form", source=f"{source}; network.md §1.4 (deny the wrapper range anyway)",
+            forms=RANGE_FORMS))
+    return cases
+
+
+def _literal(case: SsrfCase) -> IPv4Address | IPv6Address | None:
+    try:
+        return ip_address(case.target_host.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        return None
+
+
 @functools.cache
 def ssrf_cases() -> tuple[SsrfCase, ...]:
-    """Every case: range cases, then positive controls, then encodings, then the corpus families."""
+    """Every case: range cases, then positive controls, then IPv6 embeddings, then encodings, then the
+    corpus families."""
     table = load_special_use_table()
-    return (*_range_cases(table), *_control_cases(table), *_hand_written())
+    ranges, controls, hand_written = _range_cases(table), _control_cases(table), _hand_written()
+    taken = {ip for case in (*ranges, *controls, *hand_written) if (ip := _literal(case)) is not None}
+    return (*ranges, *controls, *_embedding_cases(table, taken), *hand_written)
 
 
 SSRF_CASES: tuple[SsrfCase, ...] = ssrf_cases()
