@@ -63,6 +63,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "listens); its command gets the fake inference backend as {backend} (HOST:PORT), "
                          "{backend_name}, {backend_ca}, {backend_key} and the PYTEST_SANDBOX_BACKEND* variables. "
                          "Without it the inference and tunnel-smuggling tests of a third party do not run")
+    group.addoption("--sandbox-backend-ca", default=None, metavar="FILE",
+                    help="PEM CA (certificate and key) that signs the fake inference backend's certificate, so a "
+                         "third-party proxy (--sandbox-proxy URL) can trust it before the session starts; the backend "
+                         "is always 11.0.0.20:443 in the lab, named api.inference.test, route key "
+                         "route-key-lab-backend-only. Make one with 'python -m pytest_sandbox.network.third_party "
+                         "backend-ca DIR'")
     group.addoption("--sandbox-report", default=None, metavar="PATH",
                     help="write the scorecard and every probe's evidence to PATH (.json or .md)")
     group.addoption("--sandbox-modes", default="block,proxy,allow", metavar="MODES",
@@ -90,6 +96,7 @@ def pytest_configure(config: pytest.Config) -> None:
         proxy_cmd=config.getoption("sandbox_proxy_cmd"),
         proxy_url=config.getoption("sandbox_proxy"),
         proxy_ca=config.getoption("sandbox_proxy_ca"),
+        backend_ca=config.getoption("sandbox_backend_ca"),
         modes=tuple(m.strip() for m in config.getoption("sandbox_modes").split(",") if m.strip()),
         identities=tuple(i.strip() for i in config.getoption("sandbox_identities").split(",") if i.strip()),
         caps=config.getoption("sandbox_caps"),

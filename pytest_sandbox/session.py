@@ -73,6 +73,7 @@ class SandboxOptions:
     proxy_cmd: str | None = None  # a third-party proxy started inside the lab: "CMD {port}"
     proxy_url: str | None = None  # a third-party proxy already reachable from inside the lab
     proxy_ca: str | None = None  # PEM of the CA that third party intercepts inference.local with
+    backend_ca: str | None = None  # PEM CA (cert + key) that signs the fake backend's certificate
     modes: tuple[str, ...] = NETWORK_MODES
     identities: tuple[str, ...] = ("current", "nobody")
     caps: str | None = None  # --sandbox-caps: resolves an OCI profile's includes/excludes.caps
@@ -301,6 +302,15 @@ def check_options(options: SandboxOptions) -> None:
     if options.proxy_ca is not None and options.proxy_cmd is None and options.proxy_url is None:
         raise PolicyError("--sandbox-proxy-ca is the CA of a third-party proxy: give --sandbox-proxy-cmd or "
                           "--sandbox-proxy too (the reference proxy intercepts with the session's own CA)")
+    if options.backend_ca is not None:
+        if options.proxy_cmd is None and options.proxy_url is None:
+            raise PolicyError("--sandbox-backend-ca is for a third-party proxy's interception: give --sandbox-proxy "
+                              "or --sandbox-proxy-cmd too (the reference proxy trusts the session's backend CA)")
+        from pytest_sandbox.network.third_party import BackendCaError, load_backend_ca
+        try:
+            load_backend_ca(options.backend_ca)
+        except BackendCaError as exc:
+            raise PolicyError(f"--sandbox-backend-ca {exc}") from None
     if options.proxy_cmd is not None and options.proxy_url is not None:
         raise PolicyError("give either --sandbox-proxy or --sandbox-proxy-cmd, not both")
     if not options.modes:

@@ -105,10 +105,12 @@ class FakeInferenceBackend:
         stream_pieces: tuple[str, ...] = DEFAULT_STREAM_PIECES,
         stream_chunk_delay: float = 0.01,
         stream_gate: threading.Event | None = None,
+        ca: trustme.CA | None = None,
     ) -> None:
         self.name = name
         self.api_key = api_key
-        self.ca = trustme.CA(organization_name="pytest-sandbox fake inference upstream")
+        # ``ca``: a CA the caller holds (--sandbox-backend-ca), so a proxy can be told to trust it beforehand.
+        self.ca = ca if ca is not None else trustme.CA(organization_name="pytest-sandbox fake inference upstream")
         identities = tuple(cert_identities) if cert_identities is not None else (name,)
         not_before = None
         if cert_not_after is not None:

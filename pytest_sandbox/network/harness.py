@@ -17,6 +17,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import trustme
+
 from pytest_sandbox.guardian import session_temp_dir
 from pytest_sandbox.inference.ca import InterceptionCA
 from pytest_sandbox.inference.fake_backend import DEFAULT_BACKEND_NAME, FakeInferenceBackend
@@ -262,11 +264,13 @@ def backend_handoff(interception: InferenceInterception, directory: Path) -> Bac
                           INFERENCE_ROUTE_KEY)
 
 
-def start_inference_interception(lab: NetworkLab, bundle_directory: Path) -> InferenceInterception:
+def start_inference_interception(lab: NetworkLab, bundle_directory: Path,
+                                 backend_ca: trustme.CA | None = None) -> InferenceInterception:
     """Start the fake backend on 11.0.0.20:443 in ``lab`` (named api.inference.test in its DNS) and
-    make a fresh interception CA. The caller stops ``.backend``."""
+    make a fresh interception CA. The caller stops ``.backend``. ``backend_ca`` signs the backend's
+    certificate instead of a fresh CA (``--sandbox-backend-ca``)."""
     lab.add_name(INFERENCE_BACKEND_NAME, [INFERENCE_BACKEND_ADDRESS])
-    backend = FakeInferenceBackend(INFERENCE_BACKEND_NAME, INFERENCE_ROUTE_KEY)
+    backend = FakeInferenceBackend(INFERENCE_BACKEND_NAME, INFERENCE_ROUTE_KEY, ca=backend_ca)
     listener = lab.listen(INFERENCE_BACKEND_ADDRESS, INFERENCE_BACKEND_PORT)
     try:
         backend.start_in_thread(listener)
@@ -374,13 +378,14 @@ def start_proxied_sandbox(lab: NetworkLab, policy: Policy, interception: Inferen
 _INTERCEPTIONS: dict[int, tuple[InferenceInterception, Path]] = {}
 
 
-def interception_of(lab: NetworkLab) -> InferenceInterception:
-    """The inference interception (fake backend, CA bundle) of ``lab``, started on first use."""
+def interception_of(lab: NetworkLab, backend_ca: trustme.CA | None = None) -> InferenceInterception:
+    """The inference interception (fake backend, CA bundle) of ``lab``, started on first use (its backend's
+    certificate signed by ``backend_ca`` when given)."""
     found = _INTERCEPTIONS.get(id(lab))
     if found is None:
         directory = session_temp_dir("pytest-sandbox-ca-")  # removed by the janitor however the session ends
         try:
-            found = (start_inference_interception(lab, directory), directory)
+            found = (start_inference_interception(lab, directory, backend_ca), directory)
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
             raise

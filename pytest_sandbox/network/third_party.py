@@ -43,6 +43,7 @@ import asyncio
 import contextlib
 import ipaddress
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -60,11 +61,14 @@ from pytest_sandbox import guardian
 from pytest_sandbox.guardian import session_temp_dir
 
 if TYPE_CHECKING:
+    import trustme
+
     from pytest_sandbox.network.proxy.server import EgressProxy
 
 __all__ = [
     "THIRD_PARTY_PROXIES",
     "AttachedProxy",
+    "BackendCaError",
     "ProxyStartError",
     "ThirdPartyProxy",
     "ThirdPartyProxySpec",
@@ -72,6 +76,7 @@ __all__ = [
     "ensure_lab_address",
     "find_free_lab_port",
     "lab_dns_available",
+    "load_backend_ca",
     "reference_command",
     "serve_reference_proxy",
     "squid_command",
@@ -80,6 +85,7 @@ __all__ = [
     "third_party_command",
     "tinyproxy_command",
     "tinyproxy_conf_text",
+    "write_backend_ca",
 ]
 
 DEFAULT_LISTEN_ADDRESS = "127.0.0.1"
@@ -647,9 +653,79 @@ def main_reference(args: list[str], proxy_class: type[EgressProxy] | None = None
     return 0
 
 
+# --------------------------------------------------------------------------------------------------
+# --sandbox-backend-ca: the fake inference backend's identity, known before any proxy starts
+# --------------------------------------------------------------------------------------------------
+# A proxy attached with --sandbox-proxy URL is started by its user, not by pytest-sandbox, so nothing can
+# be substituted into its command line. Everything else about the backend is fixed (harness.py:
+# 11.0.0.20:443 in the lab, named api.inference.test, route key route-key-lab-backend-only); only the
+# CA that signs its certificate is per session, unless the user hands one in with --sandbox-backend-ca.
+
+_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z ]+)-----\r?\n[A-Za-z0-9+/=\r\n]+?-----END \1-----\r?\n?")
+
+
+class BackendCaError(ValueError):
+    """A --sandbox-backend-ca file that cannot sign the backend's certificate (the message says why)."""
+
+
+def load_backend_ca(path: str | os.PathLike[str]) -> trustme.CA:
+    """The CA in ``path`` (its PEM certificate and private key, as ``backend-ca`` writes them), checked:
+    readable, exactly one certificate and one key, a CA certificate (RFC 5280 §4.2.1.9 basicConstraints
+    cA), and the key is the certificate's. Raises BackendCaError naming the problem."""
+    import trustme
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise BackendCaError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    blocks = [(match.group(1), match.group(0)) for match in _PEM_BLOCK.finditer(data)]
+    certificates = [block for kind, block in blocks if kind == b"CERTIFICATE"]
+    keys = [block for kind, block in blocks if kind.endswith(b"PRIVATE KEY")]
+    if len(certificates) != 1 or len(keys) != 1:
+        raise BackendCaError(f"{path}: expected one PEM certificate and its private key, found {len(certificates)} "
+                             f"certificate(s) and {len(keys)} key(s); make one with 'python -m "
+                             "pytest_sandbox.network.third_party backend-ca DIR'")
+    try:
+        certificate = x509.load_pem_x509_certificate(certificates[0])
+        key = serialization.load_pem_private_key(keys[0], password=None)
+    except (ValueError, TypeError) as exc:
+        raise BackendCaError(f"{path}: not a usable certificate and unencrypted key ({exc})") from None
+    try:
+        is_ca = certificate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    if not is_ca:
+        raise BackendCaError(f"{path}: the certificate is not a CA (basicConstraints cA is not set), so it cannot "
+                             "sign the backend's certificate")
+    public = serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(serialization.Encoding.DER, public) != \
+            certificate.public_key().public_bytes(serialization.Encoding.DER, public):
+        raise BackendCaError(f"{path}: the private key is not the certificate's")
+    return trustme.CA.from_pem(certificates[0], keys[0])
+
+
+def write_backend_ca(directory: Path) -> tuple[Path, Path]:
+    """A fresh CA for ``--sandbox-backend-ca``: ``backend-ca.pem`` (certificate and key, for pytest only,
+    mode 0600) and ``backend-ca-cert.pem`` (the certificate alone: what the proxy is told to trust)."""
+    import trustme
+
+    ca = trustme.CA(organization_name="pytest-sandbox fake inference upstream (user held)")
+    directory.mkdir(parents=True, exist_ok=True)
+    both, cert = directory / "backend-ca.pem", directory / "backend-ca-cert.pem"
+    both.touch(mode=0o600)
+    both.write_bytes(ca.cert_pem.bytes() + ca.private_key_pem.bytes())
+    cert.write_bytes(ca.cert_pem.bytes())
+    cert.chmod(0o644)
+    return both, cert
+
+
 USAGE = (f"usage: python -m pytest_sandbox.network.third_party {'|'.join(THIRD_PARTY_PROXIES)} CONF_DIR PORT "
          "[ADDRESS]\n"
-         "       python -m pytest_sandbox.network.third_party reference --host ADDRESS --port PORT [--allow-port N]...")
+         "       python -m pytest_sandbox.network.third_party reference --host ADDRESS --port PORT "
+         "[--allow-port N]...\n"
+         "       python -m pytest_sandbox.network.third_party backend-ca DIR")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -657,6 +733,10 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["reference"]:
         return main_reference(args[1:])
+    if args[:1] == ["backend-ca"] and len(args) == 2:
+        both, cert = write_backend_ca(Path(args[1]))
+        print(f"--sandbox-backend-ca {both}\nthe proxy trusts {cert} for the backend")
+        return 0
     if len(args) not in (3, 4) or args[0] not in THIRD_PARTY_PROXIES or not args[2].isdigit():
         print(USAGE, file=sys.stderr)
         return 2
