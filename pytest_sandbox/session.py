@@ -311,6 +311,10 @@ def check_options(options: SandboxOptions) -> None:
             load_backend_ca(options.backend_ca)
         except BackendCaError as exc:
             raise PolicyError(f"--sandbox-backend-ca {exc}") from None
+    if options.proxy_url is not None and options.proxy_ca is not None and options.backend_ca is None:
+        raise PolicyError("--sandbox-proxy URL with --sandbox-proxy-ca needs --sandbox-backend-ca FILE too: a proxy "
+                          "started before the session cannot otherwise know the CA of the fake backend it forwards "
+                          "to (make one with 'python -m pytest_sandbox.network.third_party backend-ca DIR')")
     if options.proxy_cmd is not None and options.proxy_url is not None:
         raise PolicyError("give either --sandbox-proxy or --sandbox-proxy-cmd, not both")
     if not options.modes:

@@ -274,6 +274,9 @@ def test_backend_ca_without_a_third_party_proxy_is_a_usage_error(tmp_path, backe
     with pytest.raises(PolicyError, match=r"--sandbox-backend-ca is for a third-party proxy's interception"):
         check_options(SandboxOptions(backend_ca=str(both)))
     check_options(SandboxOptions(proxy_url="http://127.0.0.1:3300", backend_ca=str(both)))  # the good pair
+    # Interception certified by URL: the proxy cannot know the session's own backend CA, so one is required.
+    with pytest.raises(PolicyError, match="--sandbox-proxy URL with --sandbox-proxy-ca needs --sandbox-backend-ca"):
+        check_options(SandboxOptions(proxy_url="http://127.0.0.1:3300", proxy_ca=str(both)))
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "--sandbox", str(ROOT / "conformance" / "test_egress.py"), "-q",
          "-p", "no:cacheprovider", "--sandbox-backend-ca", str(both)],
