@@ -15,6 +15,7 @@ from broken_filters import (
     direct_calls_only,
     docker_like_profile_with_af_packet_rule,
     hand_built,
+    ipc_whole_arg0,
     legacy_real_build,
     one_condition_kept,
 )
@@ -249,7 +250,78 @@ def test_the_sysv_ipc_multiplexer_is_probed_and_its_hole_caught(tmp_path):
     assert failing(verdicts) == set()
     broken = direct_calls_only(policy, "proxy", [(31, 396, None), (71, 402, None), (66, 394, None)])
     assert failing(verdicts_against(policy, "proxy", broken, intended=None)) == {
-        "shmctl-i386-ipc", "msgctl-i386-ipc", "semctl-i386-ipc"}
+        f"{name}-i386-ipc{version}" for name in ("shmctl", "msgctl", "semctl") for version in ("", "-v1", "-vffff")}
+
+
+SYSV_IPC_I386 = ROOT / "tests/sysv_ipc_i386.toml"
+IPC_VERSION_VARIANTS = {f"{name}-i386-ipc-{version}" for name in ("shmctl", "msgctl", "semctl")
+                        for version in ("v1", "vffff")}
+
+
+def test_every_sysv_ipc_row_is_probed_with_versions_that_reach_the_same_call():
+    from pytest_sandbox.catalogues.syscalls import SYSCALL_PROBES
+
+    ipc_rows = [probe for probe in SYSCALL_PROBES if probe.mux is not None and probe.mux.name == "ipc"]
+    assert {probe.name for probe in ipc_rows} == {"shmctl", "msgctl", "semctl"}
+    for probe in ipc_rows:  # (semctl/msgctl/shmctl ignore the version; shmat's version 1 would be iBCS2's EINVAL)
+        assert probe.mux is not None and probe.mux.versions and 0 not in probe.mux.versions
+        assert all(probe.mux.call_with_version(v) & 0xFFFF == probe.mux.call for v in probe.mux.versions)
+    socket_rows = [probe for probe in SYSCALL_PROBES if probe.mux is not None and probe.mux.name == "socketcall"]
+    assert socket_rows and not any(probe.mux.versions for probe in socket_rows if probe.mux is not None), (
+        "socketcall(2) compares its whole call number (net/compat.c: call < SYS_SOCKET || call > SYS_SENDMMSG)")
+
+
+def test_an_ipc_version_in_the_high_16_bits_is_refused_and_a_whole_argument_compare_is_caught():
+    """ipc(2) runs ``(1 << 16) | SHMCTL`` as SHMCTL. The reference refuses every version; libseccomp's own
+    ``ipc(arg0 == 24)`` (ipc_whole_arg0) lets exactly the version variants through: ALLOWED, named."""
+    policy = load_policy(SYSV_IPC_I386)
+    intended = compile_policy(policy, "block")
+    judgements = judgements_against(policy, "block", intended, intended=intended)
+    assert IPC_VERSION_VARIANTS <= set(judgements)
+    assert failing({case: j.verdict for case, j in judgements.items()}) == set()
+    assert all(judgements[case].observed == "EPERM" for case in IPC_VERSION_VARIANTS)
+    broken = ipc_whole_arg0(policy, "block")
+    for judged_by in (intended, None):  # our own build's plan, and a third party's requirement alone
+        judgements = judgements_against(policy, "block", broken, intended=judged_by)
+        assert failing({case: j.verdict for case, j in judgements.items()}) == IPC_VERSION_VARIANTS
+        for case in IPC_VERSION_VARIANTS:
+            assert judgements[case].verdict is Verdict.ALLOWED and "reached the kernel" in judgements[case].reason
+        assert judgements["shmctl-i386-ipc"].verdict is Verdict.BLOCKED  # version 0: ipc(arg0 == 24) holds
+    from pytest_sandbox.probes.syscall_cases import denial_cases, requirements_of
+
+    titles = {c.case_id: c.title for c in denial_cases(requirements_of(policy, "block"))}
+    assert titles["shmctl-i386-ipc-v1"] == (
+        "syscall shmctl via i386 ipc(0x10018): version 1 in the high 16 bits, which the kernel drops "
+        "(call & 0xffff == 24), so a filter comparing the whole argument 0 lets it through")
+
+
+def test_the_evaluation_and_the_plan_agree_with_the_live_probe_on_ipc_versions():
+    """The BPF evaluation of both filters says what the live probe saw: the whole-argument compare lets
+    ``ipc(0xffff0000 | N)`` through, the reference does not; the plan predicts both."""
+    from pytest_sandbox.fixtures.loaded_filter import requirement_stack
+    from pytest_sandbox.seccomp.behaviour import compare, summarise
+    from pytest_sandbox.seccomp.filter_plan import plan_policy
+
+    policy = load_policy(SYSV_IPC_I386)
+    required = requirement_stack(policy, "block")
+    assert not compare(required, compile_policy(policy, "block").programs).weaker
+    weaker = compare(required, ipc_whole_arg0(policy, "block").programs).weaker
+    assert {(c.abi, c.syscall) for c in weaker} == {("i386", "ipc")}, summarise(weaker)
+    lines = " ".join(summarise(weaker))
+    for call in (0x18, 0xE, 0x3):
+        assert f"arg0 & 0xffff == {call:#x}" in lines
+        assert f"e.g. arg0={0xFFFF0000 | call:#x}): ERRNO(1) -> ALLOW" in lines
+    from dataclasses import replace
+
+    from pytest_sandbox.seccomp.filter_plan import ALLOW, Action
+
+    plan = plan_policy(policy, "block")
+    refused = {Action("errno", "deny:shmctl")}
+    assert plan.ipc_versions_masked
+    assert plan.results("shmctl", (), "x86", multiplexed=True, version=1) == refused
+    unmasked = replace(plan, ipc_versions_masked=False)  # the plan ipc_whole_arg0 compiles
+    assert unmasked.results("shmctl", (), "x86", multiplexed=True, version=0) == refused
+    assert unmasked.results("shmctl", (), "x86", multiplexed=True, version=1) == {ALLOW}
 
 
 def test_the_bundled_policies_kill_the_i386_abi_multiplexers_included(baseline):

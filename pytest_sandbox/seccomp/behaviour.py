@@ -148,8 +148,10 @@ def _flips(c: Comparison, current: int) -> set[int]:
     m, k = c.mask, c.value
     low_bit = m & -m
     kept = current & ~m & U32
+    # (k & m) | ~m: the masked compare's value with every bit it ignores set, where a compare of the whole
+    # word with k differs (ipc(2)'s call & 0xffff against libseccomp's ipc(arg0 == N): a version in the high bits)
     candidates = {k, k + 1, k - 1, kept | (k & m), kept | ((k + 1) & m), kept | ((k - 1) & m),
-                  current ^ low_bit, current | m, kept, current | k, current & ~k & U32}
+                  current ^ low_bit, current | m, kept, current | k, current & ~k & U32, (k & m) | (~m & U32)}
     if c.op == "jset":
         candidates |= {current | (k & -k), (current & ~k & U32) | (k & -k)}
     return {value & U32 for value in candidates}
