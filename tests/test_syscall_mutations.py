@@ -507,3 +507,40 @@ def test_real_results_equal_to_the_baseline_rest_on_the_sentinel_evidence_and_sa
     judgement = session.judge(params[0])
     assert judgement.verdict is Verdict.BLOCKED
     assert "the real build alone is ambiguous here" in judgement.reason
+
+
+def test_the_multiplexer_registers_are_what_the_runner_passes_or_unknown(tmp_path):
+    """The loaded-filter evaluation judges a multiplexed probe on ipc's own registers (the call number in
+    argument 0), never on the carried call's arguments; a register holding an address only the runner knows
+    (socketcall's block, semctl's "*3" word) makes the probe unevaluable, counted as skipped."""
+    policy = load_policy(SYSV_IPC_I386)
+    cases = {c.case_id: c for c in denial_cases(requirements_of(policy, "block"))}
+    assert cases["shmctl-i386-ipc-v1"].registers() == (0x10018, -1, 0, 0, 0)  # (call, first, second, third, ptr)
+    assert cases["msgctl-i386-ipc"].registers() == (14, -1, 0, 0, 0)
+    assert cases["shmctl-native"].registers() == (-1, 0, 0)
+    assert cases["semctl-i386-ipc-vffff"].registers() is None
+    vsock = {c.case_id: c for c in denial_cases(requirements_of(policy_file(tmp_path, VSOCK_OVER_I386), "proxy"))}
+    assert vsock["socket[AF_VSOCK]-i386-socketcall"].registers() is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="PTRACE_SECCOMP_GET_FILTER needs root")
+def test_a_third_partys_whole_argument_ipc_rule_fails_live_and_in_the_read_back_evaluation():
+    """End to end through ``--sandbox-exec``: tests/broken_targets/ipc_whole_arg0.json (an OCI profile: runc's
+    ``ipc(arg0 == N)``) judged against tests/sysv_ipc_i386.toml. The live probes fail exactly the six version
+    variants, the read-back evaluation names the three calls with a version, and the two agree."""
+    target = ROOT / "tests/broken_targets/ipc_whole_arg0.json"
+    command = f"{sys.executable} -m pytest_sandbox.cli run --policy {target} --"
+    completed = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--sandbox", "--sandbox-modes=block",
+         "--sandbox-identities=current", f"--sandbox-exec={command}", f"--sandbox-require={SYSV_IPC_I386}",
+         "conformance/test_syscalls.py", "conformance/test_loaded_filter.py"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "1000"})
+    failed = dict(re.findall(r"^FAILED \S+::(\w+\[\S+\]) - (.*)$", completed.stdout, re.MULTILINE))
+    live = {re.sub(r"^test_forbidden_syscall_is_refused\[exec-[^-]+-[^-]+-", "", name).rstrip("]")
+            for name in failed if name.startswith("test_forbidden_syscall_is_refused")}
+    assert live == IPC_VERSION_VARIANTS, completed.stdout[-3000:]
+    evaluation = [m for name, m in failed.items() if name.startswith("test_loaded_filter_refuses_what")]
+    assert len(evaluation) == 1 and len(failed) == len(live) + 1, sorted(failed)
+    for call in (0x18, 0xE, 0x3):
+        assert f"(e.g. arg0={0xFFFF0000 | call:#x}): ERRNO(1) -> ALLOW" in evaluation[0], evaluation[0]
+    assert "version 1 in the high 16 bits" in failed[next(n for n in failed if n.endswith("shmctl-i386-ipc-v1]"))]

@@ -205,6 +205,21 @@ class ProbeCase:
             return probe
         return {"id": self.case_id, **dict(self.extra)}
 
+    def registers(self) -> tuple[int, ...] | None:
+        """The argument registers of the attempt as the runner makes it (the multiplexer's own for ``via``:
+        ipc(call, first, second, third, ptr, fifth) by ``mux_layout``), for evaluating a filter on the very same
+        call; None where one holds what only the runner knows: its pid, or the address of socketcall's argument
+        block or of an ipc ``"*n"`` word."""
+        if not all(isinstance(a, int) for a in self.args):
+            return None
+        args = tuple(int(a) for a in self.args)
+        if not self.via:
+            return args
+        places = [place for place in self.mux_layout if not isinstance(place, str)]
+        if self.via != "ipc" or len(places) != len(self.mux_layout):
+            return None
+        return (self.mux_call, *(0 if place is None else args[place] for place in places))
+
     @property
     def category(self) -> str:
         return "syscall" if self.kind == "denial" else "syscall-controls"
