@@ -322,6 +322,12 @@ def test_the_evaluation_and_the_plan_agree_with_the_live_probe_on_ipc_versions()
     unmasked = replace(plan, ipc_versions_masked=False)  # the plan ipc_whole_arg0 compiles
     assert unmasked.results("shmctl", (), "x86", multiplexed=True, version=0) == refused
     assert unmasked.results("shmctl", (), "x86", multiplexed=True, version=1) == {ALLOW}
+    from pytest_sandbox.policy.explain import explain_policy
+
+    assert "ipc also with a version in the high 16 bits (call & 0xffff == N)" in explain_policy(policy, "block", 0)
+    profile = load_policy(ROOT / "tests/broken_targets/ipc_whole_arg0.json")
+    assert not plan_policy(profile, "block").ipc_versions_masked
+    assert "NOT ipc((v << 16) | N), which the kernel runs as call N" in explain_policy(profile, "block", 0)
 
 
 def test_the_bundled_policies_kill_the_i386_abi_multiplexers_included(baseline):
