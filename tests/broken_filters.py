@@ -12,7 +12,7 @@ from pathlib import Path
 import pyseccomp
 
 from pytest_sandbox.policy.model import ArgRule, Policy
-from pytest_sandbox.seccomp.compiler import CompiledFilter, compile_policy
+from pytest_sandbox.seccomp.compiler import CompiledFilter, compile_plan, compile_policy
 from pytest_sandbox.seccomp.filter_plan import plan_policy
 
 DOCKER_LIKE = Path(__file__).resolve().parents[1] / "fixtures/oci/docker-like-default.json"
@@ -144,6 +144,16 @@ def direct_calls_only(policy: Policy, mode: str, refusals: list[tuple[int, int, 
     head = [_insn(0x20, 4), _insn(0x15, _AUDIT_ARCH_X86_64, 0, len(native_block)), *native_block,
             _insn(0x20, 4), _insn(0x15, _AUDIT_ARCH_I386, 1, 0), kill, *i386_block]
     return replace(compile_policy(policy, mode), programs=(b"".join(head),))
+
+
+# -- ipc(2) matched on the whole argument 0: the version in its high 16 bits slips past -------------------
+
+def ipc_whole_arg0(policy: Policy, mode: str) -> CompiledFilter:
+    """The reference build of ``policy`` as libseccomp alone compiles its i386 rules on SysV IPC calls:
+    ``ipc(arg0 == N)`` on the whole argument, without our ``ipc(arg0 & 0xffff == N)`` twin (every other rule,
+    action and filter unchanged). ipc(2) drops the version in the high 16 bits (ipc/syscall.c
+    compat_ksys_ipc), so ``ipc((1 << 16) | SHMCTL, ...)`` runs shmctl through this filter."""
+    return compile_plan(replace(plan_policy(policy, mode), ipc_versions_masked=False))
 
 
 # -- a rule of several ANDed conditions with one condition dropped -----------------------------------------

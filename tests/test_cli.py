@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 
 from pytest_sandbox.cli import bpf_output_paths, main
-from pytest_sandbox.policy.diff import diff_policies
+from pytest_sandbox.policy.diff import diff_outside_the_filter
 from pytest_sandbox.policy.load import load_policy
-from pytest_sandbox.policy.model import ArgRule, InferenceRoute, Policy
+from pytest_sandbox.policy.model import NETWORK_MODES, ArgRule, InferenceRoute, Policy
 from pytest_sandbox.seccomp.compiler import compile_policy
+from pytest_sandbox.seccomp.semantic_diff import SemanticDiff, semantic_diff
 
 ADDED_BY_PR_819 = (
     "process_vm_writev", "pidfd_open", "pidfd_getfd", "pidfd_send_signal", "fsopen", "fsconfig", "fsmount",
@@ -135,11 +136,19 @@ def test_diff_baseline_to_pre_819_names_every_weakening_and_exits_1(
     assert "[allow mode] 548 syscalls (x32): KILL_PROCESS -> ALLOW" in weaker_section
 
 
+def behaviour_diff(old: Policy, new: Policy, *, modes: tuple[str, ...] = NETWORK_MODES) -> SemanticDiff:
+    """What ``pytest-sandbox diff`` computes: the filters by behaviour, the rest as settings."""
+    return semantic_diff(old, new, modes=modes, outside_filter=diff_outside_the_filter(old, new))
+
+
 def test_diff_pre_819_to_baseline_reports_the_same_changes_as_stronger() -> None:
-    forward = diff_policies(load_policy("baseline"), load_policy("openshell-pre-819"))
-    backward = diff_policies(load_policy("openshell-pre-819"), load_policy("baseline"))
-    assert len(backward.stronger) == len(forward.weaker)
+    forward = behaviour_diff(load_policy("baseline"), load_policy("openshell-pre-819"))
+    backward = behaviour_diff(load_policy("openshell-pre-819"), load_policy("baseline"))
+    assert forward.weaker and len(backward.stronger) == len(forward.weaker)
     assert len(backward.weaker) == len(forward.stronger)
+    # each line read backwards: "OLD -> NEW" becomes "NEW -> OLD"
+    swapped = [re.sub(r"(\S+) -> (\S+?)(:|$)", r"\2 -> \1\3", line, count=1) for line in forward.weaker]
+    assert sorted(swapped) == sorted(backward.stronger)
 
 
 def test_diff_baseline_to_strict_exits_0_and_lists_what_got_stronger(
@@ -167,7 +176,8 @@ def test_diff_of_a_policy_with_itself_finds_nothing(capsys: pytest.CaptureFixtur
 
 def test_diff_limited_to_one_mode_ignores_other_modes_filter_skips() -> None:
     old, new = load_policy("baseline"), load_policy("openshell-pre-819")
-    assert not any("allow mode" in line for line in diff_policies(old, new, modes=("proxy",)).weaker)
+    assert any(line.startswith("[allow mode] ") for line in behaviour_diff(old, new).weaker)
+    assert not any("allow mode" in line for line in behaviour_diff(old, new, modes=("proxy",)).weaker)
 
 
 def test_diff_with_an_unknown_policy_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
@@ -180,25 +190,25 @@ def test_changing_an_argument_rules_mask_counts_as_a_removed_and_an_added_rule()
     narrowed = tuple(replace(r, mask=0x10000000 | 0x1, value=0x10000000) if r.syscall == "clone" else r
                      for r in old.seccomp.arg_rules)
     new = replace(old, seccomp=replace(old.seccomp, arg_rules=narrowed))
-    diff = diff_policies(old, new)
-    assert [line for line in diff.weaker if line.startswith("argument rule removed: clone(")]
-    assert [line for line in diff.stronger if line.startswith("argument rule added: clone(arg0&0x10000001")]
+    diff = behaviour_diff(old, new)
+    # the narrowed rule refuses a subset: exactly the calls with bit 0 set got through
+    assert diff.weaker == ("clone (x86_64) when arg0 & 0x10000000 == 0x10000000 and arg0 & 0x10000001 != "
+                           "0x10000000 (e.g. arg0=0x10000001): ERRNO(1) -> ALLOW",)
+    assert diff.stronger == () and diff.changed == ()
 
 
 def test_a_changed_why_text_is_not_a_change_in_enforcement() -> None:
     old = load_policy("baseline")
     reworded = tuple(replace(r, why="reworded") for r in old.seccomp.arg_rules)
-    assert diff_policies(old, replace(old, seccomp=replace(old.seccomp, arg_rules=reworded))).weaker == ()
+    diff = behaviour_diff(old, replace(old, seccomp=replace(old.seccomp, arg_rules=reworded)))
+    assert diff.weaker == diff.stronger == diff.changed == ()
 
 
 @pytest.mark.parametrize(("change", "expected_weaker"), [
     (lambda p: replace(p, network=replace(p.network, mode="allow")), "network mode: proxy -> allow"),
     (lambda p: replace(p, seccomp=replace(p.seccomp, no_new_privs=False)), "no_new_privs disabled"),
-    (lambda p: replace(p, seccomp=replace(p.seccomp, extra_arches=("x32",))), "x32 ABI now admitted"),
-    (lambda p: replace(p, seccomp=replace(p.seccomp, bad_arch_action="errno")),
-     "bad-arch action: kill_process -> errno"),
-    (lambda p: replace(p, seccomp=replace(p.seccomp, bad_arch_action="trap")),
-     "bad-arch action: kill_process -> trap"),
+    (lambda p: replace(p, seccomp=replace(p.seccomp, extra_arches=("x32",))),
+     "clone (x32) when arg0 & 0x10000000 != 0x10000000 (e.g. all zero): KILL_PROCESS -> ALLOW"),
     (lambda p: replace(p, network=replace(p.network, allowed_ports=(80, 443, 22))),
      "egress port 22 now allowed"),
     (lambda p: replace(p, network=replace(p.network, allowed_hosts=("*", "10.0.0.1"))),
@@ -206,16 +216,28 @@ def test_a_changed_why_text_is_not_a_change_in_enforcement() -> None:
     (lambda p: replace(p, inference_routes=(*p.inference_routes, InferenceRoute("POST", "/v1/files"))),
      "inference route POST /v1/files now routed"),
     (lambda p: replace(p, network=replace(p.network, socket_domains=())),
-     "block mode: socket domain AF_INET no longer refused"),
+     "[block mode] socket (x86_64) when arg0 == 0x2 (e.g. arg0=0x2): ERRNO(1) -> ALLOW"),
     (lambda p: replace(p, seccomp=replace(p.seccomp, arg_rules=p.seccomp.arg_rules[1:])),
-     "argument rule removed: execveat(arg4&0x1000 masked_eq 0x1000)"),
+     "execveat (x86_64) when arg4 & 0x1000 == 0x1000 (e.g. arg4=0x1000): ERRNO(1) -> ALLOW"),
 ])  # fmt: skip
 def test_each_kind_of_weakening_is_reported_as_weaker(change: Callable[[Policy], Policy],
                                                       expected_weaker: str) -> None:
     old = load_policy("baseline")
-    diff = diff_policies(old, change(old))
+    diff = behaviour_diff(old, change(old))
     assert any(line.startswith(expected_weaker) for line in diff.weaker), diff.weaker
     assert diff.stronger == ()
+
+
+@pytest.mark.parametrize("action", ["errno", "trap"])
+def test_a_milder_bad_arch_action_is_a_change_of_refusal_not_a_weakening(action: str) -> None:
+    """x32 and i386 calls are still refused (an errno, or SIGSYS that a handler may catch), just not killed:
+    the diff lists it under CHANGED, with the refusal before and after."""
+    old = load_policy("baseline")
+    diff = behaviour_diff(old, replace(old, seccomp=replace(old.seccomp, bad_arch_action=action)))
+    assert diff.weaker == diff.stronger == ()
+    after = "ERRNO(1)" if action == "errno" else "TRAP"
+    assert {line.split(":")[0] for line in diff.changed} == {"548 syscalls (x32)", "512 syscalls (i386)"}, diff.changed
+    assert all(f": KILL_PROCESS -> {after}: " in line for line in diff.changed)
 
 
 def test_a_stricter_network_mode_and_a_new_rule_are_stronger() -> None:
@@ -224,11 +246,12 @@ def test_a_stricter_network_mode_and_a_new_rule_are_stronger() -> None:
     new = replace(old, network=replace(old.network, mode="block"),
                   seccomp=replace(old.seccomp, arg_rules=(*old.seccomp.arg_rules, rule),
                                   default_action="errno"))
-    diff = diff_policies(old, new)
+    diff = behaviour_diff(old, new)
     assert diff.weaker == ()
     assert "network mode: proxy -> block" in diff.stronger
-    assert "default action: allow -> errno" in diff.stronger
-    assert "argument rule added: personality(arg0 eq 0xffffffff) (query only)" in diff.stronger
+    # the default action errno refuses every call the baseline let through, personality's included
+    assert any(re.search(r"syscalls \(x86_64\): ALLOW -> ERRNO\(1\): .*\bgetppid\b", line) for line in diff.stronger)
+    assert "personality (x86_64) when arg0 == 0xffffffff (e.g. arg0=0xffffffff): ALLOW -> ERRNO(1)" in diff.stronger
 
 
 # -- export -------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from broken_filters import (
     direct_calls_only,
     docker_like_profile_with_af_packet_rule,
     hand_built,
+    ipc_whole_arg0,
     legacy_real_build,
     one_condition_kept,
 )
@@ -249,7 +250,84 @@ def test_the_sysv_ipc_multiplexer_is_probed_and_its_hole_caught(tmp_path):
     assert failing(verdicts) == set()
     broken = direct_calls_only(policy, "proxy", [(31, 396, None), (71, 402, None), (66, 394, None)])
     assert failing(verdicts_against(policy, "proxy", broken, intended=None)) == {
-        "shmctl-i386-ipc", "msgctl-i386-ipc", "semctl-i386-ipc"}
+        f"{name}-i386-ipc{version}" for name in ("shmctl", "msgctl", "semctl") for version in ("", "-v1", "-vffff")}
+
+
+SYSV_IPC_I386 = ROOT / "tests/sysv_ipc_i386.toml"
+IPC_VERSION_VARIANTS = {f"{name}-i386-ipc-{version}" for name in ("shmctl", "msgctl", "semctl")
+                        for version in ("v1", "vffff")}
+
+
+def test_every_sysv_ipc_row_is_probed_with_versions_that_reach_the_same_call():
+    from pytest_sandbox.catalogues.syscalls import SYSCALL_PROBES
+
+    ipc_rows = [probe for probe in SYSCALL_PROBES if probe.mux is not None and probe.mux.name == "ipc"]
+    assert {probe.name for probe in ipc_rows} == {"shmctl", "msgctl", "semctl"}
+    for probe in ipc_rows:  # (semctl/msgctl/shmctl ignore the version; shmat's version 1 would be iBCS2's EINVAL)
+        assert probe.mux is not None and probe.mux.versions and 0 not in probe.mux.versions
+        assert all(probe.mux.call_with_version(v) & 0xFFFF == probe.mux.call for v in probe.mux.versions)
+    socket_rows = [probe for probe in SYSCALL_PROBES if probe.mux is not None and probe.mux.name == "socketcall"]
+    assert socket_rows and not any(probe.mux.versions for probe in socket_rows if probe.mux is not None), (
+        "socketcall(2) compares its whole call number (net/compat.c: call < SYS_SOCKET || call > SYS_SENDMMSG)")
+
+
+def test_an_ipc_version_in_the_high_16_bits_is_refused_and_a_whole_argument_compare_is_caught():
+    """ipc(2) runs ``(1 << 16) | SHMCTL`` as SHMCTL. The reference refuses every version; libseccomp's own
+    ``ipc(arg0 == 24)`` (ipc_whole_arg0) lets exactly the version variants through: ALLOWED, named."""
+    policy = load_policy(SYSV_IPC_I386)
+    intended = compile_policy(policy, "block")
+    judgements = judgements_against(policy, "block", intended, intended=intended)
+    assert IPC_VERSION_VARIANTS <= set(judgements)
+    assert failing({case: j.verdict for case, j in judgements.items()}) == set()
+    assert all(judgements[case].observed == "EPERM" for case in IPC_VERSION_VARIANTS)
+    broken = ipc_whole_arg0(policy, "block")
+    for judged_by in (intended, None):  # our own build's plan, and a third party's requirement alone
+        judgements = judgements_against(policy, "block", broken, intended=judged_by)
+        assert failing({case: j.verdict for case, j in judgements.items()}) == IPC_VERSION_VARIANTS
+        for case in IPC_VERSION_VARIANTS:
+            assert judgements[case].verdict is Verdict.ALLOWED and "reached the kernel" in judgements[case].reason
+        assert judgements["shmctl-i386-ipc"].verdict is Verdict.BLOCKED  # version 0: ipc(arg0 == 24) holds
+    from pytest_sandbox.probes.syscall_cases import denial_cases, requirements_of
+
+    titles = {c.case_id: c.title for c in denial_cases(requirements_of(policy, "block"))}
+    assert titles["shmctl-i386-ipc-v1"] == (
+        "syscall shmctl via i386 ipc(0x10018): version 1 in the high 16 bits, which the kernel drops "
+        "(call & 0xffff == 24), so a filter comparing the whole argument 0 lets it through")
+
+
+def test_the_evaluation_and_the_plan_agree_with_the_live_probe_on_ipc_versions():
+    """The BPF evaluation of both filters says what the live probe saw: the whole-argument compare lets
+    ``ipc(0xffff0000 | N)`` through, the reference does not; the plan predicts both."""
+    from pytest_sandbox.fixtures.loaded_filter import requirement_stack
+    from pytest_sandbox.seccomp.behaviour import compare, summarise
+    from pytest_sandbox.seccomp.filter_plan import plan_policy
+
+    policy = load_policy(SYSV_IPC_I386)
+    required = requirement_stack(policy, "block")
+    assert not compare(required, compile_policy(policy, "block").programs).weaker
+    weaker = compare(required, ipc_whole_arg0(policy, "block").programs).weaker
+    assert {(c.abi, c.syscall) for c in weaker} == {("i386", "ipc")}, summarise(weaker)
+    lines = " ".join(summarise(weaker))
+    for call in (0x18, 0xE, 0x3):
+        assert f"arg0 & 0xffff == {call:#x}" in lines
+        assert f"e.g. arg0={0xFFFF0000 | call:#x}): ERRNO(1) -> ALLOW" in lines
+    from dataclasses import replace
+
+    from pytest_sandbox.seccomp.filter_plan import ALLOW, Action
+
+    plan = plan_policy(policy, "block")
+    refused = {Action("errno", "deny:shmctl")}
+    assert plan.ipc_versions_masked
+    assert plan.results("shmctl", (), "x86", multiplexed=True, version=1) == refused
+    unmasked = replace(plan, ipc_versions_masked=False)  # the plan ipc_whole_arg0 compiles
+    assert unmasked.results("shmctl", (), "x86", multiplexed=True, version=0) == refused
+    assert unmasked.results("shmctl", (), "x86", multiplexed=True, version=1) == {ALLOW}
+    from pytest_sandbox.policy.explain import explain_policy
+
+    assert "ipc also with a version in the high 16 bits (call & 0xffff == N)" in explain_policy(policy, "block", 0)
+    profile = load_policy(ROOT / "tests/broken_targets/ipc_whole_arg0.json")
+    assert not plan_policy(profile, "block").ipc_versions_masked
+    assert "NOT ipc((v << 16) | N), which the kernel runs as call N" in explain_policy(profile, "block", 0)
 
 
 def test_the_bundled_policies_kill_the_i386_abi_multiplexers_included(baseline):
@@ -435,3 +513,40 @@ def test_real_results_equal_to_the_baseline_rest_on_the_sentinel_evidence_and_sa
     judgement = session.judge(params[0])
     assert judgement.verdict is Verdict.BLOCKED
     assert "the real build alone is ambiguous here" in judgement.reason
+
+
+def test_the_multiplexer_registers_are_what_the_runner_passes_or_unknown(tmp_path):
+    """The loaded-filter evaluation judges a multiplexed probe on ipc's own registers (the call number in
+    argument 0), never on the carried call's arguments; a register holding an address only the runner knows
+    (socketcall's block, semctl's "*3" word) makes the probe unevaluable, counted as skipped."""
+    policy = load_policy(SYSV_IPC_I386)
+    cases = {c.case_id: c for c in denial_cases(requirements_of(policy, "block"))}
+    assert cases["shmctl-i386-ipc-v1"].registers() == (0x10018, -1, 0, 0, 0)  # (call, first, second, third, ptr)
+    assert cases["msgctl-i386-ipc"].registers() == (14, -1, 0, 0, 0)
+    assert cases["shmctl-native"].registers() == (-1, 0, 0)
+    assert cases["semctl-i386-ipc-vffff"].registers() is None
+    vsock = {c.case_id: c for c in denial_cases(requirements_of(policy_file(tmp_path, VSOCK_OVER_I386), "proxy"))}
+    assert vsock["socket[AF_VSOCK]-i386-socketcall"].registers() is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="PTRACE_SECCOMP_GET_FILTER needs root")
+def test_a_third_partys_whole_argument_ipc_rule_fails_live_and_in_the_read_back_evaluation():
+    """End to end through ``--sandbox-exec``: tests/broken_targets/ipc_whole_arg0.json (an OCI profile: runc's
+    ``ipc(arg0 == N)``) judged against tests/sysv_ipc_i386.toml. The live probes fail exactly the six version
+    variants, the read-back evaluation names the three calls with a version, and the two agree."""
+    target = ROOT / "tests/broken_targets/ipc_whole_arg0.json"
+    command = f"{sys.executable} -m pytest_sandbox.cli run --policy {target} --"
+    completed = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--sandbox", "--sandbox-modes=block",
+         "--sandbox-identities=current", f"--sandbox-exec={command}", f"--sandbox-require={SYSV_IPC_I386}",
+         "conformance/test_syscalls.py", "conformance/test_loaded_filter.py"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "1000"})
+    failed = dict(re.findall(r"^FAILED \S+::(\w+\[\S+\]) - (.*)$", completed.stdout, re.MULTILINE))
+    live = {re.sub(r"^test_forbidden_syscall_is_refused\[exec-[^-]+-[^-]+-", "", name).rstrip("]")
+            for name in failed if name.startswith("test_forbidden_syscall_is_refused")}
+    assert live == IPC_VERSION_VARIANTS, completed.stdout[-3000:]
+    evaluation = [m for name, m in failed.items() if name.startswith("test_loaded_filter_refuses_what")]
+    assert len(evaluation) == 1 and len(failed) == len(live) + 1, sorted(failed)
+    for call in (0x18, 0xE, 0x3):
+        assert f"(e.g. arg0={0xFFFF0000 | call:#x}): ERRNO(1) -> ALLOW" in evaluation[0], evaluation[0]
+    assert "version 1 in the high 16 bits" in failed[next(n for n in failed if n.endswith("shmctl-i386-ipc-v1]"))]

@@ -47,6 +47,13 @@ ARG_TYPE_BITS = {I: 32, U: 32, UL32: 32, L: 64, UL: 64, P: 64}
 # include/uapi/linux/ipc.h (SEMCTL 3, MSGCTL 14, SHMCTL 24).
 SOCKETCALL_NR = 102
 IPC_NR = 117
+# ipc(2) reads only the low 16 bits of its call number; the high 16 are a version (ipc/syscall.c
+# compat_ksys_ipc and ksys_ipc: ``version = call >> 16; call &= 0xffff``). SEMCTL, MSGCTL and SHMCTL never
+# look at the version, so ``(v << 16) | SHMCTL`` is SHMCTL for every v, and a filter comparing the whole
+# argument 0 (libseccomp's own ``ipc(arg0 == 24)``) lets it through. Not every call ignores it: SHMAT with
+# version 1 is the old iBCS2 entry (-EINVAL), and MSGRCV with version 0 reads its arguments through a
+# struct ipc_kludge; a row for those must list only versions that reach the same call (SHMAT: 0 or >= 2).
+IPC_ANY_VERSION = (1, 0xFFFF)  # the lowest and the highest version: both reach SEMCTL, MSGCTL and SHMCTL
 
 
 @dataclass(frozen=True)
@@ -54,20 +61,26 @@ class Multiplexed:
     """How the same call enters through an i386 multiplexer: ``name`` (socketcall or ipc), its i386
     number, the call number in its argument 0, and for ipc, where each of the call's arguments goes:
     ``layout[i]`` is the syscall argument index for ipc argument ``i + 1`` (first, second, third, ptr,
-    fifth), ``None`` for 0, or ``"*n"`` for a pointer to a 32-bit word holding argument ``n``."""
+    fifth), ``None`` for 0, or ``"*n"`` for a pointer to a 32-bit word holding argument ``n``; ``versions``,
+    for ipc, the versions (the high 16 bits of argument 0) that reach the same call, each probed too."""
 
     name: str
     nr: int
     call: int
     layout: tuple[int | str | None, ...] = ()
+    versions: tuple[int, ...] = ()
+
+    def call_with_version(self, version: int) -> int:
+        """Argument 0 carrying ``version`` in its high 16 bits (ipc/syscall.c ``version = call >> 16``)."""
+        return version << 16 | self.call
 
 
 def socketcall(call: int) -> Multiplexed:
     return Multiplexed("socketcall", SOCKETCALL_NR, call)
 
 
-def ipc(call: int, *layout: int | str | None) -> Multiplexed:
-    return Multiplexed("ipc", IPC_NR, call, layout)
+def ipc(call: int, *layout: int | str | None, versions: tuple[int, ...] = ()) -> Multiplexed:
+    return Multiplexed("ipc", IPC_NR, call, layout, versions)
 
 
 @dataclass(frozen=True)
@@ -137,9 +150,12 @@ SYSCALL_PROBES: tuple[SyscallProbe, ...] = (
     SyscallProbe("connect", 42, 362, 42, (I, P, I), (-1, BAD_PTR, 0), note="a bad fd: EBADF", mux=socketcall(3)),
     # SysV IPC: a negative id is refused (EINVAL) before any object is looked up (ipc/shm.c ksys_shmctl,
     # ipc/msg.c ksys_msgctl, ipc/sem.c ksys_semctl); Linux >= 5.1 has direct i386 numbers besides ipc(2).
-    SyscallProbe("semctl", 66, 394, 66, (I, I, I, UL), (-1, 0, 0, 0), mux=ipc(3, 0, 1, 2, "*3")),
-    SyscallProbe("shmctl", 31, 396, 31, (I, I, P), (-1, 0, 0), mux=ipc(24, 0, 1, None, 2)),
-    SyscallProbe("msgctl", 71, 402, 71, (I, I, P), (-1, 0, 0), mux=ipc(14, 0, 1, None, 2)),
+    SyscallProbe("semctl", 66, 394, 66, (I, I, I, UL), (-1, 0, 0, 0),
+                 mux=ipc(3, 0, 1, 2, "*3", versions=IPC_ANY_VERSION)),
+    SyscallProbe("shmctl", 31, 396, 31, (I, I, P), (-1, 0, 0),
+                 mux=ipc(24, 0, 1, None, 2, versions=IPC_ANY_VERSION)),
+    SyscallProbe("msgctl", 71, 402, 71, (I, I, P), (-1, 0, 0),
+                 mux=ipc(14, 0, 1, None, 2, versions=IPC_ANY_VERSION)),
     SyscallProbe("keyctl", 250, 288, 250, (I, UL, UL, UL, UL), (0xFFFF, 0, 0, 0, 0),
                  note="keyrings are not namespaced"),
     SyscallProbe("add_key", 248, 286, 248, (P, P, P, UL, I), (0, 0, 0, 0, 0)),

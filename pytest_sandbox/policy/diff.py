@@ -1,40 +1,20 @@
-"""What became weaker or stronger between two policies (``pytest-sandbox diff``), before anything runs.
+"""What became weaker or stronger between two policies in what no seccomp filter expresses (``pytest-sandbox diff``).
 
-A pure comparison of two :class:`~pytest_sandbox.policy.model.Policy` values, rule by rule, with its
-text and JSON renderings; the console script only loads the two policies and prints the result.
+The filters themselves are compared by behaviour (seccomp/semantic_diff.py: both compiled, both evaluated on
+every syscall and argument class), which rule text cannot do: an argument rule replaced by a refusal of the
+whole call is no weakening. What is left is compared here as settings, purely: the network mode, the egress
+hosts and ports, the inference routes, no_new_privs. A new policy field outside the filter gets its line here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable
 
-from pytest_sandbox.policy.model import NETWORK_MODES, ArgRule, Policy, describe_rule, family_name, is_domain_rule
+from pytest_sandbox.policy.model import Policy
 
-# How much a setting refuses, weakest first. Network modes: ``allow`` reaches everything, ``proxy``
-# only the egress proxy, ``block`` nothing. Filter actions: every kill/trap ends in a signal death
-# (kill_thread leaves the rest of the process running, trap can be caught by a SIGSYS handler).
+# How much a network mode refuses, weakest first: ``allow`` reaches everything, ``proxy`` only the egress
+# proxy, ``block`` nothing.
 NETWORK_MODE_STRENGTH = {"allow": 0, "proxy": 1, "block": 2}
-ACTION_STRENGTH = {"allow": 0, "log": 1, "errno": 2, "trap": 3, "kill_thread": 4, "kill_process": 5}
-
-
-@dataclass(frozen=True)
-class PolicyDiff:
-    """What changed from ``old`` to ``new``: each line names the rule and the direction."""
-
-    old: str
-    new: str
-    weaker: tuple[str, ...]
-    stronger: tuple[str, ...]
-
-    @property
-    def is_weaker(self) -> bool:
-        return bool(self.weaker)
-
-
-def _rule_identity(rule: ArgRule) -> tuple[str, int, str, int, int]:
-    # The mask only means something for masked_eq; eq always compares the low 32 bits (model.py).
-    return (rule.syscall, rule.arg, rule.op, rule.mask if rule.op == "masked_eq" else 0xFFFFFFFF, rule.value)
 
 
 def _set_changes(old: Iterable[str], new: Iterable[str]) -> tuple[list[str], list[str]]:
@@ -49,65 +29,6 @@ def _compare_strength(what: str, old: str, new: str, ranking: dict[str, int],
         return
     line = f"{what}: {old} -> {new}"
     (weaker if ranking[new] < ranking[old] else stronger).append(line)
-
-
-def diff_policies(old: Policy, new: Policy, *, modes: Sequence[str] = NETWORK_MODES) -> PolicyDiff:
-    """Compare two policies rule by rule; ``modes`` limits the per-network-mode comparisons."""
-    weaker: list[str] = []
-    stronger: list[str] = []
-    o, n = old.seccomp, new.seccomp
-    if (old.origin == "oci") != (new.origin == "oci"):
-        # A profile has no network modes: compare it with the policy in that policy's own mode.
-        modes = ((new if old.origin == "oci" else old).network.mode,)
-
-    # Allowlists (OCI/Docker profiles) are compared by what they refuse, like denylists.
-    removed, added = _set_changes(o.effective_denies(), n.effective_denies())
-    weaker += [f"syscall {name} no longer denied" for name in removed]
-    stronger += [f"syscall {name} now denied" for name in added]
-
-    # An ENOSYS rule exists so that glibc falls back to a call the filter can inspect (clone3 ->
-    # clone); losing it lets the uninspectable call reach the kernel.
-    removed, added = _set_changes(o.enosys, n.enosys)
-    weaker += [f"syscall {name} no longer returns ENOSYS (reaches the kernel)" for name in removed]
-    stronger += [f"syscall {name} now returns ENOSYS" for name in added]
-
-    old_rules = {_rule_identity(r): r for r in o.arg_rules if not is_domain_rule(r)}
-    new_rules = {_rule_identity(r): r for r in n.arg_rules if not is_domain_rule(r)}
-    weaker += [f"argument rule removed: {describe_rule(r)}"
-               for k, r in old_rules.items() if k not in new_rules]
-    stronger += [f"argument rule added: {describe_rule(r)}"
-                 for k, r in new_rules.items() if k not in old_rules]
-    # Conditional allows only mean something in an allowlist; between two allowlists more is weaker.
-    both_allowlists = o.is_allowlist and n.is_allowlist
-    old_allows = {_rule_identity(r): r for r in o.allow_rules if both_allowlists}
-    new_allows = {_rule_identity(r): r for r in n.allow_rules if both_allowlists}
-    weaker += [f"conditional allow added: {describe_rule(r)}" for k, r in new_allows.items() if k not in old_allows]
-    stronger += [f"conditional allow removed: {describe_rule(r)}"
-                 for k, r in old_allows.items() if k not in new_allows]
-
-    for mode in modes:
-        old_applies, new_applies = old.filter_applies(mode), new.filter_applies(mode)
-        if old_applies and not new_applies:
-            weaker.append(f"{mode} mode: seccomp filter skipped (no filter, no no_new_privs)")
-        elif new_applies and not old_applies:
-            stronger.append(f"{mode} mode: seccomp filter now applied")
-        removed_domains, added_domains = _set_changes(
-            map(family_name, old.refused_domains(mode)), map(family_name, new.refused_domains(mode)))
-        weaker += [f"{mode} mode: socket domain {name} no longer refused" for name in removed_domains]
-        stronger += [f"{mode} mode: socket domain {name} now refused" for name in added_domains]
-
-    _compare_strength("default action", o.default_action, n.default_action, ACTION_STRENGTH, weaker, stronger)
-    _compare_strength("bad-arch action", o.bad_arch_action, n.bad_arch_action, ACTION_STRENGTH,
-                      weaker, stronger)
-
-    # A foreign ABI (x32, i386 via int 0x80) not listed in the filter meets the bad-arch action;
-    # listing it admits its calls and leaves only the rules between them and the kernel.
-    removed, added = _set_changes(o.extra_arches, n.extra_arches)
-    weaker += [f"{arch} ABI now admitted by the filter (was the bad-arch action)" for arch in added]
-    stronger += [f"{arch} ABI no longer admitted (now the bad-arch action)" for arch in removed]
-
-    outside_weaker, outside_stronger = diff_outside_the_filter(old, new)
-    return PolicyDiff(old.name, new.name, tuple(weaker + outside_weaker), tuple(stronger + outside_stronger))
 
 
 def diff_outside_the_filter(old: Policy, new: Policy) -> tuple[list[str], list[str]]:

@@ -32,7 +32,9 @@ def explain_policy(policy: Policy, mode: str, instruction_count: int, unprobed: 
     # either the whole i386 ABI is refused, or libseccomp refuses the multiplexed call outright.
     out.append("  i386 socketcall(102)/ipc(117): " + ("refused with the whole i386 ABI (bad_arch_action "
                f"{seccomp.bad_arch_action})" if "x86" not in seccomp.extra_arches else "each socket/SysV IPC rule "
-               "refuses its call through the multiplexer whatever the arguments (libseccomp: mux(call == N))"))
+               "refuses its call through the multiplexer whatever the arguments (libseccomp: mux(call == N))" +
+               ("; NOT ipc((v << 16) | N), which the kernel runs as call N (an OCI profile, as runc compiles it)"
+                if policy.origin == "oci" else "; ipc also with a version in the high 16 bits (call & 0xffff == N)")))
     out.append(f"  no_new_privs: {'yes' if seccomp.no_new_privs and policy.filter_applies(mode) else 'no'}")
     out.append(f"  BPF: {instruction_count} instructions")
     unenforced = "" if policy.filter_applies(mode) else f", NOT ENFORCED in {mode} mode"

@@ -3,8 +3,8 @@
 A :class:`Requirement` is one thing that must be proven refused (a syscall, an argument rule, an ENOSYS
 rule) together with the refusal the requirement itself names (an errno, ENOSYS included, or a kill).
 Each requirement becomes :class:`ProbeCase`\\ s: every ABI path (native, x32, i386 direct, and the i386
-multiplexers socketcall(2) / ipc(2) for the socket-family and SysV IPC calls), and high-bit variants
-for every ruled argument the kernel reads as 32 bits.
+multiplexers socketcall(2) / ipc(2) for the socket-family and SysV IPC calls, ipc(2) also with a version in
+the high 16 bits of its call number), and high-bit variants for every ruled argument the kernel reads as 32 bits.
 """
 
 from __future__ import annotations
@@ -205,6 +205,21 @@ class ProbeCase:
             return probe
         return {"id": self.case_id, **dict(self.extra)}
 
+    def registers(self) -> tuple[int, ...] | None:
+        """The argument registers of the attempt as the runner makes it (the multiplexer's own for ``via``:
+        ipc(call, first, second, third, ptr, fifth) by ``mux_layout``), for evaluating a filter on the very same
+        call; None where one holds what only the runner knows: its pid, or the address of socketcall's argument
+        block or of an ipc ``"*n"`` word."""
+        if not all(isinstance(a, int) for a in self.args):
+            return None
+        args = tuple(int(a) for a in self.args)
+        if not self.via:
+            return args
+        places = [place for place in self.mux_layout if not isinstance(place, str)]
+        if self.via != "ipc" or len(places) != len(self.mux_layout):
+            return None
+        return (self.mux_call, *(0 if place is None else args[place] for place in places))
+
     @property
     def category(self) -> str:
         return "syscall" if self.kind == "denial" else "syscall-controls"
@@ -277,10 +292,11 @@ def high_bit_variants(probe: SyscallProbe, rule: ArgRule) -> tuple[tuple[str, in
 
 
 def multiplexed_case(item: Requirement, probe: SyscallProbe, args: tuple[int | str, ...], kind: str,
-                     case_id: str, title: str) -> ProbeCase:
+                     case_id: str, title: str, *, version: int = 0) -> ProbeCase:
+    """The call through its i386 multiplexer; ``version`` in the high 16 bits of ipc's call number."""
     assert probe.mux is not None
     return ProbeCase(case_id, kind, title, item, "i386", probe.mux.nr, args, probe.setup, via=probe.mux.name,
-                     mux_call=probe.mux.call, mux_layout=probe.mux.layout)
+                     mux_call=probe.mux.call_with_version(version), mux_layout=probe.mux.layout)
 
 
 def denial_cases(requirements: Sequence[Requirement]) -> tuple[ProbeCase, ...]:
@@ -304,6 +320,13 @@ def denial_cases(requirements: Sequence[Requirement]) -> tuple[ProbeCase, ...]:
         if probe.mux is not None:
             cases.append(multiplexed_case(item, probe, args, "denial", f"{item.label}-i386-{probe.mux.name}",
                                           f"syscall {item.label} via i386 {probe.mux.name}({probe.mux.call})"))
+            for version in probe.mux.versions:  # ipc(2) ignores the high 16 bits (catalogues/syscalls.py)
+                call = probe.mux.call_with_version(version)
+                cases.append(multiplexed_case(
+                    item, probe, args, "denial", f"{item.label}-i386-{probe.mux.name}-v{version:x}",
+                    f"syscall {item.label} via i386 {probe.mux.name}({call:#x}): version {version} in the high "
+                    f"16 bits, which the kernel drops (call & 0xffff == {probe.mux.call}), so a filter comparing "
+                    "the whole argument 0 lets it through", version=version))
         for index, condition in enumerate((item.rule, *item.rule.also) if item.rule is not None else ()):
             where = "" if index == 0 else f"-arg{condition.arg}"  # every ANDed condition's argument too
             for variant, bits in high_bit_variants(probe, condition):

@@ -36,6 +36,7 @@ from pytest_sandbox.seccomp.bpf_eval import (
     Trace,
     run_stack,
 )
+from pytest_sandbox.seccomp.filter_plan import IPC_CALL_MASK, IPC_CALLS
 
 __all__ = ["ABIS", "Abi", "ArgClass", "BehaviourDiff", "Change", "Stack", "classes", "compare", "explore", "number_of",
            "summarise", "syscall_name", "syscall_numbers"]
@@ -148,8 +149,10 @@ def _flips(c: Comparison, current: int) -> set[int]:
     m, k = c.mask, c.value
     low_bit = m & -m
     kept = current & ~m & U32
+    # (k & m) | ~m: the masked compare's value with every bit it ignores set, where a compare of the whole
+    # word with k differs (ipc(2)'s call & 0xffff against libseccomp's ipc(arg0 == N): a version in the high bits)
     candidates = {k, k + 1, k - 1, kept | (k & m), kept | ((k + 1) & m), kept | ((k - 1) & m),
-                  current ^ low_bit, current | m, kept, current | k, current & ~k & U32}
+                  current ^ low_bit, current | m, kept, current | k, current & ~k & U32, (k & m) | (~m & U32)}
     if c.op == "jset":
         candidates |= {current | (k & -k), (current & ~k & U32) | (k & -k)}
     return {value & U32 for value in candidates}
@@ -187,10 +190,9 @@ MULTIPLEXED_CALLS: dict[str, dict[int, str]] = {
     "socketcall": dict(enumerate(("socket", "bind", "connect", "listen", "accept", "getsockname", "getpeername",
                                   "socketpair", "send", "recv", "sendto", "recvfrom", "shutdown", "setsockopt",
                                   "getsockopt", "sendmsg", "recvmsg", "accept4", "recvmmsg", "sendmmsg"), 1)),
-    "ipc": {1: "semop", 2: "semget", 3: "semctl", 4: "semtimedop", 11: "msgsnd", 12: "msgrcv", 13: "msgget",
-            14: "msgctl", 21: "shmat", 22: "shmdt", 23: "shmget", 24: "shmctl"},
+    "ipc": {number: name for name, number in IPC_CALLS.items()},
 }
-_CALL_MASK = {"socketcall": U32, "ipc": 0xFFFF}
+_CALL_MASK = {"socketcall": U32, "ipc": IPC_CALL_MASK}
 
 
 @lru_cache(maxsize=256)

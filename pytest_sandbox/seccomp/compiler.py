@@ -17,6 +17,8 @@ Traps handled here (syscalls.md §5):
   libseccomp ORs), so setting high bits in an int argument can neither slip past a rule nor be refused
   by one it does not match; an OCI profile's compare all 64 bits, as runc compiles them (its ANDed
   conditions become one rule with several comparisons);
+- on i386 a TOML policy's rule on a SysV IPC call also gets an ``ipc(arg0 & 0xffff == N)`` twin next to
+  libseccomp's ``ipc(arg0 == N)``: ipc(2) drops the version in the high 16 bits (filter_plan.py);
 - every libseccomp error becomes a PolicyError naming the rule (never a raw OSError traceback).
 """
 
@@ -45,6 +47,7 @@ from pytest_sandbox.seccomp.filter_plan import (
     deny_key,
     enosys_key,
     errno_on,
+    ipc_version_twin,
     plan_policy,
 )
 
@@ -172,9 +175,9 @@ def _emit(pyseccomp: Any, plan: FilterPlan, numbers: Mapping[str, int]) -> list[
             flt = _new_filter(pyseccomp, plan, planned, arch, action)
             for rule in planned.rules:
                 alternatives = ((),) if rule.condition is None else rule.condition.alternatives()
-                for parts in alternatives:
+                for syscall, parts in _libseccomp_rules(plan, arch, rule.syscall, alternatives):
                     _libseccomp(plan, f"{', '.join(rule.sources)}: rule {rule.describe()} in the {planned.role} "
-                                      "filter", partial(flt.add_rule, action(rule.action, arch), rule.syscall,
+                                      "filter", partial(flt.add_rule, action(rule.action, arch), syscall,
                                                         *_arguments(pyseccomp, parts)))
             if merged is None:
                 merged = flt
@@ -182,6 +185,18 @@ def _emit(pyseccomp: Any, plan: FilterPlan, numbers: Mapping[str, int]) -> list[
                 _libseccomp(plan, f"seccomp.extra_arches {arch}", partial(merged.merge, flt))
         filters.append((planned.role, merged))
     return filters
+
+
+def _libseccomp_rules(plan: FilterPlan, arch: str, syscall: str, alternatives: tuple[tuple[Condition, ...], ...]
+                      ) -> list[tuple[str, tuple[Condition, ...]]]:
+    """The ``seccomp_rule_add`` calls of one planned rule on ``arch``: each alternative, and on i386, for a SysV
+    IPC call of a masked plan, its ``ipc(arg0 & 0xffff == N)`` twin (filter_plan.ipc_version_twin): libseccomp's
+    own ``ipc(arg0 == N)`` misses ``(1 << 16) | N``, which the kernel runs as call N."""
+    found = [(syscall, parts) for parts in alternatives]
+    if arch == "x86" and plan.ipc_versions_masked:
+        twins = (ipc_version_twin(syscall, parts) for parts in alternatives)
+        found += [("ipc", twin) for twin in dict.fromkeys(twins) if twin is not None]
+    return found
 
 
 def _new_filter(pyseccomp: Any, plan: FilterPlan, planned: PlannedFilter, arch: str,

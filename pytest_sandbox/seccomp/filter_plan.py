@@ -25,6 +25,12 @@ Everything that libseccomp would otherwise decide silently, differently per buil
   Every refusal of such a call lands on the one ``socketcall(call == N)`` rule, so they share one slot
   (else EEXIST whenever their errnos differ); a refusal conditioned on another argument would compare
   a pointer there, and is a policy error.
+- ipc(2) reads only the low 16 bits of its call number, the high 16 are a version (ipc/syscall.c
+  ``compat_ksys_ipc``: ``version = call >> 16; call &= 0xffff``), but libseccomp's rule is ``ipc(arg0 == N)``
+  on the whole argument: ``ipc((1 << 16) | SHMCTL)`` is SHMCTL to the kernel and passes it. A TOML policy's
+  plan therefore masks (``ipc_versions_masked``): every i386 rule on a SysV IPC call gets a twin
+  ``ipc(arg0 & 0xffff == N)`` with the same action (:func:`ipc_version_twin`). An OCI profile keeps
+  libseccomp's rule, as runc compiles it, hole included.
 - i386 and x32 are 32-bit ABIs: libseccomp compares only the low 32 bits there (``gt 0x200000007``
   becomes ``gt 7``), so a comparison value above 32 bits with x86 or x32 admitted is a policy error.
 - On x86_64 libseccomp compares all 64 bits, but the kernel reads an ``int`` argument as its low 32 bits
@@ -65,9 +71,11 @@ PRECEDENCE: Mapping[str, int] = {"kill_process": 6, "kill_thread": 5, "trap": 4,
 _SOCKETCALL = ("socket", "bind", "connect", "listen", "accept", "getsockname", "getpeername", "socketpair",
                "send", "recv", "sendto", "recvfrom", "shutdown", "setsockopt", "getsockopt", "sendmsg", "recvmsg",
                "accept4", "recvmmsg", "sendmmsg")
-_IPC = ("semop", "semget", "semctl", "semtimedop", "msgsnd", "msgrcv", "msgget", "msgctl", "shmat", "shmdt",
-        "shmget", "shmctl")
-X86_MULTIPLEXED: Mapping[str, str] = {**dict.fromkeys(_SOCKETCALL, "socketcall"), **dict.fromkeys(_IPC, "ipc")}
+# include/uapi/linux/ipc.h: the call numbers ipc(2) reads from the low 16 bits of its argument 0.
+IPC_CALLS: Mapping[str, int] = {"semop": 1, "semget": 2, "semctl": 3, "semtimedop": 4, "msgsnd": 11, "msgrcv": 12,
+                                "msgget": 13, "msgctl": 14, "shmat": 21, "shmdt": 22, "shmget": 23, "shmctl": 24}
+IPC_CALL_MASK = 0xFFFF  # the high 16 bits are the version (ipc/syscall.c: ``call &= 0xffff``)
+X86_MULTIPLEXED: Mapping[str, str] = {**dict.fromkeys(_SOCKETCALL, "socketcall"), **dict.fromkeys(IPC_CALLS, "ipc")}
 
 # prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ...): how the launcher installs each filter after the first.
 _PRCTL_LOAD_FILTER = (22, 2)
@@ -240,6 +248,9 @@ class FilterPlan:
     filters: tuple[PlannedFilter, ...]  # load order; empty when the policy skips seccomp in this mode
     slots: tuple[ErrnoSlot, ...]
     no_new_privs: bool = True
+    # i386 rules on SysV IPC calls also match ipc(2) whatever the version in argument 0's high 16 bits
+    # (the module docstring): True for a TOML policy admitting x86, False for an OCI profile (runc's hole)
+    ipc_versions_masked: bool = False
 
     def errnos(self, *, sentinel: bool) -> dict[str, int]:
         """Errno of every slot and of every rule key in it: the policy's own, or one sentinel per slot.
@@ -265,22 +276,24 @@ class FilterPlan:
         return numbers
 
     def results(self, syscall: str, args: tuple[int, ...], arch: str = "native", *,
-                multiplexed: bool = False) -> frozenset[Action]:
+                multiplexed: bool = False, version: int = 0) -> frozenset[Action]:
         """What the loaded filters may return for this call: one action, or several where rules with
         different errnos overlap in one filter (libseccomp's evaluation order between them is unspecified).
 
         ``arch`` is "native", "x86" (i386) or "x32". ``multiplexed``: the call enters through i386
         socketcall(2)/ipc(2), where libseccomp's rule is ``mux(call == N)``, so every rule on it fires
-        whatever the arguments (the module docstring)."""
+        whatever the arguments (the module docstring); ``version``: ipc(2)'s version in the high 16 bits of
+        that call number, which only a masked plan (``ipc_versions_masked``) refuses as the call."""
         if not self.filters:
             return frozenset({ALLOW})
         if arch != "native" and arch not in self.extra_arches:
             return frozenset({self.bad_arch})
         width = 32 if arch in ("x86", "x32") else 64  # libseccomp: ARCH_SIZE_32 for both
+        reaches_rules = not multiplexed or version == 0 or self.ipc_versions_masked
         per_filter = []
         for planned in self.filters:
-            fired = {rule.action for rule in planned.rules
-                     if rule.fires(syscall, args, width) or (multiplexed and rule.syscall == syscall)}
+            fired = {rule.action for rule in planned.rules if reaches_rules and (
+                     rule.syscall == syscall if multiplexed else rule.fires(syscall, args, width))}
             per_filter.append(fired or {planned.default})
         return frozenset(strongest(combination) for combination in product(*per_filter))
 
@@ -307,6 +320,17 @@ class FilterPlan:
                         "ENOSYS there to fall back to clone, so no process can start under this policy; refuse "
                         "clone3 with ENOSYS instead")
         return None
+
+
+def ipc_version_twin(syscall: str, parts: tuple[Condition, ...]) -> tuple[Condition, ...] | None:
+    """The comparisons of the i386 ``ipc`` rule that stands next to libseccomp's ``ipc(arg0 == N)`` for one
+    rule on a SysV IPC call (``parts``: its comparisons), or None for any other call. libseccomp replaces
+    argument 0 by the call number and keeps the other comparisons (src/arch-x86.c ``x86_rule_add``); the twin
+    does the same but compares only the low 16 bits, which is all the kernel reads (ipc/syscall.c)."""
+    call = IPC_CALLS.get(syscall)
+    if call is None:
+        return None
+    return (Condition(0, "masked_eq", call, IPC_CALL_MASK), *(p for p in parts if p.arg != 0))
 
 
 def errno_on(numbers: Mapping[str, int], key: str, arch: str) -> int | None:
@@ -407,7 +431,8 @@ class _Planner:
                     filters.append(PlannedFilter("deny", ALLOW, refusals))
                 filters.append(PlannedFilter("allowlist", default, self.allow_rules(refusals)))
         return FilterPlan(policy.name, policy.source, self.mode, seccomp.extra_arches, bad_arch, tuple(filters),
-                          tuple(self.slots.values()), seccomp.no_new_privs and bool(filters))
+                          tuple(self.slots.values()), seccomp.no_new_privs and bool(filters),
+                          self.x86 and policy.origin != "oci")
 
     def allow_rules(self, refusals: tuple[PlannedRule, ...]) -> tuple[PlannedRule, ...]:
         seccomp = self.policy.seccomp

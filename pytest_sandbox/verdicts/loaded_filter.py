@@ -88,7 +88,7 @@ def judge_agreement(predictions: Sequence[Prediction], skipped: int, loaded: str
     compared = [p for p in predictions if p.comparable]
     differing = [p for p in compared if not p.agrees]
     expected = "each live denial probe observes what the evaluation predicts"
-    note = f" ({skipped} probe(s) with a run-time pid argument not compared)" if skipped else ""
+    note = f" ({skipped} probe(s) with a run-time pid or address argument not compared)" if skipped else ""
     if differing:
         shown = "; ".join(f"{p.case_id}: evaluation {p.result.describe()} predicts "
                           f"{predicted_outcome(p.result, p.baseline).describe()}, live probe observed "

@@ -55,7 +55,8 @@ def _plan_outcomes(case: ProbeCase, compiled: CompiledFilter, policy: Policy) ->
     numeric = tuple(a if isinstance(a, int) else 0 for a in case.args)
     arch = _PLAN_ARCH[case.abi]
     actions = plan_policy(policy, compiled.network_mode).results(case.syscall, numeric, arch,
-                                                                 multiplexed=bool(case.via))
+                                                                 multiplexed=bool(case.via),
+                                                                 version=case.mux_call >> 16)
     return {outcome_of(action, compiled, arch) for action in actions}
 
 
