@@ -412,15 +412,23 @@ def _head_ends(data: bytes) -> list[int]:
 def nonce_in_every_head(sent: bytes, nonce: str) -> bool:
     """Whether every request a reading of ``sent`` can make carries ``nonce``. Pure.
 
-    A request head ends at an empty line, whatever a lenient reader makes of the bytes before it, so
-    it is enough that every non-empty block between empty lines (CRLF or bare LF) holds the nonce.
-    Bytes after the last empty line are no complete head. When this is false, bytes of ``sent`` can
-    reach upstream without the nonce (a request smuggled in a body, forwarded on a connection of its
-    own): only time and destination can then attribute them.
+    The strictly framed requests at the start (their heads and bodies are what every reading that
+    accepts them agrees on) must carry it in their heads. After them, a request head ends at an empty
+    line, whatever a lenient reader makes of the bytes before it, so it is enough that every
+    non-empty block between empty lines (CRLF or bare LF) holds the nonce. Bytes after the last
+    empty line are no complete head. When this is false, bytes of ``sent`` can reach upstream
+    without the nonce (a request smuggled in a body, forwarded on a connection of its own): only time
+    and destination can then attribute them.
     """
-    token, start = nonce.encode("ascii"), 0
-    for end in _head_ends(sent):
-        block = sent[start:end]
+    token, rest = nonce.encode("ascii"), sent
+    for _ in range(_clean_prefix_count(sent)):
+        length = _clean_request_length(rest)
+        if token not in rest[:rest.find(HEAD_END)]:
+            return False
+        rest = rest[length:]
+    start = 0
+    for end in _head_ends(rest):
+        block = rest[start:end]
         start = end
         if block.strip() and token not in block:
             return False
