@@ -378,9 +378,14 @@ def _attempt(plan: _Plan, connect: Callable[[], socket.socket], lab: NetworkLab,
     attempt = plan.attempt
     before = received_counts(backend.received_streams() if attempt.path == TUNNEL else lab.origin_streams())
 
+    token = plan.nonce.encode("ascii")
+
     def upstream() -> tuple[UpstreamSegment, ...]:
         streams = backend.received_streams() if attempt.path == TUNNEL else lab.origin_streams()
-        pieces = [piece for stream in streams if stream.received > before.get(stream.key, 0)
+        # Sent together with others, only pieces carrying its nonce count: skip streams without it.
+        fresh = [stream for stream in streams if stream.received > before.get(stream.key, 0)
+                 and (alone or token in stream.data[before.get(stream.key, 0):])]
+        pieces = [piece for stream in fresh
                   for piece in split_pieces(stream, before.get(stream.key, 0), stream.received, known)]
         return tuple(UpstreamSegment(piece.where, piece.data, piece.truncated) for piece in pieces
                      if plan.nonce in piece.nonces or (alone and not piece.nonces))
