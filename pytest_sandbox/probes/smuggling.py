@@ -273,6 +273,10 @@ def run_smuggling_campaign(
                     and plan.attributable and plan.attempt.path in carried]
         chosen = {plan.key for plan in together} | {plan.key for plan in controls}
         alone = [plan for plan in planned if plan.key not in chosen]
+        if controls and (together or alone) and grace > 0:
+            # Past the controls' grace period: bytes without a nonce of a later attempt are never
+            # blamed on a control (whose verdict such bytes would break) as well.
+            time.sleep(grace)
         if together:
             with ThreadPoolExecutor(max_workers=min(concurrency, len(together)),
                                     thread_name_prefix="smuggling") as pool:
