@@ -28,6 +28,7 @@ from pytest_sandbox.probes.smuggling import (
     SMUGGLING_CONCURRENCY,
     TUNNEL,
     _nonce_carried,
+    _nonce_probes,
     _plan,
     build_attempts,
     run_smuggling_campaign,
@@ -43,7 +44,7 @@ LEAK_BACKEND_ADDRESS = "11.0.0.24"
 LEAK_BACKEND_KEY = "route-key-one-row-leak"
 INNER_PORT = 3190
 FRONT_PORT = 3191
-TIMEOUT_SECONDS = 1.0
+TIMEOUT_SECONDS = 3.0  # the default deadline: a shared, loaded machine must not make a control look broken
 NONCE = "sbx-0123456789abcdef"
 
 
@@ -176,3 +177,18 @@ def test_a_path_runs_concurrently_only_where_every_control_arrived_with_its_nonc
     assert _nonce_carried(controls, {}, [_stream(partial)]) == frozenset()
     # Bytes before the campaign's start are not evidence.
     assert _nonce_carried(controls, {("11.0.0.10:80", 1): len(forwarded)}, [_stream(forwarded)]) == frozenset()
+
+
+def test_one_control_per_path_probes_whether_the_proxy_passes_the_nonce() -> None:
+    plans = [_plan(a, "t/", origin=PUBLIC_ORIGIN, denied=DENIED_CANARY, backend_name="backend b")
+             for a in build_attempts()]
+    probes = _nonce_probes(plans)
+    assert [plan.attempt.path for plan in probes] == list(PATHS)
+    for probe in probes:
+        assert probe.attempt.case.is_positive_control and probe.allowed and probe.attributable
+        # Not the obs-text control nor a chunked POST (tinyproxy stalls on those): a probe any working
+        # proxy forwards at once.
+        assert probe.attempt.case.case_id == "pipeline-safe", probe.attempt.test_id
+    # Without a control on a path, nothing there runs concurrently.
+    assert _nonce_probes([plan for plan in plans if plan.attempt.path == TUNNEL]) == [probes[1]]
+    assert _nonce_probes([plan for plan in plans if not plan.attempt.case.is_positive_control]) == []

@@ -220,8 +220,8 @@ def run_smuggling_campaign(
     Each attempt carries a fresh nonce (:meth:`SmugglingAttempt.payload`, and in its follow-up
     request) and is registered as a window in the lab's ledgers. Sending, in three steps:
 
-    1. the positive controls, one after another; the paths on which their forwarded requests carry
-       their nonces are the paths whose proxy passes the nonce field upstream;
+    1. one positive control per path (the shortest), one after another; the paths on which its
+       forwarded request carries its nonce are the paths whose proxy passes the nonce field upstream;
     2. on those paths, every attempt whose bytes put the nonce into every request they can turn into
        (:func:`~pytest_sandbox.http.upstream.nonce_in_every_head`), ``concurrency`` at a time: whatever
        a proxy forwards of them carries its attempt's nonce, so overlapping windows mix no evidence;
@@ -262,19 +262,20 @@ def run_smuggling_campaign(
                                                       time.monotonic()), seen, plan.allowed))
 
     try:
-        # The positive controls first, one after another: whether their forwarded requests carry
-        # their nonces shows, per path, that the proxy passes the nonce field upstream (RFC 9110
+        # One positive control per path first (the shortest): whether its forwarded request carries
+        # its nonce shows that the proxy passes the nonce field upstream on that path (RFC 9110
         # §7.6); an interceptor that drops it leaves nothing to attribute concurrent bytes by.
-        controls = [plan for plan in planned if plan.attempt.case.is_positive_control]
-        for plan in controls:
+        probes = _nonce_probes(planned)
+        for plan in probes:
             send(plan, alone=True)
-        carried = _nonce_carried(controls, start, [*lab.origin_streams(), *backend.received_streams()])
-        together = [plan for plan in planned if concurrency > 1 and not plan.attempt.case.is_positive_control
+        carried = _nonce_carried(probes, start, [*lab.origin_streams(), *backend.received_streams()])
+        chosen = {plan.key for plan in probes}
+        together = [plan for plan in planned if concurrency > 1 and plan.key not in chosen
                     and plan.attributable and plan.attempt.path in carried]
-        chosen = {plan.key for plan in together} | {plan.key for plan in controls}
+        chosen |= {plan.key for plan in together}
         alone = [plan for plan in planned if plan.key not in chosen]
-        if controls and (together or alone) and grace > 0:
-            # Past the controls' grace period: bytes without a nonce of a later attempt are never
+        if probes and (together or alone) and grace > 0:
+            # Past the probes' grace period: bytes without a nonce of a later attempt are never
             # blamed on a control (whose verdict such bytes would break) as well.
             time.sleep(grace)
         if together:
@@ -359,6 +360,20 @@ def _plan(attempt: SmugglingAttempt, prefix: str, *, origin: str, denied: str, b
     return _Plan(attempt, prefix + attempt.test_id, nonce, payload,
                  allowed_prefix(payload, attempt.case.reaches_backend), destinations,
                  nonce_in_every_head(payload, nonce))
+
+
+def _nonce_probes(planned: Sequence[_Plan]) -> list[_Plan]:
+    """Per path, the shortest plain positive control (ASCII, only GETs without a body reach upstream,
+    so any working proxy forwards it at once) whose requests carry the nonce; none on a path without
+    one (everything there is then sent alone). Pure."""
+    probes = []
+    for path in PATHS:
+        fit = [plan for plan in planned if plan.attempt.path == path and plan.attempt.case.is_positive_control
+               and plan.allowed and plan.attributable and plan.payload.isascii()
+               and all(request.method == "GET" and not request.body for request in plan.allowed)]
+        if fit:
+            probes.append(min(fit, key=lambda plan: len(plan.payload)))
+    return probes
 
 
 def _nonce_carried(controls: Sequence[_Plan], start: Mapping[tuple[str, int], int],
