@@ -12,8 +12,10 @@ categories included: they do not depend on the proxy, and the issue's target is 
   skipped if not installed; they do not intercept, so their inference and tunnel tests are not run
   (fail closed) and their SSRF holes fail: only the time is of interest here.
 
-Nothing is asserted: the script prints wall seconds, passed/failed counts and the ratio to the
-reference. Issue #9's targets: reference <= 20 s; every responsive third party <= 60 s on 2 cores.
+Nothing is asserted: the script prints wall seconds, passed/failed counts, the ratio to the
+reference and the 1-minute load average before and after each run (the machine may be shared: a
+ratio means something only against the reference measured in the same run; ``--repeat-reference``
+measures it again at the end). Issue #9's targets: reference <= 20 s; every responsive third party <= 60 s on 2 cores.
 
     python benchmarks/bench_suite_vs_proxies.py [--only NAME ...] [--files conformance/test_ssrf.py ...]
 """
@@ -77,16 +79,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", action="append", default=[], help="run only these targets (repeatable)")
     parser.add_argument("--files", nargs="*", default=["conformance/"], help="what to run (default: conformance/)")
+    parser.add_argument("--repeat-reference", action="store_true", help="measure the reference again at the end")
     options = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-suite-") as work:
         chosen = {name: extra for name, extra in targets(Path(work)).items()
                   if not options.only or name in options.only or name == "reference"}
-        print(f"{'target':<14} {'wall s':>8} {'÷ reference':>12}  tests")
+        if options.repeat_reference:
+            chosen["reference (again)"] = chosen["reference"]
+        print(f"{'target':<18} {'wall s':>8} {'÷ reference':>12} {'load before/after':>18}  tests")
         baseline = None
         for name, extra in chosen.items():
+            load_before = os.getloadavg()[0]
             elapsed, summary = run(options.files, extra)
+            load_after = os.getloadavg()[0]
             baseline = baseline or elapsed
-            print(f"{name:<14} {elapsed:8.1f} {elapsed / baseline:11.2f}x  {summary}", flush=True)
+            print(f"{name:<18} {elapsed:8.1f} {elapsed / baseline:11.2f}x {load_before:8.2f} / {load_after:<7.2f}  "
+                  f"{summary}", flush=True)
     return 0
 
 

@@ -75,6 +75,36 @@ def test_the_nonce_rides_in_every_clean_request_and_after_a_connect_head() -> No
     assert with_nonce(connect, NONCE).count(NONCE.encode()) == 2
 
 
+_N = f"{NONCE_HEADER}: {NONCE}\r\n".encode()
+_CONNECT_HEAD = b"CONNECT h:80 HTTP/1.1\r\nHost: h:80\r\n"
+_GET = b"GET http://d/secret HTTP/1.1\r\nHost: d\r\n"
+
+
+@pytest.mark.parametrize(("payload", "expected"), [
+    # The gap: the nonce used to land in the chunked body's last empty line only, and the GET
+    # behind the body reached upstream without it. Now: a trailer field, and the GET's head.
+    (_CONNECT_HEAD + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n" + _GET + b"\r\n",
+     _CONNECT_HEAD + b"Transfer-Encoding: chunked\r\n" + _N + b"\r\n5\r\nhello\r\n0\r\n" + _N + b"\r\n"
+     + _GET + _N + b"\r\n"),
+    # A trailer the body already has stays first.
+    (_CONNECT_HEAD + b"Transfer-Encoding: chunked\r\n\r\n0\r\nX-T: 1\r\n\r\n" + _GET + b"\r\n",
+     _CONNECT_HEAD + b"Transfer-Encoding: chunked\r\n" + _N + b"\r\n0\r\nX-T: 1\r\n" + _N + b"\r\n"
+     + _GET + _N + b"\r\n"),
+    # A Content-Length body is left byte for byte, empty lines inside it included.
+    (_CONNECT_HEAD + b"Content-Length: 6\r\n\r\na\r\n\r\nb" + _GET + b"\r\n",
+     _CONNECT_HEAD + b"Content-Length: 6\r\n" + _N + b"\r\na\r\n\r\nb" + _GET + _N + b"\r\n"),
+    # No body: every request after the head gets it, empty lines between them stay empty.
+    (_CONNECT_HEAD + b"\r\n" + _GET + b"\r\n\r\n" + _GET + b"\r\n",
+     _CONNECT_HEAD + _N + b"\r\n" + _GET + _N + b"\r\n\r\n" + _GET + _N + b"\r\n"),
+    # Bare LF heads get a bare LF nonce line.
+    (_CONNECT_HEAD + b"\r\nGET / HTTP/1.1\nHost: d\n\n",
+     _CONNECT_HEAD + _N + b"\r\nGET / HTTP/1.1\nHost: d\n" + _N.replace(b"\r\n", b"\n") + b"\n"),
+], ids=["chunked-body-then-get", "chunked-body-with-trailer", "content-length-body", "two-requests", "bare-lf"])
+def test_after_a_connect_head_every_request_the_bytes_can_become_carries_the_nonce(payload: bytes,
+                                                                                   expected: bytes) -> None:
+    assert with_nonce(payload, NONCE) == expected
+
+
 def stream(data: bytes, arrivals: list[tuple[float, int]], listener: str = "11.0.0.10:80",
            connection: int = 1) -> ReceivedStream:
     return ReceivedStream(listener, connection, data, len(data), tuple(arrivals))

@@ -474,10 +474,8 @@ _CORPUS_ROWS_UNMARKED: tuple[SmugglingCase, ...] = (
     _refused("connect-content-length-body", "CONNECT with Content-Length: a body for one party, tunnel bytes for "
              "another", _CONNECT_ALLOWED + b"Content-Length: 5\r\n\r\n{body}" + _GET_DENIED, "connect-body",
              "issue #9 CONNECT with a body", "RFC 9110 §9.3.6"),
-    # Nothing after the chunked body: the attribution nonce goes into the first CRLFCRLF after a CONNECT head
-    # (http.upstream.with_nonce), here the body's end, so a request behind it would reach the origin unnamed.
     _refused("connect-chunked-body", "CONNECT with a chunked body",
-             _CONNECT_ALLOWED + b"Transfer-Encoding: chunked\r\n\r\n" + _CHUNKED_HELLO, "connect-body",
+             _CONNECT_ALLOWED + b"Transfer-Encoding: chunked\r\n\r\n" + _CHUNKED_HELLO + _GET_DENIED, "connect-body",
              "issue #9 CONNECT with a body", "RFC 9110 §9.3.6"),
     _refused("connect-content-length-zero", "CONNECT with Content-Length: 0 (content has no meaning: refused)",
              _CONNECT_ALLOWED + b"Content-Length: 0\r\n\r\n" + _GET_DENIED, "connect-body",

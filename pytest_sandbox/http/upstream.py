@@ -51,6 +51,7 @@ __all__ = [
     "compare_requests",
     "new_mark",
     "new_segments",
+    "nonce_in_every_head",
     "origin_form",
     "read_upstream",
     "received_counts",
@@ -326,11 +327,13 @@ def with_nonce(payload: bytes, nonce: str, clean: int | None = None) -> bytes:
     The field goes into each of the first ``clean`` requests (default: every request up to the
     first that strict framing stops at; strictly framed, so their heads are known; a proxy forwards
     end-to-end fields, RFC 9110 §7.6), then into the head of the request after them, where strict
-    framing stopped (before its empty line, with that head's own line ending; after a CONNECT head,
-    also into the first head of the bytes that follow it). Nothing a case tests
-    moves: the request line, every field the payload had and their order, the bodies and whatever
-    follows are byte for byte the same (tests/test_upstream.py checks the framing verdict of
-    every catalogue row is unchanged).
+    framing stopped (before its empty line, with that head's own line ending). After a CONNECT head
+    it also goes before every empty line of the bytes that follow (:func:`_nonce_in_tunnel_bytes`):
+    a proxy may forward them as tunnel bytes, read a body first, or read them as requests of their
+    own, and whichever request it makes of them ends its head at one of those empty lines, so it
+    carries the nonce. Nothing a case tests moves: the request line, every field the payload had and
+    their order, the bodies and whatever follows are byte for byte the same
+    (tests/test_upstream_attribution.py checks the framing verdict of every catalogue row is unchanged).
     """
     if clean is None:
         clean = _clean_prefix_count(payload)
@@ -352,8 +355,84 @@ def with_nonce(payload: bytes, nonce: str, clean: int | None = None) -> bytes:
             head_end = rest.find(HEAD_END)
             if head_end != -1:
                 cut = head_end + len(HEAD_END)
-                rest = rest[:cut] + _nonce_in_first_head(rest[cut:], nonce)
+                rest = rest[:cut] + _nonce_in_tunnel_bytes(rest[:cut], rest[cut:], nonce)
     return bytes(out + rest)
+
+
+def _nonce_in_tunnel_bytes(head: bytes, data: bytes, nonce: str) -> bytes:
+    """``data`` (what follows the CONNECT ``head``) with the nonce before every empty line that ends
+    a non-empty block, past the body the head declares. Pure.
+
+    The declared body (RFC 9110 §9.3.6 gives a CONNECT none; a lenient proxy may read one anyway) is
+    left byte for byte as it is, so its length or chunk sizes still hold: a Content-Length body is
+    skipped, and a chunked body gets the nonce as a trailer field (RFC 9112 §7.1.2), before the
+    empty line that ends it. The bytes after the body are the requests a proxy reading one would
+    parse next.
+    """
+    line = f"{NONCE_HEADER}: {nonce}".encode("ascii")
+    try:
+        kind, length = check_request_head(head, max_head=UPSTREAM_MAX_HEAD,
+                                          lax=frozenset({"connect-body"})).body_framing
+    except FramingViolation:
+        kind, length = "length", 0  # no body a strict reading agrees on: every block is a head
+    out = bytearray()
+    if kind == "chunked":
+        try:
+            result = ChunkedBodyParser().feed(data)
+        except FramingViolation:
+            result = None
+        if result is not None:
+            end = len(data) - len(result.leftover)  # the body's last two bytes are its empty line
+            out += data[:end - 2] + line + b"\r\n" + data[end - 2:end]
+            data = result.leftover
+    else:
+        out += data[:length]
+        data = data[length:]
+    while (where := _head_end_insertion(data)) is not None:
+        index, ending = where
+        block, data = data[:index], data[index + len(ending):]
+        out += (block + line + ending if block.strip() else block) + ending
+    return bytes(out + data)
+
+
+def _head_ends(data: bytes) -> list[int]:
+    """Where each block of ``data`` ends: the offset just after every empty line (CRLF or bare LF
+    line endings, in any mix: a lenient reader may take any of them). Pure."""
+    ends: list[int] = []
+    position = 0
+    while True:
+        found = [index + len(pattern) for pattern in (b"\n\r\n", b"\n\n")
+                 if (index := data.find(pattern, position)) != -1]
+        if not found:
+            return ends
+        position = min(found)
+        ends.append(position)
+
+
+def nonce_in_every_head(sent: bytes, nonce: str) -> bool:
+    """Whether every request a reading of ``sent`` can make carries ``nonce``. Pure.
+
+    The strictly framed requests at the start (their heads and bodies are what every reading that
+    accepts them agrees on) must carry it in their heads. After them, a request head ends at an empty
+    line, whatever a lenient reader makes of the bytes before it, so it is enough that every
+    non-empty block between empty lines (CRLF or bare LF) holds the nonce. Bytes after the last
+    empty line are no complete head. When this is false, bytes of ``sent`` can reach upstream
+    without the nonce (a request smuggled in a body, forwarded on a connection of its own): only time
+    and destination can then attribute them.
+    """
+    token, rest = nonce.encode("ascii"), sent
+    for _ in range(_clean_prefix_count(sent)):
+        length = _clean_request_length(rest)
+        if token not in rest[:rest.find(HEAD_END)]:
+            return False
+        rest = rest[length:]
+    start = 0
+    for end in _head_ends(rest):
+        block = rest[start:end]
+        start = end
+        if block.strip() and token not in block:
+            return False
+    return True
 
 
 def _clean_prefix_count(payload: bytes) -> int:

@@ -10,8 +10,9 @@ Every :class:`~pytest_sandbox.catalogues.smuggling.SmugglingCase` is attempted o
   (:func:`tunnel_payload`: origin-form inference routes, ``Host: inference.local``, the "denied"
   request a non-inference path on the same host). Evidence: the fake backend's request log.
 
-Campaigns send every attempt back to back, then attribute what reached upstream and judge each with
-the pure :func:`~pytest_sandbox.verdicts.smuggling.judge_exchange`.
+Campaigns send the attempts (up to :data:`SMUGGLING_CONCURRENCY` at a time where every upstream byte
+they can cause carries their nonce; see :func:`run_smuggling_campaign`), then attribute what reached
+upstream and judge each with the pure :func:`~pytest_sandbox.verdicts.smuggling.judge_exchange`.
 """
 
 from __future__ import annotations
@@ -20,18 +21,20 @@ import itertools
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 from pytest_sandbox.catalogues.smuggling import ABSOLUTE_FORM, SMUGGLING_CASES, TUNNEL_FORM, SmugglingCase, render
 from pytest_sandbox.http.upstream import (
+    ReceivedStream,
     UpstreamPiece,
     UpstreamRequest,
     UpstreamSegment,
     allowed_prefix,
     assess,
     attribute_pieces,
-    new_segments,
+    nonce_in_every_head,
     read_upstream,
     received_counts,
     segments_of,
@@ -57,6 +60,7 @@ __all__ = [
     "ABSOLUTE",
     "FOLLOW_UP_MARKER",
     "PATHS",
+    "SMUGGLING_CONCURRENCY",
     "TUNNEL",
     "SmugglingAttempt",
     "absolute_follow_up",
@@ -74,6 +78,9 @@ PATHS: tuple[str, ...] = (ABSOLUTE, TUNNEL)
 # While a must-close attempt waits for the proxy, the upstream record is looked at this often: a
 # proxy that forwarded the payload and stays silent is caught without waiting out the deadline.
 LEAK_POLL_SECONDS = 0.05
+# How many attempts whose every upstream byte carries their nonce are in flight at once (as SSRF):
+# a must-close case against a proxy that keeps the connection open waits its whole deadline.
+SMUGGLING_CONCURRENCY = 16
 _campaign_ids = itertools.count(1)
 
 def tunnel_payload(case: SmugglingCase) -> bytes:
@@ -206,11 +213,23 @@ def run_smuggling_campaign(
     attempts: Sequence[SmugglingAttempt], connect: Callable[[], socket.socket], lab: NetworkLab,
     backend: FakeInferenceBackend, ca_pem: bytes, *, origin: str, denied: str,
     timeout: float = ATTEMPT_TIMEOUT_SECONDS, grace: float = GRACE_SECONDS,
+    concurrency: int = SMUGGLING_CONCURRENCY,
 ) -> dict[str, tuple[Judgement, Exchange]]:
-    """Send every attempt through the proxy back to back, wait ``grace``, then attribute and judge.
+    """Send every attempt through the proxy, wait ``grace``, then attribute and judge.
 
     Each attempt carries a fresh nonce (:meth:`SmugglingAttempt.payload`, and in its follow-up
-    request) and is registered as a window in the lab's ledgers. Only after the last attempt and
+    request) and is registered as a window in the lab's ledgers. Sending, in three steps:
+
+    1. one positive control per path (the shortest), one after another; the paths on which its
+       forwarded request carries its nonce are the paths whose proxy passes the nonce field upstream;
+    2. on those paths, every attempt whose bytes put the nonce into every request they can turn into
+       (:func:`~pytest_sandbox.http.upstream.nonce_in_every_head`), ``concurrency`` at a time: whatever
+       a proxy forwards of them carries its attempt's nonce, so overlapping windows mix no evidence;
+    3. after the grace period, the rest one after another, as before: attempts that smuggle a request
+       behind a body (a proxy may forward it on a connection of its own without the nonce), and
+       everything on a path whose proxy dropped the nonce. Bytes without a nonce are attributed by
+       time and destination, and these windows do not overlap.
+ Only after the last attempt and
     the grace period is every byte the lab origins and ``backend`` received since the first one
     attributed (:func:`~pytest_sandbox.http.upstream.split_pieces`,
     :func:`~pytest_sandbox.http.upstream.attribute_pieces`): by nonce where its bytes carry one, else to
@@ -230,25 +249,55 @@ def run_smuggling_campaign(
     backend_name = f"backend {backend.name}"
     start = {**received_counts(lab.origin_streams()), **received_counts(backend.received_streams())}
     hit_mark = lab.hit_mark()
+    planned = [_plan(attempt, prefix, origin=origin, denied=denied, backend_name=backend_name) for attempt in attempts]
+    known = {plan.nonce: plan.key for plan in planned}
     sent: list[_Sent] = []
+
+    def send(plan: _Plan, alone: bool) -> None:
+        begin = time.monotonic()
+        seen = _attempt(plan, connect, lab, backend, ca_pem, origin=origin, timeout=timeout,
+                        known=known, alone=alone)
+        # list.append is atomic: worker threads share ``sent``.
+        sent.append(_Sent(plan.attempt, AttemptWindow(plan.key, plan.nonce, plan.destinations, begin,
+                                                      time.monotonic()), seen, plan.allowed))
+
     try:
-        for attempt in attempts:
-            nonce = new_nonce()
-            payload = attempt.payload(origin=origin, denied=denied, nonce=nonce)
-            allowed = allowed_prefix(payload, attempt.case.reaches_backend)
-            destinations = frozenset({backend_name}) if attempt.path == TUNNEL else frozenset(
-                {origin} | ({denied} if denied.encode() in payload else set()))
-            begin = time.monotonic()
-            seen = _attempt(attempt, payload, allowed, nonce, connect, lab, backend, ca_pem, origin=origin,
-                            timeout=timeout)
-            sent.append(_Sent(attempt, AttemptWindow(prefix + attempt.test_id, nonce, destinations, begin,
-                                                     time.monotonic()), seen, allowed))
+        # One positive control per path first (the shortest): whether its forwarded request carries
+        # its nonce shows that the proxy passes the nonce field upstream on that path (RFC 9110
+        # §7.6); an interceptor that drops it leaves nothing to attribute concurrent bytes by.
+        probes = _nonce_probes(planned)
+        for plan in probes:
+            send(plan, alone=True)
+        carried = _nonce_carried(probes, start, [*lab.origin_streams(), *backend.received_streams()])
+        chosen = {plan.key for plan in probes}
+        together = [plan for plan in planned if concurrency > 1 and plan.key not in chosen
+                    and plan.attributable and plan.attempt.path in carried]
+        chosen |= {plan.key for plan in together}
+        alone = [plan for plan in planned if plan.key not in chosen]
+        if probes and (together or alone) and grace > 0:
+            # Past the probes' grace period: bytes without a nonce of a later attempt are never
+            # blamed on a control (whose verdict such bytes would break) as well.
+            time.sleep(grace)
+        if together:
+            with ThreadPoolExecutor(max_workers=min(concurrency, len(together)),
+                                    thread_name_prefix="smuggling") as pool:
+                for future in [pool.submit(send, plan, False) for plan in together]:
+                    future.result()
+            if alone and grace > 0:
+                # Past the batch's grace period first: bytes without a nonce of an attempt sent alone
+                # are then never blamed on the batch (whose windows all overlap) as well.
+                time.sleep(grace)
+        for plan in alone:
+            send(plan, alone=True)
     finally:
         # Registered even if an attempt raised: what it sent must stay attributable.
         lab.register_attempts(item.window for item in sent)
         lab.upstream_ledger.register(item.window for item in sent)
+    order = {plan.key: index for index, plan in enumerate(planned)}
+    sent.sort(key=lambda item: order[item.window.key])
     if grace > 0:
-        time.sleep(min(grace, max(0.0, sent[-1].window.end + grace - time.monotonic())))
+        last = max(item.window.end for item in sent)
+        time.sleep(min(grace, max(0.0, last + grace - time.monotonic())))
     ledger = lab.upstream_ledger
     known = {window.nonce: window.key for window in ledger.windows}
     pieces: list[UpstreamPiece] = []
@@ -289,28 +338,88 @@ def run_smuggling_campaign(
     return results
 
 
-def _attempt(attempt: SmugglingAttempt, payload: bytes, allowed: Sequence[UpstreamRequest], nonce: str,
-             connect: Callable[[], socket.socket], lab: NetworkLab, backend: FakeInferenceBackend, ca_pem: bytes,
-             *, origin: str, timeout: float) -> Exchange:
+@dataclass(frozen=True)
+class _Plan:
+    """One attempt ready to send: its nonce, its bytes, what may reach upstream, where a careless proxy
+    could dial for it, and whether every request its bytes can turn into carries the nonce."""
+
+    attempt: SmugglingAttempt
+    key: str
+    nonce: str
+    payload: bytes
+    allowed: tuple[UpstreamRequest, ...]
+    destinations: frozenset[str]
+    attributable: bool
+
+
+def _plan(attempt: SmugglingAttempt, prefix: str, *, origin: str, denied: str, backend_name: str) -> _Plan:
+    nonce = new_nonce()
+    payload = attempt.payload(origin=origin, denied=denied, nonce=nonce)
+    destinations = frozenset({backend_name}) if attempt.path == TUNNEL else frozenset(
+        {origin} | ({denied} if denied.encode() in payload else set()))
+    return _Plan(attempt, prefix + attempt.test_id, nonce, payload,
+                 allowed_prefix(payload, attempt.case.reaches_backend), destinations,
+                 nonce_in_every_head(payload, nonce))
+
+
+def _nonce_probes(planned: Sequence[_Plan]) -> list[_Plan]:
+    """Per path, the shortest plain positive control (ASCII, only GETs without a body reach upstream,
+    so any working proxy forwards it at once) whose requests carry the nonce; none on a path without
+    one (everything there is then sent alone). Pure."""
+    probes = []
+    for path in PATHS:
+        fit = [plan for plan in planned if plan.attempt.path == path and plan.attempt.case.is_positive_control
+               and plan.allowed and plan.attributable and plan.payload.isascii()
+               and all(request.method == "GET" and not request.body for request in plan.allowed)]
+        if fit:
+            probes.append(min(fit, key=lambda plan: len(plan.payload)))
+    return probes
+
+
+def _nonce_carried(controls: Sequence[_Plan], start: Mapping[tuple[str, int], int],
+                   streams: Sequence[ReceivedStream]) -> frozenset[str]:
+    """The paths on which every control whose requests reached upstream arrived with its nonce (and
+    at least one did). Pure."""
+    arrived = b"".join(stream.data[start.get(stream.key, 0):] for stream in streams)
+    reached = [plan for plan in controls if plan.allowed]
+    return frozenset(path for path in PATHS
+                     if (mine := [plan for plan in reached if plan.attempt.path == path])
+                     and all(plan.nonce.encode() in arrived for plan in mine))
+
+
+def _attempt(plan: _Plan, connect: Callable[[], socket.socket], lab: NetworkLab, backend: FakeInferenceBackend,
+             ca_pem: bytes, *, origin: str, timeout: float, known: Mapping[str, str], alone: bool) -> Exchange:
     """One attempt's exchange with the proxy. While it runs, the bytes upstream since it began are
-    watched (to stop waiting as soon as it has leaked); the campaign attributes them afterwards."""
+    watched (to stop waiting as soon as it has leaked); the campaign attributes them afterwards.
+
+    What is watched: the pieces carrying this attempt's nonce and, when it is sent ``alone``, those
+    carrying none; never another attempt's (``known``: every nonce of the campaign)."""
+    attempt = plan.attempt
     before = received_counts(backend.received_streams() if attempt.path == TUNNEL else lab.origin_streams())
+
+    token = plan.nonce.encode("ascii")
 
     def upstream() -> tuple[UpstreamSegment, ...]:
         streams = backend.received_streams() if attempt.path == TUNNEL else lab.origin_streams()
-        return new_segments(before, streams)
+        # Sent together with others, only pieces carrying its nonce count: skip streams without it.
+        fresh = [stream for stream in streams if stream.received > before.get(stream.key, 0)
+                 and (alone or token in stream.data[before.get(stream.key, 0):])]
+        pieces = [piece for stream in fresh
+                  for piece in split_pieces(stream, before.get(stream.key, 0), stream.received, known)]
+        return tuple(UpstreamSegment(piece.where, piece.data, piece.truncated) for piece in pieces
+                     if plan.nonce in piece.nonces or (alone and not piece.nonces))
 
     mark = backend.mark if attempt.path == TUNNEL else lab.origin_mark
     with connect() as sock:
         if attempt.path == ABSOLUTE:
-            return exchange(sock, payload, attempt.case, absolute_follow_up(origin, nonce), upstream, allowed,
-                            mark=mark, timeout=timeout)
+            return exchange(sock, plan.payload, attempt.case, absolute_follow_up(origin, plan.nonce), upstream,
+                            plan.allowed, mark=mark, timeout=timeout)
         try:
             tls = open_inference_tunnel(sock, ca_pem, timeout=timeout)
         except OSError as error:  # ConnectionError, ssl.SSLError, a timeout: no tunnel, no answer
             return Exchange((), True, False, None, error=f"the tunnel could not be opened: {error}")
         with tls:
-            return exchange(tls, payload, attempt.case, tunnel_follow_up(nonce), upstream, allowed,
+            return exchange(tls, plan.payload, attempt.case, tunnel_follow_up(plan.nonce), upstream, plan.allowed,
                             mark=mark, timeout=timeout)
 
 

@@ -1,0 +1,194 @@
+"""The smuggling campaign runs attempts concurrently without mixing their evidence.
+
+Attempts whose every possible upstream request carries their nonce run 16 at a time
+(:func:`pytest_sandbox.probes.smuggling.run_smuggling_campaign`); the rest run one after another.
+The end-to-end proof: a proxy that leaks exactly one row (``tests/broken_proxies/one_row_leak.py``)
+on both paths, judged over the whole catalogue in one campaign. The leak must land on that row on
+both paths and on nothing else: a leak credited to a neighbour, or hidden by one, would change
+some other row's verdict. The pure parts (which attempts qualify, which paths pass the nonce) are
+table-tested without sockets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from broken_proxies.harness import DENIED_CANARY, PUBLIC_ORIGIN, backend_config, private_backend, proxy_with_interceptor
+from broken_proxies.one_row_leak import OneRowLeakFront, OneRowLeakInterceptor
+
+from pytest_sandbox.catalogues.smuggling import SMUGGLING_CASES, render
+from pytest_sandbox.http.upstream import ReceivedStream, nonce_in_every_head, with_nonce
+from pytest_sandbox.inference.fake_backend import FakeInferenceBackend
+from pytest_sandbox.network.harness import interception_of
+from pytest_sandbox.network.lab.lab import NetworkLab
+from pytest_sandbox.probes.smuggling import (
+    ABSOLUTE,
+    PATHS,
+    SMUGGLING_CONCURRENCY,
+    TUNNEL,
+    _nonce_carried,
+    _nonce_probes,
+    _plan,
+    build_attempts,
+    run_smuggling_campaign,
+    tunnel_payload,
+)
+from pytest_sandbox.verdicts.judgement import Judgement, Verdict
+
+LEAKED_ROW = "host-comma-list"
+# Its Host line on each path: in no other row's bytes (checked below), so the proxy leaks exactly it.
+MARKERS = {ABSOLUTE: b"\r\nHost: 11.0.0.10, 10.0.0.1\r\n", TUNNEL: b"\r\nHost: inference.local, inference.local\r\n"}
+LEAK_BACKEND_NAME = "one-row-leak-backend.inference.test"
+LEAK_BACKEND_ADDRESS = "11.0.0.24"
+LEAK_BACKEND_KEY = "route-key-one-row-leak"
+INNER_PORT = 3190
+FRONT_PORT = 3191
+TIMEOUT_SECONDS = 3.0  # the default deadline: a shared, loaded machine must not make a control look broken
+NONCE = "sbx-0123456789abcdef"
+
+
+def _payloads(path: str) -> dict[str, bytes]:
+    return {case.case_id: tunnel_payload(case) if path == TUNNEL else render(case, host=PUBLIC_ORIGIN,
+                                                                             denied=DENIED_CANARY)
+            for case in SMUGGLING_CASES}
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_the_marker_is_in_the_leaked_row_alone(path: str) -> None:
+    holding = [case_id for case_id, payload in _payloads(path).items() if MARKERS[path] in payload]
+    assert holding == [LEAKED_ROW]
+
+
+@pytest.fixture(scope="module")
+def leak_backend(_network_lab: NetworkLab) -> Iterator[FakeInferenceBackend]:
+    with private_backend(_network_lab, LEAK_BACKEND_NAME, LEAK_BACKEND_ADDRESS, LEAK_BACKEND_KEY) as backend:
+        yield backend
+
+
+@pytest.fixture(scope="module")
+def one_row_leak(_network_lab: NetworkLab, leak_backend: FakeInferenceBackend
+                 ) -> Iterator[dict[str, Judgement]]:
+    """Every row on both paths through the one-row leaker, as one campaign: test id -> judgement."""
+    trust = interception_of(_network_lab).trust
+    handler = OneRowLeakInterceptor(trust.ca, backend_config(leak_backend), resolver=_network_lab.resolver(),
+                                    socket_factory=_network_lab.socket, record=lambda decision: None,
+                                    marker=MARKERS[TUNNEL])
+    with proxy_with_interceptor(_network_lab, handler, INNER_PORT) as inner:
+        front = OneRowLeakFront(_network_lab, "127.0.0.1", FRONT_PORT, (inner.address, inner.port),
+                                marker=MARKERS[ABSOLUTE], default=(PUBLIC_ORIGIN, 80))
+        try:
+            results = run_smuggling_campaign(build_attempts(), front.connect, _network_lab, leak_backend,
+                                             trust.cert_pem, origin=PUBLIC_ORIGIN, denied=DENIED_CANARY,
+                                             timeout=TIMEOUT_SECONDS)
+        finally:
+            front.stop()
+    yield {test_id: judgement for test_id, (judgement, _seen) in results.items()}
+
+
+def _failed(judgements: dict[str, Judgement]) -> dict[str, str]:
+    return {test_id: f"{j.verdict.value}: {j.reason}" for test_id, j in judgements.items()
+            if j.verdict not in (Verdict.BLOCKED, Verdict.WORKS)}
+
+
+def test_the_leaked_row_fails_on_both_paths_and_nothing_else_does(one_row_leak: dict[str, Judgement]) -> None:
+    leaked = {f"{ABSOLUTE}-{LEAKED_ROW}", f"{TUNNEL}-{LEAKED_ROW}"}
+    assert set(_failed(one_row_leak)) == leaked, _failed(one_row_leak)
+    for test_id in leaked:
+        assert one_row_leak[test_id].verdict is Verdict.ALLOWED
+
+
+def test_each_failure_names_the_row_and_the_bytes_that_reached_upstream(one_row_leak: dict[str, Judgement]) -> None:
+    absolute = one_row_leak[f"{ABSOLUTE}-{LEAKED_ROW}"].reason
+    assert absolute.startswith(f"{LEAKED_ROW}:"), absolute
+    assert f"{PUBLIC_ORIGIN}:80 connection" in absolute and "Host: 11.0.0.10, 10.0.0.1" in absolute, absolute
+    assert "also blamed" not in absolute, absolute  # carried its nonce: its alone
+    tunnel = one_row_leak[f"{TUNNEL}-{LEAKED_ROW}"].reason
+    assert tunnel.startswith(f"{LEAKED_ROW}:"), tunnel
+    assert f"backend {LEAK_BACKEND_NAME} connection" in tunnel, tunnel
+    assert "Host: inference.local, inference.local" in tunnel and "also blamed" not in tunnel, tunnel
+
+
+def test_the_leaked_row_ran_while_other_rows_were_in_flight(_network_lab: NetworkLab,
+                                                              one_row_leak: dict[str, Judgement]) -> None:
+    """Not a vacuous pass: on each path the leaked attempt's window overlapped other attempts'."""
+    windows = _network_lab.upstream_ledger.windows
+    for path in PATHS:
+        mine = next(w for w in reversed(windows) if w.key.endswith(f"/{path}-{LEAKED_ROW}"))
+        campaign = mine.key.partition("/")[0]
+        overlapping = [w for w in windows if w.key.partition("/")[0] == campaign and w is not mine
+                       and w.begin < mine.end and mine.begin < w.end]
+        assert len(overlapping) >= 2, (path, mine)
+
+
+# --- pure: which attempts run together, and on which paths -------------------------------------------
+
+
+@pytest.mark.parametrize(("payload", "expected"), [
+    (b"GET http://h/ HTTP/1.1\r\nHost: h\r\n\r\n", True),
+    (b"GET http://h/ HTTP/1.1\r\nHost: h\r\n\r\nGET http://d/secret HTTP/1.1\r\nHost: d\r\n\r\n", True),
+    # A request smuggled behind a chunked body strict framing refused: only its first head gets the nonce.
+    (b"POST http://h/ HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n"
+     b"GET http://d/secret HTTP/1.1\r\nHost: d\r\n\r\n", False),
+    # After a CONNECT: the chunked body gets it as a trailer, the request behind the body too.
+    (b"CONNECT h:80 HTTP/1.1\r\nHost: h:80\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+     b"GET http://d/secret HTTP/1.1\r\nHost: d\r\n\r\n", True),
+    (b"CONNECT h:80 HTTP/1.1\r\nHost: h:80\r\nContent-Length: 5\r\n\r\nhelloGET /s HTTP/1.1\r\nHost: d\r\n\r\n", True),
+    # A Content-Length body holding a whole request: left as it is, so that request has no nonce.
+    (b"CONNECT h:80 HTTP/1.1\r\nHost: h:80\r\nContent-Length: 29\r\n\r\nGET /s HTTP/1.1\r\nHost: d\r\n\r\n", False),
+    # A head ended by LF CRLF: a lenient reader ends it there, before the nonce.
+    (b"GET http://h/ HTTP/1.1\r\nHost: h\n\r\nX: y\r\n\r\n", False),
+])
+def test_an_attempt_runs_concurrently_only_if_every_request_it_can_become_carries_its_nonce(
+        payload: bytes, expected: bool) -> None:
+    assert nonce_in_every_head(with_nonce(payload, NONCE), NONCE) is expected
+
+
+def test_the_restored_row_runs_concurrently_on_both_paths() -> None:
+    for attempt in build_attempts():
+        if attempt.case.case_id == "connect-chunked-body":
+            plan = _plan(attempt, "t/", origin=PUBLIC_ORIGIN, denied=DENIED_CANARY, backend_name="backend b")
+            assert plan.attributable, plan.payload
+            assert b"GET" in plan.payload.partition(b"0\r\n")[2]
+
+
+def test_every_catalogue_control_qualifies_and_the_count_of_concurrent_attempts_is_known() -> None:
+    plans = [_plan(a, "t/", origin=PUBLIC_ORIGIN, denied=DENIED_CANARY, backend_name="backend b")
+             for a in build_attempts()]
+    assert all(plan.attributable for plan in plans if plan.attempt.case.is_positive_control)
+    assert sum(plan.attributable for plan in plans) > SMUGGLING_CONCURRENCY
+
+
+def _stream(data: bytes, connection: int = 1, listener: str = "11.0.0.10:80") -> ReceivedStream:
+    return ReceivedStream(listener, connection, data, len(data), ((1.0, len(data)),))
+
+
+def test_a_path_runs_concurrently_only_where_every_control_arrived_with_its_nonce() -> None:
+    controls = [_plan(a, "t/", origin=PUBLIC_ORIGIN, denied=DENIED_CANARY, backend_name="backend b")
+                for a in build_attempts() if a.case.is_positive_control]
+    by_path = {path: [plan for plan in controls if plan.attempt.path == path and plan.allowed] for path in PATHS}
+    assert all(by_path.values())
+    forwarded = b"".join(b"GET / HTTP/1.1\r\nX-Sandbox-Probe: " + plan.nonce.encode() + b"\r\n\r\n"
+                         for plan in by_path[ABSOLUTE])
+    stripped = b"GET /v1/models HTTP/1.1\r\nHost: b\r\n\r\n"  # an interceptor that drops the field
+    assert _nonce_carried(controls, {}, [_stream(forwarded), _stream(stripped, listener="backend b")]) == {ABSOLUTE}
+    # One control of the path arrived without its nonce: the path runs one attempt at a time.
+    partial = forwarded.replace(by_path[ABSOLUTE][0].nonce.encode(), b"sbx-ffffffffffffffff")
+    assert _nonce_carried(controls, {}, [_stream(partial)]) == frozenset()
+    # Bytes before the campaign's start are not evidence.
+    assert _nonce_carried(controls, {("11.0.0.10:80", 1): len(forwarded)}, [_stream(forwarded)]) == frozenset()
+
+
+def test_one_control_per_path_probes_whether_the_proxy_passes_the_nonce() -> None:
+    plans = [_plan(a, "t/", origin=PUBLIC_ORIGIN, denied=DENIED_CANARY, backend_name="backend b")
+             for a in build_attempts()]
+    probes = _nonce_probes(plans)
+    assert [plan.attempt.path for plan in probes] == list(PATHS)
+    for probe in probes:
+        assert probe.attempt.case.is_positive_control and probe.allowed and probe.attributable
+        # Not the obs-text control nor a chunked POST (tinyproxy stalls on those): a probe any working
+        # proxy forwards at once.
+        assert probe.attempt.case.case_id == "pipeline-safe", probe.attempt.test_id
+    # Without a control on a path, nothing there runs concurrently.
+    assert _nonce_probes([plan for plan in plans if plan.attempt.path == TUNNEL]) == [probes[1]]
+    assert _nonce_probes([plan for plan in plans if not plan.attempt.case.is_positive_control]) == []
