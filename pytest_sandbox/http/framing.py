@@ -529,7 +529,10 @@ def check_request_head(
 
     if "target-form" in lax:
         target = _lenient_target(method, target, hosts[0] if hosts else b"")
-    framing = _body_framing(content_lengths, transfer_encodings, http_version, lax)
+    if method == b"CONNECT" and "connect-body" in lax:
+        framing = _lenient_connect_framing(content_lengths, transfer_encodings)
+    else:
+        framing = _body_framing(content_lengths, transfer_encodings, http_version, lax)
     keep_alive = http_version == "1.1" and b"close" not in connection_options
     return RequestHead(
         method=method.decode("latin-1"),
@@ -562,6 +565,19 @@ def _body_framing(content_lengths: list[bytes], transfer_encodings: list[bytes],
         return ("chunked", 0)
     if content_lengths:
         return ("length", _content_length(content_lengths, lax))
+    return ("none", 0)
+
+
+def _lenient_connect_framing(content_lengths: list[bytes], transfer_encodings: list[bytes]) -> BodyFraming:
+    """The lenient reading of a CONNECT's content (``"connect-body"`` in ``lax``): a proxy that reads the body
+    the obsolete RFC 7230 §3.3.3 way (Transfer-Encoding overrides Content-Length; a coding list ending in
+    chunked is chunked, any other coding means no body), drops it and opens the tunnel. Bytes it does not
+    read as the body become tunnel bytes."""
+    if transfer_encodings:
+        codings = _comma_list(transfer_encodings[-1])
+        return ("chunked", 0) if codings[-1] == b"chunked" else ("none", 0)
+    if content_lengths:
+        return ("length", _content_length(content_lengths))
     return ("none", 0)
 
 
