@@ -753,6 +753,9 @@ BYTE_LOOP_COVERED = MappingProxyType({
     ("endspace", 0x09): "te-valid-tabsuffix",
     ("postspace", 0x0B): "hn-vertical-tab-before-colon",
     ("postspace", 0xFF): "hn-ff-before-colon",
+    ("endspace", 0xFF): "te-trailing-obs-text",
+    ("prespace", 0x20): "te-nameprefix1",
+    ("endspace", 0x0D): "te-0dsuffix",
 })
 
 
@@ -841,7 +844,7 @@ _SECOND_PASS_UNMARKED: tuple[SmugglingCase, ...] = (
 # at a bare LF, takes CTLs in values, merges any trailer, ignores chunk extensions and h2c upgrades, and reads a
 # CONNECT's body.
 _H11_TAKES_BYTE_LOOP = {  # smuggler position -> bytes h11 0.16 takes there
-    "prespace": (0x09, 0x0A, 0x20),
+    "prespace": (0x09, 0x0A),
     "xprespace": (0x01, 0x04, 0x08, 0x0A, 0x1F, 0x7F),
     "endspacex": (0x0A,),
     "xnprespace": (0x01, 0x04, 0x08, 0x09, 0x0A, 0x1F, 0x20, 0x7F, 0xA0, 0xFF),
