@@ -632,9 +632,6 @@ _CONNECT_BODY_SECOND_PASS = (
      _CONNECT_ALLOWED + b"Expect: 100-continue\r\nContent-Length: 5\r\n\r\n{body}" + _GET_DENIED),
     ("connect-identity-coding", "CONNECT with Transfer-Encoding: identity (a reader that ignores it opens the "
      "tunnel and relays the body)", _CONNECT_ALLOWED + b"Transfer-Encoding: identity\r\n\r\n{body}" + _GET_DENIED),
-    ("connect-body-hides-request", "CONNECT whose Content-Length body is a whole request",
-     _CONNECT_ALLOWED + b"Content-Length: %d\r\n\r\n" % len(_SMUGGLED_ORIGIN_FORM) + _SMUGGLED_ORIGIN_FORM
-     + _GET_DENIED),
     ("connect-http10-content-length", "an HTTP/1.0 CONNECT with a Content-Length body",
      b"CONNECT {host}:80 HTTP/1.0\r\nHost: {host}:80\r\nContent-Length: 5\r\n\r\n{body}" + _GET_DENIED),
 )
