@@ -575,3 +575,68 @@ def test_lax_families_change_nothing_else() -> None:
         for case in others:
             pipeline = frame_pipeline(render(case, host=HOST, denied=DENIED), lax=frozenset({family}))
             assert pipeline.violation is not None, (family, case.case_id)
+
+
+# --- issue #9 second pass: the lenient chunked-body and connect-body readings -----------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "decoded"),
+    [
+        (b"0x5\r\nhello\r\n0\r\n\r\n", b"hello"),  # strtoul skips 0x
+        (b"+5\r\nhello\r\n0\r\n\r\n", b"hello"),
+        (b" 5\r\nhello\r\n0\r\n\r\n", b"hello"),
+        (b"5_0\r\nhello\r\n0\r\n\r\n", b"hello"),  # digits up to the first non-hex byte
+        (b"5;a\x00b\r\nhello\r\n0\r\n\r\n", b"hello"),  # extensions ignored, whatever they hold
+        (b"5\nhello\r\n0\r\n\r\n", b"hello"),  # bare LF ends the size line
+        (b"5\rhello\r\n0\r\n\r\n", b"hello"),  # so does a bare CR before any extension
+        (b"5\r\nhelloXX0\r\n\r\n", b"hello"),  # the two bytes after the data are not checked
+        (b"1\r\nhello\r\n0\r\n\r\n", b"h"),  # "lo" is read as size 0, the rest as trailer lines
+        (b"\r\nhello\r\n0\r\n\r\n", b""),  # an empty size is 0
+        (b"A\r\nhellohello\r\n0\r\n\r\n", b"hellohello"),  # a valid body reads the same
+    ],
+)
+def test_lenient_chunked_body_reads_like_a_c_strtoul_parser(body: bytes, decoded: bytes) -> None:
+    lenient = ChunkedBodyParser(lax=frozenset({"chunked-body"})).feed(body)
+    assert lenient is not None and lenient.body == decoded
+    if decoded != b"hellohello":
+        with pytest.raises(FramingViolation) as caught:
+            ChunkedBodyParser().feed(body)
+        assert FAMILY_OF_VIOLATION.get(caught.value.case) in ("chunked-body", None)
+
+
+def test_lenient_chunked_body_still_refuses_forbidden_trailers_and_huge_sizes() -> None:
+    """Only the chunked-body family is read leniently: a Host trailer is the trailer family's refusal."""
+    with pytest.raises(FramingViolation) as caught:
+        ChunkedBodyParser(lax=frozenset({"chunked-body"})).feed(b"5\r\nhello\r\n0\r\nHost: b\r\n\r\n")
+    assert caught.value.case == "trailer-forbidden"
+    for size in (b"-1", b"1" + b"0" * 16):  # -1 wraps to 2**64 - 1, 17 digits saturate: over any limit
+        with pytest.raises(FramingViolation) as caught:
+            ChunkedBodyParser(lax=frozenset({"chunked-body"})).feed(size + b"\r\nhello\r\n0\r\n\r\n")
+        assert (caught.value.case, caught.value.status) == ("body-too-large", 413)
+
+
+@pytest.mark.parametrize(
+    ("fields", "framing"),
+    [
+        (("Content-Length: 5", "Transfer-Encoding: chunked"), ("chunked", 0)),  # TE overrides CL (RFC 7230 §3.3.3)
+        (("Transfer-Encoding: identity",), ("none", 0)),  # no body: the bytes become tunnel bytes
+        (("Transfer-Encoding: gzip, chunked",), ("chunked", 0)),
+        (("Content-Length: 5",), ("length", 5)),
+    ],
+)
+def test_lenient_connect_body_reads_the_rfc_7230_way(fields: tuple[str, ...], framing: tuple[str, int]) -> None:
+    data = head("Host: a:80", *fields, request_line="CONNECT a:80 HTTP/1.1")
+    assert violation_of(data).case == "connect-body"
+    assert check_request_head(data, lax=frozenset({"connect-body"})).body_framing == framing
+
+
+def test_every_second_pass_row_is_refused_by_its_own_familys_check() -> None:
+    """A corpus row filed under a framing family is refused by that family's own check, never by another family's
+    (the exceptions are data: a body-too-large row of content-length, an obs-fold row of header-name)."""
+    for case in (case for case in SMUGGLING_CASES if case.family in FRAMING_FAMILIES and case.source):
+        rendered = render(case, host=HOST, denied=DENIED)
+        strict = frame_pipeline(rendered)
+        assert strict.violation is not None and (
+            FAMILY_OF_VIOLATION.get(strict.violation.case) == case.family or case.violation == "body-too-large"
+            or (case.family == "header-name" and case.violation == "obs-fold")), case.case_id

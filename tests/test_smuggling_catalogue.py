@@ -9,9 +9,11 @@ data too (``holes``, ``also_failed_by``), never lists kept in a test.
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 import pytest
 
+from pytest_sandbox.catalogues import smuggling
 from pytest_sandbox.catalogues.smuggling import (
     ABSOLUTE_FORM,
     BOTH_PATHS,
@@ -103,3 +105,63 @@ def test_cases_failed_by_adds_the_also_failed_by_rows_on_their_path_only() -> No
                                  "tf-connect-absolute-form"}
     with pytest.raises(ValueError, match="no weakening"):
         cases_failed_by(FIRST_REQUEST_ONLY, TUNNEL_FORM.name)
+
+
+# --- issue #9 second corpus pass: sources, the byte-loop table, one row per payload --------------------------
+
+
+def test_no_two_rows_send_the_same_bytes() -> None:
+    """A corpus entry already in the catalogue under another name is not a second row (its source can say so)."""
+    seen: dict[bytes, str] = {}
+    for case in SMUGGLING_CASES:
+        rendered = render(case, host="origin.test", denied="denied.test")
+        assert rendered not in seen, (case.case_id, seen.get(rendered))
+        seen[rendered] = case.case_id
+
+
+def test_every_second_pass_row_names_its_corpus_source() -> None:
+    rows = smuggling._SECOND_PASS_ROWS
+    assert len(rows) >= 150
+    assert all(case.source for case in rows), [case.case_id for case in rows if not case.source]
+    by_family = Counter(case.family for case in rows)
+    for family in ("content-length", "transfer-encoding", "trailer", "chunked-body", "connect-body", "h2c"):
+        assert by_family[family] >= 4, (family, by_family)
+
+
+def test_second_pass_h11_marks_name_rows_that_exist() -> None:
+    ids = {case.case_id for case in SMUGGLING_CASES}
+    assert smuggling._SECOND_PASS_H11_FORWARDS <= ids
+    assert set(smuggling._SECOND_PASS_H11_OTHERWISE) <= ids
+
+
+@pytest.mark.parametrize("position", sorted(smuggling._BYTE_LOOP_POSITIONS))
+def test_every_default_byte_of_every_position_is_a_row_or_named_as_covered(position: str) -> None:
+    """smuggler's default.py loop (13 bytes x 10 positions) is in the catalogue: generated as
+    ``te-<position>-<byte>``, or already there under the row ``BYTE_LOOP_COVERED`` names (same bytes), or the
+    same bytes as an earlier position's row."""
+    rendered = {render(case, host="h", denied="d"): case.case_id for case in SMUGGLING_CASES}
+    for byte in smuggling._SMUGGLER_DEFAULT_BYTES:
+        row = smuggling._byte_loop_row(position, byte)
+        covering = rendered.get(render(row, host="h", denied="d"))
+        assert covering is not None, row.case_id
+        if (position, byte) in smuggling.BYTE_LOOP_COVERED:
+            assert covering == smuggling.BYTE_LOOP_COVERED[(position, byte)]
+        elif covering != row.case_id:
+            assert covering.startswith("te-") and row.case_id.endswith(("-0a", "-0d")), (row.case_id, covering)
+
+
+def test_byte_classes_follow_the_rfc_grammar() -> None:
+    classes = {byte: smuggling._byte_class(byte) for byte in range(256) if not 0x21 <= byte <= 0x7E}
+    assert {byte for byte, kind in classes.items() if kind == "ows"} == {0x09, 0x20}
+    assert (classes[0x0D], classes[0x0A], classes[0x7F], classes[0x00], classes[0x80]) == ("cr", "lf", "ctl", "ctl",
+                                                                                            "obs")
+    assert set(classes[byte] for byte in smuggling._SMUGGLER_DEFAULT_BYTES) == {"ows", "cr", "lf", "ctl", "obs"}
+
+
+def test_byte_loop_rows_served_or_refused_as_the_table_says() -> None:
+    row = case_by_id("te-midspace-a0")
+    assert (row.violation, row.family, row.must_close) == ("te-not-chunked", "transfer-encoding", True)
+    assert case_by_id("te-xprespace-20").is_positive_control
+    assert case_by_id("te-prespace-09").family == "header-name"  # obs-fold to us, a name prefix to a lenient reader
+    assert case_by_id("te-rxprespace-0a").is_positive_control  # "X: X\r\nTransfer-Encoding: chunked" is valid
+    assert b"Transfer-Encoding\x01: chunked" in case_by_id("te-postspace-01").payload

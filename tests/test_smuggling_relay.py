@@ -34,7 +34,7 @@ from broken_proxies.harness import (
 from broken_proxies.raw_interceptor import RawRelayInterceptor
 from broken_proxies.raw_relay import destination
 
-from pytest_sandbox.catalogues.smuggling import SMUGGLING_CASES, case_by_id, render
+from pytest_sandbox.catalogues.smuggling import _SECOND_PASS_ROWS, SMUGGLING_CASES, case_by_id, render
 from pytest_sandbox.inference.fake_backend import FakeInferenceBackend
 from pytest_sandbox.network.harness import interception_of
 from pytest_sandbox.network.lab.lab import NetworkLab
@@ -127,7 +127,8 @@ def test_raw_relay_still_serves_the_clean_single_connection_controls(relay_absol
     works = {k for k, j in relay_absolute.items() if j.verdict is Verdict.WORKS}
     assert works == {"pipeline-safe", "pipeline-safe-chunked-then-get", "te-uppercase-chunked",
                      "expect-100-continue-body-sent", "te-valid-tabprefix1", "te-valid-valueprefix1",
-                     "te-valid-sarcasm", "te-valid-tabsuffix", "obs-text-header-value"}
+                     "te-valid-sarcasm", "te-valid-tabsuffix", "obs-text-header-value",
+                     *(case.case_id for case in _SECOND_PASS_ROWS if case.is_positive_control)}
     # The HTTP/1.0 control is no pass either: the relay sent the denied request behind it.
     http10 = relay_absolute["http10-keep-alive"]
     assert http10.verdict is Verdict.ALLOWED and "GET /secret" in http10.reason

@@ -524,6 +524,366 @@ def _h11_marked(case: SmugglingCase) -> SmugglingCase:
 _CORPUS_ROWS = tuple(_h11_marked(case) for case in _CORPUS_ROWS_UNMARKED)
 
 
+# --- issue #9, second pass (task C): content-length, transfer-encoding, trailer, connect-body, chunked-body, h2c
+# Read from defparam/smuggler configs/{default,exhaustive,doubles}.py, MDA2AV/Http11Probe's Smuggling and
+# MalformedInput suites, BishopFox/h2csmuggler (h2csmuggler.py and its Burp/nuclei checks) and RFC 9112 §6-§7,
+# RFC 9110 §6.5.1, §8.6, §9.3.6. Each row's source is the corpus's own test id or mutation name.
+
+H2CSMUGGLER = "BishopFox/h2csmuggler"
+# h2csmuggler's own HTTP2-Settings value (it avoids hyper-h2's '_' which "triggered errors on some faulty h2c
+# implementations").
+_H2CSMUGGLER_SETTINGS = b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA"
+# A CL.TE body: the chunked reader ends at "0\r\n\r\n", a Content-Length reader takes the smuggled GET as body.
+_CLTE_BODY = b"0\r\n\r\n" + _SMUGGLED_ORIGIN_FORM
+
+# Content-Length values (RFC 9110 §8.6: 1*DIGIT; this proxy also refuses leading zeros and lists).
+_CL_SECOND_PASS = {
+    b"005": ("leading-zeros", f"{HTTP11PROBE} SMUG-CL-LEADING-ZEROS"),
+    b"0o5": ("octal-prefix", f"{HTTP11PROBE} SMUG-CL-OCTAL"),
+    b"5, 5, 5": ("comma-triple", f"{HTTP11PROBE} SMUG-CL-COMMA-TRIPLE"),
+    b"5e0": ("exponent", "RFC 9110 §8.6 (a float reader takes 5e0 as 5)"),
+    "\u0665".encode(): ("arabic-indic-digit", "RFC 9110 §8.6 DIGIT is ASCII (Python int() takes U+0665 as 5)"),
+    b"5\x00": ("trailing-nul", "RFC 9110 §8.6 (C strtoul stops at NUL)"),  # a CTL: field-value, not CL
+}
+# Whitespace around the value is OWS, not part of it (RFC 9110 §5.5): served.
+_CL_OWS_CONTROLS = {
+    b"Content-Length:\t5": ("tab-before-value", f"{HTTP11PROBE} MAL-CL-TAB-BEFORE-VALUE"),
+    b"Content-Length:  5": ("extra-leading-space", f"{HTTP11PROBE} SMUG-CL-EXTRA-LEADING-SP"),
+    b"Content-Length: 5 ": ("trailing-space", f"{HTTP11PROBE} SMUG-CL-TRAILING-SPACE"),
+}
+
+# Transfer-Encoding values (TE only, a chunked body hiding a denied request, as _TE_CORPUS).
+_TE_SECOND_PASS = {
+    b", chunked": ("leading-comma-space", f"{HTTP11PROBE} SMUG-TE-LEADING-COMMA"),
+    b"chunked, identity": ("chunked-then-identity", "RFC 9112 §6.1 (chunked must be the final coding)"),
+    b"identity, chunked": ("identity-then-chunked", "RFC 9112 §7 (identity is no registered coding)"),
+    b"chunked chunked": ("space-separated-twice", "RFC 9110 §5.6.1 (list elements are comma-separated)"),
+    b"chunked\x00": ("trailing-nul", f"{HTTP11PROBE} SMUG-TE-NULL"),  # a CTL: field-value, not TE
+}
+
+# CL.TE and TE.CL with the request each reader would see next (Http11Probe's SMUGGLED-* sequences).
+_CLTE_SECOND_PASS = (
+    # (id, fields, body, source)
+    ("cl-te-plus-length", (b"Content-Length: +%d" % len(_CLTE_BODY), b"Transfer-Encoding: chunked"), _CLTE_BODY,
+     f"{HTTP11PROBE} SMUG-CLTE-SMUGGLED-GET-CL-PLUS"),
+    ("cl-te-non-numeric-length", (b"Content-Length: %dx" % len(_CLTE_BODY), b"Transfer-Encoding: chunked"),
+     _CLTE_BODY, f"{HTTP11PROBE} SMUG-CLTE-SMUGGLED-GET-CL-NON-NUMERIC"),
+    ("cl-te-leading-comma", (b"Content-Length: %d" % len(_CLTE_BODY), b"Transfer-Encoding: , chunked"), _CLTE_BODY,
+     f"{HTTP11PROBE} SMUG-CLTE-SMUGGLED-GET-TE-LEADING-COMMA"),
+    ("cl-te-trailing-space", (b"Content-Length: %d" % len(_CLTE_BODY), b"Transfer-Encoding: chunked "), _CLTE_BODY,
+     f"{HTTP11PROBE} SMUG-CLTE-SMUGGLED-GET-TE-TRAILING-SPACE"),
+    ("cl-te-case-mismatch", (b"Content-Length: %d" % len(_CLTE_BODY), b"Transfer-Encoding: Chunked"), _CLTE_BODY,
+     f"{HTTP11PROBE} SMUG-CLTE-SMUGGLED-GET-TE-CASE-MISMATCH"),
+    ("cl-te-smuggled-head", (b"Content-Length: %d" % (5 + len(_SMUGGLED_ORIGIN_FORM)), b"Transfer-Encoding: chunked"),
+     b"0\r\n\r\nHEAD" + _SMUGGLED_ORIGIN_FORM[3:], f"{HTTP11PROBE} SMUG-CLTE-SMUGGLED-HEAD"),
+    ("te-te-cl",
+     (b"Transfer-Encoding: chunked", b"Transfer-Encoding: identity", b"Content-Length: %d" % len(_CLTE_BODY)),
+     _CLTE_BODY, f"{HTTP11PROBE} SMUG-TE-DUPLICATE-HEADERS-SMUGGLED-GET"),
+    ("te-cl-short-length", (b"Transfer-Encoding: chunked", b"Content-Length: 4"),
+     b"%x\r\n%s\r\n0\r\n\r\n" % (len(_SMUGGLED_ORIGIN_FORM), _SMUGGLED_ORIGIN_FORM),
+     f"{HTTP11PROBE} SMUG-TECL-SMUGGLED-GET"),
+    ("cl-te-pipeline", (b"Content-Length: 4", b"Transfer-Encoding: chunked"), b"0\r\n\r\n",
+     f"{HTTP11PROBE} SMUG-CLTE-PIPELINE"),
+)
+
+# More trailer fields RFC 9110 §6.5.1 forbids (routing, request modifiers, content handling).
+_TRAILERS_SECOND_PASS = {
+    b"HOST: {denied}": "host-uppercase-name",
+    b"Range: bytes=0-0": "range",
+    b"Cache-Control: no-cache": "cache-control",
+    b"Content-Range: bytes 0-4/5": "content-range",
+    b"X-Original-URL: /admin": "x-original-url",
+    b"Forwarded: host={denied}": "forwarded",
+}
+
+# Chunked bodies (RFC 9112 §7.1): sizes, extensions and terminators from Http11Probe not yet in the RFC rows.
+_CHUNKED_SECOND_PASS = (
+    # (id, body, violation, source)
+    ("chunk-ext-invalid-token", b"5;bad[=x\r\n{body}\r\n0\r\n\r\n", "chunk-ext",
+     f"{HTTP11PROBE} SMUG-CHUNK-EXT-INVALID-TOKEN"),
+    ("chunk-ext-64k", b"5;" + b"a" * 65536 + b"\r\n{body}\r\n0\r\n\r\n", "chunk-ext",
+     f"{HTTP11PROBE} MAL-CHUNK-EXT-64K"),
+    ("chunk-data-spill", b"5\r\n{body}!!\r\n0\r\n\r\n", "chunk-terminator", f"{HTTP11PROBE} SMUG-CHUNK-SPILL"),
+    ("chunk-data-lf-terminator", b"5\r\n{body}\n0\r\n\r\n", "chunk-terminator", f"{HTTP11PROBE} SMUG-CHUNK-LF-TERM"),
+    ("chunk-last-lf-only", b"5\r\n{body}\r\n0\r\n\n", "bare-lf", f"{HTTP11PROBE} SMUG-CHUNK-LF-TRAILER"),
+    ("chunk-size-plus-zero", b"+0\r\n\r\n", "chunk-size", f"{HTTP11PROBE} SMUG-CHUNK-INVALID-SIZE-DESYNC"),
+    ("chunk-size-uppercase-0x", b"0X5\r\n{body}\r\n0\r\n\r\n", "chunk-size", "RFC 9112 §7.1 (1*HEXDIG, no prefix)"),
+)
+# Served: valid chunked bodies the strict parser must not refuse (the 5-byte body split or doubled).
+_CHUNKED_CONTROLS = (
+    # 10 bytes: the body then 5 spaces (in the tunnel still a JSON object, which the backend needs).
+    ("chunked-hex-uppercase", b"A\r\n{body}     \r\n0\r\n\r\n", f"{HTTP11PROBE} COMP-CHUNKED-HEX-UPPERCASE"),
+    ("chunked-size-leading-zeros", b"0005\r\n{body}\r\n0000\r\n\r\n", "RFC 9112 §7.1 (1*HEXDIG: zeros are digits)"),
+    ("chunked-harmless-trailer", b"5\r\n{body}\r\n0\r\nX-Checksum: 1\r\n\r\n",
+     f"{HTTP11PROBE} COMP-CHUNKED-TRAILER-VALID"),
+)
+
+# CONNECT with content (RFC 9110 §9.3.6: "A CONNECT request message does not have content"; RFC 9112 §9.3 a
+# tunnel starts right after the head). Each must be refused before any tunnel opens. The same to inference.local
+# (the issue's early-data bypass) is tests/test_inference_detection.py's own test: a row could not show a proxy
+# that forwards it late (tests/test_late_forwarder.py), inference.local being no address in the lab.
+_CONNECT_BODY_SECOND_PASS = (
+    # (id, description, payload)
+    ("connect-content-length-and-chunked", "CONNECT with Content-Length and Transfer-Encoding: chunked",
+     _CONNECT_ALLOWED + b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n" + _CHUNKED_HELLO),
+    ("connect-expect-100-continue", "CONNECT with Expect: 100-continue and a Content-Length body",
+     _CONNECT_ALLOWED + b"Expect: 100-continue\r\nContent-Length: 5\r\n\r\n{body}" + _GET_DENIED),
+    ("connect-identity-coding", "CONNECT with Transfer-Encoding: identity (a reader that ignores it opens the "
+     "tunnel and relays the body)", _CONNECT_ALLOWED + b"Transfer-Encoding: identity\r\n\r\n{body}" + _GET_DENIED),
+    ("connect-http10-content-length", "an HTTP/1.0 CONNECT with a Content-Length body",
+     b"CONNECT {host}:80 HTTP/1.0\r\nHost: {host}:80\r\nContent-Length: 5\r\n\r\n{body}" + _GET_DENIED),
+)
+
+# h2c upgrades as h2csmuggler and its Burp/nuclei checks send them, on each method, and spelling variants.
+_H2CSMUGGLER_FIELDS = b"Accept: */*\r\nAccept-Language: en\r\nUpgrade: h2c\r\n" + _H2CSMUGGLER_SETTINGS
+_H2C_SECOND_PASS = (
+    # (id, request-line, fields, body, source)
+    ("h2c-h2csmuggler-get", b"GET {get} HTTP/1.1", _H2CSMUGGLER_FIELDS + b"\r\nConnection: Upgrade, HTTP2-Settings",
+     b"",
+     f"{H2CSMUGGLER} h2csmuggler.py send_initial_request"),
+    ("h2c-h2csmuggler-upgrade-only", b"GET {get} HTTP/1.1", _H2CSMUGGLER_FIELDS + b"\r\nConnection: Upgrade", b"",
+     f"{H2CSMUGGLER} --upgrade-only; h2csmuggle-upgrade-only-nuclei.yaml"),
+    ("h2c-h2csmuggler-post", b"POST {post} HTTP/1.1", _H2CSMUGGLER_FIELDS + b"\r\nConnection: Upgrade, HTTP2-Settings"
+     b"\r\nContent-Length: 5", b"{body}", f"{H2CSMUGGLER} -XPOST -d"),
+    ("h2c-options", b"OPTIONS {get} HTTP/1.1", b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+     + _H2CSMUGGLER_SETTINGS, b"", "RFC 7540 §3.2 (any method may carry the upgrade)"),
+    ("h2c-connection-order-reversed", b"GET {get} HTTP/1.1", b"Connection: HTTP2-Settings, Upgrade\r\nUpgrade: h2c\r\n"
+     + _H2CSMUGGLER_SETTINGS, b"", "RFC 9110 §7.6.1 (Connection is an unordered list)"),
+    ("h2c-lowercase-names", b"GET {get} HTTP/1.1", b"connection: upgrade, http2-settings\r\nupgrade: h2c\r\n"
+     b"http2-settings: AAMAAABkAARAAAAAAAIAAAAA", b"",
+     "RFC 9110 §5.1 (field names are case-insensitive)"),
+    ("h2c-connection-keep-alive-upgrade", b"GET {get} HTTP/1.1", b"Connection: keep-alive, Upgrade, HTTP2-Settings\r\n"
+     b"Upgrade: h2c\r\n" + _H2CSMUGGLER_SETTINGS, b"", "h2cSmugglingCheck.py (Connection rewritten, not added)"),
+    ("h2c-second-upgrade-field", b"GET {get} HTTP/1.1",
+     b"Connection: Upgrade\r\nUpgrade: websocket\r\nUpgrade: h2c", b"",
+     "RFC 9110 §5.3 (two Upgrade fields are one list)"),
+    ("h2c-token-h2", b"GET {get} HTTP/1.1", b"Connection: Upgrade\r\nUpgrade: h2", b"",
+     "RFC 9113 §3.1 (h2 is the TLS token; still an HTTP/2 upgrade)"),
+    ("h2c-token-http-2-0", b"GET {get} HTTP/1.1", b"Connection: Upgrade\r\nUpgrade: HTTP/2.0", b"",
+     "RFC 9110 §7.8 (protocol-name/version)"),
+    ("h2c-http10", b"GET {get} HTTP/1.0", b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+     + _H2CSMUGGLER_SETTINGS, b"", f"{HTTP11PROBE} COMP-UPGRADE-HTTP10 (an HTTP/1.0 upgrade)"),
+)
+
+# smuggler's byte loops, generated from a table (positions x bytes) as configs/default.py does. The full loops
+# (exhaustive.py: 4 positions x 160 bytes; doubles.py: 6 position pairs x 160 bytes) would be about 1,600 rows,
+# 3,200 conformance tests: far beyond the 20 s budget of the whole suite (each row is two tests, about 10 ms
+# each). The strict reader's verdict depends only on the byte's class (OWS, CR, LF, other CTL, obs-text), so
+# the faithful subset is smuggler's own default.py selection, which has every class (and DEL, NBSP, 0xFF), on
+# all ten of default.py's positions. ``_BYTE_LOOP_OUTCOMES`` says per position and class what the strict
+# reader must do (a FramingViolation case, or CHUNKED / PLAIN: a valid request that is served).
+_SMUGGLER_DEFAULT_BYTES = (0x01, 0x04, 0x08, 0x09, 0x0A, 0x0B, 0x0C, 0x0D, 0x1F, 0x20, 0x7F, 0xA0, 0xFF)
+_BYTE_LOOP_POSITIONS = {  # smuggler's mutation name -> its gadget, "%c" the byte
+    "midspace": b"Transfer-Encoding:%cchunked",
+    "postspace": b"Transfer-Encoding%c: chunked",
+    "prespace": b"%cTransfer-Encoding: chunked",
+    "endspace": b"Transfer-Encoding: chunked%c",
+    "xprespace": b"X: X%cTransfer-Encoding: chunked",
+    "endspacex": b"Transfer-Encoding: chunked%cX: X",
+    "rxprespace": b"X: X\r%cTransfer-Encoding: chunked",
+    "xnprespace": b"X: X%c\nTransfer-Encoding: chunked",
+    "endspacerx": b"Transfer-Encoding: chunked\r%cX: X",
+    "endspacexn": b"Transfer-Encoding: chunked%c\nX: X",
+}
+CHUNKED, PLAIN = "served-chunked", "served-plain"
+
+
+def _byte_class(byte: int) -> str:
+    """RFC 9110 §5.6.3 OWS, RFC 9112 §2.2 CR / LF, RFC 5234 CTL (with DEL), RFC 9110 §5.5 obs-text."""
+    if byte in (0x09, 0x20):
+        return "ows"
+    if byte in (0x0D, 0x0A):
+        return {0x0D: "cr", 0x0A: "lf"}[byte]
+    return "obs" if byte >= 0x80 else "ctl"
+
+
+_BYTE_LOOP_OUTCOMES: dict[str, dict[str, str]] = {
+    # OWS around a value is not part of it (RFC 9110 §5.5); a CTL inside a value is invalid (§5.5); obs-text in
+    # a Transfer-Encoding value is no coding (RFC 9112 §6.1); a bare CR or LF is refused (RFC 9112 §2.2).
+    "midspace": {"ows": CHUNKED, "cr": "bare-cr", "lf": "bare-lf", "ctl": "field-value", "obs": "te-not-chunked"},
+    "endspace": {"ows": CHUNKED, "cr": "bare-cr", "lf": "bare-lf", "ctl": "field-value", "obs": "te-not-chunked"},
+    # Between name and colon: whitespace MUST be rejected (RFC 9112 §5.1), anything else is no token (RFC 9110 §5.1).
+    "postspace": {"ows": "ws-before-colon", "cr": "bare-cr", "lf": "bare-lf", "ctl": "field-syntax",
+                  "obs": "field-syntax"},
+    # Before the name: whitespace makes the line an obs-fold continuation (RFC 9112 §5.2).
+    "prespace": {"ows": "obs-fold", "cr": "bare-cr", "lf": "bare-lf", "ctl": "field-syntax", "obs": "field-syntax"},
+    # Inside X's value: OWS and obs-text keep "Transfer-Encoding: chunked" as X's value (served, no body).
+    "xprespace": {"ows": PLAIN, "cr": "bare-cr", "lf": "bare-lf", "ctl": "field-value", "obs": PLAIN},
+    # After chunked: "chunked X: X" is no coding list.
+    "endspacex": {"ows": "te-not-chunked", "cr": "bare-cr", "lf": "bare-lf", "ctl": "field-value",
+                  "obs": "te-not-chunked"},
+    # Around a CR or LF: only the byte that completes a CRLF gives a valid field line.
+    "rxprespace": {"ows": "bare-cr", "cr": "bare-cr", "lf": CHUNKED, "ctl": "bare-cr", "obs": "bare-cr"},
+    "xnprespace": {"ows": "bare-lf", "cr": CHUNKED, "lf": "bare-lf", "ctl": "bare-lf", "obs": "bare-lf"},
+    "endspacerx": {"ows": "bare-cr", "cr": "bare-cr", "lf": CHUNKED, "ctl": "bare-cr", "obs": "bare-cr"},
+    "endspacexn": {"ows": "bare-lf", "cr": CHUNKED, "lf": "bare-lf", "ctl": "bare-lf", "obs": "bare-lf"},
+}
+
+
+def _byte_loop_row(position: str, byte: int) -> SmugglingCase:
+    gadget = _BYTE_LOOP_POSITIONS[position] % bytes([byte])
+    outcome = _BYTE_LOOP_OUTCOMES[position][_byte_class(byte)]
+    case_id, source = f"te-{position}-{byte:02x}", f"{SMUGGLER} {position}-{byte:02x} (configs/default.py)"
+    if outcome == CHUNKED:
+        return _control(case_id, f"{gadget!r} is a valid Transfer-Encoding: chunked: served",
+                        _post(gadget, body=_CHUNKED_HELLO), source, "RFC 9110 §5.5")
+    if outcome == PLAIN:
+        return _control(case_id, f"{gadget!r} is one X field; the body is framed by Content-Length: served",
+                        _post(gadget, b"Content-Length: 5", body=b"{body}"), source, "RFC 9110 §5.5")
+    # Whitespace before a name is obs-fold to the strict reader and a name prefix to a lenient name reader (which
+    # strips it): a header-name mutation, as smuggler's nameprefix1.
+    return _refused(case_id, f"{gadget!r} must not be read as chunked", _chunked_te(gadget), outcome, source,
+                    "RFC 9112 §2.2, §5, §6.1", status=(400, 501) if outcome == "te-not-chunked" else 400,
+                    family="header-name" if outcome == "obs-fold" else "")
+
+
+# Byte-loop mutations already in the catalogue under a named row with the same bytes: not generated twice.
+BYTE_LOOP_COVERED = MappingProxyType({
+    ("midspace", 0x09): "te-valid-tabprefix1",
+    ("endspace", 0x09): "te-valid-tabsuffix",
+    ("postspace", 0x0B): "hn-vertical-tab-before-colon",
+    ("postspace", 0xFF): "hn-ff-before-colon",
+    ("endspace", 0xFF): "te-trailing-obs-text",
+    ("prespace", 0x20): "te-nameprefix1",
+    ("endspace", 0x0D): "te-0dsuffix",
+})
+
+
+def _byte_loop_rows() -> tuple[SmugglingCase, ...]:
+    """default.py's positions x bytes, minus the covered ones and the spellings two positions share (a CR
+    before "\\n" and a "\\n" after "\\r" both make a plain CRLF): the first position's row is kept."""
+    rows: dict[bytes, SmugglingCase] = {}
+    for position in _BYTE_LOOP_POSITIONS:
+        for byte in _SMUGGLER_DEFAULT_BYTES:
+            if (position, byte) not in BYTE_LOOP_COVERED:
+                row = _byte_loop_row(position, byte)
+                rows.setdefault(row.payload, row)
+    return tuple(rows.values())
+
+
+_SECOND_PASS_UNMARKED: tuple[SmugglingCase, ...] = (
+    # --- content-length ---------------------------------------------------------------------------------
+    *(_refused(f"cl-{name}", f"Content-Length: {value!r} is not 0|[1-9][0-9]*",
+               _post(b"Content-Length: " + value, body=b"{body}") + _GET_DENIED,
+               "field-value" if b"\x00" in value else "cl-duplicate" if b"," in value else "cl-malformed",
+               source, "RFC 9110 §8.6")
+      for value, (name, source) in _CL_SECOND_PASS.items()),
+    # Http11Probe sends 200 bytes: a decimal reader that skips the leading zero takes them all, an octal one 128.
+    _refused("cl-leading-zero-octal", "Content-Length: 0200 (200, or 128 in octal) with 200 bytes of body",
+             _post(b"Content-Length: 0200", body=b"{body}" + b"A" * 195) + _GET_DENIED, "cl-malformed",
+             f"{HTTP11PROBE} SMUG-CL-LEADING-ZEROS-OCTAL", "RFC 9110 §8.6"),
+    *(_control(f"cl-valid-{name}", f"{field!r}: the OWS is not part of the value: served",
+               _post(field, body=b"{body}"), source, "RFC 9110 §5.5")
+      for field, (name, source) in _CL_OWS_CONTROLS.items()),
+    _refused("cl-duplicate-smuggled-get", "Content-Length: 4 and a second Content-Length covering a smuggled GET",
+             _post(b"Content-Length: 4", b"Content-Length: %d" % (4 + len(_SMUGGLED_ORIGIN_FORM)),
+                   body=b"PING" + _SMUGGLED_ORIGIN_FORM), "cl-duplicate",
+             f"{HTTP11PROBE} SMUG-DUPLICATE-CL-SMUGGLED-GET", "RFC 9112 §6.3"),
+    # --- transfer-encoding ------------------------------------------------------------------------------
+    *(SmugglingCase(f"te-{name}", f"Transfer-Encoding: {value!r} must not be read as chunked",
+                    _chunked_te(b"Transfer-Encoding: " + value), 400 if b"\x00" in value else (400, 501),
+                    must_close=True, reaches_backend=0, rfc="RFC 9112 §6.1",
+                    violation="field-value" if b"\x00" in value else "te-not-chunked", source=source)
+      for value, (name, source) in _TE_SECOND_PASS.items()),
+    _refused("te-chunked-then-identity-fields", "Transfer-Encoding: chunked, then Transfer-Encoding: identity",
+             _post(b"Transfer-Encoding: chunked", b"Transfer-Encoding: identity", body=_CHUNKED_HELLO + _GET_DENIED),
+             "te-not-chunked", f"{HTTP11PROBE} SMUG-TE-DUPLICATE-HEADERS", "RFC 9112 §6.1", status=(400, 501)),
+    *(_refused(case_id, f"{b' + '.join(fields)!r}: two framings, a request between them", _post(*fields, body=body)
+               + _GET_DENIED, "cl-te-both", source, "RFC 9112 §6.1")
+      for case_id, fields, body, source in _CLTE_SECOND_PASS),
+    *(_refused(f"te-{name}", f"smuggler {name}: {field!r}", _chunked_te(field), violation, f"{SMUGGLER} {name}",
+               "RFC 9112 §2.2, §5.2", family="header-name" if violation == "obs-fold" else "")
+      for name, field, violation in (
+          ("nameprefix1", b" Transfer-Encoding: chunked", "obs-fold"),
+          ("linewrapped1", b"Transfer-Encoding:\n chunked", "bare-lf"),
+          ("0dsuffix", b"Transfer-Encoding: chunked\r", "bare-cr"),
+          ("0dspam", b"Transfer\r-Encoding: chunked", "bare-cr"),
+      )),
+    _control("te-valid-yelling", "TRANSFER-ENCODING: CHUNKED is the chunked coding: served",
+             _post(b"TRANSFER-ENCODING: CHUNKED", body=_CHUNKED_HELLO), f"{SMUGGLER} yelling", "RFC 9110 §5.1"),
+    # --- trailer ----------------------------------------------------------------------------------------
+    *(_refused(f"trailer-{name}", f"a {field.partition(b':')[0]!r} field in the trailer section must never be merged",
+               _post(b"Transfer-Encoding: chunked", body=b"5\r\n{body}\r\n0\r\n" + field + b"\r\n\r\n"),
+               "trailer-forbidden", "RFC 9110 §6.5.1", "RFC 9110 §6.5.1")
+      for field, name in _TRAILERS_SECOND_PASS.items()),
+    # --- chunked-body -----------------------------------------------------------------------------------
+    *(_refused(case_id, f"chunked body {body[:24]!r}", _post(b"Transfer-Encoding: chunked", body=body), violation,
+               source, "RFC 9112 §7.1")
+      for case_id, body, violation, source in _CHUNKED_SECOND_PASS),
+    *(_control(case_id, f"chunked body {body[:24]!r} is valid: served", _post(b"Transfer-Encoding: chunked",
+               body=body), source, "RFC 9112 §7.1")
+      for case_id, body, source in _CHUNKED_CONTROLS),
+    # --- connect-body -----------------------------------------------------------------------------------
+    *(_refused(case_id, description, payload, "connect-body", "issue #9 CONNECT with a body (9 public cases)",
+               "RFC 9110 §9.3.6")
+      for case_id, description, payload in _CONNECT_BODY_SECOND_PASS),
+    # --- h2c --------------------------------------------------------------------------------------------
+    *(_refused(case_id, f"an h2c upgrade ({source})", request_line + b"\r\nHost: {host}\r\n" + fields + b"\r\n\r\n"
+               + body, "upgrade-h2c", source, "RFC 7540 §3.2")
+      for case_id, request_line, fields, body, source in _H2C_SECOND_PASS),
+    SmugglingCase("h2c-pipelined-after-allowed", "an allowed GET, then h2csmuggler's upgrade on the same connection",
+                  _GET_ALLOWED + b"GET {get} HTTP/1.1\r\nHost: {host}\r\n" + _H2CSMUGGLER_FIELDS
+                  + b"\r\nConnection: Upgrade, HTTP2-Settings\r\n\r\n", 400, must_close=True, reaches_backend=1,
+                  rfc="RFC 7540 §3.2", violation="upgrade-h2c", source=f"{H2CSMUGGLER} (a reused connection)"),
+    # --- smuggler's byte loops (configs/default.py bytes x positions) -----------------------------------
+    *_byte_loop_rows(),
+)
+
+# What the h11-only weakening does with these rows (measured, as _H11_FORWARDS above): h11 0.16 takes leading
+# zeros and lists in Content-Length, lets Transfer-Encoding win over Content-Length, unfolds obs-fold, ends lines
+# at a bare LF, takes CTLs in values, merges any trailer, ignores chunk extensions and h2c upgrades, and reads a
+# CONNECT's body.
+_H11_TAKES_BYTE_LOOP = {  # smuggler position -> bytes h11 0.16 takes there
+    "prespace": (0x09, 0x0A),
+    "xprespace": (0x01, 0x04, 0x08, 0x0A, 0x1F, 0x7F),
+    "endspacex": (0x0A,),
+    "xnprespace": (0x01, 0x04, 0x08, 0x09, 0x0A, 0x1F, 0x20, 0x7F, 0xA0, 0xFF),
+    "endspacexn": (0x09, 0x20),
+}
+_SECOND_PASS_H11_FORWARDS: frozenset[str] = frozenset({
+    "cl-leading-zeros", "cl-comma-triple", "cl-leading-zero-octal",
+    "cl-te-trailing-space", "cl-te-case-mismatch", "cl-te-smuggled-head", "te-cl-short-length", "cl-te-pipeline",
+    "te-nameprefix1", "te-linewrapped1",
+    *(f"trailer-{name}" for name in _TRAILERS_SECOND_PASS.values()),
+    "chunk-ext-invalid-token", "chunk-last-lf-only",
+    *(case_id for case_id, _description, _payload in _CONNECT_BODY_SECOND_PASS
+      if case_id != "connect-identity-coding"),
+    *(case_id for case_id, *_rest in _H2C_SECOND_PASS),
+    *(f"te-{position}-{byte:02x}" for position, taken in _H11_TAKES_BYTE_LOOP.items() for byte in taken),
+})
+# ... and where h11 refuses with another status: a Transfer-Encoding it does not read as exactly "chunked" is 501
+# ("Only Transfer-Encoding: chunked is supported") where the strict reader's verdict is 400; VT and FF in the value
+# h11 itself refuses with 400.
+_CTL_BYTES = tuple(byte for byte in _SMUGGLER_DEFAULT_BYTES if _byte_class(byte) == "ctl" and byte not in (0x0B, 0x0C))
+_H11_501_BYTE_LOOP = {
+    "midspace": _CTL_BYTES,
+    "endspace": _CTL_BYTES,
+    "endspacex": _CTL_BYTES,
+    "endspacexn": (*_CTL_BYTES, 0xA0, 0xFF),
+}
+_H11_501 = "h11 answers 501 (only Transfer-Encoding: chunked), not the catalogued 400"
+_SECOND_PASS_H11_OTHERWISE: dict[str, tuple[str, str]] = {
+    # A hole too, but in the second request (``holes`` rows are checked on their first request).
+    "h2c-pipelined-after-allowed": (BOTH_PATHS, "h11 forwards the upgrade that follows the allowed request"),
+    "chunk-ext-64k": (BOTH_PATHS, "h11 answers 431 to a 64 KiB chunk-size line, not the catalogued 400"),
+    **{case_id: (BOTH_PATHS, _H11_501) for case_id in ("cl-te-leading-comma", "te-te-cl", "connect-identity-coding")},
+    **{f"te-{position}-{byte:02x}": (BOTH_PATHS, _H11_501)
+       for position, refused in _H11_501_BYTE_LOOP.items() for byte in refused},
+}
+
+
+def _second_pass_h11_marked(case: SmugglingCase) -> SmugglingCase:
+    if case.case_id in _SECOND_PASS_H11_FORWARDS:
+        return replace(case, holes=case.holes | {H11_ONLY})
+    if case.case_id in _SECOND_PASS_H11_OTHERWISE:
+        path, why = _SECOND_PASS_H11_OTHERWISE[case.case_id]
+        return replace(case, also_failed_by=(*case.also_failed_by, (H11_ONLY, path, why)))
+    return case
+
+
+_SECOND_PASS_ROWS = tuple(_second_pass_h11_marked(case) for case in _SECOND_PASS_UNMARKED)
+
+
 SMUGGLING_CASES: tuple[SmugglingCase, ...] = (
     # --- positive controls -------------------------------------------------------------------
     SmugglingCase(
@@ -869,4 +1229,5 @@ SMUGGLING_CASES: tuple[SmugglingCase, ...] = (
         for field, name in _FORBIDDEN_TRAILER_CASES.items()
     ),
     *_CORPUS_ROWS,
+    *_SECOND_PASS_ROWS,
 )

@@ -189,6 +189,7 @@ FRAMING_FAMILIES: Mapping[str, frozenset[str]] = MappingProxyType({
     "h2c": frozenset({"upgrade-h2c"}),
     "routing-override": frozenset({"routing-override"}),
     "connect-body": frozenset({"connect-body"}),
+    "chunked-body": frozenset({"chunk-size", "chunk-ext", "chunk-terminator"}),
 })
 FAMILY_OF_VIOLATION: Mapping[str, str] = MappingProxyType({
     violation: family for family, violations in FRAMING_FAMILIES.items() for violation in violations
@@ -529,7 +530,10 @@ def check_request_head(
 
     if "target-form" in lax:
         target = _lenient_target(method, target, hosts[0] if hosts else b"")
-    framing = _body_framing(content_lengths, transfer_encodings, http_version, lax)
+    if method == b"CONNECT" and "connect-body" in lax:
+        framing = _lenient_connect_framing(content_lengths, transfer_encodings)
+    else:
+        framing = _body_framing(content_lengths, transfer_encodings, http_version, lax)
     keep_alive = http_version == "1.1" and b"close" not in connection_options
     return RequestHead(
         method=method.decode("latin-1"),
@@ -562,6 +566,19 @@ def _body_framing(content_lengths: list[bytes], transfer_encodings: list[bytes],
         return ("chunked", 0)
     if content_lengths:
         return ("length", _content_length(content_lengths, lax))
+    return ("none", 0)
+
+
+def _lenient_connect_framing(content_lengths: list[bytes], transfer_encodings: list[bytes]) -> BodyFraming:
+    """The lenient reading of a CONNECT's content (``"connect-body"`` in ``lax``): a proxy that reads the body
+    the obsolete RFC 7230 §3.3.3 way (Transfer-Encoding overrides Content-Length; a coding list ending in
+    chunked is chunked, any other coding means no body), drops it and opens the tunnel. Bytes it does not
+    read as the body become tunnel bytes."""
+    if transfer_encodings:
+        codings = _comma_list(transfer_encodings[-1])
+        return ("chunked", 0) if codings[-1] == b"chunked" else ("none", 0)
+    if content_lengths:
+        return ("length", _content_length(content_lengths))
     return ("none", 0)
 
 
@@ -678,6 +695,8 @@ class ChunkedBodyParser:
             self._position = 0
 
     def _take_size_line(self) -> bool:
+        if "chunked-body" in self._lax:
+            return self._take_size_line_leniently()
         end = self._buffer.find(b"\r\n", self._position)
         line = bytes(self._buffer[self._position : end if end != -1 else len(self._buffer)])
         if b";" in line:
@@ -689,8 +708,10 @@ class ChunkedBodyParser:
             return False
         if not line or len(line) > _MAX_CHUNK_SIZE_DIGITS or not _only(line, _HEXDIG):
             raise FramingViolation("chunk-size", f"chunk-size is not 1*HEXDIG: {line[:40]!r}")
-        size = int(line, 16)
         self._position = end + 2
+        return self._start_chunk(int(line, 16))
+
+    def _start_chunk(self, size: int) -> bool:
         if size == 0:
             self._in_trailer = True
             return True
@@ -699,9 +720,42 @@ class ChunkedBodyParser:
         self._pending_data = size
         return True
 
+    def _take_size_line_leniently(self) -> bool:
+        """The lenient chunk-size reading (``"chunked-body"`` in ``lax``), a C parser's: the line ends at LF (a CR
+        before it dropped) or, before any extension, at a bare CR; its size is ``strtoul(line, 16)`` (whitespace,
+        a sign and ``0x`` skipped, digits up to the first non-hex byte, saturating; ``-1`` wraps), and whatever
+        follows, extensions included, is ignored."""
+        start = self._position
+        line_feed = self._buffer.find(b"\n", start)
+        carriage_return = self._buffer.find(b"\r", start)
+        if (carriage_return != -1 and (line_feed == -1 or carriage_return < line_feed)
+                and b";" not in self._buffer[start:carriage_return] and carriage_return + 1 < len(self._buffer)
+                and self._buffer[carriage_return + 1] != 0x0A):
+            line, self._position = bytes(self._buffer[start:carriage_return]), carriage_return + 1
+        elif line_feed != -1:
+            line, self._position = bytes(self._buffer[start:line_feed]).rstrip(b"\r"), line_feed + 1
+        else:
+            return False
+        text = line.lstrip(_OWS)
+        negative = text[:1] == b"-"
+        text = text[1:] if text[:1] in (b"+", b"-") else text
+        text = text[2:] if text[:2].lower() == b"0x" else text
+        digits = text[: len(text) - len(text.lstrip(_HEXDIG))]
+        size = min(int(digits or b"0", 16), 2**64 - 1)
+        return self._start_chunk((2**64 - size) % 2**64 if negative else size)
+
     def _take_data(self) -> bool:
         available = len(self._buffer) - self._position
         size = self._pending_data
+        if "chunked-body" in self._lax:
+            # Lenient: the two bytes after the data are skipped unchecked (h11 < 0.16.0, CVE-2025-43859).
+            if available < size + 2:
+                return False
+            self._chunks.append(bytes(self._buffer[self._position : self._position + size]))
+            self._body_size += size
+            self._position += size + 2
+            self._pending_data = -1
+            return True
         if available < size + 2:
             # Judge the first terminator byte as soon as it is here.
             if available == size + 1 and self._buffer[self._position + size] != 0x0D:
@@ -730,7 +784,11 @@ class ChunkedBodyParser:
             raise FramingViolation(bare, "trailer line endings must be CRLF (§2.2)")
         if end == -1:
             return None
-        trailers = _split_field_lines(pending[:-4], self._lax)
+        section = pending[:-4]
+        if "chunked-body" in self._lax:
+            # Lenient: trailer lines that are no field (no colon) are dropped, as the size line's leftovers are.
+            section = b"\r\n".join(line for line in section.split(b"\r\n") if b":" in line)
+        trailers = _split_field_lines(section, self._lax)
         for name, _ in trailers:
             if name in FORBIDDEN_TRAILERS and "trailer" not in self._lax:
                 raise FramingViolation(

@@ -17,7 +17,10 @@ lenient parser does, and nothing else changes. The mistakes, one per proxy:
 * ``trailer``: accepts any trailer field;
 * ``h2c``: forwards h2c upgrades and HTTP2-Settings;
 * ``routing-override``: forwards X-Original-URL, X-HTTP-Method-Override, X-Forwarded-Host, Forwarded ...;
-* ``connect-body``: reads a CONNECT's Content-Length or chunked body, drops it and opens the tunnel.
+* ``connect-body``: reads a CONNECT's body the RFC 7230 way (Transfer-Encoding over Content-Length), drops it and
+  opens the tunnel;
+* ``chunked-body``: reads a chunk size like C ``strtoul(line, 16)``, ignores extensions, ends lines at a bare LF or
+  CR, and skips the two bytes after chunk data unchecked.
 
 The conformance suite must fail each on exactly the catalogue rows of its family
 (``verdicts.smuggling.cases_failed_by("lenient-<family>", "absolute")``).
@@ -40,6 +43,7 @@ LENIENT_PROXY_PORTS = {
     "h2c": 3177,
     "routing-override": 3178,
     "connect-body": 3179,
+    "chunked-body": 3169,
 }
 
 
