@@ -45,11 +45,12 @@ _RUNNER_SOURCE = (resources.files("pytest_sandbox.probes") / "syscall_runner.py"
 # Running plans
 
 
-def runner_script(probes: Sequence[Mapping[str, Any]]) -> bytes:
-    """The probe runner's source with the plan appended: everything a bare ``python3 -`` needs."""
+def runner_script(probes: Sequence[Mapping[str, Any]], *, one_per_child: bool = False) -> bytes:
+    """The probe runner's source with the plan appended: everything a bare ``python3 -`` needs.
+    ``one_per_child`` forks a child for every probe instead of reusing one across refused calls."""
     # A Python literal (plan values are str/int/bool/None/list/dict), so the runner needs no json import.
     plan = [dict(probe) for probe in probes]
-    return (_RUNNER_SOURCE + f"\nmain({plan!r})\n").encode()
+    return (_RUNNER_SOURCE + f"\nmain({plan!r}, {one_per_child!r})\n").encode()
 
 
 @dataclass(frozen=True)
@@ -170,14 +171,16 @@ class SandboxTarget:
     placement: NetworkPlacement
     identity: Identity
     namespaces: FreshNamespaces = field(default_factory=FreshNamespaces)
+    one_per_child: bool = False  # the runner's reference mode: a fresh child for every probe
 
     def run(self, probes: Sequence[Mapping[str, Any]]) -> dict[str, Outcome]:
         return self.run_report(probes).outcomes
 
     def run_report(self, probes: Sequence[Mapping[str, Any]]) -> RunnerReport:
         spec = SandboxSpec(self.compiled, self.placement, self.identity, self.namespaces)
+        script = runner_script(probes, one_per_child=self.one_per_child)
         with Sandbox(spec) as sandbox:
-            result = sandbox.run([runner_interpreter(self.identity), "-S", "-"], input=runner_script(probes),
+            result = sandbox.run([runner_interpreter(self.identity), "-S", "-"], input=script,
                                  timeout=REFERENCE_RUN_TIMEOUT_SECONDS, env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"})
         if result.timed_out:  # its process group was killed; a partial report would judge half a run
             raise LaunchError(f"{self.name}: the probe run ({len(probes)} probes in one runner) did not finish in "
