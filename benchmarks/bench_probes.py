@@ -57,7 +57,8 @@ def main() -> int:
         "unfiltered baseline": SandboxTarget("unfiltered", None, NetworkPlacement(MODE), identity),
     }
     if args.one_per_child:
-        targets.update({f"{name}, 1 child/probe": replace(target, name=f"{target.name}, 1 child/probe", one_per_child=True)
+        targets.update({f"{name}, 1 child/probe": replace(target, name=f"{target.name}, 1 child/probe",
+                                                          one_per_child=True)
                         for name, target in list(targets.items())})
     print(f"load average {os.getloadavg()[0]:.2f}; python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
           f"policy baseline, network {MODE}, "
