@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import sys
 from dataclasses import replace
 from typing import Any
 
@@ -22,11 +23,11 @@ import pytest
 from pytest_sandbox.policy.load import load_policy
 from pytest_sandbox.policy.model import Policy
 from pytest_sandbox.probes import syscall
-from pytest_sandbox.probes.syscall import SandboxTarget
+from pytest_sandbox.probes.syscall import SandboxTarget, parse_runner_report, runner_command, runner_script
 from pytest_sandbox.probes.syscall_cases import control_cases, denial_cases, requirements_of
 from pytest_sandbox.probes.syscall_runner import _frame, _frames, keeps_child, needs_fresh_child
 from pytest_sandbox.seccomp.compiler import CompiledFilter, compile_policy
-from pytest_sandbox.seccomp.launcher import Identity, NetworkPlacement, check_host_support
+from pytest_sandbox.seccomp.launcher import Identity, NetworkPlacement, Sandbox, SandboxSpec, check_host_support
 from pytest_sandbox.verdicts.judgement import Outcome, Verdict
 from pytest_sandbox.verdicts.syscall import judge
 from tests.broken_filters import hand_built
@@ -182,3 +183,38 @@ def test_the_whole_plan_gets_the_same_outcomes_and_verdicts_batched_or_one_per_c
     assert verdicts(batched) == verdicts(reference)
     if build == "broken filter":  # the holes are seen, the same way by both runners
         assert verdicts(batched)["setns-native"] == Verdict.ALLOWED
+
+
+# -- the precompiled runner (the reference sandbox's own interpreter) ----------------------------------
+
+
+def test_the_precompiled_runner_reports_what_the_source_runner_reports(broken_filter):
+    """The reference sandbox sends its own interpreter the runner as a marshalled code object; a
+    --sandbox-exec target and any other python3 get the source. Both must give the same report."""
+    policy = load_policy("baseline")
+    plan = [c.runner_probe() for c in denial_cases(requirements_of(policy, MODE)) if c.nr is not None]
+    plan += CONTAMINATING_PLAN
+    argv, data = runner_command(sys.executable, plan)
+    assert argv[:3] == [sys.executable, "-S", "-c"]
+    assert runner_command("/usr/bin/python3.99", plan) == (["/usr/bin/python3.99", "-S", "-"], runner_script(plan))
+    spec = SandboxSpec(broken_filter, NetworkPlacement(MODE), Identity.current())
+    with Sandbox(spec) as sandbox:
+        fast = parse_runner_report(sandbox.run(argv, input=data, timeout=120).stdout)
+        slow = parse_runner_report(sandbox.run([sys.executable, "-S", "-"], input=runner_script(plan),
+                                               timeout=120).stdout)
+    assert len(fast.outcomes) == len(plan)
+    assert contamination(fast.outcomes, slow.outcomes) == []
+    assert fast.identity == slow.identity and fast.identity is not None
+
+
+def test_a_precompiled_runner_that_cannot_load_reports_nothing_and_every_probe_is_not_run(broken_filter):
+    target = _target(broken_filter)
+    plan = CONTAMINATING_PLAN[:2]
+    spec = SandboxSpec(broken_filter, NetworkPlacement(MODE), Identity.current())
+    argv, data = runner_command(sys.executable, plan)
+    with Sandbox(spec) as sandbox:
+        result = sandbox.run(argv, input=data[:-7], timeout=60)  # a torn plan: marshal refuses it
+    report = syscall._report_or_error(plan, result.returncode, result.stdout, result.stderr, target.name)
+    assert report.identity is None
+    assert {o.kind for o in report.outcomes.values()} == {"error"}
+    assert "reported 0 of 2 probes" in report.outcomes["unshare-newuser"].detail

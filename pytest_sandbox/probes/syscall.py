@@ -10,7 +10,9 @@ that caller, and :func:`judge_exec` refuses to credit a refusal the kernel gives
 
 from __future__ import annotations
 
+import functools
 import json
+import marshal
 import os
 import shlex
 import shutil
@@ -51,6 +53,29 @@ def runner_script(probes: Sequence[Mapping[str, Any]], *, one_per_child: bool = 
     # A Python literal (plan values are str/int/bool/None/list/dict), so the runner needs no json import.
     plan = [dict(probe) for probe in probes]
     return (_RUNNER_SOURCE + f"\nmain({plan!r}, {one_per_child!r})\n").encode()
+
+
+# The reference sandbox's runner start: the runner compiled once per session and sent with the plan as
+# marshal data on stdin, so a runner process neither parses 300 lines of source nor a plan literal (a
+# third of its start-up). Code objects are marshalled per interpreter version: only for the harness's own
+# interpreter; any other python3 (and every --sandbox-exec target) gets the source (runner_script).
+_BOOTSTRAP = ("import marshal,sys;c,p,o=marshal.loads(sys.stdin.buffer.read());g={'__name__':'__runner__'};"
+              "exec(marshal.loads(c),g);g['main'](p,o)")
+
+
+@functools.lru_cache(maxsize=4)
+def _compiled_runner(source: str) -> bytes:
+    return marshal.dumps(compile(source, "syscall_runner.py", "exec", dont_inherit=True))
+
+
+def runner_command(interpreter: str, probes: Sequence[Mapping[str, Any]], *, one_per_child: bool = False
+                   ) -> tuple[list[str], bytes]:
+    """argv and stdin that run the probe runner on ``probes`` with ``interpreter``."""
+    if interpreter != sys.executable:
+        return [interpreter, "-S", "-"], runner_script(probes, one_per_child=one_per_child)
+    plan = [dict(probe) for probe in probes]
+    return [interpreter, "-S", "-c", _BOOTSTRAP], marshal.dumps((_compiled_runner(_RUNNER_SOURCE), plan,
+                                                                 one_per_child))
 
 
 @dataclass(frozen=True)
@@ -178,9 +203,9 @@ class SandboxTarget:
 
     def run_report(self, probes: Sequence[Mapping[str, Any]]) -> RunnerReport:
         spec = SandboxSpec(self.compiled, self.placement, self.identity, self.namespaces)
-        script = runner_script(probes, one_per_child=self.one_per_child)
+        argv, script = runner_command(runner_interpreter(self.identity), probes, one_per_child=self.one_per_child)
         with Sandbox(spec) as sandbox:
-            result = sandbox.run([runner_interpreter(self.identity), "-S", "-"], input=script,
+            result = sandbox.run(argv, input=script,
                                  timeout=REFERENCE_RUN_TIMEOUT_SECONDS, env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"})
         if result.timed_out:  # its process group was killed; a partial report would judge half a run
             raise LaunchError(f"{self.name}: the probe run ({len(probes)} probes in one runner) did not finish in "
