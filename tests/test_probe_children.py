@@ -218,3 +218,35 @@ def test_a_precompiled_runner_that_cannot_load_reports_nothing_and_every_probe_i
     assert report.identity is None
     assert {o.kind for o in report.outcomes.values()} == {"error"}
     assert "reported 0 of 2 probes" in report.outcomes["unshare-newuser"].detail
+
+
+# -- the controls still see a filter that breaks ordinary work (_thread and _socket, not their wrappers) ----
+
+
+def _breaking_threads_and_unix_sockets() -> CompiledFilter:
+    """A filter that breaks ordinary work: clone3 answers ENOSYS (glibc falls back to clone, as under
+    the reference), clone with CLONE_THREAD and socket(AF_UNIX) are refused with EACCES. posix_spawn's
+    clone (CLONE_VM|CLONE_VFORK) still works, so the runner starts."""
+    import pyseccomp
+
+    from tests.broken_filters import export
+
+    clone_thread, af_unix = 0x00010000, 1  # sched.h CLONE_THREAD, socket.h AF_UNIX
+    main = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
+    main.add_rule(pyseccomp.ERRNO(errno.ENOSYS), "clone3")
+    main.add_rule(pyseccomp.ERRNO(errno.EACCES), "clone",
+                  pyseccomp.Arg(0, pyseccomp.MASKED_EQ, clone_thread, clone_thread))
+    main.add_rule(pyseccomp.ERRNO(errno.EACCES), "socket", pyseccomp.Arg(0, pyseccomp.EQ, af_unix))
+    real = compile_policy(load_policy("baseline"), MODE)
+    return replace(real, programs=(real.programs[0], export(main)))
+
+
+def test_the_thread_and_socket_controls_fail_when_the_filter_refuses_them(broken_filter):
+    controls = {c.case_id: c.runner_probe() for c in control_cases(requirements_of(load_policy("baseline"), MODE),
+                                                                   MODE)}
+    plan = [controls["thread-starts"], controls["af_unix-socket-opens"]]
+    works = _target(None).run(plan)
+    assert works["thread-starts"] == Outcome("ok") and works["af_unix-socket-opens"] == Outcome("ok")
+    broken = _target(_breaking_threads_and_unix_sockets()).run(plan)
+    assert broken["thread-starts"].kind == "error" and "can't start new thread" in broken["thread-starts"].detail
+    assert broken["af_unix-socket-opens"] == Outcome("errno", errno.EACCES)
