@@ -1,16 +1,24 @@
-"""The syscall probe runner: a stdlib-only script that attempts each probe in a fresh child.
+"""The syscall probe runner: a stdlib-only script that attempts each probe in a forked child.
 
 This file is sent as source text to ``python3 -S -`` inside whatever sandbox is under test (the
 reference launcher, or a third party's launcher via ``--sandbox-exec``), so it must not import
 anything outside the standard library and must not need a writable file. The plan (a list of
-probe dicts) is appended to the source as a Python literal; results come back as JSON lines on stdout. The first
+probe dicts) is appended to the source as a Python literal (the reference sandbox sends its own
+interpreter the compiled runner and the plan as marshal data instead: probes/syscall.py
+``runner_command``); results come back as JSON lines on stdout. The first
 line says who the runner is (:func:`whoami`): a verdict compares a run with a baseline only when
 both ran as the same uid, with the same capabilities and the same kind of namespaces.
 
-Why one fresh forked child per probe (syscalls.md §4 "Isolation"): a filter's KILL_THREAD action
-kills only the calling thread, a successful call may change process state (personality, setsid),
-and an i386 call under a native-only filter kills the whole process. A child per probe keeps each
-verdict independent and keeps the runner itself alive.
+Why probes run in forked children (syscalls.md §4 "Isolation"): a filter's KILL_THREAD action
+kills only the calling thread, a successful call may change process state (personality, setsid,
+unshare, strict mode), and an i386 call under a native-only filter kills the whole process. A child
+attempts probes in sequence and writes each result to the runner before the next attempt; it is
+replaced by a fresh one after any probe that did not fail with an errno (a success, a signal, a kill,
+a timeout, an error) and after every control or probe with setup steps, which also start in a fresh
+child (:func:`keeps_child`, :func:`needs_fresh_child`). A refused call changed nothing (seccomp's
+RET_ERRNO never runs it; a kernel error return leaves the caller as it was), so every probe still sees
+exactly what a child of its own would see, and the runner itself stays alive. ``main(plan, True)``
+forks a child per probe: the reference tests/test_probe_children.py holds the batched runs to.
 
 Every call goes through raw ``syscall(2)`` with an explicit number (libc wrappers may issue another
 syscall, and vDSO calls never enter the kernel), with every argument passed as ``c_long`` so that
