@@ -377,11 +377,6 @@ def run_plan(machine: _Machine, plan: list, report: Callable[[dict, dict], None]
             index = done + 1
 
 
-def run_one(machine: _Machine, probe: dict) -> dict:
-    """Attempt one probe in a fresh single-threaded child and describe how it ended."""
-    return run_batch(machine, [probe], 0)[0][1]
-
-
 # The /proc/self/status lines that say who a process is (proc(5)): ids, capability sets, no_new_privs
 # and the seccomp state. Read once per run, from inside the target, before any probe.
 IDENTITY_STATUS_FIELDS = ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb",
