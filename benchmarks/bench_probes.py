@@ -6,9 +6,12 @@ variants of argument rules), on the sentinel build, as one runner process per pl
 baseline target runs the same plan for comparison. Each plan run includes starting the spawner (and
 its private network namespace), the runner interpreter and every probe's child.
 
-Runs are interleaved (sentinel, unfiltered, sentinel, ...) with a fixed count. Usage::
+Runs are interleaved (sentinel, unfiltered, sentinel, ...) with a fixed count. ``--one-per-child`` adds
+both targets again with the runner forking a fresh child for every probe (its reference mode, the design
+before issue #12), interleaved in the same run, so the runner's child reuse is measured under the same load.
+Usage::
 
-    python benchmarks/bench_probes.py [--runs N]
+    python benchmarks/bench_probes.py [--runs N] [--one-per-child]
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import replace
 from typing import Any
 
 from pytest_sandbox.policy.load import load_policy
@@ -26,6 +30,7 @@ from pytest_sandbox.probes.syscall import SandboxTarget
 from pytest_sandbox.probes.syscall_cases import denial_cases, requirements_of
 from pytest_sandbox.seccomp.compiler import compile_policy
 from pytest_sandbox.seccomp.launcher import Identity, NetworkPlacement, check_host_support
+from pytest_sandbox.session import SandboxOptions, SandboxSession
 
 MODE = "proxy"
 TARGET_PROBES_PER_SECOND = 500
@@ -40,6 +45,10 @@ def build_plan() -> list[dict[str, Any]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--suite", action="store_true",
+                        help="also time the three builds of one (mode, identity) side by side, as the suite runs them")
+    parser.add_argument("--one-per-child", action="store_true",
+                        help="also run each target with a fresh runner child per probe, interleaved")
     args = parser.parse_args()
     identity = Identity.current()
     check_host_support(MODE, identity)
@@ -50,7 +59,12 @@ def main() -> int:
                                                       NetworkPlacement(MODE), identity),
         "unfiltered baseline": SandboxTarget("unfiltered", None, NetworkPlacement(MODE), identity),
     }
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, policy baseline, network {MODE}, "
+    if args.one_per_child:
+        targets.update({f"{name}, 1 child/probe": replace(target, name=f"{target.name}, 1 child/probe",
+                                                          one_per_child=True)
+                        for name, target in list(targets.items())})
+    print(f"load average {os.getloadavg()[0]:.2f}; python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
+          f"policy baseline, network {MODE}, "
           f"{len(plan)} probes per plan, {args.runs} runs per target (after one warm-up run each)")
     for target in targets.values():
         outcomes = target.run(plan)
@@ -77,7 +91,7 @@ def main() -> int:
             start = time.perf_counter()
             target.run([])
             fixed[name].append(time.perf_counter() - start)
-    header = (f"{'target':30} {'plan wall ms':>12} {'min ms':>7} {'start-up ms':>11} {'probes/s':>9} "
+    header = (f"{'target':42} {'plan wall ms':>12} {'min ms':>7} {'start-up ms':>11} {'probes/s':>9} "
               f"{'sustained/s':>11} {'ratio':>6}  target")
     print(header)
     print("-" * len(header))
@@ -86,14 +100,44 @@ def main() -> int:
         median = statistics.median(values)
         startup = statistics.median(fixed[name])
         rate = len(plan) / median
-        sustained = len(plan) / max(median - startup, 1e-9)
+        # An empty plan's median can exceed a full one's on a busy machine: no sustained rate then.
+        sustained = f"{len(plan) / (median - startup):11.0f}" if median > startup else f"{'n/a':>11}"
         verdict = f">= {TARGET_PROBES_PER_SECOND}/s {'ok' if rate >= TARGET_PROBES_PER_SECOND else 'MISSED'}"
-        print(f"{name:30} {median * 1e3:12.1f} {min(values) * 1e3:7.1f} {startup * 1e3:11.1f} {rate:9.0f} "
-              f"{sustained:11.0f} {median / reference:5.2f}x  {verdict}")
+        print(f"{name:42} {median * 1e3:12.1f} {min(values) * 1e3:7.1f} {startup * 1e3:11.1f} {rate:9.0f} "
+              f"{sustained} {median / reference:5.2f}x  {verdict}")
     print("plan wall and start-up are medians; probes/s = probes / plan wall (start-up included); "
           "sustained/s excludes start-up (an empty plan's wall time);")
-    print(f"ratio = plan wall over the unfiltered baseline's; total {time.perf_counter() - started:.1f} s")
+    print(f"ratio = plan wall over the unfiltered baseline's; total {time.perf_counter() - started:.1f} s; "
+          f"load average {os.getloadavg()[0]:.2f}")
+    if args.suite:
+        suite_shaped(args.runs, identity)
     return 0
+
+
+def suite_shaped(runs: int, identity: Identity) -> None:
+    """The plans as the conformance suite runs them for one (mode, identity): the unfiltered baseline
+    (denials and controls), the sentinel build (denials) and the real build (denials and controls), each in
+    its own sandbox and runner, side by side (SandboxSession.outcomes runs all three at the first test)."""
+    options = SandboxOptions(modes=(MODE,), identities=("current",))
+    walls: list[float] = []
+    per_run = 0
+    for index in range(runs + 1):  # the first is a warm-up
+        session = SandboxSession(options)  # policy loading and compiling: not part of the probing
+        start = time.perf_counter()
+        outcomes = [session.outcomes(MODE, identity, build) for build in session.builds()]
+        wall = time.perf_counter() - start
+        errors = [o for each in outcomes for o in each.values() if o.kind == "error"]
+        if errors:
+            raise SystemExit(f"the suite-shaped run: {len(errors)} probes errored, e.g. {errors[0]}")
+        per_run = sum(len(each) for each in outcomes)
+        if index:
+            walls.append(wall)
+    median = statistics.median(walls)
+    rate = per_run / median
+    verdict = f">= {TARGET_PROBES_PER_SECOND}/s {'ok' if rate >= TARGET_PROBES_PER_SECOND else 'MISSED'}"
+    print(f"as the suite runs them ({MODE} mode, as {identity.name}: {', '.join(session.builds())} side by side, "
+          f"{per_run} probes): wall median {median * 1e3:.1f} ms, min {min(walls) * 1e3:.1f} ms, "
+          f"{rate:.0f} probes/s including start-up  {verdict}; load average {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

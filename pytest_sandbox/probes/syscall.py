@@ -10,7 +10,9 @@ that caller, and :func:`judge_exec` refuses to credit a refusal the kernel gives
 
 from __future__ import annotations
 
+import functools
 import json
+import marshal
 import os
 import shlex
 import shutil
@@ -45,11 +47,36 @@ _RUNNER_SOURCE = (resources.files("pytest_sandbox.probes") / "syscall_runner.py"
 # Running plans
 
 
-def runner_script(probes: Sequence[Mapping[str, Any]]) -> bytes:
-    """The probe runner's source with the plan appended: everything a bare ``python3 -`` needs."""
+def runner_script(probes: Sequence[Mapping[str, Any]], *, one_per_child: bool = False) -> bytes:
+    """The probe runner's source with the plan appended: everything a bare ``python3 -`` needs.
+    ``one_per_child`` forks a child for every probe instead of reusing one across refused calls."""
     # A Python literal (plan values are str/int/bool/None/list/dict), so the runner needs no json import.
     plan = [dict(probe) for probe in probes]
-    return (_RUNNER_SOURCE + f"\nmain({plan!r})\n").encode()
+    mode = ", True" if one_per_child else ""  # the default script is byte for byte what a third party always got
+    return (_RUNNER_SOURCE + f"\nmain({plan!r}{mode})\n").encode()
+
+
+# The reference sandbox's runner start: the runner compiled once per session and sent with the plan as
+# marshal data on stdin, so a runner process neither parses 300 lines of source nor a plan literal (a
+# third of its start-up). Code objects are marshalled per interpreter version: only for the harness's own
+# interpreter; any other python3 (and every --sandbox-exec target) gets the source (runner_script).
+_BOOTSTRAP = ("import marshal,sys;c,p,o=marshal.loads(sys.stdin.buffer.read());g={'__name__':'__runner__'};"
+              "exec(marshal.loads(c),g);g['main'](p,o)")
+
+
+@functools.lru_cache(maxsize=4)
+def _compiled_runner(source: str) -> bytes:
+    return marshal.dumps(compile(source, "syscall_runner.py", "exec", dont_inherit=True))
+
+
+def runner_command(interpreter: str, probes: Sequence[Mapping[str, Any]], *, one_per_child: bool = False
+                   ) -> tuple[list[str], bytes]:
+    """argv and stdin that run the probe runner on ``probes`` with ``interpreter``."""
+    if interpreter != sys.executable:
+        return [interpreter, "-S", "-"], runner_script(probes, one_per_child=one_per_child)
+    plan = [dict(probe) for probe in probes]
+    return [interpreter, "-S", "-c", _BOOTSTRAP], marshal.dumps((_compiled_runner(_RUNNER_SOURCE), plan,
+                                                                 one_per_child))
 
 
 @dataclass(frozen=True)
@@ -170,14 +197,16 @@ class SandboxTarget:
     placement: NetworkPlacement
     identity: Identity
     namespaces: FreshNamespaces = field(default_factory=FreshNamespaces)
+    one_per_child: bool = False  # the runner's reference mode: a fresh child for every probe
 
     def run(self, probes: Sequence[Mapping[str, Any]]) -> dict[str, Outcome]:
         return self.run_report(probes).outcomes
 
     def run_report(self, probes: Sequence[Mapping[str, Any]]) -> RunnerReport:
         spec = SandboxSpec(self.compiled, self.placement, self.identity, self.namespaces)
+        argv, script = runner_command(runner_interpreter(self.identity), probes, one_per_child=self.one_per_child)
         with Sandbox(spec) as sandbox:
-            result = sandbox.run([runner_interpreter(self.identity), "-S", "-"], input=runner_script(probes),
+            result = sandbox.run(argv, input=script,
                                  timeout=REFERENCE_RUN_TIMEOUT_SECONDS, env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"})
         if result.timed_out:  # its process group was killed; a partial report would judge half a run
             raise LaunchError(f"{self.name}: the probe run ({len(probes)} probes in one runner) did not finish in "

@@ -202,6 +202,8 @@ class ProbeCase:
                                      "args": list(self.args), "setup": list(self.setup)}
             if self.via:
                 probe.update(mux=self.via, call=self.mux_call, layout=list(self.mux_layout))
+            if self.kind != "denial":  # a control runs alone in a fresh runner child (syscall_runner)
+                probe["control"] = True
             return probe
         return {"id": self.case_id, **dict(self.extra)}
 

@@ -1,16 +1,24 @@
-"""The syscall probe runner: a stdlib-only script that attempts each probe in a fresh child.
+"""The syscall probe runner: a stdlib-only script that attempts each probe in a forked child.
 
 This file is sent as source text to ``python3 -S -`` inside whatever sandbox is under test (the
 reference launcher, or a third party's launcher via ``--sandbox-exec``), so it must not import
 anything outside the standard library and must not need a writable file. The plan (a list of
-probe dicts) is appended to the source as a Python literal; results come back as JSON lines on stdout. The first
+probe dicts) is appended to the source as a Python literal (the reference sandbox sends its own
+interpreter the compiled runner and the plan as marshal data instead: probes/syscall.py
+``runner_command``); results come back as JSON lines on stdout. The first
 line says who the runner is (:func:`whoami`): a verdict compares a run with a baseline only when
 both ran as the same uid, with the same capabilities and the same kind of namespaces.
 
-Why one fresh forked child per probe (syscalls.md §4 "Isolation"): a filter's KILL_THREAD action
-kills only the calling thread, a successful call may change process state (personality, setsid),
-and an i386 call under a native-only filter kills the whole process. A child per probe keeps each
-verdict independent and keeps the runner itself alive.
+Why probes run in forked children (syscalls.md §4 "Isolation"): a filter's KILL_THREAD action
+kills only the calling thread, a successful call may change process state (personality, setsid,
+unshare, strict mode), and an i386 call under a native-only filter kills the whole process. A child
+attempts probes in sequence and writes each result to the runner before the next attempt; it is
+replaced by a fresh one after any probe that did not fail with an errno (a success, a signal, a kill,
+a timeout, an error) and after every control or probe with setup steps, which also start in a fresh
+child (:func:`keeps_child`, :func:`needs_fresh_child`). A refused call changed nothing (seccomp's
+RET_ERRNO never runs it; a kernel error return leaves the caller as it was), so every probe still sees
+exactly what a child of its own would see, and the runner itself stays alive. ``main(plan, True)``
+forks a child per probe: the reference tests/test_probe_children.py holds the batched runs to.
 
 Every call goes through raw ``syscall(2)`` with an explicit number (libc wrappers may issue another
 syscall, and vDSO calls never enter the kernel), with every argument passed as ``c_long`` so that
@@ -19,12 +27,16 @@ ctypes never truncates a high-bit argument to 32 bits (syscalls.md §2.1).
 
 from __future__ import annotations
 
+import _signal  # not signal: its enum import is a seventh of the runner's start-up
 import ctypes
 import marshal
 import mmap
 import os
-import signal
 import sys
+
+TYPE_CHECKING = False  # not typing's: importing typing would cost the runner's start-up a third again
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 X32_SYSCALL_BIT = 0x40000000
 MAP_32BIT = getattr(mmap, "MAP_32BIT", 0x40)  # x86_64 mman.h; Python's mmap module has it from 3.13
@@ -82,6 +94,10 @@ class _Machine:
                 self.block_error = f"MAP_32BIT gave {self.block_address:#x}, above 4 GiB"
         except (OSError, ValueError, TypeError) as exc:
             self.block_error = f"cannot map a 32-bit addressable argument block: {exc}"
+
+    def clear_block(self) -> None:
+        assert self.block is not None
+        self.block[:] = bytes(mmap.PAGESIZE)
 
     def call(self, abi: str, nr: int, args: list[int]) -> tuple[int, int]:
         """Return (raw return value, errno) for one system call."""
@@ -141,12 +157,20 @@ def _attempt_syscall(machine: _Machine, probe: dict) -> dict:
 
 
 def _attempt_thread_start() -> dict:
-    import threading
+    # _thread, not threading: the same pthread_create (clone with CLONE_THREAD), without importing
+    # threading in a fresh child (tens of ms on a busy machine, paid by every control run).
+    import _thread
 
     started = []
-    thread = threading.Thread(target=lambda: started.append(os.getpid()))
-    thread.start()
-    thread.join(PROBE_TIMEOUT_SECONDS)
+    done = _thread.allocate_lock()
+    done.acquire()
+
+    def body() -> None:
+        started.append(os.getpid())
+        done.release()
+
+    _thread.start_new_thread(body, ())  # RuntimeError "can't start new thread" when clone is refused
+    done.acquire(True, PROBE_TIMEOUT_SECONDS)
     return {"type": "ok"} if started else {"type": "failed", "detail": "thread never ran"}
 
 
@@ -179,10 +203,10 @@ def _attempt_proc_status() -> dict:
 
 
 def _attempt_socket_open(probe: dict) -> dict:
-    import socket
+    import _socket  # not socket: its enum import costs a fresh child more than the probe itself
 
     try:
-        sock = socket.socket(probe["family"], socket.SOCK_STREAM)
+        sock = _socket.socket(probe["family"], _socket.SOCK_STREAM)
     except OSError as exc:
         return {"type": "errno", "value": exc.errno or 0}
     sock.close()
@@ -233,26 +257,81 @@ def _json_line(value: object) -> str:
     return encode(value)
 
 
-def run_one(machine: _Machine, probe: dict) -> dict:
-    """Attempt one probe in a fresh single-threaded child and describe how it ended."""
+def _unavailable(machine: _Machine, probe: dict) -> dict | None:
+    """Why ``probe`` cannot be attempted on this host (nothing is called), or None."""
     if probe.get("abi") == "i386" and machine.int80 is None:
         return {"type": "unavailable", "reason": machine.int80_error}
     if probe.get("mux") and machine.block_error:
         return {"type": "unavailable", "reason": machine.block_error}
+    return None
+
+
+def needs_fresh_child(probe: dict) -> bool:
+    """A control, any non-syscall probe, and a probe with setup steps (setsid changes the session) run
+    only as the first probe of a fresh child, and that child ends after it."""
+    return probe.get("kind", "syscall") != "syscall" or bool(probe.get("setup")) or bool(probe.get("control"))
+
+
+def keeps_child(probe: dict, outcome: dict) -> bool:
+    """May the child that attempted ``probe`` attempt the next one? Only when the call failed with an
+    errno (a seccomp RET_ERRNO never runs the call; a kernel error return leaves the caller as it was) or
+    was not attempted at all. A call that succeeded, a signal, a kill or a timeout ends the child, so a
+    forbidden call that succeeds can never change what a later probe sees."""
+    return not needs_fresh_child(probe) and outcome.get("type") in ("errno", "unavailable")
+
+
+def _frame(index: int, outcome: dict) -> bytes:
+    body = marshal.dumps((index, outcome))
+    return len(body).to_bytes(4, "little") + body
+
+
+def _frames(data: bytes) -> list:
+    """The (index, outcome) records a child wrote; a torn last frame (the child died mid-write) is dropped."""
+    records = []
+    offset = 0
+    while offset + 4 <= len(data):
+        size = int.from_bytes(data[offset:offset + 4], "little")
+        if offset + 4 + size > len(data):
+            break
+        records.append(marshal.loads(data[offset + 4:offset + 4 + size]))
+        offset += 4 + size
+    return records
+
+
+def _child(machine: _Machine, plan: list, start: int, write_end: int, one_per_child: bool) -> None:
+    """The probe child: attempt probes from ``start`` in sequence, writing each result before the next
+    attempt, until one does not keep the child (:func:`keeps_child`) or the next needs a fresh one."""
+    _signal.signal(_signal.SIGSYS, _signal.SIG_DFL)  # a TRAP must end as death by SIGSYS
+    index = start
+    while index < len(plan):
+        probe = plan[index]
+        if index > start and (one_per_child or needs_fresh_child(probe)):
+            break
+        try:
+            outcome = _unavailable(machine, probe)
+            if outcome is None:
+                if probe.get("mux"):  # a fresh child saw a zeroed block: so does every later probe
+                    machine.clear_block()
+                _signal.alarm(PROBE_TIMEOUT_SECONDS)
+                outcome = _attempt(machine, probe)
+                _signal.alarm(0)
+        except BaseException as exc:  # any failure is reported, never raised into the runner
+            outcome = {"type": "error", "detail": repr(exc)[:2000]}
+        os.write(write_end, _frame(index, outcome))  # < PIPE_BUF: written whole or not at all
+        if not keeps_child(probe, outcome):
+            break
+        index += 1
+
+
+def run_batch(machine: _Machine, plan: list, start: int, one_per_child: bool = False) -> list:
+    """Run probes from ``start`` in one fresh single-threaded child; return [(index, outcome), ...] for
+    every probe it attempted, in order, ending with the one it died on (a signal or a silent exit)."""
     read_end, write_end = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the probe child: report through the pipe, never return into the runner
+    if pid == 0:  # never return into the runner
         try:
             os.close(read_end)
-            signal.signal(signal.SIGSYS, signal.SIG_DFL)  # a TRAP must end as death by SIGSYS
-            signal.alarm(PROBE_TIMEOUT_SECONDS)
-            outcome = _attempt(machine, probe)
-            os.write(write_end, marshal.dumps(outcome))
-        except BaseException as exc:  # any failure is reported, never raised into the runner
-            try:
-                os.write(write_end, marshal.dumps({"type": "error", "detail": repr(exc)}))
-            except OSError:
-                pass
+            _child(machine, plan, start, write_end, one_per_child)
         finally:
             os._exit(0)
     os.close(write_end)
@@ -264,13 +343,38 @@ def run_one(machine: _Machine, probe: dict) -> dict:
         chunks.append(chunk)
     os.close(read_end)
     _, status = os.waitpid(pid, 0)
+    records = [(index, outcome) for index, outcome in _frames(b"".join(chunks))]
+    # Which probe was the child attempting when it ended? The one after its last report, when that report
+    # let it go on (keeps_child) and the next needs no fresh child; none when it stopped by the rules.
+    if not records:
+        in_flight: int | None = start
+    else:
+        last, outcome = records[-1]
+        following = last + 1
+        going_on = keeps_child(plan[last], outcome) and not one_per_child and following < len(plan) \
+            and not needs_fresh_child(plan[following])
+        in_flight = following if going_on else None
     if os.WIFSIGNALED(status):
-        if os.WTERMSIG(status) == signal.SIGALRM:
-            return {"type": "timeout"}
-        return {"type": "signal", "value": os.WTERMSIG(status)}
-    if chunks:
-        return marshal.loads(b"".join(chunks))
-    return {"type": "error", "detail": f"child exited with status {status} and no report"}
+        ended = {"type": "timeout"} if os.WTERMSIG(status) == _signal.SIGALRM else \
+            {"type": "signal", "value": os.WTERMSIG(status)}
+        if in_flight is None:  # killed after its last report (e.g. exit_group under strict mode): as before
+            records[-1] = (records[-1][0], ended)
+        else:
+            records.append((in_flight, ended))
+    elif in_flight is not None:
+        records.append((in_flight, {"type": "error",
+                                    "detail": f"child exited with status {status} and no report"}))
+    return records
+
+
+def run_plan(machine: _Machine, plan: list, report: Callable[[dict, dict], None], one_per_child: bool = False
+             ) -> None:
+    """Attempt every probe of ``plan`` and ``report(probe, outcome)`` each, in order."""
+    index = 0
+    while index < len(plan):
+        for done, outcome in run_batch(machine, plan, index, one_per_child):
+            report(plan[done], outcome)
+            index = done + 1
 
 
 # The /proc/self/status lines that say who a process is (proc(5)): ids, capability sets, no_new_privs
@@ -316,7 +420,9 @@ def whoami() -> dict:
             "status": status, "namespaces": namespaces, "files": files, "unreadable": unreadable}
 
 
-def main(plan: list) -> None:
+def main(plan: list, one_per_child: bool = False) -> None:
+    """Say who this runner is, then run ``plan``; ``one_per_child`` forks a child for every probe (the
+    reference the batched children are tested against)."""
     out = sys.stdout
     try:
         out.write(_json_line({"identity": whoami()}) + "\n")
@@ -324,7 +430,9 @@ def main(plan: list) -> None:
         out.write(_json_line({"identity_error": repr(exc)}) + "\n")
     out.flush()
     machine = _Machine()
-    for probe in plan:
-        outcome = run_one(machine, probe)
+
+    def report(probe: dict, outcome: dict) -> None:
         out.write(_json_line({"id": probe["id"], "outcome": outcome}) + "\n")
+
+    run_plan(machine, plan, report, one_per_child)
     out.flush()
