@@ -245,7 +245,11 @@ class ExecTarget:
         it forked) or exits without the runner saying anything at all."""
         where = f"--sandbox-exec '{self.prefix}'"
         try:
-            completed = guardian.run(self.argv, input=runner_script(probes), timeout=timeout)
+            # A third party's filter may answer a call with an errno after a supervisor acted on it
+            # (SECCOMP_RET_USER_NOTIF, syscalls.md §3 "Others"), so "a refused call changed nothing", which
+            # lets the reference's runner reuse a child across refusals, is not ours to assume here: one fresh
+            # child per probe, as syscalls.md §4 "Isolation" says.
+            completed = guardian.run(self.argv, input=runner_script(probes, one_per_child=True), timeout=timeout)
         except subprocess.TimeoutExpired:
             raise LaunchError(f"{where}: the probe run ({len(probes)} probes in one runner) did not finish in "
                               f"{timeout:g} s; the launcher and everything it started were killed and nothing "
