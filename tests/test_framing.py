@@ -182,7 +182,9 @@ def test_http10_request_without_host_is_accepted_but_http11_is_not() -> None:
         (head("Host: a", "Bad Name: x"), "field-syntax", 400),
         (head("Host: a", ": no name"), "field-syntax", 400),
         (head("Host: a", "X: a\x00b"), "field-value", 400),
-        (head(" Host: a"), "obs-fold", 400),
+        # §2.2 (whitespace before the first field line), not §5.2 obs-fold: there is no line to continue.
+        (head(" Host: a"), "ws-before-first-field", 400),
+        (head("Host: a", " Folded: x"), "obs-fold", 400),
         (head("Host: a", "Connection: close, Transfer-Encoding"), "connection-lists-framing-header", 400),
         (head("Host: a", "Upgrade: websocket, H2C"), "upgrade-h2c", 400),
         (head("Host: a", "HTTP2-Settings: AAMAAABkAAQAAP__"), "upgrade-h2c", 400),
