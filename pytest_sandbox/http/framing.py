@@ -297,7 +297,7 @@ def _split_field_lines(section: bytes, lax: frozenset[str] = frozenset()) -> lis
         lowered = name.lower()
         if not lenient_names and is_aliased_field(lowered):
             raise FramingViolation("header-name-alias", f"{name.decode()!r} reads as a framing or routing field "
-                                   "where '_' is taken for '-'")
+                                   "where '_' is taken for '-' or '%XX' is decoded")
         fields.append((lowered, value.strip(_OWS)))
     return fields
 
