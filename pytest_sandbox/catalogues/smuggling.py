@@ -366,6 +366,29 @@ _CL_BESIDE_NAME_ROWS = (
     ("hn-transfer-encoding-underscore-beside-cl", b"Transfer_Encoding: chunked", "header-name-alias",
      f"{HTTP11PROBE} NORM-UNDERSCORE-TE"),
 )
+GARDEN = "narfindustries/http-garden TROPHIES.md"  # its bug lists, numbered
+
+# HTTP Garden's header-name bugs, each as a request its payload's mistake would frame differently.
+_GARDEN_NAME_ROWS = (
+    # (id, request, violation, source)
+    ("hn-tab-before-first-content-length", b"POST {post} HTTP/1.1\r\n\tContent-Length: 5\r\nHost: {host}\r\n\r\n{body}"
+     + _GET_DENIED, "ws-before-first-field", f"{GARDEN} server bug 4"),
+    ("hn-c1-after-content-length-name", _post(b"Content-Length\x85: 5", body=b"{body}") + _GET_DENIED, "field-syntax",
+     f"{GARDEN} server bug 20"),
+    ("hn-nbsp-after-content-length-name", _post(b"Content-Length\xa0: 5", body=b"{body}") + _GET_DENIED,
+     "field-syntax", f"{GARDEN} server bug 20"),
+    ("hn-name-continued-across-lines", _post(b"Transfer-", b"Encoding: chunked", b"Content-Length: 5", body=b"{body}")
+     + _GET_DENIED, "field-syntax", f"{GARDEN} server bug 37"),
+    ("hn-disallowed-ascii-in-name", b"GET {get} HTTP/1.1\r\nHost: {host}\r\n" + bytes(range(0x01, 0x09))
+     + b"\x0e\x1f\"(),/;<=>?@[]{}: whatever\r\n\r\n", "field-syntax", f"{GARDEN} server bug 14"),
+    ("hn-non-ascii-first-name-byte", b"GET {get} HTTP/1.1\r\nHost: {host}\r\n\xefoo: bar\r\n\r\n", "field-syntax",
+     f"{GARDEN} server bug 8"),
+    ("hn-empty-name-and-value", b"GET {get} HTTP/1.1\r\nHost: {host}\r\n:\r\nI: am chopped off\r\n\r\n",
+     "field-syntax", f"{GARDEN} server bug 27"),
+    ("hn-empty-name-first-line", b"GET {get} HTTP/1.1\r\n: ignored\r\nHost: {host}\r\n\r\n", "field-syntax",
+     f"{GARDEN} server bug 18; {HTTP11PROBE} RFC9112-5-EMPTY-HEADER-NAME"),
+)
+
 # Valid spellings from the same lists: served.
 _NAME_VALID = (
     ("hn-valid-uppercase-name", b"TRANSFER-ENCODING: CHUNKED", f"{PORTSWIGGER} UPPERCASE; {SMUGGLER} yelling"),
@@ -401,6 +424,15 @@ _REQUEST_LINE_CORPUS_ROWS = (
      "RFC 9112 §3", "RFC 9112 §3", 400),
     ("rl-method-not-a-token", "'(' in the method", b"GE(T {get} HTTP/1.1", "request-line",
      "RFC 9110 §9.1 (method = token)", "RFC 9110 §9.1", 400),
+    ("rl-version-longest-prefix", "HTTP/1.32: read as HTTP/1.3 by a longest-prefix parser", b"GET {get} HTTP/1.32",
+     "request-line", f"{GARDEN} server bug 5", "RFC 9112 §2.3", 400),
+    ("rl-version-integer-overflow", "HTTP/4294967295.255: 1.1 in a parser that wraps", b"GET {get} HTTP/4294967295.255",
+     "request-line", f"{GARDEN} server bug 24", "RFC 9112 §2.3", 400),
+    ("rl-method-longest-prefix", "a method full of delimiters, 'G' to a longest-prefix parser",
+     b'G=":<>(e),[T];?" {get} HTTP/1.1', "request-line", f"{GARDEN} server bug 6",
+     "RFC 9110 §9.1", 400),
+    ("rl-nul-method-dotted-version", "NUL as the method and a version of dots",
+     b"\x00 {get} HTTP/............0596.7407.", "request-line", f"{GARDEN} server bug 40", "RFC 9112 §3", 400),
 )
 _TARGET_CHARACTER_CORPUS_ROWS = (
     ("rl-space-in-target", "a space inside the target", b"GET {get}pa th HTTP/1.1", "request-line",
@@ -429,6 +461,7 @@ _HOST_VALUE_CORPUS = {
     b"[fe80::1%25eth0]": ("ipv6-zone-id", "RFC 6874 (a zone identifier is local to the node; not in Host)"),
     b"[::g]": ("ipv6-not-hex", "RFC 3986 §3.2.2"),
     b"{host}\t{denied}": ("tab-inside", "RFC 9110 §7.2"),
+    b"\xff{host}\xff": ("non-ascii", f"{GARDEN} (Host of troubles: bytes > 0x80 in Host)"),
 }
 
 # Transfer-Encoding values (the TE permutations): anything but one ASCII "chunked" is refused.
@@ -519,6 +552,9 @@ _CORPUS_ROWS_UNMARKED: tuple[SmugglingCase, ...] = (
     *(_refused(case_id, f"{field!r} beside Content-Length: 5", _post(b"Content-Length: 5", field, body=b"{body}")
                + _GET_DENIED, violation, source, "RFC 9110 §5.1")
       for case_id, field, violation, source in _CL_BESIDE_NAME_ROWS),
+    *(_refused(case_id, f"HTTP Garden: {request.split(b'{host}')[-1][:40]!r}...", request, violation, source,
+               "RFC 9110 §5.1")
+      for case_id, request, violation, source in _GARDEN_NAME_ROWS),
     *(_control(case_id, f"{field!r} is Transfer-Encoding: chunked: served", _post(field, body=_CHUNKED_HELLO),
                source, "RFC 9110 §5.1")
       for case_id, field, source in _NAME_VALID),

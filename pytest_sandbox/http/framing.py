@@ -275,7 +275,7 @@ def _split_field_lines(section: bytes, lax: frozenset[str] = frozenset()) -> lis
 
     The fast path checks every value byte of the section at once; any line that does not look like
     ``token ":" value`` goes to ``_diagnose_field_line``, which names the exact problem. With
-    ``"header-name"`` in ``lax`` a name is read the lenient way (ASCII whitespace around it stripped, any bytes
+    ``"header-name"`` in ``lax`` a name is read the lenient way (whitespace around it stripped, any bytes
     taken, ``_`` and ``%XX`` left alone) and a line without a name is skipped.
     """
     if not section:
@@ -288,8 +288,9 @@ def _split_field_lines(section: bytes, lax: frozenset[str] = frozenset()) -> lis
     for line in section.split(b"\r\n"):
         name, colon, value = line.partition(b":")
         if lenient_names:
-            # What a parser built on str.strip()/bytes.strip() does: VT and FF count as whitespace too.
-            name = name.strip()
+            # What a parser built on Python's str.strip() does (HTTP Garden server bug 20): VT, FF, \x1c-\x1f,
+            # \x85 and \xa0 count as whitespace too.
+            name = name.decode("latin-1").strip().encode("latin-1")
             if not colon or not name:
                 continue
         elif not colon or not name or not _only(name, _TCHAR):
