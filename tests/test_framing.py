@@ -657,7 +657,8 @@ def test_lenient_request_line_is_whitespace_tolerant_and_takes_any_version(reque
      ("Transfer\x00-Encoding: chunked", ("none", 0)), ("Content-Length\x85: 5", ("length", 5)),
      ("Content-Length\xa0: 5", ("length", 5))],
 )
-def test_lenient_header_names_strip_like_python_str_strip_and_keep_other_bytes(field: str, framing: tuple[str, int]) -> None:
+def test_lenient_header_names_strip_like_python_str_strip_and_keep_other_bytes(field: str,
+                                                                               framing: tuple[str, int]) -> None:
     data = head(field, "Host: a")
     with pytest.raises(FramingViolation):
         check_request_head(data)
