@@ -518,11 +518,18 @@ _ROUTING_OVERRIDES = {
     b"X-Forwarded-Server: {denied}": "x-forwarded-server",
     b"X-Original-Host: {denied}": "x-original-host",
     b"Forwarded: host={denied};proto=http": "forwarded",
-    # second pass: PortSwigger Web Security Academy's Host-override list; the fields forward-auth servers decide
-    # on (Traefik ForwardAuth X-Forwarded-Uri, nginx auth_request X-Original-URI)
-    b"X-HTTP-Host-Override: {denied}": "x-http-host-override",
-    b"X-Forwarded-Uri: /admin": "x-forwarded-uri",
-    b"X-Original-URI: /admin": "x-original-uri",
+}
+# Second pass: field -> (id suffix, source).
+PARAM_MINER = "PortSwigger param-miner resources/headers"
+_ROUTING_OVERRIDE_CORPUS = {
+    b"X-HTTP-Host-Override: {denied}": ("x-http-host-override",
+                                        f"{PARAM_MINER}; PortSwigger Web Security Academy (Host header attacks)"),
+    b"X-HTTP-Path-Override: /admin": ("x-http-path-override", PARAM_MINER),
+    b"X-HTTP-DestinationURL: https://{denied}/": ("x-http-destinationurl", PARAM_MINER),
+    b"X-Proxy-URL: https://{denied}/": ("x-proxy-url", PARAM_MINER),
+    # what forward-auth servers decide on: a client's forgery would be judged instead of the real target
+    b"X-Forwarded-Uri: /admin": ("x-forwarded-uri", "Traefik ForwardAuth (X-Forwarded-Uri)"),
+    b"X-Original-URI: /admin": ("x-original-uri", "nginx auth_request (X-Original-URI convention)"),
 }
 
 _CONNECT_ALLOWED = b"CONNECT {host}:80 HTTP/1.1\r\nHost: {host}:80\r\n"
@@ -691,6 +698,11 @@ _CORPUS_ROWS_UNMARKED: tuple[SmugglingCase, ...] = (
                b"GET {get} HTTP/1.1\r\nHost: {host}\r\n" + field + b"\r\n\r\n", "routing-override",
                "issue #9 routing-override family", "RFC 9110 §9.1 / RFC 7239 §4")
       for field, name in _ROUTING_OVERRIDES.items()),
+    # routing-override, second pass: param-miner's header list and forward-auth conventions
+    *(_refused(f"override-{name}", f"{field!r}: the origin would route or run what the proxy did not judge",
+               b"GET {get} HTTP/1.1\r\nHost: {host}\r\n" + field + b"\r\n\r\n", "routing-override", source,
+               "RFC 9110 §9.1 / RFC 7239 §4")
+      for field, (name, source) in _ROUTING_OVERRIDE_CORPUS.items()),
     # --- CONNECT with a body --------------------------------------------------------------------------
     _refused("connect-content-length-body", "CONNECT with Content-Length: a body for one party, tunnel bytes for "
              "another", _CONNECT_ALLOWED + b"Content-Length: 5\r\n\r\n{body}" + _GET_DENIED, "connect-body",
@@ -741,6 +753,7 @@ _H11_FORWARDS = _H11_FORWARDS | {
     "hn-content-length-underscore-beside-real", "hn-transfer-encoding-underscore-beside-cl",
     "rl-version-9-9", "rl-version-0-9",  # h11 takes any HTTP/D.D
     *(f"host-{name}" for name, _source in _HOST_VALUE_CORPUS.values()),
+    *(f"override-{name}" for name, _source in _ROUTING_OVERRIDE_CORPUS.values()),
 }
 _H11_OTHERWISE.update({
     **{case_id: ("tunnel", "h11 takes the target; routing refuses it 403, not framing 400")

@@ -127,9 +127,13 @@ ROUTING_OVERRIDE_FIELDS = frozenset(
         b"x-forwarded-server",
         b"x-original-host",
         b"forwarded",
-        # PortSwigger Web Security Academy's Host-override fields; Traefik ForwardAuth / nginx auth_request
-        # hand the judged target to an auth server in these, which then decides on a client's forgery
+        # PortSwigger param-miner's header list: host, path and URL overrides
         b"x-http-host-override",
+        b"x-http-path-override",
+        b"x-http-destinationurl",
+        b"x-proxy-url",
+        # Traefik ForwardAuth / nginx auth_request hand the judged target to an auth server in these, which
+        # then decides on a client's forgery
         b"x-forwarded-uri",
         b"x-original-uri",
     }
