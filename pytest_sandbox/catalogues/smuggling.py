@@ -37,8 +37,8 @@ public corpus entry it reproduces (defparam/smuggler's ``configs/exhaustive.py``
 follow PortSwigger's http-request-smuggler permutations; that tool's own ``DesyncBox`` permutation names;
 MDA2AV/Http11Probe test ids; narfindustries/http-garden's numbered bugs in ``TROPHIES.md``; PortSwigger
 param-miner's header list; RFC 9110/9112 edge cases). A row whose violation belongs to one of
-``http.framing.FRAMING_FAMILIES`` is in that family, and a proxy that reads exactly that family leniently (``ProxyConfig.lax_framing``) must fail
-exactly that family's rows (tests/broken_proxies/lenient_families.py).
+``http.framing.FRAMING_FAMILIES`` is in that family, and a proxy that reads exactly that family leniently
+(``ProxyConfig.lax_framing``) must fail exactly that family's rows (tests/broken_proxies/lenient_families.py).
 """
 
 from __future__ import annotations
