@@ -127,7 +127,9 @@ def test_raw_relay_still_serves_the_clean_single_connection_controls(relay_absol
     works = {k for k, j in relay_absolute.items() if j.verdict is Verdict.WORKS}
     assert works == {"pipeline-safe", "pipeline-safe-chunked-then-get", "te-uppercase-chunked",
                      "expect-100-continue-body-sent", "te-valid-tabprefix1", "te-valid-valueprefix1",
-                     "te-valid-sarcasm", "te-valid-tabsuffix", "obs-text-header-value"}
+                     "te-valid-sarcasm", "te-valid-tabsuffix", "obs-text-header-value",
+                     "hn-valid-uppercase-name", "hn-valid-no-space-after-colon", "rl-valid-http10",
+                     "rl-valid-percent-crlf-stays-encoded"}
     # The HTTP/1.0 control is no pass either: the relay sent the denied request behind it.
     http10 = relay_absolute["http10-keep-alive"]
     assert http10.verdict is Verdict.ALLOWED and "GET /secret" in http10.reason
