@@ -599,7 +599,6 @@ def test_lax_families_change_nothing_else() -> None:
         (head("Host: a", request_line="GET http://a/ HTTP/ 1.1"), "request-line", 400),
         (head("Host: a", request_line="GET http://a/"), "request-line", 400),
         (head("Host: a", request_line="GET\x0bhttp://a/\x0bHTTP/1.1"), "request-line", 400),
-        (head("Host: a:65536", request_line="GET http://a/ HTTP/1.1"), "host-value", 400),
         (head("Host: [::1]:", request_line="GET http://a/ HTTP/1.1"), "host-value", 400),
         (head("Host: ::1", request_line="GET http://a/ HTTP/1.1"), "host-value", 400),
         (head("Host: [fe80::1%25eth0]", request_line="GET http://a/ HTTP/1.1"), "host-value", 400),
@@ -624,6 +623,8 @@ def test_second_pass_heads_are_refused_naming_the_check(data: bytes, case: str, 
         head("Host: [::1]", request_line="GET http://a/ HTTP/1.1"),
         head("Host: [::ffff:192.0.2.1]:8080", request_line="GET http://a/ HTTP/1.1"),
         head("Host: [2001:DB8::1]:65535", request_line="GET http://a/ HTTP/1.1"),
+        # beyond 65535: the SSRF catalogue's port-wraparound cases judge the target's port, not framing
+        head("Host: a:65616", request_line="GET http://a:65616/ HTTP/1.1"),
         head("Host: a.test.:80", request_line="GET http://a/ HTTP/1.1"),  # a trailing dot is a DNS FQDN
         head("Host: a", "X-!#$%&'*+.^_`|~: all tchars", request_line="GET http://a/ HTTP/1.1"),
         head("Host: a", "X-Progress%: 50", request_line="GET http://a/ HTTP/1.1"),  # '%' decodes to no alias

@@ -453,7 +453,6 @@ _TARGET_CHARACTER_CORPUS_ROWS = (
 # Host values (issue #9, second pass): value -> (id suffix, source).
 _HOST_VALUE_CORPUS = {
     b":80": ("port-only", "issue #9 Host values; RFC 3986 §3.2.2 (host may not be empty for http)"),
-    b"{host}:65616": ("port-out-of-range", "issue #9 Host values (65616 wraps to 80 in 16 bits)"),
     b"{host}:-80": ("negative-port", "RFC 3986 §3.2.3 (port = *DIGIT)"),
     b"::1": ("ipv6-unbracketed", "RFC 3986 §3.2.2 (IP-literal = '[' ... ']')"),
     b"[::1": ("ipv6-unclosed", "RFC 3986 §3.2.2"),

@@ -477,8 +477,9 @@ def _check_host(value: bytes) -> None:
     else:
         host, colon, port = value.partition(b":")
         valid = bool(host) and _only(host, _HOST_NAME_CHARS) and (not colon or bool(port))
-    if not valid or not _only(port, _DIGIT) or len(port) > 5 or (port and int(port) > 65535):
-        # A port beyond 65535 is no TCP port; a 16-bit parser wraps it (65616 -> 80).
+    # A port beyond 65535 is left to the target's own parser (network.proxy.decision): refusing it here
+    # would hide the SSRF catalogue's port-wraparound cases (65616 -> 80) from a strtoul weak proxy.
+    if not valid or not _only(port, _DIGIT) or len(port) > 5:
         raise FramingViolation("host-value", f"Host is not uri-host[:port]: {value[:60]!r} (RFC 9110 §7.2)")
 
 
