@@ -128,6 +128,8 @@ def test_raw_relay_still_serves_the_clean_single_connection_controls(relay_absol
     assert works == {"pipeline-safe", "pipeline-safe-chunked-then-get", "te-uppercase-chunked",
                      "expect-100-continue-body-sent", "te-valid-tabprefix1", "te-valid-valueprefix1",
                      "te-valid-sarcasm", "te-valid-tabsuffix", "obs-text-header-value",
+                     "hn-valid-uppercase-name", "hn-valid-no-space-after-colon", "rl-valid-http10",
+                     "rl-valid-percent-crlf-stays-encoded",
                      *(case.case_id for case in _SECOND_PASS_ROWS if case.is_positive_control)}
     # The HTTP/1.0 control is no pass either: the relay sent the denied request behind it.
     http10 = relay_absolute["http10-keep-alive"]

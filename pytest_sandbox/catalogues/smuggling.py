@@ -34,10 +34,11 @@ differently, or never answered), per path, with why.
 
 Every row has a ``family`` (the catalogue's table of contents, and the README's) and a ``source``: the
 public corpus entry it reproduces (defparam/smuggler's ``configs/exhaustive.py`` mutation names, which
-follow PortSwigger's http-request-smuggler permutations; MDA2AV/Http11Probe test ids; RFC 9110/9112
-edge cases). A row whose violation belongs to one of ``http.framing.FRAMING_FAMILIES`` is in that
-family, and a proxy that reads exactly that family leniently (``ProxyConfig.lax_framing``) must fail
-exactly that family's rows (tests/broken_proxies/lenient_families.py).
+follow PortSwigger's http-request-smuggler permutations; that tool's own ``DesyncBox`` permutation names;
+MDA2AV/Http11Probe test ids; narfindustries/http-garden's numbered bugs in ``TROPHIES.md``; PortSwigger
+param-miner's header list; RFC 9110/9112 edge cases). A row whose violation belongs to one of
+``http.framing.FRAMING_FAMILIES`` is in that family, and a proxy that reads exactly that family leniently
+(``ProxyConfig.lax_framing``) must fail exactly that family's rows (tests/broken_proxies/lenient_families.py).
 """
 
 from __future__ import annotations
@@ -313,6 +314,156 @@ _CL_NAME_ROWS = (
      "RFC 9110 §5.1 + CGI HTTP_* mapping (Http11Probe SMUG-TRANSFER_ENCODING's reasoning)"),
 )
 
+PORTSWIGGER = "PortSwigger http-request-smuggler DesyncBox"  # its permutation names
+
+# Header-name mutations of the public corpora (issue #9, second pass): smuggler's byte loops (one row per
+# class of byte: C0 control, DEL, C1, NBSP), PortSwigger's name permutations, Http11Probe's name cases.
+_HEADER_NAME_CORPUS_ROWS = (
+    # (id, field line, violation, source): a POST framed only by the mutated line, then a denied request
+    ("hn-space-junk-before-colon", b"Transfer-Encoding x: chunked", "field-syntax",
+     f"{PORTSWIGGER} spjunk (Amit Klein, HTTP Request Smuggling in 2020)"),
+    ("hn-backslash-joined", b"Transfer\\Encoding: chunked", "field-syntax", f"{PORTSWIGGER} backslash"),
+    ("hn-percent-encoded-name", b"Transfer-%45ncoding: chunked", "header-name-alias", f"{PORTSWIGGER} encode"),
+    ("hn-backtick-name-space-before-colon", b"Transfer-Encoding`chunked : chunked", "ws-before-colon",
+     f"{PORTSWIGGER} h2colon (sent over HTTP/1.1)"),
+    ("hn-space-in-name-before-colon", b"Transfer-Encoding chunked : chunked", "ws-before-colon",
+     f"{PORTSWIGGER} h2space (sent over HTTP/1.1)"),
+    ("hn-name-without-colon", b"Transfer-Encoding`chunked", "field-syntax",
+     f"{PORTSWIGGER} h2name (sent over HTTP/1.1)"),
+    ("hn-soh-before-colon", b"Transfer-Encoding\x01: chunked", "field-syntax", f"{SMUGGLER} postspace-01"),
+    ("hn-form-feed-before-colon", b"Transfer-Encoding\x0c: chunked", "field-syntax", f"{SMUGGLER} postspace-0c"),
+    ("hn-unit-separator-before-colon", b"Transfer-Encoding\x1f: chunked", "field-syntax", f"{SMUGGLER} postspace-1f"),
+    ("hn-del-before-colon", b"Transfer-Encoding\x7f: chunked", "field-syntax", f"{SMUGGLER} postspace-7f"),
+    ("hn-c1-before-colon", b"Transfer-Encoding\x85: chunked", "field-syntax", f"{SMUGGLER} postspace-85"),
+    ("hn-nbsp-before-colon", b"Transfer-Encoding\xa0: chunked", "field-syntax", f"{SMUGGLER} postspace-a0"),
+)
+# smuggler's prespace-XX: the byte before the *first* field name (its gadget follows the request-line).
+_FIRST_FIELD_PREFIXES = {
+    b" ": ("hn-space-before-first-name", "ws-before-first-field",
+           f"{SMUGGLER} nameprefix1, prespace-20; RFC 9112 §2.2"),
+    b"\t": ("hn-tab-before-first-name", "ws-before-first-field", f"{SMUGGLER} prespace-09; RFC 9112 §2.2"),
+    b"\x00": ("hn-nul-before-first-name", "field-syntax", f"{SMUGGLER} prespace-00"),
+    b"\x0b": ("hn-vertical-tab-before-first-name", "field-syntax", f"{SMUGGLER} prespace-0b"),
+    b"\x0c": ("hn-form-feed-before-first-name", "field-syntax", f"{SMUGGLER} prespace-0c"),
+    b"\x7f": ("hn-del-before-first-name", "field-syntax", f"{SMUGGLER} prespace-7f"),
+    b"\xff": ("hn-ff-before-first-name", "field-syntax", f"{SMUGGLER} prespace-ff"),
+}
+# A field with a bad name on an otherwise allowed GET: a lenient reader forwards the request.
+_GET_FIELD_NAME_ROWS = (
+    ("hn-bracket-in-name", b"Bad[Name: value", "field-syntax", f"{HTTP11PROBE} RFC9112-5-INVALID-HEADER-NAME"),
+    ("hn-non-ascii-name", b"X-T\xc3\xa9st: value", "field-syntax", f"{HTTP11PROBE} MAL-NON-ASCII-HEADER-NAME"),
+    ("hn-space-before-colon", b"X-Test : value", "ws-before-colon", f"{HTTP11PROBE} RFC9110-5.6.2-SP-BEFORE-COLON"),
+    ("hn-x-original-url-underscore", b"X_Original_URL: /admin", "header-name-alias",
+     f"{PORTSWIGGER} underjoin1 on X-Original-URL"),
+    ("hn-method-override-underscore", b"X_HTTP_Method_Override: DELETE", "header-name-alias",
+     f"{PORTSWIGGER} underjoin1 on X-HTTP-Method-Override"),
+)
+# Beside a valid Content-Length (Http11Probe's normalization cases): the alias must not reach a next hop
+# that would frame by it.
+_CL_BESIDE_NAME_ROWS = (
+    ("hn-tab-in-content-length-name", b"Content\tLength: 99", "field-syntax", f"{HTTP11PROBE} NORM-TAB-IN-NAME"),
+    ("hn-content-length-underscore-beside-real", b"Content_Length: 99", "header-name-alias",
+     f"{HTTP11PROBE} NORM-UNDERSCORE-CL"),
+    ("hn-transfer-encoding-underscore-beside-cl", b"Transfer_Encoding: chunked", "header-name-alias",
+     f"{HTTP11PROBE} NORM-UNDERSCORE-TE"),
+)
+GARDEN = "narfindustries/http-garden TROPHIES.md"  # its bug lists, numbered
+
+# HTTP Garden's header-name bugs, each as a request its payload's mistake would frame differently.
+_GARDEN_NAME_ROWS = (
+    # (id, request, violation, source)
+    ("hn-tab-before-first-content-length", b"POST {post} HTTP/1.1\r\n\tContent-Length: 5\r\nHost: {host}\r\n\r\n{body}"
+     + _GET_DENIED, "ws-before-first-field", f"{GARDEN} server bug 4"),
+    ("hn-c1-after-content-length-name", _post(b"Content-Length\x85: 5", body=b"{body}") + _GET_DENIED, "field-syntax",
+     f"{GARDEN} server bug 20"),
+    ("hn-nbsp-after-content-length-name", _post(b"Content-Length\xa0: 5", body=b"{body}") + _GET_DENIED,
+     "field-syntax", f"{GARDEN} server bug 20"),
+    ("hn-name-continued-across-lines", _post(b"Transfer-", b"Encoding: chunked", b"Content-Length: 5", body=b"{body}")
+     + _GET_DENIED, "field-syntax", f"{GARDEN} server bug 37"),
+    ("hn-disallowed-ascii-in-name", b"GET {get} HTTP/1.1\r\nHost: {host}\r\n" + bytes(range(0x01, 0x09))
+     + b"\x0e\x1f\"(),/;<=>?@[]{}: whatever\r\n\r\n", "field-syntax", f"{GARDEN} server bug 14"),
+    ("hn-non-ascii-first-name-byte", b"GET {get} HTTP/1.1\r\nHost: {host}\r\n\xefoo: bar\r\n\r\n", "field-syntax",
+     f"{GARDEN} server bug 8"),
+    ("hn-empty-name-and-value", b"GET {get} HTTP/1.1\r\nHost: {host}\r\n:\r\nI: am chopped off\r\n\r\n",
+     "field-syntax", f"{GARDEN} server bug 27"),
+    ("hn-empty-name-first-line", b"GET {get} HTTP/1.1\r\n: ignored\r\nHost: {host}\r\n\r\n", "field-syntax",
+     f"{GARDEN} server bug 18; {HTTP11PROBE} RFC9112-5-EMPTY-HEADER-NAME"),
+)
+
+# Valid spellings from the same lists: served.
+_NAME_VALID = (
+    ("hn-valid-uppercase-name", b"TRANSFER-ENCODING: CHUNKED", f"{PORTSWIGGER} UPPERCASE; {SMUGGLER} yelling"),
+    ("hn-valid-no-space-after-colon", b"Transfer-Encoding:chunked", f"{PORTSWIGGER} nospace1"),
+)
+
+# Request-line oddities (issue #9, second pass): (id, description, request-line, violation, source, rfc, status).
+# RFC 9112 §3 names the whitespace a tolerant parser takes as SP (HTAB, VT, FF, bare CR): each is a row.
+_REQUEST_LINE_CORPUS_ROWS = (
+    ("rl-missing-version", "no version: an HTTP/0.9-style line followed by fields", b"GET {get}", "request-line",
+     f"{HTTP11PROBE} RFC9112-2.3-HTTP09-REQUEST", "RFC 9112 §2.3", 400),
+    ("rl-version-9-9", "HTTP/9.9: well-formed, unsupported", b"GET {get} HTTP/9.9", "http-version",
+     f"{HTTP11PROBE} RFC9112-2.3-INVALID-VERSION", "RFC 9110 §15.6.6", 505),
+    ("rl-version-0-9", "HTTP/0.9 written out", b"GET {get} HTTP/0.9", "http-version", "RFC 9112 App. C.1",
+     "RFC 9110 §15.6.6", 505),
+    ("rl-version-missing-minor", "HTTP/1: no minor version", b"GET {get} HTTP/1", "request-line",
+     f"{HTTP11PROBE} COMP-VERSION-MISSING-MINOR", "RFC 9112 §2.3", 400),
+    ("rl-version-leading-zeros", "HTTP/01.01: one DIGIT each", b"GET {get} HTTP/01.01", "request-line",
+     f"{HTTP11PROBE} COMP-VERSION-LEADING-ZEROS", "RFC 9112 §2.3", 400),
+    ("rl-version-whitespace", "HTTP/ 1.1: whitespace inside the version", b"GET {get} HTTP/ 1.1", "request-line",
+     f"{HTTP11PROBE} COMP-VERSION-WHITESPACE", "RFC 9112 §2.3", 400),
+    ("rl-version-two-digit-minor", "HTTP/1.10: one DIGIT each", b"GET {get} HTTP/1.10", "request-line",
+     "RFC 9112 §2.3", "RFC 9112 §2.3", 400),
+    ("rl-version-trailing-garbage", "HTTP/1.1x", b"GET {get} HTTP/1.1x", "request-line", "RFC 9112 §2.3",
+     "RFC 9112 §2.3", 400),
+    ("rl-tab-after-method", "a tab between method and target", b"GET\t{get} HTTP/1.1", "request-line",
+     f"{HTTP11PROBE} COMP-REQUEST-LINE-TAB", "RFC 9112 §3", 400),
+    ("rl-vertical-tab-separators", "VT as the separator", b"GET\x0b{get}\x0bHTTP/1.1", "request-line",
+     "RFC 9112 §3 (whitespace-tolerant parsers)", "RFC 9112 §3", 400),
+    ("rl-form-feed-separators", "FF as the separator", b"GET\x0c{get}\x0cHTTP/1.1", "request-line",
+     "RFC 9112 §3 (whitespace-tolerant parsers)", "RFC 9112 §3", 400),
+    ("rl-double-space-before-version", "two spaces before the version", b"GET {get}  HTTP/1.1", "request-line",
+     "RFC 9112 §3", "RFC 9112 §3", 400),
+    ("rl-method-not-a-token", "'(' in the method", b"GE(T {get} HTTP/1.1", "request-line",
+     "RFC 9110 §9.1 (method = token)", "RFC 9110 §9.1", 400),
+    ("rl-version-longest-prefix", "HTTP/1.32: read as HTTP/1.3 by a longest-prefix parser", b"GET {get} HTTP/1.32",
+     "request-line", f"{GARDEN} server bug 5", "RFC 9112 §2.3", 400),
+    ("rl-version-integer-overflow", "HTTP/4294967295.255: 1.1 in a parser that wraps", b"GET {get} HTTP/4294967295.255",
+     "request-line", f"{GARDEN} server bug 24", "RFC 9112 §2.3", 400),
+    ("rl-method-longest-prefix", "a method full of delimiters, 'G' to a longest-prefix parser",
+     b'G=":<>(e),[T];?" {get} HTTP/1.1', "request-line", f"{GARDEN} server bug 6",
+     "RFC 9110 §9.1", 400),
+    ("rl-nul-method-dotted-version", "NUL as the method and a version of dots",
+     b"\x00 {get} HTTP/............0596.7407.", "request-line", f"{GARDEN} server bug 40", "RFC 9112 §3", 400),
+)
+_TARGET_CHARACTER_CORPUS_ROWS = (
+    ("rl-space-in-target", "a space inside the target", b"GET {get}pa th HTTP/1.1", "request-line",
+     f"{HTTP11PROBE} COMP-SPACE-IN-TARGET", "RFC 9112 §3.2", 400),
+    ("rl-nul-in-target", "a NUL in the target", b"GET {get}\x00test HTTP/1.1", "target-chars",
+     f"{HTTP11PROBE} MAL-NUL-IN-URL", "RFC 3986 §2", 400),
+    ("rl-non-ascii-target", "UTF-8 bytes in the target", b"GET {get}caf\xc3\xa9 HTTP/1.1", "target-chars",
+     f"{HTTP11PROBE} MAL-NON-ASCII-URL", "RFC 3986 §2", 400),
+    ("rl-overlong-utf8-target", "an overlong UTF-8 '/' (0xC0 0xAF) in the target", b"GET {get}\xc0\xafetc HTTP/1.1",
+     "target-chars", f"{HTTP11PROBE} MAL-URL-OVERLONG-UTF8", "RFC 3986 §2", 400),
+    ("rl-backslash-in-path", "a backslash in the path", b"GET {get}path\\file HTTP/1.1", "target-chars",
+     f"{HTTP11PROBE} MAL-URL-BACKSLASH", "RFC 3986 §2", 400),
+    ("rl-fragment-in-target", "a fragment in the target (never sent, RFC 9112 §3.2)", b"GET {get}path#frag HTTP/1.1",
+     "target-chars", f"{HTTP11PROBE} RFC9112-3.2-FRAGMENT-IN-TARGET", "RFC 9112 §3.2", 400),
+)
+
+# Host values (issue #9, second pass): value -> (id suffix, source).
+_HOST_VALUE_CORPUS = {
+    b":80": ("port-only", "issue #9 Host values; RFC 3986 §3.2.2 (host may not be empty for http)"),
+    b"{host}:-80": ("negative-port", "RFC 3986 §3.2.3 (port = *DIGIT)"),
+    b"::1": ("ipv6-unbracketed", "RFC 3986 §3.2.2 (IP-literal = '[' ... ']')"),
+    b"[::1": ("ipv6-unclosed", "RFC 3986 §3.2.2"),
+    b"[::1]x": ("ipv6-junk-after-bracket", "RFC 3986 §3.2.2"),
+    b"[::1]:": ("ipv6-empty-port", "RFC 9110 §7.2"),
+    b"[fe80::1%25eth0]": ("ipv6-zone-id", "RFC 6874 (a zone identifier is local to the node; not in Host)"),
+    b"[::g]": ("ipv6-not-hex", "RFC 3986 §3.2.2"),
+    b"{host}\t{denied}": ("tab-inside", "RFC 9110 §7.2"),
+    b"\xff{host}\xff": ("non-ascii", f"{GARDEN} (Host of troubles: bytes > 0x80 in Host)"),
+}
+
 # Transfer-Encoding values (the TE permutations): anything but one ASCII "chunked" is refused.
 _TE_CORPUS = {
     b"chunked, cow": ("comma-cow", f"{SMUGGLER} commaCow"),
@@ -368,6 +519,18 @@ _ROUTING_OVERRIDES = {
     b"X-Original-Host: {denied}": "x-original-host",
     b"Forwarded: host={denied};proto=http": "forwarded",
 }
+# Second pass: field -> (id suffix, source).
+PARAM_MINER = "PortSwigger param-miner resources/headers"
+_ROUTING_OVERRIDE_CORPUS = {
+    b"X-HTTP-Host-Override: {denied}": ("x-http-host-override",
+                                        f"{PARAM_MINER}; PortSwigger Web Security Academy (Host header attacks)"),
+    b"X-HTTP-Path-Override: /admin": ("x-http-path-override", PARAM_MINER),
+    b"X-HTTP-DestinationURL: https://{denied}/": ("x-http-destinationurl", PARAM_MINER),
+    b"X-Proxy-URL: https://{denied}/": ("x-proxy-url", PARAM_MINER),
+    # what forward-auth servers decide on: a client's forgery would be judged instead of the real target
+    b"X-Forwarded-Uri: /admin": ("x-forwarded-uri", "Traefik ForwardAuth (X-Forwarded-Uri)"),
+    b"X-Original-URI: /admin": ("x-original-uri", "nginx auth_request (X-Original-URI convention)"),
+}
 
 _CONNECT_ALLOWED = b"CONNECT {host}:80 HTTP/1.1\r\nHost: {host}:80\r\n"
 
@@ -379,6 +542,29 @@ _CORPUS_ROWS_UNMARKED: tuple[SmugglingCase, ...] = (
     *(_refused(case_id, f"{field!r} next to a body the next hop may frame by it",
                _post(field, body=b"{body}") + _GET_DENIED, violation, source, "RFC 9112 §5.1")
       for case_id, field, violation, source in _CL_NAME_ROWS),
+    # header-name, second pass: smuggler byte loops, PortSwigger permutations, Http11Probe name cases
+    *(_refused(case_id, f"{field!r}: not a Transfer-Encoding field to us, maybe one to the next hop",
+               _chunked_te(field), violation, source, "RFC 9110 §5.1")
+      for case_id, field, violation, source in _HEADER_NAME_CORPUS_ROWS),
+    *(_refused(case_id, f"{prefix!r} before the first field name: a stripping reader sees Transfer-Encoding",
+               b"POST {post} HTTP/1.1\r\n" + prefix + b"Transfer-Encoding: chunked\r\nHost: {host}\r\n\r\n"
+               + _CHUNKED_HELLO + _GET_DENIED, violation, source, "RFC 9112 §2.2")
+      for prefix, (case_id, violation, source) in _FIRST_FIELD_PREFIXES.items()),
+    _refused("hn-whitespace-line-before-fields", "a whitespace-only line between the request-line and Host",
+             b"GET {get} HTTP/1.1\r\n \r\nHost: {host}\r\n\r\n", "ws-before-first-field",
+             f"{HTTP11PROBE} COMP-WHITESPACE-BEFORE-HEADERS", "RFC 9112 §2.2"),
+    *(_refused(case_id, f"{field!r}: not a valid field name", b"GET {get} HTTP/1.1\r\nHost: {host}\r\n" + field
+               + b"\r\n\r\n", violation, source, "RFC 9110 §5.1")
+      for case_id, field, violation, source in _GET_FIELD_NAME_ROWS),
+    *(_refused(case_id, f"{field!r} beside Content-Length: 5", _post(b"Content-Length: 5", field, body=b"{body}")
+               + _GET_DENIED, violation, source, "RFC 9110 §5.1")
+      for case_id, field, violation, source in _CL_BESIDE_NAME_ROWS),
+    *(_refused(case_id, f"HTTP Garden: {request.split(b'{host}')[-1][:40]!r}...", request, violation, source,
+               "RFC 9110 §5.1")
+      for case_id, request, violation, source in _GARDEN_NAME_ROWS),
+    *(_control(case_id, f"{field!r} is Transfer-Encoding: chunked: served", _post(field, body=_CHUNKED_HELLO),
+               source, "RFC 9110 §5.1")
+      for case_id, field, source in _NAME_VALID),
     # --- Transfer-Encoding permutations -------------------------------------------------------------
     *(SmugglingCase(f"te-{name}", f"Transfer-Encoding: {value!r} must not be read as chunked",
                     _chunked_te(b"Transfer-Encoding: " + value), (400, 501), must_close=True, reaches_backend=0,
@@ -428,6 +614,21 @@ _CORPUS_ROWS_UNMARKED: tuple[SmugglingCase, ...] = (
     _refused("rl-h2-preface", "the HTTP/2 connection preface sent to an HTTP/1.1 proxy",
              b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "http-version", f"{HTTP11PROBE} MAL-H2-PREFACE", "RFC 9113 §3.4",
              status=505),
+    # request-line, second pass: Http11Probe's request-line and malformed-input cases, RFC 9112 §2.3/§3 edges
+    *(_refused(case_id, description, line + b"\r\nHost: {host}\r\n\r\n", violation, source, rfc, status=status)
+      for case_id, description, line, violation, source, rfc, status in _REQUEST_LINE_CORPUS_ROWS),
+    # ... and the target characters the proxy's own URL parser refuses as well (a lenient request-line reader
+    # alone does not open them: network.proxy.decision.split_target still answers 400)
+    *(_refused(case_id, description, line + b"\r\nHost: {host}\r\n\r\n", violation, source, rfc, status=status,
+               family=TARGET_AUTHORITY)
+      for case_id, description, line, violation, source, rfc, status in _TARGET_CHARACTER_CORPUS_ROWS),
+    SmugglingCase("rl-valid-http10", "an HTTP/1.0 request is served (and the connection closed after it)",
+                  b"GET {get} HTTP/1.0\r\nHost: {host}\r\n\r\n", 200, must_close=True, reaches_backend=1,
+                  rfc="RFC 9112 App. C.2.2", source=f"{HTTP11PROBE} COMP-HTTP10-DEFAULT-CLOSE"),
+    _control("rl-valid-percent-crlf-stays-encoded", "'%0d%0a' in the query is valid pct-encoding: served, and "
+             "forwarded encoded (a proxy that decodes it writes a header of its own)",
+             b"GET {get}?q=%0d%0aX-Injected:%20true HTTP/1.1\r\nHost: {host}\r\n\r\n",
+             f"{HTTP11PROBE} MAL-URL-PERCENT-CRLF", "RFC 3986 §2.1"),
     # --- target forms ---------------------------------------------------------------------------------
     _refused("tf-authority-form-get", "authority-form on a GET (only CONNECT may use it)",
              b"GET {host}:80 HTTP/1.1\r\nHost: {host}\r\n\r\n", "target-form", "issue #9 request forms",
@@ -440,6 +641,29 @@ _CORPUS_ROWS_UNMARKED: tuple[SmugglingCase, ...] = (
     _refused("tf-connect-absolute-form", "CONNECT with an absolute-form target",
              b"CONNECT http://{host}:80/ HTTP/1.1\r\nHost: {host}:80\r\n\r\n" + _GET_DENIED, "target-form",
              "issue #9 request forms", "RFC 9112 §3.2.3", literal_target=True),
+    # target forms, second pass: every form a forward proxy can receive, on other methods (issue #9; Http11Probe
+    # COMP-ASTERISK-WITH-GET; the network-path reference of RFC 3986 §4.2)
+    _refused("tf-authority-form-post", "authority-form on a POST with a body",
+             b"POST {host}:80 HTTP/1.1\r\nHost: {host}\r\nContent-Length: 5\r\n\r\n{body}", "target-form",
+             "issue #9 request forms", "RFC 9112 §3.2.3"),
+    _refused("tf-authority-form-options", "authority-form on an OPTIONS",
+             b"OPTIONS {host}:80 HTTP/1.1\r\nHost: {host}\r\n\r\n", "target-form", "issue #9 request forms",
+             "RFC 9112 §3.2.3"),
+    _refused("tf-authority-form-head", "authority-form on a HEAD",
+             b"HEAD {host}:80 HTTP/1.1\r\nHost: {host}\r\n\r\n", "target-form", "issue #9 request forms",
+             "RFC 9112 §3.2.3"),
+    _refused("tf-asterisk-form-post", "asterisk-form on a POST with a body",
+             b"POST * HTTP/1.1\r\nHost: {host}\r\nContent-Length: 5\r\n\r\n{body}", "target-form",
+             f"{HTTP11PROBE} COMP-ASTERISK-WITH-GET (on POST)", "RFC 9112 §3.2.4"),
+    _refused("tf-asterisk-form-connect", "CONNECT * with the authority only in Host",
+             b"CONNECT * HTTP/1.1\r\nHost: {host}:80\r\n\r\n" + _GET_DENIED, "target-form",
+             "issue #9 request forms", "RFC 9112 §3.2.3"),
+    _refused("tf-schemeless-get", "GET //host/: a network-path reference, no scheme",
+             b"GET //{host}/ HTTP/1.1\r\nHost: {host}\r\n\r\n", "target-form", "issue #9 request forms (schemeless)",
+             "RFC 3986 §4.2"),
+    _refused("tf-connect-schemeless", "CONNECT //host:80: a network-path reference instead of host:port",
+             b"CONNECT //{host}:80 HTTP/1.1\r\nHost: {host}:80\r\n\r\n" + _GET_DENIED, "target-form",
+             "issue #9 request forms (CONNECT with a path)", "RFC 9112 §3.2.3"),
     # --- Host values ----------------------------------------------------------------------------------
     *(_refused(f"host-{name}", f"Host: {value!r} is not uri-host[:port]",
                b"GET {get} HTTP/1.1\r\nHost: " + value + b"\r\n\r\n", "host-value", source, "RFC 9112 §3.2")
@@ -455,6 +679,10 @@ _CORPUS_ROWS_UNMARKED: tuple[SmugglingCase, ...] = (
     _refused("host-duplicate-same", "Host twice with the same value", b"GET {get} HTTP/1.1\r\nHost: {host}\r\n"
              b"Host: {host}\r\n\r\n", "host-missing-or-duplicate", f"{HTTP11PROBE} duplicate-host-same",
              "RFC 9112 §3.2"),
+    # Host values, second pass: port-only, port range, IP-literal forms (RFC 3986 §3.2.2-§3.2.3)
+    *(_refused(f"host-{name}", f"Host: {value!r} is not uri-host[:port]",
+               b"GET {get} HTTP/1.1\r\nHost: " + value + b"\r\n\r\n", "host-value", source, "RFC 9112 §3.2")
+      for value, (name, source) in _HOST_VALUE_CORPUS.items()),
     # --- trailers: see _FORBIDDEN_TRAILER_CASES (rows built with the RFC rows above) -----------------
     # --- h2c upgrade ----------------------------------------------------------------------------------
     *(_refused(case_id, f"an h2c upgrade ({fields.splitlines()[-1]!r})",
@@ -470,6 +698,11 @@ _CORPUS_ROWS_UNMARKED: tuple[SmugglingCase, ...] = (
                b"GET {get} HTTP/1.1\r\nHost: {host}\r\n" + field + b"\r\n\r\n", "routing-override",
                "issue #9 routing-override family", "RFC 9110 §9.1 / RFC 7239 §4")
       for field, name in _ROUTING_OVERRIDES.items()),
+    # routing-override, second pass: param-miner's header list and forward-auth conventions
+    *(_refused(f"override-{name}", f"{field!r}: the origin would route or run what the proxy did not judge",
+               b"GET {get} HTTP/1.1\r\nHost: {host}\r\n" + field + b"\r\n\r\n", "routing-override", source,
+               "RFC 9110 §9.1 / RFC 7239 §4")
+      for field, (name, source) in _ROUTING_OVERRIDE_CORPUS.items()),
     # --- CONNECT with a body --------------------------------------------------------------------------
     _refused("connect-content-length-body", "CONNECT with Content-Length: a body for one party, tunnel bytes for "
              "another", _CONNECT_ALLOWED + b"Content-Length: 5\r\n\r\n{body}" + _GET_DENIED, "connect-body",
@@ -510,6 +743,24 @@ _H11_OTHERWISE: dict[str, tuple[str, str]] = {
        for case_id in ("tf-authority-form-get", "tf-asterisk-form-get", "tf-connect-origin-form",
                        "tf-connect-absolute-form")},
 }
+
+
+# The same for the second pass over header-name, request-line, Host-value and target-form corpora (measured).
+_H11_FORWARDS = _H11_FORWARDS | {
+    "hn-percent-encoded-name", "hn-x-original-url-underscore", "hn-method-override-underscore",
+    "hn-content-length-underscore-beside-real", "hn-transfer-encoding-underscore-beside-cl",
+    "rl-version-9-9", "rl-version-0-9",  # h11 takes any HTTP/D.D
+    *(f"host-{name}" for name, _source in _HOST_VALUE_CORPUS.values()),
+    *(f"override-{name}" for name, _source in _ROUTING_OVERRIDE_CORPUS.values()),
+}
+_H11_OTHERWISE.update({
+    **{case_id: ("tunnel", "h11 takes the target; routing refuses it 403, not framing 400")
+       for case_id in ("rl-backslash-in-path", "rl-fragment-in-target", "tf-authority-form-post",
+                       "tf-authority-form-options", "tf-asterisk-form-post", "tf-asterisk-form-connect",
+                       "tf-schemeless-get", "tf-connect-schemeless")},
+    "tf-authority-form-head": (BOTH_PATHS, "h11 takes the target: the refusal to HEAD is never written (absolute), "
+                                           "routing answers 403 (tunnel)"),
+})
 
 
 def _h11_marked(case: SmugglingCase) -> SmugglingCase:
@@ -746,6 +997,11 @@ BYTE_LOOP_COVERED = MappingProxyType({
     ("endspace", 0xFF): "te-trailing-obs-text",
     ("prespace", 0x20): "te-nameprefix1",
     ("endspace", 0x0D): "te-0dsuffix",
+    ("postspace", 0x01): "hn-soh-before-colon",
+    ("postspace", 0x0C): "hn-form-feed-before-colon",
+    ("postspace", 0x1F): "hn-unit-separator-before-colon",
+    ("postspace", 0x7F): "hn-del-before-colon",
+    ("postspace", 0xA0): "hn-nbsp-before-colon",
 })
 
 
@@ -799,8 +1055,7 @@ _SECOND_PASS_UNMARKED: tuple[SmugglingCase, ...] = (
           ("0dsuffix", b"Transfer-Encoding: chunked\r", "bare-cr"),
           ("0dspam", b"Transfer\r-Encoding: chunked", "bare-cr"),
       )),
-    _control("te-valid-yelling", "TRANSFER-ENCODING: CHUNKED is the chunked coding: served",
-             _post(b"TRANSFER-ENCODING: CHUNKED", body=_CHUNKED_HELLO), f"{SMUGGLER} yelling", "RFC 9110 §5.1"),
+    # smuggler's "yelling" (TRANSFER-ENCODING: CHUNKED) is the control hn-valid-uppercase-name.
     # --- trailer ----------------------------------------------------------------------------------------
     *(_refused(f"trailer-{name}", f"a {field.partition(b':')[0]!r} field in the trailer section must never be merged",
                _post(b"Transfer-Encoding: chunked", body=b"5\r\n{body}\r\n0\r\n" + field + b"\r\n\r\n"),

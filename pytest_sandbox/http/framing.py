@@ -127,6 +127,15 @@ ROUTING_OVERRIDE_FIELDS = frozenset(
         b"x-forwarded-server",
         b"x-original-host",
         b"forwarded",
+        # PortSwigger param-miner's header list: host, path and URL overrides
+        b"x-http-host-override",
+        b"x-http-path-override",
+        b"x-http-destinationurl",
+        b"x-proxy-url",
+        # Traefik ForwardAuth / nginx auth_request hand the judged target to an auth server in these, which
+        # then decides on a client's forgery
+        b"x-forwarded-uri",
+        b"x-original-uri",
     }
 )
 
@@ -140,8 +149,25 @@ _ALIASED_FIELDS = frozenset({b"content-length", b"transfer-encoding", b"host", b
 
 
 def is_aliased_field(name: bytes) -> bool:
-    """Whether ``name`` (lowercase) holds a ``_`` and reads as a framing or routing field with it taken for ``-``."""
-    return b"_" in name and name.replace(b"_", b"-") in _ALIASED_FIELDS
+    """Whether ``name`` (lowercase) is spelled differently from a framing or routing field but reads as one
+    with ``_`` taken for ``-`` or with ``%XX`` decoded (``Transfer-%45ncoding``: "%" is a tchar, RFC 9110
+    §5.6.2, so the name is a valid token to us; PortSwigger http-request-smuggler's "encode" permutation
+    targets the next hop that URL-decodes field names)."""
+    if b"_" not in name and b"%" not in name:
+        return False
+    return _percent_decoded(name).lower().replace(b"_", b"-") in _ALIASED_FIELDS
+
+
+def _percent_decoded(value: bytes) -> bytes:
+    """``value`` with every ``%`` HEXDIG HEXDIG triplet decoded (RFC 3986 §2.1); other bytes unchanged. Pure."""
+    parts = value.split(b"%")
+    decoded = bytearray(parts[0])
+    for part in parts[1:]:
+        if len(part) >= 2 and _only(part[:2], _HEXDIG):
+            decoded += bytes([int(part[:2], 16)]) + part[2:]
+        else:
+            decoded += b"%" + part
+    return bytes(decoded)
 
 
 # Trailer fields that must never be merged into the header section (RFC 9110 §6.5.1: framing,
@@ -182,7 +208,7 @@ FRAMING_FAMILIES: Mapping[str, frozenset[str]] = MappingProxyType({
     "request-line": frozenset({"request-line", "http-version", "target-chars"}),
     "target-form": frozenset({"target-form", "target-userinfo"}),
     "host-value": frozenset({"host-missing-or-duplicate", "host-value"}),
-    "header-name": frozenset({"ws-before-colon", "field-syntax", "header-name-alias"}),
+    "header-name": frozenset({"ws-before-colon", "field-syntax", "header-name-alias", "ws-before-first-field"}),
     "content-length": frozenset({"cl-malformed", "cl-duplicate"}),
     "transfer-encoding": frozenset({"te-not-chunked", "te-http10", "cl-te-both"}),
     "trailer": frozenset({"trailer-forbidden"}),
@@ -254,8 +280,8 @@ def _split_field_lines(section: bytes, lax: frozenset[str] = frozenset()) -> lis
 
     The fast path checks every value byte of the section at once; any line that does not look like
     ``token ":" value`` goes to ``_diagnose_field_line``, which names the exact problem. With
-    ``"header-name"`` in ``lax`` a name is read the lenient way (OWS around it stripped, any bytes
-    taken, ``_`` left alone) and a line without a name is skipped.
+    ``"header-name"`` in ``lax`` a name is read the lenient way (whitespace around it stripped, any bytes
+    taken, ``_`` and ``%XX`` left alone) and a line without a name is skipped.
     """
     if not section:
         return []
@@ -267,7 +293,9 @@ def _split_field_lines(section: bytes, lax: frozenset[str] = frozenset()) -> lis
     for line in section.split(b"\r\n"):
         name, colon, value = line.partition(b":")
         if lenient_names:
-            name = name.strip(_OWS)
+            # What a parser built on Python's str.strip() does (HTTP Garden server bug 20): VT, FF, \x1c-\x1f,
+            # \x85 and \xa0 count as whitespace too.
+            name = name.decode("latin-1").strip().encode("latin-1")
             if not colon or not name:
                 continue
         elif not colon or not name or not _only(name, _TCHAR):
@@ -275,7 +303,7 @@ def _split_field_lines(section: bytes, lax: frozenset[str] = frozenset()) -> lis
         lowered = name.lower()
         if not lenient_names and is_aliased_field(lowered):
             raise FramingViolation("header-name-alias", f"{name.decode()!r} reads as a framing or routing field "
-                                   "where '_' is taken for '-'")
+                                   "where '_' is taken for '-' or '%XX' is decoded")
         fields.append((lowered, value.strip(_OWS)))
     return fields
 
@@ -402,6 +430,11 @@ def _check_target(method: bytes, target: bytes, lax: frozenset[str]) -> None:
         raise FramingViolation("target-form", f"authority-form is only for CONNECT (§3.2.3): {target[:60]!r}")
     elif form == "asterisk" and method != b"OPTIONS":
         raise FramingViolation("target-form", "asterisk-form is only for OPTIONS (§3.2.4)")
+    elif target.startswith(b"//"):
+        # RFC 3986 §4.2: "//host/path" is a network-path reference; a parser that resolves it (urljoin,
+        # WHATWG) takes "host" as the authority, one that reads it as a path does not.
+        raise FramingViolation("target-form", f"a network-path reference is neither origin- nor absolute-form: "
+                               f"{target[:60]!r}")
     if form == "absolute":
         rest = target[target.find(b"://") + 3 :]
         authority_end = len(rest)
@@ -418,7 +451,8 @@ def _check_target(method: bytes, target: bytes, lax: frozenset[str]) -> None:
 def _lenient_target(method: bytes, target: bytes, host: bytes) -> bytes:
     """The lenient reading of a target in the wrong form (``"target-form"`` in ``lax``): what a proxy
     that "helps" does. A CONNECT takes its authority from an absolute URL or from Host; any other method
-    with an authority-form or asterisk-form target gets an absolute URL on that authority (or Host)."""
+    with an authority-form or asterisk-form target gets an absolute URL on that authority (or Host), and a
+    schemeless ``//host/path`` gets ``http:`` in front."""
     form = _target_form(method, target)
     if method == b"CONNECT":
         if form == "absolute":
@@ -426,6 +460,8 @@ def _lenient_target(method: bytes, target: bytes, host: bytes) -> bytes:
         return target if form == "authority" else host
     if form == "authority":
         return b"http://" + target + b"/"
+    if target.startswith(b"//"):
+        return b"http:" + target
     if form == "asterisk" and method != b"OPTIONS":
         return b"http://" + host + b"/"
     return target
@@ -437,11 +473,13 @@ def _check_host(value: bytes) -> None:
     if value.startswith(b"["):
         end = value.find(b"]")
         host, rest = value[: end + 1], value[end + 1 :]
-        valid = end > 1 and _only(host[1:-1], _IP_LITERAL_CHARS) and (not rest or rest[:1] == b":")
+        valid = end > 1 and _only(host[1:-1], _IP_LITERAL_CHARS) and (not rest or (rest[:1] == b":" and len(rest) > 1))
         port = rest[1:]
     else:
         host, colon, port = value.partition(b":")
         valid = bool(host) and _only(host, _HOST_NAME_CHARS) and (not colon or bool(port))
+    # A port beyond 65535 is left to the target's own parser (network.proxy.decision): refusing it here
+    # would hide the SSRF catalogue's port-wraparound cases (65616 -> 80) from a strtoul weak proxy.
     if not valid or not _only(port, _DIGIT) or len(port) > 5:
         raise FramingViolation("host-value", f"Host is not uri-host[:port]: {value[:60]!r} (RFC 9110 §7.2)")
 
@@ -449,15 +487,18 @@ def _check_host(value: bytes) -> None:
 def _parse_request_line(request_line: bytes, lax: frozenset[str]) -> tuple[bytes, bytes, str]:
     """Method, target and version of a request-line (§3: exactly ``method SP target SP HTTP/1.x``).
 
-    With ``"request-line"`` in ``lax`` it is split on any run of whitespace, the version is the last
-    word (``HTTP/`` anything, any case, read as 1.1 unless it says 1.0) and the words between are
-    the target, joined by a space: what whitespace-tolerant parsers do.
+    With ``"request-line"`` in ``lax`` it is read the whitespace-tolerant way (RFC 9112 §3 names it: any
+    of SP, HTAB, VT, FF as a separator, leading and trailing whitespace ignored): the version is what
+    follows the last ``HTTP/`` in any case, whitespace removed (read as 1.1 unless it says 1.0; none at
+    all is an HTTP/0.9-style line, read as 1.0), the first word is the method and the words between are
+    the target, joined by a space.
+
+    Strictly, the version is ``HTTP/`` DIGIT "." DIGIT (§2.3): HTTP/1.1 and HTTP/1.0 are served, any other
+    well-formed version is 505 (RFC 9110 §15.6.6), and anything else (``HTTP/1``, ``HTTP/01.01``,
+    ``HTTP/ 1.1``, ``http/1.1``, none) is a malformed request-line (400).
     """
     if "request-line" in lax:
-        words = request_line.split()
-        if len(words) < 3 or not words[-1].upper().startswith(b"HTTP/"):
-            raise FramingViolation("request-line", f"malformed request-line: {request_line[:80]!r}")
-        return words[0], b" ".join(words[1:-1]), "1.0" if words[-1].upper() == b"HTTP/1.0" else "1.1"
+        return _lenient_request_line(request_line)
     parts = request_line.split(b" ")
     if len(parts) != 3 or not parts[0] or not _only(parts[0], _TCHAR):
         raise FramingViolation("request-line", f"malformed request-line: {request_line[:80]!r}")
@@ -466,9 +507,22 @@ def _parse_request_line(request_line: bytes, lax: frozenset[str]) -> tuple[bytes
         return method, target, "1.1"
     if version == b"HTTP/1.0":
         return method, target, "1.0"
-    if version.startswith(b"HTTP/"):
+    if len(version) == 8 and version.startswith(b"HTTP/") and version[6:7] == b"." \
+            and _only(version[5:6] + version[7:], _DIGIT):
         raise FramingViolation("http-version", f"unsupported version {version[:20]!r}", 505)
     raise FramingViolation("request-line", f"malformed request-line: {request_line[:80]!r}")
+
+
+def _lenient_request_line(request_line: bytes) -> tuple[bytes, bytes, str]:
+    """The whitespace-tolerant reading of :func:`_parse_request_line` (``"request-line"`` in ``lax``)."""
+    marker = request_line.upper().rfind(b"HTTP/")
+    if marker > 0 and request_line[marker - 1 : marker].isspace():
+        words, version = request_line[:marker].split(), b"".join(request_line[marker:].split()).upper()
+    else:
+        words, version = request_line.split(), b"HTTP/1.0"
+    if len(words) < 2:
+        raise FramingViolation("request-line", f"malformed request-line: {request_line[:80]!r}")
+    return words[0], b" ".join(words[1:]), "1.0" if version == b"HTTP/1.0" else "1.1"
 
 
 def check_request_head(
@@ -486,6 +540,10 @@ def check_request_head(
     method, target, http_version = _parse_request_line(request_line, lax)
     _check_target(method, target, lax)
 
+    if section[:1] in (b" ", b"\t") and "header-name" not in lax:
+        # §2.2: whitespace between the start-line and the first field line MUST be rejected or the line
+        # skipped unprocessed; a parser that strips it reads " Transfer-Encoding" as Transfer-Encoding.
+        raise FramingViolation("ws-before-first-field", "whitespace before the first field line (§2.2)")
     headers = _split_field_lines(section, lax)
     content_lengths: list[bytes] = []
     transfer_encodings: list[bytes] = []

@@ -4,13 +4,14 @@ Each is the reference proxy with ``ProxyConfig.lax_framing = {family}``: the str
 that one family (:data:`pytest_sandbox.http.framing.FRAMING_FAMILIES`) are replaced by what a real
 lenient parser does, and nothing else changes. The mistakes, one per proxy:
 
-* ``request-line``: splits the request-line on any whitespace run, takes any ``HTTP/x`` version
-  in any case, does not check the target's characters (``%zz``, ``|{}^`` forwarded);
+* ``request-line``: splits the request-line on any whitespace run (VT and FF included), takes any
+  ``HTTP/x`` version in any case (``HTTP/ 1.1`` too; none at all as 1.0), does not check the target's
+  characters (``%zz``, ``|{}^`` forwarded);
 * ``target-form``: builds an absolute URL from Host for authority-form and asterisk-form targets on
-  any method, and a CONNECT authority from an absolute URL or from Host;
+  any method, ``http:`` + ``//host/path``, and a CONNECT authority from an absolute URL or from Host;
 * ``host-value``: any Host value, none, or several;
-* ``header-name``: strips whitespace around names, takes non-token bytes in a name, skips lines
-  without a name, and forwards ``Transfer_Encoding`` / ``Content_Length`` as opaque fields;
+* ``header-name``: strips ASCII whitespace (VT, FF too) around names, takes non-token bytes in a name,
+  skips lines without a name, and forwards ``Transfer_Encoding`` / ``Transfer-%45ncoding`` as opaque fields;
 * ``content-length``: C ``strtoul`` into 32 bits on the first value (``5x`` -> 5, 2^32+5 -> 5);
 * ``transfer-encoding``: chunked whenever ``chunked`` appears in any Transfer-Encoding value (UTF-8,
   bad bytes dropped, case-folded), otherwise the field is ignored; it wins over Content-Length;

@@ -32,7 +32,8 @@ READ_SIZE = 65536
 DIAL_SECONDS = 3.0
 # userinfo is skipped, as urllib would: http://a@b/ dials b.
 _ABSOLUTE = re.compile(rb"^[A-Za-z]+ http://(?:[^/@\s]*@)?(\[[^\]]+\]|[^/:@\s?#]+)(?::(\d+))?[/?\s]")
-_CONNECT = re.compile(rb"^CONNECT (\[[^\]]+\]|[^:\s]+):(\d+) ")
+# A leading "//" (a network-path reference instead of host:port) is skipped, as a resolving parser would.
+_CONNECT = re.compile(rb"^CONNECT (?://)?(\[[^\]]+\]|[^:\s]+):(\d+) ")
 
 
 def destination(head: bytes, default: tuple[str, int]) -> tuple[str, int, bool]:
