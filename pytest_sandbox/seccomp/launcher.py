@@ -251,14 +251,17 @@ def _close_streams(streams: list[IO[bytes] | None]) -> None:
 class Sandbox:
     """One sandbox configuration with its spawner. Use as a context manager or call :meth:`close`."""
 
-    def __init__(self, spec: SandboxSpec, *, start_timeout: float = 10.0) -> None:
+    def __init__(self, spec: SandboxSpec, *, start_timeout: float = 10.0, short_slice: bool = True) -> None:
+        """``short_slice`` (default on): the spawner asks the scheduler for a 0.1 ms slice, so on a
+        busy machine it gets a CPU as soon as a launch wakes it (spawner.py, ``_ask_short_slice``); its
+        commands keep the default slice. Off only to measure what it buys (benchmarks/bench_launch.py)."""
         if spec.filter is not None and spec.filter.start_problem:
             # One clear line naming the call, instead of posix_spawn's sentinel errno from the spawner.
             raise LaunchError(f"cannot start a sandbox ({spec.describe}): {spec.filter.start_problem}; nothing was run")
         self.spec = spec
         self._lock = threading.Lock()
         self._control, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        config = self._spawner_config(spec)
+        config = {**self._spawner_config(spec), "short_slice": short_slice}
         try:
             # Under a guardian (subreaper mode: a PID namespace would change what the probes observe):
             # the spawner, and whatever its commands fork and orphan, die with the session.
