@@ -172,7 +172,7 @@ def launcher_at(revision: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up while the class is built
     exec(compile(show("pytest_sandbox/seccomp/launcher.py"), f"{revision}:launcher.py", "exec"), module.__dict__)
-    module._ZYGOTE_SOURCE = show("pytest_sandbox/seccomp/spawner.py")
+    module.__dict__["_ZYGOTE_SOURCE"] = show("pytest_sandbox/seccomp/spawner.py")
     return module
 
 
