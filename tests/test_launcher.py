@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +15,7 @@ from pytest_sandbox.policy.load import load_policy
 from pytest_sandbox.seccomp.compiler import compile_policy
 from pytest_sandbox.seccomp.launcher import FreshNamespaces, Identity, NetworkPlacement, Sandbox, SandboxSpec
 
+ROOT = Path(__file__).resolve().parents[1]
 PTRACE_PEEK = (
     "import ctypes; c = ctypes.CDLL(None, use_errno=True); c.syscall(101, 2, -1, 0, 0); print(ctypes.get_errno())"
 )
@@ -174,3 +177,27 @@ def test_only_the_spawner_asks_a_short_slice_its_commands_keep_the_default(short
         assert spawner in (100_000, host)
     else:
         assert spawner == host
+
+
+FORWARD_FROM_A_HANDLER = """
+import signal, sys
+from pytest_sandbox.policy.load import load_policy
+from pytest_sandbox.seccomp.compiler import compile_policy
+from pytest_sandbox.seccomp.launcher import NetworkPlacement, Sandbox, SandboxSpec
+with Sandbox(SandboxSpec(compile_policy(load_policy("baseline"), "block"), NetworkPlacement("block"))) as sb:
+    process = sb.popen(["/bin/sleep", "30"])
+    signal.signal(signal.SIGALRM, lambda *_: process.terminate())
+    signal.setitimer(signal.ITIMER_REAL, 0.5)
+    print(process.wait())
+"""
+
+
+def test_a_signal_handler_can_signal_the_command_while_wait_blocks():
+    """What ``pytest-sandbox run`` does with SIGINT/SIGTERM: the handler runs on the thread blocked in
+    wait(), which holds the process's lock. It used to block on that lock forever."""
+    try:
+        done = subprocess.run([sys.executable, "-c", FORWARD_FROM_A_HANDLER], capture_output=True, text=True,
+                              timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    except subprocess.TimeoutExpired:
+        pytest.fail("send_signal from a signal handler deadlocked against wait()")
+    assert done.stdout.strip() == str(-signal.SIGTERM), done.stderr

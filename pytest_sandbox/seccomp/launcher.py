@@ -160,23 +160,35 @@ class SandboxedProcess:
 
     def _collect(self, timeout: float | None) -> None:
         with self._lock:
-            if self.returncode is not None:
-                return
-            self._reply.settimeout(timeout)
-            try:
-                message = self._reply.recv(65536)
-            except (TimeoutError, BlockingIOError):
-                return
-            self._reply.close()
-            if not message:  # the spawner died: its children were killed with it
-                self.returncode = -signal.SIGKILL
-                return
-            status = marshal.loads(message)["status"]
-            self.returncode = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+            self._collect_locked(timeout)
+
+    def _collect_locked(self, timeout: float | None) -> None:
+        if self.returncode is not None:
+            return
+        self._reply.settimeout(timeout)
+        try:
+            message = self._reply.recv(65536)
+        except (TimeoutError, BlockingIOError):
+            return
+        self._reply.close()
+        if not message:  # the spawner died: its children were killed with it
+            self.returncode = -signal.SIGKILL
+            return
+        status = marshal.loads(message)["status"]
+        self.returncode = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
     def send_signal(self, sig: int) -> None:
-        """Signal the process group the spawner put the command in, by its PID."""
-        if self.poll() is None:
+        """Signal the process group the spawner put the command in, by its PID.
+
+        Safe from a signal handler that interrupted :meth:`wait` on the same thread (``pytest-sandbox
+        run`` forwards SIGINT/SIGTERM that way): the lock is not reentrant, so when someone holds it
+        the status check is skipped (that holder is waiting, so no status has been taken yet)."""
+        if self._lock.acquire(blocking=False):
+            try:
+                self._collect_locked(0)
+            finally:
+                self._lock.release()
+        if self.returncode is None:
             try:
                 os.killpg(self.pid, sig)
             except ProcessLookupError:
