@@ -8,16 +8,25 @@ Variants are measured in interleaved rounds (each round launches every variant i
 the order rotating from round to round), so CPU frequency drift and background noise hit all of them
 alike. Iteration counts are fixed; the whole script stays well under 60 s. Usage::
 
-    python benchmarks/bench_launch.py [--rounds N] [--per-round K] [--load L]
+    python benchmarks/bench_launch.py [--rounds N] [--per-round K] [--load L] [--before REF] [--slices]
 
 ``--load L`` (default 2, one per core here) starts L busy-looping processes for the duration of the
 measurement (stopped by PID at the end), so every run sees at least a CI runner's worth of
 competition for the CPUs and runs on different days stay comparable; ``--load 0`` measures without it.
+
+A busy machine is noisy, so besides the pooled medians the report gives, per sandboxed variant, the
+min / median / max over the rounds of (that round's median ÷ the baseline's median in the same round).
+
+``--before REF`` adds the two sandboxed variants as they were at git revision REF (its launcher.py and
+spawner.py, imported against the current package), interleaved with today's: a before/after
+measured under the same load. ``--slices`` adds them with the spawner at the default scheduler slice
+(``Sandbox(short_slice=False)``), to show what the spawner's short slice buys.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shutil
 import statistics
@@ -25,8 +34,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 from pytest_sandbox.policy.load import load_policy
 from pytest_sandbox.seccomp.compiler import compile_policy
@@ -50,26 +62,32 @@ def _checked(returncode: int, name: str) -> None:
         raise SystemExit(f"{name}: /bin/true exited {returncode}; the benchmark is meaningless")
 
 
-def build_variants(sandbox: Sandbox) -> list[Variant]:
+CAPTURED = "subprocess.run capture_output"
+INHERITED = "subprocess.run inherit stdio"
+
+
+def sandbox_variants(sandbox: Any, label: str = "", target: float | None = TARGET_RATIO) -> list[Variant]:
+    """``Sandbox.run`` (captures) and ``Sandbox.popen`` with inherited stdio, on ``sandbox``."""
+    def captured() -> int:
+        return int(sandbox.run([TRUE]).returncode)
+
+    def inherited() -> int:
+        return int(sandbox.popen([TRUE], stdin=DEVNULL, stdout=None, stderr=None).wait())
+
+    return [Variant(f"Sandbox.run (captures){label}", captured, CAPTURED, target),
+            Variant(f"Sandbox.popen inherit stdio{label}", inherited, INHERITED, target)]
+
+
+def build_variants(sandbox: Sandbox, extra: list[Variant]) -> list[Variant]:
     def plain_captured() -> int:
         return subprocess.run([TRUE], capture_output=True).returncode
-
-    def sandbox_captured() -> int:
-        return sandbox.run([TRUE]).returncode
 
     def plain_uncaptured() -> int:
         return subprocess.run([TRUE], stdin=subprocess.DEVNULL).returncode
 
-    def sandbox_uncaptured() -> int:
-        process = sandbox.popen([TRUE], stdin=DEVNULL, stdout=None, stderr=None)
-        return process.wait()
-
-    variants = [
-        Variant("subprocess.run capture_output", plain_captured, "subprocess.run capture_output"),
-        Variant("Sandbox.run (captures)", sandbox_captured, "subprocess.run capture_output", TARGET_RATIO),
-        Variant("subprocess.run inherit stdio", plain_uncaptured, "subprocess.run inherit stdio"),
-        Variant("Sandbox.popen inherit stdio", sandbox_uncaptured, "subprocess.run inherit stdio", TARGET_RATIO),
-    ]
+    captured, inherited = sandbox_variants(sandbox)
+    variants = [Variant(CAPTURED, plain_captured, CAPTURED), captured,
+                Variant(INHERITED, plain_uncaptured, INHERITED), inherited, *extra]
     bwrap = shutil.which("bwrap")
     if bwrap:
         argv = [bwrap, "--unshare-all", "--dev-bind", "/", "/", TRUE]
@@ -78,7 +96,7 @@ def build_variants(sandbox: Sandbox) -> list[Variant]:
             return subprocess.run(argv, capture_output=True).returncode
 
         if bwrap_captured() == 0:
-            variants.append(Variant("bwrap --unshare-all", bwrap_captured, "subprocess.run capture_output"))
+            variants.append(Variant("bwrap --unshare-all", bwrap_captured, CAPTURED))
         else:
             print("note: bwrap is installed but cannot run here (no user namespaces?); skipped")
     else:
@@ -86,39 +104,76 @@ def build_variants(sandbox: Sandbox) -> list[Variant]:
     return variants
 
 
-def measure(variants: list[Variant], rounds: int, per_round: int, warmup: int) -> dict[str, list[float]]:
+Samples = dict[str, list[list[float]]]  # variant name -> one list of launch times per round
+
+
+def measure(variants: list[Variant], rounds: int, per_round: int, warmup: int) -> Samples:
     for variant in variants:
         for _ in range(warmup):
             _checked(variant.launch(), variant.name)
-    samples: dict[str, list[float]] = {v.name: [] for v in variants}
+    samples: Samples = {v.name: [] for v in variants}
     clock = time.perf_counter
     for round_index in range(rounds):
         shift = round_index % len(variants)
         order = variants[shift:] + variants[:shift]
+        for variant in variants:
+            samples[variant.name].append([])
         for _ in range(per_round):  # one launch per variant in turn: bursts of load hit all alike
             for variant in order:
                 start = clock()
                 returncode = variant.launch()
-                samples[variant.name].append(clock() - start)
+                samples[variant.name][-1].append(clock() - start)
                 _checked(returncode, variant.name)
     return samples
 
 
-def report(variants: list[Variant], samples: dict[str, list[float]]) -> None:
-    medians = {name: statistics.median(values) for name, values in samples.items()}
-    header = f"{'variant':32} {'n':>5} {'median ms':>10} {'mean ms':>9} {'p90 ms':>8} {'ratio':>7}  target"
+def round_ratios(samples: Samples, name: str, baseline: str) -> list[float]:
+    """Per round: this variant's median launch time over the baseline's in the same round."""
+    return [statistics.median(mine) / statistics.median(theirs)
+            for mine, theirs in zip(samples[name], samples[baseline], strict=True)]
+
+
+def report(variants: list[Variant], samples: Samples) -> None:
+    pooled = {name: sorted(t for one_round in rounds for t in one_round) for name, rounds in samples.items()}
+    medians = {name: statistics.median(values) for name, values in pooled.items()}
+    width = max(32, *(len(v.name) for v in variants))
+    header = (f"{'variant':{width}} {'n':>5} {'median ms':>10} {'mean ms':>9} {'p90 ms':>8} {'ratio':>7}  "
+              f"{'per-round ratio min/med/max':>27}  target")
     print(header)
     print("-" * len(header))
     for variant in variants:
-        values = sorted(samples[variant.name])
+        values = pooled[variant.name]
         ratio = medians[variant.name] / medians[variant.baseline]
         target = f"<= {variant.target}x {'ok' if ratio <= variant.target else 'MISSED'}" if variant.target else ""
+        spread = ""
         if variant.name == variant.baseline:
             target = "(baseline)"
-        print(f"{variant.name:32} {len(values):5d} {medians[variant.name] * 1e3:10.3f} "
+        else:
+            per_round = round_ratios(samples, variant.name, variant.baseline)
+            spread = f"{min(per_round):.2f} / {statistics.median(per_round):.2f} / {max(per_round):.2f}"
+        print(f"{variant.name:{width}} {len(values):5d} {medians[variant.name] * 1e3:10.3f} "
               f"{statistics.fmean(values) * 1e3:9.3f} {values[int(len(values) * 0.9)] * 1e3:8.3f} "
-              f"{ratio:6.2f}x  {target}")
-    print(f"ratios are medians over the median of the baseline named per row; {ANCHORS}")
+              f"{ratio:6.2f}x  {spread:>27}  {target}")
+    print(f"ratios are pooled medians over the pooled median of the baseline named per row; the per-round "
+          f"column is the spread of the same ratio taken round by round; {ANCHORS}")
+
+
+def launcher_at(revision: str) -> ModuleType:
+    """launcher.py as it was at git ``revision``, with that revision's spawner, importable next to today's."""
+    root = Path(__file__).resolve().parents[1]
+
+    def show(path: str) -> str:
+        return subprocess.run(["git", "-C", str(root), "show", f"{revision}:{path}"], check=True,
+                              capture_output=True, text=True).stdout
+
+    name = "bench_launch_before_launcher"
+    spec = importlib.util.spec_from_loader(name, loader=None)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
+    exec(compile(show("pytest_sandbox/seccomp/launcher.py"), f"{revision}:launcher.py", "exec"), module.__dict__)
+    module.__dict__["_ZYGOTE_SOURCE"] = show("pytest_sandbox/seccomp/spawner.py")
+    return module
 
 
 SPIN = "import os, time\nend = time.monotonic() + float(os.environ['SPIN_SECONDS'])\nwhile time.monotonic() < end: pass"
@@ -149,6 +204,8 @@ def main() -> int:
     parser.add_argument("--per-round", type=int, default=25)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--load", type=int, default=2, help="busy-looping background processes (default 2)")
+    parser.add_argument("--before", metavar="REF", help="also measure the launcher as it was at git revision REF")
+    parser.add_argument("--slices", action="store_true", help="also measure the spawner at the default slice")
     args = parser.parse_args()
     policy = load_policy("baseline")
     spec = SandboxSpec(compile_policy(policy, "block"), NetworkPlacement("block"), Identity.current())
@@ -156,8 +213,16 @@ def main() -> int:
           f"{args.rounds} rounds x {args.per_round} launches per variant, background load {args.load} "
           f"busy processes; loadavg before: {loadavg()}")
     started = time.perf_counter()
-    with background_load(args.load), Sandbox(spec) as sandbox:
-        variants = build_variants(sandbox)
+    with background_load(args.load), Sandbox(spec) as sandbox, ExitStack() as others:
+        extra: list[Variant] = []
+        if args.slices:
+            default_slice = others.enter_context(Sandbox(spec, short_slice=False))
+            extra += sandbox_variants(default_slice, ", default slice", None)
+        if args.before:
+            before = launcher_at(args.before)
+            old_spec = before.SandboxSpec(spec.filter, before.NetworkPlacement("block"), before.Identity.current())
+            extra += sandbox_variants(others.enter_context(before.Sandbox(old_spec)), f" @ {args.before}", None)
+        variants = build_variants(sandbox, extra)
         samples = measure(variants, args.rounds, args.per_round, args.warmup)
         during = loadavg()
     report(variants, samples)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +15,7 @@ from pytest_sandbox.policy.load import load_policy
 from pytest_sandbox.seccomp.compiler import compile_policy
 from pytest_sandbox.seccomp.launcher import FreshNamespaces, Identity, NetworkPlacement, Sandbox, SandboxSpec
 
+ROOT = Path(__file__).resolve().parents[1]
 PTRACE_PEEK = (
     "import ctypes; c = ctypes.CDLL(None, use_errno=True); c.syscall(101, 2, -1, 0, 0); print(ctypes.get_errno())"
 )
@@ -149,3 +152,52 @@ def test_a_sandboxed_command_holds_no_descriptor_but_its_stdio(baseline_block):
     assert result.returncode == 0, result.stderr
     fds = sorted(int(fd) for fd in result.stdout.decode().strip().strip("[]").replace("'", "").split(", "))
     assert fds[:3] == [0, 1, 2] and len(fds) == 4, f"descriptors beyond stdio (+ the listing's own): {fds}"
+
+
+def slices(text: str) -> list[int]:
+    """The ``se.slice`` values (ns) of /proc/<pid>/sched texts, in order."""
+    return [int(line.split(":")[1]) for line in text.splitlines() if line.startswith("se.slice")]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/sched") or "se.slice" not in open("/proc/self/sched").read(),
+                    reason="no /proc/<pid>/sched with se.slice (CONFIG_SCHED_DEBUG, EEVDF)")
+@pytest.mark.parametrize("short", [True, False])
+def test_only_the_spawner_asks_a_short_slice_its_commands_keep_the_default(short):
+    """The spawner's 0.1 ms EEVDF slice (its wake-ups on a busy machine) must not leak into what runs in
+    the sandbox: SCHED_FLAG_RESET_ON_FORK gives the command the default slice, the host's."""
+    spec = SandboxSpec(compile_policy(load_policy("baseline"), "block"), NetworkPlacement("block"))
+    with Sandbox(spec, short_slice=short) as sb:
+        result = sb.run(["/bin/sh", "-c", "grep -h se.slice /proc/$PPID/sched /proc/$$/sched"])
+    assert result.returncode == 0, result.stderr
+    spawner, command = slices(result.stdout.decode())
+    host = slices(open("/proc/self/sched").read())[0]
+    assert command == host, f"the sandboxed command runs with slice {command} ns, not the default {host} ns"
+    if short:
+        # Linux >= 6.12 honours sched_runtime for SCHED_OTHER; an older kernel keeps the default.
+        assert spawner in (100_000, host)
+    else:
+        assert spawner == host
+
+
+FORWARD_FROM_A_HANDLER = """
+import signal, sys
+from pytest_sandbox.policy.load import load_policy
+from pytest_sandbox.seccomp.compiler import compile_policy
+from pytest_sandbox.seccomp.launcher import NetworkPlacement, Sandbox, SandboxSpec
+with Sandbox(SandboxSpec(compile_policy(load_policy("baseline"), "block"), NetworkPlacement("block"))) as sb:
+    process = sb.popen(["/bin/sleep", "30"])
+    signal.signal(signal.SIGALRM, lambda *_: process.terminate())
+    signal.setitimer(signal.ITIMER_REAL, 0.5)
+    print(process.wait())
+"""
+
+
+def test_a_signal_handler_can_signal_the_command_while_wait_blocks():
+    """What ``pytest-sandbox run`` does with SIGINT/SIGTERM: the handler runs on the thread blocked in
+    wait(), which holds the process's lock. It used to block on that lock forever."""
+    try:
+        done = subprocess.run([sys.executable, "-c", FORWARD_FROM_A_HANDLER], capture_output=True, text=True,
+                              timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    except subprocess.TimeoutExpired:
+        pytest.fail("send_signal from a signal handler deadlocked against wait()")
+    assert done.stdout.strip() == str(-signal.SIGTERM), done.stderr

@@ -160,23 +160,35 @@ class SandboxedProcess:
 
     def _collect(self, timeout: float | None) -> None:
         with self._lock:
-            if self.returncode is not None:
-                return
-            self._reply.settimeout(timeout)
-            try:
-                message = self._reply.recv(65536)
-            except (TimeoutError, BlockingIOError):
-                return
-            self._reply.close()
-            if not message:  # the spawner died: its children were killed with it
-                self.returncode = -signal.SIGKILL
-                return
-            status = marshal.loads(message)["status"]
-            self.returncode = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+            self._collect_locked(timeout)
+
+    def _collect_locked(self, timeout: float | None) -> None:
+        if self.returncode is not None:
+            return
+        self._reply.settimeout(timeout)
+        try:
+            message = self._reply.recv(65536)
+        except (TimeoutError, BlockingIOError):
+            return
+        self._reply.close()
+        if not message:  # the spawner died: its children were killed with it
+            self.returncode = -signal.SIGKILL
+            return
+        status = marshal.loads(message)["status"]
+        self.returncode = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
     def send_signal(self, sig: int) -> None:
-        """Signal the process group the spawner put the command in, by its PID."""
-        if self.poll() is None:
+        """Signal the process group the spawner put the command in, by its PID.
+
+        Safe from a signal handler that interrupted :meth:`wait` on the same thread (``pytest-sandbox
+        run`` forwards SIGINT/SIGTERM that way): the lock is not reentrant, so when someone holds it
+        the status check is skipped (that holder is waiting, so no status has been taken yet)."""
+        if self._lock.acquire(blocking=False):
+            try:
+                self._collect_locked(0)
+            finally:
+                self._lock.release()
+        if self.returncode is None:
             try:
                 os.killpg(self.pid, sig)
             except ProcessLookupError:
@@ -251,14 +263,17 @@ def _close_streams(streams: list[IO[bytes] | None]) -> None:
 class Sandbox:
     """One sandbox configuration with its spawner. Use as a context manager or call :meth:`close`."""
 
-    def __init__(self, spec: SandboxSpec, *, start_timeout: float = 10.0) -> None:
+    def __init__(self, spec: SandboxSpec, *, start_timeout: float = 10.0, short_slice: bool = True) -> None:
+        """``short_slice`` (default on): the spawner asks the scheduler for a 0.1 ms slice, so on a
+        busy machine it gets a CPU as soon as a launch wakes it (spawner.py, ``_ask_short_slice``); its
+        commands keep the default slice. Off only to measure what it buys (benchmarks/bench_launch.py)."""
         if spec.filter is not None and spec.filter.start_problem:
             # One clear line naming the call, instead of posix_spawn's sentinel errno from the spawner.
             raise LaunchError(f"cannot start a sandbox ({spec.describe}): {spec.filter.start_problem}; nothing was run")
         self.spec = spec
         self._lock = threading.Lock()
         self._control, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        config = self._spawner_config(spec)
+        config = {**self._spawner_config(spec), "short_slice": short_slice}
         try:
             # Under a guardian (subreaper mode: a PID namespace would change what the probes observe):
             # the spawner, and whatever its commands fork and orphan, die with the session.

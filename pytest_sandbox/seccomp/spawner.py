@@ -8,7 +8,9 @@ Start-up, in this order (the order is the security argument, mirrored from OpenS
 2. drop privileges (supplementary groups, gid, uid; or, as mapped root in a user namespace, lock
    the securebits and clear every capability so an ``execve`` cannot regain them; or set exactly the
    capability set asked for, carried across ``execve`` as ambient capabilities);
-3. ``prctl(PR_SET_NO_NEW_PRIVS, 1)`` — a failure is fatal;
+3. ask the scheduler for a short slice for itself and the default one for its commands (a latency
+   hint for its wake-ups on a busy machine, ``_ask_short_slice``; not a security step);
+   then ``prctl(PR_SET_NO_NEW_PRIVS, 1)`` — a failure is fatal;
 4. load each precompiled BPF program (the clone3 → ENOSYS filter first, the main filter last,
    because the main filter blocks ``seccomp(SECCOMP_SET_MODE_FILTER)``);
 5. confirm ``/proc/self/status`` shows the filters and NoNewPrivs, then report ready.
@@ -21,13 +23,14 @@ the pytest process keeps a sandboxed launch close to a plain ``subprocess.run``.
 
 The config (hex on argv) and every message are ``marshal``-encoded: both ends are the same interpreter
 (``sys.executable``), no sandboxed process holds either socket (the control socket is made
-non-inheritable first thing, the reply sockets on receipt), and ``marshal`` is built in, where ``json``
-would import ``re`` and ``base64`` at every start (about a fifth of this interpreter's start-up on
-a busy 2-core machine, benchmarks/README.md).
+non-inheritable first thing, every received descriptor arrives close-on-exec), and ``marshal`` is
+built in, where ``json`` would import ``re`` and ``base64`` at every start (about a fifth of this
+interpreter's start-up on a busy 2-core machine, benchmarks/README.md).
 """
 
 from __future__ import annotations
 
+import array
 import ctypes
 import marshal
 import os
@@ -54,6 +57,19 @@ CLONE_NEWNET = 0x40000000
 CLONE_NEWUSER = 0x10000000
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
 MAX_MESSAGE = 1 << 20
+
+
+SYS_SCHED_SETATTR_X86_64 = 314
+SCHED_FLAG_RESET_ON_FORK = 0x01
+# The spawner's EEVDF request size: it does tens of microseconds of work per wake-up (a recvmsg, a
+# posix_spawn, a waitpid, a send), so 0.1 ms (the kernel's lower clamp) fits it (sched-eevdf.rst).
+SPAWNER_SLICE_NS = 100_000
+
+
+class _SchedAttr(ctypes.Structure):
+    _fields_ = [("size", ctypes.c_uint32), ("policy", ctypes.c_uint32), ("flags", ctypes.c_uint64),
+                ("nice", ctypes.c_int32), ("priority", ctypes.c_uint32), ("runtime", ctypes.c_uint64),
+                ("deadline", ctypes.c_uint64), ("period", ctypes.c_uint64)]
 
 
 class _SockFprog(ctypes.Structure):
@@ -217,6 +233,25 @@ def _drop_privileges(config: dict) -> None:
         _check(_libc.capset(ctypes.byref(header), data), "capset(empty)")
 
 
+def _ask_short_slice() -> None:
+    """Ask the scheduler for a short slice for this process, and the default one for its commands.
+
+    Every launch waits for the spawner twice (to spawn, then to reap and report). On a busy machine a
+    woken task with the default slice waits for the running one's slice to end before it gets a CPU;
+    since Linux 6.12 EEVDF lets a task with a shorter requested slice (``sched_attr.sched_runtime`` for
+    SCHED_OTHER, no privilege needed) preempt on wake-up ("sched/eevdf: Allow shorter slices to
+    wakeup-preempt"). Same policy, same nice: only the request size changes. SCHED_FLAG_RESET_ON_FORK
+    gives every command the default slice again (sched_fork() resets it; it also resets a negative
+    nice to 0), so what runs in the sandbox is scheduled as it would be without us. A hint, not a
+    security step: an older kernel ignores the request or refuses it, and nothing else changes."""
+    if os.uname().machine != "x86_64" or os.sched_getscheduler(0) != os.SCHED_OTHER:
+        return
+    nice = os.getpriority(os.PRIO_PROCESS, 0)
+    attr = _SchedAttr(ctypes.sizeof(_SchedAttr), os.SCHED_OTHER, SCHED_FLAG_RESET_ON_FORK, nice, 0,
+                      SPAWNER_SLICE_NS, 0, 0)
+    _libc.syscall(SYS_SCHED_SETATTR_X86_64, 0, ctypes.byref(attr), 0)
+
+
 def _load_filters(config: dict) -> None:
     if config.get("no_new_privs", True):
         _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
@@ -261,10 +296,10 @@ class _Spawner:
         self.children: dict[int, socket.socket] = {}
 
     def spawn(self, request: dict, fds: list[int]) -> None:
+        # The fds arrived close-on-exec (_receive): only the dup2'd copies on 0-2 reach the command
+        # (a dup2 target never inherits FD_CLOEXEC, dup2(2)).
         reply = socket.socket(fileno=fds[0])
         stdio = fds[1:4]
-        for fd in fds:
-            os.set_inheritable(fd, False)
         try:
             actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(stdio)]
             if request.get("cwd"):
@@ -279,7 +314,8 @@ class _Spawner:
         finally:
             for fd in stdio:
                 os.close(fd)
-            os.chdir("/")
+            if request.get("cwd"):
+                os.chdir("/")
         self.children[pid] = reply
         _send(reply, {"pid": pid})
 
@@ -309,6 +345,19 @@ class _Spawner:
                 pass
 
 
+def _receive(control: socket.socket) -> tuple[bytes, list[int]]:
+    """One request and its descriptors, received close-on-exec (MSG_CMSG_CLOEXEC, recvmsg(2)): no
+    command inherits another launch's descriptors, and no fcntl per descriptor is needed to make sure
+    of it. Not ``socket.recv_fds``: Python 3.11's ignores its ``flags`` argument."""
+    fds = array.array("i")
+    message, ancillary, _, _ = control.recvmsg(MAX_MESSAGE, socket.CMSG_LEN(4 * fds.itemsize),
+                                               socket.MSG_CMSG_CLOEXEC)
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+    return message, list(fds)
+
+
 def serve(control: socket.socket) -> None:
     spawner = _Spawner(control)
     wake_read, wake_write = os.pipe()
@@ -325,7 +374,7 @@ def serve(control: socket.socket) -> None:
                     os.read(wake_read, 4096)
                     spawner.reap()
                     continue
-                message, fds, _, _ = socket.recv_fds(control, MAX_MESSAGE, 4)
+                message, fds = _receive(control)
                 if not message:
                     return
                 spawner.spawn(marshal.loads(message), fds)
@@ -345,6 +394,8 @@ def main(argv: list[str]) -> None:
         _enter_network(config)
         _unshare_fresh(config)
         _drop_privileges(config)
+        if config.get("short_slice", True):
+            _ask_short_slice()  # before the filter, which may refuse sched_setattr
         _load_filters(config)
         status = _confirm(config)
     except Exception as exc:  # reported to the launcher, then exit: fail closed
