@@ -57,7 +57,7 @@ from pytest_sandbox.network.proxy.decision import Refusal, split_target
 from pytest_sandbox.probes.campaign import GRACE_SECONDS, audit_lab
 from pytest_sandbox.probes.ssrf import ALL_FORMS, Attempt, build_attempts
 from pytest_sandbox.probes.ssrf_exchanges import AttemptExchange, run_attempt, run_ssrf_campaign
-from pytest_sandbox.verdicts.judgement import Verdict
+from pytest_sandbox.verdicts.judgement import Judgement, Verdict
 from pytest_sandbox.verdicts.ssrf import ProxyReply, endpoint_text, judge_attempt
 
 ATTEMPTS = build_attempts()
@@ -90,6 +90,15 @@ def _literal_of(case: SsrfCase) -> ipaddress.IPv4Address | ipaddress.IPv6Address
 def _failing_ids(running: RunningProxy, attempts: tuple[Attempt, ...] = ATTEMPTS) -> set[str]:
     verdicts = run_ssrf_campaign(running.lab, running.connect, [AttemptExchange(a) for a in attempts])
     return {test_id for test_id, verdict in verdicts.items() if not verdict.judgement.passed}
+
+
+def _failures_in_every_form(running: RunningProxy) -> dict[str, Judgement]:
+    """Every attempt in every request form against ``running`` (stopped afterwards): the failed judgements."""
+    try:
+        verdicts = run_ssrf_campaign(running.lab, running.connect, [AttemptExchange(a) for a in EVERY_FORM])
+    finally:
+        running.stop()
+    return {test_id: v.judgement for test_id, v in verdicts.items() if not v.judgement.passed}
 
 
 @pytest.fixture
@@ -156,11 +165,7 @@ def test_weak_proxy_fails_exactly_its_familys_cases_and_each_failure_names_the_h
     expected = {a.test_id for a in EVERY_FORM if opened(a)}
     assert len(expected) >= 4, family
     running = start_weak_proxy(_network_lab, proxy_class, port)
-    try:
-        verdicts = run_ssrf_campaign(running.lab, running.connect, [AttemptExchange(a) for a in EVERY_FORM])
-    finally:
-        running.stop()
-    failing = {test_id: v.judgement for test_id, v in verdicts.items() if not v.judgement.passed}
+    failing = _failures_in_every_form(running)
     assert set(failing) == expected
     by_id = {a.test_id: a for a in EVERY_FORM}
     for test_id, judgement in failing.items():
@@ -237,11 +242,7 @@ def test_each_family_has_a_weak_proxy_that_fails_exactly_the_cases_its_mistake_o
     by_id = {a.test_id: a for a in EVERY_FORM}
     assert len(expected) >= 3 and any(by_id[i].case.family == family for i in expected), family
     running = start(_network_lab, port)
-    try:
-        verdicts = run_ssrf_campaign(running.lab, running.connect, [AttemptExchange(a) for a in EVERY_FORM])
-    finally:
-        running.stop()
-    failing = {test_id: v.judgement for test_id, v in verdicts.items() if not v.judgement.passed}
+    failing = _failures_in_every_form(running)
     assert set(failing) == expected
     for test_id, judgement in failing.items():
         attempt = by_id[test_id]
@@ -328,11 +329,7 @@ def test_each_ipv6_embedding_has_a_weak_proxy_that_fails_exactly_that_embeddings
     families = {by_id[test_id].case.family for test_id in expected}
     assert families <= {"ipv6-form", "special-use-range", "url-confusion"}, families
     running = _classifier_proxy(classify)(_network_lab, port)
-    try:
-        verdicts = run_ssrf_campaign(running.lab, running.connect, [AttemptExchange(a) for a in EVERY_FORM])
-    finally:
-        running.stop()
-    failing = {test_id: v.judgement for test_id, v in verdicts.items() if not v.judgement.passed}
+    failing = _failures_in_every_form(running)
     assert set(failing) == expected
     for test_id, judgement in failing.items():
         attempt = by_id[test_id]
