@@ -146,7 +146,8 @@ def run_reference(port: int, loop_name: str, profile_path: str | None) -> None:
         loop = asyncio.get_running_loop()
 
         def dump() -> None:
-            profiler.dump_stats(profile_path)
+            profiler.dump_stats(f"{profile_path}.partial")  # then renamed: a kill never leaves half a file
+            os.replace(f"{profile_path}.partial", profile_path)
             profiler.enable()
             loop.call_later(1.0, dump)
 
@@ -168,6 +169,27 @@ class Target:
     address: str
     port: int
     via_proxy: bool
+    markers: tuple[str, ...] = ()  # substrings of the proxy's command line, to find its processes
+
+
+def _cpu_seconds(markers: tuple[str, ...]) -> float:
+    """User+system CPU seconds of every process whose command line holds all ``markers`` (proc(5):
+    /proc/PID/stat fields 14-15, all threads): CPU per request holds still when the machine is busy."""
+    if not markers:
+        return 0.0
+    total = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = Path(entry.path, "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if not all(marker in command for marker in markers):
+                continue
+            fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -371,7 +393,9 @@ def main() -> int:
                 notes.append(f"{name}: did not start, skipped ({exc})")
                 continue
             stoppers.append(running.stop)
-            targets.append(Target(name, running.address, running.port, via_proxy=True))
+            markers = (command.split(" --port")[0], f"--port {running.port}") if " --role reference" in command \
+                else (str(Path(state, name).resolve()), f"{name}-{running.port}")
+            targets.append(Target(name, running.address, running.port, via_proxy=True, markers=markers))
 
         def connector(target: Target, port: int | None = None) -> Callable[[], socket.socket]:
             return lambda: lab.connect(target.address, port or target.port, timeout=IO_TIMEOUT_SECONDS)
@@ -379,6 +403,8 @@ def main() -> int:
         load_start = " ".join(Path("/proc/loadavg").read_text().split()[:3])
         gets: dict[str, list[GetResult]] = {t.name: [] for t in targets}
         bulk: dict[str, list[float]] = {t.name: [] for t in targets}
+        cpu_get = dict.fromkeys(gets, 0.0)  # the proxy's CPU seconds over every measured round
+        cpu_bulk = dict.fromkeys(gets, 0.0)
         total = args.bulk_mib * 2**20
         if origin.poll() is not None:
             raise RuntimeError(f"the origin exited with status {origin.returncode}")
@@ -389,9 +415,13 @@ def main() -> int:
         for round_index in range(args.rounds):
             order = targets[round_index % len(targets):] + targets[:round_index % len(targets)]
             for target in order:
+                cpu = _cpu_seconds(target.markers)
                 gets[target.name].append(measure_gets(connector(target), target, args.requests))
+                cpu_get[target.name] += _cpu_seconds(target.markers) - cpu
                 sink_connect = connector(target, None if target.via_proxy else SINK_PORT)
+                cpu = _cpu_seconds(target.markers)
                 bulk[target.name].append(measure_bulk(sink_connect, target, total))
+                cpu_bulk[target.name] += _cpu_seconds(target.markers) - cpu
 
         best_get = {name: max(r.requests_per_second for r in results) for name, results in gets.items()}
         median_get = {name: statistics.median(r.requests_per_second for r in results)
@@ -414,15 +444,20 @@ def main() -> int:
               f"{args.bulk_mib} MiB CONNECT upload per target per round; load average at the start: {load_start}")
         print("req/s and MiB/s: best round (median); ratios: median of the per-round ratios")
         print()
-        print("| target | GET req/s | vs direct | vs squid | conns | CONNECT MiB/s | vs direct | vs squid |")
-        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        print("proxy CPU: the proxy's own processes (all threads), user+system, over every round")
+        print()
+        print("| target | GET req/s | vs direct | vs squid | conns | proxy CPU µs/GET | CONNECT MiB/s | vs direct "
+              "| vs squid | proxy CPU ms/GiB |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for target in targets:
             name = target.name
             connections = gets[name][-1].connections
+            per_get = f"{cpu_get[name] / (args.requests * args.rounds) * 1e6:,.0f}" if target.markers else "-"
+            per_gib = f"{cpu_bulk[name] / (total * args.rounds / 2**30) * 1e3:,.0f}" if target.markers else "-"
             print(f"| {name} | {best_get[name]:,.0f} ({median_get[name]:,.0f}) | "
                   f"{ratio(paired(get_rates, name, 'direct'))} | {ratio(paired(get_rates, name, 'squid'))} | "
-                  f"{connections} | {best_bulk[name]:,.0f} ({median_bulk[name]:,.0f}) | "
-                  f"{ratio(paired(bulk, name, 'direct'))} | {ratio(paired(bulk, name, 'squid'))} |")
+                  f"{connections} | {per_get} | {best_bulk[name]:,.0f} ({median_bulk[name]:,.0f}) | "
+                  f"{ratio(paired(bulk, name, 'direct'))} | {ratio(paired(bulk, name, 'squid'))} | {per_gib} |")
         print()
         for label in (name for name in best_get if name.startswith(("reference", "baseline"))):
             vs_squid = paired(get_rates, label, "squid")
