@@ -11,8 +11,8 @@ import asyncio
 import contextlib
 import fcntl
 import os
-import select
 import socket
+import struct
 import threading
 from collections.abc import Callable
 
@@ -26,10 +26,13 @@ _LINGER_SECONDS = 2.0
 _LINGER_MAX_BYTES = 1 << 20
 # The server reads this through the module (``relay.SPLICE_AVAILABLE``) so a test can switch splice off.
 SPLICE_AVAILABLE = hasattr(os, "splice") and hasattr(os, "SPLICE_F_NONBLOCK")
-_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0)
 # fcntl(2) F_SETPIPE_SZ: room for a whole socket receive queue per splice (the default is 64 KiB).
 _PIPE_SIZE = 1 << 20
-_POLL_SECONDS = 1.0
+# SO_RCVTIMEO / SO_SNDTIMEO (socket(7)) on a tunnel's sockets: a blocked splice(2) returns EAGAIN this
+# often, so a thread re-checks whether its tunnel was stopped; tcp_splice_read honours the receive timeout.
+_WAIT_SECONDS = 1
+_TIMEVAL = struct.pack("ll", _WAIT_SECONDS, 0)
 
 
 async def linger_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -60,21 +63,22 @@ def stream_buffered(reader: asyncio.StreamReader) -> bool:
 
 
 class _SplicedTunnel:
-    """Both directions of a CONNECT tunnel, each moved by ``splice(2)`` in a thread of its own.
+    """Both directions of a CONNECT tunnel, each moved by blocking ``splice(2)`` in a thread of its own.
 
     ``os.splice`` releases the GIL, so a bulk transfer costs the event loop nothing: no wake-up, no
     callback, no add_reader/remove_reader churn per chunk (measured: the event-loop relay spent its
-    time in epoll round trips, not in moving bytes). Each thread splices socket -> pipe -> socket
-    with ``SPLICE_F_NONBLOCK`` and waits in ``poll(2)`` only when a side would block; it reads only
-    while its pipe is empty, so a slow receiver pauses the sender (TCP backpressure). At EOF it
-    half-closes the receiving side (``shutdown(SHUT_WR)``), so the tunnel stays half open like a TCP
-    connection.
+    time in epoll round trips, not in moving bytes). Blocking calls on blocking sockets, so a chunk
+    costs two system calls (socket -> pipe, pipe -> socket) and no poll(2) or EAGAIN round trip. Each
+    thread reads only while its pipe is empty, so a slow receiver pauses the sender (TCP
+    backpressure). At EOF it half-closes the receiving side (``shutdown(SHUT_WR)``), so the tunnel
+    stays half open like a TCP connection.
 
-    The tunnel owns duplicates of both descriptors: :meth:`stop` shuts both connections down
-    (``shutdown(SHUT_RDWR)`` wakes a thread blocked in poll: the socket reports EOF/writable and the
-    next splice fails or returns 0), and the last thread to leave closes the duplicates, so a
-    descriptor is never closed while a thread may still use it. Every wait is bounded by
-    ``_POLL_SECONDS``, after which the thread re-checks :meth:`stop`.
+    The tunnel owns duplicates of both descriptors (the caller has finished with them: the client
+    transport's reading is paused and its writes drained): they are switched to blocking mode with
+    ``SO_RCVTIMEO``/``SO_SNDTIMEO`` of ``_WAIT_SECONDS``, so no wait is unbounded. :meth:`stop` shuts
+    both connections down (``shutdown(SHUT_RDWR)`` wakes a blocked splice: it returns 0 or fails with
+    EPIPE), and the last thread to leave closes the duplicates, so a descriptor is never closed while
+    a thread may still use it.
     """
 
     def __init__(self, first: socket.socket, second: socket.socket,
@@ -107,13 +111,6 @@ class _SplicedTunnel:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
 
-    def _wait(self, fd: int, events: int) -> None:
-        poller = select.poll()
-        poller.register(fd, events)
-        while not poller.poll(_POLL_SECONDS * 1000):
-            if self._stopping:
-                raise ConnectionAbortedError("tunnel stopped")
-
     def _direction(self, source: socket.socket, sink: socket.socket) -> None:
         error: BaseException | None = None
         pipe_out, pipe_in = os.pipe2(os.O_CLOEXEC)
@@ -124,8 +121,7 @@ class _SplicedTunnel:
             while not self._stopping:
                 try:
                     moved = os.splice(source_fd, pipe_in, _PIPE_SIZE, flags=_SPLICE_FLAGS)
-                except BlockingIOError:
-                    self._wait(source_fd, select.POLLIN)
+                except BlockingIOError:  # SO_RCVTIMEO: an idle tunnel; look at _stopping again
                     continue
                 if moved == 0:
                     with self._lock, contextlib.suppress(OSError):
@@ -135,8 +131,9 @@ class _SplicedTunnel:
                 while moved:
                     try:
                         moved -= os.splice(pipe_out, sink_fd, moved, flags=_SPLICE_FLAGS)
-                    except BlockingIOError:
-                        self._wait(sink_fd, select.POLLOUT)
+                    except BlockingIOError:  # SO_SNDTIMEO: the receiver is slow
+                        if self._stopping:
+                            raise ConnectionAbortedError("tunnel stopped") from None
         except OSError as failure:
             error = failure
         finally:
@@ -180,6 +177,10 @@ async def splice_relay(loop: asyncio.AbstractEventLoop, client_fd: int, upstream
     except OSError:
         client.close()
         raise
+    for sock in (client, peer):  # the same open file descriptions as the caller's: see _SplicedTunnel
+        os.set_blocking(sock.fileno(), True)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEVAL)
     tunnel = _SplicedTunnel(client, peer, finished_in_thread)
     try:
         tunnel.start()
