@@ -15,10 +15,16 @@ The client is this process, with lab sockets, one connection at a time, no pipel
   number of requests; a proxy that closes after a response is reconnected to (and that is counted);
 * ``connect``: ``CONNECT 11.0.0.10:443`` then a bulk upload through the tunnel until the sink says ok.
 
-Rounds are interleaved across targets; the best round per target is reported with ratios against
-direct and against squid. Targets (issue #3): reference >= squid's req/s; CONNECT >= 0.7x direct.
+Rounds are interleaved across targets (each round starts at the next target, so no target always
+runs first). The machine is shared, so a ratio is taken **per round**, between two measurements a few
+seconds apart, and the median of those paired ratios is the verdict; the best round per target is
+shown too. Targets (issue #3): reference >= squid's req/s; CONNECT >= 0.7x direct.
 
-    python benchmarks/bench_proxy.py [--requests 3000] [--bulk-mib 64] [--rounds 3]
+``--baseline REV`` adds the reference proxy as committed at ``REV`` (``git archive`` into a temporary
+directory, run from there) as targets ``baseline`` / ``baseline+uvloop``, interleaved with the working
+tree's: a before/after comparison under the same load.
+
+    python benchmarks/bench_proxy.py [--requests 3000] [--bulk-mib 256] [--rounds 5] [--baseline main]
 """
 
 from __future__ import annotations
@@ -140,7 +146,8 @@ def run_reference(port: int, loop_name: str, profile_path: str | None) -> None:
         loop = asyncio.get_running_loop()
 
         def dump() -> None:
-            profiler.dump_stats(profile_path)
+            profiler.dump_stats(f"{profile_path}.partial")  # then renamed: a kill never leaves half a file
+            os.replace(f"{profile_path}.partial", profile_path)
             profiler.enable()
             loop.call_later(1.0, dump)
 
@@ -162,6 +169,27 @@ class Target:
     address: str
     port: int
     via_proxy: bool
+    markers: tuple[str, ...] = ()  # substrings of the proxy's command line, to find its processes
+
+
+def _cpu_seconds(markers: tuple[str, ...]) -> float:
+    """User+system CPU seconds of every process whose command line holds all ``markers`` (proc(5):
+    /proc/PID/stat fields 14-15, all threads): CPU per request holds still when the machine is busy."""
+    if not markers:
+        return 0.0
+    total = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = Path(entry.path, "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if not all(marker in command for marker in markers):
+                continue
+            fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -284,8 +312,11 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=3000, help="1 KiB GETs per target per round")
-    parser.add_argument("--bulk-mib", type=int, default=64, help="MiB uploaded through CONNECT per round")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--bulk-mib", type=int, default=256,
+                        help="MiB uploaded through CONNECT per round (64 MiB is ~30 ms direct: too short to time)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--baseline", metavar="REV",
+                        help="also run the reference proxy as committed at REV (git archive), interleaved")
     parser.add_argument("--loops", default="asyncio,uvloop",
                         help="event loops to run the reference proxy on, comma-separated (asyncio, uvloop); "
                              "uvloop is skipped with a note when it is not installed")
@@ -329,14 +360,24 @@ def main() -> int:
         targets = [Target("direct", ORIGIN_ADDRESS, HTTP_PORT, via_proxy=False)]
         notes: list[str] = []
         commands: dict[str, str] = {}
+        scripts = {"reference": __file__}
+        if args.baseline:
+            baseline = Path(state) / "baseline"
+            baseline.mkdir()
+            repository = Path(__file__).resolve().parent.parent
+            archive = subprocess.run(["git", "-C", str(repository), "archive", args.baseline],
+                                     capture_output=True, check=True).stdout
+            subprocess.run(["tar", "-x", "-C", str(baseline)], input=archive, check=True)
+            scripts["baseline"] = str(baseline / "benchmarks" / "bench_proxy.py")
         for index, loop_name in enumerate(name for name in args.loops.split(",") if name):
             if loop_name == "uvloop" and importlib.util.find_spec("uvloop") is None:
                 notes.append("reference on uvloop: uvloop not installed (pip install 'pytest-sandbox[fast]'), skipped")
                 continue
             profile = f" --profile {args.profile}" if args.profile and index == 0 else ""
-            label = "reference" if loop_name == "asyncio" else f"reference+{loop_name}"
-            commands[label] = (f"{sys.executable} {__file__} --role reference --loop {loop_name}{profile} "
-                               "--port {port}")
+            for kind, script in scripts.items():
+                label = kind if loop_name == "asyncio" else f"{kind}+{loop_name}"
+                commands[label] = (f"{sys.executable} {script} --role reference --loop {loop_name}"
+                                   f"{profile if kind == 'reference' else ''} --port {{port}}")
         for name, build in (("squid", squid_command), ("tinyproxy", tinyproxy_command)):
             if shutil.which(name) or os.path.exists(f"/usr/sbin/{name}") or os.path.exists(f"/usr/bin/{name}"):
                 commands[name] = build(Path(state) / name)
@@ -352,13 +393,18 @@ def main() -> int:
                 notes.append(f"{name}: did not start, skipped ({exc})")
                 continue
             stoppers.append(running.stop)
-            targets.append(Target(name, running.address, running.port, via_proxy=True))
+            markers = (command.split(" --port")[0], f"--port {running.port}") if " --role reference" in command \
+                else (str(Path(state, name).resolve()), f"{name}-{running.port}")
+            targets.append(Target(name, running.address, running.port, via_proxy=True, markers=markers))
 
         def connector(target: Target, port: int | None = None) -> Callable[[], socket.socket]:
             return lambda: lab.connect(target.address, port or target.port, timeout=IO_TIMEOUT_SECONDS)
 
+        load_start = " ".join(Path("/proc/loadavg").read_text().split()[:3])
         gets: dict[str, list[GetResult]] = {t.name: [] for t in targets}
         bulk: dict[str, list[float]] = {t.name: [] for t in targets}
+        cpu_get = dict.fromkeys(gets, 0.0)  # the proxy's CPU seconds over every measured round
+        cpu_bulk = dict.fromkeys(gets, 0.0)
         total = args.bulk_mib * 2**20
         if origin.poll() is not None:
             raise RuntimeError(f"the origin exited with status {origin.returncode}")
@@ -369,42 +415,60 @@ def main() -> int:
         for round_index in range(args.rounds):
             order = targets[round_index % len(targets):] + targets[:round_index % len(targets)]
             for target in order:
+                cpu = _cpu_seconds(target.markers)
                 gets[target.name].append(measure_gets(connector(target), target, args.requests))
+                cpu_get[target.name] += _cpu_seconds(target.markers) - cpu
                 sink_connect = connector(target, None if target.via_proxy else SINK_PORT)
+                cpu = _cpu_seconds(target.markers)
                 bulk[target.name].append(measure_bulk(sink_connect, target, total))
+                cpu_bulk[target.name] += _cpu_seconds(target.markers) - cpu
 
         best_get = {name: max(r.requests_per_second for r in results) for name, results in gets.items()}
         median_get = {name: statistics.median(r.requests_per_second for r in results)
                       for name, results in gets.items()}
         best_bulk = {name: max(results) for name, results in bulk.items()}
         median_bulk = {name: statistics.median(results) for name, results in bulk.items()}
-        squid_get = best_get.get("squid")
-        squid_bulk = best_bulk.get("squid")
+
+        def paired(values: dict[str, list[float]], name: str, against: str) -> float | None:
+            """The median over rounds of name/against, each ratio from the same round."""
+            if against not in values:
+                return None
+            return statistics.median(mine / theirs for mine, theirs in zip(values[name], values[against], strict=True))
+
+        get_rates = {name: [r.requests_per_second for r in results] for name, results in gets.items()}
+
+        def ratio(value: float | None) -> str:
+            return "-" if value is None else f"{value:.2f}x"
 
         print(f"bench_proxy: {args.rounds} rounds, {args.requests} keep-alive 1 KiB GETs and "
-              f"{args.bulk_mib} MiB CONNECT upload per target per round; best round (median in brackets)")
+              f"{args.bulk_mib} MiB CONNECT upload per target per round; load average at the start: {load_start}")
+        print("req/s and MiB/s: best round (median); ratios: median of the per-round ratios")
         print()
-        print("| target | GET req/s | vs direct | vs squid | conns | CONNECT MiB/s | vs direct | vs squid |")
-        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        print("proxy CPU: the proxy's own processes (all threads), user+system, over every round")
+        print()
+        print("| target | GET req/s | vs direct | vs squid | conns | proxy CPU µs/GET | CONNECT MiB/s | vs direct "
+              "| vs squid | proxy CPU ms/GiB |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for target in targets:
             name = target.name
             connections = gets[name][-1].connections
-            vs_squid_get = f"{best_get[name] / squid_get:.2f}x" if squid_get else "-"
-            vs_squid_bulk = f"{best_bulk[name] / squid_bulk:.2f}x" if squid_bulk else "-"
+            per_get = f"{cpu_get[name] / (args.requests * args.rounds) * 1e6:,.0f}" if target.markers else "-"
+            per_gib = f"{cpu_bulk[name] / (total * args.rounds / 2**30) * 1e3:,.0f}" if target.markers else "-"
             print(f"| {name} | {best_get[name]:,.0f} ({median_get[name]:,.0f}) | "
-                  f"{best_get[name] / best_get['direct']:.2f}x | {vs_squid_get} | {connections} | "
-                  f"{best_bulk[name]:,.0f} ({median_bulk[name]:,.0f}) | "
-                  f"{best_bulk[name] / best_bulk['direct']:.2f}x | {vs_squid_bulk} |")
+                  f"{ratio(paired(get_rates, name, 'direct'))} | {ratio(paired(get_rates, name, 'squid'))} | "
+                  f"{connections} | {per_get} | {best_bulk[name]:,.0f} ({median_bulk[name]:,.0f}) | "
+                  f"{ratio(paired(bulk, name, 'direct'))} | {ratio(paired(bulk, name, 'squid'))} | {per_gib} |")
         print()
-        for label in (name for name in best_get if name.startswith("reference")):
-            if squid_get:
-                verdict = "met" if best_get[label] >= squid_get else "NOT met"
-                print(f"target GET: {label} >= squid req/s: {verdict} ({best_get[label] / squid_get:.2f}x squid; "
-                      f"median {median_get[label] / median_get['squid']:.2f}x)")
-            verdict = "met" if best_bulk[label] >= 0.7 * best_bulk["direct"] else "NOT met"
-            print(f"target CONNECT: {label} >= 0.7x direct: {verdict} "
-                  f"({best_bulk[label] / best_bulk['direct']:.2f}x direct; "
-                  f"median {median_bulk[label] / median_bulk['direct']:.2f}x)")
+        for label in (name for name in best_get if name.startswith(("reference", "baseline"))):
+            vs_squid = paired(get_rates, label, "squid")
+            if vs_squid is not None:
+                verdict = "met" if vs_squid >= 1.0 else "NOT met"
+                print(f"target GET: {label} >= squid req/s: {verdict} ({vs_squid:.2f}x squid, per-round median; "
+                      f"best/best {best_get[label] / best_get['squid']:.2f}x)")
+            vs_direct = paired(bulk, label, "direct") or 0.0
+            verdict = "met" if vs_direct >= 0.7 else "NOT met"
+            print(f"target CONNECT: {label} >= 0.7x direct: {verdict} ({vs_direct:.2f}x direct, per-round median; "
+                  f"best/best {best_bulk[label] / best_bulk['direct']:.2f}x)")
         print(f"load average at the end: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
         for note in notes:
             print(f"note: {note}")

@@ -1,0 +1,148 @@
+"""The CONNECT relay's threads (pytest_sandbox.network.proxy.relay): a spliced tunnel moves bytes without
+waking the event loop per chunk, and stopping the proxy ends every tunnel on both sides and its threads.
+
+No wall-clock assertion: the event loop's iterations are counted, and the stream-copy relay (which does
+wake the loop per chunk) is the positive control that the count can see per-chunk work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from test_proxy import IO_TIMEOUT, Lab, RawClient
+from test_proxy import lab as proxy_lab  # noqa: F401 - the fixture ``lab``: a fake network on loopback
+
+from pytest_sandbox.network.proxy import relay
+from pytest_sandbox.network.proxy.config import ProxyConfig
+
+ESTABLISHED = b"HTTP/1.1 200 Connection Established\r\n\r\n"
+BULK = bytes(range(256)) * 4096 * 8  # 8 MiB
+
+
+@pytest.fixture
+def lab(proxy_lab: Lab) -> Lab:  # noqa: F811 - the imported fixture, by its own name
+    return proxy_lab
+
+
+def settle(condition: Callable[[], bool], seconds: float = IO_TIMEOUT) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+def tunnel_threads() -> set[threading.Thread]:
+    return {thread for thread in threading.enumerate() if thread.name.startswith("tunnel-")}
+
+
+def open_tunnel(proxy: Any) -> RawClient:
+    client = RawClient(proxy)
+    client.send(b"CONNECT echo.test:443 HTTP/1.1\r\nHost: echo.test:443\r\n\r\n")
+    assert client.read_raw(len(ESTABLISHED)) == ESTABLISHED
+    return client
+
+
+def echo_through(client: RawClient, blob: bytes) -> bytes:
+    sender = threading.Thread(target=client.send, args=(blob,))
+    sender.start()
+    echoed = client.read_raw(len(blob))
+    sender.join(IO_TIMEOUT)
+    return echoed
+
+
+def loop_iterations_during(monkeypatch: pytest.MonkeyPatch, lab: Lab, zero_copy: bool) -> int:
+    """How many times the proxy's event loop ran an iteration while 8 MiB went both ways through a tunnel."""
+    monkeypatch.setattr(relay, "SPLICE_AVAILABLE", zero_copy and relay.SPLICE_AVAILABLE)
+    counted = [0]
+    counting = threading.Event()
+    real_run_once = asyncio.base_events.BaseEventLoop._run_once  # type: ignore[attr-defined]
+
+    def run_once(self: asyncio.AbstractEventLoop) -> None:
+        if counting.is_set() and threading.current_thread().name == "egress-proxy":
+            counted[0] += 1
+        real_run_once(self)
+
+    monkeypatch.setattr(asyncio.base_events.BaseEventLoop, "_run_once", run_once)
+    proxy = lab.start_proxy()
+    client = open_tunnel(proxy)
+    assert echo_through(client, b"warm") == b"warm"
+    counting.set()
+    echoed = echo_through(client, BULK)
+    counting.clear()
+    client.close()
+    assert echoed == BULK
+    return counted[0]
+
+
+@pytest.mark.skipif(not relay.SPLICE_AVAILABLE, reason="no splice(2) on this platform")
+def test_a_spliced_tunnel_moves_bulk_bytes_without_waking_the_event_loop(
+    lab: Lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spliced = loop_iterations_during(monkeypatch, lab, zero_copy=True)
+    assert spliced <= 4, f"the spliced tunnel woke the event loop {spliced} times for 16 MiB of relay"
+
+
+def test_the_loop_iteration_count_sees_a_relay_that_works_per_chunk(
+    lab: Lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Positive control: the stream-copy relay runs on the event loop, chunk by chunk, and is counted."""
+    copied = loop_iterations_during(monkeypatch, lab, zero_copy=False)
+    assert copied > 20, f"the stream-copy relay ran only {copied} loop iterations: the counter is blind"
+
+
+@pytest.mark.skipif(not relay.SPLICE_AVAILABLE, reason="no splice(2) on this platform")
+def test_stopping_the_proxy_ends_open_tunnels_on_both_sides_and_their_threads(lab: Lab) -> None:
+    before = tunnel_threads()
+    proxy = lab.start_proxy()
+    clients = [open_tunnel(proxy) for _ in range(3)]
+    for client in clients:
+        assert echo_through(client, b"ping") == b"ping"  # positive control: the tunnels are open
+    assert settle(lambda: len(tunnel_threads() - before) == 6), tunnel_threads()
+    proxy.stop()
+    for client in clients:
+        client.sock.settimeout(IO_TIMEOUT)
+        try:
+            rest = client.sock.recv(1)
+        except ConnectionResetError:
+            rest = b""
+        assert rest == b"", "the client side of a tunnel stayed open after the proxy stopped"
+        client.close()
+    assert settle(lambda: not tunnel_threads() - before), f"tunnel threads left: {tunnel_threads()}"
+
+
+@pytest.mark.skipif(not relay.SPLICE_AVAILABLE, reason="no splice(2) on this platform")
+def test_an_upstream_reset_closes_the_client_side_and_ends_both_threads(lab: Lab) -> None:
+    before = tunnel_threads()
+    listener = socket.create_server(("127.0.0.1", 0))
+    lab.network.table[("93.184.215.20", 8443)] = listener.getsockname()[1]
+    defaults = ProxyConfig()
+    proxy = lab.start_proxy(dataclasses.replace(defaults, allowed_ports=(*defaults.allowed_ports, 8443)))
+    client = RawClient(proxy)
+    client.send(b"CONNECT echo.test:8443 HTTP/1.1\r\nHost: echo.test:8443\r\n\r\n")
+    assert client.read_raw(len(ESTABLISHED)) == ESTABLISHED
+    listener.settimeout(IO_TIMEOUT)
+    upstream, _ = listener.accept()
+    client.send(b"hello")
+    upstream.settimeout(IO_TIMEOUT)
+    assert upstream.recv(5) == b"hello"  # positive control: the tunnel carries bytes upstream
+    upstream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    upstream.close()  # a TCP RST
+    client.sock.settimeout(IO_TIMEOUT)
+    try:
+        rest = client.sock.recv(1)
+    except ConnectionResetError:
+        rest = b""
+    assert rest == b"", "the client side stayed open after the upstream reset"
+    client.close()
+    listener.close()
+    assert settle(lambda: not tunnel_threads() - before), f"tunnel threads left: {tunnel_threads()}"
+
