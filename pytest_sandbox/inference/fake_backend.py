@@ -335,9 +335,10 @@ class FakeInferenceBackend:
     async def _respond(
         self, connection: h11.Connection, writer: asyncio.StreamWriter, request: RecordedRequest
     ) -> None:
+        head = request.method == "HEAD"
         if request.header_values("authorization") != [f"Bearer {self.api_key}"]:
             await self._send_json(
-                connection, writer, 401, {"error": {"message": "invalid api key", "type": "auth_error"}}
+                connection, writer, 401, {"error": {"message": "invalid api key", "type": "auth_error"}}, head=head
             )
             return
         path = request.path.partition("?")[0]
@@ -351,7 +352,7 @@ class FakeInferenceBackend:
                 {"object": "list", "data": [{"id": DEFAULT_MODEL, "object": "model", "owned_by": "lab"}]},
             )
         else:
-            await self._send_json(connection, writer, 404, {"error": {"message": f"no route {path}"}})
+            await self._send_json(connection, writer, 404, {"error": {"message": f"no route {path}"}}, head=head)
 
     async def _chat_completion(
         self, connection: h11.Connection, writer: asyncio.StreamWriter, request: RecordedRequest
@@ -418,12 +419,15 @@ class FakeInferenceBackend:
         await _send(connection, writer, h11.EndOfMessage())
 
     async def _send_json(
-        self, connection: h11.Connection, writer: asyncio.StreamWriter, status: int, payload: object
+        self, connection: h11.Connection, writer: asyncio.StreamWriter, status: int, payload: object, *,
+        head: bool = False,
     ) -> None:
         body = json.dumps(payload).encode()
         headers = [("content-type", "application/json"), ("content-length", str(len(body))), (MARK_HEADER, self.mark)]
         await _send(connection, writer, h11.Response(status_code=status, headers=headers))
-        await _send(connection, writer, h11.Data(data=body))
+        # A response to HEAD has the GET's fields and no content (RFC 9110 §9.3.2); h11 refuses a body there.
+        if not head:
+            await _send(connection, writer, h11.Data(data=body))
         await _send(connection, writer, h11.EndOfMessage())
 
 

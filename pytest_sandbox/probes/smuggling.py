@@ -363,13 +363,15 @@ def _plan(attempt: SmugglingAttempt, prefix: str, *, origin: str, denied: str, b
 
 
 def _nonce_probes(planned: Sequence[_Plan]) -> list[_Plan]:
-    """Per path, the shortest plain positive control (ASCII, only GETs without a body reach upstream,
-    so any working proxy forwards it at once) whose requests carry the nonce; none on a path without
-    one (everything there is then sent alone). Pure."""
+    """Per path, the shortest plain positive control (``GET {get} HTTP/1.1``, ASCII, only GETs without a
+    body reach upstream, so any working proxy forwards it at once) whose requests carry the nonce; none on
+    a path without one (everything there is then sent alone). Pure."""
     probes = []
     for path in PATHS:
         fit = [plan for plan in planned if plan.attempt.path == path and plan.attempt.case.is_positive_control
                and plan.allowed and plan.attributable and plan.payload.isascii()
+               # the plainest request line: HTTP/1.0 closes, and a query a cautious proxy may refuse
+               and plan.attempt.case.payload.startswith(b"GET {get} HTTP/1.1\r\n")
                and all(request.method == "GET" and not request.body for request in plan.allowed)]
         if fit:
             probes.append(min(fit, key=lambda plan: len(plan.payload)))

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import contextvars
 import re
 import socket
 import sys
@@ -107,6 +108,10 @@ class LateForwarder:
             upstream_writer.close()
 
 
+_REFUSED_ON_THIS_CONNECTION: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
+    "refused_on_this_connection", default=None)
+
+
 class LateForwardingInterceptor(InferenceInterceptor):
     """The reference interceptor's answers; after a refusal, the connection's decrypted bytes are
     written to the backend ``delay`` seconds after the client connection closed."""
@@ -116,11 +121,11 @@ class LateForwardingInterceptor(InferenceInterceptor):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._pending: set[asyncio.Task[None]] = set()
-        self._refusals = 0
 
     def _decide(self, reason: str, action: str, status: int, **facts: Any) -> None:
-        if action == "deny":
-            self._refusals += 1
+        refused = _REFUSED_ON_THIS_CONNECTION.get()
+        if action == "deny" and refused is not None:
+            refused.append(reason)
         super()._decide(reason, action, status, **facts)
 
     async def _serve(self, tls: TlsStream) -> None:
@@ -135,15 +140,19 @@ class LateForwardingInterceptor(InferenceInterceptor):
             tee.feed_eof()
 
         pump = asyncio.create_task(copy())
-        refusals = self._refusals
+        # Refusals are counted per connection (a context variable: tasks the serve starts inherit it), so
+        # a refusal on a concurrent connection never makes this one's bytes forwarded late.
+        refused: list[str] = []
+        token = _REFUSED_ON_THIS_CONNECTION.set(refused)
         try:
             await super()._serve(TlsStream(tee, tls.writer, tls.raw_transport))
         finally:
+            _REFUSED_ON_THIS_CONNECTION.reset(token)
             await asyncio.sleep(0)  # what the client already sent is in ``sent``
             pump.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await pump
-        if self._refusals > refusals and sent:
+        if refused and sent:
             task = asyncio.get_running_loop().create_task(self._forward_later(bytes(sent)))
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)

@@ -187,6 +187,12 @@ async def splice_relay(loop: asyncio.AbstractEventLoop, client_fd: int, upstream
         await done
     finally:
         tunnel.stop()
+        # O_NONBLOCK belongs to the open file description the duplicates share with the transport's and
+        # the caller's sockets: give them back non-blocking, so nothing on the event loop can block on
+        # them afterwards (a thread still inside splice then gets EAGAIN and leaves, as it is stopping).
+        for fd in (client_fd, upstream.fileno()):
+            with contextlib.suppress(OSError):
+                os.set_blocking(fd, False)
 
 
 async def _pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
