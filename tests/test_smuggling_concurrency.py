@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 from broken_proxies.harness import DENIED_CANARY, PUBLIC_ORIGIN, backend_config, private_backend, proxy_with_interceptor
+from broken_proxies.nonce_stripping_leak import StrippingLeakFront, StrippingLeakInterceptor, strip_nonces
 from broken_proxies.one_row_leak import OneRowLeakFront, OneRowLeakInterceptor
 
 from pytest_sandbox.catalogues.smuggling import SMUGGLING_CASES, render
@@ -35,6 +36,7 @@ from pytest_sandbox.probes.smuggling import (
     tunnel_payload,
 )
 from pytest_sandbox.verdicts.judgement import Judgement, Verdict
+from pytest_sandbox.verdicts.smuggling import Exchange
 
 LEAKED_ROW = "host-comma-list"
 # Its Host line on each path: in no other row's bytes (checked below), so the proxy leaks exactly it.
@@ -192,3 +194,92 @@ def test_one_control_per_path_probes_whether_the_proxy_passes_the_nonce() -> Non
     # Without a control on a path, nothing there runs concurrently.
     assert _nonce_probes([plan for plan in plans if plan.attempt.path == TUNNEL]) == [probes[1]]
     assert _nonce_probes([plan for plan in plans if not plan.attempt.case.is_positive_control]) == []
+
+
+# --- isolation reruns: a leak without a nonce lands on the row that reproduces it ----------------------
+
+STRIP_INNER_PORT = 3192
+STRIP_FRONT_PORT = 3193
+ONCE_INNER_PORT = 3194
+ONCE_FRONT_PORT = 3195
+
+
+def _stripping_campaign(lab: NetworkLab, backend: FakeInferenceBackend, *, once: bool, inner_port: int,
+                        front_port: int) -> dict[str, tuple[Judgement, Exchange]]:
+    trust = interception_of(lab).trust
+    handler = StrippingLeakInterceptor(trust.ca, backend_config(backend), resolver=lab.resolver(),
+                                       socket_factory=lab.socket, record=lambda decision: None,
+                                       marker=MARKERS[TUNNEL], once=once)
+    with proxy_with_interceptor(lab, handler, inner_port) as inner:
+        front = StrippingLeakFront(lab, "127.0.0.1", front_port, (inner.address, inner.port),
+                                   marker=MARKERS[ABSOLUTE], default=(PUBLIC_ORIGIN, 80), once=once)
+        try:
+            return run_smuggling_campaign(build_attempts(), front.connect, lab, backend, trust.cert_pem,
+                                          origin=PUBLIC_ORIGIN, denied=DENIED_CANARY, timeout=TIMEOUT_SECONDS)
+        finally:
+            front.stop()
+
+
+@pytest.fixture(scope="module")
+def stripped_leak(_network_lab: NetworkLab, leak_backend: FakeInferenceBackend
+                  ) -> dict[str, tuple[Judgement, Exchange]]:
+    """Every row on both paths through a proxy that leaks one row with its nonce stripped, every time."""
+    return _stripping_campaign(_network_lab, leak_backend, once=False, inner_port=STRIP_INNER_PORT,
+                               front_port=STRIP_FRONT_PORT)
+
+
+@pytest.fixture(scope="module")
+def stripped_leak_once(_network_lab: NetworkLab, leak_backend: FakeInferenceBackend
+                       ) -> dict[str, tuple[Judgement, Exchange]]:
+    """The same, but the row leaks only the first time on each path (a rerun does not reproduce it)."""
+    return _stripping_campaign(_network_lab, leak_backend, once=True, inner_port=ONCE_INNER_PORT,
+                               front_port=ONCE_FRONT_PORT)
+
+
+def test_the_stripping_proxy_removes_every_nonce() -> None:
+    payload = with_nonce(b"GET http://h/ HTTP/1.1\r\nHost: h\r\n\r\n", NONCE)
+    assert strip_nonces(payload) == b"GET http://h/ HTTP/1.1\r\nHost: h\r\n\r\n"
+    assert strip_nonces(b"POST / HTTP/1.1\r\nContent-Length: 20\r\n\r\n" + NONCE.encode()).endswith(
+        b"sbx-xxxxxxxxxxxxxxxx")
+
+
+def test_a_leak_without_a_nonce_is_blamed_on_the_row_that_reproduces_it_alone(
+        stripped_leak: dict[str, tuple[Judgement, Exchange]]) -> None:
+    judgements = {test_id: judgement for test_id, (judgement, _seen) in stripped_leak.items()}
+    leaked = {f"{ABSOLUTE}-{LEAKED_ROW}", f"{TUNNEL}-{LEAKED_ROW}"}
+    assert set(_failed(judgements)) == leaked, _failed(judgements)
+    absolute = judgements[f"{ABSOLUTE}-{LEAKED_ROW}"].reason
+    assert "Host: 11.0.0.10, 10.0.0.1" in absolute and "reproduced when this attempt was rerun alone" in absolute, \
+        absolute
+    assert "also blamed" not in absolute, absolute
+    tunnel = judgements[f"{TUNNEL}-{LEAKED_ROW}"].reason
+    assert "Host: inference.local, inference.local" in tunnel, tunnel
+    assert "reproduced when this attempt was rerun alone" in tunnel and "also blamed" not in tunnel, tunnel
+
+
+def test_the_stripped_leak_was_first_blamed_on_neighbours_in_flight(
+        _network_lab: NetworkLab, stripped_leak: dict[str, tuple[Judgement, Exchange]]) -> None:
+    """Not a vacuous pass: the leak arrived while other attempts were in flight, so only the reruns
+    (windows ``...#aloneN``) can have cleared them; the leaked row was rerun on both paths."""
+    windows = _network_lab.upstream_ledger.windows
+    for path in PATHS:
+        mine = next(w for w in reversed(windows) if w.key.endswith(f"/{path}-{LEAKED_ROW}"))
+        campaign = mine.key.partition("/")[0]
+        reruns = [w.key for w in windows if w.key.partition("/")[0] == campaign and "#alone" in w.key]
+        assert any(key.startswith(mine.key + "#alone") for key in reruns), (path, reruns)
+        assert len({key.partition("#")[0] for key in reruns}) >= 2, reruns  # innocent neighbours rerun too
+
+
+def test_a_leak_no_rerun_reproduces_stays_blamed_on_every_suspect(
+        stripped_leak_once: dict[str, tuple[Judgement, Exchange]]) -> None:
+    judgements = {test_id: judgement for test_id, (judgement, _seen) in stripped_leak_once.items()}
+    failed = _failed(judgements)
+    for path in PATHS:
+        row = f"{path}-{LEAKED_ROW}"
+        assert row in failed, failed
+        reason = judgements[row].reason
+        assert "no rerun alone reproduced it" in reason and "also blamed on" in reason, reason
+    # Sound over precise: the neighbours blamed with it fail too, each saying why.
+    assert len(failed) > 2, failed
+    for test_id, reason in failed.items():
+        assert "no rerun alone reproduced it" in reason, (test_id, reason)
