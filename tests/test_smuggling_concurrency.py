@@ -28,10 +28,12 @@ from pytest_sandbox.probes.smuggling import (
     PATHS,
     SMUGGLING_CONCURRENCY,
     TUNNEL,
+    _Blind,
     _nonce_carried,
     _nonce_probes,
     _plan,
     build_attempts,
+    reproduced_by,
     run_smuggling_campaign,
     tunnel_payload,
 )
@@ -283,3 +285,18 @@ def test_a_leak_no_rerun_reproduces_stays_blamed_on_every_suspect(
     assert len(failed) > 2, failed
     for test_id, reason in failed.items():
         assert "no rerun alone reproduced it" in reason, (test_id, reason)
+
+
+def test_reruns_keep_the_blame_on_the_suspects_that_reproduce_it_and_never_drop_a_leak() -> None:
+    leak = _Blind(("hit", 7), "10.0.0.1", b"helloGET /secret HTTP/1.1", frozenset({"a", "b", "c"}))
+    byteless = _Blind(("hit", 8), "10.0.0.1", b"", frozenset({"a", "b"}))
+    piece = _Blind(("piece", 0), "11.0.0.10:80", b"GET /secret HTTP/1.1", frozenset({"b", "c"}))
+    found = {"b": {("10.0.0.1", b"helloGET /secret HTTP/1.1")},
+             "c": {("10.0.0.1", b"GET /other HTTP/1.1"), ("11.0.0.10:80", b"GET /elsewhere HTTP/1.1")}}
+    narrowed, missing = reproduced_by([leak, byteless, piece], found, {"a", "b", "c"})
+    assert narrowed == {("hit", 7): frozenset({"b"}), ("hit", 8): frozenset({"b"})}
+    # Nobody reproduced the piece (c reached the origin with another request): every suspect keeps it.
+    assert missing == {("piece", 0)}
+    # A suspect that was not rerun is never cleared.
+    narrowed, missing = reproduced_by([leak], found, {"b"})
+    assert narrowed == {("hit", 7): frozenset({"a", "b", "c"})} and not missing

@@ -76,6 +76,7 @@ __all__ = [
     "absolute_follow_up",
     "build_attempts",
     "exchange",
+    "reproduced_by",
     "run_smuggling_attempt",
     "run_smuggling_campaign",
     "tunnel_follow_up",
