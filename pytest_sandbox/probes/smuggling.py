@@ -63,7 +63,7 @@ from pytest_sandbox.probes.inference import (
     inference_request,
     open_inference_tunnel,
 )
-from pytest_sandbox.verdicts.judgement import Judgement
+from pytest_sandbox.verdicts.judgement import Judgement, Verdict
 from pytest_sandbox.verdicts.smuggling import FOLLOW_UP_MARKER, Exchange, judge_exchange
 
 __all__ = [
@@ -154,7 +154,8 @@ def build_attempts(cases: Iterable[SmugglingCase] = SMUGGLING_CASES,
 
 def exchange(sock: socket.socket, payload: bytes, case: SmugglingCase, follow_up: bytes,
              upstream: Callable[[], tuple[UpstreamSegment, ...]], allowed: Sequence[UpstreamRequest], *,
-             mark: str, timeout: float = ATTEMPT_TIMEOUT_SECONDS, stray: Callable[[], str] = lambda: "") -> Exchange:
+             mark: str, timeout: float = ATTEMPT_TIMEOUT_SECONDS, stray: Callable[[], str] = lambda: "",
+             retried: bool = False) -> Exchange:
     """Send ``payload`` in one write, read the answers, then try ``follow_up`` on the same socket.
 
     A connection the case says must close is read until EOF or the deadline, but only as long as
@@ -187,7 +188,10 @@ def exchange(sock: socket.socket, payload: bytes, case: SmugglingCase, follow_up
         _fill_answers(reader, case.reaches_backend, timeout)
     responses = reader.responses()
     closed, timed_out, error = reader.eof, reader.timed_out, reader.error
-    follow_status = None if closed or leaked() else _follow_up(reader, follow_up, len(responses), timeout)
+    # ``retried``: an attempt whose deadline ran out before its answers were complete is sent again
+    # alone (its deadline was shared with the batch); a follow-up now would only meet a late answer.
+    skip = closed or leaked() or (retried and _deadline_bound(case, reader.timed_out, len(responses)))
+    follow_status = None if skip else _follow_up(reader, follow_up, len(responses), timeout)
     return Exchange(
         # parse_responses gives every response a status; the filter only narrows the type.
         statuses=tuple(r.status for r in responses if r.status is not None), closed=closed,
@@ -239,8 +243,12 @@ def run_smuggling_campaign(
     3. after the grace period, the rest one after another, as before: attempts that smuggle a request
        behind a body (a proxy may forward it on a connection of its own without the nonce), and
        everything on a path whose proxy dropped the nonce. Bytes without a nonce are attributed by
-       time and destination, and these windows do not overlap.
- Only after the last attempt and
+       time and destination, and these windows do not overlap. First among them, again with a fresh
+       nonce, every batch attempt whose deadline ran out before the proxy's answers were complete
+       without a leak (sixteen in flight share one machine: its deadline is measured again alone);
+       its verdict is the alone run's, unless what its batch run put upstream is a leak.
+
+    Only after the last attempt and
     the grace period is every byte the lab origins and ``backend`` received since the first one
     attributed (:func:`~pytest_sandbox.http.upstream.split_pieces`,
     :func:`~pytest_sandbox.http.upstream.attribute_pieces`): by nonce where its bytes carry one, else to
@@ -248,7 +256,10 @@ def run_smuggling_campaign(
     grace holds its arrival). So bytes a proxy forwards after it refused and closed count against
     the case that sent them, not the next one. Catch-all hits are attributed the same way
     (:func:`~pytest_sandbox.network.lab.attribution.attribute`). Every byte and hit attributed here is marked
-    judged; the session-end audit reports any that arrive later. Returns test id -> (judgement,
+    judged; the session-end audit reports any that arrive later. Evidence without a nonce blamed on
+    more than one attempt is then settled by isolation (:func:`_isolate`): every suspect is rerun
+    alone and keeps the blame only if its rerun reproduces it; if none does, every suspect keeps it
+    and the verdict says so. Returns test id -> (judgement,
     what it saw, with the upstream bytes attributed to it).
     """
     tests = [attempt.test_id for attempt in attempts]
@@ -263,6 +274,9 @@ def run_smuggling_campaign(
     planned = [_plan(attempt, prefix, origin=origin, denied=denied, backend_name=backend_name) for attempt in attempts]
     known = {plan.nonce: plan.key for plan in planned}
     sent: list[_Sent] = []
+
+    def by_key(key: str) -> _Sent:
+        return next(item for item in sent if item.window.key == key)
     # One snapshot per poll period for all the attempts in flight (see _StreamView).
     views = {ABSOLUTE: _StreamView(lab.origin_streams), TUNNEL: _StreamView(backend.received_streams)}
 
@@ -274,6 +288,7 @@ def run_smuggling_campaign(
         sent.append(_Sent(plan.attempt, AttemptWindow(plan.key, plan.nonce, plan.destinations, begin,
                                                       time.monotonic()), seen, plan.allowed))
 
+    retries: list[_Plan] = []
     try:
         # One positive control per path first (the shortest): whether its forwarded request carries
         # its nonce shows that the proxy passes the nonce field upstream on that path (RFC 9110
@@ -300,14 +315,22 @@ def run_smuggling_campaign(
                 # Past the batch's grace period first: bytes without a nonce of an attempt sent alone
                 # are then never blamed on the batch (whose windows all overlap) as well.
                 time.sleep(grace)
-        for plan in alone:
+        # Sixteen in flight share the machine: one whose deadline ran out before its answers were
+        # complete (and that showed no leak) is measured again alone, with a fresh nonce; what its
+        # batch run put upstream is still judged (see below), so a leak can only be added.
+        retries += [_retry_plan(plan, replan=lambda attempt: _plan(attempt, prefix, origin=origin, denied=denied,
+                                                                   backend_name=backend_name))
+                   for plan in together if _needs_retry(plan, by_key(plan.key))]
+        for again in retries:
+            known[again.nonce] = again.key
+        for plan in [*retries, *alone]:
             send(plan, alone=True)
     finally:
         # Registered even if an attempt raised: what it sent must stay attributable.
         lab.register_attempts(item.window for item in sent)
         lab.upstream_ledger.register(item.window for item in sent)
     order = {plan.key: index for index, plan in enumerate(planned)}
-    sent.sort(key=lambda item: order[item.window.key])
+    sent.sort(key=lambda item: (order[_original(item.window.key)], item.window.key))
     if grace > 0:
         last = max(item.window.end for item in sent)
         time.sleep(min(grace, max(0.0, last + grace - time.monotonic())))
@@ -329,7 +352,8 @@ def run_smuggling_campaign(
     blind = _blind_evidence(attributed, hits, hit_owners, attribution.exact, ours)
     isolation = _Isolation()
     if blind and grace > 0:
-        isolation = _isolate(blind, {plan.key: plan for plan in planned if plan.key in ours}, send_alone=lambda plan:
+        suspects = {plan.key: plan for plan in [*planned, *retries] if plan.key in ours}
+        isolation = _isolate(blind, suspects, send_alone=lambda plan:
                              _attempt(plan, connect, lab, backend, ca_pem, origin=origin, timeout=timeout,
                                       known=known, alone=True, views=views),
                              replan=lambda attempt: _plan(attempt, prefix, origin=origin, denied=denied,
@@ -345,7 +369,7 @@ def run_smuggling_campaign(
     def name(key: str) -> str:
         return key.partition("/")[2] or key
 
-    results: dict[str, tuple[Judgement, Exchange]] = {}
+    judged: dict[str, tuple[Judgement, Exchange]] = {}
     for item in sent:
         key = item.window.key
         at_backend = [(piece, keys) for piece, keys in attributed if piece.listener == backend_name]
@@ -362,7 +386,20 @@ def run_smuggling_campaign(
                     for segment in _noted(segments_of(elsewhere, key, name, ended=item.window.end), notes)]
         seen = replace(item.seen, upstream=_noted(segments_of(upstream, key, name, ended=item.window.end), notes),
                        stray=", ".join(reached))
-        results[item.attempt.test_id] = (judge_exchange(item.attempt.case, seen, item.allowed), seen)
+        judged[key] = (judge_exchange(item.attempt.case, seen, item.allowed), seen)
+    results: dict[str, tuple[Judgement, Exchange]] = {}
+    for item in sent:
+        key = item.window.key
+        if key.endswith(RETRY_SUFFIX):
+            continue
+        retry = judged.get(key + RETRY_SUFFIX)
+        if retry is None:
+            results[item.attempt.test_id] = judged[key]
+            continue
+        # The batch run's upstream evidence judged with the alone run's answers: a leak there stands.
+        first = replace(retry[1], upstream=judged[key][1].upstream, stray=judged[key][1].stray)
+        verdict = judge_exchange(item.attempt.case, first, item.allowed)
+        results[item.attempt.test_id] = (verdict, first) if verdict.verdict is Verdict.ALLOWED else retry
     return results
 
 
@@ -411,6 +448,30 @@ def _plan(attempt: SmugglingAttempt, prefix: str, *, origin: str, denied: str, b
     return _Plan(attempt, prefix + attempt.test_id, nonce, payload,
                  allowed_prefix(payload, attempt.case.reaches_backend), destinations,
                  nonce_in_every_head(payload, nonce))
+
+
+RETRY_SUFFIX = "#retry"
+
+
+def _original(key: str) -> str:
+    return key.removesuffix(RETRY_SUFFIX)
+
+
+def _retry_plan(plan: _Plan, *, replan: Callable[[SmugglingAttempt], _Plan]) -> _Plan:
+    """``plan`` again, with a fresh nonce, under the key ``<key>#retry``."""
+    return replace(replan(plan.attempt), key=plan.key + RETRY_SUFFIX)
+
+
+def _needs_retry(plan: _Plan, item: _Sent) -> bool:
+    """Whether a batch attempt's deadline ran out before the proxy's answers were complete while it
+    saw no leak (neither bytes beyond ``allowed`` carrying its nonce nor a relayed answer). Pure."""
+    seen, case = item.seen, plan.attempt.case
+    if not _deadline_bound(case, seen.timed_out, len(seen.statuses)):
+        return False
+    reading = read_upstream(seen.upstream)
+    relayed = any(seen.is_marked(index) for index in range(case.reaches_backend, len(seen.statuses)))
+    return case.is_positive_control or not (relayed or assess(reading.requests, reading.leftovers,
+                                                              plan.allowed).leak)
 
 
 def _nonce_probes(planned: Sequence[_Plan]) -> list[_Plan]:
@@ -466,14 +527,14 @@ def _attempt(plan: _Plan, connect: Callable[[], socket.socket], lab: NetworkLab,
     with connect() as sock:
         if attempt.path == ABSOLUTE:
             return exchange(sock, plan.payload, attempt.case, absolute_follow_up(origin, plan.nonce), upstream,
-                            plan.allowed, mark=mark, timeout=timeout)
+                            plan.allowed, mark=mark, timeout=timeout, retried=not alone)
         try:
             tls = open_inference_tunnel(sock, ca_pem, timeout=timeout)
         except OSError as error:  # ConnectionError, ssl.SSLError, a timeout: no tunnel, no answer
             return Exchange((), True, False, None, error=f"the tunnel could not be opened: {error}")
         with tls:
             return exchange(tls, plan.payload, attempt.case, tunnel_follow_up(plan.nonce), upstream, plan.allowed,
-                            mark=mark, timeout=timeout)
+                            mark=mark, timeout=timeout, retried=not alone)
 
 
 def _fill_answers(reader: SocketReader, wanted: int, timeout: float) -> None:
@@ -492,6 +553,12 @@ def _fill_answers(reader: SocketReader, wanted: int, timeout: float) -> None:
         if now >= wanted or reader.eof or reader.error or now == answered:
             return
         reader.deadline, reader.timed_out = time.monotonic() + timeout, False
+
+
+def _deadline_bound(case: SmugglingCase, timed_out: bool, answers: int) -> bool:
+    """Whether the deadline ran out before the proxy's answers were complete (every allowed request's,
+    and for a denied case the refusal). Pure."""
+    return timed_out and answers < case.reaches_backend + (0 if case.is_positive_control else 1)
 
 
 def _more_than(reader: SocketReader, count: int) -> bool:
