@@ -12,16 +12,18 @@ table-tested without sockets.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 from broken_proxies.harness import DENIED_CANARY, PUBLIC_ORIGIN, backend_config, private_backend, proxy_with_interceptor
 from broken_proxies.nonce_stripping_leak import StrippingLeakFront, StrippingLeakInterceptor, strip_nonces
 from broken_proxies.one_row_leak import OneRowLeakFront, OneRowLeakInterceptor
 
-from pytest_sandbox.catalogues.smuggling import SMUGGLING_CASES, render
-from pytest_sandbox.http.upstream import ReceivedStream, nonce_in_every_head, with_nonce
+from pytest_sandbox.catalogues.smuggling import SMUGGLING_CASES, case_by_id, render
+from pytest_sandbox.http.upstream import ReceivedStream, UpstreamSegment, nonce_in_every_head, with_nonce
 from pytest_sandbox.inference.fake_backend import FakeInferenceBackend
 from pytest_sandbox.network.harness import interception_of
+from pytest_sandbox.network.lab.attribution import AttemptWindow
 from pytest_sandbox.network.lab.lab import NetworkLab
 from pytest_sandbox.probes.smuggling import (
     ABSOLUTE,
@@ -29,9 +31,13 @@ from pytest_sandbox.probes.smuggling import (
     SMUGGLING_CONCURRENCY,
     TUNNEL,
     _Blind,
+    _deadline_bound,
+    _needs_retry,
     _nonce_carried,
     _nonce_probes,
+    _Plan,
     _plan,
+    _Sent,
     build_attempts,
     reproduced_by,
     run_smuggling_campaign,
@@ -300,3 +306,31 @@ def test_reruns_keep_the_blame_on_the_suspects_that_reproduce_it_and_never_drop_
     # A suspect that was not rerun is never cleared.
     narrowed, missing = reproduced_by([leak], found, {"b"})
     assert narrowed == {("hit", 7): frozenset({"a", "b", "c"})} and not missing
+
+
+# --- load: a deadline shared with fifteen other attempts is measured again alone ---------------------------
+
+
+def _sent(case_id: str, seen: Exchange) -> tuple[_Plan, _Sent]:
+    attempt = next(a for a in build_attempts(paths=[ABSOLUTE]) if a.case.case_id == case_id)
+    plan = _plan(attempt, "t/", origin=PUBLIC_ORIGIN, denied=DENIED_CANARY, backend_name="backend b")
+    return plan, _Sent(attempt, AttemptWindow(plan.key, plan.nonce, plan.destinations, 0.0, 1.0), seen, plan.allowed)
+
+
+def test_only_an_attempt_whose_deadline_ran_out_before_its_answers_and_that_showed_no_leak_is_sent_again() -> None:
+    control, denied = case_by_id("pipeline-safe-chunked-then-get"), case_by_id("routed-then-denied")
+    assert control.reaches_backend == 2 and denied.reaches_backend == 1 and not denied.is_positive_control
+    late = Exchange(statuses=(200,), closed=False, timed_out=True, follow_up=None)
+    assert _needs_retry(*_sent(control.case_id, late))  # the second answer was late
+    plan, item = _sent(denied.case_id, late)
+    allowed_only = UpstreamSegment("11.0.0.10:80 connection 1", plan.payload.partition(b"\r\n\r\n")[0] + b"\r\n\r\n")
+    assert _needs_retry(plan, replace(item, seen=replace(late, upstream=(allowed_only,))))  # the refusal was late
+    # Answered completely and left open: a real finding, not a late answer.
+    assert not _needs_retry(plan, replace(item, seen=replace(late, statuses=(200, 403))))
+    # The denied request reached upstream: a leak, whatever the deadline.
+    leaked = UpstreamSegment("11.0.0.10:80 connection 1", plan.payload)
+    assert not _needs_retry(plan, replace(item, seen=replace(late, upstream=(leaked,))))
+    # The origin's answer relayed where the refusal belongs: a leak too.
+    relayed = replace(late, statuses=(200, 200), marked=(True, True), timed_out=True)
+    assert not _deadline_bound(denied, True, 2) and not _needs_retry(plan, replace(item, seen=relayed))
+    assert not _needs_retry(*_sent(control.case_id, replace(late, timed_out=False)))
