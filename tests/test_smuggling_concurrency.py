@@ -12,29 +12,39 @@ table-tested without sockets.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 from broken_proxies.harness import DENIED_CANARY, PUBLIC_ORIGIN, backend_config, private_backend, proxy_with_interceptor
+from broken_proxies.nonce_stripping_leak import StrippingLeakFront, StrippingLeakInterceptor, strip_nonces
 from broken_proxies.one_row_leak import OneRowLeakFront, OneRowLeakInterceptor
 
-from pytest_sandbox.catalogues.smuggling import SMUGGLING_CASES, render
-from pytest_sandbox.http.upstream import ReceivedStream, nonce_in_every_head, with_nonce
+from pytest_sandbox.catalogues.smuggling import SMUGGLING_CASES, case_by_id, render
+from pytest_sandbox.http.upstream import ReceivedStream, UpstreamSegment, nonce_in_every_head, with_nonce
 from pytest_sandbox.inference.fake_backend import FakeInferenceBackend
 from pytest_sandbox.network.harness import interception_of
+from pytest_sandbox.network.lab.attribution import AttemptWindow
 from pytest_sandbox.network.lab.lab import NetworkLab
 from pytest_sandbox.probes.smuggling import (
     ABSOLUTE,
     PATHS,
     SMUGGLING_CONCURRENCY,
     TUNNEL,
+    _Blind,
+    _deadline_bound,
+    _needs_retry,
     _nonce_carried,
     _nonce_probes,
+    _Plan,
     _plan,
+    _Sent,
     build_attempts,
+    reproduced_by,
     run_smuggling_campaign,
     tunnel_payload,
 )
 from pytest_sandbox.verdicts.judgement import Judgement, Verdict
+from pytest_sandbox.verdicts.smuggling import Exchange
 
 LEAKED_ROW = "host-comma-list"
 # Its Host line on each path: in no other row's bytes (checked below), so the proxy leaks exactly it.
@@ -192,3 +202,135 @@ def test_one_control_per_path_probes_whether_the_proxy_passes_the_nonce() -> Non
     # Without a control on a path, nothing there runs concurrently.
     assert _nonce_probes([plan for plan in plans if plan.attempt.path == TUNNEL]) == [probes[1]]
     assert _nonce_probes([plan for plan in plans if not plan.attempt.case.is_positive_control]) == []
+
+
+# --- isolation reruns: a leak without a nonce lands on the row that reproduces it ----------------------
+
+STRIP_INNER_PORT = 3192
+STRIP_FRONT_PORT = 3193
+ONCE_INNER_PORT = 3194
+ONCE_FRONT_PORT = 3195
+
+
+def _stripping_campaign(lab: NetworkLab, backend: FakeInferenceBackend, *, once: bool, inner_port: int,
+                        front_port: int) -> dict[str, tuple[Judgement, Exchange]]:
+    trust = interception_of(lab).trust
+    handler = StrippingLeakInterceptor(trust.ca, backend_config(backend), resolver=lab.resolver(),
+                                       socket_factory=lab.socket, record=lambda decision: None,
+                                       marker=MARKERS[TUNNEL], once=once)
+    with proxy_with_interceptor(lab, handler, inner_port) as inner:
+        front = StrippingLeakFront(lab, "127.0.0.1", front_port, (inner.address, inner.port),
+                                   marker=MARKERS[ABSOLUTE], default=(PUBLIC_ORIGIN, 80), once=once)
+        try:
+            return run_smuggling_campaign(build_attempts(), front.connect, lab, backend, trust.cert_pem,
+                                          origin=PUBLIC_ORIGIN, denied=DENIED_CANARY, timeout=TIMEOUT_SECONDS)
+        finally:
+            front.stop()
+
+
+@pytest.fixture(scope="module")
+def stripped_leak(_network_lab: NetworkLab, leak_backend: FakeInferenceBackend
+                  ) -> dict[str, tuple[Judgement, Exchange]]:
+    """Every row on both paths through a proxy that leaks one row with its nonce stripped, every time."""
+    return _stripping_campaign(_network_lab, leak_backend, once=False, inner_port=STRIP_INNER_PORT,
+                               front_port=STRIP_FRONT_PORT)
+
+
+@pytest.fixture(scope="module")
+def stripped_leak_once(_network_lab: NetworkLab, leak_backend: FakeInferenceBackend
+                       ) -> dict[str, tuple[Judgement, Exchange]]:
+    """The same, but the row leaks only the first time on each path (a rerun does not reproduce it)."""
+    return _stripping_campaign(_network_lab, leak_backend, once=True, inner_port=ONCE_INNER_PORT,
+                               front_port=ONCE_FRONT_PORT)
+
+
+def test_the_stripping_proxy_removes_every_nonce() -> None:
+    payload = with_nonce(b"GET http://h/ HTTP/1.1\r\nHost: h\r\n\r\n", NONCE)
+    assert strip_nonces(payload) == b"GET http://h/ HTTP/1.1\r\nHost: h\r\n\r\n"
+    assert strip_nonces(b"POST / HTTP/1.1\r\nContent-Length: 20\r\n\r\n" + NONCE.encode()).endswith(
+        b"sbx-xxxxxxxxxxxxxxxx")
+
+
+def test_a_leak_without_a_nonce_is_blamed_on_the_row_that_reproduces_it_alone(
+        stripped_leak: dict[str, tuple[Judgement, Exchange]]) -> None:
+    judgements = {test_id: judgement for test_id, (judgement, _seen) in stripped_leak.items()}
+    leaked = {f"{ABSOLUTE}-{LEAKED_ROW}", f"{TUNNEL}-{LEAKED_ROW}"}
+    assert set(_failed(judgements)) == leaked, _failed(judgements)
+    absolute = judgements[f"{ABSOLUTE}-{LEAKED_ROW}"].reason
+    assert "Host: 11.0.0.10, 10.0.0.1" in absolute and "reproduced when this attempt was rerun alone" in absolute, \
+        absolute
+    assert "also blamed" not in absolute, absolute
+    tunnel = judgements[f"{TUNNEL}-{LEAKED_ROW}"].reason
+    assert "Host: inference.local, inference.local" in tunnel, tunnel
+    assert "reproduced when this attempt was rerun alone" in tunnel and "also blamed" not in tunnel, tunnel
+
+
+def test_the_stripped_leak_was_first_blamed_on_neighbours_in_flight(
+        _network_lab: NetworkLab, stripped_leak: dict[str, tuple[Judgement, Exchange]]) -> None:
+    """Not a vacuous pass: the leak arrived while other attempts were in flight, so only the reruns
+    (windows ``...#aloneN``) can have cleared them; the leaked row was rerun on both paths."""
+    windows = _network_lab.upstream_ledger.windows
+    for path in PATHS:
+        mine = next(w for w in reversed(windows) if w.key.endswith(f"/{path}-{LEAKED_ROW}"))
+        campaign = mine.key.partition("/")[0]
+        reruns = [w.key for w in windows if w.key.partition("/")[0] == campaign and "#alone" in w.key]
+        assert any(key.startswith(mine.key + "#alone") for key in reruns), (path, reruns)
+        assert len({key.partition("#")[0] for key in reruns}) >= 2, reruns  # innocent neighbours rerun too
+
+
+def test_a_leak_no_rerun_reproduces_stays_blamed_on_every_suspect(
+        stripped_leak_once: dict[str, tuple[Judgement, Exchange]]) -> None:
+    judgements = {test_id: judgement for test_id, (judgement, _seen) in stripped_leak_once.items()}
+    failed = _failed(judgements)
+    for path in PATHS:
+        row = f"{path}-{LEAKED_ROW}"
+        assert row in failed, failed
+        reason = judgements[row].reason
+        assert "no rerun alone reproduced it" in reason and "also blamed on" in reason, reason
+    # Sound over precise: the neighbours blamed with it fail too, each saying why.
+    assert len(failed) > 2, failed
+    for test_id, reason in failed.items():
+        assert "no rerun alone reproduced it" in reason, (test_id, reason)
+
+
+def test_reruns_keep_the_blame_on_the_suspects_that_reproduce_it_and_never_drop_a_leak() -> None:
+    leak = _Blind(("hit", 7), "10.0.0.1", b"helloGET /secret HTTP/1.1", frozenset({"a", "b", "c"}))
+    byteless = _Blind(("hit", 8), "10.0.0.1", b"", frozenset({"a", "b"}))
+    piece = _Blind(("piece", 0), "11.0.0.10:80", b"GET /secret HTTP/1.1", frozenset({"b", "c"}))
+    found = {"b": {("10.0.0.1", b"helloGET /secret HTTP/1.1")},
+             "c": {("10.0.0.1", b"GET /other HTTP/1.1"), ("11.0.0.10:80", b"GET /elsewhere HTTP/1.1")}}
+    narrowed, missing = reproduced_by([leak, byteless, piece], found, {"a", "b", "c"})
+    assert narrowed == {("hit", 7): frozenset({"b"}), ("hit", 8): frozenset({"b"})}
+    # Nobody reproduced the piece (c reached the origin with another request): every suspect keeps it.
+    assert missing == {("piece", 0)}
+    # A suspect that was not rerun is never cleared.
+    narrowed, missing = reproduced_by([leak], found, {"b"})
+    assert narrowed == {("hit", 7): frozenset({"a", "b", "c"})} and not missing
+
+
+# --- load: a deadline shared with fifteen other attempts is measured again alone ---------------------------
+
+
+def _sent(case_id: str, seen: Exchange) -> tuple[_Plan, _Sent]:
+    attempt = next(a for a in build_attempts(paths=[ABSOLUTE]) if a.case.case_id == case_id)
+    plan = _plan(attempt, "t/", origin=PUBLIC_ORIGIN, denied=DENIED_CANARY, backend_name="backend b")
+    return plan, _Sent(attempt, AttemptWindow(plan.key, plan.nonce, plan.destinations, 0.0, 1.0), seen, plan.allowed)
+
+
+def test_only_an_attempt_whose_deadline_ran_out_before_its_answers_and_that_showed_no_leak_is_sent_again() -> None:
+    control, denied = case_by_id("pipeline-safe-chunked-then-get"), case_by_id("routed-then-denied")
+    assert control.reaches_backend == 2 and denied.reaches_backend == 1 and not denied.is_positive_control
+    late = Exchange(statuses=(200,), closed=False, timed_out=True, follow_up=None)
+    assert _needs_retry(*_sent(control.case_id, late))  # the second answer was late
+    plan, item = _sent(denied.case_id, late)
+    allowed_only = UpstreamSegment("11.0.0.10:80 connection 1", plan.payload.partition(b"\r\n\r\n")[0] + b"\r\n\r\n")
+    assert _needs_retry(plan, replace(item, seen=replace(late, upstream=(allowed_only,))))  # the refusal was late
+    # Answered completely and left open: a real finding, not a late answer.
+    assert not _needs_retry(plan, replace(item, seen=replace(late, statuses=(200, 403))))
+    # The denied request reached upstream: a leak, whatever the deadline.
+    leaked = UpstreamSegment("11.0.0.10:80 connection 1", plan.payload)
+    assert not _needs_retry(plan, replace(item, seen=replace(late, upstream=(leaked,))))
+    # The origin's answer relayed where the refusal belongs: a leak too.
+    relayed = replace(late, statuses=(200, 200), marked=(True, True), timed_out=True)
+    assert not _deadline_bound(denied, True, 2) and not _needs_retry(plan, replace(item, seen=relayed))
+    assert not _needs_retry(*_sent(control.case_id, replace(late, timed_out=False)))

@@ -17,13 +17,16 @@ upstream and judge each with the pure :func:`~pytest_sandbox.verdicts.smuggling.
 
 from __future__ import annotations
 
+import functools
 import itertools
+import math
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from pytest_sandbox.catalogues.smuggling import ABSOLUTE_FORM, SMUGGLING_CASES, TUNNEL_FORM, SmugglingCase, render
 from pytest_sandbox.http.upstream import (
@@ -44,16 +47,23 @@ from pytest_sandbox.http.upstream import (
 )
 from pytest_sandbox.inference.fake_backend import FakeInferenceBackend
 from pytest_sandbox.inference.routing import INFERENCE_HOST
-from pytest_sandbox.network.lab.attribution import NONCE_HEADER, AttemptWindow, attribute, describe_hit, new_nonce
+from pytest_sandbox.network.lab.attribution import (
+    NONCE_HEADER,
+    AttemptWindow,
+    CatchAllHit,
+    attribute,
+    describe_hit,
+    new_nonce,
+)
 from pytest_sandbox.network.lab.lab import NetworkLab
-from pytest_sandbox.probes.campaign import GRACE_SECONDS
+from pytest_sandbox.probes.campaign import GRACE_SECONDS, isolation_rounds
 from pytest_sandbox.probes.exchange import SocketReader
 from pytest_sandbox.probes.inference import (
     ATTEMPT_TIMEOUT_SECONDS,
     inference_request,
     open_inference_tunnel,
 )
-from pytest_sandbox.verdicts.judgement import Judgement
+from pytest_sandbox.verdicts.judgement import Judgement, Verdict
 from pytest_sandbox.verdicts.smuggling import FOLLOW_UP_MARKER, Exchange, judge_exchange
 
 __all__ = [
@@ -66,6 +76,7 @@ __all__ = [
     "absolute_follow_up",
     "build_attempts",
     "exchange",
+    "reproduced_by",
     "run_smuggling_attempt",
     "run_smuggling_campaign",
     "tunnel_follow_up",
@@ -143,7 +154,8 @@ def build_attempts(cases: Iterable[SmugglingCase] = SMUGGLING_CASES,
 
 def exchange(sock: socket.socket, payload: bytes, case: SmugglingCase, follow_up: bytes,
              upstream: Callable[[], tuple[UpstreamSegment, ...]], allowed: Sequence[UpstreamRequest], *,
-             mark: str, timeout: float = ATTEMPT_TIMEOUT_SECONDS, stray: Callable[[], str] = lambda: "") -> Exchange:
+             mark: str, timeout: float = ATTEMPT_TIMEOUT_SECONDS, stray: Callable[[], str] = lambda: "",
+             retried: bool = False) -> Exchange:
     """Send ``payload`` in one write, read the answers, then try ``follow_up`` on the same socket.
 
     A connection the case says must close is read until EOF or the deadline, but only as long as
@@ -173,10 +185,13 @@ def exchange(sock: socket.socket, payload: bytes, case: SmugglingCase, follow_up
     if case.must_close:
         reader.fill(relayed, poll=LEAK_POLL_SECONDS, idle=leaked)
     else:
-        reader.fill(lambda: len(reader.responses()) >= case.reaches_backend)
+        _fill_answers(reader, case.reaches_backend, timeout)
     responses = reader.responses()
     closed, timed_out, error = reader.eof, reader.timed_out, reader.error
-    follow_status = None if closed or leaked() else _follow_up(reader, follow_up, len(responses), timeout)
+    # ``retried``: an attempt whose deadline ran out before its answers were complete is sent again
+    # alone (its deadline was shared with the batch); a follow-up now would only meet a late answer.
+    skip = closed or leaked() or (retried and _deadline_bound(case, reader.timed_out, len(responses)))
+    follow_status = None if skip else _follow_up(reader, follow_up, len(responses), timeout)
     return Exchange(
         # parse_responses gives every response a status; the filter only narrows the type.
         statuses=tuple(r.status for r in responses if r.status is not None), closed=closed,
@@ -228,8 +243,12 @@ def run_smuggling_campaign(
     3. after the grace period, the rest one after another, as before: attempts that smuggle a request
        behind a body (a proxy may forward it on a connection of its own without the nonce), and
        everything on a path whose proxy dropped the nonce. Bytes without a nonce are attributed by
-       time and destination, and these windows do not overlap.
- Only after the last attempt and
+       time and destination, and these windows do not overlap. First among them, again with a fresh
+       nonce, every batch attempt whose deadline ran out before the proxy's answers were complete
+       without a leak (sixteen in flight share one machine: its deadline is measured again alone);
+       its verdict is the alone run's, unless what its batch run put upstream is a leak.
+
+    Only after the last attempt and
     the grace period is every byte the lab origins and ``backend`` received since the first one
     attributed (:func:`~pytest_sandbox.http.upstream.split_pieces`,
     :func:`~pytest_sandbox.http.upstream.attribute_pieces`): by nonce where its bytes carry one, else to
@@ -237,7 +256,10 @@ def run_smuggling_campaign(
     grace holds its arrival). So bytes a proxy forwards after it refused and closed count against
     the case that sent them, not the next one. Catch-all hits are attributed the same way
     (:func:`~pytest_sandbox.network.lab.attribution.attribute`). Every byte and hit attributed here is marked
-    judged; the session-end audit reports any that arrive later. Returns test id -> (judgement,
+    judged; the session-end audit reports any that arrive later. Evidence without a nonce blamed on
+    more than one attempt is then settled by isolation (:func:`_isolate`): every suspect is rerun
+    alone and keeps the blame only if its rerun reproduces it; if none does, every suspect keeps it
+    and the verdict says so. Returns test id -> (judgement,
     what it saw, with the upstream bytes attributed to it).
     """
     tests = [attempt.test_id for attempt in attempts]
@@ -253,14 +275,20 @@ def run_smuggling_campaign(
     known = {plan.nonce: plan.key for plan in planned}
     sent: list[_Sent] = []
 
+    def by_key(key: str) -> _Sent:
+        return next(item for item in sent if item.window.key == key)
+    # One snapshot per poll period for all the attempts in flight (see _StreamView).
+    views = {ABSOLUTE: _StreamView(lab.origin_streams), TUNNEL: _StreamView(backend.received_streams)}
+
     def send(plan: _Plan, alone: bool) -> None:
         begin = time.monotonic()
         seen = _attempt(plan, connect, lab, backend, ca_pem, origin=origin, timeout=timeout,
-                        known=known, alone=alone)
+                        known=known, alone=alone, views=views)
         # list.append is atomic: worker threads share ``sent``.
         sent.append(_Sent(plan.attempt, AttemptWindow(plan.key, plan.nonce, plan.destinations, begin,
                                                       time.monotonic()), seen, plan.allowed))
 
+    retries: list[_Plan] = []
     try:
         # One positive control per path first (the shortest): whether its forwarded request carries
         # its nonce shows that the proxy passes the nonce field upstream on that path (RFC 9110
@@ -287,14 +315,22 @@ def run_smuggling_campaign(
                 # Past the batch's grace period first: bytes without a nonce of an attempt sent alone
                 # are then never blamed on the batch (whose windows all overlap) as well.
                 time.sleep(grace)
-        for plan in alone:
+        # Sixteen in flight share the machine: one whose deadline ran out before its answers were
+        # complete (and that showed no leak) is measured again alone, with a fresh nonce; what its
+        # batch run put upstream is still judged (see below), so a leak can only be added.
+        retries += [_retry_plan(plan, replan=lambda attempt: _plan(attempt, prefix, origin=origin, denied=denied,
+                                                                   backend_name=backend_name))
+                   for plan in together if _needs_retry(plan, by_key(plan.key))]
+        for again in retries:
+            known[again.nonce] = again.key
+        for plan in [*retries, *alone]:
             send(plan, alone=True)
     finally:
         # Registered even if an attempt raised: what it sent must stay attributable.
         lab.register_attempts(item.window for item in sent)
         lab.upstream_ledger.register(item.window for item in sent)
     order = {plan.key: index for index, plan in enumerate(planned)}
-    sent.sort(key=lambda item: order[item.window.key])
+    sent.sort(key=lambda item: (order[_original(item.window.key)], item.window.key))
     if grace > 0:
         last = max(item.window.end for item in sent)
         time.sleep(min(grace, max(0.0, last + grace - time.monotonic())))
@@ -310,16 +346,30 @@ def run_smuggling_campaign(
     owners = attribute_pieces(pieces, ledger.windows, grace, before=before)
     attributed = list(zip(pieces, owners, strict=True))
     ours = {item.window.key for item in sent}
+    hits = lab.hits(since=hit_mark)
+    attribution = attribute(hits, lab.attempt_windows(), grace)
+    hit_owners = dict(attribution.owners)
+    blind = _blind_evidence(attributed, hits, hit_owners, attribution.exact, ours)
+    isolation = _Isolation()
+    if blind and grace > 0:
+        suspects = {plan.key: plan for plan in [*planned, *retries] if plan.key in ours}
+        isolation = _isolate(blind, suspects, send_alone=lambda plan:
+                             _attempt(plan, connect, lab, backend, ca_pem, origin=origin, timeout=timeout,
+                                      known=known, alone=True, views=views),
+                             replan=lambda attempt: _plan(attempt, prefix, origin=origin, denied=denied,
+                                                          backend_name=backend_name),
+                             lab=lab, backend=backend, known=known, grace=grace)
+        attributed = [(piece, isolation.owners.get(("piece", index), keys))
+                      for index, (piece, keys) in enumerate(attributed)]
+        hit_owners.update({index: keys for (kind, index), keys in isolation.owners.items() if kind == "hit"})
     for piece, keys in attributed:
         if keys & ours:
             ledger.account(piece, keys)
-    hits = lab.hits(since=hit_mark)
-    hit_owners = attribute(hits, lab.attempt_windows(), grace).owners
 
     def name(key: str) -> str:
         return key.partition("/")[2] or key
 
-    results: dict[str, tuple[Judgement, Exchange]] = {}
+    judged: dict[str, tuple[Judgement, Exchange]] = {}
     for item in sent:
         key = item.window.key
         at_backend = [(piece, keys) for piece, keys in attributed if piece.listener == backend_name]
@@ -327,15 +377,53 @@ def run_smuggling_campaign(
         upstream, elsewhere = (at_backend, at_origins) if item.attempt.path == TUNNEL else (at_origins, at_backend)
         blamed = [hit for hit in hits if key in hit_owners.get(hit.index, frozenset())]
         lab.account([hit.index for hit in blamed], by=key)
-        reached = [f"canary {describe_hit(hit)}" for hit in blamed]
+        reached = [f"canary {describe_hit(hit)}{isolation.note(('hit', hit.index), key)}" for hit in blamed]
         other = "a lab origin (the tunnel must only reach the backend)" if item.attempt.path == TUNNEL \
             else "the inference backend"
+        notes = {piece.where: isolation.note(("piece", index), key) for index, (piece, keys) in enumerate(attributed)
+                 if key in keys and isolation.note(("piece", index), key)}
         reached += [f"{other}, {segment.where}: {shown(segment.data)}"
-                    for segment in segments_of(elsewhere, key, name, ended=item.window.end)]
-        seen = replace(item.seen, upstream=segments_of(upstream, key, name, ended=item.window.end),
+                    for segment in _noted(segments_of(elsewhere, key, name, ended=item.window.end), notes)]
+        seen = replace(item.seen, upstream=_noted(segments_of(upstream, key, name, ended=item.window.end), notes),
                        stray=", ".join(reached))
-        results[item.attempt.test_id] = (judge_exchange(item.attempt.case, seen, item.allowed), seen)
+        judged[key] = (judge_exchange(item.attempt.case, seen, item.allowed), seen)
+    results: dict[str, tuple[Judgement, Exchange]] = {}
+    for item in sent:
+        key = item.window.key
+        if key.endswith(RETRY_SUFFIX):
+            continue
+        retry = judged.get(key + RETRY_SUFFIX)
+        if retry is None:
+            results[item.attempt.test_id] = judged[key]
+            continue
+        # The batch run's upstream evidence judged with the alone run's answers: a leak there stands.
+        first = replace(retry[1], upstream=judged[key][1].upstream, stray=judged[key][1].stray)
+        verdict = judge_exchange(item.attempt.case, first, item.allowed)
+        results[item.attempt.test_id] = (verdict, first) if verdict.verdict is Verdict.ALLOWED else retry
     return results
+
+
+class _StreamView:
+    """The upstream streams as the attempts in flight poll them: one snapshot shared by every attempt,
+    taken at most once per :data:`LEAK_POLL_SECONDS`.
+
+    A snapshot runs on the lab's loop thread (or under the backend's lock) and copies every
+    connection's bytes; that loop also serves the origins the proxy forwards to. Sixteen attempts each
+    polling on their own starved it under load (a control then missed its deadline because the
+    origin answered late, not because the proxy did): the polling now costs the same whether one
+    attempt or sixteen wait."""
+
+    def __init__(self, fetch: Callable[[], list[ReceivedStream]], max_age: float = LEAK_POLL_SECONDS) -> None:
+        self._fetch, self._max_age = fetch, max_age
+        self._lock = threading.Lock()
+        self._taken = -math.inf
+        self._streams: list[ReceivedStream] = []
+
+    def streams(self) -> list[ReceivedStream]:
+        with self._lock:
+            if time.monotonic() - self._taken >= self._max_age:
+                self._streams, self._taken = self._fetch(), time.monotonic()
+            return self._streams
 
 
 @dataclass(frozen=True)
@@ -360,6 +448,30 @@ def _plan(attempt: SmugglingAttempt, prefix: str, *, origin: str, denied: str, b
     return _Plan(attempt, prefix + attempt.test_id, nonce, payload,
                  allowed_prefix(payload, attempt.case.reaches_backend), destinations,
                  nonce_in_every_head(payload, nonce))
+
+
+RETRY_SUFFIX = "#retry"
+
+
+def _original(key: str) -> str:
+    return key.removesuffix(RETRY_SUFFIX)
+
+
+def _retry_plan(plan: _Plan, *, replan: Callable[[SmugglingAttempt], _Plan]) -> _Plan:
+    """``plan`` again, with a fresh nonce, under the key ``<key>#retry``."""
+    return replace(replan(plan.attempt), key=plan.key + RETRY_SUFFIX)
+
+
+def _needs_retry(plan: _Plan, item: _Sent) -> bool:
+    """Whether a batch attempt's deadline ran out before the proxy's answers were complete while it
+    saw no leak (neither bytes beyond ``allowed`` carrying its nonce nor a relayed answer). Pure."""
+    seen, case = item.seen, plan.attempt.case
+    if not _deadline_bound(case, seen.timed_out, len(seen.statuses)):
+        return False
+    reading = read_upstream(seen.upstream)
+    relayed = any(seen.is_marked(index) for index in range(case.reaches_backend, len(seen.statuses)))
+    return case.is_positive_control or not (relayed or assess(reading.requests, reading.leftovers,
+                                                              plan.allowed).leak)
 
 
 def _nonce_probes(planned: Sequence[_Plan]) -> list[_Plan]:
@@ -390,7 +502,8 @@ def _nonce_carried(controls: Sequence[_Plan], start: Mapping[tuple[str, int], in
 
 
 def _attempt(plan: _Plan, connect: Callable[[], socket.socket], lab: NetworkLab, backend: FakeInferenceBackend,
-             ca_pem: bytes, *, origin: str, timeout: float, known: Mapping[str, str], alone: bool) -> Exchange:
+             ca_pem: bytes, *, origin: str, timeout: float, known: Mapping[str, str], alone: bool,
+             views: Mapping[str, _StreamView]) -> Exchange:
     """One attempt's exchange with the proxy. While it runs, the bytes upstream since it began are
     watched (to stop waiting as soon as it has leaked); the campaign attributes them afterwards.
 
@@ -398,11 +511,12 @@ def _attempt(plan: _Plan, connect: Callable[[], socket.socket], lab: NetworkLab,
     carrying none; never another attempt's (``known``: every nonce of the campaign)."""
     attempt = plan.attempt
     before = received_counts(backend.received_streams() if attempt.path == TUNNEL else lab.origin_streams())
+    view = views[attempt.path]
 
     token = plan.nonce.encode("ascii")
 
     def upstream() -> tuple[UpstreamSegment, ...]:
-        streams = backend.received_streams() if attempt.path == TUNNEL else lab.origin_streams()
+        streams = view.streams()
         # Sent together with others, only pieces carrying its nonce count: skip streams without it.
         fresh = [stream for stream in streams if stream.received > before.get(stream.key, 0)
                  and (alone or token in stream.data[before.get(stream.key, 0):])]
@@ -415,14 +529,42 @@ def _attempt(plan: _Plan, connect: Callable[[], socket.socket], lab: NetworkLab,
     with connect() as sock:
         if attempt.path == ABSOLUTE:
             return exchange(sock, plan.payload, attempt.case, absolute_follow_up(origin, plan.nonce), upstream,
-                            plan.allowed, mark=mark, timeout=timeout)
+                            plan.allowed, mark=mark, timeout=timeout, retried=not alone)
         try:
             tls = open_inference_tunnel(sock, ca_pem, timeout=timeout)
         except OSError as error:  # ConnectionError, ssl.SSLError, a timeout: no tunnel, no answer
             return Exchange((), True, False, None, error=f"the tunnel could not be opened: {error}")
         with tls:
             return exchange(tls, plan.payload, attempt.case, tunnel_follow_up(plan.nonce), upstream, plan.allowed,
-                            mark=mark, timeout=timeout)
+                            mark=mark, timeout=timeout, retried=not alone)
+
+
+def _fill_answers(reader: SocketReader, wanted: int, timeout: float) -> None:
+    """Read until ``wanted`` answers arrived: the deadline counts ``timeout`` from the last sign of
+    progress (the send, then each complete answer), at most ``wanted`` times.
+
+    A proxy answers pipelined requests in order (RFC 9112 §9.3.2), and one that opens a connection of
+    its own per forwarded request (the reference interceptor does, over TLS) starts on the n-th only
+    after the (n-1)-th: under load, a single deadline for all of them turned a control served slowly
+    into "not served". Waiting longer can only show more of what the proxy does; it never hides
+    bytes that reached upstream (those are judged from the upstream record)."""
+    for _ in range(max(1, wanted)):
+        answered = len(reader.responses())
+        reader.fill(functools.partial(_more_than, reader, min(answered, wanted - 1)))
+        now = len(reader.responses())
+        if now >= wanted or reader.eof or reader.error or now == answered:
+            return
+        reader.deadline, reader.timed_out = time.monotonic() + timeout, False
+
+
+def _deadline_bound(case: SmugglingCase, timed_out: bool, answers: int) -> bool:
+    """Whether the deadline ran out before the proxy's answers were complete (every allowed request's,
+    and for a denied case the refusal). Pure."""
+    return timed_out and answers < case.reaches_backend + (0 if case.is_positive_control else 1)
+
+
+def _more_than(reader: SocketReader, count: int) -> bool:
+    return len(reader.responses()) > count
 
 
 def _follow_up(reader: SocketReader, request: bytes, answered: int, timeout: float) -> int | None:
@@ -439,3 +581,144 @@ def _follow_up(reader: SocketReader, request: bytes, answered: int, timeout: flo
     reader.fill(lambda: len(reader.responses()) > answered)
     responses = reader.responses()
     return responses[-1].status if len(responses) > answered else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Isolation: evidence without a nonce blamed on several attempts, settled by rerunning each alone
+# --------------------------------------------------------------------------------------------------
+
+EvidenceId = tuple[str, int]  # ("piece", index in the attributed pieces) or ("hit", catch-all hit index)
+
+
+@dataclass(frozen=True)
+class _Blind:
+    """Evidence without a nonce blamed on more than one of the campaign's attempts: where it arrived
+    (a listener or a canary address), its first line, and its suspects (the campaign's own owners)."""
+
+    evidence: EvidenceId
+    address: str
+    line: bytes
+    suspects: frozenset[str]
+
+
+def _first_line(data: bytes) -> bytes:
+    """What must recur for a rerun to reproduce a leak: the request line (RFC 9112 §3) the proxy
+    wrote, which carries no nonce and nothing that changes between runs. Pure."""
+    return data.split(b"\n", 1)[0].rstrip(b"\r")
+
+
+def _blind_evidence(attributed: Sequence[tuple[UpstreamPiece, frozenset[str]]], hits: Sequence[CatchAllHit],
+                    hit_owners: Mapping[int, frozenset[str]], exact: frozenset[int],
+                    ours: set[str]) -> list[_Blind]:
+    """The pieces and catch-all hits without a nonce that more than one of ``ours`` is blamed for. Pure."""
+    blind = [_Blind(("piece", index), piece.listener, _first_line(piece.data), keys & ours)
+             for index, (piece, keys) in enumerate(attributed) if not piece.nonces and len(keys & ours) > 1]
+    blind += [_Blind(("hit", hit.index), hit.address, _first_line(hit.received),
+                     hit_owners.get(hit.index, frozenset()) & ours)
+              for hit in hits if hit.index not in exact and len(hit_owners.get(hit.index, frozenset()) & ours) > 1]
+    return blind
+
+
+@dataclass
+class _Isolation:
+    """What the isolation reruns settled: narrowed owners per evidence, and the notes verdicts show."""
+
+    owners: dict[EvidenceId, frozenset[str]] = field(default_factory=dict)
+    reproduced: set[EvidenceId] = field(default_factory=set)  # narrowed to the suspects whose rerun did it
+    unreproduced: dict[EvidenceId, int] = field(default_factory=dict)  # -> how many suspects keep it
+
+    def note(self, evidence: EvidenceId, key: str) -> str:
+        if evidence in self.reproduced:
+            return " (no nonce; reproduced when this attempt was rerun alone)"
+        if evidence in self.unreproduced:
+            return (f" (no nonce; no rerun alone reproduced it, so it stays blamed on all "
+                    f"{self.unreproduced[evidence]} attempts that can have caused it)")
+        return ""
+
+
+def reproduced_by(blind: Sequence[_Blind], found: Mapping[str, set[tuple[str, bytes]]],
+                  rerun: set[str]) -> tuple[dict[EvidenceId, frozenset[str]], set[EvidenceId]]:
+    """Which suspects each blind piece of evidence stays blamed on after the reruns. Pure.
+
+    ``found``: per suspect, the (address, first line) of the evidence without a nonce its rerun alone
+    caused. A suspect that was rerun and reproduced nothing matching is cleared; evidence that no
+    rerun reproduced keeps every suspect (a target that leaks only sometimes must still fail: sound
+    over precise). Returns the narrowed suspects of the reproduced evidence and the evidence that was
+    not reproduced.
+    """
+    narrowed: dict[EvidenceId, frozenset[str]] = {}
+    missing: set[EvidenceId] = set()
+    for item in blind:
+        keep = frozenset(key for key in item.suspects if key in rerun and any(
+            address == item.address and (line == item.line or not line or not item.line)
+            for address, line in found.get(key, set())))
+        if keep:
+            narrowed[item.evidence] = keep | (item.suspects - rerun)
+        else:
+            missing.add(item.evidence)
+    return narrowed, missing
+
+
+def _isolate(blind: Sequence[_Blind], plans: Mapping[str, _Plan], *, replan: Callable[[SmugglingAttempt], _Plan],
+             send_alone: Callable[[_Plan], Exchange], lab: NetworkLab, backend: FakeInferenceBackend,
+             known: dict[str, str], grace: float) -> _Isolation:
+    """Rerun every suspect of ``blind`` alone (fresh nonce, grace after it; suspects with disjoint
+    destinations share a round, :func:`~pytest_sandbox.probes.campaign.isolation_rounds`), record the
+    evidence without a nonce each rerun caused, and narrow the blame (:func:`reproduced_by`).
+
+    Everything the reruns put upstream or at a canary is accounted to the rerun (the session-end audit
+    does not report it again); its verdict is the original attempt's."""
+    suspects = list(dict.fromkeys(key for item in blind for key in sorted(item.suspects) if key in plans))
+    found: dict[str, set[tuple[str, bytes]]] = {}
+    ledger = lab.upstream_ledger
+    for number, members in enumerate(isolation_rounds(suspects, {key: plans[key].destinations
+                                                                 for key in suspects}), start=1):
+        start = {**received_counts(lab.origin_streams()), **received_counts(backend.received_streams())}
+        mark = lab.hit_mark()
+        windows: list[AttemptWindow] = []
+        try:
+            for key in members:
+                plan = replace(replan(plans[key].attempt), key=f"{key}#alone{number}")
+                known[plan.nonce] = plan.key
+                begin = time.monotonic()
+                try:
+                    send_alone(plan)
+                finally:
+                    windows.append(AttemptWindow(plan.key, plan.nonce, plan.destinations, begin, time.monotonic()))
+        finally:
+            lab.register_attempts(windows)
+            ledger.register(windows)
+        time.sleep(max(0.0, max(window.end for window in windows) + grace - time.monotonic()))
+        original = {window.key: window.key.rpartition("#alone")[0] for window in windows}
+        pieces = [piece for stream in (*lab.origin_streams(), *backend.received_streams())
+                  for piece in split_pieces(stream, start.get(stream.key, 0), stream.received, known)]
+        for piece, keys in zip(pieces, attribute_pieces(pieces, windows, grace), strict=True):
+            if keys:
+                ledger.account(piece, keys)
+            if not piece.nonces:
+                for key in keys:
+                    found.setdefault(original[key], set()).add((piece.listener, _first_line(piece.data)))
+        round_hits = lab.hits(since=mark)
+        local = attribute(round_hits, windows, grace)
+        for hit in round_hits:
+            keys = local.owners.get(hit.index, frozenset())
+            if keys:
+                lab.account([hit.index], by=sorted(keys)[0])
+            if hit.index not in local.exact:
+                for key in keys:
+                    found.setdefault(original[key], set()).add((hit.address, _first_line(hit.received)))
+    narrowed, missing = reproduced_by(blind, found, set(suspects))
+    isolation = _Isolation(reproduced=set(narrowed))
+    by_id = {item.evidence: item for item in blind}
+    for evidence, keys in narrowed.items():
+        isolation.owners[evidence] = keys
+    isolation.unreproduced = {evidence: len(by_id[evidence].suspects) for evidence in missing}
+    return isolation
+
+
+def _noted(segments: tuple[UpstreamSegment, ...], notes: Mapping[str, str]) -> tuple[UpstreamSegment, ...]:
+    """``segments`` with the isolation note of their connection (keyed by ``where``) appended."""
+    return tuple(replace(segment, where=segment.where + next(
+        (note for where, note in notes.items() if segment.where == where or segment.where.startswith(where + " ")),
+        ""))
+        for segment in segments)

@@ -42,17 +42,26 @@ class OneRowLeakInterceptor(RawRelayInterceptor):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.marker = marker
 
+    def leaks(self) -> bool:
+        """Whether this marked connection is leaked (always, here; subclasses leak less)."""
+        return True
+
+    def rewrite(self, first: bytes) -> bytes:
+        """The leaked bytes as forwarded (unchanged, here)."""
+        return first
+
     async def _serve(self, tls: TlsStream) -> None:
         first = b""
         with contextlib.suppress(OSError, asyncio.TimeoutError):
             first = await asyncio.wait_for(tls.reader.read(READ_SIZE), IDLE_SECONDS)
         # The bytes read are given back in order, ahead of whatever the client sends next.
+        leaked = self.marker in first and self.leaks()
         replay = asyncio.StreamReader()
-        replay.feed_data(first)
+        replay.feed_data(self.rewrite(first) if leaked else first)
         copier = asyncio.ensure_future(_copy_into(tls.reader, replay))
         stream = dataclasses.replace(tls, reader=replay)
         try:
-            if self.marker in first:
+            if leaked:
                 await RawRelayInterceptor._serve(self, stream)
             else:
                 await InferenceInterceptor._serve(self, stream)
@@ -80,6 +89,14 @@ class OneRowLeakFront:
         self._stopped = threading.Event()
         self._acceptor = threading.Thread(target=self._accept, name="one-row-leak", daemon=True)
         self._acceptor.start()
+
+    def leaks(self) -> bool:
+        """Whether this marked connection is leaked (always, here; subclasses leak less)."""
+        return True
+
+    def rewrite(self, first: bytes) -> bytes:
+        """The leaked bytes as forwarded (unchanged, here)."""
+        return first
 
     def connect(self, timeout: float = 5.0) -> socket.socket:
         """A client connection to the front, from inside the lab."""
@@ -111,9 +128,10 @@ class OneRowLeakFront:
                 first = client.recv(READ_SIZE)
                 if not first:
                     return
-                if self.marker in first:
+                if self.marker in first and self.leaks():
                     host, port, _is_connect = destination(first, self.default)
                     upstream = self.lab.dial(host, port, IDLE_SECONDS)
+                    first = self.rewrite(first)
                 else:
                     upstream = self.lab.connect(*self.inner, timeout=IDLE_SECONDS)
             except OSError:
