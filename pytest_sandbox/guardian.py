@@ -64,7 +64,7 @@ STOP_TIMEOUT_SECONDS = 5.0
 # Appended, not prepended: the standard library comes first, so no file next to the helper can shadow
 # a module it imports (this directory holds an ``http`` package).
 _BOOTSTRAP = ("import sys; sys.path.append(sys.argv[1]); "
-              "from guardian_helper import main; sys.exit(main(sys.argv[2:]))")
+              "from guardian_helper import run; run(sys.argv[2:])")
 _HELPER_DIRECTORY = str(Path(__file__).resolve().parent)
 
 

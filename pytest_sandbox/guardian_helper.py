@@ -134,13 +134,20 @@ def _reap_all() -> bool:
 
 
 def _sweep() -> None:
-    """SIGKILL every descendant and reap them (as a subreaper, orphans come back to us) until none remain."""
+    """SIGKILL every descendant and reap them (as a subreaper, orphans come back to us) until none remain.
+
+    A subreaper with no child left has no descendant left either: an orphan is re-parented to its
+    nearest living subreaper ancestor (prctl(2), PR_SET_CHILD_SUBREAPER), and a zombie child is still
+    a child until reaped. So the /proc scan runs only while children remain: a command that exited
+    alone (every plain run) costs one waitpid, not a walk over every process on the machine.
+    """
     for _ in range(SWEEP_ROUNDS):
-        found = _descendants(os.getpid())
-        for pid in found:
+        if not _reap_all():
+            return
+        for pid in _descendants(os.getpid()):
             with _Suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
-        if not _reap_all() and not found:
+        if not _reap_all():
             return
         time.sleep(SWEEP_PAUSE_SECONDS)
 
@@ -315,5 +322,14 @@ def main(args: list[str]) -> int:
     return _guard(parent, argv, "--pid-namespace" in flags, "--linger" in flags)
 
 
+def run(args: list[str]) -> None:
+    """:func:`main`, then exit at once: nothing here needs the interpreter's finalisation, and a
+    caller waiting for the guardian (``Sandbox.close``) would wait for it (a few ms per exit)."""
+    code = main(args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    run(sys.argv[1:])
