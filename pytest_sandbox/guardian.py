@@ -2,7 +2,8 @@
 
 Every long-lived process the harness starts (the sandbox spawners, third-party proxy commands, a
 ``--sandbox-exec`` launcher) runs under a small **guardian**: ``python -I -S -c BOOT DIR guard --parent
-PYTEST_PID [--pid-namespace] [--linger] -- ARGV`` (:mod:`pytest_sandbox.guardian_helper`). The guardian is the PID the caller holds. It
+PYTEST_PID [--pid-namespace] [--linger] -- ARGV`` (:mod:`pytest_sandbox.guardian_helper`). The guardian
+is the PID the caller holds. It
 
 - opens a pidfd on the pytest process (pidfd_open(2), Linux 5.3) and checks ``getppid()`` afterwards,
   so the pidfd is known to name its parent and not a recycled PID; a pidfd polls readable when that
