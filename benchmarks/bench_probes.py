@@ -9,9 +9,12 @@ its private network namespace), the runner interpreter and every probe's child.
 Runs are interleaved (sentinel, unfiltered, sentinel, ...) with a fixed count. ``--one-per-child`` adds
 both targets again with the runner forking a fresh child for every probe (its reference mode, the design
 before issue #12), interleaved in the same run, so the runner's child reuse is measured under the same load.
+``--phases`` splits the reference target's fixed cost (issue #12): a guardian around ``/bin/true``
+(every sandbox's spawner runs under one), an interpreter doing nothing (the floor of any helper start),
+then ``Sandbox`` enter (guardian and spawner start, namespace, filters), the empty runner, and close.
 Usage::
 
-    python benchmarks/bench_probes.py [--runs N] [--one-per-child]
+    python benchmarks/bench_probes.py [--runs N] [--one-per-child] [--suite] [--phases]
 """
 
 from __future__ import annotations
@@ -20,16 +23,18 @@ import argparse
 import errno
 import os
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import replace
 from typing import Any
 
+from pytest_sandbox import guardian
 from pytest_sandbox.policy.load import load_policy
-from pytest_sandbox.probes.syscall import SandboxTarget
+from pytest_sandbox.probes.syscall import SandboxTarget, runner_command, runner_interpreter
 from pytest_sandbox.probes.syscall_cases import denial_cases, requirements_of
 from pytest_sandbox.seccomp.compiler import compile_policy
-from pytest_sandbox.seccomp.launcher import Identity, NetworkPlacement, check_host_support
+from pytest_sandbox.seccomp.launcher import Identity, NetworkPlacement, Sandbox, SandboxSpec, check_host_support
 from pytest_sandbox.session import SandboxOptions, SandboxSession
 
 MODE = "proxy"
@@ -47,6 +52,8 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--suite", action="store_true",
                         help="also time the three builds of one (mode, identity) side by side, as the suite runs them")
+    parser.add_argument("--phases", action="store_true",
+                        help="also split the reference target's start-up into guardian, enter, runner and close")
     parser.add_argument("--one-per-child", action="store_true",
                         help="also run each target with a fresh runner child per probe, interleaved")
     args = parser.parse_args()
@@ -111,7 +118,36 @@ def main() -> int:
           f"load average {os.getloadavg()[0]:.2f}")
     if args.suite:
         suite_shaped(args.runs, identity)
+    if args.phases:
+        startup_phases(args.runs, identity)
     return 0
+
+
+def startup_phases(runs: int, identity: Identity) -> None:
+    """The fixed cost of one reference plan, phase by phase, interleaved (medians of ``runs`` rounds)."""
+    compiled = compile_policy(load_policy("baseline"), MODE, sentinel=True)
+    argv, script = runner_command(runner_interpreter(identity), [])
+    times: dict[str, list[float]] = {name: [] for name in
+                                     ("python -I -S -c pass", "guardian.run(['/bin/true'])",
+                                      "Sandbox enter", "empty runner", "Sandbox close")}
+    for index in range(runs + 1):  # the first is a warm-up
+        marks = [time.perf_counter()]
+        subprocess.run([sys.executable, "-I", "-S", "-c", "pass"], check=True)
+        marks.append(time.perf_counter())
+        guardian.run(["/bin/true"])
+        marks.append(time.perf_counter())
+        sandbox = Sandbox(SandboxSpec(compiled, NetworkPlacement(MODE), identity))
+        marks.append(time.perf_counter())
+        sandbox.run(argv, input=script, timeout=30, env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"})
+        marks.append(time.perf_counter())
+        sandbox.close()
+        marks.append(time.perf_counter())
+        if index:
+            for name, start, end in zip(times, marks, marks[1:], strict=False):
+                times[name].append(end - start)
+    print("start-up phases (reference sandbox, sentinel build), medians: " + "; ".join(
+        f"{name} {statistics.median(values) * 1e3:.1f} ms" for name, values in times.items())
+        + f"; load average {os.getloadavg()[0]:.2f}")
 
 
 def suite_shaped(runs: int, identity: Identity) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from pytest_sandbox import guardian
 from pytest_sandbox.errors import LaunchError
 from pytest_sandbox.policy.load import load_policy
 from pytest_sandbox.seccomp.compiler import compile_policy
@@ -201,3 +202,41 @@ def test_a_signal_handler_can_signal_the_command_while_wait_blocks():
     except subprocess.TimeoutExpired:
         pytest.fail("send_signal from a signal handler deadlocked against wait()")
     assert done.stdout.strip() == str(-signal.SIGTERM), done.stderr
+
+
+# Modules a guardian must not import: the package (its __init__ pulls typing) and the caller-side API's
+# stdlib (issue #12: every sandbox start runs one guardian, and these were ~40 ms of it).
+NOT_IN_A_GUARDIAN = {"pytest_sandbox", "typing", "subprocess", "pathlib", "tempfile", "shutil", "threading",
+                     "contextlib"}
+
+
+def test_a_guardian_imports_only_what_its_own_code_uses():
+    argv = guardian.guarded(["/bin/true"])
+    traced = [argv[0], "-X", "importtime", *argv[1:]]
+    done = subprocess.run(traced, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert {"guardian_helper", "select", "signal", "ctypes"} <= imported  # the trace is read (control)
+    heavy = {name for name in imported if name.split(".")[0] in NOT_IN_A_GUARDIAN}
+    assert not heavy, f"a guardian's start imports {sorted(heavy)}"
+
+
+def test_a_guarded_wait_is_bounded_and_reaps_when_the_guardian_exits():
+    process = guardian.GuardedPopen(["/bin/sleep", "30"])
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            process.wait(timeout=0.2)
+        assert process.poll() is None
+        assert not guardian.wait_exited(process, 0.1)
+    finally:
+        guardian.stop(process)
+    assert process.returncode == -signal.SIGTERM  # the guardian ends as the signal it was sent
+    quick = guardian.GuardedPopen(["/bin/sh", "-c", "exit 7"])
+    assert quick.wait(timeout=30) == 7 and guardian.wait_exited(quick, 0)
+
+
+def test_close_returns_once_the_spawner_and_its_guardian_are_reaped():
+    sandbox = Sandbox(SandboxSpec(compile_policy(load_policy("baseline"), "block"), NetworkPlacement("block")))
+    sandbox.run(["/bin/true"])
+    sandbox.close()
+    assert sandbox._process.returncode == 0  # exited by itself (its control socket closed), not stopped

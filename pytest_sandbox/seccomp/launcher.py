@@ -394,12 +394,11 @@ class Sandbox:
         try:
             self._control.close()
         finally:
+            # Returns once the spawner (so its guardian's sweep) is done: a pidfd wait, not
+            # Popen.wait(timeout=...)'s sleep-polling (guardian.wait_exited).
             process = getattr(self, "_process", None)
-            if process is not None and process.poll() is None:
-                try:
-                    process.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    guardian.stop(process)
+            if process is not None and not guardian.wait_exited(process, 5):
+                guardian.stop(process)
 
     def __enter__(self) -> Sandbox:
         return self
