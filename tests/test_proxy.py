@@ -794,7 +794,22 @@ def test_proxy_judging_only_the_first_request_lets_the_denied_request_through(la
     assert "unjudged" in [decision.reason for decision in proxy.decisions]
 
 
-@pytest.mark.parametrize("case", [c for c in SMUGGLING_CASES if H11_ONLY in c.holes], ids=lambda c: c.case_id)
+# h11-only holes this module's small lab cannot show (the lab campaign does: tests/test_inference_detection.py
+# runs every H11_ONLY row against the same weakening through the real lab origins and the fake backend).
+MINI_LAB_CANNOT_SHOW = {
+    # the smuggled request is a HEAD: http.client here reads its answer as a GET's and stops at IncompleteRead
+    "cl-te-smuggled-head",
+    # the body becomes tunnel bytes to the CONNECT target, which in this lab is no HTTP origin that records them
+    "connect-content-length-and-chunked",
+}
+
+
+def test_the_rows_left_to_the_lab_campaign_are_h11_only_holes() -> None:
+    assert {c.case_id for c in SMUGGLING_CASES if H11_ONLY in c.holes} >= MINI_LAB_CANNOT_SHOW
+
+
+@pytest.mark.parametrize("case", [c for c in SMUGGLING_CASES if H11_ONLY in c.holes
+                                  and c.case_id not in MINI_LAB_CANNOT_SHOW], ids=lambda c: c.case_id)
 def test_proxy_with_h11_framing_only_forwards_the_ambiguous_request(lab: Lab, case: SmugglingCase) -> None:
     proxy = lab.start_proxy(ProxyConfig(strict_framing=False))
     answers = run_case_to_eof(proxy, case)

@@ -222,8 +222,10 @@ def _stripping_campaign(lab: NetworkLab, backend: FakeInferenceBackend, *, once:
         front = StrippingLeakFront(lab, "127.0.0.1", front_port, (inner.address, inner.port),
                                    marker=MARKERS[ABSOLUTE], default=(PUBLIC_ORIGIN, 80), once=once)
         try:
+            # Every suspect rerun (about 190 here): these tests pin down the isolation itself.
             return run_smuggling_campaign(build_attempts(), front.connect, lab, backend, trust.cert_pem,
-                                          origin=PUBLIC_ORIGIN, denied=DENIED_CANARY, timeout=TIMEOUT_SECONDS)
+                                          origin=PUBLIC_ORIGIN, denied=DENIED_CANARY, timeout=TIMEOUT_SECONDS,
+                                          isolation_budget=1000)
         finally:
             front.stop()
 

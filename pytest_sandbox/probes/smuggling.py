@@ -89,6 +89,9 @@ PATHS: tuple[str, ...] = (ABSOLUTE, TUNNEL)
 # While a must-close attempt waits for the proxy, the upstream record is looked at this often: a
 # proxy that forwarded the payload and stays silent is caught without waiting out the deadline.
 LEAK_POLL_SECONDS = 0.05
+# At most this many attempts of a campaign are rerun alone to settle evidence without a nonce: each rerun
+# costs a grace period, and the suite must stay within its time against any responsive proxy (issue #9).
+ISOLATION_RERUN_BUDGET = 32
 # How many attempts whose every upstream byte carries their nonce are in flight at once (as SSRF):
 # a must-close case against a proxy that keeps the connection open waits its whole deadline.
 SMUGGLING_CONCURRENCY = 16
@@ -228,7 +231,7 @@ def run_smuggling_campaign(
     attempts: Sequence[SmugglingAttempt], connect: Callable[[], socket.socket], lab: NetworkLab,
     backend: FakeInferenceBackend, ca_pem: bytes, *, origin: str, denied: str,
     timeout: float = ATTEMPT_TIMEOUT_SECONDS, grace: float = GRACE_SECONDS,
-    concurrency: int = SMUGGLING_CONCURRENCY,
+    concurrency: int = SMUGGLING_CONCURRENCY, isolation_budget: int = ISOLATION_RERUN_BUDGET,
 ) -> dict[str, tuple[Judgement, Exchange]]:
     """Send every attempt through the proxy, wait ``grace``, then attribute and judge.
 
@@ -358,7 +361,7 @@ def run_smuggling_campaign(
                                       known=known, alone=True, views=views),
                              replan=lambda attempt: _plan(attempt, prefix, origin=origin, denied=denied,
                                                           backend_name=backend_name),
-                             lab=lab, backend=backend, known=known, grace=grace)
+                             lab=lab, backend=backend, known=known, grace=grace, budget=isolation_budget)
         attributed = [(piece, isolation.owners.get(("piece", index), keys))
                       for index, (piece, keys) in enumerate(attributed)]
         hit_owners.update({index: keys for (kind, index), keys in isolation.owners.items() if kind == "hit"})
@@ -626,10 +629,14 @@ class _Isolation:
     owners: dict[EvidenceId, frozenset[str]] = field(default_factory=dict)
     reproduced: set[EvidenceId] = field(default_factory=set)  # narrowed to the suspects whose rerun did it
     unreproduced: dict[EvidenceId, int] = field(default_factory=dict)  # -> how many suspects keep it
+    not_rerun: dict[EvidenceId, int] = field(default_factory=dict)  # beyond the rerun budget -> suspects
 
     def note(self, evidence: EvidenceId, key: str) -> str:
         if evidence in self.reproduced:
             return " (no nonce; reproduced when this attempt was rerun alone)"
+        if evidence in self.not_rerun:
+            return (f" (no nonce; its {self.not_rerun[evidence]} possible causes are beyond the campaign's budget "
+                    "of reruns alone, so it stays blamed on all of them)")
         if evidence in self.unreproduced:
             return (f" (no nonce; no rerun alone reproduced it, so it stays blamed on all "
                     f"{self.unreproduced[evidence]} attempts that can have caused it)")
@@ -661,14 +668,25 @@ def reproduced_by(blind: Sequence[_Blind], found: Mapping[str, set[tuple[str, by
 
 def _isolate(blind: Sequence[_Blind], plans: Mapping[str, _Plan], *, replan: Callable[[SmugglingAttempt], _Plan],
              send_alone: Callable[[_Plan], Exchange], lab: NetworkLab, backend: FakeInferenceBackend,
-             known: dict[str, str], grace: float) -> _Isolation:
+             known: dict[str, str], grace: float, budget: int = 0) -> _Isolation:
     """Rerun every suspect of ``blind`` alone (fresh nonce, grace after it; suspects with disjoint
     destinations share a round, :func:`~pytest_sandbox.probes.campaign.isolation_rounds`), record the
     evidence without a nonce each rerun caused, and narrow the blame (:func:`reproduced_by`).
 
     Everything the reruns put upstream or at a canary is accounted to the rerun (the session-end audit
     does not report it again); its verdict is the original attempt's."""
-    suspects = list(dict.fromkeys(key for item in blind for key in sorted(item.suspects) if key in plans))
+    # Each rerun alone costs a grace period (against squid, 33 pieces without a nonce had over 150 suspects:
+    # 104 s of reruns), so at most ``budget`` attempts are rerun: the evidence with the fewest suspects is
+    # settled first; evidence whose suspects do not fit stays blamed on all of them (sound over precise).
+    settled: list[_Blind] = []
+    suspects: list[str] = []
+    for item in sorted(blind, key=lambda item: len(item.suspects)):
+        mine = [key for key in sorted(item.suspects) if key in plans and key not in suspects]
+        if len(suspects) + len(mine) <= budget:
+            settled.append(item)
+            suspects += mine
+    beyond = [item for item in blind if item not in settled]
+    blind = settled
     found: dict[str, set[tuple[str, bytes]]] = {}
     ledger = lab.upstream_ledger
     for number, members in enumerate(isolation_rounds(suspects, {key: plans[key].destinations
@@ -713,6 +731,7 @@ def _isolate(blind: Sequence[_Blind], plans: Mapping[str, _Plan], *, replan: Cal
     for evidence, keys in narrowed.items():
         isolation.owners[evidence] = keys
     isolation.unreproduced = {evidence: len(by_id[evidence].suspects) for evidence in missing}
+    isolation.not_rerun = {item.evidence: len(item.suspects) for item in beyond}
     return isolation
 
 
