@@ -27,10 +27,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a command: the tree under test
 
-from broken_proxies.pump import pump, start_inner_reference_proxy
-
 from pytest_sandbox.network.lab.attribution import NONCE_HEADER
-from pytest_sandbox.network.proxy.config import Decision
+from pytest_sandbox.network.proxy.config import Decision, ProxyConfig
+from pytest_sandbox.network.proxy.server import EgressProxy
+from pytest_sandbox.network.route_lookup import local_route_socket
 
 DELAY_SECONDS = 0.2
 HEAD_LIMIT = 64 * 1024
@@ -126,12 +126,19 @@ class LateDialer:
                 writer.write(data)
                 await writer.drain()
 
-        upstream = asyncio.create_task(pump(reader, inner_writer))
+        async def upstream() -> None:
+            while data := await reader.read(RELAY_CHUNK):
+                inner_writer.write(data)
+                await inner_writer.drain()
+            with contextlib.suppress(OSError):
+                inner_writer.write_eof()
+
+        pump = asyncio.create_task(upstream())
         try:
             with contextlib.suppress(ConnectionError):
                 await downstream()
         finally:
-            upstream.cancel()
+            pump.cancel()
             inner_writer.close()
             writer.close()
         if status and status[0] == b"403":
@@ -171,11 +178,27 @@ class LateDialer:
 # --------------------------------------------------------------------------------------------------
 
 
+async def _resolve(name: str) -> list[str]:
+    """The C library's resolver: inside a lab command it asks the lab's DNS stub."""
+    try:
+        answers = await asyncio.get_running_loop().getaddrinfo(name, None, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return []
+    return list(dict.fromkeys(str(info[4][0]) for info in answers))
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 1 or not argv[0].isdigit():
         print("usage: late_dial_proxy.py PORT", file=sys.stderr)
         return 2
-    inner, inner_address = start_inner_reference_proxy()
+    inner_listener = socket.socket()
+    inner_listener.bind(("127.0.0.1", 0))
+    inner_listener.listen(128)
+    inner_address = inner_listener.getsockname()
+    config = ProxyConfig(connect_timeout=2.0, upstream_timeout=2.0, resolve_timeout=2.0, idle_timeout=5.0)
+    inner = EgressProxy(config, resolver=_resolve, socket_factory=lambda family: socket.socket(family),
+                        route_socket_factory=local_route_socket)
+    inner.start_in_thread(inner_listener)
     relay = LateDialer(lambda: socket.create_connection(inner_address, timeout=5),
                        lambda family: socket.socket(family), lambda: inner.decisions)
     listener = socket.socket()

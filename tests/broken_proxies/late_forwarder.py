@@ -36,13 +36,16 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))  # run as a command: the tree under test
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from pump import READ_SIZE, pump, start_inner_reference_proxy
 from raw_relay import destination
 
 from pytest_sandbox.inference.interceptor import InferenceInterceptor, UpstreamError
 from pytest_sandbox.inference.tls import TlsStream
+from pytest_sandbox.network.proxy.config import ProxyConfig
+from pytest_sandbox.network.proxy.server import EgressProxy
+from pytest_sandbox.network.route_lookup import local_route_socket
 
 DELAY_SECONDS = 0.2
+READ_SIZE = 65536
 IDLE_SECONDS = 5.0
 DEFAULT_UPSTREAM = ("11.0.0.10", 80)
 # Statuses of the reference proxy's refusals (RFC 9110 §15.5; 431 RFC 6585 §5; 501 for an unknown
@@ -75,7 +78,15 @@ class LateForwarder:
             writer.close()
             return
 
-        upstream = asyncio.create_task(pump(reader, inner_writer, keep=sent))
+        async def up() -> None:
+            while data := await reader.read(READ_SIZE):
+                sent.extend(data)
+                inner_writer.write(data)
+                await inner_writer.drain()
+            with contextlib.suppress(OSError):
+                inner_writer.write_eof()
+
+        pump = asyncio.create_task(up())
         try:
             with contextlib.suppress(OSError):
                 while data := await asyncio.wait_for(inner_reader.read(READ_SIZE), IDLE_SECONDS):
@@ -85,9 +96,9 @@ class LateForwarder:
         except asyncio.TimeoutError:
             pass
         finally:
-            upstream.cancel()
+            pump.cancel()
             with contextlib.suppress(asyncio.CancelledError, OSError):
-                await upstream
+                await pump
             inner_writer.close()
             writer.close()
         if sent and refused(bytes(answers)):
@@ -174,14 +185,29 @@ class LateForwardingInterceptor(InferenceInterceptor):
         upstream_writer.close()
 
 
+async def _resolve(name: str) -> list[str]:
+    """The C library's resolver: inside a lab command it asks the lab's DNS stub."""
+    try:
+        answers = await asyncio.get_running_loop().getaddrinfo(name, None, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return []
+    return list(dict.fromkeys(str(info[4][0]) for info in answers))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--address", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--delay", type=float, default=DELAY_SECONDS)
     args = parser.parse_args()
-    _inner, inner_address = start_inner_reference_proxy()
-    relay = LateForwarder(inner_address, delay=args.delay)
+    inner_listener = socket.socket()
+    inner_listener.bind(("127.0.0.1", 0))
+    inner_listener.listen(128)
+    config = ProxyConfig(connect_timeout=2.0, upstream_timeout=2.0, resolve_timeout=2.0, idle_timeout=5.0)
+    inner = EgressProxy(config, resolver=_resolve, socket_factory=lambda family: socket.socket(family),
+                        route_socket_factory=local_route_socket)
+    inner.start_in_thread(inner_listener)
+    relay = LateForwarder(inner_listener.getsockname(), delay=args.delay)
     family = socket.AF_INET6 if ":" in args.address else socket.AF_INET
     listener = socket.socket(family, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
