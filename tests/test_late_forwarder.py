@@ -88,7 +88,11 @@ def late_absolute(_network_lab: NetworkLab) -> dict[str, Judgement]:
     running = start_proxy_command(_network_lab, FORWARDER_COMMAND)
     interception = interception_of(_network_lab)
     try:
-        return judge_catalogue(running, _network_lab, interception.backend, interception.trust.cert_pem, ABSOLUTE)
+        # One attempt at a time: these tests read when the late bytes arrived against when their attempt ended,
+        # which sixteen attempts in flight in a long session blur (the concurrent campaign's attribution of
+        # late bytes has its own tests: tests/test_smuggling_concurrency.py).
+        return judge_catalogue(running, _network_lab, interception.backend, interception.trust.cert_pem, ABSOLUTE,
+                               concurrency=1)
     finally:
         running.stop()
 

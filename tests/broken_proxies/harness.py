@@ -18,7 +18,7 @@ from pytest_sandbox.network.lab.lab import NetworkLab
 from pytest_sandbox.network.proxy.config import InterceptHandler
 from pytest_sandbox.network.proxy.server import EgressProxy
 from pytest_sandbox.network.third_party import ThirdPartyProxy
-from pytest_sandbox.probes.smuggling import build_attempts, run_smuggling_campaign
+from pytest_sandbox.probes.smuggling import SMUGGLING_CONCURRENCY, build_attempts, run_smuggling_campaign
 from pytest_sandbox.verdicts.judgement import Judgement
 
 PUBLIC_ORIGIN = "11.0.0.10"
@@ -36,11 +36,11 @@ def quoted_prefix(payload: bytes, length: int = 40) -> str:
 
 
 def judge_catalogue(running: RunningProxy | ThirdPartyProxy, lab: NetworkLab, backend: FakeInferenceBackend,
-                    ca_pem: bytes, path: str) -> dict[str, Judgement]:
+                    ca_pem: bytes, path: str, *, concurrency: int = SMUGGLING_CONCURRENCY) -> dict[str, Judgement]:
     """Every smuggling case on ``path`` against ``running``, as one campaign: case id -> judgement."""
     attempts = build_attempts(paths=[path])
     results = run_smuggling_campaign(attempts, running.connect, lab, backend, ca_pem, origin=PUBLIC_ORIGIN,
-                                     denied=DENIED_CANARY, timeout=TIMEOUT_SECONDS)
+                                     denied=DENIED_CANARY, timeout=TIMEOUT_SECONDS, concurrency=concurrency)
     return {attempt.case.case_id: results[attempt.test_id][0] for attempt in attempts}
 
 
