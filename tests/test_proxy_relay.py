@@ -109,13 +109,7 @@ def test_stopping_the_proxy_ends_open_tunnels_on_both_sides_and_their_threads(la
     assert settle(lambda: len(tunnel_threads() - before) == 6), tunnel_threads()
     proxy.stop()
     for client in clients:
-        client.sock.settimeout(IO_TIMEOUT)
-        try:
-            rest = client.sock.recv(1)
-        except ConnectionResetError:
-            rest = b""
-        assert rest == b"", "the client side of a tunnel stayed open after the proxy stopped"
-        client.close()
+        _assert_closed_then_close(client, "the client side of a tunnel stayed open after the proxy stopped")
     assert settle(lambda: not tunnel_threads() - before), f"tunnel threads left: {tunnel_threads()}"
 
 
@@ -136,13 +130,17 @@ def test_an_upstream_reset_closes_the_client_side_and_ends_both_threads(lab: Lab
     assert upstream.recv(5) == b"hello"  # positive control: the tunnel carries bytes upstream
     upstream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
     upstream.close()  # a TCP RST
+    _assert_closed_then_close(client, "the client side stayed open after the upstream reset")
+    listener.close()
+    assert settle(lambda: not tunnel_threads() - before), f"tunnel threads left: {tunnel_threads()}"
+
+
+def _assert_closed_then_close(client, message: str) -> None:
+    """The proxy ended ``client``'s connection: end of stream (or a reset) within IO_TIMEOUT; then close it."""
     client.sock.settimeout(IO_TIMEOUT)
     try:
         rest = client.sock.recv(1)
     except ConnectionResetError:
         rest = b""
-    assert rest == b"", "the client side stayed open after the upstream reset"
+    assert rest == b"", message
     client.close()
-    listener.close()
-    assert settle(lambda: not tunnel_threads() - before), f"tunnel threads left: {tunnel_threads()}"
-
