@@ -203,9 +203,13 @@ class Campaign:
         if self.isolate and self.grace > 0:
             attribution, isolation = self._isolate(attribution, hits, by_key)
         results: dict[str, ExchangeResult] = {}
+        blamed_on: dict[str, list[CatchAllHit]] = {}  # one pass over the hits, not one per run
+        for hit in hits:
+            for owner in attribution.owners.get(hit.index, frozenset()):
+                blamed_on.setdefault(owner, []).append(hit)
         for run in runs:
             key = run.window.key
-            blamed = [hit for hit in hits if key in attribution.owners.get(hit.index, frozenset())]
+            blamed = blamed_on.get(key, [])
             own = [hit for hit in blamed if attribution.owners[hit.index] == {key}]
             shared = [hit for hit in blamed if attribution.owners[hit.index] != {key}]
             others = sorted({owner.removeprefix(self._prefix) for hit in shared

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 from pytest_sandbox.catalogues.smuggling import ABSOLUTE_FORM, SMUGGLING_CASES, TUNNEL_FORM, SmugglingCase, render
 from pytest_sandbox.http.upstream import (
@@ -95,6 +96,11 @@ ISOLATION_RERUN_BUDGET = 32
 # How many attempts whose every upstream byte carries their nonce are in flight at once (as SSRF):
 # a must-close case against a proxy that keeps the connection open waits its whole deadline.
 SMUGGLING_CONCURRENCY = 16
+# How many batch attempts whose deadline ran out are measured again at once: few enough that the machine
+# is not what made them late again, enough that a proxy which never answers some valid request (tinyproxy
+# and a chunked body) costs a deadline per four of them, not per one (issue #9: <= 60 s per proxy).
+RETRY_CONCURRENCY = 4
+_T = TypeVar("_T")
 _campaign_ids = itertools.count(1)
 
 def tunnel_payload(case: SmugglingCase) -> bytes:
@@ -158,7 +164,7 @@ def build_attempts(cases: Iterable[SmugglingCase] = SMUGGLING_CASES,
 def exchange(sock: socket.socket, payload: bytes, case: SmugglingCase, follow_up: bytes,
              upstream: Callable[[], tuple[UpstreamSegment, ...]], allowed: Sequence[UpstreamRequest], *,
              mark: str, timeout: float = ATTEMPT_TIMEOUT_SECONDS, stray: Callable[[], str] = lambda: "",
-             retried: bool = False) -> Exchange:
+             may_retry: bool = False) -> Exchange:
     """Send ``payload`` in one write, read the answers, then try ``follow_up`` on the same socket.
 
     A connection the case says must close is read until EOF or the deadline, but only as long as
@@ -191,9 +197,12 @@ def exchange(sock: socket.socket, payload: bytes, case: SmugglingCase, follow_up
         _fill_answers(reader, case.reaches_backend, timeout)
     responses = reader.responses()
     closed, timed_out, error = reader.eof, reader.timed_out, reader.error
-    # ``retried``: an attempt whose deadline ran out before its answers were complete is sent again
-    # alone (its deadline was shared with the batch); a follow-up now would only meet a late answer.
-    skip = closed or leaked() or (retried and _deadline_bound(case, reader.timed_out, len(responses)))
+    # ``may_retry``: an attempt whose deadline ran out before its answers were complete is sent again
+    # (its deadline was shared with the batch); a follow-up now would only meet a late answer. A
+    # positive control whose answers did not all come in time is judged broken whatever a follow-up
+    # gets (verdicts/smuggling._judge_control), so it waits for none.
+    late = _deadline_bound(case, reader.timed_out, len(responses))
+    skip = closed or leaked() or (late and (may_retry or case.is_positive_control))
     follow_status = None if skip else _follow_up(reader, follow_up, len(responses), timeout)
     return Exchange(
         # parse_responses gives every response a status; the filter only narrows the type.
@@ -243,13 +252,15 @@ def run_smuggling_campaign(
     2. on those paths, every attempt whose bytes put the nonce into every request they can turn into
        (:func:`~pytest_sandbox.http.upstream.nonce_in_every_head`), ``concurrency`` at a time: whatever
        a proxy forwards of them carries its attempt's nonce, so overlapping windows mix no evidence;
-    3. after the grace period, the rest one after another, as before: attempts that smuggle a request
-       behind a body (a proxy may forward it on a connection of its own without the nonce), and
-       everything on a path whose proxy dropped the nonce. Bytes without a nonce are attributed by
-       time and destination, and these windows do not overlap. First among them, again with a fresh
-       nonce, every batch attempt whose deadline ran out before the proxy's answers were complete
-       without a leak (sixteen in flight share one machine: its deadline is measured again alone);
-       its verdict is the alone run's, unless what its batch run put upstream is a leak.
+    3. after the grace period, every batch attempt whose deadline ran out before the proxy's answers
+       were complete without a leak, again with a fresh nonce and at most :data:`RETRY_CONCURRENCY` at a
+       time (sixteen in flight share one machine: its deadline is measured again with fewer); its
+       verdict is the retry's, unless what its batch run put upstream is a leak;
+    4. the rest one after another on each path (the two paths side by side: their upstreams are
+       disjoint, the lab origins and canaries for ``absolute``, the backend for ``tunnel``): attempts
+       that smuggle a request behind a body (a proxy may forward it on a connection of its own without
+       the nonce), and everything on a path whose proxy dropped the nonce. Bytes without a nonce are
+       attributed by time and destination, and on one destination these windows do not overlap.
 
     Only after the last attempt and
     the grace period is every byte the lab origins and ``backend`` received since the first one
@@ -283,10 +294,10 @@ def run_smuggling_campaign(
     # One snapshot per poll period for all the attempts in flight (see _StreamView).
     views = {ABSOLUTE: _StreamView(lab.origin_streams), TUNNEL: _StreamView(backend.received_streams)}
 
-    def send(plan: _Plan, alone: bool) -> None:
+    def send(plan: _Plan, alone: bool, may_retry: bool = False) -> None:
         begin = time.monotonic()
         seen = _attempt(plan, connect, lab, backend, ca_pem, origin=origin, timeout=timeout,
-                        known=known, alone=alone, views=views)
+                        known=known, alone=alone, views=views, may_retry=may_retry)
         # list.append is atomic: worker threads share ``sent``.
         sent.append(_Sent(plan.attempt, AttemptWindow(plan.key, plan.nonce, plan.destinations, begin,
                                                       time.monotonic()), seen, plan.allowed))
@@ -310,24 +321,31 @@ def run_smuggling_campaign(
             # blamed on a control (whose verdict such bytes would break) as well.
             time.sleep(grace)
         if together:
-            with ThreadPoolExecutor(max_workers=min(concurrency, len(together)),
-                                    thread_name_prefix="smuggling") as pool:
-                for future in [pool.submit(send, plan, False) for plan in together]:
-                    future.result()
+            _in_flight(together, lambda plan: send(plan, alone=False, may_retry=True), concurrency, "smuggling")
             if alone and grace > 0:
                 # Past the batch's grace period first: bytes without a nonce of an attempt sent alone
                 # are then never blamed on the batch (whose windows all overlap) as well.
                 time.sleep(grace)
         # Sixteen in flight share the machine: one whose deadline ran out before its answers were
-        # complete (and that showed no leak) is measured again alone, with a fresh nonce; what its
-        # batch run put upstream is still judged (see below), so a leak can only be added.
+        # complete (and that showed no leak) is measured again with fewer in flight, with a fresh nonce;
+        # what its batch run put upstream is still judged (see below), so a leak can only be added. A
+        # proxy that never answers some valid request costs one deadline per RETRY_CONCURRENCY of them.
         retries += [_retry_plan(plan, replan=lambda attempt: _plan(attempt, prefix, origin=origin, denied=denied,
                                                                    backend_name=backend_name))
                    for plan in together if _needs_retry(plan, by_key(plan.key))]
         for again in retries:
             known[again.nonce] = again.key
-        for plan in [*retries, *alone]:
-            send(plan, alone=True)
+        _in_flight(retries, lambda plan: send(plan, alone=False), min(concurrency, RETRY_CONCURRENCY),
+                   "smuggling-retry")
+        # Sent alone: each path's attempts one after another, the two paths side by side (what an
+        # absolute-form attempt can reach, the lab origins and canaries, is disjoint from what a tunnel
+        # attempt can reach, the backend, and bytes without a nonce are attributed to the windows of
+        # their destination first: network/lab/attribution.candidates_at).
+        sequences = [[plan for plan in alone if plan.attempt.path == path] for path in PATHS]
+        def one_after_another(sequence: list[_Plan]) -> None:
+            for plan in sequence:
+                send(plan, alone=True)
+        _in_flight(sequences, one_after_another, 2 if concurrency > 1 else 1, "smuggling-path")
     finally:
         # Registered even if an attempt raised: what it sent must stay attributable.
         lab.register_attempts(item.window for item in sent)
@@ -356,35 +374,67 @@ def run_smuggling_campaign(
     isolation = _Isolation()
     if blind and grace > 0:
         suspects = {plan.key: plan for plan in [*planned, *retries] if plan.key in ours}
+        # Blame can only turn a pass into a failure: the attempts that fail without the blind evidence
+        # gain nothing from being cleared, so the reruns go to the others (see _isolate).
+        unseen = {item.evidence for item in blind}
+        without = _judge_sent(sent, [(piece, frozenset() if ("piece", index) in unseen else keys)
+                                     for index, (piece, keys) in enumerate(attributed)],
+                              hits, {index: frozenset() if ("hit", index) in unseen else keys
+                                     for index, keys in hit_owners.items()},
+                              _Isolation(), backend_name=backend_name)
+        passing = {test_id for test_id, (judgement, _seen) in without.items() if judgement.verdict in PASSING}
         isolation = _isolate(blind, suspects, send_alone=lambda plan:
                              _attempt(plan, connect, lab, backend, ca_pem, origin=origin, timeout=timeout,
                                       known=known, alone=True, views=views),
                              replan=lambda attempt: _plan(attempt, prefix, origin=origin, denied=denied,
                                                           backend_name=backend_name),
-                             lab=lab, backend=backend, known=known, grace=grace, budget=isolation_budget)
+                             lab=lab, backend=backend, known=known, grace=grace, budget=isolation_budget,
+                             needed=frozenset(key for key, plan in suspects.items()
+                                              if plan.attempt.test_id in passing))
         attributed = [(piece, isolation.owners.get(("piece", index), keys))
                       for index, (piece, keys) in enumerate(attributed)]
         hit_owners.update({index: keys for (kind, index), keys in isolation.owners.items() if kind == "hit"})
     for piece, keys in attributed:
         if keys & ours:
             ledger.account(piece, keys)
+    return _judge_sent(sent, attributed, hits, hit_owners, isolation, backend_name=backend_name, lab=lab)
+
+
+PASSING = frozenset({Verdict.BLOCKED, Verdict.WORKS})
+
+
+def _judge_sent(sent: Sequence[_Sent], attributed: Sequence[tuple[UpstreamPiece, frozenset[str]]],
+                hits: Sequence[CatchAllHit], hit_owners: Mapping[int, frozenset[str]], isolation: _Isolation, *,
+                backend_name: str, lab: NetworkLab | None = None) -> dict[str, tuple[Judgement, Exchange]]:
+    """Test id -> (judgement, what it saw with the upstream bytes and hits attributed to it). A batch
+    attempt sent again (``<key>#retry``) is judged on the retry's answers, unless its batch run's upstream
+    evidence is a leak. With ``lab``, every hit is accounted to the attempts it is blamed on."""
 
     def name(key: str) -> str:
         return key.partition("/")[2] or key
 
+    pieces_of: dict[str, list[int]] = {}  # one pass over the evidence, not one per attempt
+    for index, (_piece, keys) in enumerate(attributed):
+        for key in keys:
+            pieces_of.setdefault(key, []).append(index)
+    hits_of: dict[str, list[CatchAllHit]] = {}
+    for hit in hits:
+        for key in hit_owners.get(hit.index, frozenset()):
+            hits_of.setdefault(key, []).append(hit)
     judged: dict[str, tuple[Judgement, Exchange]] = {}
     for item in sent:
         key = item.window.key
-        at_backend = [(piece, keys) for piece, keys in attributed if piece.listener == backend_name]
-        at_origins = [(piece, keys) for piece, keys in attributed if piece.listener != backend_name]
+        mine = [(index, *attributed[index]) for index in pieces_of.get(key, [])]
+        at_backend = [(piece, keys) for _index, piece, keys in mine if piece.listener == backend_name]
+        at_origins = [(piece, keys) for _index, piece, keys in mine if piece.listener != backend_name]
         upstream, elsewhere = (at_backend, at_origins) if item.attempt.path == TUNNEL else (at_origins, at_backend)
-        blamed = [hit for hit in hits if key in hit_owners.get(hit.index, frozenset())]
-        lab.account([hit.index for hit in blamed], by=key)
+        blamed = hits_of.get(key, [])
+        if lab is not None:
+            lab.account([hit.index for hit in blamed], by=key)
         reached = [f"canary {describe_hit(hit)}{isolation.note(('hit', hit.index), key)}" for hit in blamed]
         other = "a lab origin (the tunnel must only reach the backend)" if item.attempt.path == TUNNEL \
             else "the inference backend"
-        notes = {piece.where: isolation.note(("piece", index), key) for index, (piece, keys) in enumerate(attributed)
-                 if key in keys and isolation.note(("piece", index), key)}
+        notes = {piece.where: note for index, piece, _keys in mine if (note := isolation.note(("piece", index), key))}
         reached += [f"{other}, {segment.where}: {shown(segment.data)}"
                     for segment in _noted(segments_of(elsewhere, key, name, ended=item.window.end), notes)]
         seen = replace(item.seen, upstream=_noted(segments_of(upstream, key, name, ended=item.window.end), notes),
@@ -399,11 +449,23 @@ def run_smuggling_campaign(
         if retry is None:
             results[item.attempt.test_id] = judged[key]
             continue
-        # The batch run's upstream evidence judged with the alone run's answers: a leak there stands.
+        # The batch run's upstream evidence judged with the retry's answers: a leak there stands.
         first = replace(retry[1], upstream=judged[key][1].upstream, stray=judged[key][1].stray)
         verdict = judge_exchange(item.attempt.case, first, item.allowed)
         results[item.attempt.test_id] = (verdict, first) if verdict.verdict is Verdict.ALLOWED else retry
     return results
+
+
+def _in_flight(items: Sequence[_T], work: Callable[[_T], object], concurrency: int, name: str) -> None:
+    """``work(item)`` for every item, at most ``concurrency`` at a time (in this thread when 1); the
+    first exception is raised after every item ran."""
+    if concurrency <= 1 or len(items) <= 1:
+        for item in items:
+            work(item)
+        return
+    with ThreadPoolExecutor(max_workers=min(concurrency, len(items)), thread_name_prefix=name) as pool:
+        for future in [pool.submit(work, item) for item in items]:
+            future.result()
 
 
 class _StreamView:
@@ -506,12 +568,13 @@ def _nonce_carried(controls: Sequence[_Plan], start: Mapping[tuple[str, int], in
 
 def _attempt(plan: _Plan, connect: Callable[[], socket.socket], lab: NetworkLab, backend: FakeInferenceBackend,
              ca_pem: bytes, *, origin: str, timeout: float, known: Mapping[str, str], alone: bool,
-             views: Mapping[str, _StreamView]) -> Exchange:
+             views: Mapping[str, _StreamView], may_retry: bool = False) -> Exchange:
     """One attempt's exchange with the proxy. While it runs, the bytes upstream since it began are
     watched (to stop waiting as soon as it has leaked); the campaign attributes them afterwards.
 
     What is watched: the pieces carrying this attempt's nonce and, when it is sent ``alone``, those
-    carrying none; never another attempt's (``known``: every nonce of the campaign)."""
+    carrying none; never another attempt's (``known``: every nonce of the campaign). ``may_retry``: a batch
+    attempt, sent again if its deadline runs out (so it sends no follow-up then)."""
     attempt = plan.attempt
     before = received_counts(backend.received_streams() if attempt.path == TUNNEL else lab.origin_streams())
     view = views[attempt.path]
@@ -532,14 +595,14 @@ def _attempt(plan: _Plan, connect: Callable[[], socket.socket], lab: NetworkLab,
     with connect() as sock:
         if attempt.path == ABSOLUTE:
             return exchange(sock, plan.payload, attempt.case, absolute_follow_up(origin, plan.nonce), upstream,
-                            plan.allowed, mark=mark, timeout=timeout, retried=not alone)
+                            plan.allowed, mark=mark, timeout=timeout, may_retry=may_retry)
         try:
             tls = open_inference_tunnel(sock, ca_pem, timeout=timeout)
         except OSError as error:  # ConnectionError, ssl.SSLError, a timeout: no tunnel, no answer
             return Exchange((), True, False, None, error=f"the tunnel could not be opened: {error}")
         with tls:
             return exchange(tls, plan.payload, attempt.case, tunnel_follow_up(plan.nonce), upstream, plan.allowed,
-                            mark=mark, timeout=timeout, retried=not alone)
+                            mark=mark, timeout=timeout, may_retry=may_retry)
 
 
 def _fill_answers(reader: SocketReader, wanted: int, timeout: float) -> None:
@@ -630,10 +693,18 @@ class _Isolation:
     reproduced: set[EvidenceId] = field(default_factory=set)  # narrowed to the suspects whose rerun did it
     unreproduced: dict[EvidenceId, int] = field(default_factory=dict)  # -> how many suspects keep it
     not_rerun: dict[EvidenceId, int] = field(default_factory=dict)  # beyond the rerun budget -> suspects
+    moot: dict[EvidenceId, int] = field(default_factory=dict)  # every suspect fails anyway -> suspects
+    rerun: set[str] = field(default_factory=set)  # the suspects that were rerun alone
 
     def note(self, evidence: EvidenceId, key: str) -> str:
         if evidence in self.reproduced:
-            return " (no nonce; reproduced when this attempt was rerun alone)"
+            if key in self.rerun:
+                return " (no nonce; reproduced when this attempt was rerun alone)"
+            return (" (no nonce; reproduced by another attempt rerun alone; this one was not rerun: it fails on "
+                    "its own evidence, so it stays blamed)")
+        if evidence in self.moot:
+            return (f" (no nonce; all {self.moot[evidence]} attempts that can have caused it fail on their own "
+                    "evidence, so none was rerun alone and it stays blamed on all of them)")
         if evidence in self.not_rerun:
             return (f" (no nonce; its {self.not_rerun[evidence]} possible causes are beyond the campaign's budget "
                     "of reruns alone, so it stays blamed on all of them)")
@@ -641,6 +712,13 @@ class _Isolation:
             return (f" (no nonce; no rerun alone reproduced it, so it stays blamed on all "
                     f"{self.unreproduced[evidence]} attempts that can have caused it)")
         return ""
+
+
+def _reproducers(item: _Blind, found: Mapping[str, set[tuple[str, bytes]]], rerun: set[str]) -> frozenset[str]:
+    """The suspects of ``item`` whose rerun alone caused matching evidence without a nonce. Pure."""
+    return frozenset(key for key in item.suspects if key in rerun and any(
+        address == item.address and (line == item.line or not line or not item.line)
+        for address, line in found.get(key, set())))
 
 
 def reproduced_by(blind: Sequence[_Blind], found: Mapping[str, set[tuple[str, bytes]]],
@@ -656,9 +734,7 @@ def reproduced_by(blind: Sequence[_Blind], found: Mapping[str, set[tuple[str, by
     narrowed: dict[EvidenceId, frozenset[str]] = {}
     missing: set[EvidenceId] = set()
     for item in blind:
-        keep = frozenset(key for key in item.suspects if key in rerun and any(
-            address == item.address and (line == item.line or not line or not item.line)
-            for address, line in found.get(key, set())))
+        keep = _reproducers(item, found, rerun)
         if keep:
             narrowed[item.evidence] = keep | (item.suspects - rerun)
         else:
@@ -666,73 +742,128 @@ def reproduced_by(blind: Sequence[_Blind], found: Mapping[str, set[tuple[str, by
     return narrowed, missing
 
 
+def likely_causes_first(item: _Blind, keys: Iterable[str], payloads: Mapping[str, bytes]) -> list[str]:
+    """``keys`` ordered by how likely their bytes are to have caused ``item``: first the attempts whose
+    payload holds the request line the proxy wrote, then those holding its request-target (RFC 9112
+    §3.2; a proxy rewrites an absolute-form target to origin-form), then the rest. Only an order:
+    what decides is a rerun reproducing it. Pure."""
+    parts = item.line.split(b" ")
+    target = parts[1] if len(parts) == 3 and parts[1] else None
+
+    def rank(key: str) -> tuple[int, str]:
+        payload = payloads.get(key, b"")
+        if item.line and item.line in payload:
+            return 0, key
+        return (1 if target is not None and target in payload else 2), key
+    return sorted(keys, key=rank)
+
+
 def _isolate(blind: Sequence[_Blind], plans: Mapping[str, _Plan], *, replan: Callable[[SmugglingAttempt], _Plan],
              send_alone: Callable[[_Plan], Exchange], lab: NetworkLab, backend: FakeInferenceBackend,
-             known: dict[str, str], grace: float, budget: int = 0) -> _Isolation:
-    """Rerun every suspect of ``blind`` alone (fresh nonce, grace after it; suspects with disjoint
-    destinations share a round, :func:`~pytest_sandbox.probes.campaign.isolation_rounds`), record the
-    evidence without a nonce each rerun caused, and narrow the blame (:func:`reproduced_by`).
+             known: dict[str, str], grace: float, budget: int = 0,
+             needed: frozenset[str] | None = None) -> _Isolation:
+    """Rerun suspects of ``blind`` alone (fresh nonce, grace after it; suspects with disjoint destinations
+    share a round, :func:`~pytest_sandbox.probes.campaign.isolation_rounds`), record the evidence without a
+    nonce each rerun caused, and narrow the blame (:func:`reproduced_by`).
+
+    Only a suspect in ``needed`` (default: all) can change its verdict by being cleared: the others fail on
+    their own evidence already, and blame never turns a failure into a pass. So, at most ``budget`` reruns:
+
+    1. every needed suspect of each piece of evidence (fewest first; evidence whose needed suspects do not
+       fit stays blamed on all of them); evidence with no needed suspect is left blamed on all (moot);
+    2. evidence none of those reruns reproduced still needs a cause before its needed suspects can be
+       cleared (:func:`reproduced_by`: a rerun must reproduce it): its other suspects are rerun, the most
+       likely first (:func:`likely_causes_first`), one per round, until one reproduces it.
 
     Everything the reruns put upstream or at a canary is accounted to the rerun (the session-end audit
     does not report it again); its verdict is the original attempt's."""
     # Each rerun alone costs a grace period (against squid, 33 pieces without a nonce had over 150 suspects:
-    # 104 s of reruns), so at most ``budget`` attempts are rerun: the evidence with the fewest suspects is
-    # settled first; evidence whose suspects do not fit stays blamed on all of them (sound over precise).
+    # 104 s of reruns with every suspect rerun).
+    wanted = needed if needed is not None else frozenset(key for item in blind for key in item.suspects)
+    relevant = [item for item in blind if item.suspects & wanted]
+    moot = [item for item in blind if not item.suspects & wanted]
     settled: list[_Blind] = []
-    suspects: list[str] = []
-    for item in sorted(blind, key=lambda item: len(item.suspects)):
-        mine = [key for key in sorted(item.suspects) if key in plans and key not in suspects]
-        if len(suspects) + len(mine) <= budget:
+    first: list[str] = []
+    for item in sorted(relevant, key=lambda item: len(item.suspects & wanted)):
+        mine = [key for key in sorted(item.suspects & wanted) if key in plans and key not in first]
+        if len(first) + len(mine) <= budget:
             settled.append(item)
-            suspects += mine
-    beyond = [item for item in blind if item not in settled]
-    blind = settled
+            first += mine
+    beyond = [item for item in relevant if item not in settled]
     found: dict[str, set[tuple[str, bytes]]] = {}
+    rerun: set[str] = set()
+    rounds = 0
+
+    def run(keys: list[str]) -> None:
+        nonlocal rounds
+        for members in isolation_rounds(keys, {key: plans[key].destinations for key in keys}):
+            rounds += 1
+            _rerun_round(members, rounds, plans, replan=replan, send_alone=send_alone, lab=lab, backend=backend,
+                         known=known, grace=grace, found=found)
+            rerun.update(members)
+
+    run(first)
+    payloads = {key: plan.payload for key, plan in plans.items()}
+    open_items = [item for item in settled if not _reproducers(item, found, rerun)]
+    while open_items and len(rerun) < budget:
+        picks: list[str] = []
+        for item in open_items:
+            untried = [key for key in item.suspects - rerun - set(picks) if key in plans]
+            if untried:
+                picks.append(likely_causes_first(item, untried, payloads)[0])
+        if not picks:
+            break
+        run(picks[:budget - len(rerun)])
+        open_items = [item for item in open_items if not _reproducers(item, found, rerun)]
+    narrowed, missing = reproduced_by(settled, found, rerun)
+    by_id = {item.evidence: item for item in settled}
+    return _Isolation(owners=dict(narrowed), reproduced=set(narrowed),
+                      unreproduced={evidence: len(by_id[evidence].suspects) for evidence in missing},
+                      not_rerun={item.evidence: len(item.suspects) for item in beyond},
+                      moot={item.evidence: len(item.suspects) for item in moot}, rerun=rerun)
+
+
+def _rerun_round(members: Sequence[str], number: int, plans: Mapping[str, _Plan], *,
+                 replan: Callable[[SmugglingAttempt], _Plan], send_alone: Callable[[_Plan], Exchange],
+                 lab: NetworkLab, backend: FakeInferenceBackend, known: dict[str, str], grace: float,
+                 found: dict[str, set[tuple[str, bytes]]]) -> None:
+    """Rerun ``members`` (disjoint destinations) alone one after another, wait ``grace``, and add to
+    ``found`` the (address, first line) of every piece of evidence without a nonce each caused."""
+    start = {**received_counts(lab.origin_streams()), **received_counts(backend.received_streams())}
+    mark = lab.hit_mark()
     ledger = lab.upstream_ledger
-    for number, members in enumerate(isolation_rounds(suspects, {key: plans[key].destinations
-                                                                 for key in suspects}), start=1):
-        start = {**received_counts(lab.origin_streams()), **received_counts(backend.received_streams())}
-        mark = lab.hit_mark()
-        windows: list[AttemptWindow] = []
-        try:
-            for key in members:
-                plan = replace(replan(plans[key].attempt), key=f"{key}#alone{number}")
-                known[plan.nonce] = plan.key
-                begin = time.monotonic()
-                try:
-                    send_alone(plan)
-                finally:
-                    windows.append(AttemptWindow(plan.key, plan.nonce, plan.destinations, begin, time.monotonic()))
-        finally:
-            lab.register_attempts(windows)
-            ledger.register(windows)
-        time.sleep(max(0.0, max(window.end for window in windows) + grace - time.monotonic()))
-        original = {window.key: window.key.rpartition("#alone")[0] for window in windows}
-        pieces = [piece for stream in (*lab.origin_streams(), *backend.received_streams())
-                  for piece in split_pieces(stream, start.get(stream.key, 0), stream.received, known)]
-        for piece, keys in zip(pieces, attribute_pieces(pieces, windows, grace), strict=True):
-            if keys:
-                ledger.account(piece, keys)
-            if not piece.nonces:
-                for key in keys:
-                    found.setdefault(original[key], set()).add((piece.listener, _first_line(piece.data)))
-        round_hits = lab.hits(since=mark)
-        local = attribute(round_hits, windows, grace)
-        for hit in round_hits:
-            keys = local.owners.get(hit.index, frozenset())
-            if keys:
-                lab.account([hit.index], by=sorted(keys)[0])
-            if hit.index not in local.exact:
-                for key in keys:
-                    found.setdefault(original[key], set()).add((hit.address, _first_line(hit.received)))
-    narrowed, missing = reproduced_by(blind, found, set(suspects))
-    isolation = _Isolation(reproduced=set(narrowed))
-    by_id = {item.evidence: item for item in blind}
-    for evidence, keys in narrowed.items():
-        isolation.owners[evidence] = keys
-    isolation.unreproduced = {evidence: len(by_id[evidence].suspects) for evidence in missing}
-    isolation.not_rerun = {item.evidence: len(item.suspects) for item in beyond}
-    return isolation
+    windows: list[AttemptWindow] = []
+    try:
+        for key in members:
+            plan = replace(replan(plans[key].attempt), key=f"{key}#alone{number}")
+            known[plan.nonce] = plan.key
+            begin = time.monotonic()
+            try:
+                send_alone(plan)
+            finally:
+                windows.append(AttemptWindow(plan.key, plan.nonce, plan.destinations, begin, time.monotonic()))
+    finally:
+        lab.register_attempts(windows)
+        ledger.register(windows)
+    time.sleep(max(0.0, max(window.end for window in windows) + grace - time.monotonic()))
+    original = {window.key: window.key.rpartition("#alone")[0] for window in windows}
+    pieces = [piece for stream in (*lab.origin_streams(), *backend.received_streams())
+              for piece in split_pieces(stream, start.get(stream.key, 0), stream.received, known)]
+    for piece, keys in zip(pieces, attribute_pieces(pieces, windows, grace), strict=True):
+        if keys:
+            ledger.account(piece, keys)
+        if not piece.nonces:
+            for key in keys:
+                found.setdefault(original[key], set()).add((piece.listener, _first_line(piece.data)))
+    round_hits = lab.hits(since=mark)
+    local = attribute(round_hits, windows, grace)
+    for hit in round_hits:
+        keys = local.owners.get(hit.index, frozenset())
+        if keys:
+            lab.account([hit.index], by=sorted(keys)[0])
+        if hit.index not in local.exact:
+            for key in keys:
+                found.setdefault(original[key], set()).add((hit.address, _first_line(hit.received)))
 
 
 def _noted(segments: tuple[UpstreamSegment, ...], notes: Mapping[str, str]) -> tuple[UpstreamSegment, ...]:
