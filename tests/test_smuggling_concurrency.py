@@ -39,6 +39,9 @@ from pytest_sandbox.probes.smuggling import (
     _plan,
     _Sent,
     build_attempts,
+    first_reruns,
+    likely_causes_first,
+    next_causes,
     reproduced_by,
     run_smuggling_campaign,
     tunnel_payload,
@@ -308,6 +311,37 @@ def test_reruns_keep_the_blame_on_the_suspects_that_reproduce_it_and_never_drop_
     # A suspect that was not rerun is never cleared.
     narrowed, missing = reproduced_by([leak], found, {"b"})
     assert narrowed == {("hit", 7): frozenset({"a", "b", "c"})} and not missing
+
+
+def test_reruns_go_only_to_suspects_whose_verdict_clearing_can_change() -> None:
+    """Blame never turns a failure into a pass: a suspect that fails on its own evidence is not rerun to
+    be cleared, and evidence all of whose suspects fail anyway costs no rerun at all."""
+    moot = _Blind(("piece", 0), "11.0.0.10:80", b"POST /upload HTTP/1.1", frozenset({"x", "y"}))
+    wide = _Blind(("piece", 1), "11.0.0.10:80", b"GET /a HTTP/1.1", frozenset({"a", "b", "c", "x"}))
+    narrow = _Blind(("hit", 2), "10.0.0.1", b"GET /b HTTP/1.1", frozenset({"c", "y"}))
+    known = frozenset({"a", "b", "c", "x", "y"})
+    settled, first, beyond, idle = first_reruns([moot, wide, narrow], frozenset({"a", "b", "c"}), known, budget=10)
+    assert idle == [moot] and not beyond
+    assert settled == [narrow, wide]  # fewest needed suspects first
+    assert first == ["c", "a", "b"]  # each needed suspect once; x and y fail anyway
+    # The budget counts reruns: evidence whose needed suspects do not fit stays blamed on all of them.
+    settled, first, beyond, idle = first_reruns([moot, wide, narrow], frozenset({"a", "b", "c"}), known, budget=2)
+    assert settled == [narrow] and first == ["c"] and beyond == [wide]
+
+
+def test_the_cause_looked_for_first_is_the_attempt_whose_bytes_hold_what_arrived() -> None:
+    item = _Blind(("piece", 0), "11.0.0.10:80", b"GET /smuggled HTTP/1.1", frozenset({"a", "b", "c", "d"}))
+    payloads = {"a": b"POST / HTTP/1.1\r\n\r\n",
+                "b": b"POST / HTTP/1.1\r\n\r\nGET http://11.0.0.10/smuggled HTTP/1.1\r\n\r\n",
+                "c": b"POST / HTTP/1.1\r\n\r\nGET /smuggled HTTP/1.1\r\n\r\n",
+                "d": b"GET / HTTP/1.1\r\n\r\n"}
+    # The request line as written first, then its target (a proxy rewrites absolute-form), then the rest.
+    assert likely_causes_first(item, payloads, payloads) == ["c", "b", "a", "d"]
+    # One pick per open piece of evidence, never a key rerun already nor twice in a round.
+    other = _Blind(("hit", 1), "10.0.0.1", b"GET /smuggled HTTP/1.1", frozenset({"c", "b"}))
+    assert next_causes([item, other], set(), payloads) == ["c", "b"]
+    assert next_causes([item, other], {"c", "b"}, payloads) == ["a"]
+    assert next_causes([other], {"c", "b"}, payloads) == []
 
 
 # --- load: a deadline shared with fifteen other attempts is measured again alone ---------------------------

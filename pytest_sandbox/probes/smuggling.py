@@ -77,6 +77,9 @@ __all__ = [
     "absolute_follow_up",
     "build_attempts",
     "exchange",
+    "first_reruns",
+    "likely_causes_first",
+    "next_causes",
     "reproduced_by",
     "run_smuggling_attempt",
     "run_smuggling_campaign",
@@ -758,6 +761,34 @@ def likely_causes_first(item: _Blind, keys: Iterable[str], payloads: Mapping[str
     return sorted(keys, key=rank)
 
 
+def first_reruns(blind: Sequence[_Blind], needed: frozenset[str], known: frozenset[str], budget: int
+                 ) -> tuple[list[_Blind], list[str], list[_Blind], list[_Blind]]:
+    """Step 1 of :func:`_isolate`. Pure. Returns (the evidence whose ``needed`` suspects fit the ``budget``,
+    fewest first; those suspects, each once, in the order to rerun; the evidence beyond the budget; the
+    evidence with no needed suspect, which no rerun can change a verdict for)."""
+    relevant = [item for item in blind if item.suspects & needed]
+    settled: list[_Blind] = []
+    first: list[str] = []
+    for item in sorted(relevant, key=lambda item: len(item.suspects & needed)):
+        mine = [key for key in sorted(item.suspects & needed) if key in known and key not in first]
+        if len(first) + len(mine) <= budget:
+            settled.append(item)
+            first += mine
+    beyond = [item for item in relevant if item not in settled]
+    return settled, first, beyond, [item for item in blind if not item.suspects & needed]
+
+
+def next_causes(open_items: Sequence[_Blind], rerun: set[str], payloads: Mapping[str, bytes]) -> list[str]:
+    """Step 2 of :func:`_isolate`: for each piece of evidence no rerun reproduced yet, its most likely cause
+    not rerun so far (:func:`likely_causes_first`), each key once. Pure."""
+    picks: list[str] = []
+    for item in open_items:
+        untried = [key for key in item.suspects - rerun - set(picks) if key in payloads]
+        if untried:
+            picks.append(likely_causes_first(item, untried, payloads)[0])
+    return picks
+
+
 def _isolate(blind: Sequence[_Blind], plans: Mapping[str, _Plan], *, replan: Callable[[SmugglingAttempt], _Plan],
              send_alone: Callable[[_Plan], Exchange], lab: NetworkLab, backend: FakeInferenceBackend,
              known: dict[str, str], grace: float, budget: int = 0,
@@ -780,16 +811,7 @@ def _isolate(blind: Sequence[_Blind], plans: Mapping[str, _Plan], *, replan: Cal
     # Each rerun alone costs a grace period (against squid, 33 pieces without a nonce had over 150 suspects:
     # 104 s of reruns with every suspect rerun).
     wanted = needed if needed is not None else frozenset(key for item in blind for key in item.suspects)
-    relevant = [item for item in blind if item.suspects & wanted]
-    moot = [item for item in blind if not item.suspects & wanted]
-    settled: list[_Blind] = []
-    first: list[str] = []
-    for item in sorted(relevant, key=lambda item: len(item.suspects & wanted)):
-        mine = [key for key in sorted(item.suspects & wanted) if key in plans and key not in first]
-        if len(first) + len(mine) <= budget:
-            settled.append(item)
-            first += mine
-    beyond = [item for item in relevant if item not in settled]
+    settled, first, beyond, moot = first_reruns(blind, wanted, frozenset(plans), budget)
     found: dict[str, set[tuple[str, bytes]]] = {}
     rerun: set[str] = set()
     rounds = 0
@@ -806,11 +828,7 @@ def _isolate(blind: Sequence[_Blind], plans: Mapping[str, _Plan], *, replan: Cal
     payloads = {key: plan.payload for key, plan in plans.items()}
     open_items = [item for item in settled if not _reproducers(item, found, rerun)]
     while open_items and len(rerun) < budget:
-        picks: list[str] = []
-        for item in open_items:
-            untried = [key for key in item.suspects - rerun - set(picks) if key in plans]
-            if untried:
-                picks.append(likely_causes_first(item, untried, payloads)[0])
+        picks = next_causes(open_items, rerun, payloads)
         if not picks:
             break
         run(picks[:budget - len(rerun)])
