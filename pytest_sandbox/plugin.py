@@ -41,6 +41,11 @@ from pytest_sandbox.report.scorecard import NOT_RUN_PROPERTY, Scorecard
 from pytest_sandbox.report.terminal import ScorecardReporter
 from pytest_sandbox.session import SandboxOptions, SandboxSession
 
+# The categories whose tests read the reference's probe runs (started early: pytest_collection_finish).
+PROBE_RUN_CATEGORIES = frozenset({"syscall", "syscall-controls", "syscall-evaluation"})
+# At exit, how long to wait for probe runs still going (each run's own wait is bounded by its target).
+PREFETCH_JOIN_SECONDS = 60.0
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("sandbox", "pytest-sandbox: prove a sandbox blocks what it claims")
@@ -131,6 +136,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         category = category_of(item.nodeid)
         if category is not None:
             item.add_marker(marker_name(category))
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Selected syscall tests: start the reference's probe runs now, beside the tests before them (not in an
+    xdist worker, which may be given none of them)."""
+    running = session.config.stash.get(SESSION_KEY, None)
+    if running is None or hasattr(session.config, "workerinput") or session.config.option.collectonly:
+        return
+    if any(category_of(item.nodeid) in PROBE_RUN_CATEGORIES for item in session.items):
+        running.prefetch()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    running = session.config.stash.get(SESSION_KEY, None)
+    if running is not None:
+        running.finish_prefetch(PREFETCH_JOIN_SECONDS)
 
 
 @pytest.hookimpl(tryfirst=True)

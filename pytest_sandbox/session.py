@@ -93,6 +93,7 @@ class SandboxSession:
     exec_identity: ObservedIdentity | None = field(default=None, init=False)
     _baseline_request: BaselineRequest | None = field(default=None, init=False)
     _baseline_problems: dict[tuple[str, str], tuple[str, ...]] = field(default_factory=dict, init=False)
+    _prefetch: threading.Thread | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         check_options(self.options)  # the cheap checks first: one line before any policy is read
@@ -198,6 +199,32 @@ class SandboxSession:
                     self._failures[(mode, identity.name)] = exc
                     raise
             return self._results[key]
+
+    def prefetch(self) -> None:
+        """Start the reference's probe runs of every (mode, identity) in a background thread.
+
+        The runs are other processes (runner children of the spawner), so on a second core they overlap
+        the tests that come first, the network categories, whose work is in this process. Nothing is
+        judged differently: :meth:`outcomes` makes each run once under its lock, whichever thread asks
+        first, and a run that fails is cached as it would be for the first test. Not for a third party
+        (its baseline needs the caller its runner first shows)."""
+        if self.third_party or self._prefetch is not None:
+            return
+
+        def run_all() -> None:
+            for mode in self.modes():
+                for identity in self.identities():
+                    try:
+                        self.outcomes(mode, identity, "real")
+                    except Exception:  # cached, or raised again for the tests, which report it
+                        pass
+        self._prefetch = threading.Thread(target=run_all, name="sandbox-probe-prefetch", daemon=True)
+        self._prefetch.start()
+
+    def finish_prefetch(self, timeout: float) -> None:
+        """Wait (at most ``timeout``) for the background runs: none is left launching at exit."""
+        if self._prefetch is not None:
+            self._prefetch.join(timeout)
 
     def _run_builds(self, mode: str, identity: Identity) -> None:
         if not self.third_party:
