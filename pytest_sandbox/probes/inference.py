@@ -7,6 +7,7 @@ the caller gives it (lab sockets only); the answers are read with the one blocki
 
 from __future__ import annotations
 
+import functools
 import socket
 import ssl
 import time
@@ -39,6 +40,15 @@ def inference_request(method: str, target: str, *, body: bytes = b"", host: str 
 
 
 
+@functools.lru_cache(maxsize=8)
+def _client_context(ca_pem: bytes) -> ssl.SSLContext:
+    """A TLS client context trusting only ``ca_pem`` (made once per CA: a campaign opens hundreds of tunnels,
+    and a context costs about 0.7 ms; an SSLContext may be shared by threads)."""
+    context = ssl.create_default_context(cadata=ca_pem.decode("ascii"))
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
 def open_inference_tunnel(sock: socket.socket, ca_pem: bytes, *, timeout: float = ATTEMPT_TIMEOUT_SECONDS,
                           authority: str = f"{INFERENCE_HOST}:{INFERENCE_PORT}") -> ssl.SSLSocket:
     """``CONNECT inference.local:443`` on ``sock``, then TLS trusting only ``ca_pem``.
@@ -56,9 +66,7 @@ def open_inference_tunnel(sock: socket.socket, ca_pem: bytes, *, timeout: float 
     if not reply.startswith(b"HTTP/1.1 200"):
         status_line = reply.partition(b"\r\n")[0]
         raise ConnectionError(f"CONNECT {authority} was answered {status_line!r}")
-    context = ssl.create_default_context(cadata=ca_pem.decode("ascii"))
-    context.set_alpn_protocols(["http/1.1"])
-    tls = context.wrap_socket(sock, server_hostname=INFERENCE_HOST)
+    tls = _client_context(ca_pem).wrap_socket(sock, server_hostname=INFERENCE_HOST)
     tls.settimeout(timeout)
     return tls
 
