@@ -30,6 +30,11 @@ PIPE = subprocess.PIPE
 DEVNULL = subprocess.DEVNULL
 NOBODY = 65534
 _ZYGOTE_SOURCE = (resources.files("pytest_sandbox.seccomp") / "spawner.py").read_text()
+# The spawner goes to its interpreter (the harness's own, sys.executable) compiled: marshal data, hex on the
+# last argument, which the bootstrap takes off before running it, so the spawner's argv is what it expects.
+# Compiling its source costs every start about 10 ms on a busy 2-core machine (benchmarks/README.md).
+_ZYGOTE_BOOTSTRAP = "import marshal,sys;exec(marshal.loads(bytes.fromhex(sys.argv.pop())))"
+_ZYGOTE_CODE = marshal.dumps(compile(_ZYGOTE_SOURCE, "spawner.py", "exec", dont_inherit=True)).hex()
 
 
 @dataclass(frozen=True)
@@ -278,7 +283,8 @@ class Sandbox:
             # Under a guardian (subreaper mode: a PID namespace would change what the probes observe):
             # the spawner, and whatever its commands fork and orphan, die with the session.
             self._process: subprocess.Popen[bytes] = guardian.GuardedPopen(
-                [sys.executable, "-S", "-c", _ZYGOTE_SOURCE, str(child_end.fileno()), marshal.dumps(config).hex()],
+                [sys.executable, "-S", "-c", _ZYGOTE_BOOTSTRAP, str(child_end.fileno()), marshal.dumps(config).hex(),
+                 _ZYGOTE_CODE],
                 pass_fds=(child_end.fileno(),), stdin=subprocess.DEVNULL, close_fds=True,
             )
         finally:

@@ -1,6 +1,7 @@
 """The pre-filtered spawner: a small stdlib-only process that enters the sandbox once, then spawns.
 
-It is started by :mod:`pytest_sandbox.seccomp.launcher` as ``python -S -c <this source> <fd> <config>``.
+It is started by :mod:`pytest_sandbox.seccomp.launcher` as ``python -S -c <bootstrap> <fd> <config> <code>``
+(``<code>``: this source compiled and marshalled, which the bootstrap takes off argv and runs).
 Start-up, in this order (the order is the security argument, mirrored from OpenShell #819):
 
 1. join or create the network namespace (``setns`` into a holder's namespaces, or ``unshare``), then
