@@ -41,7 +41,6 @@ from pytest_sandbox.http.streams import (
     RequestReader,
     Reserve,
     Response,
-    ResponseReader,
     write_response,
 )
 from pytest_sandbox.network.addresses import AddressVerdict, Authority
@@ -65,6 +64,7 @@ from pytest_sandbox.network.proxy.decision import (
     split_target,
 )
 from pytest_sandbox.network.proxy.self_connection import self_connection
+from pytest_sandbox.network.proxy.upstream import UpstreamConnection
 from pytest_sandbox.network.proxy.watchdog import Watchdog, bounded
 from pytest_sandbox.network.route_lookup import is_delivered_locally
 from pytest_sandbox.policy.model import host_admitted
@@ -175,23 +175,6 @@ async def _connect_socket(sock: socket.socket, address: tuple[Any, ...]) -> None
     if error:
         name = errno.errorcode.get(error, str(error))
         raise OSError(error, f"connect to {address[0]} port {address[1]}: {name}")
-
-
-@dataclass
-class _Upstream:
-    key: tuple[str, int]  # the checked (address, port) this connection was dialled to
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-    max_body: int = 32 * 2**20
-    reserve: Reserve | None = None  # the proxy's memory budget, charged per byte buffered
-    responses: ResponseReader = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.responses = ResponseReader(self.reader, max_body=self.max_body, reserve=self.reserve)
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.writer.close()
 
 
 class EgressProxy:
@@ -508,13 +491,13 @@ class EgressProxy:
                      addresses=addresses)
         return await self._answer(conn, request, response)
 
-    async def _forward_unjudged(self, conn: _Client, request: Request, upstream: _Upstream) -> bool:
+    async def _forward_unjudged(self, conn: _Client, request: Request, upstream: UpstreamConnection) -> bool:
         """Weakened mode: the request rides the first request's upstream, unjudged (the hole)."""
         split = split_target(request.method, request.target)
         path = request.target if isinstance(split, Refusal) else split[1]
-        upstream.writer.write(_upstream_request(request, (request.header("host") or "").encode("latin-1"), path))
+        data = _upstream_request(request, (request.header("host") or "").encode("latin-1"), path)
         try:
-            response = await upstream.responses.next_response(request.method)
+            response = await upstream.round_trip(data, request.method)
         except (FramingViolation, OSError, asyncio.IncompleteReadError) as error:
             await self._refuse(conn, Refusal(502, "upstream_protocol_error", str(error)), request.method)
             return False
@@ -633,20 +616,22 @@ class EgressProxy:
             return sock, address
         raise _Refused(Refusal(502, "upstream_unreachable", f"port {port}: " + "; ".join(failures), addresses))
 
-    async def _dial(self, conn: _Client, addresses: tuple[str, ...], port: int) -> _Upstream:
+    async def _dial(self, conn: _Client, addresses: tuple[str, ...], port: int) -> UpstreamConnection:
         sock, address = await self._dial_socket(addresses, port)
+        key = (address, port)
         try:
-            reader, writer = await asyncio.open_connection(sock=sock, limit=_STREAM_LIMIT)
+            _, upstream = await asyncio.get_running_loop().create_connection(
+                lambda: UpstreamConnection(key, max_body=self.config.max_response_body, reserve=conn.budget),
+                sock=sock)
         except OSError as error:
             sock.close()
             raise _Refused(Refusal(502, "upstream_unreachable", f"{address} port {port}: {error}",
                                    addresses)) from None
-        return _Upstream((address, port), reader, writer, max_body=self.config.max_response_body,
-                         reserve=conn.budget)
+        return upstream
 
     async def _exchange(
         self, conn: _Client, request: Request, authority: Authority, path: str, addresses: tuple[str, ...],
-    ) -> tuple[_Upstream, Response]:
+    ) -> tuple[UpstreamConnection, Response]:
         """Send the request to an upstream for one of ``addresses`` and read its response.
 
         An upstream connection is reused only for the same checked (address, port).
@@ -654,14 +639,13 @@ class EgressProxy:
         data = _upstream_request(request, _host_header(authority, 80).encode("ascii"), path)
         port = authority.port
         for attempt in range(2):
-            upstream = next((conn.upstreams.pop((a, port)) for a in addresses if (a, port) in conn.upstreams), None)
+            upstream = _idle_upstream(conn, addresses, port)
             reused = upstream is not None
             if upstream is None:
                 upstream = await self._dial(conn, addresses, port)
-            conn.watchdog.arm(self.config.upstream_timeout, upstream.writer.transport.abort)
+            conn.watchdog.arm(self.config.upstream_timeout, upstream.abort)
             try:
-                upstream.writer.write(data)
-                response = await upstream.responses.next_response(request.method)
+                response = await upstream.round_trip(data, request.method)
             except FramingViolation as violation:
                 upstream.close()
                 raise _Refused(Refusal(502, "upstream_protocol_error",
@@ -790,10 +774,22 @@ class _Client:
     writer: asyncio.StreamWriter
     watchdog: Watchdog
     requests: RequestReader = field(init=False)
-    upstreams: dict[tuple[str, int], _Upstream] = field(default_factory=dict)  # idle, by checked key
-    first_upstream: _Upstream | None = None  # weakened mode: where later requests ride
+    upstreams: dict[tuple[str, int], UpstreamConnection] = field(default_factory=dict)  # idle, by checked key
+    first_upstream: UpstreamConnection | None = None  # weakened mode: where later requests ride
     held: int = 0  # bytes charged to the proxy's memory budget for the request in progress
     budget: Reserve | None = None  # the proxy's memory budget as charged to this connection
+
+
+def _idle_upstream(conn: _Client, addresses: tuple[str, ...], port: int) -> UpstreamConnection | None:
+    """An idle upstream connection of ``conn`` to one of the checked ``addresses`` (taken out of the idle
+    set), or None. Connections that closed or sent bytes while idle are dropped, never reused."""
+    for address in addresses:
+        upstream = conn.upstreams.pop((address, port), None)
+        if upstream is not None:
+            if upstream.usable:
+                return upstream
+            upstream.close()
+    return None
 
 
 def _encode_fields(headers: tuple[tuple[str, str], ...]) -> tuple[tuple[bytes, bytes], ...]:
