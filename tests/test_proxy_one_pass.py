@@ -59,6 +59,15 @@ def get(host: str = LITERAL, path: str = "/", *extra: str) -> bytes:
     return ("\r\n".join([f"GET http://{host}{path} HTTP/1.1", f"Host: {host}", *extra]) + "\r\n\r\n").encode()
 
 
+def released(proxy: EgressProxy) -> bool:
+    """Whether every byte charged to the memory budget was given back (bounded wait: the proxy's thread
+    finishes the connection after the client saw its close)."""
+    deadline = time.monotonic() + IO_TIMEOUT
+    while proxy.buffered_bytes and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return proxy.buffered_bytes == 0
+
+
 def outcome(proxy: EgressProxy) -> list[tuple[str, str, int, str]]:
     return [(d.action, d.reason, d.status, d.target) for d in proxy.decisions]
 
@@ -121,6 +130,7 @@ def test_a_framing_refusal_after_a_one_pass_request_closes_the_connection(
     assert answers[0].headers["connection"] == "close" and closed
     assert [request.target for request in lab.origin.requests] == ["/"]  # nothing after the refusal
     assert outcome(proxy)[-1][:3] == ("deny", reason, status)
+    assert released(proxy)
 
 
 @pytest.mark.parametrize("target", [f"http://{METADATA_ADDRESS}/", "http://127.0.0.1/", f"http://{LITERAL}:25/"],
@@ -140,6 +150,7 @@ def test_a_denied_destination_after_a_one_pass_request_is_refused_and_never_dial
     assert answers[0].json()["error"] in ("ssrf_denied", "policy_denied")
     assert lab.network.dials == [(LITERAL, 80)]
     assert outcome(proxy)[-1][0] == "deny"
+    assert released(proxy)
 
 
 def test_a_stalled_upstream_on_a_reused_connection_is_answered_504_at_the_deadline(lab: Lab, one_pass: bool) -> None:

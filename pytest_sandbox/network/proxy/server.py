@@ -969,6 +969,7 @@ class _ClientConnection(asyncio.StreamReaderProtocol):
         self._proxy = proxy
         self._buffer = bytearray()
         self._conn: _Client | None = None  # set while the connection is one-pass
+        self._streaming = False  # a refusal or close is lingering: client bytes go to the StreamReader
         self._busy = False  # a request is being answered
         self._eof = False
         self._paused = False
@@ -993,7 +994,7 @@ class _ClientConnection(asyncio.StreamReaderProtocol):
     # --- bytes in -------------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        if self._conn is None:
+        if self._conn is None or self._streaming:
             super().data_received(data)
             return
         self._buffer += data
@@ -1004,7 +1005,7 @@ class _ClientConnection(asyncio.StreamReaderProtocol):
             self._pause_reading(True)
 
     def eof_received(self) -> bool:
-        if self._conn is None:
+        if self._conn is None or self._streaming:
             return bool(super().eof_received())
         self._eof = True
         if not self._busy:
@@ -1056,7 +1057,7 @@ class _ClientConnection(asyncio.StreamReaderProtocol):
     def ready(self) -> None:
         """The last request is answered and the connection stays open: take the next one."""
         conn = self._conn
-        if conn is None:
+        if conn is None or self._streaming:
             return
         self._busy = False
         assert self.transport is not None
@@ -1116,13 +1117,11 @@ class _ClientConnection(asyncio.StreamReaderProtocol):
         conn.upstreams.clear()
 
     def _to_streams(self) -> None:
-        """Every unread byte, and every later one, goes to ``StreamReader`` (a refusal's linger reads it)."""
-        if self._conn is None:
+        """Every unread byte, and every later one, goes to ``StreamReader`` (a refusal's linger reads it); the
+        connection ends after that, and ``connection_lost`` gives back what it held."""
+        if self._conn is None or self._streaming:
             return
-        conn = self._conn
-        self._conn = None
-        self._proxy._one_pass_clients.discard(self)
-        conn.watchdog.close()
+        self._streaming = True
         self._feed_reader()
 
     def _feed_reader(self) -> None:
