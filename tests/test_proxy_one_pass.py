@@ -338,3 +338,38 @@ def test_a_head_response_has_no_body_and_an_unfinished_one_is_incomplete_at_eof(
     with pytest.raises(asyncio.IncompleteReadError):
         framer.eof()
 
+
+
+# --- the scheduling hint ----------------------------------------------------------------------------
+
+
+def slice_of(native_id: int) -> int | None:
+    try:
+        with open(f"/proc/self/task/{native_id}/sched") as sched:
+            lines = [line for line in sched if line.startswith("se.slice")]
+    except OSError:
+        return None
+    return int(lines[0].split(":")[1]) if lines else None
+
+
+@pytest.mark.skipif(slice_of(threading.get_native_id()) is None,
+                    reason="no /proc/<pid>/task/<tid>/sched with se.slice (CONFIG_SCHED_DEBUG, EEVDF)")
+def test_the_event_loop_thread_asks_for_a_short_slice_and_tunnel_threads_keep_the_default(lab: Lab) -> None:
+    from pytest_sandbox.seccomp.spawner import SPAWNER_SLICE_NS
+
+    default = slice_of(threading.get_native_id())
+    assert default != SPAWNER_SLICE_NS
+    proxy = start(lab, True)
+    assert proxy._thread is not None and proxy._thread.native_id is not None
+    assert slice_of(proxy._thread.native_id) == SPAWNER_SLICE_NS
+    client = RawClient(proxy)
+    try:
+        client.send(b"CONNECT 93.184.215.20:443 HTTP/1.1\r\nHost: 93.184.215.20:443\r\n\r\n")
+        assert client.read_raw(39).startswith(b"HTTP/1.1 200")
+        client.send(b"ping")
+        assert client.read_raw(4) == b"ping"
+        tunnels = [thread for thread in threading.enumerate() if thread.name.startswith("tunnel-")]
+        assert tunnels, "the tunnel is relayed by threads"
+        assert all(slice_of(thread.native_id or 0) == default for thread in tunnels)
+    finally:
+        client.close()

@@ -70,6 +70,7 @@ from pytest_sandbox.network.proxy.upstream import Outcome, UpstreamConnection
 from pytest_sandbox.network.proxy.watchdog import Watchdog, bounded
 from pytest_sandbox.network.route_lookup import is_delivered_locally
 from pytest_sandbox.policy.model import host_admitted
+from pytest_sandbox.seccomp.spawner import _ask_short_slice
 
 __all__ = ["EVENT_LOOPS", "EgressProxy", "run_on_loop"]
 
@@ -139,6 +140,21 @@ def run_on_loop(main: Coroutine[Any, Any, None], loop: str | None = None) -> Non
         finally:
             asyncio.set_event_loop(None)
             event_loop.close()
+
+
+def _short_slice() -> None:
+    """Ask the scheduler for a short slice for the thread running the proxy's event loop.
+
+    A keep-alive request is a relay of wake-ups: client -> proxy -> origin -> proxy -> client, each a
+    few tens of microseconds of work. On a busy machine a woken task with the default slice waits for the
+    running task's slice to end; since Linux 6.12 EEVDF lets a task that asked for a shorter slice
+    (``sched_attr.sched_runtime``) preempt on wake-up. It is the spawner's request
+    (:func:`pytest_sandbox.seccomp.spawner._ask_short_slice`: same policy and nice, the slice only, reset
+    for every thread and process it starts, so CONNECT tunnel threads keep the default). A hint, not a
+    security step: an older kernel ignores it, and no failure here stops the proxy.
+    """
+    with contextlib.suppress(Exception):
+        _ask_short_slice()
 
 
 def _split(request: Request) -> tuple[Authority, str]:
@@ -274,6 +290,7 @@ class EgressProxy:
 
     async def serve(self, listen_sock: socket.socket) -> None:
         """Accept clients on ``listen_sock`` until cancelled."""
+        _short_slice()
         server = await self._start_server(listen_sock)
         try:
             await server.serve_forever()
@@ -288,6 +305,7 @@ class EgressProxy:
         failure: list[BaseException] = []
 
         async def run() -> None:
+            _short_slice()
             self._loop = asyncio.get_running_loop()
             self._stopping = self._loop.create_future()
             try:
