@@ -12,6 +12,10 @@ Requests are framed strictly (:mod:`pytest_sandbox.http.framing`); a framing vio
 the connection closed without parsing another byte (network.md §5). Every request and CONNECT gets
 one :class:`Decision` with a reason code.
 
+A keep-alive request to an address literal whose upstream connection is open is framed, judged and
+forwarded from protocol callbacks, one pass of the event loop per hop (:class:`_ClientConnection`); every
+other request runs the coroutine path (``_on_client``), which frames and judges with the same functions.
+
 Two switches weaken the proxy on purpose, so a conformance suite can prove it detects the holes
 they open: ``strict_framing=False`` (h11 0.16 framing only) and ``judge_every_request=False``
 (only the first request of a connection is judged; later ones ride its upstream connection, as
