@@ -373,3 +373,31 @@ def test_the_event_loop_thread_asks_for_a_short_slice_and_tunnel_threads_keep_th
         assert all(slice_of(thread.native_id or 0) == default for thread in tunnels)
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("body_framing", ["split-length", "chunked"])
+def test_a_body_the_one_pass_framer_does_not_take_is_read_by_the_classic_path_with_its_bytes(
+    lab: Lab, one_pass: bool, body_framing: str,
+) -> None:
+    proxy = start(lab, one_pass)
+    client = RawClient(proxy)
+    client.send(get(path="/warm"))
+    assert client.read_answer() is not None
+    head = f"POST http://{LITERAL}/post HTTP/1.1\r\nHost: {LITERAL}\r\n".encode()
+    if body_framing == "chunked":
+        client.send(head + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        time.sleep(0.05)
+        client.send(b"5\r\nworld\r\n0\r\n\r\n")
+    else:
+        client.send(head + b"Content-Length: 10\r\n\r\nhello")
+        time.sleep(0.05)  # the rest of the body arrives in another segment
+        client.send(b"world")
+    answer = client.read_answer()
+    client.send(get(path="/after"))
+    after = client.read_answer()
+    client.close()
+    assert answer is not None and answer.status == 200 and after is not None and after.status == 200
+    assert [(request.target, request.body) for request in lab.origin.requests] == [
+        ("/warm", b""), ("/post", b"helloworld"), ("/after", b"")]
+    paths = ("/warm", "/post", "/after")
+    assert outcome(proxy) == [("allow", "routed", 200, f"http://{LITERAL}{path}") for path in paths]
