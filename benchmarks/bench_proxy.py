@@ -405,6 +405,10 @@ def main() -> int:
         bulk: dict[str, list[float]] = {t.name: [] for t in targets}
         cpu_get = dict.fromkeys(gets, 0.0)  # the proxy's CPU seconds over every measured round
         cpu_bulk = dict.fromkeys(gets, 0.0)
+        # The two ends' CPU during the uploads (this client process, the origin's sink): on loopback the kernel
+        # does a receiver's TCP work in the sender's context, so a relay moves CPU between the ends as well.
+        origin_markers = (__file__, "--role origin")
+        cpu_ends = {name: [0.0, 0.0] for name in gets}
         total = args.bulk_mib * 2**20
         if origin.poll() is not None:
             raise RuntimeError(f"the origin exited with status {origin.returncode}")
@@ -420,8 +424,11 @@ def main() -> int:
                 cpu_get[target.name] += _cpu_seconds(target.markers) - cpu
                 sink_connect = connector(target, None if target.via_proxy else SINK_PORT)
                 cpu = _cpu_seconds(target.markers)
+                ends = (time.process_time(), _cpu_seconds(origin_markers))
                 bulk[target.name].append(measure_bulk(sink_connect, target, total))
                 cpu_bulk[target.name] += _cpu_seconds(target.markers) - cpu
+                cpu_ends[target.name][0] += time.process_time() - ends[0]
+                cpu_ends[target.name][1] += _cpu_seconds(origin_markers) - ends[1]
 
         best_get = {name: max(r.requests_per_second for r in results) for name, results in gets.items()}
         median_get = {name: statistics.median(r.requests_per_second for r in results)
@@ -469,6 +476,15 @@ def main() -> int:
             verdict = "met" if vs_direct >= 0.7 else "NOT met"
             print(f"target CONNECT: {label} >= 0.7x direct: {verdict} ({vs_direct:.2f}x direct, per-round median; "
                   f"best/best {best_bulk[label] / best_bulk['direct']:.2f}x)")
+        print()
+        print("CONNECT CPU per GiB uploaded (ms): client (this process), origin (the sink), proxy; and their sum")
+        for target in targets:
+            name = target.name
+            gib = total * args.rounds / 2**30
+            client_ms, origin_ms = (seconds / gib * 1e3 for seconds in cpu_ends[name])
+            proxy_ms = cpu_bulk[name] / gib * 1e3
+            print(f"  {name}: client {client_ms:,.0f}, origin {origin_ms:,.0f}, proxy {proxy_ms:,.0f}, "
+                  f"sum {client_ms + origin_ms + proxy_ms:,.0f}")
         print(f"load average at the end: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
         for note in notes:
             print(f"note: {note}")

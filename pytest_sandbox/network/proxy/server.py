@@ -12,6 +12,10 @@ Requests are framed strictly (:mod:`pytest_sandbox.http.framing`); a framing vio
 the connection closed without parsing another byte (network.md §5). Every request and CONNECT gets
 one :class:`Decision` with a reason code.
 
+A keep-alive request to an address literal whose upstream connection is open is framed, judged and
+forwarded from protocol callbacks, one pass of the event loop per hop (:class:`_ClientConnection`); every
+other request runs the coroutine path (``_on_client``), which frames and judges with the same functions.
+
 Two switches weaken the proxy on purpose, so a conformance suite can prove it detects the holes
 they open: ``strict_framing=False`` (h11 0.16 framing only) and ``judge_every_request=False``
 (only the first request of a connection is judged; later ones ride its upstream connection, as
@@ -24,6 +28,7 @@ import asyncio
 import collections
 import contextlib
 import errno
+import functools
 import ipaddress
 import itertools
 import json
@@ -35,13 +40,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pytest_sandbox.http.fields import end_to_end
-from pytest_sandbox.http.framing import FramingViolation
+from pytest_sandbox.http.framing import HEAD_END, FramingViolation, check_request_head, first_bare_line_ending
 from pytest_sandbox.http.streams import (
     Request,
     RequestReader,
     Reserve,
     Response,
-    ResponseReader,
+    _decode_headers,
     write_response,
 )
 from pytest_sandbox.network.addresses import AddressVerdict, Authority
@@ -65,9 +70,11 @@ from pytest_sandbox.network.proxy.decision import (
     split_target,
 )
 from pytest_sandbox.network.proxy.self_connection import self_connection
+from pytest_sandbox.network.proxy.upstream import Outcome, UpstreamConnection
 from pytest_sandbox.network.proxy.watchdog import Watchdog, bounded
 from pytest_sandbox.network.route_lookup import is_delivered_locally
 from pytest_sandbox.policy.model import host_admitted
+from pytest_sandbox.seccomp.spawner import _ask_short_slice
 
 __all__ = ["EVENT_LOOPS", "EgressProxy", "run_on_loop"]
 
@@ -87,6 +94,11 @@ _CLASSIFY_CACHE_SIZE = 4096
 # body, and Expect (the body is already read). Hop-by-hop fields go too (http.fields.end_to_end).
 _REQUEST_FIELDS_REWRITTEN = frozenset({b"host", b"content-length", b"expect"})
 _RESPONSE_FIELDS_REWRITTEN = frozenset({b"content-length"})
+# The steps of the classic (coroutine) path that the one-pass path (``_ClientConnection``) does inline. A
+# subclass that replaces any of them (the deliberately weakened proxies in tests/ do) gets the classic
+# path for every request, so what it replaced is what runs.
+_ONE_PASS_REPLACES = ("_on_client", "_serve_client", "_handle_forward", "_admit", "_destination", "_exchange",
+                      "_answer", "_refuse")
 
 
 class _Refused(Exception):
@@ -134,6 +146,21 @@ def run_on_loop(main: Coroutine[Any, Any, None], loop: str | None = None) -> Non
             event_loop.close()
 
 
+def _short_slice() -> None:
+    """Ask the scheduler for a short slice for the thread running the proxy's event loop.
+
+    A keep-alive request is a relay of wake-ups: client -> proxy -> origin -> proxy -> client, each a
+    few tens of microseconds of work. On a busy machine a woken task with the default slice waits for the
+    running task's slice to end; since Linux 6.12 EEVDF lets a task that asked for a shorter slice
+    (``sched_attr.sched_runtime``) preempt on wake-up. It is the spawner's request
+    (:func:`pytest_sandbox.seccomp.spawner._ask_short_slice`: same policy and nice, the slice only, reset
+    for every thread and process it starts, so CONNECT tunnel threads keep the default). A hint, not a
+    security step: an older kernel ignores it, and no failure here stops the proxy.
+    """
+    with contextlib.suppress(Exception):
+        _ask_short_slice()
+
+
 def _split(request: Request) -> tuple[Authority, str]:
     """The request's authority and upstream path (:func:`split_target`); a malformed target is refused."""
     split = split_target(request.method, request.target)
@@ -177,23 +204,6 @@ async def _connect_socket(sock: socket.socket, address: tuple[Any, ...]) -> None
         raise OSError(error, f"connect to {address[0]} port {address[1]}: {name}")
 
 
-@dataclass
-class _Upstream:
-    key: tuple[str, int]  # the checked (address, port) this connection was dialled to
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-    max_body: int = 32 * 2**20
-    reserve: Reserve | None = None  # the proxy's memory budget, charged per byte buffered
-    responses: ResponseReader = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.responses = ResponseReader(self.reader, max_body=self.max_body, reserve=self.reserve)
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.writer.close()
-
-
 class EgressProxy:
     """The reference egress proxy. Serve it on a listening socket the caller made (in the lab's
     network namespace); the proxy takes ownership of that socket."""
@@ -206,6 +216,7 @@ class EgressProxy:
         socket_factory: SocketFactory,
         connect_interceptor: ConnectInterceptor | None = None,
         route_socket_factory: RouteSocketFactory | None,
+        one_pass: bool = True,
     ) -> None:
         self.config = config
         self._resolver = resolver
@@ -231,6 +242,11 @@ class EgressProxy:
         self._host_patterns = tuple(pattern.lower() for pattern in config.allowed_hosts)
         self._rules = Rules(self._allowed_ports, self._host_allowed_cached, self._classify, self._self_connection)
         self._client_tasks: set[asyncio.Task[None]] = set()
+        self._one_pass_clients: set[_ClientConnection] = set()
+        # ``one_pass=False`` serves every request on the classic path (a test compares the two).
+        replaced = [step for step in _ONE_PASS_REPLACES if getattr(type(self), step) is not getattr(EgressProxy, step)]
+        self._one_pass = (one_pass and config.strict_framing and config.judge_every_request
+                          and not config.lax_framing and not replaced)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Future[None] | None = None
@@ -278,6 +294,7 @@ class EgressProxy:
 
     async def serve(self, listen_sock: socket.socket) -> None:
         """Accept clients on ``listen_sock`` until cancelled."""
+        _short_slice()
         server = await self._start_server(listen_sock)
         try:
             await server.serve_forever()
@@ -292,6 +309,7 @@ class EgressProxy:
         failure: list[BaseException] = []
 
         async def run() -> None:
+            _short_slice()
             self._loop = asyncio.get_running_loop()
             self._stopping = self._loop.create_future()
             try:
@@ -338,10 +356,12 @@ class EgressProxy:
         with self._lock:
             self._listening.add((str(ipaddress.ip_address(host.split("%")[0])), port))
             self._listening_ports = frozenset(listen_port for _address, listen_port in self._listening)
-        return await asyncio.start_server(self._on_client, sock=listen_sock, limit=_STREAM_LIMIT)
+        return await asyncio.get_running_loop().create_server(lambda: _ClientConnection(self), sock=listen_sock)
 
     async def _shutdown(self, server: asyncio.Server) -> None:
         server.close()
+        for client in list(self._one_pass_clients):
+            client.abort()
         tasks = list(self._client_tasks)
         for task in tasks:
             task.cancel()
@@ -484,6 +504,14 @@ class EgressProxy:
         with contextlib.suppress(ConnectionError):
             await write_response(conn.writer, refusal.status, _REASON_PHRASES.get(refusal.status, "Error"),
                                  headers, body)
+        await self._linger(conn)
+
+    @staticmethod
+    async def _linger(conn: _Client) -> None:
+        """Half-close ``conn`` and discard what it still sends (:func:`relay.linger_close`); a one-pass
+        connection first hands its unread bytes (and every later one) to ``conn.reader``."""
+        if conn.to_streams is not None:
+            conn.to_streams()
         await relay.linger_close(conn.reader, conn.writer)
 
     # --- absolute-form requests ---------------------------------------------------------------
@@ -498,9 +526,8 @@ class EgressProxy:
             authority, path, addresses = await self._admit(request)
             upstream, response = await self._exchange(conn, request, authority, path, addresses)
         except _Refused as refused:
-            self._record_refusal(conn.name, request, authority or refused.authority, refused.refusal, addresses)
-            await self._refuse(conn, refused.refusal, request.method)
-            return False
+            return await self._refuse_request(conn, request, authority or refused.authority, refused.refusal,
+                                              addresses)
         if conn.first_upstream is None:
             conn.first_upstream = upstream
         self._record(conn.name, request, authority=authority, action="allow", status=response.status,
@@ -508,13 +535,20 @@ class EgressProxy:
                      addresses=addresses)
         return await self._answer(conn, request, response)
 
-    async def _forward_unjudged(self, conn: _Client, request: Request, upstream: _Upstream) -> bool:
+    async def _refuse_request(self, conn: _Client, request: Request, authority: Authority | None, refusal: Refusal,
+                              addresses: tuple[str, ...]) -> bool:
+        """Record and answer a refused request (the connection then closes): False."""
+        self._record_refusal(conn.name, request, authority, refusal, addresses)
+        await self._refuse(conn, refusal, request.method)
+        return False
+
+    async def _forward_unjudged(self, conn: _Client, request: Request, upstream: UpstreamConnection) -> bool:
         """Weakened mode: the request rides the first request's upstream, unjudged (the hole)."""
         split = split_target(request.method, request.target)
         path = request.target if isinstance(split, Refusal) else split[1]
-        upstream.writer.write(_upstream_request(request, (request.header("host") or "").encode("latin-1"), path))
+        data = _upstream_request(request, (request.header("host") or "").encode("latin-1"), path)
         try:
-            response = await upstream.responses.next_response(request.method)
+            response = await upstream.round_trip(data, request.method)
         except (FramingViolation, OSError, asyncio.IncompleteReadError) as error:
             await self._refuse(conn, Refusal(502, "upstream_protocol_error", str(error)), request.method)
             return False
@@ -633,20 +667,22 @@ class EgressProxy:
             return sock, address
         raise _Refused(Refusal(502, "upstream_unreachable", f"port {port}: " + "; ".join(failures), addresses))
 
-    async def _dial(self, conn: _Client, addresses: tuple[str, ...], port: int) -> _Upstream:
+    async def _dial(self, conn: _Client, addresses: tuple[str, ...], port: int) -> UpstreamConnection:
         sock, address = await self._dial_socket(addresses, port)
+        key = (address, port)
         try:
-            reader, writer = await asyncio.open_connection(sock=sock, limit=_STREAM_LIMIT)
+            _, upstream = await asyncio.get_running_loop().create_connection(
+                lambda: UpstreamConnection(key, max_body=self.config.max_response_body, reserve=conn.budget),
+                sock=sock)
         except OSError as error:
             sock.close()
             raise _Refused(Refusal(502, "upstream_unreachable", f"{address} port {port}: {error}",
                                    addresses)) from None
-        return _Upstream((address, port), reader, writer, max_body=self.config.max_response_body,
-                         reserve=conn.budget)
+        return upstream
 
     async def _exchange(
         self, conn: _Client, request: Request, authority: Authority, path: str, addresses: tuple[str, ...],
-    ) -> tuple[_Upstream, Response]:
+    ) -> tuple[UpstreamConnection, Response]:
         """Send the request to an upstream for one of ``addresses`` and read its response.
 
         An upstream connection is reused only for the same checked (address, port).
@@ -654,31 +690,19 @@ class EgressProxy:
         data = _upstream_request(request, _host_header(authority, 80).encode("ascii"), path)
         port = authority.port
         for attempt in range(2):
-            upstream = next((conn.upstreams.pop((a, port)) for a in addresses if (a, port) in conn.upstreams), None)
+            upstream = _idle_upstream(conn, addresses, port)
             reused = upstream is not None
             if upstream is None:
                 upstream = await self._dial(conn, addresses, port)
-            conn.watchdog.arm(self.config.upstream_timeout, upstream.writer.transport.abort)
+            conn.watchdog.arm(self.config.upstream_timeout, upstream.abort)
             try:
-                upstream.writer.write(data)
-                response = await upstream.responses.next_response(request.method)
-            except FramingViolation as violation:
-                upstream.close()
-                raise _Refused(Refusal(502, "upstream_protocol_error",
-                                       f"upstream {upstream.key[0]} sent bad framing: {violation}")) from None
-            except _Refused:  # the memory budget, mid-response: this upstream's framing is lost
-                upstream.close()
-                raise
-            except (OSError, asyncio.IncompleteReadError) as error:
-                upstream.close()
-                if conn.watchdog.expired:
-                    raise _Refused(Refusal(504, "upstream_timeout", f"no complete response from "
-                                           f"{upstream.key[0]} within {self.config.upstream_timeout} s")) from None
-                if reused and attempt == 0 and request.method in _IDEMPOTENT_METHODS:
+                response = await upstream.round_trip(data, request.method)
+            except (FramingViolation, _Refused, OSError, asyncio.IncompleteReadError) as error:
+                refusal = self._upstream_failed(conn, upstream, error, reused and attempt == 0 and
+                                                request.method in _IDEMPOTENT_METHODS)
+                if refusal is None:
                     continue  # a stale keep-alive connection: dial afresh once
-                failure = f"{type(error).__name__}: {error}"
-                raise _Refused(Refusal(502, "upstream_unreachable",
-                                       f"upstream {upstream.key[0]} failed: {failure}")) from None
+                raise _Refused(refusal) from None
             finally:
                 conn.watchdog.disarm()
             if response.keep_alive:
@@ -688,29 +712,112 @@ class EgressProxy:
             return upstream, response
         raise AssertionError("unreachable")
 
+    def _upstream_failed(self, conn: _Client, upstream: UpstreamConnection, error: BaseException,
+                         retry: bool) -> Refusal | None:
+        """Close ``upstream`` after ``error`` and say how the request is answered; None: dial afresh once
+        (``retry``: a reused connection went stale and the method is idempotent, RFC 9110 §9.2.2)."""
+        upstream.close()
+        if isinstance(error, FramingViolation):
+            return Refusal(502, "upstream_protocol_error", f"upstream {upstream.key[0]} sent bad framing: {error}")
+        if isinstance(error, _Refused):  # the memory budget, mid-response: this upstream's framing is lost
+            return error.refusal
+        if conn.watchdog.expired:
+            return Refusal(504, "upstream_timeout", f"no complete response from {upstream.key[0]} within "
+                           f"{self.config.upstream_timeout} s")
+        if retry:
+            return None
+        failure = f"{type(error).__name__}: {error}"
+        return Refusal(502, "upstream_unreachable", f"upstream {upstream.key[0]} failed: {failure}")
+
     async def _answer(self, conn: _Client, request: Request, response: Response) -> bool:
         keep_alive = request.keep_alive
-        fields = response.raw_headers or _encode_fields(response.headers)
-        parts = [b"HTTP/1.1 %d %s\r\n" % (response.status, response.reason.encode("latin-1"))]
-        # Proxy-* response fields are passed on, as they always were (only the request drops them).
-        for name, value in end_to_end(fields, rewritten=_RESPONSE_FIELDS_REWRITTEN, drop_proxy_fields=False):
-            parts += (name, b": ", value, b"\r\n")
-        if request.method == "HEAD" or response.status in (204, 304):
-            # RFC 9110 §8.6: a HEAD/304 response's Content-Length describes the body it omits.
-            parts += (b"content-length: %s\r\n" % value for name, value in fields if name == b"content-length")
-        else:
-            parts.append(b"content-length: %d\r\n" % len(response.body))
-        if not keep_alive:
-            parts.append(b"connection: close\r\n")
-        parts += (b"\r\n", response.body)
         writer = conn.writer
-        writer.write(b"".join(parts))
+        writer.write(_answer_bytes(request, response, keep_alive))
         if writer.transport.get_write_buffer_size() > relay.RELAY_CHUNK:
             with contextlib.suppress(ConnectionError):
                 await writer.drain()
         if not keep_alive:
-            await relay.linger_close(conn.reader, writer)
+            await self._linger(conn)
         return keep_alive
+
+    # --- the one-pass path (see _ClientConnection) --------------------------------------------------
+
+    def _forward_one_pass(self, client: _ClientConnection, conn: _Client, request: Request) -> None:
+        """Judge ``request`` and, when that needs no resolution and an idle upstream connection to a checked
+        address is open, send it there now; the answer is written from the upstream's callback
+        (:meth:`_answered_one_pass`). Everything else (refusals, names, dialling) is :meth:`_handle_forward`
+        in a task: the same decision, made by the same pure functions."""
+        split = split_target(request.method, request.target)
+        if type(split) is tuple:
+            authority, path = split
+            decided = decide_destination(authority, None, self._rules)
+            if type(decided) is Route:
+                upstream = _idle_upstream(conn, decided.addresses, authority.port)
+                if upstream is not None:
+                    data = _upstream_request(request, _host_header(authority, 80).encode("ascii"), path)
+                    conn.watchdog.arm(self.config.upstream_timeout, upstream.abort)
+                    upstream.send(data, request.method, functools.partial(
+                        self._answered_one_pass, client, conn, request, authority, decided.addresses, upstream))
+                    return
+        client.spawn(self._forward_in_task(client, conn, request))
+
+    def _answered_one_pass(self, client: _ClientConnection, conn: _Client, request: Request, authority: Authority,
+                           addresses: tuple[str, ...], upstream: UpstreamConnection, outcome: Outcome) -> None:
+        conn.watchdog.disarm()
+        if isinstance(outcome, BaseException):
+            if not isinstance(outcome, (FramingViolation, _Refused, OSError, asyncio.IncompleteReadError)):
+                upstream.close()
+                client.abort()
+                raise outcome
+            refusal = self._upstream_failed(conn, upstream, outcome, request.method in _IDEMPOTENT_METHODS)
+            if refusal is None:  # stale: the task dials afresh (the stale connection is gone from the idle set)
+                client.spawn(self._forward_in_task(client, conn, request))
+            else:
+                client.spawn(self._refuse_in_task(client, conn, request, authority, refusal, addresses))
+            return
+        response = outcome
+        if response.keep_alive:
+            conn.upstreams[upstream.key] = upstream
+        else:
+            upstream.close()
+        self._record(conn.name, request, authority=authority, action="allow", status=response.status,
+                     reason="routed", detail=f"forwarded to {upstream.key[0]} port {upstream.key[1]}",
+                     addresses=addresses)
+        keep_alive = request.keep_alive
+        client.write(_answer_bytes(request, response, keep_alive))
+        if not keep_alive:
+            client.spawn(self._finish_in_task(client, conn, self._linger(conn)))
+        elif client.write_buffer_size() > relay.RELAY_CHUNK:
+            client.spawn(self._finish_in_task(client, conn, _drained(conn.writer)))
+        else:
+            self._release(conn)
+            client.ready()
+
+    async def _forward_in_task(self, client: _ClientConnection, conn: _Client, request: Request) -> None:
+        await self._finish_in_task(client, conn, self._handle_forward(conn, request))
+
+    async def _refuse_in_task(self, client: _ClientConnection, conn: _Client, request: Request,
+                              authority: Authority, refusal: Refusal, addresses: tuple[str, ...]) -> None:
+        await self._finish_in_task(client, conn, self._refuse_request(conn, request, authority, refusal, addresses))
+
+    async def _finish_in_task(self, client: _ClientConnection, conn: _Client,
+                              step: Coroutine[Any, Any, bool | None]) -> None:
+        """Run the rest of a request's handling; then the connection takes its next request (``step`` gave
+        True) or ends, as :meth:`_on_client` ends a classic one."""
+        keep_alive = False
+        try:
+            keep_alive = bool(await step)
+        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError, asyncio.TimeoutError):
+            pass
+        except OSError as error:
+            self._record(conn.name, None, authority=None, action="error", status=0,
+                         reason="client_io_failed", detail=f"{type(error).__name__}: {error}")
+        finally:
+            if keep_alive:
+                self._release(conn)
+                client.ready()
+            else:
+                client.close()
 
     # --- CONNECT --------------------------------------------------------------------------------
 
@@ -790,10 +897,48 @@ class _Client:
     writer: asyncio.StreamWriter
     watchdog: Watchdog
     requests: RequestReader = field(init=False)
-    upstreams: dict[tuple[str, int], _Upstream] = field(default_factory=dict)  # idle, by checked key
-    first_upstream: _Upstream | None = None  # weakened mode: where later requests ride
+    upstreams: dict[tuple[str, int], UpstreamConnection] = field(default_factory=dict)  # idle, by checked key
+    first_upstream: UpstreamConnection | None = None  # weakened mode: where later requests ride
     held: int = 0  # bytes charged to the proxy's memory budget for the request in progress
     budget: Reserve | None = None  # the proxy's memory budget as charged to this connection
+    to_streams: Callable[[], None] | None = None  # one-pass connections: hand unread bytes to ``reader``
+
+
+async def _drained(writer: asyncio.StreamWriter) -> bool:
+    with contextlib.suppress(ConnectionError):
+        await writer.drain()
+    return True
+
+
+def _answer_bytes(request: Request, response: Response, keep_alive: bool) -> bytes:
+    """The response as this proxy forwards it: hop-by-hop fields dropped (RFC 9110 §7.6.1), the body framed by
+    Content-Length, ``Connection: close`` when the client connection ends after it."""
+    fields = response.raw_headers or _encode_fields(response.headers)
+    parts = [b"HTTP/1.1 %d %s\r\n" % (response.status, response.reason.encode("latin-1"))]
+    # Proxy-* response fields are passed on, as they always were (only the request drops them).
+    for name, value in end_to_end(fields, rewritten=_RESPONSE_FIELDS_REWRITTEN, drop_proxy_fields=False):
+        parts += (name, b": ", value, b"\r\n")
+    if request.method == "HEAD" or response.status in (204, 304):
+        # RFC 9110 §8.6: a HEAD/304 response's Content-Length describes the body it omits.
+        parts += (b"content-length: %s\r\n" % value for name, value in fields if name == b"content-length")
+    else:
+        parts.append(b"content-length: %d\r\n" % len(response.body))
+    if not keep_alive:
+        parts.append(b"connection: close\r\n")
+    parts += (b"\r\n", response.body)
+    return b"".join(parts)
+
+
+def _idle_upstream(conn: _Client, addresses: tuple[str, ...], port: int) -> UpstreamConnection | None:
+    """An idle upstream connection of ``conn`` to one of the checked ``addresses`` (taken out of the idle
+    set), or None. Connections that closed or sent bytes while idle are dropped, never reused."""
+    for address in addresses:
+        upstream = conn.upstreams.pop((address, port), None)
+        if upstream is not None:
+            if upstream.usable:
+                return upstream
+            upstream.close()
+    return None
 
 
 def _encode_fields(headers: tuple[tuple[str, str], ...]) -> tuple[tuple[bytes, bytes], ...]:
@@ -812,3 +957,210 @@ def _upstream_request(request: Request, host: bytes, path: str) -> bytes:
         parts.append(b"content-length: %d\r\n" % len(body))
     parts += (b"\r\n", body)
     return b"".join(parts)
+
+
+class _ClientConnection(asyncio.StreamReaderProtocol):
+    """One client connection. Requests are taken in one pass of the event loop where that is possible;
+    everything else runs on the classic coroutine path, which reads the same bytes through ``StreamReader``.
+
+    **One pass.** ``data_received`` frames the request strictly (``check_request_head``, the same pure
+    function ``RequestReader`` calls) and :meth:`EgressProxy._forward_one_pass` judges it and writes it to an
+    idle upstream connection; the upstream's ``data_received`` completes the response and the answer is
+    written from there. A keep-alive GET thus costs two callbacks and no task wake-up; on asyncio streams
+    each ``await`` of a read is a further pass of the loop (four per request), most of the proxy's CPU.
+
+    **Classic.** A request whose bytes the one-pass framer does not take (any framing violation, a head or
+    body not yet complete when its head is, chunked, CONNECT, the memory budget) hands the whole connection
+    to :meth:`EgressProxy._on_client` with every unconsumed byte, that request's included: it is framed,
+    judged, refused or relayed exactly as before, and the connection stays classic. A request the framer took
+    but that needs a name resolved, an upstream dialled or a refusal answered runs :meth:`_handle_forward`
+    in a task and comes back to one pass if the connection stays open. Refusals and ``Connection: close``
+    answers linger (:func:`relay.linger_close`) on ``StreamReader`` like the classic path's.
+
+    Deadlines are the classic path's: the idle timeout runs from the end of one request until the next is
+    complete, the upstream timeout while its response is awaited (one :class:`Watchdog`). While a request is
+    in flight, bytes the client sends are buffered, up to ``_STREAM_LIMIT`` before reading is paused.
+    """
+
+    def __init__(self, proxy: EgressProxy) -> None:
+        loop = asyncio.get_running_loop()
+        self._reader = asyncio.StreamReader(limit=_STREAM_LIMIT, loop=loop)
+        super().__init__(self._reader, loop=loop)
+        self._event_loop = loop
+        self._client_transport: Any = None
+        self._proxy = proxy
+        self._buffer = bytearray()
+        self._conn: _Client | None = None  # set while the connection is one-pass
+        self._streaming = False  # a refusal or close is lingering: client bytes go to the StreamReader
+        self._busy = False  # a request is being answered
+        self._eof = False
+        self._paused = False
+        self._writer: asyncio.StreamWriter | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._client_transport = transport
+        self._writer = writer = asyncio.StreamWriter(transport, self, self._reader, self._event_loop)  # type: ignore[arg-type]
+        proxy = self._proxy
+        if not proxy._one_pass:
+            self._to_classic()
+            return
+        conn = _Client(name=proxy._peer_name(writer), reader=self._reader, writer=writer,
+                       watchdog=Watchdog(self._event_loop))
+        conn.budget = proxy._budget(conn)
+        conn.to_streams = self._to_streams
+        self._conn = conn
+        proxy._one_pass_clients.add(self)
+        self.ready()
+
+    # --- bytes in -------------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self._conn is None or self._streaming:
+            super().data_received(data)
+            return
+        self._buffer += data
+        if not self._busy:
+            self._take()
+        elif len(self._buffer) > _STREAM_LIMIT and not self._paused:
+            self._paused = True
+            self._pause_reading(True)
+
+    def eof_received(self) -> bool:
+        if self._conn is None or self._streaming:
+            return bool(super().eof_received())
+        self._eof = True
+        if not self._busy:
+            self.close()  # between requests, or inside one (the classic path closes on both, silently)
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._conn is not None:
+            self._leave_one_pass()
+        super().connection_lost(exc)
+        self._client_transport = None
+
+    def _take(self) -> None:
+        """Frame the next request from the buffer and answer it, or wait for more bytes, or go classic."""
+        conn, config, buffer = self._conn, self._proxy.config, self._buffer
+        assert conn is not None
+        end = buffer.find(HEAD_END)
+        if end == -1:
+            # The classic reader's early refusals (head too large, a bare CR or LF) are its to answer.
+            if len(buffer) > config.max_head or first_bare_line_ending(bytes(buffer)) is not None:
+                self._to_classic()
+            return
+        size = end + len(HEAD_END)
+        try:
+            head = check_request_head(bytes(buffer[:size]), max_head=config.max_head)
+        except FramingViolation:
+            self._to_classic()
+            return
+        kind, length = head.body_framing
+        if head.method == "CONNECT" or kind == "chunked" or length > config.max_body or len(buffer) < size + length:
+            self._to_classic()
+            return
+        assert conn.budget is not None
+        try:
+            conn.budget(size + length)
+        except _Refused:
+            self._to_classic()
+            return
+        raw = bytes(buffer[: size + length])
+        del buffer[: size + length]
+        request = Request(method=head.method, target=head.target, http_version=head.http_version,
+                          headers=_decode_headers(head.headers), body=raw[size:], raw=raw, raw_headers=head.headers)
+        self._busy = True
+        conn.watchdog.disarm()
+        self._proxy._forward_one_pass(self, conn, request)
+
+    # --- what the proxy calls ---------------------------------------------------------------------
+
+    def ready(self) -> None:
+        """The last request is answered and the connection stays open: take the next one."""
+        conn = self._conn
+        if conn is None or self._streaming:
+            return
+        self._busy = False
+        assert self.transport is not None
+        conn.watchdog.arm(self._proxy.config.idle_timeout, self.transport.abort)
+        if self._paused:
+            self._paused = False
+            self._pause_reading(False)
+        if self._buffer:
+            self._take()
+        elif self._eof:
+            self.close()
+
+    def spawn(self, step: Coroutine[Any, Any, None]) -> None:
+        """Run the rest of a request in a task the proxy cancels on shutdown."""
+        task = self._event_loop.create_task(step)
+        tasks = self._proxy._client_tasks
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def write_buffer_size(self) -> int:
+        return self.transport.get_write_buffer_size() if self.transport is not None else 0
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    @property
+    def transport(self) -> Any:
+        return self._client_transport
+
+    # --- leaving the one-pass path ------------------------------------------------------------------
+
+    def _pause_reading(self, pause: bool) -> None:
+        with contextlib.suppress(Exception):
+            if pause:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
+
+    def _leave_one_pass(self) -> None:
+        conn = self._conn
+        assert conn is not None
+        self._conn = None
+        self._proxy._one_pass_clients.discard(self)
+        self._proxy._release(conn)
+        conn.watchdog.close()
+        for upstream in conn.upstreams.values():
+            upstream.close()
+        conn.upstreams.clear()
+
+    def _to_streams(self) -> None:
+        """Every unread byte, and every later one, goes to ``StreamReader`` (a refusal's linger reads it); the
+        connection ends after that, and ``connection_lost`` gives back what it held."""
+        if self._conn is None or self._streaming:
+            return
+        self._streaming = True
+        self._feed_reader()
+
+    def _feed_reader(self) -> None:
+        if self._buffer:
+            self._reader.feed_data(bytes(self._buffer))
+            self._buffer.clear()
+        if self._eof:
+            self._reader.feed_eof()
+        if self._paused:
+            self._paused = False
+            self._pause_reading(False)
+
+    def _to_classic(self) -> None:
+        """The rest of the connection runs on the classic path, from the first unconsumed byte."""
+        if self._conn is not None:
+            self._leave_one_pass()
+        self._feed_reader()
+        assert self._writer is not None
+        task = self._event_loop.create_task(self._proxy._on_client(self._reader, self._writer))
+        self._task = task  # StreamReaderProtocol keeps it the same way for its client_connected_cb
