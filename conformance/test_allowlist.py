@@ -6,6 +6,13 @@ enforced policy (``--sandbox-policy``) allows, every port the baseline allows (o
 must now be refused) and ports policies commonly leave out; and every lab origin by address and by
 name. Each destination has a lab listener, so a dial is seen whatever the proxy answers: what the
 policy admits must be reached, anything else refused before any dial. Runs only with ``--sandbox``.
+
+The probes of every selected test run as one campaign on first use (:func:`allowlist_results`), in rounds
+whose listeners are pairwise disjoint (:func:`~pytest_sandbox.probes.campaign.isolation_rounds`): after a
+round with a refusal in it, the grace period
+(:data:`~pytest_sandbox.probes.campaign.GRACE_SECONDS`) passes before its listeners are counted, so a
+proxy that refuses and dials afterwards is caught, and its late dial is never counted for another probe
+of the same listener.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pytest
 
@@ -24,14 +32,13 @@ from pytest_sandbox.network.lab.lab import LAB_PUBLIC_ORIGINS, NetworkLab
 from pytest_sandbox.policy.load import baseline_policy
 from pytest_sandbox.policy.model import Policy
 from pytest_sandbox.probes.allowlist import allowlist_probes
+from pytest_sandbox.probes.campaign import GRACE_SECONDS, isolation_rounds
 from pytest_sandbox.probes.ssrf import ATTEMPT_TIMEOUT_SECONDS
 from pytest_sandbox.report.categories import CategoryNotRun
 from pytest_sandbox.session import SandboxSession
 from pytest_sandbox.verdicts.allowlist import AllowlistProbe, judge_allowlist_probe
 
 CATEGORY = "allowlist"
-# A proxy that refuses and then dials anyway (issue #8 item 2) is caught if it dials within this.
-LATE_DIAL_GRACE_SECONDS = 0.2
 MAX_REPLY_BYTES = 65536
 
 
@@ -98,17 +105,23 @@ def allowlist_has_a_control(sandbox_session: SandboxSession) -> None:
                              "so no allowlist refusal can be told from a blanket one")
 
 
-def test_proxy_reaches_what_the_policy_allows_and_refuses_the_rest_before_dialling(
-        allowlist_probe: AllowlistProbe, allowlist_has_a_control: None, sandbox_lab: NetworkLab,
-        sandbox_proxy: RunningProxy, probe_listeners: ProbeListeners, network_verdict: VerdictCheck) -> None:
-    addresses = sandbox_lab.lookup(allowlist_probe.host) if allowlist_probe.host not in LAB_PUBLIC_ORIGINS \
-        else [allowlist_probe.host]
-    for address in addresses:
-        probe_listeners.open(address, allowlist_probe.port)
-    before = sum(probe_listeners.connections(address, allowlist_probe.port) for address in addresses)
-    authority = allowlist_probe.authority
+@dataclass(frozen=True)
+class ProbeResult:
+    """What one probe saw: the proxy's answer (None: none) and the connections its listeners got in its round."""
+
+    status: int | None
+    dialled: int
+
+
+def _listeners(lab: NetworkLab, probe: AllowlistProbe) -> list[tuple[str, int]]:
+    addresses = lab.lookup(probe.host) if probe.host not in LAB_PUBLIC_ORIGINS else [probe.host]
+    return [(address, probe.port) for address in addresses]
+
+
+def _answer(proxy: RunningProxy, probe: AllowlistProbe) -> int | None:
+    authority = probe.authority
     data = b""
-    with sandbox_proxy.connect(timeout=ATTEMPT_TIMEOUT_SECONDS) as sock:
+    with proxy.connect(timeout=ATTEMPT_TIMEOUT_SECONDS) as sock:
         sock.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
         try:
             while b"\r\n\r\n" not in data and len(data) < MAX_REPLY_BYTES:
@@ -118,10 +131,53 @@ def test_proxy_reaches_what_the_policy_allows_and_refuses_the_rest_before_dialli
                 data += chunk
         except OSError:
             pass
-    status = parse_head(data).status
-    if status != 200:
-        time.sleep(LATE_DIAL_GRACE_SECONDS)
-    dialled = sum(probe_listeners.connections(address, allowlist_probe.port) for address in addresses) - before
-    judgement = judge_allowlist_probe(allowlist_probe, status, dialled)
+    return parse_head(data).status
+
+
+def run_allowlist_campaign(lab: NetworkLab, proxy: RunningProxy, listeners: ProbeListeners,
+                           probes: list[AllowlistProbe]) -> dict[str, ProbeResult]:
+    """Every probe once, in rounds with pairwise disjoint listeners; after a round that saw a refusal the grace
+    period passes (a proxy that refuses and dials afterwards, issue #8 item 2), then the round's listeners are
+    counted. Test id -> result."""
+    where = {probe.test_id: _listeners(lab, probe) for probe in probes}
+    for places in where.values():
+        for address, port in places:
+            listeners.open(address, port)
+    by_id = {probe.test_id: probe for probe in probes}
+    results: dict[str, ProbeResult] = {}
+    rounds = isolation_rounds(list(by_id), {key: frozenset(f"{a}:{p}" for a, p in where[key]) for key in by_id})
+    for members in rounds:
+        before = {key: sum(listeners.connections(address, port) for address, port in where[key]) for key in members}
+        statuses = {key: _answer(proxy, by_id[key]) for key in members}
+        if any(status != 200 for status in statuses.values()):
+            time.sleep(GRACE_SECONDS)
+        for key in members:
+            dialled = sum(listeners.connections(address, port) for address, port in where[key]) - before[key]
+            results[key] = ProbeResult(statuses[key], dialled)
+    return results
+
+
+@pytest.fixture(scope="module")
+def allowlist_results(request: pytest.FixtureRequest, sandbox_lab: NetworkLab, sandbox_proxy: RunningProxy,
+                      probe_listeners: ProbeListeners) -> dict[str, ProbeResult]:
+    """Every selected probe of this module, run as one campaign: test id -> result."""
+    probes = {}
+    for item in request.session.items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if item.module is request.module and "allowlist_probe" in params:
+            probes[params["allowlist_probe"].test_id] = params["allowlist_probe"]
+    return run_allowlist_campaign(sandbox_lab, sandbox_proxy, probe_listeners, list(probes.values()))
+
+
+def test_proxy_reaches_what_the_policy_allows_and_refuses_the_rest_before_dialling(
+        allowlist_probe: AllowlistProbe, allowlist_has_a_control: None, sandbox_lab: NetworkLab,
+        sandbox_proxy: RunningProxy, probe_listeners: ProbeListeners, allowlist_results: dict[str, ProbeResult],
+        network_verdict: VerdictCheck) -> None:
+    result = allowlist_results.get(allowlist_probe.test_id)
+    if result is None:  # not in the campaign (selected after it ran): a campaign of its own
+        result = run_allowlist_campaign(sandbox_lab, sandbox_proxy, probe_listeners,
+                                        [allowlist_probe])[allowlist_probe.test_id]
+    judgement = judge_allowlist_probe(allowlist_probe, result.status, result.dialled)
     network_verdict(CATEGORY, allowlist_probe.test_id, judgement,
-                    f"CONNECT {authority} ({'admitted' if allowlist_probe.admitted else 'not admitted'} by the policy)")
+                    f"CONNECT {allowlist_probe.authority} "
+                    f"({'admitted' if allowlist_probe.admitted else 'not admitted'} by the policy)")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import socket
 import sys
 import threading
@@ -47,6 +48,16 @@ class LateDial:
     port: int
 
 
+def _literal(authority: str) -> tuple[str, int] | None:
+    """``11.0.0.10:22`` / ``[2600:9000::10]:80`` -> (address, port); None for a name or a bad port."""
+    host, _, port = authority.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        return str(ipaddress.ip_address(host)), int(port)
+    except ValueError:
+        return None
+
+
 def _nonce_of(head: bytes) -> str | None:
     wanted = NONCE_HEADER.lower().encode() + b":"
     for line in head.split(b"\r\n")[1:]:
@@ -64,6 +75,9 @@ class LateDialer:
     socket_factory: Callable[[int], socket.socket]
     decisions: Callable[[], list[Decision]]
     delay: float = DELAY_SECONDS
+    # Also dial a refused CONNECT to an address literal the inner proxy never resolved (refused by its port):
+    # the allowlist category's late dial (``--literals`` on the command line).
+    dial_refused_literals: bool = False
     dialled: list[LateDial] = field(default_factory=list)
     _loop: asyncio.AbstractEventLoop | None = None
     _thread: threading.Thread | None = None
@@ -143,11 +157,14 @@ class LateDialer:
             writer.close()
         if status and status[0] == b"403":
             decision = self._decision_for(target)
+            places: list[tuple[str, int]] = []
             if decision is not None and decision.addresses and decision.port is not None:
-                payload = b"" if method == "CONNECT" else head
-                for address in decision.addresses:
-                    dial = LateDial(_nonce_of(head), target, address, decision.port)
-                    loop.call_later(self.delay, self._start_dial, dial, payload)
+                places = [(address, decision.port) for address in decision.addresses]
+            elif self.dial_refused_literals and method == "CONNECT" and (literal := _literal(target)) is not None:
+                places = [literal]  # refused before any resolution (a port outside the allowlist)
+            payload = b"" if method == "CONNECT" else head
+            for address, port in places:
+                loop.call_later(self.delay, self._start_dial, LateDial(_nonce_of(head), target, address, port), payload)
 
     def _decision_for(self, target: str) -> Decision | None:
         return next((d for d in reversed(self.decisions()) if d.target == target and d.status == 403), None)
@@ -174,7 +191,7 @@ class LateDialer:
 
 
 # --------------------------------------------------------------------------------------------------
-# As a command inside a lab: python3 tests/late_dial_proxy.py PORT
+# As a command inside a lab: python3 tests/late_dial_proxy.py PORT [--literals]
 # --------------------------------------------------------------------------------------------------
 
 
@@ -188,8 +205,10 @@ async def _resolve(name: str) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
+    literals = "--literals" in argv
+    argv = [arg for arg in argv if arg != "--literals"]
     if len(argv) != 1 or not argv[0].isdigit():
-        print("usage: late_dial_proxy.py PORT", file=sys.stderr)
+        print("usage: late_dial_proxy.py PORT [--literals]", file=sys.stderr)
         return 2
     inner_listener = socket.socket()
     inner_listener.bind(("127.0.0.1", 0))
@@ -200,7 +219,7 @@ def main(argv: list[str]) -> int:
                         route_socket_factory=local_route_socket)
     inner.start_in_thread(inner_listener)
     relay = LateDialer(lambda: socket.create_connection(inner_address, timeout=5),
-                       lambda family: socket.socket(family), lambda: inner.decisions)
+                       lambda family: socket.socket(family), lambda: inner.decisions, dial_refused_literals=literals)
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind(("127.0.0.1", int(argv[0])))

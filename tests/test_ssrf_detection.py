@@ -598,6 +598,22 @@ def test_conformance_run_against_the_late_dialer_fails_exactly_its_leaks_and_no_
     assert "no verdict accounted for them" not in output, output  # every late hit was judged, none left over
 
 
+@pytest.mark.skipif(not NETNS_OK, reason=f"cannot create network namespaces: {NETNS_REASON}")
+def test_allowlist_run_against_the_late_dialer_fails_exactly_the_refused_ports():
+    """The allowlist category against a proxy that refuses like the reference and dials 0.2 s after the
+    client closed: each refused port fails (the round's grace period outlasts the late dial), every admitted
+    destination still passes, and no late dial is counted for another probe of its listener."""
+    command = f"{sys.executable} {ROOT / 'tests' / 'late_dial_proxy.py'} {{port}} --literals"
+    result = _pytest("--sandbox", "--sandbox-proxy-cmd", command, "-p", "no:randomly", "-rf",
+                     str(ROOT / "conformance" / "test_allowlist.py"))
+    output = result.stdout + result.stderr
+    failed = {line.split("[", 1)[1].split("]", 1)[0] for line in output.splitlines() if line.startswith("FAILED")}
+    refused = {f"connect-11.0.0.10-{port}" for port in (22, 25, 3306, 8080, 8443)}
+    assert failed == refused, output
+    assert "5 failed, 5 passed" in output, output
+    assert "is outside the policy's allowlist, yet the proxy dialled it" in output, output
+
+
 # --- the catalogue: every case carries its family and source ----------------------------------------
 
 def test_every_case_names_a_known_family_and_a_source_and_ids_are_unique():
