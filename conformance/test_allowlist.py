@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from pytest_sandbox.fixtures.conformance import selected_params
 from pytest_sandbox.fixtures.network import LAB_PORTS, VerdictCheck
 from pytest_sandbox.fixtures.stash import SESSION_KEY
 from pytest_sandbox.http.responses import parse_head
@@ -161,11 +162,7 @@ def run_allowlist_campaign(lab: NetworkLab, proxy: RunningProxy, listeners: Prob
 def allowlist_results(request: pytest.FixtureRequest, sandbox_lab: NetworkLab, sandbox_proxy: RunningProxy,
                       probe_listeners: ProbeListeners) -> dict[str, ProbeResult]:
     """Every selected probe of this module, run as one campaign: test id -> result."""
-    probes = {}
-    for item in request.session.items:
-        params = getattr(getattr(item, "callspec", None), "params", {})
-        if item.module is request.module and "allowlist_probe" in params:
-            probes[params["allowlist_probe"].test_id] = params["allowlist_probe"]
+    probes = {probe.test_id: probe for probe in selected_params(request, "allowlist_probe")}
     return run_allowlist_campaign(sandbox_lab, sandbox_proxy, probe_listeners, list(probes.values()))
 
 

@@ -22,6 +22,7 @@ import contextlib
 
 import pytest
 
+from pytest_sandbox.fixtures.conformance import selected_params
 from pytest_sandbox.fixtures.network import VerdictCheck
 from pytest_sandbox.inference.fake_backend import FakeInferenceBackend
 from pytest_sandbox.network.harness import INFERENCE_ROUTE_KEY, InterceptionTrust, RunningProxy
@@ -45,11 +46,8 @@ def smuggling_verdicts(request: pytest.FixtureRequest, sandbox_lab: NetworkLab, 
                        inference_backend: FakeInferenceBackend, interception_ca: InterceptionTrust
                        ) -> dict[str, Judgement]:
     """Every selected attempt of this module, run as one campaign: test id -> judgement."""
-    attempts: dict[str, SmugglingAttempt] = {}
-    for item in request.session.items:
-        params = getattr(getattr(item, "callspec", None), "params", {})
-        if getattr(item, "module", None) is request.module and "attempt" in params:
-            attempts[params["attempt"].test_id] = params["attempt"]
+    attempts: dict[str, SmugglingAttempt] = {
+        attempt.test_id: attempt for attempt in selected_params(request, "attempt")}
     results = run_smuggling_campaign(list(attempts.values()), sandbox_proxy.connect, sandbox_lab, inference_backend,
                                      interception_ca.cert_pem, origin=PUBLIC_ORIGIN, denied=DENIED_CANARY)
     return {test_id: judgement for test_id, (judgement, _seen) in results.items()}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import pytest
 
+from pytest_sandbox.fixtures.conformance import selected_params
 from pytest_sandbox.probes.ssrf import ALL_FORMS, Attempt, build_attempts
 from pytest_sandbox.probes.ssrf_exchanges import (
     AttemptExchange,
@@ -40,11 +41,7 @@ _case = custom_case
 @pytest.fixture(scope="module")
 def ssrf_verdicts(request, sandbox_lab, sandbox_proxy) -> dict[str, SsrfVerdict]:
     """Every selected exchange of this module, run as one campaign: test id -> verdict."""
-    exchanges = {}
-    for item in request.session.items:
-        params = getattr(getattr(item, "callspec", None), "params", {})
-        if item.module is request.module and "exchange" in params:
-            exchanges[params["exchange"].key] = params["exchange"]
+    exchanges = {exchange.key: exchange for exchange in selected_params(request, "exchange")}
     return run_ssrf_campaign(sandbox_lab, sandbox_proxy.connect, list(exchanges.values()))
 
 
