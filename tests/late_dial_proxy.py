@@ -28,6 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a command: the tree under test
 
+from broken_proxies.raw_relay import lab_command_resolve
+
 from pytest_sandbox.network.lab.attribution import NONCE_HEADER
 from pytest_sandbox.network.proxy.config import Decision, ProxyConfig
 from pytest_sandbox.network.proxy.server import EgressProxy
@@ -195,15 +197,6 @@ class LateDialer:
 # --------------------------------------------------------------------------------------------------
 
 
-async def _resolve(name: str) -> list[str]:
-    """The C library's resolver: inside a lab command it asks the lab's DNS stub."""
-    try:
-        answers = await asyncio.get_running_loop().getaddrinfo(name, None, type=socket.SOCK_STREAM)
-    except socket.gaierror:
-        return []
-    return list(dict.fromkeys(str(info[4][0]) for info in answers))
-
-
 def main(argv: list[str]) -> int:
     literals = "--literals" in argv
     argv = [arg for arg in argv if arg != "--literals"]
@@ -215,7 +208,7 @@ def main(argv: list[str]) -> int:
     inner_listener.listen(128)
     inner_address = inner_listener.getsockname()
     config = ProxyConfig(connect_timeout=2.0, upstream_timeout=2.0, resolve_timeout=2.0, idle_timeout=5.0)
-    inner = EgressProxy(config, resolver=_resolve, socket_factory=lambda family: socket.socket(family),
+    inner = EgressProxy(config, resolver=lab_command_resolve, socket_factory=lambda family: socket.socket(family),
                         route_socket_factory=local_route_socket)
     inner.start_in_thread(inner_listener)
     relay = LateDialer(lambda: socket.create_connection(inner_address, timeout=5),

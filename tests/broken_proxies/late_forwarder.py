@@ -36,7 +36,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))  # run as a command: the tree under test
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from raw_relay import destination
+from raw_relay import destination, lab_command_resolve
 
 from pytest_sandbox.inference.interceptor import InferenceInterceptor, UpstreamError
 from pytest_sandbox.inference.tls import TlsStream
@@ -185,15 +185,6 @@ class LateForwardingInterceptor(InferenceInterceptor):
         upstream_writer.close()
 
 
-async def _resolve(name: str) -> list[str]:
-    """The C library's resolver: inside a lab command it asks the lab's DNS stub."""
-    try:
-        answers = await asyncio.get_running_loop().getaddrinfo(name, None, type=socket.SOCK_STREAM)
-    except socket.gaierror:
-        return []
-    return list(dict.fromkeys(str(info[4][0]) for info in answers))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--address", default="127.0.0.1")
@@ -204,7 +195,7 @@ def main() -> None:
     inner_listener.bind(("127.0.0.1", 0))
     inner_listener.listen(128)
     config = ProxyConfig(connect_timeout=2.0, upstream_timeout=2.0, resolve_timeout=2.0, idle_timeout=5.0)
-    inner = EgressProxy(config, resolver=_resolve, socket_factory=lambda family: socket.socket(family),
+    inner = EgressProxy(config, resolver=lab_command_resolve, socket_factory=lambda family: socket.socket(family),
                         route_socket_factory=local_route_socket)
     inner.start_in_thread(inner_listener)
     relay = LateForwarder(inner_listener.getsockname(), delay=args.delay)

@@ -20,6 +20,7 @@ address it can dial is a lab listener. Standard library only: it runs under any 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import re
 import selectors
@@ -46,6 +47,16 @@ def destination(head: bytes, default: tuple[str, int]) -> tuple[str, int, bool]:
         port = int(match.group(2)) if match.group(2) else 80
         return match.group(1).decode("latin-1").strip("[]"), port, False
     return default[0], default[1], False
+
+
+async def lab_command_resolve(name: str) -> list[str]:
+    """The C library's resolver, for a proxy run as a command inside a lab, where it asks the lab's DNS
+    stub: the addresses of ``name`` in answer order, none when it does not resolve."""
+    try:
+        answers = await asyncio.get_running_loop().getaddrinfo(name, None, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return []
+    return list(dict.fromkeys(str(info[4][0]) for info in answers))
 
 
 def pipe(client: socket.socket, upstream: socket.socket) -> None:
