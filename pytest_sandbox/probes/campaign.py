@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from pytest_sandbox.http.upstream import ReceivedStream, UpstreamLedger, attribute_pieces, shown, split_pieces
 from pytest_sandbox.network.lab.attribution import (
@@ -55,6 +55,7 @@ __all__ = [
     "ExchangeResult",
     "audit_lab",
     "audit_upstream",
+    "in_flight",
     "isolation_rounds",
 ]
 
@@ -147,6 +148,21 @@ class _Isolation:
     # own key -> {address: how long after its rerun ended each hit without the nonce came there}
     lateness: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     hits: dict[str, list[tuple[CatchAllHit, float]]] = field(default_factory=dict)  # (hit, delay after the rerun)
+
+
+T = TypeVar("T")
+
+
+def in_flight(items: Sequence[T], work: Callable[[T], object], concurrency: int, name: str) -> None:
+    """``work(item)`` for every item, at most ``concurrency`` at a time (in this thread when 1 or when there
+    is one item); the first exception is raised after every item ran."""
+    if concurrency <= 1 or len(items) <= 1:
+        for item in items:
+            work(item)
+        return
+    with ThreadPoolExecutor(max_workers=min(concurrency, len(items)), thread_name_prefix=name) as pool:
+        for future in [pool.submit(work, item) for item in items]:
+            future.result()
 
 
 def isolation_rounds(keys: Sequence[str], destinations: dict[str, frozenset[str]]) -> list[list[str]]:
@@ -250,11 +266,8 @@ class Campaign:
         parallel = [(e, k) for e, k in planned if together and not getattr(e, "sequential", False)]
         alone = [(e, k) for e, k in planned if not together or getattr(e, "sequential", False)]
         try:
-            if parallel:
-                with ThreadPoolExecutor(max_workers=min(self.concurrency, len(parallel)),
-                                        thread_name_prefix="campaign") as pool:
-                    for future in [pool.submit(self._perform_one, e, k, runs) for e, k in parallel]:
-                        future.result()
+            in_flight(parallel, lambda planned_one: self._perform_one(*planned_one, runs), self.concurrency,
+                      "campaign")
             if parallel and alone and self.grace > 0:
                 # Past the batch's grace period first: a byte-less hit of an exchange run alone is
                 # then never blamed on the batch (whose windows all overlap) as well.

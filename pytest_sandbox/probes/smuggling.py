@@ -25,9 +25,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import TypeVar
 
 from pytest_sandbox.catalogues.smuggling import ABSOLUTE_FORM, SMUGGLING_CASES, TUNNEL_FORM, SmugglingCase, render
 from pytest_sandbox.http.upstream import (
@@ -57,7 +55,7 @@ from pytest_sandbox.network.lab.attribution import (
     new_nonce,
 )
 from pytest_sandbox.network.lab.lab import NetworkLab
-from pytest_sandbox.probes.campaign import GRACE_SECONDS, isolation_rounds
+from pytest_sandbox.probes.campaign import GRACE_SECONDS, in_flight, isolation_rounds
 from pytest_sandbox.probes.exchange import SocketReader
 from pytest_sandbox.probes.inference import (
     ATTEMPT_TIMEOUT_SECONDS,
@@ -103,7 +101,6 @@ SMUGGLING_CONCURRENCY = 16
 # is not what made them late again, enough that a proxy which never answers some valid request (tinyproxy
 # and a chunked body) costs a deadline per four of them, not per one (issue #9: <= 60 s per proxy).
 RETRY_CONCURRENCY = 4
-_T = TypeVar("_T")
 _campaign_ids = itertools.count(1)
 
 def tunnel_payload(case: SmugglingCase) -> bytes:
@@ -324,7 +321,7 @@ def run_smuggling_campaign(
             # blamed on a control (whose verdict such bytes would break) as well.
             time.sleep(grace)
         if together:
-            _in_flight(together, lambda plan: send(plan, alone=False, may_retry=True), concurrency, "smuggling")
+            in_flight(together, lambda plan: send(plan, alone=False, may_retry=True), concurrency, "smuggling")
             if alone and grace > 0:
                 # Past the batch's grace period first: bytes without a nonce of an attempt sent alone
                 # are then never blamed on the batch (whose windows all overlap) as well.
@@ -338,7 +335,7 @@ def run_smuggling_campaign(
                    for plan in together if _needs_retry(plan, by_key(plan.key))]
         for again in retries:
             known[again.nonce] = again.key
-        _in_flight(retries, lambda plan: send(plan, alone=False), min(concurrency, RETRY_CONCURRENCY),
+        in_flight(retries, lambda plan: send(plan, alone=False), min(concurrency, RETRY_CONCURRENCY),
                    "smuggling-retry")
         # Sent alone: each path's attempts one after another, the two paths side by side (what an
         # absolute-form attempt can reach, the lab origins and canaries, is disjoint from what a tunnel
@@ -348,7 +345,7 @@ def run_smuggling_campaign(
         def one_after_another(sequence: list[_Plan]) -> None:
             for plan in sequence:
                 send(plan, alone=True)
-        _in_flight(sequences, one_after_another, 2 if concurrency > 1 else 1, "smuggling-path")
+        in_flight(sequences, one_after_another, 2 if concurrency > 1 else 1, "smuggling-path")
     finally:
         # Registered even if an attempt raised: what it sent must stay attributable.
         lab.register_attempts(item.window for item in sent)
@@ -385,7 +382,7 @@ def run_smuggling_campaign(
                               hits, {index: frozenset() if ("hit", index) in unseen else keys
                                      for index, keys in hit_owners.items()},
                               _Isolation(), backend_name=backend_name)
-        passing = {test_id for test_id, (judgement, _seen) in without.items() if judgement.verdict in PASSING}
+        passing = {test_id for test_id, (judgement, _seen) in without.items() if judgement.passed}
         isolation = _isolate(blind, suspects, send_alone=lambda plan:
                              _attempt(plan, connect, lab, backend, ca_pem, origin=origin, timeout=timeout,
                                       known=known, alone=True, views=views),
@@ -401,9 +398,6 @@ def run_smuggling_campaign(
         if keys & ours:
             ledger.account(piece, keys)
     return _judge_sent(sent, attributed, hits, hit_owners, isolation, backend_name=backend_name, lab=lab)
-
-
-PASSING = frozenset({Verdict.BLOCKED, Verdict.WORKS})
 
 
 def _judge_sent(sent: Sequence[_Sent], attributed: Sequence[tuple[UpstreamPiece, frozenset[str]]],
@@ -457,18 +451,6 @@ def _judge_sent(sent: Sequence[_Sent], attributed: Sequence[tuple[UpstreamPiece,
         verdict = judge_exchange(item.attempt.case, first, item.allowed)
         results[item.attempt.test_id] = (verdict, first) if verdict.verdict is Verdict.ALLOWED else retry
     return results
-
-
-def _in_flight(items: Sequence[_T], work: Callable[[_T], object], concurrency: int, name: str) -> None:
-    """``work(item)`` for every item, at most ``concurrency`` at a time (in this thread when 1); the
-    first exception is raised after every item ran."""
-    if concurrency <= 1 or len(items) <= 1:
-        for item in items:
-            work(item)
-        return
-    with ThreadPoolExecutor(max_workers=min(concurrency, len(items)), thread_name_prefix=name) as pool:
-        for future in [pool.submit(work, item) for item in items]:
-            future.result()
 
 
 class _StreamView:
