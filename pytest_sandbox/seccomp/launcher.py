@@ -8,6 +8,7 @@ exits, and :class:`~pytest_sandbox.errors.LaunchError` is raised: nothing is eve
 
 from __future__ import annotations
 
+import functools
 import marshal
 import os
 import selectors
@@ -34,7 +35,13 @@ _ZYGOTE_SOURCE = (resources.files("pytest_sandbox.seccomp") / "spawner.py").read
 # last argument, which the bootstrap takes off before running it, so the spawner's argv is what it expects.
 # Compiling its source costs every start about 10 ms on a busy 2-core machine (benchmarks/README.md).
 _ZYGOTE_BOOTSTRAP = "import marshal,sys;exec(marshal.loads(bytes.fromhex(sys.argv.pop())))"
-_ZYGOTE_CODE = marshal.dumps(compile(_ZYGOTE_SOURCE, "spawner.py", "exec", dont_inherit=True)).hex()
+
+
+@functools.lru_cache(maxsize=2)
+def _compiled_spawner(source: str) -> str:
+    """``source`` compiled and marshalled, as hex: once per process, at the first sandbox (not at import),
+    from whatever ``_ZYGOTE_SOURCE`` is then (benchmarks/bench_launch.py ``--before`` swaps it)."""
+    return marshal.dumps(compile(source, "spawner.py", "exec", dont_inherit=True)).hex()
 
 
 @dataclass(frozen=True)
@@ -284,7 +291,7 @@ class Sandbox:
             # the spawner, and whatever its commands fork and orphan, die with the session.
             self._process: subprocess.Popen[bytes] = guardian.GuardedPopen(
                 [sys.executable, "-S", "-c", _ZYGOTE_BOOTSTRAP, str(child_end.fileno()), marshal.dumps(config).hex(),
-                 _ZYGOTE_CODE],
+                 _compiled_spawner(_ZYGOTE_SOURCE)],
                 pass_fds=(child_end.fileno(),), stdin=subprocess.DEVNULL, close_fds=True,
             )
         finally:
