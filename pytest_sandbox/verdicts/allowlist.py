@@ -30,9 +30,13 @@ class AllowlistProbe:
         return f"connect-{self.host}-{self.port}"
 
 
-def judge_allowlist_probe(probe: AllowlistProbe, status: int | None, dialled: int) -> Judgement:
-    """From the proxy's answer to the CONNECT (None: none) and the connections the listener saw. Pure."""
+def judge_allowlist_probe(probe: AllowlistProbe, status: int | None, dialled: int, late: int = 0) -> Judgement:
+    """From the proxy's answer to the CONNECT (None: none) and the connections counted for it at its listener:
+    ``dialled`` in all, ``late`` of them after its round's grace period (blamed on it with every other refused
+    probe of that listener). Pure."""
     observed = f"answer {status}, connections at {probe.authority}: {dialled}"
+    if late:
+        observed += f" ({late} after its round's grace period, a late dial)"
     if probe.admitted:
         expected = "200 Connection Established and a connection at the listener"
         if status == 200 and dialled:
