@@ -8,32 +8,48 @@ the routed request and a further request gets nothing; an inner Host other than 
 refused; ``CONNECT inference.local`` on other ports follows the ordinary policy. The route table is
 the enforced policy's ``[[inference.routes]]`` (``--sandbox-policy``): each of its routes is
 forwarded, and every other request (the baseline's routes the policy dropped included) is refused.
-The backend's record is checked last: nothing but the policy's routes carrying the route key ever
-reached it. Runs only with ``--sandbox``.
+
+Every selected test's exchange runs in one campaign on first use (:func:`inference_results`,
+:func:`~pytest_sandbox.probes.inference_campaign.run_inference_campaign`): each request carries its
+exchange's nonce, and each test is judged on what reached the backend (and the catch-all) because of it
+once the grace period after the last exchange has passed, so an interceptor that refuses and forwards the
+refused request a moment later fails that test, not the next one. The backend's record is checked last:
+nothing but the policy's routes carrying the route key ever reached it, and nothing an exchange caused
+arrived after it was judged. Runs only with ``--sandbox``.
 """
 
 from __future__ import annotations
 
 import json
 import socket
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
-from pytest_sandbox.fixtures.network import VerdictCheck
+from pytest_sandbox.fixtures.network import VerdictCheck, interception_ca_missing
 from pytest_sandbox.fixtures.stash import SESSION_KEY
 from pytest_sandbox.http.responses import ParsedResponse, parse_head
 from pytest_sandbox.inference.fake_backend import FakeInferenceBackend
 from pytest_sandbox.inference.routes import InferenceRoute, RouteProbe, match_route, route_probes
 from pytest_sandbox.network.harness import INFERENCE_ROUTE_KEY, InterceptionTrust, RunningProxy
+from pytest_sandbox.network.lab.attribution import NONCE_HEADER
 from pytest_sandbox.network.lab.lab import NetworkLab
 from pytest_sandbox.policy.load import baseline_policy
 from pytest_sandbox.policy.model import Policy
+from pytest_sandbox.probes.campaign import audit_upstream
 from pytest_sandbox.probes.inference import (
     answer_to,
     closes_without_more_bytes,
     inference_request,
     open_inference_tunnel,
     send_and_read,
+)
+from pytest_sandbox.probes.inference_campaign import (
+    BackendArrival,
+    ExchangeEvidence,
+    InferenceExchange,
+    run_inference_campaign,
 )
 from pytest_sandbox.report.categories import CategoryNotRun
 from pytest_sandbox.session import SandboxSession
@@ -45,14 +61,23 @@ from pytest_sandbox.verdicts.judgement import Judgement, Verdict
 
 SANDBOX_KEY = "sk-sandbox-held-placeholder"
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
+CHAT_BODY = json.dumps(CHAT).encode()
 CLIENT_CREDENTIALS = (("Authorization", f"Bearer {SANDBOX_KEY}"), ("X-Api-Key", SANDBOX_KEY))
-CHAT_REQUEST = inference_request("POST", "/v1/chat/completions", body=json.dumps(CHAT).encode(),
-                                 headers=CLIENT_CREDENTIALS)
-STREAM_REQUEST = inference_request("POST", "/v1/chat/completions",
-                                   body=json.dumps({**CHAT, "stream": True}).encode(), headers=CLIENT_CREDENTIALS)
-ADMIN_REQUEST = inference_request("GET", "/admin")
-MODELS_REQUEST = inference_request("GET", "/v1/models")
 CATEGORY = "inference"
+INNER_HOSTS = ("10.0.0.1", "api.inference.test", "inference.local:8443", "inference.local.", "11.0.0.20")
+OTHER_PORTS = (80, 8443)
+
+
+def request_with_nonce(nonce: str, method: str, path: str, *, body: bytes = b"", credentials: bool = True,
+                       **options: Any) -> bytes:
+    """An inference request carrying the exchange's nonce (and, by default, the sandbox's own key)."""
+    headers = (*(CLIENT_CREDENTIALS if credentials else ()), (NONCE_HEADER, nonce))
+    return inference_request(method, path, body=body, headers=headers, **options)
+
+
+def chat_request(nonce: str, *, stream: bool = False) -> bytes:
+    body = json.dumps({**CHAT, "stream": True}).encode() if stream else CHAT_BODY
+    return request_with_nonce(nonce, "POST", "/v1/chat/completions", body=body)
 
 
 def judged(ok: bool, passing: Verdict, failing: Verdict, reason: str, expected: str, observed: str) -> Judgement:
@@ -75,34 +100,176 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("route_probe", probes, ids=[probe.test_id for probe in probes])
 
 
+def chat_routed(policy: Policy) -> bool:
+    return match_route(policy.inference_routes, "POST", "/v1/chat/completions") is not None
+
+
 @pytest.fixture
 def chat_is_routed(sandbox_session: SandboxSession) -> None:
     """These tests send chat completions, the request the fake backend serves: under a policy that does
     not route them, a refusal could not be told from a blanket one, so they cannot run."""
     policy = sandbox_session.policy
-    if match_route(policy.inference_routes, "POST", "/v1/chat/completions") is None:
+    if not chat_routed(policy):
         raise CategoryNotRun(f"policy {policy.name} does not route POST /v1/chat/completions, the request the "
                              "inference category's controls and refusals are built on, so no refusal could be told "
                              "from a blanket one; route it, or deselect the category (-m 'not sandbox_inference')")
 
 
+def admin_routed(policy: Policy) -> bool:
+    return match_route(policy.inference_routes, "GET", "/admin") is not None
+
+
+# --- the exchanges: what each test sends (through ``proxy``, trusting ``trust``), by test id --------------
+
+Perform = Callable[[str], Any]
+
+
+def routed_chat(proxy: RunningProxy, trust: InterceptionTrust) -> Perform:
+    def perform(nonce: str) -> list[ParsedResponse]:
+        with tunnel(proxy, trust) as tls:
+            return send_and_read(tls, chat_request(nonce))[0]
+    return perform
+
+
+def streamed_chat(proxy: RunningProxy, trust: InterceptionTrust) -> Perform:
+    def perform(nonce: str) -> list[ParsedResponse]:
+        with tunnel(proxy, trust) as tls:
+            return send_and_read(tls, chat_request(nonce, stream=True))[0]
+    return perform
+
+
+def routed_then_admin(proxy: RunningProxy, trust: InterceptionTrust) -> Perform:
+    def perform(nonce: str) -> tuple[list[ParsedResponse], list[ParsedResponse], bool, ParsedResponse | None]:
+        with tunnel(proxy, trust) as tls:
+            routed, _ = send_and_read(tls, chat_request(nonce))
+            refused, _ = send_and_read(tls, request_with_nonce(nonce, "GET", "/admin", credentials=False))
+            closed = closes_without_more_bytes(tls)
+            follow_up = answer_to(tls, request_with_nonce(nonce, "GET", "/v1/models", credentials=False))
+        return routed, refused, closed, follow_up
+    return perform
+
+
+def other_inner_host(proxy: RunningProxy, trust: InterceptionTrust, inner_host: str) -> Perform:
+    def perform(nonce: str) -> tuple[ParsedResponse | None, bool]:
+        request = request_with_nonce(nonce, "POST", "/v1/chat/completions", body=CHAT_BODY, credentials=False,
+                                     host=inner_host)
+        with tunnel(proxy, trust) as tls:
+            responses, _ = send_and_read(tls, request)
+            closed = closes_without_more_bytes(tls)
+        return (responses[0] if responses else None), closed
+    return perform
+
+
+def connect_other_port(proxy: RunningProxy, port: int) -> Perform:
+    def perform(nonce: str) -> tuple[ParsedResponse, list[str]]:
+        decisions_before = len(proxy.decisions)
+        with proxy.connect() as sock:
+            sock.sendall(f"CONNECT inference.local:{port} HTTP/1.1\r\nHost: inference.local:{port}\r\n"
+                         f"{NONCE_HEADER}: {nonce}\r\n\r\n".encode())
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        return parse_head(data), [decision.reason for decision in proxy.decisions[decisions_before:]]
+    return perform
+
+
+def route_probe_exchange(proxy: RunningProxy, trust: InterceptionTrust, probe: RouteProbe) -> Perform:
+    def perform(nonce: str) -> tuple[list[ParsedResponse], bool]:
+        with tunnel(proxy, trust) as tls:
+            responses, closed = send_and_read(tls, probe_request(nonce, probe.method, probe.path))
+            if not closed and not probe.routed:
+                # A refusal must close (#819); a forward is judged on what reached the backend.
+                closed = closes_without_more_bytes(tls)
+        return responses, closed
+    return perform
+
+
+def planned_exchange(name: str, params: dict[str, Any], proxy: RunningProxy, trust: InterceptionTrust | None,
+                     policy: Policy) -> InferenceExchange | None:
+    """The exchange of test function ``name`` with ``params``; None for a test that does not run under ``policy``
+    (it says why itself), sends nothing through the tunnel, or needs the interception CA ``trust`` (None: not
+    given)."""
+    if name == OTHER_PORT_TEST:
+        port = params["port"]
+        return InferenceExchange(f"connect-other-port-{port}", connect_other_port(proxy, port))
+    if trust is None:
+        return None
+    chat = chat_routed(policy)
+    if name == "test_routed_chat_completion_reaches_backend_with_route_key_and_without_client_key" and chat:
+        return InferenceExchange("routed-chat-completion", routed_chat(proxy, trust))
+    if name == "test_streamed_completion_passes_through_as_server_sent_events" and chat:
+        return InferenceExchange("streamed-completion", streamed_chat(proxy, trust))
+    if name == "test_non_inference_request_after_a_routed_one_is_refused_closed_and_never_forwarded" \
+            and chat and not admin_routed(policy):
+        return InferenceExchange("routed-then-non-inference", routed_then_admin(proxy, trust))
+    if name == "test_inner_host_other_than_inference_local_is_refused" and chat:
+        host = params["inner_host"]
+        return InferenceExchange(f"inner-host-{host}", other_inner_host(proxy, trust, host))
+    if name == "test_route_table_is_the_enforced_policys":
+        probe = params["route_probe"]
+        return InferenceExchange(probe.test_id, route_probe_exchange(proxy, trust, probe))
+    return None
+
+
+OTHER_PORT_TEST = "test_connect_to_inference_local_on_another_port_follows_the_ordinary_policy"
+
+
+@pytest.fixture(scope="module")
+def inference_results(request: pytest.FixtureRequest, sandbox_session: SandboxSession, sandbox_lab: NetworkLab,
+                      sandbox_proxy: RunningProxy, inference_backend: FakeInferenceBackend
+                      ) -> dict[str, ExchangeEvidence]:
+    """Every selected test's exchange in this module, run as one campaign: test id -> evidence. Without the
+    interception CA of a third party (``--sandbox-proxy-ca``) only the CONNECTs to other ports run (the tunnel
+    tests are not run, and say why)."""
+    trust = None if interception_ca_missing(sandbox_session) else request.getfixturevalue("interception_ca")
+    exchanges = []
+    for item in request.session.items:
+        if getattr(item, "module", None) is request.module:
+            params = getattr(getattr(item, "callspec", None), "params", {})
+            exchange = planned_exchange(getattr(item, "originalname", item.name), params, sandbox_proxy, trust,
+                                        sandbox_session.policy)
+            if exchange is not None:
+                exchanges.append(exchange)
+    return run_inference_campaign(sandbox_lab, inference_backend, exchanges)
+
+
+@pytest.fixture
+def evidence(request: pytest.FixtureRequest, sandbox_session: SandboxSession, sandbox_lab: NetworkLab,
+                      sandbox_proxy: RunningProxy, inference_backend: FakeInferenceBackend,
+                      inference_results: dict[str, ExchangeEvidence]) -> ExchangeEvidence:
+    """This test's evidence from the module's campaign, or (selected after it ran) from a campaign of its own."""
+    trust = None if interception_ca_missing(sandbox_session) else request.getfixturevalue("interception_ca")
+    params = getattr(getattr(request.node, "callspec", None), "params", {})
+    exchange = planned_exchange(request.node.originalname, params, sandbox_proxy, trust, sandbox_session.policy)
+    assert exchange is not None, f"{request.node.name} runs, so its exchange was planned"
+    found = inference_results.get(exchange.test_id)
+    return found if found is not None else run_inference_campaign(sandbox_lab, inference_backend,
+                                                                  [exchange])[exchange.test_id]
+
+
+@pytest.fixture
+def admin_is_not_routed(sandbox_session: SandboxSession) -> None:
+    if admin_routed(sandbox_session.policy):
+        raise CategoryNotRun(f"policy {sandbox_session.policy.name} routes GET /admin, this test's non-inference "
+                             "request (the route table test judges it instead)")
+
+
 def test_routed_chat_completion_reaches_backend_with_route_key_and_without_client_key(
-        sandbox_proxy: RunningProxy, inference_backend: FakeInferenceBackend, interception_ca: InterceptionTrust,
-        network_verdict: VerdictCheck, chat_is_routed: None) -> None:
-    before = len(inference_backend.requests)
-    with tunnel(sandbox_proxy, interception_ca) as tls:
-        responses, _closed = send_and_read(tls, CHAT_REQUEST)
-    arrived = inference_backend.requests[before:]
+        interception_ca: InterceptionTrust, network_verdict: VerdictCheck, chat_is_routed: None,
+        evidence: ExchangeEvidence) -> None:
+    responses: list[ParsedResponse] = evidence.observation
+    arrived = evidence.arrived
     answer = responses[0] if responses else None
     content = json.loads(answer.body)["choices"][0]["message"]["content"] if answer and answer.status == 200 else None
     headers = arrived[0].headers if len(arrived) == 1 else ()
     leaked = [name for name, value in headers if SANDBOX_KEY in value]
     ok = (answer is not None and answer.status == 200 and content is not None and len(arrived) == 1
-          and arrived[0].header_values("authorization") == [f"Bearer {INFERENCE_ROUTE_KEY}"] and not leaked
-          and INFERENCE_ROUTE_KEY.encode() not in answer.body)
+          and not evidence.unframed and arrived[0].header_values("authorization") == [f"Bearer {INFERENCE_ROUTE_KEY}"]
+          and not leaked and INFERENCE_ROUTE_KEY.encode() not in answer.body)
     observed = (f"answer {answer.status if answer else None} content {content!r}; backend saw {len(arrived)} "
                 f"request(s), authorization {arrived[0].header_values('authorization') if arrived else None}, "
-                f"sandbox key in {leaked or 'no header'}")
+                f"sandbox key in {leaked or 'no header'}" + (f"; reached {evidence.reached}" if len(arrived) > 1
+                                                             or evidence.unframed else ""))
     network_verdict(CATEGORY, "routed-chat-completion", judged(
         ok, Verdict.WORKS, Verdict.BROKEN, "a chat completion is routed with the route's key" if ok else
         "the routed request did not arrive as it should", "200 from the backend; backend saw one request "
@@ -110,10 +277,9 @@ def test_routed_chat_completion_reaches_backend_with_route_key_and_without_clien
 
 
 def test_streamed_completion_passes_through_as_server_sent_events(
-        sandbox_proxy: RunningProxy, inference_backend: FakeInferenceBackend, interception_ca: InterceptionTrust,
-        network_verdict: VerdictCheck, chat_is_routed: None) -> None:
-    with tunnel(sandbox_proxy, interception_ca) as tls:
-        responses, _closed = send_and_read(tls, STREAM_REQUEST)
+        inference_backend: FakeInferenceBackend, interception_ca: InterceptionTrust, network_verdict: VerdictCheck,
+        chat_is_routed: None, evidence: ExchangeEvidence) -> None:
+    responses: list[ParsedResponse] = evidence.observation
     answer = responses[0] if responses else None
     events = [line[len(b"data: "):] for line in (answer.body.split(b"\n") if answer else [])
               if line.startswith(b"data: ")]
@@ -129,27 +295,21 @@ def test_streamed_completion_passes_through_as_server_sent_events(
 
 
 def test_non_inference_request_after_a_routed_one_is_refused_closed_and_never_forwarded(
-        sandbox_proxy: RunningProxy, inference_backend: FakeInferenceBackend, interception_ca: InterceptionTrust,
-        network_verdict: VerdictCheck, chat_is_routed: None, sandbox_session: SandboxSession) -> None:
+        interception_ca: InterceptionTrust, network_verdict: VerdictCheck, chat_is_routed: None,
+        admin_is_not_routed: None, evidence: ExchangeEvidence) -> None:
     """OpenShell #819: after a routed request the loop kept reading; now 403 and close, always."""
-    if match_route(sandbox_session.policy.inference_routes, "GET", "/admin") is not None:
-        raise CategoryNotRun(f"policy {sandbox_session.policy.name} routes GET /admin, this test's non-inference "
-                             "request (the route table test judges it instead)")
-    before = len(inference_backend.requests)
-    with tunnel(sandbox_proxy, interception_ca) as tls:
-        routed, _ = send_and_read(tls, CHAT_REQUEST)
-        refused, _ = send_and_read(tls, ADMIN_REQUEST)
-        closed = closes_without_more_bytes(tls)
-        follow_up = answer_to(tls, MODELS_REQUEST)
-    arrived = inference_backend.requests[before:]
+    routed, refused, closed, follow_up = evidence.observation
+    arrived = evidence.arrived
     refusal = refused[0] if refused else None
     ok = (len(routed) == 1 and routed[0].status == 200 and refusal is not None and is_inference_refusal(refusal)
-          and closed and follow_up is None and [r.path for r in arrived] == ["/v1/chat/completions"])
+          and closed and follow_up is None and [r.path for r in arrived] == ["/v1/chat/completions"]
+          and not evidence.unframed)
     observed = (f"routed {[r.status for r in routed]}, then {refusal.status if refusal else None} "
                 f"{refusal.body if refusal else b''!r}, closed {closed}, follow-up "
-                f"{follow_up.status if follow_up else 'no answer'}; backend saw {[r.path for r in arrived]}")
+                f"{follow_up.status if follow_up else 'no answer'}; backend saw {evidence.reached or 'nothing'}")
+    leaked = follow_up is not None or len(arrived) > 1 or bool(evidence.unframed)
     network_verdict(CATEGORY, "routed-then-non-inference", judged(
-        ok, Verdict.BLOCKED, Verdict.ALLOWED if follow_up is not None or len(arrived) > 1 else Verdict.INDETERMINATE,
+        ok, Verdict.BLOCKED, Verdict.ALLOWED if leaked else Verdict.INDETERMINATE,
         "refused with #819's 403 JSON and closed; only the routed request reached the backend" if ok else
         "the non-inference request was not refused and closed as #819 requires",
         '200, then 403 application/json {"error":"connection not allowed by policy"}, EOF, follow-up gets '
@@ -157,76 +317,62 @@ def test_non_inference_request_after_a_routed_one_is_refused_closed_and_never_fo
         "POST /v1/chat/completions then GET /admin on one keep-alive TLS connection")
 
 
-@pytest.mark.parametrize("inner_host", ["10.0.0.1", "api.inference.test", "inference.local:8443",
-                                        "inference.local.", "11.0.0.20"])
+@pytest.mark.parametrize("inner_host", INNER_HOSTS)
 def test_inner_host_other_than_inference_local_is_refused(
-        inner_host: str, sandbox_lab: NetworkLab, sandbox_proxy: RunningProxy, inference_backend: FakeInferenceBackend,
-        interception_ca: InterceptionTrust, network_verdict: VerdictCheck, chat_is_routed: None) -> None:
-    before, hits_before = len(inference_backend.requests), sum(sandbox_lab.all_hits().values())
-    request = inference_request("POST", "/v1/chat/completions", body=json.dumps(CHAT).encode(), host=inner_host)
-    with tunnel(sandbox_proxy, interception_ca) as tls:
-        responses, _ = send_and_read(tls, request)
-        closed = closes_without_more_bytes(tls)
-    reached = len(inference_backend.requests) - before
-    hits = sum(sandbox_lab.all_hits().values()) - hits_before
-    answer = responses[0] if responses else None
+        inner_host: str, interception_ca: InterceptionTrust, network_verdict: VerdictCheck, chat_is_routed: None,
+        evidence: ExchangeEvidence) -> None:
+    answer, closed = evidence.observation
+    reached = len(evidence.arrived) + len(evidence.unframed)
+    hits = len(evidence.hits)
     ok = answer is not None and answer.status == 403 and closed and reached == 0 and hits == 0
-    observed = f"status {answer.status if answer else None}, closed {closed}, backend saw {reached}, canary hits {hits}"
+    observed = (f"status {answer.status if answer else None}, closed {closed}, backend saw {reached}, canary hits "
+                f"{hits}" + (f" ({evidence.reached})" if reached or hits else ""))
     network_verdict(CATEGORY, f"inner-host-{inner_host}", judged(
         ok, Verdict.BLOCKED, Verdict.ALLOWED if reached or hits else Verdict.INDETERMINATE,
         "an inner Host other than the CONNECT authority is refused" if ok else "inner Host mismatch not refused",
         "403, closed, nothing reached", observed), f"CONNECT inference.local:443 then Host: {inner_host}")
 
 
-@pytest.mark.parametrize("port", [80, 8443])
+@pytest.mark.parametrize("port", OTHER_PORTS)
 def test_connect_to_inference_local_on_another_port_follows_the_ordinary_policy(
-        port: int, sandbox_proxy: RunningProxy, inference_backend: FakeInferenceBackend,
-        network_verdict: VerdictCheck) -> None:
+        port: int, network_verdict: VerdictCheck, evidence: ExchangeEvidence) -> None:
     """Only 443 is intercepted (OpenShell since #869); inference.local does not resolve in the lab."""
-    before = len(inference_backend.requests)
-    decisions_before = len(sandbox_proxy.decisions)
-    with sandbox_proxy.connect() as sock:
-        sock.sendall(f"CONNECT inference.local:{port} HTTP/1.1\r\nHost: inference.local:{port}\r\n\r\n".encode())
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    reply = parse_head(data)
-    decisions = sandbox_proxy.decisions[decisions_before:]
-    reasons = [decision.reason for decision in decisions]
-    ok = (reply.status is not None and reply.status >= 400 and "intercepted" not in reasons
-          and len(inference_backend.requests) == before)
-    observed = f"status {reply.status} {reply.proxy_reason}, proxy decisions {reasons}"
+    reply, reasons = evidence.observation
+    reached = bool(evidence.arrived or evidence.unframed or evidence.hits)
+    ok = reply.status is not None and reply.status >= 400 and "intercepted" not in reasons and not reached
+    observed = f"status {reply.status} {reply.proxy_reason}, proxy decisions {reasons}" + (
+        f"; reached {evidence.reached}" if reached else "")
     network_verdict(CATEGORY, f"connect-other-port-{port}", judged(
-        ok, Verdict.BLOCKED, Verdict.ALLOWED if "intercepted" in reasons else Verdict.INDETERMINATE,
+        ok, Verdict.BLOCKED, Verdict.ALLOWED if "intercepted" in reasons or reached else Verdict.INDETERMINATE,
         "judged by the ordinary policy, not intercepted" if ok else "another port was intercepted or let through",
         "not intercepted: a policy refusal (8443) or a resolution failure (80), nothing reached", observed),
         f"CONNECT inference.local:{port}")
 
 
-def probe_request(method: str, path: str) -> bytes:
+def probe_request(nonce: str, method: str, path: str) -> bytes:
     """The request a route probe sends: a POST carries a chat body, both carry the sandbox's key."""
-    body = json.dumps(CHAT).encode() if method == "POST" else b""
-    return inference_request(method, path, body=body, headers=CLIENT_CREDENTIALS)
+    return request_with_nonce(nonce, method, path, body=CHAT_BODY if method == "POST" else b"")
 
 
 def judge_route_probe(probe: RouteProbe, answer: ParsedResponse | None, closed: bool,
-                      arrived: list[tuple[str, str, list[str]]]) -> Judgement:
-    """Judge one route probe from the answer, the close and what reached the backend
-    (method, path, authorization values). Pure."""
+                      arrived: list[tuple[str, str, list[str]]], unframed: tuple[str, ...] = ()) -> Judgement:
+    """Judge one route probe from the answer, the close and what reached the backend because of it
+    (method, path, authorization values; and bytes that frame into no request). Pure."""
     request = f"{probe.method} {probe.path}"
     refusal = " (#819 refusal)" if answer is not None and is_inference_refusal(answer) else ""
     observed = (f"answer {answer.status if answer else None}{refusal}, closed {closed}; "
-                f"backend saw {[f'{m} {p}' for m, p, _ in arrived]}")
+                f"backend saw {[f'{m} {p}' for m, p, _ in arrived]}" + (f", unframed {list(unframed)}"
+                                                                       if unframed else ""))
     reached = [(m, p, key) for m, p, key in arrived if (m, p) == (probe.method, probe.path)]
     if probe.routed:
         expected = f"forwarded: the backend saw {request} once, with the route key; the answer is the backend's"
         ok = (len(arrived) == 1 and len(reached) == 1 and reached[0][2] == [f"Bearer {INFERENCE_ROUTE_KEY}"]
-              and answer is not None and not is_inference_refusal(answer))
+              and not unframed and answer is not None and not is_inference_refusal(answer))
         return judged(ok, Verdict.WORKS, Verdict.BROKEN, f"{request} is a route of the policy and was forwarded"
                       if ok else f"{request} is a route of the policy but was not forwarded as routed",
                       expected, observed)
     expected = "refused with #819's 403 and closed; nothing reached the backend"
-    if arrived:
+    if arrived or unframed:
         return Judgement(Verdict.ALLOWED, f"{request} is no route of the policy, yet it reached the backend",
                              expected, observed)
     ok = answer is not None and is_inference_refusal(answer) and closed
@@ -234,37 +380,45 @@ def judge_route_probe(probe: RouteProbe, answer: ParsedResponse | None, closed: 
                   if ok else f"{request} was not refused as #819 requires", expected, observed)
 
 
+def arrivals_of(arrived: tuple[BackendArrival, ...]) -> list[tuple[str, str, list[str]]]:
+    return [(a.method, a.path, a.header_values("authorization")) for a in arrived]
+
+
 def test_route_table_is_the_enforced_policys(
-        route_probe: RouteProbe, sandbox_proxy: RunningProxy, inference_backend: FakeInferenceBackend,
-        interception_ca: InterceptionTrust, network_verdict: VerdictCheck) -> None:
+        route_probe: RouteProbe, interception_ca: InterceptionTrust, network_verdict: VerdictCheck,
+        evidence: ExchangeEvidence) -> None:
     """Each route of ``--sandbox-policy`` is forwarded; anything else is refused, including a baseline
     route the policy dropped (a proxy that kept the built-in table forwards it: ALLOWED)."""
-    before = len(inference_backend.requests)
-    with tunnel(sandbox_proxy, interception_ca) as tls:
-        responses, closed = send_and_read(tls, probe_request(route_probe.method, route_probe.path))
-        if not closed and not route_probe.routed and len(inference_backend.requests) == before:
-            closed = closes_without_more_bytes(tls)  # a refusal must close (#819); forwarded is ALLOWED already
-    arrived = [(r.method, r.path, r.header_values("authorization")) for r in inference_backend.requests[before:]]
-    judgement = judge_route_probe(route_probe, responses[0] if responses else None, closed, arrived)
+    responses, closed = evidence.observation
+    judgement = judge_route_probe(route_probe, responses[0] if responses else None, closed,
+                                  arrivals_of(evidence.arrived), evidence.unframed)
     network_verdict(CATEGORY, route_probe.test_id, judgement,
                     f"{route_probe.method} {route_probe.path} via inference.local "
                     f"({'a route' if route_probe.routed else 'not a route'} of the policy)")
 
 
 def test_backend_record_holds_only_inference_routes_with_the_route_key(
-        inference_backend: FakeInferenceBackend, sandbox_proxy: RunningProxy, interception_ca: InterceptionTrust,
-        network_verdict: VerdictCheck, sandbox_session: SandboxSession) -> None:
+        sandbox_lab: NetworkLab, inference_backend: FakeInferenceBackend, sandbox_proxy: RunningProxy,
+        interception_ca: InterceptionTrust, network_verdict: VerdictCheck, sandbox_session: SandboxSession) -> None:
     """Runs after the rest of this module (and whatever else this worker sent through the proxy).
 
     One routed request first, so the log is never empty (under xdist this may be the worker's first
-    inference test); then the whole log is judged against the policy's routes.
+    inference test); then the whole log is judged against the policy's routes, and no byte an exchange
+    caused may have arrived after that exchange was judged.
     """
     routes: tuple[InferenceRoute, ...] = sandbox_session.policy.inference_routes
     if not routes:
         raise CategoryNotRun(f"policy {sandbox_session.policy.name} lists no inference routes: nothing can be routed, "
                              "so no refusal can be told from a blanket one")
     with tunnel(sandbox_proxy, interception_ca) as tls:
-        send_and_read(tls, probe_request(routes[0].method, routes[0].example()))
+        send_and_read(tls, inference_request(routes[0].method, routes[0].example(), headers=CLIENT_CREDENTIALS,
+                                             body=CHAT_BODY if routes[0].method == "POST" else b""))
+    streams = inference_backend.received_streams()
     judgement = judge_backend_record(inference_backend.requests, INFERENCE_ROUTE_KEY, forbidden_values=[SANDBOX_KEY],
-                                     routes=routes, streams=inference_backend.received_streams())
+                                     routes=routes, streams=streams)
+    # Bytes an exchange caused (its nonce, its connection) that reached the backend after its verdict: a forward
+    # later than the campaign's grace period, which a route and the route key would otherwise let pass here.
+    late = audit_upstream(sandbox_lab.upstream_ledger, streams)
+    if late is not None and judgement.passed:
+        judgement = Judgement(Verdict.ALLOWED, late, judgement.expected, judgement.observed)
     network_verdict(CATEGORY, "backend-record", judgement, "the fake backend's whole request log")

@@ -240,3 +240,66 @@ def test_conformance_run_with_the_late_forwarder_has_no_blocked_smuggling_verdic
     assert kelvin["reason"].startswith("te-kelvin-sign: bytes beyond the 0 allowed request(s) reached 11.0.0.10:80")
     assert "s after the attempt ended)" in kelvin["reason"] and r"chun\xe2\x84\xaaed" in kelvin["reason"]
     assert "te-kelvin-sign: bytes beyond the 0 allowed request(s) reached 11.0.0.10:80" in output
+
+
+# --- the inference category against the late-forwarding interceptor -------------------------------------
+
+LATE_INTERCEPTOR_CONFTEST = '''
+import sys
+
+import pytest
+
+sys.path.insert(0, {tests!r})
+sys.path.insert(0, {broken!r})
+from broken_proxies.harness import backend_config, proxy_with_interceptor
+from broken_proxies.late_forwarder import LateForwardingInterceptor
+
+from pytest_sandbox.fixtures.network import interception_of
+
+
+@pytest.fixture(scope="session")
+def sandbox_proxy(sandbox_session, sandbox_lab):
+    """The reference proxy, intercepting inference.local with the late-forwarding interceptor (the session's
+    own backend and CA): #819's answers, then every refused connection's bytes forwarded 200 ms later."""
+    interception = interception_of(sandbox_lab)
+    handler = LateForwardingInterceptor(interception.trust.ca, backend_config(interception.backend),
+                                        resolver=sandbox_lab.resolver(), socket_factory=sandbox_lab.socket,
+                                        record=lambda decision: None)
+    with proxy_with_interceptor(sandbox_lab, handler, {port}) as running:
+        yield running
+'''
+
+
+def _inference_run(pytester: pytest.Pytester, late: bool) -> tuple[pytest.RunResult, dict[str, str]]:
+    (pytester.path / "conformance").mkdir(exist_ok=True)
+    (pytester.path / "conformance" / "test_inference.py").write_text(
+        (ROOT / "conformance" / "test_inference.py").read_text())
+    if late:
+        pytester.makeconftest(LATE_INTERCEPTOR_CONFTEST.format(
+            tests=str(ROOT / "tests"), broken=str(ROOT / "tests" / "broken_proxies"), port=LATE_PROXY_PORT + 10))
+    report = pytester.path / "report.json"
+    result = pytester.runpytest_subprocess("--sandbox", f"--sandbox-report={report}", "-p", "no:cacheprovider",
+                                           "-p", "no:randomly", "conformance/test_inference.py")
+    return result, {p["test"]: p["verdict"] for p in json.loads(report.read_text())["probes"]}
+
+
+def test_the_inference_category_fails_exactly_the_refusals_a_late_forwarding_interceptor_forwards(
+        pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Judged at once, each refusal test passed (the forward came 200 ms after its verdict) and the forwards
+    landed on the next tests instead. As a campaign (nonce per exchange, judged after the grace period),
+    exactly the refused exchanges fail, each naming what reached the backend, every positive control
+    passes, and the reference passes everything."""
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    reference, verdicts = _inference_run(pytester, late=False)
+    assert reference.ret == 0, reference.stdout.str()[-3000:]
+    refusals = {test for test, verdict in verdicts.items() if verdict == "BLOCKED"}
+    controls = {test for test, verdict in verdicts.items() if verdict == "WORKS"}
+    assert {"routed-then-non-inference", "inner-host-10.0.0.1", "route-GET-/admin", "backend-record"} <= refusals
+    late, late_verdicts = _inference_run(pytester, late=True)
+    output = late.stdout.str()
+    # The two CONNECTs to other ports are never intercepted, so nothing is forwarded for them.
+    forwarded = refusals - {"connect-other-port-80", "connect-other-port-8443"}
+    assert {test for test, verdict in late_verdicts.items() if verdict == "ALLOWED"} == forwarded, output[-4000:]
+    assert {test for test, verdict in late_verdicts.items() if verdict == "WORKS"} == controls, output[-4000:]
+    assert "backend saw 1, canary hits 0 (POST /v1/chat/completions (backend" in output, output[-4000:]
+    assert "s after the attempt ended)" in output, output[-4000:]

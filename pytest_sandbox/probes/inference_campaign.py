@@ -1,0 +1,140 @@
+"""The inference category's exchanges as one campaign, judged on everything they caused upstream, late included.
+
+Each exchange (one test's traffic through the intercepted ``inference.local`` tunnel) sends every request
+with its own nonce (:data:`~pytest_sandbox.network.lab.attribution.NONCE_HEADER`, an end-to-end field the
+interceptor forwards with a routed request). The exchanges run one after another; after the last one the
+grace period passes, and only then is every byte the fake backend received since the campaign began
+attributed (:func:`~pytest_sandbox.http.upstream.attribute_pieces`: by nonce, by the connection that already
+carried an exchange's bytes, else to every exchange whose window plus the grace period holds it) and framed
+into requests, and every catch-all hit attributed (:func:`~pytest_sandbox.network.lab.attribution.attribute`).
+So an interceptor that answers #819's 403 and forwards the refused request to the backend 200 ms later fails
+the exchange that sent it, not whichever test runs next; one that forwards later than the campaign is left
+to the session-end audit (:func:`~pytest_sandbox.probes.campaign.audit_upstream`), which sees every window
+registered here and every byte not accounted for.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pytest_sandbox.http.framing import frame_pipeline
+from pytest_sandbox.http.upstream import UPSTREAM_MAX_HEAD, UpstreamPiece, attribute_pieces, segments_of, split_pieces
+from pytest_sandbox.inference.fake_backend import FakeInferenceBackend
+from pytest_sandbox.network.lab.attribution import AttemptWindow, CatchAllHit, attribute, new_nonce
+from pytest_sandbox.network.lab.lab import NetworkLab
+from pytest_sandbox.probes.campaign import GRACE_SECONDS
+
+__all__ = ["BackendArrival", "ExchangeEvidence", "InferenceExchange", "run_inference_campaign"]
+
+CATEGORY = "inference"
+
+
+@dataclass(frozen=True)
+class InferenceExchange:
+    """One test's traffic: ``perform(nonce)`` sends it (every request carrying ``nonce``) and returns what the
+    client saw (the observation its judge reads)."""
+
+    test_id: str
+    perform: Callable[[str], Any]
+
+    @property
+    def key(self) -> str:
+        return f"{CATEGORY}/{self.test_id}"
+
+
+@dataclass(frozen=True)
+class BackendArrival:
+    """A request the backend received because of an exchange: framed from the bytes attributed to it."""
+
+    method: str
+    path: str
+    headers: tuple[tuple[str, str], ...]  # lower-case names, values as they arrived
+    where: str  # "backend api.inference.test connection 4", with a note if it arrived late or is shared
+
+    def header_values(self, name: str) -> list[str]:
+        wanted = name.lower()
+        return [value for field, value in self.headers if field == wanted]
+
+
+@dataclass(frozen=True)
+class ExchangeEvidence:
+    """What one exchange saw (``observation``) and what it caused: requests at the backend, bytes there that
+    frame into no request (``unframed``, described), and catch-all hits."""
+
+    observation: Any
+    arrived: tuple[BackendArrival, ...] = ()
+    unframed: tuple[str, ...] = ()
+    hits: tuple[CatchAllHit, ...] = ()
+
+    @property
+    def reached(self) -> str:
+        """What reached the backend or a canary, for a report: empty when nothing did."""
+        parts = [f"{a.method} {a.path} ({a.where})" for a in self.arrived] + list(self.unframed)
+        parts += [f"canary {hit.endpoint}" for hit in self.hits]
+        return "; ".join(parts)
+
+
+def _arrivals(pieces: Sequence[tuple[UpstreamPiece, frozenset[str]]], key: str, ended: float
+              ) -> tuple[tuple[BackendArrival, ...], tuple[str, ...]]:
+    arrived: list[BackendArrival] = []
+    unframed: list[str] = []
+    for segment in segments_of(pieces, key, lambda other: other.partition("/")[2], ended=ended):
+        framed = frame_pipeline(segment.data, max_head=UPSTREAM_MAX_HEAD)
+        for head, _body in framed.requests:
+            arrived.append(BackendArrival(head.method, head.target, tuple(
+                (name.decode("latin-1"), value.decode("latin-1")) for name, value in head.headers), segment.where))
+        if framed.violation is not None or framed.unparsed:
+            why = f"not strictly framed ({framed.violation})" if framed.violation else "an incomplete request"
+            unframed.append(f"{segment.where}: {len(framed.unparsed)} bytes, {why}: {framed.unparsed[:60]!r}")
+    return tuple(arrived), tuple(unframed)
+
+
+def run_inference_campaign(lab: NetworkLab, backend: FakeInferenceBackend, exchanges: Sequence[InferenceExchange],
+                           *, grace: float = GRACE_SECONDS) -> dict[str, ExchangeEvidence]:
+    """Perform ``exchanges`` one after another, wait the grace period, attribute and return: test id -> evidence.
+
+    The backend bytes and hits counted for an exchange are accounted for (the lab's ledger and hit log), so
+    the session-end audit reports only what arrived later.
+    """
+    listener = f"backend {backend.name}"
+    start = {stream.key: stream.received for stream in backend.received_streams()}
+    hit_mark = lab.hit_mark()
+    windows: list[AttemptWindow] = []
+    observations: dict[str, Any] = {}
+    try:
+        for exchange in exchanges:
+            nonce, begin = new_nonce(), time.monotonic()
+            observations[exchange.key] = exchange.perform(nonce)
+            windows.append(AttemptWindow(exchange.key, nonce, frozenset({listener}), begin, time.monotonic()))
+    finally:
+        # Registered even if an exchange raised: whatever it caused must stay attributable.
+        lab.register_attempts(windows)
+        lab.upstream_ledger.register(windows)
+    if windows and grace > 0:
+        time.sleep(max(0.0, windows[-1].end + grace - time.monotonic()))
+    ledger = lab.upstream_ledger
+    known = {window.nonce: window.key for window in ledger.windows}
+    pieces: list[UpstreamPiece] = []
+    before = {}
+    for stream in backend.received_streams():
+        offset = start.get(stream.key, 0)
+        pieces += split_pieces(stream, offset, stream.received, known)
+        if offset:
+            before[stream.key] = ledger.owners_before(stream, offset)
+    attributed = list(zip(pieces, attribute_pieces(pieces, ledger.windows, grace, before=before), strict=True))
+    ours = {window.key for window in windows}
+    for piece, owners in attributed:
+        if owners & ours:
+            ledger.account(piece, owners)
+    hits = lab.hits(since=hit_mark)
+    hit_owners = attribute(hits, lab.attempt_windows(), grace).owners
+    evidence: dict[str, ExchangeEvidence] = {}
+    for exchange, window in zip(exchanges, windows, strict=False):
+        arrived, unframed = _arrivals(attributed, window.key, window.end)
+        blamed = tuple(hit for hit in hits if window.key in hit_owners.get(hit.index, frozenset()))
+        lab.account((hit.index for hit in blamed), by=window.key)
+        evidence[exchange.test_id] = ExchangeEvidence(observations[window.key], arrived, unframed, blamed)
+    return evidence
