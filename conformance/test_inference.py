@@ -419,6 +419,7 @@ def test_backend_record_holds_only_inference_routes_with_the_route_key(
     # Bytes an exchange caused (its nonce, its connection) that reached the backend after its verdict: a forward
     # later than the campaign's grace period, which a route and the route key would otherwise let pass here.
     late = audit_upstream(sandbox_lab.upstream_ledger, streams)
-    if late is not None and judgement.passed:
-        judgement = Judgement(Verdict.ALLOWED, late, judgement.expected, judgement.observed)
+    if late is not None:
+        reason = late if judgement.passed else f"{judgement.reason}; {late}"
+        judgement = Judgement(Verdict.ALLOWED, reason, judgement.expected, judgement.observed)
     network_verdict(CATEGORY, "backend-record", judgement, "the fake backend's whole request log")

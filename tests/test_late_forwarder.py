@@ -299,7 +299,12 @@ def test_the_inference_category_fails_exactly_the_refusals_a_late_forwarding_int
     output = late.stdout.str()
     # The two CONNECTs to other ports are never intercepted, so nothing is forwarded for them.
     forwarded = refusals - {"connect-other-port-80", "connect-other-port-8443"}
-    assert {test for test, verdict in late_verdicts.items() if verdict == "ALLOWED"} == forwarded, output[-4000:]
+    failed = {test for test, verdict in late_verdicts.items() if verdict == "ALLOWED"}
     assert {test for test, verdict in late_verdicts.items() if verdict == "WORKS"} == controls, output[-4000:]
-    assert "backend saw 1, canary hits 0 (POST /v1/chat/completions (backend" in output, output[-4000:]
+    # A forward that came after the campaign's grace period (a very loaded machine) is named by the backend record
+    # instead (bytes of that exchange after its verdict): never dropped.
+    assert "backend-record" in failed and failed <= forwarded, output[-4000:]
+    record = next(p for p in json.loads((pytester.path / "report.json").read_text())["probes"]
+                  if p["test"] == "backend-record")
+    assert all(f"inference/{test}" in record["reason"] for test in forwarded - failed), record
     assert "s after the attempt ended)" in output, output[-4000:]
