@@ -36,8 +36,8 @@ from pytest_sandbox.fixtures.network import (  # noqa: F401  (fixtures the plugi
 )
 from pytest_sandbox.fixtures.sandbox import _sandbox_pool, sandbox, sandbox_policy  # noqa: F401  (fixtures)
 from pytest_sandbox.fixtures.stash import SCORECARD_KEY, SESSION_KEY, UNRUNNABLE_KEY
-from pytest_sandbox.report.categories import CATEGORIES, CategoryNotRun, category_of, marker_name
-from pytest_sandbox.report.scorecard import NOT_RUN_PROPERTY, Scorecard
+from pytest_sandbox.report.categories import CATEGORIES, CategoryNotRun, LateEvidence, category_of, marker_name
+from pytest_sandbox.report.scorecard import LATE_EVIDENCE_PROPERTY, NOT_RUN_PROPERTY, Scorecard
 from pytest_sandbox.report.terminal import ScorecardReporter
 from pytest_sandbox.session import SandboxOptions, SandboxSession
 
@@ -164,8 +164,11 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
-    """A test whose category cannot run tells the scorecard why (the report travels to the xdist controller)."""
+    """A test whose category cannot run tells the scorecard why, and so does the lab's session-end audit when it
+    found late evidence (the report travels to the xdist controller)."""
     report: pytest.TestReport = yield
     if call.excinfo is not None and isinstance(call.excinfo.value, CategoryNotRun):
         report.user_properties.append((NOT_RUN_PROPERTY, call.excinfo.value.reason))
+    if call.excinfo is not None and isinstance(call.excinfo.value, LateEvidence):
+        report.user_properties.append((LATE_EVIDENCE_PROPERTY, call.excinfo.value.message))
     return report

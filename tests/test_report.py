@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pytest_sandbox.report.categories import CATEGORIES
-from pytest_sandbox.report.writers import verdict_map
+from pytest_sandbox.report.writers import render_markdown, verdict_map
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,3 +101,29 @@ def test_refusals_without_a_live_probe_are_shown_in_the_report_and_in_explain(tm
     assert main(["explain", docker_like]) == 0
     shown = capsys.readouterr().out
     assert "refused with no live probe (" in shown and "  uselib: covered by the default action" in shown
+
+
+LEAKING_AFTER_ITS_VERDICTS = '''
+def test_a_dial_nobody_judges(_network_lab):
+    _network_lab.dial("169.254.169.254", 80).close()  # reaches the lab's catch-all; no verdict counts it
+'''
+
+
+def test_late_evidence_is_named_under_the_scorecard_and_in_the_report(pytester, tmp_path):
+    """The session-end audit's finding fails the run, and the scorecard and the report say their counts do not
+    include it (a report read for its counts alone must not look green)."""
+    (pytester.path / "conformance").mkdir()
+    (pytester.path / "conformance" / "test_allowlist.py").write_text(
+        (ROOT / "conformance/test_allowlist.py").read_text())
+    pytester.makepyfile(test_leaking=LEAKING_AFTER_ITS_VERDICTS)
+    path = tmp_path / "report.json"
+    result = pytester.runpytest_subprocess("--sandbox", f"--sandbox-report={path}", "-p", "no:cacheprovider",
+                                           "conformance/test_allowlist.py", "test_leaking.py")
+    output = result.stdout.str()
+    assert result.ret == 1, output
+    assert "LATE EVIDENCE (not in the counts above; the run fails): pytest-sandbox: 1 connection(s) reached" in output
+    report = json.loads(path.read_text())
+    assert report["scorecard"]["allowlist"]["BLOCKED"] == 5  # the counts alone look green...
+    assert len(report["late_evidence"]) == 1 and "169.254.169.254:80" in report["late_evidence"][0]  # ...this is not
+    markdown = render_markdown(report)
+    assert "## Late evidence" in markdown and "169.254.169.254:80" in markdown

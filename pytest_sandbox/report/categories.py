@@ -115,4 +115,14 @@ class CategoryNotRun(Failed):
         self.reason = reason
 
 
+class LateEvidence(Failed):
+    """Raised at the session's end when the lab holds evidence no verdict saw (a dial or forwarded bytes after
+    the verdict of the attempt that caused them): the run fails showing ``message`` alone, and the scorecard
+    and the report say that their verdict counts do not include it."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, pytrace=False)
+        self.message = message
+
+
 assert set(CATEGORIES) == {m.category for m in MEMBERSHIP}, "every category has members and a scorecard place"

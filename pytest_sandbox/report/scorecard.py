@@ -22,6 +22,7 @@ from pytest_sandbox.report.categories import CATEGORIES, category_of
 
 PROPERTY = "sandbox_verdict"
 NOT_RUN_PROPERTY = "sandbox_not_run"
+LATE_EVIDENCE_PROPERTY = "sandbox_late_evidence"
 COLUMNS = ("BLOCKED", "ALLOWED", "INDETERMINATE", "WORKS", "BROKEN")
 RAN, NOT_RUN, NOT_SELECTED = "ran", "not run", "not selected"
 NAME_WIDTH, COLUMN_WIDTH = 20, 15
@@ -62,6 +63,8 @@ class Scorecard:
     not_run: dict[str, dict[str, str]] = field(default_factory=lambda: defaultdict(dict))  # -> node id -> why
     skipped: dict[str, dict[str, str]] = field(default_factory=lambda: defaultdict(dict))  # -> node id -> why
     with_verdict: set[str] = field(default_factory=set)  # node ids that recorded a verdict
+    # What a session-end audit found that no verdict saw (one message per lab, i.e. per xdist worker).
+    late_evidence: list[str] = field(default_factory=list)
 
     def add(self, record: dict[str, Any]) -> None:
         self.records.append(record)
@@ -73,6 +76,9 @@ class Scorecard:
                 self.add(value if nodeid is None else {**value, "nodeid": nodeid})
                 if nodeid is not None:
                     self.with_verdict.add(nodeid)
+
+    def add_late_evidence(self, message: str) -> None:
+        self.late_evidence.append(message)
 
     def add_selected(self, nodeids: Iterable[str]) -> None:
         """The node ids the run selected (a set: every xdist worker sends the same collection)."""
@@ -137,6 +143,7 @@ class Scorecard:
             else:
                 rows.append(name + status.describe())
         rows.append("BLOCKED/WORKS pass; ALLOWED/BROKEN fail; INDETERMINATE is never counted as a pass.")
+        rows += [f"LATE EVIDENCE (not in the counts above; the run fails): {message}" for message in self.late_evidence]
         return rows
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from pytest_sandbox.report.environment import host_facts
-from pytest_sandbox.report.scorecard import NOT_RUN_PROPERTY, Scorecard
+from pytest_sandbox.report.scorecard import LATE_EVIDENCE_PROPERTY, NOT_RUN_PROPERTY, Scorecard
 from pytest_sandbox.report.writers import build_report, write_report
 from pytest_sandbox.session import SandboxOptions
 
@@ -40,6 +40,8 @@ class ScorecardReporter:
         for name, value in report.user_properties:
             if name == NOT_RUN_PROPERTY:
                 self.scorecard.add_not_run(report.nodeid, str(value))
+            elif name == LATE_EVIDENCE_PROPERTY:
+                self.scorecard.add_late_evidence(str(value))
         if report.skipped and isinstance(report.longrepr, tuple):
             self.scorecard.add_skipped(report.nodeid, str(report.longrepr[2]).removeprefix("Skipped: "))
 

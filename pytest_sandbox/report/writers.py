@@ -23,7 +23,8 @@ def build_report(scorecard: Scorecard, *, environment: Mapping[str, Any], run: M
     """Every category is in ``scorecard``, run or not: its counts, ``status`` (``ran``, ``not run``,
     ``not selected``), ``selected`` (tests), ``not_run`` (tests that could not run), ``reason`` and
     ``summary`` (the line the terminal scorecard shows, e.g. ``not run: <reason>``). ``coverage``: each
-    refused syscall with no live probe and what covers it (report.coverage)."""
+    refused syscall with no live probe and what covers it (report.coverage). ``late_evidence``: what the lab's
+    session-end audit found that no verdict saw (then the run failed, whatever the counts say)."""
     records = sorted(scorecard.records, key=lambda r: (r.get("category", ""), r.get("test", "")))
     return {
         "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -34,6 +35,8 @@ def build_report(scorecard: Scorecard, *, environment: Mapping[str, Any], run: M
                                     "summary": status.describe()}
                       for status in scorecard.statuses()},
         "all_selected_ran": not scorecard.unproven(),  # False when a selected category (or part of one) did not run
+        # What the lab's session-end audit found that no verdict saw (not in the counts; the run failed).
+        "late_evidence": list(scorecard.late_evidence),
         "probes": records,
         "unprobed_refusals": [dict(entry) for entry in coverage],
     }
@@ -52,7 +55,12 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                      + f" | {_escape(counts['summary'])} |")
     lines += ["", "BLOCKED and WORKS pass; ALLOWED and BROKEN fail; INDETERMINATE is never counted as a pass.",
               "A selected category that did not run fails the run; `not selected` means it was left out.",
-              "", "## Refusals with no live probe", "",
+              ""]
+    if report.get("late_evidence"):
+        lines += ["## Late evidence", "", "Found by the session-end audit after the verdicts were given: not in the "
+                  "counts above, and the run failed.", ""]
+        lines += [f"- {_escape(message)}" for message in report["late_evidence"]] + [""]
+    lines += ["## Refusals with no live probe", "",
               "Syscalls a policy refuses that the catalogue has no harmless probe for, and what covers each "
               "(never silent).", ""]
     lines += [f"- {entry['syscall']} ({entry['role']} {entry['source']}): covered by {entry['covered_by']}"
