@@ -243,8 +243,11 @@ def evidence(request: pytest.FixtureRequest, sandbox_session: SandboxSession, sa
     exchange = planned_exchange(request.node.originalname, params, sandbox_proxy, trust, sandbox_session.policy)
     assert exchange is not None, f"{request.node.name} runs, so its exchange was planned"
     found = inference_results.get(exchange.test_id)
-    return found if found is not None else run_inference_campaign(sandbox_lab, inference_backend,
-                                                                  [exchange])[exchange.test_id]
+    if found is None:
+        found = run_inference_campaign(sandbox_lab, inference_backend, [exchange])[exchange.test_id]
+    if found.error is not None:
+        raise found.error
+    return found
 
 
 @pytest.fixture

@@ -68,6 +68,7 @@ class ExchangeEvidence:
     arrived: tuple[BackendArrival, ...] = ()
     unframed: tuple[str, ...] = ()
     hits: tuple[CatchAllHit, ...] = ()
+    error: Exception | None = None  # what ``perform`` raised (then ``observation`` is None): that test's error
 
     @property
     def reached(self) -> str:
@@ -104,13 +105,17 @@ def run_inference_campaign(lab: NetworkLab, backend: FakeInferenceBackend, excha
     hit_mark = lab.hit_mark()
     windows: list[AttemptWindow] = []
     observations: dict[str, Any] = {}
+    errors: dict[str, Exception] = {}
     try:
         for exchange in exchanges:
             nonce, begin = new_nonce(), time.monotonic()
-            observations[exchange.key] = exchange.perform(nonce)
+            try:
+                observations[exchange.key] = exchange.perform(nonce)
+            except Exception as error:  # that test's own error (e.g. a proxy that does not tunnel), not the module's
+                observations[exchange.key], errors[exchange.key] = None, error
             windows.append(AttemptWindow(exchange.key, nonce, frozenset({listener}), begin, time.monotonic()))
     finally:
-        # Registered even if an exchange raised: whatever it caused must stay attributable.
+        # Registered even if the campaign is interrupted: whatever an exchange caused must stay attributable.
         lab.register_attempts(windows)
         lab.upstream_ledger.register(windows)
     if windows and grace > 0:
@@ -132,9 +137,10 @@ def run_inference_campaign(lab: NetworkLab, backend: FakeInferenceBackend, excha
     hits = lab.hits(since=hit_mark)
     hit_owners = attribute(hits, lab.attempt_windows(), grace).owners
     evidence: dict[str, ExchangeEvidence] = {}
-    for exchange, window in zip(exchanges, windows, strict=False):
+    for exchange, window in zip(exchanges, windows, strict=True):
         arrived, unframed = _arrivals(attributed, window.key, window.end)
         blamed = tuple(hit for hit in hits if window.key in hit_owners.get(hit.index, frozenset()))
         lab.account((hit.index for hit in blamed), by=window.key)
-        evidence[exchange.test_id] = ExchangeEvidence(observations[window.key], arrived, unframed, blamed)
+        evidence[exchange.test_id] = ExchangeEvidence(observations[window.key], arrived, unframed, blamed,
+                                                      errors.get(window.key))
     return evidence
