@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+from test_proxy_one_pass import slice_of  # /proc/self/task/<tid>/sched se.slice
 
 from pytest_sandbox import scheduling
 from pytest_sandbox.seccomp import spawner
@@ -19,15 +20,6 @@ def test_the_spawner_and_the_package_ask_for_the_same_slice_the_same_way() -> No
     assert scheduling.SYS_SCHED_SETATTR_X86_64 == spawner.SYS_SCHED_SETATTR_X86_64
     assert scheduling.SCHED_FLAG_RESET_ON_FORK == spawner.SCHED_FLAG_RESET_ON_FORK
     assert scheduling.SchedAttr._fields_ == spawner._SchedAttr._fields_
-
-
-def slice_of(native_id: int) -> int | None:
-    try:
-        with open(f"/proc/self/task/{native_id}/sched") as sched:
-            lines = [line for line in sched if line.startswith("se.slice")]
-    except OSError:
-        return None
-    return int(lines[0].split(":")[1]) if lines else None
 
 
 @pytest.mark.skipif(slice_of(threading.get_native_id()) is None,
