@@ -1,4 +1,4 @@
-"""Strict HTTP/1.1 framing: the pure checks, the async readers, and the smuggling catalogue."""
+"""Strict HTTP/1.1 framing: the pure checks, the request reader, the response framer, the smuggling catalogue."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pytest_sandbox.catalogues.smuggling import H11_ONLY, SMUGGLING_CASES, Smugg
 from pytest_sandbox.http.framing import (
     FAMILY_OF_VIOLATION,
     FRAMING_FAMILIES,
+    MAX_RESPONSE_HEAD_BYTES,
     ChunkedBodyParser,
     FramingViolation,
     check_request_head,
@@ -21,10 +22,10 @@ from pytest_sandbox.http.framing import (
     first_bare_line_ending,
     frame_pipeline,
 )
+from pytest_sandbox.http.incremental import ResponseFramer, take_head
 from pytest_sandbox.http.streams import (
     Request,
     RequestReader,
-    ResponseReader,
     write_json_refusal,
     write_response,
 )
@@ -393,52 +394,109 @@ def test_http10_request_does_not_keep_alive_even_when_asked() -> None:
     assert request is not None and not request.keep_alive
 
 
-async def responses(data: bytes, method: str = "GET") -> list[tuple[int, bytes, bool]]:
-    reader = ResponseReader(stream_of(data))
-    result: list[tuple[int, bytes, bool]] = []
-    while True:
-        try:
-            response = await reader.next_response(method)
-        except asyncio.IncompleteReadError:
-            return result
-        result.append((response.status, response.body, response.keep_alive))
-        if not response.keep_alive:
-            return result
+# --- upstream responses: the one framer (http/incremental.py), as the proxy's upstream protocol drives it ---
 
 
-def test_response_reader_skips_interim_responses_and_decodes_chunked() -> None:
+def framed(data: bytes, method: str = "GET", *, piece: int = 0) -> tuple[int, bytes, bool]:
+    """(status, body, keep_alive) of the response a fresh framer completes from ``data`` fed ``piece`` bytes
+    at a time (all at once by default), then the upstream's EOF if it is still waiting."""
+    framer = ResponseFramer(method)
+    piece = piece or len(data)
+    for start in range(0, len(data), piece):
+        response = framer.feed(data[start:start + piece])
+        if response is not None:
+            assert start + piece >= len(data), "the framer completed a response before its last byte"
+            return response.status, response.body, response.keep_alive
+    response = framer.eof()
+    return response.status, response.body, response.keep_alive
+
+
+def framed_either_way(data: bytes, method: str = "GET") -> tuple[int, bytes, bool]:
+    """``framed`` all at once, asserting that byte-by-byte arrival frames the same response."""
+    whole = framed(data, method)
+    assert framed(data, method, piece=1) == whole
+    return whole
+
+
+def test_response_framer_skips_interim_responses_and_decodes_chunked() -> None:
     data = (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n")
-    assert run(lambda: responses(data)) == [(200, b"ok", True)]
+    assert framed_either_way(data) == (200, b"ok", True)
 
 
 def test_no_content_response_has_no_body() -> None:
-    assert run(lambda: responses(b"HTTP/1.1 204 No Content\r\n\r\n")) == [(204, b"", True)]
+    assert framed_either_way(b"HTTP/1.1 204 No Content\r\n\r\n") == (204, b"", True)
 
 
 def test_response_without_length_is_read_to_eof_and_never_reused() -> None:
-    assert run(lambda: responses(b"HTTP/1.1 200 OK\r\n\r\nall of it")) == [(200, b"all of it", False)]
+    assert framed_either_way(b"HTTP/1.1 200 OK\r\n\r\nall of it") == (200, b"all of it", False)
 
 
 def test_response_to_head_has_no_body_whatever_it_declares() -> None:
     data = b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n"
-    assert run(lambda: responses(data, "HEAD")) == [(200, b"", True)]
+    assert framed_either_way(data, "HEAD") == (200, b"", True)
 
 
 def test_unsolicited_bytes_after_a_response_make_the_upstream_unusable() -> None:
     data = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n"
-    assert run(lambda: responses(data)) == [(200, b"ok", False)]
+    framer = ResponseFramer("GET")
+    response = framer.feed(data)
+    assert response is not None and (response.status, response.body, response.keep_alive) == (200, b"ok", False)
+    assert framer.leftover == b"HTTP/1.1 200 OK\r\n"
 
 
 @pytest.mark.parametrize(
-    "data",
-    [b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
-     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nokXX0\r\n\r\n",
-     b"HTTP/1.1 200 OK\nContent-Length: 0\n\n"],
+    ("data", "case"),
+    [pytest.param(data, case, id=case) for data, case in [
+        (b"HTTP/1.1 101 Switching Protocols\r\n\r\n", "unexpected-101"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nokXX0\r\n\r\n", "chunk-terminator"),
+        (b"HTTP/1.1 200 OK\nContent-Length: 0\n\n", "bare-lf"),
+        (b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * MAX_RESPONSE_HEAD_BYTES + b"\r\n\r\n", "head-too-large")]],
 )
-def test_bad_upstream_framing_raises(data: bytes) -> None:
-    with pytest.raises(FramingViolation):
-        run(lambda: responses(data))
+@pytest.mark.parametrize("piece", [0, 1], ids=["whole", "byte-by-byte"])
+def test_bad_upstream_framing_raises(data: bytes, case: str, piece: int) -> None:
+    with pytest.raises(FramingViolation) as caught:
+        framed(data, piece=piece)
+    assert caught.value.case == case
+
+
+HEADS_FOR_SPLITS = [
+    b"HTTP/1.1 200 OK\r\nA: 1\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nA: 1\n\r\n",
+    b"HTTP/1.1 200 OK\r\nA: 1\r\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nA: 1\r\n\n",
+    b"HTTP/1.1 200 OK\rA: 1\r\n\r\n",
+    b"\nHTTP/1.1 200 OK\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\n\r\r\n",
+]
+
+
+def take_head_in_pieces(data: bytes, splits: tuple[int, ...], *, resume: bool) -> bytes | str | None:
+    """``take_head`` after each piece of ``data`` (cut at ``splits``) arrives until it returns a head or refuses;
+    ``resume``: each call resumes where the last left off, as the readers do, instead of rescanning it all."""
+    buffer = bytearray()
+    searched = 0
+    for start, end in zip((0, *splits), (*splits, len(data)), strict=True):
+        buffer += data[start:end]
+        try:
+            head = take_head(buffer, 1024, what="response", searched=searched if resume else 0)
+        except FramingViolation as violation:
+            return violation.case
+        if head is not None:
+            return head
+        searched = max(0, len(buffer) - 3)
+    return None
+
+
+@pytest.mark.parametrize("data", HEADS_FOR_SPLITS)
+def test_take_head_resuming_judges_exactly_as_rescanning(data: bytes) -> None:
+    cuts = [(split,) for split in range(1, len(data))] + [tuple(range(1, len(data)))]
+    for splits in cuts:
+        assert take_head_in_pieces(data, splits, resume=True) == take_head_in_pieces(data, splits, resume=False)
+    # Byte by byte, the last incomplete buffer is the head without its final LF (or all of it, if it never ends).
+    end = data.find(b"\r\n\r\n")
+    expected = first_bare_line_ending(data if end == -1 else data[: end + 3]) or (None if end == -1 else data)
+    assert take_head_in_pieces(data, tuple(range(1, len(data))), resume=True) == expected
 
 
 # --- writers ------------------------------------------------------------------------------------

@@ -17,9 +17,9 @@ import pytest
 from test_proxy import ALLOWED_ADDRESS, IO_TIMEOUT, METADATA_ADDRESS, Lab, OriginRequest, RawClient
 from test_proxy import lab as proxy_lab  # noqa: F401 - the fixture ``lab``: a fake network on loopback
 
+from pytest_sandbox.http.incremental import ResponseFramer
 from pytest_sandbox.network.proxy.config import ProxyConfig
 from pytest_sandbox.network.proxy.server import EgressProxy, _Client, _ClientConnection
-from pytest_sandbox.network.proxy.upstream import ResponseFramer
 from pytest_sandbox.network.route_lookup import local_route_socket
 
 
@@ -355,13 +355,13 @@ def slice_of(native_id: int) -> int | None:
 @pytest.mark.skipif(slice_of(threading.get_native_id()) is None,
                     reason="no /proc/<pid>/task/<tid>/sched with se.slice (CONFIG_SCHED_DEBUG, EEVDF)")
 def test_the_event_loop_thread_asks_for_a_short_slice_and_tunnel_threads_keep_the_default(lab: Lab) -> None:
-    from pytest_sandbox.seccomp.spawner import SPAWNER_SLICE_NS
+    from pytest_sandbox.scheduling import SHORT_SLICE_NS
 
     default = slice_of(threading.get_native_id())
-    assert default != SPAWNER_SLICE_NS
+    assert default != SHORT_SLICE_NS
     proxy = start(lab, True)
     assert proxy._thread is not None and proxy._thread.native_id is not None
-    assert slice_of(proxy._thread.native_id) == SPAWNER_SLICE_NS
+    assert slice_of(proxy._thread.native_id) == SHORT_SLICE_NS
     client = RawClient(proxy)
     try:
         client.send(b"CONNECT 93.184.215.20:443 HTTP/1.1\r\nHost: 93.184.215.20:443\r\n\r\n")

@@ -4,7 +4,7 @@ The probes read what a proxy under test sends back; they must record whatever ca
 never refuses a head: a status line that is not ``HTTP/1.x`` + three digits gives ``status=None``
 (``parse_head``), or ``ValueError`` where a sequence of responses is being framed (``parse_responses``).
 It is deliberately *not* the strict parser the reference proxy judges upstream bytes with
-(``http/framing.check_response_head`` and ``http/streams.ResponseReader``): that one must refuse.
+(``http/framing.check_response_head`` and ``http/incremental.ResponseFramer``): that one must refuse.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@
 several in one write, and never *consumes* bytes past the current request: whatever was read from
 the socket beyond it stays in ``leftover()`` and is the start of the next request. The framing
 decisions themselves live in :mod:`pytest_sandbox.http.framing` (pure); this module only moves bytes.
+Upstream responses have no reader here: the proxy's upstream protocol feeds them to the one push-style
+:class:`pytest_sandbox.http.incremental.ResponseFramer`.
 
 ``strict=False`` swaps the strict checks for h11 0.16 alone. It exists so a conformance suite can
 prove that it detects what h11 lets through (network.md §5, "h11 0.16 accepts"); never use it to
@@ -26,21 +28,17 @@ from pytest_sandbox.http.fields import HeaderLookup
 from pytest_sandbox.http.framing import (
     HEAD_END,
     MAX_HEAD_BYTES,
-    MAX_RESPONSE_HEAD_BYTES,
     READ_SIZE,
     ChunkedBodyParser,
     FramingViolation,
     check_request_head,
-    check_response_head,
-    first_bare_line_ending,
 )
+from pytest_sandbox.http.incremental import decode_headers, take_head
 
 __all__ = [
     "DEFAULT_MAX_BODY",
     "Request",
     "RequestReader",
-    "Response",
-    "ResponseReader",
     "response_bytes",
     "write_json_refusal",
     "write_response",
@@ -79,23 +77,6 @@ class Request(HeaderLookup):
         return True
 
 
-@dataclass(frozen=True)
-class Response(HeaderLookup):
-    """One framed upstream response, body decoded."""
-
-    http_version: str
-    status: int
-    reason: str
-    headers: tuple[tuple[str, str], ...]  # names lowercased
-    body: bytes
-    keep_alive: bool  # False: the upstream connection must not carry another request
-    raw_headers: tuple[tuple[bytes, bytes], ...] = field(default=(), repr=False, compare=False)
-
-
-def _decode_headers(headers: tuple[tuple[bytes, bytes], ...]) -> tuple[tuple[str, str], ...]:
-    return tuple((name.decode("ascii"), value.decode("latin-1")) for name, value in headers)
-
-
 class _BufferedStream:
     """A byte buffer in front of a StreamReader; framing decisions never look at unread bytes."""
 
@@ -118,19 +99,10 @@ class _BufferedStream:
         """The next head up to and including CRLFCRLF; None on EOF before any byte of it."""
         searched = 0
         while True:
-            end = self.buffer.find(HEAD_END, searched)
-            if end != -1:
-                head = bytes(self.buffer[: end + len(HEAD_END)])
-                del self.buffer[: end + len(HEAD_END)]
+            head = take_head(self.buffer, max_head, what=what, searched=searched)
+            if head is not None:
                 return head
-            if len(self.buffer) > max_head:
-                raise FramingViolation("head-too-large", f"{what} head exceeds {max_head} bytes", 431)
-            if self.buffer:
-                # A head that uses bare LF never contains CRLFCRLF: judge it now instead of waiting.
-                bare = first_bare_line_ending(bytes(self.buffer))
-                if bare is not None:
-                    raise FramingViolation(bare, f"{what} line endings must be CRLF (RFC 9112 §2.2)")
-            searched = max(0, len(self.buffer) - 3)
+            searched = max(0, len(self.buffer) - len(HEAD_END) + 1)
             if not await self.fill():
                 if not self.buffer:
                     return None
@@ -159,14 +131,6 @@ class _BufferedStream:
             if not await self.fill():
                 raise asyncio.IncompleteReadError(b"".join(fed), None)
             data = bytes(self.buffer)
-
-    async def read_to_eof(self, max_body: int) -> bytes:
-        while await self.fill():
-            if len(self.buffer) > max_body:
-                raise FramingViolation("body-too-large", f"body exceeds {max_body} bytes", 502)
-        data = bytes(self.buffer)
-        self.buffer.clear()
-        return data
 
 
 class RequestReader:
@@ -217,7 +181,7 @@ class RequestReader:
             method=head.method,
             target=head.target,
             http_version=head.http_version,
-            headers=_decode_headers(head.headers),
+            headers=decode_headers(head.headers),
             body=body,
             raw=head_bytes + encoded,
             raw_headers=head.headers,
@@ -260,7 +224,7 @@ class RequestReader:
                     method=start.method.decode("ascii"),
                     target=start.target.decode("latin-1"),
                     http_version=start.http_version.decode("ascii"),
-                    headers=_decode_headers(raw_headers),
+                    headers=decode_headers(raw_headers),
                     body=b"".join(body),
                     raw=everything[: len(everything) - len(leftover)],
                     raw_headers=raw_headers,
@@ -269,63 +233,6 @@ class RequestReader:
                 if start is None and not b"".join(fed):
                     return None
                 raise asyncio.IncompleteReadError(b"".join(fed), None)
-
-
-class ResponseReader:
-    """Reads upstream responses strictly (RFC 9112 §6.3 message body length rules).
-
-    Bad upstream framing raises ``FramingViolation``: the caller answers 502 to its client and
-    never reuses that upstream connection, whose framing can no longer be trusted.
-    """
-
-    def __init__(
-        self,
-        reader: asyncio.StreamReader,
-        *,
-        max_head: int = MAX_RESPONSE_HEAD_BYTES,
-        max_body: int = 32 * 2**20,
-        reserve: Reserve | None = None,
-    ) -> None:
-        self._stream = _BufferedStream(reader, reserve)
-        self._max_head = max_head
-        self._max_body = max_body
-
-    def leftover(self) -> bytes:
-        return bytes(self._stream.buffer)
-
-    async def next_response(self, request_method: str) -> Response:
-        while True:
-            head_bytes = await self._stream.read_head(self._max_head, what="response")
-            if head_bytes is None:
-                raise asyncio.IncompleteReadError(b"", None)
-            head = check_response_head(head_bytes, max_head=self._max_head)
-            if head.status == 101:
-                # This proxy never forwards Upgrade, so a 101 is an upstream framing error.
-                raise FramingViolation("unexpected-101", "upstream switched protocols unasked", 502)
-            if 100 <= head.status < 200:
-                continue  # interim responses (RFC 9110 §15.2) are consumed, not forwarded
-            keep_alive = head.keep_alive
-            # RFC 9112 §6.3: HEAD responses and 204/304 never have content, whatever they declare.
-            if request_method == "HEAD" or head.status in (204, 304):
-                body = b""
-            elif head.chunked:
-                body, _ = await self._stream.read_chunked(self._max_body)
-            elif head.content_length is not None:
-                if head.content_length > self._max_body:
-                    raise FramingViolation("body-too-large", "upstream body too large", 502)
-                body = await self._stream.read_exactly(head.content_length)
-            else:
-                body = await self._stream.read_to_eof(self._max_body)
-                keep_alive = False
-            return Response(
-                http_version=head.http_version,
-                status=head.status,
-                reason=head.reason,
-                headers=_decode_headers(head.headers),
-                body=body,
-                keep_alive=keep_alive and not self._stream.buffer,
-                raw_headers=head.headers,
-            )
 
 
 def _encode_field(name: str, value: str) -> bytes:

@@ -244,7 +244,8 @@ def _ask_short_slice() -> None:
     wakeup-preempt"). Same policy, same nice: only the request size changes. SCHED_FLAG_RESET_ON_FORK
     gives every command the default slice again (sched_fork() resets it; it also resets a negative
     nice to 0), so what runs in the sandbox is scheduled as it would be without us. A hint, not a
-    security step: an older kernel ignores the request or refuses it, and nothing else changes."""
+    security step: an older kernel ignores the request or refuses it, and nothing else changes.
+    The package's own copy is pytest_sandbox/scheduling.py (this script cannot import the package)."""
     if os.uname().machine != "x86_64" or os.sched_getscheduler(0) != os.SCHED_OTHER:
         return
     nice = os.getpriority(os.PRIO_PROCESS, 0)

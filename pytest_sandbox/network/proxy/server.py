@@ -41,14 +41,8 @@ from typing import Any
 
 from pytest_sandbox.http.fields import end_to_end
 from pytest_sandbox.http.framing import HEAD_END, FramingViolation, check_request_head, first_bare_line_ending
-from pytest_sandbox.http.streams import (
-    Request,
-    RequestReader,
-    Reserve,
-    Response,
-    _decode_headers,
-    write_response,
-)
+from pytest_sandbox.http.incremental import Response, decode_headers
+from pytest_sandbox.http.streams import Request, RequestReader, Reserve, write_response
 from pytest_sandbox.network.addresses import AddressVerdict, Authority
 from pytest_sandbox.network.proxy import relay
 from pytest_sandbox.network.proxy.config import (
@@ -74,7 +68,7 @@ from pytest_sandbox.network.proxy.upstream import Outcome, UpstreamConnection
 from pytest_sandbox.network.proxy.watchdog import Watchdog, bounded
 from pytest_sandbox.network.route_lookup import is_delivered_locally
 from pytest_sandbox.policy.model import host_admitted
-from pytest_sandbox.seccomp.spawner import _ask_short_slice
+from pytest_sandbox.scheduling import ask_short_slice
 
 __all__ = ["EVENT_LOOPS", "EgressProxy", "run_on_loop"]
 
@@ -153,12 +147,12 @@ def _short_slice() -> None:
     few tens of microseconds of work. On a busy machine a woken task with the default slice waits for the
     running task's slice to end; since Linux 6.12 EEVDF lets a task that asked for a shorter slice
     (``sched_attr.sched_runtime``) preempt on wake-up. It is the spawner's request
-    (:func:`pytest_sandbox.seccomp.spawner._ask_short_slice`: same policy and nice, the slice only, reset
+    (:func:`pytest_sandbox.scheduling.ask_short_slice`: same policy and nice, the slice only, reset
     for every thread and process it starts, so CONNECT tunnel threads keep the default). A hint, not a
     security step: an older kernel ignores it, and no failure here stops the proxy.
     """
     with contextlib.suppress(Exception):
-        _ask_short_slice()
+        ask_short_slice()
 
 
 def _split(request: Request) -> tuple[Authority, str]:
@@ -1069,7 +1063,7 @@ class _ClientConnection(asyncio.StreamReaderProtocol):
         raw = bytes(buffer[: size + length])
         del buffer[: size + length]
         request = Request(method=head.method, target=head.target, http_version=head.http_version,
-                          headers=_decode_headers(head.headers), body=raw[size:], raw=raw, raw_headers=head.headers)
+                          headers=decode_headers(head.headers), body=raw[size:], raw=raw, raw_headers=head.headers)
         self._busy = True
         conn.watchdog.disarm()
         self._proxy._forward_one_pass(self, conn, request)
