@@ -31,7 +31,10 @@ def read_head(sock: socket.socket, *, limit: int = HEAD_LIMIT, seconds: float = 
             if left <= 0:
                 raise TimeoutError(f"no end of head within {seconds} s; received {data[:200]!r}")
             sock.settimeout(min(left, previous) if previous else left)
-            chunk = sock.recv(READ_SIZE)
+            try:
+                chunk = sock.recv(READ_SIZE)
+            except TimeoutError as silent:  # socket.timeout is TimeoutError (3.10+)
+                raise TimeoutError(f"no end of head in time; received {data[:200]!r}") from silent
             if not chunk:
                 break
             data += chunk
