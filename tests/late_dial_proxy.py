@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a command: the tree under test
 
-from broken_proxies.raw_relay import lab_command_resolve
+from broken_proxies.raw_relay import lab_command_resolve, relay_to_inner
 
 from pytest_sandbox.network.lab.attribution import NONCE_HEADER
 from pytest_sandbox.network.proxy.config import Decision, ProxyConfig
@@ -58,6 +58,12 @@ def _literal(authority: str) -> tuple[str, int] | None:
         return str(ipaddress.ip_address(host)), int(port)
     except ValueError:
         return None
+
+
+def _status_of(answers: bytes) -> bytes:
+    """The status code of the first answer (``b""`` when there was none)."""
+    parts = answers.split(b" ", 2)
+    return parts[1] if len(parts) > 1 else b""
 
 
 def _nonce_of(head: bytes) -> str | None:
@@ -133,31 +139,9 @@ class LateDialer:
         inner.setblocking(False)
         inner_reader, inner_writer = await asyncio.open_connection(sock=inner, limit=HEAD_LIMIT)
         inner_writer.write(head)
-        status: list[bytes] = []
-
-        async def downstream() -> None:
-            while data := await inner_reader.read(RELAY_CHUNK):
-                if not status:
-                    status.append(data.split(b" ", 2)[1] if data.count(b" ") >= 1 else b"")
-                writer.write(data)
-                await writer.drain()
-
-        async def upstream() -> None:
-            while data := await reader.read(RELAY_CHUNK):
-                inner_writer.write(data)
-                await inner_writer.drain()
-            with contextlib.suppress(OSError):
-                inner_writer.write_eof()
-
-        pump = asyncio.create_task(upstream())
-        try:
-            with contextlib.suppress(ConnectionError):
-                await downstream()
-        finally:
-            pump.cancel()
-            inner_writer.close()
-            writer.close()
-        if status and status[0] == b"403":
+        answers = bytearray()
+        await relay_to_inner(reader, writer, inner_reader, inner_writer, answers=answers)
+        if _status_of(answers) == b"403":
             decision = self._decision_for(target)
             places: list[tuple[str, int]] = []
             if decision is not None and decision.addresses and decision.port is not None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from broken_proxies.harness import backend_config, private_backend
 from broken_proxies.lenient_families import LENIENT_PROXY_PORTS, start_lenient_proxy
+from wire import read_head
 
 from pytest_sandbox.catalogues.smuggling import FIRST_REQUEST_ONLY, H11_ONLY, SMUGGLING_CASES, case_by_id
 from pytest_sandbox.http.framing import FRAMING_FAMILIES
@@ -282,13 +283,7 @@ def first_answer(running: RunningProxy, payload: bytes) -> bytes:
     with running.connect() as sock:
         sock.settimeout(DETECTION_TIMEOUT_SECONDS)
         sock.sendall(payload)
-        answer = b""
-        while b"\r\n\r\n" not in answer:
-            data = sock.recv(4096)
-            if not data:
-                break
-            answer += data
-    return answer
+        return read_head(sock)
 
 
 def test_connect_to_inference_local_with_a_body_is_refused_before_the_tunnel_opens(

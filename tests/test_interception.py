@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 import trustme
+from wire import HEAD_END, read_head
 
 from pytest_sandbox.inference.ca import InterceptionCA
 from pytest_sandbox.inference.fake_backend import FakeInferenceBackend
@@ -295,11 +296,8 @@ class TunnelClient:
     def open(cls, port: int, ca: InterceptionCA) -> TunnelClient:
         raw = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
         raw.sendall(b"CONNECT inference.local:443 HTTP/1.1\r\nHost: inference.local:443\r\n\r\n")
-        reply = b""
-        while b"\r\n\r\n" not in reply:
-            data = raw.recv(4096)
-            assert data, "proxy closed before answering CONNECT"
-            reply += data
+        reply = read_head(raw)
+        assert HEAD_END in reply, f"proxy closed before answering CONNECT: {reply!r}"
         assert reply.startswith(b"HTTP/1.1 200 "), reply
         context = ssl.create_default_context(cadata=ca.cert_pem.decode())
         return cls(context.wrap_socket(raw, server_hostname="inference.local"))
@@ -744,8 +742,7 @@ class ScriptedUpstream:
             return
         raw.settimeout(IO_TIMEOUT)
         with self.context.wrap_socket(raw, server_side=True) as tls:
-            while b"\r\n\r\n" not in self.received:
-                self.received += tls.recv(65536)
+            self.received = read_head(tls)
             head, _, body = self.received.partition(b"\r\n\r\n")
             lines = head.lower().split(b"\r\n")
             lengths = [line[15:] for line in lines if line.startswith(b"content-length:")]

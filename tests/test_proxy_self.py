@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from broken_self_check_proxy import TextSelfCheckProxy
+from wire import read_head
 
 from pytest_sandbox.catalogues.self_cases import spellings_for
 from pytest_sandbox.http.responses import ParsedResponse, parse_head
@@ -66,12 +67,7 @@ def connect_through(lab: NetworkLab, proxy_port: int, authority: str, via: str =
 def read_connect_answer(sock: socket.socket) -> ParsedResponse:
     """The proxy's answer to a CONNECT: the head (a 2xx opens a tunnel that stays open), or the
     whole refusal."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        data += chunk
+    data = read_head(sock)
     reply = parse_head(data)
     if reply.status is not None and 200 <= reply.status < 300:
         return reply

@@ -112,7 +112,7 @@ async def close_tls(tls: TlsStream) -> None:
     # close_notify among them would make it write an answer after our FIN, which asyncio refuses).
     with contextlib.suppress(OSError, RuntimeError):
         tls.writer.transport.pause_reading()  # type: ignore[attr-defined]
-    lingering = _DiscardUntilClosed(raw.get_protocol(), LINGER_MAX_BYTES)
+    lingering = _DiscardUntilClosed(raw.get_protocol(), LINGER_MAX_BYTES, tls.writer)
     raw.set_protocol(lingering)
     with contextlib.suppress(OSError, RuntimeError):
         raw.resume_reading()  # the TLS layer may have paused it for flow control
@@ -126,9 +126,15 @@ async def close_tls(tls: TlsStream) -> None:
 class _DiscardUntilClosed(asyncio.Protocol):
     """Takes over a TCP transport for the linger: drops bytes, notices the close, passes it on."""
 
-    def __init__(self, tls_protocol: asyncio.BaseProtocol, max_bytes: int) -> None:
+    def __init__(self, tls_protocol: asyncio.BaseProtocol, max_bytes: int, tls_writer: asyncio.StreamWriter) -> None:
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._tls_protocol = tls_protocol
+        # Held until the TLS layer has learned of the close (connection_lost below marks its transport
+        # closed): ``raw.close()`` delivers connection_lost only on a later loop iteration, and a TLS
+        # StreamWriter collected before that is closed by ``StreamWriter.__del__`` (CPython 3.11.5+,
+        # gh-107650), whose TLS shutdown writes close_notify to the TCP transport we half-closed:
+        # the selector transport raises ``RuntimeError('Cannot call write() after write_eof()')``.
+        self._tls_writer: asyncio.StreamWriter | None = tls_writer
         self._max_bytes = max_bytes
         self._discarded = 0
 
@@ -146,3 +152,4 @@ class _DiscardUntilClosed(asyncio.Protocol):
         # The TLS layer (and through it the proxy's plaintext protocol) must still learn of it.
         with contextlib.suppress(Exception):
             self._tls_protocol.connection_lost(None)
+        self._tls_writer = None  # its transport is closed now: collecting it writes nothing

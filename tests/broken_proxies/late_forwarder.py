@@ -36,7 +36,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))  # run as a command: the tree under test
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from raw_relay import destination, lab_command_resolve
+from raw_relay import destination, lab_command_resolve, relay_to_inner
 
 from pytest_sandbox.inference.interceptor import InferenceInterceptor, UpstreamError
 from pytest_sandbox.inference.tls import TlsStream
@@ -77,30 +77,8 @@ class LateForwarder:
         except OSError:
             writer.close()
             return
-
-        async def up() -> None:
-            while data := await reader.read(READ_SIZE):
-                sent.extend(data)
-                inner_writer.write(data)
-                await inner_writer.drain()
-            with contextlib.suppress(OSError):
-                inner_writer.write_eof()
-
-        pump = asyncio.create_task(up())
-        try:
-            with contextlib.suppress(OSError):
-                while data := await asyncio.wait_for(inner_reader.read(READ_SIZE), IDLE_SECONDS):
-                    answers.extend(data)
-                    writer.write(data)
-                    await writer.drain()
-        except asyncio.TimeoutError:
-            pass
-        finally:
-            pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError, OSError):
-                await pump
-            inner_writer.close()
-            writer.close()
+        await relay_to_inner(reader, writer, inner_reader, inner_writer, idle_seconds=IDLE_SECONDS, sent=sent,
+                             answers=answers)
         if sent and refused(bytes(answers)):
             task = asyncio.get_running_loop().create_task(self._forward_later(bytes(sent)))
             self._pending.add(task)

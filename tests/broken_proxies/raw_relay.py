@@ -59,6 +59,47 @@ async def lab_command_resolve(name: str) -> list[str]:
     return list(dict.fromkeys(str(info[4][0]) for info in answers))
 
 
+async def relay_to_inner(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    inner_reader: asyncio.StreamReader,
+    inner_writer: asyncio.StreamWriter,
+    *,
+    idle_seconds: float | None = None,
+    sent: bytearray | None = None,
+    answers: bytearray | None = None,
+) -> None:
+    """The relay of the proxies that put a reference proxy behind them (``late_forwarder``,
+    ``late_dial_proxy``): the client's bytes to the inner proxy, its answers back unchanged, until the
+    inner side closes, fails or is silent for ``idle_seconds`` (None: no limit); then both are closed.
+    The client's bytes are appended to ``sent`` and the answers to ``answers``, for the caller's own
+    mistake afterwards."""
+
+    async def up() -> None:
+        while data := await reader.read(READ_SIZE):
+            if sent is not None:
+                sent.extend(data)
+            inner_writer.write(data)
+            await inner_writer.drain()
+        with contextlib.suppress(OSError):
+            inner_writer.write_eof()  # the client's half-close, passed on
+
+    pump = asyncio.create_task(up())
+    try:
+        with contextlib.suppress(OSError, asyncio.TimeoutError):
+            while data := await asyncio.wait_for(inner_reader.read(READ_SIZE), idle_seconds):
+                if answers is not None:
+                    answers.extend(data)
+                writer.write(data)
+                await writer.drain()
+    finally:
+        pump.cancel()
+        with contextlib.suppress(asyncio.CancelledError, OSError):
+            await pump
+        inner_writer.close()
+        writer.close()
+
+
 def pipe(client: socket.socket, upstream: socket.socket) -> None:
     """Copy bytes both ways until both directions ended or nothing moved for IDLE_SECONDS."""
     peers = {client: upstream, upstream: client}
