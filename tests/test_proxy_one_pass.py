@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from test_proxy import ALLOWED_ADDRESS, IO_TIMEOUT, METADATA_ADDRESS, Lab, OriginRequest, RawClient
 from test_proxy import lab as proxy_lab  # noqa: F401 - the fixture ``lab``: a fake network on loopback
+from wire import HEAD_END, read_head
 
 from pytest_sandbox.http.incremental import ResponseFramer
 from pytest_sandbox.network.proxy.config import ProxyConfig
@@ -231,13 +232,9 @@ class OneShotOrigin:
 
     def _answer(self, sock: socket.socket) -> None:
         with sock:
-            sock.settimeout(IO_TIMEOUT)
-            head = b""
-            while b"\r\n\r\n" not in head:
-                data = sock.recv(4096)
-                if not data:
-                    return
-                head += data
+            head = read_head(sock, seconds=IO_TIMEOUT)
+            if HEAD_END not in head:
+                return
             target = head.split(b" ")[1].decode()
             self.targets.append(target)
             body = f"answer to {target}".encode()
