@@ -18,6 +18,9 @@ import shutil
 import sys
 from pathlib import Path
 
+TREE = str(Path(__file__).resolve().parent.parent)
+sys.path.insert(0, TREE)  # run as a command: the tree under test
+
 
 def _daemonise() -> None:
     if os.fork() > 0:
@@ -52,9 +55,10 @@ def main(argv: list[str]) -> int:
         os.execv(binary, [binary, "-f", str(conf)])
     address, port = argv[0], argv[1]
     _daemonise()
-    os.execv(sys.executable, [sys.executable, "-m", "pytest_sandbox.network.third_party", "reference",
-                              "--host", address, "--port", port, "--allow-port", "80", "--allow-port", "443",
-                              "--allow-port", port])
+    tree_first = os.pathsep.join(filter(None, [TREE, os.environ.get("PYTHONPATH")]))
+    os.execve(sys.executable, [sys.executable, "-m", "pytest_sandbox.network.third_party", "reference",
+                               "--host", address, "--port", port, "--allow-port", "80", "--allow-port", "443",
+                               "--allow-port", port], {**os.environ, "PYTHONPATH": tree_first})
     return 1  # not reached
 
 
