@@ -253,6 +253,16 @@ class ForkedGuardian:
                 return
 
 
+def _umask() -> int:
+    """This process's umask, read without changing it (os.umask would, for every thread, for a moment):
+    the ``Umask`` line of /proc/self/status (proc(5), Linux 4.7)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    raise OSError("no Umask line in /proc/self/status")
+
+
 class ForkServer:
     """One per pytest process and module: a fork server (:func:`guardian_helper._forkserver`) with
     ``code`` (a marshalled module, hex) loaded, started at the first :meth:`start`.
@@ -286,16 +296,22 @@ class ForkServer:
             return self._channel
 
     def start(self, argv: Sequence[str], handed: int) -> ForkedGuardian:
-        """A guardian running ``main([*argv, <fd>])``, with this process's cwd, umask and environment now.
+        """A guardian running ``main([*argv, <fd>])``, with this process's working directory (passed as a
+        descriptor), umask and environment now.
         Raises OSError if the fork server cannot start one (nothing was started then)."""
-        umask = os.umask(0o022)
-        os.umask(umask)
-        request = marshal.dumps({"argv": list(argv), "cwd": os.getcwd(), "umask": umask, "env": dict(os.environ)})
+        request = marshal.dumps({"argv": list(argv), "umask": _umask(), "env": dict(os.environ)})
+        cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # the very directory, even if removed
+        try:
+            return self._start(request, handed, cwd)
+        finally:
+            os.close(cwd)
+
+    def _start(self, request: bytes, handed: int, cwd: int) -> ForkedGuardian:
         for attempt in range(2):
             channel = self._ready_channel()
             reply, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             try:
-                socket.send_fds(channel, [request], [theirs.fileno(), handed])
+                socket.send_fds(channel, [request], [theirs.fileno(), handed, cwd])
             except OSError:
                 reply.close()
                 if attempt:

@@ -288,8 +288,9 @@ def _forkserver(parent: int, code_hex: str) -> int:
     """Start guarded commands by fork, from code loaded once: the sandbox spawners (issue #12).
 
     ``code_hex`` is a module (marshalled code, as hex) run once here; its ``main(argv)`` is the command.
-    Requests arrive on fd 0, a SOCK_SEQPACKET socket: marshal ``{"argv", "cwd", "umask", "env"}`` with two
-    descriptors, a reply socket and the one descriptor the command gets (its number is appended to argv).
+    Requests arrive on fd 0, a SOCK_SEQPACKET socket: marshal ``{"argv", "umask", "env"}`` with three
+    descriptors: a reply socket, the one descriptor the command gets (its number is appended to argv) and
+    the caller's working directory.
     Per request this process forks a **guardian** (:func:`_guard_watching`, subreaper mode, watching
     ``parent`` through this process's pidfd on it), which forks the command: ``main`` in a child that
     kept only that descriptor and 0-2. The reply gets ``{"pid"}`` of the guardian and a pidfd on it
@@ -329,12 +330,12 @@ def _forkserver(parent: int, code_hex: str) -> int:
                           if fds else [])
 
     def start(message: bytes, fds: "list[int]") -> None:
-        if len(fds) != 2:
+        if len(fds) != 3:
             for fd in fds:
                 os.close(fd)
             return
         reply = socket.socket(fileno=fds[0])
-        handed = fds[1]
+        handed, cwd = fds[1], fds[2]
         try:
             request = marshal.loads(message)
             guardian = os.fork()
@@ -342,13 +343,15 @@ def _forkserver(parent: int, code_hex: str) -> int:
             send(reply, {"error": f"{type(exc).__name__}: {exc}"}, [])
             reply.close()
             os.close(handed)
+            os.close(cwd)
             return
         if guardian == 0:
             try:
-                _forked_guardian(request, handed, pidfd, namespace, [requests.fileno(), wake_read, wake_write])
+                _forked_guardian(request, handed, cwd, pidfd, namespace, [requests.fileno(), wake_read, wake_write])
             finally:
                 os._exit(EXIT_EXEC_FAILED)
         os.close(handed)
+        os.close(cwd)
         watch = os.pidfd_open(guardian)  # not reaped before this: the PID cannot have been reused
         send(reply, {"pid": guardian}, [watch])
         os.close(watch)
@@ -372,7 +375,7 @@ def _forkserver(parent: int, code_hex: str) -> int:
                     reply.close()
         if requests.fileno() in events:
             fds = array.array("i")
-            message, ancillary, _, _ = requests.recvmsg(1 << 20, socket.CMSG_LEN(2 * fds.itemsize),
+            message, ancillary, _, _ = requests.recvmsg(1 << 20, socket.CMSG_LEN(3 * fds.itemsize),
                                                          socket.MSG_CMSG_CLOEXEC)
             for level, kind, data in ancillary:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -384,16 +387,16 @@ def _forkserver(parent: int, code_hex: str) -> int:
             return EXIT_PARENT_GONE
 
 
-def _forked_guardian(request: "dict[str, Any]", handed: int, pidfd: int, namespace: "dict[str, Any]",
+def _forked_guardian(request: "dict[str, Any]", handed: int, cwd: int, pidfd: int, namespace: "dict[str, Any]",
                      server_fds: "list[int]") -> None:
     """In the fork server's child: become the command's guardian, the caller's cwd, umask and environment
     first (as a command started by the caller at this moment would have them); never returns."""
     _default_signals()
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)  # not the fork server's request socket (its fd 0)
-    for fd in {devnull, *server_fds} - {0, 1, 2}:
+    os.fchdir(cwd)
+    for fd in {devnull, cwd, *server_fds} - {0, 1, 2}:
         os.close(fd)
-    os.chdir(request["cwd"])
     os.umask(request["umask"])
     os.environ.clear()
     os.environ.update(request["env"])

@@ -122,3 +122,15 @@ def test_sandboxes_started_side_by_side_are_separate(tmp_path: Path) -> None:
     assert len({pid for pid, _ in results}) == 8
     assert all(link.startswith(b"net:[") for _, link in results)
     assert os.readlink("/proc/self/ns/net").encode() not in {link for _, link in results}
+
+
+def test_a_removed_working_directory_is_still_the_commands(tmp_path: Path, monkeypatch) -> None:
+    """The caller's working directory goes to the guardian as a descriptor: a command runs in the very
+    directory the caller is in, as a child of the caller would, even once it has been removed."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    with Sandbox(_spec()) as sandbox:
+        where = sandbox.run(["/bin/readlink", "/proc/self/cwd"]).stdout.strip()
+    assert where == f"{gone} (deleted)".encode()
