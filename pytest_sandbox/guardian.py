@@ -24,6 +24,13 @@ When pytest exits, or the guardian gets SIGTERM/SIGINT/SIGHUP, it SIGKILLs every
 it, and exits. When ARGV itself exits the rest is killed too, unless ``--linger`` (a proxy command
 that forks its server and exits: the guardian then lives, and is stopped, with the server).
 
+The sandbox spawners' guardians are not started as commands but forked (:class:`ForkServer`): one fork
+server per pytest process (``... forkserver --parent PID CODE``, the spawner's module loaded once) forks,
+per sandbox, a guardian exactly as above (subreaper mode, watching pytest), which forks the spawner. Each
+sandbox still has a guardian of its own that kills what its commands orphaned when its spawner exits;
+the fork server itself only forks and reaps, and exits when pytest is gone (issue #12: a sandbox's start
+is two forks instead of two interpreter start-ups).
+
 Temporary directories: :func:`session_temp_dir` registers each one with a per-session **janitor**
 (``... janitor --parent PID``) that removes every registered path still present when pytest exits or
 closes its end of the pipe, so a killed session leaves no ``pytest-sandbox-ca-*`` behind.
