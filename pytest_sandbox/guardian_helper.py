@@ -403,14 +403,14 @@ def _forked_guardian(request: "dict[str, Any]", handed: int, cwd: int, pidfd: in
     argv = [*request["argv"], str(handed)]
 
     def launch() -> None:
-        _default_signals()
-        # Only the handed descriptor and 0-2: not the guardian's pipes, nor its pidfd on the caller.
-        for fd in [int(name) for name in os.listdir("/proc/self/fd")]:
-            if fd > 2 and fd != handed:
-                with _Suppress(OSError):
-                    os.close(fd)
         code = 0
-        try:
+        try:  # whatever happens, never return into the guardian's code in this child
+            _default_signals()
+            # Only the handed descriptor and 0-2: not the guardian's pipes, nor its pidfd on the caller.
+            for fd in [int(name) for name in os.listdir("/proc/self/fd")]:
+                if fd > 2 and fd != handed:
+                    with _Suppress(OSError):
+                        os.close(fd)
             namespace["main"](argv)
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
@@ -418,8 +418,9 @@ def _forked_guardian(request: "dict[str, Any]", handed: int, cwd: int, pidfd: in
             with _Suppress(OSError):
                 os.write(2, f"guardian: {argv[0]!r} failed: {type(exc).__name__}: {exc}\n".encode())
             code = EXIT_EXEC_FAILED
-        sys.stdout.flush()
-        sys.stderr.flush()
+        with _Suppress(BaseException):
+            sys.stdout.flush()
+            sys.stderr.flush()
         os._exit(code)
 
     os._exit(_guard_watching(pidfd, launch, False, False))
