@@ -14,7 +14,10 @@ before issue #12), interleaved in the same run, so the runner's child reuse is m
 then ``Sandbox`` enter (guardian and spawner start, namespace, filters), the empty runner, and close.
 Usage::
 
-    python benchmarks/bench_probes.py [--runs N] [--one-per-child] [--suite] [--phases]
+    python benchmarks/bench_probes.py [--runs N] [--one-per-child] [--suite] [--phases] [--load L]
+
+``--load L`` adds L busy-looping processes for the whole run (bench_launch.py's, stopped by PID), so runs on
+a quiet and a busy machine are comparable (issue #12); the default 0 measures without it.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ import sys
 import time
 from dataclasses import replace
 from typing import Any
+
+from bench_launch import background_load
 
 from pytest_sandbox import guardian
 from pytest_sandbox.policy.load import load_policy
@@ -56,7 +61,13 @@ def main() -> int:
                         help="also split the reference target's start-up into guardian, enter, runner and close")
     parser.add_argument("--one-per-child", action="store_true",
                         help="also run each target with a fresh runner child per probe, interleaved")
+    parser.add_argument("--load", type=int, default=0, help="busy-looping background processes (default 0)")
     args = parser.parse_args()
+    with background_load(args.load):
+        return measure(args)
+
+
+def measure(args: argparse.Namespace) -> int:
     identity = Identity.current()
     check_host_support(MODE, identity)
     policy = load_policy("baseline")
@@ -72,7 +83,8 @@ def main() -> int:
                         for name, target in list(targets.items())})
     print(f"load average {os.getloadavg()[0]:.2f}; python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
           f"policy baseline, network {MODE}, "
-          f"{len(plan)} probes per plan, {args.runs} runs per target (after one warm-up run each)")
+          f"{len(plan)} probes per plan, {args.runs} runs per target (after one warm-up run each), "
+          f"background load {args.load} busy processes")
     for target in targets.values():
         outcomes = target.run(plan)
         errors = [pid for pid, outcome in outcomes.items() if outcome.kind == "error"]

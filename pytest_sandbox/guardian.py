@@ -24,6 +24,13 @@ When pytest exits, or the guardian gets SIGTERM/SIGINT/SIGHUP, it SIGKILLs every
 it, and exits. When ARGV itself exits the rest is killed too, unless ``--linger`` (a proxy command
 that forks its server and exits: the guardian then lives, and is stopped, with the server).
 
+The sandbox spawners' guardians are not started as commands but forked (:class:`ForkServer`): one fork
+server per pytest process (``... forkserver --parent PID CODE``, the spawner's module loaded once) forks,
+per sandbox, a guardian exactly as above (subreaper mode, watching pytest), which forks the spawner. Each
+sandbox still has a guardian of its own that kills what its commands orphaned when its spawner exits;
+the fork server itself only forks and reaps, and exits when pytest is gone (issue #12: a sandbox's start
+is two forks instead of two interpreter start-ups).
+
 Temporary directories: :func:`session_temp_dir` registers each one with a per-session **janitor**
 (``... janitor --parent PID``) that removes every registered path still present when pytest exits or
 closes its end of the pipe, so a killed session leaves no ``pytest-sandbox-ca-*`` behind.
@@ -38,19 +45,24 @@ library.
 from __future__ import annotations
 
 import contextlib
+import marshal
 import os
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
 __all__ = [
+    "ForkServer",
+    "ForkedGuardian",
     "GuardedPopen",
     "guarded",
     "helper_interpreter",
@@ -189,6 +201,143 @@ def run(argv: Sequence[str], *, input: bytes | None = None, timeout: float | Non
             process.communicate()
             raise
     return subprocess.CompletedProcess(list(argv), int(process.returncode), out, err)
+
+
+class ForkedGuardian:
+    """A guardian the :class:`ForkServer` forked (its child, not ours): what a :class:`GuardedPopen` gives.
+
+    ``wait`` returns once the fork server has reaped it (so its PID is gone) and sets ``returncode`` as
+    :class:`subprocess.Popen` would; if the fork server itself is gone, it waits on the pidfd instead
+    (the guardian was re-parented; ``returncode`` is then ``UNKNOWN_STATUS``)."""
+
+    UNKNOWN_STATUS = -255
+
+    def __init__(self, pid: int, pidfd: int, reply: socket.socket) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self._pidfd = pidfd
+        self._reply = reply
+        self._lock = threading.Lock()
+
+    def poll(self) -> int | None:
+        self.wait_exited(0)
+        return self.returncode
+
+    def wait_exited(self, timeout: float) -> bool:
+        """Wait at most ``timeout`` seconds for the guardian to exit and be reaped; True once it has."""
+        with self._lock:
+            if self.returncode is not None:
+                return True
+            deadline = time.monotonic() + max(0.0, timeout)
+            self._reply.settimeout(max(0.0, timeout))
+            try:
+                message = self._reply.recv(1024)
+            except (TimeoutError, BlockingIOError):
+                return False
+            if message:
+                status = marshal.loads(message)["status"]
+                self.returncode = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+            else:  # the fork server is gone: the pidfd still says when the guardian exits
+                poller = select.poll()
+                poller.register(self._pidfd, select.POLLIN)
+                if not poller.poll(max(0.0, deadline - time.monotonic()) * 1000):
+                    return False
+                self.returncode = self.UNKNOWN_STATUS
+            self._reply.close()
+            os.close(self._pidfd)
+            return True
+
+    def stop(self, timeout: float = STOP_TIMEOUT_SECONDS) -> None:
+        """:func:`stop` for this guardian: SIGTERM through the pidfd (never a reused PID), a bounded
+        wait, then SIGKILL."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with self._lock:
+                if self.returncode is not None:
+                    return
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(self._pidfd, sig)
+            if self.wait_exited(timeout):
+                return
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it (os.umask would, for every thread, for a moment):
+    the ``Umask`` line of /proc/self/status (proc(5), Linux 4.7)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    raise OSError("no Umask line in /proc/self/status")
+
+
+class ForkServer:
+    """One per pytest process and module: a fork server (:func:`guardian_helper._forkserver`) with
+    ``code`` (a marshalled module, hex) loaded, started at the first :meth:`start`.
+
+    Each :meth:`start` gets a new guardian, forked from the server, running the module's ``main(argv +
+    [fd])`` where ``fd`` is the server's copy of ``handed``. Started from this process's interpreter
+    (``sys.executable``): marshal data is only read by the interpreter that wrote it."""
+
+    def __init__(self, code: str) -> None:
+        self._code = code
+        self._lock = threading.Lock()
+        self._channel: socket.socket | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._owner = 0
+
+    def _ready_channel(self) -> socket.socket:
+        with self._lock:
+            alive = self._process is not None and self._owner == os.getpid() and self._process.poll() is None
+            if not alive or self._channel is None:
+                if self._channel is not None and self._owner == os.getpid():
+                    self._channel.close()
+                channel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                try:
+                    argv = [sys.executable, "-I", "-S", "-c", _BOOTSTRAP, _HELPER_DIRECTORY,
+                            "forkserver", "--parent", str(os.getpid()), self._code]
+                    self._process = subprocess.Popen(argv, stdin=theirs.fileno(), stdout=subprocess.DEVNULL)
+                finally:
+                    theirs.close()
+                self._channel, self._owner = channel, os.getpid()
+            assert self._channel is not None
+            return self._channel
+
+    def start(self, argv: Sequence[str], handed: int) -> ForkedGuardian:
+        """A guardian running ``main([*argv, <fd>])``, with this process's working directory (passed as a
+        descriptor), umask and environment now.
+        Raises OSError if the fork server cannot start one (nothing was started then)."""
+        request = marshal.dumps({"argv": list(argv), "umask": _umask(), "env": dict(os.environ)})
+        cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # the very directory, even if removed
+        try:
+            return self._start(request, handed, cwd)
+        finally:
+            os.close(cwd)
+
+    def _start(self, request: bytes, handed: int, cwd: int) -> ForkedGuardian:
+        for attempt in range(2):
+            channel = self._ready_channel()
+            reply, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                socket.send_fds(channel, [request], [theirs.fileno(), handed, cwd])
+            except OSError:
+                reply.close()
+                if attempt:
+                    raise
+                with self._lock:
+                    if self._process is not None and self._owner == os.getpid():
+                        stop(self._process)  # gone or wedged: the next attempt starts a new one
+                continue
+            finally:
+                theirs.close()
+            message, fds, _, _ = socket.recv_fds(reply, 1024, 1)
+            answer = marshal.loads(message) if message else {"error": "the fork server exited"}
+            if "pid" not in answer or not fds:
+                for fd in fds:
+                    os.close(fd)
+                reply.close()
+                raise OSError(f"the fork server did not start a guardian: {answer.get('error')}")
+            return ForkedGuardian(int(answer["pid"]), fds[0], reply)
+        raise AssertionError("unreachable")
 
 
 class _Janitor:

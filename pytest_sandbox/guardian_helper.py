@@ -17,6 +17,11 @@ import signal
 import sys
 import time
 
+TYPE_CHECKING = False  # not typing's: importing typing costs every guardian start
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
 # <linux/sched.h>, <linux/prctl.h>
 CLONE_NEWPID = 0x20000000
 PR_SET_PDEATHSIG = 1
@@ -82,12 +87,18 @@ def _exit_code(status: int) -> int:
     return os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
 
 
+def _default_signals() -> None:
+    """In a freshly forked child: the guardian's signal handling undone (handlers, wake-up fd, mask)."""
+    signal.set_wakeup_fd(-1)
+    for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+        signal.signal(number, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
 def _exec(argv: list[str]) -> None:
     """In a freshly forked child: default signal handling back, then exec ``argv`` (never returns)."""
     try:
-        for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
-            signal.signal(number, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        _default_signals()
         os.execvp(argv[0], argv)
     except BaseException as exc:  # never return into the guardian's code in the child
         with _Suppress(OSError):
@@ -152,8 +163,9 @@ def _sweep() -> None:
         time.sleep(SWEEP_PAUSE_SECONDS)
 
 
-def _run_init(argv: list[str], outer_alive: int, linger: bool) -> None:
-    """PID 1 of the guardian's namespace: run ``argv``, reap everything, exit when done (never returns)."""
+def _run_init(launch: "Callable[[], None]", outer_alive: int, linger: bool) -> None:
+    """PID 1 of the guardian's namespace: run the command (``launch``, which never returns), reap
+    everything, exit when done (never returns)."""
     try:
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         # The guardian may have died between fork and prctl: its end of the pipe closed means so.
@@ -162,7 +174,7 @@ def _run_init(argv: list[str], outer_alive: int, linger: bool) -> None:
         command = os.fork()
         if command == 0:
             os.close(outer_alive)
-            _exec(argv)
+            launch()
         code = EXIT_EXEC_FAILED
         while True:
             try:
@@ -184,6 +196,13 @@ def _guard(parent: int, argv: list[str], pid_namespace: bool, linger: bool) -> i
     pidfd = _watch_parent(parent)
     if pidfd is None:
         return EXIT_PARENT_GONE
+    return _guard_watching(pidfd, lambda: _exec(argv), pid_namespace, linger)
+
+
+def _guard_watching(pidfd: int, launch: "Callable[[], None]", pid_namespace: bool, linger: bool) -> int:
+    """The guardian proper, watching the caller through ``pidfd`` (-1: PR_SET_PDEATHSIG instead); its
+    command is what ``launch`` (run in a forked child, never returning) starts: an ``execvp``, or the
+    fork server's preloaded code (:func:`_forkserver`)."""
     with _Suppress(PermissionError):
         os.setsid()
     received: list[int] = []
@@ -206,9 +225,9 @@ def _guard(parent: int, argv: list[str], pid_namespace: bool, linger: bool) -> i
     if child == 0:
         os.close(alive_write)
         if in_namespace:
-            _run_init(argv, alive_read, linger)
+            _run_init(launch, alive_read, linger)
         os.close(alive_read)
-        _exec(argv)
+        launch()
     os.close(alive_read)
     # The command holds the descriptors passed to it now: keep none of ours open (a copy held here
     # would hide the command's exit from a caller waiting for EOF), nor the caller's pipes.
@@ -265,6 +284,148 @@ def _stop_everything(child: int, in_namespace: bool) -> None:
     _sweep()
 
 
+def _forkserver(parent: int, code_hex: str) -> int:
+    """Start guarded commands by fork, from code loaded once: the sandbox spawners (issue #12).
+
+    ``code_hex`` is a module (marshalled code, as hex) run once here; its ``main(argv)`` is the command.
+    Requests arrive on fd 0, a SOCK_SEQPACKET socket: marshal ``{"argv", "umask", "env"}`` with three
+    descriptors: a reply socket, the one descriptor the command gets (its number is appended to argv) and
+    the caller's working directory.
+    Per request this process forks a **guardian** (:func:`_guard_watching`, subreaper mode, watching
+    ``parent`` through this process's pidfd on it), which forks the command: ``main`` in a child that
+    kept only that descriptor and 0-2. The reply gets ``{"pid"}`` of the guardian and a pidfd on it
+    (opened before this process can reap it, so it names that guardian), then ``{"status"}`` once it is
+    reaped. The guarantees are a guardian's, per command: each command's guardian kills what it
+    orphaned when it exits and everything when the caller is gone; this process only forks and reaps,
+    and exits when the caller is gone or closes its end. What is saved per command is two interpreter
+    start-ups (the guardian's and the command's) and the command's imports: two forks of this small
+    process instead (benchmarks/README.md, "Issue #12, fourth pass").
+    """
+    import array
+    import marshal
+    import socket
+
+    pidfd = _watch_parent(parent)
+    if pidfd is None:
+        return EXIT_PARENT_GONE
+    with _Suppress(PermissionError):
+        os.setsid()
+    namespace: dict[str, Any] = {"__name__": "forked"}
+    exec(marshal.loads(bytes.fromhex(code_hex)), namespace)
+    requests = socket.socket(fileno=0)
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_write, False)
+    signal.set_wakeup_fd(wake_write)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    replies: dict[int, socket.socket] = {}  # guardian pid -> its reply socket, until it is reaped
+    poller = select.poll()
+    poller.register(requests.fileno(), select.POLLIN)
+    poller.register(wake_read, select.POLLIN)
+    if pidfd >= 0:
+        poller.register(pidfd, select.POLLIN)
+
+    def send(reply: "socket.socket", message: "dict[str, Any]", fds: "list[int]") -> None:
+        with _Suppress(OSError):  # the caller went away: the guardian still runs, and is still reaped
+            reply.sendmsg([marshal.dumps(message)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                          if fds else [])
+
+    def start(message: bytes, fds: "list[int]") -> None:
+        if len(fds) != 3:
+            for fd in fds:
+                os.close(fd)
+            return
+        reply = socket.socket(fileno=fds[0])
+        handed, cwd = fds[1], fds[2]
+        try:
+            request = marshal.loads(message)
+            guardian = os.fork()
+        except (OSError, ValueError, EOFError, TypeError) as exc:
+            send(reply, {"error": f"{type(exc).__name__}: {exc}"}, [])
+            reply.close()
+            os.close(handed)
+            os.close(cwd)
+            return
+        if guardian == 0:
+            try:
+                _forked_guardian(request, handed, cwd, pidfd, namespace, [requests.fileno(), wake_read, wake_write])
+            finally:
+                os._exit(EXIT_EXEC_FAILED)
+        os.close(handed)
+        os.close(cwd)
+        watch = os.pidfd_open(guardian)  # not reaped before this: the PID cannot have been reused
+        send(reply, {"pid": guardian}, [watch])
+        os.close(watch)
+        replies[guardian] = reply
+
+    while True:
+        events = dict(poller.poll())
+        if wake_read in events:
+            with _Suppress(BlockingIOError):
+                os.read(wake_read, 4096)
+            while replies:
+                try:
+                    pid, status = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    break
+                if pid == 0:
+                    break
+                reply = replies.pop(pid, None)
+                if reply is not None:
+                    send(reply, {"status": status}, [])
+                    reply.close()
+        if requests.fileno() in events:
+            fds = array.array("i")
+            message, ancillary, _, _ = requests.recvmsg(1 << 20, socket.CMSG_LEN(3 * fds.itemsize),
+                                                         socket.MSG_CMSG_CLOEXEC)
+            for level, kind, data in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+            if not message and not fds:
+                return 0  # the caller closed its end: its guardians live on, each watching the caller
+            start(message, list(fds))
+        if pidfd in events:
+            return EXIT_PARENT_GONE
+
+
+def _forked_guardian(request: "dict[str, Any]", handed: int, cwd: int, pidfd: int, namespace: "dict[str, Any]",
+                     server_fds: "list[int]") -> None:
+    """In the fork server's child: become the command's guardian, the caller's cwd, umask and environment
+    first (as a command started by the caller at this moment would have them); never returns."""
+    _default_signals()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)  # not the fork server's request socket (its fd 0)
+    os.fchdir(cwd)
+    for fd in {devnull, cwd, *server_fds} - {0, 1, 2}:
+        os.close(fd)
+    os.umask(request["umask"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    argv = [*request["argv"], str(handed)]
+
+    def launch() -> None:
+        code = 0
+        try:  # whatever happens, never return into the guardian's code in this child
+            _default_signals()
+            # Only the handed descriptor and 0-2: not the guardian's pipes, nor its pidfd on the caller.
+            for fd in [int(name) for name in os.listdir("/proc/self/fd")]:
+                if fd > 2 and fd != handed:
+                    with _Suppress(OSError):
+                        os.close(fd)
+            namespace["main"](argv)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException as exc:  # never return into the fork server's code
+            with _Suppress(OSError):
+                os.write(2, f"guardian: {argv[0]!r} failed: {type(exc).__name__}: {exc}\n".encode())
+            code = EXIT_EXEC_FAILED
+        with _Suppress(BaseException):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+    os._exit(_guard_watching(pidfd, launch, False, False))
+
+
 def _janitor(parent: int) -> int:
     """Read paths from stdin; when stdin closes or ``parent`` exits, remove those still present."""
     pidfd = _watch_parent(parent)
@@ -301,15 +462,23 @@ def _janitor(parent: int) -> int:
 
 
 def main(args: list[str]) -> int:
-    """``guard --parent PID [--pid-namespace] [--linger] -- ARGV...`` or ``janitor --parent PID``."""
+    """``guard --parent PID [--pid-namespace] [--linger] -- ARGV...``, ``janitor --parent PID`` or
+    ``forkserver --parent PID CODE``."""
     usage = ("usage: guard --parent PID [--pid-namespace] [--linger] -- ARGV...\n"
-             "       janitor --parent PID")
-    if len(args) < 3 or args[0] not in ("guard", "janitor") or args[1] != "--parent" or not args[2].isdigit():
+             "       janitor --parent PID\n"
+             "       forkserver --parent PID CODE  (requests on fd 0, a SOCK_SEQPACKET socket)")
+    if len(args) < 3 or args[0] not in ("guard", "janitor", "forkserver") or args[1] != "--parent" \
+            or not args[2].isdigit():
         print(usage, file=sys.stderr)
         return 2
     parent = int(args[2])
     if args[0] == "janitor":
         return _janitor(parent)
+    if args[0] == "forkserver":
+        if len(args) != 4:
+            print(usage, file=sys.stderr)
+            return 2
+        return _forkserver(parent, args[3])
     rest = args[3:]
     if "--" not in rest or rest.index("--") == len(rest) - 1:
         print(usage, file=sys.stderr)

@@ -15,7 +15,6 @@ import selectors
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -31,17 +30,17 @@ PIPE = subprocess.PIPE
 DEVNULL = subprocess.DEVNULL
 NOBODY = 65534
 _ZYGOTE_SOURCE = (resources.files("pytest_sandbox.seccomp") / "spawner.py").read_text()
-# The spawner goes to its interpreter (the harness's own, sys.executable) compiled: marshal data, hex on the
-# last argument, which the bootstrap takes off before running it, so the spawner's argv is what it expects.
-# Compiling its source costs every start about 10 ms on a busy 2-core machine (benchmarks/README.md).
-_ZYGOTE_BOOTSTRAP = "import marshal,sys;exec(marshal.loads(bytes.fromhex(sys.argv.pop())))"
 
 
 @functools.lru_cache(maxsize=2)
-def _compiled_spawner(source: str) -> str:
-    """``source`` compiled and marshalled, as hex: once per process, at the first sandbox (not at import),
-    from whatever ``_ZYGOTE_SOURCE`` is then (benchmarks/bench_launch.py ``--before`` swaps it)."""
-    return marshal.dumps(compile(source, "spawner.py", "exec", dont_inherit=True)).hex()
+def _spawner_server(source: str) -> guardian.ForkServer:
+    """The fork server every sandbox's spawner is forked from, with ``source`` compiled and loaded: one
+    per process, started at the first sandbox (not at import), from whatever ``_ZYGOTE_SOURCE`` is then
+    (benchmarks/bench_launch.py ``--before`` swaps it). A sandbox's start is then two forks of that small
+    process (its guardian, then the spawner), not two interpreter start-ups and the spawner's imports:
+    the largest part of a sandbox's start-up on a busy 2-core machine (benchmarks/README.md, "Issue #12,
+    fourth pass")."""
+    return guardian.ForkServer(marshal.dumps(compile(source, "spawner.py", "exec", dont_inherit=True)).hex())
 
 
 @dataclass(frozen=True)
@@ -287,13 +286,14 @@ class Sandbox:
         self._control, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         config = {**self._spawner_config(spec), "short_slice": short_slice}
         try:
-            # Under a guardian (subreaper mode: a PID namespace would change what the probes observe):
-            # the spawner, and whatever its commands fork and orphan, die with the session.
-            self._process: subprocess.Popen[bytes] = guardian.GuardedPopen(
-                [sys.executable, "-S", "-c", _ZYGOTE_BOOTSTRAP, str(child_end.fileno()), marshal.dumps(config).hex(),
-                 _compiled_spawner(_ZYGOTE_SOURCE)],
-                pass_fds=(child_end.fileno(),), stdin=subprocess.DEVNULL, close_fds=True,
-            )
+            # Under a guardian of its own (subreaper mode: a PID namespace would change what the probes
+            # observe): the spawner, and whatever its commands fork and orphan, die with the sandbox, and
+            # everything with the session.
+            self._process: guardian.ForkedGuardian = _spawner_server(_ZYGOTE_SOURCE).start(
+                ["spawner", marshal.dumps(config).hex()], child_end.fileno())
+        except OSError as exc:
+            self._control.close()
+            raise LaunchError(f"cannot start a sandbox ({spec.describe}): {exc}; nothing was run") from None
         finally:
             child_end.close()
         self._control.settimeout(start_timeout)
@@ -407,11 +407,10 @@ class Sandbox:
         try:
             self._control.close()
         finally:
-            # Returns once the spawner (so its guardian's sweep) is done: a pidfd wait, not
-            # Popen.wait(timeout=...)'s sleep-polling (guardian.wait_exited).
+            # Returns once the spawner's guardian (so its sweep) is done and reaped.
             process = getattr(self, "_process", None)
-            if process is not None and not guardian.wait_exited(process, 5):
-                guardian.stop(process)
+            if process is not None and not process.wait_exited(guardian.STOP_TIMEOUT_SECONDS):
+                process.stop()
 
     def __enter__(self) -> Sandbox:
         return self

@@ -1,7 +1,9 @@
 """The pre-filtered spawner: a small stdlib-only process that enters the sandbox once, then spawns.
 
-It is started by :mod:`pytest_sandbox.seccomp.launcher` as ``python -S -c <bootstrap> <fd> <config> <code>``
-(``<code>``: this source compiled and marshalled, which the bootstrap takes off argv and runs).
+It is started by :mod:`pytest_sandbox.seccomp.launcher` through the session's fork server
+(:func:`pytest_sandbox.guardian_helper._forkserver`): that process loaded this module once (compiled and
+marshalled), and for each sandbox forks a guardian which forks ``main(["spawner", <config>, <fd>])``,
+so a spawner costs two forks, not an interpreter start-up and these imports.
 Start-up, in this order (the order is the security argument, mirrored from OpenShell #819):
 
 1. join or create the network namespace (``setns`` into a holder's namespaces, or ``unshare``), then
@@ -386,11 +388,12 @@ def serve(control: socket.socket) -> None:
 
 
 def main(argv: list[str]) -> None:
-    control = socket.socket(fileno=int(argv[1]))
+    """``argv``: [name, config (marshal, hex), control socket fd]."""
+    control = socket.socket(fileno=int(argv[2]))
     # Passed with pass_fds, so inheritable: no sandboxed child may hold it (it could read the next
     # request and take that launch's stdio, or answer in the spawner's place).
     control.set_inheritable(False)
-    config = marshal.loads(bytes.fromhex(argv[2]))
+    config = marshal.loads(bytes.fromhex(argv[1]))
     try:
         os.setsid()
         _enter_network(config)
