@@ -48,6 +48,7 @@ __all__ = [
     "allowed_prefix",
     "assess",
     "attribute_pieces",
+    "attribute_since",
     "compare_requests",
     "new_mark",
     "new_segments",
@@ -568,6 +569,22 @@ def attribute_pieces(pieces: Sequence[UpstreamPiece], windows: Sequence[AttemptW
         owners.append(keys)
         last[piece.key] = keys
     return owners
+
+
+def attribute_since(ledger: UpstreamLedger, streams: Iterable[ReceivedStream], start: Mapping[StreamKey, int],
+                    grace: float) -> list[tuple[UpstreamPiece, frozenset[str]]]:
+    """Every byte ``streams`` received from ``start`` on (per stream; from 0 for one not in it), cut into pieces
+    at the ledger's nonces and attributed to its attempts (:func:`split_pieces`, :func:`attribute_pieces`); a
+    stream that carried an attempt's bytes before its start goes on with that attempt. Pure."""
+    known = {window.nonce: window.key for window in ledger.windows}
+    pieces: list[UpstreamPiece] = []
+    before: dict[StreamKey, frozenset[str]] = {}
+    for stream in streams:
+        offset = start.get(stream.key, 0)
+        pieces += split_pieces(stream, offset, stream.received, known)
+        if offset:
+            before[stream.key] = ledger.owners_before(stream, offset)
+    return list(zip(pieces, attribute_pieces(pieces, ledger.windows, grace, before=before), strict=True))
 
 
 def segments_of(pieces: Iterable[tuple[UpstreamPiece, frozenset[str]]], key: str,

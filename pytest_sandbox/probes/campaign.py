@@ -57,6 +57,7 @@ __all__ = [
     "audit_upstream",
     "in_flight",
     "isolation_rounds",
+    "sleep_out_grace",
 ]
 
 # How long after an attempt's end a dial is still blamed on it before judging. A proxy that dials
@@ -163,6 +164,14 @@ def in_flight(items: Sequence[T], work: Callable[[T], object], concurrency: int,
     with ThreadPoolExecutor(max_workers=min(concurrency, len(items)), thread_name_prefix=name) as pool:
         for future in [pool.submit(work, item) for item in items]:
             future.result()
+
+
+def sleep_out_grace(last_end: float, grace: float) -> None:
+    """Sleep until ``grace`` seconds after ``last_end`` (a ``time.monotonic()`` moment in the past): what an
+    attempt that ended then can still cause has arrived before its evidence is read."""
+    remaining = last_end + grace - time.monotonic()
+    if remaining > 0:
+        time.sleep(min(remaining, grace))
 
 
 def isolation_rounds(keys: Sequence[str], destinations: dict[str, frozenset[str]]) -> list[list[str]]:
@@ -281,9 +290,7 @@ class Campaign:
         return runs
 
     def _settled_hits(self, mark: int, last_end: float) -> list[CatchAllHit]:
-        remaining = last_end + self.grace - time.monotonic()
-        if remaining > 0:
-            time.sleep(min(remaining, self.grace))
+        sleep_out_grace(last_end, self.grace)
         return self.lab.hits(since=mark)
 
     # -- isolation ---------------------------------------------------------------------------------

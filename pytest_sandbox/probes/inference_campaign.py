@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from pytest_sandbox.http.framing import frame_pipeline
-from pytest_sandbox.http.upstream import UPSTREAM_MAX_HEAD, UpstreamPiece, attribute_pieces, segments_of, split_pieces
+from pytest_sandbox.http.upstream import UPSTREAM_MAX_HEAD, UpstreamPiece, attribute_since, segments_of
 from pytest_sandbox.inference.fake_backend import FakeInferenceBackend
 from pytest_sandbox.network.lab.attribution import AttemptWindow, CatchAllHit, attribute, new_nonce
 from pytest_sandbox.network.lab.lab import NetworkLab
-from pytest_sandbox.probes.campaign import GRACE_SECONDS
+from pytest_sandbox.probes.campaign import GRACE_SECONDS, sleep_out_grace
 
 __all__ = ["BackendArrival", "ExchangeEvidence", "InferenceExchange", "run_inference_campaign"]
 
@@ -119,17 +119,9 @@ def run_inference_campaign(lab: NetworkLab, backend: FakeInferenceBackend, excha
         lab.register_attempts(windows)
         lab.upstream_ledger.register(windows)
     if windows and grace > 0:
-        time.sleep(max(0.0, windows[-1].end + grace - time.monotonic()))
+        sleep_out_grace(windows[-1].end, grace)
     ledger = lab.upstream_ledger
-    known = {window.nonce: window.key for window in ledger.windows}
-    pieces: list[UpstreamPiece] = []
-    before = {}
-    for stream in backend.received_streams():
-        offset = start.get(stream.key, 0)
-        pieces += split_pieces(stream, offset, stream.received, known)
-        if offset:
-            before[stream.key] = ledger.owners_before(stream, offset)
-    attributed = list(zip(pieces, attribute_pieces(pieces, ledger.windows, grace, before=before), strict=True))
+    attributed = attribute_since(ledger, backend.received_streams(), start, grace)
     ours = {window.key for window in windows}
     for piece, owners in attributed:
         if owners & ours:

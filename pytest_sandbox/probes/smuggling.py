@@ -36,6 +36,7 @@ from pytest_sandbox.http.upstream import (
     allowed_prefix,
     assess,
     attribute_pieces,
+    attribute_since,
     nonce_in_every_head,
     read_upstream,
     received_counts,
@@ -55,7 +56,7 @@ from pytest_sandbox.network.lab.attribution import (
     new_nonce,
 )
 from pytest_sandbox.network.lab.lab import NetworkLab
-from pytest_sandbox.probes.campaign import GRACE_SECONDS, in_flight, isolation_rounds
+from pytest_sandbox.probes.campaign import GRACE_SECONDS, in_flight, isolation_rounds, sleep_out_grace
 from pytest_sandbox.probes.exchange import SocketReader
 from pytest_sandbox.probes.inference import (
     ATTEMPT_TIMEOUT_SECONDS,
@@ -354,18 +355,10 @@ def run_smuggling_campaign(
     sent.sort(key=lambda item: (order[_original(item.window.key)], item.window.key))
     if grace > 0:
         last = max(item.window.end for item in sent)
-        time.sleep(min(grace, max(0.0, last + grace - time.monotonic())))
+        sleep_out_grace(last, grace)
     ledger = lab.upstream_ledger
     known = {window.nonce: window.key for window in ledger.windows}
-    pieces: list[UpstreamPiece] = []
-    before: dict[tuple[str, int], frozenset[str]] = {}
-    for stream in (*lab.origin_streams(), *backend.received_streams()):
-        offset = start.get(stream.key, 0)
-        pieces += split_pieces(stream, offset, stream.received, known)
-        if offset:
-            before[stream.key] = ledger.owners_before(stream, offset)
-    owners = attribute_pieces(pieces, ledger.windows, grace, before=before)
-    attributed = list(zip(pieces, owners, strict=True))
+    attributed = attribute_since(ledger, (*lab.origin_streams(), *backend.received_streams()), start, grace)
     ours = {item.window.key for item in sent}
     hits = lab.hits(since=hit_mark)
     attribution = attribute(hits, lab.attempt_windows(), grace)
