@@ -151,6 +151,9 @@ class UpstreamRequest:
     method: str
     target: str  # origin-form (RFC 9112 §3.2.1); an absolute-form target is reduced to it
     body: bytes = b""
+    # The checked header fields as they arrived (lower-case names), for a judge that reads them (the inference
+    # category: which credential reached the backend); never compared.
+    fields: tuple[tuple[bytes, bytes], ...] = field(default=(), compare=False, repr=False)
 
     def describe(self) -> str:
         body = f" body {shown(self.body, 40)}" if self.body else ""
@@ -208,7 +211,8 @@ def read_upstream(segments: Iterable[UpstreamSegment]) -> UpstreamReading:
     leftovers: list[Leftover] = []
     for segment in segments:
         framed = frame_pipeline(segment.data, max_head=UPSTREAM_MAX_HEAD)
-        requests += [UpstreamRequest(head.method, origin_form(head.target), body) for head, body in framed.requests]
+        requests += [UpstreamRequest(head.method, origin_form(head.target), body, head.headers)
+                     for head, body in framed.requests]
         if framed.violation is not None:
             leftovers.append(Leftover(segment.where, framed.unparsed, f"not strictly framed ({framed.violation})"))
         elif framed.unparsed:

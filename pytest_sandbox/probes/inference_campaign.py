@@ -20,8 +20,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pytest_sandbox.http.framing import frame_pipeline
-from pytest_sandbox.http.upstream import UPSTREAM_MAX_HEAD, UpstreamPiece, attribute_since, segments_of
+from pytest_sandbox.http.fields import HeaderLookup
+from pytest_sandbox.http.incremental import decode_headers
+from pytest_sandbox.http.upstream import UpstreamPiece, attribute_since, read_upstream, segments_of
 from pytest_sandbox.inference.fake_backend import FakeInferenceBackend
 from pytest_sandbox.network.lab.attribution import AttemptWindow, CatchAllHit, attribute, new_nonce
 from pytest_sandbox.network.lab.lab import NetworkLab
@@ -46,17 +47,13 @@ class InferenceExchange:
 
 
 @dataclass(frozen=True)
-class BackendArrival:
+class BackendArrival(HeaderLookup):
     """A request the backend received because of an exchange: framed from the bytes attributed to it."""
 
     method: str
-    path: str
+    path: str  # origin-form
     headers: tuple[tuple[str, str], ...]  # lower-case names, values as they arrived
     where: str  # "backend api.inference.test connection 4", with a note if it arrived late or is shared
-
-    def header_values(self, name: str) -> list[str]:
-        wanted = name.lower()
-        return [value for field, value in self.headers if field == wanted]
 
 
 @dataclass(frozen=True)
@@ -80,16 +77,15 @@ class ExchangeEvidence:
 
 def _arrivals(pieces: Sequence[tuple[UpstreamPiece, frozenset[str]]], key: str, ended: float
               ) -> tuple[tuple[BackendArrival, ...], tuple[str, ...]]:
+    """The requests framed from the bytes attributed to ``key`` (:func:`~pytest_sandbox.http.upstream.read_upstream`,
+    one connection at a time so each names where it arrived), and every byte that is not one, described."""
     arrived: list[BackendArrival] = []
     unframed: list[str] = []
     for segment in segments_of(pieces, key, lambda other: other.partition("/")[2], ended=ended):
-        framed = frame_pipeline(segment.data, max_head=UPSTREAM_MAX_HEAD)
-        for head, _body in framed.requests:
-            arrived.append(BackendArrival(head.method, head.target, tuple(
-                (name.decode("latin-1"), value.decode("latin-1")) for name, value in head.headers), segment.where))
-        if framed.violation is not None or framed.unparsed:
-            why = f"not strictly framed ({framed.violation})" if framed.violation else "an incomplete request"
-            unframed.append(f"{segment.where}: {len(framed.unparsed)} bytes, {why}: {framed.unparsed[:60]!r}")
+        reading = read_upstream([segment])
+        arrived += [BackendArrival(request.method, request.target, decode_headers(request.fields), segment.where)
+                    for request in reading.requests]
+        unframed += [leftover.describe() for leftover in reading.leftovers]
     return tuple(arrived), tuple(unframed)
 
 
