@@ -13,12 +13,14 @@ import ipaddress
 import time
 from dataclasses import dataclass
 
+from pytest_sandbox.http.framing import HEAD_END
 from pytest_sandbox.http.responses import parse_head
 from pytest_sandbox.network.harness import RunningProxy
 from pytest_sandbox.network.lab.attribution import AttemptWindow, CatchAllHit, new_nonce
 from pytest_sandbox.network.lab.lab import LAB_PUBLIC_ORIGINS, NetworkLab
 from pytest_sandbox.probes.allowlist import Endpoint, allowlist_rounds, arrival_owners
 from pytest_sandbox.probes.campaign import GRACE_SECONDS
+from pytest_sandbox.probes.exchange import SocketReader
 from pytest_sandbox.probes.ssrf import ATTEMPT_TIMEOUT_SECONDS
 from pytest_sandbox.verdicts.allowlist import AllowlistProbe
 
@@ -44,19 +46,13 @@ def _endpoints(lab: NetworkLab, probe: AllowlistProbe) -> frozenset[Endpoint]:
 
 
 def _answer(proxy: RunningProxy, probe: AllowlistProbe) -> int | None:
+    """The status the proxy answers ``CONNECT`` with (None: none within the attempt's deadline)."""
     authority = probe.authority
-    data = b""
     with proxy.connect(timeout=ATTEMPT_TIMEOUT_SECONDS) as sock:
         sock.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
-        try:
-            while b"\r\n\r\n" not in data and len(data) < MAX_REPLY_BYTES:
-                chunk = sock.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
-        except OSError:
-            pass
-    return parse_head(data).status
+        reader = SocketReader(sock, time.monotonic() + ATTEMPT_TIMEOUT_SECONDS, bytearray(), limit=MAX_REPLY_BYTES)
+        reader.fill(lambda: HEAD_END in reader.buffer)
+    return parse_head(bytes(reader.buffer)).status
 
 
 class _Arrivals:
