@@ -475,6 +475,11 @@ class RunningLateDialer:
     def connect(self):
         return self.lab.connect("127.0.0.1", self.port)
 
+    @property
+    def as_proxy(self) -> RunningProxy:
+        """A proxy handle on the relay (what a campaign that connects through ``.connect(timeout=...)`` takes)."""
+        return RunningProxy(self.inner.proxy, self.lab, "127.0.0.1", self.port)
+
     def leaked_keys(self) -> set[str]:
         """The attempts whose requests the relay dialled late, by the nonce each request carried."""
         by_nonce = {w.nonce: w.key.split("/", 1)[1].split("#", 1)[0] for w in self.lab.attempt_windows()}
@@ -491,17 +496,27 @@ def late_lab() -> Iterator[NetworkLab]:
     lab.close()
 
 
-@pytest.fixture
-def late_dialer(late_lab: NetworkLab) -> Iterator[RunningLateDialer]:
-    late_lab.reset_hits()
-    inner = start_proxy(late_lab, port=3160)
-    relay = LateDialer(lambda: late_lab.connect(inner.address, inner.port), late_lab.socket, lambda: inner.decisions)
-    relay.start_in_thread(late_lab.listen("127.0.0.1", 3161))
+@contextlib.contextmanager
+def running_late_dialer(lab: NetworkLab, *, delay: float = DELAY_SECONDS,
+                        literals: bool = False) -> Iterator[RunningLateDialer]:
+    """The late dialer in this process (``literals``: it also dials refused literal CONNECTs), ``delay`` after
+    each 403, in front of a reference proxy; the lab's hits reset first."""
+    lab.reset_hits()
+    inner = start_proxy(lab, port=3160)
+    relay = LateDialer(lambda: lab.connect(inner.address, inner.port), lab.socket, lambda: inner.decisions,
+                       delay=delay, dial_refused_literals=literals)
+    relay.start_in_thread(lab.listen("127.0.0.1", 3161))
     try:
-        yield RunningLateDialer(late_lab, inner, relay, 3161)
+        yield RunningLateDialer(lab, inner, relay, 3161)
     finally:
         relay.stop()
         inner.stop()
+
+
+@pytest.fixture
+def late_dialer(late_lab: NetworkLab) -> Iterator[RunningLateDialer]:
+    with running_late_dialer(late_lab) as running:
+        yield running
 
 
 def test_late_dialer_fails_exactly_the_cases_it_leaked_and_no_positive_control(late_dialer):
@@ -631,22 +646,6 @@ def test_allowlist_run_against_the_late_dialer_fails_exactly_the_refused_ports()
     assert "is outside the policy's allowlist, yet the proxy dialled it" in output, output
 
 
-@contextlib.contextmanager
-def _late_allowlist_dialer(lab: NetworkLab, delay: float) -> Iterator[tuple[LateDialer, RunningProxy]]:
-    """The late dialer in this process, dialling refused literal CONNECTs too, ``delay`` after each 403; yields
-    it and a proxy handle for the allowlist campaign."""
-    lab.reset_hits()
-    inner = start_proxy(lab, port=3162)
-    relay = LateDialer(lambda: lab.connect(inner.address, inner.port), lab.socket, lambda: inner.decisions,
-                       delay=delay, dial_refused_literals=True)
-    relay.start_in_thread(lab.listen("127.0.0.1", 3163))
-    try:
-        yield relay, RunningProxy(inner.proxy, lab, "127.0.0.1", 3163)
-    finally:
-        relay.stop()
-        inner.stop()
-
-
 def _allowlist_verdicts(results) -> dict[str, Verdict]:
     return {key: judge_allowlist_probe(BASELINE_ALLOWLIST[key], r.status, r.dialled, r.late).verdict
             for key, r in results.items()}
@@ -657,8 +656,9 @@ BASELINE_ALLOWLIST = {probe.test_id: probe for probe in allowlist_probes(
 
 
 def test_allowlist_campaign_blames_a_dial_within_the_grace_period_on_its_probe_and_accounts_for_it(late_lab):
-    with _late_allowlist_dialer(late_lab, DELAY_SECONDS) as (relay, proxy):
-        results = run_allowlist_campaign(late_lab, proxy, list(BASELINE_ALLOWLIST.values()))
+    with running_late_dialer(late_lab, literals=True) as running:
+        relay = running.relay
+        results = run_allowlist_campaign(late_lab, running.as_proxy, list(BASELINE_ALLOWLIST.values()))
         verdicts = _allowlist_verdicts(results)
         deadline = time.monotonic() + 10
         while len(relay.dialled) < len(REFUSED_PROBES) and time.monotonic() < deadline:
@@ -679,8 +679,9 @@ def test_allowlist_campaign_blames_a_dial_within_the_grace_period_on_its_probe_a
 def test_a_dial_after_the_allowlist_campaign_is_named_by_the_session_audit(late_lab):
     """A dial later than the whole campaign is not counted by it, but it reached the lab's catch-all, so the
     session-end audit fails the run and names it (and the probes to its address it can have come from)."""
-    with _late_allowlist_dialer(late_lab, 2.0) as (relay, proxy):
-        results = run_allowlist_campaign(late_lab, proxy, list(BASELINE_ALLOWLIST.values()))
+    with running_late_dialer(late_lab, delay=2.0, literals=True) as running:
+        relay = running.relay
+        results = run_allowlist_campaign(late_lab, running.as_proxy, list(BASELINE_ALLOWLIST.values()))
         deadline = time.monotonic() + 10
         while len(relay.dialled) < len(REFUSED_PROBES) and time.monotonic() < deadline:
             time.sleep(0.05)
