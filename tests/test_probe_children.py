@@ -299,9 +299,8 @@ def test_reports_come_in_plan_order_from_every_lane():
 
 
 def test_a_runner_that_reports_its_lanes_out_of_order_is_caught():
-    broken = syscall._RUNNER_SOURCE.replace("pid, read_end, start, end = started[0]",
-                                            "pid, read_end, start, end = started[-1]") \
-        .replace("started.pop(0)", "started.pop()")
+    broken = syscall._RUNNER_SOURCE.replace("for pid, read_end, start, end in parts:",
+                                            "for pid, read_end, start, end in parts[:1] + parts[:0:-1]:")
     assert broken != syscall._RUNNER_SOURCE
     plan = _padded({})
     ids = [probe_id for probe_id, _ in _run(_runner(broken), plan)]
@@ -337,9 +336,9 @@ def test_no_probe_child_nor_lane_outlives_the_plan():
 
 
 def test_a_runner_that_never_reaps_its_lanes_is_caught_by_pid():
-    broken = syscall._RUNNER_SOURCE.replace("            _, status = os.waitpid(pid, 0)\n            started.pop(0)",
-                                            "            status = 0\n            started.pop(0)") \
-        .replace("            os.waitpid(pid, 0)\n", "")
+    broken = syscall._RUNNER_SOURCE.replace("            _, status = os.waitpid(pid, 0)\n            reaped",
+                                            "            status = 0\n            reaped") \
+        .replace("                    os.waitpid(pid, 0)\n", "                    pass\n")
     assert broken.count("os.waitpid(pid, 0)") == syscall._RUNNER_SOURCE.count("os.waitpid(pid, 0)") - 2
     _, parents = _lane_pids(_run(_runner(broken), _pid_plan()))
     lanes = parents - {os.getpid()}
@@ -384,3 +383,12 @@ def test_a_probe_whose_success_changes_its_process_changes_no_probe_in_any_lane(
     assert batched["27-prctl-strict"] == {"type": "signal", "value": signal.SIGKILL}
     broken = dict(_run(_runner(syscall._RUNNER_SOURCE.replace(REUSE_RULE, "return True")), plan))
     assert broken["19-setuid-0-after-newuser"] == {"type": "errno", "value": errno.EINVAL}
+
+
+def test_when_no_lane_can_be_forked_the_runner_runs_every_segment_itself_in_order():
+    runner = _runner()
+    runner["_fork_lane"] = lambda machine, plan, start, end, parts: (None, None, start, end)  # fork: EAGAIN
+    plan = _pid_plan()
+    reports = _run(runner, plan)
+    assert [probe_id for probe_id, _ in reports] == [probe["id"] for probe in plan]
+    assert _lane_pids(reports)[1] == {os.getpid()}

@@ -422,37 +422,24 @@ def _lane(machine: _Machine, plan: list, start: int, end: int, write_end: int, f
 def run_plan(machine: _Machine, plan: list, report: Callable[[dict, dict], None], one_per_child: bool = False,
              lanes: int = LANES) -> None:
     """Attempt every probe of ``plan`` and ``report(probe, outcome)`` each, in plan order."""
-    bounds = [(0, len(plan))] if one_per_child else segments(len(plan), lanes)
-    started: list = []  # (pid, read end, start, end) of each lane the runner forked
+    parts: list = []  # in plan order: (None, None, start, end) run by the runner, (pid, read end, start, end) a lane
+    reaped: list = []
     try:
-        for start, end in bounds[1:]:
-            read_end, write_end = os.pipe()
-            foreign = tuple(lane[1] for lane in started)
-            pid = os.fork()
-            if pid == 0:  # a lane never returns into the runner
-                try:
-                    os.close(read_end)
-                    for descriptor in foreign:
-                        os.close(descriptor)
-                    _lane(machine, plan, start, end, write_end, foreign=())
-                finally:
-                    os._exit(0)
-            os.close(write_end)
-            started.append((pid, read_end, start, end))
-        first_start, first_end = bounds[0] if bounds else (0, 0)
-        run_segment(machine, plan, first_start, first_end, lambda index, outcome: report(plan[index], outcome),
-                    one_per_child, tuple(lane[1] for lane in started))
-        while started:
-            pid, read_end, start, end = started[0]
+        for number, (start, end) in enumerate([(0, len(plan))] if one_per_child else segments(len(plan), lanes)):
+            parts.append((None, None, start, end) if number == 0 else _fork_lane(machine, plan, start, end, parts))
+        for pid, read_end, start, end in parts:
+            if pid is None:  # the runner's own segment, while the lanes run theirs
+                run_segment(machine, plan, start, end, lambda index, outcome: report(plan[index], outcome),
+                            one_per_child, tuple(part[1] for part in parts if part[1] is not None))
+                continue
             chunks = []
             while True:
                 chunk = os.read(read_end, 65536)
                 if not chunk:
                     break
                 chunks.append(chunk)
-            os.close(read_end)
             _, status = os.waitpid(pid, 0)
-            started.pop(0)
+            reaped.append(pid)
             following = start
             for index, outcome in _frames(b"".join(chunks)):
                 report(plan[index], outcome)
@@ -461,12 +448,37 @@ def run_plan(machine: _Machine, plan: list, report: Callable[[dict, dict], None]
                 report(plan[index], {"type": "error", "detail": f"probe lane exited with status {status} "
                                                                 f"before reporting this probe"})
     finally:  # the runner never leaves a lane behind, even when reporting failed
-        for pid, read_end, _, _ in started:
-            try:
+        for pid, read_end, _, _ in parts:
+            if pid is not None:
                 os.close(read_end)  # a lane blocked on a full pipe gets EPIPE and ends after reaping its child
-            except OSError:
-                pass
-            os.waitpid(pid, 0)
+                if pid not in reaped:
+                    os.waitpid(pid, 0)
+
+
+def _fork_lane(machine: _Machine, plan: list, start: int, end: int, parts: list) -> tuple:
+    """A lane for ``start``..``end - 1``, as (pid, read end, start, end); when no process can be forked,
+    (None, None, start, end): the runner runs that segment itself, after the lanes before it."""
+    try:
+        read_end, write_end = os.pipe()
+    except OSError:
+        return (None, None, start, end)
+    foreign = tuple(part[1] for part in parts if part[1] is not None)
+    try:
+        pid = os.fork()
+    except OSError:  # EAGAIN/ENOMEM: a busy or limited target still gets every probe, one lane fewer
+        os.close(read_end)
+        os.close(write_end)
+        return (None, None, start, end)
+    if pid == 0:  # a lane never returns into the runner
+        try:
+            os.close(read_end)
+            for descriptor in foreign:
+                os.close(descriptor)
+            _lane(machine, plan, start, end, write_end, foreign=())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    return (pid, read_end, start, end)
 
 
 # The /proc/self/status lines that say who a process is (proc(5)): ids, capability sets, no_new_privs
