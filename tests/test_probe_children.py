@@ -250,3 +250,145 @@ def test_the_thread_and_socket_controls_fail_when_the_filter_refuses_them(broken
     broken = _target(_breaking_threads_and_unix_sockets()).run(plan)
     assert broken["thread-starts"].kind == "error" and "can't start new thread" in broken["thread-starts"].detail
     assert broken["af_unix-socket-opens"] == Outcome("errno", errno.EACCES)
+
+
+# -- lanes: a plan's segments run side by side (issue #12) ---------------------------------------------
+#
+# These drive the runner's own functions in this process (no filter: every call below is harmless or
+# changes only the throw-away child that makes it), so each test can see pids, order and timing of reports.
+# The broken runners are the real source with one line changed, loaded the same way.
+
+NR_PAUSE, NR_GETPID, NR_KILL, NR_GETPPID = 34, 39, 62, 110  # unistd_64.h
+REFUSED = _probe("setns-bad-fd", NR_SETNS, UNUSED_FD, 0)  # EBADF, unfiltered: keeps its child
+
+
+def _runner(source: str | None = None, **overrides: object) -> dict[str, Any]:
+    """The runner's module namespace, from its source (``source``: a broken variant of it)."""
+    namespace: dict[str, Any] = {"__name__": "probe_runner_under_test"}
+    exec(compile(source or syscall._RUNNER_SOURCE, "syscall_runner.py", "exec", dont_inherit=True), namespace)
+    namespace.update(overrides)
+    return namespace
+
+
+def _run(runner: dict[str, Any], plan: list[dict[str, Any]], *, one_per_child: bool = False
+         ) -> list[tuple[str, dict[str, Any]]]:
+    reports: list[tuple[str, dict[str, Any]]] = []
+    runner["run_plan"](runner["_Machine"](), plan, lambda probe, outcome: reports.append((probe["id"], outcome)),
+                       one_per_child)
+    return reports
+
+
+def _padded(marked: dict[int, dict[str, Any]], size: int = 30) -> list[dict[str, Any]]:
+    """``size`` refused probes with ``marked`` ones at their indices, each id naming its index."""
+    return [{**marked.get(index, REFUSED), "id": f"{index}-{marked.get(index, REFUSED)['id']}"}
+            for index in range(size)]
+
+
+def test_a_plan_is_cut_into_contiguous_segments_and_a_small_one_is_not():
+    runner = _runner()
+    assert runner["segments"](30, 3) == [(0, 10), (10, 20), (20, 30)]
+    assert runner["segments"](102, 3) == [(0, 34), (34, 68), (68, 102)]
+    assert runner["segments"](runner["LANE_MIN_PROBES"] - 1, 3) == [(0, runner["LANE_MIN_PROBES"] - 1)]
+    assert runner["segments"](0, 3) == [(0, 0)]
+
+
+def test_reports_come_in_plan_order_from_every_lane():
+    plan = _padded({index: _probe("getpid", NR_GETPID) for index in (3, 12, 17, 25)})
+    reports = _run(_runner(), plan)
+    assert [probe_id for probe_id, _ in reports] == [probe["id"] for probe in plan]
+
+
+def test_a_runner_that_reports_its_lanes_out_of_order_is_caught():
+    broken = syscall._RUNNER_SOURCE.replace("for pid, read_end, start, end in parts:",
+                                            "for pid, read_end, start, end in parts[:1] + parts[:0:-1]:")
+    assert broken != syscall._RUNNER_SOURCE
+    plan = _padded({})
+    ids = [probe_id for probe_id, _ in _run(_runner(broken), plan)]
+    assert sorted(ids) == sorted(p["id"] for p in plan) and ids != [p["id"] for p in plan]
+
+
+def _lane_pids(reports: list[tuple[str, dict[str, Any]]]) -> tuple[set[int], set[int]]:
+    """The probe children's pids (getpid) and their parents' (getppid) that a plan reported."""
+    children = {o["value"] for i, o in reports if i.endswith("-getpid")}
+    parents = {o["value"] for i, o in reports if i.endswith("-getppid")}
+    return children, parents
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # a zombie answers too: a process nobody reaped is still there
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _pid_plan() -> list[dict[str, Any]]:
+    return _padded({index: _probe("getppid", NR_GETPPID) if index % 2 else _probe("getpid", NR_GETPID)
+                    for index in (0, 1, 8, 9, 10, 11, 18, 19, 20, 21, 28, 29)})
+
+
+def test_no_probe_child_nor_lane_outlives_the_plan():
+    reports = _run(_runner(), _pid_plan())
+    children, parents = _lane_pids(reports)
+    lanes = parents - {os.getpid()}
+    assert len(lanes) == 2 and len(children) == 6  # three lanes (the runner is the first), six children
+    assert not [pid for pid in children | lanes if _alive(pid)]
+
+
+def test_a_runner_that_never_reaps_its_lanes_is_caught_by_pid():
+    broken = syscall._RUNNER_SOURCE.replace("            _, status = os.waitpid(pid, 0)\n            reaped",
+                                            "            status = 0\n            reaped") \
+        .replace("                    os.waitpid(pid, 0)\n", "                    pass\n")
+    assert broken.count("os.waitpid(pid, 0)") == syscall._RUNNER_SOURCE.count("os.waitpid(pid, 0)") - 2
+    _, parents = _lane_pids(_run(_runner(broken), _pid_plan()))
+    lanes = parents - {os.getpid()}
+    try:
+        assert len(lanes) == 2 and [pid for pid in lanes if _alive(pid)] == sorted(lanes)
+    finally:
+        for pid in lanes:  # this test's process is their parent: reap what the broken runner left
+            os.waitpid(pid, 0)
+
+
+def test_a_child_killed_mid_segment_is_attributed_and_its_lane_goes_on_in_a_fresh_child():
+    plan = _padded({14: _probe("kill-self", NR_KILL, 0, signal.SIGKILL)})  # the middle lane's fifth probe
+    plan[14]["args"] = ["pid", signal.SIGKILL]
+    outcomes = dict(_run(_runner(), plan))
+    assert outcomes["14-kill-self"] == {"type": "signal", "value": signal.SIGKILL}
+    assert [o for i, o in outcomes.items() if "setns" in i] == [{"type": "errno", "value": errno.EBADF}] * 29
+    assert dict(_run(_runner(), plan, one_per_child=True)) == outcomes
+
+
+def test_a_timeout_in_one_segment_while_the_others_run():
+    plan = _padded({2: _probe("pause", NR_PAUSE), 25: _probe("pause", NR_PAUSE)})
+    outcomes = dict(_run(_runner(PROBE_TIMEOUT_SECONDS=1), plan))
+    assert outcomes["2-pause"] == {"type": "timeout"} and outcomes["25-pause"] == {"type": "timeout"}
+    assert [o for i, o in outcomes.items() if "setns" in i] == [{"type": "errno", "value": errno.EBADF}] * 28
+
+
+# The contaminating probes placed across the lanes' boundaries: the call that changes its process is the
+# last of one lane, the probe that would see it the first of the next one, or both in the same lane.
+STRADDLING = {9: CONTAMINATING_PLAN[3], 10: CONTAMINATING_PLAN[4], 18: CONTAMINATING_PLAN[0],
+              19: CONTAMINATING_PLAN[1], 20: CONTAMINATING_PLAN[2], 27: CONTAMINATING_PLAN[5],
+              28: CONTAMINATING_PLAN[6], 29: CONTAMINATING_PLAN[7]}
+
+
+def test_a_probe_whose_success_changes_its_process_changes_no_probe_in_any_lane():
+    if os.geteuid() != 0:
+        pytest.skip("the contaminating probes (setuid(0) succeeding) need root")
+    plan = _padded(STRADDLING)
+    batched = dict(_run(_runner(), plan))
+    assert batched == dict(_run(_runner(), plan, one_per_child=True))
+    assert batched["10-setuid-0-after-drop"] == {"type": "return", "value": 0}
+    assert batched["19-setuid-0-after-newuser"] == {"type": "return", "value": 0}
+    assert batched["27-prctl-strict"] == {"type": "signal", "value": signal.SIGKILL}
+    broken = dict(_run(_runner(syscall._RUNNER_SOURCE.replace(REUSE_RULE, "return True")), plan))
+    assert broken["19-setuid-0-after-newuser"] == {"type": "errno", "value": errno.EINVAL}
+
+
+def test_when_no_lane_can_be_forked_the_runner_runs_every_segment_itself_in_order():
+    runner = _runner()
+    runner["_fork_lane"] = lambda machine, plan, start, end, parts: (None, None, start, end)  # fork: EAGAIN
+    plan = _pid_plan()
+    reports = _run(runner, plan)
+    assert [probe_id for probe_id, _ in reports] == [probe["id"] for probe in plan]
+    assert _lane_pids(reports)[1] == {os.getpid()}

@@ -17,8 +17,11 @@ replaced by a fresh one after any probe that did not fail with an errno (a succe
 a timeout, an error) and after every control or probe with setup steps, which also start in a fresh
 child (:func:`keeps_child`, :func:`needs_fresh_child`). A refused call changed nothing (seccomp's
 RET_ERRNO never runs it; a kernel error return leaves the caller as it was), so every probe still sees
-exactly what a child of its own would see, and the runner itself stays alive. ``main(plan, True)``
-forks a child per probe: the reference tests/test_probe_children.py holds the batched runs to.
+exactly what a child of its own would see, and the runner itself stays alive. A plan of at least
+``LANE_MIN_PROBES`` probes is cut into ``LANES`` contiguous segments run side by side (:func:`run_plan`): each
+segment starts in a fresh child, results are reported in plan order, and the runner reaps every lane and
+child before it returns. ``main(plan, True)`` forks a child per probe, strictly one after another: the
+reference tests/test_probe_children.py holds the batched runs to.
 
 Every call goes through raw ``syscall(2)`` with an explicit number (libc wrappers may issue another
 syscall, and vDSO calls never enter the kernel), with every argument passed as ``c_long`` so that
@@ -323,14 +326,18 @@ def _child(machine: _Machine, plan: list, start: int, write_end: int, one_per_ch
         index += 1
 
 
-def run_batch(machine: _Machine, plan: list, start: int, one_per_child: bool = False) -> list:
+def run_batch(machine: _Machine, plan: list, start: int, one_per_child: bool = False, foreign: tuple = ()
+              ) -> list:
     """Run probes from ``start`` in one fresh single-threaded child; return [(index, outcome), ...] for
-    every probe it attempted, in order, ending with the one it died on (a signal or a silent exit)."""
+    every probe it attempted, in order, ending with the one it died on (a signal or a silent exit).
+    ``foreign``: the runner's lane pipes, closed in the child (a probe sees the descriptors it always saw)."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # never return into the runner
         try:
             os.close(read_end)
+            for descriptor in foreign:
+                os.close(descriptor)
             _child(machine, plan, start, write_end, one_per_child)
         finally:
             os._exit(0)
@@ -367,14 +374,111 @@ def run_batch(machine: _Machine, plan: list, start: int, one_per_child: bool = F
     return records
 
 
-def run_plan(machine: _Machine, plan: list, report: Callable[[dict, dict], None], one_per_child: bool = False
-             ) -> None:
-    """Attempt every probe of ``plan`` and ``report(probe, outcome)`` each, in order."""
-    index = 0
-    while index < len(plan):
-        for done, outcome in run_batch(machine, plan, index, one_per_child):
-            report(plan[done], outcome)
+# Lanes (issue #12): a plan of at least LANE_MIN_PROBES probes is cut into LANES contiguous segments run
+# side by side, each by a lane of its own (the runner itself runs the first; a fork of the runner made before
+# any probe ran runs each other one) with children forked one after another as before. Most of a child's wall
+# is waiting (fork -> attempt -> death -> EOF -> waitpid: ~0.9 ms wall against ~0.5 ms of CPU in a plan whose
+# i386 probes die by SIGSYS), so two cores overlap those waits. A segment starts in a fresh child, which is
+# what every probe may see, and a lane never attempts a probe itself: no probe shares a process with a probe
+# of another lane. What lanes share is the kernel's global state, and only a probe that SUCCEEDS with a global
+# effect could be seen by a probe in another lane out of plan order; the catalogue's calls have none by
+# construction (catalogues/syscalls.py: bad fds, bad pointers, invalid flags; every success there, e.g.
+# personality, unshare(CLONE_FS), setresuid, strict mode, changes only its own process). one_per_child, the
+# reference the batched runs are tested against, stays strictly sequential.
+LANES = 3
+LANE_MIN_PROBES = 24
+
+
+def segments(count: int, lanes: int = LANES) -> list:
+    """Contiguous [start, end) segments of a plan of ``count`` probes, one per lane, in plan order."""
+    lanes = max(1, lanes) if count >= LANE_MIN_PROBES else 1
+    bounds = [count * lane // lanes for lane in range(lanes + 1)]
+    return [(bounds[lane], bounds[lane + 1]) for lane in range(lanes)]
+
+
+def run_segment(machine: _Machine, plan: list, start: int, end: int, report: Callable[[int, dict], None],
+                one_per_child: bool = False, foreign: tuple = ()) -> None:
+    """Attempt the probes ``start``..``end - 1`` of ``plan``, children one after another, and ``report(index,
+    outcome)`` each in order. A child that would go on past ``end`` is given the segment as its plan."""
+    segment = plan[:end]
+    index = start
+    while index < end:
+        for done, outcome in run_batch(machine, segment, index, one_per_child, foreign):
+            report(done, outcome)
             index = done + 1
+
+
+def _write_all(descriptor: int, data: bytes) -> None:
+    while data:
+        data = data[os.write(descriptor, data):]
+
+
+def _lane(machine: _Machine, plan: list, start: int, end: int, write_end: int, foreign: tuple) -> None:
+    """A lane's process: run its segment, framing each result onto the runner's pipe."""
+    run_segment(machine, plan, start, end, lambda index, outcome: _write_all(write_end, _frame(index, outcome)),
+                foreign=(*foreign, write_end))
+
+
+def run_plan(machine: _Machine, plan: list, report: Callable[[dict, dict], None], one_per_child: bool = False,
+             lanes: int = LANES) -> None:
+    """Attempt every probe of ``plan`` and ``report(probe, outcome)`` each, in plan order."""
+    parts: list = []  # in plan order: (None, None, start, end) run by the runner, (pid, read end, start, end) a lane
+    reaped: list = []
+    try:
+        for number, (start, end) in enumerate([(0, len(plan))] if one_per_child else segments(len(plan), lanes)):
+            parts.append((None, None, start, end) if number == 0 else _fork_lane(machine, plan, start, end, parts))
+        for pid, read_end, start, end in parts:
+            if pid is None:  # the runner's own segment, while the lanes run theirs
+                run_segment(machine, plan, start, end, lambda index, outcome: report(plan[index], outcome),
+                            one_per_child, tuple(part[1] for part in parts if part[1] is not None))
+                continue
+            chunks = []
+            while True:
+                chunk = os.read(read_end, 65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            _, status = os.waitpid(pid, 0)
+            reaped.append(pid)
+            following = start
+            for index, outcome in _frames(b"".join(chunks)):
+                report(plan[index], outcome)
+                following = index + 1
+            for index in range(following, end):  # a lane that died (it never should) loses no probe silently
+                report(plan[index], {"type": "error", "detail": f"probe lane exited with status {status} "
+                                                                f"before reporting this probe"})
+    finally:  # the runner never leaves a lane behind, even when reporting failed
+        for pid, read_end, _, _ in parts:
+            if pid is not None:
+                os.close(read_end)  # a lane blocked on a full pipe gets EPIPE and ends after reaping its child
+                if pid not in reaped:
+                    os.waitpid(pid, 0)
+
+
+def _fork_lane(machine: _Machine, plan: list, start: int, end: int, parts: list) -> tuple:
+    """A lane for ``start``..``end - 1``, as (pid, read end, start, end); when no process can be forked,
+    (None, None, start, end): the runner runs that segment itself, after the lanes before it."""
+    try:
+        read_end, write_end = os.pipe()
+    except OSError:
+        return (None, None, start, end)
+    foreign = tuple(part[1] for part in parts if part[1] is not None)
+    try:
+        pid = os.fork()
+    except OSError:  # EAGAIN/ENOMEM: a busy or limited target still gets every probe, one lane fewer
+        os.close(read_end)
+        os.close(write_end)
+        return (None, None, start, end)
+    if pid == 0:  # a lane never returns into the runner
+        try:
+            os.close(read_end)
+            for descriptor in foreign:
+                os.close(descriptor)
+            _lane(machine, plan, start, end, write_end, foreign=())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    return (pid, read_end, start, end)
 
 
 # The /proc/self/status lines that say who a process is (proc(5)): ids, capability sets, no_new_privs
