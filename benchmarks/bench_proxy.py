@@ -25,6 +25,15 @@ directory, run from there) as targets ``baseline`` / ``baseline+uvloop``, interl
 tree's: a before/after comparison under the same load.
 
     python benchmarks/bench_proxy.py [--requests 3000] [--bulk-mib 256] [--rounds 5] [--baseline main]
+
+Two measurements that need no lab and hold still on a busy machine (CPU time, not rates):
+
+* ``--python-only N``: the Python CPU of N one-pass keep-alive GETs (``_ClientConnection`` and an idle
+  ``UpstreamConnection`` driven with in-memory transports: framing, judging, the decision record, the
+  upstream request and the answer; no socket, no event-loop pass), in µs per GET.
+* ``--relay-cpu MIB``: client -> relay -> sink on 127.0.0.1 (three processes, one connection), CPU per GiB of
+  each for no relay (direct), the tunnel's ``splice(2)`` relay and a ``recv_into``/``send`` copy through a
+  1 MiB buffer in the same thread model, alternating, ``--rounds`` times.
 """
 
 from __future__ import annotations
@@ -156,6 +165,185 @@ def run_reference(port: int, loop_name: str, profile_path: str | None) -> None:
         await proxy.serve(listener)
 
     run_loop(profiled(), loop_name)
+
+
+# --------------------------------------------------------------------------------------------------
+# --python-only: the proxy's Python work per one-pass GET, without sockets
+# --------------------------------------------------------------------------------------------------
+
+
+class _MemoryTransport(asyncio.Transport):
+    """A transport that keeps nothing: ``written`` counts writes, ``on_write`` sees each one."""
+
+    def __init__(self, on_write: Callable[[bytes], None] | None = None) -> None:
+        super().__init__()
+        self.on_write = on_write
+        self.written = 0
+        self.closing = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += 1
+        if self.on_write is not None:
+            self.on_write(bytes(data))
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return ("10.0.0.1", 40000) if name == "peername" else default
+
+    def close(self) -> None:
+        self.closing = True
+
+    def abort(self) -> None:
+        self.closing = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def measure_python_path(count: int) -> float:
+    """µs of CPU (process time) per one-pass keep-alive GET of the reference proxy, sockets left out."""
+    from pytest_sandbox.network.proxy import server
+    from pytest_sandbox.network.proxy.config import ProxyConfig
+    from pytest_sandbox.network.proxy.upstream import UpstreamConnection
+
+    request = f"GET http://{ORIGIN_ADDRESS}/ HTTP/1.1\r\nHost: {ORIGIN_ADDRESS}\r\n\r\n".encode()
+
+    async def resolve(name: str) -> list[str]:
+        raise AssertionError(f"a literal target was resolved: {name}")
+
+    async def run() -> float:
+        proxy = server.EgressProxy(ProxyConfig(), resolver=resolve, socket_factory=socket.socket,
+                                   route_socket_factory=None)
+        client = server._ClientConnection(proxy)
+        client_transport = _MemoryTransport()
+        client.connection_made(client_transport)
+        conn = client._conn
+        assert conn is not None and conn.budget is not None, "the proxy did not take the one-pass path"
+        sent: list[bytes] = []
+        upstream = UpstreamConnection((ORIGIN_ADDRESS, HTTP_PORT), max_body=proxy.config.max_body,
+                                      reserve=conn.budget)
+        upstream.connection_made(_MemoryTransport(sent.append))
+        conn.upstreams[upstream.key] = upstream
+        elapsed = 0.0
+        for _ in range(2):  # the first pass warms the caches
+            started = time.process_time()
+            for _ in range(count):
+                client.data_received(request)
+                if not sent:
+                    raise AssertionError("the request was not forwarded in one pass")
+                sent.clear()
+                upstream.data_received(RESPONSE)
+            elapsed = time.process_time() - started
+        if client_transport.written < count or client._busy or len(proxy.decisions) < count:
+            raise AssertionError("not every request was answered and recorded")
+        return elapsed / count * 1e6
+
+    return asyncio.run(run())
+
+
+# --------------------------------------------------------------------------------------------------
+# --relay-cpu: CPU per GiB of client, relay and sink, splice(2) against a copy relay
+# --------------------------------------------------------------------------------------------------
+
+_RELAY_COPY_BUFFER = 1 << 20
+
+
+def _copy_direction(source: socket.socket, sink: socket.socket) -> None:
+    buffer = bytearray(_RELAY_COPY_BUFFER)
+    view = memoryview(buffer)
+    while received := source.recv_into(buffer):
+        sink.sendall(view[:received])
+    sink.shutdown(socket.SHUT_WR)
+
+
+def _relay_child(kind: str, listener: socket.socket, sink_port: int, report: int) -> None:
+    from pytest_sandbox.network.proxy import relay
+
+    client, _ = listener.accept()
+    upstream = socket.create_connection((PROXY_ADDRESS, sink_port))
+    started = time.process_time()
+    if kind == "splice":
+        tunnel = relay._SplicedTunnel(client, upstream, lambda error: None)
+        tunnel.start()
+        for thread in tunnel._threads:
+            thread.join()
+    else:
+        pairs = ((client, upstream), (upstream, client))
+        threads = [threading.Thread(target=_copy_direction, args=pair) for pair in pairs]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    os.write(report, f"{time.process_time() - started}\n".encode())
+
+
+def _sink_child(listener: socket.socket, total: int, report: int) -> None:
+    conn, _ = listener.accept()
+    started = time.process_time()
+    scratch = bytearray(CHUNK)
+    received = 0
+    while received < total and (piece := conn.recv_into(scratch)):
+        received += piece
+    os.write(report, f"{time.process_time() - started}\n".encode())
+    conn.sendall(b"ok")
+    conn.close()
+
+
+def _forked(target: Callable[..., None], *args: object) -> tuple[int, int]:
+    """Run ``target(*args, report_fd)`` in a child; returns (pid, read end of its report pipe)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.close(read_end)
+            target(*args, write_end)
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    return pid, read_end
+
+
+def _child_seconds(pid: int, report: int) -> float:
+    with os.fdopen(report) as stream:
+        line = stream.readline()
+    os.waitpid(pid, 0)
+    return float(line)
+
+
+def measure_relay_cpu(kind: str, total: int) -> tuple[float, float, float]:
+    """CPU seconds of (client, sink, relay) for ``total`` bytes uploaded through ``kind`` (direct, splice, copy)."""
+    sink_listener, relay_listener = socket.socket(), socket.socket()
+    for listener in (sink_listener, relay_listener):
+        listener.bind((PROXY_ADDRESS, 0))
+        listener.listen(1)
+    sink_port, relay_port = sink_listener.getsockname()[1], relay_listener.getsockname()[1]
+    children = [_forked(_sink_child, sink_listener, total)]
+    if kind != "direct":
+        children.append(_forked(_relay_child, kind, relay_listener, sink_port))
+    sink_listener.close()
+    relay_listener.close()
+    payload = memoryview(bytes(CHUNK))
+    started = time.process_time()
+    with socket.create_connection((PROXY_ADDRESS, sink_port if kind == "direct" else relay_port),
+                                  timeout=IO_TIMEOUT_SECONDS) as sock:
+        sent = 0
+        while sent < total:
+            sock.sendall(payload)
+            sent += CHUNK
+        sock.shutdown(socket.SHUT_WR)
+        if sock.recv(8) != b"ok":
+            raise ConnectionError(f"{kind}: the sink did not acknowledge")
+    client = time.process_time() - started
+    seconds = [_child_seconds(pid, report) for pid, report in children]
+    return client, seconds[0], seconds[1] if len(seconds) > 1 else 0.0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -324,6 +512,10 @@ def main() -> int:
                         help="cProfile the reference proxy (first loop only) and write the stats to PATH")
     parser.add_argument("--only", default="",
                         help="comma-separated targets to run besides direct (default: all)")
+    parser.add_argument("--python-only", type=int, metavar="N",
+                        help="only the Python CPU per one-pass GET, N GETs, no sockets (see above)")
+    parser.add_argument("--relay-cpu", type=int, metavar="MIB",
+                        help="only client/relay/sink CPU per GiB on loopback: direct, splice and copy relays")
     parser.add_argument("--role", choices=["origin", "reference"], help=argparse.SUPPRESS)
     parser.add_argument("--loop", default="asyncio", help=argparse.SUPPRESS)
     parser.add_argument("--fds", type=int, nargs=2, help=argparse.SUPPRESS)
@@ -334,6 +526,24 @@ def main() -> int:
         return 0
     if args.role == "reference":
         run_reference(args.port, args.loop, args.profile)
+        return 0
+    if args.python_only:
+        for _ in range(args.rounds):
+            print(f"python per one-pass GET: {measure_python_path(args.python_only):.1f} µs "
+                  f"({args.python_only} GETs, process time)")
+        return 0
+    if args.relay_cpu:
+        total = args.relay_cpu * 2**20
+        sums: dict[str, list[float]] = {}
+        print(f"relay CPU per GiB (ms), {args.relay_cpu} MiB per run, 127.0.0.1; load average "
+              f"{' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
+        for _ in range(args.rounds):
+            for kind in ("direct", "splice", "copy"):
+                client, sink, relay = (seconds / (total / 2**30) * 1e3 for seconds in measure_relay_cpu(kind, total))
+                sums.setdefault(kind, []).append(client + sink + relay)
+                print(f"  {kind:6s} client {client:5.0f}  sink {sink:5.0f}  relay {relay:5.0f}  "
+                      f"sum {client + sink + relay:5.0f}")
+        print("median sum: " + ", ".join(f"{kind} {statistics.median(values):.0f}" for kind, values in sums.items()))
         return 0
 
     from pytest_sandbox.network.lab.lab import NetworkLab

@@ -36,7 +36,7 @@ import os
 import socket
 import threading
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from pytest_sandbox.http.fields import end_to_end
@@ -81,6 +81,12 @@ LOOP_ENVIRONMENT_VARIABLE = "PYTEST_SANDBOX_PROXY_LOOP"
 _METHODS_WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
 # RFC 9110 §9.2.2: safe to retry once on a stale keep-alive upstream connection.
 _IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+# One decision as the log holds it: Decision's fields, in order (checked below, so the two cannot drift).
+_DecisionRow = tuple[int, str, str, str, str | None, int | None, str, int, str, str, tuple[str, ...]]
+_DECISION_FIELDS = ("seq", "client", "method", "target", "host", "port", "action", "status", "reason", "detail",
+                    "addresses")
+if tuple(item.name for item in fields(Decision)) != _DECISION_FIELDS:  # pragma: no cover
+    raise ImportError(f"Decision's fields changed; update _DecisionRow: {[item.name for item in fields(Decision)]}")
 
 _STREAM_LIMIT = 1024 * 1024
 _CLASSIFY_CACHE_SIZE = 4096
@@ -220,7 +226,9 @@ class EgressProxy:
         self._lock = threading.Lock()
         # Bounded (config.max_decisions): the oldest are dropped first and counted per reason, so the
         # evidence is summarised, never silently lost (``decision_summary``, ``decisions_since``).
-        self._decisions: collections.deque[Decision] = collections.deque()
+        # Held as plain tuples in Decision's field order (a frozen dataclass costs a setattr per field, on
+        # every request); the Decision objects are built when the log is read.
+        self._decisions: collections.deque[_DecisionRow] = collections.deque()
         self._dropped: collections.Counter[str] = collections.Counter()
         self._dropped_through = 0  # the highest seq no longer held (0: none dropped)
         self._seq = itertools.count(1)
@@ -252,7 +260,7 @@ class EgressProxy:
         """A copy of every decision still held, in order (safe to call from any thread). At most
         ``config.max_decisions``; what was dropped is in :attr:`decision_summary`."""
         with self._lock:
-            return list(self._decisions)
+            return [Decision(*row) for row in self._decisions]
 
     @property
     def decision_summary(self) -> dict[str, int]:
@@ -264,7 +272,7 @@ class EgressProxy:
     def last_seq(self) -> int:
         """The seq of the latest decision (0 before any): a mark for :meth:`decisions_since`."""
         with self._lock:
-            return self._decisions[-1].seq if self._decisions else self._dropped_through
+            return self._decisions[-1][0] if self._decisions else self._dropped_through
 
     def decisions_since(self, mark: int) -> list[Decision]:
         """Every decision with ``seq > mark``; raises LookupError if any of them was already dropped,
@@ -275,7 +283,7 @@ class EgressProxy:
                     f"decisions {mark + 1}..{self._dropped_through} were dropped from the bounded log "
                     f"(max_decisions={self.config.max_decisions}; dropped per reason: {dict(self._dropped)})"
                 )
-            return [decision for decision in self._decisions if decision.seq > mark]
+            return [Decision(*row) for row in self._decisions if row[0] > mark]
 
     def self_addresses(self) -> set[tuple[str, int]]:
         """The (address, port) pairs this proxy listens on, as bound; dialling one is a self-connection.
@@ -386,23 +394,13 @@ class EgressProxy:
             decisions = self._decisions
             if len(decisions) >= self.config.max_decisions:
                 dropped = decisions.popleft()
-                self._dropped[dropped.reason] += 1
-                self._dropped_through = dropped.seq
-            decisions.append(
-                Decision(
-                    seq=next(self._seq),
-                    client=client,
-                    method=request.method if request else "",
-                    target=request.target if request else "",
-                    host=authority.host if authority else None,
-                    port=authority.port if authority else None,
-                    action=action,
-                    status=status,
-                    reason=reason,
-                    detail=detail,
-                    addresses=addresses,
-                )
-            )
+                self._dropped[dropped[8]] += 1  # reason
+                self._dropped_through = dropped[0]  # seq
+            decisions.append((
+                next(self._seq), client, request.method if request else "", request.target if request else "",
+                authority.host if authority else None, authority.port if authority else None,
+                action, status, reason, detail, addresses,
+            ))
 
     def _record_refusal(
         self, client: str, request: Request | None, authority: Authority | None, refusal: Refusal,
