@@ -35,12 +35,19 @@ from pytest_sandbox.probes.ssrf import (
     send_attempt,
 )
 from pytest_sandbox.verdicts.judgement import Judgement, Verdict
-from pytest_sandbox.verdicts.ssrf import HitCounts, ProxyReply, case_category, judge_attempt
+from pytest_sandbox.verdicts.ssrf import (
+    HitCounts,
+    ProxyReply,
+    case_category,
+    judge_attempt,
+    judge_with_unmarked_twin,
+)
 
 __all__ = [
     "PUBLIC_ORIGIN",
     "AttemptBound",
     "AttemptExchange",
+    "AttemptObservation",
     "HostMismatchControl",
     "HostMismatchDenial",
     "KeepAliveFollowUp",
@@ -114,6 +121,15 @@ class AttemptBound:
 
 
 @dataclass(frozen=True)
+class AttemptObservation:
+    """What a catalogue attempt saw: the marked request's reply and, for a denial, its unmarked twin's
+    (the same request without the nonce field and nonce path; None for a positive control)."""
+
+    marked: ProxyReply
+    unmarked: ProxyReply | None
+
+
+@dataclass(frozen=True)
 class AttemptExchange(AttemptBound):
     """A catalogue attempt as a campaign exchange."""
 
@@ -124,15 +140,23 @@ class AttemptExchange(AttemptBound):
     def control(self) -> str | None:
         return self.attempt.case.canary if self.attempt.case.expected == "allowed" else None
 
-    def perform(self, context: ExchangeContext, nonce: str) -> ProxyReply:
+    def perform(self, context: ExchangeContext, nonce: str) -> AttemptObservation:
+        """The attempt as the probes mark it, then (for a denial) its unmarked twin on a new connection."""
+        marked = self._send(context, nonce, marked=True)
+        if self.attempt.case.expected == "allowed":
+            return AttemptObservation(marked, None)
+        return AttemptObservation(marked, self._send(context, nonce, marked=False))
+
+    def _send(self, context: ExchangeContext, nonce: str, *, marked: bool) -> ProxyReply:
         try:
             with context.connect() as sock:
-                return send_attempt(sock, self.attempt, self.timeout, nonce=nonce)
+                return send_attempt(sock, self.attempt, self.timeout, nonce=nonce, marked=marked)
         except OSError as exc:
             return _failed_reply(exc)
 
     def judge(self, result: ExchangeResult) -> SsrfVerdict:
-        judgement = judge_attempt(self.attempt, result.observation, hit_counts(result.blamed))
+        seen: AttemptObservation = result.observation
+        judgement = judge_with_unmarked_twin(self.attempt, seen.marked, seen.unmarked, hit_counts(result.blamed))
         return SsrfVerdict(self.category, self.key, with_hit_notes(judgement, result), self.attempt.describe())
 
 
