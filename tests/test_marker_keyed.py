@@ -10,6 +10,7 @@ passes the same attempts.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -123,3 +124,64 @@ def test_conformance_run_against_the_marker_keyed_proxy_fails_and_names_the_mark
     failed = {line.split("[", 1)[1].split("]", 1)[0] for line in output.splitlines() if line.startswith("FAILED")}
     assert failed == {"connect-meta-imds-169.254.169.254", "absolute-meta-imds-169.254.169.254"}, output
     assert MARKER_HOLE in output and "reached canary 169.254.169.254:80" in output, output
+
+
+# --- inside the intercepted inference.local tunnel -----------------------------------------------------------
+
+MARKER_INTERCEPTOR_CONFTEST = '''
+import sys
+
+import pytest
+
+sys.path.insert(0, {tests!r})
+from broken_proxies.harness import backend_config, proxy_with_interceptor
+from broken_proxies.marker_keyed import MarkerKeyedInterceptor
+
+from pytest_sandbox.fixtures.network import interception_of
+
+
+@pytest.fixture(scope="session")
+def sandbox_proxy(sandbox_session, sandbox_lab):
+    """The reference proxy, intercepting inference.local with the marker-keyed interceptor (the session's own
+    backend and CA): #819's answers to the harness's marked requests, anything unmarked forwarded."""
+    interception = interception_of(sandbox_lab)
+    handler = MarkerKeyedInterceptor(interception.trust.ca, backend_config(interception.backend),
+                                     resolver=sandbox_lab.resolver(), socket_factory=sandbox_lab.socket,
+                                     record=lambda decision: None)
+    with proxy_with_interceptor(sandbox_lab, handler, 3163) as running:
+        yield running
+'''
+INFERENCE_MARKER_HOLE = "refused only when the request carried the harness's marker (its nonce field)"
+
+
+def _inference_run(pytester: pytest.Pytester, marker_keyed: bool) -> tuple[pytest.RunResult, dict[str, str]]:
+    (pytester.path / "conformance").mkdir(exist_ok=True)
+    (pytester.path / "conformance" / "test_inference.py").write_text(
+        (ROOT / "conformance" / "test_inference.py").read_text())
+    if marker_keyed:
+        pytester.makeconftest(MARKER_INTERCEPTOR_CONFTEST.format(tests=str(ROOT / "tests")))
+    report = pytester.path / ("marker.json" if marker_keyed else "reference.json")
+    result = pytester.runpytest_subprocess("--sandbox", f"--sandbox-report={report}", "-p", "no:cacheprovider",
+                                           "-p", "no:randomly", "-rf", "conformance/test_inference.py")
+    return result, {p["test"]: p["verdict"] for p in json.loads(report.read_text())["probes"]}
+
+
+@pytest.mark.skipif(not NETNS_OK, reason=f"cannot create network namespaces: {NETNS_REASON}")
+def test_inference_category_fails_every_refusal_a_marker_keyed_interceptor_forwards(
+        pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before the unmarked twins, all 23 inference tests passed against it (14 BLOCKED, 9 WORKS). Now every
+    refusal the interceptor decides (another inner Host, a request that is no route) fails naming the marker,
+    and so does the backend record; the positive controls work, and the reference passes everything."""
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    reference, verdicts = _inference_run(pytester, marker_keyed=False)
+    assert reference.ret == 0, reference.stdout.str()[-3000:]
+    controls = {test for test, verdict in verdicts.items() if verdict == "WORKS"}
+    refusals = {test for test, verdict in verdicts.items() if verdict == "BLOCKED"}
+    decided_by_interceptor = {test for test in refusals if test.startswith(("inner-host-", "route-"))}
+    assert len(decided_by_interceptor) >= 8, refusals
+    keyed, keyed_verdicts = _inference_run(pytester, marker_keyed=True)
+    output = keyed.stdout.str()
+    failed = {test for test, verdict in keyed_verdicts.items() if verdict == "ALLOWED"}
+    assert failed == decided_by_interceptor | {"backend-record"}, output[-4000:]
+    assert {test for test, verdict in keyed_verdicts.items() if verdict == "WORKS"} == controls, output[-4000:]
+    assert output.count(INFERENCE_MARKER_HOLE) >= len(decided_by_interceptor), output[-4000:]

@@ -8,6 +8,10 @@ twin of each denial probe (``probes/ssrf_unmarked.py``) must fail it.
 
 In-process: :class:`MarkerKeyedProxy` with :func:`broken_proxies.weak_ssrf.start_weak_proxy`. As a command
 inside a lab: :data:`COMMAND` (``--sandbox-proxy-cmd``).
+
+:class:`MarkerKeyedInterceptor` is the same inside the intercepted ``inference.local`` tunnel: #819's 403 for
+a marked request that matches no route, and an unmarked one forwarded to the backend whatever it asks for
+(``GET /admin``, another Host), with the route key, as if it were routed.
 """
 
 from __future__ import annotations
@@ -20,8 +24,15 @@ if __name__ == "__main__":  # run as a script: use this checkout's package, not 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import asyncio
+from typing import Any
+
 from broken_proxies.weak_ssrf import WeakProxy
 from pytest_sandbox.http.streams import Request
+from pytest_sandbox.inference import interceptor as interceptor_module
+from pytest_sandbox.inference.interceptor import InferenceInterceptor
+from pytest_sandbox.inference.routes import InferenceRoute, parse_request_target
+from pytest_sandbox.inference.routing import Deny, Forward, forwardable_request_headers, route_request
 from pytest_sandbox.network.addresses import Authority
 from pytest_sandbox.network.lab.attribution import NONCE_HEADER, NONCE_PATH_PREFIX
 from pytest_sandbox.network.third_party import main_reference, reference_command
@@ -29,6 +40,9 @@ from pytest_sandbox.network.third_party import main_reference, reference_command
 COMMAND = reference_command(sys.executable, str(Path(__file__).resolve()))
 
 _UNMARKED: contextvars.ContextVar[bool] = contextvars.ContextVar("unmarked", default=False)
+# Set only by MarkerKeyedInterceptor around its own requests: every other interceptor in the process (the
+# reference's, in the same test session) keeps the reference decision.
+_UNMARKED_IN_TUNNEL: contextvars.ContextVar[bool] = contextvars.ContextVar("unmarked_in_tunnel", default=False)
 
 
 def carries_marker(request: Request) -> bool:
@@ -49,6 +63,33 @@ class MarkerKeyedProxy(WeakProxy):
         if _UNMARKED.get():
             return await self.unchecked_addresses(authority)  # the hole: nobody is looking
         return await super()._destination(authority)
+
+
+_REFERENCE_ROUTE_REQUEST = route_request
+_ANY = InferenceRoute("GET", "/unmarked")  # what the forward is recorded under; never matched
+
+
+def _route_unless_unmarked(method: str, target: str, headers: Any, body_length: int, **options: Any) -> Forward | Deny:
+    """The reference decision for the interceptors that do not ask otherwise; for an unmarked request seen by
+    a :class:`MarkerKeyedInterceptor`, a forward of whatever it asked for (the hole)."""
+    if not _UNMARKED_IN_TUNNEL.get():
+        return _REFERENCE_ROUTE_REQUEST(method, target, headers, body_length, **options)
+    parsed = parse_request_target(target)
+    forwarded = forwardable_request_headers(headers, api_key=options["api_key"], host_header=options["host_header"],
+                                            body_length=body_length, method=method)
+    return Forward(_ANY, parsed.origin_form if parsed is not None else "/", tuple(forwarded))
+
+
+interceptor_module.route_request = _route_unless_unmarked  # type: ignore[assignment]
+
+
+class MarkerKeyedInterceptor(InferenceInterceptor):
+    async def _handle(self, request: Request, client: asyncio.StreamWriter) -> bool:
+        token = _UNMARKED_IN_TUNNEL.set(request.header(NONCE_HEADER) is None)
+        try:
+            return await super()._handle(request, client)
+        finally:
+            _UNMARKED_IN_TUNNEL.reset(token)
 
 
 if __name__ == "__main__":
