@@ -75,6 +75,32 @@ def request_with_nonce(nonce: str, method: str, path: str, *, body: bytes = b"",
     return inference_request(method, path, body=body, headers=headers, **options)
 
 
+def unmarked_request(nonce: str, method: str, path: str, *, body: bytes = b"", credentials: bool = True,
+                     **options: Any) -> bytes:
+    """The same request without the harness's nonce field, as any client sends it: the nonce rides only in the
+    query (routes match the path alone), where a client's own token would, so what it causes is still its own.
+    An interceptor that applies #819 only to requests carrying the marker forwards this one."""
+    headers = CLIENT_CREDENTIALS if credentials else ()
+    return inference_request(method, f"{path}?{nonce}", body=body, headers=headers, **options)
+
+
+def refused_and_closed(answer: ParsedResponse | None, closed: bool) -> bool:
+    """#819's refusal: the 403 JSON answer, then the connection closed."""
+    return answer is not None and is_inference_refusal(answer) and closed
+
+
+def unmarked_note(twin: tuple[ParsedResponse | None, bool] | None) -> str:
+    """How a refusal's unmarked twin was answered, for ``observed`` (empty when there was none)."""
+    if twin is None:
+        return ""
+    answer, closed = twin
+    return f"; the same request without the marker: answer {answer.status if answer else None}, closed {closed}"
+
+
+MARKER_HOLE = ("refused only when the request carried the harness's marker (its nonce field); the same request "
+               "without it was not refused and closed")
+
+
 def chat_request(nonce: str, *, stream: bool = False) -> bytes:
     body = json.dumps({**CHAT, "stream": True}).encode() if stream else CHAT_BODY
     return request_with_nonce(nonce, "POST", "/v1/chat/completions", body=body)
@@ -149,14 +175,24 @@ def routed_then_admin(proxy: RunningProxy, trust: InterceptionTrust) -> Perform:
     return perform
 
 
+def refusal_on_a_tunnel(proxy: RunningProxy, trust: InterceptionTrust, request: bytes) -> tuple[ParsedResponse | None,
+                                                                                                  bool]:
+    """``request`` alone on a new tunnel: its first answer and whether the connection then closed."""
+    with tunnel(proxy, trust) as tls:
+        responses, closed = send_and_read(tls, request)
+        if not closed:
+            closed = closes_without_more_bytes(tls)
+    return (responses[0] if responses else None), closed
+
+
 def other_inner_host(proxy: RunningProxy, trust: InterceptionTrust, inner_host: str) -> Perform:
-    def perform(nonce: str) -> tuple[ParsedResponse | None, bool]:
+    def perform(nonce: str) -> tuple[ParsedResponse | None, bool, tuple[ParsedResponse | None, bool]]:
         request = request_with_nonce(nonce, "POST", "/v1/chat/completions", body=CHAT_BODY, credentials=False,
                                      host=inner_host)
-        with tunnel(proxy, trust) as tls:
-            responses, _ = send_and_read(tls, request)
-            closed = closes_without_more_bytes(tls)
-        return (responses[0] if responses else None), closed
+        answer, closed = refusal_on_a_tunnel(proxy, trust, request)
+        twin = refusal_on_a_tunnel(proxy, trust, unmarked_request(nonce, "POST", "/v1/chat/completions",
+                                                                  body=CHAT_BODY, credentials=False, host=inner_host))
+        return answer, closed, twin
     return perform
 
 
@@ -174,13 +210,15 @@ def connect_other_port(proxy: RunningProxy, port: int) -> Perform:
 
 
 def route_probe_exchange(proxy: RunningProxy, trust: InterceptionTrust, probe: RouteProbe) -> Perform:
-    def perform(nonce: str) -> tuple[list[ParsedResponse], bool]:
+    def perform(nonce: str) -> tuple[list[ParsedResponse], bool, tuple[ParsedResponse | None, bool] | None]:
         with tunnel(proxy, trust) as tls:
             responses, closed = send_and_read(tls, probe_request(nonce, probe.method, probe.path))
             if not closed and not probe.routed:
                 # A refusal must close (#819); a forward is judged on what reached the backend.
                 closed = closes_without_more_bytes(tls)
-        return responses, closed
+        twin = None if probe.routed else refusal_on_a_tunnel(proxy, trust, unmarked_request(
+            nonce, probe.method, probe.path, body=CHAT_BODY if probe.method == "POST" else b""))
+        return responses, closed, twin
     return perform
 
 
@@ -324,16 +362,20 @@ def test_non_inference_request_after_a_routed_one_is_refused_closed_and_never_fo
 def test_inner_host_other_than_inference_local_is_refused(
         inner_host: str, interception_ca: InterceptionTrust, network_verdict: VerdictCheck, chat_is_routed: None,
         evidence: ExchangeEvidence) -> None:
-    answer, closed = evidence.observation
+    answer, closed, twin = evidence.observation
     reached = len(evidence.arrived) + len(evidence.unframed)
     hits = len(evidence.hits)
-    ok = answer is not None and answer.status == 403 and closed and reached == 0 and hits == 0
+    marked_ok = answer is not None and answer.status == 403 and closed
+    twin_ok = twin[0] is not None and twin[0].status == 403 and twin[1]
+    ok = marked_ok and twin_ok and reached == 0 and hits == 0
     observed = (f"status {answer.status if answer else None}, closed {closed}, backend saw {reached}, canary hits "
-                f"{hits}" + (f" ({evidence.reached})" if reached or hits else ""))
+                f"{hits}" + (f" ({evidence.reached})" if reached or hits else "") + unmarked_note(twin))
+    reason = ("an inner Host other than the CONNECT authority is refused" if ok else
+              f"inner Host mismatch {MARKER_HOLE}" if marked_ok and not twin_ok else "inner Host mismatch not refused")
     network_verdict(CATEGORY, f"inner-host-{inner_host}", judged(
-        ok, Verdict.BLOCKED, Verdict.ALLOWED if reached or hits else Verdict.INDETERMINATE,
-        "an inner Host other than the CONNECT authority is refused" if ok else "inner Host mismatch not refused",
-        "403, closed, nothing reached", observed), f"CONNECT inference.local:443 then Host: {inner_host}")
+        ok, Verdict.BLOCKED, Verdict.ALLOWED if reached or hits else Verdict.INDETERMINATE, reason,
+        "403, closed, nothing reached; the same without the marker too", observed),
+        f"CONNECT inference.local:443 then Host: {inner_host}")
 
 
 @pytest.mark.parametrize("port", OTHER_PORTS)
@@ -358,14 +400,16 @@ def probe_request(nonce: str, method: str, path: str) -> bytes:
 
 
 def judge_route_probe(probe: RouteProbe, answer: ParsedResponse | None, closed: bool,
-                      arrived: list[tuple[str, str, list[str]]], unframed: tuple[str, ...] = ()) -> Judgement:
+                      arrived: list[tuple[str, str, list[str]]], unframed: tuple[str, ...] = (),
+                      twin: tuple[ParsedResponse | None, bool] | None = None) -> Judgement:
     """Judge one route probe from the answer, the close and what reached the backend because of it
-    (method, path, authorization values; and bytes that frame into no request). Pure."""
+    (method, path, authorization values; and bytes that frame into no request), and for a refusal its
+    unmarked twin's answer and close (the same request without the nonce field). Pure."""
     request = f"{probe.method} {probe.path}"
     refusal = " (#819 refusal)" if answer is not None and is_inference_refusal(answer) else ""
     observed = (f"answer {answer.status if answer else None}{refusal}, closed {closed}; "
                 f"backend saw {[f'{m} {p}' for m, p, _ in arrived]}" + (f", unframed {list(unframed)}"
-                                                                       if unframed else ""))
+                                                                       if unframed else "") + unmarked_note(twin))
     reached = [(m, p, key) for m, p, key in arrived if (m, p) == (probe.method, probe.path)]
     if probe.routed:
         expected = f"forwarded: the backend saw {request} once, with the route key; the answer is the backend's"
@@ -374,13 +418,17 @@ def judge_route_probe(probe: RouteProbe, answer: ParsedResponse | None, closed: 
         return judged(ok, Verdict.WORKS, Verdict.BROKEN, f"{request} is a route of the policy and was forwarded"
                       if ok else f"{request} is a route of the policy but was not forwarded as routed",
                       expected, observed)
-    expected = "refused with #819's 403 and closed; nothing reached the backend"
+    expected = "refused with #819's 403 and closed, with and without the marker; nothing reached the backend"
+    marked_ok = refused_and_closed(answer, closed)
+    twin_ok = twin is None or refused_and_closed(*twin)
     if arrived or unframed:
-        return Judgement(Verdict.ALLOWED, f"{request} is no route of the policy, yet it reached the backend",
+        hole = f"; {MARKER_HOLE}" if marked_ok and not twin_ok else ""
+        return Judgement(Verdict.ALLOWED, f"{request} is no route of the policy, yet it reached the backend{hole}",
                              expected, observed)
-    ok = answer is not None and is_inference_refusal(answer) and closed
-    return judged(ok, Verdict.BLOCKED, Verdict.INDETERMINATE, f"{request} is no route of the policy and was refused"
-                  if ok else f"{request} was not refused as #819 requires", expected, observed)
+    ok = marked_ok and twin_ok
+    reason = (f"{request} is no route of the policy and was refused" if ok else
+              f"{request} was {MARKER_HOLE}" if marked_ok else f"{request} was not refused as #819 requires")
+    return judged(ok, Verdict.BLOCKED, Verdict.INDETERMINATE, reason, expected, observed)
 
 
 def arrivals_of(arrived: tuple[BackendArrival, ...]) -> list[tuple[str, str, list[str]]]:
@@ -392,9 +440,9 @@ def test_route_table_is_the_enforced_policys(
         evidence: ExchangeEvidence) -> None:
     """Each route of ``--sandbox-policy`` is forwarded; anything else is refused, including a baseline
     route the policy dropped (a proxy that kept the built-in table forwards it: ALLOWED)."""
-    responses, closed = evidence.observation
+    responses, closed, twin = evidence.observation
     judgement = judge_route_probe(route_probe, responses[0] if responses else None, closed,
-                                  arrivals_of(evidence.arrived), evidence.unframed)
+                                  arrivals_of(evidence.arrived), evidence.unframed, twin)
     network_verdict(CATEGORY, route_probe.test_id, judgement,
                     f"{route_probe.method} {route_probe.path} via inference.local "
                     f"({'a route' if route_probe.routed else 'not a route'} of the policy)")

@@ -60,7 +60,7 @@ from pytest_sandbox.probes.allowlist import allowlist_probes, allowlist_rounds, 
 from pytest_sandbox.probes.allowlist_campaign import run_allowlist_campaign
 from pytest_sandbox.probes.campaign import GRACE_SECONDS, audit_lab
 from pytest_sandbox.probes.ssrf import ALL_FORMS, Attempt, build_attempts
-from pytest_sandbox.probes.ssrf_exchanges import AttemptExchange, run_attempt, run_ssrf_campaign
+from pytest_sandbox.probes.ssrf_exchanges import UNMARKED_SUFFIX, AttemptExchange, run_attempt, run_ssrf_campaign
 from pytest_sandbox.verdicts.allowlist import AllowlistProbe, judge_allowlist_probe
 from pytest_sandbox.verdicts.judgement import Judgement, Verdict
 from pytest_sandbox.verdicts.ssrf import ProxyReply, endpoint_text, judge_attempt
@@ -482,7 +482,8 @@ class RunningLateDialer:
 
     def leaked_keys(self) -> set[str]:
         """The attempts whose requests the relay dialled late, by the nonce each request carried."""
-        by_nonce = {w.nonce: w.key.split("/", 1)[1].split("#", 1)[0] for w in self.lab.attempt_windows()}
+        by_nonce = {w.nonce: w.key.split("/", 1)[1].split("#", 1)[0].removesuffix(UNMARKED_SUFFIX)
+                    for w in self.lab.attempt_windows()}
         return {by_nonce[dial.nonce] for dial in self.relay.dialled if dial.nonce in by_nonce}
 
 
@@ -532,9 +533,10 @@ def test_late_dialer_fails_exactly_the_cases_it_leaked_and_no_positive_control(l
     assert {v.test_id for v in verdicts.values() if v.category == "ssrf-controls"
             and v.judgement.verdict is Verdict.WORKS} == {a.test_id for a in CONTROLS}
     imds = failing["connect-meta-imds-169.254.169.254"]
-    # Its own dial (no bytes: a CONNECT) and the one its rerun alone made, each about 0.2 s after.
-    assert imds.reason == "destination '169.254.169.254:80' reached canary 169.254.169.254:80 x2"
-    assert imds.observed.count("s after it ended, no bytes") == 2
+    # Its own dial (no bytes: a CONNECT) and the one its rerun alone made, each about 0.2 s after; the same
+    # again for its unmarked twin (an exchange of its own, judged with it).
+    assert imds.reason == "destination '169.254.169.254:80' reached canary 169.254.169.254:80 x4"
+    assert imds.observed.count("s after it ended, no bytes") == 4
     # Exact, not merely sound: no leaked case shares the blame for a hit with another case.
     assert [test_id for test_id, judgement in failing.items() if "together with" in judgement.observed] == []
     assert late_dialer.lab.unaccounted_hits() == []

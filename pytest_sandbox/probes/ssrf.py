@@ -195,9 +195,11 @@ class Attempt:
     def describe(self) -> str:
         return f"{self.method} {self.target!r} ({self.form}-form; {self.case.note})"
 
-    def request_target(self, nonce: str | None = None) -> str:
+    def request_target(self, nonce: str | None = None, *, marked: bool = True) -> str:
         """The request-target as sent; the nonce goes into an absolute or origin-form path when the
-        case's own suffix is a plain path (a '?@' or '#@' suffix is sent exactly, nonce in the header)."""
+        case's own suffix is a plain path (a '?@' or '#@' suffix is sent exactly, nonce in the header).
+        ``marked=False`` is the unmarked twin: the nonce is one opaque path segment, not under
+        :data:`NONCE_PATH_PREFIX`, as a client's own token would be."""
         case = self.case
         if self.form in ("connect", "authority"):
             return case.authority
@@ -205,18 +207,20 @@ class Attempt:
             return "*"
         path = case.suffix
         if nonce is not None and path.startswith("/"):
-            path = f"{NONCE_PATH_PREFIX}{nonce}{'' if path == '/' else path}"
+            prefix = f"{NONCE_PATH_PREFIX}{nonce}" if marked else f"/{nonce}"
+            path = f"{prefix}{'' if path == '/' else path}"
         if self.form == "origin":
             return path if path.startswith("/") else "/"
         return f"{case.scheme}://{case.authority}{path}"
 
-    def request_bytes(self, nonce: str | None = None) -> bytes:
+    def request_bytes(self, nonce: str | None = None, *, marked: bool = True) -> bytes:
         """The request head exactly as sent; odd characters go out as UTF-8, unescaped. In the
-        Host-carried forms the Host is the case's authority whatever it holds (it is the destination)."""
+        Host-carried forms the Host is the case's authority whatever it holds (it is the destination).
+        ``marked=False``: no :data:`NONCE_HEADER` field and no nonce path prefix (the unmarked twin)."""
         authority = self.case.authority
         host = authority if self.form in _HOST_CARRIED or _is_field_text(authority) else FALLBACK_HOST
-        lines = [f"{self.method} {self.request_target(nonce)} HTTP/1.1", f"Host: {host}"]
-        if nonce is not None:
+        lines = [f"{self.method} {self.request_target(nonce, marked=marked)} HTTP/1.1", f"Host: {host}"]
+        if nonce is not None and marked:
             lines.append(f"{NONCE_HEADER}: {nonce}")
         if self.form != "connect":
             lines.append("Connection: close")
@@ -314,12 +318,15 @@ def _read_answer(sock: socket.socket, buffer: bytearray, deadline: float) -> tup
 
 
 def send_attempt(sock: socket.socket, attempt: Attempt,
-                 timeout: float = ATTEMPT_TIMEOUT_SECONDS, *, nonce: str | None = None) -> ProxyReply:
+                 timeout: float = ATTEMPT_TIMEOUT_SECONDS, *, nonce: str | None = None,
+                 marked: bool = True) -> ProxyReply:
     """Send ``attempt`` on a fresh connection to the proxy and read its answer: until the proxy closes
-    the connection where the verdict rests on the close (a refusal), else until the answer is complete."""
+    the connection where the verdict rests on the close (a refusal), else until the answer is complete.
+    ``marked=False`` sends the unmarked twin (:meth:`Attempt.request_bytes`); a tunnel it opens still
+    carries the marked GET, which the proxy's decision can no longer depend on."""
     deadline = time.monotonic() + timeout
     try:
-        sock.sendall(attempt.request_bytes(nonce))
+        sock.sendall(attempt.request_bytes(nonce, marked=marked))
     except OSError as exc:
         return ProxyReply(_NO_ANSWER, None, closed=True, timed_out=False, error=str(exc))
     buffer = bytearray()

@@ -35,10 +35,17 @@ from pytest_sandbox.probes.ssrf import (
     send_attempt,
 )
 from pytest_sandbox.verdicts.judgement import Judgement, Verdict
-from pytest_sandbox.verdicts.ssrf import HitCounts, ProxyReply, case_category, judge_attempt
+from pytest_sandbox.verdicts.ssrf import (
+    HitCounts,
+    ProxyReply,
+    case_category,
+    judge_attempt,
+    judge_with_unmarked_twin,
+)
 
 __all__ = [
     "PUBLIC_ORIGIN",
+    "UNMARKED_SUFFIX",
     "AttemptBound",
     "AttemptExchange",
     "HostMismatchControl",
@@ -113,9 +120,21 @@ class AttemptBound:
         return None
 
 
+# The key suffix of an attempt's unmarked twin (its own exchange in the campaign, judged with the attempt).
+UNMARKED_SUFFIX = "~unmarked"
+
+
 @dataclass(frozen=True)
 class AttemptExchange(AttemptBound):
-    """A catalogue attempt as a campaign exchange."""
+    """A catalogue attempt as a campaign exchange. ``marked=False`` is a denial's unmarked twin: the same
+    request without the nonce field and nonce path (:meth:`~pytest_sandbox.probes.ssrf.Attempt.request_bytes`),
+    an exchange of its own (its own nonce, window and hits), judged together with the marked attempt."""
+
+    marked: bool = True
+
+    @property
+    def key(self) -> str:
+        return self.attempt.test_id if self.marked else self.attempt.test_id + UNMARKED_SUFFIX
 
     @property
     def category(self) -> str:
@@ -124,16 +143,28 @@ class AttemptExchange(AttemptBound):
     def control(self) -> str | None:
         return self.attempt.case.canary if self.attempt.case.expected == "allowed" else None
 
+    def unmarked_twin(self) -> AttemptExchange | None:
+        """The twin a denial is proven with as well (None for a positive control or a twin)."""
+        if not self.marked or self.attempt.case.expected == "allowed":
+            return None
+        return dataclasses.replace(self, marked=False)
+
     def perform(self, context: ExchangeContext, nonce: str) -> ProxyReply:
         try:
             with context.connect() as sock:
-                return send_attempt(sock, self.attempt, self.timeout, nonce=nonce)
+                return send_attempt(sock, self.attempt, self.timeout, nonce=nonce, marked=self.marked)
         except OSError as exc:
             return _failed_reply(exc)
 
-    def judge(self, result: ExchangeResult) -> SsrfVerdict:
-        judgement = judge_attempt(self.attempt, result.observation, hit_counts(result.blamed))
-        return SsrfVerdict(self.category, self.key, with_hit_notes(judgement, result), self.attempt.describe())
+    def judge(self, result: ExchangeResult, twin: ExchangeResult | None = None) -> SsrfVerdict:
+        """The verdict on ``result`` and, for a denial, its unmarked twin's ``twin`` (hits of either count)."""
+        blamed = (*result.blamed, *(twin.blamed if twin is not None else ()))
+        judgement = judge_with_unmarked_twin(self.attempt, result.observation,
+                                             twin.observation if twin is not None else None, hit_counts(blamed))
+        judgement = with_hit_notes(judgement, result)
+        if twin is not None:
+            judgement = with_hit_notes(judgement, twin)
+        return SsrfVerdict(self.category, self.key, judgement, self.attempt.describe())
 
 
 # How many SSRF exchanges are in flight at once: each waits on the proxy (a refusal's close, a dial),
@@ -144,9 +175,20 @@ SSRF_CONCURRENCY = 16
 def run_ssrf_campaign(lab: NetworkLab, connect_to_proxy: Callable[[], socket.socket],
                       exchanges: Sequence[SsrfExchange], *, grace: float = GRACE_SECONDS,
                       concurrency: int = SSRF_CONCURRENCY) -> dict[str, SsrfVerdict]:
-    """Run ``exchanges`` through the proxy as one campaign and judge each: test id -> verdict."""
-    results = Campaign(ExchangeContext(lab, connect_to_proxy), grace=grace, concurrency=concurrency).run(exchanges)
-    return {exchange.key: exchange.judge(results[exchange.key]) for exchange in exchanges}
+    """Run ``exchanges`` through the proxy as one campaign and judge each: test id -> verdict.
+
+    Every catalogue denial also runs its unmarked twin (:meth:`AttemptExchange.unmarked_twin`), so a proxy
+    that judges only requests carrying the harness's marker fails it."""
+    twins = {exchange.key: twin for exchange in exchanges if isinstance(exchange, AttemptExchange)
+             and (twin := exchange.unmarked_twin()) is not None}
+    campaign = Campaign(ExchangeContext(lab, connect_to_proxy), grace=grace, concurrency=concurrency)
+    results = campaign.run([*exchanges, *twins.values()])
+    verdicts: dict[str, SsrfVerdict] = {}
+    for exchange in exchanges:
+        twin = twins.get(exchange.key)
+        verdicts[exchange.key] = exchange.judge(results[exchange.key], results[twin.key]) \
+            if isinstance(exchange, AttemptExchange) and twin is not None else exchange.judge(results[exchange.key])
+    return verdicts
 
 
 def run_attempt(attempt: Attempt, connect_to_proxy: Callable[[], socket.socket],

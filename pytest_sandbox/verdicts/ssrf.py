@@ -26,6 +26,7 @@ __all__ = [
     "case_category",
     "endpoint_text",
     "judge_attempt",
+    "judge_with_unmarked_twin",
 ]
 
 # A refusal is an answer the proxy gives itself before any dial: 403 (policy, SSRF) or 400
@@ -156,6 +157,32 @@ def judge_attempt(attempt: JudgedAttempt, reply: ProxyReply, hits: HitCounts,
         return Judgement(Verdict.INDETERMINATE, "the proxy closed without an HTTP answer", expected,
                          observed)
     return Judgement(Verdict.INDETERMINATE, f"unexpected status {status}", expected, observed)
+
+
+def judge_with_unmarked_twin(attempt: JudgedAttempt, reply: ProxyReply, unmarked: ProxyReply | None,
+                             hits: HitCounts, observable: Callable[[str], bool] = canary_is_observable) -> Judgement:
+    """Judge a denial probe sent twice: marked (the attempt's nonce field and nonce path, as every probe
+    carries them) and as its unmarked twin (the same request with neither, what any client sends).
+    ``hits`` are the canary connections either caused. Pure.
+
+    A proxy that judges only requests that look like the harness's would refuse every marked probe and
+    forward every real client's: a refusal counts only when the twin was refused too, and the reason
+    then says which of the two got through (network.md §7; a denial is proven on what the proxy does
+    with ordinary traffic, not on how it treats a test).
+    """
+    judgement = judge_attempt(attempt, reply, hits, observable)
+    if unmarked is None or attempt.case.expected == "allowed":
+        return judgement
+    observed = f"{judgement.observed}; the same request without the marker: {unmarked.describe()}"
+    twin = judge_attempt(attempt, unmarked, {}, observable)
+    marked_refused = reply.proxy.status in REFUSAL_STATUSES
+    if twin.verdict is Verdict.BLOCKED or not marked_refused:
+        return Judgement(judgement.verdict, judgement.reason, judgement.expected, observed)
+    verdict = Verdict.ALLOWED if Verdict.ALLOWED in (twin.verdict, judgement.verdict) else twin.verdict
+    reached = f"; {judgement.reason}" if judgement.verdict is Verdict.ALLOWED else ""
+    return Judgement(verdict, "refused only when the request carried the harness's marker (its nonce field "
+                     f"and nonce path); the same request without it: {twin.reason}{reached}",
+                     judgement.expected, observed)
 
 
 def _judge_control(attempt: JudgedAttempt, reply: ProxyReply, hits: HitCounts, observed: str) -> Judgement:

@@ -1,0 +1,96 @@
+"""A deliberately broken proxy that recognises the harness: it judges only requests that carry its marker.
+
+Every request the conformance probes send carries the attempt's nonce in ``X-Sandbox-Probe`` (and, where
+there is a path, in ``/sandbox-probe/<nonce>``). This proxy applies the reference's checks to exactly those
+requests and dials anything else unchecked: a real client's ``GET http://169.254.169.254/`` goes through.
+A suite whose every denial probe carries the marker credits it with BLOCKED everywhere; the unmarked
+twin of each denial probe (``probes/ssrf_unmarked.py``) must fail it.
+
+In-process: :class:`MarkerKeyedProxy` with :func:`broken_proxies.weak_ssrf.start_weak_proxy`. As a command
+inside a lab: :data:`COMMAND` (``--sandbox-proxy-cmd``).
+
+:class:`MarkerKeyedInterceptor` is the same inside the intercepted ``inference.local`` tunnel: #819's 403 for
+a marked request that matches no route, and an unmarked one forwarded to the backend whatever it asks for
+(``GET /admin``, another Host), with the route key, as if it were routed.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":  # run as a script: use this checkout's package, not an installed copy
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import asyncio
+from typing import Any
+
+from broken_proxies.weak_ssrf import WeakProxy
+from pytest_sandbox.http.streams import Request
+from pytest_sandbox.inference import interceptor as interceptor_module
+from pytest_sandbox.inference.interceptor import InferenceInterceptor
+from pytest_sandbox.inference.routes import InferenceRoute, parse_request_target
+from pytest_sandbox.inference.routing import Deny, Forward, forwardable_request_headers, route_request
+from pytest_sandbox.network.addresses import Authority
+from pytest_sandbox.network.lab.attribution import NONCE_HEADER, NONCE_PATH_PREFIX
+from pytest_sandbox.network.third_party import main_reference, reference_command
+
+COMMAND = reference_command(sys.executable, str(Path(__file__).resolve()))
+
+_UNMARKED: contextvars.ContextVar[bool] = contextvars.ContextVar("unmarked", default=False)
+# Set only by MarkerKeyedInterceptor around its own requests: every other interceptor in the process (the
+# reference's, in the same test session) keeps the reference decision.
+_UNMARKED_IN_TUNNEL: contextvars.ContextVar[bool] = contextvars.ContextVar("unmarked_in_tunnel", default=False)
+
+
+def carries_marker(request: Request) -> bool:
+    """Whether ``request`` looks like the harness's: its nonce field or its nonce path."""
+    return request.header(NONCE_HEADER) is not None or NONCE_PATH_PREFIX in request.target
+
+
+class MarkerKeyedProxy(WeakProxy):
+    async def _admit(self, request: Request) -> tuple[Authority, str, tuple[str, ...]]:
+        _UNMARKED.set(not carries_marker(request))
+        return await super()._admit(request)
+
+    async def _handle_connect(self, conn, request: Request) -> None:  # type: ignore[no-untyped-def]
+        _UNMARKED.set(not carries_marker(request))
+        await super()._handle_connect(conn, request)
+
+    async def _destination(self, authority: Authority) -> tuple[str, ...]:
+        if _UNMARKED.get():
+            return await self.unchecked_addresses(authority)  # the hole: nobody is looking
+        return await super()._destination(authority)
+
+
+_REFERENCE_ROUTE_REQUEST = route_request
+_ANY = InferenceRoute("GET", "/unmarked")  # what the forward is recorded under; never matched
+
+
+def _route_unless_unmarked(method: str, target: str, headers: Any, body_length: int, **options: Any) -> Forward | Deny:
+    """The reference decision for the interceptors that do not ask otherwise; for an unmarked request seen by
+    a :class:`MarkerKeyedInterceptor`, a forward of whatever it asked for (the hole)."""
+    if not _UNMARKED_IN_TUNNEL.get():
+        return _REFERENCE_ROUTE_REQUEST(method, target, headers, body_length, **options)
+    parsed = parse_request_target(target)
+    forwarded = forwardable_request_headers(headers, api_key=options["api_key"], host_header=options["host_header"],
+                                            body_length=body_length, method=method)
+    return Forward(_ANY, parsed.origin_form if parsed is not None else "/", tuple(forwarded))
+
+
+interceptor_module.route_request = _route_unless_unmarked  # type: ignore[assignment]
+
+
+class MarkerKeyedInterceptor(InferenceInterceptor):
+    async def _handle(self, request: Request, client: asyncio.StreamWriter) -> bool:
+        token = _UNMARKED_IN_TUNNEL.set(request.header(NONCE_HEADER) is None)
+        try:
+            return await super()._handle(request, client)
+        finally:
+            _UNMARKED_IN_TUNNEL.reset(token)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main_reference(sys.argv[1:], MarkerKeyedProxy))
