@@ -17,6 +17,15 @@ delay after that attempt matches; a hit no rerun explains stays blamed on every 
 have caused it (a target that leaks only sometimes). A reference proxy never leaks, so it never
 pays for isolation.
 
+On a loaded machine the lateness of one dial varies by more than the tolerance (the proxy's timer,
+the client's and the lab's threads all wait for a core), so a hit can match no rerun although a rerun
+reproduced it. The campaign then *confirms*: every candidate of such a hit whose rerun reached nothing
+there is rerun alone :data:`CONFIRMATION_RERUNS` more times. If none of them ever reaches it, the hit
+is put on a candidate whose reruns did reproduce hits there and has a reproduced hit left unexplained
+(by count, nearest lateness first; its verdict says so); a candidate that reaches it on a
+confirmation rerun has those hits as its own and joins the candidates that can explain it. A hit the
+counts cannot place stays blamed on every candidate, and its verdicts say "together with".
+
 :func:`audit_lab` is the session-end check: after one more grace period, every hit no verdict
 accounted for fails the run, with its destination and the attempts that could have caused it.
 :func:`audit_upstream` does the same for the bytes the lab's origins and inference backends received
@@ -57,6 +66,7 @@ __all__ = [
     "audit_upstream",
     "in_flight",
     "isolation_rounds",
+    "match_hits",
     "sleep_out_grace",
 ]
 
@@ -67,6 +77,10 @@ GRACE_SECONDS = 0.5
 # How closely a hit's delay after a candidate must match that candidate's delay when rerun alone for
 # the hit to be its alone (the others confirmed by isolation leak anyway).
 LATENESS_TOLERANCE_SECONDS = 0.05
+# How many more times each candidate whose rerun alone reached nothing is rerun before a hit without a
+# nonce whose lateness matched no rerun (a loaded machine) may be put, by count, on a candidate whose
+# rerun reproduced it: a candidate that leaks at all is then seen leaking on one of 1 + this many tries.
+CONFIRMATION_RERUNS = 2
 _campaign_ids = itertools.count(1)
 
 
@@ -114,6 +128,7 @@ class ExchangeResult:
     shared: tuple[CatchAllHit, ...] = ()
     shared_with: tuple[str, ...] = ()
     isolated: bool = False
+    counted: int = 0  # of ``hits``: put on it by count after the confirmation reruns (lateness off by load)
 
     @property
     def blamed(self) -> tuple[CatchAllHit, ...]:
@@ -129,6 +144,10 @@ class ExchangeResult:
             notes.append(f"{hit.endpoint} {when}, " + (f"{len(hit.received)} bytes" if hit.received else "no bytes"))
         if self.isolated:
             notes.append("rerun alone to attribute hits without a nonce")
+        if self.counted:
+            notes.append(f"{self.counted} hit(s) without a nonce put on it by count: its lateness matched no rerun "
+                         "(a loaded machine), its reruns alone reproduced them and the other candidates' "
+                         f"{1 + CONFIRMATION_RERUNS} reruns alone reached nothing there")
         if self.shared:
             where = ", ".join(sorted({hit.endpoint for hit in self.shared}))
             notes.append(f"{len(self.shared)} hit(s) without a nonce at {where} blamed on it together with "
@@ -146,9 +165,14 @@ class _Run:
 @dataclass
 class _Isolation:
     rerun: set[str] = field(default_factory=set)
+    runs: dict[str, int] = field(default_factory=dict)  # own key -> how many times it was rerun alone
     # own key -> {address: how long after its rerun ended each hit without the nonce came there}
     lateness: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    # (own key, address) -> the most hits without the nonce one of its reruns alone made there
+    capacity: dict[tuple[str, str], int] = field(default_factory=dict)
     hits: dict[str, list[tuple[CatchAllHit, float]]] = field(default_factory=dict)  # (hit, delay after the rerun)
+    counted: dict[str, int] = field(default_factory=dict)  # own key -> hits put on it by count
+    rounds: int = 0
 
 
 T = TypeVar("T")
@@ -192,6 +216,45 @@ def isolation_rounds(keys: Sequence[str], destinations: dict[str, frozenset[str]
             rounds.append([key])
             used.append(set(wanted))
     return rounds
+
+
+Slot = TypeVar("Slot")
+
+
+def match_hits(edges: dict[int, list[tuple[float, Slot]]], capacity: dict[Slot, int]) -> dict[int, Slot]:
+    """The most hits (index) each given one slot that can explain it, a slot taking at most its capacity.
+
+    ``edges`` holds, per hit, (gap, slot) for every slot that may explain it: the smaller the gap, the
+    better the match. Hits are placed best gap first, each trying its slots best first; a slot that
+    is full gives one of its hits up when that hit can move to another of its slots (an augmenting
+    path, Kuhn's algorithm), so one early near-tie never leaves a later hit unexplained while a
+    matching that explains both exists.
+    """
+    holders: dict[Slot, list[int]] = {}
+    chosen: dict[int, Slot] = {}
+    options = {index: sorted(pairs, key=lambda pair: pair[0]) for index, pairs in edges.items()}
+
+    def place(index: int, visited: set[Slot]) -> bool:
+        for _gap, slot in options[index]:
+            if slot in visited:
+                continue
+            visited.add(slot)
+            held = holders.setdefault(slot, [])
+            if len(held) < capacity.get(slot, 0):
+                held.append(index)
+                chosen[index] = slot
+                return True
+            for other in list(held):
+                if place(other, visited):  # ``other`` moved to another of its slots
+                    held.remove(other)
+                    held.append(index)
+                    chosen[index] = slot
+                    return True
+        return False
+
+    for index in sorted(options, key=lambda i: (options[i][0][0] if options[i] else float("inf"), i)):
+        place(index, set())
+    return chosen
 
 
 class Campaign:
@@ -243,7 +306,7 @@ class Campaign:
             results[run.exchange.key] = ExchangeResult(
                 run.exchange.key, run.observation, run.window, (*own, *(hit for hit, _ in alone)),
                 (*(hit.at - run.window.end for hit in own), *(delay for _, delay in alone)),
-                tuple(shared), tuple(others), key in isolation.rerun)
+                tuple(shared), tuple(others), key in isolation.rerun, isolation.counted.get(key, 0))
             self.lab.account([hit.index for hit in blamed] + [hit.index for hit, _ in alone], by=key)
         return results
 
@@ -298,7 +361,8 @@ class Campaign:
     def _isolate(self, attribution: Attribution, hits: Sequence[CatchAllHit],
                  by_key: dict[str, _Run]) -> tuple[Attribution, _Isolation]:
         """Rerun every exchange blamed for a hit without a nonce alone, then let each explain the
-        phase-one hits its rerun reproduced (same address, same delay after it ended), one each."""
+        phase-one hits its rerun reproduced (same address, same delay after it ended), one each; a hit
+        the delays cannot place goes through the confirmation reruns (see the module doc)."""
         blind = [hit for hit in hits if hit.index not in attribution.exact
                  and attribution.owners.get(hit.index, frozenset()) & by_key.keys()]
         isolation = _Isolation()
@@ -306,14 +370,39 @@ class Campaign:
             return attribution, isolation
         suspects = list(dict.fromkeys(owner for hit in blind
                                       for owner in sorted(attribution.owners[hit.index]) if owner in by_key))
-        destinations = {key: by_key[key].window.destinations for key in suspects}
-        for number, members in enumerate(isolation_rounds(suspects, destinations), start=1):
+        self._rerun_alone(suspects, by_key, isolation)
+        owners = dict(attribution.owners)
+        explained = self._match_by_lateness(blind, owners, isolation, by_key)
+        spare = self._spare(blind, isolation, explained)
+        # Candidates whose rerun reached nothing where a hit no delay placed arrived, while another
+        # candidate of it has a reproduced hit to spare: confirm them before counting.
+        unplaced = [hit for hit in blind if hit.index not in explained
+                    and any(spare.get((key, hit.address), 0) > 0 for key in owners[hit.index])]
+        if unplaced:
+            unsure = sorted({key for hit in unplaced for key in owners[hit.index]
+                             if key in by_key and not isolation.capacity.get((key, hit.address))})
+            for _ in range(CONFIRMATION_RERUNS if unsure else 0):
+                self._rerun_alone(unsure, by_key, isolation)
+            explained = self._match_by_lateness(blind, owners, isolation, by_key)
+            explained.update(self._match_by_count(blind, owners, isolation, by_key, explained))
+        for index, key in explained.items():
+            owners[index] = frozenset({key})
+        return Attribution(owners, attribution.exact), isolation
+
+    def _rerun_alone(self, keys: Sequence[str], by_key: dict[str, _Run], isolation: _Isolation) -> None:
+        """Rerun ``keys``, each alone on its destinations (disjoint ones share a round), and record
+        in ``isolation`` what each reached and how long after its rerun ended."""
+        destinations = {key: by_key[key].window.destinations for key in keys}
+        for members in isolation_rounds(keys, destinations):
+            isolation.rounds += 1
             mark = self.lab.hit_mark()
-            reruns = self._perform_all([(by_key[key].exchange, f"{key}#alone{number}") for key in members])
+            reruns = self._perform_all([(by_key[key].exchange, f"{key}#alone{isolation.rounds}")
+                                        for key in members])
             ended = {run.window.key: run.window.end for run in reruns}
             round_hits = self._settled_hits(mark, max(ended.values()))
             # Only this round's windows: nothing else is running, so every hit now is one of them.
             local = attribute(round_hits, [run.window for run in reruns], self.grace)
+            made: dict[tuple[str, str], int] = {}
             for hit in round_hits:
                 for owner in local.owners.get(hit.index, frozenset()):
                     original = owner.split("#alone", 1)[0]
@@ -321,30 +410,62 @@ class Campaign:
                     isolation.hits.setdefault(original, []).append((hit, delay))
                     if hit.index not in local.exact:  # a hit without the nonce, like the ones to explain
                         isolation.lateness.setdefault(original, {}).setdefault(hit.address, []).append(delay)
+                        made[(original, hit.address)] = made.get((original, hit.address), 0) + 1
+            for slot, count in made.items():
+                isolation.capacity[slot] = max(isolation.capacity.get(slot, 0), count)
+            for key in members:
+                isolation.runs[key] = isolation.runs.get(key, 0) + 1
             isolation.rerun.update(members)
-        owners = dict(attribution.owners)
-        pairs: list[tuple[float, int, str]] = []
+
+    @staticmethod
+    def _gap(hit: CatchAllHit, key: str, isolation: _Isolation, by_key: dict[str, _Run]) -> float:
+        """How far the hit's delay after ``key`` ended is from the nearest delay of ``key``'s reruns there."""
+        after = hit.at - by_key[key].window.end
+        return min(abs(after - delay) for delay in isolation.lateness[key][hit.address])
+
+    def _match_by_lateness(self, blind: Sequence[CatchAllHit], owners: dict[int, frozenset[str]],
+                           isolation: _Isolation, by_key: dict[str, _Run]) -> dict[int, str]:
+        """A rerun that reproduced n hits at an address explains at most n of them, those whose delay
+        after it matches within the tolerance; as many as can be explained are."""
+        edges: dict[int, list[tuple[float, tuple[str, str]]]] = {}
         for hit in blind:
             for key in owners[hit.index] & isolation.rerun:
-                delays = isolation.lateness.get(key, {}).get(hit.address, [])
-                if delays:
-                    after = hit.at - by_key[key].window.end
-                    pairs.append((min(abs(after - delay) for delay in delays), hit.index, key))
-        # A rerun that reproduced n hits at an address explains at most n of them, best matches
-        # first; a hit nobody explains stays blamed on every attempt that could have caused it.
-        capacity = {(key, address): len(delays) for key, by_address in isolation.lateness.items()
-                    for address, delays in by_address.items()}
+                if isolation.capacity.get((key, hit.address)):
+                    gap = self._gap(hit, key, isolation, by_key)
+                    if gap <= LATENESS_TOLERANCE_SECONDS:
+                        edges.setdefault(hit.index, []).append((gap, (key, hit.address)))
+        return {index: slot[0] for index, slot in match_hits(edges, dict(isolation.capacity)).items()}
+
+    @staticmethod
+    def _spare(blind: Sequence[CatchAllHit], isolation: _Isolation,
+               explained: dict[int, str]) -> dict[tuple[str, str], int]:
+        """(key, address) -> how many hits its reruns reproduced there that no phase-one hit is explained by yet."""
+        spare = dict(isolation.capacity)
         address_of = {hit.index: hit.address for hit in blind}
-        explained: set[int] = set()
-        for gap, index, key in sorted(pairs):
-            if gap > LATENESS_TOLERANCE_SECONDS:
-                break
-            slot = (key, address_of[index])
-            if index not in explained and capacity.get(slot, 0) > 0:
-                owners[index] = frozenset({key})
-                explained.add(index)
-                capacity[slot] -= 1
-        return Attribution(owners, attribution.exact), isolation
+        for index, key in explained.items():
+            spare[(key, address_of[index])] -= 1
+        return spare
+
+    def _match_by_count(self, blind: Sequence[CatchAllHit], owners: dict[int, frozenset[str]],
+                        isolation: _Isolation, by_key: dict[str, _Run], explained: dict[int, str]) -> dict[int, str]:
+        """Put each hit the delays left unexplained on a candidate that reproduced hits at its address
+        and has some left unexplained, when every other candidate was rerun alone 1 + CONFIRMATION_RERUNS
+        times and never reached that address (nearest lateness first)."""
+        spare = self._spare(blind, isolation, explained)
+        edges: dict[int, list[tuple[float, tuple[str, str]]]] = {}
+        for hit in blind:
+            if hit.index in explained:
+                continue
+            reproducers = [key for key in owners[hit.index] if isolation.capacity.get((key, hit.address))]
+            cleared = all(isolation.runs.get(key, 0) > CONFIRMATION_RERUNS
+                          for key in owners[hit.index] if key not in reproducers)
+            if reproducers and cleared:
+                edges[hit.index] = [(self._gap(hit, key, isolation, by_key), (key, hit.address))
+                                    for key in reproducers]
+        placed = {index: slot[0] for index, slot in match_hits(edges, spare).items()}
+        for key in placed.values():
+            isolation.counted[key] = isolation.counted.get(key, 0) + 1
+        return placed
 
 
 def audit_lab(lab: NetworkLab, *, grace: float = GRACE_SECONDS) -> str | None:
