@@ -24,7 +24,9 @@ there is rerun alone :data:`CONFIRMATION_RERUNS` more times. If none of them eve
 is put on a candidate whose reruns did reproduce hits there and has a reproduced hit left unexplained
 (by count, nearest lateness first; its verdict says so); a candidate that reaches it on a
 confirmation rerun has those hits as its own and joins the candidates that can explain it. A hit the
-counts cannot place stays blamed on every candidate, and its verdicts say "together with".
+counts cannot place stays blamed on every candidate, and its verdicts say "together with". Each
+isolation round also waits twice the latest lateness the campaign has seen (bounded), so a slow proxy's
+rerun dial is read in its own round, not in the next one on the same destination.
 
 :func:`audit_lab` is the session-end check: after one more grace period, every hit no verdict
 accounted for fails the run, with its destination and the attempts that could have caused it.
@@ -81,6 +83,10 @@ LATENESS_TOLERANCE_SECONDS = 0.05
 # nonce whose lateness matched no rerun (a loaded machine) may be put, by count, on a candidate whose
 # rerun reproduced it: a candidate that leaks at all is then seen leaking on one of 1 + this many tries.
 CONFIRMATION_RERUNS = 2
+# An isolation round waits at least twice the latest lateness seen so far in the campaign (at most this many
+# grace periods): a proxy whose dials come late on a loaded machine then cannot land a rerun's dial in the
+# next round, where the round's own attribution would give it to that round's exchange on the destination.
+ROUND_WAIT_LIMIT_GRACES = 4
 _campaign_ids = itertools.count(1)
 
 
@@ -173,6 +179,7 @@ class _Isolation:
     hits: dict[str, list[tuple[CatchAllHit, float]]] = field(default_factory=dict)  # (hit, delay after the rerun)
     counted: dict[str, int] = field(default_factory=dict)  # own key -> hits put on it by count
     rounds: int = 0
+    slowest: float = 0.0  # the latest a hit without a nonce came after an attempt that can have caused it
 
 
 T = TypeVar("T")
@@ -352,8 +359,8 @@ class Campaign:
         runs.sort(key=lambda run: order[run.window.key])
         return runs
 
-    def _settled_hits(self, mark: int, last_end: float) -> list[CatchAllHit]:
-        sleep_out_grace(last_end, self.grace)
+    def _settled_hits(self, mark: int, last_end: float, wait: float | None = None) -> list[CatchAllHit]:
+        sleep_out_grace(last_end, self.grace if wait is None else wait)
         return self.lab.hits(since=mark)
 
     # -- isolation ---------------------------------------------------------------------------------
@@ -368,6 +375,9 @@ class Campaign:
         isolation = _Isolation()
         if not blind:
             return attribution, isolation
+        # The least lateness each hit is consistent with (after the latest-ending attempt that can have caused it).
+        isolation.slowest = max(min(hit.at - by_key[key].window.end for key in attribution.owners[hit.index]
+                                    if key in by_key) for hit in blind)
         suspects = list(dict.fromkeys(owner for hit in blind
                                       for owner in sorted(attribution.owners[hit.index]) if owner in by_key))
         self._rerun_alone(suspects, by_key, isolation)
@@ -399,7 +409,8 @@ class Campaign:
             reruns = self._perform_all([(by_key[key].exchange, f"{key}#alone{isolation.rounds}")
                                         for key in members])
             ended = {run.window.key: run.window.end for run in reruns}
-            round_hits = self._settled_hits(mark, max(ended.values()))
+            wait = min(max(self.grace, 2 * isolation.slowest), ROUND_WAIT_LIMIT_GRACES * self.grace)
+            round_hits = self._settled_hits(mark, max(ended.values()), wait)
             # Only this round's windows: nothing else is running, so every hit now is one of them.
             local = attribute(round_hits, [run.window for run in reruns], self.grace)
             made: dict[tuple[str, str], int] = {}
@@ -407,6 +418,7 @@ class Campaign:
                 for owner in local.owners.get(hit.index, frozenset()):
                     original = owner.split("#alone", 1)[0]
                     delay = hit.at - ended[owner]
+                    isolation.slowest = max(isolation.slowest, delay)
                     isolation.hits.setdefault(original, []).append((hit, delay))
                     if hit.index not in local.exact:  # a hit without the nonce, like the ones to explain
                         isolation.lateness.setdefault(original, {}).setdefault(hit.address, []).append(delay)
