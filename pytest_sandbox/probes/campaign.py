@@ -17,16 +17,17 @@ delay after that attempt matches; a hit no rerun explains stays blamed on every 
 have caused it (a target that leaks only sometimes). A reference proxy never leaks, so it never
 pays for isolation.
 
-On a loaded machine the lateness of one dial varies by more than the tolerance (the proxy's timer,
-the client's and the lab's threads all wait for a core), so a hit can match no rerun although a rerun
-reproduced it. The campaign then *confirms*: every candidate of such a hit whose rerun reached nothing
-there is rerun alone :data:`CONFIRMATION_RERUNS` more times. If none of them ever reaches it, the hit
-is put on a candidate whose reruns did reproduce hits there and has a reproduced hit left unexplained
-(by count, nearest lateness first; its verdict says so); a candidate that reaches it on a
-confirmation rerun has those hits as its own and joins the candidates that can explain it. A hit the
-counts cannot place stays blamed on every candidate, and its verdicts say "together with". Each
-isolation round also waits twice the latest lateness the campaign has seen (bounded), so a slow proxy's
-rerun dial is read in its own round, not in the next one on the same destination.
+On a loaded machine two things go wrong with one rerun. Its dial can come so late that it lands in
+the next round, on that round's exchange for the same destination (the true leaker's rerun then
+reached nothing); and the lateness of one dial varies by more than the tolerance, so a hit matches no
+rerun. So the campaign *confirms* before it takes a hit from any candidate: every candidate whose
+rerun reached nothing where a hit without a nonce arrived is rerun alone :data:`CONFIRMATION_RERUNS`
+more times (a leaker among them reaches it there and fails on those hits of its own). Only then are
+the hits matched by lateness, and a hit no lateness matches is put on a candidate whose reruns did
+reproduce hits there and has one left unexplained (by count, nearest lateness first; its verdict
+says so). A hit the counts cannot place stays blamed on every candidate, and its verdicts say
+"together with". Each isolation round also waits twice the latest lateness the campaign has seen
+(bounded), so a slow proxy's rerun dial is usually read in its own round.
 
 :func:`audit_lab` is the session-end check: after one more grace period, every hit no verdict
 accounted for fails the run, with its destination and the attempts that could have caused it.
@@ -177,6 +178,7 @@ class _Isolation:
     # (own key, address) -> the most hits without the nonce one of its reruns alone made there
     capacity: dict[tuple[str, str], int] = field(default_factory=dict)
     hits: dict[str, list[tuple[CatchAllHit, float]]] = field(default_factory=dict)  # (hit, delay after the rerun)
+    reached: dict[str, set[str]] = field(default_factory=dict)  # own key -> addresses its reruns reached at all
     counted: dict[str, int] = field(default_factory=dict)  # own key -> hits put on it by count
     rounds: int = 0
     slowest: float = 0.0  # the latest a hit without a nonce came after an attempt that can have caused it
@@ -367,9 +369,9 @@ class Campaign:
 
     def _isolate(self, attribution: Attribution, hits: Sequence[CatchAllHit],
                  by_key: dict[str, _Run]) -> tuple[Attribution, _Isolation]:
-        """Rerun every exchange blamed for a hit without a nonce alone, then let each explain the
-        phase-one hits its rerun reproduced (same address, same delay after it ended), one each; a hit
-        the delays cannot place goes through the confirmation reruns (see the module doc)."""
+        """Rerun every exchange blamed for a hit without a nonce alone (those that reached nothing
+        there, 1 + CONFIRMATION_RERUNS times), then let each explain the phase-one hits its reruns
+        reproduced (same address, same delay after it ended, else by count), one each (module doc)."""
         blind = [hit for hit in hits if hit.index not in attribution.exact
                  and attribution.owners.get(hit.index, frozenset()) & by_key.keys()]
         isolation = _Isolation()
@@ -382,19 +384,14 @@ class Campaign:
                                       for owner in sorted(attribution.owners[hit.index]) if owner in by_key))
         self._rerun_alone(suspects, by_key, isolation)
         owners = dict(attribution.owners)
+        # A candidate whose rerun reached nothing where a hit arrived is rerun again before any hit is
+        # taken from it: its dial may have come too late for its own round (a loaded machine).
+        unsure = sorted({key for hit in blind for key in owners[hit.index]
+                         if key in by_key and hit.address not in isolation.reached.get(key, set())})
+        for _ in range(CONFIRMATION_RERUNS if unsure else 0):
+            self._rerun_alone(unsure, by_key, isolation)
         explained = self._match_by_lateness(blind, owners, isolation, by_key)
-        spare = self._spare(blind, isolation, explained)
-        # Candidates whose rerun reached nothing where a hit no delay placed arrived, while another
-        # candidate of it has a reproduced hit to spare: confirm them before counting.
-        unplaced = [hit for hit in blind if hit.index not in explained
-                    and any(spare.get((key, hit.address), 0) > 0 for key in owners[hit.index])]
-        if unplaced:
-            unsure = sorted({key for hit in unplaced for key in owners[hit.index]
-                             if key in by_key and not isolation.capacity.get((key, hit.address))})
-            for _ in range(CONFIRMATION_RERUNS if unsure else 0):
-                self._rerun_alone(unsure, by_key, isolation)
-            explained = self._match_by_lateness(blind, owners, isolation, by_key)
-            explained.update(self._match_by_count(blind, owners, isolation, by_key, explained))
+        explained.update(self._match_by_count(blind, owners, isolation, by_key, explained))
         for index, key in explained.items():
             owners[index] = frozenset({key})
         return Attribution(owners, attribution.exact), isolation
@@ -420,6 +417,7 @@ class Campaign:
                     delay = hit.at - ended[owner]
                     isolation.slowest = max(isolation.slowest, delay)
                     isolation.hits.setdefault(original, []).append((hit, delay))
+                    isolation.reached.setdefault(original, set()).add(hit.address)
                     if hit.index not in local.exact:  # a hit without the nonce, like the ones to explain
                         isolation.lateness.setdefault(original, {}).setdefault(hit.address, []).append(delay)
                         made[(original, hit.address)] = made.get((original, hit.address), 0) + 1
@@ -428,6 +426,14 @@ class Campaign:
             for key in members:
                 isolation.runs[key] = isolation.runs.get(key, 0) + 1
             isolation.rerun.update(members)
+
+    @staticmethod
+    def _cleared(hit: CatchAllHit, owners: dict[int, frozenset[str]], isolation: _Isolation,
+                 by_key: dict[str, _Run]) -> bool:
+        """Whether every candidate of ``hit`` in this campaign either reached its address when rerun
+        alone (it fails on that anyway) or was rerun alone 1 + CONFIRMATION_RERUNS times and never did."""
+        return all(hit.address in isolation.reached.get(key, set()) or isolation.runs.get(key, 0) > CONFIRMATION_RERUNS
+                   for key in owners[hit.index] if key in by_key)
 
     @staticmethod
     def _gap(hit: CatchAllHit, key: str, isolation: _Isolation, by_key: dict[str, _Run]) -> float:
@@ -441,6 +447,8 @@ class Campaign:
         after it matches within the tolerance; as many as can be explained are."""
         edges: dict[int, list[tuple[float, tuple[str, str]]]] = {}
         for hit in blind:
+            if not self._cleared(hit, owners, isolation, by_key):
+                continue
             for key in owners[hit.index] & isolation.rerun:
                 if isolation.capacity.get((key, hit.address)):
                     gap = self._gap(hit, key, isolation, by_key)
@@ -469,9 +477,8 @@ class Campaign:
             if hit.index in explained:
                 continue
             reproducers = [key for key in owners[hit.index] if isolation.capacity.get((key, hit.address))]
-            cleared = all(isolation.runs.get(key, 0) > CONFIRMATION_RERUNS
-                          for key in owners[hit.index] if key not in reproducers)
-            if reproducers and cleared:
+            if reproducers and self._cleared(hit, owners, isolation, by_key) and all(
+                    key in by_key for key in owners[hit.index]):
                 edges[hit.index] = [(self._gap(hit, key, isolation, by_key), (key, hit.address))
                                     for key in reproducers]
         placed = {index: slot[0] for index, slot in match_hits(edges, spare).items()}
