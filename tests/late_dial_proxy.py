@@ -86,7 +86,13 @@ class LateDialer:
     # Also dial a refused CONNECT to an address literal the inner proxy never resolved (refused by its port):
     # the allowlist category's late dial (``--literals`` on the command line).
     dial_refused_literals: bool = False
+    # A dialer whose lateness drifts (what a loaded machine does to any proxy): every dial of a target after
+    # its first comes ``slowdown`` seconds later than ``delay``.
+    slowdown: float = 0.0
+    # A dialer that leaks only sometimes: these request targets are dialled the first time only.
+    once: frozenset[str] = frozenset()
     dialled: list[LateDial] = field(default_factory=list)
+    _seen: dict[str, int] = field(default_factory=dict)
     _loop: asyncio.AbstractEventLoop | None = None
     _thread: threading.Thread | None = None
     _pending: set[asyncio.Task[None]] = field(default_factory=set)
@@ -149,8 +155,13 @@ class LateDialer:
             elif self.dial_refused_literals and method == "CONNECT" and (literal := _literal(target)) is not None:
                 places = [literal]  # refused before any resolution (a port outside the allowlist)
             payload = b"" if method == "CONNECT" else head
+            seen = self._seen.get(target, 0)
+            self._seen[target] = seen + 1
+            if seen and target in self.once:
+                return
+            delay = self.delay + (self.slowdown if seen else 0.0)
             for address, port in places:
-                loop.call_later(self.delay, self._start_dial, LateDial(_nonce_of(head), target, address, port), payload)
+                loop.call_later(delay, self._start_dial, LateDial(_nonce_of(head), target, address, port), payload)
 
     def _decision_for(self, target: str) -> Decision | None:
         return next((d for d in reversed(self.decisions()) if d.target == target and d.status == 403), None)

@@ -13,7 +13,7 @@ from pytest_sandbox.network.lab.attribution import (
     find_nonce,
     new_nonce,
 )
-from pytest_sandbox.probes.campaign import isolation_rounds
+from pytest_sandbox.probes.campaign import isolation_rounds, match_hits
 from pytest_sandbox.probes.ssrf import Attempt, plausible_destinations
 
 GRACE = 0.5
@@ -93,6 +93,19 @@ def test_isolation_rounds_share_a_round_only_between_disjoint_destinations():
 
 def _case(case_id: str) -> SsrfCase:
     return next(case for case in SSRF_CASES if case.case_id == case_id)
+
+
+def test_match_hits_explains_as_many_hits_as_a_matching_allows_not_just_the_nearest_first():
+    # Hit 1 is nearest to a, but a is hit 2's only slot: a greedy nearest-first pass leaves hit 2 unexplained.
+    edges = {1: [(0.01, "a"), (0.03, "b")], 2: [(0.02, "a")]}
+    assert match_hits(edges, {"a": 1, "b": 1}) == {1: "b", 2: "a"}
+
+
+def test_match_hits_never_places_more_hits_on_a_slot_than_its_capacity():
+    edges = {1: [(0.0, "a")], 2: [(0.1, "a")], 3: [(0.2, "a")]}
+    assert match_hits(edges, {"a": 2}) == {1: "a", 2: "a"}  # the third stays unexplained (blamed on all)
+    assert match_hits(edges, {}) == {}
+    assert match_hits({1: []}, {"a": 1}) == {}
 
 
 def test_plausible_destinations_cover_every_reading_of_the_target():

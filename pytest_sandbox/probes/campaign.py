@@ -17,6 +17,18 @@ delay after that attempt matches; a hit no rerun explains stays blamed on every 
 have caused it (a target that leaks only sometimes). A reference proxy never leaks, so it never
 pays for isolation.
 
+On a loaded machine two things go wrong with one rerun. Its dial can come so late that it lands in
+the next round, on that round's exchange for the same destination (the true leaker's rerun then
+reached nothing); and the lateness of one dial varies by more than the tolerance, so a hit matches no
+rerun. So the campaign *confirms* before it takes a hit from any candidate: every candidate whose
+rerun reached nothing where a hit without a nonce arrived is rerun alone :data:`CONFIRMATION_RERUNS`
+more times (a leaker among them reaches it there and fails on those hits of its own). Only then are
+the hits matched by lateness, and a hit no lateness matches is put on a candidate whose reruns did
+reproduce hits there and has one left unexplained (by count, nearest lateness first; its verdict
+says so). A hit the counts cannot place stays blamed on every candidate, and its verdicts say
+"together with". Each isolation round also waits twice the latest lateness the campaign has seen
+(bounded), so a slow proxy's rerun dial is usually read in its own round.
+
 :func:`audit_lab` is the session-end check: after one more grace period, every hit no verdict
 accounted for fails the run, with its destination and the attempts that could have caused it.
 :func:`audit_upstream` does the same for the bytes the lab's origins and inference backends received
@@ -57,6 +69,7 @@ __all__ = [
     "audit_upstream",
     "in_flight",
     "isolation_rounds",
+    "match_hits",
     "sleep_out_grace",
 ]
 
@@ -67,6 +80,14 @@ GRACE_SECONDS = 0.5
 # How closely a hit's delay after a candidate must match that candidate's delay when rerun alone for
 # the hit to be its alone (the others confirmed by isolation leak anyway).
 LATENESS_TOLERANCE_SECONDS = 0.05
+# How many more times each candidate whose rerun alone reached nothing is rerun before a hit without a
+# nonce whose lateness matched no rerun (a loaded machine) may be put, by count, on a candidate whose
+# rerun reproduced it: a candidate that leaks at all is then seen leaking on one of 1 + this many tries.
+CONFIRMATION_RERUNS = 2
+# An isolation round waits at least twice the latest lateness seen so far in the campaign (at most this many
+# grace periods): a proxy whose dials come late on a loaded machine then cannot land a rerun's dial in the
+# next round, where the round's own attribution would give it to that round's exchange on the destination.
+ROUND_WAIT_LIMIT_GRACES = 4
 _campaign_ids = itertools.count(1)
 
 
@@ -114,6 +135,7 @@ class ExchangeResult:
     shared: tuple[CatchAllHit, ...] = ()
     shared_with: tuple[str, ...] = ()
     isolated: bool = False
+    counted: int = 0  # of ``hits``: put on it by count after the confirmation reruns (lateness off by load)
 
     @property
     def blamed(self) -> tuple[CatchAllHit, ...]:
@@ -129,6 +151,10 @@ class ExchangeResult:
             notes.append(f"{hit.endpoint} {when}, " + (f"{len(hit.received)} bytes" if hit.received else "no bytes"))
         if self.isolated:
             notes.append("rerun alone to attribute hits without a nonce")
+        if self.counted:
+            notes.append(f"{self.counted} hit(s) without a nonce put on it by count: its lateness matched no rerun "
+                         "(a loaded machine), its reruns alone reproduced them and the other candidates' "
+                         f"{1 + CONFIRMATION_RERUNS} reruns alone reached nothing there")
         if self.shared:
             where = ", ".join(sorted({hit.endpoint for hit in self.shared}))
             notes.append(f"{len(self.shared)} hit(s) without a nonce at {where} blamed on it together with "
@@ -146,9 +172,16 @@ class _Run:
 @dataclass
 class _Isolation:
     rerun: set[str] = field(default_factory=set)
+    runs: dict[str, int] = field(default_factory=dict)  # own key -> how many times it was rerun alone
     # own key -> {address: how long after its rerun ended each hit without the nonce came there}
     lateness: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    # (own key, address) -> the most hits without the nonce one of its reruns alone made there
+    capacity: dict[tuple[str, str], int] = field(default_factory=dict)
     hits: dict[str, list[tuple[CatchAllHit, float]]] = field(default_factory=dict)  # (hit, delay after the rerun)
+    reached: dict[str, set[str]] = field(default_factory=dict)  # own key -> addresses its reruns reached at all
+    counted: dict[str, int] = field(default_factory=dict)  # own key -> hits put on it by count
+    rounds: int = 0
+    slowest: float = 0.0  # the latest a hit without a nonce came after an attempt that can have caused it
 
 
 T = TypeVar("T")
@@ -192,6 +225,45 @@ def isolation_rounds(keys: Sequence[str], destinations: dict[str, frozenset[str]
             rounds.append([key])
             used.append(set(wanted))
     return rounds
+
+
+Slot = TypeVar("Slot")
+
+
+def match_hits(edges: dict[int, list[tuple[float, Slot]]], capacity: dict[Slot, int]) -> dict[int, Slot]:
+    """The most hits (index) each given one slot that can explain it, a slot taking at most its capacity.
+
+    ``edges`` holds, per hit, (gap, slot) for every slot that may explain it: the smaller the gap, the
+    better the match. Hits are placed best gap first, each trying its slots best first; a slot that
+    is full gives one of its hits up when that hit can move to another of its slots (an augmenting
+    path, Kuhn's algorithm), so one early near-tie never leaves a later hit unexplained while a
+    matching that explains both exists.
+    """
+    holders: dict[Slot, list[int]] = {}
+    chosen: dict[int, Slot] = {}
+    options = {index: sorted(pairs, key=lambda pair: pair[0]) for index, pairs in edges.items()}
+
+    def place(index: int, visited: set[Slot]) -> bool:
+        for _gap, slot in options[index]:
+            if slot in visited:
+                continue
+            visited.add(slot)
+            held = holders.setdefault(slot, [])
+            if len(held) < capacity.get(slot, 0):
+                held.append(index)
+                chosen[index] = slot
+                return True
+            for other in list(held):
+                if place(other, visited):  # ``other`` moved to another of its slots
+                    held.remove(other)
+                    held.append(index)
+                    chosen[index] = slot
+                    return True
+        return False
+
+    for index in sorted(options, key=lambda i: (options[i][0][0] if options[i] else float("inf"), i)):
+        place(index, set())
+    return chosen
 
 
 class Campaign:
@@ -243,7 +315,7 @@ class Campaign:
             results[run.exchange.key] = ExchangeResult(
                 run.exchange.key, run.observation, run.window, (*own, *(hit for hit, _ in alone)),
                 (*(hit.at - run.window.end for hit in own), *(delay for _, delay in alone)),
-                tuple(shared), tuple(others), key in isolation.rerun)
+                tuple(shared), tuple(others), key in isolation.rerun, isolation.counted.get(key, 0))
             self.lab.account([hit.index for hit in blamed] + [hit.index for hit, _ in alone], by=key)
         return results
 
@@ -289,62 +361,130 @@ class Campaign:
         runs.sort(key=lambda run: order[run.window.key])
         return runs
 
-    def _settled_hits(self, mark: int, last_end: float) -> list[CatchAllHit]:
-        sleep_out_grace(last_end, self.grace)
+    def _settled_hits(self, mark: int, last_end: float, wait: float | None = None) -> list[CatchAllHit]:
+        sleep_out_grace(last_end, self.grace if wait is None else wait)
         return self.lab.hits(since=mark)
 
     # -- isolation ---------------------------------------------------------------------------------
 
     def _isolate(self, attribution: Attribution, hits: Sequence[CatchAllHit],
                  by_key: dict[str, _Run]) -> tuple[Attribution, _Isolation]:
-        """Rerun every exchange blamed for a hit without a nonce alone, then let each explain the
-        phase-one hits its rerun reproduced (same address, same delay after it ended), one each."""
+        """Rerun every exchange blamed for a hit without a nonce alone (those that reached nothing
+        there, 1 + CONFIRMATION_RERUNS times), then let each explain the phase-one hits its reruns
+        reproduced (same address, same delay after it ended, else by count), one each (module doc)."""
         blind = [hit for hit in hits if hit.index not in attribution.exact
                  and attribution.owners.get(hit.index, frozenset()) & by_key.keys()]
         isolation = _Isolation()
         if not blind:
             return attribution, isolation
+        # The least lateness each hit is consistent with (after the latest-ending attempt that can have caused it).
+        isolation.slowest = max(min(hit.at - by_key[key].window.end for key in attribution.owners[hit.index]
+                                    if key in by_key) for hit in blind)
         suspects = list(dict.fromkeys(owner for hit in blind
                                       for owner in sorted(attribution.owners[hit.index]) if owner in by_key))
-        destinations = {key: by_key[key].window.destinations for key in suspects}
-        for number, members in enumerate(isolation_rounds(suspects, destinations), start=1):
+        self._rerun_alone(suspects, by_key, isolation)
+        owners = dict(attribution.owners)
+        # A candidate whose rerun reached nothing where a hit arrived is rerun again before any hit is
+        # taken from it: its dial may have come too late for its own round (a loaded machine).
+        unsure = sorted({key for hit in blind for key in owners[hit.index]
+                         if key in by_key and hit.address not in isolation.reached.get(key, set())})
+        for _ in range(CONFIRMATION_RERUNS if unsure else 0):
+            self._rerun_alone(unsure, by_key, isolation)
+        explained = self._match_by_lateness(blind, owners, isolation, by_key)
+        explained.update(self._match_by_count(blind, owners, isolation, by_key, explained))
+        for index, key in explained.items():
+            owners[index] = frozenset({key})
+        return Attribution(owners, attribution.exact), isolation
+
+    def _rerun_alone(self, keys: Sequence[str], by_key: dict[str, _Run], isolation: _Isolation) -> None:
+        """Rerun ``keys``, each alone on its destinations (disjoint ones share a round), and record
+        in ``isolation`` what each reached and how long after its rerun ended."""
+        destinations = {key: by_key[key].window.destinations for key in keys}
+        for members in isolation_rounds(keys, destinations):
+            isolation.rounds += 1
             mark = self.lab.hit_mark()
-            reruns = self._perform_all([(by_key[key].exchange, f"{key}#alone{number}") for key in members])
+            reruns = self._perform_all([(by_key[key].exchange, f"{key}#alone{isolation.rounds}")
+                                        for key in members])
             ended = {run.window.key: run.window.end for run in reruns}
-            round_hits = self._settled_hits(mark, max(ended.values()))
+            wait = min(max(self.grace, 2 * isolation.slowest), ROUND_WAIT_LIMIT_GRACES * self.grace)
+            round_hits = self._settled_hits(mark, max(ended.values()), wait)
             # Only this round's windows: nothing else is running, so every hit now is one of them.
             local = attribute(round_hits, [run.window for run in reruns], self.grace)
+            made: dict[tuple[str, str], int] = {}
             for hit in round_hits:
                 for owner in local.owners.get(hit.index, frozenset()):
                     original = owner.split("#alone", 1)[0]
                     delay = hit.at - ended[owner]
+                    isolation.slowest = max(isolation.slowest, delay)
                     isolation.hits.setdefault(original, []).append((hit, delay))
+                    isolation.reached.setdefault(original, set()).add(hit.address)
                     if hit.index not in local.exact:  # a hit without the nonce, like the ones to explain
                         isolation.lateness.setdefault(original, {}).setdefault(hit.address, []).append(delay)
+                        made[(original, hit.address)] = made.get((original, hit.address), 0) + 1
+            for slot, count in made.items():
+                isolation.capacity[slot] = max(isolation.capacity.get(slot, 0), count)
+            for key in members:
+                isolation.runs[key] = isolation.runs.get(key, 0) + 1
             isolation.rerun.update(members)
-        owners = dict(attribution.owners)
-        pairs: list[tuple[float, int, str]] = []
+
+    @staticmethod
+    def _cleared(hit: CatchAllHit, owners: dict[int, frozenset[str]], isolation: _Isolation,
+                 by_key: dict[str, _Run]) -> bool:
+        """Whether every candidate of ``hit`` in this campaign either reached its address when rerun
+        alone (it fails on that anyway) or was rerun alone 1 + CONFIRMATION_RERUNS times and never did."""
+        return all(hit.address in isolation.reached.get(key, set()) or isolation.runs.get(key, 0) > CONFIRMATION_RERUNS
+                   for key in owners[hit.index] if key in by_key)
+
+    @staticmethod
+    def _gap(hit: CatchAllHit, key: str, isolation: _Isolation, by_key: dict[str, _Run]) -> float:
+        """How far the hit's delay after ``key`` ended is from the nearest delay of ``key``'s reruns there."""
+        after = hit.at - by_key[key].window.end
+        return min(abs(after - delay) for delay in isolation.lateness[key][hit.address])
+
+    def _match_by_lateness(self, blind: Sequence[CatchAllHit], owners: dict[int, frozenset[str]],
+                           isolation: _Isolation, by_key: dict[str, _Run]) -> dict[int, str]:
+        """A rerun that reproduced n hits at an address explains at most n of them, those whose delay
+        after it matches within the tolerance; as many as can be explained are."""
+        edges: dict[int, list[tuple[float, tuple[str, str]]]] = {}
         for hit in blind:
+            if not self._cleared(hit, owners, isolation, by_key):
+                continue
             for key in owners[hit.index] & isolation.rerun:
-                delays = isolation.lateness.get(key, {}).get(hit.address, [])
-                if delays:
-                    after = hit.at - by_key[key].window.end
-                    pairs.append((min(abs(after - delay) for delay in delays), hit.index, key))
-        # A rerun that reproduced n hits at an address explains at most n of them, best matches
-        # first; a hit nobody explains stays blamed on every attempt that could have caused it.
-        capacity = {(key, address): len(delays) for key, by_address in isolation.lateness.items()
-                    for address, delays in by_address.items()}
+                if isolation.capacity.get((key, hit.address)):
+                    gap = self._gap(hit, key, isolation, by_key)
+                    if gap <= LATENESS_TOLERANCE_SECONDS:
+                        edges.setdefault(hit.index, []).append((gap, (key, hit.address)))
+        return {index: slot[0] for index, slot in match_hits(edges, dict(isolation.capacity)).items()}
+
+    @staticmethod
+    def _spare(blind: Sequence[CatchAllHit], isolation: _Isolation,
+               explained: dict[int, str]) -> dict[tuple[str, str], int]:
+        """(key, address) -> how many hits its reruns reproduced there that no phase-one hit is explained by yet."""
+        spare = dict(isolation.capacity)
         address_of = {hit.index: hit.address for hit in blind}
-        explained: set[int] = set()
-        for gap, index, key in sorted(pairs):
-            if gap > LATENESS_TOLERANCE_SECONDS:
-                break
-            slot = (key, address_of[index])
-            if index not in explained and capacity.get(slot, 0) > 0:
-                owners[index] = frozenset({key})
-                explained.add(index)
-                capacity[slot] -= 1
-        return Attribution(owners, attribution.exact), isolation
+        for index, key in explained.items():
+            spare[(key, address_of[index])] -= 1
+        return spare
+
+    def _match_by_count(self, blind: Sequence[CatchAllHit], owners: dict[int, frozenset[str]],
+                        isolation: _Isolation, by_key: dict[str, _Run], explained: dict[int, str]) -> dict[int, str]:
+        """Put each hit the delays left unexplained on a candidate that reproduced hits at its address
+        and has some left unexplained, when every other candidate was rerun alone 1 + CONFIRMATION_RERUNS
+        times and never reached that address (nearest lateness first)."""
+        spare = self._spare(blind, isolation, explained)
+        edges: dict[int, list[tuple[float, tuple[str, str]]]] = {}
+        for hit in blind:
+            if hit.index in explained:
+                continue
+            reproducers = [key for key in owners[hit.index] if isolation.capacity.get((key, hit.address))]
+            if reproducers and self._cleared(hit, owners, isolation, by_key) and all(
+                    key in by_key for key in owners[hit.index]):
+                edges[hit.index] = [(self._gap(hit, key, isolation, by_key), (key, hit.address))
+                                    for key in reproducers]
+        placed = {index: slot[0] for index, slot in match_hits(edges, spare).items()}
+        for key in placed.values():
+            isolation.counted[key] = isolation.counted.get(key, 0) + 1
+        return placed
 
 
 def audit_lab(lab: NetworkLab, *, grace: float = GRACE_SECONDS) -> str | None:
