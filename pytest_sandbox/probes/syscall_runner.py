@@ -301,6 +301,16 @@ def _frames(data: bytes) -> list:
     return records
 
 
+def _read_to_end(descriptor: int) -> bytes:
+    """Everything written to a pipe until its last writer (a child or a lane) has closed it."""
+    chunks = []
+    while True:
+        chunk = os.read(descriptor, 65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
 def _child(machine: _Machine, plan: list, start: int, write_end: int, one_per_child: bool) -> None:
     """The probe child: attempt probes from ``start`` in sequence, writing each result before the next
     attempt, until one does not keep the child (:func:`keeps_child`) or the next needs a fresh one."""
@@ -342,15 +352,10 @@ def run_batch(machine: _Machine, plan: list, start: int, one_per_child: bool = F
         finally:
             os._exit(0)
     os.close(write_end)
-    chunks = []
-    while True:
-        chunk = os.read(read_end, 65536)
-        if not chunk:
-            break
-        chunks.append(chunk)
+    data = _read_to_end(read_end)
     os.close(read_end)
     _, status = os.waitpid(pid, 0)
-    records = [(index, outcome) for index, outcome in _frames(b"".join(chunks))]
+    records = [(index, outcome) for index, outcome in _frames(data)]
     # Which probe was the child attempting when it ended? The one after its last report, when that report
     # let it go on (keeps_child) and the next needs no fresh child; none when it stopped by the rules.
     if not records:
@@ -432,16 +437,11 @@ def run_plan(machine: _Machine, plan: list, report: Callable[[dict, dict], None]
                 run_segment(machine, plan, start, end, lambda index, outcome: report(plan[index], outcome),
                             one_per_child, tuple(part[1] for part in parts if part[1] is not None))
                 continue
-            chunks = []
-            while True:
-                chunk = os.read(read_end, 65536)
-                if not chunk:
-                    break
-                chunks.append(chunk)
+            data = _read_to_end(read_end)
             _, status = os.waitpid(pid, 0)
             reaped.append(pid)
             following = start
-            for index, outcome in _frames(b"".join(chunks)):
+            for index, outcome in _frames(data):
                 report(plan[index], outcome)
                 following = index + 1
             for index in range(following, end):  # a lane that died (it never should) loses no probe silently
