@@ -34,6 +34,10 @@ from pytest_sandbox.probes.campaign import GRACE_SECONDS
 from pytest_sandbox.probes.exchange import SocketReader
 from pytest_sandbox.verdicts.ssrf import REFUSAL_STATUSES, HitCounts, ProxyReply, canary_is_observable
 
+# Where the unmarked twin carries its nonce: the de facto request-correlation field many clients and
+# gateways send, not the harness's own marker.
+TWIN_NONCE_FIELD = "X-Request-ID"
+
 __all__ = [
     "ALL_FORMS",
     "ATTEMPT_FORMS",
@@ -216,12 +220,18 @@ class Attempt:
     def request_bytes(self, nonce: str | None = None, *, marked: bool = True) -> bytes:
         """The request head exactly as sent; odd characters go out as UTF-8, unescaped. In the
         Host-carried forms the Host is the case's authority whatever it holds (it is the destination).
-        ``marked=False``: no :data:`NONCE_HEADER` field and no nonce path prefix (the unmarked twin)."""
+        ``marked=False``: no :data:`NONCE_HEADER` field and no nonce path prefix (the unmarked twin); the
+        nonce rides in :data:`TWIN_NONCE_FIELD` instead."""
         authority = self.case.authority
         host = authority if self.form in _HOST_CARRIED or _is_field_text(authority) else FALLBACK_HOST
         lines = [f"{self.method} {self.request_target(nonce, marked=marked)} HTTP/1.1", f"Host: {host}"]
         if nonce is not None and marked:
             lines.append(f"{NONCE_HEADER}: {nonce}")
+        elif nonce is not None:
+            # The twin's nonce in a correlation field any client may send: its bytes at a canary then name
+            # their exchange even when the path carries no nonce ('?@' suffixes, a proxy that rewrites the
+            # path), so a leaking proxy's twin hits need no isolation reruns.
+            lines.append(f"{TWIN_NONCE_FIELD}: {nonce}")
         if self.form != "connect":
             lines.append("Connection: close")
         return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
