@@ -303,7 +303,7 @@ def _frames(data: bytes) -> list:
 
 def _read_to_end(descriptor: int) -> bytes:
     """Everything written to a pipe until its last writer (a child or a lane) has closed it."""
-    chunks = []
+    chunks: list[bytes] = []
     while True:
         chunk = os.read(descriptor, 65536)
         if not chunk:
