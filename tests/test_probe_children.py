@@ -343,7 +343,7 @@ def test_a_runner_that_never_reaps_its_lanes_is_caught_by_pid():
     _, parents = _lane_pids(_run(_runner(broken), _pid_plan()))
     lanes = parents - {os.getpid()}
     try:
-        assert len(lanes) == 2 and [pid for pid in lanes if _alive(pid)] == sorted(lanes)
+        assert len(lanes) == 2 and sorted(pid for pid in lanes if _alive(pid)) == sorted(lanes)
     finally:
         for pid in lanes:  # this test's process is their parent: reap what the broken runner left
             os.waitpid(pid, 0)
