@@ -336,6 +336,18 @@ def _child(machine: _Machine, plan: list, start: int, write_end: int, one_per_ch
         index += 1
 
 
+def _forked(read_end: int, foreign: tuple, body: Callable[[], None]) -> None:
+    """In a freshly forked child (a probe child or a lane): close the parent's end of its pipe and the
+    descriptors it must not hold, run ``body``, and exit without ever returning into the runner."""
+    try:
+        os.close(read_end)
+        for descriptor in foreign:
+            os.close(descriptor)
+        body()
+    finally:
+        os._exit(0)
+
+
 def run_batch(machine: _Machine, plan: list, start: int, one_per_child: bool = False, foreign: tuple = ()
               ) -> list:
     """Run probes from ``start`` in one fresh single-threaded child; return [(index, outcome), ...] for
@@ -344,13 +356,7 @@ def run_batch(machine: _Machine, plan: list, start: int, one_per_child: bool = F
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # never return into the runner
-        try:
-            os.close(read_end)
-            for descriptor in foreign:
-                os.close(descriptor)
-            _child(machine, plan, start, write_end, one_per_child)
-        finally:
-            os._exit(0)
+        _forked(read_end, foreign, lambda: _child(machine, plan, start, write_end, one_per_child))
     os.close(write_end)
     data = _read_to_end(read_end)
     os.close(read_end)
@@ -418,10 +424,15 @@ def _write_all(descriptor: int, data: bytes) -> None:
         data = data[os.write(descriptor, data):]
 
 
-def _lane(machine: _Machine, plan: list, start: int, end: int, write_end: int, foreign: tuple) -> None:
+def _lane(machine: _Machine, plan: list, start: int, end: int, write_end: int) -> None:
     """A lane's process: run its segment, framing each result onto the runner's pipe."""
     run_segment(machine, plan, start, end, lambda index, outcome: _write_all(write_end, _frame(index, outcome)),
-                foreign=(*foreign, write_end))
+                foreign=(write_end,))
+
+
+def _lane_pipes(parts: list) -> tuple:
+    """The read ends of the lanes forked so far: no probe child or later lane may hold one."""
+    return tuple(read_end for _, read_end, _, _ in parts if read_end is not None)
 
 
 def run_plan(machine: _Machine, plan: list, report: Callable[[dict, dict], None], one_per_child: bool = False,
@@ -435,7 +446,7 @@ def run_plan(machine: _Machine, plan: list, report: Callable[[dict, dict], None]
         for pid, read_end, start, end in parts:
             if pid is None:  # the runner's own segment, while the lanes run theirs
                 run_segment(machine, plan, start, end, lambda index, outcome: report(plan[index], outcome),
-                            one_per_child, tuple(part[1] for part in parts if part[1] is not None))
+                            one_per_child, _lane_pipes(parts))
                 continue
             data = _read_to_end(read_end)
             _, status = os.waitpid(pid, 0)
@@ -462,7 +473,7 @@ def _fork_lane(machine: _Machine, plan: list, start: int, end: int, parts: list)
         read_end, write_end = os.pipe()
     except OSError:
         return (None, None, start, end)
-    foreign = tuple(part[1] for part in parts if part[1] is not None)
+    foreign = _lane_pipes(parts)
     try:
         pid = os.fork()
     except OSError:  # EAGAIN/ENOMEM: a busy or limited target still gets every probe, one lane fewer
@@ -470,13 +481,7 @@ def _fork_lane(machine: _Machine, plan: list, start: int, end: int, parts: list)
         os.close(write_end)
         return (None, None, start, end)
     if pid == 0:  # a lane never returns into the runner
-        try:
-            os.close(read_end)
-            for descriptor in foreign:
-                os.close(descriptor)
-            _lane(machine, plan, start, end, write_end, foreign=())
-        finally:
-            os._exit(0)
+        _forked(read_end, foreign, lambda: _lane(machine, plan, start, end, write_end))
     os.close(write_end)
     return (pid, read_end, start, end)
 
