@@ -37,7 +37,7 @@ import socket
 import threading
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Final
 
 from pytest_sandbox.http.fields import end_to_end
 from pytest_sandbox.http.framing import HEAD_END, FramingViolation, check_request_head, first_bare_line_ending
@@ -87,6 +87,10 @@ _DECISION_FIELDS = ("seq", "client", "method", "target", "host", "port", "action
                     "addresses")
 if tuple(item.name for item in fields(Decision)) != _DECISION_FIELDS:  # pragma: no cover
     raise ImportError(f"Decision's fields changed; update _DecisionRow: {[item.name for item in fields(Decision)]}")
+_ROW_SEQ: Final = 0  # where a row holds Decision.seq and Decision.reason (checked below)
+_ROW_REASON: Final = 8
+if (_DECISION_FIELDS[_ROW_SEQ], _DECISION_FIELDS[_ROW_REASON]) != ("seq", "reason"):  # pragma: no cover
+    raise ImportError("_ROW_SEQ/_ROW_REASON no longer point at Decision's seq and reason")
 
 _STREAM_LIMIT = 1024 * 1024
 _CLASSIFY_CACHE_SIZE = 4096
@@ -272,7 +276,7 @@ class EgressProxy:
     def last_seq(self) -> int:
         """The seq of the latest decision (0 before any): a mark for :meth:`decisions_since`."""
         with self._lock:
-            return self._decisions[-1][0] if self._decisions else self._dropped_through
+            return self._decisions[-1][_ROW_SEQ] if self._decisions else self._dropped_through
 
     def decisions_since(self, mark: int) -> list[Decision]:
         """Every decision with ``seq > mark``; raises LookupError if any of them was already dropped,
@@ -283,7 +287,7 @@ class EgressProxy:
                     f"decisions {mark + 1}..{self._dropped_through} were dropped from the bounded log "
                     f"(max_decisions={self.config.max_decisions}; dropped per reason: {dict(self._dropped)})"
                 )
-            return [Decision(*row) for row in self._decisions if row[0] > mark]
+            return [Decision(*row) for row in self._decisions if row[_ROW_SEQ] > mark]
 
     def self_addresses(self) -> set[tuple[str, int]]:
         """The (address, port) pairs this proxy listens on, as bound; dialling one is a self-connection.
@@ -394,8 +398,8 @@ class EgressProxy:
             decisions = self._decisions
             if len(decisions) >= self.config.max_decisions:
                 dropped = decisions.popleft()
-                self._dropped[dropped[8]] += 1  # reason
-                self._dropped_through = dropped[0]  # seq
+                self._dropped[dropped[_ROW_REASON]] += 1
+                self._dropped_through = dropped[_ROW_SEQ]
             decisions.append((
                 next(self._seq), client, request.method if request else "", request.target if request else "",
                 authority.host if authority else None, authority.port if authority else None,
