@@ -89,6 +89,11 @@ def refused_and_closed(answer: ParsedResponse | None, closed: bool) -> bool:
     return answer is not None and is_inference_refusal(answer) and closed
 
 
+def forbidden_and_closed(answer: ParsedResponse | None, closed: bool) -> bool:
+    """A 403 answer, then the connection closed (what an inner-Host refusal must be)."""
+    return answer is not None and answer.status == 403 and closed
+
+
 def unmarked_note(twin: tuple[ParsedResponse | None, bool] | None) -> str:
     """How a refusal's unmarked twin was answered, for ``observed`` (empty when there was none)."""
     if twin is None:
@@ -365,8 +370,8 @@ def test_inner_host_other_than_inference_local_is_refused(
     answer, closed, twin = evidence.observation
     reached = len(evidence.arrived) + len(evidence.unframed)
     hits = len(evidence.hits)
-    marked_ok = answer is not None and answer.status == 403 and closed
-    twin_ok = twin[0] is not None and twin[0].status == 403 and twin[1]
+    marked_ok = forbidden_and_closed(answer, closed)
+    twin_ok = forbidden_and_closed(*twin)
     ok = marked_ok and twin_ok and reached == 0 and hits == 0
     observed = (f"status {answer.status if answer else None}, closed {closed}, backend saw {reached}, canary hits "
                 f"{hits}" + (f" ({evidence.reached})" if reached or hits else "") + unmarked_note(twin))
