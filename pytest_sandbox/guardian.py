@@ -198,7 +198,11 @@ def run(argv: Sequence[str], *, input: bytes | None = None, timeout: float | Non
             out, err = process.communicate(input, timeout=timeout)
         except subprocess.TimeoutExpired:
             stop(process)
-            process.communicate()
+            # Drain what the pipes still hold, for a bounded time: a guardian that had to be SIGKILLed
+            # (it ignored SIGTERM for STOP_TIMEOUT_SECONDS) could not kill what its command forked, and a
+            # survivor holding the pipes' write ends would keep them open, so an unbounded read never ends.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.communicate(timeout=STOP_TIMEOUT_SECONDS)
             raise
     return subprocess.CompletedProcess(list(argv), int(process.returncode), out, err)
 
