@@ -20,7 +20,13 @@ from broken_proxies.nonce_stripping_leak import StrippingLeakFront, StrippingLea
 from broken_proxies.one_row_leak import OneRowLeakFront, OneRowLeakInterceptor
 
 from pytest_sandbox.catalogues.smuggling import SMUGGLING_CASES, case_by_id, render
-from pytest_sandbox.http.upstream import ReceivedStream, UpstreamSegment, nonce_in_every_head, with_nonce
+from pytest_sandbox.http.upstream import (
+    ReceivedStream,
+    UpstreamSegment,
+    nonce_in_every_head,
+    stream_address,
+    with_nonce,
+)
 from pytest_sandbox.inference.fake_backend import FakeInferenceBackend
 from pytest_sandbox.network.harness import interception_of
 from pytest_sandbox.network.lab.attribution import AttemptWindow
@@ -30,6 +36,7 @@ from pytest_sandbox.probes.smuggling import (
     PATHS,
     SMUGGLING_CONCURRENCY,
     TUNNEL,
+    Sighting,
     _Blind,
     _deadline_bound,
     _needs_retry,
@@ -298,19 +305,54 @@ def test_a_leak_no_rerun_reproduces_stays_blamed_on_every_suspect(
         assert "no rerun alone reproduced it" in reason, (test_id, reason)
 
 
+def _seen(address: str, line: bytes, at: float, *owners: str) -> Sighting:
+    return Sighting(address, stream_address(address), line, at, frozenset(owners))
+
+
+# Every suspect rerun once, in rounds a second apart (ends at 1, 2, 3): a spill of 0.5 s joins none of them.
+ONCE = {"a": [1.0], "b": [2.0], "c": [3.0]}
+EVERYWHERE = dict.fromkeys("abcxy", frozenset({"10.0.0.1", "11.0.0.10"}))
+
+
 def test_reruns_keep_the_blame_on_the_suspects_that_reproduce_it_and_never_drop_a_leak() -> None:
     leak = _Blind(("hit", 7), "10.0.0.1", b"helloGET /secret HTTP/1.1", frozenset({"a", "b", "c"}))
     byteless = _Blind(("hit", 8), "10.0.0.1", b"", frozenset({"a", "b"}))
     piece = _Blind(("piece", 0), "11.0.0.10:80", b"GET /secret HTTP/1.1", frozenset({"b", "c"}))
-    found = {"b": {("10.0.0.1", b"helloGET /secret HTTP/1.1")},
-             "c": {("10.0.0.1", b"GET /other HTTP/1.1"), ("11.0.0.10:80", b"GET /elsewhere HTTP/1.1")}}
-    narrowed, missing = reproduced_by([leak, byteless, piece], found, {"a", "b", "c"})
+    found = [_seen("10.0.0.1", b"helloGET /secret HTTP/1.1", 2.1, "b"),
+             _seen("10.0.0.1", b"GET /other HTTP/1.1", 3.1, "c"),
+             _seen("11.0.0.10:80", b"GET /elsewhere HTTP/1.1", 3.2, "c")]
+    narrowed, confirmed, missing, unsure = reproduced_by([leak, byteless, piece], found, ONCE, EVERYWHERE, 0.5)
     assert narrowed == {("hit", 7): frozenset({"b"}), ("hit", 8): frozenset({"b"})}
+    assert confirmed == narrowed and not unsure
     # Nobody reproduced the piece (c reached the origin with another request): every suspect keeps it.
     assert missing == {("piece", 0)}
     # A suspect that was not rerun is never cleared.
-    narrowed, missing = reproduced_by([leak], found, {"b"})
+    narrowed, _confirmed, missing, _unsure = reproduced_by([leak], found, {"b": [2.0]}, EVERYWHERE, 0.5)
     assert narrowed == {("hit", 7): frozenset({"a", "b", "c"})} and not missing
+
+
+def test_a_late_leak_landing_in_the_next_round_clears_nobody_until_confirmed() -> None:
+    """The flake's shape: a's rerun ended at 1.0 and its leak came 0.7 s later, in b's round (b ended at 1.6),
+    which attributed it to b. Within the spill (2 s) either can have caused it: nothing is taken off a, and
+    both are rerun again (unsure) until a rerun reproduces it unmistakably."""
+    leak = _Blind(("piece", 0), "11.0.0.10:80", b"GET /secret HTTP/1.1", frozenset({"a", "b", "c"}))
+    spilled = [_seen("11.0.0.10:80", b"GET /secret HTTP/1.1", 1.7, "b")]
+    ends = {"a": [1.0], "b": [1.6], "c": [-1.0]}  # c's round was read long before
+    narrowed, confirmed, missing, unsure = reproduced_by([leak], spilled, ends, EVERYWHERE, 2.0)
+    assert not narrowed and not confirmed and missing == {("piece", 0)}  # stays on every suspect
+    assert unsure == {"a", "b"}
+    # The spill counts only on its destination: a rerun on another one cannot have caused it.
+    elsewhere = {**EVERYWHERE, "a": frozenset({"backend b"})}
+    assert reproduced_by([leak], spilled, ends, elsewhere, 2.0)[1] == {("piece", 0): frozenset({"b"})}
+    # Confirmation: a's rerun alone (after every earlier rerun's spill) reproduces it; b's two more do not.
+    again = [*spilled, _seen("11.0.0.10:80", b"GET /secret HTTP/1.1", 5.3, "a")]
+    narrowed, confirmed, missing, unsure = reproduced_by(
+        [leak], again, {"a": [1.0, 5.0], "b": [1.6, 7.5, 10.0], "c": [-1.0]}, EVERYWHERE, 2.0)
+    assert confirmed == {("piece", 0): frozenset({"a"})} and narrowed == confirmed and not missing
+    # b rerun only once more so far: still unsure, so it keeps the blame "together with" a.
+    narrowed, confirmed, _missing, unsure = reproduced_by(
+        [leak], again, {"a": [1.0, 5.0], "b": [1.6, 7.5], "c": [-1.0]}, EVERYWHERE, 2.0)
+    assert narrowed == {("piece", 0): frozenset({"a", "b"})} and confirmed[("piece", 0)] == {"a"} and unsure == {"b"}
 
 
 def test_reruns_go_only_to_suspects_whose_verdict_clearing_can_change() -> None:
