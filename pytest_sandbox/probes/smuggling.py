@@ -290,10 +290,13 @@ def run_smuggling_campaign(
        disjoint, the lab origins and canaries for ``absolute``, the backend for ``tunnel``): attempts
        that smuggle a request behind a body (a proxy may forward it on a connection of its own without
        the nonce), and everything on a path whose proxy dropped the nonce. Bytes without a nonce are
-       attributed by time and destination, and on one destination these windows do not overlap.
+       attributed by time and destination, and on one destination these windows do not overlap. One
+       whose deadline ran out before its answers were complete is sent again at once, alone (as in 3).
 
     Only after the last attempt and
-    the grace period is every byte the lab origins and ``backend`` received since the first one
+    the grace period (longer for a proxy whose bytes came after their attempt ended: twice the latest
+    lateness, :func:`~pytest_sandbox.probes.campaign.round_wait`) is every byte the lab origins and
+    ``backend`` received since the first one
     attributed (:func:`~pytest_sandbox.http.upstream.split_pieces`,
     :func:`~pytest_sandbox.http.upstream.attribute_pieces`): by nonce where its bytes carry one, else to
     every attempt that can have caused it (the same connection's, and every one whose window plus
@@ -302,8 +305,9 @@ def run_smuggling_campaign(
     (:func:`~pytest_sandbox.network.lab.attribution.attribute`). Every byte and hit attributed here is marked
     judged; the session-end audit reports any that arrive later. Evidence without a nonce blamed on
     more than one attempt is then settled by isolation (:func:`_isolate`): every suspect is rerun
-    alone and keeps the blame only if its rerun reproduces it; if none does, every suspect keeps it
-    and the verdict says so. Returns test id -> (judgement,
+    alone and keeps the blame only if its rerun reproduces it; one whose late leak can have landed in a
+    later rerun's round is rerun alone again before anything is taken off it; if no rerun reproduces it
+    unmistakably, every suspect keeps it and the verdict says so. Returns test id -> (judgement,
     what it saw, with the upstream bytes attributed to it).
     """
     tests = [attempt.test_id for attempt in attempts]
@@ -333,6 +337,9 @@ def run_smuggling_campaign(
                                                       time.monotonic()), seen, plan.allowed))
 
     retries: list[_Plan] = []
+
+    def replan(attempt: SmugglingAttempt) -> _Plan:
+        return _plan(attempt, prefix, origin=origin, denied=denied, backend_name=backend_name)
     try:
         # One positive control per path first (the shortest): whether its forwarded request carries
         # its nonce shows that the proxy passes the nonce field upstream on that path (RFC 9110
@@ -360,9 +367,7 @@ def run_smuggling_campaign(
         # complete (and that showed no leak) is measured again with fewer in flight, with a fresh nonce;
         # what its batch run put upstream is still judged (see below), so a leak can only be added. A
         # proxy that never answers some valid request costs one deadline per RETRY_CONCURRENCY of them.
-        retries += [_retry_plan(plan, replan=lambda attempt: _plan(attempt, prefix, origin=origin, denied=denied,
-                                                                   backend_name=backend_name))
-                   for plan in together if _needs_retry(plan, by_key(plan.key))]
+        retries += [_retry_plan(plan, replan=replan) for plan in together if _needs_retry(plan, by_key(plan.key))]
         for again in retries:
             known[again.nonce] = again.key
         in_flight(retries, lambda plan: send(plan, alone=False), min(concurrency, RETRY_CONCURRENCY),
@@ -374,7 +379,14 @@ def run_smuggling_campaign(
         sequences = [[plan for plan in alone if plan.attempt.path == path] for path in PATHS]
         def one_after_another(sequence: list[_Plan]) -> None:
             for plan in sequence:
-                send(plan, alone=True)
+                send(plan, alone=True, may_retry=True)
+                # One whose deadline ran out before its answers were complete (a loaded machine: a tunnel's
+                # handshake, a late refusal) is measured again at once, still alone, as a batch attempt is.
+                if _needs_retry(plan, by_key(plan.key)):
+                    again = _retry_plan(plan, replan=replan)
+                    known[again.nonce] = again.key
+                    retries.append(again)
+                    send(again, alone=True)
         in_flight(sequences, one_after_another, 2 if concurrency > 1 else 1, "smuggling-path")
     finally:
         # Registered even if an attempt raised: what it sent must stay attributable.
@@ -414,8 +426,7 @@ def run_smuggling_campaign(
         isolation = _isolate(blind, suspects, send_alone=lambda plan:
                              _attempt(plan, connect, lab, backend, ca_pem, origin=origin, timeout=timeout,
                                       known=known, alone=True, views=views),
-                             replan=lambda attempt: _plan(attempt, prefix, origin=origin, denied=denied,
-                                                          backend_name=backend_name),
+                             replan=replan,
                              lab=lab, backend=backend, known=known, grace=grace, budget=isolation_budget,
                              needed=frozenset(key for key, plan in suspects.items()
                                               if plan.attempt.test_id in passing),
