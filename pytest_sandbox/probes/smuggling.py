@@ -216,7 +216,7 @@ def exchange(sock: socket.socket, payload: bytes, case: SmugglingCase, follow_up
     except (OSError, ssl.SSLError) as send_error:
         reader.eof, reader.error = True, f"send failed: {send_error}"
     if case.must_close:
-        reader.fill(relayed, poll=LEAK_POLL_SECONDS, idle=watch)
+        _fill_until_close(reader, relayed, watch, case.reaches_backend + 1, timeout)
     else:
         _fill_answers(reader, case.reaches_backend, timeout)
     ended = looked[0] if looked else time.monotonic()
@@ -663,6 +663,23 @@ def _fill_answers(reader: SocketReader, wanted: int, timeout: float) -> None:
         reader.deadline, reader.timed_out = time.monotonic() + timeout, False
 
 
+def _fill_until_close(reader: SocketReader, relayed: Callable[[], bool], leaked: Callable[[], bool], wanted: int,
+                      timeout: float) -> None:
+    """Read a connection that must close until EOF, a relayed answer, a leak (``leaked``, asked every
+    :data:`LEAK_POLL_SECONDS` while the proxy is silent) or the deadline; each new answer, up to ``wanted``,
+    moves the deadline to ``timeout`` after it. On a loaded machine a refusal can come just before the
+    deadline and its close just after: the close is waited for from the refusal, not from the send. A proxy
+    that answers at once and never closes costs no more than before."""
+    for _ in range(max(1, wanted)):
+        answered = len(reader.responses())
+        reader.fill(functools.partial(_relayed_or_more, relayed, reader, answered), poll=LEAK_POLL_SECONDS,
+                    idle=leaked)
+        if relayed() or reader.eof or reader.error or reader.timed_out or len(reader.responses()) == answered:
+            return
+        reader.deadline = max(reader.deadline, time.monotonic() + timeout)
+    reader.fill(relayed, poll=LEAK_POLL_SECONDS, idle=leaked)
+
+
 def _deadline_bound(case: SmugglingCase, timed_out: bool, answers: int) -> bool:
     """Whether the deadline ran out before the proxy's answers were complete (every allowed request's,
     and for a denied case the refusal). Pure."""
@@ -671,6 +688,10 @@ def _deadline_bound(case: SmugglingCase, timed_out: bool, answers: int) -> bool:
 
 def _more_than(reader: SocketReader, count: int) -> bool:
     return len(reader.responses()) > count
+
+
+def _relayed_or_more(relayed: Callable[[], bool], reader: SocketReader, count: int) -> bool:
+    return relayed() or _more_than(reader, count)
 
 
 def _follow_up(reader: SocketReader, request: bytes, answered: int, timeout: float) -> int | None:
