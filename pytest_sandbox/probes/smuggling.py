@@ -175,8 +175,7 @@ def build_attempts(cases: Iterable[SmugglingCase] = SMUGGLING_CASES,
 
 def exchange(sock: socket.socket, payload: bytes, case: SmugglingCase, follow_up: bytes,
              upstream: Callable[[], tuple[UpstreamSegment, ...]], allowed: Sequence[UpstreamRequest], *,
-             mark: str, timeout: float = ATTEMPT_TIMEOUT_SECONDS, stray: Callable[[], str] = lambda: "",
-             may_retry: bool = False) -> Exchange:
+             mark: str, timeout: float = ATTEMPT_TIMEOUT_SECONDS, stray: Callable[[], str] = lambda: "") -> Exchange:
     """Send ``payload`` in one write, read the answers, then try ``follow_up`` on the same socket.
 
     A connection the case says must close is read until EOF or the deadline, but only as long as
@@ -222,12 +221,12 @@ def exchange(sock: socket.socket, payload: bytes, case: SmugglingCase, follow_up
     ended = looked[0] if looked else time.monotonic()
     responses = reader.responses()
     closed, timed_out, error = reader.eof, reader.timed_out, reader.error
-    # ``may_retry``: an attempt whose deadline ran out before its answers were complete is sent again
-    # (its deadline was shared with the batch); a follow-up now would only meet a late answer. A
-    # positive control whose answers did not all come in time is judged broken whatever a follow-up
-    # gets (verdicts/smuggling._judge_control), so it waits for none.
+    # An attempt whose deadline ran out before its answers were complete gets no follow-up: the first answer
+    # after it would be a late answer to the payload (an allowed request's 200 read as the follow-up's: "the
+    # pre-#819 keep-alive bug" on a loaded machine). The campaign sends such an attempt again (_needs_retry); a
+    # positive control whose answers did not all come in time is judged broken whatever a follow-up gets.
     late = _deadline_bound(case, reader.timed_out, len(responses))
-    skip = closed or leaked() or (late and (may_retry or case.is_positive_control))
+    skip = closed or leaked() or late
     follow_status = None if skip else _follow_up(reader, follow_up, len(responses), timeout)
     if not skip:
         ended = time.monotonic()
@@ -328,10 +327,10 @@ def run_smuggling_campaign(
     # One snapshot per poll period for all the attempts in flight (see _StreamView).
     views = {ABSOLUTE: _StreamView(lab.origin_streams), TUNNEL: _StreamView(backend.received_streams)}
 
-    def send(plan: _Plan, alone: bool, may_retry: bool = False) -> None:
+    def send(plan: _Plan, alone: bool) -> None:
         begin = time.monotonic()
         seen = _attempt(plan, connect, lab, backend, ca_pem, origin=origin, timeout=timeout,
-                        known=known, alone=alone, views=views, may_retry=may_retry)
+                        known=known, alone=alone, views=views)
         # list.append is atomic: worker threads share ``sent``.
         sent.append(_Sent(plan.attempt, AttemptWindow(plan.key, plan.nonce, plan.destinations, begin,
                                                       time.monotonic()), seen, plan.allowed))
@@ -358,7 +357,7 @@ def run_smuggling_campaign(
             # blamed on a control (whose verdict such bytes would break) as well.
             time.sleep(grace)
         if together:
-            in_flight(together, lambda plan: send(plan, alone=False, may_retry=True), concurrency, "smuggling")
+            in_flight(together, lambda plan: send(plan, alone=False), concurrency, "smuggling")
             if alone and grace > 0:
                 # Past the batch's grace period first: bytes without a nonce of an attempt sent alone
                 # are then never blamed on the batch (whose windows all overlap) as well.
@@ -379,7 +378,7 @@ def run_smuggling_campaign(
         sequences = [[plan for plan in alone if plan.attempt.path == path] for path in PATHS]
         def one_after_another(sequence: list[_Plan]) -> None:
             for plan in sequence:
-                send(plan, alone=True, may_retry=True)
+                send(plan, alone=True)
                 # One whose deadline ran out before its answers were complete (a loaded machine: a tunnel's
                 # handshake, a late refusal) is measured again at once, still alone, as a batch attempt is.
                 if _needs_retry(plan, by_key(plan.key)):
@@ -605,13 +604,12 @@ def _nonce_carried(controls: Sequence[_Plan], start: Mapping[tuple[str, int], in
 
 def _attempt(plan: _Plan, connect: Callable[[], socket.socket], lab: NetworkLab, backend: FakeInferenceBackend,
              ca_pem: bytes, *, origin: str, timeout: float, known: Mapping[str, str], alone: bool,
-             views: Mapping[str, _StreamView], may_retry: bool = False) -> Exchange:
+             views: Mapping[str, _StreamView]) -> Exchange:
     """One attempt's exchange with the proxy. While it runs, the bytes upstream since it began are
     watched (to stop waiting as soon as it has leaked); the campaign attributes them afterwards.
 
     What is watched: the pieces carrying this attempt's nonce and, when it is sent ``alone``, those
-    carrying none; never another attempt's (``known``: every nonce of the campaign). ``may_retry``: a batch
-    attempt, sent again if its deadline runs out (so it sends no follow-up then)."""
+    carrying none; never another attempt's (``known``: every nonce of the campaign)."""
     attempt = plan.attempt
     before = received_counts(backend.received_streams() if attempt.path == TUNNEL else lab.origin_streams())
     view = views[attempt.path]
@@ -632,7 +630,7 @@ def _attempt(plan: _Plan, connect: Callable[[], socket.socket], lab: NetworkLab,
     with connect() as sock:
         if attempt.path == ABSOLUTE:
             return exchange(sock, plan.payload, attempt.case, absolute_follow_up(origin, plan.nonce), upstream,
-                            plan.allowed, mark=mark, timeout=timeout, may_retry=may_retry)
+                            plan.allowed, mark=mark, timeout=timeout)
         try:
             tls = open_inference_tunnel(sock, ca_pem, timeout=timeout)
         except OSError as error:  # ConnectionError, ssl.SSLError, a timeout: no tunnel, no answer
@@ -642,7 +640,7 @@ def _attempt(plan: _Plan, connect: Callable[[], socket.socket], lab: NetworkLab,
             return Exchange((), not late, late, None, error=f"the tunnel could not be opened: {error}")
         with tls:
             return exchange(tls, plan.payload, attempt.case, tunnel_follow_up(plan.nonce), upstream, plan.allowed,
-                            mark=mark, timeout=timeout, may_retry=may_retry)
+                            mark=mark, timeout=timeout)
 
 
 def _fill_answers(reader: SocketReader, wanted: int, timeout: float) -> None:
