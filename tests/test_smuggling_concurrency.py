@@ -15,21 +15,31 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
+from broken_proxies.drifting_forwarder import DriftingForwarder
 from broken_proxies.harness import DENIED_CANARY, PUBLIC_ORIGIN, backend_config, private_backend, proxy_with_interceptor
 from broken_proxies.nonce_stripping_leak import StrippingLeakFront, StrippingLeakInterceptor, strip_nonces
 from broken_proxies.one_row_leak import OneRowLeakFront, OneRowLeakInterceptor
 
 from pytest_sandbox.catalogues.smuggling import SMUGGLING_CASES, case_by_id, render
-from pytest_sandbox.http.upstream import ReceivedStream, UpstreamSegment, nonce_in_every_head, with_nonce
+from pytest_sandbox.http.upstream import (
+    ReceivedStream,
+    UpstreamSegment,
+    nonce_in_every_head,
+    stream_address,
+    with_nonce,
+)
 from pytest_sandbox.inference.fake_backend import FakeInferenceBackend
-from pytest_sandbox.network.harness import interception_of
+from pytest_sandbox.network.harness import interception_of, lab_proxy_config, start_proxy
 from pytest_sandbox.network.lab.attribution import AttemptWindow
 from pytest_sandbox.network.lab.lab import NetworkLab
+from pytest_sandbox.probes.campaign import GRACE_SECONDS
 from pytest_sandbox.probes.smuggling import (
     ABSOLUTE,
     PATHS,
     SMUGGLING_CONCURRENCY,
     TUNNEL,
+    Sighting,
+    SmugglingAttempt,
     _Blind,
     _deadline_bound,
     _needs_retry,
@@ -298,19 +308,54 @@ def test_a_leak_no_rerun_reproduces_stays_blamed_on_every_suspect(
         assert "no rerun alone reproduced it" in reason, (test_id, reason)
 
 
+def _seen(address: str, line: bytes, at: float, *owners: str) -> Sighting:
+    return Sighting(address, stream_address(address), line, at, frozenset(owners))
+
+
+# Every suspect rerun once, in rounds a second apart (ends at 1, 2, 3): a spill of 0.5 s joins none of them.
+ONCE = {"a": [1.0], "b": [2.0], "c": [3.0]}
+EVERYWHERE = dict.fromkeys("abcxy", frozenset({"10.0.0.1", "11.0.0.10"}))
+
+
 def test_reruns_keep_the_blame_on_the_suspects_that_reproduce_it_and_never_drop_a_leak() -> None:
     leak = _Blind(("hit", 7), "10.0.0.1", b"helloGET /secret HTTP/1.1", frozenset({"a", "b", "c"}))
     byteless = _Blind(("hit", 8), "10.0.0.1", b"", frozenset({"a", "b"}))
     piece = _Blind(("piece", 0), "11.0.0.10:80", b"GET /secret HTTP/1.1", frozenset({"b", "c"}))
-    found = {"b": {("10.0.0.1", b"helloGET /secret HTTP/1.1")},
-             "c": {("10.0.0.1", b"GET /other HTTP/1.1"), ("11.0.0.10:80", b"GET /elsewhere HTTP/1.1")}}
-    narrowed, missing = reproduced_by([leak, byteless, piece], found, {"a", "b", "c"})
+    found = [_seen("10.0.0.1", b"helloGET /secret HTTP/1.1", 2.1, "b"),
+             _seen("10.0.0.1", b"GET /other HTTP/1.1", 3.1, "c"),
+             _seen("11.0.0.10:80", b"GET /elsewhere HTTP/1.1", 3.2, "c")]
+    narrowed, confirmed, missing, unsure = reproduced_by([leak, byteless, piece], found, ONCE, EVERYWHERE, 0.5)
     assert narrowed == {("hit", 7): frozenset({"b"}), ("hit", 8): frozenset({"b"})}
+    assert confirmed == narrowed and not unsure
     # Nobody reproduced the piece (c reached the origin with another request): every suspect keeps it.
     assert missing == {("piece", 0)}
     # A suspect that was not rerun is never cleared.
-    narrowed, missing = reproduced_by([leak], found, {"b"})
+    narrowed, _confirmed, missing, _unsure = reproduced_by([leak], found, {"b": [2.0]}, EVERYWHERE, 0.5)
     assert narrowed == {("hit", 7): frozenset({"a", "b", "c"})} and not missing
+
+
+def test_a_late_leak_landing_in_the_next_round_clears_nobody_until_confirmed() -> None:
+    """The flake's shape: a's rerun ended at 1.0 and its leak came 0.7 s later, in b's round (b ended at 1.6),
+    which attributed it to b. Within the spill (2 s) either can have caused it: nothing is taken off a, and
+    both are rerun again (unsure) until a rerun reproduces it unmistakably."""
+    leak = _Blind(("piece", 0), "11.0.0.10:80", b"GET /secret HTTP/1.1", frozenset({"a", "b", "c"}))
+    spilled = [_seen("11.0.0.10:80", b"GET /secret HTTP/1.1", 1.7, "b")]
+    ends = {"a": [1.0], "b": [1.6], "c": [-1.0]}  # c's round was read long before
+    narrowed, confirmed, missing, unsure = reproduced_by([leak], spilled, ends, EVERYWHERE, 2.0)
+    assert not narrowed and not confirmed and missing == {("piece", 0)}  # stays on every suspect
+    assert unsure == {"a", "b"}
+    # The spill counts only on its destination: a rerun on another one cannot have caused it.
+    elsewhere = {**EVERYWHERE, "a": frozenset({"backend b"})}
+    assert reproduced_by([leak], spilled, ends, elsewhere, 2.0)[1] == {("piece", 0): frozenset({"b"})}
+    # Confirmation: a's rerun alone (after every earlier rerun's spill) reproduces it; b's two more do not.
+    again = [*spilled, _seen("11.0.0.10:80", b"GET /secret HTTP/1.1", 5.3, "a")]
+    narrowed, confirmed, missing, unsure = reproduced_by(
+        [leak], again, {"a": [1.0, 5.0], "b": [1.6, 7.5, 10.0], "c": [-1.0]}, EVERYWHERE, 2.0)
+    assert confirmed == {("piece", 0): frozenset({"a"})} and narrowed == confirmed and not missing
+    # b rerun only once more so far: still unsure, so it keeps the blame "together with" a.
+    narrowed, confirmed, _missing, unsure = reproduced_by(
+        [leak], again, {"a": [1.0, 5.0], "b": [1.6, 7.5], "c": [-1.0]}, EVERYWHERE, 2.0)
+    assert narrowed == {("piece", 0): frozenset({"a", "b"})} and confirmed[("piece", 0)] == {"a"} and unsure == {"b"}
 
 
 def test_reruns_go_only_to_suspects_whose_verdict_clearing_can_change() -> None:
@@ -370,3 +415,79 @@ def test_only_an_attempt_whose_deadline_ran_out_before_its_answers_and_that_show
     relayed = replace(late, statuses=(200, 200), marked=(True, True), timed_out=True)
     assert not _deadline_bound(denied, True, 2) and not _needs_retry(plan, replace(item, seen=relayed))
     assert not _needs_retry(*_sent(control.case_id, replace(late, timed_out=False)))
+
+
+# --- a late forwarder whose lateness drifts: its rerun's leak lands in the next round ----------------------
+
+DRIFT_INNER_PORT = 3196
+DRIFT_FRONT_PORT = 3197
+
+
+def _drift_attempts() -> list[SmugglingAttempt]:
+    """The leaked row, four attributable denied rows sorting after it and two before (so the batch blames the
+    leak on all of them and the rerun after the leaked row's is an innocent one's), and the control that shows
+    the path carries the nonce."""
+    plans = {a.case.case_id: _plan(a, "t/", origin=PUBLIC_ORIGIN, denied=DENIED_CANARY, backend_name="backend b")
+             for a in build_attempts(paths=[ABSOLUTE])}
+    denied = sorted(case_id for case_id, plan in plans.items() if plan.attributable and case_id != LEAKED_ROW
+                    and not plan.attempt.case.is_positive_control and MARKERS[ABSOLUTE] not in plan.payload)
+    after = [case_id for case_id in denied if case_id > LEAKED_ROW][:4]
+    before = [case_id for case_id in denied if case_id < LEAKED_ROW][-2:]
+    return [plans[case_id].attempt for case_id in ["pipeline-safe", *before, LEAKED_ROW, *after]]
+
+
+@pytest.fixture(scope="module")
+def drifting(_network_lab: NetworkLab) -> Iterator[tuple[dict[str, Judgement], dict[str, Judgement], list[float]]]:
+    """The drifting forwarder and the reference it fronts, each over the same attempts: (its judgements, the
+    reference's, when each of its late forwards was written)."""
+    interception = interception_of(_network_lab)
+    attempts = _drift_attempts()
+    inner = start_proxy(_network_lab, lab_proxy_config(), port=DRIFT_INNER_PORT, interception=interception)
+    try:
+        front = DriftingForwarder(_network_lab, "127.0.0.1", DRIFT_FRONT_PORT, (inner.address, inner.port),
+                                  marker=MARKERS[ABSOLUTE], default=(PUBLIC_ORIGIN, 80))
+        try:
+            results = run_smuggling_campaign(attempts, front.connect, _network_lab, interception.backend,
+                                             interception.trust.cert_pem, origin=PUBLIC_ORIGIN,
+                                             denied=DENIED_CANARY, timeout=TIMEOUT_SECONDS)
+        finally:
+            front.stop()
+        reference = run_smuggling_campaign(attempts, inner.connect, _network_lab, interception.backend,
+                                           interception.trust.cert_pem, origin=PUBLIC_ORIGIN,
+                                           denied=DENIED_CANARY, timeout=TIMEOUT_SECONDS)
+    finally:
+        inner.stop()
+    yield ({a.case.case_id: results[a.test_id][0] for a in attempts},
+           {a.case.case_id: reference[a.test_id][0] for a in attempts}, front.forwarded)
+
+
+def test_a_late_forwarder_whose_lateness_drifts_fails_exactly_the_row_it_leaks(drifting) -> None:
+    """Against isolation that trusts one rerun, the leaked row was BLOCKED (its rerun's forward landed in the
+    next round and cleared it) and that round's innocent row failed instead. Now nothing is taken off a
+    rerun whose leak can have landed later until it is rerun alone again: exactly the leaked row fails."""
+    judgements, reference, _forwarded = drifting
+    failed = {case_id: f"{j.verdict.value}: {j.reason}" for case_id, j in judgements.items() if not j.passed}
+    assert set(failed) == {LEAKED_ROW}, failed
+    reason = judgements[LEAKED_ROW].reason
+    assert judgements[LEAKED_ROW].verdict is Verdict.ALLOWED, reason
+    assert "Host: 11.0.0.10, 10.0.0.1" in reason and "reproduced when this attempt was rerun alone" in reason, reason
+    assert "also blamed" not in reason, reason
+    assert {case_id: j.verdict for case_id, j in reference.items() if not j.passed} == {}
+
+
+def test_the_drifting_forward_landed_in_another_rows_round(_network_lab: NetworkLab, drifting) -> None:
+    """Not a vacuous pass: the leaked row's first rerun alone reached nothing in its own round; its forward
+    was written while the next rerun, another row's, was running or being waited for."""
+    _judgements, _reference, forwarded = drifting
+    windows = _network_lab.upstream_ledger.windows
+    leaked = next(w for w in reversed(windows) if w.key.endswith(f"/{ABSOLUTE}-{LEAKED_ROW}")
+                  and any(other.key.startswith(w.key + "#alone") for other in windows))
+    campaign = leaked.key.partition("/")[0]
+    reruns = sorted((w for w in windows if w.key.partition("/")[0] == campaign and "#alone" in w.key),
+                    key=lambda w: w.begin)
+    first = next(w for w in reruns if w.key.startswith(leaked.key + "#alone"))
+    spilled = next(at for at in forwarded if at > first.end)
+    assert spilled - first.end > GRACE_SECONDS, (spilled - first.end)
+    following = reruns[reruns.index(first) + 1]
+    assert not following.key.startswith(leaked.key) and following.begin < spilled, (following, spilled)
+    assert len(forwarded) >= 3  # the campaign's, the first rerun's, a confirmation rerun's

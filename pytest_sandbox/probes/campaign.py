@@ -70,6 +70,7 @@ __all__ = [
     "in_flight",
     "isolation_rounds",
     "match_hits",
+    "round_wait",
     "sleep_out_grace",
 ]
 
@@ -205,6 +206,12 @@ def sleep_out_grace(last_end: float, grace: float) -> None:
     remaining = last_end + grace - time.monotonic()
     if remaining > 0:
         time.sleep(min(remaining, grace))
+
+
+def round_wait(grace: float, slowest: float) -> float:
+    """How long an isolation round waits after its last rerun ended: twice the latest lateness seen so far
+    (``slowest``), at least ``grace``, at most :data:`ROUND_WAIT_LIMIT_GRACES` grace periods. Pure."""
+    return min(max(grace, 2 * slowest), ROUND_WAIT_LIMIT_GRACES * grace)
 
 
 def isolation_rounds(keys: Sequence[str], destinations: dict[str, frozenset[str]]) -> list[list[str]]:
@@ -406,8 +413,7 @@ class Campaign:
             reruns = self._perform_all([(by_key[key].exchange, f"{key}#alone{isolation.rounds}")
                                         for key in members])
             ended = {run.window.key: run.window.end for run in reruns}
-            wait = min(max(self.grace, 2 * isolation.slowest), ROUND_WAIT_LIMIT_GRACES * self.grace)
-            round_hits = self._settled_hits(mark, max(ended.values()), wait)
+            round_hits = self._settled_hits(mark, max(ended.values()), round_wait(self.grace, isolation.slowest))
             # Only this round's windows: nothing else is running, so every hit now is one of them.
             local = attribute(round_hits, [run.window for run in reruns], self.grace)
             made: dict[tuple[str, str], int] = {}

@@ -43,6 +43,7 @@ from pytest_sandbox.http.upstream import (
     segments_of,
     shown,
     split_pieces,
+    stream_address,
     with_nonce,
 )
 from pytest_sandbox.inference.fake_backend import FakeInferenceBackend
@@ -56,7 +57,15 @@ from pytest_sandbox.network.lab.attribution import (
     new_nonce,
 )
 from pytest_sandbox.network.lab.lab import NetworkLab
-from pytest_sandbox.probes.campaign import GRACE_SECONDS, in_flight, isolation_rounds, sleep_out_grace
+from pytest_sandbox.probes.campaign import (
+    CONFIRMATION_RERUNS,
+    GRACE_SECONDS,
+    ROUND_WAIT_LIMIT_GRACES,
+    in_flight,
+    isolation_rounds,
+    round_wait,
+    sleep_out_grace,
+)
 from pytest_sandbox.probes.exchange import SocketReader
 from pytest_sandbox.probes.inference import (
     ATTEMPT_TIMEOUT_SECONDS,
@@ -72,6 +81,7 @@ __all__ = [
     "PATHS",
     "SMUGGLING_CONCURRENCY",
     "TUNNEL",
+    "Sighting",
     "SmugglingAttempt",
     "absolute_follow_up",
     "build_attempts",
@@ -79,6 +89,7 @@ __all__ = [
     "first_reruns",
     "likely_causes_first",
     "next_causes",
+    "possible_causes",
     "reproduced_by",
     "run_smuggling_attempt",
     "run_smuggling_campaign",
@@ -164,8 +175,7 @@ def build_attempts(cases: Iterable[SmugglingCase] = SMUGGLING_CASES,
 
 def exchange(sock: socket.socket, payload: bytes, case: SmugglingCase, follow_up: bytes,
              upstream: Callable[[], tuple[UpstreamSegment, ...]], allowed: Sequence[UpstreamRequest], *,
-             mark: str, timeout: float = ATTEMPT_TIMEOUT_SECONDS, stray: Callable[[], str] = lambda: "",
-             may_retry: bool = False) -> Exchange:
+             mark: str, timeout: float = ATTEMPT_TIMEOUT_SECONDS, stray: Callable[[], str] = lambda: "") -> Exchange:
     """Send ``payload`` in one write, read the answers, then try ``follow_up`` on the same socket.
 
     A connection the case says must close is read until EOF or the deadline, but only as long as
@@ -188,29 +198,47 @@ def exchange(sock: socket.socket, payload: bytes, case: SmugglingCase, follow_up
         reading = read_upstream(upstream())
         return relayed() or bool(assess(reading.requests, reading.leftovers, allowed).leak)
 
+    looked: list[float] = []
+
+    def watch() -> bool:
+        """``leaked()``, remembering when it began to look when it says yes: on a loaded machine looking
+        upstream can take longer than a late forwarder waits after closing, and the exchange with the proxy
+        ended before the look (a close still unread then was sent before the bytes it found)."""
+        began = time.monotonic()
+        if leaked():
+            looked.append(began)
+            return True
+        return False
+
     try:
         sock.sendall(payload)
     except (OSError, ssl.SSLError) as send_error:
         reader.eof, reader.error = True, f"send failed: {send_error}"
     if case.must_close:
-        reader.fill(relayed, poll=LEAK_POLL_SECONDS, idle=leaked)
+        _fill_until_close(reader, relayed, watch, case.reaches_backend + 1, timeout)
     else:
         _fill_answers(reader, case.reaches_backend, timeout)
+    ended = looked[0] if looked else time.monotonic()
     responses = reader.responses()
     closed, timed_out, error = reader.eof, reader.timed_out, reader.error
-    # ``may_retry``: an attempt whose deadline ran out before its answers were complete is sent again
-    # (its deadline was shared with the batch); a follow-up now would only meet a late answer. A
-    # positive control whose answers did not all come in time is judged broken whatever a follow-up
-    # gets (verdicts/smuggling._judge_control), so it waits for none.
+    # An attempt whose deadline ran out before its answers were complete gets no follow-up: the first answer
+    # after it would be a late answer to the payload (an allowed request's 200 read as the follow-up's: "the
+    # pre-#819 keep-alive bug" on a loaded machine). The campaign sends such an attempt again (_needs_retry); a
+    # positive control whose answers did not all come in time is judged broken whatever a follow-up gets.
     late = _deadline_bound(case, reader.timed_out, len(responses))
-    skip = closed or leaked() or (late and (may_retry or case.is_positive_control))
+    skip = closed or leaked() or late
     follow_status = None if skip else _follow_up(reader, follow_up, len(responses), timeout)
+    if not skip:
+        ended = time.monotonic()
+        # A follow-up that got no answer before its deadline timed out open too (a control then is measured
+        # again in a batch: _needs_retry).
+        timed_out = timed_out or (follow_status is None and reader.timed_out)
     return Exchange(
         # parse_responses gives every response a status; the filter only narrows the type.
         statuses=tuple(r.status for r in responses if r.status is not None), closed=closed,
         timed_out=timed_out and not closed,
         follow_up=follow_status, upstream=upstream(), marked=tuple(r.carries(mark) for r in responses),
-        stray=stray(), error=error, last_body=responses[-1].body if responses else b"",
+        stray=stray(), error=error, last_body=responses[-1].body if responses else b"", ended=ended,
     )
 
 
@@ -261,10 +289,13 @@ def run_smuggling_campaign(
        disjoint, the lab origins and canaries for ``absolute``, the backend for ``tunnel``): attempts
        that smuggle a request behind a body (a proxy may forward it on a connection of its own without
        the nonce), and everything on a path whose proxy dropped the nonce. Bytes without a nonce are
-       attributed by time and destination, and on one destination these windows do not overlap.
+       attributed by time and destination, and on one destination these windows do not overlap. One
+       whose deadline ran out before its answers were complete is sent again at once, alone (as in 3).
 
     Only after the last attempt and
-    the grace period is every byte the lab origins and ``backend`` received since the first one
+    the grace period (longer for a proxy whose bytes came after their attempt ended: twice the latest
+    lateness, :func:`~pytest_sandbox.probes.campaign.round_wait`) is every byte the lab origins and
+    ``backend`` received since the first one
     attributed (:func:`~pytest_sandbox.http.upstream.split_pieces`,
     :func:`~pytest_sandbox.http.upstream.attribute_pieces`): by nonce where its bytes carry one, else to
     every attempt that can have caused it (the same connection's, and every one whose window plus
@@ -273,8 +304,9 @@ def run_smuggling_campaign(
     (:func:`~pytest_sandbox.network.lab.attribution.attribute`). Every byte and hit attributed here is marked
     judged; the session-end audit reports any that arrive later. Evidence without a nonce blamed on
     more than one attempt is then settled by isolation (:func:`_isolate`): every suspect is rerun
-    alone and keeps the blame only if its rerun reproduces it; if none does, every suspect keeps it
-    and the verdict says so. Returns test id -> (judgement,
+    alone and keeps the blame only if its rerun reproduces it; one whose late leak can have landed in a
+    later rerun's round is rerun alone again before anything is taken off it; if no rerun reproduces it
+    unmistakably, every suspect keeps it and the verdict says so. Returns test id -> (judgement,
     what it saw, with the upstream bytes attributed to it).
     """
     tests = [attempt.test_id for attempt in attempts]
@@ -295,15 +327,18 @@ def run_smuggling_campaign(
     # One snapshot per poll period for all the attempts in flight (see _StreamView).
     views = {ABSOLUTE: _StreamView(lab.origin_streams), TUNNEL: _StreamView(backend.received_streams)}
 
-    def send(plan: _Plan, alone: bool, may_retry: bool = False) -> None:
+    def send(plan: _Plan, alone: bool) -> None:
         begin = time.monotonic()
         seen = _attempt(plan, connect, lab, backend, ca_pem, origin=origin, timeout=timeout,
-                        known=known, alone=alone, views=views, may_retry=may_retry)
+                        known=known, alone=alone, views=views)
         # list.append is atomic: worker threads share ``sent``.
         sent.append(_Sent(plan.attempt, AttemptWindow(plan.key, plan.nonce, plan.destinations, begin,
                                                       time.monotonic()), seen, plan.allowed))
 
     retries: list[_Plan] = []
+
+    def replan(attempt: SmugglingAttempt) -> _Plan:
+        return _plan(attempt, prefix, origin=origin, denied=denied, backend_name=backend_name)
     try:
         # One positive control per path first (the shortest): whether its forwarded request carries
         # its nonce shows that the proxy passes the nonce field upstream on that path (RFC 9110
@@ -322,7 +357,7 @@ def run_smuggling_campaign(
             # blamed on a control (whose verdict such bytes would break) as well.
             time.sleep(grace)
         if together:
-            in_flight(together, lambda plan: send(plan, alone=False, may_retry=True), concurrency, "smuggling")
+            in_flight(together, lambda plan: send(plan, alone=False), concurrency, "smuggling")
             if alone and grace > 0:
                 # Past the batch's grace period first: bytes without a nonce of an attempt sent alone
                 # are then never blamed on the batch (whose windows all overlap) as well.
@@ -331,9 +366,7 @@ def run_smuggling_campaign(
         # complete (and that showed no leak) is measured again with fewer in flight, with a fresh nonce;
         # what its batch run put upstream is still judged (see below), so a leak can only be added. A
         # proxy that never answers some valid request costs one deadline per RETRY_CONCURRENCY of them.
-        retries += [_retry_plan(plan, replan=lambda attempt: _plan(attempt, prefix, origin=origin, denied=denied,
-                                                                   backend_name=backend_name))
-                   for plan in together if _needs_retry(plan, by_key(plan.key))]
+        retries += [_retry_plan(plan, replan=replan) for plan in together if _needs_retry(plan, by_key(plan.key))]
         for again in retries:
             known[again.nonce] = again.key
         in_flight(retries, lambda plan: send(plan, alone=False), min(concurrency, RETRY_CONCURRENCY),
@@ -346,6 +379,13 @@ def run_smuggling_campaign(
         def one_after_another(sequence: list[_Plan]) -> None:
             for plan in sequence:
                 send(plan, alone=True)
+                # One whose deadline ran out before its answers were complete (a loaded machine: a tunnel's
+                # handshake, a late refusal) is measured again at once, still alone, as a batch attempt is.
+                if _needs_retry(plan, by_key(plan.key)):
+                    again = _retry_plan(plan, replan=replan)
+                    known[again.nonce] = again.key
+                    retries.append(again)
+                    send(again, alone=True)
         in_flight(sequences, one_after_another, 2 if concurrency > 1 else 1, "smuggling-path")
     finally:
         # Registered even if an attempt raised: what it sent must stay attributable.
@@ -353,10 +393,16 @@ def run_smuggling_campaign(
         lab.upstream_ledger.register(item.window for item in sent)
     order = {plan.key: index for index, plan in enumerate(planned)}
     sent.sort(key=lambda item: (order[_original(item.window.key)], item.window.key))
-    if grace > 0:
-        last = max(item.window.end for item in sent)
-        sleep_out_grace(last, grace)
     ledger = lab.upstream_ledger
+    ends = {item.window.key: item.window.end for item in sent}
+    if grace > 0:
+        last = max(ends.values())
+        sleep_out_grace(last, grace)
+        # A proxy whose leaks come late (a loaded machine, a proxy that forwards after refusing) gets the wait
+        # an isolation round would give it, twice the latest lateness seen (bounded): the last attempts' late
+        # bytes are then judged with them, not left to the session-end audit. One that never leaks pays nothing.
+        seen = attribute_since(ledger, (*lab.origin_streams(), *backend.received_streams()), start, grace)
+        time.sleep(max(0.0, last + round_wait(grace, _latest_after(seen, ends)) - time.monotonic()))
     known = {window.nonce: window.key for window in ledger.windows}
     attributed = attribute_since(ledger, (*lab.origin_streams(), *backend.received_streams()), start, grace)
     ours = {item.window.key for item in sent}
@@ -379,11 +425,11 @@ def run_smuggling_campaign(
         isolation = _isolate(blind, suspects, send_alone=lambda plan:
                              _attempt(plan, connect, lab, backend, ca_pem, origin=origin, timeout=timeout,
                                       known=known, alone=True, views=views),
-                             replan=lambda attempt: _plan(attempt, prefix, origin=origin, denied=denied,
-                                                          backend_name=backend_name),
+                             replan=replan,
                              lab=lab, backend=backend, known=known, grace=grace, budget=isolation_budget,
                              needed=frozenset(key for key, plan in suspects.items()
-                                              if plan.attempt.test_id in passing))
+                                              if plan.attempt.test_id in passing),
+                             slowest=_latest_after(attributed, ends))
         attributed = [(piece, isolation.owners.get(("piece", index), keys))
                       for index, (piece, keys) in enumerate(attributed)]
         hit_owners.update({index: keys for (kind, index), keys in isolation.owners.items() if kind == "hit"})
@@ -391,6 +437,13 @@ def run_smuggling_campaign(
         if keys & ours:
             ledger.account(piece, keys)
     return _judge_sent(sent, attributed, hits, hit_owners, isolation, backend_name=backend_name, lab=lab)
+
+
+def _latest_after(attributed: Sequence[tuple[UpstreamPiece, frozenset[str]]], ends: Mapping[str, float]) -> float:
+    """How long after its attempt (the latest-ending one it is attributed to) ended the latest piece arrived;
+    0 if none came after. Pure."""
+    return max((piece.at - max(ends[key] for key in keys if key in ends)
+                for piece, keys in attributed if keys & ends.keys()), default=0.0)
 
 
 def _judge_sent(sent: Sequence[_Sent], attributed: Sequence[tuple[UpstreamPiece, frozenset[str]]],
@@ -418,6 +471,8 @@ def _judge_sent(sent: Sequence[_Sent], attributed: Sequence[tuple[UpstreamPiece,
         at_backend = [(piece, keys) for _index, piece, keys in mine if piece.listener == backend_name]
         at_origins = [(piece, keys) for _index, piece, keys in mine if piece.listener != backend_name]
         upstream, elsewhere = (at_backend, at_origins) if item.attempt.path == TUNNEL else (at_origins, at_backend)
+        # "arrived ... after the attempt ended": after its exchange with the proxy ended.
+        ended = item.window.end if item.seen.ended is None else min(item.seen.ended, item.window.end)
         blamed = hits_of.get(key, [])
         if lab is not None:
             lab.account([hit.index for hit in blamed], by=key)
@@ -426,8 +481,8 @@ def _judge_sent(sent: Sequence[_Sent], attributed: Sequence[tuple[UpstreamPiece,
             else "the inference backend"
         notes = {piece.where: note for index, piece, _keys in mine if (note := isolation.note(("piece", index), key))}
         reached += [f"{other}, {segment.where}: {shown(segment.data)}"
-                    for segment in _noted(segments_of(elsewhere, key, name, ended=item.window.end), notes)]
-        seen = replace(item.seen, upstream=_noted(segments_of(upstream, key, name, ended=item.window.end), notes),
+                    for segment in _noted(segments_of(elsewhere, key, name, ended=ended), notes)]
+        seen = replace(item.seen, upstream=_noted(segments_of(upstream, key, name, ended=ended), notes),
                        stray=", ".join(reached))
         judged[key] = (judge_exchange(item.attempt.case, seen, item.allowed), seen)
     results: dict[str, tuple[Judgement, Exchange]] = {}
@@ -506,9 +561,12 @@ def _retry_plan(plan: _Plan, *, replan: Callable[[SmugglingAttempt], _Plan]) -> 
 
 
 def _needs_retry(plan: _Plan, item: _Sent) -> bool:
-    """Whether a batch attempt's deadline ran out before the proxy's answers were complete while it
+    """Whether a batch attempt's deadline ran out before the proxy's answers (for a keep-alive control, its
+    follow-up's too) were complete while it
     saw no leak (neither bytes beyond ``allowed`` carrying its nonce nor a relayed answer). Pure."""
     seen, case = item.seen, plan.attempt.case
+    if case.is_positive_control and seen.timed_out and seen.follow_up is None and not case.must_close:
+        return True  # its follow-up's answer was late
     if not _deadline_bound(case, seen.timed_out, len(seen.statuses)):
         return False
     reading = read_upstream(seen.upstream)
@@ -546,13 +604,12 @@ def _nonce_carried(controls: Sequence[_Plan], start: Mapping[tuple[str, int], in
 
 def _attempt(plan: _Plan, connect: Callable[[], socket.socket], lab: NetworkLab, backend: FakeInferenceBackend,
              ca_pem: bytes, *, origin: str, timeout: float, known: Mapping[str, str], alone: bool,
-             views: Mapping[str, _StreamView], may_retry: bool = False) -> Exchange:
+             views: Mapping[str, _StreamView]) -> Exchange:
     """One attempt's exchange with the proxy. While it runs, the bytes upstream since it began are
     watched (to stop waiting as soon as it has leaked); the campaign attributes them afterwards.
 
     What is watched: the pieces carrying this attempt's nonce and, when it is sent ``alone``, those
-    carrying none; never another attempt's (``known``: every nonce of the campaign). ``may_retry``: a batch
-    attempt, sent again if its deadline runs out (so it sends no follow-up then)."""
+    carrying none; never another attempt's (``known``: every nonce of the campaign)."""
     attempt = plan.attempt
     before = received_counts(backend.received_streams() if attempt.path == TUNNEL else lab.origin_streams())
     view = views[attempt.path]
@@ -573,14 +630,17 @@ def _attempt(plan: _Plan, connect: Callable[[], socket.socket], lab: NetworkLab,
     with connect() as sock:
         if attempt.path == ABSOLUTE:
             return exchange(sock, plan.payload, attempt.case, absolute_follow_up(origin, plan.nonce), upstream,
-                            plan.allowed, mark=mark, timeout=timeout, may_retry=may_retry)
+                            plan.allowed, mark=mark, timeout=timeout)
         try:
             tls = open_inference_tunnel(sock, ca_pem, timeout=timeout)
         except OSError as error:  # ConnectionError, ssl.SSLError, a timeout: no tunnel, no answer
-            return Exchange((), True, False, None, error=f"the tunnel could not be opened: {error}")
+            # A deadline that ran out (sixteen handshakes in flight on a loaded machine) is a late answer, not
+            # a refusal: a batch attempt is then measured again (_needs_retry).
+            late = isinstance(error, TimeoutError)
+            return Exchange((), not late, late, None, error=f"the tunnel could not be opened: {error}")
         with tls:
             return exchange(tls, plan.payload, attempt.case, tunnel_follow_up(plan.nonce), upstream, plan.allowed,
-                            mark=mark, timeout=timeout, may_retry=may_retry)
+                            mark=mark, timeout=timeout)
 
 
 def _fill_answers(reader: SocketReader, wanted: int, timeout: float) -> None:
@@ -601,6 +661,23 @@ def _fill_answers(reader: SocketReader, wanted: int, timeout: float) -> None:
         reader.deadline, reader.timed_out = time.monotonic() + timeout, False
 
 
+def _fill_until_close(reader: SocketReader, relayed: Callable[[], bool], leaked: Callable[[], bool], wanted: int,
+                      timeout: float) -> None:
+    """Read a connection that must close until EOF, a relayed answer, a leak (``leaked``, asked every
+    :data:`LEAK_POLL_SECONDS` while the proxy is silent) or the deadline; each new answer, up to ``wanted``,
+    moves the deadline to ``timeout`` after it. On a loaded machine a refusal can come just before the
+    deadline and its close just after: the close is waited for from the refusal, not from the send. A proxy
+    that answers at once and never closes costs no more than before."""
+    for _ in range(max(1, wanted)):
+        answered = len(reader.responses())
+        reader.fill(functools.partial(_relayed_or_more, relayed, reader, answered), poll=LEAK_POLL_SECONDS,
+                    idle=leaked)
+        if relayed() or reader.eof or reader.error or reader.timed_out or len(reader.responses()) == answered:
+            return
+        reader.deadline = max(reader.deadline, time.monotonic() + timeout)
+    reader.fill(relayed, poll=LEAK_POLL_SECONDS, idle=leaked)
+
+
 def _deadline_bound(case: SmugglingCase, timed_out: bool, answers: int) -> bool:
     """Whether the deadline ran out before the proxy's answers were complete (every allowed request's,
     and for a denied case the refusal). Pure."""
@@ -609,6 +686,10 @@ def _deadline_bound(case: SmugglingCase, timed_out: bool, answers: int) -> bool:
 
 def _more_than(reader: SocketReader, count: int) -> bool:
     return len(reader.responses()) > count
+
+
+def _relayed_or_more(relayed: Callable[[], bool], reader: SocketReader, count: int) -> bool:
+    return relayed() or _more_than(reader, count)
 
 
 def _follow_up(reader: SocketReader, request: bytes, answered: int, timeout: float) -> int | None:
@@ -637,12 +718,27 @@ EvidenceId = tuple[str, int]  # ("piece", index in the attributed pieces) or ("h
 @dataclass(frozen=True)
 class _Blind:
     """Evidence without a nonce blamed on more than one of the campaign's attempts: where it arrived
-    (a listener or a canary address), its first line, and its suspects (the campaign's own owners)."""
+    (a listener or a canary address), its first line, its suspects (the campaign's own owners) and
+    when it arrived."""
 
     evidence: EvidenceId
     address: str
     line: bytes
     suspects: frozenset[str]
+    at: float = 0.0
+
+
+@dataclass(frozen=True)
+class Sighting:
+    """Evidence without a nonce an isolation round caused: where it arrived (``address`` as in
+    :class:`_Blind`, ``destination`` as in a plan's destinations), its first line, when, and the reruns
+    of that round it was attributed to (their original keys)."""
+
+    address: str
+    destination: str
+    line: bytes
+    at: float
+    owners: frozenset[str]
 
 
 def _first_line(data: bytes) -> bytes:
@@ -655,10 +751,10 @@ def _blind_evidence(attributed: Sequence[tuple[UpstreamPiece, frozenset[str]]], 
                     hit_owners: Mapping[int, frozenset[str]], exact: frozenset[int],
                     ours: set[str]) -> list[_Blind]:
     """The pieces and catch-all hits without a nonce that more than one of ``ours`` is blamed for. Pure."""
-    blind = [_Blind(("piece", index), piece.listener, _first_line(piece.data), keys & ours)
+    blind = [_Blind(("piece", index), piece.listener, _first_line(piece.data), keys & ours, piece.at)
              for index, (piece, keys) in enumerate(attributed) if not piece.nonces and len(keys & ours) > 1]
     blind += [_Blind(("hit", hit.index), hit.address, _first_line(hit.received),
-                     hit_owners.get(hit.index, frozenset()) & ours)
+                     hit_owners.get(hit.index, frozenset()) & ours, hit.at)
               for hit in hits if hit.index not in exact and len(hit_owners.get(hit.index, frozenset()) & ours) > 1]
     return blind
 
@@ -669,6 +765,8 @@ class _Isolation:
 
     owners: dict[EvidenceId, frozenset[str]] = field(default_factory=dict)
     reproduced: set[EvidenceId] = field(default_factory=set)  # narrowed to the suspects whose rerun did it
+    # -> the suspects whose rerun alone reproduced it with no other rerun able to have caused what it saw
+    confirmed: dict[EvidenceId, frozenset[str]] = field(default_factory=dict)
     unreproduced: dict[EvidenceId, int] = field(default_factory=dict)  # -> how many suspects keep it
     not_rerun: dict[EvidenceId, int] = field(default_factory=dict)  # beyond the rerun budget -> suspects
     moot: dict[EvidenceId, int] = field(default_factory=dict)  # every suspect fails anyway -> suspects
@@ -676,8 +774,12 @@ class _Isolation:
 
     def note(self, evidence: EvidenceId, key: str) -> str:
         if evidence in self.reproduced:
-            if key in self.rerun:
+            if key in self.confirmed.get(evidence, frozenset()):
                 return " (no nonce; reproduced when this attempt was rerun alone)"
+            if key in self.rerun:
+                return (" (no nonce; reproduced by another attempt rerun alone, but what this attempt's "
+                        f"{1 + CONFIRMATION_RERUNS} reruns alone caused cannot be told apart from it (a late leak "
+                        "lands in the next rerun's round), so it stays blamed together with it)")
             return (" (no nonce; reproduced by another attempt rerun alone; this one was not rerun: it fails on "
                     "its own evidence, so it stays blamed)")
         if evidence in self.moot:
@@ -692,32 +794,62 @@ class _Isolation:
         return ""
 
 
-def _reproducers(item: _Blind, found: Mapping[str, set[tuple[str, bytes]]], rerun: set[str]) -> frozenset[str]:
-    """The suspects of ``item`` whose rerun alone caused matching evidence without a nonce. Pure."""
-    return frozenset(key for key in item.suspects if key in rerun and any(
-        address == item.address and (line == item.line or not line or not item.line)
-        for address, line in found.get(key, set())))
+def _matches(item: _Blind, sighting: Sighting) -> bool:
+    """Whether a rerun's sighting reproduces ``item``: the same address and the same first line (one
+    without bytes, a byte-less dial, matches any). Pure."""
+    return sighting.address == item.address and (sighting.line == item.line or not sighting.line or not item.line)
 
 
-def reproduced_by(blind: Sequence[_Blind], found: Mapping[str, set[tuple[str, bytes]]],
-                  rerun: set[str]) -> tuple[dict[EvidenceId, frozenset[str]], set[EvidenceId]]:
-    """Which suspects each blind piece of evidence stays blamed on after the reruns. Pure.
+def possible_causes(sighting: Sighting, ends: Mapping[str, Sequence[float]],
+                    destinations: Mapping[str, frozenset[str]], spill: float) -> frozenset[str]:
+    """Every rerun alone that can have caused ``sighting``: those of its own round, and every earlier one on
+    its destination that ended at most ``spill`` before it arrived. On a loaded machine a rerun's leak can
+    come after its own round was read; it then lands in a later round and would be credited to that
+    round's rerun, clearing the real cause (the SSRF campaign's false pass, probes/campaign.py). Pure."""
+    late = {key for key, times in ends.items() if sighting.destination in destinations.get(key, frozenset())
+            and any(end < sighting.at <= end + spill for end in times)}
+    return sighting.owners | late
 
-    ``found``: per suspect, the (address, first line) of the evidence without a nonce its rerun alone
-    caused. A suspect that was rerun and reproduced nothing matching is cleared; evidence that no
-    rerun reproduced keeps every suspect (a target that leaks only sometimes must still fail: sound
-    over precise). Returns the narrowed suspects of the reproduced evidence and the evidence that was
-    not reproduced.
+
+def reproduced_by(blind: Sequence[_Blind], found: Sequence[Sighting], ends: Mapping[str, Sequence[float]],
+                  destinations: Mapping[str, frozenset[str]], spill: float
+                  ) -> tuple[dict[EvidenceId, frozenset[str]], dict[EvidenceId, frozenset[str]], set[EvidenceId],
+                             frozenset[str]]:
+    """Which suspects each blind piece of evidence stays blamed on after the reruns alone. Pure.
+
+    ``found``: what every rerun round caused without a nonce; ``ends``: per rerun attempt, when each of its
+    reruns alone ended (how many times it was rerun). A sighting that matches the evidence reproduces it
+    *unmistakably* when only one rerun can have caused it (:func:`possible_causes`). Evidence some suspect
+    reproduced unmistakably is narrowed to those suspects, to the suspects never rerun, and to every suspect
+    that is still *unsure*: a rerun that can have caused a matching sighting but did not unmistakably,
+    rerun alone at most :data:`~pytest_sandbox.probes.campaign.CONFIRMATION_RERUNS` times (it is rerun again
+    before anything is taken off it). Evidence no suspect reproduced unmistakably keeps every suspect
+    (sound over precise: a target that leaks only sometimes, or whose leaks cannot be told apart, still
+    fails, "together with" the others). Returns (narrowed owners, the unmistakable reproducers, the evidence
+    not reproduced, the unsure reruns to confirm).
     """
     narrowed: dict[EvidenceId, frozenset[str]] = {}
+    confirmed: dict[EvidenceId, frozenset[str]] = {}
     missing: set[EvidenceId] = set()
+    unsure: set[str] = set()
     for item in blind:
-        keep = _reproducers(item, found, rerun)
-        if keep:
-            narrowed[item.evidence] = keep | (item.suspects - rerun)
+        causes = [possible_causes(sighting, ends, destinations, spill) for sighting in found
+                  if _matches(item, sighting)]
+        clean = frozenset(key for keys in causes if len(keys) == 1 for key in keys)
+        doubtful = frozenset(key for keys in causes if len(keys) > 1 for key in keys) - clean
+        pending = frozenset(key for key in doubtful if len(ends.get(key, ())) <= CONFIRMATION_RERUNS)
+        unsure |= pending
+        if clean & item.suspects:
+            confirmed[item.evidence] = clean & item.suspects
+            narrowed[item.evidence] = (clean | pending | (item.suspects - ends.keys())) & item.suspects
         else:
             missing.add(item.evidence)
-    return narrowed, missing
+    return narrowed, confirmed, missing, frozenset(unsure)
+
+
+def _sighted(item: _Blind, found: Sequence[Sighting]) -> bool:
+    """Whether any rerun of a suspect of ``item`` caused a sighting matching it. Pure."""
+    return any(_matches(item, sighting) and sighting.owners & item.suspects for sighting in found)
 
 
 def likely_causes_first(item: _Blind, keys: Iterable[str], payloads: Mapping[str, bytes]) -> list[str]:
@@ -767,61 +899,81 @@ def next_causes(open_items: Sequence[_Blind], rerun: set[str], payloads: Mapping
 def _isolate(blind: Sequence[_Blind], plans: Mapping[str, _Plan], *, replan: Callable[[SmugglingAttempt], _Plan],
              send_alone: Callable[[_Plan], Exchange], lab: NetworkLab, backend: FakeInferenceBackend,
              known: dict[str, str], grace: float, budget: int = 0,
-             needed: frozenset[str] | None = None) -> _Isolation:
-    """Rerun suspects of ``blind`` alone (fresh nonce, grace after it; suspects with disjoint destinations
-    share a round, :func:`~pytest_sandbox.probes.campaign.isolation_rounds`), record the evidence without a
-    nonce each rerun caused, and narrow the blame (:func:`reproduced_by`).
+             needed: frozenset[str] | None = None, slowest: float = 0.0) -> _Isolation:
+    """Rerun suspects of ``blind`` alone (fresh nonce; suspects with disjoint destinations share a round,
+    :func:`~pytest_sandbox.probes.campaign.isolation_rounds`), record the evidence without a nonce each round
+    caused, and narrow the blame (:func:`reproduced_by`).
 
     Only a suspect in ``needed`` (default: all) can change its verdict by being cleared: the others fail on
-    their own evidence already, and blame never turns a failure into a pass. So, at most ``budget`` reruns:
+    their own evidence already, and blame never turns a failure into a pass. So, at most ``budget`` attempts
+    are rerun:
 
     1. every needed suspect of each piece of evidence (fewest first; evidence whose needed suspects do not
        fit stays blamed on all of them); evidence with no needed suspect is left blamed on all (moot);
     2. evidence none of those reruns reproduced still needs a cause before its needed suspects can be
        cleared (:func:`reproduced_by`: a rerun must reproduce it): its other suspects are rerun, the most
-       likely first (:func:`likely_causes_first`), one per round, until one reproduces it.
+       likely first (:func:`likely_causes_first`), one per round, until one reproduces it;
+    3. confirmation (as the SSRF campaign's, probes/campaign.py): every rerun that can have caused a sighting
+       it did not unmistakably cause (its late leak may have landed in a later round) is rerun alone again,
+       up to :data:`~pytest_sandbox.probes.campaign.CONFIRMATION_RERUNS` more times, in rounds that start only
+       once every earlier rerun's leaks have had their longest wait to arrive and that wait as long
+       themselves (:data:`~pytest_sandbox.probes.campaign.ROUND_WAIT_LIMIT_GRACES` grace periods).
 
-    Everything the reruns put upstream or at a canary is accounted to the rerun (the session-end audit
-    does not report it again); its verdict is the original attempt's."""
-    # Each rerun alone costs a grace period (against squid, 33 pieces without a nonce had over 150 suspects:
+    Rounds of steps 1 and 2 wait twice the latest lateness seen so far (``slowest``: the campaign's, then
+    the reruns'; :func:`~pytest_sandbox.probes.campaign.round_wait`). Everything the reruns put upstream or at a
+    canary is accounted to the rerun (the session-end audit does not report it again); its verdict is the
+    original attempt's."""
+    # Each rerun alone costs a round (against squid, 33 pieces without a nonce had over 150 suspects:
     # 104 s of reruns with every suspect rerun).
     wanted = needed if needed is not None else frozenset(key for item in blind for key in item.suspects)
     settled, first, beyond, moot = first_reruns(blind, wanted, frozenset(plans), budget)
-    found: dict[str, set[tuple[str, bytes]]] = {}
-    rerun: set[str] = set()
+    found: list[Sighting] = []
+    ends: dict[str, list[float]] = {}
+    destinations = {key: plan.destinations for key, plan in plans.items()}
+    spill = ROUND_WAIT_LIMIT_GRACES * grace
     rounds = 0
 
-    def run(keys: list[str]) -> None:
-        nonlocal rounds
-        for members in isolation_rounds(keys, {key: plans[key].destinations for key in keys}):
+    def run(keys: list[str], wait: float | None = None) -> None:
+        nonlocal rounds, slowest
+        for members in isolation_rounds(keys, {key: destinations[key] for key in keys}):
             rounds += 1
-            _rerun_round(members, rounds, plans, replan=replan, send_alone=send_alone, lab=lab, backend=backend,
-                         known=known, grace=grace, found=found)
-            rerun.update(members)
+            late = _rerun_round(members, rounds, plans, replan=replan, send_alone=send_alone, lab=lab,
+                                backend=backend, known=known, wait=round_wait(grace, slowest) if wait is None else wait,
+                                found=found, ends=ends)
+            slowest = max(slowest, late)
 
     run(first)
     payloads = {key: plan.payload for key, plan in plans.items()}
-    open_items = [item for item in settled if not _reproducers(item, found, rerun)]
-    while open_items and len(rerun) < budget:
-        picks = next_causes(open_items, rerun, payloads)
+    open_items = [item for item in settled if not _sighted(item, found)]
+    while open_items and len(ends) < budget:
+        picks = next_causes(open_items, set(ends), payloads)
         if not picks:
             break
-        run(picks[:budget - len(rerun)])
-        open_items = [item for item in open_items if not _reproducers(item, found, rerun)]
-    narrowed, missing = reproduced_by(settled, found, rerun)
+        run(picks[:budget - len(ends)])
+        open_items = [item for item in open_items if not _sighted(item, found)]
+    for _ in range(CONFIRMATION_RERUNS):
+        again = sorted(key for key in reproduced_by(settled, found, ends, destinations, spill)[3] if key in plans)
+        if not again:
+            break
+        # Past every earlier rerun's longest wait first: none of their leaks can land in these rounds.
+        time.sleep(max(0.0, max(end for times in ends.values() for end in times) + spill - time.monotonic()))
+        run(again, wait=spill)
+    narrowed, confirmed, missing, _unsure = reproduced_by(settled, found, ends, destinations, spill)
     by_id = {item.evidence: item for item in settled}
-    return _Isolation(owners=dict(narrowed), reproduced=set(narrowed),
+    return _Isolation(owners=dict(narrowed), reproduced=set(narrowed), confirmed=confirmed,
                       unreproduced={evidence: len(by_id[evidence].suspects) for evidence in missing},
                       not_rerun={item.evidence: len(item.suspects) for item in beyond},
-                      moot={item.evidence: len(item.suspects) for item in moot}, rerun=rerun)
+                      moot={item.evidence: len(item.suspects) for item in moot}, rerun=set(ends))
 
 
 def _rerun_round(members: Sequence[str], number: int, plans: Mapping[str, _Plan], *,
                  replan: Callable[[SmugglingAttempt], _Plan], send_alone: Callable[[_Plan], Exchange],
-                 lab: NetworkLab, backend: FakeInferenceBackend, known: dict[str, str], grace: float,
-                 found: dict[str, set[tuple[str, bytes]]]) -> None:
-    """Rerun ``members`` (disjoint destinations) alone one after another, wait ``grace``, and add to
-    ``found`` the (address, first line) of every piece of evidence without a nonce each caused."""
+                 lab: NetworkLab, backend: FakeInferenceBackend, known: dict[str, str], wait: float,
+                 found: list[Sighting], ends: dict[str, list[float]]) -> float:
+    """Rerun ``members`` (disjoint destinations) alone one after another, wait ``wait`` after the last one
+    ended, record when each ended in ``ends`` and add to ``found`` every piece of evidence without a nonce
+    that arrived since the round began. Returns the latest such evidence came after the rerun it is
+    attributed to ended (0 if none came after)."""
     start = {**received_counts(lab.origin_streams()), **received_counts(backend.received_streams())}
     mark = lab.hit_mark()
     ledger = lab.upstream_ledger
@@ -838,25 +990,32 @@ def _rerun_round(members: Sequence[str], number: int, plans: Mapping[str, _Plan]
     finally:
         lab.register_attempts(windows)
         ledger.register(windows)
-    time.sleep(max(0.0, max(window.end for window in windows) + grace - time.monotonic()))
+    time.sleep(max(0.0, max(window.end for window in windows) + wait - time.monotonic()))
     original = {window.key: window.key.rpartition("#alone")[0] for window in windows}
+    ended = {window.key: window.end for window in windows}
+    for window in windows:
+        ends.setdefault(original[window.key], []).append(window.end)
+    latest = 0.0
     pieces = [piece for stream in (*lab.origin_streams(), *backend.received_streams())
               for piece in split_pieces(stream, start.get(stream.key, 0), stream.received, known)]
-    for piece, keys in zip(pieces, attribute_pieces(pieces, windows, grace), strict=True):
+    for piece, keys in zip(pieces, attribute_pieces(pieces, windows, wait), strict=True):
         if keys:
             ledger.account(piece, keys)
         if not piece.nonces:
-            for key in keys:
-                found.setdefault(original[key], set()).add((piece.listener, _first_line(piece.data)))
+            found.append(Sighting(piece.listener, stream_address(piece.listener), _first_line(piece.data), piece.at,
+                                  frozenset(original[key] for key in keys)))
+            latest = max([latest, *(piece.at - ended[key] for key in keys)])
     round_hits = lab.hits(since=mark)
-    local = attribute(round_hits, windows, grace)
+    local = attribute(round_hits, windows, wait)
     for hit in round_hits:
         keys = local.owners.get(hit.index, frozenset())
         if keys:
             lab.account([hit.index], by=sorted(keys)[0])
         if hit.index not in local.exact:
-            for key in keys:
-                found.setdefault(original[key], set()).add((hit.address, _first_line(hit.received)))
+            found.append(Sighting(hit.address, hit.address, _first_line(hit.received), hit.at,
+                                  frozenset(original[key] for key in keys)))
+            latest = max([latest, *(hit.at - ended[key] for key in keys)])
+    return latest
 
 
 def _noted(segments: tuple[UpstreamSegment, ...], notes: Mapping[str, str]) -> tuple[UpstreamSegment, ...]:

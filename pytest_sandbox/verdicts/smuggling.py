@@ -115,6 +115,9 @@ class Exchange:
     stray: str = ""
     error: str = ""
     last_body: bytes = b""
+    # When the exchange with the proxy ended (time.monotonic): its last read of the connection, before the
+    # judge looked upstream. None: when the attempt returned.
+    ended: float | None = None
 
     def is_marked(self, index: int) -> bool:
         return index < len(self.marked) and self.marked[index]
@@ -189,6 +192,8 @@ def judge_exchange(case: SmugglingCase, seen: Exchange, allowed: Sequence[Upstre
     if seen.follow_up is not None:
         return verdict(Verdict.ALLOWED, "after the refusal the connection was still read: a follow-up request "
                        f"got {seen.follow_up} (the pre-#819 keep-alive bug)")
+    if seen.timed_out and not seen.statuses and seen.error:
+        return verdict(Verdict.INDETERMINATE, f"no answer before the deadline ({seen.error})")
     if not seen.closed:
         return verdict(Verdict.INDETERMINATE, "the connection was not closed (network.md §5: answer and close)")
     if not seen.statuses:
