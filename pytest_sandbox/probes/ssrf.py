@@ -35,8 +35,9 @@ from pytest_sandbox.probes.campaign import GRACE_SECONDS
 from pytest_sandbox.probes.exchange import SocketReader
 from pytest_sandbox.verdicts.ssrf import REFUSAL_STATUSES, HitCounts, ProxyReply, canary_is_observable
 
-# Where the unmarked twin carries its nonce: the de facto request-correlation field many clients and
-# gateways send, not the harness's own marker.
+# Where half the unmarked twins (twin_sends_request_id) carry their nonce, and every twin whose request has no
+# path to carry it: the de facto request-correlation field many clients and gateways send, not the harness's
+# own marker.
 TWIN_NONCE_FIELD = "X-Request-ID"
 
 __all__ = [

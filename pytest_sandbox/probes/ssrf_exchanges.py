@@ -127,6 +127,10 @@ class Carrier:
     def fields(self) -> list[str]:
         return nonce_fields(self.text, self.marked, self.request_id)
 
+    def send(self, sock: socket.socket, attempt: Attempt, timeout: float = ATTEMPT_TIMEOUT_SECONDS) -> ProxyReply:
+        """:func:`~pytest_sandbox.probes.ssrf.send_attempt` with the nonce carried this way."""
+        return send_attempt(sock, attempt, timeout, nonce=self.text, marked=self.marked, request_id=self.request_id)
+
     def carried_by(self, target: str, header: Callable[[str], str | None]) -> bool:
         """Whether a request with ``target`` and fields ``header`` carries this nonce (an origin's record)."""
         return self.text in target or self.text in (header(NONCE_HEADER), header(TWIN_NONCE_FIELD))
@@ -220,8 +224,7 @@ class AttemptExchange(AttemptBound):
         carrier = self.carrier(nonce)
         try:
             with context.connect() as sock:
-                return send_attempt(sock, self.attempt, self.timeout, nonce=carrier.text, marked=carrier.marked,
-                                    request_id=carrier.request_id)
+                return carrier.send(sock, self.attempt, self.timeout)
         except OSError as exc:
             return _failed_reply(exc)
 
@@ -487,8 +490,7 @@ class MixedAnswers(AttemptBound):
         # for this one (a CONNECT the proxy dials but refuses sends no bytes that could carry the nonce).
         before = {origin: lab.origin_connections(origin) for origin in lab.public_origins}
         with context.connect() as sock:
-            reply = send_attempt(sock, self.attempt, self.timeout, nonce=carrier.text, marked=carrier.marked,
-                                 request_id=carrier.request_id)
+            reply = carrier.send(sock, self.attempt, self.timeout)
         dialled = tuple((origin, lab.origin_connections(origin) - count) for origin, count in before.items())
         return _MixedObservation(reply, dialled)
 
@@ -562,12 +564,11 @@ class Rebinding(Twinned):
         else:
             first_attempt = Attempt(custom_case("rebind-first", name, PUBLIC_ORIGIN, "first", expected="allowed"),
                                     self.form)
-            sent = {"nonce": carrier.text, "marked": carrier.marked, "request_id": carrier.request_id}
             with context.connect() as sock:
-                first_reply = send_attempt(sock, first_attempt, **sent)  # type: ignore[arg-type]
+                first_reply = carrier.send(sock, first_attempt)
             first_status = first_reply.final.status
             with context.connect() as sock:
-                reply = send_attempt(sock, Attempt(self._case(name), self.form), **sent)  # type: ignore[arg-type]
+                reply = carrier.send(sock, Attempt(self._case(name), self.form))
         return _RebindingObservation(name, reply, first_status, len(_nonce_requests(context, carrier)))
 
     def judge(self, result: ExchangeResult, twin: ExchangeResult | None = None) -> SsrfVerdict:
