@@ -5,8 +5,10 @@ proxy that judged the marked requests plus those with an ``X-Request-ID`` field
 (``RequestIdKeyedProxy``), or only requests whose bytes hold ``sbx-`` (``NonceTextKeyedProxy``), passed all
 1244 SSRF tests. Now the twin's nonce is a UUID4 (``attribution.twin_nonce``), half the twins carry
 ``X-Request-ID`` and half do not (``probes.ssrf.twin_sends_request_id``), and nothing in a twin holds the
-harness's text; each of those proxies, and one that judges only requests *without* ``X-Request-ID``
-(``RequestIdAbsentKeyedProxy``), fails the twins it can tell apart, naming the marker. The keep-alive
+harness's text, while every twin sends curl's ``User-Agent`` and ``Accept`` (the marked probes send neither);
+each of those proxies, one that judges only requests *without* ``X-Request-ID`` (``RequestIdAbsentKeyedProxy``)
+and one that judges only requests without a ``User-Agent`` (``UserAgentAbsentKeyedProxy``, which passed all 1244
+too), fails the twins it can tell apart, naming the marker. The keep-alive
 follow-ups, Host-mismatch denials, mixed answers and rebinding names have twins too.
 """
 
@@ -24,6 +26,7 @@ from broken_proxies.marker_keyed import (
     NonceTextKeyedProxy,
     RequestIdAbsentKeyedProxy,
     RequestIdKeyedProxy,
+    UserAgentAbsentKeyedProxy,
     command,
 )
 from broken_proxies.weak_ssrf import start_weak_proxy
@@ -102,6 +105,7 @@ def test_no_twin_carries_the_harness_marker_or_nonce_text_and_each_carries_its_n
         assert b"sbx-" not in sent and b"X-Sandbox-Probe" not in sent and b"/sandbox-probe/" not in sent, sent
         assert text.encode() in sent, sent
         assert (b"X-Request-ID: " in sent) is twin_has_request_id(attempt), sent
+        assert b"\r\nUser-Agent: curl/" in sent and b"\r\nAccept: */*\r\n" in sent, sent
 
 
 def test_half_the_twins_carry_x_request_id_and_half_do_not():
@@ -156,7 +160,8 @@ def failures(verdicts: dict[str, SsrfVerdict]) -> dict[str, SsrfVerdict]:
     (RequestIdKeyedProxy, 3172, lambda attempt: not twin_has_request_id(attempt)),
     (RequestIdAbsentKeyedProxy, 3173, twin_has_request_id),
     (NonceTextKeyedProxy, 3174, lambda attempt: True),
-], ids=["request-id-keyed", "request-id-absent-keyed", "nonce-text-keyed"])
+    (UserAgentAbsentKeyedProxy, 3178, lambda attempt: True),
+], ids=["request-id-keyed", "request-id-absent-keyed", "nonce-text-keyed", "user-agent-absent-keyed"])
 def test_a_proxy_that_tells_the_twin_apart_fails_the_twins_it_lets_through(_network_lab, policy_refused,
                                                                             proxy_class, port, fails):
     running = start_weak_proxy(_network_lab, proxy_class, port)

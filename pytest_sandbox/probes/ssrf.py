@@ -39,6 +39,10 @@ from pytest_sandbox.verdicts.ssrf import REFUSAL_STATUSES, HitCounts, ProxyReply
 # path to carry it: the de facto request-correlation field many clients and gateways send, not the harness's
 # own marker.
 TWIN_NONCE_FIELD = "X-Request-ID"
+# What an ordinary client adds to every request, and so does every unmarked twin: curl's defaults (curl 8 sends
+# ``User-Agent: curl/<version>`` and ``Accept: */*``). The marked probes send neither, so a proxy that judges only
+# requests without a User-Agent (a harness's, not a browser's or an SDK's) is caught by the twins.
+TWIN_CLIENT_FIELDS: tuple[str, ...] = ("User-Agent: curl/8.5.0", "Accept: */*")
 
 __all__ = [
     "ALL_FORMS",
@@ -270,11 +274,12 @@ def nonce_path(nonce: str, marked: bool = True) -> str:
 
 
 def nonce_fields(nonce: str, marked: bool = True, request_id: bool = True) -> list[str]:
-    """The header lines that carry ``nonce``: :data:`NONCE_HEADER`, or for an unmarked twin
-    :data:`TWIN_NONCE_FIELD` when ``request_id`` (else none: the path alone carries it)."""
+    """The header lines that carry ``nonce``: :data:`NONCE_HEADER`; for an unmarked twin an ordinary client's
+    fields (:data:`TWIN_CLIENT_FIELDS`) and :data:`TWIN_NONCE_FIELD` when ``request_id`` (else the path alone
+    carries the nonce)."""
     if marked:
         return [f"{NONCE_HEADER}: {nonce}"]
-    return [f"{TWIN_NONCE_FIELD}: {nonce}"] if request_id else []
+    return [*TWIN_CLIENT_FIELDS, *([f"{TWIN_NONCE_FIELD}: {nonce}"] if request_id else [])]
 
 
 def twin_sends_request_id(key: str) -> bool:

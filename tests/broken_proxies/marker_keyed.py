@@ -13,7 +13,8 @@ The twin must not be recognisable either. Three more proxies judge what a twin c
 the rest unchecked: :class:`RequestIdKeyedProxy` judges the marked requests and those with an
 ``X-Request-ID`` field (where the twin used to carry its nonce), :class:`RequestIdAbsentKeyedProxy` only
 requests without that field, :class:`NonceTextKeyedProxy` only requests whose bytes hold ``sbx-`` (the
-harness's nonce text). As commands: :func:`command` with their :data:`KEYED` name.
+harness's nonce text), :class:`UserAgentAbsentKeyedProxy` only requests without a ``User-Agent`` (the marked
+probes send none; a twin sends curl's). As commands: :func:`command` with their :data:`KEYED` name.
 
 :class:`MarkerKeyedInterceptor` is the same inside the intercepted ``inference.local`` tunnel: #819's 403 for
 a marked request that matches no route, and an unmarked one forwarded to the backend whatever it asks for
@@ -103,9 +104,17 @@ class NonceTextKeyedProxy(MarkerKeyedProxy):
         return b"sbx-" in request.raw or "sbx-" in request.target
 
 
+class UserAgentAbsentKeyedProxy(MarkerKeyedProxy):
+    """Judges only requests without a ``User-Agent`` (every marked probe): a client's request goes through."""
+
+    @staticmethod
+    def judges(request: Request) -> bool:
+        return request.header("user-agent") is None
+
+
 KEYED: dict[str, type[MarkerKeyedProxy]] = {
     "marker": MarkerKeyedProxy, "request-id": RequestIdKeyedProxy, "no-request-id": RequestIdAbsentKeyedProxy,
-    "nonce-text": NonceTextKeyedProxy}
+    "nonce-text": NonceTextKeyedProxy, "no-user-agent": UserAgentAbsentKeyedProxy}
 
 
 def command(keyed_on: str) -> str:
