@@ -33,7 +33,7 @@ from pytest_sandbox.http.responses import ParsedResponse, parse_head
 from pytest_sandbox.inference.fake_backend import FakeInferenceBackend
 from pytest_sandbox.inference.routes import InferenceRoute, RouteProbe, match_route, route_probes
 from pytest_sandbox.network.harness import INFERENCE_ROUTE_KEY, InterceptionTrust, RunningProxy
-from pytest_sandbox.network.lab.attribution import NONCE_HEADER
+from pytest_sandbox.network.lab.attribution import NONCE_HEADER, twin_nonce
 from pytest_sandbox.network.lab.lab import NetworkLab
 from pytest_sandbox.policy.load import baseline_policy
 from pytest_sandbox.policy.model import Policy
@@ -78,10 +78,11 @@ def request_with_nonce(nonce: str, method: str, path: str, *, body: bytes = b"",
 def unmarked_request(nonce: str, method: str, path: str, *, body: bytes = b"", credentials: bool = True,
                      **options: Any) -> bytes:
     """The same request without the harness's nonce field, as any client sends it: the nonce rides only in the
-    query (routes match the path alone), where a client's own token would, so what it causes is still its own.
-    An interceptor that applies #819 only to requests carrying the marker forwards this one."""
+    query (routes match the path alone), spelt as a random request id (:func:`twin_nonce`: a UUID4, no ``sbx-``
+    text), where a client's own token would, so what it causes is still its own. An interceptor that applies
+    #819 only to requests carrying the marker (or the harness's nonce text) forwards this one."""
     headers = CLIENT_CREDENTIALS if credentials else ()
-    return inference_request(method, f"{path}?{nonce}", body=body, headers=headers, **options)
+    return inference_request(method, f"{path}?{twin_nonce(nonce)}", body=body, headers=headers, **options)
 
 
 def refused_and_closed(answer: ParsedResponse | None, closed: bool) -> bool:
@@ -169,15 +170,42 @@ def streamed_chat(proxy: RunningProxy, trust: InterceptionTrust) -> Perform:
     return perform
 
 
+RoutedThenAdmin = tuple[list[ParsedResponse], list[ParsedResponse], bool, ParsedResponse | None]
+Request = Callable[..., bytes]
+
+
+def routed_then_admin_on_a_tunnel(proxy: RunningProxy, trust: InterceptionTrust, nonce: str,
+                                  request: Request) -> RoutedThenAdmin:
+    """A chat completion, then ``GET /admin`` and a ``GET /v1/models`` follow-up on one tunnel, built by
+    ``request`` (:func:`request_with_nonce`, or :func:`unmarked_request` for the twin)."""
+    with tunnel(proxy, trust) as tls:
+        routed, _ = send_and_read(tls, request(nonce, "POST", "/v1/chat/completions", body=CHAT_BODY))
+        refused, _ = send_and_read(tls, request(nonce, "GET", "/admin", credentials=False))
+        closed = closes_without_more_bytes(tls)
+        follow_up = answer_to(tls, request(nonce, "GET", "/v1/models", credentials=False))
+    return routed, refused, closed, follow_up
+
+
 def routed_then_admin(proxy: RunningProxy, trust: InterceptionTrust) -> Perform:
-    def perform(nonce: str) -> tuple[list[ParsedResponse], list[ParsedResponse], bool, ParsedResponse | None]:
-        with tunnel(proxy, trust) as tls:
-            routed, _ = send_and_read(tls, chat_request(nonce))
-            refused, _ = send_and_read(tls, request_with_nonce(nonce, "GET", "/admin", credentials=False))
-            closed = closes_without_more_bytes(tls)
-            follow_up = answer_to(tls, request_with_nonce(nonce, "GET", "/v1/models", credentials=False))
-        return routed, refused, closed, follow_up
+    def perform(nonce: str) -> tuple[RoutedThenAdmin, RoutedThenAdmin]:
+        return (routed_then_admin_on_a_tunnel(proxy, trust, nonce, request_with_nonce),
+                routed_then_admin_on_a_tunnel(proxy, trust, nonce, unmarked_request))
     return perform
+
+
+def refused_after_routed(seen: RoutedThenAdmin) -> bool:
+    """The chat completion answered 200, then #819's refusal, the close, and no answer to the follow-up."""
+    routed, refused, closed, follow_up = seen
+    return (len(routed) == 1 and routed[0].status == 200 and bool(refused) and is_inference_refusal(refused[0])
+            and closed and follow_up is None)
+
+
+def describe_routed_then_admin(seen: RoutedThenAdmin) -> str:
+    routed, refused, closed, follow_up = seen
+    refusal = refused[0] if refused else None
+    return (f"routed {[r.status for r in routed]}, then {refusal.status if refusal else None} "
+            f"{refusal.body if refusal else b''!r}, closed {closed}, follow-up "
+            f"{follow_up.status if follow_up else 'no answer'}")
 
 
 def refusal_on_a_tunnel(proxy: RunningProxy, trust: InterceptionTrust, request: bytes) -> tuple[ParsedResponse | None,
@@ -343,23 +371,24 @@ def test_streamed_completion_passes_through_as_server_sent_events(
 def test_non_inference_request_after_a_routed_one_is_refused_closed_and_never_forwarded(
         interception_ca: InterceptionTrust, network_verdict: VerdictCheck, chat_is_routed: None,
         admin_is_not_routed: None, evidence: ExchangeEvidence) -> None:
-    """OpenShell #819: after a routed request the loop kept reading; now 403 and close, always."""
-    routed, refused, closed, follow_up = evidence.observation
+    """OpenShell #819: after a routed request the loop kept reading; now 403 and close, always. Sent twice: with
+    the harness's nonce field, and as its unmarked twin on a tunnel of its own (the nonce only in the query)."""
+    marked, twin = evidence.observation
     arrived = evidence.arrived
-    refusal = refused[0] if refused else None
-    ok = (len(routed) == 1 and routed[0].status == 200 and refusal is not None and is_inference_refusal(refusal)
-          and closed and follow_up is None and [r.path for r in arrived] == ["/v1/chat/completions"]
-          and not evidence.unframed)
-    observed = (f"routed {[r.status for r in routed]}, then {refusal.status if refusal else None} "
-                f"{refusal.body if refusal else b''!r}, closed {closed}, follow-up "
-                f"{follow_up.status if follow_up else 'no answer'}; backend saw {evidence.reached or 'nothing'}")
-    leaked = follow_up is not None or len(arrived) > 1 or bool(evidence.unframed)
+    # The backend must see exactly the two chat completions (the marked one and the twin's, its query aside).
+    only_chats = sorted(r.path.split("?", 1)[0] for r in arrived) == ["/v1/chat/completions"] * 2
+    marked_ok, twin_ok = refused_after_routed(marked), refused_after_routed(twin)
+    ok = marked_ok and twin_ok and only_chats and not evidence.unframed
+    observed = (f"{describe_routed_then_admin(marked)}; the same requests without the marker: "
+                f"{describe_routed_then_admin(twin)}; backend saw {evidence.reached or 'nothing'}")
+    leaked = marked[3] is not None or twin[3] is not None or len(arrived) > 2 or bool(evidence.unframed)
+    reason = ("refused with #819's 403 JSON and closed, marked or not; only the routed requests reached the backend"
+              if ok else f"the non-inference request was {MARKER_HOLE}" if marked_ok and not twin_ok else
+              "the non-inference request was not refused and closed as #819 requires")
     network_verdict(CATEGORY, "routed-then-non-inference", judged(
-        ok, Verdict.BLOCKED, Verdict.ALLOWED if leaked else Verdict.INDETERMINATE,
-        "refused with #819's 403 JSON and closed; only the routed request reached the backend" if ok else
-        "the non-inference request was not refused and closed as #819 requires",
+        ok, Verdict.BLOCKED, Verdict.ALLOWED if leaked else Verdict.INDETERMINATE, reason,
         '200, then 403 application/json {"error":"connection not allowed by policy"}, EOF, follow-up gets '
-        "nothing; backend saw only the chat completion", observed),
+        "nothing, marked and unmarked; backend saw only the two chat completions", observed),
         "POST /v1/chat/completions then GET /admin on one keep-alive TLS connection")
 
 

@@ -21,6 +21,7 @@ from broken_proxies.weak_ssrf import start_weak_proxy
 
 from pytest_sandbox.http.responses import parse_head
 from pytest_sandbox.network.harness import start_proxy
+from pytest_sandbox.network.lab.attribution import twin_nonce
 from pytest_sandbox.network.netns import host_can_create_netns
 from pytest_sandbox.probes.ssrf import ALL_FORMS, build_attempts
 from pytest_sandbox.probes.ssrf_exchanges import AttemptExchange, run_ssrf_campaign
@@ -75,14 +76,15 @@ def test_a_positive_control_has_no_twin():
 
 
 def test_the_unmarked_twin_carries_no_marker_but_its_nonce():
+    nonce = "sbx-0123456789abcdef"
     for form in ("connect", "absolute"):
         attempt = next(a for a in SLICE if a.form == form and a.case.case_id.startswith("meta-imds"))
-        marked = attempt.request_bytes("sbx-0123456789abcdef")
-        unmarked = attempt.request_bytes("sbx-0123456789abcdef", marked=False)
+        marked = attempt.request_bytes(nonce)
+        unmarked = attempt.request_bytes(twin_nonce(nonce), marked=False)
         assert b"X-Sandbox-Probe" in marked and b"X-Sandbox-Probe" not in unmarked
-        assert b"/sandbox-probe/" not in unmarked
+        assert b"/sandbox-probe/" not in unmarked and b"sbx-" not in unmarked
         if form == "absolute":
-            assert b"/sbx-0123456789abcdef" in unmarked  # opaque path segment: attributed exactly
+            assert f"/{twin_nonce(nonce)}".encode() in unmarked  # opaque path segment: attributed exactly
 
 
 @pytest.mark.skipif(not NETNS_OK, reason=f"cannot create network namespaces: {NETNS_REASON}")
@@ -170,15 +172,17 @@ def _inference_run(pytester: pytest.Pytester, marker_keyed: bool) -> tuple[pytes
 def test_inference_category_fails_every_refusal_a_marker_keyed_interceptor_forwards(
         pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
     """Before the unmarked twins, all 23 inference tests passed against it (14 BLOCKED, 9 WORKS). Now every
-    refusal the interceptor decides (another inner Host, a request that is no route) fails naming the marker,
-    and so does the backend record; the positive controls work, and the reference passes everything."""
+    refusal the interceptor decides (another inner Host, a request that is no route, the non-inference request
+    after a routed one) fails naming the marker, and so does the backend record; the positive controls work,
+    and the reference passes everything."""
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     reference, verdicts = _inference_run(pytester, marker_keyed=False)
     assert reference.ret == 0, reference.stdout.str()[-3000:]
     controls = {test for test, verdict in verdicts.items() if verdict == "WORKS"}
     refusals = {test for test, verdict in verdicts.items() if verdict == "BLOCKED"}
-    decided_by_interceptor = {test for test in refusals if test.startswith(("inner-host-", "route-"))}
-    assert len(decided_by_interceptor) >= 8, refusals
+    decided_by_interceptor = {test for test in refusals if test.startswith(("inner-host-", "route-"))
+                              or test == "routed-then-non-inference"}
+    assert len(decided_by_interceptor) >= 9 and "routed-then-non-inference" in decided_by_interceptor, refusals
     keyed, keyed_verdicts = _inference_run(pytester, marker_keyed=True)
     output = keyed.stdout.str()
     failed = {test for test, verdict in keyed_verdicts.items() if verdict == "ALLOWED"}

@@ -21,6 +21,7 @@ import ipaddress
 import re
 import socket
 import time
+import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -34,9 +35,14 @@ from pytest_sandbox.probes.campaign import GRACE_SECONDS
 from pytest_sandbox.probes.exchange import SocketReader
 from pytest_sandbox.verdicts.ssrf import REFUSAL_STATUSES, HitCounts, ProxyReply, canary_is_observable
 
-# Where the unmarked twin carries its nonce: the de facto request-correlation field many clients and
-# gateways send, not the harness's own marker.
+# Where half the unmarked twins (twin_sends_request_id) carry their nonce, and every twin whose request has no
+# path to carry it: the de facto request-correlation field many clients and gateways send, not the harness's
+# own marker.
 TWIN_NONCE_FIELD = "X-Request-ID"
+# What an ordinary client adds to every request, and so does every unmarked twin: curl's defaults (curl 8 sends
+# ``User-Agent: curl/<version>`` and ``Accept: */*``). The marked probes send neither, so a proxy that judges only
+# requests without a User-Agent (a harness's, not a browser's or an SDK's) is caught by the twins.
+TWIN_CLIENT_FIELDS: tuple[str, ...] = ("User-Agent: curl/8.5.0", "Accept: */*")
 
 __all__ = [
     "ALL_FORMS",
@@ -52,9 +58,12 @@ __all__ = [
     "lab_canaries",
     "lab_names",
     "new_hits",
+    "nonce_fields",
+    "nonce_path",
     "plausible_destinations",
     "read_one_response",
     "send_attempt",
+    "twin_sends_request_id",
 ]
 
 # The two forms a forward proxy serves (the default of build_attempts and of the self-connection cases);
@@ -199,6 +208,12 @@ class Attempt:
     def describe(self) -> str:
         return f"{self.method} {self.target!r} ({self.form}-form; {self.case.note})"
 
+    @property
+    def nonce_in_path(self) -> bool:
+        """Whether a request of this attempt has a path to carry a nonce: absolute and origin form with a plain
+        path suffix (a '?@' or '#@' suffix is sent exactly), and CONNECT (the request through its tunnel)."""
+        return self.form == "connect" or (self.form in ("absolute", "origin") and self.case.suffix.startswith("/"))
+
     def request_target(self, nonce: str | None = None, *, marked: bool = True) -> str:
         """The request-target as sent; the nonce goes into an absolute or origin-form path when the
         case's own suffix is a plain path (a '?@' or '#@' suffix is sent exactly, nonce in the header).
@@ -211,39 +226,67 @@ class Attempt:
             return "*"
         path = case.suffix
         if nonce is not None and path.startswith("/"):
-            prefix = f"{NONCE_PATH_PREFIX}{nonce}" if marked else f"/{nonce}"
-            path = f"{prefix}{'' if path == '/' else path}"
+            path = f"{nonce_path(nonce, marked)}{'' if path == '/' else path}"
         if self.form == "origin":
             return path if path.startswith("/") else "/"
         return f"{case.scheme}://{case.authority}{path}"
 
-    def request_bytes(self, nonce: str | None = None, *, marked: bool = True) -> bytes:
+    def request_bytes(self, nonce: str | None = None, *, marked: bool = True, request_id: bool = True) -> bytes:
         """The request head exactly as sent; odd characters go out as UTF-8, unescaped. In the
         Host-carried forms the Host is the case's authority whatever it holds (it is the destination).
-        ``marked=False``: no :data:`NONCE_HEADER` field and no nonce path prefix (the unmarked twin); the
-        nonce rides in :data:`TWIN_NONCE_FIELD` instead."""
+        ``marked=False``: no :data:`NONCE_HEADER` field and no nonce path prefix (the unmarked twin, whose
+        ``nonce`` is :func:`~pytest_sandbox.network.lab.attribution.twin_nonce`'s UUID); the nonce rides in
+        :data:`TWIN_NONCE_FIELD` too when ``request_id`` or when the request has no path to carry it."""
         authority = self.case.authority
         host = authority if self.form in _HOST_CARRIED or _is_field_text(authority) else FALLBACK_HOST
         lines = [f"{self.method} {self.request_target(nonce, marked=marked)} HTTP/1.1", f"Host: {host}"]
-        if nonce is not None and marked:
-            lines.append(f"{NONCE_HEADER}: {nonce}")
-        elif nonce is not None:
+        if nonce is not None:
             # The twin's nonce in a correlation field any client may send: its bytes at a canary then name
             # their exchange even when the path carries no nonce ('?@' suffixes, a proxy that rewrites the
             # path), so a leaking proxy's twin hits need no isolation reruns.
-            lines.append(f"{TWIN_NONCE_FIELD}: {nonce}")
+            lines += nonce_fields(nonce, marked, request_id or not self.nonce_in_path)
         if self.form != "connect":
             lines.append("Connection: close")
         return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
 
     def tunnel_request_bytes(self, nonce: str | None = None) -> bytes:
         """What goes through an established tunnel: a plain GET the catch-all answers, with the nonce."""
+        return self._tunnel_get(nonce, marked=True, request_id=True)
+
+    def unmarked_tunnel_request_bytes(self, nonce: str, *, request_id: bool) -> bytes:
+        """What an unmarked twin sends through its tunnel: the GET carrying ``nonce`` as the twin does."""
+        return self._tunnel_get(nonce, marked=False, request_id=request_id)
+
+    def _tunnel_get(self, nonce: str | None, *, marked: bool, request_id: bool) -> bytes:
         authority = self.case.authority
         host = authority if _is_field_text(authority) else FALLBACK_HOST
         if nonce is None:
             return f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
-        return (f"GET {NONCE_PATH_PREFIX}{nonce} HTTP/1.1\r\nHost: {host}\r\n{NONCE_HEADER}: {nonce}\r\n"
-                "Connection: close\r\n\r\n").encode()
+        lines = [f"GET {nonce_path(nonce, marked)} HTTP/1.1", f"Host: {host}", *nonce_fields(nonce, marked, request_id),
+                 "Connection: close"]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def nonce_path(nonce: str, marked: bool = True) -> str:
+    """The path that carries ``nonce``: under :data:`NONCE_PATH_PREFIX`, or for an unmarked twin one opaque
+    segment (``/<uuid>``, as a client's own token would be)."""
+    return f"{NONCE_PATH_PREFIX}{nonce}" if marked else f"/{nonce}"
+
+
+def nonce_fields(nonce: str, marked: bool = True, request_id: bool = True) -> list[str]:
+    """The header lines that carry ``nonce``: :data:`NONCE_HEADER`; for an unmarked twin an ordinary client's
+    fields (:data:`TWIN_CLIENT_FIELDS`) and :data:`TWIN_NONCE_FIELD` when ``request_id`` (else the path alone
+    carries the nonce)."""
+    if marked:
+        return [f"{NONCE_HEADER}: {nonce}"]
+    return [*TWIN_CLIENT_FIELDS, *([f"{TWIN_NONCE_FIELD}: {nonce}"] if request_id else [])]
+
+
+def twin_sends_request_id(key: str) -> bool:
+    """Whether the unmarked twin of exchange ``key`` carries :data:`TWIN_NONCE_FIELD` (where its path can carry
+    the nonce). Half the twins do, half do not, fixed per key (CRC-32, so a run is reproducible): a proxy that
+    judges only requests with the field, or only those without it, fails the other half."""
+    return zlib.crc32(key.encode("utf-8", "surrogateescape")) % 2 == 0
 
 
 def build_attempts(cases: Iterable[SsrfCase] = SSRF_CASES,
@@ -329,14 +372,14 @@ def _read_answer(sock: socket.socket, buffer: bytearray, deadline: float) -> tup
 
 def send_attempt(sock: socket.socket, attempt: Attempt,
                  timeout: float = ATTEMPT_TIMEOUT_SECONDS, *, nonce: str | None = None,
-                 marked: bool = True) -> ProxyReply:
+                 marked: bool = True, request_id: bool = True) -> ProxyReply:
     """Send ``attempt`` on a fresh connection to the proxy and read its answer: until the proxy closes
     the connection where the verdict rests on the close (a refusal), else until the answer is complete.
-    ``marked=False`` sends the unmarked twin (:meth:`Attempt.request_bytes`); a tunnel it opens still
-    carries the marked GET, which the proxy's decision can no longer depend on."""
+    ``marked=False`` sends the unmarked twin (:meth:`Attempt.request_bytes`; ``request_id`` as there), and a
+    tunnel it opens carries an unmarked GET as well: nothing a twin sends holds the harness's marks."""
     deadline = time.monotonic() + timeout
     try:
-        sock.sendall(attempt.request_bytes(nonce, marked=marked))
+        sock.sendall(attempt.request_bytes(nonce, marked=marked, request_id=request_id))
     except OSError as exc:
         return ProxyReply(_NO_ANSWER, None, closed=True, timed_out=False, error=str(exc))
     buffer = bytearray()
@@ -348,7 +391,8 @@ def send_attempt(sock: socket.socket, attempt: Attempt,
             tunnel = bytearray(proxy.body)
             proxy = ParsedResponse(proxy.status, proxy.headers, b"")
             try:
-                sock.sendall(attempt.tunnel_request_bytes(nonce))
+                sock.sendall(attempt.tunnel_request_bytes(nonce) if marked or nonce is None
+                             else attempt.unmarked_tunnel_request_bytes(nonce, request_id=request_id))
             except OSError as exc:
                 return ProxyReply(proxy, parse_head(bytes(tunnel)), closed=True, timed_out=False, error=str(exc))
             eof, timed_out, error = _read_answer(sock, tunnel, deadline)

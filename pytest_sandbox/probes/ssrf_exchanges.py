@@ -18,21 +18,25 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from pytest_sandbox.catalogues.ssrf_cases import SsrfCase
 from pytest_sandbox.http.responses import ParsedResponse
-from pytest_sandbox.network.lab.attribution import NONCE_HEADER, NONCE_PATH_PREFIX
+from pytest_sandbox.network.lab.attribution import NONCE_HEADER, twin_nonce
 from pytest_sandbox.network.lab.lab import NetworkLab
 from pytest_sandbox.probes.campaign import GRACE_SECONDS, Campaign, ExchangeContext, ExchangeResult
 from pytest_sandbox.probes.ssrf import (
     ATTEMPT_TIMEOUT_SECONDS,
+    TWIN_NONCE_FIELD,
     Attempt,
     hit_counts,
     new_hits,
+    nonce_fields,
+    nonce_path,
     plausible_destinations,
     read_one_response,
     send_attempt,
+    twin_sends_request_id,
 )
 from pytest_sandbox.verdicts.judgement import Judgement, Verdict
 from pytest_sandbox.verdicts.ssrf import (
@@ -48,6 +52,7 @@ __all__ = [
     "UNMARKED_SUFFIX",
     "AttemptBound",
     "AttemptExchange",
+    "Carrier",
     "HostMismatchControl",
     "HostMismatchDenial",
     "KeepAliveFollowUp",
@@ -55,6 +60,7 @@ __all__ = [
     "Rebinding",
     "SsrfExchange",
     "SsrfVerdict",
+    "Twinned",
     "custom_case",
     "run_attempt",
     "run_ssrf_campaign",
@@ -86,7 +92,74 @@ class SsrfExchange(Protocol):
 
     def perform(self, context: ExchangeContext, nonce: str) -> Any: ...
 
-    def judge(self, result: ExchangeResult) -> SsrfVerdict: ...
+    def judge(self, result: ExchangeResult, twin: ExchangeResult | None = None) -> SsrfVerdict:
+        """The verdict on ``result`` and, for a denial with an unmarked twin, the twin's ``twin``."""
+        ...
+
+
+# The key suffix of an exchange's unmarked twin (its own exchange in the campaign, judged with the marked one).
+UNMARKED_SUFFIX = "~unmarked"
+
+
+@dataclass(frozen=True)
+class Carrier:
+    """How one exchange's requests carry its nonce. Marked (every probe): ``X-Sandbox-Probe`` and a
+    ``/sandbox-probe/`` path. An unmarked twin: the nonce as :func:`~pytest_sandbox.network.lab.attribution.
+    twin_nonce` spells it (a UUID4, no ``sbx-`` text), as one opaque path segment and, for half the twins
+    (:func:`~pytest_sandbox.probes.ssrf.twin_sends_request_id`), in ``X-Request-ID``: what any client sends."""
+
+    text: str
+    marked: bool = True
+    request_id: bool = True
+
+    @classmethod
+    def of(cls, nonce: str, marked: bool, key: str) -> Carrier:
+        """The carrier of exchange ``key`` (its marked key) for the campaign's ``nonce``."""
+        if marked:
+            return cls(nonce)
+        return cls(twin_nonce(nonce), marked=False, request_id=twin_sends_request_id(key))
+
+    @property
+    def path(self) -> str:
+        return nonce_path(self.text, self.marked)
+
+    @property
+    def fields(self) -> list[str]:
+        return nonce_fields(self.text, self.marked, self.request_id)
+
+    def send(self, sock: socket.socket, attempt: Attempt, timeout: float = ATTEMPT_TIMEOUT_SECONDS) -> ProxyReply:
+        """:func:`~pytest_sandbox.probes.ssrf.send_attempt` with the nonce carried this way."""
+        return send_attempt(sock, attempt, timeout, nonce=self.text, marked=self.marked, request_id=self.request_id)
+
+    def carried_by(self, target: str, header: Callable[[str], str | None]) -> bool:
+        """Whether a request with ``target`` and fields ``header`` carries this nonce (an origin's record)."""
+        return self.text in target or self.text in (header(NONCE_HEADER), header(TWIN_NONCE_FIELD))
+
+
+def twin_key(key: str, marked: bool) -> str:
+    return key if marked else key + UNMARKED_SUFFIX
+
+
+class Twinned:
+    """What an exchange with an unmarked twin shares (a frozen dataclass with a ``marked`` field): its key (the
+    twin's ends in :data:`UNMARKED_SUFFIX`), its twin and how its requests carry the nonce."""
+
+    marked: bool
+
+    @property
+    def base_key(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def key(self) -> str:
+        return twin_key(self.base_key, self.marked)
+
+    def unmarked_twin(self) -> Any:
+        """The same exchange sent unmarked, judged with this one (None for a twin)."""
+        return dataclasses.replace(cast(Any, self), marked=False) if self.marked else None
+
+    def carrier(self, nonce: str) -> Carrier:
+        return Carrier.of(nonce, self.marked, self.base_key)
 
 
 def with_hit_notes(judgement: Judgement, result: ExchangeResult) -> Judgement:
@@ -102,16 +175,22 @@ def _failed_reply(error: OSError) -> ProxyReply:
 
 
 @dataclass(frozen=True)
-class AttemptBound:
+class AttemptBound(Twinned):
     """An exchange about one :class:`~pytest_sandbox.probes.ssrf.Attempt`: keyed by its test id, blamed
-    for the destinations its case could reach, never a positive control unless a subclass says so."""
+    for the destinations its case could reach, never a positive control unless a subclass says so.
+    ``marked=False`` is the exchange's unmarked twin (:class:`Carrier`)."""
 
     attempt: Attempt
     timeout: float = ATTEMPT_TIMEOUT_SECONDS
+    marked: bool = True
 
     @property
-    def key(self) -> str:
+    def base_key(self) -> str:
         return self.attempt.test_id
+
+    def unmarked_twin(self) -> Any:
+        """The twin a denial is proven with as well (None for a positive control or a twin)."""
+        return None if self.attempt.case.expected == "allowed" else super().unmarked_twin()
 
     def destinations(self) -> frozenset[str]:
         return plausible_destinations(self.attempt.case)
@@ -120,8 +199,12 @@ class AttemptBound:
         return None
 
 
-# The key suffix of an attempt's unmarked twin (its own exchange in the campaign, judged with the attempt).
-UNMARKED_SUFFIX = "~unmarked"
+def _judged_with_twin(attempt: Attempt, reply: ProxyReply, twin_reply: ProxyReply | None, result: ExchangeResult,
+                      twin: ExchangeResult | None) -> Judgement:
+    """:func:`judge_with_unmarked_twin` on an exchange's reply and its twin's, with the hits either caused."""
+    blamed = (*result.blamed, *(twin.blamed if twin is not None else ()))
+    judgement = with_hit_notes(judge_with_unmarked_twin(attempt, reply, twin_reply, hit_counts(blamed)), result)
+    return judgement if twin is None else with_hit_notes(judgement, twin)
 
 
 @dataclass(frozen=True)
@@ -130,12 +213,6 @@ class AttemptExchange(AttemptBound):
     request without the nonce field and nonce path (:meth:`~pytest_sandbox.probes.ssrf.Attempt.request_bytes`),
     an exchange of its own (its own nonce, window and hits), judged together with the marked attempt."""
 
-    marked: bool = True
-
-    @property
-    def key(self) -> str:
-        return self.attempt.test_id if self.marked else self.attempt.test_id + UNMARKED_SUFFIX
-
     @property
     def category(self) -> str:
         return case_category(self.attempt.case)
@@ -143,27 +220,18 @@ class AttemptExchange(AttemptBound):
     def control(self) -> str | None:
         return self.attempt.case.canary if self.attempt.case.expected == "allowed" else None
 
-    def unmarked_twin(self) -> AttemptExchange | None:
-        """The twin a denial is proven with as well (None for a positive control or a twin)."""
-        if not self.marked or self.attempt.case.expected == "allowed":
-            return None
-        return dataclasses.replace(self, marked=False)
-
     def perform(self, context: ExchangeContext, nonce: str) -> ProxyReply:
+        carrier = self.carrier(nonce)
         try:
             with context.connect() as sock:
-                return send_attempt(sock, self.attempt, self.timeout, nonce=nonce, marked=self.marked)
+                return carrier.send(sock, self.attempt, self.timeout)
         except OSError as exc:
             return _failed_reply(exc)
 
     def judge(self, result: ExchangeResult, twin: ExchangeResult | None = None) -> SsrfVerdict:
         """The verdict on ``result`` and, for a denial, its unmarked twin's ``twin`` (hits of either count)."""
-        blamed = (*result.blamed, *(twin.blamed if twin is not None else ()))
-        judgement = judge_with_unmarked_twin(self.attempt, result.observation,
-                                             twin.observation if twin is not None else None, hit_counts(blamed))
-        judgement = with_hit_notes(judgement, result)
-        if twin is not None:
-            judgement = with_hit_notes(judgement, twin)
+        judgement = _judged_with_twin(self.attempt, result.observation,
+                                      twin.observation if twin is not None else None, result, twin)
         return SsrfVerdict(self.category, self.key, judgement, self.attempt.describe())
 
 
@@ -177,18 +245,19 @@ def run_ssrf_campaign(lab: NetworkLab, connect_to_proxy: Callable[[], socket.soc
                       concurrency: int = SSRF_CONCURRENCY) -> dict[str, SsrfVerdict]:
     """Run ``exchanges`` through the proxy as one campaign and judge each: test id -> verdict.
 
-    Every catalogue denial also runs its unmarked twin (:meth:`AttemptExchange.unmarked_twin`), so a proxy
+    Every denial that has one also runs its unmarked twin (``unmarked_twin()``: the catalogue attempts, the
+    keep-alive follow-ups, the Host-mismatch denials, the mixed answers and the rebinding names), so a proxy
     that judges only requests carrying the harness's marker fails it."""
-    twins = {exchange.key: twin for exchange in exchanges if isinstance(exchange, AttemptExchange)
-             and (twin := exchange.unmarked_twin()) is not None}
+    twins: dict[str, SsrfExchange] = {}
+    for exchange in exchanges:
+        make_twin = getattr(exchange, "unmarked_twin", None)
+        twin = make_twin() if make_twin is not None else None
+        if twin is not None:
+            twins[exchange.key] = twin
     campaign = Campaign(ExchangeContext(lab, connect_to_proxy), grace=grace, concurrency=concurrency)
     results = campaign.run([*exchanges, *twins.values()])
-    verdicts: dict[str, SsrfVerdict] = {}
-    for exchange in exchanges:
-        twin = twins.get(exchange.key)
-        verdicts[exchange.key] = exchange.judge(results[exchange.key], results[twin.key]) \
-            if isinstance(exchange, AttemptExchange) and twin is not None else exchange.judge(results[exchange.key])
-    return verdicts
+    return {exchange.key: exchange.judge(results[exchange.key], results[twins[exchange.key].key]
+                                         if exchange.key in twins else None) for exchange in exchanges}
 
 
 def run_attempt(attempt: Attempt, connect_to_proxy: Callable[[], socket.socket],
@@ -220,17 +289,25 @@ def custom_case(case_id: str, host: str, canary: str | None, note: str, *, expec
     return SsrfCase(case_id, host, port, kind, expected, canary, note)
 
 
-def _nonce_requests(context: ExchangeContext, nonce: str, origin: str = PUBLIC_ORIGIN) -> list[Any]:
-    """The requests ``origin`` answered that carry ``nonce``: what this exchange itself delivered."""
-    return [request for request in context.lab.origin_requests(origin)
-            if nonce in request.target or request.header(NONCE_HEADER) == nonce]
+def _nonce_requests(context: ExchangeContext, carrier: Carrier, origin: str = PUBLIC_ORIGIN) -> list[Any]:
+    """The requests ``origin`` answered that carry the exchange's nonce: what this exchange itself delivered."""
+    return [request for request in context.lab.origin_requests(origin) if carrier.carried_by(request.target,
+                                                                                            request.header)]
 
 
-def _get(url: str, host: str, nonce: str, *, close: bool = False) -> bytes:
-    lines = [f"GET {url} HTTP/1.1", f"Host: {host}", f"{NONCE_HEADER}: {nonce}"]
+def _get(url: str, host: str, carrier: Carrier, *, close: bool = False) -> bytes:
+    lines = [f"GET {url} HTTP/1.1", f"Host: {host}", *carrier.fields]
     if close:
         lines.append("Connection: close")
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def _twin_not_run(judgement: Judgement, what: str) -> Judgement:
+    """A denial whose unmarked twin could not show anything: never BLOCKED on the marked request alone."""
+    if not judgement.passed:
+        return judgement
+    return Judgement(Verdict.INDETERMINATE, f"refused when marked, but the same request without the harness's "
+                     f"marker could not be judged: {what}", judgement.expected, judgement.observed)
 
 
 @dataclass(frozen=True)
@@ -240,16 +317,24 @@ class _KeepAliveObservation:
     reply: ProxyReply | None
     reached: int
 
+    @property
+    def usable(self) -> bool:
+        return self.reply is not None and self.reached == 1
+
+    def describe(self) -> str:
+        return f"{self.first_status}, closed={self.first_closed}, origin requests {self.reached}"
+
 
 @dataclass(frozen=True)
-class KeepAliveFollowUp:
+class KeepAliveFollowUp(Twinned):
     """An allowed GET, then ``follow_up`` on the same connection: every request must be judged."""
 
     follow_up: SsrfCase
     timeout: float = ATTEMPT_TIMEOUT_SECONDS
+    marked: bool = True
 
     @property
-    def key(self) -> str:
+    def base_key(self) -> str:
         return f"keepalive-{self.follow_up.case_id}"
 
     @property
@@ -264,29 +349,35 @@ class KeepAliveFollowUp:
 
     def perform(self, context: ExchangeContext, nonce: str) -> _KeepAliveObservation:
         deadline = time.monotonic() + self.timeout
+        carrier = self.carrier(nonce)
         with context.connect() as sock:
-            sock.sendall(_get(f"http://{PUBLIC_ORIGIN}{NONCE_PATH_PREFIX}{nonce}", PUBLIC_ORIGIN, nonce))
+            sock.sendall(_get(f"http://{PUBLIC_ORIGIN}{carrier.path}", PUBLIC_ORIGIN, carrier))
             first, first_closed = read_one_response(sock, deadline)
             if first.status != 200 or first_closed:
-                return _KeepAliveObservation(first.status, first_closed, None, len(_nonce_requests(context, nonce)))
-            sock.sendall(_get(f"http://{self.follow_up.authority}{NONCE_PATH_PREFIX}{nonce}",
-                              self.follow_up.authority, nonce))
+                return _KeepAliveObservation(first.status, first_closed, None, len(_nonce_requests(context, carrier)))
+            sock.sendall(_get(f"http://{self.follow_up.authority}{carrier.path}", self.follow_up.authority, carrier))
             second, closed = read_one_response(sock, deadline)
             if not closed:
                 _rest, closed = read_one_response(sock, deadline)
         reply = ProxyReply(second, None, closed=closed, timed_out=second.status is None and not closed)
-        return _KeepAliveObservation(first.status, first_closed, reply, len(_nonce_requests(context, nonce)))
+        return _KeepAliveObservation(first.status, first_closed, reply, len(_nonce_requests(context, carrier)))
 
-    def judge(self, result: ExchangeResult) -> SsrfVerdict:
+    def judge(self, result: ExchangeResult, twin: ExchangeResult | None = None) -> SsrfVerdict:
         seen: _KeepAliveObservation = result.observation
-        if seen.reply is None or seen.reached != 1:
+        if seen.reply is None or not seen.usable:
             judgement = Judgement(
                 Verdict.BROKEN, "the allowed first request did not leave a usable keep-alive connection "
                 "that reached the public origin exactly once", "200, the connection kept open, one origin request",
-                f"{seen.first_status}, closed={seen.first_closed}, origin requests {seen.reached}")
+                seen.describe())
             return SsrfVerdict("ssrf-controls", self.key, judgement, self.attempted)
-        judgement = judge_attempt(Attempt(self.follow_up, "absolute"), seen.reply, hit_counts(result.blamed))
-        return SsrfVerdict("ssrf", self.key, with_hit_notes(judgement, result), self.attempted)
+        twin_seen: _KeepAliveObservation | None = twin.observation if twin is not None else None
+        attempt = Attempt(self.follow_up, "absolute")
+        judgement = _judged_with_twin(attempt, seen.reply, twin_seen.reply if twin_seen is not None else None,
+                                      result, twin)
+        if twin_seen is not None and not twin_seen.usable:
+            judgement = _twin_not_run(judgement, "its allowed first request did not leave a usable keep-alive "
+                                      f"connection ({twin_seen.describe()})")
+        return SsrfVerdict("ssrf", self.key, judgement, self.attempted)
 
 
 @dataclass(frozen=True)
@@ -312,14 +403,14 @@ class HostMismatchControl:
         return None  # it must reach an origin (a listener), never the catch-all
 
     def perform(self, context: ExchangeContext, nonce: str) -> _HostMismatchObservation:
+        carrier = Carrier(nonce)
         with context.connect() as sock:
-            sock.sendall(_get(f"http://{PUBLIC_ORIGIN}/host-mismatch{NONCE_PATH_PREFIX}{nonce}", "127.0.0.1",
-                              nonce, close=True))
+            sock.sendall(_get(f"http://{PUBLIC_ORIGIN}/host-mismatch{carrier.path}", "127.0.0.1", carrier, close=True))
             reply, _closed = read_one_response(sock, time.monotonic() + self.timeout)
-        reached = tuple((r.target, r.header("host")) for r in _nonce_requests(context, nonce))
+        reached = tuple((r.target, r.header("host")) for r in _nonce_requests(context, carrier))
         return _HostMismatchObservation(reply.status, reached)
 
-    def judge(self, result: ExchangeResult) -> SsrfVerdict:
+    def judge(self, result: ExchangeResult, twin: ExchangeResult | None = None) -> SsrfVerdict:
         seen: _HostMismatchObservation = result.observation
         hits = hit_counts(result.blamed)
         expected = "routed to the target 11.0.0.10 with Host rewritten (or 400 on mismatch); no catch-all hit"
@@ -339,14 +430,14 @@ class HostMismatchControl:
 
 @dataclass(frozen=True)
 class HostMismatchDenial(AttemptBound):
-    """A private target with a public ``Host`` header: still denied."""
+    """A private target with a public ``Host`` header: still denied (and so is its unmarked twin)."""
 
     # Run alone: a dial its CONNECT causes before any tunnel exists carries no nonce, and overlapping
     # windows on the same canary would make every such exchange a suspect.
     sequential = True
 
     @property
-    def key(self) -> str:
+    def base_key(self) -> str:
         return self.attempt.case.case_id
 
     @property
@@ -354,24 +445,28 @@ class HostMismatchDenial(AttemptBound):
         return "CONNECT" if self.attempt.form == "connect" else "GET"
 
     def perform(self, context: ExchangeContext, nonce: str) -> ProxyReply:
-        raw = (f"{self.method} {self.attempt.request_target(nonce)} HTTP/1.1\r\nHost: {PUBLIC_ORIGIN}\r\n"
-               f"{NONCE_HEADER}: {nonce}\r\nConnection: close\r\n\r\n").encode()
+        carrier = self.carrier(nonce)
+        target = self.attempt.request_target(carrier.text, marked=carrier.marked)
+        lines = [f"{self.method} {target} HTTP/1.1", f"Host: {PUBLIC_ORIGIN}", *carrier.fields, "Connection: close"]
         with context.connect() as sock:
-            sock.sendall(raw)
+            sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
             connect = self.method == "CONNECT"
             reply, closed = read_one_response(sock, time.monotonic() + self.timeout, to_connect=connect)
             if connect and not closed and reply.status is not None and 200 <= reply.status < 300:
                 # A tunnel: the nonce goes through it, so whatever it reached names this exchange.
                 with contextlib.suppress(OSError):
-                    sock.sendall(self.attempt.tunnel_request_bytes(nonce))
+                    sock.sendall(self.attempt.tunnel_request_bytes(carrier.text) if carrier.marked else
+                                 self.attempt.unmarked_tunnel_request_bytes(carrier.text,
+                                                                            request_id=carrier.request_id))
                     read_one_response(sock, time.monotonic() + self.timeout)
             elif not closed and reply.status is not None:
                 _rest, closed = read_one_response(sock, time.monotonic() + self.timeout)
         return ProxyReply(reply, None, closed=closed, timed_out=reply.status is None)
 
-    def judge(self, result: ExchangeResult) -> SsrfVerdict:
-        judgement = judge_attempt(self.attempt, result.observation, hit_counts(result.blamed))
-        return SsrfVerdict("ssrf", self.key, with_hit_notes(judgement, result),
+    def judge(self, result: ExchangeResult, twin: ExchangeResult | None = None) -> SsrfVerdict:
+        judgement = _judged_with_twin(self.attempt, result.observation,
+                                      twin.observation if twin is not None else None, result, twin)
+        return SsrfVerdict("ssrf", self.key, judgement,
                            f"{self.method} {self.attempt.target} with Host: {PUBLIC_ORIGIN}")
 
 
@@ -390,21 +485,27 @@ class MixedAnswers(AttemptBound):
 
     def perform(self, context: ExchangeContext, nonce: str) -> _MixedObservation:
         lab = context.lab
+        carrier = self.carrier(nonce)
         # Exchanges in a campaign run one at a time, so the origins' connection counts move only
         # for this one (a CONNECT the proxy dials but refuses sends no bytes that could carry the nonce).
         before = {origin: lab.origin_connections(origin) for origin in lab.public_origins}
         with context.connect() as sock:
-            reply = send_attempt(sock, self.attempt, self.timeout, nonce=nonce)
+            reply = carrier.send(sock, self.attempt, self.timeout)
         dialled = tuple((origin, lab.origin_connections(origin) - count) for origin, count in before.items())
         return _MixedObservation(reply, dialled)
 
-    def judge(self, result: ExchangeResult) -> SsrfVerdict:
+    def judge(self, result: ExchangeResult, twin: ExchangeResult | None = None) -> SsrfVerdict:
         seen: _MixedObservation = result.observation
-        judgement = with_hit_notes(judge_attempt(self.attempt, seen.reply, hit_counts(result.blamed)), result)
+        twin_seen: _MixedObservation | None = twin.observation if twin is not None else None
+        judgement = _judged_with_twin(self.attempt, seen.reply, twin_seen.reply if twin_seen is not None else None,
+                                      result, twin)
         dialled = {origin: count for origin, count in seen.dialled if count}
-        if dialled and judgement.verdict is Verdict.BLOCKED:
-            judgement = Judgement(Verdict.ALLOWED, f"the public answer was dialled anyway: {dialled}",
-                                      judgement.expected, judgement.observed)
+        twin_dialled = {origin: count for origin, count in (twin_seen.dialled if twin_seen is not None else ())
+                        if count}
+        if (dialled or twin_dialled) and judgement.verdict is Verdict.BLOCKED:
+            which = f"{dialled}" if dialled else f"{twin_dialled}, for the same request without the harness's marker"
+            judgement = Judgement(Verdict.ALLOWED, f"the public answer was dialled anyway: {which}",
+                                  judgement.expected, judgement.observed)
         return SsrfVerdict("ssrf", self.key, judgement, self.attempt.describe())
 
 
@@ -415,9 +516,13 @@ class _RebindingObservation:
     first_status: int | None
     reached: int
 
+    @property
+    def first_served(self) -> bool:
+        return self.first_status == 200 and self.reached == 1
+
 
 @dataclass(frozen=True)
-class Rebinding:
+class Rebinding(Twinned):
     """A name that answers the public origin, then 127.0.0.1 (TTL 0): every resolution is judged again.
 
     ``form`` is ``connect``, ``absolute`` (two connections) or ``keepalive`` (one connection).
@@ -425,9 +530,10 @@ class Rebinding:
 
     form: str
     timeout: float = 2 * ATTEMPT_TIMEOUT_SECONDS
+    marked: bool = True
 
     @property
-    def key(self) -> str:
+    def base_key(self) -> str:
         return f"{self.form}-dns-rebinding"
 
     def destinations(self) -> frozenset[str]:
@@ -444,11 +550,12 @@ class Rebinding:
         name = f"rebind-{secrets.token_hex(4)}.lab.test"
         context.lab.add_rebinding_name(name, PUBLIC_ORIGIN, "127.0.0.1")
         deadline = time.monotonic() + self.timeout
+        carrier = self.carrier(nonce)
         if self.form == "keepalive":
             with context.connect() as sock:
-                sock.sendall(_get(f"http://{name}{NONCE_PATH_PREFIX}{nonce}", name, nonce))
+                sock.sendall(_get(f"http://{name}{carrier.path}", name, carrier))
                 first, _ = read_one_response(sock, deadline)
-                sock.sendall(_get(f"http://{name}{NONCE_PATH_PREFIX}{nonce}/again", name, nonce))
+                sock.sendall(_get(f"http://{name}{carrier.path}/again", name, carrier))
                 second, closed = read_one_response(sock, deadline)
                 if not closed and second.status is not None:
                     _rest, closed = read_one_response(sock, deadline)
@@ -458,22 +565,25 @@ class Rebinding:
             first_attempt = Attempt(custom_case("rebind-first", name, PUBLIC_ORIGIN, "first", expected="allowed"),
                                     self.form)
             with context.connect() as sock:
-                first_reply = send_attempt(sock, first_attempt, nonce=nonce)
+                first_reply = carrier.send(sock, first_attempt)
             first_status = first_reply.final.status
             with context.connect() as sock:
-                reply = send_attempt(sock, Attempt(self._case(name), self.form), nonce=nonce)
-        return _RebindingObservation(name, reply, first_status, len(_nonce_requests(context, nonce)))
+                reply = carrier.send(sock, Attempt(self._case(name), self.form))
+        return _RebindingObservation(name, reply, first_status, len(_nonce_requests(context, carrier)))
 
-    def judge(self, result: ExchangeResult) -> SsrfVerdict:
+    def judge(self, result: ExchangeResult, twin: ExchangeResult | None = None) -> SsrfVerdict:
         seen: _RebindingObservation = result.observation
+        twin_seen: _RebindingObservation | None = twin.observation if twin is not None else None
         form = "absolute" if self.form == "keepalive" else self.form
-        judgement = with_hit_notes(
-            judge_attempt(Attempt(self._case(seen.name), form), seen.reply, hit_counts(result.blamed)), result)
-        if judgement.passed and (seen.first_status != 200 or seen.reached != 1):
+        judgement = _judged_with_twin(Attempt(self._case(seen.name), form), seen.reply,
+                                      twin_seen.reply if twin_seen is not None else None, result, twin)
+        if judgement.passed and not seen.first_served:
             judgement = Judgement(
                 Verdict.INDETERMINATE, f"the first, public resolution was not served (status "
                 f"{seen.first_status}, origin requests {seen.reached}): rebinding not shown",
                 judgement.expected, judgement.observed)
+        if twin_seen is not None and not twin_seen.first_served:
+            judgement = _twin_not_run(judgement, f"its first, public resolution was not served (status "
+                                      f"{twin_seen.first_status}, origin requests {twin_seen.reached})")
         return SsrfVerdict("ssrf", self.key, judgement,
                            f"{self.form}: {seen.name} answers {PUBLIC_ORIGIN}, then 127.0.0.1")
-

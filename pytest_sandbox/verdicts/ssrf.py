@@ -176,13 +176,24 @@ def judge_with_unmarked_twin(attempt: JudgedAttempt, reply: ProxyReply, unmarked
     observed = f"{judgement.observed}; the same request without the marker: {unmarked.describe()}"
     twin = judge_attempt(attempt, unmarked, {}, observable)
     marked_refused = reply.proxy.status in REFUSAL_STATUSES
-    if twin.verdict is Verdict.BLOCKED or not marked_refused:
+    if twin.verdict is Verdict.BLOCKED or (judgement.verdict is Verdict.ALLOWED and not marked_refused):
+        # A refused twin leaves the marked verdict as it was; a leak of the marked request keeps its own reason.
         return Judgement(judgement.verdict, judgement.reason, judgement.expected, observed)
-    verdict = Verdict.ALLOWED if Verdict.ALLOWED in (twin.verdict, judgement.verdict) else twin.verdict
-    reached = f"; {judgement.reason}" if judgement.verdict is Verdict.ALLOWED else ""
-    return Judgement(verdict, "refused only when the request carried the harness's marker (its nonce field "
-                     f"and nonce path); the same request without it: {twin.reason}{reached}",
-                     judgement.expected, observed)
+    if twin.verdict is Verdict.ALLOWED:
+        if marked_refused:
+            reached = f"; {judgement.reason}" if judgement.verdict is Verdict.ALLOWED else ""
+            reason = ("refused only when the request carried the harness's marker (its nonce field and nonce path); "
+                      f"the same request without it: {twin.reason}{reached}")
+        else:
+            reason = f"{judgement.reason}; the same request without the harness's marker: {twin.reason}"
+        return Judgement(Verdict.ALLOWED, reason, judgement.expected, observed)
+    # The twin could not be judged (left open, timed out, no HTTP answer, an odd status): nothing shows what the
+    # proxy does with ordinary traffic, so a refusal of the marked request alone proves no denial.
+    if judgement.verdict is Verdict.BLOCKED:
+        return Judgement(Verdict.INDETERMINATE, f"{judgement.reason} when marked, but the same request without the "
+                         f"harness's marker could not be judged: {twin.reason}", judgement.expected, observed)
+    return Judgement(judgement.verdict, f"{judgement.reason}; the same request without the harness's marker could "
+                     f"not be judged either: {twin.reason}", judgement.expected, observed)
 
 
 def _judge_control(attempt: JudgedAttempt, reply: ProxyReply, hits: HitCounts, observed: str) -> Judgement:

@@ -9,6 +9,13 @@ twin of each denial probe (``probes/ssrf_unmarked.py``) must fail it.
 In-process: :class:`MarkerKeyedProxy` with :func:`broken_proxies.weak_ssrf.start_weak_proxy`. As a command
 inside a lab: :data:`COMMAND` (``--sandbox-proxy-cmd``).
 
+The twin must not be recognisable either. Three more proxies judge what a twin could give away and dial
+the rest unchecked: :class:`RequestIdKeyedProxy` judges the marked requests and those with an
+``X-Request-ID`` field (where the twin used to carry its nonce), :class:`RequestIdAbsentKeyedProxy` only
+requests without that field, :class:`NonceTextKeyedProxy` only requests whose bytes hold ``sbx-`` (the
+harness's nonce text), :class:`UserAgentAbsentKeyedProxy` only requests without a ``User-Agent`` (the marked
+probes send none; a twin sends curl's). As commands: :func:`command` with their :data:`KEYED` name.
+
 :class:`MarkerKeyedInterceptor` is the same inside the intercepted ``inference.local`` tunnel: #819's 403 for
 a marked request that matches no route, and an unmarked one forwarded to the backend whatever it asks for
 (``GET /admin``, another Host), with the route key, as if it were routed.
@@ -51,18 +58,68 @@ def carries_marker(request: Request) -> bool:
 
 
 class MarkerKeyedProxy(WeakProxy):
+    @staticmethod
+    def judges(request: Request) -> bool:
+        """Whether this proxy applies the policy to ``request`` (else it dials it unchecked)."""
+        return carries_marker(request)
+
     async def _admit(self, request: Request) -> tuple[Authority, str, tuple[str, ...]]:
-        _UNMARKED.set(not carries_marker(request))
+        _UNMARKED.set(not self.judges(request))
         return await super()._admit(request)
 
     async def _handle_connect(self, conn, request: Request) -> None:  # type: ignore[no-untyped-def]
-        _UNMARKED.set(not carries_marker(request))
+        _UNMARKED.set(not self.judges(request))
         await super()._handle_connect(conn, request)
 
     async def _destination(self, authority: Authority) -> tuple[str, ...]:
         if _UNMARKED.get():
             return await self.unchecked_addresses(authority)  # the hole: nobody is looking
         return await super()._destination(authority)
+
+
+REQUEST_ID = "x-request-id"
+
+
+class RequestIdKeyedProxy(MarkerKeyedProxy):
+    """Judges the marked requests and those carrying ``X-Request-ID`` (the old twin's field)."""
+
+    @staticmethod
+    def judges(request: Request) -> bool:
+        return carries_marker(request) or request.header(REQUEST_ID) is not None
+
+
+class RequestIdAbsentKeyedProxy(MarkerKeyedProxy):
+    """Judges only requests without ``X-Request-ID`` (every marked probe): one with the field goes through."""
+
+    @staticmethod
+    def judges(request: Request) -> bool:
+        return request.header(REQUEST_ID) is None
+
+
+class NonceTextKeyedProxy(MarkerKeyedProxy):
+    """Judges only requests whose bytes hold the harness's nonce text ``sbx-`` (target or any field)."""
+
+    @staticmethod
+    def judges(request: Request) -> bool:
+        return b"sbx-" in request.raw or "sbx-" in request.target
+
+
+class UserAgentAbsentKeyedProxy(MarkerKeyedProxy):
+    """Judges only requests without a ``User-Agent`` (every marked probe): a client's request goes through."""
+
+    @staticmethod
+    def judges(request: Request) -> bool:
+        return request.header("user-agent") is None
+
+
+KEYED: dict[str, type[MarkerKeyedProxy]] = {
+    "marker": MarkerKeyedProxy, "request-id": RequestIdKeyedProxy, "no-request-id": RequestIdAbsentKeyedProxy,
+    "nonce-text": NonceTextKeyedProxy, "no-user-agent": UserAgentAbsentKeyedProxy}
+
+
+def command(keyed_on: str) -> str:
+    """The ``--sandbox-proxy-cmd`` of the proxy :data:`KEYED` names ``keyed_on``."""
+    return reference_command(sys.executable, str(Path(__file__).resolve()), "--keyed-on", keyed_on)
 
 
 _REFERENCE_ROUTE_REQUEST = route_request
@@ -93,4 +150,6 @@ class MarkerKeyedInterceptor(InferenceInterceptor):
 
 
 if __name__ == "__main__":
-    raise SystemExit(main_reference(sys.argv[1:], MarkerKeyedProxy))
+    ARGS = sys.argv[1:]
+    KEYED_ON = ARGS[1] if ARGS[:1] == ["--keyed-on"] else "marker"
+    raise SystemExit(main_reference(ARGS[2:] if ARGS[:1] == ["--keyed-on"] else ARGS, KEYED[KEYED_ON]))

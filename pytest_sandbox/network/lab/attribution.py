@@ -8,7 +8,10 @@ and ended, its nonce and the addresses a careless proxy could dial for it.
 Attribution (:func:`attribute`) is sound first and exact where it can be:
 
 1. A hit whose bytes carry a known nonce (the harness puts one in the path and a header of every
-   absolute-form request and of every request it sends through a tunnel) belongs to that attempt.
+   absolute-form request and of every request it sends through a tunnel) belongs to that attempt. An
+   unmarked twin carries its nonce as :func:`twin_nonce` spells it (a UUID4, what clients put in
+   ``X-Request-ID`` and paths), which is read back to the nonce it was derived from; any other UUID
+   (a proxy's own request id) names nothing.
 2. A hit without one (a CONNECT the proxy dialled but never used, a late dial of a refused case)
    belongs to every attempt that could have caused it: first those whose plausible destinations
    include the hit's address and whose window, extended by the grace period, contains the hit; else
@@ -22,8 +25,11 @@ A hit is never attributed to an attempt that began after it: a connection cannot
 
 from __future__ import annotations
 
+import functools
+import hmac
 import re
 import secrets
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -40,13 +46,22 @@ __all__ = [
     "find_nonce",
     "new_nonce",
     "nonce_positions",
+    "twin_nonce",
 ]
 
 # The nonce rides in the request-target path and in a header: a proxy that forwards the request
 # forwards at least one of them (RFC 9110 §7.6: end-to-end fields are forwarded).
 NONCE_HEADER = "X-Sandbox-Probe"
 NONCE_PATH_PREFIX = "/sandbox-probe/"
-_NONCE_PATTERN = re.compile(rb"sbx-[0-9a-f]{16}")
+# A nonce as the harness's marked requests carry it, or (second alternative) a lowercase UUID4 as RFC 9562
+# §5.4 spells it, which is how an unmarked twin carries its nonce (twin_nonce).
+_NONCE_PATTERN = re.compile(rb"sbx-[0-9a-f]{16}|[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+_SBX = b"sbx-"
+# The key twin_nonce derives with: per process, so nobody outside it can tell a twin's UUID from a random one.
+_TWIN_KEY = secrets.token_bytes(32)
+# Twin spelling -> the nonce it was derived from, for every twin_nonce issued in this process (attribution
+# reads a UUID back only through this: exact, a foreign UUID is never mistaken for a twin).
+_TWINS: dict[str, str] = {}
 
 
 def new_nonce() -> str:
@@ -54,20 +69,41 @@ def new_nonce() -> str:
     return f"sbx-{secrets.token_hex(8)}"
 
 
+@functools.lru_cache(maxsize=1 << 14)
+def twin_nonce(nonce: str) -> str:
+    """How an unmarked twin carries ``nonce``: a version 4 UUID (RFC 9562 §5.4) keyed-hashed from it (HMAC-SHA256
+    under a per-process key), so it looks like any client's random request id and has no ``sbx-`` text, yet
+    :func:`find_nonce` and :func:`nonce_positions` read it back to ``nonce``. The same nonce always gives the
+    same UUID in one process."""
+    digest = hmac.new(_TWIN_KEY, nonce.encode("ascii"), "sha256").digest()
+    text = str(uuid.UUID(bytes=digest[:16], version=4))
+    _TWINS[text] = nonce  # one dict store: atomic under the GIL, campaign threads call this concurrently
+    return text
+
+
+def _read_back(token: bytes) -> str | None:
+    """The nonce a nonce-shaped token names: itself, or for a twin's UUID the nonce it was derived from."""
+    text = token.decode("ascii")
+    return text if token.startswith(_SBX) else _TWINS.get(text)
+
+
 def find_nonce(received: bytes, known: Iterable[str] | None = None) -> str | None:
-    """The first nonce in ``received`` (one of ``known``, if given), or None."""
+    """The first nonce in ``received`` (one of ``known``, if given), or None. A twin's UUID counts as the
+    nonce it was derived from (:func:`twin_nonce`)."""
     wanted = None if known is None else set(known)
     for match in _NONCE_PATTERN.finditer(received):
-        text = match.group(0).decode("ascii")
-        if wanted is None or text in wanted:
+        text = _read_back(match.group(0))
+        if text is not None and (wanted is None or text in wanted):
             return text
     return None
 
 
 def nonce_positions(received: bytes, start: int = 0, end: int | None = None) -> list[tuple[int, str]]:
-    """Every nonce-shaped token in ``received[start:end]``: (offset in ``received``, nonce), in order."""
+    """Every nonce in ``received[start:end]``: (offset in ``received``, nonce), in order; a twin's UUID is
+    given as the nonce it was derived from, any other UUID is left out."""
     stop = len(received) if end is None else min(end, len(received))
-    return [(match.start(), match.group(0).decode("ascii")) for match in _NONCE_PATTERN.finditer(received, start, stop)]
+    found = ((match.start(), _read_back(match.group(0))) for match in _NONCE_PATTERN.finditer(received, start, stop))
+    return [(offset, text) for offset, text in found if text is not None]
 
 
 @dataclass(frozen=True)
