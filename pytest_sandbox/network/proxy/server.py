@@ -70,11 +70,14 @@ from pytest_sandbox.network.route_lookup import is_delivered_locally
 from pytest_sandbox.policy.model import host_admitted
 from pytest_sandbox.scheduling import ask_short_slice
 
-__all__ = ["EVENT_LOOPS", "EgressProxy", "run_on_loop"]
+__all__ = ["DEFAULT_EVENT_LOOP", "EVENT_LOOPS", "EgressProxy", "run_on_loop"]
 
 # The event loops the proxy can run on: the standard library's, and uvloop (libuv) when the optional
-# ``fast`` extra is installed. "auto" takes uvloop when it imports and the stdlib loop otherwise.
+# ``fast`` extra is installed. "auto" (the default) takes uvloop when it imports and the stdlib loop otherwise:
+# the proxy's code is the same on both, and uvloop's own loop and transports cost a keep-alive GET less CPU
+# (benchmarks/README.md, issue #12 sixth pass).
 EVENT_LOOPS = ("asyncio", "uvloop", "auto")
+DEFAULT_EVENT_LOOP = "auto"
 LOOP_ENVIRONMENT_VARIABLE = "PYTEST_SANDBOX_PROXY_LOOP"
 
 # RFC 9110 §8.6: a user agent SHOULD send Content-Length for these even when the body is empty.
@@ -131,9 +134,9 @@ def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
 
 
 def run_on_loop(main: Coroutine[Any, Any, None], loop: str | None = None) -> None:
-    """``asyncio.run(main)`` on the named event loop (default: ``$PYTEST_SANDBOX_PROXY_LOOP``, else the
-    standard library's); the proxy's code is the same on both."""
-    name = loop or os.environ.get(LOOP_ENVIRONMENT_VARIABLE) or "asyncio"
+    """``asyncio.run(main)`` on the named event loop (default: ``$PYTEST_SANDBOX_PROXY_LOOP``, else
+    :data:`DEFAULT_EVENT_LOOP`: uvloop when installed, the standard library's otherwise)."""
+    name = loop or os.environ.get(LOOP_ENVIRONMENT_VARIABLE) or DEFAULT_EVENT_LOOP
     event_loop = _loop_factory(name)()
     try:  # what asyncio.run does (asyncio.Runner's loop_factory is Python 3.11+ only)
         asyncio.set_event_loop(event_loop)
