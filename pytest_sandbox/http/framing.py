@@ -15,7 +15,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Literal
+from typing import Literal, TypeVar
 
 __all__ = [
     "FAMILY_OF_VIOLATION",
@@ -37,6 +37,7 @@ __all__ = [
     "check_response_head",
     "first_bare_line_ending",
     "frame_pipeline",
+    "frozen_instance",
     "full_request_head",
     "full_response_head",
     "is_aliased_field",
@@ -230,6 +231,16 @@ _LENIENT_LENGTH_MODULUS = 2**32
 
 
 BodyFraming = tuple[Literal["none", "length", "chunked"], int]
+_Frozen = TypeVar("_Frozen")
+
+
+def frozen_instance(cls: type[_Frozen], **values: object) -> _Frozen:
+    """``cls(**values)`` for a frozen dataclass without ``__post_init__``, every field given: the instance's
+    ``__dict__`` is filled at once instead of by the generated ``__init__``'s ``object.__setattr__`` per field
+    (0.9 against 2.3 µs for six fields; four such objects are built per proxied request). Hot paths only."""
+    instance: _Frozen = object.__new__(cls)
+    instance.__dict__.update(values)
+    return instance
 
 
 @dataclass(frozen=True)
@@ -791,7 +802,8 @@ def strict_request_head(head: bytes, max_head: int = MAX_HEAD_BYTES) -> RequestH
     if host is None:
         return None
     http_version = "1.1" if minor == b"1" else "1.0"
-    return RequestHead(
+    return frozen_instance(
+        RequestHead,
         method=method.decode("latin-1"),
         target=target.decode("latin-1"),
         http_version=http_version,
@@ -826,7 +838,8 @@ def strict_response_head(head: bytes, max_head: int = MAX_RESPONSE_HEAD_BYTES) -
         elif name == b"connection":
             connection += _comma_list(value)
     http_version = "1.1" if minor == b"1" else "1.0"
-    return ResponseHead(
+    return frozen_instance(
+        ResponseHead,
         http_version=http_version,
         status=int(status),
         reason=reason.decode("latin-1"),

@@ -40,7 +40,13 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Final
 
 from pytest_sandbox.http.fields import end_to_end
-from pytest_sandbox.http.framing import HEAD_END, FramingViolation, check_request_head, first_bare_line_ending
+from pytest_sandbox.http.framing import (
+    HEAD_END,
+    FramingViolation,
+    check_request_head,
+    first_bare_line_ending,
+    frozen_instance,
+)
 from pytest_sandbox.http.incremental import Response, decode_headers
 from pytest_sandbox.http.streams import Request, RequestReader, Reserve, write_response
 from pytest_sandbox.network.addresses import AddressVerdict, Authority
@@ -1050,8 +1056,9 @@ class _ClientConnection(asyncio.StreamReaderProtocol):
                 self._to_classic()
             return
         size = end + len(HEAD_END)
+        head_bytes = bytes(buffer[:size])
         try:
-            head = check_request_head(bytes(buffer[:size]), max_head=config.max_head)
+            head = check_request_head(head_bytes, max_head=config.max_head)
         except FramingViolation:
             self._to_classic()
             return
@@ -1065,10 +1072,11 @@ class _ClientConnection(asyncio.StreamReaderProtocol):
         except _Refused:
             self._to_classic()
             return
-        raw = bytes(buffer[: size + length])
+        raw = bytes(buffer[: size + length]) if length else head_bytes
         del buffer[: size + length]
-        request = Request(method=head.method, target=head.target, http_version=head.http_version,
-                          headers=decode_headers(head.headers), body=raw[size:], raw=raw, raw_headers=head.headers)
+        request = frozen_instance(Request, method=head.method, target=head.target, http_version=head.http_version,
+                                  headers=decode_headers(head.headers), body=raw[size:], raw=raw,
+                                  raw_headers=head.headers)
         self._busy = True
         conn.watchdog.disarm()
         self._proxy._forward_one_pass(self, conn, request)
