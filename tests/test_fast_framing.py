@@ -294,3 +294,28 @@ def test_mutations_are_deterministic_and_bounded() -> None:
     first = list(mutants(head, random.Random(1)))
     assert first == list(mutants(head, random.Random(1))) and len(first) == MUTANTS_PER_SEED
     assert len(set(itertools.islice(heads_in(head * 3), 10))) == 3
+
+
+def test_frozen_instance_equals_the_constructor_for_every_hot_path_class() -> None:
+    """``frozen_instance`` fills exactly the fields the constructor would (every field, no others)."""
+    from dataclasses import fields
+
+    from pytest_sandbox.http.framing import RequestHead, ResponseHead, frozen_instance
+    from pytest_sandbox.http.incremental import Response
+    from pytest_sandbox.http.streams import Request
+
+    pairs = ((b"host", b"a"),)
+    samples: list[tuple[type, dict[str, object]]] = [
+        (RequestHead, {"method": "GET", "target": "http://a/", "http_version": "1.1", "headers": pairs,
+                       "body_framing": ("none", 0), "keep_alive": True}),
+        (ResponseHead, {"http_version": "1.1", "status": 200, "reason": "OK", "headers": pairs,
+                        "content_length": 0, "chunked": False, "keep_alive": True}),
+        (Request, {"method": "GET", "target": "http://a/", "http_version": "1.1", "headers": (("host", "a"),),
+                   "body": b"", "raw": b"x", "raw_headers": pairs}),
+        (Response, {"http_version": "1.1", "status": 200, "reason": "OK", "headers": (("host", "a"),), "body": b"",
+                    "keep_alive": True, "raw_headers": pairs}),
+    ]
+    for cls, values in samples:
+        assert set(values) == {item.name for item in fields(cls)}, cls
+        built = frozen_instance(cls, **values)
+        assert type(built) is cls and built == cls(**values) and vars(built) == vars(cls(**values))
