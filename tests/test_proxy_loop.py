@@ -1,5 +1,5 @@
-"""The proxy's event loop choice (``run_on_loop``): uvloop by default when installed (the stdlib loop
-otherwise, or when asked), a clear error when uvloop is asked for by name but missing."""
+"""The proxy's event loop choice (``run_on_loop``): the stdlib loop by default, uvloop when asked and
+installed, a clear error otherwise; never a silent switch to a loop nobody asked for."""
 
 from __future__ import annotations
 
@@ -24,10 +24,8 @@ def loop_module(name: str | None) -> str:
     return seen[0]
 
 
-def test_uvloop_is_the_default_when_installed_else_the_stdlib_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_stdlib_loop_is_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(LOOP_ENVIRONMENT_VARIABLE, raising=False)
-    assert loop_module(None).startswith("uvloop" if HAS_UVLOOP else "asyncio")
-    monkeypatch.setenv(LOOP_ENVIRONMENT_VARIABLE, "asyncio")
     assert loop_module(None).startswith("asyncio")
 
 
