@@ -21,6 +21,7 @@ from test_proxy import lab as proxy_lab  # noqa: F401 - the fixture ``lab``: a f
 
 from pytest_sandbox.network.proxy import relay
 from pytest_sandbox.network.proxy.config import ProxyConfig
+from pytest_sandbox.network.proxy.server import LOOP_ENVIRONMENT_VARIABLE
 
 ESTABLISHED = b"HTTP/1.1 200 Connection Established\r\n\r\n"
 BULK = bytes(range(256)) * 4096 * 8  # 8 MiB
@@ -62,6 +63,7 @@ def echo_through(client: RawClient, blob: bytes) -> bytes:
 def loop_iterations_during(monkeypatch: pytest.MonkeyPatch, lab: Lab, zero_copy: bool) -> int:
     """How many times the proxy's event loop ran an iteration while 8 MiB went both ways through a tunnel."""
     monkeypatch.setattr(relay, "SPLICE_AVAILABLE", zero_copy and relay.SPLICE_AVAILABLE)
+    monkeypatch.setenv(LOOP_ENVIRONMENT_VARIABLE, "asyncio")  # the counter hooks the stdlib loop (uvloop: blind)
     counted = [0]
     counting = threading.Event()
     real_run_once = asyncio.base_events.BaseEventLoop._run_once  # type: ignore[attr-defined]

@@ -11,10 +11,11 @@ complete head, ``ChunkedBodyParser`` judges a chunked body fed incrementally. Th
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Literal
+from typing import Literal, TypeVar
 
 __all__ = [
     "FAMILY_OF_VIOLATION",
@@ -36,7 +37,12 @@ __all__ = [
     "check_response_head",
     "first_bare_line_ending",
     "frame_pipeline",
+    "frozen_instance",
+    "full_request_head",
+    "full_response_head",
     "is_aliased_field",
+    "strict_request_head",
+    "strict_response_head",
 ]
 
 # OpenShell reads at most 8 KiB of request head and answers 431 beyond that (network.md §4).
@@ -225,6 +231,16 @@ _LENIENT_LENGTH_MODULUS = 2**32
 
 
 BodyFraming = tuple[Literal["none", "length", "chunked"], int]
+_Frozen = TypeVar("_Frozen")
+
+
+def frozen_instance(cls: type[_Frozen], **values: object) -> _Frozen:
+    """``cls(**values)`` for a frozen dataclass without ``__post_init__``, every field given: the instance's
+    ``__dict__`` is filled at once instead of by the generated ``__init__``'s ``object.__setattr__`` per field
+    (0.9 against 2.3 µs for six fields; four such objects are built per proxied request). Hot paths only."""
+    instance: _Frozen = object.__new__(cls)
+    instance.__dict__.update(values)
+    return instance
 
 
 @dataclass(frozen=True)
@@ -533,7 +549,21 @@ def check_request_head(
     Raises ``FramingViolation`` for anything ambiguous; returns the parsed head otherwise. Pure: the
     same bytes always give the same verdict. ``lax`` names :data:`FRAMING_FAMILIES` read leniently
     instead (weakened proxies in the test suite only; empty everywhere else).
+
+    The common, strictly valid shape is taken by :func:`strict_request_head` (one regex match); everything
+    else, every refusal included, is judged by :func:`full_request_head`.
     """
+    if not lax:
+        fast = strict_request_head(head, max_head)
+        if fast is not None:
+            return fast
+    return full_request_head(head, max_head=max_head, lax=lax)
+
+
+def full_request_head(
+    head: bytes, *, max_head: int = MAX_HEAD_BYTES, lax: frozenset[str] = frozenset()
+) -> RequestHead:
+    """Every check of :func:`check_request_head`, one by one (the reference the fast path is tested against)."""
     _check_head_envelope(head, max_head, what="request", too_large_status=431)
 
     request_line, _, section = head[:-4].partition(b"\r\n")
@@ -652,7 +682,18 @@ def _check_head_envelope(head: bytes, max_head: int, *, what: str, too_large_sta
 
 
 def check_response_head(head: bytes, *, max_head: int = MAX_RESPONSE_HEAD_BYTES) -> ResponseHead:
-    """Validate an upstream response head; bad framing means 502 and never reusing that upstream."""
+    """Validate an upstream response head; bad framing means 502 and never reusing that upstream.
+
+    The common, strictly valid shape is taken by :func:`strict_response_head`; everything else by
+    :func:`full_response_head`."""
+    fast = strict_response_head(head, max_head)
+    if fast is not None:
+        return fast
+    return full_response_head(head, max_head=max_head)
+
+
+def full_response_head(head: bytes, *, max_head: int = MAX_RESPONSE_HEAD_BYTES) -> ResponseHead:
+    """Every check of :func:`check_response_head`, one by one (the reference the fast path is tested against)."""
     _check_head_envelope(head, max_head, what="response", too_large_status=502)
     status_line, _, section = head[:-4].partition(b"\r\n")
     version, _, rest = status_line.partition(b" ")
@@ -686,6 +727,126 @@ def check_response_head(head: bytes, *, max_head: int = MAX_RESPONSE_HEAD_BYTES)
         content_length=content_length,
         chunked=bool(transfer_encodings),
         keep_alive=http_version == "1.1" and b"close" not in connection_options,
+    )
+
+
+# --- the fast path: one regex for the common, strictly valid head shape -------------------------------
+#
+# ``strict_request_head`` / ``strict_response_head`` accept a *strict subset* of what the full checks
+# accept and return exactly what the full checks would; for anything outside the subset they return None
+# and the full checks run (they alone raise, so every refusal, its case and its status come from them).
+# The subset, request side: a method from a fixed list (no CONNECT); an absolute-form http(s) target with no
+# userinfo, or an origin-form one not starting "//" (RFC 9112 §3.2), of RFC 3986 characters with only valid
+# pct-encodings; HTTP/1.1 or HTTP/1.0; one or more field lines ``token ":" field-value`` (RFC 9110 §5.5, §5.6.2)
+# whose names hold neither "_" nor "%" (so no name can read as another, ``is_aliased_field``); exactly one Host
+# of reg-name[:port] (RFC 9110 §7.2); at most one Content-Length of 0|[1-9][0-9]{0,17}; Connection options
+# only keep-alive/close; no Transfer-Encoding, Upgrade, HTTP2-Settings or routing-override field. Response side:
+# ``HTTP/1.x SP 3DIGIT SP reason``, the same field lines, at most one Content-Length as above or one
+# Transfer-Encoding that is exactly "chunked" (ASCII, any case), not both. tests/test_fast_framing.py proves the
+# subset property over a generated corpus (every framing and smuggling vector, mutated).
+_FAST_TCHAR = rb"[!#$&'*+\-.^`|~0-9A-Za-z]"  # tchar (RFC 9110 §5.6.2) minus "%" and "_"
+_FAST_FIELD_LINES = rb"(?:" + _FAST_TCHAR + rb"+:[\x21-\x7e\x80-\xff \t]*\r\n)"
+_FAST_PCHARS = rb"[A-Za-z0-9\-._~:/?\[\]@!$&'()*+,;=]*"  # _TARGET_CHARS minus "%"
+_FAST_TARGET_CHARS = _FAST_PCHARS + rb"(?:%[0-9A-Fa-f]{2}" + _FAST_PCHARS + rb")*"  # "%" only in a triplet
+_FAST_REQUEST = re.compile(
+    rb"(GET|HEAD|POST|PUT|DELETE|OPTIONS|PATCH|TRACE) "
+    rb"((?:https?://[A-Za-z0-9\-._~:\[\]]+(?:[/?]" + _FAST_TARGET_CHARS + rb")?|/(?!/)" + _FAST_TARGET_CHARS + rb")) "
+    rb"HTTP/1\.([01])\r\n(" + _FAST_FIELD_LINES + rb"+)\r\n"
+)
+_FAST_RESPONSE = re.compile(
+    rb"HTTP/1\.([01]) ([0-9]{3}) ([\x21-\x7e\x80-\xff \t]*)\r\n(" + _FAST_FIELD_LINES + rb"*)\r\n"
+)
+_FAST_HOST = re.compile(rb"[A-Za-z0-9\-._~]+(?::[0-9]{1,5})?")
+_FAST_CONTENT_LENGTH = re.compile(rb"0|[1-9][0-9]{0,17}")
+# Request fields whose checks the fast path does not repeat: any of them sends the head to the full checks.
+_FAST_REQUEST_FALLBACK = frozenset({b"transfer-encoding", b"upgrade", b"http2-settings"}) | ROUTING_OVERRIDE_FIELDS
+_FAST_CONNECTION_OPTIONS = frozenset({b"keep-alive", b"close"})
+
+
+def _fast_fields(section: bytes) -> list[tuple[bytes, bytes]]:
+    """(lowercase name, OWS-trimmed value) of field lines the fast regex matched (``section`` ends in CRLF)."""
+    fields = []
+    for line in section[:-2].split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        fields.append((name.lower(), value.strip(_OWS)))
+    return fields
+
+
+def strict_request_head(head: bytes, max_head: int = MAX_HEAD_BYTES) -> RequestHead | None:
+    """The :class:`RequestHead` :func:`full_request_head` returns for ``head`` when ``head`` is of the common
+    strictly valid shape (the subset above); None for anything else, which is then the full checks' to judge."""
+    if type(head) is not bytes or len(head) > max_head:
+        return None
+    match = _FAST_REQUEST.fullmatch(head)
+    if match is None:
+        return None
+    method, target, minor, section = match.groups()
+    host = content_length = None
+    connection: list[bytes] = []
+    fields = _fast_fields(section)
+    for name, value in fields:
+        if name == b"host":
+            if host is not None or _FAST_HOST.fullmatch(value) is None:
+                return None
+            host = value
+        elif name == b"content-length":
+            if content_length is not None or _FAST_CONTENT_LENGTH.fullmatch(value) is None:
+                return None
+            content_length = value
+        elif name == b"connection":
+            connection += _comma_list(value)
+            if not _FAST_CONNECTION_OPTIONS.issuperset(connection):
+                return None
+        elif name in _FAST_REQUEST_FALLBACK:
+            return None
+    if host is None:
+        return None
+    http_version = "1.1" if minor == b"1" else "1.0"
+    return frozen_instance(
+        RequestHead,
+        method=method.decode("latin-1"),
+        target=target.decode("latin-1"),
+        http_version=http_version,
+        headers=tuple(fields),
+        body_framing=("none", 0) if content_length is None else ("length", int(content_length)),
+        keep_alive=http_version == "1.1" and b"close" not in connection,
+    )
+
+
+def strict_response_head(head: bytes, max_head: int = MAX_RESPONSE_HEAD_BYTES) -> ResponseHead | None:
+    """The :class:`ResponseHead` :func:`full_response_head` returns for ``head`` when ``head`` is of the common
+    strictly valid shape (the subset above); None for anything else."""
+    if type(head) is not bytes or len(head) > max_head:
+        return None
+    match = _FAST_RESPONSE.fullmatch(head)
+    if match is None:
+        return None
+    minor, status, reason, section = match.groups()
+    content_length = None
+    chunked = False
+    connection: list[bytes] = []
+    fields = _fast_fields(section) if section else []
+    for name, value in fields:
+        if name == b"content-length":
+            if content_length is not None or chunked or _FAST_CONTENT_LENGTH.fullmatch(value) is None:
+                return None
+            content_length = int(value)
+        elif name == b"transfer-encoding":
+            if chunked or content_length is not None or not value.isascii() or value.lower() != b"chunked":
+                return None
+            chunked = True
+        elif name == b"connection":
+            connection += _comma_list(value)
+    http_version = "1.1" if minor == b"1" else "1.0"
+    return frozen_instance(
+        ResponseHead,
+        http_version=http_version,
+        status=int(status),
+        reason=reason.decode("latin-1"),
+        headers=tuple(fields),
+        content_length=content_length,
+        chunked=chunked,
+        keep_alive=http_version == "1.1" and b"close" not in connection,
     )
 
 

@@ -23,6 +23,7 @@ from pytest_sandbox.http.framing import (
     ResponseHead,
     check_response_head,
     first_bare_line_ending,
+    frozen_instance,
 )
 
 __all__ = ["MAX_RESPONSE_BODY", "Response", "ResponseFramer", "decode_headers", "take_head"]
@@ -168,6 +169,6 @@ class ResponseFramer:
 
     @staticmethod
     def _response(head: ResponseHead, body: bytes, keep_alive: bool) -> Response:
-        return Response(http_version=head.http_version, status=head.status, reason=head.reason,
-                        headers=decode_headers(head.headers), body=body, keep_alive=keep_alive,
-                        raw_headers=head.headers)
+        return frozen_instance(Response, http_version=head.http_version, status=head.status, reason=head.reason,
+                               headers=decode_headers(head.headers), body=body, keep_alive=keep_alive,
+                               raw_headers=head.headers)

@@ -594,7 +594,7 @@ def serve_reference_proxy(host: str, port: int, allowed_ports: tuple[int, ...],
     intercepts ``inference.local:443`` with a CA of its own, as an external interceptor would.
     """
     from pytest_sandbox.network.proxy.config import ProxyConfig
-    from pytest_sandbox.network.proxy.server import EgressProxy
+    from pytest_sandbox.network.proxy.server import EgressProxy, run_on_loop
 
     intercept = None if interception is None else _interceptor_for(interception)
 
@@ -607,7 +607,7 @@ def serve_reference_proxy(host: str, port: int, allowed_ports: tuple[int, ...],
                          resolve_timeout=2.0, idle_timeout=5.0)
     proxy = (proxy_class or EgressProxy)(config, resolver=_system_resolver, socket_factory=_plain_socket,
                                              route_socket_factory=_route_socket, connect_interceptor=intercept)
-    asyncio.run(proxy.serve(listener))
+    run_on_loop(proxy.serve(listener))  # uvloop when installed (PYTEST_SANDBOX_PROXY_LOOP chooses)
 
 
 def _reference_arguments(args: list[str]) -> argparse.Namespace:
