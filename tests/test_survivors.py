@@ -42,6 +42,7 @@ READY_TIMEOUT_SECONDS = 90.0  # a loaded shared CI host; the subset itself takes
 EXIT_TIMEOUT_SECONDS = 120.0  # SIGINT runs pytest's whole teardown: over a minute on a host at load 10+
 GONE_TIMEOUT_SECONDS = 10.0
 PAUSE_SECONDS = 120.0
+DAEMON_SERVER = b"-m\0pytest_sandbox.network.third_party\0reference\0"  # what daemonising_proxy.py execs
 
 
 def _proxy_command(kind: str, conf_dir: Path) -> str:
@@ -62,6 +63,29 @@ def _kill_marked(marker: str) -> list[int]:
         except ProcessLookupError:
             pass
     return left
+
+
+def _serving_daemons(marker: str) -> list[int]:
+    """Marked processes that are the daemon's server itself (``daemonising_proxy.py`` after its exec).
+
+    Count these, not every marked process: while the command forks and exits, one snapshot of /proc
+    can miss the whole chain (it lists the intermediate child, which forks the grandchild and exits
+    before its files are read), so "fewer than two marked" does not mean the daemon is gone."""
+    found = []
+    for pid in marked_processes(marker):
+        try:
+            if DAEMON_SERVER in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
+        except OSError:
+            continue  # gone meanwhile
+    return found
+
+
+def _wait_for_daemon(marker: str) -> list[int]:
+    deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+    while not (daemons := _serving_daemons(marker)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return daemons
 
 
 def _leftovers(marker: str, namespaces: set[str], since: float, temp: Path) -> dict[str, Any]:
@@ -175,10 +199,7 @@ def test_survivor_check_finds_an_unguarded_daemon(tmp_path: Path) -> None:
                             timeout=EXIT_TIMEOUT_SECONDS)
     try:
         assert parent.returncode == 0
-        deadline = time.monotonic() + GONE_TIMEOUT_SECONDS
-        while not marked_processes(marker) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert marked_processes(marker), "the unguarded daemon was not found"
+        assert _wait_for_daemon(marker), "the unguarded daemon was not found"
     finally:
         _kill_marked(marker)
 
@@ -230,11 +251,8 @@ def test_guardian_kills_what_its_command_orphans(pid_namespace: bool) -> None:
     process = guardian.GuardedPopen([sys.executable, str(TESTS / "daemonising_proxy.py"), "127.0.0.1", "0"],
                                     pid_namespace=pid_namespace, linger=True, env=env)
     try:
-        deadline = time.monotonic() + GONE_TIMEOUT_SECONDS
-        while len(marked_processes(marker)) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        assert _wait_for_daemon(marker), "the daemon's server never started"
         assert process.poll() is None, "the guardian left while the daemon lives"
-        assert len(marked_processes(marker)) >= 2  # the guardian and the daemon (the command has exited)
         os.kill(process.pid, signal.SIGKILL if pid_namespace else signal.SIGTERM)
         process.wait(timeout=EXIT_TIMEOUT_SECONDS)
         deadline = time.monotonic() + GONE_TIMEOUT_SECONDS
