@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -36,10 +37,33 @@ def pids_with(token: str) -> list[int]:
     return found
 
 
+def sleeping(token: str) -> list[int]:
+    """The command's ``sleep`` processes (their exec done: the command line is sleep's own)."""
+    found = []
+    for pid in pids_with(token):
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes() == f"sleep\0{SURVIVOR_SECONDS}\0".encode():
+                found.append(pid)
+        except OSError:
+            continue
+    return found
+
+
+COMMAND_START_TIMEOUT_SECONDS = 60.0  # a shell and two sleeps, on a host at load 15+
+# The survivors sleep far longer than the caller is waited for: an unbounded drain must still be caught as a hang.
+SURVIVOR_SECONDS = 600
+GONE_TIMEOUT_SECONDS = 10.0
+
+
 def test_a_timeout_returns_even_when_a_survivor_holds_the_pipes(monkeypatch: pytest.MonkeyPatch):
     token = f"pytest-sandbox-guardian-run-{uuid.uuid4().hex}"
 
     def stop_only_the_guardian(process: subprocess.Popen[Any], timeout: float = 0.0) -> None:
+        # The 1 s timeout can fire before a loaded host has even started the command: kill the guardian only
+        # once the survivor (the background sleep, beside the foreground one) runs, bounded.
+        deadline = time.monotonic() + COMMAND_START_TIMEOUT_SECONDS
+        while len(sleeping(token)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
         os.kill(process.pid, signal.SIGKILL)  # what stop() ends in when the guardian ignores SIGTERM
         guardian.wait_exited(process, guardian.STOP_TIMEOUT_SECONDS)
 
@@ -48,15 +72,15 @@ def test_a_timeout_returns_even_when_a_survivor_holds_the_pipes(monkeypatch: pyt
 
     def call() -> None:
         try:
-            guardian.run(["sh", "-c", "sleep 120 & echo started; sleep 120"], timeout=1.0,
-                         env={**os.environ, "GUARDIAN_RUN_TOKEN": token})
+            guardian.run(["sh", "-c", f"sleep {SURVIVOR_SECONDS} & echo started; sleep {SURVIVOR_SECONDS}"],
+                         timeout=1.0, env={**os.environ, "GUARDIAN_RUN_TOKEN": token})
         except BaseException as error:  # handed to the test thread
             outcome.append(error)
 
     caller = threading.Thread(target=call, daemon=True)
     caller.start()
     try:
-        caller.join(timeout=guardian.STOP_TIMEOUT_SECONDS + 60)
+        caller.join(timeout=COMMAND_START_TIMEOUT_SECONDS + guardian.STOP_TIMEOUT_SECONDS + 60)
         survivors = pids_with(token)
         assert survivors, "positive control: the command's processes outlived the killed guardian"
         assert not caller.is_alive(), "guardian.run hung draining pipes a survivor holds open"
@@ -68,4 +92,7 @@ def test_a_timeout_returns_even_when_a_survivor_holds_the_pipes(monkeypatch: pyt
             except ProcessLookupError:
                 pass
         caller.join(timeout=30)
+    deadline = time.monotonic() + GONE_TIMEOUT_SECONDS  # SIGKILL is delivered, and acted on, asynchronously
+    while pids_with(token) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert pids_with(token) == []
