@@ -106,6 +106,12 @@ def _failures_in_every_form(running: RunningProxy) -> dict[str, Judgement]:
     return {test_id: v.judgement for test_id, v in verdicts.items() if not v.judgement.passed}
 
 
+def _unexpected(failing: dict[str, Judgement], expected: set[str]) -> dict[str, object]:
+    """For the assertion message: the judgements of unexpected failures, and the expected ones that passed."""
+    return {"failed beyond the family": {key: failing[key] for key in sorted(set(failing) - expected)},
+            "passed though opened": sorted(expected - set(failing))}
+
+
 @pytest.fixture
 def weakened_proxy(request: pytest.FixtureRequest, _network_lab) -> Iterator[RunningProxy]:
     classify, port = request.param
@@ -171,7 +177,7 @@ def test_weak_proxy_fails_exactly_its_familys_cases_and_each_failure_names_the_h
     assert len(expected) >= 4, family
     running = start_weak_proxy(_network_lab, proxy_class, port)
     failing = _failures_in_every_form(running)
-    assert set(failing) == expected
+    assert set(failing) == expected, _unexpected(failing, expected)
     by_id = {a.test_id: a for a in EVERY_FORM}
     for test_id, judgement in failing.items():
         attempt = by_id[test_id]
@@ -248,7 +254,7 @@ def test_each_family_has_a_weak_proxy_that_fails_exactly_the_cases_its_mistake_o
     assert len(expected) >= 3 and any(by_id[i].case.family == family for i in expected), family
     running = start(_network_lab, port)
     failing = _failures_in_every_form(running)
-    assert set(failing) == expected
+    assert set(failing) == expected, _unexpected(failing, expected)
     for test_id, judgement in failing.items():
         attempt = by_id[test_id]
         assert judgement.verdict is Verdict.ALLOWED, (test_id, judgement)
@@ -335,7 +341,7 @@ def test_each_ipv6_embedding_has_a_weak_proxy_that_fails_exactly_that_embeddings
     assert families <= {"ipv6-form", "special-use-range", "url-confusion"}, families
     running = _classifier_proxy(classify)(_network_lab, port)
     failing = _failures_in_every_form(running)
-    assert set(failing) == expected
+    assert set(failing) == expected, _unexpected(failing, expected)
     for test_id, judgement in failing.items():
         attempt = by_id[test_id]
         assert judgement.verdict is Verdict.ALLOWED, (test_id, judgement)
