@@ -97,6 +97,13 @@ def _failing_ids(running: RunningProxy, attempts: tuple[Attempt, ...] = ATTEMPTS
     return {test_id for test_id, verdict in verdicts.items() if not verdict.judgement.passed}
 
 
+def _unexpected(failing: dict[str, Judgement], expected: set[str]) -> dict[str, str]:
+    """What a mismatch says: each unexpected failure's verdict and reason, each expected one that passed."""
+    found = {test_id: f"{judgement.verdict.name}: {judgement.reason}" for test_id, judgement in failing.items()
+             if test_id not in expected}
+    return found | {test_id: "passed, expected to fail" for test_id in expected - set(failing)}
+
+
 def _failures_in_every_form(running: RunningProxy) -> dict[str, Judgement]:
     """Every attempt in every request form against ``running`` (stopped afterwards): the failed judgements."""
     try:
@@ -171,7 +178,7 @@ def test_weak_proxy_fails_exactly_its_familys_cases_and_each_failure_names_the_h
     assert len(expected) >= 4, family
     running = start_weak_proxy(_network_lab, proxy_class, port)
     failing = _failures_in_every_form(running)
-    assert set(failing) == expected
+    assert set(failing) == expected, _unexpected(failing, expected)
     by_id = {a.test_id: a for a in EVERY_FORM}
     for test_id, judgement in failing.items():
         attempt = by_id[test_id]
@@ -248,7 +255,7 @@ def test_each_family_has_a_weak_proxy_that_fails_exactly_the_cases_its_mistake_o
     assert len(expected) >= 3 and any(by_id[i].case.family == family for i in expected), family
     running = start(_network_lab, port)
     failing = _failures_in_every_form(running)
-    assert set(failing) == expected
+    assert set(failing) == expected, _unexpected(failing, expected)
     for test_id, judgement in failing.items():
         attempt = by_id[test_id]
         assert judgement.verdict is Verdict.ALLOWED, (test_id, judgement)
@@ -335,7 +342,7 @@ def test_each_ipv6_embedding_has_a_weak_proxy_that_fails_exactly_that_embeddings
     assert families <= {"ipv6-form", "special-use-range", "url-confusion"}, families
     running = _classifier_proxy(classify)(_network_lab, port)
     failing = _failures_in_every_form(running)
-    assert set(failing) == expected
+    assert set(failing) == expected, _unexpected(failing, expected)
     for test_id, judgement in failing.items():
         attempt = by_id[test_id]
         assert judgement.verdict is Verdict.ALLOWED, (test_id, judgement)
