@@ -97,6 +97,13 @@ def _failing_ids(running: RunningProxy, attempts: tuple[Attempt, ...] = ATTEMPTS
     return {test_id for test_id, verdict in verdicts.items() if not verdict.judgement.passed}
 
 
+def _unexpected(failing: dict[str, Judgement], expected: set[str]) -> dict[str, str]:
+    """What a mismatch says: each unexpected failure's verdict and reason, each expected one that passed."""
+    found = {test_id: f"{judgement.verdict.name}: {judgement.reason}" for test_id, judgement in failing.items()
+             if test_id not in expected}
+    return found | {test_id: "passed, expected to fail" for test_id in expected - set(failing)}
+
+
 def _failures_in_every_form(running: RunningProxy) -> dict[str, Judgement]:
     """Every attempt in every request form against ``running`` (stopped afterwards): the failed judgements."""
     try:

@@ -48,8 +48,10 @@ class SocketReader:
         while not until() and not self.eof and len(self.buffer) < self.limit:
             remaining = self.deadline - time.monotonic()
             if remaining <= 0:
-                self.timed_out = True
-                return
+                if not self._already_arrived():
+                    self.timed_out = True
+                    return
+                continue
             self.sock.settimeout(remaining if poll is None else min(remaining, poll))
             try:
                 data = self.sock.recv(READ_SIZE)
@@ -61,13 +63,38 @@ class SocketReader:
                 self.timed_out = True
                 return
             except (OSError, ssl.SSLError) as error:  # reset, or TLS torn down: the peer is gone
-                self.eof, self.exception = True, error
-                self.error = f"{type(error).__name__}: {error}"
+                self._gone(error)
                 return
             if not data:
                 self.eof = True
                 return
             self.buffer += data
+
+    def _gone(self, error: BaseException) -> None:
+        """A reset, or TLS torn down: the peer is gone."""
+        self.eof, self.exception = True, error
+        self.error = f"{type(error).__name__}: {error}"
+
+    def _already_arrived(self) -> bool:
+        """Past the deadline: take, without waiting, what the socket already holds (bytes, EOF, a reset);
+        False if nothing. A reader thread starved on a loaded machine (or a slow ``idle()``) can wake
+        after the deadline with the answer or the close already received, and must not call that peer
+        silent; what arrives later is still never read."""
+        previous = self.sock.gettimeout()
+        self.sock.settimeout(0.0)
+        try:
+            data = self.sock.recv(READ_SIZE)
+        except (BlockingIOError, ssl.SSLWantReadError):
+            return False
+        except (OSError, ssl.SSLError) as error:
+            self._gone(error)
+            return True
+        finally:
+            self.sock.settimeout(previous)
+        if not data:
+            self.eof = True
+        self.buffer += data
+        return True
 
     def responses(self) -> list[ParsedResponse]:
         """Every complete response read so far; bytes that are not HTTP/1.x set ``error``."""
