@@ -10,18 +10,27 @@ each of those proxies, one that judges only requests *without* ``X-Request-ID`` 
 and one that judges only requests without a ``User-Agent`` (``UserAgentAbsentKeyedProxy``, which passed all 1244
 too), fails the twins it can tell apart, naming the marker. The keep-alive
 follow-ups, Host-mismatch denials, mixed answers and rebinding names have twins too.
+
+Every marked probe also asks for the close (``Connection: close``). A proxy that judged only CONNECTs, requests
+asking for the close and later requests on a connection (``ConnectionCloseKeyedProxy``) passed all 1244 SSRF
+tests while forwarding any client's first persistent request; now half the twins
+(``probes.ssrf.twin_keeps_alive``, independent of the X-Request-ID half) are persistent requests, as curl's are, and
+their refusal need not close (RFC 9112 §9.3), and that proxy fails them.
 """
 
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import sys
+import threading
 import uuid
 from pathlib import Path
 
 import pytest
 from broken_proxies.marker_keyed import (
+    ConnectionCloseKeyedProxy,
     MarkerKeyedProxy,
     NonceTextKeyedProxy,
     RequestIdAbsentKeyedProxy,
@@ -44,7 +53,14 @@ from pytest_sandbox.network.lab.attribution import (
     twin_nonce,
 )
 from pytest_sandbox.network.netns import host_can_create_netns
-from pytest_sandbox.probes.ssrf import ALL_FORMS, Attempt, build_attempts, twin_sends_request_id
+from pytest_sandbox.probes.ssrf import (
+    ALL_FORMS,
+    Attempt,
+    build_attempts,
+    send_attempt,
+    twin_keeps_alive,
+    twin_sends_request_id,
+)
 from pytest_sandbox.probes.ssrf_exchanges import (
     UNMARKED_SUFFIX,
     AttemptExchange,
@@ -57,7 +73,7 @@ from pytest_sandbox.probes.ssrf_exchanges import (
     run_ssrf_campaign,
 )
 from pytest_sandbox.verdicts.judgement import Verdict
-from pytest_sandbox.verdicts.ssrf import ProxyReply, judge_with_unmarked_twin
+from pytest_sandbox.verdicts.ssrf import ProxyReply, judge_attempt, judge_with_unmarked_twin
 
 ROOT = Path(__file__).resolve().parent.parent
 NETNS_OK, NETNS_REASON = host_can_create_netns()
@@ -69,6 +85,11 @@ EVERY_ATTEMPT = build_attempts(forms=ALL_FORMS)
 def twin_has_request_id(attempt: Attempt) -> bool:
     """Whether the twin of ``attempt`` sends X-Request-ID (always where its path cannot carry the nonce)."""
     return twin_sends_request_id(attempt.test_id) or not attempt.nonce_in_path
+
+
+def twin_is_persistent(attempt: Attempt) -> bool:
+    """Whether the twin of ``attempt`` sends no ``Connection: close`` (a CONNECT never sends one, marked or not)."""
+    return twin_keeps_alive(attempt.test_id) and attempt.form != "connect"
 
 
 # --- what a twin looks like (pure) ------------------------------------------------------------------------
@@ -106,6 +127,61 @@ def test_no_twin_carries_the_harness_marker_or_nonce_text_and_each_carries_its_n
         assert text.encode() in sent, sent
         assert (b"X-Request-ID: " in sent) is twin_has_request_id(attempt), sent
         assert b"\r\nUser-Agent: curl/" in sent and b"\r\nAccept: */*\r\n" in sent, sent
+
+
+def test_half_the_twins_are_persistent_requests_independently_of_x_request_id_and_every_marked_probe_asks_to_close():
+    plain = [a for a in EVERY_ATTEMPT if a.form != "connect" and a.case.expected == "denied"]
+    persistent = [a for a in plain if twin_is_persistent(a)]
+    assert 0.4 < len(persistent) / len(plain) < 0.6, (len(persistent), len(plain))
+    pairs = {(twin_is_persistent(a), twin_sends_request_id(a.test_id)) for a in plain}
+    assert pairs == {(True, True), (True, False), (False, True), (False, False)}
+    for attempt in plain:
+        nonce = new_nonce()
+        assert b"\r\nConnection: close\r\n" in attempt.request_bytes(nonce)
+        twin = attempt.request_bytes(twin_nonce(nonce), marked=False, keep_alive=twin_is_persistent(attempt))
+        assert (b"\r\nConnection:" not in twin) is twin_is_persistent(attempt), twin
+
+
+def _answer_and_keep_open(answer: bytes) -> tuple[socket.socket, socket.socket, threading.Thread]:
+    """A socket pair whose far end reads one request head, writes ``answer`` and keeps the connection open
+    (a proxy that keeps a persistent connection after its refusal); the caller closes both ends."""
+    near, far = socket.socketpair()
+
+    def serve() -> None:
+        received = b""
+        while b"\r\n\r\n" not in received:
+            chunk = far.recv(4096)
+            if not chunk:
+                return
+            received += chunk
+        far.sendall(answer)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    return near, far, server
+
+
+KEPT_OPEN_REFUSAL = b'HTTP/1.1 403 Forbidden\r\ncontent-length: 24\r\n\r\n{"error":"ssrf_denied"}\n'
+
+
+@pytest.mark.parametrize("persistent", [True, False], ids=["persistent-twin", "asks-to-close"])
+def test_a_refusal_that_keeps_a_persistent_connection_open_is_a_refusal_but_not_after_connection_close(persistent):
+    """RFC 9112 §9.3: after answering a persistent request a proxy may keep the connection; a request that asked
+    for the close must see it (network.md §5). The persistent twin is read to its answer's framed end."""
+    attempt = next(a for a in EVERY_ATTEMPT if a.form == "absolute" and a.case.expected == "denied")
+    sock, far, server = _answer_and_keep_open(KEPT_OPEN_REFUSAL)
+    try:
+        reply = send_attempt(sock, attempt, 1.0, nonce=twin_nonce(new_nonce()), marked=False, keep_alive=persistent)
+    finally:
+        sock.close()
+        server.join(5)
+        far.close()
+    assert reply.proxy.status == 403 and not reply.closed
+    assert reply.timed_out is not persistent, reply  # asked to close: read to the deadline, as before
+    judgement = judge_attempt(attempt, reply, {})
+    expected = Verdict.BLOCKED if persistent else Verdict.INDETERMINATE
+    assert judgement.verdict is expected, judgement
+    assert ("kept alive" in reply.describe()) is persistent, reply.describe()
 
 
 def test_half_the_twins_carry_x_request_id_and_half_do_not():
@@ -161,7 +237,9 @@ def failures(verdicts: dict[str, SsrfVerdict]) -> dict[str, SsrfVerdict]:
     (RequestIdAbsentKeyedProxy, 3173, twin_has_request_id),
     (NonceTextKeyedProxy, 3174, lambda attempt: True),
     (UserAgentAbsentKeyedProxy, 3178, lambda attempt: True),
-], ids=["request-id-keyed", "request-id-absent-keyed", "nonce-text-keyed", "user-agent-absent-keyed"])
+    (ConnectionCloseKeyedProxy, 3179, twin_is_persistent),
+], ids=["request-id-keyed", "request-id-absent-keyed", "nonce-text-keyed", "user-agent-absent-keyed",
+        "connection-close-keyed"])
 def test_a_proxy_that_tells_the_twin_apart_fails_the_twins_it_lets_through(_network_lab, policy_refused,
                                                                             proxy_class, port, fails):
     running = start_weak_proxy(_network_lab, proxy_class, port)
@@ -229,7 +307,7 @@ SELECTED = [a for a in EVERY_ATTEMPT if any(name in a.test_id for name in SELECT
 
 
 @needs_netns
-@pytest.mark.parametrize("keyed_on", ["request-id", "no-request-id", "nonce-text"])
+@pytest.mark.parametrize("keyed_on", ["request-id", "no-request-id", "nonce-text", "connection-close"])
 def test_conformance_run_against_a_proxy_that_tells_the_twin_apart_fails_and_names_the_marker(keyed_on):
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-p", "no:randomly", "-rf", "--sandbox",
@@ -239,8 +317,9 @@ def test_conformance_run_against_a_proxy_that_tells_the_twin_apart_fails_and_nam
     output = result.stdout + result.stderr
     refused = [a for a in SELECTED if a.case.expected == "denied" and a.form in ("connect", "absolute")]
     assert {twin_has_request_id(a) for a in refused} == {True, False}
+    assert {twin_is_persistent(a) for a in refused} == {True, False}
     lets_through = {"request-id": lambda a: not twin_has_request_id(a), "no-request-id": twin_has_request_id,
-                    "nonce-text": lambda a: True}[keyed_on]
+                    "nonce-text": lambda a: True, "connection-close": twin_is_persistent}[keyed_on]
     expected = {a.test_id for a in refused if lets_through(a)}
     failed = {line.split("[", 1)[1].split("]", 1)[0] for line in output.splitlines() if line.startswith("FAILED")}
     assert failed == expected, output

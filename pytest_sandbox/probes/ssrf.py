@@ -63,6 +63,7 @@ __all__ = [
     "plausible_destinations",
     "read_one_response",
     "send_attempt",
+    "twin_keeps_alive",
     "twin_sends_request_id",
 ]
 
@@ -231,12 +232,15 @@ class Attempt:
             return path if path.startswith("/") else "/"
         return f"{case.scheme}://{case.authority}{path}"
 
-    def request_bytes(self, nonce: str | None = None, *, marked: bool = True, request_id: bool = True) -> bytes:
+    def request_bytes(self, nonce: str | None = None, *, marked: bool = True, request_id: bool = True,
+                      keep_alive: bool = False) -> bytes:
         """The request head exactly as sent; odd characters go out as UTF-8, unescaped. In the
         Host-carried forms the Host is the case's authority whatever it holds (it is the destination).
         ``marked=False``: no :data:`NONCE_HEADER` field and no nonce path prefix (the unmarked twin, whose
         ``nonce`` is :func:`~pytest_sandbox.network.lab.attribution.twin_nonce`'s UUID); the nonce rides in
-        :data:`TWIN_NONCE_FIELD` too when ``request_id`` or when the request has no path to carry it."""
+        :data:`TWIN_NONCE_FIELD` too when ``request_id`` or when the request has no path to carry it.
+        ``keep_alive``: no ``Connection: close`` (a persistent request, RFC 9112 §9.3, as curl sends: half the
+        twins, :func:`twin_keeps_alive`); a CONNECT never carries one."""
         authority = self.case.authority
         host = authority if self.form in _HOST_CARRIED or _is_field_text(authority) else FALLBACK_HOST
         lines = [f"{self.method} {self.request_target(nonce, marked=marked)} HTTP/1.1", f"Host: {host}"]
@@ -245,7 +249,7 @@ class Attempt:
             # their exchange even when the path carries no nonce ('?@' suffixes, a proxy that rewrites the
             # path), so a leaking proxy's twin hits need no isolation reruns.
             lines += nonce_fields(nonce, marked, request_id or not self.nonce_in_path)
-        if self.form != "connect":
+        if self.form != "connect" and not keep_alive:
             lines.append("Connection: close")
         return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
 
@@ -280,6 +284,15 @@ def nonce_fields(nonce: str, marked: bool = True, request_id: bool = True) -> li
     if marked:
         return [f"{NONCE_HEADER}: {nonce}"]
     return [*TWIN_CLIENT_FIELDS, *([f"{TWIN_NONCE_FIELD}: {nonce}"] if request_id else [])]
+
+
+def twin_keeps_alive(key: str) -> bool:
+    """Whether the unmarked twin of exchange ``key`` is a persistent request (no ``Connection: close``; HTTP/1.1's
+    default, RFC 9112 §9.3, and what curl sends) where every marked probe asks for the close. Half the twins do,
+    fixed per key and independent of :func:`twin_sends_request_id` (another bit of the same CRC-32): a proxy that
+    judges only requests asking for the close, or only first requests of persistent connections, fails the
+    other half."""
+    return (zlib.crc32(key.encode("utf-8", "surrogateescape")) >> 1) % 2 == 0
 
 
 def twin_sends_request_id(key: str) -> bool:
@@ -349,21 +362,24 @@ def _read(sock: socket.socket, buffer: bytearray, deadline: float,
 CLOSE_SETTLE_SECONDS = 0.05
 
 
-def _answer_without_close(buffer: bytearray) -> bool:
+def _answer_without_close(buffer: bytearray, close_requested: bool = True) -> bool:
     """Whether ``buffer`` holds a complete final response (framed as RFC 9112 §6.3 says) whose verdict
-    does not need the close: anything but a refusal. A refusal (400/403) must close (network.md §5,
-    RFC 9112 §9.6 for the ``Connection: close`` every attempt sends), so it is read to EOF. Pure."""
+    does not need the close: anything but a refusal of a request that asked for the close. Such a refusal
+    (400/403) must close (network.md §5, RFC 9112 §9.6 for the ``Connection: close`` the attempt sent), so
+    it is read to EOF; after a persistent request's (a keep-alive twin's) the proxy may keep the
+    connection (RFC 9112 §9.3). Pure."""
     try:
         responses, _used = parse_responses(bytes(buffer))
     except ValueError:
         return False  # not HTTP: read to EOF or the deadline
-    return bool(responses) and responses[0].status not in REFUSAL_STATUSES
+    return bool(responses) and (not close_requested or responses[0].status not in REFUSAL_STATUSES)
 
 
-def _read_answer(sock: socket.socket, buffer: bytearray, deadline: float) -> tuple[bool, bool, str]:
+def _read_answer(sock: socket.socket, buffer: bytearray, deadline: float,
+                 close_requested: bool = True) -> tuple[bool, bool, str]:
     """Read one answer: to EOF where its verdict needs the close, else to its framed end (then a
     moment for a close already sent)."""
-    eof, timed_out, error = _read(sock, buffer, deadline, lambda: _answer_without_close(buffer))
+    eof, timed_out, error = _read(sock, buffer, deadline, lambda: _answer_without_close(buffer, close_requested))
     if eof or timed_out or error:
         return eof, timed_out, error
     eof, _timed_out, error = _read(sock, buffer, min(deadline, time.monotonic() + CLOSE_SETTLE_SECONDS))
@@ -372,14 +388,17 @@ def _read_answer(sock: socket.socket, buffer: bytearray, deadline: float) -> tup
 
 def send_attempt(sock: socket.socket, attempt: Attempt,
                  timeout: float = ATTEMPT_TIMEOUT_SECONDS, *, nonce: str | None = None,
-                 marked: bool = True, request_id: bool = True) -> ProxyReply:
+                 marked: bool = True, request_id: bool = True, keep_alive: bool = False) -> ProxyReply:
     """Send ``attempt`` on a fresh connection to the proxy and read its answer: until the proxy closes
     the connection where the verdict rests on the close (a refusal), else until the answer is complete.
     ``marked=False`` sends the unmarked twin (:meth:`Attempt.request_bytes`; ``request_id`` as there), and a
-    tunnel it opens carries an unmarked GET as well: nothing a twin sends holds the harness's marks."""
+    tunnel it opens carries an unmarked GET as well: nothing a twin sends holds the harness's marks.
+    ``keep_alive``: a persistent request (no ``Connection: close``), whose refusal need not close (the reply's
+    ``close_requested`` is False)."""
     deadline = time.monotonic() + timeout
+    close_requested = attempt.form == "connect" or not keep_alive
     try:
-        sock.sendall(attempt.request_bytes(nonce, marked=marked, request_id=request_id))
+        sock.sendall(attempt.request_bytes(nonce, marked=marked, request_id=request_id, keep_alive=keep_alive))
     except OSError as exc:
         return ProxyReply(_NO_ANSWER, None, closed=True, timed_out=False, error=str(exc))
     buffer = bytearray()
@@ -400,8 +419,9 @@ def send_attempt(sock: socket.socket, attempt: Attempt,
         if not eof and not timed_out:
             eof, timed_out, error = _read_answer(sock, buffer, deadline)
         return ProxyReply(parse_head(bytes(buffer)), None, closed=eof, timed_out=timed_out, error=error)
-    eof, timed_out, error = _read_answer(sock, buffer, deadline)
-    return ProxyReply(parse_head(bytes(buffer)), None, closed=eof, timed_out=timed_out, error=error)
+    eof, timed_out, error = _read_answer(sock, buffer, deadline, close_requested)
+    return ProxyReply(parse_head(bytes(buffer)), None, closed=eof, timed_out=timed_out, error=error,
+                      close_requested=close_requested)
 
 
 def read_one_response(sock: socket.socket, deadline: float, *, to_connect: bool = False) -> tuple[ParsedResponse, bool]:

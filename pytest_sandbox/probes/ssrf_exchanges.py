@@ -36,6 +36,7 @@ from pytest_sandbox.probes.ssrf import (
     plausible_destinations,
     read_one_response,
     send_attempt,
+    twin_keeps_alive,
     twin_sends_request_id,
 )
 from pytest_sandbox.verdicts.judgement import Judgement, Verdict
@@ -106,18 +107,22 @@ class Carrier:
     """How one exchange's requests carry its nonce. Marked (every probe): ``X-Sandbox-Probe`` and a
     ``/sandbox-probe/`` path. An unmarked twin: the nonce as :func:`~pytest_sandbox.network.lab.attribution.
     twin_nonce` spells it (a UUID4, no ``sbx-`` text), as one opaque path segment and, for half the twins
-    (:func:`~pytest_sandbox.probes.ssrf.twin_sends_request_id`), in ``X-Request-ID``: what any client sends."""
+    (:func:`~pytest_sandbox.probes.ssrf.twin_sends_request_id`), in ``X-Request-ID``: what any client sends;
+    and half of them (:func:`~pytest_sandbox.probes.ssrf.twin_keeps_alive`) as persistent requests, without the
+    ``Connection: close`` every marked probe sends."""
 
     text: str
     marked: bool = True
     request_id: bool = True
+    keep_alive: bool = False
 
     @classmethod
     def of(cls, nonce: str, marked: bool, key: str) -> Carrier:
         """The carrier of exchange ``key`` (its marked key) for the campaign's ``nonce``."""
         if marked:
             return cls(nonce)
-        return cls(twin_nonce(nonce), marked=False, request_id=twin_sends_request_id(key))
+        return cls(twin_nonce(nonce), marked=False, request_id=twin_sends_request_id(key),
+                   keep_alive=twin_keeps_alive(key))
 
     @property
     def path(self) -> str:
@@ -129,7 +134,8 @@ class Carrier:
 
     def send(self, sock: socket.socket, attempt: Attempt, timeout: float = ATTEMPT_TIMEOUT_SECONDS) -> ProxyReply:
         """:func:`~pytest_sandbox.probes.ssrf.send_attempt` with the nonce carried this way."""
-        return send_attempt(sock, attempt, timeout, nonce=self.text, marked=self.marked, request_id=self.request_id)
+        return send_attempt(sock, attempt, timeout, nonce=self.text, marked=self.marked, request_id=self.request_id,
+                            keep_alive=self.keep_alive)
 
     def carried_by(self, target: str, header: Callable[[str], str | None]) -> bool:
         """Whether a request with ``target`` and fields ``header`` carries this nonce (an origin's record)."""

@@ -78,7 +78,10 @@ class ProxyReply:
 
     ``proxy`` is the proxy's own answer; ``tunnelled`` the answer through a CONNECT tunnel (None
     unless the proxy said 2xx to CONNECT). ``closed`` means the proxy ended the connection (EOF or
-    reset) within the timeout; ``timed_out`` that the deadline passed first.
+    reset) within the timeout; ``timed_out`` that the deadline passed first. ``close_requested``: the
+    request asked for the close (``Connection: close``) or was a CONNECT, so a refusal must close
+    (network.md §5); a persistent request's (a keep-alive twin's) may leave the connection open
+    (RFC 9112 §9.3).
     """
 
     proxy: ParsedResponse
@@ -86,6 +89,7 @@ class ProxyReply:
     closed: bool
     timed_out: bool
     error: str = ""
+    close_requested: bool = True
 
     @property
     def final(self) -> ParsedResponse:
@@ -99,7 +103,8 @@ class ProxyReply:
             what = f"{self.proxy.status}" + (f" {reason}" if reason else "")
         if self.tunnelled is not None:
             what += f", tunnel answered {self.tunnelled.status}"
-        ending = "timed out" if self.timed_out else "closed" if self.closed else "left open"
+        ending = ("timed out" if self.timed_out else "closed" if self.closed
+                  else "left open" if self.close_requested else "kept alive")
         return f"{what}, connection {ending}" + (f" ({self.error})" if self.error else "")
 
 
@@ -126,7 +131,7 @@ def judge_attempt(attempt: JudgedAttempt, reply: ProxyReply, hits: HitCounts,
                          expected, observed)
     status = reply.proxy.status
     if status in REFUSAL_STATUSES:
-        if not reply.closed:
+        if not reply.closed and reply.close_requested:
             return Judgement(Verdict.INDETERMINATE, f"refused with {status} but the connection was left "
                              "open (network.md §5: answer and close)", expected, observed)
         if case.canary is None:

@@ -14,7 +14,9 @@ the rest unchecked: :class:`RequestIdKeyedProxy` judges the marked requests and 
 ``X-Request-ID`` field (where the twin used to carry its nonce), :class:`RequestIdAbsentKeyedProxy` only
 requests without that field, :class:`NonceTextKeyedProxy` only requests whose bytes hold ``sbx-`` (the
 harness's nonce text), :class:`UserAgentAbsentKeyedProxy` only requests without a ``User-Agent`` (the marked
-probes send none; a twin sends curl's). As commands: :func:`command` with their :data:`KEYED` name.
+probes send none; a twin sends curl's), :class:`ConnectionCloseKeyedProxy` only CONNECTs, requests asking for the
+close (every marked probe sends ``Connection: close``) and later requests on a connection. As commands:
+:func:`command` with their :data:`KEYED` name.
 
 :class:`MarkerKeyedInterceptor` is the same inside the intercepted ``inference.local`` tunnel: #819's 403 for
 a marked request that matches no route, and an unmarked one forwarded to the backend whatever it asks for
@@ -112,9 +114,28 @@ class UserAgentAbsentKeyedProxy(MarkerKeyedProxy):
         return request.header("user-agent") is None
 
 
+_REQUESTS_ON_CONNECTION: contextvars.ContextVar[list[int]] = contextvars.ContextVar("requests_on_connection")
+
+
+class ConnectionCloseKeyedProxy(MarkerKeyedProxy):
+    """Judges CONNECTs, requests that ask for the close (``Connection: close``, as every marked probe sends) and
+    every request after the first on a connection (the keep-alive checks'): a client's first request on a
+    persistent connection (HTTP/1.1's default, RFC 9112 §9.3; curl sends no ``Connection``) goes through."""
+
+    async def _serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        _REQUESTS_ON_CONNECTION.set([0])  # this connection's task (and the tasks it starts) see this one list
+        await super()._serve_client(reader, writer)
+
+    def judges(self, request: Request) -> bool:  # type: ignore[override]
+        seen = _REQUESTS_ON_CONNECTION.get([0])
+        seen[0] += 1
+        return request.method == "CONNECT" or not request.keep_alive or seen[0] > 1
+
+
 KEYED: dict[str, type[MarkerKeyedProxy]] = {
     "marker": MarkerKeyedProxy, "request-id": RequestIdKeyedProxy, "no-request-id": RequestIdAbsentKeyedProxy,
-    "nonce-text": NonceTextKeyedProxy, "no-user-agent": UserAgentAbsentKeyedProxy}
+    "nonce-text": NonceTextKeyedProxy, "no-user-agent": UserAgentAbsentKeyedProxy,
+    "connection-close": ConnectionCloseKeyedProxy}
 
 
 def command(keyed_on: str) -> str:
