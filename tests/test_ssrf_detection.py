@@ -113,12 +113,6 @@ def _failures_in_every_form(running: RunningProxy) -> dict[str, Judgement]:
     return {test_id: v.judgement for test_id, v in verdicts.items() if not v.judgement.passed}
 
 
-def _unexpected(failing: dict[str, Judgement], expected: set[str]) -> dict[str, object]:
-    """For the assertion message: the judgements of unexpected failures, and the expected ones that passed."""
-    return {"failed beyond the family": {key: failing[key] for key in sorted(set(failing) - expected)},
-            "passed though opened": sorted(expected - set(failing))}
-
-
 @pytest.fixture
 def weakened_proxy(request: pytest.FixtureRequest, _network_lab) -> Iterator[RunningProxy]:
     classify, port = request.param
