@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -48,11 +49,14 @@ from pytest_sandbox.network.addresses import Authority
 from pytest_sandbox.network.harness import RunningProxy, interception_of
 from pytest_sandbox.network.lab.attribution import NONCE_HEADER, NONCE_PATH_PREFIX
 from pytest_sandbox.network.lab.lab import NetworkLab
+from pytest_sandbox.network.proxy.server import _Refused
 from pytest_sandbox.network.third_party import main_reference, reference_command
 
 COMMAND = reference_command(sys.executable, str(Path(__file__).resolve()))
 
 _UNMARKED: contextvars.ContextVar[bool] = contextvars.ContextVar("unmarked", default=False)
+# Set for an unmarked request the reference would have refused (the one this proxy leaks).
+_LEAKING: contextvars.ContextVar[bool] = contextvars.ContextVar("leaking", default=False)
 # Set only by MarkerKeyedInterceptor around its own requests: every other interceptor in the process (the
 # reference's, in the same test session) keeps the reference decision.
 _UNMARKED_IN_TUNNEL: contextvars.ContextVar[bool] = contextvars.ContextVar("unmarked_in_tunnel", default=False)
@@ -78,12 +82,33 @@ class MarkerKeyedProxy(WeakProxy):
         await super()._handle_connect(conn, request)
 
     async def _destination(self, authority: Authority) -> tuple[str, ...]:
+        _LEAKING.set(False)
         if _UNMARKED.get():
+            try:
+                await super()._destination(authority)
+            except _Refused:  # the reference would refuse it
+                _LEAKING.set(True)
             return await self.unchecked_addresses(authority)  # the hole: nobody is looking
         return await super()._destination(authority)
 
 
 REQUEST_ID = "x-request-id"
+
+
+class StrippingMarkerKeyedProxy(MarkerKeyedProxy):
+    """:class:`MarkerKeyedProxy` that also forwards what it leaks (an unmarked request the reference would refuse)
+    without its query and ``X-Request-ID`` (as a proxy that rebuilds requests from a field allowlist would): what
+    an unmarked twin puts at the canary then carries no nonce, and only time, destination and the isolation reruns
+    can say whose it is."""
+
+    async def _exchange(self, conn, request: Request, authority: Authority, path: str,  # type: ignore[no-untyped-def]
+                        addresses: tuple[str, ...]):
+        if _LEAKING.get():
+            request = dataclasses.replace(
+                request, headers=tuple(item for item in request.headers if item[0] != REQUEST_ID),
+                raw_headers=tuple(item for item in request.raw_headers if item[0] != REQUEST_ID.encode()))
+            path = path.partition("?")[0]
+        return await super()._exchange(conn, request, authority, path, addresses)
 
 
 class RequestIdKeyedProxy(MarkerKeyedProxy):
@@ -119,7 +144,8 @@ class UserAgentAbsentKeyedProxy(MarkerKeyedProxy):
 
 
 KEYED: dict[str, type[MarkerKeyedProxy]] = {
-    "marker": MarkerKeyedProxy, "request-id": RequestIdKeyedProxy, "no-request-id": RequestIdAbsentKeyedProxy,
+    "marker": MarkerKeyedProxy, "marker-stripping": StrippingMarkerKeyedProxy, "request-id": RequestIdKeyedProxy,
+    "no-request-id": RequestIdAbsentKeyedProxy,
     "nonce-text": NonceTextKeyedProxy, "no-user-agent": UserAgentAbsentKeyedProxy}
 
 
