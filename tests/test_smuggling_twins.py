@@ -228,7 +228,7 @@ def test_a_twin_leak_without_its_nonce_is_pinned_on_its_row_by_the_reruns_alone(
                for t, j in failed.items()), {t: j.reason for t, j in failed.items()}
 
 
-def test_a_twin_passed_explicitly_is_judged_on_its_own():
+def test_a_twin_is_the_same_attempt_unmarked():
     attempt = TWINNED[0]
     assert replace(attempt, marked=False) == attempt.twin()
 

@@ -10,6 +10,12 @@ Every :class:`~pytest_sandbox.catalogues.smuggling.SmugglingCase` is attempted o
   (:func:`tunnel_payload`: origin-form inference routes, ``Host: inference.local``, the "denied"
   request a non-inference path on the same host). Evidence: the fake backend's request log.
 
+A row refused by a policy decision on cleanly framed requests (``verdicts.smuggling.is_policy_denial``: a request
+to a denied host or, in the tunnel, a non-inference path behind allowed ones) is also sent as its unmarked twin
+(:meth:`SmugglingAttempt.twin`), the same bytes as any client sends them, through the SSRF twins' machinery (the
+nonce as :func:`~pytest_sandbox.network.lab.attribution.twin_nonce`'s UUID, read back through its registry;
+curl's fields; ``X-Request-ID`` on half): a proxy that judges only the harness's requests fails there.
+
 Campaigns send the attempts (up to :data:`SMUGGLING_CONCURRENCY` at a time where every upstream byte
 they can cause carries their nonce; see :func:`run_smuggling_campaign`), then attribute what reached
 upstream and judge each with the pure :func:`~pytest_sandbox.verdicts.smuggling.judge_exchange`.

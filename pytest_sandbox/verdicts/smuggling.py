@@ -8,6 +8,7 @@ them, or nothing) with no byte left over, the refusal carries no origin mark (th
 connection closed before the deadline and a follow-up request got nothing. Any other byte upstream, a
 marked refusal (the proxy relayed the origin's answer), a canary connection or an answered follow-up is
 ALLOWED and names what reached; a wrong refusal status with nothing leaked is INDETERMINATE, never a pass.
+A policy refusal also needs its unmarked twin refused (:func:`judge_with_twin`).
 """
 
 from __future__ import annotations
