@@ -10,6 +10,12 @@ Every :class:`~pytest_sandbox.catalogues.smuggling.SmugglingCase` is attempted o
   (:func:`tunnel_payload`: origin-form inference routes, ``Host: inference.local``, the "denied"
   request a non-inference path on the same host). Evidence: the fake backend's request log.
 
+A row refused by a policy decision on cleanly framed requests (``verdicts.smuggling.is_policy_denial``: a request
+to a denied host or, in the tunnel, a non-inference path behind allowed ones) is also sent as its unmarked twin
+(:meth:`SmugglingAttempt.twin`), the same bytes as any client sends them, through the SSRF twins' machinery (the
+nonce as :func:`~pytest_sandbox.network.lab.attribution.twin_nonce`'s UUID, read back through its registry;
+curl's fields; ``X-Request-ID`` on half): a proxy that judges only the harness's requests fails there.
+
 Campaigns send the attempts (up to :data:`SMUGGLING_CONCURRENCY` at a time where every upstream byte
 they can cause carries their nonce; see :func:`run_smuggling_campaign`), then attribute what reached
 upstream and judge each with the pure :func:`~pytest_sandbox.verdicts.smuggling.judge_exchange`.
@@ -20,14 +26,23 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import re
 import socket
 import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 
-from pytest_sandbox.catalogues.smuggling import ABSOLUTE_FORM, SMUGGLING_CASES, TUNNEL_FORM, SmugglingCase, render
+from pytest_sandbox.catalogues.smuggling import (
+    ABSOLUTE_FORM,
+    SMUGGLING_CASES,
+    TUNNEL_FORM,
+    PathForm,
+    SmugglingCase,
+    render,
+)
 from pytest_sandbox.http.upstream import (
     ReceivedStream,
     UpstreamPiece,
@@ -55,6 +70,7 @@ from pytest_sandbox.network.lab.attribution import (
     attribute,
     describe_hit,
     new_nonce,
+    twin_nonce,
 )
 from pytest_sandbox.network.lab.lab import NetworkLab
 from pytest_sandbox.probes.campaign import (
@@ -72,8 +88,16 @@ from pytest_sandbox.probes.inference import (
     inference_request,
     open_inference_tunnel,
 )
+from pytest_sandbox.probes.ssrf import TWIN_NONCE_FIELD, nonce_fields, twin_sends_request_id
+from pytest_sandbox.probes.ssrf_exchanges import UNMARKED_SUFFIX
 from pytest_sandbox.verdicts.judgement import Judgement, Verdict
-from pytest_sandbox.verdicts.smuggling import FOLLOW_UP_MARKER, Exchange, judge_exchange
+from pytest_sandbox.verdicts.smuggling import (
+    FOLLOW_UP_MARKER,
+    Exchange,
+    is_policy_denial,
+    judge_exchange,
+    judge_with_twin,
+)
 
 __all__ = [
     "ABSOLUTE",
@@ -121,37 +145,106 @@ def tunnel_payload(case: SmugglingCase) -> bytes:
     return render(case, TUNNEL_FORM, host=INFERENCE_HOST, denied=INFERENCE_HOST)
 
 
-def absolute_follow_up(origin: str, nonce: str | None = None) -> bytes:
+def absolute_follow_up(origin: str, nonce: str | None = None, *, marked: bool = True,
+                       request_id: bool = True) -> bytes:
     """A plain GET to an allowed origin, marked so the origin log can leave it out (and carrying the
-    attempt's nonce, when given, so the bytes it puts upstream are attributed to the attempt)."""
-    headers = [(NONCE_HEADER, nonce)] if nonce else []
-    return inference_request("GET", f"http://{origin}/{FOLLOW_UP_MARKER}", host=origin, headers=headers)
+    attempt's nonce, when given, so the bytes it puts upstream are attributed to the attempt; an unmarked
+    twin's as :func:`twin_fields` carries it)."""
+    return inference_request("GET", _with_query(f"http://{origin}/{FOLLOW_UP_MARKER}", nonce, marked), host=origin,
+                             headers=_nonce_headers(nonce, marked, request_id))
 
 
-def tunnel_follow_up(nonce: str | None = None) -> bytes:
+def tunnel_follow_up(nonce: str | None = None, *, marked: bool = True, request_id: bool = True) -> bytes:
     """A routed GET /v1/models (the query is ignored by routing), marked for the backend log."""
-    headers = [(NONCE_HEADER, nonce)] if nonce else []
-    return inference_request("GET", f"/v1/models?{FOLLOW_UP_MARKER}", headers=headers)
+    return inference_request("GET", _with_query(f"/v1/models?{FOLLOW_UP_MARKER}", nonce, marked, "&"),
+                             headers=_nonce_headers(nonce, marked, request_id))
+
+
+def twin_fields(nonce: str, request_id: bool) -> list[str]:
+    """The header lines of an unmarked twin whose nonce is ``nonce``: an ordinary client's fields and, when
+    ``request_id``, the nonce in ``X-Request-ID``, spelt as :func:`~pytest_sandbox.network.lab.attribution.
+    twin_nonce` spells it (the SSRF twins' :func:`~pytest_sandbox.probes.ssrf.nonce_fields`)."""
+    return nonce_fields(twin_nonce(nonce), marked=False, request_id=request_id)
+
+
+def _nonce_headers(nonce: str | None, marked: bool, request_id: bool) -> list[tuple[str, str]]:
+    if nonce is None:
+        return []
+    lines = [f"{NONCE_HEADER}: {nonce}"] if marked else twin_fields(nonce, request_id)
+    return [(name, value) for name, _colon, value in (line.partition(": ") for line in lines)]
+
+
+def _with_query(target: str, nonce: str | None, marked: bool, separator: str = "?") -> str:
+    """``target`` with an unmarked twin's nonce as its query (routes and origins match the path alone), as a
+    client's own request id would ride; a marked request's target is left as it is."""
+    return target if nonce is None or marked else f"{target}{separator}{twin_nonce(nonce)}"
+
+
+def _twin_form(form: PathForm, nonce: str) -> PathForm:
+    """``form`` with every request-target carrying the twin's nonce in its query (:func:`_with_query`)."""
+    return replace(form, targets=MappingProxyType({placeholder: _with_query(target.decode("ascii"), nonce, False)
+                                                   .encode("ascii") for placeholder, target in form.targets.items()}))
+
+
+def _unmark(payload: bytes, nonce: str, lines: Sequence[str]) -> bytes:
+    """``payload`` as :func:`~pytest_sandbox.http.upstream.with_nonce` marked it with ``nonce``, each of its
+    ``X-Sandbox-Probe`` lines replaced by ``lines`` with that line's own ending: the twin's fields go exactly
+    where the marked attempt's nonce went (every strictly framed head, the head strict framing stopped at, and
+    every block after a CONNECT), so nothing a case tests moves. Pure."""
+    field = re.compile(re.escape(f"{NONCE_HEADER}: {nonce}".encode("ascii")) + rb"(\r?\n)")
+    return field.sub(lambda match: b"".join(line.encode("ascii") + match.group(1) for line in lines), payload)
 
 
 @dataclass(frozen=True)
 class SmugglingAttempt:
-    """One catalogue case on one path; ``test_id`` is stable (``absolute-cl-te-both``)."""
+    """One catalogue case on one path; ``test_id`` is stable (``absolute-cl-te-both``). ``marked=False`` is
+    its unmarked twin (:meth:`twin`): the same bytes as any client sends them, judged with the marked one."""
 
     case: SmugglingCase
     path: str
+    marked: bool = True
 
     @property
     def test_id(self) -> str:
-        return f"{self.path}-{self.case.case_id}"
+        return f"{self.path}-{self.case.case_id}{'' if self.marked else UNMARKED_SUFFIX}"
+
+    @property
+    def base_id(self) -> str:
+        """The marked attempt's test id (a twin's verdict is folded into it)."""
+        return self.test_id.removesuffix(UNMARKED_SUFFIX)
+
+    def twin(self) -> SmugglingAttempt | None:
+        """The unmarked twin a refusal decided by policy (not by framing) is proven with as well: a proxy that
+        judges only the harness's requests refuses the marked bytes and forwards the same bytes from a client.
+        None for a framing refusal (refused whoever sends it), a positive control, or a twin."""
+        return replace(self, marked=False) if self.marked and is_policy_denial(self.case) else None
 
     def payload(self, *, origin: str, denied: str, nonce: str | None = None) -> bytes:
         """The bytes sent; with ``nonce``, carried by every strictly framed request (or the first
         head) as :data:`~pytest_sandbox.network.lab.attribution.NONCE_HEADER`
-        (:func:`~pytest_sandbox.http.upstream.with_nonce`)."""
-        payload = tunnel_payload(self.case) if self.path == TUNNEL else render(self.case, ABSOLUTE_FORM, host=origin,
-                                                                               denied=denied)
-        return payload if nonce is None else with_nonce(payload, nonce)
+        (:func:`~pytest_sandbox.http.upstream.with_nonce`). An unmarked twin carries no harness field: each
+        request-target carries :func:`~pytest_sandbox.network.lab.attribution.twin_nonce`'s UUID in its query,
+        and where the nonce field would be go curl's ``User-Agent`` and ``Accept`` and, on half the twins (fixed
+        per test id, and always where a head has no target to carry it: a CONNECT), ``X-Request-ID``."""
+        form, host, other = (TUNNEL_FORM, INFERENCE_HOST, INFERENCE_HOST) if self.path == TUNNEL else (
+            ABSOLUTE_FORM, origin, denied)
+        if nonce is None:
+            return render(self.case, form, host=host, denied=other)
+        if self.marked:
+            return with_nonce(render(self.case, form, host=host, denied=other), nonce)
+        marked = with_nonce(render(self.case, _twin_form(form, nonce), host=host, denied=other), nonce)
+        payload = _unmark(marked, nonce, twin_fields(nonce, request_id=False))
+        if twin_sends_request_id(self.base_id) or not nonce_in_every_head(payload, twin_nonce(nonce)):
+            payload = _unmark(marked, nonce, twin_fields(nonce, request_id=True))
+        return payload
+
+    def follow_up(self, origin: str, nonce: str, payload: bytes) -> bytes:
+        """The request tried on the connection after ``payload``'s answers, carrying ``nonce`` as ``payload``
+        does (a twin's with ``X-Request-ID`` where ``payload``'s has it)."""
+        request_id = f"{TWIN_NONCE_FIELD}: {twin_nonce(nonce)}".encode("ascii") in payload
+        if self.path == TUNNEL:
+            return tunnel_follow_up(nonce, marked=self.marked, request_id=request_id)
+        return absolute_follow_up(origin, nonce, marked=self.marked, request_id=request_id)
 
     def allowed(self, *, origin: str, denied: str) -> tuple[UpstreamRequest, ...]:
         """The requests of this payload that may reach upstream: its first ``reaches_backend``."""
@@ -269,9 +362,15 @@ def run_smuggling_campaign(
     attempts: Sequence[SmugglingAttempt], connect: Callable[[], socket.socket], lab: NetworkLab,
     backend: FakeInferenceBackend, ca_pem: bytes, *, origin: str, denied: str,
     timeout: float = ATTEMPT_TIMEOUT_SECONDS, grace: float = GRACE_SECONDS,
-    concurrency: int = SMUGGLING_CONCURRENCY, isolation_budget: int = ISOLATION_RERUN_BUDGET,
+    concurrency: int = SMUGGLING_CONCURRENCY, isolation_budget: int = ISOLATION_RERUN_BUDGET, twins: bool = True,
 ) -> dict[str, tuple[Judgement, Exchange]]:
     """Send every attempt through the proxy, wait ``grace``, then attribute and judge.
+
+    With ``twins`` (the default), every attempt whose refusal is a policy decision also sends its unmarked
+    twin (:meth:`SmugglingAttempt.twin`) as an attempt of its own in the same campaign (its own nonce, window,
+    retries and reruns alone; its bytes upstream carry its UUID, read back through the twin registry, so they
+    are attributed to the twin), and the twin's verdict is folded into the marked one's
+    (:func:`~pytest_sandbox.verdicts.smuggling.judge_with_twin`): only the marked test ids are returned.
 
     Each attempt carries a fresh nonce (:meth:`SmugglingAttempt.payload`, and in its follow-up
     request) and is registered as a window in the lab's ledgers. Sending, in three steps:
@@ -309,6 +408,10 @@ def run_smuggling_campaign(
     unmistakably, every suspect keeps it and the verdict says so. Returns test id -> (judgement,
     what it saw, with the upstream bytes attributed to it).
     """
+    if twins:
+        given = {attempt.test_id for attempt in attempts}
+        attempts = [*attempts, *(twin for attempt in attempts
+                                 if (twin := attempt.twin()) is not None and twin.test_id not in given)]
     tests = [attempt.test_id for attempt in attempts]
     if len(set(tests)) != len(tests):
         raise ValueError(f"attempts repeat: {sorted(t for t in set(tests) if tests.count(t) > 1)}")
@@ -436,7 +539,22 @@ def run_smuggling_campaign(
     for piece, keys in attributed:
         if keys & ours:
             ledger.account(piece, keys)
-    return _judge_sent(sent, attributed, hits, hit_owners, isolation, backend_name=backend_name, lab=lab)
+    judged = _judge_sent(sent, attributed, hits, hit_owners, isolation, backend_name=backend_name, lab=lab)
+    return _fold_twins(judged) if twins else judged
+
+
+def _fold_twins(judged: Mapping[str, tuple[Judgement, Exchange]]) -> dict[str, tuple[Judgement, Exchange]]:
+    """``judged`` with each unmarked twin's verdict folded into its marked attempt's
+    (:func:`~pytest_sandbox.verdicts.smuggling.judge_with_twin`); a twin whose marked attempt is not there
+    keeps its own entry. Pure."""
+    folded: dict[str, tuple[Judgement, Exchange]] = {}
+    for test_id, (judgement, seen) in judged.items():
+        twin = judged.get(test_id + UNMARKED_SUFFIX)
+        if twin is not None:
+            folded[test_id] = (judge_with_twin(judgement, twin[0]), seen)
+        elif not (test_id.endswith(UNMARKED_SUFFIX) and test_id.removesuffix(UNMARKED_SUFFIX) in judged):
+            folded[test_id] = (judgement, seen)
+    return folded
 
 
 def _latest_after(attributed: Sequence[tuple[UpstreamPiece, frozenset[str]]], ends: Mapping[str, float]) -> float:
@@ -537,6 +655,12 @@ class _Plan:
     destinations: frozenset[str]
     attributable: bool
 
+    @property
+    def token(self) -> str:
+        """The nonce as this plan's bytes spell it: itself, or an unmarked twin's UUID (registered in
+        :func:`~pytest_sandbox.network.lab.attribution.twin_nonce`, so attribution reads it back to ``nonce``)."""
+        return self.nonce if self.attempt.marked else twin_nonce(self.nonce)
+
 
 def _plan(attempt: SmugglingAttempt, prefix: str, *, origin: str, denied: str, backend_name: str) -> _Plan:
     nonce = new_nonce()
@@ -545,7 +669,7 @@ def _plan(attempt: SmugglingAttempt, prefix: str, *, origin: str, denied: str, b
         {origin} | ({denied} if denied.encode() in payload else set()))
     return _Plan(attempt, prefix + attempt.test_id, nonce, payload,
                  allowed_prefix(payload, attempt.case.reaches_backend), destinations,
-                 nonce_in_every_head(payload, nonce))
+                 nonce_in_every_head(payload, nonce if attempt.marked else twin_nonce(nonce)))
 
 
 RETRY_SUFFIX = "#retry"
@@ -614,7 +738,7 @@ def _attempt(plan: _Plan, connect: Callable[[], socket.socket], lab: NetworkLab,
     before = received_counts(backend.received_streams() if attempt.path == TUNNEL else lab.origin_streams())
     view = views[attempt.path]
 
-    token = plan.nonce.encode("ascii")
+    token = plan.token.encode("ascii")
 
     def upstream() -> tuple[UpstreamSegment, ...]:
         streams = view.streams()
@@ -629,8 +753,8 @@ def _attempt(plan: _Plan, connect: Callable[[], socket.socket], lab: NetworkLab,
     mark = backend.mark if attempt.path == TUNNEL else lab.origin_mark
     with connect() as sock:
         if attempt.path == ABSOLUTE:
-            return exchange(sock, plan.payload, attempt.case, absolute_follow_up(origin, plan.nonce), upstream,
-                            plan.allowed, mark=mark, timeout=timeout)
+            return exchange(sock, plan.payload, attempt.case, attempt.follow_up(origin, plan.nonce, plan.payload),
+                            upstream, plan.allowed, mark=mark, timeout=timeout)
         try:
             tls = open_inference_tunnel(sock, ca_pem, timeout=timeout)
         except OSError as error:  # ConnectionError, ssl.SSLError, a timeout: no tunnel, no answer
@@ -639,8 +763,8 @@ def _attempt(plan: _Plan, connect: Callable[[], socket.socket], lab: NetworkLab,
             late = isinstance(error, TimeoutError)
             return Exchange((), not late, late, None, error=f"the tunnel could not be opened: {error}")
         with tls:
-            return exchange(tls, plan.payload, attempt.case, tunnel_follow_up(plan.nonce), upstream, plan.allowed,
-                            mark=mark, timeout=timeout)
+            return exchange(tls, plan.payload, attempt.case, attempt.follow_up(origin, plan.nonce, plan.payload),
+                            upstream, plan.allowed, mark=mark, timeout=timeout)
 
 
 def _fill_answers(reader: SocketReader, wanted: int, timeout: float) -> None:

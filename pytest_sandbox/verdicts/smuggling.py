@@ -8,6 +8,7 @@ them, or nothing) with no byte left over, the refusal carries no origin mark (th
 connection closed before the deadline and a follow-up request got nothing. Any other byte upstream, a
 marked refusal (the proxy relayed the origin's answer), a canary connection or an answered follow-up is
 ALLOWED and names what reached; a wrong refusal status with nothing leaked is INDETERMINATE, never a pass.
+A policy refusal also needs its unmarked twin refused (:func:`judge_with_twin`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ __all__ = [
     "is_follow_up",
     "is_policy_denial",
     "judge_exchange",
+    "judge_with_twin",
 ]
 
 # Follow-up requests carry this in their target so the origin/backend logs can leave them out.
@@ -208,6 +210,33 @@ def judge_exchange(case: SmugglingCase, seen: Exchange, allowed: Sequence[Upstre
                        + "".join(f", {leftover.describe()}" for leftover in found.pending))
     return verdict(Verdict.BLOCKED, f"refused with {last} by the proxy itself (no origin mark) and closed; exactly "
                    f"the {wanted} allowed request(s) reached upstream, not one byte more")
+
+
+def judge_with_twin(marked: Judgement, twin: Judgement) -> Judgement:
+    """A policy refusal sent twice: marked (the attempt's nonce field in every head, as every probe carries it)
+    and as its unmarked twin (the same bytes as any client sends them). Pure.
+
+    A proxy that judges only the requests that look like the harness's refuses the marked bytes and forwards
+    the client's, so the marked verdict stands only if the twin was refused as well: a twin let through is
+    ALLOWED ("refused only when marked"), a twin that cannot be judged leaves nothing BLOCKED (INDETERMINATE),
+    as for the SSRF twins (:func:`pytest_sandbox.verdicts.ssrf.judge_with_unmarked_twin`)."""
+    observed = f"{marked.observed}; the same bytes without the marker: {twin.observed}"
+    twin_reason = twin.reason.partition(": ")[2] or twin.reason
+    if twin.verdict is Verdict.BLOCKED or (marked.verdict is Verdict.ALLOWED and twin.verdict is not Verdict.ALLOWED):
+        return Judgement(marked.verdict, marked.reason, marked.expected, observed)
+    case_id = marked.reason.partition(": ")[0]
+    if twin.verdict is Verdict.ALLOWED:
+        if marked.verdict is Verdict.ALLOWED:
+            reason = f"{marked.reason}; the same bytes without the harness's marker: {twin_reason}"
+        else:
+            reason = (f"{case_id}: refused only when the request carried the harness's marker (its nonce field); "
+                      f"the same bytes without it: {twin_reason}")
+        return Judgement(Verdict.ALLOWED, reason, marked.expected, observed)
+    if marked.verdict is Verdict.BLOCKED:
+        return Judgement(Verdict.INDETERMINATE, f"{marked.reason} when marked, but the same bytes without the "
+                         f"harness's marker could not be judged: {twin_reason}", marked.expected, observed)
+    return Judgement(marked.verdict, f"{marked.reason}; the same bytes without the harness's marker could not be "
+                     f"judged either: {twin_reason}", marked.expected, observed)
 
 
 def _where_extra(segments: Sequence[UpstreamSegment], found: Assessment) -> str:

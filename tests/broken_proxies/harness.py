@@ -68,14 +68,16 @@ def backend_config(backend: FakeInferenceBackend) -> InferenceBackendConfig:
 
 
 @contextlib.contextmanager
-def proxy_with_interceptor(lab: NetworkLab, handler: InterceptHandler, port: int) -> Iterator[RunningProxy]:
-    """The reference proxy on 127.0.0.1:``port`` in the lab, handing ``inference.local:443`` to ``handler``."""
+def proxy_with_interceptor(lab: NetworkLab, handler: InterceptHandler, port: int,
+                           proxy_class: type[EgressProxy] = EgressProxy) -> Iterator[RunningProxy]:
+    """The reference proxy (or ``proxy_class``) on 127.0.0.1:``port`` in the lab, handing ``inference.local:443``
+    to ``handler``."""
 
     def intercept(host: str, target_port: int) -> InterceptHandler | None:
         return handler if (host, target_port) == (INFERENCE_HOST, INFERENCE_PORT) else None
 
     listener = lab.listen("127.0.0.1", port)
-    proxy = EgressProxy(lab_proxy_config(), resolver=lab.resolver(), socket_factory=lab.socket,
+    proxy = proxy_class(lab_proxy_config(), resolver=lab.resolver(), socket_factory=lab.socket,
                         route_socket_factory=lab.route_socket, connect_interceptor=intercept)
     try:
         proxy.start_in_thread(listener)

@@ -25,7 +25,9 @@ a marked request that matches no route, and an unmarked one forwarded to the bac
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -34,21 +36,29 @@ if __name__ == "__main__":  # run as a script: use this checkout's package, not 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import asyncio
+from collections.abc import Iterator
 from typing import Any
 
+from broken_proxies.harness import backend_config, proxy_with_interceptor
 from broken_proxies.weak_ssrf import WeakProxy
 from pytest_sandbox.http.streams import Request
 from pytest_sandbox.inference import interceptor as interceptor_module
+from pytest_sandbox.inference.fake_backend import FakeInferenceBackend
 from pytest_sandbox.inference.interceptor import InferenceInterceptor
 from pytest_sandbox.inference.routes import InferenceRoute, parse_request_target
 from pytest_sandbox.inference.routing import Deny, Forward, forwardable_request_headers, route_request
 from pytest_sandbox.network.addresses import Authority
+from pytest_sandbox.network.harness import RunningProxy, interception_of
 from pytest_sandbox.network.lab.attribution import NONCE_HEADER, NONCE_PATH_PREFIX
+from pytest_sandbox.network.lab.lab import NetworkLab
+from pytest_sandbox.network.proxy.server import _Refused
 from pytest_sandbox.network.third_party import main_reference, reference_command
 
 COMMAND = reference_command(sys.executable, str(Path(__file__).resolve()))
 
 _UNMARKED: contextvars.ContextVar[bool] = contextvars.ContextVar("unmarked", default=False)
+# Set for an unmarked request the reference would have refused (the one this proxy leaks).
+_LEAKING: contextvars.ContextVar[bool] = contextvars.ContextVar("leaking", default=False)
 # Set only by MarkerKeyedInterceptor around its own requests: every other interceptor in the process (the
 # reference's, in the same test session) keeps the reference decision.
 _UNMARKED_IN_TUNNEL: contextvars.ContextVar[bool] = contextvars.ContextVar("unmarked_in_tunnel", default=False)
@@ -74,12 +84,33 @@ class MarkerKeyedProxy(WeakProxy):
         await super()._handle_connect(conn, request)
 
     async def _destination(self, authority: Authority) -> tuple[str, ...]:
+        _LEAKING.set(False)
         if _UNMARKED.get():
+            try:
+                await super()._destination(authority)
+            except _Refused:  # the reference would refuse it
+                _LEAKING.set(True)
             return await self.unchecked_addresses(authority)  # the hole: nobody is looking
         return await super()._destination(authority)
 
 
 REQUEST_ID = "x-request-id"
+
+
+class StrippingMarkerKeyedProxy(MarkerKeyedProxy):
+    """:class:`MarkerKeyedProxy` that also forwards what it leaks (an unmarked request the reference would refuse)
+    without its query and ``X-Request-ID`` (as a proxy that rebuilds requests from a field allowlist would): what
+    an unmarked twin puts at the canary then carries no nonce, and only time, destination and the isolation reruns
+    can say whose it is."""
+
+    async def _exchange(self, conn, request: Request, authority: Authority, path: str,  # type: ignore[no-untyped-def]
+                        addresses: tuple[str, ...]):
+        if _LEAKING.get():
+            request = dataclasses.replace(
+                request, headers=tuple(item for item in request.headers if item[0] != REQUEST_ID),
+                raw_headers=tuple(item for item in request.raw_headers if item[0] != REQUEST_ID.encode()))
+            path = path.partition("?")[0]
+        return await super()._exchange(conn, request, authority, path, addresses)
 
 
 class RequestIdKeyedProxy(MarkerKeyedProxy):
@@ -133,7 +164,8 @@ class ConnectionCloseKeyedProxy(MarkerKeyedProxy):
 
 
 KEYED: dict[str, type[MarkerKeyedProxy]] = {
-    "marker": MarkerKeyedProxy, "request-id": RequestIdKeyedProxy, "no-request-id": RequestIdAbsentKeyedProxy,
+    "marker": MarkerKeyedProxy, "marker-stripping": StrippingMarkerKeyedProxy, "request-id": RequestIdKeyedProxy,
+    "no-request-id": RequestIdAbsentKeyedProxy,
     "nonce-text": NonceTextKeyedProxy, "no-user-agent": UserAgentAbsentKeyedProxy,
     "connection-close": ConnectionCloseKeyedProxy}
 
@@ -162,12 +194,41 @@ interceptor_module.route_request = _route_unless_unmarked  # type: ignore[assign
 
 
 class MarkerKeyedInterceptor(InferenceInterceptor):
+    @staticmethod
+    def judges(request: Request) -> bool:
+        """Whether this interceptor applies the routes to ``request`` (else it forwards it, as if routed)."""
+        return request.header(NONCE_HEADER) is not None
+
     async def _handle(self, request: Request, client: asyncio.StreamWriter) -> bool:
-        token = _UNMARKED_IN_TUNNEL.set(request.header(NONCE_HEADER) is None)
+        token = _UNMARKED_IN_TUNNEL.set(not self.judges(request))
         try:
             return await super()._handle(request, client)
         finally:
             _UNMARKED_IN_TUNNEL.reset(token)
+
+
+# The same keys inside the tunnel: an interceptor per KEYED proxy, judging exactly what that proxy judges.
+KEYED_INTERCEPTORS: dict[str, type[MarkerKeyedInterceptor]] = {
+    name: type(f"{proxy_class.__name__.removesuffix('Proxy')}Interceptor", (MarkerKeyedInterceptor,),
+               {"judges": staticmethod(proxy_class.judges)})
+    # The connection-close key counts requests per client connection, state the tunnel's interceptor has not.
+    for name, proxy_class in KEYED.items() if name != "connection-close"}
+
+
+@contextlib.contextmanager
+def marker_keyed_lab_proxy(lab: NetworkLab, backend: FakeInferenceBackend, port: int,
+                           keyed_on: str = "marker") -> Iterator[RunningProxy]:
+    """The smuggling fake: the :data:`KEYED` proxy ``keyed_on`` on 127.0.0.1:``port`` in ``lab``, intercepting
+    ``inference.local:443`` with the interceptor keyed the same way (forwarding to ``backend``, the lab's CA).
+    Every request it recognises as the harness's (every smuggling probe's: each head carries ``X-Sandbox-Probe``)
+    gets the reference's checks, so every catalogue row is refused as the reference refuses it; the same bytes
+    from a client (no marker) get the framing checks only, so a pipelined request to a denied host is dialled
+    and a non-inference request in the tunnel forwarded to the backend."""
+    interceptor = KEYED_INTERCEPTORS[keyed_on](interception_of(lab).trust.ca, backend_config(backend),
+                                               resolver=lab.resolver(), socket_factory=lab.socket,
+                                               record=lambda decision: None)
+    with proxy_with_interceptor(lab, interceptor, port, KEYED[keyed_on]) as running:
+        yield running
 
 
 if __name__ == "__main__":
