@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from broken_proxies.harness import DENIED_CANARY, PUBLIC_ORIGIN, private_backend
-from broken_proxies.marker_keyed import KEYED, marker_keyed_lab_proxy
+from broken_proxies.marker_keyed import KEYED_INTERCEPTORS, marker_keyed_lab_proxy
 
 from pytest_sandbox.catalogues.smuggling import SMUGGLING_CASES
 from pytest_sandbox.http.framing import frame_pipeline
@@ -50,7 +50,8 @@ UUID4 = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-
 BACKEND_NAME = "marker-keyed-backend.inference.test"
 BACKEND_ADDRESS = "11.0.0.23"
 BACKEND_KEY = "route-key-marker-keyed"
-PORTS = {name: 3193 + index for index, name in enumerate(KEYED)}
+# Every key with an interceptor keyed the same way (the smuggling fake is both).
+PORTS = {name: 3193 + index for index, name in enumerate(KEYED_INTERCEPTORS)}
 
 
 def twin_payload(attempt: SmugglingAttempt, nonce: str) -> bytes:
@@ -191,7 +192,7 @@ LETS_THROUGH = {
 
 
 @needs_netns
-@pytest.mark.parametrize("keyed_on", sorted(KEYED))
+@pytest.mark.parametrize("keyed_on", sorted(KEYED_INTERCEPTORS))
 def test_a_marker_keyed_fake_fails_exactly_the_twins_it_lets_through_and_its_controls_work(
         _network_lab, keyed_backend, keyed_on):
     verdicts = keyed_run(_network_lab, keyed_backend, keyed_on)
