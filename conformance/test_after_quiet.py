@@ -1,12 +1,16 @@
 """SSRF refusals after the proxy was left alone: a proxy that refuses only while requests keep coming fails.
 
-The last tests of the session (the plugin runs this module last, after the modules that send nothing through
+The last test of the session (the plugin runs this module last, after the modules that send nothing through
 the proxy): five special-use destinations (metadata by literal, IPv6 and name, RFC 1918 private; absolute-form
 and CONNECT), each also sent without the harness's marker, and two positive controls, sent once the lab has
 carried no traffic for at least :data:`~pytest_sandbox.probes.after_quiet.MIN_QUIET_SECONDS` (about 4 s when
 the whole suite runs; the quiet reached is in each verdict). A denial counts as in ``test_ssrf.py``: refused,
 marked and unmarked, and no catch-all hit attributed to it; a control must reach its canary.
-Runs only with ``--sandbox``. See :mod:`pytest_sandbox.probes.after_quiet`.
+
+One test for the whole set, one verdict per exchange in the scorecard: which request ends the quiet (and so
+meets the hole) is whichever denial arrives first, so the set is judged where it was sent. Under xdist the
+test runs on one worker, against that worker's lab and proxy instance. Runs only with ``--sandbox``. See
+:mod:`pytest_sandbox.probes.after_quiet`.
 """
 
 from __future__ import annotations
@@ -14,19 +18,39 @@ from __future__ import annotations
 import pytest
 
 from pytest_sandbox.fixtures.after_quiet import quiet_watch
-from pytest_sandbox.probes.after_quiet import CONTROLS, DENIALS, AfterQuietRun, after_quiet_key, run_after_quiet
+from pytest_sandbox.network.addresses import parse_authority
+from pytest_sandbox.policy.model import Policy
+from pytest_sandbox.probes.after_quiet import CONTROLS, DENIALS, AfterQuietRun, run_after_quiet
+from pytest_sandbox.probes.allowlist import allowlist_gaps
+from pytest_sandbox.report.categories import CategoryNotRun
+from pytest_sandbox.report.evidence import evidence_record
+from pytest_sandbox.report.scorecard import PROPERTY
 
-ATTEMPTS = (*DENIALS, *CONTROLS)
+
+def _admitted(policy: Policy) -> None:
+    """Not run when the allowlist refuses a destination of the set: its refusals would prove the allowlist."""
+    gaps = allowlist_gaps(policy.network, [(a.host, a.port) for a in (parse_authority(attempt.case.authority)
+                                                                     for attempt in (*DENIALS, *CONTROLS))])
+    if gaps:
+        raise CategoryNotRun(f"policy {policy.name} refuses {', '.join(gaps)} by its allowlist, which the "
+                             "after-quiet exchanges send: their refusals would prove the allowlist alone")
 
 
 @pytest.fixture(scope="module")
-def after_quiet_run(request, sandbox_lab, sandbox_proxy) -> AfterQuietRun:
-    """Every exchange of this module, sent once after the quiet, as one campaign."""
+def after_quiet_run(request, sandbox_session, sandbox_lab, sandbox_proxy) -> AfterQuietRun:
+    """Every exchange of the set, sent once after the quiet, as one campaign."""
+    _admitted(sandbox_session.policy)
     return run_after_quiet(sandbox_lab, sandbox_proxy.connect, quiet_watch(request.config))
 
 
-@pytest.mark.parametrize("attempt", ATTEMPTS, ids=[after_quiet_key(a) for a in ATTEMPTS])
-def test_special_use_destination_is_refused_after_the_proxy_was_left_alone(attempt, after_quiet_run,
-                                                                          network_verdict):
-    verdict = after_quiet_run.verdicts[after_quiet_key(attempt)]
-    network_verdict(verdict.category, verdict.test_id, verdict.judgement, verdict.attempted)
+def test_special_use_destinations_are_refused_after_the_proxy_was_left_alone(request, after_quiet_run):
+    failures = []
+    for verdict in after_quiet_run.verdicts.values():
+        judgement = verdict.judgement
+        request.node.user_properties.append(
+            (PROPERTY, evidence_record(verdict.category, verdict.test_id, judgement, verdict.attempted)))
+        if not judgement.passed:
+            failures.append(f"{verdict.test_id}: {verdict.attempted}: {judgement.verdict.value} - {judgement.reason} "
+                            f"(expected {judgement.expected}; observed {judgement.observed})")
+    if failures:
+        pytest.fail("\n".join(failures), pytrace=False)

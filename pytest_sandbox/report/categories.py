@@ -73,7 +73,6 @@ MEMBERSHIP: tuple[Membership, ...] = (
     Membership("test_egress.py", "*", "*", "egress"),
     Membership("test_inference.py", "*", "*", "inference"),
     Membership("test_smuggling.py", "*", "*", "smuggling"),
-    Membership("test_after_quiet.py", "*", "*-ctl-*", "ssrf-controls"),
     Membership("test_after_quiet.py", "*", "*", "ssrf"),
 )
 
