@@ -7,8 +7,8 @@ carried no traffic for at least :data:`~pytest_sandbox.probes.after_quiet.MIN_QU
 the whole suite runs; the quiet reached is in each verdict). A denial counts as in ``test_ssrf.py``: refused,
 marked and unmarked, and no catch-all hit attributed to it; a control must reach its canary.
 
-One test for the whole set, one verdict per exchange in the scorecard: which request ends the quiet (and so
-meets the hole) is whichever denial arrives first, so the set is judged where it was sent. Under xdist the
+One test and one verdict for the whole set: which request ends the quiet (and so meets the hole) is whichever
+denial arrives first, so the set is judged as one, where it was sent. Under xdist the
 test runs on one worker, against that worker's lab and proxy instance. Runs only with ``--sandbox``. See
 :mod:`pytest_sandbox.probes.after_quiet`.
 """
@@ -23,8 +23,6 @@ from pytest_sandbox.policy.model import Policy
 from pytest_sandbox.probes.after_quiet import CONTROLS, DENIALS, AfterQuietRun, run_after_quiet
 from pytest_sandbox.probes.allowlist import allowlist_gaps
 from pytest_sandbox.report.categories import CategoryNotRun
-from pytest_sandbox.report.evidence import evidence_record
-from pytest_sandbox.report.scorecard import PROPERTY
 
 
 def _admitted(policy: Policy) -> None:
@@ -43,14 +41,5 @@ def after_quiet_run(request, sandbox_session, sandbox_lab, sandbox_proxy) -> Aft
     return run_after_quiet(sandbox_lab, sandbox_proxy.connect, quiet_watch(request.config))
 
 
-def test_special_use_destinations_are_refused_after_the_proxy_was_left_alone(request, after_quiet_run):
-    failures = []
-    for verdict in after_quiet_run.verdicts.values():
-        judgement = verdict.judgement
-        request.node.user_properties.append(
-            (PROPERTY, evidence_record(verdict.category, verdict.test_id, judgement, verdict.attempted)))
-        if not judgement.passed:
-            failures.append(f"{verdict.test_id}: {verdict.attempted}: {judgement.verdict.value} - {judgement.reason} "
-                            f"(expected {judgement.expected}; observed {judgement.observed})")
-    if failures:
-        pytest.fail("\n".join(failures), pytrace=False)
+def test_special_use_destinations_are_refused_after_the_proxy_was_left_alone(after_quiet_run, network_verdict):
+    network_verdict("ssrf", "after-quiet", after_quiet_run.judgement, after_quiet_run.attempted)

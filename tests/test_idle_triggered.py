@@ -35,7 +35,7 @@ from pytest_sandbox.probes.after_quiet import (
     tcp_segments,
 )
 from pytest_sandbox.probes.ssrf_exchanges import AttemptExchange, run_ssrf_campaign
-from pytest_sandbox.verdicts.after_quiet import QUIET_HOLE, after_quiet
+from pytest_sandbox.verdicts.after_quiet import QUIET_HOLE, judge_after_quiet
 from pytest_sandbox.verdicts.judgement import Judgement, Verdict
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,22 +77,28 @@ def test_tcp_counters_are_read_from_the_namespace_snmp_file():
 
 
 BLOCKED = Judgement(Verdict.BLOCKED, "refused", "refused", "403 ssrf_denied")
+WORKS = Judgement(Verdict.WORKS, "reached", "reached", "200")
 LEAKED = Judgement(Verdict.ALLOWED, "destination '169.254.169.254:80' reached canary 169.254.169.254:80 x1",
                    "refused", "200")
+BROKEN = Judgement(Verdict.BROKEN, "the control reached nothing", "reached", "403")
 
 
-def test_a_leak_after_the_quiet_names_the_hole_and_the_quiet():
-    judgement = after_quiet(LEAKED, 4.2, 3.0)
+def test_a_leak_after_the_quiet_names_the_hole_the_quiet_and_the_exchange():
+    judgement = judge_after_quiet([("a", BLOCKED), ("b", LEAKED), ("ctl", WORKS)], 4.2, 3.0)
     assert judgement.verdict is Verdict.ALLOWED
     assert judgement.reason.startswith(QUIET_HOLE) and "after 4.2 s with no traffic" in judgement.reason
-    assert "reached canary 169.254.169.254:80" in judgement.reason
+    assert "b: destination '169.254.169.254:80' reached canary 169.254.169.254:80" in judgement.reason
+    assert judgement.reason.count("reached canary") == 1
 
 
-def test_a_refusal_without_the_quiet_it_needed_is_not_a_pass():
-    judgement = after_quiet(BLOCKED, 0.4, 3.0)
-    assert judgement.verdict is Verdict.INDETERMINATE and "never went 3.0 s without traffic" in judgement.reason
-    passed = after_quiet(BLOCKED, 3.5, 3.0)
+def test_a_set_without_the_quiet_it_needed_or_with_a_broken_control_is_not_a_pass():
+    short = judge_after_quiet([("a", BLOCKED), ("ctl", WORKS)], 0.4, 3.0)
+    assert short.verdict is Verdict.INDETERMINATE and "never went 3.0 s without traffic" in short.reason
+    broken = judge_after_quiet([("a", BLOCKED), ("ctl", BROKEN)], 3.5, 3.0)
+    assert broken.verdict is Verdict.INDETERMINATE and "ctl: BROKEN" in broken.reason
+    passed = judge_after_quiet([("a", BLOCKED), ("ctl", WORKS)], 3.5, 3.0)
     assert passed.verdict is Verdict.BLOCKED and "sent after 3.5 s" in passed.observed
+    assert passed.reason.startswith("1 denials refused and 1 controls worked")
 
 
 def test_the_watch_restarts_the_quiet_when_the_counters_move(tmp_path):
@@ -144,7 +150,8 @@ def test_the_reference_passes_after_the_quiet_and_its_controls_work(_network_lab
     for key, verdict in run.verdicts.items():
         expected = Verdict.WORKS if "-ctl-" in key else Verdict.BLOCKED
         assert verdict.judgement.verdict is expected, (key, verdict.judgement)
-        assert f"sent after {run.quiet:.1f} s" in verdict.judgement.observed
+    assert run.judgement.verdict is Verdict.BLOCKED, run.judgement
+    assert f"sent after {run.quiet:.1f} s" in run.judgement.observed
 
 
 @needs_netns
@@ -156,13 +163,12 @@ def test_a_proxy_that_leaks_after_the_quiet_fails_naming_the_hole(_network_lab, 
     finally:
         running.stop()
     failed = {key: v.judgement for key, v in run.verdicts.items() if not v.judgement.passed}
-    assert failed, run.verdicts
-    assert running.proxy.leaked, "the fake let nothing through: the exchanges were not sent after its quiet"
-    for key, judgement in failed.items():
-        assert judgement.verdict is Verdict.ALLOWED and judgement.reason.startswith(QUIET_HOLE), (key, judgement)
-        assert "reached canary" in judgement.reason or "proxy answered" in judgement.reason, judgement
+    assert failed and running.proxy.leaked, (run.verdicts, "the exchanges were not sent after the fake's quiet")
+    assert all(judgement.verdict is Verdict.ALLOWED for judgement in failed.values()), failed
     assert not any("-ctl-" in key for key in failed)
     assert all(run.verdicts[after_quiet_key(c)].judgement.verdict is Verdict.WORKS for c in CONTROLS)
+    assert run.judgement.verdict is Verdict.ALLOWED and run.judgement.reason.startswith(QUIET_HOLE), run.judgement
+    assert all(f"{key}: " in run.judgement.reason for key in failed), run.judgement
     if not per_connection:  # the request that ended the silence, and only it
         assert len(running.proxy.leaked) == 1 and len(failed) == 1, (running.proxy.leaked, failed)
 
@@ -176,7 +182,7 @@ def test_a_threshold_longer_than_the_quiet_reached_still_passes(_network_lab):
     finally:
         running.stop()
     assert run.quiet < 30.0 and not running.proxy.leaked
-    assert all(v.judgement.passed for v in run.verdicts.values())
+    assert run.judgement.verdict is Verdict.BLOCKED, run.judgement
 
 
 @needs_netns
@@ -191,6 +197,5 @@ def test_conformance_run_against_the_idle_triggered_proxy_fails_after_the_quiet_
     failed = [line for line in output.splitlines() if line.startswith("FAILED")]
     assert len(failed) == 1 and "test_after_quiet.py" in failed[0], output
     assert QUIET_HOLE in output and "reached canary" in output, output
-    assert "ssrf-controls" in output and "1 failed, 5 passed" in output, output  # meta-imds in every form passes
-    leaked = [line for line in output.splitlines() if line.startswith("after-quiet-") and QUIET_HOLE in line]
-    assert leaked and not any("-ctl-" in line.split(":", 1)[0] for line in leaked), output
+    assert "1 failed, 5 passed" in output, output  # meta-imds in every form passes the burst
+    assert "after-quiet-absolute-meta-imds" in output or "after-quiet-connect-" in output, output

@@ -36,7 +36,8 @@ from pytest_sandbox.network.lab.lab import NetworkLab
 from pytest_sandbox.probes.campaign import GRACE_SECONDS, Campaign, ExchangeContext
 from pytest_sandbox.probes.ssrf import Attempt, build_attempts
 from pytest_sandbox.probes.ssrf_exchanges import AttemptExchange, SsrfVerdict
-from pytest_sandbox.verdicts.after_quiet import after_quiet
+from pytest_sandbox.verdicts.after_quiet import judge_after_quiet
+from pytest_sandbox.verdicts.judgement import Judgement
 
 __all__ = [
     "CONTROLS",
@@ -196,10 +197,13 @@ class QuietWatch:
 
 @dataclass(frozen=True)
 class AfterQuietRun:
-    """What the session-end exchanges found: the quiet they were sent after, and each test's verdict."""
+    """What the session-end exchanges found: the quiet they were sent after, each exchange's own verdict
+    (by :func:`after_quiet_key`) and the set's judgement (``verdicts/after_quiet.py``)."""
 
     quiet: float
     verdicts: dict[str, SsrfVerdict]
+    judgement: Judgement
+    attempted: str
 
 
 def after_quiet_key(attempt: Attempt) -> str:
@@ -210,7 +214,7 @@ def run_after_quiet(lab: NetworkLab, connect_to_proxy: Callable[[], socket.socke
                     *, minimum: float = MIN_QUIET_SECONDS, grace: float = GRACE_SECONDS) -> AfterQuietRun:
     """Wait until the lab has been quiet ``minimum`` s (no wait when the suite already gave that), then send
     :data:`DENIALS` and their unmarked twins all at once and :data:`CONTROLS` after them, as one campaign
-    (grace period, attribution, isolation); judge each. Keyed by :func:`after_quiet_key`."""
+    (grace period, attribution, isolation); judge each, then the set."""
     quiet = watch.wait_quiet(minimum)
     denials = [AttemptExchange(attempt) for attempt in DENIALS]
     twins = {denial.key: twin for denial in denials if (twin := denial.unmarked_twin()) is not None}
@@ -223,8 +227,9 @@ def run_after_quiet(lab: NetworkLab, connect_to_proxy: Callable[[], socket.socke
     verdicts: dict[str, SsrfVerdict] = {}
     for exchange in (*denials, *controls):
         twin = twins.get(exchange.key)
-        verdict = exchange.judge(results[exchange.key], results[twin.key] if twin is not None else None)
-        verdicts[after_quiet_key(exchange.attempt)] = SsrfVerdict(
-            verdict.category, after_quiet_key(exchange.attempt), after_quiet(verdict.judgement, quiet, minimum),
-            verdict.attempted)
-    return AfterQuietRun(quiet, verdicts)
+        verdicts[after_quiet_key(exchange.attempt)] = exchange.judge(
+            results[exchange.key], results[twin.key] if twin is not None else None)
+    judgement = judge_after_quiet([(key, verdict.judgement) for key, verdict in verdicts.items()], quiet, minimum)
+    attempted = (f"{len(denials)} special-use destinations (marked and unmarked) and {len(controls)} controls, "
+                 f"sent once the lab had carried no traffic for at least {minimum:.1f} s")
+    return AfterQuietRun(quiet, verdicts, judgement, attempted)
