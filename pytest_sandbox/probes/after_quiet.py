@@ -33,9 +33,9 @@ from dataclasses import dataclass
 
 from pytest_sandbox.catalogues.ssrf_cases import SSRF_CASES
 from pytest_sandbox.network.lab.lab import NetworkLab
-from pytest_sandbox.probes.campaign import GRACE_SECONDS, Campaign, ExchangeContext
+from pytest_sandbox.probes.campaign import GRACE_SECONDS
 from pytest_sandbox.probes.ssrf import Attempt, build_attempts
-from pytest_sandbox.probes.ssrf_exchanges import AttemptExchange, SsrfVerdict
+from pytest_sandbox.probes.ssrf_exchanges import AttemptExchange, SsrfVerdict, run_ssrf_campaign
 from pytest_sandbox.verdicts.after_quiet import judge_after_quiet
 from pytest_sandbox.verdicts.judgement import Judgement
 
@@ -206,8 +206,12 @@ class AfterQuietRun:
     attempted: str
 
 
+# Each exchange's verdict is keyed by its SSRF test id behind this prefix.
+AFTER_QUIET_PREFIX = "after-quiet-"
+
+
 def after_quiet_key(attempt: Attempt) -> str:
-    return f"after-quiet-{attempt.test_id}"
+    return f"{AFTER_QUIET_PREFIX}{attempt.test_id}"
 
 
 def run_after_quiet(lab: NetworkLab, connect_to_proxy: Callable[[], socket.socket], watch: QuietWatch,
@@ -216,20 +220,13 @@ def run_after_quiet(lab: NetworkLab, connect_to_proxy: Callable[[], socket.socke
     :data:`DENIALS` and their unmarked twins all at once and :data:`CONTROLS` after them, as one campaign
     (grace period, attribution, isolation); judge each, then the set."""
     quiet = watch.wait_quiet(minimum)
-    denials = [AttemptExchange(attempt) for attempt in DENIALS]
-    twins = {denial.key: twin for denial in denials if (twin := denial.unmarked_twin()) is not None}
-    controls = [AttemptExchange(attempt) for attempt in CONTROLS]
-    # As many in flight as there are denials and twins: the controls wait for a free slot, that is for a
-    # denial's exchange to end, so the request that ends the quiet is a denial.
-    first_wave = [*denials, *twins.values()]
-    campaign = Campaign(ExchangeContext(lab, connect_to_proxy), grace=grace, concurrency=len(first_wave))
-    results = campaign.run([*first_wave, *controls])
-    verdicts: dict[str, SsrfVerdict] = {}
-    for exchange in (*denials, *controls):
-        twin = twins.get(exchange.key)
-        verdicts[after_quiet_key(exchange.attempt)] = exchange.judge(
-            results[exchange.key], results[twin.key] if twin is not None else None)
+    # The denials and their twins all in flight at once, the controls queued behind them: a control starts
+    # only when a denial's exchange has ended, so the request that ends the quiet is a denial.
+    judged = run_ssrf_campaign(lab, connect_to_proxy, [AttemptExchange(attempt) for attempt in DENIALS],
+                               grace=grace, concurrency=None,
+                               then=[AttemptExchange(attempt) for attempt in CONTROLS])
+    verdicts = {f"{AFTER_QUIET_PREFIX}{key}": verdict for key, verdict in judged.items()}
     judgement = judge_after_quiet([(key, verdict.judgement) for key, verdict in verdicts.items()], quiet, minimum)
-    attempted = (f"{len(denials)} special-use destinations (marked and unmarked) and {len(controls)} controls, "
+    attempted = (f"{len(DENIALS)} special-use destinations (marked and unmarked) and {len(CONTROLS)} controls, "
                  f"sent once the lab had carried no traffic for at least {minimum:.1f} s")
     return AfterQuietRun(quiet, verdicts, judgement, attempted)
