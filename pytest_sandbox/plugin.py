@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from pytest_sandbox.errors import SandboxError
+from pytest_sandbox.fixtures.after_quiet import watch_quiet
 from pytest_sandbox.fixtures.conformance import (  # noqa: F401  (fixtures)
     check_syscall_param,
     parametrize_from_session,
@@ -36,7 +37,15 @@ from pytest_sandbox.fixtures.network import (  # noqa: F401  (fixtures the plugi
 )
 from pytest_sandbox.fixtures.sandbox import _sandbox_pool, sandbox, sandbox_policy  # noqa: F401  (fixtures)
 from pytest_sandbox.fixtures.stash import SCORECARD_KEY, SESSION_KEY, UNRUNNABLE_KEY
-from pytest_sandbox.report.categories import CATEGORIES, CategoryNotRun, LateEvidence, category_of, marker_name
+from pytest_sandbox.probes.after_quiet import tail_order
+from pytest_sandbox.report.categories import (
+    CATEGORIES,
+    SUITE_DIRECTORY,
+    CategoryNotRun,
+    LateEvidence,
+    category_of,
+    marker_name,
+)
 from pytest_sandbox.report.scorecard import LATE_EVIDENCE_PROPERTY, NOT_RUN_PROPERTY, Scorecard
 from pytest_sandbox.report.terminal import ScorecardReporter
 from pytest_sandbox.session import SandboxOptions, SandboxSession
@@ -129,9 +138,12 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark each conformance test with its category, before ``-m`` deselects (hence tryfirst)."""
+    """Mark each conformance test with its category, before ``-m`` deselects (hence tryfirst); run the modules
+    that send nothing through the proxy after the last that does, and the after-quiet exchanges last
+    (``probes/after_quiet.py``)."""
     if SESSION_KEY not in config.stash:
         return
+    items[:] = [items[index] for index in tail_order([item.nodeid for item in items], SUITE_DIRECTORY)]
     for item in items:
         category = category_of(item.nodeid)
         if category is not None:
@@ -152,6 +164,15 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     running = session.config.stash.get(SESSION_KEY, None)
     if running is not None:
         running.finish_prefetch(PREFETCH_JOIN_SECONDS)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest) -> Any:
+    """Once the proxy under test is up, watch its lab's traffic (how long it was left alone)."""
+    result = yield
+    if fixturedef.argname == "sandbox_proxy":
+        watch_quiet(request)
+    return result
 
 
 @pytest.hookimpl(tryfirst=True)

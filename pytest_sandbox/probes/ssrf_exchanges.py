@@ -246,24 +246,37 @@ class AttemptExchange(AttemptBound):
 SSRF_CONCURRENCY = 16
 
 
-def run_ssrf_campaign(lab: NetworkLab, connect_to_proxy: Callable[[], socket.socket],
-                      exchanges: Sequence[SsrfExchange], *, grace: float = GRACE_SECONDS,
-                      concurrency: int = SSRF_CONCURRENCY) -> dict[str, SsrfVerdict]:
-    """Run ``exchanges`` through the proxy as one campaign and judge each: test id -> verdict.
-
-    Every denial that has one also runs its unmarked twin (``unmarked_twin()``: the catalogue attempts, the
-    keep-alive follow-ups, the Host-mismatch denials, the mixed answers and the rebinding names), so a proxy
-    that judges only requests carrying the harness's marker fails it."""
+def _twins_of(exchanges: Sequence[SsrfExchange]) -> dict[str, SsrfExchange]:
+    """Exchange key -> its unmarked twin, for every exchange of ``exchanges`` that has one."""
     twins: dict[str, SsrfExchange] = {}
     for exchange in exchanges:
         make_twin = getattr(exchange, "unmarked_twin", None)
         twin = make_twin() if make_twin is not None else None
         if twin is not None:
             twins[exchange.key] = twin
-    campaign = Campaign(ExchangeContext(lab, connect_to_proxy), grace=grace, concurrency=concurrency)
-    results = campaign.run([*exchanges, *twins.values()])
+    return twins
+
+
+def run_ssrf_campaign(lab: NetworkLab, connect_to_proxy: Callable[[], socket.socket],
+                      exchanges: Sequence[SsrfExchange], *, grace: float = GRACE_SECONDS,
+                      concurrency: int | None = SSRF_CONCURRENCY,
+                      then: Sequence[SsrfExchange] = ()) -> dict[str, SsrfVerdict]:
+    """Run ``exchanges`` through the proxy as one campaign and judge each: test id -> verdict.
+
+    Every denial that has one also runs its unmarked twin (``unmarked_twin()``: the catalogue attempts, the
+    keep-alive follow-ups, the Host-mismatch denials, the mixed answers and the rebinding names), so a proxy
+    that judges only requests carrying the harness's marker fails it. ``then`` (judged too) is queued behind
+    ``exchanges`` and their twins; ``concurrency=None`` puts exactly those in flight at once, so an exchange of
+    ``then`` starts only when one of them has ended (the after-quiet set: its controls never end the quiet)."""
+    twins = _twins_of(exchanges)
+    first_wave = [*exchanges, *twins.values()]
+    later_twins = _twins_of(then)
+    twins.update(later_twins)
+    campaign = Campaign(ExchangeContext(lab, connect_to_proxy), grace=grace,
+                        concurrency=len(first_wave) if concurrency is None else concurrency)
+    results = campaign.run([*first_wave, *then, *later_twins.values()])
     return {exchange.key: exchange.judge(results[exchange.key], results[twins[exchange.key].key]
-                                         if exchange.key in twins else None) for exchange in exchanges}
+                                         if exchange.key in twins else None) for exchange in (*exchanges, *then)}
 
 
 def run_attempt(attempt: Attempt, connect_to_proxy: Callable[[], socket.socket],

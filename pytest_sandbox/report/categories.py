@@ -73,6 +73,7 @@ MEMBERSHIP: tuple[Membership, ...] = (
     Membership("test_egress.py", "*", "*", "egress"),
     Membership("test_inference.py", "*", "*", "inference"),
     Membership("test_smuggling.py", "*", "*", "smuggling"),
+    Membership("test_after_quiet.py", "*", "*", "ssrf"),
 )
 
 # Every category, in scorecard order (each control category after what it controls).
