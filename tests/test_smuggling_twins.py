@@ -208,27 +208,6 @@ def test_a_marker_keyed_fake_fails_exactly_the_twins_it_lets_through_and_its_con
     assert all(verdicts[a.test_id].verdict is Verdict.WORKS for a in CONTROLS), keyed_on
 
 
-@needs_netns
-def test_a_twin_leak_without_its_nonce_is_pinned_on_its_row_by_the_reruns_alone(_network_lab, keyed_backend):
-    """The stripping fake forwards a twin's requests without their query and X-Request-ID: the canary hit at
-    10.0.0.1 carries no nonce, and with sixteen attempts in flight it is first blamed on every row that can
-    reach 10.0.0.1. The reruns alone must narrow it to the twinned row, and clear every other row."""
-    absolute = [attempt for attempt in ATTEMPTS if attempt.path == "absolute"]
-    verdicts = keyed_run(_network_lab, keyed_backend, "marker-stripping", attempts=absolute)
-    expected = {attempt.test_id for attempt in TWINNED if attempt.path == "absolute"}
-    failed = {test_id: judged for test_id, judged in verdicts.items() if not judged.passed}
-    assert set(failed) == expected, {t: j.reason for t, j in failed.items()}
-    for test_id, judged in failed.items():
-        assert MARKER_HOLE in judged.reason and "canary 10.0.0.1:" in judged.reason, (test_id, judged.reason)
-        assert "sbx-" not in judged.reason.partition(MARKER_HOLE)[2]
-    # A stripped twin whose row passes without the blind hit was rerun alone, reproduced it, and keeps it; a row that
-    # fails on its own evidence as well (its twin's follow-up, carrying the UUID, was forwarded) is not rerun.
-    pinned = {t for t, j in failed.items() if "(no nonce; reproduced when this attempt was rerun alone)" in j.reason}
-    assert pinned, {t: j.reason for t, j in failed.items()}
-    assert all(t in pinned or "fails on its own evidence" in j.reason or "(no nonce" not in j.reason
-               for t, j in failed.items()), {t: j.reason for t, j in failed.items()}
-
-
 def test_a_twin_is_the_same_attempt_unmarked():
     attempt = TWINNED[0]
     assert replace(attempt, marked=False) == attempt.twin()
