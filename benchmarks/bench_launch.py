@@ -8,14 +8,19 @@ Variants are measured in interleaved rounds (each round launches every variant i
 the order rotating from round to round), so CPU frequency drift and background noise hit all of them
 alike. Iteration counts are fixed; the whole script stays well under 60 s. Usage::
 
-    python benchmarks/bench_launch.py [--rounds N] [--per-round K] [--load L] [--before REF] [--slices]
+    python benchmarks/bench_launch.py [--rounds N] [--per-round K] [--load L] [--churn C] [--before REF] [--slices]
 
 ``--load L`` (default 2, one per core here) starts L busy-looping processes for the duration of the
 measurement (stopped by PID at the end), so every run sees at least a CI runner's worth of
 competition for the CPUs and runs on different days stay comparable; ``--load 0`` measures without it.
+``--churn C`` adds C processes launching ``/bin/true`` back to back (a test suite's kind of load, see
+``background.py``).
 
 A busy machine is noisy, so besides the pooled medians the report gives, per sandboxed variant, the
-min / median / max over the rounds of (that round's median ÷ the baseline's median in the same round).
+min / median / max over the rounds of (that round's median ÷ the baseline's median in the same round), and
+the ratio of the means (total time over the baseline's total). Under load a plain ``subprocess.run`` is
+bimodal (its vfork child either runs at once on the CPU its parent left or waits behind the load), so its
+median can sit in either mode from one run to the next; the verdict stays the pooled median.
 
 ``--before REF`` adds the two sandboxed variants as they were at git revision REF (its launcher.py and
 spawner.py, imported against the current package), interleaved with today's: a before/after
@@ -33,12 +38,14 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+from background import background_load, describe, loadavg
 
 from pytest_sandbox.policy.load import load_policy
 from pytest_sandbox.seccomp.compiler import compile_policy
@@ -137,13 +144,14 @@ def report(variants: list[Variant], samples: Samples) -> None:
     pooled = {name: sorted(t for one_round in rounds for t in one_round) for name, rounds in samples.items()}
     medians = {name: statistics.median(values) for name, values in pooled.items()}
     width = max(32, *(len(v.name) for v in variants))
-    header = (f"{'variant':{width}} {'n':>5} {'median ms':>10} {'mean ms':>9} {'p90 ms':>8} {'ratio':>7}  "
+    header = (f"{'variant':{width}} {'n':>5} {'median ms':>10} {'mean ms':>9} {'p90 ms':>8} {'ratio':>7} {'mean':>6}  "
               f"{'per-round ratio min/med/max':>27}  target")
     print(header)
     print("-" * len(header))
     for variant in variants:
         values = pooled[variant.name]
         ratio = medians[variant.name] / medians[variant.baseline]
+        mean_ratio = statistics.fmean(values) / statistics.fmean(pooled[variant.baseline])
         target = f"<= {variant.target}x {'ok' if ratio <= variant.target else 'MISSED'}" if variant.target else ""
         spread = ""
         if variant.name == variant.baseline:
@@ -153,9 +161,10 @@ def report(variants: list[Variant], samples: Samples) -> None:
             spread = f"{min(per_round):.2f} / {statistics.median(per_round):.2f} / {max(per_round):.2f}"
         print(f"{variant.name:{width}} {len(values):5d} {medians[variant.name] * 1e3:10.3f} "
               f"{statistics.fmean(values) * 1e3:9.3f} {values[int(len(values) * 0.9)] * 1e3:8.3f} "
-              f"{ratio:6.2f}x  {spread:>27}  {target}")
-    print(f"ratios are pooled medians over the pooled median of the baseline named per row; the per-round "
-          f"column is the spread of the same ratio taken round by round; {ANCHORS}")
+              f"{ratio:6.2f}x {mean_ratio:5.2f}x  {spread:>27}  {target}")
+    print(f"ratio (the verdict) is the pooled median over the pooled median of the baseline named per row; mean is "
+          f"total launch time over the baseline's (what a job launching many commands pays); the per-round column is "
+          f"the spread of the median ratio taken round by round; {ANCHORS}")
 
 
 def launcher_at(revision: str) -> ModuleType:
@@ -176,44 +185,24 @@ def launcher_at(revision: str) -> ModuleType:
     return module
 
 
-SPIN = "import os, time\nend = time.monotonic() + float(os.environ['SPIN_SECONDS'])\nwhile time.monotonic() < end: pass"
-
-
-@contextmanager
-def background_load(processes: int, seconds: float = 600.0) -> Iterator[None]:
-    """``processes`` busy loops (each bounded to ``seconds`` on its own, stopped by PID when done)."""
-    env = {**os.environ, "SPIN_SECONDS": str(seconds)}
-    spinners = [subprocess.Popen([sys.executable, "-S", "-c", SPIN], env=env) for _ in range(processes)]
-    try:
-        yield
-    finally:
-        for spinner in spinners:
-            spinner.kill()
-        for spinner in spinners:
-            spinner.wait()
-
-
-def loadavg() -> str:
-    with open("/proc/loadavg") as handle:
-        return " ".join(handle.read().split()[:3])
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--per-round", type=int, default=25)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--load", type=int, default=2, help="busy-looping background processes (default 2)")
+    parser.add_argument("--churn", type=int, default=0,
+                        help="background processes launching /bin/true back to back (default 0; background.py)")
     parser.add_argument("--before", metavar="REF", help="also measure the launcher as it was at git revision REF")
     parser.add_argument("--slices", action="store_true", help="also measure the spawner at the default slice")
     args = parser.parse_args()
     policy = load_policy("baseline")
     spec = SandboxSpec(compile_policy(policy, "block"), NetworkPlacement("block"), Identity.current())
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, policy baseline, network block, "
-          f"{args.rounds} rounds x {args.per_round} launches per variant, background load {args.load} "
-          f"busy processes; loadavg before: {loadavg()}")
+          f"{args.rounds} rounds x {args.per_round} launches per variant, {describe(args.load, args.churn)}; "
+          f"loadavg before: {loadavg()}")
     started = time.perf_counter()
-    with background_load(args.load), Sandbox(spec) as sandbox, ExitStack() as others:
+    with background_load(args.load, args.churn), Sandbox(spec) as sandbox, ExitStack() as others:
         extra: list[Variant] = []
         if args.slices:
             default_slice = others.enter_context(Sandbox(spec, short_slice=False))

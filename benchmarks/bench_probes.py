@@ -14,10 +14,11 @@ before issue #12), interleaved in the same run, so the runner's child reuse is m
 then ``Sandbox`` enter (guardian and spawner start, namespace, filters), the empty runner, and close.
 Usage::
 
-    python benchmarks/bench_probes.py [--runs N] [--one-per-child] [--suite] [--phases] [--load L]
+    python benchmarks/bench_probes.py [--runs N] [--one-per-child] [--suite] [--phases] [--load L] [--churn C]
 
 ``--load L`` adds L busy-looping processes for the whole run (bench_launch.py's, stopped by PID), so runs on
-a quiet and a busy machine are comparable (issue #12); the default 0 measures without it.
+a quiet and a busy machine are comparable (issue #12); the default 0 measures without it. ``--churn C`` adds C
+processes launching ``/bin/true`` back to back (background.py).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from bench_launch import background_load
+from background import background_load, describe
 
 from pytest_sandbox import guardian
 from pytest_sandbox.policy.load import load_policy
@@ -62,8 +63,10 @@ def main() -> int:
     parser.add_argument("--one-per-child", action="store_true",
                         help="also run each target with a fresh runner child per probe, interleaved")
     parser.add_argument("--load", type=int, default=0, help="busy-looping background processes (default 0)")
+    parser.add_argument("--churn", type=int, default=0,
+                        help="background processes launching /bin/true back to back (default 0; background.py)")
     args = parser.parse_args()
-    with background_load(args.load):
+    with background_load(args.load, args.churn):
         return measure(args)
 
 
@@ -84,7 +87,7 @@ def measure(args: argparse.Namespace) -> int:
     print(f"load average {os.getloadavg()[0]:.2f}; python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
           f"policy baseline, network {MODE}, "
           f"{len(plan)} probes per plan, {args.runs} runs per target (after one warm-up run each), "
-          f"background load {args.load} busy processes")
+          f"{describe(args.load, args.churn)}")
     for target in targets.values():
         outcomes = target.run(plan)
         errors = [pid for pid, outcome in outcomes.items() if outcome.kind == "error"]

@@ -25,6 +25,9 @@ directory, run from there) as targets ``baseline`` / ``baseline+uvloop``, interl
 tree's: a before/after comparison under the same load.
 
     python benchmarks/bench_proxy.py [--requests 3000] [--bulk-mib 256] [--rounds 5] [--baseline main]
+                                     [--load L] [--churn C]
+
+``--load L`` / ``--churn C`` run background.py's fixed load (L busy loops, C launch loops) during the measured rounds.
 
 Two measurements that need no lab and hold still on a busy machine (CPU time, not rates):
 
@@ -54,6 +57,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from background import background_load, describe
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -516,6 +521,10 @@ def main() -> int:
                         help="only the Python CPU per one-pass GET, N GETs, no sockets (see above)")
     parser.add_argument("--relay-cpu", type=int, metavar="MIB",
                         help="only client/relay/sink CPU per GiB on loopback: direct, splice and copy relays")
+    parser.add_argument("--load", type=int, default=0,
+                        help="busy-looping background processes during the measured rounds (default 0; background.py)")
+    parser.add_argument("--churn", type=int, default=0,
+                        help="background processes launching /bin/true back to back (default 0; background.py)")
     parser.add_argument("--role", choices=["origin", "reference"], help=argparse.SUPPRESS)
     parser.add_argument("--loop", default="asyncio", help=argparse.SUPPRESS)
     parser.add_argument("--fds", type=int, nargs=2, help=argparse.SUPPRESS)
@@ -558,6 +567,7 @@ def main() -> int:
     processes: list[subprocess.Popen[bytes]] = []
     stoppers: list[Callable[[], None]] = []
     state = tempfile.mkdtemp(prefix="bench-proxy-")
+    load = contextlib.ExitStack()
     try:
         http = lab.listen(ORIGIN_ADDRESS, HTTP_PORT)
         sink = lab.listen(ORIGIN_ADDRESS, SINK_PORT)
@@ -610,6 +620,7 @@ def main() -> int:
         def connector(target: Target, port: int | None = None) -> Callable[[], socket.socket]:
             return lambda: lab.connect(target.address, port or target.port, timeout=IO_TIMEOUT_SECONDS)
 
+        load.enter_context(background_load(args.load, args.churn))
         load_start = " ".join(Path("/proc/loadavg").read_text().split()[:3])
         gets: dict[str, list[GetResult]] = {t.name: [] for t in targets}
         bulk: dict[str, list[float]] = {t.name: [] for t in targets}
@@ -658,7 +669,8 @@ def main() -> int:
             return "-" if value is None else f"{value:.2f}x"
 
         print(f"bench_proxy: {args.rounds} rounds, {args.requests} keep-alive 1 KiB GETs and "
-              f"{args.bulk_mib} MiB CONNECT upload per target per round; load average at the start: {load_start}")
+              f"{args.bulk_mib} MiB CONNECT upload per target per round; {describe(args.load, args.churn)}; "
+              f"load average at the start: {load_start}")
         print("req/s and MiB/s: best round (median); ratios: median of the per-round ratios")
         print()
         print("proxy CPU: the proxy's own processes (all threads), user+system, over every round")
@@ -700,6 +712,7 @@ def main() -> int:
             print(f"note: {note}")
         return 0
     finally:
+        load.close()
         for stop in stoppers:
             with contextlib.suppress(Exception):
                 stop()
