@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import ssl
 from dataclasses import dataclass
+from typing import TypeGuard
 
 __all__ = ["LINGER_MAX_BYTES", "LINGER_SECONDS", "TLS_HANDSHAKE_TIMEOUT_SECONDS", "TlsStream", "can_linger",
            "close_tls", "drain", "start_tls_server"]
@@ -127,8 +128,9 @@ async def close_tls(tls: TlsStream) -> None:
 _LINGER_METHODS = ("get_protocol", "set_protocol", "resume_reading", "can_write_eof", "write_eof")
 
 
-def can_linger(raw: asyncio.BaseTransport) -> bool:
-    """Whether ``raw`` can be taken over for the linger; duck-typed, not ``isinstance(raw, asyncio.Transport)``.
+def can_linger(raw: asyncio.BaseTransport) -> TypeGuard[asyncio.Transport]:
+    """Whether ``raw`` can be taken over for the linger; duck-typed, not ``isinstance(raw, asyncio.Transport)``
+    (the TypeGuard is structural: a uvloop transport has the methods, not the base class).
 
     uvloop's TCP transports have every method the linger uses, but their bases are uvloop's own
     (``uvloop.loop.TCPTransport`` -> ``UVStream`` -> ``UVBaseTransport``), not ``asyncio.Transport``. The
