@@ -1,5 +1,5 @@
-"""The proxy's event loop choice (``run_on_loop``): the stdlib loop by default, uvloop when asked and
-installed, a clear error otherwise; never a silent switch to a loop nobody asked for."""
+"""The proxy's event loop choice (``run_on_loop``): by default uvloop when the ``fast`` extra is installed and
+the stdlib loop otherwise; a loop asked for by name is that loop or a clear error, never a silent switch."""
 
 from __future__ import annotations
 
@@ -24,8 +24,14 @@ def loop_module(name: str | None) -> str:
     return seen[0]
 
 
-def test_the_stdlib_loop_is_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_default_is_uvloop_when_installed_and_the_stdlib_loop_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(LOOP_ENVIRONMENT_VARIABLE, raising=False)
+    assert loop_module(None).startswith("uvloop" if HAS_UVLOOP else "asyncio")
+
+
+def test_the_stdlib_loop_by_name_or_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert loop_module("asyncio").startswith("asyncio")
+    monkeypatch.setenv(LOOP_ENVIRONMENT_VARIABLE, "asyncio")
     assert loop_module(None).startswith("asyncio")
 
 

@@ -79,12 +79,12 @@ from pytest_sandbox.scheduling import ask_short_slice
 __all__ = ["DEFAULT_EVENT_LOOP", "EVENT_LOOPS", "EgressProxy", "run_on_loop"]
 
 # The event loops the proxy can run on: the standard library's, and uvloop (libuv) when the optional
-# ``fast`` extra is installed. "auto" takes uvloop when it imports and the stdlib loop otherwise. The default
-# stays the stdlib loop: on uvloop the smuggling row tunnel-chunk-ext-64k (a refusal answered while the client is
-# still writing 64 KiB into an intercepted TLS tunnel) came out INDETERMINATE in 3 of 8 runs, 0 of 8 on the stdlib
-# loop (benchmarks/README.md, issue #12 sixth pass); uvloop becomes the default once that is understood.
+# ``fast`` extra is installed. The default, "auto", takes uvloop when it imports and the stdlib loop otherwise
+# (issue #12: uvloop is what holds keep-alive GETs at squid's rate on a busy 2-core runner; benchmarks/README.md).
+# It was "asyncio" until the TLS linger ran on uvloop too (inference/tls.py can_linger): before that, a refusal
+# answered while the client was still writing into an intercepted tunnel could be destroyed by a RST on uvloop.
 EVENT_LOOPS = ("asyncio", "uvloop", "auto")
-DEFAULT_EVENT_LOOP = "asyncio"
+DEFAULT_EVENT_LOOP = "auto"
 LOOP_ENVIRONMENT_VARIABLE = "PYTEST_SANDBOX_PROXY_LOOP"
 
 # RFC 9110 §8.6: a user agent SHOULD send Content-Length for these even when the body is empty.
@@ -142,7 +142,7 @@ def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
 
 def run_on_loop(main: Coroutine[Any, Any, None], loop: str | None = None) -> None:
     """``asyncio.run(main)`` on the named event loop (default: ``$PYTEST_SANDBOX_PROXY_LOOP``, else
-    :data:`DEFAULT_EVENT_LOOP`, the standard library's)."""
+    :data:`DEFAULT_EVENT_LOOP`: uvloop when installed, the standard library's otherwise)."""
     name = loop or os.environ.get(LOOP_ENVIRONMENT_VARIABLE) or DEFAULT_EVENT_LOOP
     event_loop = _loop_factory(name)()
     try:  # what asyncio.run does (asyncio.Runner's loop_factory is Python 3.11+ only)
