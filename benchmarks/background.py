@@ -23,9 +23,10 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-SPIN = "import os, time\nend = time.monotonic() + float(os.environ['LOAD_SECONDS'])\nwhile time.monotonic() < end: pass"
-CHURN = ("import os, time\nend = time.monotonic() + float(os.environ['LOAD_SECONDS'])\n"
-         "while time.monotonic() < end: os.waitpid(os.posix_spawn('/bin/true', ['/bin/true'], {}), 0)")
+_UNTIL_DEADLINE = ("import os, time\nend = time.monotonic() + float(os.environ['LOAD_SECONDS'])\n"
+                   "while time.monotonic() < end: ")
+SPIN = _UNTIL_DEADLINE + "pass"
+CHURN = _UNTIL_DEADLINE + "os.waitpid(os.posix_spawn('/bin/true', ['/bin/true'], {}), 0)"
 
 
 @contextmanager

@@ -16,7 +16,7 @@ Usage::
 
     python benchmarks/bench_probes.py [--runs N] [--one-per-child] [--suite] [--phases] [--load L] [--churn C]
 
-``--load L`` adds L busy-looping processes for the whole run (bench_launch.py's, stopped by PID), so runs on
+``--load L`` adds L busy-looping processes for the whole run (background.py's, stopped by PID), so runs on
 a quiet and a busy machine are comparable (issue #12); the default 0 measures without it. ``--churn C`` adds C
 processes launching ``/bin/true`` back to back (background.py).
 """

@@ -58,7 +58,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from background import background_load, describe
+from background import background_load, describe, loadavg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -545,7 +545,7 @@ def main() -> int:
         total = args.relay_cpu * 2**20
         sums: dict[str, list[float]] = {}
         print(f"relay CPU per GiB (ms), {args.relay_cpu} MiB per run, 127.0.0.1; load average "
-              f"{' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
+              f"{loadavg()}")
         for _ in range(args.rounds):
             for kind in ("direct", "splice", "copy"):
                 client, sink, relay = (seconds / (total / 2**30) * 1e3 for seconds in measure_relay_cpu(kind, total))
@@ -621,7 +621,7 @@ def main() -> int:
             return lambda: lab.connect(target.address, port or target.port, timeout=IO_TIMEOUT_SECONDS)
 
         load.enter_context(background_load(args.load, args.churn))
-        load_start = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+        load_start = loadavg()
         gets: dict[str, list[GetResult]] = {t.name: [] for t in targets}
         bulk: dict[str, list[float]] = {t.name: [] for t in targets}
         cpu_get = dict.fromkeys(gets, 0.0)  # the proxy's CPU seconds over every measured round
@@ -707,7 +707,7 @@ def main() -> int:
             proxy_ms = cpu_bulk[name] / gib * 1e3
             print(f"  {name}: client {client_ms:,.0f}, origin {origin_ms:,.0f}, proxy {proxy_ms:,.0f}, "
                   f"sum {client_ms + origin_ms + proxy_ms:,.0f}")
-        print(f"load average at the end: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
+        print(f"load average at the end: {loadavg()}")
         for note in notes:
             print(f"note: {note}")
         return 0
