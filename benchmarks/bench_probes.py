@@ -18,12 +18,16 @@ Usage::
 
 ``--load L`` adds L busy-looping processes for the whole run (background.py's, stopped by PID), so runs on
 a quiet and a busy machine are comparable (issue #12); the default 0 measures without it. ``--churn C`` adds C
-processes launching ``/bin/true`` back to back (background.py).
+processes launching ``/bin/true`` back to back (background.py). ``--core-pipe PROGRAM`` (root) sets
+``/proc/sys/kernel/core_pattern`` to ``|PROGRAM`` for the run and puts the old pattern back afterwards: a host
+whose crash handler (apport, systemd-coredump) the kernel would start for every probe child a filter kills,
+were it not for the runner's RLIMIT_CORE of 1 (syscall_runner.refuse_core_dumps).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
 import statistics
@@ -31,6 +35,7 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from background import background_load, describe
@@ -45,6 +50,7 @@ from pytest_sandbox.session import SandboxOptions, SandboxSession
 
 MODE = "proxy"
 TARGET_PROBES_PER_SECOND = 500
+CORE_PATTERN = Path("/proc/sys/kernel/core_pattern")
 
 
 def build_plan() -> list[dict[str, Any]]:
@@ -65,9 +71,27 @@ def main() -> int:
     parser.add_argument("--load", type=int, default=0, help="busy-looping background processes (default 0)")
     parser.add_argument("--churn", type=int, default=0,
                         help="background processes launching /bin/true back to back (default 0; background.py)")
+    parser.add_argument("--core-pipe", metavar="PROGRAM",
+                        help="pipe core dumps to PROGRAM for the run (root; the old core_pattern is restored)")
     args = parser.parse_args()
-    with background_load(args.load, args.churn):
+    with core_pipe(args.core_pipe), background_load(args.load, args.churn):
         return measure(args)
+
+
+@contextlib.contextmanager
+def core_pipe(program: str | None) -> Any:
+    """core_pattern = ``|program`` while the block runs (a crash handler per core dump), restored after."""
+    if program is None:
+        yield
+        return
+    if not os.access(program, os.X_OK):
+        raise SystemExit(f"--core-pipe: {program} is not an executable file")
+    before = CORE_PATTERN.read_text()
+    CORE_PATTERN.write_text(f"|{program}\n")
+    try:
+        yield
+    finally:
+        CORE_PATTERN.write_text(before)
 
 
 def measure(args: argparse.Namespace) -> int:
@@ -87,7 +111,7 @@ def measure(args: argparse.Namespace) -> int:
     print(f"load average {os.getloadavg()[0]:.2f}; python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
           f"policy baseline, network {MODE}, "
           f"{len(plan)} probes per plan, {args.runs} runs per target (after one warm-up run each), "
-          f"{describe(args.load, args.churn)}")
+          f"{describe(args.load, args.churn)}; core_pattern {CORE_PATTERN.read_text().strip()!r}")
     for target in targets.values():
         outcomes = target.run(plan)
         errors = [pid for pid, outcome in outcomes.items() if outcome.kind == "error"]

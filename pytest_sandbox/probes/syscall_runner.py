@@ -529,6 +529,31 @@ def whoami() -> dict:
             "status": status, "namespaces": namespaces, "files": files, "unreadable": unreadable}
 
 
+# Core dumps (issue #12). Every probe child a filter kills (KILL_PROCESS, KILL_THREAD, an i386 call under a
+# native-only filter, a TRAP left unhandled) dies by SIGSYS, a core-dumping signal (signal(7)). Where
+# /proc/sys/kernel/core_pattern pipes to a crash handler (Ubuntu's apport, systemd-coredump), the kernel
+# starts that handler for every such death whatever RLIMIT_CORE says (fs/coredump.c do_coredump: the limit
+# is not checked for pipes), and the dying child waits while its core is written into the pipe: a plan's
+# 61 SIGSYS deaths took the sentinel plan from 2228 probes/s to 506 with a shell `cat` as the handler and to
+# 78 with a Python one that only reads the core (benchmarks/README.md, bench_probes.py --core-pipe). The one
+# value the kernel honours for a pipe is 1, which it reserves to stop a crash handler's own crash from
+# recursing ("RLIMIT_CORE is set to 1, aborting core"; umh_coredump_setup sets it), and for a file
+# pattern any limit below the ELF min_coredump (a page) writes nothing. So the
+# runner sets its soft limit to 1 byte before any probe: no probe calls getrlimit/prlimit, and a probe
+# child's death is observed by waitpid exactly as before (WCOREDUMP aside, which no verdict reads).
+RLIMIT_CORE = 4  # asm-generic/resource.h
+
+
+def refuse_core_dumps(libc: ctypes.CDLL) -> None:
+    """Set this process's soft RLIMIT_CORE to 1 (inherited by every lane and probe child), when its hard
+    limit allows; otherwise, or if the target refuses the call, leave it: nothing a verdict reads changes."""
+    limits = (ctypes.c_uint64 * 2)()
+    if libc.getrlimit(RLIMIT_CORE, limits) != 0 or limits[1] == 0:
+        return
+    limits[0] = 1
+    libc.setrlimit(RLIMIT_CORE, limits)
+
+
 def main(plan: list, one_per_child: bool = False) -> None:
     """Say who this runner is, then run ``plan``; ``one_per_child`` forks a child for every probe (the
     reference the batched children are tested against)."""
@@ -539,6 +564,7 @@ def main(plan: list, one_per_child: bool = False) -> None:
         out.write(_json_line({"identity_error": repr(exc)}) + "\n")
     out.flush()
     machine = _Machine()
+    refuse_core_dumps(machine.libc)
 
     def report(probe: dict, outcome: dict) -> None:
         out.write(_json_line({"id": probe["id"], "outcome": outcome}) + "\n")
