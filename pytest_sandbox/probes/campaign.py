@@ -61,6 +61,8 @@ from pytest_sandbox.network.lab.lab import NetworkLab
 
 __all__ = [
     "GRACE_SECONDS",
+    "RETRY_CONCURRENCY",
+    "RETRY_SUFFIX",
     "Campaign",
     "Exchange",
     "ExchangeContext",
@@ -89,6 +91,13 @@ CONFIRMATION_RERUNS = 2
 # grace periods): a proxy whose dials come late on a loaded machine then cannot land a rerun's dial in the
 # next round, where the round's own attribution would give it to that round's exchange on the destination.
 ROUND_WAIT_LIMIT_GRACES = 4
+# How many attempts that got no answer before their deadline are sent again at once (the smuggling and SSRF
+# campaigns): few enough that the machine is not what made them late again, enough that a proxy which never
+# answers some valid request (tinyproxy and a chunked body) costs a deadline per four of them, not per one
+# (issue #9: <= 60 s per proxy).
+RETRY_CONCURRENCY = 4
+# An attempt sent again is keyed ``<key>#retry`` (its window in the ledger, its hits, what the audit names).
+RETRY_SUFFIX = "#retry"
 _campaign_ids = itertools.count(1)
 
 
