@@ -487,6 +487,8 @@ class Campaign:
         blame = settle_late_hits(fresh, owners, {run.window.key: run.window.end for run in runs})
         for key, found in blame.items():
             self.lab.account([hit.index for hit in (*found.hits, *found.shared)], by=key)
+            # Named as the first pass names them: this campaign's sends without its prefix.
+            found.shared_with = {other.removeprefix(self._prefix) for other in found.shared_with}
         return blame
 
     # -- sending -----------------------------------------------------------------------------------
