@@ -29,6 +29,17 @@ says so). A hit the counts cannot place stays blamed on every candidate, and its
 "together with". Each isolation round also waits twice the latest lateness the campaign has seen
 (bounded), so a slow proxy's rerun dial is usually read in its own round.
 
+On a loaded machine an exchange sometimes gets no answer at all before its deadline (a timeout, a
+reset), which says nothing about the proxy. Given ``retry`` (which first results went unanswered), the
+campaign then *retries*: every such exchange that no hit at all is attributed to (a hit is evidence,
+and a retry must never be a way to wash a leak out) is sent once more, under ``<key>#retry`` with a
+fresh nonce, at most :data:`RETRY_CONCURRENCY` at a time and :data:`RETRY_BUDGET` per campaign.
+After the grace period :meth:`Campaign.settle_retries` attributes every hit that arrived since the
+first pass was read, to the first sends and the retries alike (by nonce, else by window and
+destination; both sends of one exchange, or several exchanges, when it cannot tell). A retried
+exchange is judged on the retry's answer and the hits of both sends (:func:`retry_evidence`): a proxy
+that dials on the retry, or dials the first send's destination late and refuses the retry, fails.
+
 :func:`audit_lab` is the session-end check: after one more grace period, every hit no verdict
 accounted for fails the run, with its destination and the attempts that could have caused it.
 :func:`audit_upstream` does the same for the bytes the lab's origins and inference backends received
@@ -43,9 +54,9 @@ from __future__ import annotations
 import itertools
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar
 
 from pytest_sandbox.http.upstream import ReceivedStream, UpstreamLedger, attribute_pieces, shown, split_pieces
@@ -61,16 +72,24 @@ from pytest_sandbox.network.lab.lab import NetworkLab
 
 __all__ = [
     "GRACE_SECONDS",
+    "RETRY_BUDGET",
+    "RETRY_CONCURRENCY",
+    "RETRY_SUFFIX",
     "Campaign",
     "Exchange",
     "ExchangeContext",
     "ExchangeResult",
+    "LateHits",
     "audit_lab",
     "audit_upstream",
     "in_flight",
     "isolation_rounds",
     "match_hits",
+    "plan_retries",
+    "retry_candidates",
+    "retry_evidence",
     "round_wait",
+    "settle_late_hits",
     "sleep_out_grace",
 ]
 
@@ -89,6 +108,18 @@ CONFIRMATION_RERUNS = 2
 # grace periods): a proxy whose dials come late on a loaded machine then cannot land a rerun's dial in the
 # next round, where the round's own attribution would give it to that round's exchange on the destination.
 ROUND_WAIT_LIMIT_GRACES = 4
+# How many attempts that got no answer before their deadline are sent again at once (the smuggling and SSRF
+# campaigns): few enough that the machine is not what made them late again, enough that a proxy which never
+# answers some valid request (tinyproxy and a chunked body) costs a deadline per four of them, not per one
+# (issue #9: <= 60 s per proxy).
+RETRY_CONCURRENCY = 4
+# An attempt sent again is keyed ``<key>#retry`` (its window in the ledger, its hits, what the audit names).
+RETRY_SUFFIX = "#retry"
+# At most this many exchanges of a campaign are sent again: each retry can cost one deadline / RETRY_CONCURRENCY
+# (a proxy that never answers), so this bounds what retrying adds to a campaign against any proxy (16 deadlines,
+# about 48 s at the SSRF default of 3 s) while leaving room for every exchange a loaded machine starves; the rest
+# keep their first result, and their verdicts say the budget ran out.
+RETRY_BUDGET = 64
 _campaign_ids = itertools.count(1)
 
 
@@ -125,7 +156,10 @@ class ExchangeResult:
 
     ``hits`` are its own: carrying its nonce, explained by it alone, or caused by its rerun alone.
     ``shared`` are hits without a nonce it is blamed for together with ``shared_with`` (sound, not
-    exact); ``isolated`` says it was rerun alone to settle such a hit.
+    exact); ``isolated`` says it was rerun alone to settle such a hit. An exchange sent again after no
+    answer (:func:`retry_evidence`) has the retry's observation and window, the hits of both sends, and
+    its first send's own result in ``first_send``; ``retry_skipped`` marks one that went unanswered but
+    was not sent again (:data:`RETRY_BUDGET` was spent).
     """
 
     key: str
@@ -137,6 +171,8 @@ class ExchangeResult:
     shared_with: tuple[str, ...] = ()
     isolated: bool = False
     counted: int = 0  # of ``hits``: put on it by count after the confirmation reruns (lateness off by load)
+    first_send: ExchangeResult | None = None
+    retry_skipped: bool = False
 
     @property
     def blamed(self) -> tuple[CatchAllHit, ...]:
@@ -146,10 +182,13 @@ class ExchangeResult:
     def describe_hits(self) -> str:
         """How each hit relates to the attempt: ``10.0.0.1:80 0.203 s after it ended, no bytes`` etc."""
         notes = []
-        for hit, delay in zip(self.hits, self.delays or [hit.at - self.window.end for hit in self.hits],
-                              strict=True):
+        # A retried exchange's hits: its first send's first (retry_evidence), each said to be whose.
+        firsts = len(self.first_send.hits) if self.first_send is not None else 0
+        for position, (hit, delay) in enumerate(zip(self.hits, _delays(self), strict=True)):
             when = f"{delay:.3f} s after it ended" if delay > 0 else "during it"
-            notes.append(f"{hit.endpoint} {when}, " + (f"{len(hit.received)} bytes" if hit.received else "no bytes"))
+            send = "" if self.first_send is None else "first send: " if position < firsts else "retry: "
+            notes.append(f"{send}{hit.endpoint} {when}, "
+                         + (f"{len(hit.received)} bytes" if hit.received else "no bytes"))
         if self.isolated:
             notes.append("rerun alone to attribute hits without a nonce")
         if self.counted:
@@ -161,6 +200,83 @@ class ExchangeResult:
             notes.append(f"{len(self.shared)} hit(s) without a nonce at {where} blamed on it together with "
                          f"{', '.join(self.shared_with)}")
         return "; ".join(notes)
+
+
+def _delays(result: ExchangeResult) -> tuple[float, ...]:
+    """Per own hit, how long after the send that caused it ended it came (after the window when not recorded)."""
+    return result.delays or tuple(hit.at - result.window.end for hit in result.hits)
+
+
+def retry_candidates(results: Iterable[ExchangeResult],
+                     went_unanswered: Callable[[ExchangeResult], bool]) -> list[str]:
+    """The keys of the first results to send again, in campaign order: no answer (``went_unanswered``) and no hit,
+    neither its own nor shared. A hit is evidence whatever the answer was, so an exchange that has one is judged
+    on it as it is, never sent again. Pure."""
+    return [result.key for result in results
+            if not result.hits and not result.shared and went_unanswered(result)]
+
+
+def plan_retries(candidates: Sequence[str], budget: int = RETRY_BUDGET) -> tuple[list[str], list[str]]:
+    """(sent again, kept as they are): the first ``budget`` candidates, then the rest. Pure."""
+    return list(candidates[:budget]), list(candidates[budget:])
+
+
+def retry_evidence(first: ExchangeResult, retry: ExchangeResult) -> ExchangeResult:
+    """What an exchange sent again is judged on: the retry's observation (the first send got no answer) and the
+    hits of both sends, so a proxy that dials for the retry, or for the first send late and refuses the retry,
+    is caught. The first send's own result stays in ``first_send``. Pure."""
+    return ExchangeResult(
+        first.key, retry.observation, retry.window, (*first.hits, *retry.hits), (*_delays(first), *_delays(retry)),
+        (*first.shared, *retry.shared), tuple(sorted({*first.shared_with, *retry.shared_with})),
+        first.isolated or retry.isolated, first.counted + retry.counted, first_send=first)
+
+
+@dataclass
+class LateHits:
+    """The hits put on one send (a first send or a retry) after the first pass was judged."""
+
+    hits: list[CatchAllHit] = field(default_factory=list)
+    delays: list[float] = field(default_factory=list)
+    shared: list[CatchAllHit] = field(default_factory=list)
+    shared_with: set[str] = field(default_factory=set)
+
+    def added_to(self, result: ExchangeResult) -> ExchangeResult:
+        return replace(result, hits=(*result.hits, *self.hits), delays=(*_delays(result), *self.delays),
+                       shared=(*result.shared, *self.shared),
+                       shared_with=tuple(sorted({*result.shared_with, *self.shared_with})))
+
+
+def settle_late_hits(hits: Iterable[CatchAllHit], owners: Mapping[int, frozenset[str]],
+                     ends: Mapping[str, float]) -> dict[str, LateHits]:
+    """Put each hit on the sends it is attributed to (``owners``) that are in ``ends`` (send key -> when it
+    ended): a send's own hit when every owner is one exchange's first send or its retry (``<key>#retry``): on
+    the retry when the retry can have caused it, else on the first send; otherwise a hit shared by every owner
+    in ``ends``, blamed together with the others (named as the owners are). An isolation rerun
+    (``<key>#alone<n>``) is its exchange's too. Pure."""
+    blamed: dict[str, LateHits] = {}
+    for hit in hits:
+        keys = owners.get(hit.index, frozenset())
+        ours = sorted(key for key in keys if key in ends)
+        if not ours:
+            continue  # another campaign's, or nobody's: left to the session-end audit
+        exchanges = {_exchange_of(key) for key in keys}
+        if len(exchanges) == 1:
+            send = next((key for key in ours if key.endswith(RETRY_SUFFIX)), ours[0])
+            blame = blamed.setdefault(send, LateHits())
+            blame.hits.append(hit)
+            blame.delays.append(hit.at - ends[send])
+            continue
+        for key in ours:
+            blame = blamed.setdefault(key, LateHits())
+            blame.shared.append(hit)
+            blame.shared_with.update(other for other in keys if _exchange_of(other) != _exchange_of(key))
+    return blamed
+
+
+def _exchange_of(key: str) -> str:
+    """The exchange a send's key names: its first send's key, without ``#retry`` or an isolation rerun's
+    ``#alone<n>``."""
+    return key.removesuffix(RETRY_SUFFIX).split("#alone", 1)[0]
 
 
 @dataclass
@@ -292,7 +408,11 @@ class Campaign:
     def lab(self) -> NetworkLab:
         return self.context.lab
 
-    def run(self, exchanges: Sequence[Exchange]) -> dict[str, ExchangeResult]:
+    def run(self, exchanges: Sequence[Exchange],
+            retry: Callable[[ExchangeResult], bool] | None = None) -> dict[str, ExchangeResult]:
+        """Send ``exchanges``, wait the grace period, attribute every hit (isolating where it is needed): exchange
+        key -> result. With ``retry`` (whether a first result went unanswered), each such result with no hit is
+        sent once more and judged on both sends (:meth:`_retry`, the module doc)."""
         keys = [exchange.key for exchange in exchanges]
         if len(set(keys)) != len(keys):
             raise ValueError(f"exchange keys repeat: {sorted(k for k in set(keys) if keys.count(k) > 1)}")
@@ -324,7 +444,52 @@ class Campaign:
                 (*(hit.at - run.window.end for hit in own), *(delay for _, delay in alone)),
                 tuple(shared), tuple(others), key in isolation.rerun, isolation.counted.get(key, 0))
             self.lab.account([hit.index for hit in blamed] + [hit.index for hit, _ in alone], by=key)
+        if retry is not None:
+            results = self._retry(results, runs, retry, through=mark + len(hits))
         return results
+
+    # -- retrying what went unanswered ---------------------------------------------------------------
+
+    def _retry(self, results: dict[str, ExchangeResult], runs: Sequence[_Run],
+               went_unanswered: Callable[[ExchangeResult], bool], *, through: int) -> dict[str, ExchangeResult]:
+        """Send every candidate (:func:`retry_candidates`, within :data:`RETRY_BUDGET`) once more, settle the
+        hits since the first pass was read (``through``) and judge each retried exchange on both sends."""
+        again, skipped = plan_retries(retry_candidates(results.values(), went_unanswered))
+        results = {key: replace(result, retry_skipped=True) if key in skipped else result
+                   for key, result in results.items()}
+        if not again:
+            return results
+        exchange_of = {run.exchange.key: run.exchange for run in runs}
+        # Fewer in flight than the first pass: the machine is not what makes them late again.
+        retries = self._perform_all([(exchange_of[key], self._prefix + key + RETRY_SUFFIX) for key in again],
+                                    concurrency=min(self.concurrency, RETRY_CONCURRENCY))
+        blame = self.settle_retries([*runs, *retries], through)
+        settled = {key: blame[self._prefix + key].added_to(result) if self._prefix + key in blame else result
+                   for key, result in results.items()}
+        for run in retries:
+            key = run.exchange.key
+            sent_again = ExchangeResult(key, run.observation, run.window, ())
+            if run.window.key in blame:
+                sent_again = blame[run.window.key].added_to(sent_again)
+            settled[key] = retry_evidence(settled[key], sent_again)
+        return settled
+
+    def settle_retries(self, runs: Sequence[_Run], through: int) -> dict[str, LateHits]:
+        """After the grace period that follows the last of ``runs``, attribute every hit from index ``through`` on
+        that no verdict counted yet (late ones of the first pass included) to the sends in ``runs``
+        (:func:`settle_late_hits`) and account each to them: send key -> what it is blamed for."""
+        sleep_out_grace(max(run.window.end for run in runs), self.grace)
+        fresh = [hit for hit in self.lab.unaccounted_hits() if hit.index >= through]
+        if not fresh:
+            return {}
+        attribution = attribute(fresh, self.lab.attempt_windows(), self.grace)
+        owners = {hit.index: attribution.owners.get(hit.index, frozenset()) for hit in fresh}
+        blame = settle_late_hits(fresh, owners, {run.window.key: run.window.end for run in runs})
+        for key, found in blame.items():
+            self.lab.account([hit.index for hit in (*found.hits, *found.shared)], by=key)
+            # Named as the first pass names them: this campaign's sends without its prefix.
+            found.shared_with = {other.removeprefix(self._prefix) for other in found.shared_with}
+        return blame
 
     # -- sending -----------------------------------------------------------------------------------
 
@@ -339,9 +504,9 @@ class Campaign:
                                        run.window.control)
             runs.append(run)  # list.append is atomic: worker threads share ``runs``
 
-    def _perform_all(self, planned: Sequence[tuple[Exchange, str]]) -> list[_Run]:
-        """Perform ``planned``: up to ``concurrency`` at a time, except exchanges that say ``sequential``
-        (their evidence is not keyed by their nonce), which run alone, after the others.
+    def _perform_all(self, planned: Sequence[tuple[Exchange, str]], concurrency: int | None = None) -> list[_Run]:
+        """Perform ``planned``: up to ``concurrency`` (the campaign's when None) at a time, except exchanges that
+        say ``sequential`` (their evidence is not keyed by their nonce), which run alone, after the others.
 
         Concurrency cannot mix evidence that carries a nonce; a hit without one is blamed on every
         exchange whose window (plus the grace period) holds it and whose destinations include it,
@@ -350,11 +515,12 @@ class Campaign:
         """
         runs: list[_Run] = []
         order = {key: index for index, (_exchange, key) in enumerate(planned)}
-        together = self.concurrency > 1
+        concurrency = self.concurrency if concurrency is None else concurrency
+        together = concurrency > 1
         parallel = [(e, k) for e, k in planned if together and not getattr(e, "sequential", False)]
         alone = [(e, k) for e, k in planned if not together or getattr(e, "sequential", False)]
         try:
-            in_flight(parallel, lambda planned_one: self._perform_one(*planned_one, runs), self.concurrency,
+            in_flight(parallel, lambda planned_one: self._perform_one(*planned_one, runs), concurrency,
                       "campaign")
             if parallel and alone and self.grace > 0:
                 # Past the batch's grace period first: a byte-less hit of an exchange run alone is

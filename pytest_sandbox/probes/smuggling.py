@@ -76,6 +76,8 @@ from pytest_sandbox.network.lab.lab import NetworkLab
 from pytest_sandbox.probes.campaign import (
     CONFIRMATION_RERUNS,
     GRACE_SECONDS,
+    RETRY_CONCURRENCY,
+    RETRY_SUFFIX,
     ROUND_WAIT_LIMIT_GRACES,
     in_flight,
     isolation_rounds,
@@ -133,10 +135,6 @@ ISOLATION_RERUN_BUDGET = 32
 # How many attempts whose every upstream byte carries their nonce are in flight at once (as SSRF):
 # a must-close case against a proxy that keeps the connection open waits its whole deadline.
 SMUGGLING_CONCURRENCY = 16
-# How many batch attempts whose deadline ran out are measured again at once: few enough that the machine
-# is not what made them late again, enough that a proxy which never answers some valid request (tinyproxy
-# and a chunked body) costs a deadline per four of them, not per one (issue #9: <= 60 s per proxy).
-RETRY_CONCURRENCY = 4
 _campaign_ids = itertools.count(1)
 
 def tunnel_payload(case: SmugglingCase) -> bytes:
@@ -670,9 +668,6 @@ def _plan(attempt: SmugglingAttempt, prefix: str, *, origin: str, denied: str, b
     return _Plan(attempt, prefix + attempt.test_id, nonce, payload,
                  allowed_prefix(payload, attempt.case.reaches_backend), destinations,
                  nonce_in_every_head(payload, nonce if attempt.marked else twin_nonce(nonce)))
-
-
-RETRY_SUFFIX = "#retry"
 
 
 def _original(key: str) -> str:

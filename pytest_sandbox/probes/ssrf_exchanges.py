@@ -6,7 +6,10 @@ with the request target, a name with one private answer among public ones, and a
 loopback. All run in one :class:`~pytest_sandbox.probes.campaign.Campaign` (:func:`run_ssrf_campaign`):
 back to back, then the grace period, then attribution, so every request carries the exchange's
 nonce, catch-all hits are attributed (late ones included) and the origin requests that count as
-"reached" are only those carrying the nonce. Judging is :mod:`pytest_sandbox.verdicts.ssrf`.
+"reached" are only those carrying the nonce. An exchange the proxy gave no answer at all and no hit
+(:func:`went_unanswered`: on a loaded machine, a deadline that ran out) is sent once more and judged on
+the retry's answer and the hits of both sends (the campaign's retry); its verdict says so
+(:func:`retry_note`). Judging is :mod:`pytest_sandbox.verdicts.ssrf`.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pytest_sandbox.catalogues.ssrf_cases import SsrfCase
 from pytest_sandbox.http.responses import ParsedResponse
 from pytest_sandbox.network.lab.attribution import NONCE_HEADER, twin_nonce
 from pytest_sandbox.network.lab.lab import NetworkLab
-from pytest_sandbox.probes.campaign import GRACE_SECONDS, Campaign, ExchangeContext, ExchangeResult
+from pytest_sandbox.probes.campaign import GRACE_SECONDS, RETRY_BUDGET, Campaign, ExchangeContext, ExchangeResult
 from pytest_sandbox.probes.ssrf import (
     ATTEMPT_TIMEOUT_SECONDS,
     TWIN_NONCE_FIELD,
@@ -63,9 +66,12 @@ __all__ = [
     "SsrfVerdict",
     "Twinned",
     "custom_case",
+    "retry_note",
     "run_attempt",
     "run_ssrf_campaign",
+    "went_unanswered",
     "with_hit_notes",
+    "with_retry_notes",
 ]
 
 PUBLIC_ORIGIN = "11.0.0.10"
@@ -175,6 +181,46 @@ def with_hit_notes(judgement: Judgement, result: ExchangeResult) -> Judgement:
     return dataclasses.replace(judgement, observed=f"{judgement.observed} [{result.describe_hits()}]")
 
 
+def went_unanswered(result: ExchangeResult) -> bool:
+    """Whether the proxy gave ``result``'s exchange no HTTP answer at all before its deadline (no parsed response:
+    a timeout, a reset, a close before a status line) and nothing else in what it saw is evidence either (an origin
+    dialled). On a loaded machine that is as often the machine's doing as the proxy's, so the campaign sends it
+    again (a hit is checked there: an exchange with one is never sent again). Each observation says it itself
+    (``unanswered``); one that cannot say counts as answered."""
+    return bool(getattr(result.observation, "unanswered", False))
+
+
+def _describe_observation(observation: Any) -> str:
+    describe = getattr(observation, "describe", None)
+    if callable(describe):
+        return str(describe())
+    reply = getattr(observation, "reply", None)
+    return reply.describe() if isinstance(reply, ProxyReply) else "no HTTP answer"
+
+
+def retry_note(result: ExchangeResult) -> str:
+    """What a verdict adds about retrying ``result``'s exchange: "" when it was sent once."""
+    if result.first_send is not None:
+        return (f"sent again after no answer: the first send got {_describe_observation(result.first_send.observation)}"
+                "; judged on the retry's answer and the hits of both sends")
+    if result.retry_skipped:
+        return (f"not sent again after no answer: the campaign's {RETRY_BUDGET} retries were spent, so it is judged "
+                "on its one send")
+    return ""
+
+
+def with_retry_notes(verdict: SsrfVerdict, result: ExchangeResult, twin: ExchangeResult | None = None) -> SsrfVerdict:
+    """``verdict`` with :func:`retry_note` of the exchange and of its unmarked twin added to ``observed``."""
+    twin_note = retry_note(twin) if twin is not None else ""
+    notes = [note for note in (retry_note(result), twin_note and f"the same request without the marker {twin_note}")
+             if note]
+    if not notes:
+        return verdict
+    judgement = verdict.judgement
+    observed = f"{judgement.observed} [{'; '.join(notes)}]"
+    return dataclasses.replace(verdict, judgement=dataclasses.replace(judgement, observed=observed))
+
+
 def _failed_reply(error: OSError) -> ProxyReply:
     return ProxyReply(ParsedResponse(None, (), b""), None, closed=True, timed_out=False,
                       error=f"could not reach the proxy: {error}")
@@ -260,23 +306,30 @@ def _twins_of(exchanges: Sequence[SsrfExchange]) -> dict[str, SsrfExchange]:
 def run_ssrf_campaign(lab: NetworkLab, connect_to_proxy: Callable[[], socket.socket],
                       exchanges: Sequence[SsrfExchange], *, grace: float = GRACE_SECONDS,
                       concurrency: int | None = SSRF_CONCURRENCY,
-                      then: Sequence[SsrfExchange] = ()) -> dict[str, SsrfVerdict]:
+                      then: Sequence[SsrfExchange] = (), retry: bool = True) -> dict[str, SsrfVerdict]:
     """Run ``exchanges`` through the proxy as one campaign and judge each: test id -> verdict.
 
     Every denial that has one also runs its unmarked twin (``unmarked_twin()``: the catalogue attempts, the
     keep-alive follow-ups, the Host-mismatch denials, the mixed answers and the rebinding names), so a proxy
     that judges only requests carrying the harness's marker fails it. ``then`` (judged too) is queued behind
     ``exchanges`` and their twins; ``concurrency=None`` puts exactly those in flight at once, so an exchange of
-    ``then`` starts only when one of them has ended (the after-quiet set: its controls never end the quiet)."""
+    ``then`` starts only when one of them has ended (the after-quiet set: its controls never end the quiet).
+    An exchange that :func:`went_unanswered` with no hit is sent once more (the campaign's retry);
+    ``retry=False`` judges every exchange on its one send (the after-quiet check, whose verdict is about
+    what the proxy does with the first request after a silence)."""
     twins = _twins_of(exchanges)
     first_wave = [*exchanges, *twins.values()]
     later_twins = _twins_of(then)
     twins.update(later_twins)
     campaign = Campaign(ExchangeContext(lab, connect_to_proxy), grace=grace,
                         concurrency=len(first_wave) if concurrency is None else concurrency)
-    results = campaign.run([*first_wave, *then, *later_twins.values()])
-    return {exchange.key: exchange.judge(results[exchange.key], results[twins[exchange.key].key]
-                                         if exchange.key in twins else None) for exchange in (*exchanges, *then)}
+    results = campaign.run([*first_wave, *then, *later_twins.values()], retry=went_unanswered if retry else None)
+    verdicts = {}
+    for exchange in (*exchanges, *then):
+        twin = results[twins[exchange.key].key] if exchange.key in twins else None
+        verdicts[exchange.key] = with_retry_notes(exchange.judge(results[exchange.key], twin),
+                                                  results[exchange.key], twin)
+    return verdicts
 
 
 def run_attempt(attempt: Attempt, connect_to_proxy: Callable[[], socket.socket],
@@ -339,6 +392,11 @@ class _KeepAliveObservation:
     @property
     def usable(self) -> bool:
         return self.reply is not None and self.reached == 1
+
+    @property
+    def unanswered(self) -> bool:
+        """No answer to the allowed first request (the follow-up was never sent), or none to the follow-up."""
+        return self.first_status is None or (self.reply is not None and self.reply.unanswered)
 
     def describe(self) -> str:
         return f"{self.first_status}, closed={self.first_closed}, origin requests {self.reached}"
@@ -403,6 +461,13 @@ class KeepAliveFollowUp(Twinned):
 class _HostMismatchObservation:
     status: int | None
     reached: tuple[tuple[str, str | None], ...]  # (target, Host) of each request the origin received
+
+    @property
+    def unanswered(self) -> bool:
+        return self.status is None
+
+    def describe(self) -> str:
+        return f"{self.status}, origin requests {list(self.reached)}"
 
 
 @dataclass(frozen=True)
@@ -494,6 +559,11 @@ class _MixedObservation:
     reply: ProxyReply
     dialled: tuple[tuple[str, int], ...]  # (origin, new connections) for each public origin
 
+    @property
+    def unanswered(self) -> bool:
+        """No answer, and no public answer dialled (that is a leak whatever came back: never washed out)."""
+        return self.reply.unanswered and not any(count for _origin, count in self.dialled)
+
 
 @dataclass(frozen=True)
 class MixedAnswers(AttemptBound):
@@ -538,6 +608,11 @@ class _RebindingObservation:
     @property
     def first_served(self) -> bool:
         return self.first_status == 200 and self.reached == 1
+
+    @property
+    def unanswered(self) -> bool:
+        """No answer to the request that must be refused (the name's second resolution)."""
+        return self.reply.unanswered
 
 
 @dataclass(frozen=True)

@@ -95,6 +95,11 @@ class ProxyReply:
     def final(self) -> ParsedResponse:
         return self.tunnelled if self.tunnelled is not None else self.proxy
 
+    @property
+    def unanswered(self) -> bool:
+        """Whether the proxy gave no HTTP answer of its own (it timed out, reset or closed before a status line)."""
+        return self.proxy.status is None
+
     def describe(self) -> str:
         if self.proxy.status is None:
             what = "no HTTP answer"
