@@ -223,10 +223,11 @@ def run_after_quiet(lab: NetworkLab, connect_to_proxy: Callable[[], socket.socke
     # The denials and their twins all in flight at once, the controls queued behind them: a control starts
     # only when a denial's exchange has ended, so the request that ends the quiet is a denial.
     # No retry: a proxy that stays silent to the first request after the quiet is what this check judges, and a
-    # second send would no longer come after a quiet.
+    # second send would no longer come after a quiet. No bare twins: they run alone, after the quiet's requests,
+    # so they too would no longer come after a quiet (the SSRF campaign sends them).
     judged = run_ssrf_campaign(lab, connect_to_proxy, [AttemptExchange(attempt) for attempt in DENIALS],
                                grace=grace, concurrency=None,
-                               then=[AttemptExchange(attempt) for attempt in CONTROLS], retry=False)
+                               then=[AttemptExchange(attempt) for attempt in CONTROLS], retry=False, bare=())
     verdicts = {f"{AFTER_QUIET_PREFIX}{key}": verdict for key, verdict in judged.items()}
     judgement = judge_after_quiet([(key, verdict.judgement) for key, verdict in verdicts.items()], quiet, minimum)
     attempted = (f"{len(DENIALS)} special-use destinations (marked and unmarked) and {len(CONTROLS)} controls, "

@@ -240,7 +240,8 @@ class Attempt:
         ``nonce`` is :func:`~pytest_sandbox.network.lab.attribution.twin_nonce`'s UUID); the nonce rides in
         :data:`TWIN_NONCE_FIELD` too when ``request_id`` or when the request has no path to carry it.
         ``keep_alive``: no ``Connection: close`` (a persistent request, RFC 9112 §9.3, as curl sends: half the
-        twins, :func:`twin_keeps_alive`); a CONNECT never carries one."""
+        twins, :func:`twin_keeps_alive`); a CONNECT never carries one. ``nonce=None, marked=False`` is a bare twin:
+        curl's fields and no nonce anywhere."""
         authority = self.case.authority
         host = authority if self.form in _HOST_CARRIED or _is_field_text(authority) else FALLBACK_HOST
         lines = [f"{self.method} {self.request_target(nonce, marked=marked)} HTTP/1.1", f"Host: {host}"]
@@ -249,6 +250,8 @@ class Attempt:
             # their exchange even when the path carries no nonce ('?@' suffixes, a proxy that rewrites the
             # path), so a leaking proxy's twin hits need no isolation reruns.
             lines += nonce_fields(nonce, marked, request_id or not self.nonce_in_path)
+        elif not marked:  # a bare twin: a client's request and nothing else (no token of any kind)
+            lines += TWIN_CLIENT_FIELDS
         if self.form != "connect" and not keep_alive:
             lines.append("Connection: close")
         return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")

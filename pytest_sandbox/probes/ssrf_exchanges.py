@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import random
 import secrets
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -29,6 +30,7 @@ from pytest_sandbox.network.lab.attribution import NONCE_HEADER, twin_nonce
 from pytest_sandbox.network.lab.lab import NetworkLab
 from pytest_sandbox.probes.campaign import GRACE_SECONDS, RETRY_BUDGET, Campaign, ExchangeContext, ExchangeResult
 from pytest_sandbox.probes.ssrf import (
+    ATTEMPT_FORMS,
     ATTEMPT_TIMEOUT_SECONDS,
     TWIN_NONCE_FIELD,
     Attempt,
@@ -48,14 +50,18 @@ from pytest_sandbox.verdicts.ssrf import (
     ProxyReply,
     case_category,
     judge_attempt,
+    judge_with_bare_twin,
     judge_with_unmarked_twin,
 )
 
 __all__ = [
+    "BARE_SUFFIX",
+    "BARE_TWIN_SAMPLE",
     "PUBLIC_ORIGIN",
     "UNMARKED_SUFFIX",
     "AttemptBound",
     "AttemptExchange",
+    "BareTwin",
     "Carrier",
     "HostMismatchControl",
     "HostMismatchDenial",
@@ -65,6 +71,7 @@ __all__ = [
     "SsrfExchange",
     "SsrfVerdict",
     "Twinned",
+    "bare_twin_sample",
     "custom_case",
     "retry_note",
     "run_attempt",
@@ -287,6 +294,57 @@ class AttemptExchange(AttemptBound):
         return SsrfVerdict(self.category, self.key, judgement, self.attempt.describe())
 
 
+# The key suffix of a denial's bare twin: the request with no token at all, sent alone (BareTwin).
+BARE_SUFFIX = "~bare"
+# How many denials of a campaign also send a bare twin, drawn at random per campaign (bare_twin_sample): each runs
+# alone, so a proxy that never answers one costs a whole deadline (3 s); a proxy that judges only requests carrying
+# a token leaks every bare twin, so any one of them fails it, and it cannot tell in advance which denials they are.
+BARE_TWIN_SAMPLE = 8
+
+
+@dataclass(frozen=True)
+class BareTwin(AttemptExchange):
+    """A catalogue denial sent as curl sends it, with no token of any kind: no marker, no nonce, no request id
+    (the unmarked twin still carries a UUID). Its bytes name nobody, so it runs alone (``sequential``): a canary
+    hit in its window, at one of its destinations, is its own. Judged with the marked attempt
+    (:func:`~pytest_sandbox.verdicts.ssrf.judge_with_bare_twin`)."""
+
+    marked: bool = False
+    # Its evidence carries no nonce: run alone, after the batch's grace period (Campaign._perform_all).
+    sequential = True
+
+    @property
+    def key(self) -> str:
+        return self.attempt.test_id + BARE_SUFFIX
+
+    def unmarked_twin(self) -> Any:
+        return None
+
+    def perform(self, context: ExchangeContext, nonce: str) -> ProxyReply:
+        del nonce  # registered for its window only: nothing it sends carries it
+        try:
+            with context.connect() as sock:
+                return send_attempt(sock, self.attempt, self.timeout, nonce=None, marked=False,
+                                    keep_alive=twin_keeps_alive(self.attempt.test_id))
+        except OSError as exc:
+            return _failed_reply(exc)
+
+
+def bare_twin_sample(exchanges: Sequence[SsrfExchange], sample: int | Collection[str],
+                     chooser: random.Random | None = None) -> dict[str, BareTwin]:
+    """Marked exchange key -> its bare twin, for ``sample`` of the catalogue's policy denials in ``exchanges`` sent
+    in a form a forward proxy serves (:data:`~pytest_sandbox.probes.ssrf.ATTEMPT_FORMS`; malformed targets and the
+    other forms are refused as malformed whoever sends them): that many drawn at random (``chooser``, by default
+    the system's random source: a proxy cannot predict them), or exactly the keys given."""
+    denials = [e for e in exchanges if type(e) is AttemptExchange and e.marked and e.attempt.case.expected == "denied"
+               and e.attempt.form in ATTEMPT_FORMS]
+    if isinstance(sample, int):
+        chosen = (chooser or random.SystemRandom()).sample(denials, min(sample, len(denials)))
+    else:
+        chosen = [e for e in denials if e.key in sample]
+    return {e.key: BareTwin(e.attempt, e.timeout) for e in chosen}
+
+
 # How many SSRF exchanges are in flight at once: each waits on the proxy (a refusal's close, a dial),
 # so overlapping them bounds the category's time by the slowest ones, not by their sum.
 SSRF_CONCURRENCY = 16
@@ -306,7 +364,8 @@ def _twins_of(exchanges: Sequence[SsrfExchange]) -> dict[str, SsrfExchange]:
 def run_ssrf_campaign(lab: NetworkLab, connect_to_proxy: Callable[[], socket.socket],
                       exchanges: Sequence[SsrfExchange], *, grace: float = GRACE_SECONDS,
                       concurrency: int | None = SSRF_CONCURRENCY,
-                      then: Sequence[SsrfExchange] = (), retry: bool = True) -> dict[str, SsrfVerdict]:
+                      then: Sequence[SsrfExchange] = (), retry: bool = True,
+                      bare: int | Collection[str] = BARE_TWIN_SAMPLE) -> dict[str, SsrfVerdict]:
     """Run ``exchanges`` through the proxy as one campaign and judge each: test id -> verdict.
 
     Every denial that has one also runs its unmarked twin (``unmarked_twin()``: the catalogue attempts, the
@@ -316,9 +375,11 @@ def run_ssrf_campaign(lab: NetworkLab, connect_to_proxy: Callable[[], socket.soc
     ``then`` starts only when one of them has ended (the after-quiet set: its controls never end the quiet).
     An exchange that :func:`went_unanswered` with no hit is sent once more (the campaign's retry);
     ``retry=False`` judges every exchange on its one send (the after-quiet check, whose verdict is about
-    what the proxy does with the first request after a silence)."""
+    what the proxy does with the first request after a silence). ``bare`` denials of ``exchanges`` (a number drawn
+    at random, or the keys) also send a bare twin (:class:`BareTwin`), run alone after the others."""
     twins = _twins_of(exchanges)
-    first_wave = [*exchanges, *twins.values()]
+    bare_twins = bare_twin_sample(exchanges, bare)
+    first_wave = [*exchanges, *twins.values(), *bare_twins.values()]
     later_twins = _twins_of(then)
     twins.update(later_twins)
     campaign = Campaign(ExchangeContext(lab, connect_to_proxy), grace=grace,
@@ -327,9 +388,21 @@ def run_ssrf_campaign(lab: NetworkLab, connect_to_proxy: Callable[[], socket.soc
     verdicts = {}
     for exchange in (*exchanges, *then):
         twin = results[twins[exchange.key].key] if exchange.key in twins else None
-        verdicts[exchange.key] = with_retry_notes(exchange.judge(results[exchange.key], twin),
-                                                  results[exchange.key], twin)
+        verdict = with_retry_notes(exchange.judge(results[exchange.key], twin), results[exchange.key], twin)
+        if exchange.key in bare_twins:
+            verdict = _with_bare_twin(verdict, bare_twins[exchange.key], results[bare_twins[exchange.key].key])
+        verdicts[exchange.key] = verdict
     return verdicts
+
+
+def _with_bare_twin(verdict: SsrfVerdict, bare: BareTwin, result: ExchangeResult) -> SsrfVerdict:
+    """``verdict`` with its bare twin's ``result`` folded in (:func:`judge_with_bare_twin`, retry notes kept)."""
+    judgement = with_hit_notes(judge_with_bare_twin(bare.attempt, verdict.judgement, result.observation,
+                                                    hit_counts(result.blamed)), result)
+    note = retry_note(result)
+    if note:
+        judgement = dataclasses.replace(judgement, observed=f"{judgement.observed} [the bare twin {note}]")
+    return dataclasses.replace(verdict, judgement=judgement)
 
 
 def run_attempt(attempt: Attempt, connect_to_proxy: Callable[[], socket.socket],

@@ -26,6 +26,7 @@ __all__ = [
     "case_category",
     "endpoint_text",
     "judge_attempt",
+    "judge_with_bare_twin",
     "judge_with_unmarked_twin",
 ]
 
@@ -204,6 +205,31 @@ def judge_with_unmarked_twin(attempt: JudgedAttempt, reply: ProxyReply, unmarked
                          f"harness's marker could not be judged: {twin.reason}", judgement.expected, observed)
     return Judgement(judgement.verdict, f"{judgement.reason}; the same request without the harness's marker could "
                      f"not be judged either: {twin.reason}", judgement.expected, observed)
+
+
+def judge_with_bare_twin(attempt: JudgedAttempt, judgement: Judgement, bare: ProxyReply, hits: HitCounts,
+                         observable: Callable[[str], bool] = canary_is_observable) -> Judgement:
+    """Fold a denial's *bare twin* into its verdict: the same request as curl sends it with no token of the
+    harness's at all (no marker, no nonce, no request id), sent alone so that what it reached needs no nonce to
+    be named (``hits``: the canary connections in its window). Pure.
+
+    Every other twin carries its nonce somewhere (a UUID in the path or in ``X-Request-ID``), so a proxy that
+    judges only requests holding such a token, and forwards the rest unchecked, refuses every probe and every
+    twin (``UuidKeyedProxy`` in tests/broken_proxies/marker_keyed.py passed every absolute-form SSRF test). A bare
+    twin is byte for byte what a client sends: a leak of it is a leak for every client, whatever the other two
+    sends got. Anything else it got (a refusal, no answer) leaves the verdict as it was, noted."""
+    if attempt.case.expected == "allowed":
+        return judgement
+    bare_judgement = judge_attempt(attempt, bare, hits, observable)
+    observed = f"{judgement.observed}; the same request with no token at all, sent alone: {bare.describe()}"
+    if bare_judgement.verdict is Verdict.ALLOWED and judgement.verdict is Verdict.ALLOWED:
+        return Judgement(Verdict.ALLOWED, f"{judgement.reason}; with no token at all too: {bare_judgement.reason}",
+                         judgement.expected, observed)
+    if bare_judgement.verdict is Verdict.ALLOWED:
+        return Judgement(Verdict.ALLOWED, "refused only requests carrying a token (the harness's marker, a nonce or "
+                         "a request id); the same request with none, as a client sends it: "
+                         f"{bare_judgement.reason}", judgement.expected, observed)
+    return Judgement(judgement.verdict, judgement.reason, judgement.expected, observed)
 
 
 def _judge_control(attempt: JudgedAttempt, reply: ProxyReply, hits: HitCounts, observed: str) -> Judgement:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import re
 import sys
 from pathlib import Path
 
@@ -145,6 +146,20 @@ class UserAgentAbsentKeyedProxy(MarkerKeyedProxy):
         return request.header("user-agent") is None
 
 
+# RFC 9562 §5.4's lowercase spelling of a version 4 UUID, what every unmarked twin used to carry its nonce in.
+_UUID4 = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+
+
+class UuidKeyedProxy(MarkerKeyedProxy):
+    """Judges the marked requests and those holding a version 4 UUID anywhere in the head (target or field):
+    a client's request without one goes through."""
+
+    @staticmethod
+    def judges(request: Request) -> bool:
+        return carries_marker(request) or _UUID4.search(request.raw) is not None \
+            or _UUID4.search(request.target.encode("latin-1", "replace")) is not None
+
+
 _REQUESTS_ON_CONNECTION: contextvars.ContextVar[list[int]] = contextvars.ContextVar("requests_on_connection")
 
 
@@ -167,7 +182,7 @@ KEYED: dict[str, type[MarkerKeyedProxy]] = {
     "marker": MarkerKeyedProxy, "marker-stripping": StrippingMarkerKeyedProxy, "request-id": RequestIdKeyedProxy,
     "no-request-id": RequestIdAbsentKeyedProxy,
     "nonce-text": NonceTextKeyedProxy, "no-user-agent": UserAgentAbsentKeyedProxy,
-    "connection-close": ConnectionCloseKeyedProxy}
+    "connection-close": ConnectionCloseKeyedProxy, "uuid": UuidKeyedProxy}
 
 
 def command(keyed_on: str) -> str:
