@@ -34,7 +34,7 @@ from pytest_sandbox.network.lab.lab import NetworkLab
 from pytest_sandbox.network.netns import host_can_create_netns
 from pytest_sandbox.probes.smuggling import PATHS, SmugglingAttempt, build_attempts, run_smuggling_campaign
 from pytest_sandbox.verdicts.judgement import Judgement, Verdict
-from pytest_sandbox.verdicts.smuggling import judge_with_twin
+from pytest_sandbox.verdicts.smuggling import judge_with_bare_twin, judge_with_twin
 
 ROOT = Path(__file__).resolve().parent.parent
 NETNS_OK, NETNS_REASON = host_can_create_netns()
@@ -91,6 +91,29 @@ def test_a_twin_carries_no_marker_but_its_uuid_in_every_head_and_frames_as_the_m
         attempt.allowed(origin=PUBLIC_ORIGIN, denied=DENIED_CANARY)
 
 
+# Anything a proxy could key on: the harness's marks, a UUID, a long hex run.
+TOKEN = re.compile(rb"sbx-|sandbox-probe|X-Sandbox-Probe|X-Request-ID|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-|[0-9a-fA-F]{16}")
+
+
+@pytest.mark.parametrize("attempt", TWINNED, ids=[attempt.test_id for attempt in TWINNED])
+def test_a_bare_twin_carries_no_token_at_all_and_frames_as_the_marked_bytes(attempt):
+    bare = attempt.bare_twin()
+    assert bare is not None and bare.test_id == attempt.test_id + "~bare" and bare.base_id == attempt.test_id
+    assert bare.twin() is None and bare.bare_twin() is None
+    nonce = new_nonce()
+    marked = attempt.payload(origin=PUBLIC_ORIGIN, denied=DENIED_CANARY, nonce=nonce)
+    sent = bare.payload(origin=PUBLIC_ORIGIN, denied=DENIED_CANARY, nonce=nonce)
+    follow_up = bare.follow_up(PUBLIC_ORIGIN, nonce, sent)
+    assert TOKEN.search(sent + follow_up) is None, (sent, follow_up)
+    assert b"\r\nUser-Agent: curl/" in sent and b"\r\nAccept: */*\r\n" in sent, sent
+    assert frame_pipeline(sent).violation == frame_pipeline(marked).violation
+    assert [(head.method, head.target) for head, _body in frame_pipeline(sent).requests] == \
+        [(head.method, head.target) for head, _body in frame_pipeline(marked).requests]
+    assert bare.allowed(origin=PUBLIC_ORIGIN, denied=DENIED_CANARY) != () or attempt.allowed(
+        origin=PUBLIC_ORIGIN, denied=DENIED_CANARY) == ()
+    assert find_nonce(sent) is None
+
+
 def test_half_the_twins_carry_x_request_id_and_a_connect_always_does():
     carrying = {attempt.test_id for attempt in TWINNED if has_request_id(attempt)}
     assert 0 < len(carrying) < len(TWINNED), carrying
@@ -124,6 +147,18 @@ def test_a_row_refused_only_when_marked_is_allowed_and_names_the_marker():
 def test_a_twin_that_cannot_be_judged_leaves_nothing_blocked():
     judged = judge_with_twin(BLOCKED, OPEN)
     assert judged.verdict is Verdict.INDETERMINATE and "could not be judged" in judged.reason, judged
+
+
+def test_a_bare_twin_let_through_fails_the_row_naming_the_token_and_anything_else_leaves_it_as_it_was():
+    judged = judge_with_bare_twin(judge_with_twin(BLOCKED, BLOCKED), FORWARDED)
+    assert judged.verdict is Verdict.ALLOWED, judged
+    assert judged.reason.startswith("routed-then-denied: refused only requests carrying a token"), judged
+    assert "canary 10.0.0.1:80" in judged.reason and "no token at all, sent alone: observed ALLOWED" in judged.observed
+    for other in (BLOCKED, OPEN):
+        kept = judge_with_bare_twin(BLOCKED, other)
+        assert (kept.verdict, kept.reason) == (Verdict.BLOCKED, BLOCKED.reason), kept
+    both = judge_with_bare_twin(FORWARDED, FORWARDED)
+    assert both.verdict is Verdict.ALLOWED and both.reason.startswith(FORWARDED.reason), both
 
 
 def test_a_marked_row_that_could_not_be_judged_whose_twin_was_forwarded_is_allowed():
@@ -181,14 +216,18 @@ def test_without_twins_the_marker_keyed_fake_passes_every_row(_network_lab, keye
         {a.twin().test_id for a in TWINNED}, alone
 
 
+# Which twinned rows each fake lets a twin of through: the unmarked twin, or the bare twin (no token at all), which
+# every fake that judges requests by a token (the marker, X-Request-ID, a UUID, the nonce text) lets through.
 LETS_THROUGH = {
     "marker": lambda attempt: True,
     "marker-stripping": lambda attempt: True,
-    "request-id": lambda attempt: not has_request_id(attempt),
-    "no-request-id": has_request_id,
+    "request-id": lambda attempt: True,  # the twin without X-Request-ID, else the bare twin
+    "no-request-id": has_request_id,  # judges the bare twin: it has no X-Request-ID
     "nonce-text": lambda attempt: True,
     "no-user-agent": lambda attempt: True,
+    "uuid": lambda attempt: True,  # every unmarked twin holds a UUID: only the bare twin goes through
 }
+TOKEN_HOLE = "refused only requests carrying a token"
 
 
 @needs_netns
@@ -202,7 +241,9 @@ def test_a_marker_keyed_fake_fails_exactly_the_twins_it_lets_through_and_its_con
     assert failed == expected, (keyed_on, {t: verdicts[t].reason for t in failed ^ expected})
     for test_id in failed:
         judged = verdicts[test_id]
-        assert judged.verdict is Verdict.ALLOWED and MARKER_HOLE in judged.reason, (test_id, judged)
+        hole = TOKEN_HOLE if keyed_on == "uuid" else MARKER_HOLE
+        assert judged.verdict is Verdict.ALLOWED and (hole in judged.reason or TOKEN_HOLE in judged.reason), \
+            (test_id, judged)
         hole = "canary 10.0.0.1:" if test_id.startswith("absolute-") else f"backend {BACKEND_NAME}"
         assert hole in judged.reason, (test_id, judged.reason)
     assert all(verdicts[a.test_id].verdict is Verdict.WORKS for a in CONTROLS), keyed_on

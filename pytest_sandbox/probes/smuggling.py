@@ -90,14 +90,15 @@ from pytest_sandbox.probes.inference import (
     inference_request,
     open_inference_tunnel,
 )
-from pytest_sandbox.probes.ssrf import TWIN_NONCE_FIELD, nonce_fields, twin_sends_request_id
-from pytest_sandbox.probes.ssrf_exchanges import UNMARKED_SUFFIX
+from pytest_sandbox.probes.ssrf import TWIN_CLIENT_FIELDS, TWIN_NONCE_FIELD, nonce_fields, twin_sends_request_id
+from pytest_sandbox.probes.ssrf_exchanges import BARE_SUFFIX, UNMARKED_SUFFIX
 from pytest_sandbox.verdicts.judgement import Judgement, Verdict
 from pytest_sandbox.verdicts.smuggling import (
     FOLLOW_UP_MARKER,
     Exchange,
     is_policy_denial,
     judge_exchange,
+    judge_with_bare_twin,
     judge_with_twin,
 )
 
@@ -201,21 +202,29 @@ class SmugglingAttempt:
     case: SmugglingCase
     path: str
     marked: bool = True
+    bare: bool = False  # with marked=False: the bare twin, no token of any kind (bare_twin)
 
     @property
     def test_id(self) -> str:
-        return f"{self.path}-{self.case.case_id}{'' if self.marked else UNMARKED_SUFFIX}"
+        suffix = "" if self.marked else BARE_SUFFIX if self.bare else UNMARKED_SUFFIX
+        return f"{self.path}-{self.case.case_id}{suffix}"
 
     @property
     def base_id(self) -> str:
         """The marked attempt's test id (a twin's verdict is folded into it)."""
-        return self.test_id.removesuffix(UNMARKED_SUFFIX)
+        return self.test_id.removesuffix(UNMARKED_SUFFIX).removesuffix(BARE_SUFFIX)
 
     def twin(self) -> SmugglingAttempt | None:
         """The unmarked twin a refusal decided by policy (not by framing) is proven with as well: a proxy that
         judges only the harness's requests refuses the marked bytes and forwards the same bytes from a client.
         None for a framing refusal (refused whoever sends it), a positive control, or a twin."""
         return replace(self, marked=False) if self.marked and is_policy_denial(self.case) else None
+
+    def bare_twin(self) -> SmugglingAttempt | None:
+        """The bare twin of a policy refusal: its bytes with curl's fields where the marker goes and no token at
+        all (the unmarked twin's UUID is a token a proxy could key on). Its bytes carry no nonce, so the campaign
+        sends it alone and attributes what reaches upstream by time. None where :meth:`twin` is None."""
+        return replace(self, marked=False, bare=True) if self.twin() is not None else None
 
     def payload(self, *, origin: str, denied: str, nonce: str | None = None) -> bytes:
         """The bytes sent; with ``nonce``, carried by every strictly framed request (or the first
@@ -230,6 +239,9 @@ class SmugglingAttempt:
             return render(self.case, form, host=host, denied=other)
         if self.marked:
             return with_nonce(render(self.case, form, host=host, denied=other), nonce)
+        if self.bare:  # curl's fields exactly where the marker goes, and the nonce nowhere
+            return _unmark(with_nonce(render(self.case, form, host=host, denied=other), nonce), nonce,
+                           TWIN_CLIENT_FIELDS)
         marked = with_nonce(render(self.case, _twin_form(form, nonce), host=host, denied=other), nonce)
         payload = _unmark(marked, nonce, twin_fields(nonce, request_id=False))
         if twin_sends_request_id(self.base_id) or not nonce_in_every_head(payload, twin_nonce(nonce)):
@@ -239,6 +251,8 @@ class SmugglingAttempt:
     def follow_up(self, origin: str, nonce: str, payload: bytes) -> bytes:
         """The request tried on the connection after ``payload``'s answers, carrying ``nonce`` as ``payload``
         does (a twin's with ``X-Request-ID`` where ``payload``'s has it)."""
+        if self.bare:  # no token in the follow-up either: it goes out on the same connection
+            return tunnel_follow_up() if self.path == TUNNEL else absolute_follow_up(origin)
         request_id = f"{TWIN_NONCE_FIELD}: {twin_nonce(nonce)}".encode("ascii") in payload
         if self.path == TUNNEL:
             return tunnel_follow_up(nonce, marked=self.marked, request_id=request_id)
@@ -408,8 +422,8 @@ def run_smuggling_campaign(
     """
     if twins:
         given = {attempt.test_id for attempt in attempts}
-        attempts = [*attempts, *(twin for attempt in attempts
-                                 if (twin := attempt.twin()) is not None and twin.test_id not in given)]
+        attempts = [*attempts, *(twin for attempt in attempts for twin in (attempt.twin(), attempt.bare_twin())
+                                 if twin is not None and twin.test_id not in given)]
     tests = [attempt.test_id for attempt in attempts]
     if len(set(tests)) != len(tests):
         raise ValueError(f"attempts repeat: {sorted(t for t in set(tests) if tests.count(t) > 1)}")
@@ -476,9 +490,15 @@ def run_smuggling_campaign(
         # absolute-form attempt can reach, the lab origins and canaries, is disjoint from what a tunnel
         # attempt can reach, the backend, and bytes without a nonce are attributed to the windows of
         # their destination first: network/lab/attribution.candidates_at).
-        sequences = [[plan for plan in alone if plan.attempt.path == path] for path in PATHS]
+        # Bare twins last: their bytes carry no nonce at all, their allowed requests included (the same `GET /`
+        # as the next bare twin's), so only time can name them, and each waits out the grace period of whatever
+        # went before it on its path; the campaign's own grace period follows the last.
+        sequences = [sorted((plan for plan in alone if plan.attempt.path == path), key=lambda plan: plan.attempt.bare)
+                     for path in PATHS]
         def one_after_another(sequence: list[_Plan]) -> None:
             for plan in sequence:
+                if plan.attempt.bare and grace > 0:
+                    time.sleep(grace)
                 send(plan, alone=True)
                 # One whose deadline ran out before its answers were complete (a loaded machine: a tunnel's
                 # handshake, a late refusal) is measured again at once, still alone, as a batch attempt is.
@@ -486,6 +506,8 @@ def run_smuggling_campaign(
                     again = _retry_plan(plan, replan=replan)
                     known[again.nonce] = again.key
                     retries.append(again)
+                    if plan.attempt.bare and grace > 0:  # as above: the first send's bytes are named by time
+                        time.sleep(grace)
                     send(again, alone=True)
         in_flight(sequences, one_after_another, 2 if concurrency > 1 else 1, "smuggling-path")
     finally:
@@ -543,15 +565,20 @@ def run_smuggling_campaign(
 
 def _fold_twins(judged: Mapping[str, tuple[Judgement, Exchange]]) -> dict[str, tuple[Judgement, Exchange]]:
     """``judged`` with each unmarked twin's verdict folded into its marked attempt's
-    (:func:`~pytest_sandbox.verdicts.smuggling.judge_with_twin`); a twin whose marked attempt is not there
+    (:func:`~pytest_sandbox.verdicts.smuggling.judge_with_twin`), then each bare twin's
+    (:func:`~pytest_sandbox.verdicts.smuggling.judge_with_bare_twin`); a twin whose marked attempt is not there
     keeps its own entry. Pure."""
     folded: dict[str, tuple[Judgement, Exchange]] = {}
     for test_id, (judgement, seen) in judged.items():
-        twin = judged.get(test_id + UNMARKED_SUFFIX)
+        if any(test_id.endswith(suffix) and test_id.removesuffix(suffix) in judged
+               for suffix in (UNMARKED_SUFFIX, BARE_SUFFIX)):
+            continue  # folded into its marked attempt's
+        twin, bare = judged.get(test_id + UNMARKED_SUFFIX), judged.get(test_id + BARE_SUFFIX)
         if twin is not None:
-            folded[test_id] = (judge_with_twin(judgement, twin[0]), seen)
-        elif not (test_id.endswith(UNMARKED_SUFFIX) and test_id.removesuffix(UNMARKED_SUFFIX) in judged):
-            folded[test_id] = (judgement, seen)
+            judgement = judge_with_twin(judgement, twin[0])
+        if bare is not None:
+            judgement = judge_with_bare_twin(judgement, bare[0])
+        folded[test_id] = (judgement, seen)
     return folded
 
 

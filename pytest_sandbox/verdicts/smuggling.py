@@ -47,6 +47,7 @@ __all__ = [
     "is_follow_up",
     "is_policy_denial",
     "judge_exchange",
+    "judge_with_bare_twin",
     "judge_with_twin",
 ]
 
@@ -237,6 +238,29 @@ def judge_with_twin(marked: Judgement, twin: Judgement) -> Judgement:
                          f"harness's marker could not be judged: {twin_reason}", marked.expected, observed)
     return Judgement(marked.verdict, f"{marked.reason}; the same bytes without the harness's marker could not be "
                      f"judged either: {twin_reason}", marked.expected, observed)
+
+
+def judge_with_bare_twin(judgement: Judgement, bare: Judgement) -> Judgement:
+    """Fold a policy refusal's *bare twin* into its verdict (after :func:`judge_with_twin`): the same bytes as a
+    client sends them with no token of the harness's at all (no marker, no nonce in a query or ``X-Request-ID``),
+    sent alone so that what reached upstream in its window is its own. Pure.
+
+    The unmarked twin still carries a UUID in every head, so a proxy that judged only requests holding one
+    refused the marked bytes and the twin and forwarded a client's. A bare twin let through is a leak for every
+    client: ALLOWED whatever the other two got. Anything else it got (refused, not judged) leaves the verdict as it
+    was, noted in ``observed``, as for the SSRF bare twins
+    (:func:`pytest_sandbox.verdicts.ssrf.judge_with_bare_twin`)."""
+    observed = f"{judgement.observed}; the same bytes with no token at all, sent alone: {bare.observed}"
+    bare_reason = bare.reason.partition(": ")[2] or bare.reason
+    if bare.verdict is not Verdict.ALLOWED:
+        return Judgement(judgement.verdict, judgement.reason, judgement.expected, observed)
+    if judgement.verdict is Verdict.ALLOWED:
+        return Judgement(Verdict.ALLOWED, f"{judgement.reason}; with no token at all too: {bare_reason}",
+                         judgement.expected, observed)
+    case_id = judgement.reason.partition(": ")[0]
+    return Judgement(Verdict.ALLOWED, f"{case_id}: refused only requests carrying a token (the harness's marker, a "
+                     f"nonce or a request id); the same bytes with none, as a client sends them: {bare_reason}",
+                     judgement.expected, observed)
 
 
 def _where_extra(segments: Sequence[UpstreamSegment], found: Assessment) -> str:
