@@ -28,12 +28,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a command: the tree under test
 
-from broken_proxies.raw_relay import lab_command_resolve, relay_to_inner
+from broken_proxies.raw_relay import LoopInThread, relay_to_inner, start_inner_reference
 
 from pytest_sandbox.network.lab.attribution import NONCE_HEADER
-from pytest_sandbox.network.proxy.config import Decision, ProxyConfig
-from pytest_sandbox.network.proxy.server import EgressProxy
-from pytest_sandbox.network.route_lookup import local_route_socket
+from pytest_sandbox.network.proxy.config import Decision
 
 DELAY_SECONDS = 0.2
 HEAD_LIMIT = 64 * 1024
@@ -75,7 +73,7 @@ def _nonce_of(head: bytes) -> str | None:
 
 
 @dataclass
-class LateDialer:
+class LateDialer(LoopInThread):
     """The relay. ``connect_inner`` opens a connection to the inner proxy; ``socket_factory(family)``
     makes the sockets the late dials use; ``decisions`` is the inner proxy's decision log."""
 
@@ -95,41 +93,8 @@ class LateDialer:
     _seen: dict[str, int] = field(default_factory=dict)
     _loop: asyncio.AbstractEventLoop | None = None
     _thread: threading.Thread | None = None
+    thread_name = "late-dialer"
     _pending: set[asyncio.Task[None]] = field(default_factory=set)
-
-    async def serve(self, listen_sock: socket.socket) -> None:
-        listen_sock.setblocking(False)
-        server = await asyncio.start_server(self._client, sock=listen_sock, limit=HEAD_LIMIT)
-        async with server:
-            await server.serve_forever()
-
-    def start_in_thread(self, listen_sock: socket.socket) -> None:
-        self._loop = asyncio.new_event_loop()
-        ready = threading.Event()
-
-        def main() -> None:
-            assert self._loop is not None
-            asyncio.set_event_loop(self._loop)
-            task = self._loop.create_task(self.serve(listen_sock))
-            self._loop.call_soon(ready.set)
-            with contextlib.suppress(asyncio.CancelledError):
-                self._loop.run_until_complete(task)
-
-        self._thread = threading.Thread(target=main, name="late-dialer", daemon=True)
-        self._thread.start()
-        ready.wait(5)
-
-    def stop(self) -> None:
-        """Stop serving and cancel dials not made yet."""
-        if self._loop is None or self._thread is None:
-            return
-
-        def cancel_all() -> None:
-            for task in asyncio.all_tasks(self._loop):
-                task.cancel()
-
-        self._loop.call_soon_threadsafe(cancel_all)
-        self._thread.join(timeout=5)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         loop = asyncio.get_running_loop()
@@ -198,14 +163,7 @@ def main(argv: list[str]) -> int:
     if len(argv) != 1 or not argv[0].isdigit():
         print("usage: late_dial_proxy.py PORT [--literals]", file=sys.stderr)
         return 2
-    inner_listener = socket.socket()
-    inner_listener.bind(("127.0.0.1", 0))
-    inner_listener.listen(128)
-    inner_address = inner_listener.getsockname()
-    config = ProxyConfig(connect_timeout=2.0, upstream_timeout=2.0, resolve_timeout=2.0, idle_timeout=5.0)
-    inner = EgressProxy(config, resolver=lab_command_resolve, socket_factory=lambda family: socket.socket(family),
-                        route_socket_factory=local_route_socket)
-    inner.start_in_thread(inner_listener)
+    inner, inner_address = start_inner_reference()
     relay = LateDialer(lambda: socket.create_connection(inner_address, timeout=5),
                        lambda family: socket.socket(family), lambda: inner.decisions, dial_refused_literals=literals)
     listener = socket.socket()

@@ -36,13 +36,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))  # run as a command: the tree under test
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from raw_relay import destination, lab_command_resolve, relay_to_inner
+from raw_relay import destination, relay_to_inner, start_inner_reference
 
 from pytest_sandbox.inference.interceptor import InferenceInterceptor, UpstreamError
 from pytest_sandbox.inference.tls import TlsStream
-from pytest_sandbox.network.proxy.config import ProxyConfig
-from pytest_sandbox.network.proxy.server import EgressProxy
-from pytest_sandbox.network.route_lookup import local_route_socket
 
 DELAY_SECONDS = 0.2
 READ_SIZE = 65536
@@ -169,14 +166,8 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--delay", type=float, default=DELAY_SECONDS)
     args = parser.parse_args()
-    inner_listener = socket.socket()
-    inner_listener.bind(("127.0.0.1", 0))
-    inner_listener.listen(128)
-    config = ProxyConfig(connect_timeout=2.0, upstream_timeout=2.0, resolve_timeout=2.0, idle_timeout=5.0)
-    inner = EgressProxy(config, resolver=lab_command_resolve, socket_factory=lambda family: socket.socket(family),
-                        route_socket_factory=local_route_socket)
-    inner.start_in_thread(inner_listener)
-    relay = LateForwarder(inner_listener.getsockname(), delay=args.delay)
+    _inner, inner_address = start_inner_reference()
+    relay = LateForwarder(inner_address, delay=args.delay)
     family = socket.AF_INET6 if ":" in args.address else socket.AF_INET
     listener = socket.socket(family, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

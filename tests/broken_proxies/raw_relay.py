@@ -26,6 +26,7 @@ import re
 import selectors
 import socket
 import threading
+from typing import Any
 
 HEAD_LIMIT = 65536
 IDLE_SECONDS = 10.0
@@ -57,6 +58,73 @@ async def lab_command_resolve(name: str) -> list[str]:
     except socket.gaierror:
         return []
     return list(dict.fromkeys(str(info[4][0]) for info in answers))
+
+
+def start_inner_reference() -> tuple[Any, tuple[str, int]]:
+    """For a proxy run as a command inside a lab that puts a reference proxy behind it (``late_forwarder``,
+    ``stalling``, ``late_dial_proxy``): the reference on a free loopback port, serving in a thread, resolving
+    through the lab's DNS (:func:`lab_command_resolve`): (the reference proxy, its address)."""
+    # Imported here: this file is also run on its own as the raw relay, which needs only the standard library.
+    from pytest_sandbox.network.proxy.config import ProxyConfig
+    from pytest_sandbox.network.proxy.server import EgressProxy
+    from pytest_sandbox.network.route_lookup import local_route_socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(128)
+    config = ProxyConfig(connect_timeout=2.0, upstream_timeout=2.0, resolve_timeout=2.0, idle_timeout=5.0)
+    inner = EgressProxy(config, resolver=lab_command_resolve, socket_factory=lambda family: socket.socket(family),
+                        route_socket_factory=local_route_socket)
+    inner.start_in_thread(listener)
+    return inner, listener.getsockname()
+
+
+class LoopInThread:
+    """A fake proxy's asyncio server (its ``_client(reader, writer)``) on a listening socket, run on a loop in a
+    thread of its own; ``stop`` cancels every task of that loop (open connections, dials not made yet). For the
+    proxies that put a reference proxy behind them (``stalling``, ``late_dial_proxy``): a dataclass with
+    ``_loop`` and ``_thread`` fields (None until started)."""
+
+    thread_name = "fake-proxy"
+    _loop: asyncio.AbstractEventLoop | None
+    _thread: threading.Thread | None
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+    async def serve(self, listen_sock: socket.socket) -> None:
+        listen_sock.setblocking(False)
+        server = await asyncio.start_server(self._client, sock=listen_sock, limit=HEAD_LIMIT)
+        async with server:
+            await server.serve_forever()
+
+    def start_in_thread(self, listen_sock: socket.socket) -> None:
+        self._loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        def main() -> None:
+            assert self._loop is not None
+            asyncio.set_event_loop(self._loop)
+            task = self._loop.create_task(self.serve(listen_sock))
+            self._loop.call_soon(ready.set)
+            with contextlib.suppress(asyncio.CancelledError):
+                self._loop.run_until_complete(task)
+
+        self._thread = threading.Thread(target=main, name=self.thread_name, daemon=True)
+        self._thread.start()
+        ready.wait(5)
+
+    def stop(self) -> None:
+        """Stop serving: every task of the loop is cancelled (open connections closed, pending dials dropped)."""
+        if self._loop is None or self._thread is None:
+            return
+
+        def cancel_all() -> None:
+            for task in asyncio.all_tasks(self._loop):
+                task.cancel()
+
+        self._loop.call_soon_threadsafe(cancel_all)
+        self._thread.join(timeout=5)
 
 
 async def relay_to_inner(

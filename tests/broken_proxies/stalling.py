@@ -42,11 +42,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))  # run as a command: the tree under test
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from raw_relay import destination, lab_command_resolve, relay_to_inner
-
-from pytest_sandbox.network.proxy.config import ProxyConfig
-from pytest_sandbox.network.proxy.server import EgressProxy
-from pytest_sandbox.network.route_lookup import local_route_socket
+from raw_relay import LoopInThread, destination, lab_command_resolve, relay_to_inner, start_inner_reference
 
 VARIANTS = ("first-pass", "forever", "dial-on-retry", "late-first-dial")
 HEAD_LIMIT = 64 * 1024
@@ -66,7 +62,7 @@ def request_identity(head: bytes) -> bytes:
 
 
 @dataclass
-class StallingProxy:
+class StallingProxy(LoopInThread):
     """The proxy. ``connect_inner`` opens a connection to the inner reference proxy, ``socket_factory(family)``
     makes the sockets its own dials use and ``resolve`` looks a name up (the lab's DNS)."""
 
@@ -79,44 +75,11 @@ class StallingProxy:
     dialled: list[tuple[str, int, bytes]] = field(default_factory=list)  # (address, port, bytes written)
     _loop: asyncio.AbstractEventLoop | None = None
     _thread: threading.Thread | None = None
+    thread_name = "stalling-proxy"
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ValueError(f"unknown variant {self.variant!r}: one of {', '.join(VARIANTS)}")
-
-    async def serve(self, listen_sock: socket.socket) -> None:
-        listen_sock.setblocking(False)
-        server = await asyncio.start_server(self._client, sock=listen_sock, limit=HEAD_LIMIT)
-        async with server:
-            await server.serve_forever()
-
-    def start_in_thread(self, listen_sock: socket.socket) -> None:
-        self._loop = asyncio.new_event_loop()
-        ready = threading.Event()
-
-        def main() -> None:
-            assert self._loop is not None
-            asyncio.set_event_loop(self._loop)
-            task = self._loop.create_task(self.serve(listen_sock))
-            self._loop.call_soon(ready.set)
-            with contextlib.suppress(asyncio.CancelledError):
-                self._loop.run_until_complete(task)
-
-        self._thread = threading.Thread(target=main, name="stalling-proxy", daemon=True)
-        self._thread.start()
-        ready.wait(5)
-
-    def stop(self) -> None:
-        """Stop serving; silent connections are closed."""
-        if self._loop is None or self._thread is None:
-            return
-
-        def cancel_all() -> None:
-            for task in asyncio.all_tasks(self._loop):
-                task.cancel()
-
-        self._loop.call_soon_threadsafe(cancel_all)
-        self._thread.join(timeout=5)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -189,14 +152,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--variant", choices=VARIANTS, default=os.environ.get("STALLING_VARIANT", "first-pass"))
     args = parser.parse_args()
-    inner_listener = socket.socket()
-    inner_listener.bind(("127.0.0.1", 0))
-    inner_listener.listen(128)
-    inner_address = inner_listener.getsockname()
-    config = ProxyConfig(connect_timeout=2.0, upstream_timeout=2.0, resolve_timeout=2.0, idle_timeout=5.0)
-    inner = EgressProxy(config, resolver=lab_command_resolve, socket_factory=lambda family: socket.socket(family),
-                        route_socket_factory=local_route_socket)
-    inner.start_in_thread(inner_listener)
+    _inner, inner_address = start_inner_reference()
     proxy = StallingProxy(args.variant, lambda: socket.create_connection(inner_address, timeout=5),
                           lambda family: socket.socket(family), lab_command_resolve)
     family = socket.AF_INET6 if ":" in args.address else socket.AF_INET
