@@ -21,9 +21,10 @@ arrived after it was judged. Runs only with ``--sandbox``.
 from __future__ import annotations
 
 import json
+import random
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -85,6 +86,17 @@ def unmarked_request(nonce: str, method: str, path: str, *, body: bytes = b"", c
     return inference_request(method, f"{path}?{twin_nonce(nonce)}", body=body, headers=headers, **options)
 
 
+def bare_request(nonce: str, method: str, path: str, *, body: bytes = b"", credentials: bool = True,
+                 **options: Any) -> bytes:
+    """The same request with no token at all (the *bare twin*): no nonce field, no request id in its query. The
+    unmarked twin's query still holds a UUID, so an interceptor that applied #819 only to requests holding one
+    refused the marked request and the twin and forwarded a client's; this one it forwards. ``nonce`` is not
+    sent: what it causes upstream is named by its exchange's window (the campaign runs such an exchange after the
+    others, a grace period apart: ``InferenceExchange.alone``)."""
+    del nonce
+    return inference_request(method, path, body=body, headers=CLIENT_CREDENTIALS if credentials else (), **options)
+
+
 def refused_and_closed(answer: ParsedResponse | None, closed: bool) -> bool:
     """#819's refusal: the 403 JSON answer, then the connection closed."""
     return answer is not None and is_inference_refusal(answer) and closed
@@ -103,8 +115,29 @@ def unmarked_note(twin: tuple[ParsedResponse | None, bool] | None) -> str:
     return f"; the same request without the marker: answer {answer.status if answer else None}, closed {closed}"
 
 
+# How many refusals the interceptor decides also send a bare twin, drawn at random per session: each runs after the
+# others, a grace period apart (its bytes carry no nonce), so each costs the campaign half a second; an interceptor
+# that keys on a token forwards every bare twin, and cannot tell in advance which refusals send one.
+BARE_TWIN_SAMPLE = 3
 MARKER_HOLE = ("refused only when the request carried the harness's marker (its nonce field); the same request "
                "without it was not refused and closed")
+TOKEN_HOLE = ("refused only requests carrying a token (the harness's nonce field, or a request id in the query); "
+              "the same request with none, as a client sends it, was not refused and closed")
+
+
+def bare_note(bare: tuple[ParsedResponse | None, bool] | None) -> str:
+    """How a refusal's bare twin was answered, for ``observed`` (empty when there was none)."""
+    if bare is None:
+        return ""
+    answer, closed = bare
+    return f"; the same request with no token at all: answer {answer.status if answer else None}, closed {closed}"
+
+
+def hole_of(marked_ok: bool, twin_ok: bool, bare_ok: bool) -> str:
+    """Which of the two holes a refusal that held only for some of its sends shows ("" if none)."""
+    if not marked_ok:
+        return ""
+    return MARKER_HOLE if not twin_ok else TOKEN_HOLE if not bare_ok else ""
 
 
 def chat_request(nonce: str, *, stream: bool = False) -> bytes:
@@ -186,10 +219,10 @@ def routed_then_admin_on_a_tunnel(proxy: RunningProxy, trust: InterceptionTrust,
     return routed, refused, closed, follow_up
 
 
-def routed_then_admin(proxy: RunningProxy, trust: InterceptionTrust) -> Perform:
-    def perform(nonce: str) -> tuple[RoutedThenAdmin, RoutedThenAdmin]:
-        return (routed_then_admin_on_a_tunnel(proxy, trust, nonce, request_with_nonce),
-                routed_then_admin_on_a_tunnel(proxy, trust, nonce, unmarked_request))
+def routed_then_admin(proxy: RunningProxy, trust: InterceptionTrust, bare: bool) -> Perform:
+    def perform(nonce: str) -> tuple[RoutedThenAdmin, ...]:
+        requests = (request_with_nonce, unmarked_request, *((bare_request,) if bare else ()))
+        return tuple(routed_then_admin_on_a_tunnel(proxy, trust, nonce, request) for request in requests)
     return perform
 
 
@@ -218,14 +251,15 @@ def refusal_on_a_tunnel(proxy: RunningProxy, trust: InterceptionTrust, request: 
     return (responses[0] if responses else None), closed
 
 
-def other_inner_host(proxy: RunningProxy, trust: InterceptionTrust, inner_host: str) -> Perform:
+def other_inner_host(proxy: RunningProxy, trust: InterceptionTrust, inner_host: str, bare: bool) -> Perform:
     def perform(nonce: str) -> tuple[ParsedResponse | None, bool, tuple[ParsedResponse | None, bool]]:
         request = request_with_nonce(nonce, "POST", "/v1/chat/completions", body=CHAT_BODY, credentials=False,
                                      host=inner_host)
         answer, closed = refusal_on_a_tunnel(proxy, trust, request)
-        twin = refusal_on_a_tunnel(proxy, trust, unmarked_request(nonce, "POST", "/v1/chat/completions",
-                                                                  body=CHAT_BODY, credentials=False, host=inner_host))
-        return answer, closed, twin
+        twin, bare_answer = (refusal_on_a_tunnel(proxy, trust, request(
+            nonce, "POST", "/v1/chat/completions", body=CHAT_BODY, credentials=False, host=inner_host))
+            if request is not None else None for request in (unmarked_request, bare_request if bare else None))
+        return answer, closed, twin, bare_answer
     return perform
 
 
@@ -242,24 +276,25 @@ def connect_other_port(proxy: RunningProxy, port: int) -> Perform:
     return perform
 
 
-def route_probe_exchange(proxy: RunningProxy, trust: InterceptionTrust, probe: RouteProbe) -> Perform:
+def route_probe_exchange(proxy: RunningProxy, trust: InterceptionTrust, probe: RouteProbe, bare: bool) -> Perform:
     def perform(nonce: str) -> tuple[list[ParsedResponse], bool, tuple[ParsedResponse | None, bool] | None]:
         with tunnel(proxy, trust) as tls:
             responses, closed = send_and_read(tls, probe_request(nonce, probe.method, probe.path))
             if not closed and not probe.routed:
                 # A refusal must close (#819); a forward is judged on what reached the backend.
                 closed = closes_without_more_bytes(tls)
-        twin = None if probe.routed else refusal_on_a_tunnel(proxy, trust, unmarked_request(
+        twin, bare_answer = (None if probe.routed or request is None else refusal_on_a_tunnel(proxy, trust, request(
             nonce, probe.method, probe.path, body=CHAT_BODY if probe.method == "POST" else b""))
-        return responses, closed, twin
+            for request in (unmarked_request, bare_request if bare else None))
+        return responses, closed, twin, bare_answer
     return perform
 
 
 def planned_exchange(name: str, params: dict[str, Any], proxy: RunningProxy, trust: InterceptionTrust | None,
-                     policy: Policy) -> InferenceExchange | None:
+                     policy: Policy, bare: bool = False) -> InferenceExchange | None:
     """The exchange of test function ``name`` with ``params``; None for a test that does not run under ``policy``
     (it says why itself), sends nothing through the tunnel, or needs the interception CA ``trust`` (None: not
-    given)."""
+    given). ``bare``: a refusal the interceptor decides also sends its bare twin (and runs alone)."""
     if name == OTHER_PORT_TEST:
         port = params["port"]
         return InferenceExchange(f"connect-other-port-{port}", connect_other_port(proxy, port))
@@ -272,13 +307,17 @@ def planned_exchange(name: str, params: dict[str, Any], proxy: RunningProxy, tru
         return InferenceExchange("streamed-completion", streamed_chat(proxy, trust))
     if name == "test_non_inference_request_after_a_routed_one_is_refused_closed_and_never_forwarded" \
             and chat and not admin_routed(policy):
-        return InferenceExchange("routed-then-non-inference", routed_then_admin(proxy, trust))
+        return InferenceExchange("routed-then-non-inference", routed_then_admin(proxy, trust, bare), twinned=True,
+                                 alone=bare)
     if name == "test_inner_host_other_than_inference_local_is_refused" and chat:
         host = params["inner_host"]
-        return InferenceExchange(f"inner-host-{host}", other_inner_host(proxy, trust, host))
+        return InferenceExchange(f"inner-host-{host}", other_inner_host(proxy, trust, host, bare), twinned=True,
+                                 alone=bare)
     if name == "test_route_table_is_the_enforced_policys":
         probe = params["route_probe"]
-        return InferenceExchange(probe.test_id, route_probe_exchange(proxy, trust, probe))
+        twinned = not probe.routed
+        return InferenceExchange(probe.test_id, route_probe_exchange(proxy, trust, probe, bare and twinned),
+                                 twinned=twinned, alone=bare and twinned)
     return None
 
 
@@ -293,14 +332,19 @@ def inference_results(request: pytest.FixtureRequest, sandbox_session: SandboxSe
     interception CA of a third party (``--sandbox-proxy-ca``) only the CONNECTs to other ports run (the tunnel
     tests are not run, and say why)."""
     trust = None if interception_ca_missing(sandbox_session) else request.getfixturevalue("interception_ca")
-    exchanges = []
+    planned = []
     for item in request.session.items:
         if getattr(item, "module", None) is request.module:
             params = getattr(getattr(item, "callspec", None), "params", {})
-            exchange = planned_exchange(getattr(item, "originalname", item.name), params, sandbox_proxy, trust,
-                                        sandbox_session.policy)
+            name = getattr(item, "originalname", item.name)
+            exchange = planned_exchange(name, params, sandbox_proxy, trust, sandbox_session.policy)
             if exchange is not None:
-                exchanges.append(exchange)
+                planned.append((name, params, exchange))
+    twinned = [exchange.test_id for _name, _params, exchange in planned if exchange.twinned]
+    bare = set(random.SystemRandom().sample(twinned, min(BARE_TWIN_SAMPLE, len(twinned))))
+    exchanges = [cast(InferenceExchange, planned_exchange(name, params, sandbox_proxy, trust, sandbox_session.policy,
+                                                          bare=True)) if exchange.test_id in bare else exchange
+                 for name, params, exchange in planned]
     return run_inference_campaign(sandbox_lab, inference_backend, exchanges)
 
 
@@ -372,23 +416,28 @@ def test_non_inference_request_after_a_routed_one_is_refused_closed_and_never_fo
         interception_ca: InterceptionTrust, network_verdict: VerdictCheck, chat_is_routed: None,
         admin_is_not_routed: None, evidence: ExchangeEvidence) -> None:
     """OpenShell #819: after a routed request the loop kept reading; now 403 and close, always. Sent twice: with
-    the harness's nonce field, and as its unmarked twin on a tunnel of its own (the nonce only in the query)."""
-    marked, twin = evidence.observation
+    the harness's nonce field, as its unmarked twin on a tunnel of its own (the nonce only in the query), and as
+    (when drawn for it) as its bare twin, no token at all, on a third."""
+    sends = evidence.observation
     arrived = evidence.arrived
-    # The backend must see exactly the two chat completions (the marked one and the twin's, its query aside).
-    only_chats = sorted(r.path.split("?", 1)[0] for r in arrived) == ["/v1/chat/completions"] * 2
-    marked_ok, twin_ok = refused_after_routed(marked), refused_after_routed(twin)
-    ok = marked_ok and twin_ok and only_chats and not evidence.unframed
-    observed = (f"{describe_routed_then_admin(marked)}; the same requests without the marker: "
-                f"{describe_routed_then_admin(twin)}; backend saw {evidence.reached or 'nothing'}")
-    leaked = marked[3] is not None or twin[3] is not None or len(arrived) > 2 or bool(evidence.unframed)
+    # The backend must see exactly one chat completion per send (the twin's query aside).
+    only_chats = sorted(r.path.split("?", 1)[0] for r in arrived) == ["/v1/chat/completions"] * len(sends)
+    marked_ok, twin_ok = refused_after_routed(sends[0]), refused_after_routed(sends[1])
+    bare_ok = len(sends) < 3 or refused_after_routed(sends[2])
+    ok = marked_ok and twin_ok and bare_ok and only_chats and not evidence.unframed
+    observed = (f"{describe_routed_then_admin(sends[0])}; the same requests without the marker: "
+                f"{describe_routed_then_admin(sends[1])}" + "".join(
+                    f"; with no token at all: {describe_routed_then_admin(seen)}" for seen in sends[2:])
+                + f"; backend saw {evidence.reached or 'nothing'}")
+    leaked = any(seen[3] is not None for seen in sends) or len(arrived) > len(sends) or bool(evidence.unframed)
+    hole = hole_of(marked_ok, twin_ok, bare_ok)
     reason = ("refused with #819's 403 JSON and closed, marked or not; only the routed requests reached the backend"
-              if ok else f"the non-inference request was {MARKER_HOLE}" if marked_ok and not twin_ok else
+              if ok else f"the non-inference request was {hole}" if hole else
               "the non-inference request was not refused and closed as #819 requires")
     network_verdict(CATEGORY, "routed-then-non-inference", judged(
         ok, Verdict.BLOCKED, Verdict.ALLOWED if leaked else Verdict.INDETERMINATE, reason,
         '200, then 403 application/json {"error":"connection not allowed by policy"}, EOF, follow-up gets '
-        "nothing, marked and unmarked; backend saw only the two chat completions", observed),
+        "nothing, marked, unmarked (and with no token); backend saw only the chat completions", observed),
         "POST /v1/chat/completions then GET /admin on one keep-alive TLS connection")
 
 
@@ -396,19 +445,21 @@ def test_non_inference_request_after_a_routed_one_is_refused_closed_and_never_fo
 def test_inner_host_other_than_inference_local_is_refused(
         inner_host: str, interception_ca: InterceptionTrust, network_verdict: VerdictCheck, chat_is_routed: None,
         evidence: ExchangeEvidence) -> None:
-    answer, closed, twin = evidence.observation
+    answer, closed, twin, bare = evidence.observation
     reached = len(evidence.arrived) + len(evidence.unframed)
     hits = len(evidence.hits)
     marked_ok = forbidden_and_closed(answer, closed)
-    twin_ok = forbidden_and_closed(*twin)
-    ok = marked_ok and twin_ok and reached == 0 and hits == 0
+    twin_ok, bare_ok = forbidden_and_closed(*twin), bare is None or forbidden_and_closed(*bare)
+    ok = marked_ok and twin_ok and bare_ok and reached == 0 and hits == 0
     observed = (f"status {answer.status if answer else None}, closed {closed}, backend saw {reached}, canary hits "
-                f"{hits}" + (f" ({evidence.reached})" if reached or hits else "") + unmarked_note(twin))
+                f"{hits}" + (f" ({evidence.reached})" if reached or hits else "") + unmarked_note(twin)
+                + bare_note(bare))
+    hole = hole_of(marked_ok, twin_ok, bare_ok)
     reason = ("an inner Host other than the CONNECT authority is refused" if ok else
-              f"inner Host mismatch {MARKER_HOLE}" if marked_ok and not twin_ok else "inner Host mismatch not refused")
+              f"inner Host mismatch {hole}" if hole else "inner Host mismatch not refused")
     network_verdict(CATEGORY, f"inner-host-{inner_host}", judged(
         ok, Verdict.BLOCKED, Verdict.ALLOWED if reached or hits else Verdict.INDETERMINATE, reason,
-        "403, closed, nothing reached; the same without the marker too", observed),
+        "403, closed, nothing reached; the same without the marker and with no token too", observed),
         f"CONNECT inference.local:443 then Host: {inner_host}")
 
 
@@ -435,15 +486,18 @@ def probe_request(nonce: str, method: str, path: str) -> bytes:
 
 def judge_route_probe(probe: RouteProbe, answer: ParsedResponse | None, closed: bool,
                       arrived: list[tuple[str, str, list[str]]], unframed: tuple[str, ...] = (),
-                      twin: tuple[ParsedResponse | None, bool] | None = None) -> Judgement:
+                      twin: tuple[ParsedResponse | None, bool] | None = None,
+                      bare: tuple[ParsedResponse | None, bool] | None = None) -> Judgement:
     """Judge one route probe from the answer, the close and what reached the backend because of it
     (method, path, authorization values; and bytes that frame into no request), and for a refusal its
-    unmarked twin's answer and close (the same request without the nonce field). Pure."""
+    unmarked twin's answer and close (the same request without the nonce field) and its bare twin's (no token at
+    all). Pure."""
     request = f"{probe.method} {probe.path}"
     refusal = " (#819 refusal)" if answer is not None and is_inference_refusal(answer) else ""
     observed = (f"answer {answer.status if answer else None}{refusal}, closed {closed}; "
                 f"backend saw {[f'{m} {p}' for m, p, _ in arrived]}" + (f", unframed {list(unframed)}"
-                                                                       if unframed else "") + unmarked_note(twin))
+                                                                       if unframed else "") + unmarked_note(twin)
+                + bare_note(bare))
     reached = [(m, p, key) for m, p, key in arrived if (m, p) == (probe.method, probe.path)]
     if probe.routed:
         expected = f"forwarded: the backend saw {request} once, with the route key; the answer is the backend's"
@@ -452,16 +506,18 @@ def judge_route_probe(probe: RouteProbe, answer: ParsedResponse | None, closed: 
         return judged(ok, Verdict.WORKS, Verdict.BROKEN, f"{request} is a route of the policy and was forwarded"
                       if ok else f"{request} is a route of the policy but was not forwarded as routed",
                       expected, observed)
-    expected = "refused with #819's 403 and closed, with and without the marker; nothing reached the backend"
+    expected = ("refused with #819's 403 and closed, with and without the marker and with no token; nothing reached "
+                "the backend")
     marked_ok = refused_and_closed(answer, closed)
     twin_ok = twin is None or refused_and_closed(*twin)
+    bare_ok = bare is None or refused_and_closed(*bare)
+    hole = hole_of(marked_ok, twin_ok, bare_ok)
     if arrived or unframed:
-        hole = f"; {MARKER_HOLE}" if marked_ok and not twin_ok else ""
-        return Judgement(Verdict.ALLOWED, f"{request} is no route of the policy, yet it reached the backend{hole}",
-                             expected, observed)
-    ok = marked_ok and twin_ok
+        return Judgement(Verdict.ALLOWED, f"{request} is no route of the policy, yet it reached the backend"
+                         + (f"; {hole}" if hole else ""), expected, observed)
+    ok = marked_ok and twin_ok and bare_ok
     reason = (f"{request} is no route of the policy and was refused" if ok else
-              f"{request} was {MARKER_HOLE}" if marked_ok else f"{request} was not refused as #819 requires")
+              f"{request} was {hole}" if hole else f"{request} was not refused as #819 requires")
     return judged(ok, Verdict.BLOCKED, Verdict.INDETERMINATE, reason, expected, observed)
 
 
@@ -474,9 +530,9 @@ def test_route_table_is_the_enforced_policys(
         evidence: ExchangeEvidence) -> None:
     """Each route of ``--sandbox-policy`` is forwarded; anything else is refused, including a baseline
     route the policy dropped (a proxy that kept the built-in table forwards it: ALLOWED)."""
-    responses, closed, twin = evidence.observation
+    responses, closed, twin, bare = evidence.observation
     judgement = judge_route_probe(route_probe, responses[0] if responses else None, closed,
-                                  arrivals_of(evidence.arrived), evidence.unframed, twin)
+                                  arrivals_of(evidence.arrived), evidence.unframed, twin, bare)
     network_verdict(CATEGORY, route_probe.test_id, judgement,
                     f"{route_probe.method} {route_probe.path} via inference.local "
                     f"({'a route' if route_probe.routed else 'not a route'} of the policy)")

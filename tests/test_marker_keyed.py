@@ -137,7 +137,9 @@ import pytest
 
 sys.path.insert(0, {tests!r})
 from broken_proxies.harness import backend_config, proxy_with_interceptor
-from broken_proxies.marker_keyed import MarkerKeyedInterceptor
+from broken_proxies.marker_keyed import KEYED_INTERCEPTORS
+
+MarkerKeyedInterceptor = KEYED_INTERCEPTORS[{keyed_on!r}]
 
 from pytest_sandbox.fixtures.network import interception_of
 
@@ -156,13 +158,14 @@ def sandbox_proxy(sandbox_session, sandbox_lab):
 INFERENCE_MARKER_HOLE = "refused only when the request carried the harness's marker (its nonce field)"
 
 
-def _inference_run(pytester: pytest.Pytester, marker_keyed: bool) -> tuple[pytest.RunResult, dict[str, str]]:
+def _inference_run(pytester: pytest.Pytester, marker_keyed: bool, keyed_on: str = "marker"
+                   ) -> tuple[pytest.RunResult, dict[str, str]]:
     (pytester.path / "conformance").mkdir(exist_ok=True)
     (pytester.path / "conformance" / "test_inference.py").write_text(
         (ROOT / "conformance" / "test_inference.py").read_text())
     if marker_keyed:
-        pytester.makeconftest(MARKER_INTERCEPTOR_CONFTEST.format(tests=str(ROOT / "tests")))
-    report = pytester.path / ("marker.json" if marker_keyed else "reference.json")
+        pytester.makeconftest(MARKER_INTERCEPTOR_CONFTEST.format(tests=str(ROOT / "tests"), keyed_on=keyed_on))
+    report = pytester.path / (f"{keyed_on}.json" if marker_keyed else "reference.json")
     result = pytester.runpytest_subprocess("--sandbox", f"--sandbox-report={report}", "-p", "no:cacheprovider",
                                            "-p", "no:randomly", "-rf", "conformance/test_inference.py")
     return result, {p["test"]: p["verdict"] for p in json.loads(report.read_text())["probes"]}
@@ -189,3 +192,33 @@ def test_inference_category_fails_every_refusal_a_marker_keyed_interceptor_forwa
     assert failed == decided_by_interceptor | {"backend-record"}, output[-4000:]
     assert {test for test, verdict in keyed_verdicts.items() if verdict == "WORKS"} == controls, output[-4000:]
     assert output.count(INFERENCE_MARKER_HOLE) >= len(decided_by_interceptor), output[-4000:]
+
+
+INFERENCE_TOKEN_HOLE = "refused only requests carrying a token"
+BARE_TWIN_SAMPLE = 3  # conformance/test_inference.py's
+
+
+@pytest.mark.skipif(not NETNS_OK, reason=f"cannot create network namespaces: {NETNS_REASON}")
+def test_inference_category_fails_the_refusals_whose_bare_twin_an_interceptor_judging_only_uuids_forwards(
+        pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every unmarked twin carries its nonce as a UUID in its query, so an interceptor that applies #819 only to
+    requests holding a UUID (``uuid`` in ``KEYED_INTERCEPTORS``) refused every marked request and every twin and
+    passed all 23 inference tests while forwarding a client's ``GET /admin``. Now BARE_TWIN_SAMPLE of the refusals
+    it decides, drawn at random, also send a bare twin (no token at all), run after the others a grace period
+    apart: it forwards each, and exactly those fail, naming the token, with the backend record; nothing else
+    changes (each bare twin's bytes are named by its own window)."""
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    reference, reference_verdicts = _inference_run(pytester, marker_keyed=False)
+    assert reference.ret == 0, reference.stdout.str()[-3000:]
+    refusals = {test for test, verdict in reference_verdicts.items() if verdict == "BLOCKED"}
+    decided_by_interceptor = {test for test in refusals if test.startswith(("inner-host-", "route-"))
+                              or test == "routed-then-non-inference"}
+    assert len(decided_by_interceptor) >= 9, refusals
+    keyed, verdicts = _inference_run(pytester, marker_keyed=True, keyed_on="uuid")
+    output = keyed.stdout.str()
+    failed = {test for test, verdict in verdicts.items() if verdict != reference_verdicts[test]}
+    assert "backend-record" in failed and verdicts["backend-record"] == "ALLOWED", output[-4000:]
+    bare = failed - {"backend-record"}
+    assert bare <= decided_by_interceptor and len(bare) == BARE_TWIN_SAMPLE, (sorted(failed), output[-4000:])
+    assert all(verdicts[test] == "ALLOWED" for test in bare), verdicts
+    assert output.count(INFERENCE_TOKEN_HOLE) >= len(bare), output[-4000:]

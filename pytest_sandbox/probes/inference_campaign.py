@@ -40,6 +40,11 @@ class InferenceExchange:
 
     test_id: str
     perform: Callable[[str], Any]
+    # Sends a refusal's twins (the same request without the marker, and maybe with no token at all).
+    twinned: bool = False
+    # Sends bytes that carry no nonce (a bare twin): run after the others, each a grace period after the one before,
+    # so that what reaches upstream in its window is named by the window alone.
+    alone: bool = False
 
     @property
     def key(self) -> str:
@@ -91,7 +96,8 @@ def _arrivals(pieces: Sequence[tuple[UpstreamPiece, frozenset[str]]], key: str, 
 
 def run_inference_campaign(lab: NetworkLab, backend: FakeInferenceBackend, exchanges: Sequence[InferenceExchange],
                            *, grace: float = GRACE_SECONDS) -> dict[str, ExchangeEvidence]:
-    """Perform ``exchanges`` one after another, wait the grace period, attribute and return: test id -> evidence.
+    """Perform ``exchanges`` one after another (those that send bytes without a nonce last, each a grace period
+    after the one before), wait the grace period, attribute and return: test id -> evidence.
 
     The backend bytes and hits counted for an exchange are accounted for (the lab's ledger and hit log), so
     the session-end audit reports only what arrived later.
@@ -102,8 +108,11 @@ def run_inference_campaign(lab: NetworkLab, backend: FakeInferenceBackend, excha
     windows: list[AttemptWindow] = []
     observations: dict[str, Any] = {}
     errors: dict[str, Exception] = {}
+    ordered = [*(e for e in exchanges if not e.alone), *(e for e in exchanges if e.alone)]
     try:
-        for exchange in exchanges:
+        for exchange in ordered:
+            if exchange.alone and windows and grace > 0:
+                sleep_out_grace(windows[-1].end, grace)
             nonce, begin = new_nonce(), time.monotonic()
             try:
                 observations[exchange.key] = exchange.perform(nonce)
@@ -125,7 +134,7 @@ def run_inference_campaign(lab: NetworkLab, backend: FakeInferenceBackend, excha
     hits = lab.hits(since=hit_mark)
     hit_owners = attribute(hits, lab.attempt_windows(), grace).owners
     evidence: dict[str, ExchangeEvidence] = {}
-    for exchange, window in zip(exchanges, windows, strict=True):
+    for exchange, window in zip(ordered, windows, strict=True):
         arrived, unframed = _arrivals(attributed, window.key, window.end)
         blamed = tuple(hit for hit in hits if window.key in hit_owners.get(hit.index, frozenset()))
         lab.account((hit.index for hit in blamed), by=window.key)
