@@ -205,6 +205,7 @@ def streamed_chat(proxy: RunningProxy, trust: InterceptionTrust) -> Perform:
 
 RoutedThenAdmin = tuple[list[ParsedResponse], list[ParsedResponse], bool, ParsedResponse | None]
 Request = Callable[..., bytes]
+Refusal = tuple[ParsedResponse | None, bool]  # a request's answer on a tunnel of its own, and whether it then closed
 
 
 def routed_then_admin_on_a_tunnel(proxy: RunningProxy, trust: InterceptionTrust, nonce: str,
@@ -241,8 +242,7 @@ def describe_routed_then_admin(seen: RoutedThenAdmin) -> str:
             f"{follow_up.status if follow_up else 'no answer'}")
 
 
-def refusal_on_a_tunnel(proxy: RunningProxy, trust: InterceptionTrust, request: bytes) -> tuple[ParsedResponse | None,
-                                                                                                  bool]:
+def refusal_on_a_tunnel(proxy: RunningProxy, trust: InterceptionTrust, request: bytes) -> Refusal:
     """``request`` alone on a new tunnel: its first answer and whether the connection then closed."""
     with tunnel(proxy, trust) as tls:
         responses, closed = send_and_read(tls, request)
@@ -252,14 +252,12 @@ def refusal_on_a_tunnel(proxy: RunningProxy, trust: InterceptionTrust, request: 
 
 
 def other_inner_host(proxy: RunningProxy, trust: InterceptionTrust, inner_host: str, bare: bool) -> Perform:
-    def perform(nonce: str) -> tuple[ParsedResponse | None, bool, tuple[ParsedResponse | None, bool]]:
-        request = request_with_nonce(nonce, "POST", "/v1/chat/completions", body=CHAT_BODY, credentials=False,
-                                     host=inner_host)
-        answer, closed = refusal_on_a_tunnel(proxy, trust, request)
-        twin, bare_answer = (refusal_on_a_tunnel(proxy, trust, request(
-            nonce, "POST", "/v1/chat/completions", body=CHAT_BODY, credentials=False, host=inner_host))
-            if request is not None else None for request in (unmarked_request, bare_request if bare else None))
-        return answer, closed, twin, bare_answer
+    def perform(nonce: str) -> tuple[ParsedResponse | None, bool, Refusal, Refusal | None]:
+        def refusal(build: Request) -> Refusal:
+            return refusal_on_a_tunnel(proxy, trust, build(nonce, "POST", "/v1/chat/completions", body=CHAT_BODY,
+                                                           credentials=False, host=inner_host))
+        answer, closed = refusal(request_with_nonce)
+        return answer, closed, refusal(unmarked_request), refusal(bare_request) if bare else None
     return perform
 
 
@@ -277,16 +275,19 @@ def connect_other_port(proxy: RunningProxy, port: int) -> Perform:
 
 
 def route_probe_exchange(proxy: RunningProxy, trust: InterceptionTrust, probe: RouteProbe, bare: bool) -> Perform:
-    def perform(nonce: str) -> tuple[list[ParsedResponse], bool, tuple[ParsedResponse | None, bool] | None]:
+    def perform(nonce: str) -> tuple[list[ParsedResponse], bool, Refusal | None, Refusal | None]:
         with tunnel(proxy, trust) as tls:
             responses, closed = send_and_read(tls, probe_request(nonce, probe.method, probe.path))
             if not closed and not probe.routed:
                 # A refusal must close (#819); a forward is judged on what reached the backend.
                 closed = closes_without_more_bytes(tls)
-        twin, bare_answer = (None if probe.routed or request is None else refusal_on_a_tunnel(proxy, trust, request(
-            nonce, probe.method, probe.path, body=CHAT_BODY if probe.method == "POST" else b""))
-            for request in (unmarked_request, bare_request if bare else None))
-        return responses, closed, twin, bare_answer
+        if probe.routed:
+            return responses, closed, None, None
+
+        def refusal(build: Request) -> Refusal:
+            body = CHAT_BODY if probe.method == "POST" else b""
+            return refusal_on_a_tunnel(proxy, trust, build(nonce, probe.method, probe.path, body=body))
+        return responses, closed, refusal(unmarked_request), refusal(bare_request) if bare else None
     return perform
 
 
