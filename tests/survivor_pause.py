@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from proc_scan import processes_carrying
 
 MARKER_VARIABLE = "SANDBOX_SURVIVOR_MARKER"
 NAMESPACE_KINDS = ("net", "mnt", "pid", "user", "uts", "ipc")
@@ -23,20 +24,7 @@ NAMESPACE_KINDS = ("net", "mnt", "pid", "user", "uts", "ipc")
 
 def marked_processes(marker: str) -> list[int]:
     """Every process whose environment or command line holds ``marker``."""
-    needle = marker.encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        for name in ("environ", "cmdline"):
-            try:
-                with open(f"/proc/{entry}/{name}", "rb") as handle:
-                    if needle in handle.read():
-                        found.append(int(entry))
-                        break
-            except OSError:
-                continue
-    return found
+    return processes_carrying(marker, sources=("environ", "cmdline"))
 
 
 def namespaces_of(pid: int | str) -> set[str]:

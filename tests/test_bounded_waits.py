@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from proc_scan import processes_carrying
 
 from pytest_sandbox.probes.syscall import EXEC_RUN_TIMEOUT_SECONDS, PREFLIGHT_TIMEOUT_SECONDS
 from pytest_sandbox.probes.syscall_cases import ProbeCase
@@ -33,16 +34,12 @@ TARGETS = ROOT / "tests" / "broken_targets"
 def processes_with(token: str) -> list[str]:
     """Live processes whose environment carries ``token`` (what the launcher and its children inherit)."""
     found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for pid in processes_carrying(token):
         try:
-            environ = (entry / "environ").read_bytes()
-            if token.encode() in environ:
-                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                found.append(f"{entry.name}: {command}")
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
+        found.append(f"{pid}: {command}")
     return found
 
 

@@ -20,21 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from proc_scan import processes_carrying
 
 from pytest_sandbox import guardian
 
 
 def pids_with(token: str) -> list[int]:
     """Live processes whose environment carries ``token``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if token.encode() in (entry / "environ").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
+    return processes_carrying(token)
 
 
 def sleeping(token: str) -> list[int]:
