@@ -36,6 +36,7 @@ from pytest_sandbox.http.upstream import (
     shown,
 )
 from pytest_sandbox.verdicts.judgement import Judgement, Verdict
+from pytest_sandbox.verdicts.twins import fold_bare_twin
 
 __all__ = [
     "FOLLOW_UP_MARKER",
@@ -241,26 +242,13 @@ def judge_with_twin(marked: Judgement, twin: Judgement) -> Judgement:
 
 
 def judge_with_bare_twin(judgement: Judgement, bare: Judgement) -> Judgement:
-    """Fold a policy refusal's *bare twin* into its verdict (after :func:`judge_with_twin`): the same bytes as a
-    client sends them with no token of the harness's at all (no marker, no nonce in a query or ``X-Request-ID``),
-    sent alone so that what reached upstream in its window is its own. Pure.
-
-    The unmarked twin still carries a UUID in every head, so a proxy that judged only requests holding one
-    refused the marked bytes and the twin and forwarded a client's. A bare twin let through is a leak for every
-    client: ALLOWED whatever the other two got. Anything else it got (refused, not judged) leaves the verdict as it
-    was, noted in ``observed``, as for the SSRF bare twins
-    (:func:`pytest_sandbox.verdicts.ssrf.judge_with_bare_twin`)."""
-    observed = f"{judgement.observed}; the same bytes with no token at all, sent alone: {bare.observed}"
+    """Fold a policy refusal's *bare twin* into its verdict (after :func:`judge_with_twin`;
+    :func:`pytest_sandbox.verdicts.twins.fold_bare_twin`): the same bytes as a client sends them with no token of
+    the harness's at all, sent alone so that what reached upstream in its window is its own. Pure."""
     bare_reason = bare.reason.partition(": ")[2] or bare.reason
-    if bare.verdict is not Verdict.ALLOWED:
-        return Judgement(judgement.verdict, judgement.reason, judgement.expected, observed)
-    if judgement.verdict is Verdict.ALLOWED:
-        return Judgement(Verdict.ALLOWED, f"{judgement.reason}; with no token at all too: {bare_reason}",
-                         judgement.expected, observed)
     case_id = judgement.reason.partition(": ")[0]
-    return Judgement(Verdict.ALLOWED, f"{case_id}: refused only requests carrying a token (the harness's marker, a "
-                     f"nonce or a request id); the same bytes with none, as a client sends them: {bare_reason}",
-                     judgement.expected, observed)
+    return fold_bare_twin(judgement, Judgement(bare.verdict, bare_reason, bare.expected, bare.observed),
+                          bare.observed, sent="bytes", case_prefix=f"{case_id}: ")
 
 
 def _where_extra(segments: Sequence[UpstreamSegment], found: Assessment) -> str:

@@ -15,6 +15,7 @@ from typing import Protocol
 from pytest_sandbox.catalogues.ssrf_cases import SsrfCase
 from pytest_sandbox.http.responses import ParsedResponse
 from pytest_sandbox.verdicts.judgement import Judgement, Verdict
+from pytest_sandbox.verdicts.twins import fold_bare_twin
 
 __all__ = [
     "DIALLED_STATUSES",
@@ -209,27 +210,12 @@ def judge_with_unmarked_twin(attempt: JudgedAttempt, reply: ProxyReply, unmarked
 
 def judge_with_bare_twin(attempt: JudgedAttempt, judgement: Judgement, bare: ProxyReply, hits: HitCounts,
                          observable: Callable[[str], bool] = canary_is_observable) -> Judgement:
-    """Fold a denial's *bare twin* into its verdict: the same request as curl sends it with no token of the
-    harness's at all (no marker, no nonce, no request id), sent alone so that what it reached needs no nonce to
-    be named (``hits``: the canary connections in its window). Pure.
-
-    Every other twin carries its nonce somewhere (a UUID in the path or in ``X-Request-ID``), so a proxy that
-    judges only requests holding such a token, and forwards the rest unchecked, refuses every probe and every
-    twin (``UuidKeyedProxy`` in tests/broken_proxies/marker_keyed.py passed every absolute-form SSRF test). A bare
-    twin is byte for byte what a client sends: a leak of it is a leak for every client, whatever the other two
-    sends got. Anything else it got (a refusal, no answer) leaves the verdict as it was, noted."""
+    """Fold a denial's *bare twin* into its verdict (:func:`pytest_sandbox.verdicts.twins.fold_bare_twin`): the
+    same request as curl sends it with no token of the harness's at all, sent alone, judged on its reply and
+    ``hits`` (the canary connections in its window). A positive control's verdict is returned as it is. Pure."""
     if attempt.case.expected == "allowed":
         return judgement
-    bare_judgement = judge_attempt(attempt, bare, hits, observable)
-    observed = f"{judgement.observed}; the same request with no token at all, sent alone: {bare.describe()}"
-    if bare_judgement.verdict is Verdict.ALLOWED and judgement.verdict is Verdict.ALLOWED:
-        return Judgement(Verdict.ALLOWED, f"{judgement.reason}; with no token at all too: {bare_judgement.reason}",
-                         judgement.expected, observed)
-    if bare_judgement.verdict is Verdict.ALLOWED:
-        return Judgement(Verdict.ALLOWED, "refused only requests carrying a token (the harness's marker, a nonce or "
-                         "a request id); the same request with none, as a client sends it: "
-                         f"{bare_judgement.reason}", judgement.expected, observed)
-    return Judgement(judgement.verdict, judgement.reason, judgement.expected, observed)
+    return fold_bare_twin(judgement, judge_attempt(attempt, bare, hits, observable), bare.describe())
 
 
 def _judge_control(attempt: JudgedAttempt, reply: ProxyReply, hits: HitCounts, observed: str) -> Judgement:
