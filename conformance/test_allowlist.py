@@ -23,23 +23,16 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_sandbox.fixtures.conformance import selected_params
+from pytest_sandbox.fixtures.conformance import enforced_policy, selected_params
 from pytest_sandbox.fixtures.network import VerdictCheck
-from pytest_sandbox.fixtures.stash import SESSION_KEY
 from pytest_sandbox.network.harness import RunningProxy
 from pytest_sandbox.network.lab.lab import LAB_PUBLIC_ORIGINS, NetworkLab
 from pytest_sandbox.policy.load import baseline_policy
-from pytest_sandbox.policy.model import Policy
 from pytest_sandbox.probes.allowlist import allowlist_probes
 from pytest_sandbox.probes.allowlist_campaign import CATEGORY, ProbeResult, run_allowlist_campaign
 from pytest_sandbox.report.categories import CategoryNotRun
 from pytest_sandbox.session import SandboxSession
 from pytest_sandbox.verdicts.allowlist import AllowlistProbe, judge_allowlist_probe
-
-
-def enforced_policy(config: pytest.Config) -> Policy:
-    session = config.stash.get(SESSION_KEY, None)
-    return session.policy if session is not None else baseline_policy()
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -28,8 +28,8 @@ from typing import Any, cast
 
 import pytest
 
+from pytest_sandbox.fixtures.conformance import enforced_policy
 from pytest_sandbox.fixtures.network import VerdictCheck, interception_ca_missing
-from pytest_sandbox.fixtures.stash import SESSION_KEY
 from pytest_sandbox.http.responses import ParsedResponse, parse_head
 from pytest_sandbox.inference.fake_backend import FakeInferenceBackend
 from pytest_sandbox.inference.routes import InferenceRoute, RouteProbe, match_route, route_probes
@@ -151,12 +151,6 @@ def judged(ok: bool, passing: Verdict, failing: Verdict, reason: str, expected: 
 
 def tunnel(proxy: RunningProxy, trust: InterceptionTrust) -> socket.socket:
     return open_inference_tunnel(proxy.connect(), trust.cert_pem)
-
-
-def enforced_policy(config: pytest.Config) -> Policy:
-    """The policy the session enforces (``--sandbox-policy``); the baseline when the plugin is off."""
-    session = config.stash.get(SESSION_KEY, None)
-    return session.policy if session is not None else baseline_policy()
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
