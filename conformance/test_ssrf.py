@@ -2,7 +2,8 @@
 
 One test per catalogue case x request form it lists (CONNECT, absolute-form, origin-form with Host,
 authority-form GET, ``OPTIONS *``), ids like ``connect-v4-cgnat-first-100.64.0.0`` or
-``origin-name-nip.io-metadata``.
+``origin-name-nip.io-metadata``; the catalogue's port is 80, and one address of every special-use row is sent
+to each other port the enforced policy admits too (``connect-v4-private-10-inner-10.0.0.1-port-443``).
 A denial counts only if the proxy refused it **and** the lab's catch-all canary saw no connection
 attributed to it (network.md §7); the ``ctl-`` cases are positive controls that must reach the
 catch-all at their destination. The remaining tests attack what a per-request table check misses:
@@ -20,7 +21,8 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_sandbox.fixtures.conformance import selected_params
+from pytest_sandbox.catalogues.ssrf_cases import PORT_SWEEP_FORMS, port_sweep_cases
+from pytest_sandbox.fixtures.conformance import enforced_policy, selected_params
 from pytest_sandbox.probes.ssrf import ALL_FORMS, Attempt, build_attempts
 from pytest_sandbox.probes.ssrf_exchanges import (
     AttemptExchange,
@@ -55,7 +57,17 @@ def _report(exchange: SsrfExchange, ssrf_verdicts, sandbox_lab, sandbox_proxy, n
 ATTEMPTS = tuple(AttemptExchange(attempt) for attempt in build_attempts(forms=ALL_FORMS))
 
 
-@pytest.mark.parametrize("exchange", ATTEMPTS, ids=[a.key for a in ATTEMPTS])
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if metafunc.definition.name == "test_special_use_destination_is_refused_and_public_one_is_reached":
+        # The catalogue's port is 80; each other port the enforced policy admits also gets one address per
+        # special-use row, each metadata address and two public controls (catalogues/ssrf_cases.port_sweep_cases):
+        # a proxy that classified destinations on port 80 only passed every case above.
+        ports = enforced_policy(metafunc.config).network.allowed_ports
+        sweep = tuple(AttemptExchange(attempt) for attempt in
+                      build_attempts(port_sweep_cases(ports), forms=PORT_SWEEP_FORMS))
+        metafunc.parametrize("exchange", (*ATTEMPTS, *sweep), ids=[e.key for e in (*ATTEMPTS, *sweep)])
+
+
 def test_special_use_destination_is_refused_and_public_one_is_reached(
         exchange, ssrf_verdicts, sandbox_lab, sandbox_proxy, network_verdict):
     _report(exchange, ssrf_verdicts, sandbox_lab, sandbox_proxy, network_verdict)

@@ -313,7 +313,7 @@ def test_conformance_run_against_a_proxy_that_tells_the_twin_apart_fails_and_nam
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-p", "no:randomly", "-rf", "--sandbox",
          "--sandbox-proxy-cmd", command(keyed_on), str(ROOT / "conformance" / "test_ssrf.py"),
-         "-k", " or ".join(SELECTION)],
+         "-k", f"({' or '.join(SELECTION)}) and not port-443"],  # the catalogue's port-80 attempts
         cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     output = result.stdout + result.stderr
     refused = [a for a in SELECTED if a.case.expected == "denied" and a.form in ("connect", "absolute")]

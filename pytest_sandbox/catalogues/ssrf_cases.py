@@ -30,14 +30,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 
 from pytest_sandbox.network.addresses import SpecialUseRange, classify_address, load_special_use_table
 
-__all__ = ["ALL_FORMS", "CASE_PORT", "FAMILIES", "SSRF_CASES", "SsrfCase", "canary_addresses", "sample_addresses",
-           "ssrf_cases"]
+__all__ = ["ALL_FORMS", "CASE_PORT", "FAMILIES", "PORT_SWEEP_FORMS", "SSRF_CASES", "SsrfCase", "canary_addresses",
+           "on_port", "port_sweep_cases", "sample_addresses", "ssrf_cases"]
 
 # Port every case targets and every canary listens on (metadata services answer on 80).
 CASE_PORT = 80
@@ -101,6 +101,9 @@ class SsrfCase:
     forms: tuple[str, ...] = ALL_FORMS
     scheme: str = "http"  # as written in the absolute-form target
     suffix: str = "/"  # what follows the authority in the absolute-form target (path, query, '#...')
+    # For a special-use row's cases, which of its addresses this is (first, inner, last, only); ``metadata``
+    # for a metadata service's own address. Empty for every other case.
+    position: str = ""
 
     @property
     def authority(self) -> str:
@@ -306,6 +309,7 @@ def _range_cases(table: tuple[SpecialUseRange, ...]) -> list[SsrfCase]:
                 family="special-use-range",
                 source=f"{row.label} ({row.cidr})",
                 forms=RANGE_FORMS,
+                position=position,
             )
             claimed[address] = (order[row], position_index, case)
     cases = [case for _, _, case in sorted(claimed.values(), key=lambda entry: entry[:2])]
@@ -324,6 +328,7 @@ def _range_cases(table: tuple[SpecialUseRange, ...]) -> list[SsrfCase]:
                     family="special-use-range",
                     source=source,
                     suffix=path,
+                    position="metadata",
                 )
             )
     for case_id, path, source in _METADATA_PATHS:
@@ -374,6 +379,49 @@ def _control_cases(table: tuple[SpecialUseRange, ...]) -> list[SsrfCase]:
                 )
             )
     return cases
+
+
+# --------------------------------------------------------------------------------------------
+# Every port the policy admits, not only the catalogue's
+# --------------------------------------------------------------------------------------------
+
+# Every case above is sent to port 80, CONNECT included, where a real HTTPS client sends CONNECT host:443. A
+# proxy that classifies destinations on one port only (its address check in the plain-HTTP path, tunnels
+# checked against the allowlist alone) refused all of them and let ``CONNECT 169.254.169.254:443`` through:
+# tests/broken_proxies/port_keyed.py passed the whole SSRF category. So one address of every special-use row
+# (its inner address, or its only one), every metadata service's address, the dns-name family (``CONNECT
+# localhost:443`` is as plain a request as there is) and a public control per family are
+# also sent to each other port the enforced policy admits (on a port it does not admit, a refusal would come
+# from the port rule, not from the address check). The two forward forms: origin-form carries no port choice
+# a transparent path would see.
+PORT_SWEEP_FORMS: tuple[str, ...] = ("connect", "absolute")
+_PORT_SWEEP_POSITIONS = ("inner", "only", "metadata")
+
+
+def on_port(case: SsrfCase, port: int) -> SsrfCase:
+    """``case`` sent to ``port`` instead of :data:`CASE_PORT`, in the forms of :data:`PORT_SWEEP_FORMS` it has."""
+    assert case.raw_authority is None, f"{case.case_id}: an authority written out has its own port"
+    return dataclasses.replace(case, case_id=f"{case.case_id}-port-{port}", port=port,
+                               note=f"{case.note}, on port {port}",
+                               forms=tuple(form for form in PORT_SWEEP_FORMS if form in case.forms))
+
+
+def port_sweep_cases(ports: Iterable[int]) -> tuple[SsrfCase, ...]:
+    """For each of ``ports`` but :data:`CASE_PORT` (in the order given): each special-use row's representative
+    address, each metadata address and each name of the ``dns-name`` family, then the first IPv4 and the first
+    IPv6 positive control."""
+    cases = ssrf_cases()
+    representatives = [case for case in cases
+                       if (case.family == "special-use-range" and case.position in _PORT_SWEEP_POSITIONS)
+                       or case.family == "dns-name"]
+    controls = [next(case for case in cases if case.family == "control" and _family_text(case) == family)
+                for family in ("v4", "v6")]
+    wanted = [port for port in dict.fromkeys(ports) if port != CASE_PORT]
+    return tuple(on_port(case, port) for port in wanted for case in (*representatives, *controls))
+
+
+def _family_text(case: SsrfCase) -> str:
+    return "v6" if ":" in case.target_host else "v4"
 
 
 # --------------------------------------------------------------------------------------------
