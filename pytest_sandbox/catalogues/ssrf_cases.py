@@ -76,6 +76,8 @@ FAMILIES: dict[str, str] = {
     "url-confusion": f"{_ORANGE} ('?@', '#@', '/@' after the RFC 3986 host); {_PATT} (weak parser, "
                      "'#\\@'); RFC 3986 §3.2",
     "scheme-case": "RFC 3986 §3.1 (schemes are case-insensitive); issue #9 (HTTP://127.0.0.1/)",
+    "method": "RFC 9110 §9.3 (POST, PUT, DELETE), RFC 5789 (PATCH) and HTTP/1.0 (RFC 9112 §2.3, App. C.2); the "
+              "AWS IMDSv2 token request (PUT /latest/api/token, AWS EC2 user guide)",
 }
 
 
@@ -104,6 +106,10 @@ class SsrfCase:
     # For a special-use row's cases, which of its addresses this is (first, inner, last, only); ``metadata``
     # for a metadata service's own address. Empty for every other case.
     position: str = ""
+    # The absolute-form request's method and HTTP version where the ``method`` family sets them (else the
+    # form's method, and HTTP/1.1).
+    method: str = ""
+    http_version: str = "1.1"
 
     @property
     def authority(self) -> str:
@@ -422,6 +428,43 @@ def port_sweep_cases(ports: Iterable[int]) -> tuple[SsrfCase, ...]:
 
 def _family_text(case: SsrfCase) -> str:
     return "v6" if ":" in case.target_host else "v4"
+
+
+# --------------------------------------------------------------------------------------------
+# Every method, not only the ones the forms use
+# --------------------------------------------------------------------------------------------
+
+# The forms send GET, CONNECT and OPTIONS only, as HTTP/1.1. A proxy whose address check sits in its GET path (a
+# cache's, say) refused every case above and let ``PUT http://169.254.169.254/latest/api/token`` through, the
+# IMDSv2 token request every AWS SDK sends before it reads a credential (tests/broken_proxies/method_keyed.py
+# passed the whole SSRF category); one that judged HTTP/1.1 requests only let an HTTP/1.0 GET through. So a few
+# destinations are also requested, absolute-form, with each other method a client sends to an origin and as an
+# HTTP/1.0 GET, each such request line with a public control of its own.
+SWEPT_REQUEST_LINES: tuple[tuple[str, str], ...] = (
+    ("POST", "1.1"), ("PUT", "1.1"), ("DELETE", "1.1"), ("PATCH", "1.1"), ("GET", "1.0"))
+_METHOD_SWEEP_DESTINATIONS = ("meta-imds-169.254.169.254", "meta-aws-imds-ipv6-fd00:ec2::254",
+                              "v4-loopback-inner-127.0.0.1", "v4-private-10-inner-10.0.0.1", "name-localhost")
+_METHOD_SWEEP_CONTROL = "ctl-v4-private-10-above-11.0.0.0"
+_IMDSV2_TOKEN_PATH = "/latest/api/token"
+
+
+def _method_cases(cases: tuple[SsrfCase, ...]) -> list[SsrfCase]:
+    by_id = {case.case_id: case for case in cases}
+    swept: list[SsrfCase] = []
+    for method, version in SWEPT_REQUEST_LINES:
+        line = method.lower() if version == "1.1" else f"http{version.replace('.', '')}-{method.lower()}"
+        as_sent = method if version == "1.1" else f"HTTP/{version} {method}"
+        for case_id in (*_METHOD_SWEEP_DESTINATIONS, _METHOD_SWEEP_CONTROL):
+            case = by_id[case_id]
+            token = method == "PUT" and case.target_host == _METADATA
+            prefix = "ctl-" if case.expected == "allowed" else ""
+            swept.append(dataclasses.replace(
+                case, case_id=f"{prefix}method-{line}-{case_id.removeprefix(prefix)}", method=method,
+                http_version=version, family="method" if not prefix else case.family, forms=("absolute",),
+                suffix=_IMDSV2_TOKEN_PATH if token else case.suffix, position="",
+                note=f"{case.note}, as {as_sent}" + (" (the IMDSv2 token request)" if token else ""),
+                source=FAMILIES["method"] if not prefix else case.source))
+    return swept
 
 
 # --------------------------------------------------------------------------------------------
@@ -858,7 +901,8 @@ def ssrf_cases() -> tuple[SsrfCase, ...]:
     table = load_special_use_table()
     ranges, controls, hand_written = _range_cases(table), _control_cases(table), _hand_written()
     taken = {ip for case in (*ranges, *controls, *hand_written) if (ip := _literal(case)) is not None}
-    return (*ranges, *controls, *_embedding_cases(table, taken), *hand_written)
+    catalogue = (*ranges, *controls, *_embedding_cases(table, taken), *hand_written)
+    return (*catalogue, *_method_cases(catalogue))
 
 
 SSRF_CASES: tuple[SsrfCase, ...] = ssrf_cases()

@@ -73,6 +73,7 @@ ATTEMPT_FORMS: tuple[str, ...] = ("connect", "absolute")
 # form -> (method, what the request-target is); the Host-carried forms name the destination in Host.
 _METHODS = {"connect": "CONNECT", "absolute": "GET", "origin": "GET", "authority": "GET", "asterisk": "OPTIONS"}
 _HOST_CARRIED = frozenset({"origin", "asterisk"})
+_METHODS_WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
 ATTEMPT_TIMEOUT_SECONDS = 3.0
 MAX_REPLY_BYTES = 256 * 1024
 # Host header value used when the case's authority is not valid field text (RFC 9110 §5.5): the
@@ -195,7 +196,8 @@ class Attempt:
 
     @property
     def method(self) -> str:
-        return _METHODS[self.form]
+        """The form's method; an absolute-form case of the ``method`` family names its own."""
+        return self.case.method if self.case.method and self.form == "absolute" else _METHODS[self.form]
 
     @property
     def target(self) -> str:
@@ -244,7 +246,8 @@ class Attempt:
         curl's fields and no nonce anywhere."""
         authority = self.case.authority
         host = authority if self.form in _HOST_CARRIED or _is_field_text(authority) else FALLBACK_HOST
-        lines = [f"{self.method} {self.request_target(nonce, marked=marked)} HTTP/1.1", f"Host: {host}"]
+        version = self.case.http_version if self.form == "absolute" else "1.1"
+        lines = [f"{self.method} {self.request_target(nonce, marked=marked)} HTTP/{version}", f"Host: {host}"]
         if nonce is not None:
             # The twin's nonce in a correlation field any client may send: its bytes at a canary then name
             # their exchange even when the path carries no nonce ('?@' suffixes, a proxy that rewrites the
@@ -252,6 +255,8 @@ class Attempt:
             lines += nonce_fields(nonce, marked, request_id or not self.nonce_in_path)
         elif not marked:  # a bare twin: a client's request and nothing else (no token of any kind)
             lines += TWIN_CLIENT_FIELDS
+        if self.method in _METHODS_WITH_BODY:
+            lines.append("Content-Length: 0")  # RFC 9110 §8.6: sent for these even when the body is empty, as curl does
         if self.form != "connect" and not keep_alive:
             lines.append("Connection: close")
         return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
