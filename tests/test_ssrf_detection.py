@@ -38,7 +38,7 @@ from broken_proxies.ipv6_embeddings import (
 )
 from broken_proxies.last_at_judge import LastAtJudgeProxy
 from broken_proxies.lenient_port import LenientPortProxy
-from broken_proxies.method_keyed import MethodKeyedProxy
+from broken_proxies.method_keyed import MethodKeyedProxy, VersionKeyedProxy
 from broken_proxies.names_unchecked import NamesUncheckedProxy
 from broken_proxies.origin_form_unchecked import OriginFormUncheckedProxy
 from broken_proxies.row_missing import MISSING_ROW, classify_without_unique_local
@@ -167,9 +167,9 @@ WEAK_PROXIES = [
     pytest.param(OriginFormUncheckedProxy, 3134, lambda a: a.form == "origin" and a.case.expected == "denied",
                  "origin-form", id="origin-form-unchecked"),
     # Names reach the resolver only in the forward forms: the others are refused before any lookup.
-    # The method family requests a name too (localhost, in every swept method): the same hole.
+    # The request-line family requests a name too (localhost, on every swept request line): the same hole.
     pytest.param(NamesUncheckedProxy, 3135,
-                 lambda a: a.case.kind == "name" and a.case.family in ("dns-name", "method")
+                 lambda a: a.case.kind == "name" and a.case.family in ("dns-name", "request-line")
                  and a.form in FORWARD_FORMS,
                  "dns-name", id="names-unchecked"),
 ]
@@ -248,10 +248,13 @@ FAMILY_PROXIES = [
     # One row missing (fc00::/7): its range cases and the AWS IPv6 metadata address inside it.
     pytest.param(_classifier_proxy(classify_without_unique_local), 3142, "special-use-range",
                  lambda a: _in_network(a.case, MISSING_ROW), id="special-use-range-fc00-missing"),
-    # Classified for GET, HEAD, CONNECT and OPTIONS only: the method family's POST, PUT, DELETE and PATCH
-    # denials, and nothing else (every other case is sent with a method it classifies, the HTTP/1.0 GETs too).
-    pytest.param(_weak(MethodKeyedProxy), 3149, "method",
-                 lambda a: a.case.family == "method" and a.case.method != "GET", id="method-keyed"),
+    # Classified for GET, HEAD, CONNECT and OPTIONS only: the request-line family's POST, PUT, DELETE and PATCH
+    # denials, and nothing else (every other case is sent with a method it classifies, the HTTP/1.0 ones too).
+    pytest.param(_weak(MethodKeyedProxy), 3149, "request-line",
+                 lambda a: a.case.family == "request-line" and a.case.method != "", id="method-keyed"),
+    # Classified for HTTP/1.1 only: the request-line family's HTTP/1.0 denials, CONNECT and GET.
+    pytest.param(_weak(VersionKeyedProxy), 3167, "request-line",
+                 lambda a: a.case.family == "request-line" and a.case.http_version == "1.0", id="version-keyed"),
 ]
 
 
@@ -679,7 +682,7 @@ def test_conformance_run_against_the_late_dialer_fails_exactly_its_leaks_and_no_
     command = f"{sys.executable} {ROOT / 'tests' / 'late_dial_proxy.py'} {{port}}"
     result = _pytest("--sandbox", "--sandbox-proxy-cmd", command, "-p", "no:randomly", "-rf",
                      str(ROOT / "conformance" / "test_ssrf.py"),
-                     "-k", "(meta-imds-169 or ctl-v4-private-10-above) and not port-443 and not method-")
+                     "-k", "(meta-imds-169 or ctl-v4-private-10-above) and not port-443 and not method- and not http10")
     output = result.stdout + result.stderr
     # meta-imds in origin, authority and asterisk form: refused (400) before any dial, like the reference
     assert "2 failed, 5 passed" in output, output

@@ -76,8 +76,9 @@ FAMILIES: dict[str, str] = {
     "url-confusion": f"{_ORANGE} ('?@', '#@', '/@' after the RFC 3986 host); {_PATT} (weak parser, "
                      "'#\\@'); RFC 3986 §3.2",
     "scheme-case": "RFC 3986 §3.1 (schemes are case-insensitive); issue #9 (HTTP://127.0.0.1/)",
-    "method": "RFC 9110 §9.3 (POST, PUT, DELETE), RFC 5789 (PATCH) and HTTP/1.0 (RFC 9112 §2.3, App. C.2); the "
-              "AWS IMDSv2 token request (PUT /latest/api/token, AWS EC2 user guide)",
+    "request-line": "RFC 9110 §9.3 (POST, PUT, DELETE), RFC 5789 (PATCH) and HTTP/1.0 (RFC 9112 §2.3, App. C.2; "
+                    "Python's http.client opens its tunnels with CONNECT ... HTTP/1.0); the AWS IMDSv2 token request "
+                    "(PUT /latest/api/token, AWS EC2 user guide)",
 }
 
 
@@ -106,8 +107,8 @@ class SsrfCase:
     # For a special-use row's cases, which of its addresses this is (first, inner, last, only); ``metadata``
     # for a metadata service's own address. Empty for every other case.
     position: str = ""
-    # The absolute-form request's method and HTTP version where the ``method`` family sets them (else the
-    # form's method, and HTTP/1.1).
+    # The absolute-form request's method (else the form's) and the request's HTTP version, where the
+    # ``request-line`` family sets them.
     method: str = ""
     http_version: str = "1.1"
 
@@ -436,34 +437,36 @@ def _family_text(case: SsrfCase) -> str:
 
 # The forms send GET, CONNECT and OPTIONS only, as HTTP/1.1. A proxy whose address check sits in its GET path (a
 # cache's, say) refused every case above and let ``PUT http://169.254.169.254/latest/api/token`` through, the
-# IMDSv2 token request every AWS SDK sends before it reads a credential (tests/broken_proxies/method_keyed.py
-# passed the whole SSRF category); one that judged HTTP/1.1 requests only let an HTTP/1.0 GET through. So a few
-# destinations are also requested, absolute-form, with each other method a client sends to an origin and as an
-# HTTP/1.0 GET, each such request line with a public control of its own.
-SWEPT_REQUEST_LINES: tuple[tuple[str, str], ...] = (
-    ("POST", "1.1"), ("PUT", "1.1"), ("DELETE", "1.1"), ("PATCH", "1.1"), ("GET", "1.0"))
-_METHOD_SWEEP_DESTINATIONS = ("meta-imds-169.254.169.254", "meta-aws-imds-ipv6-fd00:ec2::254",
+# IMDSv2 token request every AWS SDK sends before it reads a credential; one that judged HTTP/1.1 requests only
+# let ``CONNECT 169.254.169.254:80 HTTP/1.0`` through, the request line Python's http.client (and so urllib3 and
+# requests) opens its tunnels with (tests/broken_proxies/method_keyed.py: each passed the whole SSRF category).
+# So a few destinations are also requested with each other method a client sends to an origin (absolute-form)
+# and as HTTP/1.0 (CONNECT and absolute-form GET), each request line with a public control of its own.
+SWEPT_METHODS: tuple[str, ...] = ("POST", "PUT", "DELETE", "PATCH")
+_REQUEST_LINE_DESTINATIONS = ("meta-imds-169.254.169.254", "meta-aws-imds-ipv6-fd00:ec2::254",
                               "v4-loopback-inner-127.0.0.1", "v4-private-10-inner-10.0.0.1", "name-localhost")
-_METHOD_SWEEP_CONTROL = "ctl-v4-private-10-above-11.0.0.0"
+_REQUEST_LINE_CONTROL = "ctl-v4-private-10-above-11.0.0.0"
 _IMDSV2_TOKEN_PATH = "/latest/api/token"
 
 
-def _method_cases(cases: tuple[SsrfCase, ...]) -> list[SsrfCase]:
+def _request_line_cases(cases: tuple[SsrfCase, ...]) -> list[SsrfCase]:
     by_id = {case.case_id: case for case in cases}
+    # (id label, method or "" for the form's, HTTP version, forms, how the note says it)
+    lines: list[tuple[str, str, str, tuple[str, ...], str]] = [
+        (f"method-{method.lower()}", method, "1.1", ("absolute",), method) for method in SWEPT_METHODS]
+    lines.append(("http10", "", "1.0", ("connect", "absolute"), "HTTP/1.0"))
     swept: list[SsrfCase] = []
-    for method, version in SWEPT_REQUEST_LINES:
-        line = method.lower() if version == "1.1" else f"http{version.replace('.', '')}-{method.lower()}"
-        as_sent = method if version == "1.1" else f"HTTP/{version} {method}"
-        for case_id in (*_METHOD_SWEEP_DESTINATIONS, _METHOD_SWEEP_CONTROL):
+    for label, method, version, forms, as_sent in lines:
+        for case_id in (*_REQUEST_LINE_DESTINATIONS, _REQUEST_LINE_CONTROL):
             case = by_id[case_id]
             token = method == "PUT" and case.target_host == _METADATA
-            prefix = "ctl-" if case.expected == "allowed" else ""
+            control = case.expected == "allowed"
             swept.append(dataclasses.replace(
-                case, case_id=f"{prefix}method-{line}-{case_id.removeprefix(prefix)}", method=method,
-                http_version=version, family="method" if not prefix else case.family, forms=("absolute",),
-                suffix=_IMDSV2_TOKEN_PATH if token else case.suffix, position="",
+                case, case_id=f"ctl-{label}-{case_id.removeprefix('ctl-')}" if control else f"{label}-{case_id}",
+                method=method, http_version=version, family=case.family if control else "request-line",
+                forms=forms, suffix=_IMDSV2_TOKEN_PATH if token else case.suffix, position="",
                 note=f"{case.note}, as {as_sent}" + (" (the IMDSv2 token request)" if token else ""),
-                source=FAMILIES["method"] if not prefix else case.source))
+                source=case.source if control else FAMILIES["request-line"]))
     return swept
 
 
@@ -902,7 +905,7 @@ def ssrf_cases() -> tuple[SsrfCase, ...]:
     ranges, controls, hand_written = _range_cases(table), _control_cases(table), _hand_written()
     taken = {ip for case in (*ranges, *controls, *hand_written) if (ip := _literal(case)) is not None}
     catalogue = (*ranges, *controls, *_embedding_cases(table, taken), *hand_written)
-    return (*catalogue, *_method_cases(catalogue))
+    return (*catalogue, *_request_line_cases(catalogue))
 
 
 SSRF_CASES: tuple[SsrfCase, ...] = ssrf_cases()

@@ -246,8 +246,8 @@ class Attempt:
         curl's fields and no nonce anywhere."""
         authority = self.case.authority
         host = authority if self.form in _HOST_CARRIED or _is_field_text(authority) else FALLBACK_HOST
-        version = self.case.http_version if self.form == "absolute" else "1.1"
-        lines = [f"{self.method} {self.request_target(nonce, marked=marked)} HTTP/{version}", f"Host: {host}"]
+        lines = [f"{self.method} {self.request_target(nonce, marked=marked)} HTTP/{self.case.http_version}",
+                 f"Host: {host}"]
         if nonce is not None:
             # The twin's nonce in a correlation field any client may send: its bytes at a canary then name
             # their exchange even when the path carries no nonce ('?@' suffixes, a proxy that rewrites the

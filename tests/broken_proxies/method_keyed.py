@@ -43,6 +43,10 @@ class RequestLineKeyedProxy(WeakProxy):
         _CLASSIFIED.set(self.classifies(request))
         return await super()._admit(request)
 
+    async def _handle_connect(self, conn, request: Request) -> None:  # type: ignore[no-untyped-def]
+        _CLASSIFIED.set(self.classifies(request))
+        await super()._handle_connect(conn, request)
+
     async def _destination(self, authority: Authority) -> tuple[str, ...]:
         try:
             return await super()._destination(authority)
