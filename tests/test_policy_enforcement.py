@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -207,7 +208,9 @@ def test_a_proxy_keeping_the_default_routes_fails_the_suite_on_exactly_the_chang
     output = result.stdout.str()
     assert "GET /v1/models is no route of the policy, yet it reached the backend" in output
     assert "POST /v1/files is a route of the policy but was not forwarded as routed" in output
-    assert "requests that must never reach the backend did: ['POST /v1/completions'" in output
+    # The backend's strays in arrival order: the refusals drawn for a bare twin run last, so any of them may lead.
+    strays = re.search(r"requests that must never reach the backend did: \[(.*?)\]", output)
+    assert strays and "'POST /v1/completions'" in strays.group(1), output[-3000:]
 
 
 def test_an_added_route_is_forwarded_and_every_backend_record_is_judged_by_the_policys_routes(

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from broken_self_check_proxy import COMMAND as BROKEN_SELF_CHECK
 from late_self_dialer_proxy import COMMAND as LATE_SELF_DIALER
+from ssrf_selection import catalogue_selection
 
 from pytest_sandbox.network.harness import start_proxy
 from pytest_sandbox.network.lab.lab import NetworkLab
@@ -157,7 +158,7 @@ def test_reference_proxy_passes_every_case_tinyproxy_fails_in_the_same_lab(_netw
 @needs_tinyproxy
 def test_conformance_run_with_tinyproxy_command_fails_and_names_destination_and_canary(tmp_path):
     command = tinyproxy_command(tmp_path / "conf")
-    selection = "(meta-imds-169 or ctl-v4-private-10-above) and not port-443"
+    selection = catalogue_selection("meta-imds-169 or ctl-v4-private-10-above")
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "--sandbox", "--sandbox-proxy-cmd", command,
          str(ROOT / "conformance" / "test_ssrf.py"), "-k", selection, "-p", "no:cacheprovider", "-q",
