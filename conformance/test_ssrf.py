@@ -2,8 +2,9 @@
 
 One test per catalogue case x request form it lists (CONNECT, absolute-form, origin-form with Host,
 authority-form GET, ``OPTIONS *``), ids like ``connect-v4-cgnat-first-100.64.0.0`` or
-``origin-name-nip.io-metadata``; the catalogue's port is 80, and one address of every special-use row is sent
-to each other port the enforced policy admits too (``connect-v4-private-10-inner-10.0.0.1-port-443``).
+``origin-name-nip.io-metadata``; the catalogue's port is 80, and one address of every special-use row, every
+metadata address and every dns-name case are sent to each other port the enforced policy admits too
+(``connect-v4-private-10-inner-10.0.0.1-port-443``).
 A denial counts only if the proxy refused it **and** the lab's catch-all canary saw no connection
 attributed to it (network.md §7); the ``ctl-`` cases are positive controls that must reach the
 catch-all at their destination. The remaining tests attack what a per-request table check misses:
@@ -60,8 +61,9 @@ ATTEMPTS = tuple(AttemptExchange(attempt) for attempt in build_attempts(forms=AL
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if metafunc.definition.name == "test_special_use_destination_is_refused_and_public_one_is_reached":
         # The catalogue's port is 80; each other port the enforced policy admits also gets one address per
-        # special-use row, each metadata address and two public controls (catalogues/ssrf_cases.port_sweep_cases):
-        # a proxy that classified destinations on port 80 only passed every case above.
+        # special-use row, each metadata address, each dns-name case and two public controls
+        # (catalogues/ssrf_cases.port_sweep_cases): a proxy that classified destinations on port 80 only passed
+        # every catalogue case.
         ports = enforced_policy(metafunc.config).network.allowed_ports
         sweep = tuple(AttemptExchange(attempt) for attempt in
                       build_attempts(port_sweep_cases(ports), forms=PORT_SWEEP_FORMS))

@@ -397,10 +397,9 @@ def _control_cases(table: tuple[SpecialUseRange, ...]) -> list[SsrfCase]:
 # checked against the allowlist alone) refused all of them and let ``CONNECT 169.254.169.254:443`` through:
 # tests/broken_proxies/port_keyed.py passed the whole SSRF category. So one address of every special-use row
 # (its inner address, or its only one), every metadata service's address, the dns-name family (``CONNECT
-# localhost:443`` is as plain a request as there is) and a public control per family are
-# also sent to each other port the enforced policy admits (on a port it does not admit, a refusal would come
-# from the port rule, not from the address check). The two forward forms: origin-form carries no port choice
-# a transparent path would see.
+# localhost:443`` is as plain a request as there is) and a public control per address family are also sent to
+# each other port the enforced policy admits (on a port it does not admit, a refusal would come from the port
+# rule, not from the address check). They go in the two forms a forward proxy serves, CONNECT and absolute-form.
 PORT_SWEEP_FORMS: tuple[str, ...] = ("connect", "absolute")
 _PORT_SWEEP_POSITIONS = ("inner", "only", "metadata")
 
