@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from broken_proxies.marker_keyed import UuidKeyedProxy, command
 from broken_proxies.weak_ssrf import start_weak_proxy
+from ssrf_selection import failed_params
 from test_marker_keyed import FORWARDED, METADATA, REFUSED, SLICE
 
 from pytest_sandbox.network.harness import start_proxy
@@ -187,6 +188,6 @@ def test_conformance_run_against_a_uuid_keyed_proxy_fails_the_denials_its_bare_t
          "-k", " or ".join(f"{name}]" for name in SELECTION)],
         cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     output = result.stdout + result.stderr
-    failed = {line.split("[", 1)[1].split("]", 1)[0] for line in output.splitlines() if line.startswith("FAILED")}
+    failed = failed_params(output)
     assert failed == set(SELECTION), output
     assert TOKEN_HOLE in output, output

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from broken_proxies.marker_keyed import COMMAND, MarkerKeyedProxy
 from broken_proxies.weak_ssrf import start_weak_proxy
-from ssrf_selection import catalogue_selection
+from ssrf_selection import catalogue_selection, failed_params
 
 from pytest_sandbox.http.responses import parse_head
 from pytest_sandbox.network.harness import start_proxy
@@ -124,7 +124,7 @@ def test_conformance_run_against_the_marker_keyed_proxy_fails_and_names_the_mark
     output = result.stdout + result.stderr
     # meta-imds in origin, authority and asterisk form: refused (400) before any lookup, marked or not
     assert "2 failed, 5 passed" in output, output
-    failed = {line.split("[", 1)[1].split("]", 1)[0] for line in output.splitlines() if line.startswith("FAILED")}
+    failed = failed_params(output)
     assert failed == {"connect-meta-imds-169.254.169.254", "absolute-meta-imds-169.254.169.254"}, output
     assert MARKER_HOLE in output and "reached canary 169.254.169.254:80" in output, output
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from broken_proxies.method_keyed import CLASSIFIED_METHODS, command
+from ssrf_selection import failed_params
 
 from pytest_sandbox.catalogues.ssrf_cases import SSRF_CASES, SWEPT_METHODS
 from pytest_sandbox.network.netns import host_can_create_netns
@@ -65,7 +66,7 @@ def test_conformance_run_against_a_proxy_keyed_on_the_request_line_fails_exactly
          "--sandbox-proxy-cmd", command(keyed_on), str(ROOT / "conformance" / "test_ssrf.py")],
         cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
     output = result.stdout + result.stderr
-    failed = {line.split("[", 1)[1].split("]", 1)[0] for line in output.splitlines() if line.startswith("FAILED")}
+    failed = failed_params(output)
     leaked = {attempt.test_id for attempt in LINE_ATTEMPTS
               if attempt.case.expected == "denied" and LEAKED_BY[keyed_on](attempt)}
     assert len(leaked) == {"method": 20, "version": 10}[keyed_on]

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from broken_proxies.port_keyed import COMMAND, UNCLASSIFIED_PORT
+from ssrf_selection import failed_params
 
 from pytest_sandbox.catalogues.ssrf_cases import (
     CASE_PORT,
@@ -105,7 +106,7 @@ def test_conformance_run_against_a_proxy_unclassified_on_443_fails_exactly_its_d
          "--sandbox-proxy-cmd", COMMAND, str(ROOT / "conformance" / "test_ssrf.py")],
         cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
     output = result.stdout + result.stderr
-    failed = {line.split("[", 1)[1].split("]", 1)[0] for line in output.splitlines() if line.startswith("FAILED")}
+    failed = failed_params(output)
     denials_on_443 = {attempt.test_id for attempt in build_attempts(port_sweep_cases([UNCLASSIFIED_PORT]),
                                                                     forms=PORT_SWEEP_FORMS)
                       if attempt.case.expected != "allowed"}

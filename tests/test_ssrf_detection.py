@@ -46,7 +46,7 @@ from broken_proxies.scheme_case import SchemeCaseProxy
 from broken_proxies.unicode_late_normalised import LateNormalisingProxy
 from broken_proxies.weak_ssrf import WeakProxy, start_weak_proxy
 from late_dial_proxy import DELAY_SECONDS, LateDialer
-from ssrf_selection import catalogue_selection
+from ssrf_selection import catalogue_selection, failed_params
 
 from pytest_sandbox.catalogues.ssrf_cases import FAMILIES, SSRF_CASES, SsrfCase
 from pytest_sandbox.fixtures.network import start_lab
@@ -687,7 +687,7 @@ def test_conformance_run_against_the_late_dialer_fails_exactly_its_leaks_and_no_
     output = result.stdout + result.stderr
     # meta-imds in origin, authority and asterisk form: refused (400) before any dial, like the reference
     assert "2 failed, 5 passed" in output, output
-    failed = {line.split("[", 1)[1].split("]", 1)[0] for line in output.splitlines() if line.startswith("FAILED")}
+    failed = failed_params(output)
     assert failed == {"connect-meta-imds-169.254.169.254", "absolute-meta-imds-169.254.169.254"}, output
     assert "reached canary 169.254.169.254:80" in output and "s after it ended, no bytes" in output, output
     assert "no verdict accounted for them" not in output, output  # every late hit was judged, none left over
@@ -695,7 +695,7 @@ def test_conformance_run_against_the_late_dialer_fails_exactly_its_leaks_and_no_
 
 def _failed_and_audited(output: str) -> tuple[set[str], set[str]]:
     """The failed allowlist test ids, and the refused probes whose endpoint the session-end audit named."""
-    failed = {line.split("[", 1)[1].split("]", 1)[0] for line in output.splitlines() if line.startswith("FAILED")}
+    failed = failed_params(output)
     audit = output.partition("no verdict accounted for them")[2]
     audited = {probe for probe in REFUSED_PROBES if f"11.0.0.10:{probe.rsplit('-', 1)[1]} (" in audit}
     return failed, audited

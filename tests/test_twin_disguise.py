@@ -39,7 +39,7 @@ from broken_proxies.marker_keyed import (
     command,
 )
 from broken_proxies.weak_ssrf import start_weak_proxy
-from ssrf_selection import catalogue_selection, is_catalogues_own
+from ssrf_selection import catalogue_selection, failed_params, is_catalogues_own
 from test_marker_keyed import FORWARDED, MARKER_HOLE, METADATA, REFUSED, SLICE
 
 from pytest_sandbox.http.responses import parse_head
@@ -325,7 +325,7 @@ def test_conformance_run_against_a_proxy_that_tells_the_twin_apart_fails_and_nam
     lets_through = {"request-id": lambda a: True, "no-request-id": twin_has_request_id,
                     "nonce-text": lambda a: True, "connection-close": twin_is_persistent}[keyed_on]
     expected = {a.test_id for a in refused if lets_through(a)}
-    failed = {line.split("[", 1)[1].split("]", 1)[0] for line in output.splitlines() if line.startswith("FAILED")}
+    failed = failed_params(output)
     assert failed == expected, output
     assert f"{len(expected)} failed, {len(SELECTED) - len(expected)} passed" in output, output
     assert MARKER_HOLE in output and "reached canary 169.254.1" in output, output
