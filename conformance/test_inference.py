@@ -7,7 +7,10 @@ the same keep-alive connection gets #819's exact 403, the connection closes, the
 the routed request and a further request gets nothing; an inner Host other than inference.local is
 refused; ``CONNECT inference.local`` on other ports follows the ordinary policy. The route table is
 the enforced policy's ``[[inference.routes]]`` (``--sandbox-policy``): each of its routes is
-forwarded, and every other request (the baseline's routes the policy dropped included) is refused.
+forwarded, and every other request (the baseline's routes the policy dropped included) is refused. The requests
+that are no route use every method a client sends (PUT, PATCH, OPTIONS and TRACE too), and are sent again as
+HTTP/1.0 beside one routed HTTP/1.0 control (``inference/routes.py``), so an interceptor that judges only the
+methods or the version it expects fails.
 
 Every selected test's exchange runs in one campaign on first use (:func:`inference_results`,
 :func:`~pytest_sandbox.probes.inference_campaign.run_inference_campaign`): each request carries its
@@ -271,7 +274,7 @@ def connect_other_port(proxy: RunningProxy, port: int) -> Perform:
 def route_probe_exchange(proxy: RunningProxy, trust: InterceptionTrust, probe: RouteProbe, bare: bool) -> Perform:
     def perform(nonce: str) -> tuple[list[ParsedResponse], bool, Refusal | None, Refusal | None]:
         with tunnel(proxy, trust) as tls:
-            responses, closed = send_and_read(tls, probe_request(nonce, probe.method, probe.path))
+            responses, closed = send_and_read(tls, probe_request(nonce, probe))
             if not closed and not probe.routed:
                 # A refusal must close (#819); a forward is judged on what reached the backend.
                 closed = closes_without_more_bytes(tls)
@@ -280,7 +283,8 @@ def route_probe_exchange(proxy: RunningProxy, trust: InterceptionTrust, probe: R
 
         def refusal(build: Request) -> Refusal:
             body = CHAT_BODY if probe.method == "POST" else b""
-            return refusal_on_a_tunnel(proxy, trust, build(nonce, probe.method, probe.path, body=body))
+            return refusal_on_a_tunnel(proxy, trust, build(nonce, probe.method, probe.path, body=body,
+                                                           http_version=probe.http_version))
         return responses, closed, refusal(unmarked_request), refusal(bare_request) if bare else None
     return perform
 
@@ -474,9 +478,11 @@ def test_connect_to_inference_local_on_another_port_follows_the_ordinary_policy(
         f"CONNECT inference.local:{port}")
 
 
-def probe_request(nonce: str, method: str, path: str) -> bytes:
-    """The request a route probe sends: a POST carries a chat body, both carry the sandbox's key."""
-    return request_with_nonce(nonce, method, path, body=CHAT_BODY if method == "POST" else b"")
+def probe_request(nonce: str, probe: RouteProbe) -> bytes:
+    """The request a route probe sends, in its HTTP version: a POST carries a chat body, all carry the sandbox's
+    key."""
+    return request_with_nonce(nonce, probe.method, probe.path, body=CHAT_BODY if probe.method == "POST" else b"",
+                              http_version=probe.http_version)
 
 
 def judge_route_probe(probe: RouteProbe, answer: ParsedResponse | None, closed: bool,
@@ -487,7 +493,7 @@ def judge_route_probe(probe: RouteProbe, answer: ParsedResponse | None, closed: 
     (method, path, authorization values; and bytes that frame into no request), and for a refusal its
     unmarked twin's answer and close (the same request without the nonce field) and its bare twin's (no token at
     all). Pure."""
-    request = f"{probe.method} {probe.path}"
+    request = probe.request_line
     refusal = " (#819 refusal)" if answer is not None and is_inference_refusal(answer) else ""
     observed = (f"answer {answer.status if answer else None}{refusal}, closed {closed}; "
                 f"backend saw {[f'{m} {p}' for m, p, _ in arrived]}" + (f", unframed {list(unframed)}"
@@ -529,7 +535,7 @@ def test_route_table_is_the_enforced_policys(
     judgement = judge_route_probe(route_probe, responses[0] if responses else None, closed,
                                   arrivals_of(evidence.arrived), evidence.unframed, twin, bare)
     network_verdict(CATEGORY, route_probe.test_id, judgement,
-                    f"{route_probe.method} {route_probe.path} via inference.local "
+                    f"{route_probe.request_line} via inference.local "
                     f"({'a route' if route_probe.routed else 'not a route'} of the policy)")
 
 

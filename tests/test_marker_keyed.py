@@ -138,7 +138,7 @@ import pytest
 
 sys.path.insert(0, {tests!r})
 from broken_proxies.harness import backend_config, proxy_with_interceptor
-from broken_proxies.marker_keyed import KEYED_INTERCEPTORS
+from broken_proxies.{module} import KEYED_INTERCEPTORS
 
 MarkerKeyedInterceptor = KEYED_INTERCEPTORS[{keyed_on!r}]
 
@@ -159,13 +159,16 @@ def sandbox_proxy(sandbox_session, sandbox_lab):
 INFERENCE_MARKER_HOLE = "refused only when the request carried the harness's marker (its nonce field)"
 
 
-def _inference_run(pytester: pytest.Pytester, marker_keyed: bool, keyed_on: str = "marker"
-                   ) -> tuple[pytest.RunResult, dict[str, str]]:
+def _inference_run(pytester: pytest.Pytester, marker_keyed: bool, keyed_on: str = "marker",
+                   module: str = "marker_keyed") -> tuple[pytest.RunResult, dict[str, str]]:
+    """``conformance/test_inference.py`` against the reference, or (``marker_keyed``) against the interceptor
+    ``KEYED_INTERCEPTORS[keyed_on]`` of ``broken_proxies.<module>``: the run and the report's verdicts by test."""
     (pytester.path / "conformance").mkdir(exist_ok=True)
     (pytester.path / "conformance" / "test_inference.py").write_text(
         (ROOT / "conformance" / "test_inference.py").read_text())
     if marker_keyed:
-        pytester.makeconftest(MARKER_INTERCEPTOR_CONFTEST.format(tests=str(ROOT / "tests"), keyed_on=keyed_on))
+        pytester.makeconftest(MARKER_INTERCEPTOR_CONFTEST.format(tests=str(ROOT / "tests"), keyed_on=keyed_on,
+                                                                 module=module))
     report = pytester.path / (f"{keyed_on}.json" if marker_keyed else "reference.json")
     result = pytester.runpytest_subprocess("--sandbox", f"--sandbox-report={report}", "-p", "no:cacheprovider",
                                            "-p", "no:randomly", "-rf", "conformance/test_inference.py")

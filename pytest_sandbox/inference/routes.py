@@ -78,36 +78,63 @@ class InferenceRoute:
 
 @dataclass(frozen=True)
 class RouteProbe:
-    """One request for the route table to decide: ``routed`` is whether the enforced routes forward it."""
+    """One request for the route table to decide: ``routed`` is whether the enforced routes forward it;
+    ``http_version`` is the version its request line names (HTTP/1.0 copies carry it in their id)."""
 
     method: str
     path: str
     routed: bool
+    http_version: str = "1.1"
 
     @property
     def test_id(self) -> str:
-        return f"route-{self.method}-{self.path}"
+        version = "" if self.http_version == "1.1" else f"http{self.http_version.replace('.', '')}-"
+        return f"route-{version}{self.method}-{self.path}"
+
+    @property
+    def request_line(self) -> str:
+        """How a verdict names the request: ``GET /admin``, ``GET /admin HTTP/1.0`` for a copy."""
+        version = "" if self.http_version == "1.1" else f" HTTP/{self.http_version}"
+        return f"{self.method} {self.path}{version}"
 
 
 # Requests no route of OpenShell's table covers (network.md §4): each must be refused, unless the
-# enforced policy routes it. A wrong method on a routed path, an admin path, a file upload.
+# enforced policy routes it. A wrong method on a routed path, an admin path, a file upload; then one
+# request for each method no other inference test sends (PUT, PATCH, OPTIONS, TRACE): an interceptor
+# that applies the routes only to the methods it expects (GET, POST, DELETE) forwards them. TRACE is
+# the one whose forward hurts most: the backend echoes the request it received (RFC 9110 §9.3.8),
+# route key included, back into the sandbox.
 NON_ROUTE_REQUESTS: tuple[tuple[str, str], ...] = (
     ("GET", "/v1/chat/completions"),
     ("DELETE", "/v1/models/fake-model"),
     ("POST", "/v1/files"),
     ("POST", "/v1/audio/transcriptions"),
     ("GET", "/admin"),
+    ("PUT", "/v1/chat/completions"),
+    ("PATCH", "/v1/models/fake-model"),
+    ("OPTIONS", "/v1/chat/completions"),
+    ("TRACE", "/v1/chat/completions"),
 )
+
+# HTTP/1.0 (RFC 9112 §2.3, RFC 1945) is still a request line any client may send, and Python's http.client
+# sends it for CONNECT. An interceptor whose route check sits behind an HTTP/1.1-only path forwards such a
+# request unjudged, so every extra request is sent again as HTTP/1.0, and the policy's first route too, as
+# the positive control that HTTP/1.0 is refused for its route and not for its version.
+HTTP10 = "1.0"
 
 
 def route_probes(enforced: Iterable[InferenceRoute], reference: Iterable[InferenceRoute] = (),
                  extra: Iterable[tuple[str, str]] = NON_ROUTE_REQUESTS) -> tuple[RouteProbe, ...]:
     """One probe per route of ``enforced``, per route of ``reference`` (the baseline's: a route the
-    policy dropped must now be refused) and per ``extra`` request, each decided by ``enforced``. Pure."""
+    policy dropped must now be refused) and per ``extra`` request, each decided by ``enforced``; then the
+    first route of ``enforced`` and every ``extra`` request again as HTTP/1.0. Pure."""
     table = tuple(enforced)
+    extra = tuple(extra)
     requests = [(route.method, route.example()) for route in (*table, *reference)] + list(extra)
-    return tuple(RouteProbe(method, path, match_route(table, method, path) is not None)
-                 for method, path in dict.fromkeys(requests))
+    http10 = [(route.method, route.example()) for route in table[:1]] + list(extra)
+    return tuple(RouteProbe(method, path, match_route(table, method, path) is not None, version)
+                 for (method, path), version in dict.fromkeys([*((r, "1.1") for r in requests),
+                                                               *((r, HTTP10) for r in http10)]))
 
 
 @dataclass(frozen=True)

@@ -30,11 +30,17 @@ __all__ = [
 ATTEMPT_TIMEOUT_SECONDS = 3.0
 
 
+# RFC 9110 §8.6: a client sends Content-Length (0 without content) with a method that defines a meaning for content.
+_METHODS_WITH_CONTENT = frozenset({"POST", "PUT", "PATCH"})
+
+
 def inference_request(method: str, target: str, *, body: bytes = b"", host: str = INFERENCE_HOST,
-                      headers: Iterable[tuple[str, str]] = ()) -> bytes:
-    """One raw HTTP/1.1 request (Content-Length framed when it has a body or is a POST). Pure."""
-    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}", *(f"{name}: {value}" for name, value in headers)]
-    if body or method == "POST":
+                      headers: Iterable[tuple[str, str]] = (), http_version: str = "1.1") -> bytes:
+    """One raw HTTP/1.1 (or ``http_version``) request, Content-Length framed when it has a body or its method
+    defines one. Pure."""
+    lines = [f"{method} {target} HTTP/{http_version}", f"Host: {host}",
+             *(f"{name}: {value}" for name, value in headers)]
+    if body or method in _METHODS_WITH_CONTENT:
         lines += [f"Content-Length: {len(body)}", "Content-Type: application/json"]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 

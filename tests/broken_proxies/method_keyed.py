@@ -10,6 +10,10 @@ destination unclassified (the policy's host and port rules and the self-connecti
 * :class:`VersionKeyedProxy` classifies HTTP/1.1 requests only: an HTTP/1.0 GET goes through.
 
 As commands inside a lab: :func:`command` with their :data:`KEYED` name (``--sandbox-proxy-cmd``).
+
+The same two keys inside the intercepted ``inference.local`` tunnel, where the inference tests used to send GET,
+POST and DELETE only, as HTTP/1.1: :data:`KEYED_INTERCEPTORS` apply #819's routes to those requests and forward
+any other (a ``TRACE``, a ``GET /admin HTTP/1.0``) to the backend with the route key, as if it were routed.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ if __name__ == "__main__":  # run as a script: use this checkout's package, not 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from broken_proxies.marker_keyed import MarkerKeyedInterceptor
 from broken_proxies.weak_ssrf import WeakProxy
 from pytest_sandbox.http.streams import Request
 from pytest_sandbox.network.addresses import Authority
@@ -70,6 +75,24 @@ class VersionKeyedProxy(RequestLineKeyedProxy):
 
 
 KEYED: dict[str, type[RequestLineKeyedProxy]] = {"method": MethodKeyedProxy, "version": VersionKeyedProxy}
+
+JUDGED_IN_TUNNEL = frozenset({"GET", "POST", "DELETE"})  # the methods the inference tests sent before PUT and the rest
+
+
+class MethodKeyedInterceptor(MarkerKeyedInterceptor):
+    @staticmethod
+    def judges(request: Request) -> bool:
+        return request.method in JUDGED_IN_TUNNEL
+
+
+class VersionKeyedInterceptor(MarkerKeyedInterceptor):
+    @staticmethod
+    def judges(request: Request) -> bool:
+        return request.http_version == "1.1"
+
+
+KEYED_INTERCEPTORS: dict[str, type[MarkerKeyedInterceptor]] = {
+    "method": MethodKeyedInterceptor, "version": VersionKeyedInterceptor}
 
 
 def command(keyed_on: str) -> str:
