@@ -10,7 +10,8 @@ the enforced policy's ``[[inference.routes]]`` (``--sandbox-policy``): each of i
 forwarded, and every other request (the baseline's routes the policy dropped included) is refused. The requests
 that are no route use every method a client sends (PUT, PATCH, OPTIONS and TRACE too), and are sent again as
 HTTP/1.0 beside one routed HTTP/1.0 control (``inference/routes.py``), so an interceptor that judges only the
-methods or the version it expects fails.
+methods or the version it expects fails; other spellings of a route's path (``path_spellings``) must be refused or
+forwarded as exactly that route's path, never as spelt.
 
 Every selected test's exchange runs in one campaign on first use (:func:`inference_results`,
 :func:`~pytest_sandbox.probes.inference_campaign.run_inference_campaign`): each request carries its
@@ -507,6 +508,8 @@ def judge_route_probe(probe: RouteProbe, answer: ParsedResponse | None, closed: 
         return judged(ok, Verdict.WORKS, Verdict.BROKEN, f"{request} is a route of the policy and was forwarded"
                       if ok else f"{request} is a route of the policy but was not forwarded as routed",
                       expected, observed)
+    if probe.canonical:
+        return judge_spelling(probe, answer, closed, arrived, unframed, twin, bare, observed)
     expected = ("refused with #819's 403 and closed, with and without the marker and with no token; nothing reached "
                 "the backend")
     marked_ok = refused_and_closed(answer, closed)
@@ -519,6 +522,41 @@ def judge_route_probe(probe: RouteProbe, answer: ParsedResponse | None, closed: 
     ok = marked_ok and twin_ok and bare_ok
     reason = (f"{request} is no route of the policy and was refused" if ok else
               f"{request} was {hole}" if hole else f"{request} was not refused as #819 requires")
+    return judged(ok, Verdict.BLOCKED, Verdict.INDETERMINATE, reason, expected, observed)
+
+
+def refused_as_unreadable_or_denied(answer: ParsedResponse | None, closed: bool) -> bool:
+    """A spelling's refusal: #819's 403, or a 400 for a request-target the interceptor will not read; then the
+    close."""
+    return answer is not None and (is_inference_refusal(answer) or answer.status == 400) and closed
+
+
+def judge_spelling(probe: RouteProbe, answer: ParsedResponse | None, closed: bool,
+                   arrived: list[tuple[str, str, list[str]]], unframed: tuple[str, ...],
+                   twin: tuple[ParsedResponse | None, bool] | None, bare: tuple[ParsedResponse | None, bool] | None,
+                   observed: str) -> Judgement:
+    """Judge another spelling of a route's path (``probe.canonical``): refused, or forwarded as exactly the route's
+    path (a matcher that normalises and forwards what it matched is safe); the spelling itself reaching the
+    backend is ALLOWED, whatever the answer was, since the backend may read it as another path. Pure."""
+    request = probe.request_line
+    expected = (f"refused (400 or #819's 403) and closed, with and without the marker and with no token, or "
+                f"forwarded only as {probe.method} {probe.canonical}; the spelling never reaches the backend")
+    marked_ok = refused_as_unreadable_or_denied(answer, closed)
+    twin_ok = twin is None or refused_as_unreadable_or_denied(*twin)
+    bare_ok = bare is None or refused_as_unreadable_or_denied(*bare)
+    hole = hole_of(marked_ok, twin_ok, bare_ok)
+    spelled = [f"{method} {path}" for method, path, _ in arrived
+               if (method, path.split("?", 1)[0]) != (probe.method, probe.canonical)]
+    if spelled or unframed:
+        return Judgement(Verdict.ALLOWED, f"{request} is another spelling of the route {probe.canonical}, and the "
+                         f"backend received {spelled or list(unframed)}, which it may read as another path"
+                         + (f"; {hole}" if hole else ""), expected, observed)
+    if arrived:
+        return Judgement(Verdict.BLOCKED, f"{request} was forwarded only as the route's own path {probe.canonical}",
+                         expected, observed)
+    ok = marked_ok and twin_ok and bare_ok
+    reason = (f"{request}, another spelling of the route {probe.canonical}, was refused" if ok else
+              f"{request} was {hole}" if hole else f"{request} was neither refused nor forwarded as {probe.canonical}")
     return judged(ok, Verdict.BLOCKED, Verdict.INDETERMINATE, reason, expected, observed)
 
 

@@ -7,18 +7,32 @@ route key (``method``), and one that does the same for HTTP/1.0 (``version``): e
 backend. The route probes now send PUT, PATCH, OPTIONS and TRACE too, and every extra request again as HTTP/1.0
 with one routed HTTP/1.0 control: each fake must fail exactly the probes it forwards (and the backend record), and
 the reference pass them all.
+
+The same for the request-target: the route probes send eleven other spellings of the first route's path
+(``path_spellings``). ``tests/broken_proxies/path_normalising.py`` has an interceptor that normalises the path
+before matching and forwards the bytes it was sent (``spelling``: it passed every inference test) and one that
+forwards the path it matched (``canonical``: safe). The first must fail every spelling it routes, the second none.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from broken_proxies.method_keyed import JUDGED_IN_TUNNEL
-from test_marker_keyed import _inference_run
+from broken_proxies.path_normalising import normalised
+from test_marker_keyed import FRAMING_REFUSED, _inference_run
 
-from pytest_sandbox.inference.routes import HTTP10, NON_ROUTE_REQUESTS, RouteProbe, route_probes
+from pytest_sandbox.inference.routes import (
+    HTTP10,
+    NON_ROUTE_REQUESTS,
+    RouteProbe,
+    match_route,
+    path_spellings,
+    route_probes,
+)
 from pytest_sandbox.network.netns import host_can_create_netns
 from pytest_sandbox.policy.load import baseline_policy
 from pytest_sandbox.probes.inference import inference_request
@@ -72,3 +86,37 @@ def test_an_interceptor_judging_only_the_old_request_lines_fails_exactly_the_pro
     assert failed == forwarded | {"backend-record"}, (sorted(failed ^ forwarded), output[-4000:])
     assert all(verdicts[test] == "ALLOWED" for test in failed), verdicts
     assert "is no route of the policy, yet it reached the backend" in output, output[-4000:]
+
+
+def test_every_spelling_reads_as_the_route_to_a_normalising_matcher_and_as_no_route_to_the_strict_one():
+    probes = [probe for probe in route_probes(BASELINE_ROUTES) if probe.canonical]
+    assert [probe.path for probe in probes] == list(path_spellings("/v1/chat/completions"))
+    assert len(probes) == 11 and not any(probe.routed for probe in probes)
+    for probe in probes:
+        assert probe.canonical == "/v1/chat/completions" and probe.method == "POST"
+        assert match_route(BASELINE_ROUTES, "POST", probe.path) is None
+        assert normalised(probe.path) == probe.canonical, probe.path
+
+
+@pytest.mark.skipif(not NETNS_OK, reason=f"cannot create network namespaces: {NETNS_REASON}")
+def test_an_interceptor_forwarding_the_spelling_it_normalised_fails_and_one_forwarding_the_route_passes(
+        pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    reference, reference_verdicts = _inference_run(pytester, marker_keyed=False)
+    assert reference.ret == 0, reference.stdout.str()[-3000:]
+    spellings = {probe.test_id for probe in route_probes(BASELINE_ROUTES) if probe.canonical}
+    assert all(reference_verdicts[test] == "BLOCKED" for test in spellings), reference_verdicts
+    leaky, verdicts = _inference_run(pytester, marker_keyed=True, keyed_on="spelling", module="path_normalising")
+    output = leaky.stdout.str()
+    failed = {test for test, verdict in verdicts.items() if verdict != reference_verdicts[test]}
+    assert failed == spellings - {FRAMING_REFUSED} | {"backend-record"}, (sorted(failed), output[-4000:])
+    assert all(verdicts[test] == "ALLOWED" for test in failed), verdicts
+    assert "which it may read as another path" in output, output[-4000:]
+    safe, safe_verdicts = _inference_run(pytester, marker_keyed=True, keyed_on="canonical", module="path_normalising")
+    assert safe.ret == 0, safe.stdout.str()[-4000:]
+    assert safe_verdicts == reference_verdicts
+    # ... and it passed the spellings by forwarding them as the route, not by refusing them.
+    reasons = {probe["test"]: probe["reason"] for probe in json.loads((pytester.path / "canonical.json").read_text())
+               ["probes"]}
+    forwarded = {test for test in spellings if "was forwarded only as the route's own path" in reasons[test]}
+    assert forwarded == spellings - {FRAMING_REFUSED}, reasons

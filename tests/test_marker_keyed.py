@@ -157,6 +157,15 @@ def sandbox_proxy(sandbox_session, sandbox_lab):
         yield running
 '''
 INFERENCE_MARKER_HOLE = "refused only when the request carried the harness's marker (its nonce field)"
+# The one path spelling the framing checks refuse (400: a backslash is no pchar) before any interceptor decides.
+FRAMING_REFUSED = "route-POST-/v1\\chat\\completions"
+
+
+def decided_by_the_interceptor(refusals: set[str]) -> set[str]:
+    """The refusals an interceptor decides (another inner Host, a request that is no route, the non-inference
+    request after a routed one), not its framing checks."""
+    return {test for test in refusals if test.startswith(("inner-host-", "route-"))
+            or test == "routed-then-non-inference"} - {FRAMING_REFUSED}
 
 
 def _inference_run(pytester: pytest.Pytester, marker_keyed: bool, keyed_on: str = "marker",
@@ -187,8 +196,7 @@ def test_inference_category_fails_every_refusal_a_marker_keyed_interceptor_forwa
     assert reference.ret == 0, reference.stdout.str()[-3000:]
     controls = {test for test, verdict in verdicts.items() if verdict == "WORKS"}
     refusals = {test for test, verdict in verdicts.items() if verdict == "BLOCKED"}
-    decided_by_interceptor = {test for test in refusals if test.startswith(("inner-host-", "route-"))
-                              or test == "routed-then-non-inference"}
+    decided_by_interceptor = decided_by_the_interceptor(refusals)
     assert len(decided_by_interceptor) >= 9 and "routed-then-non-inference" in decided_by_interceptor, refusals
     keyed, keyed_verdicts = _inference_run(pytester, marker_keyed=True)
     output = keyed.stdout.str()
@@ -215,14 +223,19 @@ def test_inference_category_fails_the_refusals_whose_bare_twin_an_interceptor_ju
     reference, reference_verdicts = _inference_run(pytester, marker_keyed=False)
     assert reference.ret == 0, reference.stdout.str()[-3000:]
     refusals = {test for test, verdict in reference_verdicts.items() if verdict == "BLOCKED"}
-    decided_by_interceptor = {test for test in refusals if test.startswith(("inner-host-", "route-"))
-                              or test == "routed-then-non-inference"}
+    decided_by_interceptor = decided_by_the_interceptor(refusals)
     assert len(decided_by_interceptor) >= 9, refusals
     keyed, verdicts = _inference_run(pytester, marker_keyed=True, keyed_on="uuid")
     output = keyed.stdout.str()
     failed = {test for test, verdict in verdicts.items() if verdict != reference_verdicts[test]}
     assert "backend-record" in failed and verdicts["backend-record"] == "ALLOWED", output[-4000:]
+    # The refusals drawn for a bare twin say so in what they observed; the framing checks refuse one of them
+    # whatever its token, so it passes if drawn.
+    observed = {probe["test"]: probe["observed"] for probe in json.loads((pytester.path / "uuid.json").read_text())
+                ["probes"]}
+    drawn = {test for test, seen in observed.items() if "with no token at all" in seen}
+    assert len(drawn) == BARE_TWIN_SAMPLE, sorted(drawn)
     bare = failed - {"backend-record"}
-    assert bare <= decided_by_interceptor and len(bare) == BARE_TWIN_SAMPLE, (sorted(failed), output[-4000:])
+    assert bare == drawn - {FRAMING_REFUSED} and bare <= decided_by_interceptor, (sorted(failed), output[-4000:])
     assert all(verdicts[test] == "ALLOWED" for test in bare), verdicts
     assert output.count(INFERENCE_TOKEN_HOLE) >= len(bare), output[-4000:]

@@ -85,6 +85,9 @@ class RouteProbe:
     path: str
     routed: bool
     http_version: str = "1.1"
+    # For another spelling of a route's path (:func:`path_spellings`): that route's path. Such a request is
+    # refused, or forwarded as exactly this path; the spelling itself must never reach the backend.
+    canonical: str = ""
 
     @property
     def test_id(self) -> str:
@@ -123,18 +126,54 @@ NON_ROUTE_REQUESTS: tuple[tuple[str, str], ...] = (
 HTTP10 = "1.0"
 
 
+def path_spellings(path: str) -> tuple[str, ...]:
+    """Other spellings of the route path ``path`` that a normalising matcher reads as ``path``. Pure.
+
+    Each names a normalisation some server or proxy applies (the path-confusion corpus: Orange Tsai's
+    "Breaking Parser Logic", Black Hat USA 2018; PortSwigger's URL validation bypass cheat sheet). A matcher that
+    applies one before matching and then forwards the original bytes routes the spelling, and the backend may
+    read it as another path: ``/admin/../v1/chat/completions`` is under ``/admin`` to a server that does not
+    resolve dot segments, and Tomcat reads ``..;`` as ``..``. The strict matcher refuses them all.
+    """
+    segments = path.split("/")[1:]
+    first, rest, last = segments[0], "/".join(segments[1:]), segments[-1]
+    head = path[:len(path) - len(last)]
+    spellings = (
+        f"{path}/",                                    # trailing slash dropped
+        f"/{first}//{rest}",                           # empty segment collapsed
+        f"/{first}/./{rest}",                          # dot segment removed (RFC 3986 §5.2.4)
+        f"/admin/..{path}",                            # dot-dot resolved: the bytes name /admin
+        f"/admin/%2e%2e{path}",                        # percent-encoded dot-dot decoded, then resolved
+        f"/admin/..;{path}",                           # Tomcat: path parameter stripped, then dot-dot
+        f"{path};x=1",                                 # path parameter stripped (RFC 3986 §3.3)
+        f"/{first}%2F{rest}",                          # encoded slash decoded
+        f"{head}%{ord(last[0]):02X}{last[1:]}",        # unreserved character decoded (RFC 3986 §6.2.2.2)
+        path.upper(),                                  # case folded
+        "/" + "\\".join(segments),                     # backslash read as slash (WHATWG URL, special schemes)
+    )
+    return tuple(spelling for spelling in dict.fromkeys(spellings) if spelling != path)
+
+
 def route_probes(enforced: Iterable[InferenceRoute], reference: Iterable[InferenceRoute] = (),
                  extra: Iterable[tuple[str, str]] = NON_ROUTE_REQUESTS) -> tuple[RouteProbe, ...]:
     """One probe per route of ``enforced``, per route of ``reference`` (the baseline's: a route the
     policy dropped must now be refused) and per ``extra`` request, each decided by ``enforced``; then the
-    first route of ``enforced`` and every ``extra`` request again as HTTP/1.0. Pure."""
+    first route of ``enforced`` and every ``extra`` request again as HTTP/1.0; then each of
+    :func:`path_spellings` of the first route's path. Pure."""
     table = tuple(enforced)
     extra = tuple(extra)
     requests = [(route.method, route.example()) for route in (*table, *reference)] + list(extra)
     http10 = [(route.method, route.example()) for route in table[:1]] + list(extra)
-    return tuple(RouteProbe(method, path, match_route(table, method, path) is not None, version)
-                 for (method, path), version in dict.fromkeys([*((r, "1.1") for r in requests),
-                                                               *((r, HTTP10) for r in http10)]))
+    probes = {(method, path, version): RouteProbe(method, path, match_route(table, method, path) is not None,
+                                                  version)
+              for (method, path), version in [*((r, "1.1") for r in requests), *((r, HTTP10) for r in http10)]}
+    for route in table[:1]:
+        canonical = route.example()
+        for spelling in path_spellings(canonical):
+            routed = match_route(table, route.method, spelling) is not None
+            probes.setdefault((route.method, spelling, "1.1"),
+                              RouteProbe(route.method, spelling, routed, canonical="" if routed else canonical))
+    return tuple(probes.values())
 
 
 @dataclass(frozen=True)

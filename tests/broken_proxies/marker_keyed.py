@@ -202,7 +202,8 @@ def _route_unless_unmarked(method: str, target: str, headers: Any, body_length: 
     parsed = parse_request_target(target)
     forwarded = forwardable_request_headers(headers, api_key=options["api_key"], host_header=options["host_header"],
                                             body_length=body_length, method=method)
-    return Forward(_ANY, parsed.origin_form if parsed is not None else "/", tuple(forwarded))
+    # A target the strict parser refuses (a spelling such as /v1\\chat) goes as it came, query (and twin UUID) kept.
+    return Forward(_ANY, parsed.origin_form if parsed is not None else target, tuple(forwarded))
 
 
 interceptor_module.route_request = _route_unless_unmarked  # type: ignore[assignment]
