@@ -9,9 +9,10 @@ refused; ``CONNECT inference.local`` on other ports follows the ordinary policy.
 the enforced policy's ``[[inference.routes]]`` (``--sandbox-policy``): each of its routes is
 forwarded, and every other request (the baseline's routes the policy dropped included) is refused. The requests
 that are no route use every method a client sends (PUT, PATCH, OPTIONS and TRACE too), and are sent again as
-HTTP/1.0 beside one routed HTTP/1.0 control (``inference/routes.py``), so an interceptor that judges only the
-methods or the version it expects fails; other spellings of a route's path (``path_spellings``) must be refused or
-forwarded as exactly that route's path, never as spelt.
+HTTP/1.0, and (with a body) chunked and with ``Expect: 100-continue``, each beside a routed control
+(``inference/routes.py``), so an interceptor that judges only the methods, version or body framing it expects
+fails; other spellings of a route's path (``path_spellings``) must be refused or forwarded as exactly that route's
+path, never as spelt.
 
 Every selected test's exchange runs in one campaign on first use (:func:`inference_results`,
 :func:`~pytest_sandbox.probes.inference_campaign.run_inference_campaign`): each request carries its
@@ -285,7 +286,7 @@ def route_probe_exchange(proxy: RunningProxy, trust: InterceptionTrust, probe: R
         def refusal(build: Request) -> Refusal:
             body = CHAT_BODY if probe.method == "POST" else b""
             return refusal_on_a_tunnel(proxy, trust, build(nonce, probe.method, probe.path, body=body,
-                                                           http_version=probe.http_version))
+                                                           http_version=probe.http_version, framing=probe.framing))
         return responses, closed, refusal(unmarked_request), refusal(bare_request) if bare else None
     return perform
 
@@ -483,7 +484,7 @@ def probe_request(nonce: str, probe: RouteProbe) -> bytes:
     """The request a route probe sends, in its HTTP version: a POST carries a chat body, all carry the sandbox's
     key."""
     return request_with_nonce(nonce, probe.method, probe.path, body=CHAT_BODY if probe.method == "POST" else b"",
-                              http_version=probe.http_version)
+                              http_version=probe.http_version, framing=probe.framing)
 
 
 def judge_route_probe(probe: RouteProbe, answer: ParsedResponse | None, closed: bool,

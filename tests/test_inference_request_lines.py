@@ -5,8 +5,9 @@ interceptor that applies #819's routes to those methods only and forwards any ot
 route key (``method``), and one that does the same for HTTP/1.0 (``version``): each earned every verdict of
 ``conformance/test_inference.py`` (14 BLOCKED, 9 WORKS) while a ``TRACE`` or a ``GET /admin HTTP/1.0`` reached the
 backend. The route probes now send PUT, PATCH, OPTIONS and TRACE too, and every extra request again as HTTP/1.0
-with one routed HTTP/1.0 control: each fake must fail exactly the probes it forwards (and the backend record), and
-the reference pass them all.
+with one routed HTTP/1.0 control, and each extra request with a body again chunked and with ``Expect: 100-continue``
+(the ``chunked`` and ``expect`` fakes judge only Content-Length bodies without it), each with a routed control:
+each fake must fail exactly the probes it forwards (and the backend record), and the reference pass them all.
 
 The same for the request-target: the route probes send eleven other spellings of the first route's path
 (``path_spellings``). ``tests/broken_proxies/path_normalising.py`` has an interceptor that normalises the path
@@ -26,7 +27,9 @@ from broken_proxies.path_normalising import normalised
 from test_marker_keyed import FRAMING_REFUSED, _inference_run
 
 from pytest_sandbox.inference.routes import (
+    BODY_FRAMINGS,
     HTTP10,
+    METHODS_WITH_CONTENT,
     NON_ROUTE_REQUESTS,
     RouteProbe,
     match_route,
@@ -66,6 +69,8 @@ def test_the_request_says_its_version_and_a_method_with_content_says_its_length(
 FORWARDED_BY: dict[str, Callable[[RouteProbe], bool]] = {  # the refusals each fake forwards instead
     "method": lambda probe: probe.method not in JUDGED_IN_TUNNEL,
     "version": lambda probe: probe.http_version == HTTP10,
+    "chunked": lambda probe: probe.framing == "chunked",
+    "expect": lambda probe: probe.framing == "expect-continue",
 }
 
 
@@ -79,7 +84,8 @@ def test_an_interceptor_judging_only_the_old_request_lines_fails_exactly_the_pro
     probes = route_probes(BASELINE_ROUTES, BASELINE_ROUTES)
     forwarded = {probe.test_id for probe in probes if not probe.routed and FORWARDED_BY[keyed_on](probe)}
     assert len(forwarded) >= 4 and all(reference_verdicts[test] == "BLOCKED" for test in forwarded)
-    assert reference_verdicts["route-http10-POST-/v1/chat/completions"] == "WORKS"
+    assert {reference_verdicts[f"route-{line}POST-/v1/chat/completions"]
+            for line in ("http10-", "chunked-", "expect-continue-")} == {"WORKS"}
     keyed, verdicts = _inference_run(pytester, marker_keyed=True, keyed_on=keyed_on, module="method_keyed")
     output = keyed.stdout.str()
     failed = {test for test, verdict in verdicts.items() if verdict != reference_verdicts[test]}
@@ -120,3 +126,18 @@ def test_an_interceptor_forwarding_the_spelling_it_normalised_fails_and_one_forw
                ["probes"]}
     forwarded = {test for test in spellings if "was forwarded only as the route's own path" in reasons[test]}
     assert forwarded == spellings - {FRAMING_REFUSED}, reasons
+
+
+def test_every_extra_request_with_a_body_is_sent_framed_each_way_with_a_routed_control():
+    probes = route_probes(BASELINE_ROUTES, BASELINE_ROUTES)
+    for framing in BODY_FRAMINGS:
+        framed = [probe for probe in probes if probe.framing == framing]
+        assert {(probe.method, probe.path) for probe in framed if not probe.routed} == {
+            (method, path) for method, path in NON_ROUTE_REQUESTS if method in METHODS_WITH_CONTENT}
+        assert [(probe.method, probe.path) for probe in framed if probe.routed] == [("POST", "/v1/chat/completions")]
+    chunked = inference_request("PUT", "/v1/chat/completions", body=b"{}", framing="chunked")
+    assert chunked.endswith(b"\r\nTransfer-Encoding: chunked\r\nContent-Type: application/json\r\n\r\n"
+                            b"2\r\n{}\r\n0\r\n\r\n")
+    assert b"Content-Length" not in chunked
+    expect = inference_request("PATCH", "/v1/models/fake-model", framing="expect-continue")
+    assert b"\r\nContent-Length: 0\r\n" in expect and b"\r\nExpect: 100-continue\r\n" in expect

@@ -85,6 +85,7 @@ class RouteProbe:
     path: str
     routed: bool
     http_version: str = "1.1"
+    framing: str = ""  # how its body is framed: "" (Content-Length), or one of BODY_FRAMINGS
     # For another spelling of a route's path (:func:`path_spellings`): that route's path. Such a request is
     # refused, or forwarded as exactly this path; the spelling itself must never reach the backend.
     canonical: str = ""
@@ -92,13 +93,15 @@ class RouteProbe:
     @property
     def test_id(self) -> str:
         version = "" if self.http_version == "1.1" else f"http{self.http_version.replace('.', '')}-"
-        return f"route-{version}{self.method}-{self.path}"
+        framing = f"{self.framing}-" if self.framing else ""
+        return f"route-{version}{framing}{self.method}-{self.path}"
 
     @property
     def request_line(self) -> str:
         """How a verdict names the request: ``GET /admin``, ``GET /admin HTTP/1.0`` for a copy."""
         version = "" if self.http_version == "1.1" else f" HTTP/{self.http_version}"
-        return f"{self.method} {self.path}{version}"
+        framing = f" ({BODY_FRAMINGS[self.framing]})" if self.framing else ""
+        return f"{self.method} {self.path}{version}{framing}"
 
 
 # Requests no route of OpenShell's table covers (network.md §4): each must be refused, unless the
@@ -124,6 +127,15 @@ NON_ROUTE_REQUESTS: tuple[tuple[str, str], ...] = (
 # request unjudged, so every extra request is sent again as HTTP/1.0, and the policy's first route too, as
 # the positive control that HTTP/1.0 is refused for its route and not for its version.
 HTTP10 = "1.0"
+
+# RFC 9110 §8.6: the methods that define a meaning for content (a client sends Content-Length, 0 without any).
+METHODS_WITH_CONTENT = frozenset({"POST", "PUT", "PATCH"})
+
+# The other ways a client frames a request body (RFC 9112 §6.1 chunked; RFC 9110 §10.1.1 Expect: 100-continue,
+# which curl sends for a body over 1 MiB). An interceptor that judges only the requests its Content-Length path
+# reads, and hands the rest to another (a streaming one, say), forwards them unjudged: every extra request with a
+# body is sent again framed each way, beside the policy's first route with a body as the positive control.
+BODY_FRAMINGS = {"chunked": "chunked body", "expect-continue": "Expect: 100-continue"}
 
 
 def path_spellings(path: str) -> tuple[str, ...]:
@@ -158,20 +170,27 @@ def route_probes(enforced: Iterable[InferenceRoute], reference: Iterable[Inferen
                  extra: Iterable[tuple[str, str]] = NON_ROUTE_REQUESTS) -> tuple[RouteProbe, ...]:
     """One probe per route of ``enforced``, per route of ``reference`` (the baseline's: a route the
     policy dropped must now be refused) and per ``extra`` request, each decided by ``enforced``; then the
-    first route of ``enforced`` and every ``extra`` request again as HTTP/1.0; then each of
-    :func:`path_spellings` of the first route's path. Pure."""
+    first route of ``enforced`` and every ``extra`` request again as HTTP/1.0; then the first route with a body
+    and every ``extra`` request with one in each of :data:`BODY_FRAMINGS`; then each of :func:`path_spellings`
+    of the first route's path. Pure."""
     table = tuple(enforced)
     extra = tuple(extra)
     requests = [(route.method, route.example()) for route in (*table, *reference)] + list(extra)
     http10 = [(route.method, route.example()) for route in table[:1]] + list(extra)
-    probes = {(method, path, version): RouteProbe(method, path, match_route(table, method, path) is not None,
-                                                  version)
+    probes = {(method, path, version, ""): RouteProbe(method, path, match_route(table, method, path) is not None,
+                                                      version)
               for (method, path), version in [*((r, "1.1") for r in requests), *((r, HTTP10) for r in http10)]}
+    with_content = [(route.method, route.example()) for route in table if route.method in METHODS_WITH_CONTENT][:1]
+    with_content += [(method, path) for method, path in extra if method in METHODS_WITH_CONTENT]
+    for framing in BODY_FRAMINGS:
+        for method, path in with_content:
+            probes.setdefault((method, path, "1.1", framing), RouteProbe(
+                method, path, match_route(table, method, path) is not None, framing=framing))
     for route in table[:1]:
         canonical = route.example()
         for spelling in path_spellings(canonical):
             routed = match_route(table, route.method, spelling) is not None
-            probes.setdefault((route.method, spelling, "1.1"),
+            probes.setdefault((route.method, spelling, "1.1", ""),
                               RouteProbe(route.method, spelling, routed, canonical="" if routed else canonical))
     return tuple(probes.values())
 

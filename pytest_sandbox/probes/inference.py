@@ -15,6 +15,7 @@ from collections.abc import Iterable
 
 from pytest_sandbox.http.framing import HEAD_END
 from pytest_sandbox.http.responses import ParsedResponse
+from pytest_sandbox.inference.routes import METHODS_WITH_CONTENT
 from pytest_sandbox.inference.routing import INFERENCE_HOST, INFERENCE_PORT
 from pytest_sandbox.probes.exchange import SocketReader
 
@@ -30,18 +31,22 @@ __all__ = [
 ATTEMPT_TIMEOUT_SECONDS = 3.0
 
 
-# RFC 9110 §8.6: a client sends Content-Length (0 without content) with a method that defines a meaning for content.
-_METHODS_WITH_CONTENT = frozenset({"POST", "PUT", "PATCH"})
-
-
 def inference_request(method: str, target: str, *, body: bytes = b"", host: str = INFERENCE_HOST,
-                      headers: Iterable[tuple[str, str]] = (), http_version: str = "1.1") -> bytes:
-    """One raw HTTP/1.1 (or ``http_version``) request, Content-Length framed when it has a body or its method
-    defines one. Pure."""
+                      headers: Iterable[tuple[str, str]] = (), http_version: str = "1.1", framing: str = "") -> bytes:
+    """One raw HTTP/1.1 (or ``http_version``) request. Its body, when it has one or its method defines one, is
+    framed by Content-Length, or as ``framing`` says (``BODY_FRAMINGS``): ``chunked`` (one chunk, then the last
+    chunk), ``expect-continue`` (Content-Length and ``Expect: 100-continue``, the body sent at once, as curl does
+    after its one-second wait). Pure."""
     lines = [f"{method} {target} HTTP/{http_version}", f"Host: {host}",
              *(f"{name}: {value}" for name, value in headers)]
-    if body or method in _METHODS_WITH_CONTENT:
+    if framing == "chunked":
+        lines += ["Transfer-Encoding: chunked", "Content-Type: application/json"]
+        chunks = (f"{len(body):x}\r\n".encode() + body + b"\r\n" if body else b"") + b"0\r\n\r\n"
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + chunks
+    if body or method in METHODS_WITH_CONTENT or framing:
         lines += [f"Content-Length: {len(body)}", "Content-Type: application/json"]
+    if framing == "expect-continue":
+        lines.append("Expect: 100-continue")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 

@@ -13,7 +13,9 @@ As commands inside a lab: :func:`command` with their :data:`KEYED` name (``--san
 
 The same two keys inside the intercepted ``inference.local`` tunnel, where the inference tests used to send GET,
 POST and DELETE only, as HTTP/1.1: :data:`KEYED_INTERCEPTORS` apply #819's routes to those requests and forward
-any other (a ``TRACE``, a ``GET /admin HTTP/1.0``) to the backend with the route key, as if it were routed.
+any other (a ``TRACE``, a ``GET /admin HTTP/1.0``) to the backend with the route key, as if it were routed. Two
+more key on how a body is framed, which the inference tests never varied (Content-Length only): ``chunked`` judges
+only requests without Transfer-Encoding, ``expect`` only those without ``Expect: 100-continue``.
 """
 
 from __future__ import annotations
@@ -91,8 +93,21 @@ class VersionKeyedInterceptor(MarkerKeyedInterceptor):
         return request.http_version == "1.1"
 
 
+class ChunkedKeyedInterceptor(MarkerKeyedInterceptor):
+    @staticmethod
+    def judges(request: Request) -> bool:
+        return request.header("transfer-encoding") is None
+
+
+class ExpectKeyedInterceptor(MarkerKeyedInterceptor):
+    @staticmethod
+    def judges(request: Request) -> bool:
+        return request.header("expect") is None
+
+
 KEYED_INTERCEPTORS: dict[str, type[MarkerKeyedInterceptor]] = {
-    "method": MethodKeyedInterceptor, "version": VersionKeyedInterceptor}
+    "method": MethodKeyedInterceptor, "version": VersionKeyedInterceptor, "chunked": ChunkedKeyedInterceptor,
+    "expect": ExpectKeyedInterceptor}
 
 
 def command(keyed_on: str) -> str:
