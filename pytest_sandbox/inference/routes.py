@@ -132,7 +132,7 @@ HTTP10 = "1.0"
 METHODS_WITH_CONTENT = frozenset({"POST", "PUT", "PATCH"})
 
 # The other ways a client frames a request body (RFC 9112 §6.1 chunked; RFC 9110 §10.1.1 Expect: 100-continue,
-# which curl sends for a body over 1 MiB). An interceptor that judges only the requests its Content-Length path
+# which curl adds to a large upload). An interceptor that judges only the requests its Content-Length path
 # reads, and hands the rest to another (a streaming one, say), forwards them unjudged: every extra request with a
 # body is sent again framed each way, beside the policy's first route with a body as the positive control.
 BODY_FRAMINGS = {"chunked": "chunked body", "expect-continue": "Expect: 100-continue"}
