@@ -145,6 +145,16 @@ def hole_of(marked_ok: bool, twin_ok: bool, bare_ok: bool) -> str:
     return MARKER_HOLE if not twin_ok else TOKEN_HOLE if not bare_ok else ""
 
 
+def every_send_refused(refused: Callable[[ParsedResponse | None, bool], bool], marked: Refusal,
+                       twin: Refusal | None, bare: Refusal | None) -> tuple[bool, str]:
+    """Whether ``refused`` holds for the marked send and for the twins that were sent, and which hole it shows
+    if it held only for some (:func:`hole_of`)."""
+    marked_ok = refused(*marked)
+    twin_ok = twin is None or refused(*twin)
+    bare_ok = bare is None or refused(*bare)
+    return marked_ok and twin_ok and bare_ok, hole_of(marked_ok, twin_ok, bare_ok)
+
+
 def chat_request(nonce: str, *, stream: bool = False) -> bytes:
     body = json.dumps({**CHAT, "stream": True}).encode() if stream else CHAT_BODY
     return request_with_nonce(nonce, "POST", "/v1/chat/completions", body=body)
@@ -284,9 +294,7 @@ def route_probe_exchange(proxy: RunningProxy, trust: InterceptionTrust, probe: R
             return responses, closed, None, None
 
         def refusal(build: Request) -> Refusal:
-            body = CHAT_BODY if probe.method == "POST" else b""
-            return refusal_on_a_tunnel(proxy, trust, build(nonce, probe.method, probe.path, body=body,
-                                                           http_version=probe.http_version, framing=probe.framing))
+            return refusal_on_a_tunnel(proxy, trust, probe_request(nonce, probe, build))
         return responses, closed, refusal(unmarked_request), refusal(bare_request) if bare else None
     return perform
 
@@ -449,13 +457,11 @@ def test_inner_host_other_than_inference_local_is_refused(
     answer, closed, twin, bare = evidence.observation
     reached = len(evidence.arrived) + len(evidence.unframed)
     hits = len(evidence.hits)
-    marked_ok = forbidden_and_closed(answer, closed)
-    twin_ok, bare_ok = forbidden_and_closed(*twin), bare is None or forbidden_and_closed(*bare)
-    ok = marked_ok and twin_ok and bare_ok and reached == 0 and hits == 0
+    refused, hole = every_send_refused(forbidden_and_closed, (answer, closed), twin, bare)
+    ok = refused and reached == 0 and hits == 0
     observed = (f"status {answer.status if answer else None}, closed {closed}, backend saw {reached}, canary hits "
                 f"{hits}" + (f" ({evidence.reached})" if reached or hits else "") + unmarked_note(twin)
                 + bare_note(bare))
-    hole = hole_of(marked_ok, twin_ok, bare_ok)
     reason = ("an inner Host other than the CONNECT authority is refused" if ok else
               f"inner Host mismatch {hole}" if hole else "inner Host mismatch not refused")
     network_verdict(CATEGORY, f"inner-host-{inner_host}", judged(
@@ -480,11 +486,12 @@ def test_connect_to_inference_local_on_another_port_follows_the_ordinary_policy(
         f"CONNECT inference.local:{port}")
 
 
-def probe_request(nonce: str, probe: RouteProbe) -> bytes:
-    """The request a route probe sends, in its HTTP version: a POST carries a chat body, all carry the sandbox's
-    key."""
-    return request_with_nonce(nonce, probe.method, probe.path, body=CHAT_BODY if probe.method == "POST" else b"",
-                              http_version=probe.http_version, framing=probe.framing)
+def probe_request(nonce: str, probe: RouteProbe, build: Request = request_with_nonce) -> bytes:
+    """The request a route probe sends, built by ``build`` (marked; :func:`unmarked_request` or
+    :func:`bare_request` for its twins) in its HTTP version and body framing: a POST carries a chat body, all
+    carry the sandbox's key."""
+    return build(nonce, probe.method, probe.path, body=CHAT_BODY if probe.method == "POST" else b"",
+                 http_version=probe.http_version, framing=probe.framing)
 
 
 def judge_route_probe(probe: RouteProbe, answer: ParsedResponse | None, closed: bool,
@@ -513,14 +520,10 @@ def judge_route_probe(probe: RouteProbe, answer: ParsedResponse | None, closed: 
         return judge_spelling(probe, answer, closed, arrived, unframed, twin, bare, observed)
     expected = ("refused with #819's 403 and closed, with and without the marker and with no token; nothing reached "
                 "the backend")
-    marked_ok = refused_and_closed(answer, closed)
-    twin_ok = twin is None or refused_and_closed(*twin)
-    bare_ok = bare is None or refused_and_closed(*bare)
-    hole = hole_of(marked_ok, twin_ok, bare_ok)
+    ok, hole = every_send_refused(refused_and_closed, (answer, closed), twin, bare)
     if arrived or unframed:
         return Judgement(Verdict.ALLOWED, f"{request} is no route of the policy, yet it reached the backend"
                          + (f"; {hole}" if hole else ""), expected, observed)
-    ok = marked_ok and twin_ok and bare_ok
     reason = (f"{request} is no route of the policy and was refused" if ok else
               f"{request} was {hole}" if hole else f"{request} was not refused as #819 requires")
     return judged(ok, Verdict.BLOCKED, Verdict.INDETERMINATE, reason, expected, observed)
@@ -542,10 +545,7 @@ def judge_spelling(probe: RouteProbe, answer: ParsedResponse | None, closed: boo
     request = probe.request_line
     expected = (f"refused (400 or #819's 403) and closed, with and without the marker and with no token, or "
                 f"forwarded only as {probe.method} {probe.canonical}; the spelling never reaches the backend")
-    marked_ok = refused_as_unreadable_or_denied(answer, closed)
-    twin_ok = twin is None or refused_as_unreadable_or_denied(*twin)
-    bare_ok = bare is None or refused_as_unreadable_or_denied(*bare)
-    hole = hole_of(marked_ok, twin_ok, bare_ok)
+    ok, hole = every_send_refused(refused_as_unreadable_or_denied, (answer, closed), twin, bare)
     spelled = [f"{method} {path}" for method, path, _ in arrived
                if (method, path.split("?", 1)[0]) != (probe.method, probe.canonical)]
     if spelled or unframed:
@@ -555,7 +555,6 @@ def judge_spelling(probe: RouteProbe, answer: ParsedResponse | None, closed: boo
     if arrived:
         return Judgement(Verdict.BLOCKED, f"{request} was forwarded only as the route's own path {probe.canonical}",
                          expected, observed)
-    ok = marked_ok and twin_ok and bare_ok
     reason = (f"{request}, another spelling of the route {probe.canonical}, was refused" if ok else
               f"{request} was {hole}" if hole else f"{request} was neither refused nor forwarded as {probe.canonical}")
     return judged(ok, Verdict.BLOCKED, Verdict.INDETERMINATE, reason, expected, observed)

@@ -13,6 +13,7 @@ one simply does not match. Each refusal rule below names the trick it closes.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -175,24 +176,26 @@ def route_probes(enforced: Iterable[InferenceRoute], reference: Iterable[Inferen
     of the first route's path. Pure."""
     table = tuple(enforced)
     extra = tuple(extra)
+
+    def decided(method: str, path: str, **variant: str) -> RouteProbe:
+        return RouteProbe(method, path, match_route(table, method, path) is not None, **variant)
+
     requests = [(route.method, route.example()) for route in (*table, *reference)] + list(extra)
     http10 = [(route.method, route.example()) for route in table[:1]] + list(extra)
-    probes = {(method, path, version, ""): RouteProbe(method, path, match_route(table, method, path) is not None,
-                                                      version)
-              for (method, path), version in [*((r, "1.1") for r in requests), *((r, HTTP10) for r in http10)]}
     with_content = [(route.method, route.example()) for route in table if route.method in METHODS_WITH_CONTENT][:1]
     with_content += [(method, path) for method, path in extra if method in METHODS_WITH_CONTENT]
-    for framing in BODY_FRAMINGS:
-        for method, path in with_content:
-            probes.setdefault((method, path, "1.1", framing), RouteProbe(
-                method, path, match_route(table, method, path) is not None, framing=framing))
+    candidates = [*(decided(method, path) for method, path in requests),
+                  *(decided(method, path, http_version=HTTP10) for method, path in http10),
+                  *(decided(method, path, framing=framing)
+                    for framing in BODY_FRAMINGS for method, path in with_content)]
     for route in table[:1]:
-        canonical = route.example()
-        for spelling in path_spellings(canonical):
-            routed = match_route(table, route.method, spelling) is not None
-            probes.setdefault((route.method, spelling, "1.1", ""),
-                              RouteProbe(route.method, spelling, routed, canonical="" if routed else canonical))
-    return tuple(probes.values())
+        spellings = (decided(route.method, spelling) for spelling in path_spellings(route.example()))
+        candidates += [probe if probe.routed else dataclasses.replace(probe, canonical=route.example())
+                       for probe in spellings]
+    unique: dict[str, RouteProbe] = {}  # one probe per test id, the first
+    for probe in candidates:
+        unique.setdefault(probe.test_id, probe)
+    return tuple(unique.values())
 
 
 @dataclass(frozen=True)
