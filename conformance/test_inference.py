@@ -102,6 +102,11 @@ def bare_request(nonce: str, method: str, path: str, *, body: bytes = b"", crede
     return inference_request(method, path, body=body, headers=CLIENT_CREDENTIALS if credentials else (), **options)
 
 
+# The statuses a refusal predicate below accepts: #819's 403 (and an inner Host's), and 400 for a target the
+# interceptor will not read.
+REFUSAL_STATUSES = frozenset({400, 403})
+
+
 def refused_and_closed(answer: ParsedResponse | None, closed: bool) -> bool:
     """#819's refusal: the 403 JSON answer, then the connection closed."""
     return answer is not None and is_inference_refusal(answer) and closed
@@ -223,8 +228,8 @@ def routed_then_admin_on_a_tunnel(proxy: RunningProxy, trust: InterceptionTrust,
     ``request`` (:func:`request_with_nonce`, or :func:`unmarked_request` for the twin)."""
     with tunnel(proxy, trust) as tls:
         routed, _ = send_and_read(tls, request(nonce, "POST", "/v1/chat/completions", body=CHAT_BODY))
-        refused, _ = send_and_read(tls, request(nonce, "GET", "/admin", credentials=False))
-        closed = closes_without_more_bytes(tls)
+        refused, closed = send_and_read(tls, request(nonce, "GET", "/admin", credentials=False))
+        closed = closes_if_it_may_be_a_refusal(tls, refused, closed)
         follow_up = answer_to(tls, request(nonce, "GET", "/v1/models", credentials=False))
     return routed, refused, closed, follow_up
 
@@ -255,9 +260,18 @@ def refusal_on_a_tunnel(proxy: RunningProxy, trust: InterceptionTrust, request: 
     """``request`` alone on a new tunnel: its first answer and whether the connection then closed."""
     with tunnel(proxy, trust) as tls:
         responses, closed = send_and_read(tls, request)
-        if not closed:
-            closed = closes_without_more_bytes(tls)
+        closed = closes_if_it_may_be_a_refusal(tls, responses, closed)
     return (responses[0] if responses else None), closed
+
+
+def closes_if_it_may_be_a_refusal(tls: socket.socket, responses: list[ParsedResponse], closed: bool) -> bool:
+    """Whether the tunnel closed after ``responses``, waited for (up to the close deadline) only when the first
+    answer may be a refusal: none yet, or one of :data:`REFUSAL_STATUSES`. Any other answer (a forward's 200, the
+    backend's 404) fails every refusal predicate here however the connection ends, and waiting out the deadline
+    on it only made a leaky target's run slow (about 3 s per forwarded send)."""
+    if closed or (responses and responses[0].status not in REFUSAL_STATUSES):
+        return closed
+    return closes_without_more_bytes(tls)
 
 
 def other_inner_host(proxy: RunningProxy, trust: InterceptionTrust, inner_host: str, bare: bool) -> Perform:
@@ -287,9 +301,9 @@ def route_probe_exchange(proxy: RunningProxy, trust: InterceptionTrust, probe: R
     def perform(nonce: str) -> tuple[list[ParsedResponse], bool, Refusal | None, Refusal | None]:
         with tunnel(proxy, trust) as tls:
             responses, closed = send_and_read(tls, probe_request(nonce, probe))
-            if not closed and not probe.routed:
+            if not probe.routed:
                 # A refusal must close (#819); a forward is judged on what reached the backend.
-                closed = closes_without_more_bytes(tls)
+                closed = closes_if_it_may_be_a_refusal(tls, responses, closed)
         if probe.routed:
             return responses, closed, None, None
 
