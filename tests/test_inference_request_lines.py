@@ -9,14 +9,19 @@ with one routed HTTP/1.0 control, and each extra request with a body again chunk
 (the ``chunked`` and ``expect`` fakes judge only Content-Length bodies without it), each with a routed control:
 each fake must fail exactly the probes it forwards (and the backend record), and the reference pass them all.
 
-The same for the request-target: the route probes send eleven other spellings of the first route's path
+The same for the request-target: the route probes send eleven other spellings of every route's path
 (``path_spellings``). ``tests/broken_proxies/path_normalising.py`` has an interceptor that normalises the path
 before matching and forwards the bytes it was sent (``spelling``: it passed every inference test) and one that
 forwards the path it matched (``canonical``: safe). The first must fail every spelling it routes, the second none.
+When only the first route was spelt, the same hole for GET requests alone (``spelling-get``) passed every test; so
+did a matcher that reads a route's ``*`` as a shell glob (``glob``: ``GET /v1/models/../../admin`` is
+``/v1/models/*`` to ``fnmatch``), until the probes sent each wildcard route's escapes (``wildcard_escapes``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +40,7 @@ from pytest_sandbox.inference.routes import (
     match_route,
     path_spellings,
     route_probes,
+    wildcard_escapes,
 )
 from pytest_sandbox.network.netns import host_can_create_netns
 from pytest_sandbox.policy.load import baseline_policy
@@ -94,14 +100,43 @@ def test_an_interceptor_judging_only_the_old_request_lines_fails_exactly_the_pro
     assert "is no route of the policy, yet it reached the backend" in output, output[-4000:]
 
 
-def test_every_spelling_reads_as_the_route_to_a_normalising_matcher_and_as_no_route_to_the_strict_one():
+def test_every_spelling_of_every_route_reads_as_the_route_to_a_normalising_matcher_and_as_no_route_to_the_strict_one():
     probes = [probe for probe in route_probes(BASELINE_ROUTES) if probe.canonical]
-    assert [probe.path for probe in probes] == list(path_spellings("/v1/chat/completions"))
-    assert len(probes) == 11 and not any(probe.routed for probe in probes)
-    for probe in probes:
-        assert probe.canonical == "/v1/chat/completions" and probe.method == "POST"
-        assert match_route(BASELINE_ROUTES, "POST", probe.path) is None
-        assert normalised(probe.path) == probe.canonical, probe.path
+    for route in BASELINE_ROUTES:
+        spelt = [probe for probe in probes if probe.canonical == route.example()]
+        assert [probe.path for probe in spelt] == list(path_spellings(route.example())), route
+        assert len(spelt) == 11 and not any(probe.routed for probe in spelt)
+        for probe in spelt:
+            assert probe.method == route.method
+            assert match_route(BASELINE_ROUTES, route.method, probe.path) is None
+            assert normalised(probe.path) == probe.canonical, probe.path
+    assert len(probes) == 11 * len(BASELINE_ROUTES)
+    assert FRAMING_REFUSED == {probe.test_id for probe in probes if "\\" in probe.path}
+    assert len(FRAMING_REFUSED) == len(BASELINE_ROUTES)
+
+
+def test_every_wildcard_route_is_probed_with_escapes_a_glob_routes_and_no_normaliser_reads_as_a_route():
+    probes = {(probe.method, probe.path): probe for probe in route_probes(BASELINE_ROUTES)}
+    wildcards = [route for route in BASELINE_ROUTES if "*" in route.path]
+    assert [route.path for route in wildcards] == ["/v1/models/*"]
+    escapes = wildcard_escapes(wildcards[0])
+    assert escapes == ("/v1/models/fake-model/extra", "/v1/models/../../admin", "/v1/models/%2e%2e/%2e%2e/admin",
+                       "/v1/models/..%2F..%2Fadmin", "/v1/models/..;/..;/admin")
+    for escape in escapes:
+        probe = probes[("GET", escape)]
+        assert not probe.routed and not probe.canonical, probe
+        assert fnmatch.fnmatchcase(escape, "/v1/models/*")
+        assert match_route(BASELINE_ROUTES, "GET", normalised(escape)) is None, escape
+    assert all(wildcard_escapes(route) == () for route in BASELINE_ROUTES if route not in wildcards)
+    # The climb reaches above every fixed segment before the wildcard, wherever it sits.
+    middle = dataclasses.replace(wildcards[0], path="/v1/org/*/models")
+    assert normalised(wildcard_escapes(middle)[1]) == "/admin/models"
+
+
+def glob_routed(probe: RouteProbe) -> bool:
+    """Whether a matcher reading each route as a shell glob routes ``probe``, which the strict one refuses."""
+    return not probe.routed and any(route.method == probe.method and fnmatch.fnmatchcase(probe.path, route.path)
+                                    for route in BASELINE_ROUTES)
 
 
 @pytest.mark.skipif(not NETNS_OK, reason=f"cannot create network namespaces: {NETNS_REASON}")
@@ -110,12 +145,13 @@ def test_an_interceptor_forwarding_the_spelling_it_normalised_fails_and_one_forw
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     reference, reference_verdicts = _inference_run(pytester, marker_keyed=False)
     assert reference.ret == 0, reference.stdout.str()[-3000:]
-    spellings = {probe.test_id for probe in route_probes(BASELINE_ROUTES) if probe.canonical}
+    probes = route_probes(BASELINE_ROUTES)
+    spellings = {probe.test_id for probe in probes if probe.canonical}
     assert all(reference_verdicts[test] == "BLOCKED" for test in spellings), reference_verdicts
     leaky, verdicts = _inference_run(pytester, marker_keyed=True, keyed_on="spelling", module="path_normalising")
     output = leaky.stdout.str()
     failed = {test for test, verdict in verdicts.items() if verdict != reference_verdicts[test]}
-    assert failed == spellings - {FRAMING_REFUSED} | {"backend-record"}, (sorted(failed), output[-4000:])
+    assert failed == spellings - FRAMING_REFUSED | {"backend-record"}, (sorted(failed), output[-4000:])
     assert all(verdicts[test] == "ALLOWED" for test in failed), verdicts
     assert "which it may read as another path" in output, output[-4000:]
     safe, safe_verdicts = _inference_run(pytester, marker_keyed=True, keyed_on="canonical", module="path_normalising")
@@ -125,7 +161,33 @@ def test_an_interceptor_forwarding_the_spelling_it_normalised_fails_and_one_forw
     reasons = {probe["test"]: probe["reason"] for probe in json.loads((pytester.path / "canonical.json").read_text())
                ["probes"]}
     forwarded = {test for test in spellings if "was forwarded only as the route's own path" in reasons[test]}
-    assert forwarded == spellings - {FRAMING_REFUSED}, reasons
+    assert forwarded == spellings - FRAMING_REFUSED, reasons
+    # Before the spellings of every route, the same hole for GET requests alone passed every inference test.
+    get_only, get_verdicts = _inference_run(pytester, marker_keyed=True, keyed_on="spelling-get",
+                                            module="path_normalising")
+    failed = {test for test, verdict in get_verdicts.items() if verdict != reference_verdicts[test]}
+    spelt_get = {probe.test_id for probe in probes if probe.canonical and probe.method == "GET"}
+    assert len(spelt_get) == 22 and "route-POST-/v1/chat/completions/" not in spelt_get
+    assert failed == spelt_get - FRAMING_REFUSED | {"backend-record"}, (sorted(failed), get_only.stdout.str()[-4000:])
+    assert all(get_verdicts[test] == "ALLOWED" for test in failed), get_verdicts
+
+
+@pytest.mark.skipif(not NETNS_OK, reason=f"cannot create network namespaces: {NETNS_REASON}")
+def test_an_interceptor_matching_routes_as_shell_globs_fails_every_escape_and_spelling_its_star_swallows(
+        pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    """It passed every inference test while the probes spelt only the first route and sent no escape."""
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    reference, reference_verdicts = _inference_run(pytester, marker_keyed=False)
+    assert reference.ret == 0, reference.stdout.str()[-3000:]
+    leaky, verdicts = _inference_run(pytester, marker_keyed=True, keyed_on="glob", module="path_normalising")
+    output = leaky.stdout.str()
+    failed = {test for test, verdict in verdicts.items() if verdict != reference_verdicts[test]}
+    swallowed = {probe.test_id for probe in route_probes(BASELINE_ROUTES) if glob_routed(probe)}
+    escapes = {f"route-GET-{escape}" for route in BASELINE_ROUTES for escape in wildcard_escapes(route)}
+    # the five escapes, and the spellings /v1/models/, /v1/models/fake-model/, ...;x=1 and /v1/models/%66ake-model
+    assert escapes < swallowed and len(swallowed) == 9, sorted(swallowed)
+    assert failed == swallowed | {"backend-record"}, (sorted(failed), output[-4000:])
+    assert all(verdicts[test] == "ALLOWED" for test in failed), verdicts
 
 
 def test_every_extra_request_with_a_body_is_sent_framed_each_way_with_a_routed_control():

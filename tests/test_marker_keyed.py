@@ -21,9 +21,11 @@ from broken_proxies.weak_ssrf import start_weak_proxy
 from ssrf_selection import catalogue_selection, failed_params
 
 from pytest_sandbox.http.responses import parse_head
+from pytest_sandbox.inference.routes import route_probes
 from pytest_sandbox.network.harness import start_proxy
 from pytest_sandbox.network.lab.attribution import twin_nonce
 from pytest_sandbox.network.netns import host_can_create_netns
+from pytest_sandbox.policy.load import baseline_policy
 from pytest_sandbox.probes.ssrf import ALL_FORMS, build_attempts
 from pytest_sandbox.probes.ssrf_exchanges import AttemptExchange, run_ssrf_campaign
 from pytest_sandbox.verdicts.judgement import Verdict
@@ -157,15 +159,17 @@ def sandbox_proxy(sandbox_session, sandbox_lab):
         yield running
 '''
 INFERENCE_MARKER_HOLE = "refused only when the request carried the harness's marker (its nonce field)"
-# The one path spelling the framing checks refuse (400: a backslash is no pchar) before any interceptor decides.
-FRAMING_REFUSED = "route-POST-/v1\\chat\\completions"
+# The path spellings the framing checks refuse (400: a backslash is no pchar) before any interceptor decides: one
+# per route of the baseline table.
+FRAMING_REFUSED = frozenset(probe.test_id for probe in route_probes(baseline_policy().inference_routes)
+                            if "\\" in probe.path)
 
 
 def decided_by_the_interceptor(refusals: set[str]) -> set[str]:
     """The refusals an interceptor decides (another inner Host, a request that is no route, the non-inference
     request after a routed one), not its framing checks."""
     return {test for test in refusals if test.startswith(("inner-host-", "route-"))
-            or test == "routed-then-non-inference"} - {FRAMING_REFUSED}
+            or test == "routed-then-non-inference"} - FRAMING_REFUSED
 
 
 def _inference_run(pytester: pytest.Pytester, marker_keyed: bool, keyed_on: str = "marker",
@@ -236,6 +240,6 @@ def test_inference_category_fails_the_refusals_whose_bare_twin_an_interceptor_ju
     drawn = {test for test, seen in observed.items() if "with no token at all" in seen}
     assert len(drawn) == BARE_TWIN_SAMPLE, sorted(drawn)
     bare = failed - {"backend-record"}
-    assert bare == drawn - {FRAMING_REFUSED} and bare <= decided_by_interceptor, (sorted(failed), output[-4000:])
+    assert bare == drawn - FRAMING_REFUSED and bare <= decided_by_interceptor, (sorted(failed), output[-4000:])
     assert all(verdicts[test] == "ALLOWED" for test in bare), verdicts
     assert output.count(INFERENCE_TOKEN_HOLE) >= len(bare), output[-4000:]

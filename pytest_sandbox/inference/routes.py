@@ -167,13 +167,39 @@ def path_spellings(path: str) -> tuple[str, ...]:
     return tuple(spelling for spelling in dict.fromkeys(spellings) if spelling != path)
 
 
+def wildcard_escapes(route: InferenceRoute) -> tuple[str, ...]:
+    """Paths a matcher that reads the route's ``*`` as "anything" routes, and that name another path. Pure.
+
+    A shell glob's ``*`` crosses ``/`` (``fnmatch``; a prefix check does the same), so ``/v1/models/*`` matches
+    ``/v1/models/../../admin``, which a backend resolves to ``/admin`` (RFC 3986 §5.2.4), and
+    ``/v1/models/fake-model/extra``, a path the table never named. The escapes climb out of every fixed segment
+    before the wildcard, plainly, percent-encoded, as one segment with encoded slashes and with Tomcat's ``..;``.
+    None of them normalises to a route path, so even a matcher that resolves them first refuses them; the strict
+    matcher (one pchar value per ``*``) refuses them all. Empty for a route without a wildcard.
+    """
+    segments = route.path.split("/")
+    if WILDCARD_SEGMENT not in segments:
+        return ()
+    depth = segments.index(WILDCARD_SEGMENT) - 1  # the fixed segments before the first wildcard
+    climb = [".."] * depth + ["admin"]
+    values = ("fake-model/extra",                                # one more segment
+              "/".join(climb),                                   # dot-dot out of the prefix
+              "/".join(["%2e%2e"] * depth + ["admin"]),          # the same, percent-encoded
+              "%2F".join(climb),                                 # one segment, slashes encoded
+              "/".join(["..;"] * depth + ["admin"]))             # Tomcat: ..; is ..
+    return tuple(dict.fromkeys(
+        "/".join(value if segment == WILDCARD_SEGMENT else segment for segment in segments) for value in values))
+
+
 def route_probes(enforced: Iterable[InferenceRoute], reference: Iterable[InferenceRoute] = (),
                  extra: Iterable[tuple[str, str]] = NON_ROUTE_REQUESTS) -> tuple[RouteProbe, ...]:
     """One probe per route of ``enforced``, per route of ``reference`` (the baseline's: a route the
     policy dropped must now be refused) and per ``extra`` request, each decided by ``enforced``; then the
     first route of ``enforced`` and every ``extra`` request again as HTTP/1.0; then the first route with a body
-    and every ``extra`` request with one in each of :data:`BODY_FRAMINGS`; then each of :func:`path_spellings`
-    of the first route's path. Pure."""
+    and every ``extra`` request with one in each of :data:`BODY_FRAMINGS`; then, for every route of ``enforced``,
+    each of :func:`path_spellings` of its path that the table does not route (one the strict matcher routes, a
+    wildcard value such as ``%66ake-model``, is no probe: a stricter matcher may refuse it), and each of its
+    :func:`wildcard_escapes`. Pure."""
     table = tuple(enforced)
     extra = tuple(extra)
 
@@ -188,10 +214,10 @@ def route_probes(enforced: Iterable[InferenceRoute], reference: Iterable[Inferen
                   *(decided(method, path, http_version=HTTP10) for method, path in http10),
                   *(decided(method, path, framing=framing)
                     for framing in BODY_FRAMINGS for method, path in with_content)]
-    for route in table[:1]:
+    for route in table:
         spellings = (decided(route.method, spelling) for spelling in path_spellings(route.example()))
-        candidates += [probe if probe.routed else dataclasses.replace(probe, canonical=route.example())
-                       for probe in spellings]
+        candidates += [dataclasses.replace(probe, canonical=route.example()) for probe in spellings if not probe.routed]
+        candidates += [decided(route.method, escape) for escape in wildcard_escapes(route)]
     unique: dict[str, RouteProbe] = {}  # one probe per test id, the first
     for probe in candidates:
         unique.setdefault(probe.test_id, probe)
