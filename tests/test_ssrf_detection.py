@@ -41,6 +41,7 @@ from broken_proxies.lenient_port import LenientPortProxy
 from broken_proxies.method_keyed import MethodKeyedProxy, VersionKeyedProxy
 from broken_proxies.names_unchecked import NamesUncheckedProxy
 from broken_proxies.origin_form_unchecked import OriginFormUncheckedProxy
+from broken_proxies.other_schemes import OtherSchemeProxy
 from broken_proxies.row_missing import MISSING_ROW, classify_without_unique_local
 from broken_proxies.scheme_case import SchemeCaseProxy
 from broken_proxies.unicode_late_normalised import LateNormalisingProxy
@@ -163,6 +164,10 @@ WEAK_PROXIES = [
                  or (a.case.case_id.startswith("auth-backslash-at-public-") and a.form == "absolute"),
                  "url-confusion", id="last-at-judge"),
     pytest.param(SchemeCaseProxy, 3133, lambda a: a.case.family == "scheme-case", "scheme-case", id="scheme-case"),
+    # Its check lives in its http:// path: every https://, ws://, wss://, ftp://, sftp://, ldap://, gopher:// and
+    # dict:// case reaches its canary (absolute-form only; nothing else differs from the reference).
+    pytest.param(OtherSchemeProxy, 3146, lambda a: a.case.family == "other-scheme", "other-scheme",
+                 id="other-scheme"),
     # Every destination the reference denies (403) leaks through the unchecked transparent path; the
     # ones it refuses as malformed are refused by the Host canonicaliser first, as in the reference.
     pytest.param(OriginFormUncheckedProxy, 3134, lambda a: a.form == "origin" and a.case.expected == "denied",
@@ -194,7 +199,7 @@ def test_weak_proxy_fails_exactly_its_familys_cases_and_each_failure_names_the_h
         # The message names what was sent, in which form, and the canary it reached (or the dial).
         assert repr(attempt.target) in judgement.reason or "tried to dial" in judgement.reason, judgement
         if attempt.case.canary is not None:
-            reached = f"canary {endpoint_text(attempt.case.canary, 80)}"
+            reached = f"canary {endpoint_text(attempt.case.canary, attempt.case.port)}"
             assert reached in judgement.reason or "tried to dial" in judgement.reason, judgement
 
 
@@ -409,7 +414,7 @@ def test_the_reference_classifier_denies_every_embedding_of_every_special_ipv4_r
 
 
 def test_every_family_has_a_weak_proxy():
-    covered = {"url-confusion", "scheme-case", "dns-name"} | {p.values[2] for p in FAMILY_PROXIES}
+    covered = {"url-confusion", "scheme-case", "other-scheme", "dns-name"} | {p.values[2] for p in FAMILY_PROXIES}
     assert covered == set(FAMILIES) - {"control"}
 
 

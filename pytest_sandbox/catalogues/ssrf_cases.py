@@ -76,6 +76,8 @@ FAMILIES: dict[str, str] = {
     "url-confusion": f"{_ORANGE} ('?@', '#@', '/@' after the RFC 3986 host); {_PATT} (weak parser, "
                      "'#\\@'); RFC 3986 §3.2",
     "scheme-case": "RFC 3986 §3.1 (schemes are case-insensitive); issue #9 (HTTP://127.0.0.1/)",
+    "other-scheme": f"{_PATT} (SSRF exploiting URL scheme: dict://, sftp://, ldap://, gopher://; file:// and tftp:// "
+                    "reach no TCP canary); RFC 9110 §4.2.2 (https), RFC 6455 §3 (ws, wss), RFC 1738 §3.2 (ftp)",
     "request-line": "RFC 9110 §9.3 (POST, PUT, DELETE), RFC 5789 (PATCH) and HTTP/1.0 (RFC 9112 §2.3, App. C.2; "
                     "Python's http.client opens its tunnels with CONNECT ... HTTP/1.0); the AWS IMDSv2 token request "
                     "(PUT /latest/api/token, AWS EC2 user guide)",
@@ -806,13 +808,40 @@ _CORPUS_CASES = (
 # fmt: on
 
 
+# Other schemes in an absolute-form target. Every case above is written http:// (in any case); a proxy that runs its
+# destination check in its http:// path and hands any other scheme to another one (an https:// URL it originates TLS
+# for, a ws:// upgrade, a URL library that speaks gopher:// or dict:// -- the classic way into Redis or memcached)
+# dials a special-use address for them. The reference refuses every scheme but http (400; OpenShell answers https://
+# with "use CONNECT", network.md §4); any refusal passes, a dial fails. https, wss and ws use their default port
+# (443, 443, 80); the others name port 80, which the bundled policies admit: on their own default port (21, 22, 389,
+# 70, 2628) the port allowlist would refuse them before any destination check, and a proxy without one would pass.
+_OTHER_SCHEMES: tuple[tuple[str, str], ...] = (
+    ("https", ""), ("wss", ""), ("ws", ""), ("ftp", ":80"), ("sftp", ":80"), ("ldap", ":80"), ("gopher", ":80"),
+    ("dict", ":80"))
+_OTHER_SCHEME_DESTINATIONS: tuple[tuple[str, str, str], ...] = (
+    ("loopback", _LOOPBACK, _LOOPBACK), ("private", "10.0.0.1", "10.0.0.1"), ("metadata", _METADATA, _METADATA))
+
+
+def _other_scheme_cases() -> tuple[SsrfCase, ...]:
+    """Each of :data:`_OTHER_SCHEMES` to each of :data:`_OTHER_SCHEME_DESTINATIONS`, absolute-form only, and
+    https:// to the IPv6 loopback."""
+    destinations = [*_OTHER_SCHEME_DESTINATIONS, ("ipv6-loopback", "[::1]", "::1")]
+    return tuple(
+        SsrfCase(f"other-scheme-{scheme}-{slug}", host, 443 if scheme in ("https", "wss") and not port else 80,
+                 "authority_syntax", "malformed", canary, f"{scheme}:// to {host}{port or ' (its default port)'}",
+                 raw_authority=host + port, family="other-scheme", source=FAMILIES["other-scheme"],
+                 forms=("absolute",), scheme=scheme)
+        for scheme, port in _OTHER_SCHEMES for slug, host, canary in destinations
+        if slug != "ipv6-loopback" or scheme == "https")
+
+
 def _hand_written() -> list[SsrfCase]:
     cases = []
     for case in _ENCODING_CASES:
         family = _family_of(case)
         cases.append(dataclasses.replace(case, family=family, source=FAMILIES[family]))
     # Names last (the catalogue ends with the cases that need the lab's stub resolver).
-    return sorted([*cases, *_CORPUS_CASES], key=lambda case: case.kind == "name")
+    return sorted([*cases, *_CORPUS_CASES, *_other_scheme_cases()], key=lambda case: case.kind == "name")
 
 
 # --------------------------------------------------------------------------------------------
