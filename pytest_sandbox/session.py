@@ -144,6 +144,8 @@ class SandboxSession:
             cases = denial_cases(probed) if kind == "denial" else control_cases(probed, mode)
             for identity in self.identities():
                 for case in cases:
+                    if not may_open_setup_device(case.setup, identity):
+                        continue  # a device path this caller cannot open even unfiltered: nothing to refuse
                     is_required = case.requirement is not None and case.requirement.key in required
                     params.append(SyscallParam(mode, identity, case, is_required, self.third_party))
         return params
@@ -358,6 +360,29 @@ def check_options(options: SandboxOptions) -> None:
     resolve_capabilities(options.caps)  # --sandbox-caps: a set name or CAP_* names, even for a TOML policy
     if options.exec_prefix is not None:
         ExecTarget(options.exec_prefix).argv  # noqa: B018  (a missing launcher or bad quoting: one line now)
+
+
+def may_open_setup_device(setup: Sequence[str], identity: Identity) -> bool:
+    """Whether ``identity`` may open the device a probe's ``open:<device>`` setup step opens (True without one):
+    the device exists here and its mode lets this caller read and write it (uid 0 always, as the kernel's
+    CAP_DAC_OVERRIDE does). A row this caller could not open unfiltered would prove nothing, so it is not planned;
+    one that still meets no device in its baseline run is skipped (verdicts.syscall.NOT_ON_THIS_HOST)."""
+    devices = [step.partition(":")[2] for step in setup if step.startswith("open:")]
+    if not devices:
+        return True
+    uid = os.geteuid() if identity.uid is None else identity.uid
+    gids = {os.getegid(), *os.getgroups()} if identity.uid is None else {identity.gid, *(identity.groups or ())}
+    for device in devices:
+        try:
+            info = os.stat(device)
+        except OSError:
+            return False
+        if uid == 0:
+            continue
+        shift = 6 if info.st_uid == uid else 3 if info.st_gid in gids else 0
+        if (info.st_mode >> shift) & 0o6 != 0o6:
+            return False
+    return True
 
 
 def failure_message(param: SyscallParam, judgement: Judgement) -> str:

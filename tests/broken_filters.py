@@ -13,7 +13,7 @@ import pyseccomp
 
 from pytest_sandbox.policy.model import ArgRule, Policy
 from pytest_sandbox.seccomp.compiler import CompiledFilter, compile_plan, compile_policy
-from pytest_sandbox.seccomp.filter_plan import plan_policy
+from pytest_sandbox.seccomp.filter_plan import implied_rules, plan_policy
 
 DOCKER_LIKE = Path(__file__).resolve().parents[1] / "fixtures/oci/docker-like-default.json"
 
@@ -26,10 +26,12 @@ def export(flt: pyseccomp.SyscallFilter) -> bytes:
 
 
 def hand_built(policy: Policy, mode: str, *, arch_after_rules: bool = False, drop: str | None = None,
-               full_64bit_eq: bool = False, errno_number: int = errno.EPERM) -> CompiledFilter:
+               full_64bit_eq: bool = False, errno_number: int = errno.EPERM, implied: bool = True) -> CompiledFilter:
     """The same policy compiled by hand with one classic mistake (syscalls.md §3, §5). Its ne/lt/le/gt/ge
     rules always compare all 64 bits (libseccomp's plain LT, ..., on x86_64): the mistake our TOML compile
-    no longer makes (filter_plan.low32_blocks), which the high-bit variants and controls must catch."""
+    no longer makes (filter_plan.low32_blocks), which the high-bit variants and controls must catch.
+    ``implied=False``: without the rules a refusal implies on another path (filter_plan.implied_rules), the
+    mistake of a filter that denies userfaultfd(2) and leaves USERFAULTFD_IOC_NEW on /dev/userfaultfd."""
     real = compile_policy(policy, mode)
     main = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
     main.set_attr(pyseccomp.Attr.ACT_BADARCH, pyseccomp.KILL_PROCESS)
@@ -38,7 +40,8 @@ def hand_built(policy: Policy, mode: str, *, arch_after_rules: bool = False, dro
     for name in policy.seccomp.deny:
         if name != drop:
             main.add_rule(pyseccomp.ERRNO(errno_number), name)
-    for rule in policy.rules_for_mode(mode):
+    extra = tuple(rule for _refused, rule in implied_rules(policy)) if implied else ()
+    for rule in (*policy.rules_for_mode(mode), *extra):
         if rule.op == "eq" and full_64bit_eq:
             arg = pyseccomp.Arg(rule.arg, pyseccomp.EQ, rule.value)  # compares all 64 bits
         elif rule.op == "eq":

@@ -15,16 +15,21 @@ import pytest
 from broken_filters import hand_built
 from exec_targets import failed_lines, id_prefix
 
+from pytest_sandbox.catalogues.syscalls import DEVICE_PATHS
 from pytest_sandbox.policy.load import load_policy
 from pytest_sandbox.seccomp.compiler import CompiledFilter, compile_policy
+from pytest_sandbox.seccomp.launcher import Identity
+from pytest_sandbox.session import may_open_setup_device
 
 ROOT = Path(__file__).resolve().parents[1]
 BWRAP = shutil.which("bwrap")
+DEVICE = DEVICE_PATHS["userfaultfd"].device
 pytestmark = pytest.mark.skipif(BWRAP is None, reason="bubblewrap is not installed (Debian: bubblewrap)")
 
 
-def bwrap_launcher(tmp_path: Path, compiled: CompiledFilter | None) -> str:
-    """A wrapper script: open each BPF program on an fd, then exec bwrap with --add-seccomp-fd per program."""
+def bwrap_launcher(tmp_path: Path, compiled: CompiledFilter | None, *, own_dev: bool = False) -> str:
+    """A wrapper script: open each BPF program on an fd, then exec bwrap with --add-seccomp-fd per program.
+    The host's / and /dev, or with ``own_dev`` bubblewrap's own minimal /dev (``--dev``)."""
     lines = ["#!/bin/sh", "set -e"]
     flags = []
     for index, program in enumerate(compiled.programs if compiled else ()):
@@ -33,7 +38,8 @@ def bwrap_launcher(tmp_path: Path, compiled: CompiledFilter | None) -> str:
         fd = 3 + index  # single digits: POSIX sh redirects only fds 0-9
         lines.append(f"exec {fd}<{path}")
         flags.append(f"--add-seccomp-fd {fd}")
-    lines.append(f'exec {BWRAP} --dev-bind / / --die-with-parent {" ".join(flags)} -- "$@"')
+    dev = " --dev /dev" if own_dev else ""
+    lines.append(f'exec {BWRAP} --dev-bind / /{dev} --die-with-parent {" ".join(flags)} -- "$@"')
     script = tmp_path / "bwrap-launcher.sh"
     script.write_text("\n".join(lines) + "\n")
     script.chmod(0o755)
@@ -65,6 +71,25 @@ def test_bwrap_with_one_syscall_dropped_fails_naming_it(tmp_path):
     assert completed.returncode == 1
     assert failed_ids(completed) == {f"{id_prefix(launcher)}setns-native"}
     assert "syscall setns via native ABI" in completed.stdout and "ALLOWED" in completed.stdout
+
+
+@pytest.mark.skipif(not may_open_setup_device((f"open:{DEVICE}",), Identity.current()),
+                    reason=f"{DEVICE} does not exist here or is not this caller's to open")
+def test_bwrap_with_a_filter_that_leaves_the_userfaultfd_device_fails_exactly_its_rows_unless_dev_is_its_own(tmp_path):
+    # The baseline's denies and rules by hand, without the ioctl(USERFAULTFD_IOC_NEW) refusal its userfaultfd deny
+    # implies: with the host's /dev, root gets a userfaultfd through the device (natively and with high bits in the
+    # request; the x32 and i386 calls meet the filter's bad-arch kill); with bubblewrap's own /dev there is no such
+    # device, and the same filter passes.
+    leaky = hand_built(load_policy("baseline"), "proxy", implied=False)
+    launcher = bwrap_launcher(tmp_path, leaky)
+    completed = run_suite(launcher)
+    assert completed.returncode == 1
+    assert failed_ids(completed) == {f"{id_prefix(launcher)}userfaultfd-dev-{row}"
+                                     for row in ("native", "native-hi32", "native-hi-ones")}, completed.stdout[-3000:]
+    own_dev = tmp_path / "own-dev"
+    own_dev.mkdir()
+    completed = run_suite(bwrap_launcher(own_dev, leaky, own_dev=True))
+    assert completed.returncode == 0, completed.stdout[-3000:]
 
 
 def test_bwrap_with_the_arch_added_after_the_rules_fails_on_i386(tmp_path):

@@ -14,6 +14,7 @@ import pytest
 from broken_filters import DOCKER_LIKE, docker_like_profile_with_af_packet_rule
 from seccomp_bpf import ARCH_TOKENS, run_stack
 
+from pytest_sandbox.catalogues.syscalls import USERFAULTFD_IOC_NEW
 from pytest_sandbox.cli import main
 from pytest_sandbox.errors import PolicyError
 from pytest_sandbox.policy.load import load_policy
@@ -56,7 +57,9 @@ def test_an_allowlist_with_a_refusal_gets_a_deny_filter_that_the_allowlist_lets_
     assert [f.role for f in plan.filters] == ["enosys", "deny", "allowlist"]
     deny, allowlist = plan.filters[1], plan.filters[2]
     packet = Condition(0, "masked_eq", AF_PACKET, 0xFFFFFFFF)
-    assert [(r.syscall, r.condition) for r in deny.rules] == [("socket", packet)]
+    # and USERFAULTFD_IOC_NEW, which the allowlist's refusal of userfaultfd implies (filter_plan.implied_rules)
+    userfaultfd_device = Condition(1, "masked_eq", USERFAULTFD_IOC_NEW, 0xFFFFFFFF)
+    assert [(r.syscall, r.condition) for r in deny.rules] == [("socket", packet), ("ioctl", userfaultfd_device)]
     source = "refused by the deny filter: seccomp.arg_rules socket(arg0 eq 0x11)"
     assert PlannedRule("socket", ALLOW, packet, (source,)) in allowlist.rules
     assert plan.results("socket", (AF_PACKET,)) == {deny.rules[0].action}
@@ -67,7 +70,8 @@ def test_an_allowlist_with_a_refusal_gets_a_deny_filter_that_the_allowlist_lets_
 def test_a_denylist_keeps_one_main_filter_and_the_bundled_programs_are_unchanged():
     plan = plan_policy(load_policy("baseline"), "proxy")
     assert [f.role for f in plan.filters] == ["enosys", "main"]
-    assert compile_policy(load_policy("baseline"), "proxy").instruction_count == 67
+    # 67 before the ioctl(USERFAULTFD_IOC_NEW) rule that the userfaultfd deny implies (filter_plan.implied_rules)
+    assert compile_policy(load_policy("baseline"), "proxy").instruction_count == 73
 
 
 def test_identical_refusals_share_one_errno_slot_in_both_builds(tmp_path):

@@ -194,3 +194,31 @@ SYSCALL_PROBES: tuple[SyscallProbe, ...] = (
 )
 
 PROBES_BY_NAME: dict[str, SyscallProbe] = {probe.name: probe for probe in SYSCALL_PROBES}
+
+
+@dataclass(frozen=True)
+class DevicePath:
+    """Another way to the kernel object a denied syscall makes: open ``device``, then ``ioctl(fd, request, arg)``.
+
+    ``arg`` is the harmless form, as everywhere in this catalogue: a value the object's constructor refuses
+    (EINVAL) once the ioctl reaches it, so the attempt makes nothing even where nothing refuses it. The open
+    itself is where a sandbox with its own /dev (bubblewrap's ``--dev``, firejail's ``--private-dev``, every
+    OCI runtime) refuses the path (ENOENT), and a process without the device's permission gets EACCES."""
+
+    device: str
+    request: int
+    arg: int
+    note: str
+
+
+# Linux 6.1 (commit 2d5de004e009, "userfaultfd: add /dev/userfaultfd for fine grained access control"):
+# USERFAULTFD_IOC_NEW (_IO(0xAA, 0x00), include/uapi/linux/userfaultfd.h) on /dev/userfaultfd returns the same
+# userfaultfd the userfaultfd(2) syscall creates, without that syscall (fs/userfaultfd.c userfaultfd_dev_ioctl ->
+# new_userfaultfd). A filter that denies userfaultfd(2) alone leaves it to whoever may open the device (root, by
+# its 0600 mode). new_userfaultfd refuses flags outside O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY with EINVAL
+# before it allocates anything, so arg 2 (O_RDWR's bit, no uffd flag) is the harmless form.
+USERFAULTFD_IOC_NEW = 0xAA00
+DEVICE_PATHS: dict[str, DevicePath] = {
+    "userfaultfd": DevicePath("/dev/userfaultfd", USERFAULTFD_IOC_NEW, 2,
+                              "USERFAULTFD_IOC_NEW on /dev/userfaultfd (Linux >= 6.1)"),
+}

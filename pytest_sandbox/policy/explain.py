@@ -9,8 +9,9 @@ from __future__ import annotations
 import platform
 from collections.abc import Sequence
 
-from pytest_sandbox.catalogues.syscalls import PROBES_BY_NAME
+from pytest_sandbox.catalogues.syscalls import DEVICE_PATHS, PROBES_BY_NAME
 from pytest_sandbox.policy.model import NETWORK_MODES, Policy, describe_rule, family_name
+from pytest_sandbox.seccomp.filter_plan import implied_rules
 
 
 def explain_policy(policy: Policy, mode: str, instruction_count: int, unprobed: Sequence[str] = ()) -> str:
@@ -49,6 +50,10 @@ def explain_policy(policy: Policy, mode: str, instruction_count: int, unprobed: 
     out.append(f"argument rules ({len(seccomp.arg_rules)}{unenforced}):")
     for rule in seccomp.arg_rules:
         out.append(f"  {describe_rule(rule)}")
+    implied = implied_rules(policy)
+    out.append(f"implied by a refusal ({len(implied)}{unenforced}): the same kernel object by another path")
+    for refused, rule in implied:
+        out.append(f"  {describe_rule(rule)}  -- {refused}: {DEVICE_PATHS[refused].note}")
     out.append(f"refused with no live probe ({len(unprobed)}): never silent; the live probes cannot attempt "
                "these harmlessly")
     out += [f"  {line}" for line in unprobed]

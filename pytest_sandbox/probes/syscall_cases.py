@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pytest_sandbox.catalogues.syscalls import PROBES_BY_NAME, SYSCALL_PROBES, SyscallProbe
+from pytest_sandbox.catalogues.syscalls import DEVICE_PATHS, PROBES_BY_NAME, SYSCALL_PROBES, SyscallProbe
 from pytest_sandbox.policy.model import SOCKET_FAMILIES, SOCKET_FAMILY_NAMES, ArgRule, Policy
 from pytest_sandbox.seccomp.filter_plan import RANGE_OPERATORS, Condition, arg_key, deny_key, enosys_key
 from pytest_sandbox.verdicts.judgement import Outcome
@@ -26,6 +26,8 @@ ABIS = ("native", "x32", "i386")
 # for a long or a pointer the high bits make another value, which the kernel itself refuses.
 HIGH_BIT_VARIANTS = (("hi32", 1 << 32), ("hi-ones", 0xFFFFFFFF << 32))
 KILL = "kill"  # a requirement whose refusal is death by SIGSYS (kill_process, kill_thread, trap)
+# In a device path's arguments (device_path_cases): the fd the runner's ``open:<device>`` setup step opened.
+FD = "fd"
 _KILLING = ("kill_process", "kill_thread", "trap")
 SIGSYS = Outcome.killed_by(signal.SIGSYS)
 # What counts as a refusal of a call by a filter whatever the requirement names: EPERM (the usual
@@ -45,6 +47,9 @@ class Requirement:
     syscall: str
     rule: ArgRule | None = None
     refused_with: int | str = errno_module.EPERM
+    # Whether the syscall's other way to the same kernel object (catalogues/syscalls.py DEVICE_PATHS) must be
+    # refused too: wherever the syscall is refused whatever its arguments.
+    device_path: bool = False
 
     @property
     def key(self) -> str:
@@ -93,7 +98,8 @@ def _action_refusal(action: str, number: int) -> int | str:
 def requirements_of(policy: Policy, mode: str) -> tuple[Requirement, ...]:
     seccomp = policy.seccomp
     own = {name: (kind, number) for name, kind, number in seccomp.deny_actions}
-    items = [Requirement("deny", name, refused_with=_action_refusal(*own.get(name, ("errno", seccomp.errno))))
+    items = [Requirement("deny", name, refused_with=_action_refusal(*own.get(name, ("errno", seccomp.errno))),
+                         device_path=name in DEVICE_PATHS)
              for name in seccomp.deny]
     items += [Requirement("arg", rule.syscall, rule, _action_refusal(rule.action, rule.errno or seccomp.errno))
               for rule in policy.rules_for_mode(mode)]
@@ -116,8 +122,9 @@ def _allowlist_refusals(policy: Policy) -> list[Requirement]:
         if name in seccomp.allow or name in seccomp.enosys or name == "getppid":
             continue
         rules = [r for r in seccomp.allow_rules if r.syscall == name]
+        device = name in DEVICE_PATHS
         if not rules:
-            items.append(Requirement("deny", name, refused_with=by_default))
+            items.append(Requirement("deny", name, refused_with=by_default, device_path=device))
         elif name == "socket":
             items += [Requirement("arg", "socket", ArgRule("socket", 0, "eq", family,
                                                            why=f"not allowed: {SOCKET_FAMILY_NAMES[family]}"),
@@ -130,7 +137,7 @@ def _allowlist_refusals(policy: Policy) -> list[Requirement]:
                       for bit in (1 << b for b in range(32)) if mask & bit]
         elif not seccomp.allows(name, tuple(a if isinstance(a, int) else 0 for a in probe.args)):
             # the catalogue's harmless call is not an allowed form
-            items.append(Requirement("deny", name, refused_with=by_default))
+            items.append(Requirement("deny", name, refused_with=by_default, device_path=device))
     return items
 
 
@@ -195,6 +202,8 @@ class ProbeCase:
     via: str = ""
     mux_call: int = 0
     mux_layout: tuple[int | str | None, ...] = ()
+    # The syscall actually made, where it is not the requirement's: ``ioctl`` on a device path (DEVICE_PATHS).
+    call: str = ""
 
     def runner_probe(self) -> dict[str, Any]:
         if self.kind in ("denial", "reaches_kernel"):
@@ -230,6 +239,11 @@ class ProbeCase:
     def syscall(self) -> str:
         """The call attempted (the requirement's, or the control's catalogue row)."""
         return self.requirement.syscall if self.requirement is not None else ""
+
+    @property
+    def attempted(self) -> str:
+        """The syscall the runner makes: :attr:`syscall`, or ``ioctl`` on a device path."""
+        return self.call or self.syscall
 
 
 def _abi_number(probe: SyscallProbe, abi: str) -> int | None:
@@ -329,6 +343,8 @@ def denial_cases(requirements: Sequence[Requirement]) -> tuple[ProbeCase, ...]:
                     f"syscall {item.label} via i386 {probe.mux.name}({call:#x}): version {version} in the high "
                     f"16 bits, which the kernel drops (call & 0xffff == {probe.mux.call}), so a filter comparing "
                     "the whole argument 0 lets it through", version=version))
+        if item.device_path:
+            cases += device_path_cases(item)
         for index, condition in enumerate((item.rule, *item.rule.also) if item.rule is not None else ()):
             where = "" if index == 0 else f"-arg{condition.arg}"  # every ANDed condition's argument too
             for variant, bits in high_bit_variants(probe, condition):
@@ -337,6 +353,27 @@ def denial_cases(requirements: Sequence[Requirement]) -> tuple[ProbeCase, ...]:
                     f"syscall {item.label} with high bits ({variant}) in arg{condition.arg}",
                     item, "native", probe.nr, _with_high_bits(args, condition.arg, bits), probe.setup))
     return tuple(cases)
+
+
+def device_path_cases(item: Requirement) -> list[ProbeCase]:
+    """The requirement's syscall by its device path (DEVICE_PATHS): open the device, then its ioctl in the harmless
+    form, on every ABI with an ioctl, and natively with high bits in the request (an ``unsigned int`` to the kernel,
+    fs/ioctl.c: a filter comparing all 64 bits lets ``1 << 32 | request`` through)."""
+    path = DEVICE_PATHS[item.syscall]
+    ioctl = PROBES_BY_NAME["ioctl"]
+    setup = (f"open:{path.device}",)
+    args: tuple[int | str, ...] = (FD, path.request, path.arg)
+    cases = []
+    for abi in ABIS:
+        number = _abi_number(ioctl, abi)
+        if number is not None:
+            cases.append(ProbeCase(f"{item.label}-dev-{abi}", "denial", f"{item.label} via {path.note}, {abi} ABI",
+                                   item, abi, number, args, setup, call="ioctl"))
+    for variant, bits in HIGH_BIT_VARIANTS:
+        cases.append(ProbeCase(f"{item.label}-dev-native-{variant}", "denial",
+                               f"{item.label} via {path.note}, with high bits ({variant}) in the request", item,
+                               "native", ioctl.nr, _with_high_bits(args, 1, bits), setup, call="ioctl"))
+    return cases
 
 
 def _fires(rule: ArgRule, args: tuple[int | str, ...]) -> bool:

@@ -147,10 +147,16 @@ def _multiplexed_args(machine: _Machine, probe: dict, args: list) -> list:
 
 
 def _attempt_syscall(machine: _Machine, probe: dict) -> dict:
+    opened = -1
     for step in probe.get("setup", ()):
         if step == "setsid":
             os.setsid()
-    args = [os.getpid() if a == "pid" else a for a in probe["args"]]
+        elif step.startswith("open:"):  # a device path (catalogues/syscalls.py DEVICE_PATHS): its fd is "fd"
+            try:
+                opened = os.open(step[len("open:"):], os.O_RDWR | os.O_CLOEXEC)
+            except OSError as error:
+                return {"type": "no_path", "value": error.errno, "detail": step[len("open:"):]}
+    args = [os.getpid() if a == "pid" else opened if a == "fd" else a for a in probe["args"]]
     if probe.get("mux"):
         args = _multiplexed_args(machine, probe, args)
     result, err = machine.call(probe["abi"], probe["nr"], args)

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from itertools import product
 
-from pytest_sandbox.catalogues.syscalls import PROBES_BY_NAME
+from pytest_sandbox.catalogues.syscalls import DEVICE_PATHS, PROBES_BY_NAME
 from pytest_sandbox.errors import PolicyError
 from pytest_sandbox.policy.model import SOCKET_FAMILY_NAMES, ArgRule, Policy
 
@@ -468,6 +468,9 @@ class _Planner:
         for rule in self.policy.rules_for_mode(self.mode):
             found.append(_Refusal(arg_key(rule), rule.syscall, Condition.of(rule), rule.errno or seccomp.errno,
                                   self.rule_source(rule, "arg_rules"), rule.action))
+        for refused, rule in implied_rules(self.policy):
+            found.append(_Refusal(arg_key(rule), rule.syscall, Condition.of(rule), rule.errno or seccomp.errno,
+                                  f"implied by the refusal of {refused}: {DEVICE_PATHS[refused].note}", rule.action))
         for refusal in found:
             self.check_width(refusal.condition, refusal.source)
             # runc compiles such a rule as it is, and libseccomp applies it to socketcall/ipc on i386:
@@ -560,6 +563,33 @@ def _answer(refusal: _Refusal) -> str:
 
 
 @lru_cache(maxsize=128)
+def implied_rules(policy: Policy) -> tuple[tuple[str, ArgRule], ...]:
+    """The refusals a policy's refusal of a syscall implies on another path to the same kernel object
+    (:data:`~pytest_sandbox.catalogues.syscalls.DEVICE_PATHS`): ``ioctl(fd, USERFAULTFD_IOC_NEW, ...)``, with the
+    refused syscall's own action, wherever ``userfaultfd`` is refused whatever its arguments. Pure.
+
+    The reference launcher leaves the host's /dev in place, where root opens /dev/userfaultfd: without this rule
+    a policy that denies userfaultfd(2) hands the same userfaultfd out through the device. The ioctl request is an
+    ``unsigned int`` (fs/ioctl.c), so the rule compares its low 32 bits like every TOML rule. An OCI profile gets
+    it too: runc gives its container a /dev of its own without the device, so the profile never had to say it, and
+    the reference, which shares the host's /dev, enforces the profile as runc does only with this rule (the suite's
+    device rows hold both to it: tests/test_runc.py)."""
+    seccomp = policy.seccomp
+    refused = set(seccomp.effective_denies())
+    own = {name: (kind, number) for name, kind, number in seccomp.deny_actions}
+    found = []
+    for name, path in DEVICE_PATHS.items():
+        if name not in refused:
+            continue
+        if name in seccomp.deny:
+            kind, number = own.get(name, ("errno", seccomp.errno))
+        else:  # refused by an allowlist's default action
+            kind, number = seccomp.default_action, seccomp.default_errno
+        found.append((name, ArgRule("ioctl", 1, "eq", path.request, errno=number if kind == "errno" else None,
+                                    why=f"{name} through {path.device}", action=kind)))
+    return tuple(found)
+
+
 def plan_policy(policy: Policy, mode: str) -> FilterPlan:
     """The filters ``policy`` compiles to in network ``mode``; raises PolicyError for what cannot compile."""
     return _Planner(policy, mode).plan()

@@ -70,6 +70,8 @@ class Outcome:
                 return f"killed by signal {self.value}"
         if self.kind == "timeout":
             return "timed out"
+        if self.kind == "no_path" and self.value is not None:  # a device path's open failed (syscall_runner)
+            return f"cannot open {self.detail}: {errno_module.errorcode.get(self.value, self.value)}"
         return f"{self.kind}{': ' + self.detail if self.detail else ''}"
 
     def same_as(self, other: Outcome) -> bool:

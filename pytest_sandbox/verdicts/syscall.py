@@ -54,7 +54,7 @@ def _plan_outcomes(case: ProbeCase, compiled: CompiledFilter, policy: Policy) ->
     """What the plan that built ``compiled`` says this attempt meets (None in the set: it goes through)."""
     numeric = tuple(a if isinstance(a, int) else 0 for a in case.args)
     arch = _PLAN_ARCH[case.abi]
-    actions = plan_policy(policy, compiled.network_mode).results(case.syscall, numeric, arch,
+    actions = plan_policy(policy, compiled.network_mode).results(case.attempted, numeric, arch,
                                                                  multiplexed=bool(case.via),
                                                                  version=case.mux_call >> 16)
     return {outcome_of(action, compiled, arch) for action in actions}
@@ -117,12 +117,36 @@ def judge_multiplexed_control(case: ProbeCase, baseline: Outcome, observed: Outc
     return judgement
 
 
+# The start of the reason of a device-path row the caller cannot use even unfiltered (no such device on this host,
+# or not this caller's to open): nothing there to refuse, so the row is skipped, not judged (fixtures/conformance).
+NOT_ON_THIS_HOST = "no such path for this caller here"
+
+
+def judge_device_path(case: ProbeCase, baseline: Outcome, observed: Outcome) -> Judgement | None:
+    """A device-path row (syscall_cases.device_path_cases) whose device did not open in one of the runs, else None.
+
+    Unfiltered it did not open: :data:`NOT_ON_THIS_HOST` (the kernel predates the device, or the caller may not open
+    it: /dev/userfaultfd is root's, mode 0600). Only in the sandbox: BLOCKED, the sandbox's own /dev has no such
+    device for this caller (bubblewrap's ``--dev``, firejail's ``--private-dev``, an OCI runtime's /dev)."""
+    b, r = baseline.describe(), observed.describe()
+    expected = "refused: the device cannot be opened, or its ioctl is refused"
+    if baseline.kind == "no_path":
+        return Judgement(Verdict.INDETERMINATE, f"{NOT_ON_THIS_HOST}: unfiltered this caller {b}, so there is no "
+                         f"{case.title} to refuse", expected, r, baseline=b)
+    if observed.kind == "no_path":
+        return Judgement(Verdict.BLOCKED, f"the sandbox offers no such device ({r}); unfiltered this caller opens it "
+                         f"and its ioctl answers {b}", expected, r, baseline=b)
+    return None
+
+
 def judge(case: ProbeCase, baseline: Outcome, observed: Outcome, *, compiled: CompiledFilter | None,
           policy: Policy | None) -> Judgement:
     if case.kind == "denial":
         if case.nr is None:
             return Judgement(Verdict.INDETERMINATE, "no harmless probe for this syscall in the catalogue; "
                              "add a row to pytest_sandbox/catalogues/syscalls.py", "refusal", "-")
+        if case.call and (device := judge_device_path(case, baseline, observed)) is not None:
+            return device
         judgement = judge_denial(expected_refusal(case, compiled, policy), baseline, observed, abi=case.abi)
         item = case.requirement
         assert item is not None
@@ -187,6 +211,8 @@ def judge_both_builds(case: ProbeCase, baseline: Outcome, sentinel_observed: Out
     refused exactly as the policy says. Where the real refusal equals the unfiltered kernel's answer
     (EPERM for an unprivileged pivot_root) the real run cannot tell filter from kernel, so the sentinel
     evidence stands alone, and the reason says so."""
+    if case.call and baseline.kind == "no_path":  # no such path for this caller: nothing for either build to refuse
+        return judge(case, baseline, real_observed, compiled=real, policy=policy)
     on_sentinel = judge(case, baseline, sentinel_observed, compiled=sentinel, policy=policy)
     on_real = judge(case, baseline, real_observed, compiled=real, policy=policy)
     s, r, b = sentinel_observed.describe(), real_observed.describe(), baseline.describe()
