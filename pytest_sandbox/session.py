@@ -11,6 +11,7 @@ import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -24,6 +25,7 @@ from pytest_sandbox.probes.observed_identity import (
     baseline_request,
     identity_mismatches,
 )
+from pytest_sandbox.probes.process_witness import Witness, running_witness
 from pytest_sandbox.probes.syscall import (
     ExecTarget,
     ProbeTarget,
@@ -168,18 +170,31 @@ class SandboxSession:
         compiled = self.compiled(mode, sentinel=build == "sentinel")
         return SandboxTarget(f"the reference sandbox ({build} build)", compiled, NetworkPlacement(mode), identity)
 
-    def _plan(self, mode: str, identity: Identity, build: str) -> list[dict[str, Any]]:
+    def _cases(self, mode: str, build: str) -> list[ProbeCase]:
         probed = self.probed(mode)
         denials, controls = denial_cases(probed), control_cases(probed, mode)
         # Denials run on both builds: the sentinel build (unambiguous errnos) shows which rule refused,
         # the real build is the filter a sandboxed program meets. Controls run on the real build only
-        # (glibc needs the real ENOSYS, the real EPERM is reported).
+        # (glibc needs the real ENOSYS, the real EPERM is reported). A /proc-path row is no rule's: its
+        # evidence is whether the witness was reached, so the sentinel build does not run it.
         chosen: Sequence[ProbeCase] = {
             "baseline": (*denials, *controls),
-            "sentinel": denials,
+            "sentinel": [case for case in denials if not case.proc],
             "real": (*denials, *controls),
         }[build]
-        return [case.runner_probe() for case in chosen if case.kind != "denial" or case.nr is not None]
+        return [case for case in chosen if case.live]
+
+    def _plan(self, mode: str, identity: Identity, build: str, witness: Witness | None) -> list[dict[str, Any]]:
+        """The runner's plan; a /proc-path row is in it only with a witness to reach (its fields for this run)."""
+        plan = []
+        for case in self._cases(mode, build):
+            probe = case.runner_probe()
+            if case.proc:
+                if witness is None:
+                    continue
+                probe.update(witness.runner_fields(WITNESS_RUNS.index(build)))
+            plan.append(probe)
+        return plan
 
     def builds(self) -> tuple[str, ...]:
         """The targets every (mode, identity) runs: the unfiltered baseline, then the filter(s) judged."""
@@ -234,14 +249,36 @@ class SandboxSession:
         # Every judgement needs all builds of its (mode, identity): run them side by side, each is its own
         # runner process; each run's wait is bounded (ExecTarget, SandboxTarget).
         wanted = [b for b in self.builds() if (mode, identity.name, b) not in self._results]
-        with ThreadPoolExecutor(max_workers=len(wanted)) as pool:
-            runs = {b: pool.submit(self._run, mode, identity, b) for b in wanted}
-        for each, run in runs.items():
-            self._reports[(mode, identity.name, each)] = report = run.result()
-            self._results[(mode, identity.name, each)] = report.outcomes
+        proc_rows = [case.case_id for case in self._cases(mode, "real") if case.proc]
+        with ExitStack() as stack:
+            witness, slots_now, no_witness = None, None, ""
+            if proc_rows:  # the process outside the sandbox those rows try to reach, alive for every run
+                try:
+                    witness, slots_now = stack.enter_context(running_witness(identity, len(WITNESS_RUNS)))
+                except SandboxError as exc:
+                    no_witness = f"the witness could not be started as {identity.name}: {exc}"
+            with ThreadPoolExecutor(max_workers=len(wanted)) as pool:
+                runs = {b: pool.submit(self._run, mode, identity, b, witness) for b in wanted}
+            reports = {b: run.result() for b, run in runs.items()}
+            slots = None
+            if slots_now is not None:
+                try:  # also the proof it lived through every run: a witness gone is no "no such process" evidence
+                    slots = slots_now()
+                except (OSError, SandboxError) as exc:
+                    no_witness = f"the witness did not answer after the runs: {exc}"
+        for each, report in reports.items():
+            outcomes = dict(report.outcomes)
+            if each in WITNESS_RUNS:
+                for case_id in proc_rows:
+                    if witness is None or slots is None:
+                        outcomes[case_id] = Outcome("unavailable", None, no_witness)
+                    elif case_id in outcomes:
+                        outcomes[case_id] = witness.classify(outcomes[case_id], WITNESS_RUNS.index(each), slots)
+            self._reports[(mode, identity.name, each)] = replace(report, outcomes=outcomes)
+            self._results[(mode, identity.name, each)] = outcomes
 
-    def _run(self, mode: str, identity: Identity, build: str) -> RunnerReport:
-        plan = self._plan(mode, identity, build)
+    def _run(self, mode: str, identity: Identity, build: str, witness: Witness | None) -> RunnerReport:
+        plan = self._plan(mode, identity, build, witness)
         if self.third_party and build == "baseline":
             return self._exec_baseline(mode, identity, plan)
         return self._target(mode, identity, build).run_report(plan)
@@ -257,7 +294,7 @@ class SandboxSession:
 
         baseline = observed("baseline")
         real = self.compiled(param.mode, sentinel=False)
-        if case.kind != "denial" or case.nr is None:
+        if case.kind != "denial" or case.nr is None:  # a control, or a /proc-path row (no rule's, no sentinel run)
             return judge(case, baseline, observed("real"), compiled=real, policy=self.policy)
         sentinel = self.compiled(param.mode, sentinel=True)
         assert real is not None and sentinel is not None
@@ -321,6 +358,8 @@ class SandboxSession:
 
 
 IDENTITIES = ("current", "nobody")
+# The runs that attempt the /proc-path rows, each with its own write slot in the witness.
+WITNESS_RUNS = ("baseline", "real")
 
 
 def check_options(options: SandboxOptions) -> None:

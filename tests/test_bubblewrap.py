@@ -27,9 +27,11 @@ DEVICE = DEVICE_PATHS["userfaultfd"].device
 pytestmark = pytest.mark.skipif(BWRAP is None, reason="bubblewrap is not installed (Debian: bubblewrap)")
 
 
-def bwrap_launcher(tmp_path: Path, compiled: CompiledFilter | None, *, own_dev: bool = False) -> str:
+def bwrap_launcher(tmp_path: Path, compiled: CompiledFilter | None, *, own_dev: bool = False,
+                   own_pids: bool = True) -> str:
     """A wrapper script: open each BPF program on an fd, then exec bwrap with --add-seccomp-fd per program.
-    The host's / and /dev, or with ``own_dev`` bubblewrap's own minimal /dev (``--dev``)."""
+    The host's / and /dev, or with ``own_dev`` bubblewrap's own minimal /dev (``--dev``); a PID namespace with its
+    own /proc (``--unshare-pid --proc /proc``, as Flatpak runs it), or with ``own_pids=False`` the host's."""
     lines = ["#!/bin/sh", "set -e"]
     flags = []
     for index, program in enumerate(compiled.programs if compiled else ()):
@@ -39,7 +41,8 @@ def bwrap_launcher(tmp_path: Path, compiled: CompiledFilter | None, *, own_dev: 
         lines.append(f"exec {fd}<{path}")
         flags.append(f"--add-seccomp-fd {fd}")
     dev = " --dev /dev" if own_dev else ""
-    lines.append(f'exec {BWRAP} --dev-bind / /{dev} --die-with-parent {" ".join(flags)} -- "$@"')
+    pids = " --unshare-pid --proc /proc" if own_pids else ""
+    lines.append(f'exec {BWRAP} --dev-bind / /{dev}{pids} --die-with-parent {" ".join(flags)} -- "$@"')
     script = tmp_path / "bwrap-launcher.sh"
     script.write_text("\n".join(lines) + "\n")
     script.chmod(0o755)
@@ -62,6 +65,20 @@ def test_bwrap_with_the_baseline_filter_passes(tmp_path):
     completed = run_suite(bwrap_launcher(tmp_path, compile_policy(load_policy("baseline"), "proxy")))
     assert completed.returncode == 0, completed.stdout[-3000:]
     assert re.search(r"\d+ passed", completed.stdout)
+
+
+PROC_ROWS = ("process_vm_readv-proc-mem-read", "process_vm_writev-proc-mem-write", "pidfd_getfd-proc-fd")
+
+
+def test_bwrap_with_the_baseline_filter_and_the_host_s_pids_fails_exactly_the_proc_rows(tmp_path):
+    # A real finding: the filter refuses ptrace, process_vm_readv/writev and pidfd_getfd, and root in bubblewrap
+    # without a PID namespace still reads and writes a process outside (the witness) and takes its files through
+    # /proc/<pid>/mem and /proc/<pid>/fd. With --unshare-pid and its own /proc the pid names nothing (passes above).
+    launcher = bwrap_launcher(tmp_path, compile_policy(load_policy("baseline"), "proxy"), own_pids=False)
+    completed = run_suite(launcher)
+    assert completed.returncode == 1
+    assert failed_ids(completed) == {f"{id_prefix(launcher)}{row}" for row in PROC_ROWS}, completed.stdout[-3000:]
+    assert "read the witness's nonce" in completed.stdout and "wrote into the witness" in completed.stdout
 
 
 def test_bwrap_with_one_syscall_dropped_fails_naming_it(tmp_path):

@@ -22,9 +22,9 @@ def test_prefetch_makes_every_build_once_and_the_tests_read_those_runs(monkeypat
     runs: list[tuple[str, str, str]] = []
     run = session._run
 
-    def counted(mode: str, identity: Identity, build: str):  # type: ignore[no-untyped-def]
+    def counted(mode: str, identity: Identity, build: str, witness):  # type: ignore[no-untyped-def]
         runs.append((mode, identity.name, build))
-        return run(mode, identity, build)
+        return run(mode, identity, build, witness)
     monkeypatch.setattr(session, "_run", counted)
     session.prefetch()
     session.prefetch()  # a second call starts nothing

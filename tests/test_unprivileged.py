@@ -35,7 +35,8 @@ compiled = CompiledFilter(data["name"], "proxy", True, tuple(base64.b64decode(p)
 reqs = requirements_of(policy, "proxy")
 who = Identity.current()
 # as the session plans them: no device path this caller cannot open even unfiltered (/dev/userfaultfd is root's)
-cases = [c for c in denial_cases(reqs) + control_cases(reqs, "proxy") if may_open_setup_device(c.setup, who)]
+cases = [c for c in denial_cases(reqs) + control_cases(reqs, "proxy")
+         if may_open_setup_device(c.setup, who) and not c.proc]  # /proc rows need the session's witness
 probes = [c.runner_probe() for c in cases]
 base = SandboxTarget("baseline", None, NetworkPlacement("proxy"), who).run(probes)
 seen = SandboxTarget("sandbox", compiled, NetworkPlacement("proxy"), who).run(probes)

@@ -198,12 +198,13 @@ class SandboxTarget:
     identity: Identity
     namespaces: FreshNamespaces = field(default_factory=FreshNamespaces)
     one_per_child: bool = False  # the runner's reference mode: a fresh child for every probe
+    process_isolation: bool = True  # off only for the weakened launcher tests/test_proc_paths.py measures
 
     def run(self, probes: Sequence[Mapping[str, Any]]) -> dict[str, Outcome]:
         return self.run_report(probes).outcomes
 
     def run_report(self, probes: Sequence[Mapping[str, Any]]) -> RunnerReport:
-        spec = SandboxSpec(self.compiled, self.placement, self.identity, self.namespaces)
+        spec = SandboxSpec(self.compiled, self.placement, self.identity, self.namespaces, self.process_isolation)
         argv, script = runner_command(runner_interpreter(self.identity), probes, one_per_child=self.one_per_child)
         with Sandbox(spec) as sandbox:
             result = sandbox.run(argv, input=script,

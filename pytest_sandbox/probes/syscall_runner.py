@@ -222,8 +222,52 @@ def _attempt_socket_open(probe: dict) -> dict:
     return {"type": "ok"}
 
 
+def _attempt_proc_path(probe: dict) -> dict:
+    """Reach the witness (a process outside the sandbox, catalogues/syscalls.py PROC_PATHS) through /proc: read its
+    nonce from /proc/<pid>/mem, write this run's pattern into this run's slot of the witness there, or open its
+    memfd through /proc/<pid>/fd/<n> and read the nonce. The bytes read go back as hex; the harness knows the nonce."""
+    if "witness_pid" not in probe:
+        return {"type": "unavailable", "reason": "no witness to reach (the session starts one)"}
+    access, pid = probe["access"], probe["witness_pid"]
+    path = f"/proc/{pid}/fd/{probe['witness_fd']}" if access == "fd" else f"/proc/{pid}/mem"
+    step = "open"
+    try:
+        fd = os.open(path, (os.O_RDWR if access == "mem-write" else os.O_RDONLY) | os.O_CLOEXEC)
+        try:
+            if access == "mem-write":
+                step = "pwrite"
+                return {"type": "wrote", "value": os.pwrite(fd, bytes.fromhex(probe["witness_pattern"]),
+                                                            probe["witness_scratch"]), "detail": path}
+            step = "pread"
+            data = os.pread(fd, 16, 0 if access == "fd" else probe["witness_address"])
+        finally:
+            os.close(fd)
+    except OSError as error:
+        return {"type": "errno", "value": error.errno, "detail": f"{step} {path}"}
+    return {"type": "read", "detail": data.hex()}
+
+
+def _attempt_own_memory() -> dict:
+    """The positive control of the /proc-path rows: a process still reads its own memory through /proc/self/mem."""
+    data = os.urandom(16)
+    held = ctypes.create_string_buffer(data, 16)
+    try:
+        fd = os.open("/proc/self/mem", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            read = os.pread(fd, 16, ctypes.addressof(held))
+        finally:
+            os.close(fd)
+    except OSError as error:
+        return {"type": "failed", "detail": f"/proc/self/mem: {os.strerror(error.errno or 0)}"}
+    return {"type": "ok"} if read == data else {"type": "failed", "detail": "/proc/self/mem gave other bytes"}
+
+
 def _attempt(machine: _Machine, probe: dict) -> dict:
     kind = probe.get("kind", "syscall")
+    if kind == "proc_path":
+        return _attempt_proc_path(probe)
+    if kind == "own_memory":
+        return _attempt_own_memory()
     if kind == "syscall":
         return _attempt_syscall(machine, probe)
     if kind == "thread_start":

@@ -120,6 +120,9 @@ class SandboxSpec:
     network: NetworkPlacement
     identity: Identity = field(default_factory=Identity.current)
     namespaces: FreshNamespaces = field(default_factory=FreshNamespaces)
+    # A Landlock domain of the sandbox's own (spawner.py ``_enter_landlock_domain``): no process in it reaches the
+    # memory or files of one outside it through /proc. Off only for the weakened launcher the tests measure.
+    process_isolation: bool = True
 
     @property
     def describe(self) -> str:
@@ -331,6 +334,7 @@ class Sandbox:
             "drop_caps": drop_caps,
             "no_new_privs": bool(flt and flt.no_new_privs) or who.no_new_privs,
             "filters": [bytes(p) for p in (flt.programs if flt else ())],
+            "landlock": flt is not None and spec.process_isolation,
         }
 
     @property

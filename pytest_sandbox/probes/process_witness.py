@@ -1,0 +1,118 @@
+"""The witness: a process outside the sandbox that the /proc-path rows try to reach (catalogues/syscalls.py PROC_PATHS).
+
+The harness starts it unfiltered (it opens no socket), as the caller the rows run as (the same uid, groups
+and capabilities: what the unfiltered baseline is), so the baseline can reach it and only the sandbox can be what
+stops a sandboxed attempt. It holds a random nonce in its memory and in a memfd, and one zeroed 16-byte slot per run
+that writes to it; it reports its addresses, then waits for the harness: a line ``slots`` on its stdin makes it answer
+with what each slot now holds, end of input makes it exit. It is stopped by its PID (through its launcher) at the end.
+
+Evidence (:meth:`Witness.classify`): a read is the witness's only when it returns the nonce, a write only when the
+slot of that run holds that run's pattern afterwards. A /proc/<pid> that names some other process (the sandbox's own
+PID namespace) reaches nothing of the witness's.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from pytest_sandbox.errors import LaunchError
+from pytest_sandbox.probes.syscall import runner_interpreter
+from pytest_sandbox.seccomp.launcher import PIPE, Identity, NetworkPlacement, Sandbox, SandboxedProcess, SandboxSpec
+from pytest_sandbox.verdicts.judgement import Outcome
+
+START_TIMEOUT_SECONDS = 10.0
+NONCE_BYTES = 16
+# The witness's program: stdlib only, started with -S. Slot addresses and the memfd's number go out on one line.
+WITNESS_SOURCE = r"""
+import ctypes, os, sys
+nonce = sys.stdin.buffer.read(16)
+slots = int(sys.stdin.buffer.readline())
+held = ctypes.create_string_buffer(nonce, 16)
+scratch = [ctypes.create_string_buffer(16) for _ in range(slots)]
+fd = os.memfd_create("pytest-sandbox-witness", 0)
+os.write(fd, nonce)
+print(ctypes.addressof(held), fd, *(ctypes.addressof(s) for s in scratch), flush=True)
+for line in sys.stdin.buffer:
+    print(*(s.raw.hex() for s in scratch), flush=True)
+"""
+
+
+@dataclass(frozen=True)
+class Witness:
+    """Where the witness's nonce, memfd and write slots are (its pid as the harness sees it); what each run writes."""
+
+    pid: int
+    nonce: bytes
+    address: int
+    fd: int
+    slots: tuple[int, ...]
+    patterns: tuple[bytes, ...]
+
+    def runner_fields(self, run: int) -> dict[str, object]:
+        """What run number ``run``'s runner is told (syscall_runner ``_attempt_proc_path``): never the nonce."""
+        return {"witness_pid": self.pid, "witness_address": self.address, "witness_fd": self.fd,
+                "witness_scratch": self.slots[run], "witness_pattern": self.patterns[run].hex()}
+
+    def classify(self, outcome: Outcome, run: int, slots_now: Sequence[bytes]) -> Outcome:
+        """A runner's ``read``/``wrote`` outcome as evidence: ``reached`` (the witness's nonce was read, or this run's
+        pattern is in its slot now) or ``other`` (bytes of some other process, a write that did not land in the
+        witness). Every other outcome (an errno, a signal) is left as it is."""
+        if outcome.kind == "read":
+            if outcome.detail == self.nonce.hex():
+                return Outcome("reached", NONCE_BYTES, "read the witness's nonce")
+            return Outcome("other", None, f"read {outcome.detail or 'nothing'}, not the witness's nonce")
+        if outcome.kind == "wrote":
+            if outcome.value and run < len(slots_now) and slots_now[run] == self.patterns[run]:
+                return Outcome("reached", outcome.value, "wrote into the witness's memory")
+            return Outcome("other", None, f"wrote {outcome.value} bytes, none of them into the witness")
+        return outcome
+
+
+class _Running:
+    def __init__(self, process: SandboxedProcess) -> None:
+        self.process = process
+
+    def line(self, timeout: float) -> str:
+        assert self.process.stdout is not None
+        fd = self.process.stdout.fileno()
+        data = b""
+        while not data.endswith(b"\n"):
+            ready, _, _ = select.select([fd], [], [], timeout)
+            chunk = os.read(fd, 4096) if ready else b""
+            if not chunk:
+                raise LaunchError(f"the witness said nothing within {timeout:.0f} s")
+            data += chunk
+        return data.decode()
+
+    def send(self, data: bytes) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(data)
+
+
+@contextmanager
+def running_witness(identity: Identity, runs: int) -> Iterator[tuple[Witness, Callable[[], list[bytes]]]]:
+    """Start the witness as ``identity`` with ``runs`` write slots; yield it and a function that returns what each
+    slot holds now. Stopped (by PID, through its launcher) on exit."""
+    spec = SandboxSpec(None, NetworkPlacement("allow"), identity)
+    nonce = os.urandom(NONCE_BYTES)
+    patterns = tuple(os.urandom(NONCE_BYTES) for _ in range(runs))
+    with Sandbox(spec) as launcher:
+        process = launcher.popen([runner_interpreter(identity), "-S", "-c", WITNESS_SOURCE], stdin=PIPE)
+        running = _Running(process)
+        try:
+            running.send(nonce + f"{runs}\n".encode())
+            address, fd, *slots = (int(word) for word in running.line(START_TIMEOUT_SECONDS).split())
+            witness = Witness(process.pid, nonce, address, fd, tuple(slots), patterns)
+
+            def slots_now() -> list[bytes]:
+                running.send(b"slots\n")
+                return [bytes.fromhex(word) for word in running.line(START_TIMEOUT_SECONDS).split()]
+
+            yield witness, slots_now
+        finally:
+            process.kill()
+            process.wait(START_TIMEOUT_SECONDS)
