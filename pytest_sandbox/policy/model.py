@@ -115,6 +115,13 @@ class SeccompPolicy:
     # (a rule's own errnoRet, or kill_process, kill_thread, trap, trace).
     deny_actions: tuple[tuple[str, str, int], ...] = ()
 
+    def deny_action(self, name: str) -> tuple[str, int]:
+        """How a name in ``deny`` is refused, (action, errno): the policy's errno unless an OCI rule says otherwise."""
+        for denied, action, number in self.deny_actions:
+            if denied == name:
+                return action, number
+        return "errno", self.errno
+
     @property
     def is_allowlist(self) -> bool:
         # SECCOMP_RET_LOG lets the call through after logging it: a LOG default refuses nothing.

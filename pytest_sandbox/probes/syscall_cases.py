@@ -47,9 +47,17 @@ class Requirement:
     syscall: str
     rule: ArgRule | None = None
     refused_with: int | str = errno_module.EPERM
-    # Whether the syscall's other way to the same kernel object (catalogues/syscalls.py DEVICE_PATHS) must be
-    # refused too: wherever the syscall is refused whatever its arguments.
-    device_path: bool = False
+
+    @property
+    def device_path(self) -> bool:
+        """Whether the syscall's other way to the same kernel object (catalogues/syscalls.py DEVICE_PATHS) must be
+        refused too: wherever the syscall is refused whatever its arguments."""
+        return self.kind == "deny" and self.syscall in DEVICE_PATHS
+
+    @property
+    def proc_path(self) -> bool:
+        """Whether its cross-process access must be refused by /proc too (catalogues/syscalls.py PROC_PATHS)."""
+        return self.kind == "deny" and self.syscall in PROC_PATHS
 
     @property
     def key(self) -> str:
@@ -97,9 +105,7 @@ def _action_refusal(action: str, number: int) -> int | str:
 
 def requirements_of(policy: Policy, mode: str) -> tuple[Requirement, ...]:
     seccomp = policy.seccomp
-    own = {name: (kind, number) for name, kind, number in seccomp.deny_actions}
-    items = [Requirement("deny", name, refused_with=_action_refusal(*own.get(name, ("errno", seccomp.errno))),
-                         device_path=name in DEVICE_PATHS)
+    items = [Requirement("deny", name, refused_with=_action_refusal(*seccomp.deny_action(name)))
              for name in seccomp.deny]
     items += [Requirement("arg", rule.syscall, rule, _action_refusal(rule.action, rule.errno or seccomp.errno))
               for rule in policy.rules_for_mode(mode)]
@@ -122,9 +128,8 @@ def _allowlist_refusals(policy: Policy) -> list[Requirement]:
         if name in seccomp.allow or name in seccomp.enosys or name == "getppid":
             continue
         rules = [r for r in seccomp.allow_rules if r.syscall == name]
-        device = name in DEVICE_PATHS
         if not rules:
-            items.append(Requirement("deny", name, refused_with=by_default, device_path=device))
+            items.append(Requirement("deny", name, refused_with=by_default))
         elif name == "socket":
             items += [Requirement("arg", "socket", ArgRule("socket", 0, "eq", family,
                                                            why=f"not allowed: {SOCKET_FAMILY_NAMES[family]}"),
@@ -137,7 +142,7 @@ def _allowlist_refusals(policy: Policy) -> list[Requirement]:
                       for bit in (1 << b for b in range(32)) if mask & bit]
         elif not seccomp.allows(name, tuple(a if isinstance(a, int) else 0 for a in probe.args)):
             # the catalogue's harmless call is not an allowed form
-            items.append(Requirement("deny", name, refused_with=by_default, device_path=device))
+            items.append(Requirement("deny", name, refused_with=by_default))
     return items
 
 
@@ -355,7 +360,7 @@ def denial_cases(requirements: Sequence[Requirement]) -> tuple[ProbeCase, ...]:
                     "the whole argument 0 lets it through", version=version))
         if item.device_path:
             cases += device_path_cases(item)
-        if item.kind == "deny" and item.syscall in PROC_PATHS:
+        if item.proc_path:
             cases.append(proc_path_case(item))
         for index, condition in enumerate((item.rule, *item.rule.also) if item.rule is not None else ()):
             where = "" if index == 0 else f"-arg{condition.arg}"  # every ANDed condition's argument too
@@ -461,7 +466,7 @@ def control_cases(requirements: Sequence[Requirement], mode: str) -> tuple[Probe
             cases.append(ProbeCase(f"{family.lower()}-socket-opens", "works",
                                    f"an {family} socket opens in {mode} mode",
                                    extra=(("kind", "socket_open"), ("family", SOCKET_FAMILIES[family]))))
-    if any(item.kind == "deny" and item.syscall in PROC_PATHS for item in requirements):
+    if any(item.proc_path for item in requirements):
         cases.append(ProbeCase("own-memory-reads", "works", "a process reads its own memory through /proc/self/mem",
                                extra=(("kind", "own_memory"),)))
     getppid = PROBES_BY_NAME["getppid"]

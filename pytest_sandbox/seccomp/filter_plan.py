@@ -461,10 +461,9 @@ class _Planner:
 
     def refusals(self) -> list[_Refusal]:
         seccomp = self.policy.seccomp
-        own = {name: (kind, number) for name, kind, number in seccomp.deny_actions}
-        found = [_Refusal(deny_key(name), name, None, own.get(name, ("errno", seccomp.errno))[1],
+        found = [_Refusal(deny_key(name), name, None, seccomp.deny_action(name)[1],
                           f"seccomp.deny {name}" if self.policy.origin != "oci" else f"profile rule {name}",
-                          own.get(name, ("errno", 0))[0]) for name in seccomp.deny]
+                          seccomp.deny_action(name)[0]) for name in seccomp.deny]
         for rule in self.policy.rules_for_mode(self.mode):
             found.append(_Refusal(arg_key(rule), rule.syscall, Condition.of(rule), rule.errno or seccomp.errno,
                                   self.rule_source(rule, "arg_rules"), rule.action))
@@ -576,13 +575,12 @@ def implied_rules(policy: Policy) -> tuple[tuple[str, ArgRule], ...]:
     device rows hold both to it: tests/test_runc.py)."""
     seccomp = policy.seccomp
     refused = set(seccomp.effective_denies())
-    own = {name: (kind, number) for name, kind, number in seccomp.deny_actions}
     found = []
     for name, path in DEVICE_PATHS.items():
         if name not in refused:
             continue
         if name in seccomp.deny:
-            kind, number = own.get(name, ("errno", seccomp.errno))
+            kind, number = seccomp.deny_action(name)
         else:  # refused by an allowlist's default action
             kind, number = seccomp.default_action, seccomp.default_errno
         found.append((name, ArgRule("ioctl", 1, "eq", path.request, errno=number if kind == "errno" else None,
