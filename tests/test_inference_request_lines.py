@@ -51,6 +51,19 @@ NETNS_OK, NETNS_REASON = host_can_create_netns()
 BASELINE_ROUTES = baseline_policy().inference_routes
 
 
+def _reference_verdicts(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The reference interceptor's inference verdicts, from a run that passed (what each fake is compared with)."""
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    reference, verdicts = _inference_run(pytester, marker_keyed=False)
+    assert reference.ret == 0, reference.stdout.str()[-3000:]
+    return verdicts
+
+
+def _changed(verdicts: dict[str, str], reference_verdicts: dict[str, str]) -> set[str]:
+    """The tests whose verdict differs from the reference's."""
+    return {test for test, verdict in verdicts.items() if verdict != reference_verdicts[test]}
+
+
 def test_every_extra_request_is_sent_in_both_versions_with_one_routed_http10_control():
     probes = route_probes(BASELINE_ROUTES, BASELINE_ROUTES)
     http10 = [probe for probe in probes if probe.http_version == HTTP10]
@@ -84,9 +97,7 @@ FORWARDED_BY: dict[str, Callable[[RouteProbe], bool]] = {  # the refusals each f
 @pytest.mark.parametrize("keyed_on", sorted(FORWARDED_BY))
 def test_an_interceptor_judging_only_the_old_request_lines_fails_exactly_the_probes_it_forwards(
         pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, keyed_on: str) -> None:
-    monkeypatch.setenv("PYTHONPATH", str(ROOT))
-    reference, reference_verdicts = _inference_run(pytester, marker_keyed=False)
-    assert reference.ret == 0, reference.stdout.str()[-3000:]
+    reference_verdicts = _reference_verdicts(pytester, monkeypatch)
     probes = route_probes(BASELINE_ROUTES, BASELINE_ROUTES)
     forwarded = {probe.test_id for probe in probes if not probe.routed and FORWARDED_BY[keyed_on](probe)}
     assert len(forwarded) >= 4 and all(reference_verdicts[test] == "BLOCKED" for test in forwarded)
@@ -94,7 +105,7 @@ def test_an_interceptor_judging_only_the_old_request_lines_fails_exactly_the_pro
             for line in ("http10-", "chunked-", "expect-continue-")} == {"WORKS"}
     keyed, verdicts = _inference_run(pytester, marker_keyed=True, keyed_on=keyed_on, module="method_keyed")
     output = keyed.stdout.str()
-    failed = {test for test, verdict in verdicts.items() if verdict != reference_verdicts[test]}
+    failed = _changed(verdicts, reference_verdicts)
     assert failed == forwarded | {"backend-record"}, (sorted(failed ^ forwarded), output[-4000:])
     assert all(verdicts[test] == "ALLOWED" for test in failed), verdicts
     assert "is no route of the policy, yet it reached the backend" in output, output[-4000:]
@@ -142,15 +153,13 @@ def glob_routed(probe: RouteProbe) -> bool:
 @pytest.mark.skipif(not NETNS_OK, reason=f"cannot create network namespaces: {NETNS_REASON}")
 def test_an_interceptor_forwarding_the_spelling_it_normalised_fails_and_one_forwarding_the_route_passes(
         pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PYTHONPATH", str(ROOT))
-    reference, reference_verdicts = _inference_run(pytester, marker_keyed=False)
-    assert reference.ret == 0, reference.stdout.str()[-3000:]
+    reference_verdicts = _reference_verdicts(pytester, monkeypatch)
     probes = route_probes(BASELINE_ROUTES)
     spellings = {probe.test_id for probe in probes if probe.canonical}
     assert all(reference_verdicts[test] == "BLOCKED" for test in spellings), reference_verdicts
     leaky, verdicts = _inference_run(pytester, marker_keyed=True, keyed_on="spelling", module="path_normalising")
     output = leaky.stdout.str()
-    failed = {test for test, verdict in verdicts.items() if verdict != reference_verdicts[test]}
+    failed = _changed(verdicts, reference_verdicts)
     assert failed == spellings - FRAMING_REFUSED | {"backend-record"}, (sorted(failed), output[-4000:])
     assert all(verdicts[test] == "ALLOWED" for test in failed), verdicts
     assert "which it may read as another path" in output, output[-4000:]
@@ -165,7 +174,7 @@ def test_an_interceptor_forwarding_the_spelling_it_normalised_fails_and_one_forw
     # Before the spellings of every route, the same hole for GET requests alone passed every inference test.
     get_only, get_verdicts = _inference_run(pytester, marker_keyed=True, keyed_on="spelling-get",
                                             module="path_normalising")
-    failed = {test for test, verdict in get_verdicts.items() if verdict != reference_verdicts[test]}
+    failed = _changed(get_verdicts, reference_verdicts)
     spelt_get = {probe.test_id for probe in probes if probe.canonical and probe.method == "GET"}
     assert len(spelt_get) == 22 and "route-POST-/v1/chat/completions/" not in spelt_get
     assert failed == spelt_get - FRAMING_REFUSED | {"backend-record"}, (sorted(failed), get_only.stdout.str()[-4000:])
@@ -176,12 +185,10 @@ def test_an_interceptor_forwarding_the_spelling_it_normalised_fails_and_one_forw
 def test_an_interceptor_matching_routes_as_shell_globs_fails_every_escape_and_spelling_its_star_swallows(
         pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
     """It passed every inference test while the probes spelt only the first route and sent no escape."""
-    monkeypatch.setenv("PYTHONPATH", str(ROOT))
-    reference, reference_verdicts = _inference_run(pytester, marker_keyed=False)
-    assert reference.ret == 0, reference.stdout.str()[-3000:]
+    reference_verdicts = _reference_verdicts(pytester, monkeypatch)
     leaky, verdicts = _inference_run(pytester, marker_keyed=True, keyed_on="glob", module="path_normalising")
     output = leaky.stdout.str()
-    failed = {test for test, verdict in verdicts.items() if verdict != reference_verdicts[test]}
+    failed = _changed(verdicts, reference_verdicts)
     swallowed = {probe.test_id for probe in route_probes(BASELINE_ROUTES) if glob_routed(probe)}
     escapes = {f"route-GET-{escape}" for route in BASELINE_ROUTES for escape in wildcard_escapes(route)}
     # the five escapes, and the spellings /v1/models/, /v1/models/fake-model/, ...;x=1 and /v1/models/%66ake-model
