@@ -175,21 +175,21 @@ class SandboxSession:
         denials, controls = denial_cases(probed), control_cases(probed, mode)
         # Denials run on both builds: the sentinel build (unambiguous errnos) shows which rule refused,
         # the real build is the filter a sandboxed program meets. Controls run on the real build only
-        # (glibc needs the real ENOSYS, the real EPERM is reported). A /proc-path row is no rule's: its
+        # (glibc needs the real ENOSYS, the real EPERM is reported). A witness row is no rule's: its
         # evidence is whether the witness was reached, so the sentinel build does not run it.
         chosen: Sequence[ProbeCase] = {
             "baseline": (*denials, *controls),
-            "sentinel": [case for case in denials if not case.proc],
+            "sentinel": [case for case in denials if not case.witness_access],
             "real": (*denials, *controls),
         }[build]
         return [case for case in chosen if case.live]
 
     def _plan(self, mode: str, identity: Identity, build: str, witness: Witness | None) -> list[dict[str, Any]]:
-        """The runner's plan; a /proc-path row is in it only with a witness to reach (its fields for this run)."""
+        """The runner's plan; a witness row is in it only with a witness to reach (its fields for this run)."""
         plan = []
         for case in self._cases(mode, build):
             probe = case.runner_probe()
-            if case.proc:
+            if case.witness_access:
                 if witness is None:
                     continue
                 probe.update(witness.runner_fields(WITNESS_RUNS.index(build)))
@@ -249,7 +249,7 @@ class SandboxSession:
         # Every judgement needs all builds of its (mode, identity): run them side by side, each is its own
         # runner process; each run's wait is bounded (ExecTarget, SandboxTarget).
         wanted = [b for b in self.builds() if (mode, identity.name, b) not in self._results]
-        proc_rows = [case.case_id for case in self._cases(mode, "real") if case.proc]
+        proc_rows = [case.case_id for case in self._cases(mode, "real") if case.witness_access]
         with ExitStack() as stack:
             witness, slots_now, no_witness = None, None, ""
             if proc_rows:  # the process outside the sandbox those rows try to reach, alive for every run
@@ -294,7 +294,7 @@ class SandboxSession:
 
         baseline = observed("baseline")
         real = self.compiled(param.mode, sentinel=False)
-        if case.kind != "denial" or case.nr is None:  # a control, or a /proc-path row (no rule's, no sentinel run)
+        if case.kind != "denial" or case.nr is None:  # a control, or a witness row (no rule's, no sentinel run)
             return judge(case, baseline, observed("real"), compiled=real, policy=self.policy)
         sentinel = self.compiled(param.mode, sentinel=True)
         assert real is not None and sentinel is not None
@@ -358,7 +358,7 @@ class SandboxSession:
 
 
 IDENTITIES = ("current", "nobody")
-# The runs that attempt the /proc-path rows, each with its own write slot in the witness.
+# The runs that attempt the witness rows, each with its own write slot in the witness.
 WITNESS_RUNS = ("baseline", "real")
 
 

@@ -67,13 +67,15 @@ def test_bwrap_with_the_baseline_filter_passes(tmp_path):
     assert re.search(r"\d+ passed", completed.stdout)
 
 
-PROC_ROWS = ("process_vm_readv-proc-mem-read", "process_vm_writev-proc-mem-write", "pidfd_getfd-proc-fd")
+PROC_ROWS = ("process_vm_readv-proc-mem-read", "process_vm_writev-proc-mem-write", "pidfd_getfd-proc-fd",
+             "pidfd_send_signal-kill")
 
 
 def test_bwrap_with_the_baseline_filter_and_the_host_s_pids_fails_exactly_the_proc_rows(tmp_path):
-    # A real finding: the filter refuses ptrace, process_vm_readv/writev and pidfd_getfd, and root in bubblewrap
-    # without a PID namespace still reads and writes a process outside (the witness) and takes its files through
-    # /proc/<pid>/mem and /proc/<pid>/fd. With --unshare-pid and its own /proc the pid names nothing (passes above).
+    # A real finding: the filter refuses ptrace, process_vm_readv/writev and the pidfd calls, and root in bubblewrap
+    # without a PID namespace still reads and writes a process outside (the witness), takes its files through
+    # /proc/<pid>/mem and /proc/<pid>/fd, and signals it. With --unshare-pid and its own /proc the pid names nothing
+    # (passes above).
     launcher = bwrap_launcher(tmp_path, compile_policy(load_policy("baseline"), "proxy"), own_pids=False)
     completed = run_suite(launcher)
     assert completed.returncode == 1

@@ -121,7 +121,7 @@ def test_controls_setup_steps_and_other_kinds_run_alone_in_a_fresh_child():
     for case in control_cases(requirements, MODE):
         assert needs_fresh_child(case.runner_probe()), case.case_id
     assert not any(needs_fresh_child(case.runner_probe()) for case in denial_cases(requirements)
-                   if not case.setup and not case.proc)  # a /proc-path row is no syscall probe
+                   if not case.setup and not case.witness_access)  # a witness row is no syscall probe
 
 
 def test_a_torn_last_frame_is_dropped_never_misread():

@@ -43,8 +43,8 @@ def judgements_against(policy: Policy, mode: str, filter_under_test: CompiledFil
     """Run the suite for ``policy`` against ``filter_under_test``, judged by what ``intended`` promises
     (``None``: as a third party's sandbox is judged, from the requirement alone)."""
     requirements = requirements_of(policy, mode)
-    # Not the /proc-path rows: no filter decides them, and they need the session's witness (tests/test_proc_paths.py).
-    cases = tuple(c for c in denial_cases(requirements) + control_cases(requirements, mode) if not c.proc)
+    # Not the witness rows: no filter decides them, and they need the session's witness (tests/test_witness_paths.py).
+    cases = tuple(c for c in denial_cases(requirements) + control_cases(requirements, mode) if not c.witness_access)
     placement, identity = NetworkPlacement(mode), Identity.current()
     probes = [c.runner_probe() for c in cases]
     baseline = SandboxTarget("baseline", None, placement, identity).run(probes)

@@ -36,7 +36,7 @@ reqs = requirements_of(policy, "proxy")
 who = Identity.current()
 # as the session plans them: no device path this caller cannot open even unfiltered (/dev/userfaultfd is root's)
 cases = [c for c in denial_cases(reqs) + control_cases(reqs, "proxy")
-         if may_open_setup_device(c.setup, who) and not c.proc]  # /proc rows need the session's witness
+         if may_open_setup_device(c.setup, who) and not c.witness_access]  # witness rows need the session's witness
 probes = [c.runner_probe() for c in cases]
 base = SandboxTarget("baseline", None, NetworkPlacement("proxy"), who).run(probes)
 seen = SandboxTarget("sandbox", compiled, NetworkPlacement("proxy"), who).run(probes)

@@ -225,29 +225,37 @@ DEVICE_PATHS: dict[str, DevicePath] = {
 
 
 @dataclass(frozen=True)
-class ProcPath:
-    """Another way to what a denied cross-process syscall reaches: a file of another process under /proc.
+class WitnessPath:
+    """Another way to do what a denied cross-process syscall does, to a process outside the sandbox: the witness,
+    which the harness starts outside it as the same caller, holding a random nonce in its memory and in a memfd.
 
-    ``access`` is what the attempt does to the witness (a process the harness starts outside the sandbox, as the
-    same caller, holding a random nonce in its memory and in a memfd): ``mem-read`` reads the nonce through
-    ``/proc/<pid>/mem``, ``mem-write`` writes 16 random bytes into a slot the witness keeps for that (nothing else of
-    it changes), ``fd`` opens the witness's memfd through ``/proc/<pid>/fd/<n>`` and reads the nonce. The kernel
-    checks these with ptrace_may_access (fs/proc/base.c: ``mem_open`` -> ``proc_mem_open`` with
-    PTRACE_MODE_ATTACH, ``proc_fd_link`` with PTRACE_MODE_READ), not through any syscall a filter can name: a
-    sandbox that denies process_vm_readv and ptrace and leaves this open hands out the same access."""
+    ``access`` is what the attempt does: ``mem-read`` reads the nonce through ``/proc/<pid>/mem``, ``mem-write``
+    writes 16 random bytes into a slot the witness keeps for that (nothing else of it changes), ``fd`` opens the
+    witness's memfd through ``/proc/<pid>/fd/<n>`` and reads the nonce, ``signal`` sends it signal 0 with kill(2)
+    (the permission check of any signal, nothing delivered). The kernel checks the /proc ones with ptrace_may_access
+    (fs/proc/base.c: ``mem_open`` -> ``proc_mem_open`` with PTRACE_MODE_ATTACH, ``proc_fd_link`` with
+    PTRACE_MODE_READ), the signal with check_kill_permission (kernel/signal.c), not through the denied syscall: a
+    sandbox that denies process_vm_readv and leaves /proc/<pid>/mem open hands out the same access. ``row`` ends
+    the row's id."""
 
     access: str
+    row: str
     note: str
 
 
-# The paths a cross-process denial implies (syscalls.md, #819: "block cross-process manipulation syscalls ...
-# symmetric with existing ptrace and process_vm_readv blocks"). Refused by what keeps the sandbox's processes from
-# those outside it: a Landlock domain (Documentation/userspace-api/landlock.rst, "Ptrace restrictions": a tracee
-# must be in a sub-domain of the tracer), a PID namespace with its own /proc, a user namespace (security/commoncap.c
-# cap_ptrace_access_check: CAP_SYS_PTRACE in the target's namespace), or no CAP_SYS_PTRACE against a more
-# privileged process. As root with every capability, or as a uid the witness shares, nothing else stops it.
-PROC_PATHS: dict[str, ProcPath] = {
-    "process_vm_readv": ProcPath("mem-read", "reading another process's memory through /proc/<pid>/mem"),
-    "process_vm_writev": ProcPath("mem-write", "writing another process's memory through /proc/<pid>/mem"),
-    "pidfd_getfd": ProcPath("fd", "taking another process's open file through /proc/<pid>/fd/<n>"),
+# The paths a cross-process denial implies (syscalls.md, #819: "block cross-process manipulation syscalls
+# (process_vm_writev, pidfd_open, pidfd_getfd, pidfd_send_signal) symmetric with existing ptrace and process_vm_readv
+# blocks"). Refused by what keeps the sandbox's processes from those outside it: a Landlock domain
+# (Documentation/userspace-api/landlock.rst, "Ptrace restrictions": a tracee must be in a sub-domain of the tracer;
+# LANDLOCK_SCOPE_SIGNAL, Linux 6.12: no signal to a process outside the domain), a PID namespace with its own /proc,
+# a user namespace (security/commoncap.c cap_ptrace_access_check: CAP_SYS_PTRACE in the target's namespace; a signal
+# needs the same uid or CAP_KILL there), or no CAP_SYS_PTRACE against a more privileged process. As root with every
+# capability, or as a uid the witness shares, nothing else stops it.
+WITNESS_PATHS: dict[str, WitnessPath] = {
+    "process_vm_readv": WitnessPath("mem-read", "proc-mem-read",
+                                    "reading another process's memory through /proc/<pid>/mem"),
+    "process_vm_writev": WitnessPath("mem-write", "proc-mem-write",
+                                     "writing another process's memory through /proc/<pid>/mem"),
+    "pidfd_getfd": WitnessPath("fd", "proc-fd", "taking another process's open file through /proc/<pid>/fd/<n>"),
+    "pidfd_send_signal": WitnessPath("signal", "kill", "signalling another process with kill(2) (signal 0)"),
 }

@@ -1,4 +1,4 @@
-"""The witness: a process outside the sandbox that the /proc-path rows try to reach (catalogues/syscalls.py PROC_PATHS).
+"""The witness: a process outside the sandbox that the witness rows try to reach (catalogues/syscalls.py WITNESS_PATHS).
 
 The harness starts it unfiltered (it opens no socket), as the caller the rows run as (the same uid, groups
 and capabilities: what the unfiltered baseline is), so the baseline can reach it and only the sandbox can be what
@@ -7,8 +7,9 @@ that writes to it; it reports its addresses, then waits for the harness: a line 
 with what each slot now holds, end of input makes it exit. It is stopped by its PID (through its launcher) at the end.
 
 Evidence (:meth:`Witness.classify`): a read is the witness's only when it returns the nonce, a write only when the
-slot of that run holds that run's pattern afterwards. A /proc/<pid> that names some other process (the sandbox's own
-PID namespace) reaches nothing of the witness's.
+slot of that run holds that run's pattern afterwards, a permitted signal only when the process the pid names in the
+sandbox started when the witness did. A pid that names some other process (the sandbox's own PID namespace) reaches
+nothing of the witness's.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 
 from pytest_sandbox.errors import LaunchError
 from pytest_sandbox.probes.syscall import runner_interpreter
+from pytest_sandbox.probes.syscall_runner import start_time
 from pytest_sandbox.seccomp.launcher import PIPE, Identity, NetworkPlacement, Sandbox, SandboxedProcess, SandboxSpec
 from pytest_sandbox.verdicts.judgement import Outcome
 
@@ -46,6 +48,7 @@ class Witness:
     """Where the witness's nonce, memfd and write slots are (its pid as the harness sees it); what each run writes."""
 
     pid: int
+    start_time: str  # /proc/<pid>/stat field 22 as the harness reads it (syscall_runner.start_time)
     nonce: bytes
     address: int
     fd: int
@@ -53,7 +56,7 @@ class Witness:
     patterns: tuple[bytes, ...]
 
     def runner_fields(self, run: int) -> dict[str, object]:
-        """What run number ``run``'s runner is told (syscall_runner ``_attempt_proc_path``): never the nonce."""
+        """What run number ``run``'s runner is told (syscall_runner ``_attempt_witness_path``): never the nonce."""
         return {"witness_pid": self.pid, "witness_address": self.address, "witness_fd": self.fd,
                 "witness_scratch": self.slots[run], "witness_pattern": self.patterns[run].hex()}
 
@@ -69,6 +72,14 @@ class Witness:
             if outcome.value and run < len(slots_now) and slots_now[run] == self.patterns[run]:
                 return Outcome("reached", outcome.value, "wrote into the witness's memory")
             return Outcome("other", None, f"wrote {outcome.value} bytes, none of them into the witness")
+        if outcome.kind == "signalled":  # kill(pid, 0) was permitted: for the witness, or for whatever the pid names
+            if outcome.detail == self.start_time:
+                return Outcome("reached", 0, "was permitted to signal the witness (kill, signal 0)")
+            if outcome.detail:
+                return Outcome("other", None, f"signalled the process its pid names there, started at tick "
+                               f"{outcome.detail}, not the witness (started at {self.start_time})")
+            return Outcome("unverified", None, "signal 0 to the witness's pid was permitted, and no /proc/<pid>/stat "
+                           "shows which process that is")
         return outcome
 
 
@@ -106,7 +117,7 @@ def running_witness(identity: Identity, runs: int) -> Iterator[tuple[Witness, Ca
         try:
             running.send(nonce + f"{runs}\n".encode())
             address, fd, *slots = (int(word) for word in running.line(START_TIMEOUT_SECONDS).split())
-            witness = Witness(process.pid, nonce, address, fd, tuple(slots), patterns)
+            witness = Witness(process.pid, start_time(process.pid), nonce, address, fd, tuple(slots), patterns)
 
             def slots_now() -> list[bytes]:
                 running.send(b"slots\n")

@@ -198,7 +198,7 @@ class SandboxTarget:
     identity: Identity
     namespaces: FreshNamespaces = field(default_factory=FreshNamespaces)
     one_per_child: bool = False  # the runner's reference mode: a fresh child for every probe
-    process_isolation: bool = True  # off only for the weakened launcher tests/test_proc_paths.py measures
+    process_isolation: bool = True  # off only for the weakened launcher tests/test_witness_paths.py measures
 
     def run(self, probes: Sequence[Mapping[str, Any]]) -> dict[str, Outcome]:
         return self.run_report(probes).outcomes

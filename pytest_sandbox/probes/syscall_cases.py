@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pytest_sandbox.catalogues.syscalls import DEVICE_PATHS, PROBES_BY_NAME, PROC_PATHS, SYSCALL_PROBES, SyscallProbe
+from pytest_sandbox.catalogues.syscalls import DEVICE_PATHS, PROBES_BY_NAME, SYSCALL_PROBES, WITNESS_PATHS, SyscallProbe
 from pytest_sandbox.policy.model import SOCKET_FAMILIES, SOCKET_FAMILY_NAMES, ArgRule, Policy
 from pytest_sandbox.seccomp.filter_plan import RANGE_OPERATORS, Condition, arg_key, deny_key, enosys_key
 from pytest_sandbox.verdicts.judgement import Outcome
@@ -55,9 +55,10 @@ class Requirement:
         return self.kind == "deny" and self.syscall in DEVICE_PATHS
 
     @property
-    def proc_path(self) -> bool:
-        """Whether its cross-process access must be refused by /proc too (catalogues/syscalls.py PROC_PATHS)."""
-        return self.kind == "deny" and self.syscall in PROC_PATHS
+    def witness_path(self) -> bool:
+        """Whether its cross-process access must be refused by another path too (catalogues/syscalls.py
+        WITNESS_PATHS)."""
+        return self.kind == "deny" and self.syscall in WITNESS_PATHS
 
     @property
     def key(self) -> str:
@@ -209,12 +210,12 @@ class ProbeCase:
     mux_layout: tuple[int | str | None, ...] = ()
     # The syscall actually made, where it is not the requirement's: ``ioctl`` on a device path (DEVICE_PATHS).
     call: str = ""
-    # A /proc path to a process outside the sandbox (PROC_PATHS): its ``access``; the runner is told the witness.
-    proc: str = ""
+    # Another way to a process outside the sandbox (WITNESS_PATHS): its ``access``; the runner is told the witness.
+    witness_access: str = ""
 
     def runner_probe(self) -> dict[str, Any]:
-        if self.proc:  # the witness's pid, addresses and fd are added where the witness runs (session)
-            return {"id": self.case_id, "kind": "proc_path", "access": self.proc}
+        if self.witness_access:  # the witness's pid, addresses and fd are added where the witness runs (session)
+            return {"id": self.case_id, "kind": "witness_path", "access": self.witness_access}
         if self.kind in ("denial", "reaches_kernel"):
             probe: dict[str, Any] = {"id": self.case_id, "kind": "syscall", "abi": self.abi, "nr": self.nr,
                                      "args": list(self.args), "setup": list(self.setup)}
@@ -248,7 +249,7 @@ class ProbeCase:
     def live(self) -> bool:
         """Whether a runner attempts it (every row but a denial with no harmless probe in the catalogue, which the
         read-back evaluation covers)."""
-        return self.kind != "denial" or self.nr is not None or bool(self.proc)
+        return self.kind != "denial" or self.nr is not None or bool(self.witness_access)
 
     @property
     def syscall(self) -> str:
@@ -360,8 +361,8 @@ def denial_cases(requirements: Sequence[Requirement]) -> tuple[ProbeCase, ...]:
                     "the whole argument 0 lets it through", version=version))
         if item.device_path:
             cases += device_path_cases(item)
-        if item.proc_path:
-            cases.append(proc_path_case(item))
+        if item.witness_path:
+            cases.append(witness_path_case(item))
         for index, condition in enumerate((item.rule, *item.rule.also) if item.rule is not None else ()):
             where = "" if index == 0 else f"-arg{condition.arg}"  # every ANDed condition's argument too
             for variant, bits in high_bit_variants(probe, condition):
@@ -393,12 +394,12 @@ def device_path_cases(item: Requirement) -> list[ProbeCase]:
     return cases
 
 
-def proc_path_case(item: Requirement) -> ProbeCase:
-    """The requirement's cross-process access by its /proc path (PROC_PATHS), against the witness: a process
+def witness_path_case(item: Requirement) -> ProbeCase:
+    """The requirement's cross-process access by another path (WITNESS_PATHS), against the witness: a process
     outside the sandbox, run as the same caller, which the unfiltered baseline reaches the same way."""
-    path = PROC_PATHS[item.syscall]
-    return ProbeCase(f"{item.label}-proc-{path.access}", "denial",
-                     f"{item.label} by its /proc path: {path.note} outside the sandbox", item, proc=path.access)
+    path = WITNESS_PATHS[item.syscall]
+    return ProbeCase(f"{item.label}-{path.row}", "denial", f"{item.label} by another path: {path.note} outside the "
+                     "sandbox", item, witness_access=path.access)
 
 
 def _fires(rule: ArgRule, args: tuple[int | str, ...]) -> bool:
@@ -466,7 +467,7 @@ def control_cases(requirements: Sequence[Requirement], mode: str) -> tuple[Probe
             cases.append(ProbeCase(f"{family.lower()}-socket-opens", "works",
                                    f"an {family} socket opens in {mode} mode",
                                    extra=(("kind", "socket_open"), ("family", SOCKET_FAMILIES[family]))))
-    if any(item.proc_path for item in requirements):
+    if any(item.witness_path for item in requirements):
         cases.append(ProbeCase("own-memory-reads", "works", "a process reads its own memory through /proc/self/mem",
                                extra=(("kind", "own_memory"),)))
     getppid = PROBES_BY_NAME["getppid"]

@@ -222,13 +222,31 @@ def _attempt_socket_open(probe: dict) -> dict:
     return {"type": "ok"}
 
 
-def _attempt_proc_path(probe: dict) -> dict:
-    """Reach the witness (a process outside the sandbox, catalogues/syscalls.py PROC_PATHS) through /proc: read its
-    nonce from /proc/<pid>/mem, write this run's pattern into this run's slot of the witness there, or open its
-    memfd through /proc/<pid>/fd/<n> and read the nonce. The bytes read go back as hex; the harness knows the nonce."""
+def start_time(pid: int) -> str:
+    """The start time of the process ``pid`` names here (/proc/<pid>/stat field 22, clock ticks after boot: shown
+    without any ptrace check), "" where there is none to read. Which process a pid is, across PID namespaces."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rpartition(b")")[2].split()[19].decode()
+    except (OSError, IndexError):
+        return ""
+
+
+def _attempt_witness_path(probe: dict) -> dict:
+    """Reach the witness (a process outside the sandbox, catalogues/syscalls.py WITNESS_PATHS): read its nonce from
+    /proc/<pid>/mem, write this run's pattern into this run's slot of the witness there, open its memfd through
+    /proc/<pid>/fd/<n> and read the nonce, or send it signal 0. The bytes read go back as hex (the harness knows the
+    nonce), a permitted signal with the start time of the process the pid names here."""
     if "witness_pid" not in probe:
         return {"type": "unavailable", "reason": "no witness to reach (the session starts one)"}
     access, pid = probe["access"], probe["witness_pid"]
+    if access == "signal":
+        started = start_time(pid)
+        try:
+            os.kill(pid, 0)
+        except OSError as error:
+            return {"type": "errno", "value": error.errno, "detail": f"kill({pid}, 0)"}
+        return {"type": "signalled", "detail": started}
     path = f"/proc/{pid}/fd/{probe['witness_fd']}" if access == "fd" else f"/proc/{pid}/mem"
     step = "open"
     try:
@@ -248,7 +266,7 @@ def _attempt_proc_path(probe: dict) -> dict:
 
 
 def _attempt_own_memory() -> dict:
-    """The positive control of the /proc-path rows: a process still reads its own memory through /proc/self/mem."""
+    """The positive control of the witness rows: a process still reads its own memory through /proc/self/mem."""
     data = os.urandom(16)
     held = ctypes.create_string_buffer(data, 16)
     try:
@@ -264,8 +282,8 @@ def _attempt_own_memory() -> dict:
 
 def _attempt(machine: _Machine, probe: dict) -> dict:
     kind = probe.get("kind", "syscall")
-    if kind == "proc_path":
-        return _attempt_proc_path(probe)
+    if kind == "witness_path":
+        return _attempt_witness_path(probe)
     if kind == "own_memory":
         return _attempt_own_memory()
     if kind == "syscall":

@@ -152,9 +152,11 @@ class SandboxedProcess:
     """A process started by the spawner; the subset of :class:`subprocess.Popen` tests need."""
 
     def __init__(self, argv: Sequence[str], pid: int, reply: socket.socket,
-                 stdin: IO[bytes] | None, stdout: IO[bytes] | None, stderr: IO[bytes] | None) -> None:
+                 stdin: IO[bytes] | None, stdout: IO[bytes] | None, stderr: IO[bytes] | None,
+                 *, spawner_pid: int | None = None) -> None:
         self.args = tuple(argv)
         self.pid = pid
+        self.spawner_pid = spawner_pid
         self.stdin, self.stdout, self.stderr = stdin, stdout, stderr
         self.returncode: int | None = None
         self._reply = reply
@@ -192,7 +194,9 @@ class SandboxedProcess:
         self.returncode = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
     def send_signal(self, sig: int) -> None:
-        """Signal the process group the spawner put the command in, by its PID.
+        """Signal the process group the spawner put the command in, by its PID, while that process is still the
+        spawner's child: the pid came from the spawner, which shares its commands' Landlock domain, and root in there
+        could make it answer another pid; the harness must never be its deputy for signalling a process outside.
 
         Safe from a signal handler that interrupted :meth:`wait` on the same thread (``pytest-sandbox
         run`` forwards SIGINT/SIGTERM that way): the lock is not reentrant, so when someone holds it
@@ -202,7 +206,7 @@ class SandboxedProcess:
                 self._collect_locked(0)
             finally:
                 self._lock.release()
-        if self.returncode is None:
+        if self.returncode is None and (self.spawner_pid is None or parent_pid(self.pid) == self.spawner_pid):
             try:
                 os.killpg(self.pid, sig)
             except ProcessLookupError:
@@ -268,6 +272,15 @@ class SandboxedProcess:
             self.wait()
 
 
+def parent_pid(pid: int) -> int | None:
+    """The parent of process ``pid`` (/proc/<pid>/stat field 4), None when there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return int(stat.read().rpartition(b")")[2].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _close_streams(streams: list[IO[bytes] | None]) -> None:
     for stream in streams:
         if stream is not None and not stream.closed:
@@ -309,6 +322,8 @@ class Sandbox:
             self.close()
             raise LaunchError(f"cannot start a sandbox ({spec.describe}): {reply.get('error')}; nothing was run")
         self.status: Mapping[str, str] = {str(k): str(v) for k, v in dict(reply["status"]).items()}
+        # Said before any command ran, so by the spawner itself (SandboxedProcess.send_signal checks against it).
+        self.spawner_pid = int(reply["pid"])
         self._control.settimeout(None)
 
     @staticmethod
@@ -389,7 +404,7 @@ class Sandbox:
             _close_streams(ours)
             reply.close()
             raise LaunchError(f"cannot launch {argv[0]!r} in the sandbox: {answer.get('error')}")
-        return SandboxedProcess(argv, int(answer["pid"]), reply, *ours)
+        return SandboxedProcess(argv, int(answer["pid"]), reply, *ours, spawner_pid=self.spawner_pid)
 
     def run(self, argv: Sequence[str], *, input: bytes | None = None, timeout: float | None = None,
             env: Mapping[str, str] | None = None, cwd: str | None = None) -> SandboxResult:

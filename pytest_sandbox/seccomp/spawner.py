@@ -262,13 +262,22 @@ def _ask_short_slice() -> None:
 # with that right granted beneath "/" restricts no file access, and still makes a domain: the kernel then refuses
 # every process in it ptrace access to any process outside it (security/landlock/task.c hook_ptrace_access_check:
 # the tracee must be in the tracer's domain or one nested in it), which is what /proc/<pid>/mem and
-# /proc/<pid>/fd/<n> are checked with (fs/proc/base.c). Only the ruleset's file descriptor and "/" are used.
+# /proc/<pid>/fd/<n> are checked with (fs/proc/base.c). From ABI 6 (Linux 6.12) the ruleset also scopes signals:
+# no process in the domain signals one outside it (security/landlock/fs.c hook_file_send_sigiotask, task.c
+# hook_task_kill), as pidfd_send_signal's denial means. Only the ruleset's file descriptor and "/" are used.
 SYS_LANDLOCK_CREATE_RULESET, SYS_LANDLOCK_ADD_RULE, SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
 LANDLOCK_CREATE_RULESET_VERSION = 1
 LANDLOCK_RULE_PATH_BENEATH = 1
 LANDLOCK_ACCESS_FS_MAKE_BLOCK = 1 << 11
+LANDLOCK_SCOPE_SIGNAL = 1 << 1
+LANDLOCK_ABI_SCOPES = 6
 # ENOSYS: built without Landlock; EOPNOTSUPP: built with it, not enabled at boot (lsm=).
 _NO_LANDLOCK = (38, 95)
+
+
+class _RulesetAttr(ctypes.Structure):  # struct landlock_ruleset_attr, as of ABI 6 (older kernels take the first 8)
+    _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64),
+                ("scoped", ctypes.c_uint64)]
 
 
 class _PathBeneath(ctypes.Structure):
@@ -279,8 +288,8 @@ class _PathBeneath(ctypes.Structure):
 def _enter_landlock_domain(config: dict) -> str:
     """Put this process, and so every command it spawns, in a Landlock domain of its own: no process of the
     sandbox can then read, write or take files from a process outside it through /proc (catalogues/syscalls.py
-    PROC_PATHS), whatever its uid and capabilities. Returns what the status reports. A kernel without Landlock
-    is reported ("unavailable"), not fatal: the /proc-path rows then show what that leaves open; any other
+    WITNESS_PATHS), whatever its uid and capabilities. Returns what the status reports. A kernel without Landlock
+    is reported ("unavailable"), not fatal: the witness rows then show what that leaves open; any other
     failure is (nothing is served outside the domain asked for)."""
     if not config.get("landlock"):
         return "not asked for"
@@ -291,8 +300,10 @@ def _enter_landlock_domain(config: dict) -> str:
         if err in _NO_LANDLOCK:
             return f"unavailable ({os.strerror(err)})"
         _check(-1, "landlock_create_ruleset(VERSION)")
-    handled = ctypes.c_uint64(LANDLOCK_ACCESS_FS_MAKE_BLOCK)  # struct landlock_ruleset_attr, ABI 1 size
-    ruleset = _libc.syscall(SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(handled), ctypes.sizeof(handled), 0)
+    scoped = abi >= LANDLOCK_ABI_SCOPES
+    attr = _RulesetAttr(LANDLOCK_ACCESS_FS_MAKE_BLOCK, 0, LANDLOCK_SCOPE_SIGNAL if scoped else 0)
+    size = ctypes.sizeof(attr) if scoped else 8  # an older kernel refuses a larger struct with non-zero tail (E2BIG)
+    ruleset = _libc.syscall(SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr), size, 0)
     if ruleset < 0:
         _check(-1, "landlock_create_ruleset")
     root = os.open("/", os.O_PATH | os.O_CLOEXEC)
@@ -304,7 +315,7 @@ def _enter_landlock_domain(config: dict) -> str:
     finally:
         os.close(root)
         os.close(ruleset)
-    return f"domain (ABI {abi})"
+    return f"domain (ABI {abi}{', signals scoped' if scoped else '; signals not scoped before Linux 6.12'})"
 
 
 def _set_no_new_privs(config: dict) -> None:

@@ -139,20 +139,21 @@ def judge_device_path(case: ProbeCase, baseline: Outcome, observed: Outcome) -> 
     return None
 
 
-# How the kernel answers a /proc path the sandbox keeps from the witness: the open or the access is refused (EPERM from
-# ptrace_may_access under a Landlock domain or a missing CAP_SYS_PTRACE, EACCES from a mode or an LSM), the pid names
-# no process in the sandbox's /proc (ENOENT, ESRCH), or another process without the witness's mapping there (EIO).
-_PROC_REFUSALS = frozenset(Outcome.errno(number) for number in (errno_module.EPERM, errno_module.EACCES,
+# How the kernel answers a path the sandbox keeps from the witness: the open, the access or the signal is refused
+# (EACCES from mm_access, EPERM from ptrace_may_access or a signal's permission check under a Landlock domain or a
+# missing capability), the pid names no process in the sandbox's /proc or PID namespace (ENOENT, ESRCH), or another
+# process without the witness's mapping there (EIO).
+_WITNESS_REFUSALS = frozenset(Outcome.errno(number) for number in (errno_module.EPERM, errno_module.EACCES,
                                                                 errno_module.ENOENT, errno_module.ESRCH,
                                                                 errno_module.EIO))
 
 
-def judge_proc_path(case: ProbeCase, baseline: Outcome, observed: Outcome) -> Judgement:
-    """A /proc-path row (syscall_cases.proc_path_case) against the witness, a process outside the sandbox run as
-    the same caller (probes/process_witness.py). The baseline must reach it (unfiltered, this caller reads its nonce
-    or writes its slot), else there is nothing to refuse here (:data:`NOT_ON_THIS_HOST`). Then: reached from the
-    sandbox -> ALLOWED; refused, no such process, or some other process's bytes -> BLOCKED; anything else (the probe
-    did not run, a timeout) -> INDETERMINATE, never a pass."""
+def judge_witness_path(case: ProbeCase, baseline: Outcome, observed: Outcome) -> Judgement:
+    """A witness row (syscall_cases.witness_path_case) against the witness, a process outside the sandbox run as
+    the same caller (probes/process_witness.py). The baseline must reach it (unfiltered, this caller reads its nonce,
+    writes its slot or may signal it), else there is nothing to refuse here (:data:`NOT_ON_THIS_HOST`). Then: reached
+    from the sandbox -> ALLOWED; refused, no such process, or some other process -> BLOCKED; anything else (the probe
+    did not run, a timeout, a permitted signal to a pid no /proc shows) -> INDETERMINATE, never a pass."""
     b, r = baseline.describe(), observed.describe()
     expected = "the witness not reached: refused, or no such process in the sandbox"
     if baseline.kind in ("unavailable", "error"):
@@ -163,7 +164,7 @@ def judge_proc_path(case: ProbeCase, baseline: Outcome, observed: Outcome) -> Ju
     if observed.kind == "reached":
         return Judgement(Verdict.ALLOWED, f"from the sandbox, this caller {observed.detail}: the cross-process "
                          f"access the policy denies {case.syscall} for, by another path", expected, r, baseline=b)
-    if any(observed.same_as(x) for x in _PROC_REFUSALS) or observed.same_as(Outcome.killed_by(signal.SIGSYS)):
+    if any(observed.same_as(x) for x in _WITNESS_REFUSALS) or observed.same_as(Outcome.killed_by(signal.SIGSYS)):
         return Judgement(Verdict.BLOCKED, f"refused: {r} ({observed.detail}); unfiltered this caller {baseline.detail}",
                          expected, r, baseline=b)
     if observed.kind == "other":
@@ -176,8 +177,8 @@ def judge_proc_path(case: ProbeCase, baseline: Outcome, observed: Outcome) -> Ju
 def judge(case: ProbeCase, baseline: Outcome, observed: Outcome, *, compiled: CompiledFilter | None,
           policy: Policy | None) -> Judgement:
     if case.kind == "denial":
-        if case.proc:
-            return judge_proc_path(case, baseline, observed)
+        if case.witness_access:
+            return judge_witness_path(case, baseline, observed)
         if case.nr is None:
             return Judgement(Verdict.INDETERMINATE, "no harmless probe for this syscall in the catalogue; "
                              "add a row to pytest_sandbox/catalogues/syscalls.py", "refusal", "-")
