@@ -4,6 +4,7 @@ namespace, drop the mapped-root capabilities, and still prove every deny."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -66,8 +67,6 @@ def world_readable_package(tmp_path_factory):
 def test_unprivileged_caller_proves_every_baseline_deny_in_proxy_mode(world_readable_package):
     policy = load_policy("baseline")
     compiled = compile_policy(policy, "proxy", sentinel=True)
-    import base64
-
     payload = json.dumps({
         "policy": str(world_readable_package / "pytest_sandbox/policy/bundled/baseline.toml"),
         "name": compiled.policy_name,
@@ -84,3 +83,65 @@ def test_unprivileged_caller_proves_every_baseline_deny_in_proxy_mode(world_read
     not_proven = {case: v for case, v in verdicts.items() if v not in ("BLOCKED", "WORKS")}
     assert not_proven == {}
     assert sum(v == "BLOCKED" for v in verdicts.values()) >= 90
+
+
+# The witness rows as the unprivileged harness runs them (session._run_builds): a witness as this caller, the
+# unfiltered baseline and the sandbox each reach for it, every outcome classified against the witness.
+UNPRIVILEGED_WITNESS_RUN = r"""
+import base64, json, sys
+from pytest_sandbox.seccomp.compiler import CompiledFilter
+from pytest_sandbox.seccomp.launcher import Identity, NetworkPlacement, Sandbox, SandboxSpec
+from pytest_sandbox.policy.load import load_policy
+from pytest_sandbox.probes.process_witness import running_witness
+from pytest_sandbox.probes.syscall import SandboxTarget
+from pytest_sandbox.probes.syscall_cases import denial_cases, requirements_of
+from pytest_sandbox.verdicts.syscall import NOT_ON_THIS_HOST, judge
+data = json.loads(sys.stdin.read())
+policy = load_policy(data["policy"])
+who = Identity.current()
+found = {}
+for mode, programs in data["programs"].items():
+    compiled = CompiledFilter(data["name"], mode, False, tuple(base64.b64decode(p) for p in programs), (),
+                              "kill_process", (), True)
+    with Sandbox(SandboxSpec(compiled, NetworkPlacement(mode), who)) as sandbox:
+        found[f"{mode}-landlock"] = sandbox.status["Landlock"]
+    cases = [c for c in denial_cases(requirements_of(policy, mode)) if c.witness_access]
+    with running_witness(who, 2) as (witness, slots_now):
+        runs = [SandboxTarget(name, flt, NetworkPlacement(mode), who).run(
+                    [{**c.runner_probe(), **witness.runner_fields(run)} for c in cases])
+                for run, (name, flt) in enumerate((("baseline", None), ("sandbox", compiled)))]
+        slots = slots_now()
+    for c in cases:
+        baseline, observed = (witness.classify(runs[run][c.case_id], run, slots) for run in (0, 1))
+        j = judge(c, baseline, observed, compiled=None, policy=None)
+        found[f"{mode}-{c.case_id}"] = "SKIP" if j.reason.startswith(NOT_ON_THIS_HOST) else j.verdict.value
+print(json.dumps(found))
+"""
+
+
+def test_unprivileged_caller_keeps_the_sandbox_from_processes_outside_it(world_readable_package):
+    """As uid 65534 (the harness itself, not root dropping privileges): in block mode the sandbox shares the caller's
+    namespaces, and only its Landlock domain keeps it from a process of the same uid outside (the witness); in proxy
+    mode the sandbox is in a user namespace of its own, which already keeps /proc/<pid>/mem and /proc/<pid>/fd from
+    the unfiltered baseline too (those rows are then no evidence and skipped), while a signal to the same uid still
+    passes there and the domain refuses it."""
+    policy = load_policy("baseline")
+    payload = json.dumps({
+        "policy": str(world_readable_package / "pytest_sandbox/policy/bundled/baseline.toml"),
+        "name": policy.name,
+        "programs": {mode: [base64.b64encode(p).decode() for p in compile_policy(policy, mode).programs]
+                     for mode in ("block", "proxy")},
+    })
+    completed = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", SYSTEM_PYTHON, "-c", UNPRIVILEGED_WITNESS_RUN],
+        input=payload, capture_output=True, text=True, timeout=300, cwd="/",
+        env={"PYTHONPATH": str(world_readable_package), "PATH": "/usr/bin:/bin"},
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    found = json.loads(completed.stdout)
+    rows = ("process_vm_readv-proc-mem-read", "process_vm_writev-proc-mem-write", "pidfd_getfd-proc-fd")
+    assert found["block-landlock"].startswith("domain (ABI ") and found["proxy-landlock"].startswith("domain (ABI ")
+    assert {row: found[f"block-{row}"] for row in (*rows, "pidfd_send_signal-kill")} == dict.fromkeys(
+        (*rows, "pidfd_send_signal-kill"), "BLOCKED")
+    assert {row: found[f"proxy-{row}"] for row in rows} == dict.fromkeys(rows, "SKIP")
+    assert found["proxy-pidfd_send_signal-kill"] == "BLOCKED"
