@@ -64,6 +64,17 @@ def world_readable_package(tmp_path_factory):
     return root
 
 
+def _as_nobody(package: Path, script: str, payload: str) -> dict:
+    """Run ``script`` as uid 65534 with only the stdlib and the world-readable ``package``; its JSON answer."""
+    completed = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", SYSTEM_PYTHON, "-c", script],
+        input=payload, capture_output=True, text=True, timeout=300, cwd="/",
+        env={"PYTHONPATH": str(package), "PATH": "/usr/bin:/bin"},
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return json.loads(completed.stdout)
+
+
 def test_unprivileged_caller_proves_every_baseline_deny_in_proxy_mode(world_readable_package):
     policy = load_policy("baseline")
     compiled = compile_policy(policy, "proxy", sentinel=True)
@@ -73,13 +84,7 @@ def test_unprivileged_caller_proves_every_baseline_deny_in_proxy_mode(world_read
         "programs": [base64.b64encode(p).decode() for p in compiled.programs],
         "actions": [[a.rule, a.errno] for a in compiled.actions],
     })
-    completed = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", SYSTEM_PYTHON, "-c", UNPRIVILEGED_RUN],
-        input=payload, capture_output=True, text=True, timeout=300, cwd="/",
-        env={"PYTHONPATH": str(world_readable_package), "PATH": "/usr/bin:/bin"},
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    verdicts = json.loads(completed.stdout)
+    verdicts = _as_nobody(world_readable_package, UNPRIVILEGED_RUN, payload)
     not_proven = {case: v for case, v in verdicts.items() if v not in ("BLOCKED", "WORKS")}
     assert not_proven == {}
     assert sum(v == "BLOCKED" for v in verdicts.values()) >= 90
@@ -132,13 +137,7 @@ def test_unprivileged_caller_keeps_the_sandbox_from_processes_outside_it(world_r
         "programs": {mode: [base64.b64encode(p).decode() for p in compile_policy(policy, mode).programs]
                      for mode in ("block", "proxy")},
     })
-    completed = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", SYSTEM_PYTHON, "-c", UNPRIVILEGED_WITNESS_RUN],
-        input=payload, capture_output=True, text=True, timeout=300, cwd="/",
-        env={"PYTHONPATH": str(world_readable_package), "PATH": "/usr/bin:/bin"},
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    found = json.loads(completed.stdout)
+    found = _as_nobody(world_readable_package, UNPRIVILEGED_WITNESS_RUN, payload)
     rows = ("process_vm_readv-proc-mem-read", "process_vm_writev-proc-mem-write", "pidfd_getfd-proc-fd")
     assert found["block-landlock"].startswith("domain (ABI ") and found["proxy-landlock"].startswith("domain (ABI ")
     assert {row: found[f"block-{row}"] for row in (*rows, "pidfd_send_signal-kill")} == dict.fromkeys(

@@ -61,9 +61,11 @@ class Witness:
                 "witness_scratch": self.slots[run], "witness_pattern": self.patterns[run].hex()}
 
     def classify(self, outcome: Outcome, run: int, slots_now: Sequence[bytes]) -> Outcome:
-        """A runner's ``read``/``wrote`` outcome as evidence: ``reached`` (the witness's nonce was read, or this run's
-        pattern is in its slot now) or ``other`` (bytes of some other process, a write that did not land in the
-        witness). Every other outcome (an errno, a signal) is left as it is."""
+        """A runner's ``read``/``wrote``/``signalled`` outcome as evidence: ``reached`` (the witness's nonce was read,
+        this run's pattern is in its slot now, or the process signalled started when the witness did), ``other`` (bytes
+        of some other process, a write that did not land in the witness, another process signalled) or
+        ``unverified`` (a permitted signal to a pid no /proc shows). Every other outcome (an errno, a death by signal)
+        is left as it is."""
         if outcome.kind == "read":
             if outcome.detail == self.nonce.hex():
                 return Outcome("reached", NONCE_BYTES, "read the witness's nonce")

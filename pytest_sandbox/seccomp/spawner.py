@@ -90,6 +90,7 @@ class _CapData(ctypes.Structure):
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long  # a file descriptor or -1 (landlock_create_ruleset returns one)
 
 
 def _check(result: int, what: str) -> None:
@@ -287,13 +288,12 @@ class _PathBeneath(ctypes.Structure):
 
 def _enter_landlock_domain(config: dict) -> str:
     """Put this process, and so every command it spawns, in a Landlock domain of its own: no process of the
-    sandbox can then read, write or take files from a process outside it through /proc (catalogues/syscalls.py
-    WITNESS_PATHS), whatever its uid and capabilities. Returns what the status reports. A kernel without Landlock
-    is reported ("unavailable"), not fatal: the witness rows then show what that leaves open; any other
-    failure is (nothing is served outside the domain asked for)."""
+    sandbox can then read, write or take files from a process outside it through /proc, nor (from ABI 6) signal it
+    (catalogues/syscalls.py WITNESS_PATHS), whatever its uid and capabilities. Returns what the status reports.
+    A kernel without Landlock is reported ("unavailable"), not fatal: the witness rows then show what that leaves
+    open; any other failure is (nothing is served outside the domain asked for)."""
     if not config.get("landlock"):
         return "not asked for"
-    _libc.syscall.restype = ctypes.c_long
     abi = _libc.syscall(SYS_LANDLOCK_CREATE_RULESET, None, 0, LANDLOCK_CREATE_RULESET_VERSION)
     if abi < 0:
         err = ctypes.get_errno()
