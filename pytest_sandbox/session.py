@@ -11,7 +11,6 @@ import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -25,7 +24,7 @@ from pytest_sandbox.probes.observed_identity import (
     baseline_request,
     identity_mismatches,
 )
-from pytest_sandbox.probes.process_witness import Witness, running_witness
+from pytest_sandbox.probes.process_witness import Witness, with_witness, witness_plan
 from pytest_sandbox.probes.syscall import (
     ExecTarget,
     ProbeTarget,
@@ -186,15 +185,8 @@ class SandboxSession:
 
     def _plan(self, mode: str, identity: Identity, build: str, witness: Witness | None) -> list[dict[str, Any]]:
         """The runner's plan; a witness row is in it only with a witness to reach (its fields for this run)."""
-        plan = []
-        for case in self._cases(mode, build):
-            probe = case.runner_probe()
-            if case.witness_access:
-                if witness is None:
-                    continue
-                probe.update(witness.runner_fields(WITNESS_RUNS.index(build)))
-            plan.append(probe)
-        return plan
+        run = WITNESS_RUNS.index(build) if build in WITNESS_RUNS else None
+        return witness_plan(self._cases(mode, build), witness, run)
 
     def builds(self) -> tuple[str, ...]:
         """The targets every (mode, identity) runs: the unfiltered baseline, then the filter(s) judged."""
@@ -249,31 +241,21 @@ class SandboxSession:
         # Every judgement needs all builds of its (mode, identity): run them side by side, each is its own
         # runner process; each run's wait is bounded (ExecTarget, SandboxTarget).
         wanted = [b for b in self.builds() if (mode, identity.name, b) not in self._results]
-        proc_rows = [case.case_id for case in self._cases(mode, "real") if case.witness_access]
-        with ExitStack() as stack:
-            witness, slots_now, no_witness = None, None, ""
-            if proc_rows:  # the process outside the sandbox those rows try to reach, alive for every run
-                try:
-                    witness, slots_now = stack.enter_context(running_witness(identity, len(WITNESS_RUNS)))
-                except SandboxError as exc:
-                    no_witness = f"the witness could not be started as {identity.name}: {exc}"
+
+        def side_by_side(witness: Witness | None) -> dict[str, RunnerReport]:
             with ThreadPoolExecutor(max_workers=len(wanted)) as pool:
                 runs = {b: pool.submit(self._run, mode, identity, b, witness) for b in wanted}
-            reports = {b: run.result() for b, run in runs.items()}
-            slots = None
-            if slots_now is not None:
-                try:  # also the proof it lived through every run: a witness gone is no "no such process" evidence
-                    slots = slots_now()
-                except (OSError, SandboxError) as exc:
-                    no_witness = f"the witness did not answer after the runs: {exc}"
+            return {b: run.result() for b, run in runs.items()}
+
+        witness_rows = [case.case_id for case in self._cases(mode, "real") if case.witness_access]
+        if not witness_rows:
+            reports, evidence = side_by_side(None), None
+        else:  # the process outside the sandbox those rows try to reach, alive for every run
+            reports, evidence = with_witness(identity, len(WITNESS_RUNS), side_by_side)
         for each, report in reports.items():
             outcomes = dict(report.outcomes)
-            if each in WITNESS_RUNS:
-                for case_id in proc_rows:
-                    if witness is None or slots is None:
-                        outcomes[case_id] = Outcome("unavailable", None, no_witness)
-                    elif case_id in outcomes:
-                        outcomes[case_id] = witness.classify(outcomes[case_id], WITNESS_RUNS.index(each), slots)
+            if evidence is not None and each in WITNESS_RUNS:
+                outcomes = evidence.classified(outcomes, WITNESS_RUNS.index(each), witness_rows)
             self._reports[(mode, identity.name, each)] = replace(report, outcomes=outcomes)
             self._results[(mode, identity.name, each)] = outcomes
 

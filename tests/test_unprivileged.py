@@ -97,7 +97,7 @@ import base64, json, sys
 from pytest_sandbox.seccomp.compiler import CompiledFilter
 from pytest_sandbox.seccomp.launcher import Identity, NetworkPlacement, Sandbox, SandboxSpec
 from pytest_sandbox.policy.load import load_policy
-from pytest_sandbox.probes.process_witness import running_witness
+from pytest_sandbox.probes.process_witness import with_witness, witness_plan
 from pytest_sandbox.probes.syscall import SandboxTarget
 from pytest_sandbox.probes.syscall_cases import denial_cases, requirements_of
 from pytest_sandbox.verdicts.syscall import NOT_ON_THIS_HOST, judge
@@ -111,14 +111,12 @@ for mode, programs in data["programs"].items():
     with Sandbox(SandboxSpec(compiled, NetworkPlacement(mode), who)) as sandbox:
         found[f"{mode}-landlock"] = sandbox.status["Landlock"]
     cases = [c for c in denial_cases(requirements_of(policy, mode)) if c.witness_access]
-    with running_witness(who, 2) as (witness, slots_now):
-        runs = [SandboxTarget(name, flt, NetworkPlacement(mode), who).run(
-                    [{**c.runner_probe(), **witness.runner_fields(run)} for c in cases])
-                for run, (name, flt) in enumerate((("baseline", None), ("sandbox", compiled)))]
-        slots = slots_now()
+    runs, evidence = with_witness(who, 2, lambda witness: [
+        SandboxTarget(name, flt, NetworkPlacement(mode), who).run(witness_plan(cases, witness, run))
+        for run, (name, flt) in enumerate((("baseline", None), ("sandbox", compiled)))])
+    baseline, observed = (evidence.classified(runs[run], run, [c.case_id for c in cases]) for run in (0, 1))
     for c in cases:
-        baseline, observed = (witness.classify(runs[run][c.case_id], run, slots) for run in (0, 1))
-        j = judge(c, baseline, observed, compiled=None, policy=None)
+        j = judge(c, baseline[c.case_id], observed[c.case_id], compiled=None, policy=None)
         found[f"{mode}-{c.case_id}"] = "SKIP" if j.reason.startswith(NOT_ON_THIS_HOST) else j.verdict.value
 print(json.dumps(found))
 """

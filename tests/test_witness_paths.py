@@ -26,7 +26,7 @@ import pytest
 from pytest_sandbox.catalogues.syscalls import WITNESS_PATHS
 from pytest_sandbox.policy.load import load_policy
 from pytest_sandbox.policy.model import Policy
-from pytest_sandbox.probes.process_witness import NONCE_BYTES, Witness, running_witness
+from pytest_sandbox.probes.process_witness import NONCE_BYTES, Witness, with_witness, witness_plan
 from pytest_sandbox.probes.syscall import SandboxTarget
 from pytest_sandbox.probes.syscall_cases import ProbeCase, control_cases, denial_cases, requirements_of
 from pytest_sandbox.seccomp.compiler import compile_policy
@@ -110,16 +110,15 @@ def _judged(target: SandboxTarget, identity: Identity) -> dict[str, Verdict]:
     cases = [*_proc_rows(load_policy("baseline")).values()]
     control = ProbeCase("own-memory-reads", "works", "own memory", extra=(("kind", "own_memory"),))
     baseline_target = SandboxTarget("baseline", None, NetworkPlacement(MODE), identity)
-    with running_witness(identity, len(WITNESS_RUNS)) as (witness, slots_now):
-        reports = {}
-        for run, who in enumerate((baseline_target, target)):
-            plan = [{**case.runner_probe(), **witness.runner_fields(run)} for case in cases]
-            reports[run] = who.run([*plan, control.runner_probe()])
-        slots = slots_now()
-    verdicts = {}
-    for case in cases:
-        baseline, observed = (witness.classify(reports[run][case.case_id], run, slots) for run in (0, 1))
-        verdicts[case.case_id] = judge(case, baseline, observed, compiled=None, policy=None).verdict
+
+    def both_runs(witness):
+        return [who.run([*witness_plan(cases, witness, run), control.runner_probe()])
+                for run, who in enumerate((baseline_target, target))]
+
+    reports, evidence = with_witness(identity, len(WITNESS_RUNS), both_runs)
+    baseline, observed = (evidence.classified(reports[run], run, [case.case_id for case in cases]) for run in (0, 1))
+    verdicts = {case.case_id: judge(case, baseline[case.case_id], observed[case.case_id], compiled=None,
+                                    policy=None).verdict for case in cases}
     verdicts[control.case_id] = judge(control, reports[0][control.case_id], reports[1][control.case_id],
                                       compiled=None, policy=None).verdict
     return verdicts

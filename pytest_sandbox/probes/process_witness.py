@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import os
 import select
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
-from pytest_sandbox.errors import LaunchError
+from pytest_sandbox.errors import LaunchError, SandboxError
 from pytest_sandbox.probes.syscall import runner_interpreter
+from pytest_sandbox.probes.syscall_cases import ProbeCase
 from pytest_sandbox.probes.syscall_runner import start_time
 from pytest_sandbox.seccomp.launcher import PIPE, Identity, NetworkPlacement, Sandbox, SandboxedProcess, SandboxSpec
 from pytest_sandbox.verdicts.judgement import Outcome
@@ -129,3 +131,59 @@ def running_witness(identity: Identity, runs: int) -> Iterator[tuple[Witness, Ca
         finally:
             process.kill()
             process.wait(START_TIMEOUT_SECONDS)
+
+
+def witness_plan(cases: Iterable[ProbeCase], witness: Witness | None, run: int | None) -> list[dict[str, Any]]:
+    """The runner's plan for ``cases`` in run number ``run``: a witness row carries the witness's fields for that run,
+    and is left out when there is no witness, or no run of the witness's (``run`` None: the sentinel build)."""
+    plan = []
+    for case in cases:
+        probe = case.runner_probe()
+        if case.witness_access:
+            if witness is None or run is None:
+                continue
+            probe.update(witness.runner_fields(run))
+        plan.append(probe)
+    return plan
+
+
+@dataclass(frozen=True)
+class WitnessEvidence:
+    """What the witness showed after the runs: what each write slot held, or why there is no evidence (never started,
+    or gone before the runs ended: a dead witness's pid would read as "no such process")."""
+
+    witness: Witness | None
+    slots: tuple[bytes, ...] | None
+    missing: str = ""
+
+    def classified(self, outcomes: Mapping[str, Outcome], run: int, rows: Iterable[str]) -> dict[str, Outcome]:
+        """Run number ``run``'s ``outcomes`` with each witness row of ``rows`` (case ids) classified against the
+        witness (:meth:`Witness.classify`), or "unavailable" with the reason when there is no evidence."""
+        classified = dict(outcomes)
+        for row in rows:
+            if self.witness is None or self.slots is None:
+                classified[row] = Outcome("unavailable", None, self.missing)
+            elif row in classified:
+                classified[row] = self.witness.classify(classified[row], run, self.slots)
+        return classified
+
+
+Runs = TypeVar("Runs")
+
+
+def with_witness(identity: Identity, runs: int, attempt: Callable[[Witness | None], Runs]
+                 ) -> tuple[Runs, WitnessEvidence]:
+    """Start the witness as ``identity`` with ``runs`` write slots, make the runs (``attempt``, given the witness, or
+    None when it could not be started: the runs go on without their witness rows), then ask the witness what its slots
+    hold, which is also the proof it lived through every run; it is stopped before this returns."""
+    with ExitStack() as stack:
+        try:
+            witness, slots_now = stack.enter_context(running_witness(identity, runs))
+        except SandboxError as exc:
+            return attempt(None), WitnessEvidence(None, None,
+                                                  f"the witness could not be started as {identity.name}: {exc}")
+        made = attempt(witness)
+        try:
+            return made, WitnessEvidence(witness, tuple(slots_now()))
+        except (OSError, SandboxError) as exc:
+            return made, WitnessEvidence(witness, None, f"the witness did not answer after the runs: {exc}")

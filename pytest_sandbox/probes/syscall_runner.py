@@ -222,14 +222,20 @@ def _attempt_socket_open(probe: dict) -> dict:
     return {"type": "ok"}
 
 
+def proc_stat_field(pid: int, field: int) -> str:
+    """Field ``field`` (numbered from 1, as in proc(5)) of /proc/<pid>/stat, "" where there is none to read. Split
+    after the last ")": field 2, the command name, may hold spaces and parentheses of its own."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rpartition(b")")[2].split()[field - 3].decode()
+    except (OSError, IndexError):
+        return ""
+
+
 def start_time(pid: int) -> str:
     """The start time of the process ``pid`` names here (/proc/<pid>/stat field 22, clock ticks after boot: shown
     without any ptrace check), "" where there is none to read. Which process a pid is, across PID namespaces."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            return stat.read().rpartition(b")")[2].split()[19].decode()
-    except (OSError, IndexError):
-        return ""
+    return proc_stat_field(pid, 22)
 
 
 def _attempt_witness_path(probe: dict) -> dict:

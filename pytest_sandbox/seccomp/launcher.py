@@ -24,6 +24,7 @@ from typing import IO, Any
 
 from pytest_sandbox import guardian
 from pytest_sandbox.errors import HostUnsupportedError, LaunchError
+from pytest_sandbox.probes.syscall_runner import proc_stat_field
 from pytest_sandbox.seccomp.compiler import CompiledFilter
 
 PIPE = subprocess.PIPE
@@ -274,11 +275,8 @@ class SandboxedProcess:
 
 def parent_pid(pid: int) -> int | None:
     """The parent of process ``pid`` (/proc/<pid>/stat field 4), None when there is no such process."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            return int(stat.read().rpartition(b")")[2].split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
+    parent = proc_stat_field(pid, 4)
+    return int(parent) if parent.isdigit() else None
 
 
 def _close_streams(streams: list[IO[bytes] | None]) -> None:
