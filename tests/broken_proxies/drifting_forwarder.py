@@ -9,9 +9,12 @@ off the row that leaked (BLOCKED: a false pass) and puts it on an innocent neigh
 
 :class:`DriftingForwarder`: a front relay on its own lab port. Every connection is relayed to the inner
 reference proxy. When the first bytes of a connection hold ``marker`` and the reference refused them, the
-client connection is closed and ``delay`` seconds later (plus ``slowdown`` on every forward after the
-first) the client's bytes, every nonce stripped (``nonce_stripping_leak.strip_nonces``), are written to the
-request's authority (``raw_relay.destination``: a lab public origin).
+client connection is closed and the client's bytes, every nonce stripped (``nonce_stripping_leak.strip_nonces``),
+are written to the request's authority (``raw_relay.destination``: a lab public origin): the first time
+``delay`` seconds later; every later time held back until the front's next connection arrives (the next
+rerun's, whenever the machine lets the campaign get to it: the forward lands in that rerun's round however long
+the rounds take), or ``fallback`` seconds if none arrives (a rerun with no next one: its forward still lands
+within the longest wait of a confirmation round).
 
 In-process, with the lab's sockets only: every address it can dial is a lab listener.
 """
@@ -29,29 +32,38 @@ from broken_proxies.one_row_leak import IDLE_SECONDS, READ_SIZE, OneRowLeakFront
 from broken_proxies.raw_relay import destination, pipe
 
 DELAY_SECONDS = 0.1
-# A rerun's forward comes DELAY + SLOWDOWN (0.75 s) after it ended: later than an isolation round's grace period
-# (0.5 s), so it lands in the next round, and well within ROUND_WAIT_LIMIT_GRACES grace periods (2 s).
-SLOWDOWN_SECONDS = 0.65
+# Later than an isolation round's grace period (0.5 s) and within ROUND_WAIT_LIMIT_GRACES grace periods (2 s), the
+# wait of a confirmation round: a held forward that no next connection releases lands after its own round when that
+# waited only the grace period, and inside it when it waited the longest.
+FALLBACK_SECONDS = 1.5
 
 
 class DriftingForwarder(OneRowLeakFront):
     """The front relay (see the module doc); ``forwarded`` holds when each late forward was written
     (``time.monotonic()``)."""
 
-    def __init__(self, *args: object, delay: float = DELAY_SECONDS, slowdown: float = SLOWDOWN_SECONDS,
+    def __init__(self, *args: object, delay: float = DELAY_SECONDS, fallback: float = FALLBACK_SECONDS,
                  **kwargs: object) -> None:
-        self.delay, self.slowdown = delay, slowdown
+        self.delay, self.fallback = delay, fallback
         self.forwarded: list[float] = []
         self._lock = threading.Lock()
-        self._timers: list[threading.Timer] = []
+        self._forwards: list[threading.Thread] = []
+        self._held: list[threading.Event] = []
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
     def stop(self) -> None:
         super().stop()
-        for timer in self._timers:
-            timer.join(IDLE_SECONDS * 2)
+        for thread in self._forwards:
+            thread.join(IDLE_SECONDS * 2)
+
+    def _release_held(self) -> None:
+        with self._lock:
+            held, self._held = self._held, []
+        for release in held:
+            release.set()
 
     def _serve(self, client: socket.socket) -> None:
+        self._release_held()  # a new connection: the next rerun's, in the next round (module doc)
         sent = b""
         answers = bytearray()
         with client:
@@ -77,11 +89,18 @@ class DriftingForwarder(OneRowLeakFront):
                         client.sendall(data)
         if refused(bytes(answers)):
             with self._lock:
-                delay = self.delay + (self.slowdown if self._timers else 0.0)
-                timer = threading.Timer(delay, self._forward, args=(sent,))
-                timer.daemon = True
-                self._timers.append(timer)
-            timer.start()
+                first = not self._forwards
+                release = threading.Event()  # never set for the first forward: it comes after ``delay``
+                if not first:
+                    self._held.append(release)
+                forward = threading.Thread(target=self._forward_when, args=(sent, release,
+                                           self.delay if first else self.fallback), daemon=True)
+                self._forwards.append(forward)
+            forward.start()
+
+    def _forward_when(self, sent: bytes, release: threading.Event, wait: float) -> None:
+        release.wait(wait)
+        self._forward(sent)
 
     def _forward(self, sent: bytes) -> None:
         host, port, _is_connect = destination(sent, self.default)
