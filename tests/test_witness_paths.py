@@ -24,8 +24,10 @@ from pathlib import Path
 import pytest
 
 from pytest_sandbox.catalogues.syscalls import WITNESS_PATHS
+from pytest_sandbox.errors import LaunchError
 from pytest_sandbox.policy.load import load_policy
 from pytest_sandbox.policy.model import Policy
+from pytest_sandbox.probes import process_witness
 from pytest_sandbox.probes.process_witness import NONCE_BYTES, Witness, with_witness, witness_plan
 from pytest_sandbox.probes.syscall import SandboxTarget
 from pytest_sandbox.probes.syscall_cases import ProbeCase, control_cases, denial_cases, requirements_of
@@ -226,6 +228,28 @@ def test_a_witness_that_dies_during_the_runs_is_no_evidence(monkeypatch: pytest.
     assert session.judge(SyscallParam("block", identity, next(
         c for c in denial_cases(requirements_of(load_policy("baseline"), "block")) if c.case_id == "setns-native"),
         required=True)).verdict is Verdict.BLOCKED  # the rest of the run stands
+
+
+@ROOT_ONLY
+def test_a_witness_that_cannot_start_is_no_evidence_and_the_runs_go_on_without_it(monkeypatch: pytest.MonkeyPatch):
+    """No witness (its launch failed): the runs leave the witness rows out of their plans, the rows are INDETERMINATE
+    with the reason, never a pass, and every other row of the run is judged as before."""
+    def cannot_start(identity: Identity, runs: int):  # type: ignore[no-untyped-def]
+        raise LaunchError("no witness today")
+    monkeypatch.setattr(process_witness, "running_witness", cannot_start)
+    session = SandboxSession(SandboxOptions(modes=("block",), identities=("current",)))
+    identity = Identity.current()
+    for case in _proc_rows(load_policy("baseline")).values():
+        judgement = session.judge(SyscallParam("block", identity, case, required=True))
+        assert judgement.verdict is Verdict.INDETERMINATE, judgement
+        assert "the witness could not be started as" in judgement.reason and "no witness today" in judgement.reason
+    rows = set(_proc_rows(load_policy("baseline")))
+    for build in WITNESS_RUNS:  # not attempted (nothing in a plan without a witness points at one), and no evidence
+        assert not {probe["id"] for probe in session._plan("block", identity, build, None)} & rows
+        assert {session.outcomes("block", identity, build)[row].kind for row in rows} == {"unavailable"}
+    assert session.judge(SyscallParam("block", identity, next(
+        c for c in denial_cases(requirements_of(load_policy("baseline"), "block")) if c.case_id == "setns-native"),
+        required=True)).verdict is Verdict.BLOCKED
 
 
 def test_the_harness_signals_only_a_child_of_the_spawner_whatever_pid_the_spawner_answered():

@@ -214,7 +214,7 @@ class ProbeCase:
     witness_access: str = ""
 
     def runner_probe(self) -> dict[str, Any]:
-        if self.witness_access:  # the witness's pid, addresses and fd are added where the witness runs (session)
+        if self.witness_access:  # the witness's pid, addresses and fd are added per run (process_witness.witness_plan)
             return {"id": self.case_id, "kind": "witness_path", "access": self.witness_access}
         if self.kind in ("denial", "reaches_kernel"):
             probe: dict[str, Any] = {"id": self.case_id, "kind": "syscall", "abi": self.abi, "nr": self.nr,
