@@ -38,6 +38,7 @@ from pytest_sandbox.fixtures.network import (  # noqa: F401  (fixtures the plugi
 from pytest_sandbox.fixtures.sandbox import _sandbox_pool, sandbox, sandbox_policy  # noqa: F401  (fixtures)
 from pytest_sandbox.fixtures.stash import SCORECARD_KEY, SESSION_KEY, UNRUNNABLE_KEY
 from pytest_sandbox.probes.after_quiet import tail_order
+from pytest_sandbox.probes.campaign import GRACE_SECONDS
 from pytest_sandbox.report.categories import (
     CATEGORIES,
     SUITE_DIRECTORY,
@@ -92,6 +93,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "(default), none, all, or a comma list of CAP_* names")
     group.addoption("--sandbox-identities", default="current,nobody", metavar="IDS",
                     help="who probes run as: current and/or nobody (uid 65534; needs root)")
+    group.addoption("--sandbox-watch-after", default=GRACE_SECONDS, type=float, metavar="SECONDS",
+                    help=f"keep the proxy under test running and the lab watched this long after the last test "
+                         f"before the session-end audit (default {GRACE_SECONDS}); a dial or forward it makes "
+                         "later than that is seen by nothing, so a certification run should watch longer")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -114,6 +119,7 @@ def pytest_configure(config: pytest.Config) -> None:
         modes=tuple(m.strip() for m in config.getoption("sandbox_modes").split(",") if m.strip()),
         identities=tuple(i.strip() for i in config.getoption("sandbox_identities").split(",") if i.strip()),
         caps=config.getoption("sandbox_caps"),
+        watch_after=config.getoption("sandbox_watch_after"),
     )
     report_path = config.getoption("sandbox_report")
     if report_path is not None and Path(report_path).suffix not in (".json", ".md", ".markdown"):

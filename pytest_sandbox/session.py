@@ -18,6 +18,7 @@ from pytest_sandbox.errors import PolicyError, SandboxError
 from pytest_sandbox.policy.from_oci import resolve_capabilities
 from pytest_sandbox.policy.load import load_policy
 from pytest_sandbox.policy.model import NETWORK_MODES, Policy
+from pytest_sandbox.probes.campaign import GRACE_SECONDS
 from pytest_sandbox.probes.observed_identity import (
     BaselineRequest,
     ObservedIdentity,
@@ -78,6 +79,7 @@ class SandboxOptions:
     modes: tuple[str, ...] = NETWORK_MODES
     identities: tuple[str, ...] = ("current", "nobody")
     caps: str | None = None  # --sandbox-caps: resolves an OCI profile's includes/excludes.caps
+    watch_after: float = GRACE_SECONDS  # --sandbox-watch-after: the proxy under test kept up, its lab watched
 
 
 @dataclass
@@ -340,6 +342,11 @@ class SandboxSession:
 
 
 IDENTITIES = ("current", "nobody")
+# --sandbox-watch-after: how long the proxy under test stays up after the session's last test, its lab's catch-all,
+# origins and backend watched, before the session-end audit. A proxy that answers a refusal and dials or forwards
+# later than that is stopped first and is seen by nothing: the window bounds every network verdict, so it is an
+# option (a certification run can watch minutes) and the scorecard states it.
+WATCH_AFTER_LIMIT_SECONDS = 3600.0
 # The runs that attempt the witness rows, each with its own write slot in the witness.
 WITNESS_RUNS = ("baseline", "real")
 
@@ -378,6 +385,9 @@ def check_options(options: SandboxOptions) -> None:
         if identity not in IDENTITIES:
             raise PolicyError(f"--sandbox-identities: unknown identity {identity!r}; use current and/or nobody "
                               "(uid 65534), comma-separated")
+    if not 0 <= options.watch_after <= WATCH_AFTER_LIMIT_SECONDS:  # NaN fails both comparisons
+        raise PolicyError(f"--sandbox-watch-after {options.watch_after}: give the seconds to keep watching the lab "
+                          f"after the last test, from 0 to {WATCH_AFTER_LIMIT_SECONDS:.0f}")
     resolve_capabilities(options.caps)  # --sandbox-caps: a set name or CAP_* names, even for a TOML policy
     if options.exec_prefix is not None:
         ExecTarget(options.exec_prefix).argv  # noqa: B018  (a missing launcher or bad quoting: one line now)

@@ -153,19 +153,23 @@ class LateDialer(LoopInThread):
 
 
 # --------------------------------------------------------------------------------------------------
-# As a command inside a lab: python3 tests/late_dial_proxy.py PORT [--literals]
+# As a command inside a lab: python3 tests/late_dial_proxy.py PORT [--literals] [--delay SECONDS]
 # --------------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str]) -> int:
     literals = "--literals" in argv
     argv = [arg for arg in argv if arg != "--literals"]
+    delay = DELAY_SECONDS
+    if len(argv) == 3 and argv[1] == "--delay":  # seconds after the client closed
+        delay = float(argv.pop())
+        argv.pop()
     if len(argv) != 1 or not argv[0].isdigit():
-        print("usage: late_dial_proxy.py PORT [--literals]", file=sys.stderr)
+        print("usage: late_dial_proxy.py PORT [--literals] [--delay SECONDS]", file=sys.stderr)
         return 2
     inner, inner_address = start_inner_reference()
-    relay = LateDialer(lambda: socket.create_connection(inner_address, timeout=5),
-                       lambda family: socket.socket(family), lambda: inner.decisions, dial_refused_literals=literals)
+    relay = LateDialer(lambda: socket.create_connection(inner_address, timeout=5), lambda family: socket.socket(family),
+                       lambda: inner.decisions, delay=delay, dial_refused_literals=literals)
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind(("127.0.0.1", int(argv[0])))

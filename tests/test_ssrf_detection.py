@@ -726,6 +726,56 @@ def test_allowlist_run_against_the_late_dialer_fails_exactly_the_refused_ports()
     assert "is outside the policy's allowlist, yet the proxy dialled it" in output, output
 
 
+# A late dialer whose dials come long after its refusals: later than the default watch after the last test, within a
+# longer one. The proxy under test is stopped when the watch ends, so a dial it has not made by then is made never.
+FAR_LATE_SECONDS = 4.0
+
+
+def _allowlist_against_far_late_dialer(delay: float, *watch: str) -> tuple[str, set[str], set[str]]:
+    command = f"{sys.executable} {ROOT / 'tests' / 'late_dial_proxy.py'} {{port}} --literals --delay {delay}"
+    result = _pytest("--sandbox", "--sandbox-proxy-cmd", command, *watch, "-p", "no:randomly", "-rf",
+                     str(ROOT / "conformance" / "test_allowlist.py"))
+    output = result.stdout + result.stderr
+    return (output, *_failed_and_audited(output))
+
+
+@pytest.mark.skipif(not NETNS_OK, reason=f"cannot create network namespaces: {NETNS_REASON}")
+def test_a_dial_later_than_the_watch_after_the_last_test_is_seen_by_nothing_and_the_scorecard_says_how_long():
+    """The bound every network verdict has: a proxy that refuses each port and dials it 30 s later passes the
+    allowlist category when the lab is watched one grace period after the last test (it is stopped before it
+    dials); the scorecard states the window, so the pass is read with it."""
+    output, failed, audited = _allowlist_against_far_late_dialer(30.0)
+    assert "10 passed" in output and not failed and not audited, output
+    assert "The lab was watched 0.5 s after the last test (--sandbox-watch-after)" in output, output
+
+
+@pytest.mark.skipif(not NETNS_OK, reason=f"cannot create network namespaces: {NETNS_REASON}")
+def test_watching_longer_after_the_last_test_catches_the_far_late_dials():
+    """The same dialer at FAR_LATE_SECONDS, with the lab watched twice that: every refused port's dial lands in the
+    watch, after its verdict was given, and the session-end audit names each one and fails the run."""
+    output, failed, audited = _allowlist_against_far_late_dialer(
+        FAR_LATE_SECONDS, "--sandbox-watch-after", str(2 * FAR_LATE_SECONDS))
+    assert "LATE EVIDENCE" in output and "no verdict accounted for them" in output, output
+    assert failed | audited == REFUSED_PROBES and not failed & audited, output
+    assert f"The lab was watched {2 * FAR_LATE_SECONDS:g} s after the last test" in output, output
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "3601"])
+def test_a_watch_outside_0_to_3600_seconds_is_one_usage_error(value):
+    result = _pytest("--sandbox", "--sandbox-watch-after", value, "--co", str(ROOT / "conformance" / "test_egress.py"))
+    output = result.stdout + result.stderr
+    assert result.returncode == pytest.ExitCode.USAGE_ERROR, output
+    assert f"--sandbox-watch-after {value}" in output, output  # -1.0, nan, 3601.0
+    assert "from 0 to 3600" in output and "Traceback" not in output, output
+
+
+def test_a_watch_that_is_no_number_is_refused_by_the_option_parser():
+    result = _pytest("--sandbox", "--sandbox-watch-after", "soon", "--co", str(ROOT / "conformance" / "test_egress.py"))
+    output = result.stdout + result.stderr
+    assert result.returncode == pytest.ExitCode.USAGE_ERROR, output
+    assert "--sandbox-watch-after: invalid float value: 'soon'" in output and "Traceback" not in output, output
+
+
 def _allowlist_verdicts(results) -> dict[str, Verdict]:
     return {key: judge_allowlist_probe(BASELINE_ALLOWLIST[key], r.status, r.dialled, r.late).verdict
             for key, r in results.items()}

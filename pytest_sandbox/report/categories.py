@@ -22,6 +22,7 @@ from pytest_sandbox.catalogues.ssrf_cases import SSRF_CASES
 
 __all__ = [
     "CATEGORIES",
+    "LAB_CATEGORIES",
     "MEMBERSHIP",
     "CategoryNotRun",
     "category_of",
@@ -81,6 +82,10 @@ CATEGORIES: tuple[str, ...] = ("syscall", "syscall-controls", "syscall-evaluatio
                                "ssrf-controls",
                                "allowlist", "egress", "inference", "smuggling")
 
+# The categories whose evidence is what the network lab saw: bounded by the session-end audit's watch
+# (--sandbox-watch-after), which the scorecard states when one of them ran.
+LAB_CATEGORIES = frozenset({"ssrf", "ssrf-malformed", "ssrf-controls", "allowlist", "egress", "inference", "smuggling"})
+
 SUITE_DIRECTORY = "conformance"
 
 
@@ -127,3 +132,4 @@ class LateEvidence(Failed):
 
 
 assert set(CATEGORIES) == {m.category for m in MEMBERSHIP}, "every category has members and a scorecard place"
+assert LAB_CATEGORIES <= set(CATEGORIES), "every lab category is a category"

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pytest_sandbox.report.categories import CATEGORIES, category_of
+from pytest_sandbox.report.categories import CATEGORIES, LAB_CATEGORIES, category_of
 
 PROPERTY = "sandbox_verdict"
 NOT_RUN_PROPERTY = "sandbox_not_run"
@@ -126,6 +126,10 @@ class Scorecard:
 
     def statuses(self) -> list[CategoryStatus]:
         return [self.status(category) for category in self.categories()]
+
+    def lab_ran(self) -> bool:
+        """Whether a category whose evidence is the network lab's recorded a verdict."""
+        return any(status.state == RAN and status.name in LAB_CATEGORIES for status in self.statuses())
 
     def unproven(self) -> list[CategoryStatus]:
         """Categories that were selected and did not (wholly) run: each fails the session."""

@@ -66,6 +66,10 @@ class ScorecardReporter:
         terminalreporter.write_sep("=", "pytest-sandbox scorecard")
         for line in self.scorecard.lines():
             terminalreporter.write_line(line)
+        if self.scorecard.lab_ran():
+            terminalreporter.write_line(
+                f"The lab was watched {self.options.watch_after:g} s after the last test (--sandbox-watch-after): a "
+                "dial or forward the proxy under test makes later than that is in no verdict and no audit.")
         unproven = self.scorecard.unproven()
         if unproven:
             names = ", ".join(f"{status.name} ({status.unrun} of {status.selected} tests)" for status in unproven)
