@@ -662,7 +662,8 @@ class Campaign:
 def audit_lab(lab: NetworkLab, *, grace: float = GRACE_SECONDS) -> str | None:
     """The session-end check: None, or one message naming every hit no verdict accounted for.
 
-    Waits one grace period first, so a dial made just after the last test is seen too.
+    Waits ``grace`` first (the session's --sandbox-watch-after, one grace period unless asked), so a dial made
+    just after the last test is seen too.
     """
     if grace > 0:
         time.sleep(grace)
