@@ -38,7 +38,6 @@ from pytest_sandbox.fixtures.network import (  # noqa: F401  (fixtures the plugi
 from pytest_sandbox.fixtures.sandbox import _sandbox_pool, sandbox, sandbox_policy  # noqa: F401  (fixtures)
 from pytest_sandbox.fixtures.stash import SCORECARD_KEY, SESSION_KEY, UNRUNNABLE_KEY
 from pytest_sandbox.probes.after_quiet import tail_order
-from pytest_sandbox.probes.campaign import GRACE_SECONDS
 from pytest_sandbox.report.categories import (
     CATEGORIES,
     SUITE_DIRECTORY,
@@ -49,7 +48,7 @@ from pytest_sandbox.report.categories import (
 )
 from pytest_sandbox.report.scorecard import LATE_EVIDENCE_PROPERTY, NOT_RUN_PROPERTY, Scorecard
 from pytest_sandbox.report.terminal import ScorecardReporter
-from pytest_sandbox.session import SandboxOptions, SandboxSession
+from pytest_sandbox.session import WATCH_AFTER_DEFAULT_SECONDS, SandboxOptions, SandboxSession
 
 # The categories whose tests read the reference's probe runs (started early: pytest_collection_finish).
 PROBE_RUN_CATEGORIES = frozenset({"syscall", "syscall-controls", "syscall-evaluation"})
@@ -93,10 +92,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "(default), none, all, or a comma list of CAP_* names")
     group.addoption("--sandbox-identities", default="current,nobody", metavar="IDS",
                     help="who probes run as: current and/or nobody (uid 65534; needs root)")
-    group.addoption("--sandbox-watch-after", default=GRACE_SECONDS, type=float, metavar="SECONDS",
+    group.addoption("--sandbox-watch-after", default=WATCH_AFTER_DEFAULT_SECONDS, type=float, metavar="SECONDS",
                     help=f"keep the proxy under test running and the lab watched this long after the last test "
-                         f"before the session-end audit (default {GRACE_SECONDS}); a dial or forward it makes "
-                         "later than that is seen by nothing, so a certification run should watch longer")
+                         f"before the session-end audit (default {WATCH_AFTER_DEFAULT_SECONDS}); a dial or forward it "
+                         "makes later than that is seen by nothing, so a certification run should watch longer")
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -18,7 +18,6 @@ from pytest_sandbox.errors import PolicyError, SandboxError
 from pytest_sandbox.policy.from_oci import resolve_capabilities
 from pytest_sandbox.policy.load import load_policy
 from pytest_sandbox.policy.model import NETWORK_MODES, Policy
-from pytest_sandbox.probes.campaign import GRACE_SECONDS
 from pytest_sandbox.probes.observed_identity import (
     BaselineRequest,
     ObservedIdentity,
@@ -67,6 +66,16 @@ class SyscallParam:
         return f"{'exec' if self.third_party else self.mode}-{self.identity.name}-{self.case.case_id}"
 
 
+# --sandbox-watch-after: how long the proxy under test stays up after the session's last test, its lab's catch-all,
+# origins and backend watched, before the session-end audit. A proxy that answers a refusal and dials or forwards
+# later than that is stopped first and is seen by nothing: the window bounds every network verdict, so it is an
+# option (a certification run can watch minutes) and the scorecard states it.
+WATCH_AFTER_LIMIT_SECONDS = 3600.0
+# One grace period (probes/campaign.py GRACE_SECONDS, which tests/test_ssrf_detection.py checks it equals): not
+# imported, because this module is also imported where only the standard library is (tests/test_unprivileged.py).
+WATCH_AFTER_DEFAULT_SECONDS = 0.5
+
+
 @dataclass
 class SandboxOptions:
     policy: str = "baseline"
@@ -79,7 +88,7 @@ class SandboxOptions:
     modes: tuple[str, ...] = NETWORK_MODES
     identities: tuple[str, ...] = ("current", "nobody")
     caps: str | None = None  # --sandbox-caps: resolves an OCI profile's includes/excludes.caps
-    watch_after: float = GRACE_SECONDS  # --sandbox-watch-after: the proxy under test kept up, its lab watched
+    watch_after: float = WATCH_AFTER_DEFAULT_SECONDS  # --sandbox-watch-after: the proxy kept up, its lab watched
 
 
 @dataclass
@@ -342,11 +351,6 @@ class SandboxSession:
 
 
 IDENTITIES = ("current", "nobody")
-# --sandbox-watch-after: how long the proxy under test stays up after the session's last test, its lab's catch-all,
-# origins and backend watched, before the session-end audit. A proxy that answers a refusal and dials or forwards
-# later than that is stopped first and is seen by nothing: the window bounds every network verdict, so it is an
-# option (a certification run can watch minutes) and the scorecard states it.
-WATCH_AFTER_LIMIT_SECONDS = 3600.0
 # The runs that attempt the witness rows, each with its own write slot in the witness.
 WITNESS_RUNS = ("baseline", "real")
 

@@ -64,6 +64,7 @@ from pytest_sandbox.probes.allowlist_campaign import run_allowlist_campaign
 from pytest_sandbox.probes.campaign import GRACE_SECONDS, audit_lab
 from pytest_sandbox.probes.ssrf import ALL_FORMS, Attempt, build_attempts
 from pytest_sandbox.probes.ssrf_exchanges import UNMARKED_SUFFIX, AttemptExchange, run_attempt, run_ssrf_campaign
+from pytest_sandbox.session import WATCH_AFTER_DEFAULT_SECONDS
 from pytest_sandbox.verdicts.allowlist import AllowlistProbe, judge_allowlist_probe
 from pytest_sandbox.verdicts.judgement import Judgement, Verdict
 from pytest_sandbox.verdicts.ssrf import ProxyReply, endpoint_text, judge_attempt
@@ -758,6 +759,11 @@ def test_watching_longer_after_the_last_test_catches_the_far_late_dials():
     assert "LATE EVIDENCE" in output and "no verdict accounted for them" in output, output
     assert failed | audited == REFUSED_PROBES and not failed & audited, output
     assert f"The lab was watched {2 * FAR_LATE_SECONDS:g} s after the last test" in output, output
+
+
+def test_the_default_watch_is_one_grace_period():
+    """session.py keeps its own copy (it is imported where only the standard library is): the two must agree."""
+    assert WATCH_AFTER_DEFAULT_SECONDS == GRACE_SECONDS
 
 
 @pytest.mark.parametrize("value", ["-1", "nan", "3601"])
