@@ -7,6 +7,7 @@ that connects to a canary or origin comes from a lab namespace; the guard tests 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import ipaddress
 import json
@@ -45,6 +46,7 @@ from pytest_sandbox.network.lab.lab import LAB_PUBLIC_ORIGINS, NetworkLab
 from pytest_sandbox.network.lab.origin import ORIGIN_RECORD_LIMIT
 from pytest_sandbox.network.netns import (
     HARNESS_MARK,
+    SOCKET_BATCH,
     NetnsHolder,
     assert_not_host_netns,
     catch_all_ruleset,
@@ -293,6 +295,57 @@ def test_holder_sockets_live_in_the_holders_namespace_not_the_hosts(holder: Netn
         assert socket_netns_inode(datagram) == holder.netns_id
     assert holder.netns_id != _host_netns_id()
     assert os.stat(holder.netns_path).st_ino == holder.netns_id[1]
+
+
+def _open_fds() -> set[str]:
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own descriptor is gone by now
+            found.add(f"{name} {os.readlink(f'/proc/self/fd/{name}')}")
+    return found
+
+
+def test_a_batch_of_sockets_costs_one_request_and_each_is_fresh_marked_in_the_lab_and_close_on_exec(
+        holder: NetnsHolder, monkeypatch: pytest.MonkeyPatch) -> None:
+    requests = []
+    exchange = holder._exchange
+    monkeypatch.setattr(holder, "_exchange", lambda message, **kw: requests.append(message) or exchange(message, **kw))
+    made = [holder.socket(socket.AF_INET, socket.SOCK_STREAM, mark=HARNESS_MARK, batch=SOCKET_BATCH)
+            for _ in range(SOCKET_BATCH + 1)]
+    try:
+        assert [request["count"] for request in requests] == [SOCKET_BATCH, SOCKET_BATCH]
+        assert len({sock.fileno() for sock in made}) == len(made)
+        for sock in made:
+            assert socket_netns_inode(sock) == holder.netns_id
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == HARNESS_MARK
+            assert not os.get_inheritable(sock.fileno())  # never handed to a process the harness starts
+            with pytest.raises(OSError, match="not connected"):
+                sock.getpeername()
+            assert sock.getsockname() == ("0.0.0.0", 0)
+        # Another kind is never served from that pool: no mark, and not transparent.
+        with holder.socket(socket.AF_INET, socket.SOCK_STREAM, batch=SOCKET_BATCH) as unmarked:
+            assert unmarked.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == 0
+        assert len(requests) == 3
+        with holder.socket(socket.AF_INET, socket.SOCK_STREAM, mark=HARNESS_MARK) as one:
+            assert socket_netns_inode(one) == holder.netns_id and not os.get_inheritable(one.fileno())
+        assert len(requests) == 3  # the pool's
+    finally:
+        for sock in made:
+            sock.close()
+
+
+def test_closing_the_holder_closes_the_sockets_waiting_in_its_pool() -> None:
+    if not NETNS_OK:
+        pytest.skip(f"cannot create network namespaces: {NETNS_REASON}")
+    before = _open_fds()
+    holder = NetnsHolder.start(name="pool")
+    holder.socket(mark=HARNESS_MARK, batch=SOCKET_BATCH).close()
+    holder.socket(socket.AF_INET6, batch=SOCKET_BATCH).close()
+    assert len(_open_fds() - before) >= 2 * (SOCKET_BATCH - 1)
+    holder.close()
+    assert _open_fds() - before == set()
+    with pytest.raises(RuntimeError, match="closed"):
+        holder.socket(mark=HARNESS_MARK, batch=SOCKET_BATCH)
 
 
 def test_fresh_holder_has_loopback_up_so_127_0_0_1_binds_and_connects(holder: NetnsHolder) -> None:

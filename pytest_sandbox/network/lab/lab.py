@@ -62,7 +62,7 @@ from pytest_sandbox.network.lab.connections import (
 from pytest_sandbox.network.lab.dns_client import DNS_TIMEOUT_SECONDS, Resolver, make_resolver
 from pytest_sandbox.network.lab.loop import LOOP_CALL_TIMEOUT_SECONDS, LoopThread
 from pytest_sandbox.network.lab.origin import OriginRequest, _OriginConnection
-from pytest_sandbox.network.netns import HARNESS_MARK, NetnsHolder, NetnsId, ensure_lab_socket
+from pytest_sandbox.network.netns import HARNESS_MARK, SOCKET_BATCH, NetnsHolder, NetnsId, ensure_lab_socket
 
 __all__ = [
     "CATCH_ALL_LISTEN",
@@ -368,7 +368,7 @@ class NetworkLab:
     def _connect(self, addr: str, port: int, timeout: float, *, mark: int | None, scope_id: int) -> Socket:
         address = _canonical(addr)
         family = _family_of(address)
-        sock = self.holder.socket(family, socket.SOCK_STREAM, mark=mark)
+        sock = self.holder.socket(family, socket.SOCK_STREAM, mark=mark, batch=SOCKET_BATCH)
         try:
             ensure_lab_socket(sock, self.netns_id)
             sock.settimeout(timeout)
