@@ -177,11 +177,15 @@ def with_witness(identity: Identity, runs: int, attempt: Callable[[Witness | Non
     None when it could not be started: the runs go on without their witness rows), then ask the witness what its slots
     hold, which is also the proof it lived through every run; it is stopped before this returns."""
     with ExitStack() as stack:
+        not_started: str | None = None
         try:
             witness, slots_now = stack.enter_context(running_witness(identity, runs))
         except SandboxError as exc:
-            return attempt(None), WitnessEvidence(None, None,
-                                                  f"the witness could not be started as {identity.name}: {exc}")
+            not_started = f"the witness could not be started as {identity.name}: {exc}"
+        # The runs without a witness are made outside the except clause: an error of theirs is theirs alone, not
+        # chained to the witness's launch error.
+        if not_started is not None:
+            return attempt(None), WitnessEvidence(None, None, not_started)
         made = attempt(witness)
         try:
             return made, WitnessEvidence(witness, tuple(slots_now()))

@@ -144,8 +144,8 @@ def judge_device_path(case: ProbeCase, baseline: Outcome, observed: Outcome) -> 
 # missing capability), the pid names no process in the sandbox's /proc or PID namespace (ENOENT, ESRCH), or another
 # process without the witness's mapping there (EIO).
 _WITNESS_REFUSALS = frozenset(Outcome.errno(number) for number in (errno_module.EPERM, errno_module.EACCES,
-                                                                errno_module.ENOENT, errno_module.ESRCH,
-                                                                errno_module.EIO))
+                                                                   errno_module.ENOENT, errno_module.ESRCH,
+                                                                   errno_module.EIO))
 
 
 def judge_witness_path(case: ProbeCase, baseline: Outcome, observed: Outcome) -> Judgement:
