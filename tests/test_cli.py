@@ -318,3 +318,13 @@ def test_explain_says_when_a_mode_runs_without_any_filter(capsys: pytest.Capture
     assert main(["explain", "openshell-pre-819", "--mode", "allow"]) == 0
     out = capsys.readouterr().out
     assert "NO FILTER" in out and "BPF: 0 instructions" in out
+
+
+def test_explain_names_as_other_abis_only_those_the_policy_does_not_admit(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["explain", "baseline", "--mode", "proxy"]) == 0
+    assert "architectures admitted: x86_64 (native); any other ABI (x32, i386 int 0x80): kill_process" in (
+        capsys.readouterr().out)
+    # Podman's profile admits x86 and x32 beside x86_64: nothing of those is "other".
+    podman = Path(__file__).resolve().parents[1] / "fixtures" / "profiles" / "podman-default.json"
+    assert main(["explain", str(podman)]) == 0
+    assert "architectures admitted: x86_64 (native), x86, x32; any other ABI: kill_process" in capsys.readouterr().out

@@ -27,8 +27,10 @@ def explain_policy(policy: Policy, mode: str, instruction_count: int, unprobed: 
         out.append(f"  NO FILTER: this policy skips seccomp in {mode} mode (and sets no no_new_privs)")
     out.append(f"  default action: {seccomp.default_action}; a denied call fails with errno {seccomp.errno}")
     arches = ", ".join((f"{platform.machine()} (native)", *seccomp.extra_arches))
-    out.append(f"  architectures admitted: {arches}; any other ABI (x32, i386 int 0x80): "
-               f"{seccomp.bad_arch_action}")
+    refused_abis = [label for arch, label in (("x32", "x32"), ("x86", "i386 int 0x80"))
+                    if arch not in seccomp.extra_arches]
+    out.append(f"  architectures admitted: {arches}; any other ABI"
+               + (f" ({', '.join(refused_abis)})" if refused_abis else "") + f": {seccomp.bad_arch_action}")
     # i386 socketcall/ipc carry their arguments in memory, so a rule on socket() cannot see them there:
     # either the whole i386 ABI is refused, or libseccomp refuses the multiplexed call outright.
     out.append("  i386 socketcall(102)/ipc(117): " + ("refused with the whole i386 ABI (bad_arch_action "
