@@ -261,8 +261,8 @@ def test_a_security_profiles_operator_resource_loads(tmp_path):
         load_policy(several)
 
 
-@pytest.mark.parametrize("name", ["docker-default.json", "podman-default.json", "k8s-audit.json",
-                                  "k8s-fine-grained.json", "k8s-violation.json"])
+@pytest.mark.parametrize("name", ["docker-default.json", "podman-default.json", "podman-default-2026.json",
+                                  "k8s-audit.json", "k8s-fine-grained.json", "k8s-violation.json"])
 def test_real_profiles_load_and_compile(name):
     policy = load_policy(PROFILES / name)
     for sentinel in (False, True):
@@ -275,6 +275,24 @@ def test_podman_refuses_with_its_default_enosys_and_its_rules_eperm():
     assert policy.seccomp.default_errno == 38 and compiled.start_problem is None
     assert kinds(policy, "kexec_load") == {"errno"} and compiled.errno_for("deny:kexec_load") == 1
     assert compiled.errno_for("default") == 38
+
+
+def test_podmans_newer_profile_refuses_af_vsock_as_runc_does_comparing_all_64_bits():
+    # containers/container-libs moved the futex2 calls into the allow list and added socket(AF_VSOCK) -> EPERM.
+    # By behaviour (pytest-sandbox diff): runc/libseccomp compare that rule's whole 64-bit argument, so on x86_64
+    # (1 << 32) | AF_VSOCK still opens a vsock socket (the kernel reads 32 bits), and on i386 libseccomp can only
+    # refuse socketcall(SYS_SOCKET) outright (the family is in memory).
+    older, newer = load_policy(PROFILES / "podman-default.json"), load_policy(PROFILES / "podman-default-2026.json")
+    diff = semantic_diff(older, newer, outside_filter=diff_outside_the_filter(older, newer))
+    assert diff.weaker == tuple(f"4 syscalls ({arch}): ERRNO(1) -> ALLOW: futex_waitv, futex_wake, futex_wait, "
+                                "futex_requeue" for arch in ("x86_64", "x32", "i386"))
+    assert diff.stronger == (
+        "socket (x86_64) when arg0.hi == 0x0 and arg0 == 0x28 (e.g. arg0=0x28): ALLOW -> ERRNO(1)",
+        "socket (x32) when arg0 == 0x28 (e.g. arg0=0x28): ALLOW -> ERRNO(1)",
+        "socketcall (i386) when arg0 == 0x1 (e.g. arg0=0x1): ALLOW -> ERRNO(1)",
+        "socket (i386) when arg0 == 0x28 (e.g. arg0=0x28): ALLOW -> ERRNO(1)")
+    assert kinds(newer, "socket", (40, 1, 0, 0, 0, 0)) == {"errno"}
+    assert kinds(newer, "socket", (1 << 32 | 40, 1, 0, 0, 0, 0)) == {"allow"}
 
 
 def test_capability_set_resolves_includes_and_excludes(tmp_path):
