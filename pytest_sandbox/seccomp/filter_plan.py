@@ -588,6 +588,10 @@ def implied_rules(policy: Policy) -> tuple[tuple[str, ArgRule], ...]:
     return tuple(found)
 
 
+@lru_cache(maxsize=64)
 def plan_policy(policy: Policy, mode: str) -> FilterPlan:
-    """The filters ``policy`` compiles to in network ``mode``; raises PolicyError for what cannot compile."""
+    """The filters ``policy`` compiles to in network ``mode``; raises PolicyError for what cannot compile.
+
+    Cached (both arguments and the plan are frozen): the judge of every syscall row asks the plan of its run's policy
+    what the filter answers that row (verdicts/syscall.py), 2,801 plans of ~0.8 ms each in a conformance session."""
     return _Planner(policy, mode).plan()
