@@ -13,6 +13,7 @@ import ipaddress
 import json
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -346,6 +347,21 @@ def test_closing_the_holder_closes_the_sockets_waiting_in_its_pool() -> None:
     assert _open_fds() - before == set()
     with pytest.raises(RuntimeError, match="closed"):
         holder.socket(mark=HARNESS_MARK, batch=SOCKET_BATCH)
+
+
+def test_a_holder_whose_helper_stopped_answering_hands_out_nothing_from_its_pool() -> None:
+    if not NETNS_OK:
+        pytest.skip(f"cannot create network namespaces: {NETNS_REASON}")
+    holder = NetnsHolder.start(name="pool-dead-helper")
+    try:
+        holder.socket(mark=HARNESS_MARK, batch=SOCKET_BATCH).close()  # 31 wait in the pool
+        os.kill(holder.pid, signal.SIGKILL)
+        with pytest.raises(RuntimeError, match=r"stopped answering|exited unexpectedly"):
+            holder.add_address("10.9.9.9")
+        with pytest.raises(RuntimeError, match="closed"):
+            holder.socket(mark=HARNESS_MARK, batch=SOCKET_BATCH)
+    finally:
+        holder.close()
 
 
 def test_fresh_holder_has_loopback_up_so_127_0_0_1_binds_and_connects(holder: NetnsHolder) -> None:

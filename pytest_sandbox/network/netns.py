@@ -622,8 +622,11 @@ class NetnsHolder:
                 self._channel.close()
                 _stop_process(self._process)
                 raise RuntimeError(f"namespace holder {self.name!r} stopped answering: {exc}") from exc
-        if not raw:
-            raise RuntimeError(f"namespace holder {self.name!r} (pid {self.pid}) exited unexpectedly")
+            if not raw:  # EOF: the helper is gone, and nothing will answer again
+                self._closed = True
+                self._channel.close()
+                _stop_process(self._process)
+                raise RuntimeError(f"namespace holder {self.name!r} (pid {self.pid}) exited unexpectedly")
         reply: dict[str, Any] = json.loads(raw)
         if not reply.get("ok"):
             for fd in fds:
@@ -642,6 +645,8 @@ class NetnsHolder:
         """
         kind = (int(family), int(type), int(proto), bool(transparent), mark)
         with self._lock:
+            if self._closed:  # closed, or the helper stopped answering: nothing more is handed out, pooled or not
+                raise RuntimeError(f"namespace holder {self.name!r} is closed")
             waiting = self._pool.get(kind)
             if waiting:
                 return waiting.pop()
