@@ -231,10 +231,11 @@ def test_a_category_deselected_with_its_marker_is_not_selected_and_the_run_passe
 
 
 def test_every_verdict_is_reported_under_the_category_its_node_id_names(tmp_path: Path) -> None:
-    """The node-id table and the tests agree: the whole suite under xdist, every category ran."""
+    """The node-id table and the tests agree: the whole suite under xdist as README's main job runs it (two
+    workers, ``--dist loadfile``), every category ran."""
     report = tmp_path / "report.json"
-    result = run_pytest("--sandbox", "conformance/", "-n", "2", f"--sandbox-report={report}", "-q",
-                        "--sandbox-modes=block", timeout=600)
+    result = run_pytest("--sandbox", "conformance/", "-n", "2", "--dist", "loadfile", f"--sandbox-report={report}",
+                        "-q", "--sandbox-modes=block", timeout=600)
     assert result.returncode == 0, result.stdout[-3000:]
     written = json.loads(report.read_text())
     assert written["all_selected_ran"] is True
