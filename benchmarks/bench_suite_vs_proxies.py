@@ -4,6 +4,8 @@ Each target is one ``python -m pytest --sandbox conformance/`` run in a fresh pr
 categories included: they do not depend on the proxy, and the issue's target is the whole suite):
 
 * ``reference``: the in-process reference proxy (no option): the baseline every ratio is against;
+* ``reference-n2`` (``--workers 2``): the same suite as README's main job runs it, on two xdist workers with
+  ``--dist loadfile`` (one lab, proxy and set of probe runs per worker); SPEC's target is <= 20 s on 2 cores;
 * ``reference-3p``: the reference run as a separate process with its own interception CA
   (``--sandbox-proxy-cmd`` + ``--sandbox-proxy-ca``): the third-party path, every category run;
 * ``keepalive``: ``tests/keepalive_proxy.py``, the reference keeping every client connection open
@@ -18,6 +20,7 @@ ratio means something only against the reference measured in the same run; ``--r
 measures it again at the end). Issue #9's targets: reference <= 20 s; every responsive third party <= 60 s on 2 cores.
 
     python benchmarks/bench_suite_vs_proxies.py [--only NAME ...] [--files conformance/test_ssrf.py ...]
+                                                [--workers N] [--repeat-reference]
 """
 
 from __future__ import annotations
@@ -48,9 +51,11 @@ RUN_TIMEOUT_SECONDS = 1800
 SUMMARY = re.compile(r"(\d+) (passed|failed|error|errors)")
 
 
-def targets(work: Path) -> dict[str, list[str]]:
-    """Target name -> the extra pytest options that select its proxy."""
+def targets(work: Path, workers: int = 0) -> dict[str, list[str]]:
+    """Target name -> the extra pytest options that select its proxy (and, with ``workers``, spread it)."""
     found: dict[str, list[str]] = {"reference": []}
+    if workers:
+        found[f"reference-n{workers}"] = ["-n", str(workers), "--dist", "loadfile"]
     ca = work / "reference-ca.pem"
     found["reference-3p"] = ["--sandbox-proxy-cmd", reference_command(intercept_ca_out=ca),
                              "--sandbox-proxy-ca", str(ca)]
@@ -80,9 +85,13 @@ def main() -> int:
     parser.add_argument("--only", action="append", default=[], help="run only these targets (repeatable)")
     parser.add_argument("--files", nargs="*", default=["conformance/"], help="what to run (default: conformance/)")
     parser.add_argument("--repeat-reference", action="store_true", help="measure the reference again at the end")
+    parser.add_argument("--workers", type=int, default=0, metavar="N",
+                        help="also run the reference on N xdist workers with --dist loadfile (README's main job: 2)")
     options = parser.parse_args()
+    if options.workers < 0:
+        parser.error("--workers must be 0 (not spread) or more")
     with tempfile.TemporaryDirectory(prefix="bench-suite-") as work:
-        chosen = {name: extra for name, extra in targets(Path(work)).items()
+        chosen = {name: extra for name, extra in targets(Path(work), options.workers).items()
                   if not options.only or name in options.only or name == "reference"}
         if options.repeat_reference:
             chosen["reference (again)"] = chosen["reference"]
