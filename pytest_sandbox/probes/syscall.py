@@ -30,6 +30,7 @@ from pytest_sandbox import guardian
 from pytest_sandbox.errors import HostUnsupportedError, LaunchError
 from pytest_sandbox.probes.observed_identity import BaselineRequest, ObservedIdentity
 from pytest_sandbox.probes.syscall_runner import whoami
+from pytest_sandbox.seccomp.bpf_eval import AUDIT_ARCH_I386, run_stack
 from pytest_sandbox.seccomp.compiler import CompiledFilter
 from pytest_sandbox.seccomp.launcher import FreshNamespaces, Identity, NetworkPlacement, Sandbox, SandboxSpec
 from pytest_sandbox.verdicts.judgement import Outcome
@@ -86,6 +87,37 @@ class RunnerReport:
     outcomes: dict[str, Outcome]
     identity: ObservedIdentity | None
     identity_error: str = ""
+
+
+KILL_ACTIONS = frozenset({"kill_process", "kill_thread"})
+
+
+def _i386_registers(probe: Mapping[str, Any]) -> list[int] | None:
+    """The argument registers the runner loads for a plain i386 probe (a socketcall's block address, which only
+    the runner knows, as 0); None for anything else."""
+    if probe.get("kind", "syscall") != "syscall" or probe.get("abi") != "i386" or probe.get("setup") \
+            or probe.get("control") or not all(type(a) is int for a in probe.get("args", ())):
+        return None
+    args = [int(a) for a in probe["args"]]
+    if probe.get("mux") == "socketcall":
+        args = [int(probe.get("call", 0)), 0]
+    elif probe.get("mux"):
+        return None
+    return [a & 0xFFFF_FFFF_FFFF_FFFF for a in args]
+
+
+def expect_kills(probes: Sequence[Mapping[str, Any]], compiled: CompiledFilter) -> list[dict[str, Any]]:
+    """``probes`` with ``expect_kill`` on each plain i386 call that ``compiled``'s programs KILL (the harness's
+    own BPF evaluation of the filter it loads). The runner may then attempt it first in a child that shares its
+    memory and takes only a real death by SIGSYS as the outcome (probes/syscall_runner.py ``quick_kill``): the
+    expectation chooses how the call is made, never what it returns. Pure."""
+    marked = []
+    for probe in probes:
+        registers = _i386_registers(probe)
+        expected = registers is not None and run_stack(compiled.programs, int(probe["nr"]), AUDIT_ARCH_I386,
+                                                       registers).action in KILL_ACTIONS
+        marked.append({**probe, "expect_kill": True} if expected else dict(probe))
+    return marked
 
 
 def _runner_records(stdout: bytes) -> list[dict[str, Any]]:
@@ -205,6 +237,8 @@ class SandboxTarget:
 
     def run_report(self, probes: Sequence[Mapping[str, Any]]) -> RunnerReport:
         spec = SandboxSpec(self.compiled, self.placement, self.identity, self.namespaces, self.process_isolation)
+        if self.compiled is not None and not self.one_per_child:
+            probes = expect_kills(probes, self.compiled)
         argv, script = runner_command(runner_interpreter(self.identity), probes, one_per_child=self.one_per_child)
         with Sandbox(spec) as sandbox:
             result = sandbox.run(argv, input=script,

@@ -68,6 +68,81 @@ INT80_STUB = bytes.fromhex(
 )
 
 
+# Quick kills (issue #12). Most of a plan's forks are children that one i386 call kills at once (a native-only
+# filter kills every `int 0x80` call at its arch check): a fork of the runner's address space, its exit and a
+# wait, ~1 ms of CPU each. A call the harness expects the filter to KILL (its own evaluation of the very filter
+# loaded, probes/syscall.py ``expect_kills``) is attempted first by a child that shares the runner's memory
+# (clone with CLONE_VM | CLONE_VFORK, as posix_spawn does; tens of microseconds): machine code that sets the same
+# alarm a probe child sets, loads the same registers the probe child would and jumps to the very `int 0x80`
+# instruction of INT80_STUB, so the filter sees the same seccomp_data (nr, arch, instruction pointer, the six
+# argument registers). Only its death by SIGSYS is taken as the outcome: a seccomp kill ends the call before the
+# kernel runs any of it, so nothing the shared memory could change. Anything else (the call returned, another
+# signal, the alarm) means the expectation was wrong; that attempt is discarded and the probe is attempted in a
+# child of its own, as every other probe is. The expectation only chooses the vehicle: no outcome is assumed.
+# Not used where a kill could take the runner with it or a wrong expectation could touch its memory: kernels
+# before 5.16 killed every process sharing the dying one's mm on a core-dumping signal (fs/coredump.c
+# zap_threads; commit 0258b5fd7c71 "coredump: Limit coredumps to a single thread group"), and calls that act on
+# the caller's address space or create processes are never attempted this way (QUICK_KILL_EXCLUDED_I386).
+CLONE_VM, CLONE_VFORK, SIGCHLD = 0x100, 0x4000, 17  # include/uapi/linux/sched.h, signal.h
+QUICK_KILL_MIN_KERNEL = (5, 16)
+# i386 numbers (arch/x86/entry/syscalls/syscall_32.tbl) of calls that act on the caller's memory or memory map,
+# its futexes and rseq/robust-list areas, create processes or end them: exit 1, fork 2, brk 45, ipc 117 (shmat),
+# clone 120, modify_ldt 123, mprotect 125, msync 144, mlock* 150-153, munmap 91, old mmap 90, mremap 163,
+# prctl 172, vfork 190, mmap2 192, mincore 218, madvise 219, futex 240, exit_group 252, remap_file_pages 257,
+# set_tid_address 258, mbind 274, set_mempolicy 276, migrate_pages 294, set_robust_list 311, move_pages 317,
+# userfaultfd 374, mlock2 376, pkey_mprotect 380, arch_prctl 384, rseq 386, futex_time64 422, clone3 435,
+# process_madvise 440, futex_waitv 449, set_mempolicy_home_node 450.
+QUICK_KILL_EXCLUDED_I386 = frozenset({
+    1, 2, 45, 90, 91, 117, 120, 123, 125, 144, 150, 151, 152, 153, 163, 172, 190, 192, 218, 219, 240, 252, 257,
+    258, 274, 276, 294, 311, 317, 374, 376, 380, 384, 386, 422, 435, 440, 449, 450,
+})
+INT80_INSTRUCTION_OFFSET = INT80_STUB.index(bytes.fromhex("cd80"))
+QUICK_CHILD_OFFSET = 64  # in the same executable page as INT80_STUB
+QUICK_STACK_SIZE = 64 * 1024
+# The parameter block the quick child reads (8-byte words): nr, a1..a6, the address of INT80_STUB's `int 0x80`,
+# the alarm's seconds.
+QUICK_BLOCK_WORDS = 9
+
+
+def _quick_child_code() -> bytes:
+    """x86_64 machine code: int child(long *block), run by glibc's clone() on a stack of its own."""
+    head = bytes.fromhex(
+        "4989fc"  # mov r12, rdi           the parameter block
+        "b825000000"  # mov eax, 37 (alarm)
+        "498b7c2440"  # mov rdi, [r12+64]  seconds
+        "0f05"  # syscall                  alarm(seconds), as a probe child's _signal.alarm
+    )
+    after_lea = bytes.fromhex(
+        "4153"  # push r11               INT80_STUB returns here: its ret pops it
+        "6a00"  # push 0                 popped into rbx by INT80_STUB
+        "6a00"  # push 0                 popped into rbp by INT80_STUB
+        "498b0424"  # mov rax, [r12]      nr
+        "498b5c2408"  # mov rbx, [r12+8]  a1
+        "498b4c2410"  # mov rcx, [r12+16] a2
+        "498b542418"  # mov rdx, [r12+24] a3
+        "498b742420"  # mov rsi, [r12+32] a4
+        "498b7c2428"  # mov rdi, [r12+40] a5
+        "498b6c2430"  # mov rbp, [r12+48] a6
+        "41ff642438"  # jmp [r12+56]      INT80_STUB's `int 0x80`
+    )
+    exit_code = bytes.fromhex(
+        "b83c000000"  # mov eax, 60 (exit: this task only)
+        "31ff"  # xor edi, edi
+        "0f05"  # syscall
+        "0f0b"  # ud2
+    )
+    lea = bytes.fromhex("4c8d1d") + len(after_lea).to_bytes(4, "little")  # lea r11, [rip + to exit_code]
+    return head + lea + after_lea + exit_code
+
+
+def _kernel_at_least(release: str, wanted: tuple) -> bool:
+    numbers = []
+    for part in release.split("-", 1)[0].split(".")[:2]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        numbers.append(int(digits) if digits else 0)
+    return tuple(numbers) >= wanted
+
+
 class _Machine:
     """The ways a probe can enter the kernel on this host, built once before any fork."""
 
@@ -84,6 +159,7 @@ class _Machine:
             self.int80 = prototype(address)
         except (OSError, ValueError, TypeError) as exc:  # W^X policies refuse executable mappings
             self.int80_error = f"cannot map the int 0x80 stub: {exc}"
+        self.quick_kill = self.int80 is not None and self._prepare_quick_kill()
         # The argument block of an i386 multiplexer: `int 0x80` passes 32-bit registers, so the pointer
         # to socketcall's argument array (and ipc's "*n" words) must be below 4 GiB (MAP_32BIT).
         self.block = None
@@ -97,6 +173,35 @@ class _Machine:
                 self.block_error = f"MAP_32BIT gave {self.block_address:#x}, above 4 GiB"
         except (OSError, ValueError, TypeError) as exc:
             self.block_error = f"cannot map a 32-bit addressable argument block: {exc}"
+
+    def _prepare_quick_kill(self) -> bool:
+        """Map the quick child's code, stack and parameter block; False (every probe forks) where a quick
+        kill could not be observed faithfully or could take the runner with it."""
+        if not _kernel_at_least(os.uname().release, QUICK_KILL_MIN_KERNEL):
+            return False
+        # The quick child keeps the runner's signal dispositions and mask: a SIGALRM handler would run in the
+        # shared memory, a blocked SIGALRM would never end a call that blocks (SIGSYS from seccomp is forced).
+        if _signal.getsignal(_signal.SIGALRM) != _signal.SIG_DFL or \
+                _signal.getsignal(_signal.SIGSYS) not in (_signal.SIG_DFL, _signal.SIG_IGN) or \
+                _signal.SIGALRM in _signal.pthread_sigmask(_signal.SIG_BLOCK, ()):
+            return False
+        try:
+            code = _quick_child_code()
+            self._code.seek(QUICK_CHILD_OFFSET)
+            self._code.write(code)
+            base = ctypes.addressof(ctypes.c_char.from_buffer(self._code))
+            self._quick_stack = mmap.mmap(-1, QUICK_STACK_SIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            self.quick_stack_top = ctypes.addressof(ctypes.c_char.from_buffer(self._quick_stack)) + \
+                QUICK_STACK_SIZE - 64
+            self.quick_block = (ctypes.c_int64 * QUICK_BLOCK_WORDS)()
+            self.quick_entry = base + QUICK_CHILD_OFFSET
+            self.int80_instruction = base + INT80_INSTRUCTION_OFFSET
+            self.clone = self.libc.clone
+            self.clone.restype = ctypes.c_int
+            self.clone.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+        except (AttributeError, OSError, ValueError, TypeError):
+            return False
+        return True
 
     def clear_block(self) -> None:
         assert self.block is not None
@@ -343,6 +448,47 @@ def _unavailable(machine: _Machine, probe: dict) -> dict | None:
     return None
 
 
+def quick_kill_candidate(machine: _Machine, probe: dict) -> bool:
+    """Is ``probe`` attempted first by a quick child (see QUICK_KILL_MIN_KERNEL)? Only a plain i386 call the harness
+    expects the filter to kill, with every argument a number, no setup step, not a control, and not a call that
+    acts on the caller's memory or creates a process."""
+    return (machine.quick_kill and probe.get("expect_kill") is True and probe.get("kind", "syscall") == "syscall"
+            and probe.get("abi") == "i386" and not probe.get("setup") and not probe.get("control")
+            and all(type(a) is int for a in probe.get("args", ())) and type(probe.get("nr")) is int
+            and probe["nr"] not in QUICK_KILL_EXCLUDED_I386 and not (probe.get("mux") and machine.block_error))
+
+
+def quick_kill(machine: _Machine, probe: dict) -> dict | None:
+    """Attempt a :func:`quick_kill_candidate` in a child sharing the runner's memory: the outcome if the filter
+    killed it (death by SIGSYS), else None (the attempt is discarded: the probe is then attempted in a child of its
+    own). A clone that fails turns quick kills off for the rest of the run."""
+    args = list(probe["args"])
+    if probe.get("mux"):  # the argument block is shared memory: the child sees it as a probe child would
+        machine.clear_block()
+        args = _multiplexed_args(machine, probe, args)
+    block = machine.quick_block
+    block[0] = probe["nr"]
+    for slot, value in enumerate(([*args, 0, 0, 0, 0, 0, 0])[:6]):
+        block[1 + slot] = _as_signed(value)
+    block[7] = machine.int80_instruction
+    block[8] = PROBE_TIMEOUT_SECONDS
+    pid = machine.clone(machine.quick_entry, machine.quick_stack_top, CLONE_VM | CLONE_VFORK | SIGCHLD,
+                        ctypes.addressof(block))
+    if pid <= 0:  # refused (a sandbox may not allow a CLONE_VM child that is no thread): fork from now on
+        machine.quick_kill = False
+        return None
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status) and os.WTERMSIG(status) == _signal.SIGSYS:
+        return {"type": "signal", "value": _signal.SIGSYS}
+    return None
+
+
+def starts_child(machine: _Machine, probe: dict) -> bool:
+    """Does ``probe`` begin where a batch child must not go on to it: a probe that runs alone
+    (:func:`needs_fresh_child`) or one the runner first tries as a quick kill."""
+    return needs_fresh_child(probe) or quick_kill_candidate(machine, probe)
+
+
 def needs_fresh_child(probe: dict) -> bool:
     """A control, any non-syscall probe, and a probe with setup steps (setsid changes the session) run
     only as the first probe of a fresh child, and that child ends after it."""
@@ -392,7 +538,7 @@ def _child(machine: _Machine, plan: list, start: int, write_end: int, one_per_ch
     index = start
     while index < len(plan):
         probe = plan[index]
-        if index > start and (one_per_child or needs_fresh_child(probe)):
+        if index > start and (one_per_child or starts_child(machine, probe)):
             break
         try:
             outcome = _unavailable(machine, probe)
@@ -444,7 +590,7 @@ def run_batch(machine: _Machine, plan: list, start: int, one_per_child: bool = F
         last, outcome = records[-1]
         following = last + 1
         going_on = keeps_child(plan[last], outcome) and not one_per_child and following < len(plan) \
-            and not needs_fresh_child(plan[following])
+            and not starts_child(machine, plan[following])
         in_flight = following if going_on else None
     if os.WIFSIGNALED(status):
         ended = {"type": "timeout"} if os.WTERMSIG(status) == _signal.SIGALRM else \
@@ -488,6 +634,12 @@ def run_segment(machine: _Machine, plan: list, start: int, end: int, report: Cal
     segment = plan[:end]
     index = start
     while index < end:
+        if not one_per_child and quick_kill_candidate(machine, segment[index]):
+            outcome = quick_kill(machine, segment[index])
+            if outcome is not None:
+                report(index, outcome)
+                index += 1
+                continue
         for done, outcome in run_batch(machine, segment, index, one_per_child, foreign):
             report(done, outcome)
             index = done + 1
