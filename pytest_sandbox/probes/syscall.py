@@ -30,7 +30,7 @@ from pytest_sandbox import guardian
 from pytest_sandbox.errors import HostUnsupportedError, LaunchError
 from pytest_sandbox.probes.observed_identity import BaselineRequest, ObservedIdentity
 from pytest_sandbox.probes.syscall_runner import whoami
-from pytest_sandbox.seccomp.bpf_eval import AUDIT_ARCH_I386, run_stack
+from pytest_sandbox.seccomp.bpf_eval import AUDIT_ARCH_I386, AUDIT_ARCH_X86_64, X32_SYSCALL_BIT, run_stack
 from pytest_sandbox.seccomp.compiler import CompiledFilter
 from pytest_sandbox.seccomp.launcher import FreshNamespaces, Identity, NetworkPlacement, Sandbox, SandboxSpec
 from pytest_sandbox.verdicts.judgement import Outcome
@@ -92,10 +92,10 @@ class RunnerReport:
 KILL_ACTIONS = frozenset({"kill_process", "kill_thread"})
 
 
-def _i386_registers(probe: Mapping[str, Any]) -> list[int] | None:
-    """The argument registers the runner loads for a plain i386 probe (a socketcall's block address, which only
-    the runner knows, as 0); None for anything else."""
-    if probe.get("kind", "syscall") != "syscall" or probe.get("abi") != "i386" or probe.get("setup") \
+def _call_registers(probe: Mapping[str, Any]) -> list[int] | None:
+    """The argument registers the runner loads for a plain i386 or x32 probe (a socketcall's block address, which
+    only the runner knows, as 0); None for anything else."""
+    if probe.get("kind", "syscall") != "syscall" or probe.get("abi") not in ("i386", "x32") or probe.get("setup") \
             or probe.get("control") or not all(type(a) is int for a in probe.get("args", ())):
         return None
     args = [int(a) for a in probe["args"]]
@@ -107,15 +107,17 @@ def _i386_registers(probe: Mapping[str, Any]) -> list[int] | None:
 
 
 def expect_kills(probes: Sequence[Mapping[str, Any]], compiled: CompiledFilter) -> list[dict[str, Any]]:
-    """``probes`` with ``expect_kill`` on each plain i386 call that ``compiled``'s programs KILL (the harness's
-    own BPF evaluation of the filter it loads). The runner may then attempt it first in a child that shares its
-    memory and takes only a real death by SIGSYS as the outcome (probes/syscall_runner.py ``quick_kill``): the
-    expectation chooses how the call is made, never what it returns. Pure."""
+    """``probes`` with ``expect_kill`` on each plain i386 or x32 call that ``compiled``'s programs KILL (the
+    harness's own BPF evaluation of the filter it loads). The runner may then attempt it first in a child that
+    shares its memory and takes only a real death by SIGSYS as the outcome (probes/syscall_runner.py
+    ``quick_kill``): the expectation chooses how the call is made, never what it returns. Pure."""
     marked = []
     for probe in probes:
-        registers = _i386_registers(probe)
-        expected = registers is not None and run_stack(compiled.programs, int(probe["nr"]), AUDIT_ARCH_I386,
-                                                       registers).action in KILL_ACTIONS
+        registers = _call_registers(probe)
+        x32 = probe.get("abi") == "x32"
+        expected = registers is not None and run_stack(
+            compiled.programs, int(probe["nr"]) | X32_SYSCALL_BIT if x32 else int(probe["nr"]),
+            AUDIT_ARCH_X86_64 if x32 else AUDIT_ARCH_I386, registers).action in KILL_ACTIONS
         marked.append({**probe, "expect_kill": True} if expected else dict(probe))
     return marked
 

@@ -68,21 +68,24 @@ INT80_STUB = bytes.fromhex(
 )
 
 
-# Quick kills (issue #12). Most of a plan's forks are children that one i386 call kills at once (a native-only
-# filter kills every `int 0x80` call at its arch check): a fork of the runner's address space, its exit and a
-# wait, ~1 ms of CPU each. A call the harness expects the filter to KILL (its own evaluation of the very filter
-# loaded, probes/syscall.py ``expect_kills``) is attempted first by a child that shares the runner's memory
-# (clone with CLONE_VM | CLONE_VFORK, as posix_spawn does; tens of microseconds): machine code that sets the same
-# alarm a probe child sets, loads the same registers the probe child would and jumps to the very `int 0x80`
-# instruction of INT80_STUB, so the filter sees the same seccomp_data (nr, arch, instruction pointer, the six
-# argument registers). Only its death by SIGSYS is taken as the outcome: a seccomp kill ends the call before the
-# kernel runs any of it, so nothing the shared memory could change. Anything else (the call returned, another
-# signal, the alarm) means the expectation was wrong; that attempt is discarded and the probe is attempted in a
-# child of its own, as every other probe is. The expectation only chooses the vehicle: no outcome is assumed.
-# Not used where a kill could take the runner with it or a wrong expectation could touch its memory: kernels
-# before 5.16 killed every process sharing the dying one's mm on a core-dumping signal (fs/coredump.c
-# zap_threads; commit 0258b5fd7c71 "coredump: Limit coredumps to a single thread group"), and calls that act on
-# the caller's address space or create processes are never attempted this way (QUICK_KILL_EXCLUDED_I386).
+# Quick kills (issue #12). Most of a plan's forks are children that one i386 or x32 call kills at once (a
+# native-only filter kills every `int 0x80` call at its arch check and every x32 call by its nr): a fork of the
+# runner's address space, its exit and a wait, ~1 ms of CPU each. A call the harness expects the filter to KILL
+# (its own evaluation of the very filter loaded, probes/syscall.py ``expect_kills``) is attempted first by a child
+# that shares the runner's memory (clone with CLONE_VM | CLONE_VFORK, as posix_spawn does; tens of microseconds):
+# machine code that sets the same alarm a probe child sets, loads the same registers the probe child would and
+# enters the kernel through the very instruction a probe child uses (INT80_STUB's `int 0x80` for i386, the
+# `syscall` in the C library's syscall(2) for x32, entered with the same arguments as a call from ctypes), so the
+# filter sees the same seccomp_data (nr, arch, instruction pointer, the six argument registers). Only its death
+# by SIGSYS is taken as the outcome: a seccomp kill ends the call before the kernel runs any of it, so nothing
+# the shared memory could change. Anything else (the call returned, another signal, the alarm) means the
+# expectation was wrong; that attempt is discarded and the probe is attempted in a child of its own, as every
+# other probe is. The expectation only chooses the vehicle: no outcome is assumed. Not used where a kill could
+# take the runner with it or a wrong expectation could touch its memory: kernels before 5.16 killed every
+# process sharing the dying one's mm on a core-dumping signal (fs/coredump.c zap_threads; commit 0258b5fd7c71
+# "coredump: Limit coredumps to a single thread group"), and calls that act on the caller's address space or
+# create processes are never attempted this way (QUICK_KILL_EXCLUDED). Only the reference sandbox's runs carry
+# expectations: a third party's filter is not the harness's to evaluate.
 CLONE_VM, CLONE_VFORK, SIGCHLD = 0x100, 0x4000, 17  # include/uapi/linux/sched.h, signal.h
 QUICK_KILL_MIN_KERNEL = (5, 16)
 # i386 numbers (arch/x86/entry/syscalls/syscall_32.tbl) of calls that act on the caller's memory or memory map,
@@ -96,22 +99,62 @@ QUICK_KILL_EXCLUDED_I386 = frozenset({
     1, 2, 45, 90, 91, 117, 120, 123, 125, 144, 150, 151, 152, 153, 163, 172, 190, 192, 218, 219, 240, 252, 257,
     258, 274, 276, 294, 311, 317, 374, 376, 380, 384, 386, 422, 435, 440, 449, 450,
 })
+# The same for x32 (arch/x86/entry/syscalls/syscall_64.tbl, common and x32 rows): mmap 9, mprotect 10, munmap 11,
+# brk 12, rt_sigreturn 513 (x32), mremap 25, msync 26, mincore 27, madvise 28, shmat 30, clone 56, fork 57,
+# vfork 58, exit 60, shmdt 67, mlock* 149-152, prctl 157, arch_prctl 158, modify_ldt 154, futex 202,
+# remap_file_pages 216, set_tid_address 218, exit_group 231, mbind 237, set_mempolicy 238, migrate_pages 256,
+# userfaultfd 323, mlock2 325, pkey_mprotect 329, rseq 334, clone3 435, process_madvise 440, futex_waitv 449,
+# set_mempolicy_home_node 450, map_shadow_stack 453, execve 520, set_robust_list 530, move_pages 533, execveat 545.
+QUICK_KILL_EXCLUDED_X32 = frozenset({
+    9, 10, 11, 12, 25, 26, 27, 28, 30, 56, 57, 58, 60, 67, 149, 150, 151, 152, 154, 157, 158, 202, 216, 218, 231,
+    237, 238, 256, 323, 325, 329, 334, 435, 440, 449, 450, 453, 513, 520, 530, 533, 545,
+})
+QUICK_KILL_EXCLUDED = {"i386": QUICK_KILL_EXCLUDED_I386, "x32": QUICK_KILL_EXCLUDED_X32}
 INT80_INSTRUCTION_OFFSET = INT80_STUB.index(bytes.fromhex("cd80"))
-QUICK_CHILD_OFFSET = 64  # in the same executable page as INT80_STUB
+QUICK_CHILD_OFFSETS = {"i386": 64, "x32": 192}  # in the same executable page as INT80_STUB
 QUICK_STACK_SIZE = 64 * 1024
-# The parameter block the quick child reads (8-byte words): nr, a1..a6, the address of INT80_STUB's `int 0x80`,
-# the alarm's seconds.
+# The parameter block the quick child reads (8-byte words): nr, a1..a6, where it enters the kernel (INT80_STUB's
+# `int 0x80`, or the C library's syscall function), the alarm's seconds.
 QUICK_BLOCK_WORDS = 9
+_QUICK_HEAD = bytes.fromhex(
+    "4989fc"  # mov r12, rdi           the parameter block
+    "b825000000"  # mov eax, 37 (alarm)
+    "498b7c2440"  # mov rdi, [r12+64]  seconds
+    "0f05"  # syscall                  alarm(seconds), as a probe child's _signal.alarm
+)
+_QUICK_EXIT = bytes.fromhex(
+    "b83c000000"  # mov eax, 60 (exit: this task only)
+    "31ff"  # xor edi, edi
+    "0f05"  # syscall
+    "0f0b"  # ud2
+)
 
 
-def _quick_child_code() -> bytes:
-    """x86_64 machine code: int child(long *block), run by glibc's clone() on a stack of its own."""
-    head = bytes.fromhex(
-        "4989fc"  # mov r12, rdi           the parameter block
-        "b825000000"  # mov eax, 37 (alarm)
-        "498b7c2440"  # mov rdi, [r12+64]  seconds
-        "0f05"  # syscall                  alarm(seconds), as a probe child's _signal.alarm
-    )
+def _with_exit(head: bytes, body: bytes) -> bytes:
+    """``head``, ``lea r11, [rip + to the exit]``, ``body``, the exit: ``body`` returns into the exit through r11."""
+    return head + bytes.fromhex("4c8d1d") + len(body).to_bytes(4, "little") + body + _QUICK_EXIT
+
+
+def _quick_x32_code() -> bytes:
+    """x86_64 machine code: int child(long *block) that calls the C library's syscall(nr, a1, ..., a6) as ctypes
+    does (six register arguments, the seventh on the stack) and returns into the exit."""
+    return _with_exit(_QUICK_HEAD, bytes.fromhex(
+        "41ff742430"  # push qword [r12+48] a6: the seventh argument, at [rsp+8] on entry
+        "4153"  # push r11                 the return address
+        "498b3c24"  # mov rdi, [r12]       nr (with the x32 bit)
+        "498b742408"  # mov rsi, [r12+8]   a1
+        "498b542410"  # mov rdx, [r12+16]  a2
+        "498b4c2418"  # mov rcx, [r12+24]  a3
+        "4d8b442420"  # mov r8, [r12+32]   a4
+        "4d8b4c2428"  # mov r9, [r12+40]   a5
+        "41ff642438"  # jmp [r12+56]       syscall(2)
+    ))
+
+
+def _quick_i386_code() -> bytes:
+    """x86_64 machine code: int child(long *block), run by glibc's clone() on a stack of its own, that enters
+    INT80_STUB at its `int 0x80` with the registers INT80_STUB would have loaded, and returns into the exit."""
+    head = _QUICK_HEAD
     after_lea = bytes.fromhex(
         "4153"  # push r11               INT80_STUB returns here: its ret pops it
         "6a00"  # push 0                 popped into rbx by INT80_STUB
@@ -125,14 +168,7 @@ def _quick_child_code() -> bytes:
         "498b6c2430"  # mov rbp, [r12+48] a6
         "41ff642438"  # jmp [r12+56]      INT80_STUB's `int 0x80`
     )
-    exit_code = bytes.fromhex(
-        "b83c000000"  # mov eax, 60 (exit: this task only)
-        "31ff"  # xor edi, edi
-        "0f05"  # syscall
-        "0f0b"  # ud2
-    )
-    lea = bytes.fromhex("4c8d1d") + len(after_lea).to_bytes(4, "little")  # lea r11, [rip + to exit_code]
-    return head + lea + after_lea + exit_code
+    return _with_exit(head, after_lea)
 
 
 def _kernel_at_least(release: str, wanted: tuple) -> bool:
@@ -186,16 +222,21 @@ class _Machine:
                 _signal.SIGALRM in _signal.pthread_sigmask(_signal.SIG_BLOCK, ()):
             return False
         try:
-            code = _quick_child_code()
-            self._code.seek(QUICK_CHILD_OFFSET)
-            self._code.write(code)
             base = ctypes.addressof(ctypes.c_char.from_buffer(self._code))
+            codes = {"i386": _quick_i386_code(), "x32": _quick_x32_code()}
+            for abi, code in codes.items():
+                self._code.seek(QUICK_CHILD_OFFSETS[abi])
+                self._code.write(code)
+            self.quick_entries = {abi: base + offset for abi, offset in QUICK_CHILD_OFFSETS.items()}
+            # Where each ABI enters the kernel: INT80_STUB's `int 0x80`, and the very syscall(2) ctypes calls.
+            syscall_function = ctypes.cast(self.libc.syscall, ctypes.c_void_p).value
+            if not syscall_function:
+                return False
+            self.quick_targets = {"i386": base + INT80_INSTRUCTION_OFFSET, "x32": syscall_function}
             self._quick_stack = mmap.mmap(-1, QUICK_STACK_SIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
             self.quick_stack_top = ctypes.addressof(ctypes.c_char.from_buffer(self._quick_stack)) + \
                 QUICK_STACK_SIZE - 64
             self.quick_block = (ctypes.c_int64 * QUICK_BLOCK_WORDS)()
-            self.quick_entry = base + QUICK_CHILD_OFFSET
-            self.int80_instruction = base + INT80_INSTRUCTION_OFFSET
             self.clone = self.libc.clone
             self.clone.restype = ctypes.c_int
             self.clone.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
@@ -449,13 +490,13 @@ def _unavailable(machine: _Machine, probe: dict) -> dict | None:
 
 
 def quick_kill_candidate(machine: _Machine, probe: dict) -> bool:
-    """Is ``probe`` attempted first by a quick child (see QUICK_KILL_MIN_KERNEL)? Only a plain i386 call the harness
-    expects the filter to kill, with every argument a number, no setup step, not a control, and not a call that
-    acts on the caller's memory or creates a process."""
+    """Is ``probe`` attempted first by a quick child (see QUICK_KILL_MIN_KERNEL)? Only a plain i386 or x32 call the
+    harness expects the filter to kill, with every argument a number, no setup step, not a control, and not a call
+    that acts on the caller's memory or creates a process."""
     return (machine.quick_kill and probe.get("expect_kill") is True and probe.get("kind", "syscall") == "syscall"
-            and probe.get("abi") == "i386" and not probe.get("setup") and not probe.get("control")
+            and probe.get("abi") in QUICK_KILL_EXCLUDED and not probe.get("setup") and not probe.get("control")
             and all(type(a) is int for a in probe.get("args", ())) and type(probe.get("nr")) is int
-            and probe["nr"] not in QUICK_KILL_EXCLUDED_I386 and not (probe.get("mux") and machine.block_error))
+            and probe["nr"] not in QUICK_KILL_EXCLUDED[probe["abi"]] and not (probe.get("mux") and machine.block_error))
 
 
 def quick_kill(machine: _Machine, probe: dict) -> dict | None:
@@ -466,13 +507,14 @@ def quick_kill(machine: _Machine, probe: dict) -> dict | None:
     if probe.get("mux"):  # the argument block is shared memory: the child sees it as a probe child would
         machine.clear_block()
         args = _multiplexed_args(machine, probe, args)
+    abi = probe["abi"]
     block = machine.quick_block
-    block[0] = probe["nr"]
+    block[0] = probe["nr"] | X32_SYSCALL_BIT if abi == "x32" else probe["nr"]  # as _Machine.call numbers it
     for slot, value in enumerate(([*args, 0, 0, 0, 0, 0, 0])[:6]):
         block[1 + slot] = _as_signed(value)
-    block[7] = machine.int80_instruction
+    block[7] = machine.quick_targets[abi]
     block[8] = PROBE_TIMEOUT_SECONDS
-    pid = machine.clone(machine.quick_entry, machine.quick_stack_top, CLONE_VM | CLONE_VFORK | SIGCHLD,
+    pid = machine.clone(machine.quick_entries[abi], machine.quick_stack_top, CLONE_VM | CLONE_VFORK | SIGCHLD,
                         ctypes.addressof(block))
     if pid <= 0:  # refused (a sandbox may not allow a CLONE_VM child that is no thread): fork from now on
         machine.quick_kill = False
