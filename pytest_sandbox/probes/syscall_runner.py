@@ -525,12 +525,6 @@ def quick_kill(machine: _Machine, probe: dict) -> dict | None:
     return None
 
 
-def starts_child(machine: _Machine, probe: dict) -> bool:
-    """Does ``probe`` begin where a batch child must not go on to it: a probe that runs alone
-    (:func:`needs_fresh_child`) or one the runner first tries as a quick kill."""
-    return needs_fresh_child(probe) or quick_kill_candidate(machine, probe)
-
-
 def needs_fresh_child(probe: dict) -> bool:
     """A control, any non-syscall probe, and a probe with setup steps (setsid changes the session) run
     only as the first probe of a fresh child, and that child ends after it."""
@@ -573,14 +567,24 @@ def _read_to_end(descriptor: int) -> bytes:
         chunks.append(chunk)
 
 
-def _child(machine: _Machine, plan: list, start: int, write_end: int, one_per_child: bool) -> None:
-    """The probe child: attempt probes from ``start`` in sequence, writing each result before the next
-    attempt, until one does not keep the child (:func:`keeps_child`) or the next needs a fresh one."""
+def _next_index(index: int, done: frozenset) -> int:
+    """The probe after ``index`` that is still to be attempted (``done``: those a quick kill settled)."""
+    index += 1
+    while index in done:
+        index += 1
+    return index
+
+
+def _child(machine: _Machine, plan: list, start: int, write_end: int, one_per_child: bool,
+           done: frozenset = frozenset()) -> None:
+    """The probe child: attempt probes from ``start`` in sequence (past those in ``done``), writing each result
+    before the next attempt, until one does not keep the child (:func:`keeps_child`) or the next needs a fresh
+    one."""
     _signal.signal(_signal.SIGSYS, _signal.SIG_DFL)  # a TRAP must end as death by SIGSYS
     index = start
     while index < len(plan):
         probe = plan[index]
-        if index > start and (one_per_child or starts_child(machine, probe)):
+        if index > start and (one_per_child or needs_fresh_child(probe)):
             break
         try:
             outcome = _unavailable(machine, probe)
@@ -595,7 +599,7 @@ def _child(machine: _Machine, plan: list, start: int, write_end: int, one_per_ch
         os.write(write_end, _frame(index, outcome))  # < PIPE_BUF: written whole or not at all
         if not keeps_child(probe, outcome):
             break
-        index += 1
+        index = _next_index(index, done)
 
 
 def _forked(read_end: int, foreign: tuple, body: Callable[[], None]) -> None:
@@ -610,15 +614,16 @@ def _forked(read_end: int, foreign: tuple, body: Callable[[], None]) -> None:
         os._exit(0)
 
 
-def run_batch(machine: _Machine, plan: list, start: int, one_per_child: bool = False, foreign: tuple = ()
-              ) -> list:
+def run_batch(machine: _Machine, plan: list, start: int, one_per_child: bool = False, foreign: tuple = (),
+              done: frozenset = frozenset()) -> list:
     """Run probes from ``start`` in one fresh single-threaded child; return [(index, outcome), ...] for
     every probe it attempted, in order, ending with the one it died on (a signal or a silent exit).
-    ``foreign``: the runner's lane pipes, closed in the child (a probe sees the descriptors it always saw)."""
+    ``foreign``: the runner's lane pipes, closed in the child (a probe sees the descriptors it always saw);
+    ``done``: probes a quick kill settled, which the child passes over."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # never return into the runner
-        _forked(read_end, foreign, lambda: _child(machine, plan, start, write_end, one_per_child))
+        _forked(read_end, foreign, lambda: _child(machine, plan, start, write_end, one_per_child, done))
     os.close(write_end)
     data = _read_to_end(read_end)
     os.close(read_end)
@@ -630,9 +635,9 @@ def run_batch(machine: _Machine, plan: list, start: int, one_per_child: bool = F
         in_flight: int | None = start
     else:
         last, outcome = records[-1]
-        following = last + 1
+        following = _next_index(last, done)
         going_on = keeps_child(plan[last], outcome) and not one_per_child and following < len(plan) \
-            and not starts_child(machine, plan[following])
+            and not needs_fresh_child(plan[following])
         in_flight = following if going_on else None
     if os.WIFSIGNALED(status):
         ended = {"type": "timeout"} if os.WTERMSIG(status) == _signal.SIGALRM else \
@@ -674,17 +679,23 @@ def run_segment(machine: _Machine, plan: list, start: int, end: int, report: Cal
     """Attempt the probes ``start``..``end - 1`` of ``plan``, children one after another, and ``report(index,
     outcome)`` each in order. A child that would go on past ``end`` is given the segment as its plan."""
     segment = plan[:end]
+    # Quick kills first (see QUICK_KILL_MIN_KERNEL): a killed call changed nothing, so the probes between two of
+    # them can then share a batch child, as refused calls do; each outcome is still reported at its place.
+    settled = {} if one_per_child else {index: outcome for index in range(start, end)
+                                        if quick_kill_candidate(machine, segment[index])
+                                        and (outcome := quick_kill(machine, segment[index])) is not None}
+    done = frozenset(settled)
     index = start
     while index < end:
-        if not one_per_child and quick_kill_candidate(machine, segment[index]):
-            outcome = quick_kill(machine, segment[index])
-            if outcome is not None:
-                report(index, outcome)
-                index += 1
-                continue
-        for done, outcome in run_batch(machine, segment, index, one_per_child, foreign):
-            report(done, outcome)
-            index = done + 1
+        if index in settled:
+            report(index, settled[index])
+            index += 1
+            continue
+        for attempted, outcome in run_batch(machine, segment, index, one_per_child, foreign, done):
+            for passed in range(index, attempted):  # the quick kills this child passed over
+                report(passed, settled[passed])
+            report(attempted, outcome)
+            index = attempted + 1
 
 
 def _write_all(descriptor: int, data: bytes) -> None:
