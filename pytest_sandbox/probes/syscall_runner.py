@@ -130,15 +130,17 @@ _QUICK_EXIT = bytes.fromhex(
 )
 
 
-def _with_exit(head: bytes, body: bytes) -> bytes:
-    """``head``, ``lea r11, [rip + to the exit]``, ``body``, the exit: ``body`` returns into the exit through r11."""
-    return head + bytes.fromhex("4c8d1d") + len(body).to_bytes(4, "little") + body + _QUICK_EXIT
+def _quick_child(body: bytes) -> bytes:
+    """x86_64 machine code: int child(long *block), run by glibc's clone() on a stack of its own: the alarm,
+    ``lea r11, [rip + to the exit]``, ``body`` (which enters the kernel and returns into the exit through r11),
+    the exit."""
+    return _QUICK_HEAD + bytes.fromhex("4c8d1d") + len(body).to_bytes(4, "little") + body + _QUICK_EXIT
 
 
 def _quick_x32_code() -> bytes:
-    """x86_64 machine code: int child(long *block) that calls the C library's syscall(nr, a1, ..., a6) as ctypes
-    does (six register arguments, the seventh on the stack) and returns into the exit."""
-    return _with_exit(_QUICK_HEAD, bytes.fromhex(
+    """The quick child that calls the C library's syscall(nr, a1, ..., a6) as ctypes does (six register
+    arguments, the seventh on the stack)."""
+    return _quick_child(bytes.fromhex(
         "41ff742430"  # push qword [r12+48] a6: the seventh argument, at [rsp+8] on entry
         "4153"  # push r11                 the return address
         "498b3c24"  # mov rdi, [r12]       nr (with the x32 bit)
@@ -152,10 +154,8 @@ def _quick_x32_code() -> bytes:
 
 
 def _quick_i386_code() -> bytes:
-    """x86_64 machine code: int child(long *block), run by glibc's clone() on a stack of its own, that enters
-    INT80_STUB at its `int 0x80` with the registers INT80_STUB would have loaded, and returns into the exit."""
-    head = _QUICK_HEAD
-    after_lea = bytes.fromhex(
+    """The quick child that enters INT80_STUB at its `int 0x80` with the registers INT80_STUB would have loaded."""
+    return _quick_child(bytes.fromhex(
         "4153"  # push r11               INT80_STUB returns here: its ret pops it
         "6a00"  # push 0                 popped into rbx by INT80_STUB
         "6a00"  # push 0                 popped into rbp by INT80_STUB
@@ -167,8 +167,7 @@ def _quick_i386_code() -> bytes:
         "498b7c2428"  # mov rdi, [r12+40] a5
         "498b6c2430"  # mov rbp, [r12+48] a6
         "41ff642438"  # jmp [r12+56]      INT80_STUB's `int 0x80`
-    )
-    return _with_exit(head, after_lea)
+    ))
 
 
 def _kernel_at_least(release: str, wanted: tuple) -> bool:
