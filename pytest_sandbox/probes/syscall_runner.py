@@ -212,8 +212,8 @@ class _Machine:
     def _prepare_quick_kill(self) -> bool:
         """Map the quick child's code, stack and parameter block; False (every probe forks) where a quick
         kill could not be observed faithfully or could take the runner with it."""
-        if not _kernel_at_least(os.uname().release, QUICK_KILL_MIN_KERNEL):
-            return False
+        if os.uname().machine != "x86_64" or not _kernel_at_least(os.uname().release, QUICK_KILL_MIN_KERNEL):
+            return False  # the quick children are x86_64 machine code
         # The quick child keeps the runner's signal dispositions and mask: a SIGALRM handler would run in the
         # shared memory, a blocked SIGALRM would never end a call that blocks (SIGSYS from seccomp is forced).
         if _signal.getsignal(_signal.SIGALRM) != _signal.SIG_DFL or \
