@@ -45,6 +45,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+# This checkout's package, not whichever one an editable install points at (another clone's .ci/run reinstalls
+# it in editable mode from there).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from background import background_load, describe, loadavg
 
 from pytest_sandbox.policy.load import load_policy

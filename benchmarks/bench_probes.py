@@ -38,6 +38,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+# This checkout's package, not whichever one an editable install points at (another clone's .ci/run reinstalls
+# it in editable mode from there).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from background import background_load, describe
 
 from pytest_sandbox import guardian
