@@ -35,8 +35,10 @@ Two measurements that need no lab and hold still on a busy machine (CPU time, no
   ``UpstreamConnection`` driven with in-memory transports: framing, judging, the decision record, the
   upstream request and the answer; no socket, no event-loop pass), in µs per GET.
 * ``--relay-cpu MIB``: client -> relay -> sink on 127.0.0.1 (three processes, one connection), CPU per GiB of
-  each for no relay (direct), the tunnel's ``splice(2)`` relay and a ``recv_into``/``send`` copy through a
-  1 MiB buffer in the same thread model, alternating, ``--rounds`` times.
+  each and the upload's MiB/s, for no relay (direct), the tunnel's own relay (``recv_into``/``send`` through a
+  1 MiB buffer, a thread per direction) and, in the same thread model, the ``splice(2)`` relay through a 1 MiB
+  pipe that the proxy used until issue #12's twelfth pass, alternating, ``--rounds`` times. The rates are
+  rates on a shared machine; the CPU per GiB is what holds still.
 """
 
 from __future__ import annotations
@@ -255,18 +257,26 @@ def measure_python_path(count: int) -> float:
 
 
 # --------------------------------------------------------------------------------------------------
-# --relay-cpu: CPU per GiB of client, relay and sink, splice(2) against a copy relay
+# --relay-cpu: CPU per GiB of client, relay and sink, the tunnel's copy relay against splice(2)
 # --------------------------------------------------------------------------------------------------
 
-_RELAY_COPY_BUFFER = 1 << 20
+_SPLICE_PIPE_SIZE = 1 << 20  # fcntl(2) F_SETPIPE_SZ, as the proxy's splice relay had it
 
 
-def _copy_direction(source: socket.socket, sink: socket.socket) -> None:
-    buffer = bytearray(_RELAY_COPY_BUFFER)
-    view = memoryview(buffer)
-    while received := source.recv_into(buffer):
-        sink.sendall(view[:received])
-    sink.shutdown(socket.SHUT_WR)
+def _splice_direction(source: socket.socket, sink: socket.socket) -> None:
+    """socket -> pipe -> socket with splice(2), blocking, until EOF; then half-close the sink."""
+    import fcntl
+
+    pipe_out, pipe_in = os.pipe2(os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(pipe_in, fcntl.F_SETPIPE_SZ, _SPLICE_PIPE_SIZE)
+        while moved := os.splice(source.fileno(), pipe_in, _SPLICE_PIPE_SIZE, flags=os.SPLICE_F_MOVE):
+            while moved:
+                moved -= os.splice(pipe_out, sink.fileno(), moved, flags=os.SPLICE_F_MOVE)
+        sink.shutdown(socket.SHUT_WR)
+    finally:
+        os.close(pipe_out)
+        os.close(pipe_in)
 
 
 def _relay_child(kind: str, listener: socket.socket, sink_port: int, report: int) -> None:
@@ -275,14 +285,14 @@ def _relay_child(kind: str, listener: socket.socket, sink_port: int, report: int
     client, _ = listener.accept()
     upstream = socket.create_connection((PROXY_ADDRESS, sink_port))
     started = time.process_time()
-    if kind == "splice":
-        tunnel = relay._SplicedTunnel(client, upstream, lambda error: None)
+    if kind == "copy":
+        tunnel = relay._ThreadedTunnel(client, upstream, lambda error: None)
         tunnel.start()
         for thread in tunnel._threads:
             thread.join()
     else:
         pairs = ((client, upstream), (upstream, client))
-        threads = [threading.Thread(target=_copy_direction, args=pair) for pair in pairs]
+        threads = [threading.Thread(target=_splice_direction, args=pair) for pair in pairs]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -323,8 +333,9 @@ def _child_seconds(pid: int, report: int) -> float:
     return float(line)
 
 
-def measure_relay_cpu(kind: str, total: int) -> tuple[float, float, float]:
-    """CPU seconds of (client, sink, relay) for ``total`` bytes uploaded through ``kind`` (direct, splice, copy)."""
+def measure_relay_cpu(kind: str, total: int) -> tuple[float, float, float, float]:
+    """CPU seconds of (client, sink, relay) for ``total`` bytes uploaded through ``kind`` (direct, copy, splice),
+    and the wall seconds from the first byte sent to the sink's answer."""
     sink_listener, relay_listener = socket.socket(), socket.socket()
     for listener in (sink_listener, relay_listener):
         listener.bind((PROXY_ADDRESS, 0))
@@ -336,9 +347,9 @@ def measure_relay_cpu(kind: str, total: int) -> tuple[float, float, float]:
     sink_listener.close()
     relay_listener.close()
     payload = memoryview(bytes(CHUNK))
-    started = time.process_time()
     with socket.create_connection((PROXY_ADDRESS, sink_port if kind == "direct" else relay_port),
                                   timeout=IO_TIMEOUT_SECONDS) as sock:
+        started, wall_started = time.process_time(), time.perf_counter()
         sent = 0
         while sent < total:
             sock.sendall(payload)
@@ -346,9 +357,9 @@ def measure_relay_cpu(kind: str, total: int) -> tuple[float, float, float]:
         sock.shutdown(socket.SHUT_WR)
         if sock.recv(8) != b"ok":
             raise ConnectionError(f"{kind}: the sink did not acknowledge")
-    client = time.process_time() - started
+        client, wall = time.process_time() - started, time.perf_counter() - wall_started
     seconds = [_child_seconds(pid, report) for pid, report in children]
-    return client, seconds[0], seconds[1] if len(seconds) > 1 else 0.0
+    return client, seconds[0], seconds[1] if len(seconds) > 1 else 0.0, wall
 
 
 # --------------------------------------------------------------------------------------------------
@@ -544,15 +555,24 @@ def main() -> int:
     if args.relay_cpu:
         total = args.relay_cpu * 2**20
         sums: dict[str, list[float]] = {}
-        print(f"relay CPU per GiB (ms), {args.relay_cpu} MiB per run, 127.0.0.1; load average "
-              f"{loadavg()}")
-        for _ in range(args.rounds):
-            for kind in ("direct", "splice", "copy"):
-                client, sink, relay = (seconds / (total / 2**30) * 1e3 for seconds in measure_relay_cpu(kind, total))
-                sums.setdefault(kind, []).append(client + sink + relay)
-                print(f"  {kind:6s} client {client:5.0f}  sink {sink:5.0f}  relay {relay:5.0f}  "
-                      f"sum {client + sink + relay:5.0f}")
+        rates: dict[str, list[float]] = {}
+        print(f"relay CPU per GiB (ms) and MiB/s, {args.relay_cpu} MiB per run, 127.0.0.1; "
+              f"{describe(args.load, args.churn)}; load average {loadavg()}")
+        with background_load(args.load, args.churn):
+            for _ in range(args.rounds):
+                for kind in ("direct", "copy", "splice"):
+                    *cpu, wall = measure_relay_cpu(kind, total)
+                    client, sink, relay = (seconds / (total / 2**30) * 1e3 for seconds in cpu)
+                    sums.setdefault(kind, []).append(client + sink + relay)
+                    rates.setdefault(kind, []).append(total / 2**20 / wall)
+                    print(f"  {kind:6s} client {client:5.0f}  sink {sink:5.0f}  relay {relay:5.0f}  "
+                          f"sum {client + sink + relay:5.0f}  {rates[kind][-1]:6.0f} MiB/s")
         print("median sum: " + ", ".join(f"{kind} {statistics.median(values):.0f}" for kind, values in sums.items()))
+        ratios = {kind: statistics.median(rate / direct for rate, direct in zip(values, rates["direct"], strict=True))
+                  for kind, values in rates.items() if kind != "direct"}
+        print("median of the per-round rate ratios to direct: "
+              + ", ".join(f"{kind} {ratio:.2f}x" for kind, ratio in ratios.items()))
+        print(f"load average at the end: {loadavg()}")
         return 0
 
     from pytest_sandbox.network.lab.lab import NetworkLab

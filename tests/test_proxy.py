@@ -619,11 +619,11 @@ def _connect(client: RawClient, authority: str, extra: bytes = b"") -> bytes:
     return client.read_raw(len(expected))
 
 
-@pytest.mark.parametrize("zero_copy", [True, False], ids=["splice", "stream-copy"])
+@pytest.mark.parametrize("threads", [True, False], ids=["threads", "stream-copy"])
 def test_allowed_connect_is_established_and_relays_bytes_both_ways(
-    lab: Lab, monkeypatch: pytest.MonkeyPatch, zero_copy: bool
+    lab: Lab, monkeypatch: pytest.MonkeyPatch, threads: bool
 ) -> None:
-    monkeypatch.setattr(relay, "SPLICE_AVAILABLE", zero_copy and relay.SPLICE_AVAILABLE)
+    monkeypatch.setattr(relay, "THREAD_RELAY", threads)
     proxy = lab.start_proxy()
     client = RawClient(proxy)
     assert _connect(client, "echo.test:443") == b"HTTP/1.1 200 Connection Established\r\n\r\n"
@@ -641,17 +641,17 @@ def test_allowed_connect_is_established_and_relays_bytes_both_ways(
 
 
 @pytest.mark.skipif(importlib.util.find_spec("uvloop") is None, reason="uvloop (the fast extra) is not installed")
-def test_connect_on_uvloop_relays_with_splice(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
-    """uvloop's transports are not asyncio.ReadTransport subclasses; the tunnel must still splice."""
+def test_connect_on_uvloop_relays_in_threads(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+    """uvloop's transports are not asyncio.ReadTransport subclasses; the tunnel must still leave the loop."""
     monkeypatch.setenv("PYTEST_SANDBOX_PROXY_LOOP", "uvloop")
     loops: list[str] = []
-    real_relay = relay.splice_relay
+    real_relay = relay.thread_relay
 
     async def spy(*args: Any) -> None:
         loops.append(type(asyncio.get_running_loop()).__module__)
         await real_relay(*args)
 
-    monkeypatch.setattr(relay, "splice_relay", spy)
+    monkeypatch.setattr(relay, "thread_relay", spy)
     proxy = lab.start_proxy()
     client = RawClient(proxy)
     assert _connect(client, "echo.test:443") == b"HTTP/1.1 200 Connection Established\r\n\r\n"
@@ -662,7 +662,7 @@ def test_connect_on_uvloop_relays_with_splice(lab: Lab, monkeypatch: pytest.Monk
     sender.join(IO_TIMEOUT)
     client.close()
     assert echoed == blob
-    assert loops and loops[0].startswith("uvloop"), f"the tunnel did not splice on uvloop: {loops}"
+    assert loops and loops[0].startswith("uvloop"), f"the tunnel did not relay in threads on uvloop: {loops}"
 
 
 def test_bytes_sent_with_an_allowed_connect_are_tunnel_payload(lab: Lab) -> None:

@@ -1,5 +1,6 @@
-"""The CONNECT relay's threads (pytest_sandbox.network.proxy.relay): a spliced tunnel moves bytes without
-waking the event loop per chunk, and stopping the proxy ends every tunnel on both sides and its threads.
+"""The CONNECT relay's threads (pytest_sandbox.network.proxy.relay): a tunnel moves bytes without waking the
+event loop per chunk, resumes exactly where a send cut short by its timeout stopped, and stopping the proxy
+ends every tunnel on both sides and its threads.
 
 No wall-clock assertion: the event loop's iterations are counted, and the stream-copy relay (which does
 wake the loop per chunk) is the positive control that the count can see per-chunk work.
@@ -9,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import random
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -60,9 +63,9 @@ def echo_through(client: RawClient, blob: bytes) -> bytes:
     return echoed
 
 
-def loop_iterations_during(monkeypatch: pytest.MonkeyPatch, lab: Lab, zero_copy: bool) -> int:
+def loop_iterations_during(monkeypatch: pytest.MonkeyPatch, lab: Lab, threads: bool) -> int:
     """How many times the proxy's event loop ran an iteration while 8 MiB went both ways through a tunnel."""
-    monkeypatch.setattr(relay, "SPLICE_AVAILABLE", zero_copy and relay.SPLICE_AVAILABLE)
+    monkeypatch.setattr(relay, "THREAD_RELAY", threads)
     monkeypatch.setenv(LOOP_ENVIRONMENT_VARIABLE, "asyncio")  # the counter hooks the stdlib loop (uvloop: blind)
     counted = [0]
     counting = threading.Event()
@@ -85,23 +88,21 @@ def loop_iterations_during(monkeypatch: pytest.MonkeyPatch, lab: Lab, zero_copy:
     return counted[0]
 
 
-@pytest.mark.skipif(not relay.SPLICE_AVAILABLE, reason="no splice(2) on this platform")
-def test_a_spliced_tunnel_moves_bulk_bytes_without_waking_the_event_loop(
+def test_a_threaded_tunnel_moves_bulk_bytes_without_waking_the_event_loop(
     lab: Lab, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    spliced = loop_iterations_during(monkeypatch, lab, zero_copy=True)
-    assert spliced <= 4, f"the spliced tunnel woke the event loop {spliced} times for 16 MiB of relay"
+    woken = loop_iterations_during(monkeypatch, lab, threads=True)
+    assert woken <= 4, f"the threaded tunnel woke the event loop {woken} times for 16 MiB of relay"
 
 
 def test_the_loop_iteration_count_sees_a_relay_that_works_per_chunk(
     lab: Lab, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Positive control: the stream-copy relay runs on the event loop, chunk by chunk, and is counted."""
-    copied = loop_iterations_during(monkeypatch, lab, zero_copy=False)
+    copied = loop_iterations_during(monkeypatch, lab, threads=False)
     assert copied > 20, f"the stream-copy relay ran only {copied} loop iterations: the counter is blind"
 
 
-@pytest.mark.skipif(not relay.SPLICE_AVAILABLE, reason="no splice(2) on this platform")
 def test_stopping_the_proxy_ends_open_tunnels_on_both_sides_and_their_threads(lab: Lab) -> None:
     before = tunnel_threads()
     proxy = lab.start_proxy()
@@ -115,7 +116,6 @@ def test_stopping_the_proxy_ends_open_tunnels_on_both_sides_and_their_threads(la
     assert settle(lambda: not tunnel_threads() - before), f"tunnel threads left: {tunnel_threads()}"
 
 
-@pytest.mark.skipif(not relay.SPLICE_AVAILABLE, reason="no splice(2) on this platform")
 def test_an_upstream_reset_closes_the_client_side_and_ends_both_threads(lab: Lab) -> None:
     before = tunnel_threads()
     listener = socket.create_server(("127.0.0.1", 0))
@@ -135,6 +135,60 @@ def test_an_upstream_reset_closes_the_client_side_and_ends_both_threads(lab: Lab
     _assert_closed_then_close(client, "the client side stayed open after the upstream reset")
     listener.close()
     assert settle(lambda: not tunnel_threads() - before), f"tunnel threads left: {tunnel_threads()}"
+
+
+def test_a_receiver_slower_than_the_send_timeout_gets_every_byte_once(
+    lab: Lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a 1 ms SO_SNDTIMEO and an upstream that reads slowly through a small window, the relay's sends are
+    cut short (a send that moved some bytes returns their count) or time out having moved none; each time the
+    tunnel has to go on from the first byte not yet sent. Random bytes, so a repeated or skipped piece shows."""
+    monkeypatch.setattr(relay, "_TIMEVAL", struct.pack("ll", 0, 1000))
+    upload_sends: list[str] = []
+    real_send = socket.socket.send
+
+    def send(self: socket.socket, data: Any, *flags: int) -> int:
+        if threading.current_thread().name != "tunnel-up":
+            return real_send(self, data, *flags)
+        try:
+            sent = real_send(self, data, *flags)
+        except BlockingIOError:
+            upload_sends.append("timed out")
+            raise
+        upload_sends.append("cut short" if sent < len(data) else "whole")
+        return sent
+
+    monkeypatch.setattr(socket.socket, "send", send)
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)  # inherited by the accepted socket
+    lab.network.table[("93.184.215.20", 8443)] = listener.getsockname()[1]
+    defaults = ProxyConfig()
+    proxy = lab.start_proxy(dataclasses.replace(defaults, allowed_ports=(*defaults.allowed_ports, 8443)))
+    client = RawClient(proxy)
+    client.send(b"CONNECT echo.test:8443 HTTP/1.1\r\nHost: echo.test:8443\r\n\r\n")
+    assert client.read_raw(len(ESTABLISHED)) == ESTABLISHED
+    listener.settimeout(IO_TIMEOUT)
+    upstream, _ = listener.accept()
+    listener.close()
+    upstream.settimeout(IO_TIMEOUT)
+    blob = random.Random(12).randbytes(8 * 2**20)  # more than a send buffer holds (tcp_wmem max 4 MiB)
+
+    def upload() -> None:
+        client.send(blob)
+        client.sock.shutdown(socket.SHUT_WR)
+
+    sender = threading.Thread(target=upload)
+    sender.start()
+    received = bytearray()
+    while chunk := upstream.recv(16384):
+        received += chunk
+        time.sleep(0.001)
+    sender.join(IO_TIMEOUT)
+    upstream.close()
+    client.close()
+    assert upload_sends.count("cut short") + upload_sends.count("timed out") > 0, \
+        f"no send was cut short, so nothing here exercised a resume: {set(upload_sends)}"
+    assert len(received) == len(blob) and received == blob, "the tunnel lost, repeated or reordered bytes"
 
 
 def _assert_closed_then_close(client, message: str) -> None:

@@ -1,15 +1,14 @@
 """Moving bytes without reading them: the CONNECT tunnel relay and the lingering close after a refusal.
 
-Kept apart from the server because none of this judges anything: ``splice(2)`` through a pipe when the
-platform has it, plain stream copies otherwise, and a half-close that discards (never parses) what a
-refused client still sends.
+Kept apart from the server because none of this judges anything: a thread per direction copying through a
+buffer of its own (or stream copies on the event loop, when the client's bytes cannot be taken from its socket),
+and a half-close that discards (never parses) what a refused client still sends.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import os
 import socket
 import struct
@@ -19,18 +18,22 @@ from collections.abc import Callable
 from pytest_sandbox.http.framing import READ_SIZE
 from pytest_sandbox.network.proxy.watchdog import bounded
 
-__all__ = ["RELAY_CHUNK", "SPLICE_AVAILABLE", "linger_close", "pump_both_ways", "splice_relay", "stream_buffered"]
+__all__ = ["RELAY_CHUNK", "THREAD_RELAY", "linger_close", "pump_both_ways", "stream_buffered", "thread_relay"]
 
 RELAY_CHUNK = 256 * 1024
 _LINGER_SECONDS = 2.0
 _LINGER_MAX_BYTES = 1 << 20
-# The server reads this through the module (``relay.SPLICE_AVAILABLE``) so a test can switch splice off.
-SPLICE_AVAILABLE = hasattr(os, "splice") and hasattr(os, "SPLICE_F_NONBLOCK")
-_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0)
-# fcntl(2) F_SETPIPE_SZ: room for a whole socket receive queue per splice (the default is 64 KiB).
-_PIPE_SIZE = 1 << 20
-# SO_RCVTIMEO / SO_SNDTIMEO (socket(7)) on a tunnel's sockets: a blocked splice(2) returns EAGAIN this
-# often, so a thread re-checks whether its tunnel was stopped; tcp_splice_read honours the receive timeout.
+# The server reads this through the module (``relay.THREAD_RELAY``) so a test can switch the threads off.
+THREAD_RELAY = True
+# Per direction of a tunnel: room for a whole autotuned socket receive queue per recv(2). Copied, not spliced:
+# through a pipe, splice(2) moved fewer bytes per second idle and under four of five loads (issue #12's twelfth
+# pass, benchmarks/README.md); the receiver behind it paid more CPU per byte (per-fragment work in its profile:
+# the pipe hands on 4 KiB pages, where send(2) from a buffer fills the 32 KiB page fragments a direct sender's
+# packets carry).
+_RELAY_BUFFER = 1 << 20
+# SO_RCVTIMEO / SO_SNDTIMEO (socket(7)) on a tunnel's sockets: a blocked recv(2) or send(2) returns EAGAIN
+# this often (a send that moved some bytes returns their count), so a thread re-checks whether its tunnel
+# was stopped.
 _WAIT_SECONDS = 1
 _TIMEVAL = struct.pack("ll", _WAIT_SECONDS, 0)
 
@@ -62,22 +65,22 @@ def stream_buffered(reader: asyncio.StreamReader) -> bool:
     return not isinstance(buffer, bytearray) or bool(buffer)
 
 
-class _SplicedTunnel:
-    """Both directions of a CONNECT tunnel, each moved by blocking ``splice(2)`` in a thread of its own.
+class _ThreadedTunnel:
+    """Both directions of a CONNECT tunnel, each moved by blocking ``recv_into``/``send`` in a thread of its own.
 
-    ``os.splice`` releases the GIL, so a bulk transfer costs the event loop nothing: no wake-up, no
+    Both calls release the GIL, so a bulk transfer costs the event loop nothing: no wake-up, no
     callback, no add_reader/remove_reader churn per chunk (measured: the event-loop relay spent its
     time in epoll round trips, not in moving bytes). Blocking calls on blocking sockets, so a chunk
-    costs two system calls (socket -> pipe, pipe -> socket) and no poll(2) or EAGAIN round trip. Each
-    thread reads only while its pipe is empty, so a slow receiver pauses the sender (TCP
-    backpressure). At EOF it half-closes the receiving side (``shutdown(SHUT_WR)``), so the tunnel
-    stays half open like a TCP connection.
+    costs two system calls and no poll(2) or EAGAIN round trip. Each thread reads only once it has
+    sent everything it read, so a slow receiver pauses the sender (TCP backpressure). At EOF it
+    half-closes the receiving side (``shutdown(SHUT_WR)``), so the tunnel stays half open like a TCP
+    connection.
 
     The tunnel owns duplicates of both descriptors (the caller has finished with them: the client
     transport's reading is paused and its writes drained): they are switched to blocking mode with
     ``SO_RCVTIMEO``/``SO_SNDTIMEO`` of ``_WAIT_SECONDS``, so no wait is unbounded. :meth:`stop` shuts
-    both connections down (``shutdown(SHUT_RDWR)`` wakes a blocked splice: it returns 0 or fails with
-    EPIPE), and the last thread to leave closes the duplicates, so a descriptor is never closed while
+    both connections down (``shutdown(SHUT_RDWR)`` wakes a blocked call: a recv returns 0, a send fails
+    with EPIPE), and the last thread to leave closes the duplicates, so a descriptor is never closed while
     a thread may still use it.
     """
 
@@ -104,7 +107,7 @@ class _SplicedTunnel:
                 return
 
     def stop(self) -> None:
-        """Shut both connections down; the threads leave at their next splice or poll."""
+        """Shut both connections down; the threads leave at their next recv or send."""
         with self._lock:
             self._stopping = True
             for sock in self._sockets:
@@ -113,32 +116,30 @@ class _SplicedTunnel:
 
     def _direction(self, source: socket.socket, sink: socket.socket) -> None:
         error: BaseException | None = None
-        pipe_out, pipe_in = os.pipe2(os.O_CLOEXEC)
+        buffer = bytearray(_RELAY_BUFFER)
+        view = memoryview(buffer)
         try:
-            with contextlib.suppress(OSError):
-                fcntl.fcntl(pipe_in, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
-            source_fd, sink_fd = source.fileno(), sink.fileno()
             while not self._stopping:
                 try:
-                    moved = os.splice(source_fd, pipe_in, _PIPE_SIZE, flags=_SPLICE_FLAGS)
+                    received = source.recv_into(buffer)
                 except BlockingIOError:  # SO_RCVTIMEO: an idle tunnel; look at _stopping again
                     continue
-                if moved == 0:
+                if received == 0:
                     with self._lock, contextlib.suppress(OSError):
                         if not self._stopping:
                             sink.shutdown(socket.SHUT_WR)
                     break
-                while moved:
-                    try:
-                        moved -= os.splice(pipe_out, sink_fd, moved, flags=_SPLICE_FLAGS)
-                    except BlockingIOError:  # SO_SNDTIMEO: the receiver is slow
+                sent = 0
+                while sent < received:
+                    try:  # not sendall: a send cut short by SO_SNDTIMEO returns what it sent, sendall drops that
+                        sent += sink.send(view[sent:received])
+                    except BlockingIOError:  # SO_SNDTIMEO with nothing sent: the receiver is slow
                         if self._stopping:
                             raise ConnectionAbortedError("tunnel stopped") from None
         except OSError as failure:
             error = failure
         finally:
-            os.close(pipe_out)
-            os.close(pipe_in)
+            view.release()
             self._leave(error)
 
     def _leave(self, error: BaseException | None) -> None:
@@ -152,7 +153,7 @@ class _SplicedTunnel:
         self._finished(error)
 
 
-async def splice_relay(loop: asyncio.AbstractEventLoop, client_fd: int, upstream: socket.socket) -> None:
+async def thread_relay(loop: asyncio.AbstractEventLoop, client_fd: int, upstream: socket.socket) -> None:
     """Relay between the client (a socket owned by an asyncio transport, reading paused) and the
     upstream socket until both directions reach EOF or either fails; both are shut down on the way
     out (cancellation included)."""
@@ -177,11 +178,11 @@ async def splice_relay(loop: asyncio.AbstractEventLoop, client_fd: int, upstream
     except OSError:
         client.close()
         raise
-    for sock in (client, peer):  # the same open file descriptions as the caller's: see _SplicedTunnel
-        os.set_blocking(sock.fileno(), True)
+    for sock in (client, peer):  # the same open file descriptions as the caller's: see _ThreadedTunnel
+        sock.settimeout(None)  # blocking, in the kernel (O_NONBLOCK off) and in Python (no poll before a call)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEVAL)
-    tunnel = _SplicedTunnel(client, peer, finished_in_thread)
+    tunnel = _ThreadedTunnel(client, peer, finished_in_thread)
     try:
         tunnel.start()
         await done
@@ -189,7 +190,7 @@ async def splice_relay(loop: asyncio.AbstractEventLoop, client_fd: int, upstream
         tunnel.stop()
         # O_NONBLOCK belongs to the open file description the duplicates share with the transport's and
         # the caller's sockets: give them back non-blocking, so nothing on the event loop can block on
-        # them afterwards (a thread still inside splice then gets EAGAIN and leaves, as it is stopping).
+        # them afterwards (a thread still inside recv or send then gets EAGAIN and leaves, as it is stopping).
         for fd in (client_fd, upstream.fileno()):
             with contextlib.suppress(OSError):
                 os.set_blocking(fd, False)

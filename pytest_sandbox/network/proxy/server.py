@@ -861,8 +861,9 @@ class EgressProxy:
         """Answer 200 and relay bytes both ways until both sides are done.
 
         Bytes the client sent after its CONNECT head are tunnel payload and go upstream first;
-        they are never parsed as HTTP. The relay does no per-chunk work beyond moving bytes:
-        zero-copy ``splice(2)`` through a pipe when the platform has it, stream copies otherwise.
+        they are never parsed as HTTP. The relay does no per-chunk work beyond moving bytes: a thread per
+        direction, off the event loop (``relay.thread_relay``), or stream copies when bytes the client sent
+        already sit in the reader.
         """
         transport: Any = conn.writer.transport  # asyncio's or uvloop's (see below)
         conn.writer.write(_CONNECTION_ESTABLISHED)
@@ -873,11 +874,11 @@ class EgressProxy:
             await loop.sock_sendall(upstream_sock, early)
         # Duck-typed: uvloop's transports pause and resume like asyncio's but are not ReadTransport
         # subclasses, and their socket is a PseudoSocket that still has a fileno().
-        if relay.SPLICE_AVAILABLE and callable(getattr(transport, "pause_reading", None)):
+        if relay.THREAD_RELAY and callable(getattr(transport, "pause_reading", None)):
             transport.pause_reading()
             if not relay.stream_buffered(conn.reader):
                 client_sock = transport.get_extra_info("socket")
-                await relay.splice_relay(loop, client_sock.fileno(), upstream_sock)
+                await relay.thread_relay(loop, client_sock.fileno(), upstream_sock)
                 return
             transport.resume_reading()
         reader, writer = await asyncio.open_connection(sock=upstream_sock.dup(), limit=_STREAM_LIMIT)
