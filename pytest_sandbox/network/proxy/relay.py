@@ -26,10 +26,10 @@ _LINGER_MAX_BYTES = 1 << 20
 # The server reads this through the module (``relay.THREAD_RELAY``) so a test can switch the threads off.
 THREAD_RELAY = True
 # Per direction of a tunnel: room for a whole autotuned socket receive queue per recv(2). Copied, not spliced:
-# through a pipe, splice(2) moved fewer bytes per second idle and under four of five loads (issue #12's twelfth
-# pass, benchmarks/README.md); the receiver behind it paid more CPU per byte (per-fragment work in its profile:
-# the pipe hands on 4 KiB pages, where send(2) from a buffer fills the 32 KiB page fragments a direct sender's
-# packets carry).
+# through a pipe, splice(2) moved fewer bytes per second in 11 of 12 paired runs, idle and under five loads
+# (issue #12's twelfth pass, benchmarks/README.md). The receiver behind it paid more CPU per byte: the pipe hands
+# the outgoing socket one 4 KiB page per fragment (skb_splice_from_iter), where send(2) from a buffer fills the
+# 32 KiB page fragments a direct sender's packets carry.
 _RELAY_BUFFER = 1 << 20
 # SO_RCVTIMEO / SO_SNDTIMEO (socket(7)) on a tunnel's sockets: a blocked recv(2) or send(2) returns EAGAIN
 # this often (a send that moved some bytes returns their count), so a thread re-checks whether its tunnel
