@@ -137,6 +137,30 @@ def test_an_upstream_reset_closes_the_client_side_and_ends_both_threads(lab: Lab
     assert settle(lambda: not tunnel_threads() - before), f"tunnel threads left: {tunnel_threads()}"
 
 
+def test_a_tunnel_holds_small_buffers_until_a_direction_carries_bulk(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each direction starts with a 64 KiB buffer and takes the 1 MiB one only after a read filled what it had:
+    idle and interactive tunnels hold 128 KiB of buffers, bulk ones read whole socket queues."""
+    buffers: dict[str, set[int]] = {}
+    real_recv_into = socket.socket.recv_into
+
+    def recv_into(self: socket.socket, buffer: Any, *args: int) -> int:
+        name = threading.current_thread().name
+        if name.startswith("tunnel-"):
+            buffers.setdefault(name, set()).add(len(buffer))
+        return real_recv_into(self, buffer, *args)
+
+    monkeypatch.setattr(socket.socket, "recv_into", recv_into)
+    proxy = lab.start_proxy()
+    client = open_tunnel(proxy)
+    for message in (b"ping", b"x" * 1000, b"pong"):
+        assert echo_through(client, message) == message  # positive control: the tunnel carries bytes
+    assert buffers == {"tunnel-up": {64 * 1024}, "tunnel-down": {64 * 1024}}, buffers
+    assert echo_through(client, BULK) == BULK
+    client.close()
+    assert buffers == {"tunnel-up": {64 * 1024, 1 << 20}, "tunnel-down": {64 * 1024, 1 << 20}}, \
+        f"8 MiB each way and a direction did not take the 1 MiB buffer: {buffers}"
+
+
 def test_a_receiver_slower_than_the_send_timeout_gets_every_byte_once(
     lab: Lab, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -25,12 +25,15 @@ _LINGER_SECONDS = 2.0
 _LINGER_MAX_BYTES = 1 << 20
 # The server reads this through the module (``relay.THREAD_RELAY``) so a test can switch the threads off.
 THREAD_RELAY = True
-# Per direction of a tunnel: room for a whole autotuned socket receive queue per recv(2). Copied, not spliced:
+# Per direction of a busy tunnel: room for a whole autotuned socket receive queue per recv(2); a direction
+# starts with _FIRST_BUFFER and grows to this once a recv fills what it has, so an idle or interactive tunnel
+# holds 128 KiB, not 2 MiB (a pipe, as splice used, held pages only while bytes were in it). Copied, not spliced:
 # through a pipe, splice(2) moved fewer bytes per second in 11 of 12 paired runs, idle and under five loads
 # (issue #12's twelfth pass, benchmarks/README.md). The receiver behind it paid more CPU per byte: the pipe hands
 # the outgoing socket one 4 KiB page per fragment (skb_splice_from_iter), where send(2) from a buffer fills the
 # 32 KiB page fragments a direct sender's packets carry.
 _RELAY_BUFFER = 1 << 20
+_FIRST_BUFFER = 64 * 1024
 # SO_RCVTIMEO / SO_SNDTIMEO (socket(7)) on a tunnel's sockets: a blocked recv(2) or send(2) returns EAGAIN
 # this often (a send that moved some bytes returns their count), so a thread re-checks whether its tunnel
 # was stopped.
@@ -116,7 +119,7 @@ class _ThreadedTunnel:
 
     def _direction(self, source: socket.socket, sink: socket.socket) -> None:
         error: BaseException | None = None
-        buffer = bytearray(_RELAY_BUFFER)
+        buffer = bytearray(_FIRST_BUFFER)
         view = memoryview(buffer)
         try:
             while not self._stopping:
@@ -136,6 +139,10 @@ class _ThreadedTunnel:
                     except BlockingIOError:  # SO_SNDTIMEO with nothing sent: the receiver is slow
                         if self._stopping:
                             raise ConnectionAbortedError("tunnel stopped") from None
+                if received == len(buffer) < _RELAY_BUFFER:  # a bulk transfer: take the whole queue per call
+                    view.release()
+                    buffer = bytearray(_RELAY_BUFFER)
+                    view = memoryview(buffer)
         except OSError as failure:
             error = failure
         finally:
