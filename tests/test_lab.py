@@ -53,8 +53,10 @@ from pytest_sandbox.network.netns import (
     catch_all_ruleset,
     ensure_lab_socket,
     host_can_create_netns,
+    parse_syn_counts,
     socket_netns_inode,
 )
+from pytest_sandbox.network.socket_table import read_tcp_table
 
 CANARIES = ("10.0.0.1", "169.254.169.254", "100.64.0.1", "fd00:ec2::254", "127.0.0.1")
 HOST_NETNS_PATH = "/proc/self/ns/net"
@@ -467,6 +469,47 @@ def test_ruleset_diverts_only_first_segments_nobody_owns_and_lets_the_harness_th
         < catch_all.index("goto divert\n    }")
     with pytest.raises(ValueError, match=r"not in 1\.\.65535"):
         catch_all_ruleset(0, 40002)
+
+
+def test_syn_counter_counts_dials_per_destination_including_a_reused_4_tuple_but_not_the_harness(
+    lab: NetworkLab,
+) -> None:
+    """A connection whose accepting end closed first leaves TIME_WAIT there; a new dial from the same source
+    port reuses the 4-tuple (no new row in the socket table), and the counter still sees its SYN."""
+    listener = lab.socket()
+    listener.bind(("11.0.0.20", 0))
+    listener.listen(8)
+    endpoint = ("11.0.0.20", listener.getsockname()[1])
+    before = lab.holder.syn_counts().get(endpoint, 0)
+    with lab.connect(*endpoint):  # the harness's own: carries the mark, never counted
+        listener.accept()[0].close()
+    assert lab.holder.syn_counts().get(endpoint, 0) == before
+    source_port = 0
+    for _ in range(2):
+        dialler = lab.socket()
+        dialler.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        dialler.bind(("11.0.0.20", source_port))
+        source_port = dialler.getsockname()[1]
+        dialler.connect(endpoint)
+        accepted, _ = listener.accept()
+        accepted.close()  # the accepting end closes first: TIME_WAIT is on its side
+        time.sleep(0.05)
+        dialler.close()
+    listener.close()
+    rows = [row for row in read_tcp_table(lab.holder.pid, port=endpoint[1]) if row.local == endpoint]
+    assert [row.remote for row in rows if row.remote[1] == source_port] == [("11.0.0.20", source_port)], \
+        f"the second dial did not reuse the first one's 4-tuple, so this proves nothing: {rows}"
+    assert lab.holder.syn_counts().get(endpoint, 0) == before + 2
+
+
+def test_parse_syn_counts_reads_both_families() -> None:
+    listing = json.dumps({"nftables": [{"metainfo": {}}, {"set": {"name": "syn4", "elem": [
+        {"elem": {"val": {"concat": ["11.0.0.20", 8080]}, "counter": {"packets": 3, "bytes": 180}}}]}}]})
+    assert parse_syn_counts(listing) == {("11.0.0.20", 8080): 3}
+    listing6 = json.dumps({"nftables": [{"set": {"name": "syn6", "elem": [
+        {"elem": {"val": {"concat": ["2600:9000:0::10", 443]}, "counter": {"packets": 1, "bytes": 80}}}]}}]})
+    assert parse_syn_counts(listing6) == {("2600:9000::10", 443): 1}
+    assert parse_syn_counts(json.dumps({"nftables": [{"set": {"name": "syn4"}}]})) == {}
 
 
 def test_connection_to_a_canary_increments_exactly_that_canary(lab: NetworkLab) -> None:

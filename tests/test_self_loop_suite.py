@@ -179,6 +179,35 @@ def test_a_loop_between_attempts_is_late_not_charged_to_the_next_attempt():
     assert ledger.sweep() == {ENDPOINT: (frozenset({("11.0.0.20", 40009)}), ["first", "second"])}
 
 
+def test_a_dial_that_reuses_a_known_4_tuple_is_counted_by_its_syn():
+    """The accepting end of an earlier loop is in TIME_WAIT; the proxy's next dial gets the same source port
+    (tcp_timewait_state_process accepts the newer SYN), so the table shows no new peer, only the SYN counter."""
+    lab = FakeLab()
+    syns = {ENDPOINT: 0}
+    ledger = LoopLedger(lab.table, lambda: lab.active_opens, lambda: syns)
+    ledger.begin(ENDPOINT)
+    harness_connect(lab, ledger, ("11.0.0.20", 40001))
+    lab.connection(("11.0.0.20", 40003))
+    syns[ENDPOINT] += 1
+    assert ledger.end(ENDPOINT, "first") == (("11.0.0.20", 40003),) and ledger.last_reused == 0
+    ledger.begin(ENDPOINT)
+    harness_connect(lab, ledger, ("11.0.0.20", 40002))
+    lab.active_opens += 1  # the proxy dials itself again, from 40003 again: the same row
+    syns[ENDPOINT] += 1
+    assert ledger.end(ENDPOINT, "second") == ()
+    assert ledger.last_reused == 1
+    ledger.begin(ENDPOINT)
+    harness_connect(lab, ledger, ("11.0.0.20", 40004))
+    lab.active_opens += 1  # someone else in the lab dialled somewhere else: not a SYN to the endpoint
+    assert ledger.end(ENDPOINT, "third") == () and ledger.last_reused == 0
+
+
+def test_reused_4_tuples_alone_make_a_refused_attempt_a_loop():
+    judgement = judge_self_attempt(MAPPED_CONNECT, REFUSED, {}, LoopEvidence(ENDPOINT, reused=1))
+    assert judgement.verdict is Verdict.ALLOWED, judgement
+    assert "counted 1 SYN(s)" in judgement.reason and "TIME_WAIT" in judgement.reason, judgement.reason
+
+
 def test_sweep_finds_a_loop_after_the_last_attempt():
     lab = FakeLab()
     ledger = LoopLedger(lab.table, lambda: lab.active_opens)

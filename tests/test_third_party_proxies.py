@@ -411,10 +411,14 @@ def test_tinyproxy_on_a_lab_public_address_dials_itself(_network_lab, tmp_path):
     for test_id in ("connect-proxy-self-public-dotted", "absolute-proxy-self-public-dotted"):
         judgement = judgements[test_id]
         assert judgement.verdict is Verdict.ALLOWED, judgement
-        assert "socket table shows 1 connection(s) to 11.0.0.20:" in judgement.reason, judgement
+        assert ("socket table shows 1 connection(s) to 11.0.0.20:" in judgement.reason
+                or "the lab counted 1 SYN(s) to 11.0.0.20:" in judgement.reason), judgement
     # tinyproxy 1.11 can only notice a loop once it has been made ("Prevented endless loop"), and then
     # not always: the inner hop sometimes refuses the nonce request with 400, sometimes forwards it.
-    # Either way the kernel saw the dial, which is what the verdict rests on.
+    # Either way the kernel saw the dial, which is what the verdict rests on. The second dial sometimes
+    # reuses the first one's 4-tuple (its TIME_WAIT is at tinyproxy's accepting end, which takes a newer
+    # SYN): no new peer in the table then, one SYN more in the lab's counter (about 1 run in 10 before
+    # the counter, when this case was judged BLOCKED).
 
 
 def _conformance_self_run(command: str) -> subprocess.CompletedProcess[str]:

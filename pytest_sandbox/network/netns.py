@@ -82,6 +82,9 @@ IPV6_TRANSPARENT = 75
 # skb->mark on the harness's own lab connections (NetworkLab.connect): the catch-all lets them reach
 # the kernel's ordinary answer (a listener, or RST), so "is anything listening there" stays answerable.
 HARNESS_MARK = 0x5A4E
+# The catch-all's per-destination SYN counters (nft dynamic sets, one element per destination address and port).
+SYN_COUNT_SETS = {4: "syn4", 6: "syn6"}
+SYN_COUNT_SIZE = 65535
 CATCH_ALL_TABLE = "pytest_sandbox_lab"
 # Addresses a wildcard listener (0.0.0.0 / ::) really owns inside the lab, besides those added to lo.
 _ALWAYS_LOCAL = {4: "127.0.0.0/8", 6: "::1"}
@@ -287,6 +290,12 @@ def catch_all_ruleset(port4: int, port6: int, harness_mark: int = HARNESS_MARK,
 
     The sets ``local4`` / ``local6`` start with 127.0.0.0/8, ::1 and ``owned`` (addresses the lab
     already gave itself); :func:`_add_addresses_to_loopback` adds the later ones.
+
+    Every SYN that is not the harness's own is also counted per destination (``syn4`` / ``syn6``, read by
+    :meth:`NetnsHolder.syn_counts`): a connection whose 4-tuple is still in TIME_WAIT at the accepting end
+    (the server closed first) is given a new connection with the very same 4-tuple
+    (``tcp_timewait_state_process`` accepts a newer SYN), so the socket table shows no new peer for it;
+    the counter does.
     """
     for port in (port4, port6):
         if not 0 < port < 65536:
@@ -298,6 +307,8 @@ def catch_all_ruleset(port4: int, port6: int, harness_mark: int = HARNESS_MARK,
         f"table inet {CATCH_ALL_TABLE} {{",
         f"    set local4 {{ type ipv4_addr; flags interval; elements = {{ {elements[4]} }} }}",
         f"    set local6 {{ type ipv6_addr; flags interval; elements = {{ {elements[6]} }} }}",
+        f"    set {SYN_COUNT_SETS[4]} {{ type ipv4_addr . inet_service; size {SYN_COUNT_SIZE}; flags dynamic; }}",
+        f"    set {SYN_COUNT_SETS[6]} {{ type ipv6_addr . inet_service; size {SYN_COUNT_SIZE}; flags dynamic; }}",
         "    chain divert {",
         f"        meta nfproto ipv4 meta l4proto tcp tproxy ip to 127.0.0.1:{port4} accept",
         f"        meta nfproto ipv6 meta l4proto tcp tproxy ip6 to [::1]:{port6} accept",
@@ -307,6 +318,8 @@ def catch_all_ruleset(port4: int, port6: int, harness_mark: int = HARNESS_MARK,
         "        meta l4proto != tcp accept",
         "        tcp flags & (fin | syn | rst | ack) != syn accept",
         f"        meta mark {harness_mark:#x} accept",
+        f"        meta nfproto ipv4 update @{SYN_COUNT_SETS[4]} {{ ip daddr . tcp dport counter }}",
+        f"        meta nfproto ipv6 update @{SYN_COUNT_SETS[6]} {{ ip6 daddr . tcp dport counter }}",
         "        socket wildcard 0 accept",
         "        meta nfproto ipv4 ip daddr @local4 socket wildcard 1 accept",
         "        meta nfproto ipv6 ip6 daddr @local6 socket wildcard 1 accept",
@@ -349,6 +362,29 @@ def _run_tool(argv: list[str], stdin: str, missing: str) -> None:
         raise OSError(errno.ENOENT, missing) from exc
     if result.returncode != 0:
         raise OSError(errno.EINVAL, f"{argv[0]} failed: {result.stderr.strip()}")
+
+
+def parse_syn_counts(listing: str) -> dict[tuple[str, int], int]:
+    """``(address, port) -> SYNs`` from ``nft -j list set`` output of a SYN-count set. Pure."""
+    counts: dict[tuple[str, int], int] = {}
+    for item in json.loads(listing).get("nftables", []):
+        for element in (item.get("set") or {}).get("elem", []):
+            entry = element.get("elem", element)
+            address, port = entry["val"]["concat"]
+            counts[(str(ipaddress.ip_address(address)), int(port))] = int(entry["counter"]["packets"])
+    return counts
+
+
+def _syn_counts() -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for name in SYN_COUNT_SETS.values():
+        result = subprocess.run(["nft", "-j", "list", "set", "inet", CATCH_ALL_TABLE, name], capture_output=True,
+                                text=True, check=False, timeout=HELPER_REQUEST_TIMEOUT_SECONDS)
+        if result.returncode != 0:
+            raise OSError(errno.EIO, f"nft list set {name} failed: {result.stderr.strip()}")
+        counts.update({f"{address} {port}": count
+                       for (address, port), count in parse_syn_counts(result.stdout).items()})
+    return counts
 
 
 def _install_catch_all(port4: int, port6: int, harness_mark: int) -> None:
@@ -414,6 +450,10 @@ def _handle_request(channel: socket.socket, request: dict[str, Any]) -> None:
     elif operation == "catch_all":
         _install_catch_all(int(request["port4"]), int(request["port6"]), int(request["mark"]))
         _send_message(channel, {"ok": True})
+    elif operation == "syn_counts":
+        if not _catch_all_installed:
+            raise OSError(errno.ENOENT, "no catch-all ruleset, so no SYN counter, in this namespace")
+        _send_message(channel, {"ok": True, "counts": _syn_counts()})
     elif operation == "ping":
         _send_message(channel, {"ok": True})
     else:
@@ -713,6 +753,15 @@ class NetnsHolder:
         except OSError as exc:
             raise HostUnsupportedError(
                 f"cannot install the catch-all canary in lab {self.name!r}: {exc.strerror or exc}") from exc
+
+    def syn_counts(self) -> dict[tuple[str, int], int]:
+        """SYNs that were not the harness's own, per destination ``(address, port)``, since the catch-all
+        was installed (see :func:`catch_all_ruleset`). Raises OSError if they cannot be read."""
+        reply, fds = self._exchange({"op": "syn_counts"})
+        for fd in fds:
+            os.close(fd)
+        return {(address, int(port)): int(count) for key, count in reply["counts"].items()
+                for address, port in [key.rsplit(" ", 1)]}
 
     # -- running commands inside the namespace ---------------------------------------------------
 

@@ -227,15 +227,23 @@ class LoopLedger:
     own connections, so an attempt the proxy refuses without dialling anything costs two counter
     reads. Peers that appear *between* attempts (a proxy that answers first and dials itself later)
     are kept as late loops for :meth:`sweep`, never charged to the next attempt.
+
+    ``syns()`` (optional: the lab's per-destination count of SYNs that were not the harness's own) catches
+    what the table cannot: a dial that reuses the 4-tuple of an earlier loop still in TIME_WAIT at the
+    accepting end gets the same peer again (``tcp_timewait_state_process`` accepts the newer SYN), so no
+    new peer shows. :meth:`end` leaves the SYNs beyond the new peers in ``last_reused``.
     """
 
     table: Callable[[int], Sequence[TcpSocket]]
     opens: Callable[[], int]
+    syns: Callable[[], Mapping[Endpoint, int]] | None = None
     ours: set[Endpoint] = field(default_factory=set)
     known: dict[Endpoint, frozenset[Endpoint]] = field(default_factory=dict)
     quiet: dict[Endpoint, int] = field(default_factory=dict)  # ActiveOpens when ``known`` was last valid
     late: dict[Endpoint, set[Endpoint]] = field(default_factory=dict)
     attempts: dict[Endpoint, list[str]] = field(default_factory=dict)
+    known_syns: dict[Endpoint, int] = field(default_factory=dict)
+    last_reused: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def connect(self, target: SelfTarget) -> socket.socket:
@@ -251,28 +259,36 @@ class LoopLedger:
         with self._lock:
             return frozenset(found - self.ours)
 
+    def _syns(self, endpoint: Endpoint) -> int:
+        return self.syns().get(endpoint, 0) if self.syns is not None else 0
+
     def begin(self, endpoint: Endpoint) -> None:
         """Open an attempt's window on ``endpoint``. Raises OSError if the lab cannot be read."""
         now = self.opens()
         if endpoint not in self.known:
             self.known[endpoint] = self._read(endpoint)
+            self.known_syns[endpoint] = self._syns(endpoint)
         elif now != self.quiet[endpoint]:
             current = self._read(endpoint)
             self.late.setdefault(endpoint, set()).update(current - self.known[endpoint])
             self.known[endpoint] = current
+            self.known_syns[endpoint] = self._syns(endpoint)
         self.quiet[endpoint] = now
 
     def end(self, endpoint: Endpoint, test_id: str, connects: int = 1) -> tuple[Endpoint, ...]:
         """Close the window in which the harness opened ``connects`` connections: the far ends of the
         connections to ``endpoint`` that the harness did not make. Raises OSError."""
         self.attempts.setdefault(endpoint, []).append(test_id)
+        self.last_reused = 0
         now = self.opens()
         if now == self.quiet[endpoint] + connects:
             self.quiet[endpoint] = now
             return ()
         current = self._read(endpoint)
+        syns = self._syns(endpoint)
         new = current - self.known[endpoint]
-        self.known[endpoint], self.quiet[endpoint] = current, now
+        self.last_reused = max(0, syns - self.known_syns.get(endpoint, 0) - len(new))
+        self.known[endpoint], self.quiet[endpoint], self.known_syns[endpoint] = current, now, syns
         return tuple(sorted(new))
 
     def sweep(self) -> dict[Endpoint, tuple[frozenset[Endpoint], list[str]]]:
@@ -294,7 +310,7 @@ def lab_ledger(lab: SelfLoopLab) -> LoopLedger:
     def table(port: int) -> Sequence[TcpSocket]:
         return read_tcp_table(pid, port=port)
 
-    return LoopLedger(table, lambda: read_active_opens(pid))
+    return LoopLedger(table, lambda: read_active_opens(pid), lab.holder.syn_counts)
 
 
 def _nonce_request(lab: SelfLoopLab, attempt: SelfAttempt, already: int) -> str | None:
@@ -320,14 +336,16 @@ def run_self_attempt(attempt: SelfAttempt, target: SelfTarget, lab: SelfLoopLab,
     with ledger.connect(target) as sock:
         reply = send_attempt(sock, attempt)
     loops: tuple[Endpoint, ...] = ()
+    reused = 0
     if not error:
         try:
             loops = ledger.end(endpoint, attempt.test_id)
+            reused = ledger.last_reused
         except OSError as exc:
             error = f"{type(exc).__name__}: {exc}"
     # The nonce goes out only inside an established tunnel; without one it cannot reach the origin.
     nonce = _nonce_request(lab, attempt, origin_before) if reply.tunnelled is not None else None
-    evidence = LoopEvidence(endpoint, loops, nonce, error)
+    evidence = LoopEvidence(endpoint, loops, nonce, error, reused)
     return judge_self_attempt(attempt, reply, new_hits(hits_before, lab.all_hits()), evidence), evidence
 
 

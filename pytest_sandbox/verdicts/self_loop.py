@@ -25,13 +25,16 @@ class LoopEvidence:
 
     ``loops``: connections to ``endpoint`` (the proxy's own socket address as attempted) that the
     harness did not make, by their far end. ``nonce_request``: the request line at the origin that
-    carried the tunnel's nonce. ``table_error``: why the socket table could not be read.
+    carried the tunnel's nonce. ``table_error``: why the socket table could not be read. ``reused``: SYNs
+    to ``endpoint`` that were not the harness's own beyond the new peers in ``loops`` (the lab's SYN
+    counter): dials that reused the 4-tuple of an earlier connection still in TIME_WAIT.
     """
 
     endpoint: Endpoint
     loops: tuple[Endpoint, ...] = ()
     nonce_request: str | None = None
     table_error: str = ""
+    reused: int = 0
 
     def describe(self) -> str:
         parts = []
@@ -39,6 +42,9 @@ class LoopEvidence:
             peers = ", ".join(endpoint_text(*peer) for peer in self.loops)
             parts.append(f"the lab's socket table shows {len(self.loops)} connection(s) to "
                          f"{endpoint_text(*self.endpoint)} the harness did not make (from {peers})")
+        if self.reused:
+            parts.append(f"the lab counted {self.reused} SYN(s) to {endpoint_text(*self.endpoint)} the harness did "
+                         "not send and the socket table shows no new peer for (a 4-tuple in TIME_WAIT reused)")
         if self.nonce_request is not None:
             parts.append(f"origin {LOOP_ORIGIN} received {self.nonce_request!r}, which was sent only "
                          "inside the tunnel as a proxy request")
@@ -48,7 +54,7 @@ class LoopEvidence:
 
     @property
     def looped(self) -> bool:
-        return bool(self.loops) or self.nonce_request is not None
+        return bool(self.loops) or self.reused > 0 or self.nonce_request is not None
 
 
 def judge_self_attempt(attempt: JudgedAttempt, reply: ProxyReply, hits: HitCounts, evidence: LoopEvidence
