@@ -12,7 +12,17 @@ from pytest_sandbox.http.responses import ParsedResponse
 from pytest_sandbox.network.addresses import parse_absolute_form, parse_authority
 from pytest_sandbox.network.proxy.self_connection import reached_addresses
 from pytest_sandbox.network.socket_table import TcpSocket
-from pytest_sandbox.probes.self_loop import SELF_CASES, LoopLedger, SelfCase, SelfTarget, self_attempt, self_case_names
+from pytest_sandbox.probes.self_loop import (
+    SELF_CASES,
+    LateLoops,
+    LoopLedger,
+    LoopWindow,
+    SelfCase,
+    SelfTarget,
+    describe_late_loops,
+    self_attempt,
+    self_case_names,
+)
 from pytest_sandbox.verdicts.judgement import Verdict
 from pytest_sandbox.verdicts.self_loop import LOOP_ORIGIN, LoopEvidence, judge_self_attempt
 from pytest_sandbox.verdicts.ssrf import ProxyReply
@@ -117,12 +127,25 @@ def test_judge_self_attempt(attempt, proxy_reply, evidence, verdict, phrase):
 
 
 class FakeLab:
-    """A socket table and an ActiveOpens counter the test moves by hand."""
+    """A socket table, an ActiveOpens counter and a SYN counter the test moves by hand."""
 
     def __init__(self) -> None:
         self.rows: list[TcpSocket] = [TcpSocket(ENDPOINT, ("0.0.0.0", 0), 0x0A)]
         self.active_opens = 100
         self.reads = 0
+        self.syns = {ENDPOINT: 0}
+
+    def ledger(self) -> LoopLedger:
+        """A ledger that reads the SYN counter too."""
+        return LoopLedger(self.table, lambda: self.active_opens, lambda: self.syns)
+
+    def proxy_dial(self, peer: tuple[str, int], *, reused: bool = False) -> None:
+        """The proxy dials ENDPOINT from ``peer``: a new connection, or the same row again when ``reused``."""
+        if reused:
+            self.active_opens += 1
+        else:
+            self.connection(peer)
+        self.syns[ENDPOINT] += 1
 
     def table(self, port: int) -> list[TcpSocket]:
         self.reads += 1
@@ -156,12 +179,12 @@ def test_ledger_reads_the_table_only_when_someone_besides_the_harness_connected(
     ledger.begin(ENDPOINT)
     assert lab.reads == 1  # the first window reads the baseline
     harness_connect(lab, ledger, ("11.0.0.20", 40001))
-    assert ledger.end(ENDPOINT, "refused") == ()
+    assert ledger.end(ENDPOINT, "refused") == LoopWindow()
     assert lab.reads == 1  # only the harness's own connect: nothing to read
     ledger.begin(ENDPOINT)
     harness_connect(lab, ledger, ("11.0.0.20", 40002))
     lab.connection(("11.0.0.20", 40003))  # the proxy dials itself during the attempt
-    assert ledger.end(ENDPOINT, "looped") == (("11.0.0.20", 40003),)
+    assert ledger.end(ENDPOINT, "looped") == LoopWindow((("11.0.0.20", 40003),))
     assert lab.reads == 2
     assert ledger.sweep() == {}
 
@@ -171,35 +194,31 @@ def test_a_loop_between_attempts_is_late_not_charged_to_the_next_attempt():
     ledger = LoopLedger(lab.table, lambda: lab.active_opens)
     ledger.begin(ENDPOINT)
     harness_connect(lab, ledger, ("11.0.0.20", 40001))
-    assert ledger.end(ENDPOINT, "first") == ()
+    assert not ledger.end(ENDPOINT, "first")
     lab.connection(("11.0.0.20", 40009))  # after "first" was judged: a late dial
     ledger.begin(ENDPOINT)
     harness_connect(lab, ledger, ("11.0.0.20", 40002))
-    assert ledger.end(ENDPOINT, "second") == ()
-    assert ledger.sweep() == {ENDPOINT: (frozenset({("11.0.0.20", 40009)}), ["first", "second"])}
+    assert not ledger.end(ENDPOINT, "second")
+    assert ledger.sweep() == {ENDPOINT: LateLoops(LoopWindow((("11.0.0.20", 40009),)), ("first", "second"))}
 
 
 def test_a_dial_that_reuses_a_known_4_tuple_is_counted_by_its_syn():
     """The accepting end of an earlier loop is in TIME_WAIT; the proxy's next dial gets the same source port
     (tcp_timewait_state_process accepts the newer SYN), so the table shows no new peer, only the SYN counter."""
     lab = FakeLab()
-    syns = {ENDPOINT: 0}
-    ledger = LoopLedger(lab.table, lambda: lab.active_opens, lambda: syns)
+    ledger = lab.ledger()
     ledger.begin(ENDPOINT)
     harness_connect(lab, ledger, ("11.0.0.20", 40001))
-    lab.connection(("11.0.0.20", 40003))
-    syns[ENDPOINT] += 1
-    assert ledger.end(ENDPOINT, "first") == (("11.0.0.20", 40003),) and ledger.last_reused == 0
+    lab.proxy_dial(("11.0.0.20", 40003))
+    assert ledger.end(ENDPOINT, "first") == LoopWindow((("11.0.0.20", 40003),), reused=0)
     ledger.begin(ENDPOINT)
     harness_connect(lab, ledger, ("11.0.0.20", 40002))
-    lab.active_opens += 1  # the proxy dials itself again, from 40003 again: the same row
-    syns[ENDPOINT] += 1
-    assert ledger.end(ENDPOINT, "second") == ()
-    assert ledger.last_reused == 1
+    lab.proxy_dial(("11.0.0.20", 40003), reused=True)  # the proxy dials itself again, from 40003 again
+    assert ledger.end(ENDPOINT, "second") == LoopWindow((), reused=1)
     ledger.begin(ENDPOINT)
     harness_connect(lab, ledger, ("11.0.0.20", 40004))
     lab.active_opens += 1  # someone else in the lab dialled somewhere else: not a SYN to the endpoint
-    assert ledger.end(ENDPOINT, "third") == () and ledger.last_reused == 0
+    assert ledger.end(ENDPOINT, "third") == LoopWindow()
 
 
 def test_reused_4_tuples_alone_make_a_refused_attempt_a_loop():
@@ -216,4 +235,38 @@ def test_sweep_finds_a_loop_after_the_last_attempt():
     ledger.end(ENDPOINT, "last")
     lab.connection(("11.0.0.20", 40010))
     late = ledger.sweep()
-    assert late[ENDPOINT][0] == {("11.0.0.20", 40010)}
+    assert late[ENDPOINT].window.peers == (("11.0.0.20", 40010),)
+
+
+def test_sweep_counts_a_late_dial_that_reused_a_4_tuple():
+    """A proxy that answers first and dials itself later, from the source port of an earlier loop whose
+    accepting end is still in TIME_WAIT: no new peer in the table, so only the SYN counter shows it."""
+    lab = FakeLab()
+    ledger = lab.ledger()
+    ledger.begin(ENDPOINT)
+    harness_connect(lab, ledger, ("11.0.0.20", 40001))
+    lab.proxy_dial(("11.0.0.20", 40003))
+    assert ledger.end(ENDPOINT, "first") == LoopWindow((("11.0.0.20", 40003),))
+    lab.proxy_dial(("11.0.0.20", 40003), reused=True)  # after "first" was judged: the same 4-tuple again
+    late = ledger.sweep()
+    assert late == {ENDPOINT: LateLoops(LoopWindow((), reused=1), ("first",))}
+    assert describe_late_loops(late) == (
+        "1 late connection(s) to the proxy's own 11.0.0.20:8080 (from 1 more that reused a 4-tuple still in "
+        "TIME_WAIT, counted by the lab's SYN counter) after the attempts first")
+
+
+def test_late_loops_found_between_attempts_and_at_the_sweep_add_up():
+    lab = FakeLab()
+    ledger = lab.ledger()
+    ledger.begin(ENDPOINT)
+    harness_connect(lab, ledger, ("11.0.0.20", 40001))
+    ledger.end(ENDPOINT, "first")
+    lab.proxy_dial(("11.0.0.20", 40009))  # late, seen when "second" begins
+    ledger.begin(ENDPOINT)
+    harness_connect(lab, ledger, ("11.0.0.20", 40002))
+    assert not ledger.end(ENDPOINT, "second")
+    lab.proxy_dial(("11.0.0.20", 40009), reused=True)  # late again, reusing 40009's 4-tuple: seen by the sweep
+    late = ledger.sweep()
+    assert late == {ENDPOINT: LateLoops(LoopWindow((("11.0.0.20", 40009),), reused=1), ("first", "second"))}
+    assert describe_late_loops(late).startswith("2 late connection(s) to the proxy's own 11.0.0.20:8080 (from "
+                                                "11.0.0.20:40009, 1 more that reused")

@@ -375,15 +375,15 @@ def parse_syn_counts(listing: str) -> dict[tuple[str, int], int]:
     return counts
 
 
-def _syn_counts() -> dict[str, int]:
-    counts: dict[str, int] = {}
+def _syn_counts() -> list[tuple[str, int, int]]:
+    # (address, port, count) triples: the helper channel is JSON, whose object keys are strings only.
+    counts: list[tuple[str, int, int]] = []
     for name in SYN_COUNT_SETS.values():
         result = subprocess.run(["nft", "-j", "list", "set", "inet", CATCH_ALL_TABLE, name], capture_output=True,
                                 text=True, check=False, timeout=HELPER_REQUEST_TIMEOUT_SECONDS)
         if result.returncode != 0:
             raise OSError(errno.EIO, f"nft list set {name} failed: {result.stderr.strip()}")
-        counts.update({f"{address} {port}": count
-                       for (address, port), count in parse_syn_counts(result.stdout).items()})
+        counts += [(address, port, count) for (address, port), count in parse_syn_counts(result.stdout).items()]
     return counts
 
 
@@ -760,8 +760,7 @@ class NetnsHolder:
         reply, fds = self._exchange({"op": "syn_counts"})
         for fd in fds:
             os.close(fd)
-        return {(address, int(port)): int(count) for key, count in reply["counts"].items()
-                for address, port in [key.rsplit(" ", 1)]}
+        return {(str(address), int(port)): int(count) for address, port, count in reply["counts"]}
 
     # -- running commands inside the namespace ---------------------------------------------------
 

@@ -57,7 +57,9 @@ __all__ = [
     "SELF_PUBLIC_PORT",
     "SELF_WILDCARD_LOCAL_ADDRESS",
     "SELF_WILDCARD_PORT",
+    "LateLoops",
     "LoopLedger",
+    "LoopWindow",
     "SelfAttempt",
     "SelfCase",
     "SelfTarget",
@@ -218,20 +220,45 @@ class SelfTarget:
     instance: str
 
 
+@dataclass(frozen=True)
+class LoopWindow:
+    """Dials to one endpoint that the harness did not make, seen between two reads of the lab.
+
+    ``peers``: the far ends of new connections in the socket table. ``reused``: SYNs to the endpoint
+    that were not the harness's own, beyond the new peers (the lab's SYN counter): dials that reused
+    the 4-tuple of an earlier connection still in TIME_WAIT at the accepting end, where
+    ``tcp_timewait_state_process`` accepts the newer SYN, so the table shows the same peer again.
+    """
+
+    peers: tuple[Endpoint, ...] = ()
+    reused: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.peers) or self.reused > 0
+
+    def __add__(self, other: LoopWindow) -> LoopWindow:
+        return LoopWindow(tuple(sorted({*self.peers, *other.peers})), self.reused + other.reused)
+
+
+@dataclass(frozen=True)
+class LateLoops:
+    """What :meth:`LoopLedger.sweep` found at one endpoint that no attempt was charged with."""
+
+    window: LoopWindow
+    attempts: tuple[str, ...]  # the attempts that targeted the endpoint, in order
+
+
 @dataclass
 class LoopLedger:
     """Who connected to each watched endpoint: the harness (its own connections) or the proxy.
 
     ``table(port)`` reads the lab's socket table (rows with that port); ``opens()`` the lab's
-    ``ActiveOpens`` counter. The table is read only when the counter moved by more than the harness's
-    own connections, so an attempt the proxy refuses without dialling anything costs two counter
-    reads. Peers that appear *between* attempts (a proxy that answers first and dials itself later)
-    are kept as late loops for :meth:`sweep`, never charged to the next attempt.
-
-    ``syns()`` (optional: the lab's per-destination count of SYNs that were not the harness's own) catches
-    what the table cannot: a dial that reuses the 4-tuple of an earlier loop still in TIME_WAIT at the
-    accepting end gets the same peer again (``tcp_timewait_state_process`` accepts the newer SYN), so no
-    new peer shows. :meth:`end` leaves the SYNs beyond the new peers in ``last_reused``.
+    ``ActiveOpens`` counter; ``syns()`` (optional) the lab's per-destination count of SYNs that were not
+    the harness's own, which sees what the table cannot (:class:`LoopWindow`). Both are read only when
+    the counter moved by more than the harness's own connections, so an attempt the proxy refuses
+    without dialling anything costs two counter reads. Dials that happen *between* attempts (a proxy
+    that answers first and dials itself later) are kept as late loops for :meth:`sweep`, never charged
+    to the next attempt.
     """
 
     table: Callable[[int], Sequence[TcpSocket]]
@@ -239,11 +266,10 @@ class LoopLedger:
     syns: Callable[[], Mapping[Endpoint, int]] | None = None
     ours: set[Endpoint] = field(default_factory=set)
     known: dict[Endpoint, frozenset[Endpoint]] = field(default_factory=dict)
-    quiet: dict[Endpoint, int] = field(default_factory=dict)  # ActiveOpens when ``known`` was last valid
-    late: dict[Endpoint, set[Endpoint]] = field(default_factory=dict)
-    attempts: dict[Endpoint, list[str]] = field(default_factory=dict)
     known_syns: dict[Endpoint, int] = field(default_factory=dict)
-    last_reused: int = 0
+    quiet: dict[Endpoint, int] = field(default_factory=dict)  # ActiveOpens when ``known`` was last valid
+    late: dict[Endpoint, LoopWindow] = field(default_factory=dict)
+    attempts: dict[Endpoint, list[str]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def connect(self, target: SelfTarget) -> socket.socket:
@@ -262,41 +288,38 @@ class LoopLedger:
     def _syns(self, endpoint: Endpoint) -> int:
         return self.syns().get(endpoint, 0) if self.syns is not None else 0
 
+    def _observe(self, endpoint: Endpoint, now: int) -> LoopWindow:
+        """What reached ``endpoint`` since it was last read; what is there now becomes known."""
+        current, syns = self._read(endpoint), self._syns(endpoint)
+        new = current - self.known.get(endpoint, current)
+        reused = max(0, syns - self.known_syns.get(endpoint, syns) - len(new))
+        self.known[endpoint], self.known_syns[endpoint], self.quiet[endpoint] = current, syns, now
+        return LoopWindow(tuple(sorted(new)), reused)
+
     def begin(self, endpoint: Endpoint) -> None:
         """Open an attempt's window on ``endpoint``. Raises OSError if the lab cannot be read."""
         now = self.opens()
-        if endpoint not in self.known:
-            self.known[endpoint] = self._read(endpoint)
-            self.known_syns[endpoint] = self._syns(endpoint)
-        elif now != self.quiet[endpoint]:
-            current = self._read(endpoint)
-            self.late.setdefault(endpoint, set()).update(current - self.known[endpoint])
-            self.known[endpoint] = current
-            self.known_syns[endpoint] = self._syns(endpoint)
-        self.quiet[endpoint] = now
+        if endpoint not in self.known or now != self.quiet[endpoint]:
+            late = self._observe(endpoint, now)
+            if late:
+                self.late[endpoint] = self.late.get(endpoint, LoopWindow()) + late
 
-    def end(self, endpoint: Endpoint, test_id: str, connects: int = 1) -> tuple[Endpoint, ...]:
-        """Close the window in which the harness opened ``connects`` connections: the far ends of the
-        connections to ``endpoint`` that the harness did not make. Raises OSError."""
+    def end(self, endpoint: Endpoint, test_id: str, connects: int = 1) -> LoopWindow:
+        """Close the window in which the harness opened ``connects`` connections: what reached
+        ``endpoint`` that the harness did not make. Raises OSError."""
         self.attempts.setdefault(endpoint, []).append(test_id)
-        self.last_reused = 0
         now = self.opens()
         if now == self.quiet[endpoint] + connects:
             self.quiet[endpoint] = now
-            return ()
-        current = self._read(endpoint)
-        syns = self._syns(endpoint)
-        new = current - self.known[endpoint]
-        self.last_reused = max(0, syns - self.known_syns.get(endpoint, 0) - len(new))
-        self.known[endpoint], self.quiet[endpoint], self.known_syns[endpoint] = current, now, syns
-        return tuple(sorted(new))
+            return LoopWindow()
+        return self._observe(endpoint, now)
 
-    def sweep(self) -> dict[Endpoint, tuple[frozenset[Endpoint], list[str]]]:
-        """Endpoint -> (loops no attempt was charged with, the attempts that targeted it), read now."""
+    def sweep(self) -> dict[Endpoint, LateLoops]:
+        """The loops no attempt was charged with, per endpoint, read now."""
         for endpoint in list(self.known):
             self.begin(endpoint)
-        return {endpoint: (frozenset(peers), list(self.attempts.get(endpoint, [])))
-                for endpoint, peers in self.late.items() if peers}
+        return {endpoint: LateLoops(window, tuple(self.attempts.get(endpoint, ())))
+                for endpoint, window in self.late.items() if window}
 
 
 def _unmapped(address: str) -> str:
@@ -335,26 +358,30 @@ def run_self_attempt(attempt: SelfAttempt, target: SelfTarget, lab: SelfLoopLab,
     origin_before = len(lab.origin_requests(LOOP_ORIGIN)) if attempt.form == "connect" else 0
     with ledger.connect(target) as sock:
         reply = send_attempt(sock, attempt)
-    loops: tuple[Endpoint, ...] = ()
-    reused = 0
+    window = LoopWindow()
     if not error:
         try:
-            loops = ledger.end(endpoint, attempt.test_id)
-            reused = ledger.last_reused
+            window = ledger.end(endpoint, attempt.test_id)
         except OSError as exc:
             error = f"{type(exc).__name__}: {exc}"
     # The nonce goes out only inside an established tunnel; without one it cannot reach the origin.
     nonce = _nonce_request(lab, attempt, origin_before) if reply.tunnelled is not None else None
-    evidence = LoopEvidence(endpoint, loops, nonce, error, reused)
+    evidence = LoopEvidence(endpoint, window.peers, nonce, error, window.reused)
     return judge_self_attempt(attempt, reply, new_hits(hits_before, lab.all_hits()), evidence), evidence
 
 
-def describe_late_loops(late: Mapping[Endpoint, tuple[frozenset[Endpoint], list[str]]]) -> str:
+def describe_late_loops(late: Mapping[Endpoint, LateLoops]) -> str:
     """One line per endpoint that was dialled after its attempts were judged."""
-    return "; ".join(
-        f"{len(peers)} late connection(s) to the proxy's own {endpoint_text(*endpoint)} (from "
-        f"{', '.join(endpoint_text(*p) for p in sorted(peers))}) after the attempts {', '.join(tests)}"
-        for endpoint, (peers, tests) in late.items())
+    lines = []
+    for endpoint, found in late.items():
+        sources = [endpoint_text(*peer) for peer in found.window.peers]
+        if found.window.reused:
+            sources.append(f"{found.window.reused} more that reused a 4-tuple still in TIME_WAIT, counted by the "
+                           "lab's SYN counter")
+        lines.append(f"{len(found.window.peers) + found.window.reused} late connection(s) to the proxy's own "
+                     f"{endpoint_text(*endpoint)} (from {', '.join(sources)}) after the attempts "
+                     f"{', '.join(found.attempts)}")
+    return "; ".join(lines)
 
 
 # --------------------------------------------------------------------------------------------------
