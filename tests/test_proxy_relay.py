@@ -118,22 +118,12 @@ def test_stopping_the_proxy_ends_open_tunnels_on_both_sides_and_their_threads(la
 
 def test_an_upstream_reset_closes_the_client_side_and_ends_both_threads(lab: Lab) -> None:
     before = tunnel_threads()
-    listener = socket.create_server(("127.0.0.1", 0))
-    lab.network.table[("93.184.215.20", 8443)] = listener.getsockname()[1]
-    defaults = ProxyConfig()
-    proxy = lab.start_proxy(dataclasses.replace(defaults, allowed_ports=(*defaults.allowed_ports, 8443)))
-    client = RawClient(proxy)
-    client.send(b"CONNECT echo.test:8443 HTTP/1.1\r\nHost: echo.test:8443\r\n\r\n")
-    assert client.read_raw(len(ESTABLISHED)) == ESTABLISHED
-    listener.settimeout(IO_TIMEOUT)
-    upstream, _ = listener.accept()
+    client, upstream = _tunnel_to_own_upstream(lab, socket.create_server(("127.0.0.1", 0)))
     client.send(b"hello")
-    upstream.settimeout(IO_TIMEOUT)
     assert upstream.recv(5) == b"hello"  # positive control: the tunnel carries bytes upstream
     upstream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
     upstream.close()  # a TCP RST
     _assert_closed_then_close(client, "the client side stayed open after the upstream reset")
-    listener.close()
     assert settle(lambda: not tunnel_threads() - before), f"tunnel threads left: {tunnel_threads()}"
 
 
@@ -185,16 +175,7 @@ def test_a_receiver_slower_than_the_send_timeout_gets_every_byte_once(
     monkeypatch.setattr(socket.socket, "send", send)
     listener = socket.create_server(("127.0.0.1", 0))
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)  # inherited by the accepted socket
-    lab.network.table[("93.184.215.20", 8443)] = listener.getsockname()[1]
-    defaults = ProxyConfig()
-    proxy = lab.start_proxy(dataclasses.replace(defaults, allowed_ports=(*defaults.allowed_ports, 8443)))
-    client = RawClient(proxy)
-    client.send(b"CONNECT echo.test:8443 HTTP/1.1\r\nHost: echo.test:8443\r\n\r\n")
-    assert client.read_raw(len(ESTABLISHED)) == ESTABLISHED
-    listener.settimeout(IO_TIMEOUT)
-    upstream, _ = listener.accept()
-    listener.close()
-    upstream.settimeout(IO_TIMEOUT)
+    client, upstream = _tunnel_to_own_upstream(lab, listener)
     blob = random.Random(12).randbytes(8 * 2**20)  # more than a send buffer holds (tcp_wmem max 4 MiB)
 
     def upload() -> None:
@@ -213,6 +194,22 @@ def test_a_receiver_slower_than_the_send_timeout_gets_every_byte_once(
     assert upload_sends.count("cut short") + upload_sends.count("timed out") > 0, \
         f"no send was cut short, so nothing here exercised a resume: {set(upload_sends)}"
     assert len(received) == len(blob) and received == blob, "the tunnel lost, repeated or reordered bytes"
+
+
+def _tunnel_to_own_upstream(lab: Lab, listener: socket.socket) -> tuple[RawClient, socket.socket]:
+    """A proxy with port 8443 allowed, a CONNECT through it to echo.test:8443 routed to ``listener``:
+    (the client side, the accepted upstream side). ``listener`` is closed once it accepted."""
+    lab.network.table[("93.184.215.20", 8443)] = listener.getsockname()[1]
+    defaults = ProxyConfig()
+    proxy = lab.start_proxy(dataclasses.replace(defaults, allowed_ports=(*defaults.allowed_ports, 8443)))
+    client = RawClient(proxy)
+    client.send(b"CONNECT echo.test:8443 HTTP/1.1\r\nHost: echo.test:8443\r\n\r\n")
+    assert client.read_raw(len(ESTABLISHED)) == ESTABLISHED
+    listener.settimeout(IO_TIMEOUT)
+    with listener:
+        upstream, _ = listener.accept()
+    upstream.settimeout(IO_TIMEOUT)
+    return client, upstream
 
 
 def _assert_closed_then_close(client, message: str) -> None:
