@@ -99,7 +99,8 @@ REFUSED = reply(403, body=b'{"error":"ssrf_denied"}')
 LOOPS = LoopEvidence(ENDPOINT, loops=(("11.0.0.20", 50000),))
 NONE = LoopEvidence(ENDPOINT)
 JUDGEMENTS = [
-    ("refused-no-loop", MAPPED_CONNECT, REFUSED, NONE, Verdict.BLOCKED, "proxy refused: ssrf_denied"),
+    ("refused-no-loop", MAPPED_CONNECT, REFUSED, NONE, Verdict.BLOCKED,
+     "proxy refused: ssrf_denied; no connection to 11.0.0.20:8080 but the harness's own"),
     # The inner instance answers 400 to the origin-form request the outer one forwarded: not a refusal.
     ("inner-400-with-loop", MAPPED_ABSOLUTE, reply(400), LOOPS, Verdict.ALLOWED,
      "looped to the proxy itself: the lab's socket table shows 1 connection(s) to 11.0.0.20:8080"),

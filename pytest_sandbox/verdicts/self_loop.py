@@ -10,7 +10,14 @@ from dataclasses import dataclass, replace
 
 from pytest_sandbox.network.socket_table import Endpoint
 from pytest_sandbox.verdicts.judgement import Judgement, Verdict
-from pytest_sandbox.verdicts.ssrf import HitCounts, JudgedAttempt, ProxyReply, endpoint_text, judge_attempt
+from pytest_sandbox.verdicts.ssrf import (
+    HitCounts,
+    JudgedAttempt,
+    ProxyReply,
+    endpoint_text,
+    judge_attempt,
+    refusal_text,
+)
 
 __all__ = ["EXPECTED", "LOOP_ORIGIN", "LoopEvidence", "judge_self_attempt"]
 
@@ -68,4 +75,9 @@ def judge_self_attempt(attempt: JudgedAttempt, reply: ProxyReply, hits: HitCount
     if base.verdict is Verdict.BLOCKED and evidence.table_error:
         return Judgement(Verdict.INDETERMINATE, f"refused, but whether it looped cannot be told: "
                          f"{evidence.table_error}", EXPECTED, observed)
+    if base.verdict is Verdict.BLOCKED:
+        # The refusal and the lab's evidence; not the SSRF judge's canary note (a self case has no canary:
+        # the loop evidence takes its place).
+        return Judgement(Verdict.BLOCKED, f"proxy refused: {refusal_text(reply)}; {evidence.describe()}",
+                         EXPECTED, observed)
     return replace(base, expected=EXPECTED, observed=observed)

@@ -29,6 +29,7 @@ __all__ = [
     "judge_attempt",
     "judge_with_bare_twin",
     "judge_with_unmarked_twin",
+    "refusal_text",
 ]
 
 # A refusal is an answer the proxy gives itself before any dial: 403 (policy, SSRF) or 400
@@ -47,6 +48,11 @@ def case_category(case: SsrfCase) -> str:
     if case.expected == "allowed":
         return "ssrf-controls"
     return "ssrf-malformed" if case.expected == "malformed" else "ssrf"
+
+
+def refusal_text(reply: ProxyReply) -> str:
+    """What the proxy said when it refused: its reason, its X-Proxy-Error header, else the status."""
+    return reply.proxy.proxy_reason or reply.proxy.header("x-proxy-error") or f"status {reply.proxy.status}"
 
 
 def canary_is_observable(address: str) -> bool:
@@ -151,7 +157,7 @@ def judge_attempt(attempt: JudgedAttempt, reply: ProxyReply, hits: HitCounts,
         wanted = 400 if case.expected == "malformed" else 403
         if status != wanted:
             note += f"; catalogue expects {wanted} ({case.expected}) but any refusal blocks"
-        reason = reply.proxy.proxy_reason or reply.proxy.header("x-proxy-error") or f"status {status}"
+        reason = refusal_text(reply)
         # Ambiguous input no client sends, refused before any lookup, is kept apart from a policy
         # refusal of a destination the proxy understood ("refused as malformed" vs "proxy refused").
         kind = "refused as malformed" if case.expected == "malformed" and status == 400 else "proxy refused"
