@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
+import os
 import random
 import socket
 import struct
@@ -125,6 +127,36 @@ def test_an_upstream_reset_closes_the_client_side_and_ends_both_threads(lab: Lab
     upstream.close()  # a TCP RST
     _assert_closed_then_close(client, "the client side stayed open after the upstream reset")
     assert settle(lambda: not tunnel_threads() - before), f"tunnel threads left: {tunnel_threads()}"
+
+
+def test_a_tunnel_that_cannot_be_set_up_closes_its_duplicates_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The relay sets its duplicates up (blocking, SO_RCVTIMEO/SO_SNDTIMEO) before any thread owns them. If that
+    fails, it must close them itself: left to the traceback, they live as long as whoever keeps the exception
+    (found with a proxy process that raised there: the client waited, its connection held open by a duplicate
+    after the proxy had closed its own descriptor). Here the test keeps the exception."""
+    monkeypatch.setattr(relay, "_TIMEVAL", b"not a timeval")  # setsockopt(2) fails with EINVAL
+    client_side, proxy_side = socket.socketpair()
+    upstream_side, upstream = socket.socketpair()
+    with client_side, proxy_side, upstream_side, upstream:
+        for sock in (proxy_side, upstream):
+            sock.setblocking(False)  # as the event loop keeps them
+        descriptors = len(os.listdir("/proc/self/fd"))
+
+        async def set_up() -> OSError:
+            try:
+                await relay.thread_relay(asyncio.get_running_loop(), proxy_side.fileno(), upstream)
+            except OSError as error:
+                return error
+            raise AssertionError("the tunnel started although setsockopt(2) failed")
+
+        kept = asyncio.run(set_up())
+        assert kept.errno == errno.EINVAL, kept
+        assert len(os.listdir("/proc/self/fd")) == descriptors, "the duplicates outlived the failed set-up"
+        assert not os.get_blocking(proxy_side.fileno()) and not os.get_blocking(upstream.fileno()), \
+            "the caller's sockets were left blocking"
+        proxy_side.close()
+        client_side.settimeout(IO_TIMEOUT)
+        assert client_side.recv(1) == b"", "the client's connection is still held open"
 
 
 def test_a_tunnel_holds_small_buffers_until_a_direction_carries_bulk(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -169,7 +169,7 @@ async def thread_relay(loop: asyncio.AbstractEventLoop, client_fd: int, upstream
 
     def finished(error: BaseException | None) -> None:  # on the event loop
         open_directions[0] -= 1
-        if error is not None:
+        if error is not None and tunnel is not None:
             tunnel.stop()
         if not done.done() and (error is not None or open_directions[0] == 0):
             done.set_result(None)
@@ -185,16 +185,23 @@ async def thread_relay(loop: asyncio.AbstractEventLoop, client_fd: int, upstream
     except OSError:
         client.close()
         raise
-    for sock in (client, peer):  # the same open file descriptions as the caller's: see _ThreadedTunnel
-        sock.settimeout(None)  # blocking, in the kernel (O_NONBLOCK off) and in Python (no poll before a call)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEVAL)
-    tunnel = _ThreadedTunnel(client, peer, finished_in_thread)
+    tunnel: _ThreadedTunnel | None = None
     try:
+        for sock in (client, peer):  # the same open file descriptions as the caller's: see _ThreadedTunnel
+            sock.settimeout(None)  # blocking, in the kernel (O_NONBLOCK off) and in Python (no poll before a call)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEVAL)
+        tunnel = _ThreadedTunnel(client, peer, finished_in_thread)
         tunnel.start()
         await done
     finally:
-        tunnel.stop()
+        if tunnel is None:
+            # Set-up failed before a thread owned the duplicates: close them here, or they would hold the
+            # client's connection open after the caller closed its own descriptor (the client would hang).
+            client.close()
+            peer.close()
+        else:
+            tunnel.stop()
         # O_NONBLOCK belongs to the open file description the duplicates share with the transport's and
         # the caller's sockets: give them back non-blocking, so nothing on the event loop can block on
         # them afterwards (a thread still inside recv or send then gets EAGAIN and leaves, as it is stopping).
