@@ -396,6 +396,15 @@ def _cpu_seconds(markers: tuple[str, ...]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def _machine_jiffies() -> tuple[int, int]:
+    """(busy, total) clock ticks of every CPU since boot (proc(5): the ``cpu`` line of /proc/stat; idle and
+    iowait are not busy; steal is, as time the machine's CPUs did not give to it)."""
+    with open("/proc/stat") as stat:
+        fields = [int(value) for value in stat.readline().split()[1:9]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
 @dataclass(frozen=True)
 class GetResult:
     requests_per_second: float
@@ -650,6 +659,10 @@ def main() -> int:
         # does a receiver's TCP work in the sender's context, so a relay moves CPU between the ends as well.
         origin_markers = (__file__, "--role origin")
         cpu_ends = {name: [0.0, 0.0] for name in gets}
+        # Wall seconds of the uploads and the machine's busy and total ticks meanwhile: how many cores the
+        # three measured parties got, and whether the machine had any to spare.
+        upload_wall = dict.fromkeys(gets, 0.0)
+        upload_ticks = {name: [0, 0] for name in gets}
         total = args.bulk_mib * 2**20
         if origin.poll() is not None:
             raise RuntimeError(f"the origin exited with status {origin.returncode}")
@@ -666,7 +679,11 @@ def main() -> int:
                 sink_connect = connector(target, None if target.via_proxy else SINK_PORT)
                 cpu = _cpu_seconds(target.markers)
                 ends = (time.process_time(), _cpu_seconds(origin_markers))
+                ticks, wall = _machine_jiffies(), time.perf_counter()
                 bulk[target.name].append(measure_bulk(sink_connect, target, total))
+                upload_wall[target.name] += time.perf_counter() - wall
+                upload_ticks[target.name] = [mine + now - before for mine, now, before
+                                             in zip(upload_ticks[target.name], _machine_jiffies(), ticks, strict=True)]
                 cpu_bulk[target.name] += _cpu_seconds(target.markers) - cpu
                 cpu_ends[target.name][0] += time.process_time() - ends[0]
                 cpu_ends[target.name][1] += _cpu_seconds(origin_markers) - ends[1]
@@ -727,6 +744,13 @@ def main() -> int:
             proxy_ms = cpu_bulk[name] / gib * 1e3
             print(f"  {name}: client {client_ms:,.0f}, origin {origin_ms:,.0f}, proxy {proxy_ms:,.0f}, "
                   f"sum {client_ms + origin_ms + proxy_ms:,.0f}")
+        print("CONNECT uploads: cores the client, origin and proxy used together, and the machine's busy share "
+              "meanwhile (a busy machine and the same cores in every row: the rate ratio is the CPU-per-GiB ratio)")
+        for target in targets:
+            name = target.name
+            used = (sum(cpu_ends[name]) + cpu_bulk[name]) / upload_wall[name]
+            busy, ticks = upload_ticks[name]
+            print(f"  {name}: {used:.2f} of {os.cpu_count()} cores; machine {busy / max(ticks, 1):.0%} busy")
         print(f"load average at the end: {loadavg()}")
         for note in notes:
             print(f"note: {note}")
