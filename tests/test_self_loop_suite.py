@@ -252,7 +252,7 @@ def test_sweep_counts_a_late_dial_that_reused_a_4_tuple():
     late = ledger.sweep()
     assert late == {ENDPOINT: LateLoops(LoopWindow((), reused=1), ("first",))}
     assert describe_late_loops(late) == (
-        "1 late connection(s) to the proxy's own 11.0.0.20:8080 (from 1 more that reused a 4-tuple still in "
+        "1 late connection(s) to the proxy's own 11.0.0.20:8080 (from 1 that reused a 4-tuple still in "
         "TIME_WAIT, counted by the lab's SYN counter) after the attempts first")
 
 

@@ -376,7 +376,8 @@ def describe_late_loops(late: Mapping[Endpoint, LateLoops]) -> str:
     for endpoint, found in late.items():
         sources = [endpoint_text(*peer) for peer in found.window.peers]
         if found.window.reused:
-            sources.append(f"{found.window.reused} more that reused a 4-tuple still in TIME_WAIT, counted by the "
+            more = " more" if sources else ""
+            sources.append(f"{found.window.reused}{more} that reused a 4-tuple still in TIME_WAIT, counted by the "
                            "lab's SYN counter")
         lines.append(f"{len(found.window.peers) + found.window.reused} late connection(s) to the proxy's own "
                      f"{endpoint_text(*endpoint)} (from {', '.join(sources)}) after the attempts "
