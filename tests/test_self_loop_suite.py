@@ -16,7 +16,6 @@ from pytest_sandbox.probes.self_loop import (
     SELF_CASES,
     LateLoops,
     LoopLedger,
-    LoopWindow,
     SelfCase,
     SelfTarget,
     describe_late_loops,
@@ -24,7 +23,7 @@ from pytest_sandbox.probes.self_loop import (
     self_case_names,
 )
 from pytest_sandbox.verdicts.judgement import Verdict
-from pytest_sandbox.verdicts.self_loop import LOOP_ORIGIN, LoopEvidence, judge_self_attempt
+from pytest_sandbox.verdicts.self_loop import LOOP_ORIGIN, LoopEvidence, LoopWindow, judge_self_attempt
 from pytest_sandbox.verdicts.ssrf import ProxyReply
 
 ENDPOINT = ("11.0.0.20", 8080)
@@ -96,7 +95,7 @@ def reply(status: int | None, *, body: bytes = b"", tunnel: int | None = None, c
 
 
 REFUSED = reply(403, body=b'{"error":"ssrf_denied"}')
-LOOPS = LoopEvidence(ENDPOINT, loops=(("11.0.0.20", 50000),))
+LOOPS = LoopEvidence(ENDPOINT, LoopWindow((("11.0.0.20", 50000),)))
 NONE = LoopEvidence(ENDPOINT)
 JUDGEMENTS = [
     ("refused-no-loop", MAPPED_CONNECT, REFUSED, NONE, Verdict.BLOCKED,
@@ -223,7 +222,7 @@ def test_a_dial_that_reuses_a_known_4_tuple_is_counted_by_its_syn():
 
 
 def test_reused_4_tuples_alone_make_a_refused_attempt_a_loop():
-    judgement = judge_self_attempt(MAPPED_CONNECT, REFUSED, {}, LoopEvidence(ENDPOINT, reused=1))
+    judgement = judge_self_attempt(MAPPED_CONNECT, REFUSED, {}, LoopEvidence(ENDPOINT, LoopWindow(reused=1)))
     assert judgement.verdict is Verdict.ALLOWED, judgement
     assert "counted 1 SYN(s)" in judgement.reason and "TIME_WAIT" in judgement.reason, judgement.reason
 
@@ -271,3 +270,29 @@ def test_late_loops_found_between_attempts_and_at_the_sweep_add_up():
     assert late == {ENDPOINT: LateLoops(LoopWindow((("11.0.0.20", 40009),), reused=1), ("first", "second"))}
     assert describe_late_loops(late).startswith("2 late connection(s) to the proxy's own 11.0.0.20:8080 (from "
                                                 "11.0.0.20:40009, 1 more that reused")
+
+
+def test_a_sweep_reads_the_syn_counts_once_for_all_its_endpoints():
+    """Each read of the SYN counts lists the lab's nft sets (two ``nft`` runs); a sweep needs one."""
+    lab = FakeLab()
+    other = ("11.0.0.21", 8081)
+    lab.rows.append(TcpSocket(other, ("0.0.0.0", 0), 0x0A))
+    lab.syns[other] = 0
+    reads: list[int] = []
+
+    def syn_counts() -> dict[tuple[str, int], int]:
+        reads.append(1)
+        return lab.syns
+
+    ledger = LoopLedger(lab.table, lambda: lab.active_opens, syn_counts)
+    ledger.begin(ENDPOINT)
+    ledger.begin(other)
+    reads.clear()
+    lab.proxy_dial(("11.0.0.20", 40009))  # late dials to both endpoints
+    lab.rows += [TcpSocket(("11.0.0.21", 40010), other, 1), TcpSocket(other, ("11.0.0.21", 40010), 1)]
+    lab.active_opens += 1
+    lab.syns[other] += 1
+    late = ledger.sweep()
+    assert {endpoint: found.window for endpoint, found in late.items()} == {
+        ENDPOINT: LoopWindow((("11.0.0.20", 40009),)), other: LoopWindow((("11.0.0.21", 40010),))}
+    assert len(reads) == 1

@@ -46,7 +46,7 @@ from pytest_sandbox.probes.ssrf import (
     send_attempt,
 )
 from pytest_sandbox.verdicts.judgement import Judgement, Verdict
-from pytest_sandbox.verdicts.self_loop import LOOP_ORIGIN, LoopEvidence, judge_self_attempt
+from pytest_sandbox.verdicts.self_loop import LOOP_ORIGIN, LoopEvidence, LoopWindow, judge_self_attempt
 from pytest_sandbox.verdicts.ssrf import endpoint_text
 
 __all__ = [
@@ -59,7 +59,6 @@ __all__ = [
     "SELF_WILDCARD_PORT",
     "LateLoops",
     "LoopLedger",
-    "LoopWindow",
     "SelfAttempt",
     "SelfCase",
     "SelfTarget",
@@ -221,26 +220,6 @@ class SelfTarget:
 
 
 @dataclass(frozen=True)
-class LoopWindow:
-    """Dials to one endpoint that the harness did not make, seen between two reads of the lab.
-
-    ``peers``: the far ends of new connections in the socket table. ``reused``: SYNs to the endpoint
-    that were not the harness's own, beyond the new peers (the lab's SYN counter): dials that reused
-    the 4-tuple of an earlier connection still in TIME_WAIT at the accepting end, where
-    ``tcp_timewait_state_process`` accepts the newer SYN, so the table shows the same peer again.
-    """
-
-    peers: tuple[Endpoint, ...] = ()
-    reused: int = 0
-
-    def __bool__(self) -> bool:
-        return bool(self.peers) or self.reused > 0
-
-    def __add__(self, other: LoopWindow) -> LoopWindow:
-        return LoopWindow(tuple(sorted({*self.peers, *other.peers})), self.reused + other.reused)
-
-
-@dataclass(frozen=True)
 class LateLoops:
     """What :meth:`LoopLedger.sweep` found at one endpoint that no attempt was charged with."""
 
@@ -285,24 +264,31 @@ class LoopLedger:
         with self._lock:
             return frozenset(found - self.ours)
 
-    def _syns(self, endpoint: Endpoint) -> int:
-        return self.syns().get(endpoint, 0) if self.syns is not None else 0
+    def _syn_counts(self) -> Mapping[Endpoint, int]:
+        return self.syns() if self.syns is not None else {}
 
-    def _observe(self, endpoint: Endpoint, now: int) -> LoopWindow:
+    def _observe(self, endpoint: Endpoint, now: int, syn_counts: Mapping[Endpoint, int]) -> LoopWindow:
         """What reached ``endpoint`` since it was last read; what is there now becomes known."""
-        current, syns = self._read(endpoint), self._syns(endpoint)
+        current, syns = self._read(endpoint), syn_counts.get(endpoint, 0)
         new = current - self.known.get(endpoint, current)
         reused = max(0, syns - self.known_syns.get(endpoint, syns) - len(new))
         self.known[endpoint], self.known_syns[endpoint], self.quiet[endpoint] = current, syns, now
         return LoopWindow(tuple(sorted(new)), reused)
 
-    def begin(self, endpoint: Endpoint) -> None:
-        """Open an attempt's window on ``endpoint``. Raises OSError if the lab cannot be read."""
+    def _keep_late(self, endpoints: Sequence[Endpoint]) -> None:
+        """What reached ``endpoints`` since each was last read, outside any attempt's window, kept as late
+        loops; the SYN counts (two ``nft`` reads in the lab) are read once for all of them."""
         now = self.opens()
-        if endpoint not in self.known or now != self.quiet[endpoint]:
-            late = self._observe(endpoint, now)
+        stale = [endpoint for endpoint in endpoints if endpoint not in self.known or now != self.quiet[endpoint]]
+        syn_counts = self._syn_counts() if stale else {}
+        for endpoint in stale:
+            late = self._observe(endpoint, now, syn_counts)
             if late:
                 self.late[endpoint] = self.late.get(endpoint, LoopWindow()) + late
+
+    def begin(self, endpoint: Endpoint) -> None:
+        """Open an attempt's window on ``endpoint``. Raises OSError if the lab cannot be read."""
+        self._keep_late([endpoint])
 
     def end(self, endpoint: Endpoint, test_id: str, connects: int = 1) -> LoopWindow:
         """Close the window in which the harness opened ``connects`` connections: what reached
@@ -312,12 +298,11 @@ class LoopLedger:
         if now == self.quiet[endpoint] + connects:
             self.quiet[endpoint] = now
             return LoopWindow()
-        return self._observe(endpoint, now)
+        return self._observe(endpoint, now, self._syn_counts())
 
     def sweep(self) -> dict[Endpoint, LateLoops]:
         """The loops no attempt was charged with, per endpoint, read now."""
-        for endpoint in list(self.known):
-            self.begin(endpoint)
+        self._keep_late(list(self.known))
         return {endpoint: LateLoops(window, tuple(self.attempts.get(endpoint, ())))
                 for endpoint, window in self.late.items() if window}
 
@@ -366,7 +351,7 @@ def run_self_attempt(attempt: SelfAttempt, target: SelfTarget, lab: SelfLoopLab,
             error = f"{type(exc).__name__}: {exc}"
     # The nonce goes out only inside an established tunnel; without one it cannot reach the origin.
     nonce = _nonce_request(lab, attempt, origin_before) if reply.tunnelled is not None else None
-    evidence = LoopEvidence(endpoint, window.peers, nonce, error, window.reused)
+    evidence = LoopEvidence(endpoint, window, nonce, error)
     return judge_self_attempt(attempt, reply, new_hits(hits_before, lab.all_hits()), evidence), evidence
 
 

@@ -1,7 +1,7 @@
 """The self-connection judge: loop evidence the proxy cannot shape decides first, then the SSRF rule. Pure.
 
-The evidence (:class:`LoopEvidence`: the lab's socket table, a nonce through the tunnel) is gathered by
-``probes/self_loop.py``; it is defined here, next to the judge that reads it.
+The evidence (:class:`LoopEvidence`: the lab's socket table and SYN counter, a nonce through the tunnel) is
+gathered by ``probes/self_loop.py``; it is defined here, next to the judge that reads it.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pytest_sandbox.verdicts.ssrf import (
     refusal_text,
 )
 
-__all__ = ["EXPECTED", "LOOP_ORIGIN", "LoopEvidence", "judge_self_attempt"]
+__all__ = ["EXPECTED", "LOOP_ORIGIN", "LoopEvidence", "LoopWindow", "judge_self_attempt"]
 
 # The lab public origin the nonce request names (pytest_sandbox.network.lab.lab.LAB_PUBLIC_ORIGINS).
 LOOP_ORIGIN = "11.0.0.10"
@@ -27,31 +27,49 @@ EXPECTED = "refused (400 or 403, connection closed); no connection to the proxy'
 
 
 @dataclass(frozen=True)
+class LoopWindow:
+    """Dials to one endpoint that the harness did not make, seen between two reads of the lab.
+
+    ``peers``: the far ends of new connections in the socket table. ``reused``: SYNs to the endpoint
+    that were not the harness's own, beyond the new peers (the lab's SYN counter): dials that reused
+    the 4-tuple of an earlier connection still in TIME_WAIT at the accepting end, where
+    ``tcp_timewait_state_process`` accepts the newer SYN, so the table shows the same peer again.
+    """
+
+    peers: tuple[Endpoint, ...] = ()
+    reused: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.peers) or self.reused > 0
+
+    def __add__(self, other: LoopWindow) -> LoopWindow:
+        return LoopWindow(tuple(sorted({*self.peers, *other.peers})), self.reused + other.reused)
+
+
+@dataclass(frozen=True)
 class LoopEvidence:
     """What the lab saw of one attempt, independent of the proxy.
 
-    ``loops``: connections to ``endpoint`` (the proxy's own socket address as attempted) that the
-    harness did not make, by their far end. ``nonce_request``: the request line at the origin that
-    carried the tunnel's nonce. ``table_error``: why the socket table could not be read. ``reused``: SYNs
-    to ``endpoint`` that were not the harness's own beyond the new peers in ``loops`` (the lab's SYN
-    counter): dials that reused the 4-tuple of an earlier connection still in TIME_WAIT.
+    ``window``: the dials to ``endpoint`` (the proxy's own socket address as attempted) that the harness did
+    not make, during the attempt. ``nonce_request``: the request line at the origin that carried the
+    tunnel's nonce. ``table_error``: why the socket table could not be read.
     """
 
     endpoint: Endpoint
-    loops: tuple[Endpoint, ...] = ()
+    window: LoopWindow = LoopWindow()
     nonce_request: str | None = None
     table_error: str = ""
-    reused: int = 0
 
     def describe(self) -> str:
         parts = []
-        if self.loops:
-            peers = ", ".join(endpoint_text(*peer) for peer in self.loops)
-            parts.append(f"the lab's socket table shows {len(self.loops)} connection(s) to "
+        if self.window.peers:
+            peers = ", ".join(endpoint_text(*peer) for peer in self.window.peers)
+            parts.append(f"the lab's socket table shows {len(self.window.peers)} connection(s) to "
                          f"{endpoint_text(*self.endpoint)} the harness did not make (from {peers})")
-        if self.reused:
-            parts.append(f"the lab counted {self.reused} SYN(s) to {endpoint_text(*self.endpoint)} the harness did "
-                         "not send and the socket table shows no new peer for (a 4-tuple in TIME_WAIT reused)")
+        if self.window.reused:
+            parts.append(f"the lab counted {self.window.reused} SYN(s) to {endpoint_text(*self.endpoint)} the "
+                         "harness did not send and the socket table shows no new peer for (a 4-tuple in TIME_WAIT "
+                         "reused)")
         if self.nonce_request is not None:
             parts.append(f"origin {LOOP_ORIGIN} received {self.nonce_request!r}, which was sent only "
                          "inside the tunnel as a proxy request")
@@ -61,7 +79,7 @@ class LoopEvidence:
 
     @property
     def looped(self) -> bool:
-        return bool(self.loops) or self.reused > 0 or self.nonce_request is not None
+        return bool(self.window) or self.nonce_request is not None
 
 
 def judge_self_attempt(attempt: JudgedAttempt, reply: ProxyReply, hits: HitCounts, evidence: LoopEvidence
