@@ -155,6 +155,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(marker_name(category))
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadfile``: hand the modules out biggest first and the after-quiet tail last
+    (``fixtures/distribution.py``); any other mode is xdist's own."""
+    if SESSION_KEY not in config.stash or config.getoption("dist", None) != "loadfile":
+        return None
+    from pytest_sandbox.fixtures.distribution import SuiteFileScheduling  # xdist's scheduler: only when asked for
+    return SuiteFileScheduling(config, log)
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Selected syscall tests: start the reference's probe runs now, beside the tests before them (not in an
     xdist worker, which may be given none of them)."""

@@ -52,6 +52,7 @@ __all__ = [
     "snmp_path_of",
     "tail_order",
     "tcp_segments",
+    "work_unit_order",
 ]
 
 # The least quiet the exchanges are sent after: the suite's own tail gives more when the whole suite runs
@@ -72,14 +73,31 @@ AFTER_QUIET_MODULE = SESSION_TAIL[-1]
 def tail_order(nodeids: Sequence[str], suite_directory: str) -> list[int]:
     """Indices of ``nodeids`` in run order: tests of :data:`SESSION_TAIL`'s modules in ``suite_directory``
     moved behind every other test, in the tail's order; everything else keeps its order. Pure."""
+    return sorted(range(len(nodeids)), key=lambda index: _tail_rank(nodeids[index], suite_directory))
 
-    def rank(nodeid: str) -> int:
-        parts = nodeid.partition("::")[0].replace("\\", "/").split("/")
-        if len(parts) >= 2 and parts[-2] == suite_directory and parts[-1] in SESSION_TAIL:
-            return 1 + SESSION_TAIL.index(parts[-1])
-        return 0
 
-    return sorted(range(len(nodeids)), key=lambda index: rank(nodeids[index]))
+def work_unit_order(units: Sequence[tuple[str, int]], suite_directory: str) -> list[str]:
+    """The order in which a distributed run hands out its work units (``(test file, tests selected in it)``):
+    the :data:`SESSION_TAIL` modules last, in the tail's order, and the others before them, most tests first.
+    Pure.
+
+    pytest-xdist's ``--dist loadfile`` hands out whole files, most tests first, to whichever worker runs low
+    (``LoadScopeScheduling``), so the tail's order from collection is lost: the after-quiet module went to
+    whichever worker finished last, often right after that worker's allowlist or egress traffic, and waited out
+    :data:`MIN_QUIET_SECONDS` there. Handed out in this order, the worker that gets it last ran the proxy-free
+    modules just before it (its quiet has already passed), and the biggest campaigns start first (longest
+    first: the classic list-scheduling bound on the finish time)."""
+    ranked = sorted(enumerate(units), key=lambda entry: (_tail_rank(entry[1][0], suite_directory),
+                                                         -entry[1][1], entry[0]))
+    return [name for _index, (name, _count) in ranked]
+
+
+def _tail_rank(nodeid: str, suite_directory: str) -> int:
+    """0 for a test outside the tail, else 1 + its module's place in :data:`SESSION_TAIL`. Pure."""
+    parts = nodeid.partition("::")[0].replace("\\", "/").split("/")
+    if len(parts) >= 2 and parts[-2] == suite_directory and parts[-1] in SESSION_TAIL:
+        return 1 + SESSION_TAIL.index(parts[-1])
+    return 0
 
 
 def _attempt(case_id: str, form: str) -> Attempt:
