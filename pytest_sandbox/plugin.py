@@ -23,6 +23,7 @@ from pytest_sandbox.fixtures.conformance import (  # noqa: F401  (fixtures)
     parametrize_from_session,
     sandbox_session,
 )
+from pytest_sandbox.fixtures.heap import freeze_long_lived, thaw_at_exit
 from pytest_sandbox.fixtures.loaded_filter import check_loaded_filter  # noqa: F401  (fixture)
 from pytest_sandbox.fixtures.network import (  # noqa: F401  (fixtures the plugin registers)
     _network_lab,
@@ -107,6 +108,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[UNRUNNABLE_KEY] = {}
     if not config.getoption("sandbox"):
         return
+    thaw_at_exit(config)  # registered here, before the built-in plugins' cleanups: see fixtures/heap.py
     options = SandboxOptions(
         policy=config.getoption("sandbox_policy"),
         require=config.getoption("sandbox_require"),
@@ -165,11 +167,21 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     return SuiteFileScheduling(config, log)
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Keep the collector off the plugin's modules (an xdist controller collects no tests: this is its freeze)."""
+    if SESSION_KEY in session.config.stash:
+        freeze_long_lived()
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Selected syscall tests: start the reference's probe runs now, beside the tests before them (not in an
-    xdist worker, which may be given none of them)."""
+    """Keep the collector off the collected tests (``fixtures/heap.py``); selected syscall tests: start the
+    reference's probe runs now, beside the tests before them (not in an xdist worker, which may be given none
+    of them)."""
     running = session.config.stash.get(SESSION_KEY, None)
-    if running is None or hasattr(session.config, "workerinput") or session.config.option.collectonly:
+    if running is None or session.config.option.collectonly:
+        return
+    freeze_long_lived()
+    if hasattr(session.config, "workerinput"):
         return
     if any(category_of(item.nodeid) in PROBE_RUN_CATEGORIES for item in session.items):
         running.prefetch()

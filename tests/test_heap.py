@@ -1,0 +1,69 @@
+"""A ``--sandbox`` run keeps the cyclic collector off its long-lived objects, and pytest still sees what the
+collector finds (``fixtures/heap.py``)."""
+
+from __future__ import annotations
+
+import pytest
+
+# Records, in a file the test reads back, how many objects were frozen when pytest's final collections ran
+# (``_pytest/unraisableexception.py``: ``gc_collect_harder``) and when the process exited.
+RECORDER = """
+import atexit, gc, os
+import _pytest.unraisableexception as unraisable
+
+LOG = os.environ["HEAP_LOG"]
+original = unraisable.gc_collect_harder
+
+def recording(iterations):
+    with open(LOG, "a") as log:
+        print("final", gc.get_freeze_count(), file=log)
+    original(iterations)
+
+unraisable.gc_collect_harder = recording
+atexit.register(lambda: open(LOG, "a").write(f"exit {gc.get_freeze_count()}\\n"))
+"""
+
+TESTS = """
+import gc
+
+
+class RaisesWhenCollected:
+    def __del__(self):
+        raise RuntimeError("raised in __del__ of cyclic garbage made during a test")
+
+
+def test_the_session_objects_are_frozen_while_tests_run():
+    assert gc.get_freeze_count() > 0
+
+
+def test_makes_cyclic_garbage():
+    garbage = RaisesWhenCollected()
+    garbage.itself = garbage
+"""
+
+
+def run(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch,
+        *options: str) -> tuple[pytest.RunResult, dict[str, int]]:
+    pytester.makeconftest(RECORDER)
+    pytester.makepyfile(test_heap_session=TESTS)
+    log = pytester.path / "heap.log"
+    monkeypatch.setenv("HEAP_LOG", str(log))
+    # hypothesis's plugin imports its package at the terminal summary, while the garbage above is collected
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:hypothesispytest", *options,
+                                           timeout=120)
+    return result, {name: int(count) for name, count in (line.split() for line in log.read_text().splitlines())}
+
+
+def test_a_sandbox_run_freezes_its_objects_until_pytests_final_collections_are_done(pytester, monkeypatch):
+    result, frozen = run(pytester, monkeypatch, "--sandbox", "--sandbox-modes=block")
+    result.assert_outcomes(passed=2)
+    assert frozen["final"] > 10_000, frozen  # the plugin's modules and the collected tests
+    assert frozen["exit"] == 0  # given back after pytest's own cleanup
+    # Garbage made after the freeze is still collected there, and its unraisable exception still reported.
+    result.stderr.fnmatch_lines(["*PytestUnraisableExceptionWarning*", "*raised in __del__ of cyclic garbage*"])
+
+
+def test_a_run_without_sandbox_freezes_nothing(pytester, monkeypatch):
+    result, frozen = run(pytester, monkeypatch)
+    result.assert_outcomes(passed=1, failed=1)
+    assert frozen == {"final": 0, "exit": 0}
