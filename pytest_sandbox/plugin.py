@@ -41,6 +41,7 @@ from pytest_sandbox.fixtures.stash import SCORECARD_KEY, SESSION_KEY, UNRUNNABLE
 from pytest_sandbox.probes.after_quiet import tail_order
 from pytest_sandbox.report.categories import (
     CATEGORIES,
+    PROBE_RUN_CATEGORIES,
     SUITE_DIRECTORY,
     CategoryNotRun,
     LateEvidence,
@@ -51,8 +52,6 @@ from pytest_sandbox.report.scorecard import LATE_EVIDENCE_PROPERTY, NOT_RUN_PROP
 from pytest_sandbox.report.terminal import ScorecardReporter
 from pytest_sandbox.session import WATCH_AFTER_DEFAULT_SECONDS, SandboxOptions, SandboxSession
 
-# The categories whose tests read the reference's probe runs (started early: pytest_collection_finish).
-PROBE_RUN_CATEGORIES = frozenset({"syscall", "syscall-controls", "syscall-evaluation"})
 # At exit, how long to wait for probe runs still going (each run's own wait is bounded by its target).
 PREFETCH_JOIN_SECONDS = 60.0
 

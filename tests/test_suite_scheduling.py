@@ -15,7 +15,8 @@ import pytest
 
 from pytest_sandbox.fixtures.distribution import SuiteFileScheduling
 from pytest_sandbox.plugin import pytest_xdist_make_scheduler
-from pytest_sandbox.probes.after_quiet import SESSION_TAIL, work_unit_order
+from pytest_sandbox.probes.after_quiet import SESSION_TAIL, work_unit_of, work_unit_order
+from pytest_sandbox.report.categories import PROBE_RUN_MODULES
 
 # Test counts of the conformance modules as README's main job selects them (``pytest --collect-only``).
 SUITE = {"test_allowlist.py": 10, "test_egress.py": 9, "test_inference.py": 129, "test_smuggling.py": 861,
@@ -29,6 +30,16 @@ def test_modules_are_handed_out_biggest_first_and_the_tail_last_in_its_order():
         "conformance/test_smuggling.py", "conformance/test_inference.py", "conformance/test_ssrf_self.py",
         "conformance/test_allowlist.py", "conformance/test_egress.py",
         *(f"conformance/{name}" for name in SESSION_TAIL)]
+
+
+def test_the_modules_that_read_the_probe_runs_are_one_unit_named_by_the_first():
+    assert set(PROBE_RUN_MODULES) == {"test_syscalls.py", "test_loaded_filter.py"}
+    assert work_unit_of("conformance/test_loaded_filter.py", "conformance") == "conformance/test_syscalls.py"
+    assert work_unit_of("conformance/test_syscalls.py", "conformance") == "conformance/test_syscalls.py"
+    assert (work_unit_of("/site/pytest_sandbox/conformance/test_loaded_filter.py", "conformance")
+            == "/site/pytest_sandbox/conformance/test_syscalls.py")
+    for elsewhere in ("tests/test_loaded_filter.py", "test_loaded_filter.py", "conformance/test_ssrf.py"):
+        assert work_unit_of(elsewhere, "conformance") == elsewhere
 
 
 def test_files_outside_the_suite_directory_are_ordered_by_size_alone():
@@ -91,6 +102,10 @@ def test_the_worker_that_gets_the_after_quiet_module_ran_proxy_free_modules_just
                                                           "conformance/test_inference.py"]
     last = next(modules for modules in files.values() if modules[-1] == "conformance/test_after_quiet.py")
     assert last[-2] in {f"conformance/{name}" for name in SESSION_TAIL[1:-1]}, last
+    # One worker makes the probe runs: the loaded-filter module and the syscall module go to it together.
+    probe_runs = next(modules for modules in files.values() if "conformance/test_syscalls.py" in modules)
+    index = probe_runs.index("conformance/test_loaded_filter.py")
+    assert probe_runs[index + 1] == "conformance/test_syscalls.py", probe_runs
 
 
 def test_the_scheduler_is_ours_only_for_a_sandbox_run_with_loadfile(pytester):

@@ -36,6 +36,7 @@ from pytest_sandbox.network.lab.lab import NetworkLab
 from pytest_sandbox.probes.campaign import GRACE_SECONDS
 from pytest_sandbox.probes.ssrf import Attempt, build_attempts
 from pytest_sandbox.probes.ssrf_exchanges import AttemptExchange, SsrfVerdict, run_ssrf_campaign
+from pytest_sandbox.report.categories import PROBE_RUN_MODULES
 from pytest_sandbox.verdicts.after_quiet import judge_after_quiet
 from pytest_sandbox.verdicts.judgement import Judgement
 
@@ -52,6 +53,7 @@ __all__ = [
     "snmp_path_of",
     "tail_order",
     "tcp_segments",
+    "work_unit_of",
     "work_unit_order",
 ]
 
@@ -90,6 +92,20 @@ def work_unit_order(units: Sequence[tuple[str, int]], suite_directory: str) -> l
     ranked = sorted(enumerate(units), key=lambda entry: (_tail_rank(entry[1][0], suite_directory),
                                                          -entry[1][1], entry[0]))
     return [name for _index, (name, _count) in ranked]
+
+
+def work_unit_of(path: str, suite_directory: str) -> str:
+    """The work unit a test file's tests belong to under ``--dist loadfile``: the file itself, except that the
+    modules of ``suite_directory`` that read the session's probe runs (:data:`PROBE_RUN_MODULES`) form one unit,
+    named by the first of them. Pure.
+
+    Each worker makes the probe runs its tests read, every build of each mode and identity at once
+    (``SandboxSession.outcomes``): the loaded-filter module's agreement check reads the same runs as the syscall
+    module, so on two workers they would be made twice."""
+    head, _, name = path.replace("\\", "/").rpartition("/")
+    if name in PROBE_RUN_MODULES and head.rpartition("/")[2] == suite_directory:
+        return f"{head}/{PROBE_RUN_MODULES[0]}"
+    return path
 
 
 def _tail_rank(nodeid: str, suite_directory: str) -> int:

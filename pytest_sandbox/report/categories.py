@@ -24,6 +24,8 @@ __all__ = [
     "CATEGORIES",
     "LAB_CATEGORIES",
     "MEMBERSHIP",
+    "PROBE_RUN_CATEGORIES",
+    "PROBE_RUN_MODULES",
     "CategoryNotRun",
     "category_of",
     "marker_name",
@@ -87,6 +89,12 @@ CATEGORIES: tuple[str, ...] = ("syscall", "syscall-controls", "syscall-evaluatio
 LAB_CATEGORIES = frozenset({"ssrf", "ssrf-malformed", "ssrf-controls", "allowlist", "egress", "inference", "smuggling"})
 
 SUITE_DIRECTORY = "conformance"
+
+# The categories whose tests read the session's syscall probe runs (SandboxSession.outcomes: every build of each mode
+# and identity a test touches), and the suite modules that hold them.
+PROBE_RUN_CATEGORIES = frozenset({"syscall", "syscall-controls", "syscall-evaluation"})
+PROBE_RUN_MODULES: tuple[str, ...] = tuple(dict.fromkeys(member.module for member in MEMBERSHIP
+                                                         if member.category in PROBE_RUN_CATEGORIES))
 
 
 def category_of(nodeid: str) -> str | None:
