@@ -272,19 +272,25 @@ def test_late_loops_found_between_attempts_and_at_the_sweep_add_up():
                                                 "11.0.0.20:40009, 1 more that reused")
 
 
-def test_a_sweep_reads_the_syn_counts_once_for_all_its_endpoints():
-    """Each read of the SYN counts lists the lab's nft sets (two ``nft`` runs); a sweep needs one."""
+def test_a_sweep_reads_the_syn_counts_once_for_all_its_endpoints_after_their_tables():
+    """Each read of the SYN counts lists the lab's nft sets (two ``nft`` runs); a sweep needs one. Read after the
+    tables: a dial between the two reads then counts as reused (still a loop); read before them, a new peer the
+    table shows would cancel a reused dial's SYN and the reuse would be lost."""
     lab = FakeLab()
     other = ("11.0.0.21", 8081)
     lab.rows.append(TcpSocket(other, ("0.0.0.0", 0), 0x0A))
     lab.syns[other] = 0
-    reads: list[int] = []
+    reads: list[str] = []
+
+    def table(port: int) -> list[TcpSocket]:
+        reads.append(f"table {port}")
+        return lab.table(port)
 
     def syn_counts() -> dict[tuple[str, int], int]:
-        reads.append(1)
+        reads.append("syns")
         return lab.syns
 
-    ledger = LoopLedger(lab.table, lambda: lab.active_opens, syn_counts)
+    ledger = LoopLedger(table, lambda: lab.active_opens, syn_counts)
     ledger.begin(ENDPOINT)
     ledger.begin(other)
     reads.clear()
@@ -295,4 +301,9 @@ def test_a_sweep_reads_the_syn_counts_once_for_all_its_endpoints():
     late = ledger.sweep()
     assert {endpoint: found.window for endpoint, found in late.items()} == {
         ENDPOINT: LoopWindow((("11.0.0.20", 40009),)), other: LoopWindow((("11.0.0.21", 40010),))}
-    assert len(reads) == 1
+    assert reads == ["table 8080", "table 8081", "syns"]
+    reads.clear()
+    ledger.begin(ENDPOINT)
+    lab.proxy_dial(("11.0.0.20", 40011))  # a loop inside an attempt's window: the table first there too
+    assert ledger.end(ENDPOINT, "looped", connects=0) == LoopWindow((("11.0.0.20", 40011),))
+    assert reads == ["table 8080", "syns"]

@@ -267,9 +267,11 @@ class LoopLedger:
     def _syn_counts(self) -> Mapping[Endpoint, int]:
         return self.syns() if self.syns is not None else {}
 
-    def _observe(self, endpoint: Endpoint, now: int, syn_counts: Mapping[Endpoint, int]) -> LoopWindow:
-        """What reached ``endpoint`` since it was last read; what is there now becomes known."""
-        current, syns = self._read(endpoint), syn_counts.get(endpoint, 0)
+    def _observe(self, endpoint: Endpoint, now: int, current: frozenset[Endpoint],
+                 syn_counts: Mapping[Endpoint, int]) -> LoopWindow:
+        """What reached ``endpoint`` since it was last read (``current``: its table now; ``syn_counts``: read after
+        the table, so a SYN the table shows is always counted); what is there now becomes known."""
+        syns = syn_counts.get(endpoint, 0)
         new = current - self.known.get(endpoint, current)
         reused = max(0, syns - self.known_syns.get(endpoint, syns) - len(new))
         self.known[endpoint], self.known_syns[endpoint], self.quiet[endpoint] = current, syns, now
@@ -277,12 +279,13 @@ class LoopLedger:
 
     def _keep_late(self, endpoints: Sequence[Endpoint]) -> None:
         """What reached ``endpoints`` since each was last read, outside any attempt's window, kept as late
-        loops; the SYN counts (two ``nft`` reads in the lab) are read once for all of them."""
+        loops; the SYN counts (two ``nft`` reads in the lab) are read once for all of them, after their tables."""
         now = self.opens()
         stale = [endpoint for endpoint in endpoints if endpoint not in self.known or now != self.quiet[endpoint]]
+        tables = {endpoint: self._read(endpoint) for endpoint in stale}
         syn_counts = self._syn_counts() if stale else {}
         for endpoint in stale:
-            late = self._observe(endpoint, now, syn_counts)
+            late = self._observe(endpoint, now, tables[endpoint], syn_counts)
             if late:
                 self.late[endpoint] = self.late.get(endpoint, LoopWindow()) + late
 
@@ -298,7 +301,8 @@ class LoopLedger:
         if now == self.quiet[endpoint] + connects:
             self.quiet[endpoint] = now
             return LoopWindow()
-        return self._observe(endpoint, now, self._syn_counts())
+        current = self._read(endpoint)
+        return self._observe(endpoint, now, current, self._syn_counts())
 
     def sweep(self) -> dict[Endpoint, LateLoops]:
         """The loops no attempt was charged with, per endpoint, read now."""
