@@ -158,8 +158,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """``--dist loadfile``: hand the modules out biggest first and the after-quiet tail last
-    (``fixtures/distribution.py``); any other mode is xdist's own."""
+    """``--dist loadfile``: hand the modules out biggest first and the after-quiet tail last, the two modules
+    that read the probe runs as one unit (``fixtures/distribution.py``); any other mode is xdist's own."""
     if SESSION_KEY not in config.stash or config.getoption("dist", None) != "loadfile":
         return None
     from pytest_sandbox.fixtures.distribution import SuiteFileScheduling  # xdist's scheduler: only when asked for
@@ -167,8 +167,9 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    """Keep the collector off the plugin's modules (an xdist controller collects no tests: this is its freeze)."""
-    if SESSION_KEY in session.config.stash:
+    """An xdist controller collects no tests: keep the collector off the plugin's modules now (workers and
+    serial runs freeze once, after collection)."""
+    if SESSION_KEY in session.config.stash and session.config.pluginmanager.has_plugin("dsession"):
         freeze_long_lived()
 
 

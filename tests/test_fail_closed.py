@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_sandbox.report.categories import CATEGORIES, CategoryNotRun, category_of, marker_name
+from pytest_sandbox.report.categories import CATEGORIES, CategoryNotRun, category_of, marker_name, suite_module
 from pytest_sandbox.report.scorecard import NOT_RUN, NOT_SELECTED, PROPERTY, RAN, Scorecard
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,6 +83,19 @@ def scorecard_rows(output: str) -> dict[str, str]:
 ])
 def test_category_of_a_test_comes_from_its_node_id(nodeid: str, category: str | None) -> None:
     assert category_of(nodeid) == category
+
+
+@pytest.mark.parametrize(("nodeid", "module"), [
+    ("conformance/test_ssrf.py::test_x[connect-a]", "test_ssrf.py"),
+    ("/site/pytest_sandbox/conformance/test_syscalls.py", "test_syscalls.py"),
+    ("conformance\\test_egress.py::test_y", "test_egress.py"),
+    ("tests/test_ssrf.py::test_x", None),
+    ("test_ssrf.py::test_x", None),
+    ("conformance::test_x", None),
+])
+def test_the_suite_module_of_a_node_id_is_its_file_name_in_the_suite_directory(nodeid: str,
+                                                                               module: str | None) -> None:
+    assert suite_module(nodeid) == module
 
 
 # --- the scorecard's states (pure) -----------------------------------------------------------

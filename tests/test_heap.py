@@ -20,6 +20,14 @@ def recording(iterations):
     original(iterations)
 
 unraisable.gc_collect_harder = recording
+original_freeze = gc.freeze
+
+def recording_freeze():
+    with open(LOG, "a") as log:
+        print("freeze 1", file=log)
+    original_freeze()
+
+gc.freeze = recording_freeze
 atexit.register(lambda: open(LOG, "a").write(f"exit {gc.get_freeze_count()}\\n"))
 """
 
@@ -51,7 +59,10 @@ def run(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch,
     # hypothesis's plugin imports its package at the terminal summary, while the garbage above is collected
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:hypothesispytest", *options,
                                            timeout=120)
-    return result, {name: int(count) for name, count in (line.split() for line in log.read_text().splitlines())}
+    records: dict[str, int] = {"freeze": 0}
+    for name, count in (line.split() for line in log.read_text().splitlines()):
+        records[name] = records.get(name, 0) + int(count) if name == "freeze" else int(count)
+    return result, records
 
 
 def test_a_sandbox_run_freezes_its_objects_until_pytests_final_collections_are_done(pytester, monkeypatch):
@@ -61,9 +72,17 @@ def test_a_sandbox_run_freezes_its_objects_until_pytests_final_collections_are_d
     assert frozen["exit"] == 0  # given back after pytest's own cleanup
     # Garbage made after the freeze is still collected there, and its unraisable exception still reported.
     result.stderr.fnmatch_lines(["*PytestUnraisableExceptionWarning*", "*raised in __del__ of cyclic garbage*"])
+    assert frozen["freeze"] == 1  # once, after collection: the session-start freeze is the xdist controller's
+
+
+def test_an_xdist_controller_freezes_at_session_start_and_each_worker_after_collection(pytester, monkeypatch):
+    result, frozen = run(pytester, monkeypatch, "--sandbox", "--sandbox-modes=block", "-n", "1")
+    result.assert_outcomes(passed=2)
+    assert frozen["freeze"] == 2, frozen
+    assert frozen["exit"] == 0
 
 
 def test_a_run_without_sandbox_freezes_nothing(pytester, monkeypatch):
     result, frozen = run(pytester, monkeypatch)
     result.assert_outcomes(passed=1, failed=1)
-    assert frozen == {"final": 0, "exit": 0}
+    assert frozen == {"freeze": 0, "final": 0, "exit": 0}

@@ -3,7 +3,9 @@
 pytest-xdist's file scheduler hands out the file with the most tests first; the suite's own order (the
 proxy-free modules after the SSRF campaign, the after-quiet exchanges last: ``probes/after_quiet.py``) was
 lost, and the after-quiet module often went to a worker that had just carried allowlist or egress traffic.
-Driven here through xdist's real scheduler class with stand-in workers.
+The two modules that read the session's probe runs (``report/categories.py:PROBE_RUN_MODULES``) are one work
+unit, so one worker makes those runs, not both. Driven here through xdist's real scheduler class with
+stand-in workers.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def test_the_modules_that_read_the_probe_runs_are_one_unit_named_by_the_first():
     assert work_unit_of("conformance/test_syscalls.py", "conformance") == "conformance/test_syscalls.py"
     assert (work_unit_of("/site/pytest_sandbox/conformance/test_loaded_filter.py", "conformance")
             == "/site/pytest_sandbox/conformance/test_syscalls.py")
+    assert work_unit_of("conformance\\test_loaded_filter.py", "conformance") == "conformance\\test_syscalls.py"
     for elsewhere in ("tests/test_loaded_filter.py", "test_loaded_filter.py", "conformance/test_ssrf.py"):
         assert work_unit_of(elsewhere, "conformance") == elsewhere
 

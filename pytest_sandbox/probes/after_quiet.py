@@ -36,7 +36,7 @@ from pytest_sandbox.network.lab.lab import NetworkLab
 from pytest_sandbox.probes.campaign import GRACE_SECONDS
 from pytest_sandbox.probes.ssrf import Attempt, build_attempts
 from pytest_sandbox.probes.ssrf_exchanges import AttemptExchange, SsrfVerdict, run_ssrf_campaign
-from pytest_sandbox.report.categories import PROBE_RUN_MODULES
+from pytest_sandbox.report.categories import PROBE_RUN_MODULES, suite_module
 from pytest_sandbox.verdicts.after_quiet import judge_after_quiet
 from pytest_sandbox.verdicts.judgement import Judgement
 
@@ -102,18 +102,16 @@ def work_unit_of(path: str, suite_directory: str) -> str:
     Each worker makes the probe runs its tests read, every build of each mode and identity at once
     (``SandboxSession.outcomes``): the loaded-filter module's agreement check reads the same runs as the syscall
     module, so on two workers they would be made twice."""
-    head, _, name = path.replace("\\", "/").rpartition("/")
-    if name in PROBE_RUN_MODULES and head.rpartition("/")[2] == suite_directory:
-        return f"{head}/{PROBE_RUN_MODULES[0]}"
+    module = suite_module(path, suite_directory)
+    if module is not None and module in PROBE_RUN_MODULES:
+        return path[: len(path) - len(module)] + PROBE_RUN_MODULES[0]  # a file path: it ends with that name
     return path
 
 
 def _tail_rank(nodeid: str, suite_directory: str) -> int:
     """0 for a test outside the tail, else 1 + its module's place in :data:`SESSION_TAIL`. Pure."""
-    parts = nodeid.partition("::")[0].replace("\\", "/").split("/")
-    if len(parts) >= 2 and parts[-2] == suite_directory and parts[-1] in SESSION_TAIL:
-        return 1 + SESSION_TAIL.index(parts[-1])
-    return 0
+    module = suite_module(nodeid, suite_directory)
+    return 1 + SESSION_TAIL.index(module) if module is not None and module in SESSION_TAIL else 0
 
 
 def _attempt(case_id: str, form: str) -> Attempt:

@@ -29,6 +29,7 @@ __all__ = [
     "CategoryNotRun",
     "category_of",
     "marker_name",
+    "suite_module",
 ]
 
 
@@ -102,16 +103,24 @@ def category_of(nodeid: str) -> str | None:
 
     ``conformance/test_ssrf.py::test_x[connect-ctl-v4-...]`` -> ``ssrf-controls``.
     """
-    path, _, name = nodeid.partition("::")
-    parts = path.replace("\\", "/").split("/")
-    if len(parts) < 2 or parts[-2] != SUITE_DIRECTORY:
+    module = suite_module(nodeid)
+    if module is None:
         return None
-    function, _, params = name.partition("[")
+    function, _, params = nodeid.partition("::")[2].partition("[")
     params = params[:-1] if params.endswith("]") else params
     for member in MEMBERSHIP:
-        if member.matches(parts[-1], function, params):
+        if member.matches(module, function, params):
             return member.category
     return None
+
+
+def suite_module(nodeid: str, suite_directory: str = SUITE_DIRECTORY) -> str | None:
+    """The file name of the test file a node id (or path) names when that file is in ``suite_directory``,
+    else None. Pure. ``conformance/test_ssrf.py::test_x[...]`` -> ``test_ssrf.py``."""
+    parts = nodeid.partition("::")[0].replace("\\", "/").split("/")
+    if len(parts) < 2 or parts[-2] != suite_directory:
+        return None
+    return parts[-1]
 
 
 def marker_name(category: str) -> str:
