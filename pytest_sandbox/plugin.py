@@ -193,6 +193,12 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         running.finish_prefetch(PREFETCH_JOIN_SECONDS)
 
 
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Keep pytest's final collections off what the session made (its reports, the campaigns' verdicts)."""
+    if SESSION_KEY in config.stash:
+        freeze_long_lived()
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_fixture_setup(fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest) -> Any:
     """Once the proxy under test is up, watch its lab's traffic (how long it was left alone)."""

@@ -3,7 +3,13 @@ collector finds (``fixtures/heap.py``)."""
 
 from __future__ import annotations
 
+import gc
+import pathlib
+from types import SimpleNamespace
+
 import pytest
+
+from pytest_sandbox.fixtures.heap import process_ends_with_session
 
 # Records, in a file the test reads back, how many objects were frozen when pytest's final collections ran
 # (``_pytest/unraisableexception.py``: ``gc_collect_harder``) and when the process exited.
@@ -69,20 +75,51 @@ def test_a_sandbox_run_freezes_its_objects_until_pytests_final_collections_are_d
     result, frozen = run(pytester, monkeypatch, "--sandbox", "--sandbox-modes=block")
     result.assert_outcomes(passed=2)
     assert frozen["final"] > 10_000, frozen  # the plugin's modules and the collected tests
-    assert frozen["exit"] == 0  # given back after pytest's own cleanup
-    # Garbage made after the freeze is still collected there, and its unraisable exception still reported.
+    # Kept to the end: the process ends with the session, and the interpreter's collections at exit would
+    # walk it all again.
+    assert frozen["exit"] > 10_000
+    # Garbage made after the freeze is still collected, and its unraisable exception still reported.
     result.stderr.fnmatch_lines(["*PytestUnraisableExceptionWarning*", "*raised in __del__ of cyclic garbage*"])
-    assert frozen["freeze"] == 1  # once, after collection: the session-start freeze is the xdist controller's
+    # After collection, and at unconfigure (the session-start freeze is the xdist controller's).
+    assert frozen["freeze"] == 2
 
 
 def test_an_xdist_controller_freezes_at_session_start_and_each_worker_after_collection(pytester, monkeypatch):
     result, frozen = run(pytester, monkeypatch, "--sandbox", "--sandbox-modes=block", "-n", "1")
     result.assert_outcomes(passed=2)
-    assert frozen["freeze"] == 2, frozen
-    assert frozen["exit"] == 0
+    assert frozen["freeze"] == 4, frozen  # the controller's two, the worker's two, at unconfigure each
+    assert frozen["exit"] > 10_000
 
 
 def test_a_run_without_sandbox_freezes_nothing(pytester, monkeypatch):
     result, frozen = run(pytester, monkeypatch)
     result.assert_outcomes(passed=1, failed=1)
     assert frozen == {"freeze": 0, "final": 0, "exit": 0}
+
+
+def test_a_session_inside_a_longer_lived_process_gives_the_frozen_objects_back(pytester):
+    pytester.makepyfile(test_heap_session=TESTS)
+    recorded = pytester.inline_run("-p", "no:cacheprovider", "-p", "no:hypothesispytest", "--sandbox",
+                                   "--sandbox-modes=block", "-k", "frozen")
+    recorded.assertoutcome(passed=1)
+    assert gc.get_freeze_count() == 0  # this process goes on: its cyclic garbage must stay collectable
+
+
+def test_only_pytests_command_line_and_xdist_workers_end_with_the_session():
+    # This test runs under pytest's command line (or an xdist worker): the process ends with its session.
+    assert process_ends_with_session(SimpleNamespace())  # type: ignore[arg-type]
+    assert process_ends_with_session(SimpleNamespace(workerinput={}))  # type: ignore[arg-type]
+    assert not _called_through_another_main()
+
+
+def _called_through_another_main() -> bool:
+    """process_ends_with_session as seen from a pytest.main whose caller is not console_main."""
+    seen: list[bool] = []
+
+    class Recorder:
+        def pytest_configure(self, config: pytest.Config) -> None:
+            seen.append(process_ends_with_session(config))
+
+    pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", "--co", "-k", "nothing-at-all",
+                 str(pathlib.Path(__file__))], plugins=[Recorder()])
+    return seen[0]
