@@ -1,7 +1,8 @@
 """pytest entry point: options, fixtures and hooks only; everything else lives in the package.
 
-The fixtures are imported here so pytest registers them (``fixtures/``); the run's state is in
-``config.stash`` under the keys of ``fixtures/stash.py``; the scorecard's counting, printing and
+The fixtures are registered as one more plugin (``fixtures/registry.py``) at session start, except in an xdist
+controller, which sets none up; the hooks import what they use from ``fixtures/`` only where it runs. The run's
+state is in ``config.stash`` under the keys of ``fixtures/stash.py``; the scorecard's counting, printing and
 report writing is ``report/terminal.py``.
 
 Inert unless ``--sandbox`` is given (the plugin is registered for every pytest run via the
@@ -17,28 +18,9 @@ from typing import Any
 import pytest
 
 from pytest_sandbox.errors import SandboxError
-from pytest_sandbox.fixtures.after_quiet import watch_quiet
-from pytest_sandbox.fixtures.conformance import (  # noqa: F401  (fixtures)
-    check_syscall_param,
-    parametrize_from_session,
-    sandbox_session,
-)
 from pytest_sandbox.fixtures.heap import freeze_long_lived, thaw_at_exit
-from pytest_sandbox.fixtures.loaded_filter import check_loaded_filter  # noqa: F401  (fixture)
-from pytest_sandbox.fixtures.network import (  # noqa: F401  (fixtures the plugin registers)
-    _network_lab,
-    _proxied_pool,
-    inference_backend,
-    interception_ca,
-    interception_missing,
-    network_verdict,
-    sandbox_lab,
-    sandbox_proxied,
-    sandbox_proxy,
-)
-from pytest_sandbox.fixtures.sandbox import _sandbox_pool, sandbox, sandbox_policy  # noqa: F401  (fixtures)
+from pytest_sandbox.fixtures.run_order import tail_order
 from pytest_sandbox.fixtures.stash import SCORECARD_KEY, SESSION_KEY, UNRUNNABLE_KEY
-from pytest_sandbox.probes.after_quiet import tail_order
 from pytest_sandbox.report.categories import (
     CATEGORIES,
     PROBE_RUN_CATEGORIES,
@@ -54,6 +36,8 @@ from pytest_sandbox.session import WATCH_AFTER_DEFAULT_SECONDS, SandboxOptions, 
 
 # At exit, how long to wait for probe runs still going (each run's own wait is bounded by its target).
 PREFETCH_JOIN_SECONDS = 60.0
+# The name the fixtures' plugin (``fixtures/registry.py``) is registered under.
+FIXTURES_PLUGIN = "sandbox-fixtures"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -138,6 +122,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    from pytest_sandbox.fixtures.conformance import parametrize_from_session  # not in an xdist controller
+
     parametrize_from_session(metafunc, (("syscall_denial", "denial"), ("syscall_control", "control")),
                              lambda session, kind: session.syscall_params(kind))
 
@@ -167,10 +153,23 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    """An xdist controller collects no tests: keep the collector off the plugin's modules now (workers and
-    serial runs freeze once, after collection)."""
-    if SESSION_KEY in session.config.stash and session.config.pluginmanager.has_plugin("dsession"):
+    """Register the fixtures where they can be set up or are listed (not in an xdist controller); an xdist
+    controller collects no tests: keep the collector off the plugin's modules now (workers and serial runs
+    freeze once, after collection)."""
+    config = session.config
+    controller = config.pluginmanager.has_plugin("dsession")
+    if not controller or config.option.showfixtures or config.option.show_fixtures_per_test:
+        register_fixtures(config)
+    if SESSION_KEY in config.stash and controller:
         freeze_long_lived()
+
+
+def register_fixtures(config: pytest.Config) -> None:
+    """The plugin's fixtures (``fixtures/registry.py``), once per config."""
+    if not config.pluginmanager.has_plugin(FIXTURES_PLUGIN):
+        from pytest_sandbox.fixtures import registry
+
+        config.pluginmanager.register(registry, FIXTURES_PLUGIN)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -204,6 +203,8 @@ def pytest_fixture_setup(fixturedef: pytest.FixtureDef[Any], request: pytest.Fix
     """Once the proxy under test is up, watch its lab's traffic (how long it was left alone)."""
     result = yield
     if fixturedef.argname == "sandbox_proxy":
+        from pytest_sandbox.fixtures.after_quiet import watch_quiet
+
         watch_quiet(request)
     return result
 
@@ -211,6 +212,8 @@ def pytest_fixture_setup(fixturedef: pytest.FixtureDef[Any], request: pytest.Fix
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """A third party's tunnel tests need its interception CA (``--sandbox-proxy-ca``): not run without it."""
+    from pytest_sandbox.fixtures.network import interception_missing
+
     missing = interception_missing(item)
     if missing is not None:
         raise CategoryNotRun(missing)

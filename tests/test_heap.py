@@ -105,9 +105,9 @@ def test_a_session_inside_a_longer_lived_process_gives_the_frozen_objects_back(p
     assert gc.get_freeze_count() == 0  # this process goes on: its cyclic garbage must stay collectable
 
 
-def test_only_pytests_command_line_and_xdist_workers_end_with_the_session():
-    # This test runs under pytest's command line (or an xdist worker): the process ends with its session.
-    assert process_ends_with_session(SimpleNamespace())  # type: ignore[arg-type]
+def test_only_pytests_command_line_and_xdist_workers_end_with_the_session(pytestconfig):
+    # This test runs under pytest's command line or in an xdist worker: the process ends with its session.
+    assert process_ends_with_session(pytestconfig)
     assert process_ends_with_session(SimpleNamespace(workerinput={}))  # type: ignore[arg-type]
     assert not _called_through_another_main()
 

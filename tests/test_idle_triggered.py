@@ -21,18 +21,17 @@ from broken_proxies.idle_triggered import command, idle_triggered
 from broken_proxies.weak_ssrf import start_weak_proxy
 from ssrf_selection import catalogue_selection
 
+from pytest_sandbox.fixtures.run_order import SESSION_TAIL, tail_order
 from pytest_sandbox.network.harness import start_proxy
 from pytest_sandbox.network.netns import host_can_create_netns
 from pytest_sandbox.probes.after_quiet import (
     CONTROLS,
     DENIALS,
-    SESSION_TAIL,
     QuietWatch,
     QuietWatchError,
     after_quiet_key,
     run_after_quiet,
     snmp_path_of,
-    tail_order,
     tcp_segments,
 )
 from pytest_sandbox.probes.ssrf_exchanges import AttemptExchange, run_ssrf_campaign

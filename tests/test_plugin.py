@@ -83,3 +83,28 @@ def test_scorecard_is_printed_and_merged_under_xdist(pytester):
 
     assert scorecard(serial) == scorecard(parallel)
     assert scorecard(serial)[1][0] == "syscall" and int(scorecard(serial)[1][1]) > 100
+
+
+# Records, in the xdist controller, whether it imported the fixture modules, and whether the fixtures reached
+# the workers (a test below uses one).
+CONTROLLER_RECORDER = """
+import sys
+
+def pytest_sessionfinish(session):
+    if not hasattr(session.config, "workerinput"):
+        loaded = sorted(name for name in sys.modules if name.startswith("pytest_sandbox.fixtures.")
+                        and name.rsplit(".", 1)[1] in ("network", "conformance", "loaded_filter", "sandbox"))
+        print("controller imported:", loaded or "none")
+"""
+
+
+def test_an_xdist_controller_imports_no_fixture_module_and_its_workers_have_every_fixture(pytester):
+    pytester.makeconftest(CONTROLLER_RECORDER)
+    pytester.makepyfile(test_uses_fixtures="def test_policy(sandbox_policy):\n    assert sandbox_policy.name\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-s", "-n", "1", "--sandbox",
+                                           "--sandbox-modes=block", timeout=120)
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*controller imported: none"])
+    # Listed where they are asked for, even by a controller.
+    listing = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "1", "--fixtures", timeout=120)
+    listing.stdout.fnmatch_lines(["sandbox_policy*", "sandbox -- *"])

@@ -16,8 +16,8 @@ from types import SimpleNamespace
 import pytest
 
 from pytest_sandbox.fixtures.distribution import SuiteFileScheduling
+from pytest_sandbox.fixtures.run_order import SESSION_TAIL, work_unit_of, work_unit_order
 from pytest_sandbox.plugin import pytest_xdist_make_scheduler
-from pytest_sandbox.probes.after_quiet import SESSION_TAIL, work_unit_of, work_unit_order
 from pytest_sandbox.report.categories import PROBE_RUN_MODULES
 
 # Test counts of the conformance modules as README's main job selects them (``pytest --collect-only``).

@@ -4,11 +4,11 @@ The conformance suite reaches the proxy in bursts whose pauses are short (the ca
 requests in a second or two). A proxy that refuses special-use destinations only while requests keep coming,
 and lets the first one through after some seconds of silence, passes every burst. So the suite ends its proxy
 traffic with the SSRF campaign and puts the modules that send nothing through the proxy after it
-(:data:`SESSION_TAIL`: the SSRF verdicts being reported, the loaded-filter evaluation, the syscall verdicts),
-then sends :data:`DENIALS` (each with its unmarked twin, as the campaign does) and :data:`CONTROLS` from the
-last test of the session: by then the lab has carried no traffic for as long as that tail took (about 4 s on
-an idle 2-core machine), and never less than :data:`MIN_QUIET_SECONDS` (the test waits out the difference,
-bounded, when a selection or an xdist worker gave it less).
+(``fixtures/run_order.py:SESSION_TAIL``: the SSRF verdicts being reported, the loaded-filter evaluation, the
+syscall verdicts), then sends :data:`DENIALS` (each with its unmarked twin, as the campaign does) and
+:data:`CONTROLS` from the last test of the session: by then the lab has carried no traffic for as long as that
+tail took (about 4 s on an idle 2-core machine), and never less than :data:`MIN_QUIET_SECONDS` (the test
+waits out the difference, bounded, when a selection or an xdist worker gave it less).
 
 "No traffic" is observed, not assumed: :class:`QuietWatch` samples the lab namespace's TCP counters
 (``/proc/<pid>/net/snmp``, the per-namespace TCP MIB of RFC 4022: ``InSegs``/``OutSegs`` count every segment
@@ -28,7 +28,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pytest_sandbox.catalogues.ssrf_cases import SSRF_CASES
@@ -36,7 +36,6 @@ from pytest_sandbox.network.lab.lab import NetworkLab
 from pytest_sandbox.probes.campaign import GRACE_SECONDS
 from pytest_sandbox.probes.ssrf import Attempt, build_attempts
 from pytest_sandbox.probes.ssrf_exchanges import AttemptExchange, SsrfVerdict, run_ssrf_campaign
-from pytest_sandbox.report.categories import PROBE_RUN_MODULES, suite_module
 from pytest_sandbox.verdicts.after_quiet import judge_after_quiet
 from pytest_sandbox.verdicts.judgement import Judgement
 
@@ -44,17 +43,13 @@ __all__ = [
     "CONTROLS",
     "DENIALS",
     "MIN_QUIET_SECONDS",
-    "SESSION_TAIL",
     "AfterQuietRun",
     "QuietWatch",
     "QuietWatchError",
     "after_quiet_key",
     "run_after_quiet",
     "snmp_path_of",
-    "tail_order",
     "tcp_segments",
-    "work_unit_of",
-    "work_unit_order",
 ]
 
 # The least quiet the exchanges are sent after: the suite's own tail gives more when the whole suite runs
@@ -64,55 +59,6 @@ MIN_QUIET_SECONDS = 3.0
 POLL_SECONDS = 0.05
 # How long the test waits for that quiet at most, in multiples of it (traffic that never stops: INDETERMINATE).
 WAIT_LIMIT_FACTOR = 4
-
-# The conformance modules moved to the end of the session, in this order (the others keep theirs, before
-# them): the SSRF module's campaign is the last proxy traffic, its 1,000-odd verdict reports and the next two
-# modules send nothing through the proxy, and the after-quiet exchanges close the session.
-SESSION_TAIL = ("test_ssrf.py", "test_loaded_filter.py", "test_syscalls.py", "test_after_quiet.py")
-AFTER_QUIET_MODULE = SESSION_TAIL[-1]
-
-
-def tail_order(nodeids: Sequence[str], suite_directory: str) -> list[int]:
-    """Indices of ``nodeids`` in run order: tests of :data:`SESSION_TAIL`'s modules in ``suite_directory``
-    moved behind every other test, in the tail's order; everything else keeps its order. Pure."""
-    return sorted(range(len(nodeids)), key=lambda index: _tail_rank(nodeids[index], suite_directory))
-
-
-def work_unit_order(units: Sequence[tuple[str, int]], suite_directory: str) -> list[str]:
-    """The order in which a distributed run hands out its work units (``(test file, tests selected in it)``):
-    the :data:`SESSION_TAIL` modules last, in the tail's order, and the others before them, most tests first.
-    Pure.
-
-    pytest-xdist's ``--dist loadfile`` hands out whole files, most tests first, to whichever worker runs low
-    (``LoadScopeScheduling``), so the tail's order from collection is lost: the after-quiet module went to
-    whichever worker finished last, often right after that worker's allowlist or egress traffic, and waited out
-    :data:`MIN_QUIET_SECONDS` there. Handed out in this order, the worker that gets it last ran the proxy-free
-    modules just before it (its quiet has already passed), and the biggest campaigns start first (longest
-    first: the classic list-scheduling bound on the finish time)."""
-    ranked = sorted(enumerate(units), key=lambda entry: (_tail_rank(entry[1][0], suite_directory),
-                                                         -entry[1][1], entry[0]))
-    return [name for _index, (name, _count) in ranked]
-
-
-def work_unit_of(path: str, suite_directory: str) -> str:
-    """The work unit a test file's tests belong to under ``--dist loadfile``: the file itself, except that the
-    modules of ``suite_directory`` that read the session's probe runs (:data:`PROBE_RUN_MODULES`) form one unit,
-    named by the first of them. Pure.
-
-    Each worker makes the probe runs its tests read, every build of each mode and identity at once
-    (``SandboxSession.outcomes``): the loaded-filter module's agreement check reads the same runs as the syscall
-    module, so on two workers they would be made twice."""
-    module = suite_module(path, suite_directory)
-    if module is not None and module in PROBE_RUN_MODULES:
-        return path[: len(path) - len(module)] + PROBE_RUN_MODULES[0]  # a file path: it ends with that name
-    return path
-
-
-def _tail_rank(nodeid: str, suite_directory: str) -> int:
-    """0 for a test outside the tail, else 1 + its module's place in :data:`SESSION_TAIL`. Pure."""
-    module = suite_module(nodeid, suite_directory)
-    return 1 + SESSION_TAIL.index(module) if module is not None and module in SESSION_TAIL else 0
-
 
 def _attempt(case_id: str, form: str) -> Attempt:
     case = next(case for case in SSRF_CASES if case.case_id == case_id)
