@@ -200,9 +200,10 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_fixture_setup(fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest) -> Any:
-    """Once the proxy under test is up, watch its lab's traffic (how long it was left alone)."""
+    """Once the proxy under test is up, watch its lab's traffic (how long it was left alone); ``--setup-plan``
+    starts no proxy and no lab."""
     result = yield
-    if fixturedef.argname == "sandbox_proxy":
+    if fixturedef.argname == "sandbox_proxy" and not request.config.option.setupplan:
         from pytest_sandbox.fixtures.after_quiet import watch_quiet
 
         watch_quiet(request)

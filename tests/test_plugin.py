@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -108,3 +110,13 @@ def test_an_xdist_controller_imports_no_fixture_module_and_its_workers_have_ever
     # Listed where they are asked for, even by a controller.
     listing = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "1", "--fixtures", timeout=120)
     listing.stdout.fnmatch_lines(["sandbox_policy*", "sandbox -- *"])
+
+
+@pytest.mark.parametrize("option", ["--collect-only", "--setup-plan"])
+def test_a_run_that_runs_no_test_owes_no_verdict(option):
+    """Collecting or planning the suite is not a run that proved nothing: no scorecard, no failure."""
+    result = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--sandbox", option,
+                             "conformance/test_egress.py", "conformance/test_ssrf_self.py"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "scorecard" not in result.stdout and "could not run" not in result.stdout

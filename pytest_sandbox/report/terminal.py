@@ -48,6 +48,8 @@ class ScorecardReporter:
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         if hasattr(session.config, "workerinput"):
             return  # xdist workers send their records to the controller, which judges and reports once
+        if runs_no_test(session.config):
+            return
         if self.scorecard.unproven() and session.exitstatus == pytest.ExitCode.OK:
             # Every test that ran passed, yet a selected category proved nothing: not a green run.
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
@@ -61,6 +63,8 @@ class ScorecardReporter:
                                                         coverage=coverage))
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if runs_no_test(terminalreporter.config):
+            return
         if not self.scorecard.selected and not self.scorecard.counts:
             return  # no conformance test in this run (an application's own tests using the fixtures)
         terminalreporter.write_sep("=", "pytest-sandbox scorecard")
@@ -77,3 +81,9 @@ class ScorecardReporter:
                 f"pytest-sandbox: FAILED: selected tests could not run: {names}. A category that cannot run "
                 "fails the session; to leave one out, deselect it (by file, or -m \"not sandbox_<category>\").",
                 red=True)
+
+
+def runs_no_test(config: pytest.Config) -> bool:
+    """``--collect-only``, ``--setup-plan`` and ``--setup-only`` run no test: no verdict is owed, none is
+    judged and no scorecard is shown."""
+    return bool(config.option.collectonly or config.option.setupplan or config.option.setuponly)
