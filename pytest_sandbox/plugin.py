@@ -17,11 +17,15 @@ from typing import Any
 
 import pytest
 
-from pytest_sandbox.errors import SandboxError
-from pytest_sandbox.fixtures.heap import freeze_long_lived, thaw_at_exit
-from pytest_sandbox.fixtures.run_order import tail_order
-from pytest_sandbox.fixtures.stash import SCORECARD_KEY, SESSION_KEY, UNRUNNABLE_KEY
-from pytest_sandbox.report.categories import (
+from pytest_sandbox.fixtures.rewriting import leave_unrewritten
+
+leave_unrewritten("pytest_sandbox")  # before the package's other modules are imported: fixtures/rewriting.py
+
+from pytest_sandbox.errors import SandboxError  # noqa: E402
+from pytest_sandbox.fixtures.heap import freeze_long_lived, thaw_at_exit  # noqa: E402
+from pytest_sandbox.fixtures.run_order import tail_order  # noqa: E402
+from pytest_sandbox.fixtures.stash import SCORECARD_KEY, SESSION_KEY, UNRUNNABLE_KEY  # noqa: E402
+from pytest_sandbox.report.categories import (  # noqa: E402
     CATEGORIES,
     PROBE_RUN_CATEGORIES,
     SUITE_DIRECTORY,
@@ -30,9 +34,9 @@ from pytest_sandbox.report.categories import (
     category_of,
     marker_name,
 )
-from pytest_sandbox.report.scorecard import LATE_EVIDENCE_PROPERTY, NOT_RUN_PROPERTY, Scorecard
-from pytest_sandbox.report.terminal import ScorecardReporter
-from pytest_sandbox.session import WATCH_AFTER_DEFAULT_SECONDS, SandboxOptions, SandboxSession
+from pytest_sandbox.report.scorecard import LATE_EVIDENCE_PROPERTY, NOT_RUN_PROPERTY, Scorecard  # noqa: E402
+from pytest_sandbox.report.terminal import ScorecardReporter  # noqa: E402
+from pytest_sandbox.session import WATCH_AFTER_DEFAULT_SECONDS, SandboxOptions, SandboxSession  # noqa: E402
 
 # At exit, how long to wait for probe runs still going (each run's own wait is bounded by its target).
 PREFETCH_JOIN_SECONDS = 60.0
