@@ -1,7 +1,8 @@
 """pytest entry point: options, fixtures and hooks only; everything else lives in the package.
 
-The fixtures are registered as one more plugin (``fixtures/registry.py``) at session start, except in an xdist
-controller, which sets none up; the hooks import what they use from ``fixtures/`` only where it runs. The run's
+The fixtures, and the hooks that parametrize and set tests up, are one more plugin (``fixtures/registry.py``)
+registered at session start, except in an xdist controller, which sets none up; the hooks here import what
+they use from ``fixtures/`` only where it runs. The run's
 state is in ``config.stash`` under the keys of ``fixtures/stash.py``; the scorecard's counting, printing and
 report writing is ``report/terminal.py``.
 
@@ -35,7 +36,7 @@ from pytest_sandbox.report.categories import (  # noqa: E402
     marker_name,
 )
 from pytest_sandbox.report.scorecard import LATE_EVIDENCE_PROPERTY, NOT_RUN_PROPERTY, Scorecard  # noqa: E402
-from pytest_sandbox.report.terminal import ScorecardReporter  # noqa: E402
+from pytest_sandbox.report.terminal import ScorecardReporter, runs_no_test  # noqa: E402
 from pytest_sandbox.session import WATCH_AFTER_DEFAULT_SECONDS, SandboxOptions, SandboxSession  # noqa: E402
 
 # At exit, how long to wait for probe runs still going (each run's own wait is bounded by its target).
@@ -125,13 +126,6 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(reporter, "sandbox-scorecard")
 
 
-def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    from pytest_sandbox.fixtures.conformance import parametrize_from_session  # not in an xdist controller
-
-    parametrize_from_session(metafunc, (("syscall_denial", "denial"), ("syscall_control", "control")),
-                             lambda session, kind: session.syscall_params(kind))
-
-
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark each conformance test with its category, before ``-m`` deselects (hence tryfirst); run the modules
@@ -169,11 +163,10 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 
 def register_fixtures(config: pytest.Config) -> None:
-    """The plugin's fixtures (``fixtures/registry.py``), once per config."""
-    if not config.pluginmanager.has_plugin(FIXTURES_PLUGIN):
-        from pytest_sandbox.fixtures import registry
+    """The plugin's fixtures and the hooks that set tests up (``fixtures/registry.py``)."""
+    from pytest_sandbox.fixtures import registry
 
-        config.pluginmanager.register(registry, FIXTURES_PLUGIN)
+    config.pluginmanager.register(registry, FIXTURES_PLUGIN)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -181,7 +174,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     reference's probe runs now, beside the tests before them (not in an xdist worker, which may be given none
     of them)."""
     running = session.config.stash.get(SESSION_KEY, None)
-    if running is None or session.config.option.collectonly:
+    if running is None or runs_no_test(session.config):
         return
     freeze_long_lived()
     if hasattr(session.config, "workerinput"):
@@ -200,28 +193,6 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     """Keep pytest's final collections off what the session made (its reports, the campaigns' verdicts)."""
     if SESSION_KEY in config.stash:
         freeze_long_lived()
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_fixture_setup(fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest) -> Any:
-    """Once the proxy under test is up, watch its lab's traffic (how long it was left alone); ``--setup-plan``
-    starts no proxy and no lab."""
-    result = yield
-    if fixturedef.argname == "sandbox_proxy" and not request.config.option.setupplan:
-        from pytest_sandbox.fixtures.after_quiet import watch_quiet
-
-        watch_quiet(request)
-    return result
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_runtest_setup(item: pytest.Item) -> None:
-    """A third party's tunnel tests need its interception CA (``--sandbox-proxy-ca``): not run without it."""
-    from pytest_sandbox.fixtures.network import interception_missing
-
-    missing = interception_missing(item)
-    if missing is not None:
-        raise CategoryNotRun(missing)
 
 
 @pytest.hookimpl(wrapper=True)

@@ -241,6 +241,11 @@ class SandboxSession:
         self._prefetch = threading.Thread(target=run_all, name="sandbox-probe-prefetch", daemon=True)
         self._prefetch.start()
 
+    @property
+    def prefetching(self) -> bool:
+        """Whether :meth:`prefetch` started the background runs."""
+        return self._prefetch is not None
+
     def finish_prefetch(self, timeout: float) -> None:
         """Wait (at most ``timeout``) for the background runs: none is left launching at exit."""
         if self._prefetch is not None:

@@ -120,3 +120,31 @@ def test_a_run_that_runs_no_test_owes_no_verdict(option):
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "scorecard" not in result.stdout and "could not run" not in result.stdout
+
+
+PREFETCH_RECORDER = """
+from pytest_sandbox.fixtures.stash import SESSION_KEY
+
+
+def pytest_sessionfinish(session):
+    running = session.config.stash.get(SESSION_KEY, None)
+    print("probe runs started:", running is not None and running.prefetching)
+"""
+
+
+@pytest.mark.parametrize(("option", "started"), [("--setup-plan", False), ("--setup-only", False),
+                                                  ("--collect-only", False), (None, True)])
+def test_probe_runs_start_early_only_where_tests_run(tmp_path, option, started):
+    """The reference's probe runs are started beside the first tests (``SandboxSession.prefetch``) only
+    when the syscall tests will run: planning or listing them launches no sandbox."""
+    (tmp_path / "prefetch_recorder.py").write_text(PREFETCH_RECORDER)
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    selection = "conformance/test_syscalls.py"
+    if started:
+        selection += "::test_ordinary_work_still_functions"
+    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "prefetch_recorder", "-q", "-s",
+               "--sandbox", "--sandbox-modes=block", "--sandbox-identities=current", selection]
+    result = subprocess.run(command + ([option] if option else []), cwd=ROOT, env=environment,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"probe runs started: {started}" in result.stdout, result.stdout
