@@ -2,8 +2,9 @@
 
 The process runs under the reference launcher in proxy mode (``sandbox_proxied``: its own network
 namespace, the proxy on 127.0.0.1:3128 there). One probe run reports where it runs and tries every
-target; the harness listens where a launcher that isolates nothing would let it arrive (the host's
-loopback, the lab's catch-all), so a broken launcher cannot earn BLOCKED (see
+target, over TCP and with a UDP datagram; the harness listens where a launcher that isolates nothing
+would let it arrive (the host's loopback, the lab's catch-all and UDP sockets), so a broken launcher
+cannot earn BLOCKED (see
 :mod:`pytest_sandbox.probes.egress`). A direct attempt is BLOCKED only if it failed with an errno in
 the namespace made for the process and nothing saw it; a timeout is INDETERMINATE. The positive
 control: a request through the proxy's address reaches a lab origin. Runs only with ``--sandbox``.
@@ -13,11 +14,19 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_sandbox.probes.egress import DIRECT_TARGETS, EgressEvidence, run_egress_probe
+from pytest_sandbox.probes.egress import (
+    DIRECT_TARGETS,
+    HOST_LOOPBACK_ADDRESSES,
+    TRANSPORTS,
+    EgressEvidence,
+    host_loopback_target_id,
+    run_egress_probe,
+)
 
 # The lab, proxied-sandbox and verdict fixtures come from the plugin.
 
-HOST_LOOPBACK = ("direct-host-loopback-v4", "direct-host-loopback-v6")
+HOST_LOOPBACK = tuple(host_loopback_target_id(transport, address)
+                      for transport in TRANSPORTS for address, _family in HOST_LOOPBACK_ADDRESSES)
 TARGET_IDS = (*HOST_LOOPBACK, *(target.target_id for target in DIRECT_TARGETS))
 
 
@@ -38,8 +47,9 @@ def test_sandboxed_process_cannot_connect_directly(target_id, egress_evidence, n
     if target_id not in egress_evidence.direct:
         pytest.skip(f"{target_id}: this host has no such loopback address to listen on")
     target, judgement = egress_evidence.direct[target_id]
-    network_verdict("egress", target_id, judgement,
-                    f"connect(({target.address!r}, {target.port})) from the sandbox ({target.what})")
+    attempt = (f"a UDP datagram to ({target.address!r}, {target.port})" if target.transport == "udp"
+               else f"connect(({target.address!r}, {target.port}))")
+    network_verdict("egress", target_id, judgement, f"{attempt} from the sandbox ({target.what})")
 
 
 def test_sandboxed_process_reaches_a_lab_origin_through_its_proxy(egress_evidence, network_verdict):

@@ -35,14 +35,20 @@ PUBLIC_ORIGIN = "11.0.0.10"  # the lab origin the proxy control must reach
 
 @dataclass(frozen=True)
 class EgressTarget:
-    """One direct connection the sandboxed process attempts. ``loopback`` targets never leave the
-    machine, so they are attempted from any namespace; the others only from one the harness made."""
+    """One direct connection (``tcp``) or datagram (``udp``) the sandboxed process attempts. ``loopback``
+    targets never leave the machine, so they are attempted from any namespace; the others only from one the
+    harness made."""
 
     target_id: str
     address: str
     port: int
     what: str
     loopback: bool = False
+    transport: str = "tcp"  # tcp | udp
+
+    @property
+    def attempt(self) -> str:
+        return "UDP datagram" if self.transport == "udp" else "connection"
 
 
 @dataclass(frozen=True)
@@ -62,13 +68,19 @@ class Namespaces:
 
 @dataclass(frozen=True)
 class TargetOutcome:
-    kind: str  # connected | errno | timeout | skipped | missing
+    """What the probe met: ``connected`` (a TCP connect, or a UDP reply), ``errno`` (at ``stage``: connect, send
+    or recv; a UDP ECONNREFUSED at recv is an ICMP port unreachable, RFC 1122 §4.1.3.3), ``timeout`` (TCP),
+    ``sent`` (a UDP datagram left without error and nothing answered), ``skipped`` or ``missing``."""
+
+    kind: str
     errno: int | None = None
+    stage: str = "connect"
 
     def describe(self) -> str:
         if self.kind == "errno" and self.errno is not None:
-            return f"connect failed with {errno_module.errorcode.get(self.errno, str(self.errno))}"
+            return f"{self.stage} failed with {errno_module.errorcode.get(self.errno, str(self.errno))}"
         return {"connected": "connected", "timeout": "connect timed out", "missing": "no result",
+                "sent": "datagram sent without error, no reply and no refusal",
                 "skipped": "not attempted (not in a namespace the harness made)"}.get(self.kind, self.kind)
 
 
@@ -84,8 +96,8 @@ class ProbeReport:
 
 
 NAMESPACE_EXPECTED = "the process runs in the network namespace the harness made for it (not the host's or the lab's)"
-DIRECT_EXPECTED = ("connect fails with an errno in the namespace made for the process, and no listener (host "
-                   "loopback, lab) sees it")
+DIRECT_EXPECTED = ("connect (a UDP datagram: connect, send or the wait for a reply) fails with an errno in the "
+                   "namespace made for the process, and no listener (host loopback, lab) sees it")
 PROXY_EXPECTED = "a GET through the proxy's address reaches the lab origin (200 from it, request recorded)"
 
 
@@ -116,10 +128,11 @@ def judge_direct(target: EgressTarget, report: ProbeReport, namespaces: Namespac
                                                                         "saw it") + (f" ({report.error})"
                                                                                     if report.error else "")
     if seen:
-        return Judgement(Verdict.ALLOWED, f"direct connection to the {target.what} reached {seen}",
+        return Judgement(Verdict.ALLOWED, f"direct {target.attempt} to the {target.what} reached {seen}",
                              DIRECT_EXPECTED, observed)
     if outcome.kind == "connected":
-        return Judgement(Verdict.ALLOWED, f"direct connection to the {target.what} succeeded", DIRECT_EXPECTED,
+        return Judgement(Verdict.ALLOWED, f"direct {target.attempt} to the {target.what} "
+                             f"{'was answered' if target.transport == 'udp' else 'succeeded'}", DIRECT_EXPECTED,
                              observed)
     if report.netns == namespaces.host:
         return Judgement(Verdict.ALLOWED, f"the process shares the host's network namespace: nothing stands "
@@ -136,8 +149,15 @@ def judge_direct(target: EgressTarget, report: ProbeReport, namespaces: Namespac
     if report.netns != namespaces.own:
         return Judgement(Verdict.INDETERMINATE, f"refused, but in {where} namespace, which the harness did not "
                              "make for the process", DIRECT_EXPECTED, observed)
-    return Judgement(Verdict.BLOCKED, f"direct connect refused ({outcome.describe()}) in the process's own "
-                         "namespace", DIRECT_EXPECTED, observed)
+    if target.transport == "udp" and outcome.stage == "recv" and not target.loopback:
+        # The datagram left: an ICMP error came back (RFC 1122 §4.1.3.3), which a REJECT rule on its way and a
+        # host it reached both send. Only the loopback targets' ICMP is known to come from the process's own
+        # namespace (no host listener saw the datagram).
+        return Judgement(Verdict.INDETERMINATE, f"the datagram was sent and an ICMP error came back "
+                             f"({outcome.describe()}): from a filter or from a host it reached", DIRECT_EXPECTED,
+                             observed)
+    return Judgement(Verdict.BLOCKED, f"direct {target.attempt} refused ({outcome.describe()}) in the process's "
+                         "own namespace", DIRECT_EXPECTED, observed)
 
 
 def judge_proxy_control(report: ProbeReport, reached_origin: int) -> Judgement:
