@@ -179,7 +179,8 @@ def parse_report(returncode: int, stdout: bytes, stderr: bytes) -> ProbeReport:
 # --------------------------------------------------------------------------------------------------
 
 
-# The kinds of host loopback listener: a TCP listener sees a connection, a UDP socket a datagram.
+# Where the host's loopback listeners sit, one of each transport per address: a TCP listener sees a connection, a
+# UDP socket a datagram.
 HOST_LOOPBACK_ADDRESSES = (("127.0.0.1", socket.AF_INET), ("::1", socket.AF_INET6))
 TRANSPORTS = ("tcp", "udp")
 
