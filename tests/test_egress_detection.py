@@ -26,6 +26,7 @@ import pytest
 
 from pytest_sandbox.network.harness import ProxiedSandbox
 from pytest_sandbox.network.lab.lab import NetworkLab
+from pytest_sandbox.network.lab.wired import wire_into_lab
 from pytest_sandbox.network.netns import NetnsHolder
 from pytest_sandbox.probes.egress import (
     DIRECT_TARGETS,
@@ -80,40 +81,18 @@ table inet tcp_only {
 @dataclass
 class TcpOnlyFilterLauncher:
     """A broken launcher: the namespace made for the process has a veth pair into the lab and default routes
-    through it, and its filter (:data:`TCP_ONLY_FILTER`) refuses TCP only, as a firewall written for the
-    proxy's port and nothing else would. A harness that probed only TCP would call it BLOCKED everywhere.
-
-    Both ends' neighbours are fixed (``nud permanent``), so no ARP or neighbour discovery is waited for, and the
-    lab's end takes packets from a source address it counts as its own (``accept_local``: the lab routes every
-    address to itself). Every packet stays in the two namespaces the harness made.
+    through it (:func:`wire_into_lab`), and its filter (:data:`TCP_ONLY_FILTER`) refuses TCP only, as a firewall
+    written for the proxy's port and nothing else would. A harness that probed only TCP would call it BLOCKED
+    everywhere. Every packet stays in the two namespaces the harness made.
     """
 
     namespace: NetnsHolder
     lab: NetworkLab
 
     def __post_init__(self) -> None:
-        def inside(holder: NetnsHolder, *argv: str) -> str:
-            done = holder.run(list(argv), capture_output=True, text=True, timeout=30, check=False)
-            assert done.returncode == 0, f"{argv}: {done.stderr}"
-            return str(done.stdout)
-
-        own, lab = self.namespace, self.lab.holder
-        inside(own, "ip", "link", "add", "egress-own", "type", "veth", "peer", "name", "egress-lab", "netns",
-               str(lab.pid))
-        inside(lab, "sysctl", "-q", "-w", "net.ipv4.conf.egress-lab.accept_local=1",
-               "net.ipv4.conf.egress-lab.rp_filter=0")
-        inside(lab, "ip", "link", "set", "egress-lab", "up")
-        link = inside(lab, "ip", "-o", "link", "show", "egress-lab").split()
-        lab_mac = link[link.index("link/ether") + 1]
-        inside(own, "ip", "link", "set", "egress-own", "up")
-        inside(own, "ip", "address", "add", "192.0.2.2/24", "dev", "egress-own")
-        inside(own, "ip", "-6", "address", "add", "2001:db8:e::2/64", "dev", "egress-own", "nodad")
-        for gateway in ("192.0.2.1", "fe80::1"):
-            inside(own, "ip", "neigh", "replace", gateway, "lladdr", lab_mac, "dev", "egress-own", "nud", "permanent")
-        inside(own, "ip", "route", "add", "default", "via", "192.0.2.1", "dev", "egress-own")
-        inside(own, "ip", "-6", "route", "add", "default", "via", "fe80::1", "dev", "egress-own")
-        nft = own.run(["nft", "-f", "-"], input=TCP_ONLY_FILTER, capture_output=True, text=True, timeout=30,
-                      check=False)
+        wire_into_lab(self.namespace, self.lab, link="egress")
+        nft = self.namespace.run(["nft", "-f", "-"], input=TCP_ONLY_FILTER, capture_output=True, text=True,
+                                 timeout=30, check=False)
         assert nft.returncode == 0, nft.stderr
 
     def run(self, argv: Sequence[str], *, timeout: float | None = None) -> Any:
@@ -121,7 +100,7 @@ class TcpOnlyFilterLauncher:
 
 
 def _verdicts(evidence: EgressEvidence) -> dict[str, Verdict]:
-    found = {"netns-own": evidence.namespace.verdict, "proxy-control": evidence.proxy_control.verdict}
+    found = {"netns-own": evidence.namespace.verdict, "proxy-control": evidence.control.verdict}
     found.update({target_id: judgement.verdict for target_id, (_t, judgement) in evidence.direct.items()})
     return found
 
@@ -144,7 +123,7 @@ def test_launcher_that_isolates_nothing_earns_no_blocked_and_is_named(_network_l
     _target, metadata = evidence.direct["direct-169.254.169.254"]
     assert metadata.verdict is Verdict.ALLOWED
     assert "not attempted" in metadata.observed  # the probe never dials off the host from the host
-    assert evidence.proxy_control.verdict is Verdict.BROKEN
+    assert evidence.control.verdict is Verdict.BROKEN
 
 
 def test_launcher_that_joins_the_lab_earns_no_blocked_and_is_named(_network_lab, scratch_namespace):
@@ -181,7 +160,7 @@ def test_reference_launcher_in_proxy_mode_is_blocked_everywhere_and_reaches_its_
         _network_lab, sandbox_proxied: ProxiedSandbox):
     evidence = run_egress_probe(sandbox_proxied, _network_lab, sandbox_proxied.holder.netns_id)
     verdicts = _verdicts(evidence)
-    assert verdicts.pop("proxy-control") is Verdict.WORKS, evidence.proxy_control
+    assert verdicts.pop("proxy-control") is Verdict.WORKS, evidence.control
     assert set(verdicts.values()) == {Verdict.BLOCKED}, {k: evidence.direct[k][1] for k in evidence.direct}
     assert {"direct-host-loopback-v4", "direct-udp-host-loopback-v4", *(t.target_id for t in DIRECT_TARGETS)} <= set(
         verdicts)

@@ -53,8 +53,10 @@ def test_wheel_only_install_runs_the_conformance_suite_against_bubblewrap(wheel,
         (tmp_path / f"filter{index}.bpf").write_bytes(program)
         lines.append(f"exec {3 + index}<{tmp_path / f'filter{index}.bpf'}")
         flags.append(f"--add-seccomp-fd {3 + index}")
-    # its own PID namespace and /proc, as tests/test_bubblewrap.py runs it: with the host's, the witness rows fail
-    lines.append(f'exec bwrap --dev-bind / / --unshare-pid --proc /proc --die-with-parent {" ".join(flags)} -- "$@"')
+    # its own PID namespace and /proc, as tests/test_bubblewrap.py runs it: with the host's, the witness rows fail;
+    # its own network namespace, as a proxy-mode sandbox has: the egress category judges this launcher
+    lines.append(f'exec bwrap --dev-bind / / --unshare-pid --unshare-net --proc /proc --die-with-parent '
+                 f'{" ".join(flags)} -- "$@"')
     launcher.write_text("\n".join(lines) + "\n")
     launcher.chmod(0o755)
 
@@ -69,3 +71,4 @@ def test_wheel_only_install_runs_the_conformance_suite_against_bubblewrap(wheel,
     assert "pytest-sandbox scorecard" in completed.stdout
     text = report.read_text()
     assert "| syscall |" in text and "| ssrf |" in text
+    assert f"- **egress**: the launcher --sandbox-exec '{launcher}'" in text

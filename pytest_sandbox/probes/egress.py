@@ -37,13 +37,17 @@ import contextlib
 import json
 import os
 import secrets
+import signal
 import socket
-from collections.abc import Iterator, Sequence
+import subprocess
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from pytest_sandbox import guardian
 from pytest_sandbox.network.lab.lab import NetworkLab
-from pytest_sandbox.network.netns import NetnsId
+from pytest_sandbox.network.netns import NetnsHolder, NetnsId
+from pytest_sandbox.probes.syscall import ExecTarget
 from pytest_sandbox.verdicts.egress import (
     PROXY_EXPECTED,
     PUBLIC_ORIGIN,
@@ -52,6 +56,7 @@ from pytest_sandbox.verdicts.egress import (
     ProbeReport,
     TargetOutcome,
     judge_direct,
+    judge_loopback_control,
     judge_namespace,
     judge_proxy_control,
 )
@@ -66,12 +71,16 @@ __all__ = [
     "HostListeners",
     "LabDatagramListeners",
     "Launcher",
+    "StandInLauncher",
     "host_loopback_target_id",
     "parse_report",
     "run_egress_probe",
 ]
 
 CONNECT_TIMEOUT_SECONDS = 2.0
+# How long a datagram's sender waits for an answer or an ICMP error: both come from this machine (a namespace of
+# the harness's), within milliseconds, so a datagram that left unanswered costs a fraction of a connect timeout.
+UDP_REPLY_WAIT_SECONDS = 0.5
 RUN_TIMEOUT_SECONDS = 20.0
 PROXY_ADDRESS = ("127.0.0.1", 3128)
 HOST_NETNS_PATH = "/proc/self/ns/net"
@@ -98,15 +107,39 @@ IP_FREEBIND = 15
 
 # Runs inside the sandbox (python3 -S, stdlib only). Argument: a JSON plan. Prints one JSON line.
 # The safety gate is here, in the process itself: a non-loopback destination (and the proxy, which
-# would dial on its behalf) is attempted only if this process's own network namespace is one of
-# those the harness made.
+# would dial on its behalf) is attempted only where no packet can leave the machine: in a network
+# namespace the harness made (its identity is in the plan), or in one whose every interface is a
+# loopback (SIOCGIFFLAGS IFF_LOOPBACK, netdevice(7)), where a non-local destination has no route.
+# The namespace's identity comes from /proc/self/ns/net, else from SIOCGSKNS on a socket (Linux 4.9+;
+# it needs CAP_NET_ADMIN there), else it is unknown.
 EGRESS_PROBE = r"""
-import errno, json, os, socket, sys
+import errno, fcntl, json, os, socket, struct, sys
 plan = json.loads(sys.argv[1])
-info = os.stat("/proc/self/ns/net")
-netns = [info.st_dev, info.st_ino]
-inside = netns in plan["harness_namespaces"]
-report = {"netns": netns, "results": {}, "proxy": None}
+SIOCGIFFLAGS, SIOCGSKNS, IFF_LOOPBACK = 0x8913, 0x894C, 0x8
+def namespace():
+    try:
+        info = os.stat("/proc/self/ns/net")
+    except OSError:
+        try:
+            with socket.socket() as probe:
+                fd = fcntl.ioctl(probe.fileno(), SIOCGSKNS, 0)
+            info = os.fstat(fd)
+            os.close(fd)
+        except OSError:
+            return None
+    return [info.st_dev, info.st_ino]
+def interfaces():
+    try:
+        names = [name for _index, name in socket.if_nameindex()]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as query:
+            return [[name, bool(struct.unpack_from("16sH", fcntl.ioctl(
+                query.fileno(), SIOCGIFFLAGS, struct.pack("16sH", name.encode()[:15], 0)))[1] & IFF_LOOPBACK)]
+                for name in names]
+    except OSError:
+        return None
+netns, links = namespace(), interfaces()
+inside = netns in plan["harness_namespaces"] or bool(links and all(loop for _name, loop in links))
+report = {"netns": netns, "interfaces": links, "results": {}, "proxy": None, "loopback_control": None}
 for target in plan["targets"]:
     if not (target["loopback"] or inside):
         report["results"][target["id"]] = {"kind": "skipped"}
@@ -122,6 +155,7 @@ for target in plan["targets"]:
         sock.sendall(("EGRESS %s %s\r\n\r\n" % (plan["nonce"], target["id"])).encode())
         if udp:  # a connected UDP socket reports an ICMP unreachable as an errno of its next call
             stage = "recv"
+            sock.settimeout(plan["reply_wait"])
             sock.recv(512)
         report["results"][target["id"]] = {"kind": "connected"}
     except socket.timeout:
@@ -146,6 +180,21 @@ if plan["proxy"] and inside:
         report["proxy"] = {"status_line": head[0], "origin": fields.get("x-lab-origin")}
     except OSError as e:
         report["proxy"] = {"error": "%s: %s" % (type(e).__name__, e)}
+if plan["loopback_control"]:
+    # Ordinary networking inside the process's own namespace: a TCP round trip over its loopback.
+    try:
+        with socket.socket() as server:
+            server.settimeout(plan["timeout"])
+            server.bind(("127.0.0.1", 0))
+            server.listen(1)
+            with socket.create_connection(server.getsockname(), timeout=plan["timeout"]) as client:
+                peer, _ = server.accept()
+                with peer:
+                    client.sendall(plan["nonce"].encode())
+                    echoed = peer.recv(256)
+        report["loopback_control"] = {"echoed": echoed.decode("latin-1")}
+    except OSError as e:
+        report["loopback_control"] = {"error": "%s: %s" % (type(e).__name__, e)}
 print(json.dumps(report))
 """
 
@@ -171,7 +220,10 @@ def parse_report(returncode: int, stdout: bytes, stderr: bytes) -> ProbeReport:
     netns = raw.get("netns")
     outcomes = {str(key): TargetOutcome(str(value.get("kind")), value.get("errno"), str(value.get("stage", "connect")))
                 for key, value in dict(raw.get("results") or {}).items()}
-    return ProbeReport((int(netns[0]), int(netns[1])) if netns else None, outcomes, raw.get("proxy"))
+    links = raw.get("interfaces")
+    interfaces = None if links is None else tuple((str(name), bool(loopback)) for name, loopback in links)
+    return ProbeReport((int(netns[0]), int(netns[1])) if netns else None, outcomes, raw.get("proxy"),
+                       interfaces=interfaces, loopback_control=raw.get("loopback_control"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -203,12 +255,14 @@ class HostListeners:
 
     @classmethod
     @contextlib.contextmanager
-    def open(cls) -> Iterator[HostListeners]:
+    def open(cls, new_socket: Callable[[int, int], socket.socket] = socket.socket) -> Iterator[HostListeners]:
+        """Listen through ``new_socket(family, type)``: the harness's own namespace by default, or (a
+        :meth:`NetnsHolder.socket`) the namespace standing in for the host."""
         listeners = cls()
         try:
             for transport in TRANSPORTS:
                 for address, family in HOST_LOOPBACK_ADDRESSES:
-                    sock = socket.socket(family, socket.SOCK_DGRAM if transport == "udp" else socket.SOCK_STREAM)
+                    sock = new_socket(family, socket.SOCK_DGRAM if transport == "udp" else socket.SOCK_STREAM)
                     try:
                         sock.bind((address, 0))
                     except OSError:  # no ::1 on this host: that target is left out
@@ -290,27 +344,40 @@ class EgressPlan:
     proxy: tuple[str, int] | None = PROXY_ADDRESS
     timeout: float = CONNECT_TIMEOUT_SECONDS
     nonce: str = field(default_factory=lambda: f"egress-{secrets.token_hex(8)}")
+    loopback_control: bool = False
+    reply_wait: float = UDP_REPLY_WAIT_SECONDS
 
     def argv(self) -> list[str]:
         plan = {
             "targets": [{"id": t.target_id, "address": t.address, "port": t.port, "loopback": t.loopback,
                          "transport": t.transport} for t in self.targets],
-            "harness_namespaces": [list(self.namespaces.own), list(self.namespaces.lab)],
+            "harness_namespaces": [list(netns) for netns in self.namespaces.harness_made],
             "timeout": self.timeout, "nonce": self.nonce, "proxy": list(self.proxy) if self.proxy else None,
             "proxy_request": (f"GET http://{PUBLIC_ORIGIN}/egress-probe/{self.nonce} HTTP/1.1\r\n"
                               f"Host: {PUBLIC_ORIGIN}\r\nConnection: close\r\n\r\n"),
+            "loopback_control": self.loopback_control, "reply_wait": self.reply_wait,
         }
         return ["python3", "-S", "-c", EGRESS_PROBE, json.dumps(plan)]
 
 
 @dataclass(frozen=True)
 class EgressEvidence:
-    """One probe run and what the harness's listeners saw: every verdict of the category."""
+    """One probe run and what the harness's listeners saw: every verdict of the category. ``control`` is the
+    positive control: the proxy's (``proxy-control``, the reference launcher) or the process's own loopback
+    (``loopback-control``, a third party's launcher, whose proxy the harness does not know)."""
 
     report: ProbeReport
     namespace: Judgement
     direct: dict[str, tuple[EgressTarget, Judgement]]
-    proxy_control: Judgement
+    control: Judgement
+    control_id: str = "proxy-control"
+
+    @property
+    def control_attempt(self) -> str:
+        if self.control_id == "loopback-control":
+            return "a TCP round trip over 127.0.0.1 inside the sandbox"
+        return f"GET http://{PUBLIC_ORIGIN}/ through the proxy at {PROXY_ADDRESS[0]}:{PROXY_ADDRESS[1]} in the " \
+               "sandbox's namespace"
 
 
 def host_netns() -> NetnsId:
@@ -318,13 +385,47 @@ def host_netns() -> NetnsId:
     return (info.st_dev, info.st_ino)
 
 
-def run_egress_probe(launcher: Launcher, lab: NetworkLab, own_netns: NetnsId, *,
+@dataclass
+class StandInLauncher:
+    """A third party's launcher (``--sandbox-exec PREFIX``), started in a namespace of the harness's wired into the
+    lab (``stand_in``), which takes the host's place: a launcher that isolates nothing leaves its process there,
+    where every lab address is reachable and watched, and nothing it sends can leave the machine.
+
+    The launcher's contract is the syscall category's: ``PREFIX python3 -S -`` with the program on stdin.
+    """
+
+    target: ExecTarget
+    stand_in: NetnsHolder
+
+    def run(self, argv: Sequence[str], *, timeout: float | None = None) -> subprocess.CompletedProcess[bytes]:
+        interpreter, *flags, program = argv[:4]
+        if (interpreter, *flags) != ("python3", "-S", "-c"):
+            raise ValueError(f"expected python3 -S -c PROGRAM ARGS..., got {list(argv)[:3]}")
+        source = f"import sys\nsys.argv[1:] = {list(argv[4:])!r}\n{program}"
+        command = [*self.stand_in.nsenter_prefix(), *self.target.argv]
+        try:
+            return guardian.run(command, input=source.encode(), timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return subprocess.CompletedProcess(command, -signal.SIGKILL, b"",
+                                               f"the launcher ran past {timeout:g} s and was killed".encode())
+
+
+def run_egress_probe(launcher: Launcher, lab: NetworkLab, own_netns: NetnsId | None, *,
                      direct: Sequence[EgressTarget] = DIRECT_TARGETS,
-                     proxy: tuple[str, int] | None = PROXY_ADDRESS) -> EgressEvidence:
-    """Run the probe once under ``launcher`` and judge every target, the namespace and the proxy control."""
-    namespaces = Namespaces(host_netns(), lab.netns_id, own_netns)
-    with HostListeners.open() as listeners, LabDatagramListeners.open(lab, direct) as lab_datagrams:
-        plan = EgressPlan((*listeners.targets(), *direct), namespaces, proxy)
+                     proxy: tuple[str, int] | None = PROXY_ADDRESS,
+                     stand_in: NetnsHolder | None = None) -> EgressEvidence:
+    """Run the probe once under ``launcher`` and judge every target, the namespace and the positive control.
+
+    ``own_netns`` is the namespace the harness made for the process (the reference launcher); with ``stand_in``
+    instead (a third party's :class:`StandInLauncher`) the host's loopback listeners sit in that namespace, the
+    process's namespace is judged by what it holds, and the control is a round trip over its own loopback."""
+    if (own_netns is None) == (stand_in is None):
+        raise ValueError("give the namespace made for the process or the one its launcher starts in, not both")
+    namespaces = Namespaces(host_netns(), lab.netns_id, own_netns,
+                            None if stand_in is None else stand_in.netns_id)
+    listener_socket = socket.socket if stand_in is None else stand_in.socket
+    with HostListeners.open(listener_socket) as listeners, LabDatagramListeners.open(lab, direct) as lab_datagrams:
+        plan = EgressPlan((*listeners.targets(), *direct), namespaces, proxy, loopback_control=stand_in is not None)
         mark = lab.hit_mark()
         result = launcher.run(plan.argv(), timeout=RUN_TIMEOUT_SECONDS)
         report = parse_report(result.returncode, result.stdout, result.stderr)
@@ -352,7 +453,11 @@ def run_egress_probe(launcher: Launcher, lab: NetworkLab, own_netns: NetnsId, *,
     # Its request to the proxy's address lands on the catch-all too when no proxy listens there.
     used += [hit.index for hit in hits if plan.nonce.encode() in hit.received]
     lab.account(used, by=f"egress probe {plan.nonce}")
+    namespace = judge_namespace(report, namespaces)
+    if stand_in is not None:
+        return EgressEvidence(report, namespace, judged, judge_loopback_control(report, plan.nonce),
+                              "loopback-control")
     reached = [request for request in lab.origin_requests(PUBLIC_ORIGIN) if plan.nonce in request.target]
     control = judge_proxy_control(report, len(reached)) if proxy is not None else Judgement(
         Verdict.INDETERMINATE, "no proxy in the process's namespace", PROXY_EXPECTED, "")
-    return EgressEvidence(report, judge_namespace(report, namespaces), judged, control)
+    return EgressEvidence(report, namespace, judged, control)

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DIRECT_EXPECTED",
+    "LAUNCHER_NAMESPACE_EXPECTED",
+    "LOOPBACK_EXPECTED",
     "NAMESPACE_EXPECTED",
     "PROXY_EXPECTED",
     "PUBLIC_ORIGIN",
@@ -26,6 +28,7 @@ __all__ = [
     "ProbeReport",
     "TargetOutcome",
     "judge_direct",
+    "judge_loopback_control",
     "judge_namespace",
     "judge_proxy_control",
 ]
@@ -53,17 +56,39 @@ class EgressTarget:
 
 @dataclass(frozen=True)
 class Namespaces:
-    """The namespaces the harness can name: the host's (its own), the lab's, the one made for the process."""
+    """The namespaces the harness can name: the host's (its own), the lab's, and either the one it made for the
+    process (``own``: the reference launcher) or the one it started a third party's launcher in (``stand_in``,
+    wired into the lab: ``network/lab/wired.py``), which makes the process's namespace its own business."""
 
     host: NetnsId
     lab: NetnsId
-    own: NetnsId
+    own: NetnsId | None
+    stand_in: NetnsId | None = None
+
+    @property
+    def harness_made(self) -> tuple[NetnsId, ...]:
+        """Where the probe may dial off-host destinations: every packet there stays in the harness's namespaces."""
+        return tuple(netns for netns in (self.own, self.stand_in, self.lab) if netns is not None)
 
     def name(self, netns: NetnsId | None) -> str:
         if netns is None:
-            return "unknown"
-        return {self.own: "its own (made by the harness)", self.host: "the host's",
-                self.lab: "the lab's"}.get(netns, f"an unknown one (inode {netns[1]})")
+            return "an unknown"
+        names = {self.host: "the host's", self.lab: "the lab's"}
+        if self.own is not None:
+            names[self.own] = "its own (made by the harness)"
+        if self.stand_in is not None:
+            names[self.stand_in] = "the stand-in host's (the harness's, where its launcher started, wired into the lab)"
+        return names.get(netns, f"a launcher-made (inode {netns[1]})" if self.own is None
+                         else f"an unknown one (inode {netns[1]})")
+
+    def isolated(self, report: ProbeReport) -> bool:
+        """Did the process run where nothing but its own loopback is reachable? With the reference launcher: in
+        the namespace made for it. With a third party's: in a namespace that is none of the harness's and whose
+        every interface is a loopback (a namespace a launcher made that holds only ``lo``)."""
+        if self.own is not None:
+            return report.netns == self.own
+        return (report.netns is not None and report.netns not in (self.host, self.lab, self.stand_in)
+                and report.loopback_only)
 
 
 @dataclass(frozen=True)
@@ -81,7 +106,8 @@ class TargetOutcome:
             return f"{self.stage} failed with {errno_module.errorcode.get(self.errno, str(self.errno))}"
         return {"connected": "connected", "timeout": "connect timed out", "missing": "no result",
                 "sent": "datagram sent without error, no reply and no refusal",
-                "skipped": "not attempted (not in a namespace the harness made)"}.get(self.kind, self.kind)
+                "skipped": "not attempted (from where it runs, a packet could leave the machine)",
+                }.get(self.kind, self.kind)
 
 
 @dataclass(frozen=True)
@@ -90,34 +116,58 @@ class ProbeReport:
     outcomes: dict[str, TargetOutcome]
     proxy: dict[str, Any] | None
     error: str = ""  # why the probe did not report (non-zero exit, no JSON)
+    interfaces: tuple[tuple[str, bool], ...] | None = None  # (name, is a loopback) in the process's namespace
+    loopback_control: dict[str, Any] | None = None  # the TCP round trip over its own loopback, when asked
 
     def outcome(self, target_id: str) -> TargetOutcome:
         return self.outcomes.get(target_id, TargetOutcome("missing"))
 
+    @property
+    def loopback_only(self) -> bool:
+        return bool(self.interfaces) and all(loopback for _name, loopback in self.interfaces or ())
+
+    def describe_interfaces(self) -> str:
+        if self.interfaces is None:
+            return "its interfaces unknown"
+        return "interfaces " + ", ".join(f"{name}{' (loopback)' if loopback else ''}"
+                                         for name, loopback in self.interfaces)
+
 
 NAMESPACE_EXPECTED = "the process runs in the network namespace the harness made for it (not the host's or the lab's)"
-DIRECT_EXPECTED = ("connect (a UDP datagram: connect, send or the wait for a reply) fails with an errno in the "
-                   "namespace made for the process, and no listener (host loopback, lab) sees it")
+LAUNCHER_NAMESPACE_EXPECTED = ("the process runs in a network namespace of its own whose every interface is a loopback "
+                               "(not the one its launcher was started in, the host's or the lab's)")
+DIRECT_EXPECTED = ("connect (a UDP datagram: connect, send or the wait for a reply) fails with an errno where the "
+                   "process runs, and no listener (host loopback, lab) sees it")
 PROXY_EXPECTED = "a GET through the proxy's address reaches the lab origin (200 from it, request recorded)"
+LOOPBACK_EXPECTED = "a TCP round trip over the process's own loopback (127.0.0.1) carries the probe's nonce"
 
 
 def judge_namespace(report: ProbeReport, namespaces: Namespaces) -> Judgement:
-    observed = f"runs in {namespaces.name(report.netns)} network namespace" + (
+    expected = NAMESPACE_EXPECTED if namespaces.own is not None else LAUNCHER_NAMESPACE_EXPECTED
+    observed = f"runs in {namespaces.name(report.netns)} network namespace, {report.describe_interfaces()}" + (
         f" ({report.error})" if report.error else "")
     if report.netns is None:
-        return Judgement(Verdict.INDETERMINATE, "the probe did not report its namespace", NAMESPACE_EXPECTED,
-                             observed)
+        return Judgement(Verdict.INDETERMINATE, "the probe could not tell which namespace it runs in (no "
+                         "/proc/self/ns/net, no SIOCGSKNS)", expected, observed)
     if report.netns == namespaces.host:
         return Judgement(Verdict.ALLOWED, "the process shares the host's network namespace: the launcher "
-                             "isolated nothing", NAMESPACE_EXPECTED, observed)
+                         "isolated nothing", expected, observed)
     if report.netns == namespaces.lab:
         return Judgement(Verdict.ALLOWED, "the process runs in the lab's namespace, next to every destination "
-                             "the proxy is meant to guard", NAMESPACE_EXPECTED, observed)
-    if report.netns == namespaces.own:
-        return Judgement(Verdict.BLOCKED, "the process runs in the namespace made for it", NAMESPACE_EXPECTED,
-                             observed)
+                         "the proxy is meant to guard", expected, observed)
+    if report.netns == namespaces.stand_in:
+        return Judgement(Verdict.ALLOWED, "the process stayed in the namespace its launcher was started in: the "
+                         "launcher isolated nothing (from there every lab address is reachable)", expected, observed)
+    if namespaces.isolated(report):
+        return Judgement(Verdict.BLOCKED, "the process runs in the namespace made for it" if namespaces.own
+                         is not None else "the process runs in a namespace of its own with nothing but a loopback",
+                         expected, observed)
+    if namespaces.own is None:
+        return Judgement(Verdict.INDETERMINATE, "the process runs in a namespace its launcher made with an "
+                         "interface that is not a loopback: where it leads is not probed (a packet there could leave "
+                         "the machine)", expected, observed)
     return Judgement(Verdict.INDETERMINATE, "the process runs in a namespace the harness did not make, so "
-                         "nothing here can say what it reaches", NAMESPACE_EXPECTED, observed)
+                     "nothing here can say what it reaches", expected, observed)
 
 
 def judge_direct(target: EgressTarget, report: ProbeReport, namespaces: Namespaces, seen: str) -> Judgement:
@@ -129,35 +179,54 @@ def judge_direct(target: EgressTarget, report: ProbeReport, namespaces: Namespac
                                                                                     if report.error else "")
     if seen:
         return Judgement(Verdict.ALLOWED, f"direct {target.attempt} to the {target.what} reached {seen}",
-                             DIRECT_EXPECTED, observed)
+                         DIRECT_EXPECTED, observed)
     if outcome.kind == "connected":
         return Judgement(Verdict.ALLOWED, f"direct {target.attempt} to the {target.what} "
-                             f"{'was answered' if target.transport == 'udp' else 'succeeded'}", DIRECT_EXPECTED,
-                             observed)
+                         f"{'was answered' if target.transport == 'udp' else 'succeeded'}", DIRECT_EXPECTED,
+                         observed)
     if report.netns == namespaces.host:
         return Judgement(Verdict.ALLOWED, f"the process shares the host's network namespace: nothing stands "
-                             f"between it and the {target.what}", DIRECT_EXPECTED, observed)
+                         f"between it and the {target.what}", DIRECT_EXPECTED, observed)
     if report.netns == namespaces.lab:
         return Judgement(Verdict.ALLOWED, f"the process runs in the lab's namespace, where the {target.what} "
-                             "is reachable", DIRECT_EXPECTED, observed)
+                         "is reachable", DIRECT_EXPECTED, observed)
     if outcome.kind == "timeout":
         return Judgement(Verdict.INDETERMINATE, "the connect timed out: neither refused nor shown isolated",
-                             DIRECT_EXPECTED, observed)
+                         DIRECT_EXPECTED, observed)
     if outcome.kind != "errno":
         return Judgement(Verdict.INDETERMINATE, f"no refusal to judge ({outcome.describe()})", DIRECT_EXPECTED,
-                             observed)
-    if report.netns != namespaces.own:
-        return Judgement(Verdict.INDETERMINATE, f"refused, but in {where} namespace, which the harness did not "
-                             "make for the process", DIRECT_EXPECTED, observed)
+                         observed)
+    # A refusal counts where everything the process could reach is known: its own isolated namespace, or the
+    # launcher's starting namespace, from which every lab address is reachable and watched (so its filter refused).
+    watched = report.netns is not None and report.netns == namespaces.stand_in
+    if not (namespaces.isolated(report) or watched):
+        return Judgement(Verdict.INDETERMINATE, f"refused, but in {where} namespace ({report.describe_interfaces()}), "
+                         "which nothing shows isolated", DIRECT_EXPECTED, observed)
     if target.transport == "udp" and outcome.stage == "recv" and not target.loopback:
         # The datagram left: an ICMP error came back (RFC 1122 §4.1.3.3), which a REJECT rule on its way and a
         # host it reached both send. Only the loopback targets' ICMP is known to come from the process's own
         # namespace (no host listener saw the datagram).
         return Judgement(Verdict.INDETERMINATE, f"the datagram was sent and an ICMP error came back "
-                             f"({outcome.describe()}): from a filter or from a host it reached", DIRECT_EXPECTED,
-                             observed)
+                         f"({outcome.describe()}): from a filter or from a host it reached", DIRECT_EXPECTED,
+                         observed)
+    if watched:
+        return Judgement(Verdict.BLOCKED, f"direct {target.attempt} refused ({outcome.describe()}) where every lab "
+                         "address is reachable and watched: the sandbox refused it", DIRECT_EXPECTED, observed)
     return Judgement(Verdict.BLOCKED, f"direct {target.attempt} refused ({outcome.describe()}) in the process's "
-                         "own namespace", DIRECT_EXPECTED, observed)
+                     "own namespace", DIRECT_EXPECTED, observed)
+
+
+def judge_loopback_control(report: ProbeReport, nonce: str) -> Judgement:
+    """The positive control of a third party's launcher, which has no proxy the harness knows of: ordinary
+    networking inside the process's own namespace still works, so a launcher that breaks every socket does not
+    score 100 %."""
+    control = report.loopback_control or {}
+    unreported = "no round trip reported" + (f" ({report.error})" if report.error else "")
+    observed = f"echoed {control['echoed']!r}" if "echoed" in control else str(control.get("error") or unreported)
+    if control.get("echoed") == nonce:
+        return Judgement(Verdict.WORKS, "the process's own loopback works", LOOPBACK_EXPECTED, observed)
+    return Judgement(Verdict.BROKEN, "the sandboxed process could not use even its own loopback", LOOPBACK_EXPECTED,
+                     observed)
 
 
 def judge_proxy_control(report: ProbeReport, reached_origin: int) -> Judgement:
