@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_sandbox.report.categories import CATEGORIES
+from pytest_sandbox.report.categories import CATEGORIES, LAUNCHER_CATEGORIES, judged_target
 from pytest_sandbox.report.writers import render_markdown, verdict_map
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +39,9 @@ def test_json_report_has_scorecard_evidence_and_environment(pytester, tmp_path):
     # every category is listed, run or not; this run selected none of the network ones
     assert list(report["scorecard"]) == list(CATEGORIES)
     assert report["scorecard"]["syscall"]["status"] == "ran"
+    assert report["scorecard"]["syscall"]["target"] == "the reference sandbox (policy baseline)"
     assert {report["scorecard"][c]["summary"] for c in CATEGORIES[2:]} == {"not selected"}
+    assert not any("target" in report["scorecard"][c] for c in CATEGORIES[2:])  # only a category that ran has one
     assert report["all_selected_ran"] is True
     probe = next(p for p in report["probes"] if p["test"].endswith("pidfd_getfd-x32"))
     for field in ("attempted", "baseline", "observed", "expected", "verdict", "reason"):
@@ -127,3 +129,21 @@ def test_late_evidence_is_named_under_the_scorecard_and_in_the_report(pytester, 
     assert len(report["late_evidence"]) == 1 and "169.254.169.254:80" in report["late_evidence"][0]  # ...this is not
     markdown = render_markdown(report)
     assert "## Late evidence" in markdown and "169.254.169.254:80" in markdown
+
+
+@pytest.mark.parametrize(("options", "launcher", "proxy"), [
+    ({}, "the reference sandbox (policy baseline)", "the reference egress proxy (policy baseline)"),
+    ({"exec_prefix": "env"}, "the launcher --sandbox-exec 'env'",
+     "the reference egress proxy (policy baseline; --sandbox-proxy or --sandbox-proxy-cmd judges another)"),
+    ({"proxy_cmd": "tp {port}"}, "the reference sandbox (policy baseline)",
+     "the proxy --sandbox-proxy-cmd 'tp {port}'"),
+    ({"exec_prefix": "bwrap --", "proxy_url": "http://127.0.0.1:8080"}, "the launcher --sandbox-exec 'bwrap --'",
+     "the proxy at http://127.0.0.1:8080"),
+])
+def test_each_category_names_the_target_its_verdicts_are_about(options, launcher, proxy):
+    """A third party that names only its launcher must not read the reference proxy's rows as its own (nor, before
+    the egress category judged the launcher, the reference launcher's egress rows)."""
+    for category in CATEGORIES:
+        expected = launcher if category in LAUNCHER_CATEGORIES else proxy
+        assert judged_target(category, policy="baseline", **options) == expected, category
+    assert "egress" in LAUNCHER_CATEGORIES and "ssrf" not in LAUNCHER_CATEGORIES

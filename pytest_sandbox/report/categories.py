@@ -89,6 +89,27 @@ CATEGORIES: tuple[str, ...] = ("syscall", "syscall-controls", "syscall-evaluatio
 # (--sandbox-watch-after), which the scorecard states when one of them ran.
 LAB_CATEGORIES = frozenset({"ssrf", "ssrf-malformed", "ssrf-controls", "allowlist", "egress", "inference", "smuggling"})
 
+# What a category judges: the launcher's categories judge the --sandbox-exec launcher when one is given (else the
+# reference sandbox), the rest the third-party proxy when one is given (else the reference egress proxy). A third
+# party that names only its launcher gets proxy rows about pytest-sandbox's own proxy: the scorecard says so.
+LAUNCHER_CATEGORIES = frozenset({"syscall", "syscall-controls", "syscall-evaluation", "egress"})
+
+
+def judged_target(category: str, *, policy: str, exec_prefix: str | None = None, proxy_cmd: str | None = None,
+                  proxy_url: str | None = None) -> str:
+    """Who ``category``'s verdicts are about, in words (the options as the run was given them)."""
+    if category in LAUNCHER_CATEGORIES:
+        if exec_prefix is not None:
+            return f"the launcher --sandbox-exec '{exec_prefix}'"
+        return f"the reference sandbox (policy {policy})"
+    if proxy_cmd is not None:
+        return f"the proxy --sandbox-proxy-cmd '{proxy_cmd}'"
+    if proxy_url is not None:
+        return f"the proxy at {proxy_url}"
+    return (f"the reference egress proxy (policy {policy}; --sandbox-proxy or --sandbox-proxy-cmd judges another)"
+            if exec_prefix is not None else f"the reference egress proxy (policy {policy})")
+
+
 SUITE_DIRECTORY = "conformance"
 
 # The categories whose tests read the session's syscall probe runs (SandboxSession.outcomes: every build of each mode

@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
+from pytest_sandbox.report.categories import judged_target
 from pytest_sandbox.report.environment import host_facts
-from pytest_sandbox.report.scorecard import LATE_EVIDENCE_PROPERTY, NOT_RUN_PROPERTY, Scorecard
+from pytest_sandbox.report.scorecard import LATE_EVIDENCE_PROPERTY, NOT_RUN_PROPERTY, RAN, Scorecard
 from pytest_sandbox.report.writers import build_report, write_report
 from pytest_sandbox.session import SandboxOptions
 
@@ -60,7 +61,14 @@ class ScorecardReporter:
             coverage = unprobed_coverage(self.options.policy, self.options.require, self.options.caps,
                                          third_party=self.options.exec_prefix is not None)
             write_report(self.report_path, build_report(self.scorecard, environment=host_facts(), run=run,
-                                                        coverage=coverage))
+                                                        coverage=coverage, targets=self.targets()))
+
+    def targets(self) -> dict[str, str]:
+        """Each category that ran, and who its verdicts are about."""
+        return {status.name: judged_target(status.name, policy=self.options.policy,
+                                           exec_prefix=self.options.exec_prefix, proxy_cmd=self.options.proxy_cmd,
+                                           proxy_url=self.options.proxy_url)
+                for status in self.scorecard.statuses() if status.state == RAN}
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if runs_no_test(terminalreporter.config):
@@ -70,6 +78,11 @@ class ScorecardReporter:
         terminalreporter.write_sep("=", "pytest-sandbox scorecard")
         for line in self.scorecard.lines():
             terminalreporter.write_line(line)
+        grouped: dict[str, list[str]] = {}
+        for category, target in self.targets().items():
+            grouped.setdefault(target, []).append(category)
+        for target, categories in grouped.items():
+            terminalreporter.write_line(f"Judged: {', '.join(categories)}: {target}.")
         if self.scorecard.lab_ran():
             terminalreporter.write_line(
                 f"The lab was watched {self.options.watch_after:g} s after the last test (--sandbox-watch-after): a "

@@ -19,10 +19,12 @@ EVIDENCE_FIELDS = ("attempted", "baseline", "observed", "expected", "verdict", "
 
 
 def build_report(scorecard: Scorecard, *, environment: Mapping[str, Any], run: Mapping[str, Any],
-                 coverage: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+                 coverage: Sequence[Mapping[str, Any]] = (), targets: Mapping[str, str] | None = None
+                 ) -> dict[str, Any]:
     """Every category is in ``scorecard``, run or not: its counts, ``status`` (``ran``, ``not run``,
     ``not selected``), ``selected`` (tests), ``not_run`` (tests that could not run), ``reason`` and
-    ``summary`` (the line the terminal scorecard shows, e.g. ``not run: <reason>``). ``coverage``: each
+    ``summary`` (the line the terminal scorecard shows, e.g. ``not run: <reason>``); a category that ran has its
+    ``target`` from ``targets``, who its verdicts are about (report.categories.judged_target). ``coverage``: each
     refused syscall with no live probe and what covers it (report.coverage). ``late_evidence``: what the lab's
     session-end audit found that no verdict saw (then the run failed, whatever the counts say)."""
     records = sorted(scorecard.records, key=lambda r: (r.get("category", ""), r.get("test", "")))
@@ -32,7 +34,8 @@ def build_report(scorecard: Scorecard, *, environment: Mapping[str, Any], run: M
         "environment": dict(environment),
         "scorecard": {status.name: {**status.counts, "status": status.state, "selected": status.selected,
                                     "not_run": status.unrun, "reason": status.reason,
-                                    "summary": status.describe()}
+                                    "summary": status.describe(),
+                                    **({"target": targets[status.name]} if targets and status.name in targets else {})}
                       for status in scorecard.statuses()},
         "all_selected_ran": not scorecard.unproven(),  # False when a selected category (or part of one) did not run
         # What the lab's session-end audit found that no verdict saw (not in the counts; the run failed).
@@ -53,6 +56,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     for category, counts in report["scorecard"].items():
         lines.append(f"| {category} | " + " | ".join(str(counts[c]) for c in COLUMNS)
                      + f" | {_escape(counts['summary'])} |")
+    judged = {category: counts["target"] for category, counts in report["scorecard"].items() if "target" in counts}
+    if judged:
+        lines += ["", "Judged:", ""] + [f"- **{category}**: {_escape(target)}" for category, target in judged.items()]
     lines += ["", "BLOCKED and WORKS pass; ALLOWED and BROKEN fail; INDETERMINATE is never counted as a pass.",
               "A selected category that did not run fails the run; `not selected` means it was left out.",
               ""]
