@@ -30,7 +30,6 @@ from pytest_sandbox.network.lab.wired import wire_into_lab
 from pytest_sandbox.network.netns import NetnsHolder
 from pytest_sandbox.probes.egress import (
     DIRECT_TARGETS,
-    EgressEvidence,
     host_loopback_target_id,
     host_netns,
     parse_report,
@@ -99,11 +98,6 @@ class TcpOnlyFilterLauncher:
         return self.namespace.run(list(argv), capture_output=True, timeout=timeout, check=False)
 
 
-def _verdicts(evidence: EgressEvidence) -> dict[str, Verdict]:
-    found = {"netns-own": evidence.namespace.verdict, "proxy-control": evidence.control.verdict}
-    found.update({target_id: judgement.verdict for target_id, (_t, judgement) in evidence.direct.items()})
-    return found
-
 
 @pytest.fixture
 def scratch_namespace() -> Iterator[NetnsHolder]:
@@ -114,7 +108,7 @@ def scratch_namespace() -> Iterator[NetnsHolder]:
 
 def test_launcher_that_isolates_nothing_earns_no_blocked_and_is_named(_network_lab, scratch_namespace):
     evidence = run_egress_probe(HostNetworkLauncher(), _network_lab, scratch_namespace.netns_id)
-    verdicts = _verdicts(evidence)
+    verdicts = evidence.verdicts()
     assert Verdict.BLOCKED not in verdicts.values(), verdicts
     assert evidence.namespace.verdict is Verdict.ALLOWED
     assert "shares the host's network namespace" in evidence.namespace.reason
@@ -128,7 +122,7 @@ def test_launcher_that_isolates_nothing_earns_no_blocked_and_is_named(_network_l
 
 def test_launcher_that_joins_the_lab_earns_no_blocked_and_is_named(_network_lab, scratch_namespace):
     evidence = run_egress_probe(LabNetworkLauncher(_network_lab), _network_lab, scratch_namespace.netns_id)
-    verdicts = _verdicts(evidence)
+    verdicts = evidence.verdicts()
     assert Verdict.BLOCKED not in verdicts.values(), verdicts
     assert "lab's namespace" in evidence.namespace.reason
     _target, metadata = evidence.direct["direct-169.254.169.254"]
@@ -159,7 +153,7 @@ def test_a_filter_that_refuses_tcp_and_forgets_udp_earns_no_blocked_on_a_udp_tar
 def test_reference_launcher_in_proxy_mode_is_blocked_everywhere_and_reaches_its_proxy(
         _network_lab, sandbox_proxied: ProxiedSandbox):
     evidence = run_egress_probe(sandbox_proxied, _network_lab, sandbox_proxied.holder.netns_id)
-    verdicts = _verdicts(evidence)
+    verdicts = evidence.verdicts()
     assert verdicts.pop("proxy-control") is Verdict.WORKS, evidence.control
     assert set(verdicts.values()) == {Verdict.BLOCKED}, {k: evidence.direct[k][1] for k in evidence.direct}
     assert {"direct-host-loopback-v4", "direct-udp-host-loopback-v4", *(t.target_id for t in DIRECT_TARGETS)} <= set(

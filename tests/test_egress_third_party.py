@@ -143,15 +143,10 @@ def probe_launcher(_network_lab: NetworkLab) -> Iterator[object]:
         holder.close()
 
 
-def _verdicts(evidence: EgressEvidence) -> dict[str, Verdict]:
-    found = {"netns-own": evidence.namespace.verdict, evidence.control_id: evidence.control.verdict}
-    found.update({target_id: judgement.verdict for target_id, (_t, judgement) in evidence.direct.items()})
-    return found
-
 
 def test_a_launcher_that_isolates_nothing_earns_no_blocked_and_every_attempt_is_seen(probe_launcher, _network_lab):
     evidence = probe_launcher("env")
-    verdicts = _verdicts(evidence)
+    verdicts = evidence.verdicts()
     assert Verdict.BLOCKED not in verdicts.values(), verdicts
     assert evidence.namespace.verdict is Verdict.ALLOWED and "isolated nothing" in evidence.namespace.reason
     for target_id, (target, judgement) in evidence.direct.items():
@@ -166,7 +161,7 @@ def test_a_launcher_that_joins_the_host_namespace_earns_no_blocked_and_dials_not
                                                                                                  _network_lab):
     mark = _network_lab.hit_mark()
     evidence = probe_launcher(f"nsenter --net=/proc/{os.getpid()}/ns/net --")
-    assert Verdict.BLOCKED not in _verdicts(evidence).values()
+    assert Verdict.BLOCKED not in evidence.verdicts().values()
     assert "host's network namespace" in evidence.namespace.reason
     _target, metadata = evidence.direct["direct-169.254.169.254"]
     assert metadata.verdict is Verdict.ALLOWED and "not attempted" in metadata.observed
@@ -186,7 +181,7 @@ def test_a_launcher_whose_namespace_has_another_interface_is_not_probed_off_host
     # The veth pair's two ends are both in the launcher's namespace, so even an attempt would stay there.
     mark = _network_lab.hit_mark()
     evidence = probe_launcher(LAUNCHER_WITH_A_LINK)
-    verdicts = _verdicts(evidence)
+    verdicts = evidence.verdicts()
     assert Verdict.BLOCKED not in verdicts.values(), verdicts
     assert evidence.namespace.verdict is Verdict.INDETERMINATE and "not a loopback" in evidence.namespace.reason
     assert "v0" in evidence.namespace.observed
@@ -197,7 +192,7 @@ def test_a_launcher_whose_namespace_has_another_interface_is_not_probed_off_host
 @pytest.mark.skipif(not shutil.which("bwrap"), reason="bubblewrap is not installed")
 def test_bubblewrap_with_its_own_network_namespace_earns_blocked_everywhere_and_works(probe_launcher):
     evidence = probe_launcher("bwrap --unshare-net --dev-bind / / --proc /proc --")
-    verdicts = _verdicts(evidence)
+    verdicts = evidence.verdicts()
     assert verdicts.pop("loopback-control") is Verdict.WORKS, evidence.control
     assert set(verdicts.values()) == {Verdict.BLOCKED}, verdicts
     assert "nothing but a loopback" in evidence.namespace.reason
@@ -206,7 +201,7 @@ def test_bubblewrap_with_its_own_network_namespace_earns_blocked_everywhere_and_
 @pytest.mark.skipif(not shutil.which("unshare"), reason="needs unshare")
 def test_a_namespace_whose_loopback_is_down_blocks_but_fails_the_control(probe_launcher):
     evidence = probe_launcher("unshare -n")
-    verdicts = _verdicts(evidence)
+    verdicts = evidence.verdicts()
     assert verdicts.pop("loopback-control") is Verdict.BROKEN
     assert set(verdicts.values()) == {Verdict.BLOCKED}, verdicts
 

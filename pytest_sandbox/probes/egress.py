@@ -372,6 +372,12 @@ class EgressEvidence:
     control: Judgement
     control_id: str = "proxy-control"
 
+    def verdicts(self) -> dict[str, Verdict]:
+        """Every verdict of the run by its id: ``netns-own``, the control's and each direct target's."""
+        found = {"netns-own": self.namespace.verdict, self.control_id: self.control.verdict}
+        found.update({target_id: judgement.verdict for target_id, (_target, judgement) in self.direct.items()})
+        return found
+
     @property
     def control_attempt(self) -> str:
         if self.control_id == "loopback-control":
@@ -420,7 +426,7 @@ def run_egress_probe(launcher: Launcher, lab: NetworkLab, own_netns: NetnsId | N
     instead (a third party's :class:`StandInLauncher`) the host's loopback listeners sit in that namespace, the
     process's namespace is judged by what it holds, and the control is a round trip over its own loopback."""
     if (own_netns is None) == (stand_in is None):
-        raise ValueError("give the namespace made for the process or the one its launcher starts in, not both")
+        raise ValueError("give exactly one of: the namespace made for the process, the one its launcher starts in")
     namespaces = Namespaces(host_netns(), lab.netns_id, own_netns,
                             None if stand_in is None else stand_in.netns_id)
     listener_socket = socket.socket if stand_in is None else stand_in.socket

@@ -11,7 +11,7 @@ The lab routes every address to itself (``local 0.0.0.0/0`` and ``local ::/0`` i
 ``netns._CATCH_ALL_ROUTES``), so its replies to the namespace's own addresses need more specific routes in that same
 table (the longest prefix wins inside a table); those addresses are ones no SSRF case dials
 (``tests/test_egress_third_party.py`` checks), so while the pair exists no probe of the lab's is diverted by them.
-The routes go with the link when the namespace closes.
+The routes go with the link: :func:`unwire_from_lab` deletes it at once (closing the namespace would, later).
 """
 
 from __future__ import annotations
