@@ -5,7 +5,8 @@ The target is the reference launcher in proxy mode (``sandbox_proxied``: its own
 harness's wired into the lab, which stands in for the host (``network/lab/wired.py``). One probe run reports where
 it runs and tries every target, over TCP and with a UDP datagram; the harness listens where a launcher that
 isolates nothing would let it arrive (the host's or the stand-in's loopback, the lab's catch-all and UDP sockets),
-so a broken launcher cannot earn BLOCKED (see :mod:`pytest_sandbox.probes.egress`). A direct attempt is BLOCKED
+so a broken launcher cannot earn BLOCKED (see :mod:`pytest_sandbox.probes.egress`); it also tries setns(2) back
+into every other network namespace it can name (``netns-escape``). A direct attempt is BLOCKED
 only if it failed with an errno where the process runs, that place is shown isolated (the namespace made for it;
 for a third party, one of its launcher's holding nothing but a loopback) or wholly watched, and nothing saw it; a
 timeout is INDETERMINATE. The positive control: a request through the proxy's address reaches a lab origin (the
@@ -61,6 +62,12 @@ def test_sandboxed_process_runs_in_a_namespace_of_its_own(egress_evidence, netwo
     network_verdict("egress", "netns-own", egress_evidence.namespace,
                     "compare /proc/self/ns/net inside the sandbox with the host's, the lab's and the one made for it "
                     "or its launcher was started in, and list its interfaces")
+
+
+def test_sandboxed_process_cannot_enter_another_network_namespace(egress_evidence, network_verdict):
+    network_verdict("egress", "netns-escape", egress_evidence.escape,
+                    "setns(2) with CLONE_NEWNET into its own namespace and into every other one it can name "
+                    "(/proc/<pid>/ns/net, /run/netns, its open fds)")
 
 
 @pytest.mark.parametrize("target_id", TARGET_IDS)

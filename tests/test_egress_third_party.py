@@ -20,18 +20,14 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from exec_targets import ROOT, scorecard_row
 
 from pytest_sandbox.catalogues.ssrf_cases import SSRF_CASES
-from pytest_sandbox.network.lab.lab import NetworkLab
-from pytest_sandbox.network.lab.wired import WIRED_ADDRESSES, unwire_from_lab, wire_into_lab
-from pytest_sandbox.network.netns import NetnsHolder
-from pytest_sandbox.probes.egress import DIRECT_TARGETS, EgressEvidence, StandInLauncher, run_egress_probe
-from pytest_sandbox.probes.syscall import ExecTarget
+from pytest_sandbox.network.lab.wired import WIRED_ADDRESSES
+from pytest_sandbox.probes.egress import DIRECT_TARGETS
 from pytest_sandbox.verdicts.egress import (
     EgressTarget,
     Namespaces,
@@ -125,23 +121,7 @@ def test_no_ssrf_case_dials_an_address_the_wiring_routes_out_of_the_lab():
 # --- real launchers, started in the stand-in ---------------------------------------------------------------
 
 
-@pytest.fixture
-def probe_launcher(_network_lab: NetworkLab) -> Iterator[object]:
-    """``probe_launcher(prefix)``: the egress evidence of ``prefix`` started in a fresh stand-in."""
-    holders: list[NetnsHolder] = []
-
-    def probe(prefix: str) -> EgressEvidence:
-        stand_in = NetnsHolder.start(name="egress-stand-in")
-        holders.append(stand_in)
-        wire_into_lab(stand_in, _network_lab, link="standin")
-        return run_egress_probe(StandInLauncher(ExecTarget(prefix), stand_in), _network_lab, None, proxy=None,
-                                stand_in=stand_in)
-
-    yield probe
-    unwire_from_lab(_network_lab, link="standin")
-    for holder in holders:
-        holder.close()
-
+# probe_launcher (tests/conftest.py): the egress evidence of a prefix started in a fresh stand-in.
 
 
 def test_a_launcher_that_isolates_nothing_earns_no_blocked_and_every_attempt_is_seen(probe_launcher, _network_lab):
@@ -189,9 +169,14 @@ def test_a_launcher_whose_namespace_has_another_interface_is_not_probed_off_host
     assert _network_lab.hits(since=mark) == []
 
 
+# bubblewrap run as root keeps every capability unless told otherwise (bwrap(1) --cap-drop), and with CAP_SYS_ADMIN
+# and the host's processes in its /proc setns(2) takes the process home: tests/test_egress_escape.py.
+BWRAP_ISOLATED = "bwrap --unshare-net --dev-bind / / --proc /proc --cap-drop ALL --"
+
+
 @pytest.mark.skipif(not shutil.which("bwrap"), reason="bubblewrap is not installed")
 def test_bubblewrap_with_its_own_network_namespace_earns_blocked_everywhere_and_works(probe_launcher):
-    evidence = probe_launcher("bwrap --unshare-net --dev-bind / / --proc /proc --")
+    evidence = probe_launcher(BWRAP_ISOLATED)
     verdicts = evidence.verdicts()
     assert verdicts.pop("loopback-control") is Verdict.WORKS, evidence.control
     assert set(verdicts.values()) == {Verdict.BLOCKED}, verdicts
@@ -203,6 +188,8 @@ def test_a_namespace_whose_loopback_is_down_blocks_but_fails_the_control(probe_l
     evidence = probe_launcher("unshare -n")
     verdicts = evidence.verdicts()
     assert verdicts.pop("loopback-control") is Verdict.BROKEN
+    # unshare(1) as root keeps CAP_SYS_ADMIN and filters nothing: setns(2) leads straight back out
+    assert verdicts.pop("netns-escape") is Verdict.ALLOWED, evidence.escape
     assert set(verdicts.values()) == {Verdict.BLOCKED}, verdicts
 
 
@@ -220,13 +207,13 @@ def _run_egress(launcher: str) -> subprocess.CompletedProcess[str]:
 def test_a_launcher_that_isolates_nothing_fails_the_egress_category_it_used_to_pass():
     completed = _run_egress("env")
     assert completed.returncode == 1, completed.stdout[-3000:]
-    assert scorecard_row(completed, "egress") == {"BLOCKED": 0, "ALLOWED": 15, "INDETERMINATE": 0, "WORKS": 1,
+    assert scorecard_row(completed, "egress") == {"BLOCKED": 0, "ALLOWED": 16, "INDETERMINATE": 0, "WORKS": 1,
                                                   "BROKEN": 0}
 
 
 @pytest.mark.skipif(not shutil.which("bwrap"), reason="bubblewrap is not installed")
 def test_bubblewrap_with_its_own_network_namespace_passes_the_egress_category(tmp_path: Path):
-    completed = _run_egress("bwrap --unshare-net --dev-bind / / --proc /proc --")
+    completed = _run_egress(BWRAP_ISOLATED)
     assert completed.returncode == 0, completed.stdout[-3000:]
-    assert scorecard_row(completed, "egress") == {"BLOCKED": 15, "ALLOWED": 0, "INDETERMINATE": 0, "WORKS": 1,
+    assert scorecard_row(completed, "egress") == {"BLOCKED": 16, "ALLOWED": 0, "INDETERMINATE": 0, "WORKS": 1,
                                                   "BROKEN": 0}

@@ -21,6 +21,10 @@ process *can* reach wherever it ends up, and knows where it ended up:
   sockets of the harness's (:class:`HostListeners`, :class:`LabDatagramListeners`): a launcher whose filter
   refuses TCP and forgets UDP earns no BLOCKED. A datagram that left without error and met nothing is
   INDETERMINATE, never BLOCKED;
+* **a way back out**: setns(2) into its own namespace and into every other network namespace it can name
+  (/proc/<pid>/ns/net, /run/netns, its open fds), natively three ways and through ``int 0x80``, each in a child
+  a filter may kill (``verdicts.egress.judge_escape``): a namespace of its own is no boundary if setns(2) takes
+  the process into the host's. Nothing is sent from a namespace it enters;
 * **the positive control**: the proxy's address in the process's namespace (127.0.0.1:3128 of
   :class:`~pytest_sandbox.network.harness.ProxiedSandbox`), through which a request must reach a
   lab origin, so a launcher that breaks all networking does not score 100 %.
@@ -48,14 +52,19 @@ from pytest_sandbox import guardian
 from pytest_sandbox.network.lab.lab import NetworkLab
 from pytest_sandbox.network.netns import NetnsHolder, NetnsId
 from pytest_sandbox.probes.syscall import ExecTarget
+from pytest_sandbox.probes.syscall_runner import INT80_STUB
 from pytest_sandbox.verdicts.egress import (
     PROXY_EXPECTED,
     PUBLIC_ORIGIN,
     EgressTarget,
+    EscapeAttempt,
+    EscapeAttempts,
     Namespaces,
     ProbeReport,
+    SetnsResult,
     TargetOutcome,
     judge_direct,
+    judge_escape,
     judge_loopback_control,
     judge_namespace,
     judge_proxy_control,
@@ -137,9 +146,113 @@ def interfaces():
                 for name in names]
     except OSError:
         return None
+CLONE_NEWNET, MAX_OTHERS = 0x40000000, 64
+# setns(2) the ways a filter could miss: the native call with nstype CLONE_NEWNET, with 0 ("any type"), with high
+# bits the kernel drops (nstype is an int; a filter comparing 64 bits sees another value), and the i386 call through
+# `int 0x80` (346). Each way runs in a forked child, since a filter may kill the caller. x86_64 numbers.
+NATIVE_WAYS = (("native", CLONE_NEWNET), ("native_nstype_0", 0), ("native_high_bits", CLONE_NEWNET | 1 << 32))
+def open_namespace(path):
+    if path is not None:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:  # its own: /proc/self/ns/net, else SIOCGSKNS (CAP_NET_ADMIN)
+        return os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        with socket.socket() as probe:
+            return fcntl.ioctl(probe.fileno(), SIOCGSKNS, 0)
+def native_setns():
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    def attempt(fd):
+        number = 0
+        for way, nstype in NATIVE_WAYS:
+            ctypes.set_errno(0)
+            if libc.syscall(ctypes.c_long(308), ctypes.c_long(fd), ctypes.c_long(nstype)) == 0:
+                return "entered 0 " + way
+            number = ctypes.get_errno()
+        return "setns %d -" % number
+    return attempt
+def i386_setns():
+    import ctypes, mmap
+    code = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    code.write(bytes.fromhex(plan["int80_stub"]))
+    int80 = ctypes.CFUNCTYPE(ctypes.c_long, *([ctypes.c_long] * 7))(ctypes.addressof(ctypes.c_char.from_buffer(code)))
+    def attempt(fd):
+        result = int80(346, fd, CLONE_NEWNET, 0, 0, 0, 0)
+        return "entered 0 i386" if result == 0 else "setns %d -" % -result
+    attempt.code = code  # the mapping lives as long as the function
+    return attempt
+def in_child(handles, attempt):
+    # [stage, errno or signal, way] per handle; a child killed midway leaves the rest "killed" with its signal.
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(reader)
+            for path in handles:
+                try:
+                    fd = open_namespace(path)
+                except OSError as e:
+                    line = "open %d -" % e.errno
+                else:
+                    line = attempt(fd)
+                os.write(writer, (line + "\n").encode())
+        finally:
+            os._exit(0)
+    os.close(writer)
+    with os.fdopen(reader) as lines:
+        done = [line.split() for line in lines]
+    _pid, status = os.waitpid(pid, 0)
+    results = [[stage, int(number) or None, None if way == "-" else way.replace("_", " ")]
+               for stage, number, way in done]
+    ended = ["killed", os.WTERMSIG(status), None] if os.WIFSIGNALED(status) else ["lost", None, None]
+    return results + [ended for _path in handles[len(results):]]
+def escape_attempts():
+    # setns(2) into its own namespace (the call itself: refused by a filter or for want of CAP_SYS_ADMIN, it is refused
+    # whatever the handle), then into every other network namespace the process can name: each process's in /proc,
+    # the ones `ip netns` pins in /run/netns, any it holds open. Nothing is sent from a namespace it enters.
+    if os.uname().machine != "x86_64":
+        return {"error": "the setns attempts use x86_64 system call numbers; this is %s" % os.uname().machine}
+    proc = os.path.isdir("/proc/self")
+    paths, unreadable, others = [], {}, {}
+    if proc:
+        paths += ["/proc/%s/ns/net" % pid for pid in os.listdir("/proc") if pid.isdigit()]
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                if os.readlink("/proc/self/fd/" + fd).startswith("net:["):
+                    paths.append("/proc/self/fd/" + fd)
+            except OSError:
+                pass
+    for pinned in ("/run/netns", "/var/run/netns"):
+        try:
+            paths += [os.path.join(pinned, name) for name in sorted(os.listdir(pinned))]
+        except OSError:
+            pass
+    for path in paths:
+        try:
+            info = os.stat(path)
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ESRCH):  # a process that ended; EACCES: ptrace access mode
+                name = errno.errorcode.get(e.errno, str(e.errno))
+                unreadable[name] = unreadable.get(name, 0) + 1
+            continue
+        key = (info.st_dev, info.st_ino)
+        if list(key) != netns and key not in others and len(others) < MAX_OTHERS:
+            others[key] = path
+    handles = [None, *others.values()]  # None: its own namespace
+    native = in_child(handles, native_setns())
+    try:
+        i386, i386_error = in_child(handles, i386_setns()), None
+    except (OSError, ValueError, TypeError) as e:  # W^X: no executable mapping
+        i386, i386_error = None, "cannot map the int 0x80 stub: %s" % e
+    keys = [None, *[list(key) for key in others]]
+    attempts = [{"path": path, "netns": key, "native": native[index], "i386": i386[index] if i386 else None}
+                for index, (path, key) in enumerate(zip(handles, keys))]
+    return {"attempts": attempts, "unreadable": unreadable, "proc": proc, "i386_error": i386_error}
 netns, links = namespace(), interfaces()
 inside = netns in plan["harness_namespaces"] or bool(links and all(loop for _name, loop in links))
-report = {"netns": netns, "interfaces": links, "results": {}, "proxy": None, "loopback_control": None}
+report = {"netns": netns, "interfaces": links, "results": {}, "proxy": None, "loopback_control": None,
+          "escape": None}
 for target in plan["targets"]:
     if not (target["loopback"] or inside):
         report["results"][target["id"]] = {"kind": "skipped"}
@@ -195,6 +308,8 @@ if plan["loopback_control"]:
         report["loopback_control"] = {"echoed": echoed.decode("latin-1")}
     except OSError as e:
         report["loopback_control"] = {"error": "%s: %s" % (type(e).__name__, e)}
+if plan["escape"]:
+    report["escape"] = escape_attempts()
 print(json.dumps(report))
 """
 
@@ -223,7 +338,26 @@ def parse_report(returncode: int, stdout: bytes, stderr: bytes) -> ProbeReport:
     links = raw.get("interfaces")
     interfaces = None if links is None else tuple((str(name), bool(loopback)) for name, loopback in links)
     return ProbeReport((int(netns[0]), int(netns[1])) if netns else None, outcomes, raw.get("proxy"),
-                       interfaces=interfaces, loopback_control=raw.get("loopback_control"))
+                       interfaces=interfaces, loopback_control=raw.get("loopback_control"),
+                       escape=parse_escape(raw.get("escape")))
+
+
+def parse_escape(raw: Any) -> EscapeAttempts | None:
+    """The probe's setns(2) attempts (``escape_attempts`` in :data:`EGRESS_PROBE`), or None if it made none."""
+    if not isinstance(raw, dict):
+        return None
+    if raw.get("error"):
+        return EscapeAttempts(None, (), {}, False, error=str(raw["error"]))
+
+    def way(result: Any) -> SetnsResult | None:
+        return None if not result else SetnsResult(str(result[0]), result[1], result[2] if len(result) > 2 else None)
+
+    attempts = [EscapeAttempt(item.get("path"), (int(item["netns"][0]), int(item["netns"][1])) if item.get("netns")
+                              else None, way(item.get("native")) or SetnsResult("lost"), way(item.get("i386")))
+                for item in raw.get("attempts") or ()]
+    unreadable = {str(name): int(count) for name, count in dict(raw.get("unreadable") or {}).items()}
+    return EscapeAttempts(attempts[0] if attempts else None, tuple(attempts[1:]), unreadable, bool(raw.get("proc")),
+                          i386_error=raw.get("i386_error"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -346,6 +480,7 @@ class EgressPlan:
     nonce: str = field(default_factory=lambda: f"egress-{secrets.token_hex(8)}")
     loopback_control: bool = False
     reply_wait: float = UDP_REPLY_WAIT_SECONDS
+    escape: bool = True
 
     def argv(self) -> list[str]:
         plan = {
@@ -355,7 +490,8 @@ class EgressPlan:
             "timeout": self.timeout, "nonce": self.nonce, "proxy": list(self.proxy) if self.proxy else None,
             "proxy_request": (f"GET http://{PUBLIC_ORIGIN}/egress-probe/{self.nonce} HTTP/1.1\r\n"
                               f"Host: {PUBLIC_ORIGIN}\r\nConnection: close\r\n\r\n"),
-            "loopback_control": self.loopback_control, "reply_wait": self.reply_wait,
+            "loopback_control": self.loopback_control, "reply_wait": self.reply_wait, "escape": self.escape,
+            "int80_stub": INT80_STUB.hex(),
         }
         return ["python3", "-S", "-c", EGRESS_PROBE, json.dumps(plan)]
 
@@ -368,13 +504,16 @@ class EgressEvidence:
 
     report: ProbeReport
     namespace: Judgement
+    escape: Judgement
     direct: dict[str, tuple[EgressTarget, Judgement]]
     control: Judgement
     control_id: str = "proxy-control"
 
     def verdicts(self) -> dict[str, Verdict]:
-        """Every verdict of the run by its id: ``netns-own``, the control's and each direct target's."""
-        found = {"netns-own": self.namespace.verdict, self.control_id: self.control.verdict}
+        """Every verdict of the run by its id: ``netns-own``, ``netns-escape``, the control's and each direct
+        target's."""
+        found = {"netns-own": self.namespace.verdict, "netns-escape": self.escape.verdict,
+                 self.control_id: self.control.verdict}
         found.update({target_id: judgement.verdict for target_id, (_target, judgement) in self.direct.items()})
         return found
 
@@ -459,11 +598,11 @@ def run_egress_probe(launcher: Launcher, lab: NetworkLab, own_netns: NetnsId | N
     # Its request to the proxy's address lands on the catch-all too when no proxy listens there.
     used += [hit.index for hit in hits if plan.nonce.encode() in hit.received]
     lab.account(used, by=f"egress probe {plan.nonce}")
-    namespace = judge_namespace(report, namespaces)
+    namespace, escape = judge_namespace(report, namespaces), judge_escape(report, namespaces)
     if stand_in is not None:
-        return EgressEvidence(report, namespace, judged, judge_loopback_control(report, plan.nonce),
+        return EgressEvidence(report, namespace, escape, judged, judge_loopback_control(report, plan.nonce),
                               "loopback-control")
     reached = [request for request in lab.origin_requests(PUBLIC_ORIGIN) if plan.nonce in request.target]
     control = judge_proxy_control(report, len(reached)) if proxy is not None else Judgement(
         Verdict.INDETERMINATE, "no proxy in the process's namespace", PROXY_EXPECTED, "")
-    return EgressEvidence(report, namespace, judged, control)
+    return EgressEvidence(report, namespace, escape, judged, control)

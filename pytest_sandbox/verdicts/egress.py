@@ -8,6 +8,7 @@ the rules of the category can be read and table-tested without a sandbox.
 from __future__ import annotations
 
 import errno as errno_module
+import signal as signal_module
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -18,16 +19,21 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DIRECT_EXPECTED",
+    "ESCAPE_EXPECTED",
     "LAUNCHER_NAMESPACE_EXPECTED",
     "LOOPBACK_EXPECTED",
     "NAMESPACE_EXPECTED",
     "PROXY_EXPECTED",
     "PUBLIC_ORIGIN",
     "EgressTarget",
+    "EscapeAttempt",
+    "EscapeAttempts",
     "Namespaces",
     "ProbeReport",
+    "SetnsResult",
     "TargetOutcome",
     "judge_direct",
+    "judge_escape",
     "judge_loopback_control",
     "judge_namespace",
     "judge_proxy_control",
@@ -110,6 +116,86 @@ class TargetOutcome:
                 }.get(self.kind, self.kind)
 
 
+def _errno_name(number: int | None) -> str:
+    return "no errno" if number is None else errno_module.errorcode.get(number, str(number))
+
+
+@dataclass(frozen=True)
+class SetnsResult:
+    """One way of calling setns(2) on one handle: ``stage`` is ``entered`` (``way``: native, native nstype 0,
+    native high bits, i386), ``open`` (the handle would not open: ``number`` is the errno), ``setns`` (every such
+    call failed: the last errno), ``killed`` (the child trying it died: ``number`` is the signal) or ``lost``."""
+
+    stage: str
+    number: int | None = None
+    way: str | None = None
+
+    @property
+    def entered(self) -> bool:
+        return self.stage == "entered"
+
+    def describe(self) -> str:
+        if self.stage == "entered":
+            return f"entered ({self.way})"
+        if self.stage == "killed":
+            return f"killed by {signal_name(self.number)}"
+        if self.stage in ("open", "setns"):
+            return f"{self.stage} failed with {_errno_name(self.number)}"
+        return "no result"
+
+
+def signal_name(number: int | None) -> str:
+    try:
+        return signal_module.Signals(number or 0).name
+    except ValueError:
+        return f"signal {number}"
+
+
+@dataclass(frozen=True)
+class EscapeAttempt:
+    """setns(2) into one network namespace (``path`` None: its own), natively and through i386 (None: not tried)."""
+
+    path: str | None
+    netns: NetnsId | None
+    native: SetnsResult
+    i386: SetnsResult | None
+
+    @property
+    def entered(self) -> SetnsResult | None:
+        return next((way for way in (self.native, self.i386) if way is not None and way.entered), None)
+
+    @property
+    def refused(self) -> bool:
+        """Every way tried failed at setns(2) or killed the caller (not: a handle that would not open)."""
+        return self.entered is None and self.native.stage in ("setns", "killed") and (
+            self.i386 is None or self.i386.stage in ("setns", "killed"))
+
+    def describe(self) -> str:
+        if (way := self.entered) is not None:
+            return way.describe()
+        return f"native: {self.native.describe()}" + (f"; i386: {self.i386.describe()}" if self.i386 else "")
+
+
+@dataclass(frozen=True)
+class EscapeAttempts:
+    """The probe's way back out of its network namespace: setns(2) into its own (``own``: does the call work at all)
+    and into each other namespace it could name (``others``: every process's in /proc, /run/netns, its open fds);
+    ``unreadable`` counts the handles the kernel would not let it look at, by errno (ptrace access mode, proc(5));
+    ``proc`` is whether it had a /proc to look in; ``i386_error`` why the i386 way was not tried."""
+
+    own: EscapeAttempt | None
+    others: tuple[EscapeAttempt, ...]
+    unreadable: dict[str, int]
+    proc: bool
+    i386_error: str | None = None
+    error: str = ""
+
+    def refusals(self) -> int:
+        """Handles the kernel would not open or whose every setns(2) failed."""
+        return sum(self.unreadable.values()) + sum(1 for attempt in self.others
+                                                   if attempt.entered is None and attempt.native.stage != "lost")
+
+
 @dataclass(frozen=True)
 class ProbeReport:
     netns: NetnsId | None
@@ -118,6 +204,7 @@ class ProbeReport:
     error: str = ""  # why the probe did not report (non-zero exit, no JSON)
     interfaces: tuple[tuple[str, bool], ...] | None = None  # (name, is a loopback) in the process's namespace
     loopback_control: dict[str, Any] | None = None  # the TCP round trip over its own loopback, when asked
+    escape: EscapeAttempts | None = None  # its setns(2) attempts, when asked
 
     def outcome(self, target_id: str) -> TargetOutcome:
         return self.outcomes.get(target_id, TargetOutcome("missing"))
@@ -139,6 +226,8 @@ LAUNCHER_NAMESPACE_EXPECTED = ("the process runs in a network namespace of its o
 DIRECT_EXPECTED = ("connect (a UDP datagram: connect, send or the wait for a reply) fails with an errno where the "
                    "process runs, and no listener (host loopback, lab) sees it")
 PROXY_EXPECTED = "a GET through the proxy's address reaches the lab origin (200 from it, request recorded)"
+ESCAPE_EXPECTED = ("setns(2) into any other network namespace the process can name (/proc/<pid>/ns/net, /run/netns, "
+                   "its open fds) is refused, and so is setns(2) itself if it can name none")
 LOOPBACK_EXPECTED = "a TCP round trip over the process's own loopback (127.0.0.1) carries the probe's nonce"
 
 
@@ -214,6 +303,58 @@ def judge_direct(target: EgressTarget, report: ProbeReport, namespaces: Namespac
                          "address is reachable and watched: the sandbox refused it", DIRECT_EXPECTED, observed)
     return Judgement(Verdict.BLOCKED, f"direct {target.attempt} refused ({outcome.describe()}) in the process's "
                      "own namespace", DIRECT_EXPECTED, observed)
+
+
+def judge_escape(report: ProbeReport, namespaces: Namespaces) -> Judgement:
+    """Can the process get back out of its namespace? A namespace of its own proves nothing if setns(2) takes it
+    into the host's: a root launcher that keeps CAP_SYS_ADMIN and filters nothing (``unshare -n``, bubblewrap run as
+    root without ``--cap-drop ALL``) lets it enter the namespace of any process it sees in /proc (setns(2) wants
+    CAP_SYS_ADMIN over its own user namespace and the target's; #819 refuses setns outright). BLOCKED: setns(2)
+    itself refused every way it was called (then no handle helps), or it works and every other namespace the
+    process could name refused it; a process that could name none, with setns(2) working, is INDETERMINATE."""
+    attempts = report.escape
+    if attempts is None or attempts.own is None:
+        reason = attempts.error if attempts is not None and attempts.error else "the probe made no setns(2) attempt"
+        return Judgement(Verdict.INDETERMINATE, reason, ESCAPE_EXPECTED, report.error or "no attempts reported")
+    # the namespaces the harness can name first (the host's above all), then any others
+    known = (namespaces.host, namespaces.stand_in, namespaces.lab)
+    own = attempts.own
+    others = sorted(attempts.others, key=lambda attempt: known.index(attempt.netns) if attempt.netns in known
+                    else len(known))
+    unreadable = ", ".join(f"{count} {name}" for name, count in sorted(attempts.unreadable.items()))
+    observed = (f"setns into its own namespace: {own.describe()}; {len(others)} other namespace(s) it could name"
+                + (": " + "; ".join(f"{namespaces.name(attempt.netns)} ({attempt.path}) {attempt.describe()}"
+                                    for attempt in others[:6]) if others else "")
+                + (f" (+{len(others) - 6} more)" if len(others) > 6 else "")
+                + (f"; handles it could not open: {unreadable}" if unreadable else "")
+                + ("" if attempts.proc else "; no /proc")
+                + (f"; i386 not tried: {attempts.i386_error}" if attempts.i386_error else ""))
+    entered = [attempt for attempt in others if attempt.entered is not None]
+    if entered:
+        where = ", ".join(f"{namespaces.name(attempt.netns)} ({attempt.path}, {attempt.describe()})"
+                          for attempt in entered[:3])
+        return Judgement(Verdict.ALLOWED, f"setns(2) took the process into another network namespace, {where}: "
+                         "its own namespace is no boundary", ESCAPE_EXPECTED, observed)
+    if attempts.i386_error:
+        return Judgement(Verdict.INDETERMINATE, f"setns(2) through the i386 ABI could not be tried "
+                         f"({attempts.i386_error})", ESCAPE_EXPECTED, observed)
+    if own.refused:
+        return Judgement(Verdict.BLOCKED, f"setns(2) is refused every way it was called ({own.describe()}), whatever "
+                         f"the namespace; {attempts.refusals()} other handle(s) it could name refused too",
+                         ESCAPE_EXPECTED, observed)
+    if own.entered is None:
+        return Judgement(Verdict.INDETERMINATE, f"setns(2) into its own namespace gave no verdict ({own.describe()})",
+                         ESCAPE_EXPECTED, observed)
+    if not attempts.proc:
+        return Judgement(Verdict.INDETERMINATE, f"setns(2) works ({own.entered.describe()}) and without /proc the "
+                         "process could not look for other namespaces or the handles it holds", ESCAPE_EXPECTED,
+                         observed)
+    if attempts.refusals():
+        return Judgement(Verdict.BLOCKED, f"setns(2) works ({own.entered.describe()}), but each of the "
+                         f"{attempts.refusals()} other namespace handle(s) it could name refused it", ESCAPE_EXPECTED,
+                         observed)
+    return Judgement(Verdict.INDETERMINATE, f"setns(2) works ({own.entered.describe()}) and the process could name no "
+                     "other network namespace to try", ESCAPE_EXPECTED, observed)
 
 
 def judge_loopback_control(report: ProbeReport, nonce: str) -> Judgement:

@@ -1,0 +1,181 @@
+"""The egress category's ``netns-escape`` row: a namespace of its own is no boundary if setns(2) leads back out.
+
+Before this row, ``unshare -n sh -c 'ip link set lo up; exec "$@"' sh`` (run as root) and bubblewrap with
+``--unshare-net`` run as root (which keeps every capability unless given ``--cap-drop``) earned 15 BLOCKED egress rows
+and the control, yet their process could open ``/proc/<pid>/ns/net`` of any host process and setns(2) into the
+host's network namespace, from where every destination the proxy guards is one connect(2) away. The probe now calls
+setns(2) into its own namespace and into every other one it can name (/proc, /run/netns, its open fds), natively
+(nstype CLONE_NEWNET, 0 and with high bits) and through ``int 0x80``, each way in a child a filter may kill.
+
+Each broken launcher here is the cheapest that could fake the row: no filter; a filter that checks the number but not
+the architecture (firejail's kind: i386 setns is 346); one that refuses only nstype CLONE_NEWNET (nstype 0 means any
+type); one that compares all 64 bits of nstype (an int to the kernel). Each must earn ALLOWED; a filter that kills
+setns must not take the rest of the probe with it. Safety: nothing is sent from a namespace the probe enters.
+"""
+
+from __future__ import annotations
+
+import errno
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+from test_egress_third_party import HOST, LAB, LAUNCHERS, SPACES
+
+from pytest_sandbox.verdicts.egress import EscapeAttempt, EscapeAttempts, ProbeReport, SetnsResult, judge_escape
+from pytest_sandbox.verdicts.judgement import Verdict
+
+EPERM = SetnsResult("setns", errno.EPERM)
+KILLED = SetnsResult("killed", 31)
+ENTERED = SetnsResult("entered", None, "native")
+
+
+def _attempt(netns: tuple[int, int] | None, native: SetnsResult, i386: SetnsResult | None = EPERM) -> EscapeAttempt:
+    return EscapeAttempt(None if netns is None else f"/proc/{netns[1]}/ns/net", netns, native, i386)
+
+
+def _judge(own: EscapeAttempt, *others: EscapeAttempt, unreadable: dict[str, int] | None = None, proc: bool = True,
+           i386_error: str | None = None):
+    attempts = EscapeAttempts(own, others, unreadable or {}, proc, i386_error)
+    return judge_escape(ProbeReport(LAUNCHERS, {}, None, interfaces=(("lo", True),), escape=attempts), SPACES)
+
+
+# --- the judge, without a sandbox ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("own", "others", "unreadable", "verdict", "reason"), [
+    # the host's namespace entered, natively or only through i386: ALLOWED, whatever else was refused
+    (_attempt(None, ENTERED), (_attempt(HOST, ENTERED),), {}, Verdict.ALLOWED, "the host's"),
+    (_attempt(None, EPERM, SetnsResult("entered", None, "i386")),
+     (_attempt(LAB, EPERM), _attempt(HOST, EPERM, SetnsResult("entered", None, "i386"))), {}, Verdict.ALLOWED,
+     "(i386)"),
+    # setns refused every way (an errno, or the child killed): no handle helps
+    (_attempt(None, EPERM), (_attempt(HOST, EPERM),), {}, Verdict.BLOCKED, "refused every way"),
+    (_attempt(None, KILLED, KILLED), (), {}, Verdict.BLOCKED, "refused every way"),
+    (_attempt(None, EPERM, KILLED), (), {"EACCES": 3}, Verdict.BLOCKED, "refused every way"),
+    # setns works: BLOCKED only if every other handle refused, INDETERMINATE if there was none to try
+    (_attempt(None, ENTERED), (_attempt(HOST, EPERM),), {}, Verdict.BLOCKED, "each of the 1"),
+    (_attempt(None, ENTERED), (), {"EACCES": 72}, Verdict.BLOCKED, "each of the 72"),
+    (_attempt(None, ENTERED), (), {}, Verdict.INDETERMINATE, "no other network namespace"),
+    (_attempt(None, EPERM, SetnsResult("entered", None, "i386")), (), {}, Verdict.INDETERMINATE, "(i386)"),
+    # no verdict on its own namespace
+    (_attempt(None, SetnsResult("open", errno.ENOENT), None), (), {"EACCES": 1}, Verdict.INDETERMINATE,
+     "no verdict"),
+    (_attempt(None, SetnsResult("lost")), (), {}, Verdict.INDETERMINATE, "no verdict"),
+])
+def test_the_escape_judge(own, others, unreadable, verdict, reason):
+    judgement = _judge(own, *others, unreadable=unreadable)
+    assert judgement.verdict is verdict and reason in judgement.reason, judgement
+
+
+def test_an_escape_judgement_needs_the_i386_way_and_a_proc_to_look_in():
+    untried = _judge(_attempt(None, EPERM, None), i386_error="cannot map the int 0x80 stub: EACCES")
+    assert untried.verdict is Verdict.INDETERMINATE and "i386" in untried.reason
+    blind = _judge(_attempt(None, ENTERED), unreadable={"EACCES": 2}, proc=False)
+    assert blind.verdict is Verdict.INDETERMINATE and "without /proc" in blind.reason
+    assert judge_escape(ProbeReport(LAUNCHERS, {}, None), SPACES).verdict is Verdict.INDETERMINATE  # no attempts at all
+    # an entry anywhere outweighs a missing i386 way
+    assert _judge(_attempt(None, ENTERED, None), _attempt(HOST, ENTERED, None),
+                  i386_error="no stub").verdict is Verdict.ALLOWED
+
+
+# --- broken filters, loaded by bubblewrap run as root (it keeps CAP_SYS_ADMIN without --cap-drop) ------------
+
+AUDIT_ARCH_X86_64 = 0xC000003E
+RET_KILL_PROCESS, RET_ALLOW, RET_EPERM = 0x80000000, 0x7FFF0000, 0x00050000 | errno.EPERM
+SETNS, CLONE_NEWNET = 308, 0x40000000
+LD_NR, LD_ARCH, LD_ARG1_LOW, LD_ARG1_HIGH = (0x20, 0), (0x20, 4), (0x20, 24), (0x20, 28)  # struct seccomp_data
+
+
+def _bpf(*instructions: tuple[int, ...]) -> bytes:
+    """struct sock_filter {u16 code; u8 jt; u8 jf; u32 k} from (code, k) or (code, k, jt, jf)."""
+    full = (instruction if len(instruction) == 4 else (*instruction, 0, 0) for instruction in instructions)
+    return b"".join(struct.pack("<HBBI", code, jt, jf, k) for code, k, jt, jf in full)
+
+
+def _jeq(value: int, jt: int, jf: int) -> tuple[int, int, int, int]:
+    return (0x15, value, jt, jf)
+
+
+ARCH_CHECKED = (LD_ARCH, _jeq(AUDIT_ARCH_X86_64, 1, 0), (0x06, RET_KILL_PROCESS), LD_NR)
+BROKEN_FILTERS = {
+    # firejail's kind: the number alone, so i386 setns (346) is another call
+    "number-only": _bpf(LD_NR, _jeq(SETNS, 0, 1), (0x06, RET_EPERM), (0x06, RET_ALLOW)),
+    # refuses setns(fd, CLONE_NEWNET) only: setns(fd, 0) joins whatever namespace fd is
+    "nstype-newnet-only": _bpf(*ARCH_CHECKED, _jeq(SETNS, 0, 5), LD_ARG1_HIGH, _jeq(0, 0, 3), LD_ARG1_LOW,
+                               _jeq(CLONE_NEWNET, 0, 1), (0x06, RET_EPERM), (0x06, RET_ALLOW)),
+    # refuses nstype CLONE_NEWNET and 0 comparing all 64 bits: the kernel reads an int, high bits dropped
+    "nstype-64-bit": _bpf(*ARCH_CHECKED, _jeq(SETNS, 0, 6), LD_ARG1_HIGH, _jeq(0, 0, 4), LD_ARG1_LOW,
+                          _jeq(CLONE_NEWNET, 1, 0), _jeq(0, 0, 1), (0x06, RET_EPERM), (0x06, RET_ALLOW)),
+    # kills the caller of setns (and of any i386 call): the probe's other rows must survive it
+    "kill-setns": _bpf(*ARCH_CHECKED, _jeq(SETNS, 0, 1), (0x06, RET_KILL_PROCESS), (0x06, RET_ALLOW)),
+}
+BWRAP_SHARED_PROC = "--unshare-net --dev-bind / / --proc /proc"  # its own network namespace, the host's processes
+
+needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed")
+
+
+def _bwrap_with_filter(directory: Path, name: str, extra: str = "") -> str:
+    program = directory / f"{name}.bpf"
+    program.write_bytes(BROKEN_FILTERS[name])
+    script = directory / f"bwrap-{name}"
+    script.write_text(f'#!/bin/sh\nexec 3<{program}\nexec bwrap {BWRAP_SHARED_PROC} {extra} --add-seccomp-fd 3 '
+                      '-- "$@"\n')
+    script.chmod(0o755)
+    return str(script)
+
+
+@needs_bwrap
+@pytest.mark.parametrize(("name", "way"), [("number-only", "(i386)"), ("nstype-newnet-only", "(native nstype 0)"),
+                                           ("nstype-64-bit", "(native high bits)")])
+def test_a_filter_that_misses_a_way_of_calling_setns_earns_allowed(probe_launcher, tmp_path, name, way):
+    evidence = probe_launcher(_bwrap_with_filter(tmp_path, name))
+    assert evidence.escape.verdict is Verdict.ALLOWED, evidence.escape
+    assert way in evidence.escape.reason and "the host's" in evidence.escape.reason, evidence.escape
+    # the rest of the category still holds for it: this row is the one that finds the hole
+    verdicts = evidence.verdicts()
+    assert verdicts.pop("netns-escape") is Verdict.ALLOWED and verdicts.pop("loopback-control") is Verdict.WORKS
+    assert set(verdicts.values()) == {Verdict.BLOCKED}, verdicts
+
+
+@needs_bwrap
+def test_a_filter_that_kills_setns_blocks_it_and_the_probe_reports_everything_else(probe_launcher, tmp_path):
+    evidence = probe_launcher(_bwrap_with_filter(tmp_path, "kill-setns"))
+    assert evidence.escape.verdict is Verdict.BLOCKED, evidence.escape
+    assert "killed by SIGSYS" in evidence.escape.observed
+    verdicts = evidence.verdicts()
+    assert verdicts.pop("loopback-control") is Verdict.WORKS
+    assert set(verdicts.values()) == {Verdict.BLOCKED}, verdicts
+
+
+@needs_bwrap
+def test_bubblewrap_as_root_without_cap_drop_lets_the_process_back_into_the_host_namespace(probe_launcher):
+    evidence = probe_launcher(f"bwrap {BWRAP_SHARED_PROC} --")
+    assert evidence.escape.verdict is Verdict.ALLOWED, evidence.escape
+    assert "the host's" in evidence.escape.reason and "stand-in" in evidence.escape.reason
+    # every other row passes: before this row the category passed this launcher
+    verdicts = evidence.verdicts()
+    del verdicts["netns-escape"]
+    assert set(verdicts.values()) == {Verdict.BLOCKED, Verdict.WORKS}, verdicts
+    dropped = probe_launcher(f"bwrap {BWRAP_SHARED_PROC} --cap-drop ALL --")
+    assert dropped.escape.verdict is Verdict.BLOCKED and "refused every way" in dropped.escape.reason, dropped.escape
+
+
+@needs_bwrap
+def test_setns_that_works_with_no_other_namespace_in_sight_is_indeterminate(probe_launcher):
+    # Its own PID namespace and /proc: nothing to try, but root with CAP_SYS_ADMIN could unmount that /proc and
+    # find the host's under it, so it is not shown blocked.
+    evidence = probe_launcher("bwrap --unshare-net --unshare-pid --dev-bind / / --proc /proc --")
+    assert evidence.escape.verdict is Verdict.INDETERMINATE, evidence.escape
+    assert "could name no other network namespace" in evidence.escape.reason
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None or shutil.which("ip") is None, reason="needs unshare and ip")
+def test_unshare_with_loopback_up_passed_every_other_row_and_fails_this_one(probe_launcher):
+    evidence = probe_launcher("unshare -n sh -c 'ip link set lo up && exec \"$@\"' sh")
+    verdicts = evidence.verdicts()
+    assert verdicts.pop("netns-escape") is Verdict.ALLOWED, evidence.escape
+    assert verdicts.pop("loopback-control") is Verdict.WORKS
+    assert set(verdicts.values()) == {Verdict.BLOCKED}, verdicts
+    assert "(native)" in evidence.escape.reason and "the host's" in evidence.escape.reason
