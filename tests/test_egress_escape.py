@@ -75,6 +75,9 @@ def test_an_escape_judgement_needs_the_i386_way_and_a_proc_to_look_in():
     blind = _judge(_attempt(None, ENTERED), unreadable={"EACCES": 2}, proc=False)
     assert blind.verdict is Verdict.INDETERMINATE and "without /proc" in blind.reason
     assert judge_escape(ProbeReport(LAUNCHERS, {}, None), SPACES).verdict is Verdict.INDETERMINATE  # no attempts at all
+    failed = EscapeAttempts(None, (), {}, False, error="cannot fork a child to call setns(2) in: EPERM")
+    judged = judge_escape(ProbeReport(LAUNCHERS, {}, None, escape=failed), SPACES)
+    assert judged.verdict is Verdict.INDETERMINATE and "cannot fork" in judged.reason
     # an entry anywhere outweighs a missing i386 way
     assert _judge(_attempt(None, ENTERED, None), _attempt(HOST, ENTERED, None),
                   i386_error="no stub").verdict is Verdict.ALLOWED
@@ -108,6 +111,8 @@ BROKEN_FILTERS = {
     # refuses nstype CLONE_NEWNET and 0 comparing all 64 bits: the kernel reads an int, high bits dropped
     "nstype-64-bit": _bpf(*ARCH_CHECKED, _jeq(SETNS, 0, 6), LD_ARG1_HIGH, _jeq(0, 0, 4), LD_ARG1_LOW,
                           _jeq(CLONE_NEWNET, 1, 0), _jeq(0, 0, 1), (0x06, RET_EPERM), (0x06, RET_ALLOW)),
+    # refuses fork (clone 56, fork 57): the probe cannot call setns in a child, and says so
+    "no-fork": _bpf(*ARCH_CHECKED, _jeq(56, 1, 0), _jeq(57, 0, 1), (0x06, RET_EPERM), (0x06, RET_ALLOW)),
     # kills the caller of setns (and of any i386 call): the probe's other rows must survive it
     "kill-setns": _bpf(*ARCH_CHECKED, _jeq(SETNS, 0, 1), (0x06, RET_KILL_PROCESS), (0x06, RET_ALLOW)),
 }
@@ -147,6 +152,16 @@ def test_a_filter_that_kills_setns_blocks_it_and_the_probe_reports_everything_el
     verdicts = evidence.verdicts()
     assert verdicts.pop("loopback-control") is Verdict.WORKS
     assert set(verdicts.values()) == {Verdict.BLOCKED}, verdicts
+
+
+@needs_bwrap
+def test_a_probe_that_cannot_fork_gets_no_escape_verdict_and_keeps_the_others(probe_launcher, tmp_path):
+    evidence = probe_launcher(_bwrap_with_filter(tmp_path, "no-fork"))
+    assert evidence.escape.verdict is Verdict.INDETERMINATE and "cannot fork" in evidence.escape.reason, \
+        evidence.escape
+    verdicts = evidence.verdicts()
+    del verdicts["netns-escape"]
+    assert set(verdicts.values()) == {Verdict.BLOCKED, Verdict.WORKS}, verdicts
 
 
 @needs_bwrap

@@ -240,7 +240,10 @@ def escape_attempts():
         if list(key) != netns and key not in others and len(others) < MAX_OTHERS:
             others[key] = path
     handles = [None, *others.values()]  # None: its own namespace
-    native = in_child(handles, native_setns())
+    try:
+        native = in_child(handles, native_setns())
+    except OSError as e:  # fork refused (a filter, a pids limit)
+        return {"error": "cannot fork a child to call setns(2) in: %s" % e}
     try:
         i386, i386_error = in_child(handles, i386_setns()), None
     except (OSError, ValueError, TypeError) as e:  # W^X: no executable mapping
@@ -309,7 +312,10 @@ if plan["loopback_control"]:
     except OSError as e:
         report["loopback_control"] = {"error": "%s: %s" % (type(e).__name__, e)}
 if plan["escape"]:
-    report["escape"] = escape_attempts()
+    try:
+        report["escape"] = escape_attempts()
+    except Exception as e:  # whatever went wrong here, the rest of the report stands
+        report["escape"] = {"error": "the setns(2) attempts failed: %s: %s" % (type(e).__name__, e)}
 print(json.dumps(report))
 """
 
