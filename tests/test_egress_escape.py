@@ -58,6 +58,10 @@ def _judge(own: EscapeAttempt, *others: EscapeAttempt, unreadable: dict[str, int
     (_attempt(None, ENTERED), (_attempt(HOST, EPERM),), {}, Verdict.BLOCKED, "each of the 1"),
     (_attempt(None, ENTERED), (), {"EACCES": 72}, Verdict.BLOCKED, "each of the 72"),
     (_attempt(None, ENTERED), (), {}, Verdict.INDETERMINATE, "no other network namespace"),
+    (_attempt(None, ENTERED), (_attempt(HOST, SetnsResult("open", errno.ENOENT), None),), {},  # its process ended
+     Verdict.INDETERMINATE, "no other network namespace"),
+    (_attempt(None, ENTERED), (_attempt(HOST, SetnsResult("open", errno.EACCES), None),), {}, Verdict.BLOCKED,
+     "each of the 1"),
     (_attempt(None, EPERM, SetnsResult("entered", None, "i386")), (), {}, Verdict.INDETERMINATE, "(i386)"),
     # no verdict on its own namespace
     (_attempt(None, SetnsResult("open", errno.ENOENT), None), (), {"EACCES": 1}, Verdict.INDETERMINATE,

@@ -170,6 +170,13 @@ class EscapeAttempt:
         return self.entered is None and self.native.stage in ("setns", "killed") and (
             self.i386 is None or self.i386.stage in ("setns", "killed"))
 
+    @property
+    def kept_out(self) -> bool:
+        """Refused, or the kernel would not let it open the handle (EACCES, EPERM: ptrace access mode, proc(5));
+        not a handle that vanished (its process ended) or a result that was lost."""
+        return self.refused or (self.native.stage == "open" and self.native.number in (errno_module.EACCES,
+                                                                                        errno_module.EPERM))
+
     def describe(self) -> str:
         if (way := self.entered) is not None:
             return way.describe()
@@ -191,9 +198,8 @@ class EscapeAttempts:
     error: str = ""
 
     def refusals(self) -> int:
-        """Handles the kernel would not open or whose every setns(2) failed."""
-        return sum(self.unreadable.values()) + sum(1 for attempt in self.others
-                                                   if attempt.entered is None and attempt.native.stage != "lost")
+        """Handles the kernel would not let it look at or open, or whose every setns(2) failed."""
+        return sum(self.unreadable.values()) + sum(1 for attempt in self.others if attempt.kept_out)
 
 
 @dataclass(frozen=True)
