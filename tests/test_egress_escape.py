@@ -18,12 +18,20 @@ from __future__ import annotations
 import errno
 import shutil
 import struct
+import sys
 from pathlib import Path
 
 import pytest
 from test_egress_third_party import HOST, LAB, LAUNCHERS, SPACES
 
-from pytest_sandbox.verdicts.egress import EscapeAttempt, EscapeAttempts, ProbeReport, SetnsResult, judge_escape
+from pytest_sandbox.verdicts.egress import (
+    EscapeAttempt,
+    EscapeAttempts,
+    HeldSocket,
+    ProbeReport,
+    SetnsResult,
+    judge_escape,
+)
 from pytest_sandbox.verdicts.judgement import Verdict
 
 EPERM = SetnsResult("setns", errno.EPERM)
@@ -198,3 +206,89 @@ def test_unshare_with_loopback_up_passed_every_other_row_and_fails_this_one(prob
     assert verdicts.pop("loopback-control") is Verdict.WORKS
     assert set(verdicts.values()) == {Verdict.BLOCKED}, verdicts
     assert "(native)" in evidence.escape.reason and "the host's" in evidence.escape.reason
+
+
+# --- a launcher that leaks sockets made where it starts ---------------------------------------------------------
+
+LEAKY_LAUNCHER = '''#!{python}
+"""Makes sockets in the namespace it starts in, leaves them open across exec, and runs bubblewrap."""
+import os, socket, sys
+kept = []
+for kind in {kinds!r}:
+    if kind == "listening":
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1)
+    elif kind == "connected":
+        server = socket.socket()
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        sock = socket.create_connection(server.getsockname())
+        peer = server.accept()[0]  # both ends go in; the listener is closed at exec (not inheritable)
+        os.set_inheritable(peer.fileno(), True)
+        kept += [server, peer]
+    elif kind == "spent":  # a connection reset by its peer: unconnected to getpeername, but it cannot connect again
+        server = socket.socket()
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        sock = socket.create_connection(server.getsockname())
+        server.close()
+    else:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM if kind == "udp" else socket.SOCK_STREAM)
+    os.set_inheritable(sock.fileno(), True)
+    kept.append(sock)
+os.execvp("sh", ["sh", "-c", 'exec 9<"$0"; exec bwrap {bwrap} --add-seccomp-fd 9 -- "$@"', {program!r}, *sys.argv[1:]])
+'''
+
+
+def _leaky(directory: Path, kinds: tuple[str, ...], *, keep_caps: bool) -> str:
+    """bubblewrap with the sockets ``kinds`` (tcp, udp, connected, listening) leaked into it; setns killed by its
+    filter, so the sockets are the only way out. ``keep_caps``: root keeps CAP_NET_ADMIN (SIOCGSKNS names the
+    sockets' namespace); else the probe tells by its own loopback."""
+    program = directory / "kill-setns.bpf"
+    program.write_bytes(BROKEN_FILTERS["kill-setns"])
+    script = directory / f"leaky-{'-'.join(kinds)}-{'caps' if keep_caps else 'nocaps'}"
+    bwrap = f"{BWRAP_SHARED_PROC}{'' if keep_caps else ' --cap-drop ALL'}"
+    script.write_text(LEAKY_LAUNCHER.format(python=sys.executable, kinds=kinds, bwrap=bwrap, program=str(program)))
+    script.chmod(0o755)
+    return str(script)
+
+
+@needs_bwrap
+@pytest.mark.parametrize("keep_caps", [True, False], ids=["namespace-by-SIOCGSKNS", "namespace-by-own-loopback"])
+@pytest.mark.parametrize("kind", ["tcp", "udp"])
+def test_a_leaked_socket_of_the_launcher_s_namespace_earns_allowed(probe_launcher, tmp_path, kind, keep_caps):
+    evidence = probe_launcher(_leaky(tmp_path, (kind,), keep_caps=keep_caps))
+    assert evidence.escape.verdict is Verdict.ALLOWED, evidence.escape
+    assert f"unconnected {kind.upper()} socket (fd " in evidence.escape.reason
+    where = "the stand-in host's" if keep_caps else "made in another namespace"
+    assert where in evidence.escape.reason, evidence.escape
+    verdicts = evidence.verdicts()
+    assert verdicts.pop("netns-escape") is Verdict.ALLOWED and verdicts.pop("loopback-control") is Verdict.WORKS
+    assert set(verdicts.values()) == {Verdict.BLOCKED}, verdicts  # every other row still passes it
+
+
+@needs_bwrap
+@pytest.mark.parametrize("keep_caps", [True, False], ids=["namespace-by-SIOCGSKNS", "namespace-by-own-loopback"])
+def test_a_leaked_connected_listening_or_spent_tcp_socket_leads_nowhere_new(probe_launcher, tmp_path, keep_caps):
+    evidence = probe_launcher(_leaky(tmp_path, ("connected", "listening", "spent"), keep_caps=keep_caps))
+    assert evidence.escape.verdict is Verdict.BLOCKED, evidence.escape
+    for state in ("a connected TCP socket", "a listening TCP socket", "a spent TCP socket"):
+        assert state in evidence.escape.observed, evidence.escape
+
+
+def test_the_held_socket_judge():
+    own_ns = LAUNCHERS
+
+    def judged(*sockets: HeldSocket):
+        attempts = EscapeAttempts(_attempt(None, EPERM, KILLED), (), {}, True, sockets=sockets)
+        return judge_escape(ProbeReport(own_ns, {}, None, escape=attempts), SPACES)
+
+    assert judged(HeldSocket(3, "tcp", "unconnected", netns=HOST)).verdict is Verdict.ALLOWED
+    assert judged(HeldSocket(3, "udp", "connected", here=False)).verdict is Verdict.ALLOWED  # UDP reconnects
+    assert judged(HeldSocket(3, "tcp", "unconnected", netns=own_ns)).verdict is Verdict.BLOCKED
+    assert judged(HeldSocket(3, "tcp", "unconnected", here=True)).verdict is Verdict.BLOCKED
+    assert judged(HeldSocket(3, "tcp", "connected", netns=HOST)).verdict is Verdict.BLOCKED
+    assert judged(HeldSocket(3, "tcp", "listening", netns=HOST)).verdict is Verdict.BLOCKED
+    unknown = judged(HeldSocket(3, "udp", "unconnected"))
+    assert unknown.verdict is Verdict.INDETERMINATE and "could not tell" in unknown.reason

@@ -24,7 +24,9 @@ process *can* reach wherever it ends up, and knows where it ended up:
 * **a way back out**: setns(2) into its own namespace and into every other network namespace it can name
   (/proc/<pid>/ns/net, /run/netns, its open fds), natively three ways and through ``int 0x80``, each in a child
   a filter may kill (``verdicts.egress.judge_escape``): a namespace of its own is no boundary if setns(2) takes
-  the process into the host's. Nothing is sent from a namespace it enters;
+  the process into the host's. Nothing is sent from a namespace it enters. And the TCP and UDP sockets it holds
+  without making them (a launcher's leak): one of another namespace (SIOCGSKNS, else it cannot reach a socket of
+  ours on the process's own loopback) sends from there;
 * **the positive control**: the proxy's address in the process's namespace (127.0.0.1:3128 of
   :class:`~pytest_sandbox.network.harness.ProxiedSandbox`), through which a request must reach a
   lab origin, so a launcher that breaks all networking does not score 100 %.
@@ -59,6 +61,7 @@ from pytest_sandbox.verdicts.egress import (
     EgressTarget,
     EscapeAttempt,
     EscapeAttempts,
+    HeldSocket,
     Namespaces,
     ProbeReport,
     SetnsResult,
@@ -122,7 +125,7 @@ IP_FREEBIND = 15
 # The namespace's identity comes from /proc/self/ns/net, else from SIOCGSKNS on a socket (Linux 4.9+;
 # it needs CAP_NET_ADMIN there), else it is unknown.
 EGRESS_PROBE = r"""
-import errno, fcntl, json, os, socket, struct, sys
+import errno, fcntl, json, os, socket, stat, struct, sys
 plan = json.loads(sys.argv[1])
 SIOCGIFFLAGS, SIOCGSKNS, IFF_LOOPBACK = 0x8913, 0x894C, 0x8
 def namespace():
@@ -207,12 +210,89 @@ def in_child(handles, attempt):
                for stage, number, way in done]
     ended = ["killed", os.WTERMSIG(status), None] if os.WIFSIGNALED(status) else ["lost", None, None]
     return results + [ended for _path in handles[len(results):]]
+def reaches_own_loopback(sock):
+    # Whether the held socket is of this namespace: it connects (TCP) or sends (UDP) to a socket of ours on this
+    # namespace's loopback. ECONNREFUSED or nothing arriving: it is another namespace's (its loopback has no such
+    # port); a loopback packet never leaves the machine. None: could not tell.
+    tcp = sock.type == socket.SOCK_STREAM
+    address = "::1" if sock.family == socket.AF_INET6 else "127.0.0.1"
+    with socket.socket(sock.family, sock.type) as mine:
+        try:
+            mine.bind((address, 0))
+            if tcp:
+                mine.listen(1)
+            mine.settimeout(0.5)
+            sock.settimeout(0.5)
+        except OSError:
+            return None
+        try:
+            if tcp:
+                sock.connect(mine.getsockname()[:2])
+                mine.accept()[0].close()
+            else:
+                sock.sendto(b"held", mine.getsockname()[:2])
+                mine.recv(16)
+            return True
+        except ConnectionRefusedError:
+            return False
+        except socket.timeout:
+            return False if not tcp else None
+        except OSError as e:
+            # EISCONN: a TCP socket whose connection was reset or closed (getpeername says unconnected) cannot connect
+            # again (inet_stream_connect): it leads nowhere.
+            return "spent" if e.errno == errno.EISCONN else None
+def held_sockets():
+    # The TCP/UDP sockets it holds but did not make (a launcher's leak): one made in another namespace connects or
+    # sends from there. Its namespace: SIOCGSKNS (CAP_NET_ADMIN), else reaches_own_loopback.
+    found = []
+    try:
+        fds = sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
+    except OSError:
+        fds = range(1024)
+    for fd in fds:
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISSOCK(info.st_mode):
+                continue
+            sock = socket.socket(fileno=os.dup(fd))
+        except (OSError, ValueError):
+            continue
+        with sock:
+            if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type not in (socket.SOCK_STREAM,
+                                                                                          socket.SOCK_DGRAM):
+                continue
+            held = {"fd": fd, "transport": "tcp" if sock.type == socket.SOCK_STREAM else "udp", "netns": None,
+                    "here": None, "state": "unconnected"}
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                held["state"] = "listening"
+            else:
+                try:
+                    sock.getpeername()
+                    held["state"] = "connected"
+                except OSError:
+                    pass
+            try:
+                namespace_fd = fcntl.ioctl(sock.fileno(), SIOCGSKNS, 0)
+                ns = os.fstat(namespace_fd)
+                os.close(namespace_fd)
+                held["netns"] = [ns.st_dev, ns.st_ino]
+            except OSError:
+                pass
+            if held["state"] == "unconnected" or held["transport"] == "udp":
+                here = reaches_own_loopback(sock)
+                if here == "spent":
+                    held["state"] = "spent"
+                else:
+                    held["here"] = here
+            found.append(held)
+    return found
 def escape_attempts():
     # setns(2) into its own namespace (the call itself: refused by a filter or for want of CAP_SYS_ADMIN, it is refused
     # whatever the handle), then into every other network namespace the process can name: each process's in /proc,
     # the ones `ip netns` pins in /run/netns, any it holds open. Nothing is sent from a namespace it enters.
     if os.uname().machine != "x86_64":
         return {"error": "the setns attempts use x86_64 system call numbers; this is %s" % os.uname().machine}
+    sockets = held_sockets()
     proc = os.path.isdir("/proc/self")
     paths, unreadable, others = [], {}, {}
     if proc:
@@ -251,7 +331,8 @@ def escape_attempts():
     keys = [None, *[list(key) for key in others]]
     attempts = [{"path": path, "netns": key, "native": native[index], "i386": i386[index] if i386 else None}
                 for index, (path, key) in enumerate(zip(handles, keys))]
-    return {"attempts": attempts, "unreadable": unreadable, "proc": proc, "i386_error": i386_error}
+    return {"attempts": attempts, "unreadable": unreadable, "proc": proc, "i386_error": i386_error,
+            "sockets": sockets}
 netns, links = namespace(), interfaces()
 inside = netns in plan["harness_namespaces"] or bool(links and all(loop for _name, loop in links))
 report = {"netns": netns, "interfaces": links, "results": {}, "proxy": None, "loopback_control": None,
@@ -362,8 +443,11 @@ def parse_escape(raw: Any) -> EscapeAttempts | None:
                               else None, way(item.get("native")) or SetnsResult("lost"), way(item.get("i386")))
                 for item in raw.get("attempts") or ()]
     unreadable = {str(name): int(count) for name, count in dict(raw.get("unreadable") or {}).items()}
+    sockets = tuple(HeldSocket(int(item["fd"]), str(item["transport"]), str(item["state"]),
+                               (int(item["netns"][0]), int(item["netns"][1])) if item.get("netns") else None,
+                               item.get("here")) for item in raw.get("sockets") or ())
     return EscapeAttempts(attempts[0] if attempts else None, tuple(attempts[1:]), unreadable, bool(raw.get("proc")),
-                          i386_error=raw.get("i386_error"))
+                          i386_error=raw.get("i386_error"), sockets=sockets)
 
 
 # --------------------------------------------------------------------------------------------------

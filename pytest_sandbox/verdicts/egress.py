@@ -28,6 +28,7 @@ __all__ = [
     "EgressTarget",
     "EscapeAttempt",
     "EscapeAttempts",
+    "HeldSocket",
     "Namespaces",
     "ProbeReport",
     "SetnsResult",
@@ -184,6 +185,37 @@ class EscapeAttempt:
 
 
 @dataclass(frozen=True)
+class HeldSocket:
+    """A TCP or UDP socket the process held without making it (a launcher's leak), ``state`` unconnected, connected,
+    listening or spent (a TCP connection that ended: it cannot connect again). Its namespace: ``netns``
+    (SIOCGSKNS), else ``here``: did it reach a socket of the process's on its own loopback (False: made in another
+    namespace; None: not known)."""
+
+    fd: int
+    transport: str
+    state: str
+    netns: NetnsId | None = None
+    here: bool | None = None
+
+    @property
+    def leads_out(self) -> bool:
+        """Can it reach a destination of the process's choosing? An unconnected TCP socket, any UDP socket."""
+        return self.transport == "udp" or self.state == "unconnected"
+
+    def foreign(self, own: NetnsId | None) -> bool | None:
+        if self.netns is not None and own is not None:
+            return self.netns != own
+        return None if self.here is None else not self.here
+
+    def describe(self, namespaces: Namespaces) -> str:
+        where = (f"of {namespaces.name(self.netns)} namespace" if self.netns is not None else
+                 {True: "of its own namespace", False: "made in another namespace (it could not reach its own "
+                  "loopback)", None: "of a namespace it could not tell"}[self.here])
+        article = "an" if self.state[0] in "aeiou" else "a"
+        return f"{article} {self.state} {self.transport.upper()} socket (fd {self.fd}) {where}"
+
+
+@dataclass(frozen=True)
 class EscapeAttempts:
     """The probe's way back out of its network namespace: setns(2) into its own (``own``: does the call work at all)
     and into each other namespace it could name (``others``: every process's in /proc, /run/netns, its open fds);
@@ -196,6 +228,7 @@ class EscapeAttempts:
     proc: bool
     i386_error: str | None = None
     error: str = ""
+    sockets: tuple[HeldSocket, ...] = ()
 
     def refusals(self) -> int:
         """Handles the kernel would not let it look at or open, or whose every setns(2) failed."""
@@ -233,7 +266,8 @@ DIRECT_EXPECTED = ("connect (a UDP datagram: connect, send or the wait for a rep
                    "process runs, and no listener (host loopback, lab) sees it")
 PROXY_EXPECTED = "a GET through the proxy's address reaches the lab origin (200 from it, request recorded)"
 ESCAPE_EXPECTED = ("setns(2) into any other network namespace the process can name (/proc/<pid>/ns/net, /run/netns, "
-                   "its open fds) is refused, and so is setns(2) itself if it can name none")
+                   "its open fds) is refused, and so is setns(2) itself if it can name none; it holds no unconnected "
+                   "TCP or any UDP socket of another namespace")
 LOOPBACK_EXPECTED = "a TCP round trip over the process's own loopback (127.0.0.1) carries the probe's nonce"
 
 
@@ -317,7 +351,10 @@ def judge_escape(report: ProbeReport, namespaces: Namespaces) -> Judgement:
     root without ``--cap-drop ALL``) lets it enter the namespace of any process it sees in /proc (setns(2) wants
     CAP_SYS_ADMIN over its own user namespace and the target's; #819 refuses setns outright). BLOCKED: setns(2)
     itself refused every way it was called (then no handle helps), or it works and every other namespace the
-    process could name refused it; a process that could name none, with setns(2) working, is INDETERMINATE."""
+    process could name refused it; a process that could name none, with setns(2) working, is INDETERMINATE.
+    The other way back is a socket made outside that the launcher leaked: an unconnected TCP socket or any UDP
+    socket of another namespace connects or sends from there (ALLOWED; one whose namespace the probe could not
+    tell is INDETERMINATE); a connected or listening TCP socket reaches no destination of its choosing."""
     attempts = report.escape
     if attempts is None or attempts.own is None:
         reason = attempts.error if attempts is not None and attempts.error else "the probe made no setns(2) attempt"
@@ -335,12 +372,23 @@ def judge_escape(report: ProbeReport, namespaces: Namespaces) -> Judgement:
                 + (f"; handles it could not open: {unreadable}" if unreadable else "")
                 + ("" if attempts.proc else "; no /proc")
                 + (f"; i386 not tried: {attempts.i386_error}" if attempts.i386_error else ""))
+    held = [sock for sock in attempts.sockets if sock.leads_out]
+    if attempts.sockets:
+        observed += "; it holds " + ", ".join(sock.describe(namespaces) for sock in attempts.sockets)
+    leaked = [sock for sock in held if sock.foreign(report.netns)]
+    if leaked:
+        return Judgement(Verdict.ALLOWED, f"the process holds {leaked[0].describe(namespaces)}: a connection or "
+                         "datagram from it leaves from there", ESCAPE_EXPECTED, observed)
     entered = [attempt for attempt in others if attempt.entered is not None]
     if entered:
         where = ", ".join(f"{namespaces.name(attempt.netns)} ({attempt.path}, {attempt.describe()})"
                           for attempt in entered[:3])
         return Judgement(Verdict.ALLOWED, f"setns(2) took the process into another network namespace, {where}: "
                          "its own namespace is no boundary", ESCAPE_EXPECTED, observed)
+    unknown = [sock for sock in held if sock.foreign(report.netns) is None]
+    if unknown:
+        return Judgement(Verdict.INDETERMINATE, f"the process holds {unknown[0].describe(namespaces)}",
+                         ESCAPE_EXPECTED, observed)
     if attempts.i386_error:
         return Judgement(Verdict.INDETERMINATE, f"setns(2) through the i386 ABI could not be tried "
                          f"({attempts.i386_error})", ESCAPE_EXPECTED, observed)
