@@ -125,6 +125,8 @@ BROKEN_FILTERS = {
                           _jeq(CLONE_NEWNET, 1, 0), _jeq(0, 0, 1), (0x06, RET_EPERM), (0x06, RET_ALLOW)),
     # refuses fork (clone 56, fork 57): the probe cannot call setns in a child, and says so
     "no-fork": _bpf(*ARCH_CHECKED, _jeq(56, 1, 0), _jeq(57, 0, 1), (0x06, RET_EPERM), (0x06, RET_ALLOW)),
+    # answers setns with ERRNO(0): it returns 0 and moves nothing (syscalls.md "ERRNO(0)"), no entry to count
+    "errno-0": _bpf(*ARCH_CHECKED, _jeq(SETNS, 0, 1), (0x06, RET_EPERM & ~0xFFFF), (0x06, RET_ALLOW)),
     # kills the caller of setns (and of any i386 call): the probe's other rows must survive it
     "kill-setns": _bpf(*ARCH_CHECKED, _jeq(SETNS, 0, 1), (0x06, RET_KILL_PROCESS), (0x06, RET_ALLOW)),
 }
@@ -164,6 +166,13 @@ def test_a_filter_that_kills_setns_blocks_it_and_the_probe_reports_everything_el
     verdicts = evidence.verdicts()
     assert verdicts.pop("loopback-control") is Verdict.WORKS
     assert set(verdicts.values()) == {Verdict.BLOCKED}, verdicts
+
+
+@needs_bwrap
+def test_a_setns_that_returns_0_and_moves_nothing_is_no_entry(probe_launcher, tmp_path):
+    evidence = probe_launcher(_bwrap_with_filter(tmp_path, "errno-0"))
+    assert evidence.escape.verdict is Verdict.BLOCKED, evidence.escape
+    assert "moved nothing" in evidence.escape.observed and "the host's" in evidence.escape.observed
 
 
 @needs_bwrap

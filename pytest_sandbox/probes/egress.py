@@ -162,6 +162,13 @@ def open_namespace(path):
     except OSError:
         with socket.socket() as probe:
             return fcntl.ioctl(probe.fileno(), SIOCGSKNS, 0)
+def moved_into(fd):
+    # Did a setns(2) that returned 0 move this thread? A filter's ERRNO(0) returns 0 and moves nothing.
+    try:
+        target, now = os.fstat(fd), os.stat("/proc/thread-self/ns/net")
+    except OSError:
+        return True  # nothing to check against: the call's word
+    return (target.st_dev, target.st_ino) == (now.st_dev, now.st_ino)
 def native_setns():
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
@@ -171,7 +178,10 @@ def native_setns():
         for way, nstype in NATIVE_WAYS:
             ctypes.set_errno(0)
             if libc.syscall(ctypes.c_long(308), ctypes.c_long(fd), ctypes.c_long(nstype)) == 0:
-                return "entered 0 " + way
+                if moved_into(fd):
+                    return "entered 0 " + way
+                number = 0
+                continue
             number = ctypes.get_errno()
         return "setns %d -" % number
     return attempt
@@ -182,7 +192,7 @@ def i386_setns():
     int80 = ctypes.CFUNCTYPE(ctypes.c_long, *([ctypes.c_long] * 7))(ctypes.addressof(ctypes.c_char.from_buffer(code)))
     def attempt(fd):
         result = int80(346, fd, CLONE_NEWNET, 0, 0, 0, 0)
-        return "entered 0 i386" if result == 0 else "setns %d -" % -result
+        return "entered 0 i386" if result == 0 and moved_into(fd) else "setns %d -" % -result
     attempt.code = code  # the mapping lives as long as the function
     return attempt
 def in_child(handles, attempt):

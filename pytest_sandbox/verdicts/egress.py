@@ -140,6 +140,8 @@ class SetnsResult:
             return f"entered ({self.way})"
         if self.stage == "killed":
             return f"killed by {signal_name(self.number)}"
+        if self.stage == "setns" and not self.number:
+            return "setns returned 0 and moved nothing (a filter's ERRNO(0))"
         if self.stage in ("open", "setns"):
             return f"{self.stage} failed with {_errno_name(self.number)}"
         return "no result"
@@ -354,7 +356,7 @@ def judge_escape(report: ProbeReport, namespaces: Namespaces) -> Judgement:
     process could name refused it; a process that could name none, with setns(2) working, is INDETERMINATE.
     The other way back is a socket made outside that the launcher leaked: an unconnected TCP socket or any UDP
     socket of another namespace connects or sends from there (ALLOWED; one whose namespace the probe could not
-    tell is INDETERMINATE); a connected or listening TCP socket reaches no destination of its choosing."""
+    tell is INDETERMINATE); a connected, listening or spent TCP socket reaches no destination of its choosing."""
     attempts = report.escape
     if attempts is None or attempts.own is None:
         reason = attempts.error if attempts is not None and attempts.error else "the probe made no setns(2) attempt"
