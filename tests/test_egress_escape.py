@@ -10,7 +10,10 @@ setns(2) into its own namespace and into every other one it can name (/proc, /ru
 Each broken launcher here is the cheapest that could fake the row: no filter; a filter that checks the number but not
 the architecture (firejail's kind: i386 setns is 346); one that refuses only nstype CLONE_NEWNET (nstype 0 means any
 type); one that compares all 64 bits of nstype (an int to the kernel). Each must earn ALLOWED; a filter that kills
-setns must not take the rest of the probe with it. Safety: nothing is sent from a namespace the probe enters.
+setns must not take the rest of the probe with it, and one that answers ERRNO(0) must not pass for an entry. The
+other way back is a socket the launcher leaked: an unconnected TCP or any UDP socket made outside earns ALLOWED,
+with or without the CAP_NET_ADMIN that SIOCGSKNS needs. Safety: nothing is sent from a namespace the probe enters,
+and a leaked socket is only tried against the process's own loopback.
 """
 
 from __future__ import annotations
