@@ -304,3 +304,30 @@ def test_the_held_socket_judge():
     assert judged(HeldSocket(3, "tcp", "listening", netns=HOST)).verdict is Verdict.BLOCKED
     unknown = judged(HeldSocket(3, "udp", "unconnected"))
     assert unknown.verdict is Verdict.INDETERMINATE and "could not tell" in unknown.reason
+
+
+# --- a real runtime: firejail (runc: tests/test_runc.py) --------------------------------------------------------
+
+needs_firejail = pytest.mark.skipif(shutil.which("firejail") is None, reason="firejail is not installed")
+
+
+@needs_firejail
+def test_firejail_default_profile_with_net_none_blocks_the_way_back(probe_launcher):
+    # its default profile drops every capability and refuses setns (seccomp), on both ABIs
+    evidence = probe_launcher("firejail --quiet --net=none --")
+    if evidence.report.error:
+        pytest.skip(f"firejail cannot start here: {evidence.report.error}")
+    verdicts = evidence.verdicts()
+    assert verdicts.pop("loopback-control") is Verdict.WORKS
+    assert set(verdicts.values()) == {Verdict.BLOCKED}, verdicts
+
+
+@needs_firejail
+def test_firejail_without_a_profile_keeps_setns_and_is_not_shown_isolated(probe_launcher):
+    # --noprofile as root: CAP_SYS_ADMIN kept, no filter; its own PID namespace hides every other namespace, but
+    # root could unmount that /proc, so the row is INDETERMINATE, never a pass
+    evidence = probe_launcher("firejail --quiet --noprofile --net=none --")
+    if evidence.report.error:
+        pytest.skip(f"firejail cannot start here: {evidence.report.error}")
+    assert evidence.escape.verdict is Verdict.INDETERMINATE, evidence.escape
+    assert "setns(2) works" in evidence.escape.reason

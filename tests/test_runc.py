@@ -93,3 +93,13 @@ def test_a_profile_that_allows_keyctl_is_caught_through_runc(tmp_path):
     lines = {short(test_id): message for test_id, message in failed_lines(completed).items()}
     assert verdicts(failed_lines(completed)).get("keyctl-native") == "ALLOWED", sorted(lines)
     assert lines["keyctl-native"].startswith("Failed: syscall keyctl via native ABI")  # the message names the hole
+
+
+def test_runc_with_dockers_defaults_passes_the_egress_category(docker_runc, probe_launcher):
+    """The container's own network namespace holds only ``lo``; its PID namespace shows no other process to setns
+    into, and Docker's profile refuses setns(2) without CAP_SYS_ADMIN on both ABIs, so there is no way back."""
+    evidence = probe_launcher(docker_runc)
+    verdicts = evidence.verdicts()
+    assert verdicts.pop("loopback-control").value == "WORKS", evidence.control
+    assert set(verdict.value for verdict in verdicts.values()) == {"BLOCKED"}, verdicts
+    assert "refused every way" in evidence.escape.reason, evidence.escape
