@@ -128,18 +128,24 @@ EGRESS_PROBE = r"""
 import errno, fcntl, json, os, socket, stat, struct, sys
 plan = json.loads(sys.argv[1])
 SIOCGIFFLAGS, SIOCGSKNS, IFF_LOOPBACK = 0x8913, 0x894C, 0x8
+def own_namespace_fd():
+    try:
+        return os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        with socket.socket() as probe:
+            return fcntl.ioctl(probe.fileno(), SIOCGSKNS, 0)
+def namespace_of(fd):
+    # [st_dev, st_ino] of a namespace file descriptor, which it closes
+    try:
+        info = os.fstat(fd)
+        return [info.st_dev, info.st_ino]
+    finally:
+        os.close(fd)
 def namespace():
     try:
-        info = os.stat("/proc/self/ns/net")
+        return namespace_of(own_namespace_fd())
     except OSError:
-        try:
-            with socket.socket() as probe:
-                fd = fcntl.ioctl(probe.fileno(), SIOCGSKNS, 0)
-            info = os.fstat(fd)
-            os.close(fd)
-        except OSError:
-            return None
-    return [info.st_dev, info.st_ino]
+        return None
 def interfaces():
     try:
         names = [name for _index, name in socket.if_nameindex()]
@@ -155,13 +161,7 @@ CLONE_NEWNET, MAX_OTHERS = 0x40000000, 64
 # `int 0x80` (346). Each way runs in a forked child, since a filter may kill the caller. x86_64 numbers.
 NATIVE_WAYS = (("native", CLONE_NEWNET), ("native_nstype_0", 0), ("native_high_bits", CLONE_NEWNET | 1 << 32))
 def open_namespace(path):
-    if path is not None:
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:  # its own: /proc/self/ns/net, else SIOCGSKNS (CAP_NET_ADMIN)
-        return os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        with socket.socket() as probe:
-            return fcntl.ioctl(probe.fileno(), SIOCGSKNS, 0)
+    return own_namespace_fd() if path is None else os.open(path, os.O_RDONLY | os.O_CLOEXEC)
 def moved_into(fd):
     # Did a setns(2) that returned 0 move this thread? A filter's ERRNO(0) returns 0 and moves nothing.
     try:
@@ -282,10 +282,7 @@ def held_sockets():
                 except OSError:
                     pass
             try:
-                namespace_fd = fcntl.ioctl(sock.fileno(), SIOCGSKNS, 0)
-                ns = os.fstat(namespace_fd)
-                os.close(namespace_fd)
-                held["netns"] = [ns.st_dev, ns.st_ino]
+                held["netns"] = namespace_of(fcntl.ioctl(sock.fileno(), SIOCGSKNS, 0))
             except OSError:
                 pass
             if held["state"] == "unconnected" or held["transport"] == "udp":
@@ -402,11 +399,10 @@ if plan["loopback_control"]:
         report["loopback_control"] = {"echoed": echoed.decode("latin-1")}
     except OSError as e:
         report["loopback_control"] = {"error": "%s: %s" % (type(e).__name__, e)}
-if plan["escape"]:
-    try:
-        report["escape"] = escape_attempts()
-    except Exception as e:  # whatever went wrong here, the rest of the report stands
-        report["escape"] = {"error": "the setns(2) attempts failed: %s: %s" % (type(e).__name__, e)}
+try:
+    report["escape"] = escape_attempts()
+except Exception as e:  # whatever went wrong here, the rest of the report stands
+    report["escape"] = {"error": "the setns(2) attempts failed: %s: %s" % (type(e).__name__, e)}
 print(json.dumps(report))
 """
 
@@ -580,7 +576,6 @@ class EgressPlan:
     nonce: str = field(default_factory=lambda: f"egress-{secrets.token_hex(8)}")
     loopback_control: bool = False
     reply_wait: float = UDP_REPLY_WAIT_SECONDS
-    escape: bool = True
 
     def argv(self) -> list[str]:
         plan = {
@@ -590,7 +585,7 @@ class EgressPlan:
             "timeout": self.timeout, "nonce": self.nonce, "proxy": list(self.proxy) if self.proxy else None,
             "proxy_request": (f"GET http://{PUBLIC_ORIGIN}/egress-probe/{self.nonce} HTTP/1.1\r\n"
                               f"Host: {PUBLIC_ORIGIN}\r\nConnection: close\r\n\r\n"),
-            "loopback_control": self.loopback_control, "reply_wait": self.reply_wait, "escape": self.escape,
+            "loopback_control": self.loopback_control, "reply_wait": self.reply_wait,
             "int80_stub": INT80_STUB.hex(),
         }
         return ["python3", "-S", "-c", EGRESS_PROBE, json.dumps(plan)]

@@ -8,11 +8,10 @@ the rules of the category can be read and table-tested without a sandbox.
 from __future__ import annotations
 
 import errno as errno_module
-import signal as signal_module
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pytest_sandbox.verdicts.judgement import Judgement, Verdict
+from pytest_sandbox.verdicts.judgement import Judgement, Outcome, Verdict
 
 if TYPE_CHECKING:
     from pytest_sandbox.network.netns import NetnsId
@@ -117,10 +116,6 @@ class TargetOutcome:
                 }.get(self.kind, self.kind)
 
 
-def _errno_name(number: int | None) -> str:
-    return "no errno" if number is None else errno_module.errorcode.get(number, str(number))
-
-
 @dataclass(frozen=True)
 class SetnsResult:
     """One way of calling setns(2) on one handle: ``stage`` is ``entered`` (``way``: native, native nstype 0,
@@ -138,20 +133,13 @@ class SetnsResult:
     def describe(self) -> str:
         if self.stage == "entered":
             return f"entered ({self.way})"
-        if self.stage == "killed":
-            return f"killed by {signal_name(self.number)}"
+        if self.stage == "killed" and self.number:
+            return Outcome.killed_by(self.number).describe()
         if self.stage == "setns" and not self.number:
             return "setns returned 0 and moved nothing (a filter's ERRNO(0))"
-        if self.stage in ("open", "setns"):
-            return f"{self.stage} failed with {_errno_name(self.number)}"
+        if self.stage in ("open", "setns") and self.number:
+            return f"{self.stage} failed with {Outcome.errno(self.number).describe()}"
         return "no result"
-
-
-def signal_name(number: int | None) -> str:
-    try:
-        return signal_module.Signals(number or 0).name
-    except ValueError:
-        return f"signal {number}"
 
 
 @dataclass(frozen=True)
