@@ -25,12 +25,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_egress_third_party import HOST, LAB, LAUNCHERS, SPACES
+from test_egress_third_party import HOST, LAB, LAUNCHERS, SPACES, STAND_IN
 
 from pytest_sandbox.verdicts.egress import (
     EscapeAttempt,
     EscapeAttempts,
     HeldSocket,
+    Namespaces,
     ProbeReport,
     SetnsResult,
     judge_escape,
@@ -331,3 +332,61 @@ def test_firejail_without_a_profile_keeps_setns_and_is_not_shown_isolated(probe_
         pytest.skip(f"firejail cannot start here: {evidence.report.error}")
     assert evidence.escape.verdict is Verdict.INDETERMINATE, evidence.escape
     assert "setns(2) works" in evidence.escape.reason
+
+
+# --- no /proc and no CAP_NET_ADMIN: no handle on its own namespace, its identity unknown -------------------------
+
+NO_HANDLE, REACHED = SetnsResult("nofd", errno.EPERM), SetnsResult("nofd", errno.EBADF)
+
+
+@pytest.mark.parametrize(("native", "i386", "cap", "verdict", "reason"), [
+    (NO_HANDLE, NO_HANDLE, None, Verdict.BLOCKED, "refused every way"),  # setns(-1): EPERM is the filter's
+    (NO_HANDLE, KILLED, True, Verdict.BLOCKED, "refused every way"),
+    (REACHED, NO_HANDLE, False, Verdict.BLOCKED, "CAP_SYS_ADMIN is not"),  # the kernel refuses it without the cap
+    (REACHED, REACHED, False, Verdict.BLOCKED, "CAP_SYS_ADMIN is not"),
+    (NO_HANDLE, REACHED, True, Verdict.INDETERMINATE, "CAP_SYS_ADMIN in its effective set"),
+    (REACHED, REACHED, None, Verdict.INDETERMINATE, "CAP_SYS_ADMIN unknown"),
+])
+def test_the_escape_judge_without_a_handle_on_its_own_namespace(native, i386, cap, verdict, reason):
+    attempts = EscapeAttempts(EscapeAttempt(None, None, native, i386), (), {}, False, cap_sys_admin=cap)
+    judgement = judge_escape(ProbeReport(None, {}, None, interfaces=(("lo", True),), escape=attempts), SPACES)
+    assert judgement.verdict is verdict and reason in judgement.reason, judgement
+
+
+def test_an_unknown_namespace_with_only_loopbacks_is_isolated_only_if_no_namespace_of_the_harness_is():
+    def isolated(host_loopback_only: bool | None, interfaces=(("lo", True),), stand_in=STAND_IN) -> bool:
+        spaces = Namespaces(host=HOST, lab=LAB, own=None, stand_in=stand_in, host_loopback_only=host_loopback_only)
+        return spaces.isolated(ProbeReport(None, {}, None, interfaces=interfaces))
+
+    assert isolated(False)
+    assert not isolated(True)  # a loopback-only host: the process could be in it
+    assert not isolated(None)  # not looked at
+    assert not isolated(False, interfaces=(("lo", True), ("standin-own", False)))
+    assert not isolated(False, interfaces=None)
+    assert not Namespaces(host=HOST, lab=LAB, own=LAUNCHERS, host_loopback_only=False).isolated(
+        ProbeReport(None, {}, None, interfaces=(("lo", True),)))  # the reference: only the namespace made for it
+
+
+MINIMAL_BWRAP = "bwrap --ro-bind /usr /usr --symlink usr/lib64 /lib64 --symlink usr/bin /bin --symlink usr/lib /lib " \
+                "--dev /dev"  # no /proc: the process cannot read /proc/self/ns/net
+
+
+@needs_bwrap
+def test_a_minimal_sandbox_without_proc_is_judged_by_what_it_holds(probe_launcher):
+    if not Path("/usr/bin/python3").exists():
+        pytest.skip("the minimal sandbox binds /usr only: it needs /usr/bin/python3")
+    isolated = probe_launcher(f"{MINIMAL_BWRAP} --unshare-net --cap-drop ALL --")
+    assert isolated.report.netns is None and isolated.report.escape is not None and not isolated.report.escape.proc
+    verdicts = isolated.verdicts()
+    assert verdicts.pop("loopback-control") is Verdict.WORKS
+    assert set(verdicts.values()) == {Verdict.BLOCKED}, verdicts
+    assert "CAP_SYS_ADMIN is not" in isolated.escape.reason and "identity unknown" in isolated.namespace.reason
+    # the same sandbox left in the stand-in (no --unshare-net): its veth shows, the host's loopback listeners see it
+    shared = probe_launcher(f"{MINIMAL_BWRAP} --cap-drop ALL --")
+    assert shared.namespace.verdict is Verdict.INDETERMINATE and "standin-own" in shared.namespace.observed
+    assert {shared.verdicts()[f"direct-{kind}host-loopback-v4"] for kind in ("", "udp-")} == {Verdict.ALLOWED}
+    # root keeps CAP_SYS_ADMIN (and CAP_NET_ADMIN, so SIOCGSKNS names its namespace): with no /proc to look in for
+    # other namespaces, its way back is not shown closed
+    rooted = probe_launcher(f"{MINIMAL_BWRAP} --unshare-net --")
+    assert rooted.namespace.verdict is Verdict.BLOCKED and rooted.report.netns is not None
+    assert rooted.escape.verdict is Verdict.INDETERMINATE and "without /proc" in rooted.escape.reason

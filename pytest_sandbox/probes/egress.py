@@ -40,11 +40,13 @@ nobody can vouch for is INDETERMINATE (a timeout is neither a refusal nor proof 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import secrets
 import signal
 import socket
+import struct
 import subprocess
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -116,6 +118,8 @@ DIRECT_TARGETS: tuple[EgressTarget, ...] = (
 )
 # ip(7): IP_FREEBIND (15) is not in Python's socket module; it applies to IPv6 sockets too.
 IP_FREEBIND = 15
+# netdevice(7): the interface flags request and the loopback flag, as the probe reads them.
+SIOCGIFFLAGS, IFF_LOOPBACK = 0x8913, 0x8
 
 # Runs inside the sandbox (python3 -S, stdlib only). Argument: a JSON plan. Prints one JSON line.
 # The safety gate is here, in the process itself: a non-loopback destination (and the proxy, which
@@ -206,7 +210,9 @@ def in_child(handles, attempt):
                 try:
                     fd = open_namespace(path)
                 except OSError as e:
-                    line = "open %d -" % e.errno
+                    # No handle on its own namespace (no /proc, no CAP_NET_ADMIN): setns(-1). The kernel checks the fd
+                    # before anything else (EBADF), so any other answer is the filter's (kernel/nsproxy.c).
+                    line = "open %d -" % e.errno if path is not None else attempt(-1).replace("setns ", "nofd ", 1)
                 else:
                     line = attempt(fd)
                 os.write(writer, (line + "\n").encode())
@@ -293,6 +299,18 @@ def held_sockets():
                     held["here"] = here
             found.append(held)
     return found
+def has_cap_sys_admin():
+    # capget(2), _LINUX_CAPABILITY_VERSION_3: is CAP_SYS_ADMIN (21) in its effective set? None: could not tell.
+    try:
+        import ctypes
+        header = (ctypes.c_uint32 * 2)(0x20080522, 0)
+        data = (ctypes.c_uint32 * 6)()
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.syscall(ctypes.c_long(125), header, data) != 0:
+            return None
+        return bool(data[0] & (1 << 21))
+    except (OSError, AttributeError):
+        return None
 def escape_attempts():
     # setns(2) into its own namespace (the call itself: refused by a filter or for want of CAP_SYS_ADMIN, it is refused
     # whatever the handle), then into every other network namespace the process can name: each process's in /proc,
@@ -339,7 +357,7 @@ def escape_attempts():
     attempts = [{"path": path, "netns": key, "native": native[index], "i386": i386[index] if i386 else None}
                 for index, (path, key) in enumerate(zip(handles, keys))]
     return {"attempts": attempts, "unreadable": unreadable, "proc": proc, "i386_error": i386_error,
-            "sockets": sockets}
+            "sockets": sockets, "cap_sys_admin": has_cap_sys_admin()}
 netns, links = namespace(), interfaces()
 inside = netns in plan["harness_namespaces"] or bool(links and all(loop for _name, loop in links))
 report = {"netns": netns, "interfaces": links, "results": {}, "proxy": None, "loopback_control": None,
@@ -453,7 +471,7 @@ def parse_escape(raw: Any) -> EscapeAttempts | None:
                                (int(item["netns"][0]), int(item["netns"][1])) if item.get("netns") else None,
                                item.get("here")) for item in raw.get("sockets") or ())
     return EscapeAttempts(attempts[0] if attempts else None, tuple(attempts[1:]), unreadable, bool(raw.get("proc")),
-                          i386_error=raw.get("i386_error"), sockets=sockets)
+                          i386_error=raw.get("i386_error"), sockets=sockets, cap_sys_admin=raw.get("cap_sys_admin"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -620,6 +638,14 @@ class EgressEvidence:
                "sandbox's namespace"
 
 
+def host_loopback_only() -> bool:
+    """Whether every interface of the harness's own (the host's) namespace is a loopback (SIOCGIFFLAGS IFF_LOOPBACK,
+    netdevice(7)), as the probe reads its own."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as query:
+        return all(struct.unpack_from("16sH", fcntl.ioctl(query.fileno(), SIOCGIFFLAGS, struct.pack(
+            "16sH", name.encode()[:15], 0)))[1] & IFF_LOOPBACK for _index, name in socket.if_nameindex())
+
+
 def host_netns() -> NetnsId:
     info = os.stat(HOST_NETNS_PATH)
     return (info.st_dev, info.st_ino)
@@ -661,8 +687,8 @@ def run_egress_probe(launcher: Launcher, lab: NetworkLab, own_netns: NetnsId | N
     process's namespace is judged by what it holds, and the control is a round trip over its own loopback."""
     if (own_netns is None) == (stand_in is None):
         raise ValueError("give exactly one of: the namespace made for the process, the one its launcher starts in")
-    namespaces = Namespaces(host_netns(), lab.netns_id, own_netns,
-                            None if stand_in is None else stand_in.netns_id)
+    namespaces = Namespaces(host_netns(), lab.netns_id, own_netns, None if stand_in is None else stand_in.netns_id,
+                            host_loopback_only=None if stand_in is None else host_loopback_only())
     listener_socket = socket.socket if stand_in is None else stand_in.socket
     with HostListeners.open(listener_socket) as listeners, LabDatagramListeners.open(lab, direct) as lab_datagrams:
         plan = EgressPlan((*listeners.targets(), *direct), namespaces, proxy, loopback_control=stand_in is not None)

@@ -70,6 +70,9 @@ class Namespaces:
     lab: NetnsId
     own: NetnsId | None
     stand_in: NetnsId | None = None
+    # Whether every interface of the host's namespace is a loopback (None: not looked at). The stand-in and the lab
+    # never are: they hold the veth pair that wires one to the other.
+    host_loopback_only: bool | None = None
 
     @property
     def harness_made(self) -> tuple[NetnsId, ...]:
@@ -93,8 +96,11 @@ class Namespaces:
         every interface is a loopback (a namespace a launcher made that holds only ``lo``)."""
         if self.own is not None:
             return report.netns == self.own
-        return (report.netns is not None and report.netns not in (self.host, self.lab, self.stand_in)
-                and report.loopback_only)
+        if report.netns is None:
+            # Its identity unknown (no /proc, no CAP_NET_ADMIN for SIOCGSKNS): a namespace with nothing but loopbacks
+            # is none of the harness's when none of those is loopback-only.
+            return self.stand_in is not None and self.host_loopback_only is False and report.loopback_only
+        return report.netns not in (self.host, self.lab, self.stand_in) and report.loopback_only
 
 
 @dataclass(frozen=True)
@@ -120,7 +126,9 @@ class TargetOutcome:
 class SetnsResult:
     """One way of calling setns(2) on one handle: ``stage`` is ``entered`` (``way``: native, native nstype 0,
     native high bits, i386), ``open`` (the handle would not open: ``number`` is the errno), ``setns`` (every such
-    call failed: the last errno), ``killed`` (the child trying it died: ``number`` is the signal) or ``lost``."""
+    call failed: the last errno), ``nofd`` (no handle on its own namespace, so setns(-1): EBADF means the call
+    reached the kernel, which checks the fd first; any other errno is the filter's), ``killed`` (the child trying it
+    died: ``number`` is the signal) or ``lost``."""
 
     stage: str
     number: int | None = None
@@ -139,7 +147,21 @@ class SetnsResult:
             return "setns returned 0 and moved nothing (a filter's ERRNO(0))"
         if self.stage in ("open", "setns") and self.number:
             return f"{self.stage} failed with {Outcome.errno(self.number).describe()}"
+        if self.stage == "nofd" and self.number:
+            return f"setns(-1) failed with {Outcome.errno(self.number).describe()}" + (
+                " (it reached the kernel)" if self.reached_kernel else " (its filter refused it)")
         return "no result"
+
+    @property
+    def reached_kernel(self) -> bool:
+        """setns(-1) answered by the kernel itself (EBADF), not by a filter."""
+        return self.stage == "nofd" and self.number == errno_module.EBADF
+
+    @property
+    def refused(self) -> bool:
+        """setns(2) failed or killed the caller; with no handle (``nofd``), a filter's refusal, not EBADF."""
+        return self.stage in ("setns", "killed") or (self.stage == "nofd" and not self.reached_kernel
+                                                     and self.number is not None)
 
 
 @dataclass(frozen=True)
@@ -158,8 +180,7 @@ class EscapeAttempt:
     @property
     def refused(self) -> bool:
         """Every way tried failed at setns(2) or killed the caller (not: a handle that would not open)."""
-        return self.entered is None and self.native.stage in ("setns", "killed") and (
-            self.i386 is None or self.i386.stage in ("setns", "killed"))
+        return self.entered is None and self.native.refused and (self.i386 is None or self.i386.refused)
 
     @property
     def kept_out(self) -> bool:
@@ -219,6 +240,7 @@ class EscapeAttempts:
     i386_error: str | None = None
     error: str = ""
     sockets: tuple[HeldSocket, ...] = ()
+    cap_sys_admin: bool | None = None  # in its effective set (capget(2)); None: not known
 
     def refusals(self) -> int:
         """Handles the kernel would not let it look at or open, or whose every setns(2) failed."""
@@ -266,6 +288,10 @@ def judge_namespace(report: ProbeReport, namespaces: Namespaces) -> Judgement:
     observed = f"runs in {namespaces.name(report.netns)} network namespace, {report.describe_interfaces()}" + (
         f" ({report.error})" if report.error else "")
     if report.netns is None:
+        if namespaces.isolated(report):
+            return Judgement(Verdict.BLOCKED, "the process runs in a namespace with nothing but a loopback, which none "
+                             "of the harness's is (its identity unknown: no /proc/self/ns/net, no SIOCGSKNS)", expected,
+                             observed)
         return Judgement(Verdict.INDETERMINATE, "the probe could not tell which namespace it runs in (no "
                          "/proc/self/ns/net, no SIOCGSKNS)", expected, observed)
     if report.netns == namespaces.host:
@@ -386,6 +412,17 @@ def judge_escape(report: ProbeReport, namespaces: Namespaces) -> Judgement:
         return Judgement(Verdict.BLOCKED, f"setns(2) is refused every way it was called ({own.describe()}), whatever "
                          f"the namespace; {attempts.refusals()} other handle(s) it could name refused too",
                          ESCAPE_EXPECTED, observed)
+    if own.native.stage == "nofd" and own.entered is None:
+        # No handle on its own namespace, and setns(2) reaches the kernel: it refuses a network namespace to a caller
+        # without CAP_SYS_ADMIN in its own user namespace whatever the handle (setns(2), net/core/net_namespace.c
+        # netns_install).
+        if attempts.cap_sys_admin is False:
+            return Judgement(Verdict.BLOCKED, f"setns(2) reaches the kernel ({own.describe()}), which refuses it "
+                             "whatever the namespace: CAP_SYS_ADMIN is not in the process's effective set (capget)",
+                             ESCAPE_EXPECTED, observed + "; CAP_SYS_ADMIN not effective")
+        held_cap = "unknown" if attempts.cap_sys_admin is None else "in its effective set"
+        return Judgement(Verdict.INDETERMINATE, f"no handle on its own namespace to try setns(2) with, which "
+                         f"reaches the kernel ({own.describe()}); CAP_SYS_ADMIN {held_cap}", ESCAPE_EXPECTED, observed)
     if own.entered is None:
         return Judgement(Verdict.INDETERMINATE, f"setns(2) into its own namespace gave no verdict ({own.describe()})",
                          ESCAPE_EXPECTED, observed)
