@@ -638,12 +638,15 @@ class EgressEvidence:
                "sandbox's namespace"
 
 
-def host_loopback_only() -> bool:
+def host_loopback_only() -> bool | None:
     """Whether every interface of the harness's own (the host's) namespace is a loopback (SIOCGIFFLAGS IFF_LOOPBACK,
-    netdevice(7)), as the probe reads its own."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as query:
-        return all(struct.unpack_from("16sH", fcntl.ioctl(query.fileno(), SIOCGIFFLAGS, struct.pack(
-            "16sH", name.encode()[:15], 0)))[1] & IFF_LOOPBACK for _index, name in socket.if_nameindex())
+    netdevice(7)), as the probe reads its own; None if it could not be read (an interface gone meanwhile)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as query:
+            return all(struct.unpack_from("16sH", fcntl.ioctl(query.fileno(), SIOCGIFFLAGS, struct.pack(
+                "16sH", name.encode()[:15], 0)))[1] & IFF_LOOPBACK for _index, name in socket.if_nameindex())
+    except OSError:
+        return None
 
 
 def host_netns() -> NetnsId:
