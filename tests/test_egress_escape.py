@@ -127,6 +127,9 @@ BROKEN_FILTERS = {
     # refuses nstype CLONE_NEWNET and 0 comparing all 64 bits: the kernel reads an int, high bits dropped
     "nstype-64-bit": _bpf(*ARCH_CHECKED, _jeq(SETNS, 0, 6), LD_ARG1_HIGH, _jeq(0, 0, 4), LD_ARG1_LOW,
                           _jeq(CLONE_NEWNET, 1, 0), _jeq(0, 0, 1), (0x06, RET_EPERM), (0x06, RET_ALLOW)),
+    # refuses nstype CLONE_NEWNET on its low 32 bits (high bits too, then), lets nstype 0 through
+    "nstype-newnet-masked": _bpf(*ARCH_CHECKED, _jeq(SETNS, 0, 3), LD_ARG1_LOW, _jeq(CLONE_NEWNET, 0, 1),
+                                 (0x06, RET_EPERM), (0x06, RET_ALLOW)),
     # refuses fork (clone 56, fork 57): the probe cannot call setns in a child, and says so
     "no-fork": _bpf(*ARCH_CHECKED, _jeq(56, 1, 0), _jeq(57, 0, 1), (0x06, RET_EPERM), (0x06, RET_ALLOW)),
     # answers setns with ERRNO(0): it returns 0 and moves nothing (syscalls.md "ERRNO(0)"), no entry to count
@@ -390,3 +393,22 @@ def test_a_minimal_sandbox_without_proc_is_judged_by_what_it_holds(probe_launche
     rooted = probe_launcher(f"{MINIMAL_BWRAP} --unshare-net --")
     assert rooted.namespace.verdict is Verdict.BLOCKED and rooted.report.netns is not None
     assert rooted.escape.verdict is Verdict.INDETERMINATE and "without /proc" in rooted.escape.reason
+
+
+@needs_bwrap
+def test_without_a_handle_one_way_that_reaches_the_kernel_is_enough_to_withhold_blocked(probe_launcher, tmp_path):
+    # No /proc and no CAP_NET_ADMIN (no handle on its own namespace), CAP_SYS_ADMIN kept, and a filter that refuses
+    # nstype CLONE_NEWNET (and so the high-bits way) but lets nstype 0 through: setns(-1, 0) answers EBADF between
+    # two refusals, and the kernel would take setns(fd, 0) from a process holding any handle
+    if not Path("/usr/bin/python3").exists():
+        pytest.skip("the minimal sandbox binds /usr only: it needs /usr/bin/python3")
+    program = tmp_path / "masked.bpf"
+    program.write_bytes(BROKEN_FILTERS["nstype-newnet-masked"])
+    script = tmp_path / "minimal-masked"
+    script.write_text(f'#!/bin/sh\nexec 3<{program}\nexec {MINIMAL_BWRAP} --unshare-net --cap-drop ALL --cap-add '
+                      'CAP_SYS_ADMIN --add-seccomp-fd 3 -- "$@"\n')
+    script.chmod(0o755)
+    evidence = probe_launcher(str(script))
+    assert evidence.report.escape is not None and evidence.report.escape.cap_sys_admin is True, evidence.escape
+    assert evidence.escape.verdict is Verdict.INDETERMINATE, evidence.escape
+    assert "EBADF" in evidence.escape.reason and "CAP_SYS_ADMIN in its effective set" in evidence.escape.reason

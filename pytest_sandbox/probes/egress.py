@@ -178,16 +178,17 @@ def native_setns():
     libc = ctypes.CDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
     def attempt(fd):
-        number = 0
+        numbers = []
         for way, nstype in NATIVE_WAYS:
             ctypes.set_errno(0)
             if libc.syscall(ctypes.c_long(308), ctypes.c_long(fd), ctypes.c_long(nstype)) == 0:
                 if moved_into(fd):
                     return "entered 0 " + way
-                number = 0
+                numbers.append(0)
                 continue
-            number = ctypes.get_errno()
-        return "setns %d -" % number
+            numbers.append(ctypes.get_errno())
+        # EBADF from any way (fd -1) means that way reached the kernel: it must not hide behind a later refusal
+        return "setns %d -" % (errno.EBADF if errno.EBADF in numbers else numbers[-1])
     return attempt
 def i386_setns():
     import ctypes, mmap
