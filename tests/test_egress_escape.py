@@ -9,7 +9,8 @@ setns(2) into its own namespace and into every other one it can name (/proc, /ru
 
 Each broken launcher here is the cheapest that could fake the row: no filter; a filter that checks the number but not
 the architecture (firejail's kind: i386 setns is 346); one that refuses only nstype CLONE_NEWNET (nstype 0 means any
-type); one that compares all 64 bits of nstype (an int to the kernel). Each must earn ALLOWED; a filter that kills
+type); one that compares all 64 bits of nstype (an int to the kernel); one that checks nstype on i386 only; a
+launcher that clears only the effective capability set. Each must earn ALLOWED; a filter that kills
 setns must not take the rest of the probe with it, and one that answers ERRNO(0) must not pass for an entry. The
 other way back is a socket the launcher leaked: an unconnected TCP or any UDP socket made outside earns ALLOWED,
 with or without the CAP_NET_ADMIN that SIOCGSKNS needs. Safety: nothing is sent from a namespace the probe enters,
@@ -101,7 +102,7 @@ def test_an_escape_judgement_needs_the_i386_way_and_a_proc_to_look_in():
 
 # --- broken filters, loaded by bubblewrap run as root (it keeps CAP_SYS_ADMIN without --cap-drop) ------------
 
-AUDIT_ARCH_X86_64 = 0xC000003E
+AUDIT_ARCH_X86_64, AUDIT_ARCH_I386 = 0xC000003E, 0x40000003
 RET_KILL_PROCESS, RET_ALLOW, RET_EPERM = 0x80000000, 0x7FFF0000, 0x00050000 | errno.EPERM
 SETNS, CLONE_NEWNET = 308, 0x40000000
 LD_NR, LD_ARCH, LD_ARG1_LOW, LD_ARG1_HIGH = (0x20, 0), (0x20, 4), (0x20, 24), (0x20, 28)  # struct seccomp_data
@@ -127,6 +128,10 @@ BROKEN_FILTERS = {
     # refuses nstype CLONE_NEWNET and 0 comparing all 64 bits: the kernel reads an int, high bits dropped
     "nstype-64-bit": _bpf(*ARCH_CHECKED, _jeq(SETNS, 0, 6), LD_ARG1_HIGH, _jeq(0, 0, 4), LD_ARG1_LOW,
                           _jeq(CLONE_NEWNET, 1, 0), _jeq(0, 0, 1), (0x06, RET_EPERM), (0x06, RET_ALLOW)),
+    # refuses every native setns, and the i386 one (346) only with nstype CLONE_NEWNET
+    "i386-newnet-only": _bpf(LD_ARCH, _jeq(AUDIT_ARCH_X86_64, 0, 3), LD_NR, _jeq(SETNS, 0, 7), (0x06, RET_EPERM),
+                             _jeq(AUDIT_ARCH_I386, 0, 4), LD_NR, _jeq(346, 0, 3), LD_ARG1_LOW,
+                             _jeq(CLONE_NEWNET, 2, 1), (0x06, RET_KILL_PROCESS), (0x06, RET_ALLOW), (0x06, RET_EPERM)),
     # refuses nstype CLONE_NEWNET on its low 32 bits (high bits too, then), lets nstype 0 through
     "nstype-newnet-masked": _bpf(*ARCH_CHECKED, _jeq(SETNS, 0, 3), LD_ARG1_LOW, _jeq(CLONE_NEWNET, 0, 1),
                                  (0x06, RET_EPERM), (0x06, RET_ALLOW)),
@@ -154,7 +159,8 @@ def _bwrap_with_filter(directory: Path, name: str, extra: str = "") -> str:
 
 @needs_bwrap
 @pytest.mark.parametrize(("name", "way"), [("number-only", "(i386)"), ("nstype-newnet-only", "(native nstype 0)"),
-                                           ("nstype-64-bit", "(native high bits)")])
+                                           ("nstype-64-bit", "(native high bits)"),
+                                           ("i386-newnet-only", "(i386 nstype 0)")])
 def test_a_filter_that_misses_a_way_of_calling_setns_earns_allowed(probe_launcher, tmp_path, name, way):
     evidence = probe_launcher(_bwrap_with_filter(tmp_path, name))
     assert evidence.escape.verdict is Verdict.ALLOWED, evidence.escape
@@ -412,3 +418,35 @@ def test_without_a_handle_one_way_that_reaches_the_kernel_is_enough_to_withhold_
     assert evidence.report.escape is not None and evidence.report.escape.cap_sys_admin is True, evidence.escape
     assert evidence.escape.verdict is Verdict.INDETERMINATE, evidence.escape
     assert "EBADF" in evidence.escape.reason and "CAP_SYS_ADMIN in its effective set" in evidence.escape.reason
+
+
+# --- a launcher that only clears the effective capability set ---------------------------------------------------
+
+EFFECTIVE_ONLY_LAUNCHER = '''#!{python}
+"""A network namespace of its own with lo up, then the effective capability set cleared (the permitted set kept), and
+the program on stdin run in this very process (no execve, which would recompute the sets)."""
+import ctypes, subprocess, sys
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.unshare(0x40000000) != 0:  # CLONE_NEWNET
+    sys.exit("unshare: errno %d" % ctypes.get_errno())
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+header, data = (ctypes.c_uint32 * 2)(0x20080522, 0), (ctypes.c_uint32 * 6)()
+libc.syscall(125, header, data)  # capget
+data[0] = data[3] = 0  # effective: nothing; permitted: as it was
+libc.syscall(126, header, data)  # capset
+source = sys.stdin.read()
+sys.argv = ["-"]
+exec(compile(source, "<stdin>", "exec"), {{"__name__": "__main__"}})
+'''
+
+
+@pytest.mark.skipif(shutil.which("ip") is None, reason="needs ip")
+def test_a_launcher_that_clears_only_the_effective_set_has_dropped_nothing(probe_launcher, tmp_path):
+    # setns(2) checks the effective set, so the probe's first call is refused; capset(2) raises it from the permitted
+    # set, and then setns leads into the host's namespace
+    script = tmp_path / "effective-only"
+    script.write_text(EFFECTIVE_ONLY_LAUNCHER.format(python=sys.executable))
+    script.chmod(0o755)
+    evidence = probe_launcher(str(script))
+    assert evidence.namespace.verdict is Verdict.BLOCKED, evidence.namespace
+    assert evidence.escape.verdict is Verdict.ALLOWED and "the host's" in evidence.escape.reason, evidence.escape

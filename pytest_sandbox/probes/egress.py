@@ -162,7 +162,7 @@ def interfaces():
 CLONE_NEWNET, MAX_OTHERS = 0x40000000, 64
 # setns(2) the ways a filter could miss: the native call with nstype CLONE_NEWNET, with 0 ("any type"), with high
 # bits the kernel drops (nstype is an int; a filter comparing 64 bits sees another value), and the i386 call through
-# `int 0x80` (346). Each way runs in a forked child, since a filter may kill the caller. x86_64 numbers.
+# `int 0x80` (346) with CLONE_NEWNET and 0. Each ABI runs in a forked child, since a filter may kill the caller.
 NATIVE_WAYS = (("native", CLONE_NEWNET), ("native_nstype_0", 0), ("native_high_bits", CLONE_NEWNET | 1 << 32))
 def open_namespace(path):
     return own_namespace_fd() if path is None else os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -196,8 +196,13 @@ def i386_setns():
     code.write(bytes.fromhex(plan["int80_stub"]))
     int80 = ctypes.CFUNCTYPE(ctypes.c_long, *([ctypes.c_long] * 7))(ctypes.addressof(ctypes.c_char.from_buffer(code)))
     def attempt(fd):
-        result = int80(346, fd, CLONE_NEWNET, 0, 0, 0, 0)
-        return "entered 0 i386" if result == 0 and moved_into(fd) else "setns %d -" % -result
+        numbers = []
+        for way, nstype in (("i386", CLONE_NEWNET), ("i386_nstype_0", 0)):  # 32-bit registers: no high bits
+            result = int80(346, fd, nstype, 0, 0, 0, 0)
+            if result == 0 and moved_into(fd):
+                return "entered 0 " + way
+            numbers.append(-result)
+        return "setns %d -" % (errno.EBADF if errno.EBADF in numbers else numbers[-1])
     attempt.code = code  # the mapping lives as long as the function
     return attempt
 def in_child(handles, attempt):
@@ -300,24 +305,33 @@ def held_sockets():
                     held["here"] = here
             found.append(held)
     return found
-def has_cap_sys_admin():
-    # capget(2), _LINUX_CAPABILITY_VERSION_3: is CAP_SYS_ADMIN (21) in its effective set? None: could not tell.
+def capabilities(raise_effective=False):
+    # capget(2), _LINUX_CAPABILITY_VERSION_3: the sets as {effective, permitted, inheritable} low words, then high
+    # words. raise_effective: first make the effective set the permitted one (capset(2)), as any process may; a
+    # launcher that clears only the effective set has dropped nothing. None: could not tell.
     try:
         import ctypes
-        header = (ctypes.c_uint32 * 2)(0x20080522, 0)
-        data = (ctypes.c_uint32 * 6)()
         libc = ctypes.CDLL(None, use_errno=True)
+        header, data = (ctypes.c_uint32 * 2)(0x20080522, 0), (ctypes.c_uint32 * 6)()
         if libc.syscall(ctypes.c_long(125), header, data) != 0:
             return None
-        return bool(data[0] & (1 << 21))
+        if raise_effective and (data[0], data[3]) != (data[1], data[4]):
+            data[0], data[3] = data[1], data[4]
+            libc.syscall(ctypes.c_long(126), header, data)
+            libc.syscall(ctypes.c_long(125), header, data)
+        return data
     except (OSError, AttributeError):
         return None
+def has_cap_sys_admin():
+    data = capabilities()
+    return None if data is None else bool(data[0] & (1 << 21))  # CAP_SYS_ADMIN, effective
 def escape_attempts():
     # setns(2) into its own namespace (the call itself: refused by a filter or for want of CAP_SYS_ADMIN, it is refused
     # whatever the handle), then into every other network namespace the process can name: each process's in /proc,
     # the ones `ip netns` pins in /run/netns, any it holds open. Nothing is sent from a namespace it enters.
     if os.uname().machine != "x86_64":
         return {"error": "the setns attempts use x86_64 system call numbers; this is %s" % os.uname().machine}
+    capabilities(raise_effective=True)  # every attempt below with all the power the process can take
     sockets = held_sockets()
     proc = os.path.isdir("/proc/self")
     paths, unreadable, others = [], {}, {}
