@@ -128,6 +128,9 @@ BROKEN_FILTERS = {
     # refuses nstype CLONE_NEWNET and 0 comparing all 64 bits: the kernel reads an int, high bits dropped
     "nstype-64-bit": _bpf(*ARCH_CHECKED, _jeq(SETNS, 0, 6), LD_ARG1_HIGH, _jeq(0, 0, 4), LD_ARG1_LOW,
                           _jeq(CLONE_NEWNET, 1, 0), _jeq(0, 0, 1), (0x06, RET_EPERM), (0x06, RET_ALLOW)),
+    # kills the caller of setns(fd, CLONE_NEWNET), lets setns(fd, 0) through: each way needs a child of its own
+    "kill-newnet-allow-0": _bpf(*ARCH_CHECKED, _jeq(SETNS, 0, 3), LD_ARG1_LOW, _jeq(CLONE_NEWNET, 0, 1),
+                                (0x06, RET_KILL_PROCESS), (0x06, RET_ALLOW)),
     # refuses every native setns, and the i386 one (346) only with nstype CLONE_NEWNET
     "i386-newnet-only": _bpf(LD_ARCH, _jeq(AUDIT_ARCH_X86_64, 0, 3), LD_NR, _jeq(SETNS, 0, 7), (0x06, RET_EPERM),
                              _jeq(AUDIT_ARCH_I386, 0, 4), LD_NR, _jeq(346, 0, 3), LD_ARG1_LOW,
@@ -160,7 +163,8 @@ def _bwrap_with_filter(directory: Path, name: str, extra: str = "") -> str:
 @needs_bwrap
 @pytest.mark.parametrize(("name", "way"), [("number-only", "(i386)"), ("nstype-newnet-only", "(native nstype 0)"),
                                            ("nstype-64-bit", "(native high bits)"),
-                                           ("i386-newnet-only", "(i386 nstype 0)")])
+                                           ("i386-newnet-only", "(i386 nstype 0)"),
+                                           ("kill-newnet-allow-0", "(native nstype 0)")])
 def test_a_filter_that_misses_a_way_of_calling_setns_earns_allowed(probe_launcher, tmp_path, name, way):
     evidence = probe_launcher(_bwrap_with_filter(tmp_path, name))
     assert evidence.escape.verdict is Verdict.ALLOWED, evidence.escape

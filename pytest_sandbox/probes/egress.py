@@ -160,10 +160,12 @@ def interfaces():
     except OSError:
         return None
 CLONE_NEWNET, MAX_OTHERS = 0x40000000, 64
-# setns(2) the ways a filter could miss: the native call with nstype CLONE_NEWNET, with 0 ("any type"), with high
-# bits the kernel drops (nstype is an int; a filter comparing 64 bits sees another value), and the i386 call through
-# `int 0x80` (346) with CLONE_NEWNET and 0. Each ABI runs in a forked child, since a filter may kill the caller.
+# setns(2) the ways a filter could miss: the native call (x86_64 308) with nstype CLONE_NEWNET, with 0 ("any type")
+# and with high bits the kernel drops (nstype is an int; a filter comparing 64 bits sees another value), and the i386
+# call through `int 0x80` (346) with CLONE_NEWNET and 0. Each way runs in a forked child of its own, since a filter
+# may kill the caller of one way and let another through.
 NATIVE_WAYS = (("native", CLONE_NEWNET), ("native_nstype_0", 0), ("native_high_bits", CLONE_NEWNET | 1 << 32))
+I386_WAYS = (("i386", CLONE_NEWNET), ("i386_nstype_0", 0))  # 32-bit registers: no high bits
 def open_namespace(path):
     return own_namespace_fd() if path is None else os.open(path, os.O_RDONLY | os.O_CLOEXEC)
 def moved_into(fd):
@@ -177,61 +179,70 @@ def native_setns():
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
-    def attempt(fd):
-        numbers = []
-        for way, nstype in NATIVE_WAYS:
-            ctypes.set_errno(0)
-            if libc.syscall(ctypes.c_long(308), ctypes.c_long(fd), ctypes.c_long(nstype)) == 0:
-                if moved_into(fd):
-                    return "entered 0 " + way
-                numbers.append(0)
-                continue
-            numbers.append(ctypes.get_errno())
-        # EBADF from any way (fd -1) means that way reached the kernel: it must not hide behind a later refusal
-        return "setns %d -" % (errno.EBADF if errno.EBADF in numbers else numbers[-1])
-    return attempt
+    def call(fd, nstype):
+        ctypes.set_errno(0)
+        return 0 if libc.syscall(ctypes.c_long(308), ctypes.c_long(fd), ctypes.c_long(nstype)) == 0 \
+            else ctypes.get_errno()
+    return call
 def i386_setns():
     import ctypes, mmap
     code = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
     code.write(bytes.fromhex(plan["int80_stub"]))
     int80 = ctypes.CFUNCTYPE(ctypes.c_long, *([ctypes.c_long] * 7))(ctypes.addressof(ctypes.c_char.from_buffer(code)))
-    def attempt(fd):
-        numbers = []
-        for way, nstype in (("i386", CLONE_NEWNET), ("i386_nstype_0", 0)):  # 32-bit registers: no high bits
-            result = int80(346, fd, nstype, 0, 0, 0, 0)
-            if result == 0 and moved_into(fd):
-                return "entered 0 " + way
-            numbers.append(-result)
-        return "setns %d -" % (errno.EBADF if errno.EBADF in numbers else numbers[-1])
-    attempt.code = code  # the mapping lives as long as the function
-    return attempt
-def in_child(handles, attempt):
-    # [stage, errno or signal, way] per handle; a child killed midway leaves the rest "killed" with its signal.
+    def call(fd, nstype):
+        return -int80(346, fd, nstype, 0, 0, 0, 0)
+    call.code = code  # the mapping lives as long as the function
+    return call
+def in_child(handles, call, nstype):
+    # One way on every handle, in a child: [stage, errno or signal] per handle; a child killed midway leaves the rest
+    # "killed" with its signal.
     reader, writer = os.pipe()
     pid = os.fork()
     if pid == 0:
         try:
             os.close(reader)
             for path in handles:
+                stage = "setns"
                 try:
                     fd = open_namespace(path)
                 except OSError as e:
+                    if path is not None:
+                        os.write(writer, b"open %d\n" % e.errno)
+                        continue
                     # No handle on its own namespace (no /proc, no CAP_NET_ADMIN): setns(-1). The kernel checks the fd
                     # before anything else (EBADF), so any other answer is the filter's (kernel/nsproxy.c).
-                    line = "open %d -" % e.errno if path is not None else attempt(-1).replace("setns ", "nofd ", 1)
-                else:
-                    line = attempt(fd)
-                os.write(writer, (line + "\n").encode())
+                    fd, stage = -1, "nofd"
+                number = call(fd, nstype)
+                if number == 0 and fd != -1 and moved_into(fd):
+                    stage = "entered"
+                os.write(writer, b"%s %d\n" % (stage.encode(), number))
         finally:
             os._exit(0)
     os.close(writer)
     with os.fdopen(reader) as lines:
-        done = [line.split() for line in lines]
+        done = [[stage, int(number) or None] for stage, number in (line.split() for line in lines)]
     _pid, status = os.waitpid(pid, 0)
-    results = [[stage, int(number) or None, None if way == "-" else way.replace("_", " ")]
-               for stage, number, way in done]
-    ended = ["killed", os.WTERMSIG(status), None] if os.WIFSIGNALED(status) else ["lost", None, None]
-    return results + [ended for _path in handles[len(results):]]
+    ended = ["killed", os.WTERMSIG(status)] if os.WIFSIGNALED(status) else ["lost", None]
+    return done + [ended for _path in handles[len(done):]]
+def merged(per_way):
+    # One ABI's ways on one handle -> [stage, number, way]: an entry wins; then a way with no result (nothing can be
+    # said); then (no handle) an EBADF, which shows that way reaches the kernel; then a refusal (an errno: the first;
+    # else the child killed).
+    for (stage, number), way in per_way:
+        if stage == "entered":
+            return ["entered", None, way.replace("_", " ")]
+    for stage, wanted in (("lost", None), ("nofd", errno.EBADF)):
+        if any(found == stage and number == wanted for (found, number), _way in per_way):
+            return [stage, wanted, None]
+    for stage in ("open", "setns", "nofd", "killed"):
+        for (found, number), _way in per_way:
+            if found == stage:
+                return [stage, number, None]
+    return ["lost", None, None]
+def attempts_by_abi(handles, call, ways):
+    results = [in_child(handles, call, nstype) for _way, nstype in ways]
+    return [merged([(result[index], way) for result, (way, _nstype) in zip(results, ways)])
+            for index in range(len(handles))]
 def reaches_own_loopback(sock):
     # Whether the held socket is of this namespace: it connects (TCP) or sends (UDP) to a socket of ours on this
     # namespace's loopback. ECONNREFUSED or nothing arriving: it is another namespace's (its loopback has no such
@@ -361,13 +372,15 @@ def escape_attempts():
             others[key] = path
     handles = [None, *others.values()]  # None: its own namespace
     try:
-        native = in_child(handles, native_setns())
+        native = attempts_by_abi(handles, native_setns(), NATIVE_WAYS)
     except OSError as e:  # fork refused (a filter, a pids limit)
         return {"error": "cannot fork a child to call setns(2) in: %s" % e}
     try:
-        i386, i386_error = in_child(handles, i386_setns()), None
+        i386_call = i386_setns()
     except (OSError, ValueError, TypeError) as e:  # W^X: no executable mapping
         i386, i386_error = None, "cannot map the int 0x80 stub: %s" % e
+    else:
+        i386, i386_error = attempts_by_abi(handles, i386_call, I386_WAYS), None
     keys = [None, *[list(key) for key in others]]
     attempts = [{"path": path, "netns": key, "native": native[index], "i386": i386[index] if i386 else None}
                 for index, (path, key) in enumerate(zip(handles, keys))]

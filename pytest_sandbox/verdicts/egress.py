@@ -147,9 +147,10 @@ class SetnsResult:
             return "setns returned 0 and moved nothing (a filter's ERRNO(0))"
         if self.stage in ("open", "setns") and self.number:
             return f"{self.stage} failed with {Outcome.errno(self.number).describe()}"
-        if self.stage == "nofd" and self.number:
-            return f"setns(-1) failed with {Outcome.errno(self.number).describe()}" + (
-                " (it reached the kernel)" if self.reached_kernel else " (its filter refused it)")
+        if self.stage == "nofd":
+            answer = f"failed with {Outcome.errno(self.number).describe()}" if self.number else "returned 0"
+            return f"setns(-1) {answer}" + (" (it reached the kernel)" if self.reached_kernel
+                                            else " (its filter answered)")
         return "no result"
 
     @property
@@ -160,8 +161,7 @@ class SetnsResult:
     @property
     def refused(self) -> bool:
         """setns(2) failed or killed the caller; with no handle (``nofd``), a filter's refusal, not EBADF."""
-        return self.stage in ("setns", "killed") or (self.stage == "nofd" and not self.reached_kernel
-                                                     and self.number is not None)
+        return self.stage in ("setns", "killed") or (self.stage == "nofd" and not self.reached_kernel)
 
 
 @dataclass(frozen=True)
