@@ -62,6 +62,7 @@ SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
 SIOCGSKNS = 0x894C
 IFF_UP = 0x1
+IFF_LOOPBACK = 0x8
 IFREQ_SIZE = 40  # sizeof(struct ifreq) on x86_64
 
 HELPER_START_TIMEOUT_SECONDS = 10.0
@@ -200,13 +201,17 @@ def _enter_new_netns() -> str:
     return "user"
 
 
+def interface_flags(control: socket.socket, name: str) -> int:
+    """The flags of interface ``name`` in ``control``'s namespace (SIOCGIFFLAGS, netdevice(7))."""
+    request = struct.pack("16sH", name.encode()[:15], 0).ljust(IFREQ_SIZE, b"\0")
+    return int(struct.unpack_from("16sH", fcntl.ioctl(control.fileno(), SIOCGIFFLAGS, request))[1])
+
+
 def _bring_loopback_up() -> None:
     # A new network namespace starts with lo DOWN (network_namespaces(7)); until it is up even
     # 127.0.0.1 is unreachable. SIOCSIFFLAGS avoids depending on iproute2 for this step.
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as control:
-        request = struct.pack("16sH", b"lo", 0).ljust(IFREQ_SIZE, b"\0")
-        current = fcntl.ioctl(control.fileno(), SIOCGIFFLAGS, request)
-        flags = struct.unpack_from("16sH", current)[1]
+        flags = interface_flags(control, "lo")
         fcntl.ioctl(
             control.fileno(),
             SIOCSIFFLAGS,

@@ -40,13 +40,11 @@ nobody can vouch for is INDETERMINATE (a timeout is neither a refusal nor proof 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import secrets
 import signal
 import socket
-import struct
 import subprocess
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -54,7 +52,7 @@ from typing import Any, Protocol
 
 from pytest_sandbox import guardian
 from pytest_sandbox.network.lab.lab import NetworkLab
-from pytest_sandbox.network.netns import NetnsHolder, NetnsId
+from pytest_sandbox.network.netns import IFF_LOOPBACK, NetnsHolder, NetnsId, interface_flags
 from pytest_sandbox.probes.syscall import ExecTarget
 from pytest_sandbox.probes.syscall_runner import INT80_STUB
 from pytest_sandbox.verdicts.egress import (
@@ -118,8 +116,6 @@ DIRECT_TARGETS: tuple[EgressTarget, ...] = (
 )
 # ip(7): IP_FREEBIND (15) is not in Python's socket module; it applies to IPv6 sockets too.
 IP_FREEBIND = 15
-# netdevice(7): the interface flags request and the loopback flag, as the probe reads them.
-SIOCGIFFLAGS, IFF_LOOPBACK = 0x8913, 0x8
 
 # Runs inside the sandbox (python3 -S, stdlib only). Argument: a JSON plan. Prints one JSON line.
 # The safety gate is here, in the process itself: a non-loopback destination (and the proxy, which
@@ -316,7 +312,7 @@ def held_sockets():
                     held["here"] = here
             found.append(held)
     return found
-def capabilities(raise_effective=False):
+def capabilities(raise_effective):
     # capget(2), _LINUX_CAPABILITY_VERSION_3: the sets as {effective, permitted, inheritable} low words, then high
     # words. raise_effective: first make the effective set the permitted one (capset(2)), as any process may; a
     # launcher that clears only the effective set has dropped nothing. None: could not tell.
@@ -333,16 +329,13 @@ def capabilities(raise_effective=False):
         return data
     except (OSError, AttributeError):
         return None
-def has_cap_sys_admin():
-    data = capabilities()
-    return None if data is None else bool(data[0] & (1 << 21))  # CAP_SYS_ADMIN, effective
 def escape_attempts():
     # setns(2) into its own namespace (the call itself: refused by a filter or for want of CAP_SYS_ADMIN, it is refused
     # whatever the handle), then into every other network namespace the process can name: each process's in /proc,
     # the ones `ip netns` pins in /run/netns, any it holds open. Nothing is sent from a namespace it enters.
     if os.uname().machine != "x86_64":
         return {"error": "the setns attempts use x86_64 system call numbers; this is %s" % os.uname().machine}
-    capabilities(raise_effective=True)  # every attempt below with all the power the process can take
+    caps = capabilities(raise_effective=True)  # every attempt below with all the power the process can take
     sockets = held_sockets()
     proc = os.path.isdir("/proc/self")
     paths, unreadable, others = [], {}, {}
@@ -385,7 +378,7 @@ def escape_attempts():
     attempts = [{"path": path, "netns": key, "native": native[index], "i386": i386[index] if i386 else None}
                 for index, (path, key) in enumerate(zip(handles, keys))]
     return {"attempts": attempts, "unreadable": unreadable, "proc": proc, "i386_error": i386_error,
-            "sockets": sockets, "cap_sys_admin": has_cap_sys_admin()}
+            "sockets": sockets, "cap_sys_admin": None if caps is None else bool(caps[0] & (1 << 21))}  # effective
 netns, links = namespace(), interfaces()
 inside = netns in plan["harness_namespaces"] or bool(links and all(loop for _name, loop in links))
 report = {"netns": netns, "interfaces": links, "results": {}, "proxy": None, "loopback_control": None,
@@ -476,9 +469,14 @@ def parse_report(returncode: int, stdout: bytes, stderr: bytes) -> ProbeReport:
                 for key, value in dict(raw.get("results") or {}).items()}
     links = raw.get("interfaces")
     interfaces = None if links is None else tuple((str(name), bool(loopback)) for name, loopback in links)
-    return ProbeReport((int(netns[0]), int(netns[1])) if netns else None, outcomes, raw.get("proxy"),
+    return ProbeReport(_netns_id(netns), outcomes, raw.get("proxy"),
                        interfaces=interfaces, loopback_control=raw.get("loopback_control"),
                        escape=parse_escape(raw.get("escape")))
+
+
+def _netns_id(value: Any) -> NetnsId | None:
+    """A namespace's [st_dev, st_ino] as the probe reports it, or None."""
+    return (int(value[0]), int(value[1])) if value else None
 
 
 def parse_escape(raw: Any) -> EscapeAttempts | None:
@@ -491,13 +489,12 @@ def parse_escape(raw: Any) -> EscapeAttempts | None:
     def way(result: Any) -> SetnsResult | None:
         return None if not result else SetnsResult(str(result[0]), result[1], result[2] if len(result) > 2 else None)
 
-    attempts = [EscapeAttempt(item.get("path"), (int(item["netns"][0]), int(item["netns"][1])) if item.get("netns")
-                              else None, way(item.get("native")) or SetnsResult("lost"), way(item.get("i386")))
+    attempts = [EscapeAttempt(item.get("path"), _netns_id(item.get("netns")), way(item.get("native"))
+                              or SetnsResult("lost"), way(item.get("i386")))
                 for item in raw.get("attempts") or ()]
     unreadable = {str(name): int(count) for name, count in dict(raw.get("unreadable") or {}).items()}
     sockets = tuple(HeldSocket(int(item["fd"]), str(item["transport"]), str(item["state"]),
-                               (int(item["netns"][0]), int(item["netns"][1])) if item.get("netns") else None,
-                               item.get("here")) for item in raw.get("sockets") or ())
+                               _netns_id(item.get("netns")), item.get("here")) for item in raw.get("sockets") or ())
     return EscapeAttempts(attempts[0] if attempts else None, tuple(attempts[1:]), unreadable, bool(raw.get("proc")),
                           i386_error=raw.get("i386_error"), sockets=sockets, cap_sys_admin=raw.get("cap_sys_admin"))
 
@@ -671,8 +668,7 @@ def host_loopback_only() -> bool | None:
     netdevice(7)), as the probe reads its own; None if it could not be read (an interface gone meanwhile)."""
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as query:
-            return all(struct.unpack_from("16sH", fcntl.ioctl(query.fileno(), SIOCGIFFLAGS, struct.pack(
-                "16sH", name.encode()[:15], 0)))[1] & IFF_LOOPBACK for _index, name in socket.if_nameindex())
+            return all(interface_flags(query, name) & IFF_LOOPBACK for _index, name in socket.if_nameindex())
     except OSError:
         return None
 

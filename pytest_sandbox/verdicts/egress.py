@@ -126,7 +126,7 @@ class TargetOutcome:
 class SetnsResult:
     """One way of calling setns(2) on one handle: ``stage`` is ``entered`` (``way``: native, native nstype 0,
     native high bits, i386), ``open`` (the handle would not open: ``number`` is the errno), ``setns`` (every such
-    call failed: the last errno), ``nofd`` (no handle on its own namespace, so setns(-1): EBADF means the call
+    call failed: the first errno), ``nofd`` (no handle on its own namespace, so setns(-1): EBADF means the call
     reached the kernel, which checks the fd first; any other errno is the filter's), ``killed`` (the child trying it
     died: ``number`` is the signal) or ``lost``."""
 
